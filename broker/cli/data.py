@@ -1,0 +1,114 @@
+"""Commands about sighting data: ``validate``, ``schemas export``, ``samples``, ``demo``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import click
+
+from broker import samples, schemas
+from broker.validation import validate_lines
+
+
+def _open_input(path: str) -> BinaryIO:
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return Path(path).open("rb")
+    except OSError as exc:
+        raise click.UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+@click.command()
+@click.argument("file", default="-", metavar="[FILE|-]")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the summary line.")
+def validate(file: str, quiet: bool) -> None:
+    """Validate NDJSON sightings; print one line per bad record.
+
+    Exit 0 when every record is valid, 1 when any is invalid, 2 on a usage error.
+    """
+    stream = _open_input(file)
+    good = bad = 0
+    try:
+        for result in validate_lines(stream):
+            if result.error is None:
+                good += 1
+                continue
+            bad += 1
+            if not quiet:
+                for problem in result.error.problems:
+                    where = problem.path or "(record)"
+                    click.echo(f"{file}:{result.line}: {where}: {problem.reason}")
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    click.echo(f"{good} valid, {bad} invalid", err=True)
+    sys.exit(1 if bad else 0)
+
+
+@click.group(name="schemas")
+def schemas_group() -> None:
+    """The public JSON Schema contract for feeds."""
+
+
+@schemas_group.command(name="export")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("schemas"))
+def schemas_export(out: Path) -> None:
+    """Write the JSON Schema files and example records to OUT."""
+    for path in schemas.export(out):
+        click.echo(str(path))
+
+
+@click.group(name="samples")
+def samples_group() -> None:
+    """Generate sample feeds for tests, docs and the demo."""
+
+
+@samples_group.command(name="generate")
+@click.option("--count", type=click.IntRange(1, 1_000_000), default=300, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--invalid", is_flag=True, help="Write the invalid-record file instead.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def samples_generate(count: int, seed: int, invalid: bool, out: Path | None) -> None:
+    """Write a sample NDJSON feed (valid records, or with --invalid one per broken rule)."""
+    if invalid:
+        lines = [
+            rec if isinstance(rec, str) else samples.to_ndjson([rec]).rstrip("\n")
+            for _rule, _path, rec in samples.invalid_records()
+        ]
+        text = "".join(line + "\n" for line in lines)
+    else:
+        text = samples.to_ndjson(samples.generate(count, seed=seed))
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+
+
+@click.command()
+@click.option(
+    "--feed", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples/feed.ndjson")
+)
+def demo(feed: Path) -> None:
+    """Run the demo: for now, validate the bundled sample feed against the schemas."""
+    start = time.perf_counter()
+    with _open_input(str(feed)) as stream:
+        results = list(validate_lines(stream))
+    bad = [r for r in results if r.error is not None]
+    kinds: dict[str, int] = {}
+    for r in results:
+        if r.sighting is not None:
+            kinds[r.sighting.kind] = kinds.get(r.sighting.kind, 0) + 1
+    elapsed = time.perf_counter() - start
+    click.echo(f"validated {len(results)} sightings from {feed} in {elapsed * 1000:.0f} ms")
+    for kind, n in sorted(kinds.items()):
+        click.echo(f"  {kind:<9} {n}")
+    for r in bad:
+        click.echo(f"  line {r.line}: {r.error}")
+    sys.exit(1 if bad else 0)
+
+
+COMMANDS = (validate, schemas_group, samples_group, demo)

@@ -1,0 +1,64 @@
+"""The package's exception tree, split by who is at fault.
+
+Every error an operator, feed or peer can cause is an ``MsmtError``. Third-party
+exceptions are translated at the boundary (``raise ... from exc``) so that a raw
+``ValueError`` or ``KeyError`` never reaches the operator as a traceback.
+"""
+
+from __future__ import annotations
+
+
+class MsmtError(Exception):
+    """Root of every error this package raises on purpose.
+
+    ``str(err)`` is a one-line reason fit to show an operator.
+    """
+
+    exit_code = 1
+
+
+class UsageError(MsmtError):
+    """The operator asked for something impossible (bad flag, missing file)."""
+
+    exit_code = 2
+
+
+class ConfigError(MsmtError):
+    """A configuration, policy or roster file is invalid or unreadable."""
+
+    exit_code = 2
+
+
+class InputError(MsmtError):
+    """A feed handed us a record that is not a valid sighting."""
+
+
+class KeyMaterialError(MsmtError):
+    """Key files or the roster are missing, malformed, or inconsistent."""
+
+    exit_code = 2
+
+
+class PolicyError(ConfigError):
+    """A releasability policy is malformed or refers to unknown names."""
+
+
+class EnvelopeError(MsmtError):
+    """A received envelope failed one step of verification (the peer's fault).
+
+    ``step`` names the checklist step that failed, so counters and the audit
+    log can record the reason without ever holding the plaintext.
+    """
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+class AuditError(MsmtError):
+    """An audit log or checkpoint failed verification."""
+
+
+class StoreError(MsmtError):
+    """The node's durable store could not accept or return data (disk full, corrupt)."""

@@ -1,0 +1,187 @@
+"""Check-digit and checksum validation for the identifiers that sightings carry.
+
+Each function returns ``None`` for a valid identifier or raises ``ValueError``
+with a plain-words reason, which pydantic turns into a field error.
+
+* IMO ship numbers: 7 digits whose last is a weighted check digit (IMO Res. A.1117(30)).
+* MMSI: exactly 9 digits (ITU-R M.585).
+* Bitcoin: base58check (P2PKH/P2SH) via the ``base58`` library, or segwit
+  bech32/bech32m (BIP-173/BIP-350). No maintained library covers bech32m, so
+  that checksum is written here after the BIP-350 reference code and tested
+  with the BIP's own vectors.
+* Ethereum: ``0x`` + 40 hex digits; mixed-case addresses must carry a valid
+  EIP-55 checksum (keccak-256 from pycryptodome).
+"""
+
+from __future__ import annotations
+
+import re
+
+import base58
+from Crypto.Hash import keccak
+
+_IMO = re.compile(r"^[0-9]{7}$")
+_MMSI = re.compile(r"^[0-9]{9}$")
+_ETH = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_ETH_TX = re.compile(r"^0x[0-9a-f]{64}$")
+
+
+def imo_check_digit(first_six: str) -> int:
+    """Return the IMO check digit for the first six digits of an IMO number."""
+    return sum(int(d) * w for d, w in zip(first_six, range(7, 1, -1), strict=True)) % 10
+
+
+def check_imo(value: str) -> None:
+    """Validate a 7-digit IMO number and its check digit."""
+    if not _IMO.match(value):
+        raise ValueError("IMO number must be exactly 7 digits")
+    expected = imo_check_digit(value[:6])
+    if int(value[6]) != expected:
+        raise ValueError(f"IMO check digit is {value[6]}, expected {expected}")
+
+
+def check_mmsi(value: str) -> None:
+    """Validate an MMSI: exactly nine digits."""
+    if not _MMSI.match(value):
+        raise ValueError("MMSI must be exactly 9 digits")
+
+
+# --- bech32 / bech32m (BIP-173, BIP-350) -------------------------------------------------
+
+_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+_BECH32_CONST = 1
+_BECH32M_CONST = 0x2BC830A3
+
+
+def _polymod(values: list[int]) -> int:
+    gen = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+    chk = 1
+    for v in values:
+        top = chk >> 25
+        chk = (chk & 0x1FFFFFF) << 5 ^ v
+        for i in range(5):
+            chk ^= gen[i] if (top >> i) & 1 else 0
+    return chk
+
+
+def _hrp_expand(hrp: str) -> list[int]:
+    return [ord(x) >> 5 for x in hrp] + [0] + [ord(x) & 31 for x in hrp]
+
+
+def _convertbits(
+    data: list[int], frombits: int, tobits: int, *, pad: bool = False
+) -> list[int] | None:
+    acc = bits = 0
+    out: list[int] = []
+    maxv = (1 << tobits) - 1
+    for value in data:
+        acc = (acc << frombits) | value
+        bits += frombits
+        while bits >= tobits:
+            bits -= tobits
+            out.append((acc >> bits) & maxv)
+    if pad:
+        if bits:
+            out.append((acc << (tobits - bits)) & maxv)
+    elif bits >= frombits or ((acc << (tobits - bits)) & maxv):
+        return None
+    return out
+
+
+def decode_segwit(hrp: str, addr: str) -> tuple[int, bytes]:
+    """Decode a segwit address to (witness version, program), per BIP-173/BIP-350.
+
+    Raises ``ValueError`` for any checksum, length, case or version violation.
+    """
+    if addr.lower() != addr and addr.upper() != addr:
+        raise ValueError("bech32 address mixes upper and lower case")
+    addr = addr.lower()
+    pos = addr.rfind("1")
+    if pos < 1 or pos + 7 > len(addr) or len(addr) > 90:
+        raise ValueError("bech32 address has a bad separator or length")
+    if addr[:pos] != hrp:
+        raise ValueError(f"bech32 address is not for {hrp!r}")
+    if any(c not in _CHARSET for c in addr[pos + 1 :]) or any(
+        ord(c) < 33 or ord(c) > 126 for c in addr
+    ):
+        raise ValueError("bech32 address has a character outside the bech32 alphabet")
+    data = [_CHARSET.find(c) for c in addr[pos + 1 :]]
+    const = _polymod(_hrp_expand(hrp) + data)
+    if const not in (_BECH32_CONST, _BECH32M_CONST):
+        raise ValueError("bech32 checksum does not match")
+    version = data[0]
+    program = _convertbits(data[1:-6], 5, 8)
+    if program is None or not 2 <= len(program) <= 40:
+        raise ValueError("segwit program has an invalid length")
+    if version > 16:
+        raise ValueError("segwit version is above 16")
+    if version == 0 and len(program) not in (20, 32):
+        raise ValueError("segwit v0 program must be 20 or 32 bytes")
+    # BIP-350: v0 uses bech32, v1+ uses bech32m; the wrong one is invalid.
+    if (version == 0) != (const == _BECH32_CONST):
+        raise ValueError("segwit address uses the wrong checksum variant for its version")
+    return version, bytes(program)
+
+
+def check_bitcoin_address(value: str) -> None:
+    """Validate a Bitcoin mainnet address: base58check P2PKH/P2SH or segwit."""
+    if value[:3].lower() == "bc1":
+        decode_segwit("bc", value)
+        return
+    try:
+        raw = base58.b58decode_check(value)
+    except ValueError as exc:
+        raise ValueError("Bitcoin base58check checksum does not match") from exc
+    if len(raw) != 21 or raw[0] not in (0x00, 0x05):
+        raise ValueError("Bitcoin address is not a mainnet P2PKH or P2SH address")
+
+
+def eip55(address: str) -> str:
+    """Return the EIP-55 mixed-case checksum encoding of a ``0x`` address."""
+    body = address[2:].lower()
+    digest = keccak.new(digest_bits=256, data=body.encode("ascii")).hexdigest()
+    return "0x" + "".join(
+        c.upper() if c.isalpha() and int(h, 16) >= 8 else c
+        for c, h in zip(body, digest[:40], strict=True)
+    )
+
+
+def check_ethereum_address(value: str) -> None:
+    """Validate an Ethereum address; mixed case must be a valid EIP-55 checksum."""
+    if not _ETH.match(value):
+        raise ValueError("Ethereum address must be 0x followed by 40 hex digits")
+    body = value[2:]
+    if body not in (body.lower(), body.upper()) and value != eip55(value):
+        raise ValueError("Ethereum address fails its EIP-55 checksum")
+
+
+def check_address(chain: str, value: str) -> None:
+    """Validate ``value`` as an address on ``chain`` ("bitcoin" or "ethereum")."""
+    if chain == "bitcoin":
+        check_bitcoin_address(value)
+    elif chain == "ethereum":
+        check_ethereum_address(value)
+    else:
+        # Reached only when ``chain`` itself failed validation; that error is reported there.
+        raise ValueError("no valid chain to check the address against")
+
+
+def check_tx_hash(chain: str, value: str) -> None:
+    """Validate a transaction hash: 64 lower-case hex (Bitcoin) or 0x + 64 (Ethereum)."""
+    if chain not in ("bitcoin", "ethereum"):
+        raise ValueError("no valid chain to check the hash against")
+    pattern = _HEX64 if chain == "bitcoin" else _ETH_TX
+    if not pattern.match(value):
+        shape = "64 lower-case hex digits" if chain == "bitcoin" else "0x and 64 lower-case hex"
+        raise ValueError(f"{chain} transaction hash must be {shape}")
+
+
+def encode_segwit(hrp: str, version: int, program: bytes) -> str:
+    """Encode a segwit address (bech32 for v0, bech32m for v1+); used by sample feeds."""
+    data = [version, *(_convertbits(list(program), 8, 5, pad=True) or [])]
+    const = _BECH32_CONST if version == 0 else _BECH32M_CONST
+    values = _hrp_expand(hrp) + data
+    polymod = _polymod([*values, 0, 0, 0, 0, 0, 0]) ^ const
+    checksum = [(polymod >> 5 * (5 - i)) & 31 for i in range(6)]
+    return hrp + "1" + "".join(_CHARSET[d] for d in data + checksum)

@@ -1,0 +1,359 @@
+"""Sighting models: the three report kinds and their common header (pydantic v2).
+
+Every model is frozen and ``extra="forbid"``. Coordinates, amounts and volumes
+are exact decimals carried as JSON strings (``"38.1250"``), never floats, so that
+two implementations hash the same bytes. Timestamps must be UTC and carry their
+offset. Field paths such as ``vessel.imo`` or ``source.sensor`` are the unit of
+release: the policy engine decides per path and the envelope discloses per path.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Any, Final, Literal, Self
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from broker import identifiers
+from broker.members import Member
+
+SCHEMA_VERSION: Final = "1.0"
+"""Version of the sighting schema; goes into every envelope."""
+
+KINDS: Final = ("vessel", "worker", "transfer")
+"""The three report kinds, which are also the names of their body objects."""
+
+TLP = Literal["CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED"]
+"""Traffic Light Protocol 2.0 labels (FIRST), strictest last."""
+
+_DECIMAL_TEXT = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
+
+
+def _decimal_text(value: object) -> object:
+    # Floats are refused outright: a float has already lost the exact value the
+    # originator meant, and two JSON encoders may print it differently.
+    if isinstance(value, str):
+        if not _DECIMAL_TEXT.match(value):
+            raise ValueError('must be a plain decimal string such as "38.125"')
+        return Decimal(value)
+    if isinstance(value, Decimal):
+        return value
+    raise ValueError('must be a decimal written as a JSON string, such as "38.125"')
+
+
+def _utc(value: datetime) -> datetime:
+    if value.utcoffset() != timedelta(0):
+        raise ValueError("must be in UTC (offset Z or +00:00)")
+    return value
+
+
+ExactDecimal = Annotated[Decimal, BeforeValidator(_decimal_text)]
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
+Trigraph = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 3166-1 alpha-3 code")]
+Text = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def _checked(check: Any) -> Any:
+    def run(value: str) -> str:
+        check(value)
+        return value
+
+    return AfterValidator(run)
+
+
+Imo = Annotated[str, _checked(identifiers.check_imo), Field(examples=["9321483"])]
+Mmsi = Annotated[str, _checked(identifiers.check_mmsi), Field(examples=["445123000"])]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class SourceMethod(_Frozen):
+    """Source and method: the most sensitive fields, released only by name."""
+
+    sensor: Text = Field(description="Sensor that made the observation, e.g. 'SAR', 'AIS'.")
+    platform: Text = Field(
+        description="Platform carrying the sensor, e.g. a satellite or patrol aircraft."
+    )
+    collection_method: Literal[
+        "imagery", "sigint", "humint", "osint", "ais", "radar", "financial", "blockchain", "liaison"
+    ] = Field(description="Collection discipline.")
+    confidence: Literal["low", "moderate", "high"] = Field(
+        description="Originator's confidence in the observation."
+    )
+
+
+class Position(_Frozen):
+    """A WGS 84 position in exact decimal degrees."""
+
+    lat: Annotated[ExactDecimal, Field(ge=-90, le=90, decimal_places=7)] = Field(
+        description="Latitude in decimal degrees, north positive, as a string."
+    )
+    lon: Annotated[ExactDecimal, Field(ge=-180, le=180, decimal_places=7)] = Field(
+        description="Longitude in decimal degrees, east positive, as a string."
+    )
+
+
+class VesselRef(_Frozen):
+    """Another vessel, identified by whatever the observer could establish."""
+
+    imo: Imo | None = Field(default=None, description="IMO number with valid check digit.")
+    mmsi: Mmsi | None = Field(default=None, description="9-digit MMSI.")
+    name: Text | None = Field(default=None, description="Name as painted or broadcast.")
+
+    @model_validator(mode="after")
+    def _identified(self) -> Self:
+        if self.imo is None and self.mmsi is None and self.name is None:
+            raise ValueError("a vessel needs at least one of imo, mmsi or name")
+        return self
+
+
+class Cargo(_Frozen):
+    """What was transferred or loaded."""
+
+    type: Literal[
+        "refined_petroleum", "crude_oil", "coal", "iron_ore", "seafood", "textiles", "sand", "other"
+    ] = Field(description="Cargo category.")
+    quantity_tonnes: Annotated[ExactDecimal, Field(gt=0)] | None = Field(
+        default=None, description="Estimated quantity in metric tonnes, as a decimal string."
+    )
+    description: Text | None = Field(default=None, description="Free-text detail.")
+
+
+class Vessel(_Frozen):
+    """A ship-to-ship transfer or a suspicious port call."""
+
+    imo: Imo = Field(description="IMO number, 7 digits with a valid check digit.")
+    mmsi: Mmsi | None = Field(default=None, description="MMSI, 9 digits, if broadcast.")
+    name: Text = Field(description="Vessel name as painted or broadcast.")
+    flag: Trigraph = Field(description="Flag state claimed, ISO 3166-1 alpha-3.")
+    position: Position = Field(description="Where the vessel was observed.")
+    activity: Literal[
+        "ship_to_ship_transfer", "port_call", "ais_gap", "loitering", "identity_tampering"
+    ] = Field(description="What the vessel was doing.")
+    counterpart: VesselRef | None = Field(
+        default=None, description="The other vessel in a ship-to-ship transfer."
+    )
+    cargo: Cargo | None = Field(default=None, description="Cargo observed or assessed.")
+
+
+class OnlineIdentity(_Frozen):
+    """An account used by an IT worker: platform and handle."""
+
+    platform: Text = Field(description="Service, e.g. 'github', 'upwork', 'telegram'.")
+    handle: Text = Field(description="Account name or address on that service.")
+
+
+class Worker(_Frozen):
+    """North Korean workers abroad, including remote IT workers."""
+
+    country: Trigraph = Field(description="Country where the workers are, ISO 3166-1 alpha-3.")
+    location: Text = Field(description="City, site or region.")
+    employer: Text = Field(description="Employer as it presents itself.")
+    front_company: Text | None = Field(
+        default=None, description="Front company believed to stand behind the employer."
+    )
+    workers: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        description="Number of workers observed or assessed."
+    )
+    sector: Literal[
+        "construction",
+        "information_technology",
+        "fishing",
+        "logging",
+        "restaurant",
+        "textiles",
+        "medical",
+        "mining",
+        "other",
+    ] = Field(description="Economic sector.")
+    online_identities: tuple[OnlineIdentity, ...] = Field(
+        default=(), max_length=50, description="Accounts used by IT workers."
+    )
+    human_rights_concerns: tuple[
+        Literal[
+            "forced_labour",
+            "wage_confiscation",
+            "passport_confiscation",
+            "surveillance",
+            "excessive_hours",
+            "unsafe_conditions",
+            "restricted_movement",
+        ],
+        ...,
+    ] = Field(default=(), description="Human-rights concerns noted by the observer.")
+
+
+Chain = Literal["bitcoin", "ethereum"]
+
+
+class CryptoTransfer(_Frozen):
+    """A movement of crypto-assets, such as laundering of stolen funds."""
+
+    category: Literal["crypto"] = Field(description="Discriminator: a crypto-asset transfer.")
+    chain: Chain = Field(description="Blockchain the transaction is on.")
+    from_addresses: tuple[str, ...] = Field(
+        min_length=1, max_length=50, description="Sending addresses, valid for the chain."
+    )
+    to_addresses: tuple[str, ...] = Field(
+        min_length=1, max_length=50, description="Receiving addresses, valid for the chain."
+    )
+    tx_hash: str = Field(description="Transaction hash in the chain's usual hex form.")
+    amount: Annotated[ExactDecimal, Field(gt=0)] = Field(
+        description="Amount moved, in units of the asset, as a decimal string."
+    )
+    asset: Annotated[str, Field(pattern=r"^[A-Z0-9]{2,10}$")] = Field(
+        description="Asset ticker, e.g. BTC, ETH, USDT."
+    )
+    exchanges: tuple[Text, ...] = Field(
+        default=(), max_length=20, description="Exchanges or services the funds passed through."
+    )
+
+    @field_validator("from_addresses", "to_addresses")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        chain = info.data.get("chain")
+        for i, addr in enumerate(value):
+            try:
+                identifiers.check_address(chain or "", addr)
+            except ValueError as exc:
+                raise ValueError(f"item {i}: {exc}") from None
+        return value
+
+    @field_validator("tx_hash")
+    @classmethod
+    def _tx_hash(cls, value: str, info: ValidationInfo) -> str:
+        identifiers.check_tx_hash(info.data.get("chain") or "", value)
+        return value
+
+
+class FuelTransfer(_Frozen):
+    """A transfer of refined petroleum or crude oil, usually ship to ship."""
+
+    category: Literal["fuel"] = Field(description="Discriminator: a fuel transfer.")
+    product: Literal["refined_petroleum", "crude_oil"] = Field(description="What was moved.")
+    volume: Annotated[ExactDecimal, Field(gt=0)] = Field(
+        description="Volume moved, in `unit`, as a decimal string."
+    )
+    unit: Literal["tonnes", "barrels", "kilolitres"] = Field(description="Unit of `volume`.")
+    vessels: tuple[VesselRef, ...] = Field(
+        min_length=1, max_length=10, description="Vessels involved."
+    )
+    place: Position = Field(description="Where the transfer happened.")
+
+
+Transfer = Annotated[CryptoTransfer | FuelTransfer, Field(discriminator="category")]
+
+
+class _Header(_Frozen):
+    report_id: UUID = Field(description="Report id, a UUID chosen by the originator.")
+    originator: Member = Field(description="The member that observed and signs the report.")
+    observed_at: UtcDatetime = Field(description="When the activity was observed, in UTC.")
+    tlp: TLP = Field(description="Originator's TLP 2.0 handling marking.")
+    rel_to: tuple[Member, ...] | None = Field(
+        default=None,
+        min_length=1,
+        description="REL TO: if given, only these members may receive the report.",
+    )
+    source: SourceMethod = Field(description="Source and method (most sensitive).")
+
+    @field_validator("rel_to")
+    @classmethod
+    def _unique_rel_to(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("lists a member twice")
+        return value
+
+
+class VesselSighting(_Header):
+    """A sighting of a vessel: ship-to-ship transfer, port call, AIS gap and so on."""
+
+    kind: Literal["vessel"] = Field(description="Report kind.")
+    vessel: Vessel = Field(description="The vessel and what it did.")
+
+
+class WorkerSighting(_Header):
+    """A sighting of North Korean workers abroad, including IT workers."""
+
+    kind: Literal["worker"] = Field(description="Report kind.")
+    worker: Worker = Field(description="The workers and who employs them.")
+
+
+class TransferSighting(_Header):
+    """A sighting of a transfer of funds (crypto-assets) or fuel."""
+
+    kind: Literal["transfer"] = Field(description="Report kind.")
+    transfer: Transfer = Field(description="The transfer: crypto or fuel.")
+
+
+Sighting = Annotated[
+    VesselSighting | WorkerSighting | TransferSighting, Field(discriminator="kind")
+]
+"""Any sighting, told apart by ``kind``."""
+
+SightingModel = VesselSighting | WorkerSighting | TransferSighting
+
+SIGHTING_ADAPTER: Final[TypeAdapter[SightingModel]] = TypeAdapter(Sighting)
+"""Validates any sighting from JSON text or from a dict."""
+
+MODELS: Final[dict[str, type[VesselSighting | WorkerSighting | TransferSighting]]] = {
+    "vessel": VesselSighting,
+    "worker": WorkerSighting,
+    "transfer": TransferSighting,
+}
+
+# Fields that always travel as plain claims: they route and mark the report,
+# so a partner may never receive a report without them.
+HANDLING_FIELDS: Final = ("report_id", "originator", "kind", "tlp", "rel_to")
+
+_BODY_MODELS: Final[dict[str, tuple[type[BaseModel], ...]]] = {
+    "vessel": (Vessel,),
+    "worker": (Worker,),
+    "transfer": (CryptoTransfer, FuelTransfer),
+}
+
+
+def field_paths(kind: str) -> tuple[str, ...]:
+    """Every releasable field path of a kind, e.g. ``("observed_at", "source.sensor", ...)``.
+
+    Handling fields (id, originator, kind, TLP, REL TO) are not in the list: they
+    are always sent. For ``transfer`` the crypto and fuel fields are merged.
+    """
+    paths = ["observed_at", *(f"source.{f}" for f in SourceMethod.model_fields)]
+    for model in _BODY_MODELS[kind]:
+        paths.extend(f"{kind}.{f}" for f in model.model_fields if f"{kind}.{f}" not in paths)
+    return tuple(paths)
+
+
+SOURCE_AND_METHOD_PATHS: Final = frozenset(f"source.{f}" for f in SourceMethod.model_fields)
+"""Paths that a wildcard never releases; only a rule naming them can."""
+
+
+def leaf_values(sighting: SightingModel) -> dict[str, Any]:
+    """Map each releasable path present in ``sighting`` to its JSON value.
+
+    Values are in JSON form (decimals and times as strings); absent optional
+    fields are left out, so their absence is not itself disclosed.
+    """
+    data = sighting.model_dump(mode="json", exclude_none=True)
+    out: dict[str, Any] = {"observed_at": data["observed_at"]}
+    for name, value in data["source"].items():
+        out[f"source.{name}"] = value
+    for name, value in data[sighting.kind].items():
+        out[f"{sighting.kind}.{name}"] = value
+    return out

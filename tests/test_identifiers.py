@@ -1,0 +1,107 @@
+"""Identifier checks against the standards' own vectors (BIP-350, EIP-55, IMO)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import base58
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker import identifiers
+
+VECTORS = json.loads((Path(__file__).parent / "vectors/bip350/segwit.json").read_text())
+
+
+def _script(version: int, program: bytes) -> str:
+    op = version + 0x50 if version else 0
+    return bytes([op, len(program)]).hex() + program.hex()
+
+
+@pytest.mark.parametrize(("address", "hrp", "script"), VECTORS["valid"])
+def test_bip350_valid_segwit_addresses_decode_to_their_script(
+    address: str, hrp: str, script: str
+) -> None:
+    version, program = identifiers.decode_segwit(hrp, address)
+    assert _script(version, program) == script
+    assert identifiers.encode_segwit(hrp, version, program) == address.lower()
+
+
+@pytest.mark.parametrize(("address", "why"), VECTORS["invalid"])
+def test_bip350_invalid_segwit_addresses_are_refused(address: str, why: str) -> None:
+    hrp = "tb" if address.lower().startswith("tb") else "bc"
+    with pytest.raises(ValueError, match=r".+"):
+        identifiers.decode_segwit(hrp, address)
+
+
+def test_mainnet_check_refuses_testnet_segwit() -> None:
+    with pytest.raises(ValueError, match="Bitcoin"):
+        identifiers.check_bitcoin_address(VECTORS["valid"][1][0])
+
+
+# EIP-55's own examples (all-caps, all-lower and normal forms).
+EIP55 = [
+    "0x52908400098527886E0F7030069857D2E4169EE7",
+    "0x8617E340B3D01FA5F11F306F4090FD50E238070D",
+    "0xde709f2102306220921060314715629080e2fb77",
+    "0x27b1fdb04752bbc536007a920d24acb045561c26",
+    "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+    "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+    "0xdbF03B407c01E7cD3CBea99509d93f8DDDC8C6FB",
+    "0xD1220A0cf47c7B9Be7A2E6BA89F429762e7b9aDb",
+]
+
+
+@pytest.mark.parametrize("address", EIP55)
+def test_eip55_vectors_validate(address: str) -> None:
+    identifiers.check_ethereum_address(address)
+
+
+@pytest.mark.parametrize("address", EIP55[4:])
+def test_eip55_mixed_case_vectors_round_trip(address: str) -> None:
+    assert identifiers.eip55(address.lower()) == address
+
+
+@pytest.mark.parametrize("address", EIP55[4:])
+def test_eip55_one_flipped_letter_is_refused(address: str) -> None:
+    i = next(i for i, c in enumerate(address[2:], start=2) if c.isalpha())
+    flipped = address[:i] + address[i].swapcase() + address[i + 1 :]
+    with pytest.raises(ValueError, match="EIP-55"):
+        identifiers.check_ethereum_address(flipped)
+
+
+def test_imo_check_digit_worked_example() -> None:
+    # The example the IMO scheme is usually explained with: 9074729.
+    identifiers.check_imo("9074729")
+    with pytest.raises(ValueError, match="expected 9"):
+        identifiers.check_imo("9074721")
+
+
+@given(st.integers(min_value=100_000, max_value=999_999), st.integers(0, 9))
+def test_imo_exactly_one_check_digit_is_valid(six: int, digit: int) -> None:
+    number = f"{six}{digit}"
+    valid = digit == identifiers.imo_check_digit(str(six))
+    if valid:
+        identifiers.check_imo(number)
+    else:
+        with pytest.raises(ValueError, match="check digit"):
+            identifiers.check_imo(number)
+
+
+def test_bitcoin_base58check() -> None:
+    identifiers.check_bitcoin_address("1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2")
+    identifiers.check_bitcoin_address("3J98t1WpEZ73CNmQviecrnyiWrnqRhWNLy")
+    with pytest.raises(ValueError, match="checksum"):
+        identifiers.check_bitcoin_address("1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN3")
+    testnet = base58.b58encode_check(b"\x6f" + bytes(20)).decode()
+    with pytest.raises(ValueError, match="mainnet"):
+        identifiers.check_bitcoin_address(testnet)
+
+
+def test_mmsi() -> None:
+    identifiers.check_mmsi("445123000")
+    for bad in ("44512300", "4451230001", "44512300a"):
+        with pytest.raises(ValueError, match="9 digits"):
+            identifiers.check_mmsi(bad)
