@@ -9,6 +9,7 @@ release: the policy engine decides per path and the envelope discloses per path.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -23,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -357,3 +359,62 @@ def leaf_values(sighting: SightingModel) -> dict[str, Any]:
     for name, value in data[sighting.kind].items():
         out[f"{sighting.kind}.{name}"] = value
     return out
+
+
+def _field_adapter(head: str, name: str) -> TypeAdapter[Any]:
+    models = (SourceMethod,) if head == "source" else _BODY_MODELS[head]
+    for model in models:
+        info = model.model_fields.get(name)
+        if info is not None:
+            annotated: Any = Annotated[info.annotation, info]  # a runtime-built type form
+            return TypeAdapter(annotated)
+    raise ValueError(f"{head} has no field {name!r}")
+
+
+_ADAPTERS: dict[tuple[str, str], TypeAdapter[Any]] = {}
+_TIME_ADAPTER: Final[TypeAdapter[datetime]] = TypeAdapter(UtcDatetime)
+
+
+def validate_field(kind: str, path: str, value: Any, chain: str | None = None) -> None:
+    """Check one disclosed field's JSON value against the schema; raise ``ValueError``.
+
+    A receiver validates each field it was given on its own, since partners get
+    subsets of a report. ``chain`` (if disclosed) lets crypto addresses and
+    hashes be checked against their chain; without it, any supported chain will do.
+    """
+    try:
+        _validate_field(kind, path, value, chain)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValueError(f"{path}: {str(first['msg']).removeprefix('Value error, ')}") from None
+
+
+def _validate_field(kind: str, path: str, value: Any, chain: str | None) -> None:
+    if path == "observed_at":
+        _TIME_ADAPTER.validate_json(_json(value), strict=True)
+        return
+    head, _, name = path.partition(".")
+    if head not in ("source", kind) or not name or "." in name:
+        raise ValueError(f"{path!r} is not a field of {kind} reports")
+    adapter = _ADAPTERS.get((head, name))
+    if adapter is None:
+        adapter = _ADAPTERS[(head, name)] = _field_adapter(head, name)
+    adapter.validate_json(_json(value), strict=True)
+    if kind == "transfer" and name in ("from_addresses", "to_addresses", "tx_hash"):
+        chains = [chain] if chain else ["bitcoin", "ethereum"]
+        items = value if isinstance(value, list) else [value]
+        check = identifiers.check_tx_hash if name == "tx_hash" else identifiers.check_address
+        for item in items:
+            errors = []
+            for candidate in chains:
+                try:
+                    check(candidate, item)
+                    break
+                except ValueError as exc:
+                    errors.append(str(exc))
+            else:
+                raise ValueError(f"{path}: {errors[0]}")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value)

@@ -35,10 +35,11 @@ def main() -> None:
 def _register() -> None:
     # Imported here so each command family stays in its own module and the
     # group is assembled in one place.
-    from broker.cli import data  # noqa: PLC0415
+    from broker.cli import audit, data, keys, node, policy  # noqa: PLC0415
 
-    for command in data.COMMANDS:
-        main.add_command(command)
+    for module in (data, keys, policy, node, audit):
+        for command in module.COMMANDS:
+            main.add_command(command)
 
 
 _register()

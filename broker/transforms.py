@@ -1,0 +1,188 @@
+"""Release transforms: a field released in a reduced form instead of as observed.
+
+A transform is named by a short id, which is also how its output is disclosed:
+the variant of ``vessel.position`` coarsened to a 0.5° grid is the disclosure
+key ``vessel.position#coarsen:0.5``. The originator signs each variant as its
+own disclosure, so a partner verifies the reduced value against the signature
+without ever receiving the exact one.
+
+========================  ==============================  ==============================
+id                        applies to                      output
+========================  ==============================  ==============================
+``coarsen:<deg>``         positions                       centre of the grid cell
+``round:<step>``          amounts and volumes             nearest multiple of ``step``
+``hour``                  ``observed_at``                 the time truncated to the hour
+``pseudonym:<key id>``    identifiers, names, addresses   ``hmac-sha256:<key id>:<b64url>``
+========================  ==============================  ==============================
+
+Pure code: values in, values out. Pseudonym keys are passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
+from typing import Any, Final
+
+import rfc8785
+
+from broker.sightings import Position
+
+NAMES: Final = ("coarsen", "round", "hour", "pseudonym")
+
+POSITION_PATHS: Final = frozenset({"vessel.position", "transfer.place"})
+AMOUNT_PATHS: Final = frozenset({"transfer.amount", "transfer.volume"})
+TIME_PATHS: Final = frozenset({"observed_at"})
+PSEUDONYM_PATHS: Final = frozenset(
+    {
+        "vessel.imo",
+        "vessel.mmsi",
+        "vessel.name",
+        "vessel.counterpart",
+        "worker.employer",
+        "worker.front_company",
+        "worker.online_identities",
+        "transfer.from_addresses",
+        "transfer.to_addresses",
+        "transfer.tx_hash",
+        "transfer.exchanges",
+        "transfer.vessels",
+    }
+)
+_APPLIES: Final = {
+    "coarsen": POSITION_PATHS,
+    "round": AMOUNT_PATHS,
+    "hour": TIME_PATHS,
+    "pseudonym": PSEUDONYM_PATHS,
+}
+_KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_PSEUDONYM = re.compile(r"^hmac-sha256:([A-Za-z0-9_.-]{1,64}):([A-Za-z0-9_-]{43})$")
+_ROUNDED = re.compile(r"^[0-9]+(\.[0-9]+)?(E\+[0-9]+)?$")
+VARIANT_SEP: Final = "#"
+
+
+def _positive_decimal(text: str, what: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{what} must be a decimal number, not {text!r}") from None
+    if not value.is_finite() or value <= 0:
+        raise ValueError(f"{what} must be a positive decimal, not {text!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Transform:
+    """One transform with its parameter; ``Transform.parse("coarsen:0.5")`` builds one."""
+
+    name: str
+    param: str | None = None
+
+    @classmethod
+    def parse(cls, ident: str) -> Transform:
+        """Parse a transform id; raise ``ValueError`` with a plain reason if unknown or bad."""
+        name, _, param = ident.partition(":")
+        if name not in NAMES:
+            raise ValueError(f"unknown transform {name!r} (known: {', '.join(NAMES)})")
+        if name == "hour":
+            if param:
+                raise ValueError("transform 'hour' takes no parameter")
+            return cls(name)
+        if not param:
+            raise ValueError(f"transform {name!r} needs a parameter, as in {name}:<value>")
+        if name in ("coarsen", "round"):
+            step = _positive_decimal(param, f"{name} step")
+            if name == "coarsen" and step > 10:
+                raise ValueError("coarsen grid must be at most 10 degrees")
+        elif not _KEY_ID.match(param):
+            raise ValueError("pseudonym key id must be 1-64 letters, digits, '.', '_' or '-'")
+        return cls(name, param)
+
+    @property
+    def ident(self) -> str:
+        """The transform id, e.g. ``coarsen:0.5``; part of the disclosure key."""
+        return self.name if self.param is None else f"{self.name}:{self.param}"
+
+    def applies_to(self, path: str) -> bool:
+        """Return whether this transform can reduce the field at ``path``."""
+        return path in _APPLIES[self.name]
+
+    def apply(self, value: Any, *, pseudonym_keys: Mapping[str, bytes], path: str) -> Any:
+        """Return the reduced JSON value of ``value`` (a field's JSON form at ``path``).
+
+        Raises ``ValueError`` if a pseudonym key is missing.
+        """
+        if self.name == "coarsen":
+            return _coarsen(value, Decimal(str(self.param)))
+        if self.name == "round":
+            step = Decimal(str(self.param))
+            rounded = (Decimal(value) / step).quantize(Decimal(1), ROUND_HALF_EVEN) * step
+            return str(rounded)
+        if self.name == "hour":
+            when = datetime.fromisoformat(value)
+            return (
+                when.replace(minute=0, second=0, microsecond=0).isoformat().replace("+00:00", "Z")
+            )
+        key = pseudonym_keys.get(str(self.param))
+        if key is None:
+            raise ValueError(f"no pseudonym key {self.param!r} is configured")
+        return _pseudonym(key, str(self.param), path, value)
+
+    def check_output(self, value: Any) -> None:
+        """Raise ``ValueError`` unless ``value`` has the shape this transform produces."""
+        if self.name == "coarsen":
+            Position.model_validate_json(rfc8785.dumps(value))
+            return
+        if self.name == "round":
+            # Rounding may legitimately reach zero, so only the shape is checked.
+            if not isinstance(value, str) or not re.match(
+                r"^[0-9]+(\.[0-9]+)?(E\+[0-9]+)?$", value
+            ):
+                raise ValueError("rounded amount must be a non-negative decimal string")
+            return
+        if self.name == "hour":
+            if not isinstance(value, str) or not value.endswith(":00:00Z"):
+                raise ValueError("time truncated to the hour must end in :00:00Z")
+            datetime.fromisoformat(value)
+            return
+        match = _PSEUDONYM.match(value) if isinstance(value, str) else None
+        if match is None or match.group(1) != self.param:
+            raise ValueError(f"pseudonym must look like hmac-sha256:{self.param}:<43 base64url>")
+
+
+def _coarsen(value: Mapping[str, str], grid: Decimal) -> dict[str, str]:
+    def snap(text: str) -> str:
+        cell = (Decimal(text) / grid).to_integral_value(ROUND_FLOOR)
+        centre = cell * grid + grid / 2
+        return str(centre.normalize()) if centre == centre.to_integral_value() else str(centre)
+
+    lat = snap(value["lat"])
+    # A cell centre can step past the pole; clamp to the last valid cell.
+    if Decimal(lat) > 90:
+        lat = str(Decimal(90) - grid / 2)
+    return {"lat": lat, "lon": snap(value["lon"])}
+
+
+def _pseudonym(key: bytes, key_id: str, path: str, value: Any) -> str:
+    # Domain-separated by key id and field path, over RFC 8785 bytes, so the same
+    # identifier in two fields (or under two keys) gives unrelated pseudonyms.
+    message = b"msmt-pseudonym-v1\x00" + key_id.encode() + b"\x00" + path.encode() + b"\x00"
+    mac = hmac.new(key, message + rfc8785.dumps(value), hashlib.sha256).digest()
+    return f"hmac-sha256:{key_id}:{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+def variant_key(path: str, transform: Transform | None) -> str:
+    """The disclosure key for a field as released: ``path`` or ``path#<transform id>``."""
+    return path if transform is None else f"{path}{VARIANT_SEP}{transform.ident}"
+
+
+def split_variant_key(key: str) -> tuple[str, Transform | None]:
+    """Split a disclosure key into its field path and transform (``ValueError`` if bad)."""
+    path, sep, ident = key.partition(VARIANT_SEP)
+    return (path, Transform.parse(ident)) if sep else (path, None)
