@@ -80,7 +80,16 @@ class RosterKey:
 
 _STANDARD: Final = frozenset({"kty", "crv", "x", "kid", "use", "alg"})
 _OURS: Final = frozenset(
-    {"msmt_member", "msmt_status", "msmt_valid_from", "msmt_valid_until", "msmt_retired_at"}
+    {
+        "msmt_member",
+        "msmt_status",
+        "msmt_valid_from",
+        "msmt_valid_until",
+        "msmt_retired_at",
+        # Recorded by ``msmt keys revoke`` for auditors; the check needs only the status.
+        "msmt_revoked_at",
+        "msmt_revoked_reason",
+    }
 )
 
 

@@ -1,0 +1,503 @@
+"""Key material on disk: generation, the signed roster, rotation and revocation.
+
+Layout of a key directory (private files mode 0600, directories 0700)::
+
+    keys/roster.json               public JWK Set (RFC 7517), parsed by broker.roster
+    keys/roster.json.jws           detached JWS (RFC 7515 App. F) over its RFC 8785 bytes
+    keys/roster-authority.json     public Ed25519 JWK of the roster authority; nodes pin it
+    keys/nats-users.json           public nkeys of every NATS user, for the hub's config
+    keys/authority/roster-authority.jwk   private key that signs roster changes
+    keys/<MEMBER>/<kid>.jwk        private JWKs: <MEMBER>-sig-<date>-<hex> is Ed25519 (use sig,
+                                   alg Ed25519), <MEMBER>-enc-<date>-<hex> is X25519 (use enc,
+                                   alg ECDH-ES+A256KW)
+    keys/<MEMBER>/nats.nk          NATS user nkey seed
+    keys/AUDIT/nats.nk             NATS user of the AUDIT account (archive of checkpoints)
+
+Every write goes to a temporary file that is renamed into place, and every check
+runs before the first write, so a refused command changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import nkeys
+import rfc8785
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import KeyParameters, OKPKey
+
+from broker.errors import KeyMaterialError, UsageError
+from broker.members import MEMBERS, is_member
+from broker.roster import KeyUse, Roster, format_time
+
+ROSTER_FILE: Final = "roster.json"
+ROSTER_SIG_FILE: Final = "roster.json.jws"
+AUTHORITY_PUBLIC_FILE: Final = "roster-authority.json"
+AUTHORITY_PRIVATE_FILE: Final = "authority/roster-authority.jwk"
+NATS_USERS_FILE: Final = "nats-users.json"
+NATS_SEED_FILE: Final = "nats.nk"
+AUDIT_ACCOUNT: Final = "AUDIT"
+ALGS: Final[dict[str, str]] = {"sig": "Ed25519", "enc": "ECDH-ES+A256KW"}
+ROSTER_JWS_TYP: Final = "msmt-roster+jws"
+DEFAULT_VALID_DAYS: Final = 730
+
+
+# --- files -----------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
+    if private:
+        path.parent.chmod(0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        # mkstemp already creates 0600; public files are then widened to 0644.
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if not private:
+            Path(tmp).chmod(0o644)
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate member {key!r}")
+        result[key] = value
+    return result
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file strictly (no duplicate members); raise ``KeyMaterialError`` naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates)
+    except ValueError as exc:
+        raise KeyMaterialError(f"{path} is not valid JSON: {exc}") from None
+
+
+# --- keys ------------------------------------------------------------------
+
+
+_KID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def key_path(keydir: Path, member: str, kid: str) -> Path:
+    """Return where ``member``'s private key ``kid`` lives; refuse a kid unfit for a file name."""
+    if not _KID_RE.fullmatch(kid):
+        raise KeyMaterialError(f"kid {kid!r} is not a safe file name")
+    return keydir / member / f"{kid}.jwk"
+
+
+def new_kid(member: str, use: KeyUse, at: datetime) -> str:
+    """Return a fresh readable kid such as ``JPN-sig-20261128-1a2b3c4d``."""
+    return f"{member}-{use}-{at:%Y%m%d}-{secrets.token_hex(4)}"
+
+
+def generate_key(member: str, use: KeyUse, at: datetime) -> OKPKey:
+    """Generate an Ed25519 (``sig``) or X25519 (``enc``) private key with kid, use and alg."""
+    curve: Literal["Ed25519", "X25519"] = "Ed25519" if use == "sig" else "X25519"
+    params: KeyParameters = {"kid": new_kid(member, use, at), "use": use, "alg": ALGS[use]}
+    return OKPKey.generate_key(curve, parameters=params, private=True)
+
+
+def roster_entry(key: OKPKey, member: str, at: datetime, valid_days: int) -> dict[str, Any]:
+    """Return the public roster JWK for ``key``: active from ``at`` for ``valid_days``."""
+    public = key.as_dict(private=False)
+    entry = {k: public[k] for k in ("kty", "crv", "x", "kid", "use", "alg")}
+    entry |= {
+        "msmt_member": member,
+        "msmt_status": "active",
+        "msmt_valid_from": format_time(at),
+        "msmt_valid_until": format_time(at + timedelta(days=valid_days)),
+    }
+    return entry
+
+
+def load_private_jwk(path: Path, *, use: KeyUse) -> OKPKey:
+    """Load one private JWK file; raise ``KeyMaterialError`` if malformed or of the wrong kind."""
+    data = read_json(path)
+    curve = "Ed25519" if use == "sig" else "X25519"
+    if not isinstance(data, dict) or data.get("crv") != curve or "d" not in data:
+        raise KeyMaterialError(f"{path}: not a private {curve} JWK")
+    if data.get("use") != use or not isinstance(data.get("kid"), str):
+        raise KeyMaterialError(f"{path}: missing kid or use is not {use!r}")
+    try:
+        return OKPKey.import_key(data)
+    except (ValueError, JoseError) as exc:
+        raise KeyMaterialError(f"{path}: malformed JWK ({exc})") from None
+
+
+def new_nats_seed() -> bytes:
+    """Return a fresh NATS user nkey seed (``SU...``)."""
+    return bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER))
+
+
+def nats_public(seed: bytes, where: str) -> str:
+    """Return the user public nkey (``U...``) of a seed; raise ``KeyMaterialError`` if malformed."""
+    try:
+        pair = nkeys.from_seed(bytearray(seed.strip()))
+        public = pair.public_key.decode()
+    except (nkeys.NkeysError, ValueError, TypeError) as exc:
+        raise KeyMaterialError(f"{where}: malformed nkey seed ({type(exc).__name__})") from None
+    if not public.startswith("U"):
+        raise KeyMaterialError(f"{where}: not a NATS user seed")
+    return str(public)
+
+
+# --- the signed roster -----------------------------------------------------
+
+
+def sign_roster(jwks: Mapping[str, Any], authority: OKPKey) -> str:
+    """Return a detached compact JWS (Ed25519) over the RFC 8785 bytes of ``jwks``."""
+    header = {"alg": "Ed25519", "kid": authority.kid, "typ": ROSTER_JWS_TYP}
+    token = jws.serialize_compact(
+        header, rfc8785.dumps(dict(jwks)), authority, algorithms=["Ed25519"]
+    )
+    return str(jws.detach_content(token))
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRoster:
+    """A roster whose signature and version were checked, with its raw JWK Set."""
+
+    roster: Roster
+    version: int
+    jwks: dict[str, Any]
+
+
+def load_authority(path: Path) -> OKPKey:
+    """Load the pinned roster-authority public key; it must be a public Ed25519 JWK with a kid."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("crv") != "Ed25519" or "d" in data:
+        raise KeyMaterialError(f"{path}: roster authority must be a public Ed25519 JWK")
+    if not isinstance(data.get("kid"), str):
+        raise KeyMaterialError(f"{path}: roster authority key has no kid")
+    try:
+        return OKPKey.import_key(data)
+    except (ValueError, JoseError) as exc:
+        raise KeyMaterialError(f"{path}: malformed JWK ({exc})") from None
+
+
+def verify_roster(
+    jwks: Any, signature: str, authority: OKPKey, *, min_version: int = 0
+) -> SignedRoster:
+    """Verify a roster against the pinned authority key and the last version seen.
+
+    Checklist (each step raises ``KeyMaterialError`` with a one-line reason):
+    1. the roster is a JSON object with an integer ``msmt_version`` >= 1;
+    2. the detached JWS header is exactly Ed25519, the roster ``typ`` and the pinned kid;
+    3. the signature verifies over the RFC 8785 bytes of the roster (tampering);
+    4. the version is not below ``min_version`` (rollback to an older roster);
+    5. every key parses as a roster key, with no duplicate kid.
+    """
+    if not isinstance(jwks, dict):
+        raise KeyMaterialError("roster is not a JSON object")
+    version = jwks.get("msmt_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise KeyMaterialError("roster has no positive integer msmt_version")
+    try:
+        header = jws.extract_compact(signature.strip().encode()).protected
+    except (ValueError, JoseError) as exc:
+        raise KeyMaterialError(f"roster signature is malformed ({exc})") from None
+    if header != {"alg": "Ed25519", "kid": authority.kid, "typ": ROSTER_JWS_TYP}:
+        raise KeyMaterialError(
+            f"roster signature header {header} is not Ed25519 by authority {authority.kid}"
+        )
+    try:
+        jws.deserialize_compact(
+            signature.strip(), authority, payload=rfc8785.dumps(jwks), algorithms=["Ed25519"]
+        )
+    except (ValueError, JoseError, rfc8785.CanonicalizationError) as exc:
+        raise KeyMaterialError(
+            f"roster signature does not verify: the roster was altered ({type(exc).__name__})"
+        ) from None
+    if version < min_version:
+        raise KeyMaterialError(
+            f"roster version {version} is older than version {min_version} already seen (rollback)"
+        )
+    return SignedRoster(roster=Roster.from_jwks(jwks), version=version, jwks=jwks)
+
+
+def load_signed_roster(
+    keydir: Path, *, authority_path: Path | None = None, min_version: int = 0
+) -> SignedRoster:
+    """Read and verify ``roster.json`` + ``roster.json.jws`` from ``keydir``.
+
+    ``authority_path`` is the pinned authority key (default: the one in ``keydir``,
+    which proves integrity only if that file itself came from a trusted place).
+    """
+    jwks = read_json(keydir / ROSTER_FILE)
+    try:
+        signature = (keydir / ROSTER_SIG_FILE).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyMaterialError(
+            f"cannot read roster signature {keydir / ROSTER_SIG_FILE}: {exc}"
+        ) from None
+    authority = load_authority(authority_path or keydir / AUTHORITY_PUBLIC_FILE)
+    return verify_roster(jwks, signature, authority, min_version=min_version)
+
+
+# --- operations: init, rotate, revoke ---------------------------------------
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _check_members(members: Iterable[str]) -> tuple[str, ...]:
+    result = tuple(members)
+    for member in result:
+        if not is_member(member):
+            raise UsageError(f"unknown member {member!r} (members: {', '.join(MEMBERS)})")
+    if len(set(result)) != len(result) or not result:
+        raise UsageError("members must be a non-empty list without repeats")
+    return result
+
+
+def _write_roster(keydir: Path, jwks: dict[str, Any], authority: OKPKey) -> None:
+    signature = sign_roster(jwks, authority)
+    # Two renames: a crash between them leaves a roster whose signature fails,
+    # which every node refuses (fail closed); rerunning the command repairs it.
+    _write_atomic(keydir / ROSTER_FILE, _json_bytes(jwks), private=False)
+    _write_atomic(keydir / ROSTER_SIG_FILE, (signature + "\n").encode(), private=False)
+
+
+def init_keys(
+    keydir: Path,
+    members: Iterable[str] = MEMBERS,
+    *,
+    force: bool = False,
+    now: datetime | None = None,
+    valid_days: int = DEFAULT_VALID_DAYS,
+) -> SignedRoster:
+    """Create every member's keys, the NATS users, the roster authority and a signed roster v1.
+
+    Raises ``KeyMaterialError`` (nothing written) if any key file already exists and
+    ``force`` is false; ``UsageError`` for an unknown member or a bad validity.
+    """
+    chosen = _check_members(members)
+    if valid_days < 1:
+        raise UsageError("--valid-days must be at least 1")
+    at = now or _utcnow()
+    existing = [
+        p
+        for p in (
+            keydir / ROSTER_FILE,
+            keydir / AUTHORITY_PRIVATE_FILE,
+            *(keydir / m for m in (*chosen, AUDIT_ACCOUNT)),
+        )
+        if p.exists() and (p.is_file() or any(p.iterdir()))
+    ]
+    if existing and not force:
+        raise KeyMaterialError(f"{existing[0]} already exists; use --force to replace all keys")
+    authority = OKPKey.generate_key(
+        "Ed25519",
+        parameters={
+            "kid": f"roster-authority-{at:%Y%m%d}-{secrets.token_hex(4)}",
+            "alg": "Ed25519",
+        },
+        private=True,
+    )
+    entries: list[dict[str, Any]] = []
+    users: dict[str, str] = {}
+    private_files: list[tuple[Path, bytes]] = []
+    for member in chosen:
+        for use in ("sig", "enc"):
+            key = generate_key(member, use, at)
+            entries.append(roster_entry(key, member, at, valid_days))
+            path = key_path(keydir, member, str(key.kid))
+            private_files.append((path, _json_bytes(key.as_dict(private=True))))
+    for account in (*chosen, AUDIT_ACCOUNT):
+        seed = new_nats_seed()
+        users[account] = nats_public(seed, account)
+        private_files.append((keydir / account / NATS_SEED_FILE, seed + b"\n"))
+    if force:
+        for directory in (keydir / m for m in (*chosen, AUDIT_ACCOUNT)):
+            for old in directory.glob("*") if directory.is_dir() else ():
+                if old.suffix in (".jwk", ".nk"):
+                    old.unlink()
+    for path, data in private_files:
+        _write_atomic(path, data, private=True)
+    _write_atomic(
+        keydir / AUTHORITY_PRIVATE_FILE, _json_bytes(authority.as_dict(private=True)), private=True
+    )
+    _write_atomic(
+        keydir / AUTHORITY_PUBLIC_FILE, _json_bytes(authority.as_dict(private=False)), private=False
+    )
+    _write_atomic(keydir / NATS_USERS_FILE, _json_bytes(users), private=False)
+    jwks: dict[str, Any] = {"keys": entries, "msmt_version": 1, "msmt_issued_at": format_time(at)}
+    _write_roster(keydir, jwks, authority)
+    return load_signed_roster(keydir)
+
+
+def _load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
+    signed = load_signed_roster(keydir)
+    path = keydir / AUTHORITY_PRIVATE_FILE
+    authority = load_private_jwk_any(path)
+    if authority.kid != load_authority(keydir / AUTHORITY_PUBLIC_FILE).kid:
+        raise KeyMaterialError(f"{path} is not the key of {AUTHORITY_PUBLIC_FILE}")
+    return signed, authority
+
+
+def load_private_jwk_any(path: Path) -> OKPKey:
+    """Load the roster authority's private Ed25519 JWK; raise ``KeyMaterialError`` if malformed."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("crv") != "Ed25519" or "d" not in data:
+        raise KeyMaterialError(f"{path}: not a private Ed25519 JWK")
+    try:
+        return OKPKey.import_key(data)
+    except (ValueError, JoseError) as exc:
+        raise KeyMaterialError(f"{path}: malformed JWK ({exc})") from None
+
+
+def _bump(signed: SignedRoster, keys: list[dict[str, Any]], at: datetime) -> dict[str, Any]:
+    kids = [k["kid"] for k in keys]
+    if len(set(kids)) != len(kids):
+        raise KeyMaterialError("duplicate kid in the updated roster")
+    jwks = dict(signed.jwks)
+    jwks |= {"keys": keys, "msmt_version": signed.version + 1, "msmt_issued_at": format_time(at)}
+    Roster.from_jwks(jwks)  # refuse to sign anything the nodes would refuse to parse
+    return jwks
+
+
+def rotate_keys(
+    keydir: Path,
+    member: str,
+    *,
+    now: datetime | None = None,
+    valid_days: int = DEFAULT_VALID_DAYS,
+) -> tuple[str, str]:
+    """Add a new active sig and enc key for ``member``; retire its active ones as of now.
+
+    Retired keys still verify what was made before ``msmt_retired_at``, until their
+    valid-until. Returns the new (sig kid, enc kid). Raises ``UsageError`` for an
+    unknown member and ``KeyMaterialError`` if the roster does not verify.
+    """
+    if not is_member(member):
+        raise UsageError(f"unknown member {member!r} (members: {', '.join(MEMBERS)})")
+    signed, authority = _load_for_update(keydir)
+    if not any(k.member == member for k in signed.roster):
+        raise UsageError(f"member {member} has no keys in the roster; run 'msmt keys init'")
+    at = now or _utcnow()
+    keys: list[dict[str, Any]] = []
+    for entry in signed.jwks["keys"]:
+        retire = entry["msmt_member"] == member and entry["msmt_status"] == "active"
+        keys.append(
+            {**entry, "msmt_status": "retired", "msmt_retired_at": format_time(at)}
+            if retire
+            else entry
+        )
+    new = {use: generate_key(member, use, at) for use in ("sig", "enc")}
+    keys += [roster_entry(k, member, at, valid_days) for k in new.values()]
+    jwks = _bump(signed, keys, at)
+    for key in new.values():
+        path = key_path(keydir, member, str(key.kid))
+        _write_atomic(path, _json_bytes(key.as_dict(private=True)), private=True)
+    _write_roster(keydir, jwks, authority)
+    return str(new["sig"].kid), str(new["enc"].kid)
+
+
+def revoke_key(keydir: Path, kid: str, reason: str, *, now: datetime | None = None) -> None:
+    """Mark ``kid`` revoked, recording when and why; it never verifies anything again.
+
+    Raises ``KeyMaterialError`` for an unknown or already revoked kid and
+    ``UsageError`` for an empty or multi-line reason.
+    """
+    reason = reason.strip()
+    if not reason or "\n" in reason or len(reason) > 200:
+        raise UsageError("--reason must be one non-empty line of at most 200 characters")
+    signed, authority = _load_for_update(keydir)
+    key = signed.roster.get(kid)
+    if key.status == "revoked":
+        raise KeyMaterialError(f"key {kid} is already revoked")
+    at = now or _utcnow()
+    keys = [
+        {
+            **e,
+            "msmt_status": "revoked",
+            "msmt_revoked_at": format_time(at),
+            "msmt_revoked_reason": reason,
+        }
+        if e["kid"] == kid
+        else e
+        for e in signed.jwks["keys"]
+    ]
+    _write_roster(keydir, _bump(signed, keys, at), authority)
+
+
+# --- what a node loads -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemberKeys:
+    """One member's private keys, as its node uses them.
+
+    ``decryption`` keeps every enc key that is not revoked or expired, so a message
+    encrypted to a key that was just rotated out still decrypts.
+    """
+
+    member: str
+    signing: OKPKey
+    signing_kid: str
+    decryption: dict[str, OKPKey]
+    nats_seed: bytes
+
+
+def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) -> MemberKeys:
+    """Load ``member``'s private keys and match them against the verified roster.
+
+    Raises ``KeyMaterialError`` if a file is malformed, a private key does not match
+    its roster entry, or the member has no usable active signing key at ``at``.
+    """
+    folder = keydir / member
+    if not folder.is_dir():
+        raise KeyMaterialError(f"no key directory {folder}")
+    current = roster.current(member, "sig", at)
+    signing = _matching(key_path(keydir, member, current.kid), roster, member, "sig")
+    decryption: dict[str, OKPKey] = {}
+    for path in sorted(folder.glob(f"{member}-enc-*.jwk")):
+        entry = roster.get(path.name.removesuffix(".jwk"))
+        if entry.status == "revoked" or at > entry.valid_until:
+            continue
+        decryption[entry.kid] = _matching(path, roster, member, "enc")
+    if not decryption:
+        raise KeyMaterialError(f"{member} has no usable decryption key in {folder}")
+    try:
+        seed = (folder / NATS_SEED_FILE).read_bytes().strip()
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read {folder / NATS_SEED_FILE}: {exc.strerror}") from None
+    nats_public(seed, str(folder / NATS_SEED_FILE))
+    return MemberKeys(member, signing, current.kid, decryption, seed)
+
+
+def _matching(path: Path, roster: Roster, member: str, use: KeyUse) -> OKPKey:
+    key = load_private_jwk(path, use=use)
+    entry = roster.get(str(key.kid))
+    if entry.member != member or entry.use != use or entry.jwk.get("x") != key.as_dict()["x"]:
+        raise KeyMaterialError(f"{path} does not match roster key {key.kid} of {member}")
+    return key

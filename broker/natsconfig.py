@@ -1,0 +1,229 @@
+"""The hub's nats-server configuration: one account per member, plus ``AUDIT`` and ``SYS``.
+
+Reports travel as a cross-account *service* (see docs/KEYS.md for why not a stream):
+
+* Recipient ``R`` exports the service ``from.*.msmt.to.R.>`` with
+  ``account_token_position: 2``, so account ``S`` may import only the slot
+  ``from.S.msmt.to.R.>`` that carries its own account name.
+* Sender ``S`` imports that slot as its local ``msmt.to.R.>``. ``S`` publishes
+  ``msmt.to.R.<kind>``; the server rewrites it to ``from.S.msmt.to.R.<kind>`` in
+  ``R``'s account, where ``R``'s inbox stream stores it. The sender token is the
+  server's word, not the message's, and JetStream's publish ack flows back to ``S``
+  through the service import's response path.
+
+Audit: each member exports ``msmt.audit.M.checkpoint`` / ``.cosignature`` as streams
+to every other member and ``AUDIT`` (which archives them), and ``msmt.audit.M.proof``
+as a request/reply service so a witness can ask for a consistency proof.
+
+The configuration is built as plain data and rendered as JSON, which nats-server's
+configuration syntax accepts as is, so what the server reads is what a reader sees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from broker.errors import KeyMaterialError, UsageError
+from broker.keys import AUDIT_ACCOUNT, NATS_USERS_FILE, read_json
+from broker.members import MEMBERS, is_member
+
+SYS_ACCOUNT: Final = "SYS"
+AUDIT_STREAM: Final = "AUDIT_ARCHIVE"
+AUDIT_KINDS: Final = ("checkpoint", "cosignature")
+
+
+def inbox_stream(member: str) -> str:
+    """The name of ``member``'s inbox stream (in its own account)."""
+    return f"INBOX_{member}"
+
+
+def inbox_durable(member: str) -> str:
+    """The name of the durable pull consumer ``member``'s node reads its inbox with."""
+    return f"{member}_NODE"
+
+
+def inbox_subjects(member: str) -> list[str]:
+    """The subjects ``member``'s inbox stream captures: server-attested ``from.<S>`` reports."""
+    return [f"from.*.msmt.to.{member}.>"]
+
+
+def inbox_prefix(account: str) -> str:
+    """The reply-inbox prefix the account's user must pass to ``nats.connect(inbox_prefix=)``."""
+    return f"_INBOX_{account}"
+
+
+def _js_api(stream: str, durable: str | None) -> list[str]:
+    """JetStream API subjects for one stream (and one consumer) of the user's own account."""
+    subjects = [
+        "$JS.API.INFO",
+        f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.STREAM.UPDATE.{stream}",
+        f"$JS.API.STREAM.INFO.{stream}",
+    ]
+    consumer = durable or "*"
+    subjects += [
+        f"$JS.API.CONSUMER.CREATE.{stream}.{consumer}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}",
+        f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+        f"$JS.ACK.{stream}.{consumer}.>",
+    ]
+    return subjects
+
+
+def member_account(member: str, nkey: str, members: tuple[str, ...]) -> dict[str, Any]:
+    """Return the account block of ``member``: its user, exports and imports."""
+    partners = [p for p in members if p != member]
+    audience = [*partners, AUDIT_ACCOUNT]
+    publish = [f"msmt.to.{p}.>" for p in partners]
+    publish += [f"msmt.audit.{member}.{kind}" for kind in AUDIT_KINDS]
+    publish += [f"msmt.audit.{p}.proof" for p in partners]
+    publish += _js_api(inbox_stream(member), inbox_durable(member))
+    subscribe = [f"{inbox_prefix(member)}.>", f"msmt.audit.{member}.proof"]
+    subscribe += [f"msmt.audit.*.{kind}" for kind in AUDIT_KINDS]
+    exports: list[dict[str, Any]] = [
+        {
+            "service": f"from.*.msmt.to.{member}.>",
+            "account_token_position": 2,
+            "accounts": partners,
+        },
+        {"service": f"msmt.audit.{member}.proof", "accounts": audience},
+    ]
+    exports += [
+        {"stream": f"msmt.audit.{member}.{kind}", "accounts": audience} for kind in AUDIT_KINDS
+    ]
+    imports: list[dict[str, Any]] = []
+    for partner in partners:
+        imports.append(
+            {
+                "service": {"account": partner, "subject": f"from.{member}.msmt.to.{partner}.>"},
+                "to": f"msmt.to.{partner}.>",
+            }
+        )
+        imports.append({"service": {"account": partner, "subject": f"msmt.audit.{partner}.proof"}})
+        imports += [
+            {"stream": {"account": partner, "subject": f"msmt.audit.{partner}.{kind}"}}
+            for kind in AUDIT_KINDS
+        ]
+    return {
+        # Account limits: one inbox stream and a few consumers is all a node needs.
+        "jetstream": {"max_mem": 0, "max_file": -1, "max_streams": 1, "max_consumers": 4},
+        "users": [
+            {
+                "nkey": nkey,
+                "permissions": {
+                    "publish": {"allow": publish},
+                    "subscribe": {"allow": subscribe},
+                    # Lets the node answer proof requests on their one-shot reply subject.
+                    "allow_responses": {"max": 1, "expires": "1m"},
+                },
+            }
+        ],
+        "exports": exports,
+        "imports": imports,
+    }
+
+
+def audit_account(nkey: str, members: tuple[str, ...]) -> dict[str, Any]:
+    """Return the ``AUDIT`` account: imports every member's audit subjects and archives them."""
+    publish = [f"msmt.audit.{m}.proof" for m in members]
+    publish += _js_api(AUDIT_STREAM, None)
+    publish += [f"$JS.API.STREAM.MSG.GET.{AUDIT_STREAM}"]
+    imports: list[dict[str, Any]] = []
+    for member in members:
+        imports.append({"service": {"account": member, "subject": f"msmt.audit.{member}.proof"}})
+        imports += [
+            {"stream": {"account": member, "subject": f"msmt.audit.{member}.{kind}"}}
+            for kind in AUDIT_KINDS
+        ]
+    return {
+        "jetstream": {
+            "max_mem": 0,
+            "max_file": -1,
+            "max_streams": 1,
+            "max_consumers": 16,
+        },
+        "users": [
+            {
+                "nkey": nkey,
+                "permissions": {
+                    "publish": {"allow": publish},
+                    "subscribe": {"allow": [f"{inbox_prefix(AUDIT_ACCOUNT)}.>", "msmt.audit.>"]},
+                },
+            }
+        ],
+        "imports": imports,
+    }
+
+
+def accounts_config(users: Mapping[str, str]) -> str:
+    """Render the ``accounts`` and ``system_account`` blocks for ``users`` (account -> nkey).
+
+    ``users`` must hold ``AUDIT`` and at least two members; raises ``KeyMaterialError``
+    otherwise or if a key is not a user public nkey.
+    """
+    for account, nkey in users.items():
+        if not (is_member(account) or account == AUDIT_ACCOUNT):
+            raise KeyMaterialError(f"{NATS_USERS_FILE}: unknown account {account!r}")
+        if not (isinstance(nkey, str) and nkey.startswith("U") and len(nkey) == 56):
+            raise KeyMaterialError(f"{NATS_USERS_FILE}: {account} has no user public nkey")
+    members = tuple(m for m in MEMBERS if m in users)
+    if AUDIT_ACCOUNT not in users or len(members) < 2:
+        raise KeyMaterialError(f"{NATS_USERS_FILE}: needs AUDIT and at least two members")
+    accounts: dict[str, Any] = {m: member_account(m, users[m], members) for m in members}
+    accounts[AUDIT_ACCOUNT] = audit_account(users[AUDIT_ACCOUNT], members)
+    # SYS has no users: the hub operator watches it through the monitoring port.
+    accounts[SYS_ACCOUNT] = {}
+    return (
+        f"accounts: {json.dumps(accounts, indent=2)}\nsystem_account: {json.dumps(SYS_ACCOUNT)}\n"
+    )
+
+
+def load_users(keydir: Path) -> dict[str, str]:
+    """Read ``nats-users.json`` (public nkeys only) from a key directory."""
+    data = read_json(keydir / NATS_USERS_FILE)
+    if not isinstance(data, dict):
+        raise KeyMaterialError(f"{keydir / NATS_USERS_FILE} is not a JSON object")
+    return data
+
+
+def server_config(
+    keydir: Path,
+    *,
+    cluster: int = 0,
+    route_host: str = "nats-{i}",
+    store_dir: str = "/data/jetstream",
+) -> str:
+    """Return a complete nats-server configuration for the hub, from ``keydir``.
+
+    With ``cluster`` > 1 it adds a cluster block whose routes are ``route_host``
+    formatted with ``i`` = 1..cluster on port 6222; each server's name comes from
+    the ``SERVER_NAME`` environment variable so one file serves every server.
+    """
+    if cluster < 0 or cluster == 1:
+        raise UsageError("--cluster must be 0 (single server) or at least 2")
+    lines = [
+        "listen: 0.0.0.0:4222",
+        "http: 127.0.0.1:8222",
+        f"jetstream {{ store_dir: {json.dumps(store_dir)} }}",
+        # Reports are small; a bound on payload size protects every inbox.
+        "max_payload: 1MB",
+    ]
+    if cluster:
+        routes = [
+            json.dumps(f"nats://{route_host.format(i=i)}:6222") for i in range(1, cluster + 1)
+        ]
+        lines = [
+            "server_name: $SERVER_NAME",
+            *lines,
+            "cluster {",
+            '  name: "msmt"',
+            "  listen: 0.0.0.0:6222",
+            f"  routes: [{', '.join(routes)}]",
+            "}",
+        ]
+    return "\n".join(lines) + "\n" + accounts_config(load_users(keydir))
