@@ -75,6 +75,11 @@ def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
         raise
 
 
+def write_public(path: Path, data: bytes) -> None:
+    """Write a public file (roster, hub configuration) atomically, mode 0644."""
+    _write_atomic(path, data, private=False)
+
+
 def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 

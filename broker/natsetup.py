@@ -230,16 +230,29 @@ async def connect_account(
         ) from None
 
 
+AUDIT_MAX_BYTES: Final = 256 * 1024**2
+
+
 async def setup_account(
-    url: str, account: str, seed: bytes, limits: InboxLimits | None = None
+    url: str,
+    account: str,
+    seed: bytes,
+    limits: InboxLimits | None = None,
+    *,
+    audit_max_bytes: int = AUDIT_MAX_BYTES,
 ) -> list[SetupResult]:
-    """Ensure ``account``'s streams and consumers exist as configured (idempotent)."""
+    """Ensure ``account``'s streams and consumers exist as configured (idempotent).
+
+    A member gets its inbox stream and durable consumer; ``AUDIT`` its archive.
+    Raises ``ConfigError`` if the server is unreachable or refuses a step.
+    """
     limits = limits or InboxLimits()
     nc = await connect_account(url, account, seed)
     try:
         js = nc.jetstream()
         if account == AUDIT_ACCOUNT:
-            return [await ensure_stream(js, audit_stream_config(limits.replicas))]
+            wanted = audit_stream_config(limits.replicas, audit_max_bytes)
+            return [await ensure_stream(js, wanted)]
         stream = await ensure_stream(js, inbox_stream_config(account, limits))
         consumer = await ensure_consumer(
             js, inbox_stream(account), inbox_consumer_config(account, limits)

@@ -1,7 +1,177 @@
-"""Commands for the keys family (filled in by its issue)."""
+"""Commands for key material (``msmt keys ...``) and the NATS hub (``msmt nats ...``)."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import click
 
-COMMANDS: tuple[click.Command, ...] = ()
+from broker import keys as keyfiles
+from broker import natsconfig, natsetup
+from broker.errors import KeyMaterialError, UsageError
+from broker.members import MEMBERS, parse_members
+from broker.roster import format_time
+
+_KEYDIR = click.option(
+    "--dir",
+    "keydir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("keys"),
+    show_default=True,
+    help="The key directory.",
+)
+_VALID_DAYS = click.option(
+    "--valid-days",
+    type=click.IntRange(1, 3650),
+    default=keyfiles.DEFAULT_VALID_DAYS,
+    show_default=True,
+    help="How long new keys stay valid.",
+)
+
+
+@click.group(name="keys")
+def keys_group() -> None:
+    """Member keys, NATS users and the signed public roster."""
+
+
+@keys_group.command(name="init")
+@_KEYDIR
+@click.option("--members", default=",".join(MEMBERS), show_default=True)
+@click.option("--force", is_flag=True, help="Replace existing keys (all old keys are lost).")
+@_VALID_DAYS
+def keys_init(keydir: Path, members: str, force: bool, valid_days: int) -> None:
+    """Create each member's signing, encryption and NATS keys, and a signed roster."""
+    try:
+        chosen = parse_members(members)
+    except ValueError as exc:
+        raise UsageError(f"--members: {exc}") from None
+    signed = keyfiles.init_keys(keydir, chosen, force=force, valid_days=valid_days)
+    click.echo(f"wrote keys for {', '.join(chosen)} and AUDIT under {keydir}")
+    click.echo(f"roster version {signed.version}: {len(signed.roster)} public keys")
+    click.echo(
+        f"pin {keydir / keyfiles.AUTHORITY_PUBLIC_FILE} in every node; keep "
+        f"{keydir / keyfiles.AUTHORITY_PRIVATE_FILE} offline"
+    )
+
+
+@keys_group.command(name="rotate")
+@click.argument("member")
+@_KEYDIR
+@_VALID_DAYS
+def keys_rotate(member: str, keydir: Path, valid_days: int) -> None:
+    """Give MEMBER new active keys; its old ones retire (they still verify older reports)."""
+    sig, enc = keyfiles.rotate_keys(keydir, member.upper(), valid_days=valid_days)
+    version = keyfiles.load_signed_roster(keydir).version
+    click.echo(f"{member.upper()}: new keys {sig} and {enc}; roster version {version}")
+
+
+@keys_group.command(name="revoke")
+@click.argument("kid")
+@click.option("--reason", required=True, help="Why (one line; recorded in the roster).")
+@_KEYDIR
+def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
+    """Mark KID revoked: nothing signed with it verifies again."""
+    keyfiles.revoke_key(keydir, kid, reason)
+    signed = keyfiles.load_signed_roster(keydir)
+    click.echo(f"revoked {kid}; roster version {signed.version}")
+    owner = signed.roster.get(kid).member
+    if not any(k.member == owner and k.status == "active" for k in signed.roster):
+        click.echo(f"warning: {owner} has no active key left; run 'msmt keys rotate {owner}'")
+
+
+@keys_group.command(name="verify-roster")
+@_KEYDIR
+@click.option(
+    "--authority",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The pinned roster-authority public key (default: the one in the key directory).",
+)
+@click.option("--min-version", type=click.IntRange(0), default=0, help="Last version accepted.")
+def keys_verify_roster(keydir: Path, authority: Path | None, min_version: int) -> None:
+    """Check the roster's signature and version, then list its keys."""
+    signed = keyfiles.load_signed_roster(keydir, authority_path=authority, min_version=min_version)
+    click.echo(f"roster version {signed.version}: signature ok, {len(signed.roster)} keys")
+    for key in signed.roster:
+        click.echo(
+            f"{key.member} {key.use} {key.kid} {key.status} "
+            f"{format_time(key.valid_from)}..{format_time(key.valid_until)}"
+        )
+
+
+@click.group(name="nats")
+def nats_group() -> None:
+    """The NATS hub: server configuration and JetStream streams."""
+
+
+@nats_group.command(name="config")
+@click.option(
+    "--keys",
+    "keydir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("keys"),
+    show_default=True,
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--cluster", type=click.IntRange(0, 9), default=0, help="Servers in the hub.")
+@click.option("--route-host", default="nats-{i}", show_default=True, help="Route host pattern.")
+@click.option("--store-dir", default="/data/jetstream", show_default=True)
+def nats_config(keydir: Path, out: Path, cluster: int, route_host: str, store_dir: str) -> None:
+    """Write the hub's nats-server configuration (accounts, users, exports, imports)."""
+    if "{i}" not in route_host and cluster:
+        raise UsageError("--route-host must contain {i}")
+    text = natsconfig.server_config(
+        keydir, cluster=cluster, route_host=route_host, store_dir=store_dir
+    )
+    keyfiles.write_public(out, text.encode())
+    click.echo(f"wrote {out}")
+
+
+@nats_group.command(name="setup")
+@click.option("--server", "url", default="nats://127.0.0.1:4222", show_default=True)
+@click.option(
+    "--keys",
+    "keydir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("keys"),
+    show_default=True,
+)
+@click.option("--account", required=True, help="A member trigraph, or AUDIT.")
+@click.option("--max-bytes", type=click.IntRange(1024 * 1024), default=None)
+@click.option("--max-age-days", type=click.FloatRange(0.01), default=None)
+@click.option("--replicas", type=click.IntRange(1, 5), default=1, show_default=True)
+def nats_setup(
+    url: str,
+    keydir: Path,
+    account: str,
+    max_bytes: int | None,
+    max_age_days: float | None,
+    replicas: int,
+) -> None:
+    """Create or update ACCOUNT's streams and consumer; running it twice changes nothing."""
+    account = account.upper()
+    if account not in (*MEMBERS, keyfiles.AUDIT_ACCOUNT):
+        raise UsageError(f"unknown account {account!r}: a member trigraph or AUDIT")
+    path = keydir / account / keyfiles.NATS_SEED_FILE
+    try:
+        seed = path.read_bytes().strip()
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
+    keyfiles.nats_public(seed, str(path))
+    defaults = natsetup.InboxLimits()
+    limits = natsetup.InboxLimits(
+        max_bytes=max_bytes or defaults.max_bytes,
+        max_age_days=max_age_days or defaults.max_age_days,
+        replicas=replicas,
+    )
+    audit_bytes = max_bytes or natsetup.AUDIT_MAX_BYTES
+    results = asyncio.run(
+        natsetup.setup_account(url, account, seed, limits, audit_max_bytes=audit_bytes)
+    )
+    for result in results:
+        for line in result.lines():
+            click.echo(line)
+
+
+COMMANDS: tuple[click.Command, ...] = (keys_group, nats_group)
