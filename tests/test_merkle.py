@@ -1,0 +1,192 @@
+"""RFC 6962 / 9162 Merkle tree: transparency-dev vectors and Hypothesis properties."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.errors import AuditError
+from broker.merkle import (
+    EMPTY_ROOT,
+    CompactRange,
+    Levels,
+    ProofError,
+    leaf_hash,
+    node_hash,
+    verify_consistency,
+    verify_inclusion,
+)
+
+VECTORS = Path(__file__).parent / "vectors" / "merkle"
+INCLUSION = sorted((VECTORS / "inclusion").rglob("*.json"))
+CONSISTENCY = sorted((VECTORS / "consistency").rglob("*.json"))
+
+
+def _b64(value: str | None) -> bytes:
+    return base64.b64decode(value or "")
+
+
+def _proof(value: list[str] | None) -> list[bytes]:
+    return [_b64(p) for p in value or []]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def test_vector_sets_are_present() -> None:
+    # Guard against a silently empty parametrisation.
+    assert len(INCLUSION) > 50
+    assert len(CONSISTENCY) > 50
+    assert any(_load(p)["wantErr"] for p in INCLUSION)
+    assert any(not _load(p)["wantErr"] for p in CONSISTENCY)
+
+
+@pytest.mark.parametrize("path", INCLUSION, ids=lambda p: str(p.relative_to(VECTORS)))
+def test_inclusion_vectors(path: Path) -> None:
+    v = _load(path)
+    args = (_b64(v["leafHash"]), v["leafIdx"], v["treeSize"], _proof(v["proof"]), _b64(v["root"]))
+    if v["wantErr"]:
+        with pytest.raises(ProofError):
+            verify_inclusion(*args)
+    else:
+        verify_inclusion(*args)
+
+
+@pytest.mark.parametrize("path", CONSISTENCY, ids=lambda p: str(p.relative_to(VECTORS)))
+def test_consistency_vectors(path: Path) -> None:
+    v = _load(path)
+    args = (v["size1"], v["size2"], _b64(v["root1"]), _b64(v["root2"]), _proof(v["proof"]))
+    if v["wantErr"]:
+        with pytest.raises(ProofError):
+            verify_consistency(*args)
+    else:
+        verify_consistency(*args)
+
+
+def _reference_mth(leaves: list[bytes]) -> bytes:
+    """MTH straight from RFC 9162 §2.1.1's recursive definition."""
+    if not leaves:
+        return EMPTY_ROOT
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return node_hash(_reference_mth(leaves[:k]), _reference_mth(leaves[k:]))
+
+
+def test_known_roots_from_rfc_test_data() -> None:
+    # The transparency-dev reference tree: leaves are these byte strings.
+    data = [
+        b"",
+        b"\x00",
+        b"\x10",
+        b"\x20\x21",
+        b"\x30\x31",
+        b"\x40\x41\x42\x43",
+        b"\x50\x51\x52\x53\x54\x55\x56\x57",
+        b"\x60\x61\x62\x63\x64\x65\x66\x67\x68\x69\x6a\x6b\x6c\x6d\x6e\x6f",
+    ]
+    leaves = [leaf_hash(d) for d in data]
+    assert Levels(leaves).root().hex() == (
+        "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328"
+    )
+    assert Levels(leaves).root(3).hex() == (
+        "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77"
+    )
+
+
+def _leaves(n: int, seed: int = 0) -> list[bytes]:
+    return [leaf_hash(f"{seed}:{i}".encode()) for i in range(n)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(size=st.integers(1, 300), data=st.data())
+def test_inclusion_proofs_verify(size: int, data: st.DataObject) -> None:
+    leaves = _leaves(size)
+    tree = Levels(leaves)
+    sub = data.draw(st.integers(1, size), label="tree size")
+    index = data.draw(st.integers(0, sub - 1), label="leaf index")
+    root = tree.root(sub)
+    assert root == _reference_mth(leaves[:sub])
+    proof = tree.inclusion_proof(index, sub)
+    verify_inclusion(leaves[index], index, sub, proof, root)
+    # Any single-byte change to the proof, the leaf, or the root breaks it.
+    blobs = [leaves[index], root, *proof]
+    which = data.draw(st.integers(0, len(blobs) - 1), label="which hash")
+    pos = data.draw(st.integers(0, 31), label="byte")
+    flip = data.draw(st.integers(1, 255), label="xor")
+    bad = bytearray(blobs[which])
+    bad[pos] ^= flip
+    blobs[which] = bytes(bad)
+    with pytest.raises(ProofError):
+        verify_inclusion(blobs[0], index, sub, blobs[2:], blobs[1])
+    # The wrong index fails too.
+    if sub > 1:
+        with pytest.raises(ProofError):
+            verify_inclusion(leaves[index], (index + 1) % sub, sub, proof, root)
+
+
+@settings(max_examples=150, deadline=None)
+@given(size=st.integers(1, 300), data=st.data())
+def test_consistency_proofs_verify(size: int, data: st.DataObject) -> None:
+    tree = Levels(_leaves(size))
+    new = data.draw(st.integers(1, size), label="new size")
+    old = data.draw(st.integers(1, new), label="old size")
+    old_root, new_root = tree.root(old), tree.root(new)
+    proof = tree.consistency_proof(old, new)
+    verify_consistency(old, new, old_root, new_root, proof)
+    blobs = [old_root, new_root, *proof]
+    which = data.draw(st.integers(0, len(blobs) - 1), label="which hash")
+    pos = data.draw(st.integers(0, 31), label="byte")
+    bad = bytearray(blobs[which])
+    bad[pos] ^= 0x01
+    blobs[which] = bytes(bad)
+    with pytest.raises(ProofError):
+        verify_consistency(old, new, blobs[0], blobs[1], blobs[2:])
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.integers(1, 200), data=st.data())
+def test_forked_history_is_not_consistent(size: int, data: st.DataObject) -> None:
+    # A log that rewrote any entry below ``old`` cannot prove consistency.
+    leaves = _leaves(size)
+    old = data.draw(st.integers(1, size))
+    victim = data.draw(st.integers(0, old - 1))
+    forked = list(leaves)
+    forked[victim] = leaf_hash(b"rewritten")
+    honest, fork = Levels(leaves), Levels(forked)
+    with pytest.raises(ProofError):
+        verify_consistency(
+            old, size, honest.root(old), fork.root(size), fork.consistency_proof(old, size)
+        )
+
+
+@given(size=st.integers(0, 600))
+def test_compact_range_matches_full_tree(size: int) -> None:
+    leaves = _leaves(size, seed=7)
+    rng = CompactRange()
+    for leaf in leaves:
+        rng.append(leaf)
+    assert rng.root() == _reference_mth(leaves)
+    # Restoring from persisted nodes continues identically.
+    restored = CompactRange(rng.size, rng.nodes)
+    restored.append(leaf_hash(b"next"))
+    rng.append(leaf_hash(b"next"))
+    assert restored.root() == rng.root()
+
+
+def test_empty_root_is_sha256_of_nothing() -> None:
+    assert CompactRange().root() == hashlib.sha256(b"").digest() == Levels([]).root()
+
+
+def test_compact_range_rejects_wrong_node_count() -> None:
+    with pytest.raises(AuditError):
+        CompactRange(3, [leaf_hash(b"a")])
