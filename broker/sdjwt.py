@@ -1,0 +1,257 @@
+"""SD-JWT mechanics (RFC 9901): disclosures, digests, decoys and ``_sd`` processing.
+
+Pure and generic: nothing here knows about sightings. The envelope module
+decides which claims become disclosures; this module builds and checks them
+exactly as RFC 9901 says, so any conforming SD-JWT library reads our output:
+
+* a disclosure is ``base64url(UTF-8(JSON array))``, ``[salt, name, value]`` for an
+  object property or ``[salt, value]`` for an array element (§4.2.1, §4.2.2);
+* its digest is ``base64url(SHA-256(ASCII(disclosure)))``, over the encoded
+  string exactly as received, never over re-serialised JSON (§4.2.3);
+* decoys are digests of fresh random bytes, indistinguishable from real ones (§4.2.5);
+* the verifier's processing rules are those of §7.1 steps 3-5, failing closed.
+
+Failures raise ``ValueError`` with a one-line reason; callers translate it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+SD_ALG: Final = "sha-256"
+"""The only ``_sd_alg`` we produce or accept (the RFC's default)."""
+
+SALT_BYTES: Final = 16
+"""128-bit salts, the minimum RFC 9901 §9.3 recommends."""
+
+SD: Final = "_sd"
+ELLIPSIS: Final = "..."
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+
+
+def b64u_encode(data: bytes) -> str:
+    """Base64url without padding (RFC 7515 §2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64u_decode(text: str) -> bytes:
+    """Strict base64url decode: unpadded URL-safe alphabet only; ``ValueError`` otherwise."""
+    if not _B64URL.match(text) or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error as exc:
+        raise ValueError(f"not base64url ({exc})") from None
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate JSON member {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def loads_strict(data: bytes | str) -> Any:
+    """Parse JSON, refusing duplicate member names and NaN/Infinity (RFC 8259 ambiguities).
+
+    Two parsers that disagree on duplicates could see different claims under
+    one signature, so a duplicate is an error rather than "last one wins".
+    """
+    try:
+        return json.loads(
+            data, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
+def dumps_compact(value: Any) -> str:
+    """Compact JSON, UTF-8 text kept as is: the form we put inside disclosures and payloads.
+
+    Sorted keys make our own output deterministic; verifiers never re-serialise,
+    they hash and check exactly the bytes they received.
+    """
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
+def hash_disclosure(encoded: str) -> str:
+    """The RFC 9901 §4.2.3 digest: base64url(SHA-256(ASCII bytes of the encoded disclosure))."""
+    return b64u_encode(hashlib.sha256(encoded.encode("ascii")).digest())
+
+
+def new_salt() -> str:
+    """A fresh base64url salt of ``SALT_BYTES`` random bytes from ``secrets``."""
+    return b64u_encode(secrets.token_bytes(SALT_BYTES))
+
+
+def new_decoy() -> str:
+    """A decoy digest: SHA-256 of fresh random bytes, shaped like a real digest (§4.2.5)."""
+    return b64u_encode(hashlib.sha256(secrets.token_bytes(32)).digest())
+
+
+@dataclass(frozen=True, slots=True)
+class Disclosure:
+    """One disclosure: its encoded form, digest, salt, claim name (``None`` in arrays) and value."""
+
+    encoded: str
+    digest: str
+    salt: str
+    name: str | None
+    value: Any
+
+    @classmethod
+    def make(cls, name: str | None, value: Any, salt: str | None = None) -> Disclosure:
+        """Build a disclosure for an object property (``name``) or array element (``None``).
+
+        Raises ``ValueError`` for the reserved names ``_sd`` and ``...`` (§4.2.1).
+        """
+        salt = new_salt() if salt is None else salt
+        if name in (SD, ELLIPSIS):
+            raise ValueError(f"{name!r} may not be used as a claim name")
+        array = [salt, value] if name is None else [salt, name, value]
+        encoded = b64u_encode(dumps_compact(array).encode("utf-8"))
+        return cls(encoded, hash_disclosure(encoded), salt, name, value)
+
+    @classmethod
+    def parse(cls, encoded: str) -> Disclosure:
+        """Decode a received disclosure; raise ``ValueError`` if it is not well-formed."""
+        decoded = loads_strict(b64u_decode(encoded))
+        if not isinstance(decoded, list) or len(decoded) not in (2, 3):
+            raise ValueError("a disclosure must be a JSON array of 2 or 3 elements")
+        if not isinstance(decoded[0], str):
+            raise ValueError("a disclosure's salt must be a string")  # noqa: TRY004 - malformed input
+        name: str | None = None
+        if len(decoded) == 3:
+            name = decoded[1]
+            if not isinstance(name, str):
+                raise ValueError("a disclosure's claim name must be a string")
+            if name in (SD, ELLIPSIS):
+                raise ValueError(f"disclosure uses the reserved claim name {name!r}")
+        return cls(encoded, hash_disclosure(encoded), decoded[0], name, decoded[-1])
+
+
+def sd_array(digests: Iterable[str], pad_to: int) -> list[str]:
+    """Return ``digests`` plus decoys, sorted (§4.2.5, §4.2.4.1).
+
+    The total is padded up to a multiple of ``pad_to``, so the array's length
+    says nothing finer than that about how many claims are hidden; sorting
+    hides which digests were added in which order.
+    """
+    out = list(digests)
+    total = max(pad_to, -(-len(out) // pad_to) * pad_to)
+    out.extend(new_decoy() for _ in range(total - len(out)))
+    return sorted(out)
+
+
+def split_presentation(text: str) -> tuple[str, list[str], str]:
+    """Split ``<jws>~<d1>~...~<dn>~[<kb-jwt>]`` into the JWS, disclosures and KB-JWT (§4).
+
+    Raises ``ValueError`` if there is no ``~`` at all or a disclosure is empty.
+    """
+    parts = text.split("~")
+    if len(parts) < 2:
+        raise ValueError("an SD-JWT must contain at least one '~'")
+    jws, *disclosures, kb_jwt = parts
+    if not jws or any(not d for d in disclosures):
+        raise ValueError("empty component in the SD-JWT")
+    return jws, disclosures, kb_jwt
+
+
+def join_presentation(jws: str, disclosures: Iterable[str]) -> str:
+    """Join a JWS and encoded disclosures into an SD-JWT without key binding: ``jws~d~...~``."""
+    return "".join([jws, "~", *(d + "~" for d in disclosures)])
+
+
+def process(payload: Mapping[str, Any], disclosures: Sequence[Disclosure]) -> dict[str, Any]:
+    """Apply disclosures to a verified payload per RFC 9901 §7.1 steps 3-5.
+
+    Returns the processed claims (``_sd``, ``_sd_alg`` and undisclosed digests
+    removed). Raises ``ValueError`` if ``_sd_alg`` is not sha-256, if two
+    disclosures are identical, if a digest is referenced more than once, if a
+    disclosure is unreferenced, of the wrong shape for where it is referenced,
+    or if its claim name is already present in that object.
+    """
+    alg = payload.get("_sd_alg", SD_ALG)
+    if alg != SD_ALG:
+        raise ValueError(f"_sd_alg {alg!r} is not supported (only {SD_ALG})")
+    by_digest: dict[str, Disclosure] = {}
+    for disclosure in disclosures:
+        if disclosure.digest in by_digest:
+            raise ValueError("the same disclosure is included twice")
+        by_digest[disclosure.digest] = disclosure
+    state = _Walk(by_digest)
+    claims = state.object(payload)
+    claims.pop("_sd_alg", None)
+    unused = set(by_digest) - state.seen
+    if unused:
+        raise ValueError(f"{len(unused)} disclosure(s) not referenced by any digest")
+    return claims
+
+
+class _Walk:
+    """One pass over the payload, remembering every digest seen (§7.1 step 4)."""
+
+    def __init__(self, by_digest: Mapping[str, Disclosure]) -> None:
+        self.by_digest = by_digest
+        self.seen: set[str] = set()
+
+    def _see(self, digest: Any) -> Disclosure | None:
+        if not isinstance(digest, str):
+            raise ValueError("a digest must be a string")  # noqa: TRY004 - malformed input
+        if digest in self.seen:
+            raise ValueError("a digest is referenced more than once")
+        self.seen.add(digest)
+        return self.by_digest.get(digest)
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return self.object(value)
+        if isinstance(value, list):
+            return self.array(value)
+        return value
+
+    def object(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: self.value(v) for k, v in obj.items() if k != SD}
+        digests = obj.get(SD, [])
+        if not isinstance(digests, list):
+            raise ValueError("_sd must be an array of digests")  # noqa: TRY004 - malformed input
+        for digest in digests:
+            disclosure = self._see(digest)
+            if disclosure is None:
+                continue  # a decoy, or a claim this holder was not given
+            if disclosure.name is None:
+                raise ValueError("an array-element disclosure is referenced from an _sd array")
+            if disclosure.name in out:
+                raise ValueError(f"disclosed claim {disclosure.name!r} is already present")
+            out[disclosure.name] = self.value(disclosure.value)
+        return out
+
+    def array(self, items: list[Any]) -> list[Any]:
+        out = []
+        for item in items:
+            if isinstance(item, dict) and ELLIPSIS in item:
+                if len(item) != 1:
+                    raise ValueError("an array-element digest object must have only '...'")
+                disclosure = self._see(item[ELLIPSIS])
+                if disclosure is None:
+                    continue
+                if disclosure.name is not None:
+                    raise ValueError("an object-property disclosure is referenced from an array")
+                out.append(self.value(disclosure.value))
+            else:
+                out.append(self.value(item))
+        return out
