@@ -1,0 +1,360 @@
+"""Local-only intake from feeds: a unix-socket HTTP endpoint and a spool directory.
+
+Feeds never hold the member's keys and plaintext never crosses the hub, so the
+only ways in are local: ``POST /v1/reports`` on a unix socket (mode 0600, in a
+0700 data directory) with ``Authorization: Bearer <token>``, body streamed
+NDJSON; and files moved atomically into the spool directory.
+
+Every record gets one answer line (NDJSON), in input order::
+
+    {"line": 1, "status": "accepted", "report_id": "..."}
+    {"line": 2, "status": "rejected", "reason": "schema", "errors": [{"path": ..., "reason": ...}]}
+    {"line": 3, "status": "rejected", "reason": "size", "detail": "..."}
+    {"line": 4, "status": "rejected", "reason": "duplicate", "report_id": "..."}
+    {"line": 5, "status": "rejected", "reason": "unavailable", "detail": "store ...: disk is full"}
+
+"accepted" is only written after the record is committed to the store (and its
+audit entry appended): the ``Acceptor`` returns only then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+
+from broker.errors import StoreError, UsageError
+from broker.log import get_logger
+from broker.store import NewReport
+from broker.validation import InvalidRecordError, parse_record
+
+log = get_logger("intake")
+
+Acceptor = Callable[[list[NewReport]], Awaitable[list[bool]]]
+"""Durably accept a batch; True per new report, False per duplicate; may raise StoreError."""
+
+MAX_BATCH: Final = 500
+"""Most records committed in one transaction."""
+
+
+@dataclass(frozen=True, slots=True)
+class Oversize:
+    """A line that exceeded the record limit; only its size is kept."""
+
+    size: int
+
+
+Line = tuple[int, bytes | Oversize]
+
+
+class LineSplitter:
+    """Split a byte stream into numbered NDJSON lines, never buffering more than the limit.
+
+    A line longer than ``max_bytes`` is discarded as it streams and reported as
+    ``Oversize``, so a feed cannot make the node hold an unbounded line.
+    Blank lines are skipped but still counted, so line numbers match the input.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._buf = bytearray()
+        self._over = 0  # bytes dropped from the current oversized line
+        self._line = 0
+
+    def feed(self, chunk: bytes) -> list[Line]:
+        """Add bytes; return the lines completed by them."""
+        out: list[Line] = []
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            piece = chunk[start:] if nl < 0 else chunk[start:nl]
+            self._take(piece)
+            if nl < 0:
+                return out
+            self._end(out)
+            start = nl + 1
+
+    def finish(self) -> list[Line]:
+        """Return the last line if the stream did not end with a newline."""
+        out: list[Line] = []
+        if self._buf or self._over:
+            self._end(out)
+        return out
+
+    def _take(self, piece: bytes) -> None:
+        if self._over:
+            self._over += len(piece)
+        elif len(self._buf) + len(piece) > self.max_bytes:
+            self._over = len(self._buf) + len(piece)
+            self._buf.clear()
+        else:
+            self._buf += piece
+
+    def _end(self, out: list[Line]) -> None:
+        self._line += 1
+        if self._over:
+            out.append((self._line, Oversize(self._over)))
+        elif self._buf.strip():
+            out.append((self._line, bytes(self._buf).rstrip(b"\r")))
+        self._buf.clear()
+        self._over = 0
+
+
+class Intake:
+    """Validates lines and hands good ones to the acceptor; answers every line."""
+
+    def __init__(self, member: str, max_bytes: int, acceptor: Acceptor) -> None:
+        self.member = member
+        self.max_bytes = max_bytes
+        self.acceptor = acceptor
+        self.refusing: str | None = None  # set while the store cannot accept
+
+    async def process(self, lines: list[Line]) -> list[dict[str, Any]]:
+        """Answer a batch of lines in order; good records are committed in one transaction."""
+        answers: list[dict[str, Any] | None] = []
+        batch: list[NewReport] = []
+        slots: list[int] = []
+        for number, raw in lines:
+            answer, report = self._check(number, raw)
+            answers.append(answer)
+            if report is not None:
+                slots.append(len(answers) - 1)
+                batch.append(report)
+        if batch:
+            try:
+                fresh = await self.acceptor(batch)
+            except StoreError as exc:
+                self.refusing = str(exc)
+            else:
+                self.refusing = None
+            if self.refusing is not None:
+                log.error("intake_refused", reason=self.refusing, records=len(batch))
+                for slot in slots:
+                    answers[slot] = {
+                        "line": lines[slot][0],
+                        "status": "rejected",
+                        "reason": "unavailable",
+                        "detail": self.refusing,
+                    }
+            else:
+                for slot, report, new in zip(slots, batch, fresh, strict=True):
+                    answers[slot] = {
+                        "line": lines[slot][0],
+                        "status": "accepted" if new else "rejected",
+                        "report_id": report.report_id,
+                        **({} if new else {"reason": "duplicate"}),
+                    }
+        return [a for a in answers if a is not None]
+
+    def _check(self, number: int, raw: bytes | Oversize) -> tuple[dict[str, Any] | None, Any]:
+        if isinstance(raw, Oversize):
+            detail = f"record is at least {raw.size} bytes; limit {self.max_bytes}"
+            return _rejected(number, "size", detail=detail), None
+        try:
+            sighting = parse_record(raw)
+        except InvalidRecordError as exc:
+            problems = [{"path": p.path, "reason": p.reason} for p in exc.problems]
+            if any(p.reason.startswith("record is ") for p in exc.problems):
+                return _rejected(number, "size", detail=str(exc)), None
+            return _rejected(number, "schema", errors=problems), None
+        if sighting.originator != self.member:
+            reason = f"this node signs for {self.member}, not {sighting.originator}"
+            return _rejected(
+                number, "schema", errors=[{"path": "originator", "reason": reason}]
+            ), None
+        return None, NewReport(str(sighting.report_id), sighting.kind, raw)
+
+
+def _rejected(number: int, reason: str, **extra: Any) -> dict[str, Any]:
+    return {"line": number, "status": "rejected", "reason": reason, **extra}
+
+
+def answer_bytes(answers: Iterable[dict[str, Any]]) -> bytes:
+    """Encode answers as NDJSON."""
+    return b"".join(json.dumps(a, separators=(",", ":")).encode() + b"\n" for a in answers)
+
+
+# --- the unix-socket HTTP endpoint ------------------------------------------
+
+
+def ensure_token(path: Path) -> str:
+    """Return the intake token, creating it (random, mode 0600) on first start."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+    return read_token(path)
+
+
+def read_token(path: Path) -> str:
+    """Read the intake token; raise ``UsageError`` if it is missing, empty or readable by others."""
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read intake token {path}: {exc}") from None
+    if mode & 0o077:
+        raise UsageError(f"intake token {path} is readable by others: chmod 600 it")
+    if len(token) < 16:
+        raise UsageError(f"intake token {path} is too short")
+    return token
+
+
+def make_app(intake: Intake, token: str) -> web.Application:
+    """The intake HTTP application: ``POST /v1/reports`` with a bearer token."""
+    expected = f"Bearer {token}".encode()
+
+    async def submit(request: web.Request) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        splitter = LineSplitter(intake.max_bytes)
+        while True:
+            chunk = await request.content.readany()
+            lines = splitter.feed(chunk) if chunk else splitter.finish()
+            # Each network chunk's complete lines are committed together, so a
+            # slow feed still gets prompt answers and a fast one batched fsyncs.
+            for i in range(0, len(lines), MAX_BATCH):
+                answers = await intake.process(lines[i : i + MAX_BATCH])
+                await response.write(answer_bytes(answers))
+            if not chunk:
+                break
+        await response.write_eof()
+        return response
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_post("/v1/reports", submit)
+    return app
+
+
+def _clear_socket(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a stale socket from a killed run
+
+
+async def serve_unix(app: web.Application, path: Path) -> web.AppRunner:
+    """Serve ``app`` on a unix socket at ``path`` with mode 0600; return the runner."""
+    _clear_socket(path)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.UnixSite(runner, str(path)).start()
+    os.chmod(path, 0o600)
+    return runner
+
+
+# --- the spool directory -----------------------------------------------------
+
+
+class Spool:
+    """Ingest files moved into a directory; move each to ``done/`` or ``rejected/``.
+
+    A file goes to ``done/`` when every record was accepted (or was already
+    accepted before, a duplicate), else to ``rejected/``; its answers are written
+    beside it as ``<name>.result.ndjson``. If the store cannot accept, the file
+    stays in place and is retried, since re-ingesting only yields duplicates.
+    Names starting with ``.`` or ending in ``.tmp`` are ignored: feeds write
+    there first, then rename.
+    """
+
+    def __init__(self, directory: Path, intake: Intake) -> None:
+        self.dir = directory
+        self.intake = intake
+        for sub in ("done", "rejected"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+
+    def candidates(self) -> list[Path]:
+        """Files waiting to be ingested, oldest first."""
+        files = [
+            p
+            for p in self.dir.iterdir()
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp")
+        ]
+        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+
+    async def ingest(self, path: Path) -> bool:
+        """Ingest one file; return whether it was finished (moved away)."""
+        splitter = LineSplitter(self.intake.max_bytes)
+        answers: list[dict[str, Any]] = []
+        with path.open("rb") as handle:
+            while chunk := await asyncio.to_thread(handle.read, 1 << 20):
+                lines = splitter.feed(chunk)
+                for i in range(0, len(lines), MAX_BATCH):
+                    answers += await self.intake.process(lines[i : i + MAX_BATCH])
+            answers += await self.intake.process(splitter.finish())
+        if any(a.get("reason") == "unavailable" for a in answers):
+            return False
+        ok = all(a["status"] == "accepted" or a.get("reason") == "duplicate" for a in answers)
+        target = self.dir / ("done" if ok else "rejected")
+        await asyncio.to_thread(_file_away, path, target, answer_bytes(answers))
+        log.info("spool_file", file=path.name, outcome=target.name, records=len(answers))
+        return True
+
+    async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
+        """Poll the directory until ``stop`` is set."""
+        while not stop.is_set():
+            for path in self.candidates():
+                if stop.is_set() or not await self.ingest(path):
+                    break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+
+def _file_away(path: Path, target: Path, results: bytes) -> None:
+    # The result file lands first, so a file in done/ or rejected/ always has its answers.
+    result = target / f"{path.name}.result.ndjson"
+    tmp = result.with_name(result.name + ".tmp")
+    tmp.write_bytes(results)
+    tmp.replace(result)
+    path.replace(target / path.name)
+
+
+# --- the client side, for ``msmt submit`` ---------------------------------------
+
+
+async def submit(
+    socket: Path,
+    token: str,
+    chunks: AsyncIterator[bytes],
+    on_answer: Callable[[dict[str, Any]], None],
+) -> None:
+    """Stream NDJSON chunks to a node's intake socket; call ``on_answer`` per answer line.
+
+    Raises ``UsageError`` if the node cannot be reached or refuses the token.
+    """
+    connector = aiohttp.UnixConnector(path=str(socket))
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.post(
+                "http://msmt-node/v1/reports",
+                data=chunks,
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": "application/x-ndjson",
+                },
+            ) as resp,
+        ):
+            if resp.status == 401:
+                raise UsageError(f"the node at {socket} refused the intake token")
+            if resp.status != 200:
+                raise UsageError(f"the node at {socket} answered HTTP {resp.status}")
+            async for line in resp.content:
+                if line.strip():
+                    on_answer(json.loads(line))
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UsageError(f"cannot reach the node at {socket}: {exc}") from None

@@ -1,0 +1,383 @@
+"""The node's durable store: one SQLite file in WAL mode.
+
+Tables:
+
+* ``reports``: records accepted from feeds, with whether the per-partner plan exists;
+* ``outbox``: one row per (report, partner) with the exact JWE to publish and a
+  state, ``pending`` until the hub acknowledged it, then ``sent``;
+* ``inbox``: the verified disclosed fields received from partners;
+* ``seen``: the replay seen-set, ``(sender, jti) -> JWE hash``, kept only for the
+  freshness window (older messages fail the freshness check anyway);
+* ``counters`` and ``state``: figures and the last error, for ``msmt status``.
+
+Every method is one transaction over a batch, so a caller that batches pays
+one fsync per batch. ``synchronous=FULL`` makes a commit durable before it
+returns: "accepted" and "sent" are promises to operators. A full disk
+(``SQLITE_FULL``) raises ``StoreError`` and the transaction rolls back, so
+nothing already committed is touched. The class is synchronous; the daemon
+calls it from one worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from broker.errors import StoreError
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS reports (
+    report_id   TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    accepted_at REAL NOT NULL,
+    record      BLOB NOT NULL,
+    planned     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS reports_unplanned ON reports(planned) WHERE planned = 0;
+CREATE TABLE IF NOT EXISTS outbox (
+    report_id  TEXT NOT NULL,
+    partner    TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    jwe        BLOB NOT NULL,
+    audit      TEXT NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'sent')),
+    sent_at    REAL,
+    PRIMARY KEY (report_id, partner)
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(state) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS inbox (
+    sender      TEXT NOT NULL,
+    report_id   TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    fields      TEXT NOT NULL,
+    paths       TEXT NOT NULL,
+    jwe_sha256  TEXT NOT NULL,
+    PRIMARY KEY (sender, report_id)
+);
+CREATE TABLE IF NOT EXISTS seen (
+    sender     TEXT NOT NULL,
+    jti        TEXT NOT NULL,
+    jwe_sha256 TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (sender, jti)
+);
+CREATE INDEX IF NOT EXISTS seen_expiry ON seen(expires_at);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewReport:
+    """A validated feed record to accept: its id, kind and the exact bytes received."""
+
+    report_id: str
+    kind: str
+    record: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One envelope to publish to one partner.
+
+    ``audit`` is the JSON the send entry of the audit log needs (released paths,
+    transforms, policy digest), prepared when the envelope was made.
+    """
+
+    report_id: str
+    partner: str
+    subject: str
+    jwe: bytes
+    audit: str
+
+    @property
+    def msg_id(self) -> str:
+        """The ``Nats-Msg-Id``: report id + partner, so a resend is deduplicated by the hub."""
+        return f"{self.report_id}.{self.partner}"
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """The verified disclosed fields of one partner's report, ready to store."""
+
+    sender: str
+    report_id: str
+    kind: str
+    fields: Mapping[str, Any]
+    paths: tuple[str, ...]
+    jwe_sha256: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    """A stored received report, as ``msmt inbox`` shows it."""
+
+    sender: str
+    report_id: str
+    kind: str
+    received_at: float
+    fields: dict[str, Any]
+    paths: tuple[str, ...]
+    jwe_sha256: str
+
+
+SeenState = Literal["new", "redelivered", "replay"]
+
+
+class Store:
+    """The node's SQLite store; see the module docstring for the tables.
+
+    ``max_pages`` caps the file (SQLite ``max_page_count``); past it, writes fail
+    exactly as on a full disk, which lets an operator bound the store and lets
+    tests exercise the disk-full path. Raises ``StoreError`` when the file
+    cannot be opened or written.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False, max_pages: int | None = None) -> None:
+        self.path = path
+        try:
+            if readonly:
+                self._db = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10
+                )
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(
+                    path, isolation_level=None, timeout=10, check_same_thread=False
+                )
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+                if max_pages is not None:
+                    self._db.execute(f"PRAGMA max_page_count={int(max_pages)}")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from None
+
+    def close(self) -> None:
+        """Close the database (checkpointing the WAL)."""
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back itself (SQLITE_FULL does).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"store {self.path.name}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"store {self.path.name} is damaged: {exc}") from None
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path.name}: {exc}") from None
+
+    # --- reports accepted from feeds ---------------------------------------
+
+    def accept(self, reports: Sequence[NewReport], now: float | None = None) -> list[bool]:
+        """Durably accept a batch; return, per report, True if new, False if a duplicate id."""
+        at = time.time() if now is None else now
+        out: list[bool] = []
+        with self._tx() as db:
+            for rep in reports:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO reports(report_id, kind, accepted_at, record) "
+                    "VALUES (?, ?, ?, ?)",
+                    (rep.report_id, rep.kind, at, rep.record),
+                )
+                out.append(cur.rowcount == 1)
+        return out
+
+    def unplanned(self, limit: int) -> list[tuple[str, bytes]]:
+        """Accepted reports whose per-partner envelopes are not made yet, oldest first."""
+        rows = self._read(
+            "SELECT report_id, record FROM reports WHERE planned = 0 ORDER BY accepted_at LIMIT ?",
+            (limit,),
+        )
+        return [(r[0], bytes(r[1])) for r in rows]
+
+    def plan(self, plans: Mapping[str, Sequence[OutboxItem]]) -> None:
+        """Store each report's envelopes (possibly none) and mark it planned, atomically."""
+        with self._tx() as db:
+            for report_id, items in plans.items():
+                db.executemany(
+                    "INSERT OR IGNORE INTO outbox(report_id, partner, subject, jwe, audit, state)"
+                    " VALUES (?, ?, ?, ?, ?, 'pending')",
+                    [(i.report_id, i.partner, i.subject, i.jwe, i.audit) for i in items],
+                )
+                db.execute("UPDATE reports SET planned = 1 WHERE report_id = ?", (report_id,))
+
+    # --- outbox -------------------------------------------------------------
+
+    def pending(self, limit: int, skip: Iterable[tuple[str, str]] = ()) -> list[OutboxItem]:
+        """Envelopes not yet acknowledged by the hub, oldest first, minus those in ``skip``."""
+        skipped = set(skip)
+        rows = self._read(
+            "SELECT report_id, partner, subject, jwe, audit FROM outbox WHERE state = 'pending' "
+            "ORDER BY rowid LIMIT ?",
+            (limit + len(skipped),),
+        )
+        items = [OutboxItem(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
+        return [i for i in items if (i.report_id, i.partner) not in skipped][:limit]
+
+    def mark_sent(self, done: Sequence[tuple[str, str]], now: float | None = None) -> None:
+        """Mark envelopes sent, after the hub acknowledged them."""
+        at = time.time() if now is None else now
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE outbox SET state = 'sent', sent_at = ? WHERE report_id = ? AND partner = ?",
+                [(at, rid, partner) for rid, partner in done],
+            )
+
+    def outbox_depth(self) -> int:
+        """Envelopes waiting for an ack, plus accepted reports not yet planned."""
+        rows = self._read(
+            "SELECT (SELECT count(*) FROM outbox WHERE state = 'pending')"
+            " + (SELECT count(*) FROM reports WHERE planned = 0)"
+        )
+        return int(rows[0][0])
+
+    def sent_to(self, partner: str) -> int:
+        """How many envelopes the hub acknowledged for ``partner``."""
+        rows = self._read(
+            "SELECT count(*) FROM outbox WHERE partner = ? AND state = 'sent'", (partner,)
+        )
+        return int(rows[0][0])
+
+    # --- inbox and replay seen-set -----------------------------------------
+
+    def seen_state(self, sender: str, jti: str, jwe_sha256: str) -> SeenState:
+        """Classify a verified message: new, a redelivery of what we stored, or a replay.
+
+        A redelivery (same sender, id and exact JWE) happens after a crash before
+        the ack and is harmless; the same id with different bytes is a replay.
+        """
+        rows = self._read(
+            "SELECT jwe_sha256 FROM seen WHERE sender = ? AND jti = ?", (sender, jti)
+        ) or self._read(
+            "SELECT jwe_sha256 FROM inbox WHERE sender = ? AND report_id = ?", (sender, jti)
+        )
+        if not rows:
+            return "new"
+        return "redelivered" if rows[0][0] == jwe_sha256 else "replay"
+
+    def store_received(self, batch: Sequence[Received], now: float | None = None) -> list[bool]:
+        """Store verified reports and their seen-set entries; True per report newly stored."""
+        at = time.time() if now is None else now
+        out: list[bool] = []
+        with self._tx() as db:
+            for rec in batch:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO inbox(sender, report_id, kind, received_at, fields,"
+                    " paths, jwe_sha256) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        rec.sender,
+                        rec.report_id,
+                        rec.kind,
+                        at,
+                        json.dumps(rec.fields, sort_keys=True),
+                        json.dumps(list(rec.paths)),
+                        rec.jwe_sha256,
+                    ),
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO seen(sender, jti, jwe_sha256, expires_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (rec.sender, rec.report_id, rec.jwe_sha256, rec.expires_at),
+                )
+                out.append(cur.rowcount == 1)
+        return out
+
+    def prune_seen(self, now: float | None = None) -> int:
+        """Drop seen-set entries past their freshness window; return how many."""
+        at = time.time() if now is None else now
+        with self._tx() as db:
+            return int(db.execute("DELETE FROM seen WHERE expires_at < ?", (at,)).rowcount)
+
+    def seen_count(self) -> int:
+        """Entries in the replay seen-set."""
+        return int(self._read("SELECT count(*) FROM seen")[0][0])
+
+    def inbox(self, *, sender: str | None = None, limit: int = 100) -> list[InboxEntry]:
+        """Received reports, newest first, optionally from one sender."""
+        sql = "SELECT sender, report_id, kind, received_at, fields, paths, jwe_sha256 FROM inbox"
+        args: list[Any] = []
+        if sender is not None:
+            sql += " WHERE sender = ?"
+            args.append(sender)
+        sql += " ORDER BY received_at DESC, rowid DESC LIMIT ?"
+        args.append(limit)
+        return [_entry(r) for r in self._read(sql, args)]
+
+    def inbox_entry(self, report_id: str) -> list[InboxEntry]:
+        """Every stored copy of ``report_id`` (one per sender that sent it)."""
+        rows = self._read(
+            "SELECT sender, report_id, kind, received_at, fields, paths, jwe_sha256 FROM inbox"
+            " WHERE report_id = ?",
+            (report_id,),
+        )
+        return [_entry(r) for r in rows]
+
+    def inbox_count(self, sender: str | None = None) -> int:
+        """How many reports are stored, optionally from one sender."""
+        if sender is None:
+            return int(self._read("SELECT count(*) FROM inbox")[0][0])
+        return int(self._read("SELECT count(*) FROM inbox WHERE sender = ?", (sender,))[0][0])
+
+    # --- counters and state -------------------------------------------------
+
+    def bump(self, deltas: Mapping[str, int]) -> None:
+        """Add to named counters (kept across restarts for ``msmt status``)."""
+        if not deltas:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO counters(name, value) VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                list(deltas.items()),
+            )
+
+    def counters(self) -> dict[str, int]:
+        """All counters by name."""
+        return {r[0]: int(r[1]) for r in self._read("SELECT name, value FROM counters")}
+
+    def set_state(self, values: Mapping[str, str]) -> None:
+        """Record status facts (connection, last error, inbox lag)."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO state(key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                list(values.items()),
+            )
+
+    def state(self) -> dict[str, str]:
+        """All status facts by key."""
+        return {r[0]: r[1] for r in self._read("SELECT key, value FROM state")}
+
+
+def _entry(row: Sequence[Any]) -> InboxEntry:
+    return InboxEntry(
+        sender=row[0],
+        report_id=row[1],
+        kind=row[2],
+        received_at=float(row[3]),
+        fields=json.loads(row[4]),
+        paths=tuple(json.loads(row[5])),
+        jwe_sha256=row[6],
+    )

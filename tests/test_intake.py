@@ -1,0 +1,232 @@
+"""Local intake: NDJSON over a real unix socket with a token, and the spool directory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker import samples
+from broker.errors import UsageError
+from broker.intake import (
+    Intake,
+    Line,
+    LineSplitter,
+    Oversize,
+    Spool,
+    ensure_token,
+    make_app,
+    read_token,
+    serve_unix,
+    submit,
+)
+from broker.store import NewReport, Store
+
+
+def ndjson(records: list[Any]) -> bytes:
+    return b"".join(
+        (r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in records
+    )
+
+
+def jpn_records(count: int, seed: int = 1) -> list[dict[str, Any]]:
+    return samples.generate(count, seed=seed, originators=("JPN",))
+
+
+def make_intake(store: Store, max_bytes: int = 65536) -> Intake:
+    async def acceptor(batch: list[NewReport]) -> list[bool]:
+        return await asyncio.to_thread(store.accept, batch)
+
+    return Intake("JPN", max_bytes, acceptor)
+
+
+async def chunks_of(data: bytes, size: int = 1000) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+@given(
+    st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=20), st.data()
+)
+def test_splitter_lines_do_not_depend_on_chunking(lines: list[bytes], data: st.DataObject) -> None:
+    stream = b"\n".join(lines)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    splitter = LineSplitter(max_bytes=25)
+    out = []
+    prev = 0
+    for cut in [*cuts, len(stream)]:
+        out += splitter.feed(stream[prev:cut])
+        prev = cut
+    out += splitter.finish()
+    expected: list[Line] = []
+    for number, line in enumerate(lines, start=1):
+        if len(line) > 25:
+            expected.append((number, Oversize(len(line))))
+        elif line.strip():
+            expected.append((number, line.rstrip(b"\r")))
+    assert out == expected
+
+
+async def test_process_answers_every_line_in_order(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    intake = make_intake(store, max_bytes=4096)
+    good = jpn_records(3)
+    bad_schema = dict(good[0], report_id="not-a-uuid")
+    foreign = samples.generate(1, seed=9, originators=("USA",))[0]
+    lines: list[Line] = [
+        (1, json.dumps(good[0]).encode()),
+        (2, json.dumps(bad_schema).encode()),
+        (3, Oversize(5000)),
+        (4, json.dumps(good[1]).encode()),
+        (5, json.dumps(good[0]).encode()),
+        (6, b"{not json"),
+        (7, json.dumps(foreign).encode()),
+    ]
+    answers = await intake.process(lines)
+    assert [a["line"] for a in answers] == [1, 2, 3, 4, 5, 6, 7]
+    assert answers[0] == {"line": 1, "status": "accepted", "report_id": good[0]["report_id"]}
+    assert answers[1]["reason"] == "schema"
+    assert answers[1]["errors"][0]["path"] == "report_id"
+    assert answers[2]["reason"] == "size"
+    assert answers[3]["status"] == "accepted"
+    assert answers[4] == {
+        "line": 5,
+        "status": "rejected",
+        "reason": "duplicate",
+        "report_id": good[0]["report_id"],
+    }
+    assert answers[5]["reason"] == "schema"
+    assert "not valid JSON" in answers[5]["errors"][0]["reason"]
+    assert answers[6]["errors"] == [
+        {"path": "originator", "reason": "this node signs for JPN, not USA"}
+    ]
+    assert {r for r, _ in store.unplanned(10)} == {good[0]["report_id"], good[1]["report_id"]}
+
+
+async def test_unix_socket_endpoint_streams_answers_with_token(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "data" / "intake.token")
+    assert stat.S_IMODE((tmp_path / "data" / "intake.token").stat().st_mode) == 0o600
+    sock = tmp_path / "data" / "intake.sock"
+    runner = await serve_unix(make_app(make_intake(store), token), sock)
+    try:
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        records = jpn_records(1200)
+        body = ndjson([*records, b"", b"[]", records[5]])
+        answers: list[dict[str, Any]] = []
+        await submit(sock, token, chunks_of(body, 7000), answers.append)
+        assert len(answers) == 1202
+        assert [a["line"] for a in answers] == [*range(1, 1201), 1202, 1203]
+        assert all(a["status"] == "accepted" for a in answers[:1200])
+        assert answers[1200]["reason"] == "schema"
+        assert answers[1201]["reason"] == "duplicate"
+        assert len(store.unplanned(5000)) == 1200
+
+        with pytest.raises(UsageError, match="refused the intake token"):
+            await submit(sock, "wrong-token-wrong-token", chunks_of(body), answers.append)
+    finally:
+        await runner.cleanup()
+    with pytest.raises(UsageError, match="cannot reach the node"):
+        await submit(sock, token, chunks_of(b"{}\n"), answers.append)
+
+
+async def test_oversized_line_is_refused_without_buffering_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "i.sock"
+    runner = await serve_unix(make_app(make_intake(store, max_bytes=2048), token), sock)
+    try:
+        good = jpn_records(2)
+        body = ndjson([good[0], b"{" + b" " * 5_000_000 + b"}", good[1]])
+        answers: list[dict[str, Any]] = []
+        await submit(sock, token, chunks_of(body, 65536), answers.append)
+    finally:
+        await runner.cleanup()
+    assert [a["status"] for a in answers] == ["accepted", "rejected", "accepted"]
+    assert answers[1]["reason"] == "size"
+    assert "limit 2048" in answers[1]["detail"]
+
+
+async def test_disk_full_refuses_with_reason_and_keeps_what_was_accepted(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db", max_pages=60)
+    intake = make_intake(store)
+    accepted: list[str] = []
+    refused: list[dict[str, Any]] = []
+    for batch in range(200):
+        records = jpn_records(20, seed=batch + 100)
+        answers = await intake.process(
+            [(i + 1, json.dumps(r).encode()) for i, r in enumerate(records)]
+        )
+        accepted += [a["report_id"] for a in answers if a["status"] == "accepted"]
+        refused += [a for a in answers if a["status"] == "rejected"]
+        if refused:
+            break
+    assert refused
+    assert {a["reason"] for a in refused} == {"unavailable"}
+    assert all("database or disk is full" in a["detail"] for a in refused)
+    assert intake.refusing is not None
+    assert {r for r, _ in store.unplanned(100_000)} == set(accepted)
+
+
+async def test_spool_moves_files_to_done_or_rejected_with_results(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    good = jpn_records(30)
+    (spool_dir / "good.ndjson").write_bytes(ndjson(good))
+    (spool_dir / "mixed.ndjson").write_bytes(ndjson([*jpn_records(2, seed=7), b"{}"]))
+    (spool_dir / "partial.ndjson.tmp").write_bytes(ndjson(good[:1]))
+    (spool_dir / ".hidden").write_bytes(b"x")
+    stop = asyncio.Event()
+    task = asyncio.create_task(spool.run(stop, interval=0.05))
+    for _ in range(200):
+        if (spool_dir / "rejected" / "mixed.ndjson").exists() and (
+            spool_dir / "done" / "good.ndjson"
+        ).exists():
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    results = (spool_dir / "done" / "good.ndjson.result.ndjson").read_text().splitlines()
+    assert [json.loads(r)["status"] for r in results] == ["accepted"] * 30
+    mixed = [
+        json.loads(r)
+        for r in (spool_dir / "rejected" / "mixed.ndjson.result.ndjson").read_text().splitlines()
+    ]
+    assert [a["status"] for a in mixed] == ["accepted", "accepted", "rejected"]
+    assert (spool_dir / "partial.ndjson.tmp").exists()
+    assert (spool_dir / ".hidden").exists()
+    assert len(store.unplanned(100)) == 32
+
+    # Re-spooling the same file yields duplicates only, and still counts as done.
+    (spool_dir / "again.ndjson").write_bytes(ndjson(good[:3]))
+    assert await spool.ingest(spool_dir / "again.ndjson")
+    again = (spool_dir / "done" / "again.ndjson.result.ndjson").read_text().splitlines()
+    assert [json.loads(r)["reason"] for r in again] == ["duplicate"] * 3
+
+
+async def test_spool_leaves_the_file_when_the_store_is_full(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db", max_pages=30)
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    (spool_dir / "big.ndjson").write_bytes(ndjson(jpn_records(800)))
+    assert not await spool.ingest(spool_dir / "big.ndjson")
+    assert (spool_dir / "big.ndjson").exists()
+    assert not list((spool_dir / "done").iterdir())
+
+
+def test_token_file_must_be_private(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    token = ensure_token(path)
+    assert ensure_token(path) == token  # never rewritten
+    os.chmod(path, 0o644)
+    with pytest.raises(UsageError, match="readable by others"):
+        read_token(path)

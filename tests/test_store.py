@@ -1,0 +1,151 @@
+"""The node's SQLite store, on a real file: durability, idempotence, replay set, disk full."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.errors import StoreError
+from broker.store import NewReport, OutboxItem, Received, Store
+
+
+def rep(i: int, size: int = 10) -> NewReport:
+    return NewReport(f"00000000-0000-4000-8000-{i:012d}", "vessel", b"x" * size)
+
+
+def item(rid: str, partner: str) -> OutboxItem:
+    return OutboxItem(rid, partner, f"msmt.to.{partner}.vessel", b"jwe", "{}")
+
+
+def received(sender: str, rid: str, digest: str = "h1", expires: float = 100.0) -> Received:
+    return Received(
+        sender, rid, "vessel", {"vessel.imo": "9321483"}, ("vessel.imo",), digest, expires
+    )
+
+
+def test_wal_mode_and_accept_is_durable_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "node.sqlite3"
+    store = Store(path)
+    assert store.accept([rep(1), rep(2), rep(1)]) == [True, True, False]
+    store.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    again = Store(path)
+    assert again.accept([rep(2), rep(3)]) == [False, True]
+    assert [r for r, _ in again.unplanned(10)] == [
+        rep(1).report_id,
+        rep(2).report_id,
+        rep(3).report_id,
+    ]
+
+
+def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.accept([rep(1), rep(2)])
+    r1, r2 = rep(1).report_id, rep(2).report_id
+    assert store.outbox_depth() == 2
+    store.plan({r1: [item(r1, "USA"), item(r1, "KOR")], r2: []})
+    assert store.unplanned(10) == []
+    assert store.outbox_depth() == 2  # two envelopes awaiting an ack
+    pending = store.pending(10)
+    assert [(p.report_id, p.partner) for p in pending] == [(r1, "USA"), (r1, "KOR")]
+    assert pending[0].msg_id == f"{r1}.USA"
+    assert store.pending(10, skip=[(r1, "USA")]) == [pending[1]]
+    store.mark_sent([(r1, "USA")])
+    assert store.outbox_depth() == 1
+    assert store.sent_to("USA") == 1
+    assert store.sent_to("KOR") == 0
+    # Planning twice (a crash between plan and restart) adds nothing.
+    store.plan({r1: [item(r1, "USA")]})
+    assert store.outbox_depth() == 1
+
+
+def test_received_is_idempotent_and_seen_state_tells_redelivery_from_replay(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    assert store.seen_state("USA", "r1", "h1") == "new"
+    assert store.store_received([received("USA", "r1"), received("KOR", "r1")]) == [True, True]
+    assert store.store_received([received("USA", "r1")]) == [False]
+    assert store.seen_state("USA", "r1", "h1") == "redelivered"
+    assert store.seen_state("USA", "r1", "other") == "replay"
+    assert store.seen_state("GBR", "r1", "h1") == "new"
+    assert store.inbox_count() == 2
+    assert {e.sender for e in store.inbox_entry("r1")} == {"USA", "KOR"}
+    (entry,) = store.inbox(sender="USA")
+    assert entry.fields == {"vessel.imo": "9321483"}
+    assert entry.paths == ("vessel.imo",)
+
+
+def test_seen_set_is_pruned_by_freshness_window_but_inbox_still_refuses(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.store_received(
+        [received("USA", "old", expires=10.0), received("USA", "new", expires=1e12)]
+    )
+    assert store.prune_seen(now=11.0) == 1
+    assert store.seen_count() == 1
+    # The stored report itself still marks the id as taken.
+    assert store.seen_state("USA", "old", "different") == "replay"
+
+
+def test_counters_and_state(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.bump({"rejected.signature": 2, "received": 1})
+    store.bump({"rejected.signature": 3})
+    assert store.counters() == {"rejected.signature": 5, "received": 1}
+    store.set_state({"connected": "yes", "last_error": "x"})
+    store.set_state({"connected": "no"})
+    assert store.state() == {"connected": "no", "last_error": "x"}
+
+
+def test_disk_full_is_a_store_error_and_loses_nothing_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path, max_pages=40)
+    accepted: list[str] = []
+    error: StoreError | None = None
+    for i in range(1000):
+        batch = [rep(i * 10 + j, size=2000) for j in range(10)]
+        try:
+            store.accept(batch)
+        except StoreError as exc:
+            error = exc
+            break
+        accepted += [r.report_id for r in batch]
+    assert error is not None
+    assert "database or disk is full" in str(error)
+    assert accepted  # some batches went in before the cap
+    store.close()
+    again = Store(path)
+    assert [r for r, _ in again.unplanned(10_000)] == accepted
+
+
+def test_readonly_store_refuses_writes(tmp_path: Path) -> None:
+    Store(tmp_path / "s.db").accept([rep(1)])
+    ro = Store(tmp_path / "s.db", readonly=True)
+    assert ro.outbox_depth() == 1
+    with pytest.raises(StoreError, match="readonly"):
+        ro.accept([rep(2)])
+
+
+def test_missing_readonly_store_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot open store"):
+        Store(tmp_path / "absent.db", readonly=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=30), max_size=60))
+def test_accept_reports_each_id_new_exactly_once(
+    tmp_path_factory: pytest.TempPathFactory, ids: list[int]
+) -> None:
+    store = Store(tmp_path_factory.mktemp("h") / "s.db")
+    seen: set[int] = set()
+    expected = []
+    for i in ids:
+        expected.append(i not in seen)
+        seen.add(i)
+    half = len(ids) // 2
+    got = store.accept([rep(i) for i in ids[:half]]) + store.accept([rep(i) for i in ids[half:]])
+    assert got == expected
+    assert len(store.unplanned(1000)) == len(seen)
