@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation, localcontext
 from typing import Any, Final
 
 import rfc8785
@@ -67,14 +67,30 @@ _ROUNDED = re.compile(r"^[0-9]+(\.[0-9]+)?(E\+[0-9]+)?$")
 VARIANT_SEP: Final = "#"
 
 
+_PLAIN_DECIMAL = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,12})?$")
+
+
 def _positive_decimal(text: str, what: str) -> Decimal:
+    # Only plain decimals: the parameter is part of the disclosure key, so
+    # "1E+3", " 0.5" or "NaN" would give odd keys (or none) for the same step.
+    if not _PLAIN_DECIMAL.match(text):
+        raise ValueError(f"{what} must be a plain positive decimal such as 0.5, not {text!r}")
     try:
         value = Decimal(text)
     except InvalidOperation:
         raise ValueError(f"{what} must be a decimal number, not {text!r}") from None
-    if not value.is_finite() or value <= 0:
+    if value <= 0:
         raise ValueError(f"{what} must be a positive decimal, not {text!r}")
     return value
+
+
+def _plain(value: Decimal) -> str:
+    # Positions and amounts are plain decimal strings; str(Decimal) would switch
+    # to exponent form ("1.3E+2", "5E-7"), which the schema refuses.
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +116,9 @@ class Transform:
             step = _positive_decimal(param, f"{name} step")
             if name == "coarsen" and step > 10:
                 raise ValueError("coarsen grid must be at most 10 degrees")
+            if name == "coarsen" and -step.as_tuple().exponent > 6:  # type: ignore[operator]
+                # A cell centre adds half a step; positions carry at most 7 places.
+                raise ValueError("coarsen grid must have at most 6 decimal places")
         elif not _KEY_ID.match(param):
             raise ValueError("pseudonym key id must be 1-64 letters, digits, '.', '_' or '-'")
         return cls(name, param)
@@ -122,8 +141,12 @@ class Transform:
             return _coarsen(value, Decimal(str(self.param)))
         if self.name == "round":
             step = Decimal(str(self.param))
-            rounded = (Decimal(value) / step).quantize(Decimal(1), ROUND_HALF_EVEN) * step
-            return str(rounded)
+            # Enough precision for any amount the schema admits, so quantize
+            # never overflows the default 28 digits.
+            with localcontext() as ctx:
+                ctx.prec = len(str(value)) + len(str(self.param)) + 4
+                rounded = (Decimal(value) / step).quantize(Decimal(1), ROUND_HALF_EVEN) * step
+                return _plain(rounded)
         if self.name == "hour":
             when = datetime.fromisoformat(value)
             return (
@@ -157,16 +180,19 @@ class Transform:
 
 
 def _coarsen(value: Mapping[str, str], grid: Decimal) -> dict[str, str]:
-    def snap(text: str) -> str:
+    def snap(text: str, limit: int) -> str:
         cell = (Decimal(text) / grid).to_integral_value(ROUND_FLOOR)
         centre = cell * grid + grid / 2
-        return str(centre.normalize()) if centre == centre.to_integral_value() else str(centre)
+        # The cell holding a pole or the antimeridian can have its centre out of
+        # range (and a grid that does not divide 90 overshoots at -90 too); use
+        # the neighbouring cell, whose centre is still within half a step.
+        if centre > limit:
+            centre -= grid
+        elif centre < -limit:
+            centre += grid
+        return _plain(centre)
 
-    lat = snap(value["lat"])
-    # A cell centre can step past the pole; clamp to the last valid cell.
-    if Decimal(lat) > 90:
-        lat = str(Decimal(90) - grid / 2)
-    return {"lat": lat, "lon": snap(value["lon"])}
+    return {"lat": snap(value["lat"], 90), "lon": snap(value["lon"], 180)}
 
 
 def _pseudonym(key: bytes, key_id: str, path: str, value: Any) -> str:

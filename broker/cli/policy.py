@@ -1,7 +1,207 @@
-"""Commands for the policy family (filled in by its issue)."""
+"""Commands for the policy family: ``msmt policy check`` and ``msmt policy explain``.
+
+``check`` is what an operator runs before deploying a policy; ``explain`` shows,
+before anything is sent, which partner would receive which field of a report.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
 
-COMMANDS: tuple[click.Command, ...] = ()
+from broker.errors import InputError, PolicyError, UsageError
+from broker.members import MEMBERS
+from broker.policy import Decision, Policy, check_policy, load_policy
+from broker.policy_file import read_policy
+from broker.sightings import SightingModel, field_paths
+from broker.validation import InvalidRecordError, parse_record
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UsageError(f"cannot read {what} {path}: {reason}") from None
+
+
+@click.group(name="policy")
+def policy_group() -> None:
+    """Check releasability policies and preview what each partner would receive."""
+
+
+@policy_group.command(name="check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def check(files: tuple[Path, ...]) -> None:
+    """Check policy FILES; print FILE:LINE: REASON for each problem.
+
+    Exit 0 when every policy is clean (one summary line each, with its digest),
+    1 when any has problems, 2 when a file cannot be read.
+    """
+    status = 0
+    for path in files:
+        try:
+            text = _read(path, "policy")
+        except UsageError as exc:
+            click.echo(f"msmt: error: {exc}", err=True)
+            status = 2
+            continue
+        problems = check_policy(text)
+        for problem in problems:
+            click.echo(f"{path}:{problem.line}: {problem.reason}")
+        if problems:
+            status = max(status, 1)
+            continue
+        spec, _ = read_policy(text, member=None)
+        assert spec is not None  # noqa: S101 - no problems means it parsed
+        click.echo(
+            f"{path}: ok: {spec.member}, {len(spec.rules)} rules, "
+            f"{len(spec.groups)} groups, {len(spec.pseudonym_keys)} pseudonym keys, "
+            f"digest {spec.digest()}"
+        )
+    sys.exit(status)
+
+
+def _report(path: Path) -> SightingModel:
+    text = _read(path, "report")
+    try:
+        json.loads(text)
+        raw = text
+    except json.JSONDecodeError:
+        # NDJSON: explain the first record.
+        raw = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return parse_record(raw)
+    except InvalidRecordError as exc:
+        raise InputError(f"{path}: not a valid sighting: {exc}") from None
+
+
+def _cell(decision: Decision, path: str) -> str:
+    release = decision.released.get(path)
+    if release is not None:
+        return "released" if release.transform is None else release.transform.ident
+    return "withheld" if path in decision.withheld else ""
+
+
+def _table(sighting: SightingModel, decisions: dict[str, Decision]) -> list[str]:
+    present = [
+        p
+        for p in field_paths(sighting.kind)
+        if any(p in d.withheld or p in d.released for d in decisions.values())
+    ]
+    prefix = f"{sighting.kind}."
+    headers = ["partner", "sent", *(p.removeprefix(prefix) for p in present)]
+    rows = [
+        [partner, "yes" if d.sends else "no", *(_cell(d, p) for p in present)]
+        for partner, d in decisions.items()
+    ]
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    lines.append("")
+    lines.append("why withheld:")
+    for partner, d in decisions.items():
+        reasons: dict[str, list[str]] = {}
+        for path, reason in d.withheld.items():
+            reasons.setdefault(reason, []).append(path.removeprefix(prefix))
+        text = "; ".join(
+            f"{reason}: {'all fields' if not d.released else ', '.join(paths)}"
+            for reason, paths in reasons.items()
+        )
+        lines.append(f"  {partner}  {text or '-'}")
+    return lines
+
+
+def _as_json(
+    policy: Policy, sighting: SightingModel, decisions: dict[str, Decision], onward: bool
+) -> dict[str, Any]:
+    return {
+        "member": policy.member,
+        "policy_digest": policy.digest,
+        "report_id": str(sighting.report_id),
+        "kind": sighting.kind,
+        "originator": sighting.originator,
+        "tlp": sighting.tlp,
+        "rel_to": list(sighting.rel_to) if sighting.rel_to is not None else None,
+        "onward": onward,
+        "partners": {
+            partner: {
+                "sent": d.sends,
+                "released": {
+                    path: {
+                        "rule": r.rule,
+                        "transform": None if r.transform is None else r.transform.ident,
+                        "disclosure_key": r.disclosure_key,
+                    }
+                    for path, r in d.released.items()
+                },
+                "withheld": dict(d.withheld),
+            }
+            for partner, d in decisions.items()
+        },
+    }
+
+
+@policy_group.command(name="explain")
+@click.option(
+    "--member", required=True, type=click.Choice(MEMBERS), help="The member whose policy decides."
+)
+@click.option(
+    "--report",
+    "report_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="One sighting as JSON, or NDJSON (the first record is used).",
+)
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Policy file [default: nodes/<MEMBER>/policy.toml].",
+)
+@click.option(
+    "--onward", is_flag=True, help="Preview passing on a report another member originated."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
+def explain(
+    member: str, report_path: Path, policy_path: Path | None, onward: bool, as_json: bool
+) -> None:
+    """Show which partner would receive which field of a report, and why, before sending.
+
+    Partners are rows and fields are columns; each cell is ``released``, the
+    transform applied (e.g. ``coarsen:0.5``), or ``withheld``.
+    """
+    path = policy_path or Path("nodes") / member / "policy.toml"
+    policy = load_policy(_read(path, "policy"), member=member, source=str(path))
+    sighting = _report(report_path)
+    if sighting.originator != member and not onward:
+        raise UsageError(
+            f"{report_path}: the report was originated by {sighting.originator}; "
+            "add --onward to preview passing it on"
+        )
+    try:
+        decisions = policy.decide_all(sighting, onward=onward)
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(_as_json(policy, sighting, decisions, onward), indent=2))
+        return
+    rel_to = ",".join(sighting.rel_to) if sighting.rel_to else "-"
+    click.echo(
+        f"report {sighting.report_id} ({sighting.kind}) from {sighting.originator}, "
+        f"TLP:{sighting.tlp}, REL TO {rel_to}{', passed on' if onward else ''}"
+    )
+    click.echo(f"policy {path} ({policy.member}), digest {policy.digest}")
+    click.echo("")
+    for line in _table(sighting, decisions):
+        click.echo(line)
+
+
+COMMANDS: tuple[click.Command, ...] = (policy_group,)
