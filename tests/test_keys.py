@@ -1,0 +1,358 @@
+"""Key generation, the signed roster, rotation and revocation, on real files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rfc8785
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from joserfc.jwk import OKPKey
+from jwcrypto import jwk as jwc_jwk
+from jwcrypto import jws as jwc_jws
+
+from broker import keys
+from broker.cli import main
+from broker.errors import KeyMaterialError, UsageError
+from broker.roster import Roster
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+MEMBERS3 = ("JPN", "USA", "KOR")
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes: 'changes nothing' is asserted against this."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture
+def keydir(tmp_path: Path) -> Path:
+    path = tmp_path / "keys"
+    keys.init_keys(path, MEMBERS3, now=T0, valid_days=365)
+    return path
+
+
+def test_init_writes_private_keys_0600_and_a_public_signed_roster(keydir: Path) -> None:
+    signed = keys.load_signed_roster(keydir)
+    assert signed.version == 1
+    assert len(signed.roster) == 6
+    for member in MEMBERS3:
+        folder = keydir / member
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        files = sorted(folder.iterdir())
+        assert len(files) == 3  # sig, enc, nats seed
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        sig = signed.roster.current(member, "sig", T0)
+        enc = signed.roster.current(member, "enc", T0)
+        assert sig.jwk["crv"] == "Ed25519"
+        assert sig.jwk["alg"] == "Ed25519"
+        assert enc.jwk["crv"] == "X25519"
+        assert enc.jwk["alg"] == "ECDH-ES+A256KW"
+        assert sig.kid.startswith(f"{member}-sig-20261101-")
+        assert sig.valid_until - sig.valid_from == timedelta(days=365)
+    assert stat.S_IMODE((keydir / keys.AUTHORITY_PRIVATE_FILE).stat().st_mode) == 0o600
+    assert "AUDIT" in json.loads((keydir / keys.NATS_USERS_FILE).read_text())
+    # No secret reaches a public file: no "d" member, no nkey seed.
+    seeds = [(keydir / a / keys.NATS_SEED_FILE).read_text().strip() for a in (*MEMBERS3, "AUDIT")]
+    assert all(seed.startswith("SU") for seed in seeds)
+    for name in (keys.ROSTER_FILE, keys.AUTHORITY_PUBLIC_FILE, keys.NATS_USERS_FILE):
+        text = (keydir / name).read_text()
+        assert '"d"' not in text
+        assert not any(seed in text for seed in seeds)
+
+
+def test_gitignore_keeps_private_keys_out_of_git() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    private = ["keys/JPN/JPN-sig-20261101-00000000.jwk", "keys/JPN/nats.nk"]
+    private.append("keys/authority/roster-authority.jwk")
+    for path in private:
+        assert (
+            subprocess.run(["git", "check-ignore", "-q", path], check=False, cwd=repo).returncode
+            == 0
+        )
+    public = ["keys/roster.json", "keys/roster.json.jws", "keys/roster-authority.json"]
+    public.append("keys/nats-users.json")
+    for path in public:
+        assert (
+            subprocess.run(["git", "check-ignore", "-q", path], check=False, cwd=repo).returncode
+            == 1
+        )
+
+
+def test_init_refuses_to_overwrite_without_force(keydir: Path) -> None:
+    before = snapshot(keydir)
+    with pytest.raises(KeyMaterialError, match="already exists; use --force"):
+        keys.init_keys(keydir, MEMBERS3)
+    assert snapshot(keydir) == before
+    keys.init_keys(keydir, MEMBERS3, force=True)
+    after = snapshot(keydir)
+    assert after[keys.ROSTER_FILE] != before[keys.ROSTER_FILE]
+    assert len(list((keydir / "JPN").iterdir())) == 3  # old keys replaced, not added
+
+
+def test_private_keys_interoperate_with_jwcrypto(keydir: Path) -> None:
+    signed = keys.load_signed_roster(keydir)
+    mine = keys.load_member_keys(keydir, "JPN", signed.roster, T0)
+    raw = json.loads(keys.key_path(keydir, "JPN", mine.signing_kid).read_text())
+    other = jwc_jwk.JWK(**raw)
+    token = jwc_jws.JWS(b"payload")
+    token.add_signature(other, alg="Ed25519", protected={"alg": "Ed25519"})
+    verified = jwc_jws.JWS()
+    verified.deserialize(token.serialize(compact=True))
+    public = jwc_jwk.JWK(**dict(signed.roster.get(mine.signing_kid).jwk))
+    verified.verify(public, alg="Ed25519")
+    assert verified.payload == b"payload"
+
+
+def test_roster_signature_verifies_in_jwcrypto(keydir: Path) -> None:
+    jwks = json.loads((keydir / keys.ROSTER_FILE).read_text())
+    detached = (keydir / keys.ROSTER_SIG_FILE).read_text().strip()
+    authority = jwc_jwk.JWK(**json.loads((keydir / keys.AUTHORITY_PUBLIC_FILE).read_text()))
+    token = jwc_jws.JWS()
+    token.deserialize(detached)
+    token.verify(authority, alg="Ed25519", detached_payload=rfc8785.dumps(jwks))
+    assert token.jose_header["typ"] == keys.ROSTER_JWS_TYP
+
+
+def test_rotate_retires_old_keys_which_still_verify_older_reports(keydir: Path) -> None:
+    old = keys.load_signed_roster(keydir).roster.current("JPN", "sig", T0)
+    old_enc = keys.load_signed_roster(keydir).roster.current("JPN", "enc", T0)
+    t1 = T0 + timedelta(days=10)
+    new_sig, new_enc = keys.rotate_keys(keydir, "JPN", now=t1, valid_days=365)
+    signed = keys.load_signed_roster(keydir, min_version=2)
+    assert signed.version == 2
+    retired = signed.roster.get(old.kid)
+    assert retired.status == "retired"
+    assert retired.retired_at == t1
+    assert signed.roster.current("JPN", "sig", t1).kid == new_sig
+    # A report made before the rotation still verifies with the old key...
+    assert signed.roster.check(old.kid, member="JPN", use="sig", at=t1 - timedelta(seconds=1))
+    # ...one claiming a later time does not.
+    with pytest.raises(KeyMaterialError, match="retired"):
+        signed.roster.check(old.kid, member="JPN", use="sig", at=t1 + timedelta(seconds=1))
+    mine = keys.load_member_keys(keydir, "JPN", signed.roster, t1)
+    assert mine.signing_kid == new_sig
+    # Both decryption keys stay: a message encrypted to the old key just before rotation decrypts.
+    assert set(mine.decryption) == {new_enc, old_enc.kid}
+    # Other members are untouched.
+    assert keys.load_signed_roster(keydir).roster.current("USA", "sig", t1).status == "active"
+
+
+def test_rotate_unknown_member_changes_nothing(keydir: Path) -> None:
+    before = snapshot(keydir)
+    with pytest.raises(UsageError, match="unknown member 'XXX'"):
+        keys.rotate_keys(keydir, "XXX")
+    with pytest.raises(UsageError, match="GBR has no keys"):
+        keys.rotate_keys(keydir, "GBR")
+    assert snapshot(keydir) == before
+
+
+def test_revoke_records_reason_and_the_key_never_verifies_again(keydir: Path) -> None:
+    roster = keys.load_signed_roster(keydir).roster
+    kid = roster.current("USA", "sig", T0).kid
+    t1 = T0 + timedelta(days=3)
+    keys.revoke_key(keydir, kid, "laptop stolen", now=t1)
+    signed = keys.load_signed_roster(keydir)
+    assert signed.version == 2
+    entry = next(e for e in signed.jwks["keys"] if e["kid"] == kid)
+    assert entry["msmt_status"] == "revoked"
+    assert entry["msmt_revoked_reason"] == "laptop stolen"
+    assert entry["msmt_revoked_at"] == "2026-11-04T00:00:00Z"
+    # Even for a time before the revocation: a stolen key can backdate.
+    with pytest.raises(KeyMaterialError, match=f"key {kid} is revoked"):
+        signed.roster.check(kid, member="USA", use="sig", at=T0 + timedelta(days=1))
+    with pytest.raises(KeyMaterialError, match="no active sig key"):
+        keys.load_member_keys(keydir, "USA", signed.roster, t1)
+
+
+@pytest.mark.parametrize(
+    ("kid", "reason", "error", "match"),
+    [
+        ("NOPE-sig-1", "x", KeyMaterialError, "not in the roster"),
+        (None, "", UsageError, "--reason must be one non-empty line"),
+        (None, "two\nlines", UsageError, "--reason must be one non-empty line"),
+    ],
+)
+def test_revoke_bad_input_changes_nothing(
+    keydir: Path, kid: str | None, reason: str, error: type[Exception], match: str
+) -> None:
+    target = kid or keys.load_signed_roster(keydir).roster.current("KOR", "enc", T0).kid
+    before = snapshot(keydir)
+    with pytest.raises(error, match=match):
+        keys.revoke_key(keydir, target, reason)
+    assert snapshot(keydir) == before
+
+
+def test_revoke_twice_is_refused(keydir: Path) -> None:
+    kid = keys.load_signed_roster(keydir).roster.current("KOR", "enc", T0).kid
+    keys.revoke_key(keydir, kid, "compromised")
+    before = snapshot(keydir)
+    with pytest.raises(KeyMaterialError, match="already revoked"):
+        keys.revoke_key(keydir, kid, "again")
+    assert snapshot(keydir) == before
+
+
+def test_check_rejects_keys_outside_validity_other_member_or_use(keydir: Path) -> None:
+    roster = keys.load_signed_roster(keydir).roster
+    kid = roster.current("JPN", "sig", T0).kid
+    assert roster.check(kid, member="JPN", use="sig", at=T0 + timedelta(days=364)).kid == kid
+    cases = [
+        ({"member": "JPN", "use": "sig", "at": T0 - timedelta(seconds=1)}, "not valid before"),
+        ({"member": "JPN", "use": "sig", "at": T0 + timedelta(days=366)}, "expired at"),
+        ({"member": "USA", "use": "sig", "at": T0}, "belongs to JPN, not USA"),
+        ({"member": "JPN", "use": "enc", "at": T0}, "is a sig key, not enc"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(KeyMaterialError, match=match):
+            roster.check(kid, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(KeyMaterialError, match="not in the roster"):
+        roster.check("JPN-sig-unknown", member="JPN", use="sig", at=T0)
+
+
+def _mutations() -> st.SearchStrategy[tuple[int, str, Any]]:
+    fields = st.sampled_from(["msmt_status", "msmt_valid_until", "x", "msmt_member", "kid"])
+    values = st.sampled_from(["active", "revoked", "2099-01-01T00:00:00Z", "USA", "JPN", "AAAA"])
+    return st.tuples(st.integers(0, 5), fields, values)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutation=_mutations(), bump=st.booleans())
+def test_any_edit_of_the_roster_is_detected(
+    keydir: Path, mutation: tuple[int, str, Any], bump: bool
+) -> None:
+    index, field, value = mutation
+    jwks = json.loads((keydir / keys.ROSTER_FILE).read_text())
+    if jwks["keys"][index][field] == value:
+        return  # not an edit
+    jwks["keys"][index][field] = value
+    if bump:  # raising the version does not help an attacker either
+        jwks["msmt_version"] += 1
+    signature = (keydir / keys.ROSTER_SIG_FILE).read_text()
+    authority = keys.load_authority(keydir / keys.AUTHORITY_PUBLIC_FILE)
+    with pytest.raises(KeyMaterialError, match="the roster was altered"):
+        keys.verify_roster(jwks, signature, authority)
+
+
+def test_rolled_back_roster_is_refused(keydir: Path, tmp_path: Path) -> None:
+    v1 = tmp_path / "v1"
+    shutil.copytree(keydir, v1)
+    keys.rotate_keys(keydir, "JPN")
+    assert keys.load_signed_roster(keydir, min_version=2).version == 2
+    # An attacker replays the old (validly signed) roster to undo the rotation.
+    for name in (keys.ROSTER_FILE, keys.ROSTER_SIG_FILE):
+        shutil.copy(v1 / name, keydir / name)
+    with pytest.raises(KeyMaterialError, match=r"version 1 is older than version 2 .*rollback"):
+        keys.load_signed_roster(keydir, min_version=2)
+
+
+def test_roster_signed_by_another_authority_is_refused(keydir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    keys.init_keys(other, ("JPN", "USA"), now=T0)
+    with pytest.raises(KeyMaterialError, match="is not Ed25519 by authority"):
+        keys.load_signed_roster(keydir, authority_path=other / keys.AUTHORITY_PUBLIC_FILE)
+    # Same kid, different key: the signature itself must fail.
+    forged = OKPKey.generate_key(
+        "Ed25519", parameters={"kid": _authority_kid(keydir)}, private=True
+    )
+    jwks = json.loads((keydir / keys.ROSTER_FILE).read_text())
+    signature = keys.sign_roster(jwks, forged)
+    pinned = keys.load_authority(keydir / keys.AUTHORITY_PUBLIC_FILE)
+    with pytest.raises(KeyMaterialError, match="the roster was altered"):
+        keys.verify_roster(jwks, signature, pinned)
+
+
+def _authority_kid(keydir: Path) -> str:
+    return str(json.loads((keydir / keys.AUTHORITY_PUBLIC_FILE).read_text())["kid"])
+
+
+def test_signed_roster_with_duplicate_kid_is_refused(keydir: Path) -> None:
+    jwks = json.loads((keydir / keys.ROSTER_FILE).read_text())
+    jwks["keys"].append(dict(jwks["keys"][0]))
+    authority = keys.load_private_jwk_any(keydir / keys.AUTHORITY_PRIVATE_FILE)
+    pinned = keys.load_authority(keydir / keys.AUTHORITY_PUBLIC_FILE)
+    with pytest.raises(KeyMaterialError, match="duplicate kid"):
+        keys.verify_roster(jwks, keys.sign_roster(jwks, authority), pinned)
+    with pytest.raises(KeyMaterialError, match="duplicate kid"):
+        Roster.from_jwks(jwks)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("{not json", "is not valid JSON"),
+        (
+            '{"kty": "OKP", "crv": "X25519", "x": "AA", "d": "AA", "kid": "k", "use": "sig"}',
+            "not a private Ed25519",
+        ),
+        (
+            '{"kty": "OKP", "crv": "Ed25519", "x": "AA", "kid": "k", "use": "sig"}',
+            "not a private Ed25519",
+        ),
+        (
+            '{"kty": "OKP", "crv": "Ed25519", "x": "AA", "d": "AA", "kid": "k", "use": "sig"}',
+            "malformed JWK",
+        ),
+        ('{"kty": "OKP", "crv": "Ed25519", "kid": "a", "kid": "b"}', "duplicate member"),
+    ],
+)
+def test_malformed_private_key_file_is_refused(keydir: Path, content: str, match: str) -> None:
+    roster = keys.load_signed_roster(keydir).roster
+    path = keys.key_path(keydir, "JPN", roster.current("JPN", "sig", T0).kid)
+    path.write_text(content)
+    with pytest.raises(KeyMaterialError, match=match) as info:
+        keys.load_member_keys(keydir, "JPN", roster, T0)
+    assert str(path) in str(info.value) or "duplicate" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_private_key_not_matching_the_roster_is_refused(keydir: Path) -> None:
+    roster = keys.load_signed_roster(keydir).roster
+    kid = roster.current("JPN", "sig", T0).kid
+    impostor = keys.generate_key("JPN", "sig", T0).as_dict(private=True) | {"kid": kid}
+    keys.key_path(keydir, "JPN", kid).write_text(json.dumps(impostor))
+    with pytest.raises(KeyMaterialError, match="does not match roster key"):
+        keys.load_member_keys(keydir, "JPN", roster, T0)
+
+
+def test_unsafe_kid_never_becomes_a_path(tmp_path: Path) -> None:
+    with pytest.raises(KeyMaterialError, match="not a safe file name"):
+        keys.key_path(tmp_path, "JPN", "../../etc/passwd")
+
+
+def test_cli_init_rotate_revoke_verify(tmp_path: Path) -> None:
+    runner = CliRunner()
+    keydir = str(tmp_path / "k")
+    result = runner.invoke(main, ["keys", "init", "--dir", keydir, "--members", "JPN,USA"])
+    assert result.exit_code == 0, result.output
+    assert "roster version 1: 4 public keys" in result.output
+    result = runner.invoke(main, ["keys", "init", "--dir", keydir, "--members", "JPN,USA"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("msmt: error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(main, ["keys", "rotate", "usa", "--dir", keydir])
+    assert result.exit_code == 0, result.output
+    assert "roster version 2" in result.output
+    kid = keys.load_signed_roster(Path(keydir)).roster.current("USA", "sig", datetime.now(UTC)).kid
+    result = runner.invoke(main, ["keys", "revoke", kid, "--reason", "test", "--dir", keydir])
+    assert result.exit_code == 0, result.output
+    assert "has no active key left" not in result.output  # enc key still active
+    result = runner.invoke(main, ["keys", "verify-roster", "--dir", keydir, "--min-version", "3"])
+    assert result.exit_code == 0, result.output
+    assert f"USA sig {kid} revoked" in result.output
+    result = runner.invoke(main, ["keys", "verify-roster", "--dir", keydir, "--min-version", "4"])
+    assert result.exit_code == 2
+    assert "rollback" in result.stderr
+    result = runner.invoke(main, ["keys", "init", "--dir", keydir, "--members", "JPN,XYZ"])
+    assert result.exit_code == 2
+    assert "unknown member 'XYZ'" in result.stderr
