@@ -13,7 +13,7 @@ import json
 import re
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Annotated, Any, Final, Literal, Self, Union
 from uuid import UUID
 
 from pydantic import (
@@ -363,12 +363,16 @@ def leaf_values(sighting: SightingModel) -> dict[str, Any]:
 
 def _field_adapter(head: str, name: str) -> TypeAdapter[Any]:
     models = (SourceMethod,) if head == "source" else _BODY_MODELS[head]
-    for model in models:
-        info = model.model_fields.get(name)
-        if info is not None:
-            annotated: Any = Annotated[info.annotation, info]  # a runtime-built type form
-            return TypeAdapter(annotated)
-    raise ValueError(f"{head} has no field {name!r}")
+    # A runtime-built type form; a name in both transfer models (``category``) takes either.
+    found: list[Any] = [
+        Annotated[m.model_fields[name].annotation, m.model_fields[name]]
+        for m in models
+        if name in m.model_fields
+    ]
+    if not found:
+        raise ValueError(f"{head} has no field {name!r}")
+    form: Any = found[0] if len(found) == 1 else Union[tuple(found)]  # noqa: UP007
+    return TypeAdapter(form)
 
 
 _ADAPTERS: dict[tuple[str, str], TypeAdapter[Any]] = {}
