@@ -388,7 +388,8 @@ def _fields(
             raise ValueError("a disclosure is referenced from a place this format does not use")
         container = where[disclosure.digest]
         name = disclosure.name
-        if "." in name or (container is None and name.partition("#")[0] != "observed_at"):
+        field = name.partition("#")[0]
+        if "." in field or (container is None and field != "observed_at"):
             raise ValueError(f"disclosed claim name {name!r:.80} is not a field of this format")
         key = name if container is None else f"{container}.{name}"
         value = processed[name] if container is None else processed[container][name]

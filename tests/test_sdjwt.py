@@ -1,0 +1,217 @@
+"""RFC 9901 mechanics: the RFC's own disclosures and digests, and the §7.1 processing rules."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker import sdjwt
+from broker.sdjwt import Disclosure
+
+VECTORS = json.loads((Path(__file__).parent / "vectors/sd-jwt/rfc9901.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("case", VECTORS, ids=lambda c: c["sha256_digest"][:8])
+def test_rfc9901_disclosures_parse_and_hash(case: dict[str, Any]) -> None:
+    disclosure = Disclosure.parse(case["disclosure"])
+    assert disclosure.digest == case["sha256_digest"]
+    assert disclosure.salt == case["decoded"][0]
+    assert disclosure.value == case["decoded"][-1]
+    assert disclosure.name == (case["decoded"][1] if len(case["decoded"]) == 3 else None)
+
+
+def test_rfc9901_digest_printed_in_the_rfc() -> None:
+    # §4.2.3 prints this digest for the first example disclosure.
+    assert (
+        sdjwt.hash_disclosure(
+            "WyJfMjZiYzRMVC1hYzZxMktJNmNCVzVlcyIsICJmYW1pbHlfbmFtZSIsICJNw7ZiaXVzIl0"
+        )
+        == "X9yH0Ajrdm1Oij4tWso9UzzKJvPoDxwmuEcO3XAdRC0"
+    )
+
+
+def test_our_encoding_is_the_rfc_compact_variant() -> None:
+    # RFC 9901 §4.2.1 lists a compact, raw-UTF-8 encoding of the same disclosure;
+    # it is byte for byte what we produce.
+    made = Disclosure.make("family_name", "Möbius", salt="_26bc4LT-ac6q2KI6cBW5es")
+    assert made.encoded == "WyJfMjZiYzRMVC1hYzZxMktJNmNCVzVlcyIsImZhbWlseV9uYW1lIiwiTcO2Yml1cyJd"
+    assert made.digest == "TZjouOTrBKEwUNjNDs9yeMzBoQn8FFLPaJjRRmAtwrM"
+
+
+def test_salts_are_fresh_and_128_bits() -> None:
+    salts = {sdjwt.new_salt() for _ in range(200)}
+    assert len(salts) == 200
+    assert all(len(base64.urlsafe_b64decode(s + "==")) == 16 for s in salts)
+
+
+@pytest.mark.parametrize("name", ["_sd", "..."])
+def test_reserved_claim_names_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="claim name"):
+        Disclosure.make(name, 1)
+    raw = sdjwt.b64u_encode(json.dumps(["salt", name, 1]).encode())
+    with pytest.raises(ValueError, match="reserved claim name"):
+        Disclosure.parse(raw)
+
+
+@pytest.mark.parametrize(
+    ("decoded", "reason"),
+    [
+        ({"a": 1}, "JSON array"),
+        (["s"], "JSON array"),
+        (["s", "a", 1, 2], "JSON array"),
+        ([1, "a", 1], "salt"),
+        (["s", 7, 1], "claim name"),
+    ],
+)
+def test_malformed_disclosures_refused(decoded: Any, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        Disclosure.parse(sdjwt.b64u_encode(json.dumps(decoded).encode()))
+
+
+@pytest.mark.parametrize("text", ["YQ==", "a+b/", "abcde", "ab cd"])
+def test_base64url_is_strict(text: str) -> None:
+    with pytest.raises(ValueError, match="base64url"):
+        sdjwt.b64u_decode(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [('{"a":1,"a":2}', "duplicate"), ('{"a":NaN}', "NaN"), ("[1,", "not valid JSON")],
+)
+def test_strict_json(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        sdjwt.loads_strict(text)
+
+
+def test_sd_array_pads_with_distinct_decoys_and_sorts() -> None:
+    real = [Disclosure.make(f"c{i}", i).digest for i in range(5)]
+    arr = sdjwt.sd_array(real, 16)
+    assert len(arr) == 16
+    assert arr == sorted(arr)
+    assert set(real) <= set(arr)
+    assert len(set(arr)) == 16
+    assert all(len(d) == 43 for d in arr)
+    assert len(sdjwt.sd_array([Disclosure.make(f"c{i}", i).digest for i in range(17)], 16)) == 32
+
+
+def test_presentation_split_and_join() -> None:
+    text = sdjwt.join_presentation("h.p.s", ["d1", "d2"])
+    assert text == "h.p.s~d1~d2~"
+    assert sdjwt.split_presentation(text) == ("h.p.s", ["d1", "d2"], "")
+    assert sdjwt.split_presentation("h.p.s~d1~kb.j.w") == ("h.p.s", ["d1"], "kb.j.w")
+    for bad in ("h.p.s", "~d1~", "h.p.s~~d2~"):
+        with pytest.raises(ValueError, match="SD-JWT"):
+            sdjwt.split_presentation(bad)
+
+
+def _example() -> tuple[dict[str, Any], dict[str, Disclosure]]:
+    d = {
+        "given_name": Disclosure.make("given_name", "John"),
+        "street": Disclosure.make("street", "Main St"),
+        "FR": Disclosure.make(None, "FR"),
+        "DE": Disclosure.make(None, "DE"),
+    }
+    payload = {
+        "iss": "https://issuer.example",
+        "_sd_alg": "sha-256",
+        "_sd": sdjwt.sd_array([d["given_name"].digest], 4),
+        "address": {"_sd": sdjwt.sd_array([d["street"].digest], 4), "country": "X"},
+        "nationalities": [{"...": d["FR"].digest}, {"...": d["DE"].digest}, "US"],
+    }
+    return payload, d
+
+
+def test_process_applies_object_and_array_disclosures() -> None:
+    payload, d = _example()
+    out = sdjwt.process(payload, [d["given_name"], d["street"], d["DE"]])
+    assert out == {
+        "iss": "https://issuer.example",
+        "given_name": "John",
+        "address": {"country": "X", "street": "Main St"},
+        "nationalities": ["DE", "US"],
+    }
+    assert sdjwt.process(payload, []) == {
+        "iss": "https://issuer.example",
+        "address": {"country": "X"},
+        "nationalities": ["US"],
+    }
+
+
+def test_process_refuses_duplicate_disclosure() -> None:
+    payload, d = _example()
+    with pytest.raises(ValueError, match="included twice"):
+        sdjwt.process(payload, [d["street"], d["street"]])
+
+
+def test_process_refuses_unreferenced_disclosure() -> None:
+    payload, _ = _example()
+    with pytest.raises(ValueError, match="not referenced"):
+        sdjwt.process(payload, [Disclosure.make("extra", 1)])
+
+
+def test_process_refuses_digest_referenced_twice() -> None:
+    payload, d = _example()
+    payload["address"]["_sd"].append(d["given_name"].digest)
+    with pytest.raises(ValueError, match="more than once"):
+        sdjwt.process(payload, [d["given_name"]])
+
+
+def test_process_refuses_claim_collision() -> None:
+    payload, _ = _example()
+    clash = Disclosure.make("country", "Y")
+    payload["address"]["_sd"].append(clash.digest)
+    with pytest.raises(ValueError, match="already present"):
+        sdjwt.process(payload, [clash])
+
+
+def test_process_refuses_disclosure_in_the_wrong_place() -> None:
+    payload, d = _example()
+    payload["_sd"].append(d["FR"].digest)
+    payload["nationalities"] = []
+    with pytest.raises(ValueError, match="array-element disclosure"):
+        sdjwt.process(payload, [d["FR"]])
+    payload, d = _example()
+    payload["nationalities"].append({"...": d["given_name"].digest})
+    payload["_sd"].remove(d["given_name"].digest)
+    with pytest.raises(ValueError, match="object-property disclosure"):
+        sdjwt.process(payload, [d["given_name"]])
+
+
+def test_process_refuses_other_sd_alg_and_bad_shapes() -> None:
+    payload, _ = _example()
+    with pytest.raises(ValueError, match="_sd_alg"):
+        sdjwt.process({**payload, "_sd_alg": "sha-512"}, [])
+    with pytest.raises(ValueError, match="_sd must be an array"):
+        sdjwt.process({"_sd": "x"}, [])
+    with pytest.raises(ValueError, match=r"only '\.\.\.'"):
+        sdjwt.process({"a": [{"...": "x", "b": 1}]}, [])
+
+
+claim_values = st.one_of(st.text(max_size=20), st.integers(), st.booleans(), st.none())
+
+
+@given(
+    claims=st.dictionaries(
+        st.text(min_size=1, max_size=10).filter(lambda n: n not in ("_sd", "...", "_sd_alg")),
+        claim_values,
+        max_size=12,
+    ),
+    data=st.data(),
+)
+def test_process_reveals_exactly_the_disclosed_subset(claims: dict[str, Any], data: Any) -> None:
+    disclosures = {name: Disclosure.make(name, value) for name, value in claims.items()}
+    payload = {"_sd": sdjwt.sd_array([d.digest for d in disclosures.values()], 8)}
+    chosen = data.draw(st.sets(st.sampled_from(sorted(claims))) if claims else st.just(set()))
+    out = sdjwt.process(payload, [disclosures[n] for n in sorted(chosen)])
+    assert out == {n: claims[n] for n in chosen}
+    # Each digest is what RFC 9901 §4.2.3 says, recomputed here from scratch.
+    for d in disclosures.values():
+        expected = hashlib.sha256(d.encoded.encode("ascii")).digest()
+        assert base64.urlsafe_b64decode(d.digest + "=") == expected
