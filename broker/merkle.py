@@ -106,6 +106,18 @@ class Levels:
             level = [_sha256(b"\x01" + a + b).digest() for a, b in pairs]
             self.levels.append(level)
 
+    def append(self, leaf: bytes) -> None:
+        """Append one leaf hash, completing the perfect subtrees it closes."""
+        self.levels[0].append(leaf)
+        self.size += 1
+        k = 0
+        while len(self.levels[k]) % 2 == 0:
+            level = self.levels[k]
+            if k + 1 == len(self.levels):
+                self.levels.append([])
+            self.levels[k + 1].append(node_hash(level[-2], level[-1]))
+            k += 1
+
     def range_hash(self, lo: int, hi: int) -> bytes:
         """Return MTH of leaves ``[lo, hi)`` (RFC 9162 §2.1.1) for the ranges proofs use."""
         if not 0 <= lo < hi <= self.size:

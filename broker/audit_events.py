@@ -1,0 +1,270 @@
+"""Audit log entries (pure): one constructor per event, and the sealed RFC 8785 entry format.
+
+An entry records *that* something happened, never *what a report said*: it
+holds identifiers (report id, members, key ids), disclosure keys (field paths,
+with ``#transform`` when a transform was applied), digests (policy, JWE) and a
+short machine reason, never a field value. Constructors validate every
+argument against a narrow pattern so report content cannot slip in.
+
+``seal`` adds the position-dependent parts when the store appends the entry:
+
+* ``seq``: the entry's index in the log (so a deleted, inserted or reordered
+  entry is pinpointed, not only a root mismatch);
+* ``prev``: hex of the RFC 6962 leaf hash of the previous entry ("" for entry 0),
+  so an edited entry is pinpointed by the link after it.
+
+``at`` is the event's own UTC time, independent of the sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+from uuid import UUID
+
+import rfc8785
+
+from broker.errors import AuditError, KeyMaterialError
+from broker.members import is_member
+from broker.roster import format_time, parse_time
+from broker.sightings import KINDS
+
+VERSION: Final = 1
+TYPES: Final = ("accepted", "sent", "received", "rejected", "key", "policy")
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
+_DISCLOSURE: Final = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*(#[A-Za-z0-9_.:=-]{1,64})?")
+_TOKEN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_REASON: Final = re.compile(r"[ -~]{1,200}")
+# Fields every type carries, and the extra fields each type must carry.
+_COMMON: Final = frozenset({"v", "seq", "prev", "type", "at", "member"})
+_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "accepted": frozenset({"report_id", "kind", "feed"}),
+    "sent": frozenset({"partner", "report_id", "kind", "released", "policy_digest", "jwe_sha256"}),
+    "received": frozenset({"sender", "report_id", "kind", "fields", "jwe_sha256"}),
+    "rejected": frozenset({"source", "step", "reason", "report_id", "jwe_sha256"}),
+    "key": frozenset({"action", "kid", "new_kid"}),
+    "policy": frozenset({"policy_digest", "previous_digest"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One event, not yet placed in a log; ``seal`` makes it an entry."""
+
+    fields: Mapping[str, Any]
+
+    @property
+    def type(self) -> str:
+        """The event type (one of ``TYPES``)."""
+        return str(self.fields["type"])
+
+    def seal(self, seq: int, prev: bytes | None) -> bytes:
+        """Return the entry bytes at index ``seq`` after an entry whose leaf hash is ``prev``."""
+        entry = dict(self.fields, v=VERSION, seq=seq, prev=prev.hex() if prev else "")
+        return rfc8785.dumps(entry)
+
+
+def _member(value: str, what: str) -> str:
+    if not is_member(value):
+        raise AuditError(f"audit {what} {value!r} is not an MSMT member")
+    return value
+
+
+def _report_id(value: UUID | str) -> str:
+    try:
+        return str(UUID(str(value)))
+    except ValueError:
+        raise AuditError(f"audit report id {value!r} is not a UUID") from None
+
+
+def _hex64(value: str, what: str) -> str:
+    if not _HEX64.fullmatch(value):
+        raise AuditError(f"audit {what} must be 64 lowercase hex digits")
+    return value
+
+
+def _kind(value: str) -> str:
+    if value not in KINDS:
+        raise AuditError(f"audit kind {value!r} is not one of {', '.join(KINDS)}")
+    return value
+
+
+def _token(value: str, what: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise AuditError(f"audit {what} {value!r} is not a short identifier")
+    return value
+
+
+def _disclosures(values: Iterable[str], what: str) -> list[str]:
+    out = sorted(set(values))
+    for value in out:
+        if not _DISCLOSURE.fullmatch(value):
+            raise AuditError(f"audit {what} {value!r} is not a field path or disclosure key")
+    return out
+
+
+def _base(kind: str, member: str, at: datetime) -> dict[str, Any]:
+    if at.utcoffset() is None or at.utcoffset().total_seconds() != 0:  # type: ignore[union-attr]
+        raise AuditError("audit event time must be UTC")
+    return {"type": kind, "member": _member(member, "member"), "at": format_time(at)}
+
+
+def accepted(
+    member: str, at: datetime, *, report_id: UUID | str, kind: str, feed: str
+) -> AuditEvent:
+    """A report was accepted from one of ``member``'s feeds."""
+    base = _base("accepted", member, at)
+    return AuditEvent(
+        base
+        | {"report_id": _report_id(report_id), "kind": _kind(kind), "feed": _token(feed, "feed")}
+    )
+
+
+def sent(
+    member: str,
+    at: datetime,
+    *,
+    partner: str,
+    report_id: UUID | str,
+    kind: str,
+    released: Iterable[str],
+    policy_digest: str,
+    jwe_sha256: str,
+) -> AuditEvent:
+    """A report was sent to ``partner`` with these disclosure keys, under this policy.
+
+    ``released`` holds disclosure keys (``path`` or ``path#transform``), never values;
+    ``jwe_sha256`` is the hex SHA-256 of the exact compact JWE published.
+    """
+    return AuditEvent(
+        _base("sent", member, at)
+        | {
+            "partner": _member(partner, "partner"),
+            "report_id": _report_id(report_id),
+            "kind": _kind(kind),
+            "released": _disclosures(released, "released field"),
+            "policy_digest": _hex64(policy_digest, "policy digest"),
+            "jwe_sha256": _hex64(jwe_sha256, "JWE hash"),
+        }
+    )
+
+
+def received(
+    member: str,
+    at: datetime,
+    *,
+    sender: str,
+    report_id: UUID | str,
+    kind: str,
+    fields: Iterable[str],
+    jwe_sha256: str,
+) -> AuditEvent:
+    """A report from ``sender`` was received and verified, with these disclosure keys."""
+    return AuditEvent(
+        _base("received", member, at)
+        | {
+            "sender": _member(sender, "sender"),
+            "report_id": _report_id(report_id),
+            "kind": _kind(kind),
+            "fields": _disclosures(fields, "received field"),
+            "jwe_sha256": _hex64(jwe_sha256, "JWE hash"),
+        }
+    )
+
+
+def rejected(
+    member: str,
+    at: datetime,
+    *,
+    source: str,
+    step: str,
+    reason: str,
+    report_id: UUID | str | None = None,
+    jwe_sha256: str | None = None,
+) -> AuditEvent:
+    """Input was rejected at checklist ``step``; ``source`` is a member or a feed name.
+
+    ``reason`` must be the verifier's one-line reason, printable ASCII up to 200
+    characters; callers must not put field values in it.
+    """
+    if not _REASON.fullmatch(reason):
+        raise AuditError("audit reject reason must be 1-200 printable ASCII characters")
+    fields: dict[str, Any] = _base("rejected", member, at) | {
+        "source": _token(source, "source"),
+        "step": _token(step, "step"),
+        "reason": reason,
+        "report_id": None if report_id is None else _report_id(report_id),
+        "jwe_sha256": None if jwe_sha256 is None else _hex64(jwe_sha256, "JWE hash"),
+    }
+    return AuditEvent(fields)
+
+
+def key_changed(
+    member: str, at: datetime, *, action: str, kid: str, new_kid: str | None = None
+) -> AuditEvent:
+    """One of ``member``'s keys was rotated (to ``new_kid``) or revoked."""
+    if action not in ("rotated", "revoked"):
+        raise AuditError(f"audit key action {action!r} is not 'rotated' or 'revoked'")
+    if (action == "rotated") != (new_kid is not None):
+        raise AuditError("a rotation names the new kid; a revocation does not")
+    return AuditEvent(
+        _base("key", member, at)
+        | {
+            "action": action,
+            "kid": _token(kid, "kid"),
+            "new_kid": None if new_kid is None else _token(new_kid, "kid"),
+        }
+    )
+
+
+def policy_changed(
+    member: str, at: datetime, *, policy_digest: str, previous_digest: str | None
+) -> AuditEvent:
+    """``member``'s release policy changed to the one with this digest."""
+    return AuditEvent(
+        _base("policy", member, at)
+        | {
+            "policy_digest": _hex64(policy_digest, "policy digest"),
+            "previous_digest": None
+            if previous_digest is None
+            else _hex64(previous_digest, "policy digest"),
+        }
+    )
+
+
+def parse_entry(data: bytes, seq: int) -> dict[str, Any]:
+    """Parse entry ``seq`` and check its envelope; raise ``AuditError`` saying what is wrong.
+
+    Checklist: 1. JSON object; 2. exactly RFC 8785 canonical bytes; 3. version;
+    4. ``seq`` equals its position; 5. a known type with exactly its fields;
+    6. member and time well formed. The ``prev`` link is checked by the caller,
+    which knows the previous entry's hash and so can name the altered entry.
+    """
+    try:
+        entry = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AuditError("is not JSON") from None
+    if not isinstance(entry, dict):
+        raise AuditError("is not a JSON object")
+    if rfc8785.dumps(entry) != data:
+        raise AuditError("is not RFC 8785 canonical JSON")
+    if entry.get("v") != VERSION:
+        raise AuditError(f"has unknown version {entry.get('v')!r}")
+    if entry.get("seq") != seq:
+        raise AuditError(f"carries seq {entry.get('seq')!r} (deleted, inserted or reordered)")
+    kind = entry.get("type")
+    if kind not in _FIELDS:
+        raise AuditError(f"has unknown type {kind!r}")
+    if set(entry) != _COMMON | _FIELDS[kind]:
+        raise AuditError(f"has the wrong fields for a {kind!r} entry")
+    if not isinstance(entry["member"], str) or not is_member(entry["member"]):
+        raise AuditError(f"names unknown member {entry['member']!r}")
+    try:
+        parse_time(entry["at"], "time")
+    except KeyMaterialError as exc:  # the shared time parser's error type
+        raise AuditError(f"has a malformed time: {exc}") from None
+    return entry

@@ -1,0 +1,189 @@
+"""Verify a node's audit log directory from scratch, and pinpoint the first thing that breaks.
+
+The fast path hashes every entry once, builds the tree level by level, and
+compares each stored checkpoint's signed root with the recomputed root of the
+same prefix. Only when something fails does a slow pass parse entries, from
+the last checkpoint that still matched, to name the first broken entry and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.audit_events import parse_entry
+from broker.auditlog import DB_FILE, FORMAT, connect
+from broker.checkpoint import Checkpoint, count_cosignatures, open_checkpoint
+from broker.errors import AuditError, StoreError, UsageError
+from broker.merkle import Levels, ProofError, verify_consistency
+from broker.note import Note, NoteError, Verifier
+
+
+class TamperError(AuditError):
+    """The log does not verify; ``index`` is the first broken entry (``None`` if not an entry)."""
+
+    def __init__(self, index: int | None, reason: str) -> None:
+        where = f"entry {index}: " if index is not None else ""
+        super().__init__(f"{where}{reason}")
+        self.index = index
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What a successful verification established."""
+
+    origin: str
+    size: int
+    checkpoints: int
+    root: bytes
+    latest_note: Note | None
+    cosigners: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedLog:
+    """A log directory read into memory: entries, leaf hashes and checkpoint notes."""
+
+    origin: str
+    entries: list[bytes]
+    tree: Levels
+    checkpoints: list[tuple[int, str]]
+
+
+def load(directory: Path) -> LoadedLog:
+    """Read the log in ``directory``; a gap in entry indices is reported as a deletion."""
+    path = directory / DB_FILE
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory")
+    db = connect(path, readonly=True)
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        rows = db.execute("SELECT idx, entry FROM entries ORDER BY idx").fetchall()
+        checkpoints = db.execute("SELECT size, note FROM checkpoints ORDER BY size").fetchall()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read audit log {path}: {exc}") from exc
+    finally:
+        db.close()
+    if meta.get("format") != FORMAT or not meta.get("origin"):
+        raise AuditError(f"{path} is not an {FORMAT} audit log")
+    entries = [bytes(r[1]) for r in rows]
+    if rows and rows[-1][0] != len(rows) - 1:
+        # Entries are stored at idx = position; find the first hole.
+        for pos, (idx, _) in enumerate(rows):
+            if idx != pos:
+                raise TamperError(pos, f"is missing (stored indices jump from {pos - 1} to {idx})")
+    sha256 = hashlib.sha256
+    leaves = [sha256(b"\x00" + e).digest() for e in entries]
+    return LoadedLog(str(meta["origin"]), entries, Levels(leaves), list(checkpoints))
+
+
+def _pinpoint(log: LoadedLog, start: int, stop: int) -> None:
+    """Raise ``TamperError`` at the first entry in ``[start, stop]`` whose envelope is wrong.
+
+    Entry ``stop`` (if present) is included so an edit of entry ``stop - 1`` shows
+    up as a broken link from its successor.
+    """
+    leaves = log.tree.levels[0]
+    for i in range(start, min(stop + 1, len(log.entries))):
+        try:
+            entry = parse_entry(log.entries[i], i)
+        except AuditError as exc:
+            raise TamperError(i, str(exc)) from None
+        want = leaves[i - 1].hex() if i else ""
+        if entry["prev"] != want:
+            raise TamperError(
+                i - 1 if i else 0,
+                f"was altered, removed or replaced: entry {i} does not link to it",
+            )
+
+
+def verify_log(
+    directory: Path,
+    log_keys: Sequence[Verifier],
+    *,
+    witnesses: Sequence[Verifier] = (),
+    quorum: int = 0,
+) -> Report:
+    """Verify the audit log in ``directory``; raise ``TamperError`` at the first fault.
+
+    Checklist:
+      1. the directory holds an audit log, its entry indices have no holes;
+      2. every checkpoint is a well-formed note for this origin, signed by a
+         trusted log key, stored under its own size;
+      3. no checkpoint claims more entries than the log holds (truncation);
+      4. each checkpoint's root equals the recomputed root of that prefix
+         (edits, insertions, deletions, reordering), pinpointed by a slow pass;
+      5. each checkpoint is consistent with the previous one (RFC 9162 proof);
+      6. every entry is covered by a signed checkpoint (nothing appended unsigned);
+      7. with ``quorum > 0``, the latest checkpoint carries at least ``quorum``
+         valid cosignatures from ``witnesses``.
+    """
+    if quorum < 0 or (quorum > 0 and len({w.name for w in witnesses}) < quorum):
+        raise UsageError(f"a quorum of {quorum} needs at least {quorum} witness keys")
+    log = load(directory)
+    n = len(log.entries)
+    previous: Checkpoint | None = None
+    latest: Note | None = None
+    for size, text in log.checkpoints:
+        try:
+            checkpoint, note = open_checkpoint(text, log_keys)
+        except NoteError as exc:
+            raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
+        if checkpoint.origin != log.origin or checkpoint.size != size:
+            raise TamperError(
+                None, f"checkpoint at size {size} is for {checkpoint.origin}/{checkpoint.size}"
+            )
+        if size > n:
+            raise TamperError(
+                n,
+                f"is missing: the log holds {n} entries but a checkpoint was signed "
+                f"at size {size} (truncated)",
+            )
+        if log.tree.root(size) != checkpoint.root:
+            start = previous.size if previous else 0
+            _pinpoint(log, start, size)
+            raise TamperError(
+                start if size - start == 1 else None,
+                f"entries {start}..{size - 1} do not reproduce the root signed at size {size}",
+            )
+        if previous is not None and previous.size > 0:
+            try:
+                proof = log.tree.consistency_proof(previous.size, size)
+                verify_consistency(previous.size, size, previous.root, checkpoint.root, proof)
+            except ProofError as exc:
+                raise TamperError(
+                    None, f"checkpoint {size} is not consistent with {previous.size}: {exc}"
+                ) from None
+        previous, latest = checkpoint, note
+    covered = previous.size if previous else 0
+    if covered < n:
+        _pinpoint(log, covered, n)
+        raise TamperError(
+            covered,
+            f"and the {n - covered} entries after it are not covered by any signed checkpoint",
+        )
+    cosigners = _cosigners(latest, covered, witnesses, quorum) if quorum > 0 else ()
+    return Report(log.origin, n, len(log.checkpoints), log.tree.root(n), latest, cosigners)
+
+
+def _cosigners(
+    latest: Note | None, size: int, witnesses: Sequence[Verifier], quorum: int
+) -> tuple[str, ...]:
+    """Checklist step 7: a quorum of valid witness cosignatures on the latest checkpoint."""
+    if latest is None:
+        raise TamperError(None, "no checkpoint to check cosignatures on")
+    try:
+        cosigners = tuple(count_cosignatures(latest, witnesses))
+    except NoteError as exc:
+        raise TamperError(None, f"latest checkpoint: {exc}") from None
+    if len(cosigners) < quorum:
+        raise TamperError(
+            None,
+            f"latest checkpoint (size {size}) has {len(cosigners)} valid witness "
+            f"cosignatures, fewer than the quorum of {quorum}",
+        )
+    return cosigners

@@ -1,0 +1,242 @@
+"""The node's audit log store: append-only RFC 6962 entries and signed checkpoints in SQLite.
+
+Layout: ``<datadir>/audit.sqlite`` (WAL, ``synchronous=FULL``), tables
+
+* ``meta(key, value)``: ``format`` and ``origin`` (the member trigraph);
+* ``entries(idx, entry)``: the RFC 8785 entry bytes, ``idx`` = position = ``seq``;
+* ``edge(id, size, nodes, last_leaf)``: the compact range (right edge) of the tree
+  and the last leaf hash, so an append costs O(1) hashes amortised and opening
+  the log never rehashes it;
+* ``checkpoints(size, note)``: every signed checkpoint, with the witnesses'
+  cosignature lines merged into the note as they arrive.
+
+``append_many`` writes a batch of entries, the new edge and a freshly signed
+checkpoint in one transaction, and returns only after the commit is on disk:
+the caller may then acknowledge the actions the entries record. Because entries
+and their checkpoint commit together, every entry is covered by a signed root.
+
+``msmt audit verify`` reads this directory directly (see ``broker.audit_verify``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.audit_events import AuditEvent
+from broker.checkpoint import Checkpoint, parse_body, sign_checkpoint, verify_cosignature
+from broker.errors import AuditError, StoreError
+from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash
+from broker.note import Note, Verifier, find_signature, parse
+
+DB_FILE: Final = "audit.sqlite"
+FORMAT: Final = "msmt-audit-1"
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries(idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS edge(
+  id INTEGER PRIMARY KEY CHECK (id = 1), size INTEGER NOT NULL,
+  nodes BLOB NOT NULL, last_leaf BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints(size INTEGER PRIMARY KEY, note TEXT NOT NULL);
+"""
+
+
+def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    """Open the audit database; raise ``StoreError`` (or ``UsageError`` via caller) on failure."""
+    try:
+        if readonly:
+            if not path.is_file():
+                raise StoreError(f"no audit log at {path}")
+            db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL syncs the WAL on every commit: an acknowledged append survives power loss.
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open audit log {path}: {exc}") from exc
+    return db
+
+
+class AuditLog:
+    """One member's append-only audit log in ``datadir``; the only writer of that file.
+
+    Raises ``StoreError`` when the database cannot be read or written, and
+    ``AuditError`` when its stored state is inconsistent (e.g. another origin).
+    """
+
+    def __init__(self, datadir: Path, member: str, signer: Ed25519PrivateKey) -> None:
+        datadir.mkdir(parents=True, exist_ok=True)
+        self.path = datadir / DB_FILE
+        self.origin = member
+        self._signer = signer
+        self._lock = threading.Lock()
+        self._db = connect(self.path, readonly=False)
+        self._levels: Levels | None = None
+        try:
+            self._init_meta()
+            row = self._db.execute("SELECT size, nodes, last_leaf FROM edge").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read audit log {self.path}: {exc}") from exc
+        if row is None:
+            self._edge, self._last = CompactRange(), b""
+        else:
+            size, nodes, last = row
+            split = [nodes[i : i + HASH_SIZE] for i in range(0, len(nodes), HASH_SIZE)]
+            self._edge, self._last = CompactRange(size, split), last
+
+    def _init_meta(self) -> None:
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        if not meta:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT INTO meta VALUES (?, ?)", [("format", FORMAT), ("origin", self.origin)]
+                )
+            return
+        if meta.get("format") != FORMAT or meta.get("origin") != self.origin:
+            raise AuditError(
+                f"{self.path} is a {meta.get('format')} log of {meta.get('origin')}, "
+                f"not a {FORMAT} log of {self.origin}"
+            )
+
+    @property
+    def size(self) -> int:
+        """The number of entries committed so far."""
+        return self._edge.size
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._db.close()
+
+    def append(self, event: AuditEvent) -> int:
+        """Append one event durably and return its index (prefer ``append_many``)."""
+        return self.append_many([event])[0]
+
+    def append_many(self, events: Sequence[AuditEvent]) -> list[int]:
+        """Append a batch in one transaction, sign a checkpoint over it, and return the indices.
+
+        The commit (entries, tree edge, checkpoint) is synced to disk before this
+        returns. On any failure nothing is written and the in-memory state is
+        unchanged; ``StoreError`` is raised.
+        """
+        if not events:
+            return []
+        with self._lock:
+            edge = CompactRange(self._edge.size, self._edge.nodes)
+            last = self._last
+            start = edge.size
+            rows = []
+            for event in events:
+                data = event.seal(edge.size, last or None)
+                rows.append((edge.size, data))
+                last = leaf_hash(data)
+                edge.append(last)
+            note = sign_checkpoint(Checkpoint(self.origin, edge.size, edge.root()), self._signer)
+            try:
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    # Refuse to write if another process appended behind our back.
+                    row = self._db.execute("SELECT size FROM edge").fetchone()
+                    if (row[0] if row else 0) != start:
+                        raise StoreError(f"audit log {self.path} was changed by another writer")
+                    self._db.executemany("INSERT INTO entries VALUES (?, ?)", rows)
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO edge VALUES (1, ?, ?, ?)",
+                        (edge.size, b"".join(edge.nodes), last),
+                    )
+                    self._db.execute(
+                        "INSERT INTO checkpoints VALUES (?, ?)", (edge.size, note.render())
+                    )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot append to audit log {self.path}: {exc}") from exc
+            self._edge, self._last = edge, last
+            if self._levels is not None:
+                for _, data in rows:
+                    self._levels.append(leaf_hash(data))
+            return list(range(start, edge.size))
+
+    def latest_checkpoint(self) -> str | None:
+        """Return the latest signed checkpoint note (with cosignatures), or ``None`` if empty."""
+        row = self._query("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+        return None if row is None else str(row[0])
+
+    def checkpoint_at(self, size: int) -> str:
+        """Return the stored checkpoint note for ``size``; raise ``AuditError`` if there is none."""
+        row = self._query("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
+        if row is None:
+            raise AuditError(f"no checkpoint at size {size}")
+        return str(row[0])
+
+    def add_cosignatures(self, data: bytes | str, witnesses: Sequence[Verifier]) -> list[str]:
+        """Merge a witness's cosignature note into the stored checkpoint it cosigns.
+
+        Checklist: 1. the note parses and its body is one of our stored
+        checkpoints, byte for byte; 2. each signature line from a trusted witness
+        verifies (a bad one raises ``NoteError``); lines from unknown keys are
+        dropped. Returns the names of the witnesses whose lines were added.
+        """
+        incoming = parse(data)
+        checkpoint = parse_body(incoming.text)
+        with self._lock:
+            stored = parse(self.checkpoint_at(checkpoint.size))
+            if stored.text != incoming.text:
+                raise AuditError(
+                    f"cosigned checkpoint at size {checkpoint.size} differs from ours (fork?)"
+                )
+            added, names = [], []
+            for witness in witnesses:
+                sig = find_signature(incoming, witness)
+                if sig is None or find_signature(stored, witness) is not None:
+                    continue
+                verify_cosignature(Note(incoming.text, (sig,)), witness)
+                added.append(sig)
+                names.append(witness.name)
+            if added:
+                merged = stored.with_signatures(*added).render()
+                try:
+                    with self._db:
+                        self._db.execute("BEGIN IMMEDIATE")
+                        self._db.execute(
+                            "UPDATE checkpoints SET note = ? WHERE size = ?",
+                            (merged, checkpoint.size),
+                        )
+                except sqlite3.Error as exc:
+                    raise StoreError(f"cannot store cosignature in {self.path}: {exc}") from exc
+            return names
+
+    def _query(self, sql: str, args: tuple[int, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read audit log {self.path}: {exc}") from exc
+
+    def _tree(self) -> Levels:
+        # Built once on the first proof request, then extended by appends.
+        if self._levels is None:
+            rows = self._query("SELECT entry FROM entries ORDER BY idx").fetchall()
+            self._levels = Levels([leaf_hash(r[0]) for r in rows])
+        return self._levels
+
+    def consistency_proof(self, old: int, new: int) -> list[bytes]:
+        """Return the RFC 9162 consistency proof between two sizes of this log."""
+        with self._lock:
+            return self._tree().consistency_proof(old, new)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """Return the RFC 9162 inclusion proof of entry ``index`` in the tree of ``size``."""
+        with self._lock:
+            return self._tree().inclusion_proof(index, size)
+
+    def entry(self, index: int) -> bytes:
+        """Return entry ``index``'s bytes; raise ``AuditError`` if there is none."""
+        row = self._query("SELECT entry FROM entries WHERE idx = ?", (index,)).fetchone()
+        if row is None:
+            raise AuditError(f"no entry {index} (log size {self.size})")
+        return bytes(row[0])

@@ -1,0 +1,83 @@
+"""Shared builders for the audit tests: keys, events and a populated log in a real SQLite file."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker import audit_events as ev
+from broker.auditlog import AuditLog
+from broker.note import ALG_COSIGNATURE_V1, ALG_ED25519, Verifier
+
+T0 = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+MEMBER = "JPN"
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def log_verifier(key: Ed25519PrivateKey, name: str = MEMBER) -> Verifier:
+    return Verifier(name, ALG_ED25519, key.public_key().public_bytes_raw())
+
+
+def witness_verifier(key: Ed25519PrivateKey, name: str) -> Verifier:
+    return Verifier(name, ALG_COSIGNATURE_V1, key.public_key().public_bytes_raw())
+
+
+def event(i: int, member: str = MEMBER) -> ev.AuditEvent:
+    """A deterministic mix of every event type."""
+    at = T0 + timedelta(seconds=i)
+    rid = uuid.UUID(int=i)
+    match i % 6:
+        case 0:
+            return ev.accepted(member, at, report_id=rid, kind="vessel", feed="ais-pipeline")
+        case 1:
+            return ev.sent(
+                member,
+                at,
+                partner="USA",
+                report_id=rid,
+                kind="vessel",
+                released=["vessel.imo", "vessel.position#coarsen:0.1"],
+                policy_digest=digest("policy"),
+                jwe_sha256=digest(f"jwe{i}"),
+            )
+        case 2:
+            return ev.received(
+                member,
+                at,
+                sender="KOR",
+                report_id=rid,
+                kind="transfer",
+                fields=["transfer.amount"],
+                jwe_sha256=digest(f"jwe{i}"),
+            )
+        case 3:
+            return ev.rejected(
+                member, at, source="GBR", step="signature", reason="signature does not verify"
+            )
+        case 4:
+            return ev.key_changed(
+                member, at, action="rotated", kid="JPN-sig-1", new_kid="JPN-sig-2"
+            )
+        case _:
+            return ev.policy_changed(
+                member, at, policy_digest=digest("p2"), previous_digest=digest("policy")
+            )
+
+
+def build_log(
+    datadir: Path, key: Ed25519PrivateKey, batches: list[int], member: str = MEMBER
+) -> AuditLog:
+    """A log with one append_many (and so one checkpoint) per batch size given."""
+    log = AuditLog(datadir, member, key)
+    i = log.size
+    for n in batches:
+        log.append_many([event(j, member) for j in range(i, i + n)])
+        i += n
+    return log

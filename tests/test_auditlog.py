@@ -1,0 +1,264 @@
+"""The audit log store on a real SQLite file: durability, proofs, and tamper detection."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import rfc8785
+from audit_helpers import MEMBER, build_log, event, log_verifier, witness_verifier
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.audit_events import TYPES, parse_entry
+from broker.audit_verify import TamperError, verify_log
+from broker.auditlog import DB_FILE, AuditLog
+from broker.checkpoint import Checkpoint, cosign, open_checkpoint, sign_checkpoint
+from broker.errors import AuditError, StoreError, UsageError
+from broker.merkle import Levels, leaf_hash, verify_consistency, verify_inclusion
+from broker.note import Signature, parse
+
+KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+
+def _db(datadir: Path) -> sqlite3.Connection:
+    return sqlite3.connect(datadir / DB_FILE, isolation_level=None)
+
+
+def _entries(datadir: Path) -> list[bytes]:
+    with _db(datadir) as db:
+        return [bytes(r[0]) for r in db.execute("SELECT entry FROM entries ORDER BY idx")]
+
+
+def _verify(datadir: Path) -> None:
+    verify_log(datadir, [log_verifier(KEY)])
+
+
+def test_append_many_is_durable_and_reopens(tmp_path: Path) -> None:
+    log = build_log(tmp_path, KEY, [5, 1, 7])
+    assert log.size == 13
+    assert log.append_many([event(13), event(14)]) == [13, 14]
+    root = open_checkpoint(log.latest_checkpoint() or "", [log_verifier(KEY)])[0].root
+    log.close()
+    # A second process (a fresh connection) sees every committed entry and checkpoint.
+    reopened = AuditLog(tmp_path, MEMBER, KEY)
+    assert reopened.size == 15
+    entries = _entries(tmp_path)
+    assert Levels([leaf_hash(e) for e in entries]).root() == root
+    with _db(tmp_path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        sizes = [r[0] for r in db.execute("SELECT size FROM checkpoints ORDER BY size")]
+    assert sizes == [5, 6, 13, 15]
+    # Appending after reopening continues the same tree (the persisted right edge is right).
+    reopened.append(event(15))
+    assert (
+        Levels([leaf_hash(e) for e in _entries(tmp_path)]).root()
+        == open_checkpoint(reopened.latest_checkpoint() or "", [log_verifier(KEY)])[0].root
+    )
+    _verify(tmp_path)
+
+
+def test_entries_are_canonical_indexed_linked_and_hold_no_content(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [12])
+    entries = _entries(tmp_path)
+    seen = set()
+    for i, data in enumerate(entries):
+        entry = parse_entry(data, i)
+        assert rfc8785.dumps(json.loads(data)) == data
+        assert entry["prev"] == (leaf_hash(entries[i - 1]).hex() if i else "")
+        assert entry["member"] == MEMBER
+        seen.add(entry["type"])
+    assert seen == set(TYPES)
+    sent = json.loads(entries[1])
+    assert sent["released"] == ["vessel.imo", "vessel.position#coarsen:0.1"]
+    assert set(sent) >= {"partner", "report_id", "policy_digest", "jwe_sha256"}
+
+
+def test_log_refuses_another_members_file(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [1]).close()
+    with pytest.raises(AuditError, match="log of JPN"):
+        AuditLog(tmp_path, "USA", KEY)
+
+
+def test_a_concurrent_writer_is_refused_without_damage(tmp_path: Path) -> None:
+    first = build_log(tmp_path, KEY, [2])
+    second = AuditLog(tmp_path, MEMBER, KEY)
+    first.append(event(2))
+    with pytest.raises(StoreError, match="another writer"):
+        second.append(event(2))
+    _verify(tmp_path)
+
+
+def test_proofs_from_the_store_verify(tmp_path: Path) -> None:
+    log = build_log(tmp_path, KEY, [3, 4])
+    old = open_checkpoint(log.checkpoint_at(3), [log_verifier(KEY)])[0]
+    log.inclusion_proof(0, 7)  # builds the in-memory tree, which appends must then extend
+    log.append_many([event(i) for i in range(7, 20)])
+    new = open_checkpoint(log.latest_checkpoint() or "", [log_verifier(KEY)])[0]
+    verify_consistency(3, 20, old.root, new.root, log.consistency_proof(3, 20))
+    for i in (0, 6, 19):
+        verify_inclusion(leaf_hash(log.entry(i)), i, 20, log.inclusion_proof(i, 20), new.root)
+
+
+def test_cosignatures_are_verified_and_merged(tmp_path: Path) -> None:
+    log = build_log(tmp_path, KEY, [4])
+    note = parse(log.latest_checkpoint() or "")
+    usa, kor = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    witnesses = [witness_verifier(usa, "USA"), witness_verifier(kor, "KOR")]
+    for key, name in ((usa, "USA"), (kor, "KOR")):
+        line = cosign(note, name, key, 1_800_000_000)
+        assert log.add_cosignatures(note.with_signatures(line).render(), witnesses) == [name]
+    stored = parse(log.latest_checkpoint() or "")
+    assert [s.name for s in stored.signatures] == [MEMBER, "USA", "KOR"]
+    report = verify_log(tmp_path, [log_verifier(KEY)], witnesses=witnesses, quorum=2)
+    assert set(report.cosigners) == {"USA", "KOR"}
+    third = witness_verifier(Ed25519PrivateKey.generate(), "GBR")
+    with pytest.raises(TamperError, match="fewer than the quorum of 3"):
+        verify_log(tmp_path, [log_verifier(KEY)], witnesses=[*witnesses, third], quorum=3)
+    # A forged cosignature under a trusted witness's key ID is refused, not stored.
+    log.append(event(4))
+    fresh = parse(log.latest_checkpoint() or "")
+    made_by_kor = cosign(fresh, "USA", kor, 1_800_000_001)
+    forged = Signature("USA", witnesses[0].key_id, made_by_kor.sig)
+    with pytest.raises(AuditError, match="does not verify"):
+        log.add_cosignatures(fresh.with_signatures(forged).render(), witnesses)
+    assert len(parse(log.latest_checkpoint() or "").signatures) == 1
+    # A line from an unknown key (same name, other key ID) is ignored, per signed-note.
+    assert log.add_cosignatures(fresh.with_signatures(made_by_kor).render(), witnesses) == []
+
+
+# --- tampering: each kind is detected and pinpointed --------------------------------
+
+
+def test_clean_log_verifies(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [10, 10, 10])
+    report = verify_log(tmp_path, [log_verifier(KEY)])
+    assert (report.size, report.checkpoints) == (30, 3)
+
+
+def test_edit_is_pinpointed(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [10, 10, 10])
+    data = _entries(tmp_path)[13]  # a "sent" entry: widen what it says was released
+    edited = data.replace(b'"released":["vessel.imo",', b'"released":["vessel.crew","vessel.imo",')
+    assert edited != data
+    with _db(tmp_path) as db:
+        db.execute("UPDATE entries SET entry = ? WHERE idx = 13", (edited,))
+    with pytest.raises(TamperError, match="entry 13: was altered") as err:
+        _verify(tmp_path)
+    assert err.value.index == 13
+
+
+def test_edit_breaking_canonical_form_is_pinpointed(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [10, 10])
+    data = _entries(tmp_path)[3]
+    with _db(tmp_path) as db:
+        db.execute("UPDATE entries SET entry = ? WHERE idx = 3", (data.replace(b":", b": ", 1),))
+    with pytest.raises(TamperError, match="entry 3: is not RFC 8785 canonical"):
+        _verify(tmp_path)
+
+
+def test_delete_is_pinpointed(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [10, 10])
+    with _db(tmp_path) as db:
+        db.execute("DELETE FROM entries WHERE idx = 7")
+    with pytest.raises(TamperError, match="entry 7: is missing") as err:
+        _verify(tmp_path)
+    assert err.value.index == 7
+
+
+def test_delete_and_renumber_is_pinpointed(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [10, 10])
+    with _db(tmp_path) as db:
+        db.execute("DELETE FROM entries WHERE idx = 7")
+        db.execute("UPDATE entries SET idx = -(idx - 1) WHERE idx > 7")
+        db.execute("UPDATE entries SET idx = -idx WHERE idx < 0")
+    with pytest.raises(TamperError, match="entry 7: carries seq 8"):
+        _verify(tmp_path)
+
+
+def test_insert_is_pinpointed(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [10, 10])
+    entries = _entries(tmp_path)
+    forged = event(99).seal(5, leaf_hash(entries[4]))  # a well-formed entry with the right link
+    with _db(tmp_path) as db:
+        db.execute("DELETE FROM entries")
+        rows = [*entries[:5], forged, *entries[5:]]
+        db.executemany("INSERT INTO entries VALUES (?, ?)", list(enumerate(rows)))
+    with pytest.raises(TamperError, match="entry 6: carries seq 5") as err:
+        _verify(tmp_path)
+    assert err.value.index == 6
+
+
+def test_reorder_is_pinpointed(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [10, 10])
+    entries = _entries(tmp_path)
+    with _db(tmp_path) as db:
+        db.execute("UPDATE entries SET entry = ? WHERE idx = 12", (entries[13],))
+        db.execute("UPDATE entries SET entry = ? WHERE idx = 13", (entries[12],))
+    with pytest.raises(TamperError, match="entry 12: carries seq 13"):
+        _verify(tmp_path)
+
+
+def test_truncation_is_caught(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [10, 10])
+    with _db(tmp_path) as db:
+        db.execute("DELETE FROM entries WHERE idx >= 17")
+    with pytest.raises(TamperError, match=r"entry 17: is missing.*truncated"):
+        _verify(tmp_path)
+
+
+def test_unsigned_tail_is_caught(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [10])
+    forged = event(10).seal(10, leaf_hash(_entries(tmp_path)[9]))
+    with _db(tmp_path) as db:
+        db.execute("INSERT INTO entries VALUES (10, ?)", (forged,))
+    with pytest.raises(TamperError, match="entry 10: and the 1 entries after it are not covered"):
+        _verify(tmp_path)
+
+
+def test_checkpoint_forged_without_the_key_is_caught(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [4, 4])
+    entries = _entries(tmp_path)
+    root = Levels([leaf_hash(e) for e in entries]).root(4)
+    fake = sign_checkpoint(Checkpoint(MEMBER, 4, root), OTHER).render()
+    with _db(tmp_path) as db:
+        db.execute("UPDATE checkpoints SET note = ? WHERE size = 4", (fake,))
+    with pytest.raises(TamperError, match=r"checkpoint at size 4: .*no signature by a trusted"):
+        _verify(tmp_path)
+
+
+def test_rewritten_history_with_fresh_checkpoints_passes_alone(tmp_path: Path) -> None:
+    # The log's owner holds the key, so a full rewrite verifies on its own: this is
+    # exactly why witnesses exist (tests/test_witness.py shows them catching it).
+    build_log(tmp_path, KEY, [5])
+    rewritten = tmp_path / "rewritten"
+    log = AuditLog(rewritten, MEMBER, KEY)
+    log.append_many([event(i + 100) for i in range(5)])
+    _verify(rewritten)
+    assert (
+        open_checkpoint(log.latest_checkpoint() or "", [log_verifier(KEY)])[0]
+        != (
+            open_checkpoint(
+                AuditLog(tmp_path, MEMBER, KEY).latest_checkpoint() or "", [log_verifier(KEY)]
+            )[0]
+        )
+    )
+
+
+def test_edit_of_the_newest_entry_is_pinpointed_by_its_checkpoint(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [10, 1])
+    data = _entries(tmp_path)[10]
+    with _db(tmp_path) as db:
+        db.execute(
+            "UPDATE entries SET entry = ? WHERE idx = 10",
+            (data.replace(b"JPN-sig-2", b"JPN-sig-9"),),
+        )
+    with pytest.raises(TamperError, match=r"entry 10: entries 10\.\.10 do not reproduce"):
+        _verify(tmp_path)
+
+
+def test_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not a directory"):
+        verify_log(tmp_path / "nope", [log_verifier(KEY)])
