@@ -78,7 +78,8 @@ class Verifier:
 
 def parse_vkey(text: str) -> Verifier:
     """Parse a verifier key string; raise ``NoteError`` naming what is wrong."""
-    parts = text.strip().split("+")
+    # Split at most twice: the base64 key itself may contain "+".
+    parts = text.strip().split("+", 2)
     if len(parts) != 3:
         raise NoteError(f"verifier key {text.strip()!r} is not <name>+<hex id>+<base64 key>")
     name, hex_id, b64 = parts

@@ -1,0 +1,239 @@
+"""C2SP signed-note, tlog-checkpoint and tlog-cosignature: reference vectors and round trips."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.checkpoint import (
+    Checkpoint,
+    cosign,
+    cosignature_message,
+    count_cosignatures,
+    open_checkpoint,
+    parse_body,
+    parse_proof_request,
+    parse_proof_response,
+    proof_request,
+    proof_response,
+    roster_log_keys,
+    roster_witness_keys,
+    sign_checkpoint,
+    verify_cosignature,
+)
+from broker.errors import AuditError
+from broker.note import (
+    ALG_COSIGNATURE_V1,
+    ALG_ED25519,
+    Note,
+    NoteError,
+    Signature,
+    Verifier,
+    parse,
+    parse_vkey,
+    sign_ed25519,
+    verify_ed25519,
+)
+from broker.roster import Roster, format_time
+
+# golang.org/x/mod/sumdb/note's reference key and note (note_test.go / package docs).
+GO_VKEY = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"
+GO_SKEY = "PRIVATE+KEY+PeterNeumann+c74f20a3+AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz"
+GO_TEXT = (
+    "If you think cryptography is the answer to your problem,\n"
+    "then you don't know what your problem is.\n"
+)
+GO_SIG = (
+    "\u2014 PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgK"
+    "vqfqdngotpRZb6KE6RyyBwJnAM=\n"
+)
+
+LOG = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+WIT = Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
+
+
+def _go_private() -> Ed25519PrivateKey:
+    raw = base64.b64decode(GO_SKEY.split("+", 4)[4])
+    assert raw[0] == ALG_ED25519
+    return Ed25519PrivateKey.from_private_bytes(raw[1:])
+
+
+def _log_key(name: str = "JPN") -> Verifier:
+    return Verifier(name, ALG_ED25519, LOG.public_key().public_bytes_raw())
+
+
+def _wit_key(name: str = "USA") -> Verifier:
+    return Verifier(name, ALG_COSIGNATURE_V1, WIT.public_key().public_bytes_raw())
+
+
+def test_go_reference_note_signs_and_verifies_byte_for_byte() -> None:
+    verifier = parse_vkey(GO_VKEY)
+    assert verifier.vkey() == GO_VKEY
+    sig = sign_ed25519(GO_TEXT, "PeterNeumann", _go_private())
+    note = Note(GO_TEXT, (sig,))
+    assert note.render() == GO_TEXT + "\n" + GO_SIG  # Ed25519 is deterministic
+    parsed = parse((GO_TEXT + "\n" + GO_SIG).encode())
+    verify_ed25519(parsed, verifier)
+    tampered = parse(GO_TEXT.replace("problem,", "problem;") + "\n" + GO_SIG)
+    with pytest.raises(NoteError, match="does not verify"):
+        verify_ed25519(tampered, verifier)
+
+
+@pytest.mark.parametrize(
+    "vkey",
+    [
+        "PeterNeumann+c74f20a4+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW",  # wrong id
+        "PeterNeumann+c74f20a3+ApcS2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW",  # other key
+        "PeterNeumann+c74f20a3",
+        "Peter+Neumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW",
+        "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10",  # short key
+        "PeterNeumann+zz4f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW",
+    ],
+)
+def test_mangled_verifier_keys_are_refused(vkey: str) -> None:
+    with pytest.raises(NoteError):
+        parse_vkey(vkey)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (GO_TEXT + GO_SIG, "no blank line"),
+        (GO_TEXT + "\n", "no signature lines"),
+        (GO_TEXT + "\n- PeterNeumann x08go/ZJkuBS9UG\n", "em dash"),
+        (GO_TEXT + "\n\u2014 PeterNeumann !!!\n", "base64"),
+        (GO_TEXT + "\n\u2014 Peter Neumann AAAAAAAA\n", "not '\u2014 <name> <signature>'"),
+        ("bell\x07\n\n" + GO_SIG, "control character"),
+    ],
+)
+def test_malformed_notes_are_refused(text: str, reason: str) -> None:
+    with pytest.raises(NoteError, match=reason):
+        parse(text)
+
+
+def test_unknown_keys_are_ignored_but_required_key_must_be_present() -> None:
+    other = Ed25519PrivateKey.generate()
+    note = Note(GO_TEXT, (sign_ed25519(GO_TEXT, "PeterNeumann", other),))
+    # Same name, different key ID: ignored, so the note is not signed by the trusted key.
+    with pytest.raises(NoteError, match="not signed by PeterNeumann"):
+        verify_ed25519(note, parse_vkey(GO_VKEY))
+
+
+def test_checkpoint_body_round_trip_and_signature() -> None:
+    cp = Checkpoint("JPN", 20852163, bytes(range(32)))
+    assert cp.body() == f"JPN\n20852163\n{base64.b64encode(bytes(range(32))).decode()}\n"
+    note = sign_checkpoint(cp, LOG)
+    assert note.signatures[0].key_id == _log_key().key_id
+    opened, _ = open_checkpoint(note.render(), [_log_key()])
+    assert opened == cp
+    with pytest.raises(NoteError, match="no signature by a trusted log key"):
+        open_checkpoint(note.render(), [_log_key("USA")])
+    forged = note.render().replace("20852163", "20852164")
+    with pytest.raises(NoteError, match="does not verify"):
+        open_checkpoint(forged, [_log_key()])
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("JPN\n010\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n", "leading zeros"),
+        ("JPN\n-1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n", "leading zeros"),
+        ("JPN\n1\nAAAA\n", "3 bytes"),
+        ("JPN\n1\n@@@@\n", "base64"),
+        ("\n1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n", "origin"),
+        ("JPN\n1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\next\n", "three lines"),
+        ("JPN\n1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "three lines"),
+    ],
+)
+def test_malformed_checkpoint_bodies_are_refused(body: str, reason: str) -> None:
+    with pytest.raises(NoteError, match=reason):
+        parse_body(body)
+
+
+@given(
+    origin=st.sampled_from(["JPN", "USA", "NZL"]),
+    size=st.integers(0, 2**64 - 1),
+    root=st.binary(min_size=32, max_size=32),
+)
+def test_checkpoint_body_round_trips(origin: str, size: int, root: bytes) -> None:
+    cp = Checkpoint(origin, size, root)
+    assert parse_body(cp.body()) == cp
+
+
+def test_cosignature_v1_format_and_verification() -> None:
+    note = sign_checkpoint(Checkpoint("JPN", 5, bytes(32)), LOG)
+    line = cosign(note, "USA", WIT, 1679315147)
+    assert line.key_id == _wit_key().key_id
+    assert line.sig[:8] == struct.pack(">Q", 1679315147)
+    message = cosignature_message(note.text, 1679315147)
+    assert message.startswith(b"cosignature/v1\ntime 1679315147\nJPN\n5\n")
+    WIT.public_key().verify(line.sig[8:], message)  # the spec's exact message is what is signed
+    cosigned = note.with_signatures(line)
+    assert verify_cosignature(parse(cosigned.render()), _wit_key()) == 1679315147
+    assert count_cosignatures(cosigned, [_wit_key(), _wit_key("KOR")]) == ["USA"]
+    # A plain 0x01 key with the same bytes is a different key ID: not a cosigner.
+    with pytest.raises(NoteError, match="not a cosignature key"):
+        verify_cosignature(cosigned, Verifier("USA", ALG_ED25519, _wit_key().public))
+    # Moving the cosignature to another checkpoint breaks it.
+    other = sign_checkpoint(Checkpoint("JPN", 6, bytes(32)), LOG).with_signatures(line)
+    with pytest.raises(NoteError, match="does not verify"):
+        verify_cosignature(other, _wit_key())
+    # Changing the timestamp breaks it.
+    bumped = Signature("USA", line.key_id, struct.pack(">Q", 1679315148) + line.sig[8:])
+    with pytest.raises(NoteError, match="does not verify"):
+        verify_cosignature(note.with_signatures(bumped), _wit_key())
+
+
+def _jwk(key: Ed25519PrivateKey) -> str:
+    return base64.urlsafe_b64encode(key.public_key().public_bytes_raw()).rstrip(b"=").decode()
+
+
+def test_roster_keys_become_note_verifiers() -> None:
+    now = datetime(2026, 11, 28, tzinfo=UTC)
+
+    def entry(kid: str, member: str, key: Ed25519PrivateKey, status: str) -> dict[str, str]:
+        return {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": _jwk(key),
+            "kid": kid,
+            "use": "sig",
+            "alg": "Ed25519",
+            "msmt_member": member,
+            "msmt_status": status,
+            "msmt_valid_from": format_time(now),
+            "msmt_valid_until": format_time(now + timedelta(days=30)),
+        }
+
+    revoked = Ed25519PrivateKey.generate()
+    roster = Roster.from_jwks(
+        {
+            "keys": [
+                entry("JPN-1", "JPN", LOG, "active"),
+                entry("JPN-0", "JPN", revoked, "revoked"),
+                entry("USA-1", "USA", WIT, "active"),
+            ]
+        }
+    )
+    assert roster_log_keys(roster, "JPN") == [_log_key()]
+    assert roster_witness_keys(roster, ["USA", "KOR"]) == [_wit_key()]
+    note = sign_checkpoint(Checkpoint("JPN", 1, bytes(32)), revoked)
+    with pytest.raises(NoteError, match="no signature by a trusted log key"):
+        open_checkpoint(note.render(), roster_log_keys(roster, "JPN"))
+
+
+def test_proof_messages_round_trip_and_refuse_garbage() -> None:
+    assert parse_proof_request(proof_request(3, 9)) == (3, 9)
+    proof = [bytes([i]) * 32 for i in range(4)]
+    assert parse_proof_response(proof_response(3, 9, proof)) == (3, 9, proof)
+    for bad in (b"[]", b"{", b'{"old":1}', b'{"old":-1,"new":2}', b'{"old":true,"new":2}'):
+        with pytest.raises(AuditError):
+            parse_proof_request(bad)
+    with pytest.raises(AuditError, match="proof hash 0"):
+        parse_proof_response(b'{"old":1,"new":2,"proof":["AAAA"]}')

@@ -1,0 +1,148 @@
+"""tlog-witness logic against real logs: cosign honest growth, alarm on forks and rollbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from audit_helpers import MEMBER, build_log, event, log_verifier, witness_verifier
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.audit_verify import verify_log
+from broker.auditlog import AuditLog
+from broker.checkpoint import Checkpoint, sign_checkpoint, verify_cosignature
+from broker.merkle import Levels, leaf_hash
+from broker.note import parse
+from broker.witness import (
+    BadSignatureError,
+    ConflictError,
+    LogState,
+    UnknownLogError,
+    Witness,
+    WitnessAlarmError,
+    WitnessError,
+    add_checkpoint_body,
+    parse_add_checkpoint,
+)
+
+LOG_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+USA_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(50, 82)))
+NOW = 1_800_000_000
+
+
+def _witness(state: dict[str, LogState] | None = None) -> Witness:
+    return Witness("USA", USA_KEY, {MEMBER: [log_verifier(LOG_KEY)]}, state)
+
+
+def _feed(witness: Witness, log: AuditLog) -> str:
+    """Send the log's latest checkpoint to the witness the way the node does."""
+    note = log.latest_checkpoint() or ""
+    known = witness.state.get(MEMBER)
+    old = known.size if known else 0
+    proof = log.consistency_proof(old, log.size) if old else []
+    request = parse_add_checkpoint(add_checkpoint_body(old, proof, note))
+    return witness.add_checkpoint(request.old_size, request.proof, request.checkpoint, NOW)
+
+
+def test_witness_cosigns_honest_growth_and_log_stores_it(tmp_path: Path) -> None:
+    log = build_log(tmp_path, LOG_KEY, [3])
+    witness = _witness()
+    for n in (0, 4, 9, 1):
+        if n:
+            log.append_many([event(log.size + i) for i in range(n)])
+        cosigned = _feed(witness, log)
+        assert witness.state[MEMBER].size == log.size
+        assert verify_cosignature(parse(cosigned), witness_verifier(USA_KEY, "USA")) == NOW
+    assert log.add_cosignatures(cosigned, [witness_verifier(USA_KEY, "USA")]) == ["USA"]
+    report = verify_log(
+        tmp_path, [log_verifier(LOG_KEY)], witnesses=[witness_verifier(USA_KEY, "USA")], quorum=1
+    )
+    assert report.cosigners == ("USA",)
+
+
+def test_rewritten_history_with_fresh_checkpoint_is_caught_by_a_witness(tmp_path: Path) -> None:
+    # The owner rewrites entry 2 and re-signs everything with its real key: the
+    # rewritten log verifies on its own, but a witness holding the old checkpoint
+    # refuses to cosign and raises a fork alarm.
+    honest = build_log(tmp_path / "honest", LOG_KEY, [5])
+    witness = _witness()
+    _feed(witness, honest)
+    rewritten = AuditLog(tmp_path / "rewritten", MEMBER, LOG_KEY)
+    rewritten.append_many([event(i) if i != 2 else event(102) for i in range(5)])
+    rewritten.append_many([event(i) for i in range(5, 8)])
+    verify_log(tmp_path / "rewritten", [log_verifier(LOG_KEY)])  # self-consistent
+    with pytest.raises(WitnessAlarmError, match="fork detected on log JPN") as err:
+        _feed(witness, rewritten)
+    assert err.value.kind == "fork"
+    assert witness.state[MEMBER].size == 5  # state unchanged by the refused checkpoint
+
+
+def test_same_size_different_root_is_a_fork(tmp_path: Path) -> None:
+    witness = _witness()
+    _feed(witness, build_log(tmp_path / "a", LOG_KEY, [4]))
+    other = AuditLog(tmp_path / "b", MEMBER, LOG_KEY)
+    other.append_many([event(i + 50) for i in range(4)])
+    with pytest.raises(WitnessAlarmError, match="two different roots for size 4"):
+        witness.add_checkpoint(4, [], other.latest_checkpoint() or "", NOW)
+
+
+def test_rollback_raises_the_alarm(tmp_path: Path) -> None:
+    log = build_log(tmp_path, LOG_KEY, [3, 3])
+    witness = _witness()
+    _feed(witness, log)
+    with pytest.raises(WitnessAlarmError, match="rollback") as err:
+        witness.add_checkpoint(6, [], log.checkpoint_at(3), NOW)
+    assert err.value.kind == "rollback"
+
+
+def test_refusals_unknown_origin_bad_signature_and_conflict(tmp_path: Path) -> None:
+    log = build_log(tmp_path, LOG_KEY, [2])
+    witness = _witness()
+    usa_note = sign_checkpoint(Checkpoint("USA", 1, bytes(32)), LOG_KEY).render()
+    with pytest.raises(UnknownLogError):
+        witness.add_checkpoint(0, [], usa_note, NOW)
+    imposter = sign_checkpoint(Checkpoint(MEMBER, 2, bytes(32)), USA_KEY).render()
+    with pytest.raises(BadSignatureError):
+        witness.add_checkpoint(0, [], imposter, NOW)
+    _feed(witness, log)
+    log.append(event(2))
+    with pytest.raises(ConflictError) as err:
+        witness.add_checkpoint(0, [], log.latest_checkpoint() or "", NOW)
+    assert err.value.size == 2
+    with pytest.raises(WitnessError, match="not a base64 32-byte hash"):
+        parse_add_checkpoint(b"old 2\nAAAA\n\n" + (log.latest_checkpoint() or "").encode())
+    with pytest.raises(WitnessError, match="old <size>"):
+        parse_add_checkpoint(b"old 02\n\n" + (log.latest_checkpoint() or "").encode())
+
+
+@settings(max_examples=40, deadline=None)
+@given(old=st.integers(1, 40), extra=st.integers(0, 40), victim=st.data())
+def test_any_rewrite_below_the_witnessed_size_is_a_fork(
+    old: int, extra: int, victim: st.DataObject
+) -> None:
+    # Pure property: the witness accepts every honest extension and refuses every
+    # history that changed any entry it already cosigned.
+    leaves = [leaf_hash(str(i).encode()) for i in range(old + extra)]
+    honest = Levels(leaves)
+    witness = Witness(
+        "USA",
+        USA_KEY,
+        {MEMBER: [log_verifier(LOG_KEY)]},
+        {MEMBER: LogState(old, honest.root(old))},
+    )
+    new = old + extra
+    note = sign_checkpoint(Checkpoint(MEMBER, new, honest.root(new)), LOG_KEY).render()
+    proof = honest.consistency_proof(old, new) if extra else []
+    witness.add_checkpoint(old, proof, note, NOW)
+    i = victim.draw(st.integers(0, old - 1))
+    forked = Levels([leaf_hash(b"x") if j == i else h for j, h in enumerate(leaves)])
+    fork_note = sign_checkpoint(Checkpoint(MEMBER, new, forked.root(new)), LOG_KEY).render()
+    again = Witness(
+        "USA", USA_KEY, {MEMBER: [log_verifier(LOG_KEY)]}, {MEMBER: LogState(old, honest.root(old))}
+    )
+    with pytest.raises(WitnessAlarmError):
+        again.add_checkpoint(
+            old, forked.consistency_proof(old, new) if extra else [], fork_note, NOW
+        )
