@@ -40,6 +40,7 @@ from broker.note import (
     Verifier,
     check_key_name,
     find_signature,
+    find_signatures,
     key_id,
     parse,
     sign_ed25519,
@@ -138,9 +139,15 @@ def verify_cosignature(note: Note, witness: Verifier) -> int:
     """
     if witness.alg != ALG_COSIGNATURE_V1:
         raise NoteError(f"key {witness.name} is not a cosignature key")
-    sig = find_signature(note, witness)
-    if sig is None:
+    sigs = find_signatures(note, witness)
+    if not sigs:
         raise NoteError(f"checkpoint has no cosignature by {witness.name}")
+    # Every line claiming this key must verify: one bad line rejects the note.
+    stamps = [_check_cosignature(note, witness, sig) for sig in sigs]
+    return max(stamps)
+
+
+def _check_cosignature(note: Note, witness: Verifier, sig: Signature) -> int:
     if len(sig.sig) != 8 + 64:
         raise NoteError(f"cosignature by {witness.name} is {len(sig.sig)} bytes, not 72")
     (timestamp,) = struct.unpack(">Q", sig.sig[:8])

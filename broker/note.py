@@ -183,12 +183,15 @@ def parse(data: bytes | str) -> Note:
     return Note(text, tuple(sigs))
 
 
+def find_signatures(note: Note, verifier: Verifier) -> list[Signature]:
+    """Return every signature line naming ``verifier`` (same name and key ID)."""
+    return [s for s in note.signatures if s.name == verifier.name and s.key_id == verifier.key_id]
+
+
 def find_signature(note: Note, verifier: Verifier) -> Signature | None:
-    """Return the signature made by ``verifier`` (same name and key ID), if any."""
-    for sig in note.signatures:
-        if sig.name == verifier.name and sig.key_id == verifier.key_id:
-            return sig
-    return None
+    """Return the first signature line naming ``verifier``, if any."""
+    found = find_signatures(note, verifier)
+    return found[0] if found else None
 
 
 def verify_ed25519(note: Note, verifier: Verifier) -> None:
@@ -200,7 +203,9 @@ def verify_ed25519(note: Note, verifier: Verifier) -> None:
     """
     if verifier.alg != ALG_ED25519:
         raise NoteError(f"key {verifier.name} is not a plain Ed25519 note key")
-    sig = find_signature(note, verifier)
-    if sig is None:
+    sigs = find_signatures(note, verifier)
+    if not sigs:
         raise NoteError(f"note is not signed by {verifier.name} ({verifier.key_id.hex()})")
-    verifier.verify(note.text.encode(), sig.sig)
+    # Every line claiming this key must verify: one bad line rejects the note.
+    for sig in sigs:
+        verifier.verify(note.text.encode(), sig.sig)

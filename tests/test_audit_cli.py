@@ -1,0 +1,203 @@
+"""``msmt audit verify`` and ``msmt audit prove`` on real logs, keys from a real signed roster."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from audit_helpers import build_log, event, witness_verifier
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker import keys as keyfiles
+from broker.auditlog import DB_FILE
+from broker.checkpoint import cosign, roster_log_keys
+from broker.cli import main
+from broker.note import ALG_ED25519, Verifier, parse
+from broker.witness import Witness
+
+MEMBERS = ("JPN", "USA", "KOR", "GBR")
+LOG_KEY = Ed25519PrivateKey.from_private_bytes(bytes(32))
+VKEY = Verifier("JPN", ALG_ED25519, LOG_KEY.public_key().public_bytes_raw()).vkey()
+
+
+@pytest.fixture(scope="module")
+def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys")
+    keyfiles.init_keys(path, MEMBERS)
+    return path
+
+
+def _signing_key(keydir: Path, member: str) -> Ed25519PrivateKey:
+    roster = keyfiles.load_signed_roster(keydir).roster
+    keys = keyfiles.load_member_keys(keydir, member, roster, datetime.now(UTC))
+    private = keys.signing.private_key
+    assert isinstance(private, Ed25519PrivateKey)
+    return private
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_verify_clean_log_with_signed_roster(tmp_path: Path, keydir: Path) -> None:
+    build_log(tmp_path, _signing_key(keydir, "JPN"), [5, 5])
+    code, out, err = _run("audit", "verify", str(tmp_path), "--keys", str(keydir))
+    assert (code, err) == (0, "")
+    assert out.startswith("OK: JPN log of 10 entries, 2 signed checkpoints")
+
+
+def test_verify_with_log_key_and_roster_file(tmp_path: Path, keydir: Path) -> None:
+    build_log(tmp_path, _signing_key(keydir, "JPN"), [3])
+    roster = keyfiles.load_signed_roster(keydir).roster
+    vkey = roster_log_keys(roster, "JPN")[0].vkey()
+    assert _run("audit", "verify", str(tmp_path), "--log-key", vkey)[0] == 0
+    roster_file = keydir / keyfiles.ROSTER_FILE
+    assert _run("audit", "verify", str(tmp_path), "--roster", str(roster_file))[0] == 0
+    # Another member's key does not verify JPN's log.
+    other = roster_log_keys(roster, "USA")[0]
+    renamed = type(other)("JPN", other.alg, other.public).vkey()
+    code, _, err = _run("audit", "verify", str(tmp_path), "--log-key", renamed)
+    assert code == 1
+    assert "checkpoint at size 3" in err
+
+
+def test_tampered_log_exits_1_with_the_entry(tmp_path: Path, keydir: Path) -> None:
+    build_log(tmp_path, _signing_key(keydir, "JPN"), [10, 10])
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        db.execute("DELETE FROM entries WHERE idx = 4")
+    # A real process: the exit code and the one-line message are what operators see.
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "msmt"),
+            "audit",
+            "verify",
+            str(tmp_path),
+            "--keys",
+            str(keydir),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "msmt: error: entry 4: is missing (stored indices jump from 3 to 5)\n"
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        ((), "say whose key signs the log"),
+        (("--log-key", "nonsense"), "--log-key"),
+        (("--log-key", VKEY, "--cosigned"), "--cosigned and --quorum K go together"),
+        (("--log-key", VKEY, "--quorum", "2"), "--cosigned and --quorum K go together"),
+        (("--log-key", VKEY, "--cosigned", "--quorum", "1"), "--cosigned needs --witnesses"),
+        (("--keys", "/nonexistent", "--roster", "x.json"), "either --keys or --roster"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...], reason: str) -> None:
+    build_log(tmp_path, LOG_KEY, [1])
+    code, _, err = _run("audit", "verify", str(tmp_path), *args)
+    assert code == 2
+    assert reason in err
+    assert "Traceback" not in err
+
+
+def test_not_a_log_directory_exits_2(tmp_path: Path, keydir: Path) -> None:
+    code, _, err = _run("audit", "verify", str(tmp_path / "missing"), "--keys", str(keydir))
+    assert code == 2
+    assert "is not a directory" in err
+
+
+def test_cosigned_quorum_from_roster_and_witness_file(tmp_path: Path, keydir: Path) -> None:
+    log = build_log(tmp_path, _signing_key(keydir, "JPN"), [4])
+    roster = keyfiles.load_signed_roster(keydir).roster
+    base = ["audit", "verify", str(tmp_path), "--keys", str(keydir), "--cosigned"]
+    code, _, err = _run(*base, "--quorum", "1")
+    assert code == 1
+    assert "0 valid witness cosignatures, fewer than the quorum of 1" in err
+    witnesses = []
+    for member in ("USA", "KOR"):
+        key = _signing_key(keydir, member)
+        witness = Witness(member, key, {"JPN": roster_log_keys(roster, "JPN")})
+        cosigned = witness.add_checkpoint(0, [], log.latest_checkpoint() or "", 1_800_000_000)
+        witnesses.append(witness_verifier(key, member))
+        log.add_cosignatures(cosigned, witnesses)
+    code, out, _ = _run(*base, "--quorum", "2")
+    assert code == 0
+    assert "cosigned by USA, KOR (quorum 2)" in out
+    assert _run(*base, "--quorum", "3")[0] == 1
+    wfile = tmp_path / "witnesses.txt"
+    wfile.write_text("# trusted witnesses\n" + witnesses[0].vkey() + "\n")
+    code, out, _ = _run(*base, "--quorum", "1", "--witnesses", str(wfile))
+    assert code == 0
+    assert "cosigned by USA (quorum 1)" in out
+    # A cosignature line that does not verify makes the whole check fail, not count as 0.
+    note = parse(log.latest_checkpoint() or "")
+    bad = cosign(note, "USA", _signing_key(keydir, "KOR"), 1)
+    forged = type(bad)("USA", witnesses[0].key_id, bad.sig)
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        stored = note.with_signatures(forged).render()
+        db.execute("UPDATE checkpoints SET note = ? WHERE size = 4", (stored,))
+    code, _, err = _run(*base, "--quorum", "1", "--witnesses", str(wfile))
+    assert code == 1
+    assert "cosignature" in err or "does not verify" in err
+
+
+def _independent_rfc6962_check(proof: dict[str, Any]) -> bytes:
+    """Recompute the root from the proof with nothing but hashlib (RFC 9162 §2.1.3.2)."""
+
+    def h(data: bytes) -> bytes:
+        return hashlib.sha256(data).digest()
+
+    entry = base64.b64decode(proof["entry"])
+    r = h(b"\x00" + entry)
+    assert base64.b64encode(r).decode() == proof["leaf_hash"]
+    fn, sn = proof["leaf_index"], proof["tree_size"] - 1
+    for p in map(base64.b64decode, proof["inclusion_path"]):
+        if fn & 1 or fn == sn:
+            r = h(b"\x01" + p + r)
+            while not fn & 1 and fn:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            r = h(b"\x01" + r + p)
+        fn, sn = fn >> 1, sn >> 1
+    assert sn == 0
+    return r
+
+
+def test_prove_prints_a_proof_any_rfc6962_verifier_accepts(tmp_path: Path, keydir: Path) -> None:
+    build_log(tmp_path, _signing_key(keydir, "JPN"), [7, 6])
+    for entry, size in ((0, None), (5, 7), (12, None), (6, 13)):
+        args = ["audit", "prove", str(tmp_path), "--entry", str(entry)]
+        if size:
+            args += ["--checkpoint", str(size)]
+        code, out, _ = _run(*args)
+        assert code == 0
+        proof = json.loads(out)
+        assert proof["tree_size"] == (size or 13)
+        root = _independent_rfc6962_check(proof)
+        assert base64.b64encode(root).decode() == proof["root_hash"]
+        lines = proof["checkpoint"].split("\n")
+        assert lines[:3] == ["JPN", str(proof["tree_size"]), proof["root_hash"]]
+        entry_json = json.loads(base64.b64decode(proof["entry"]))
+        assert entry_json["seq"] == entry
+    assert _run("audit", "prove", str(tmp_path), "--entry", "13")[0] == 2
+    assert _run("audit", "prove", str(tmp_path), "--entry", "1", "--checkpoint", "8")[0] == 2
+
+
+def test_prove_on_empty_directory_fails_cleanly(tmp_path: Path) -> None:
+    code, _, err = _run("audit", "prove", str(tmp_path), "--entry", "0")
+    assert code != 0
+    assert err.startswith("msmt: error: ")
+    assert event(0).type == "accepted"
