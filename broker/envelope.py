@@ -17,8 +17,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Final, get_args
-from uuid import UUID
+from typing import Any, Final
 
 from joserfc import jwe, jws
 from joserfc.errors import JoseError
@@ -26,34 +25,33 @@ from joserfc.jwk import OKPKey
 from joserfc.registry import HeaderParameter
 
 from broker import sdjwt
+from broker.envelope_format import (
+    CLAIM_POLICY,
+    CLAIM_SCHEMA,
+    CONTENT_ENC,
+    DECOY_BUCKET,
+    HDR_FROM,
+    HDR_RID,
+    HDR_TO,
+    JWS_ALG,
+    KEY_ALG,
+    MAX_ENVELOPE_BYTES,
+    TYP,
+    check_claims,
+    check_fields,
+    check_header,
+    check_variant,
+    fields_of,
+    parse_jwe_header,
+)
 from broker.errors import EnvelopeError, InputError, KeyMaterialError, UsageError
-from broker.members import MEMBERS, is_member
+from broker.members import is_member
 from broker.roster import Roster
 from broker.sightings import (
-    KINDS,
     SCHEMA_VERSION,
-    TLP,
     SightingModel,
-    field_paths,
     leaf_values,
-    validate_field,
 )
-from broker.transforms import split_variant_key
-
-TYP: Final = "msmt+sd-jwt"
-"""JWS ``typ`` and JWE ``cty``: media type ``application/msmt+sd-jwt`` (RFC 9901 §9.11)."""
-JWS_ALG: Final = "Ed25519"
-KEY_ALG: Final = "ECDH-ES+A256KW"
-CONTENT_ENC: Final = "A256GCM"
-HDR_FROM: Final = "msmt_from"
-HDR_TO: Final = "msmt_to"
-HDR_RID: Final = "msmt_rid"
-CLAIM_SCHEMA: Final = "msmt_schema"
-CLAIM_POLICY: Final = "msmt_policy"
-DECOY_BUCKET: Final = 16
-"""Every ``_sd`` array is padded with decoys to a multiple of this many digests."""
-MAX_ENVELOPE_BYTES: Final = 256 * 1024
-"""Largest compact JWE we parse; a 64 KiB record grows to well under this."""
 
 
 class _Registry(jwe.JWERegistry):
@@ -71,6 +69,7 @@ _JWE_REGISTRY: Final = _Registry(
     algorithms=[KEY_ALG, CONTENT_ENC],
 )
 _JWS_REGISTRY: Final = jws.JWSRegistry(algorithms=[JWS_ALG])
+_ED25519: Final = _JWS_REGISTRY.get_alg(JWS_ALG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +148,7 @@ def issue(
     values = leaf_values(sighting)
     for key, value in variants.items():
         try:
-            _check_variant(key, value, values)
+            check_variant(key, value, values)
         except ValueError as exc:
             raise InputError(f"variant {key}: {exc}") from None
     values.update(variants)
@@ -281,8 +280,10 @@ def receive(
     the jti after success. A report whose sender is not its originator (an
     onward share) is accepted only from members in ``accept_onward_from``.
     Raises ``EnvelopeError(step, reason)`` at the first failing step; the
-    reason never contains report content.
+    reason never contains report content. Raises ``UsageError`` if ``now`` is naive.
     """
+    if now.utcoffset() is None:
+        raise UsageError("now must be timezone-aware")
     # Verification checklist; each step raises EnvelopeError and they run in this order.
     # 1. format: size limit, ASCII, five segments, protected header is a JSON object
     #    without duplicate members.
@@ -310,40 +311,21 @@ def receive(
     iat = datetime.fromtimestamp(payload["iat"], UTC)
     # 6. sender: header sender = attested sender (when given); = iss unless an
     #    onward share from a member we accept those from; header rid = jti.
-    sender = header[HDR_FROM]
-    if attested_sender is not None and sender != attested_sender:
-        raise EnvelopeError("sender", f"header sender {sender!r:.20} is not {attested_sender}")
-    if sender != iss and not (is_member(sender) and sender in accept_onward_from):
-        raise EnvelopeError("sender", f"header sender {sender!r:.20} is not the originator {iss}")
-    if header[HDR_RID] != jti:
-        raise EnvelopeError("sender", "header report id does not match the signed jti")
+    _check_sender(header, payload, attested_sender, accept_onward_from)
     # 7. key: the signing kid is in the roster, belongs to iss, is a sig key, and
     #    is usable (not revoked, not retired, within validity) at iat.
-    try:
-        roster.check(kid, member=iss, use="sig", at=iat)
-        public = roster.public_key(kid)
-    except (KeyMaterialError, JoseError, ValueError) as exc:
-        raise EnvelopeError("key", str(exc)) from None
     # 8. signature over the exact JWS bytes received.
-    try:
-        jws.deserialize_compact(jws_text, public, registry=_JWS_REGISTRY)
-    except (JoseError, ValueError) as exc:
-        raise EnvelopeError(
-            "signature", f"signature does not verify ({type(exc).__name__})"
-        ) from None
+    _verify_signature(jws_text, kid=kid, iss=iss, iat=iat, roster=roster)
     # 9. disclosures: each well-formed, none twice, each referenced exactly once,
     #    none unreferenced, no claim collisions, and placed where our format allows.
     try:
         parsed = [sdjwt.Disclosure.parse(d) for d in disclosures]
         processed = sdjwt.process(payload, parsed)
-        fields, encoded = _fields(payload, processed, parsed)
+        fields, encoded = fields_of(payload, processed, parsed)
     except ValueError as exc:
         raise EnvelopeError("disclosures", str(exc)) from None
     # 10. freshness: iat no older than max_age and no further ahead than max_skew.
-    if now - iat > max_age:
-        raise EnvelopeError("freshness", f"issued {now - iat} ago; limit {max_age}")
-    if iat - now > max_skew:
-        raise EnvelopeError("freshness", f"issued {iat - now} in the future; limit {max_skew}")
+    _check_fresh(iat, now=now, max_age=max_age, max_skew=max_skew)
     # 11. replay: the caller's seen-set has not had this jti.
     if is_replay is not None and is_replay(jti):
         raise EnvelopeError("replay", f"report {jti} was already received")
@@ -352,7 +334,7 @@ def receive(
     rel_to = payload.get("rel_to")
     return Received(
         originator=iss,
-        sender=sender,
+        sender=header[HDR_FROM],
         recipient=me,
         report_id=jti,
         kind=payload["kind"],
@@ -370,196 +352,41 @@ def receive(
     )
 
 
-def _fields(
+def _check_sender(
+    header: Mapping[str, Any],
     payload: Mapping[str, Any],
-    processed: Mapping[str, Any],
-    parsed: list[sdjwt.Disclosure],
-) -> tuple[dict[str, Any], dict[str, str]]:
-    # Map each disclosure to its key by the _sd array that references it. Our
-    # format has exactly three such arrays; a digest anywhere else is refused.
-    kind = payload["kind"]
-    where: dict[str, str | None] = dict.fromkeys(payload[sdjwt.SD])
-    for container in ("source", kind):
-        where.update(dict.fromkeys(payload[container][sdjwt.SD], container))
-    fields: dict[str, Any] = {}
-    encoded: dict[str, str] = {}
-    for disclosure in parsed:
-        if disclosure.digest not in where or disclosure.name is None:
-            raise ValueError("a disclosure is referenced from a place this format does not use")
-        container = where[disclosure.digest]
-        name = disclosure.name
-        field = name.partition("#")[0]
-        if "." in field or (container is None and field != "observed_at"):
-            raise ValueError(f"disclosed claim name {name!r:.80} is not a field of this format")
-        key = name if container is None else f"{container}.{name}"
-        value = processed[name] if container is None else processed[container][name]
-        fields[key] = value
-        encoded[key] = disclosure.encoded
-    return fields, encoded
-
-
-MAX_DISCLOSURES: Final = 512
-"""More disclosures than any report can have (fields plus variants); a bound on work."""
-_JWE_MEMBERS: Final = frozenset({"alg", "enc", "cty", "kid", "epk", HDR_FROM, HDR_TO, HDR_RID})
-_JWS_MEMBERS: Final = frozenset({"alg", "typ", "kid"})
-_CLAIMS: Final = frozenset(
-    {"iss", "jti", "iat", "kind", CLAIM_SCHEMA, CLAIM_POLICY, "tlp", "_sd_alg", sdjwt.SD, "source"}
-)
-_TLPS: Final = frozenset(get_args(TLP))
-
-
-def _b64_json(segment: str, what: str) -> Any:
-    try:
-        return sdjwt.loads_strict(sdjwt.b64u_decode(segment))
-    except ValueError as exc:
-        raise EnvelopeError("format", f"{what}: {exc}") from None
-
-
-def parse_jwe_header(token: object, limit: int) -> dict[str, Any]:
-    """Checklist step 1: bound the size and parse the JWE protected header strictly."""
-    if not isinstance(token, str) or not token.isascii():
-        raise EnvelopeError("format", "envelope is not ASCII text")
-    if len(token) > limit:
-        raise EnvelopeError("format", f"envelope is {len(token)} bytes; limit {limit}")
-    parts = token.split(".")
-    if len(parts) != 5:
-        raise EnvelopeError("format", f"a compact JWE has 5 segments, not {len(parts)}")
-    header = _b64_json(parts[0], "JWE protected header")
-    if not isinstance(header, dict):
-        raise EnvelopeError("format", "JWE protected header is not a JSON object")
-    return header
-
-
-def _exact_members(obj: Mapping[str, Any], allowed: frozenset[str], step: str, what: str) -> None:
-    extra, missing = sorted(set(obj) - allowed), sorted(allowed - set(obj))
-    if extra or missing:
-        raise EnvelopeError(step, f"{what}: unexpected {extra[:5]!r:.100}, missing {missing}")
-
-
-def check_header(header: Mapping[str, Any], *, expected: Mapping[str, str]) -> None:
-    """Checklist step 2: exactly our JWE header members, with the exact algorithms."""
-    _exact_members(header, _JWE_MEMBERS, "header", "JWE header")
-    for name, value in expected.items():
-        if header[name] != value:
-            raise EnvelopeError("header", f"{name} is {header[name]!r:.40}, expected {value}")
-    for name in ("kid", HDR_FROM, HDR_TO, HDR_RID):
-        if not isinstance(header[name], str) or not 0 < len(header[name]) <= 200:
-            raise EnvelopeError("header", f"{name} must be a non-empty string")
-
-
-@dataclass(frozen=True, slots=True)
-class _Parsed:
-    jws: str
-    kid: str
-    payload: dict[str, Any]
-    disclosures: list[str]
-
-
-def check_claims(text: str, *, expected_header: Mapping[str, str]) -> _Parsed:
-    """Checklist step 5: split the SD-JWT, check the JWS header and claim types."""
-    try:
-        jws_text, disclosures, kb_jwt = sdjwt.split_presentation(text)
-    except ValueError as exc:
-        raise EnvelopeError("format", str(exc)) from None
-    if kb_jwt:
-        raise EnvelopeError("format", "a key-binding JWT is not part of this format")
-    if len(disclosures) > MAX_DISCLOSURES:
-        raise EnvelopeError("format", f"{len(disclosures)} disclosures; limit {MAX_DISCLOSURES}")
-    segments = jws_text.split(".")
-    if len(segments) != 3:
-        raise EnvelopeError("format", "the SD-JWT's JWS is not a compact JWS")
-    header = _b64_json(segments[0], "JWS header")
-    if not isinstance(header, dict):
-        raise EnvelopeError("format", "JWS header is not a JSON object")
-    _exact_members(header, _JWS_MEMBERS, "format", "JWS header")
-    for name, value in expected_header.items():
-        if header[name] != value:
-            raise EnvelopeError("format", f"JWS {name} is {header[name]!r:.40}, expected {value}")
-    if not isinstance(header["kid"], str):
-        raise EnvelopeError("format", "JWS kid is not a string")
-    payload = _b64_json(segments[1], "JWS payload")
-    if not isinstance(payload, dict):
-        raise EnvelopeError("format", "JWS payload is not a JSON object")
-    _check_claim_types(payload)
-    return _Parsed(jws_text, header["kid"], payload, disclosures)
-
-
-def _check_claim_types(payload: dict[str, Any]) -> None:
-    kind = payload.get("kind")
-    if kind not in KINDS:
-        raise EnvelopeError("format", f"kind {kind!r:.40} is not one of {', '.join(KINDS)}")
-    optional = {"rel_to"} & set(payload)
-    _exact_members(payload, _CLAIMS | {kind} | optional, "format", "claims")
-    problems = {
-        "iss": is_member(payload["iss"]) if isinstance(payload["iss"], str) else False,
-        "jti": _is_uuid(payload["jti"]),
-        "iat": type(payload["iat"]) is int and 0 < payload["iat"] < 2**33,
-        CLAIM_SCHEMA: payload[CLAIM_SCHEMA] == SCHEMA_VERSION,
-        CLAIM_POLICY: isinstance(payload[CLAIM_POLICY], str)
-        and 0 < len(payload[CLAIM_POLICY]) <= 200,
-        "tlp": payload["tlp"] in _TLPS,
-        "_sd_alg": payload["_sd_alg"] == sdjwt.SD_ALG,
-        sdjwt.SD: isinstance(payload[sdjwt.SD], list),
-        "rel_to": "rel_to" not in payload or _is_member_list(payload["rel_to"]),
-    }
-    for name in ("source", kind):
-        obj = payload[name]
-        problems[name] = (
-            isinstance(obj, dict) and set(obj) == {sdjwt.SD} and isinstance(obj[sdjwt.SD], list)
-        )
-    bad = [name for name, ok in problems.items() if not ok]
-    if bad:
-        raise EnvelopeError("format", f"claim {bad[0]} is missing or malformed")
-
-
-def _is_uuid(value: object) -> bool:
-    try:
-        return isinstance(value, str) and str(UUID(value)) == value
-    except ValueError:
-        return False
-
-
-def _is_member_list(value: object) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) > 0
-        and len(set(value)) == len(value)
-        and all(isinstance(m, str) and m in MEMBERS for m in value)
-    )
-
-
-def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
-    """Checklist step 12: each disclosed value is valid for its field or variant.
-
-    The reason names the field, never its value.
-    """
-    chain = fields.get("transfer.chain")
-    paths = field_paths(kind)
-    for key, value in fields.items():
-        try:
-            _check_field(kind, key, value, paths, chain if isinstance(chain, str) else None)
-        except ValueError:
-            raise EnvelopeError(
-                "schema", f"{key:.80} is not a valid {kind} field under schema {SCHEMA_VERSION}"
-            ) from None
-
-
-def _check_field(
-    kind: str, key: str, value: Any, paths: Collection[str], chain: str | None
+    attested_sender: str | None,
+    accept_onward_from: Collection[str],
 ) -> None:
-    path, transform = split_variant_key(key)
-    if path not in paths:
-        raise ValueError("unknown field")
-    if transform is None:
-        validate_field(kind, path, value, chain)
-        return
-    if not transform.applies_to(path):
-        raise ValueError("transform does not apply to this field")
-    transform.check_output(value)
+    sender, iss = header[HDR_FROM], payload["iss"]
+    if attested_sender is not None and sender != attested_sender:
+        raise EnvelopeError("sender", f"header sender {sender!r:.20} is not {attested_sender}")
+    if sender != iss and not (is_member(sender) and sender in accept_onward_from):
+        raise EnvelopeError("sender", f"header sender {sender!r:.20} is not the originator {iss}")
+    if header[HDR_RID] != payload["jti"]:
+        raise EnvelopeError("sender", "header report id does not match the signed jti")
 
 
-def _check_variant(key: str, value: Any, values: Mapping[str, Any]) -> None:
-    path, transform = split_variant_key(key)
-    if transform is None or path not in values or not transform.applies_to(path):
-        raise ValueError("not a transform of a field present in this report")
-    transform.check_output(value)
+def _verify_signature(jws_text: str, *, kid: str, iss: str, iat: datetime, roster: Roster) -> None:
+    try:
+        roster.check(kid, member=iss, use="sig", at=iat)
+        public = roster.public_key(kid)
+    except (KeyMaterialError, JoseError, ValueError) as exc:
+        raise EnvelopeError("key", str(exc)) from None
+    # The JWS header was parsed and pinned in step 5, so the algorithm is called
+    # directly on the received bytes instead of parsing the JWS a second time.
+    signing_input, _, signature = jws_text.rpartition(".")
+    try:
+        _ED25519.check_key(public)
+        valid = _ED25519.verify(signing_input.encode("ascii"), sdjwt.b64u_decode(signature), public)
+    except (JoseError, ValueError) as exc:
+        raise EnvelopeError("signature", f"cannot verify ({type(exc).__name__})") from None
+    if not valid:
+        raise EnvelopeError("signature", "the originator's signature does not verify")
+
+
+def _check_fresh(iat: datetime, *, now: datetime, max_age: timedelta, max_skew: timedelta) -> None:
+    if now - iat > max_age:
+        raise EnvelopeError("freshness", f"issued {now - iat} ago; limit {max_age}")
+    if iat - now > max_skew:
+        raise EnvelopeError("freshness", f"issued {iat - now} in the future; limit {max_skew}")

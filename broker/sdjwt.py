@@ -20,7 +20,6 @@ import base64
 import binascii
 import hashlib
 import json
-import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ SALT_BYTES: Final = 16
 
 SD: Final = "_sd"
 ELLIPSIS: Final = "..."
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 
 
 def b64u_encode(data: bytes) -> str:
@@ -44,20 +42,26 @@ def b64u_encode(data: bytes) -> str:
 
 def b64u_decode(text: str) -> bytes:
     """Strict base64url decode: unpadded URL-safe alphabet only; ``ValueError`` otherwise."""
-    if not _B64URL.match(text) or len(text) % 4 == 1:
+    # '+', '/' and '=' would survive the translation below, so they are refused
+    # first; strict_mode then refuses every other character outside the alphabet.
+    if "+" in text or "/" in text or "=" in text or len(text) % 4 == 1:
         raise ValueError("not unpadded base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except binascii.Error as exc:
-        raise ValueError(f"not base64url ({exc})") from None
+        standard = text.translate(_TO_STANDARD) + "=" * (-len(text) % 4)
+        return binascii.a2b_base64(standard.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ValueError("not unpadded base64url") from None
+
+
+_TO_STANDARD: Final = str.maketrans("-_", "+/")
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate JSON member {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        names = [key for key, _ in pairs]
+        duplicate = next(k for k in names if names.count(k) > 1)
+        raise ValueError(f"duplicate JSON member {duplicate!r:.40}")
     return out
 
 

@@ -1,0 +1,237 @@
+"""The envelope's wire format: its constants and the parsing checks of the receive checklist.
+
+Kept apart from ``broker.envelope`` (which issues, presents and runs the
+checklist) so each reads in one sitting. Every check raises
+``EnvelopeError(step, reason)``; reasons name fields and members, never values.
+docs/ENVELOPE.md describes the same bytes in prose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, get_args
+from uuid import UUID
+
+from broker import sdjwt
+from broker.errors import EnvelopeError
+from broker.members import MEMBERS, is_member
+from broker.sightings import KINDS, SCHEMA_VERSION, TLP, field_paths, validate_field
+from broker.transforms import split_variant_key
+
+TYP: Final = "msmt+sd-jwt"
+"""JWS ``typ`` and JWE ``cty``: media type ``application/msmt+sd-jwt`` (RFC 9901 §9.11)."""
+JWS_ALG: Final = "Ed25519"
+KEY_ALG: Final = "ECDH-ES+A256KW"
+CONTENT_ENC: Final = "A256GCM"
+HDR_FROM: Final = "msmt_from"
+HDR_TO: Final = "msmt_to"
+HDR_RID: Final = "msmt_rid"
+CLAIM_SCHEMA: Final = "msmt_schema"
+CLAIM_POLICY: Final = "msmt_policy"
+DECOY_BUCKET: Final = 16
+"""Every ``_sd`` array is padded with decoys to a multiple of this many digests."""
+MAX_ENVELOPE_BYTES: Final = 256 * 1024
+"""Largest compact JWE we parse; a 64 KiB record grows to well under this."""
+
+
+def fields_of(
+    payload: Mapping[str, Any],
+    processed: Mapping[str, Any],
+    parsed: list[sdjwt.Disclosure],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Map each disclosure to its disclosure key: ``(fields, encoded disclosures)``.
+
+    Raises ``ValueError`` for a disclosure placed where this format puts none.
+    """
+    # Map each disclosure to its key by the _sd array that references it. Our
+    # format has exactly three such arrays; a digest anywhere else is refused.
+    kind = payload["kind"]
+    where: dict[str, str | None] = dict.fromkeys(payload[sdjwt.SD])
+    for container in ("source", kind):
+        where.update(dict.fromkeys(payload[container][sdjwt.SD], container))
+    fields: dict[str, Any] = {}
+    encoded: dict[str, str] = {}
+    for disclosure in parsed:
+        if disclosure.digest not in where or disclosure.name is None:
+            raise ValueError("a disclosure is referenced from a place this format does not use")
+        container = where[disclosure.digest]
+        name = disclosure.name
+        field = name.partition("#")[0]
+        if "." in field or (container is None and field != "observed_at"):
+            raise ValueError(f"disclosed claim name {name!r:.80} is not a field of this format")
+        key = name if container is None else f"{container}.{name}"
+        value = processed[name] if container is None else processed[container][name]
+        fields[key] = value
+        encoded[key] = disclosure.encoded
+    return fields, encoded
+
+
+MAX_DISCLOSURES: Final = 512
+"""More disclosures than any report can have (fields plus variants); a bound on work."""
+_JWE_MEMBERS: Final = frozenset({"alg", "enc", "cty", "kid", "epk", HDR_FROM, HDR_TO, HDR_RID})
+_JWS_MEMBERS: Final = frozenset({"alg", "typ", "kid"})
+_CLAIMS: Final = frozenset(
+    {"iss", "jti", "iat", "kind", CLAIM_SCHEMA, CLAIM_POLICY, "tlp", "_sd_alg", sdjwt.SD, "source"}
+)
+_TLPS: Final = frozenset(get_args(TLP))
+
+
+def _b64_json(segment: str, what: str) -> Any:
+    try:
+        return sdjwt.loads_strict(sdjwt.b64u_decode(segment))
+    except ValueError as exc:
+        raise EnvelopeError("format", f"{what}: {exc}") from None
+
+
+def parse_jwe_header(token: object, limit: int) -> dict[str, Any]:
+    """Checklist step 1: bound the size and parse the JWE protected header strictly."""
+    if not isinstance(token, str) or not token.isascii():
+        raise EnvelopeError("format", "envelope is not ASCII text")
+    if len(token) > limit:
+        raise EnvelopeError("format", f"envelope is {len(token)} bytes; limit {limit}")
+    parts = token.split(".")
+    if len(parts) != 5:
+        raise EnvelopeError("format", f"a compact JWE has 5 segments, not {len(parts)}")
+    header = _b64_json(parts[0], "JWE protected header")
+    if not isinstance(header, dict):
+        raise EnvelopeError("format", "JWE protected header is not a JSON object")
+    return header
+
+
+def _exact_members(obj: Mapping[str, Any], allowed: frozenset[str], step: str, what: str) -> None:
+    extra, missing = sorted(set(obj) - allowed), sorted(allowed - set(obj))
+    if extra or missing:
+        raise EnvelopeError(step, f"{what}: unexpected {extra[:5]!r:.100}, missing {missing}")
+
+
+def check_header(header: Mapping[str, Any], *, expected: Mapping[str, str]) -> None:
+    """Checklist step 2: exactly our JWE header members, with the exact algorithms."""
+    _exact_members(header, _JWE_MEMBERS, "header", "JWE header")
+    for name, value in expected.items():
+        if header[name] != value:
+            raise EnvelopeError("header", f"{name} is {header[name]!r:.40}, expected {value}")
+    for name in ("kid", HDR_FROM, HDR_TO, HDR_RID):
+        if not isinstance(header[name], str) or not 0 < len(header[name]) <= 200:
+            raise EnvelopeError("header", f"{name} must be a non-empty string")
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """The SD-JWT inside an envelope, split and type-checked but not yet verified."""
+
+    jws: str
+    kid: str
+    payload: dict[str, Any]
+    disclosures: list[str]
+
+
+def check_claims(text: str, *, expected_header: Mapping[str, str]) -> Parsed:
+    """Checklist step 5: split the SD-JWT, check the JWS header and claim types."""
+    try:
+        jws_text, disclosures, kb_jwt = sdjwt.split_presentation(text)
+    except ValueError as exc:
+        raise EnvelopeError("format", str(exc)) from None
+    if kb_jwt:
+        raise EnvelopeError("format", "a key-binding JWT is not part of this format")
+    if len(disclosures) > MAX_DISCLOSURES:
+        raise EnvelopeError("format", f"{len(disclosures)} disclosures; limit {MAX_DISCLOSURES}")
+    segments = jws_text.split(".")
+    if len(segments) != 3:
+        raise EnvelopeError("format", "the SD-JWT's JWS is not a compact JWS")
+    header = _b64_json(segments[0], "JWS header")
+    if not isinstance(header, dict):
+        raise EnvelopeError("format", "JWS header is not a JSON object")
+    _exact_members(header, _JWS_MEMBERS, "format", "JWS header")
+    for name, value in expected_header.items():
+        if header[name] != value:
+            raise EnvelopeError("format", f"JWS {name} is {header[name]!r:.40}, expected {value}")
+    if not isinstance(header["kid"], str):
+        raise EnvelopeError("format", "JWS kid is not a string")
+    payload = _b64_json(segments[1], "JWS payload")
+    if not isinstance(payload, dict):
+        raise EnvelopeError("format", "JWS payload is not a JSON object")
+    _check_claim_types(payload)
+    return Parsed(jws_text, header["kid"], payload, disclosures)
+
+
+def _check_claim_types(payload: dict[str, Any]) -> None:
+    kind = payload.get("kind")
+    if kind not in KINDS:
+        raise EnvelopeError("format", f"kind {kind!r:.40} is not one of {', '.join(KINDS)}")
+    optional = {"rel_to"} & set(payload)
+    _exact_members(payload, _CLAIMS | {kind} | optional, "format", "claims")
+    problems = {
+        "iss": is_member(payload["iss"]) if isinstance(payload["iss"], str) else False,
+        "jti": _is_uuid(payload["jti"]),
+        "iat": type(payload["iat"]) is int and 0 < payload["iat"] < 2**33,
+        CLAIM_SCHEMA: payload[CLAIM_SCHEMA] == SCHEMA_VERSION,
+        CLAIM_POLICY: isinstance(payload[CLAIM_POLICY], str)
+        and 0 < len(payload[CLAIM_POLICY]) <= 200,
+        "tlp": payload["tlp"] in _TLPS,
+        "_sd_alg": payload["_sd_alg"] == sdjwt.SD_ALG,
+        sdjwt.SD: isinstance(payload[sdjwt.SD], list),
+        "rel_to": "rel_to" not in payload or _is_member_list(payload["rel_to"]),
+    }
+    for name in ("source", kind):
+        obj = payload[name]
+        problems[name] = (
+            isinstance(obj, dict) and set(obj) == {sdjwt.SD} and isinstance(obj[sdjwt.SD], list)
+        )
+    bad = [name for name, ok in problems.items() if not ok]
+    if bad:
+        raise EnvelopeError("format", f"claim {bad[0]} is missing or malformed")
+
+
+def _is_uuid(value: object) -> bool:
+    try:
+        return isinstance(value, str) and str(UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def _is_member_list(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and len(set(value)) == len(value)
+        and all(isinstance(m, str) and m in MEMBERS for m in value)
+    )
+
+
+def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
+    """Checklist step 12: each disclosed value is valid for its field or variant.
+
+    The reason names the field, never its value.
+    """
+    chain = fields.get("transfer.chain")
+    paths = field_paths(kind)
+    for key, value in fields.items():
+        try:
+            _check_field(kind, key, value, paths, chain if isinstance(chain, str) else None)
+        except ValueError:
+            raise EnvelopeError(
+                "schema", f"{key:.80} is not a valid {kind} field under schema {SCHEMA_VERSION}"
+            ) from None
+
+
+def _check_field(
+    kind: str, key: str, value: Any, paths: Collection[str], chain: str | None
+) -> None:
+    path, transform = split_variant_key(key)
+    if path not in paths:
+        raise ValueError("unknown field")
+    if transform is None:
+        validate_field(kind, path, value, chain)
+        return
+    if not transform.applies_to(path):
+        raise ValueError("transform does not apply to this field")
+    transform.check_output(value)
+
+
+def check_variant(key: str, value: Any, values: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``key`` transforms a field in ``values`` and ``value`` fits."""
+    path, transform = split_variant_key(key)
+    if transform is None or path not in values or not transform.applies_to(path):
+        raise ValueError("not a transform of a field present in this report")
+    transform.check_output(value)
