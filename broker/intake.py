@@ -25,6 +25,7 @@ import hmac
 import json
 import os
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,13 @@ from broker.validation import InvalidRecordError, parse_record
 
 log = get_logger("intake")
 
-Acceptor = Callable[[list[NewReport]], Awaitable[list[bool]]]
-"""Durably accept a batch; True per new report, False per duplicate; may raise StoreError."""
+Acceptor = Callable[[list[NewReport], str], Awaitable[list[bool]]]
+"""Durably accept a batch from a feed channel; True per new report, False per duplicate.
+
+May raise ``StoreError``, and must return only once the batch is committed."""
+
+RejectRecorder = Callable[[list[tuple[str, str]], str], Awaitable[None]]
+"""Durably record refused records as ``(reason, detail)`` pairs, before they are answered."""
 
 MAX_BATCH: Final = 500
 """Most records committed in one transaction."""
@@ -111,13 +117,30 @@ class LineSplitter:
 
 
 class Intake:
-    """Validates lines and hands good ones to the acceptor; answers every line."""
+    """Validates lines and hands good ones to the acceptor; answers every line.
 
-    def __init__(self, member: str, max_bytes: int, acceptor: Acceptor) -> None:
+    ``feed`` names the channel (``socket``, ``spool``) in the audit log.
+    ``counts`` tallies outcomes for metrics. Details of schema errors go to the
+    feed only: the audit log and the counters get the reason and the field path,
+    never a value.
+    """
+
+    def __init__(
+        self,
+        member: str,
+        max_bytes: int,
+        acceptor: Acceptor,
+        *,
+        feed: str = "socket",
+        record_rejects: RejectRecorder | None = None,
+    ) -> None:
         self.member = member
         self.max_bytes = max_bytes
         self.acceptor = acceptor
+        self.feed = feed
+        self.record_rejects = record_rejects
         self.refusing: str | None = None  # set while the store cannot accept
+        self.counts: Counter[str] = Counter()
 
     async def process(self, lines: list[Line]) -> list[dict[str, Any]]:
         """Answer a batch of lines in order; good records are committed in one transaction."""
@@ -132,7 +155,7 @@ class Intake:
                 batch.append(report)
         if batch:
             try:
-                fresh = await self.acceptor(batch)
+                fresh = await self.acceptor(batch, self.feed)
             except StoreError as exc:
                 self.refusing = str(exc)
             else:
@@ -154,7 +177,16 @@ class Intake:
                         "report_id": report.report_id,
                         **({} if new else {"reason": "duplicate"}),
                     }
-        return [a for a in answers if a is not None]
+        done = [a for a in answers if a is not None]
+        refused = [_summary(a) for a in done if a["status"] == "rejected"]
+        refused = [r for r in refused if r[0] != "unavailable"]
+        if refused and self.record_rejects is not None:
+            await self.record_rejects(refused, self.feed)
+        for answer in done:
+            self.counts[
+                answer["status"] if answer["status"] == "accepted" else answer["reason"]
+            ] += 1
+        return done
 
     def _check(self, number: int, raw: bytes | Oversize) -> tuple[dict[str, Any] | None, Any]:
         if isinstance(raw, Oversize):
@@ -173,6 +205,17 @@ class Intake:
                 number, "schema", errors=[{"path": "originator", "reason": reason}]
             ), None
         return None, NewReport(str(sighting.report_id), sighting.kind, raw)
+
+
+def _summary(answer: dict[str, Any]) -> tuple[str, str]:
+    # What the audit log may hold: the reason and where, never a field's value.
+    reason = str(answer["reason"])
+    if reason == "schema":
+        paths = sorted({str(e["path"]) or "(record)" for e in answer.get("errors", [])})
+        return reason, "invalid field " + ", ".join(paths)
+    if reason == "size":
+        return reason, f"record over the {answer.get('detail', '').rpartition(' ')[2]} byte limit"
+    return reason, f"report {answer.get('report_id', '')} was already accepted"
 
 
 def _rejected(number: int, reason: str, **extra: Any) -> dict[str, Any]:

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(state) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS inbox (
     sender      TEXT NOT NULL,
+    originator  TEXT NOT NULL,
     report_id   TEXT NOT NULL,
     kind        TEXT NOT NULL,
     received_at REAL NOT NULL,
@@ -61,6 +62,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     jwe_sha256  TEXT NOT NULL,
     PRIMARY KEY (sender, report_id)
 );
+CREATE INDEX IF NOT EXISTS inbox_jwe ON inbox(jwe_sha256);
 CREATE TABLE IF NOT EXISTS seen (
     sender     TEXT NOT NULL,
     jti        TEXT NOT NULL,
@@ -105,9 +107,14 @@ class OutboxItem:
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """The verified disclosed fields of one partner's report, ready to store."""
+    """The verified disclosed fields of one partner's report, ready to store.
+
+    ``sender`` is the member the hub attests sent it; ``originator`` signed it
+    (they differ only for an onward share).
+    """
 
     sender: str
+    originator: str
     report_id: str
     kind: str
     fields: Mapping[str, Any]
@@ -121,6 +128,7 @@ class InboxEntry:
     """A stored received report, as ``msmt inbox`` shows it."""
 
     sender: str
+    originator: str
     report_id: str
     kind: str
     received_at: float
@@ -277,6 +285,13 @@ class Store:
             return "new"
         return "redelivered" if rows[0][0] == jwe_sha256 else "replay"
 
+    def has_received(self, sender: str, jwe_sha256: str) -> bool:
+        """Whether these exact envelope bytes from ``sender`` were verified and stored before."""
+        rows = self._read(
+            "SELECT 1 FROM inbox WHERE jwe_sha256 = ? AND sender = ? LIMIT 1", (jwe_sha256, sender)
+        )
+        return bool(rows)
+
     def store_received(self, batch: Sequence[Received], now: float | None = None) -> list[bool]:
         """Store verified reports and their seen-set entries; True per report newly stored."""
         at = time.time() if now is None else now
@@ -284,10 +299,11 @@ class Store:
         with self._tx() as db:
             for rec in batch:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO inbox(sender, report_id, kind, received_at, fields,"
-                    " paths, jwe_sha256) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO inbox(sender, originator, report_id, kind, received_at,"
+                    " fields, paths, jwe_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec.sender,
+                        rec.originator,
                         rec.report_id,
                         rec.kind,
                         at,
@@ -316,7 +332,7 @@ class Store:
 
     def inbox(self, *, sender: str | None = None, limit: int = 100) -> list[InboxEntry]:
         """Received reports, newest first, optionally from one sender."""
-        sql = "SELECT sender, report_id, kind, received_at, fields, paths, jwe_sha256 FROM inbox"
+        sql = _INBOX_COLUMNS
         args: list[Any] = []
         if sender is not None:
             sql += " WHERE sender = ?"
@@ -328,8 +344,7 @@ class Store:
     def inbox_entry(self, report_id: str) -> list[InboxEntry]:
         """Every stored copy of ``report_id`` (one per sender that sent it)."""
         rows = self._read(
-            "SELECT sender, report_id, kind, received_at, fields, paths, jwe_sha256 FROM inbox"
-            " WHERE report_id = ?",
+            _INBOX_COLUMNS + " WHERE report_id = ?",
             (report_id,),
         )
         return [_entry(r) for r in rows]
@@ -371,13 +386,19 @@ class Store:
         return {r[0]: r[1] for r in self._read("SELECT key, value FROM state")}
 
 
+_INBOX_COLUMNS: Final = (
+    "SELECT sender, originator, report_id, kind, received_at, fields, paths, jwe_sha256 FROM inbox"
+)
+
+
 def _entry(row: Sequence[Any]) -> InboxEntry:
     return InboxEntry(
         sender=row[0],
-        report_id=row[1],
-        kind=row[2],
-        received_at=float(row[3]),
-        fields=json.loads(row[4]),
-        paths=tuple(json.loads(row[5])),
-        jwe_sha256=row[6],
+        originator=row[1],
+        report_id=row[2],
+        kind=row[3],
+        received_at=float(row[4]),
+        fields=json.loads(row[5]),
+        paths=tuple(json.loads(row[6])),
+        jwe_sha256=row[7],
     )

@@ -42,7 +42,7 @@ def jpn_records(count: int, seed: int = 1) -> list[dict[str, Any]]:
 
 
 def make_intake(store: Store, max_bytes: int = 65536) -> Intake:
-    async def acceptor(batch: list[NewReport]) -> list[bool]:
+    async def acceptor(batch: list[NewReport], _feed: str) -> list[bool]:
         return await asyncio.to_thread(store.accept, batch)
 
     return Intake("JPN", max_bytes, acceptor)

@@ -23,7 +23,7 @@ def item(rid: str, partner: str) -> OutboxItem:
 
 def received(sender: str, rid: str, digest: str = "h1", expires: float = 100.0) -> Received:
     return Received(
-        sender, rid, "vessel", {"vessel.imo": "9321483"}, ("vessel.imo",), digest, expires
+        sender, sender, rid, "vessel", {"vessel.imo": "9321483"}, ("vessel.imo",), digest, expires
     )
 
 
@@ -72,6 +72,9 @@ def test_received_is_idempotent_and_seen_state_tells_redelivery_from_replay(tmp_
     assert store.seen_state("USA", "r1", "h1") == "redelivered"
     assert store.seen_state("USA", "r1", "other") == "replay"
     assert store.seen_state("GBR", "r1", "h1") == "new"
+    assert store.has_received("USA", "h1")
+    assert not store.has_received("GBR", "h1")
+    assert not store.has_received("USA", "h2")
     assert store.inbox_count() == 2
     assert {e.sender for e in store.inbox_entry("r1")} == {"USA", "KOR"}
     (entry,) = store.inbox(sender="USA")

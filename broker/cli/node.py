@@ -1,7 +1,180 @@
-"""Commands for the node family (filled in by its issue)."""
+"""Commands for running and operating a national node.
+
+``msmt node run`` is the daemon; ``msmt submit`` hands it NDJSON over the local
+socket; ``msmt inbox list|show`` and ``msmt status`` read the node's store
+(read-only, so they work while the daemon runs).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
 import click
 
-COMMANDS: tuple[click.Command, ...] = ()
+from broker.config import NodeConfig, load_config
+from broker.errors import UsageError
+from broker.intake import read_token, submit
+from broker.store import InboxEntry, Store
+
+_CONFIG = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The node's node.toml.",
+)
+
+
+def _config(path: Path) -> NodeConfig:
+    return load_config(path)
+
+
+@click.group(name="node")
+def node_group() -> None:
+    """Run the national node daemon."""
+
+
+@node_group.command(name="run")
+@_CONFIG
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING...")
+def node_run(config_path: Path, log_level: str) -> None:
+    """Run the node until SIGTERM or SIGINT: intake, outbox publishing, inbox, metrics."""
+    from broker import log  # noqa: PLC0415
+    from broker.node import run  # noqa: PLC0415 - the daemon pulls in nats; load it only here
+
+    config = _config(config_path)
+    log.configure(level=log_level)
+    asyncio.run(run(config))
+
+
+async def _read_chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
+    while chunk := await asyncio.to_thread(stream.read, 1 << 16):
+        yield chunk
+
+
+@click.command(name="submit")
+@_CONFIG
+@click.argument("file", default="-", metavar="[FILE|-]")
+@click.option("--quiet", "-q", is_flag=True, help="Print only rejected records and the summary.")
+def submit_cmd(config_path: Path, file: str, quiet: bool) -> None:
+    """Send NDJSON sightings to the local node; print one answer line per record.
+
+    Exit 0 when every record was accepted, 1 when any was rejected, 2 when the
+    node could not be reached.
+    """
+    config = _config(config_path)
+    token = read_token(config.token_path)
+    counts = {"accepted": 0, "rejected": 0}
+
+    def show(answer: dict[str, Any]) -> None:
+        counts[answer["status"]] = counts.get(answer["status"], 0) + 1
+        if not quiet or answer["status"] != "accepted":
+            click.echo(json.dumps(answer, separators=(",", ":")))
+
+    try:
+        stream = sys.stdin.buffer if file == "-" else Path(file).open("rb")  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"cannot read {file}: {exc.strerror}") from None
+    try:
+        asyncio.run(submit(config.socket_path, token, _read_chunks(stream), show))
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    click.echo(f"{counts['accepted']} accepted, {counts['rejected']} rejected", err=True)
+    sys.exit(1 if counts["rejected"] else 0)
+
+
+def _open_store(config: NodeConfig) -> Store:
+    if not config.store_path.exists():
+        raise UsageError(f"no node store at {config.store_path}: has the node run yet?")
+    return Store(config.store_path, readonly=True)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _entry_json(entry: InboxEntry) -> dict[str, Any]:
+    return {
+        "sender": entry.sender,
+        "originator": entry.originator,
+        "report_id": entry.report_id,
+        "kind": entry.kind,
+        "received_at": _when(entry.received_at),
+        "paths": list(entry.paths),
+        "fields": entry.fields,
+        "jwe_sha256": entry.jwe_sha256,
+    }
+
+
+@click.group(name="inbox")
+def inbox_group() -> None:
+    """Reports received from partners, verified."""
+
+
+@inbox_group.command(name="list")
+@_CONFIG
+@click.option("--from", "sender", help="Only reports from this member.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def inbox_list(config_path: Path, sender: str | None, limit: int, as_json: bool) -> None:
+    """List received reports, newest first: originator, kind, and the fields received."""
+    store = _open_store(_config(config_path))
+    for entry in store.inbox(sender=sender.upper() if sender else None, limit=limit):
+        if as_json:
+            click.echo(json.dumps(_entry_json(entry)))
+        else:
+            click.echo(
+                f"{_when(entry.received_at)}  {entry.originator}  {entry.kind:<8}  "
+                f"{entry.report_id}  {len(entry.paths)} fields: {', '.join(entry.paths)}"
+            )
+
+
+@inbox_group.command(name="show")
+@_CONFIG
+@click.argument("report_id")
+def inbox_show(config_path: Path, report_id: str) -> None:
+    """Show one received report: its sender and every field received, as JSON."""
+    entries = _open_store(_config(config_path)).inbox_entry(report_id)
+    if not entries:
+        raise UsageError(f"no received report {report_id}")
+    for entry in entries:
+        click.echo(json.dumps(_entry_json(entry), indent=2))
+
+
+@click.command(name="status")
+@_CONFIG
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def status_cmd(config_path: Path, as_json: bool) -> None:
+    """Show connection, outbox depth, inbox lag, counters and the last error."""
+    config = _config(config_path)
+    store = _open_store(config)
+    state = store.state()
+    status: dict[str, Any] = {
+        "member": config.member,
+        "connected": state.get("connected", "unknown"),
+        "outbox_depth": store.outbox_depth(),
+        "inbox_lag": state.get("inbox_lag", "unknown"),
+        "received": store.inbox_count(),
+        "counters": dict(sorted(store.counters().items())),
+        "last_error": state.get("last_error", ""),
+        "updated_at": state.get("updated_at", ""),
+    }
+    if as_json:
+        click.echo(json.dumps(status))
+        return
+    for key, value in status.items():
+        if key == "counters":
+            for name, count in value.items():
+                click.echo(f"  {name:<28} {count}")
+        else:
+            click.echo(f"{key:<14} {value}")
+
+
+COMMANDS: tuple[click.Command, ...] = (node_group, submit_cmd, inbox_group, status_cmd)

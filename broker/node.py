@@ -1,0 +1,466 @@
+"""The national node daemon: intake, planning, publishing, receiving, metrics, shutdown.
+
+``load_node`` checks everything before anything runs (config, signed roster,
+private keys, policy, pseudonym keys, store, audit log), so a bad setup fails
+at start with one line. ``Node.run`` then runs these tasks until SIGTERM/SIGINT:
+
+* intake on the unix socket and the spool directory (``broker.intake``);
+* the planner and the publisher (``broker.publisher``);
+* the inbox receiver (``broker.receiver``), once NATS is connected;
+* housekeeping: gauges, ``msmt status`` facts, counters, seen-set pruning, and
+  publishing the audit log's latest signed checkpoint.
+
+Every store and audit-log call runs on one worker thread (SQLite connections
+are single-threaded; the event loop never waits on an fsync). Shutdown order:
+stop intake, stop planning and fetching, wait briefly for in-flight acks
+(anything unacked stays in the outbox), flush acks, close NATS, the store and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.aio.client import Client
+
+from broker import audit_events
+from broker.auditlog import AuditLog
+from broker.config import NodeConfig
+from broker.errors import ConfigError, KeyMaterialError, MsmtError
+from broker.intake import Intake, Spool, ensure_token, make_app, serve_unix
+from broker.keys import load_member_keys, load_signed_roster
+from broker.log import get_logger
+from broker.metrics import Metrics, serve_tcp
+from broker.metrics import make_app as make_metrics_app
+from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
+from broker.policy import Policy, load_policy
+from broker.publisher import Planner, Publisher, Signer, sent_event
+from broker.receiver import Inbound, Receiver
+from broker.store import NewReport, OutboxItem, Store
+
+log = get_logger("node")
+
+T = TypeVar("T")
+PLAN_BATCH: Final = 100
+PLAN_RETRY_S: Final = 30.0
+HOUSEKEEPING_S: Final = 1.0
+PSEUDONYM_MIN_BYTES: Final = 32
+
+
+def _read_policy(config: NodeConfig) -> Policy:
+    try:
+        text = config.policy.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read policy {config.policy}: {exc.strerror}") from None
+    return load_policy(text, member=config.member, source=str(config.policy))
+
+
+def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
+    """Load each pseudonym key the policy names from ``<keys.dir>/<MEMBER>/pseudonym/<id>.key``.
+
+    A key file holds at least 32 random bytes, base64url; raises ``KeyMaterialError``
+    if one is missing or short, so a node never starts unable to apply its policy.
+    """
+    out: dict[str, bytes] = {}
+    for key_id in policy.pseudonym_keys:
+        path = config.keys.dir / config.member / "pseudonym" / f"{key_id}.key"
+        try:
+            text = path.read_text(encoding="ascii").strip()
+            key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (OSError, ValueError) as exc:
+            raise KeyMaterialError(f"pseudonym key {key_id}: cannot read {path} ({exc})") from None
+        if len(key) < PSEUDONYM_MIN_BYTES:
+            raise KeyMaterialError(f"pseudonym key {path} is shorter than 32 bytes")
+        out[key_id] = key
+    return out
+
+
+class Node:
+    """One member's running node; build it with ``load_node``."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: Store,
+        audit: AuditLog,
+        planner: Planner,
+        inbound: Inbound,
+        seed: bytes,
+    ) -> None:
+        self.config = config
+        self.member = config.member
+        self.store = store
+        self.audit = audit
+        self.planner = planner
+        self.inbound = inbound
+        self.seed = seed
+        self.metrics = Metrics()
+        self.stop = asyncio.Event()
+        self.nc: Client | None = None
+        self.publisher: Publisher | None = None
+        self.receiver: Receiver | None = None
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msmt-store")
+        self._plan_wake = asyncio.Event()
+        self._plan_skip: dict[str, float] = {}
+        self._counts: Counter[str] = Counter()
+        self._intakes: list[Intake] = []
+        self._last_error = ""
+        self._published_checkpoint: str | None = None
+
+    async def run_db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a store or audit-log call on the single store thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+    # --- intake ---------------------------------------------------------------
+
+    def _accept_sync(self, batch: list[NewReport], feed: str) -> list[bool]:
+        fresh = self.store.accept(batch)
+        now = datetime.now(UTC)
+        self.audit.append_many(
+            [
+                audit_events.accepted(
+                    self.member, now, report_id=r.report_id, kind=r.kind, feed=feed
+                )
+                for r, new in zip(batch, fresh, strict=True)
+                if new
+            ]
+        )
+        return fresh
+
+    async def _accept(self, batch: list[NewReport], feed: str) -> list[bool]:
+        fresh = await self.run_db(self._accept_sync, batch, feed)
+        self._plan_wake.set()
+        return fresh
+
+    def _reject_sync(self, refused: list[tuple[str, str]], feed: str) -> None:
+        now = datetime.now(UTC)
+        self.audit.append_many(
+            [
+                audit_events.rejected(
+                    self.member, now, source=feed, step=f"intake.{reason}", reason=detail[:200]
+                )
+                for reason, detail in refused
+            ]
+        )
+
+    async def _record_rejects(self, refused: list[tuple[str, str]], feed: str) -> None:
+        await self.run_db(self._reject_sync, refused, feed)
+
+    # --- planning and publishing ---------------------------------------------
+
+    async def _plan_loop(self) -> None:
+        while not self.stop.is_set():
+            now = time.monotonic()
+            skip = {rid for rid, until in self._plan_skip.items() if until > now}
+            try:
+                planned, errors = await self.run_db(
+                    self.planner.plan_batch, self.store, PLAN_BATCH, skip
+                )
+            except MsmtError as exc:
+                self._error(f"planning: {exc}")
+                planned, errors = 0, {}
+            for report_id, reason in errors.items():
+                self._plan_skip[report_id] = now + PLAN_RETRY_S
+                self._error(f"cannot plan report {report_id}: {reason}")
+            if planned and self.publisher is not None:
+                self.publisher.wake()
+            if not planned:
+                self._plan_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._plan_wake.wait(), 0.5)
+
+    def _record_sent(self, batch: list[OutboxItem]) -> None:
+        now = datetime.now(UTC)
+        # The send is recorded durably before the outbox calls it done.
+        self.audit.append_many([sent_event(self.member, item, now) for item in batch])
+        self.store.mark_sent([(i.report_id, i.partner) for i in batch])
+        self._counts.update(f"published.{i.partner}" for i in batch)
+
+    # --- NATS ------------------------------------------------------------------
+
+    async def _connect(self) -> Client | None:
+        async def disconnected() -> None:
+            self.metrics.connected.set(0)
+            log.warning("nats_disconnected")
+
+        async def reconnected() -> None:
+            self.metrics.connected.set(1)
+            log.info("nats_reconnected")
+
+        async def error(exc: Exception) -> None:
+            self._error(f"nats: {type(exc).__name__} {exc}".strip())
+
+        delay = 0.2
+        while not self.stop.is_set():
+            try:
+                nc = await nats.connect(
+                    servers=list(self.config.nats.urls),
+                    nkeys_seed_str=self.seed.decode(),
+                    inbox_prefix=inbox_prefix(self.member),
+                    name=f"msmt-node-{self.member}",
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                    error_cb=error,
+                )
+            except (nats.errors.Error, OSError) as exc:
+                self._error(f"cannot connect to NATS: {type(exc).__name__} {exc}".strip())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.metrics.connected.set(1)
+            log.info("nats_connected", servers=len(self.config.nats.urls))
+            return nc
+        return None
+
+    async def _messaging(self) -> None:
+        nc = await self._connect()
+        if nc is None:
+            return
+        self.nc = nc
+        js = nc.jetstream()
+        self.publisher = Publisher(
+            self.member,
+            js,
+            self.store,
+            self.run_db,
+            self._record_sent,
+            self.metrics,
+            self.config.limits.publish_max_in_flight,
+        )
+        self.receiver = Receiver(
+            self.member, js, self.inbound, self.run_db, self.metrics, self.config.limits.fetch_batch
+        )
+        await asyncio.gather(self.publisher.run(self.stop), self._receive_forever(self.receiver))
+
+    async def _receive_forever(self, receiver: Receiver) -> None:
+        # Binding fails while the hub is away or the inbox is not set up yet; keep trying.
+        while not self.stop.is_set():
+            try:
+                await receiver.run(self.stop)
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                self._error(f"inbox: {type(exc).__name__} {exc}".strip())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), 1.0)
+
+    # --- housekeeping ------------------------------------------------------------
+
+    def _error(self, text: str) -> None:
+        self._last_error = text
+        log.error("node_error", error=text)
+
+    def ready(self) -> str | None:
+        """Why the node is not ready, or ``None`` when it is."""
+        if self.nc is None or not self.nc.is_connected:
+            return "not connected to NATS"
+        if self.receiver is None or not self.receiver.bound:
+            return "inbox consumer not bound"
+        return None
+
+    def _housekeep_sync(
+        self, facts: dict[str, str], counts: Counter[str]
+    ) -> tuple[int, str | None]:
+        self.store.bump(counts)
+        self.store.set_state(facts)
+        return self.store.outbox_depth(), self.audit.latest_checkpoint()
+
+    async def _housekeeping(self) -> None:
+        last_prune = 0.0
+        while True:
+            await self._housekeep_once()
+            if time.monotonic() - last_prune > 60:
+                await self.run_db(self.store.prune_seen)
+                last_prune = time.monotonic()
+            if self.stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), HOUSEKEEPING_S)
+
+    async def _housekeep_once(self) -> None:
+        lag = await self._inbox_lag()
+        counts = self._counts
+        self._counts = Counter()
+        for intake in self._intakes:
+            counts.update({f"intake.{k}": v for k, v in intake.counts.items()})
+            intake.counts.clear()
+        if self.receiver is not None:
+            counts.update(self.receiver.counts)
+            self.receiver.counts.clear()
+        for name in ("publisher", "receiver"):
+            part = getattr(self, name)
+            if part is not None and part.last_error:
+                self._last_error, part.last_error = part.last_error, None
+        facts = {
+            "connected": "yes" if self.nc is not None and self.nc.is_connected else "no",
+            "inbox_lag": "unknown" if lag is None else str(lag),
+            "last_error": self._last_error,
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        depth, checkpoint = await self.run_db(self._housekeep_sync, facts, counts)
+        self.metrics.outbox_depth.set(depth)
+        for name, count in counts.items():
+            if name.startswith("intake.accepted"):
+                self.metrics.accepted.inc(count)
+            elif name.startswith("intake."):
+                self.metrics.intake_rejected.labels(reason=name.partition(".")[2]).inc(count)
+        if lag is not None:
+            self.metrics.inbox_lag.set(lag)
+        await self._publish_checkpoint(checkpoint)
+
+    async def _inbox_lag(self) -> int | None:
+        if self.nc is None or not self.nc.is_connected:
+            return None
+        try:
+            info = await self.nc.jetstream().consumer_info(
+                inbox_stream(self.member), inbox_durable(self.member), timeout=1.0
+            )
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            return None
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def _publish_checkpoint(self, checkpoint: str | None) -> None:
+        # Witnesses need our latest signed root; core NATS is enough, the AUDIT
+        # account archives it and the next one supersedes a lost one.
+        if checkpoint is None or checkpoint == self._published_checkpoint:
+            return
+        if self.nc is None or not self.nc.is_connected:
+            return
+        try:
+            await self.nc.publish(f"msmt.audit.{self.member}.checkpoint", checkpoint.encode())
+        except nats.errors.Error as exc:
+            self._error(f"checkpoint publish: {type(exc).__name__}")
+            return
+        self._published_checkpoint = checkpoint
+
+    # --- the whole daemon --------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT (or ``self.stop`` is set), then shut down in order."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        config = self.config
+        token = ensure_token(config.token_path)
+        socket_intake = Intake(
+            self.member,
+            config.limits.max_record_bytes,
+            self._accept,
+            feed="socket",
+            record_rejects=self._record_rejects,
+        )
+        spool_intake = Intake(
+            self.member,
+            config.limits.max_record_bytes,
+            self._accept,
+            feed="spool",
+            record_rejects=self._record_rejects,
+        )
+        self._intakes = [socket_intake, spool_intake]
+        metrics_runner = await serve_tcp(
+            make_metrics_app(self.metrics, self.ready), config.metrics.host, config.metrics.port
+        )
+        intake_runner = await serve_unix(make_app(socket_intake, token), config.socket_path)
+        spool_stop = asyncio.Event()
+        spool = Spool(config.spool_path, spool_intake)
+        tasks = [
+            asyncio.create_task(spool.run(spool_stop), name="spool"),
+            asyncio.create_task(self._plan_loop(), name="planner"),
+            asyncio.create_task(self._messaging(), name="messaging"),
+        ]
+        housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
+        log.info("node_started", member=self.member, socket=str(config.socket_path))
+        try:
+            await self.stop.wait()
+        finally:
+            log.info("node_stopping", member=self.member)
+            # 1. no new input
+            await intake_runner.cleanup()
+            spool_stop.set()
+            self.stop.set()
+            # 2. planner, publisher (waits for in-flight acks) and receiver finish
+            await asyncio.gather(*tasks, return_exceptions=False)
+            await housekeeping
+            # 3. acks reach the server before the connection goes
+            if self.nc is not None:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await self.nc.flush(timeout=2)
+                await self.nc.close()
+            await metrics_runner.cleanup()
+            await self.run_db(self._close)
+            self._db.shutdown(wait=True)
+            log.info("node_stopped", member=self.member)
+
+    def _close(self) -> None:
+        self.store.close()
+        self.audit.close()
+
+
+def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
+    """Check and load everything a node needs; raise ``MsmtError`` with one line if any is bad."""
+    at = now or datetime.now(UTC)
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = Store(config.store_path)
+    state = store.state()
+    signed = load_signed_roster(
+        config.roster_dir,
+        authority_path=config.authority_path,
+        min_version=int(state.get("roster_version", "0")),
+    )
+    keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
+    if config.nats.seed_file is not None:
+        try:
+            seed = config.nats.seed_file.read_bytes().strip()
+        except OSError as exc:
+            raise KeyMaterialError(f"cannot read {config.nats.seed_file}: {exc.strerror}") from None
+    else:
+        seed = keys.nats_seed
+    policy = _read_policy(config)
+    pseudonym = load_pseudonym_keys(config, policy)
+    signing = keys.signing.private_key
+    if not isinstance(signing, Ed25519PrivateKey):
+        raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
+    audit = AuditLog(config.audit_dir, config.member, signing)
+    previous = state.get("policy_digest")
+    if previous != policy.digest:
+        audit.append_many(
+            [
+                audit_events.policy_changed(
+                    config.member, at, policy_digest=policy.digest, previous_digest=previous
+                )
+            ]
+        )
+    store.set_state({"roster_version": str(signed.version), "policy_digest": policy.digest})
+    signer = Signer(config.member, keys.signing, keys.signing_kid)
+    planner = Planner(signer, policy, signed.roster, pseudonym)
+    inbound = Inbound(
+        config.member,
+        keys.decryption,
+        signed.roster,
+        store,
+        audit,
+        timedelta(seconds=config.limits.freshness_seconds),
+        config.limits.max_message_bytes,
+    )
+    return Node(config, store, audit, planner, inbound, seed)
+
+
+async def run(config: NodeConfig) -> None:
+    """Load and run the node described by ``config`` until it is told to stop."""
+    node = load_node(config)
+    await node.run()

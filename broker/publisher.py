@@ -1,0 +1,275 @@
+"""Outbox -> hub: plan each accepted report per partner, then publish with bounded pipelining.
+
+Two stages, both restartable from the store alone:
+
+1. **Plan** (``Planner``, synchronous, run on the store's thread): for each
+   accepted report, run the policy for every partner, issue the SD-JWT once,
+   present it to each partner that is released anything, and store every
+   partner's exact JWE in the outbox in the same transaction that marks the
+   report planned. A crash before the commit re-plans from scratch; after it,
+   nothing is planned twice and no partner can be left out.
+2. **Publish** (``Publisher``, asyncio): send each pending JWE to
+   ``msmt.to.<PARTNER>.<kind>`` on JetStream with ``Nats-Msg-Id`` = report id +
+   partner, at most ``max_in_flight`` awaiting their acks. Acked envelopes are
+   recorded in the audit log, then marked sent, in batches. A failed or
+   unanswered publish simply stays pending and is retried: the outbox, not the
+   client's reconnect buffer, is the durability guarantee, and the hub's dedup
+   window makes a resend of the same message id harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import nats.errors
+import nats.js.errors
+from joserfc.jwk import OKPKey
+from nats.js import JetStreamContext
+
+from broker import audit_events
+from broker.audit_events import AuditEvent
+from broker.envelope import issue, present
+from broker.errors import MsmtError
+from broker.log import get_logger
+from broker.metrics import Metrics
+from broker.policy import Policy, variants
+from broker.roster import Roster
+from broker.store import OutboxItem, Store
+from broker.validation import parse_record
+
+log = get_logger("publisher")
+
+PUBLISH_TIMEOUT: Final = 5.0
+"""Seconds to wait for the hub's ack before the envelope is retried."""
+RETRY_AFTER: Final = 1.0
+"""Seconds before an envelope whose publish failed is tried again."""
+
+
+def subject_for(partner: str, kind: str) -> str:
+    """The subject a sender publishes a report of ``kind`` to ``partner`` on."""
+    return f"msmt.to.{partner}.{kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class Signer:
+    """The member's current signing key, for issuing reports."""
+
+    member: str
+    key: OKPKey
+    kid: str
+
+
+class Planner:
+    """Turns accepted reports into per-partner envelopes (pure apart from the store calls)."""
+
+    def __init__(
+        self,
+        signer: Signer,
+        policy: Policy,
+        roster: Roster,
+        pseudonym_keys: Mapping[str, bytes],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.signer = signer
+        self.policy = policy
+        self.roster = roster
+        self.pseudonym_keys = pseudonym_keys
+        self.clock = clock
+
+    def envelopes(self, report_id: str, record: bytes) -> list[OutboxItem]:
+        """The envelopes for one stored record; raise ``MsmtError`` if it cannot be planned."""
+        sighting = parse_record(record)
+        now = self.clock().replace(microsecond=0)
+        decisions = [d for d in self.policy.decide_all(sighting).values() if d.sends]
+        if not decisions:
+            return []
+        issued = issue(
+            sighting,
+            signing_key=self.signer.key,
+            kid=self.signer.kid,
+            policy_digest=self.policy.digest,
+            variants=variants(sighting, decisions, self.pseudonym_keys),
+            now=now,
+        )
+        items = []
+        for decision in decisions:
+            enc = self.roster.current(decision.partner, "enc", now)
+            keys = decision.disclosure_keys()
+            jwe = present(
+                issued,
+                disclosure_keys=keys,
+                recipient=decision.partner,
+                recipient_kid=enc.kid,
+                recipient_key=self.roster.public_key(enc.kid),
+            )
+            audit = {"kind": sighting.kind, "released": sorted(keys), "policy": self.policy.digest}
+            items.append(
+                OutboxItem(
+                    report_id=report_id,
+                    partner=decision.partner,
+                    subject=subject_for(decision.partner, sighting.kind),
+                    jwe=jwe.encode("ascii"),
+                    audit=json.dumps(audit, separators=(",", ":")),
+                )
+            )
+        return items
+
+    def plan_batch(self, store: Store, limit: int, skip: set[str]) -> tuple[int, dict[str, str]]:
+        """Plan up to ``limit`` unplanned reports; return (planned, {report id: error}).
+
+        A report that cannot be planned (e.g. a partner has no valid key) stays
+        unplanned and is named in the errors, so the caller can retry it later
+        without holding up the others.
+        """
+        plans: dict[str, list[OutboxItem]] = {}
+        errors: dict[str, str] = {}
+        for report_id, record in store.unplanned(limit + len(skip)):
+            if report_id in skip:
+                continue
+            try:
+                plans[report_id] = self.envelopes(report_id, record)
+            except MsmtError as exc:
+                errors[report_id] = str(exc)
+            if len(plans) >= limit:
+                break
+        if plans:
+            store.plan(plans)
+        return len(plans), errors
+
+
+def sent_event(member: str, item: OutboxItem, at: datetime) -> AuditEvent:
+    """The audit entry for an envelope the hub acknowledged."""
+    facts: dict[str, Any] = json.loads(item.audit)
+    return audit_events.sent(
+        member,
+        at,
+        partner=item.partner,
+        report_id=item.report_id,
+        kind=facts["kind"],
+        released=facts["released"],
+        policy_digest=facts["policy"],
+        jwe_sha256=hashlib.sha256(item.jwe).hexdigest(),
+    )
+
+
+RunDb = Callable[..., Awaitable[Any]]
+"""Runs a synchronous store/audit call on the store's single thread."""
+
+
+class Publisher:
+    """Publishes pending envelopes with at most ``max_in_flight`` awaiting acks."""
+
+    def __init__(
+        self,
+        member: str,
+        js: JetStreamContext,
+        store: Store,
+        run_db: RunDb,
+        record_sent: Callable[[list[OutboxItem]], None],
+        metrics: Metrics,
+        max_in_flight: int,
+    ) -> None:
+        self.member = member
+        self.js = js
+        self.store = store
+        self.run_db = run_db
+        self.record_sent = record_sent  # audit + mark sent, on the store thread
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._acked: list[OutboxItem] = []
+        # Acked but not yet marked sent: never picked up again meanwhile, so an
+        # envelope is not published (and audited as sent) twice in one run.
+        self._unrecorded: set[tuple[str, str]] = set()
+        self._wake = asyncio.Event()
+        self._retry_at: dict[tuple[str, str], float] = {}
+        self.last_error: str | None = None
+
+    def wake(self) -> None:
+        """Tell the publisher new envelopes may be pending."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop``; then wait briefly for in-flight acks and record them."""
+        committer = asyncio.create_task(self._commit_loop(stop))
+        try:
+            while not stop.is_set():
+                room = self.max_in_flight - len(self._in_flight)
+                started = 0
+                if room > 0:
+                    now = time.monotonic()
+                    skip = set(self._in_flight) | self._unrecorded
+                    skip |= {k for k, t in self._retry_at.items() if t > now}
+                    items = await self.run_db(self.store.pending, room, skip)
+                    for item in items:
+                        key = (item.report_id, item.partner)
+                        self._retry_at.pop(key, None)
+                        self._in_flight[key] = asyncio.create_task(self._publish(item))
+                        started += 1
+                if started == 0:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 0.2)
+        finally:
+            # Hand back: whatever is unacked stays pending in the outbox.
+            if self._in_flight:
+                await asyncio.wait(list(self._in_flight.values()), timeout=PUBLISH_TIMEOUT)
+            for task in self._in_flight.values():
+                task.cancel()
+            await committer
+
+    async def _publish(self, item: OutboxItem) -> None:
+        key = (item.report_id, item.partner)
+        started = time.perf_counter()
+        try:
+            await self.js.publish(
+                item.subject,
+                item.jwe,
+                timeout=PUBLISH_TIMEOUT,
+                headers={"Nats-Msg-Id": item.msg_id},
+            )
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            self.last_error = f"publish to {item.partner}: {type(exc).__name__} {exc}".strip()
+            self._retry_at[key] = time.monotonic() + RETRY_AFTER
+            log.warning(
+                "publish_failed",
+                report_id=item.report_id,
+                partner=item.partner,
+                error=type(exc).__name__,
+            )
+        else:
+            self.metrics.publish_latency.observe(time.perf_counter() - started)
+            self._acked.append(item)
+            self._unrecorded.add(key)
+            self._wake.set()
+        finally:
+            self._in_flight.pop(key, None)
+
+    async def _commit_loop(self, stop: asyncio.Event) -> None:
+        while True:
+            stopping = stop.is_set()
+            if self._acked:
+                batch, self._acked = self._acked, []
+                try:
+                    await self.run_db(self.record_sent, batch)
+                except MsmtError as exc:
+                    # Not recorded means not marked sent: they will be resent,
+                    # and the hub's dedup makes that harmless.
+                    self.last_error = str(exc)
+                    log.error("record_sent_failed", error=str(exc), envelopes=len(batch))  # noqa: TRY400
+                else:
+                    for item in batch:
+                        self.metrics.published.labels(partner=item.partner).inc()
+                finally:
+                    self._unrecorded.difference_update((i.report_id, i.partner) for i in batch)
+            if stopping and not self._in_flight and not self._acked:
+                return
+            await asyncio.sleep(0.02)
