@@ -295,6 +295,9 @@ class _Reader:
             if name == ALL_GROUP or is_member(name) or not _NAME.match(name):
                 self.fail(self.loc.line(*where), f"{name!r} cannot be a group name")
                 continue
+            if not isinstance(members, list):
+                self.fail(self.loc.line(*where), f"group {name} must be a list of strings")
+                continue
             listed = self.strings(members, where, f"group {name}")
             for code in listed:
                 if not is_member(code):
@@ -369,8 +372,9 @@ class _Reader:
         kinds = self.strings(data["kinds"], (*where, "kinds"), "kinds")
         if kinds == ["*"]:
             kinds = list(KINDS)
-        for kind in kinds:
+        for kind in list(kinds):
             if kind not in KINDS:
+                kinds.remove(kind)
                 self.fail(
                     self.loc.line(*where, "kinds", needle=kind),
                     f'unknown report kind {kind!r} (kinds: {", ".join(KINDS)}, or "*")',
@@ -455,7 +459,14 @@ class _Reader:
                 self.fail(line, "a withhold rule cannot have transforms")
                 return {}
             if isinstance(ident, dict):
-                self.fail(line, f'quote the field path in transforms: "{path}.…" = "…"')
+                # A bare dotted key (vessel.position = ...) is a nested table in TOML.
+                dotted: list[str] = [path]
+                inner: object = ident
+                while isinstance(inner, dict) and len(inner) == 1:
+                    key, inner = next(iter(inner.items()))
+                    dotted.append(key)
+                line = self.loc.line(*where, "transforms", *dotted)
+                self.fail(line, f'quote the field path in transforms: "{".".join(dotted)}" = "…"')
                 continue
             if not isinstance(ident, str):
                 self.fail(line, f'transform for {path!r} must be a string such as "coarsen:0.5"')
