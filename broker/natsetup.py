@@ -209,14 +209,15 @@ async def ensure_consumer(js: JetStreamContext, stream: str, wanted: ConsumerCon
 
 
 async def connect_account(
-    url: str, account: str, seed: bytes, *, connect_timeout: float = 5.0
+    url: str, account: str, seed: bytes, *, connect_timeout: int = 5
 ) -> Client:
     """Connect as ``account``'s nkey user with its own reply-inbox prefix (no reconnects).
 
     Raises ``ConfigError`` if the server cannot be reached or refuses the credentials.
     """
+    nc = Client()
     try:
-        return await nats.connect(
+        await nc.connect(
             url,
             nkeys_seed_str=seed.decode(),
             inbox_prefix=inbox_prefix(account),
@@ -225,9 +226,11 @@ async def connect_account(
             max_reconnect_attempts=0,
         )
     except (nats.errors.Error, OSError) as exc:
-        raise ConfigError(
-            f"cannot connect to {url} as {account}: {exc or type(exc).__name__}"
-        ) from None
+        # nats-py leaves the socket open when the first connect fails.
+        await nc.close()
+        reason = str(exc) or type(exc).__name__
+        raise ConfigError(f"cannot connect to {url} as {account}: {reason}") from None
+    return nc
 
 
 AUDIT_MAX_BYTES: Final = 256 * 1024**2
