@@ -1,0 +1,210 @@
+"""The generated hub configuration loads in nats-server 2.15; stream setup is idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from broker import keys, natsconfig, natsetup
+from broker.cli import main
+from broker.errors import ConfigError, KeyMaterialError
+from broker.members import MEMBERS
+from broker.natsproc import NatsServer, make_cluster, nats_server_binary, start_cluster
+
+MEMBERS3 = ("JPN", "USA", "KOR")
+
+
+@pytest.fixture(scope="module")
+def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("natsconfig") / "keys"
+    keys.init_keys(path)  # all 11 members, as a deployment has
+    return path
+
+
+@pytest.fixture
+def hub(keydir: Path, tmp_path: Path) -> Iterator[NatsServer]:
+    users = natsconfig.load_users(keydir)
+    server = NatsServer(workdir=tmp_path / "hub", extra_config=natsconfig.accounts_config(users))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("cluster", [0, 3])
+def test_cli_config_loads_in_nats_server(keydir: Path, tmp_path: Path, cluster: int) -> None:
+    out = tmp_path / "hub.conf"
+    args = ["nats", "config", "--keys", str(keydir), "--out", str(out), "--cluster", str(cluster)]
+    result = CliRunner().invoke(main, [*args, "--store-dir", str(tmp_path / "js")])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert ("cluster {" in text) == bool(cluster)
+    env = {**os.environ, "SERVER_NAME": "nats-1"}
+    check = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "is valid" in check.stdout + check.stderr
+
+
+def test_every_member_user_has_least_privilege(keydir: Path) -> None:
+    users = natsconfig.load_users(keydir)
+    for member in MEMBERS:
+        account = natsconfig.member_account(member, users[member], MEMBERS)
+        (user,) = account["users"]
+        assert user["nkey"] == users[member]
+        publish = user["permissions"]["publish"]["allow"]
+        subscribe = user["permissions"]["subscribe"]["allow"]
+        partners = [p for p in MEMBERS if p != member]
+        assert {s for s in publish if s.startswith("msmt.to.")} == {
+            f"msmt.to.{p}.>" for p in partners
+        }
+        for subject in publish:
+            # JetStream API only on its own inbox; never a wildcard over streams or accounts.
+            if subject.startswith("$JS.") and subject != "$JS.API.INFO":
+                assert f".INBOX_{member}." in subject or subject.endswith(f".INBOX_{member}")
+            assert not subject.startswith(("from.", "msmt.in.", "$SYS", "_INBOX"))
+            assert subject not in (">", "$JS.>", "$JS.API.>", "msmt.>")
+        assert sorted(subscribe) == sorted(
+            [
+                f"_INBOX_{member}.>",
+                f"msmt.audit.{member}.proof",
+                "msmt.audit.*.checkpoint",
+                "msmt.audit.*.cosignature",
+            ]
+        )
+        (inbox_export,) = [e for e in account["exports"] if "account_token_position" in e]
+        assert inbox_export["service"] == f"from.*.msmt.to.{member}.>"
+        assert inbox_export["account_token_position"] == 2
+        assert sorted(inbox_export["accounts"]) == sorted(partners)
+
+
+@pytest.mark.parametrize(
+    ("users", "match"),
+    [
+        ({"JPN": "U" + "A" * 55, "USA": "U" + "B" * 55}, "needs AUDIT"),
+        ({"JPN": "U" + "A" * 55, "AUDIT": "U" + "C" * 55}, "at least two members"),
+        ({"JPN": "U" + "A" * 55, "XYZ": "U" + "C" * 55}, "unknown account 'XYZ'"),
+        ({"JPN": "SUAAAA", "USA": "U" + "B" * 55, "AUDIT": "U" + "C" * 55}, "JPN has no user"),
+    ],
+)
+def test_bad_user_lists_are_refused(users: dict[str, str], match: str) -> None:
+    with pytest.raises(KeyMaterialError, match=match):
+        natsconfig.accounts_config(users)
+
+
+def test_cli_config_from_missing_keys_is_one_line(tmp_path: Path) -> None:
+    args = ["nats", "config", "--keys", str(tmp_path / "nope"), "--out", str(tmp_path / "x.conf")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("msmt: error: cannot read")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.conf").exists()
+
+
+def test_setup_twice_changes_nothing_and_shows_its_settings(hub: NatsServer, keydir: Path) -> None:
+    runner = CliRunner()
+    base = ["nats", "setup", "--server", hub.url, "--keys", str(keydir), "--account", "JPN"]
+    base += ["--max-bytes", str(8 * 1024 * 1024)]
+    first = runner.invoke(main, base)
+    assert first.exit_code == 0, first.output
+    assert "stream INBOX_JPN: created" in first.output
+    assert "consumer JPN_NODE: created" in first.output
+    for line in (
+        "deny_delete = True",
+        "deny_purge = True",
+        "duplicate_window = 86400s",
+        "max_msg_size = 524288",
+        "max_bytes = 8388608",
+        "discard = new",
+        "subjects = ['from.*.msmt.to.JPN.>']",
+        "ack_policy = explicit",
+    ):
+        assert line in first.output
+    second = runner.invoke(main, base)
+    assert second.exit_code == 0, second.output
+    assert "stream INBOX_JPN: unchanged" in second.output
+    assert "consumer JPN_NODE: unchanged" in second.output
+    changed = runner.invoke(main, [*base[:-1], str(16 * 1024 * 1024)])
+    assert "stream INBOX_JPN: updated" in changed.output
+    assert "max_bytes = 16777216" in changed.output
+    audit = runner.invoke(main, [*base[:-3], "AUDIT"])
+    assert audit.exit_code == 0, audit.output
+    assert f"stream {natsconfig.AUDIT_STREAM}: created" in audit.output
+
+
+def test_setup_with_credentials_the_hub_does_not_know_is_one_line(
+    hub: NatsServer, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="Authorization Violation"):
+        asyncio.run(natsetup.setup_account(hub.url, "JPN", keys.new_nats_seed()))
+
+
+def test_three_server_hub_acks_a_cross_account_publish_on_an_r3_inbox(
+    keydir: Path, tmp_path: Path
+) -> None:
+    users = natsconfig.load_users(keydir)
+    servers = make_cluster(tmp_path / "cluster", 3, natsconfig.accounts_config(users))
+    start_cluster(servers)
+    try:
+        asyncio.run(_r3_round_trip(servers, keydir))
+    finally:
+        for server in servers:
+            server.kill()
+
+
+async def _r3_round_trip(servers: list[NatsServer], keydir: Path) -> None:
+    limits = natsetup.InboxLimits(max_bytes=8 * 1024 * 1024, replicas=3)
+    usa_seed = (keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
+    for attempt in range(50):  # the meta leader may still be settling right after /healthz
+        try:
+            results = await natsetup.setup_account(servers[0].url, "USA", usa_seed, limits)
+            break
+        except ConfigError:
+            if attempt == 49:
+                raise
+            await asyncio.sleep(0.2)
+    assert results[0].settings["num_replicas"] == 3
+    # The sender is on another server than the one the inbox was set up through.
+    jpn_seed = (keydir / "JPN" / keys.NATS_SEED_FILE).read_bytes().strip()
+    jpn = await natsetup.connect_account(servers[2].url, "JPN", jpn_seed)
+    try:
+        ack = await jpn.jetstream().publish(
+            "msmt.to.USA.vessel", b"ct", headers={"Nats-Msg-Id": "c1"}, timeout=10
+        )
+    finally:
+        await jpn.close()
+    assert ack.stream == "INBOX_USA"
+    assert ack.seq == 1
+    usa = await natsetup.connect_account(servers[1].url, "USA", usa_seed)
+    try:
+        info = await usa.jetstream().stream_info("INBOX_USA")
+    finally:
+        await usa.close()
+    assert info.state.messages == 1
+    assert info.cluster is not None
+    assert len(info.cluster.replicas or []) == 2
+
+
+def test_config_is_plain_json_a_reader_can_audit(keydir: Path) -> None:
+    text = natsconfig.accounts_config(natsconfig.load_users(keydir))
+    head, _, rest = text.partition("accounts: ")
+    body, _, tail = rest.rpartition("system_account: ")
+    assert head == ""
+    accounts = json.loads(body)
+    assert set(accounts) == {*MEMBERS, "AUDIT", "SYS"}
+    assert accounts["SYS"] == {}
+    assert tail.strip() == '"SYS"'
