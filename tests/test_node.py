@@ -1,0 +1,401 @@
+"""The node daemon against a real nats-server with the generated per-member accounts.
+
+Where a kill and restart matters the node runs as a real ``msmt node run``
+subprocess and is killed with SIGKILL; the exchange test runs three nodes in
+this process so that ``capture_logs`` sees every log event they emit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from broker import keys, samples
+from broker.config import NodeConfig, load_config
+from broker.intake import ensure_token, submit
+from broker.members import MEMBERS
+from broker.natsconfig import accounts_config, inbox_stream, load_users
+from broker.natsetup import connect_account, setup_account
+from broker.natsproc import NatsServer, free_port
+from broker.node import Node, load_node
+from broker.policy import Policy, load_policy, variants
+from broker.sightings import SightingModel, leaf_values
+from broker.store import Store
+from broker.validation import parse_record
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).parent.parent
+MSMT = str(Path(sys.executable).parent / "msmt")
+
+# A small policy for the batch tests: everything but source and method to USA and KOR,
+# so each report costs two envelopes rather than ten.
+BATCH_POLICY = """
+version = 1
+member = "JPN"
+
+[[rules]]
+name = "close-partners"
+kinds = ["*"]
+partners = ["USA", "KOR"]
+release = ["*"]
+"""
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def await_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class World:
+    """Keys for all 11 members, a hub with their accounts and inboxes, and node configs."""
+
+    root: Path
+    keydir: Path
+    server: NatsServer
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def config_path(self, member: str) -> Path:
+        return self.root / "nodes" / member / "node.toml"
+
+    def config(self, member: str) -> NodeConfig:
+        return load_config(self.config_path(member), env={})
+
+    def write_config(self, member: str, policy_text: str | None = None) -> None:
+        folder = self.root / "nodes" / member
+        folder.mkdir(parents=True, exist_ok=True)
+        text = policy_text or (REPO / "nodes" / member / "policy.toml").read_text()
+        (folder / "policy.toml").write_text(text)
+        policy = load_policy(text, member=member)
+        for key_id in policy.pseudonym_keys:
+            path = self.keydir / member / "pseudonym" / f"{key_id}.key"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(base64.urlsafe_b64encode(key_id.encode().ljust(32, b"k")).decode())
+        (folder / "node.toml").write_text(
+            f'member = "{member}"\n'
+            f'base_dir = "../.."\n'
+            f'policy = "nodes/{member}/policy.toml"\n'
+            f'data_dir = "data/{member}"\n'
+            f"[nats]\nurls = [{json.dumps(self.server.url)}]\n"
+            f'[keys]\ndir = "keys"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
+        )
+
+    def policy(self, member: str) -> Policy:
+        text = (self.root / "nodes" / member / "policy.toml").read_text()
+        return load_policy(text, member=member)
+
+    def pseudonym_keys(self, member: str) -> dict[str, bytes]:
+        folder = self.keydir / member / "pseudonym"
+        return (
+            {p.stem: base64.urlsafe_b64decode(p.read_text()) for p in folder.glob("*.key")}
+            if folder.is_dir()
+            else {}
+        )
+
+    # --- subprocess nodes ---------------------------------------------------
+
+    def start(self, member: str, **env: str) -> None:
+        log = (self.root / f"{member}.log").open("ab")
+        self.procs[member] = subprocess.Popen(
+            [MSMT, "node", "run", "--config", str(self.config_path(member))],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+        log.close()
+        port = self.config(member).metrics.port
+        wait_for(lambda: self._ready(port) or self._died(member), 30, f"{member} ready")
+        assert not self._died(member), self.log_tail(member)
+
+    def _ready(self, port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _died(self, member: str) -> bool:
+        return self.procs[member].poll() is not None
+
+    def kill(self, member: str) -> None:
+        proc = self.procs.pop(member)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def terminate(self, member: str) -> int:
+        proc = self.procs.pop(member)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=30)
+
+    def log_tail(self, member: str) -> str:
+        return (self.root / f"{member}.log").read_text()[-3000:]
+
+    def store(self, member: str) -> Store:
+        return Store(self.config(member).store_path, readonly=True)
+
+    def inbox_ids(self, member: str, sender: str) -> list[str]:
+        path = self.config(member).store_path
+        if not path.exists():
+            return []
+        store = Store(path, readonly=True)
+        try:
+            return [e.report_id for e in store.inbox(sender=sender, limit=1_000_000)]
+        finally:
+            store.close()
+
+    async def stream_messages(self, member: str) -> int:
+        seed = (self.keydir / member / keys.NATS_SEED_FILE).read_bytes().strip()
+        nc = await connect_account(self.server.url, member, seed)
+        try:
+            info = await nc.jetstream().stream_info(inbox_stream(member))
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+
+    async def submit(self, member: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        config = self.config(member)
+        body = samples.to_ndjson(records).encode()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(body), 1 << 16):
+                yield body[i : i + (1 << 16)]
+
+        answers: list[dict[str, Any]] = []
+        await submit(config.socket_path, ensure_token(config.token_path), chunks(), answers.append)
+        return answers
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
+    server = NatsServer(workdir=tmp_path / "nats", extra_config=accounts_config(load_users(keydir)))
+    server.start()
+
+    async def setup() -> None:
+        for account in (*MEMBERS, keys.AUDIT_ACCOUNT):
+            seed = (keydir / account / keys.NATS_SEED_FILE).read_bytes().strip()
+            await setup_account(server.url, account, seed)
+
+    asyncio.run(setup())
+    w = World(tmp_path, keydir, server)
+    try:
+        yield w
+    finally:
+        for member in list(w.procs):
+            w.kill(member)
+        server.kill()
+
+
+def expected_partners(policy: Policy, sighting: SightingModel) -> set[str]:
+    return {p for p, d in policy.decide_all(sighting).items() if d.sends}
+
+
+def records_for(member: str, count: int, seed: int) -> list[dict[str, Any]]:
+    return samples.generate(count, seed=seed, originators=(member,), now=datetime.now(UTC))
+
+
+# --- three members exchange every kind, in process, with logs captured ----------------
+
+
+async def test_three_members_exchange_every_kind_and_receive_exactly_what_was_released(
+    world: World,
+) -> None:
+    trio = ("JPN", "USA", "KOR")
+    for member in trio:
+        world.write_config(member)
+    sent = {m: records_for(m, 24, seed=i + 1) for i, m in enumerate(trio)}
+    kinds = {(r["kind"], r.get("transfer", {}).get("category")) for rs in sent.values() for r in rs}
+    assert kinds >= {
+        ("vessel", None),
+        ("worker", None),
+        ("transfer", "crypto"),
+        ("transfer", "fuel"),
+    }
+
+    with capture_logs() as logs:
+        nodes: dict[str, Node] = {m: load_node(world.config(m)) for m in trio}
+        tasks = [asyncio.create_task(n.run()) for n in nodes.values()]
+        try:
+            await await_for(lambda: all(n.ready() is None for n in nodes.values()), 20, "ready")
+            for member in trio:
+                answers = await world.submit(member, sent[member])
+                assert [a["status"] for a in answers] == ["accepted"] * len(sent[member])
+            expected: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+            for sender in trio:
+                policy = world.policy(sender)
+                pseudonyms = world.pseudonym_keys(sender)
+                for record in sent[sender]:
+                    sighting = parse_record(json.dumps(record))
+                    for partner, decision in policy.decide_all(sighting).items():
+                        if partner not in trio or not decision.sends:
+                            continue
+                        values = leaf_values(sighting)
+                        reduced = variants(sighting, [decision], pseudonyms)
+                        fields = {
+                            r.disclosure_key: values[r.path]
+                            if r.transform is None
+                            else reduced[r.disclosure_key]
+                            for r in decision.released.values()
+                        }
+                        expected.setdefault((partner, sender), {})[record["report_id"]] = fields
+            assert {p for p, _ in expected} == set(trio)  # everyone receives something
+
+            def delivered() -> bool:
+                return all(
+                    len(world.inbox_ids(p, s)) == len(reports)
+                    for (p, s), reports in expected.items()
+                )
+
+            await await_for(delivered, 60, "every release delivered")
+        finally:
+            for n in nodes.values():
+                n.stop.set()
+            await asyncio.gather(*tasks)
+
+    for (partner, sender), reports in expected.items():
+        store = world.store(partner)
+        got = {e.report_id: e for e in store.inbox(sender=sender, limit=10_000)}
+        assert set(got) == set(reports)
+        for report_id, fields in reports.items():
+            entry = got[report_id]
+            assert entry.originator == sender
+            assert entry.fields == fields, (partner, sender, report_id)
+            assert list(entry.paths) == sorted(fields)
+    # Not one log event carries a report's content.
+    secrets_in_reports = {
+        str(v)
+        for rs in sent.values()
+        for r in rs
+        for v in leaf_values(parse_record(json.dumps(r))).values()
+        if len(str(v)) >= 6 and not str(v).isdigit()
+    }
+    rendered = [json.dumps(event, default=str) for event in logs]
+    assert rendered
+    leaks = [s for s in secrets_in_reports if any(s in line for line in rendered)]
+    assert leaks == []
+
+
+# --- kill and restart ------------------------------------------------------------------
+
+
+def batch_world(world: World) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:
+    world.write_config("JPN", BATCH_POLICY)
+    world.write_config("USA")
+    world.write_config("KOR")
+    policy = world.policy("JPN")
+    records = records_for("JPN", 1000, seed=42)
+    want: dict[str, set[str]] = {"USA": set(), "KOR": set()}
+    for record in records:
+        for partner in expected_partners(policy, parse_record(json.dumps(record))):
+            want[partner].add(record["report_id"])
+    assert all(len(ids) > 500 for ids in want.values())
+    return records, want
+
+
+async def assert_all_exactly_once(world: World, want: dict[str, set[str]]) -> None:
+    def done() -> bool:
+        return all(len(world.inbox_ids(p, "JPN")) >= len(ids) for p, ids in want.items())
+
+    await await_for(done, 120, "all reports delivered")
+    for partner, ids in want.items():
+        got = world.inbox_ids(partner, "JPN")
+        assert len(got) == len(set(got)) == len(ids)
+        assert set(got) == ids
+        # The hub's dedup held too: each report is in the partner's inbox stream once.
+        assert await world.stream_messages(partner) == len(ids)
+
+
+def outbox_depth(world: World, member: str) -> int:
+    store = world.store(member)
+    try:
+        return store.outbox_depth()
+    finally:
+        store.close()
+
+
+async def test_kill_and_restart_the_publishing_node_mid_batch(world: World) -> None:
+    records, want = batch_world(world)
+    world.start("USA")
+    world.start("KOR")
+    world.start("JPN", MSMT_PUBLISH_MAX_IN_FLIGHT="8")
+    answers = await world.submit("JPN", records)
+    assert sum(a["status"] == "accepted" for a in answers) == 1000
+    await await_for(lambda: len(world.inbox_ids("USA", "JPN")) >= 50, 60, "first deliveries")
+    world.kill("JPN")
+    assert outbox_depth(world, "JPN") > 0  # the kill really was mid-batch
+    world.start("JPN")
+    await assert_all_exactly_once(world, want)
+    assert outbox_depth(world, "JPN") == 0
+
+
+async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:
+    records, want = batch_world(world)
+    for member in ("USA", "KOR"):
+        world.start(member)
+    world.start("JPN", MSMT_PUBLISH_MAX_IN_FLIGHT="8")
+    await world.submit("JPN", records)
+    await await_for(lambda: len(world.inbox_ids("USA", "JPN")) >= 50, 60, "first deliveries")
+    world.server.kill()
+    assert outbox_depth(world, "JPN") > 0
+    await asyncio.sleep(1.5)  # long enough for publishes to fail and be retried
+    world.server.start()
+    await assert_all_exactly_once(world, want)
+    assert all(world.procs[m].poll() is None for m in ("JPN", "USA", "KOR"))
+
+
+async def test_kill_and_restart_a_receiving_node_mid_batch(world: World) -> None:
+    records, want = batch_world(world)
+    world.start("USA", MSMT_FETCH_BATCH="20")
+    world.start("KOR")
+    world.start("JPN")
+    await world.submit("JPN", records)
+    await await_for(lambda: len(world.inbox_ids("USA", "JPN")) >= 50, 60, "first deliveries")
+    world.kill("USA")
+    assert len(world.inbox_ids("USA", "JPN")) < len(want["USA"])
+    await asyncio.sleep(0.5)
+    world.start("USA")
+    await assert_all_exactly_once(world, want)
+
+
+async def test_sigterm_shuts_down_cleanly_and_hands_back_nothing_lost(world: World) -> None:
+    records, want = batch_world(world)
+    world.start("USA")
+    world.start("KOR")
+    world.start("JPN", MSMT_PUBLISH_MAX_IN_FLIGHT="8")
+    await world.submit("JPN", records)
+    await await_for(lambda: len(world.inbox_ids("USA", "JPN")) >= 50, 60, "first deliveries")
+    assert world.terminate("JPN") == 0
+    world.start("JPN")
+    await assert_all_exactly_once(world, want)
