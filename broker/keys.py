@@ -19,6 +19,7 @@ runs before the first write, so a refused command changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -265,6 +266,37 @@ def load_signed_roster(
         ) from None
     authority = load_authority(authority_path or keydir / AUTHORITY_PUBLIC_FILE)
     return verify_roster(jwks, signature, authority, min_version=min_version)
+
+
+def roster_digest(jwks: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the roster's RFC 8785 bytes: what a node remembers per version."""
+    return hashlib.sha256(rfc8785.dumps(dict(jwks))).hexdigest()
+
+
+def load_pinned_roster(keydir: Path, authority_path: Path, state_path: Path) -> SignedRoster:
+    """Load the roster as a node does: pinned authority, and never an older roster.
+
+    ``state_path`` remembers the highest version accepted and its digest. A lower
+    version is a rollback; the same version with other content means the authority
+    signed two different rosters under one number. Both raise ``KeyMaterialError``
+    and leave the state untouched; a newer valid roster advances it.
+    """
+    seen_version, seen_digest = 0, None
+    if state_path.exists():
+        state = read_json(state_path)
+        if not (isinstance(state, dict) and isinstance(state.get("version"), int)):
+            raise KeyMaterialError(f"{state_path}: not a roster state file")
+        seen_version, seen_digest = state["version"], state.get("sha256")
+    signed = load_signed_roster(keydir, authority_path=authority_path, min_version=seen_version)
+    digest = roster_digest(signed.jwks)
+    if signed.version == seen_version and digest != seen_digest:
+        raise KeyMaterialError(
+            f"roster version {signed.version} differs from the version {seen_version} seen before"
+        )
+    if signed.version > seen_version:
+        state_bytes = _json_bytes({"version": signed.version, "sha256": digest})
+        _write_atomic(state_path, state_bytes, private=False)
+    return signed
 
 
 # --- operations: init, rotate, revoke ---------------------------------------

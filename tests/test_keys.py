@@ -356,3 +356,38 @@ def test_cli_init_rotate_revoke_verify(tmp_path: Path) -> None:
     result = runner.invoke(main, ["keys", "init", "--dir", keydir, "--members", "JPN,XYZ"])
     assert result.exit_code == 2
     assert "unknown member 'XYZ'" in result.stderr
+
+
+def test_node_pins_the_authority_and_remembers_the_highest_version(
+    keydir: Path, tmp_path: Path
+) -> None:
+    pinned = tmp_path / "pinned-authority.json"
+    shutil.copy(keydir / keys.AUTHORITY_PUBLIC_FILE, pinned)
+    state = tmp_path / "node" / "roster-state.json"
+    v1 = tmp_path / "v1"
+    shutil.copytree(keydir, v1)
+    assert keys.load_pinned_roster(keydir, pinned, state).version == 1
+    assert keys.load_pinned_roster(keydir, pinned, state).version == 1  # reload is fine
+    keys.rotate_keys(keydir, "KOR")
+    assert keys.load_pinned_roster(keydir, pinned, state).version == 2
+    assert json.loads(state.read_text())["version"] == 2
+    # The old roster is validly signed, but the node has seen version 2.
+    with pytest.raises(KeyMaterialError, match="rollback"):
+        keys.load_pinned_roster(v1, pinned, state)
+    # An authority that signs two different rosters under one number is caught too.
+    jwks = json.loads((keydir / keys.ROSTER_FILE).read_text())
+    jwks["keys"] = jwks["keys"][1:]
+    authority = keys.load_private_jwk_any(keydir / keys.AUTHORITY_PRIVATE_FILE)
+    other = tmp_path / "equivocated"
+    other.mkdir()
+    (other / keys.ROSTER_FILE).write_text(json.dumps(jwks))
+    (other / keys.ROSTER_SIG_FILE).write_text(keys.sign_roster(jwks, authority))
+    before = state.read_bytes()
+    with pytest.raises(KeyMaterialError, match="version 2 differs"):
+        keys.load_pinned_roster(other, pinned, state)
+    assert state.read_bytes() == before
+    # A roster signed by whoever controls the key directory's own authority file
+    # does not pass: the node checks against the key it pinned.
+    keys.init_keys(keydir, MEMBERS3, force=True)
+    with pytest.raises(KeyMaterialError, match="is not Ed25519 by authority"):
+        keys.load_pinned_roster(keydir, pinned, state)
