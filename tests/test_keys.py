@@ -336,6 +336,8 @@ def test_cli_init_rotate_revoke_verify(tmp_path: Path) -> None:
     result = runner.invoke(main, ["keys", "init", "--dir", keydir, "--members", "JPN,USA"])
     assert result.exit_code == 0, result.output
     assert "roster version 1: 4 public keys" in result.output
+    authority = keys.load_authority(Path(keydir) / keys.AUTHORITY_PUBLIC_FILE)
+    assert f"authority thumbprint (RFC 7638): {authority.thumbprint()}" in result.output
     result = runner.invoke(main, ["keys", "init", "--dir", keydir, "--members", "JPN,USA"])
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("msmt: error: ")

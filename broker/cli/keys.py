@@ -49,10 +49,12 @@ def keys_init(keydir: Path, members: str, force: bool, valid_days: int) -> None:
     signed = keyfiles.init_keys(keydir, chosen, force=force, valid_days=valid_days)
     click.echo(f"wrote keys for {', '.join(chosen)} and AUDIT under {keydir}")
     click.echo(f"roster version {signed.version}: {len(signed.roster)} public keys")
+    authority = keyfiles.load_authority(keydir / keyfiles.AUTHORITY_PUBLIC_FILE)
     click.echo(
         f"pin {keydir / keyfiles.AUTHORITY_PUBLIC_FILE} in every node; keep "
         f"{keydir / keyfiles.AUTHORITY_PRIVATE_FILE} offline"
     )
+    click.echo(f"authority thumbprint (RFC 7638): {authority.thumbprint()}")
 
 
 @keys_group.command(name="rotate")
@@ -92,7 +94,9 @@ def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
 def keys_verify_roster(keydir: Path, authority: Path | None, min_version: int) -> None:
     """Check the roster's signature and version, then list its keys."""
     signed = keyfiles.load_signed_roster(keydir, authority_path=authority, min_version=min_version)
+    pinned = keyfiles.load_authority(authority or keydir / keyfiles.AUTHORITY_PUBLIC_FILE)
     click.echo(f"roster version {signed.version}: signature ok, {len(signed.roster)} keys")
+    click.echo(f"signed by {pinned.kid}, thumbprint (RFC 7638) {pinned.thumbprint()}")
     for key in signed.roster:
         click.echo(
             f"{key.member} {key.use} {key.kid} {key.status} "
