@@ -110,11 +110,14 @@ class Inbound:
         now = datetime.now(UTC)
         result = BatchResult(actions=[])
         events: list[AuditEvent] = []
-        batch_seen: set[tuple[str, str]] = set()
+        batch_seen: set[tuple[str, str]] = set()  # (sender, jti) verified in this batch
+        batch_digests: set[tuple[str, str]] = set()  # (sender, JWE hash) of those
         for subject, data in messages:
             digest = hashlib.sha256(data).hexdigest()
             try:
-                action, rec, event = self._one(subject, data, digest, now, batch_seen, result)
+                action, rec, event = self._one(
+                    subject, data, digest, now, batch_seen, batch_digests, result
+                )
             except EnvelopeError as exc:
                 source = subject.split(".")[1] if subject.count(".") >= 1 else "unknown"
                 source = source if is_member(source) else "unknown"
@@ -135,6 +138,7 @@ class Inbound:
             result.actions.append(action)
             if rec is not None and event is not None:
                 batch_seen.add((rec.sender, rec.report_id))
+                batch_digests.add((rec.sender, rec.jwe_sha256))
                 result.stored.append(rec)
                 events.append(event)
         # Durable record first, then the store: a crash in between leaves an
@@ -150,6 +154,7 @@ class Inbound:
         digest: str,
         now: datetime,
         batch_seen: set[tuple[str, str]],
+        batch_digests: set[tuple[str, str]],
         result: BatchResult,
     ) -> tuple[Action, Received | None, AuditEvent | None]:
         sender = attested_sender(subject, self.member)
@@ -161,7 +166,7 @@ class Inbound:
             token = data.decode("ascii")
         except UnicodeDecodeError:
             raise EnvelopeError("format", "envelope is not ASCII text") from None
-        if self.store.has_received(sender, digest):
+        if (sender, digest) in batch_digests or self.store.has_received(sender, digest):
             return "ack", None, None
 
         def is_replay(jti: str) -> bool:

@@ -12,11 +12,13 @@ import base64
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,7 +29,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker import keys, samples
+from broker.auditlog import DB_FILE
 from broker.config import NodeConfig, load_config
+from broker.envelope import issue, present
 from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
 from broker.natsconfig import accounts_config, inbox_stream, load_users
@@ -67,13 +71,13 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-async def await_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+async def await_for(check: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if check():
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 @dataclass
@@ -399,3 +403,199 @@ async def test_sigterm_shuts_down_cleanly_and_hands_back_nothing_lost(world: Wor
     assert world.terminate("JPN") == 0
     world.start("JPN")
     await assert_all_exactly_once(world, want)
+
+
+# --- a flood of bad messages mixed with good ones ----------------------------------------
+
+
+@dataclass
+class Forger:
+    """Builds envelopes with JPN's (and KOR's) real keys, correct or broken one way each."""
+
+    world: World
+    now: datetime
+
+    def __post_init__(self) -> None:
+        signed = keys.load_signed_roster(self.world.keydir)
+        self.roster = signed.roster
+        self.jpn = keys.load_member_keys(self.world.keydir, "JPN", self.roster, self.now)
+        self.kor = keys.load_member_keys(self.world.keydir, "KOR", self.roster, self.now)
+
+    def envelope(
+        self,
+        record: dict[str, Any],
+        *,
+        to: str = "USA",
+        signer: keys.MemberKeys | None = None,
+        kid: str | None = None,
+        at: datetime | None = None,
+    ) -> tuple[str, Any]:
+        signer = signer or (self.kor if record["originator"] == "KOR" else self.jpn)
+        sighting = parse_record(json.dumps(record))
+        issued = issue(
+            sighting,
+            signing_key=signer.signing,
+            kid=kid or signer.signing_kid,
+            policy_digest="0" * 64,
+            now=(at or self.now).replace(microsecond=0),
+        )
+        return self.present(issued, to), issued
+
+    def present(self, issued: Any, to: str) -> str:
+        enc = self.roster.current(to, "enc", self.now)
+        return present(
+            issued,
+            disclosure_keys=list(issued.disclosures),
+            recipient=to,
+            recipient_kid=enc.kid,
+            recipient_key=self.roster.public_key(enc.kid),
+        )
+
+
+def flip(token: str, segment: int) -> str:
+    parts = token.split(".")
+    body = parts[segment]
+    middle = len(body) // 2
+    parts[segment] = body[:middle] + ("A" if body[middle] != "A" else "B") + body[middle + 1 :]
+    return ".".join(parts)
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own http URL
+        return str(response.read().decode())
+
+
+def audit_rejections(config: NodeConfig) -> Counter[str]:
+    with sqlite3.connect(config.audit_dir / DB_FILE) as db:
+        entries = [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries")]
+    return Counter(e["step"] for e in entries if e["type"] == "rejected")
+
+
+STEPS = (
+    "subject",
+    "size",
+    "format",
+    "decrypt",
+    "recipient",
+    "signature",
+    "key",
+    "freshness",
+    "sender",
+)
+
+
+def forge_bad(  # noqa: PLR0911 - one return per checklist step
+    forger: Forger, step: str, record: dict[str, Any], kor_record: dict[str, Any], i: int
+) -> tuple[bytes, str]:
+    """One message broken at checklist ``step``: (payload, subject suffix)."""
+    if step == "subject":
+        return forger.envelope(record)[0].encode(), "vessel.extra"
+    if step == "size":
+        return b"A" * 20_000, "vessel"
+    if step == "format":
+        return (b"\xff\xfe not an envelope" if i % 2 else b"a.b.c"), "vessel"
+    if step == "decrypt":
+        return flip(forger.envelope(record)[0], 3).encode(), "vessel"
+    if step == "recipient":
+        return forger.envelope(record, to="KOR")[0].encode(), "vessel"
+    if step == "signature":
+        token = forger.envelope(record, signer=forger.kor, kid=forger.jpn.signing_kid)[0]
+        return token.encode(), "vessel"
+    if step == "key":
+        return forger.envelope(record, kid=forger.kor.signing_kid)[0].encode(), "vessel"
+    if step == "freshness":
+        return forger.envelope(record, at=forger.now - timedelta(hours=2))[0].encode(), "vessel"
+    # KOR's report handed over by JPN: the hub says JPN, the envelope says KOR.
+    return forger.envelope(kor_record)[0].encode(), "vessel"
+
+
+async def test_flood_of_bad_messages_mixed_with_good_ones(world: World) -> None:
+    _, _ = batch_world(world)
+    world.start("USA", MSMT_MAX_MESSAGE_BYTES="16384", MSMT_FRESHNESS_SECONDS="3600")
+    world.start("JPN")
+    now = datetime.now(UTC)
+    forger = Forger(world, now)
+    good_records = records_for("JPN", 60, seed=7)
+    kor_records = records_for("KOR", 10, seed=8)
+    messages: list[tuple[str, bytes, str]] = []  # subject suffix, payload, msg id
+    bad: Counter[str] = Counter()
+    good_ids: set[str] = set()
+
+    def add_good(record: dict[str, Any]) -> None:
+        token, _ = forger.envelope(record)
+        messages.append((record["kind"], token.encode(), f"{record['report_id']}.USA"))
+        good_ids.add(record["report_id"])
+
+    def add_bad(step: str, payload: bytes, kind: str, msg_id: str = "") -> None:
+        messages.append((kind, payload, msg_id or f"{payload[:8]!r}.{len(messages)}"))
+        bad[step] += 1
+
+    for i, record in enumerate(good_records):
+        rid = record["report_id"]
+        if i % 6 == 0:
+            add_good(record)
+            # The same report again under another message id: same jti, new bytes.
+            _, issued = forger.envelope(record)
+            again = forger.present(issued, "USA")
+            add_bad("replay", again.encode(), record["kind"], f"{rid}.USA.replay")
+            # The identical bytes again: a harmless redelivery, neither stored twice nor rejected.
+            messages.append((record["kind"], messages[-2][1], f"{rid}.USA.redelivered"))
+            continue
+        step = STEPS[i % len(STEPS)]
+        add_bad(step, *forge_bad(forger, step, record, kor_records[i % len(kor_records)], i))
+        if i % 2:
+            add_good(records_for("JPN", 1, seed=1000 + i)[0])
+    assert set(bad) == {
+        "replay", "subject", "size", "format", "decrypt", "recipient", "signature", "key",
+        "freshness", "sender",
+    }  # fmt: skip
+
+    # Meanwhile JPN's own node sends real reports through intake.
+    from_node = records_for("JPN", 100, seed=9)
+    policy = world.policy("JPN")
+    node_ids = {
+        r["report_id"]
+        for r in from_node
+        if "USA" in expected_partners(policy, parse_record(json.dumps(r)))
+    }
+    seed = (world.keydir / "JPN" / keys.NATS_SEED_FILE).read_bytes().strip()
+    nc = await connect_account(world.server.url, "JPN", seed)
+    try:
+        js = nc.jetstream()
+        submitted = asyncio.create_task(world.submit("JPN", from_node))
+        for suffix, payload, msg_id in messages:
+            await js.publish(f"msmt.to.USA.{suffix}", payload, headers={"Nats-Msg-Id": msg_id})
+        assert all(a["status"] == "accepted" for a in await submitted)
+    finally:
+        await nc.close()
+
+    want = good_ids | node_ids
+    usa = world.config("USA")
+
+    def counters() -> dict[str, int]:
+        store = world.store("USA")
+        try:
+            return store.counters()
+        finally:
+            store.close()
+
+    def settled() -> bool:
+        c = counters()
+        return len(world.inbox_ids("USA", "JPN")) >= len(want) and all(
+            c.get(f"rejected.{step}", 0) >= n for step, n in bad.items()
+        )
+
+    await await_for(settled, 60, "all good stored and all bad counted")
+    await asyncio.sleep(1.5)  # let anything extra (a double store, a miscount) show up
+    got = world.inbox_ids("USA", "JPN")
+    assert len(got) == len(set(got))
+    assert set(got) == want
+    final = counters()
+    assert {
+        k.removeprefix("rejected."): v for k, v in final.items() if k.startswith("rejected.")
+    } == bad
+    assert audit_rejections(usa) == bad
+    text = await asyncio.to_thread(fetch, f"http://127.0.0.1:{usa.metrics.port}/metrics")
+    for step, n in bad.items():
+        assert f'msmt_rejected_total{{reason="{step}"}} {float(n)}' in text
+    assert world.procs["USA"].poll() is None
