@@ -119,6 +119,13 @@ def test_every_kind_round_trips() -> None:
         to = "NZL" if s.originator != "NZL" else "JPN"
         got = Node(to).receive(node.present(node.issue(s), to, leaf_values(s)))
         assert dict(got.fields) == leaf_values(s)
+        assert (got.originator, got.kind, got.tlp, got.rel_to) == (
+            s.originator,
+            s.kind,
+            s.tlp,
+            s.rel_to,
+        )
+    assert any(s.rel_to for s in sightings(9, seed=4)), "no REL TO case was exercised"
 
 
 def test_variant_released_without_the_exact_value() -> None:
@@ -558,3 +565,20 @@ def test_valid_from_boundary_is_inclusive() -> None:
     s = vessel()
     issued = JPN.issue(s, now=VALID_FROM)
     assert USA.receive(JPN.present(issued, "USA", []), now=VALID_FROM).iat == VALID_FROM
+
+
+def test_issue_and_receive_refuse_misuse(issued: envelope.Issued) -> None:
+    with pytest.raises(UsageError, match="Ed25519 private"):
+        envelope.issue(vessel(), signing_key=enc_key("JPN"), kid="k", policy_digest=POLICY, now=NOW)
+    with pytest.raises(UsageError, match="timezone"):
+        JPN.issue(vessel(), now=NOW.replace(tzinfo=None))
+    with pytest.raises(UsageError, match="timezone"):
+        USA.receive(JPN.present(issued, "USA", []), now=NOW.replace(tzinfo=None))
+    with pytest.raises(UsageError, match="X25519"):
+        envelope.present(
+            issued,
+            disclosure_keys=[],
+            recipient="USA",
+            recipient_kid="USA-sig-1",
+            recipient_key=make_roster().public_key("USA-sig-1"),
+        )

@@ -152,7 +152,9 @@ def deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
         return sdjwt.b64u_encode(seed)
 
     monkeypatch.setattr(sdjwt, "new_salt", lambda: take(b"example-salt-", 16))
-    monkeypatch.setattr(sdjwt, "new_decoy", lambda: take(b"example-decoy-", 32))
+    monkeypatch.setattr(
+        sdjwt, "new_decoys", lambda n: [take(b"example-decoy-", 32) for _ in range(n)]
+    )
 
 
 def _example_issue() -> tuple[envelope.Issued, list[str], dict[str, Any]]:

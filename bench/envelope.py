@@ -1,0 +1,231 @@
+"""Benchmark the envelope against the bare cryptography it is built from.
+
+    python bench/envelope.py [--quick]
+
+Per report: issue (one Ed25519 signature) + present to 10 partners (10 JWEs).
+Per presentation: receive (decrypt, verify, every checklist step). Beside each,
+the floor measured in the same run: the same primitives called directly through
+``cryptography`` on the same sizes (1 Ed25519 sign + 10 x (X25519 keygen + ECDH +
+Concat KDF + AES-KW + AES-256-GCM); 1 ECDH + KDF + unwrap + GCM decrypt + 1
+verify). It also times joserfc alone on the same headers, to show how much of
+the gap is the JOSE library rather than the envelope code. Goal: ratio <= 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
+from joserfc import jwe, jws
+from joserfc.jwk import OKPKey
+
+from broker import envelope, sdjwt
+from broker.members import MEMBERS
+from broker.roster import Roster, format_time
+from broker.samples import example_records
+from broker.sightings import SIGHTING_ADAPTER
+
+NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
+ORIGIN = "JPN"
+PARTNERS = [m for m in MEMBERS if m != ORIGIN]  # 10 partners
+
+
+def best(fns: list[Callable[[], Any]], number: int, repeat: int) -> list[float]:
+    """Seconds per call of each function: the best of ``repeat`` runs of ``number`` calls.
+
+    The functions take turns within each round, so a burst of load on a shared
+    machine hits all of them alike instead of skewing one ratio; and the clock
+    is this process's CPU time, so time spent descheduled is not counted.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            start = time.process_time()
+            for _ in range(number):
+                fn()
+            times[i].append((time.process_time() - start) / number)
+    return [min(t) for t in times]
+
+
+def world() -> tuple[dict[str, OKPKey], dict[str, OKPKey], Roster]:
+    sig = {m: OKPKey.generate_key("Ed25519") for m in MEMBERS}
+    enc = {m: OKPKey.generate_key("X25519") for m in MEMBERS}
+    keys = []
+    for m in MEMBERS:
+        for use, key in (("sig", sig[m]), ("enc", enc[m])):
+            keys.append(
+                {
+                    **key.as_dict(private=False),
+                    "kid": f"{m}-{use}",
+                    "use": use,
+                    "msmt_member": m,
+                    "msmt_status": "active",
+                    "msmt_valid_from": format_time(NOW - timedelta(days=30)),
+                    "msmt_valid_until": format_time(NOW + timedelta(days=30)),
+                }
+            )
+    return sig, enc, Roster.from_jwks({"keys": keys})
+
+
+class Setup:
+    """One originator, 10 partners, one sighting issued with every field released."""
+
+    def __init__(self) -> None:
+        self.sig, self.enc, self.roster = world()
+        self.sighting = SIGHTING_ADAPTER.validate_json(json.dumps(example_records()["vessel"]))
+        self.pubs = {m: self.roster.public_key(f"{m}-enc") for m in PARTNERS}
+        self.sample = self.issue()
+        self.keys = list(self.sample.disclosures)
+        self.tokens = self.issue_and_present()
+        self.token = self.tokens[PARTNERS.index("USA")]
+        plaintext = sdjwt.join_presentation(
+            self.sample.jws, [self.sample.disclosures[k] for k in self.keys]
+        )
+        self.data = plaintext.encode()
+        self.signing_input = self.sample.jws.rsplit(".", 1)[0].encode()
+        self.header_b64 = self.token.split(".", 1)[0].encode()
+
+    def issue(self) -> envelope.Issued:
+        return envelope.issue(
+            self.sighting,
+            signing_key=self.sig[ORIGIN],
+            kid=f"{ORIGIN}-sig",
+            policy_digest="p",
+            now=NOW,
+        )
+
+    def issue_and_present(self) -> list[str]:
+        issued = self.issue()
+        return [
+            envelope.present(
+                issued,
+                disclosure_keys=self.keys,
+                recipient=m,
+                recipient_kid=f"{m}-enc",
+                recipient_key=self.pubs[m],
+            )
+            for m in PARTNERS
+        ]
+
+    def receive(self) -> envelope.Received:
+        return envelope.receive(
+            self.token,
+            me="USA",
+            decryption_keys={"USA-enc": self.enc["USA"]},
+            roster=self.roster,
+            attested_sender=ORIGIN,
+            now=NOW,
+            max_age=timedelta(days=1),
+            max_skew=timedelta(minutes=5),
+            is_replay=lambda jti: False,
+        )
+
+
+def _kdf(z: bytes) -> bytes:
+    # RFC 7518 §4.6.2 OtherInfo: AlgorithmID, empty PartyUInfo/PartyVInfo, keydatalen.
+    other = b"\x00\x00\x00\x0eECDH-ES+A256KW" + b"\x00" * 8 + (256).to_bytes(4, "big")
+    return ConcatKDFHash(hashes.SHA256(), 32, other).derive(z)
+
+
+def bare(setup: Setup) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The floor: the same primitives on the same sizes, through cryptography directly."""
+    ed = Ed25519PrivateKey.generate()
+    ed_pub = ed.public_key()
+    x_priv = {m: X25519PrivateKey.generate() for m in PARTNERS}
+    x_pub = {m: k.public_key() for m, k in x_priv.items()}
+    data, aad, signing_input = setup.data, setup.header_b64, setup.signing_input
+
+    def send() -> None:
+        ed.sign(signing_input)
+        for m in PARTNERS:
+            eph = X25519PrivateKey.generate()
+            kek = _kdf(eph.exchange(x_pub[m]))
+            cek, iv = os.urandom(32), os.urandom(12)
+            aes_key_wrap(kek, cek)
+            AESGCM(cek).encrypt(iv, data, aad)
+
+    eph = X25519PrivateKey.generate()
+    cek, iv = os.urandom(32), os.urandom(12)
+    wrapped = aes_key_wrap(_kdf(eph.exchange(x_pub["USA"])), cek)
+    sealed = AESGCM(cek).encrypt(iv, data, aad)
+    signature = ed.sign(signing_input)
+    eph_pub = eph.public_key()
+
+    def receive() -> None:
+        kek = _kdf(x_priv["USA"].exchange(eph_pub))
+        AESGCM(aes_key_unwrap(kek, wrapped)).decrypt(iv, sealed, aad)
+        ed_pub.verify(signature, signing_input)
+
+    return send, receive
+
+
+def jose_only(setup: Setup) -> tuple[Callable[[], None], Callable[[], None]]:
+    """joserfc alone on the same headers and sizes: what the JOSE layer costs by itself."""
+    header = json.loads(sdjwt.b64u_decode(setup.header_b64.decode()))
+    header.pop("epk")
+    registry = envelope._JWE_REGISTRY  # the very registry the envelope uses
+    verify_key = setup.roster.public_key(f"{ORIGIN}-sig")
+
+    def send() -> None:
+        jws.serialize_compact(
+            {"alg": "Ed25519", "typ": envelope.TYP, "kid": "k"},
+            setup.signing_input,
+            setup.sig[ORIGIN],
+            algorithms=["Ed25519"],
+        )
+        for m in PARTNERS:
+            jwe.encrypt_compact(dict(header), setup.data, setup.pubs[m], registry=registry)
+
+    def receive() -> None:
+        jwe.decrypt_compact(setup.token, setup.enc["USA"], registry=registry)
+        jws.deserialize_compact(setup.sample.jws, verify_key, algorithms=["Ed25519"])
+
+    return send, receive
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    args = parser.parse_args()
+    number, repeat = (10, 5) if args.quick else (50, 30)
+    setup = Setup()
+    setup.receive()
+    bare_send, bare_receive = bare(setup)
+    jose_send, jose_receive = jose_only(setup)
+    rows = [
+        ("issue + present to 10", setup.issue_and_present, bare_send, jose_send, number),
+        ("receive (per presentation)", setup.receive, bare_receive, jose_receive, number * 5),
+    ]
+    print(
+        f"report: {len(setup.keys)} disclosures, plaintext {len(setup.data)} B,"
+        f" JWE {len(setup.token)} B; best of {repeat} runs"
+    )
+    print(
+        f"{'operation':28} {'envelope':>10} {'bare':>10} {'ratio':>6} {'joserfc':>10} {'ratio':>6}"
+    )
+    for name, ours_fn, bare_fn, jose_fn, n in rows:
+        ours, floor, jose = best([ours_fn, bare_fn, jose_fn], n, repeat)
+        print(
+            f"{name:28} {ours * 1e6:8.0f}us {floor * 1e6:8.0f}us {ours / floor:5.2f}x"
+            f" {jose * 1e6:8.0f}us {jose / floor:5.2f}x"
+        )
+    print("goal: envelope / bare <= 2.00x (joserfc column: the JOSE library alone)")
+
+
+if __name__ == "__main__":
+    main()
