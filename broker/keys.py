@@ -19,6 +19,8 @@ runs before the first write, so a refused command changes nothing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
@@ -164,10 +166,20 @@ def new_nats_seed() -> bytes:
 
 
 def nats_public(seed: bytes, where: str) -> str:
-    """Return the user public nkey (``U...``) of a seed; raise ``KeyMaterialError`` if malformed."""
+    """Return the user public nkey (``U...``) of a seed; raise ``KeyMaterialError`` if malformed.
+
+    The CRC-16 of the seed is checked here: the nkeys library does not, and a seed
+    with a corrupted tail would otherwise yield a different, unknown key.
+    """
+    text = seed.strip()
     try:
-        pair = nkeys.from_seed(bytearray(seed.strip()))
-        public = pair.public_key.decode()
+        raw = base64.b32decode(text + b"=" * (-len(text) % 8))
+    except (binascii.Error, ValueError):
+        raise KeyMaterialError(f"{where}: malformed nkey seed (not base32)") from None
+    if len(raw) != 36 or nkeys.crc16_checksum(raw[:-2]) != raw[-2:]:
+        raise KeyMaterialError(f"{where}: malformed nkey seed (bad length or checksum)")
+    try:
+        public = nkeys.from_seed(bytearray(text)).public_key.decode()
     except (nkeys.NkeysError, ValueError, TypeError) as exc:
         raise KeyMaterialError(f"{where}: malformed nkey seed ({type(exc).__name__})") from None
     if not public.startswith("U"):

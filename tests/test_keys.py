@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import stat
@@ -10,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import nkeys
 import pytest
 import rfc8785
 from click.testing import CliRunner
@@ -393,3 +395,32 @@ def test_node_pins_the_authority_and_remembers_the_highest_version(
     keys.init_keys(keydir, MEMBERS3, force=True)
     with pytest.raises(KeyMaterialError, match="is not Ed25519 by authority"):
         keys.load_pinned_roster(keydir, pinned, state)
+
+
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+
+@settings(max_examples=200)
+@given(position=st.integers(0, 57), char=st.sampled_from(_B32))
+def test_a_corrupted_nkey_seed_never_yields_another_key(position: int, char: str) -> None:
+    seed = keys.new_nats_seed()
+    public = keys.nats_public(seed, "seed")
+    corrupted = seed[:position] + char.encode() + seed[position + 1 :]
+    if base64.b32decode(corrupted + b"======") == base64.b32decode(seed + b"======"):
+        # Only the unused low bits of the last character changed: same key.
+        assert keys.nats_public(corrupted, "seed") == public
+        return
+    with pytest.raises(KeyMaterialError, match=r"seed: malformed nkey seed|not a NATS user seed"):
+        keys.nats_public(corrupted, "seed")
+
+
+def test_nats_seed_of_the_wrong_kind_or_corrupted_is_refused(keydir: Path) -> None:
+    roster = keys.load_signed_roster(keydir).roster
+    path = keydir / "JPN" / keys.NATS_SEED_FILE
+    account_seed = bytes(nkeys.encode_seed(bytes(32), nkeys.PREFIX_BYTE_ACCOUNT))
+    path.write_bytes(account_seed)
+    with pytest.raises(KeyMaterialError, match="not a NATS user seed"):
+        keys.load_member_keys(keydir, "JPN", roster, T0)
+    path.write_bytes(b"SUnot-a-seed\n")
+    with pytest.raises(KeyMaterialError, match=r"nats\.nk: malformed nkey seed"):
+        keys.load_member_keys(keydir, "JPN", roster, T0)
