@@ -390,3 +390,26 @@ def _check_fresh(iat: datetime, *, now: datetime, max_age: timedelta, max_skew: 
         raise EnvelopeError("freshness", f"issued {now - iat} ago; limit {max_age}")
     if iat - now > max_skew:
         raise EnvelopeError("freshness", f"issued {iat - now} in the future; limit {max_skew}")
+
+
+__all__ = [
+    # the API
+    "Issued",
+    "Received",
+    "issue",
+    "present",
+    "receive",
+    "represent",
+    # wire constants, defined in broker.envelope_format
+    "CLAIM_POLICY",
+    "CLAIM_SCHEMA",
+    "CONTENT_ENC",
+    "DECOY_BUCKET",
+    "HDR_FROM",
+    "HDR_RID",
+    "HDR_TO",
+    "JWS_ALG",
+    "KEY_ALG",
+    "MAX_ENVELOPE_BYTES",
+    "TYP",
+]
