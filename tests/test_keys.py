@@ -424,3 +424,20 @@ def test_nats_seed_of_the_wrong_kind_or_corrupted_is_refused(keydir: Path) -> No
     path.write_bytes(b"SUnot-a-seed\n")
     with pytest.raises(KeyMaterialError, match=r"nats\.nk: malformed nkey seed"):
         keys.load_member_keys(keydir, "JPN", roster, T0)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    signature=st.one_of(
+        st.text(max_size=300),
+        st.lists(st.text("ABCDEFabcdef0123456789-_=", max_size=90), min_size=1, max_size=4).map(
+            ".".join
+        ),
+    )
+)
+def test_garbage_signature_is_one_clean_error(keydir: Path, signature: str) -> None:
+    jwks = json.loads((keydir / keys.ROSTER_FILE).read_text())
+    authority = keys.load_authority(keydir / keys.AUTHORITY_PUBLIC_FILE)
+    with pytest.raises(KeyMaterialError) as info:
+        keys.verify_roster(jwks, signature, authority)
+    assert "\n" not in str(info.value)
