@@ -1,7 +1,71 @@
-"""Commands for exporting received reports to analysts' tools (filled in by its issue)."""
+"""Commands for exporting received reports to analysts' tools: ``msmt export stix``."""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
 import click
 
-COMMANDS: tuple[click.Command, ...] = ()
+from broker.errors import UsageError
+from broker.stix import bundle, load_received
+
+
+def _since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since {text!r} is not an RFC 3339 time") from None
+    if when.utcoffset() is None:
+        raise UsageError(f"--since {text!r} needs a time zone, e.g. 2026-11-01T00:00:00Z")
+    return when
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # A half-written bundle must never be imported: write aside, then rename.
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        Path(tmp).replace(path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+@click.group(name="export")
+def export_group() -> None:
+    """Export what this node received to analysts' tools."""
+
+
+@export_group.command(name="stix")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The node's node.toml.",
+)
+@click.option("--since", help="Only reports received at or after this RFC 3339 time.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the bundle here instead of to stdout.",
+)
+def export_stix(config_path: Path, since: str | None, out: Path | None) -> None:
+    """Write a STIX 2.1 bundle of the reports this node received (docs/STIX.md)."""
+    reports = load_received(config_path, _since(since))
+    text = json.dumps(bundle(reports), indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        _write_atomically(out, text)
+        click.echo(f"{len(reports)} reports exported to {out}", err=True)
+
+
+COMMANDS: tuple[click.Command, ...] = (export_group,)

@@ -1,0 +1,168 @@
+"""Export of received reports as a STIX 2.1 bundle, for OpenCTI, MISP and other CTI tools.
+
+``bundle(reports)`` takes what a node received (``ReceivedReport``: the handling
+claims plus the disclosed fields, keyed by disclosure key) and returns one
+STIX 2.1 bundle as a JSON-ready dict. ``broker.stix_objects`` builds the
+objects and docs/STIX.md has the mapping table. In short:
+
+* each report is a ``report`` SDO whose ``msmt-report`` property extension
+  carries every disclosed field exactly as received (pseudonyms as opaque
+  strings, decimals as strings), so nothing is lost and nothing is added;
+* vessels are ``infrastructure`` SDOs with a ``sighting`` at a ``location``;
+  workers are a ``group`` ``identity`` with employer and place; crypto
+  addresses and transactions are ``cryptocurrency-wallet`` and
+  ``cryptocurrency-transaction`` SCOs defined by this project's extension
+  definitions; fuel transfers are the vessels sighted at the transfer's place;
+* every object carries the report's official TLP 2.0 marking and, with REL TO,
+  a statement marking; every SDO and SRO has ``created_by_ref`` = originator.
+
+Ids are deterministic (UUIDv5), so a re-export never duplicates objects in the
+tool it is imported into. A field the partner did not receive cannot appear:
+every value is read from ``fields`` and nothing is looked up elsewhere.
+Pure code apart from ``load_received``, which reads a node's store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+from uuid import UUID
+
+from broker.envelope_format import check_fields
+from broker.errors import EnvelopeError, InputError, StoreError, UsageError
+from broker.members import is_member
+from broker.sightings import KINDS
+from broker.stix_objects import TLP_MARKINGS, BundleBuilder
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedReport:
+    """One verified report as this node received it: the input of ``bundle``.
+
+    * ``report_id``: the report's UUID, as text;
+    * ``originator``: the member that signed it (not an onward sender);
+    * ``kind``: ``vessel``, ``worker`` or ``transfer``;
+    * ``tlp``: its TLP 2.0 label (``CLEAR`` ... ``RED``);
+    * ``rel_to``: its REL TO members, or None;
+    * ``iat``: the signed issue time; ``received_at``: when this node stored it
+      (both timezone-aware, UTC);
+    * ``fields``: each disclosure key received (``vessel.imo``,
+      ``vessel.position#coarsen:0.5``) -> its JSON value as verified. The
+      export never shows a field that is not here.
+    """
+
+    report_id: str
+    originator: str
+    kind: str
+    tlp: str
+    rel_to: tuple[str, ...] | None
+    iat: datetime
+    received_at: datetime
+    fields: Mapping[str, Any]
+
+
+def check_report(report: ReceivedReport) -> None:
+    """Raise ``InputError`` unless ``report`` is a well-formed received report.
+
+    The node verified it on receipt; checking again here means a damaged or
+    hand-edited store row fails the export with one line instead of giving an
+    invalid bundle. The reason names the report and field, never a value.
+    """
+    where = f"received report {report.report_id!s:.40} from {report.originator!s:.3}"
+    try:
+        UUID(report.report_id)
+    except (ValueError, TypeError, AttributeError):
+        raise InputError(f"{where}: report id is not a UUID") from None
+    if not is_member(report.originator):
+        raise InputError(f"{where}: originator is not an MSMT member")
+    if report.kind not in KINDS:
+        raise InputError(f"{where}: unknown kind")
+    if report.tlp not in TLP_MARKINGS:
+        raise InputError(f"{where}: TLP is not a TLP 2.0 label")
+    if report.rel_to is not None and (
+        not report.rel_to or not all(is_member(m) for m in report.rel_to)
+    ):
+        raise InputError(f"{where}: REL TO lists a non-member")
+    for name, when in (("iat", report.iat), ("received_at", report.received_at)):
+        if when.utcoffset() is None:
+            raise InputError(f"{where}: {name} has no time zone")
+    try:
+        check_fields(report.kind, report.fields)
+    except EnvelopeError as exc:
+        raise InputError(f"{where}: {exc.reason}") from None
+
+
+def bundle(reports: Iterable[ReceivedReport]) -> dict[str, Any]:
+    """Build one STIX 2.1 bundle (a JSON-ready dict) from received reports.
+
+    Raises ``InputError`` naming the first malformed report. The output is a
+    function of the set of reports alone: the same reports give the same bundle.
+    """
+    builder = BundleBuilder()
+    for report in sorted(reports, key=lambda r: (r.received_at, r.originator, r.report_id)):
+        check_report(report)
+        builder.add_report(
+            report_id=report.report_id,
+            originator=report.originator,
+            kind=report.kind,
+            tlp=report.tlp,
+            rel_to=report.rel_to,
+            iat=report.iat,
+            received_at=report.received_at,
+            fields=report.fields,
+        )
+    return builder.bundle()
+
+
+def select_since(reports: Iterable[ReceivedReport], since: datetime | None) -> list[ReceivedReport]:
+    """The reports received at or after ``since`` (all of them when ``since`` is None)."""
+    return [r for r in reports if since is None or r.received_at >= since]
+
+
+_HANDLING: Final = ("tlp", "rel_to", "iat")
+"""What an export needs from each stored received report beyond ``broker.store.InboxEntry``."""
+
+
+def load_received(config_path: Path, since: datetime | None) -> list[ReceivedReport]:
+    """Read the reports a node received at or after ``since`` from its store (read-only).
+
+    Raises ``ConfigError`` for a bad config, ``StoreError`` for a missing or
+    unreadable store, and ``UsageError`` if the store does not record the TLP,
+    REL TO and issue time of what it received, without which no marking could
+    be exported honestly.
+    """
+    from broker.config import load_config  # noqa: PLC0415 - keeps the pure part import-light
+    from broker.store import InboxEntry, Store  # noqa: PLC0415
+
+    config = load_config(config_path)
+    if not config.store_path.is_file():
+        raise StoreError(f"no node store at {config.store_path}: has the node run yet?")
+    missing = [n for n in _HANDLING if n not in {f.name for f in fields(InboxEntry)}]
+    if missing:
+        raise UsageError(
+            f"this node's store does not record {', '.join(missing)} of received reports,"
+            " which a STIX export needs for its markings"
+        )
+    store = Store(config.store_path, readonly=True)
+    try:
+        entries = store.inbox(limit=max(1, store.inbox_count()))
+    finally:
+        store.close()
+    return select_since((_from_entry(e) for e in entries), since)
+
+
+def _from_entry(entry: Any) -> ReceivedReport:
+    tlp, rel_to, iat = (getattr(entry, name) for name in _HANDLING)
+    return ReceivedReport(
+        report_id=entry.report_id,
+        originator=entry.originator,
+        kind=entry.kind,
+        tlp=tlp,
+        rel_to=tuple(rel_to) if rel_to is not None else None,
+        iat=iat if isinstance(iat, datetime) else datetime.fromtimestamp(iat, UTC),
+        received_at=datetime.fromtimestamp(entry.received_at, UTC),
+        fields=entry.fields,
+    )
