@@ -1,0 +1,117 @@
+"""node.toml loading: paths, defaults, environment overrides, one-line errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.config import ENV_OVERRIDES, load_config
+from broker.errors import ConfigError
+from broker.members import MEMBERS
+
+BASE = """
+member = "JPN"
+base_dir = "../.."
+policy = "nodes/JPN/policy.toml"
+data_dir = "data/JPN"
+
+[nats]
+urls = ["nats://127.0.0.1:4222"]
+
+[keys]
+dir = "keys"
+"""
+
+
+def write(tmp_path: Path, text: str = BASE) -> Path:
+    path = tmp_path / "nodes" / "JPN" / "node.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_paths_resolve_against_base_dir_and_defaults_follow(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path), env={})
+    root = tmp_path.resolve()
+    assert config.base_dir == root
+    assert config.policy == root / "nodes/JPN/policy.toml"
+    assert config.data_dir == root / "data/JPN"
+    assert config.seed_path == root / "keys/JPN/nats.nk"
+    assert config.roster_dir == root / "keys"
+    assert config.authority_path == root / "keys/roster-authority.json"
+    assert config.socket_path == root / "data/JPN/intake.sock"
+    assert config.token_path == root / "data/JPN/intake.token"
+    assert config.spool_path == root / "data/JPN/spool"
+    assert config.store_path == root / "data/JPN/node.sqlite3"
+    assert config.metrics.port == 9464
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    env = {
+        "MSMT_NATS_URLS": "nats://10.0.0.1:4222, tls://10.0.0.2:4222",
+        "MSMT_FETCH_BATCH": "7",
+        "MSMT_DATA_DIR": "/srv/msmt",
+        "MSMT_METRICS_LISTEN": "[::1]:9100",
+    }
+    config = load_config(write(tmp_path), env=env)
+    assert config.nats.urls == ("nats://10.0.0.1:4222", "tls://10.0.0.2:4222")
+    assert config.limits.fetch_batch == 7
+    assert config.data_dir == Path("/srv/msmt")
+    assert (config.metrics.host, config.metrics.port) == ("::1", 9100)
+
+
+@pytest.mark.parametrize(
+    ("env", "text", "message"),
+    [
+        ({"MSMT_FETCH_BATCH": "many"}, BASE, "config key limits.fetch_batch: "),
+        ({"MSMT_FETCH_BATCH": "0"}, BASE, "config key limits.fetch_batch: "),
+        (
+            {"MSMT_METRICS_LISTEN": "0.0.0.0:9464"},
+            BASE,
+            "metrics.listen: '0.0.0.0:9464' is not a loopback",
+        ),
+        ({"MSMT_MEMBER": "PRK"}, BASE, "config key member: "),
+        (
+            {"MSMT_NATS_URLS": "http://hub:4222"},
+            BASE,
+            "nats.urls: 'http://hub:4222' is not a nats://",
+        ),
+        ({"MSMT_NATS_URLS": ""}, BASE, "config key nats.urls: "),
+        ({}, BASE + "\n[limits]\nfetchbatch = 3\n", "config key limits.fetchbatch: unknown key"),
+        ({}, BASE.replace('data_dir = "data/JPN"', ""), "config key data_dir: "),
+        (
+            {},
+            BASE + "\n[limits]\nmax_record_bytes = 10000000\n",
+            "config key limits.max_record_bytes",
+        ),
+        ({}, "member = [", "invalid TOML"),
+    ],
+)
+def test_invalid_config_fails_with_one_line_naming_the_key(
+    tmp_path: Path, env: dict[str, str], text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config .*node\.toml"):
+        load_config(tmp_path / "node.toml", env={})
+
+
+def test_every_documented_variable_is_in_the_operator_guide() -> None:
+    guide = (Path(__file__).parent.parent / "docs" / "NODE.md").read_text(encoding="utf-8")
+    for name in ENV_OVERRIDES:
+        assert name in guide
+
+
+@pytest.mark.parametrize("member", MEMBERS)
+def test_shipped_node_configs_load(member: str) -> None:
+    path = Path(__file__).parent.parent / "nodes" / member / "node.toml"
+    config = load_config(path, env={})
+    assert config.member == member
+    assert config.policy == (path.parent / "policy.toml").resolve()
+    assert config.metrics.host == "127.0.0.1"
