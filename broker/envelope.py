@@ -139,12 +139,15 @@ def issue(
     ``variants`` maps variant keys (``vessel.position#coarsen:0.5``) to reduced
     values already computed by ``broker.transforms``. Raises ``InputError`` if a
     variant key is malformed, names an absent field, or its value has the wrong shape,
-    and ``UsageError`` if the key is not an Ed25519 private key or ``now`` is naive.
+    and ``UsageError`` if the key is not an Ed25519 private key, ``now`` is naive,
+    or ``kid``/``policy_digest`` are empty (a receiver would refuse the report).
     """
     if signing_key.curve_name != "Ed25519" or not signing_key.is_private:
         raise UsageError("the signing key must be an Ed25519 private key")
     if now.utcoffset() is None:
         raise UsageError("now must be timezone-aware")
+    if not kid or not 0 < len(policy_digest) <= 200:
+        raise UsageError("kid must be set and the policy digest must be 1-200 characters")
     values = leaf_values(sighting)
     for key, value in variants.items():
         try:

@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import rfc8785
 from envelope_world import (
     NOW,
     POLICY,
@@ -572,6 +573,8 @@ def test_issue_and_receive_refuse_misuse(issued: envelope.Issued) -> None:
         envelope.issue(vessel(), signing_key=enc_key("JPN"), kid="k", policy_digest=POLICY, now=NOW)
     with pytest.raises(UsageError, match="timezone"):
         JPN.issue(vessel(), now=NOW.replace(tzinfo=None))
+    with pytest.raises(UsageError, match="policy digest"):
+        JPN.issue(vessel(), policy_digest="")
     with pytest.raises(UsageError, match="timezone"):
         USA.receive(JPN.present(issued, "USA", []), now=NOW.replace(tzinfo=None))
     with pytest.raises(UsageError, match="X25519"):
@@ -582,3 +585,17 @@ def test_issue_and_receive_refuse_misuse(issued: envelope.Issued) -> None:
             recipient_kid="USA-sig-1",
             recipient_key=make_roster().public_key("USA-sig-1"),
         )
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_signed_bytes_are_rfc8785_canonical(seed: int) -> None:
+    # DESIGN: signatures and digests cover canonical bytes. Our compact JSON must
+    # equal RFC 8785 for every payload and disclosure a real report produces.
+    s = sightings(1, seed=seed)[0]
+    issued = Node(s.originator).issue(s)
+    payload_bytes = sdjwt.b64u_decode(issued.jws.split(".")[1])
+    assert payload_bytes == rfc8785.dumps(json.loads(payload_bytes))
+    for encoded in issued.disclosures.values():
+        raw = sdjwt.b64u_decode(encoded)
+        assert raw == rfc8785.dumps(json.loads(raw))
