@@ -36,6 +36,7 @@ from aiohttp import web
 
 from broker.errors import StoreError, UsageError
 from broker.log import get_logger
+from broker.sightings import HANDLING_FIELDS, KINDS, field_paths
 from broker.store import NewReport
 from broker.validation import InvalidRecordError, parse_record
 
@@ -207,12 +208,26 @@ class Intake:
         return None, NewReport(str(sighting.report_id), sighting.kind, raw)
 
 
+_KNOWN_PATHS: Final = frozenset(
+    {"kind", "source", *HANDLING_FIELDS, *KINDS}
+    | {path for kind in KINDS for path in field_paths(kind)}
+)
+
+
+def _known(path: str) -> str:
+    # A feed chooses its own (unknown) field names; only schema names may reach the audit log.
+    if not path:
+        return "(record)"
+    head = ".".join(path.split("[", 1)[0].split(".")[:2])
+    return head if head in _KNOWN_PATHS else "(unknown field)"
+
+
 def _summary(answer: dict[str, Any]) -> tuple[str, str]:
     # What the audit log may hold: the reason and where, never a field's value.
     reason = str(answer["reason"])
     if reason == "schema":
-        paths = sorted({str(e["path"]) or "(record)" for e in answer.get("errors", [])})
-        return reason, "invalid field " + ", ".join(paths)
+        paths = sorted({_known(str(e["path"])) for e in answer.get("errors", [])})
+        return reason, ("invalid field " + ", ".join(paths))[:200]
     if reason == "size":
         return reason, f"record over the {answer.get('detail', '').rpartition(' ')[2]} byte limit"
     return reason, f"report {answer.get('report_id', '')} was already accepted"

@@ -156,7 +156,12 @@ class Node:
         )
 
     async def _record_rejects(self, refused: list[tuple[str, str]], feed: str) -> None:
-        await self.run_db(self._reject_sync, refused, feed)
+        # A refused record changes nothing, so a failed audit write must not
+        # turn the feed's answers into an error; it is logged and shown in status.
+        try:
+            await self.run_db(self._reject_sync, refused, feed)
+        except MsmtError as exc:
+            self._error(f"audit of intake rejections: {exc}")
 
     # --- planning and publishing ---------------------------------------------
 

@@ -230,3 +230,38 @@ def test_token_file_must_be_private(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(UsageError, match="readable by others"):
         read_token(path)
+
+
+async def test_rejections_are_recorded_without_feed_chosen_names_or_values(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    recorded: list[tuple[list[tuple[str, str]], str]] = []
+
+    async def acceptor(batch: list[NewReport], _feed: str) -> list[bool]:
+        return store.accept(batch)
+
+    async def record(refused: list[tuple[str, str]], feed: str) -> None:
+        recorded.append((refused, feed))
+
+    intake = Intake("JPN", 4096, acceptor, feed="spool", record_rejects=record)
+    good = jpn_records(4)  # vessel, worker, transfer, vessel
+    leaky = dict(good[3], vessel=dict(good[3]["vessel"], secret_source_name="AGENT X"))
+    answers = await intake.process(
+        [
+            (1, json.dumps(good[0]).encode()),
+            (2, json.dumps(good[0]).encode()),
+            (3, json.dumps(leaky).encode()),
+            (4, b"[1, 2"),
+            (5, Oversize(9999)),
+        ]
+    )
+    assert [a["status"] for a in answers] == ["accepted", *["rejected"] * 4]
+    assert answers[2]["errors"][0]["path"] == "vessel.secret_source_name"  # the feed is told
+    ((refused, feed),) = recorded
+    assert feed == "spool"
+    assert refused == [
+        ("duplicate", f"report {good[0]['report_id']} was already accepted"),
+        ("schema", "invalid field (unknown field)"),
+        ("schema", "invalid field (record)"),
+        ("size", "record over the 4096 byte limit"),
+    ]
+    assert intake.counts == {"accepted": 1, "duplicate": 1, "schema": 2, "size": 1}
