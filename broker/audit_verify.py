@@ -8,13 +8,13 @@ the last checkpoint that still matched, to name the first broken entry and why.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from broker.audit_events import parse_entry
+from broker.audit_scan import PARALLEL_FROM, LeafScan, open_readonly
 from broker.auditlog import DB_FILE, FORMAT, connect
 from broker.checkpoint import Checkpoint, count_cosignatures, open_checkpoint
 from broker.errors import AuditError, StoreError, UsageError
@@ -46,39 +46,68 @@ class Report:
 
 @dataclass(frozen=True, slots=True)
 class LoadedLog:
-    """A log directory read into memory: entries, leaf hashes and checkpoint notes."""
+    """A log directory read into memory: its leaf hashes (as a tree) and checkpoint notes."""
 
     origin: str
-    entries: list[bytes]
+    path: Path
     tree: Levels
     checkpoints: list[tuple[int, str]]
 
+    def entries(self, lo: int, hi: int) -> list[bytes]:
+        """Read entries ``[lo, hi)`` again from disk (only the slow paths need their bytes)."""
+        db = open_readonly(self.path)
+        try:
+            query = "SELECT entry FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx"
+            return [bytes(r[0]) for r in db.execute(query, (lo, hi))]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read audit log {self.path}: {exc}") from exc
+        finally:
+            db.close()
 
-def load(directory: Path) -> LoadedLog:
-    """Read the log in ``directory``; a gap in entry indices is reported as a deletion."""
+
+def load(directory: Path, *, parallel_from: int = PARALLEL_FROM) -> LoadedLog:
+    """Read the log in ``directory``; a gap in entry indices is reported as a deletion.
+
+    Everything is read in one snapshot, so a node appending meanwhile cannot make
+    its own fresh checkpoints look like truncation.
+    """
     path = directory / DB_FILE
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a directory")
     db = connect(path, readonly=True)
+    scan: LeafScan | None = None
     try:
+        db.execute("BEGIN")
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        rows = db.execute("SELECT idx, entry FROM entries ORDER BY idx").fetchall()
+        count, low, high = db.execute("SELECT count(*), min(idx), max(idx) FROM entries").fetchone()
+        if meta.get("format") != FORMAT or not meta.get("origin"):
+            raise AuditError(f"{path} is not an {FORMAT} audit log")
+        if count and (low != 0 or high != count - 1):
+            _find_hole(db)
         checkpoints = db.execute("SELECT size, note FROM checkpoints ORDER BY size").fetchall()
+        scan = LeafScan(path, count, parallel_from)
+        scan.local(db)
+        db.execute("COMMIT")
+        leaves = scan.result()
+    except TypeError:
+        # Only a hand-edited database stores an entry as something other than a BLOB.
+        bad = db.execute("SELECT min(idx) FROM entries WHERE typeof(entry) != 'blob'").fetchone()
+        raise TamperError(bad[0], "is not stored as bytes (edited by hand)") from None
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read audit log {path}: {exc}") from exc
     finally:
+        if scan is not None:
+            scan.close()
         db.close()
-    if meta.get("format") != FORMAT or not meta.get("origin"):
-        raise AuditError(f"{path} is not an {FORMAT} audit log")
-    entries = [bytes(r[1]) for r in rows]
-    if rows and rows[-1][0] != len(rows) - 1:
-        # Entries are stored at idx = position; find the first hole.
-        for pos, (idx, _) in enumerate(rows):
-            if idx != pos:
-                raise TamperError(pos, f"is missing (stored indices jump from {pos - 1} to {idx})")
-    sha256 = hashlib.sha256
-    leaves = [sha256(b"\x00" + e).digest() for e in entries]
-    return LoadedLog(str(meta["origin"]), entries, Levels(leaves), list(checkpoints))
+    if len(leaves) != count:
+        raise StoreError(f"audit log {path} changed while it was being read; run verify again")
+    return LoadedLog(str(meta["origin"]), path, Levels(leaves), list(checkpoints))
+
+
+def _find_hole(db: sqlite3.Connection) -> None:
+    for pos, (idx,) in enumerate(db.execute("SELECT idx FROM entries ORDER BY idx")):
+        if idx != pos:
+            raise TamperError(pos, f"is missing (stored indices jump from {pos - 1} to {idx})")
 
 
 def _pinpoint(log: LoadedLog, start: int, stop: int) -> None:
@@ -88,9 +117,9 @@ def _pinpoint(log: LoadedLog, start: int, stop: int) -> None:
     up as a broken link from its successor.
     """
     leaves = log.tree.levels[0]
-    for i in range(start, min(stop + 1, len(log.entries))):
+    for i, data in enumerate(log.entries(start, stop + 1), start):
         try:
-            entry = parse_entry(log.entries[i], i)
+            entry = parse_entry(data, i)
         except AuditError as exc:
             raise TamperError(i, str(exc)) from None
         want = leaves[i - 1].hex() if i else ""
@@ -107,6 +136,7 @@ def verify_log(
     *,
     witnesses: Sequence[Verifier] = (),
     quorum: int = 0,
+    parallel_from: int = PARALLEL_FROM,
 ) -> Report:
     """Verify the audit log in ``directory``; raise ``TamperError`` at the first fault.
 
@@ -124,8 +154,8 @@ def verify_log(
     """
     if quorum < 0 or (quorum > 0 and len({w.name for w in witnesses}) < quorum):
         raise UsageError(f"a quorum of {quorum} needs at least {quorum} witness keys")
-    log = load(directory)
-    n = len(log.entries)
+    log = load(directory, parallel_from=parallel_from)
+    n = log.tree.size
     previous: Checkpoint | None = None
     latest: Note | None = None
     for size, text in log.checkpoints:

@@ -29,6 +29,7 @@ from typing import Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit_events import AuditEvent
+from broker.audit_scan import open_readonly
 from broker.checkpoint import Checkpoint, parse_body, sign_checkpoint, verify_cosignature
 from broker.errors import AuditError, StoreError
 from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash
@@ -52,7 +53,7 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         if readonly:
             if not path.is_file():
                 raise StoreError(f"no audit log at {path}")
-            db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            db = open_readonly(path)
         else:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")

@@ -262,3 +262,27 @@ def test_edit_of_the_newest_entry_is_pinpointed_by_its_checkpoint(tmp_path: Path
 def test_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not a directory"):
         verify_log(tmp_path / "nope", [log_verifier(KEY)])
+
+
+def test_two_process_scan_matches_and_pinpoints_in_the_workers_half(tmp_path: Path) -> None:
+    # 9,000 entries with a threshold of 1,000: entries 4096.. are hashed by a worker process.
+    log = build_log(tmp_path, KEY, [3000, 3000, 3000])
+    report = verify_log(tmp_path, [log_verifier(KEY)], parallel_from=1_000)
+    single = verify_log(tmp_path, [log_verifier(KEY)])
+    assert report.root == single.root == Levels([leaf_hash(e) for e in _entries(tmp_path)]).root()
+    assert report.size == log.size == 9000
+    data = _entries(tmp_path)[7003]  # a "sent" entry in the worker's half
+    edited = data.replace(b'"partner":"USA"', b'"partner":"NZL"')
+    assert edited != data
+    with _db(tmp_path) as db:
+        db.execute("UPDATE entries SET entry = ? WHERE idx = 7003", (edited,))
+    with pytest.raises(TamperError, match="entry 7003: was altered"):
+        verify_log(tmp_path, [log_verifier(KEY)], parallel_from=1_000)
+
+
+def test_entry_stored_as_text_is_pinpointed(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [5])
+    with _db(tmp_path) as db:
+        db.execute("UPDATE entries SET entry = CAST(entry AS TEXT) WHERE idx = 2")
+    with pytest.raises(TamperError, match="entry 2: is not stored as bytes"):
+        _verify(tmp_path)

@@ -155,7 +155,7 @@ def audit_prove(directory: Path, index: int, size: int | None) -> None:
         "origin": log.origin,
         "leaf_index": index,
         "tree_size": size,
-        "entry": _b64(log.entries[index]),
+        "entry": _b64(log.entries(index, index + 1)[0]),
         "leaf_hash": _b64(leaf),
         "inclusion_path": [_b64(h) for h in path],
         "root_hash": _b64(checkpoint.root),
