@@ -40,7 +40,7 @@ from broker.auditlog import AuditLog
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError, MsmtError
 from broker.intake import Intake, Spool, ensure_token, make_app, serve_unix
-from broker.keys import load_member_keys, load_signed_roster
+from broker.keys import load_member_keys, load_pinned_roster
 from broker.log import get_logger
 from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
@@ -422,10 +422,9 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = Store(config.store_path)
     state = store.state()
-    signed = load_signed_roster(
-        config.roster_dir,
-        authority_path=config.authority_path,
-        min_version=int(state.get("roster_version", "0")),
+    # The pinned state file refuses a rolled-back roster and two rosters under one version.
+    signed = load_pinned_roster(
+        config.roster_dir, config.authority_path, config.data_dir / "roster-state.json"
     )
     keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
     if config.nats.seed_file is not None:

@@ -599,3 +599,99 @@ async def test_flood_of_bad_messages_mixed_with_good_ones(world: World) -> None:
     for step, n in bad.items():
         assert f'msmt_rejected_total{{reason="{step}"}} {float(n)}' in text
     assert world.procs["USA"].poll() is None
+
+
+# --- the operator commands ---------------------------------------------------------------
+
+
+def msmt(*args: str, stdin: bytes | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MSMT, *args],
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+async def test_operator_commands_submit_inbox_status(world: World) -> None:
+    _, want = batch_world(world)
+    world.start("USA")
+    world.start("JPN")
+    jpn, usa = str(world.config_path("JPN")), str(world.config_path("USA"))
+    records = records_for("JPN", 9, seed=5)
+    feed = world.root / "feed.ndjson"
+    feed.write_text(samples.to_ndjson(records) + '{"kind": "vessel"}\n')
+    done = await asyncio.to_thread(msmt, "submit", "--config", jpn, str(feed))
+    assert done.returncode == 1
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["status"] for a in answers] == ["accepted"] * 9 + ["rejected"]
+    assert done.stderr.strip() == "9 accepted, 1 rejected"
+    again = await asyncio.to_thread(
+        msmt, "submit", "--config", jpn, "-q", "-", stdin=samples.to_ndjson(records[:2]).encode()
+    )
+    assert again.returncode == 1
+    assert [json.loads(x)["reason"] for x in again.stdout.splitlines()] == ["duplicate"] * 2
+
+    policy = world.policy("JPN")
+    to_usa = [r for r in records if "USA" in expected_partners(policy, parse_record(json.dumps(r)))]
+    assert to_usa
+    await await_for(lambda: len(world.inbox_ids("USA", "JPN")) == len(to_usa), 30, "delivery")
+    listed = await asyncio.to_thread(msmt, "inbox", "list", "--config", usa, "--json")
+    assert listed.returncode == 0
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert {r["report_id"] for r in rows} == {r["report_id"] for r in to_usa}
+    assert {r["originator"] for r in rows} == {"JPN"}
+    shown = await asyncio.to_thread(msmt, "inbox", "show", "--config", usa, to_usa[0]["report_id"])
+    assert shown.returncode == 0
+    entry = json.loads(shown.stdout)
+    assert entry["fields"]["observed_at"] == to_usa[0]["observed_at"]
+    missing = await asyncio.to_thread(msmt, "inbox", "show", "--config", usa, "no-such-id")
+    assert missing.returncode == 2
+    assert missing.stderr == "msmt: error: no received report no-such-id\n"
+
+    def jpn_status() -> dict[str, Any]:
+        out = msmt("status", "--config", jpn, "--json")
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    await await_for(
+        lambda: jpn_status()["counters"].get("published.USA") == len(to_usa), 30, "status"
+    )
+    status = jpn_status()
+    assert status["connected"] == "yes"
+    assert status["outbox_depth"] == 0
+    assert status["counters"]["intake.accepted"] == 9
+    assert status["counters"]["intake.duplicate"] == 2
+    assert status["counters"]["intake.schema"] == 1
+    assert want  # the batch world's expectations were built for the same policy
+
+
+def test_a_bad_setup_fails_at_start_with_one_line(world: World) -> None:
+    world.write_config("JPN", BATCH_POLICY)
+    config = str(world.config_path("JPN"))
+    bad_limit = msmt("node", "run", "--config", config, MSMT_FETCH_BATCH="0")
+    assert bad_limit.returncode == 2
+    assert bad_limit.stderr.startswith("msmt: error: config key limits.fetch_batch: ")
+    assert bad_limit.stderr.count("\n") == 1
+
+    tampered = world.root / "tampered"
+    tampered.mkdir()
+    for name in ("roster.json", "roster.json.jws", "roster-authority.json"):
+        (tampered / name).write_bytes((world.keydir / name).read_bytes())
+    roster = json.loads((tampered / "roster.json").read_text())
+    roster["keys"][0]["msmt_valid_until"] = "2099-01-01T00:00:00Z"
+    (tampered / "roster.json").write_text(json.dumps(roster))
+    bad_roster = msmt("node", "run", "--config", config, MSMT_ROSTER_DIR=str(tampered))
+    assert bad_roster.returncode == 2
+    assert "roster signature does not verify" in bad_roster.stderr
+    assert bad_roster.stderr.count("\n") == 1
+
+    (world.root / "nodes" / "JPN" / "policy.toml").write_text(BATCH_POLICY.replace("*", "nope.*"))
+    bad_policy = msmt("node", "run", "--config", config)
+    assert bad_policy.returncode == 2
+    assert bad_policy.stderr.startswith("msmt: error: ")
+    assert "policy.toml:" in bad_policy.stderr
+    assert bad_policy.stderr.count("\n") == 1
