@@ -56,6 +56,9 @@ def events(n: int) -> list[ev.AuditEvent]:
                     released=["vessel.imo", "vessel.name", "vessel.position#coarsen:0.1"],
                     policy_digest=hashlib.sha256(b"policy").hexdigest(),
                     jwe_sha256=hashlib.sha256(i.to_bytes(8, "big")).hexdigest(),
+                    originator="JPN",
+                    tlp="GREEN",
+                    rel_to=["USA", "KOR", "GBR", "FRA", "AUS"],
                 )
             )
     return out

@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, get_args
 from uuid import UUID
 
 import rfc8785
@@ -31,7 +31,9 @@ import rfc8785
 from broker.errors import AuditError, KeyMaterialError
 from broker.members import is_member
 from broker.roster import format_time, parse_time
-from broker.sightings import KINDS
+from broker.sightings import KINDS, TLP
+
+TLPS: Final = get_args(TLP)
 
 VERSION: Final = 1
 TYPES: Final = ("accepted", "sent", "received", "rejected", "key", "policy")
@@ -43,7 +45,19 @@ _REASON: Final = re.compile(r"[ -~]{1,200}")
 _COMMON: Final = frozenset({"v", "seq", "prev", "type", "at", "member"})
 _FIELDS: Final[dict[str, frozenset[str]]] = {
     "accepted": frozenset({"report_id", "kind", "feed"}),
-    "sent": frozenset({"partner", "report_id", "kind", "released", "policy_digest", "jwe_sha256"}),
+    "sent": frozenset(
+        {
+            "partner",
+            "report_id",
+            "kind",
+            "originator",
+            "tlp",
+            "rel_to",
+            "released",
+            "policy_digest",
+            "jwe_sha256",
+        }
+    ),
     "received": frozenset({"sender", "report_id", "kind", "fields", "jwe_sha256"}),
     "rejected": frozenset({"source", "step", "reason", "report_id", "jwe_sha256"}),
     "key": frozenset({"action", "kid", "new_kid"}),
@@ -134,18 +148,29 @@ def sent(
     released: Iterable[str],
     policy_digest: str,
     jwe_sha256: str,
+    originator: str,
+    tlp: str,
+    rel_to: Iterable[str] | None,
 ) -> AuditEvent:
     """A report was sent to ``partner`` with these disclosure keys, under this policy.
 
     ``released`` holds disclosure keys (``path`` or ``path#transform``), never values;
-    ``jwe_sha256`` is the hex SHA-256 of the exact compact JWE published.
+    ``jwe_sha256`` is the hex SHA-256 of the exact compact JWE published. The
+    handling markings (``originator``, ``tlp``, ``rel_to``; no content)
+    are recorded so an auditor can replay the policy decision without the report.
     """
+    if tlp not in TLPS:
+        raise AuditError(f"audit TLP {tlp!r} is not one of {', '.join(TLPS)}")
+    marking = None if rel_to is None else sorted(_member(m, "REL TO member") for m in set(rel_to))
     return AuditEvent(
         _base("sent", member, at)
         | {
             "partner": _member(partner, "partner"),
             "report_id": _report_id(report_id),
             "kind": _kind(kind),
+            "originator": _member(originator, "originator"),
+            "tlp": tlp,
+            "rel_to": marking,
             "released": _disclosures(released, "released field"),
             "policy_digest": _hex64(policy_digest, "policy digest"),
             "jwe_sha256": _hex64(jwe_sha256, "JWE hash"),

@@ -46,6 +46,9 @@ def event(i: int, member: str = MEMBER) -> ev.AuditEvent:
                 released=["vessel.imo", "vessel.position#coarsen:0.1"],
                 policy_digest=digest("policy"),
                 jwe_sha256=digest(f"jwe{i}"),
+                originator=member,
+                tlp="AMBER",
+                rel_to=None,
             )
         case 2:
             return ev.received(

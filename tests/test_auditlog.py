@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rfc8785
-from audit_helpers import MEMBER, build_log, event, log_verifier, witness_verifier
+from audit_helpers import MEMBER, T0, build_log, event, log_verifier, witness_verifier
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker import audit_events as ev
 from broker.audit_events import TYPES, parse_entry
 from broker.audit_verify import TamperError, verify_log
 from broker.auditlog import DB_FILE, AuditLog
@@ -286,3 +289,49 @@ def test_entry_stored_as_text_is_pinpointed(tmp_path: Path) -> None:
         db.execute("UPDATE entries SET entry = CAST(entry AS TEXT) WHERE idx = 2")
     with pytest.raises(TamperError, match="entry 2: is not stored as bytes"):
         _verify(tmp_path)
+
+
+_SENT: dict[str, Any] = {
+    "partner": "USA",
+    "report_id": "00000000-0000-0000-0000-000000000001",
+    "kind": "vessel",
+    "released": ["vessel.imo"],
+    "policy_digest": "a" * 64,
+    "jwe_sha256": "b" * 64,
+    "originator": MEMBER,
+    "tlp": "AMBER",
+    "rel_to": None,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"partner": "PRK"}, "not an MSMT member"),
+        ({"report_id": "MV Example"}, "not a UUID"),
+        ({"kind": "aircraft"}, "kind"),
+        ({"released": ["vessel.name=CHON MA SAN"]}, "not a field path"),
+        ({"released": ["vessel.name#x y"]}, "not a field path"),
+        ({"policy_digest": "A" * 64}, "64 lowercase hex"),
+        ({"jwe_sha256": "eyJhbGciOi"}, "64 lowercase hex"),
+        ({"tlp": "WHITE"}, "TLP"),
+        ({"rel_to": ["USA", "XXX"]}, "not an MSMT member"),
+    ],
+)
+def test_event_constructors_refuse_anything_but_identifiers(
+    change: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(AuditError, match=reason):
+        ev.sent(MEMBER, T0, **(_SENT | change))
+
+
+def test_event_constructors_refuse_local_time_and_free_text() -> None:
+    ev.sent(MEMBER, T0, **_SENT)  # the baseline is valid
+    with pytest.raises(AuditError, match="UTC"):
+        ev.sent(MEMBER, datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=9))), **_SENT)
+    with pytest.raises(AuditError, match="printable ASCII"):
+        ev.rejected(MEMBER, T0, source="USA", step="decrypt", reason="line one\nline two")
+    with pytest.raises(AuditError, match="names the new kid"):
+        ev.key_changed(MEMBER, T0, action="rotated", kid="JPN-sig-1")
+    with pytest.raises(AuditError, match="short identifier"):
+        ev.accepted(MEMBER, T0, report_id=_SENT["report_id"], kind="vessel", feed="a feed")
