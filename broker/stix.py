@@ -25,7 +25,7 @@ Pure code apart from ``load_received``, which reads a node's store.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -98,12 +98,13 @@ def check_report(report: ReceivedReport) -> None:
 def bundle(reports: Iterable[ReceivedReport]) -> dict[str, Any]:
     """Build one STIX 2.1 bundle (a JSON-ready dict) from received reports.
 
-    Raises ``InputError`` naming the first malformed report. The output is a
-    function of the set of reports alone: the same reports give the same bundle.
+    Copies of one report (same originator and id, e.g. the original and an
+    onward share) become one report with the union of their fields, since the
+    node received all of them. Raises ``InputError`` naming the first malformed
+    report. The output is a function of the set of reports alone.
     """
     builder = BundleBuilder()
-    for report in sorted(reports, key=lambda r: (r.received_at, r.originator, r.report_id)):
-        check_report(report)
+    for report in sorted(merge_copies(reports), key=lambda r: (r.received_at, r.originator)):
         builder.add_report(
             report_id=report.report_id,
             originator=report.originator,
@@ -115,6 +116,37 @@ def bundle(reports: Iterable[ReceivedReport]) -> dict[str, Any]:
             fields=report.fields,
         )
     return builder.bundle()
+
+
+def merge_copies(reports: Iterable[ReceivedReport]) -> list[ReceivedReport]:
+    """Check each report and merge copies of the same one; sorted by (originator, id).
+
+    Copies carry the same signed claims, so a copy that disagrees on a claim or
+    on a field's value was not made from the same signed report: ``InputError``.
+    """
+    merged: dict[tuple[str, str], ReceivedReport] = {}
+    for report in reports:
+        check_report(report)
+        key = (report.originator, report.report_id)
+        held = merged.get(key)
+        if held is None:
+            merged[key] = report
+            continue
+        where = f"received report {report.report_id} from {report.originator}"
+        claims = ("kind", "tlp", "rel_to", "iat")
+        if any(getattr(held, c) != getattr(report, c) for c in claims):
+            raise InputError(f"{where}: two stored copies disagree on their signed claims")
+        clash = [
+            k for k in held.fields if k in report.fields and held.fields[k] != report.fields[k]
+        ]
+        if clash:
+            raise InputError(f"{where}: two stored copies disagree on {clash[0]}")
+        merged[key] = replace(
+            held,
+            received_at=min(held.received_at, report.received_at),
+            fields={**held.fields, **report.fields},
+        )
+    return [merged[k] for k in sorted(merged)]
 
 
 def select_since(reports: Iterable[ReceivedReport], since: datetime | None) -> list[ReceivedReport]:

@@ -238,7 +238,9 @@ class _Report:
             description=description,
         )
 
-    def sco(self, kind: str, extension: str | None, **props: Any) -> str:
+    def sco(self, kind: str, extension: str | None, **given: Any) -> str:
+        # Every property given is id-contributing (value; account_type, account_login).
+        props = {k: v for k, v in given.items() if v is not None}
         obj: dict[str, Any] = {"type": kind, "spec_version": "2.1", "id": sco_id(kind, props)}
         obj.update(props)
         if extension is not None:
@@ -455,11 +457,20 @@ def _worker_report(rep: _Report) -> None:
         user = rep.sco(
             "user-account",
             None,
-            account_type=_slug(account["platform"]),
+            account_type=_slug(account["platform"]) or None,
             account_login=account["handle"],
         )
         rep.related(f"account-{i}", group, user, "online account used by the workers")
     rep.sighting("sighting", group, place, "\n".join(facts) or "Workers sighting.")
+
+
+_FUEL_PATHS: Final = frozenset(
+    {"transfer.product", "transfer.volume", "transfer.unit", "transfer.vessels", "transfer.place"}
+)
+
+
+def _base_paths(fields: Mapping[str, Any]) -> set[str]:
+    return {split_variant_key(key)[0] for key in fields}
 
 
 class BundleBuilder:
@@ -511,7 +522,7 @@ class BundleBuilder:
             _vessel_report(rep)
         elif head["kind"] == "worker":
             _worker_report(rep)
-        elif fields.get("transfer.category") == "fuel" or "transfer.place" in fields:
+        elif fields.get("transfer.category") == "fuel" or _FUEL_PATHS & _base_paths(fields):
             _fuel(rep)
         else:
             _crypto(rep)

@@ -11,6 +11,7 @@ import json
 import random
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,10 @@ from stix2validator import ValidationOptions, validate_instance, validate_string
 from broker import samples
 from broker.cli import main
 from broker.errors import InputError
-from broker.sightings import SIGHTING_ADAPTER, field_paths, leaf_values
+from broker.sightings import SIGHTING_ADAPTER, leaf_values
 from broker.stix import ReceivedReport, bundle, check_report, select_since
 from broker.stix_defs import tlp_marking
-from broker.stix_objects import MSMT_NAMESPACE, TLP_MARKINGS, member_identity_id
+from broker.stix_objects import EXT_REPORT, MSMT_NAMESPACE, TLP_MARKINGS, member_identity_id
 from broker.transforms import Transform, variant_key
 
 VECTORS = Path(__file__).parent / "vectors" / "stix-tlp"
@@ -317,8 +318,7 @@ def test_since_selects_by_time_received() -> None:
 def test_malformed_report_is_refused_with_one_line(change: dict[str, Any], reason: str) -> None:
     record = next(r for r in samples.generate(3, seed=14) if r["kind"] == "vessel")
     good = received(record)
-    values = {f: getattr(good, f) for f in good.__dataclass_fields__}
-    bad = ReceivedReport(**(values | change))
+    bad = replace(good, **change)
     with pytest.raises(InputError, match=re.escape(reason)) as info:
         check_report(bad)
     assert "\n" not in str(info.value)
@@ -327,16 +327,36 @@ def test_malformed_report_is_refused_with_one_line(change: dict[str, Any], reaso
         bundle([good, bad])
 
 
-def test_every_field_path_of_every_kind_is_exported_somewhere() -> None:
-    # Guards the mapping against a schema field it silently drops.
-    records = samples.generate(90, seed=15)
-    text = json.dumps(bundle(received(r) for r in records))
-    for kind in ("vessel", "worker", "transfer"):
-        for path in field_paths(kind):
-            if any(
-                path in leaf_values(SIGHTING_ADAPTER.validate_json(json.dumps(r))) for r in records
-            ):
-                assert f'"key": "{path}"' in text
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), share=st.floats(0.0, 1.0))
+def test_report_extension_holds_exactly_the_received_fields(seed: int, share: float) -> None:
+    rng = random.Random(seed)
+    record = samples.generate(1 + seed % 3, seed=seed)[-1]
+    got = [k for k in sorted(all_forms(record)) if rng.random() < share]
+    report = received(record, got)
+    (sdo,) = [o for o in bundle([report])["objects"] if o["type"] == "report"]
+    extension = sdo["extensions"][EXT_REPORT]
+    assert {f["key"]: f["value"] for f in extension.get("fields", [])} == dict(report.fields)
+    assert (extension["report_id"], extension["tlp"]) == (report.report_id, report.tlp)
+    assert extension.get("rel_to") == (sorted(report.rel_to) if report.rel_to else None)
+
+
+def test_copies_of_one_report_merge_into_one() -> None:
+    record = next(r for r in samples.generate(3, seed=16) if r["kind"] == "vessel")
+    first = received(record, ["vessel.name", "observed_at"])
+    onward = received(record, ["vessel.name", "vessel.flag"], at=RECEIVED + timedelta(hours=2))
+    stix = bundle([onward, first])
+    validate(stix)
+    (sdo,) = [o for o in stix["objects"] if o["type"] == "report"]
+    keys = [f["key"] for f in sdo["extensions"][EXT_REPORT]["fields"]]
+    assert keys == ["observed_at", "vessel.flag", "vessel.name"]
+    assert sdo["extensions"][EXT_REPORT]["received_at"] == "2026-11-03T00:00:00.000Z"
+    forged = replace(first, fields={"vessel.name": "OTHER NAME"})
+    with pytest.raises(InputError, match=r"two stored copies disagree on vessel\.name"):
+        bundle([first, forged])
+    stricter = replace(first, tlp="RED")
+    with pytest.raises(InputError, match="disagree on their signed claims"):
+        bundle([first, stricter])
 
 
 # --- the command line -------------------------------------------------------
