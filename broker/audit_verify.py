@@ -65,6 +65,22 @@ class LoadedLog:
             db.close()
 
 
+def read_origin(directory: Path) -> str:
+    """Return whose log ``directory`` holds (its ``origin``), reading nothing else."""
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory")
+    db = connect(directory / DB_FILE, readonly=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read audit log {directory / DB_FILE}: {exc}") from exc
+    finally:
+        db.close()
+    if row is None:
+        raise AuditError(f"{directory / DB_FILE} is not an {FORMAT} audit log")
+    return str(row[0])
+
+
 def load(directory: Path, *, parallel_from: int = PARALLEL_FROM) -> LoadedLog:
     """Read the log in ``directory``; a gap in entry indices is reported as a deletion.
 

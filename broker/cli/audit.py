@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from broker import keys as keyfiles
-from broker.audit_verify import load, verify_log
+from broker.audit_verify import load, read_origin, verify_log
 from broker.checkpoint import parse_body, roster_log_keys, roster_witness_keys
 from broker.errors import AuditError, UsageError
 from broker.members import MEMBERS
@@ -61,25 +62,43 @@ def audit_group() -> None:
     """Verify audit logs and prove entries to third parties."""
 
 
+def _trust_options(fn: Callable[..., None]) -> Callable[..., None]:
+    options = [
+        click.option(
+            "--keys",
+            "keydir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Key directory with the signed roster (verified against its pinned authority).",
+        ),
+        click.option(
+            "--authority",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Pinned roster-authority public JWK (default: the one in --keys).",
+        ),
+        click.option(
+            "--roster",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="A roster JWK Set you already trust (unsigned).",
+        ),
+        click.option("--log-key", multiple=True, help="Log verifier key <name>+<hex id>+<base64>."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _log_keys(trusted: Roster | None, log_key: tuple[str, ...], origin: str) -> list[Verifier]:
+    if trusted is None and not log_key:
+        raise UsageError("say whose key signs the log: --keys DIR, --roster FILE or --log-key")
+    keys = _vkeys(log_key, "--log-key")
+    if trusted is not None:
+        keys += roster_log_keys(trusted, origin)
+    return keys
+
+
 @audit_group.command(name="verify")
 @_DIR
-@click.option(
-    "--keys",
-    "keydir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Key directory with the signed roster (verified against its pinned authority).",
-)
-@click.option(
-    "--authority",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Pinned roster-authority public JWK (default: the one in --keys).",
-)
-@click.option(
-    "--roster",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A roster JWK Set you already trust (unsigned).",
-)
-@click.option("--log-key", multiple=True, help="Log verifier key <name>+<hex id>+<base64>.")
+@_trust_options
 @click.option("--cosigned", is_flag=True, help="Also require witness cosignatures.")
 @click.option("--quorum", type=click.IntRange(1, len(MEMBERS)), help="Cosignatures needed.")
 @click.option(
@@ -103,10 +122,8 @@ def audit_verify(
         raise UsageError("say whose key signs the log: --keys DIR, --roster FILE or --log-key")
     if cosigned != (quorum is not None):
         raise UsageError("--cosigned and --quorum K go together")
-    origin = load(directory).origin
-    log_keys = _vkeys(log_key, "--log-key")
-    if trusted is not None:
-        log_keys += roster_log_keys(trusted, origin)
+    origin = read_origin(directory)
+    log_keys = _log_keys(trusted, log_key, origin)
     witness_keys: list[Verifier] = []
     if cosigned:
         if witnesses is not None:
