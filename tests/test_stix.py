@@ -30,6 +30,8 @@ from broker.sightings import SIGHTING_ADAPTER, leaf_values
 from broker.stix import ReceivedReport, bundle, check_report, select_since
 from broker.stix_defs import tlp_marking
 from broker.stix_objects import EXT_REPORT, MSMT_NAMESPACE, TLP_MARKINGS, member_identity_id
+from broker.store import Received as StoredReport
+from broker.store import Store
 from broker.transforms import Transform, variant_key
 
 VECTORS = Path(__file__).parent / "vectors" / "stix-tlp"
@@ -397,3 +399,33 @@ def test_cli_bad_since_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "--since 'yesterday' is not an RFC 3339 time" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_cli_refuses_a_store_that_lacks_the_markings(tmp_path: Path) -> None:
+    # A real store, as the node writes it. Until it records each received
+    # report's TLP, REL TO and iat, exporting would have to guess markings:
+    # the command refuses instead.
+    record = samples.generate(1, seed=17)[0]
+    report = received(record)
+    store = Store(tmp_path / "data" / "node.sqlite3")
+    store.store_received(
+        [
+            StoredReport(
+                sender=report.originator,
+                originator=report.originator,
+                report_id=report.report_id,
+                kind=report.kind,
+                fields=dict(report.fields),
+                paths=tuple(report.fields),
+                jwe_sha256="00" * 32,
+                expires_at=0.0,
+            )
+        ]
+    )
+    store.close()
+    env = {"MSMT_DATA_DIR": str(tmp_path / "data")}
+    result = _run(["export", "stix", "--config", str(JPN_CONFIG)], env)
+    assert result.exit_code == 2
+    assert "does not record tlp, rel_to, iat of received reports" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""
