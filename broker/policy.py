@@ -108,19 +108,25 @@ _Cell = Release | str
 _Table = dict[tuple[str, str, str], dict[str, _Cell]]
 
 
-def _resolve(
-    rules: Iterable[Rule], partner: str, kind: str, tlp: str, path: str
+def _resolve(  # noqa: PLR0911 - one return per outcome, in the documented order
+    applying: list[Rule], partner: str, tlp: str, path: str
 ) -> tuple[_Cell, tuple[Release, ...]]:
-    """Decide one field for one partner, kind and TLP; also return every release that applied."""
-    applying = [r for r in rules if kind in r.kinds and partner in r.members]
+    """Decide one field for one partner and TLP; also return every release that applied.
+
+    ``applying`` is the rules whose kinds include the report's and whose
+    partners include ``partner``, in file order.
+    """
     withheld = [r for r in applying if r.effect == "withhold" and tlp in r.tlp and r.covers(path)]
     if withheld:
         return withheld[0].name, ()
-    releasers = [
-        r
-        for r in applying
-        if r.releases(path) and tlp in r.tlp and (tlp != "RED" or partner in r.named)
-    ]
+    # Every applying release rule narrows the form; for TLP:RED only those that
+    # name the partner by trigraph may authorize the release itself.
+    candidates = [r for r in applying if r.releases(path) and tlp in r.tlp]
+    releases = tuple(Release(path, r.transforms.get(path), r.name) for r in candidates)
+    forms = {r.transform for r in releases if r.transform is not None}
+    if len(forms) > 1:
+        return CONFLICT, releases
+    releasers = [r for r in candidates if tlp != "RED" or partner in r.named]
     if not releasers:
         if tlp == "RED" and any(r.releases(path) for r in applying):
             return TLP_RED, ()
@@ -129,12 +135,12 @@ def _resolve(
         ):
             return WILDCARD_SM, ()
         return DEFAULT_DENY, ()
-    releases = tuple(Release(path, r.transforms.get(path), r.name) for r in releasers)
-    forms = {r.transform for r in releases if r.transform is not None}
-    if len(forms) > 1:
-        return CONFLICT, releases
-    transformed = [r for r in releases if r.transform is not None]
-    return (transformed or list(releases))[0], releases
+    if not forms:
+        return Release(path, None, releasers[0].name), releases
+    # A transformed release beats a raw one, whichever rule supplied the transform.
+    (form,) = forms
+    rule = next((r for r in releasers if r.transforms.get(path) == form), releasers[0])
+    return Release(path, form, rule.name), releases
 
 
 def _analyse(spec: PolicySpec) -> tuple[_Table, list[tuple[Rule, str, str, Release, Release]]]:
@@ -145,10 +151,11 @@ def _analyse(spec: PolicySpec) -> tuple[_Table, list[tuple[Rule, str, str, Relea
         if partner == spec.member:
             continue
         for kind in KINDS:
+            applying = [r for r in spec.rules if kind in r.kinds and partner in r.members]
             for tlp in TLP_LABELS:
                 cells: dict[str, _Cell] = {}
                 for path in field_paths(kind):
-                    cell, releases = _resolve(spec.rules, partner, kind, tlp, path)
+                    cell, releases = _resolve(applying, partner, tlp, path)
                     cells[path] = cell
                     if cell == CONFLICT:
                         first = next(r for r in releases if r.transform is not None)
@@ -160,7 +167,7 @@ def _analyse(spec: PolicySpec) -> tuple[_Table, list[tuple[Rule, str, str, Relea
     return table, conflicts
 
 
-def _semantic_problems(spec: PolicySpec, text: str) -> list[Problem]:
+def _semantic_problems(spec: PolicySpec, text: str) -> tuple[list[Problem], _Table]:
     loc = locate(text)
     problems: list[Problem] = []
     for rule in spec.rules:
@@ -202,7 +209,7 @@ def _semantic_problems(spec: PolicySpec, text: str) -> list[Problem]:
                     )
                 )
                 break
-    _, conflicts = _analyse(spec)
+    table, conflicts = _analyse(spec)
     seen: set[tuple[str, str, str]] = set()
     for rule, partner, path, first, other in conflicts:
         key = (first.rule, other.rule, path)
@@ -218,7 +225,7 @@ def _semantic_problems(spec: PolicySpec, text: str) -> list[Problem]:
                 f"and {other.transform.ident if other.transform else 'raw'} by {other.rule}",
             )
         )
-    return sorted(problems, key=lambda p: p.line)
+    return sorted(problems, key=lambda p: p.line), table
 
 
 def check_policy(text: str, *, member: str | None = None) -> list[Problem]:
@@ -231,23 +238,27 @@ def check_policy(text: str, *, member: str | None = None) -> list[Problem]:
     spec, problems = read_policy(text, member=member)
     if spec is None:
         return problems
-    return _semantic_problems(spec, text)
+    return _semantic_problems(spec, text)[0]
 
 
 class Policy:
-    """A loaded, checked policy: decides per report and partner what is released."""
+    """A loaded, checked policy: decides per report and partner what is released.
 
-    def __init__(self, spec: PolicySpec) -> None:
+    Built by ``load_policy``; building one from a ``PolicySpec`` directly runs the
+    same checks and raises ``PolicyError`` (``text`` and ``source`` only make the
+    message point at a line).
+    """
+
+    def __init__(self, spec: PolicySpec, *, text: str = "", source: str = "<policy>") -> None:
         self.spec = spec
         self.member = spec.member
         self.rules = spec.rules
         self.pseudonym_keys = spec.pseudonym_keys
         self.normalized = spec.normalized()
         self.digest = spec.digest()
-        self._table, conflicts = _analyse(spec)
-        if conflicts:
-            # load_policy refuses these first; a Policy built by hand must too.
-            raise PolicyError(f"{conflicts[0][2]} is released in two forms")
+        problems, self._table = _semantic_problems(spec, text)
+        if problems:
+            raise PolicyError(f"{source}:{problems[0].line}: {problems[0].reason}")
 
     def decide(self, sighting: SightingModel, partner: str, *, onward: bool = False) -> Decision:
         """What ``partner`` receives of ``sighting`` under this policy.
@@ -256,6 +267,23 @@ class Policy:
         and is passing on. Raises ``PolicyError`` for an unknown partner, or for
         a report this member did not originate unless ``onward`` is set.
         """
+        return self._decide(sighting, leaf_values(sighting), partner, onward)
+
+    def decide_all(self, sighting: SightingModel, *, onward: bool = False) -> dict[str, Decision]:
+        """Decisions for every member except the originator and this member, in MSMT order.
+
+        Raises ``PolicyError`` as ``decide`` does.
+        """
+        present = leaf_values(sighting)
+        return {
+            partner: self._decide(sighting, present, partner, onward)
+            for partner in MEMBERS
+            if partner not in (sighting.originator, self.member)
+        }
+
+    def _decide(
+        self, sighting: SightingModel, present: dict[str, Any], partner: str, onward: bool
+    ) -> Decision:
         if not is_member(partner):
             raise PolicyError(f"unknown partner {partner!r}")
         if not onward and sighting.originator != self.member:
@@ -263,7 +291,6 @@ class Policy:
                 f"report was originated by {sighting.originator}, not {self.member}; "
                 "deciding for it means passing it on (onward)"
             )
-        present = leaf_values(sighting)
         reason = self._marking(sighting, partner, onward)
         if reason is not None:
             return self._decision(partner, {}, dict.fromkeys(present, reason), onward)
@@ -277,14 +304,6 @@ class Policy:
             else:
                 withheld[path] = cell
         return self._decision(partner, released, withheld, onward)
-
-    def decide_all(self, sighting: SightingModel, *, onward: bool = False) -> dict[str, Decision]:
-        """Decisions for every member except the originator and this member, in MSMT order."""
-        return {
-            partner: self.decide(sighting, partner, onward=onward)
-            for partner in MEMBERS
-            if partner not in (sighting.originator, self.member)
-        }
 
     def _marking(  # noqa: PLR0911 - one return per marking, in checklist order
         self, sighting: SightingModel, partner: str, onward: bool
@@ -324,13 +343,11 @@ def load_policy(text: str, *, member: str, source: str = "<policy>") -> Policy:
     Raises ``PolicyError`` with ``<source>:<line>: <reason>`` for the first
     problem ``check_policy`` finds, so a broken policy never decides anything.
     """
-    problems = check_policy(text, member=member)
-    if problems:
+    spec, problems = read_policy(text, member=member)
+    if spec is None or problems:
         first = problems[0]
         raise PolicyError(f"{source}:{first.line}: {first.reason}")
-    spec, _ = read_policy(text, member=member)
-    assert spec is not None  # noqa: S101 - check_policy found no problem
-    return Policy(spec)
+    return Policy(spec, text=text, source=source)
 
 
 def variants(

@@ -363,6 +363,36 @@ def test_withhold_rule_applies_to_red_reports() -> None:
     assert decision.withheld["vessel.flag"] == "no-flag-on-red-to-usa"
 
 
+def test_group_rules_cannot_authorize_red_but_still_narrow_its_form() -> None:
+    policy = make_policy(
+        """
+[[rules]]
+name = "red-usa-raw"
+kinds = ["vessel"]
+partners = ["USA"]
+tlp = ["RED"]
+release = ["observed_at", "vessel.position"]
+
+[[rules]]
+name = "fvey-coarse"
+kinds = ["vessel"]
+partners = ["FVEY"]
+tlp = ["RED", "GREEN"]
+release = ["vessel.position", "vessel.flag"]
+transforms = { "vessel.position" = "coarsen:1" }
+"""
+    )
+    usa = policy.decide(report(tlp="RED"), "USA")
+    assert usa.disclosure_keys() == {"observed_at", "vessel.position#coarsen:1"}
+    assert usa.released["vessel.position"].rule == "red-usa-raw"
+    assert usa.withheld["vessel.flag"] == TLP_RED
+    assert not policy.decide(report(tlp="RED"), "GBR").sends
+    assert policy.decide(report(tlp="GREEN"), "GBR").disclosure_keys() == {
+        "vessel.position#coarsen:1",
+        "vessel.flag",
+    }
+
+
 def test_self_originator_and_unknown_partners() -> None:
     policy = make_policy(MARKING_POLICY)
     sighting = report()
