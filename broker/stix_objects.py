@@ -439,8 +439,9 @@ def _worker_report(rep: _Report) -> None:
             source_ref=group,
             target_ref=place,
         )
-    elif "worker.location" in f:
-        rep.notes.append(f"worker.location: {f['worker.location']}")
+    else:
+        # No STIX location without a country, region or coordinates: say it in words.
+        rep.notes += _describe(f, ("worker.country", "worker.location"))
     employer = None
     if "worker.employer" in f:
         employer = rep.sdo(

@@ -227,6 +227,38 @@ def test_vessel_mapping() -> None:
             assert obj["object_marking_refs"][0] == TLP_MARKINGS[record["tlp"]]
 
 
+def test_worker_mapping() -> None:
+    record = next(
+        r
+        for r in samples.generate(60, seed=18)
+        if r["kind"] == "worker" and r["worker"]["sector"] == "information_technology"
+    )
+    stix = bundle([received(record)])
+    validate(stix)
+    objects = by_id(stix)
+    (sighting,) = [o for o in stix["objects"] if o["type"] == "sighting"]
+    group = objects[sighting["sighting_of_ref"]]
+    place = objects[sighting["where_sighted_refs"][0]]
+    worker = record["worker"]
+    assert (group["identity_class"], group["sectors"]) == ("group", ["technology"])
+    assert group["name"] == f"{worker['workers']} DPRK workers"
+    alpha2 = {"RUS": "RU", "CHN": "CN", "LAO": "LA", "ARE": "AE", "NGA": "NG", "KHM": "KH"}
+    assert place["country"] == alpha2.get(worker["country"], "MN")
+    assert place["city"] == worker["location"]
+    links = [o for o in stix["objects"] if o["type"] == "relationship"]
+    (employed,) = [o for o in links if o.get("description") == "employed by"]
+    assert employed["source_ref"] == group["id"]
+    employer = objects[employed["target_ref"]]
+    assert employer["name"] == worker["employer"]
+    logins = sorted(o["account_login"] for o in stix["objects"] if o["type"] == "user-account")
+    assert logins == sorted(i["handle"] for i in worker["online_identities"])
+    # Without the country, the city is only described: STIX needs a country for a location.
+    partial = bundle([received(record, ["worker.location", "worker.workers"])])
+    assert not [o for o in partial["objects"] if o["type"] == "location"]
+    (report,) = [o for o in partial["objects"] if o["type"] == "report"]
+    assert f"worker.location: {worker['location']}" in report["description"]
+
+
 def test_hour_variant_spans_the_hour() -> None:
     record = next(r for r in samples.generate(30, seed=8) if r["kind"] == "vessel")
     stix = bundle([received(record, ["observed_at#hour", "vessel.name"])])
