@@ -1,6 +1,6 @@
-"""Commands for the audit family: ``msmt audit verify`` and ``msmt audit prove``.
+"""Commands for the audit family: ``msmt audit verify``, ``prove`` and ``replay``.
 
-Both read a node's data directory directly (``DIR/audit.sqlite``, opened
+All read a node's data directory directly (``DIR/audit.sqlite``, opened
 read-only). Trust never comes from the directory being audited: the log's
 public key comes from a signed roster (``--keys``), a JWK Set the auditor
 trusts (``--roster``), or note verifier keys (``--log-key``).
@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from broker import keys as keyfiles
-from broker.audit_verify import load, read_origin, verify_log
+from broker.audit_events import parse_entry
+from broker.audit_replay import Replay, replay
+from broker.audit_verify import LoadedLog, load, read_origin, verify_log
 from broker.checkpoint import parse_body, roster_log_keys, roster_witness_keys
 from broker.errors import AuditError, UsageError
 from broker.members import MEMBERS
 from broker.merkle import verify_inclusion
 from broker.note import NoteError, Verifier, parse, parse_vkey
+from broker.policy import Policy, load_policy
 from broker.roster import Roster
 
 
@@ -179,6 +184,115 @@ def audit_prove(directory: Path, index: int, size: int | None) -> None:
         "checkpoint": note,
     }
     click.echo(json.dumps(proof, indent=2, ensure_ascii=False))
+
+
+PROGRESS_FROM = 50_000
+"""Replays reading at least this many entries show a progress bar."""
+
+
+def _load_policies(folders: tuple[Path, ...]) -> dict[str, Policy]:
+    policies: dict[str, Policy] = {}
+    for folder in folders:
+        files = sorted(folder.glob("*/policy.toml"))
+        if not files:
+            raise UsageError(f"--policies {folder}: no <MEMBER>/policy.toml inside")
+        for path in files:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"cannot read {path}: {exc}") from None
+            policy = load_policy(text, member=path.parent.name, source=str(path))
+            policies[policy.digest] = policy
+    return policies
+
+
+def _parsed_entries(log: LoadedLog, bar: Any) -> list[dict[str, Any]]:
+    entries = []
+    step = 10_000
+    for lo in range(0, log.tree.size, step):
+        for i, data in enumerate(log.entries(lo, min(lo + step, log.tree.size)), lo):
+            entries.append(parse_entry(data, i))
+        bar.update(min(step, log.tree.size - lo))
+    return entries
+
+
+@audit_group.command(name="replay")
+@click.argument(
+    "directories", metavar="DIR...", nargs=-1, required=True, type=click.Path(path_type=Path)
+)
+@_trust_options
+@click.option(
+    "--policies",
+    multiple=True,
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of <MEMBER>/policy.toml files (such as nodes/); repeat for older versions.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for tools instead of tables.")
+def audit_replay(
+    directories: tuple[Path, ...],
+    keydir: Path | None,
+    authority: Path | None,
+    roster: Path | None,
+    log_key: tuple[str, ...],
+    policies: tuple[Path, ...],
+    as_json: bool,
+) -> None:
+    """Reconcile several nodes' logs: timeline, who-sent-to-whom, and every discrepancy.
+
+    Each log is verified first. Exits 1 if anything does not reconcile.
+    """
+    trusted = _roster(keydir, authority, roster)
+    known = _load_policies(policies)
+    logs: dict[str, list[dict[str, Any]]] = {}
+    loaded = []
+    for directory in directories:
+        origin = read_origin(directory)
+        if origin in logs:
+            raise UsageError(f"two logs of {origin} given")
+        verify_log(directory, _log_keys(trusted, log_key, origin))
+        loaded.append(load(directory))
+        logs[origin] = []
+    total = sum(log.tree.size for log in loaded)
+    # The bar goes to stderr, so --json output stays clean; short logs need none.
+    with click.progressbar(
+        length=total,
+        label="reading entries",
+        file=sys.stderr,
+        show_pos=True,
+        hidden=total < PROGRESS_FROM,
+    ) as bar:
+        for log in loaded:
+            logs[log.origin] = _parsed_entries(log, bar)
+    result = replay(logs, known)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(render_tables(result, sorted(logs)))
+    if result.findings:
+        raise AuditError(f"{len(result.findings)} findings: the logs do not reconcile")
+
+
+def render_tables(result: Replay, members: list[str]) -> str:
+    """The human report: timeline, delivered-sends matrix, findings."""
+    lines = [f"Timeline ({len(result.exchanges)} sends)"]
+    for e in result.exchanges:
+        lines.append(
+            f"  {e.at}  {e.sender} -> {e.recipient}  {e.kind:<8} {e.report_id}  "
+            f"{len(e.released):>2} fields  {e.status}"
+        )
+    senders = sorted({s for s, _ in result.matrix} | set(members))
+    recipients = sorted({r for _, r in result.matrix} | set(members))
+    lines += ["", "Delivered sends (rows: sender, columns: recipient)"]
+    lines.append("       " + " ".join(f"{r:>5}" for r in recipients))
+    for s in senders:
+        cells = ("    -" if s == r else f"{result.matrix.get((s, r), 0):>5}" for r in recipients)
+        lines.append(f"  {s}  " + " ".join(cells))
+    lines += ["", f"Findings ({len(result.findings)})"]
+    lines += [f"  {f.kind}: {f.member} entry {f.seq}: {f.detail}" for f in result.findings]
+    if not result.findings:
+        lines.append("  none: every send and receive reconciles with the policies")
+    return "\n".join(lines)
 
 
 COMMANDS: tuple[click.Command, ...] = (audit_group,)
