@@ -364,9 +364,13 @@ class Spool:
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
         """Poll the directory until ``stop`` is set."""
         while not stop.is_set():
-            for path in self.candidates():
-                if stop.is_set() or not await self.ingest(path):
-                    break
+            try:
+                for path in self.candidates():
+                    if stop.is_set() or not await self.ingest(path):
+                        break
+            except OSError as exc:
+                # A file that vanished or a full disk: try again on the next poll.
+                log.error("spool_error", error=f"{type(exc).__name__}: {exc.strerror}")  # noqa: TRY400
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 

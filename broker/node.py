@@ -87,6 +87,10 @@ def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
     return out
 
 
+class NodeFailedError(MsmtError):
+    """A part of the running node failed; the daemon stopped so it can be restarted."""
+
+
 class Node:
     """One member's running node; build it with ``load_node``."""
 
@@ -118,6 +122,7 @@ class Node:
         self._intakes: list[Intake] = []
         self._last_error = ""
         self._published_checkpoint: str | None = None
+        self.failure: str | None = None
 
     async def run_db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store or audit-log call on the single store thread."""
@@ -288,10 +293,14 @@ class Node:
     async def _housekeeping(self) -> None:
         last_prune = 0.0
         while True:
-            await self._housekeep_once()
-            if time.monotonic() - last_prune > 60:
-                await self.run_db(self.store.prune_seen)
-                last_prune = time.monotonic()
+            try:
+                await self._housekeep_once()
+                if time.monotonic() - last_prune > 60:
+                    await self.run_db(self.store.prune_seen)
+                    last_prune = time.monotonic()
+            except MsmtError as exc:
+                # Status facts are best effort; a full disk must not stop the node.
+                self._error(f"housekeeping: {exc}")
             if self.stop.is_set():
                 return
             with contextlib.suppress(TimeoutError):
@@ -389,6 +398,8 @@ class Node:
             asyncio.create_task(self._messaging(), name="messaging"),
         ]
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
+        for task in (*tasks, housekeeping):
+            task.add_done_callback(self._task_done)
         log.info("node_started", member=self.member, socket=str(config.socket_path))
         try:
             await self.stop.wait()
@@ -399,8 +410,7 @@ class Node:
             spool_stop.set()
             self.stop.set()
             # 2. planner, publisher (waits for in-flight acks) and receiver finish
-            await asyncio.gather(*tasks, return_exceptions=False)
-            await housekeeping
+            await asyncio.gather(*tasks, housekeeping, return_exceptions=True)
             # 3. acks reach the server before the connection goes
             if self.nc is not None:
                 with contextlib.suppress(nats.errors.Error, TimeoutError):
@@ -410,6 +420,18 @@ class Node:
             await self.run_db(self._close)
             self._db.shutdown(wait=True)
             log.info("node_stopped", member=self.member)
+        if self.failure is not None:
+            raise NodeFailedError(self.failure)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # A part that dies must take the node down (for systemd to restart it):
+        # a node that accepts reports but no longer sends them is worse than none.
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.failure = f"{task.get_name()} failed: {type(exc).__name__}: {exc}"
+        log.error("node_task_failed", task=task.get_name(), error=type(exc).__name__)
+        self.stop.set()
 
     def _close(self) -> None:
         self.store.close()

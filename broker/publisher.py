@@ -110,7 +110,14 @@ class Planner:
                 recipient_kid=enc.kid,
                 recipient_key=self.roster.public_key(enc.kid),
             )
-            audit = {"kind": sighting.kind, "released": sorted(keys), "policy": self.policy.digest}
+            audit = {
+                "kind": sighting.kind,
+                "released": sorted(keys),
+                "policy": self.policy.digest,
+                "originator": sighting.originator,
+                "tlp": sighting.tlp,
+                "rel_to": None if sighting.rel_to is None else list(sighting.rel_to),
+            }
             items.append(
                 OutboxItem(
                     report_id=report_id,
@@ -157,6 +164,9 @@ def sent_event(member: str, item: OutboxItem, at: datetime) -> AuditEvent:
         released=facts["released"],
         policy_digest=facts["policy"],
         jwe_sha256=hashlib.sha256(item.jwe).hexdigest(),
+        originator=facts["originator"],
+        tlp=facts["tlp"],
+        rel_to=facts["rel_to"],
     )
 
 
@@ -208,7 +218,11 @@ class Publisher:
                     now = time.monotonic()
                     skip = set(self._in_flight) | self._unrecorded
                     skip |= {k for k, t in self._retry_at.items() if t > now}
-                    items = await self.run_db(self.store.pending, room, skip)
+                    try:
+                        items = await self.run_db(self.store.pending, room, skip)
+                    except MsmtError as exc:
+                        self.last_error = str(exc)
+                        items = []
                     for item in items:
                         key = (item.report_id, item.partner)
                         self._retry_at.pop(key, None)

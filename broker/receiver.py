@@ -119,28 +119,41 @@ class Inbound:
                     subject, data, digest, now, batch_seen, batch_digests, result
                 )
             except EnvelopeError as exc:
-                source = subject.split(".")[1] if subject.count(".") >= 1 else "unknown"
-                source = source if is_member(source) else "unknown"
-                result.rejected[exc.step] += 1
-                result.actions.append("term")
-                events.append(
-                    audit_events.rejected(
-                        self.member,
-                        now,
-                        source=source,
-                        step=exc.step,
-                        reason=_printable(exc.reason),
-                        jwe_sha256=digest,
-                    )
+                step, reason = exc.step, exc.reason
+            except MsmtError:
+                raise  # our store failed: hand the whole batch back, reject nothing
+            except Exception as exc:  # noqa: BLE001 - see below
+                # A verifier bug on hostile input must cost one message, not the
+                # consumer: redelivering it forever would stall the whole inbox.
+                # Only the type is logged; a message or traceback could quote content.
+                log.error("verifier_failed", error=type(exc).__name__)  # noqa: TRY400
+                step, reason = (
+                    "internal",
+                    f"verification failed unexpectedly ({type(exc).__name__})",
                 )
-                log.warning("inbound_rejected", sender=source, step=exc.step, reason=exc.reason)
+            else:
+                result.actions.append(action)
+                if rec is not None and event is not None:
+                    batch_seen.add((rec.sender, rec.report_id))
+                    batch_digests.add((rec.sender, rec.jwe_sha256))
+                    result.stored.append(rec)
+                    events.append(event)
                 continue
-            result.actions.append(action)
-            if rec is not None and event is not None:
-                batch_seen.add((rec.sender, rec.report_id))
-                batch_digests.add((rec.sender, rec.jwe_sha256))
-                result.stored.append(rec)
-                events.append(event)
+            source = subject.split(".")[1] if subject.count(".") >= 1 else "unknown"
+            source = source if is_member(source) else "unknown"
+            result.rejected[step] += 1
+            result.actions.append("term")
+            events.append(
+                audit_events.rejected(
+                    self.member,
+                    now,
+                    source=source,
+                    step=step,
+                    reason=_printable(reason),
+                    jwe_sha256=digest,
+                )
+            )
+            log.warning("inbound_rejected", sender=source, step=step, reason=_printable(reason))
         # Durable record first, then the store: a crash in between leaves an
         # audit entry that the redelivery repeats, never a stored report the log lacks.
         self.audit.append_many(events)

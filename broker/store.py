@@ -89,8 +89,8 @@ class NewReport:
 class OutboxItem:
     """One envelope to publish to one partner.
 
-    ``audit`` is the JSON the send entry of the audit log needs (released paths,
-    transforms, policy digest), prepared when the envelope was made.
+    ``audit`` is the JSON the send entry of the audit log needs (released
+    disclosure keys, policy digest, handling markings), prepared with the envelope.
     """
 
     report_id: str
