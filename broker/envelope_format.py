@@ -35,38 +35,6 @@ MAX_ENVELOPE_BYTES: Final = 256 * 1024
 """Largest compact JWE we parse; a 64 KiB record grows to well under this."""
 
 
-def fields_of(
-    payload: Mapping[str, Any],
-    processed: Mapping[str, Any],
-    parsed: list[sdjwt.Disclosure],
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Map each disclosure to its disclosure key: ``(fields, encoded disclosures)``.
-
-    Raises ``ValueError`` for a disclosure placed where this format puts none.
-    """
-    # Map each disclosure to its key by the _sd array that references it. Our
-    # format has exactly three such arrays; a digest anywhere else is refused.
-    kind = payload["kind"]
-    where: dict[str, str | None] = dict.fromkeys(payload[sdjwt.SD])
-    for container in ("source", kind):
-        where.update(dict.fromkeys(payload[container][sdjwt.SD], container))
-    fields: dict[str, Any] = {}
-    encoded: dict[str, str] = {}
-    for disclosure in parsed:
-        if disclosure.digest not in where or disclosure.name is None:
-            raise ValueError("a disclosure is referenced from a place this format does not use")
-        container = where[disclosure.digest]
-        name = disclosure.name
-        field = name.partition("#")[0]
-        if "." in field or (container is None and field != "observed_at"):
-            raise ValueError(f"disclosed claim name {name!r:.80} is not a field of this format")
-        key = name if container is None else f"{container}.{name}"
-        value = processed[name] if container is None else processed[container][name]
-        fields[key] = value
-        encoded[key] = disclosure.encoded
-    return fields, encoded
-
-
 MAX_DISCLOSURES: Final = 512
 """More disclosures than any report can have (fields plus variants); a bound on work."""
 _JWE_MEMBERS: Final = frozenset({"alg", "enc", "cty", "kid", "epk", HDR_FROM, HDR_TO, HDR_RID})
@@ -153,6 +121,38 @@ def check_claims(text: str, *, expected_header: Mapping[str, str]) -> Parsed:
         raise EnvelopeError("format", "JWS payload is not a JSON object")
     _check_claim_types(payload)
     return Parsed(jws_text, header["kid"], payload, disclosures)
+
+
+def fields_of(
+    payload: Mapping[str, Any],
+    processed: Mapping[str, Any],
+    parsed: list[sdjwt.Disclosure],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Map each disclosure to its disclosure key: ``(fields, encoded disclosures)``.
+
+    Raises ``ValueError`` for a disclosure placed where this format puts none.
+    """
+    # Map each disclosure to its key by the _sd array that references it. Our
+    # format has exactly three such arrays; a digest anywhere else is refused.
+    kind = payload["kind"]
+    where: dict[str, str | None] = dict.fromkeys(payload[sdjwt.SD])
+    for container in ("source", kind):
+        where.update(dict.fromkeys(payload[container][sdjwt.SD], container))
+    fields: dict[str, Any] = {}
+    encoded: dict[str, str] = {}
+    for disclosure in parsed:
+        if disclosure.digest not in where or disclosure.name is None:
+            raise ValueError("a disclosure is referenced from a place this format does not use")
+        container = where[disclosure.digest]
+        name = disclosure.name
+        field = name.partition("#")[0]
+        if "." in field or (container is None and field != "observed_at"):
+            raise ValueError(f"disclosed claim name {name!r:.80} is not a field of this format")
+        key = name if container is None else f"{container}.{name}"
+        value = processed[name] if container is None else processed[container][name]
+        fields[key] = value
+        encoded[key] = disclosure.encoded
+    return fields, encoded
 
 
 def _check_claim_types(payload: dict[str, Any]) -> None:

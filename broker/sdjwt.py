@@ -30,6 +30,8 @@ SALT_BYTES: Final = 16
 """128-bit salts, the minimum RFC 9901 §9.3 recommends."""
 
 SD: Final = "_sd"
+MAX_DEPTH: Final = 64
+"""Deepest nesting of claims ``process`` walks; real claims nest a few levels."""
 ELLIPSIS: Final = "..."
 
 
@@ -85,6 +87,9 @@ def loads_strict(data: bytes | str) -> Any:
         return _STRICT.decode(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
+    except RecursionError:
+        # Hostile nesting ("[[[[...") exhausts the decoder's stack; still just bad input.
+        raise ValueError("JSON nested too deeply") from None
 
 
 # One decoder for every call: json.loads with hooks would build a new one each time.
@@ -238,15 +243,19 @@ class _Walk:
         self.seen.add(digest)
         return self.by_digest.get(digest)
 
-    def value(self, value: Any) -> Any:
+    def value(self, value: Any, depth: int) -> Any:
+        # An explicit bound: hostile nesting must fail as bad input, not as a
+        # RecursionError deep inside the walk.
+        if depth > MAX_DEPTH:
+            raise ValueError(f"claims nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, dict):
-            return self.object(value)
+            return self.object(value, depth)
         if isinstance(value, list):
-            return self.array(value)
+            return self.array(value, depth)
         return value
 
-    def object(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        out = {k: self.value(v) for k, v in obj.items() if k != SD}
+    def object(self, obj: Mapping[str, Any], depth: int = 0) -> dict[str, Any]:
+        out = {k: self.value(v, depth + 1) for k, v in obj.items() if k != SD}
         digests = obj.get(SD, [])
         if not isinstance(digests, list):
             raise ValueError("_sd must be an array of digests")  # noqa: TRY004 - malformed input
@@ -258,10 +267,10 @@ class _Walk:
                 raise ValueError("an array-element disclosure is referenced from an _sd array")
             if disclosure.name in out:
                 raise ValueError(f"disclosed claim {disclosure.name!r} is already present")
-            out[disclosure.name] = self.value(disclosure.value)
+            out[disclosure.name] = self.value(disclosure.value, depth + 1)
         return out
 
-    def array(self, items: list[Any]) -> list[Any]:
+    def array(self, items: list[Any], depth: int) -> list[Any]:
         out = []
         for item in items:
             if isinstance(item, dict) and ELLIPSIS in item:
@@ -272,7 +281,7 @@ class _Walk:
                     continue
                 if disclosure.name is not None:
                     raise ValueError("an object-property disclosure is referenced from an array")
-                out.append(self.value(disclosure.value))
+                out.append(self.value(disclosure.value, depth + 1))
             else:
-                out.append(self.value(item))
+                out.append(self.value(item, depth + 1))
         return out

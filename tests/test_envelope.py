@@ -599,3 +599,8 @@ def test_signed_bytes_are_rfc8785_canonical(seed: int) -> None:
     for encoded in issued.disclosures.values():
         raw = sdjwt.b64u_decode(encoded)
         assert raw == rfc8785.dumps(json.loads(raw))
+
+
+def test_hostile_nesting_in_a_disclosure(issued: envelope.Issued) -> None:
+    deep = sdjwt.b64u_encode(b'["s","imo",' + b"[" * 50_000 + b"]" * 50_000 + b"]")
+    reject(_present_raw(issued, [deep]), "disclosures")

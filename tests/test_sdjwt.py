@@ -83,9 +83,15 @@ def test_base64url_is_strict(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "reason"),
-    [('{"a":1,"a":2}', "duplicate"), ('{"a":NaN}', "NaN"), ("[1,", "not valid JSON")],
+    [
+        ('{"a":1,"a":2}', "duplicate"),
+        ('{"a":NaN}', "NaN"),
+        ("[1,", "not valid JSON"),
+        ("[" * 100_000, "nested too deeply"),
+        (b'{"a":"\xff"}', "not valid JSON"),
+    ],
 )
-def test_strict_json(text: str, reason: str) -> None:
+def test_strict_json(text: str | bytes, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         sdjwt.loads_strict(text)
 
@@ -215,3 +221,11 @@ def test_process_reveals_exactly_the_disclosed_subset(claims: dict[str, Any], da
     for d in disclosures.values():
         expected = hashlib.sha256(d.encoded.encode("ascii")).digest()
         assert base64.urlsafe_b64decode(d.digest + "=") == expected
+
+
+def test_process_bounds_nesting() -> None:
+    deep = Disclosure.make("deep", json.loads("[" * 600 + "]" * 600))
+    with pytest.raises(ValueError, match="nested more than"):
+        sdjwt.process({"_sd": [deep.digest]}, [deep])
+    shallow = Disclosure.make("ok", json.loads("[" * 60 + "]" * 60))
+    assert "ok" in sdjwt.process({"_sd": [shallow.digest]}, [shallow])
