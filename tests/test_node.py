@@ -32,6 +32,7 @@ from broker import keys, samples
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig, load_config
 from broker.envelope import issue, present
+from broker.errors import StoreError
 from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
 from broker.natsconfig import accounts_config, inbox_stream, load_users
@@ -695,3 +696,83 @@ def test_a_bad_setup_fails_at_start_with_one_line(world: World) -> None:
     assert bad_policy.stderr.startswith("msmt: error: ")
     assert "policy.toml:" in bad_policy.stderr
     assert bad_policy.stderr.count("\n") == 1
+
+
+# --- the inbound batch logic on its own (real store, real audit log, no hub) -------------
+
+
+@pytest.fixture
+def usa_inbound(tmp_path: Path) -> Iterator[tuple[Any, Forger, Path]]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from broker.auditlog import AuditLog
+    from broker.receiver import Inbound
+
+    keydir = tmp_path / "keys"
+    now = datetime.now(UTC)
+    keys.init_keys(keydir, ("JPN", "USA", "KOR"), now=now - timedelta(days=1))
+    roster = keys.load_signed_roster(keydir).roster
+    usa = keys.load_member_keys(keydir, "USA", roster, now)
+    signer = usa.signing.private_key
+    assert isinstance(signer, Ed25519PrivateKey)
+    store_path = tmp_path / "usa.sqlite3"
+    audit = AuditLog(tmp_path / "audit", "USA", signer)
+
+    def inbound(store: Store) -> Inbound:
+        return Inbound("USA", usa.decryption, roster, store, audit, timedelta(hours=1), 1 << 20)
+
+    world = World(tmp_path, keydir, NatsServer(workdir=tmp_path / "unused"))
+    try:
+        yield inbound, Forger(world, now), store_path
+    finally:
+        audit.close()
+
+
+def test_store_failure_hands_the_batch_back_and_redelivery_stores_once(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    make, forger, path = usa_inbound
+    records = records_for("JPN", 40, seed=3)
+    batch = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    Store(path).close()
+    full = Store(path, max_pages=8)
+    with pytest.raises(StoreError, match="database or disk is full"):
+        make(full).process(batch)
+    full.close()
+    store = Store(path)
+    assert store.inbox_count() == 0
+    first = make(store).process(batch)
+    assert first.actions == ["ack"] * 40
+    assert len(first.stored) == 40
+    again = make(store).process(batch)  # redelivered after a crash before the acks
+    assert again.actions == ["ack"] * 40
+    assert again.stored == []
+    assert store.inbox_count() == 40
+
+
+def test_an_unexpected_verifier_failure_costs_one_message_not_the_consumer(
+    usa_inbound: tuple[Any, Forger, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import broker.receiver
+
+    make, forger, path = usa_inbound
+    good, poison = records_for("JPN", 2, seed=4)
+    real = broker.receiver.receive
+
+    def receive(token: str, **kwargs: Any) -> Any:
+        if token == poison_token:
+            raise RecursionError("deep inside a parser")
+        return real(token, **kwargs)
+
+    poison_token = forger.envelope(poison)[0]
+    monkeypatch.setattr(broker.receiver, "receive", receive)
+    store = Store(path)
+    result = make(store).process(
+        [
+            ("from.JPN.msmt.to.USA.vessel", poison_token.encode()),
+            (f"from.JPN.msmt.to.USA.{good['kind']}", forger.envelope(good)[0].encode()),
+        ]
+    )
+    assert result.actions == ["term", "ack"]
+    assert result.rejected == {"internal": 1}
+    assert [r.report_id for r in result.stored] == [good["report_id"]]
