@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import struct
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -237,3 +238,24 @@ def test_proof_messages_round_trip_and_refuse_garbage() -> None:
             parse_proof_request(bad)
     with pytest.raises(AuditError, match="proof hash 0"):
         parse_proof_response(b'{"old":1,"new":2,"proof":["AAAA"]}')
+
+
+def test_the_worked_example_in_docs_audit_verifies() -> None:
+    # docs/AUDIT.md shows this note and these verifier keys; keep them true.
+    note = (
+        "JPN\n20852163\nUNhY4JhezH9gQYqvDMWrWH9CwlcKiECVqejMrND2VFw=\n\n"
+        "\u2014 JPN lRiwhVHHNCzcz6eh+gshpUg2K5mpG47dcni5kNofI14e02zdIOD0+XJkR7deaourhi3GYOlxaJShX"
+        "b+6yTtg11d35QA=\n"
+        "\u2014 USA HiSQTQAAAABrCsJAIT343OAe+ttSrUUeYerLcXCsWr9c2Dm4D8pvTbZRxSy+RoUR/RlR+qswVU7j4bV"
+        "bISSQYhZ67Sh59OmJxU9xCA==\n"
+    )
+    log = parse_vkey("JPN+9518b085+AQOhB7/zzhC+HXDdGOdLwJln5NYwm6UNXx3chmQSVTG4")
+    witness = parse_vkey("USA+1e24904d+BAu8NGpXZnw4ASC9nH/X5R0sX9/qN80vW/QFssa/by14")
+    assert log == _log_key()
+    assert witness == _wit_key()
+    checkpoint, parsed = open_checkpoint(note, [log])
+    assert checkpoint.size == 20852163
+    assert verify_cosignature(parsed, witness) == 1795867200
+    assert (Path(__file__).parent.parent / "docs" / "AUDIT.md").read_text().count(
+        note.split("\n")[4]
+    ) == 1
