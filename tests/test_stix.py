@@ -259,6 +259,28 @@ def test_worker_mapping() -> None:
     assert f"worker.location: {worker['location']}" in report["description"]
 
 
+def test_fuel_transfer_mapping() -> None:
+    record = next(
+        r
+        for r in samples.generate(60, seed=19)
+        if r["kind"] == "transfer" and r["transfer"]["category"] == "fuel"
+    )
+    keys = ["transfer.vessels", "transfer.place#coarsen:0.5", "transfer.volume#round:100"]
+    stix = bundle([received(record, keys)])
+    validate(stix)
+    objects = by_id(stix)
+    sightings = [o for o in stix["objects"] if o["type"] == "sighting"]
+    names = sorted(objects[s["sighting_of_ref"]]["name"] for s in sightings)
+    assert names == sorted(v["name"] for v in record["transfer"]["vessels"])
+    (place,) = {s["where_sighted_refs"][0] for s in sightings}
+    assert "precision" in objects[place]
+    (report,) = [o for o in stix["objects"] if o["type"] == "report"]
+    rounded = all_forms(record)["transfer.volume#round:100"]
+    assert f"transfer.volume#round:100: {rounded}" in report["description"]
+    # transfer.category was not received: the fuel fields alone route it here.
+    assert not [o for o in stix["objects"] if o["type"].startswith("cryptocurrency")]
+
+
 def test_hour_variant_spans_the_hour() -> None:
     record = next(r for r in samples.generate(30, seed=8) if r["kind"] == "vessel")
     stix = bundle([received(record, ["observed_at#hour", "vessel.name"])])
