@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from broker import keys, samples
+from broker import envelope, keys, samples
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig, load_config
 from broker.envelope import issue, present
@@ -757,7 +757,7 @@ def test_an_unexpected_verifier_failure_costs_one_message_not_the_consumer(
 
     make, forger, path = usa_inbound
     good, poison = records_for("JPN", 2, seed=4)
-    real = broker.receiver.receive
+    real = envelope.receive
 
     def receive(token: str, **kwargs: Any) -> Any:
         if token == poison_token:
