@@ -18,6 +18,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Final, Literal, get_args
 
 import rfc8785
@@ -32,6 +33,7 @@ FORMAT: Final = "msmt-policy/1"
 TLP_LABELS: Final[tuple[str, ...]] = get_args(TLP)
 ALL_GROUP: Final = "MSMT"
 ALL_PATHS: Final = frozenset(p for kind in KINDS for p in field_paths(kind))
+_RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\[\]-]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]{0,63}$")
 _RULE_KEYS: Final = frozenset(
     {"name", "kinds", "partners", "tlp", "release", "withhold", "transforms"}
@@ -259,7 +261,8 @@ class _Reader:
     def read(self, data: Mapping[str, Any]) -> PolicySpec | None:
         for key in sorted(set(data) - _TOP_KEYS):
             self.fail(self.loc.line(key), f"unknown setting {key!r}")
-        if data.get("version") != 1 or isinstance(data.get("version"), bool):
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version != 1:
             self.fail(self.loc.line("version"), "the policy must say version = 1")
         member = data.get("member")
         if not isinstance(member, str) or not is_member(member):
@@ -364,8 +367,12 @@ class _Reader:
         for key in sorted(set(data) - _RULE_KEYS):
             self.fail(self.loc.line(*where, key), f"unknown rule setting {key!r}")
         name = data.get("name", f"rules[{index}]")
-        if not isinstance(name, str) or not name or len(name) > 64:
-            self.fail(self.loc.line(*where, "name"), "rule name must be 1-64 characters")
+        if not isinstance(name, str) or not _RULE_NAME.match(name):
+            # No spaces or colons, so a rule name never reads like a marking reason.
+            self.fail(
+                self.loc.line(*where, "name"),
+                "rule name must be 1-64 letters, digits, '_', '.', '+', '-', '[' or ']'",
+            )
         if "kinds" not in data or "partners" not in data:
             self.fail(self.loc.line(*where), "a rule needs kinds = [...] and partners = [...]")
             return None
@@ -412,7 +419,7 @@ class _Reader:
             tlp=tuple(sorted(tlp)),
             effect=effect,
             fields=tuple(sorted(fields)),
-            transforms=transforms,
+            transforms=MappingProxyType(transforms),
         )
 
     def field_pattern(

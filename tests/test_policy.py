@@ -738,6 +738,8 @@ def test_malformed_policy_gives_line_and_reason(body: str, line: int, reason: st
     [
         ('member = "JPN"\n', 1, "version = 1"),
         ('version = 2\nmember = "JPN"\n', 1, "version = 1"),
+        ('version = 1.0\nmember = "JPN"\n', 1, "version = 1"),
+        ('version = 1\nmember = "JPN"\n[[rules]]\nname = "default deny"\n', 4, "rule name must"),
         ('version = 1\nmember = "PRK"\n', 2, "member trigraph"),
         ('version = 1\nmember = "USA"\n', 2, "this is USA's policy, not JPN's"),
         (
