@@ -281,20 +281,48 @@ class Policy:
             if partner not in (sighting.originator, self.member)
         }
 
+    def releasable(
+        self,
+        partner: str,
+        *,
+        kind: str,
+        tlp: str,
+        originator: str,
+        rel_to: Iterable[str] | None,
+        onward: bool = False,
+    ) -> Mapping[str, Release | str]:
+        """For every field path of ``kind``: the ``Release`` ``partner`` gets, or why not.
+
+        The same answer ``decide`` gives, from a report's handling fields alone,
+        so an auditor can replay a send without the report. Raises
+        ``PolicyError`` for an unknown partner or kind, or for a report this
+        member did not originate unless ``onward`` is set.
+        """
+        if not is_member(partner):
+            raise PolicyError(f"unknown partner {partner!r}")
+        if kind not in KINDS or tlp not in TLP_LABELS:
+            raise PolicyError(f"unknown report kind {kind!r} or TLP label {tlp!r}")
+        if not onward and originator != self.member:
+            raise PolicyError(
+                f"report was originated by {originator}, not {self.member}; "
+                "deciding for it means passing it on (onward)"
+            )
+        reason = self._marking(partner, originator, tlp, rel_to, onward)
+        if reason is not None:
+            return MappingProxyType(dict.fromkeys(field_paths(kind), reason))
+        return MappingProxyType(self._table[(partner, kind, tlp)])
+
     def _decide(
         self, sighting: SightingModel, present: dict[str, Any], partner: str, onward: bool
     ) -> Decision:
-        if not is_member(partner):
-            raise PolicyError(f"unknown partner {partner!r}")
-        if not onward and sighting.originator != self.member:
-            raise PolicyError(
-                f"report was originated by {sighting.originator}, not {self.member}; "
-                "deciding for it means passing it on (onward)"
-            )
-        reason = self._marking(sighting, partner, onward)
-        if reason is not None:
-            return self._decision(partner, {}, dict.fromkeys(present, reason), onward)
-        cells = self._table[(partner, sighting.kind, sighting.tlp)]
+        cells = self.releasable(
+            partner,
+            kind=sighting.kind,
+            tlp=sighting.tlp,
+            originator=sighting.originator,
+            rel_to=sighting.rel_to,
+            onward=onward,
+        )
         released: dict[str, Release] = {}
         withheld: dict[str, str] = {}
         for path in present:
@@ -306,22 +334,21 @@ class Policy:
         return self._decision(partner, released, withheld, onward)
 
     def _marking(  # noqa: PLR0911 - one return per marking, in checklist order
-        self, sighting: SightingModel, partner: str, onward: bool
+        self, partner: str, originator: str, tlp: str, rel_to: Iterable[str] | None, onward: bool
     ) -> str | None:
+        allowed = None if rel_to is None else frozenset(rel_to)
         if partner == self.member:
             return SELF
-        if partner == sighting.originator:
+        if partner == originator:
             return ORIGINATOR
         if onward:
-            if sighting.tlp == "RED":
+            if tlp == "RED":
                 return ONWARD_RED
-            if sighting.tlp == "AMBER+STRICT":
+            if tlp == "AMBER+STRICT":
                 return ONWARD_STRICT
-            if sighting.tlp == "AMBER" and (
-                sighting.rel_to is None or partner not in sighting.rel_to
-            ):
+            if tlp == "AMBER" and (allowed is None or partner not in allowed):
                 return ONWARD_AMBER
-        if sighting.rel_to is not None and partner not in sighting.rel_to:
+        if allowed is not None and partner not in allowed:
             return REL_TO
         return None
 

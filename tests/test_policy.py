@@ -947,3 +947,27 @@ def test_property_nothing_withheld_is_released(
             )
         assert decision.disclosure_keys() == {r.disclosure_key for r in decision.released.values()}
         assert decision.policy_digest == policy.digest
+
+
+@pytest.mark.parametrize("member", ["JPN", "KOR", "DEU"])
+def test_releasable_from_handling_fields_matches_decide(member: str) -> None:
+    # An auditor replays a send from the report's handling fields alone.
+    policy = example(member)
+    for rec in samples.generate(45, seed=12):
+        onward = rec["originator"] != member
+        sighting = parse_record(json.dumps(rec))
+        for partner, decision in policy.decide_all(sighting, onward=onward).items():
+            cells = policy.releasable(
+                partner,
+                kind=sighting.kind,
+                tlp=sighting.tlp,
+                originator=sighting.originator,
+                rel_to=sighting.rel_to,
+                onward=onward,
+            )
+            assert set(cells) == set(field_paths(sighting.kind))
+            for path in leaf_values(sighting):
+                expected = decision.released.get(path) or decision.withheld[path]
+                assert cells[path] == expected
+    with pytest.raises(PolicyError, match="unknown report kind"):
+        policy.releasable("USA", kind="ship", tlp="RED", originator=member, rel_to=None)
