@@ -1,22 +1,25 @@
 """Read a log's entries and hash them into RFC 6962 leaves, on two cores when the log is large.
 
-Kept free of the rest of the package so a spawned worker process starts in
-milliseconds: it imports only ``hashlib`` and ``sqlite3``. Hashing is
-CPU-bound and holds the GIL for entries this small, so a second process, not a
-thread, is what halves the wall time of ``msmt audit verify`` on a big log.
+Hashing is CPU-bound and holds the GIL for entries this small, so a second
+*process*, not a thread, is what halves the wall time of ``msmt audit verify``
+on a big log. The helper is this module run as ``python -m broker.audit_scan``:
+it imports only ``hashlib`` and ``sqlite3``, so it starts in milliseconds (a
+multiprocessing "spawn" child would re-import the whole CLI), and it writes the
+concatenated 32-byte leaf hashes to stdout.
 """
 
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import sqlite3
-from concurrent.futures import Future, ProcessPoolExecutor
+import subprocess
+import sys
 from pathlib import Path
 from typing import Final
 
 PARALLEL_FROM: Final = 200_000
 """Logs with at least this many entries are hashed by two processes."""
+_NOT_BLOB: Final = 3  # helper exit code: an entry is not stored as a BLOB
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:
@@ -36,20 +39,12 @@ def hash_range(db: sqlite3.Connection, lo: int, hi: int) -> list[bytes]:
     return [sha256(b"\x00" + r[0]).digest() for r in rows]
 
 
-def _worker(path: str, lo: int, hi: int) -> bytes:
-    db = open_readonly(Path(path))
-    try:
-        return b"".join(hash_range(db, lo, hi))
-    finally:
-        db.close()
-
-
 class LeafScan:
-    """Hash entries ``[0, size)``: the upper part in a worker process, the rest by the caller.
+    """Hash entries ``[0, size)``: the upper part in a helper process, the rest by the caller.
 
     Use: ``scan = LeafScan(path, size)``, then ``scan.local(db)`` inside the
     caller's read transaction, then ``scan.result()``. Entries below ``size``
-    never change in an honest log, so the worker may read them outside that
+    never change in an honest log, so the helper may read them outside that
     transaction; a missing row shows up as a short result.
     """
 
@@ -58,12 +53,14 @@ class LeafScan:
         # Split on a 4096-entry boundary near the middle: any split is correct,
         # an even one balances the two processes.
         self.split = size if size < parallel_from else (size // 2) & ~4095
-        self._pool: ProcessPoolExecutor | None = None
-        self._future: Future[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         if self.split < size:
-            # spawn, not fork: the caller may hold threads and open database handles.
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            self._future = self._pool.submit(_worker, str(path), self.split, size)
+            # Our own interpreter and module, with fixed arguments: no shell, no user input.
+            self._proc = subprocess.Popen(  # noqa: S603
+                [sys.executable, "-m", "broker.audit_scan", str(path), str(self.split), str(size)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
         self._leaves: list[bytes] = []
 
     def local(self, db: sqlite3.Connection) -> None:
@@ -71,17 +68,41 @@ class LeafScan:
         self._leaves = hash_range(db, 0, self.split)
 
     def result(self) -> list[bytes]:
-        """Return all leaf hashes, waiting for the worker; raises like ``hash_range``."""
-        try:
-            if self._future is not None:
-                blob = self._future.result()
-                self._leaves += [blob[i : i + 32] for i in range(0, len(blob), 32)]
-        finally:
-            self.close()
+        """Return all leaf hashes, waiting for the helper; raise like ``hash_range``.
+
+        Raises ``OSError`` if the helper fails for another reason.
+        """
+        if self._proc is not None:
+            blob, err = self._proc.communicate()
+            code, self._proc = self._proc.returncode, None
+            if code == _NOT_BLOB:
+                raise TypeError("an entry is not stored as a BLOB")
+            if code != 0:
+                last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise OSError(f"leaf-hashing helper failed ({code}): {last[0]}")
+            self._leaves += [blob[i : i + 32] for i in range(0, len(blob), 32)]
         return self._leaves
 
     def close(self) -> None:
-        """Stop the worker process, if any (idempotent)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Stop the helper process if it is still running (idempotent)."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+
+def _main(argv: list[str]) -> int:
+    path, lo, hi = Path(argv[0]), int(argv[1]), int(argv[2])
+    db = open_readonly(path)
+    try:
+        leaves = hash_range(db, lo, hi)
+    except TypeError:
+        return _NOT_BLOB
+    finally:
+        db.close()
+    sys.stdout.buffer.write(b"".join(leaves))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

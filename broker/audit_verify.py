@@ -109,7 +109,7 @@ def load(directory: Path, *, parallel_from: int = PARALLEL_FROM) -> LoadedLog:
         # Only a hand-edited database stores an entry as something other than a BLOB.
         bad = db.execute("SELECT min(idx) FROM entries WHERE typeof(entry) != 'blob'").fetchone()
         raise TamperError(bad[0], "is not stored as bytes (edited by hand)") from None
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"cannot read audit log {path}: {exc}") from exc
     finally:
         if scan is not None:
