@@ -66,6 +66,12 @@ class Metrics:
             registry=r,
         )
         self.connected = Gauge("msmt_nats_connected", "1 while connected to NATS.", registry=r)
+        self.audit_alarms = Counter(
+            "msmt_audit_alarms",
+            "Witness alarms (fork, rollback) and refused cosignatures, by kind.",
+            ["kind"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -37,16 +37,19 @@ from nats.aio.client import Client
 
 from broker import audit_events
 from broker.auditlog import AuditLog
+from broker.auditnet import AuditNet
+from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError, MsmtError
 from broker.intake import Intake, Spool, ensure_token, make_app, serve_unix
 from broker.keys import load_member_keys, load_pinned_roster
 from broker.log import get_logger
+from broker.members import MEMBERS
 from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
 from broker.policy import Policy, load_policy
-from broker.publisher import Planner, Publisher, Signer, sent_event
+from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
 from broker.receiver import Inbound, Receiver
 from broker.store import NewReport, OutboxItem, Store
 
@@ -102,6 +105,7 @@ class Node:
         planner: Planner,
         inbound: Inbound,
         seed: bytes,
+        auditnet: Callable[[Metrics, RunDb], AuditNet],
     ) -> None:
         self.config = config
         self.member = config.member
@@ -111,6 +115,7 @@ class Node:
         self.inbound = inbound
         self.seed = seed
         self.metrics = Metrics()
+        self.auditnet = auditnet(self.metrics, self.run_db)
         self.stop = asyncio.Event()
         self.nc: Client | None = None
         self.publisher: Publisher | None = None
@@ -257,7 +262,12 @@ class Node:
         self.receiver = Receiver(
             self.member, js, self.inbound, self.run_db, self.metrics, self.config.limits.fetch_batch
         )
-        await asyncio.gather(self.publisher.run(self.stop), self._receive_forever(self.receiver))
+        await self.auditnet.subscribe(nc)
+        await asyncio.gather(
+            self.publisher.run(self.stop),
+            self._receive_forever(self.receiver),
+            self.auditnet.run(nc, self.stop),
+        )
 
     async def _receive_forever(self, receiver: Receiver) -> None:
         # Binding fails while the hub is away or the inbox is not set up yet; keep trying.
@@ -316,7 +326,7 @@ class Node:
         if self.receiver is not None:
             counts.update(self.receiver.counts)
             self.receiver.counts.clear()
-        for name in ("publisher", "receiver"):
+        for name in ("publisher", "receiver", "auditnet"):
             part = getattr(self, name)
             if part is not None and part.last_error:
                 self._last_error, part.last_error = part.last_error, None
@@ -483,7 +493,21 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         timedelta(seconds=config.limits.freshness_seconds),
         config.limits.max_message_bytes,
     )
-    return Node(config, store, audit, planner, inbound, seed)
+    partners = [m for m in MEMBERS if m != config.member]
+
+    def auditnet(metrics: Metrics, run_db: RunDb) -> AuditNet:
+        return AuditNet(
+            config.member,
+            audit,
+            run_db,
+            signing,
+            {m: roster_log_keys(signed.roster, m) for m in partners},
+            roster_witness_keys(signed.roster, partners),
+            config.data_dir / "witness-state.json",
+            metrics.audit_alarms,
+        )
+
+    return Node(config, store, audit, planner, inbound, seed, auditnet)
 
 
 async def run(config: NodeConfig) -> None:

@@ -43,6 +43,7 @@ from broker.policy import Policy, load_policy, variants
 from broker.sightings import SightingModel, leaf_values
 from broker.store import Store
 from broker.validation import parse_record
+from broker.witness import LogState
 
 pytestmark = pytest.mark.integration
 
@@ -284,6 +285,17 @@ async def test_three_members_exchange_every_kind_and_receive_exactly_what_was_re
                 )
 
             await await_for(delivered, 60, "every release delivered")
+
+            def cosigned_by_both_partners() -> bool:
+                for member, node in nodes.items():
+                    note = node.audit.latest_checkpoint() or ""
+                    others = [m for m in trio if m != member]
+                    if not all(f"\u2014 {m} " in note for m in others):
+                        return False
+                return True
+
+            # Each node witnesses the other two: its latest checkpoint comes back cosigned.
+            await await_for(cosigned_by_both_partners, 30, "cross-witnessed checkpoints")
         finally:
             for n in nodes.values():
                 n.stop.set()
@@ -298,6 +310,32 @@ async def test_three_members_exchange_every_kind_and_receive_exactly_what_was_re
             assert entry.originator == sender
             assert entry.fields == fields, (partner, sender, report_id)
             assert list(entry.paths) == sorted(fields)
+    for member in trio:
+        verified = await asyncio.to_thread(
+            msmt,
+            "audit",
+            "verify",
+            str(world.config(member).audit_dir),
+            "--keys",
+            str(world.keydir),
+            "--cosigned",
+            "--quorum",
+            "2",
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    # Only two partners ran, so a quorum of three cannot be met: the check has teeth.
+    unmet = await asyncio.to_thread(
+        msmt,
+        "audit",
+        "verify",
+        str(world.config("JPN").audit_dir),
+        "--keys",
+        str(world.keydir),
+        "--cosigned",
+        "--quorum",
+        "3",
+    )
+    assert unmet.returncode == 1
     # Not one log event carries a report's content.
     secrets_in_reports = {
         str(v)
@@ -776,3 +814,46 @@ def test_an_unexpected_verifier_failure_costs_one_message_not_the_consumer(
     assert result.actions == ["term", "ack"]
     assert result.rejected == {"internal": 1}
     assert [r.report_id for r in result.stored] == [good["report_id"]]
+
+
+async def test_witness_raises_the_alarm_when_a_log_rewrites_its_history(world: World) -> None:
+    import shutil
+
+    world.write_config("JPN", BATCH_POLICY)
+    world.write_config("USA")
+    usa = load_node(world.config("USA"))
+    usa_task = asyncio.create_task(usa.run())
+    jpn = load_node(world.config("JPN"))
+    jpn_task = asyncio.create_task(jpn.run())
+    try:
+        await await_for(lambda: usa.ready() is None and jpn.ready() is None, 20, "ready")
+        await world.submit("JPN", records_for("JPN", 12, seed=11))
+        await await_for(
+            lambda: usa.auditnet.witness.state.get("JPN", LogState(0, b"")).size >= 13,
+            30,
+            "USA witnessed JPN's log",
+        )
+        jpn.stop.set()
+        await jpn_task
+        # JPN throws its log away and starts a new history, signed with its real key.
+        shutil.rmtree(world.config("JPN").audit_dir)
+        jpn = load_node(world.config("JPN"))
+        jpn_task = asyncio.create_task(jpn.run())
+        await await_for(lambda: jpn.ready() is None, 20, "JPN ready again")
+        await world.submit("JPN", records_for("JPN", 3, seed=12))
+
+        def alarmed() -> bool:
+            return any(
+                sample.value > 0
+                for metric in usa.metrics.audit_alarms.collect()
+                for sample in metric.samples
+                if sample.name.endswith("_total") and sample.labels["kind"] in ("fork", "rollback")
+            )
+
+        await await_for(alarmed, 30, "USA's alarm")
+        assert "JPN" in (usa.auditnet.last_error or "")
+        assert "\u2014 USA " not in (jpn.audit.latest_checkpoint() or "")
+    finally:
+        usa.stop.set()
+        jpn.stop.set()
+        await asyncio.gather(usa_task, jpn_task)
