@@ -302,12 +302,13 @@ def receive(
         raise EnvelopeError("recipient", f"kid {header['kid']!r:.80} is not one of my keys")
     # 4. decrypt (authenticates the protected header too).
     try:
-        plaintext = jwe.decrypt_compact(token, key, registry=_JWE_REGISTRY).plaintext
-        text = (plaintext or b"").decode("ascii")
-    except (JoseError, ValueError) as exc:
+        plaintext = jwe.decrypt_compact(token, key, registry=_JWE_REGISTRY).plaintext or b""
+    except (JoseError, ValueError, KeyError, TypeError) as exc:
+        # joserfc lets KeyError/TypeError out for some malformed inputs; all are the peer's fault.
         raise EnvelopeError("decrypt", f"cannot decrypt ({type(exc).__name__})") from None
-    # 5. format: <jws>~<d>~...~ without key binding; JWS header exact; claims well-typed.
-    claims = check_claims(text, expected_header={"alg": JWS_ALG, "typ": TYP})
+    # 5. format: <jws>~<d>~...~ in ASCII without key binding; JWS header exact;
+    #    claims well-typed.
+    claims = check_claims(plaintext, expected_header={"alg": JWS_ALG, "typ": TYP})
     jws_text, disclosures, kid = claims.jws, claims.disclosures, claims.kid
     payload = claims.payload
     iss, jti = payload["iss"], payload["jti"]

@@ -82,6 +82,14 @@ def check_header(header: Mapping[str, Any], *, expected: Mapping[str, str]) -> N
     for name in ("kid", HDR_FROM, HDR_TO, HDR_RID):
         if not isinstance(header[name], str) or not 0 < len(header[name]) <= 200:
             raise EnvelopeError("header", f"{name} must be a non-empty string")
+    epk = header["epk"]
+    if not (
+        isinstance(epk, dict)
+        and set(epk) == {"kty", "crv", "x"}
+        and (epk["kty"], epk["crv"]) == ("OKP", "X25519")
+        and isinstance(epk["x"], str)
+    ):
+        raise EnvelopeError("header", "epk must be a public OKP X25519 key (kty, crv, x only)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +102,12 @@ class Parsed:
     disclosures: list[str]
 
 
-def check_claims(text: str, *, expected_header: Mapping[str, str]) -> Parsed:
+def check_claims(plaintext: bytes, *, expected_header: Mapping[str, str]) -> Parsed:
     """Checklist step 5: split the SD-JWT, check the JWS header and claim types."""
     try:
-        jws_text, disclosures, kb_jwt = sdjwt.split_presentation(text)
+        jws_text, disclosures, kb_jwt = sdjwt.split_presentation(plaintext.decode("ascii"))
+    except UnicodeDecodeError:
+        raise EnvelopeError("format", "the SD-JWT is not ASCII") from None
     except ValueError as exc:
         raise EnvelopeError("format", str(exc)) from None
     if kb_jwt:
@@ -168,7 +178,7 @@ def _check_claim_types(payload: dict[str, Any]) -> None:
         CLAIM_SCHEMA: payload[CLAIM_SCHEMA] == SCHEMA_VERSION,
         CLAIM_POLICY: isinstance(payload[CLAIM_POLICY], str)
         and 0 < len(payload[CLAIM_POLICY]) <= 200,
-        "tlp": payload["tlp"] in _TLPS,
+        "tlp": isinstance(payload["tlp"], str) and payload["tlp"] in _TLPS,
         "_sd_alg": payload["_sd_alg"] == sdjwt.SD_ALG,
         sdjwt.SD: isinstance(payload[sdjwt.SD], list),
         "rel_to": "rel_to" not in payload or _is_member_list(payload["rel_to"]),
@@ -194,8 +204,8 @@ def _is_member_list(value: object) -> bool:
     return (
         isinstance(value, list)
         and len(value) > 0
-        and len(set(value)) == len(value)
         and all(isinstance(m, str) and m in MEMBERS for m in value)
+        and len(set(value)) == len(value)
     )
 
 

@@ -247,6 +247,9 @@ def test_kid_not_one_of_mine(issued: envelope.Issued) -> None:
         ({"cty": "JWT"}, "cty"),
         ({"enc": "A128GCM"}, "enc"),
         ({"kid": 7}, "kid"),
+        ({"epk": {"kty": "EC", "crv": "P-256", "x": "A" * 43, "y": "A" * 43}}, "epk"),
+        ({"epk": {"kty": "OKP", "crv": "X25519", "x": "A" * 43, "d": "A" * 43}}, "epk"),
+        ({"epk": "x"}, "epk"),
     ],
 )
 def test_header_sanity(issued: envelope.Issued, extra: dict[str, Any], why: str) -> None:
@@ -500,6 +503,8 @@ def test_bad_variant_value_refused(issued: envelope.Issued) -> None:
         ("iat", True),
         ("msmt_schema", "9.9"),
         ("tlp", "WHITE"),
+        ("tlp", {"unhashable": 1}),
+        ("rel_to", [["USA"]]),
         ("rel_to", ["USA", "USA"]),
         ("_sd_alg", "sha-512"),
         ("source", {"_sd": [], "sensor": "SAR"}),
@@ -604,3 +609,7 @@ def test_signed_bytes_are_rfc8785_canonical(seed: int) -> None:
 def test_hostile_nesting_in_a_disclosure(issued: envelope.Issued) -> None:
     deep = sdjwt.b64u_encode(b'["s","imo",' + b"[" * 50_000 + b"]" * 50_000 + b"]")
     reject(_present_raw(issued, [deep]), "disclosures")
+
+
+def test_non_ascii_sd_jwt_refused(issued: envelope.Issued) -> None:
+    assert "ASCII" in str(reject(seal(issued.jws + "~é~", rid=issued.report_id), "format"))
