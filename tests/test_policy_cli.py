@@ -94,6 +94,21 @@ def test_explain_table_shows_every_partner_and_cell(
     assert rows["DEU"][1:4] == ["yes", "hour", "withheld"]
     assert rows["DEU"][11] == "coarsen:0.5"
     assert rows["GBR"][11] == "coarsen:1"
+    assert "  USA  -" in lines
+    assert (
+        "  DEU  default deny: source.sensor, source.platform, source.collection_method, "
+        "source.confidence"
+    ) in lines
+    red = run(
+        "policy", "explain", "--member", "JPN", "--report", str(write_report(tmp_path, tlp="RED"))
+    )
+    assert red.exit_code == 0, red.output
+    # Fields some rule would release are withheld by the marking; the rest by default.
+    assert (
+        "  FRA  TLP:RED: observed_at, imo, mmsi, name, flag, position, activity; "
+        "default deny: source.sensor, source.platform, source.collection_method, "
+        "source.confidence"
+    ) in red.output.splitlines()
     assert (
         "digest " + load_policy((ROOT / "nodes/JPN/policy.toml").read_text(), member="JPN").digest
         in result.output

@@ -59,8 +59,8 @@ def check(files: tuple[Path, ...]) -> None:
         spec, _ = read_policy(text, member=None)
         assert spec is not None  # noqa: S101 - no problems means it parsed
         click.echo(
-            f"{path}: ok: {spec.member}, {len(spec.rules)} rules, "
-            f"{len(spec.groups)} groups, {len(spec.pseudonym_keys)} pseudonym keys, "
+            f"{path}: ok: {spec.member}, rules {len(spec.rules)}, "
+            f"groups {len(spec.groups)}, pseudonym keys {len(spec.pseudonym_keys)}, "
             f"digest {spec.digest()}"
         )
     sys.exit(status)
@@ -110,8 +110,9 @@ def _table(sighting: SightingModel, decisions: dict[str, Decision]) -> list[str]
         reasons: dict[str, list[str]] = {}
         for path, reason in d.withheld.items():
             reasons.setdefault(reason, []).append(path.removeprefix(prefix))
+        whole = not d.released and len(reasons) == 1
         text = "; ".join(
-            f"{reason}: {'all fields' if not d.released else ', '.join(paths)}"
+            f"{reason}: {'all fields' if whole else ', '.join(paths)}"
             for reason, paths in reasons.items()
         )
         lines.append(f"  {partner}  {text or '-'}")
