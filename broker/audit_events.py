@@ -266,7 +266,8 @@ def parse_entry(data: bytes, seq: int) -> dict[str, Any]:
 
     Checklist: 1. JSON object; 2. exactly RFC 8785 canonical bytes; 3. version;
     4. ``seq`` equals its position; 5. a known type with exactly its fields;
-    6. member and time well formed. The ``prev`` link is checked by the caller,
+    6. every field is what that type's constructor would produce from it (member,
+    time, identifiers, sorted disclosure keys...). The ``prev`` link is checked by the caller,
     which knows the previous entry's hash and so can name the altered entry.
     """
     try:
@@ -286,10 +287,38 @@ def parse_entry(data: bytes, seq: int) -> dict[str, Any]:
         raise AuditError(f"has unknown type {kind!r}")
     if set(entry) != _COMMON | _FIELDS[kind]:
         raise AuditError(f"has the wrong fields for a {kind!r} entry")
-    if not isinstance(entry["member"], str) or not is_member(entry["member"]):
-        raise AuditError(f"names unknown member {entry['member']!r}")
-    try:
-        parse_time(entry["at"], "time")
-    except KeyMaterialError as exc:  # the shared time parser's error type
-        raise AuditError(f"has a malformed time: {exc}") from None
+    if not isinstance(entry["prev"], str) or not (
+        entry["prev"] == "" or _HEX64.fullmatch(entry["prev"])
+    ):
+        raise AuditError("has a malformed prev link")
+    _rebuild(entry)
     return entry
+
+
+_BUILDERS: Final = {
+    "accepted": lambda m, at, f: accepted(m, at, **f),
+    "sent": lambda m, at, f: sent(m, at, **f),
+    "received": lambda m, at, f: received(m, at, **f),
+    "rejected": lambda m, at, f: rejected(m, at, **f),
+    "key": lambda m, at, f: key_changed(m, at, **f),
+    "policy": lambda m, at, f: policy_changed(m, at, **f),
+}
+
+
+def _rebuild(entry: Mapping[str, Any]) -> None:
+    """Require the entry to be exactly what its constructor makes of its own fields.
+
+    This re-applies every pattern the constructors enforce (members, UUIDs,
+    disclosure keys, digests, reason text), so a replay never meets a value of
+    the wrong type or shape, even in an entry the node itself signed.
+    """
+    kind = entry["type"]
+    fields = {k: v for k, v in entry.items() if k not in _COMMON}
+    try:
+        at = parse_time(entry["at"], "time")
+        event = _BUILDERS[kind](entry["member"], at, fields)
+    except (KeyMaterialError, AuditError, TypeError, ValueError) as exc:
+        raise AuditError(f"is not a valid {kind!r} entry: {exc}") from None
+    expected = dict(event.fields, v=VERSION, seq=entry["seq"], prev=entry["prev"])
+    if expected != dict(entry):
+        raise AuditError(f"is not a valid {kind!r} entry: fields are not in canonical form")

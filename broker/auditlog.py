@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.audit_events import AuditEvent
 from broker.audit_scan import open_readonly
 from broker.checkpoint import Checkpoint, parse_body, sign_checkpoint, verify_cosignature
-from broker.errors import AuditError, StoreError
+from broker.errors import AuditError, StoreError, UsageError
 from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash
 from broker.note import Note, Verifier, find_signature, parse
 
@@ -48,11 +48,11 @@ CREATE TABLE IF NOT EXISTS checkpoints(size INTEGER PRIMARY KEY, note TEXT NOT N
 
 
 def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
-    """Open the audit database; raise ``StoreError`` (or ``UsageError`` via caller) on failure."""
+    """Open the audit database; raise ``UsageError`` if a read-only one is missing."""
     try:
         if readonly:
             if not path.is_file():
-                raise StoreError(f"no audit log at {path}")
+                raise UsageError(f"no audit log at {path} (is this a node's data directory?)")
             db = open_readonly(path)
         else:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -198,6 +198,6 @@ def test_prove_prints_a_proof_any_rfc6962_verifier_accepts(tmp_path: Path, keydi
 
 def test_prove_on_empty_directory_fails_cleanly(tmp_path: Path) -> None:
     code, _, err = _run("audit", "prove", str(tmp_path), "--entry", "0")
-    assert code != 0
-    assert err.startswith("msmt: error: ")
+    assert code == 2
+    assert err.startswith("msmt: error: no audit log at ")
     assert event(0).type == "accepted"

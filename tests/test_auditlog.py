@@ -335,3 +335,17 @@ def test_event_constructors_refuse_local_time_and_free_text() -> None:
         ev.key_changed(MEMBER, T0, action="rotated", kid="JPN-sig-1")
     with pytest.raises(AuditError, match="short identifier"):
         ev.accepted(MEMBER, T0, report_id=_SENT["report_id"], kind="vessel", feed="a feed")
+
+
+def test_parse_entry_refuses_a_well_formed_but_invalid_entry() -> None:
+    good = json.loads(ev.sent(MEMBER, T0, **_SENT).seal(4, None))
+    for change, reason in (
+        ({"released": ["vessel.name=CHON MA SAN"]}, "not a field path"),
+        ({"released": ["vessel.name", "vessel.imo"]}, "canonical form"),
+        ({"at": "2026-11-28T12:00:00+00:00"}, "canonical form"),
+        ({"partner": 7}, "not a valid 'sent' entry"),
+        ({"prev": "xyz"}, "malformed prev"),
+    ):
+        with pytest.raises(AuditError, match=reason):
+            parse_entry(rfc8785.dumps(good | change), 4)
+    assert parse_entry(rfc8785.dumps(good), 4) == good
