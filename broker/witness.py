@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.checkpoint import Checkpoint, cosign, open_checkpoint
@@ -199,6 +201,36 @@ class Witness:
             ) from None
 
 
+def dump_state(state: Mapping[str, LogState]) -> bytes:
+    """Serialise a witness's state (RFC 8785 JSON) for the caller to store durably."""
+    return rfc8785.dumps(
+        {
+            o: {"size": st.size, "root": base64.b64encode(st.root).decode()}
+            for o, st in state.items()
+        }
+    )
+
+
+def load_state(data: bytes) -> dict[str, LogState]:
+    """Parse ``dump_state`` output; raise ``WitnessError`` naming the bad origin."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WitnessError("witness state is not JSON") from None
+    if not isinstance(raw, dict):
+        raise WitnessError("witness state is not a JSON object")
+    state = {}
+    for origin, item in raw.items():
+        try:
+            size, root = item["size"], base64.b64decode(item["root"], validate=True)
+        except (TypeError, KeyError, binascii.Error):
+            raise WitnessError(f"witness state for {origin!r} is malformed") from None
+        if not isinstance(size, int) or size < 0 or len(root) != HASH_SIZE:
+            raise WitnessError(f"witness state for {origin!r} is malformed")
+        state[origin] = LogState(size, root)
+    return state
+
+
 def _origin(data: bytes | str) -> str:
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
     origin = text.split("\n", 1)[0]
@@ -217,5 +249,7 @@ __all__ = [
     "WitnessAlarmError",
     "WitnessError",
     "add_checkpoint_body",
+    "dump_state",
+    "load_state",
     "parse_add_checkpoint",
 ]

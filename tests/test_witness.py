@@ -24,6 +24,8 @@ from broker.witness import (
     WitnessAlarmError,
     WitnessError,
     add_checkpoint_body,
+    dump_state,
+    load_state,
     parse_add_checkpoint,
 )
 
@@ -146,3 +148,18 @@ def test_any_rewrite_below_the_witnessed_size_is_a_fork(
         again.add_checkpoint(
             old, forked.consistency_proof(old, new) if extra else [], fork_note, NOW
         )
+
+
+def test_state_round_trips_and_a_restarted_witness_keeps_its_memory(tmp_path: Path) -> None:
+    log = build_log(tmp_path, LOG_KEY, [3])
+    witness = _witness()
+    _feed(witness, log)
+    saved = dump_state(witness.state)
+    restarted = _witness(load_state(saved))
+    assert restarted.state == witness.state
+    log.append(event(3))
+    _feed(restarted, log)  # continues from size 3 with a consistency proof
+    assert restarted.state[MEMBER].size == 4
+    for bad in (b"[]", b"{", b'{"JPN":{"size":-1,"root":""}}', b'{"JPN":{"size":1}}'):
+        with pytest.raises(WitnessError):
+            load_state(bad)
