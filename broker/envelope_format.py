@@ -8,6 +8,7 @@ docs/ENVELOPE.md describes the same bytes in prose.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, get_args
@@ -43,6 +44,9 @@ _CLAIMS: Final = frozenset(
     {"iss", "jti", "iat", "kind", CLAIM_SCHEMA, CLAIM_POLICY, "tlp", "_sd_alg", sdjwt.SD, "source"}
 )
 _TLPS: Final = frozenset(get_args(TLP))
+# The encrypted-key segment may be empty here so that a direct-agreement JWE is
+# refused by the header check, which names the algorithm.
+_COMPACT_JWE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+){3}")
 
 
 def _b64_json(segment: str, what: str) -> Any:
@@ -58,9 +62,13 @@ def parse_jwe_header(token: object, limit: int) -> dict[str, Any]:
         raise EnvelopeError("format", "envelope is not ASCII text")
     if len(token) > limit:
         raise EnvelopeError("format", f"envelope is {len(token)} bytes; limit {limit}")
+    if not _COMPACT_JWE.fullmatch(token):
+        raise EnvelopeError("format", "not a compact JWE: five base64url segments")
     parts = token.split(".")
-    if len(parts) != 5:
-        raise EnvelopeError("format", f"a compact JWE has 5 segments, not {len(parts)}")
+    # joserfc decodes leniently; a receiver that accepted two spellings of one
+    # envelope would log two different hashes for it, so only canonical ones pass.
+    if not all(sdjwt.has_canonical_tail(p) for p in parts):
+        raise EnvelopeError("format", "a JWE segment is not canonical base64url")
     header = _b64_json(parts[0], "JWE protected header")
     if not isinstance(header, dict):
         raise EnvelopeError("format", "JWE protected header is not a JSON object")

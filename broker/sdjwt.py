@@ -53,6 +53,8 @@ def b64u_decode(text: str) -> bytes:
     # first; strict_mode then refuses every other character outside the alphabet.
     if len(data) % 4 == 1 or b"+" in data or b"/" in data or b"=" in data:
         raise ValueError("not unpadded base64url")
+    if not has_canonical_tail(text):
+        raise ValueError("not canonical base64url (non-zero trailing bits)")
     try:
         standard = data.translate(_TO_STANDARD) + b"=" * (-len(data) % 4)
         return binascii.a2b_base64(standard, strict_mode=True)
@@ -60,7 +62,20 @@ def b64u_decode(text: str) -> bytes:
         raise ValueError("not unpadded base64url") from None
 
 
+def has_canonical_tail(text: str) -> bool:
+    """Whether the unused low bits of base64url text's final partial group are zero.
+
+    Otherwise two different strings (two JWS, two envelopes) decode to the same
+    bytes; we accept only the one canonical spelling.
+    """
+    spare = {2: 0x0F, 3: 0x03}.get(len(text) % 4, 0)
+    return not (spare and _B64_VALUE.get(ord(text[-1]), 0) & spare)
+
+
 _TO_STANDARD: Final = bytes.maketrans(b"-_", b"+/")
+_B64_VALUE: Final = {
+    c: i for i, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -284,6 +284,18 @@ def test_malformed_envelopes(token: str) -> None:
     reject(token, "format")
 
 
+def test_non_canonical_or_padded_segments_refused(issued: envelope.Issued) -> None:
+    token = JPN.present(issued, "USA", ["vessel.imo"])
+    parts = token.split(".")
+    tag = parts[4]  # 16 bytes: 22 characters, the last carrying 4 unused bits
+    assert len(tag) == 22
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    twin = tag[:-1] + alphabet[alphabet.index(tag[-1]) ^ 1]
+    reject(".".join([*parts[:4], twin]), "format")
+    reject(".".join([*parts[:4], tag + "=="]), "format")
+    reject(".".join([*parts[:3], parts[3][:10] + "*" + parts[3][10:], tag]), "format")
+
+
 def test_duplicate_header_member_refused() -> None:
     raw = b'{"alg":"ECDH-ES+A256KW","alg":"ECDH-ES","enc":"A256GCM"}'
     reject(".".join([sdjwt.b64u_encode(raw), "A", "A", "A", "A"]), "format")
@@ -613,3 +625,26 @@ def test_hostile_nesting_in_a_disclosure(issued: envelope.Issued) -> None:
 
 def test_non_ascii_sd_jwt_refused(issued: envelope.Issued) -> None:
     assert "ASCII" in str(reject(seal(issued.jws + "~é~", rid=issued.report_id), "format"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 10_000), st.sampled_from('~.Aa0-_={}[]"é ')),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_receive_only_ever_raises_envelope_error(edits: list[tuple[int, str]]) -> None:
+    # Any edit to the SD-JWT, re-sealed so it decrypts, fails at a named step.
+    issued = JPN.issue(vessel())
+    text = list(sdjwt.join_presentation(issued.jws, list(issued.disclosures.values())))
+    for pos, char in edits:
+        text[pos % len(text)] = char
+    edited = "".join(text)
+    token = seal(edited, rid=issued.report_id)
+    if edited == sdjwt.join_presentation(issued.jws, list(issued.disclosures.values())):
+        assert USA.receive(token).report_id == issued.report_id
+    else:
+        with pytest.raises(EnvelopeError):
+            USA.receive(token)

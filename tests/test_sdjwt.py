@@ -75,10 +75,15 @@ def test_malformed_disclosures_refused(decoded: Any, reason: str) -> None:
         Disclosure.parse(sdjwt.b64u_encode(json.dumps(decoded).encode()))
 
 
-@pytest.mark.parametrize("text", ["YQ==", "a+b/", "abcde", "ab cd"])
+@pytest.mark.parametrize("text", ["YQ==", "a+b/", "abcde", "ab cd", "YR", "YWF", "é"])
 def test_base64url_is_strict(text: str) -> None:
     with pytest.raises(ValueError, match="base64url"):
         sdjwt.b64u_decode(text)
+
+
+@given(st.binary(max_size=64))
+def test_base64url_round_trip(data: bytes) -> None:
+    assert sdjwt.b64u_decode(sdjwt.b64u_encode(data)) == data
 
 
 @pytest.mark.parametrize(
