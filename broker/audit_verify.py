@@ -81,11 +81,12 @@ def read_origin(directory: Path) -> str:
     return str(row[0])
 
 
-def load(directory: Path, *, parallel_from: int = PARALLEL_FROM) -> LoadedLog:
+def load(directory: Path, *, jobs: int = 1, parallel_from: int = PARALLEL_FROM) -> LoadedLog:
     """Read the log in ``directory``; a gap in entry indices is reported as a deletion.
 
     Everything is read in one snapshot, so a node appending meanwhile cannot make
-    its own fresh checkpoints look like truncation.
+    its own fresh checkpoints look like truncation. With ``jobs=2``, a log of at
+    least ``parallel_from`` entries is leaf-hashed by two processes.
     """
     path = directory / DB_FILE
     if not directory.is_dir():
@@ -101,7 +102,7 @@ def load(directory: Path, *, parallel_from: int = PARALLEL_FROM) -> LoadedLog:
         if count and (low != 0 or high != count - 1):
             _find_hole(db)
         checkpoints = db.execute("SELECT size, note FROM checkpoints ORDER BY size").fetchall()
-        scan = LeafScan(path, count, parallel_from)
+        scan = LeafScan(path, count, parallel_from if jobs > 1 else count + 1)
         scan.local(db)
         db.execute("COMMIT")
         leaves = scan.result()
@@ -152,6 +153,7 @@ def verify_log(
     *,
     witnesses: Sequence[Verifier] = (),
     quorum: int = 0,
+    jobs: int = 1,
     parallel_from: int = PARALLEL_FROM,
 ) -> Report:
     """Verify the audit log in ``directory``; raise ``TamperError`` at the first fault.
@@ -170,7 +172,7 @@ def verify_log(
     """
     if quorum < 0 or (quorum > 0 and len({w.name for w in witnesses}) < quorum):
         raise UsageError(f"a quorum of {quorum} needs at least {quorum} witness keys")
-    log = load(directory, parallel_from=parallel_from)
+    log = load(directory, jobs=jobs, parallel_from=parallel_from)
     n = log.tree.size
     previous: Checkpoint | None = None
     latest: Note | None = None

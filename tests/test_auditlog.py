@@ -270,7 +270,7 @@ def test_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
 def test_two_process_scan_matches_and_pinpoints_in_the_workers_half(tmp_path: Path) -> None:
     # 9,000 entries with a threshold of 1,000: entries 4096.. are hashed by a worker process.
     log = build_log(tmp_path, KEY, [3000, 3000, 3000])
-    report = verify_log(tmp_path, [log_verifier(KEY)], parallel_from=1_000)
+    report = verify_log(tmp_path, [log_verifier(KEY)], jobs=2, parallel_from=1_000)
     single = verify_log(tmp_path, [log_verifier(KEY)])
     assert report.root == single.root == Levels([leaf_hash(e) for e in _entries(tmp_path)]).root()
     assert report.size == log.size == 9000
@@ -280,7 +280,7 @@ def test_two_process_scan_matches_and_pinpoints_in_the_workers_half(tmp_path: Pa
     with _db(tmp_path) as db:
         db.execute("UPDATE entries SET entry = ? WHERE idx = 7003", (edited,))
     with pytest.raises(TamperError, match="entry 7003: was altered"):
-        verify_log(tmp_path, [log_verifier(KEY)], parallel_from=1_000)
+        verify_log(tmp_path, [log_verifier(KEY)], jobs=2, parallel_from=1_000)
 
 
 def test_entry_stored_as_text_is_pinpointed(tmp_path: Path) -> None:
