@@ -707,6 +707,17 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     assert status["counters"]["intake.schema"] == 1
     assert want  # the batch world's expectations were built for the same policy
 
+    jpn_port, usa_port = world.config("JPN").metrics.port, world.config("USA").metrics.port
+    assert await asyncio.to_thread(fetch, f"http://127.0.0.1:{jpn_port}/healthz") == "ok\n"
+    jpn_metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{jpn_port}/metrics")
+    assert f'msmt_published_total{{partner="USA"}} {float(len(to_usa))}' in jpn_metrics
+    assert "msmt_intake_accepted_total 9.0" in jpn_metrics
+    assert 'msmt_intake_rejected_total{reason="duplicate"} 2.0' in jpn_metrics
+    assert "msmt_outbox_depth 0.0" in jpn_metrics
+    usa_metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{usa_port}/metrics")
+    assert f"msmt_e2e_latency_seconds_count {float(len(to_usa))}" in usa_metrics
+    assert f'msmt_received_total{{sender="JPN"}} {float(len(to_usa))}' in usa_metrics
+
 
 def test_a_bad_setup_fails_at_start_with_one_line(world: World) -> None:
     world.write_config("JPN", BATCH_POLICY)
