@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from broker.errors import PolicyError
 from broker.policy import Policy, Release
 from broker.transforms import split_variant_key
 
@@ -73,43 +74,32 @@ class Replay:
         }
 
 
-def _marking_refusal(send: Mapping[str, Any], policy: Policy) -> str | None:
-    """Why the report's markings forbid sending it to the partner at all (as ``Policy`` does)."""
-    partner, originator, tlp = send["partner"], send["originator"], send["tlp"]
-    rel_to = send["rel_to"]
-    if partner in (policy.member, originator):
-        return "partner is the sender or the originator"
-    if originator != policy.member:
-        if tlp in ("RED", "AMBER+STRICT"):
-            return f"TLP:{tlp} is never passed on"
-        if tlp == "AMBER" and (rel_to is None or partner not in rel_to):
-            return "TLP:AMBER is passed on only within REL TO"
-    if rel_to is not None and partner not in rel_to:
-        return "partner is outside REL TO"
-    return None
-
-
-def _releasable(policy: Policy, partner: str, kind: str, tlp: str) -> Mapping[str, Any]:
-    # The per-(partner, kind, TLP) table the policy computed when it was loaded.
-    # ``Policy`` has no public accessor for it yet (requested from its owner).
-    table: Mapping[tuple[str, str, str], Mapping[str, Any]] = policy._table
-    return table.get((partner, kind, tlp), {})
-
-
 def over_disclosures(send: Mapping[str, Any], policy: Policy) -> list[str]:
-    """Return one line per disclosure key in ``send`` that ``policy`` would not have released."""
-    refusal = _marking_refusal(send, policy)
-    if refusal is not None:
-        return [f"{key}: {refusal}" for key in send["released"]]
-    cells = _releasable(policy, send["partner"], send["kind"], send["tlp"])
+    """Return one line per disclosure key in ``send`` that ``policy`` would not have released.
+
+    The policy answers from the send's handling markings alone
+    (``Policy.releasable``), exactly as it decided when the report went out.
+    """
+    released = send["released"]
+    try:
+        cells = policy.releasable(
+            send["partner"],
+            kind=send["kind"],
+            tlp=send["tlp"],
+            originator=send["originator"],
+            rel_to=send["rel_to"],
+            onward=send["originator"] != policy.member,
+        )
+    except PolicyError as exc:
+        return [f"{key}: {exc}" for key in released]
     problems = []
-    for key in send["released"]:
+    for key in released:
         try:
             path, _ = split_variant_key(key)
         except ValueError:
             problems.append(f"{key}: not a valid disclosure key")
             continue
-        cell = cells.get(path, "default deny")
+        cell = cells.get(path, f"not a field of a {send['kind']} report")
         if not isinstance(cell, Release):
             problems.append(f"{key}: withheld by the policy ({cell})")
         elif cell.disclosure_key != key:

@@ -240,7 +240,7 @@ def test_undelivered_and_unknown_policy_and_field_mismatch(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("tlp", "rel_to", "originator", "expected"),
     [
-        ("AMBER", ["KOR"], "JPN", "partner is outside REL TO"),
+        ("AMBER", ["KOR"], "JPN", "REL TO"),
         ("RED", None, "KOR", "TLP:RED is never passed on"),
         ("AMBER", None, "KOR", "TLP:AMBER is passed on only within REL TO"),
     ],
@@ -251,6 +251,8 @@ def test_markings_forbid_sending_at_all(
     policy = load_policy(POLICIES["JPN"], member="JPN")
     send = json.loads(_send("JPN", "USA", R1, FULL, 1).seal(0, None))
     send |= {"tlp": tlp, "rel_to": rel_to, "originator": originator}
-    assert over_disclosures(send, policy) == [f"{k}: {expected}" for k in FULL]
+    assert over_disclosures(send, policy) == [
+        f"{k}: withheld by the policy ({expected})" for k in FULL
+    ]
     send |= {"tlp": "AMBER", "rel_to": None, "originator": "JPN"}
     assert over_disclosures(send, policy) == []
