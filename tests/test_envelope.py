@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -646,5 +647,9 @@ def test_receive_only_ever_raises_envelope_error(edits: list[tuple[int, str]]) -
     if edited == sdjwt.join_presentation(issued.jws, list(issued.disclosures.values())):
         assert USA.receive(token).report_id == issued.report_id
     else:
-        with pytest.raises(EnvelopeError):
+        with pytest.raises(EnvelopeError) as info:
             USA.receive(token)
+        # The reason names a step and a field at most, never report content.
+        content = re.findall(r'"([^"]{5,})"', json.dumps(list(leaf_values(vessel()).values())))
+        assert content
+        assert not [v for v in content if v in str(info.value)]
