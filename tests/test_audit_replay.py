@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import sqlite3
 import uuid
-from datetime import timedelta
+from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from audit_helpers import T0, log_verifier
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+# The node tests' world (keys, a real hub, node configs) and its fixture, reused as is.
+from test_node import World, await_for, records_for, world  # noqa: F401
+
 from broker import audit_events as ev
+from broker import keys as keyfiles
 from broker.audit_replay import over_disclosures, replay
-from broker.auditlog import AuditLog
+from broker.auditlog import DB_FILE, AuditLog
 from broker.cli import main
+from broker.node import load_node
 from broker.policy import load_policy
+from broker.validation import parse_record
 
 POLICIES = {
     "JPN": """
@@ -119,7 +129,7 @@ def _run_world(
     ]
     if drop_jpn_send_to_kor:
         del jpn[2]
-    world = {
+    by_member = {
         "JPN": jpn,
         "USA": [
             _recv("USA", "JPN", R1, FULL, 2),
@@ -137,7 +147,7 @@ def _run_world(
         "KOR": [_recv("KOR", "JPN", R1, FULL, 2), _send("KOR", "USA", R3, ["vessel.imo"], 4)],
     }
     dirs = []
-    for member, events in world.items():
+    for member, events in by_member.items():
         log = AuditLog(root / member, member, KEYS[member])
         log.append_many(events)
         log.close()
@@ -256,3 +266,133 @@ def test_markings_forbid_sending_at_all(
     ]
     send |= {"tlp": "AMBER", "rel_to": None, "originator": "JPN"}
     assert over_disclosures(send, policy) == []
+
+
+# --- a real run: three nodes exchange reports over a real hub, then replay ------------
+
+
+def _rewrite(
+    audit_dir: Path, into: Path, member: str, signer: Ed25519PrivateKey, edit: Any
+) -> Path:
+    """Re-sign ``member``'s log with ``edit`` applied to its entries: an owner rewriting history."""
+    with sqlite3.connect(audit_dir / DB_FILE) as db:
+        entries = [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries ORDER BY idx")]
+    events = [
+        ev.AuditEvent({k: v for k, v in e.items() if k not in ("v", "seq", "prev")})
+        for e in edit(entries)
+    ]
+    log = AuditLog(into, member, signer)
+    log.append_many(events)
+    log.close()
+    return into
+
+
+async def test_replay_of_a_real_three_node_run(world: World, tmp_path: Path) -> None:  # noqa: F811
+    trio = ("JPN", "USA", "KOR")
+    for member in trio:
+        world.write_config(member)
+    nodes = {m: load_node(world.config(m)) for m in trio}
+    tasks = [asyncio.create_task(n.run()) for n in nodes.values()]
+    try:
+        await await_for(lambda: all(n.ready() is None for n in nodes.values()), 20, "ready")
+        expected_sends = 0
+        for i, member in enumerate(trio):
+            records = records_for(member, 6, seed=40 + i)
+            answers = await world.submit(member, records)
+            assert {a["status"] for a in answers} == {"accepted"}
+            for record in records:
+                decisions = world.policy(member).decide_all(parse_record(json.dumps(record)))
+                expected_sends += sum(d.sends for d in decisions.values())
+
+        def entries_of(member: str) -> list[dict[str, Any]]:
+            with sqlite3.connect(world.config(member).audit_dir / DB_FILE) as db:
+                return [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries")]
+
+        def settled() -> bool:
+            logs = {m: entries_of(m) for m in trio}
+            sent = [e for es in logs.values() for e in es if e["type"] == "sent"]
+            return len(sent) == expected_sends and all(
+                sum(e["type"] == "received" for e in logs[m])
+                == sum(e["partner"] == m for e in sent)
+                for m in trio
+            )
+
+        await await_for(settled, 60, "every send logged and every delivery received")
+
+        def received(member: str) -> int:
+            return sum(e["type"] == "received" for e in entries_of(member))
+
+    finally:
+        for n in nodes.values():
+            n.stop.set()
+        await asyncio.gather(*tasks)
+
+    dirs = [world.config(m).audit_dir for m in trio]
+    policies = world.root / "nodes"
+
+    def run(*paths: Path) -> tuple[int, dict[str, Any]]:
+        args = ["audit", "replay", *map(str, paths), "--keys", str(world.keydir)]
+        result = CliRunner().invoke(main, [*args, "--policies", str(policies), "--json"])
+        return result.exit_code, json.loads(result.stdout)
+
+    code, clean = run(*dirs)
+    assert clean["findings"] == []
+    assert code == 0
+    statuses = Counter(
+        (e["sender"] in trio, e["recipient"] in trio, e["status"]) for e in clean["exchanges"]
+    )
+    assert set(statuses) <= {(True, True, "delivered"), (True, False, "not-checked")}
+    assert statuses[(True, True, "delivered")] == sum(received(m) for m in trio)
+
+    roster = keyfiles.load_signed_roster(world.keydir).roster
+    signer = keyfiles.load_member_keys(world.keydir, "JPN", roster, datetime.now(UTC)).signing
+    jpn_key = signer.private_key
+    assert isinstance(jpn_key, Ed25519PrivateKey)
+    to_usa = next(e for e in clean["exchanges"] if (e["sender"], e["recipient"]) == ("JPN", "USA"))
+
+    # 1. JPN's log is rewritten without one send to USA: exactly that receipt is unmatched.
+    def drop(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in entries if e.get("jwe_sha256") != to_usa["jwe_sha256"]]
+
+    forged = _rewrite(dirs[0], tmp_path / "jpn-dropped", "JPN", jpn_key, drop)
+    code, report = run(forged, *dirs[1:])
+    assert code == 1
+    assert [(f["kind"], f["member"], f["report_id"]) for f in report["findings"]] == [
+        ("unmatched-receive", "USA", to_usa["report_id"])
+    ]
+
+    # 2. One send to KOR released a field JPN's policy withholds from KOR, and KOR got it.
+    with sqlite3.connect(dirs[0] / DB_FILE) as db:
+        sends = [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries")]
+    to_kor = next(e for e in sends if e["type"] == "sent" and e["partner"] == "KOR")
+    cells = world.policy("JPN").releasable(
+        "KOR",
+        kind=to_kor["kind"],
+        tlp=to_kor["tlp"],
+        originator=to_kor["originator"],
+        rel_to=to_kor["rel_to"],
+    )
+    withheld = next(path for path, cell in cells.items() if isinstance(cell, str))
+
+    def widen(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for e in entries:
+            if e.get("jwe_sha256") == to_kor["jwe_sha256"]:
+                key = "released" if e["type"] == "sent" else "fields"
+                out.append(e | {key: sorted([*e[key], withheld])})
+            else:
+                out.append(e)
+        return out
+
+    kor_keys = keyfiles.load_member_keys(world.keydir, "KOR", roster, datetime.now(UTC))
+    kor_key = kor_keys.signing.private_key
+    assert isinstance(kor_key, Ed25519PrivateKey)
+    jpn_wide = _rewrite(dirs[0], tmp_path / "jpn-wide", "JPN", jpn_key, widen)
+    kor_wide = _rewrite(dirs[2], tmp_path / "kor-wide", "KOR", kor_key, widen)
+    code, report = run(jpn_wide, dirs[1], kor_wide)
+    assert code == 1
+    findings = report["findings"]
+    assert [(f["kind"], f["member"], f["report_id"]) for f in findings] == [
+        ("over-disclosure", "JPN", to_kor["report_id"])
+    ]
+    assert findings[0]["detail"].startswith(f"to KOR: {withheld}: withheld by the policy")
