@@ -129,16 +129,19 @@ class Planner:
             )
         return items
 
-    def plan_batch(self, store: Store, limit: int, skip: set[str]) -> tuple[int, dict[str, str]]:
-        """Plan up to ``limit`` unplanned reports; return (planned, {report id: error}).
+    def plan(
+        self, rows: list[tuple[str, bytes]], limit: int, skip: set[str]
+    ) -> tuple[dict[str, list[OutboxItem]], dict[str, str]]:
+        """Envelopes for up to ``limit`` of ``rows`` (from ``Store.unplanned``), minus ``skip``.
 
-        A report that cannot be planned (e.g. a partner has no valid key) stays
-        unplanned and is named in the errors, so the caller can retry it later
-        without holding up the others.
+        Returns (plans, {report id: error}). A report that cannot be planned (e.g.
+        a partner has no valid key) is named in the errors and stays unplanned,
+        so the caller can retry it later without holding up the others. No I/O:
+        the node runs this off the store's thread, so publishing goes on meanwhile.
         """
         plans: dict[str, list[OutboxItem]] = {}
         errors: dict[str, str] = {}
-        for report_id, record in store.unplanned(limit + len(skip)):
+        for report_id, record in rows:
             if report_id in skip:
                 continue
             try:
@@ -147,9 +150,7 @@ class Planner:
                 errors[report_id] = str(exc)
             if len(plans) >= limit:
                 break
-        if plans:
-            store.plan(plans)
-        return len(plans), errors
+        return plans, errors
 
 
 def sent_event(member: str, item: OutboxItem, at: datetime) -> AuditEvent:
