@@ -96,16 +96,22 @@ def load(directory: Path, *, jobs: int = 1, parallel_from: int = PARALLEL_FROM) 
     try:
         db.execute("BEGIN")
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        count, low, high = db.execute("SELECT count(*), min(idx), max(idx) FROM entries").fetchone()
+        # min/max of the rowid are two B-tree lookups; count(*) would scan the table.
+        low, high = db.execute("SELECT min(idx), max(idx) FROM entries").fetchone()
         if meta.get("format") != FORMAT or not meta.get("origin"):
             raise AuditError(f"{path} is not an {FORMAT} audit log")
-        if count and (low != 0 or high != count - 1):
+        size = 0 if high is None else high + 1
+        if low not in (None, 0):
             _find_hole(db)
         checkpoints = db.execute("SELECT size, note FROM checkpoints ORDER BY size").fetchall()
-        scan = LeafScan(path, count, parallel_from if jobs > 1 else count + 1)
+        scan = LeafScan(path, size, parallel_from if jobs > 1 else size + 1)
         scan.local(db)
-        db.execute("COMMIT")
         leaves = scan.result()
+        if len(leaves) != size:
+            # Fewer rows than the highest index: a deleted entry (or a concurrent writer).
+            _find_hole(db)
+            raise StoreError(f"audit log {path} changed while it was being read; run verify again")
+        db.execute("COMMIT")
     except TypeError:
         # Only a hand-edited database stores an entry as something other than a BLOB.
         bad = db.execute("SELECT min(idx) FROM entries WHERE typeof(entry) != 'blob'").fetchone()
@@ -116,8 +122,6 @@ def load(directory: Path, *, jobs: int = 1, parallel_from: int = PARALLEL_FROM) 
         if scan is not None:
             scan.close()
         db.close()
-    if len(leaves) != count:
-        raise StoreError(f"audit log {path} changed while it was being read; run verify again")
     return LoadedLog(str(meta["origin"]), path, Levels(leaves), list(checkpoints))
 
 

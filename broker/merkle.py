@@ -102,8 +102,10 @@ class Levels:
         while len(level) > 1:
             # A comprehension over zipped halves is the fastest pure-Python pairing; an
             # odd last node is not a perfect subtree of the next level, so it is dropped.
-            pairs = zip(level[::2], level[1::2], strict=False)
-            level = [_sha256(b"\x01" + a + b).digest() for a, b in pairs]
+            halves = iter(level)  # zip(it, it) pairs neighbours without copying slices
+            level = [
+                _sha256(b"\x01" + a + b).digest() for a, b in zip(halves, halves, strict=False)
+            ]
             self.levels.append(level)
 
     def append(self, leaf: bytes) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Final
 
 from cryptography.exceptions import InvalidSignature
@@ -24,6 +25,7 @@ from broker.errors import AuditError
 ALG_ED25519: Final = 0x01
 ALG_COSIGNATURE_V1: Final = 0x04
 SIG_PREFIX: Final = "\u2014 "  # em dash, space
+_CONTROL: Final = re.compile("[\x00-\x09\x0b-\x1f]")  # ASCII controls except newline
 MAX_SIGNATURES: Final = 32
 """The spec asks verifiers to accept at least 16 signatures; more is refused as abuse."""
 
@@ -50,6 +52,8 @@ class Verifier:
     name: str
     alg: int
     public: bytes
+    key_id: bytes = field(init=False, repr=False)
+    """The 4-byte key ID this key's signature lines carry (derived, computed once)."""
 
     def __post_init__(self) -> None:
         check_key_name(self.name)
@@ -57,11 +61,8 @@ class Verifier:
             raise NoteError(f"unsupported signature type 0x{self.alg:02x} for {self.name}")
         if len(self.public) != 32:
             raise NoteError(f"Ed25519 key for {self.name} is {len(self.public)} bytes, not 32")
-
-    @property
-    def key_id(self) -> bytes:
-        """The 4-byte key ID this key's signature lines carry."""
-        return key_id(self.name, self.alg, self.public)
+        # Verifying thousands of checkpoints looks the ID up for each one.
+        object.__setattr__(self, "key_id", key_id(self.name, self.alg, self.public))
 
     def vkey(self) -> str:
         """Return the verifier key string ``<name>+<hex id>+<base64(type || key)>``."""
@@ -138,7 +139,7 @@ def check_text(text: str) -> None:
     """Raise ``NoteError`` unless ``text`` is legal note text (ends in newline, no controls)."""
     if not text.endswith("\n"):
         raise NoteError("note text must end with a newline")
-    if any(ord(ch) < 0x20 and ch != "\n" for ch in text):
+    if _CONTROL.search(text):
         raise NoteError("note text contains an ASCII control character")
 
 
@@ -152,7 +153,7 @@ def parse(data: bytes | str) -> Note:
             data = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise NoteError("signed note is not valid UTF-8") from exc
-    if any(ord(ch) < 0x20 and ch != "\n" for ch in data):
+    if _CONTROL.search(data):
         raise NoteError("signed note contains an ASCII control character")
     # The text is separated from the signatures by the *last* blank line.
     split = data.rfind("\n\n")
