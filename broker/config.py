@@ -49,6 +49,8 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
 """Environment variable -> the config key it overrides (documented in docs/NODE.md)."""
 
 _LIST_KEYS: Final = frozenset({("nats", "urls")})
+MAX_SOCKET_PATH: Final = 107
+"""sockaddr_un holds 108 bytes including the terminating NUL (Linux)."""
 
 
 class _Section(BaseModel):
@@ -257,7 +259,13 @@ def parse_config(
         value = holder[keys[-1]]
         if value is not None:
             holder[keys[-1]] = (base / value).resolve()
-    return NodeConfig.model_validate(resolved)
+    config = NodeConfig.model_validate(resolved)
+    if len(str(config.socket_path).encode()) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"config key intake.socket: {config.socket_path} is longer than a unix socket "
+            f"path may be ({MAX_SOCKET_PATH} bytes); set intake.socket to a shorter path"
+        )
+    return config
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> NodeConfig:

@@ -138,17 +138,21 @@ class Node:
     # --- intake ---------------------------------------------------------------
 
     def _accept_sync(self, batch: list[NewReport], feed: str) -> list[bool]:
+        # Store, then audit, then confirm: a crash between the first two leaves
+        # unconfirmed reports that load_node audits at the next start, so the log
+        # never misses an accepted report (at worst it records one twice).
         fresh = self.store.accept(batch)
+        new = [r for r, is_new in zip(batch, fresh, strict=True) if is_new]
         now = datetime.now(UTC)
         self.audit.append_many(
             [
                 audit_events.accepted(
                     self.member, now, report_id=r.report_id, kind=r.kind, feed=feed
                 )
-                for r, new in zip(batch, fresh, strict=True)
-                if new
+                for r in new
             ]
         )
+        self.store.mark_audited([r.report_id for r in new])
         return fresh
 
     async def _accept(self, batch: list[NewReport], feed: str) -> list[bool]:
@@ -489,6 +493,15 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             ]
         )
     store.set_state({"roster_version": str(signed.version), "policy_digest": policy.digest})
+    unaudited = store.unaudited()
+    if unaudited:
+        audit.append_many(
+            [
+                audit_events.accepted(config.member, at, report_id=rid, kind=kind, feed="recovered")
+                for rid, kind in unaudited
+            ]
+        )
+        store.mark_audited([rid for rid, _ in unaudited])
     signer = Signer(config.member, keys.signing, keys.signing_kid)
     planner = Planner(signer, policy, signed.roster, pseudonym)
     inbound = Inbound(

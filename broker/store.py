@@ -37,8 +37,10 @@ CREATE TABLE IF NOT EXISTS reports (
     kind        TEXT NOT NULL,
     accepted_at REAL NOT NULL,
     record      BLOB NOT NULL,
-    planned     INTEGER NOT NULL DEFAULT 0
+    planned     INTEGER NOT NULL DEFAULT 0,
+    audited     INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS reports_unaudited ON reports(audited) WHERE audited = 0;
 CREATE INDEX IF NOT EXISTS reports_unplanned ON reports(planned) WHERE planned = 0;
 CREATE TABLE IF NOT EXISTS outbox (
     report_id  TEXT NOT NULL,
@@ -211,6 +213,28 @@ class Store:
                 )
                 out.append(cur.rowcount == 1)
         return out
+
+    def unaudited(self) -> list[tuple[str, str]]:
+        """Accepted reports whose ``accepted`` audit entry is not confirmed: ``(id, kind)``.
+
+        Non-empty only after a crash between the accept commit and the audit
+        append; the node appends their entries at start (at-least-once, no gap).
+        """
+        return [
+            (r[0], r[1])
+            for r in self._read(
+                "SELECT report_id, kind FROM reports WHERE audited = 0 ORDER BY accepted_at, rowid"
+            )
+        ]
+
+    def mark_audited(self, report_ids: Sequence[str]) -> None:
+        """Confirm that these reports' ``accepted`` entries are in the audit log."""
+        if not report_ids:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE reports SET audited = 1 WHERE report_id = ?", [(r,) for r in report_ids]
+            )
 
     def unplanned(self, limit: int) -> list[tuple[str, bytes]]:
         """Accepted reports whose per-partner envelopes are not made yet, oldest first."""

@@ -97,6 +97,11 @@ def test_invalid_config_fails_with_one_line_naming_the_key(
     assert "\n" not in str(info.value)
 
 
+def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config key intake\.socket: .* longer than a unix"):
+        load_config(write(tmp_path), env={"MSMT_INTAKE_SOCKET": "/run/" + "s" * 120})
+
+
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot read config .*node\.toml"):
         load_config(tmp_path / "node.toml", env={})

@@ -41,7 +41,7 @@ from broker.natsproc import NatsServer, free_port
 from broker.node import Node, load_node
 from broker.policy import Policy, load_policy, variants
 from broker.sightings import SightingModel, leaf_values
-from broker.store import Store
+from broker.store import NewReport, Store
 from broker.validation import parse_record
 from broker.witness import LogState
 
@@ -337,13 +337,7 @@ async def test_three_members_exchange_every_kind_and_receive_exactly_what_was_re
     )
     assert unmet.returncode == 1
     # Not one log event carries a report's content.
-    secrets_in_reports = {
-        str(v)
-        for rs in sent.values()
-        for r in rs
-        for v in leaf_values(parse_record(json.dumps(r))).values()
-        if len(str(v)) >= 6 and not str(v).isdigit()
-    }
+    secrets_in_reports = content_of([r for rs in sent.values() for r in rs])
     rendered = [json.dumps(event, default=str) for event in logs]
     assert rendered
     leaks = [s for s in secrets_in_reports if any(s in line for line in rendered)]
@@ -380,6 +374,24 @@ async def assert_all_exactly_once(world: World, want: dict[str, set[str]]) -> No
         assert await world.stream_messages(partner) == len(ids)
 
 
+def content_of(records: list[dict[str, Any]]) -> set[str]:
+    """Distinctive field values of these reports (what must never appear in a log)."""
+    return {
+        str(v)
+        for r in records
+        for v in leaf_values(parse_record(json.dumps(r))).values()
+        if len(str(v)) >= 6 and not str(v).isdigit()
+    }
+
+
+def assert_no_content_in_logs(world: World, records: list[dict[str, Any]]) -> None:
+    values = content_of(records)
+    for log in world.root.glob("*.log"):
+        text = log.read_text()
+        assert text  # the node did log
+        assert [v for v in values if v in text] == [], log.name
+
+
 def outbox_depth(world: World, member: str) -> int:
     store = world.store(member)
     try:
@@ -401,6 +413,7 @@ async def test_kill_and_restart_the_publishing_node_mid_batch(world: World) -> N
     world.start("JPN")
     await assert_all_exactly_once(world, want)
     assert outbox_depth(world, "JPN") == 0
+    assert_no_content_in_logs(world, records)
 
 
 async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:
@@ -416,6 +429,7 @@ async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:
     world.server.start()
     await assert_all_exactly_once(world, want)
     assert all(world.procs[m].poll() is None for m in ("JPN", "USA", "KOR"))
+    assert_no_content_in_logs(world, records)
 
 
 async def test_kill_and_restart_a_receiving_node_mid_batch(world: World) -> None:
@@ -430,6 +444,7 @@ async def test_kill_and_restart_a_receiving_node_mid_batch(world: World) -> None
     await asyncio.sleep(0.5)
     world.start("USA")
     await assert_all_exactly_once(world, want)
+    assert_no_content_in_logs(world, records)
 
 
 async def test_sigterm_shuts_down_cleanly_and_hands_back_nothing_lost(world: World) -> None:
@@ -442,6 +457,7 @@ async def test_sigterm_shuts_down_cleanly_and_hands_back_nothing_lost(world: Wor
     assert world.terminate("JPN") == 0
     world.start("JPN")
     await assert_all_exactly_once(world, want)
+    assert_no_content_in_logs(world, records)
 
 
 # --- a flood of bad messages mixed with good ones ----------------------------------------
@@ -868,3 +884,30 @@ async def test_witness_raises_the_alarm_when_a_log_rewrites_its_history(world: W
         usa.stop.set()
         jpn.stop.set()
         await asyncio.gather(usa_task, jpn_task)
+
+
+def test_reports_accepted_but_not_yet_audited_are_audited_at_the_next_start(world: World) -> None:
+    world.write_config("JPN", BATCH_POLICY)
+    config = world.config("JPN")
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+    # A crash between the accept commit and the audit append leaves this state.
+    records = records_for("JPN", 3, seed=21)
+    raw = Store(config.store_path)
+    assert raw.accept(
+        [NewReport(r["report_id"], r["kind"], json.dumps(r).encode()) for r in records]
+    )
+    raw.close()
+    node = load_node(config)
+    try:
+        assert node.store.unaudited() == []
+    finally:
+        node.store.close()
+        node.audit.close()
+    with sqlite3.connect(config.audit_dir / DB_FILE) as db:
+        entries = [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries")]
+    recovered = [e for e in entries if e["type"] == "accepted"]
+    assert [(e["report_id"], e["feed"]) for e in recovered] == [
+        (r["report_id"], "recovered") for r in records
+    ]

@@ -43,6 +43,14 @@ def test_wal_mode_and_accept_is_durable_across_reopen(tmp_path: Path) -> None:
     ]
 
 
+def test_unaudited_reports_are_listed_until_confirmed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.accept([rep(1), rep(2)])
+    assert store.unaudited() == [(rep(1).report_id, "vessel"), (rep(2).report_id, "vessel")]
+    store.mark_audited([rep(1).report_id])
+    assert store.unaudited() == [(rep(2).report_id, "vessel")]
+
+
 def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     store.accept([rep(1), rep(2)])
