@@ -49,8 +49,12 @@ log = get_logger("publisher")
 
 PUBLISH_TIMEOUT: Final = 5.0
 """Seconds to wait for the hub's ack before the envelope is retried."""
-RETRY_AFTER: Final = 1.0
-"""Seconds before an envelope whose publish failed is tried again."""
+RETRY_AFTER: Final = 0.5
+"""Seconds before an envelope whose publish failed is first tried again (then doubling)."""
+RETRY_MAX: Final = 30.0
+"""Longest wait between tries: a partner whose inbox is missing for days costs little."""
+WARN_EVERY: Final = 30.0
+"""Seconds between warnings about one partner, so an outage does not flood the log."""
 
 
 def subject_for(partner: str, kind: str) -> str:
@@ -202,6 +206,8 @@ class Publisher:
         self._unrecorded: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
         self._retry_at: dict[tuple[str, str], float] = {}
+        self._attempts: dict[tuple[str, str], int] = {}
+        self._warned: dict[str, float] = {}
         self.last_error: str | None = None
 
     def wake(self) -> None:
@@ -253,14 +259,20 @@ class Publisher:
             )
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             self.last_error = f"publish to {item.partner}: {type(exc).__name__} {exc}".strip()
-            self._retry_at[key] = time.monotonic() + RETRY_AFTER
-            log.warning(
-                "publish_failed",
-                report_id=item.report_id,
-                partner=item.partner,
-                error=type(exc).__name__,
-            )
+            attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
+            now = time.monotonic()
+            self._retry_at[key] = now + min(RETRY_MAX, RETRY_AFTER * 2 ** (attempts - 1))
+            if now - self._warned.get(item.partner, -WARN_EVERY) >= WARN_EVERY:
+                self._warned[item.partner] = now
+                log.warning(
+                    "publish_failed",
+                    report_id=item.report_id,
+                    partner=item.partner,
+                    error=type(exc).__name__,
+                    attempts=attempts,
+                )
         else:
+            self._attempts.pop(key, None)
             self.metrics.publish_latency.observe(time.perf_counter() - started)
             self._acked.append(item)
             self._unrecorded.add(key)
