@@ -128,6 +128,7 @@ class Node:
         self._counts: Counter[str] = Counter()
         self._intakes: list[Intake] = []
         self._last_error = ""
+        self._last_logged = 0.0
         self._published_checkpoint: str | None = None
         self.failure: str | None = None
 
@@ -292,8 +293,13 @@ class Node:
     # --- housekeeping ------------------------------------------------------------
 
     def _error(self, text: str) -> None:
+        # A condition that persists (hub away, inbox missing) is logged once per
+        # minute, not on every retry; the status always shows the latest.
+        now = time.monotonic()
+        if text != self._last_error or now - self._last_logged >= 60:
+            log.error("node_error", error=text)
+            self._last_logged = now
         self._last_error = text
-        log.error("node_error", error=text)
 
     def ready(self) -> str | None:
         """Why the node is not ready, or ``None`` when it is."""

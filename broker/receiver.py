@@ -249,9 +249,11 @@ class Receiver:
         sub: JetStreamContext.PullSubscription | None = None
         while not stop.is_set():
             if sub is None:
-                sub = await self.js.pull_subscribe_bind(
-                    durable=inbox_durable(self.member), stream=inbox_stream(self.member)
-                )
+                stream, durable = inbox_stream(self.member), inbox_durable(self.member)
+                # Binding alone does not reach the server; ask for the consumer so a
+                # missing inbox (``msmt nats setup`` not run) keeps the node unready.
+                await self.js.consumer_info(stream, durable)
+                sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
                 self.bound = True
             try:
                 msgs = await sub.fetch(self.fetch_batch, timeout=1.0)

@@ -911,3 +911,29 @@ def test_reports_accepted_but_not_yet_audited_are_audited_at_the_next_start(worl
     assert [(e["report_id"], e["feed"]) for e in recovered] == [
         (r["report_id"], "recovered") for r in records
     ]
+
+
+async def test_node_is_not_ready_until_its_inbox_exists_then_becomes_ready(
+    tmp_path: Path,
+) -> None:
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1))
+    server = NatsServer(workdir=tmp_path / "nats", extra_config=accounts_config(load_users(keydir)))
+    server.start()
+    world = World(tmp_path, keydir, server)
+    try:
+        world.write_config("USA")
+        node = load_node(world.config("USA"))
+        task = asyncio.create_task(node.run())
+        try:
+            await await_for(lambda: node.nc is not None and node.nc.is_connected, 20, "connected")
+            await asyncio.sleep(1.5)
+            assert node.ready() == "inbox consumer not bound"
+            seed = (keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
+            await setup_account(server.url, "USA", seed)
+            await await_for(lambda: node.ready() is None, 20, "ready once the inbox exists")
+        finally:
+            node.stop.set()
+            await task
+    finally:
+        server.kill()
