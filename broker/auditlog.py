@@ -24,7 +24,7 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -77,7 +77,8 @@ class AuditLog:
         self.path = datadir / DB_FILE
         self.origin = member
         self._signer = signer
-        self._lock = threading.Lock()
+        # Reentrant: add_cosignatures reads through _rows while holding it.
+        self._lock = threading.RLock()
         self._db = connect(self.path, readonly=False)
         self._levels: Levels | None = None
         try:
@@ -165,15 +166,15 @@ class AuditLog:
 
     def latest_checkpoint(self) -> str | None:
         """Return the latest signed checkpoint note (with cosignatures), or ``None`` if empty."""
-        row = self._query("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
-        return None if row is None else str(row[0])
+        rows = self._rows("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1")
+        return str(rows[0][0]) if rows else None
 
     def checkpoint_at(self, size: int) -> str:
         """Return the stored checkpoint note for ``size``; raise ``AuditError`` if there is none."""
-        row = self._query("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
-        if row is None:
+        rows = self._rows("SELECT note FROM checkpoints WHERE size = ?", (size,))
+        if not rows:
             raise AuditError(f"no checkpoint at size {size}")
-        return str(row[0])
+        return str(rows[0][0])
 
     def add_cosignatures(self, data: bytes | str, witnesses: Sequence[Verifier]) -> list[str]:
         """Merge a witness's cosignature note into the stored checkpoint it cosigns.
@@ -212,16 +213,18 @@ class AuditLog:
                     raise StoreError(f"cannot store cosignature in {self.path}: {exc}") from exc
             return names
 
-    def _query(self, sql: str, args: tuple[int, ...] = ()) -> sqlite3.Cursor:
-        try:
-            return self._db.execute(sql, args)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read audit log {self.path}: {exc}") from exc
+    def _rows(self, sql: str, args: tuple[int, ...] = ()) -> list[Any]:
+        # One connection serves every thread, so a read holds the lock until fetched.
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read audit log {self.path}: {exc}") from exc
 
     def _tree(self) -> Levels:
         # Built once on the first proof request, then extended by appends.
         if self._levels is None:
-            rows = self._query("SELECT entry FROM entries ORDER BY idx").fetchall()
+            rows = self._rows("SELECT entry FROM entries ORDER BY idx")
             self._levels = Levels([leaf_hash(r[0]) for r in rows])
         return self._levels
 
@@ -237,7 +240,7 @@ class AuditLog:
 
     def entry(self, index: int) -> bytes:
         """Return entry ``index``'s bytes; raise ``AuditError`` if there is none."""
-        row = self._query("SELECT entry FROM entries WHERE idx = ?", (index,)).fetchone()
-        if row is None:
+        rows = self._rows("SELECT entry FROM entries WHERE idx = ?", (index,))
+        if not rows:
             raise AuditError(f"no entry {index} (log size {self.size})")
-        return bytes(row[0])
+        return bytes(rows[0][0])

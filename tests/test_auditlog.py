@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -349,3 +350,25 @@ def test_parse_entry_refuses_a_well_formed_but_invalid_entry() -> None:
         with pytest.raises(AuditError, match=reason):
             parse_entry(rfc8785.dumps(good | change), 4)
     assert parse_entry(rfc8785.dumps(good), 4) == good
+
+
+def test_threads_appending_and_reading_at_once_leave_a_valid_log(tmp_path: Path) -> None:
+    # The daemon appends from worker threads while the proof service reads.
+    log = build_log(tmp_path, KEY, [1])
+
+    def writer(offset: int) -> None:
+        for i in range(20):
+            log.append_many([event(offset + i), event(offset + i + 1000)])
+
+    def reader() -> None:
+        for _ in range(40):
+            size = open_checkpoint(log.latest_checkpoint() or "", [log_verifier(KEY)])[0].size
+            if size > 1:
+                log.consistency_proof(1, size)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(writer, n * 100) for n in range(3)] + [pool.submit(reader)]
+        for future in futures:
+            future.result()  # re-raises any failure on the test thread
+    assert log.size == 1 + 3 * 20 * 2
+    _verify(tmp_path)
