@@ -125,7 +125,6 @@ class Node:
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msmt-plan")
         self._plan_wake = asyncio.Event()
         self._plan_skip: dict[str, float] = {}
-        self._counts: Counter[str] = Counter()
         self._intakes: list[Intake] = []
         self._last_error = ""
         self._last_logged = 0.0
@@ -212,7 +211,6 @@ class Node:
         # The send is recorded durably before the outbox calls it done.
         self.audit.append_many([sent_event(self.member, item, now) for item in batch])
         self.store.mark_sent([(i.report_id, i.partner) for i in batch])
-        self._counts.update(f"published.{i.partner}" for i in batch)
 
     # --- NATS ------------------------------------------------------------------
 
@@ -334,14 +332,16 @@ class Node:
 
     async def _housekeep_once(self) -> None:
         lag = await self._inbox_lag()
-        counts = self._counts
-        self._counts = Counter()
+        counts: Counter[str] = Counter()
         for intake in self._intakes:
             counts.update({f"intake.{k}": v for k, v in intake.counts.items()})
             intake.counts.clear()
-        if self.receiver is not None:
-            counts.update(self.receiver.counts)
-            self.receiver.counts.clear()
+        # Every tally below is kept on the event loop's thread, so none is
+        # mutated by the store thread while it is read here.
+        for part in (self.receiver, self.publisher):
+            if part is not None:
+                counts.update(part.counts)
+                part.counts.clear()
         for name in ("publisher", "receiver", "auditnet"):
             part = getattr(self, name)
             if part is not None and part.last_error:

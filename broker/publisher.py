@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -208,6 +209,7 @@ class Publisher:
         self._retry_at: dict[tuple[str, str], float] = {}
         self._attempts: dict[tuple[str, str], int] = {}
         self._warned: dict[str, float] = {}
+        self.counts: Counter[str] = Counter()
         self.last_error: str | None = None
 
     def wake(self) -> None:
@@ -295,6 +297,7 @@ class Publisher:
                 else:
                     for item in batch:
                         self.metrics.published.labels(partner=item.partner).inc()
+                        self.counts[f"published.{item.partner}"] += 1
                 finally:
                     self._unrecorded.difference_update((i.report_id, i.partner) for i in batch)
             if stopping and not self._in_flight and not self._acked:
