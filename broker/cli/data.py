@@ -1,9 +1,8 @@
-"""Commands about sighting data: ``validate``, ``schemas export``, ``samples``, ``demo``."""
+"""Commands about sighting data: ``validate``, ``schemas export``, ``samples``."""
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -88,27 +87,4 @@ def samples_generate(count: int, seed: int, invalid: bool, out: Path | None) -> 
         out.write_text(text, encoding="utf-8")
 
 
-@click.command()
-@click.option(
-    "--feed", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples/feed.ndjson")
-)
-def demo(feed: Path) -> None:
-    """Run the demo: for now, validate the bundled sample feed against the schemas."""
-    start = time.perf_counter()
-    with _open_input(str(feed)) as stream:
-        results = list(validate_lines(stream))
-    bad = [r for r in results if r.error is not None]
-    kinds: dict[str, int] = {}
-    for r in results:
-        if r.sighting is not None:
-            kinds[r.sighting.kind] = kinds.get(r.sighting.kind, 0) + 1
-    elapsed = time.perf_counter() - start
-    click.echo(f"validated {len(results)} sightings from {feed} in {elapsed * 1000:.0f} ms")
-    for kind, n in sorted(kinds.items()):
-        click.echo(f"  {kind:<9} {n}")
-    for r in bad:
-        click.echo(f"  line {r.line}: {r.error}")
-    sys.exit(1 if bad else 0)
-
-
-COMMANDS = (validate, schemas_group, samples_group, demo)
+COMMANDS = (validate, schemas_group, samples_group)
