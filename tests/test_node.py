@@ -690,6 +690,17 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     assert again.returncode == 1
     assert [json.loads(x)["reason"] for x in again.stdout.splitlines()] == ["duplicate"] * 2
 
+    # A batch feed drops a file into the spool (written aside, then renamed in).
+    spooled = records_for("JPN", 6, seed=6)
+    spool = world.config("JPN").spool_path
+    (spool / ".batch.tmp").write_text(samples.to_ndjson(spooled))
+    (spool / ".batch.tmp").rename(spool / "batch.ndjson")
+    result = spool / "done" / "batch.ndjson.result.ndjson"
+    await await_for(result.exists, 20, "the spool file to be ingested")
+    assert [json.loads(x)["status"] for x in result.read_text().splitlines()] == ["accepted"] * 6
+    assert not (spool / "batch.ndjson").exists()
+    records = records + spooled
+
     policy = world.policy("JPN")
     to_usa = [r for r in records if "USA" in expected_partners(policy, parse_record(json.dumps(r)))]
     assert to_usa
@@ -718,7 +729,7 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     status = jpn_status()
     assert status["connected"] == "yes"
     assert status["outbox_depth"] == 0
-    assert status["counters"]["intake.accepted"] == 9
+    assert status["counters"]["intake.accepted"] == 15
     assert status["counters"]["intake.duplicate"] == 2
     assert status["counters"]["intake.schema"] == 1
     assert want  # the batch world's expectations were built for the same policy
@@ -727,7 +738,7 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     assert await asyncio.to_thread(fetch, f"http://127.0.0.1:{jpn_port}/healthz") == "ok\n"
     jpn_metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{jpn_port}/metrics")
     assert f'msmt_published_total{{partner="USA"}} {float(len(to_usa))}' in jpn_metrics
-    assert "msmt_intake_accepted_total 9.0" in jpn_metrics
+    assert "msmt_intake_accepted_total 15.0" in jpn_metrics
     assert 'msmt_intake_rejected_total{reason="duplicate"} 2.0' in jpn_metrics
     assert "msmt_outbox_depth 0.0" in jpn_metrics
     usa_metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{usa_port}/metrics")
