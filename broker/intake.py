@@ -307,7 +307,9 @@ def _clear_socket(path: Path) -> None:
 async def serve_unix(app: web.Application, path: Path) -> web.AppRunner:
     """Serve ``app`` on a unix socket at ``path`` with mode 0600; return the runner."""
     _clear_socket(path)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # On shutdown a feed mid-stream gets a few seconds to finish its batch, so the
+    # whole stop stays inside a service manager's timeout.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10.0)
     await runner.setup()
     await web.UnixSite(runner, str(path)).start()
     os.chmod(path, 0o600)
