@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     report_id   TEXT NOT NULL,
     kind        TEXT NOT NULL,
     received_at REAL NOT NULL,
+    tlp         TEXT NOT NULL,
+    rel_to      TEXT,
+    iat         REAL NOT NULL,
     fields      TEXT NOT NULL,
     paths       TEXT NOT NULL,
     jwe_sha256  TEXT NOT NULL,
@@ -112,13 +115,18 @@ class Received:
     """The verified disclosed fields of one partner's report, ready to store.
 
     ``sender`` is the member the hub attests sent it; ``originator`` signed it
-    (they differ only for an onward share).
+    (they differ only for an onward share). ``tlp``, ``rel_to`` and ``iat``
+    (Unix seconds) are the signed handling claims, kept so the report can be
+    handled and exported under the originator's markings.
     """
 
     sender: str
     originator: str
     report_id: str
     kind: str
+    tlp: str
+    rel_to: tuple[str, ...] | None
+    iat: float
     fields: Mapping[str, Any]
     paths: tuple[str, ...]
     jwe_sha256: str
@@ -127,12 +135,15 @@ class Received:
 
 @dataclass(frozen=True, slots=True)
 class InboxEntry:
-    """A stored received report, as ``msmt inbox`` shows it."""
+    """A stored received report, as ``msmt inbox`` shows it (times in Unix seconds)."""
 
     sender: str
     originator: str
     report_id: str
     kind: str
+    tlp: str
+    rel_to: tuple[str, ...] | None
+    iat: float
     received_at: float
     fields: dict[str, Any]
     paths: tuple[str, ...]
@@ -323,13 +334,17 @@ class Store:
         with self._tx() as db:
             for rec in batch:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO inbox(sender, originator, report_id, kind, received_at,"
-                    " fields, paths, jwe_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO inbox(sender, originator, report_id, kind, tlp, rel_to,"
+                    " iat, received_at, fields, paths, jwe_sha256)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec.sender,
                         rec.originator,
                         rec.report_id,
                         rec.kind,
+                        rec.tlp,
+                        None if rec.rel_to is None else json.dumps(list(rec.rel_to)),
+                        rec.iat,
                         at,
                         json.dumps(rec.fields, sort_keys=True),
                         json.dumps(list(rec.paths)),
@@ -411,7 +426,8 @@ class Store:
 
 
 _INBOX_COLUMNS: Final = (
-    "SELECT sender, originator, report_id, kind, received_at, fields, paths, jwe_sha256 FROM inbox"
+    "SELECT sender, originator, report_id, kind, tlp, rel_to, iat, received_at, fields, paths,"
+    " jwe_sha256 FROM inbox"
 )
 
 
@@ -421,8 +437,11 @@ def _entry(row: Sequence[Any]) -> InboxEntry:
         originator=row[1],
         report_id=row[2],
         kind=row[3],
-        received_at=float(row[4]),
-        fields=json.loads(row[5]),
-        paths=tuple(json.loads(row[6])),
-        jwe_sha256=row[7],
+        tlp=row[4],
+        rel_to=None if row[5] is None else tuple(json.loads(row[5])),
+        iat=float(row[6]),
+        received_at=float(row[7]),
+        fields=json.loads(row[8]),
+        paths=tuple(json.loads(row[9])),
+        jwe_sha256=row[10],
     )

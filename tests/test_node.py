@@ -301,6 +301,7 @@ async def test_three_members_exchange_every_kind_and_receive_exactly_what_was_re
                 n.stop.set()
             await asyncio.gather(*tasks)
 
+    markings = {r["report_id"]: (r["tlp"], r.get("rel_to")) for rs in sent.values() for r in rs}
     for (partner, sender), reports in expected.items():
         store = world.store(partner)
         got = {e.report_id: e for e in store.inbox(sender=sender, limit=10_000)}
@@ -308,6 +309,10 @@ async def test_three_members_exchange_every_kind_and_receive_exactly_what_was_re
         for report_id, fields in reports.items():
             entry = got[report_id]
             assert entry.originator == sender
+            tlp, rel_to = markings[report_id]
+            assert entry.tlp == tlp
+            assert entry.rel_to == (None if rel_to is None else tuple(rel_to))
+            assert abs(entry.iat - entry.received_at) < 60
             assert entry.fields == fields, (partner, sender, report_id)
             assert list(entry.paths) == sorted(fields)
     for member in trio:
@@ -714,6 +719,12 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     assert shown.returncode == 0
     entry = json.loads(shown.stdout)
     assert entry["fields"]["observed_at"] == to_usa[0]["observed_at"]
+    # What the node stores is enough for an analyst's STIX bundle under the right markings.
+    exported = await asyncio.to_thread(msmt, "export", "stix", "--config", usa)
+    assert exported.returncode == 0, exported.stderr
+    bundle = json.loads(exported.stdout)
+    reports = [o for o in bundle["objects"] if o["type"] == "report"]
+    assert len(reports) == len(to_usa)
     missing = await asyncio.to_thread(msmt, "inbox", "show", "--config", usa, "no-such-id")
     assert missing.returncode == 2
     assert missing.stderr == "msmt: error: no received report no-such-id\n"

@@ -23,7 +23,17 @@ def item(rid: str, partner: str) -> OutboxItem:
 
 def received(sender: str, rid: str, digest: str = "h1", expires: float = 100.0) -> Received:
     return Received(
-        sender, sender, rid, "vessel", {"vessel.imo": "9321483"}, ("vessel.imo",), digest, expires
+        sender=sender,
+        originator=sender,
+        report_id=rid,
+        kind="vessel",
+        tlp="AMBER",
+        rel_to=("JPN", "USA") if sender == "KOR" else None,
+        iat=1_790_000_000.0,
+        fields={"vessel.imo": "9321483"},
+        paths=("vessel.imo",),
+        jwe_sha256=digest,
+        expires_at=expires,
     )
 
 
@@ -87,6 +97,9 @@ def test_received_is_idempotent_and_seen_state_tells_redelivery_from_replay(tmp_
     assert {e.sender for e in store.inbox_entry("r1")} == {"USA", "KOR"}
     (entry,) = store.inbox(sender="USA")
     assert entry.fields == {"vessel.imo": "9321483"}
+    assert (entry.tlp, entry.rel_to, entry.iat) == ("AMBER", None, 1_790_000_000.0)
+    (kor,) = store.inbox(sender="KOR")
+    assert kor.rel_to == ("JPN", "USA")
     assert entry.paths == ("vessel.imo",)
 
 

@@ -106,6 +106,9 @@ def _entry_json(entry: InboxEntry) -> dict[str, Any]:
         "originator": entry.originator,
         "report_id": entry.report_id,
         "kind": entry.kind,
+        "tlp": entry.tlp,
+        "rel_to": None if entry.rel_to is None else list(entry.rel_to),
+        "issued_at": _when(entry.iat),
         "received_at": _when(entry.received_at),
         "paths": list(entry.paths),
         "fields": entry.fields,
@@ -132,6 +135,7 @@ def inbox_list(config_path: Path, sender: str | None, limit: int, as_json: bool)
         else:
             click.echo(
                 f"{_when(entry.received_at)}  {entry.originator}  {entry.kind:<8}  "
+                f"TLP:{entry.tlp:<12}  "
                 f"{entry.report_id}  {len(entry.paths)} fields: {', '.join(entry.paths)}"
             )
 
