@@ -25,17 +25,20 @@ Pure code apart from ``load_received``, which reads a node's store.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from broker.envelope_format import check_fields
-from broker.errors import EnvelopeError, InputError, StoreError, UsageError
+from broker.errors import EnvelopeError, InputError, StoreError
 from broker.members import is_member
 from broker.sightings import KINDS
 from broker.stix_objects import TLP_MARKINGS, BundleBuilder
+
+if TYPE_CHECKING:
+    from broker.store import InboxEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,47 +157,35 @@ def select_since(reports: Iterable[ReceivedReport], since: datetime | None) -> l
     return [r for r in reports if since is None or r.received_at >= since]
 
 
-_HANDLING: Final = ("tlp", "rel_to", "iat")
-"""What an export needs from each stored received report beyond ``broker.store.InboxEntry``."""
-
-
 def load_received(config_path: Path, since: datetime | None) -> list[ReceivedReport]:
     """Read the reports a node received at or after ``since`` from its store (read-only).
 
-    Raises ``ConfigError`` for a bad config, ``StoreError`` for a missing or
-    unreadable store, and ``UsageError`` if the store does not record the TLP,
-    REL TO and issue time of what it received, without which no marking could
-    be exported honestly.
+    Read-only, so it works while the daemon runs. Raises ``ConfigError`` for a
+    bad config and ``StoreError`` for a missing or unreadable store, each as one line.
     """
     from broker.config import load_config  # noqa: PLC0415 - keeps the pure part import-light
-    from broker.store import InboxEntry, Store  # noqa: PLC0415
+    from broker.store import Store  # noqa: PLC0415
 
     config = load_config(config_path)
     if not config.store_path.is_file():
         raise StoreError(f"no node store at {config.store_path}: has the node run yet?")
-    missing = [n for n in _HANDLING if n not in {f.name for f in fields(InboxEntry)}]
-    if missing:
-        raise UsageError(
-            f"this node's store does not record {', '.join(missing)} of received reports,"
-            " which a STIX export needs for its markings"
-        )
     store = Store(config.store_path, readonly=True)
     try:
         entries = store.inbox(limit=max(1, store.inbox_count()))
     finally:
         store.close()
-    return select_since((_from_entry(e) for e in entries), since)
+    return select_since((from_inbox(e) for e in entries), since)
 
 
-def _from_entry(entry: Any) -> ReceivedReport:
-    tlp, rel_to, iat = (getattr(entry, name) for name in _HANDLING)
+def from_inbox(entry: InboxEntry) -> ReceivedReport:
+    """A stored ``InboxEntry`` (times in Unix seconds) as export input."""
     return ReceivedReport(
         report_id=entry.report_id,
         originator=entry.originator,
         kind=entry.kind,
-        tlp=tlp,
-        rel_to=tuple(rel_to) if rel_to is not None else None,
-        iat=iat if isinstance(iat, datetime) else datetime.fromtimestamp(iat, UTC),
+        tlp=entry.tlp,
+        rel_to=tuple(entry.rel_to) if entry.rel_to is not None else None,
+        iat=datetime.fromtimestamp(entry.iat, UTC),
         received_at=datetime.fromtimestamp(entry.received_at, UTC),
         fields=entry.fields,
     )

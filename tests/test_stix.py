@@ -455,31 +455,51 @@ def test_cli_bad_since_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1
 
 
-def test_cli_refuses_a_store_that_lacks_the_markings(tmp_path: Path) -> None:
-    # A real store, as the node writes it. Until it records each received
-    # report's TLP, REL TO and iat, exporting would have to guess markings:
-    # the command refuses instead.
-    record = samples.generate(1, seed=17)[0]
-    report = received(record)
-    store = Store(tmp_path / "data" / "node.sqlite3")
-    store.store_received(
-        [
-            StoredReport(
-                sender=report.originator,
-                originator=report.originator,
-                report_id=report.report_id,
-                kind=report.kind,
-                fields=dict(report.fields),
-                paths=tuple(report.fields),
-                jwe_sha256="00" * 32,
-                expires_at=0.0,
+def _store(path: Path, reports: Iterable[ReceivedReport]) -> None:
+    """Write ``reports`` into a real node store file, as the node's receiver does."""
+    store = Store(path)
+    try:
+        for report in reports:
+            store.store_received(
+                [
+                    StoredReport(
+                        sender=report.originator,
+                        originator=report.originator,
+                        report_id=report.report_id,
+                        kind=report.kind,
+                        tlp=report.tlp,
+                        rel_to=report.rel_to,
+                        iat=report.iat.timestamp(),
+                        fields=dict(report.fields),
+                        paths=tuple(report.fields),
+                        jwe_sha256="00" * 32,
+                        expires_at=0.0,
+                    )
+                ],
+                now=report.received_at.timestamp(),
             )
-        ]
-    )
-    store.close()
+    finally:
+        store.close()
+
+
+def test_cli_exports_a_real_store_and_since_filters(tmp_path: Path) -> None:
+    records = samples.generate(12, seed=17)
+    reports = [received(r, at=RECEIVED + timedelta(hours=i)) for i, r in enumerate(records)]
+    _store(tmp_path / "data" / "node.sqlite3", reports)
     env = {"MSMT_DATA_DIR": str(tmp_path / "data")}
-    result = _run(["export", "stix", "--config", str(JPN_CONFIG)], env)
-    assert result.exit_code == 2
-    assert "does not record tlp, rel_to, iat of received reports" in result.stderr
-    assert result.stderr.count("\n") == 1
-    assert result.stdout == ""
+
+    everything = _run(["export", "stix", "--config", str(JPN_CONFIG)], env)
+    assert everything.exit_code == 0, everything.stderr
+    stix = json.loads(everything.stdout)
+    assert stix == bundle(reports)  # what was stored is exactly what was exported
+    validate(stix)
+
+    out = tmp_path / "recent.json"
+    since = ["--since", "2026-11-03T08:00:00Z", "--out", str(out)]
+    recent = _run(["export", "stix", "--config", str(JPN_CONFIG), *since], env)
+    assert recent.exit_code == 0, recent.stderr
+    assert recent.stdout == ""
+    assert recent.stderr == f"4 reports exported to {out}\n"
+    written = json.loads(out.read_text())
+    assert written == bundle(reports[8:])
+    assert validate_string(out.read_text(), ValidationOptions(version="2.1")).is_valid
