@@ -594,6 +594,8 @@ async def _watch(
             *(feed(world.nodes[m], recs, 4, answers.append) for m, recs in records.items())
         )
     )
+    # On Ctrl-C the feeds are cancelled with everything else; retrieve that quietly.
+    feeding.add_done_callback(lambda f: None if f.cancelled() else f.exception())
     want = {k: len(v) for k, v in expected.items()}
     problems: list[str] = []
     deadline = time.monotonic() + DELIVERY_TIMEOUT
