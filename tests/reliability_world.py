@@ -1,0 +1,368 @@
+"""The shared harness of the reliability suite (issue 10): members, a real hub, a steady stream.
+
+A ``Cluster`` holds keys for all 11 members, one or three real nats-servers with
+the generated accounts, node configs (each member's real ``nodes/<M>/policy.toml``
+unless told otherwise) and ``msmt node run`` subprocesses. ``Feed`` submits a
+steady stream of reports through the real intake socket, retrying a batch whose
+answer was lost (a killed node) until every record is answered ``accepted`` or
+``duplicate`` - both mean durably in the outbox. ``settle`` then checks the
+promise of issue 10: every report reached every partner its originator's policy
+releases it to (``Policy.decide_all``), exactly once in the store and in the
+partner's inbox stream, and the audit logs replay clean and verify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+from test_node import await_for, fetch, records_for, wait_for
+
+from broker import keys, samples
+from broker.config import NodeConfig, load_config
+from broker.errors import UsageError
+from broker.intake import ensure_token, submit
+from broker.members import MEMBERS
+from broker.natsconfig import accounts_config, inbox_stream, load_users
+from broker.natsetup import InboxLimits, connect_account, setup_account
+from broker.natsproc import NatsServer, free_port, make_cluster, start_cluster
+from broker.policy import Policy, load_policy
+from broker.store import Store
+from broker.validation import parse_record
+
+REPO = Path(__file__).parent.parent
+MSMT = str(Path(sys.executable).parent / "msmt")
+
+__all__ = ["MSMT", "REPO", "Cluster", "Feed", "await_for", "fetch", "records_for", "wait_for"]
+
+
+def msmt(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real ``msmt`` command line."""
+    return subprocess.run(
+        [MSMT, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@dataclass
+class Cluster:
+    """Keys for all members, a real hub (1 or 3 servers) and node subprocesses."""
+
+    root: Path
+    size: int = 1
+    keydir: Path = field(init=False)
+    servers: list[NatsServer] = field(init=False)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    urls: dict[str, list[str]] = field(default_factory=dict)
+    env: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keydir = self.root / "keys"
+        keys.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
+        extra = accounts_config(load_users(self.keydir))
+        if self.size == 1:
+            self.servers = [NatsServer(workdir=self.root / "nats", extra_config=extra)]
+            self.servers[0].start()
+        else:
+            self.servers = make_cluster(self.root / "nats", self.size, extra)
+            start_cluster(self.servers)
+        limits = InboxLimits(replicas=min(self.size, 3))
+
+        async def setup() -> None:
+            for account in (*MEMBERS, keys.AUDIT_ACCOUNT):
+                await setup_account(self.hub_urls[0], account, self.seed(account), limits)
+
+        # A test's event loop may already be running here: set up on a thread of its own.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, setup()).result()
+
+    @property
+    def hub_urls(self) -> list[str]:
+        """Every server's client URL."""
+        return [s.url for s in self.servers]
+
+    def seed(self, account: str) -> bytes:
+        """An account's NATS nkey seed."""
+        return (self.keydir / account / keys.NATS_SEED_FILE).read_bytes().strip()
+
+    def close(self) -> None:
+        """Kill every node and server this cluster started."""
+        for member in list(self.procs):
+            self.kill(member)
+        for server in self.servers:
+            server.kill()
+
+    # --- configuration ---------------------------------------------------------
+
+    def config_path(self, member: str) -> Path:
+        return self.root / "nodes" / member / "node.toml"
+
+    def config(self, member: str) -> NodeConfig:
+        return load_config(self.config_path(member), env={})
+
+    def write_config(
+        self, member: str, policy_text: str | None = None, urls: list[str] | None = None
+    ) -> None:
+        """Write ``node.toml`` and the policy (the member's real one by default)."""
+        folder = self.root / "nodes" / member
+        folder.mkdir(parents=True, exist_ok=True)
+        text = policy_text or (REPO / "nodes" / member / "policy.toml").read_text()
+        (folder / "policy.toml").write_text(text)
+        for key_id in load_policy(text, member=member).pseudonym_keys:
+            path = self.keydir / member / "pseudonym" / f"{key_id}.key"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(samples_key(key_id))
+        self.urls[member] = urls or self.hub_urls
+        (folder / "node.toml").write_text(
+            f'member = "{member}"\nbase_dir = "../.."\n'
+            f'policy = "nodes/{member}/policy.toml"\ndata_dir = "data/{member}"\n'
+            f"[nats]\nurls = {json.dumps(self.urls[member])}\n"
+            f'[keys]\ndir = "keys"\n[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
+        )
+
+    def policy(self, member: str) -> Policy:
+        text = (self.root / "nodes" / member / "policy.toml").read_text()
+        return load_policy(text, member=member)
+
+    # --- node processes ----------------------------------------------------------
+
+    def start(self, member: str, **env: str) -> None:
+        """Start ``msmt node run`` for ``member`` and wait until it is ready."""
+        self.env[member] = {**self.env.get(member, {}), **env}
+        with (self.root / f"{member}.log").open("ab") as log:
+            self.procs[member] = subprocess.Popen(
+                [MSMT, "node", "run", "--config", str(self.config_path(member))],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env[member]},
+            )
+        self.wait_ready(member)
+
+    def wait_ready(self, member: str, timeout: float = 60) -> None:
+        port = self.config(member).metrics.port
+        proc = self.procs[member]
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                return True
+            try:
+                fetch(f"http://127.0.0.1:{port}/readyz")  # 503 (not ready) raises
+            except OSError:
+                return False
+            return True
+
+        wait_for(ready, timeout, f"{member} ready")
+        assert proc.poll() is None, self.log_tail(member)
+
+    def kill(self, member: str) -> None:
+        """SIGKILL the member's node, as a crash would."""
+        proc = self.procs.pop(member)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def alive(self, member: str) -> bool:
+        return member in self.procs and self.procs[member].poll() is None
+
+    def rss(self, member: str) -> int:
+        return int(psutil.Process(self.procs[member].pid).memory_info().rss)
+
+    def log_tail(self, member: str) -> str:
+        return (self.root / f"{member}.log").read_text(errors="replace")[-3000:]
+
+    # --- feeding and reading -----------------------------------------------------
+
+    async def submit(self, member: str, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Submit NDJSON records to the member's intake socket; return every answer."""
+        config = self.config(member)
+        body = samples.to_ndjson(list(records)).encode()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield body
+
+        answers: list[dict[str, Any]] = []
+        await submit(config.socket_path, ensure_token(config.token_path), chunks(), answers.append)
+        return answers
+
+    def store(self, member: str) -> Store:
+        return Store(self.config(member).store_path, readonly=True)
+
+    def inbox_ids(self, member: str, sender: str) -> list[str]:
+        path = self.config(member).store_path
+        if not path.exists():
+            return []
+        store = Store(path, readonly=True)
+        try:
+            return [e.report_id for e in store.inbox(sender=sender, limit=1_000_000)]
+        finally:
+            store.close()
+
+    def counters(self, member: str) -> dict[str, int]:
+        store = self.store(member)
+        try:
+            return store.counters()
+        finally:
+            store.close()
+
+    async def stream_counts(self, member: str) -> Counter[str]:
+        """Messages in ``member``'s inbox stream per attested sender (the hub's own count)."""
+        nc = await connect_account(self.hub_urls[0], member, self.seed(member))
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(inbox_stream(member), subjects_filter=">")
+            out: Counter[str] = Counter()
+            for subject, count in (info.state.subjects or {}).items():
+                out[subject.split(".")[1]] += count
+            return out
+        finally:
+            await nc.close()
+
+    # --- the promise ---------------------------------------------------------------
+
+    def expected(
+        self, sent: dict[str, list[dict[str, Any]]], partners: Sequence[str]
+    ) -> dict[tuple[str, str], set[str]]:
+        """(partner, sender) -> report ids the sender's policy releases to that partner."""
+        want: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for sender, records in sent.items():
+            policy = self.policy(sender)
+            for record in records:
+                decisions = policy.decide_all(parse_record(json.dumps(record)))
+                for partner, decision in decisions.items():
+                    if partner in partners and decision.sends:
+                        want[(partner, sender)].add(record["report_id"])
+        return want
+
+    async def settle(
+        self,
+        sent: dict[str, list[dict[str, Any]]],
+        members: Sequence[str],
+        within: float = 180,
+    ) -> dict[tuple[str, str], set[str]]:
+        """Wait for every release to arrive; assert exactly once, replay clean, logs verify."""
+        want = self.expected(sent, members)
+        assert want, "the stream released nothing: the check would be empty"
+
+        def arrived() -> bool:
+            return all(len(self.inbox_ids(p, s)) >= len(ids) for (p, s), ids in want.items())
+
+        await await_for(arrived, within, "every release delivered")
+        await asyncio.sleep(1.0)  # anything extra (a second copy) would show up now
+        for partner in members:
+            per_sender = await self.stream_counts(partner)
+            for sender in sent:
+                ids = want.get((partner, sender), set())
+                got = self.inbox_ids(partner, sender)
+                assert len(got) == len(set(got)), (partner, sender)
+                assert set(got) == ids, (partner, sender, len(set(got) ^ ids))
+                # The hub kept exactly one copy of each: its dedup held through the faults.
+                assert per_sender[sender] == len(ids), (partner, sender, per_sender[sender])
+        self.reconcile(members)
+        return want
+
+    def reconcile(self, members: Sequence[str]) -> None:
+        """``msmt audit verify`` each node's log, then ``msmt audit replay`` them together."""
+        dirs = [str(self.config(m).audit_dir) for m in members]
+        for directory in dirs:
+            verified = msmt("audit", "verify", directory, "--keys", str(self.keydir))
+            assert verified.returncode == 0, verified.stdout + verified.stderr
+        replayed = msmt(
+            "audit", "replay", *dirs, "--keys", str(self.keydir),
+            "--policies", str(self.root / "nodes"), "--json",
+        )  # fmt: skip
+        assert replayed.returncode == 0, replayed.stdout[-2000:] + replayed.stderr
+        report = json.loads(replayed.stdout)
+        assert report["findings"] == []
+        statuses = Counter(e["status"] for e in report["exchanges"] if e["recipient"] in members)
+        assert set(statuses) == {"delivered"}, statuses
+
+
+def samples_key(key_id: str) -> bytes:
+    """A deterministic 32-byte pseudonym key file body (base64url) for tests."""
+    import base64
+
+    return base64.urlsafe_b64encode(key_id.encode().ljust(32, b"k"))
+
+
+@dataclass
+class Feed:
+    """A steady stream of reports into publishing members' intake, surviving node kills.
+
+    Each batch is retried until every record is answered ``accepted`` or
+    ``duplicate`` (a kill can lose the answer after the commit); ``sent`` then
+    holds exactly the records that are durably in each outbox.
+    """
+
+    cluster: Cluster
+    publishers: Sequence[str]
+    batch: int = 4
+    interval: float = 0.25
+    seed: int = 1000
+    sent: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    retries: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def finish(self) -> dict[str, list[dict[str, Any]]]:
+        """Stop after the batch in hand is fully accepted; return what was sent."""
+        self.stop.set()
+        assert self._task is not None
+        await self._task
+        return dict(self.sent)
+
+    def total(self) -> int:
+        return sum(len(v) for v in self.sent.values())
+
+    async def _run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            member = self.publishers[n % len(self.publishers)]
+            records = records_for(member, self.batch, seed=self.seed + n)
+            await self.deliver(member, records)
+            n += 1
+            await asyncio.sleep(self.interval)
+
+    async def deliver(
+        self, member: str, records: list[dict[str, Any]], within: float = 120
+    ) -> None:
+        """Submit until every record is durably accepted (or known to be from before)."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                answers = await self.cluster.submit(member, records)
+            except UsageError:
+                answers = []
+            ok = [a for a in answers if a["status"] == "accepted" or a.get("reason") == "duplicate"]
+            if len(ok) == len(records):
+                self.sent[member].extend(records)
+                return
+            unexpected = [a for a in answers if a.get("reason") not in (None, "duplicate")]
+            assert all(a.get("reason") == "unavailable" for a in unexpected), unexpected
+            self.retries += 1
+            assert time.monotonic() < deadline, f"{member} did not take a batch in {within}s"
+            await asyncio.sleep(0.3)
+
+
+def fault_rng(name: str) -> tuple[random.Random, int]:
+    """A seeded RNG for fault timing; the seed is MSMT_FAULT_SEED (or fixed) and is printed."""
+    seed = int(os.environ.get("MSMT_FAULT_SEED", "20261129"))
+    print(f"{name}: fault seed {seed} (set MSMT_FAULT_SEED={seed} to reproduce)")
+    return random.Random(f"{name}:{seed}"), seed
+
+
+Check = Callable[[], bool]

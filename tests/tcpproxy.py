@@ -1,0 +1,128 @@
+"""An asyncio TCP proxy the test controls: cut a client off from the hub without root.
+
+It runs on its own event loop in a background thread so that both in-process
+nodes (on the test's loop) and subprocess nodes can use it. ``cut()`` closes
+every open connection and refuses new ones (accepted and closed at once, as a
+dead route would look to the client after its connect timeout); ``heal()``
+lets connections through again. With ``record=True`` every byte that crosses,
+both directions, is kept, so a test can search what the hub and its clients
+actually exchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+
+class TcpProxy:
+    """Forward ``127.0.0.1:<port>`` to ``upstream``; cut and heal on command."""
+
+    def __init__(self, upstream_port: int, *, record: bool = False) -> None:
+        self.upstream_port = upstream_port
+        self.record = record
+        self.captured: list[bytes] = []
+        self.connections = 0
+        self.refused = 0
+        self._open = True
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.base_events.Server | None = None
+        self._lock = threading.Lock()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = int(sock.getsockname()[1])
+        self._sock = sock
+
+    @property
+    def url(self) -> str:
+        """The client URL to give the node instead of the hub's."""
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start listening (in the background thread)."""
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
+
+    def stop(self) -> None:
+        """Close everything and stop the thread."""
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def cut(self) -> None:
+        """Drop every open connection and refuse new ones until ``heal``."""
+        asyncio.run_coroutine_threadsafe(self._cut(), self._loop).result(10)
+
+    def heal(self) -> None:
+        """Let connections through again."""
+        self._open = True
+
+    def capture(self) -> bytes:
+        """Every byte that crossed so far, both directions, in arrival order."""
+        with self._lock:
+            return b"".join(self.captured)
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._handle, sock=self._sock)
+
+    async def _shutdown(self) -> None:
+        await self._cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _cut(self) -> None:
+        self._open = False
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._open:
+            self.refused += 1
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        self.connections += 1
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+        for w in (writer, up_writer):
+            self._writers.discard(w)
+            w.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A closed peer ends the pipe; ConnectionError covers resets from either side.
+        with contextlib.suppress(ConnectionError):
+            while self._open or writer in self._writers:
+                data = await reader.read(65536)
+                if not data or writer.is_closing():
+                    break
+                if self.record:
+                    with self._lock:
+                        self.captured.append(data)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+
+@contextlib.contextmanager
+def running(upstream_port: int, *, record: bool = False) -> Iterator[TcpProxy]:
+    """A started proxy, stopped on exit."""
+    proxy = TcpProxy(upstream_port, record=record)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

@@ -1,0 +1,206 @@
+"""Faults while a steady stream of reports flows among four members (issue 10, part 1).
+
+Every test ends with ``Cluster.settle``: each report reached each partner its
+originator's policy releases it to, exactly once (store and hub inbox stream),
+and ``msmt audit verify`` / ``msmt audit replay`` pass on the logs. JPN and USA
+publish (their real policies); KOR and GBR only receive, so "publishing node"
+and "receiving node" are distinct victims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats.aio.client
+import pytest
+from reliability_world import Cluster, Feed, await_for, fault_rng, fetch, records_for
+from tcpproxy import running
+
+pytestmark = [pytest.mark.reliability, pytest.mark.integration]
+
+PUBLISHERS = ("JPN", "USA")
+RECEIVERS = ("KOR", "GBR")
+FOUR = (*PUBLISHERS, *RECEIVERS)
+
+
+@pytest.fixture
+def single(tmp_path: Path) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def start_four(cluster: Cluster, urls: dict[str, list[str]] | None = None) -> None:
+    for member in FOUR:
+        cluster.write_config(member, urls=(urls or {}).get(member))
+    for member in FOUR:
+        cluster.start(member, MSMT_PUBLISH_MAX_IN_FLIGHT="32", MSMT_FETCH_BATCH="25")
+
+
+async def test_random_sigkills_of_publisher_receiver_and_hub(single: Cluster) -> None:
+    rng, _ = fault_rng("sigkill")
+    start_four(single)
+    feed = Feed(single, PUBLISHERS)
+    feed.start()
+    victims = ["publisher", "receiver", "hub"] * 2
+    rng.shuffle(victims)
+    log: list[str] = []
+    for victim in victims:
+        await asyncio.sleep(rng.uniform(0.5, 2.5))
+        down = rng.uniform(0.2, 1.5)
+        if victim == "hub":
+            log.append(f"kill nats-server after {feed.total()} reports, down {down:.1f}s")
+            single.servers[0].kill()
+            await asyncio.sleep(down)
+            await asyncio.to_thread(single.servers[0].start)
+        else:
+            member = rng.choice(PUBLISHERS if victim == "publisher" else RECEIVERS)
+            log.append(f"kill {member} after {feed.total()} reports, down {down:.1f}s")
+            single.kill(member)
+            await asyncio.sleep(down)
+            await asyncio.to_thread(single.start, member)
+    await asyncio.sleep(1.0)
+    sent = await feed.finish()
+    print("\n".join(log))
+    assert feed.total() >= 100, log
+    want = await single.settle(sent, FOUR)
+    assert sum(len(ids) for ids in want.values()) >= 200, log
+    assert all(single.alive(m) for m in FOUR)
+
+
+async def test_cluster_loses_one_server_then_another_after_the_first_returns(
+    tmp_path: Path,
+) -> None:
+    cluster = Cluster(tmp_path, size=3)
+    try:
+        start_four(cluster)
+        feed = Feed(cluster, PUBLISHERS)
+        feed.start()
+        first, second, _ = cluster.servers
+        await asyncio.sleep(2.0)
+        before = feed.total()
+        first.kill()
+        await asyncio.sleep(3.0)
+        await asyncio.to_thread(first.start)
+        await asyncio.sleep(2.0)
+        second.kill()
+        await asyncio.sleep(3.0)
+        during = feed.total()
+        await asyncio.to_thread(second.start)
+        await asyncio.sleep(1.0)
+        sent = await feed.finish()
+        assert during > before  # the stream kept flowing with a server down
+        await cluster.settle(sent, FOUR)
+    finally:
+        cluster.close()
+
+
+async def test_network_cut_longer_than_the_reconnect_buffer(single: Cluster) -> None:
+    hub = single.servers[0]
+    with running(hub.port) as proxy:
+        # JPN (publisher) and KOR (receiver) reach the hub only through the proxy.
+        start_four(single, {"JPN": [proxy.url], "KOR": [proxy.url]})
+        feed = Feed(single, PUBLISHERS, batch=8, interval=0.2)
+        feed.start()
+        await asyncio.sleep(2.0)
+        proxy.cut()
+        jpn_metrics = f"http://127.0.0.1:{single.config('JPN').metrics.port}/metrics"
+        await await_for(
+            lambda: "msmt_nats_connected 0.0" in fetch(jpn_metrics), 15, "JPN sees the cut"
+        )
+        cut_at = feed.total()
+
+        # Keep the cut until JPN holds more unsent envelope bytes than nats-py's reconnect
+        # buffer could: only the outbox can carry that across.
+        def backlog() -> int:
+            uri = f"file:{single.config('JPN').store_path}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+                row = db.execute("SELECT sum(length(jwe)) FROM outbox WHERE state = 'pending'")
+                return int(row.fetchone()[0] or 0)
+
+        await await_for(
+            lambda: backlog() > nats.aio.client.DEFAULT_PENDING_SIZE,
+            90,
+            "a backlog beyond the reconnect buffer",
+        )
+        assert feed.total() > cut_at  # intake kept accepting while cut off
+        assert proxy.refused > 0  # JPN and KOR did try to reconnect, and were refused
+        proxy.heal()
+        await asyncio.sleep(1.0)
+        sent = await feed.finish()
+        await single.settle(sent, FOUR)
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size_mb: int) -> Iterator[None]:
+    """Mount a size-limited tmpfs at ``path`` (the CI runs as root); fail clearly if impossible."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.fail(
+            f"cannot mount a {size_mb} MB tmpfs at {path} for the disk-full test "
+            f"(needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}"
+        )
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(path: Path) -> Path:
+    """Write a file until the filesystem holding ``path`` is full; return it."""
+    filler = path / "filler"
+    with filler.open("wb") as out:
+        chunk = b"\0" * (1 << 16)
+        try:
+            while True:
+                out.write(chunk)
+                out.flush()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return filler
+
+
+async def test_full_disk_refuses_intake_clearly_and_resumes(single: Cluster) -> None:
+    data = single.root / "data" / "JPN"
+    with small_filesystem(data, 24):
+        start_four(single)
+        feed = Feed(single, PUBLISHERS)
+        feed.start()
+        await asyncio.sleep(2.0)
+        filler = fill(data)
+        refused = []
+        for n in range(40):
+            records = records_for("JPN", 2, seed=90_000 + n)
+            answers = await single.submit("JPN", records)
+            taken = {a["report_id"] for a in answers if a["status"] == "accepted"}
+            feed.sent["JPN"].extend(r for r in records if r["report_id"] in taken)
+            refused = [a for a in answers if a.get("reason") == "unavailable"]
+            if refused:
+                break
+            await asyncio.sleep(0.2)
+        assert refused, "the node never refused intake on a full disk"
+        assert all(a["status"] == "rejected" for a in refused)
+        assert "full" in refused[0]["detail"], refused[0]
+        assert single.alive("JPN")  # refusing, not crashing
+        await asyncio.sleep(1.0)
+        filler.unlink()  # space returns; the feed's retried batches now go in
+        sent = await feed.finish()
+        assert feed.retries > 0  # the feed really was refused for a while
+        await single.settle(sent, FOUR)
+        for member in FOUR:
+            single.kill(member)
