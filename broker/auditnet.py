@@ -71,17 +71,20 @@ def load_witness_state(path: Path) -> dict[str, LogState]:
 
 
 def save_witness_state(path: Path, state: Mapping[str, LogState]) -> None:
-    """Write the witness state durably (temp file, fsync, rename)."""
+    """Write the witness state durably (temp file, fsync, rename); ``AuditError`` if it cannot."""
     data = {
         origin: {"size": s.size, "root": base64.b64encode(s.root).decode()}
         for origin, s in sorted(state.items())
     }
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(data, handle, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            json.dump(data, handle, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except OSError as exc:  # a full disk must cost a cosignature, not the node
+        raise AuditError(f"cannot save witness state {path}: {exc.strerror}") from None
 
 
 class AuditNet:
