@@ -24,7 +24,8 @@ _NOT_BLOB: Final = 3  # helper exit code: an entry is not stored as a BLOB
 
 def open_readonly(path: Path) -> sqlite3.Connection:
     """Open an audit database read-only, with a page cache sized for one full scan."""
-    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    # A file URI needs an absolute path; operators pass relative ones ("data/JPN").
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
     db.execute("PRAGMA cache_size=-65536")
     return db
 

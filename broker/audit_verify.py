@@ -65,8 +65,21 @@ class LoadedLog:
             db.close()
 
 
+def log_dir(directory: Path) -> Path:
+    """Return the folder holding the audit database: ``directory`` or its ``audit/``.
+
+    Operators naturally point at a node's data directory (``data/JPN``); the node
+    keeps its log in ``data/JPN/audit/``, so both spellings are accepted.
+    """
+    nested = directory / "audit"
+    if not (directory / DB_FILE).exists() and (nested / DB_FILE).exists():
+        return nested
+    return directory
+
+
 def read_origin(directory: Path) -> str:
     """Return whose log ``directory`` holds (its ``origin``), reading nothing else."""
+    directory = log_dir(directory)
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a directory")
     db = connect(directory / DB_FILE, readonly=True)
@@ -88,6 +101,7 @@ def load(directory: Path, *, jobs: int = 1, parallel_from: int = PARALLEL_FROM) 
     its own fresh checkpoints look like truncation. With ``jobs=2``, a log of at
     least ``parallel_from`` entries is leaf-hashed by two processes.
     """
+    directory = log_dir(directory)
     path = directory / DB_FILE
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a directory")

@@ -56,6 +56,21 @@ def test_verify_clean_log_with_signed_roster(tmp_path: Path, keydir: Path) -> No
     assert out.startswith("OK: JPN log of 10 entries, 2 signed checkpoints")
 
 
+def test_verify_and_prove_accept_a_relative_node_data_dir(
+    tmp_path: Path, keydir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Operators type `msmt audit verify data/JPN`: a relative path to the node's data
+    # directory, whose log lives in its audit/ folder.
+    build_log(tmp_path / "data" / "JPN" / "audit", _signing_key(keydir, "JPN"), [4])
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run("audit", "verify", "data/JPN", "--keys", str(keydir))
+    assert (code, err) == (0, "")
+    assert out.startswith("OK: JPN log of 4 entries")
+    code, out, err = _run("audit", "prove", "data/JPN", "--entry", "2")
+    assert (code, err) == (0, "")
+    assert json.loads(out)["leaf_index"] == 2
+
+
 def test_verify_with_log_key_and_roster_file(tmp_path: Path, keydir: Path) -> None:
     build_log(tmp_path, _signing_key(keydir, "JPN"), [3])
     roster = keyfiles.load_signed_roster(keydir).roster

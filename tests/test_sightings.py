@@ -134,3 +134,15 @@ def test_demo_command_runs_as_installed_console_script() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "validated 300 sightings" in proc.stdout
+
+
+def test_samples_generate_for_one_originator() -> None:
+    result = CliRunner().invoke(
+        main, ["samples", "generate", "--count", "6", "--originators", "JPN"]
+    )
+    assert result.exit_code == 0
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["originator"] for r in records] == ["JPN"] * 6
+    bad = CliRunner().invoke(main, ["samples", "generate", "--originators", "JPN,XXX"])
+    assert bad.exit_code == 2
+    assert "unknown member 'XXX'" in bad.output

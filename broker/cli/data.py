@@ -9,6 +9,7 @@ from typing import BinaryIO
 import click
 
 from broker import samples, schemas
+from broker.members import MEMBERS, parse_members
 from broker.validation import validate_lines
 
 
@@ -69,9 +70,17 @@ def samples_group() -> None:
 @samples_group.command(name="generate")
 @click.option("--count", type=click.IntRange(1, 1_000_000), default=300, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--originators",
+    default=",".join(MEMBERS),
+    show_default=True,
+    help="Comma-separated members the records come from (a feed submits only its own).",
+)
 @click.option("--invalid", is_flag=True, help="Write the invalid-record file instead.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def samples_generate(count: int, seed: int, invalid: bool, out: Path | None) -> None:
+def samples_generate(
+    count: int, seed: int, originators: str, invalid: bool, out: Path | None
+) -> None:
     """Write a sample NDJSON feed (valid records, or with --invalid one per broken rule)."""
     if invalid:
         lines = [
@@ -80,7 +89,11 @@ def samples_generate(count: int, seed: int, invalid: bool, out: Path | None) -> 
         ]
         text = "".join(line + "\n" for line in lines)
     else:
-        text = samples.to_ndjson(samples.generate(count, seed=seed))
+        try:
+            members = parse_members(originators)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--originators") from None
+        text = samples.to_ndjson(samples.generate(count, seed=seed, originators=members))
     if out is None:
         click.echo(text, nl=False)
     else:
