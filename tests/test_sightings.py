@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -120,20 +118,6 @@ def test_validate_reads_stdin_and_skips_blank_lines() -> None:
     result = CliRunner().invoke(main, ["validate", "-"], input=text)
     assert result.exit_code == 0
     assert "3 valid, 0 invalid" in result.output
-
-
-def test_demo_command_runs_as_installed_console_script() -> None:
-    # The console script is what `make demo` calls; run it as a real process.
-    exe = Path(sys.executable).parent / "msmt"
-    proc = subprocess.run(
-        [str(exe), "demo", "--feed", str(ROOT / "samples/feed.ndjson")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "validated 300 sightings" in proc.stdout
 
 
 def test_samples_generate_for_one_originator() -> None:
