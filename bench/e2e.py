@@ -1,0 +1,539 @@
+"""End to end: 1 publishing node, 10 receiving nodes and a hub, against the floors.
+
+    python bench/e2e.py [--quick] [--reports N] [--rate R] [--latency-seconds S]
+
+One process tree on this machine: a real nats-server with the generated member
+accounts and inboxes, and 11 ``msmt node run`` subprocesses; every node's
+policy releases everything to every partner (written into the scratch
+directory; ``nodes/`` is not used). JPN is fed through its intake socket;
+the other ten only receive. In order:
+
+1. throughput: N reports submitted as fast as intake takes them; timed from
+   the first report's acceptance (JPN store ``accepted_at``) to the last
+   delivery stored and verified at a partner (partner store ``received_at``);
+   the CPU time of every process over the phase (psutil); in the full run the
+   resident memory of every node, sampled each second.
+2. latency: reports offered at a fixed rate (default 100/s), one per write;
+   per report, accepted at JPN -> stored at the last of the 10 partners.
+3. the nodes stop (SIGTERM, exit 0 expected); counts are checked: every
+   partner stored exactly every report, JPN's outbox holds nothing unsent.
+   Anything lost or extra is a non-zero exit.
+4. floors in the same run: the crypto floor (``bench.floors.CryptoFloor`` on
+   the sizes of these very reports) and the messaging floor (bare nats-py
+   publish of the same number and sizes of payloads into the same inboxes,
+   pulled and acked concurrently through the same durable consumers).
+
+Ratios are ours / floor in reports per second: 1.0 would mean our code adds
+nothing; the targets are >= 0.5 of the crypto floor and >= 300 reports/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil
+from joserfc.jwk import OKPKey
+
+from bench.floors import CryptoFloor, publish_floor, pull_floor
+from broker import envelope, keys, samples, sdjwt
+from broker.config import load_config
+from broker.intake import ensure_token, submit
+from broker.members import MEMBERS
+from broker.natsconfig import accounts_config, load_users
+from broker.natsetup import InboxLimits, setup_account
+from broker.natsproc import NatsServer, free_port
+from broker.validation import parse_record
+
+ORIGIN = "JPN"
+PARTNERS = [m for m in MEMBERS if m != ORIGIN]
+MSMT = str(Path(sys.executable).parent / "msmt")
+POLICY = """version = 1
+member = "{member}"
+
+[[rules]]
+name = "everything-to-everyone"
+kinds = ["*"]
+partners = ["MSMT"]
+release = ["*"]
+"""
+
+
+class LostError(SystemExit):
+    """Something was lost, duplicated or a node failed: the run's figures mean nothing."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"FAILED: {what}")
+
+
+def make_records(count: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` JPN reports of all three kinds, each releasable to every partner."""
+    records = samples.generate(count, seed=seed, originators=(ORIGIN,), now=datetime.now(UTC))
+    for record in records:
+        record["tlp"] = "AMBER"
+        record.pop("rel_to", None)
+    return records
+
+
+class BigStoreServer(NatsServer):
+    """The project's test server, with room for 10 inboxes of 100,000 envelopes each."""
+
+    def render_config(self) -> str:
+        return super().render_config().replace("max_file_store: 2GB", "max_file_store: 64GB")
+
+
+@dataclass
+class Cluster:
+    """Keys, a hub with every member's account and inbox, and node subprocesses."""
+
+    root: Path
+    members: Sequence[str]
+    server: NatsServer = field(init=False)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    _stores: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def keydir(self) -> Path:
+        return self.root / "keys"
+
+    def config_path(self, member: str) -> Path:
+        return self.root / "nodes" / member / "node.toml"
+
+    def store_path(self, member: str) -> Path:
+        if member not in self._stores:
+            self._stores[member] = load_config(self.config_path(member), env={}).store_path
+        return self._stores[member]
+
+    async def start_hub(self, inbox_bytes: int) -> None:
+        keys.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
+        self.server = BigStoreServer(
+            workdir=self.root / "nats", extra_config=accounts_config(load_users(self.keydir))
+        )
+        self.server.start()
+        limits = InboxLimits(max_bytes=inbox_bytes)
+        for account in (*MEMBERS, keys.AUDIT_ACCOUNT):
+            seed = (self.keydir / account / keys.NATS_SEED_FILE).read_bytes().strip()
+            await setup_account(self.server.url, account, seed, limits)
+
+    def write_configs(self) -> None:
+        for member in self.members:
+            folder = self.root / "nodes" / member
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "policy.toml").write_text(POLICY.format(member=member))
+            self.ports[member] = free_port()
+            (folder / "node.toml").write_text(
+                f'member = "{member}"\nbase_dir = "../.."\n'
+                f'policy = "nodes/{member}/policy.toml"\ndata_dir = "data/{member}"\n'
+                f"[nats]\nurls = [{json.dumps(self.server.url)}]\n"
+                f'[keys]\ndir = "keys"\n[metrics]\nlisten = "127.0.0.1:{self.ports[member]}"\n'
+            )
+
+    def start_nodes(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+        (self.root / "logs").mkdir(exist_ok=True)
+        for member in self.members:
+            with (self.root / "logs" / f"{member}.log").open("ab") as log:
+                self.procs[member] = subprocess.Popen(  # noqa: S603 - our own executable
+                    [MSMT, "node", "run", "--config", str(self.config_path(member))],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+        deadline = time.monotonic() + 60
+        for member in self.members:
+            while not self._ready(member):
+                if self.procs[member].poll() is not None or time.monotonic() > deadline:
+                    raise LostError(f"{member} did not become ready: {self.log_tail(member)}")
+                time.sleep(0.1)
+
+    def _ready(self, member: str) -> bool:
+        url = f"http://127.0.0.1:{self.ports[member]}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - our own loopback
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, member: str) -> str:
+        return (self.root / "logs" / f"{member}.log").read_text(errors="replace")[-2000:]
+
+    def processes(self) -> dict[str, psutil.Process]:
+        out = {m: psutil.Process(p.pid) for m, p in self.procs.items()}
+        assert self.server.proc is not None
+        out["nats-server"] = psutil.Process(self.server.proc.pid)
+        out["bench"] = psutil.Process()
+        return out
+
+    def stop_nodes(self) -> dict[str, int]:
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        return {m: p.wait(timeout=60) for m, p in self.procs.items()}
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.server.kill()
+
+    async def feed(self, records: list[dict[str, Any]], rate: float | None = None) -> None:
+        """Submit to JPN's intake: in 64 KiB chunks, or one record per write at ``rate``/s."""
+        config = load_config(self.config_path(ORIGIN), env={})
+        lines = [samples.to_ndjson([r]).encode() for r in records]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            if rate is None:
+                body = b"".join(lines)
+                for i in range(0, len(body), 1 << 16):
+                    yield body[i : i + (1 << 16)]
+                return
+            start = time.monotonic()
+            for i, line in enumerate(lines):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                yield line
+
+        answers: list[dict[str, Any]] = []
+        await submit(config.socket_path, ensure_token(config.token_path), chunks(), answers.append)
+        bad = [a for a in answers if a["status"] != "accepted"]
+        if len(answers) != len(records) or bad:
+            raise LostError(f"intake answered {len(answers)}/{len(records)}, refused {bad[:2]}")
+
+
+def read_rows(path: Path, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def delivered(cluster: Cluster, member: str) -> int:
+    if not cluster.store_path(member).exists():
+        return 0
+    rows = read_rows(
+        cluster.store_path(member), "SELECT count(*) FROM inbox WHERE sender = ?", (ORIGIN,)
+    )
+    return int(rows[0][0])
+
+
+def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    out = {}
+    for name, proc in procs.items():
+        t = proc.cpu_times()
+        out[name] = t.user + t.system
+    return out
+
+
+@dataclass
+class Memory:
+    """RSS samples per node over a phase: (reports delivered so far, MiB)."""
+
+    samples: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def add(self, name: str, progress: int, rss: int) -> None:
+        self.samples.setdefault(name, []).append((progress, rss / 2**20))
+
+    def summary(self, name: str, total: int) -> str:
+        points = self.samples.get(name, [])
+        if len(points) < 2:
+            return f"{name}: too few samples"
+
+        def at(frac: float) -> float:
+            want = frac * total
+            return min(points, key=lambda p: abs(p[0] - want))[1]
+
+        marks = [at(f) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+        later = [mib for progress, mib in points if progress >= 0.1 * total]
+        growth = (max(later) - marks[0]) / marks[0] if later else 0.0
+        curve = " ".join(f"{m:.0f}" for m in marks)
+        return (
+            f"{name:>8}: RSS MiB at 10/25/50/75/100% = {curve}; peak {max(p[1] for p in points):.0f};"
+            f" growth after 10% {growth * 100:+.1f}%"
+        )
+
+
+async def wait_all(
+    cluster: Cluster, want: int, timeout: float, memory: Memory | None = None, offset: int = 0
+) -> None:
+    """Wait until every partner stored ``want`` reports from JPN; sample RSS meanwhile."""
+    procs = cluster.processes()
+    deadline = time.monotonic() + timeout
+    last_sample = 0.0
+    while True:
+        counts = {m: delivered(cluster, m) for m in PARTNERS}
+        if memory is not None and time.monotonic() - last_sample >= 1.0:
+            last_sample = time.monotonic()
+            progress = min(counts.values()) - offset
+            for name in (ORIGIN, *PARTNERS):
+                memory.add(name, progress, procs[name].memory_info().rss)
+        if all(c >= want for c in counts.values()):
+            return
+        dead = [m for m, p in cluster.procs.items() if p.poll() is not None]
+        if dead:
+            raise LostError(f"node {dead[0]} died: {cluster.log_tail(dead[0])}")
+        if time.monotonic() > deadline:
+            raise LostError(f"timed out; delivered per partner {counts} of {want}")
+        await asyncio.sleep(0.25)
+
+
+def timings(cluster: Cluster, ids: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per report id: JPN's accepted_at, and the last partner's received_at."""
+    wanted = set(ids)
+    accepted = {
+        rid: at
+        for rid, at in read_rows(
+            cluster.store_path(ORIGIN), "SELECT report_id, accepted_at FROM reports"
+        )
+        if rid in wanted
+    }
+    last: dict[str, float] = {}
+    for member in PARTNERS:
+        rows = read_rows(
+            cluster.store_path(member),
+            "SELECT report_id, received_at FROM inbox WHERE sender = ?",
+            (ORIGIN,),
+        )
+        for rid, at in rows:
+            if rid in wanted:
+                last[rid] = max(last.get(rid, 0.0), at)
+    return accepted, last
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def check_counts(cluster: Cluster, ids: Sequence[str]) -> None:
+    """Every partner holds exactly these reports from JPN; JPN sent every envelope."""
+    want = set(ids)
+    for member in PARTNERS:
+        rows = read_rows(
+            cluster.store_path(member), "SELECT report_id FROM inbox WHERE sender = ?", (ORIGIN,)
+        )
+        got = [r[0] for r in rows]
+        if len(got) != len(want) or set(got) != want:
+            raise LostError(f"{member} stored {len(got)} reports, expected {len(want)}")
+        rejected = read_rows(
+            cluster.store_path(member),
+            "SELECT name, value FROM counters WHERE name LIKE 'rejected.%'",
+        )
+        if rejected:
+            raise LostError(f"{member} rejected messages: {rejected}")
+    rows = read_rows(
+        cluster.store_path(ORIGIN), "SELECT state, count(*) FROM outbox GROUP BY state"
+    )
+    states = dict(rows)
+    if states != {"sent": len(want) * len(PARTNERS)}:
+        raise LostError(f"JPN outbox states {states}, expected {len(want) * len(PARTNERS)} sent")
+
+
+def crypto_floors(records: list[dict[str, Any]]) -> list[CryptoFloor]:
+    """One floor per kind, on the exact sizes of an envelope of that kind with everything released."""
+    key = OKPKey.generate_key("Ed25519")
+    enc = OKPKey.generate_key("X25519")
+    floors = []
+    for record in records[:3]:  # samples.generate cycles through the three kinds
+        sighting = parse_record(json.dumps(record).encode())
+        issued = envelope.issue(
+            sighting,
+            signing_key=key,
+            kid="JPN-sig-0123456789",
+            policy_digest="x" * 64,
+            now=datetime.now(UTC),
+        )
+        plaintext = sdjwt.join_presentation(issued.jws, issued.disclosures.values()).encode()
+        token = envelope.present(
+            issued,
+            disclosure_keys=list(issued.disclosures),
+            recipient="USA",
+            recipient_kid="USA-enc-0123456789",
+            recipient_key=enc,
+        )
+        floors.append(
+            CryptoFloor(
+                plaintext, token.split(".")[0].encode(), issued.jws.rpartition(".")[0].encode()
+            )
+        )
+    return floors
+
+
+def floor_rates(floors: list[CryptoFloor]) -> tuple[float, float, float]:
+    """Reports per CPU second: whole report, send side only, receive side only (all 10)."""
+
+    def whole() -> None:
+        for f in floors:
+            f.report()
+
+    def send() -> None:
+        for f in floors:
+            f.send()
+
+    def receive() -> None:
+        for f in floors:
+            for _ in range(len(PARTNERS)):
+                f.receive_one()
+
+    n = len(floors)
+    return tuple(n * floors[0].rate(fn) for fn in (whole, send, receive))  # type: ignore[return-value]
+
+
+async def messaging_floor(cluster: Cluster, count: int, batch: int) -> float:
+    """Seconds to publish ``count`` x 10 envelope-sized payloads and pull+ack them all."""
+    sizes_rows = read_rows(
+        cluster.store_path(ORIGIN),
+        "SELECT subject, length(jwe) FROM outbox ORDER BY rowid LIMIT ?",
+        (count * len(PARTNERS),),
+    )
+    subjects = [r[0] for r in sizes_rows]
+    sizes = [int(r[1]) for r in sizes_rows]
+    start = time.perf_counter()
+    await asyncio.gather(
+        publish_floor(cluster.server.url, cluster.keydir, ORIGIN, subjects, sizes, 256),
+        pull_floor(cluster.server.url, cluster.keydir, PARTNERS, count, 100),
+    )
+    return time.perf_counter() - start
+
+
+def show_cpu(before: dict[str, float], after: dict[str, float], reports: int) -> None:
+    spent = {k: after[k] - before[k] for k in before}
+    receivers = sum(spent[m] for m in PARTNERS)
+    total = sum(spent.values())
+    print(
+        f"CPU s: publisher {spent[ORIGIN]:.1f}, 10 receivers {receivers:.1f}"
+        f" (max one {max(spent[m] for m in PARTNERS):.1f}), nats-server {spent['nats-server']:.1f},"
+        f" bench driver {spent['bench']:.1f}; total {total:.1f}"
+    )
+    print(
+        f"CPU per report: publisher {spent[ORIGIN] / reports * 1e3:.2f} ms,"
+        f" receivers {receivers / reports * 1e3:.2f} ms, hub {spent['nats-server'] / reports * 1e3:.2f} ms,"
+        f" all {total / reports * 1e3:.2f} ms"
+    )
+
+
+async def run(args: argparse.Namespace) -> None:
+    count, lat_count = args.reports, int(args.rate * args.latency_seconds)
+    records = make_records(count + lat_count, seed=11)
+    bulk, paced = records[:count], records[count:]
+    inbox_bytes = max(256 * 2**20, 2 * 8 * 1024 * (count + lat_count))
+    with tempfile.TemporaryDirectory(prefix="msmt-e2e-", dir=args.tmp) as tmp:
+        cluster = Cluster(Path(tmp), MEMBERS)
+        await cluster.start_hub(inbox_bytes)
+        try:
+            cluster.write_configs()
+            cluster.start_nodes()
+            procs = cluster.processes()
+            # 1. throughput
+            memory = Memory() if args.memory else None
+            cpu0 = cpu_seconds(procs)
+            wall0 = time.perf_counter()
+            feeding = asyncio.create_task(cluster.feed(bulk))
+            await wait_all(cluster, count, args.timeout, memory)
+            await feeding
+            wall = time.perf_counter() - wall0
+            cpu1 = cpu_seconds(procs)
+            ids = [str(r["report_id"]) for r in bulk]
+            accepted, last = timings(cluster, ids)
+            span = max(last.values()) - min(accepted.values())
+            # 2. latency at a fixed offered rate
+            await asyncio.sleep(1.0)
+            await cluster.feed(paced, rate=args.rate)
+            await wait_all(cluster, count + lat_count, args.timeout)
+            lat_ids = [str(r["report_id"]) for r in paced]
+            lat_acc, lat_last = timings(cluster, lat_ids)
+            latencies = [lat_last[r] - lat_acc[r] for r in lat_ids]
+            # 3. stop and count
+            codes = cluster.stop_nodes()
+            if any(codes.values()):
+                raise LostError(f"node exit codes {codes}")
+            check_counts(cluster, ids + lat_ids)
+            # 4. floors, same run, same sizes
+            floors = crypto_floors(records)
+            crypto, crypto_send, crypto_recv = floor_rates(floors)
+            floor_n = count if args.floor_reports is None else min(count, args.floor_reports)
+            msg_s = await messaging_floor(cluster, floor_n, 100)
+        finally:
+            cluster.kill()
+    deliveries = count * len(PARTNERS)
+    ours = count / span
+    messaging = floor_n / msg_s
+    print(f"machine: {os.cpu_count()} CPUs, {platform_line()}")
+    print(f"reports: {count} (each to {len(PARTNERS)} partners = {deliveries} deliveries)")
+    print(
+        f"throughput (accepted -> stored+verified at all 10): {ours:8.1f} reports/s,"
+        f" {ours * len(PARTNERS):8.0f} deliveries/s  (wall incl. polling {count / wall:.1f}/s)"
+    )
+    show_cpu(cpu0, cpu1, count)
+    print(
+        f"crypto floor (1 CPU, tight loop):  {crypto:8.1f} reports/s"
+        f"  (send side {crypto_send:.0f}/s, 10 receives {crypto_recv:.0f}/s)"
+    )
+    print(
+        f"messaging floor (nats-py, {floor_n} reports x 10): {messaging:8.1f} reports/s,"
+        f" {messaging * len(PARTNERS):.0f} messages/s"
+    )
+    print(f"ratio ours / crypto floor:    {ours / crypto:6.2f}   (target >= 0.50)")
+    print(f"ratio ours / messaging floor: {ours / messaging:6.2f}")
+    print(f"target >= 300 reports/s:      {'met' if ours >= 300 else 'NOT met'}")
+    print(
+        f"latency at {args.rate:.0f} reports/s offered, {lat_count} reports, accepted -> stored at"
+        f" all 10: p50 {percentile(latencies, 0.5) * 1e3:.0f} ms, p95 {percentile(latencies, 0.95) * 1e3:.0f} ms,"
+        f" p99 {percentile(latencies, 0.99) * 1e3:.0f} ms, max {max(latencies) * 1e3:.0f} ms"
+        f"  (target p99 < 250 ms)"
+    )
+    if memory is not None:
+        print(f"memory over {count} reports (sampled each second):")
+        for name in (ORIGIN, *PARTNERS[:3]):
+            print("  " + memory.summary(name, count))
+        worst = max(PARTNERS, key=lambda m: max(p[1] for p in memory.samples.get(m, [(0, 0.0)])))
+        print("  worst receiver " + memory.summary(worst, count))
+    print("counts: every partner stored every report exactly once; outbox fully sent; nothing lost")
+
+
+def platform_line() -> str:
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
+    parser.add_argument("--reports", type=int, help="reports in the throughput phase")
+    parser.add_argument("--rate", type=float, default=100.0, help="offered rate, latency phase")
+    parser.add_argument("--latency-seconds", type=float, help="length of the latency phase")
+    parser.add_argument("--floor-reports", type=int, help="cap on the messaging floor's reports")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--tmp", help="scratch parent directory")
+    args = parser.parse_args()
+    if args.reports is None:
+        args.reports = 300 if args.quick else 100_000
+    if args.latency_seconds is None:
+        args.latency_seconds = 5.0 if args.quick else 30.0
+    args.memory = not args.quick
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
