@@ -1,0 +1,34 @@
+#!/bin/sh
+# Before the first `docker compose up` (run on the operator's machine, with msmt
+# installed): every member's keys and the signed roster, the pseudonym keys the
+# policies name, and the hub's nats-server configuration for a 3-server cluster.
+#
+#   deploy/prepare.sh [KEYDIR] [NODESDIR]      (defaults: keys, nodes)
+#
+# KEYDIR/authority/ holds the roster authority's private key: move it offline
+# once the roster is signed (see docs/DEPLOY.md).
+set -eu
+KEYS=${1:-keys}
+NODES=${2:-nodes}
+
+msmt keys init --dir "$KEYS"
+
+# Each [pseudonym_keys.<id>] a member's policy declares needs 32 random bytes in
+# KEYDIR/<MEMBER>/pseudonym/<id>.key (base64url), shared out of band with the
+# partners the policy lists.
+for policy in "$NODES"/*/policy.toml; do
+    member=$(basename "$(dirname "$policy")")
+    for id in $(sed -n 's/^\[pseudonym_keys\.\([A-Za-z0-9._-]*\)\].*/\1/p' "$policy"); do
+        dir="$KEYS/$member/pseudonym"
+        mkdir -p "$dir"
+        chmod 700 "$dir"
+        (umask 077 && python3 -c 'import base64, secrets; print(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())' > "$dir/$id.key")
+        echo "wrote pseudonym key $dir/$id.key"
+    done
+done
+
+# One file serves all three servers: each takes its name from $SERVER_NAME, and
+# the JetStream store is relative to the server's working directory (/data).
+mkdir -p "$KEYS/nats"
+msmt nats config --keys "$KEYS" --cluster 3 --route-host 'nats-{i}' --store-dir jetstream \
+    --out "$KEYS/nats/hub.conf"
