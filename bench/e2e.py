@@ -349,6 +349,17 @@ def check_counts(cluster: Cluster, ids: Sequence[str]) -> None:
         raise LostError(f"JPN outbox states {states}, expected {len(want) * len(PARTNERS)} sent")
 
 
+def audit_batches(cluster: Cluster) -> str:
+    """Audit entries per signed checkpoint (= per commit) at JPN and the receivers' mean."""
+    out = []
+    for member in (ORIGIN, "USA"):
+        path = load_config(cluster.config_path(member), env={}).audit_dir / "audit.sqlite"
+        entries = read_rows(path, "SELECT count(*) FROM entries")[0][0]
+        commits = read_rows(path, "SELECT count(*) FROM checkpoints")[0][0]
+        out.append(f"{member} {entries} entries in {commits} commits ({entries / commits:.1f}/commit)")
+    return "; ".join(out)
+
+
 def crypto_floors(records: list[dict[str, Any]]) -> list[CryptoFloor]:
     """One floor per kind, on the exact sizes of an envelope of that kind with everything released."""
     key = OKPKey.generate_key("Ed25519")
@@ -448,11 +459,15 @@ async def run(args: argparse.Namespace) -> None:
             memory = Memory() if args.memory else None
             cpu0 = cpu_seconds(procs)
             wall0 = time.perf_counter()
+            spies = profile(cluster, args.profile) if args.profile else []
             feeding = asyncio.create_task(cluster.feed(bulk))
             await wait_all(cluster, count, args.timeout, memory)
             await feeding
             wall = time.perf_counter() - wall0
             cpu1 = cpu_seconds(procs)
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)
+                spy.wait()
             ids = [str(r["report_id"]) for r in bulk]
             accepted, last = timings(cluster, ids)
             span = max(last.values()) - min(accepted.values())
@@ -468,6 +483,7 @@ async def run(args: argparse.Namespace) -> None:
             if any(codes.values()):
                 raise LostError(f"node exit codes {codes}")
             check_counts(cluster, ids + lat_ids)
+            batching = audit_batches(cluster)
             # 4. floors, same run, same sizes
             floors = crypto_floors(records)
             crypto, crypto_send, crypto_recv = floor_rates(floors)
@@ -508,6 +524,7 @@ async def run(args: argparse.Namespace) -> None:
             print("  " + memory.summary(name, count))
         worst = max(PARTNERS, key=lambda m: max(p[1] for p in memory.samples.get(m, [(0, 0.0)])))
         print("  worst receiver " + memory.summary(worst, count))
+    print(f"audit log batching: {batching}")
     print("counts: every partner stored every report exactly once; outbox fully sent; nothing lost")
 
 
@@ -515,6 +532,21 @@ def platform_line() -> str:
     import platform
 
     return f"{platform.processor() or platform.machine()}, Python {platform.python_version()}"
+
+
+def profile(cluster: Cluster, out: str) -> list[subprocess.Popen[bytes]]:
+    """Attach py-spy (collapsed stacks, incl. idle) to JPN and to USA for the throughput phase."""
+    spy = str(Path(sys.executable).parent / "py-spy")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(  # noqa: S603 - py-spy from this venv
+            [spy, "record", "--format", "raw", "--rate", "200", "--threads", "--gil",
+             "-o", f"{out}/{m}.txt", "-p", str(cluster.procs[m].pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for m in (ORIGIN, "USA")
+    ]
 
 
 def main() -> None:
@@ -526,6 +558,7 @@ def main() -> None:
     parser.add_argument("--floor-reports", type=int, help="cap on the messaging floor's reports")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--tmp", help="scratch parent directory")
+    parser.add_argument("--profile", help="write py-spy collapsed stacks of JPN and USA here")
     args = parser.parse_args()
     if args.reports is None:
         args.reports = 300 if args.quick else 100_000

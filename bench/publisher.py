@@ -1,0 +1,156 @@
+"""One node's publish side alone: intake -> outbox -> policy -> envelope -> JetStream ack.
+
+    python bench/publisher.py [--quick] [--reports N]
+
+A real nats-server with every member's account and inbox, and one ``msmt node
+run`` subprocess (JPN, policy: everything to all 10 partners); no partner node
+runs, so the hub only stores. N reports are fed through JPN's intake socket as
+fast as it takes them; timed from the first acceptance (``accepted_at``) to the
+last hub ack recorded (``sent_at``), so it covers the durable accept, the
+accepted audit entry, planning (policy, 1 SD-JWT issue, 10 JWEs per report),
+the outbox commit, 10 JetStream publishes with acks, the sent audit entries and
+marking sent. Afterwards every inbox stream must hold exactly N messages and the
+outbox nothing unsent (else a non-zero exit).
+
+Floors from the same run: the crypto floor as ``bench/e2e.py`` defines it (1
+sign, 10 wraps, 10 unwraps, 10 verifies per report), its send half alone (1
+sign + 10 wraps: all the crypto a publisher does), and bare nats-py JetStream
+publishing of the same number and sizes of payloads with acks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.e2e import (
+    ORIGIN,
+    PARTNERS,
+    Cluster,
+    LostError,
+    cpu_seconds,
+    crypto_floors,
+    floor_rates,
+    make_records,
+    platform_line,
+    read_rows,
+)
+from bench.floors import publish_floor
+from broker import keys
+from broker.natsconfig import inbox_stream
+from broker.natsetup import connect_account
+
+
+async def stream_counts(cluster: Cluster) -> dict[str, int]:
+    out = {}
+    for member in PARTNERS:
+        seed = (cluster.keydir / member / keys.NATS_SEED_FILE).read_bytes().strip()
+        nc = await connect_account(cluster.server.url, member, seed)
+        try:
+            info = await nc.jetstream().stream_info(inbox_stream(member))
+            out[member] = int(info.state.messages)
+        finally:
+            await nc.close()
+    return out
+
+
+async def wait_sent(cluster: Cluster, want: int, timeout: float) -> None:
+    path = cluster.store_path(ORIGIN)
+    deadline = time.monotonic() + timeout
+    while True:
+        sent = read_rows(path, "SELECT count(*) FROM outbox WHERE state = 'sent'")[0][0]
+        if sent >= want:
+            return
+        if cluster.procs[ORIGIN].poll() is not None:
+            raise LostError(f"JPN died: {cluster.log_tail(ORIGIN)}")
+        if time.monotonic() > deadline:
+            raise LostError(f"timed out with {sent} of {want} envelopes sent")
+        await asyncio.sleep(0.1)
+
+
+async def run(args: argparse.Namespace) -> None:
+    count = args.reports
+    records = make_records(count, seed=17)
+    with tempfile.TemporaryDirectory(prefix="msmt-pub-", dir=args.tmp) as tmp:
+        cluster = Cluster(Path(tmp), [ORIGIN])
+        await cluster.start_hub(max(256 * 2**20, 2 * 8 * 1024 * count))
+        try:
+            cluster.write_configs()
+            cluster.start_nodes()
+            procs = cluster.processes()
+            cpu0 = cpu_seconds(procs)
+            await cluster.feed(records)
+            await wait_sent(cluster, count * len(PARTNERS), args.timeout)
+            cpu1 = cpu_seconds(procs)
+            path = cluster.store_path(ORIGIN)
+            first = read_rows(path, "SELECT min(accepted_at) FROM reports")[0][0]
+            last = read_rows(path, "SELECT max(sent_at) FROM outbox")[0][0]
+            states = dict(read_rows(path, "SELECT state, count(*) FROM outbox GROUP BY state"))
+            unplanned = read_rows(path, "SELECT count(*) FROM reports WHERE planned = 0")[0][0]
+            codes = cluster.stop_nodes()
+            if any(codes.values()):
+                raise LostError(f"node exit codes {codes}")
+            streams = await stream_counts(cluster)
+            if states != {"sent": count * len(PARTNERS)} or unplanned:
+                raise LostError(f"outbox states {states}, {unplanned} unplanned")
+            if set(streams.values()) != {count}:
+                raise LostError(f"inbox streams hold {streams}, expected {count} each")
+            floors = crypto_floors(records)
+            crypto, crypto_send, _ = floor_rates(floors)
+            rows = read_rows(path, "SELECT subject, length(jwe) FROM outbox ORDER BY rowid")
+            pub_s = await publish_floor(
+                cluster.server.url,
+                cluster.keydir,
+                ORIGIN,
+                [r[0] for r in rows],
+                [int(r[1]) for r in rows],
+                256,
+            )
+        finally:
+            cluster.kill()
+    ours = count / (last - first)
+    spent = {k: cpu1[k] - cpu0[k] for k in cpu0}
+    messaging = count / pub_s
+    print(f"machine: {os.cpu_count()} CPUs, {platform_line()}")
+    print(f"reports: {count}, each to {len(PARTNERS)} partners ({count * len(PARTNERS)} envelopes)")
+    print(
+        f"publisher (accepted -> hub ack recorded): {ours:8.1f} reports/s,"
+        f" {ours * len(PARTNERS):.0f} envelopes/s"
+    )
+    print(
+        f"CPU s: JPN node {spent[ORIGIN]:.2f} ({spent[ORIGIN] / count * 1e3:.2f} ms/report),"
+        f" nats-server {spent['nats-server']:.2f}, bench driver {spent['bench']:.2f}"
+    )
+    print(
+        f"crypto floor (1 CPU): {crypto:8.1f} reports/s whole report;"
+        f" send half alone {crypto_send:.1f} reports/s"
+    )
+    print(f"messaging floor (nats-py publish+ack, same sizes): {messaging:8.1f} reports/s")
+    print(f"ratio ours / crypto floor:           {ours / crypto:6.2f}   (target >= 0.60)")
+    print(f"ratio ours / crypto send half:       {ours / crypto_send:6.2f}")
+    print(f"ratio ours / messaging publish floor:{ours / messaging:6.2f}")
+    print(f"ratio CPU: crypto floor CPU / JPN CPU per report: {count / crypto / spent[ORIGIN]:.2f}")
+    print("counts: every inbox stream holds every report once; outbox fully sent; nothing lost")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
+    parser.add_argument("--reports", type=int, help="reports to publish")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--tmp", help="scratch parent directory")
+    args = parser.parse_args()
+    if args.reports is None:
+        args.reports = 500 if args.quick else 5000
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
