@@ -522,6 +522,7 @@ def test_compose_topology_survives_a_hub_server_kill(topology: Topology) -> None
     victim = max(NATS_SERVICES, key=connections)
     assert connections(victim) >= 4
     topo.stop(victim, signal.SIGKILL)
+    assert not topo.healthy(victim)  # the health check has teeth
     _deliver(topo, _batch(20, 12), want)
     assert all(topo.healthy(n) for n in nodes)
 
@@ -533,5 +534,14 @@ def test_compose_topology_survives_a_hub_server_kill(topology: Topology) -> None
         time.sleep(0.25)
     _deliver(topo, _batch(30, 6), want)
 
+    # 4. Rolling out a roster (docs/DEPLOY.md) re-runs setup on the live hub: it succeeds and
+    #    changes no stream or consumer.
+    again = topo.run_once("setup")
+    assert again.returncode == 0, again.stderr[-2000:]
+    actions = re.findall(r"^(stream|consumer) (\S+): (\w+)$", again.stdout, re.MULTILINE)
+    assert len(actions) == 2 * len(MEMBERS) + 1  # each inbox and consumer, the archive
+    assert {a for _, _, a in actions} == {"unchanged"}
+
     for name in nodes:
         assert topo.stop(name) == 0, topo.log_tail(name)
+    assert not topo.healthy("jpn")
