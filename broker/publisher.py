@@ -200,6 +200,7 @@ class Publisher:
         self.record_sent = record_sent  # audit + mark sent, on the store thread
         self.metrics = metrics
         self.max_in_flight = max_in_flight
+        self._refill = max(1, max_in_flight // 8)
         self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._acked: list[OutboxItem] = []
         # Acked but not yet marked sent: never picked up again meanwhile, so an
@@ -223,7 +224,10 @@ class Publisher:
             while not stop.is_set():
                 room = self.max_in_flight - len(self._in_flight)
                 started = 0
-                if room > 0:
+                # Refill in batches, not after every ack: each refill is a store
+                # round trip, and one per ack cost the store thread more than the
+                # acks' own bookkeeping.
+                if room >= self._refill or (room > 0 and not self._in_flight):
                     now = time.monotonic()
                     skip = set(self._in_flight) | self._unrecorded
                     skip |= {k for k, t in self._retry_at.items() if t > now}

@@ -271,13 +271,23 @@ class Store:
     def pending(self, limit: int, skip: Iterable[tuple[str, str]] = ()) -> list[OutboxItem]:
         """Envelopes not yet acknowledged by the hub, oldest first, minus those in ``skip``."""
         skipped = set(skip)
-        rows = self._read(
-            "SELECT report_id, partner, subject, jwe, audit FROM outbox WHERE state = 'pending' "
+        # Keys first, envelopes only for the rows chosen: the publisher skips up to
+        # its whole in-flight window on every call, and reading those JWEs only to
+        # drop them cost more than the query itself.
+        keys = self._read(
+            "SELECT rowid, report_id, partner FROM outbox WHERE state = 'pending' "
             "ORDER BY rowid LIMIT ?",
             (limit + len(skipped),),
         )
-        items = [OutboxItem(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
-        return [i for i in items if (i.report_id, i.partner) not in skipped][:limit]
+        chosen = [r[0] for r in keys if (r[1], r[2]) not in skipped][:limit]
+        if not chosen:
+            return []
+        rows = self._read(
+            "SELECT report_id, partner, subject, jwe, audit FROM outbox"  # noqa: S608 - placeholders
+            f" WHERE rowid IN ({','.join('?' * len(chosen))}) ORDER BY rowid",
+            chosen,
+        )
+        return [OutboxItem(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
     def mark_sent(self, done: Sequence[tuple[str, str]], now: float | None = None) -> None:
         """Mark envelopes sent, after the hub acknowledged them."""
