@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,7 +32,7 @@ from broker.audit_events import AuditEvent
 from broker.audit_scan import open_readonly
 from broker.checkpoint import Checkpoint, parse_body, sign_checkpoint, verify_cosignature
 from broker.errors import AuditError, StoreError, UsageError
-from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash
+from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash, node_hash
 from broker.note import Note, Verifier, find_signature, parse
 
 DB_FILE: Final = "audit.sqlite"
@@ -45,6 +45,76 @@ CREATE TABLE IF NOT EXISTS edge(
   nodes BLOB NOT NULL, last_leaf BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints(size INTEGER PRIMARY KEY, note TEXT NOT NULL);
 """
+
+
+CHUNK_BITS: Final = 8
+"""Subtrees of fewer than ``2**CHUNK_BITS`` leaves are rehashed from the log, not kept."""
+
+
+def _perfect_root(leaves: list[bytes]) -> bytes:
+    # MTH of a perfect subtree (a power-of-two count of leaf hashes), pairwise upward.
+    level = leaves
+    while len(level) > 1:
+        level = [node_hash(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    return level[0]
+
+
+class _ChunkedTree(Levels):
+    """The log's tree for proofs, holding only subtrees of ``2**CHUNK_BITS`` leaves and up.
+
+    A full ``Levels`` keeps every leaf hash in memory, so a node's memory grew
+    with its log (about 180 bytes per entry, 11 entries per report sent to 10
+    partners). Here the leaves of the unfinished last chunk are kept, and any
+    smaller aligned subtree a proof needs is rehashed from at most
+    ``2**CHUNK_BITS - 1`` entries read back from SQLite. The proof methods are
+    ``Levels``' own; only where a subtree hash comes from differs.
+    """
+
+    __slots__ = ("_read", "_tail", "_upper")
+
+    def __init__(
+        self, chunk_roots: list[bytes], tail: list[bytes], read: Callable[[int, int], list[bytes]]
+    ) -> None:
+        super().__init__([])
+        self._upper = Levels(chunk_roots)
+        self._tail = tail
+        self._read = read  # (lo, hi) -> leaf hashes of entries [lo, hi)
+        self.size = (len(chunk_roots) << CHUNK_BITS) + len(tail)
+
+    def append(self, leaf: bytes) -> None:
+        """Append one leaf hash; a completed chunk is folded into its root."""
+        self._tail.append(leaf)
+        self.size += 1
+        if len(self._tail) == 1 << CHUNK_BITS:
+            self._upper.append(_perfect_root(self._tail))
+            self._tail = []
+
+    def _subtree(self, level: int, index: int) -> bytes:
+        if level >= CHUNK_BITS:
+            return self._upper.levels[level - CHUNK_BITS][index]
+        lo, hi = index << level, (index + 1) << level
+        base = self.size - len(self._tail)
+        leaves = self._tail[lo - base : hi - base] if lo >= base else self._read(lo, hi)
+        if len(leaves) != hi - lo:
+            raise AuditError(f"audit log entries [{lo}, {hi}) are missing")
+        return _perfect_root(leaves)
+
+    def range_hash(self, lo: int, hi: int) -> bytes:
+        """Return MTH of leaves ``[lo, hi)``, as ``Levels.range_hash`` does."""
+        if not 0 <= lo < hi <= self.size:
+            raise AuditError(f"no subtree [{lo}, {hi}) in a tree of size {self.size}")
+        parts: list[bytes] = []
+        pos = lo
+        while pos < hi:
+            level = (pos & -pos).bit_length() - 1 if pos else (hi - pos).bit_length() - 1
+            while pos + (1 << level) > hi:
+                level -= 1
+            parts.append(self._subtree(level, pos >> level))
+            pos += 1 << level
+        acc = parts[-1]
+        for node in reversed(parts[:-1]):
+            acc = node_hash(node, acc)
+        return acc
 
 
 def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
@@ -222,11 +292,27 @@ class AuditLog:
                 raise StoreError(f"cannot read audit log {self.path}: {exc}") from exc
 
     def _tree(self) -> Levels:
-        # Built once on the first proof request, then extended by appends.
+        # Built once on the first proof request (streaming the log, one chunk
+        # of leaf hashes in memory at a time), then extended by appends.
         if self._levels is None:
-            rows = self._rows("SELECT entry FROM entries ORDER BY idx")
-            self._levels = Levels([leaf_hash(r[0]) for r in rows])
+            roots: list[bytes] = []
+            tail: list[bytes] = []
+            try:
+                for (entry,) in self._db.execute("SELECT entry FROM entries ORDER BY idx"):
+                    tail.append(leaf_hash(entry))
+                    if len(tail) == 1 << CHUNK_BITS:
+                        roots.append(_perfect_root(tail))
+                        tail = []
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read audit log {self.path}: {exc}") from exc
+            self._levels = _ChunkedTree(roots, tail, self._leaf_hashes)
         return self._levels
+
+    def _leaf_hashes(self, lo: int, hi: int) -> list[bytes]:
+        rows = self._rows(
+            "SELECT entry FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx", (lo, hi)
+        )
+        return [leaf_hash(r[0]) for r in rows]
 
     def consistency_proof(self, old: int, new: int) -> list[bytes]:
         """Return the RFC 9162 consistency proof between two sizes of this log."""

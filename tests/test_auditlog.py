@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker import audit_events as ev
 from broker.audit_events import TYPES, parse_entry
 from broker.audit_verify import TamperError, verify_log
-from broker.auditlog import DB_FILE, AuditLog
+from broker.auditlog import CHUNK_BITS, DB_FILE, AuditLog
 from broker.checkpoint import Checkpoint, cosign, open_checkpoint, sign_checkpoint
 from broker.errors import AuditError, StoreError, UsageError
 from broker.merkle import Levels, leaf_hash, verify_consistency, verify_inclusion
@@ -372,3 +372,28 @@ def test_threads_appending_and_reading_at_once_leave_a_valid_log(tmp_path: Path)
             future.result()  # re-raises any failure on the test thread
     assert log.size == 1 + 3 * 20 * 2
     _verify(tmp_path)
+
+
+def test_proofs_match_a_full_tree_across_chunk_boundaries(tmp_path: Path) -> None:
+    # The log keeps only subtrees of 2**CHUNK_BITS leaves and up in memory and
+    # rehashes smaller ones from SQLite; every proof must still be the RFC's.
+    chunk = 1 << CHUNK_BITS
+    log = build_log(tmp_path, KEY, [chunk - 1, 2])
+    log.consistency_proof(1, chunk + 1)  # build the tree mid-log; appends extend it
+    log.append_many([event(i) for i in range(chunk + 1, 2 * chunk + 3)])
+    full = Levels([leaf_hash(e) for e in _entries(tmp_path)])
+    n = full.size
+    edges = [1, 2, chunk - 1, chunk, chunk + 1, 2 * chunk - 1, 2 * chunk, n - 1, n]
+    pairs = {(a, b) for a in edges for b in edges if a <= b}
+    for old, new in sorted(pairs):
+        assert log.consistency_proof(old, new) == full.consistency_proof(old, new), (old, new)
+    for size in edges:
+        for index in {0, size // 2, size - 1, min(chunk, size - 1)}:
+            assert log.inclusion_proof(index, size) == full.inclusion_proof(index, size)
+    root = open_checkpoint(log.latest_checkpoint() or "", [log_verifier(KEY)])[0].root
+    assert full.root() == root
+    # A reopened log builds its tree from the file alone, streaming it.
+    log.close()
+    again = AuditLog(tmp_path, MEMBER, KEY)
+    assert again.consistency_proof(chunk - 1, n) == full.consistency_proof(chunk - 1, n)
+    again.close()
