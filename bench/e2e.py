@@ -35,7 +35,6 @@ import json
 import os
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,9 +50,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
+from floors import CryptoFloor, publish_floor, pull_floor
 from joserfc.jwk import OKPKey
 
-from bench.floors import CryptoFloor, publish_floor, pull_floor
 from broker import envelope, keys, samples, sdjwt
 from broker.config import load_config
 from broker.intake import ensure_token, submit
@@ -106,10 +105,15 @@ class Cluster:
 
     root: Path
     members: Sequence[str]
-    server: NatsServer = field(init=False)
+    server: NatsServer | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     _stores: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None, "the hub starts first"
+        return self.server.url
 
     @property
     def keydir(self) -> Path:
@@ -143,7 +147,7 @@ class Cluster:
             (folder / "node.toml").write_text(
                 f'member = "{member}"\nbase_dir = "../.."\n'
                 f'policy = "nodes/{member}/policy.toml"\ndata_dir = "data/{member}"\n'
-                f"[nats]\nurls = [{json.dumps(self.server.url)}]\n"
+                f"[nats]\nurls = [{json.dumps(self.url)}]\n"
                 f'[keys]\ndir = "keys"\n[metrics]\nlisten = "127.0.0.1:{self.ports[member]}"\n'
             )
 
@@ -152,7 +156,7 @@ class Cluster:
         (self.root / "logs").mkdir(exist_ok=True)
         for member in self.members:
             with (self.root / "logs" / f"{member}.log").open("ab") as log:
-                self.procs[member] = subprocess.Popen(  # noqa: S603 - our own executable
+                self.procs[member] = subprocess.Popen(
                     [MSMT, "node", "run", "--config", str(self.config_path(member))],
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -168,7 +172,7 @@ class Cluster:
     def _ready(self, member: str) -> bool:
         url = f"http://127.0.0.1:{self.ports[member]}/readyz"
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - our own loopback
+            with urllib.request.urlopen(url, timeout=1) as r:
                 return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -178,6 +182,7 @@ class Cluster:
 
     def processes(self) -> dict[str, psutil.Process]:
         out = {m: psutil.Process(p.pid) for m, p in self.procs.items()}
+        assert self.server is not None
         assert self.server.proc is not None
         out["nats-server"] = psutil.Process(self.server.proc.pid)
         out["bench"] = psutil.Process()
@@ -193,7 +198,8 @@ class Cluster:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        self.server.kill()
+        if self.server is not None:
+            self.server.kill()
 
     async def feed(self, records: list[dict[str, Any]], rate: float | None = None) -> None:
         """Submit to JPN's intake: in 64 KiB chunks, or one record per write at ``rate``/s."""
@@ -268,17 +274,17 @@ class Memory:
         growth = (max(later) - marks[0]) / marks[0] if later else 0.0
         curve = " ".join(f"{m:.0f}" for m in marks)
         return (
-            f"{name:>8}: RSS MiB at 10/25/50/75/100% = {curve}; peak {max(p[1] for p in points):.0f};"
-            f" growth after 10% {growth * 100:+.1f}%"
+            f"{name:>8}: RSS MiB at 10/25/50/75/100% = {curve};"
+            f" peak {max(p[1] for p in points):.0f}; growth after 10% {growth * 100:+.1f}%"
         )
 
 
 async def wait_all(
-    cluster: Cluster, want: int, timeout: float, memory: Memory | None = None, offset: int = 0
+    cluster: Cluster, want: int, within: float, memory: Memory | None = None, offset: int = 0
 ) -> None:
     """Wait until every partner stored ``want`` reports from JPN; sample RSS meanwhile."""
     procs = cluster.processes()
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     last_sample = 0.0
     while True:
         counts = {m: delivered(cluster, m) for m in PARTNERS}
@@ -356,12 +362,14 @@ def audit_batches(cluster: Cluster) -> str:
         path = load_config(cluster.config_path(member), env={}).audit_dir / "audit.sqlite"
         entries = read_rows(path, "SELECT count(*) FROM entries")[0][0]
         commits = read_rows(path, "SELECT count(*) FROM checkpoints")[0][0]
-        out.append(f"{member} {entries} entries in {commits} commits ({entries / commits:.1f}/commit)")
+        out.append(
+            f"{member} {entries} entries in {commits} commits ({entries / commits:.1f} each)"
+        )
     return "; ".join(out)
 
 
 def crypto_floors(records: list[dict[str, Any]]) -> list[CryptoFloor]:
-    """One floor per kind, on the exact sizes of an envelope of that kind with everything released."""
+    """One floor per kind, on the sizes of an envelope of that kind with everything released."""
     key = OKPKey.generate_key("Ed25519")
     enc = OKPKey.generate_key("X25519")
     floors = []
@@ -421,14 +429,14 @@ async def messaging_floor(cluster: Cluster, count: int, batch: int) -> float:
     sizes = [int(r[1]) for r in sizes_rows]
     start = time.perf_counter()
     await asyncio.gather(
-        publish_floor(cluster.server.url, cluster.keydir, ORIGIN, subjects, sizes, 256),
-        pull_floor(cluster.server.url, cluster.keydir, PARTNERS, count, 100),
+        publish_floor(cluster.url, cluster.keydir, ORIGIN, subjects, sizes, 256),
+        pull_floor(cluster.url, cluster.keydir, PARTNERS, count, 100),
     )
     return time.perf_counter() - start
 
 
-def show_cpu(before: dict[str, float], after: dict[str, float], reports: int) -> None:
-    spent = {k: after[k] - before[k] for k in before}
+def show_cpu(spent: dict[str, float], reports: int) -> None:
+    """Print each side's CPU seconds over the throughput phase, and per report."""
     receivers = sum(spent[m] for m in PARTNERS)
     total = sum(spent.values())
     print(
@@ -436,22 +444,38 @@ def show_cpu(before: dict[str, float], after: dict[str, float], reports: int) ->
         f" (max one {max(spent[m] for m in PARTNERS):.1f}), nats-server {spent['nats-server']:.1f},"
         f" bench driver {spent['bench']:.1f}; total {total:.1f}"
     )
+    ms = {k: v / reports * 1e3 for k, v in (("pub", spent[ORIGIN]), ("recv", receivers))}
     print(
-        f"CPU per report: publisher {spent[ORIGIN] / reports * 1e3:.2f} ms,"
-        f" receivers {receivers / reports * 1e3:.2f} ms, hub {spent['nats-server'] / reports * 1e3:.2f} ms,"
-        f" all {total / reports * 1e3:.2f} ms"
+        f"CPU per report: publisher {ms['pub']:.2f} ms, receivers {ms['recv']:.2f} ms,"
+        f" hub {spent['nats-server'] / reports * 1e3:.2f} ms, all {total / reports * 1e3:.2f} ms"
     )
 
 
-async def run(args: argparse.Namespace) -> None:
+@dataclass
+class Results:
+    """Everything one e2e run measured, for ``show``."""
+
+    count: int
+    span: float
+    wall: float
+    cpu: dict[str, float]
+    latencies: list[float]
+    memory: Memory | None
+    batching: str
+    crypto: tuple[float, float, float]
+    floor_n: int
+    msg_s: float
+
+
+async def measure(args: argparse.Namespace) -> Results:
+    """Run the cluster through both phases, check counts, then measure the floors."""
     count, lat_count = args.reports, int(args.rate * args.latency_seconds)
     records = make_records(count + lat_count, seed=11)
     bulk, paced = records[:count], records[count:]
-    inbox_bytes = max(256 * 2**20, 2 * 8 * 1024 * (count + lat_count))
     with tempfile.TemporaryDirectory(prefix="msmt-e2e-", dir=args.tmp) as tmp:
         cluster = Cluster(Path(tmp), MEMBERS)
-        await cluster.start_hub(inbox_bytes)
         try:
+            await cluster.start_hub(max(256 * 2**20, 2 * 8 * 1024 * (count + lat_count)))
             cluster.write_configs()
             cluster.start_nodes()
             procs = cluster.processes()
@@ -470,61 +494,79 @@ async def run(args: argparse.Namespace) -> None:
                 spy.wait()
             ids = [str(r["report_id"]) for r in bulk]
             accepted, last = timings(cluster, ids)
-            span = max(last.values()) - min(accepted.values())
             # 2. latency at a fixed offered rate
             await asyncio.sleep(1.0)
             await cluster.feed(paced, rate=args.rate)
             await wait_all(cluster, count + lat_count, args.timeout)
             lat_ids = [str(r["report_id"]) for r in paced]
             lat_acc, lat_last = timings(cluster, lat_ids)
-            latencies = [lat_last[r] - lat_acc[r] for r in lat_ids]
             # 3. stop and count
             codes = cluster.stop_nodes()
             if any(codes.values()):
                 raise LostError(f"node exit codes {codes}")
             check_counts(cluster, ids + lat_ids)
-            batching = audit_batches(cluster)
             # 4. floors, same run, same sizes
-            floors = crypto_floors(records)
-            crypto, crypto_send, crypto_recv = floor_rates(floors)
             floor_n = count if args.floor_reports is None else min(count, args.floor_reports)
-            msg_s = await messaging_floor(cluster, floor_n, 100)
+            return Results(
+                count=count,
+                span=max(last.values()) - min(accepted.values()),
+                wall=wall,
+                cpu={k: cpu1[k] - cpu0[k] for k in cpu0},
+                latencies=[lat_last[r] - lat_acc[r] for r in lat_ids],
+                memory=memory,
+                batching=audit_batches(cluster),
+                crypto=floor_rates(crypto_floors(records)),
+                floor_n=floor_n,
+                msg_s=await messaging_floor(cluster, floor_n, 100),
+            )
         finally:
             cluster.kill()
-    deliveries = count * len(PARTNERS)
-    ours = count / span
-    messaging = floor_n / msg_s
-    print(f"machine: {os.cpu_count()} CPUs, {platform_line()}")
-    print(f"reports: {count} (each to {len(PARTNERS)} partners = {deliveries} deliveries)")
+
+
+def show(r: Results, rate: float) -> None:
+    """Print the figures, the floors and the ratios."""
+    ours = r.count / r.span
+    crypto, crypto_send, crypto_recv = r.crypto
+    messaging = r.floor_n / r.msg_s
+    cpu_per_report = sum(r.cpu.values()) / r.count
+    cores = os.cpu_count() or 1
+    print(f"machine: {cores} CPUs, {platform_line()}")
+    print(f"reports: {r.count} (each to {len(PARTNERS)} partners = {r.count * 10} deliveries)")
     print(
         f"throughput (accepted -> stored+verified at all 10): {ours:8.1f} reports/s,"
-        f" {ours * len(PARTNERS):8.0f} deliveries/s  (wall incl. polling {count / wall:.1f}/s)"
+        f" {ours * len(PARTNERS):8.0f} deliveries/s  (wall incl. polling {r.count / r.wall:.1f}/s)"
     )
-    show_cpu(cpu0, cpu1, count)
+    show_cpu(r.cpu, r.count)
+    print(
+        f"CPU-bound capacity ({cores} cores / CPU per report):"
+        f" {cores / cpu_per_report:8.1f} reports/s"
+    )
     print(
         f"crypto floor (1 CPU, tight loop):  {crypto:8.1f} reports/s"
         f"  (send side {crypto_send:.0f}/s, 10 receives {crypto_recv:.0f}/s)"
     )
     print(
-        f"messaging floor (nats-py, {floor_n} reports x 10): {messaging:8.1f} reports/s,"
+        f"messaging floor (nats-py, {r.floor_n} reports x 10): {messaging:8.1f} reports/s,"
         f" {messaging * len(PARTNERS):.0f} messages/s"
     )
     print(f"ratio ours / crypto floor:    {ours / crypto:6.2f}   (target >= 0.50)")
     print(f"ratio ours / messaging floor: {ours / messaging:6.2f}")
+    print(f"ratio CPU: crypto floor CPU / our CPU per report: {1 / crypto / cpu_per_report:6.3f}")
     print(f"target >= 300 reports/s:      {'met' if ours >= 300 else 'NOT met'}")
+    p50, p95, p99 = (percentile(r.latencies, q) * 1e3 for q in (0.5, 0.95, 0.99))
     print(
-        f"latency at {args.rate:.0f} reports/s offered, {lat_count} reports, accepted -> stored at"
-        f" all 10: p50 {percentile(latencies, 0.5) * 1e3:.0f} ms, p95 {percentile(latencies, 0.95) * 1e3:.0f} ms,"
-        f" p99 {percentile(latencies, 0.99) * 1e3:.0f} ms, max {max(latencies) * 1e3:.0f} ms"
-        f"  (target p99 < 250 ms)"
+        f"latency at {rate:.0f} reports/s offered, {len(r.latencies)} reports, accepted -> stored"
+        f" at all 10: p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms,"
+        f" max {max(r.latencies) * 1e3:.0f} ms  (target p99 < 250 ms)"
     )
-    if memory is not None:
-        print(f"memory over {count} reports (sampled each second):")
+    if r.memory is not None:
+        print(f"memory over {r.count} reports (sampled each second):")
         for name in (ORIGIN, *PARTNERS[:3]):
-            print("  " + memory.summary(name, count))
-        worst = max(PARTNERS, key=lambda m: max(p[1] for p in memory.samples.get(m, [(0, 0.0)])))
-        print("  worst receiver " + memory.summary(worst, count))
-    print(f"audit log batching: {batching}")
+            print("  " + r.memory.summary(name, r.count))
+        samples = r.memory.samples
+        worst = max(PARTNERS, key=lambda m: max(p[1] for p in samples.get(m, [(0, 0.0)])))
+        print("  worst receiver " + r.memory.summary(worst, r.count))
+    print(f"audit log batching: {r.batching}")
     print("counts: every partner stored every report exactly once; outbox fully sent; nothing lost")
 
 
@@ -534,18 +576,32 @@ def platform_line() -> str:
     return f"{platform.processor() or platform.machine()}, Python {platform.python_version()}"
 
 
-def profile(cluster: Cluster, out: str) -> list[subprocess.Popen[bytes]]:
-    """Attach py-spy (collapsed stacks, incl. idle) to JPN and to USA for the throughput phase."""
+def profile(
+    cluster: Cluster, out: str, members: Sequence[str] = (ORIGIN, "USA")
+) -> list[subprocess.Popen[bytes]]:
+    """Attach py-spy (collapsed stacks, GIL holders only) to ``members`` until stopped."""
     spy = str(Path(sys.executable).parent / "py-spy")
     Path(out).mkdir(parents=True, exist_ok=True)
     return [
-        subprocess.Popen(  # noqa: S603 - py-spy from this venv
-            [spy, "record", "--format", "raw", "--rate", "200", "--threads", "--gil",
-             "-o", f"{out}/{m}.txt", "-p", str(cluster.procs[m].pid)],
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--threads",
+                "--gil",
+                "-o",
+                f"{out}/{m}.txt",
+                "-p",
+                str(cluster.procs[m].pid),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        for m in (ORIGIN, "USA")
+        for m in members
     ]
 
 
@@ -565,7 +621,7 @@ def main() -> None:
     if args.latency_seconds is None:
         args.latency_seconds = 5.0 if args.quick else 30.0
     args.memory = not args.quick
-    asyncio.run(run(args))
+    show(asyncio.run(measure(args)), args.rate)
 
 
 if __name__ == "__main__":

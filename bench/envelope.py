@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,12 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
-from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
+from floors import CryptoFloor
 from joserfc import jwe, jws
 from joserfc.jwk import OKPKey
 
@@ -136,42 +130,10 @@ class Setup:
         )
 
 
-def _kdf(z: bytes) -> bytes:
-    # RFC 7518 §4.6.2 OtherInfo: AlgorithmID, empty PartyUInfo/PartyVInfo, keydatalen.
-    other = b"\x00\x00\x00\x0eECDH-ES+A256KW" + b"\x00" * 8 + (256).to_bytes(4, "big")
-    return ConcatKDFHash(hashes.SHA256(), 32, other).derive(z)
-
-
 def bare(setup: Setup) -> tuple[Callable[[], None], Callable[[], None]]:
     """The floor: the same primitives on the same sizes, through cryptography directly."""
-    ed = Ed25519PrivateKey.generate()
-    ed_pub = ed.public_key()
-    x_priv = {m: X25519PrivateKey.generate() for m in PARTNERS}
-    x_pub = {m: k.public_key() for m, k in x_priv.items()}
-    data, aad, signing_input = setup.data, setup.header_b64, setup.signing_input
-
-    def send() -> None:
-        ed.sign(signing_input)
-        for m in PARTNERS:
-            eph = X25519PrivateKey.generate()
-            kek = _kdf(eph.exchange(x_pub[m]))
-            cek, iv = os.urandom(32), os.urandom(12)
-            aes_key_wrap(kek, cek)
-            AESGCM(cek).encrypt(iv, data, aad)
-
-    eph = X25519PrivateKey.generate()
-    cek, iv = os.urandom(32), os.urandom(12)
-    wrapped = aes_key_wrap(_kdf(eph.exchange(x_pub["USA"])), cek)
-    sealed = AESGCM(cek).encrypt(iv, data, aad)
-    signature = ed.sign(signing_input)
-    eph_pub = eph.public_key()
-
-    def receive() -> None:
-        kek = _kdf(x_priv["USA"].exchange(eph_pub))
-        AESGCM(aes_key_unwrap(kek, wrapped)).decrypt(iv, sealed, aad)
-        ed_pub.verify(signature, signing_input)
-
-    return send, receive
+    floor = CryptoFloor(setup.data, setup.header_b64, setup.signing_input, len(PARTNERS))
+    return floor.send, floor.receive_one
 
 
 def jose_only(setup: Setup) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -33,12 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from floors import publish_floor
+
 from broker import keys, samples
 from broker.config import load_config
 from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
 from broker.natsconfig import accounts_config, load_users
-from broker.natsetup import connect_account, setup_account
+from broker.natsetup import setup_account
 from broker.natsproc import NatsServer, free_port
 from broker.node import load_node
 
@@ -55,25 +57,8 @@ release = ["*"]
 
 
 async def floor(server: NatsServer, keydir: Path, count: int, size: int) -> float:
-    seed = (keydir / "JPN" / keys.NATS_SEED_FILE).read_bytes().strip()
-    nc = await connect_account(server.url, "JPN", seed)
-    js = nc.jetstream()
-    payload = b"x" * size
-    sem = asyncio.Semaphore(256)
-
-    async def one(i: int, partner: str) -> None:
-        async with sem:
-            await js.publish(
-                f"msmt.to.{partner}.vessel",
-                payload,
-                headers={"Nats-Msg-Id": f"floor-{i}-{partner}"},
-            )
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one(i, p) for i in range(count) for p in ("USA", "KOR")))
-    elapsed = time.perf_counter() - start
-    await nc.close()
-    return elapsed
+    subjects = [f"msmt.to.{p}.vessel" for _ in range(count) for p in ("USA", "KOR")]
+    return await publish_floor(server.url, keydir, "JPN", subjects, [size] * len(subjects), 256)
 
 
 def make_records(count: int) -> list[dict[str, object]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.e2e import (
+from e2e import (
     ORIGIN,
     PARTNERS,
     Cluster,
@@ -40,9 +41,11 @@ from bench.e2e import (
     floor_rates,
     make_records,
     platform_line,
+    profile,
     read_rows,
 )
-from bench.floors import publish_floor
+from floors import publish_floor
+
 from broker import keys
 from broker.natsconfig import inbox_stream
 from broker.natsetup import connect_account
@@ -52,7 +55,7 @@ async def stream_counts(cluster: Cluster) -> dict[str, int]:
     out = {}
     for member in PARTNERS:
         seed = (cluster.keydir / member / keys.NATS_SEED_FILE).read_bytes().strip()
-        nc = await connect_account(cluster.server.url, member, seed)
+        nc = await connect_account(cluster.url, member, seed)
         try:
             info = await nc.jetstream().stream_info(inbox_stream(member))
             out[member] = int(info.state.messages)
@@ -61,9 +64,9 @@ async def stream_counts(cluster: Cluster) -> dict[str, int]:
     return out
 
 
-async def wait_sent(cluster: Cluster, want: int, timeout: float) -> None:
+async def wait_sent(cluster: Cluster, want: int, within: float) -> None:
     path = cluster.store_path(ORIGIN)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         sent = read_rows(path, "SELECT count(*) FROM outbox WHERE state = 'sent'")[0][0]
         if sent >= want:
@@ -80,15 +83,19 @@ async def run(args: argparse.Namespace) -> None:
     records = make_records(count, seed=17)
     with tempfile.TemporaryDirectory(prefix="msmt-pub-", dir=args.tmp) as tmp:
         cluster = Cluster(Path(tmp), [ORIGIN])
-        await cluster.start_hub(max(256 * 2**20, 2 * 8 * 1024 * count))
         try:
+            await cluster.start_hub(max(256 * 2**20, 2 * 8 * 1024 * count))
             cluster.write_configs()
             cluster.start_nodes()
             procs = cluster.processes()
+            spies = profile(cluster, args.profile, [ORIGIN]) if args.profile else []
             cpu0 = cpu_seconds(procs)
             await cluster.feed(records)
             await wait_sent(cluster, count * len(PARTNERS), args.timeout)
             cpu1 = cpu_seconds(procs)
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)
+                spy.wait()
             path = cluster.store_path(ORIGIN)
             first = read_rows(path, "SELECT min(accepted_at) FROM reports")[0][0]
             last = read_rows(path, "SELECT max(sent_at) FROM outbox")[0][0]
@@ -106,7 +113,7 @@ async def run(args: argparse.Namespace) -> None:
             crypto, crypto_send, _ = floor_rates(floors)
             rows = read_rows(path, "SELECT subject, length(jwe) FROM outbox ORDER BY rowid")
             pub_s = await publish_floor(
-                cluster.server.url,
+                cluster.url,
                 cluster.keydir,
                 ORIGIN,
                 [r[0] for r in rows],
@@ -146,6 +153,7 @@ def main() -> None:
     parser.add_argument("--reports", type=int, help="reports to publish")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--tmp", help="scratch parent directory")
+    parser.add_argument("--profile", help="write py-spy collapsed stacks of JPN here")
     args = parser.parse_args()
     if args.reports is None:
         args.reports = 500 if args.quick else 5000
