@@ -21,7 +21,7 @@ from broker.demo_view import Tally
 from broker.demo_world import DemoFailedError, World
 from broker.members import MEMBERS
 
-READY_TIMEOUT: Final = 60.0
+READY_TIMEOUT: Final = 120.0
 QUORUM: Final = len(MEMBERS) - 1
 """Cosignatures each log's latest checkpoint must carry: every partner witnessed it."""
 
@@ -58,10 +58,18 @@ async def wait_ready(world: World, session: aiohttp.ClientSession) -> None:
     """Wait until every node answers ``/readyz``; raise ``DemoFailedError`` if one dies or hangs."""
     deadline = time.monotonic() + READY_TIMEOUT
     pending = set(world.nodes)
+    rebinds = dict.fromkeys(world.nodes, 0)
     while pending:
         for member in sorted(pending):
             node = world.nodes[member]
             if node.died():
+                # A metrics port picked as free can be taken before the node binds it (by
+                # any process on the machine): pick another and start again, a few times.
+                if "address already in use" in node.log_tail() and rebinds[member] < 3:
+                    rebinds[member] += 1
+                    world.write_config(member)
+                    world.start_node(member)
+                    continue
                 raise DemoFailedError(f"the {member} node exited at start: {node.log_tail()}")
             status, _ = await _get(session, f"http://{node.config.metrics.listen}/readyz")
             if status == 200:

@@ -121,45 +121,73 @@ class World:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w", encoding="ascii") as handle:
                     handle.write(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
-            config_path = folder / "node.toml"
-            config_path.write_text(
-                f'member = "{member}"\n'
-                'base_dir = "../.."\n'
-                f'policy = "nodes/{member}/policy.toml"\n'
-                f'data_dir = "data/{member}"\n'
-                f"[nats]\nurls = [{json.dumps(self.server.url)}]\n"
-                '[keys]\ndir = "keys"\n'
-                f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n',
-                encoding="utf-8",
-            )
-            config = load_config(config_path, env={})
             log_path = self.root / "logs" / f"{member}.log"
+            config_path = folder / "node.toml"
+            config = self._write_config(member, config_path)
             self.nodes[member] = NodeProc(member, config_path, config, log_path)
+
+    def write_config(self, member: str) -> None:
+        """Rewrite ``member``'s ``node.toml`` with another metrics port."""
+        node = self.nodes[member]
+        node.config = self._write_config(member, node.config_path)
+
+    def _write_config(self, member: str, path: Path) -> NodeConfig:
+        """Write a ``node.toml`` with a metrics port that was free a moment ago; load it back."""
+        if self.server is None:
+            raise UsageError("node configs are written after prepare() chose the hub")
+        path.write_text(
+            f'member = "{member}"\n'
+            'base_dir = "../.."\n'
+            f'policy = "nodes/{member}/policy.toml"\n'
+            f'data_dir = "data/{member}"\n'
+            f"[nats]\nurls = [{json.dumps(self.server.url)}]\n"
+            '[keys]\ndir = "keys"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n',
+            encoding="utf-8",
+        )
+        return load_config(path, env={})
 
     async def start_hub(self) -> None:
         """Start the hub and create every account's streams and consumers."""
         if self.server is None:
             raise UsageError("the hub is started after prepare()")
-        await asyncio.to_thread(self.server.start)
+        for attempt in range(3):
+            try:
+                await asyncio.to_thread(self.server.start)
+                break
+            except UsageError:
+                # Its ports were free a moment ago; another process may have taken one.
+                if "address already in use" not in self.server.log_tail() or attempt == 2:
+                    raise
+                self.server = NatsServer(
+                    workdir=self.server.workdir, extra_config=self.server.extra_config
+                )
+                for member in self.nodes:
+                    self.write_config(member)
         for account in (*MEMBERS, keyfiles.AUDIT_ACCOUNT):
             seed = (self.keydir / account / keyfiles.NATS_SEED_FILE).read_bytes().strip()
             await setup_account(self.server.url, account, seed)
 
     def start_nodes(self) -> None:
         """Start every node as ``msmt node run --config ...``, logging to ``logs/<M>.log``."""
-        (self.root / "logs").mkdir(exist_ok=True)
-        for node in self.nodes.values():
-            with node.log_path.open("ab") as log:
-                node.proc = subprocess.Popen(  # noqa: S603 - our own executable and config
-                    [*msmt_command(), "node", "run", "--config", str(node.config_path)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=clean_env(),
-                    # Their own session: a terminal's Ctrl-C reaches the demo, which stops them.
-                    start_new_session=True,
-                )
+        for member in self.nodes:
+            self.start_node(member)
 
-    def stop_nodes(self, timeout: float = 20.0) -> dict[str, int | None]:
+    def start_node(self, member: str) -> None:
+        """Start one node (again), appending to its log."""
+        node = self.nodes[member]
+        node.log_path.parent.mkdir(exist_ok=True)
+        with node.log_path.open("ab") as log:
+            node.proc = subprocess.Popen(  # noqa: S603 - our own executable and config
+                [*msmt_command(), "node", "run", "--config", str(node.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=clean_env(),
+                # Their own session: a terminal's Ctrl-C reaches the demo, which stops them.
+                start_new_session=True,
+            )
+
+    def stop_nodes(self, timeout: float = 60.0) -> dict[str, int | None]:
         """SIGTERM every node, wait for each; return exit statuses (``None``: had to be killed)."""
         for node in self.nodes.values():
             if node.proc is not None and node.proc.poll() is None:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,8 @@ import pytest
 
 from broker.demo_report import render
 from broker.demo_view import Cell, Outcome, Point, SideBySide, first_failure, summary_line
+from broker.demo_watch import wait_ready
+from broker.demo_world import World
 from broker.members import MEMBERS
 from broker.store import Store
 
@@ -471,3 +474,25 @@ def test_report_escapes_everything_that_came_from_reports_and_logs() -> None:
     assert "<script>alert(1)" not in page
     assert page.count("<script>") == 1  # only the report's own inline script
     assert "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#x27;&amp;" in page
+
+
+async def test_a_node_whose_metrics_port_was_taken_is_moved_to_another(tmp_path: Path) -> None:
+    # free_port() can only say a port *was* free: another process may take it before the
+    # node binds it. Take JPN's port on purpose; the demo must move JPN, not fail.
+    world = World(tmp_path, REPO / "nodes")
+    world.prepare()
+    taken = world.nodes["JPN"].config.metrics.port
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        await world.start_hub()
+        world.start_nodes()
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(world, session)
+        assert world.nodes["JPN"].config.metrics.port != taken
+        assert "address already in use" in world.nodes["JPN"].log_path.read_text()
+        assert all(code == 0 for code in world.stop_nodes().values())
+    finally:
+        squatter.close()
+        world.kill_all()
