@@ -101,7 +101,7 @@ async def test_intake_refuses_hostile_records_counts_them_and_keeps_serving(
 ) -> None:
     for member in ("JPN", "USA"):
         cluster.write_config(member)
-        cluster.start(member)
+    cluster.start_many(("JPN", "USA"))
     good = records_for("JPN", 30, seed=501)
     attacks = hostile_lines(good)
     body: list[bytes] = []
@@ -313,7 +313,7 @@ async def test_tampered_files_are_refused_with_one_line_and_nothing_is_lost(
 ) -> None:
     for member in ("JPN", "USA"):
         cluster.write_config(member)
-        cluster.start(member)
+    cluster.start_many(("JPN", "USA"))
     first = records_for("JPN", 12, seed=701)
     assert {a["status"] for a in await cluster.submit("JPN", first)} == {"accepted"}
     cluster.kill("JPN")  # with whatever it had not yet sent still in its outbox
