@@ -203,3 +203,13 @@ async def test_full_disk_refuses_intake_clearly_and_resumes(single: Cluster) -> 
         await single.settle(sent, FOUR)
         for member in FOUR:
             single.kill(member)
+
+
+def test_a_witness_state_that_cannot_be_saved_is_an_audit_error(tmp_path: Path) -> None:
+    # Before the fix an OSError escaped here and stopped the whole node on a full disk.
+    from broker.auditnet import save_witness_state
+    from broker.errors import AuditError
+    from broker.witness import LogState
+
+    with pytest.raises(AuditError, match="cannot save witness state"):
+        save_witness_state(tmp_path / "missing" / "witness-state.json", {"JPN": LogState(1, b"r")})
