@@ -52,9 +52,6 @@ log = get_logger("receiver")
 MAX_SKEW: Final = timedelta(minutes=5)
 """How far in the future a report's ``iat`` may be (clock skew between nodes)."""
 
-MORE_WAIT: Final = 0.005
-"""Seconds a fetch for the rest of a batch may wait when nothing more is pending."""
-
 Action = Literal["ack", "term"]
 
 
@@ -262,19 +259,13 @@ class Receiver:
                 sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
                 self.bound = True
             try:
-                # Wait for one message, then take whatever else is already there.
-                # A single fetch of the whole batch on an empty inbox waits until
-                # the batch fills or its timeout ends, holding the first message
-                # for up to a second at moderate rates.
-                msgs = await sub.fetch(1, timeout=1.0)
+                msgs = await sub.fetch(self.fetch_batch, timeout=1.0)
             except TimeoutError:
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 self.last_error = f"fetch: {type(exc).__name__} {exc}".strip()
                 await asyncio.sleep(0.5)
                 continue
-            if self.fetch_batch > 1:
-                msgs += await self._waiting(sub)
             await self._handle(msgs)
         if sub is not None:
             self.bound = False
@@ -282,18 +273,6 @@ class Receiver:
                 await sub.unsubscribe()
             except nats.errors.Error as exc:
                 log.warning("unsubscribe_failed", error=type(exc).__name__)
-
-    async def _waiting(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
-        # The first request of a fetch is no_wait: the server answers at once with
-        # what is pending. When nothing is, the fetch lingers for at most MORE_WAIT.
-        try:
-            return await sub.fetch(self.fetch_batch - 1, timeout=MORE_WAIT)
-        except TimeoutError:
-            return []
-        except (nats.errors.Error, nats.js.errors.Error) as exc:
-            # The message already fetched is still handled; these are redelivered.
-            self.last_error = f"fetch: {type(exc).__name__} {exc}".strip()
-            return []
 
     async def _handle(self, msgs: list[Msg]) -> None:
         try:
