@@ -99,23 +99,6 @@ class _ChunkedTree(Levels):
             raise AuditError(f"audit log entries [{lo}, {hi}) are missing")
         return _perfect_root(leaves)
 
-    def range_hash(self, lo: int, hi: int) -> bytes:
-        """Return MTH of leaves ``[lo, hi)``, as ``Levels.range_hash`` does."""
-        if not 0 <= lo < hi <= self.size:
-            raise AuditError(f"no subtree [{lo}, {hi}) in a tree of size {self.size}")
-        parts: list[bytes] = []
-        pos = lo
-        while pos < hi:
-            level = (pos & -pos).bit_length() - 1 if pos else (hi - pos).bit_length() - 1
-            while pos + (1 << level) > hi:
-                level -= 1
-            parts.append(self._subtree(level, pos >> level))
-            pos += 1 << level
-        acc = parts[-1]
-        for node in reversed(parts[:-1]):
-            acc = node_hash(node, acc)
-        return acc
-
 
 def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     """Open the audit database; raise ``UsageError`` if a read-only one is missing."""

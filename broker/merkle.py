@@ -132,12 +132,17 @@ class Levels:
             level = (pos & -pos).bit_length() - 1 if pos else (hi - pos).bit_length() - 1
             while pos + (1 << level) > hi:
                 level -= 1
-            parts.append(self.levels[level][pos >> level])
+            parts.append(self._subtree(level, pos >> level))
             pos += 1 << level
         acc = parts[-1]
         for node in reversed(parts[:-1]):
             acc = node_hash(node, acc)
         return acc
+
+    def _subtree(self, level: int, index: int) -> bytes:
+        # The hash of the perfect subtree of 2**level leaves at ``index``; a subclass
+        # that keeps only some levels in memory overrides this alone.
+        return self.levels[level][index]
 
     def root(self, size: int | None = None) -> bytes:
         """Return the tree head of the first ``size`` leaves (all of them by default)."""
