@@ -26,8 +26,7 @@ from datetime import datetime
 from typing import Any, Final, get_args
 from uuid import UUID
 
-import rfc8785
-
+from broker import canonical
 from broker.errors import AuditError, KeyMaterialError
 from broker.members import is_member
 from broker.roster import format_time, parse_time
@@ -79,7 +78,7 @@ class AuditEvent:
     def seal(self, seq: int, prev: bytes | None) -> bytes:
         """Return the entry bytes at index ``seq`` after an entry whose leaf hash is ``prev``."""
         entry = dict(self.fields, v=VERSION, seq=seq, prev=prev.hex() if prev else "")
-        return rfc8785.dumps(entry)
+        return canonical.dumps(entry)
 
 
 def _member(value: str, what: str) -> str:
@@ -276,7 +275,7 @@ def parse_entry(data: bytes, seq: int) -> dict[str, Any]:
         raise AuditError("is not JSON") from None
     if not isinstance(entry, dict):
         raise AuditError("is not a JSON object")
-    if rfc8785.dumps(entry) != data:
+    if canonical.dumps(entry) != data:
         raise AuditError("is not RFC 8785 canonical JSON")
     if entry.get("v") != VERSION:
         raise AuditError(f"has unknown version {entry.get('v')!r}")
