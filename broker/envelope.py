@@ -19,12 +19,12 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final
 
-from joserfc import jwe, jws
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import OKPKey
-from joserfc.registry import HeaderParameter
 
-from broker import sdjwt
+from broker import jose, sdjwt
 from broker.envelope_format import (
     CLAIM_POLICY,
     CLAIM_SCHEMA,
@@ -53,21 +53,7 @@ from broker.sightings import (
     leaf_values,
 )
 
-
-class _Registry(jwe.JWERegistry):
-    # joserfc caps ciphertext at 64 KiB; a maximal record, base64url-encoded twice
-    # (disclosure, then JWS), needs more. Our own limit is checked before this one.
-    max_ciphertext_length = MAX_ENVELOPE_BYTES
-
-
-_JWE_REGISTRY: Final = _Registry(
-    header_registry={
-        HDR_FROM: HeaderParameter("Sending member", "str"),
-        HDR_TO: HeaderParameter("Receiving member", "str"),
-        HDR_RID: HeaderParameter("Report id", "str"),
-    },
-    algorithms=[KEY_ALG, CONTENT_ENC],
-)
+# The JWE is broker.jose's fixed profile; the one JWS per report stays with joserfc.
 _JWS_REGISTRY: Final = jws.JWSRegistry(algorithms=[JWS_ALG])
 _ED25519: Final = _JWS_REGISTRY.get_alg(JWS_ALG)
 
@@ -194,7 +180,10 @@ def _seal(
     recipient_kid: str,
     recipient_key: OKPKey,
 ) -> str:
-    if recipient_key.curve_name != "X25519":
+    # joserfc's OKPKey holds the cryptography key object (imported once, where
+    # the roster or key file was loaded), so nothing is re-imported per message.
+    public = recipient_key.public_key
+    if not isinstance(public, X25519PublicKey):
         raise UsageError(f"recipient key {recipient_kid} is not an X25519 key")
     header = {
         "alg": KEY_ALG,
@@ -205,7 +194,7 @@ def _seal(
         HDR_TO: recipient,
         HDR_RID: report_id,
     }
-    return jwe.encrypt_compact(header, plaintext, recipient_key, registry=_JWE_REGISTRY)
+    return jose.seal(header, plaintext.encode("utf-8"), public)
 
 
 def _select(available: Mapping[str, str], keys: Collection[str], what: str) -> list[str]:
@@ -300,12 +289,13 @@ def receive(
     key = decryption_keys.get(header["kid"])
     if key is None:
         raise EnvelopeError("recipient", f"kid {header['kid']!r:.80} is not one of my keys")
-    # 4. decrypt (authenticates the protected header too).
-    try:
-        plaintext = jwe.decrypt_compact(token, key, registry=_JWE_REGISTRY).plaintext or b""
-    except (JoseError, ValueError, KeyError, TypeError) as exc:
-        # joserfc lets KeyError/TypeError out for some malformed inputs; all are the peer's fault.
-        raise EnvelopeError("decrypt", f"cannot decrypt ({type(exc).__name__})") from None
+    # 4. decrypt (authenticates the protected header too): epk a public X25519
+    #    key of 32 bytes and not low-order; encrypted key 40 bytes, IV 12, tag 16;
+    #    the CEK unwraps and the GCM tag verifies (broker.jose.open, its steps 1-8).
+    private = key.private_key
+    if not isinstance(private, X25519PrivateKey):
+        raise UsageError(f"decryption key {header['kid']!r:.80} is not an X25519 private key")
+    plaintext = jose.open(token, header, private)
     # 5. format: <jws>~<d>~...~ in ASCII without key binding; JWS header exact;
     #    claims well-typed.
     claims = check_claims(plaintext, expected_header={"alg": JWS_ALG, "typ": TYP})
