@@ -20,7 +20,7 @@ import binascii
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 SD_ALG: Final = "sha-256"
@@ -45,6 +45,27 @@ _TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 
 def b64u_decode(text: str) -> bytes:
     """Strict base64url decode: unpadded URL-safe alphabet only; ``ValueError`` otherwise."""
+    # The checks of _b64u_decode_checked in fewer passes, for the well-formed
+    # case (every disclosure, header and payload received): '+', '/' and '='
+    # are deleted by the same translate that maps the alphabet, so a shorter
+    # result means one was there. Anything that fails goes to the full check,
+    # which raises its reason; only the spare-bits reason is raised here.
+    if not text.isascii():
+        return _b64u_decode_checked(text)
+    data = text.encode("ascii")
+    rest = len(data) % 4
+    standard = data.translate(_TO_STANDARD, b"+/=")
+    if rest == 1 or len(standard) != len(data):
+        return _b64u_decode_checked(text)
+    if rest and _SPARE_BITS[rest] & _B64_VALUE.get(data[-1], 0):
+        raise ValueError("not canonical base64url (non-zero trailing bits)")
+    try:
+        return binascii.a2b_base64(standard + _PAD[rest], strict_mode=True)
+    except binascii.Error:
+        return _b64u_decode_checked(text)
+
+
+def _b64u_decode_checked(text: str) -> bytes:
     try:
         data = text.encode("ascii")
     except UnicodeEncodeError:
@@ -68,7 +89,7 @@ def has_canonical_tail(text: str) -> bool:
     Otherwise two different strings (two JWS, two envelopes) decode to the same
     bytes; we accept only the one canonical spelling.
     """
-    spare = {2: 0x0F, 3: 0x03}.get(len(text) % 4, 0)
+    spare = _SPARE_BITS[len(text) % 4]
     return not (spare and _B64_VALUE.get(ord(text[-1]), 0) & spare)
 
 
@@ -76,6 +97,10 @@ _TO_STANDARD: Final = bytes.maketrans(b"-_", b"+/")
 _B64_VALUE: Final = {
     c: i for i, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 }
+# By length mod 4: the bits of the last character that carry no data, and the
+# padding the standard decoder wants (a remainder of 1 is refused before use).
+_SPARE_BITS: Final = (0, 0, 0x0F, 0x03)
+_PAD: Final = (b"", b"", b"==", b"=")
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -99,6 +124,25 @@ def loads_strict(data: bytes | str) -> Any:
     """
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    # Fast path: the decoder's own scanner, without the two Python frames of
+    # JSONDecoder.decode. It runs the same hooks, so a value it returns for the
+    # whole text is exactly what decode returns. Anything else (an error,
+    # surrounding whitespace, trailing data) goes the slow way, which raises
+    # the usual reason.
+    try:
+        value, end = _SCAN(text, 0)
+    except (StopIteration, ValueError, RecursionError):
+        pass
+    else:
+        if end == len(text):
+            return value
+    return _loads_slow(text)
+
+
+def _loads_slow(text: str) -> Any:
+    try:
         return _STRICT.decode(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
@@ -111,6 +155,10 @@ def loads_strict(data: bytes | str) -> Any:
 _STRICT: Final = json.JSONDecoder(
     object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
 )
+# The scanner JSONDecoder.__init__ builds from those hooks (typeshed leaves it out).
+_SCAN: Final[Callable[[str, int], tuple[Any, int]]] = _STRICT.scan_once  # type: ignore[attr-defined]
+# Likewise one encoder: json.dumps with these options builds a new one per call.
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True)
 
 
 def dumps_compact(value: Any) -> str:
@@ -121,7 +169,7 @@ def dumps_compact(value: Any) -> str:
     ``rfc8785.dumps`` (a test holds it to that). Verifiers never re-serialise:
     they hash and check exactly the bytes they received.
     """
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    return _COMPACT.encode(value)
 
 
 def hash_disclosure(encoded: str) -> str:
@@ -140,9 +188,24 @@ def new_decoys(count: int) -> list[str]:
     One call to ``secrets`` for the whole batch: issuing pads three arrays per report.
     """
     pool = secrets.token_bytes(32 * count)
-    return [
-        b64u_encode(hashlib.sha256(pool[i : i + 32]).digest()) for i in range(0, 32 * count, 32)
-    ]
+    return b64u_encode_digests(
+        [hashlib.sha256(pool[i : i + 32]).digest() for i in range(0, 32 * count, 32)]
+    )
+
+
+def b64u_encode_digests(digests: Sequence[bytes]) -> list[str]:
+    """``[b64u_encode(d) for d in digests]`` for 32-byte digests, in one base64 call.
+
+    Each digest gets one zero byte appended: 33 bytes are 44 characters with no
+    padding, and the first 43 are exactly the digest's unpadded encoding, since
+    the zero byte only fills the last character's spare bits with zeros (which
+    the canonical encoding has there too). Raises ``ValueError`` for another size.
+    """
+    if any(len(d) != 32 for d in digests):
+        raise ValueError("b64u_encode_digests takes 32-byte digests only")
+    raw = binascii.b2a_base64(b"\0".join([*digests, b""]), newline=False)
+    text = raw.translate(_TO_URLSAFE).decode("ascii")
+    return [text[i : i + 43] for i in range(0, 44 * len(digests), 44)]
 
 
 class Disclosure(NamedTuple):
@@ -274,8 +337,13 @@ class _Walk:
         digests = obj.get(SD, [])
         if not isinstance(digests, list):
             raise ValueError("_sd must be an array of digests")  # noqa: TRY004 - malformed input
+        # _see inlined (most digests are decoys): same checks in the same order.
+        seen, by_digest = self.seen, self.by_digest
         for digest in digests:
-            disclosure = self._see(digest)
+            if not isinstance(digest, str) or digest in seen:
+                self._see(digest)  # raises the reason
+            seen.add(digest)
+            disclosure = by_digest.get(digest)
             if disclosure is None:
                 continue  # a decoy, or a claim this holder was not given
             if disclosure.name is None:

@@ -234,3 +234,113 @@ def test_process_bounds_nesting() -> None:
         sdjwt.process({"_sd": [deep.digest]}, [deep])
     shallow = Disclosure.make("ok", json.loads("[" * 60 + "]" * 60))
     assert "ok" in sdjwt.process({"_sd": [shallow.digest]}, [shallow])
+
+
+# --- Fast paths pinned to the full checks they stand in for --------------------------------
+# b64u_decode and loads_strict try a cheaper route first and fall back to the
+# full check (kept in the module) for anything it does not accept outright.
+# Outcome = the decoded value, or the exact ValueError reason: both must agree.
+
+
+def _outcome(fn: Any, arg: Any) -> tuple[str, Any]:
+    try:
+        return "ok", fn(arg)
+    except ValueError as exc:
+        return "error", str(exc)
+
+
+_B64_NOISE = st.sampled_from([*"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"])
+b64ish_text = st.one_of(
+    st.text(_B64_NOISE, max_size=90),
+    # Mostly-valid text with hostile characters mixed in: padding, the standard
+    # alphabet, whitespace, non-ASCII, NUL.
+    st.lists(
+        st.one_of(_B64_NOISE, st.sampled_from(["+", "/", "=", " ", "\n", "é", "\x00", "."])),
+        max_size=90,
+    ).map("".join),
+    st.text(max_size=40),
+)
+
+
+@given(b64ish_text)
+def test_b64u_decode_fast_path_matches_the_full_check(text: str) -> None:
+    assert _outcome(sdjwt.b64u_decode, text) == _outcome(sdjwt._b64u_decode_checked, text)
+
+
+@given(st.binary(max_size=600))
+def test_b64u_decode_agrees_with_the_standard_library(data: bytes) -> None:
+    # RFC 4648 §5 via base64, which is lenient about padding; ours takes the unpadded form.
+    text = base64.urlsafe_b64encode(data).decode().rstrip("=")
+    assert sdjwt.b64u_decode(text) == data
+
+
+def test_b64u_decode_rfc7515_appendix_c() -> None:
+    # RFC 7515 Appendix C: the octets 3, 236, 255, 224, 193 are "A-z_4ME".
+    assert sdjwt.b64u_decode("A-z_4ME") == bytes([3, 236, 255, 224, 193])
+    assert sdjwt.b64u_encode(bytes([3, 236, 255, 224, 193])) == "A-z_4ME"
+    with pytest.raises(ValueError, match="canonical"):
+        sdjwt.b64u_decode("A-z_4MF")  # same octets, a spare bit set
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+json_texts = st.one_of(
+    json_values.map(json.dumps),
+    json_values.map(lambda v: f" {json.dumps(v, indent=1)}\n"),
+    # Hostile: duplicates, constants, truncation, trailing data, lone surrogates.
+    st.sampled_from(
+        [
+            '{"a":1,"a":2}',
+            '[{"b":{"c":1,"c":1}}]',
+            "NaN",
+            "[Infinity]",
+            "-Infinity",
+            "[1,",
+            "[1] [2]",
+            "",
+            " ",
+            '"\\ud800"',
+            "1e400",
+            "[" * 3000 + "]" * 3000,
+            "[" * 100_000,
+        ]
+    ),
+    st.text(max_size=30),
+)
+
+
+@given(json_texts)
+def test_loads_strict_fast_path_matches_the_decoder(text: str) -> None:
+    assert _outcome(sdjwt.loads_strict, text) == _outcome(sdjwt._loads_slow, text)
+    data = text.encode("utf-8", "surrogatepass")
+    slow = _outcome(lambda b: sdjwt._loads_slow(b.decode("utf-8")), data)
+    if slow[0] == "ok":
+        assert sdjwt.loads_strict(data) == slow[1]
+    else:
+        assert _outcome(sdjwt.loads_strict, data)[0] == "error"
+
+
+@given(st.lists(st.binary(min_size=32, max_size=32), max_size=20))
+def test_digest_batch_encoding_matches_one_by_one(digests: list[bytes]) -> None:
+    assert sdjwt.b64u_encode_digests(digests) == [sdjwt.b64u_encode(d) for d in digests]
+
+
+def test_digest_batch_encoding_refuses_other_sizes() -> None:
+    with pytest.raises(ValueError, match="32-byte"):
+        sdjwt.b64u_encode_digests([b"\x00" * 31])
+
+
+@given(json_values)
+def test_dumps_compact_is_the_json_dumps_call_it_replaces(value: Any) -> None:
+    expected = json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    assert sdjwt.dumps_compact(value) == expected
+
+
+def test_process_refuses_a_digest_that_is_not_a_string() -> None:
+    with pytest.raises(ValueError, match="digest must be a string"):
+        sdjwt.process({"_sd": [Disclosure.make("a", 1).digest, 7]}, [])
