@@ -336,10 +336,19 @@ def field_paths(kind: str) -> tuple[str, ...]:
     Handling fields (id, originator, kind, TLP, REL TO) are not in the list: they
     are always sent. For ``transfer`` the crypto and fuel fields are merged.
     """
+    return _FIELD_PATHS[kind]
+
+
+def _paths_of(kind: str) -> tuple[str, ...]:
     paths = ["observed_at", *(f"source.{f}" for f in SourceMethod.model_fields)]
     for model in _BODY_MODELS[kind]:
         paths.extend(f"{kind}.{f}" for f in model.model_fields if f"{kind}.{f}" not in paths)
     return tuple(paths)
+
+
+# Computed once: the receive path asks for every envelope, and pydantic builds
+# model_fields anew on each access (~7 us per call).
+_FIELD_PATHS: Final = {kind: _paths_of(kind) for kind in KINDS}
 
 
 SOURCE_AND_METHOD_PATHS: Final = frozenset(f"source.{f}" for f in SourceMethod.model_fields)
@@ -393,9 +402,70 @@ def validate_field(kind: str, path: str, value: Any, chain: str | None = None) -
         raise ValueError(f"{path}: {str(first['msg']).removeprefix('Value error, ')}") from None
 
 
+# What decides is the field's schema applied to the value's JSON text in strict
+# mode (validate_json below): the same rules a feed record meets at intake.
+# Re-serialising every value costs more than the check, so a value is first
+# offered to the same adapter in strict *Python* mode, which for JSON-shaped
+# input is at least as strict (it takes no string for a datetime and no list
+# for a tuple, so those are converted or go the JSON way). Only its "valid" is
+# trusted; anything it refuses is decided, and its reason given, by the JSON
+# check. tests/test_sightings.py holds the two to the same answers.
+_JSON_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+_NOT_PLAIN: Final = object()
+
+
+def _scalar(value: Any) -> bool:
+    # A lone surrogate (which a JSON "\\ud800" escape yields) is no JSON text
+    # validate_json would take; strict Python mode takes it in a plain str.
+    kind = type(value)
+    return kind in _JSON_SCALARS and (kind is not str or value.isascii() or _encodable(value))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _flat_object(value: dict[Any, Any]) -> bool:
+    return all(type(k) is str and _scalar(v) for k, v in value.items())
+
+
+def _plain(value: Any) -> Any:
+    # The value as strict Python mode expects it: a JSON array becomes a tuple.
+    # Only the shapes the schema has (scalars, objects of scalars, arrays of
+    # either) are converted; anything else is _NOT_PLAIN and goes the JSON way.
+    if _scalar(value):
+        return value
+    kind = type(value)
+    if kind is dict:
+        return value if _flat_object(value) else _NOT_PLAIN
+    if kind is list and all(
+        _scalar(item) or (type(item) is dict and _flat_object(item)) for item in value
+    ):
+        return tuple(value)
+    return _NOT_PLAIN
+
+
+def _passes(adapter: TypeAdapter[Any], value: Any, *, strings: bool = False) -> bool:
+    try:
+        if strings:
+            adapter.validate_strings(value, strict=True)
+        else:
+            adapter.validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    return True
+
+
 def _validate_field(kind: str, path: str, value: Any, chain: str | None) -> None:
     if path == "observed_at":
-        _TIME_ADAPTER.validate_json(_json(value), strict=True)
+        if not (
+            type(value) is str and _scalar(value) and _passes(_TIME_ADAPTER, value, strings=True)
+        ):
+            _TIME_ADAPTER.validate_json(_json(value), strict=True)
         return
     head, _, name = path.partition(".")
     if head not in ("source", kind) or not name or "." in name:
@@ -403,7 +473,9 @@ def _validate_field(kind: str, path: str, value: Any, chain: str | None) -> None
     adapter = _ADAPTERS.get((head, name))
     if adapter is None:
         adapter = _ADAPTERS[(head, name)] = _field_adapter(head, name)
-    adapter.validate_json(_json(value), strict=True)
+    plain = _plain(value)
+    if plain is _NOT_PLAIN or not _passes(adapter, plain):
+        adapter.validate_json(_json(value), strict=True)
     if kind == "transfer" and name in ("from_addresses", "to_addresses", "tx_hash"):
         chains = [chain] if chain else ["bitcoin", "ethereum"]
         items = value if isinstance(value, list) else [value]

@@ -1,0 +1,257 @@
+"""The per-field schema check a receiver runs (``validate_field``) against its JSON oracle.
+
+``validate_field`` first offers a value to the field's adapter in strict Python
+mode and only falls back to strict JSON mode (the value re-serialised and
+parsed again) when that refuses. The fallback is what the check always was, so
+the oracle below is the original function, kept verbatim: on real values, and
+on hostile ones around every field's edges, both must accept the same values
+and refuse the rest with the same reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from broker import identifiers, samples, sightings
+from broker.sightings import KINDS, SIGHTING_ADAPTER, field_paths, leaf_values, validate_field
+
+_adapter = functools.cache(sightings._field_adapter)
+
+
+def _oracle(kind: str, path: str, value: Any, chain: str | None = None) -> None:
+    # validate_field as it was before the Python-mode fast path (commit 42c41c3).
+    try:
+        if path == "observed_at":
+            sightings._TIME_ADAPTER.validate_json(json.dumps(value), strict=True)
+            return
+        head, _, name = path.partition(".")
+        if head not in ("source", kind) or not name or "." in name:
+            raise ValueError(f"{path!r} is not a field of {kind} reports")
+        adapter = _adapter(head, name)
+        adapter.validate_json(json.dumps(value), strict=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValueError(f"{path}: {str(first['msg']).removeprefix('Value error, ')}") from None
+    if kind == "transfer" and name in ("from_addresses", "to_addresses", "tx_hash"):
+        chains = [chain] if chain else ["bitcoin", "ethereum"]
+        items = value if isinstance(value, list) else [value]
+        check = identifiers.check_tx_hash if name == "tx_hash" else identifiers.check_address
+        for item in items:
+            errors = []
+            for candidate in chains:
+                try:
+                    check(candidate, item)
+                    break
+                except ValueError as exc:
+                    errors.append(str(exc))
+            else:
+                raise ValueError(f"{path}: {errors[0]}")
+
+
+def _outcome(fn: Any, *args: Any) -> tuple[str, str]:
+    try:
+        fn(*args)
+    except ValueError as exc:
+        return "refused", str(exc)
+    except Exception as exc:  # noqa: BLE001 - recorded and compared, not swallowed
+        return type(exc).__name__, str(exc)
+    return "accepted", ""
+
+
+def _assert_same(kind: str, path: str, value: Any, chain: str | None = None) -> None:
+    expected = _outcome(_oracle, kind, path, value, chain)
+    assert _outcome(validate_field, kind, path, value, chain) == expected, (kind, path, value)
+
+
+# Real values: every field of a few hundred generated reports of all kinds.
+REAL: list[tuple[str, str, Any, str | None]] = []
+for _record in samples.generate(240, seed=9):
+    _sighting = SIGHTING_ADAPTER.validate_json(json.dumps(_record))
+    _leaves = leaf_values(_sighting)
+    _chain = _leaves.get("transfer.chain")
+    REAL += [(_sighting.kind, p, v, _chain) for p, v in _leaves.items()]
+PATHS = [(kind, path) for kind in KINDS for path in field_paths(kind)]
+
+
+def test_real_values_are_accepted_by_both_and_by_the_fast_path() -> None:
+    assert {(k, p) for k, p, _, _ in REAL} == set(PATHS)
+    for kind, path, value, chain in REAL:
+        validate_field(kind, path, value, chain)
+        _oracle(kind, path, value, chain)
+        # The point of the change: valid values never need the JSON round trip.
+        if path == "observed_at":
+            assert sightings._passes(sightings._TIME_ADAPTER, value, strings=True)
+        else:
+            head, _, name = path.partition(".")
+            adapter = sightings._ADAPTERS[(head, name)]
+            assert sightings._passes(adapter, sightings._plain(value)), (path, value)
+
+
+# Digits, separators and case that sit on the edges of the fields' formats;
+# whitespace, NUL, non-ASCII digits (Arabic-Indic three, fullwidth zero) and
+# lone surrogates, which a JSON parser can produce from escapes.
+_HOSTILE_CHARS = [*"0123456789.-+:TZz eE\t\n/_aA#\x00\u00e9\u0663\uff10\ud800\udfff", "", "  "]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+    st.lists(st.sampled_from(_HOSTILE_CHARS), max_size=12).map("".join),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _edit_text(draw: st.DrawFn, value: str) -> Any:
+    chars = list(value)
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(chars)))
+        op = draw(st.sampled_from(["insert", "delete", "replace", "case"]))
+        char = draw(st.sampled_from(_HOSTILE_CHARS))
+        if op == "insert":
+            chars.insert(at, char)
+        elif at < len(chars):
+            chars[at] = {"delete": "", "replace": char, "case": chars[at].swapcase()}[op]
+    as_int = int(value) if value.isdigit() else value
+    return draw(st.sampled_from(["".join(chars), value, value * 30, as_int]))
+
+
+def _edit_object(draw: st.DrawFn, value: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    out = dict(value)
+    op = draw(st.sampled_from(["drop", "add", "change", "null"]))
+    name = draw(st.sampled_from(sorted(out) or ["x"]))
+    if op == "drop":
+        out.pop(name, None)
+    elif op == "add":
+        out[draw(st.sampled_from([*keys, "extra"]))] = draw(scalars)
+    elif op == "null":
+        out[name] = None
+    else:
+        out[name] = draw(mutated(out.get(name, ""), keys))
+    return out
+
+
+def _edit_array(draw: st.DrawFn, value: list[Any], keys: list[str]) -> list[Any]:
+    op = draw(st.sampled_from(["item", "empty", "repeat", "nest", "drop"]))
+    at = draw(st.integers(0, max(len(value) - 1, 0)))
+    edits = {
+        "empty": list,
+        "repeat": lambda: value * draw(st.integers(2, 60)),
+        "nest": lambda: [value],
+        "drop": lambda: value[1:],
+        "item": lambda: [*value[:at], draw(mutated(value[at], keys)), *value[at + 1 :]],
+    }
+    return edits[op if value else "empty"]()
+
+
+@st.composite
+def mutated(draw: st.DrawFn, value: Any, keys: list[str]) -> Any:
+    """A JSON value near ``value``: a string edited, a member dropped or changed, a type swapped."""
+    if isinstance(value, str):
+        return _edit_text(draw, value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return draw(st.sampled_from([value, -value, value + 1, float(value), str(value), True, 0]))
+    if isinstance(value, dict):
+        return _edit_object(draw, value, keys)
+    if isinstance(value, list):
+        return _edit_array(draw, value, keys)
+    return draw(json_values)
+
+
+_KEYS = ["lat", "lon", "imo", "mmsi", "name", "platform", "handle", "type", "quantity_tonnes"]
+_TIMES = [
+    "2026-10-28T08:46:00Z",
+    "2026-10-28T08:46:00+00:00",
+    "2026-10-28T08:46:00-00:00",
+    "2026-10-28T08:46:00.123456789Z",
+    "2026-10-28T08:46:60Z",
+    "2026-02-29T00:00:00Z",
+    "2026-10-28 08:46:00Z",
+    "2026-10-28t08:46:00z",
+    "2026-10-28T08:46Z",
+    "2026-10-28",
+    "20261028T084600Z",
+    "2026-10-28T08:46:00+0000",
+    "2026-10-28T08:46:00+01:00",
+    "1700000000",
+    "+002026-10-28T08:46:00Z",
+]
+_DECIMALS = [
+    "38.1",
+    "-0.5",
+    "90",
+    "90.0000001",
+    "-180",
+    "1e2",
+    "1.",
+    ".5",
+    "\u0663\u0668.\u0661",
+    "0x10",
+    " 1",
+    "1_0",
+]
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.data())
+def test_near_valid_values_get_the_oracles_answer(data: st.DataObject) -> None:
+    kind, path, value, chain = data.draw(st.sampled_from(REAL))
+    value = data.draw(
+        st.one_of(
+            mutated(value, _KEYS),
+            json_values,
+            st.sampled_from(_TIMES + _DECIMALS),
+            st.sampled_from([v for k, p, v, _ in REAL[:200]]),  # another field's value
+            st.builds(lambda la, lo: {"lat": la, "lon": lo}, *[st.sampled_from(_DECIMALS)] * 2),
+        )
+    )
+    chain = data.draw(st.sampled_from([chain, None, "bitcoin", "ethereum", "dogecoin"]))
+    _assert_same(kind, path, value, chain)
+
+
+@given(st.sampled_from(PATHS), json_values)
+def test_arbitrary_json_gets_the_oracles_answer(field: tuple[str, str], value: Any) -> None:
+    _assert_same(*field, value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ("tuple", "not JSON"),
+        {"lat": "1", "lon": "2", 3: "int key"},
+        float("nan"),
+        float("inf"),
+        b"bytes",
+        [[["deep"]]],
+        "a\ud800b",
+    ],
+    ids=repr,
+)
+def test_values_outside_json_go_the_json_way(value: Any) -> None:
+    # Not produced by a JSON parser, but validate_field is public: same answer as before.
+    for kind, path in PATHS:
+        _assert_same(kind, path, value)
+
+
+def test_unknown_paths_are_refused_alike() -> None:
+    for kind, path in [
+        ("vessel", "worker.country"),
+        ("vessel", "vessel"),
+        ("worker", "source.x.y"),
+    ]:
+        _assert_same(kind, path, "x")
+    with pytest.raises(ValueError, match="no field"):
+        validate_field("vessel", "vessel.nope", "x")
