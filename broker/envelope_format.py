@@ -12,7 +12,6 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, get_args
-from uuid import UUID
 
 from broker import sdjwt
 from broker.errors import EnvelopeError
@@ -44,9 +43,8 @@ _CLAIMS: Final = frozenset(
     {"iss", "jti", "iat", "kind", CLAIM_SCHEMA, CLAIM_POLICY, "tlp", "_sd_alg", sdjwt.SD, "source"}
 )
 _TLPS: Final = frozenset(get_args(TLP))
-# The encrypted-key segment may be empty here so that a direct-agreement JWE is
-# refused by the header check, which names the algorithm.
-_COMPACT_JWE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+){3}")
+_COMPACT_JWE_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
+_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _b64_json(segment: str, what: str) -> Any:
@@ -62,9 +60,9 @@ def parse_jwe_header(token: object, limit: int) -> dict[str, Any]:
         raise EnvelopeError("format", "envelope is not ASCII text")
     if len(token) > limit:
         raise EnvelopeError("format", f"envelope is {len(token)} bytes; limit {limit}")
-    if not _COMPACT_JWE.fullmatch(token):
-        raise EnvelopeError("format", "not a compact JWE: five base64url segments")
     parts = token.split(".")
+    if not _is_compact_jwe(token, parts):
+        raise EnvelopeError("format", "not a compact JWE: five base64url segments")
     # joserfc decodes leniently; a receiver that accepted two spellings of one
     # envelope would log two different hashes for it, so only canonical ones pass.
     if not all(sdjwt.has_canonical_tail(p) for p in parts):
@@ -75,7 +73,21 @@ def parse_jwe_header(token: object, limit: int) -> dict[str, Any]:
     return header
 
 
+def _is_compact_jwe(token: str, parts: list[str]) -> bool:
+    # Five base64url segments: only alphabet characters and dots (deleting those
+    # leaves nothing), without a regex over the whole envelope. The encrypted-key
+    # segment may be empty here so that a direct-agreement JWE is refused by the
+    # header check, which names the algorithm.
+    return (
+        len(parts) == 5
+        and all(parts[i] for i in (0, 2, 3, 4))
+        and not token.encode("ascii").translate(None, _COMPACT_JWE_CHARS)
+    )
+
+
 def _exact_members(obj: Mapping[str, Any], allowed: frozenset[str], step: str, what: str) -> None:
+    if obj.keys() == allowed:
+        return
     extra, missing = sorted(set(obj) - allowed), sorted(allowed - set(obj))
     if extra or missing:
         raise EnvelopeError(step, f"{what}: unexpected {extra[:5]!r:.100}, missing {missing}")
@@ -202,10 +214,9 @@ def _check_claim_types(payload: dict[str, Any]) -> None:
 
 
 def _is_uuid(value: object) -> bool:
-    try:
-        return isinstance(value, str) and str(UUID(value)) == value
-    except ValueError:
-        return False
+    # Exactly the strings with str(UUID(value)) == value: the canonical
+    # lower-case 8-4-4-4-12 form, which UUID() always parses.
+    return isinstance(value, str) and _UUID.fullmatch(value) is not None
 
 
 def _is_member_list(value: object) -> bool:

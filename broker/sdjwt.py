@@ -270,7 +270,7 @@ def split_presentation(text: str) -> tuple[str, list[str], str]:
     if len(parts) < 2:
         raise ValueError("an SD-JWT must contain at least one '~'")
     jws, *disclosures, kb_jwt = parts
-    if not jws or any(not d for d in disclosures):
+    if not jws or "" in disclosures:
         raise ValueError("empty component in the SD-JWT")
     return jws, disclosures, kb_jwt
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -29,7 +30,7 @@ from joserfc import jwe, jws
 from joserfc.jwe import JWERegistry
 from joserfc.registry import HeaderParameter
 
-from broker import envelope, sdjwt
+from broker import envelope, envelope_format, sdjwt
 from broker.errors import EnvelopeError, InputError, UsageError
 from broker.sightings import leaf_values
 from broker.transforms import Transform, variant_key
@@ -653,3 +654,60 @@ def test_receive_only_ever_raises_envelope_error(edits: list[tuple[int, str]]) -
         content = re.findall(r'"([^"]{5,})"', json.dumps(list(leaf_values(vessel()).values())))
         assert content
         assert not [v for v in content if v in str(info.value)]
+
+
+# --- Cheaper format checks pinned to the ones they replaced --------------------------------
+_OLD_COMPACT_JWE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+){3}")
+_TOKEN_CHARS = st.sampled_from([*"Aa0-_", ".", ".", "=", "+", "/", " ", "~", "\n"])
+
+
+# Four to six segments of valid characters, each empty a quarter of the time.
+_SEGMENTS = st.lists(st.sampled_from(["", "A", "a0", "-_"]), min_size=4, max_size=6)
+
+
+@given(
+    st.one_of(
+        st.lists(_TOKEN_CHARS, max_size=30).map("".join),
+        st.from_regex(r"[A-z.]{0,30}", fullmatch=True),
+        _SEGMENTS.map(".".join),
+        _SEGMENTS.map(".".join),
+    )
+)
+@settings(max_examples=300)
+def test_compact_jwe_shape_is_the_old_regex(token: str) -> None:
+    # Step 1 used _OLD_COMPACT_JWE.fullmatch on the whole envelope; the
+    # translate-based check must accept exactly the same ASCII strings.
+    token = token.encode("ascii", "replace").decode()
+    expected = _OLD_COMPACT_JWE.fullmatch(token) is not None
+    assert envelope_format._is_compact_jwe(token, token.split(".")) is expected
+
+
+def test_compact_jwe_shape_examples() -> None:
+    ok, bad = ["a..b.c.d", "a.b.c.d.e", "A-_.0.z.Z.9"], ["a.b.c.d", "a.b..d.e", ".b.c.d.e"]
+    bad += ["a.b.c.d.", "a.b.c..e", "a.b.c.d.e.f", "a.b.c.d.e=", "a.b+.c.d.e", "a.b.c.d.e ", ""]
+    for token in ok + bad:
+        assert envelope_format._is_compact_jwe(token, token.split(".")) is (token in ok), token
+
+
+def _old_is_uuid(value: object) -> bool:
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+@given(
+    st.one_of(
+        st.uuids().map(str),
+        st.uuids().map(lambda u: str(u).upper()),
+        st.uuids().map(lambda u: u.hex),
+        st.uuids().map(lambda u: f"{{{u}}}"),
+        st.uuids().map(lambda u: f"urn:uuid:{u}"),
+        st.uuids().map(lambda u: str(u) + "\n"),
+        st.from_regex(r"[0-9a-fA-F-]{30,40}", fullmatch=True),
+        st.integers(),
+        st.none(),
+    )
+)
+def test_jti_check_is_the_old_uuid_round_trip(value: object) -> None:
+    assert envelope_format._is_uuid(value) is _old_is_uuid(value)
