@@ -42,9 +42,13 @@ _STEP: Final = "decrypt"
 _UNSUPPORTED: Final = ("zip", "crit")
 
 
+# Compact, ASCII-only and in the given order: the serialisation joserfc uses.
+# Built once: json.dumps with non-default arguments builds an encoder per call.
+_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def _json_b64(value: Mapping[str, Any]) -> str:
-    # Compact, ASCII-only and in the given order: the serialisation joserfc uses.
-    return b64u_encode(json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii"))
+    return b64u_encode(_JSON.encode(value).encode("ascii"))
 
 
 def _length_prefixed(data: bytes) -> bytes:
@@ -110,7 +114,8 @@ def seal(header: Mapping[str, Any], plaintext: bytes, recipient: X25519PublicKey
         raise UsageError(f"cannot agree a key with this recipient ({exc})") from None
     # RFC 7516 §5.1: random CEK and IV; the AAD is the ASCII of the encoded
     # protected header; cryptography appends the 128-bit tag to the ciphertext.
-    cek, iv = os.urandom(CEK_BYTES), os.urandom(IV_BYTES)
+    random = os.urandom(CEK_BYTES + IV_BYTES)  # one system call for both
+    cek, iv = random[:CEK_BYTES], random[CEK_BYTES:]
     sealed = AESGCM(cek).encrypt(iv, plaintext, protected.encode("ascii"))
     return ".".join(
         (
