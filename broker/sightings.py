@@ -450,11 +450,12 @@ def _plain(value: Any) -> Any:
 
 
 def _passes(adapter: TypeAdapter[Any], value: Any, *, strings: bool = False) -> bool:
+    # The core validator directly: TypeAdapter's methods only forward to it.
     try:
         if strings:
-            adapter.validate_strings(value, strict=True)
+            adapter.validator.validate_strings(value, strict=True)
         else:
-            adapter.validate_python(value, strict=True)
+            adapter.validator.validate_python(value, strict=True)
     except ValidationError:
         return False
     return True

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import sdjwt
@@ -344,3 +344,139 @@ def test_dumps_compact_is_the_json_dumps_call_it_replaces(value: Any) -> None:
 def test_process_refuses_a_digest_that_is_not_a_string() -> None:
     with pytest.raises(ValueError, match="digest must be a string"):
         sdjwt.process({"_sd": [Disclosure.make("a", 1).digest, 7]}, [])
+
+
+# --- §7.1 processing: the inlined _sd loop pinned to the per-digest walk ---------------------
+
+
+class _OracleWalk:
+    """sdjwt._Walk as it was before _see was inlined into the _sd loop (commit 42c41c3)."""
+
+    def __init__(self, by_digest: dict[str, Disclosure]) -> None:
+        self.by_digest, self.seen = by_digest, set[str]()
+
+    def see(self, digest: Any) -> Disclosure | None:
+        if not isinstance(digest, str):
+            raise ValueError("a digest must be a string")  # noqa: TRY004 - the oracle's reason
+        if digest in self.seen:
+            raise ValueError("a digest is referenced more than once")
+        self.seen.add(digest)
+        return self.by_digest.get(digest)
+
+    def value(self, value: Any, depth: int) -> Any:
+        if depth > sdjwt.MAX_DEPTH:
+            raise ValueError(f"claims nested more than {sdjwt.MAX_DEPTH} levels deep")
+        if isinstance(value, dict):
+            return self.object(value, depth)
+        if isinstance(value, list):
+            return self.array(value, depth)
+        return value
+
+    def object(self, obj: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+        out = {k: self.value(v, depth + 1) for k, v in obj.items() if k != "_sd"}
+        digests = obj.get("_sd", [])
+        if not isinstance(digests, list):
+            raise ValueError("_sd must be an array of digests")  # noqa: TRY004
+        for digest in digests:
+            disclosure = self.see(digest)
+            if disclosure is None:
+                continue
+            if disclosure.name is None:
+                raise ValueError("an array-element disclosure is referenced from an _sd array")
+            if disclosure.name in out:
+                raise ValueError(f"disclosed claim {disclosure.name!r} is already present")
+            out[disclosure.name] = self.value(disclosure.value, depth + 1)
+        return out
+
+    def array(self, items: list[Any], depth: int) -> list[Any]:
+        out = []
+        for item in items:
+            if isinstance(item, dict) and "..." in item:
+                if len(item) != 1:
+                    raise ValueError("an array-element digest object must have only '...'")
+                disclosure = self.see(item["..."])
+                if disclosure is None:
+                    continue
+                if disclosure.name is not None:
+                    raise ValueError("an object-property disclosure is referenced from an array")
+                out.append(self.value(disclosure.value, depth + 1))
+            else:
+                out.append(self.value(item, depth + 1))
+        return out
+
+
+def _oracle_process(payload: dict[str, Any], disclosures: list[Disclosure]) -> dict[str, Any]:
+    alg = payload.get("_sd_alg", "sha-256")
+    if alg != "sha-256":
+        raise ValueError(f"_sd_alg {alg!r} is not supported (only sha-256)")
+    by_digest: dict[str, Disclosure] = {}
+    for disclosure in disclosures:
+        if disclosure.digest in by_digest:
+            raise ValueError("the same disclosure is included twice")
+        by_digest[disclosure.digest] = disclosure
+    walk = _OracleWalk(by_digest)
+    claims = walk.object(payload)
+    claims.pop("_sd_alg", None)
+    unused = set(by_digest) - walk.seen
+    if unused:
+        raise ValueError(f"{len(unused)} disclosure(s) not referenced by any digest")
+    return claims
+
+
+_NAMES = st.sampled_from(["a", "b", "c", "iss"])
+_DECOYS = sdjwt.new_decoys(3)
+
+
+@st.composite
+def sd_worlds(draw: st.DrawFn) -> tuple[dict[str, Any], list[Disclosure]]:
+    """A payload and presented disclosures, hostile in every way §7.1 checks.
+
+    Disclosures in two layers (the second may nest references to the first);
+    ``_sd`` arrays and ``...`` elements that mix real digests, decoys, repeats,
+    non-strings and digests of the wrong kind; names that collide.
+    """
+    scalar = st.one_of(st.integers(-3, 3), st.text(max_size=3), st.none(), st.booleans())
+    layer0 = [
+        Disclosure.make(draw(st.one_of(st.none(), _NAMES)), draw(scalar), salt=f"s0{i}")
+        for i in range(draw(st.integers(0, 5)))
+    ]
+    ref = st.one_of(
+        st.sampled_from([d.digest for d in layer0] or _DECOYS),
+        st.sampled_from(_DECOYS),
+        st.sampled_from([7, None, ["x"]]),
+    )
+    nested = st.one_of(
+        scalar,
+        st.builds(lambda ds: {"_sd": ds}, st.lists(ref, max_size=3)),
+        st.builds(lambda d: [{"...": d}, 1], ref),
+        st.builds(lambda d: {"x": 1, "_sd": [d]}, ref),
+    )
+    layer1 = [
+        Disclosure.make(draw(st.one_of(st.none(), _NAMES)), draw(nested), salt=f"s1{i}")
+        for i in range(draw(st.integers(0, 4)))
+    ]
+    pool = layer0 + layer1
+    any_ref = st.one_of(ref, st.sampled_from([d.digest for d in pool] or _DECOYS))
+    sd = st.lists(any_ref, max_size=8)
+    payload: dict[str, Any] = {"_sd": draw(sd)}
+    if draw(st.booleans()):
+        payload["iss"] = "x"
+    if draw(st.booleans()):
+        payload["obj"] = {"_sd": draw(sd), "a": 1} if draw(st.booleans()) else {"_sd": draw(sd)}
+    if draw(st.booleans()):
+        payload["arr"] = [{"...": draw(any_ref)} for _ in range(draw(st.integers(0, 3)))]
+    if draw(st.booleans()):
+        payload["_sd_alg"] = draw(st.sampled_from(["sha-256", "sha-512"]))
+    presented = draw(st.lists(st.sampled_from(pool), max_size=8)) if pool else []
+    return payload, presented
+
+
+@settings(max_examples=600, deadline=None)
+@given(sd_worlds())
+def test_process_matches_the_per_digest_walk(
+    world: tuple[dict[str, Any], list[Disclosure]],
+) -> None:
+    payload, presented = world
+    assert _outcome(lambda p: sdjwt.process(p, presented), payload) == _outcome(
+        lambda p: _oracle_process(p, presented), payload
+    )
