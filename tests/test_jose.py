@@ -334,7 +334,7 @@ def test_open_refuses_a_header_outside_the_profile(change: dict[str, Any], reaso
     assert reason in refused(_with_header(header), header)
 
 
-# Curve25519 points of small order (RFC 7748 §7 asks callers to check for the
+# Curve25519 points of small order (RFC 7748 §6.1 lets callers check for the
 # all-zero output they produce): 0, 1, the two order-8 points, and p-1, p, p+1
 # (non-canonical encodings of order-2 -1, 0 and 1); then each of those with the
 # top bit set, which X25519 ignores (RFC 7748 §5).
