@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,7 @@ from prometheus_client import Counter as PromCounter
 
 from broker.auditlog import AuditLog
 from broker.checkpoint import (
-    open_checkpoint,
+    Checkpoint,
     parse_body,
     parse_proof_request,
     parse_proof_response,
@@ -48,12 +49,15 @@ from broker.log import get_logger
 from broker.members import is_member
 from broker.note import Verifier, parse
 from broker.publisher import RunDb
-from broker.witness import LogState, Witness, WitnessAlarmError
+from broker.witness import LogState, Opened, Witness, WitnessAlarmError
 
 log = get_logger("auditnet")
 
 PROOF_TIMEOUT: Final = 3.0
 QUEUE_LIMIT: Final = 256
+WITNESS_INTERVAL_S: Final = 5.0
+"""Shortest time between two witnessing rounds: under load a partner's log is
+cosigned this often, not at each of its batches; after a quiet spell at once."""
 
 
 def load_witness_state(path: Path) -> dict[str, LogState]:
@@ -87,8 +91,21 @@ def save_witness_state(path: Path, state: Mapping[str, LogState]) -> None:
         raise AuditError(f"cannot save witness state {path}: {exc.strerror}") from None
 
 
+class _UnreachableError(AuditError):
+    """A log did not answer our proof request (it may be down, or the hub away)."""
+
+
 class AuditNet:
-    """Serves proofs of our log, witnesses partners' logs, and collects our cosignatures."""
+    """Serves proofs of our log, witnesses partners' logs, and collects our cosignatures.
+
+    Witnessing runs in rounds, at most one every ``interval`` seconds: a round
+    takes the latest pending checkpoint of every partner (older ones are
+    superseded: cosigning the latest covers them, since it is proved consistent
+    with what we cosigned before), asks the logs for their proofs concurrently,
+    and saves the state once before publishing the round's cosignatures. A
+    checkpoint arriving after a quiet spell starts a round at once; under load
+    each log is cosigned every ``interval`` seconds rather than at every batch.
+    """
 
     def __init__(
         self,
@@ -100,6 +117,7 @@ class AuditNet:
         cosigners: Sequence[Verifier],
         state_path: Path,
         alarms: PromCounter,
+        interval: float = WITNESS_INTERVAL_S,
     ) -> None:
         self.member = member
         self.audit = audit
@@ -109,8 +127,22 @@ class AuditNet:
         self.witness = Witness(member, signer, log_keys, load_witness_state(state_path))
         self.cosigners = list(cosigners)
         self.alarms = alarms
+        self.interval = interval
         self.last_error: str | None = None
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_LIMIT)
+        self._last_warned: str | None = None
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(QUEUE_LIMIT)
+        self._pending: dict[str, bytes] = {}
+        self._last_round = -math.inf
+        # A cosignature note starts with the checkpoint's origin line: ours start with this.
+        self._ours = f"{member}\n".encode()
+        self._cosigned = {
+            origin: _cosigned_text(origin, st) for origin, st in self.witness.state.items()
+        }
+
+    @property
+    def backlog(self) -> int:
+        """Checkpoints received but not yet witnessed (queued, plus the latest held per log)."""
+        return self._queue.qsize() + len(self._pending)
 
     async def subscribe(self, nc: Client) -> None:
         """Subscribe to the audit subjects on ``nc`` (call again after a new connection)."""
@@ -137,9 +169,14 @@ class AuditNet:
         # Latest wins: when we fall behind, dropping a checkpoint only delays a cosignature.
         if self._queue.full():
             self._queue.get_nowait()
-        self._queue.put_nowait(msg.data)
+        self._queue.put_nowait((origin, msg.data))
 
     async def _on_cosignature(self, msg: Msg) -> None:
+        # Every witness's cosignatures of every log reach every node; only those
+        # of our own checkpoints concern us, and their first line says so. Those
+        # are parsed and verified in full below.
+        if not msg.data.startswith(self._ours):
+            return
         try:
             if parse_body(parse(msg.data).text).origin != self.member:
                 return
@@ -151,28 +188,111 @@ class AuditNet:
             log.info("cosigned", witnesses=names)
 
     async def run(self, nc: Client, stop: asyncio.Event) -> None:
-        """Witness queued checkpoints one at a time until ``stop``."""
+        """Witness partners' checkpoints in rounds (see the class) until ``stop``."""
         while not stop.is_set():
+            wait = 0.5
+            if self._pending:
+                due = self._last_round + self.interval - time.monotonic()
+                if due <= 0:
+                    self._last_round = time.monotonic()
+                    await self._round(nc)
+                    continue
+                wait = min(wait, due)
             try:
-                data = await asyncio.wait_for(self._queue.get(), 0.5)
+                origin, data = await asyncio.wait_for(self._queue.get(), wait)
             except TimeoutError:
                 continue
+            self._hold(origin, data)
+            while not self._queue.empty():
+                self._hold(*self._queue.get_nowait())
+
+    def _hold(self, origin: str, data: bytes) -> None:
+        # A log republishes its checkpoint as cosignatures merge into it: the
+        # same text we already cosigned needs no work (we would verify it only
+        # to find nothing to do). Anything else waits for the next round.
+        done = self._cosigned.get(origin)
+        if done is not None and data.startswith(done):
+            return
+        self._pending[origin] = data
+
+    async def _round(self, nc: Client) -> None:
+        batch, self._pending = self._pending, {}
+        results = await asyncio.gather(
+            *(self._prepare(nc, origin, data) for origin, data in batch.items()),
+            return_exceptions=True,
+        )
+        before = dict(self.witness.state)
+        cosigned: dict[str, str] = {}
+        refused = False
+        now = int(time.time())
+        for (origin, data), result in zip(batch.items(), results, strict=True):
             try:
-                await self._witness(nc, data)
+                if isinstance(result, BaseException):
+                    raise result
+                if result is not None:
+                    opened, old, proof = result
+                    cosigned[origin] = self.witness.add_opened(old, proof, opened, now)
             except WitnessAlarmError as exc:
                 self._alarm(exc.kind, str(exc))
+            except _UnreachableError as exc:
+                # The log may be idle from now on: keep its checkpoint for the next round.
+                self._pending.setdefault(origin, data)
+                self._refused(exc)
+                refused = True
             except MsmtError as exc:
-                self.last_error = f"witness: {exc}"
-                log.warning("witness_refused", error=str(exc)[:200])
+                self._refused(exc)
+                refused = True
+        if not refused:
+            self._last_warned = None
+        if not cosigned:
+            return
+        state = dict(self.witness.state)
+        try:
+            await self.run_db(save_witness_state, self.state_path, state)
+        except AuditError as exc:
+            # Unsaved means uncosigned: forget the round and retry it next time.
+            self.witness.state = before
+            for origin in cosigned:
+                self._pending.setdefault(origin, batch[origin])
+            self._refused(exc)
+            return
+        self._cosigned = {origin: _cosigned_text(origin, st) for origin, st in state.items()}
+        for cosignature in cosigned.values():
+            try:
+                await nc.publish(f"msmt.audit.{self.member}.cosignature", cosignature.encode())
+            except nats.errors.Error as exc:
+                self.last_error = f"witness: cosignature publish: {type(exc).__name__}"
+                return
 
-    async def _witness(self, nc: Client, data: bytes) -> None:
-        text = data.decode("utf-8", "replace")
-        origin = text.split("\n", 1)[0]
-        # Verified here too, so a forged checkpoint never makes us ask its origin for proofs.
-        checkpoint, _ = open_checkpoint(data, self.log_keys.get(origin, ()))
+    def _refused(self, exc: MsmtError) -> None:
+        text = f"witness: {exc}"
+        self.last_error = text
+        # A log that stays unreachable is retried every round: warn once, not each time.
+        if text != self._last_warned:
+            log.warning("witness_refused", error=str(exc)[:200])
+            self._last_warned = text
+
+    async def _prepare(
+        self, nc: Client, origin: str, data: bytes
+    ) -> tuple[Opened, int, list[bytes]] | None:
+        """Verify a partner's checkpoint and fetch the proof from what we cosigned before.
+
+        Checklist (each step raises): 1. the note is a checkpoint signed by the
+        log it names (``Witness.open``; before any request, so a forgery costs
+        no round trip); 2. that log is the one whose subject carried it (a
+        member replaying another's old checkpoint must not pass for that log
+        rolling back); 3. the log's reply proves the sizes we asked for. Returns
+        ``None`` when we already cosigned exactly this checkpoint.
+        """
+        opened = self.witness.open(data)
+        checkpoint = opened.checkpoint
+        if checkpoint.origin != origin:
+            raise AuditError(
+                f"checkpoint for {checkpoint.origin!r} published on {origin}'s subject"
+            )
         known = self.witness.state.get(origin, LogState(0, b""))
         if checkpoint.size == known.size and checkpoint.root == known.root:
-            return  # already cosigned
+            return None  # already cosigned
         proof: list[bytes] = []
         if 0 < known.size < checkpoint.size:
             try:
@@ -182,15 +302,18 @@ class AuditNet:
                     timeout=PROOF_TIMEOUT,
                 )
             except (nats.errors.Error, TimeoutError) as exc:
-                raise AuditError(f"no proof from {origin}: {type(exc).__name__}") from None
+                raise _UnreachableError(f"no proof from {origin}: {type(exc).__name__}") from None
             old, new, proof = parse_proof_response(reply.data)
             if (old, new) != (known.size, checkpoint.size):
                 raise AuditError(f"{origin} answered a proof for other sizes")
-        cosignature = self.witness.add_checkpoint(known.size, proof, data, int(time.time()))
-        await self.run_db(save_witness_state, self.state_path, dict(self.witness.state))
-        await nc.publish(f"msmt.audit.{self.member}.cosignature", cosignature.encode())
+        return opened, known.size, proof
 
     def _alarm(self, kind: str, detail: str) -> None:
         self.alarms.labels(kind=kind).inc()
         self.last_error = detail[:300]
         log.error("audit_alarm", kind=kind, detail=detail[:300])
+
+
+def _cosigned_text(origin: str, state: LogState) -> bytes:
+    """The start of a checkpoint note we already cosigned: its text and the blank line."""
+    return (Checkpoint(origin, state.size, state.root).body() + "\n").encode()

@@ -54,6 +54,10 @@ class Verifier:
     public: bytes
     key_id: bytes = field(init=False, repr=False)
     """The 4-byte key ID this key's signature lines carry (derived, computed once)."""
+    _key: Ed25519PublicKey = field(init=False, repr=False, compare=False, hash=False)
+    # The parsed key, built once: a witness verifies every partner's checkpoints
+    # and cosignatures with the same few verifiers. Derived from ``public``, so
+    # it takes no part in equality or hashing.
 
     def __post_init__(self) -> None:
         check_key_name(self.name)
@@ -63,6 +67,11 @@ class Verifier:
             raise NoteError(f"Ed25519 key for {self.name} is {len(self.public)} bytes, not 32")
         # Verifying thousands of checkpoints looks the ID up for each one.
         object.__setattr__(self, "key_id", key_id(self.name, self.alg, self.public))
+        try:
+            parsed = Ed25519PublicKey.from_public_bytes(self.public)
+        except ValueError as exc:
+            raise NoteError(f"Ed25519 key for {self.name} is not a valid public key") from exc
+        object.__setattr__(self, "_key", parsed)
 
     def vkey(self) -> str:
         """Return the verifier key string ``<name>+<hex id>+<base64(type || key)>``."""
@@ -72,7 +81,7 @@ class Verifier:
     def verify(self, message: bytes, signature: bytes) -> None:
         """Raise ``NoteError`` unless ``signature`` is this key's signature of ``message``."""
         try:
-            Ed25519PublicKey.from_public_bytes(self.public).verify(signature, message)
+            self._key.verify(signature, message)
         except InvalidSignature:
             raise NoteError(f"signature by {self.name} does not verify") from None
 

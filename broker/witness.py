@@ -18,7 +18,7 @@ import binascii
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import rfc8785
@@ -87,6 +87,15 @@ class LogState:
 
 
 @dataclass(frozen=True, slots=True)
+class Opened:
+    """A checkpoint whose log signature ``Witness.open`` verified (steps 1-2), and by whom."""
+
+    checkpoint: Checkpoint
+    note: Note
+    witness: Witness = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class AddCheckpoint:
     """A parsed add-checkpoint request: the old size, the proof, and the signed checkpoint."""
 
@@ -146,6 +155,27 @@ class Witness:
         self._logs = {origin: tuple(keys) for origin, keys in logs.items()}
         self.state: dict[str, LogState] = dict(state or {})
 
+    def open(self, checkpoint: bytes | str) -> Opened:
+        """Steps 1-2 of ``add_checkpoint``: parse the note and verify the log's signature.
+
+        Raises ``WitnessError`` (malformed), ``UnknownLogError`` or
+        ``BadSignatureError``. A caller that must fetch a proof first opens the
+        checkpoint before asking (so a forgery costs no round trip) and hands
+        the result to ``add_opened``, which then need not verify it again.
+        """
+        try:
+            origin = _origin(checkpoint)
+        except NoteError as exc:
+            raise WitnessError(f"malformed checkpoint: {exc}") from None
+        keys = self._logs.get(origin)
+        if keys is None:
+            raise UnknownLogError(f"witness {self.name} does not follow log {origin!r}")
+        try:
+            cp, note = open_checkpoint(checkpoint, keys)
+        except NoteError as exc:
+            raise BadSignatureError(f"checkpoint of {origin}: {exc}") from None
+        return Opened(cp, note, self)
+
     def add_checkpoint(
         self, old_size: int, proof: Sequence[bytes], checkpoint: bytes | str, now: int
     ) -> str:
@@ -160,17 +190,18 @@ class Witness:
              proof must link our root to the new one (``WitnessAlarmError`` fork);
           6. record the new state, then cosign it at time ``now``.
         """
-        try:
-            origin = _origin(checkpoint)
-        except NoteError as exc:
-            raise WitnessError(f"malformed checkpoint: {exc}") from None
-        keys = self._logs.get(origin)
-        if keys is None:
-            raise UnknownLogError(f"witness {self.name} does not follow log {origin!r}")
-        try:
-            cp, note = open_checkpoint(checkpoint, keys)
-        except NoteError as exc:
-            raise BadSignatureError(f"checkpoint of {origin}: {exc}") from None
+        return self.add_opened(old_size, proof, self.open(checkpoint), now)
+
+    def add_opened(self, old_size: int, proof: Sequence[bytes], opened: Opened, now: int) -> str:
+        """Steps 3-6 of ``add_checkpoint`` for a checkpoint this witness's ``open`` verified.
+
+        Raises ``WitnessError`` for an ``Opened`` made by another witness (its
+        keys are not ours), then as ``add_checkpoint``.
+        """
+        if opened.witness is not self:
+            raise WitnessError("checkpoint was not opened by this witness")
+        cp, note = opened.checkpoint, opened.note
+        origin = cp.origin
         known = self.state.get(origin, LogState(0, b""))
         if old_size != known.size:
             raise ConflictError(origin, known.size, old_size)
@@ -244,6 +275,7 @@ __all__ = [
     "BadSignatureError",
     "ConflictError",
     "LogState",
+    "Opened",
     "UnknownLogError",
     "Witness",
     "WitnessAlarmError",
