@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import struct
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.checkpoint import (
@@ -259,3 +261,50 @@ def test_the_worked_example_in_docs_audit_verifies() -> None:
     assert (Path(__file__).parent.parent / "docs" / "AUDIT.md").read_text().count(
         note.split("\n")[4]
     ) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.binary(min_size=32, max_size=32),
+    message=st.binary(max_size=200),
+    flip=st.integers(min_value=-1, max_value=63),
+)
+def test_cached_verifier_key_agrees_with_a_freshly_parsed_one(
+    seed: bytes, message: bytes, flip: int
+) -> None:
+    # Verifier parses its key once; each verdict must equal that of a key parsed per call.
+    private = Ed25519PrivateKey.from_private_bytes(seed)
+    public = private.public_key().public_bytes_raw()
+    signature = bytearray(private.sign(message))
+    if flip >= 0:
+        signature[flip] ^= 0x01
+    fresh = Ed25519PublicKey.from_public_bytes(public)
+    try:
+        fresh.verify(bytes(signature), message)
+        expected = True
+    except InvalidSignature:
+        expected = False
+    verifier = Verifier("JPN", ALG_ED25519, public)
+    try:
+        verifier.verify(message, bytes(signature))
+        got = True
+    except NoteError:
+        got = False
+    assert got == expected == (flip < 0)
+
+
+def test_verifier_equality_and_hash_ignore_the_cached_key() -> None:
+    raw = WIT.public_key().public_bytes_raw()
+    a, b = Verifier("USA", ALG_COSIGNATURE_V1, raw), Verifier("USA", ALG_COSIGNATURE_V1, raw)
+    assert a == b
+    assert hash(a) == hash(b)
+    assert len({a, b}) == 1
+    assert a != Verifier("USA", ALG_ED25519, raw)  # another type is another key ID
+    assert a != Verifier("USA", ALG_COSIGNATURE_V1, LOG.public_key().public_bytes_raw())
+    assert "_key" not in repr(a)
+    # A copy made field by field rebuilds its own parsed key and still verifies.
+    copy = dataclasses.replace(a)
+    assert copy == a
+    line = cosign(sign_checkpoint(Checkpoint("JPN", 1, bytes(32)), LOG), "USA", WIT, 5)
+    note = sign_checkpoint(Checkpoint("JPN", 1, bytes(32)), LOG).with_signatures(line)
+    assert verify_cosignature(note, copy) == 5

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from broker.audit_verify import verify_log
 from broker.auditlog import AuditLog
-from broker.checkpoint import Checkpoint, sign_checkpoint, verify_cosignature
+from broker.checkpoint import Checkpoint, parse_body, sign_checkpoint, verify_cosignature
 from broker.merkle import Levels, leaf_hash
 from broker.note import parse
 from broker.witness import (
@@ -163,3 +163,38 @@ def test_state_round_trips_and_a_restarted_witness_keeps_its_memory(tmp_path: Pa
     for bad in (b"[]", b"{", b'{"JPN":{"size":-1,"root":""}}', b'{"JPN":{"size":1}}'):
         with pytest.raises(WitnessError):
             load_state(bad)
+
+
+def test_open_then_add_opened_is_add_checkpoint_in_two_steps(tmp_path: Path) -> None:
+    # The node verifies a checkpoint once, before asking the log for a proof, then adds it.
+    log = build_log(tmp_path, LOG_KEY, [3])
+    one_step, two_steps = _witness(), _witness()
+    for n in (0, 5, 2):
+        if n:
+            log.append_many([event(log.size + i) for i in range(n)])
+        note = log.latest_checkpoint() or ""
+        old = one_step.state[MEMBER].size if MEMBER in one_step.state else 0
+        proof = log.consistency_proof(old, log.size) if old else []
+        opened = two_steps.open(note)
+        assert opened.checkpoint.size == log.size
+        assert two_steps.add_opened(old, proof, opened, NOW) == one_step.add_checkpoint(
+            old, proof, note, NOW
+        )
+        assert two_steps.state == one_step.state
+
+
+def test_open_verifies_and_an_opened_checkpoint_serves_only_its_witness(tmp_path: Path) -> None:
+    log = build_log(tmp_path, LOG_KEY, [3])
+    note = log.latest_checkpoint() or ""
+    impostor = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+    forged = sign_checkpoint(parse_body(parse(note).text), impostor).render()
+    witness = _witness()
+    with pytest.raises(BadSignatureError):
+        witness.open(forged)
+    with pytest.raises(UnknownLogError):
+        witness.open(note.replace(MEMBER, "KOR", 1))
+    # An Opened carries the witness whose keys verified it; another witness refuses it.
+    stranger = Witness("KOR", USA_KEY, {MEMBER: [log_verifier(impostor)]})
+    with pytest.raises(WitnessError, match="not opened by this witness"):
+        witness.add_opened(0, [], stranger.open(forged), NOW)
+    assert witness.state == {}
