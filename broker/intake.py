@@ -25,6 +25,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -298,21 +299,89 @@ def make_app(intake: Intake, token: str) -> web.Application:
     return app
 
 
-def _clear_socket(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a stale socket from a killed run
+def _set_aside_stale_socket(path: Path) -> Path | None:
+    """Move a stale socket left by a killed run out of the way; refuse any other file.
+
+    It is renamed, not unlinked, so its inode stays allocated until the new socket
+    is bound: the new socket then has a different inode number, which is what a
+    still-stopping older node compares before removing "its" socket.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UsageError(f"cannot prepare intake socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        # A mistyped intake.socket must not cost the operator a file.
+        raise UsageError(f"intake socket {path} exists and is not a socket: move it away")
+    aside = path.with_name(f".{path.name}.stale-{secrets.token_hex(4)}")
+    try:
+        path.rename(aside)
+    except FileNotFoundError:
+        return None  # gone meanwhile: nothing to set aside
+    except OSError as exc:
+        raise UsageError(f"cannot replace stale intake socket {path}: {exc.strerror}") from None
+    return aside
+
+
+def _remove_own_socket(path: Path, ident: tuple[int, int]) -> None:
+    # Only the socket this process bound: a newer node may already have replaced it
+    # (same data directory, started before this one finished stopping), and removing
+    # that one would cut its feeds off. The check and the unlink are two calls; a
+    # replacement landing between them is the one race left, and it needs two nodes
+    # racing on one data directory.
+    try:
+        found = path.lstat()
+        if stat.S_ISSOCK(found.st_mode) and (found.st_dev, found.st_ino) == ident:
+            path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        # Shutdown goes on: a socket left behind is cleared at the next start.
+        log.warning("intake_socket_left", path=str(path), error=exc.strerror)
+
+
+class _UnixRunner(web.AppRunner):
+    """An ``AppRunner`` whose ``cleanup`` also removes the socket file it served on."""
+
+    def __init__(self, app: web.Application, path: Path, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.socket_path = path
+        self.socket_ident: tuple[int, int] | None = None  # (st_dev, st_ino) once bound
+
+    async def cleanup(self) -> None:
+        """Stop serving, let requests finish, then remove the socket if it is still ours."""
+        try:
+            await super().cleanup()
+        finally:
+            if self.socket_ident is not None:
+                _remove_own_socket(self.socket_path, self.socket_ident)
+                self.socket_ident = None
 
 
 async def serve_unix(app: web.Application, path: Path) -> web.AppRunner:
-    """Serve ``app`` on a unix socket at ``path`` with mode 0600; return the runner."""
-    _clear_socket(path)
+    """Serve ``app`` on a unix socket at ``path`` with mode 0600; return the runner.
+
+    A stale socket at ``path`` is replaced; any other file there is refused with
+    ``UsageError``. The runner's ``cleanup()`` removes the socket again, unless
+    another process has replaced it in the meantime.
+    """
+    aside = _set_aside_stale_socket(path)
     # On shutdown a feed mid-stream gets a few seconds to finish its batch, so the
     # whole stop stays inside a service manager's timeout.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10.0)
-    await runner.setup()
-    await web.UnixSite(runner, str(path)).start()
-    os.chmod(path, 0o600)
+    runner = _UnixRunner(app, path, handle_signals=False, access_log=None, shutdown_timeout=10.0)
+    try:
+        await runner.setup()
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, 0o600)
+        bound = os.lstat(path)
+        runner.socket_ident = (bound.st_dev, bound.st_ino)
+    finally:
+        if aside is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
     return runner
 
 

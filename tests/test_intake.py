@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -136,6 +137,94 @@ async def test_unix_socket_endpoint_streams_answers_with_token(tmp_path: Path) -
         await runner.cleanup()
     with pytest.raises(UsageError, match="cannot reach the node"):
         await submit(sock, token, chunks_of(b"{}\n"), answers.append)
+
+
+def leave_stale_socket(path: Path) -> None:
+    """What a SIGKILLed node leaves behind: a bound socket file nobody listens on."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))
+    assert stat.S_ISSOCK(path.lstat().st_mode)
+
+
+async def test_cleanup_removes_the_socket_it_served_on(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "data" / "intake.sock"
+    runner = await serve_unix(make_app(make_intake(store), token), sock)
+    answers: list[dict[str, Any]] = []
+    await submit(sock, token, chunks_of(ndjson(jpn_records(3))), answers.append)
+    assert [a["status"] for a in answers] == ["accepted"] * 3
+    await runner.cleanup()
+    assert not sock.exists()
+    assert not sock.is_symlink()
+    await runner.cleanup()  # a second cleanup finds nothing to remove and does not fail
+
+
+async def test_a_stale_socket_from_a_killed_run_is_replaced_then_removed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "data" / "intake.sock"
+    leave_stale_socket(sock)
+    stale = sock.lstat().st_ino
+    with socket.socket(socket.AF_UNIX) as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(str(sock))
+    runner = await serve_unix(make_app(make_intake(store), token), sock)
+    try:
+        assert sock.lstat().st_ino != stale
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        assert [p.name for p in sock.parent.iterdir()] == ["intake.sock"]  # nothing set aside
+        answers: list[dict[str, Any]] = []
+        await submit(sock, token, chunks_of(ndjson(jpn_records(2))), answers.append)
+        assert [a["status"] for a in answers] == ["accepted", "accepted"]
+    finally:
+        await runner.cleanup()
+    assert not sock.exists()
+
+
+async def test_cleanup_leaves_a_socket_that_a_newer_server_replaced(tmp_path: Path) -> None:
+    # An old node still stopping while its successor (same data directory) has started:
+    # the old one's cleanup must not cut the new one's feeds off.
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "data" / "intake.sock"
+    old_store, new_store = Store(tmp_path / "old.db"), Store(tmp_path / "new.db")
+    old = await serve_unix(make_app(make_intake(old_store), token), sock)
+    new = await serve_unix(make_app(make_intake(new_store), token), sock)
+    try:
+        replaced = sock.lstat().st_ino
+        await old.cleanup()
+        assert sock.lstat().st_ino == replaced
+        answers: list[dict[str, Any]] = []
+        records = jpn_records(2)
+        await submit(sock, token, chunks_of(ndjson(records)), answers.append)
+        assert [a["status"] for a in answers] == ["accepted", "accepted"]
+        assert {r for r, _ in new_store.unplanned(10)} == {r["report_id"] for r in records}
+        assert old_store.unplanned(10) == []
+    finally:
+        await new.cleanup()
+    assert not sock.exists()
+
+
+async def test_cleanup_leaves_a_regular_file_put_in_the_sockets_place(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "data" / "intake.sock"
+    runner = await serve_unix(make_app(make_intake(store), token), sock)
+    sock.unlink()
+    sock.write_bytes(b"not ours")
+    await runner.cleanup()
+    assert sock.read_bytes() == b"not ours"
+
+
+async def test_a_file_that_is_not_a_socket_is_refused_and_kept(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "data" / "intake.sock"
+    sock.parent.mkdir()
+    sock.write_bytes(b"an operator's file")
+    with pytest.raises(UsageError, match=r"intake\.sock exists and is not a socket: move it"):
+        await serve_unix(make_app(make_intake(store), token), sock)
+    assert sock.read_bytes() == b"an operator's file"
 
 
 async def test_oversized_line_is_refused_without_buffering_it(tmp_path: Path) -> None:
