@@ -21,7 +21,10 @@ handed back with ``nak`` and redelivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +34,10 @@ from typing import Final, Literal
 import nats.errors
 import nats.js.errors
 from joserfc.jwk import OKPKey
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
 
 from broker import audit_events
 from broker.audit_events import AuditEvent
@@ -66,6 +71,12 @@ def attested_sender(subject: str, me: str) -> str:
     ):
         raise EnvelopeError("subject", "inbox subject is not from.<MEMBER>.msmt.to.<me>.<kind>")
     return parts[1]
+
+
+def _sender_field(subject: str) -> str:
+    # The second token of an inbox subject, unchecked (``attested_sender`` checks).
+    parts = subject.split(".", 2)
+    return parts[1] if len(parts) > 1 else ""
 
 
 def _printable(text: str, limit: int = 200) -> str:
@@ -111,12 +122,18 @@ class Inbound:
         result = BatchResult(actions=[])
         events: list[AuditEvent] = []
         batch_seen: set[tuple[str, str]] = set()  # (sender, jti) verified in this batch
-        batch_digests: set[tuple[str, str]] = set()  # (sender, JWE hash) of those
-        for subject, data in messages:
-            digest = hashlib.sha256(data).hexdigest()
+        digests = [hashlib.sha256(data).hexdigest() for _, data in messages]
+        # (sender, JWE hash) of what was stored before (one lookup for the whole
+        # batch) or verified earlier in this batch. The subject's sender is only a
+        # key here; ``_one`` checks the subject before using it.
+        known = self.store.received_digests(
+            (_sender_field(subject), digest)
+            for (subject, _), digest in zip(messages, digests, strict=True)
+        )
+        for (subject, data), digest in zip(messages, digests, strict=True):
             try:
                 action, rec, event = self._one(
-                    subject, data, digest, now, batch_seen, batch_digests, result
+                    subject, data, digest, now, batch_seen, known, result
                 )
             except EnvelopeError as exc:
                 step, reason = exc.step, exc.reason
@@ -135,7 +152,7 @@ class Inbound:
                 result.actions.append(action)
                 if rec is not None and event is not None:
                     batch_seen.add((rec.sender, rec.report_id))
-                    batch_digests.add((rec.sender, rec.jwe_sha256))
+                    known.add((rec.sender, rec.jwe_sha256))
                     result.stored.append(rec)
                     events.append(event)
                 continue
@@ -167,7 +184,7 @@ class Inbound:
         digest: str,
         now: datetime,
         batch_seen: set[tuple[str, str]],
-        batch_digests: set[tuple[str, str]],
+        known: set[tuple[str, str]],
         result: BatchResult,
     ) -> tuple[Action, Received | None, AuditEvent | None]:
         sender = attested_sender(subject, self.member)
@@ -179,7 +196,7 @@ class Inbound:
             token = data.decode("ascii")
         except UnicodeDecodeError:
             raise EnvelopeError("format", "envelope is not ASCII text") from None
-        if (sender, digest) in batch_digests or self.store.has_received(sender, digest):
+        if (sender, digest) in known:
             return "ack", None, None
 
         def is_replay(jti: str) -> bool:
@@ -225,6 +242,118 @@ class Inbound:
         return "ack", rec, event
 
 
+PULL_EXPIRES_S: Final = 1.0
+"""How long the hub holds one pull request open while the inbox is empty."""
+
+PULL_GRACE_S: Final = 1.0
+"""Past a request's expiry, how long to wait for its end before asking again (a lost 408)."""
+
+
+def _client(js: JetStreamContext) -> Client:
+    # nats-py exposes no public accessor; the node hands the receiver only its context.
+    return js._nc
+
+
+class _Pull:
+    """Our end of the inbox consumer: a private reply subject, one pull request at a time.
+
+    The JetStream pull API (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>``,
+    JSON ``{"batch": n, "expires": ns}``, reply subject = where to deliver) is
+    used directly instead of nats-py's ``fetch``, which costs a no-wait probe,
+    a second request and a task with a timer per message. The next request is
+    sent as soon as the previous one has ended (``batch`` messages delivered,
+    or a status: 404 no messages, 408 expired, 409 and others), while the
+    earlier messages are still being verified, so the hub never waits for us;
+    it is not sent while a whole batch is already waiting here, so at most
+    three batches are unacked (well below the consumer's ``max_ack_pending``,
+    all far inside ``ack_wait``).
+
+    A message counts as a delivery only if it carries the hub's ``$JS.ACK``
+    reply subject; a status has none. A header named ``Status`` that a sender
+    put on its message therefore cannot make us skip that message.
+    """
+
+    def __init__(self, nc: Client, stream: str, durable: str, batch: int) -> None:
+        self.nc = nc
+        self.api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.deliver = ""
+        self.batch = batch
+        self.request = json.dumps(
+            {"batch": batch, "expires": int(PULL_EXPIRES_S * 1e9)}, separators=(",", ":")
+        ).encode()
+        self.ready: list[Msg] = []  # delivered, not yet taken
+        self.wake = asyncio.Event()
+        self.open = 0  # deliveries the outstanding request may still bring; 0: none outstanding
+        self.deadline = 0.0  # when to stop waiting for the outstanding request's end
+        self.stopping = False
+        self.failure: str | None = None
+        self.sub: Subscription | None = None
+
+    async def start(self, deliver: str) -> None:
+        """Subscribe to ``deliver`` and send the first request."""
+        self.deliver = deliver
+        self.sub = await self.nc.subscribe(deliver, cb=self._on_msg)
+        await self.want_more()
+
+    async def want_more(self) -> None:
+        """Send the next pull request if none is outstanding and there is room here."""
+        if self.stopping or len(self.ready) >= self.batch:
+            return
+        if self.open and time.monotonic() < self.deadline:
+            return
+        self.open = self.batch  # before the await: a concurrent caller must not ask twice
+        self.deadline = time.monotonic() + PULL_EXPIRES_S + PULL_GRACE_S
+        await self.nc.publish(self.api, self.request, reply=self.deliver)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if msg.reply:
+            self.ready.append(msg)
+            self.open = max(0, self.open - 1)
+        else:
+            status = (msg.headers or {}).get(api.Header.STATUS, "")
+            if status == api.StatusCode.CONTROL_MESSAGE:
+                return  # idle heartbeat: the request goes on
+            self.open = 0
+            if status not in (api.StatusCode.NO_MESSAGES, api.StatusCode.REQUEST_TIMEOUT):
+                # 409 (consumer deleted, leadership change, limits...) or worse: rebind.
+                reason = (msg.headers or {}).get(api.Header.DESCRIPTION, "")
+                self.failure = f"pull: status {status} {reason}".strip()
+        self.wake.set()
+        if self.open == 0 and self.failure is None:
+            try:
+                await self.want_more()
+            except nats.errors.Error as exc:
+                # Raised here it would only reach nats-py's error callback; rebind instead.
+                self.failure = f"pull: {type(exc).__name__} {exc}".strip()
+
+    def take(self) -> list[Msg]:
+        """Up to ``batch`` delivered messages, oldest first."""
+        out, self.ready = self.ready[: self.batch], self.ready[self.batch :]
+        return out
+
+    async def wait(self, seconds: float) -> None:
+        """Until something is delivered or a request ended, or ``seconds`` have passed."""
+        self.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), seconds)
+
+    async def close(self) -> list[Msg]:
+        """Stop asking; wait (briefly) for the outstanding request to end; unsubscribe.
+
+        Returns what was delivered but not taken, for the caller to hand back.
+        """
+        self.stopping = True
+        while self.open and self.failure is None and time.monotonic() < self.deadline:
+            await self.wait(self.deadline - time.monotonic())
+        if self.sub is not None:
+            try:
+                await self.sub.unsubscribe()
+            except nats.errors.Error as exc:
+                log.warning("unsubscribe_failed", error=type(exc).__name__)
+        left, self.ready = self.ready, []
+        return left
+
+
 class Receiver:
     """Pulls the member's inbox in batches and applies ``Inbound`` to each."""
 
@@ -248,31 +377,34 @@ class Receiver:
         self.counts: Counter[str] = Counter()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fetch and process until ``stop``; unprocessed messages are simply redelivered."""
-        sub: JetStreamContext.PullSubscription | None = None
-        while not stop.is_set():
-            if sub is None:
-                stream, durable = inbox_stream(self.member), inbox_durable(self.member)
-                # Binding alone does not reach the server; ask for the consumer so a
-                # missing inbox (``msmt nats setup`` not run) keeps the node unready.
-                await self.js.consumer_info(stream, durable)
-                sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
-                self.bound = True
-            try:
-                msgs = await sub.fetch(self.fetch_batch, timeout=1.0)
-            except TimeoutError:
-                continue
-            except (nats.errors.Error, nats.js.errors.Error) as exc:
-                self.last_error = f"fetch: {type(exc).__name__} {exc}".strip()
-                await asyncio.sleep(0.5)
-                continue
-            await self._handle(msgs)
-        if sub is not None:
+        """Pull and process until ``stop``; unprocessed messages are handed back or redelivered."""
+        stream, durable = inbox_stream(self.member), inbox_durable(self.member)
+        # Ask for the consumer first, so a missing inbox (``msmt nats setup`` not
+        # run) raises here and keeps the node unready.
+        await self.js.consumer_info(stream, durable)
+        nc = _client(self.js)
+        pull = _Pull(nc, stream, durable, self.fetch_batch)
+        await pull.start(nc.new_inbox())
+        self.bound = True
+        try:
+            while not stop.is_set() and pull.failure is None:
+                msgs = pull.take()
+                if msgs:
+                    await pull.want_more()
+                    await self._handle(msgs)
+                    continue
+                await pull.want_more()
+                await pull.wait(min(1.0, max(0.01, pull.deadline - time.monotonic())))
+        finally:
             self.bound = False
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.warning("unsubscribe_failed", error=type(exc).__name__)
+            left = await pull.close()
+            # Delivered but never verified: back to the hub at once, not after ack_wait.
+            for msg in left:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak()
+        if pull.failure is not None and not stop.is_set():
+            self.last_error = pull.failure
+            await asyncio.sleep(0.5)
 
     async def _handle(self, msgs: list[Msg]) -> None:
         try:
@@ -285,16 +417,18 @@ class Receiver:
             for msg in msgs:
                 await msg.nak(delay=1.0)
             return
-        for latency in result.latencies:
-            self.metrics.e2e_latency.observe(max(latency, 0.0))
-        for rec in result.stored:
-            self.metrics.received.labels(sender=rec.sender).inc()
-            self.counts[f"received.{rec.sender}"] += 1
-        for step, count in result.rejected.items():
-            self.metrics.rejected.labels(reason=step).inc(count)
-            self.counts[f"rejected.{step}"] += count
+        # Committed: now, and only now, the hub may forget them.
         for msg, action in zip(msgs, result.actions, strict=True):
             if action == "ack":
                 await msg.ack()
             else:
                 await msg.term()
+        for latency in result.latencies:
+            self.metrics.e2e_latency.observe(max(latency, 0.0))
+        senders = Counter(rec.sender for rec in result.stored)
+        for sender, count in senders.items():
+            self.metrics.received.labels(sender=sender).inc(count)
+            self.counts[f"received.{sender}"] += count
+        for step, count in result.rejected.items():
+            self.metrics.rejected.labels(reason=step).inc(count)
+            self.counts[f"rejected.{step}"] += count

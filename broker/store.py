@@ -337,6 +337,22 @@ class Store:
         )
         return bool(rows)
 
+    def received_digests(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these ``(sender, JWE hash)`` pairs were verified and stored before.
+
+        ``has_received`` for a whole batch in one indexed query (the hashes go in
+        as one JSON array), so a receiver pays one lookup per batch, not per message.
+        """
+        wanted = set(pairs)
+        if not wanted:
+            return set()
+        rows = self._read(
+            "SELECT sender, jwe_sha256 FROM inbox"
+            " WHERE jwe_sha256 IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted({digest for _, digest in wanted})),),
+        )
+        return {(str(sender), str(digest)) for sender, digest in rows} & wanted
+
     def store_received(self, batch: Sequence[Received], now: float | None = None) -> list[bool]:
         """Store verified reports and their seen-set entries; True per report newly stored."""
         at = time.time() if now is None else now

@@ -35,7 +35,7 @@ from broker.envelope import issue, present
 from broker.errors import StoreError
 from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
-from broker.natsconfig import accounts_config, inbox_stream, load_users
+from broker.natsconfig import accounts_config, inbox_durable, inbox_stream, load_users
 from broker.natsetup import connect_account, setup_account
 from broker.natsproc import NatsServer, free_port
 from broker.node import Node, load_node
@@ -959,3 +959,90 @@ async def test_node_is_not_ready_until_its_inbox_exists_then_becomes_ready(
             await task
     finally:
         server.kill()
+
+
+# --- the receiver's own pull loop ---------------------------------------------------------
+
+
+async def consumer_counts(world: World, member: str) -> tuple[int, int]:
+    """(pending, delivered but unacked) on ``member``'s inbox consumer."""
+    seed = (world.keydir / member / keys.NATS_SEED_FILE).read_bytes().strip()
+    nc = await connect_account(world.server.url, member, seed)
+    try:
+        info = await nc.jetstream().consumer_info(inbox_stream(member), inbox_durable(member))
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+    finally:
+        await nc.close()
+
+
+async def publish_as(
+    world: World, sender: str, messages: list[tuple[str, bytes, dict[str, str]]]
+) -> None:
+    seed = (world.keydir / sender / keys.NATS_SEED_FILE).read_bytes().strip()
+    nc = await connect_account(world.server.url, sender, seed)
+    try:
+        js = nc.jetstream()
+        for subject, payload, headers in messages:
+            await js.publish(subject, payload, headers=headers)
+    finally:
+        await nc.close()
+
+
+async def test_a_status_header_from_a_sender_does_not_hide_its_message(world: World) -> None:
+    # JetStream's status replies (404, 408, 409) come as header-only messages; a
+    # sender can put a ``Status`` header on its own message too. The receiver must
+    # tell them apart by the hub's ack subject, or it would skip such a message
+    # without acking it, and the hub would redeliver it forever.
+    world.write_config("USA")
+    world.start("USA")
+    forger = Forger(world, datetime.now(UTC))
+    records = records_for("JPN", 3, seed=31)
+    statuses = ["408", "409", "404"]
+    await asyncio.sleep(2.5)  # an idle inbox: pull requests expire and are renewed
+    await publish_as(
+        world,
+        "JPN",
+        [
+            (
+                f"msmt.to.USA.{r['kind']}",
+                forger.envelope(r)[0].encode(),
+                {"Nats-Msg-Id": f"{r['report_id']}.USA", "Status": s, "Description": "forged"},
+            )
+            for r, s in zip(records, statuses, strict=True)
+        ],
+    )
+    want = {r["report_id"] for r in records}
+    await await_for(lambda: set(world.inbox_ids("USA", "JPN")) == want, 20, "all three stored")
+    deadline = time.monotonic() + 10
+    while (counts := await consumer_counts(world, "USA")) != (0, 0):
+        assert time.monotonic() < deadline, f"still pending, unacked: {counts}"
+        await asyncio.sleep(0.2)
+
+
+async def test_sigterm_mid_inbox_hands_back_what_was_delivered_but_not_verified(
+    world: World,
+) -> None:
+    # The receiver keeps the next pull request out while it verifies a batch, so at
+    # a stop some messages are here but unverified: they go back to the hub (nak)
+    # for the next start, instead of waiting out the consumer's 30 s ack_wait.
+    world.write_config("USA")
+    forger = Forger(world, datetime.now(UTC))
+    records = records_for("JPN", 1500, seed=32)
+    await publish_as(
+        world,
+        "JPN",
+        [(f"msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode(), {}) for r in records],
+    )
+    world.start("USA", MSMT_FETCH_BATCH="20")
+    await await_for(lambda: len(world.inbox_ids("USA", "JPN")) >= 20, 60, "first batches")
+    assert world.terminate("USA") == 0
+    pending, _ = await consumer_counts(world, "USA")
+    assert pending > 0, "the stop came after the whole inbox was stored; use more messages"
+    world.start("USA", MSMT_FETCH_BATCH="20")
+    want = {r["report_id"] for r in records}
+    # Well inside ack_wait (30 s after the stop): nothing waits for a redelivery timer.
+    await await_for(lambda: len(world.inbox_ids("USA", "JPN")) >= len(want), 20, "the rest")
+    got = world.inbox_ids("USA", "JPN")
+    assert len(got) == len(set(got))
+    assert set(got) == want
+    assert await consumer_counts(world, "USA") == (0, 0)

@@ -173,3 +173,34 @@ def test_accept_reports_each_id_new_exactly_once(
     got = store.accept([rep(i) for i in ids[:half]]) + store.accept([rep(i) for i in ids[half:]])
     assert got == expected
     assert len(store.unplanned(1000)) == len(seen)
+
+
+def test_received_digests_answers_for_a_whole_batch(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    assert store.received_digests([]) == set()
+    store.store_received([received("USA", "r1", "h1"), received("KOR", "r2", "h2")])
+    asked = [("USA", "h1"), ("KOR", "h1"), ("KOR", "h2"), ("USA", "h3"), ("USA", "h1")]
+    # Same sender and same bytes only: KOR never sent h1, nobody stored h3.
+    assert store.received_digests(asked) == {("USA", "h1"), ("KOR", "h2")}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    stored=st.lists(
+        st.tuples(st.sampled_from(["USA", "KOR", "GBR"]), st.integers(0, 9)), max_size=20
+    ),
+    asked=st.lists(
+        st.tuples(st.sampled_from(["USA", "KOR", "GBR", "FRA"]), st.integers(0, 12)), max_size=40
+    ),
+)
+def test_received_digests_agrees_with_has_received(
+    tmp_path_factory: pytest.TempPathFactory,
+    stored: list[tuple[str, int]],
+    asked: list[tuple[str, int]],
+) -> None:
+    store = Store(tmp_path_factory.mktemp("d") / "s.db")
+    store.store_received(
+        [received(sender, f"r{i}-{sender}-{n}", f"h{n}") for i, (sender, n) in enumerate(stored)]
+    )
+    pairs = [(sender, f"h{n}") for sender, n in asked]
+    assert store.received_digests(pairs) == {p for p in pairs if store.has_received(*p)}
