@@ -461,6 +461,28 @@ def _passes(adapter: TypeAdapter[Any], value: Any, *, strings: bool = False) -> 
     return True
 
 
+# Positions are in every vessel report and fuel transfer, and pydantic checks
+# their decimal bounds and places in Python (~5 us). Two plain decimal strings
+# within range with at most 7 places are a valid Position (``_decimal_text``
+# takes them, and each constraint holds); anything else meets the adapter.
+_POSITION_FIELDS: Final = frozenset({("vessel", "position"), ("transfer", "place")})
+_PLAIN_DEGREES: Final = re.compile(r"-?[0-9]{1,3}(?:\.[0-9]{1,7})?")
+
+
+def _plain_position(value: Any) -> bool:
+    if type(value) is not dict or len(value) != 2:
+        return False
+    lat, lon = value.get("lat"), value.get("lon")
+    return (
+        type(lat) is str
+        and type(lon) is str
+        and _PLAIN_DEGREES.fullmatch(lat) is not None
+        and _PLAIN_DEGREES.fullmatch(lon) is not None
+        and -90 <= Decimal(lat) <= 90
+        and -180 <= Decimal(lon) <= 180
+    )
+
+
 def _validate_field(kind: str, path: str, value: Any, chain: str | None) -> None:
     if path == "observed_at":
         if not (
@@ -474,6 +496,8 @@ def _validate_field(kind: str, path: str, value: Any, chain: str | None) -> None
     adapter = _ADAPTERS.get((head, name))
     if adapter is None:
         adapter = _ADAPTERS[(head, name)] = _field_adapter(head, name)
+    if (head, name) in _POSITION_FIELDS and _plain_position(value):
+        return
     plain = _plain(value)
     if plain is _NOT_PLAIN or not _passes(adapter, plain):
         adapter.validate_json(_json(value), strict=True)

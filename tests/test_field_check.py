@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -147,7 +148,7 @@ def _edit_object(draw: st.DrawFn, value: dict[str, Any], keys: list[str]) -> dic
 def _edit_array(draw: st.DrawFn, value: list[Any], keys: list[str]) -> list[Any]:
     op = draw(st.sampled_from(["item", "empty", "repeat", "nest", "drop"]))
     at = draw(st.integers(0, max(len(value) - 1, 0)))
-    edits = {
+    edits: dict[str, Callable[[], list[Any]]] = {
         "empty": list,
         "repeat": lambda: value * draw(st.integers(2, 60)),
         "nest": lambda: [value],
@@ -203,6 +204,60 @@ _DECIMALS = [
     " 1",
     "1_0",
 ]
+
+
+_WHOLE = st.sampled_from(["0", "00", "9", "89", "90", "91", "179", "180", "181", "0090", "1000"])
+# Plain decimals around the ranges' edges (7 vs 8 places, 90/180), and hostile ones.
+_PLAIN = st.builds(
+    lambda sign, whole, frac: f"{sign}{whole}{'.' if frac else ''}{frac}",
+    st.sampled_from(["", "-"]),
+    _WHOLE,
+    st.text("0123456789", max_size=9),
+)
+_HOSTILE = st.builds(
+    lambda sign, whole, dot, frac, tail: f"{sign}{whole}{dot}{frac}{tail}",
+    st.sampled_from(["", "-", "+"]),
+    st.one_of(st.just(""), _WHOLE),
+    st.sampled_from(["", ".", ".", ","]),
+    st.text("0123456789", max_size=9),
+    st.sampled_from(["", "\n", " ", "e1", "E-2", "x", "\u0663"]),
+)
+_DEGREES = st.one_of(_PLAIN, _PLAIN, _HOSTILE)
+_POSITIONS = st.one_of(
+    st.fixed_dictionaries({"lat": _DEGREES, "lon": _DEGREES}),
+    st.fixed_dictionaries({"lat": _DEGREES}),
+    st.fixed_dictionaries({"lat": _DEGREES, "lon": _DEGREES, "alt": _DEGREES}),
+    st.fixed_dictionaries({"lat": _DEGREES, "lng": _DEGREES}),
+    st.fixed_dictionaries(
+        {"lat": st.one_of(_DEGREES, scalars), "lon": st.one_of(_DEGREES, scalars)}
+    ),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.sampled_from([("vessel", "vessel.position"), ("transfer", "transfer.place")]), _POSITIONS)
+def test_positions_get_the_oracles_answer(field: tuple[str, str], value: dict[str, Any]) -> None:
+    # Positions have their own shortcut (plain decimals in range): around every
+    # edge of it (signs, 90/180, 7 vs 8 places, exponents, a trailing newline)
+    # the answer must be the schema's.
+    _assert_same(*field, value)
+
+
+def test_the_position_shortcut_takes_real_positions_and_only_plain_ones() -> None:
+    real = [v for _, p, v, _ in REAL if p in ("vessel.position", "transfer.place")]
+    assert real
+    assert all(sightings._plain_position(v) for v in real)
+    edges = {"90.0000000": True, "-90": True, "-0": True, "090": True, "90.0000001": False}
+    edges |= dict.fromkeys(["1.12345678", "+1", "1.", ".5", "1e1", "1\n", "\u0663", "1,5"], False)
+    cases = [({"lat": text, "lon": "0"}, plain) for text, plain in edges.items()]
+    cases += [
+        ({"lat": "0", "lon": text}, plain) for text, plain in edges.items() if "9" not in text
+    ]
+    lon_edges = {"180.0000000": True, "-180": True, "180.0000001": False, "-180.0000001": False}
+    cases += [({"lat": "0", "lon": text}, plain) for text, plain in lon_edges.items()]
+    for value, plain in cases:
+        assert sightings._plain_position(value) is plain, value
+        _assert_same("vessel", "vessel.position", value)
 
 
 @settings(max_examples=800, deadline=None)
