@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import click
 
 from broker import keys as keyfiles
-from broker import natsconfig, natsetup
+from broker import natsconfig, natsetup, pseudonym_keys
 from broker.errors import KeyMaterialError, UsageError
 from broker.members import MEMBERS, parse_members
 from broker.roster import format_time
@@ -102,6 +103,61 @@ def keys_verify_roster(keydir: Path, authority: Path | None, min_version: int) -
             f"{key.member} {key.use} {key.kid} {key.status} "
             f"{format_time(key.valid_from)}..{format_time(key.valid_until)}"
         )
+
+
+@keys_group.command(name="pseudonym")
+@click.argument("member")
+@click.argument("key_id")
+@_KEYDIR
+@click.option(
+    "--from-file",
+    "source",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    default=None,
+    help="Import the key file the member who created KEY_ID sent (- reads stdin).",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Overwrite an existing, different key: every pseudonym made with it changes.",
+)
+def keys_pseudonym(
+    member: str, key_id: str, keydir: Path, source: Path | None, replace: bool
+) -> None:
+    """Create MEMBER's pseudonym key KEY_ID (32 random bytes), or import a partner's copy.
+
+    The key lands in <dir>/<MEMBER>/pseudonym/<KEY_ID>.key, mode 0600, where the node
+    looks for each key its policy's [pseudonym_keys] names.
+    """
+    path = pseudonym_keys.key_file(keydir, member.upper(), key_id)
+    if source is None:
+        key = pseudonym_keys.new_key()
+    else:
+        where = "stdin" if str(source) == "-" else str(source)
+        key = pseudonym_keys.decode(_read_key_source(source), where)
+    outcome = pseudonym_keys.store_key(path, key, replace=replace)
+    verb = "imported" if outcome == "created" and source is not None else outcome
+    click.echo(f"{verb} {path}" + ("" if outcome == "unchanged" else " (mode 0600)"))
+    click.echo(f"fingerprint {pseudonym_keys.fingerprint(key)}")
+    if source is None:
+        again = " --replace" if outcome == "replaced" else ""
+        click.echo(
+            f"send {path} to each partner listed under [pseudonym_keys.{key_id}] over a "
+            f"channel you trust; they run 'msmt keys pseudonym <THEM> {key_id} "
+            f"--from-file FILE{again}' and compare the fingerprint with you"
+        )
+
+
+def _read_key_source(source: Path) -> bytes:
+    # Read one byte past the limit, so an oversized file is refused without reading it all.
+    limit = pseudonym_keys.MAX_FILE_BYTES + 1
+    if str(source) == "-":
+        return sys.stdin.buffer.read(limit)
+    try:
+        with source.open("rb") as handle:
+            return handle.read(limit)
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from None
 
 
 @click.group(name="nats")
