@@ -5,7 +5,8 @@ private keys, policy, pseudonym keys, store, audit log), so a bad setup fails
 at start with one line. ``Node.run`` then runs these tasks until SIGTERM/SIGINT:
 
 * intake on the unix socket and the spool directory (``broker.intake``);
-* the planner and the publisher (``broker.publisher``);
+* the planner and the publisher (``broker.publisher``); planning runs in a
+  worker process (``broker.planpool``), started before any input is taken;
 * the inbox receiver (``broker.receiver``), once NATS is connected;
 * housekeeping: gauges, ``msmt status`` facts, counters, seen-set pruning, and
   publishing the audit log's latest signed checkpoint.
@@ -13,7 +14,8 @@ at start with one line. ``Node.run`` then runs these tasks until SIGTERM/SIGINT:
 Every store and audit-log call runs on one worker thread (SQLite connections
 are single-threaded; the event loop never waits on an fsync). Shutdown order:
 stop intake, stop planning and fetching, wait briefly for in-flight acks
-(anything unacked stays in the outbox), flush acks, close NATS, the store and the log.
+(anything unacked stays in the outbox), flush acks, close NATS, the store and the
+log, then the planning worker.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
@@ -48,6 +51,7 @@ from broker.members import MEMBERS
 from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
+from broker.planpool import PlanPool
 from broker.policy import Policy, load_policy
 from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
 from broker.receiver import Inbound, Receiver
@@ -62,12 +66,12 @@ HOUSEKEEPING_S: Final = 1.0
 PSEUDONYM_MIN_BYTES: Final = 32
 
 
-def _read_policy(config: NodeConfig) -> Policy:
+def _read_policy(config: NodeConfig) -> tuple[Policy, str]:
     try:
         text = config.policy.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read policy {config.policy}: {exc.strerror}") from None
-    return load_policy(text, member=config.member, source=str(config.policy))
+    return load_policy(text, member=config.member, source=str(config.policy)), text
 
 
 def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
@@ -106,6 +110,7 @@ class Node:
         inbound: Inbound,
         seed: bytes,
         auditnet: Callable[[Metrics, RunDb], AuditNet],
+        policy_text: str,
     ) -> None:
         self.config = config
         self.member = config.member
@@ -121,8 +126,9 @@ class Node:
         self.publisher: Publisher | None = None
         self.receiver: Receiver | None = None
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msmt-store")
-        # Envelope crypto runs beside the store thread, so acks get recorded meanwhile.
-        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msmt-plan")
+        # Envelope crypto runs in a worker process, on another core than the
+        # event loop and the store thread that publish and record the acks.
+        self._plans = PlanPool(planner, policy_text)
         self._plan_wake = asyncio.Event()
         self._plan_skip: dict[str, float] = {}
         self._intakes: list[Intake] = []
@@ -182,29 +188,52 @@ class Node:
     # --- planning and publishing ---------------------------------------------
 
     async def _plan_loop(self) -> None:
-        while not self.stop.is_set():
-            now = time.monotonic()
-            skip = {rid for rid, until in self._plan_skip.items() if until > now}
-            try:
-                rows = await self.run_db(self.store.unplanned, PLAN_BATCH + len(skip))
-                plans, errors = await asyncio.get_running_loop().run_in_executor(
-                    self._cpu, self.planner.plan, rows, PLAN_BATCH, skip
-                )
-                if plans:
-                    await self.run_db(self.store.plan, plans)
-                planned = len(plans)
-            except MsmtError as exc:
-                self._error(f"planning: {exc}")
-                planned, errors = 0, {}
-            for report_id, reason in errors.items():
-                self._plan_skip[report_id] = now + PLAN_RETRY_S
-                self._error(f"cannot plan report {report_id}: {reason}")
-            if planned and self.publisher is not None:
-                self.publisher.wake()
-            if not planned:
+        # Two stages overlap: the worker plans the next batch while the store
+        # commits the last one. At most one commit is outstanding, and the rows
+        # it holds (still unplanned in the store until it lands) are skipped.
+        committing: asyncio.Task[None] | None = None
+        in_commit: set[str] = set()
+        try:
+            while not self.stop.is_set():
+                # Cleared before looking, so a report accepted meanwhile wakes the next wait.
                 self._plan_wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._plan_wake.wait(), 0.5)
+                now = time.monotonic()
+                skip = {rid for rid, until in self._plan_skip.items() if until > now}
+                skip |= in_commit
+                try:
+                    rows = await self.run_db(self.store.unplanned, PLAN_BATCH + len(skip))
+                    rows = [row for row in rows if row[0] not in skip]
+                    plans, errors = (
+                        await self._plans.plan(rows, PLAN_BATCH, set()) if rows else ({}, {})
+                    )
+                except MsmtError as exc:
+                    self._error(f"planning: {exc}")
+                    plans, errors = {}, {}
+                for report_id, reason in errors.items():
+                    self._plan_skip[report_id] = now + PLAN_RETRY_S
+                    self._error(f"cannot plan report {report_id}: {reason}")
+                if committing is not None:
+                    await committing
+                    committing, in_commit = None, set()
+                if plans:
+                    in_commit = set(plans)
+                    committing = asyncio.create_task(self._commit_plans(plans))
+                elif not errors:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._plan_wake.wait(), 0.5)
+        finally:
+            if committing is not None:
+                await committing
+
+    async def _commit_plans(self, plans: dict[str, list[OutboxItem]]) -> None:
+        try:
+            await self.run_db(self.store.plan, plans)
+        except MsmtError as exc:
+            # Not committed means still unplanned: the next round plans them again.
+            self._error(f"planning: {exc}")
+            return
+        if self.publisher is not None:
+            self.publisher.wake()
 
     def _record_sent(self, batch: list[OutboxItem]) -> None:
         now = datetime.now(UTC)
@@ -396,6 +425,12 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         config = self.config
+        # Before any input: a node that could not plan must not accept reports.
+        try:
+            await self._plans.start()
+        except (BrokenProcessPool, TimeoutError):
+            self._plans.shutdown()
+            raise NodeFailedError("the planning worker did not start (its log says why)") from None
         token = ensure_token(config.token_path)
         socket_intake = Intake(
             self.member,
@@ -445,7 +480,8 @@ class Node:
             await metrics_runner.cleanup()
             await self.run_db(self._close)
             self._db.shutdown(wait=True)
-            self._cpu.shutdown(wait=True)
+            # The planner loop has ended, so the worker is idle and exits at once.
+            self._plans.shutdown()
             log.info("node_stopped", member=self.member)
         if self.failure is not None:
             raise NodeFailedError(self.failure)
@@ -483,7 +519,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             raise KeyMaterialError(f"cannot read {config.nats.seed_file}: {exc.strerror}") from None
     else:
         seed = keys.nats_seed
-    policy = _read_policy(config)
+    policy, policy_text = _read_policy(config)
     pseudonym = load_pseudonym_keys(config, policy)
     signing = keys.signing.private_key
     if not isinstance(signing, Ed25519PrivateKey):
@@ -533,7 +569,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             metrics.audit_alarms,
         )
 
-    return Node(config, store, audit, planner, inbound, seed, auditnet)
+    return Node(config, store, audit, planner, inbound, seed, auditnet, policy_text)
 
 
 async def run(config: NodeConfig) -> None:

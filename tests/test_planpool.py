@@ -1,0 +1,155 @@
+"""Planning in a worker process: same plans as in process, and a dead worker fails loudly.
+
+Real spawned worker processes, real keys and envelopes: every JWE the worker
+makes is opened by its recipient with ``envelope.receive``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures.process import BrokenProcessPool
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psutil
+import pytest
+from envelope_world import Node, make_roster, sig_key
+
+from broker import samples
+from broker.planpool import PlannerSpec, PlanPool
+from broker.policy import load_policy
+from broker.publisher import Planner, Signer
+
+POLICY = """version = 1
+member = "JPN"
+
+[[rules]]
+name = "everything"
+kinds = ["*"]
+partners = ["MSMT"]
+release = ["*"]
+"""
+
+
+def planner(text: str = POLICY) -> Planner:
+    policy = load_policy(text, member="JPN")
+    return Planner(Signer("JPN", sig_key("JPN"), "JPN-sig-1"), policy, make_roster(), {})
+
+
+def rows(count: int) -> list[tuple[str, bytes]]:
+    records = samples.generate(count, seed=5, originators=("JPN",), now=datetime.now(UTC))
+    for record in records:
+        record["tlp"] = "AMBER"
+        record.pop("rel_to", None)
+    return [(str(r["report_id"]), json.dumps(r).encode()) for r in records]
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[PlanPool]:
+    plans = PlanPool(planner(), POLICY)
+    try:
+        yield plans
+    finally:
+        await asyncio.to_thread(plans.shutdown)
+
+
+def test_spec_rebuilds_an_equal_planner() -> None:
+    original = planner()
+    rebuilt = PlannerSpec.of(original, POLICY).build()
+    assert rebuilt.policy.digest == original.policy.digest
+    assert rebuilt.signer.kid == original.signer.kid
+    assert rebuilt.signer.key.as_dict(private=True) == original.signer.key.as_dict(private=True)
+    assert [k.kid for k in rebuilt.roster] == [k.kid for k in original.roster]
+
+
+async def test_worker_plans_what_the_planner_plans_and_recipients_open_it(
+    pool: PlanPool,
+) -> None:
+    batch = rows(6)
+    skip = {batch[0][0]}
+    ours, errors = await pool.plan(batch, 4, skip)
+    theirs, their_errors = planner().plan(batch, 4, skip)
+    assert errors == their_errors == {}
+    assert list(ours) == list(theirs) == [rid for rid, _ in batch[1:5]]
+    now = datetime.now(UTC)
+    for report_id, items in ours.items():
+        expected = theirs[report_id]
+        # JWEs differ (fresh salts and ephemeral keys); everything else is equal.
+        assert [(i.partner, i.subject, i.audit) for i in items] == [
+            (i.partner, i.subject, i.audit) for i in expected
+        ]
+        for item in items:
+            received = Node(item.partner).receive(
+                item.jwe.decode(), now=now, max_age=timedelta(minutes=5)
+            )
+            assert received.report_id == report_id
+            assert received.originator == "JPN"
+
+
+async def test_a_killed_worker_fails_the_next_call_instead_of_hanging(pool: PlanPool) -> None:
+    await pool.start()
+    (pid,) = pool.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(BrokenProcessPool):
+        await asyncio.wait_for(pool.plan(rows(1), 1, set()), 30)
+
+
+async def test_the_worker_ignores_sigterm_sent_to_the_whole_group(pool: PlanPool) -> None:
+    await pool.start()
+    (pid,) = pool.worker_pids()
+    os.kill(pid, signal.SIGTERM)
+    plans, errors = await pool.plan(rows(1), 1, set())
+    assert len(plans) == 1
+    assert errors == {}
+    assert pool.worker_pids() == [pid]
+
+
+async def test_a_worker_given_another_policy_refuses_to_start() -> None:
+    # The text is not the policy whose digest the node checked: the worker must not plan.
+    other = POLICY.replace('partners = ["MSMT"]', 'partners = ["USA"]')
+    plans = PlanPool(planner(), other)
+    try:
+        with pytest.raises(BrokenProcessPool):
+            await plans.start()
+    finally:
+        await asyncio.to_thread(plans.shutdown)
+
+
+ORPHAN = """
+import asyncio, sys, time
+sys.path.insert(0, {tests!r})
+from test_planpool import POLICY, planner
+from broker.planpool import PlanPool
+
+async def main() -> None:
+    pool = PlanPool(planner(), POLICY)
+    await pool.start()
+    print(pool.worker_pids()[0], flush=True)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_the_worker_exits_when_the_node_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "node.py"
+    script.write_text(ORPHAN.format(tests=str(Path(__file__).parent)))
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True) as node:
+        try:
+            assert node.stdout is not None
+            worker = psutil.Process(int(node.stdout.readline()))
+            assert worker.ppid() == node.pid
+        finally:
+            node.kill()
+    deadline = time.monotonic() + 20
+    while worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the planning worker outlived its node"
+        time.sleep(0.1)
