@@ -2,7 +2,8 @@
 
 Two stages, both restartable from the store alone:
 
-1. **Plan** (``Planner``, synchronous, run on the store's thread): for each
+1. **Plan** (``Planner``, synchronous; the node runs it in a worker process,
+   ``broker.planpool``, and commits its result on the store's thread): for each
    accepted report, run the policy for every partner, issue the SD-JWT once,
    present it to each partner that is released anything, and store every
    partner's exact JWE in the outbox in the same transaction that marks the
@@ -10,7 +11,9 @@ Two stages, both restartable from the store alone:
    nothing is planned twice and no partner can be left out.
 2. **Publish** (``Publisher``, asyncio): send each pending JWE to
    ``msmt.to.<PARTNER>.<kind>`` on JetStream with ``Nats-Msg-Id`` = report id +
-   partner, at most ``max_in_flight`` awaiting their acks. Acked envelopes are
+   partner, at most ``max_in_flight`` awaiting their acks (pipelined through
+   nats-py's ``publish_async``: one reply subscription, no task per envelope;
+   an ack not back within ``PUBLISH_TIMEOUT`` counts as failed). Acked envelopes are
    recorded in the audit log, then marked sent, in batches. A failed or
    unanswered publish simply stays pending and is retried: the outbox, not the
    client's reconnect buffer, is the durability guarantee, and the hub's dedup
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -34,6 +38,7 @@ import nats.errors
 import nats.js.errors
 from joserfc.jwk import OKPKey
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from broker import audit_events
 from broker.audit_events import AuditEvent
@@ -201,7 +206,8 @@ class Publisher:
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self._refill = max(1, max_in_flight // 8)
-        self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # Awaiting the hub's ack: the ack future and when to give up on it.
+        self._in_flight: dict[tuple[str, str], tuple[asyncio.Future[PubAck], float]] = {}
         self._acked: list[OutboxItem] = []
         # Acked but not yet marked sent: never picked up again meanwhile, so an
         # envelope is not published (and audited as sent) twice in one run.
@@ -222,6 +228,7 @@ class Publisher:
         committer = asyncio.create_task(self._commit_loop(stop))
         try:
             while not stop.is_set():
+                self._expire(time.monotonic())
                 room = self.max_in_flight - len(self._in_flight)
                 started = 0
                 # Refill in batches, not after every ack: each refill is a store
@@ -237,9 +244,8 @@ class Publisher:
                         self.last_error = str(exc)
                         items = []
                     for item in items:
-                        key = (item.report_id, item.partner)
-                        self._retry_at.pop(key, None)
-                        self._in_flight[key] = asyncio.create_task(self._publish(item))
+                        self._retry_at.pop((item.report_id, item.partner), None)
+                        await self._publish(item)
                         started += 1
                 if started == 0:
                     self._wake.clear()
@@ -248,43 +254,67 @@ class Publisher:
         finally:
             # Hand back: whatever is unacked stays pending in the outbox.
             if self._in_flight:
-                await asyncio.wait(list(self._in_flight.values()), timeout=PUBLISH_TIMEOUT)
-            for task in self._in_flight.values():
-                task.cancel()
+                waiting = [future for future, _ in self._in_flight.values()]
+                await asyncio.wait(waiting, timeout=PUBLISH_TIMEOUT)
+            for future, _ in list(self._in_flight.values()):
+                future.cancel()
             await committer
 
     async def _publish(self, item: OutboxItem) -> None:
+        # Pipelined: the ack is matched to this envelope by its reply subject in
+        # nats-py's one reply subscription, and ``_done`` runs when it arrives.
+        # No task or timer per envelope; ``_expire`` times out lost acks.
         key = (item.report_id, item.partner)
         started = time.perf_counter()
         try:
-            await self.js.publish(
-                item.subject,
-                item.jwe,
-                timeout=PUBLISH_TIMEOUT,
-                headers={"Nats-Msg-Id": item.msg_id},
+            future = await self.js.publish_async(
+                item.subject, item.jwe, headers={"Nats-Msg-Id": item.msg_id}
             )
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            self.last_error = f"publish to {item.partner}: {type(exc).__name__} {exc}".strip()
-            attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
-            now = time.monotonic()
-            self._retry_at[key] = now + min(RETRY_MAX, RETRY_AFTER * 2 ** (attempts - 1))
-            if now - self._warned.get(item.partner, -WARN_EVERY) >= WARN_EVERY:
-                self._warned[item.partner] = now
-                log.warning(
-                    "publish_failed",
-                    report_id=item.report_id,
-                    partner=item.partner,
-                    error=type(exc).__name__,
-                    attempts=attempts,
-                )
-        else:
-            self._attempts.pop(key, None)
-            self.metrics.publish_latency.observe(time.perf_counter() - started)
-            self._acked.append(item)
-            self._unrecorded.add(key)
-            self._wake.set()
-        finally:
-            self._in_flight.pop(key, None)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            self._failed(item, exc)
+            return
+        self._in_flight[key] = (future, time.monotonic() + PUBLISH_TIMEOUT)
+        future.add_done_callback(functools.partial(self._done, item, started))
+
+    def _expire(self, now: float) -> None:
+        # In-flight entries are in publish order, so their deadlines are too.
+        for future, deadline in self._in_flight.values():
+            if deadline > now:
+                return
+            future.cancel()  # -> _done, which removes it and schedules the retry
+
+    def _done(self, item: OutboxItem, started: float, future: asyncio.Future[PubAck]) -> None:
+        key = (item.report_id, item.partner)
+        self._in_flight.pop(key, None)
+        self._wake.set()
+        if future.cancelled():
+            self._failed(item, TimeoutError(f"no ack within {PUBLISH_TIMEOUT:g} s"))
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._failed(item, exc)
+            return
+        self._attempts.pop(key, None)
+        self.metrics.publish_latency.observe(time.perf_counter() - started)
+        self._acked.append(item)
+        self._unrecorded.add(key)
+
+    def _failed(self, item: OutboxItem, exc: BaseException) -> None:
+        # Not acked: stays pending in the outbox, retried after a backoff.
+        key = (item.report_id, item.partner)
+        self.last_error = f"publish to {item.partner}: {type(exc).__name__} {exc}".strip()
+        attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
+        now = time.monotonic()
+        self._retry_at[key] = now + min(RETRY_MAX, RETRY_AFTER * 2 ** (attempts - 1))
+        if now - self._warned.get(item.partner, -WARN_EVERY) >= WARN_EVERY:
+            self._warned[item.partner] = now
+            log.warning(
+                "publish_failed",
+                report_id=item.report_id,
+                partner=item.partner,
+                error=type(exc).__name__,
+                attempts=attempts,
+            )
 
     async def _commit_loop(self, stop: asyncio.Event) -> None:
         while True:
