@@ -1,0 +1,176 @@
+"""A real ``msmt node run`` set up with the operator's commands and stopped by signals.
+
+KOR's shipped policy names a pseudonym key, so its node starts only once
+``msmt keys pseudonym`` has created it. A SIGTERM stop removes the intake socket; a
+SIGKILL leaves it behind, and the next start replaces it and serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker import keys, samples
+from broker.config import NodeConfig, load_config
+from broker.intake import ensure_token, submit
+from broker.natsconfig import accounts_config, load_users
+from broker.natsetup import setup_account
+from broker.natsproc import NatsServer, free_port
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+MSMT = str(Path(sys.executable).parent / "msmt")
+MEMBERS = ("KOR", "JPN", "USA")
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Kor:
+    """KOR's node directory and hub; ``start``/``stop`` run the real daemon."""
+
+    root: Path
+    server: NatsServer
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "nodes" / "KOR" / "node.toml"
+
+    @property
+    def config(self) -> NodeConfig:
+        return load_config(self.config_path, env={})
+
+    def msmt(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [MSMT, *args], capture_output=True, text=True, check=False, timeout=60
+        )
+
+    def create_pseudonym_key(self) -> None:
+        key_dir = str(self.root / "keys")
+        created = self.msmt("keys", "pseudonym", "KOR", "kor-jpn-usa-2026", "--dir", key_dir)
+        assert created.returncode == 0, created.stderr
+        assert created.stdout.startswith("created ")
+
+    def start(self) -> None:
+        with (self.root / "KOR.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [MSMT, "node", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        port = self.config.metrics.port
+        wait_for(lambda: self._ready(port) or self.proc_ended(), 30, "KOR ready")
+        assert not self.proc_ended(), (self.root / "KOR.log").read_text()[-3000:]
+
+    def proc_ended(self) -> bool:
+        return self.proc is None or self.proc.poll() is not None
+
+    def _ready(self, port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, sig: signal.Signals) -> int:
+        assert self.proc is not None
+        proc, self.proc = self.proc, None
+        proc.send_signal(sig)
+        return proc.wait(timeout=30)
+
+    def submit(self, count: int) -> list[dict[str, Any]]:
+        config = self.config
+        body = samples.to_ndjson(samples.generate(count, seed=7, originators=("KOR",))).encode()
+
+        async def chunks() -> Any:
+            yield body
+
+        answers: list[dict[str, Any]] = []
+        token = ensure_token(config.token_path)
+        asyncio.run(submit(config.socket_path, token, chunks(), answers.append))
+        return answers
+
+
+@pytest.fixture
+def kor(tmp_path: Path) -> Iterator[Kor]:
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
+    server = NatsServer(workdir=tmp_path / "nats", extra_config=accounts_config(load_users(keydir)))
+    server.start()
+    node = Kor(tmp_path, server)
+    try:
+        seed = (keydir / "KOR" / keys.NATS_SEED_FILE).read_bytes().strip()
+        asyncio.run(setup_account(server.url, "KOR", seed))
+        folder = tmp_path / "nodes" / "KOR"
+        folder.mkdir(parents=True)
+        (folder / "policy.toml").write_text((REPO / "nodes" / "KOR" / "policy.toml").read_text())
+        (folder / "node.toml").write_text(
+            'member = "KOR"\nbase_dir = "../.."\npolicy = "nodes/KOR/policy.toml"\n'
+            f'data_dir = "data/KOR"\n[nats]\nurls = ["{server.url}"]\n[keys]\ndir = "keys"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
+        )
+        yield node
+    finally:
+        if node.proc is not None:
+            node.stop(signal.SIGKILL)
+        server.kill()
+
+
+def test_node_starts_with_a_created_pseudonym_key_and_a_clean_stop_removes_its_socket(
+    kor: Kor,
+) -> None:
+    refused = kor.msmt("node", "run", "--config", str(kor.config_path))
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("msmt: error: pseudonym key kor-jpn-usa-2026: cannot read")
+    assert refused.stderr.count("\n") == 1
+
+    kor.create_pseudonym_key()
+    kor.start()
+    sock = kor.config.socket_path
+    assert stat.S_ISSOCK(sock.lstat().st_mode)
+    answers = kor.submit(3)
+    assert [a["status"] for a in answers] == ["accepted"] * 3
+    assert kor.stop(signal.SIGTERM) == 0
+    assert not sock.exists()
+    assert not sock.is_symlink()
+    assert kor.config.token_path.exists()  # the token outlives the run; only the socket goes
+
+
+def test_a_socket_left_by_a_killed_node_is_replaced_at_the_next_start(kor: Kor) -> None:
+    kor.create_pseudonym_key()
+    kor.start()
+    sock = kor.config.socket_path
+    assert kor.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert stat.S_ISSOCK(sock.lstat().st_mode)  # SIGKILL runs no cleanup
+    with socket.socket(socket.AF_UNIX) as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(str(sock))
+
+    kor.start()
+    assert [a["status"] for a in kor.submit(2)] == ["accepted"] * 2
+    assert not [n for n in os.listdir(sock.parent) if ".stale-" in n]
+    assert kor.stop(signal.SIGTERM) == 0
+    assert not sock.exists()
