@@ -20,11 +20,11 @@ import re
 import base58
 from Crypto.Hash import keccak
 
-_IMO = re.compile(r"^[0-9]{7}$")
-_MMSI = re.compile(r"^[0-9]{9}$")
-_ETH = re.compile(r"^0x[0-9a-fA-F]{40}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_ETH_TX = re.compile(r"^0x[0-9a-f]{64}$")
+_IMO = re.compile(r"[0-9]{7}")
+_MMSI = re.compile(r"[0-9]{9}")
+_ETH = re.compile(r"0x[0-9a-fA-F]{40}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_ETH_TX = re.compile(r"0x[0-9a-f]{64}")
 
 
 def imo_check_digit(first_six: str) -> int:
@@ -34,7 +34,7 @@ def imo_check_digit(first_six: str) -> int:
 
 def check_imo(value: str) -> None:
     """Validate a 7-digit IMO number and its check digit."""
-    if not _IMO.match(value):
+    if not _IMO.fullmatch(value):
         raise ValueError("IMO number must be exactly 7 digits")
     expected = imo_check_digit(value[:6])
     if int(value[6]) != expected:
@@ -43,7 +43,7 @@ def check_imo(value: str) -> None:
 
 def check_mmsi(value: str) -> None:
     """Validate an MMSI: exactly nine digits."""
-    if not _MMSI.match(value):
+    if not _MMSI.fullmatch(value):
         raise ValueError("MMSI must be exactly 9 digits")
 
 
@@ -149,7 +149,7 @@ def eip55(address: str) -> str:
 
 def check_ethereum_address(value: str) -> None:
     """Validate an Ethereum address; mixed case must be a valid EIP-55 checksum."""
-    if not _ETH.match(value):
+    if not _ETH.fullmatch(value):
         raise ValueError("Ethereum address must be 0x followed by 40 hex digits")
     body = value[2:]
     if body not in (body.lower(), body.upper()) and value != eip55(value):
@@ -172,7 +172,7 @@ def check_tx_hash(chain: str, value: str) -> None:
     if chain not in ("bitcoin", "ethereum"):
         raise ValueError("no valid chain to check the hash against")
     pattern = _HEX64 if chain == "bitcoin" else _ETH_TX
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         shape = "64 lower-case hex digits" if chain == "bitcoin" else "0x and 64 lower-case hex"
         raise ValueError(f"{chain} transaction hash must be {shape}")
 

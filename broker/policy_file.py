@@ -33,8 +33,8 @@ FORMAT: Final = "msmt-policy/1"
 TLP_LABELS: Final[tuple[str, ...]] = get_args(TLP)
 ALL_GROUP: Final = "MSMT"
 ALL_PATHS: Final = frozenset(p for kind in KINDS for p in field_paths(kind))
-_RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\[\]-]{0,63}$")
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]{0,63}$")
+_RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\[\]-]{0,63}")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.+-]{0,63}")
 _RULE_KEYS: Final = frozenset(
     {"name", "kinds", "partners", "tlp", "release", "withhold", "transforms"}
 )
@@ -295,7 +295,7 @@ class _Reader:
         out: dict[str, tuple[str, ...]] = {}
         for name, members in data.items():
             where = ("groups", name)
-            if name == ALL_GROUP or is_member(name) or not _NAME.match(name):
+            if name == ALL_GROUP or is_member(name) or not _NAME.fullmatch(name):
                 self.fail(self.loc.line(*where), f"{name!r} cannot be a group name")
                 continue
             if not isinstance(members, list):
@@ -367,7 +367,7 @@ class _Reader:
         for key in sorted(set(data) - _RULE_KEYS):
             self.fail(self.loc.line(*where, key), f"unknown rule setting {key!r}")
         name = data.get("name", f"rules[{index}]")
-        if not isinstance(name, str) or not _RULE_NAME.match(name):
+        if not isinstance(name, str) or not _RULE_NAME.fullmatch(name):
             # No spaces or colons, so a rule name never reads like a marking reason.
             self.fail(
                 self.loc.line(*where, "name"),

@@ -42,14 +42,14 @@ KINDS: Final = ("vessel", "worker", "transfer")
 TLP = Literal["CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED"]
 """Traffic Light Protocol 2.0 labels (FIRST), strictest last."""
 
-_DECIMAL_TEXT = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
+_DECIMAL_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
 
 def _decimal_text(value: object) -> object:
     # Floats are refused outright: a float has already lost the exact value the
     # originator meant, and two JSON encoders may print it differently.
     if isinstance(value, str):
-        if not _DECIMAL_TEXT.match(value):
+        if not _DECIMAL_TEXT.fullmatch(value):
             raise ValueError('must be a plain decimal string such as "38.125"')
         return Decimal(value)
     if isinstance(value, Decimal):

@@ -61,19 +61,19 @@ _APPLIES: Final = {
     "hour": TIME_PATHS,
     "pseudonym": PSEUDONYM_PATHS,
 }
-_KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_PSEUDONYM = re.compile(r"^hmac-sha256:([A-Za-z0-9_.-]{1,64}):([A-Za-z0-9_-]{43})$")
-_ROUNDED = re.compile(r"^[0-9]+(\.[0-9]+)?(E\+[0-9]+)?$")
+_KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PSEUDONYM = re.compile(r"hmac-sha256:([A-Za-z0-9_.-]{1,64}):([A-Za-z0-9_-]{43})")
+_ROUNDED = re.compile(r"[0-9]+(\.[0-9]+)?(E\+[0-9]+)?")
 VARIANT_SEP: Final = "#"
 
 
-_PLAIN_DECIMAL = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,12})?$")
+_PLAIN_DECIMAL = re.compile(r"[0-9]{1,12}(\.[0-9]{1,12})?")
 
 
 def _positive_decimal(text: str, what: str) -> Decimal:
     # Only plain decimals: the parameter is part of the disclosure key, so
     # "1E+3", " 0.5" or "NaN" would give odd keys (or none) for the same step.
-    if not _PLAIN_DECIMAL.match(text):
+    if not _PLAIN_DECIMAL.fullmatch(text):
         raise ValueError(f"{what} must be a plain positive decimal such as 0.5, not {text!r}")
     try:
         value = Decimal(text)
@@ -119,7 +119,7 @@ class Transform:
             if name == "coarsen" and -step.as_tuple().exponent > 6:  # type: ignore[operator]
                 # A cell centre adds half a step; positions carry at most 7 places.
                 raise ValueError("coarsen grid must have at most 6 decimal places")
-        elif not _KEY_ID.match(param):
+        elif not _KEY_ID.fullmatch(param):
             raise ValueError("pseudonym key id must be 1-64 letters, digits, '.', '_' or '-'")
         return cls(name, param)
 
@@ -164,9 +164,7 @@ class Transform:
             return
         if self.name == "round":
             # Rounding may legitimately reach zero, so only the shape is checked.
-            if not isinstance(value, str) or not re.match(
-                r"^[0-9]+(\.[0-9]+)?(E\+[0-9]+)?$", value
-            ):
+            if not isinstance(value, str) or not _ROUNDED.fullmatch(value):
                 raise ValueError("rounded amount must be a non-negative decimal string")
             return
         if self.name == "hour":
@@ -174,7 +172,7 @@ class Transform:
                 raise ValueError("time truncated to the hour must end in :00:00Z")
             datetime.fromisoformat(value)
             return
-        match = _PSEUDONYM.match(value) if isinstance(value, str) else None
+        match = _PSEUDONYM.fullmatch(value) if isinstance(value, str) else None
         if match is None or match.group(1) != self.param:
             raise ValueError(f"pseudonym must look like hmac-sha256:{self.param}:<43 base64url>")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import base58
@@ -105,3 +106,24 @@ def test_mmsi() -> None:
     for bad in ("44512300", "4451230001", "44512300a"):
         with pytest.raises(ValueError, match="9 digits"):
             identifiers.check_mmsi(bad)
+
+
+# Python's ``$`` also matches before a final newline; ``"9074729\n"`` must not
+# pass as a second spelling of IMO 9074729 (matching, dedup and STIX key on it).
+@pytest.mark.parametrize(
+    ("check", "valid"),
+    [
+        (identifiers.check_imo, "9074729"),
+        (identifiers.check_mmsi, "123456789"),
+        (identifiers.check_ethereum_address, "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"),
+        (lambda v: identifiers.check_tx_hash("bitcoin", v), "a" * 64),
+        (lambda v: identifiers.check_tx_hash("ethereum", v), "0x" + "b" * 64),
+    ],
+)
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", " "])
+def test_identifier_with_trailing_newline_or_space_is_refused(
+    check: Callable[[str], None], valid: str, suffix: str
+) -> None:
+    check(valid)
+    with pytest.raises(ValueError, match=r"must|not"):
+        check(valid + suffix)

@@ -70,6 +70,27 @@ def test_decimals_round_trip_exactly() -> None:
     assert out["vessel"]["position"] == {"lat": "38.1250000", "lon": "-0.5"}
 
 
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("vessel", "position", "lat"), "38.125\n"),
+        (("vessel", "imo"), "9575565\n"),
+        (("vessel", "mmsi"), "341462521\n"),
+    ],
+)
+def test_a_trailing_newline_is_not_a_second_spelling(path: tuple[str, ...], value: str) -> None:
+    # Python's "$" matches before a final newline; intake and receive must not
+    # accept "38.125\n" beside "38.125" as the same value.
+    rec = samples.example_records()["vessel"]
+    parse_record(json.dumps(rec))
+    target = rec
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(InvalidRecordError, match=".".join(path)):
+        parse_record(json.dumps(rec))
+
+
 def test_leaf_values_cover_field_paths_and_omit_absent_optionals() -> None:
     for kind, rec in samples.example_records().items():
         sighting = parse_record(json.dumps(rec))
