@@ -18,6 +18,7 @@ argument against a narrow pattern so report content cannot slip in.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -87,6 +88,10 @@ def _member(value: str, what: str) -> str:
     return value
 
 
+# The checks below are pure, and a node records the same report id, disclosure
+# keys and time for up to 10 partners in a row: their answers are cached (an
+# invalid value raises every time; exceptions are not cached).
+@functools.lru_cache(maxsize=4096)
 def _report_id(value: UUID | str) -> str:
     try:
         return str(UUID(str(value)))
@@ -113,17 +118,34 @@ def _token(value: str, what: str) -> str:
 
 
 def _disclosures(values: Iterable[str], what: str) -> list[str]:
+    return list(_checked_disclosures(tuple(values), what))
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_disclosures(values: tuple[str, ...], what: str) -> tuple[str, ...]:
     out = sorted(set(values))
     for value in out:
         if not _DISCLOSURE.fullmatch(value):
             raise AuditError(f"audit {what} {value!r} is not a field path or disclosure key")
-    return out
+    return tuple(out)
+
+
+def _utc_text(at: datetime) -> str:
+    # Checked before the cache: aware datetimes of one instant in different
+    # zones are equal (and hash alike), so only UTC ones may reach it.
+    offset = at.utcoffset()
+    if offset is None or offset.total_seconds() != 0:
+        raise AuditError("audit event time must be UTC")
+    return _format_utc(at)
+
+
+@functools.lru_cache(maxsize=16)
+def _format_utc(at: datetime) -> str:
+    return format_time(at)
 
 
 def _base(kind: str, member: str, at: datetime) -> dict[str, Any]:
-    if at.utcoffset() is None or at.utcoffset().total_seconds() != 0:  # type: ignore[union-attr]
-        raise AuditError("audit event time must be UTC")
-    return {"type": kind, "member": _member(member, "member"), "at": format_time(at)}
+    return {"type": kind, "member": _member(member, "member"), "at": _utc_text(at)}
 
 
 def accepted(

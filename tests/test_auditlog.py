@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +336,28 @@ def test_event_constructors_refuse_local_time_and_free_text() -> None:
         ev.key_changed(MEMBER, T0, action="rotated", kid="JPN-sig-1")
     with pytest.raises(AuditError, match="short identifier"):
         ev.accepted(MEMBER, T0, report_id=_SENT["report_id"], kind="vessel", feed="a feed")
+
+
+def test_cached_checks_still_refuse_what_they_refused() -> None:
+    # The constructors cache their pure checks; an aware time equal to a cached
+    # UTC one (same instant, same hash) must still be refused, and a bad value
+    # must be refused every time, not only the first.
+    utc = datetime(2026, 1, 1, 0, 0, tzinfo=UTC)
+    ev.sent(MEMBER, utc, **_SENT)
+    tokyo = utc.astimezone(timezone(timedelta(hours=9)))
+    assert tokyo == utc
+    assert hash(tokyo) == hash(utc)
+    for _ in range(2):
+        with pytest.raises(AuditError, match="UTC"):
+            ev.sent(MEMBER, tokyo, **_SENT)
+        with pytest.raises(AuditError, match="not a field path"):
+            ev.sent(MEMBER, utc, **(_SENT | {"released": ["vessel.imo", "Vessel Name"]}))
+        with pytest.raises(AuditError, match="not a UUID"):
+            ev.sent(MEMBER, utc, **(_SENT | {"report_id": "not-a-uuid"}))
+    # A cached answer is a fresh list: changing one event's cannot change another's.
+    first = ev.sent(MEMBER, utc, **_SENT)
+    first.fields["released"].append("vessel.name")
+    assert ev.sent(MEMBER, utc, **_SENT).fields["released"] == ["vessel.imo"]
 
 
 def test_parse_entry_refuses_a_well_formed_but_invalid_entry() -> None:
