@@ -51,10 +51,12 @@ def _in_domain(value: Any) -> bool:
         return True
     if kind is int:
         return bool(-_INT_MAX <= value <= _INT_MAX)
+    # Strings inline: audit entries are mostly strings, and a call per item
+    # cost as much as the encoding itself.
     if kind is list or kind is tuple:
-        return all(_in_domain(v) for v in value)
+        return all(type(v) is str or _in_domain(v) for v in value)
     if kind is dict:
-        return all(_bmp_key(k) and _in_domain(v) for k, v in value.items())
+        return all(_bmp_key(k) and (type(v) is str or _in_domain(v)) for k, v in value.items())
     return False
 
 
