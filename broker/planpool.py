@@ -105,11 +105,12 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _start_worker(spec: PlannerSpec) -> None:
+def _start_worker(spec: PlannerSpec, parent: int) -> None:
     global _planner  # noqa: PLW0603 - one planner per worker process, set once
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    parent = os.getppid()
+    # ``parent`` comes from the node, not os.getppid() here: a node killed
+    # while this worker was still importing has already been replaced as parent.
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="orphan").start()
     _planner = spec.build()
 
@@ -139,7 +140,7 @@ class PlanPool:
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(self._spec,),
+                initargs=(self._spec, os.getpid()),
             )
         return self._pool
 

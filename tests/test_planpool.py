@@ -130,7 +130,10 @@ from broker.planpool import PlanPool
 
 async def main() -> None:
     pool = PlanPool(planner(), POLICY)
-    await pool.start()
+    starting = asyncio.create_task(pool.start())
+    await asyncio.sleep(0)  # the worker is spawned, still importing
+    if {ready!r}:
+        await starting
     print(pool.worker_pids()[0], flush=True)
     time.sleep(120)
 
@@ -139,9 +142,10 @@ if __name__ == "__main__":
 """
 
 
-def test_the_worker_exits_when_the_node_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ready", [True, False], ids=["ready", "still-starting"])
+def test_the_worker_exits_when_the_node_is_killed(tmp_path: Path, ready: bool) -> None:
     script = tmp_path / "node.py"
-    script.write_text(ORPHAN.format(tests=str(Path(__file__).parent)))
+    script.write_text(ORPHAN.format(tests=str(Path(__file__).parent), ready=ready))
     with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True) as node:
         try:
             assert node.stdout is not None
