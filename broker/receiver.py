@@ -332,8 +332,7 @@ class _Pull:
         return out
 
     async def wait(self, seconds: float) -> None:
-        """Until something is delivered or a request ended, or ``seconds`` have passed."""
-        self.wake.clear()
+        """Until ``wake`` is set (a delivery, a request's end) or ``seconds`` have passed."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), seconds)
 
@@ -344,7 +343,9 @@ class _Pull:
         """
         self.stopping = True
         while self.open and self.failure is None and time.monotonic() < self.deadline:
-            await self.wait(self.deadline - time.monotonic())
+            self.wake.clear()
+            if self.open:
+                await self.wait(self.deadline - time.monotonic())
         if self.sub is not None:
             try:
                 await self.sub.unsubscribe()
@@ -388,6 +389,8 @@ class Receiver:
         self.bound = True
         try:
             while not stop.is_set() and pull.failure is None:
+                # Cleared before looking, so a delivery from now on ends the wait below.
+                pull.wake.clear()
                 msgs = pull.take()
                 if msgs:
                     await pull.want_more()
