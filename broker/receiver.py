@@ -1,6 +1,8 @@
-"""Hub -> inbox: fetch from the durable pull consumer, verify, store, audit, then ack.
+"""Hub -> inbox: pull from the durable consumer, verify, store, audit, then ack.
 
-For each fetched batch (``Inbound.process``, run on the store's thread):
+``Receiver`` keeps one pull request out at the hub (``_Pull``) and hands what
+has arrived, up to ``fetch_batch`` messages, to ``Inbound.process`` on the
+store's thread. For each batch:
 
 1. the subject must be ``from.<SENDER>.msmt.to.<ME>.<kind>``: the hub's word for
    who sent it (service import prefix), which the envelope's sender must match;
@@ -15,7 +17,8 @@ For each fetched batch (``Inbound.process``, run on the store's thread):
    or terminated (bad, ``msg.term()`` so the consumer never stalls on them).
 
 If the audit log or store cannot be written, nothing is acked; the batch is
-handed back with ``nak`` and redelivered.
+handed back with ``nak`` and redelivered. At a stop, messages delivered but not
+yet verified are handed back with ``nak`` too.
 """
 
 from __future__ import annotations
