@@ -12,7 +12,7 @@ the other ten only receive. In order:
    the first report's acceptance (JPN store ``accepted_at``) to the last
    delivery stored and verified at a partner (partner store ``received_at``);
    the CPU time of every process over the phase (psutil); in the full run the
-   resident memory of every node, sampled each second.
+   resident memory of every node (with its children), sampled each second.
 2. latency: reports offered at a fixed rate (default 100/s), one per write;
    per report, accepted at JPN -> stored at the last of the 10 partners.
 3. the nodes stop (SIGTERM, exit 0 expected); counts are checked: every
@@ -244,11 +244,30 @@ def delivered(cluster: Cluster, member: str) -> int:
 
 
 def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    """CPU seconds (user + system) of each process itself."""
     out = {}
     for name, proc in procs.items():
         t = proc.cpu_times()
         out[name] = t.user + t.system
     return out
+
+
+def tree_cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    """CPU seconds of each node with its live children (the planning worker).
+
+    The bench process itself counts alone: its children are the nodes and the hub.
+    """
+    out = cpu_seconds(procs)
+    for name, proc in procs.items():
+        if name in MEMBERS:
+            out[name] += sum(sum(c.cpu_times()[:2]) for c in proc.children(recursive=True))
+    return out
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Resident bytes of a node and its live children (the planning worker)."""
+    total: int = proc.memory_info().rss
+    return total + sum(int(c.memory_info().rss) for c in proc.children(recursive=True))
 
 
 @dataclass
@@ -292,7 +311,7 @@ async def wait_all(
             last_sample = time.monotonic()
             progress = min(counts.values()) - offset
             for name in (ORIGIN, *PARTNERS):
-                memory.add(name, progress, procs[name].memory_info().rss)
+                memory.add(name, progress, tree_rss(procs[name]))
         if all(c >= want for c in counts.values()):
             return
         dead = [m for m, p in cluster.procs.items() if p.poll() is not None]
@@ -440,7 +459,8 @@ def show_cpu(spent: dict[str, float], reports: int) -> None:
     receivers = sum(spent[m] for m in PARTNERS)
     total = sum(spent.values())
     print(
-        f"CPU s: publisher {spent[ORIGIN]:.1f}, 10 receivers {receivers:.1f}"
+        f"CPU s: publisher (with its planning worker) {spent[ORIGIN]:.1f},"
+        f" 10 receivers {receivers:.1f}"
         f" (max one {max(spent[m] for m in PARTNERS):.1f}), nats-server {spent['nats-server']:.1f},"
         f" bench driver {spent['bench']:.1f}; total {total:.1f}"
     )
@@ -481,14 +501,14 @@ async def measure(args: argparse.Namespace) -> Results:
             procs = cluster.processes()
             # 1. throughput
             memory = Memory() if args.memory else None
-            cpu0 = cpu_seconds(procs)
+            cpu0 = tree_cpu_seconds(procs)
             wall0 = time.perf_counter()
             spies = profile(cluster, args.profile) if args.profile else []
             feeding = asyncio.create_task(cluster.feed(bulk))
             await wait_all(cluster, count, args.timeout, memory)
             await feeding
             wall = time.perf_counter() - wall0
-            cpu1 = cpu_seconds(procs)
+            cpu1 = tree_cpu_seconds(procs)
             for spy in spies:
                 spy.send_signal(signal.SIGINT)
                 spy.wait()
