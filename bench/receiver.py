@@ -9,7 +9,7 @@ node uses) and publishes them into USA's inbox stream with their
 ``Nats-Msg-Id``. USA's durable consumer is created only once the node is up
 (its inbox stays unbound and it retries each second; the member's account
 may create its consumer but not pause it), so start-up is not measured. The
-node then drains the inbox: its process's CPU (psutil) from the consumer's
+node then drains the inbox: its CPU (psutil, planning worker included) from the consumer's
 creation to the moment its store holds all N, and its wall rate from the first
 to the last ``received_at``. That covers fetch, every verification step, the
 audit append, the store commit and the ack, for every message.
@@ -200,6 +200,15 @@ async def consumer_state(cluster: Cluster) -> tuple[int, int]:
         await nc.close()
 
 
+def tree_cpu(node: psutil.Process) -> tuple[float, float]:
+    """(user, system) CPU seconds of the node and its live children (the planning worker)."""
+    user = system = 0.0
+    for proc in (node, *node.children(recursive=True)):
+        t = proc.cpu_times()
+        user, system = user + t.user, system + t.system
+    return user, system
+
+
 def stored(cluster: Cluster) -> int:
     path = cluster.store_path(ME)
     if not path.exists():
@@ -286,13 +295,13 @@ async def measure(args: argparse.Namespace) -> Results:
             node = start_node(cluster, args.fetch_batch)
             await asyncio.sleep(2.0)  # let start-up work (first checkpoint etc.) settle
             spies = profile(cluster, args.profile, [ME]) if args.profile else []
-            t0 = node.cpu_times()
+            t0 = tree_cpu(node)
             if args.rate is None:
                 await create_consumer(cluster)
             else:
                 await publish_paced(cluster, items, args.rate)
             await wait_stored(cluster, count, args.timeout)
-            t1 = node.cpu_times()
+            t1 = tree_cpu(node)
             for spy in spies:
                 spy.send_signal(signal.SIGINT)
                 spy.wait()
@@ -322,8 +331,8 @@ async def measure(args: argparse.Namespace) -> Results:
             return Results(
                 count=count,
                 rate=after[0][0] / (last - first),
-                cpu=(t1.user + t1.system) - (t0.user + t0.system),
-                cpu_sys=t1.system - t0.system,
+                cpu=(t1[0] + t1[1]) - (t0[0] + t0[1]),
+                cpu_sys=t1[1] - t0[1],
                 batches=audit_batching(cluster),
                 crypto_rate=len(floors) * floors[0].rate(receive),
                 pull_cpu=cpu_f,
