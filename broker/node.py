@@ -28,7 +28,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
@@ -51,7 +50,7 @@ from broker.members import MEMBERS
 from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
-from broker.planpool import PlanPool
+from broker.planpool import PlanPool, PlanWorkerError
 from broker.policy import Policy, load_policy
 from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
 from broker.receiver import Inbound, Receiver
@@ -206,6 +205,8 @@ class Node:
                     plans, errors = (
                         await self._plans.plan(rows, PLAN_BATCH, set()) if rows else ({}, {})
                     )
+                except PlanWorkerError:
+                    raise  # fatal: the node stops (and systemd restarts it)
                 except MsmtError as exc:
                     self._error(f"planning: {exc}")
                     plans, errors = {}, {}
@@ -428,9 +429,9 @@ class Node:
         # Before any input: a node that could not plan must not accept reports.
         try:
             await self._plans.start()
-        except (BrokenProcessPool, TimeoutError):
-            self._plans.shutdown()
-            raise NodeFailedError("the planning worker did not start (its log says why)") from None
+        except PlanWorkerError as exc:
+            await self._plans.shutdown()
+            raise NodeFailedError(str(exc)) from None
         token = ensure_token(config.token_path)
         socket_intake = Intake(
             self.member,
@@ -481,7 +482,7 @@ class Node:
             await self.run_db(self._close)
             self._db.shutdown(wait=True)
             # The planner loop has ended, so the worker is idle and exits at once.
-            self._plans.shutdown()
+            await self._plans.shutdown()
             log.info("node_stopped", member=self.member)
         if self.failure is not None:
             raise NodeFailedError(self.failure)

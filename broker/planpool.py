@@ -3,54 +3,64 @@
 Planning (policy, one SD-JWT, a JWE per partner) is most of a publishing
 node's CPU and holds the GIL; in a thread it competes with the event loop and
 the store thread that publish and record the acks. ``PlanPool`` runs
-``Planner.plan`` in one spawned worker process instead and returns the same
-``OutboxItem``s (pickled; ~6 KB each, cheap beside the crypto).
+``Planner.plan`` in one child process (``python -m broker.planpool``) instead
+and returns the same ``OutboxItem``s (pickled over its stdin/stdout pipes;
+~6 KB each, cheap beside the crypto: ~0.1 ms per report of the node's CPU).
 
 * **Same inputs.** The worker is built from the parent's already checked
   ``Planner`` (``PlannerSpec``: signing key, the policy's text and digest,
-  roster keys, pseudonym keys), not by reading files again, so it cannot plan with anything the
-  node did not check at start. A node never reloads these at runtime (a new
-  roster, policy or key takes a restart), so the worker never goes stale.
-  The secrets travel only over the pipe to our own child process.
+  roster keys, pseudonym keys), not by reading files again, so it cannot plan
+  with anything the node did not check at start. A node never reloads these at
+  runtime (a new roster, policy or key takes a restart), so the worker never
+  goes stale. The secrets travel only over the pipe to our own child process.
 * **Started with the node** (``start``), so its imports are not paid by the
   first report; every member's node publishes, so every node needs it.
-* **Fails loudly.** A worker that dies (killed, out of memory) breaks the pool:
-  every call then raises ``BrokenProcessPool`` and the node's planner task
-  fails, which stops the node with that reason (for systemd to restart it);
-  a call that takes longer than ``PLAN_TIMEOUT`` raises ``TimeoutError`` the
-  same way. Nothing is lost: unplanned reports stay unplanned in the store.
+* **Fails loudly.** A worker that exits, fails or does not answer within
+  ``PLAN_TIMEOUT`` raises ``PlanWorkerError``; the node's planner lets it
+  through, which stops the node with that reason (for systemd to restart it).
+  Nothing is lost: unplanned reports stay unplanned in the store. A failure
+  inside the worker is reported by exception type only, never its message
+  (which could quote a report).
 * **Shutdown.** The worker ignores SIGINT and SIGTERM (a service manager sends
-  them to the whole group) so it finishes its batch; the node shuts the pool
-  down after the planner loop ends. If the node itself is killed, the worker
-  notices within ``ORPHAN_CHECK_S`` (its parent process changes) and exits.
+  them to the whole group) so it finishes its batch; the node closes its stdin
+  after the planner loop ends and it exits. If the node is killed, the kernel
+  kills the worker with it (Linux ``PR_SET_PDEATHSIG``); elsewhere it exits at
+  end-of-file on its stdin.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
+import contextlib
+import ctypes
 import os
+import pickle
 import signal
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
+import sys
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 from joserfc.jwk import OKPKey
 
-from broker.errors import PolicyError
+from broker.errors import MsmtError, PolicyError
 from broker.policy import load_policy
 from broker.publisher import Planner, Signer
 from broker.roster import Roster, RosterKey
 from broker.store import OutboxItem
 
 PLAN_TIMEOUT: Final = 300.0
-"""Seconds one planning batch may take before the node gives up on the worker."""
-ORPHAN_CHECK_S: Final = 0.5
-"""How often the worker checks that the node that started it is still alive."""
+"""Seconds the worker may take to start or to plan one batch before the node gives up."""
+STOP_TIMEOUT: Final = 10.0
+"""Seconds a stopping worker may take to finish before it is killed."""
+PIPE_BUFFER: Final = 8 * 2**20
+"""Bytes of a worker's answer buffered before reading pauses."""
+_PR_SET_PDEATHSIG: Final = 1
 
 Plans = tuple[dict[str, list[OutboxItem]], dict[str, str]]
+
+
+class PlanWorkerError(MsmtError):
+    """The planning worker exited, failed or stopped answering; the node must stop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,81 +104,158 @@ class PlannerSpec:
         return Planner(signer, policy, Roster(self.roster), self.pseudonym_keys)
 
 
-_planner: Planner | None = None
-
-
-def _exit_with(parent: int) -> None:
-    # The task pipe does not reach end-of-file when the node is killed (the
-    # worker holds both of its ends), so watch for the node's death instead.
-    while os.getppid() == parent:
-        time.sleep(ORPHAN_CHECK_S)
-    os._exit(1)
-
-
-def _start_worker(spec: PlannerSpec, parent: int) -> None:
-    global _planner  # noqa: PLW0603 - one planner per worker process, set once
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # ``parent`` comes from the node, not os.getppid() here: a node killed
-    # while this worker was still importing has already been replaced as parent.
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="orphan").start()
-    _planner = spec.build()
-
-
-def _ready() -> bool:
-    return _planner is not None
-
-
-def _plan(rows: list[tuple[str, bytes]], limit: int, skip: set[str]) -> Plans:
-    if _planner is None:  # the initializer failed, and then no task would run at all
-        raise RuntimeError("planning worker was not initialised")
-    return _planner.plan(rows, limit, skip)
-
-
 class PlanPool:
-    """``Planner.plan`` in one worker process (started by ``start`` or the first call)."""
+    """``Planner.plan`` in one worker process, started by ``start`` (or the first call)."""
 
     def __init__(self, planner: Planner, policy_text: str) -> None:
         self._spec = PlannerSpec.of(planner, policy_text)
-        self._pool: ProcessPoolExecutor | None = None
-
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            # spawn, not fork: the node has threads (store, loop), and a forked
-            # child could inherit a lock one of them held.
-            self._pool = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker,
-                initargs=(self._spec, os.getpid()),
-            )
-        return self._pool
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._broken: str | None = None
 
     async def start(self) -> None:
         """Start the worker and wait until it is ready (its imports take ~0.5 s of CPU).
 
-        Raises ``BrokenProcessPool`` if it cannot start (e.g. its policy check fails).
+        Raises ``PlanWorkerError`` if it cannot start (e.g. its policy check fails).
         """
-        future = asyncio.get_running_loop().run_in_executor(self._executor(), _ready)
-        await asyncio.wait_for(future, PLAN_TIMEOUT)
+        async with self._lock:
+            if self._proc is None:
+                self._proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "broker.planpool",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    # A batch's answer is ~3 MB: read it without pausing every 128 KiB.
+                    limit=PIPE_BUFFER,
+                )
+                await self._call((self._spec, os.getpid()))
 
     async def plan(self, rows: list[tuple[str, bytes]], limit: int, skip: set[str]) -> Plans:
         """What ``Planner.plan`` returns for these arguments, computed in the worker.
 
-        Raises ``BrokenProcessPool`` if the worker died and ``TimeoutError``
-        after ``PLAN_TIMEOUT``; the node treats both as fatal.
+        Raises ``PlanWorkerError`` if the worker died, failed or took longer
+        than ``PLAN_TIMEOUT``; the node treats that as fatal.
         """
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor(), _plan, rows, limit, skip)
-        return await asyncio.wait_for(future, PLAN_TIMEOUT)
+        await self.start()
+        async with self._lock:
+            plans: Plans = await self._call((rows, limit, skip))
+            return plans
 
-    def shutdown(self) -> None:
-        """Let the worker finish its batch and exit (blocks until it has)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+    async def _call(self, request: object) -> Any:
+        if self._broken is not None:
+            raise PlanWorkerError(self._broken)
+        try:
+            return await asyncio.wait_for(self._exchange(request), PLAN_TIMEOUT)
+        except TimeoutError:
+            # A half-read answer leaves the pipe out of step: never use it again.
+            self._broken = f"the planning worker did not answer within {PLAN_TIMEOUT:g} s"
+            raise PlanWorkerError(self._broken) from None
+
+    async def _exchange(self, request: object) -> Any:
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdout is None:
+            raise PlanWorkerError("the planning worker is not running")
+        data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            proc.stdin.write(len(data).to_bytes(8, "big"))
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+            size = int.from_bytes(await proc.stdout.readexactly(8), "big")
+            # From our own child over its private pipe, which only we can write.
+            status, value = pickle.loads(await proc.stdout.readexactly(size))  # noqa: S301
+        except (ConnectionError, asyncio.IncompleteReadError):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 1.0)
+            self._broken = f"the planning worker exited (status {proc.returncode})"
+            raise PlanWorkerError(self._broken) from None
+        if status != "ok":
+            self._broken = f"the planning worker failed: {value}"
+            raise PlanWorkerError(self._broken)
+        return value
+
+    async def shutdown(self) -> None:
+        """Let the worker finish its batch and exit (killed after ``STOP_TIMEOUT``)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        self._broken = "the planning worker was shut down"
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
     def worker_pids(self) -> list[int]:
-        """The worker's process id, if it is running (for tests and benchmarks)."""
-        pool = self._pool
-        procs = getattr(pool, "_processes", None) or {}
-        return [p.pid for p in procs.values() if p.pid is not None]
+        """The worker's process id, if it was started (for tests and benchmarks)."""
+        return [] if self._proc is None else [self._proc.pid]
+
+
+# --- the worker process ----------------------------------------------------------
+
+
+def _read(inp: BinaryIO) -> Any:
+    head = inp.read(8)
+    if len(head) < 8:
+        return None  # end of file: the node closed our stdin or died
+    size = int.from_bytes(head, "big")
+    data = inp.read(size)
+    if len(data) < size:
+        return None
+    return pickle.loads(data)  # noqa: S301 - from the node that started us, over our own pipe
+
+
+def _write(out: BinaryIO, value: object) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(len(data).to_bytes(8, "big"))
+    out.write(data)
+    out.flush()
+
+
+def _die_with_parent() -> None:
+    # Linux: the kernel kills us when the node exits, even mid-batch.
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def serve(inp: BinaryIO, out: BinaryIO) -> int:
+    """The worker's loop: a spec, then planning requests until end of file; returns an exit code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    first = _read(inp)
+    if first is None:
+        return 1
+    spec, parent = first
+    if os.getppid() != parent:
+        return 1  # the node died before the death signal was armed
+    try:
+        planner = spec.build()
+    except MsmtError as exc:
+        _write(out, ("error", str(exc)))
+        return 1
+    _write(out, ("ok", None))
+    while (request := _read(inp)) is not None:
+        rows, limit, skip = request
+        try:
+            reply: tuple[str, object] = ("ok", planner.plan(rows, limit, skip))
+        except Exception as exc:  # noqa: BLE001 - reported by type: a message could quote a report
+            reply = ("error", f"{type(exc).__name__} while planning")
+        _write(out, reply)
+    return 0
+
+
+def main() -> None:
+    """Entry point of ``python -m broker.planpool`` (started by ``PlanPool`` only)."""
+    # The replies get a private copy of stdout; fd 1 then points at stderr, so
+    # nothing a library prints can corrupt them.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.exit(serve(sys.stdin.buffer, out))
+
+
+if __name__ == "__main__":
+    main()
