@@ -56,8 +56,11 @@ log = get_logger("auditnet")
 PROOF_TIMEOUT: Final = 3.0
 QUEUE_LIMIT: Final = 256
 WITNESS_INTERVAL_S: Final = 5.0
-"""Shortest time between two witnessing rounds: under load a partner's log is
-cosigned this often, not at each of its batches; after a quiet spell at once."""
+"""Shortest time between two witnessing rounds while logs keep growing: under
+load a partner's log is cosigned this often, not at each of its batches."""
+SETTLED_S: Final = 1.5
+"""A pending checkpoint not superseded for this long is its log's last for now
+(a growing log publishes a newer one every second): no need to wait further."""
 
 
 def load_witness_state(path: Path) -> dict[str, LogState]:
@@ -98,13 +101,16 @@ class _UnreachableError(AuditError):
 class AuditNet:
     """Serves proofs of our log, witnesses partners' logs, and collects our cosignatures.
 
-    Witnessing runs in rounds, at most one every ``interval`` seconds: a round
-    takes the latest pending checkpoint of every partner (older ones are
-    superseded: cosigning the latest covers them, since it is proved consistent
-    with what we cosigned before), asks the logs for their proofs concurrently,
-    and saves the state once before publishing the round's cosignatures. A
-    checkpoint arriving after a quiet spell starts a round at once; under load
-    each log is cosigned every ``interval`` seconds rather than at every batch.
+    Witnessing runs in rounds: a round takes the latest pending checkpoint of
+    every partner (older ones are superseded: cosigning the latest covers them,
+    since it is proved consistent with what we cosigned before), asks the logs
+    for their proofs concurrently, and saves the state once before publishing
+    the round's cosignatures. A round starts when ``interval`` seconds have
+    passed since the last one, or sooner once every pending checkpoint has
+    stood ``settled`` seconds without a newer one (the logs stopped growing).
+    So while logs grow each is cosigned every ``interval`` seconds rather than
+    at every batch, and when they stop their last checkpoints are cosigned
+    promptly; the first checkpoint after an idle spell starts a round at once.
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class AuditNet:
         state_path: Path,
         alarms: PromCounter,
         interval: float = WITNESS_INTERVAL_S,
+        settled: float = SETTLED_S,
     ) -> None:
         self.member = member
         self.audit = audit
@@ -128,10 +135,12 @@ class AuditNet:
         self.cosigners = list(cosigners)
         self.alarms = alarms
         self.interval = interval
+        self.settled = settled
         self.last_error: str | None = None
         self._last_warned: str | None = None
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(QUEUE_LIMIT)
         self._pending: dict[str, bytes] = {}
+        self._newest = math.inf  # when the newest pending checkpoint arrived
         self._last_round = -math.inf
         # A cosignature note starts with the checkpoint's origin line: ours start with this.
         self._ours = f"{member}\n".encode()
@@ -192,7 +201,10 @@ class AuditNet:
         while not stop.is_set():
             wait = 0.5
             if self._pending:
-                due = self._last_round + self.interval - time.monotonic()
+                due = (
+                    min(self._last_round + self.interval, self._newest + self.settled)
+                    - time.monotonic()
+                )
                 if due <= 0:
                     self._last_round = time.monotonic()
                     await self._round(nc)
@@ -214,9 +226,13 @@ class AuditNet:
         if done is not None and data.startswith(done):
             return
         self._pending[origin] = data
+        self._newest = time.monotonic()
 
     async def _round(self, nc: Client) -> None:
         batch, self._pending = self._pending, {}
+        # What this round puts back for a retry waits for the interval; only a
+        # new arrival can make the pending set settle (and a round come sooner).
+        self._newest = math.inf
         results = await asyncio.gather(
             *(self._prepare(nc, origin, data) for origin, data in batch.items()),
             return_exceptions=True,

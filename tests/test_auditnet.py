@@ -120,6 +120,7 @@ async def _peer(
         state_path,
         alarms,
         interval=interval,
+        settled=interval,
     )
     nc = await nats.connect(server.url)
     await net.subscribe(nc)
@@ -195,6 +196,19 @@ async def test_a_round_cosigns_the_latest_checkpoint_and_skips_the_ones_before(
     assert "\u2014 USA " not in audit.log.checkpoint_at(7)
     assert audit.usa.net.backlog == 0
     assert audit.usa.alarm_count() == audit.jpn.alarm_count() == 0
+
+
+async def test_a_log_that_stops_growing_is_cosigned_without_waiting_out_the_interval(
+    audit: Audit,
+) -> None:
+    await audit.grow(0)
+    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
+    # Still an hour to the next round, but nothing newer follows this checkpoint.
+    audit.usa.net.settled = 0.3
+    await audit.grow(4)
+    await await_for(lambda: audit.usa_state().size == 7, 10, "USA cosigned size 7")
+    assert audit.proof_requests == [proof_request(3, 7)]
+    await await_for(lambda: len(audit.usa_cosignatures) == 2, 10, "second cosignature")
 
 
 async def test_a_republished_checkpoint_already_cosigned_is_not_witnessed_again(
