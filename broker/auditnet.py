@@ -8,9 +8,12 @@ Message bodies are built and parsed by ``broker.checkpoint`` (docs/AUDIT.md):
   witness (C2SP tlog-witness logic in ``broker.witness.Witness``): ask ``P`` for a
   proof from the size we last cosigned, check it, persist the new state, and
   only then publish our cosignature on ``msmt.audit.<ME>.cosignature``. A fork
-  or rollback raises the alarm (log, metric, status) and is never cosigned;
+  or rollback raises the alarm (log, metric, status) and is never cosigned.
+  Only each log's latest checkpoint is witnessed, in rounds (``AuditNet``);
 * ``msmt.audit.<W>.cosignature``: a witness's cosignature of one of our
-  checkpoints is verified against the roster and merged into our audit log.
+  checkpoints is verified against the roster and merged into our audit log;
+  those of other logs (every witness's reach every node) are dropped by their
+  first line, unparsed.
 
 Witness state lives in ``<data_dir>/witness-state.json``, written atomically
 (fsync, rename) before a cosignature leaves the node: a witness that forgot
