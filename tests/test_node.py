@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from structlog.testing import capture_logs
 
@@ -419,6 +420,33 @@ async def test_kill_and_restart_the_publishing_node_mid_batch(world: World) -> N
     await assert_all_exactly_once(world, want)
     assert outbox_depth(world, "JPN") == 0
     assert_no_content_in_logs(world, records)
+
+
+async def test_a_dead_planning_worker_stops_the_node_with_one_line_and_loses_nothing(
+    world: World,
+) -> None:
+    records, want = batch_world(world)
+    records = records[:30]
+    ids = {r["report_id"] for r in records}
+    want = {partner: got & ids for partner, got in want.items()}
+    world.start("USA")
+    world.start("KOR")
+    world.start("JPN")
+    node = psutil.Process(world.procs["JPN"].pid)
+    (worker,) = [c for c in node.children() if "broker.planpool" in c.cmdline()]
+    worker.kill()
+    answers = await world.submit("JPN", records)
+    assert {a["status"] for a in answers} == {"accepted"}
+    # The node must not hang on, accepting reports it can no longer plan.
+    proc = world.procs.pop("JPN")
+    assert proc.wait(timeout=30) != 0
+    log = world.log_tail("JPN")
+    assert "planner failed: PlanWorkerError: the planning worker exited" in log
+    assert "Traceback" not in log
+    assert outbox_depth(world, "JPN") == len(records)  # accepted, not yet planned
+    world.start("JPN")
+    await assert_all_exactly_once(world, want)
+    assert outbox_depth(world, "JPN") == 0
 
 
 async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:
