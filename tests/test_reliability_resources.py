@@ -80,7 +80,7 @@ def structures(node: Node) -> dict[str, float]:
         "KOR.attempts": len(pub._attempts),
         "KOR.warned": len(pub._warned),
         "KOR.plan_skip": len(node._plan_skip),
-        "KOR.witness_queue": node.auditnet._queue.qsize(),
+        "KOR.witness_queue": node.auditnet.backlog,
         "KOR.witness_state": len(node.auditnet.witness.state),
     }
 
