@@ -62,6 +62,11 @@ T = TypeVar("T")
 PLAN_BATCH: Final = 50
 PLAN_RETRY_S: Final = 30.0
 HOUSEKEEPING_S: Final = 1.0
+LAG_EVERY_S: Final = 5.0
+"""Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
+STATUS_EVERY_S: Final = 30.0
+"""Longest time between status writes when nothing changed (``updated_at``'s freshness)."""
+PLAN_ERROR_RETRY_S: Final = 0.5
 PSEUDONYM_MIN_BYTES: Final = 32
 
 
@@ -134,6 +139,10 @@ class Node:
         self._last_error = ""
         self._last_logged = 0.0
         self._published_checkpoint: str | None = None
+        self._lag: int | None = None
+        self._lag_at = -LAG_EVERY_S
+        self._status: dict[str, str] = {}
+        self._status_at = -STATUS_EVERY_S
         self.failure: str | None = None
 
     async def run_db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -194,6 +203,7 @@ class Node:
         in_commit: set[str] = set()
         try:
             while not self.stop.is_set():
+                failed = False
                 # Cleared before looking, so a report accepted meanwhile wakes the next wait.
                 self._plan_wake.clear()
                 now = time.monotonic()
@@ -209,7 +219,7 @@ class Node:
                     raise  # fatal: the node stops (and systemd restarts it)
                 except MsmtError as exc:
                     self._error(f"planning: {exc}")
-                    plans, errors = {}, {}
+                    plans, errors, failed = {}, {}, True
                 for report_id, reason in errors.items():
                     self._plan_skip[report_id] = now + PLAN_RETRY_S
                     self._error(f"cannot plan report {report_id}: {reason}")
@@ -220,11 +230,24 @@ class Node:
                     in_commit = set(plans)
                     committing = asyncio.create_task(self._commit_plans(plans))
                 elif not errors:
+                    # Event-driven: an accept or a failed commit wakes us; a timer
+                    # runs only for a retry (a store error, a report skipped for now).
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._plan_wake.wait(), 0.5)
+                        await asyncio.wait_for(self._plan_wake.wait(), self._plan_timeout(failed))
         finally:
             if committing is not None:
                 await committing
+
+    def _plan_timeout(self, failed: bool) -> float | None:
+        # How long the plan loop may sleep without a wake-up: briefly after a
+        # store error, until the first skipped report is due, else until woken.
+        if failed:
+            return PLAN_ERROR_RETRY_S
+        now = time.monotonic()
+        self._plan_skip = {rid: until for rid, until in self._plan_skip.items() if until > now}
+        if not self._plan_skip:
+            return None
+        return max(0.01, min(self._plan_skip.values()) - now)
 
     async def _commit_plans(self, plans: dict[str, list[OutboxItem]]) -> None:
         try:
@@ -232,6 +255,7 @@ class Node:
         except MsmtError as exc:
             # Not committed means still unplanned: the next round plans them again.
             self._error(f"planning: {exc}")
+            self._plan_wake.set()
             return
         if self.publisher is not None:
             self.publisher.wake()
@@ -299,7 +323,13 @@ class Node:
             self.config.limits.publish_max_in_flight,
         )
         self.receiver = Receiver(
-            self.member, js, self.inbound, self.run_db, self.metrics, self.config.limits.fetch_batch
+            self.member,
+            nc,
+            js,
+            self.inbound,
+            self.run_db,
+            self.metrics,
+            self.config.limits.fetch_batch,
         )
         await self.auditnet.subscribe(nc)
         await asyncio.gather(
@@ -338,10 +368,11 @@ class Node:
         return None
 
     def _housekeep_sync(
-        self, facts: dict[str, str], counts: Counter[str]
+        self, facts: dict[str, str] | None, counts: Counter[str]
     ) -> tuple[int, str | None]:
-        self.store.bump(counts)
-        self.store.set_state(facts)
+        # One fsynced commit, and only when there is something to record.
+        if facts is not None or counts:
+            self.store.record_status(counts, facts or {})
         return self.store.outbox_depth(), self.audit.latest_checkpoint()
 
     async def _housekeeping(self) -> None:
@@ -376,12 +407,18 @@ class Node:
             part = getattr(self, name)
             if part is not None and part.last_error:
                 self._last_error, part.last_error = part.last_error, None
-        facts = {
+        status = {
             "connected": "yes" if self.nc is not None and self.nc.is_connected else "no",
             "inbox_lag": "unknown" if lag is None else str(lag),
             "last_error": self._last_error,
-            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        # An idle node rewrites unchanged facts only every STATUS_EVERY_S, so
+        # ``updated_at`` stays a liveness sign without an fsync every second.
+        facts: dict[str, str] | None = None
+        now = time.monotonic()
+        if status != self._status or counts or now - self._status_at >= STATUS_EVERY_S:
+            self._status, self._status_at = status, now
+            facts = {**status, "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
         depth, checkpoint = await self.run_db(self._housekeep_sync, facts, counts)
         self.metrics.outbox_depth.set(depth)
         for name, count in counts.items():
@@ -394,15 +431,24 @@ class Node:
         await self._publish_checkpoint(checkpoint)
 
     async def _inbox_lag(self) -> int | None:
+        # A request to the hub every LAG_EVERY_S, not every housekeeping tick:
+        # the gauge and ``msmt status`` are at most that stale.
         if self.nc is None or not self.nc.is_connected:
+            self._lag_at = -LAG_EVERY_S
             return None
+        now = time.monotonic()
+        if now - self._lag_at < LAG_EVERY_S:
+            return self._lag
+        self._lag_at = now
         try:
             info = await self.nc.jetstream().consumer_info(
                 inbox_stream(self.member), inbox_durable(self.member), timeout=1.0
             )
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            self._lag = None
             return None
-        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        self._lag = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        return self._lag
 
     async def _publish_checkpoint(self, checkpoint: str | None) -> None:
         # Witnesses need our latest signed root; core NATS is enough, the AUDIT
@@ -471,6 +517,10 @@ class Node:
             await intake_runner.cleanup()
             spool_stop.set()
             self.stop.set()
+            # The planner and publisher sleep until woken, not on a timer.
+            self._plan_wake.set()
+            if self.publisher is not None:
+                self.publisher.wake()
             # 2. planner, publisher (waits for in-flight acks) and receiver finish
             await asyncio.gather(*tasks, housekeeping, return_exceptions=True)
             # 3. acks reach the server before the connection goes

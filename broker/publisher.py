@@ -61,6 +61,10 @@ RETRY_MAX: Final = 30.0
 """Longest wait between tries: a partner whose inbox is missing for days costs little."""
 WARN_EVERY: Final = 30.0
 """Seconds between warnings about one partner, so an outage does not flood the log."""
+IDLE_WAIT: Final = 5.0
+"""Longest sleep of the publish loop with nothing to wait for (a safety net; wake-ups drive it)."""
+COALESCE_ACKS: Final = 0.01
+"""Seconds the recorder lets acks gather after the first, so one commit records a burst."""
 
 
 def subject_for(partner: str, kind: str) -> str:
@@ -213,6 +217,8 @@ class Publisher:
         # envelope is not published (and audited as sent) twice in one run.
         self._unrecorded: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
+        self._acked_wake = asyncio.Event()  # set when _acked gains an item, or at the end
+        self._finished = False  # run has ended: record what is left, then stop
         self._retry_at: dict[tuple[str, str], float] = {}
         self._attempts: dict[tuple[str, str], int] = {}
         self._warned: dict[str, float] = {}
@@ -225,7 +231,7 @@ class Publisher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop``; then wait briefly for in-flight acks and record them."""
-        committer = asyncio.create_task(self._commit_loop(stop))
+        committer = asyncio.create_task(self._commit_loop())
         try:
             while not stop.is_set():
                 self._expire(time.monotonic())
@@ -249,8 +255,10 @@ class Publisher:
                         started += 1
                 if started == 0:
                     self._wake.clear()
+                    if stop.is_set():  # a wake-up for the stop may have just been cleared
+                        break
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), 0.2)
+                        await asyncio.wait_for(self._wake.wait(), self._idle_timeout())
         finally:
             # Hand back: whatever is unacked stays pending in the outbox.
             if self._in_flight:
@@ -258,7 +266,19 @@ class Publisher:
                 await asyncio.wait(waiting, timeout=PUBLISH_TIMEOUT)
             for future, _ in list(self._in_flight.values()):
                 future.cancel()
+            self._finished = True
+            self._acked_wake.set()
             await committer
+
+    def _idle_timeout(self) -> float:
+        # Woken by a new plan, an ack or a failure (``wake``/``_done``); a timer
+        # is needed only for the next ack deadline or retry that falls due.
+        now = time.monotonic()
+        due = [deadline for _, deadline in self._in_flight.values()][:1]
+        due += [t for t in self._retry_at.values() if t > now]
+        if not due:
+            return IDLE_WAIT
+        return min(IDLE_WAIT, max(0.01, min(due) - now))
 
     async def _publish(self, item: OutboxItem) -> None:
         # Pipelined: the ack is matched to this envelope by its reply subject in
@@ -298,6 +318,7 @@ class Publisher:
         self.metrics.publish_latency.observe(time.perf_counter() - started)
         self._acked.append(item)
         self._unrecorded.add(key)
+        self._acked_wake.set()
 
     def _failed(self, item: OutboxItem, exc: BaseException) -> None:
         # Not acked: stays pending in the outbox, retried after a backoff.
@@ -316,9 +337,20 @@ class Publisher:
                 attempts=attempts,
             )
 
-    async def _commit_loop(self, stop: asyncio.Event) -> None:
+    async def _commit_loop(self) -> None:
+        # Sleeps until an ack arrives (or ``run`` ends), not on a timer: an idle
+        # node does not wake here at all.
         while True:
-            stopping = stop.is_set()
+            if not self._finished:
+                await self._acked_wake.wait()
+                self._acked_wake.clear()
+                if self._acked:
+                    await asyncio.sleep(COALESCE_ACKS)
+            elif not self._acked:
+                if not self._in_flight:
+                    return
+                await asyncio.sleep(0.02)  # a last ack callback still due
+                continue
             if self._acked:
                 batch, self._acked = self._acked, []
                 try:
@@ -334,6 +366,5 @@ class Publisher:
                         self.counts[f"published.{item.partner}"] += 1
                 finally:
                     self._unrecorded.difference_update((i.report_id, i.partner) for i in batch)
-            if stopping and not self._in_flight and not self._acked:
-                return
-            await asyncio.sleep(0.02)
+                # Failed or not, these rows may be pending again: look for them.
+                self._wake.set()

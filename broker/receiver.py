@@ -252,11 +252,6 @@ PULL_GRACE_S: Final = 1.0
 """Past a request's expiry, how long to wait for its end before asking again (a lost 408)."""
 
 
-def _client(js: JetStreamContext) -> Client:
-    # nats-py exposes no public accessor; the node hands the receiver only its context.
-    return js._nc
-
-
 class _Pull:
     """Our end of the inbox consumer: a private reply subject, one pull request at a time.
 
@@ -364,6 +359,7 @@ class Receiver:
     def __init__(
         self,
         member: str,
+        nc: Client,
         js: JetStreamContext,
         inbound: Inbound,
         run_db: RunDb,
@@ -371,6 +367,7 @@ class Receiver:
         fetch_batch: int,
     ) -> None:
         self.member = member
+        self.nc = nc
         self.js = js
         self.inbound = inbound
         self.run_db = run_db
@@ -386,9 +383,8 @@ class Receiver:
         # Ask for the consumer first, so a missing inbox (``msmt nats setup`` not
         # run) raises here and keeps the node unready.
         await self.js.consumer_info(stream, durable)
-        nc = _client(self.js)
-        pull = _Pull(nc, stream, durable, self.fetch_batch)
-        await pull.start(nc.new_inbox())
+        pull = _Pull(self.nc, stream, durable, self.fetch_batch)
+        await pull.start(self.nc.new_inbox())
         self.bound = True
         try:
             while not stop.is_set() and pull.failure is None:

@@ -424,14 +424,7 @@ class Store:
 
     def bump(self, deltas: Mapping[str, int]) -> None:
         """Add to named counters (kept across restarts for ``msmt status``)."""
-        if not deltas:
-            return
-        with self._tx() as db:
-            db.executemany(
-                "INSERT INTO counters(name, value) VALUES (?, ?)"
-                " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                list(deltas.items()),
-            )
+        self.record_status(deltas, {})
 
     def counters(self) -> dict[str, int]:
         """All counters by name."""
@@ -439,7 +432,18 @@ class Store:
 
     def set_state(self, values: Mapping[str, str]) -> None:
         """Record status facts (connection, last error, inbox lag)."""
+        self.record_status({}, values)
+
+    def record_status(self, deltas: Mapping[str, int], values: Mapping[str, str]) -> None:
+        """``bump`` and ``set_state`` in one transaction (one fsync for the node's housekeeping)."""
+        if not deltas and not values:
+            return
         with self._tx() as db:
+            db.executemany(
+                "INSERT INTO counters(name, value) VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                list(deltas.items()),
+            )
             db.executemany(
                 "INSERT INTO state(key, value) VALUES (?, ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",

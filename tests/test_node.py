@@ -1075,3 +1075,46 @@ async def test_sigterm_mid_inbox_hands_back_what_was_delivered_but_not_verified(
     assert len(got) == len(set(got))
     assert set(got) == want
     assert await consumer_counts(world, "USA") == (0, 0)
+
+
+# --- an idle node's housekeeping ---------------------------------------------------------
+
+
+async def test_an_idle_node_writes_its_status_only_when_something_changes(world: World) -> None:
+    world.write_config("USA")
+    node = load_node(world.config("USA"))
+    task = asyncio.create_task(node.run())
+
+    def state() -> dict[str, str]:
+        store = world.store("USA")
+        try:
+            return store.state()
+        finally:
+            store.close()
+
+    try:
+        await await_for(lambda: node.ready() is None, 30, "ready")
+        # The lag comes from the hub's consumer info, so it is a number, not "unknown".
+        await await_for(
+            lambda: state().get("inbox_lag") == "0" and state().get("connected") == "yes",
+            20,
+            "the first status with the inbox lag",
+        )
+        settled = state()
+        changes = node.store._db.total_changes
+        await asyncio.sleep(3.5)  # three housekeeping rounds with nothing to record
+        assert node.store._db.total_changes == changes
+        assert state() == settled
+        # A change is recorded at the next round, with a fresh updated_at.
+        node._error("a condition the operator should see")
+        await await_for(
+            lambda: state().get("last_error") == "a condition the operator should see",
+            10,
+            "the new last error in the status",
+        )
+        assert node.store._db.total_changes > changes
+        assert state()["updated_at"] >= settled["updated_at"]
+    finally:
+        node.stop.set()
+        await task
+    assert node.failure is None

@@ -124,6 +124,22 @@ def test_counters_and_state(tmp_path: Path) -> None:
     assert store.state() == {"connected": "no", "last_error": "x"}
 
 
+def test_record_status_commits_counters_and_facts_together_and_nothing_when_empty(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    store.record_status({"received.JPN": 2}, {"connected": "yes"})
+    store.record_status({"received.JPN": 3, "published.USA": 1}, {"inbox_lag": "0"})
+    before = store._db.total_changes
+    store.record_status({}, {})  # what an idle node's housekeeping passes: writes nothing
+    assert store._db.total_changes == before
+    store.close()
+    again = Store(path, readonly=True)
+    assert again.counters() == {"received.JPN": 5, "published.USA": 1}
+    assert again.state() == {"connected": "yes", "inbox_lag": "0"}
+
+
 def test_disk_full_is_a_store_error_and_loses_nothing_accepted(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     store = Store(path, max_pages=40)
