@@ -3,7 +3,11 @@
     python bench/envelope.py [--quick]
 
 Per report: issue (one Ed25519 signature) + present to 10 partners (10 JWEs).
-Per presentation: receive (decrypt, verify, every checklist step). Beside each,
+Per presentation: receive (decrypt, verify, every checklist step), both for the
+report with every field released as observed and for the same report with its
+position released coarsened (``vessel.position#coarsen:0.5`` instead of
+``vessel.position``; the floor and joserfc columns are those of the first,
+whose sizes differ by a few bytes). Beside each,
 the floor measured in the same run: the same primitives called directly through
 ``cryptography`` on the same sizes (1 Ed25519 sign + 10 x (X25519 keygen + ECDH +
 Concat KDF + AES-KW + AES-256-GCM); 1 ECDH + KDF + unwrap + GCM decrypt + 1
@@ -35,10 +39,13 @@ from broker import envelope, sdjwt
 from broker.members import MEMBERS
 from broker.roster import Roster, format_time
 from broker.samples import example_records
-from broker.sightings import SIGHTING_ADAPTER
+from broker.sightings import SIGHTING_ADAPTER, leaf_values
+from broker.transforms import Transform, variant_key
 
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
 ORIGIN = "JPN"
+COARSEN = Transform.parse("coarsen:0.5")
+COARSE_KEY = variant_key("vessel.position", COARSEN)
 PARTNERS = [m for m in MEMBERS if m != ORIGIN]  # 10 partners
 
 
@@ -90,6 +97,14 @@ class Setup:
         self.keys = list(self.sample.disclosures)
         self.tokens = self.issue_and_present()
         self.token = self.tokens[PARTNERS.index("USA")]
+        # The report also issued with its position coarsened, as a partner whose
+        # policy coarsens the position receives it: the variant instead of the
+        # exact position, every other field as before.
+        position = leaf_values(self.sighting)["vessel.position"]
+        variant = COARSEN.apply(position, pseudonym_keys={}, path="vessel.position")
+        coarse = self.issue({COARSE_KEY: variant})
+        self.coarse_keys = [k for k in self.keys if k != "vessel.position"] + [COARSE_KEY]
+        self.coarse_token = self.present(coarse, self.coarse_keys, "USA")
         plaintext = sdjwt.join_presentation(
             self.sample.jws, [self.sample.disclosures[k] for k in self.keys]
         )
@@ -97,31 +112,38 @@ class Setup:
         self.signing_input = self.sample.jws.rsplit(".", 1)[0].encode()
         self.header_b64 = self.token.split(".", 1)[0].encode()
 
-    def issue(self) -> envelope.Issued:
+    def issue(self, variants: dict[str, Any] | None = None) -> envelope.Issued:
         return envelope.issue(
             self.sighting,
             signing_key=self.sig[ORIGIN],
             kid=f"{ORIGIN}-sig",
             policy_digest="p",
+            variants=variants or {},
             now=NOW,
+        )
+
+    def present(self, issued: envelope.Issued, keys: list[str], partner: str) -> str:
+        return envelope.present(
+            issued,
+            disclosure_keys=keys,
+            recipient=partner,
+            recipient_kid=f"{partner}-enc",
+            recipient_key=self.pubs[partner],
         )
 
     def issue_and_present(self) -> list[str]:
         issued = self.issue()
-        return [
-            envelope.present(
-                issued,
-                disclosure_keys=self.keys,
-                recipient=m,
-                recipient_kid=f"{m}-enc",
-                recipient_key=self.pubs[m],
-            )
-            for m in PARTNERS
-        ]
+        return [self.present(issued, self.keys, m) for m in PARTNERS]
 
     def receive(self) -> envelope.Received:
+        return self.receive_token(self.token)
+
+    def receive_coarse(self) -> envelope.Received:
+        return self.receive_token(self.coarse_token)
+
+    def receive_token(self, token: str) -> envelope.Received:
         return envelope.receive(
-            self.token,
+            token,
             me="USA",
             decryption_keys={"USA-enc": self.enc["USA"]},
             roster=self.roster,
@@ -185,11 +207,19 @@ def main() -> None:
     number, repeat = (10, 5) if args.quick else (50, 30)
     setup = Setup()
     setup.receive()
+    assert COARSE_KEY in setup.receive_coarse().fields
     bare_send, bare_receive = bare(setup)
     jose_send, jose_receive = jose_only(setup)
     rows = [
         ("issue + present to 10", setup.issue_and_present, bare_send, jose_send, number),
         ("receive (per presentation)", setup.receive, bare_receive, jose_receive, number * 5),
+        (
+            "receive, position coarsened",
+            setup.receive_coarse,
+            bare_receive,
+            jose_receive,
+            number * 5,
+        ),
     ]
     print(
         f"report: {len(setup.keys)} disclosures, plaintext {len(setup.data)} B,"
