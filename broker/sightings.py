@@ -469,7 +469,13 @@ _POSITION_FIELDS: Final = frozenset({("vessel", "position"), ("transfer", "place
 _PLAIN_DEGREES: Final = re.compile(r"-?[0-9]{1,3}(?:\.[0-9]{1,7})?")
 
 
-def _plain_position(value: Any) -> bool:
+def is_plain_position(value: Any) -> bool:
+    """Whether ``value`` is plainly a valid ``Position``: two plain in-range decimal strings.
+
+    ``True`` only for values the ``Position`` schema accepts (a shortcut for
+    hot paths, held to the schema by tests); ``False`` says nothing, and the
+    caller then asks the schema, which gives the reason.
+    """
     if type(value) is not dict or len(value) != 2:
         return False
     lat, lon = value.get("lat"), value.get("lon")
@@ -496,7 +502,7 @@ def _validate_field(kind: str, path: str, value: Any, chain: str | None) -> None
     adapter = _ADAPTERS.get((head, name))
     if adapter is None:
         adapter = _ADAPTERS[(head, name)] = _field_adapter(head, name)
-    if (head, name) in _POSITION_FIELDS and _plain_position(value):
+    if (head, name) in _POSITION_FIELDS and is_plain_position(value):
         return
     plain = _plain(value)
     if plain is _NOT_PLAIN or not _passes(adapter, plain):

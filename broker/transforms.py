@@ -21,6 +21,7 @@ Pure code: values in, values out. Pseudonym keys are passed in by the caller.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -32,7 +33,7 @@ from typing import Any, Final
 
 import rfc8785
 
-from broker.sightings import Position
+from broker.sightings import Position, is_plain_position
 
 NAMES: Final = ("coarsen", "round", "hour", "pseudonym")
 
@@ -160,7 +161,11 @@ class Transform:
     def check_output(self, value: Any) -> None:
         """Raise ``ValueError`` unless ``value`` has the shape this transform produces."""
         if self.name == "coarsen":
-            Position.model_validate_json(rfc8785.dumps(value))
+            # A plainly valid position (every one a transform produces) needs no
+            # JSON round trip; anything else meets the schema as before, which
+            # decides and gives the reason.
+            if not is_plain_position(value):
+                Position.model_validate_json(rfc8785.dumps(value))
             return
         if self.name == "round":
             # Rounding may legitimately reach zero, so only the shape is checked.
@@ -209,4 +214,11 @@ def variant_key(path: str, transform: Transform | None) -> str:
 def split_variant_key(key: str) -> tuple[str, Transform | None]:
     """Split a disclosure key into its field path and transform (``ValueError`` if bad)."""
     path, sep, ident = key.partition(VARIANT_SEP)
-    return (path, Transform.parse(ident)) if sep else (path, None)
+    return (path, _parse_cached(ident)) if sep else (path, None)
+
+
+# A receiver splits every variant key of every report, and a node's policies
+# use a handful of transform ids. Transforms are immutable, so one parsed
+# value can be shared; a bad id raises every time (exceptions are not cached),
+# and the bound keeps hostile ids from growing the cache.
+_parse_cached: Final = functools.lru_cache(maxsize=256)(Transform.parse)

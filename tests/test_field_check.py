@@ -16,12 +16,21 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from broker import identifiers, samples, sightings
-from broker.sightings import KINDS, SIGHTING_ADAPTER, field_paths, leaf_values, validate_field
+from broker.sightings import (
+    KINDS,
+    SIGHTING_ADAPTER,
+    Position,
+    field_paths,
+    leaf_values,
+    validate_field,
+)
+from broker.transforms import Transform, split_variant_key
 
 _adapter = functools.cache(sightings._field_adapter)
 
@@ -246,7 +255,7 @@ def test_positions_get_the_oracles_answer(field: tuple[str, str], value: dict[st
 def test_the_position_shortcut_takes_real_positions_and_only_plain_ones() -> None:
     real = [v for _, p, v, _ in REAL if p in ("vessel.position", "transfer.place")]
     assert real
-    assert all(sightings._plain_position(v) for v in real)
+    assert all(sightings.is_plain_position(v) for v in real)
     edges = {"90.0000000": True, "-90": True, "-0": True, "090": True, "90.0000001": False}
     edges |= dict.fromkeys(["1.12345678", "+1", "1.", ".5", "1e1", "1\n", "\u0663", "1,5"], False)
     cases = [({"lat": text, "lon": "0"}, plain) for text, plain in edges.items()]
@@ -256,7 +265,7 @@ def test_the_position_shortcut_takes_real_positions_and_only_plain_ones() -> Non
     lon_edges = {"180.0000000": True, "-180": True, "180.0000001": False, "-180.0000001": False}
     cases += [({"lat": "0", "lon": text}, plain) for text, plain in lon_edges.items()]
     for value, plain in cases:
-        assert sightings._plain_position(value) is plain, value
+        assert sightings.is_plain_position(value) is plain, value
         _assert_same("vessel", "vessel.position", value)
 
 
@@ -310,3 +319,94 @@ def test_unknown_paths_are_refused_alike() -> None:
         _assert_same(kind, path, "x")
     with pytest.raises(ValueError, match="no field"):
         validate_field("vessel", "vessel.nope", "x")
+
+
+# --- Transform.check_output("coarsen") and variant keys ----------------------------------
+
+
+def _coarsen_oracle(value: Any) -> None:
+    # Transform.check_output for coarsen before its shortcut (commit a737467).
+    Position.model_validate_json(rfc8785.dumps(value))
+
+
+_COARSEN = [Transform.parse(f"coarsen:{g}") for g in ("0.5", "1", "0.000001", "10", "1.3")]
+_COARSENED = [
+    t.apply(v, pseudonym_keys={}, path=p)
+    for _, p, v, _ in REAL
+    if p in ("vessel.position", "transfer.place")
+    for t in _COARSEN
+]
+
+
+def _assert_coarsen_same(value: Any) -> None:
+    expected = _outcome(_coarsen_oracle, value)
+    for transform in _COARSEN[:2]:
+        assert _outcome(transform.check_output, value) == expected, value
+
+
+def test_real_coarsened_positions_take_the_shortcut_and_pass_both() -> None:
+    assert len(_COARSENED) > 100
+    for value in _COARSENED:
+        assert sightings.is_plain_position(value), value
+        _assert_coarsen_same(value)
+        assert _outcome(_coarsen_oracle, value) == ("accepted", "")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.one_of(
+        _POSITIONS, json_values, st.sampled_from(_COARSENED).flatmap(lambda v: mutated(v, _KEYS))
+    )
+)
+def test_coarsen_check_gets_the_oracles_answer(value: Any) -> None:
+    # The shortcut may only accept what the schema accepts; everything else
+    # goes to the original check, so refusals keep their type and reason.
+    _assert_coarsen_same(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"lat": float("nan"), "lon": "1"},
+        {"lat": 2**60, "lon": "1"},
+        {"lat": "1", "lon": "2", 3: "int key"},
+        {"lat": "a\ud800", "lon": "1"},
+        {"lat": b"1", "lon": "1"},
+        ("1", "2"),
+        None,
+    ],
+    ids=repr,
+)
+def test_coarsen_check_on_values_outside_json_answers_as_before(value: Any) -> None:
+    _assert_coarsen_same(value)
+
+
+_IDENTS = [
+    "coarsen:0.5",
+    "coarsen:0.50",
+    "coarsen:11",
+    "coarsen:",
+    "coarsen:0.0000001",
+    "round:1",
+    "round:NaN",
+    "hour",
+    "hour:1",
+    "pseudonym:k1",
+    "pseudonym:bad key",
+    "nope:1",
+    "",
+]
+
+
+@given(st.lists(st.sampled_from(_IDENTS) | st.text(max_size=14), min_size=1, max_size=6))
+def test_variant_keys_split_as_transform_parse_says_every_time(idents: list[str]) -> None:
+    # split_variant_key caches parsed transforms: repeated and interleaved keys,
+    # good and bad, must each get what Transform.parse gives, every time.
+    for ident in idents * 2:
+        expected = _outcome(Transform.parse, ident)
+        assert _outcome(split_variant_key, f"vessel.position#{ident}") == expected
+        if expected[0] == "accepted":
+            assert split_variant_key(f"vessel.position#{ident}") == (
+                "vessel.position",
+                Transform.parse(ident),
+            )
