@@ -251,6 +251,14 @@ PULL_EXPIRES_S: Final = 1.0
 PULL_GRACE_S: Final = 1.0
 """Past a request's expiry, how long to wait for its end before asking again (a lost 408)."""
 
+LINGER_S: Final = 0.02
+"""How long a part batch waits for more deliveries before it is verified and committed.
+
+A batch costs two fsynced commits (audit log, then store) whatever its size, and
+at a trickle that fixed cost was most of a delivery's CPU; 20 ms more before the
+ack gathers a few messages per commit at 100/s.
+"""
+
 
 class _Pull:
     """Our end of the inbox consumer: a private reply subject, one pull request at a time.
@@ -324,6 +332,16 @@ class _Pull:
                 # Raised here it would only reach nats-py's error callback; rebind instead.
                 self.failure = f"pull: {type(exc).__name__} {exc}".strip()
 
+    async def linger(self, seconds: float, stop: asyncio.Event) -> None:
+        """Wait up to ``seconds`` for a whole batch to be delivered (not past a stop or failure)."""
+        end = time.monotonic() + seconds
+        while len(self.ready) < self.batch and self.failure is None and not stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.wake.clear()
+            await self.wait(left)
+
     def take(self) -> list[Msg]:
         """Up to ``batch`` delivered messages, oldest first."""
         out, self.ready = self.ready[: self.batch], self.ready[self.batch :]
@@ -390,6 +408,12 @@ class Receiver:
             while not stop.is_set() and pull.failure is None:
                 # Cleared before looking, so a delivery from now on ends the wait below.
                 pull.wake.clear()
+                if 0 < len(pull.ready) < self.fetch_batch:
+                    await pull.want_more()
+                    await pull.linger(LINGER_S, stop)
+                    if stop.is_set() or pull.failure is not None:
+                        break  # what was delivered is handed back below
+                    pull.wake.clear()
                 msgs = pull.take()
                 if msgs:
                     await pull.want_more()
