@@ -42,7 +42,7 @@ from broker.envelope_format import (
     check_header,
     check_variant,
     fields_of,
-    parse_jwe_header,
+    parse_jwe,
 )
 from broker.errors import EnvelopeError, InputError, KeyMaterialError, UsageError
 from broker.members import is_member
@@ -279,7 +279,7 @@ def receive(
     # Verification checklist; each step raises EnvelopeError and they run in this order.
     # 1. format: size limit, ASCII, five segments, protected header is a JSON object
     #    without duplicate members.
-    header = parse_jwe_header(token, MAX_ENVELOPE_BYTES)
+    header, segments = parse_jwe(token, MAX_ENVELOPE_BYTES)
     # 2. header: exactly the members we produce (so no crit, zip, jku, ...), alg,
     #    enc and cty exact, routing members are strings.
     check_header(header, expected={"alg": KEY_ALG, "enc": CONTENT_ENC, "cty": TYP})
@@ -291,11 +291,12 @@ def receive(
         raise EnvelopeError("recipient", f"kid {header['kid']!r:.80} is not one of my keys")
     # 4. decrypt (authenticates the protected header too): epk a public X25519
     #    key of 32 bytes and not low-order; encrypted key 40 bytes, IV 12, tag 16;
-    #    the CEK unwraps and the GCM tag verifies (broker.jose.open, its steps 1-8).
+    #    the CEK unwraps and the GCM tag verifies (broker.jose.open_segments, its
+    #    steps 1-8).
     private = key.private_key
     if not isinstance(private, X25519PrivateKey):
         raise UsageError(f"decryption key {header['kid']!r:.80} is not an X25519 private key")
-    plaintext = jose.open(token, header, private)
+    plaintext = jose.open_segments(segments, header, private)
     # 5. format: <jws>~<d>~...~ in ASCII without key binding; JWS header exact;
     #    claims well-typed.
     claims = check_claims(plaintext, expected_header={"alg": JWS_ALG, "typ": TYP})
@@ -313,7 +314,7 @@ def receive(
     # 9. disclosures: each well-formed, none twice, each referenced exactly once,
     #    none unreferenced, no claim collisions, and placed where our format allows.
     try:
-        parsed = [sdjwt.Disclosure.parse(d) for d in disclosures]
+        parsed = sdjwt.parse_disclosures(disclosures)
         processed = sdjwt.process(payload, parsed)
         fields, encoded = fields_of(payload, processed, parsed)
     except ValueError as exc:

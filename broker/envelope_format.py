@@ -56,6 +56,15 @@ def _b64_json(segment: str, what: str) -> Any:
 
 def parse_jwe_header(token: object, limit: int) -> dict[str, Any]:
     """Checklist step 1: bound the size and parse the JWE protected header strictly."""
+    return parse_jwe(token, limit)[0]
+
+
+def parse_jwe(token: object, limit: int) -> tuple[dict[str, Any], list[str]]:
+    """Checklist step 1, as ``parse_jwe_header``; also return the five segments.
+
+    The caller hands the segments on to ``jose.open_segments`` instead of
+    splitting a token of several kilobytes again.
+    """
     if not isinstance(token, str) or not token.isascii():
         raise EnvelopeError("format", "envelope is not ASCII text")
     if len(token) > limit:
@@ -70,7 +79,7 @@ def parse_jwe_header(token: object, limit: int) -> dict[str, Any]:
     header = _b64_json(parts[0], "JWE protected header")
     if not isinstance(header, dict):
         raise EnvelopeError("format", "JWE protected header is not a JSON object")
-    return header
+    return header, parts
 
 
 def _is_compact_jwe(token: str, parts: list[str]) -> bool:
@@ -234,7 +243,7 @@ def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
     The reason names the field, never its value.
     """
     chain = fields.get("transfer.chain")
-    paths = field_paths(kind)
+    paths = _PATH_SETS[kind]
     for key, value in fields.items():
         try:
             _check_field(kind, key, value, paths, chain if isinstance(chain, str) else None)
@@ -242,6 +251,10 @@ def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
             raise EnvelopeError(
                 "schema", f"{key:.80} is not a valid {kind} field under schema {SCHEMA_VERSION}"
             ) from None
+
+
+# Membership is asked once per field received; a set answers it in one step.
+_PATH_SETS: Final = {kind: frozenset(field_paths(kind)) for kind in KINDS}
 
 
 def _check_field(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
@@ -164,9 +164,18 @@ def open(token: str, header: Mapping[str, Any], private: X25519PrivateKey) -> by
     ``EnvelopeError`` with step ``decrypt`` and a reason naming the part at
     fault, never the content, for anything malformed or inauthentic.
     """
+    return open_segments(token.split("."), header, private)
+
+
+def open_segments(
+    parts: Sequence[str], header: Mapping[str, Any], private: X25519PrivateKey
+) -> bytes:
+    """``open`` for a token the caller has already split at its dots (``token.split(".")``).
+
+    Same checks, same errors: the segment count is still step 1.
+    """
     # Checklist (RFC 7516 §5.2 for this profile); each step raises EnvelopeError.
     # 1. exactly five segments (RFC 7516 §7.1).
-    parts = token.split(".")
     if len(parts) != 5:
         raise _fail(f"a compact JWE has 5 segments, not {len(parts)}")
     protected, wrapped_b64, iv_b64, ciphertext_b64, tag_b64 = parts

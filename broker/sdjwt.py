@@ -23,6 +23,8 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
+from pydantic_core import SchemaValidator, ValidationError, core_schema
+
 SD_ALG: Final = "sha-256"
 """The only ``_sd_alg`` we produce or accept (the RFC's default)."""
 
@@ -45,24 +47,33 @@ _TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 
 def b64u_decode(text: str) -> bytes:
     """Strict base64url decode: unpadded URL-safe alphabet only; ``ValueError`` otherwise."""
-    # The checks of _b64u_decode_checked in fewer passes, for the well-formed
-    # case (every disclosure, header and payload received): '+', '/' and '='
-    # are deleted by the same translate that maps the alphabet, so a shorter
-    # result means one was there. Anything that fails goes to the full check,
-    # which raises its reason; only the spare-bits reason is raised here.
-    if not text.isascii():
-        return _b64u_decode_checked(text)
-    data = text.encode("ascii")
-    rest = len(data) % 4
-    standard = data.translate(_TO_STANDARD, b"+/=")
-    if rest == 1 or len(standard) != len(data):
-        return _b64u_decode_checked(text)
-    if rest and _SPARE_BITS[rest] & _B64_VALUE.get(data[-1], 0):
-        raise ValueError("not canonical base64url (non-zero trailing bits)")
-    try:
-        return binascii.a2b_base64(standard + _PAD[rest], strict_mode=True)
-    except binascii.Error:
-        return _b64u_decode_checked(text)
+    # Fast path for the well-formed case (every segment, payload and
+    # disclosure received): pydantic-core's base64 decoder, 5-6x binascii's
+    # speed on a 5 KB ciphertext, fed the text as a JSON string. It also takes
+    # the standard alphabet and padding, so '+', '/' and '=' are refused here,
+    # and so are '\\' and '"', which JSON would read as an escape or the end
+    # of the string; the length and the spare bits are checked here as well,
+    # whatever the library does. It refuses every other character outside the
+    # alphabet. Anything not taken goes to the full check, which raises the reason.
+    # (Substring tests on the str: on bytes, each costs ~0.14 us in argument parsing.)
+    rest = len(text) % 4
+    if not (
+        rest == 1
+        or not text.isascii()
+        or "+" in text
+        or "/" in text
+        or "=" in text
+        or "\\" in text
+        or '"' in text
+        or (rest and _SPARE_BITS[rest] & _B64_VALUE.get(ord(text[-1]), 0))
+    ):
+        try:
+            data: bytes = _B64_JSON.validate_json(f'"{text}"')
+        except ValidationError:
+            pass
+        else:
+            return data
+    return _b64u_decode_checked(text)
 
 
 def _b64u_decode_checked(text: str) -> bytes:
@@ -100,7 +111,13 @@ _B64_VALUE: Final = {
 # By length mod 4: the bits of the last character that carry no data, and the
 # padding the standard decoder wants (a remainder of 1 is refused before use).
 _SPARE_BITS: Final = (0, 0, 0x0F, 0x03)
-_PAD: Final = (b"", b"", b"==", b"=")
+# Bytes from a JSON string holding base64 (URL-safe or standard, padding optional),
+# and a list of them from a JSON array of such strings.
+_B64_CONFIG: Final = core_schema.CoreConfig(val_json_bytes="base64")
+_B64_JSON: Final = SchemaValidator(core_schema.bytes_schema(strict=True), _B64_CONFIG)
+_B64_LIST_JSON: Final = SchemaValidator(
+    core_schema.list_schema(core_schema.bytes_schema(strict=True), strict=True), _B64_CONFIG
+)
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -203,6 +220,11 @@ def b64u_encode_digests(digests: Sequence[bytes]) -> list[str]:
     """
     if any(len(d) != 32 for d in digests):
         raise ValueError("b64u_encode_digests takes 32-byte digests only")
+    return _encode_digests(digests)
+
+
+def _encode_digests(digests: Sequence[bytes]) -> list[str]:
+    # b64u_encode_digests for digests known to be 32 bytes (SHA-256 output).
     raw = binascii.b2a_base64(b"\0".join([*digests, b""]), newline=False)
     text = raw.translate(_TO_URLSAFE).decode("ascii")
     return [text[i : i + 43] for i in range(0, 44 * len(digests), 44)]
@@ -233,19 +255,96 @@ class Disclosure(NamedTuple):
     @classmethod
     def parse(cls, encoded: str) -> Disclosure:
         """Decode a received disclosure; raise ``ValueError`` if it is not well-formed."""
-        decoded = loads_strict(b64u_decode(encoded))
-        if not isinstance(decoded, list) or len(decoded) not in (2, 3):
-            raise ValueError("a disclosure must be a JSON array of 2 or 3 elements")
-        if not isinstance(decoded[0], str):
-            raise ValueError("a disclosure's salt must be a string")  # noqa: TRY004 - malformed input
-        name: str | None = None
-        if len(decoded) == 3:
-            name = decoded[1]
-            if not isinstance(name, str):
-                raise ValueError("a disclosure's claim name must be a string")
-            if name in (SD, ELLIPSIS):
-                raise ValueError(f"disclosure uses the reserved claim name {name!r}")
-        return cls(encoded, hash_disclosure(encoded), decoded[0], name, decoded[-1])
+        salt, name, value = _decode_disclosure(encoded)
+        return cls(encoded, hash_disclosure(encoded), salt, name, value)
+
+
+def parse_disclosures(encoded: Sequence[str]) -> list[Disclosure]:
+    """``[Disclosure.parse(e) for e in encoded]`` in fewer calls: the receive path's hot loop.
+
+    Raises the ``ValueError`` of the first disclosure that is not well-formed,
+    as the list comprehension would: all are decoded and checked, in order,
+    before any is hashed (which cannot fail once all are strict base64url).
+    """
+    raws = _b64u_decode_batch(encoded)
+    if raws is None:
+        return [Disclosure.parse(e) for e in encoded]
+    parts: list[tuple[str, str | None, Any]] = []
+    for text, raw in zip(encoded, raws, strict=True):
+        try:
+            decoded, end = _SCAN(raw.decode("utf-8"), 0)
+        except (UnicodeDecodeError, StopIteration, ValueError, RecursionError):
+            decoded = end = None
+        # What _decode_disclosure accepts at once; anything else (including
+        # what the scanner alone cannot decide) goes through it for the reason.
+        if (
+            end != len(raw)
+            or type(decoded) is not list
+            or len(decoded) != 3
+            or type(decoded[0]) is not str
+            or type(decoded[1]) is not str
+            or decoded[1] in (SD, ELLIPSIS)
+        ):
+            parts.append(_decode_disclosure(text))
+        else:
+            parts.append((decoded[0], decoded[1], decoded[2]))
+    digests = _encode_digests([_sha256(e.encode("ascii")).digest() for e in encoded])
+    # tuple.__new__ is what Disclosure(...) runs, without its Python-level frame.
+    return [
+        _new_tuple(Disclosure, (e, d, *part))
+        for e, d, part in zip(encoded, digests, parts, strict=True)
+    ]
+
+
+_sha256: Final = hashlib.sha256
+_new_tuple: Final = tuple.__new__
+
+
+def _b64u_decode_batch(texts: Sequence[str]) -> list[bytes] | None:
+    # [b64u_decode(t) for t in texts] in one call of the fast decoder when every
+    # text passes b64u_decode's own pre-checks; with no '"' and no '\\' in any
+    # of them, the JSON array built below holds exactly one string per text.
+    # None if any does not pass or the decoder refuses one: the caller then
+    # decodes each in turn, so the first bad one raises its own reason.
+    whole = "".join(texts)
+    if not (
+        not whole.isascii()
+        or "+" in whole
+        or "/" in whole
+        or "=" in whole
+        or "\\" in whole
+        or '"' in whole
+        or any(
+            len(t) % 4 == 1
+            or (len(t) % 4 and _SPARE_BITS[len(t) % 4] & _B64_VALUE.get(ord(t[-1]), 0))
+            for t in texts
+        )
+    ):
+        joined = '","'.join(texts)
+        try:
+            out: list[bytes] = _B64_LIST_JSON.validate_json(f'["{joined}"]')
+        except ValidationError:
+            pass
+        else:
+            if len(out) == len(texts):
+                return out
+    return None
+
+
+def _decode_disclosure(encoded: str) -> tuple[str, str | None, Any]:
+    decoded = loads_strict(b64u_decode(encoded))
+    if not isinstance(decoded, list) or len(decoded) not in (2, 3):
+        raise ValueError("a disclosure must be a JSON array of 2 or 3 elements")
+    if not isinstance(decoded[0], str):
+        raise ValueError("a disclosure's salt must be a string")  # noqa: TRY004 - malformed input
+    name: str | None = None
+    if len(decoded) == 3:
+        name = decoded[1]
+        if not isinstance(name, str):
+            raise ValueError("a disclosure's claim name must be a string")
+        if name in (SD, ELLIPSIS):
+            raise ValueError(f"disclosure uses the reserved claim name {name!r}")
+    return decoded[0], name, decoded[-1]
 
 
 def sd_array(digests: Iterable[str], pad_to: int) -> list[str]:
@@ -306,6 +405,11 @@ def process(payload: Mapping[str, Any], disclosures: Sequence[Disclosure]) -> di
     return claims
 
 
+# JSON scalars as the parser produces them: never a dict or list, so value()
+# returns them unchanged.
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+
+
 class _Walk:
     """One pass over the payload, remembering every digest seen (§7.1 step 4)."""
 
@@ -333,7 +437,14 @@ class _Walk:
         return value
 
     def object(self, obj: Mapping[str, Any], depth: int = 0) -> dict[str, Any]:
-        out = {k: self.value(v, depth + 1) for k, v in obj.items() if k != SD}
+        # value() inlined for scalars (most claims), which it returns as they
+        # are unless the depth bound is already exceeded.
+        shallow = depth < MAX_DEPTH
+        out = {
+            k: v if shallow and type(v) in _SCALARS else self.value(v, depth + 1)
+            for k, v in obj.items()
+            if k != SD
+        }
         digests = obj.get(SD, [])
         if not isinstance(digests, list):
             raise ValueError("_sd must be an array of digests")  # noqa: TRY004 - malformed input
@@ -350,7 +461,10 @@ class _Walk:
                 raise ValueError("an array-element disclosure is referenced from an _sd array")
             if disclosure.name in out:
                 raise ValueError(f"disclosed claim {disclosure.name!r} is already present")
-            out[disclosure.name] = self.value(disclosure.value, depth + 1)
+            value = disclosure.value
+            out[disclosure.name] = (
+                value if shallow and type(value) in _SCALARS else self.value(value, depth + 1)
+            )
         return out
 
     def array(self, items: list[Any], depth: int) -> list[Any]:

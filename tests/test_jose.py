@@ -31,7 +31,7 @@ from jwcrypto import jwe as jjwe
 from jwcrypto import jwk as jjwk
 
 from broker import envelope, jose
-from broker.envelope_format import parse_jwe_header
+from broker.envelope_format import parse_jwe, parse_jwe_header
 from broker.errors import EnvelopeError, UsageError
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
@@ -60,16 +60,31 @@ def b64e(data: bytes) -> str:
 
 
 def opened(token: str, private: X25519PrivateKey = RECIPIENT) -> bytes:
-    """What ``open`` returns for a token, its header parsed as the envelope parses it."""
-    return jose.open(token, parse_jwe_header(token, 1 << 20), private)
+    """What ``open`` returns for a token, its header parsed as the envelope parses it.
+
+    ``open_segments`` on the segments ``parse_jwe`` returns (the envelope's
+    route) must return the same.
+    """
+    header, segments = parse_jwe(token, 1 << 20)
+    assert header == parse_jwe_header(token, 1 << 20)
+    assert segments == token.split(".")
+    plaintext = jose.open(token, header, private)
+    assert jose.open_segments(segments, header, private) == plaintext
+    return plaintext
 
 
 def refused(token: str, header: dict[str, Any] | None = None) -> str:
-    """The reason ``open`` gives for refusing ``token`` (header: as parsed, unless given)."""
+    """The reason ``open`` gives for refusing ``token`` (header: as parsed, unless given).
+
+    ``open_segments`` on the split token must refuse it with the same reason.
+    """
     parsed = parse_jwe_header(token, 1 << 20) if header is None else header
     with pytest.raises(EnvelopeError) as info:
         jose.open(token, parsed, RECIPIENT)
     assert info.value.step == "decrypt"
+    with pytest.raises(EnvelopeError) as again:
+        jose.open_segments(token.split("."), parsed, RECIPIENT)
+    assert (again.value.step, again.value.reason) == ("decrypt", info.value.reason)
     return info.value.reason
 
 

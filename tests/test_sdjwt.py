@@ -267,6 +267,35 @@ def test_b64u_decode_fast_path_matches_the_full_check(text: str) -> None:
     assert _outcome(sdjwt.b64u_decode, text) == _outcome(sdjwt._b64u_decode_checked, text)
 
 
+# Characters the decoder's fast path (pydantic-core's base64, fed as a JSON
+# string) must never take or reinterpret: JSON escapes and quotes, the standard
+# alphabet and padding, whitespace, controls, DEL, non-ASCII.
+_B64_HOSTILE = ["\\", '"', "\\u0041", '\\"', "+", "/", "=", "==", " ", "\t", "\n", "\r"]
+_B64_HOSTILE += ["\x00", "\x1f", "\x7f", "é", "\ud800", ".", "~", "A", "-", "_"]
+
+
+@st.composite
+def long_b64ish(draw: st.DrawFn) -> str:
+    """A valid encoding of up to 6 KB with up to three hostile edits anywhere in it."""
+    chars = list(sdjwt.b64u_encode(draw(st.binary(max_size=6000))))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(chars)))
+        op = draw(st.sampled_from(["insert", "replace", "delete"]))
+        if op == "insert" or at == len(chars):
+            chars.insert(at, draw(st.sampled_from(_B64_HOSTILE)))
+        elif op == "replace":
+            chars[at] = draw(st.sampled_from(_B64_HOSTILE))
+        else:
+            del chars[at]
+    return "".join(chars)
+
+
+@settings(max_examples=500)
+@given(long_b64ish())
+def test_b64u_decode_fast_path_matches_the_full_check_on_long_hostile_text(text: str) -> None:
+    assert _outcome(sdjwt.b64u_decode, text) == _outcome(sdjwt._b64u_decode_checked, text)
+
+
 @given(st.binary(max_size=600))
 def test_b64u_decode_agrees_with_the_standard_library(data: bytes) -> None:
     # RFC 4648 §5 via base64, which is lenient about padding; ours takes the unpadded form.
@@ -480,3 +509,109 @@ def test_process_matches_the_per_digest_walk(
     assert _outcome(lambda p: sdjwt.process(p, presented), payload) == _outcome(
         lambda p: _oracle_process(p, presented), payload
     )
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    value = leaf
+    for i in range(depth):
+        value = {"k": value, "s": "x"} if i % 2 else [value, 1]
+    return value
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(sdjwt.MAX_DEPTH - 4, sdjwt.MAX_DEPTH + 2),
+    st.sampled_from([1, "x", None, True, 1.5, [], {}]),
+    st.booleans(),
+)
+def test_process_scalar_shortcut_keeps_the_depth_bound(
+    depth: int, leaf: Any, disclose: bool
+) -> None:
+    # Scalars skip value() unless the bound is already reached: around the
+    # bound, in claims and in disclosed values, the answer is the oracle's.
+    value = _nested(depth, leaf)
+    if disclose:
+        made = Disclosure.make("deep", value, salt="s")
+        payload: dict[str, Any] = {"_sd": [made.digest]}
+        presented = [made]
+    else:
+        payload, presented = {"deep": value}, []
+    assert _outcome(lambda p: sdjwt.process(p, presented), payload) == _outcome(
+        lambda p: _oracle_process(p, presented), payload
+    )
+
+
+# --- parse_disclosures: the receive path's batch, pinned to Disclosure.parse ---------------
+
+
+def _parse_each(encoded: list[str]) -> list[Disclosure]:
+    return [Disclosure.parse(e) for e in encoded]
+
+
+def test_parse_disclosures_on_the_rfc9901_vectors() -> None:
+    encoded = [case["disclosure"] for case in VECTORS]
+    parsed = sdjwt.parse_disclosures(encoded)
+    assert parsed == _parse_each(encoded)
+    assert [d.digest for d in parsed] == [case["sha256_digest"] for case in VECTORS]
+    assert all(type(d) is Disclosure for d in parsed)
+    assert sdjwt.parse_disclosures([]) == []
+
+
+def _encode_json(text: str) -> str:
+    return sdjwt.b64u_encode(text.encode("utf-8", "surrogatepass"))
+
+
+# Decoded texts a hostile sender might encode: every shape parse refuses, the
+# shapes it takes by the slow route (array elements), duplicates, constants,
+# bad UTF-8, a lone surrogate, deep nesting, trailing data.
+_DISCLOSURE_TEXTS = [
+    '["s","a",1]',
+    '["s",1]',
+    '["s","a",{"x":1,"x":2}]',
+    '["s","a",NaN]',
+    '["s","_sd",1]',
+    '["s","...",1]',
+    '[1,"a",1]',
+    '["s",7,1]',
+    '["s"]',
+    '["s","a",1,2]',
+    '{"s":1}',
+    '"s"',
+    ' ["s","a",1]',
+    '["s","a",1] ',
+    '["s","a",1]x',
+    '["s","a","\\ud800"]',
+    '["s","a",' + "[" * 3000 + "]" * 3000 + "]",
+    '["s","a",1',
+    "",
+]
+
+
+@st.composite
+def disclosure_lists(draw: st.DrawFn) -> list[str]:
+    out = []
+    for _ in range(draw(st.integers(0, 8))):
+        kind = draw(st.sampled_from(["made", "text", "bytes", "edited"]))
+        if kind == "made":
+            name = draw(
+                st.one_of(st.none(), st.text(max_size=4).filter(lambda n: n not in ("...", "_sd")))
+            )
+            value = draw(json_values)
+            out.append(Disclosure.make(name, value, salt=draw(st.text(max_size=4))).encoded)
+        elif kind == "text":
+            out.append(_encode_json(draw(st.sampled_from(_DISCLOSURE_TEXTS))))
+        elif kind == "bytes":
+            out.append(sdjwt.b64u_encode(draw(st.binary(max_size=20))))
+        else:
+            chars = list(Disclosure.make("a", draw(json_values)).encoded)
+            at = draw(st.integers(0, len(chars) - 1))
+            chars[at] = draw(st.sampled_from(_B64_HOSTILE))
+            out.append("".join(chars))
+    return out
+
+
+@settings(max_examples=800, deadline=None)
+@given(disclosure_lists())
+def test_parse_disclosures_matches_parse_one_by_one(encoded: list[str]) -> None:
+    # Same disclosures or the same first reason, for any mix of good and hostile.
+    assert _outcome(sdjwt.parse_disclosures, encoded) == _outcome(_parse_each, encoded)
