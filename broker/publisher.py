@@ -234,9 +234,13 @@ class Publisher:
         committer = asyncio.create_task(self._commit_loop())
         try:
             while not stop.is_set():
+                # Cleared before looking, so a wake-up that comes while the store
+                # is asked (a plan committed meanwhile) ends the wait below at once.
+                self._wake.clear()
                 self._expire(time.monotonic())
                 room = self.max_in_flight - len(self._in_flight)
                 started = 0
+                failed = False
                 # Refill in batches, not after every ack: each refill is a store
                 # round trip, and one per ack cost the store thread more than the
                 # acks' own bookkeeping.
@@ -248,17 +252,18 @@ class Publisher:
                         items = await self.run_db(self.store.pending, room, skip)
                     except MsmtError as exc:
                         self.last_error = str(exc)
-                        items = []
+                        items, failed = [], True
                     for item in items:
                         self._retry_at.pop((item.report_id, item.partner), None)
                         await self._publish(item)
                         started += 1
                 if started == 0:
-                    self._wake.clear()
-                    if stop.is_set():  # a wake-up for the stop may have just been cleared
+                    if stop.is_set():
                         break
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self._idle_timeout())
+                        await asyncio.wait_for(
+                            self._wake.wait(), RETRY_AFTER if failed else self._idle_timeout()
+                        )
         finally:
             # Hand back: whatever is unacked stays pending in the outbox.
             if self._in_flight:
