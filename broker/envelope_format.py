@@ -16,8 +16,15 @@ from typing import Any, Final, get_args
 from broker import sdjwt
 from broker.errors import EnvelopeError
 from broker.members import MEMBERS, is_member
-from broker.sightings import KINDS, SCHEMA_VERSION, TLP, field_paths, validate_field
-from broker.transforms import split_variant_key
+from broker.sightings import (
+    KINDS,
+    SCHEMA_VERSION,
+    TLP,
+    field_paths,
+    fields_plainly_valid,
+    validate_field,
+)
+from broker.transforms import VARIANT_SEP, split_variant_key
 
 TYP: Final = "msmt+sd-jwt"
 """JWS ``typ`` and JWE ``cty``: media type ``application/msmt+sd-jwt`` (RFC 9901 §9.11)."""
@@ -243,14 +250,36 @@ def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
     The reason names the field, never its value.
     """
     chain = fields.get("transfer.chain")
+    chain = chain if isinstance(chain, str) else None
+    if _plainly_valid(kind, fields, chain):
+        return
     paths = _PATH_SETS[kind]
     for key, value in fields.items():
         try:
-            _check_field(kind, key, value, paths, chain if isinstance(chain, str) else None)
+            _check_field(kind, key, value, paths, chain)
         except ValueError:
             raise EnvelopeError(
                 "schema", f"{key:.80} is not a valid {kind} field under schema {SCHEMA_VERSION}"
             ) from None
+
+
+def _plainly_valid(kind: str, fields: Mapping[str, Any], chain: str | None) -> bool:
+    # True only if the loop in check_fields would pass every field: variants
+    # through _check_field itself, plain fields through the schema's batch
+    # shortcut. False says nothing; the loop then decides and names the field.
+    plain: dict[str, Any] = {}
+    paths = _PATH_SETS[kind]
+    for key, value in fields.items():
+        if VARIANT_SEP not in key:
+            if key not in paths:
+                return False
+            plain[key] = value
+            continue
+        try:
+            _check_field(kind, key, value, paths, chain)
+        except ValueError:
+            return False
+    return fields_plainly_valid(kind, plain, chain)
 
 
 # Membership is asked once per field received; a set answers it in one step.

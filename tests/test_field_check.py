@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from broker import identifiers, samples, sightings
+from broker import envelope_format, identifiers, samples, sightings
+from broker.errors import EnvelopeError
 from broker.sightings import (
     KINDS,
     SIGHTING_ADAPTER,
@@ -410,3 +411,91 @@ def test_variant_keys_split_as_transform_parse_says_every_time(idents: list[str]
                 "vessel.position",
                 Transform.parse(ident),
             )
+
+
+# --- fields_plainly_valid and check_fields: the batch shortcut -----------------------------
+
+
+def _check_field_oracle(kind: str, key: str, value: Any, chain: str | None) -> None:
+    path, transform = split_variant_key(key)
+    if path not in field_paths(kind):
+        raise ValueError("unknown field")
+    if transform is None:
+        validate_field(kind, path, value, chain)
+        return
+    if not transform.applies_to(path):
+        raise ValueError("transform does not apply to this field")
+    transform.check_output(value)
+
+
+def _check_fields_oracle(kind: str, fields: dict[str, Any]) -> None:
+    # envelope_format.check_fields before its batch shortcut (commit fa42ec2).
+    chain = fields.get("transfer.chain")
+    for key, value in fields.items():
+        try:
+            _check_field_oracle(kind, key, value, chain if isinstance(chain, str) else None)
+        except ValueError:
+            raise EnvelopeError(
+                "schema", f"{key:.80} is not a valid {kind} field under schema 1.0"
+            ) from None
+
+
+REPORTS: list[tuple[str, dict[str, Any]]] = []
+for _record in samples.generate(120, seed=11):
+    _sighting = SIGHTING_ADAPTER.validate_json(json.dumps(_record))
+    REPORTS.append((_sighting.kind, leaf_values(_sighting)))
+
+
+def test_real_reports_take_the_batch_shortcut() -> None:
+    assert {kind for kind, _ in REPORTS} == set(KINDS)
+    for kind, fields in REPORTS:
+        chain = fields.get("transfer.chain")
+        assert sightings.fields_plainly_valid(kind, fields, chain), fields
+        assert envelope_format._plainly_valid(kind, fields, chain)
+        with_variant = {**fields, "observed_at#hour": "2026-10-28T08:00:00Z"}
+        assert envelope_format._plainly_valid(kind, with_variant, chain)
+
+
+def _check_outcome(fn: Any, *args: Any) -> tuple[str, str]:
+    try:
+        fn(*args)
+    except EnvelopeError as exc:
+        return exc.step, exc.reason
+    return "accepted", ""
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_check_fields_gets_the_loops_answer(data: st.DataObject) -> None:
+    # A real report's fields with some changed, added, dropped or swapped for
+    # another kind's, and variants good and bad: the shortcut may only say
+    # "valid" when every field is, and check_fields names the same field.
+    kind, fields = data.draw(st.sampled_from(REPORTS))
+    fields = dict(fields)
+    for _ in range(data.draw(st.integers(0, 3))):
+        op = data.draw(st.sampled_from(["mutate", "drop", "add", "variant", "foreign"]))
+        key = data.draw(st.sampled_from(sorted(fields) or ["observed_at"]))
+        if op == "mutate":
+            fields[key] = data.draw(mutated(fields.get(key, ""), _KEYS))
+        elif op == "drop":
+            fields.pop(key, None)
+        elif op == "add":
+            fields[data.draw(st.sampled_from([*field_paths(kind), "vessel.nope", "x"]))] = (
+                data.draw(json_values)
+            )
+        elif op == "variant":
+            ident = data.draw(st.sampled_from(_IDENTS))
+            fields[f"{key}#{ident}"] = data.draw(
+                st.one_of(json_values, st.sampled_from(_COARSENED), st.just(fields.get(key)))
+            )
+        else:
+            _, other = data.draw(st.sampled_from(REPORTS))
+            path = data.draw(st.sampled_from(sorted(other)))
+            fields[path] = other[path]
+    expected = _check_outcome(_check_fields_oracle, kind, fields)
+    assert _check_outcome(envelope_format.check_fields, kind, fields) == expected
+    if sightings.fields_plainly_valid(kind, fields, fields.get("transfer.chain")):
+        plain = {k: v for k, v in fields.items() if "#" not in k}
+        for path, value in plain.items():
+            chain = fields.get("transfer.chain")
+            validate_field(kind, path, value, chain if isinstance(chain, str) else None)
