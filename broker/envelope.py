@@ -293,7 +293,9 @@ def receive(
     #    key of 32 bytes and not low-order; encrypted key 40 bytes, IV 12, tag 16;
     #    the CEK unwraps and the GCM tag verifies (broker.jose.open_segments, its
     #    steps 1-8).
-    private = key.private_key
+    # raw_value, not private_key: the same object when it is a private key, without
+    # joserfc's isinstance checks against every private key type (~0.5 us).
+    private = key.raw_value
     if not isinstance(private, X25519PrivateKey):
         raise UsageError(f"decryption key {header['kid']!r:.80} is not an X25519 private key")
     plaintext = jose.open_segments(segments, header, private)
