@@ -144,9 +144,10 @@ def issue(
     kind = sighting.kind
     groups: dict[str | None, list[str]] = {None: [], "source": [], kind: []}
     encoded: dict[str, str] = {}
-    for key, value in values.items():
+    salts = sdjwt.new_salts(len(values))
+    for (key, value), salt in zip(values.items(), salts, strict=True):
         container, name = _container(key)
-        disclosure = sdjwt.Disclosure.make(name, value)
+        disclosure = sdjwt.Disclosure.make(name, value, salt)
         groups[container].append(disclosure.digest)
         encoded[key] = disclosure.encoded
     report_id = str(sighting.report_id)

@@ -199,6 +199,25 @@ def new_salt() -> str:
     return b64u_encode(secrets.token_bytes(SALT_BYTES))
 
 
+def new_salts(count: int) -> list[str]:
+    """``count`` fresh salts as ``new_salt`` makes them, from one call to ``secrets``.
+
+    Issuing salts every field of a report; one system call instead of one per field.
+    """
+    return _encode_salts(secrets.token_bytes(SALT_BYTES * count))
+
+
+def _encode_salts(pool: bytes) -> list[str]:
+    # Each 16-byte salt plus two zero bytes is 18 bytes, 24 characters with no
+    # padding; the first 22 are the salt's unpadded encoding (the zeros only
+    # fill the 22nd character's spare bits, which are zero in that encoding).
+    count = len(pool) // SALT_BYTES
+    chunks = [pool[i : i + SALT_BYTES] for i in range(0, SALT_BYTES * count, SALT_BYTES)]
+    raw = binascii.b2a_base64(b"\0\0".join([*chunks, b""]), newline=False)
+    text = raw.translate(_TO_URLSAFE).decode("ascii")
+    return [text[i : i + 22] for i in range(0, 24 * count, 24)]
+
+
 def new_decoys(count: int) -> list[str]:
     """``count`` decoy digests: SHA-256 of fresh random bytes, shaped like real ones (§4.2.5).
 

@@ -153,6 +153,9 @@ def deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(sdjwt, "new_salt", lambda: take(b"example-salt-", 16))
     monkeypatch.setattr(
+        sdjwt, "new_salts", lambda n: [take(b"example-salt-", 16) for _ in range(n)]
+    )
+    monkeypatch.setattr(
         sdjwt, "new_decoys", lambda n: [take(b"example-decoy-", 32) for _ in range(n)]
     )
 

@@ -615,3 +615,15 @@ def disclosure_lists(draw: st.DrawFn) -> list[str]:
 def test_parse_disclosures_matches_parse_one_by_one(encoded: list[str]) -> None:
     # Same disclosures or the same first reason, for any mix of good and hostile.
     assert _outcome(sdjwt.parse_disclosures, encoded) == _outcome(_parse_each, encoded)
+
+
+@given(st.integers(0, 40).flatmap(lambda n: st.binary(min_size=16 * n, max_size=16 * n)))
+def test_salt_batch_encodes_each_salt_as_new_salt_does(pool: bytes) -> None:
+    expected = [sdjwt.b64u_encode(pool[i : i + 16]) for i in range(0, len(pool), 16)]
+    assert sdjwt._encode_salts(pool) == expected
+
+
+def test_salt_batch_is_fresh_and_128_bits() -> None:
+    salts = sdjwt.new_salts(200)
+    assert len(set(salts)) == 200
+    assert all(len(sdjwt.b64u_decode(s)) == 16 for s in salts)
