@@ -2,7 +2,8 @@
 
 ``Receiver`` keeps one pull request out at the hub (``_Pull``) and hands what
 has arrived, up to ``fetch_batch`` messages, to ``Inbound.process`` on the
-store's thread. For each batch:
+store's thread; a part batch first waits up to ``LINGER_S`` for more, since
+each batch costs two fsynced commits. For each batch:
 
 1. the subject must be ``from.<SENDER>.msmt.to.<ME>.<kind>``: the hub's word for
    who sent it (service import prefix), which the envelope's sender must match;
