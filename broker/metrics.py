@@ -39,6 +39,12 @@ class Metrics:
         self.received = Counter(
             "msmt_received", "Verified reports stored, by sender.", ["sender"], registry=r
         )
+        self.duplicates = Counter(
+            "msmt_received_duplicate",
+            "Byte-identical redeliveries acked without storing again, by sender.",
+            ["sender"],
+            registry=r,
+        )
         self.rejected = Counter(
             "msmt_rejected",
             "Inbound messages refused, by the verification step that failed.",

@@ -96,6 +96,8 @@ class BatchResult:
     actions: list[Action]
     stored: list[Received] = field(default_factory=list)
     rejected: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    """Byte-identical redeliveries acked without storing again, by sender."""
     latencies: list[float] = field(default_factory=list)
 
 
@@ -201,6 +203,9 @@ class Inbound:
         except UnicodeDecodeError:
             raise EnvelopeError("format", "envelope is not ASCII text") from None
         if (sender, digest) in known:
+            # Counted, so an operator can tell a crash-and-redeliver (or a peer
+            # resending) from silence; acked, since it is already stored.
+            result.duplicates[sender] += 1
             return "ack", None, None
 
         def is_replay(jti: str) -> bool:
@@ -459,3 +464,6 @@ class Receiver:
         for step, count in result.rejected.items():
             self.metrics.rejected.labels(reason=step).inc(count)
             self.counts[f"rejected.{step}"] += count
+        for sender, count in result.duplicates.items():
+            self.metrics.duplicates.labels(sender=sender).inc(count)
+            self.counts[f"duplicate.{sender}"] += count

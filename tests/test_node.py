@@ -618,6 +618,7 @@ async def test_flood_of_bad_messages_mixed_with_good_ones(world: World) -> None:
         messages.append((kind, payload, msg_id or f"{payload[:8]!r}.{len(messages)}"))
         bad[step] += 1
 
+    redelivered = 0
     for i, record in enumerate(good_records):
         rid = record["report_id"]
         if i % 6 == 0:
@@ -628,6 +629,7 @@ async def test_flood_of_bad_messages_mixed_with_good_ones(world: World) -> None:
             add_bad("replay", again.encode(), record["kind"], f"{rid}.USA.replay")
             # The identical bytes again: a harmless redelivery, neither stored twice nor rejected.
             messages.append((record["kind"], messages[-2][1], f"{rid}.USA.redelivered"))
+            redelivered += 1
             continue
         step = STEPS[i % len(STEPS)]
         add_bad(step, *forge_bad(forger, step, record, kor_records[i % len(kor_records)], i))
@@ -686,6 +688,10 @@ async def test_flood_of_bad_messages_mixed_with_good_ones(world: World) -> None:
     text = await asyncio.to_thread(fetch, f"http://127.0.0.1:{usa.metrics.port}/metrics")
     for step, n in bad.items():
         assert f'msmt_rejected_total{{reason="{step}"}} {float(n)}' in text
+    # Each byte-identical copy is acked and counted, not stored and not rejected.
+    assert redelivered > 0
+    assert final.get("duplicate.JPN") == redelivered
+    assert f'msmt_received_duplicate_total{{sender="JPN"}} {float(redelivered)}' in text
     assert world.procs["USA"].poll() is None
 
 
@@ -859,9 +865,11 @@ def test_store_failure_hands_the_batch_back_and_redelivery_stores_once(
     first = make(store).process(batch)
     assert first.actions == ["ack"] * 40
     assert len(first.stored) == 40
+    assert not first.duplicates
     again = make(store).process(batch)  # redelivered after a crash before the acks
     assert again.actions == ["ack"] * 40
     assert again.stored == []
+    assert again.duplicates == {"JPN": 40}
     assert store.inbox_count() == 40
 
 
