@@ -6,8 +6,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from broker.natsproc import NatsServer, make_cluster, start_cluster
+
+# Timings are for benchmarks, never tests: on a shared 2-core machine a stalled
+# draw (a strategy's first regex compile, another job's burst) tripped
+# Hypothesis's too_slow health check and per-example deadline although every
+# property held. Tests opt in to other suppressions themselves.
+settings.register_profile("msmt", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("msmt")
 
 
 @pytest.fixture
