@@ -213,7 +213,7 @@ class Node:
                     rows = await self.run_db(self.store.unplanned, PLAN_BATCH + len(skip))
                     rows = [row for row in rows if row[0] not in skip]
                     plans, errors = (
-                        await self._plans.plan(rows, PLAN_BATCH, set()) if rows else ({}, {})
+                        await self._plans.plan(rows, PLAN_BATCH) if rows else ({}, {})
                     )
                 except PlanWorkerError:
                     raise  # fatal: the node stops (and systemd restarts it)

@@ -131,7 +131,7 @@ class PlanPool:
                 )
                 await self._call((self._spec, os.getpid()))
 
-    async def plan(self, rows: list[tuple[str, bytes]], limit: int, skip: set[str]) -> Plans:
+    async def plan(self, rows: list[tuple[str, bytes]], limit: int) -> Plans:
         """What ``Planner.plan`` returns for these arguments, computed in the worker.
 
         Raises ``PlanWorkerError`` if the worker died, failed or took longer
@@ -139,7 +139,7 @@ class PlanPool:
         """
         await self.start()
         async with self._lock:
-            plans: Plans = await self._call((rows, limit, skip))
+            plans: Plans = await self._call((rows, limit))
             return plans
 
     async def _call(self, request: object) -> Any:
@@ -239,9 +239,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
         return 1
     _write(out, ("ok", None))
     while (request := _read(inp)) is not None:
-        rows, limit, skip = request
+        rows, limit = request
         try:
-            reply: tuple[str, object] = ("ok", planner.plan(rows, limit, skip))
+            reply: tuple[str, object] = ("ok", planner.plan(rows, limit))
         except Exception as exc:  # noqa: BLE001 - reported by type: a message could quote a report
             reply = ("error", f"{type(exc).__name__} while planning")
         _write(out, reply)

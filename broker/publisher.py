@@ -144,9 +144,9 @@ class Planner:
         return items
 
     def plan(
-        self, rows: list[tuple[str, bytes]], limit: int, skip: set[str]
+        self, rows: list[tuple[str, bytes]], limit: int
     ) -> tuple[dict[str, list[OutboxItem]], dict[str, str]]:
-        """Envelopes for up to ``limit`` of ``rows`` (from ``Store.unplanned``), minus ``skip``.
+        """Envelopes for up to ``limit`` of ``rows`` (from ``Store.unplanned``).
 
         Returns (plans, {report id: error}). A report that cannot be planned (e.g.
         a partner has no valid key) is named in the errors and stays unplanned,
@@ -156,8 +156,6 @@ class Planner:
         plans: dict[str, list[OutboxItem]] = {}
         errors: dict[str, str] = {}
         for report_id, record in rows:
-            if report_id in skip:
-                continue
             try:
                 plans[report_id] = self.envelopes(report_id, record)
             except MsmtError as exc:

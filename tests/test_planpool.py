@@ -72,9 +72,8 @@ async def test_worker_plans_what_the_planner_plans_and_recipients_open_it(
     pool: PlanPool,
 ) -> None:
     batch = rows(6)
-    skip = {batch[0][0]}
-    ours, errors = await pool.plan(batch, 4, skip)
-    theirs, their_errors = planner().plan(batch, 4, skip)
+    ours, errors = await pool.plan(batch[1:], 4)
+    theirs, their_errors = planner().plan(batch[1:], 4)
     assert errors == their_errors == {}
     assert list(ours) == list(theirs) == [rid for rid, _ in batch[1:5]]
     now = datetime.now(UTC)
@@ -97,17 +96,17 @@ async def test_a_killed_worker_fails_the_next_call_instead_of_hanging(pool: Plan
     (pid,) = pool.worker_pids()
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(PlanWorkerError, match="exited"):
-        await asyncio.wait_for(pool.plan(rows(1), 1, set()), 30)
+        await asyncio.wait_for(pool.plan(rows(1), 1), 30)
     # and every later call too: the node stops instead of planning on.
     with pytest.raises(PlanWorkerError):
-        await pool.plan(rows(1), 1, set())
+        await pool.plan(rows(1), 1)
 
 
 async def test_the_worker_ignores_sigterm_sent_to_the_whole_group(pool: PlanPool) -> None:
     await pool.start()
     (pid,) = pool.worker_pids()
     os.kill(pid, signal.SIGTERM)
-    plans, errors = await pool.plan(rows(1), 1, set())
+    plans, errors = await pool.plan(rows(1), 1)
     assert len(plans) == 1
     assert errors == {}
     assert pool.worker_pids() == [pid]
@@ -166,5 +165,5 @@ async def test_a_failure_inside_the_worker_is_named_by_type_only(pool: PlanPool)
     # Exception messages can quote a report, so only the type crosses to the node's log.
     bad: list[tuple[str, bytes]] = [("a", b"x", "CONTENT")]  # type: ignore[list-item]
     with pytest.raises(PlanWorkerError) as caught:
-        await pool.plan(bad, 1, set())
+        await pool.plan(bad, 1)
     assert str(caught.value) == "the planning worker failed: ValueError while planning"
