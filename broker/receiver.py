@@ -295,6 +295,10 @@ class _Pull:
         ).encode()
         self.ready: list[Msg] = []  # delivered, not yet taken
         self.wake = asyncio.Event()
+        # ``wake`` is set once this many deliveries wait here (or a request ends):
+        # 1 while the consumer idles, ``batch`` while it lingers, so a trickle of
+        # deliveries does not wake the lingering consumer once per message.
+        self.want = 1
         self.open = 0  # deliveries the outstanding request may still bring; 0: none outstanding
         self.deadline = 0.0  # when to stop waiting for the outstanding request's end
         self.stopping = False
@@ -321,6 +325,8 @@ class _Pull:
         if msg.reply:
             self.ready.append(msg)
             self.open = max(0, self.open - 1)
+            if len(self.ready) >= self.want or self.open == 0:
+                self.wake.set()
         else:
             status = (msg.headers or {}).get(api.Header.STATUS, "")
             if status == api.StatusCode.CONTROL_MESSAGE:
@@ -330,7 +336,7 @@ class _Pull:
                 # 409 (consumer deleted, leadership change, limits...) or worse: rebind.
                 reason = (msg.headers or {}).get(api.Header.DESCRIPTION, "")
                 self.failure = f"pull: status {status} {reason}".strip()
-        self.wake.set()
+            self.wake.set()
         if self.open == 0 and self.failure is None:
             try:
                 await self.want_more()
@@ -341,12 +347,16 @@ class _Pull:
     async def linger(self, seconds: float, stop: asyncio.Event) -> None:
         """Wait up to ``seconds`` for a whole batch to be delivered (not past a stop or failure)."""
         end = time.monotonic() + seconds
-        while len(self.ready) < self.batch and self.failure is None and not stop.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            self.wake.clear()
-            await self.wait(left)
+        self.want = self.batch
+        try:
+            while len(self.ready) < self.batch and self.failure is None and not stop.is_set():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self.wake.clear()
+                await self.wait(left)
+        finally:
+            self.want = 1
 
     def take(self) -> list[Msg]:
         """Up to ``batch`` delivered messages, oldest first."""
@@ -355,8 +365,10 @@ class _Pull:
 
     async def wait(self, seconds: float) -> None:
         """Until ``wake`` is set (a delivery, a request's end) or ``seconds`` have passed."""
+        # ``asyncio.timeout``, not ``wait_for``: no task per wait.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self.wake.wait()
 
     async def close(self) -> list[Msg]:
         """Stop asking; wait (briefly) for the outstanding request to end; unsubscribe.
