@@ -196,11 +196,14 @@ class Node:
     # --- planning and publishing ---------------------------------------------
 
     async def _plan_loop(self) -> None:
-        # Two stages overlap: the worker plans the next batch while the store
-        # commits the last one. At most one commit is outstanding, and the rows
-        # it holds (still unplanned in the store until it lands) are skipped.
-        committing: asyncio.Task[None] | None = None
+        # Three stages overlap: the worker plans a batch while the store commits
+        # the one before, and the rows of the next batch are read before that
+        # commit is queued on the store's thread, so the worker does not wait
+        # behind it. At most one commit is outstanding; the rows planned but not
+        # yet committed (still unplanned in the store) are skipped.
+        committing: asyncio.Task[bool] | None = None
         in_commit: set[str] = set()
+        planned: dict[str, list[OutboxItem]] = {}  # planned, commit not started
         try:
             while not self.stop.is_set():
                 failed = False
@@ -208,30 +211,39 @@ class Node:
                 self._plan_wake.clear()
                 now = time.monotonic()
                 skip = {rid for rid, until in self._plan_skip.items() if until > now}
-                skip |= in_commit
+                skip |= in_commit | planned.keys()
+                rows: list[tuple[str, bytes]] = []
                 try:
                     rows = await self.run_db(self.store.unplanned, PLAN_BATCH + len(skip))
                     rows = [row for row in rows if row[0] not in skip]
-                    plans, errors = (
-                        await self._plans.plan(rows, PLAN_BATCH) if rows else ({}, {})
-                    )
+                except MsmtError as exc:
+                    self._error(f"planning: {exc}")
+                    failed = True
+                if committing is not None:
+                    # Not committed means still unplanned: read again after a pause.
+                    failed |= not await committing
+                    committing, in_commit = None, set()
+                if planned:
+                    in_commit = set(planned)
+                    committing = asyncio.create_task(self._commit_plans(planned))
+                    planned = {}
+                plans: dict[str, list[OutboxItem]] = {}
+                errors: dict[str, str] = {}
+                try:
+                    if rows:
+                        plans, errors = await self._plans.plan(rows, PLAN_BATCH)
                 except PlanWorkerError:
                     raise  # fatal: the node stops (and systemd restarts it)
                 except MsmtError as exc:
                     self._error(f"planning: {exc}")
-                    plans, errors, failed = {}, {}, True
+                    failed = True
                 for report_id, reason in errors.items():
                     self._plan_skip[report_id] = now + PLAN_RETRY_S
                     self._error(f"cannot plan report {report_id}: {reason}")
-                if committing is not None:
-                    await committing
-                    committing, in_commit = None, set()
-                if plans:
-                    in_commit = set(plans)
-                    committing = asyncio.create_task(self._commit_plans(plans))
-                elif not errors:
-                    # Event-driven: an accept or a failed commit wakes us; a timer
-                    # runs only for a retry (a store error, a report skipped for now).
+                planned = plans
+                if not plans and not errors and committing is None:
+                    # Event-driven: an accept wakes us; a timer runs only for a
+                    # retry (a store error, a report skipped for now).
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._plan_wake.wait(), self._plan_timeout(failed))
         finally:
@@ -249,16 +261,16 @@ class Node:
             return None
         return max(0.01, min(self._plan_skip.values()) - now)
 
-    async def _commit_plans(self, plans: dict[str, list[OutboxItem]]) -> None:
+    async def _commit_plans(self, plans: dict[str, list[OutboxItem]]) -> bool:
+        # False if not committed: the reports stay unplanned and the plan loop retries.
         try:
             await self.run_db(self.store.plan, plans)
         except MsmtError as exc:
-            # Not committed means still unplanned: the next round plans them again.
             self._error(f"planning: {exc}")
-            self._plan_wake.set()
-            return
+            return False
         if self.publisher is not None:
             self.publisher.wake()
+        return True
 
     def _record_sent(self, batch: list[OutboxItem]) -> None:
         now = datetime.now(UTC)
