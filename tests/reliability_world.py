@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from test_node import await_for, fetch, records_for, wait_for
+from node_world import REPO, await_for, fetch, inbox_ids, records_for, wait_for, write_node_config
 
 from broker import keys, samples
 from broker.config import NodeConfig, load_config
@@ -39,12 +39,11 @@ from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
 from broker.natsconfig import accounts_config, inbox_stream, load_users
 from broker.natsetup import InboxLimits, connect_account, setup_account
-from broker.natsproc import NatsServer, free_port, make_cluster, start_cluster
+from broker.natsproc import NatsServer, make_cluster, start_cluster
 from broker.policy import Policy, load_policy
 from broker.store import Store
 from broker.validation import parse_record
 
-REPO = Path(__file__).parent.parent
 MSMT = str(Path(sys.executable).parent / "msmt")
 
 __all__ = ["MSMT", "REPO", "Cluster", "Feed", "await_for", "fetch", "records_for", "wait_for"]
@@ -117,21 +116,8 @@ class Cluster:
         self, member: str, policy_text: str | None = None, urls: list[str] | None = None
     ) -> None:
         """Write ``node.toml`` and the policy (the member's real one by default)."""
-        folder = self.root / "nodes" / member
-        folder.mkdir(parents=True, exist_ok=True)
-        text = policy_text or (REPO / "nodes" / member / "policy.toml").read_text()
-        (folder / "policy.toml").write_text(text)
-        for key_id in load_policy(text, member=member).pseudonym_keys:
-            path = self.keydir / member / "pseudonym" / f"{key_id}.key"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(samples_key(key_id))
         self.urls[member] = urls or self.hub_urls
-        (folder / "node.toml").write_text(
-            f'member = "{member}"\nbase_dir = "../.."\n'
-            f'policy = "nodes/{member}/policy.toml"\ndata_dir = "data/{member}"\n'
-            f"[nats]\nurls = {json.dumps(self.urls[member])}\n"
-            f'[keys]\ndir = "keys"\n[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
-        )
+        write_node_config(self.root, member, self.urls[member], policy_text)
 
     def policy(self, member: str) -> Policy:
         text = (self.root / "nodes" / member / "policy.toml").read_text()
@@ -211,14 +197,7 @@ class Cluster:
         return Store(self.config(member).store_path, readonly=True)
 
     def inbox_ids(self, member: str, sender: str) -> list[str]:
-        path = self.config(member).store_path
-        if not path.exists():
-            return []
-        store = Store(path, readonly=True)
-        try:
-            return [e.report_id for e in store.inbox(sender=sender, limit=1_000_000)]
-        finally:
-            store.close()
+        return inbox_ids(self.config(member).store_path, sender)
 
     def counters(self, member: str) -> dict[str, int]:
         store = self.store(member)
@@ -308,13 +287,6 @@ class Cluster:
         assert report["findings"] == []
         statuses = Counter(e["status"] for e in report["exchanges"] if e["recipient"] in members)
         assert set(statuses) == {"delivered"}, statuses
-
-
-def samples_key(key_id: str) -> bytes:
-    """A deterministic 32-byte pseudonym key file body (base64url) for tests."""
-    import base64
-
-    return base64.urlsafe_b64encode(key_id.encode().ljust(32, b"k"))
 
 
 @dataclass

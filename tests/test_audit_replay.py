@@ -16,9 +16,10 @@ import pytest
 from audit_helpers import T0, log_verifier
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from node_world import BATCH_POLICY, await_for, records_for
 
 # The node tests' world (keys, a real hub, node configs) and its fixture, reused as is.
-from test_node import World, await_for, records_for, world  # noqa: F401
+from test_node import World, world  # noqa: F401
 
 from broker import audit_events as ev
 from broker import keys as keyfiles
@@ -30,16 +31,9 @@ from broker.policy import load_policy
 from broker.validation import parse_record
 
 POLICIES = {
-    "JPN": """
-version = 1
-member = "JPN"
-
-[[rules]]
-name = "all-to-usa-kor"
-kinds = ["*"]
-partners = ["USA", "KOR"]
-release = ["*"]
-
+    # The node tests' batch policy (everything to USA and KOR), plus coarse vessels to GBR.
+    "JPN": BATCH_POLICY
+    + """
 [[rules]]
 name = "vessels-to-gbr"
 kinds = ["vessel"]

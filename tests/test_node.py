@@ -16,10 +16,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +25,18 @@ from typing import Any
 
 import psutil
 import pytest
+from node_world import (
+    BATCH_POLICY,
+    await_for,
+    fetch,
+    inbox_ids,
+    readyz,
+    records_for,
+    setup_accounts,
+    start_hub,
+    wait_for,
+    write_node_config,
+)
 from structlog.testing import capture_logs
 
 from broker import envelope, keys, samples
@@ -36,9 +46,9 @@ from broker.envelope import issue, present
 from broker.errors import StoreError
 from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
-from broker.natsconfig import accounts_config, inbox_durable, inbox_stream, load_users
+from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import connect_account, setup_account
-from broker.natsproc import NatsServer, free_port
+from broker.natsproc import NatsServer
 from broker.node import Node, load_node
 from broker.policy import Policy, load_policy, variants
 from broker.sightings import SightingModel, leaf_values
@@ -48,39 +58,7 @@ from broker.witness import LogState
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).parent.parent
 MSMT = str(Path(sys.executable).parent / "msmt")
-
-# A small policy for the batch tests: everything but source and method to USA and KOR,
-# so each report costs two envelopes rather than ten.
-BATCH_POLICY = """
-version = 1
-member = "JPN"
-
-[[rules]]
-name = "close-partners"
-kinds = ["*"]
-partners = ["USA", "KOR"]
-release = ["*"]
-"""
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-async def await_for(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 @dataclass
@@ -99,24 +77,7 @@ class World:
         return load_config(self.config_path(member), env={})
 
     def write_config(self, member: str, policy_text: str | None = None) -> None:
-        folder = self.root / "nodes" / member
-        folder.mkdir(parents=True, exist_ok=True)
-        text = policy_text or (REPO / "nodes" / member / "policy.toml").read_text()
-        (folder / "policy.toml").write_text(text)
-        policy = load_policy(text, member=member)
-        for key_id in policy.pseudonym_keys:
-            path = self.keydir / member / "pseudonym" / f"{key_id}.key"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(base64.urlsafe_b64encode(key_id.encode().ljust(32, b"k")).decode())
-        (folder / "node.toml").write_text(
-            f'member = "{member}"\n'
-            f'base_dir = "../.."\n'
-            f'policy = "nodes/{member}/policy.toml"\n'
-            f'data_dir = "data/{member}"\n'
-            f"[nats]\nurls = [{json.dumps(self.server.url)}]\n"
-            f'[keys]\ndir = "keys"\n'
-            f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
-        )
+        write_node_config(self.root, member, [self.server.url], policy_text)
 
     def policy(self, member: str) -> Policy:
         text = (self.root / "nodes" / member / "policy.toml").read_text()
@@ -142,15 +103,8 @@ class World:
         )
         log.close()
         port = self.config(member).metrics.port
-        wait_for(lambda: self._ready(port) or self._died(member), 30, f"{member} ready")
+        wait_for(lambda: readyz(port) or self._died(member), 30, f"{member} ready")
         assert not self._died(member), self.log_tail(member)
-
-    def _ready(self, port: int) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
 
     def _died(self, member: str) -> bool:
         return self.procs[member].poll() is not None
@@ -172,14 +126,7 @@ class World:
         return Store(self.config(member).store_path, readonly=True)
 
     def inbox_ids(self, member: str, sender: str) -> list[str]:
-        path = self.config(member).store_path
-        if not path.exists():
-            return []
-        store = Store(path, readonly=True)
-        try:
-            return [e.report_id for e in store.inbox(sender=sender, limit=1_000_000)]
-        finally:
-            store.close()
+        return inbox_ids(self.config(member).store_path, sender)
 
     async def stream_messages(self, member: str) -> int:
         seed = (self.keydir / member / keys.NATS_SEED_FILE).read_bytes().strip()
@@ -205,17 +152,8 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    keydir = tmp_path / "keys"
-    keys.init_keys(keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
-    server = NatsServer(workdir=tmp_path / "nats", extra_config=accounts_config(load_users(keydir)))
-    server.start()
-
-    async def setup() -> None:
-        for account in (*MEMBERS, keys.AUDIT_ACCOUNT):
-            seed = (keydir / account / keys.NATS_SEED_FILE).read_bytes().strip()
-            await setup_account(server.url, account, seed)
-
-    asyncio.run(setup())
+    keydir, server = start_hub(tmp_path, MEMBERS)
+    setup_accounts(server.url, keydir, (*MEMBERS, keys.AUDIT_ACCOUNT))
     w = World(tmp_path, keydir, server)
     try:
         yield w
@@ -227,10 +165,6 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 def expected_partners(policy: Policy, sighting: SightingModel) -> set[str]:
     return {p for p, d in policy.decide_all(sighting).items() if d.sends}
-
-
-def records_for(member: str, count: int, seed: int) -> list[dict[str, Any]]:
-    return samples.generate(count, seed=seed, originators=(member,), now=datetime.now(UTC))
 
 
 # --- three members exchange every kind, in process, with logs captured ----------------
@@ -546,11 +480,6 @@ def flip(token: str, segment: int) -> str:
     middle = len(body) // 2
     parts[segment] = body[:middle] + ("A" if body[middle] != "A" else "B") + body[middle + 1 :]
     return ".".join(parts)
-
-
-def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own http URL
-        return str(response.read().decode())
 
 
 def audit_rejections(config: NodeConfig) -> Counter[str]:
@@ -975,10 +904,7 @@ def test_reports_accepted_but_not_yet_audited_are_audited_at_the_next_start(worl
 async def test_node_is_not_ready_until_its_inbox_exists_then_becomes_ready(
     tmp_path: Path,
 ) -> None:
-    keydir = tmp_path / "keys"
-    keys.init_keys(keydir, ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1))
-    server = NatsServer(workdir=tmp_path / "nats", extra_config=accounts_config(load_users(keydir)))
-    server.start()
+    keydir, server = start_hub(tmp_path, ("JPN", "USA"))
     world = World(tmp_path, keydir, server)
     try:
         world.write_config("USA")

@@ -14,22 +14,17 @@ import socket
 import stat
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from node_world import readyz, setup_accounts, start_hub, wait_for
 
-from broker import keys, samples
+from broker import samples
 from broker.config import NodeConfig, load_config
 from broker.intake import ensure_token, submit
-from broker.natsconfig import accounts_config, load_users
-from broker.natsetup import setup_account
 from broker.natsproc import NatsServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -37,15 +32,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
 MSMT = str(Path(sys.executable).parent / "msmt")
 MEMBERS = ("KOR", "JPN", "USA")
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @dataclass
@@ -83,18 +69,11 @@ class Kor:
                 stderr=subprocess.STDOUT,
             )
         port = self.config.metrics.port
-        wait_for(lambda: self._ready(port) or self.proc_ended(), 30, "KOR ready")
+        wait_for(lambda: readyz(port) or self.proc_ended(), 30, "KOR ready")
         assert not self.proc_ended(), (self.root / "KOR.log").read_text()[-3000:]
 
     def proc_ended(self) -> bool:
         return self.proc is None or self.proc.poll() is not None
-
-    def _ready(self, port: int) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
 
     def stop(self, sig: signal.Signals) -> int:
         assert self.proc is not None
@@ -117,14 +96,10 @@ class Kor:
 
 @pytest.fixture
 def kor(tmp_path: Path) -> Iterator[Kor]:
-    keydir = tmp_path / "keys"
-    keys.init_keys(keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
-    server = NatsServer(workdir=tmp_path / "nats", extra_config=accounts_config(load_users(keydir)))
-    server.start()
+    keydir, server = start_hub(tmp_path, MEMBERS)
     node = Kor(tmp_path, server)
     try:
-        seed = (keydir / "KOR" / keys.NATS_SEED_FILE).read_bytes().strip()
-        asyncio.run(setup_account(server.url, "KOR", seed))
+        setup_accounts(server.url, keydir, ("KOR",))
         folder = tmp_path / "nodes" / "KOR"
         folder.mkdir(parents=True)
         (folder / "policy.toml").write_text((REPO / "nodes" / "KOR" / "policy.toml").read_text())
