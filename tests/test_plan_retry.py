@@ -1,0 +1,115 @@
+"""The plan loop retries a report it could not plan on its own timer, not on the next accept.
+
+USA's keys are rotated to new ones that start a few seconds from now (and its
+current ones retire then), so until that moment USA has no encryption key valid
+now: JPN's planner, in its worker process, refuses the report and the node
+parks it for ``PLAN_RETRY_S``. Nothing else is submitted, so only the retry
+timer can bring the loop back to the report once USA's key is valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from node_world import BATCH_POLICY, await_for, records_for
+from structlog.testing import capture_logs
+
+# The node tests' world (keys, a real hub, node configs) and its fixture, reused as is.
+from test_node import World, content_of, expected_partners, world  # noqa: F401
+
+import broker.node
+from broker import keys
+from broker.auditlog import DB_FILE
+from broker.node import load_node
+from broker.validation import parse_record
+
+pytestmark = pytest.mark.integration
+
+LEAD_S = 8
+"""Seconds until USA's new keys are valid: time to start JPN and see the report held back."""
+RETRY_S = 0.5
+"""The shortened retry interval (the node's default is 30 s)."""
+
+
+async def test_a_report_skipped_for_a_missing_key_is_sent_once_the_key_is_valid(
+    world: World,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world.write_config("JPN", BATCH_POLICY)
+    usable_at = (datetime.now(UTC) + timedelta(seconds=LEAD_S)).replace(microsecond=0)
+    keys.rotate_keys(world.keydir, "USA", now=usable_at)
+    # Read at call time by the plan loop, so the retry comes after RETRY_S, not 30 s.
+    monkeypatch.setattr(broker.node, "PLAN_RETRY_S", RETRY_S)
+    # A report the policy sends to both (a sample's markings may hold it back from some).
+    policy = world.policy("JPN")
+    record = next(
+        r
+        for r in records_for("JPN", 20, seed=8)
+        if expected_partners(policy, parse_record(json.dumps(r))) == {"USA", "KOR"}
+    )
+    rid = record["report_id"]
+    cause = f"cannot plan report {rid}: USA has no active enc key valid now"
+
+    def store_facts() -> tuple[dict[str, str], dict[str, int], int, dict[str, int]]:
+        store = world.store("JPN")
+        try:
+            sent = {p: store.sent_to(p) for p in ("USA", "KOR")}
+            return store.state(), store.counters(), store.outbox_depth(), sent
+        finally:
+            store.close()
+
+    def sent_entries() -> list[dict[str, Any]]:
+        with sqlite3.connect(world.config("JPN").audit_dir / DB_FILE) as db:
+            entries = [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries")]
+        return [e for e in entries if e["type"] == "sent"]
+
+    with capture_logs() as logs:
+        node = load_node(world.config("JPN"))
+        task = asyncio.create_task(node.run())
+        try:
+            await await_for(lambda: node.ready() is None, 20, "JPN ready")
+            answers = await world.submit("JPN", [record])
+            assert [a["status"] for a in answers] == ["accepted"]
+
+            # While USA has no valid key: the error is in the status, nothing is planned or sent.
+            await await_for(
+                lambda: store_facts()[0].get("last_error") == cause, 5, "the error in the status"
+            )
+            _, _, depth, sent = store_facts()
+            assert depth == 1  # the report itself, still unplanned: no envelope was made
+            assert sent == {"USA": 0, "KOR": 0}
+            assert await world.stream_messages("USA") == 0
+            assert await world.stream_messages("KOR") == 0
+            assert sent_entries() == []
+            # Else the checks above ran after the cause was gone and proved nothing.
+            assert datetime.now(UTC) < usable_at, "too slow to see the report held back"
+
+            # No other accept: only the retry timer can wake the loop for the report.
+            await await_for(
+                lambda: store_facts()[3] == {"USA": 1, "KOR": 1},
+                LEAD_S + 15,
+                "the report planned and sent once USA's key is valid",
+            )
+            await asyncio.sleep(4 * RETRY_S)  # a second plan or send would show by now
+            _, counters, depth, sent = store_facts()
+        finally:
+            node.stop.set()
+            await task
+
+    assert sent == {"USA": 1, "KOR": 1}
+    assert depth == 0
+    assert counters["intake.accepted"] == 1
+    assert await world.stream_messages("USA") == 1
+    assert await world.stream_messages("KOR") == 1
+    entries = sent_entries()
+    assert sorted((e["partner"], e["report_id"]) for e in entries) == [("KOR", rid), ("USA", rid)]
+    assert all(datetime.fromisoformat(e["at"]) >= usable_at for e in entries)
+    # The refusal was logged too, naming the report but none of its content.
+    assert [e for e in logs if e["event"] == "node_error" and e.get("error") == cause]
+    rendered = [json.dumps(e, default=str) for e in logs]
+    assert [v for v in content_of([record]) if any(v in line for line in rendered)] == []
