@@ -15,11 +15,15 @@ checkpoint in one transaction, and returns only after the commit is on disk:
 the caller may then acknowledge the actions the entries record. Because entries
 and their checkpoint commit together, every entry is covered by a signed root.
 
-``msmt audit verify`` reads this directory directly (see ``broker.audit_verify``).
+Opening the log checks, in O(log n), that the edge it will append to agrees
+with the latest signed checkpoint and the newest entries (``AuditLog.__init__``);
+``msmt audit verify`` reads this directory directly and checks every entry
+(see ``broker.audit_verify``).
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -30,10 +34,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit_events import AuditEvent
 from broker.audit_scan import open_readonly
-from broker.checkpoint import Checkpoint, parse_body, sign_checkpoint, verify_cosignature
+from broker.checkpoint import (
+    Checkpoint,
+    open_checkpoint,
+    parse_body,
+    sign_checkpoint,
+    verify_cosignature,
+)
 from broker.errors import AuditError, StoreError, UsageError
 from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash, node_hash
-from broker.note import Note, Verifier, find_signature, parse
+from broker.note import ALG_ED25519, Note, NoteError, Verifier, find_signature, parse
 
 DB_FILE: Final = "audit.sqlite"
 FORMAT: Final = "msmt-audit-1"
@@ -122,10 +132,21 @@ class AuditLog:
     """One member's append-only audit log in ``datadir``; the only writer of that file.
 
     Raises ``StoreError`` when the database cannot be read or written, and
-    ``AuditError`` when its stored state is inconsistent (e.g. another origin).
+    ``AuditError`` when its stored state is inconsistent (another origin, or an
+    open check of ``_read_edge`` failing: the node must not append to it).
+    ``earlier_keys`` are this member's log keys from before a key rotation
+    (e.g. ``roster_log_keys``): the latest checkpoint may carry one of them
+    rather than ``signer``'s.
     """
 
-    def __init__(self, datadir: Path, member: str, signer: Ed25519PrivateKey) -> None:
+    def __init__(
+        self,
+        datadir: Path,
+        member: str,
+        signer: Ed25519PrivateKey,
+        *,
+        earlier_keys: Sequence[Verifier] = (),
+    ) -> None:
         datadir.mkdir(parents=True, exist_ok=True)
         self.path = datadir / DB_FILE
         self.origin = member
@@ -134,17 +155,22 @@ class AuditLog:
         self._lock = threading.RLock()
         self._db = connect(self.path, readonly=False)
         self._levels: Levels | None = None
+        own = Verifier(member, ALG_ED25519, signer.public_key().public_bytes_raw())
         try:
             self._init_meta()
-            row = self._db.execute("SELECT size, nodes, last_leaf FROM edge").fetchone()
+            self._edge, self._last = self._read_edge([own, *earlier_keys])
         except sqlite3.Error as exc:
+            self._db.close()
             raise StoreError(f"cannot read audit log {self.path}: {exc}") from exc
-        if row is None:
-            self._edge, self._last = CompactRange(), b""
-        else:
-            size, nodes, last = row
-            split = [nodes[i : i + HASH_SIZE] for i in range(0, len(nodes), HASH_SIZE)]
-            self._edge, self._last = CompactRange(size, split), last
+        except _DamagedError as exc:
+            self._db.close()
+            raise AuditError(
+                f"refusing to append to audit log {self.path}: {exc} "
+                "(check it with msmt audit verify)"
+            ) from None
+        except BaseException:
+            self._db.close()
+            raise
 
     def _init_meta(self) -> None:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -160,6 +186,86 @@ class AuditLog:
                 f"{self.path} is a {meta.get('format')} log of {meta.get('origin')}, "
                 f"not a {FORMAT} log of {self.origin}"
             )
+
+    def _read_edge(self, keys: Sequence[Verifier]) -> tuple[CompactRange, bytes]:
+        """Read the tree edge and check the log around it, in one read snapshot.
+
+        Checklist (B-tree lookups and at most ``2**CHUNK_BITS`` entries, never a
+        scan; each step raises ``_DamagedError`` with a reason that names no
+        entry content):
+          0. the edge row is well formed; with no edge (an empty log) there are
+             no entries and no checkpoints;
+          1. the latest checkpoint was stored at the edge's size (entries and
+             their checkpoint commit together, so they must agree);
+          2. its body parses and names this member, this size and the edge's root;
+          3. it is signed by this member's log key (``keys``);
+          4. entry size-1 exists, its leaf hash is the stored last leaf, it
+             carries ``seq`` size-1 and its ``prev`` links to entry size-2;
+             when the edge's smallest subtree holds at most ``2**CHUNK_BITS``
+             leaves (all but one size in 512), those entries rehash to it, so the
+             newest entries are the ones the signed root covers;
+          5. entry indices run from 0 to size-1: no row beyond the edge (a
+             half-applied write or an insertion) and none below 0.
+        """
+        db = self._db
+        db.execute("BEGIN")  # a writer in another process cannot move the log mid-check
+        try:
+            row = db.execute("SELECT size, nodes, last_leaf FROM edge").fetchone()
+            latest = db.execute(
+                "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1"
+            ).fetchone()
+            # Two queries: SQLite answers a lone min() or max() of the rowid with one
+            # B-tree descent, but scans the whole table for both in one SELECT.
+            (low,) = db.execute("SELECT min(idx) FROM entries").fetchone()
+            (high,) = db.execute("SELECT max(idx) FROM entries").fetchone()
+            if row is None or row[0] == 0:  # step 0: an empty log is entirely empty
+                if high is not None or latest is not None:
+                    raise _DamagedError("it has entries or checkpoints but no tree edge")
+                return CompactRange(), b""
+            edge, last = _edge_from_row(row)
+            self._check_checkpoint(edge, latest, keys)  # steps 1-3
+            # Step 4 reads the smallest subtree's entries, and at least the last two.
+            lo = edge.size - max(_last_subtree(edge.size), min(edge.size, 2))
+            query = "SELECT idx, entry FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx"
+            _check_tail(edge, last, lo, db.execute(query, (lo, edge.size)).fetchall())
+            if (low, high) != (0, edge.size - 1):  # step 5
+                raise _DamagedError(
+                    f"its entries span indices {low}..{high}, but its tree holds {edge.size} "
+                    "(a half-applied write or an insertion)"
+                )
+            return edge, last
+        finally:
+            db.execute("COMMIT")
+
+    def _check_checkpoint(
+        self, edge: CompactRange, latest: tuple[Any, Any] | None, keys: Sequence[Verifier]
+    ) -> None:
+        # Steps 1-3 of _read_edge's checklist.
+        if latest is None or latest[0] != edge.size:
+            at = "none" if latest is None else f"size {latest[0]}"
+            raise _DamagedError(
+                f"its tree holds {edge.size} entries but its latest checkpoint is {at}"
+            )
+        text = latest[1]
+        try:
+            checkpoint = parse_body(parse(text).text) if isinstance(text, str) else None
+        except NoteError as exc:
+            raise _DamagedError(f"its latest checkpoint does not parse: {exc}") from None
+        if checkpoint is None:
+            raise _DamagedError("its latest checkpoint is not stored as text")
+        if checkpoint.origin != self.origin or checkpoint.size != edge.size:
+            raise _DamagedError(
+                f"its latest checkpoint is for {checkpoint.origin}/{checkpoint.size}, "
+                f"not {self.origin}/{edge.size}"
+            )
+        if checkpoint.root != edge.root():
+            raise _DamagedError("its latest checkpoint's root is not the root of its tree edge")
+        try:
+            open_checkpoint(text, keys)
+        except NoteError as exc:
+            raise _DamagedError(
+                f"its latest checkpoint does not verify with {self.origin}'s log keys ({exc})"
+            ) from None
 
     @property
     def size(self) -> int:
@@ -313,3 +419,60 @@ class AuditLog:
         if not rows:
             raise AuditError(f"no entry {index} (log size {self.size})")
         return bytes(rows[0][0])
+
+
+class _DamagedError(Exception):
+    """An open check failed; the message is the reason, naming no entry content."""
+
+
+def _edge_from_row(row: tuple[Any, Any, Any]) -> tuple[CompactRange, bytes]:
+    # Step 0: a hand-edited row may hold any SQLite type, so check before use.
+    size, nodes, last = row
+    if not isinstance(size, int) or not isinstance(nodes, bytes) or not isinstance(last, bytes):
+        raise _DamagedError("its tree edge row holds values of the wrong type")
+    if size < 0 or len(nodes) != size.bit_count() * HASH_SIZE or len(last) != HASH_SIZE:
+        raise _DamagedError(
+            f"its tree edge for size {size} holds {len(nodes)} bytes of subtree hashes "
+            f"and a {len(last)}-byte last leaf"
+        )
+    split = [nodes[i : i + HASH_SIZE] for i in range(0, len(nodes), HASH_SIZE)]
+    return CompactRange(size, split), last
+
+
+def _last_subtree(size: int) -> int:
+    # Leaves in the edge's smallest perfect subtree, if few enough to rehash at
+    # open, else 0; a size divisible by 2**(CHUNK_BITS+1) would cost up to a scan.
+    smallest = size & -size
+    return smallest if smallest <= 1 << CHUNK_BITS else 0
+
+
+def _check_tail(edge: CompactRange, last: bytes, lo: int, rows: list[tuple[Any, Any]]) -> None:
+    # Step 4 of AuditLog._read_edge's checklist; ``rows`` should be entries [lo, size).
+    n = edge.size
+    present = {idx for idx, _ in rows}
+    missing = [i for i in range(lo, n) if i not in present]
+    if missing:
+        raise _DamagedError(f"entry {missing[-1]} is missing (its tree holds {n} entries)")
+    if not all(isinstance(data, bytes) for _, data in rows):
+        raise _DamagedError(f"an entry among {lo}..{n - 1} is not stored as bytes")
+    leaves = [leaf_hash(data) for _, data in rows]
+    if leaves[-1] != last:
+        raise _DamagedError(f"entry {n - 1} does not hash to the stored last leaf")
+    try:
+        entry = json.loads(rows[-1][1])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        entry = None
+    if not isinstance(entry, dict):
+        raise _DamagedError(f"entry {n - 1} is not a JSON object")
+    seq = entry.get("seq")
+    if type(seq) is not int or seq != n - 1:
+        raise _DamagedError(f"entry {n - 1} does not carry seq {n - 1}")
+    if entry.get("prev") != (leaves[-2].hex() if n > 1 else ""):
+        link = f"does not link to entry {n - 2}" if n > 1 else "links to an entry before the first"
+        raise _DamagedError(f"entry {n - 1} {link}")
+    subtree = _last_subtree(n)
+    if subtree and _perfect_root(leaves[-subtree:]) != edge.nodes[-1]:
+        raise _DamagedError(
+            f"entries {n - subtree}..{n - 1} do not rehash to the tree edge "
+            "(they are not the entries the signed root covers)"
+        )

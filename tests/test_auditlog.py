@@ -21,7 +21,7 @@ from broker.auditlog import CHUNK_BITS, DB_FILE, AuditLog
 from broker.checkpoint import Checkpoint, cosign, open_checkpoint, sign_checkpoint
 from broker.errors import AuditError, StoreError, UsageError
 from broker.merkle import Levels, leaf_hash, verify_consistency, verify_inclusion
-from broker.note import Signature, parse
+from broker.note import Note, Signature, parse
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
@@ -419,3 +419,273 @@ def test_proofs_match_a_full_tree_across_chunk_boundaries(tmp_path: Path) -> Non
     again = AuditLog(tmp_path, MEMBER, KEY)
     assert again.consistency_proof(chunk - 1, n) == full.consistency_proof(chunk - 1, n)
     again.close()
+
+
+# --- opening: the node checks its own log before appending to it -----------------------
+
+
+def _set_last_entry(datadir: Path, data: bytes) -> None:
+    # Replace the newest entry and the stored last leaf together, as a careful
+    # editor would, so only the checks that look further can catch it.
+    with _db(datadir) as db:
+        (size,) = db.execute("SELECT size FROM edge").fetchone()
+        db.execute("UPDATE entries SET entry = ? WHERE idx = ?", (data, size - 1))
+        db.execute("UPDATE edge SET last_leaf = ?", (leaf_hash(data),))
+
+
+def _snapshot(datadir: Path) -> list[list[Any]]:
+    with _db(datadir) as db:
+        return [
+            db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()  # noqa: S608 - fixed names
+            for table in ("meta", "entries", "edge", "checkpoints")
+        ]
+
+
+def _resign_latest(datadir: Path, checkpoint: Checkpoint, key: Ed25519PrivateKey) -> None:
+    with _db(datadir) as db:
+        db.execute(
+            "UPDATE checkpoints SET note = ? WHERE size = (SELECT max(size) FROM checkpoints)",
+            (sign_checkpoint(checkpoint, key).render(),),
+        )
+
+
+def _root(datadir: Path) -> bytes:
+    return Levels([leaf_hash(e) for e in _entries(datadir)]).root()
+
+
+def _sql(*statements: str) -> Any:
+    def tamper(datadir: Path) -> None:
+        with _db(datadir) as db:
+            for sql in statements:
+                db.execute(sql)
+
+    return tamper
+
+
+def _rolled_back_edge(datadir: Path) -> None:
+    # A restore that brought back an older edge row with today's entries and checkpoints.
+    leaves = [leaf_hash(e) for e in _entries(datadir)[:6]]
+    edge = Levels(leaves)
+    nodes = [edge.range_hash(0, 4), edge.range_hash(4, 6)]
+    with _db(datadir) as db:
+        db.execute(
+            "UPDATE edge SET size = 6, nodes = ?, last_leaf = ?", (b"".join(nodes), leaves[5])
+        )
+
+
+def _corrupt_signature(datadir: Path) -> None:
+    note = parse(AuditLog(datadir, MEMBER, KEY).latest_checkpoint() or "")
+    own = note.signatures[0]
+    bad = Signature(own.name, own.key_id, bytes(64))
+    with _db(datadir) as db:
+        db.execute(
+            "UPDATE checkpoints SET note = ? WHERE size = 13",
+            (Note(note.text, (bad,)).render(),),
+        )
+
+
+def _entry_past_the_edge(datadir: Path) -> None:
+    forged = event(13).seal(13, leaf_hash(_entries(datadir)[12]))
+    with _db(datadir) as db:
+        db.execute("INSERT INTO entries VALUES (13, ?)", (forged,))
+
+
+def _entry_before_zero(datadir: Path) -> None:
+    with _db(datadir) as db:
+        db.execute("INSERT INTO entries VALUES (-1, ?)", (event(0).seal(0, None),))
+
+
+def _wrong_seq(datadir: Path) -> None:
+    entries = _entries(datadir)
+    _set_last_entry(datadir, event(12).seal(13, leaf_hash(entries[11])))
+
+
+def _wrong_link(datadir: Path) -> None:
+    entries = _entries(datadir)
+    _set_last_entry(datadir, event(12).seal(12, leaf_hash(entries[10])))
+
+
+def _other_last_entry(datadir: Path) -> None:
+    # Well formed, right seq, right link: only rehashing the tree's last subtree tells.
+    entries = _entries(datadir)
+    _set_last_entry(datadir, event(99).seal(12, leaf_hash(entries[11])))
+
+
+# Each: what a disk fault, a mismatched restore or an editor did, and the reason given.
+# The log is built with batches [5, 1, 7]: 13 entries, checkpoints at 5, 6 and 13.
+_DAMAGE: list[tuple[str, Any, str]] = [
+    ("no edge", _sql("DELETE FROM edge"), "has entries or checkpoints but no tree edge"),
+    (
+        "edge hashes cut",
+        _sql("UPDATE edge SET nodes = substr(nodes, 1, 64)"),
+        "tree edge for size 13 holds 64 bytes",
+    ),
+    ("edge as text", _sql("UPDATE edge SET nodes = hex(nodes)"), "values of the wrong type"),
+    (
+        "edge size changed",  # 11 has as many set bits as 13, so the row still parses
+        _sql("UPDATE edge SET size = 11"),
+        "its tree holds 11 entries but its latest checkpoint is size 13",
+    ),
+    ("edge rolled back", _rolled_back_edge, "holds 6 entries but its latest checkpoint is size 13"),
+    (
+        "latest checkpoint deleted",
+        _sql("DELETE FROM checkpoints WHERE size = 13"),
+        "holds 13 entries but its latest checkpoint is size 6",
+    ),
+    ("every checkpoint deleted", _sql("DELETE FROM checkpoints"), "latest checkpoint is none"),
+    (
+        "checkpoint garbled",
+        _sql("UPDATE checkpoints SET note = 'JPN' WHERE size = 13"),
+        "latest checkpoint does not parse: signed note has no blank line",
+    ),
+    (
+        "checkpoint for another origin",
+        lambda d: _resign_latest(d, Checkpoint("USA", 13, _root(d)), KEY),
+        "latest checkpoint is for USA/13, not JPN/13",
+    ),
+    (
+        "checkpoint stored under another size",
+        lambda d: _resign_latest(d, Checkpoint(MEMBER, 12, _root(d)), KEY),
+        "latest checkpoint is for JPN/12, not JPN/13",
+    ),
+    (
+        "checkpoint over another root",
+        lambda d: _resign_latest(d, Checkpoint(MEMBER, 13, bytes(32)), KEY),
+        "latest checkpoint's root is not the root of its tree edge",
+    ),
+    (
+        "checkpoint signed by another key",
+        lambda d: _resign_latest(d, Checkpoint(MEMBER, 13, _root(d)), OTHER),
+        "does not verify with JPN's log keys .*no signature by a trusted log key",
+    ),
+    ("checkpoint signature broken", _corrupt_signature, "does not verify with JPN's log keys"),
+    (
+        "last leaf changed",
+        _sql("UPDATE edge SET last_leaf = zeroblob(32)"),
+        "entry 12 does not hash to the stored last leaf",
+    ),
+    ("last entry deleted", _sql("DELETE FROM entries WHERE idx = 12"), "entry 12 is missing"),
+    ("entry before it deleted", _sql("DELETE FROM entries WHERE idx = 11"), "entry 11 is missing"),
+    (
+        "last entry as text",
+        _sql("UPDATE entries SET entry = CAST(entry AS TEXT) WHERE idx = 12"),
+        "an entry among 11..12 is not stored as bytes",
+    ),
+    ("last entry renumbered", _wrong_seq, "entry 12 does not carry seq 12"),
+    ("last entry relinked", _wrong_link, "entry 12 does not link to entry 11"),
+    ("last entry replaced", _other_last_entry, r"entries 12\.\.12 do not rehash to the tree edge"),
+    ("entry past the edge", _entry_past_the_edge, r"span indices 0\.\.13, but its tree holds 13"),
+    ("entry before 0", _entry_before_zero, r"span indices -1\.\.12"),
+]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"), [d[1:] for d in _DAMAGE], ids=[d[0] for d in _DAMAGE]
+)
+def test_opening_a_damaged_log_fails_closed_with_one_line(
+    tmp_path: Path, tamper: Any, reason: str
+) -> None:
+    build_log(tmp_path, KEY, [5, 1, 7]).close()
+    AuditLog(tmp_path, MEMBER, KEY).close()  # intact, it opens
+    tamper(tmp_path)
+    before = _snapshot(tmp_path)
+    with pytest.raises(AuditError, match=reason) as err:
+        AuditLog(tmp_path, MEMBER, KEY)
+    message = str(err.value)
+    assert message.startswith(f"refusing to append to audit log {tmp_path / DB_FILE}: ")
+    assert "\n" not in message
+    # The reason names positions and sizes, never what an entry says.
+    assert not any(word in message for word in ("vessel", 'USA",', "report_id", "JPN-sig"))
+    assert _snapshot(tmp_path) == before  # nothing was appended or repaired
+
+
+def test_an_empty_log_must_be_entirely_empty(tmp_path: Path) -> None:
+    AuditLog(tmp_path, MEMBER, KEY).close()
+    AuditLog(tmp_path, MEMBER, KEY).close()  # an empty log reopens
+    note = sign_checkpoint(Checkpoint(MEMBER, 1, leaf_hash(b"x")), KEY).render()
+    with _db(tmp_path) as db:
+        db.execute("INSERT INTO checkpoints VALUES (1, ?)", (note,))
+    with pytest.raises(AuditError, match="has entries or checkpoints but no tree edge"):
+        AuditLog(tmp_path, MEMBER, KEY)
+    with _db(tmp_path) as db:
+        db.execute("DELETE FROM checkpoints")
+        db.execute("INSERT INTO entries VALUES (0, ?)", (event(0).seal(0, None),))
+    with pytest.raises(AuditError, match="has entries or checkpoints but no tree edge"):
+        AuditLog(tmp_path, MEMBER, KEY)
+    # A one-entry log whose entry was re-sealed as if something came before it.
+    one = tmp_path / "one"
+    build_log(one, KEY, [1]).close()
+    _set_last_entry(one, event(0).seal(0, leaf_hash(b"earlier")))
+    with pytest.raises(AuditError, match="entry 0 links to an entry before the first"):
+        AuditLog(one, MEMBER, KEY)
+
+
+def test_an_intact_log_reopens_at_every_kind_of_size(tmp_path: Path) -> None:
+    # Sizes whose last subtree is 1, 2, 4, 256 leaves (rehashed at open) and 512 (not).
+    log = AuditLog(tmp_path, MEMBER, KEY)
+    log.close()
+    i = 0
+    for size in (1, 2, 3, 4, 255, 256, 257, 512, 513):
+        log = AuditLog(tmp_path, MEMBER, KEY)
+        assert log.size == i
+        log.append_many([event(j) for j in range(i, size)])
+        log.close()
+        i = size
+        for _ in range(3):
+            again = AuditLog(tmp_path, MEMBER, KEY)
+            assert again.size == size
+            again.close()
+    _verify(tmp_path)
+
+
+def test_a_cosigned_log_reopens_and_appends(tmp_path: Path) -> None:
+    log = build_log(tmp_path, KEY, [4, 3])
+    note = parse(log.latest_checkpoint() or "")
+    usa = Ed25519PrivateKey.generate()
+    witness = witness_verifier(usa, "USA")
+    cosigned = note.with_signatures(cosign(note, "USA", usa, 1_800_000_000)).render()
+    assert log.add_cosignatures(cosigned, [witness]) == ["USA"]
+    log.close()
+    again = AuditLog(tmp_path, MEMBER, KEY)
+    assert again.latest_checkpoint() == cosigned
+    assert again.append(event(7)) == 7
+    again.close()
+    AuditLog(tmp_path, MEMBER, KEY).close()
+    _verify(tmp_path)
+
+
+def test_after_a_key_rotation_the_earlier_key_is_needed_once(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [3]).close()
+    # The latest checkpoint carries the old key's signature only.
+    with pytest.raises(AuditError, match="does not verify with JPN's log keys"):
+        AuditLog(tmp_path, MEMBER, OTHER)
+    log = AuditLog(tmp_path, MEMBER, OTHER, earlier_keys=[log_verifier(KEY)])
+    assert log.append(event(3)) == 3  # signed by the new key from here on
+    log.close()
+    AuditLog(tmp_path, MEMBER, OTHER).close()
+    verify_log(tmp_path, [log_verifier(KEY), log_verifier(OTHER)])
+    # An earlier key named after another member is not this log's key.
+    build_log(tmp_path / "b", KEY, [2]).close()
+    with pytest.raises(AuditError, match="does not verify"):
+        AuditLog(tmp_path / "b", MEMBER, OTHER, earlier_keys=[log_verifier(KEY, "USA")])
+
+
+def test_opening_while_another_process_appends_sees_one_snapshot(tmp_path: Path) -> None:
+    # The open check reads the edge, checkpoints and entries in one read
+    # transaction: a commit landing between those reads must not look like damage.
+    writer = build_log(tmp_path, KEY, [1])
+
+    def append() -> None:
+        for i in range(1, 301):
+            writer.append(event(i))
+
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(append)
+        opened = 0
+        while not done.done() or opened == 0:
+            AuditLog(tmp_path, MEMBER, KEY).close()
+            opened += 1
+        done.result()
+    assert opened > 1
+    writer.close()
+    _verify(tmp_path)

@@ -1,0 +1,77 @@
+"""A node refuses to start on a damaged audit log: one line and a non-zero exit, no traceback.
+
+Real keys, a real store and audit log on disk, and a real ``msmt node run``
+process. The log check at open fails before the node connects to NATS, so no
+hub is needed: the URL below is never dialled.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from audit_helpers import event
+
+from broker import keys
+from broker.auditlog import DB_FILE
+from broker.config import load_config
+from broker.natsproc import free_port
+from broker.node import load_node
+
+MSMT = str(Path(sys.executable).parent / "msmt")
+POLICY = """
+version = 1
+member = "JPN"
+
+[[rules]]
+name = "all-to-usa"
+kinds = ["*"]
+partners = ["USA"]
+release = ["*"]
+"""
+
+
+def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> None:
+    keys.init_keys(tmp_path / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1))
+    folder = tmp_path / "nodes" / "JPN"
+    folder.mkdir(parents=True)
+    (folder / "policy.toml").write_text(POLICY)
+    (folder / "node.toml").write_text(
+        'member = "JPN"\nbase_dir = "../.."\npolicy = "nodes/JPN/policy.toml"\n'
+        'data_dir = "data/JPN"\n[nats]\nurls = ["nats://127.0.0.1:1"]\n'
+        f'[keys]\ndir = "keys"\n[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
+    )
+    config = load_config(folder / "node.toml", env={})
+    # An intact log loads: the node's first start records its policy, then more entries.
+    for appended in (3, 0):  # it loads, and loads again
+        node = load_node(config)
+        try:
+            node.audit.append_many([event(i) for i in range(appended)])
+            assert node.audit.size == 4
+        finally:
+            node.store.close()
+            node.audit.close()
+
+    # A restore from a backup taken between two commits: the newest checkpoint is gone.
+    with sqlite3.connect(config.audit_dir / DB_FILE) as db:
+        db.execute("DELETE FROM checkpoints WHERE size = 4")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    proc = subprocess.run(
+        [MSMT, "node", "run", "--config", str(folder / "node.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"msmt: error: refusing to append to audit log {config.audit_dir / DB_FILE}: "
+        "its tree holds 4 entries but its latest checkpoint is size 1 "
+        "(check it with msmt audit verify)\n"
+    )
+    assert proc.stdout == ""
