@@ -178,15 +178,18 @@ def _raw_public(jwk: Any) -> bytes:
     return base64.urlsafe_b64decode(x + "=" * (-len(x) % 4))
 
 
-def roster_log_keys(roster: Roster, member: str) -> list[Verifier]:
+def roster_log_keys(roster: Roster, member: str, *, with_revoked: bool = False) -> list[Verifier]:
     """Return ``member``'s checkpoint-signing keys from the roster (its Ed25519 ``sig`` keys).
 
     Revoked keys are left out: a checkpoint they sign is never trusted again.
+    ``with_revoked`` keeps them for one check only, a node's look at its own log
+    file at start (``broker.node.load_node``), which asks whether the file is
+    intact, not whether a partner should trust it.
     """
     return [
         Verifier(member, ALG_ED25519, _raw_public(k.jwk))
         for k in roster
-        if k.member == member and k.use == "sig" and k.status != "revoked"
+        if k.member == member and k.use == "sig" and (with_revoked or k.status != "revoked")
     ]
 
 

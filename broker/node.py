@@ -587,7 +587,13 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
     signing = keys.signing.private_key
     if not isinstance(signing, Ed25519PrivateKey):
         raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
-    audit = AuditLog(config.audit_dir, config.member, signing)
+    # The log's latest checkpoint may carry a key from before a rotation, or one
+    # revoked since: the open check asks only whether the file is intact, and
+    # refusing those keys would keep a node that rotated or revoked from starting.
+    # The next append signs the whole tree with the current key; partners and
+    # ``msmt audit verify`` still refuse checkpoints a revoked key signed.
+    earlier = roster_log_keys(signed.roster, config.member, with_revoked=True)
+    audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
     previous = state.get("policy_digest")
     if previous != policy.digest:
         audit.append_many(

@@ -14,13 +14,16 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from audit_helpers import event
 
 from broker import keys
 from broker.auditlog import DB_FILE
+from broker.checkpoint import open_checkpoint, roster_log_keys
 from broker.config import load_config
 from broker.natsproc import free_port
 from broker.node import load_node
+from broker.note import NoteError
 
 MSMT = str(Path(sys.executable).parent / "msmt")
 POLICY = """
@@ -35,9 +38,10 @@ release = ["*"]
 """
 
 
-def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> None:
-    keys.init_keys(tmp_path / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1))
-    folder = tmp_path / "nodes" / "JPN"
+def jpn_config(root: Path) -> Path:
+    """JPN's node folder under ``root`` with fresh keys; returns its ``node.toml``."""
+    keys.init_keys(root / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1))
+    folder = root / "nodes" / "JPN"
     folder.mkdir(parents=True)
     (folder / "policy.toml").write_text(POLICY)
     (folder / "node.toml").write_text(
@@ -45,6 +49,11 @@ def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> N
         'data_dir = "data/JPN"\n[nats]\nurls = ["nats://127.0.0.1:1"]\n'
         f'[keys]\ndir = "keys"\n[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
     )
+    return folder / "node.toml"
+
+
+def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> None:
+    folder = jpn_config(tmp_path).parent
     config = load_config(folder / "node.toml", env={})
     # An intact log loads: the node's first start records its policy, then more entries.
     for appended in (3, 0):  # it loads, and loads again
@@ -75,3 +84,37 @@ def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> N
         "(check it with msmt audit verify)\n"
     )
     assert proc.stdout == ""
+
+
+def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_path: Path) -> None:
+    config = load_config(jpn_config(tmp_path), env={})
+    keydir = tmp_path / "keys"
+    node = load_node(config)
+    try:
+        node.audit.append_many([event(i) for i in range(3)])
+        head = node.audit.latest_checkpoint()
+    finally:
+        node.store.close()
+        node.audit.close()
+    assert head is not None
+    now = datetime.now(UTC)
+    old = keys.load_member_keys(keydir, "JPN", keys.load_signed_roster(keydir).roster, now)
+    keys.rotate_keys(keydir, "JPN", now=now)
+    keys.revoke_key(keydir, old.signing_kid, "stolen in the test", now=now)
+    roster = keys.load_signed_roster(keydir).roster
+    # What partners trust: the old key's head no longer verifies.
+    with pytest.raises(NoteError):
+        open_checkpoint(head, roster_log_keys(roster, "JPN"))
+
+    node = load_node(config)  # the open check accepts its own file, signed by its revoked key
+    try:
+        assert node.audit.size == 4
+        node.audit.append_many([event(4)])
+        latest = node.audit.latest_checkpoint()
+    finally:
+        node.store.close()
+        node.audit.close()
+    # The next checkpoint covers the whole tree and is signed with the new key.
+    assert latest is not None
+    checkpoint, _ = open_checkpoint(latest, roster_log_keys(roster, "JPN"))
+    assert checkpoint.size == 5
