@@ -568,77 +568,88 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
     """Check and load everything a node needs; raise ``MsmtError`` with one line if any is bad."""
     at = now or datetime.now(UTC)
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = Store(config.store_path)
-    state = store.state()
-    # The pinned state file refuses a rolled-back roster and two rosters under one version.
-    signed = load_pinned_roster(
-        config.roster_dir, config.authority_path, config.data_dir / "roster-state.json"
-    )
-    keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
-    if config.nats.seed_file is not None:
-        try:
-            seed = config.nats.seed_file.read_bytes().strip()
-        except OSError as exc:
-            raise KeyMaterialError(f"cannot read {config.nats.seed_file}: {exc.strerror}") from None
-    else:
-        seed = keys.nats_seed
-    policy, policy_text = _read_policy(config)
-    pseudonym = load_pseudonym_keys(config, policy)
-    signing = keys.signing.private_key
-    if not isinstance(signing, Ed25519PrivateKey):
-        raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
-    # The log's latest checkpoint may carry a key from before a rotation, or one
-    # revoked since: the open check asks only whether the file is intact, and
-    # refusing those keys would keep a node that rotated or revoked from starting.
-    # The next append signs the whole tree with the current key; partners and
-    # ``msmt audit verify`` still refuse checkpoints a revoked key signed.
-    earlier = roster_log_keys(signed.roster, config.member, with_revoked=True)
-    audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
-    previous = state.get("policy_digest")
-    if previous != policy.digest:
-        audit.append_many(
-            [
-                audit_events.policy_changed(
-                    config.member, at, policy_digest=policy.digest, previous_digest=previous
-                )
-            ]
+    # Until the node owns them, a failure closes what was opened: in-process
+    # callers (tests, the demo) must not inherit open files.
+    with contextlib.ExitStack() as undo:
+        store = Store(config.store_path)
+        undo.callback(store.close)
+        state = store.state()
+        # The pinned state file refuses a rolled-back roster and two rosters under one version.
+        signed = load_pinned_roster(
+            config.roster_dir, config.authority_path, config.data_dir / "roster-state.json"
         )
-    store.set_state({"roster_version": str(signed.version), "policy_digest": policy.digest})
-    unaudited = store.unaudited()
-    if unaudited:
-        audit.append_many(
-            [
-                audit_events.accepted(config.member, at, report_id=rid, kind=kind, feed="recovered")
-                for rid, kind in unaudited
-            ]
-        )
-        store.mark_audited([rid for rid, _ in unaudited])
-    signer = Signer(config.member, keys.signing, keys.signing_kid)
-    planner = Planner(signer, policy, signed.roster, pseudonym)
-    inbound = Inbound(
-        config.member,
-        keys.decryption,
-        signed.roster,
-        store,
-        audit,
-        timedelta(seconds=config.limits.freshness_seconds),
-        config.limits.max_message_bytes,
-    )
-    partners = [m for m in MEMBERS if m != config.member]
-
-    def auditnet(metrics: Metrics, run_db: RunDb) -> AuditNet:
-        return AuditNet(
+        keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
+        if config.nats.seed_file is not None:
+            try:
+                seed = config.nats.seed_file.read_bytes().strip()
+            except OSError as exc:
+                raise KeyMaterialError(
+                    f"cannot read {config.nats.seed_file}: {exc.strerror}"
+                ) from None
+        else:
+            seed = keys.nats_seed
+        policy, policy_text = _read_policy(config)
+        pseudonym = load_pseudonym_keys(config, policy)
+        signing = keys.signing.private_key
+        if not isinstance(signing, Ed25519PrivateKey):
+            raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
+        # The log's latest checkpoint may carry a key from before a rotation, or one
+        # revoked since: the open check asks only whether the file is intact, and
+        # refusing those keys would keep a node that rotated or revoked from starting.
+        # The next append signs the whole tree with the current key; partners and
+        # ``msmt audit verify`` still refuse checkpoints a revoked key signed.
+        earlier = roster_log_keys(signed.roster, config.member, with_revoked=True)
+        audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
+        undo.callback(audit.close)
+        previous = state.get("policy_digest")
+        if previous != policy.digest:
+            audit.append_many(
+                [
+                    audit_events.policy_changed(
+                        config.member, at, policy_digest=policy.digest, previous_digest=previous
+                    )
+                ]
+            )
+        store.set_state({"roster_version": str(signed.version), "policy_digest": policy.digest})
+        unaudited = store.unaudited()
+        if unaudited:
+            audit.append_many(
+                [
+                    audit_events.accepted(
+                        config.member, at, report_id=rid, kind=kind, feed="recovered"
+                    )
+                    for rid, kind in unaudited
+                ]
+            )
+            store.mark_audited([rid for rid, _ in unaudited])
+        signer = Signer(config.member, keys.signing, keys.signing_kid)
+        planner = Planner(signer, policy, signed.roster, pseudonym)
+        inbound = Inbound(
             config.member,
+            keys.decryption,
+            signed.roster,
+            store,
             audit,
-            run_db,
-            signing,
-            {m: roster_log_keys(signed.roster, m) for m in partners},
-            roster_witness_keys(signed.roster, partners),
-            config.data_dir / "witness-state.json",
-            metrics.audit_alarms,
+            timedelta(seconds=config.limits.freshness_seconds),
+            config.limits.max_message_bytes,
         )
+        partners = [m for m in MEMBERS if m != config.member]
 
-    return Node(config, store, audit, planner, inbound, seed, auditnet, policy_text)
+        def auditnet(metrics: Metrics, run_db: RunDb) -> AuditNet:
+            return AuditNet(
+                config.member,
+                audit,
+                run_db,
+                signing,
+                {m: roster_log_keys(signed.roster, m) for m in partners},
+                roster_witness_keys(signed.roster, partners),
+                config.data_dir / "witness-state.json",
+                metrics.audit_alarms,
+            )
+
+        node = Node(config, store, audit, planner, inbound, seed, auditnet, policy_text)
+        undo.pop_all()
+        return node
 
 
 async def run(config: NodeConfig) -> None:

@@ -7,6 +7,7 @@ hub is needed: the URL below is never dialled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -21,6 +22,7 @@ from broker import keys
 from broker.auditlog import DB_FILE
 from broker.checkpoint import open_checkpoint, roster_log_keys
 from broker.config import load_config
+from broker.errors import AuditError
 from broker.natsproc import free_port
 from broker.node import load_node
 from broker.note import NoteError
@@ -66,8 +68,14 @@ def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> N
             node.audit.close()
 
     # A restore from a backup taken between two commits: the newest checkpoint is gone.
-    with sqlite3.connect(config.audit_dir / DB_FILE) as db:
+    with contextlib.closing(sqlite3.connect(config.audit_dir / DB_FILE)) as db, db:
         db.execute("DELETE FROM checkpoints WHERE size = 4")
+    # In process, the refusal leaves no file open behind it (store, audit log or their WALs).
+    with pytest.raises(AuditError, match="refusing to append"):
+        load_node(config)
+    fds = Path("/proc/self/fd")
+    open_files = {str(os.path.realpath(fd)) for fd in fds.iterdir()}
+    assert not {f for f in open_files if f.startswith(str(config.data_dir.resolve()))}
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
     proc = subprocess.run(
         [MSMT, "node", "run", "--config", str(folder / "node.toml")],
