@@ -110,8 +110,10 @@ def load(directory: Path, *, jobs: int = 1, parallel_from: int = PARALLEL_FROM) 
     try:
         db.execute("BEGIN")
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        # min/max of the rowid are two B-tree lookups; count(*) would scan the table.
-        low, high = db.execute("SELECT min(idx), max(idx) FROM entries").fetchone()
+        # A lone min() or max() of the rowid is one B-tree descent; both in one
+        # SELECT (or count(*)) would scan the table.
+        (low,) = db.execute("SELECT min(idx) FROM entries").fetchone()
+        (high,) = db.execute("SELECT max(idx) FROM entries").fetchone()
         if meta.get("format") != FORMAT or not meta.get("origin"):
             raise AuditError(f"{path} is not an {FORMAT} audit log")
         size = 0 if high is None else high + 1
