@@ -1,4 +1,4 @@
-"""Shared fixtures: real nats-server processes on free loopback ports."""
+"""Shared fixtures: real nats-server processes on free loopback ports, and the node tests' world."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from node_world import World, setup_accounts, start_hub
 
+from broker import keys
+from broker.members import MEMBERS
 from broker.natsproc import NatsServer, make_cluster, start_cluster
 
 # Timings are for benchmarks, never tests: on a shared 2-core machine a stalled
@@ -39,3 +42,20 @@ def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     finally:
         for server in servers:
             server.kill()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    """All 11 members' keys, a real hub with their accounts and inboxes set up, and no node yet.
+
+    Every node the test started as a subprocess is killed at the end, then the hub.
+    """
+    keydir, server = start_hub(tmp_path, MEMBERS)
+    setup_accounts(server.url, keydir, (*MEMBERS, keys.AUDIT_ACCOUNT))
+    w = World(tmp_path, keydir, server)
+    try:
+        yield w
+    finally:
+        for member in list(w.procs):
+            w.kill(member)
+        server.kill()

@@ -1,8 +1,11 @@
-"""Helpers shared by the node, operator, audit-replay and reliability tests.
+"""Helpers shared by the node, operator, audit-replay, plan and reliability tests.
 
 Polling (``wait_for``, ``await_for``), the ``/readyz`` probe, a real hub whose
 accounts are the generated members' (``start_hub``), reading a node's inbox
-from its SQLite store, and the small policy the batch tests give JPN.
+from its SQLite store, and the small policy the batch tests give JPN. The node
+tests' ``World`` (all 11 members' keys, that hub, node configs and subprocess
+nodes) lives here too, with the ``Forger`` of envelopes and the expectations the
+tests compare against; conftest's ``world`` fixture builds one per test.
 """
 
 from __future__ import annotations
@@ -10,22 +13,36 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from broker import keys, samples
-from broker.natsconfig import accounts_config, load_users
-from broker.natsetup import setup_account
+from broker.auditlog import DB_FILE
+from broker.config import NodeConfig, load_config
+from broker.envelope import issue, present
+from broker.intake import ensure_token, submit
+from broker.natsconfig import accounts_config, inbox_stream, load_users
+from broker.natsetup import connect_account, setup_account
 from broker.natsproc import NatsServer, free_port
-from broker.policy import load_policy
+from broker.policy import Policy, load_policy
+from broker.sightings import SightingModel, leaf_values
 from broker.store import Store
+from broker.validation import parse_record
 
 REPO = Path(__file__).parent.parent
+MSMT = str(Path(sys.executable).parent / "msmt")
 
 # Everything but source and method to USA and KOR, so each report costs two
 # envelopes rather than ten.
@@ -140,3 +157,177 @@ def inbox_ids(store_path: Path, sender: str) -> list[str]:
         return [e.report_id for e in store.inbox(sender=sender, limit=1_000_000)]
     finally:
         store.close()
+
+
+@dataclass
+class World:
+    """Keys for all 11 members, a hub with their accounts and inboxes, and node configs."""
+
+    root: Path
+    keydir: Path
+    server: NatsServer
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def config_path(self, member: str) -> Path:
+        """Where ``member``'s ``node.toml`` is (``write_config`` writes it)."""
+        return self.root / "nodes" / member / "node.toml"
+
+    def config(self, member: str) -> NodeConfig:
+        """``member``'s node configuration, read without environment overrides."""
+        return load_config(self.config_path(member), env={})
+
+    def write_config(self, member: str, policy_text: str | None = None) -> None:
+        """Write ``member``'s node folder against this hub (``write_node_config``)."""
+        write_node_config(self.root, member, [self.server.url], policy_text)
+
+    def policy(self, member: str) -> Policy:
+        """The policy ``member``'s node was configured with."""
+        text = (self.root / "nodes" / member / "policy.toml").read_text()
+        return load_policy(text, member=member)
+
+    def pseudonym_keys(self, member: str) -> dict[str, bytes]:
+        """``member``'s pseudonym keys by id (empty if it has none)."""
+        folder = self.keydir / member / "pseudonym"
+        return (
+            {p.stem: base64.urlsafe_b64decode(p.read_text()) for p in folder.glob("*.key")}
+            if folder.is_dir()
+            else {}
+        )
+
+    # --- subprocess nodes ---------------------------------------------------
+
+    def start(self, member: str, **env: str) -> None:
+        """Run ``member`` as a ``msmt node run`` subprocess with ``env`` added; wait until ready."""
+        log = (self.root / f"{member}.log").open("ab")
+        self.procs[member] = subprocess.Popen(
+            [MSMT, "node", "run", "--config", str(self.config_path(member))],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+        log.close()
+        port = self.config(member).metrics.port
+        wait_for(lambda: readyz(port) or self._died(member), 30, f"{member} ready")
+        assert not self._died(member), self.log_tail(member)
+
+    def _died(self, member: str) -> bool:
+        return self.procs[member].poll() is not None
+
+    def kill(self, member: str) -> None:
+        """SIGKILL ``member``'s subprocess and reap it."""
+        proc = self.procs.pop(member)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def terminate(self, member: str) -> int:
+        """SIGTERM ``member``'s subprocess and return its exit status."""
+        proc = self.procs.pop(member)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=30)
+
+    def log_tail(self, member: str) -> str:
+        """The end of ``member``'s subprocess log, for an assertion message."""
+        return (self.root / f"{member}.log").read_text()[-3000:]
+
+    def store(self, member: str) -> Store:
+        """``member``'s store, opened read-only; the caller closes it."""
+        return Store(self.config(member).store_path, readonly=True)
+
+    def inbox_ids(self, member: str, sender: str) -> list[str]:
+        """Report ids ``member``'s store holds from ``sender``."""
+        return inbox_ids(self.config(member).store_path, sender)
+
+    async def stream_messages(self, member: str) -> int:
+        """How many messages ``member``'s inbox stream on the hub holds."""
+        seed = (self.keydir / member / keys.NATS_SEED_FILE).read_bytes().strip()
+        nc = await connect_account(self.server.url, member, seed)
+        try:
+            info = await nc.jetstream().stream_info(inbox_stream(member))
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+
+    async def submit(self, member: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Submit ``records`` to ``member``'s intake socket; return its answers in order."""
+        config = self.config(member)
+        body = samples.to_ndjson(records).encode()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(body), 1 << 16):
+                yield body[i : i + (1 << 16)]
+
+        answers: list[dict[str, Any]] = []
+        await submit(config.socket_path, ensure_token(config.token_path), chunks(), answers.append)
+        return answers
+
+
+def expected_partners(policy: Policy, sighting: SightingModel) -> set[str]:
+    """The partners ``policy`` sends ``sighting`` to."""
+    return {p for p, d in policy.decide_all(sighting).items() if d.sends}
+
+
+def content_of(records: list[dict[str, Any]]) -> set[str]:
+    """Distinctive field values of these reports (what must never appear in a log)."""
+    return {
+        str(v)
+        for r in records
+        for v in leaf_values(parse_record(json.dumps(r))).values()
+        if len(str(v)) >= 6 and not str(v).isdigit()
+    }
+
+
+@dataclass
+class Forger:
+    """Builds envelopes with JPN's (and KOR's) real keys, correct or broken one way each."""
+
+    world: World
+    now: datetime
+
+    def __post_init__(self) -> None:
+        signed = keys.load_signed_roster(self.world.keydir)
+        self.roster = signed.roster
+        self.jpn = keys.load_member_keys(self.world.keydir, "JPN", self.roster, self.now)
+        self.kor = keys.load_member_keys(self.world.keydir, "KOR", self.roster, self.now)
+
+    def envelope(
+        self,
+        record: dict[str, Any],
+        *,
+        to: str = "USA",
+        signer: keys.MemberKeys | None = None,
+        kid: str | None = None,
+        at: datetime | None = None,
+    ) -> tuple[str, Any]:
+        """An envelope of ``record`` for ``to`` and the issued report it presents.
+
+        Signed by the originator's key unless ``signer``/``kid`` say otherwise,
+        and issued at ``at`` (default: the forger's ``now``).
+        """
+        signer = signer or (self.kor if record["originator"] == "KOR" else self.jpn)
+        sighting = parse_record(json.dumps(record))
+        issued = issue(
+            sighting,
+            signing_key=signer.signing,
+            kid=kid or signer.signing_kid,
+            policy_digest="0" * 64,
+            now=(at or self.now).replace(microsecond=0),
+        )
+        return self.present(issued, to), issued
+
+    def present(self, issued: Any, to: str) -> str:
+        """``issued`` with every disclosure, encrypted to ``to``'s current key."""
+        enc = self.roster.current(to, "enc", self.now)
+        return present(
+            issued,
+            disclosure_keys=list(issued.disclosures),
+            recipient=to,
+            recipient_kid=enc.kid,
+            recipient_key=self.roster.public_key(enc.kid),
+        )
+
+
+def audit_rejections(config: NodeConfig) -> Counter[str]:
+    """Rejections in the audit log of the node ``config`` describes, by checklist step."""
+    with sqlite3.connect(config.audit_dir / DB_FILE) as db:
+        entries = [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries")]
+    return Counter(e["step"] for e in entries if e["type"] == "rejected")

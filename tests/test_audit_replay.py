@@ -16,10 +16,7 @@ import pytest
 from audit_helpers import T0, log_verifier
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from node_world import BATCH_POLICY, await_for, records_for
-
-# The node tests' world (keys, a real hub, node configs) and its fixture, reused as is.
-from test_node import World, world  # noqa: F401
+from node_world import BATCH_POLICY, World, await_for, records_for
 
 from broker import audit_events as ev
 from broker import keys as keyfiles
@@ -281,7 +278,7 @@ def _rewrite(
     return into
 
 
-async def test_replay_of_a_real_three_node_run(world: World, tmp_path: Path) -> None:  # noqa: F811
+async def test_replay_of_a_real_three_node_run(world: World, tmp_path: Path) -> None:
     trio = ("JPN", "USA", "KOR")
     for member in trio:
         world.write_config(member)

@@ -8,17 +8,13 @@ this process so that ``capture_logs`` sees every log event they emit.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
-import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,144 +23,33 @@ import psutil
 import pytest
 from node_world import (
     BATCH_POLICY,
+    MSMT,
+    Forger,
+    World,
+    audit_rejections,
     await_for,
+    content_of,
+    expected_partners,
     fetch,
-    inbox_ids,
-    readyz,
     records_for,
-    setup_accounts,
     start_hub,
-    wait_for,
-    write_node_config,
 )
 from structlog.testing import capture_logs
 
 from broker import envelope, keys, samples
 from broker.auditlog import DB_FILE
-from broker.config import NodeConfig, load_config
-from broker.envelope import issue, present
 from broker.errors import StoreError
-from broker.intake import ensure_token, submit
-from broker.members import MEMBERS
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import connect_account, setup_account
 from broker.natsproc import NatsServer
 from broker.node import Node, load_node
-from broker.policy import Policy, load_policy, variants
-from broker.sightings import SightingModel, leaf_values
+from broker.policy import variants
+from broker.sightings import leaf_values
 from broker.store import NewReport, Store
 from broker.validation import parse_record
 from broker.witness import LogState
 
 pytestmark = pytest.mark.integration
-
-MSMT = str(Path(sys.executable).parent / "msmt")
-
-
-@dataclass
-class World:
-    """Keys for all 11 members, a hub with their accounts and inboxes, and node configs."""
-
-    root: Path
-    keydir: Path
-    server: NatsServer
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def config_path(self, member: str) -> Path:
-        return self.root / "nodes" / member / "node.toml"
-
-    def config(self, member: str) -> NodeConfig:
-        return load_config(self.config_path(member), env={})
-
-    def write_config(self, member: str, policy_text: str | None = None) -> None:
-        write_node_config(self.root, member, [self.server.url], policy_text)
-
-    def policy(self, member: str) -> Policy:
-        text = (self.root / "nodes" / member / "policy.toml").read_text()
-        return load_policy(text, member=member)
-
-    def pseudonym_keys(self, member: str) -> dict[str, bytes]:
-        folder = self.keydir / member / "pseudonym"
-        return (
-            {p.stem: base64.urlsafe_b64decode(p.read_text()) for p in folder.glob("*.key")}
-            if folder.is_dir()
-            else {}
-        )
-
-    # --- subprocess nodes ---------------------------------------------------
-
-    def start(self, member: str, **env: str) -> None:
-        log = (self.root / f"{member}.log").open("ab")
-        self.procs[member] = subprocess.Popen(
-            [MSMT, "node", "run", "--config", str(self.config_path(member))],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-        )
-        log.close()
-        port = self.config(member).metrics.port
-        wait_for(lambda: readyz(port) or self._died(member), 30, f"{member} ready")
-        assert not self._died(member), self.log_tail(member)
-
-    def _died(self, member: str) -> bool:
-        return self.procs[member].poll() is not None
-
-    def kill(self, member: str) -> None:
-        proc = self.procs.pop(member)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-
-    def terminate(self, member: str) -> int:
-        proc = self.procs.pop(member)
-        proc.send_signal(signal.SIGTERM)
-        return proc.wait(timeout=30)
-
-    def log_tail(self, member: str) -> str:
-        return (self.root / f"{member}.log").read_text()[-3000:]
-
-    def store(self, member: str) -> Store:
-        return Store(self.config(member).store_path, readonly=True)
-
-    def inbox_ids(self, member: str, sender: str) -> list[str]:
-        return inbox_ids(self.config(member).store_path, sender)
-
-    async def stream_messages(self, member: str) -> int:
-        seed = (self.keydir / member / keys.NATS_SEED_FILE).read_bytes().strip()
-        nc = await connect_account(self.server.url, member, seed)
-        try:
-            info = await nc.jetstream().stream_info(inbox_stream(member))
-            return int(info.state.messages)
-        finally:
-            await nc.close()
-
-    async def submit(self, member: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        config = self.config(member)
-        body = samples.to_ndjson(records).encode()
-
-        async def chunks() -> AsyncIterator[bytes]:
-            for i in range(0, len(body), 1 << 16):
-                yield body[i : i + (1 << 16)]
-
-        answers: list[dict[str, Any]] = []
-        await submit(config.socket_path, ensure_token(config.token_path), chunks(), answers.append)
-        return answers
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    keydir, server = start_hub(tmp_path, MEMBERS)
-    setup_accounts(server.url, keydir, (*MEMBERS, keys.AUDIT_ACCOUNT))
-    w = World(tmp_path, keydir, server)
-    try:
-        yield w
-    finally:
-        for member in list(w.procs):
-            w.kill(member)
-        server.kill()
-
-
-def expected_partners(policy: Policy, sighting: SightingModel) -> set[str]:
-    return {p for p, d in policy.decide_all(sighting).items() if d.sends}
 
 
 # --- three members exchange every kind, in process, with logs captured ----------------
@@ -314,16 +199,6 @@ async def assert_all_exactly_once(world: World, want: dict[str, set[str]]) -> No
         assert await world.stream_messages(partner) == len(ids)
 
 
-def content_of(records: list[dict[str, Any]]) -> set[str]:
-    """Distinctive field values of these reports (what must never appear in a log)."""
-    return {
-        str(v)
-        for r in records
-        for v in leaf_values(parse_record(json.dumps(r))).values()
-        if len(str(v)) >= 6 and not str(v).isdigit()
-    }
-
-
 def assert_no_content_in_logs(world: World, records: list[dict[str, Any]]) -> None:
     values = content_of(records)
     for log in world.root.glob("*.log"):
@@ -430,62 +305,12 @@ async def test_sigterm_shuts_down_cleanly_and_hands_back_nothing_lost(world: Wor
 # --- a flood of bad messages mixed with good ones ----------------------------------------
 
 
-@dataclass
-class Forger:
-    """Builds envelopes with JPN's (and KOR's) real keys, correct or broken one way each."""
-
-    world: World
-    now: datetime
-
-    def __post_init__(self) -> None:
-        signed = keys.load_signed_roster(self.world.keydir)
-        self.roster = signed.roster
-        self.jpn = keys.load_member_keys(self.world.keydir, "JPN", self.roster, self.now)
-        self.kor = keys.load_member_keys(self.world.keydir, "KOR", self.roster, self.now)
-
-    def envelope(
-        self,
-        record: dict[str, Any],
-        *,
-        to: str = "USA",
-        signer: keys.MemberKeys | None = None,
-        kid: str | None = None,
-        at: datetime | None = None,
-    ) -> tuple[str, Any]:
-        signer = signer or (self.kor if record["originator"] == "KOR" else self.jpn)
-        sighting = parse_record(json.dumps(record))
-        issued = issue(
-            sighting,
-            signing_key=signer.signing,
-            kid=kid or signer.signing_kid,
-            policy_digest="0" * 64,
-            now=(at or self.now).replace(microsecond=0),
-        )
-        return self.present(issued, to), issued
-
-    def present(self, issued: Any, to: str) -> str:
-        enc = self.roster.current(to, "enc", self.now)
-        return present(
-            issued,
-            disclosure_keys=list(issued.disclosures),
-            recipient=to,
-            recipient_kid=enc.kid,
-            recipient_key=self.roster.public_key(enc.kid),
-        )
-
-
 def flip(token: str, segment: int) -> str:
     parts = token.split(".")
     body = parts[segment]
     middle = len(body) // 2
     parts[segment] = body[:middle] + ("A" if body[middle] != "A" else "B") + body[middle + 1 :]
     return ".".join(parts)
-
-
-def audit_rejections(config: NodeConfig) -> Counter[str]:
-    with sqlite3.connect(config.audit_dir / DB_FILE) as db:
-        entries = [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries")]
-    return Counter(e["step"] for e in entries if e["type"] == "rejected")
 
 
 STEPS = (

@@ -16,10 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-from node_world import BATCH_POLICY, await_for, records_for
-
-# The node tests' world (keys, a real hub, node configs) and its fixture, reused as is.
-from test_node import World, expected_partners, world  # noqa: F401
+from node_world import BATCH_POLICY, World, await_for, expected_partners, records_for
 
 from broker.auditlog import DB_FILE
 from broker.errors import StoreError
@@ -33,7 +30,7 @@ PARTNERS = ("USA", "KOR")
 
 
 async def test_a_plan_commit_that_fails_is_retried_and_sends_each_report_once(
-    world: World,  # noqa: F811
+    world: World,
 ) -> None:
     world.write_config("JPN", BATCH_POLICY)
     policy = world.policy("JPN")

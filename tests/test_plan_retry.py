@@ -16,11 +16,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from node_world import BATCH_POLICY, await_for, records_for
+from node_world import BATCH_POLICY, World, await_for, content_of, expected_partners, records_for
 from structlog.testing import capture_logs
-
-# The node tests' world (keys, a real hub, node configs) and its fixture, reused as is.
-from test_node import World, content_of, expected_partners, world  # noqa: F401
 
 import broker.node
 from broker import keys
@@ -37,7 +34,7 @@ RETRY_S = 0.5
 
 
 async def test_a_report_skipped_for_a_missing_key_is_sent_once_the_key_is_valid(
-    world: World,  # noqa: F811
+    world: World,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     world.write_config("JPN", BATCH_POLICY)

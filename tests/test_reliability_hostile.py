@@ -20,8 +20,8 @@ from typing import Any
 
 import nats.errors
 import pytest
+from node_world import Forger, World, audit_rejections
 from reliability_world import Cluster, await_for, fetch, msmt, records_for
-from test_node import Forger, World, audit_rejections
 
 from broker import keys
 from broker.auditlog import DB_FILE
