@@ -364,9 +364,11 @@ class Publisher:
                     self.last_error = str(exc)
                     log.error("record_sent_failed", error=str(exc), envelopes=len(batch))  # noqa: TRY400
                 else:
-                    for item in batch:
-                        self.metrics.published.labels(partner=item.partner).inc()
-                        self.counts[f"published.{item.partner}"] += 1
+                    # One metric update per partner, not per envelope (a label
+                    # lookup and a locked increment each).
+                    for partner, count in Counter(item.partner for item in batch).items():
+                        self.metrics.published.labels(partner=partner).inc(count)
+                        self.counts[f"published.{partner}"] += count
                 finally:
                     self._unrecorded.difference_update((i.report_id, i.partner) for i in batch)
                 # Failed or not, these rows may be pending again: look for them.
