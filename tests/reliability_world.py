@@ -19,7 +19,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from node_world import REPO, await_for, fetch, inbox_ids, records_for, wait_for, write_node_config
+from node_world import (
+    MSMT,
+    REPO,
+    await_for,
+    fetch,
+    inbox_ids,
+    records_for,
+    wait_for,
+    write_node_config,
+)
 
 from broker import keys, samples
 from broker.config import NodeConfig, load_config
@@ -43,8 +51,6 @@ from broker.natsproc import NatsServer, make_cluster, start_cluster
 from broker.policy import Policy, load_policy
 from broker.store import Store
 from broker.validation import parse_record
-
-MSMT = str(Path(sys.executable).parent / "msmt")
 
 __all__ = ["MSMT", "REPO", "Cluster", "Feed", "await_for", "fetch", "records_for", "wait_for"]
 

@@ -11,23 +11,21 @@ import contextlib
 import os
 import sqlite3
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from audit_helpers import event
+from node_world import MSMT, write_node_config
 
 from broker import keys
 from broker.auditlog import DB_FILE
 from broker.checkpoint import open_checkpoint, roster_log_keys
 from broker.config import load_config
 from broker.errors import AuditError
-from broker.natsproc import free_port
 from broker.node import load_node
 from broker.note import NoteError
 
-MSMT = str(Path(sys.executable).parent / "msmt")
 POLICY = """
 version = 1
 member = "JPN"
@@ -43,15 +41,8 @@ release = ["*"]
 def jpn_config(root: Path) -> Path:
     """JPN's node folder under ``root`` with fresh keys; returns its ``node.toml``."""
     keys.init_keys(root / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1))
-    folder = root / "nodes" / "JPN"
-    folder.mkdir(parents=True)
-    (folder / "policy.toml").write_text(POLICY)
-    (folder / "node.toml").write_text(
-        'member = "JPN"\nbase_dir = "../.."\npolicy = "nodes/JPN/policy.toml"\n'
-        'data_dir = "data/JPN"\n[nats]\nurls = ["nats://127.0.0.1:1"]\n'
-        f'[keys]\ndir = "keys"\n[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
-    )
-    return folder / "node.toml"
+    write_node_config(root, "JPN", ["nats://127.0.0.1:1"], POLICY)
+    return root / "nodes" / "JPN" / "node.toml"
 
 
 def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> None:
@@ -75,7 +66,8 @@ def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> N
         load_node(config)
     fds = Path("/proc/self/fd")
     open_files = {str(os.path.realpath(fd)) for fd in fds.iterdir()}
-    assert not {f for f in open_files if f.startswith(str(config.data_dir.resolve()))}
+    leaked = {f for f in open_files if f.startswith(str(config.data_dir.resolve()))}
+    assert leaked == set()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
     proc = subprocess.run(
         [MSMT, "node", "run", "--config", str(folder / "node.toml")],

@@ -13,14 +13,13 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from node_world import readyz, setup_accounts, start_hub, wait_for
+from node_world import MSMT, readyz, setup_accounts, start_hub, wait_for
 
 from broker import samples
 from broker.config import NodeConfig, load_config
@@ -30,7 +29,6 @@ from broker.natsproc import NatsServer, free_port
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
-MSMT = str(Path(sys.executable).parent / "msmt")
 MEMBERS = ("KOR", "JPN", "USA")
 
 
