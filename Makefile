@@ -22,8 +22,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two workers: the five-minute soak beside the rest of the suite, which still runs
+# in order on one worker (tests/conftest.py, SoakBesideSuite).
 pytest: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 demo: $(STAMP)
 	$(BIN)/msmt demo

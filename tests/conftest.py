@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 from node_world import World, setup_accounts, start_hub
+from xdist.scheduler import LoadScopeScheduling
 
 from broker import keys
 from broker.members import MEMBERS
@@ -19,6 +20,28 @@ from broker.natsproc import NatsServer, make_cluster, start_cluster
 # property held. Tests opt in to other suppressions themselves.
 settings.register_profile("msmt", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("msmt")
+
+# The five-minute soak offers light, steady load and waits most of the time, so
+# `make test` (pytest -n 2) runs it on a worker of its own beside the rest.
+SOAK_MODULE = "tests/test_reliability_resources.py::"
+
+
+class SoakBesideSuite(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no type hints
+    """Two units of work: the soak, and every other test in collection order.
+
+    The other tests start and kill nats-servers and nodes and several wait on
+    timers, so they never run two at a time: one worker takes them all in the
+    order a plain ``pytest`` run would. (``--dist loadgroup`` would say this with
+    marks, but it stopped grouping with pytest 9.2: pytest-xdist issue #1386.)
+    """
+
+    def _split_scope(self, nodeid: str) -> str:
+        return "soak" if nodeid.startswith(SOAK_MODULE) else "suite"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> SoakBesideSuite:
+    """Schedule ``pytest -n`` runs as :class:`SoakBesideSuite`."""
+    return SoakBesideSuite(config, log)
 
 
 @pytest.fixture
