@@ -6,13 +6,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
-from node_world import World, setup_accounts, start_hub
-from xdist.scheduler import LoadScopeScheduling
 
-from broker import keys
-from broker.members import MEMBERS
-from broker.natsproc import NatsServer, make_cluster, start_cluster
+# The shared test worlds hold asserts of their own; rewritten, a failing one shows
+# its values as a test's would. This must run before they are first imported.
+pytest.register_assert_rewrite("node_world", "reliability_world")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+from node_world import World, setup_accounts, start_hub  # noqa: E402
+from xdist.scheduler import LoadScopeScheduling  # noqa: E402
+
+from broker import keys  # noqa: E402
+from broker.members import MEMBERS  # noqa: E402
+from broker.natsproc import NatsServer, make_cluster, start_cluster  # noqa: E402
 
 # Timings are for benchmarks, never tests: on a shared 2-core machine a stalled
 # draw (a strategy's first regex compile, another job's burst) tripped

@@ -58,6 +58,21 @@ release = ["*"]
 """
 
 
+def msmt(
+    *args: str, stdin: bytes | None = None, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``msmt`` command line; ``env`` adds to this process's environment."""
+    return subprocess.run(
+        [MSMT, *args],
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``check`` until true; after ``timeout`` raise ``AssertionError`` naming ``what``."""
     deadline = time.monotonic() + timeout

@@ -35,6 +35,7 @@ from node_world import (
     await_for,
     fetch,
     inbox_ids,
+    msmt,
     records_for,
     wait_for,
     write_node_config,
@@ -52,14 +53,17 @@ from broker.policy import Policy, load_policy
 from broker.store import Store
 from broker.validation import parse_record
 
-__all__ = ["MSMT", "REPO", "Cluster", "Feed", "await_for", "fetch", "records_for", "wait_for"]
-
-
-def msmt(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the real ``msmt`` command line."""
-    return subprocess.run(
-        [MSMT, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
+__all__ = [
+    "MSMT",
+    "REPO",
+    "Cluster",
+    "Feed",
+    "await_for",
+    "fetch",
+    "msmt",
+    "records_for",
+    "wait_for",
+]
 
 
 @dataclass

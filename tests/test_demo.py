@@ -19,7 +19,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
+from node_world import MSMT
 
 from broker.demo_report import render
 from broker.demo_view import Cell, Outcome, Point, SideBySide, first_failure, summary_line
@@ -40,7 +40,6 @@ from broker.store import Store
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).parent.parent
-MSMT = str(Path(sys.executable).parent / "msmt")
 CHROMIUM = "/usr/bin/chromium"
 SIGHTINGS = 120
 

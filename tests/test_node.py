@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +21,6 @@ import psutil
 import pytest
 from node_world import (
     BATCH_POLICY,
-    MSMT,
     Forger,
     World,
     audit_rejections,
@@ -31,6 +28,7 @@ from node_world import (
     content_of,
     expected_partners,
     fetch,
+    msmt,
     records_for,
     start_hub,
 )
@@ -450,18 +448,6 @@ async def test_flood_of_bad_messages_mixed_with_good_ones(world: World) -> None:
 
 
 # --- the operator commands ---------------------------------------------------------------
-
-
-def msmt(*args: str, stdin: bytes | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MSMT, *args],
-        input=stdin.decode() if stdin is not None else None,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **env},
-        check=False,
-    )
 
 
 async def test_operator_commands_submit_inbox_status(world: World) -> None:
