@@ -44,6 +44,7 @@ class SoakBesideSuite(LoadScopeScheduling):  # type: ignore[misc]  # xdist has n
         return "soak" if nodeid.startswith(SOAK_MODULE) else "suite"
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: `pytest -p no:xdist` still runs
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> SoakBesideSuite:
     """Schedule ``pytest -n`` runs as :class:`SoakBesideSuite`."""
     return SoakBesideSuite(config, log)
