@@ -10,10 +10,8 @@ subprocesses; feeds go through each node's intake socket, as ``msmt submit`` doe
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -25,7 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker import keys as keyfiles
-from broker import samples
+from broker import pseudonym_keys, samples
 from broker.config import NodeConfig, load_config
 from broker.errors import MsmtError, UsageError
 from broker.intake import read_token, submit
@@ -116,11 +114,8 @@ class World:
             policy = load_policy(text, member=member, source=str(source))
             self.policies[member] = policy
             for key_id in policy.pseudonym_keys:
-                path = self.keydir / member / "pseudonym" / f"{key_id}.key"
-                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w", encoding="ascii") as handle:
-                    handle.write(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+                path = pseudonym_keys.key_file(self.keydir, member, key_id)
+                pseudonym_keys.store_key(path, pseudonym_keys.new_key(), replace=False)
             log_path = self.root / "logs" / f"{member}.log"
             config_path = folder / "node.toml"
             config = self._write_config(member, config_path)

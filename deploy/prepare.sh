@@ -13,17 +13,13 @@ NODES=${2:-nodes}
 
 msmt keys init --dir "$KEYS"
 
-# Each [pseudonym_keys.<id>] a member's policy declares needs 32 random bytes in
-# KEYDIR/<MEMBER>/pseudonym/<id>.key (base64url), shared out of band with the
-# partners the policy lists.
+# Each [pseudonym_keys.<id>] a member's policy declares needs a key in
+# KEYDIR/<MEMBER>/pseudonym/<id>.key, shared out of band with the partners the
+# policy lists (`msmt keys pseudonym` prints how).
 for policy in "$NODES"/*/policy.toml; do
     member=$(basename "$(dirname "$policy")")
     for id in $(sed -n 's/^\[pseudonym_keys\.\([A-Za-z0-9._-]*\)\].*/\1/p' "$policy"); do
-        dir="$KEYS/$member/pseudonym"
-        mkdir -p "$dir"
-        chmod 700 "$dir"
-        (umask 077 && python3 -c 'import base64, secrets; print(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())' > "$dir/$id.key")
-        echo "wrote pseudonym key $dir/$id.key"
+        msmt keys pseudonym "$member" "$id" --dir "$KEYS"
     done
 done
 
