@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from broker.errors import ConfigError
 from broker.members import Member
+from broker.natstls import CONFIG_NAMES, check_tls_settings, client_tls_context
 from broker.validation import MAX_RECORD_BYTES
 
 ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
@@ -58,13 +60,19 @@ class _Section(BaseModel):
 
 
 class NatsSection(_Section):
-    """How to reach the hub: server URLs and the member's nkey seed file.
+    """How to reach the hub: server URLs, the member's nkey seed file, and optional TLS files.
 
-    ``seed_file`` defaults to ``<keys.dir>/<MEMBER>/nats.nk``.
+    ``seed_file`` defaults to ``<keys.dir>/<MEMBER>/nats.nk``. ``ca_file`` (a
+    private CA bundle instead of the system store) and ``cert_file`` with
+    ``key_file`` (a client certificate for a hub that demands one) require
+    every URL to be ``tls://``; ``parse_config`` checks that.
     """
 
     urls: Annotated[tuple[str, ...], Field(min_length=1)]
     seed_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     @field_validator("urls")
     @classmethod
@@ -73,6 +81,15 @@ class NatsSection(_Section):
             if not url.startswith(("nats://", "tls://")):
                 raise ValueError(f"{url!r} is not a nats:// or tls:// URL")
         return urls
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the hub, or ``None`` when no TLS file is set.
+
+        Reads and checks the files; raises ``ConfigError`` naming the key at fault.
+        """
+        return client_tls_context(
+            self.urls, self.ca_file, self.cert_file, self.key_file, CONFIG_NAMES
+        )
 
 
 class KeysSection(_Section):
@@ -217,6 +234,9 @@ def _where(loc: tuple[int | str, ...]) -> str:
 
 _PATH_KEYS: Final = (
     ("nats", "seed_file"),
+    ("nats", "ca_file"),
+    ("nats", "cert_file"),
+    ("nats", "key_file"),
     ("keys", "dir"),
     ("keys", "roster_dir"),
     ("keys", "authority"),
@@ -260,6 +280,8 @@ def parse_config(
         if value is not None:
             holder[keys[-1]] = (base / value).resolve()
     config = NodeConfig.model_validate(resolved)
+    nats = config.nats
+    check_tls_settings(nats.urls, nats.ca_file, nats.cert_file, nats.key_file, CONFIG_NAMES)
     if len(str(config.socket_path).encode()) > MAX_SOCKET_PATH:
         raise ConfigError(
             f"config key intake.socket: {config.socket_path} is longer than a unix socket "

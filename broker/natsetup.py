@@ -8,6 +8,7 @@ setting so an operator can see the retention they got.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final, Literal
@@ -29,6 +30,7 @@ from nats.js.api import (
 
 from broker.errors import ConfigError
 from broker.keys import AUDIT_ACCOUNT
+from broker.log import get_logger
 from broker.natsconfig import (
     AUDIT_KINDS,
     AUDIT_STREAM,
@@ -37,6 +39,8 @@ from broker.natsconfig import (
     inbox_stream,
     inbox_subjects,
 )
+
+log = get_logger("natsetup")
 
 Action = Literal["created", "updated", "unchanged"]
 
@@ -209,12 +213,29 @@ async def ensure_consumer(js: JetStreamContext, stream: str, wanted: ConsumerCon
 
 
 async def connect_account(
-    url: str, account: str, seed: bytes, *, connect_timeout: int = 5
+    url: str,
+    account: str,
+    seed: bytes,
+    *,
+    connect_timeout: int = 5,
+    tls: ssl.SSLContext | None = None,
 ) -> Client:
     """Connect as ``account``'s nkey user with its own reply-inbox prefix (no reconnects).
 
-    Raises ``ConfigError`` if the server cannot be reached or refuses the credentials.
+    ``tls`` (from ``broker.natstls.client_tls_context``) names a private CA and a
+    client certificate; without it a ``tls://`` URL uses the system trust store.
+    Raises ``ConfigError`` if the server cannot be reached or refuses the
+    credentials or the TLS handshake.
     """
+    tls_alert: list[ssl.SSLError] = []
+
+    async def error(exc: Exception) -> None:
+        # Replaces nats-py's default callback, which prints a traceback to stderr.
+        if nc.is_connected:
+            log.warning("nats_error", account=account, error=f"{type(exc).__name__} {exc}")
+        elif isinstance(exc, ssl.SSLError) and not tls_alert:
+            tls_alert.append(exc)
+
     nc = Client()
     try:
         await nc.connect(
@@ -224,11 +245,20 @@ async def connect_account(
             connect_timeout=connect_timeout,
             allow_reconnect=False,
             max_reconnect_attempts=0,
+            tls=tls,
+            error_cb=error,
         )
     except (nats.errors.Error, OSError) as exc:
         # nats-py leaves the socket open when the first connect fails.
         await nc.close()
-        reason = str(exc) or type(exc).__name__
+        # A hub refusing the client certificate resets the connection too, and the
+        # reset may be what connect raises: the TLS alert is the reason worth naming.
+        cause: Exception = tls_alert[0] if tls_alert else exc
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        if isinstance(cause, ConnectionError) and url.startswith("tls://"):
+            # TLS 1.3 lets the client finish its handshake before the hub checks the
+            # client certificate, so the hub's alert is often lost in the reset.
+            reason += " (a hub that demands a client certificate closes the connection this way)"
         raise ConfigError(f"cannot connect to {url} as {account}: {reason}") from None
     return nc
 
@@ -243,14 +273,16 @@ async def setup_account(
     limits: InboxLimits | None = None,
     *,
     audit_max_bytes: int = AUDIT_MAX_BYTES,
+    tls: ssl.SSLContext | None = None,
 ) -> list[SetupResult]:
     """Ensure ``account``'s streams and consumers exist as configured (idempotent).
 
     A member gets its inbox stream and durable consumer; ``AUDIT`` its archive.
-    Raises ``ConfigError`` if the server is unreachable or refuses a step.
+    ``tls`` is passed to ``connect_account``. Raises ``ConfigError`` if the
+    server is unreachable or refuses a step.
     """
     limits = limits or InboxLimits()
-    nc = await connect_account(url, account, seed)
+    nc = await connect_account(url, account, seed, tls=tls)
     try:
         js = nc.jetstream()
         if account == AUDIT_ACCOUNT:

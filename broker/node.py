@@ -24,6 +24,7 @@ import asyncio
 import base64
 import contextlib
 import signal
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -115,6 +116,7 @@ class Node:
         seed: bytes,
         auditnet: Callable[[Metrics, RunDb], AuditNet],
         policy_text: str,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.member = config.member
@@ -123,6 +125,7 @@ class Node:
         self.planner = planner
         self.inbound = inbound
         self.seed = seed
+        self.tls = tls
         self.metrics = Metrics()
         self.auditnet = auditnet(self.metrics, self.run_db)
         self.stop = asyncio.Event()
@@ -281,15 +284,29 @@ class Node:
     # --- NATS ------------------------------------------------------------------
 
     async def _connect(self) -> Client | None:
+        # A hub refusing the handshake (no or wrong client certificate) also resets
+        # the connection, so each retry fails twice (reset or broken pipe, and the TLS
+        # alert, in either order): reporting both in turn would defeat _error's
+        # once-a-minute logging and hide the reason, so until a connect succeeds
+        # the connection errors after a TLS failure are left unsaid.
+        tls_failed = False
+
         async def disconnected() -> None:
             self.metrics.connected.set(0)
             log.warning("nats_disconnected")
 
         async def reconnected() -> None:
+            nonlocal tls_failed
+            tls_failed = False
             self.metrics.connected.set(1)
             log.info("nats_reconnected")
 
         async def error(exc: Exception) -> None:
+            nonlocal tls_failed
+            if isinstance(exc, ssl.SSLError):
+                tls_failed = True
+            elif tls_failed and isinstance(exc, ConnectionError):
+                return
             self._error(f"nats: {type(exc).__name__} {exc}".strip())
 
         delay = 0.2
@@ -300,6 +317,7 @@ class Node:
                     nkeys_seed_str=self.seed.decode(),
                     inbox_prefix=inbox_prefix(self.member),
                     name=f"msmt-node-{self.member}",
+                    tls=self.tls,
                     connect_timeout=2,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -314,6 +332,7 @@ class Node:
                     await asyncio.wait_for(self.stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            tls_failed = False
             self.metrics.connected.set(1)
             log.info("nats_connected", servers=len(self.config.nats.urls))
             return nc
@@ -588,6 +607,8 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 ) from None
         else:
             seed = keys.nats_seed
+        # Built once, here: a bad CA, certificate or key stops the node before it connects.
+        tls = config.nats.tls_context()
         policy, policy_text = _read_policy(config)
         pseudonym = load_pseudonym_keys(config, policy)
         signing = keys.signing.private_key
@@ -647,7 +668,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 metrics.audit_alarms,
             )
 
-        node = Node(config, store, audit, planner, inbound, seed, auditnet, policy_text)
+        node = Node(config, store, audit, planner, inbound, seed, auditnet, policy_text, tls)
         undo.pop_all()
         return node
 

@@ -86,6 +86,26 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             "config key limits.max_record_bytes",
         ),
         ({}, "member = [", "invalid TOML"),
+        (
+            {},
+            BASE.replace("[nats]\n", '[nats]\ncert_file = "tls/jpn.pem"\n'),
+            "config key nats.key_file: required when nats.cert_file is set",
+        ),
+        (
+            {},
+            BASE.replace("[nats]\n", '[nats]\nkey_file = "tls/jpn-key.pem"\n'),
+            "config key nats.cert_file: required when nats.key_file is set",
+        ),
+        (
+            {},
+            BASE.replace("[nats]\n", '[nats]\nca_file = "tls/ca.pem"\n'),
+            "config key nats.urls: 'nats://127.0.0.1:4222' is not a tls:// URL",
+        ),
+        (
+            {"MSMT_NATS_URLS": "tls://hub-1:4222,nats://hub-2:4222"},
+            BASE.replace("[nats]\n", '[nats]\nca_file = "tls/ca.pem"\n'),
+            "config key nats.urls: 'nats://hub-2:4222' is not a tls:// URL",
+        ),
     ],
 )
 def test_invalid_config_fails_with_one_line_naming_the_key(
@@ -120,3 +140,31 @@ def test_shipped_node_configs_load(member: str) -> None:
     assert config.member == member
     assert config.policy == (path.parent / "policy.toml").resolve()
     assert config.metrics.host == "127.0.0.1"
+
+
+TLS = BASE.replace(
+    'urls = ["nats://127.0.0.1:4222"]',
+    'urls = ["tls://hub:4222"]\nca_file = "tls/ca.pem"\n'
+    'cert_file = "tls/jpn.pem"\nkey_file = "tls/jpn-key.pem"',
+)
+
+
+def test_tls_files_resolve_against_base_dir_and_are_read_when_the_context_is_built(
+    tmp_path: Path,
+) -> None:
+    config = load_config(write(tmp_path, TLS), env={})
+    root = tmp_path.resolve()
+    assert config.nats.ca_file == root / "tls/ca.pem"
+    assert config.nats.cert_file == root / "tls/jpn.pem"
+    assert config.nats.key_file == root / "tls/jpn-key.pem"
+    # Loading the config reads no TLS file; building the context (node start) does.
+    with pytest.raises(ConfigError, match=r"^config key nats\.ca_file: cannot read .*ca\.pem"):
+        config.nats.tls_context()
+    (root / "tls").mkdir()
+    (root / "tls/ca.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"^config key nats\.ca_file: .* holds no PEM cert"):
+        config.nats.tls_context()
+
+
+def test_no_tls_file_means_no_tls_context(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path), env={}).nats.tls_context() is None

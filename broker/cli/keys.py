@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from broker import keys as keyfiles
-from broker import natsconfig, natsetup, pseudonym_keys
+from broker import natsconfig, natsetup, natstls, pseudonym_keys
 from broker.errors import KeyMaterialError, UsageError
 from broker.members import MEMBERS, parse_members
 from broker.roster import format_time
@@ -201,6 +201,24 @@ def nats_config(keydir: Path, out: Path, cluster: int, route_host: str, store_di
 @click.option("--max-bytes", type=click.IntRange(1024 * 1024), default=None)
 @click.option("--max-age-days", type=click.FloatRange(0.01), default=None)
 @click.option("--replicas", type=click.IntRange(1, 5), default=1, show_default=True)
+@click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM bundle of the CA that signed the hub's certificate (default: system store).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM client certificate (chain), for a hub that demands one; needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM private key of --tls-cert (unencrypted).",
+)
 def nats_setup(
     url: str,
     keydir: Path,
@@ -208,11 +226,19 @@ def nats_setup(
     max_bytes: int | None,
     max_age_days: float | None,
     replicas: int,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
-    """Create or update ACCOUNT's streams and consumer; running it twice changes nothing."""
+    """Create or update ACCOUNT's streams and consumer; running it twice changes nothing.
+
+    --tls-* need a tls:// --server: the same rules as node.toml's nats.ca_file,
+    nats.cert_file and nats.key_file.
+    """
     account = account.upper()
     if account not in (*MEMBERS, keyfiles.AUDIT_ACCOUNT):
         raise UsageError(f"unknown account {account!r}: a member trigraph or AUDIT")
+    tls = natstls.client_tls_context([url], tls_ca, tls_cert, tls_key, natstls.CLI_NAMES)
     path = keydir / account / keyfiles.NATS_SEED_FILE
     try:
         seed = path.read_bytes().strip()
@@ -227,7 +253,7 @@ def nats_setup(
     )
     audit_bytes = max_bytes or natsetup.AUDIT_MAX_BYTES
     results = asyncio.run(
-        natsetup.setup_account(url, account, seed, limits, audit_max_bytes=audit_bytes)
+        natsetup.setup_account(url, account, seed, limits, audit_max_bytes=audit_bytes, tls=tls)
     )
     for result in results:
         for line in result.lines():

@@ -1,0 +1,157 @@
+"""TLS for a client's NATS connection: a private CA and a client certificate (mutual TLS).
+
+A node (``node.toml``'s ``nats.ca_file``, ``nats.cert_file``, ``nats.key_file``) and
+``msmt nats setup`` (``--tls-ca``, ``--tls-cert``, ``--tls-key``) share these rules,
+each failing with one line that names the key or option at fault:
+
+1. ``cert`` and ``key`` come together or not at all;
+2. once any of the three is set, every server URL is ``tls://`` (nats-py connects
+   in plaintext to a ``nats://`` server that does not demand TLS, and would then
+   silently ignore the certificate);
+3. each file exists, is readable and is PEM of the right kind (certificates in
+   ``ca`` and ``cert``, an unencrypted private key in ``key``);
+4. the key belongs to the first certificate of ``cert``.
+
+The context keeps hostname checking and ``CERT_REQUIRED`` and refuses anything
+older than TLS 1.2. Without ``ca`` it trusts the system store, as before.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+
+from broker.errors import ConfigError
+
+
+class TlsNames(NamedTuple):
+    """How errors name the URLs and the three files (config keys or command-line options)."""
+
+    urls: str
+    ca: str
+    cert: str
+    key: str
+
+
+CONFIG_NAMES = TlsNames(
+    "config key nats.urls",
+    "config key nats.ca_file",
+    "config key nats.cert_file",
+    "config key nats.key_file",
+)
+"""Names for ``node.toml``'s ``[nats]`` keys."""
+
+CLI_NAMES = TlsNames("--server", "--tls-ca", "--tls-cert", "--tls-key")
+"""Names for ``msmt nats setup``'s options."""
+
+
+def check_tls_settings(
+    urls: Sequence[str],
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    names: TlsNames,
+) -> None:
+    """Check rules 1 and 2 (no file is read); raise ``ConfigError`` naming the culprit."""
+    if cert is not None and key is None:
+        raise ConfigError(f"{names.key}: required when {_bare(names.cert)} is set")
+    if key is not None and cert is None:
+        raise ConfigError(f"{names.cert}: required when {_bare(names.key)} is set")
+    if ca is None and cert is None:
+        return
+    for url in urls:
+        if not url.startswith("tls://"):
+            raise ConfigError(
+                f"{names.urls}: {url!r} is not a tls:// URL, but TLS files are set "
+                "(a nats:// connection may stay plaintext and ignore them)"
+            )
+
+
+def client_tls_context(
+    urls: Sequence[str],
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    names: TlsNames,
+) -> ssl.SSLContext | None:
+    """The context to connect with, or ``None`` when no file is set (system defaults).
+
+    Checks every rule above; raises ``ConfigError`` with one line naming the
+    key or option at fault, so a bad file stops the caller before it connects.
+    """
+    check_tls_settings(urls, ca, cert, key, names)
+    if ca is None and cert is None:
+        return None
+    if ca is not None:
+        _certificates(ca, names.ca)
+    try:
+        context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{names.ca}: {ca} is not a usable CA bundle ({_reason(exc)})") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # create_default_context sets both already; say so, so no later edit loosens them unseen.
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    if cert is not None and key is not None:
+        leaf = _certificates(cert, names.cert)[0]
+        private = _private_key(key, names.key)
+        if _spki(leaf.public_key()) != _spki(private.public_key()):
+            raise ConfigError(f"{names.key}: {key} is not the key of the certificate in {cert}")
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"{names.cert}: cannot use {cert} with {key} ({_reason(exc)})"
+            ) from None
+    return context
+
+
+def _bare(name: str) -> str:
+    return name.removeprefix("config key ")
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError):
+        return exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read(path: Path, name: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+
+
+def _certificates(path: Path, name: str) -> list[x509.Certificate]:
+    try:
+        found = x509.load_pem_x509_certificates(_read(path, name))
+    except ValueError:
+        found = []
+    if not found:
+        raise ConfigError(f"{name}: {path} holds no PEM certificate")
+    return found
+
+
+def _private_key(path: Path, name: str) -> PrivateKeyTypes:
+    data = _read(path, name)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        # cryptography's way of saying the key is encrypted and needs a password.
+        raise ConfigError(f"{name}: {path} is encrypted; give an unencrypted key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{name}: {path} holds no PEM private key") from None
+
+
+def _spki(public: PublicKeyTypes) -> bytes:
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )

@@ -1,0 +1,397 @@
+"""Mutual TLS to the hub: a private CA and client certificates, against a real nats-server.
+
+The hub's ``tls`` block demands a client certificate (``verify: true``). A node
+with its CA, certificate and key becomes ready and delivers; one without the
+certificate, or trusting another CA, keeps retrying with a one-line reason; a
+bad TLS setting stops ``msmt node run`` at start with one line naming it; and
+``msmt nats setup`` follows the same rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from node_world import MSMT, World, msmt, readyz, records_for, wait_for, write_node_config
+
+from broker import keys
+from broker.natsconfig import accounts_config, load_users
+from broker.natsetup import setup_account
+from broker.natsproc import NatsServer
+from broker.natstls import CLI_NAMES, client_tls_context
+
+pytestmark = pytest.mark.integration
+
+MEMBERS = ("JPN", "USA")
+ACCOUNTS = (*MEMBERS, keys.AUDIT_ACCOUNT)
+# JPN releases everything to USA alone: the roster here holds only these two members.
+JPN_POLICY = """
+version = 1
+member = "JPN"
+
+[[rules]]
+name = "usa"
+kinds = ["*"]
+partners = ["USA"]
+release = ["*"]
+"""
+
+
+# --- a throwaway PKI ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A PEM certificate file and its PEM private-key file."""
+
+    cert: Path
+    key: Path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write(
+    folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> Pair:
+    pair = Pair(folder / f"{stem}.pem", folder / f"{stem}-key.pem")
+    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pair.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pair
+
+
+def _issue(
+    subject: str,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    *,
+    server: bool = False,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A CA (``issuer`` None, self-signed) or a leaf certificate signed by ``issuer``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(subject) if issuer is None else issuer[0].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if issuer is None:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        return builder.sign(key, hashes.SHA256()), key
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()), critical=False
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))]
+            ),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    else:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    return builder.sign(issuer[1], hashes.SHA256()), key
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The hub's CA, its server certificate, two client certificates, and an unrelated CA."""
+
+    ca: Path
+    server: Pair
+    jpn: Pair
+    usa: Pair
+    other_ca: Path
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A throwaway PKI under ``tmp_path/pki``."""
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    ca = _issue("msmt test CA", None)
+    other = _issue("someone else's CA", None)
+    return Pki(
+        ca=_write(folder, "ca", *ca).cert,
+        server=_write(folder, "server", *_issue("hub", ca, server=True)),
+        jpn=_write(folder, "jpn", *_issue("JPN node", ca)),
+        usa=_write(folder, "usa", *_issue("USA node", ca)),
+        other_ca=_write(folder, "other-ca", *other).cert,
+    )
+
+
+# --- a hub that demands client certificates -----------------------------------------------
+
+
+@dataclass
+class TlsWorld:
+    """Keys for JPN and USA, a hub with ``tls { verify: true }``, and the node world around it."""
+
+    world: World
+    pki: Pki
+
+    @property
+    def url(self) -> str:
+        """The hub's ``tls://`` URL (its certificate names 127.0.0.1)."""
+        return f"tls://127.0.0.1:{self.world.server.port}"
+
+    def write_config(
+        self,
+        member: str,
+        *,
+        ca: Path | None,
+        pair: Pair | None,
+        url: str | None = None,
+        **extra: Path,
+    ) -> Path:
+        """Write ``member``'s node folder against the hub, with these TLS files (and keys)."""
+        write_node_config(
+            self.world.root, member, [url or self.url], JPN_POLICY if member == "JPN" else None
+        )
+        files = {"ca_file": ca} | (
+            {} if pair is None else {"cert_file": pair.cert, "key_file": pair.key}
+        )
+        lines = "".join(
+            f"{key} = {json.dumps(str(path))}\n"
+            for key, path in (files | extra).items()
+            if path is not None
+        )
+        path = self.world.config_path(member)
+        path.write_text(path.read_text().replace("[nats]\n", "[nats]\n" + lines, 1))
+        return path
+
+    def launch(self, member: str) -> subprocess.Popen[bytes]:
+        """Start ``member``'s ``msmt node run`` without waiting for it to become ready."""
+        log = (self.world.root / f"{member}.log").open("ab")
+        proc = subprocess.Popen(
+            [MSMT, "node", "run", "--config", str(self.world.config_path(member))],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.world.procs[member] = proc
+        return proc
+
+
+@pytest.fixture
+def tls_world(tmp_path: Path, pki: Pki) -> Iterator[TlsWorld]:
+    """A hub demanding client certificates, with JPN's, USA's and AUDIT's streams set up."""
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
+    tls_block = (
+        "tls {\n"
+        f"  cert_file: {json.dumps(str(pki.server.cert))}\n"
+        f"  key_file: {json.dumps(str(pki.server.key))}\n"
+        f"  ca_file: {json.dumps(str(pki.ca))}\n"
+        "  verify: true\n"
+        "  timeout: 2\n"
+        "}\n"
+    )
+    server = NatsServer(
+        workdir=tmp_path / "nats", extra_config=accounts_config(load_users(keydir)) + tls_block
+    )
+    server.start()
+    w = TlsWorld(World(tmp_path, keydir, server), pki)
+    try:
+        context = client_tls_context([w.url], pki.ca, pki.jpn.cert, pki.jpn.key, CLI_NAMES)
+
+        async def setup() -> None:
+            for account in ACCOUNTS:
+                seed = (keydir / account / keys.NATS_SEED_FILE).read_bytes().strip()
+                await setup_account(w.url, account, seed, tls=context)
+
+        asyncio.run(setup())
+        yield w
+    finally:
+        for member in list(w.world.procs):
+            w.world.kill(member)
+        server.kill()
+
+
+def status(config: Path) -> dict[str, object]:
+    """``msmt status --json`` of the node ``config`` describes."""
+    done = msmt("status", "--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, object] = json.loads(done.stdout)
+    return answer
+
+
+# --- nodes ----------------------------------------------------------------------------
+
+
+async def test_nodes_with_client_certificates_become_ready_and_deliver(
+    tls_world: TlsWorld,
+) -> None:
+    pki, world = tls_world.pki, tls_world.world
+    tls_world.write_config("JPN", ca=pki.ca, pair=pki.jpn)
+    tls_world.write_config("USA", ca=pki.ca, pair=pki.usa)
+    world.start("JPN")
+    world.start("USA")
+    records = records_for("JPN", 1, seed=7)
+    answers = await world.submit("JPN", records)
+    assert [a["status"] for a in answers] == ["accepted"]
+    wait_for(
+        lambda: world.inbox_ids("USA", "JPN") == [records[0]["report_id"]],
+        30,
+        "USA to store JPN's report",
+    )
+
+
+def _refused(tls_world: TlsWorld, reason: str) -> None:
+    """JPN's node keeps retrying, never ready, with ``reason`` in its one-line status."""
+    config = tls_world.world.config_path("JPN")
+    store = tls_world.world.config("JPN").store_path
+    proc = tls_world.launch("JPN")
+    port = tls_world.world.config("JPN").metrics.port
+    wait_for(
+        lambda: store.exists() and reason in str(status(config)["last_error"]),
+        30,
+        f"JPN's status to say {reason!r}",
+    )
+    answer = status(config)
+    error = str(answer["last_error"])
+    # The first connect fails (node) or nats-py's error callback reports it (nats).
+    assert error.startswith(("cannot connect to NATS: ", "nats: ")), error
+    assert "\n" not in error
+    assert answer["connected"] == "no"
+    assert not readyz(port)
+    assert proc.poll() is None, tls_world.world.log_tail("JPN")
+    log = tls_world.world.log_tail("JPN")
+    assert "Traceback" not in log
+    assert reason in log
+    # The hub is retried every half second; one persisting reason is logged once a minute.
+    logged = (tls_world.world.root / "JPN.log").read_text().count('"node_error"')
+    time.sleep(2)
+    assert (tls_world.world.root / "JPN.log").read_text().count('"node_error"') == logged
+    assert proc.poll() is None
+
+
+def test_a_node_without_a_client_certificate_is_refused_and_keeps_retrying(
+    tls_world: TlsWorld,
+) -> None:
+    tls_world.write_config("JPN", ca=tls_world.pki.ca, pair=None)
+    _refused(tls_world, "certificate required")
+
+
+def test_a_node_trusting_another_ca_refuses_the_hub_and_keeps_retrying(
+    tls_world: TlsWorld,
+) -> None:
+    tls_world.write_config("JPN", ca=tls_world.pki.other_ca, pair=tls_world.pki.jpn)
+    _refused(tls_world, "certificate verify failed")
+
+
+# --- bad settings stop the node at start ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("cert without key", "config key nats.key_file: required when nats.cert_file is set"),
+        ("key without cert", "config key nats.cert_file: required when nats.key_file is set"),
+        ("missing key file", "config key nats.key_file: cannot read "),
+        ("non-PEM CA", "config key nats.ca_file: "),
+        ("non-PEM cert", "config key nats.cert_file: "),
+        ("another's key", "config key nats.key_file: "),
+        ("nats:// URL", "config key nats.urls: 'nats://127.0.0.1:"),
+    ],
+)
+def test_a_bad_tls_setting_stops_the_node_at_start_with_one_line(
+    tls_world: TlsWorld, case: str, message: str
+) -> None:
+    pki = tls_world.pki
+    policy = tls_world.world.root / "nodes" / "JPN" / "policy.toml"
+    nats_url = f"nats://127.0.0.1:{tls_world.world.server.port}"
+    written = {
+        "cert without key": lambda: tls_world.write_config(
+            "JPN", ca=pki.ca, pair=None, cert_file=pki.jpn.cert
+        ),
+        "key without cert": lambda: tls_world.write_config(
+            "JPN", ca=None, pair=None, key_file=pki.jpn.key
+        ),
+        "missing key file": lambda: tls_world.write_config(
+            "JPN", ca=pki.ca, pair=Pair(pki.jpn.cert, pki.jpn.key.with_name("gone.pem"))
+        ),
+        "non-PEM CA": lambda: tls_world.write_config("JPN", ca=policy, pair=pki.jpn),
+        "non-PEM cert": lambda: tls_world.write_config(
+            "JPN", ca=pki.ca, pair=Pair(policy, pki.jpn.key)
+        ),
+        "another's key": lambda: tls_world.write_config(
+            "JPN", ca=pki.ca, pair=Pair(pki.jpn.cert, pki.usa.key)
+        ),
+        "nats:// URL": lambda: tls_world.write_config("JPN", ca=pki.ca, pair=pki.jpn, url=nats_url),
+    }
+    config = written[case]()
+    done = msmt("node", "run", "--config", str(config), timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"msmt: error: {message}"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+# --- msmt nats setup --------------------------------------------------------------------
+
+
+def test_nats_setup_uses_the_ca_and_client_certificate(tls_world: TlsWorld) -> None:
+    pki, world = tls_world.pki, tls_world.world
+    base = ["nats", "setup", "--server", tls_world.url, "--keys", str(world.keydir)]
+    base += ["--account", "JPN", "--tls-ca", str(pki.ca)]
+    done = msmt(*base, "--tls-cert", str(pki.jpn.cert), "--tls-key", str(pki.jpn.key))
+    assert done.returncode == 0, done.stderr
+    assert "stream INBOX_JPN: unchanged" in done.stdout
+
+    refused = msmt(*base)
+    assert refused.returncode == 2, refused.stdout
+    assert refused.stderr.startswith(f"msmt: error: cannot connect to {tls_world.url} as JPN: "), (
+        refused.stderr
+    )
+    # The hub's alert, or (when the reset overtakes it) the hint at a missing certificate.
+    assert re.search("certificate required|demands a client certificate", refused.stderr)
+    assert refused.stderr.count("\n") == 1, refused.stderr
+
+    half = msmt(*base, "--tls-cert", str(pki.jpn.cert))
+    assert half.returncode == 2
+    assert half.stderr == "msmt: error: --tls-key: required when --tls-cert is set\n"
+
+    plain = f"nats://127.0.0.1:{world.server.port}"
+    downgraded = msmt(*base[:2], "--server", plain, *base[4:])
+    assert downgraded.returncode == 2
+    assert downgraded.stderr.startswith(f"msmt: error: --server: '{plain}' is not a tls:// URL")
