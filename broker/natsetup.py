@@ -39,6 +39,7 @@ from broker.natsconfig import (
     inbox_stream,
     inbox_subjects,
 )
+from broker.natstls import TlsOnlyClient
 
 log = get_logger("natsetup")
 
@@ -236,7 +237,7 @@ async def connect_account(
         elif isinstance(exc, ssl.SSLError) and not tls_alert:
             tls_alert.append(exc)
 
-    nc = Client()
+    nc = TlsOnlyClient()
     try:
         await nc.connect(
             url,

@@ -14,6 +14,11 @@ each failing with one line that names the key or option at fault:
 
 The context keeps hostname checking and ``CERT_REQUIRED`` and refuses anything
 older than TLS 1.2. Without ``ca`` it trusts the system store, as before.
+
+``TlsOnlyClient`` closes the gap rule 2 cannot: nats-py upgrades even a
+``tls://`` connection only when the server's INFO asks for TLS, so a server (or
+a machine in the middle) that does not would get the CONNECT and every message
+after it in plaintext, with the CA and certificate silently unused.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import nats.errors
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+from nats.aio.client import Client
 
 from broker.errors import ConfigError
 
@@ -50,6 +57,33 @@ CONFIG_NAMES = TlsNames(
 
 CLI_NAMES = TlsNames("--server", "--tls-ca", "--tls-cert", "--tls-key")
 """Names for ``msmt nats setup``'s options."""
+
+
+class PlaintextServerError(nats.errors.Error):
+    """A server reached through a ``tls://`` URL did not ask for TLS; nothing was sent to it."""
+
+
+class TlsOnlyClient(Client):
+    """A nats-py client that refuses a ``tls://`` server offering plaintext, before CONNECT.
+
+    The refusal is a ``nats.errors.Error``, so nats-py treats it like any failed
+    connect or reconnect: reported to ``error_cb``, then the next attempt. A test
+    against a plaintext server guards this override of nats-py's internals.
+    """
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        server = self._current_server
+        if (
+            initial_connection
+            and server is not None
+            and server.uri.scheme == "tls"
+            and not info.get("tls_required")
+        ):
+            raise PlaintextServerError(
+                f"nats: {server.uri.netloc} did not offer TLS on a tls:// URL; "
+                "refusing to go on in plaintext"
+            )
+        await super()._process_info(info, initial_connection)
 
 
 def check_tls_settings(

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from node_world import MSMT, World, msmt, readyz, records_for, wait_for, write_node_config
+from node_world import MSMT, World, fetch, msmt, readyz, records_for, wait_for, write_node_config
 
 from broker import keys
 from broker.natsconfig import accounts_config, load_users
@@ -319,6 +319,28 @@ def test_a_node_trusting_another_ca_refuses_the_hub_and_keeps_retrying(
     _refused(tls_world, "certificate verify failed")
 
 
+def test_a_node_refuses_a_hub_that_offers_plaintext_on_its_tls_url(tls_world: TlsWorld) -> None:
+    # nats-py would carry on in plaintext here, ignoring the CA and the certificate.
+    world = tls_world.world
+    plain = NatsServer(
+        workdir=world.root / "plain",
+        extra_config=accounts_config(load_users(world.keydir)),
+    )
+    plain.start()
+    try:
+        url = f"tls://127.0.0.1:{plain.port}"
+        tls_world.write_config("JPN", ca=tls_world.pki.ca, pair=tls_world.pki.jpn, url=url)
+        _refused(tls_world, "did not offer TLS on a tls:// URL")
+        config = world.config_path("JPN")
+        assert "refusing to go on in plaintext" in str(status(config)["last_error"])
+        # JPN reached the plaintext server but sent it nothing: no CONNECT, no nkey.
+        connz = json.loads(fetch(f"http://127.0.0.1:{plain.http_port}/connz?state=all"))
+        assert connz["total"] > 0
+        assert [c["in_bytes"] for c in connz["connections"]] == [0] * connz["total"], connz
+    finally:
+        plain.kill()
+
+
 # --- bad settings stop the node at start ----------------------------------------------
 
 
@@ -395,3 +417,24 @@ def test_nats_setup_uses_the_ca_and_client_certificate(tls_world: TlsWorld) -> N
     downgraded = msmt(*base[:2], "--server", plain, *base[4:])
     assert downgraded.returncode == 2
     assert downgraded.stderr.startswith(f"msmt: error: --server: '{plain}' is not a tls:// URL")
+
+
+def test_nats_setup_refuses_a_plaintext_server_on_a_tls_url(tls_world: TlsWorld) -> None:
+    world = tls_world.world
+    plain = NatsServer(
+        workdir=world.root / "plain",
+        extra_config=accounts_config(load_users(world.keydir)),
+    )
+    plain.start()
+    try:
+        url = f"tls://127.0.0.1:{plain.port}"
+        done = msmt(
+            "nats", "setup", "--server", url, "--keys", str(world.keydir), "--account", "JPN"
+        )
+        assert done.returncode == 2, done.stdout
+        assert done.stderr == (
+            f"msmt: error: cannot connect to {url} as JPN: nats: 127.0.0.1:{plain.port} "
+            "did not offer TLS on a tls:// URL; refusing to go on in plaintext\n"
+        )
+    finally:
+        plain.kill()
