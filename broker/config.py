@@ -33,6 +33,9 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "MSMT_BASE_DIR": ("base_dir",),
     "MSMT_NATS_URLS": ("nats", "urls"),  # comma-separated
     "MSMT_NATS_SEED_FILE": ("nats", "seed_file"),
+    "MSMT_NATS_CA_FILE": ("nats", "ca_file"),
+    "MSMT_NATS_CERT_FILE": ("nats", "cert_file"),
+    "MSMT_NATS_KEY_FILE": ("nats", "key_file"),
     "MSMT_KEY_DIR": ("keys", "dir"),
     "MSMT_ROSTER_DIR": ("keys", "roster_dir"),
     "MSMT_ROSTER_AUTHORITY": ("keys", "authority"),

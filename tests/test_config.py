@@ -166,5 +166,22 @@ def test_tls_files_resolve_against_base_dir_and_are_read_when_the_context_is_bui
         config.nats.tls_context()
 
 
+def test_tls_files_can_come_from_the_environment(tmp_path: Path) -> None:
+    env = {
+        "MSMT_NATS_URLS": "tls://hub:4222",
+        "MSMT_NATS_CA_FILE": "/etc/msmt/tls/ca.pem",
+        "MSMT_NATS_CERT_FILE": "tls/jpn.pem",
+        "MSMT_NATS_KEY_FILE": "tls/jpn-key.pem",
+    }
+    nats = load_config(write(tmp_path), env=env).nats
+    assert nats.ca_file == Path("/etc/msmt/tls/ca.pem")
+    assert nats.cert_file == tmp_path.resolve() / "tls/jpn.pem"
+    assert nats.key_file == tmp_path.resolve() / "tls/jpn-key.pem"
+    # The same rules as in the file: a certificate from the environment needs its key.
+    del env["MSMT_NATS_KEY_FILE"]
+    with pytest.raises(ConfigError, match=r"^config key nats\.key_file: required when"):
+        load_config(write(tmp_path), env=env)
+
+
 def test_no_tls_file_means_no_tls_context(tmp_path: Path) -> None:
     assert load_config(write(tmp_path), env={}).nats.tls_context() is None
