@@ -319,8 +319,9 @@ def test_a_node_trusting_another_ca_refuses_the_hub_and_keeps_retrying(
     _refused(tls_world, "certificate verify failed")
 
 
-def test_a_node_refuses_a_hub_that_offers_plaintext_on_its_tls_url(tls_world: TlsWorld) -> None:
-    # nats-py would carry on in plaintext here, ignoring the CA and the certificate.
+@pytest.fixture
+def plain_hub(tls_world: TlsWorld) -> Iterator[NatsServer]:
+    """A second hub with the same accounts that does not offer TLS at all."""
     world = tls_world.world
     plain = NatsServer(
         workdir=world.root / "plain",
@@ -328,17 +329,24 @@ def test_a_node_refuses_a_hub_that_offers_plaintext_on_its_tls_url(tls_world: Tl
     )
     plain.start()
     try:
-        url = f"tls://127.0.0.1:{plain.port}"
-        tls_world.write_config("JPN", ca=tls_world.pki.ca, pair=tls_world.pki.jpn, url=url)
-        _refused(tls_world, "did not offer TLS on a tls:// URL")
-        config = world.config_path("JPN")
-        assert "refusing to go on in plaintext" in str(status(config)["last_error"])
-        # JPN reached the plaintext server but sent it nothing: no CONNECT, no nkey.
-        connz = json.loads(fetch(f"http://127.0.0.1:{plain.http_port}/connz?state=all"))
-        assert connz["total"] > 0
-        assert [c["in_bytes"] for c in connz["connections"]] == [0] * connz["total"], connz
+        yield plain
     finally:
         plain.kill()
+
+
+def test_a_node_refuses_a_hub_that_offers_plaintext_on_its_tls_url(
+    tls_world: TlsWorld, plain_hub: NatsServer
+) -> None:
+    # nats-py would carry on in plaintext here, ignoring the CA and the certificate.
+    url = f"tls://127.0.0.1:{plain_hub.port}"
+    tls_world.write_config("JPN", ca=tls_world.pki.ca, pair=tls_world.pki.jpn, url=url)
+    _refused(tls_world, "did not offer TLS on a tls:// URL")
+    config = tls_world.world.config_path("JPN")
+    assert "refusing to go on in plaintext" in str(status(config)["last_error"])
+    # JPN reached the plaintext server but sent it nothing: no CONNECT, no nkey.
+    connz = json.loads(fetch(f"http://127.0.0.1:{plain_hub.http_port}/connz?state=all"))
+    assert connz["total"] > 0
+    assert [c["in_bytes"] for c in connz["connections"]] == [0] * connz["total"], connz
 
 
 # --- bad settings stop the node at start ----------------------------------------------
@@ -419,22 +427,15 @@ def test_nats_setup_uses_the_ca_and_client_certificate(tls_world: TlsWorld) -> N
     assert downgraded.stderr.startswith(f"msmt: error: --server: '{plain}' is not a tls:// URL")
 
 
-def test_nats_setup_refuses_a_plaintext_server_on_a_tls_url(tls_world: TlsWorld) -> None:
-    world = tls_world.world
-    plain = NatsServer(
-        workdir=world.root / "plain",
-        extra_config=accounts_config(load_users(world.keydir)),
+def test_nats_setup_refuses_a_plaintext_server_on_a_tls_url(
+    tls_world: TlsWorld, plain_hub: NatsServer
+) -> None:
+    url = f"tls://127.0.0.1:{plain_hub.port}"
+    done = msmt(
+        "nats", "setup", "--server", url, "--keys", str(tls_world.world.keydir), "--account", "JPN"
     )
-    plain.start()
-    try:
-        url = f"tls://127.0.0.1:{plain.port}"
-        done = msmt(
-            "nats", "setup", "--server", url, "--keys", str(world.keydir), "--account", "JPN"
-        )
-        assert done.returncode == 2, done.stdout
-        assert done.stderr == (
-            f"msmt: error: cannot connect to {url} as JPN: nats: 127.0.0.1:{plain.port} "
-            "did not offer TLS on a tls:// URL; refusing to go on in plaintext\n"
-        )
-    finally:
-        plain.kill()
+    assert done.returncode == 2, done.stdout
+    assert done.stderr == (
+        f"msmt: error: cannot connect to {url} as JPN: nats: 127.0.0.1:{plain_hub.port} "
+        "did not offer TLS on a tls:// URL; refusing to go on in plaintext\n"
+    )
