@@ -327,10 +327,13 @@ class Store:
         A redelivery (same sender, id and exact JWE) happens after a crash before
         the ack and is harmless; the same id with different bytes is a replay.
         """
+        # One statement, not one per table: it runs for every message received.
+        # The seen-set answers first; the inbox covers ids it has already pruned.
         rows = self._read(
-            "SELECT jwe_sha256 FROM seen WHERE sender = ? AND jti = ?", (sender, jti)
-        ) or self._read(
-            "SELECT jwe_sha256 FROM inbox WHERE sender = ? AND report_id = ?", (sender, jti)
+            "SELECT jwe_sha256, 0 AS pick FROM seen WHERE sender = ? AND jti = ?"
+            " UNION ALL SELECT jwe_sha256, 1 FROM inbox WHERE sender = ? AND report_id = ?"
+            " ORDER BY pick LIMIT 1",
+            (sender, jti, sender, jti),
         )
         if not rows:
             return "new"
