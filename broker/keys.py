@@ -26,6 +26,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -144,6 +145,23 @@ def roster_entry(key: OKPKey, member: str, at: datetime, valid_days: int) -> dic
         "msmt_valid_until": format_time(at + timedelta(days=valid_days)),
     }
     return entry
+
+
+def check_private_file(path: Path, what: str = "private key") -> None:
+    """Raise ``KeyMaterialError`` if group or others have any access to ``path``.
+
+    A node refuses to start on such a file, as ssh refuses such a key: a private
+    key that other local users can read must be treated as disclosed, and one they
+    can write could be swapped. ``msmt keys`` writes every private file 0600.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise KeyMaterialError(
+            f"{what} {path} is open to other users (mode {stat.S_IMODE(mode):04o}): chmod 600 it"
+        )
 
 
 def load_private_jwk(path: Path, *, use: KeyUse) -> OKPKey:
@@ -414,14 +432,19 @@ def _load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
 
 
 def load_private_jwk_any(path: Path) -> OKPKey:
-    """Load the roster authority's private Ed25519 JWK; raise ``KeyMaterialError`` if malformed."""
+    """Load the roster authority's private Ed25519 JWK.
+
+    Raises ``KeyMaterialError`` if it is malformed or open to other users.
+    """
     data = read_json(path)
     if not isinstance(data, dict) or data.get("crv") != "Ed25519" or "d" not in data:
         raise KeyMaterialError(f"{path}: not a private Ed25519 JWK")
     try:
-        return OKPKey.import_key(data)
+        key = OKPKey.import_key(data)
     except (ValueError, JoseError) as exc:
         raise KeyMaterialError(f"{path}: malformed JWK ({exc})") from None
+    check_private_file(path, "roster authority key")
+    return key
 
 
 def _bump(signed: SignedRoster, keys: list[dict[str, Any]], at: datetime) -> dict[str, Any]:
@@ -520,8 +543,9 @@ class MemberKeys:
 def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) -> MemberKeys:
     """Load ``member``'s private keys and match them against the verified roster.
 
-    Raises ``KeyMaterialError`` if a file is malformed, a private key does not match
-    its roster entry, or the member has no usable active signing key at ``at``.
+    Raises ``KeyMaterialError`` if a file is malformed or open to other users
+    (``check_private_file``), a private key does not match its roster entry, or
+    the member has no usable active signing key at ``at``.
     """
     folder = keydir / member
     if not folder.is_dir():
@@ -540,12 +564,14 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
         seed = (folder / NATS_SEED_FILE).read_bytes().strip()
     except OSError as exc:
         raise KeyMaterialError(f"cannot read {folder / NATS_SEED_FILE}: {exc.strerror}") from None
+    check_private_file(folder / NATS_SEED_FILE, "NATS seed")
     nats_public(seed, str(folder / NATS_SEED_FILE))
     return MemberKeys(member, signing, current.kid, decryption, seed)
 
 
 def _matching(path: Path, roster: Roster, member: str, use: KeyUse) -> OKPKey:
     key = load_private_jwk(path, use=use)
+    check_private_file(path)
     entry = roster.get(str(key.kid))
     if entry.member != member or entry.use != use or entry.jwk.get("x") != key.as_dict()["x"]:
         raise KeyMaterialError(f"{path} does not match roster key {key.kid} of {member}")

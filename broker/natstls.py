@@ -9,7 +9,8 @@ each failing with one line that names the key or option at fault:
    in plaintext to a ``nats://`` server that does not demand TLS, and would then
    silently ignore the certificate);
 3. each file exists, is readable and is PEM of the right kind (certificates in
-   ``ca`` and ``cert``, an unencrypted private key in ``key``);
+   ``ca`` and ``cert``, an unencrypted private key in ``key``), and ``key`` is not
+   open to other users (``broker.keys.check_private_file``);
 4. the key belongs to the first certificate of ``cert``.
 
 The context keeps hostname checking and ``CERT_REQUIRED`` and refuses anything
@@ -23,6 +24,8 @@ after it in plaintext, with the CA and certificate silently unused.
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +38,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from nats.aio.client import Client
 
-from broker.errors import ConfigError
+from broker.errors import ConfigError, KeyMaterialError
+from broker.keys import check_private_file
 
 
 class TlsNames(NamedTuple):
@@ -86,6 +90,26 @@ class TlsOnlyClient(Client):
         await super()._process_info(info, initial_connection)
 
 
+def plaintext_refusal_hooked() -> bool:
+    """Whether nats-py still has the private method ``TlsOnlyClient`` overrides, as it was.
+
+    The override is of nats-py internals (tested against 2.16); a release that
+    renamed the method or changed its parameters would leave it never called.
+    """
+    try:
+        params = list(inspect.signature(Client._process_info).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return params == ["self", "info", "initial_connection"]
+
+
+def _nats_version() -> str:
+    try:
+        return importlib.metadata.version("nats-py")
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version)"
+
+
 def check_tls_settings(
     urls: Sequence[str],
     ca: Path | None,
@@ -93,7 +117,18 @@ def check_tls_settings(
     key: Path | None,
     names: TlsNames,
 ) -> None:
-    """Check rules 1 and 2 (no file is read); raise ``ConfigError`` naming the culprit."""
+    """Check rules 1 and 2 (no file is read); raise ``ConfigError`` naming the culprit.
+
+    A ``tls://`` URL is refused outright if this nats-py lacks the hook
+    ``TlsOnlyClient`` overrides: the refusal of a plaintext server would silently
+    never run, so failing here is the closed way.
+    """
+    if any(url.startswith("tls://") for url in urls) and not plaintext_refusal_hooked():
+        raise ConfigError(
+            f"{names.urls}: nats-py {_nats_version()} has no Client._process_info(info, "
+            "initial_connection), which msmt needs to refuse a tls:// server offering "
+            "plaintext; install the nats-py version pyproject.toml names"
+        )
     if cert is not None and key is None:
         raise ConfigError(f"{names.key}: required when {_bare(names.cert)} is set")
     if key is not None and cert is None:
@@ -177,12 +212,17 @@ def _certificates(path: Path, name: str) -> list[x509.Certificate]:
 def _private_key(path: Path, name: str) -> PrivateKeyTypes:
     data = _read(path, name)
     try:
-        return serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         # cryptography's way of saying the key is encrypted and needs a password.
         raise ConfigError(f"{name}: {path} is encrypted; give an unencrypted key") from None
     except (ValueError, UnsupportedAlgorithm):
         raise ConfigError(f"{name}: {path} holds no PEM private key") from None
+    try:
+        check_private_file(path, "TLS key")
+    except KeyMaterialError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return key
 
 
 def _spki(public: PublicKeyTypes) -> bytes:

@@ -45,7 +45,7 @@ from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError, MsmtError
 from broker.intake import Intake, Spool, ensure_token, make_app, serve_unix
-from broker.keys import load_member_keys, load_pinned_roster
+from broker.keys import check_private_file, load_member_keys, load_pinned_roster
 from broker.log import get_logger
 from broker.members import MEMBERS
 from broker.metrics import Metrics, serve_tcp
@@ -84,7 +84,8 @@ def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
     """Load each pseudonym key the policy names from ``<keys.dir>/<MEMBER>/pseudonym/<id>.key``.
 
     A key file holds at least 32 random bytes, base64url; raises ``KeyMaterialError``
-    if one is missing or short, so a node never starts unable to apply its policy.
+    if one is missing, short or open to other users, so a node never starts unable
+    to apply its policy (or with a key others may have read).
     """
     out: dict[str, bytes] = {}
     for key_id in policy.pseudonym_keys:
@@ -96,6 +97,7 @@ def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
             raise KeyMaterialError(f"pseudonym key {key_id}: cannot read {path} ({exc})") from None
         if len(key) < PSEUDONYM_MIN_BYTES:
             raise KeyMaterialError(f"pseudonym key {path} is shorter than 32 bytes")
+        check_private_file(path, "pseudonym key")
         out[key_id] = key
     return out
 

@@ -155,6 +155,7 @@ def write_node_config(
         path.parent.mkdir(parents=True, exist_ok=True)
         # Derived from the id, so a test can compute the pseudonyms the node sends.
         path.write_bytes(base64.urlsafe_b64encode(key_id.encode().ljust(32, b"k")))
+        path.chmod(0o600)  # the node refuses a private key other users can read
     (folder / "node.toml").write_text(
         f'member = "{member}"\nbase_dir = "../.."\n'
         f'policy = "nodes/{member}/policy.toml"\ndata_dir = "data/{member}"\n'

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client
 
+from broker import natstls
 from broker.config import ENV_OVERRIDES, load_config
 from broker.errors import ConfigError
 from broker.members import MEMBERS
@@ -185,3 +187,28 @@ def test_tls_files_can_come_from_the_environment(tmp_path: Path) -> None:
 
 def test_no_tls_file_means_no_tls_context(tmp_path: Path) -> None:
     assert load_config(write(tmp_path), env={}).nats.tls_context() is None
+
+
+def test_this_nats_py_has_the_hook_that_refuses_plaintext_on_tls_urls() -> None:
+    # If a nats-py release renames or reshapes Client._process_info, this fails in CI
+    # before the override silently stops running (TlsOnlyClient, test_tls).
+    assert natstls.plaintext_refusal_hooked()
+
+
+@pytest.mark.parametrize(
+    "replacement",
+    [None, lambda self, info: None, lambda self, info, initial=False: None],
+    ids=["removed", "no flag", "flag renamed"],
+)
+def test_a_nats_py_without_the_hook_refuses_tls_urls_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replacement: object
+) -> None:
+    if replacement is None:
+        monkeypatch.delattr(Client, "_process_info")
+    else:
+        monkeypatch.setattr(Client, "_process_info", replacement)
+    assert not natstls.plaintext_refusal_hooked()
+    with pytest.raises(ConfigError, match=r"^config key nats\.urls: nats-py .* plaintext"):
+        load_config(write(tmp_path, TLS), env={})
+    # A nats:// URL does not depend on the hook.
+    assert load_config(write(tmp_path), env={}).nats.urls == ("nats://127.0.0.1:4222",)

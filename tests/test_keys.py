@@ -327,6 +327,42 @@ def test_private_key_not_matching_the_roster_is_refused(keydir: Path) -> None:
         keys.load_member_keys(keydir, "JPN", roster, T0)
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+@pytest.mark.parametrize("which", ["sig", "enc", "seed"])
+def test_private_key_file_open_to_other_users_is_refused(
+    keydir: Path, which: str, mode: int
+) -> None:
+    roster = keys.load_signed_roster(keydir).roster
+    path = {
+        "sig": keys.key_path(keydir, "JPN", roster.current("JPN", "sig", T0).kid),
+        "enc": keys.key_path(keydir, "JPN", roster.current("JPN", "enc", T0).kid),
+        "seed": keydir / "JPN" / keys.NATS_SEED_FILE,
+    }[which]
+    assert path.stat().st_mode & 0o777 == 0o600  # as msmt keys writes it
+    keys.load_member_keys(keydir, "JPN", roster, T0)
+    path.chmod(mode)
+    with pytest.raises(KeyMaterialError) as info:
+        keys.load_member_keys(keydir, "JPN", roster, T0)
+    assert str(info.value) == (
+        f"{'NATS seed' if which == 'seed' else 'private key'} {path} is open to other users"
+        f" (mode {mode:04o}): chmod 600 it"
+    )
+    path.chmod(0o600)
+    keys.load_member_keys(keydir, "JPN", roster, T0)
+
+
+def test_roster_authority_key_open_to_other_users_is_refused(keydir: Path) -> None:
+    path = keydir / keys.AUTHORITY_PRIVATE_FILE
+    keys.load_private_jwk_any(path)
+    path.chmod(0o644)
+    with pytest.raises(KeyMaterialError, match=r"roster authority key .* \(mode 0644\): chmod 600"):
+        keys.load_private_jwk_any(path)
+    roster = (keydir / keys.ROSTER_FILE).read_bytes()
+    with pytest.raises(KeyMaterialError, match="open to other users"):
+        keys.rotate_keys(keydir, "JPN", now=T0)
+    assert (keydir / keys.ROSTER_FILE).read_bytes() == roster  # nothing signed, nothing written
+
+
 def test_unsafe_kid_never_becomes_a_path(tmp_path: Path) -> None:
     with pytest.raises(KeyMaterialError, match="not a safe file name"):
         keys.key_path(tmp_path, "JPN", "../../etc/passwd")

@@ -551,6 +551,16 @@ def test_a_bad_setup_fails_at_start_with_one_line(world: World) -> None:
     assert "roster signature does not verify" in bad_roster.stderr
     assert bad_roster.stderr.count("\n") == 1
 
+    # A private key other users can read is refused, as ssh refuses one.
+    seed = world.keydir / "JPN" / keys.NATS_SEED_FILE
+    seed.chmod(0o644)
+    open_key = msmt("node", "run", "--config", config)
+    seed.chmod(0o600)
+    assert open_key.returncode == 2
+    assert open_key.stderr == (
+        f"msmt: error: NATS seed {seed} is open to other users (mode 0644): chmod 600 it\n"
+    )
+
     (world.root / "nodes" / "JPN" / "policy.toml").write_text(BATCH_POLICY.replace("*", "nope.*"))
     bad_policy = msmt("node", "run", "--config", config)
     assert bad_policy.returncode == 2

@@ -45,7 +45,9 @@ def keydir(template: Path, tmp_path: Path) -> Path:
     for member in ("KOR", "JPN", "USA"):
         (path / member).mkdir(parents=True, mode=0o700)
         for source in (template / member).iterdir():
-            (path / member / source.name).write_bytes(source.read_bytes())
+            copy = path / member / source.name
+            copy.write_bytes(source.read_bytes())
+            copy.chmod(source.stat().st_mode & 0o777)  # private files stay 0600
     return path
 
 
@@ -221,6 +223,7 @@ def test_the_node_loader_reads_every_file_the_import_accepts_as_the_same_key(
         folder = keydir / "KOR" / "pseudonym"
         folder.mkdir(parents=True)
         (folder / "k.key").write_bytes(data)
+        (folder / "k.key").chmod(0o600)
         policy = load_policy(
             'version = 1\nmember = "KOR"\n[pseudonym_keys.k]\npartners = ["JPN"]\n', member="KOR"
         )

@@ -77,6 +77,7 @@ def _write(
             serialization.NoEncryption(),
         )
     )
+    pair.key.chmod(0o600)  # as an operator keeps it; the node refuses a key others can read
     return pair
 
 
@@ -361,9 +362,17 @@ def test_a_node_refuses_a_hub_that_offers_plaintext_on_its_tls_url(
         ("non-PEM CA", "config key nats.ca_file: "),
         ("non-PEM cert", "config key nats.cert_file: "),
         ("another's key", "config key nats.key_file: "),
+        ("key open to others", "config key nats.key_file: TLS key "),
         ("nats:// URL", "config key nats.urls: 'nats://127.0.0.1:"),
     ],
 )
+def _open_copy(key: Path) -> Path:
+    copy = key.with_name(f"open-{key.name}")
+    copy.write_bytes(key.read_bytes())
+    copy.chmod(0o644)
+    return copy
+
+
 def test_a_bad_tls_setting_stops_the_node_at_start_with_one_line(
     tls_world: TlsWorld, case: str, message: str
 ) -> None:
@@ -388,6 +397,9 @@ def test_a_bad_tls_setting_stops_the_node_at_start_with_one_line(
             "JPN", ca=pki.ca, pair=Pair(pki.jpn.cert, pki.usa.key)
         ),
         "nats:// URL": lambda: tls_world.write_config("JPN", ca=pki.ca, pair=pki.jpn, url=nats_url),
+        "key open to others": lambda: tls_world.write_config(
+            "JPN", ca=pki.ca, pair=Pair(pki.jpn.cert, _open_copy(pki.jpn.key))
+        ),
     }
     config = written[case]()
     done = msmt("node", "run", "--config", str(config), timeout=60)
