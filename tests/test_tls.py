@@ -353,6 +353,13 @@ def test_a_node_refuses_a_hub_that_offers_plaintext_on_its_tls_url(
 # --- bad settings stop the node at start ----------------------------------------------
 
 
+def _open_copy(key: Path) -> Path:
+    copy = key.with_name(f"open-{key.name}")
+    copy.write_bytes(key.read_bytes())
+    copy.chmod(0o644)
+    return copy
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -366,13 +373,6 @@ def test_a_node_refuses_a_hub_that_offers_plaintext_on_its_tls_url(
         ("nats:// URL", "config key nats.urls: 'nats://127.0.0.1:"),
     ],
 )
-def _open_copy(key: Path) -> Path:
-    copy = key.with_name(f"open-{key.name}")
-    copy.write_bytes(key.read_bytes())
-    copy.chmod(0o644)
-    return copy
-
-
 def test_a_bad_tls_setting_stops_the_node_at_start_with_one_line(
     tls_world: TlsWorld, case: str, message: str
 ) -> None:
