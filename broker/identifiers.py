@@ -146,6 +146,9 @@ def check_bitcoin_address(value: str) -> None:
         raise ValueError("Bitcoin address is not a mainnet P2PKH or P2SH address")
 
 
+_HIGH_NIBBLE: Final = frozenset("89abcdef")
+
+
 def eip55(address: str) -> str:
     """Return the EIP-55 mixed-case checksum encoding of a ``0x`` address."""
     body = address[2:].lower()
@@ -155,9 +158,6 @@ def eip55(address: str) -> str:
     return "0x" + "".join(
         c.upper() if h in _HIGH_NIBBLE else c for c, h in zip(body, digest[:40], strict=True)
     )
-
-
-_HIGH_NIBBLE: Final = frozenset("89abcdef")
 
 
 def check_ethereum_address(value: str) -> None:

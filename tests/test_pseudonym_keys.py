@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -45,9 +46,7 @@ def keydir(template: Path, tmp_path: Path) -> Path:
     for member in ("KOR", "JPN", "USA"):
         (path / member).mkdir(parents=True, mode=0o700)
         for source in (template / member).iterdir():
-            copy = path / member / source.name
-            copy.write_bytes(source.read_bytes())
-            copy.chmod(source.stat().st_mode & 0o777)  # private files stay 0600
+            shutil.copy(source, path / member / source.name)  # with its mode: private stay 0600
     return path
 
 
