@@ -19,7 +19,7 @@ from broker.auditlog import DB_FILE, FORMAT, connect
 from broker.checkpoint import Checkpoint, count_cosignatures, open_checkpoint
 from broker.errors import AuditError, StoreError, UsageError
 from broker.merkle import Levels, ProofError, verify_consistency
-from broker.note import Note, NoteError, Verifier
+from broker.note import Note, NoteError, Verifier, find_signature, parse
 
 
 class TamperError(AuditError):
@@ -173,6 +173,7 @@ def verify_log(
     *,
     witnesses: Sequence[Verifier] = (),
     quorum: int = 0,
+    revoked_keys: Sequence[Verifier] = (),
     jobs: int = 1,
     parallel_from: int = PARALLEL_FROM,
 ) -> Report:
@@ -180,15 +181,24 @@ def verify_log(
 
     Checklist:
       1. the directory holds an audit log, its entry indices have no holes;
-      2. every checkpoint is a well-formed note for this origin, signed by a
-         trusted log key, stored under its own size;
+      2. every checkpoint is a well-formed note for this origin, stored under its
+         own size, and signed by a trusted log key; or, except the latest, signed
+         by one of ``revoked_keys`` (see below);
       3. no checkpoint claims more entries than the log holds (truncation);
       4. each checkpoint's root equals the recomputed root of that prefix
          (edits, insertions, deletions, reordering), pinpointed by a slow pass;
       5. each checkpoint is consistent with the previous one (RFC 9162 proof);
       6. every entry is covered by a signed checkpoint (nothing appended unsigned);
-      7. with ``quorum > 0``, the latest checkpoint carries at least ``quorum``
-         valid cosignatures from ``witnesses``.
+      7. with ``witnesses``, no checkpoint carries a cosignature line of a
+         witness key that does not verify (C2SP signed-note), and with
+         ``quorum > 0`` the latest carries at least ``quorum`` valid ones.
+
+    A checkpoint signed by a log key revoked since is not trusted for what it
+    says, but it need not be: the latest checkpoint, signed by a trusted key,
+    covers the same entries, and steps 4-5 tie the older root to them. So a log
+    stays verifiable after its member's key is revoked (the node signs the whole
+    tree with its new key at its next append), while a forged latest checkpoint
+    signed with a stolen key is still refused.
     """
     if quorum < 0 or (quorum > 0 and len({w.name for w in witnesses}) < quorum):
         raise UsageError(f"a quorum of {quorum} needs at least {quorum} witness keys")
@@ -196,11 +206,17 @@ def verify_log(
     n = log.tree.size
     previous: Checkpoint | None = None
     latest: Note | None = None
+    latest_by_revoked = False
     for size, text in log.checkpoints:
         try:
-            checkpoint, note = open_checkpoint(text, log_keys)
+            checkpoint, note, latest_by_revoked = _open(text, log_keys, revoked_keys)
         except NoteError as exc:
             raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
+        if witnesses:
+            try:
+                count_cosignatures(note, witnesses)
+            except NoteError as exc:
+                raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
         if checkpoint.origin != log.origin or checkpoint.size != size:
             raise TamperError(
                 None, f"checkpoint at size {size} is for {checkpoint.origin}/{checkpoint.size}"
@@ -228,6 +244,12 @@ def verify_log(
                 ) from None
         previous, latest = checkpoint, note
     covered = previous.size if previous else 0
+    if latest_by_revoked:
+        raise TamperError(
+            None,
+            f"the latest checkpoint (size {covered}) is signed only by a revoked key; "
+            "nothing trusted vouches for the log",
+        )
     if covered < n:
         _pinpoint(log, covered, n)
         raise TamperError(
@@ -236,6 +258,28 @@ def verify_log(
         )
     cosigners = _cosigners(latest, covered, witnesses, quorum) if quorum > 0 else ()
     return Report(log.origin, n, len(log.checkpoints), log.tree.root(n), latest, cosigners)
+
+
+def _open(
+    text: str, log_keys: Sequence[Verifier], revoked_keys: Sequence[Verifier]
+) -> tuple[Checkpoint, Note, bool]:
+    """Checklist step 2: the checkpoint, its note, and whether only a revoked key signed it.
+
+    A revoked key is tried only for a note that no trusted key signed at all; a
+    trusted key's signature that fails rejects the note whatever else signed it.
+    """
+    try:
+        checkpoint, note = open_checkpoint(text, log_keys)
+    except NoteError:
+        note = parse(text)
+        if any(find_signature(note, k) for k in log_keys) or not any(
+            find_signature(note, k) for k in revoked_keys
+        ):
+            raise
+        # Raises its own NoteError if the revoked key's signature does not verify.
+        checkpoint, note = open_checkpoint(text, revoked_keys)
+        return checkpoint, note, True
+    return checkpoint, note, False
 
 
 def _cosigners(

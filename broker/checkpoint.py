@@ -193,6 +193,19 @@ def roster_log_keys(roster: Roster, member: str, *, with_revoked: bool = False) 
     ]
 
 
+def roster_revoked_log_keys(roster: Roster, member: str) -> list[Verifier]:
+    """Return ``member``'s revoked checkpoint-signing keys.
+
+    ``verify_log`` trusts them for no checkpoint on its own: only for earlier
+    ones that a later checkpoint, signed by a trusted key, covers.
+    """
+    return [
+        Verifier(member, ALG_ED25519, _raw_public(k.jwk))
+        for k in roster
+        if k.member == member and k.use == "sig" and k.status == "revoked"
+    ]
+
+
 def roster_witness_keys(roster: Roster, members: Iterable[str]) -> list[Verifier]:
     """Return the cosignature (0x04) keys of ``members``: their non-revoked Ed25519 ``sig`` keys."""
     wanted = set(members)

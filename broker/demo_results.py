@@ -15,7 +15,7 @@ from broker import keys as keyfiles
 from broker.audit_events import parse_entry
 from broker.audit_replay import replay
 from broker.audit_verify import load, verify_log
-from broker.checkpoint import roster_log_keys, roster_witness_keys
+from broker.checkpoint import roster_log_keys, roster_revoked_log_keys, roster_witness_keys
 from broker.cli.audit import render_tables
 from broker.demo_view import AuditResult, Point, SideBySide
 from broker.demo_view import side_by_side as make_side_by_side
@@ -58,6 +58,7 @@ def verify_audits(world: World) -> list[AuditResult]:
                 roster_log_keys(roster, member),
                 witnesses=roster_witness_keys(roster, others),
                 quorum=QUORUM,
+                revoked_keys=roster_revoked_log_keys(roster, member),
             )
         except MsmtError as exc:
             results.append(AuditResult(member, ok=False, detail=str(exc)))

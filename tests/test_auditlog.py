@@ -670,6 +670,88 @@ def test_after_a_key_rotation_the_earlier_key_is_needed_once(tmp_path: Path) -> 
         AuditLog(tmp_path / "b", MEMBER, OTHER, earlier_keys=[log_verifier(KEY, "USA")])
 
 
+def _rotated_log(datadir: Path) -> None:
+    """Two checkpoints by KEY (sizes 3, 6), then one by OTHER over the whole tree (size 7)."""
+    build_log(datadir, KEY, [3, 3]).close()
+    log = AuditLog(datadir, MEMBER, OTHER, earlier_keys=[log_verifier(KEY)])
+    log.append(event(6))
+    log.close()
+
+
+def test_checkpoints_of_a_revoked_key_pass_when_a_trusted_one_covers_them(
+    tmp_path: Path,
+) -> None:
+    _rotated_log(tmp_path)
+    with pytest.raises(TamperError, match=r"checkpoint at size 3: .*no signature by a trusted"):
+        verify_log(tmp_path, [log_verifier(OTHER)])
+    report = verify_log(tmp_path, [log_verifier(OTHER)], revoked_keys=[log_verifier(KEY)])
+    assert (report.size, report.checkpoints) == (7, 3)
+    # Only the log's own revoked keys count: one named after another member does not.
+    with pytest.raises(TamperError, match="checkpoint at size 3: "):
+        verify_log(tmp_path, [log_verifier(OTHER)], revoked_keys=[log_verifier(KEY, "USA")])
+    # Covered or not, an old root must still be the root of the entries.
+    with _db(tmp_path) as db:
+        db.execute("UPDATE entries SET entry = ? WHERE idx = 1", (_entries(tmp_path)[2],))
+    with pytest.raises(TamperError, match="entry 1: "):
+        verify_log(tmp_path, [log_verifier(OTHER)], revoked_keys=[log_verifier(KEY)])
+
+
+def test_a_latest_checkpoint_signed_only_by_a_revoked_key_is_refused(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [3, 3]).close()
+    with pytest.raises(
+        TamperError, match=r"latest checkpoint \(size 6\) is signed only by a revoked"
+    ):
+        verify_log(tmp_path, [log_verifier(OTHER)], revoked_keys=[log_verifier(KEY)])
+
+
+def test_a_revoked_key_does_not_excuse_a_trusted_signature_that_fails(tmp_path: Path) -> None:
+    # Signed by both, with the trusted key's signature broken: refused, per signed-note.
+    _rotated_log(tmp_path)
+    with _db(tmp_path) as db:
+        (text,) = db.execute("SELECT note FROM checkpoints WHERE size = 3").fetchone()
+        note = parse(text)
+        checkpoint = open_checkpoint(text, [log_verifier(KEY)])[0]
+        by_other = sign_checkpoint(checkpoint, OTHER).signatures[0]
+        broken = Signature(by_other.name, by_other.key_id, bytes(64))
+        db.execute(
+            "UPDATE checkpoints SET note = ? WHERE size = 3",
+            (note.with_signatures(broken).render(),),
+        )
+    with pytest.raises(TamperError, match=r"checkpoint at size 3: .*does not verify"):
+        verify_log(tmp_path, [log_verifier(OTHER)], revoked_keys=[log_verifier(KEY)])
+
+
+def test_a_broken_cosignature_on_an_older_checkpoint_fails_the_cosigned_check(
+    tmp_path: Path,
+) -> None:
+    log = build_log(tmp_path, KEY, [4])
+    usa = Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34)))
+    witnesses = [witness_verifier(usa, "USA")]
+
+    def cosign_latest() -> None:
+        note = parse(log.latest_checkpoint() or "")
+        line = cosign(note, "USA", usa, 1_800_000_000)
+        assert log.add_cosignatures(note.with_signatures(line).render(), witnesses) == ["USA"]
+
+    cosign_latest()
+    log.append(event(4))
+    cosign_latest()
+    log.close()
+    report = verify_log(tmp_path, [log_verifier(KEY)], witnesses=witnesses, quorum=1)
+    assert report.cosigners == ("USA",)
+    with _db(tmp_path) as db:
+        (text,) = db.execute("SELECT note FROM checkpoints WHERE size = 4").fetchone()
+        old = parse(text)
+        line = old.signatures[1]
+        flipped = Signature(line.name, line.key_id, line.sig[:-1] + bytes([line.sig[-1] ^ 1]))
+        bad = Note(old.text, (old.signatures[0], flipped))
+        db.execute("UPDATE checkpoints SET note = ? WHERE size = 4", (bad.render(),))
+    # Only the latest needs the quorum, but a witness line that fails rejects its note.
+    with pytest.raises(TamperError, match=r"checkpoint at size 4: .*does not verify"):
+        verify_log(tmp_path, [log_verifier(KEY)], witnesses=witnesses, quorum=1)
+    verify_log(tmp_path, [log_verifier(KEY)])  # without witnesses, as signed-note says: ignored
+
+
 def test_opening_while_another_process_appends_sees_one_snapshot(tmp_path: Path) -> None:
     # The open check reads the edge, checkpoints and entries in one read
     # transaction: a commit landing between those reads must not look like damage.

@@ -118,3 +118,46 @@ def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_pa
     assert latest is not None
     checkpoint, _ = open_checkpoint(latest, roster_log_keys(roster, "JPN"))
     assert checkpoint.size == 5
+
+    # An auditor with the roster verifies the whole log: the earlier checkpoints,
+    # signed by the revoked key, are tied to the entries the new key signed.
+    done = subprocess.run(
+        [MSMT, "audit", "verify", str(config.audit_dir), "--keys", str(keydir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("OK: JPN log of 5 entries, "), done.stdout
+
+
+def test_a_log_whose_latest_checkpoint_only_a_revoked_key_signed_does_not_verify(
+    tmp_path: Path,
+) -> None:
+    config = load_config(jpn_config(tmp_path), env={})
+    keydir = tmp_path / "keys"
+    node = load_node(config)
+    try:
+        node.audit.append_many([event(i) for i in range(3)])
+    finally:
+        node.store.close()
+        node.audit.close()
+    now = datetime.now(UTC)
+    old = keys.load_member_keys(keydir, "JPN", keys.load_signed_roster(keydir).roster, now)
+    keys.rotate_keys(keydir, "JPN", now=now)
+    keys.revoke_key(keydir, old.signing_kid, "stolen in the test", now=now)
+    # What a thief holding the old key could show: a log it signed last. Nothing
+    # trusted covers it, so it is refused, as before the key was revoked it was not.
+    done = subprocess.run(
+        [MSMT, "audit", "verify", str(config.audit_dir), "--keys", str(keydir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.startswith("msmt: error: the latest checkpoint (size "), done.stderr
+    assert done.stderr.endswith(
+        "is signed only by a revoked key; nothing trusted vouches for the log\n"
+    ), done.stderr

@@ -22,7 +22,12 @@ from broker import keys as keyfiles
 from broker.audit_events import parse_entry
 from broker.audit_replay import Replay, replay
 from broker.audit_verify import LoadedLog, load, read_origin, verify_log
-from broker.checkpoint import parse_body, roster_log_keys, roster_witness_keys
+from broker.checkpoint import (
+    parse_body,
+    roster_log_keys,
+    roster_revoked_log_keys,
+    roster_witness_keys,
+)
 from broker.errors import AuditError, UsageError
 from broker.members import MEMBERS
 from broker.merkle import verify_inclusion
@@ -102,6 +107,11 @@ def _log_keys(trusted: Roster | None, log_key: tuple[str, ...], origin: str) -> 
     return keys
 
 
+def _revoked_keys(trusted: Roster | None, origin: str) -> list[Verifier]:
+    # Only a roster says which keys were revoked; --log-key keys are trusted as given.
+    return [] if trusted is None else roster_revoked_log_keys(trusted, origin)
+
+
 @audit_group.command(name="verify")
 @_DIR
 @_trust_options
@@ -146,7 +156,14 @@ def audit_verify(
             witness_keys = roster_witness_keys(trusted, [m for m in MEMBERS if m != origin])
         else:
             raise UsageError("--cosigned needs --witnesses FILE or a roster")
-    report = verify_log(directory, log_keys, witnesses=witness_keys, quorum=quorum or 0, jobs=jobs)
+    report = verify_log(
+        directory,
+        log_keys,
+        witnesses=witness_keys,
+        quorum=quorum or 0,
+        revoked_keys=_revoked_keys(trusted, origin),
+        jobs=jobs,
+    )
     click.echo(
         f"OK: {report.origin} log of {report.size} entries, {report.checkpoints} signed "
         f"checkpoints, root {_b64(report.root)}"
@@ -259,7 +276,11 @@ def audit_replay(
         origin = read_origin(directory)
         if origin in logs:
             raise UsageError(f"two logs of {origin} given")
-        verify_log(directory, _log_keys(trusted, log_key, origin))
+        verify_log(
+            directory,
+            _log_keys(trusted, log_key, origin),
+            revoked_keys=_revoked_keys(trusted, origin),
+        )
         loaded.append(load(directory))
         logs[origin] = []
     total = sum(log.tree.size for log in loaded)
