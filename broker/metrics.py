@@ -72,6 +72,16 @@ class Metrics:
             registry=r,
         )
         self.connected = Gauge("msmt_nats_connected", "1 while connected to NATS.", registry=r)
+        # Unattended nodes need a warning before a credential lapses: past it,
+        # partners refuse our reports (signing key), cannot encrypt to us
+        # (encryption key), or the hub refuses the connection (TLS certificate).
+        self.credential_expiry = Gauge(
+            "msmt_credential_expiry_timestamp_seconds",
+            "When the node's current signing key, encryption key and TLS client "
+            "certificate stop being valid (Unix time), by credential.",
+            ["credential"],
+            registry=r,
+        )
         self.audit_alarms = Counter(
             "msmt_audit_alarms",
             "Witness alarms (fork, rollback) and refused cosignatures, by kind.",

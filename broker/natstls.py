@@ -11,7 +11,9 @@ each failing with one line that names the key or option at fault:
 3. each file exists, is readable and is PEM of the right kind (certificates in
    ``ca`` and ``cert``, an unencrypted private key in ``key``), and ``key`` is not
    open to other users (``broker.keys.check_private_file``);
-4. the key belongs to the first certificate of ``cert``.
+4. the key belongs to the first certificate of ``cert``;
+5. that certificate is within its validity period now (the hub would refuse it,
+   and the node would only retry).
 
 The context keeps hostname checking and ``CERT_REQUIRED`` and refuses anything
 older than TLS 1.2. Without ``ca`` it trusts the system store, as before.
@@ -28,6 +30,7 @@ import importlib.metadata
 import inspect
 import ssl
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,6 +43,7 @@ from nats.aio.client import Client
 
 from broker.errors import ConfigError, KeyMaterialError
 from broker.keys import check_private_file
+from broker.roster import format_time
 
 
 class TlsNames(NamedTuple):
@@ -173,6 +177,17 @@ def client_tls_context(
         private = _private_key(key, names.key)
         if _spki(leaf.public_key()) != _spki(private.public_key()):
             raise ConfigError(f"{names.key}: {key} is not the key of the certificate in {cert}")
+        now = datetime.now(UTC)
+        if now < leaf.not_valid_before_utc:
+            raise ConfigError(
+                f"{names.cert}: the certificate in {cert} is not valid before "
+                f"{format_time(leaf.not_valid_before_utc)}"
+            )
+        if now > leaf.not_valid_after_utc:
+            raise ConfigError(
+                f"{names.cert}: the certificate in {cert} expired at "
+                f"{format_time(leaf.not_valid_after_utc)}"
+            )
         try:
             context.load_cert_chain(str(cert), str(key))
         except (OSError, ValueError) as exc:
@@ -180,6 +195,11 @@ def client_tls_context(
                 f"{names.cert}: cannot use {cert} with {key} ({_reason(exc)})"
             ) from None
     return context
+
+
+def certificate_expiry(cert: Path, name: str) -> datetime:
+    """When the first certificate in ``cert`` expires (for the node's expiry gauge)."""
+    return _certificates(cert, name)[0].not_valid_after_utc
 
 
 def _bare(name: str) -> str:

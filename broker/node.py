@@ -27,7 +27,7 @@ import signal
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -51,7 +51,7 @@ from broker.members import MEMBERS
 from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
-from broker.natstls import TlsOnlyClient
+from broker.natstls import CONFIG_NAMES, TlsOnlyClient, certificate_expiry
 from broker.planpool import PlanPool, PlanWorkerError
 from broker.policy import Policy, load_policy
 from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
@@ -120,6 +120,7 @@ class Node:
         auditnet: Callable[[Metrics, RunDb], AuditNet],
         policy_text: str,
         tls: ssl.SSLContext | None = None,
+        expiries: Mapping[str, datetime] | None = None,
     ) -> None:
         self.config = config
         self.member = config.member
@@ -130,6 +131,8 @@ class Node:
         self.seed = seed
         self.tls = tls
         self.metrics = Metrics()
+        for credential, at in (expiries or {}).items():
+            self.metrics.credential_expiry.labels(credential=credential).set(at.timestamp())
         self.auditnet = auditnet(self.metrics, self.run_db)
         self.stop = asyncio.Event()
         self.nc: Client | None = None
@@ -143,6 +146,7 @@ class Node:
         self._plan_skip: dict[str, float] = {}
         self._intakes: list[Intake] = []
         self._last_error = ""
+        self._last_condition = ""
         self._last_logged = 0.0
         self._published_checkpoint: str | None = None
         self._lag: int | None = None
@@ -243,9 +247,15 @@ class Node:
                 except MsmtError as exc:
                     self._error(f"planning: {exc}")
                     failed = True
+                held: dict[str, list[str]] = {}
                 for report_id, reason in errors.items():
                     self._plan_skip[report_id] = now + PLAN_RETRY_S
-                    self._error(f"cannot plan report {report_id}: {reason}")
+                    held.setdefault(reason, []).append(report_id)
+                for reason, ids in held.items():
+                    # One line per cause, not per report: an expired signing key
+                    # holds back every report, and the log must not scroll with them.
+                    which = f"{len(ids)} reports ({ids[0]}, ...)" if ids[1:] else f"report {ids[0]}"
+                    self._error(f"cannot plan {which}: {reason}", same_as=f"plan: {reason}")
                 planned = plans
                 if not plans and not errors and committing is None:
                     # Event-driven: an accept wakes us; a timer runs only for a
@@ -386,14 +396,16 @@ class Node:
 
     # --- housekeeping ------------------------------------------------------------
 
-    def _error(self, text: str) -> None:
+    def _error(self, text: str, same_as: str | None = None) -> None:
         # A condition that persists (hub away, inbox missing) is logged once per
         # minute, not on every retry; the status always shows the latest.
+        # ``same_as`` names the condition when the text varies with it (a count, an id).
         now = time.monotonic()
-        if text != self._last_error or now - self._last_logged >= 60:
+        condition = text if same_as is None else same_as
+        if condition != self._last_condition or now - self._last_logged >= 60:
             log.error("node_error", error=text)
             self._last_logged = now
-        self._last_error = text
+        self._last_error, self._last_condition = text, condition
 
     def ready(self) -> str | None:
         """Why the node is not ready, or ``None`` when it is."""
@@ -673,7 +685,18 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 metrics.audit_alarms,
             )
 
-        node = Node(config, store, audit, planner, inbound, seed, auditnet, policy_text, tls)
+        expiries = {"signing_key": signed.roster.get(keys.signing_kid).valid_until}
+        # No current encryption key (a rotation dated later) only means nothing
+        # arrives until it starts; the gauge is left out, the node still runs.
+        with contextlib.suppress(KeyMaterialError):
+            current = signed.roster.current(config.member, "enc", at)
+            expiries["encryption_key"] = current.valid_until
+        if config.nats.cert_file is not None:
+            cert = config.nats.cert_file
+            expiries["tls_certificate"] = certificate_expiry(cert, CONFIG_NAMES.cert)
+        node = Node(
+            config, store, audit, planner, inbound, seed, auditnet, policy_text, tls, expiries
+        )
         undo.pop_all()
         return node
 

@@ -43,7 +43,7 @@ from nats.js.api import PubAck
 from broker import audit_events
 from broker.audit_events import AuditEvent
 from broker.envelope import issue, present
-from broker.errors import MsmtError
+from broker.errors import KeyMaterialError, MsmtError
 from broker.log import get_logger
 from broker.metrics import Metrics
 from broker.policy import Policy, variants
@@ -105,6 +105,14 @@ class Planner:
         decisions = [d for d in self.policy.decide_all(sighting).values() if d.sends]
         if not decisions:
             return []
+        # The key was current when the node started; a node left running past its
+        # msmt_valid_until would sign reports every partner refuses. Holding the
+        # report unplanned (retried, and logged with this reason) loses nothing:
+        # after a rotation and restart it goes out under the new key.
+        try:
+            self.roster.check(self.signer.kid, member=self.signer.member, use="sig", at=now)
+        except KeyMaterialError as exc:
+            raise KeyMaterialError(f"cannot sign: {exc}") from None
         issued = issue(
             sighting,
             signing_key=self.signer.key,

@@ -526,6 +526,17 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     assert "msmt_intake_accepted_total 15.0" in jpn_metrics
     assert 'msmt_intake_rejected_total{reason="duplicate"} 2.0' in jpn_metrics
     assert "msmt_outbox_depth 0.0" in jpn_metrics
+    # When JPN's keys stop being valid, from the roster, to alert on before they lapse.
+    roster = keys.load_signed_roster(world.keydir).roster
+    for credential, until in (
+        ("signing_key", roster.current("JPN", "sig", datetime.now(UTC)).valid_until.timestamp()),
+        ("encryption_key", roster.current("JPN", "enc", datetime.now(UTC)).valid_until.timestamp()),
+    ):
+        line = f'msmt_credential_expiry_timestamp_seconds{{credential="{credential}"}} '
+        assert [float(x.removeprefix(line)) for x in jpn_metrics.splitlines() if line in x] == [
+            until
+        ]
+    assert 'credential="tls_certificate"' not in jpn_metrics  # no TLS files in this world
     usa_metrics = await asyncio.to_thread(fetch, f"http://127.0.0.1:{usa_port}/metrics")
     assert f"msmt_e2e_latency_seconds_count {float(len(to_usa))}" in usa_metrics
     assert f'msmt_received_total{{sender="JPN"}} {float(len(to_usa))}' in usa_metrics

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from envelope_world import Node, make_roster, sig_key
+from envelope_world import Node, default_entries, make_roster, roster_entry, sig_key
 
 from broker import samples
 from broker.planpool import PlannerSpec, PlanPool, PlanWorkerError
@@ -57,6 +57,28 @@ async def pool() -> AsyncIterator[PlanPool]:
         yield plans
     finally:
         await plans.shutdown()
+
+
+def test_a_signing_key_past_its_validity_holds_every_report_back() -> None:
+    # A node left running past its own key's msmt_valid_until must not sign
+    # reports every partner would refuse; it holds them unplanned, to retry.
+    expires = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    entries = [e for e in default_entries() if e["kid"] != "JPN-sig-1"]
+    roster = make_roster([*entries, roster_entry("JPN", "sig", valid_until=expires)])
+    policy = load_policy(POLICY, member="JPN")
+    signer = Signer("JPN", sig_key("JPN"), "JPN-sig-1")
+    batch = rows(3)
+
+    plans, errors = Planner(signer, policy, roster, {}).plan(batch, 10)
+    assert plans == {}
+    reason = f"cannot sign: key JPN-sig-1 expired at {expires.isoformat().replace('+00:00', 'Z')}"
+    assert errors == {rid: reason for rid, _ in batch}
+
+    # The same planner a second before the key expired signs all three.
+    before = Planner(signer, policy, roster, {}, clock=lambda: expires - timedelta(seconds=1))
+    plans, errors = before.plan(batch, 10)
+    assert errors == {}
+    assert list(plans) == [rid for rid, _ in batch]
 
 
 def test_spec_rebuilds_an_equal_planner() -> None:

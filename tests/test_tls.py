@@ -86,10 +86,14 @@ def _issue(
     issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
     *,
     server: bool = False,
+    shift: timedelta = timedelta(0),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A CA (``issuer`` None, self-signed) or a leaf certificate signed by ``issuer``."""
+    """A CA (``issuer`` None, self-signed) or a leaf certificate signed by ``issuer``.
+
+    Valid from an hour ago for a day, moved by ``shift`` (to make one expired or not yet valid).
+    """
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
+    now = datetime.now(UTC).replace(microsecond=0) + shift
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -142,6 +146,8 @@ class Pki:
     jpn: Pair
     usa: Pair
     other_ca: Path
+    expired: Pair
+    not_yet_valid: Pair
 
 
 @pytest.fixture
@@ -157,6 +163,8 @@ def pki(tmp_path: Path) -> Pki:
         jpn=_write(folder, "jpn", *_issue("JPN node", ca)),
         usa=_write(folder, "usa", *_issue("USA node", ca)),
         other_ca=_write(folder, "other-ca", *other).cert,
+        expired=_write(folder, "expired", *_issue("JPN node", ca, shift=-timedelta(days=2))),
+        not_yet_valid=_write(folder, "future", *_issue("JPN node", ca, shift=timedelta(days=2))),
     )
 
 
@@ -275,6 +283,12 @@ async def test_nodes_with_client_certificates_become_ready_and_deliver(
         30,
         "USA to store JPN's report",
     )
+    # The certificate's end of validity is on /metrics, to alert on before it lapses.
+    expires = x509.load_pem_x509_certificate(pki.jpn.cert.read_bytes()).not_valid_after_utc
+    page = fetch(f"http://127.0.0.1:{world.config('JPN').metrics.port}/metrics")
+    gauge = 'msmt_credential_expiry_timestamp_seconds{credential="tls_certificate"} '
+    values = [float(line.removeprefix(gauge)) for line in page.splitlines() if gauge in line]
+    assert values == [expires.timestamp()], page
 
 
 def _refused(tls_world: TlsWorld, reason: str) -> None:
@@ -370,6 +384,8 @@ def _open_copy(key: Path) -> Path:
         ("non-PEM cert", "config key nats.cert_file: "),
         ("another's key", "config key nats.key_file: "),
         ("key open to others", "config key nats.key_file: TLS key "),
+        ("expired cert", "config key nats.cert_file: the certificate in "),
+        ("cert not yet valid", "config key nats.cert_file: the certificate in "),
         ("nats:// URL", "config key nats.urls: 'nats://127.0.0.1:"),
     ],
 )
@@ -400,11 +416,19 @@ def test_a_bad_tls_setting_stops_the_node_at_start_with_one_line(
         "key open to others": lambda: tls_world.write_config(
             "JPN", ca=pki.ca, pair=Pair(pki.jpn.cert, _open_copy(pki.jpn.key))
         ),
+        "expired cert": lambda: tls_world.write_config("JPN", ca=pki.ca, pair=pki.expired),
+        "cert not yet valid": lambda: tls_world.write_config(
+            "JPN", ca=pki.ca, pair=pki.not_yet_valid
+        ),
     }
     config = written[case]()
     done = msmt("node", "run", "--config", str(config), timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"msmt: error: {message}"), done.stderr
+    if case == "expired cert":
+        assert re.search(r" expired at 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ$", done.stderr)
+    if case == "cert not yet valid":
+        assert re.search(r" is not valid before 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ$", done.stderr)
     assert done.stderr.count("\n") == 1, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
 
