@@ -174,6 +174,7 @@ def verify_log(
     witnesses: Sequence[Verifier] = (),
     quorum: int = 0,
     revoked_keys: Sequence[Verifier] = (),
+    known: Sequence[tuple[str, str]] = (),
     jobs: int = 1,
     parallel_from: int = PARALLEL_FROM,
 ) -> Report:
@@ -191,7 +192,11 @@ def verify_log(
       6. every entry is covered by a signed checkpoint (nothing appended unsigned);
       7. with ``witnesses``, no checkpoint carries a cosignature line of a
          witness key that does not verify (C2SP signed-note), and with
-         ``quorum > 0`` the latest carries at least ``quorum`` valid ones.
+         ``quorum > 0`` the latest carries at least ``quorum`` valid ones;
+      8. each checkpoint in ``known`` ((where it came from, its text): ones the
+         auditor kept from earlier, signed by a trusted or revoked log key) is
+         covered: the log has not been cut below it (rollback) and its first
+         entries still hash to its root (a rewritten history, a fork).
 
     A checkpoint signed by a log key revoked since is not trusted for what it
     says, but it need not be: the latest checkpoint, signed by a trusted key,
@@ -210,13 +215,9 @@ def verify_log(
     for size, text in log.checkpoints:
         try:
             checkpoint, note, latest_by_revoked = _open(text, log_keys, revoked_keys)
+            count_cosignatures(note, witnesses)  # raises if a trusted witness's line fails
         except NoteError as exc:
             raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
-        if witnesses:
-            try:
-                count_cosignatures(note, witnesses)
-            except NoteError as exc:
-                raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
         if checkpoint.origin != log.origin or checkpoint.size != size:
             raise TamperError(
                 None, f"checkpoint at size {size} is for {checkpoint.origin}/{checkpoint.size}"
@@ -257,7 +258,32 @@ def verify_log(
             f"and the {n - covered} entries after it are not covered by any signed checkpoint",
         )
     cosigners = _cosigners(latest, covered, witnesses, quorum) if quorum > 0 else ()
+    for source, text in known:
+        _check_known(log, source, text, [*log_keys, *revoked_keys])
     return Report(log.origin, n, len(log.checkpoints), log.tree.root(n), latest, cosigners)
+
+
+def _check_known(log: LoadedLog, source: str, text: str, keys: Sequence[Verifier]) -> None:
+    """Checklist step 8 for one checkpoint the auditor kept (from ``source``)."""
+    try:
+        checkpoint, _ = open_checkpoint(text, keys)
+    except NoteError as exc:
+        raise UsageError(f"{source}: not a checkpoint of this log: {exc}") from None
+    if checkpoint.origin != log.origin:
+        raise UsageError(f"{source}: a checkpoint of {checkpoint.origin}, not {log.origin}")
+    n = log.tree.size
+    if checkpoint.size > n:
+        raise TamperError(
+            None,
+            f"rolled back: the log holds {n} entries, but {source} is its checkpoint "
+            f"at size {checkpoint.size}",
+        )
+    if checkpoint.size and log.tree.root(checkpoint.size) != checkpoint.root:
+        raise TamperError(
+            None,
+            f"history rewritten: the log's first {checkpoint.size} entries do not hash "
+            f"to the root of {source}, which its own key signed (a fork)",
+        )
 
 
 def _open(

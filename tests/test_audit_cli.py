@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import keys as keyfiles
-from broker.auditlog import DB_FILE
+from broker.auditlog import DB_FILE, AuditLog
 from broker.checkpoint import cosign, roster_log_keys
 from broker.cli import main
 from broker.note import ALG_ED25519, Verifier, parse
@@ -216,3 +216,74 @@ def test_prove_on_empty_directory_fails_cleanly(tmp_path: Path) -> None:
     assert code == 2
     assert err.startswith("msmt: error: no audit log at ")
     assert event(0).type == "accepted"
+
+
+def test_verify_known_checkpoint_catches_a_rollback_and_a_rewrite(
+    tmp_path: Path, keydir: Path
+) -> None:
+    # What an auditor who kept a checkpoint can check offline, without a witness.
+    key = _signing_key(keydir, "JPN")
+    log = build_log(tmp_path / "log", key, [5, 5])
+    kept = tmp_path / "kept.note"
+    kept.write_text(log.latest_checkpoint() or "")
+    log.append_many([event(i) for i in range(10, 14)])
+    log.close()
+    proof = tmp_path / "proof.json"  # `audit prove` output, kept instead of a bare note
+    proof.write_text(_run("audit", "prove", str(tmp_path / "log"), "--entry", "2")[1])
+    verify = ("audit", "verify", "--keys", str(keydir))
+
+    code, out, err = _run(
+        *verify, str(tmp_path / "log"), "--known", str(kept), "--known", str(proof)
+    )
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1:] == [
+        f"contains the checkpoint in {kept}",
+        f"contains the checkpoint in {proof}",
+    ]
+
+    # Cut back to size 5, with the later checkpoints: alone it verifies, as it should.
+    rolled = tmp_path / "rolled"
+    build_log(rolled, key, [5]).close()
+    assert _run(*verify, str(rolled))[0] == 0
+    code, _, err = _run(*verify, str(rolled), "--known", str(kept))
+    assert code == 1
+    assert err == (
+        f"msmt: error: rolled back: the log holds 5 entries, but {kept} is its checkpoint "
+        "at size 10\n"
+    )
+
+    # The same size, other entries, re-signed with the real key: a fork.
+    forked = AuditLog(tmp_path / "forked", "JPN", key)
+    forked.append_many([event(i) for i in range(5)])
+    forked.append_many([event(i + 100) for i in range(5, 12)])
+    forked.close()
+    assert _run(*verify, str(tmp_path / "forked"))[0] == 0
+    code, _, err = _run(*verify, str(tmp_path / "forked"), "--known", str(kept))
+    assert code == 1
+    assert err == (
+        f"msmt: error: history rewritten: the log's first 10 entries do not hash to the root "
+        f"of {kept}, which its own key signed (a fork)\n"
+    )
+
+
+def test_verify_known_refuses_what_is_not_a_checkpoint_of_this_log(
+    tmp_path: Path, keydir: Path
+) -> None:
+    build_log(tmp_path / "jpn", _signing_key(keydir, "JPN"), [3]).close()
+    usa = build_log(tmp_path / "usa", _signing_key(keydir, "USA"), [3], member="USA")
+    theirs = tmp_path / "usa.note"
+    theirs.write_text(usa.latest_checkpoint() or "")
+    usa.close()
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text('{"tree_size": 3}')
+    for path, reason in (
+        (theirs, f"{theirs}: not a checkpoint of this log: "),
+        (garbage, f'{garbage}: JSON without a "checkpoint" note in it'),
+        (tmp_path / "missing", f"cannot read checkpoint {tmp_path / 'missing'}: "),
+    ):
+        code, out, err = _run(
+            "audit", "verify", str(tmp_path / "jpn"), "--keys", str(keydir), "--known", str(path)
+        )
+        assert (code, out) == (2, "")
+        assert err.startswith(f"msmt: error: {reason}"), err
+        assert err.count("\n") == 1

@@ -65,6 +65,24 @@ def _read_vkey_file(path: Path) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
+def _read_text(path: Path) -> str:
+    # A checkpoint note as served (msmt.audit.<M>.checkpoint), or the JSON that
+    # ``msmt audit prove`` prints, whose "checkpoint" member is one.
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read checkpoint {path}: {exc}") from None
+    if text.lstrip().startswith("{"):
+        try:
+            inner = json.loads(text).get("checkpoint")
+        except (ValueError, AttributeError):
+            inner = None
+        if not isinstance(inner, str):
+            raise UsageError(f'{path}: JSON without a "checkpoint" note in it')
+        return inner
+    return text
+
+
 _DIR = click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
 
 
@@ -129,6 +147,12 @@ def _revoked_keys(trusted: Roster | None, origin: str) -> list[Verifier]:
     show_default="2 on a multi-core machine",
     help="Processes hashing a log of 200,000 entries or more (1 on a busy machine).",
 )
+@click.option(
+    "--known",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A checkpoint of this log kept from earlier; the log must still contain it (repeat).",
+)
 def audit_verify(
     directory: Path,
     keydir: Path | None,
@@ -139,6 +163,7 @@ def audit_verify(
     quorum: int | None,
     witnesses: Path | None,
     jobs: int,
+    known: tuple[Path, ...],
 ) -> None:
     """Recompute DIR's Merkle tree and check every checkpoint; exit 1 at the first fault."""
     trusted = _roster(keydir, authority, roster)
@@ -162,6 +187,7 @@ def audit_verify(
         witnesses=witness_keys,
         quorum=quorum or 0,
         revoked_keys=_revoked_keys(trusted, origin),
+        known=[(str(path), _read_text(path)) for path in known],
         jobs=jobs,
     )
     click.echo(
@@ -170,6 +196,8 @@ def audit_verify(
     )
     if cosigned:
         click.echo(f"cosigned by {', '.join(report.cosigners)} (quorum {quorum})")
+    for path in known:
+        click.echo(f"contains the checkpoint in {path}")
 
 
 @audit_group.command(name="prove")
