@@ -16,7 +16,7 @@ from pathlib import Path
 from broker.audit_events import parse_entry
 from broker.audit_scan import PARALLEL_FROM, LeafScan, open_readonly
 from broker.auditlog import DB_FILE, FORMAT, connect
-from broker.checkpoint import Checkpoint, count_cosignatures, open_checkpoint
+from broker.checkpoint import Checkpoint, count_cosignatures, open_checkpoint, parse_body
 from broker.errors import AuditError, StoreError, UsageError
 from broker.merkle import Levels, ProofError, verify_consistency
 from broker.note import Note, NoteError, Verifier, find_signature, parse
@@ -214,7 +214,7 @@ def verify_log(
     latest_by_revoked = False
     for size, text in log.checkpoints:
         try:
-            checkpoint, note, latest_by_revoked = _open(text, log_keys, revoked_keys)
+            checkpoint, note, latest_by_revoked = _open(text, log.origin, log_keys, revoked_keys)
             count_cosignatures(note, witnesses)  # raises if a trusted witness's line fails
         except NoteError as exc:
             raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
@@ -287,9 +287,12 @@ def _check_known(log: LoadedLog, source: str, text: str, keys: Sequence[Verifier
 
 
 def _open(
-    text: str, log_keys: Sequence[Verifier], revoked_keys: Sequence[Verifier]
+    text: str, origin: str, log_keys: Sequence[Verifier], revoked_keys: Sequence[Verifier]
 ) -> tuple[Checkpoint, Note, bool]:
     """Checklist step 2: the checkpoint, its note, and whether only a revoked key signed it.
+
+    A checkpoint for another origin is refused as that, rather than as unsigned
+    (keys are looked up by the origin a checkpoint claims).
 
     A revoked key is tried only for a note that no trusted key signed at all; a
     trusted key's signature that fails rejects the note whatever else signed it.
@@ -298,6 +301,9 @@ def _open(
         checkpoint, note = open_checkpoint(text, log_keys)
     except NoteError:
         note = parse(text)
+        checkpoint = parse_body(note.text)
+        if checkpoint.origin != origin:
+            raise NoteError(f"checkpoint is for {checkpoint.origin}, not {origin}") from None
         if any(find_signature(note, k) for k in log_keys) or not any(
             find_signature(note, k) for k in revoked_keys
         ):

@@ -157,6 +157,15 @@ def test_cosigned_quorum_from_roster_and_witness_file(tmp_path: Path, keydir: Pa
     code, out, _ = _run(*base, "--quorum", "1", "--witnesses", str(wfile))
     assert code == 0
     assert "cosigned by USA (quorum 1)" in out
+    # A log key (type 0x01) given as a witness key is named, not counted as 0 cosignatures.
+    log_key_file = tmp_path / "log-keys.txt"
+    log_key_file.write_text(roster_log_keys(roster, "USA")[0].vkey() + "\n")
+    code, out, err = _run(*base, "--quorum", "1", "--witnesses", str(log_key_file))
+    assert (code, out) == (2, "")
+    assert err == (
+        f"msmt: error: {log_key_file}: USA's key has signature type 0x01; "
+        "witness keys are cosignature keys, type 0x04 (tlog-cosignature)\n"
+    )
     # A cosignature line that does not verify makes the whole check fail, not count as 0.
     note = parse(log.latest_checkpoint() or "")
     bad = cosign(note, "USA", _signing_key(keydir, "KOR"), 1)

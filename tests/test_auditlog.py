@@ -233,6 +233,16 @@ def test_checkpoint_forged_without_the_key_is_caught(tmp_path: Path) -> None:
         _verify(tmp_path)
 
 
+def test_a_checkpoint_of_another_origin_is_named_as_such(tmp_path: Path) -> None:
+    build_log(tmp_path, KEY, [4, 4])
+    root = Levels([leaf_hash(e) for e in _entries(tmp_path)]).root(4)
+    theirs = sign_checkpoint(Checkpoint("USA", 4, root), KEY).render()
+    with _db(tmp_path) as db:
+        db.execute("UPDATE checkpoints SET note = ? WHERE size = 4", (theirs,))
+    with pytest.raises(TamperError, match=r"^checkpoint at size 4: checkpoint is for USA, not JPN"):
+        _verify(tmp_path)
+
+
 def test_rewritten_history_with_fresh_checkpoints_passes_alone(tmp_path: Path) -> None:
     # The log's owner holds the key, so a full rewrite verifies on its own: this is
     # exactly why witnesses exist (tests/test_witness.py shows them catching it).

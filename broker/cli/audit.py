@@ -31,7 +31,7 @@ from broker.checkpoint import (
 from broker.errors import AuditError, UsageError
 from broker.members import MEMBERS
 from broker.merkle import verify_inclusion
-from broker.note import NoteError, Verifier, parse, parse_vkey
+from broker.note import ALG_COSIGNATURE_V1, NoteError, Verifier, parse, parse_vkey
 from broker.policy import Policy, load_policy
 from broker.roster import Roster
 
@@ -177,6 +177,14 @@ def audit_verify(
     if cosigned:
         if witnesses is not None:
             witness_keys = _vkeys(_read_vkey_file(witnesses), str(witnesses))
+            for key in witness_keys:
+                # A log key here would match no cosignature line and only show as
+                # "0 valid witness cosignatures"; say what is wrong instead.
+                if key.alg != ALG_COSIGNATURE_V1:
+                    raise UsageError(
+                        f"{witnesses}: {key.name}'s key has signature type 0x{key.alg:02x}; "
+                        "witness keys are cosignature keys, type 0x04 (tlog-cosignature)"
+                    )
         elif trusted is not None:
             witness_keys = roster_witness_keys(trusted, [m for m in MEMBERS if m != origin])
         else:
