@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from audit_helpers import event
-from node_world import MSMT, write_node_config
+from node_world import MSMT, msmt, write_node_config
 
 from broker import keys
 from broker.auditlog import DB_FILE
@@ -121,13 +121,7 @@ def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_pa
 
     # An auditor with the roster verifies the whole log: the earlier checkpoints,
     # signed by the revoked key, are tied to the entries the new key signed.
-    done = subprocess.run(
-        [MSMT, "audit", "verify", str(config.audit_dir), "--keys", str(keydir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = msmt("audit", "verify", str(config.audit_dir), "--keys", str(keydir))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("OK: JPN log of 5 entries, "), done.stdout
 
@@ -149,13 +143,7 @@ def test_a_log_whose_latest_checkpoint_only_a_revoked_key_signed_does_not_verify
     keys.revoke_key(keydir, old.signing_kid, "stolen in the test", now=now)
     # What a thief holding the old key could show: a log it signed last. Nothing
     # trusted covers it, so it is refused, as before the key was revoked it was not.
-    done = subprocess.run(
-        [MSMT, "audit", "verify", str(config.audit_dir), "--keys", str(keydir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = msmt("audit", "verify", str(config.audit_dir), "--keys", str(keydir))
     assert done.returncode == 1, done.stdout
     assert done.stderr.startswith("msmt: error: the latest checkpoint (size "), done.stderr
     assert done.stderr.endswith(
