@@ -303,13 +303,18 @@ def roster_digest(jwks: Mapping[str, Any]) -> str:
     return hashlib.sha256(rfc8785.dumps(dict(jwks))).hexdigest()
 
 
-def load_pinned_roster(keydir: Path, authority_path: Path, state_path: Path) -> SignedRoster:
+def load_pinned_roster(
+    keydir: Path, authority_path: Path, state_path: Path, *, record: bool = True
+) -> SignedRoster:
     """Load the roster as a node does: pinned authority, and never an older roster.
 
     ``state_path`` remembers the highest version accepted and its digest. A lower
     version is a rollback; the same version with other content means the authority
     signed two different rosters under one number. Both raise ``KeyMaterialError``
-    and leave the state untouched; a newer valid roster advances it.
+    and leave the state untouched; a newer valid roster advances it, at once or,
+    with ``record=False``, when the caller calls ``pin_roster`` (a node does so
+    only once everything else it needs has loaded, so a start refused for another
+    reason leaves the operator free to put the previous roster back).
     """
     seen_version, seen_digest = 0, None
     if state_path.exists():
@@ -323,10 +328,15 @@ def load_pinned_roster(keydir: Path, authority_path: Path, state_path: Path) -> 
         raise KeyMaterialError(
             f"roster version {signed.version} differs from the version {seen_version} seen before"
         )
-    if signed.version > seen_version:
-        state_bytes = _json_bytes({"version": signed.version, "sha256": digest})
-        _write_atomic(state_path, state_bytes, private=False)
+    if record and signed.version > seen_version:
+        pin_roster(state_path, signed)
     return signed
+
+
+def pin_roster(state_path: Path, signed: SignedRoster) -> None:
+    """Record ``signed`` as the highest roster version accepted (see ``load_pinned_roster``)."""
+    state_bytes = _json_bytes({"version": signed.version, "sha256": roster_digest(signed.jwks)})
+    _write_atomic(state_path, state_bytes, private=False)
 
 
 # --- operations: init, rotate, revoke ---------------------------------------

@@ -23,18 +23,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import signal
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import nats
 import nats.errors
 import nats.js.errors
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
 
@@ -45,7 +48,7 @@ from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError, MsmtError
 from broker.intake import Intake, Spool, ensure_token, make_app, serve_unix
-from broker.keys import check_private_file, load_member_keys, load_pinned_roster
+from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
 from broker.log import get_logger
 from broker.members import MEMBERS
 from broker.metrics import Metrics, serve_tcp
@@ -56,9 +59,14 @@ from broker.planpool import PlanPool, PlanWorkerError
 from broker.policy import Policy, load_policy
 from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
 from broker.receiver import Inbound, Receiver
+from broker.roster import Roster
 from broker.store import NewReport, OutboxItem, Store
 
 log = get_logger("node")
+
+_HUB_TROUBLE: Final = "hub"
+"""One condition for the log's once-a-minute rule: in an outage, nats-py's
+connection errors and the inbox's timeouts alternate, and would each be logged."""
 
 T = TypeVar("T")
 PLAN_BATCH: Final = 50
@@ -320,38 +328,63 @@ class Node:
                 tls_failed = True
             elif tls_failed and isinstance(exc, ConnectionError):
                 return
-            self._error(f"nats: {type(exc).__name__} {exc}".strip())
+            self._error(f"nats: {type(exc).__name__} {exc}".strip(), same_as=_HUB_TROUBLE)
 
         delay = 0.2
         while not self.stop.is_set():
+            nc = TlsOnlyClient()
             try:
-                nc = TlsOnlyClient()
-                await nc.connect(
-                    servers=list(self.config.nats.urls),
-                    nkeys_seed_str=self.seed.decode(),
-                    inbox_prefix=inbox_prefix(self.member),
-                    name=f"msmt-node-{self.member}",
-                    tls=self.tls,
-                    connect_timeout=2,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    # Typed int, but nats-py only sleeps on it: half a second is meant.
-                    reconnect_time_wait=0.5,  # type: ignore[arg-type]
-                    disconnected_cb=disconnected,
-                    reconnected_cb=reconnected,
-                    error_cb=error,
+                await self._until_stopped(
+                    nc,
+                    nc.connect(
+                        servers=list(self.config.nats.urls),
+                        nkeys_seed_str=self.seed.decode(),
+                        inbox_prefix=inbox_prefix(self.member),
+                        name=f"msmt-node-{self.member}",
+                        tls=self.tls,
+                        connect_timeout=2,
+                        allow_reconnect=True,
+                        max_reconnect_attempts=-1,
+                        # Typed int, but nats-py only sleeps on it: half a second is meant.
+                        reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                        disconnected_cb=disconnected,
+                        reconnected_cb=reconnected,
+                        error_cb=error,
+                    ),
                 )
             except (nats.errors.Error, OSError) as exc:
-                self._error(f"cannot connect to NATS: {type(exc).__name__} {exc}".strip())
+                text = f"cannot connect to NATS: {type(exc).__name__} {exc}".strip()
+                self._error(text, same_as=_HUB_TROUBLE)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            if not nc.is_connected:
+                return None  # stopped while connecting
             tls_failed = False
             self.metrics.connected.set(1)
             log.info("nats_connected", servers=len(self.config.nats.urls))
             return nc
         return None
+
+    async def _until_stopped(self, nc: Client, connecting: Awaitable[None]) -> None:
+        # With reconnects unlimited, nats-py retries a hub it has never reached
+        # inside connect() and never returns: a SIGTERM during an outage would
+        # wait for the hub. A stop abandons the attempt and closes the client.
+        attempt = asyncio.ensure_future(connecting)
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if attempt.done():
+            attempt.result()
+            return
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError, nats.errors.Error, OSError):
+            await attempt
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await nc.close()
 
     async def _messaging(self) -> None:
         nc = await self._connect()
@@ -390,7 +423,7 @@ class Node:
             try:
                 await receiver.run(self.stop)
             except (nats.errors.Error, nats.js.errors.Error) as exc:
-                self._error(f"inbox: {type(exc).__name__} {exc}".strip())
+                self._error(f"inbox: {type(exc).__name__} {exc}".strip(), same_as=_HUB_TROUBLE)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), 1.0)
 
@@ -439,8 +472,7 @@ class Node:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), HOUSEKEEPING_S)
 
-    async def _housekeep_once(self) -> None:
-        lag = await self._inbox_lag()
+    def _take_counts(self) -> Counter[str]:
         counts: Counter[str] = Counter()
         for intake in self._intakes:
             counts.update({f"intake.{k}": v for k, v in intake.counts.items()})
@@ -455,6 +487,25 @@ class Node:
             part = getattr(self, name)
             if part is not None and part.last_error:
                 self._last_error, part.last_error = part.last_error, None
+        return counts
+
+    async def _final_status(self) -> None:
+        # After the connection is closed: the counts since the last tick, and a
+        # status that no longer says "connected" for a node that has stopped.
+        facts = {
+            "connected": "no",
+            "inbox_lag": "unknown",
+            "last_error": self._last_error,
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        try:
+            await self.run_db(self.store.record_status, self._take_counts(), facts)
+        except MsmtError as exc:
+            self._error(f"housekeeping: {exc}")
+
+    async def _housekeep_once(self) -> None:
+        lag = await self._inbox_lag()
+        counts = self._take_counts()
         status = {
             "connected": "yes" if self.nc is not None and self.nc.is_connected else "no",
             "inbox_lag": "unknown" if lag is None else str(lag),
@@ -542,12 +593,10 @@ class Node:
             record_rejects=self._record_rejects,
         )
         self._intakes = [socket_intake, spool_intake]
-        metrics_runner = await serve_tcp(
-            make_metrics_app(self.metrics, self.ready), config.metrics.host, config.metrics.port
+        spool, metrics_runner, intake_runner = await self._open_inputs(
+            token, socket_intake, spool_intake
         )
-        intake_runner = await serve_unix(make_app(socket_intake, token), config.socket_path)
         spool_stop = asyncio.Event()
-        spool = Spool(config.spool_path, spool_intake)
         tasks = [
             asyncio.create_task(spool.run(spool_stop), name="spool"),
             asyncio.create_task(self._plan_loop(), name="planner"),
@@ -573,10 +622,13 @@ class Node:
             await asyncio.gather(*tasks, housekeeping, return_exceptions=True)
             # 3. acks reach the server before the connection goes
             if self.nc is not None:
-                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                # The hub may be gone (a reset connection): nothing is left to lose here.
+                with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
                     await self.nc.flush(timeout=2)
-                await self.nc.close()
+                with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                    await self.nc.close()
             await metrics_runner.cleanup()
+            await self._final_status()
             await self.run_db(self._close)
             self._db.shutdown(wait=True)
             # The planner loop has ended, so the worker is idle and exits at once.
@@ -584,6 +636,38 @@ class Node:
             log.info("node_stopped", member=self.member)
         if self.failure is not None:
             raise NodeFailedError(self.failure)
+
+    async def _open_inputs(
+        self, token: str, socket_intake: Intake, spool_intake: Intake
+    ) -> tuple[Spool, web.AppRunner, web.AppRunner]:
+        # The spool first: a bad spool_dir must not leave a socket behind.
+        opened: list[web.AppRunner] = []
+        try:
+            spool = _spool(self.config.spool_path, spool_intake)
+            opened.append(await self._serve_metrics())
+            opened.append(await serve_unix(make_app(socket_intake, token), self.config.socket_path))
+        except BaseException:
+            # A refused start closes what it opened, so the process exits with one line.
+            for runner in reversed(opened):
+                await runner.cleanup()
+            await self._plans.shutdown()
+            await self.run_db(self._close)
+            self._db.shutdown(wait=True)
+            raise
+        return spool, opened[0], opened[1]
+
+    async def _serve_metrics(self) -> web.AppRunner:
+        listen = self.config.metrics
+        try:
+            return await serve_tcp(
+                make_metrics_app(self.metrics, self.ready), listen.host, listen.port
+            )
+        except OSError as exc:
+            # aiohttp rewords the OSError; the errno says it plainly.
+            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+            raise ConfigError(
+                f"config key metrics.listen: cannot listen on {listen.host}:{listen.port}: {reason}"
+            ) from None
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         # A part that dies must take the node down (for systemd to restart it):
@@ -603,7 +687,7 @@ class Node:
 def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
     """Check and load everything a node needs; raise ``MsmtError`` with one line if any is bad."""
     at = now or datetime.now(UTC)
-    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_data_dir(config.data_dir)
     # Until the node owns them, a failure closes what was opened: in-process
     # callers (tests, the demo) must not inherit open files.
     with contextlib.ExitStack() as undo:
@@ -611,8 +695,9 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         undo.callback(store.close)
         state = store.state()
         # The pinned state file refuses a rolled-back roster and two rosters under one version.
+        roster_state = config.data_dir / "roster-state.json"
         signed = load_pinned_roster(
-            config.roster_dir, config.authority_path, config.data_dir / "roster-state.json"
+            config.roster_dir, config.authority_path, roster_state, record=False
         )
         keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
         if config.nats.seed_file is not None:
@@ -685,20 +770,49 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 metrics.audit_alarms,
             )
 
-        expiries = {"signing_key": signed.roster.get(keys.signing_kid).valid_until}
-        # No current encryption key (a rotation dated later) only means nothing
-        # arrives until it starts; the gauge is left out, the node still runs.
-        with contextlib.suppress(KeyMaterialError):
-            current = signed.roster.current(config.member, "enc", at)
-            expiries["encryption_key"] = current.valid_until
-        if config.nats.cert_file is not None:
-            cert = config.nats.cert_file
-            expiries["tls_certificate"] = certificate_expiry(cert, CONFIG_NAMES.cert)
+        expiries = _expiries(config, signed.roster, keys.signing_kid, at)
         node = Node(
             config, store, audit, planner, inbound, seed, auditnet, policy_text, tls, expiries
         )
+        # Only now: a start refused above (a key file missing for the new roster)
+        # must leave the previous roster usable again (docs/KEYS.md).
+        # load_pinned_roster refused anything older, so this never lowers the pin.
+        pin_roster(roster_state, signed)
         undo.pop_all()
         return node
+
+
+def _spool(directory: Path, intake: Intake) -> Spool:
+    try:
+        return Spool(directory, intake)
+    except OSError as exc:
+        raise ConfigError(
+            f"config key intake.spool_dir: cannot use {directory}: {exc.strerror}"
+        ) from None
+
+
+def _make_data_dir(data_dir: Path) -> None:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(
+            f"config key data_dir: cannot create {data_dir}: {exc.strerror}"
+        ) from None
+
+
+def _expiries(
+    config: NodeConfig, roster: Roster, signing_kid: str, at: datetime
+) -> dict[str, datetime]:
+    # For the credential-expiry gauge.
+    expiries = {"signing_key": roster.get(signing_kid).valid_until}
+    # No current encryption key (a rotation dated later) only means nothing
+    # arrives until it starts; the gauge is left out, the node still runs.
+    with contextlib.suppress(KeyMaterialError):
+        expiries["encryption_key"] = roster.current(config.member, "enc", at).valid_until
+    if config.nats.cert_file is not None:
+        cert = config.nats.cert_file
+        expiries["tls_certificate"] = certificate_expiry(cert, CONFIG_NAMES.cert)
+    return expiries
 
 
 async def run(config: NodeConfig) -> None:

@@ -128,6 +128,10 @@ class PlanPool:
                     stdout=asyncio.subprocess.PIPE,
                     # A batch's answer is ~3 MB: read it without pausing every 128 KiB.
                     limit=PIPE_BUFFER,
+                    # Out of the terminal's process group: a Ctrl-C while the worker is
+                    # still importing would kill it with a traceback before it can
+                    # ignore SIGINT. The node stops it; PR_SET_PDEATHSIG ends it if not.
+                    start_new_session=True,
                 )
                 await self._call((self._spec, os.getpid()))
 

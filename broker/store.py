@@ -20,11 +20,13 @@ calls it from one worker thread.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -88,6 +90,32 @@ class NewReport:
     report_id: str
     kind: str
     record: bytes
+
+
+def _lock_writer(path: Path) -> int:
+    """Hold ``<store>.lock`` exclusively while this process writes the store.
+
+    Two nodes on one data directory would each take the other's feed socket and
+    audit log; the second is refused here, before it opens anything. The kernel
+    drops the lock with the process, so a crash leaves nothing to clean up.
+    """
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(
+            f"store {path} is in use by another process (pid {holder}): "
+            "is a node already running on this data directory?"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +198,7 @@ class Store:
 
     def __init__(self, path: Path, *, readonly: bool = False, max_pages: int | None = None) -> None:
         self.path = path
+        self._lock: int | None = None
         try:
             if readonly:
                 self._db = sqlite3.connect(
@@ -177,6 +206,7 @@ class Store:
                 )
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock = _lock_writer(path)
                 self._db = sqlite3.connect(
                     path, isolation_level=None, timeout=10, check_same_thread=False
                 )
@@ -186,11 +216,25 @@ class Store:
                 if max_pages is not None:
                     self._db.execute(f"PRAGMA max_page_count={int(max_pages)}")
         except (sqlite3.Error, OSError) as exc:
+            self._unlock()
             raise StoreError(f"cannot open store {path}: {exc}") from None
+        if not readonly:
+            # Received reports are stored in the clear: never readable by others,
+            # even in a data directory that was created open.
+            for private in (path, path.with_name(path.name + "-wal")):
+                with suppress(FileNotFoundError):
+                    if os.stat(private).st_mode & 0o077:
+                        os.chmod(private, 0o600)
 
     def close(self) -> None:
-        """Close the database (checkpointing the WAL)."""
+        """Close the database (checkpointing the WAL) and let another writer open it."""
         self._db.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the flock
+            self._lock = None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

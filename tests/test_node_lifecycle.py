@@ -1,0 +1,193 @@
+"""A node's start and stop as an operator meets them: refusals in one line, stops that stop.
+
+Real ``msmt node run`` processes against a real nats-server (the ``world``
+fixture), or against a port where no hub listens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from node_world import BATCH_POLICY, MSMT, World, msmt, readyz, wait_for, write_node_config
+
+from broker import keys
+from broker.errors import KeyMaterialError
+from broker.natsproc import free_port
+from broker.node import load_node
+from broker.store import Store
+
+pytestmark = pytest.mark.integration
+
+
+def _launch(world: World, member: str, **env: str) -> subprocess.Popen[bytes]:
+    log = (world.root / f"{member}.log").open("ab")
+    proc = subprocess.Popen(
+        [MSMT, "node", "run", "--config", str(world.config_path(member))],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
+    )
+    log.close()
+    world.procs[member] = proc
+    return proc
+
+
+def _stop(world: World, member: str, proc: subprocess.Popen[bytes]) -> tuple[int, float, str]:
+    """SIGTERM, then (exit status, seconds to exit, the node's log)."""
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=30)
+    finally:
+        world.procs.pop(member, None)
+    return code, time.monotonic() - began, (world.root / f"{member}.log").read_text()
+
+
+def _status(world: World, member: str) -> dict[str, object]:
+    done = msmt("status", "--config", str(world.config_path(member)), "--json")
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, object] = json.loads(done.stdout)
+    return answer
+
+
+def test_sigterm_stops_a_node_that_never_reached_the_hub(world: World) -> None:
+    # nats-py retries a hub it has never reached inside connect(); the stop must not wait for it.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    write_node_config(world.root, "JPN", [f"nats://127.0.0.1:{port}"], BATCH_POLICY)
+    proc = _launch(world, "JPN")
+    wait_for(
+        lambda: "Connect call failed" in (world.root / "JPN.log").read_text(),
+        30,
+        "the node to try the hub",
+    )
+    code, took, log = _stop(world, "JPN", proc)
+    assert code == 0, log
+    assert took < 10, f"{took:.1f} s to stop"
+    assert "node_stopped" in log
+    assert "Traceback" not in log
+    assert _status(world, "JPN")["connected"] == "no"
+
+
+def test_sigterm_while_the_hub_is_down_stops_cleanly_and_says_not_connected(
+    world: World,
+) -> None:
+    world.write_config("JPN", BATCH_POLICY)
+    world.start("JPN")
+    wait_for(lambda: _status(world, "JPN")["connected"] == "yes", 30, "the status to say so")
+    world.server.kill()
+    proc = world.procs["JPN"]
+    code, took, log = _stop(world, "JPN", proc)
+    assert code == 0, log
+    assert took < 20, f"{took:.1f} s to stop"
+    assert "Traceback" not in log
+    assert "node_stopped" in log  # the store and the audit log were closed in order
+    # The last status a stopped node leaves does not claim a connection.
+    assert _status(world, "JPN")["connected"] == "no"
+
+
+def test_a_second_node_on_the_same_data_directory_is_refused_with_one_line(
+    world: World,
+) -> None:
+    world.write_config("JPN", BATCH_POLICY)
+    world.start("JPN")
+    pid = world.procs["JPN"].pid
+    store_path = world.config("JPN").store_path
+    # Another metrics port, so only the data directory is shared.
+    other_port = f"127.0.0.1:{free_port()}"
+    second = msmt(
+        "node", "run", "--config", str(world.config_path("JPN")), MSMT_METRICS_LISTEN=other_port
+    )
+    assert second.returncode == 1
+    assert second.stderr == (
+        f"msmt: error: store {store_path} is in use by another process (pid {pid}): "
+        "is a node already running on this data directory?\n"
+    )
+    # The first is untouched: still ready, its socket still there.
+    assert readyz(world.config("JPN").metrics.port)
+    assert world.config("JPN").socket_path.is_socket()
+    assert world.terminate("JPN") == 0
+    # Once it has stopped, the lock is gone with it.
+    Store(store_path).close()
+
+
+def test_a_bad_listener_or_directory_stops_the_start_with_one_line(world: World) -> None:
+    world.write_config("JPN", BATCH_POLICY)
+    config = world.config("JPN")
+    path = str(world.config_path("JPN"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = msmt("node", "run", "--config", path, MSMT_METRICS_LISTEN=f"127.0.0.1:{port}")
+    assert busy.returncode == 2
+    assert busy.stderr == (
+        f"msmt: error: config key metrics.listen: cannot listen on 127.0.0.1:{port}: "
+        "Address already in use\n"
+    ), busy.stderr
+    assert not config.socket_path.exists()
+
+    a_file = world.root / "a-file"
+    a_file.write_text("not a directory\n")
+    spool = msmt("node", "run", "--config", path, MSMT_SPOOL_DIR=str(a_file / "spool"))
+    assert spool.returncode == 2
+    assert spool.stderr == (
+        f"msmt: error: config key intake.spool_dir: cannot use {a_file / 'spool'}: "
+        "Not a directory\n"
+    ), spool.stderr
+    assert not config.socket_path.exists()  # the spool is checked before the socket is bound
+
+    data = msmt("node", "run", "--config", path, MSMT_DATA_DIR=str(a_file / "data"))
+    assert data.returncode == 2
+    assert data.stderr == (
+        f"msmt: error: config key data_dir: cannot create {a_file / 'data'}: Not a directory\n"
+    ), data.stderr
+
+
+def test_a_start_refused_for_a_missing_key_leaves_the_previous_roster_usable(
+    world: World,
+) -> None:
+    # docs/KEYS.md: a node refused with a new roster starts again on the one it had.
+    world.write_config("JPN", BATCH_POLICY)
+    config = world.config("JPN")
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+    before = {n: (world.keydir / n).read_bytes() for n in ("roster.json", "roster.json.jws")}
+    elsewhere = world.root / "rotated"
+    shutil.copytree(world.keydir, elsewhere)  # the authority's copy, with modes kept
+    keys.rotate_keys(elsewhere, "JPN", now=datetime.now(UTC))
+    for name in before:  # the new roster arrives; JPN's new private keys do not
+        (world.keydir / name).write_bytes((elsewhere / name).read_bytes())
+    with pytest.raises(KeyMaterialError, match="cannot read"):
+        load_node(config)
+    for name, data in before.items():  # the operator puts back the files it had
+        (world.keydir / name).write_bytes(data)
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+
+
+def test_an_open_data_directory_still_gets_a_private_store(world: World, tmp_path: Path) -> None:
+    data = tmp_path / "open-data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    world.write_config("JPN", BATCH_POLICY)
+    config = world.config("JPN")
+    moved = config.model_copy(update={"data_dir": data})
+    node = load_node(moved)
+    try:
+        assert moved.store_path.stat().st_mode & 0o777 == 0o600
+    finally:
+        node.store.close()
+        node.audit.close()
