@@ -65,7 +65,8 @@ async def wait_ready(world: World, session: aiohttp.ClientSession) -> None:
             if node.died():
                 # A metrics port picked as free can be taken before the node binds it (by
                 # any process on the machine): pick another and start again, a few times.
-                if "address already in use" in node.log_tail() and rebinds[member] < 3:
+                taken = "config key metrics.listen: cannot listen on" in node.log_tail()
+                if taken and rebinds[member] < 3:
                     rebinds[member] += 1
                     world.write_config(member)
                     world.start_node(member)

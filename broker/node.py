@@ -328,7 +328,9 @@ class Node:
                 tls_failed = True
             elif tls_failed and isinstance(exc, ConnectionError):
                 return
-            self._error(f"nats: {type(exc).__name__} {exc}".strip(), same_as=_HUB_TROUBLE)
+            # A refused handshake is its own condition: its reason must reach the log.
+            trouble = None if isinstance(exc, ssl.SSLError) else _HUB_TROUBLE
+            self._error(f"nats: {type(exc).__name__} {exc}".strip(), same_as=trouble)
 
         delay = 0.2
         while not self.stop.is_set():

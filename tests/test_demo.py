@@ -490,7 +490,8 @@ async def test_a_node_whose_metrics_port_was_taken_is_moved_to_another(tmp_path:
         async with aiohttp.ClientSession() as session:
             await wait_ready(world, session)
         assert world.nodes["JPN"].config.metrics.port != taken
-        assert "address already in use" in world.nodes["JPN"].log_path.read_text()
+        refused = f"config key metrics.listen: cannot listen on 127.0.0.1:{taken}: "
+        assert refused + "Address already in use" in world.nodes["JPN"].log_path.read_text()
         assert all(code == 0 for code in world.stop_nodes().values())
     finally:
         squatter.close()
