@@ -9,9 +9,14 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, Final
 
 import structlog
+
+from broker.errors import UsageError
+
+LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""The levels ``configure`` accepts (any case): ``--log-level`` offers exactly these."""
 
 _SECRET_KEYS = frozenset({"token", "seed", "private_key", "d", "password", "secret", "plaintext"})
 
@@ -28,8 +33,13 @@ def configure(*, json: bool | None = None, level: str = "INFO") -> None:
     """Configure structlog for the process.
 
     ``json=None`` picks JSON when stderr is not a terminal (daemons, CI) and a
-    readable console format when it is.
+    readable console format when it is. Raises ``UsageError`` for a ``level``
+    not in ``LEVELS``.
     """
+    if level.upper() not in LEVELS:
+        # logging.getLevelName answers an unknown name with a string, which
+        # structlog would only fail on as a KeyError.
+        raise UsageError(f"unknown log level {level!r}: one of {', '.join(LEVELS)}")
     use_json = not sys.stderr.isatty() if json is None else json
     renderer: Any = (
         structlog.processors.JSONRenderer()

@@ -226,16 +226,19 @@ async def connect_account(
     ``tls`` (from ``broker.natstls.client_tls_context``) names a private CA and a
     client certificate; without it a ``tls://`` URL uses the system trust store.
     Raises ``ConfigError`` if the server cannot be reached or refuses the
-    credentials or the TLS handshake.
+    credentials or the TLS handshake: within two tries of ``connect_timeout``.
     """
-    tls_alert: list[ssl.SSLError] = []
+    # Every error nats-py reports before the connection is up, in order: a failed
+    # socket connect reaches only error_cb, and connect() then raises a bare
+    # NoServersError that does not say why.
+    failures: list[Exception] = []
 
     async def error(exc: Exception) -> None:
         # Replaces nats-py's default callback, which prints a traceback to stderr.
         if nc.is_connected:
             log.warning("nats_error", account=account, error=f"{type(exc).__name__} {exc}")
-        elif isinstance(exc, ssl.SSLError) and not tls_alert:
-            tls_alert.append(exc)
+        else:
+            failures.append(exc)
 
     nc = TlsOnlyClient()
     try:
@@ -245,23 +248,42 @@ async def connect_account(
             inbox_prefix=inbox_prefix(account),
             connect_timeout=connect_timeout,
             allow_reconnect=False,
-            max_reconnect_attempts=0,
+            # allow_reconnect=False stops nats-py only once a socket is open: a
+            # refused or unanswered socket connect is retried by its server loop,
+            # forever when this is 0. With 1 it tries twice, a second apart, then
+            # raises; reconnects stay off, so neither setting matters after that.
+            max_reconnect_attempts=1,
+            reconnect_time_wait=1,
             tls=tls,
             error_cb=error,
         )
     except (nats.errors.Error, OSError) as exc:
         # nats-py leaves the socket open when the first connect fails.
         await nc.close()
-        # A hub refusing the client certificate resets the connection too, and the
-        # reset may be what connect raises: the TLS alert is the reason worth naming.
-        cause: Exception = tls_alert[0] if tls_alert else exc
-        reason = " ".join(str(cause).split()) or type(cause).__name__
-        if isinstance(cause, ConnectionError) and url.startswith("tls://"):
-            # TLS 1.3 lets the client finish its handshake before the hub checks the
-            # client certificate, so the hub's alert is often lost in the reset.
-            reason += " (a hub that demands a client certificate closes the connection this way)"
-        raise ConfigError(f"cannot connect to {url} as {account}: {reason}") from None
+        raise ConfigError(
+            f"cannot connect to {url} as {account}: {_reason(url, exc, failures, connect_timeout)}"
+        ) from None
     return nc
+
+
+def _reason(url: str, raised: Exception, failures: list[Exception], timeout: int) -> str:
+    """One line saying why the connect failed, from what nats-py raised and reported."""
+    # A hub refusing the client certificate resets the connection too, and the
+    # reset may be what connect raises: the TLS alert is the reason worth naming.
+    alerts = [exc for exc in failures if isinstance(exc, ssl.SSLError)]
+    cause: Exception = raised
+    if alerts:
+        cause = alerts[0]
+    elif isinstance(raised, nats.errors.NoServersError) and failures:
+        cause = failures[-1]
+    if isinstance(cause, TimeoutError):
+        return f"no answer within {timeout}s"
+    reason = " ".join(str(cause).split()) or type(cause).__name__
+    if isinstance(cause, ConnectionError) and url.startswith("tls://"):
+        # TLS 1.3 lets the client finish its handshake before the hub checks the
+        # client certificate, so the hub's alert is often lost in the reset.
+        reason += " (a hub that demands a client certificate closes the connection this way)"
+    return reason
 
 
 AUDIT_MAX_BYTES: Final = 256 * 1024**2

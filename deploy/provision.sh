@@ -4,6 +4,13 @@
 # that member's keys volume, then create every account's streams and consumers
 # on the hub (idempotent: running it twice changes nothing).
 #
+# The roster-authority public key is installed into a volume only when the volume
+# has none: it is what each node checks every later roster against, so a roster
+# rollout must never be able to replace it. If the source's key differs from one
+# already pinned, nothing is copied and the script stops with one line (exit 2);
+# re-pinning is a deliberate act: check the new key's thumbprint out of band
+# (msmt keys verify-roster prints it), then remove the pinned file by hand.
+#
 #   MSMT_KEYS_SRC   the operator's key directory (read-only), e.g. /src/keys
 #   MSMT_VOLUMES    where the keys volumes are mounted: $MSMT_VOLUMES/<MEMBER>
 #   MSMT_HUB        one hub server URL
@@ -11,6 +18,16 @@
 set -eu
 : "${MSMT_KEYS_SRC:?}" "${MSMT_VOLUMES:?}" "${MSMT_HUB:?}" "${MSMT_REPLICAS:=3}"
 MEMBERS="JPN USA KOR GBR FRA AUS CAN DEU ITA NLD NZL"
+AUTHORITY=roster-authority.json
+
+# Every volume is checked before any is touched, so a refusal changes nothing.
+for m in $MEMBERS; do
+    pinned="$MSMT_VOLUMES/$m/$AUTHORITY"
+    if [ -e "$pinned" ] && ! cmp -s "$MSMT_KEYS_SRC/$AUTHORITY" "$pinned"; then
+        echo "provision.sh: error: $MSMT_KEYS_SRC/$AUTHORITY is not the authority key pinned in $pinned; refusing to replace it (to re-pin, check the new key out of band and remove $pinned)" >&2
+        exit 2
+    fi
+done
 
 for m in $MEMBERS; do
     vol="$MSMT_VOLUMES/$m"
@@ -22,10 +39,14 @@ for m in $MEMBERS; do
     if [ -d "$vol/$m" ]; then mv "$vol/$m" "$vol/$m.old"; fi
     mv "$vol/$m.new" "$vol/$m"
     rm -rf "$vol/$m.old"
-    # The public roster and the pinned authority key (the roster's .jws last,
-    # so a node that starts in between sees a pair that does not verify and
-    # retries, never a mix it accepts).
-    for f in roster-authority.json roster.json roster.json.jws; do
+    # The authority key is pinned once, on the first run, and never replaced.
+    if [ ! -e "$vol/$AUTHORITY" ]; then
+        cp "$MSMT_KEYS_SRC/$AUTHORITY" "$vol/$AUTHORITY.new"
+        mv "$vol/$AUTHORITY.new" "$vol/$AUTHORITY"
+    fi
+    # The public roster (the .jws last, so a node that starts in between sees a
+    # pair that does not verify and retries, never a mix it accepts).
+    for f in roster.json roster.json.jws; do
         cp "$MSMT_KEYS_SRC/$f" "$vol/$f.new"
         mv "$vol/$f.new" "$vol/$f"
     done

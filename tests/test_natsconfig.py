@@ -6,19 +6,28 @@ import asyncio
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from node_world import msmt
 
 from broker import keys, natsconfig, natsetup
 from broker.cli import main
 from broker.errors import ConfigError, KeyMaterialError
 from broker.members import MEMBERS
-from broker.natsproc import NatsServer, make_cluster, nats_server_binary, start_cluster
+from broker.natsproc import (
+    NatsServer,
+    free_port,
+    make_cluster,
+    nats_server_binary,
+    start_cluster,
+)
 
 MEMBERS3 = ("JPN", "USA", "KOR")
+KEYS_MD = Path(__file__).resolve().parent.parent / "docs" / "KEYS.md"
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +162,21 @@ def test_setup_with_credentials_the_hub_does_not_know_is_one_line(
         asyncio.run(natsetup.setup_account(hub.url, "JPN", keys.new_nats_seed()))
 
 
+def test_setup_against_a_port_nobody_listens_on_is_one_line_and_quick(keydir: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    # nats-py used to retry a refused connect forever; the timeout turns that into a failure.
+    done = msmt(
+        "nats", "setup", "--server", url, "--keys", str(keydir), "--account", "JPN", timeout=30
+    )
+    assert time.monotonic() - started < 20
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.startswith(f"msmt: error: cannot connect to {url} as JPN: "), done.stderr
+    assert "Connect call failed" in done.stderr  # the socket's reason, not nats-py's "no servers"
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stdout == ""
+
+
 def test_three_server_hub_acks_a_cross_account_publish_on_an_r3_inbox(
     keydir: Path, tmp_path: Path
 ) -> None:
@@ -208,3 +232,21 @@ def test_config_is_plain_json_a_reader_can_audit(keydir: Path) -> None:
     assert set(accounts) == {*MEMBERS, "AUDIT", "SYS"}
     assert accounts["SYS"] == {}
     assert tail.strip() == '"SYS"'
+
+
+def test_keys_md_names_every_setting_the_hub_config_has_besides_the_accounts(
+    keydir: Path,
+) -> None:
+    text = natsconfig.server_config(keydir, cluster=3)
+    head, found, _ = text.partition("\naccounts: ")
+    assert found
+    settings = [
+        line.split(":")[0].split(" {")[0]
+        for line in head.splitlines()
+        if line and not line.startswith((" ", "}"))
+    ]
+    assert settings == ["server_name", "listen", "http", "jetstream", "max_payload", "cluster"]
+    doc = " ".join(KEYS_MD.read_text().split())
+    # The file is nats-server syntax around one JSON value; the doc must not sell it as JSON.
+    assert [s for s in settings if f"`{s}" not in doc] == []
+    assert '`accounts: {...}` and `system_account: "SYS"`' in doc

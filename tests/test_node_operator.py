@@ -8,7 +8,9 @@ SIGKILL leaves it behind, and the next start replaces it and serves.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 from node_world import MSMT, readyz, setup_accounts, start_hub, wait_for
 
-from broker import samples
+from broker import keys, samples
 from broker.config import NodeConfig, load_config
 from broker.intake import ensure_token, submit
 from broker.natsproc import NatsServer, free_port
@@ -59,10 +61,10 @@ class Kor:
         assert created.returncode == 0, created.stderr
         assert created.stdout.startswith("created ")
 
-    def start(self) -> None:
+    def start(self, *args: str) -> None:
         with (self.root / "KOR.log").open("ab") as log:
             self.proc = subprocess.Popen(
-                [MSMT, "node", "run", "--config", str(self.config_path)],
+                [MSMT, "node", "run", "--config", str(self.config_path), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -147,3 +149,60 @@ def test_a_socket_left_by_a_killed_node_is_replaced_at_the_next_start(kor: Kor) 
     assert not [n for n in os.listdir(sock.parent) if ".stale-" in n]
     assert kor.stop(signal.SIGTERM) == 0
     assert not sock.exists()
+
+
+def test_status_shows_the_roster_version_the_node_started_with(kor: Kor) -> None:
+    kor.create_pseudonym_key()
+    before = kor.msmt("keys", "rotate", "JPN", "--dir", str(kor.root / "keys"))
+    assert before.returncode == 0, before.stderr
+    version = keys.load_signed_roster(kor.root / "keys").version
+    assert version > 1  # a rotation, so the number is not a default anyone would print
+    kor.start()
+    assert kor.stop(signal.SIGTERM) == 0
+
+    text = kor.msmt("status", "--config", str(kor.config_path))
+    assert text.returncode == 0, text.stderr
+    assert f"roster_version {version}\n" in text.stdout
+    done = kor.msmt("status", "--config", str(kor.config_path), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["roster_version"] == version
+
+
+def test_inbox_list_refuses_a_sender_that_is_not_a_member(kor: Kor) -> None:
+    kor.create_pseudonym_key()
+    kor.start()
+    assert kor.stop(signal.SIGTERM) == 0
+    config = str(kor.config_path)
+
+    refused = kor.msmt("inbox", "list", "--config", config, "--from", "XXX")
+    assert refused.returncode == 2, refused.stdout
+    assert refused.stderr == (
+        "msmt: error: --from: unknown member 'XXX' "
+        "(members: JPN, USA, KOR, GBR, FRA, AUS, CAN, DEU, ITA, NLD, NZL)\n"
+    )
+    member = kor.msmt("inbox", "list", "--config", config, "--from", "usa")
+    assert (member.returncode, member.stdout, member.stderr) == (0, "", "")
+
+
+def test_node_run_takes_a_log_level_in_any_case_and_refuses_an_unknown_one(kor: Kor) -> None:
+    kor.create_pseudonym_key()
+    refused = kor.msmt("node", "run", "--config", str(kor.config_path), "--log-level", "LOUD")
+    assert refused.returncode == 2, refused.stderr
+    assert "Invalid value for '--log-level': 'LOUD' is not one of" in refused.stderr
+    assert "Traceback" not in refused.stderr + refused.stdout
+
+    kor.start("--log-level", "warning")
+    assert kor.stop(signal.SIGTERM) == 0
+    logged = (kor.root / "KOR.log").read_text()
+    # WARNING drops the info lines a default start writes (node_started and the like).
+    assert '"level": "info"' not in logged
+
+
+def test_the_readme_tour_asks_no_more_cosignatures_than_its_running_nodes_give() -> None:
+    tour = (REPO / "README.md").read_text().split("Step by step, as an operator would")[1]
+    tour = tour.split("```")[1]
+    running = re.findall(r"msmt node run --config nodes/([A-Z]{3})/node.toml &", tour)
+    assert running == ["JPN", "USA"]
+    (origin, quorum), *_ = re.findall(r"msmt audit verify data/([A-Z]{3}) .*--quorum (\d+)", tour)
+    # Only the other running nodes witness the origin's log.
+    assert int(quorum) <= len([m for m in running if m != origin])

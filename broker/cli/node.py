@@ -20,6 +20,8 @@ import click
 from broker.config import NodeConfig, load_config
 from broker.errors import UsageError
 from broker.intake import read_token, submit
+from broker.log import LEVELS as LOG_LEVELS
+from broker.members import MEMBERS, is_member
 from broker.store import InboxEntry, Store
 
 _CONFIG = click.option(
@@ -42,7 +44,13 @@ def node_group() -> None:
 
 @node_group.command(name="run")
 @_CONFIG
-@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING...")
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="The least severe level logged.",
+)
 def node_run(config_path: Path, log_level: str) -> None:
     """Run the node until SIGTERM or SIGINT: intake, outbox publishing, inbox, metrics."""
     from broker import log  # noqa: PLC0415
@@ -128,8 +136,13 @@ def inbox_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def inbox_list(config_path: Path, sender: str | None, limit: int, as_json: bool) -> None:
     """List received reports, newest first: originator, kind, and the fields received."""
+    if sender is not None:
+        if not is_member(sender.upper()):
+            # The store would only find nothing, which reads as "no reports yet".
+            raise UsageError(f"--from: unknown member {sender!r} (members: {', '.join(MEMBERS)})")
+        sender = sender.upper()
     store = _open_store(_config(config_path))
-    for entry in store.inbox(sender=sender.upper() if sender else None, limit=limit):
+    for entry in store.inbox(sender=sender, limit=limit):
         if as_json:
             click.echo(json.dumps(_entry_json(entry)))
         else:
@@ -156,12 +169,18 @@ def inbox_show(config_path: Path, report_id: str) -> None:
 @_CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 def status_cmd(config_path: Path, as_json: bool) -> None:
-    """Show connection, outbox depth, inbox lag, counters and the last error."""
+    """Show connection, outbox depth, inbox lag, counters and the last error.
+
+    ``roster_version`` is the roster the node last started with (a number, or
+    ``unknown`` before its first start), to check a roster rollout reached it.
+    """
     config = _config(config_path)
     store = _open_store(config)
     state = store.state()
+    roster = state.get("roster_version", "unknown")
     status: dict[str, Any] = {
         "member": config.member,
+        "roster_version": int(roster) if roster.isdecimal() else roster,
         "connected": state.get("connected", "unknown"),
         "outbox_depth": store.outbox_depth(),
         "inbox_lag": state.get("inbox_lag", "unknown"),
