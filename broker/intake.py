@@ -11,7 +11,12 @@ Every record gets one answer line (NDJSON), in input order::
     {"line": 2, "status": "rejected", "reason": "schema", "errors": [{"path": ..., "reason": ...}]}
     {"line": 3, "status": "rejected", "reason": "size", "detail": "..."}
     {"line": 4, "status": "rejected", "reason": "duplicate", "report_id": "..."}
-    {"line": 5, "status": "rejected", "reason": "unavailable", "detail": "store ...: disk is full"}
+    {"line": 5, "status": "rejected", "reason": "conflict", "report_id": "...", "detail": "..."}
+    {"line": 6, "status": "rejected", "reason": "unavailable", "detail": "store ...: disk is full"}
+
+"duplicate" is a resend of what was accepted (the same content, however
+spelt); "conflict" is other content under an id already accepted, which the
+node never signs: a correction needs a new report id.
 
 "accepted" is only written after the record is committed to the store (and its
 audit entry appended): the ``Acceptor`` returns only then.
@@ -37,16 +42,18 @@ from aiohttp import web
 
 from broker.errors import StoreError, UsageError
 from broker.log import get_logger
-from broker.sightings import HANDLING_FIELDS, KINDS, field_paths
-from broker.store import NewReport
+from broker.sightings import HANDLING_FIELDS, KINDS, SightingModel, field_paths, same_content
+from broker.store import Accepted, NewReport
 from broker.validation import InvalidRecordError, parse_record
 
 log = get_logger("intake")
 
 Acceptor = Callable[[list[NewReport], str], Awaitable[list[bool]]]
-"""Durably accept a batch from a feed channel; True per new report, False per duplicate.
+"""Durably accept a batch from a feed channel; True per new report, False per id taken.
 
-May raise ``StoreError``, and must return only once the batch is committed."""
+May raise ``StoreError``, and must return only once the batch is committed.
+Returning ``Store.accept``'s ``Accepted`` (with the records stored earlier)
+lets the intake answer "conflict" instead of "duplicate" for other content."""
 
 RejectRecorder = Callable[[list[tuple[str, str]], str], Awaitable[None]]
 """Durably record refused records as ``(reason, detail)`` pairs, before they are answered."""
@@ -148,13 +155,15 @@ class Intake:
         """Answer a batch of lines in order; good records are committed in one transaction."""
         answers: list[dict[str, Any] | None] = []
         batch: list[NewReport] = []
+        sightings: list[SightingModel] = []
         slots: list[int] = []
         for number, raw in lines:
-            answer, report = self._check(number, raw)
+            answer, checked = self._check(number, raw)
             answers.append(answer)
-            if report is not None:
+            if checked is not None:
                 slots.append(len(answers) - 1)
-                batch.append(report)
+                batch.append(checked[0])
+                sightings.append(checked[1])
         if batch:
             try:
                 fresh = await self.acceptor(batch, self.feed)
@@ -172,13 +181,10 @@ class Intake:
                         "detail": self.refusing,
                     }
             else:
-                for slot, report, new in zip(slots, batch, fresh, strict=True):
-                    answers[slot] = {
-                        "line": lines[slot][0],
-                        "status": "accepted" if new else "rejected",
-                        "report_id": report.report_id,
-                        **({} if new else {"reason": "duplicate"}),
-                    }
+                earlier = fresh.earlier if isinstance(fresh, Accepted) else {}
+                for i, (slot, report, new) in enumerate(zip(slots, batch, fresh, strict=True)):
+                    stored = None if new else earlier.get(i)
+                    answers[slot] = _answer(lines[slot][0], report, new, sightings[i], stored)
         done = [a for a in answers if a is not None]
         refused = [_summary(a) for a in done if a["status"] == "rejected"]
         refused = [r for r in refused if r[0] != "unavailable"]
@@ -190,7 +196,9 @@ class Intake:
             ] += 1
         return done
 
-    def _check(self, number: int, raw: bytes | Oversize) -> tuple[dict[str, Any] | None, Any]:
+    def _check(
+        self, number: int, raw: bytes | Oversize
+    ) -> tuple[dict[str, Any] | None, tuple[NewReport, SightingModel] | None]:
         if isinstance(raw, Oversize):
             detail = f"record is at least {raw.size} bytes; limit {self.max_bytes}"
             return _rejected(number, "size", detail=detail), None
@@ -206,7 +214,35 @@ class Intake:
             return _rejected(
                 number, "schema", errors=[{"path": "originator", "reason": reason}]
             ), None
-        return None, NewReport(str(sighting.report_id), sighting.kind, raw)
+        return None, (NewReport(str(sighting.report_id), sighting.kind, raw), sighting)
+
+
+def _answer(
+    number: int, report: NewReport, new: bool, sighting: SightingModel, stored: bytes | None
+) -> dict[str, Any]:
+    # A taken id is a duplicate unless the record stored under it (when the
+    # acceptor says) has other content.
+    if new:
+        return {"line": number, "status": "accepted", "report_id": report.report_id}
+    if stored is None or _resent(report, sighting, stored):
+        return _rejected(number, "duplicate", report_id=report.report_id)
+    detail = (
+        f"report_id {report.report_id} was accepted earlier with different content;"
+        " send a correction under a new report_id"
+    )
+    return _rejected(number, "conflict", report_id=report.report_id, detail=detail)
+
+
+def _resent(report: NewReport, sighting: SightingModel, stored: bytes) -> bool:
+    # Whether the stored record under this id says what the new one says. A
+    # stored record that no longer parses (rules since tightened) is other
+    # content unless byte-identical: answering "duplicate" could hide a change.
+    if stored == report.record:
+        return True
+    try:
+        return same_content(parse_record(stored), sighting)
+    except InvalidRecordError:
+        return False
 
 
 _KNOWN_PATHS: Final = frozenset(
@@ -231,6 +267,8 @@ def _summary(answer: dict[str, Any]) -> tuple[str, str]:
         return reason, ("invalid field " + ", ".join(paths))[:200]
     if reason == "size":
         return reason, f"record over the {answer.get('detail', '').rpartition(' ')[2]} byte limit"
+    if reason == "conflict":
+        return reason, f"report {answer.get('report_id', '')} was accepted with other content"
     return reason, f"report {answer.get('report_id', '')} was already accepted"
 
 
@@ -392,7 +430,8 @@ class Spool:
     """Ingest files moved into a directory; move each to ``done/`` or ``rejected/``.
 
     A file goes to ``done/`` when every record was accepted (or was already
-    accepted before, a duplicate), else to ``rejected/``; its answers are written
+    accepted before, a duplicate), else to ``rejected/`` (a record refused, or
+    a conflict: other content under an id already accepted); its answers are written
     beside it as ``<name>.result.ndjson``. If the store cannot accept, the file
     stays in place and is retried, since re-ingesting only yields duplicates.
     Names starting with ``.`` or ending in ``.tmp`` are ignored: feeds write

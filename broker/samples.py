@@ -319,6 +319,13 @@ def invalid_records() -> list[tuple[str, str, dict[str, Any] | str]]:
         ("amount float", "transfer.amount", edit(c, "transfer.amount", 1.5)),
         ("amount negative", "transfer.amount", edit(c, "transfer.amount", "-3")),
         ("transfer category", "transfer.category", edit(c, "transfer.category", "cash")),
+        ("member twice", "tlp", to_ndjson([v]).rstrip("\n")[:-1] + ',"tlp":"RED"}'),
+        ("time without T", "observed_at", edit(v, "observed_at", "2026-11-01 10:00:00Z")),
+        ("time without seconds", "observed_at", edit(v, "observed_at", "2026-11-01T10:00Z")),
+        ("Unix time", "observed_at", edit(v, "observed_at", "1761991200")),
+        ("zero time", "observed_at", edit(v, "observed_at", "0001-01-01T00:00:00Z")),
+        ("report id case", "report_id", edit(v, "report_id", v["report_id"].upper())),
+        ("nil report id", "report_id", edit(v, "report_id", str(uuid.UUID(int=0)))),
     ]
 
 

@@ -2,8 +2,8 @@
 
 Every model is frozen and ``extra="forbid"``. Coordinates, amounts and volumes
 are exact decimals carried as JSON strings (``"38.1250"``), never floats, so that
-two implementations hash the same bytes. Timestamps must be UTC and carry their
-offset. Field paths such as ``vessel.imo`` or ``source.sensor`` are the unit of
+two implementations hash the same bytes. Timestamps are RFC 3339 in UTC, written
+with ``Z``. Field paths such as ``vessel.imo`` or ``source.sensor`` are the unit of
 release: the policy engine decides per path and the envelope discloses per path.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal, Self, Union
 from uuid import UUID
@@ -24,9 +24,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -59,14 +61,112 @@ def _decimal_text(value: object) -> object:
     raise ValueError('must be a decimal written as a JSON string, such as "38.125"')
 
 
+def _decimal_json(value: Decimal) -> str:
+    # str(Decimal("0.00000001")) is "1E-8", which _DECIMAL_TEXT (and so every
+    # receiver) refuses; "f" keeps the digits as sent, trailing zeros included.
+    return format(value, "f")
+
+
+# RFC 3339 section 5.6 with "Z" only: pydantic alone also takes Unix times as
+# strings, a space, "_" or "t" for the "T", no seconds, and "+00:00", and it
+# drops fraction digits past the sixth; a signed time has one spelling, exact.
+_TIME_TEXT: Final = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z"
+_RFC3339_UTC: Final = re.compile(_TIME_TEXT)
+_TIME_FORM: Final = (
+    '"YYYY-MM-DDTHH:MM:SSZ" (at most 6 fraction digits), e.g. "2026-11-01T10:00:00Z"'
+)
+
+
+def _rfc3339_text(value: object) -> object:
+    # Parsed here, not by pydantic: a before-validator hands on a Python value,
+    # which strict mode would refuse as a string.
+    if not isinstance(value, str):
+        return value
+    if not _RFC3339_UTC.fullmatch(value):
+        raise ValueError(f"must be an RFC 3339 time in UTC, {_TIME_FORM}")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(f"is not a valid time: {exc}") from None
+
+
 def _utc(value: datetime) -> datetime:
     if value.utcoffset() != timedelta(0):
-        raise ValueError("must be in UTC (offset Z or +00:00)")
+        raise ValueError("must be in UTC (offset Z)")
     return value
 
 
-ExactDecimal = Annotated[Decimal, BeforeValidator(_decimal_text)]
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
+def _string_schema(pattern: str) -> WithJsonSchema:
+    # The exported JSON Schema gets standard keywords (a decimal string's range
+    # as a pattern) instead of pydantic's own "ge"/"decimal_places", which no
+    # JSON Schema validator knows, and no "number", which the model refuses.
+    return WithJsonSchema({"type": "string", "pattern": pattern})
+
+
+ExactDecimal = Annotated[
+    Decimal,
+    BeforeValidator(_decimal_text),
+    PlainSerializer(_decimal_json, return_type=str, when_used="json"),
+    _string_schema(r"^-?[0-9]+(\.[0-9]+)?$"),
+]
+UtcDatetime = Annotated[
+    AwareDatetime,
+    BeforeValidator(_rfc3339_text),
+    AfterValidator(_utc),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": f"^{_TIME_TEXT}$"}),
+]
+
+# Ranges as patterns, for the exported schema only (the model checks the
+# values): any leading zeros, then at most 7 significant decimal places.
+_LAT_PATTERN: Final = r"^-?0*([0-8]?[0-9](\.[0-9]{1,7}0*)?|90(\.0+)?)$"
+_LON_PATTERN: Final = r"^-?0*((1[0-7][0-9]|[0-9]?[0-9])(\.[0-9]{1,7}0*)?|180(\.0+)?)$"
+_POSITIVE_PATTERN: Final = r"^(0*[1-9][0-9]*(\.[0-9]+)?|0+\.0*[1-9][0-9]*)$"
+Latitude = Annotated[
+    ExactDecimal, Field(ge=-90, le=90, decimal_places=7), _string_schema(_LAT_PATTERN)
+]
+Longitude = Annotated[
+    ExactDecimal, Field(ge=-180, le=180, decimal_places=7), _string_schema(_LON_PATTERN)
+]
+PositiveDecimal = Annotated[ExactDecimal, Field(gt=0), _string_schema(_POSITIVE_PATTERN)]
+
+_EXAMPLE_UUID: Final = "0f14b58e-1c9c-4e89-807f-c84adc47a049"
+_UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_NOT_CHOSEN: Final = (
+    "00000000-0000-0000-0000-000000000000",
+    "ffffffff-ffff-ffff-ffff-ffffffffffff",
+)
+
+
+def _uuid_text(value: object) -> object:
+    # UUID() also takes upper case, braces, "urn:uuid:" and no hyphens, and the
+    # node would answer with another spelling than the feed sent; receivers
+    # (envelope_format._is_uuid) take only the canonical one.
+    if not isinstance(value, str):
+        return value
+    if not _UUID_TEXT.fullmatch(value):
+        raise ValueError("must be a UUID in lower-case 8-4-4-4-12 form, e.g. " + _EXAMPLE_UUID)
+    return UUID(value)
+
+
+def _chosen_uuid(value: UUID) -> UUID:
+    if str(value) in _NOT_CHOSEN:
+        raise ValueError("must not be the nil or max UUID: each report needs its own id")
+    return value
+
+
+ReportId = Annotated[
+    UUID,
+    BeforeValidator(_uuid_text),
+    AfterValidator(_chosen_uuid),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "uuid",
+            "pattern": "^" + _UUID_TEXT.pattern + "$",
+            "not": {"enum": list(_NOT_CHOSEN)},
+        }
+    ),
+]
 Trigraph = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 3166-1 alpha-3 code")]
 Text = Annotated[str, Field(min_length=1, max_length=200)]
 
@@ -79,8 +179,16 @@ def _checked(check: Any) -> Any:
     return AfterValidator(run)
 
 
-Imo = Annotated[str, _checked(identifiers.check_imo), Field(examples=["9321483"])]
-Mmsi = Annotated[str, _checked(identifiers.check_mmsi), Field(examples=["445123000"])]
+Imo = Annotated[
+    str,
+    _checked(identifiers.check_imo),
+    Field(examples=["9321483"], json_schema_extra={"pattern": "^[0-9]{7}$"}),
+]
+Mmsi = Annotated[
+    str,
+    _checked(identifiers.check_mmsi),
+    Field(examples=["445123000"], json_schema_extra={"pattern": "^[0-9]{9}$"}),
+]
 
 
 class _Frozen(BaseModel):
@@ -105,18 +213,23 @@ class SourceMethod(_Frozen):
 class Position(_Frozen):
     """A WGS 84 position in exact decimal degrees."""
 
-    lat: Annotated[ExactDecimal, Field(ge=-90, le=90, decimal_places=7)] = Field(
-        description="Latitude in decimal degrees, north positive, as a string."
+    lat: Latitude = Field(
+        description="Latitude in decimal degrees, north positive, as a string (-90 to 90,"
+        " at most 7 decimal places)."
     )
-    lon: Annotated[ExactDecimal, Field(ge=-180, le=180, decimal_places=7)] = Field(
-        description="Longitude in decimal degrees, east positive, as a string."
+    lon: Longitude = Field(
+        description="Longitude in decimal degrees, east positive, as a string (-180 to 180,"
+        " at most 7 decimal places)."
     )
 
 
 class VesselRef(_Frozen):
     """Another vessel, identified by whatever the observer could establish."""
 
-    imo: Imo | None = Field(default=None, description="IMO number with valid check digit.")
+    imo: Imo | None = Field(
+        default=None,
+        description="IMO number with valid check digit (checked by the node, not by this schema).",
+    )
     mmsi: Mmsi | None = Field(default=None, description="9-digit MMSI.")
     name: Text | None = Field(default=None, description="Name as painted or broadcast.")
 
@@ -133,8 +246,9 @@ class Cargo(_Frozen):
     type: Literal[
         "refined_petroleum", "crude_oil", "coal", "iron_ore", "seafood", "textiles", "sand", "other"
     ] = Field(description="Cargo category.")
-    quantity_tonnes: Annotated[ExactDecimal, Field(gt=0)] | None = Field(
-        default=None, description="Estimated quantity in metric tonnes, as a decimal string."
+    quantity_tonnes: PositiveDecimal | None = Field(
+        default=None,
+        description="Estimated quantity in metric tonnes, as a positive decimal string.",
     )
     description: Text | None = Field(default=None, description="Free-text detail.")
 
@@ -142,7 +256,10 @@ class Cargo(_Frozen):
 class Vessel(_Frozen):
     """A ship-to-ship transfer or a suspicious port call."""
 
-    imo: Imo = Field(description="IMO number, 7 digits with a valid check digit.")
+    imo: Imo = Field(
+        description="IMO number, 7 digits with a valid check digit (checked by the node,"
+        " not by this schema)."
+    )
     mmsi: Mmsi | None = Field(default=None, description="MMSI, 9 digits, if broadcast.")
     name: Text = Field(description="Vessel name as painted or broadcast.")
     flag: Trigraph = Field(description="Flag state claimed, ISO 3166-1 alpha-3.")
@@ -206,20 +323,69 @@ class Worker(_Frozen):
 Chain = Literal["bitcoin", "ethereum"]
 
 
+# Each chain's address and hash shapes, for the exported schema only: the
+# checksums (base58check, bech32/bech32m, EIP-55) are beyond JSON Schema, and
+# identifiers.py checks them.
+_ADDRESSES: Final = "valid for the chain (its checksum is checked by the node, not by this schema)"
+
+
+def _on_chain(chain: str, address: str, tx_hash: str, shapes: tuple[str, str]) -> dict[str, Any]:
+    # One "if chain is X then its addresses and hash look like this" clause.
+    items = {"description": f"On {chain}: {shapes[0]}.", "items": {"pattern": address}}
+    return {
+        "if": {
+            "properties": {"chain": {"description": f"The chain is {chain}.", "const": chain}},
+            "required": ["chain"],
+        },
+        "then": {
+            "properties": {
+                "from_addresses": items,
+                "to_addresses": items,
+                "tx_hash": {"description": f"On {chain}: {shapes[1]}.", "pattern": tx_hash},
+            }
+        },
+    }
+
+
+# Each chain's address and hash shapes, for the exported schema only: the
+# checksums (base58check, bech32/bech32m, EIP-55) are beyond JSON Schema, and
+# identifiers.py checks them.
+_CHAIN_SCHEMA: Final[list[Any]] = [
+    _on_chain(
+        "bitcoin",
+        r"^([13][1-9A-HJ-NP-Za-km-z]{25,34}|bc1[02-9ac-hj-np-z]{8,87}|BC1[02-9AC-HJ-NP-Z]{8,87})$",
+        r"^[0-9a-f]{64}$",
+        ("base58check P2PKH or P2SH, or bech32/bech32m segwit", "64 lower-case hex digits"),
+    ),
+    _on_chain(
+        "ethereum",
+        r"^0x[0-9a-fA-F]{40}$",
+        r"^0x[0-9a-f]{64}$",
+        ("0x and 40 hex digits, EIP-55 if mixed case", "0x and 64 lower-case hex digits"),
+    ),
+]
+
+
 class CryptoTransfer(_Frozen):
     """A movement of crypto-assets, such as laundering of stolen funds."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": _CHAIN_SCHEMA})
 
     category: Literal["crypto"] = Field(description="Discriminator: a crypto-asset transfer.")
     chain: Chain = Field(description="Blockchain the transaction is on.")
     from_addresses: tuple[str, ...] = Field(
-        min_length=1, max_length=50, description="Sending addresses, valid for the chain."
+        min_length=1, max_length=50, description=f"Sending addresses, {_ADDRESSES}."
     )
     to_addresses: tuple[str, ...] = Field(
-        min_length=1, max_length=50, description="Receiving addresses, valid for the chain."
+        min_length=1, max_length=50, description=f"Receiving addresses, {_ADDRESSES}."
     )
-    tx_hash: str = Field(description="Transaction hash in the chain's usual hex form.")
-    amount: Annotated[ExactDecimal, Field(gt=0)] = Field(
-        description="Amount moved, in units of the asset, as a decimal string."
+    tx_hash: str = Field(
+        description="Transaction hash in the chain's usual hex form: 64 lower-case hex digits,"
+        " with 0x on Ethereum.",
+        json_schema_extra={"pattern": r"^(0x)?[0-9a-f]{64}$"},
+    )
+    amount: PositiveDecimal = Field(
+        description="Amount moved, in units of the asset, as a positive decimal string."
     )
     asset: Annotated[str, Field(pattern=r"^[A-Z0-9]{2,10}$")] = Field(
         description="Asset ticker, e.g. BTC, ETH, USDT."
@@ -251,8 +417,8 @@ class FuelTransfer(_Frozen):
 
     category: Literal["fuel"] = Field(description="Discriminator: a fuel transfer.")
     product: Literal["refined_petroleum", "crude_oil"] = Field(description="What was moved.")
-    volume: Annotated[ExactDecimal, Field(gt=0)] = Field(
-        description="Volume moved, in `unit`, as a decimal string."
+    volume: PositiveDecimal = Field(
+        description="Volume moved, in `unit`, as a positive decimal string."
     )
     unit: Literal["tonnes", "barrels", "kilolitres"] = Field(description="Unit of `volume`.")
     vessels: tuple[VesselRef, ...] = Field(
@@ -264,17 +430,42 @@ class FuelTransfer(_Frozen):
 Transfer = Annotated[CryptoTransfer | FuelTransfer, Field(discriminator="category")]
 
 
+_EARLIEST_OBSERVATION: Final = datetime(2000, 1, 1, tzinfo=UTC)
+# The same form in the years 2000 to 9999, as _plausible below requires.
+_OBSERVED_PATTERN: Final = "^[2-9][0-9]{3}" + _TIME_TEXT.removeprefix("[0-9]{4}") + "$"
+
+
 class _Header(_Frozen):
-    report_id: UUID = Field(description="Report id, a UUID chosen by the originator.")
+    report_id: ReportId = Field(
+        description="Report id, a UUID chosen by the originator, in lower-case 8-4-4-4-12"
+        " form; not the nil or max UUID."
+    )
     originator: Member = Field(description="The member that observed and signs the report.")
-    observed_at: UtcDatetime = Field(description="When the activity was observed, in UTC.")
+    observed_at: Annotated[
+        UtcDatetime,
+        WithJsonSchema({"type": "string", "format": "date-time", "pattern": _OBSERVED_PATTERN}),
+    ] = Field(
+        description="When the activity was observed: RFC 3339 in UTC with Z, at most 6 fraction"
+        " digits, in the year 2000 or later."
+    )
     tlp: TLP = Field(description="Originator's TLP 2.0 handling marking.")
     rel_to: tuple[Member, ...] | None = Field(
         default=None,
         min_length=1,
         description="REL TO: if given, only these members may receive the report.",
+        json_schema_extra={"uniqueItems": True},
     )
     source: SourceMethod = Field(description="Source and method (most sensitive).")
+
+    @field_validator("observed_at")
+    @classmethod
+    def _plausible(cls, value: datetime) -> datetime:
+        # Only at intake (a whole record): a zero time such as Go's 0001-01-01 or
+        # the Unix epoch is a feed's bug, not an observation. Receivers check
+        # the field alone (validate_field) and keep taking any year.
+        if value < _EARLIEST_OBSERVATION:
+            raise ValueError("is before 2000-01-01: a zero or placeholder time, not an observation")
+        return value
 
     @field_validator("rel_to")
     @classmethod
@@ -370,6 +561,32 @@ def leaf_values(sighting: SightingModel) -> dict[str, Any]:
     for name, value in data[sighting.kind].items():
         out[f"{sighting.kind}.{name}"] = value
     return out
+
+
+def same_content(a: SightingModel, b: SightingModel) -> bool:
+    """Whether two sightings say the same: equal values, however each was spelt.
+
+    Decimals compare by value (``"38.10"`` is ``"38.1"``), times by instant,
+    and Ethereum and bech32 addresses ignore letter case; everything else,
+    including the order of lists, must be equal. The intake uses it to tell a
+    feed's harmless resend from a correction under an id already accepted.
+    """
+    return _content(a) == _content(b)
+
+
+def _content(sighting: SightingModel) -> dict[str, Any]:
+    data = sighting.model_dump()
+    if isinstance(sighting, TransferSighting) and isinstance(sighting.transfer, CryptoTransfer):
+        for name in ("from_addresses", "to_addresses"):
+            data["transfer"][name] = tuple(_address_key(a) for a in data["transfer"][name])
+    return data
+
+
+def _address_key(address: str) -> str:
+    # EIP-55 and bech32 letter case is a spelling; base58 case is the value.
+    if address.startswith("0x") or address[:3].lower() == "bc1":
+        return address.lower()
+    return address
 
 
 def _field_adapter(head: str, name: str) -> TypeAdapter[Any]:

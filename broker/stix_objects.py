@@ -97,10 +97,21 @@ _ISO3166_PAIRS: Final = (
 _ISO3166: Final = {pair[:3]: pair[3:] for pair in _ISO3166_PAIRS.split()}
 
 
+_LAST_INSTANT: Final = datetime.max.replace(tzinfo=UTC)
+_LAST_HOUR: Final = _LAST_INSTANT.replace(minute=0, second=0, microsecond=0)
+
+
 def stix_time(value: datetime) -> str:
-    """Format an aware datetime as a STIX timestamp in UTC, to the millisecond."""
+    """Format an aware datetime as a STIX timestamp in UTC, to the millisecond.
+
+    Always a 4-digit year: ``strftime("%Y")`` writes year 1 as ``1``, which
+    makes the timestamp, and with it the whole bundle, invalid STIX.
+    """
     utc = value.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
+        f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z"
+    )
 
 
 def member_identity_id(member: str) -> str:
@@ -169,7 +180,10 @@ def seen_span(fields: Mapping[str, Any]) -> tuple[str, str] | None:
     if value is None:
         return None
     start = datetime.fromisoformat(value)
-    end = start + timedelta(hours=1) if transform == "hour" else start
+    end = start
+    if transform == "hour":
+        # The last hour of year 9999 ends past what a timestamp can hold.
+        end = start + timedelta(hours=1) if start < _LAST_HOUR else _LAST_INSTANT
     return stix_time(start), stix_time(end)
 
 

@@ -92,6 +92,19 @@ class NewReport:
     record: bytes
 
 
+class Accepted(list[bool]):
+    """``Store.accept``'s answer: per report, True if new, False if its id was taken.
+
+    A list of bools, so callers that only count new reports need nothing else;
+    ``earlier`` maps the index of each refused report to the record stored
+    under its id.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.earlier: dict[int, bytes] = {}
+
+
 def _lock_writer(path: Path) -> int:
     """Hold ``<store>.lock`` exclusively while this process writes the store.
 
@@ -261,18 +274,28 @@ class Store:
 
     # --- reports accepted from feeds ---------------------------------------
 
-    def accept(self, reports: Sequence[NewReport], now: float | None = None) -> list[bool]:
-        """Durably accept a batch; return, per report, True if new, False if a duplicate id."""
+    def accept(self, reports: Sequence[NewReport], now: float | None = None) -> Accepted:
+        """Durably accept a batch; return, per report, True if new, False if its id was taken.
+
+        For each id already taken, ``Accepted.earlier`` holds the record stored
+        under it, so the caller can tell a resend from a conflicting correction.
+        """
         at = time.time() if now is None else now
-        out: list[bool] = []
+        out = Accepted()
         with self._tx() as db:
-            for rep in reports:
+            for i, rep in enumerate(reports):
                 cur = db.execute(
                     "INSERT OR IGNORE INTO reports(report_id, kind, accepted_at, record) "
                     "VALUES (?, ?, ?, ?)",
                     (rep.report_id, rep.kind, at, rep.record),
                 )
                 out.append(cur.rowcount == 1)
+                if cur.rowcount != 1:
+                    # Within the transaction, so an earlier record of this batch counts too.
+                    row = db.execute(
+                        "SELECT record FROM reports WHERE report_id = ?", (rep.report_id,)
+                    ).fetchone()
+                    out.earlier[i] = bytes(row[0])
         return out
 
     def unaudited(self) -> list[tuple[str, str]]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -88,12 +90,71 @@ def parse_record(raw: bytes | str) -> SightingModel:
             [FieldProblem("", f"record is {size} bytes; limit {MAX_RECORD_BYTES}")]
         )
     try:
-        return SIGHTING_ADAPTER.validate_json(raw)
+        sighting = SIGHTING_ADAPTER.validate_json(raw)
     except ValidationError as exc:
         problems = problems_of(exc)
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             problems = [FieldProblem("", "not valid JSON: " + str(exc.errors()[0]["msg"]))]
         raise InvalidRecordError(problems) from None
+    try:
+        twice = duplicate_key(raw)
+    except ValueError as exc:
+        raise InvalidRecordError([FieldProblem("", f"not valid JSON: {exc}")]) from None
+    if twice is not None:
+        raise InvalidRecordError([FieldProblem(twice, "appears more than once in its object")])
+    return sighting
+
+
+class _Duplicate(Exception):  # noqa: N818 - control flow inside duplicate_key only
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _Duplicate
+    return out
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """An object's members in order, kept so the duplicated one can be named."""
+
+
+def duplicate_key(raw: bytes | str) -> str | None:
+    """Return the path of a member name that appears twice in one object, or None.
+
+    pydantic (like most parsers) keeps the last of duplicate members, so
+    ``"tlp": "GREEN", ..., "tlp": "RED"`` would be signed as RED while another
+    reader sees GREEN; RFC 7493 (I-JSON) requires names to be unique. Raises
+    ``ValueError`` if ``raw`` is not JSON that Python's parser reads.
+    """
+    try:
+        json.loads(raw, object_pairs_hook=_unique_pairs)
+    except _Duplicate:
+        # Rare: parse again keeping every member, to name the first repeated one.
+        return _first_repeat(json.loads(raw, object_pairs_hook=_Pairs), "")
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    return None
+
+
+def _first_repeat(value: Any, path: str) -> str | None:
+    if isinstance(value, _Pairs):
+        seen: set[str] = set()
+        for name, item in value:
+            where = f"{path}.{name}" if path else name
+            if name in seen:
+                return where
+            seen.add(name)
+            found = _first_repeat(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_repeat(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -354,3 +354,118 @@ async def test_rejections_are_recorded_without_feed_chosen_names_or_values(tmp_p
         ("size", "record over the 4096 byte limit"),
     ]
     assert intake.counts == {"accepted": 1, "duplicate": 1, "schema": 2, "size": 1}
+
+
+def _edited(record: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(record))
+    *parents, last = path.split(".")
+    node = out
+    for name in parents:
+        node = node[name]
+    node[last] = value
+    return out
+
+
+async def test_other_content_under_an_accepted_id_is_a_conflict_not_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    recorded: list[list[tuple[str, str]]] = []
+
+    async def acceptor(batch: list[NewReport], _feed: str) -> list[bool]:
+        return await asyncio.to_thread(store.accept, batch)
+
+    async def record(refused: list[tuple[str, str]], _feed: str) -> None:
+        recorded.append(refused)
+
+    intake = Intake("JPN", 65536, acceptor, record_rejects=record)
+    vessel, _worker, transfer = jpn_records(3)
+    vessel["vessel"]["position"]["lat"] = "38.1"
+    rid = vessel["report_id"]
+    first = await intake.process([(1, json.dumps(vessel).encode())])
+    assert first[0]["status"] == "accepted"
+    resends = [
+        # The same report, spelt differently: whitespace, member order, decimal zeros.
+        json.dumps(vessel, indent=2, sort_keys=True).replace("\n", " ").encode(),
+        json.dumps(_edited(vessel, "vessel.position.lat", "38.100")).encode(),
+        # Corrections: not the report the partners hold.
+        json.dumps(_edited(vessel, "vessel.name", vessel["vessel"]["name"] + " II")).encode(),
+        json.dumps(_edited(vessel, "tlp", "RED" if vessel["tlp"] != "RED" else "CLEAR")).encode(),
+        json.dumps(_edited(vessel, "vessel.position.lat", "38.2")).encode(),
+    ]
+    answers = await intake.process([(i + 2, raw) for i, raw in enumerate(resends)])
+    assert [a["reason"] for a in answers] == [
+        "duplicate",
+        "duplicate",
+        "conflict",
+        "conflict",
+        "conflict",
+    ]
+    assert answers[2] == {
+        "line": 4,
+        "status": "rejected",
+        "reason": "conflict",
+        "report_id": rid,
+        "detail": f"report_id {rid} was accepted earlier with different content;"
+        " send a correction under a new report_id",
+    }
+    # The stored record (what is signed and sent) is still the first one.
+    ((_, stored),) = [row for row in store.unplanned(10) if row[0] == rid]
+    assert json.loads(stored) == vessel
+    assert recorded[-1][2] == ("conflict", f"report {rid} was accepted with other content")
+    assert intake.counts == {"accepted": 1, "duplicate": 2, "conflict": 3}
+
+    # Two versions of a new id in one batch: the first is accepted, the second conflicts.
+    confidence = "high" if transfer["source"]["confidence"] == "low" else "low"
+    other = _edited(transfer, "source.confidence", confidence)
+    both = await intake.process(
+        [(1, json.dumps(transfer).encode()), (2, json.dumps(other).encode())]
+    )
+    assert [a.get("reason", a["status"]) for a in both] == ["accepted", "conflict"]
+
+
+async def test_crypto_addresses_in_another_letter_case_are_the_same_report(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    intake = make_intake(store)
+    crypto = next(
+        r
+        for r in jpn_records(60, seed=5)
+        if r["kind"] == "transfer" and r["transfer"].get("chain") == "ethereum"
+    )
+    assert (await intake.process([(1, json.dumps(crypto).encode())]))[0]["status"] == "accepted"
+    lower = [a.lower() for a in crypto["transfer"]["from_addresses"]]
+    assert lower != crypto["transfer"]["from_addresses"]  # EIP-55 mixed case before
+    again = await intake.process(
+        [(1, json.dumps(_edited(crypto, "transfer.from_addresses", lower)).encode())]
+    )
+    assert again[0]["reason"] == "duplicate"
+
+
+async def test_spool_files_a_conflicting_resend_under_rejected(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    records = jpn_records(3)
+    (spool_dir / "first.ndjson").write_bytes(ndjson(records))
+    assert await spool.ingest(spool_dir / "first.ndjson")
+    assert (spool_dir / "done" / "first.ndjson").exists()
+    changed = _edited(records[1], "worker.workers", records[1]["worker"]["workers"] + 1)
+    (spool_dir / "again.ndjson").write_bytes(ndjson([records[0], changed]))
+    assert await spool.ingest(spool_dir / "again.ndjson")
+    assert not (spool_dir / "done" / "again.ndjson").exists()
+    assert (spool_dir / "rejected" / "again.ndjson").exists()
+    results = (spool_dir / "rejected" / "again.ndjson.result.ndjson").read_text().splitlines()
+    assert [json.loads(r)["reason"] for r in results] == ["duplicate", "conflict"]
+
+
+async def test_intake_refuses_a_record_with_a_member_given_twice(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    intake = make_intake(store)
+    record = jpn_records(1)[0]
+    raw = json.dumps(record)[:-1] + ', "tlp": "CLEAR"}'
+    (answer,) = await intake.process([(1, raw.encode())])
+    assert answer["reason"] == "schema"
+    assert answer["errors"] == [{"path": "tlp", "reason": "appears more than once in its object"}]
+    assert store.unplanned(10) == []

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from broker import samples, schemas
 from broker.cli import main
-from broker.sightings import SIGHTING_ADAPTER, VesselSighting, field_paths, leaf_values
-from broker.validation import InvalidRecordError, parse_record, validate_lines
+from broker.sightings import (
+    SIGHTING_ADAPTER,
+    VesselSighting,
+    field_paths,
+    leaf_values,
+    validate_field,
+)
+from broker.validation import FieldProblem, InvalidRecordError, parse_record, validate_lines
 
 ROOT = Path(__file__).parent.parent
 
@@ -151,3 +161,224 @@ def test_samples_generate_for_one_originator() -> None:
     bad = CliRunner().invoke(main, ["samples", "generate", "--originators", "JPN,XXX"])
     assert bad.exit_code == 2
     assert "unknown member 'XXX'" in bad.output
+
+
+def _vessel_with(path: str, value: object) -> dict[str, object]:
+    rec: dict[str, Any] = samples.example_records()["vessel"]
+    *parents, last = path.split(".")
+    node = rec
+    for name in parents:
+        node = node[name]
+    node[last] = value
+    return rec
+
+
+def _one_problem(raw: str) -> FieldProblem:
+    with pytest.raises(InvalidRecordError) as info:
+        parse_record(raw)
+    assert len(info.value.problems) == 1, info.value.problems
+    return info.value.problems[0]
+
+
+def test_decimals_are_signed_as_plain_decimal_strings() -> None:
+    # str(Decimal("0.00000001")) is "1E-8", which every receiver refuses.
+    rec = _vessel_with("vessel.position", {"lat": "0.0000001", "lon": "-0.0000000"})
+    leaves = leaf_values(parse_record(json.dumps(rec)))
+    assert leaves["vessel.position"] == {"lat": "0.0000001", "lon": "-0.0000000"}
+    validate_field("vessel", "vessel.position", leaves["vessel.position"])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1764670500",
+        "1764670500.5",
+        "2026-12-02_10:15:00Z",
+        "2026-12-02 10:15:00Z",
+        "2026-12-02T10:15Z",
+        "2026-12-02t10:15:00Z",
+        "2026-12-02T10:15:00z",
+        "2026-12-02T10:15:00+00:00",
+        "2026-12-02T10:15:00-00:00",
+        "2026-12-02T10:15:00,5Z",
+        "2026-12-02T10:15:00.Z",
+        "2026-12-02T10:15:00.1234567Z",
+        "20261202T101500Z",
+        "2026-12-02T10:15:00Z\n",
+        "+2026-12-02T10:15:00Z",
+    ],
+)
+def test_times_must_be_rfc3339_utc_with_z_at_intake_and_receive(value: str) -> None:
+    problem = _one_problem(json.dumps(_vessel_with("observed_at", value)))
+    assert problem.path == "observed_at"
+    assert problem.reason.startswith("must be an RFC 3339 time in UTC")
+    # The receiver's rule is the same one, so intake is never the laxer.
+    with pytest.raises(ValueError, match="observed_at: must be an RFC 3339 time"):
+        validate_field("vessel", "observed_at", value)
+
+
+def test_rfc3339_times_are_kept_to_the_microsecond() -> None:
+    for sent, signed in [
+        ("2026-12-02T10:15:00Z", "2026-12-02T10:15:00Z"),
+        ("2026-12-02T10:15:00.5Z", "2026-12-02T10:15:00.500000Z"),
+        ("2026-12-02T10:15:00.123456Z", "2026-12-02T10:15:00.123456Z"),
+    ]:
+        leaves = leaf_values(parse_record(json.dumps(_vessel_with("observed_at", sent))))
+        assert leaves["observed_at"] == signed
+        validate_field("vessel", "observed_at", signed)
+    problem = _one_problem(json.dumps(_vessel_with("observed_at", "2026-02-30T10:15:00Z")))
+    assert problem == FieldProblem(
+        "observed_at", "is not a valid time: day is out of range for month"
+    )
+
+
+def test_a_zero_observed_at_is_refused_at_intake_but_not_by_receivers() -> None:
+    for zero in ("0001-01-01T00:00:00Z", "1970-01-01T00:00:00Z", "1999-12-31T23:59:59.999999Z"):
+        problem = _one_problem(json.dumps(_vessel_with("observed_at", zero)))
+        assert problem.path == "observed_at"
+        assert "before 2000-01-01" in problem.reason
+        # A report an older originator signed with such a time is still received.
+        validate_field("vessel", "observed_at", zero)
+    parse_record(json.dumps(_vessel_with("observed_at", "2000-01-01T00:00:00Z")))
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("0F14B58E-1C9C-4E89-807F-C84ADC47A049", "lower-case 8-4-4-4-12"),
+        ("{0f14b58e-1c9c-4e89-807f-c84adc47a049}", "lower-case 8-4-4-4-12"),
+        ("urn:uuid:0f14b58e-1c9c-4e89-807f-c84adc47a049", "lower-case 8-4-4-4-12"),
+        ("0f14b58e1c9c4e89807fc84adc47a049", "lower-case 8-4-4-4-12"),
+        ("0f14b58e-1c9c-4e89-807f-c84adc47a049\n", "lower-case 8-4-4-4-12"),
+        ("00000000-0000-0000-0000-000000000000", "nil or max UUID"),
+        ("ffffffff-ffff-ffff-ffff-ffffffffffff", "nil or max UUID"),
+    ],
+)
+def test_report_id_must_be_a_canonical_chosen_uuid(value: str, reason: str) -> None:
+    # The node answers with the id it accepted; another spelling of it would
+    # leave a feed unable to match the answer to what it sent.
+    problem = _one_problem(json.dumps(_vessel_with("report_id", value)))
+    assert problem.path == "report_id"
+    assert reason in problem.reason
+
+
+@pytest.mark.parametrize(
+    ("where", "twice"),
+    [
+        ('"tlp": "', "tlp"),
+        ('"name": "', "vessel.name"),
+        ('"lat": "', "vessel.position.lat"),
+        ('"confidence": "', "source.confidence"),
+    ],
+)
+def test_a_member_name_given_twice_is_refused_naming_it(where: str, twice: str) -> None:
+    # Last-one-wins would sign one value while another reader of the feed's
+    # bytes sees the other (RFC 7493 requires unique names).
+    raw = json.dumps(samples.example_records()["vessel"])
+    name = where.split('"')[1]
+    doubled = raw.replace(where, f'"{name}": "RED", {where}', 1)
+    assert doubled != raw
+    assert _one_problem(doubled) == FieldProblem(twice, "appears more than once in its object")
+
+
+def test_a_member_name_given_twice_inside_a_list_is_named_with_its_index() -> None:
+    rec = samples.example_records()["transfer"]
+    rec["transfer"] = {
+        "category": "fuel",
+        "product": "crude_oil",
+        "volume": "10",
+        "unit": "tonnes",
+        "vessels": [{"name": "A"}, {"name": "B"}],
+        "place": {"lat": "1", "lon": "2"},
+    }
+    raw = json.dumps(rec).replace('{"name": "B"}', '{"name": "B", "name": "C"}')
+    assert _one_problem(raw) == FieldProblem(
+        "transfer.vessels[1].name", "appears more than once in its object"
+    )
+
+
+def test_validate_cli_names_a_duplicated_member_in_one_line(tmp_path: Path) -> None:
+    raw = json.dumps(samples.example_records()["worker"])
+    path = tmp_path / "feed.ndjson"
+    path.write_text(raw + "\n" + raw[:-1] + ', "tlp": "RED"}\n')
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert "feed.ndjson:2: tlp: appears more than once in its object" in result.stdout
+    assert "Traceback" not in result.output
+    assert "1 valid, 1 invalid" in result.output
+
+
+def _pattern(schema_text: str, *where: str | int) -> re.Pattern[str]:
+    node: Any = json.loads(schema_text)
+    for key in where:
+        node = node[key]
+    # JSON Schema patterns are ECMA-262; these use only what Python's re reads
+    # alike, and fullmatch stands in for ^...$ (Python's $ also matches before "\n").
+    return re.compile(str(node["pattern"]).removeprefix("^").removesuffix("$"))
+
+
+_DEGREES = st.builds(
+    lambda sign, zeros, whole, frac: f"{sign}{zeros}{whole}{'.' if frac else ''}{frac}",
+    st.sampled_from(["", "-", "+"]),
+    st.sampled_from(["", "0", "00"]),
+    st.sampled_from(["0", "9", "89", "90", "91", "179", "180", "181", "1000", ""]),
+    st.text("0123456789", max_size=10),
+)
+
+
+@settings(max_examples=600)
+@given(_DEGREES, st.sampled_from(["lat", "lon", "quantity_tonnes"]))
+def test_exported_decimal_patterns_say_what_the_model_says(text: str, name: str) -> None:
+    # The schema's ranges are patterns (no JSON Schema keyword bounds a
+    # decimal string); a feed validating with it must get the node's answer.
+    docs = schemas.schema_documents()
+    if name == "quantity_tonnes":
+        pattern = _pattern(
+            docs["vessel.schema.json"], "$defs", "Cargo", "properties", name, "anyOf", 0
+        )
+        rec = _vessel_with("vessel.cargo", {"type": "coal", name: text})
+    else:
+        pattern = _pattern(docs["vessel.schema.json"], "$defs", "Position", "properties", name)
+        rec = _vessel_with(f"vessel.position.{name}", text)
+    try:
+        parse_record(json.dumps(rec))
+        accepted = True
+    except InvalidRecordError:
+        accepted = False
+    assert (pattern.fullmatch(text) is not None) == accepted, text
+
+
+def test_exported_patterns_take_every_generated_record_and_refuse_bad_shapes() -> None:
+    docs = schemas.schema_documents()
+    vessel, transfer = docs["vessel.schema.json"], docs["transfer.schema.json"]
+    time = _pattern(vessel, "properties", "observed_at")
+    report_id = _pattern(vessel, "properties", "report_id")
+    imo = _pattern(vessel, "$defs", "Vessel", "properties", "imo")
+    amount = _pattern(transfer, "$defs", "CryptoTransfer", "properties", "amount")
+    chains = json.loads(transfer)["$defs"]["CryptoTransfer"]["allOf"]
+    shapes = {
+        c["if"]["properties"]["chain"]["const"]: (
+            re.compile(c["then"]["properties"]["from_addresses"]["items"]["pattern"][1:-1]),
+            re.compile(c["then"]["properties"]["tx_hash"]["pattern"][1:-1]),
+        )
+        for c in chains
+    }
+    for rec in samples.generate(300, seed=3):
+        assert time.fullmatch(rec["observed_at"])
+        assert report_id.fullmatch(rec["report_id"])
+        if rec["kind"] == "vessel":
+            assert imo.fullmatch(rec["vessel"]["imo"])
+        if rec["kind"] == "transfer" and rec["transfer"]["category"] == "crypto":
+            t = rec["transfer"]
+            assert amount.fullmatch(t["amount"])
+            address, tx_hash = shapes[t["chain"]]
+            assert all(address.fullmatch(a) for a in t["from_addresses"] + t["to_addresses"])
+            assert tx_hash.fullmatch(t["tx_hash"])
+    for bad in ("2026-12-02 10:15:00Z", "2026-12-02T10:15Z", "0001-01-01T00:00:00Z"):
+        assert not time.fullmatch(bad)
+    assert not report_id.fullmatch("0F14B58E-1C9C-4E89-807F-C84ADC47A049")
+    assert not imo.fullmatch("12345")
+    assert not amount.fullmatch("-3")
+    assert not amount.fullmatch("0.000")
+    assert not shapes["bitcoin"][1].fullmatch("xyz")
+    assert not shapes["ethereum"][0].fullmatch("0x" + "g" * 40)

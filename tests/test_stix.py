@@ -503,3 +503,39 @@ def test_cli_exports_a_real_store_and_since_filters(tmp_path: Path) -> None:
     written = json.loads(out.read_text())
     assert written == bundle(reports[8:])
     assert validate_string(out.read_text(), ValidationOptions(version="2.1")).is_valid
+
+
+@pytest.mark.parametrize(
+    ("observed", "first", "last"),
+    [
+        ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00.000Z", "0001-01-01T00:00:00.000Z"),
+        ("0999-05-06T07:08:09.123456Z", "0999-05-06T07:08:09.123Z", "0999-05-06T07:08:09.123Z"),
+        ("9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59.999Z", "9999-12-31T23:59:59.999Z"),
+    ],
+)
+def test_timestamps_have_four_digit_years_in_any_year(observed: str, first: str, last: str) -> None:
+    # A receiver takes any year an older originator signed; strftime("%Y")
+    # wrote year 1 as "1", which made the whole bundle invalid STIX.
+    record = next(r for r in samples.generate(30, seed=8) if r["kind"] == "vessel")
+    exact = received(record)
+    stix = bundle([replace(exact, fields={**exact.fields, "observed_at": observed})])
+    validate(stix)
+    (sighting,) = [o for o in stix["objects"] if o["type"] == "sighting"]
+    assert (sighting["first_seen"], sighting["last_seen"]) == (first, last)
+
+
+@pytest.mark.parametrize(
+    ("hour", "last"),
+    [
+        ("0001-01-01T00:00:00Z", "0001-01-01T01:00:00.000Z"),
+        ("9999-12-31T23:00:00Z", "9999-12-31T23:59:59.999Z"),
+    ],
+)
+def test_an_hour_variant_at_either_end_of_time_still_exports(hour: str, last: str) -> None:
+    record = next(r for r in samples.generate(30, seed=8) if r["kind"] == "vessel")
+    only_name = received(record, ["vessel.name"])
+    stix = bundle([replace(only_name, fields={**only_name.fields, "observed_at#hour": hour})])
+    validate(stix)
+    (sighting,) = [o for o in stix["objects"] if o["type"] == "sighting"]
+    assert sighting["first_seen"] == hour.replace(":00Z", ":00.000Z")
+    assert sighting["last_seen"] == last

@@ -220,3 +220,18 @@ def test_received_digests_agrees_with_has_received(
     )
     pairs = [(sender, f"h{n}") for sender, n in asked]
     assert store.received_digests(pairs) == {p for p in pairs if store.has_received(*p)}
+
+
+def test_accept_hands_back_the_record_stored_under_each_taken_id(tmp_path: Path) -> None:
+    # The intake compares it with the new record: a resend is a duplicate,
+    # other content under the same id a conflict.
+    store = Store(tmp_path / "s.db")
+    first = store.accept([rep(1, size=3)])
+    assert first == [True]
+    assert first.earlier == {}
+    later = NewReport(rep(1).report_id, "vessel", b"y" * 5)
+    got = store.accept([rep(2, size=4), later, NewReport(rep(2).report_id, "vessel", b"z")])
+    assert got == [True, False, False]
+    # Index -> stored record; a report earlier in the same batch counts too.
+    assert got.earlier == {1: b"xxx", 2: b"xxxx"}
+    assert [bytes(r) for _, r in store.unplanned(10)] == [b"xxx", b"xxxx"]
