@@ -310,12 +310,19 @@ def read_token(path: Path) -> str:
 
 def make_app(intake: Intake, token: str) -> web.Application:
     """The intake HTTP application: ``POST /v1/reports`` with a bearer token."""
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     async def submit(request: web.Request) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        # Exactly one Authorization header; the scheme is case-insensitive (RFC 9110
+        # §11.1), the token compared in constant time; a 401 names the scheme (RFC 6750 §3).
+        given = request.headers.getall("Authorization", [])
+        scheme, _, credentials = (given[0] if len(given) == 1 else "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.encode(), expected):
+            return web.json_response(
+                {"error": "missing or wrong bearer token"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="msmt-intake"'},
+            )
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         splitter = LineSplitter(intake.max_bytes)

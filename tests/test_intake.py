@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -137,6 +138,35 @@ async def test_unix_socket_endpoint_streams_answers_with_token(tmp_path: Path) -
         await runner.cleanup()
     with pytest.raises(UsageError, match="cannot reach the node"):
         await submit(sock, token, chunks_of(b"{}\n"), answers.append)
+
+
+async def test_bearer_scheme_any_case_one_header_and_a_named_challenge(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "data" / "intake.token")
+    sock = tmp_path / "data" / "intake.sock"
+    runner = await serve_unix(make_app(make_intake(store), token), sock)
+    body = ndjson(jpn_records(1))
+
+    async def post(*headers: tuple[str, str]) -> tuple[int, str | None]:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as session,
+            session.post("http://node/v1/reports", data=body, headers=list(headers)) as r,
+        ):
+            await r.read()
+            return r.status, r.headers.get("WWW-Authenticate")
+
+    try:
+        challenge = 'Bearer realm="msmt-intake"'
+        assert await post(("Authorization", f"bearer {token}")) == (200, None)
+        assert await post(("Authorization", f"BEARER {token}x")) == (401, challenge)
+        assert await post() == (401, challenge)
+        assert await post(("Authorization", f"Basic {token}")) == (401, challenge)
+        # Two headers, the first one right: which one counts is ambiguous, so neither does.
+        two = (("Authorization", f"Bearer {token}"), ("Authorization", "Bearer other"))
+        assert await post(*two) == (401, challenge)
+    finally:
+        await runner.cleanup()
+        store.close()
 
 
 def leave_stale_socket(path: Path) -> None:
