@@ -27,12 +27,39 @@ settings.register_profile("msmt", deadline=None, suppress_health_check=[HealthCh
 settings.load_profile("msmt")
 
 # The five-minute soak offers light, steady load and waits most of the time, so
-# `make test` (pytest -n 2) runs it on a worker of its own beside the rest.
-SOAK_MODULE = "tests/test_reliability_resources.py::"
+# `make test` (pytest -n 2) runs it on a worker of its own beside the rest, with
+# the pure modules (no hub, no node process: CPU only) before and after it, which
+# would otherwise lengthen the one worker that runs every integration test.
+BESIDE_THE_SUITE = frozenset(
+    f"tests/{name}.py::"
+    for name in (
+        "test_auditlog",
+        "test_canonical",
+        "test_checkpoint",
+        "test_config",
+        "test_envelope",
+        "test_envelope_interop",
+        "test_field_check",
+        "test_identifiers",
+        "test_jose",
+        "test_keys",
+        "test_merkle",
+        "test_policy",
+        "test_policy_cli",
+        "test_pseudonym_keys",
+        "test_reliability_fuzz",
+        "test_reliability_resources",
+        "test_sdjwt",
+        "test_sightings",
+        "test_stix",
+        "test_transforms",
+        "test_witness",
+    )
+)
 
 
 class SoakBesideSuite(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no type hints
-    """Two units of work: the soak, and every other test in collection order.
+    """Two units of work: the soak with the pure modules, and every other test.
 
     The other tests start and kill nats-servers and nodes and several wait on
     timers, so they never run two at a time: one worker takes them all in the
@@ -41,7 +68,8 @@ class SoakBesideSuite(LoadScopeScheduling):  # type: ignore[misc]  # xdist has n
     """
 
     def _split_scope(self, nodeid: str) -> str:
-        return "soak" if nodeid.startswith(SOAK_MODULE) else "suite"
+        module = nodeid.partition("::")[0] + "::"
+        return "beside" if module in BESIDE_THE_SUITE else "suite"
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: `pytest -p no:xdist` still runs
