@@ -267,18 +267,6 @@ def invalid_records() -> list[tuple[str, str, dict[str, Any] | str]]:
         ),
     )
 
-    def edit(rec: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(json.dumps(rec))
-        *parents, last = path.split(".")
-        node = out
-        for p in parents:
-            node = node[p]
-        if value is _DELETE:
-            del node[last]
-        else:
-            node[last] = value
-        return out
-
     imo = v["vessel"]["imo"]
     bad_imo = imo[:6] + str((int(imo[6]) + 1) % 10)
     eth = e["transfer"]["from_addresses"][0]
@@ -287,49 +275,63 @@ def invalid_records() -> list[tuple[str, str, dict[str, Any] | str]]:
     bad_btc = btc[:-1] + ("q" if btc[-1] != "q" else "p")
     return [
         ("json", "", '{"kind": "vessel", '),
-        ("unknown kind", "kind", edit(v, "kind", "aircraft")),
-        ("unknown field", "vessel.colour", edit(v, "vessel.colour", "red")),
-        ("missing field", "vessel.imo", edit(v, "vessel.imo", _DELETE)),
-        ("IMO check digit", "vessel.imo", edit(v, "vessel.imo", bad_imo)),
-        ("IMO length", "vessel.imo", edit(v, "vessel.imo", "12345")),
-        ("MMSI digits", "vessel.mmsi", edit(v, "vessel.mmsi", "44512300")),
-        ("latitude range", "vessel.position.lat", edit(v, "vessel.position.lat", "91.0")),
-        ("float coordinate", "vessel.position.lon", edit(v, "vessel.position.lon", 124.5)),
-        ("timezone missing", "observed_at", edit(v, "observed_at", "2026-11-01T10:00:00")),
-        ("timezone not UTC", "observed_at", edit(v, "observed_at", "2026-11-01T10:00:00+09:00")),
-        ("unknown originator", "originator", edit(v, "originator", "PRK")),
-        ("bad TLP", "tlp", edit(v, "tlp", "AMBER+")),
-        ("rel_to member", "rel_to[0]", edit(v, "rel_to", ["XXX"])),
-        ("rel_to twice", "rel_to", edit(v, "rel_to", ["USA", "USA"])),
-        ("report id", "report_id", edit(v, "report_id", "not-a-uuid")),
-        ("confidence", "source.confidence", edit(v, "source.confidence", "certain")),
-        ("worker count", "worker.workers", edit(w, "worker.workers", 0)),
-        ("worker count type", "worker.workers", edit(w, "worker.workers", "12")),
+        ("unknown kind", "kind", edited(v, "kind", "aircraft")),
+        ("unknown field", "vessel.colour", edited(v, "vessel.colour", "red")),
+        ("missing field", "vessel.imo", edited(v, "vessel.imo", _DELETE)),
+        ("IMO check digit", "vessel.imo", edited(v, "vessel.imo", bad_imo)),
+        ("IMO length", "vessel.imo", edited(v, "vessel.imo", "12345")),
+        ("MMSI digits", "vessel.mmsi", edited(v, "vessel.mmsi", "44512300")),
+        ("latitude range", "vessel.position.lat", edited(v, "vessel.position.lat", "91.0")),
+        ("float coordinate", "vessel.position.lon", edited(v, "vessel.position.lon", 124.5)),
+        ("timezone missing", "observed_at", edited(v, "observed_at", "2026-11-01T10:00:00")),
+        ("timezone not UTC", "observed_at", edited(v, "observed_at", "2026-11-01T10:00:00+09:00")),
+        ("unknown originator", "originator", edited(v, "originator", "PRK")),
+        ("bad TLP", "tlp", edited(v, "tlp", "AMBER+")),
+        ("rel_to member", "rel_to[0]", edited(v, "rel_to", ["XXX"])),
+        ("rel_to twice", "rel_to", edited(v, "rel_to", ["USA", "USA"])),
+        ("report id", "report_id", edited(v, "report_id", "not-a-uuid")),
+        ("confidence", "source.confidence", edited(v, "source.confidence", "certain")),
+        ("worker count", "worker.workers", edited(w, "worker.workers", 0)),
+        ("worker count type", "worker.workers", edited(w, "worker.workers", "12")),
         (
             "bitcoin checksum",
             "transfer.from_addresses",
-            edit(c, "transfer.from_addresses", [bad_btc]),
+            edited(c, "transfer.from_addresses", [bad_btc]),
         ),
         (
             "ethereum EIP-55",
             "transfer.from_addresses",
-            edit(e, "transfer.from_addresses", [bad_eth]),
+            edited(e, "transfer.from_addresses", [bad_eth]),
         ),
-        ("tx hash", "transfer.tx_hash", edit(c, "transfer.tx_hash", "xyz")),
-        ("amount float", "transfer.amount", edit(c, "transfer.amount", 1.5)),
-        ("amount negative", "transfer.amount", edit(c, "transfer.amount", "-3")),
-        ("transfer category", "transfer.category", edit(c, "transfer.category", "cash")),
+        ("tx hash", "transfer.tx_hash", edited(c, "transfer.tx_hash", "xyz")),
+        ("amount float", "transfer.amount", edited(c, "transfer.amount", 1.5)),
+        ("amount negative", "transfer.amount", edited(c, "transfer.amount", "-3")),
+        ("transfer category", "transfer.category", edited(c, "transfer.category", "cash")),
         ("member twice", "tlp", to_ndjson([v]).rstrip("\n")[:-1] + ',"tlp":"RED"}'),
-        ("time without T", "observed_at", edit(v, "observed_at", "2026-11-01 10:00:00Z")),
-        ("time without seconds", "observed_at", edit(v, "observed_at", "2026-11-01T10:00Z")),
-        ("Unix time", "observed_at", edit(v, "observed_at", "1761991200")),
-        ("zero time", "observed_at", edit(v, "observed_at", "0001-01-01T00:00:00Z")),
-        ("report id case", "report_id", edit(v, "report_id", v["report_id"].upper())),
-        ("nil report id", "report_id", edit(v, "report_id", str(uuid.UUID(int=0)))),
+        ("time without T", "observed_at", edited(v, "observed_at", "2026-11-01 10:00:00Z")),
+        ("time without seconds", "observed_at", edited(v, "observed_at", "2026-11-01T10:00Z")),
+        ("Unix time", "observed_at", edited(v, "observed_at", "1761991200")),
+        ("zero time", "observed_at", edited(v, "observed_at", "0001-01-01T00:00:00Z")),
+        ("report id case", "report_id", edited(v, "report_id", v["report_id"].upper())),
+        ("nil report id", "report_id", edited(v, "report_id", str(uuid.UUID(int=0)))),
     ]
 
 
 _DELETE: Final = object()
+
+
+def edited(record: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A deep copy of ``record`` with the member at dotted ``path`` set to ``value``."""
+    out: dict[str, Any] = json.loads(json.dumps(record))
+    *parents, last = path.split(".")
+    node = out
+    for name in parents:
+        node = node[name]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return out
 
 
 def to_ndjson(records: list[dict[str, Any]]) -> str:

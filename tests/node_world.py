@@ -212,8 +212,11 @@ class World:
 
     # --- subprocess nodes ---------------------------------------------------
 
-    def start(self, member: str, **env: str) -> None:
-        """Run ``member`` as a ``msmt node run`` subprocess with ``env`` added; wait until ready."""
+    def start(self, member: str, *, ready: bool = True, **env: str) -> None:
+        """Run ``member`` as a ``msmt node run`` subprocess with ``env`` added.
+
+        Waits until it is ready, unless ``ready`` is false (a node that cannot be).
+        """
         log = (self.root / f"{member}.log").open("ab")
         self.procs[member] = subprocess.Popen(
             [MSMT, "node", "run", "--config", str(self.config_path(member))],
@@ -222,6 +225,8 @@ class World:
             env={**os.environ, **env},
         )
         log.close()
+        if not ready:
+            return
         port = self.config(member).metrics.port
         wait_for(lambda: readyz(port) or self._died(member), 30, f"{member} ready")
         assert not self._died(member), self.log_tail(member)

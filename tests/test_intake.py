@@ -386,16 +386,6 @@ async def test_rejections_are_recorded_without_feed_chosen_names_or_values(tmp_p
     assert intake.counts == {"accepted": 1, "duplicate": 1, "schema": 2, "size": 1}
 
 
-def _edited(record: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(json.dumps(record))
-    *parents, last = path.split(".")
-    node = out
-    for name in parents:
-        node = node[name]
-    node[last] = value
-    return out
-
-
 async def test_other_content_under_an_accepted_id_is_a_conflict_not_a_duplicate(
     tmp_path: Path,
 ) -> None:
@@ -417,11 +407,15 @@ async def test_other_content_under_an_accepted_id_is_a_conflict_not_a_duplicate(
     resends = [
         # The same report, spelt differently: whitespace, member order, decimal zeros.
         json.dumps(vessel, indent=2, sort_keys=True).replace("\n", " ").encode(),
-        json.dumps(_edited(vessel, "vessel.position.lat", "38.100")).encode(),
+        json.dumps(samples.edited(vessel, "vessel.position.lat", "38.100")).encode(),
         # Corrections: not the report the partners hold.
-        json.dumps(_edited(vessel, "vessel.name", vessel["vessel"]["name"] + " II")).encode(),
-        json.dumps(_edited(vessel, "tlp", "RED" if vessel["tlp"] != "RED" else "CLEAR")).encode(),
-        json.dumps(_edited(vessel, "vessel.position.lat", "38.2")).encode(),
+        json.dumps(
+            samples.edited(vessel, "vessel.name", vessel["vessel"]["name"] + " II")
+        ).encode(),
+        json.dumps(
+            samples.edited(vessel, "tlp", "RED" if vessel["tlp"] != "RED" else "CLEAR")
+        ).encode(),
+        json.dumps(samples.edited(vessel, "vessel.position.lat", "38.2")).encode(),
     ]
     answers = await intake.process([(i + 2, raw) for i, raw in enumerate(resends)])
     assert [a["reason"] for a in answers] == [
@@ -447,7 +441,7 @@ async def test_other_content_under_an_accepted_id_is_a_conflict_not_a_duplicate(
 
     # Two versions of a new id in one batch: the first is accepted, the second conflicts.
     confidence = "high" if transfer["source"]["confidence"] == "low" else "low"
-    other = _edited(transfer, "source.confidence", confidence)
+    other = samples.edited(transfer, "source.confidence", confidence)
     both = await intake.process(
         [(1, json.dumps(transfer).encode()), (2, json.dumps(other).encode())]
     )
@@ -468,7 +462,7 @@ async def test_crypto_addresses_in_another_letter_case_are_the_same_report(
     lower = [a.lower() for a in crypto["transfer"]["from_addresses"]]
     assert lower != crypto["transfer"]["from_addresses"]  # EIP-55 mixed case before
     again = await intake.process(
-        [(1, json.dumps(_edited(crypto, "transfer.from_addresses", lower)).encode())]
+        [(1, json.dumps(samples.edited(crypto, "transfer.from_addresses", lower)).encode())]
     )
     assert again[0]["reason"] == "duplicate"
 
@@ -481,7 +475,7 @@ async def test_spool_files_a_conflicting_resend_under_rejected(tmp_path: Path) -
     (spool_dir / "first.ndjson").write_bytes(ndjson(records))
     assert await spool.ingest(spool_dir / "first.ndjson")
     assert (spool_dir / "done" / "first.ndjson").exists()
-    changed = _edited(records[1], "worker.workers", records[1]["worker"]["workers"] + 1)
+    changed = samples.edited(records[1], "worker.workers", records[1]["worker"]["workers"] + 1)
     (spool_dir / "again.ndjson").write_bytes(ndjson([records[0], changed]))
     assert await spool.ingest(spool_dir / "again.ndjson")
     assert not (spool_dir / "done" / "again.ndjson").exists()

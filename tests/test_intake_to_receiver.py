@@ -47,16 +47,6 @@ def _templates() -> dict[str, dict[str, Any]]:
 TEMPLATES = _templates()
 
 
-def _with(record: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(json.dumps(record))
-    *parents, last = path.split(".")
-    node = out
-    for name in parents:
-        node = node[name]
-    node[last] = value
-    return out
-
-
 def _round_trip(record: dict[str, Any], variants: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fields USA receives when JPN releases every field (and variant) of ``record``."""
     sighting = parse_record(json.dumps(record))
@@ -84,7 +74,7 @@ def _round_trip(record: dict[str, Any], variants: dict[str, Any] | None = None) 
 def test_a_tiny_decimal_reaches_the_partner_exactly_as_sent(
     template: str, path: str, value: str
 ) -> None:
-    record = _with(TEMPLATES[template], path, value)
+    record = samples.edited(TEMPLATES[template], path, value)
     fields = _round_trip(record)
     # Positions are disclosed whole; the other decimals as themselves.
     head, _, name = path.rpartition(".")
@@ -93,12 +83,12 @@ def test_a_tiny_decimal_reaches_the_partner_exactly_as_sent(
 
 
 def test_tiny_amounts_and_positions_survive_rounding_and_coarsening() -> None:
-    record = _with(TEMPLATES["crypto"], "transfer.amount", "0.00000003")
+    record = samples.edited(TEMPLATES["crypto"], "transfer.amount", "0.00000003")
     rounded = Transform.parse("round:0.00000002")
     key = variant_key("transfer.amount", rounded)
     value = rounded.apply("0.00000003", pseudonym_keys={}, path="transfer.amount")
     assert _round_trip(record, {key: value})[key] == value == "0.00000004"
-    record = _with(
+    record = samples.edited(
         TEMPLATES["vessel"], "vessel.position", {"lat": "0.0000001", "lon": "-0.0000001"}
     )
     coarse = Transform.parse("coarsen:0.000001")
@@ -179,7 +169,7 @@ def test_whatever_the_intake_accepts_a_partner_receives_unchanged(data: st.DataO
     sent: dict[str, Any] = {}
     for path in paths:
         sent[path] = data.draw(edits[path], label=path)
-        record = _with(record, path, sent[path])
+        record = samples.edited(record, path, sent[path])
     try:
         sighting = parse_record(json.dumps(record))
     except InvalidRecordError:

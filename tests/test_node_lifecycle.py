@@ -7,17 +7,15 @@ fixture), or against a port where no hub listens.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from node_world import BATCH_POLICY, MSMT, World, msmt, readyz, wait_for, write_node_config
+from node_world import BATCH_POLICY, World, msmt, readyz, wait_for, write_node_config
 
 from broker import keys
 from broker.errors import KeyMaterialError
@@ -28,28 +26,19 @@ from broker.store import Store
 pytestmark = pytest.mark.integration
 
 
-def _launch(world: World, member: str, **env: str) -> subprocess.Popen[bytes]:
-    log = (world.root / f"{member}.log").open("ab")
-    proc = subprocess.Popen(
-        [MSMT, "node", "run", "--config", str(world.config_path(member))],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **env},
-    )
-    log.close()
-    world.procs[member] = proc
-    return proc
-
-
-def _stop(world: World, member: str, proc: subprocess.Popen[bytes]) -> tuple[int, float, str]:
-    """SIGTERM, then (exit status, seconds to exit, the node's log)."""
+def _stops_cleanly(world: World, member: str, within: float) -> None:
+    """SIGTERM ``member``: exit 0 within ``within`` s, in order, and a status not claiming NATS."""
+    proc = world.procs.pop(member)
     began = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(timeout=30)
-    finally:
-        world.procs.pop(member, None)
-    return code, time.monotonic() - began, (world.root / f"{member}.log").read_text()
+    code = proc.wait(timeout=30)
+    took = time.monotonic() - began
+    log = (world.root / f"{member}.log").read_text()
+    assert code == 0, log
+    assert took < within, f"{took:.1f} s to stop"
+    assert "Traceback" not in log
+    assert "node_stopped" in log  # the store and the audit log were closed in order
+    assert _status(world, member)["connected"] == "no"
 
 
 def _status(world: World, member: str) -> dict[str, object]:
@@ -65,18 +54,13 @@ def test_sigterm_stops_a_node_that_never_reached_the_hub(world: World) -> None:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     write_node_config(world.root, "JPN", [f"nats://127.0.0.1:{port}"], BATCH_POLICY)
-    proc = _launch(world, "JPN")
+    world.start("JPN", ready=False)
     wait_for(
         lambda: "Connect call failed" in (world.root / "JPN.log").read_text(),
         30,
         "the node to try the hub",
     )
-    code, took, log = _stop(world, "JPN", proc)
-    assert code == 0, log
-    assert took < 10, f"{took:.1f} s to stop"
-    assert "node_stopped" in log
-    assert "Traceback" not in log
-    assert _status(world, "JPN")["connected"] == "no"
+    _stops_cleanly(world, "JPN", within=10)
 
 
 def test_sigterm_while_the_hub_is_down_stops_cleanly_and_says_not_connected(
@@ -86,14 +70,7 @@ def test_sigterm_while_the_hub_is_down_stops_cleanly_and_says_not_connected(
     world.start("JPN")
     wait_for(lambda: _status(world, "JPN")["connected"] == "yes", 30, "the status to say so")
     world.server.kill()
-    proc = world.procs["JPN"]
-    code, took, log = _stop(world, "JPN", proc)
-    assert code == 0, log
-    assert took < 20, f"{took:.1f} s to stop"
-    assert "Traceback" not in log
-    assert "node_stopped" in log  # the store and the audit log were closed in order
-    # The last status a stopped node leaves does not claim a connection.
-    assert _status(world, "JPN")["connected"] == "no"
+    _stops_cleanly(world, "JPN", within=20)
 
 
 def test_a_second_node_on_the_same_data_directory_is_refused_with_one_line(
