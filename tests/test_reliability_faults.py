@@ -162,12 +162,14 @@ def small_filesystem(path: Path, size_mb: int) -> Iterator[None]:
 def fill(path: Path) -> Path:
     """Write a file until the filesystem holding ``path`` is full; return it."""
     filler = path / "filler"
-    with filler.open("wb") as out:
+    # Unbuffered: a buffered file would keep the part of a chunk that did not fit
+    # and raise ENOSPC again when closed, whenever the free space is not a
+    # multiple of the chunk (the node's own files decide that).
+    with filler.open("wb", buffering=0) as out:
         chunk = b"\0" * (1 << 16)
         try:
             while True:
                 out.write(chunk)
-                out.flush()
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
