@@ -314,6 +314,9 @@ def invalid_records() -> list[tuple[str, str, dict[str, Any] | str]]:
         ("zero time", "observed_at", edited(v, "observed_at", "0001-01-01T00:00:00Z")),
         ("report id case", "report_id", edited(v, "report_id", v["report_id"].upper())),
         ("nil report id", "report_id", edited(v, "report_id", str(uuid.UUID(int=0)))),
+        ("newline in a name", "vessel.name", edited(v, "vessel.name", "SEA\nSTAR")),
+        ("escape in a name", "worker.employer", edited(w, "worker.employer", "Ace\x1b[8mLtd")),
+        ("line separator", "source.platform", edited(v, "source.platform", "Sat\u2028B")),
     ]
 
 

@@ -168,7 +168,31 @@ ReportId = Annotated[
     ),
 ]
 Trigraph = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 3166-1 alpha-3 code")]
-Text = Annotated[str, Field(min_length=1, max_length=200)]
+# Names, handles and details are single-line text. A control character (C0,
+# DEL, C1) or a Unicode line break is refused: carried into STIX, a terminal or
+# a partner's database it could split a line, hide text or truncate a value.
+_NOT_TEXT: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _single_line(value: str) -> str:
+    found = _NOT_TEXT.search(value)
+    if found is not None:
+        raise ValueError(
+            f"character {found.start() + 1} is U+{ord(found.group()):04X}, a control"
+            " character or line break; text must be a single printable line"
+        )
+    return value
+
+
+Text = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]*$"},
+    ),
+    AfterValidator(_single_line),
+]
 
 
 def _checked(check: Any) -> Any:
