@@ -58,6 +58,17 @@ BESIDE_THE_SUITE = frozenset(
 )
 
 
+# _split_scope is xdist's own (private) hook for naming a test's unit of work.
+# Were a new xdist to drop or rename it, this class would silently fall back to
+# one unit per module, and integration tests would run two at a time: refuse
+# to start instead.
+if not callable(getattr(LoadScopeScheduling, "_split_scope", None)):
+    raise pytest.UsageError(
+        "this pytest-xdist has no LoadScopeScheduling._split_scope: "
+        "update SoakBesideSuite in tests/conftest.py"
+    )
+
+
 class SoakBesideSuite(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no type hints
     """Two units of work: the soak with the pure modules, and every other test.
 
