@@ -61,6 +61,13 @@ RejectRecorder = Callable[[list[tuple[str, str]], str], Awaitable[None]]
 MAX_BATCH: Final = 500
 """Most records committed in one transaction."""
 
+LISTEN_BACKLOG: Final = 1024
+"""Connections the intake socket queues before a connect fails with EAGAIN.
+
+A unix-socket connect beyond the backlog fails at once rather than waiting,
+so aiohttp's default of 128 refused feeds in a burst (118 of 400 at once).
+Linux caps it at ``net.core.somaxconn`` (4096 by default)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Oversize:
@@ -419,7 +426,7 @@ async def serve_unix(app: web.Application, path: Path) -> web.AppRunner:
     runner = _UnixRunner(app, path, handle_signals=False, access_log=None, shutdown_timeout=10.0)
     try:
         await runner.setup()
-        await web.UnixSite(runner, str(path)).start()
+        await web.UnixSite(runner, str(path), backlog=LISTEN_BACKLOG).start()
         os.chmod(path, 0o600)
         bound = os.lstat(path)
         runner.socket_ident = (bound.st_dev, bound.st_ino)

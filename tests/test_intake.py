@@ -169,6 +169,33 @@ async def test_bearer_scheme_any_case_one_header_and_a_named_challenge(tmp_path:
         store.close()
 
 
+async def test_a_burst_of_feeds_connecting_at_once_is_queued_not_refused(tmp_path: Path) -> None:
+    # A unix-socket connect beyond the listen backlog fails at once with EAGAIN
+    # instead of waiting. The loop does not run between these connects, so none
+    # is accepted yet and every one of them must fit in the backlog.
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "data" / "intake.sock"
+    runner = await serve_unix(make_app(make_intake(store), token), sock)
+    feeds: list[socket.socket] = []
+    try:
+        for _ in range(400):
+            feed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            feeds.append(feed)
+            feed.setblocking(False)
+            feed.connect(str(sock))  # BlockingIOError here is the defect
+        for feed in feeds:
+            feed.close()
+        answers: list[dict[str, Any]] = []
+        await submit(sock, token, chunks_of(ndjson(jpn_records(1))), answers.append)
+        assert [a["status"] for a in answers] == ["accepted"]
+    finally:
+        for feed in feeds:
+            feed.close()
+        await runner.cleanup()
+        store.close()
+
+
 def leave_stale_socket(path: Path) -> None:
     """What a SIGKILLed node leaves behind: a bound socket file nobody listens on."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
