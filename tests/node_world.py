@@ -22,7 +22,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -113,6 +114,23 @@ def records_for(member: str, count: int, seed: int) -> list[dict[str, Any]]:
     return samples.generate(count, seed=seed, originators=(member,), now=datetime.now(UTC))
 
 
+def hub_server(keydir: Path, workdir: Path) -> NatsServer:
+    """A started hub that knows every account generated under ``keydir``; the caller kills it."""
+    server = NatsServer(workdir=workdir, extra_config=accounts_config(load_users(keydir)))
+    server.start()
+    return server
+
+
+@contextmanager
+def running_hub(keydir: Path, workdir: Path) -> Iterator[NatsServer]:
+    """``hub_server`` for the length of a ``with`` block (a fixture's yield)."""
+    server = hub_server(keydir, workdir)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
 def start_hub(root: Path, members: Iterable[str]) -> tuple[Path, NatsServer]:
     """Keys for ``members`` under ``root/keys`` (valid since yesterday) and a started hub.
 
@@ -121,9 +139,7 @@ def start_hub(root: Path, members: Iterable[str]) -> tuple[Path, NatsServer]:
     """
     keydir = root / "keys"
     keys.init_keys(keydir, tuple(members), now=datetime.now(UTC) - timedelta(days=1))
-    server = NatsServer(workdir=root / "nats", extra_config=accounts_config(load_users(keydir)))
-    server.start()
-    return keydir, server
+    return keydir, hub_server(keydir, root / "nats")
 
 
 def setup_accounts(url: str, keydir: Path, accounts: Iterable[str]) -> None:

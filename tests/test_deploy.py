@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_world import msmt
+from node_world import msmt, running_hub
 
-from broker import keys, natsconfig
+from broker import keys
 from broker.members import MEMBERS
 from broker.natsproc import NatsServer
 
@@ -67,13 +67,8 @@ def source(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def hub(source: Path, tmp_path: Path) -> Iterator[NatsServer]:
-    users = natsconfig.load_users(source)
-    server = NatsServer(workdir=tmp_path / "hub", extra_config=natsconfig.accounts_config(users))
-    server.start()
-    try:
+    with running_hub(source, tmp_path / "hub") as server:
         yield server
-    finally:
-        server.kill()
 
 
 def _provision(source: Path, volumes: Path, hub: NatsServer) -> subprocess.CompletedProcess[str]:

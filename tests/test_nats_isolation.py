@@ -18,6 +18,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from node_world import running_hub
 
 from broker import keys, natsconfig, natsetup
 from broker.errors import UsageError
@@ -38,17 +39,12 @@ def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def hub(keydir: Path, tmp_path: Path) -> Iterator[NatsServer]:
     """A fresh server with the generated accounts, each inbox and the archive set up."""
-    users = natsconfig.load_users(keydir)
-    server = NatsServer(workdir=tmp_path / "hub", extra_config=natsconfig.accounts_config(users))
-    server.start()
-    try:
+    with running_hub(keydir, tmp_path / "hub") as server:
         for account in (*MEMBERS3, "AUDIT"):
             seed = (keydir / account / keys.NATS_SEED_FILE).read_bytes().strip()
             limits = natsetup.InboxLimits(max_bytes=16 * 1024 * 1024)
             asyncio.run(natsetup.setup_account(server.url, account, seed, limits))
         yield server
-    finally:
-        server.kill()
 
 
 Connect = Callable[[str], Awaitable["Conn"]]

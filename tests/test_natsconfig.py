@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from node_world import msmt
+from node_world import msmt, running_hub
 
 from broker import keys, natsconfig, natsetup
 from broker.cli import main
@@ -39,13 +39,8 @@ def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def hub(keydir: Path, tmp_path: Path) -> Iterator[NatsServer]:
-    users = natsconfig.load_users(keydir)
-    server = NatsServer(workdir=tmp_path / "hub", extra_config=natsconfig.accounts_config(users))
-    server.start()
-    try:
+    with running_hub(keydir, tmp_path / "hub") as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.mark.parametrize("cluster", [0, 3])
