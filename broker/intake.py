@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -55,8 +55,20 @@ May raise ``StoreError``, and must return only once the batch is committed.
 Returning ``Store.accept``'s ``Accepted`` (with the records stored earlier)
 lets the intake answer "conflict" instead of "duplicate" for other content."""
 
-RejectRecorder = Callable[[list[tuple[str, str]], str], Awaitable[None]]
-"""Durably record refused records as ``(reason, detail)`` pairs, before they are answered."""
+
+class Refusal(NamedTuple):
+    """A refused record as the audit log may hold it: never a field's value."""
+
+    reason: str
+    """The answer's reason (``schema``, ``size``, ``duplicate``, ``conflict``)."""
+    detail: str
+    """Where, in at most 200 printable ASCII characters."""
+    report_id: str | None = None
+    """The record's id when it was read from a valid record (duplicate, conflict)."""
+
+
+RejectRecorder = Callable[[list[Refusal], str], Awaitable[None]]
+"""Durably record refused records, before they are answered."""
 
 MAX_BATCH: Final = 500
 """Most records committed in one transaction."""
@@ -194,7 +206,7 @@ class Intake:
                     answers[slot] = _answer(lines[slot][0], report, new, sightings[i], stored)
         done = [a for a in answers if a is not None]
         refused = [_summary(a) for a in done if a["status"] == "rejected"]
-        refused = [r for r in refused if r[0] != "unavailable"]
+        refused = [r for r in refused if r.reason != "unavailable"]
         if refused and self.record_rejects is not None:
             await self.record_rejects(refused, self.feed)
         for answer in done:
@@ -266,17 +278,20 @@ def _known(path: str) -> str:
     return head if head in _KNOWN_PATHS else "(unknown field)"
 
 
-def _summary(answer: dict[str, Any]) -> tuple[str, str]:
+def _summary(answer: dict[str, Any]) -> Refusal:
     # What the audit log may hold: the reason and where, never a field's value.
     reason = str(answer["reason"])
     if reason == "schema":
         paths = sorted({_known(str(e["path"])) for e in answer.get("errors", [])})
-        return reason, ("invalid field " + ", ".join(paths))[:200]
+        return Refusal(reason, ("invalid field " + ", ".join(paths))[:200])
     if reason == "size":
-        return reason, f"record over the {answer.get('detail', '').rpartition(' ')[2]} byte limit"
+        limit = answer.get("detail", "").rpartition(" ")[2]
+        return Refusal(reason, f"record over the {limit} byte limit")
+    # A duplicate or conflict was parsed: its id is a checked UUID, its own field.
+    rid = answer.get("report_id")
     if reason == "conflict":
-        return reason, f"report {answer.get('report_id', '')} was accepted with other content"
-    return reason, f"report {answer.get('report_id', '')} was already accepted"
+        return Refusal(reason, f"report {rid} was accepted with other content", rid)
+    return Refusal(reason, f"report {rid} was already accepted", rid)
 
 
 def _rejected(number: int, reason: str, **extra: Any) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from broker.auditnet import AuditNet
 from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError, MsmtError
-from broker.intake import Intake, Spool, ensure_token, make_app, serve_unix
+from broker.intake import Intake, Refusal, Spool, ensure_token, make_app, serve_unix
 from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
 from broker.log import get_logger
 from broker.members import MEMBERS
@@ -192,18 +192,23 @@ class Node:
         self._plan_wake.set()
         return fresh
 
-    def _reject_sync(self, refused: list[tuple[str, str]], feed: str) -> None:
+    def _reject_sync(self, refused: list[Refusal], feed: str) -> None:
         now = datetime.now(UTC)
         self.audit.append_many(
             [
                 audit_events.rejected(
-                    self.member, now, source=feed, step=f"intake.{reason}", reason=detail[:200]
+                    self.member,
+                    now,
+                    source=feed,
+                    step=f"intake.{r.reason}",
+                    reason=r.detail[:200],
+                    report_id=r.report_id,
                 )
-                for reason, detail in refused
+                for r in refused
             ]
         )
 
-    async def _record_rejects(self, refused: list[tuple[str, str]], feed: str) -> None:
+    async def _record_rejects(self, refused: list[Refusal], feed: str) -> None:
         # A refused record changes nothing, so a failed audit write must not
         # turn the feed's answers into an error; it is logged and shown in status.
         try:

@@ -23,6 +23,7 @@ from broker.intake import (
     Line,
     LineSplitter,
     Oversize,
+    Refusal,
     Spool,
     ensure_token,
     make_app,
@@ -380,12 +381,12 @@ def test_token_file_must_be_private(tmp_path: Path) -> None:
 
 async def test_rejections_are_recorded_without_feed_chosen_names_or_values(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
-    recorded: list[tuple[list[tuple[str, str]], str]] = []
+    recorded: list[tuple[list[Refusal], str]] = []
 
     async def acceptor(batch: list[NewReport], _feed: str) -> list[bool]:
         return store.accept(batch)
 
-    async def record(refused: list[tuple[str, str]], feed: str) -> None:
+    async def record(refused: list[Refusal], feed: str) -> None:
         recorded.append((refused, feed))
 
     intake = Intake("JPN", 4096, acceptor, feed="spool", record_rejects=record)
@@ -404,11 +405,12 @@ async def test_rejections_are_recorded_without_feed_chosen_names_or_values(tmp_p
     assert answers[2]["errors"][0]["path"] == "vessel.secret_source_name"  # the feed is told
     ((refused, feed),) = recorded
     assert feed == "spool"
+    rid = good[0]["report_id"]
     assert refused == [
-        ("duplicate", f"report {good[0]['report_id']} was already accepted"),
-        ("schema", "invalid field (unknown field)"),
-        ("schema", "invalid field (record)"),
-        ("size", "record over the 4096 byte limit"),
+        ("duplicate", f"report {rid} was already accepted", rid),
+        ("schema", "invalid field (unknown field)", None),
+        ("schema", "invalid field (record)", None),
+        ("size", "record over the 4096 byte limit", None),
     ]
     assert intake.counts == {"accepted": 1, "duplicate": 1, "schema": 2, "size": 1}
 
@@ -417,12 +419,12 @@ async def test_other_content_under_an_accepted_id_is_a_conflict_not_a_duplicate(
     tmp_path: Path,
 ) -> None:
     store = Store(tmp_path / "s.db")
-    recorded: list[list[tuple[str, str]]] = []
+    recorded: list[list[Refusal]] = []
 
     async def acceptor(batch: list[NewReport], _feed: str) -> list[bool]:
         return await asyncio.to_thread(store.accept, batch)
 
-    async def record(refused: list[tuple[str, str]], _feed: str) -> None:
+    async def record(refused: list[Refusal], _feed: str) -> None:
         recorded.append(refused)
 
     intake = Intake("JPN", 65536, acceptor, record_rejects=record)
@@ -463,7 +465,7 @@ async def test_other_content_under_an_accepted_id_is_a_conflict_not_a_duplicate(
     # The stored record (what is signed and sent) is still the first one.
     ((_, stored),) = [row for row in store.unplanned(10) if row[0] == rid]
     assert json.loads(stored) == vessel
-    assert recorded[-1][2] == ("conflict", f"report {rid} was accepted with other content")
+    assert recorded[-1][2] == ("conflict", f"report {rid} was accepted with other content", rid)
     assert intake.counts == {"accepted": 1, "duplicate": 2, "conflict": 3}
 
     # Two versions of a new id in one batch: the first is accepted, the second conflicts.

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from node_world import World, audit_rejections, await_for, msmt, records_for
 
+from broker.auditlog import DB_FILE
+
 pytestmark = pytest.mark.integration
 
 
@@ -40,6 +42,14 @@ async def test_a_running_node_answers_conflict_for_other_content_under_an_accept
     await await_for(
         lambda: audit_rejections(jpn)["intake.conflict"] == 1, 20, "the audited rejection"
     )
+    # The audited rejections name the report in their own field, as AUDIT.md lists it.
+    with sqlite3.connect(jpn.audit_dir / DB_FILE) as db:
+        entries = [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries")]
+    audited = {e["step"]: e["report_id"] for e in entries if e["type"] == "rejected"}
+    assert audited == {
+        "intake.duplicate": records[0]["report_id"],
+        "intake.conflict": records[1]["report_id"],
+    }
     # Only the first version is stored, to be signed and sent.
     uri = f"file:{jpn.store_path}?mode=ro"
     with sqlite3.connect(uri, uri=True) as db:
