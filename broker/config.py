@@ -49,6 +49,7 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "MSMT_PUBLISH_MAX_IN_FLIGHT": ("limits", "publish_max_in_flight"),
     "MSMT_FETCH_BATCH": ("limits", "fetch_batch"),
     "MSMT_FRESHNESS_SECONDS": ("limits", "freshness_seconds"),
+    "MSMT_HOLD_SECONDS": ("limits", "hold_seconds"),
     "MSMT_MAX_MESSAGE_BYTES": ("limits", "max_message_bytes"),
 }
 """Environment variable -> the config key it overrides (documented in docs/NODE.md)."""
@@ -124,6 +125,7 @@ class LimitsSection(_Section):
     publish_max_in_flight: Annotated[int, Field(ge=1, le=10_000)] = 256
     fetch_batch: Annotated[int, Field(ge=1, le=1_000)] = 100
     freshness_seconds: Annotated[int, Field(ge=60, le=30 * 86_400)] = 86_400
+    hold_seconds: Annotated[int, Field(ge=1, le=3_600)] = 60
     max_message_bytes: Annotated[int, Field(ge=4096, le=8 * 1024 * 1024)] = 1024 * 1024
 
 

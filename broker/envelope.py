@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from joserfc import jws
@@ -44,7 +44,13 @@ from broker.envelope_format import (
     fields_of,
     parse_jwe,
 )
-from broker.errors import EnvelopeError, InputError, KeyMaterialError, UsageError
+from broker.errors import (
+    EnvelopeError,
+    InputError,
+    KeyMaterialError,
+    UnknownKeyError,
+    UsageError,
+)
 from broker.members import is_member
 from broker.roster import Roster
 from broker.sightings import (
@@ -289,7 +295,7 @@ def receive(
         raise EnvelopeError("recipient", f"addressed to {header[HDR_TO]!r:.20}, not {me}")
     key = decryption_keys.get(header["kid"])
     if key is None:
-        raise EnvelopeError("recipient", f"kid {header['kid']!r:.80} is not one of my keys")
+        _not_mine(header["kid"], roster, now)
     # 4. decrypt (authenticates the protected header too): epk a public X25519
     #    key of 32 bytes and not low-order; encrypted key 40 bytes, IV 12, tag 16;
     #    the CEK unwraps and the GCM tag verifies (broker.jose.open_segments, its
@@ -365,7 +371,19 @@ def _check_sender(
         raise EnvelopeError("sender", "header report id does not match the signed jti")
 
 
+def _not_mine(kid: str, roster: Roster, now: datetime) -> NoReturn:
+    # A kid the roster lists (revoked, say) is refused with its status; one it
+    # does not list may be a key of ours rotated in a roster this node lacks yet.
+    if kid in roster:
+        key = roster.get(kid)
+        why = key.usable_at(now) or f"key {kid} is not one of my keys"
+        raise EnvelopeError("recipient", f"{why}: I hold no private key for it")
+    raise UnknownKeyError("recipient", f"kid {kid!r:.80} is in neither my keys nor my roster")
+
+
 def _verify_signature(jws_text: str, *, kid: str, iss: str, iat: datetime, roster: Roster) -> None:
+    if kid not in roster:
+        raise UnknownKeyError("key", f"kid {kid!r:.80} is not in the roster")
     try:
         roster.check(kid, member=iss, use="sig", at=iat)
         public = roster.public_key(kid)

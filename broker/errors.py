@@ -56,6 +56,15 @@ class EnvelopeError(MsmtError):
         self.reason = reason
 
 
+class UnknownKeyError(EnvelopeError):
+    """The envelope names a key this node's roster does not hold (yet).
+
+    The roster may simply be behind the sender's (a rotation not rolled out
+    here yet), so a receiver holds such a message for redelivery instead of
+    refusing it for good.
+    """
+
+
 class AuditError(MsmtError):
     """An audit log or checkpoint failed verification."""
 

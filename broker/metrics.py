@@ -45,6 +45,13 @@ class Metrics:
             ["sender"],
             registry=r,
         )
+        self.held = Counter(
+            "msmt_received_held",
+            "Inbound deliveries handed back for later because they name a key this node's"
+            " roster lacks (each redelivery counts), by sender.",
+            ["sender"],
+            registry=r,
+        )
         self.rejected = Counter(
             "msmt_rejected",
             "Inbound messages refused, by the verification step that failed.",

@@ -762,6 +762,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             audit,
             timedelta(seconds=config.limits.freshness_seconds),
             config.limits.max_message_bytes,
+            hold_seconds=config.limits.hold_seconds,
         )
         partners = [m for m in MEMBERS if m != config.member]
 

@@ -47,7 +47,7 @@ from broker import audit_events
 from broker.audit_events import AuditEvent
 from broker.auditlog import AuditLog
 from broker.envelope import receive
-from broker.errors import EnvelopeError, MsmtError
+from broker.errors import EnvelopeError, MsmtError, UnknownKeyError
 from broker.log import get_logger
 from broker.members import is_member
 from broker.metrics import Metrics
@@ -61,7 +61,10 @@ log = get_logger("receiver")
 MAX_SKEW: Final = timedelta(minutes=5)
 """How far in the future a report's ``iat`` may be (clock skew between nodes)."""
 
-Action = Literal["ack", "term"]
+HOLD_DELAY_S: Final = 60.0
+"""Default seconds before a held message (its key not in this roster yet) comes again."""
+
+Action = Literal["ack", "term", "hold"]
 
 
 def attested_sender(subject: str, me: str) -> str:
@@ -83,6 +86,23 @@ def _sender_field(subject: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+_HOLD_LOGGED: dict[str, float] = {}
+
+
+def _log_hold(sender: str, exc: UnknownKeyError) -> None:
+    # Once a minute per sender: each held message comes back every hold_seconds.
+    now = time.monotonic()
+    if now - _HOLD_LOGGED.get(sender, -60.0) >= 60.0:
+        _HOLD_LOGGED[sender] = now
+        log.warning(
+            "inbound_held",
+            sender=sender,
+            step=exc.step,
+            reason=_printable(exc.reason),
+            hint="the sender's roster is newer than this node's: restart with the new roster",
+        )
+
+
 def _printable(text: str, limit: int = 200) -> str:
     # Audit reasons must be printable ASCII; envelope reasons quote peer input.
     clean = text.encode("ascii", "backslashreplace").decode("ascii")
@@ -98,6 +118,8 @@ class BatchResult:
     rejected: Counter[str] = field(default_factory=Counter)
     duplicates: Counter[str] = field(default_factory=Counter)
     """Byte-identical redeliveries acked without storing again, by sender."""
+    held: Counter[str] = field(default_factory=Counter)
+    """Messages handed back for later, by sender: they name a key this roster lacks."""
     latencies: list[float] = field(default_factory=list)
 
 
@@ -113,8 +135,11 @@ class Inbound:
         audit: AuditLog,
         freshness: timedelta,
         max_message_bytes: int,
+        *,
+        hold_seconds: float = HOLD_DELAY_S,
     ) -> None:
         self.member = member
+        self.hold_seconds = hold_seconds
         self.decryption_keys = decryption_keys
         self.roster = roster
         self.store = store
@@ -122,8 +147,16 @@ class Inbound:
         self.freshness = freshness
         self.max_message_bytes = max_message_bytes
 
-    def process(self, messages: Sequence[tuple[str, bytes]]) -> BatchResult:
-        """Verify, audit and store a batch; raise ``MsmtError`` if it could not be committed."""
+    def process(
+        self, messages: Sequence[tuple[str, bytes]], published: Sequence[datetime] | None = None
+    ) -> BatchResult:
+        """Verify, audit and store a batch; raise ``MsmtError`` if it could not be committed.
+
+        ``published`` is when the hub stored each message (its JetStream
+        timestamp): a message naming a key this node's roster lacks is held
+        (action ``hold``, no audit entry) until it is older than the freshness
+        window, then refused like any other failure.
+        """
         now = datetime.now(UTC)
         result = BatchResult(actions=[])
         events: list[AuditEvent] = []
@@ -136,11 +169,24 @@ class Inbound:
             (_sender_field(subject), digest)
             for (subject, _), digest in zip(messages, digests, strict=True)
         )
-        for (subject, data), digest in zip(messages, digests, strict=True):
+        for index, ((subject, data), digest) in enumerate(zip(messages, digests, strict=True)):
             try:
                 action, rec, event = self._one(
                     subject, data, digest, now, batch_seen, known, result
                 )
+            except UnknownKeyError as exc:
+                # The sender's roster may be newer than ours (a key rotated and
+                # not rolled out here yet): refusing would lose the report for
+                # good, so the hub keeps it until a restart with that roster. Past
+                # the freshness window it would fail anyway, and is refused.
+                stored_at = now if published is None else published[index]
+                if now - stored_at <= self.freshness + MAX_SKEW:
+                    sender = _sender_field(subject)
+                    result.actions.append("hold")
+                    result.held[sender] += 1
+                    _log_hold(sender, exc)
+                    continue
+                step, reason = exc.step, f"{exc.reason} (held until too old)"
             except EnvelopeError as exc:
                 step, reason = exc.step, exc.reason
             except MsmtError:
@@ -453,7 +499,9 @@ class Receiver:
     async def _handle(self, msgs: list[Msg]) -> None:
         try:
             result: BatchResult = await self.run_db(
-                self.inbound.process, [(m.subject, m.data) for m in msgs]
+                self.inbound.process,
+                [(m.subject, m.data) for m in msgs],
+                [m.metadata.timestamp for m in msgs],
             )
         except MsmtError as exc:
             self.last_error = str(exc)
@@ -465,6 +513,8 @@ class Receiver:
         for msg, action in zip(msgs, result.actions, strict=True):
             if action == "ack":
                 await msg.ack()
+            elif action == "hold":
+                await msg.nak(delay=self.inbound.hold_seconds)
             else:
                 await msg.term()
         for latency in result.latencies:
@@ -479,3 +529,6 @@ class Receiver:
         for sender, count in result.duplicates.items():
             self.metrics.duplicates.labels(sender=sender).inc(count)
             self.counts[f"duplicate.{sender}"] += count
+        for sender, count in result.held.items():
+            self.metrics.held.labels(sender=sender).inc(count)
+            self.counts[f"held.{sender}"] += count

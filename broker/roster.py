@@ -166,6 +166,9 @@ class Roster:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __contains__(self, kid: object) -> bool:
+        return kid in self._keys
+
     def get(self, kid: str) -> RosterKey:
         """Return the key with this ``kid``; raise ``KeyMaterialError`` if unknown."""
         try:

@@ -12,7 +12,8 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from broker.natsetup import connect_account, setup_account
 from broker.natsproc import NatsServer
 from broker.node import Node, load_node
 from broker.policy import variants
+from broker.roster import Roster, RosterKey
 from broker.sightings import leaf_values
 from broker.store import NewReport, Store
 from broker.validation import parse_record
@@ -600,8 +602,10 @@ def usa_inbound(tmp_path: Path) -> Iterator[tuple[Any, Forger, Path]]:
     store_path = tmp_path / "usa.sqlite3"
     audit = AuditLog(tmp_path / "audit", "USA", signer)
 
-    def inbound(store: Store) -> Inbound:
-        return Inbound("USA", usa.decryption, roster, store, audit, timedelta(hours=1), 1 << 20)
+    def inbound(store: Store, lacking: Callable[[RosterKey], bool] = lambda _k: False) -> Inbound:
+        # ``lacking``: keys left out of USA's roster, as if it had not been rolled out yet.
+        behind = Roster(k for k in roster if not lacking(k))
+        return Inbound("USA", usa.decryption, behind, store, audit, timedelta(hours=1), 1 << 20)
 
     world = World(tmp_path, keydir, NatsServer(workdir=tmp_path / "unused"))
     try:
@@ -632,6 +636,130 @@ def test_store_failure_hands_the_batch_back_and_redelivery_stores_once(
     assert again.stored == []
     assert again.duplicates == {"JPN": 40}
     assert store.inbox_count() == 40
+
+
+async def test_reports_signed_with_a_key_a_partner_does_not_know_yet_are_held_not_lost(
+    world: World,
+) -> None:
+    # JPN rotates its keys and restarts first; USA runs on with the older roster
+    # (a rollout still under way). What JPN signs meanwhile is held at USA, not
+    # refused, and arrives once USA restarts with the new roster.
+    world.write_config("JPN")
+    world.write_config("USA")
+    hold = {"MSMT_HOLD_SECONDS": "1"}
+    world.start("USA", **hold)
+    world.start("JPN")
+    policy = world.policy("JPN")
+    records = [
+        r
+        for r in records_for("JPN", 60, seed=21)
+        if "USA" in expected_partners(policy, parse_record(json.dumps(r)))
+    ]
+    before, after = records[: len(records) // 2], records[len(records) // 2 :]
+    assert before
+    assert after
+    await world.submit("JPN", before)
+    await await_for(
+        lambda: len(world.inbox_ids("USA", "JPN")) == len(before), 30, "USA has the first half"
+    )
+    assert world.terminate("JPN") == 0
+    keys.rotate_keys(world.keydir, "JPN")
+    world.start("JPN")
+    answers = await world.submit("JPN", after)
+    assert all(a["status"] == "accepted" for a in answers)
+
+    def held() -> int:
+        store = world.store("USA")
+        try:
+            return store.counters().get("held.JPN", 0)
+        finally:
+            store.close()
+
+    await await_for(lambda: held() >= len(after), 30, "USA holds the second half")
+    assert len(world.inbox_ids("USA", "JPN")) == len(before)
+    assert audit_rejections(world.config("USA")) == Counter()
+
+    assert world.terminate("USA") == 0
+    world.start("USA", **hold)
+    await await_for(
+        lambda: len(world.inbox_ids("USA", "JPN")) >= len(records), 30, "USA has every report"
+    )
+    got = world.inbox_ids("USA", "JPN")
+    assert sorted(got) == sorted(r["report_id"] for r in records)
+    assert audit_rejections(world.config("USA")) == Counter()
+
+
+def _audit_entries(store_path: Path) -> list[dict[str, Any]]:
+    # The usa_inbound fixture's audit log lies beside its store.
+    with sqlite3.connect(store_path.parent / "audit" / DB_FILE) as db:
+        return [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries ORDER BY idx")]
+
+
+def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # KOR's roster is behind: JPN signs with a key, and encrypts to a USA key,
+    # that USA's roster does not list yet. Refusing would lose the reports for
+    # good; they are handed back for redelivery, unaudited, until too old.
+    make, forger, path = usa_inbound
+    store = Store(path)
+    signed, encrypted, good = records_for("JPN", 3, seed=8)
+    batch = [
+        (f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode())
+        for r in (signed, encrypted, good)
+    ]
+    jpn_sig = forger.jpn.signing_kid
+    usa_enc = forger.roster.current("USA", "enc", forger.now).kid
+    no_jpn_sig = make(store, lambda k: k.kid == jpn_sig)
+    before = len(_audit_entries(path))
+    fresh = datetime.now(UTC)
+    result = no_jpn_sig.process(batch[:1] + batch[2:], [fresh, fresh])
+    assert result.actions == ["hold", "hold"]
+    assert result.held == {"JPN": 2}
+    assert result.stored == []
+    assert not result.rejected
+    assert len(_audit_entries(path)) == before
+
+    # A USA key the roster lacks is the same case on the recipient side.
+    no_usa_enc = make(store, lambda k: k.kid == usa_enc)
+    no_usa_enc.decryption_keys = {
+        kid: key for kid, key in no_usa_enc.decryption_keys.items() if kid != usa_enc
+    }
+    assert no_usa_enc.process(batch[1:2], [fresh]).actions == ["hold"]
+
+    # Once the roster has the keys (a restart with it), the same bytes verify.
+    assert make(store).process(batch, [fresh] * 3).actions == ["ack"] * 3
+    assert store.inbox_count() == 3
+
+    # A message that has waited past the freshness window (1 h here) is refused
+    # and audited like any other failure: holding it longer could never help.
+    late = records_for("JPN", 1, seed=9)[0]
+    old = fresh - timedelta(hours=2)
+    token = forger.envelope(late)[0].encode()
+    stale = no_jpn_sig.process([(f"from.JPN.msmt.to.USA.{late['kind']}", token)], [old])
+    assert stale.actions == ["term"]
+    assert stale.rejected == {"key": 1}
+    refused = [e for e in _audit_entries(path) if e["type"] == "rejected"]
+    assert [(e["step"], e["reason"][-20:]) for e in refused] == [("key", "(held until too old)")]
+
+
+def test_a_message_for_a_revoked_key_of_mine_says_so(usa_inbound: tuple[Any, Forger, Path]) -> None:
+    make, forger, path = usa_inbound
+    usa_enc = forger.roster.current("USA", "enc", forger.now).kid
+    record = records_for("JPN", 1, seed=10)[0]
+    token = forger.envelope(record)[0].encode()
+    inbound = make(Store(path))
+    # USA's roster lists the key as revoked and its node holds no private key for it.
+    inbound.decryption_keys = {}
+    revoked = inbound.roster.get(usa_enc)
+    inbound.roster = Roster(
+        [*(k for k in inbound.roster if k.kid != usa_enc), replace(revoked, status="revoked")]
+    )
+    result = inbound.process([(f"from.JPN.msmt.to.USA.{record['kind']}", token)])
+    assert result.actions == ["term"]
+    assert result.rejected == {"recipient": 1}
+    reasons = [e["reason"] for e in _audit_entries(path) if e["type"] == "rejected"]
+    assert reasons == [f"key {usa_enc} is revoked: I hold no private key for it"]
 
 
 def test_an_unexpected_verifier_failure_costs_one_message_not_the_consumer(
