@@ -646,8 +646,7 @@ async def test_reports_signed_with_a_key_a_partner_does_not_know_yet_are_held_no
     # refused, and arrives once USA restarts with the new roster.
     world.write_config("JPN")
     world.write_config("USA")
-    hold = {"MSMT_HOLD_SECONDS": "1"}
-    world.start("USA", **hold)
+    world.start("USA", MSMT_HOLD_SECONDS="1")
     world.start("JPN")
     policy = world.policy("JPN")
     records = [
@@ -680,7 +679,7 @@ async def test_reports_signed_with_a_key_a_partner_does_not_know_yet_are_held_no
     assert audit_rejections(world.config("USA")) == Counter()
 
     assert world.terminate("USA") == 0
-    world.start("USA", **hold)
+    world.start("USA", MSMT_HOLD_SECONDS="1")
     await await_for(
         lambda: len(world.inbox_ids("USA", "JPN")) >= len(records), 30, "USA has every report"
     )
