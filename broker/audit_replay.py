@@ -1,14 +1,24 @@
 """Replay several nodes' audit logs (pure): a timeline, a who-sent-to-whom matrix, and findings.
 
 Inputs are logs already verified by ``broker.audit_verify`` (parsed entries by
-member) and the policies the auditor holds (by digest). Reconciliation:
+member) and the policies the auditor holds (by digest). Within each log:
+
+* every entry names the log's own member, else ``wrong-member`` (and the entry
+  is left out of everything else);
+* each ``policy`` entry's ``previous_digest`` is the digest of the log's
+  previous ``policy`` entry (``null`` for the first), else ``policy-chain``;
+* each send's policy was in force between the report's arrival in the log and
+  the send, else ``policy-not-in-force`` (see ``PolicyTimeline``);
+* a send releases at least one disclosure key, else ``empty-send``.
+
+Across logs:
 
 * every send has a receive with the same JWE hash in the partner's log, else it
   is ``undelivered`` (or ``rejected`` when the partner logged a rejection of it);
 * every receive has a send with the same JWE hash in the sender's log, else it
   is an ``unmatched-receive`` (the sender's log lost or never had the send);
-* a receive names the same sender, report and disclosure keys as its send,
-  else ``mismatch``;
+* a receive names the same sender, report, kind and disclosure keys as its
+  send, else ``mismatch``;
 * each send's disclosure keys are what the sender's policy (found by the
   digest the entry names) releases to that partner for that kind and marking;
   anything else is an ``over-disclosure``.
@@ -19,7 +29,7 @@ Logs not given are not guessed at: their side is reported as ``not-checked``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -82,14 +92,7 @@ def over_disclosures(send: Mapping[str, Any], policy: Policy) -> list[str]:
     """
     released = send["released"]
     try:
-        cells = policy.releasable(
-            send["partner"],
-            kind=send["kind"],
-            tlp=send["tlp"],
-            originator=send["originator"],
-            rel_to=send["rel_to"],
-            onward=send["originator"] != policy.member,
-        )
+        cells = _cells(send, policy)
     except PolicyError as exc:
         return [f"{key}: {exc}" for key in released]
     problems = []
@@ -107,6 +110,118 @@ def over_disclosures(send: Mapping[str, Any], policy: Policy) -> list[str]:
     return problems
 
 
+def releases_anything(send: Mapping[str, Any], policy: Policy) -> bool:
+    """Whether ``policy`` releases any field at all to the send's partner, given its markings."""
+    try:
+        cells = _cells(send, policy)
+    except PolicyError:
+        return False
+    return any(isinstance(cell, Release) for cell in cells.values())
+
+
+def _cells(send: Mapping[str, Any], policy: Policy) -> Mapping[str, Release | str]:
+    return policy.releasable(
+        send["partner"],
+        kind=send["kind"],
+        tlp=send["tlp"],
+        originator=send["originator"],
+        rel_to=send["rel_to"],
+        onward=send["originator"] != policy.member,
+    )
+
+
+class PolicyTimeline:
+    """One log's policy history and report arrivals, fed its entries in log order.
+
+    A send may name the policy in force when its report arrived in the log, or
+    one logged between that arrival and the send: the node plans a report (and
+    so fixes its policy digest) some time after accepting it, and logs the send
+    only once the hub acknowledged it, so after a restart with a new policy a
+    send planned under the old one is logged after the new ``policy`` entry.
+    Any other digest (an older policy, or one first logged later) was never the
+    node's policy for that report.
+
+    The arrival is the first ``accepted`` entry of the report, or, for a report
+    another member originated (passed on), its first ``received`` entry. A
+    node's log can lack it: a store commit that succeeds while the audit append
+    after it fails (a full disk) leaves an accepted report that is planned and
+    sent before its ``accepted`` entry is written at the next start. Such a send
+    is held to the policy in force at the send itself, the narrowest window, so
+    deleting an arrival entry widens nothing.
+
+    Each step is O(1): the index of the policy in force at an arrival is kept,
+    and a digest was in force since then iff its latest ``policy`` entry comes
+    at or after that index.
+    """
+
+    def __init__(self) -> None:
+        self.policies: list[tuple[int, str, str | None]] = []  # (seq, digest, previous)
+        self._latest: dict[str, int] = {}  # digest -> index of its latest policy entry
+        self._accepted: dict[str, tuple[int, int]] = {}  # report -> (seq, policy index)
+        self._received: dict[str, tuple[int, int]] = {}
+
+    def add_policy(self, entry: Mapping[str, Any]) -> str | None:
+        """Record a ``policy`` entry; say why its ``previous_digest`` breaks the chain, if it does.
+
+        The first ``policy`` entry of a log has ``previous_digest`` null (a node's
+        first start); each later one names the digest of the one before. An exact
+        repeat of the previous entry is accepted: a node that stops between
+        logging a change and saving it in its store logs the same change again.
+        """
+        digest, previous = entry["policy_digest"], entry["previous_digest"]
+        problem = None
+        if not self.policies:
+            if previous is not None:
+                problem = (
+                    f"the log's first policy entry names a previous policy {previous[:12]}..."
+                    ", which the log never recorded"
+                )
+        else:
+            seq, last, last_previous = self.policies[-1]
+            if previous != last and (digest, previous) != (last, last_previous):
+                named = "none" if previous is None else f"{previous[:12]}..."
+                problem = (
+                    f"previous policy {named} is not {last[:12]}..., "
+                    f"the policy of the log's previous policy entry {seq}"
+                )
+        self._latest[digest] = len(self.policies)
+        self.policies.append((entry["seq"], digest, previous))
+        return problem
+
+    def add_arrival(self, entry: Mapping[str, Any]) -> None:
+        """Record an ``accepted`` or ``received`` entry (only a report's first counts)."""
+        arrivals = self._accepted if entry["type"] == "accepted" else self._received
+        arrivals.setdefault(entry["report_id"], (entry["seq"], len(self.policies) - 1))
+
+    def not_in_force(self, member: str, send: Mapping[str, Any]) -> str | None:
+        """Why ``send``'s policy was not in force for its report, or ``None`` if it was."""
+        arrivals = self._accepted if send["originator"] == member else self._received
+        arrival = arrivals.get(send["report_id"])
+        now = len(self.policies) - 1
+        since = now if arrival is None else arrival[1]
+        digest = send["policy_digest"]
+        if self._latest.get(digest, -1) >= max(since, 0):
+            return None
+        name = f"policy {digest[:12]}..."
+        if digest not in self._latest:
+            return f"{name} was never logged before this send"
+        if arrival is None:
+            what = "accepted" if send["originator"] == member else "received"
+            current = self.policies[-1][1][:12]
+            return (
+                f"{name} is not {current}..., the policy in force at this send "
+                f"(no {what} entry of the report comes before it)"
+            )
+        return (
+            f"{name} was not in force between the report's arrival (entry {arrival[0]}) "
+            "and this send"
+        )
+
+
+_Seen = dict[str, tuple[str, Mapping[str, Any]]]
+"""Entries of one type by JWE hash, with the member whose log holds them."""
+
+
 def replay(
     logs: Mapping[str, Sequence[Mapping[str, Any]]],
     policies: Mapping[str, Policy],
@@ -119,21 +234,12 @@ def replay(
     is advanced once per entry (a click progress bar, say).
     """
     ticks = iter(progress) if progress is not None else None
-    sends: dict[str, tuple[str, Mapping[str, Any]]] = {}
-    receives: dict[str, tuple[str, Mapping[str, Any]]] = {}
-    rejections: dict[str, tuple[str, Mapping[str, Any]]] = {}
+    sends: _Seen = {}
+    receives: _Seen = {}
+    rejections: _Seen = {}
     findings: list[Finding] = []
     for member, entries in logs.items():
-        for entry in entries:
-            if ticks is not None:
-                next(ticks, None)
-            kind = entry["type"]
-            if kind == "sent":
-                sends[entry["jwe_sha256"]] = (member, entry)
-            elif kind == "received":
-                receives[entry["jwe_sha256"]] = (member, entry)
-            elif kind == "rejected" and entry["jwe_sha256"] is not None:
-                rejections[entry["jwe_sha256"]] = (member, entry)
+        _read_log(member, entries, ticks, sends, receives, rejections, findings)
     exchanges: list[Exchange] = []
     matrix: Counter[tuple[str, str]] = Counter()
     for jwe, (member, send) in sends.items():
@@ -153,28 +259,7 @@ def replay(
                 send["seq"],
             )
         )
-        policy = policies.get(send["policy_digest"])
-        if policy is None or policy.member != member:
-            findings.append(
-                Finding(
-                    "unknown-policy",
-                    member,
-                    send["seq"],
-                    send["report_id"],
-                    f"policy {send['policy_digest'][:12]}... of {member} was not provided",
-                )
-            )
-            continue
-        for problem in over_disclosures(send, policy):
-            findings.append(
-                Finding(
-                    "over-disclosure",
-                    member,
-                    send["seq"],
-                    send["report_id"],
-                    f"to {send['partner']}: {problem}",
-                )
-            )
+        findings += _check_release(member, send, policies)
     for jwe, (member, recv) in receives.items():
         if jwe in sends:
             continue
@@ -224,18 +309,124 @@ def _send_status(
         )
         return "undelivered"
     recv = match[1]
-    if (recv["sender"], recv["report_id"], list(recv["fields"])) != (
-        member,
-        send["report_id"],
-        list(send["released"]),
-    ):
+    differ = [
+        what
+        for what, theirs, ours in (
+            ("sender", recv["sender"], member),
+            ("report", recv["report_id"], send["report_id"]),
+            ("kind", recv["kind"], send["kind"]),
+            ("disclosure keys", list(recv["fields"]), list(send["released"])),
+        )
+        if theirs != ours
+    ]
+    if differ:
         findings.append(
             Finding(
                 "mismatch",
                 partner,
                 recv["seq"],
                 recv["report_id"],
-                f"receipt of {member}'s entry {send['seq']} names other sender, report or fields",
+                f"receipt of {member}'s entry {send['seq']} differs from it in "
+                + " and ".join(differ),
             )
         )
     return "delivered"
+
+
+def _read_log(
+    member: str,
+    entries: Iterable[Mapping[str, Any]],
+    ticks: Iterator[None] | None,
+    sends: _Seen,
+    receives: _Seen,
+    rejections: _Seen,
+    findings: list[Finding],
+) -> None:
+    """Index one log's sends, receipts and rejections; check what the log alone can tell."""
+    timeline = PolicyTimeline()
+    for entry in entries:
+        if ticks is not None:
+            next(ticks, None)
+        kind = entry["type"]
+        if entry["member"] != member:
+            # Counted as this log's, it would stand in for a missing entry
+            # (a receipt, a send, a policy change) of the member it names.
+            findings.append(
+                Finding(
+                    "wrong-member",
+                    member,
+                    entry["seq"],
+                    entry.get("report_id"),
+                    f"a {kind} entry that names {entry['member']}, in {member}'s log",
+                )
+            )
+        elif kind == "sent":
+            sends[entry["jwe_sha256"]] = (member, entry)
+            problem = timeline.not_in_force(member, entry)
+            if problem is not None:
+                findings.append(
+                    Finding(
+                        "policy-not-in-force",
+                        member,
+                        entry["seq"],
+                        entry["report_id"],
+                        f"to {entry['partner']}: {problem}",
+                    )
+                )
+        elif kind in ("accepted", "received"):
+            if kind == "received":
+                receives[entry["jwe_sha256"]] = (member, entry)
+            timeline.add_arrival(entry)
+        elif kind == "policy":
+            problem = timeline.add_policy(entry)
+            if problem is not None:
+                findings.append(Finding("policy-chain", member, entry["seq"], None, problem))
+        elif kind == "rejected" and entry["jwe_sha256"] is not None:
+            rejections[entry["jwe_sha256"]] = (member, entry)
+
+
+def _check_release(
+    member: str, send: Mapping[str, Any], policies: Mapping[str, Policy]
+) -> list[Finding]:
+    """Findings on what one send released: empty, under an unknown policy, or too much."""
+    found = []
+    policy = policies.get(send["policy_digest"])
+    if policy is not None and policy.member != member:
+        policy = None
+    if not send["released"]:
+        # Even with no disclosure the message tells the partner that the report
+        # exists, its kind and its markings; the node sends nothing instead.
+        why = ""
+        if policy is not None and not releases_anything(send, policy):
+            why = "; the policy releases it nothing for this kind and these markings"
+        found.append(
+            Finding(
+                "empty-send",
+                member,
+                send["seq"],
+                send["report_id"],
+                f"to {send['partner']}: a message with no disclosure keys{why}",
+            )
+        )
+    if policy is None:
+        found.append(
+            Finding(
+                "unknown-policy",
+                member,
+                send["seq"],
+                send["report_id"],
+                f"policy {send['policy_digest'][:12]}... of {member} was not provided",
+            )
+        )
+        return found
+    found += [
+        Finding(
+            "over-disclosure",
+            member,
+            send["seq"],
+            send["report_id"],
+            f"to {send['partner']}: {problem}",
+        )
+        for problem in over_disclosures(send, policy)
+    ]
+    return found

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,14 @@ import pytest
 from audit_helpers import T0, log_verifier
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from node_world import BATCH_POLICY, World, await_for, records_for
+from node_world import BATCH_POLICY, World, await_for, records_for, write_node_config
 
 from broker import audit_events as ev
 from broker import keys as keyfiles
 from broker.audit_replay import over_disclosures, replay
 from broker.auditlog import DB_FILE, AuditLog
 from broker.cli import main
+from broker.natsproc import free_port
 from broker.node import load_node
 from broker.policy import load_policy
 from broker.validation import parse_record
@@ -89,17 +91,35 @@ def _send(
 
 
 def _recv(
-    recipient: str, sender: str, report: uuid.UUID, fields: list[str], t: int
+    recipient: str, sender: str, report: uuid.UUID, fields: list[str], t: int, kind: str = "vessel"
 ) -> ev.AuditEvent:
     return ev.received(
         recipient,
         T0 + timedelta(seconds=t),
         sender=sender,
         report_id=report,
-        kind="vessel",
+        kind=kind,
         fields=fields,
         jwe_sha256=_jwe(sender, recipient, report),
     )
+
+
+def _started(member: str, previous: str | None = None, digest: str = "") -> ev.AuditEvent:
+    """The ``policy`` entry a node logs at its first start (or at a restart with a new policy)."""
+    return ev.policy_changed(
+        member, T0, policy_digest=digest or DIGEST[member], previous_digest=previous
+    )
+
+
+def _accepted(member: str, report: uuid.UUID, t: int) -> ev.AuditEvent:
+    return ev.accepted(
+        member, T0 + timedelta(seconds=t), report_id=report, kind="vessel", feed="ais"
+    )
+
+
+def _entries(events: list[ev.AuditEvent]) -> list[dict[str, Any]]:
+    """Events as the parsed entries of a log, without writing one."""
+    return [json.loads(e.seal(i, None)) for i, e in enumerate(events)]
 
 
 def _run_world(
@@ -112,18 +132,21 @@ def _run_world(
         "vessel.position" if widen_gbr else "vessel.position#coarsen:1",
     ]
     jpn = [
-        ev.accepted("JPN", T0, report_id=R1, kind="vessel", feed="ais"),
+        _started("JPN"),
+        _accepted("JPN", R1, 0),
         _send("JPN", "USA", R1, FULL, 1),
         _send("JPN", "KOR", R1, FULL, 1),
         _send("JPN", "GBR", R1, gbr_fields, 1),
         _recv("JPN", "USA", R2, FULL, 3),
     ]
     if drop_jpn_send_to_kor:
-        del jpn[2]
+        del jpn[3]
     by_member = {
         "JPN": jpn,
         "USA": [
+            _started("USA"),
             _recv("USA", "JPN", R1, FULL, 2),
+            _accepted("USA", R2, 3),
             _send("USA", "JPN", R2, FULL, 3),
             ev.rejected(
                 "USA",
@@ -135,7 +158,12 @@ def _run_world(
                 jwe_sha256=_jwe("KOR", "USA", R3),
             ),
         ],
-        "KOR": [_recv("KOR", "JPN", R1, FULL, 2), _send("KOR", "USA", R3, ["vessel.imo"], 4)],
+        "KOR": [
+            _started("KOR"),
+            _recv("KOR", "JPN", R1, FULL, 2),
+            _accepted("KOR", R3, 4),
+            _send("KOR", "USA", R3, ["vessel.imo"], 4),
+        ],
     }
     dirs = []
     for member, events in by_member.items():
@@ -198,7 +226,7 @@ def test_removed_send_is_reported_exactly(tmp_path: Path) -> None:
         {
             "kind": "unmatched-receive",
             "member": "KOR",
-            "seq": 0,
+            "seq": 1,
             "report_id": str(R1),
             "detail": "received from JPN but JPN's log has no matching send",
         }
@@ -210,7 +238,7 @@ def test_widened_disclosure_is_reported_exactly(tmp_path: Path) -> None:
     code, out, _ = _replay(tmp_path, dirs, "--json")
     assert code == 1
     findings = json.loads(out)["findings"]
-    assert [(f["kind"], f["member"], f["seq"]) for f in findings] == [("over-disclosure", "JPN", 3)]
+    assert [(f["kind"], f["member"], f["seq"]) for f in findings] == [("over-disclosure", "JPN", 4)]
     assert findings[0]["detail"] == (
         "to GBR: vessel.position: the policy releases it only as vessel.position#coarsen:1"
     )
@@ -219,22 +247,25 @@ def test_widened_disclosure_is_reported_exactly(tmp_path: Path) -> None:
 def test_undelivered_and_unknown_policy_and_field_mismatch(tmp_path: Path) -> None:
     root = tmp_path / "logs"
     jpn = AuditLog(root / "JPN", "JPN", KEYS["JPN"])
+    jpn.append_many([_started("JPN"), _accepted("JPN", R1, 0), _accepted("JPN", R2, 0)])
     jpn.append_many([_send("JPN", "USA", R1, FULL, 1), _send("JPN", "KOR", R2, FULL, 2)])
     usa = AuditLog(root / "USA", "USA", KEYS["USA"])
-    usa.append_many([_recv("USA", "JPN", R1, ["vessel.imo"], 2)])
+    usa.append_many([_started("USA"), _recv("USA", "JPN", R1, ["vessel.imo"], 2)])
     kor = AuditLog(root / "KOR", "KOR", KEYS["KOR"])
+    kor.append_many([_started("KOR"), _accepted("KOR", R3, 3)])
     kor.append_many([_send("KOR", "USA", R3, ["vessel.imo"], 3)])
-    usa.append_many([_recv("USA", "KOR", R3, ["vessel.imo"], 4)])
+    usa.append_many([_recv("USA", "KOR", R3, ["vessel.imo"], 4, kind="transfer")])
     polices_without_kor = {DIGEST["JPN"]: load_policy(POLICIES["JPN"], member="JPN")}
     logs = {
         m: [json.loads(log.entry(i)) for i in range(log.size)]
         for m, log in (("JPN", jpn), ("USA", usa), ("KOR", kor))
     }
     result = replay(logs, polices_without_kor)
-    assert [(f.kind, f.member, f.seq) for f in result.findings] == [
-        ("undelivered", "JPN", 1),
-        ("unknown-policy", "KOR", 0),
-        ("mismatch", "USA", 0),
+    assert [(f.kind, f.member, f.seq, f.detail) for f in result.findings] == [
+        ("undelivered", "JPN", 4, "sent to KOR, which logged no receipt of this JWE"),
+        ("unknown-policy", "KOR", 2, f"policy {DIGEST['KOR'][:12]}... of KOR was not provided"),
+        ("mismatch", "USA", 1, "receipt of JPN's entry 3 differs from it in disclosure keys"),
+        ("mismatch", "USA", 2, "receipt of KOR's entry 2 differs from it in kind"),
     ]
 
 
@@ -257,6 +288,223 @@ def test_markings_forbid_sending_at_all(
     ]
     send |= {"tlp": "AMBER", "rel_to": None, "originator": "JPN"}
     assert over_disclosures(send, policy) == []
+
+
+# --- what one log must say of itself: the policy in force, no empty sends, its own member --
+
+LOOSE = POLICIES["JPN"]  # everything to USA and KOR, coarse vessels to GBR
+STRICT = LOOSE.replace('release = ["*"]', 'release = ["observed_at", "vessel.imo"]', 1)
+D_LOOSE, D_STRICT = DIGEST["JPN"], load_policy(STRICT, member="JPN").digest
+BOTH = {d: load_policy(t, member="JPN") for d, t in ((D_LOOSE, LOOSE), (D_STRICT, STRICT))}
+NARROW = ["observed_at", "vessel.imo"]  # released by both policies, so only timing matters
+
+
+def _jpn_send(
+    report: uuid.UUID,
+    digest: str,
+    *,
+    released: list[str] = NARROW,
+    partner: str = "USA",
+    originator: str = "JPN",
+    tlp: str = "AMBER",
+) -> ev.AuditEvent:
+    return ev.sent(
+        "JPN",
+        T0,
+        partner=partner,
+        report_id=report,
+        kind="vessel",
+        released=released,
+        policy_digest=digest,
+        jwe_sha256=_jwe("JPN", partner, report),
+        originator=originator,
+        tlp=tlp,
+        rel_to=None,
+    )
+
+
+def _findings(
+    events: list[ev.AuditEvent], **logs: list[ev.AuditEvent]
+) -> list[tuple[str, int, str]]:
+    result = replay({"JPN": _entries(events), **{m: _entries(e) for m, e in logs.items()}}, BOTH)
+    return [(f.kind, f.seq, f.detail) for f in result.findings]
+
+
+def test_a_pending_envelope_sent_after_a_restart_with_a_new_policy_is_in_force() -> None:
+    # What the node logs: the report is accepted and planned under LOOSE; the node
+    # restarts with STRICT before the hub acknowledged the envelope, which is then
+    # logged, still naming LOOSE, after the new policy entry.
+    restarted = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0)]
+    restarted.append(_started("JPN", D_LOOSE, D_STRICT))
+    assert _findings([*restarted, _jpn_send(R1, D_LOOSE)]) == []
+    # Not yet planned at the restart: planned, and logged, under the new policy.
+    assert _findings([*restarted, _jpn_send(R1, D_STRICT)]) == []
+    # A policy changed back and forth: its latest entry counts.
+    back = [*restarted, _started("JPN", D_STRICT, D_LOOSE), _accepted("JPN", R2, 1)]
+    assert _findings([*back, _jpn_send(R2, D_LOOSE)]) == []
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        pytest.param(
+            [
+                _started("JPN", None, D_LOOSE),
+                _started("JPN", D_LOOSE, D_STRICT),
+                _accepted("JPN", R1, 0),
+                _jpn_send(R1, D_LOOSE),
+            ],
+            f"policy {D_LOOSE[:12]}... was not in force between the report's arrival "
+            "(entry 2) and this send",
+            id="an-older-looser-policy",
+        ),
+        pytest.param(
+            [
+                _started("JPN", None, D_STRICT),
+                _accepted("JPN", R1, 0),
+                _jpn_send(R1, D_LOOSE),
+                _started("JPN", D_STRICT, D_LOOSE),
+            ],
+            f"policy {D_LOOSE[:12]}... was never logged before this send",
+            id="a-policy-first-logged-later",
+        ),
+        pytest.param(
+            [
+                _started("JPN", None, D_LOOSE),
+                _started("JPN", D_LOOSE, D_STRICT),
+                _jpn_send(R1, D_LOOSE),
+                _accepted("JPN", R1, 0),
+            ],
+            f"policy {D_LOOSE[:12]}... is not {D_STRICT[:12]}..., the policy in force at this "
+            "send (no accepted entry of the report comes before it)",
+            id="no-arrival-before-the-send",
+        ),
+        pytest.param(
+            [
+                _started("JPN", None, D_LOOSE),
+                _accepted("JPN", R2, 0),  # JPN's own report of that id does not count
+                _started("JPN", D_LOOSE, D_STRICT),
+                _recv("JPN", "KOR", R2, NARROW, 1),
+                _jpn_send(R2, D_LOOSE, originator="KOR", tlp="GREEN"),
+            ],
+            f"policy {D_LOOSE[:12]}... was not in force between the report's arrival "
+            "(entry 3) and this send",
+            id="passed-on-counts-from-its-receipt",
+        ),
+    ],
+)
+def test_a_send_naming_a_policy_not_in_force_is_a_finding(
+    events: list[ev.AuditEvent], expected: str
+) -> None:
+    # The log holder rewrote the send's digest (and re-signed): the policy is one it
+    # really used, so the policy check alone would pass it.
+    seq = next(i for i, e in enumerate(events) if e.type == "sent")
+    assert _findings(events) == [("policy-not-in-force", seq, f"to USA: {expected}")]
+
+
+def test_without_an_arrival_entry_a_send_is_held_to_the_policy_in_force() -> None:
+    # A node whose audit append failed after the store took a report (a full disk)
+    # sends it before logging its arrival: the current policy still passes.
+    assert _findings([_started("JPN", None, D_LOOSE), _jpn_send(R1, D_LOOSE)]) == []
+    received = [_started("JPN", None, D_LOOSE), _recv("JPN", "KOR", R2, NARROW, 1)]
+    onward = _jpn_send(R2, D_LOOSE, originator="KOR", tlp="GREEN")
+    assert _findings([*received, _started("JPN", D_LOOSE, D_STRICT), onward]) == []
+    assert _findings([_jpn_send(R1, D_LOOSE)]) == [
+        (
+            "policy-not-in-force",
+            0,
+            f"to USA: policy {D_LOOSE[:12]}... was never logged before this send",
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("partner", "tlp", "why"),
+    [
+        ("USA", "AMBER", ""),
+        ("FRA", "AMBER", "; the policy releases it nothing for this kind and these markings"),
+        ("USA", "RED", "; the policy releases it nothing for this kind and these markings"),
+    ],
+    ids=["released-something", "released-nothing", "red-released-nothing"],
+)
+def test_a_send_with_no_disclosure_is_a_finding(partner: str, tlp: str, why: str) -> None:
+    start = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0)]
+    empty = _jpn_send(R1, D_LOOSE, released=[], partner=partner, tlp=tlp)
+    assert _findings([*start, empty]) == [
+        ("empty-send", 2, f"to {partner}: a message with no disclosure keys{why}")
+    ]
+    # With keys, each is already an over-disclosure where the policy releases nothing.
+    full = _jpn_send(R1, D_LOOSE, released=NARROW, partner=partner, tlp=tlp)
+    kinds = {kind for kind, _, _ in _findings([*start, full])}
+    assert kinds == (set() if why == "" else {"over-disclosure"})
+
+
+def test_a_broken_policy_chain_is_a_finding() -> None:
+    first = _started("JPN", None, D_LOOSE)
+    # A repeat of the same change (a node stopped before saving it in its store) is fine.
+    assert _findings([first, _started("JPN", None, D_LOOSE)]) == []
+    assert _findings([_started("JPN", D_STRICT, D_LOOSE)]) == [
+        (
+            "policy-chain",
+            0,
+            f"the log's first policy entry names a previous policy {D_STRICT[:12]}..., "
+            "which the log never recorded",
+        )
+    ]
+    changed = _started("JPN", D_LOOSE, D_STRICT)
+    assert _findings([first, changed, _started("JPN", D_LOOSE, D_LOOSE)]) == [
+        (
+            "policy-chain",
+            2,
+            f"previous policy {D_LOOSE[:12]}... is not {D_STRICT[:12]}..., the policy of the "
+            "log's previous policy entry 1",
+        )
+    ]
+    assert _findings([first, _started("JPN", None, D_STRICT)])[0][:2] == ("policy-chain", 1)
+
+
+def test_an_entry_of_another_member_is_a_finding_and_not_counted() -> None:
+    # JPN's log holds USA's receipt of JPN's send: it must not stand in for USA's log.
+    usa_receipt = _recv("USA", "JPN", R1, NARROW, 2)
+    jpn = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0), _jpn_send(R1, D_LOOSE)]
+    assert _findings([*jpn, usa_receipt], USA=[_started("USA")]) == [
+        ("undelivered", 2, "sent to USA, which logged no receipt of this JWE"),
+        ("wrong-member", 3, "a received entry that names USA, in JPN's log"),
+    ]
+
+
+def _forged_log(root: Path, member: str, entries: list[dict[str, Any]]) -> Path:
+    """A log its owner signed with entries no node writes (parse_entry refuses them)."""
+    log = AuditLog(root / member, member, KEYS[member])
+    log.append_many([ev.AuditEvent(e) for e in entries])
+    log.close()
+    return root / member
+
+
+def test_a_malformed_entry_stops_replay_with_the_log_and_entry_named(tmp_path: Path) -> None:
+    good = [
+        {k: v for k, v in json.loads(e.seal(0, None)).items() if k not in ("v", "seq", "prev")}
+        for e in (_started("JPN"), _accepted("JPN", R1, 0), _send("JPN", "USA", R1, FULL, 1))
+    ]
+    good[2]["partner"] = "XYZ"
+    forged = _forged_log(tmp_path / "logs", "JPN", good)
+    code, out, err = _replay(tmp_path, [forged])
+    assert (code, out) == (1, "")
+    assert err == (
+        f"msmt: error: JPN log {forged / DB_FILE}: entry 2: is not a valid 'sent' entry: "
+        "audit partner 'XYZ' is not an MSMT member\n"
+    )
+
+
+def test_a_log_that_does_not_verify_is_named(tmp_path: Path) -> None:
+    dirs = _run_world(tmp_path / "logs")
+    with sqlite3.connect(dirs[1] / DB_FILE) as db:
+        db.execute("DELETE FROM entries WHERE idx = 1")
+    code, out, err = _replay(tmp_path, dirs)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"msmt: error: USA log {dirs[1]}: entry 1: is missing (stored indices jump from 0 to 2)\n"
+    )
 
 
 # --- a real run: three nodes exchange reports over a real hub, then replay ------------
@@ -387,3 +635,101 @@ async def test_replay_of_a_real_three_node_run(world: World, tmp_path: Path) -> 
         ("over-disclosure", "JPN", to_kor["report_id"])
     ]
     assert findings[0]["detail"].startswith(f"to KOR: {withheld}: withheld by the policy")
+
+
+async def test_replay_of_a_real_restart_with_a_new_policy_while_envelopes_pend(
+    world: World, tmp_path: Path
+) -> None:
+    # JPN plans reports under LOOSE while no hub is reachable, restarts with STRICT
+    # and a hub: the pending envelopes are logged after the new policy entry, still
+    # naming LOOSE, which was in force when they arrived.
+    write_node_config(world.root, "JPN", [f"nats://127.0.0.1:{free_port()}"], LOOSE)
+
+    def sends(records: list[dict[str, Any]]) -> int:
+        policy = world.policy("JPN")
+        return sum(
+            d.sends
+            for r in records
+            for d in policy.decide_all(parse_record(json.dumps(r))).values()
+        )
+
+    def entries() -> list[dict[str, Any]]:
+        with sqlite3.connect(world.config("JPN").audit_dir / DB_FILE) as db:
+            return [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries ORDER BY idx")]
+
+    def pending() -> int:
+        store = world.store("JPN")
+        try:
+            return len(store.pending(10_000))
+        finally:
+            store.close()
+
+    async def run_with(records: list[dict[str, Any]], done: Callable[[], bool], what: str) -> None:
+        """Start JPN, submit ``records``, wait until ``done()``, stop it."""
+        node = load_node(world.config("JPN"))
+        task = asyncio.create_task(node.run())
+        try:
+            await await_for(node.config.socket_path.exists, 20, "intake socket")
+            answers = await world.submit("JPN", records)
+            assert {a["status"] for a in answers} == {"accepted"}
+            await await_for(done, 60, what)
+        finally:
+            node.stop.set()
+            await task
+
+    first = records_for("JPN", 4, seed=71)
+    planned = sends(first)
+    await run_with(first, lambda: pending() == planned, "every envelope planned")
+    assert not [e for e in entries() if e["type"] == "sent"]
+
+    world.write_config("JPN", STRICT)
+    second = records_for("JPN", 3, seed=72)
+    total = planned + sends(second)
+
+    def all_sent() -> bool:
+        return len([e for e in entries() if e["type"] == "sent"]) == total
+
+    await run_with(second, all_sent, "every envelope sent")
+
+    log = entries()
+    change = next(e["seq"] for e in log if e["type"] == "policy" and e["policy_digest"] == D_STRICT)
+    late = [e for e in log if e["type"] == "sent" and e["policy_digest"] == D_LOOSE]
+    assert len(late) == planned
+    assert all(e["seq"] > change for e in late)  # the case a naive check gets wrong
+    old = tmp_path / "old" / "JPN"
+    old.mkdir(parents=True)
+    (old / "policy.toml").write_text(LOOSE)
+    audit_dir = world.config("JPN").audit_dir
+
+    def run(directory: Path) -> tuple[int, dict[str, Any]]:
+        args = ["audit", "replay", str(directory), "--keys", str(world.keydir), "--json"]
+        args += ["--policies", str(world.root / "nodes"), "--policies", str(tmp_path / "old")]
+        result = CliRunner().invoke(main, args)
+        return result.exit_code, json.loads(result.stdout)
+
+    code, report = run(audit_dir)
+    assert (code, report["findings"]) == (0, [])
+
+    # JPN rewrites the sends of reports accepted under STRICT to claim LOOSE, and
+    # re-signs: only the timeline shows it.
+    accepted_late = {e["report_id"] for e in log if e["type"] == "accepted" and e["seq"] > change}
+
+    def loosen(es: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            e | {"policy_digest": D_LOOSE}
+            if e["type"] == "sent" and e["report_id"] in accepted_late
+            else e
+            for e in es
+        ]
+
+    roster = keyfiles.load_signed_roster(world.keydir).roster
+    signer = keyfiles.load_member_keys(world.keydir, "JPN", roster, datetime.now(UTC)).signing
+    assert isinstance(signer.private_key, Ed25519PrivateKey)
+    forged = _rewrite(audit_dir, tmp_path / "loosened", "JPN", signer.private_key, loosen)
+    code, report = run(forged)
+    assert code == 1
+    rewritten = [e["seq"] for e in log if e["type"] == "sent" and e["report_id"] in accepted_late]
+    assert rewritten
+    assert [(f["kind"], f["seq"]) for f in report["findings"]] == [
+        ("policy-not-in-force", seq) for seq in rewritten
+    ]

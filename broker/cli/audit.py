@@ -28,7 +28,7 @@ from broker.checkpoint import (
     roster_revoked_log_keys,
     roster_witness_keys,
 )
-from broker.errors import AuditError, UsageError
+from broker.errors import AuditError, MsmtError, UsageError
 from broker.members import MEMBERS
 from broker.merkle import verify_inclusion
 from broker.note import ALG_COSIGNATURE_V1, NoteError, Verifier, parse, parse_vkey
@@ -273,9 +273,22 @@ def _parsed_entries(log: LoadedLog, bar: Any) -> list[dict[str, Any]]:
     step = 10_000
     for lo in range(0, log.tree.size, step):
         for i, data in enumerate(log.entries(lo, min(lo + step, log.tree.size)), lo):
-            entries.append(parse_entry(data, i))
+            try:
+                entries.append(parse_entry(data, i))
+            except AuditError as exc:
+                # Several logs are read: the line must say whose entry it is.
+                raise AuditError(f"{log.origin} log {log.path}: entry {i}: {exc}") from None
         bar.update(min(step, log.tree.size - lo))
     return entries
+
+
+def _verified(directory: Path, origin: str, keys: list[Verifier], revoked: list[Verifier]) -> None:
+    # verify's own lines name an entry but not the log; replay reads several.
+    try:
+        verify_log(directory, keys, revoked_keys=revoked)
+    except MsmtError as exc:
+        error = UsageError if exc.exit_code == UsageError.exit_code else AuditError
+        raise error(f"{origin} log {directory}: {exc}") from None
 
 
 @audit_group.command(name="replay")
@@ -302,8 +315,25 @@ def audit_replay(
 ) -> None:
     """Reconcile several nodes' logs: timeline, who-sent-to-whom, and every discrepancy.
 
-    Each log is verified first. Exits 1 if anything does not reconcile.
-    """
+    Each log is verified first, then every entry is parsed; a log that does not
+    verify, or an entry that does not parse, stops the replay with one line
+    naming the log and the entry. Findings (docs/AUDIT.md):
+
+    \b
+    undelivered          a send the partner's log neither received nor rejected
+    unmatched-receive    a receipt with no send of that JWE in the sender's log
+    mismatch             a receipt naming another sender, report, kind or keys
+    over-disclosure      a key the sender's policy does not release (in that form)
+    unknown-policy       the send's policy digest is not among --policies
+    policy-not-in-force  the send's policy was not in force for that report
+    empty-send           a send with no disclosure keys
+    policy-chain         a policy entry whose previous digest is not the last one
+    wrong-member         an entry naming a member other than the log's own
+
+    \b
+    Exit status: 0 no findings; 1 findings, or a log or entry that does not
+    verify; 2 usage errors (missing key source, unreadable folders).
+    """  # noqa: D301 - click's \b (a backspace) keeps the tables unwrapped
     trusted = _roster(keydir, authority, roster)
     known = _load_policies(policies)
     logs: dict[str, list[dict[str, Any]]] = {}
@@ -312,10 +342,8 @@ def audit_replay(
         origin = read_origin(directory)
         if origin in logs:
             raise UsageError(f"two logs of {origin} given")
-        verify_log(
-            directory,
-            _log_keys(trusted, log_key, origin),
-            revoked_keys=_revoked_keys(trusted, origin),
+        _verified(
+            directory, origin, _log_keys(trusted, log_key, origin), _revoked_keys(trusted, origin)
         )
         loaded.append(load(directory))
         logs[origin] = []
