@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import signal
 import ssl
@@ -42,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
 
 from broker import audit_events
+from broker.audit_events import AuditEvent
 from broker.auditlog import AuditLog
 from broker.auditnet import AuditNet
 from broker.checkpoint import roster_log_keys, roster_witness_keys
@@ -740,7 +742,20 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                     )
                 ]
             )
-        store.set_state({"roster_version": str(signed.version), "policy_digest": policy.digest})
+        try:
+            logged = {str(x) for x in json.loads(state.get("key_events", "[]"))}
+        except (ValueError, TypeError):
+            logged = set()  # unreadable: log the roster's changes again rather than never
+        key_events, logged_now = own_key_events(config.member, signed.roster, logged, at)
+        if key_events:
+            audit.append_many(key_events)
+        store.set_state(
+            {
+                "roster_version": str(signed.version),
+                "policy_digest": policy.digest,
+                "key_events": json.dumps(sorted(logged_now)),
+            }
+        )
         unaudited = store.unaudited()
         if unaudited:
             audit.append_many(
@@ -806,6 +821,40 @@ def _make_data_dir(data_dir: Path) -> None:
         raise ConfigError(
             f"config key data_dir: cannot create {data_dir}: {exc.strerror}"
         ) from None
+
+
+def own_key_events(
+    member: str, roster: Roster, logged: set[str], at: datetime
+) -> tuple[list[AuditEvent], set[str]]:
+    """``key`` entries for ``member``'s keys the roster shows rotated or revoked, not yet logged.
+
+    A node learns of its own rotations and revocations from the roster it starts
+    with, so it logs each once, at the first start that shows it (``logged``
+    holds ``action:kid`` of those already logged; the new set is returned).
+    """
+    events: list[AuditEvent] = []
+    done = set(logged)
+    for key in sorted(roster, key=lambda k: k.kid):
+        if key.member != member or key.status == "active":
+            continue
+        action = "revoked" if key.status == "revoked" else "rotated"
+        if f"{action}:{key.kid}" in done:
+            continue
+        new_kid = None
+        if action == "rotated":
+            successors = [
+                k
+                for k in roster
+                if k.member == member and k.use == key.use and k.status == "active"
+            ]
+            if not successors:
+                continue  # retired with nothing in its place: nothing to name yet
+            new_kid = max(successors, key=lambda k: k.valid_from).kid
+        events.append(
+            audit_events.key_changed(member, at, action=action, kid=key.kid, new_kid=new_kid)
+        )
+        done.add(f"{action}:{key.kid}")
+    return events, done
 
 
 def _expiries(

@@ -662,8 +662,13 @@ async def test_reports_signed_with_a_key_a_partner_does_not_know_yet_are_held_no
         lambda: len(world.inbox_ids("USA", "JPN")) == len(before), 30, "USA has the first half"
     )
     assert world.terminate("JPN") == 0
-    keys.rotate_keys(world.keydir, "JPN")
+    new_sig, new_enc = keys.rotate_keys(world.keydir, "JPN")
     world.start("JPN")
+    # JPN's own log records the rotation it started with (AUDIT.md's key entries).
+    jpn_log = _audit_entries(world.config("JPN").audit_dir)
+    assert [(e["action"], e["new_kid"]) for e in jpn_log if e["type"] == "key"] == sorted(
+        [("rotated", new_enc), ("rotated", new_sig)], key=lambda pair: pair[1]
+    )
     answers = await world.submit("JPN", after)
     assert all(a["status"] == "accepted" for a in answers)
 
@@ -688,9 +693,32 @@ async def test_reports_signed_with_a_key_a_partner_does_not_know_yet_are_held_no
     assert audit_rejections(world.config("USA")) == Counter()
 
 
-def _audit_entries(store_path: Path) -> list[dict[str, Any]]:
-    # The usa_inbound fixture's audit log lies beside its store.
-    with sqlite3.connect(store_path.parent / "audit" / DB_FILE) as db:
+def test_own_key_events_log_each_rotation_and_revocation_once() -> None:
+    from envelope_world import make_roster, roster_entry
+
+    from broker.node import own_key_events
+
+    now = datetime.now(UTC)
+    roster = make_roster(
+        [
+            roster_entry("JPN", "sig", 1, status="retired", retired_at=now),
+            roster_entry("JPN", "sig", 2),
+            roster_entry("JPN", "enc", 1, status="revoked"),
+            roster_entry("JPN", "enc", 2),
+            roster_entry("USA", "sig", 1, status="revoked"),  # another member's: not JPN's log
+            roster_entry("USA", "enc", 1),
+        ]
+    )
+    events, logged = own_key_events("JPN", roster, set(), now)
+    fields = [(e.fields["action"], e.fields["kid"], e.fields["new_kid"]) for e in events]
+    assert fields == [("revoked", "JPN-enc-1", None), ("rotated", "JPN-sig-1", "JPN-sig-2")]
+    assert logged == {"revoked:JPN-enc-1", "rotated:JPN-sig-1"}
+    # The next start with the same roster logs nothing again.
+    assert own_key_events("JPN", roster, logged, now) == ([], logged)
+
+
+def _audit_entries(audit_dir: Path) -> list[dict[str, Any]]:
+    with sqlite3.connect(audit_dir / DB_FILE) as db:
         return [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries ORDER BY idx")]
 
 
@@ -710,14 +738,14 @@ def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
     jpn_sig = forger.jpn.signing_kid
     usa_enc = forger.roster.current("USA", "enc", forger.now).kid
     no_jpn_sig = make(store, lambda k: k.kid == jpn_sig)
-    before = len(_audit_entries(path))
+    before = len(_audit_entries(path.parent / "audit"))
     fresh = datetime.now(UTC)
     result = no_jpn_sig.process(batch[:1] + batch[2:], [fresh, fresh])
     assert result.actions == ["hold", "hold"]
     assert result.held == {"JPN": 2}
     assert result.stored == []
     assert not result.rejected
-    assert len(_audit_entries(path)) == before
+    assert len(_audit_entries(path.parent / "audit")) == before
 
     # A USA key the roster lacks is the same case on the recipient side.
     no_usa_enc = make(store, lambda k: k.kid == usa_enc)
@@ -738,7 +766,7 @@ def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
     stale = no_jpn_sig.process([(f"from.JPN.msmt.to.USA.{late['kind']}", token)], [old])
     assert stale.actions == ["term"]
     assert stale.rejected == {"key": 1}
-    refused = [e for e in _audit_entries(path) if e["type"] == "rejected"]
+    refused = [e for e in _audit_entries(path.parent / "audit") if e["type"] == "rejected"]
     assert [(e["step"], e["reason"][-20:]) for e in refused] == [("key", "(held until too old)")]
 
 
@@ -757,7 +785,9 @@ def test_a_message_for_a_revoked_key_of_mine_says_so(usa_inbound: tuple[Any, For
     result = inbound.process([(f"from.JPN.msmt.to.USA.{record['kind']}", token)])
     assert result.actions == ["term"]
     assert result.rejected == {"recipient": 1}
-    reasons = [e["reason"] for e in _audit_entries(path) if e["type"] == "rejected"]
+    reasons = [
+        e["reason"] for e in _audit_entries(path.parent / "audit") if e["type"] == "rejected"
+    ]
     assert reasons == [f"key {usa_enc} is revoked: I hold no private key for it"]
 
 
