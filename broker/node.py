@@ -156,6 +156,7 @@ class Node:
         self._plan_skip: dict[str, float] = {}
         self._intakes: list[Intake] = []
         self._last_error = ""
+        self._last_error_at = ""  # when it last happened, so a stale error reads as one
         self._last_condition = ""
         self._last_logged = 0.0
         self._published_checkpoint: str | None = None
@@ -448,6 +449,7 @@ class Node:
             log.error("node_error", error=text)
             self._last_logged = now
         self._last_error, self._last_condition = text, condition
+        self._last_error_at = _utc_now_text()
 
     def ready(self) -> str | None:
         """Why the node is not ready, or ``None`` when it is."""
@@ -496,6 +498,7 @@ class Node:
             part = getattr(self, name)
             if part is not None and part.last_error:
                 self._last_error, part.last_error = part.last_error, None
+                self._last_error_at = _utc_now_text()
         return counts
 
     async def _final_status(self) -> None:
@@ -505,7 +508,8 @@ class Node:
             "connected": "no",
             "inbox_lag": "unknown",
             "last_error": self._last_error,
-            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "last_error_at": self._last_error_at,
+            "updated_at": _utc_now_text(),
         }
         try:
             await self.run_db(self.store.record_status, self._take_counts(), facts)
@@ -519,6 +523,7 @@ class Node:
             "connected": "yes" if self.nc is not None and self.nc.is_connected else "no",
             "inbox_lag": "unknown" if lag is None else str(lag),
             "last_error": self._last_error,
+            "last_error_at": self._last_error_at,
         }
         # An idle node rewrites unchanged facts only every STATUS_EVERY_S, so
         # ``updated_at`` stays a liveness sign without an fsync every second.
@@ -526,7 +531,7 @@ class Node:
         now = time.monotonic()
         if status != self._status or counts or now - self._status_at >= STATUS_EVERY_S:
             self._status, self._status_at = status, now
-            facts = {**status, "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
+            facts = {**status, "updated_at": _utc_now_text()}
         depth, checkpoint = await self.run_db(self._housekeep_sync, facts, counts)
         self.metrics.outbox_depth.set(depth)
         for name, count in counts.items():
@@ -821,6 +826,10 @@ def _make_data_dir(data_dir: Path) -> None:
         raise ConfigError(
             f"config key data_dir: cannot create {data_dir}: {exc.strerror}"
         ) from None
+
+
+def _utc_now_text() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def own_key_events(

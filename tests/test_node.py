@@ -1037,6 +1037,10 @@ async def test_an_idle_node_writes_its_status_only_when_something_changes(world:
         )
         assert node.store._db.total_changes > changes
         assert state()["updated_at"] >= settled["updated_at"]
+        # With when it happened, so an error that has passed reads as old news.
+        assert settled["last_error_at"] == ""
+        assert state()["last_error_at"] >= settled["updated_at"]
+        datetime.fromisoformat(state()["last_error_at"])
     finally:
         node.stop.set()
         await task

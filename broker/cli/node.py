@@ -169,7 +169,7 @@ def inbox_show(config_path: Path, report_id: str) -> None:
 @_CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 def status_cmd(config_path: Path, as_json: bool) -> None:
-    """Show connection, outbox depth, inbox lag, counters and the last error.
+    """Show connection, outbox depth, inbox lag, counters and the last error (and when).
 
     ``roster_version`` is the roster the node last started with (a number, or
     ``unknown`` before its first start), to check a roster rollout reached it.
@@ -187,6 +187,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "received": store.inbox_count(),
         "counters": dict(sorted(store.counters().items())),
         "last_error": state.get("last_error", ""),
+        # When that error last happened: the node keeps showing it after recovery.
+        "last_error_at": state.get("last_error_at", ""),
         "updated_at": state.get("updated_at", ""),
     }
     if as_json:
