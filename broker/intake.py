@@ -557,5 +557,9 @@ async def submit(
             async for line in resp.content:
                 if line.strip():
                     on_answer(json.loads(line))
+    except aiohttp.ClientConnectorError as exc:
+        # aiohttp's own text names "ssl:default" and the host; the OS reason is what helps.
+        reason = exc.os_error.strerror or str(exc.os_error)
+        raise UsageError(f"cannot reach the node at {socket}: {reason} (is it running?)") from None
     except (aiohttp.ClientError, OSError) as exc:
         raise UsageError(f"cannot reach the node at {socket}: {exc}") from None

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_world import MSMT, readyz, setup_accounts, start_hub, wait_for
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from node_world import MSMT, msmt, readyz, setup_accounts, start_hub, wait_for
 
 from broker import keys, samples
+from broker.auditlog import AuditLog
 from broker.config import NodeConfig, load_config
 from broker.intake import ensure_token, submit
 from broker.natsproc import NatsServer, free_port
@@ -166,6 +169,15 @@ def test_status_shows_the_roster_version_the_node_started_with(kor: Kor) -> None
     done = kor.msmt("status", "--config", str(kor.config_path), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["roster_version"] == version
+
+    # Pointed at another member's data, status refuses as the node does, rather
+    # than showing that member's counters under KOR's name.
+    other = kor.root / "usa-data"
+    AuditLog(other / "audit", "USA", Ed25519PrivateKey.generate()).close()
+    shutil.copy(kor.config.store_path, other / kor.config.store_path.name)
+    wrong = msmt("status", "--config", str(kor.config_path), MSMT_DATA_DIR=str(other))
+    assert wrong.returncode == 2, wrong.stdout
+    assert wrong.stderr == f"msmt: error: data_dir {other} holds USA's node, not KOR's\n"
 
 
 def test_log_level_in_any_case_and_inbox_from_only_a_member(kor: Kor) -> None:

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import click
 
+from broker.auditlog import audit_origin
 from broker.config import NodeConfig, load_config
 from broker.errors import UsageError
 from broker.intake import read_token, submit
@@ -101,6 +102,11 @@ def submit_cmd(config_path: Path, file: str, quiet: bool) -> None:
 def _open_store(config: NodeConfig) -> Store:
     if not config.store_path.exists():
         raise UsageError(f"no node store at {config.store_path}: has the node run yet?")
+    # The node refuses another member's data directory (its audit log's origin);
+    # reading one here would show that member's reports under this member's name.
+    origin = audit_origin(config.audit_dir)
+    if origin is not None and origin != config.member:
+        raise UsageError(f"data_dir {config.data_dir} holds {origin}'s node, not {config.member}'s")
     return Store(config.store_path, readonly=True)
 
 
