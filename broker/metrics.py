@@ -79,6 +79,11 @@ class Metrics:
             registry=r,
         )
         self.connected = Gauge("msmt_nats_connected", "1 while connected to NATS.", registry=r)
+        self.ready = Gauge(
+            "msmt_ready",
+            "1 while /readyz would answer 200: connected and the inbox consumer bound.",
+            registry=r,
+        )
         # Unattended nodes need a warning before a credential lapses: past it,
         # partners refuse our reports (signing key), cannot encrypt to us
         # (encryption key), or the hub refuses the connection (TLS certificate).

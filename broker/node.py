@@ -541,6 +541,9 @@ class Node:
                 self.metrics.intake_rejected.labels(reason=name.partition(".")[2]).inc(count)
         if lag is not None:
             self.metrics.inbox_lag.set(lag)
+        # Connected with the inbox stream gone (a hub that lost its store) still
+        # shows msmt_nats_connected 1; this is what says nothing is being received.
+        self.metrics.ready.set(1 if self.ready() is None else 0)
         await self._publish_checkpoint(checkpoint)
 
     async def _inbox_lag(self) -> int | None:

@@ -15,10 +15,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from node_world import BATCH_POLICY, World, msmt, readyz, wait_for, write_node_config
+from node_world import (
+    BATCH_POLICY,
+    World,
+    await_for,
+    fetch,
+    msmt,
+    readyz,
+    wait_for,
+    write_node_config,
+)
 
 from broker import keys
 from broker.errors import KeyMaterialError
+from broker.natsetup import setup_account
 from broker.natsproc import free_port
 from broker.node import load_node
 from broker.store import Store
@@ -168,3 +178,29 @@ def test_an_open_data_directory_still_gets_a_private_store(world: World, tmp_pat
     finally:
         node.store.close()
         node.audit.close()
+
+
+async def test_a_hub_that_lost_the_inbox_shows_not_ready_until_setup_runs_again(
+    world: World,
+) -> None:
+    # A hub whose JetStream store was lost still takes connections, so
+    # msmt_nats_connected stays 1; msmt_ready and /readyz say nothing is received.
+    world.write_config("USA")
+    world.start("USA")
+    port = world.config("USA").metrics.port
+    url = f"http://127.0.0.1:{port}/metrics"
+    await await_for(lambda: "msmt_ready 1.0" in fetch(url), 10, "USA ready")
+    # The hub loses its JetStream store (a disk replaced, a volume not mounted).
+    world.server.kill()
+    shutil.rmtree(world.server.store_dir)
+    world.server.start()
+    await await_for(lambda: "msmt_ready 0.0" in fetch(url), 15, "USA not ready")
+    page = fetch(url)
+    assert "msmt_nats_connected 1.0" in page
+    assert not readyz(port)
+    # What DEPLOY.md tells the operator: run the setup again; the node recovers by itself.
+    seed = (world.keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
+    await setup_account(world.server.url, "USA", seed)
+    await await_for(lambda: "msmt_ready 1.0" in fetch(url), 15, "USA ready again")
+    assert readyz(port)
+    assert world.terminate("USA") == 0
