@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -240,7 +241,10 @@ class Node:
                 skip |= in_commit | planned.keys()
                 rows: list[tuple[str, bytes]] = []
                 try:
-                    rows = await self.run_db(self.store.unplanned, PLAN_BATCH + len(skip))
+                    rows = await self.run_db(
+                        functools.partial(self.store.unplanned, audited_only=True),
+                        PLAN_BATCH + len(skip),
+                    )
                     rows = [row for row in rows if row[0] not in skip]
                 except MsmtError as exc:
                     self._error(f"planning: {exc}")
@@ -461,11 +465,14 @@ class Node:
 
     def _housekeep_sync(
         self, facts: dict[str, str] | None, counts: Counter[str]
-    ) -> tuple[int, str | None]:
+    ) -> tuple[int, str | None, int]:
         # One fsynced commit, and only when there is something to record.
         if facts is not None or counts:
             self.store.record_status(counts, facts or {})
-        return self.store.outbox_depth(), self.audit.latest_checkpoint()
+        # Reports committed while their audit append failed (a full disk) wait
+        # unplanned until their entries are in the log: retried here each tick.
+        recovered = audit_unaudited(self.member, self.store, self.audit, datetime.now(UTC))
+        return self.store.outbox_depth(), self.audit.latest_checkpoint(), recovered
 
     async def _housekeeping(self) -> None:
         last_prune = 0.0
@@ -532,7 +539,9 @@ class Node:
         if status != self._status or counts or now - self._status_at >= STATUS_EVERY_S:
             self._status, self._status_at = status, now
             facts = {**status, "updated_at": _utc_now_text()}
-        depth, checkpoint = await self.run_db(self._housekeep_sync, facts, counts)
+        depth, checkpoint, recovered = await self.run_db(self._housekeep_sync, facts, counts)
+        if recovered:
+            self._plan_wake.set()
         self.metrics.outbox_depth.set(depth)
         for name, count in counts.items():
             if name.startswith("intake.accepted"):
@@ -764,17 +773,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 "key_events": json.dumps(sorted(logged_now)),
             }
         )
-        unaudited = store.unaudited()
-        if unaudited:
-            audit.append_many(
-                [
-                    audit_events.accepted(
-                        config.member, at, report_id=rid, kind=kind, feed="recovered"
-                    )
-                    for rid, kind in unaudited
-                ]
-            )
-            store.mark_audited([rid for rid, _ in unaudited])
+        audit_unaudited(config.member, store, audit, at)
         signer = Signer(config.member, keys.signing, keys.signing_kid)
         planner = Planner(signer, policy, signed.roster, pseudonym)
         inbound = Inbound(
@@ -829,6 +828,24 @@ def _make_data_dir(data_dir: Path) -> None:
         raise ConfigError(
             f"config key data_dir: cannot create {data_dir}: {exc.strerror}"
         ) from None
+
+
+def audit_unaudited(member: str, store: Store, audit: AuditLog, at: datetime) -> int:
+    """Append the ``accepted`` entries the store has no confirmation of; return how many.
+
+    They are missing after a crash, or an audit append that failed (a full
+    disk), between a report's store commit and its entry; feed ``recovered``.
+    """
+    unaudited = store.unaudited()
+    if unaudited:
+        audit.append_many(
+            [
+                audit_events.accepted(member, at, report_id=rid, kind=kind, feed="recovered")
+                for rid, kind in unaudited
+            ]
+        )
+        store.mark_audited([rid for rid, _ in unaudited])
+    return len(unaudited)
 
 
 def _utc_now_text() -> str:

@@ -320,11 +320,17 @@ class Store:
                 "UPDATE reports SET audited = 1 WHERE report_id = ?", [(r,) for r in report_ids]
             )
 
-    def unplanned(self, limit: int) -> list[tuple[str, bytes]]:
-        """Accepted reports whose per-partner envelopes are not made yet, oldest first."""
+    def unplanned(self, limit: int, *, audited_only: bool = False) -> list[tuple[str, bytes]]:
+        """Accepted reports whose per-partner envelopes are not made yet, oldest first.
+
+        The planner asks for ``audited_only``: a report whose ``accepted`` entry is
+        not in the audit log yet (its append failed after the store commit) waits,
+        since sent first its send would come before its arrival in the log.
+        """
         rows = self._read(
-            "SELECT report_id, record FROM reports WHERE planned = 0 ORDER BY accepted_at LIMIT ?",
-            (limit,),
+            "SELECT report_id, record FROM reports WHERE planned = 0 AND audited >= ?"
+            " ORDER BY accepted_at LIMIT ?",
+            (1 if audited_only else 0, limit),
         )
         return [(r[0], bytes(r[1])) for r in rows]
 

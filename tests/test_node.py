@@ -693,6 +693,49 @@ async def test_reports_signed_with_a_key_a_partner_does_not_know_yet_are_held_no
     assert audit_rejections(world.config("USA")) == Counter()
 
 
+async def test_a_report_whose_audit_entry_failed_waits_unsent_until_the_entry_is_written(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store commit succeeds and the audit append after it fails (a full
+    # disk): the report must not be signed and sent before its ``accepted``
+    # entry exists, or the log would show a send with no arrival before it.
+    world.write_config("JPN")
+    jpn = load_node(world.config("JPN"))
+    task = asyncio.create_task(jpn.run())
+    real_append = jpn.audit.append_many
+    failing = True
+
+    def append_many(events: Any) -> Any:
+        if failing and any(e.type == "accepted" for e in events):
+            raise StoreError("audit log: database or disk is full")
+        return real_append(events)
+
+    monkeypatch.setattr(jpn.audit, "append_many", append_many)
+    try:
+        await await_for(lambda: jpn.ready() is None, 20, "JPN ready")
+        (record,) = records_for("JPN", 1, seed=31)
+        (answer,) = await world.submit("JPN", [record])
+        assert answer["reason"] == "unavailable"  # the feed retries; nothing acknowledged
+        jpn._plan_wake.set()  # as the next accepted report would
+        await asyncio.sleep(2.5)  # housekeeping rounds that cannot write the entry either
+        assert jpn.store.unaudited() == [(record["report_id"], record["kind"])]
+        assert jpn.store.outbox_depth() == 1  # held unplanned, so nothing signed or sent
+        assert jpn.store.sent_to("USA") == 0
+
+        failing = False  # space returns
+        await await_for(lambda: jpn.store.sent_to("USA") == 1, 20, "the report sent to USA")
+    finally:
+        jpn.stop.set()
+        await task
+    entries = _audit_entries(world.config("JPN").audit_dir)
+    rid = record["report_id"]
+    arrival = [e for e in entries if e["type"] == "accepted" and e["report_id"] == rid]
+    sends = [e for e in entries if e["type"] == "sent" and e["report_id"] == rid]
+    assert [e["feed"] for e in arrival] == ["recovered"]
+    assert sends
+    assert all(arrival[0]["seq"] < e["seq"] for e in sends)
+
+
 def test_own_key_events_log_each_rotation_and_revocation_once() -> None:
     from envelope_world import make_roster, roster_entry
 
