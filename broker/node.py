@@ -45,7 +45,7 @@ from nats.aio.client import Client
 
 from broker import audit_events
 from broker.audit_events import AuditEvent
-from broker.auditlog import AuditLog
+from broker.auditlog import DB_FILE, AuditLog
 from broker.auditnet import AuditNet
 from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
@@ -742,13 +742,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         signing = keys.signing.private_key
         if not isinstance(signing, Ed25519PrivateKey):
             raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
-        # The log's latest checkpoint may carry a key from before a rotation, or one
-        # revoked since: the open check asks only whether the file is intact, and
-        # refusing those keys would keep a node that rotated or revoked from starting.
-        # The next append signs the whole tree with the current key; partners and
-        # ``msmt audit verify`` still refuse checkpoints a revoked key signed.
-        earlier = roster_log_keys(signed.roster, config.member, with_revoked=True)
-        audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
+        audit = _open_audit(config, store, signing, signed.roster)
         undo.callback(audit.close)
         previous = state.get("policy_digest")
         if previous != policy.digest:
@@ -828,6 +822,32 @@ def _make_data_dir(data_dir: Path) -> None:
         raise ConfigError(
             f"config key data_dir: cannot create {data_dir}: {exc.strerror}"
         ) from None
+
+
+def _open_audit(
+    config: NodeConfig, store: Store, signing: Ed25519PrivateKey, roster: Roster
+) -> AuditLog:
+    # The log's latest checkpoint may carry a key from before a rotation, or one
+    # revoked since: the open check asks only whether the file is intact, and
+    # refusing those keys would keep a node that rotated or revoked from starting.
+    # The next append signs the whole tree with the current key; partners and
+    # ``msmt audit verify`` still refuse checkpoints a revoked key signed.
+    earlier = roster_log_keys(roster, config.member, with_revoked=True)
+    # A node logs its policy before it takes any report, so reports beside a
+    # missing or empty log mean the log was lost or left out of a restore:
+    # starting would begin a new history under the old one's name, silently.
+    lost = ConfigError(
+        f"the store {config.store_path} holds reports but the audit log in {config.audit_dir}"
+        " is missing or empty: restore it from the same backup as the store (docs/DEPLOY.md)"
+    )
+    holds_reports = store.holds_reports()
+    if holds_reports and not (config.audit_dir / DB_FILE).exists():
+        raise lost
+    audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
+    if holds_reports and audit.size == 0:
+        audit.close()
+        raise lost
+    return audit
 
 
 def audit_unaudited(member: str, store: Store, audit: AuditLog, at: datetime) -> int:

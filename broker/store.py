@@ -496,6 +496,11 @@ class Store:
         )
         return [_entry(r) for r in rows]
 
+    def holds_reports(self) -> bool:
+        """Whether any report was ever accepted or received here."""
+        rows = self._read("SELECT EXISTS (SELECT 1 FROM reports) OR EXISTS (SELECT 1 FROM inbox)")
+        return bool(rows[0][0])
+
     def inbox_count(self, sender: str | None = None) -> int:
         """How many reports are stored, optionally from one sender."""
         if sender is None:

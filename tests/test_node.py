@@ -882,7 +882,10 @@ async def test_witness_raises_the_alarm_when_a_log_rewrites_its_history(world: W
         jpn.stop.set()
         await jpn_task
         # JPN throws its log away and starts a new history, signed with its real key.
+        # (It throws its store away too: a node refuses reports beside an empty log.)
         shutil.rmtree(world.config("JPN").audit_dir)
+        for path in world.config("JPN").data_dir.glob("node.sqlite3*"):
+            path.unlink()
         jpn = load_node(world.config("JPN"))
         jpn_task = asyncio.create_task(jpn.run())
         await await_for(lambda: jpn.ready() is None, 20, "JPN ready again")
@@ -904,6 +907,37 @@ async def test_witness_raises_the_alarm_when_a_log_rewrites_its_history(world: W
         usa.stop.set()
         jpn.stop.set()
         await asyncio.gather(usa_task, jpn_task)
+
+
+def test_a_store_restored_without_its_audit_log_is_refused(world: World) -> None:
+    import shutil
+
+    from broker.errors import ConfigError
+
+    world.write_config("JPN", BATCH_POLICY)
+    config = world.config("JPN")
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+    raw = Store(config.store_path)
+    (record,) = records_for("JPN", 1, seed=22)
+    raw.accept([NewReport(record["report_id"], record["kind"], json.dumps(record).encode())])
+    raw.close()
+    kept = config.audit_dir.with_name("audit-kept")
+    shutil.move(config.audit_dir, kept)  # a restore that left audit/ out
+    message = "holds reports but the audit log in .* is missing or empty"
+    with pytest.raises(ConfigError, match=message):
+        load_node(config)
+    assert not config.audit_dir.exists()  # nothing created in its place
+    config.audit_dir.mkdir(mode=0o700)
+    (config.audit_dir / DB_FILE).touch()  # an empty file in its place
+    with pytest.raises(ConfigError, match=message):
+        load_node(config)
+    shutil.rmtree(config.audit_dir)
+    shutil.move(kept, config.audit_dir)  # restored from the same backup: starts
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
 
 
 def test_reports_accepted_but_not_yet_audited_are_audited_at_the_next_start(world: World) -> None:
