@@ -128,21 +128,6 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     return db
 
 
-def audit_origin(audit_dir: Path) -> str | None:
-    """The member whose log is in ``audit_dir``, or ``None`` if it has none (yet)."""
-    path = audit_dir / DB_FILE
-    if not path.is_file():
-        return None
-    db = connect(path, readonly=True)
-    try:
-        row = db.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read audit log {path}: {exc}") from exc
-    finally:
-        db.close()
-    return None if row is None else str(row[0])
-
-
 class AuditLog:
     """One member's append-only audit log in ``datadir``; the only writer of that file.
 

@@ -17,7 +17,8 @@ from typing import Any, BinaryIO
 
 import click
 
-from broker.auditlog import audit_origin
+from broker.audit_verify import read_origin
+from broker.auditlog import DB_FILE
 from broker.config import NodeConfig, load_config
 from broker.errors import UsageError
 from broker.intake import read_token, submit
@@ -104,8 +105,9 @@ def _open_store(config: NodeConfig) -> Store:
         raise UsageError(f"no node store at {config.store_path}: has the node run yet?")
     # The node refuses another member's data directory (its audit log's origin);
     # reading one here would show that member's reports under this member's name.
-    origin = audit_origin(config.audit_dir)
-    if origin is not None and origin != config.member:
+    has_log = (config.audit_dir / DB_FILE).is_file()
+    origin = read_origin(config.audit_dir) if has_log else config.member
+    if origin != config.member:
         raise UsageError(f"data_dir {config.data_dir} holds {origin}'s node, not {config.member}'s")
     return Store(config.store_path, readonly=True)
 
