@@ -128,7 +128,7 @@ def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_pa
     # signed by the revoked key, are tied to the entries the new key signed.
     done = msmt("audit", "verify", str(config.audit_dir), "--keys", str(keydir))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("OK: JPN log of 5 entries, "), done.stdout
+    assert done.stdout.startswith("OK: JPN log of 7 entries, "), done.stdout
 
 
 def test_a_log_whose_latest_checkpoint_only_a_revoked_key_signed_does_not_verify(
