@@ -813,6 +813,19 @@ def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
     assert [(e["step"], e["reason"][-20:]) for e in refused] == [("key", "(held until too old)")]
 
 
+def test_a_held_message_comes_again_later_each_time_up_to_a_cap() -> None:
+    from nats.aio.msg import Msg
+
+    from broker.receiver import hold_delay
+
+    def delivered(n: int) -> Msg:
+        # The hub's ack subject carries the delivery count (nats-py parses it).
+        return Msg(_client=None, subject="x", reply=f"$JS.ACK.S.c.{n}.10.10.1700000000000000000.0")  # type: ignore[arg-type]
+
+    delays = [hold_delay(60.0, delivered(n)) for n in (1, 2, 3, 4, 5, 6, 1000)]
+    assert delays == [60.0, 120.0, 240.0, 480.0, 900.0, 900.0, 900.0]
+
+
 def test_a_message_for_a_revoked_key_of_mine_says_so(usa_inbound: tuple[Any, Forger, Path]) -> None:
     make, forger, path = usa_inbound
     usa_enc = forger.roster.current("USA", "enc", forger.now).kid
