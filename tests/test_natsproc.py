@@ -6,7 +6,8 @@ import asyncio
 
 import nats
 import pytest
-from nats.js.api import StreamConfig
+from nats.js import JetStreamContext
+from nats.js.api import PubAck, StreamConfig
 from nats.js.errors import NoStreamResponseError
 
 from broker.natsproc import NatsServer
@@ -36,32 +37,34 @@ async def test_jetstream_survives_a_server_restart(nats_server: NatsServer) -> N
     await nc.close()
 
 
+async def _publish_once_led(js: JetStreamContext, data: bytes, msg_id: str) -> PubAck:
+    # A replicated stream has no responder until its leader is elected: just after
+    # it is created, and after the leader's server is killed. Wait for that
+    # (bounded); the message id makes a retried publish count once.
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            return await js.publish("r.x", data, timeout=2, headers={"Nats-Msg-Id": msg_id})
+        except (NoStreamResponseError, nats.errors.TimeoutError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 async def test_three_server_cluster_replicates_a_stream(nats_cluster: list[NatsServer]) -> None:
     nc = await nats.connect([s.url for s in nats_cluster])
     try:
         js = nc.jetstream()
         info = await js.add_stream(StreamConfig(name="R", subjects=["r.>"], num_replicas=3))
         assert info.config.num_replicas == 3
-        await js.publish("r.x", b"1")
+        assert (await _publish_once_led(js, b"1", "m1")).seq == 1
     finally:
         await nc.close()
 
     nats_cluster[0].kill()
     nc = await nats.connect([s.url for s in nats_cluster[1:]])
     try:
-        js = nc.jetstream()
-        # If the stream leader was on the killed server, the two survivors elect a
-        # new one first; until then the stream has no responder. Wait for that
-        # (bounded), then the publish must be stored with the next sequence.
-        ack = None
-        deadline = asyncio.get_running_loop().time() + 30
-        while ack is None:
-            try:
-                ack = await js.publish("r.x", b"2", timeout=2, headers={"Nats-Msg-Id": "m2"})
-            except (NoStreamResponseError, nats.errors.TimeoutError):
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-        assert ack.seq == 2
+        # The second message is stored with the next sequence: the first survived.
+        assert (await _publish_once_led(nc.jetstream(), b"2", "m2")).seq == 2
     finally:
         await nc.close()
