@@ -423,6 +423,7 @@ class Node:
             self.run_db,
             self.metrics,
             self.config.limits.fetch_batch,
+            self.config.limits.hold_seconds,
         )
         await self.auditnet.subscribe(nc)
         await asyncio.gather(
@@ -778,7 +779,6 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             audit,
             timedelta(seconds=config.limits.freshness_seconds),
             config.limits.max_message_bytes,
-            hold_seconds=config.limits.hold_seconds,
         )
         partners = [m for m in MEMBERS if m != config.member]
 
@@ -891,14 +891,10 @@ def own_key_events(
             continue
         new_kid = None
         if action == "rotated":
-            successors = [
-                k
-                for k in roster
-                if k.member == member and k.use == key.use and k.status == "active"
-            ]
-            if not successors:
-                continue  # retired with nothing in its place: nothing to name yet
-            new_kid = max(successors, key=lambda k: k.valid_from).kid
+            try:
+                new_kid = roster.current(member, key.use, at).kid
+            except KeyMaterialError:
+                continue  # retired with nothing valid in its place: nothing to name yet
         events.append(
             audit_events.key_changed(member, at, action=action, kid=key.kid, new_kid=new_kid)
         )

@@ -171,7 +171,9 @@ Trigraph = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 3166-1 a
 # Names, handles and details are single-line text. A control character (C0,
 # DEL, C1) or a Unicode line break is refused: carried into STIX, a terminal or
 # a partner's database it could split a line, hide text or truncate a value.
-_NOT_TEXT: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# One spelling for both: Python's re and ECMA-262 (JSON Schema patterns) read it alike.
+_CONTROL_CHARS: Final = r"\x00-\x1f\x7f-\x9f\u2028\u2029"
+_NOT_TEXT: Final = re.compile(f"[{_CONTROL_CHARS}]")
 
 
 def _single_line(value: str) -> str:
@@ -189,7 +191,7 @@ Text = Annotated[
     Field(
         min_length=1,
         max_length=200,
-        json_schema_extra={"pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]*$"},
+        json_schema_extra={"pattern": f"^[^{_CONTROL_CHARS}]*$"},
     ),
     AfterValidator(_single_line),
 ]

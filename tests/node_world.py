@@ -363,8 +363,13 @@ class Forger:
         )
 
 
+def audit_entries(audit_dir: Path) -> list[dict[str, Any]]:
+    """The entries of the audit log in ``audit_dir``, parsed, in log order."""
+    with sqlite3.connect(audit_dir / DB_FILE) as db:
+        return [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries ORDER BY idx")]
+
+
 def audit_rejections(config: NodeConfig) -> Counter[str]:
     """Rejections in the audit log of the node ``config`` describes, by checklist step."""
-    with sqlite3.connect(config.audit_dir / DB_FILE) as db:
-        entries = [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries")]
+    entries = audit_entries(config.audit_dir)
     return Counter(e["step"] for e in entries if e["type"] == "rejected")

@@ -17,7 +17,14 @@ import pytest
 from audit_helpers import T0, log_verifier
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from node_world import BATCH_POLICY, World, await_for, records_for, write_node_config
+from node_world import (
+    BATCH_POLICY,
+    World,
+    audit_entries,
+    await_for,
+    records_for,
+    write_node_config,
+)
 
 from broker import audit_events as ev
 from broker import keys as keyfiles
@@ -514,8 +521,7 @@ def _rewrite(
     audit_dir: Path, into: Path, member: str, signer: Ed25519PrivateKey, edit: Any
 ) -> Path:
     """Re-sign ``member``'s log with ``edit`` applied to its entries: an owner rewriting history."""
-    with sqlite3.connect(audit_dir / DB_FILE) as db:
-        entries = [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries ORDER BY idx")]
+    entries = audit_entries(audit_dir)
     events = [
         ev.AuditEvent({k: v for k, v in e.items() if k not in ("v", "seq", "prev")})
         for e in edit(entries)
@@ -544,8 +550,7 @@ async def test_replay_of_a_real_three_node_run(world: World, tmp_path: Path) -> 
                 expected_sends += sum(d.sends for d in decisions.values())
 
         def entries_of(member: str) -> list[dict[str, Any]]:
-            with sqlite3.connect(world.config(member).audit_dir / DB_FILE) as db:
-                return [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries")]
+            return audit_entries(world.config(member).audit_dir)
 
         def settled() -> bool:
             logs = {m: entries_of(m) for m in trio}
@@ -601,8 +606,7 @@ async def test_replay_of_a_real_three_node_run(world: World, tmp_path: Path) -> 
     ]
 
     # 2. One send to KOR released a field JPN's policy withholds from KOR, and KOR got it.
-    with sqlite3.connect(dirs[0] / DB_FILE) as db:
-        sends = [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries")]
+    sends = audit_entries(dirs[0])
     to_kor = next(e for e in sends if e["type"] == "sent" and e["partner"] == "KOR")
     cells = world.policy("JPN").releasable(
         "KOR",
@@ -654,8 +658,7 @@ async def test_replay_of_a_real_restart_with_a_new_policy_while_envelopes_pend(
         )
 
     def entries() -> list[dict[str, Any]]:
-        with sqlite3.connect(world.config("JPN").audit_dir / DB_FILE) as db:
-            return [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries ORDER BY idx")]
+        return audit_entries(world.config("JPN").audit_dir)
 
     def pending() -> int:
         store = world.store("JPN")

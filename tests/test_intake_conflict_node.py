@@ -7,9 +7,7 @@ import sqlite3
 from typing import Any
 
 import pytest
-from node_world import World, audit_rejections, await_for, msmt, records_for
-
-from broker.auditlog import DB_FILE
+from node_world import World, audit_entries, audit_rejections, await_for, msmt, records_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +41,7 @@ async def test_a_running_node_answers_conflict_for_other_content_under_an_accept
         lambda: audit_rejections(jpn)["intake.conflict"] == 1, 20, "the audited rejection"
     )
     # The audited rejections name the report in their own field, as AUDIT.md lists it.
-    with sqlite3.connect(jpn.audit_dir / DB_FILE) as db:
-        entries = [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries")]
+    entries = audit_entries(jpn.audit_dir)
     audited = {e["step"]: e["report_id"] for e in entries if e["type"] == "rejected"}
     assert audited == {
         "intake.duplicate": records[0]["report_id"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from node_world import (
     BATCH_POLICY,
     Forger,
     World,
+    audit_entries,
     audit_rejections,
     await_for,
     content_of,
@@ -37,6 +37,7 @@ from structlog.testing import capture_logs
 
 from broker import envelope, keys, samples
 from broker.auditlog import DB_FILE
+from broker.config import NodeConfig
 from broker.errors import StoreError
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import connect_account, setup_account
@@ -665,7 +666,7 @@ async def test_reports_signed_with_a_key_a_partner_does_not_know_yet_are_held_no
     new_sig, new_enc = keys.rotate_keys(world.keydir, "JPN")
     world.start("JPN")
     # JPN's own log records the rotation it started with (AUDIT.md's key entries).
-    jpn_log = _audit_entries(world.config("JPN").audit_dir)
+    jpn_log = audit_entries(world.config("JPN").audit_dir)
     assert [(e["action"], e["new_kid"]) for e in jpn_log if e["type"] == "key"] == sorted(
         [("rotated", new_enc), ("rotated", new_sig)], key=lambda pair: pair[1]
     )
@@ -727,7 +728,7 @@ async def test_a_report_whose_audit_entry_failed_waits_unsent_until_the_entry_is
     finally:
         jpn.stop.set()
         await task
-    entries = _audit_entries(world.config("JPN").audit_dir)
+    entries = audit_entries(world.config("JPN").audit_dir)
     rid = record["report_id"]
     arrival = [e for e in entries if e["type"] == "accepted" and e["report_id"] == rid]
     sends = [e for e in entries if e["type"] == "sent" and e["report_id"] == rid]
@@ -760,11 +761,6 @@ def test_own_key_events_log_each_rotation_and_revocation_once() -> None:
     assert own_key_events("JPN", roster, logged, now) == ([], logged)
 
 
-def _audit_entries(audit_dir: Path) -> list[dict[str, Any]]:
-    with sqlite3.connect(audit_dir / DB_FILE) as db:
-        return [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries ORDER BY idx")]
-
-
 def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
     usa_inbound: tuple[Any, Forger, Path],
 ) -> None:
@@ -781,24 +777,24 @@ def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
     jpn_sig = forger.jpn.signing_kid
     usa_enc = forger.roster.current("USA", "enc", forger.now).kid
     no_jpn_sig = make(store, lambda k: k.kid == jpn_sig)
-    before = len(_audit_entries(path.parent / "audit"))
+    before = len(audit_entries(path.parent / "audit"))
     fresh = datetime.now(UTC)
-    result = no_jpn_sig.process(batch[:1] + batch[2:], [fresh, fresh])
+    result = no_jpn_sig.process(batch[:1] + batch[2:], lambda _i: fresh)
     assert result.actions == ["hold", "hold"]
     assert result.held == {"JPN": 2}
     assert result.stored == []
     assert not result.rejected
-    assert len(_audit_entries(path.parent / "audit")) == before
+    assert len(audit_entries(path.parent / "audit")) == before
 
     # A USA key the roster lacks is the same case on the recipient side.
     no_usa_enc = make(store, lambda k: k.kid == usa_enc)
     no_usa_enc.decryption_keys = {
         kid: key for kid, key in no_usa_enc.decryption_keys.items() if kid != usa_enc
     }
-    assert no_usa_enc.process(batch[1:2], [fresh]).actions == ["hold"]
+    assert no_usa_enc.process(batch[1:2], lambda _i: fresh).actions == ["hold"]
 
     # Once the roster has the keys (a restart with it), the same bytes verify.
-    assert make(store).process(batch, [fresh] * 3).actions == ["ack"] * 3
+    assert make(store).process(batch, lambda _i: fresh).actions == ["ack"] * 3
     assert store.inbox_count() == 3
 
     # A message that has waited past the freshness window (1 h here) is refused
@@ -806,10 +802,10 @@ def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
     late = records_for("JPN", 1, seed=9)[0]
     old = fresh - timedelta(hours=2)
     token = forger.envelope(late)[0].encode()
-    stale = no_jpn_sig.process([(f"from.JPN.msmt.to.USA.{late['kind']}", token)], [old])
+    stale = no_jpn_sig.process([(f"from.JPN.msmt.to.USA.{late['kind']}", token)], lambda _i: old)
     assert stale.actions == ["term"]
     assert stale.rejected == {"key": 1}
-    refused = [e for e in _audit_entries(path.parent / "audit") if e["type"] == "rejected"]
+    refused = [e for e in audit_entries(path.parent / "audit") if e["type"] == "rejected"]
     assert [(e["step"], e["reason"][-20:]) for e in refused] == [("key", "(held until too old)")]
 
 
@@ -841,9 +837,7 @@ def test_a_message_for_a_revoked_key_of_mine_says_so(usa_inbound: tuple[Any, For
     result = inbound.process([(f"from.JPN.msmt.to.USA.{record['kind']}", token)])
     assert result.actions == ["term"]
     assert result.rejected == {"recipient": 1}
-    reasons = [
-        e["reason"] for e in _audit_entries(path.parent / "audit") if e["type"] == "rejected"
-    ]
+    reasons = [e["reason"] for e in audit_entries(path.parent / "audit") if e["type"] == "rejected"]
     assert reasons == [f"key {usa_enc} is revoked: I hold no private key for it"]
 
 
@@ -922,20 +916,30 @@ async def test_witness_raises_the_alarm_when_a_log_rewrites_its_history(world: W
         await asyncio.gather(usa_task, jpn_task)
 
 
-def test_a_store_restored_without_its_audit_log_is_refused(world: World) -> None:
-    import shutil
+def _started_once_then_accepted(world: World, records: list[dict[str, Any]]) -> NodeConfig:
+    """JPN's data after one start, with ``records`` then committed to its store alone.
 
-    from broker.errors import ConfigError
-
+    What a crash between the accept commit and the audit append leaves behind.
+    """
     world.write_config("JPN", BATCH_POLICY)
     config = world.config("JPN")
     node = load_node(config)
     node.store.close()
     node.audit.close()
     raw = Store(config.store_path)
-    (record,) = records_for("JPN", 1, seed=22)
-    raw.accept([NewReport(record["report_id"], record["kind"], json.dumps(record).encode())])
+    assert raw.accept(
+        [NewReport(r["report_id"], r["kind"], json.dumps(r).encode()) for r in records]
+    )
     raw.close()
+    return config
+
+
+def test_a_store_restored_without_its_audit_log_is_refused(world: World) -> None:
+    import shutil
+
+    from broker.errors import ConfigError
+
+    config = _started_once_then_accepted(world, records_for("JPN", 1, seed=22))
     kept = config.audit_dir.with_name("audit-kept")
     shutil.move(config.audit_dir, kept)  # a restore that left audit/ out
     message = "holds reports but the audit log in .* is missing or empty"
@@ -954,27 +958,15 @@ def test_a_store_restored_without_its_audit_log_is_refused(world: World) -> None
 
 
 def test_reports_accepted_but_not_yet_audited_are_audited_at_the_next_start(world: World) -> None:
-    world.write_config("JPN", BATCH_POLICY)
-    config = world.config("JPN")
-    node = load_node(config)
-    node.store.close()
-    node.audit.close()
-    # A crash between the accept commit and the audit append leaves this state.
     records = records_for("JPN", 3, seed=21)
-    raw = Store(config.store_path)
-    assert raw.accept(
-        [NewReport(r["report_id"], r["kind"], json.dumps(r).encode()) for r in records]
-    )
-    raw.close()
+    config = _started_once_then_accepted(world, records)
     node = load_node(config)
     try:
         assert node.store.unaudited() == []
     finally:
         node.store.close()
         node.audit.close()
-    with sqlite3.connect(config.audit_dir / DB_FILE) as db:
-        entries = [json.loads(row[0]) for row in db.execute("SELECT entry FROM entries")]
-    recovered = [e for e in entries if e["type"] == "accepted"]
+    recovered = [e for e in audit_entries(config.audit_dir) if e["type"] == "accepted"]
     assert [(e["report_id"], e["feed"]) for e in recovered] == [
         (r["report_id"], "recovered") for r in records
     ]
