@@ -16,6 +16,8 @@ each batch costs two fsynced commits. For each batch:
 5. the batch's audit entries (received and rejected) are appended durably,
    then the verified reports are stored; only then are messages acked (good)
    or terminated (bad, ``msg.term()`` so the consumer never stalls on them).
+   One failure is held instead (``nak`` with a growing delay, not audited): a
+   key this node's roster does not list, until the message is too old.
 
 If the audit log or store cannot be written, nothing is acked; the batch is
 handed back with ``nak`` and redelivered. At a stop, messages delivered but not
