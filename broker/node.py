@@ -414,6 +414,7 @@ class Node:
             self._record_sent,
             self.metrics,
             self.config.limits.publish_max_in_flight,
+            lambda: nc.is_connected,
         )
         self.receiver = Receiver(
             self.member,
@@ -645,13 +646,18 @@ class Node:
             self._plan_wake.set()
             if self.publisher is not None:
                 self.publisher.wake()
+            if self.receiver is not None:
+                self.receiver.wake()
             # 2. planner, publisher (waits for in-flight acks) and receiver finish
             await asyncio.gather(*tasks, housekeeping, return_exceptions=True)
             # 3. acks reach the server before the connection goes
             if self.nc is not None:
-                # The hub may be gone (a reset connection): nothing is left to lose here.
-                with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
-                    await self.nc.flush(timeout=2)
+                # The hub may be gone (a reset connection): nothing is left to lose here,
+                # and a flush could only time out. Unsent acks mean redeliveries,
+                # which the replay check drops.
+                if self.nc.is_connected:
+                    with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                        await self.nc.flush(timeout=2)
                 with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
                     await self.nc.close()
             await metrics_runner.cleanup()

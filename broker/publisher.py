@@ -55,6 +55,8 @@ log = get_logger("publisher")
 
 PUBLISH_TIMEOUT: Final = 5.0
 """Seconds to wait for the hub's ack before the envelope is retried."""
+STOP_POLL: Final = 0.1
+"""At a stop, how often to look whether the hub is still there while acks are awaited."""
 RETRY_AFTER: Final = 0.5
 """Seconds before an envelope whose publish failed is first tried again (then doubling)."""
 RETRY_MAX: Final = 30.0
@@ -207,9 +209,11 @@ class Publisher:
         record_sent: Callable[[list[OutboxItem]], None],
         metrics: Metrics,
         max_in_flight: int,
+        connected: Callable[[], bool],
     ) -> None:
         self.member = member
         self.js = js
+        self.connected = connected  # whether an ack could still arrive
         self.store = store
         self.run_db = run_db
         self.record_sent = record_sent  # audit + mark sent, on the store thread
@@ -271,10 +275,16 @@ class Publisher:
                             self._wake.wait(), RETRY_AFTER if failed else self._idle_timeout()
                         )
         finally:
-            # Hand back: whatever is unacked stays pending in the outbox.
-            if self._in_flight:
+            # Hand back: whatever is unacked stays pending in the outbox. Acks come
+            # only over a live connection, so with the hub gone waiting would only
+            # delay the stop (by up to PUBLISH_TIMEOUT, past systemd's patience).
+            deadline = time.monotonic() + PUBLISH_TIMEOUT
+            while self._in_flight and self.connected():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
                 waiting = [future for future, _ in self._in_flight.values()]
-                await asyncio.wait(waiting, timeout=PUBLISH_TIMEOUT)
+                await asyncio.wait(waiting, timeout=min(left, STOP_POLL))
             for future, _ in list(self._in_flight.values()):
                 future.cancel()
             self._finished = True

@@ -431,7 +431,13 @@ class _Pull:
         Returns what was delivered but not taken, for the caller to hand back.
         """
         self.stopping = True
-        while self.open and self.failure is None and time.monotonic() < self.deadline:
+        # With the hub gone nothing more can be delivered: do not wait for it.
+        while (
+            self.open
+            and self.failure is None
+            and self.nc.is_connected
+            and time.monotonic() < self.deadline
+        ):
             self.wake.clear()
             if self.open:
                 await self.wait(self.deadline - time.monotonic())
@@ -469,6 +475,12 @@ class Receiver:
         self.bound = False
         self.last_error: str | None = None
         self.counts: Counter[str] = Counter()
+        self._pull: _Pull | None = None
+
+    def wake(self) -> None:
+        """End the current wait for deliveries (at a stop, so it need not time out)."""
+        if self._pull is not None:
+            self._pull.wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull and process until ``stop``; unprocessed messages are handed back or redelivered."""
@@ -476,7 +488,7 @@ class Receiver:
         # Ask for the consumer first, so a missing inbox (``msmt nats setup`` not
         # run) raises here and keeps the node unready.
         await self.js.consumer_info(stream, durable)
-        pull = _Pull(self.nc, stream, durable, self.fetch_batch)
+        pull = self._pull = _Pull(self.nc, stream, durable, self.fetch_batch)
         await pull.start(self.nc.new_inbox())
         self.bound = True
         try:

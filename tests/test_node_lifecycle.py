@@ -19,9 +19,11 @@ from node_world import (
     BATCH_POLICY,
     World,
     await_for,
+    expected_partners,
     fetch,
     msmt,
     readyz,
+    records_for,
     wait_for,
     write_node_config,
 )
@@ -31,7 +33,9 @@ from broker.errors import KeyMaterialError
 from broker.natsetup import setup_account
 from broker.natsproc import free_port
 from broker.node import load_node
+from broker.publisher import PUBLISH_TIMEOUT
 from broker.store import Store
+from broker.validation import parse_record
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +85,38 @@ def test_sigterm_while_the_hub_is_down_stops_cleanly_and_says_not_connected(
     wait_for(lambda: _status(world, "JPN")["connected"] == "yes", 30, "the status to say so")
     world.server.kill()
     _stops_cleanly(world, "JPN", within=20)
+
+
+async def test_sigterm_with_envelopes_awaiting_a_gone_hub_stops_without_waiting_for_acks(
+    world: World,
+) -> None:
+    # Envelopes published after the hub went sit in nats-py's reconnect buffer,
+    # awaiting acks that cannot come: the stop must not wait out PUBLISH_TIMEOUT
+    # for them, and they must stay pending, to be sent after the restart.
+    world.write_config("JPN", BATCH_POLICY)
+    world.start("JPN")
+    await await_for(lambda: _status(world, "JPN")["connected"] == "yes", 30, "JPN connected")
+    world.server.kill()
+    await await_for(lambda: _status(world, "JPN")["connected"] == "no", 30, "JPN to notice")
+    records = records_for("JPN", 5, seed=41)
+    answers = await world.submit("JPN", records)
+    assert [a["status"] for a in answers] == ["accepted"] * 5
+    policy = world.policy("JPN")
+    sends = {
+        m: sum(m in expected_partners(policy, parse_record(json.dumps(r))) for r in records)
+        for m in ("USA", "KOR")
+    }
+    # Planned, so published into the reconnect buffer.
+    depth = sum(sends.values())
+    await await_for(lambda: _status(world, "JPN")["outbox_depth"] == depth, 30, "JPN to plan")
+    _stops_cleanly(world, "JPN", within=PUBLISH_TIMEOUT)
+    assert _status(world, "JPN")["outbox_depth"] == depth
+
+    world.server.start()
+    world.start("JPN")
+    await await_for(lambda: _status(world, "JPN")["outbox_depth"] == 0, 30, "JPN to send")
+    assert {m: await world.stream_messages(m) for m in sends} == sends
+    assert world.terminate("JPN") == 0
 
 
 def test_a_second_node_on_the_same_data_directory_is_refused_with_one_line(
