@@ -47,6 +47,9 @@ class Exchange:
     recipient: str
     report_id: str
     kind: str
+    tlp: str
+    rel_to: tuple[str, ...] | None
+    policy_digest: str
     released: tuple[str, ...]
     jwe_sha256: str
     status: str  # delivered | undelivered | rejected | not-checked
@@ -72,10 +75,21 @@ class Replay:
     matrix: Mapping[tuple[str, str], int]
     findings: tuple[Finding, ...]
 
+    def statuses(self) -> Counter[str]:
+        """How many sends ended in each status."""
+        return Counter(e.status for e in self.exchanges)
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form for tools (``msmt audit replay --json``)."""
         return {
-            "exchanges": [asdict(e) | {"released": list(e.released)} for e in self.exchanges],
+            "exchanges": [
+                asdict(e)
+                | {
+                    "released": list(e.released),
+                    "rel_to": None if e.rel_to is None else list(e.rel_to),
+                }
+                for e in self.exchanges
+            ],
             "matrix": [
                 {"sender": s, "recipient": r, "delivered": n}
                 for (s, r), n in sorted(self.matrix.items())
@@ -253,6 +267,9 @@ def replay(
                 send["partner"],
                 send["report_id"],
                 send["kind"],
+                send["tlp"],
+                None if send["rel_to"] is None else tuple(send["rel_to"]),
+                send["policy_digest"],
                 tuple(send["released"]),
                 jwe,
                 status,

@@ -16,7 +16,7 @@ from broker.audit_events import parse_entry
 from broker.audit_replay import replay
 from broker.audit_verify import load, verify_log
 from broker.checkpoint import roster_log_keys, roster_revoked_log_keys, roster_witness_keys
-from broker.cli.audit import render_tables
+from broker.cli.audit import render_tables, status_line
 from broker.demo_view import AuditResult, Point, SideBySide
 from broker.demo_view import side_by_side as make_side_by_side
 from broker.demo_watch import QUORUM
@@ -97,15 +97,8 @@ def replay_all(world: World) -> tuple[bool, list[str], dict[tuple[str, str], int
         return False, [f"FAIL: {exc}"], {}
     tables = render_tables(result, sorted(logs)).splitlines()
     findings_at = next(i for i, ln in enumerate(tables) if ln.startswith("Findings"))
-    statuses: dict[str, int] = {}
-    for e in result.exchanges:
-        statuses[e.status] = statuses.get(e.status, 0) + 1
-    lines = [
-        f"{len(result.exchanges)} sends in {len(logs)} logs: "
-        + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())),
-        *tables[findings_at:],
-    ]
-    ok = not result.findings and set(statuses) == {"delivered"}
+    lines = [status_line(result, len(logs)), *tables[findings_at:]]
+    ok = not result.findings and set(result.statuses()) == {"delivered"}
     return ok, lines, dict(result.matrix)
 
 

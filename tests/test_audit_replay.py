@@ -215,10 +215,21 @@ def test_clean_run_reconciles(tmp_path: Path) -> None:
         ("JPN", "KOR"),
         ("USA", "JPN"),
     }
+    # Under which markings and which policy each send went: the sender's own entry.
+    to_usa = next(e for e in report["exchanges"] if e["recipient"] == "USA")
+    assert (to_usa["tlp"], to_usa["rel_to"], to_usa["policy_digest"]) == (
+        "AMBER",
+        None,
+        DIGEST["JPN"],
+    )
     code, out, _ = _replay(tmp_path / "again", dirs)
     assert code == 0
     assert "none: every send and receive reconciles" in out
-    assert "JPN -> USA" in out
+    assert (
+        f"JPN -> USA  vessel   {R1}  AMBER         3 fields  policy {DIGEST['JPN'][:12]}  delivered"
+        in out
+    )
+    assert "5 sends in 3 logs: 3 delivered, 1 not-checked, 1 rejected" in out
 
 
 def test_removed_send_is_reported_exactly(tmp_path: Path) -> None:

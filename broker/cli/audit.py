@@ -367,14 +367,23 @@ def audit_replay(
         raise AuditError(f"{len(result.findings)} findings: the logs do not reconcile")
 
 
+def status_line(result: Replay, logs: int) -> str:
+    """One line: how many sends, in how many logs, ended in each status."""
+    counts = sorted(result.statuses().items())
+    return f"{len(result.exchanges)} sends in {logs} logs: " + (
+        ", ".join(f"{n} {status}" for status, n in counts) or "none"
+    )
+
+
 def render_tables(result: Replay, members: list[str]) -> str:
     """The human report: timeline, delivered-sends matrix, findings."""
-    lines = [f"Timeline ({len(result.exchanges)} sends)"]
+    lines = [f"Timeline ({len(result.exchanges)} sends; policy: the first 12 hex of its digest)"]
     for e in result.exchanges:
         lines.append(
             f"  {e.at}  {e.sender} -> {e.recipient}  {e.kind:<8} {e.report_id}  "
-            f"{len(e.released):>2} fields  {e.status}"
+            f"{e.tlp:<12} {len(e.released):>2} fields  policy {e.policy_digest[:12]}  {e.status}"
         )
+    lines += ["", status_line(result, len(members))]
     senders = sorted({s for s, _ in result.matrix} | set(members))
     recipients = sorted({r for _, r in result.matrix} | set(members))
     lines += ["", "Delivered sends (rows: sender, columns: recipient)"]
