@@ -13,7 +13,7 @@ describes the bytes. Pure: no I/O, and the clock is always passed in.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -271,14 +271,16 @@ def receive(
     max_skew: timedelta,
     is_replay: Callable[[str], bool] | None = None,
     accept_onward_from: Collection[str] = (),
+    attested_kind: str | None = None,
 ) -> Received:
     """Decrypt and verify one envelope addressed to ``me``; return what it discloses.
 
-    ``attested_sender`` is the sender the transport vouches for (NATS account),
-    ``None`` where there is none. ``is_replay(jti)`` only asks; the caller records
-    the jti after success. A report whose sender is not its originator (an
-    onward share) is accepted only from members in ``accept_onward_from``.
-    Raises ``EnvelopeError(step, reason)`` at the first failing step; the
+    ``attested_sender`` and ``attested_kind`` are what the transport says of the
+    message (NATS account, subject), ``None`` where it says nothing. ``is_replay(jti)``
+    only asks; the caller records the jti after success. A report whose sender is
+    not its originator (an onward share) is accepted only from members in
+    ``accept_onward_from``. Raises ``EnvelopeError(step, reason)`` at the first
+    failing step, with ``report_id`` set once the signature has verified; the
     reason never contains report content. Raises ``UsageError`` if ``now`` is naive.
     """
     if now.utcoffset() is None:
@@ -314,27 +316,32 @@ def receive(
     iss, jti = payload["iss"], payload["jti"]
     iat = datetime.fromtimestamp(payload["iat"], UTC)
     # 6. sender: header sender = attested sender (when given); = iss unless an
-    #    onward share from a member we accept those from; header rid = jti.
+    #    onward share from a member we accept those from; header rid = jti; the
+    #    attested kind (when given) = the signed kind, so the hub's routing is true.
     _check_sender(header, payload, attested_sender, accept_onward_from)
+    if attested_kind is not None and attested_kind != payload["kind"]:
+        raise EnvelopeError(
+            "sender", f"sent as {attested_kind!r:.20} but the signed kind is {payload['kind']}"
+        )
     # 7. key: the signing kid is in the roster, belongs to iss, is a sig key, and
     #    is usable (not revoked, not retired, within validity) at iat.
     # 8. signature over the exact JWS bytes received.
     _verify_signature(jws_text, kid=kid, iss=iss, iat=iat, roster=roster)
-    # 9. disclosures: each well-formed, none twice, each referenced exactly once,
-    #    none unreferenced, no claim collisions, and placed where our format allows.
+    # From here the originator vouches for jti: a refusal names the report.
     try:
-        parsed = sdjwt.parse_disclosures(disclosures)
-        processed = sdjwt.process(payload, parsed)
-        fields, encoded = fields_of(payload, processed, parsed)
-    except ValueError as exc:
-        raise EnvelopeError("disclosures", str(exc)) from None
-    # 10. freshness: iat no older than max_age and no further ahead than max_skew.
-    _check_fresh(iat, now=now, max_age=max_age, max_skew=max_skew)
-    # 11. replay: the caller's seen-set has not had this jti.
-    if is_replay is not None and is_replay(jti):
-        raise EnvelopeError("replay", f"report {jti} was already received")
-    # 12. schema: every disclosed value is valid for its field (or variant).
-    check_fields(payload["kind"], fields)
+        fields, encoded = _check_signed(
+            payload,
+            disclosures,
+            iat,
+            me=me,
+            now=now,
+            max_age=max_age,
+            max_skew=max_skew,
+            is_replay=is_replay,
+        )
+    except EnvelopeError as exc:
+        exc.report_id = jti
+        raise
     rel_to = payload.get("rel_to")
     return Received(
         originator=iss,
@@ -354,6 +361,43 @@ def receive(
         disclosures=MappingProxyType(encoded),
         jwe_sha256=hashlib.sha256(token.encode("ascii")).hexdigest(),
     )
+
+
+def _check_signed(
+    payload: Mapping[str, Any],
+    disclosures: Sequence[str],
+    iat: datetime,
+    *,
+    me: str,
+    now: datetime,
+    max_age: timedelta,
+    max_skew: timedelta,
+    is_replay: Callable[[str], bool] | None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    # Steps 9-13 of ``receive``, on a payload whose signature has verified.
+    # 9. disclosures: each well-formed, none twice, each referenced exactly once,
+    #    none unreferenced, no claim collisions, and placed where our format allows.
+    try:
+        parsed = sdjwt.parse_disclosures(disclosures)
+        processed = sdjwt.process(payload, parsed)
+        fields, encoded = fields_of(payload, processed, parsed)
+    except ValueError as exc:
+        raise EnvelopeError("disclosures", str(exc)) from None
+    # 10. freshness: iat no older than max_age and no further ahead than max_skew.
+    _check_fresh(iat, now=now, max_age=max_age, max_skew=max_skew)
+    # 11. replay: the caller's seen-set has not had this jti.
+    jti = payload["jti"]
+    if is_replay is not None and is_replay(jti):
+        raise EnvelopeError("replay", f"report {jti} was already received")
+    # 12. schema: every disclosed value is valid for its field (or is what its
+    #     transform produces), and a transfer's fields are of one category.
+    check_fields(payload["kind"], fields)
+    # 13. markings: the originator's REL TO, if any, names me. Its policy should
+    #     never have sent it here; keeping it would break the originator's caveat.
+    rel_to = payload.get("rel_to")
+    if rel_to is not None and me not in rel_to:
+        raise EnvelopeError("markings", f"REL TO {', '.join(rel_to)} does not include {me}")
+    return fields, encoded
 
 
 def _check_sender(

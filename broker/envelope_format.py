@@ -20,6 +20,8 @@ from broker.sightings import (
     KINDS,
     SCHEMA_VERSION,
     TLP,
+    CryptoTransfer,
+    FuelTransfer,
     field_paths,
     fields_plainly_valid,
     validate_field,
@@ -251,16 +253,51 @@ def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
     """
     chain = fields.get("transfer.chain")
     chain = chain if isinstance(chain, str) else None
+    if kind == "transfer":
+        _check_one_category(fields)
     if _plainly_valid(kind, fields, chain):
         return
     paths = _PATH_SETS[kind]
     for key, value in fields.items():
         try:
             _check_field(kind, key, value, paths, chain)
-        except ValueError:
-            raise EnvelopeError(
-                "schema", f"{key:.80} is not a valid {kind} field under schema {SCHEMA_VERSION}"
-            ) from None
+        except ValueError as exc:
+            # The reasons are the schema's and the transforms' own, which name the
+            # rule and never quote the value (audit entries must not hold content).
+            why = str(exc).removeprefix(f"{key.partition(VARIANT_SEP)[0]}: ")
+            raise EnvelopeError("schema", f"{key:.80}: {why} (schema {SCHEMA_VERSION})") from None
+
+
+def _check_one_category(fields: Mapping[str, Any]) -> None:
+    # Each field is checked on its own, so a transfer's category (crypto or
+    # fuel, which may be withheld) must be checked across them: fields of both,
+    # or of the other category than the one disclosed, make no valid transfer.
+    found = {
+        _CATEGORY_OF[path]
+        for path in (key.partition(VARIANT_SEP)[0] for key in fields)
+        if path in _CATEGORY_OF
+    }
+    category = fields.get("transfer.category")
+    if isinstance(category, str):
+        found.add(category)
+    if len(found) > 1:
+        raise EnvelopeError(
+            "schema",
+            f"transfer fields of both categories, {' and '.join(sorted(found))} "
+            f"(schema {SCHEMA_VERSION})",
+        )
+
+
+# The transfer fields that only one category has.
+_CATEGORY_OF: Final = {
+    f"transfer.{name}": category
+    for model, category, other in (
+        (CryptoTransfer, "crypto", FuelTransfer),
+        (FuelTransfer, "fuel", CryptoTransfer),
+    )
+    for name in model.model_fields
+    if name not in other.model_fields
+}
 
 
 def _plainly_valid(kind: str, fields: Mapping[str, Any], chain: str | None) -> bool:
@@ -291,12 +328,12 @@ def _check_field(
 ) -> None:
     path, transform = split_variant_key(key)
     if path not in paths:
-        raise ValueError("unknown field")
+        raise ValueError(f"not a field of {kind} reports")
     if transform is None:
         validate_field(kind, path, value, chain)
         return
     if not transform.applies_to(path):
-        raise ValueError("transform does not apply to this field")
+        raise ValueError(f"{transform.name} does not apply to this field")
     transform.check_output(value)
 
 

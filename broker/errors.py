@@ -54,6 +54,9 @@ class EnvelopeError(MsmtError):
         super().__init__(f"{step}: {reason}")
         self.step = step
         self.reason = reason
+        # Set once the originator's signature has verified, so its report id is
+        # its own and may be recorded with the refusal.
+        self.report_id: str | None = None
 
 
 class UnknownKeyError(EnvelopeError):

@@ -41,7 +41,8 @@ def check_imo(value: str) -> None:
         raise ValueError("IMO number must be exactly 7 digits")
     expected = imo_check_digit(value[:6])
     if int(value[6]) != expected:
-        raise ValueError(f"IMO check digit is {value[6]}, expected {expected}")
+        # No digits in the reason: a receiver's audit entry must not quote the value.
+        raise ValueError("IMO check digit does not match the first six digits")
 
 
 def check_mmsi(value: str) -> None:

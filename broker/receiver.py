@@ -6,7 +6,8 @@ store's thread; a part batch first waits up to ``LINGER_S`` for more, since
 each batch costs two fsynced commits. For each batch:
 
 1. the subject must be ``from.<SENDER>.msmt.to.<ME>.<kind>``: the hub's word for
-   who sent it (service import prefix), which the envelope's sender must match;
+   who sent it (service import prefix) and what, which the envelope's sender and
+   signed kind must match;
 2. the message must be within ``max_message_bytes``;
 3. if the exact same bytes from the same sender were already verified and
    stored (a redelivery after a crash before the ack, or a resend after the
@@ -184,8 +185,9 @@ class Inbound:
                     self._log_hold(sender, exc)
                     continue
                 step, reason = exc.step, f"{exc.reason} (held until too old)"
+                report_id = None
             except EnvelopeError as exc:
-                step, reason = exc.step, exc.reason
+                step, reason, report_id = exc.step, exc.reason, exc.report_id
             except MsmtError:
                 raise  # our store failed: hand the whole batch back, reject nothing
             except Exception as exc:  # noqa: BLE001 - see below
@@ -197,6 +199,7 @@ class Inbound:
                     "internal",
                     f"verification failed unexpectedly ({type(exc).__name__})",
                 )
+                report_id = None
             else:
                 result.actions.append(action)
                 if rec is not None and event is not None:
@@ -216,6 +219,7 @@ class Inbound:
                     source=source,
                     step=step,
                     reason=_printable(reason),
+                    report_id=report_id,
                     jwe_sha256=digest,
                 )
             )
@@ -274,6 +278,7 @@ class Inbound:
             decryption_keys=self.decryption_keys,
             roster=self.roster,
             attested_sender=sender,
+            attested_kind=subject.rpartition(".")[2],
             now=now,
             max_age=self.freshness,
             max_skew=MAX_SKEW,

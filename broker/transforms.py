@@ -32,6 +32,7 @@ from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation, loc
 from typing import Any, Final
 
 import rfc8785
+from pydantic import ValidationError
 
 from broker.sightings import Position, is_plain_position
 
@@ -159,27 +160,57 @@ class Transform:
         return _pseudonym(key, str(self.param), path, value)
 
     def check_output(self, value: Any) -> None:
-        """Raise ``ValueError`` unless ``value`` has the shape this transform produces."""
+        """Raise ``ValueError`` unless ``value`` is something this transform produces.
+
+        Coarsened, rounded and hour values must be fixed points of the transform
+        (a cell centre, a multiple of the step, a whole hour, each in the exact text
+        it gives), so a variant key cannot pass off a finer value. A pseudonym can
+        be checked only for its form. The reason never quotes the value.
+        """
         if self.name == "coarsen":
             # A plainly valid position (every one a transform produces) needs no
-            # JSON round trip; anything else meets the schema as before, which
-            # decides and gives the reason.
+            # JSON round trip; anything else meets the schema, which gives the reason.
             if not is_plain_position(value):
-                Position.model_validate_json(rfc8785.dumps(value))
+                try:
+                    Position.model_validate_json(rfc8785.dumps(value))
+                except ValidationError as exc:
+                    raise ValueError(_first_error(exc)) from None
+            if _coarsen(value, Decimal(str(self.param))) != value:
+                raise ValueError(
+                    f"position is not the centre of a {self.param} degree cell "
+                    f"written as {self.ident} writes it"
+                )
             return
         if self.name == "round":
-            # Rounding may legitimately reach zero, so only the shape is checked.
+            # Rounding may legitimately reach zero.
             if not isinstance(value, str) or not _ROUNDED.fullmatch(value):
-                raise ValueError("rounded amount must be a non-negative decimal string")
+                raise ValueError("rounded amount must be a plain non-negative decimal string")
+            if self.apply(value, pseudonym_keys={}, path="") != value:
+                raise ValueError(
+                    f"amount is not a multiple of {self.param} written as {self.ident} writes it"
+                )
             return
         if self.name == "hour":
             if not isinstance(value, str) or not value.endswith(":00:00Z"):
                 raise ValueError("time truncated to the hour must end in :00:00Z")
-            datetime.fromisoformat(value)
+            try:
+                whole = self.apply(value, pseudonym_keys={}, path="") == value
+            except ValueError:
+                whole = False
+            if not whole:
+                raise ValueError("time truncated to the hour must be YYYY-MM-DDTHH:00:00Z")
             return
         match = _PSEUDONYM.fullmatch(value) if isinstance(value, str) else None
         if match is None or match.group(1) != self.param:
             raise ValueError(f"pseudonym must look like hmac-sha256:{self.param}:<43 base64url>")
+
+
+def _first_error(exc: ValidationError) -> str:
+    # pydantic's own text quotes the input; its first error's location and message do not.
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    why = str(first["msg"]).removeprefix("Value error, ")
+    return f"{where}: {why}" if where else why
 
 
 def _coarsen(value: Mapping[str, str], grid: Decimal) -> dict[str, str]:

@@ -32,7 +32,7 @@ from joserfc.registry import HeaderParameter
 
 from broker import envelope, envelope_format, sdjwt
 from broker.errors import EnvelopeError, InputError, UsageError
-from broker.sightings import leaf_values
+from broker.sightings import TransferSighting, leaf_values
 from broker.transforms import Transform, variant_key
 
 JPN, USA, GBR = Node("JPN"), Node("USA"), Node("GBR")
@@ -119,7 +119,8 @@ def test_full_release_round_trip(issued: envelope.Issued) -> None:
 def test_every_kind_round_trips() -> None:
     for s in sightings(9, seed=4):
         node = Node(s.originator)
-        to = "NZL" if s.originator != "NZL" else "JPN"
+        # A partner the report's REL TO (if any) names: no one else may have it.
+        to = next(m for m in (s.rel_to or ("NZL", "JPN")) if m != s.originator)
         got = Node(to).receive(node.present(node.issue(s), to, leaf_values(s)))
         assert dict(got.fields) == leaf_values(s)
         assert (got.originator, got.kind, got.tlp, got.rel_to) == (
@@ -190,7 +191,7 @@ def test_partner_never_sees_a_field_outside_its_release(seed: int, data: Any) ->
     origin = Node(s.originator)
     issued = origin.issue(s)
     released = data.draw(st.sets(st.sampled_from(sorted(issued.disclosures))))
-    to = "NLD" if s.originator != "NLD" else "ITA"
+    to = next(m for m in (s.rel_to or ("NLD", "ITA")) if m != s.originator)
     token = origin.present(issued, to, released)
     # The decrypted bytes themselves, not only the result object.
     plaintext = open_token(token, to)
@@ -506,6 +507,65 @@ def test_bad_variant_value_refused(issued: envelope.Issued) -> None:
         return [d]
 
     reject(_forge(edit, issued), "schema")
+
+
+def test_a_variant_must_be_what_its_transform_gives(issued: envelope.Issued) -> None:
+    # An exact position under a coarsened key would pass for a coarse one.
+    exact = {"lat": "38.1252", "lon": "124.7031"}
+    for value in (exact, {"lat": "38.250", "lon": "124.75"}):
+
+        def edit(payload: dict[str, Any], value: Any = value) -> list[sdjwt.Disclosure]:
+            d = sdjwt.Disclosure.make("position#coarsen:0.5", value)
+            payload["vessel"]["_sd"].append(d.digest)
+            return [d]
+
+        err = reject(_forge(edit, issued), "schema")
+        assert err.reason == (
+            "vessel.position#coarsen:0.5: position is not the centre of a 0.5 degree cell "
+            "written as coarsen:0.5 writes it (schema 1.0)"
+        )
+        assert err.report_id == issued.report_id
+
+
+def test_a_transfer_of_two_categories_is_refused() -> None:
+    crypto = next(
+        s
+        for s in sightings(40, seed=5)
+        if isinstance(s, TransferSighting)
+        and s.transfer.category == "crypto"
+        and s.originator == "JPN"
+        and not s.rel_to
+    )
+    issued = Node("JPN").issue(crypto)
+
+    def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
+        # The category disclosed as crypto, with a fuel transfer's field beside it.
+        ds = [
+            sdjwt.Disclosure.make("category", "crypto"),
+            sdjwt.Disclosure.make("product", "crude_oil"),
+        ]
+        payload["transfer"]["_sd"] += [d.digest for d in ds]
+        return ds
+
+    err = reject(_forge(edit, issued), "schema")
+    assert err.reason == "transfer fields of both categories, crypto and fuel (schema 1.0)"
+
+
+def test_the_transport_kind_must_be_the_signed_kind(issued: envelope.Issued) -> None:
+    token = JPN.present(issued, "USA", ["vessel.imo"])
+    err = reject(token, "sender", attested_kind="worker")
+    assert err.reason == "sent as 'worker' but the signed kind is vessel"
+    assert err.report_id is None  # refused before the signature vouched for the id
+    assert USA.receive(token, attested_kind="vessel").kind == "vessel"
+
+
+def test_rel_to_must_name_the_receiver() -> None:
+    s = vessel().model_copy(update={"rel_to": ("KOR", "GBR")})
+    issued = JPN.issue(s)
+    err = reject(JPN.present(issued, "USA", ["vessel.imo"]), "markings")
+    assert err.reason == "REL TO KOR, GBR does not include USA"
+    assert err.report_id == issued.report_id
+    assert Node("KOR").receive(JPN.present(issued, "KOR", ["vessel.imo"])).rel_to == ("KOR", "GBR")
 
 
 @pytest.mark.parametrize(

@@ -841,6 +841,39 @@ def test_a_message_for_a_revoked_key_of_mine_says_so(usa_inbound: tuple[Any, For
     assert reasons == [f"key {usa_enc} is revoked: I hold no private key for it"]
 
 
+def test_signed_routing_and_markings_are_held_to_the_hub_and_name_the_report(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # Found by an independent KOR implementation: a vessel sent on the .worker
+    # subject, and a report whose REL TO leaves USA out, were both stored.
+    make, forger, path = usa_inbound
+    vessel, elsewhere, again = [
+        r for r in records_for("JPN", 60, seed=12) if r["kind"] == "vessel" and not r.get("rel_to")
+    ][:3]
+    elsewhere["rel_to"] = ["GBR", "KOR"]
+    store = Store(path)
+    first = make(store).process(
+        [
+            ("from.JPN.msmt.to.USA.worker", forger.envelope(vessel)[0].encode()),
+            ("from.JPN.msmt.to.USA.vessel", forger.envelope(elsewhere)[0].encode()),
+            ("from.JPN.msmt.to.USA.vessel", forger.envelope(again)[0].encode()),
+        ]
+    )
+    assert first.actions == ["term", "term", "ack"]
+    replayed = make(store).process(
+        [("from.JPN.msmt.to.USA.vessel", forger.envelope(again)[0].encode())]
+    )
+    assert replayed.actions == ["term"]
+    rejected = [e for e in audit_entries(path.parent / "audit") if e["type"] == "rejected"]
+    assert [(e["step"], e["reason"], e["report_id"]) for e in rejected] == [
+        # Before the signature is checked, the report id is only the sender's word.
+        ("sender", "sent as 'worker' but the signed kind is vessel", None),
+        ("markings", "REL TO GBR, KOR does not include USA", elsewhere["report_id"]),
+        ("replay", f"report {again['report_id']} was already received", again["report_id"]),
+    ]
+    assert [r.report_id for r in first.stored] == [again["report_id"]]
+
+
 def test_an_unexpected_verifier_failure_costs_one_message_not_the_consumer(
     usa_inbound: tuple[Any, Forger, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
