@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
 import time
 from collections import Counter
@@ -186,7 +185,7 @@ def sent_event(member: str, item: OutboxItem, at: datetime) -> AuditEvent:
         kind=facts["kind"],
         released=facts["released"],
         policy_digest=facts["policy"],
-        jwe_sha256=hashlib.sha256(item.jwe).hexdigest(),
+        jwe_sha256=item.jwe_sha256,
         originator=facts["originator"],
         tlp=facts["tlp"],
         rel_to=facts["rel_to"],

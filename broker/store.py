@@ -21,6 +21,7 @@ calls it from one worker thread.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -146,9 +147,20 @@ class OutboxItem:
     audit: str
 
     @property
+    def jwe_sha256(self) -> str:
+        """The envelope's SHA-256 (hex), as its ``sent`` audit entry records it."""
+        return hashlib.sha256(self.jwe).hexdigest()
+
+    @property
     def msg_id(self) -> str:
-        """The ``Nats-Msg-Id``: report id + partner, so a resend is deduplicated by the hub."""
-        return f"{self.report_id}.{self.partner}"
+        """The ``Nats-Msg-Id``: ``jwe_sha256``.
+
+        A resend of these bytes is deduplicated by the hub. It is not the report id:
+        the duplicate window is shared by every sender to an inbox, and a member who
+        knows a report's id (from its own copy) could publish junk under a guessable
+        id first, so that the real envelope is acked as a "duplicate" and never stored.
+        """
+        return self.jwe_sha256
 
     def __reduce__(self) -> tuple[type[OutboxItem], tuple[str, str, str, bytes, str]]:
         # Pickled (planning worker -> node) as constructor arguments: a frozen

@@ -303,6 +303,37 @@ async def test_sigterm_shuts_down_cleanly_and_hands_back_nothing_lost(world: Wor
     assert_no_content_in_logs(world, records)
 
 
+async def test_a_member_cannot_pre_empt_a_report_with_a_guessed_msg_id(world: World) -> None:
+    # Red team: KOR, holding its own copies of JPN's reports (so their ids),
+    # published junk to USA under Nats-Msg-Id "<report id>.USA" first. JPN's real
+    # envelope was then acked as a duplicate, audited as sent, and never stored.
+    world.write_config("JPN", BATCH_POLICY)
+    world.write_config("USA")
+    policy = world.policy("JPN")
+    records = [
+        r
+        for r in records_for("JPN", 40, seed=13)
+        if "USA" in expected_partners(policy, parse_record(json.dumps(r)))
+    ][:10]
+    seed = (world.keydir / "KOR" / keys.NATS_SEED_FILE).read_bytes().strip()
+    kor = await connect_account(world.server.url, "KOR", seed)
+    try:
+        js = kor.jetstream()
+        for r in records:
+            for guess in (f"{r['report_id']}.USA", r["report_id"]):
+                subject = f"msmt.to.USA.{r['kind']}"
+                await js.publish(subject, b"junk", headers={"Nats-Msg-Id": guess})
+    finally:
+        await kor.close()
+    world.start("JPN")
+    world.start("USA")
+    await world.submit("JPN", records)
+    await await_for(
+        lambda: len(world.inbox_ids("USA", "JPN")) >= len(records), 60, "USA to store them"
+    )
+    assert sorted(world.inbox_ids("USA", "JPN")) == sorted(r["report_id"] for r in records)
+
+
 # --- a flood of bad messages mixed with good ones ----------------------------------------
 
 
