@@ -18,7 +18,8 @@ each batch costs two fsynced commits. For each batch:
    then the verified reports are stored; only then are messages acked (good)
    or terminated (bad, ``msg.term()`` so the consumer never stalls on them).
    One failure is held instead (``nak`` with a growing delay, not audited): a
-   key this node's roster does not list, until the message is too old.
+   key this node's roster does not list, until the message is too old, and at
+   most ``MAX_HELD_PER_SENDER`` messages of one sender at a time.
 
 If the audit log or store cannot be written, nothing is acked; the batch is
 handed back with ``nak`` and redelivered. At a stop, messages delivered but not
@@ -68,6 +69,10 @@ HOLD_BACKOFF_MAX: Final = 15
 """A held message's delay doubles per delivery up to this many times ``hold_seconds``."""
 HOLD_LOG_EVERY_S: Final = 60.0
 """Held messages are logged at most this often per sender: each comes back many times."""
+MAX_HELD_PER_SENDER: Final = 64
+"""Messages held at once per sender; more are refused. Ten partners' worth stays well
+inside the consumer's ``max_ack_pending`` (1024), so a sender naming made-up keys
+cannot stall the inbox for the others."""
 
 Action = Literal["ack", "term", "hold"]
 
@@ -142,6 +147,10 @@ class Inbound:
         self.freshness = freshness
         self.max_message_bytes = max_message_bytes
         self._hold_logged: dict[str, float] = {}  # sender -> when its holds were last logged
+        # sender -> JWE hashes of its messages held now. Held messages stay unacked
+        # at the hub, so they count against the consumer's max_ack_pending (1024):
+        # a sender naming made-up keys could otherwise stall the whole inbox.
+        self._held: dict[str, set[str]] = {}
 
     def process(
         self,
@@ -178,14 +187,17 @@ class Inbound:
                 # good, so the hub keeps it until a restart with that roster. Past
                 # the freshness window it would fail anyway, and is refused.
                 stored_at = now if published is None else published(index)
-                if now - stored_at <= self.freshness + MAX_SKEW:
-                    sender = _sender_field(subject)
+                sender = _sender_field(subject)
+                held = self._held.setdefault(sender, set())
+                fresh = now - stored_at <= self.freshness + MAX_SKEW
+                if fresh and (digest in held or len(held) < MAX_HELD_PER_SENDER):
+                    held.add(digest)
                     result.actions.append("hold")
                     result.held[sender] += 1
                     self._log_hold(sender, exc)
                     continue
-                step, reason = exc.step, f"{exc.reason} (held until too old)"
-                report_id = None
+                why = "held until too old" if not fresh else f"not held: {len(held)} held already"
+                step, reason, report_id = exc.step, f"{exc.reason} ({why})", None
             except EnvelopeError as exc:
                 step, reason, report_id = exc.step, exc.reason, exc.report_id
             except MsmtError:
@@ -201,6 +213,7 @@ class Inbound:
                 )
                 report_id = None
             else:
+                self._release(subject, digest)
                 result.actions.append(action)
                 if rec is not None and event is not None:
                     batch_seen.add((rec.sender, rec.report_id))
@@ -208,6 +221,7 @@ class Inbound:
                     result.stored.append(rec)
                     events.append(event)
                 continue
+            self._release(subject, digest)
             source = subject.split(".")[1] if subject.count(".") >= 1 else "unknown"
             source = source if is_member(source) else "unknown"
             result.rejected[step] += 1
@@ -229,6 +243,12 @@ class Inbound:
         self.audit.append_many(events)
         self.store.store_received(result.stored)
         return result
+
+    def _release(self, subject: str, digest: str) -> None:
+        # A held message came back and was decided: its place is free again.
+        held = self._held.get(_sender_field(subject))
+        if held:
+            held.discard(digest)
 
     def _log_hold(self, sender: str, exc: UnknownKeyError) -> None:
         now = time.monotonic()

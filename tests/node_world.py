@@ -334,13 +334,19 @@ class Forger:
         signer: keys.MemberKeys | None = None,
         kid: str | None = None,
         at: datetime | None = None,
+        rel_to_as_given: bool = False,
     ) -> tuple[str, Any]:
         """An envelope of ``record`` for ``to`` and the issued report it presents.
 
         Signed by the originator's key unless ``signer``/``kid`` say otherwise,
-        and issued at ``at`` (default: the forger's ``now``).
+        and issued at ``at`` (default: the forger's ``now``). A REL TO that leaves
+        ``to`` out gets ``to`` added, since a receiver refuses such a report,
+        unless ``rel_to_as_given``.
         """
         signer = signer or (self.kor if record["originator"] == "KOR" else self.jpn)
+        rel_to = record.get("rel_to")
+        if rel_to is not None and to not in rel_to and not rel_to_as_given:
+            record = {**record, "rel_to": sorted({*rel_to, to})}
         sighting = parse_record(json.dumps(record))
         issued = issue(
             sighting,

@@ -35,7 +35,7 @@ from node_world import (
 )
 from structlog.testing import capture_logs
 
-from broker import envelope, keys, samples
+from broker import envelope, keys, samples, sdjwt
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig
 from broker.errors import StoreError
@@ -840,6 +840,44 @@ def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
     assert [(e["step"], e["reason"][-20:]) for e in refused] == [("key", "(held until too old)")]
 
 
+def test_one_sender_can_hold_only_so_many_messages_and_others_still_flow(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # Red team: about 1,025 envelopes to a made-up key of USA's (no valid crypto
+    # needed) filled the consumer's max_ack_pending with held messages, and the
+    # whole inbox stalled for a day. One sender may hold MAX_HELD_PER_SENDER.
+    from broker.receiver import MAX_HELD_PER_SENDER
+
+    make, forger, path = usa_inbound
+    store = Store(path)
+    inbound = make(store)
+    good = records_for("JPN", 1, seed=14)[0]
+    made_up = forger.envelope(good)[0]
+    header = json.loads(sdjwt.b64u_decode(made_up.split(".")[0]))
+
+    def junk(i: int) -> bytes:
+        fake = dict(header, kid=f"USA-enc-29990101-{i:08x}")
+        head = sdjwt.b64u_encode(json.dumps(fake).encode())
+        return ".".join([head, *made_up.split(".")[1:]]).encode()
+
+    fresh = datetime.now(UTC)
+    flood = [("from.KOR.msmt.to.USA.vessel", junk(i)) for i in range(MAX_HELD_PER_SENDER + 5)]
+    first = inbound.process(flood, lambda _i: fresh)
+    assert first.actions == ["hold"] * MAX_HELD_PER_SENDER + ["term"] * 5
+    assert first.rejected == {"recipient": 5}
+    # The same held messages coming back are still held; JPN's report is not in their way.
+    again = inbound.process(
+        [*flood[:3], (f"from.JPN.msmt.to.USA.{good['kind']}", made_up.encode())],
+        lambda _i: fresh,
+    )
+    assert again.actions == ["hold", "hold", "hold", "ack"]
+    refused = [e for e in audit_entries(path.parent / "audit") if e["type"] == "rejected"]
+    assert len(refused) == 5
+    assert all(
+        e["reason"].endswith(f"(not held: {MAX_HELD_PER_SENDER} held already)") for e in refused
+    )
+
+
 def test_a_held_message_comes_again_later_each_time_up_to_a_cap() -> None:
     from nats.aio.msg import Msg
 
@@ -886,7 +924,10 @@ def test_signed_routing_and_markings_are_held_to_the_hub_and_name_the_report(
     first = make(store).process(
         [
             ("from.JPN.msmt.to.USA.worker", forger.envelope(vessel)[0].encode()),
-            ("from.JPN.msmt.to.USA.vessel", forger.envelope(elsewhere)[0].encode()),
+            (
+                "from.JPN.msmt.to.USA.vessel",
+                forger.envelope(elsewhere, rel_to_as_given=True)[0].encode(),
+            ),
             ("from.JPN.msmt.to.USA.vessel", forger.envelope(again)[0].encode()),
         ]
     )
