@@ -198,6 +198,10 @@ def fields_of(
             raise ValueError(f"disclosed claim name {name!r:.80} is not a field of this format")
         key = name if container is None else f"{container}.{name}"
         value = processed[name] if container is None else processed[container][name]
+        if value is not disclosure.value and value != disclosure.value:
+            # Processing took ``_sd`` or ``...`` out of it: not where this format puts any,
+            # and what would be stored is not what was signed.
+            raise ValueError(f"disclosed value of {name!r:.80} holds SD-JWT digests")
         fields[key] = value
         encoded[key] = disclosure.encoded
     return fields, encoded

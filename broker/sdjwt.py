@@ -166,6 +166,11 @@ def _loads_slow(text: str) -> Any:
     except RecursionError:
         # Hostile nesting ("[[[[...") exhausts the decoder's stack; still just bad input.
         raise ValueError("JSON nested too deeply") from None
+    except ValueError as exc:
+        # Python's own words for a huge integer name a sys setting: not the sender's business.
+        if "integer string conversion" in str(exc):
+            raise ValueError("not valid JSON (an integer of more than 4300 digits)") from None
+        raise
 
 
 # One decoder for every call: json.loads with hooks would build a new one each time.

@@ -527,6 +527,27 @@ def test_a_variant_must_be_what_its_transform_gives(issued: envelope.Issued) -> 
         assert err.report_id == issued.report_id
 
 
+def test_digests_inside_a_disclosed_value_are_refused(issued: envelope.Issued) -> None:
+    # Red team: {"_sd": [decoy]} inside a disclosed position was stripped and the
+    # rest stored, though this format puts no digests inside disclosed values.
+    decoy = sdjwt.Disclosure.make("x", "y").digest
+    for nested in ({"lat": "38.5", "lon": "124.5", "_sd": [decoy]}, {"lat": "38.5", "_sd": []}):
+
+        def edit(payload: dict[str, Any], nested: Any = nested) -> list[sdjwt.Disclosure]:
+            d = sdjwt.Disclosure.make("position", nested)
+            payload["vessel"]["_sd"].append(d.digest)
+            return [d]
+
+        err = reject(_forge(edit, issued), "disclosures")
+        assert err.reason == "disclosed value of 'position' holds SD-JWT digests"
+
+
+def test_a_huge_integer_is_refused_in_plain_words(issued: envelope.Issued) -> None:
+    d = sdjwt.b64u_encode(b'["c2FsdHNhbHRzYWx0c2FsdA", "mmsi", ' + b"9" * 5000 + b"]")
+    err = reject(_present_raw(issued, [d]), "disclosures")
+    assert err.reason == "not valid JSON (an integer of more than 4300 digits)"
+
+
 def test_a_transfer_of_two_categories_is_refused() -> None:
     crypto = next(
         s
