@@ -3,7 +3,8 @@
 Message bodies are built and parsed by ``broker.checkpoint`` (docs/AUDIT.md):
 
 * ``msmt.audit.<ME>.proof`` (service): answer ``{"old": m, "new": n}`` with a
-  consistency proof from our own audit log;
+  consistency proof from our own audit log (empty for ``old`` 0, as C2SP
+  tlog-witness has it), or ``{"error": reason}``;
 * ``msmt.audit.<P>.checkpoint`` (each partner's latest signed checkpoint): act as
   witness (C2SP tlog-witness logic in ``broker.witness.Witness``): ask ``P`` for a
   proof from the size we last cosigned, check it, persist the new state, and
@@ -13,7 +14,15 @@ Message bodies are built and parsed by ``broker.checkpoint`` (docs/AUDIT.md):
 * ``msmt.audit.<W>.cosignature``: a witness's cosignature of one of our
   checkpoints is verified against the roster and merged into our audit log;
   those of other logs (every witness's reach every node) are dropped by their
-  first line, unparsed.
+  first line, unparsed. A note about our log that is not one of our
+  checkpoints is the publisher's invention and is refused quietly, unless our
+  own log key signed it: that is proof of a fork (or a rollback), and raises
+  the alarm.
+
+Whatever a partner sends costs at most the one message or checkpoint it is in:
+a failure that is not a refusal is logged by its type alone and the node goes
+on. Repeated log lines (alarms, refusals) are written once a minute per kind and
+log; the metric counts each one.
 
 Witness state lives in ``<data_dir>/witness-state.json``, written atomically
 (fsync, rename) before a cosignature leaves the node: a witness that forgot
@@ -47,10 +56,18 @@ from broker.checkpoint import (
     proof_request,
     proof_response,
 )
-from broker.errors import AuditError, MsmtError
+from broker.errors import AuditError, MsmtError, StoreError
 from broker.log import get_logger
 from broker.members import is_member
-from broker.note import Verifier, parse
+from broker.note import (
+    ALG_ED25519,
+    Note,
+    NoteError,
+    Verifier,
+    find_signature,
+    parse,
+    verify_ed25519,
+)
 from broker.publisher import RunDb
 from broker.witness import LogState, Opened, Witness, WitnessAlarmError
 
@@ -64,6 +81,9 @@ load a partner's log is cosigned this often, not at each of its batches."""
 SETTLED_S: Final = 1.5
 """A pending checkpoint not superseded for this long is its log's last for now
 (a growing log publishes a newer one every second): no need to wait further."""
+LOG_EVERY_S: Final = 60.0
+"""The same alarm or refusal is logged at most this often per kind and log (or
+publisher): a partner repeating a message must not flood the log. Each still counts."""
 
 
 def load_witness_state(path: Path) -> dict[str, LogState]:
@@ -101,6 +121,35 @@ class _UnreachableError(AuditError):
     """A log did not answer our proof request (it may be down, or the hub away)."""
 
 
+class _NotOursError(AuditError):
+    """A cosigned checkpoint names our log but our log does not hold it.
+
+    ``kind`` is the alarm it raises if our own log key signed it: ``"fork"``,
+    or ``"rollback"`` for a size beyond our log.
+    """
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+class _Throttle:
+    """Says whether an event is due to be logged: once per key per ``period`` seconds."""
+
+    def __init__(self, period: float = LOG_EVERY_S) -> None:
+        self.period = period
+        # Keys are (kind, member or "?"): a handful, so the mapping stays small.
+        self._last: dict[tuple[str, str], float] = {}
+
+    def due(self, kind: str, who: str) -> bool:
+        now = time.monotonic()
+        last = self._last.get((kind, who))
+        if last is not None and now - last < self.period:
+            return False
+        self._last[kind, who] = now
+        return True
+
+
 class AuditNet:
     """Serves proofs of our log, witnesses partners' logs, and collects our cosignatures.
 
@@ -114,6 +163,10 @@ class AuditNet:
     So while logs grow each is cosigned every ``interval`` seconds rather than
     at every batch, and when they stop their last checkpoints are cosigned
     promptly; the first checkpoint after an idle spell starts a round at once.
+
+    ``alarms`` counts fork and rollback alarms by ``kind``; ``refused``, if
+    given, a counter with a ``reason`` label (the node's ``msmt_rejected``),
+    counts cosignature notes refused as their publisher's forgeries.
     """
 
     def __init__(
@@ -128,6 +181,8 @@ class AuditNet:
         alarms: PromCounter,
         interval: float = WITNESS_INTERVAL_S,
         settled: float = SETTLED_S,
+        *,
+        refused: PromCounter | None = None,
     ) -> None:
         self.member = member
         self.audit = audit
@@ -137,6 +192,10 @@ class AuditNet:
         self.witness = Witness(member, signer, log_keys, load_witness_state(state_path))
         self.cosigners = list(cosigners)
         self.alarms = alarms
+        self.refused = refused
+        self.throttle = _Throttle()
+        # Only our own log key can prove that our log forked: the key our log signs with.
+        self._own_keys = [Verifier(member, ALG_ED25519, signer.public_key().public_bytes_raw())]
         self.interval = interval
         self.settled = settled
         self.last_error: str | None = None
@@ -165,14 +224,29 @@ class AuditNet:
     async def _on_proof_request(self, msg: Msg) -> None:
         try:
             old, new = parse_proof_request(msg.data)
-            proof = await self.run_db(self.audit.consistency_proof, old, new)
+            proof = await self.run_db(self._consistency_proof, old, new)
             body = proof_response(old, new, proof)
         except MsmtError as exc:
-            body = json.dumps({"error": str(exc)[:200]}).encode()
+            body = _error_reply(str(exc))
+        except Exception as exc:  # noqa: BLE001 - one request must not cost more than its reply
+            self._failed("proof request", "?", exc)
+            body = _error_reply("internal error")
         try:
             await msg.respond(body)
         except nats.errors.Error as exc:
             log.warning("proof_reply_failed", error=type(exc).__name__)
+
+    def _consistency_proof(self, old: int, new: int) -> list[bytes]:
+        # C2SP tlog-witness: old size 0 means the witness has no checkpoint of
+        # this log yet, and the proof is empty. RFC 9162 defines no proof from
+        # the empty tree, so the log's Merkle code refuses it; answered here.
+        if old == 0:
+            if new > self.audit.size:
+                raise AuditError(
+                    f"no consistency proof from size 0 to {new} (log size {self.audit.size})"
+                )
+            return []
+        return self.audit.consistency_proof(old, new)
 
     async def _on_checkpoint(self, msg: Msg) -> None:
         origin = msg.subject.split(".")[2]
@@ -189,15 +263,84 @@ class AuditNet:
         # are parsed and verified in full below.
         if not msg.data.startswith(self._ours):
             return
+        publisher = _member_or_unknown(msg.subject.split(".")[2])
         try:
-            if parse_body(parse(msg.data).text).origin != self.member:
-                return
-            names = await self.run_db(self.audit.add_cosignatures, msg.data, self.cosigners)
-        except MsmtError as exc:
-            self._alarm("cosignature", f"refused cosignature on {msg.subject}: {exc}")
+            await self._take_cosignature(publisher, msg.data)
+        except Exception as exc:  # noqa: BLE001 - one message must not cost more than itself
+            self._failed("cosignature", publisher, exc)
+
+    async def _take_cosignature(self, publisher: str, data: bytes) -> None:
+        """Merge a cosignature note of one of our checkpoints, or refuse it.
+
+        Checklist: 1. the note parses as a checkpoint; 2. our log holds that
+        very checkpoint; 3. each trusted witness's line on it verifies. A note
+        failing 1 or 3 is its publisher's invention and is refused quietly (a
+        warning, no alarm). One failing 2 is our log forked, or rolled back if
+        beyond our size, only if our own log key signed it (``_not_ours``):
+        otherwise it says nothing about our log and is refused quietly too.
+        """
+        try:
+            note = parse(data)
+            checkpoint = parse_body(note.text)
+        except NoteError as exc:
+            self._forged(publisher, exc)
+            return
+        try:
+            names = await self.run_db(self._merge_cosignatures, checkpoint, data)
+        except _NotOursError as exc:
+            self._not_ours(publisher, note, exc)
+            return
+        except NoteError as exc:
+            self._forged(publisher, exc)
+            return
+        except MsmtError as exc:  # our store failed: no fault of the publisher's
+            self._not_stored(exc)
             return
         if names:
             log.info("cosigned", witnesses=names)
+
+    def _merge_cosignatures(self, checkpoint: Checkpoint, data: bytes) -> list[str]:
+        """Steps 2-3 of ``_take_cosignature``, on the store thread."""
+        size = self.audit.size
+        if checkpoint.size > size:
+            raise _NotOursError(
+                "rollback", f"size {checkpoint.size} while our log holds {size} entries"
+            )
+        try:
+            stored = self.audit.checkpoint_at(checkpoint.size)
+        except StoreError:
+            raise
+        except AuditError:
+            raise _NotOursError(
+                "fork", f"size {checkpoint.size}, a size our log never had"
+            ) from None
+        if parse(stored).text != checkpoint.body():
+            raise _NotOursError("fork", f"size {checkpoint.size} with another root than ours")
+        return self.audit.add_cosignatures(data, self.cosigners)
+
+    def _not_ours(self, publisher: str, note: Note, exc: _NotOursError) -> None:
+        # Anyone can write a checkpoint with our origin line; only our own log
+        # key's valid signature on it proves that our log forked (a restored
+        # backup, a stolen key). A note without one is refused quietly.
+        for key in self._own_keys:
+            if find_signature(note, key) is None:
+                continue
+            try:
+                verify_ed25519(note, key)
+            except NoteError as bad:
+                self._forged(publisher, bad)
+                return
+            detail = f"our log key signed a checkpoint of {exc} (published by {publisher})"
+            self._alarm(
+                exc.kind, self.member, f"{exc.kind} detected on our log {self.member}: {detail}"
+            )
+            return
+        self._forged(publisher, NoteError(f"cosigned checkpoint of {exc} is not signed by us"))
+
+    def _not_stored(self, exc: MsmtError) -> None:
+        self.last_error = f"cosignature: {exc}"[:300]
+        if self.throttle.due("cosignature_store", self.member):
+            log.error("cosignature_not_stored", error=str(exc)[:200])
 
     async def run(self, nc: Client, stop: asyncio.Event) -> None:
         """Witness partners' checkpoints in rounds (see the class) until ``stop``."""
@@ -245,22 +388,14 @@ class AuditNet:
         refused = False
         now = int(time.time())
         for (origin, data), result in zip(batch.items(), results, strict=True):
-            try:
-                if isinstance(result, BaseException):
-                    raise result
-                if result is not None:
-                    opened, old, proof = result
+            if isinstance(result, BaseException):
+                refused |= self._failure(origin, data, result)
+            elif result is not None:
+                opened, old, proof = result
+                try:
                     cosigned[origin] = self.witness.add_opened(old, proof, opened, now)
-            except WitnessAlarmError as exc:
-                self._alarm(exc.kind, str(exc))
-            except _UnreachableError as exc:
-                # The log may be idle from now on: keep its checkpoint for the next round.
-                self._pending.setdefault(origin, data)
-                self._refused(exc)
-                refused = True
-            except MsmtError as exc:
-                self._refused(exc)
-                refused = True
+                except Exception as exc:  # noqa: BLE001 - sorted out by _failure
+                    refused |= self._failure(origin, data, exc)
         if not refused:
             self._last_warned = None
         if not cosigned:
@@ -282,6 +417,29 @@ class AuditNet:
             except nats.errors.Error as exc:
                 self.last_error = f"witness: cosignature publish: {type(exc).__name__}"
                 return
+
+    def _failure(self, origin: str, data: bytes, exc: BaseException) -> bool:
+        """Act on one partner's checkpoint that was not cosigned; return whether it was refused.
+
+        A failure that is not one of our refusals (a bug a partner's bytes
+        reached) costs that checkpoint alone: it is not cosigned (a check that
+        failed unexpectedly has not passed), and the round goes on.
+        """
+        if isinstance(exc, WitnessAlarmError):
+            self._alarm(exc.kind, exc.origin, str(exc))
+            return False
+        if isinstance(exc, _UnreachableError):
+            # The log may be idle from now on: keep its checkpoint for the next round.
+            self._pending.setdefault(origin, data)
+            self._refused(exc)
+            return True
+        if isinstance(exc, MsmtError):
+            self._refused(exc)
+            return True
+        if not isinstance(exc, Exception):
+            raise exc  # cancellation or exit: not a partner's doing
+        self._failed("checkpoint", origin, exc)
+        return True
 
     def _refused(self, exc: MsmtError) -> None:
         text = f"witness: {exc}"
@@ -322,15 +480,43 @@ class AuditNet:
                 )
             except (nats.errors.Error, TimeoutError) as exc:
                 raise _UnreachableError(f"no proof from {origin}: {type(exc).__name__}") from None
-            old, new, proof = parse_proof_response(reply.data)
+            try:
+                old, new, proof = parse_proof_response(reply.data)
+            except AuditError as exc:
+                raise AuditError(f"{origin}'s proof reply refused: {exc}") from None
             if (old, new) != (known.size, checkpoint.size):
                 raise AuditError(f"{origin} answered a proof for other sizes")
         return opened, known.size, proof
 
-    def _alarm(self, kind: str, detail: str) -> None:
+    def _alarm(self, kind: str, origin: str, detail: str) -> None:
         self.alarms.labels(kind=kind).inc()
         self.last_error = detail[:300]
-        log.error("audit_alarm", kind=kind, detail=detail[:300])
+        if self.throttle.due(kind, origin):
+            log.error("audit_alarm", kind=kind, origin=origin, detail=detail[:300])
+
+    def _forged(self, publisher: str, exc: MsmtError) -> None:
+        # Proof of nothing but the publisher's own misbehaviour: no alarm and no
+        # status line it could fill; a warning (once a minute) and a count.
+        if self.refused is not None:
+            self.refused.labels(reason="cosignature").inc()
+        if self.throttle.due("forged_cosignature", publisher):
+            log.warning("cosignature_refused", publisher=publisher, error=str(exc)[:200])
+
+    def _failed(self, what: str, source: str, exc: Exception) -> None:
+        # An unexpected failure handling one message: the message may quote
+        # anything, so only its type is reported.
+        self.last_error = f"witness: {what} from {source} failed ({type(exc).__name__})"
+        if self.throttle.due(f"failed {what}", source):
+            log.error("audit_message_failed", what=what, source=source, error=type(exc).__name__)
+
+
+def _error_reply(reason: str) -> bytes:
+    """The proof service's answer to a request it refuses: ``{"error": "<reason>"}``."""
+    return json.dumps({"error": reason[:200]}).encode()
+
+
+def _member_or_unknown(code: str) -> str:
+    return code if is_member(code) else "?"
 
 
 def _cosigned_text(origin: str, state: LogState) -> bytes:

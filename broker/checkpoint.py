@@ -18,7 +18,6 @@ Message bodies on NATS (wired by the transport, built and parsed here):
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 import struct
@@ -38,7 +37,9 @@ from broker.note import (
     NoteError,
     Signature,
     Verifier,
+    b64decode_strict,
     check_key_name,
+    excerpt,
     find_signature,
     find_signatures,
     key_id,
@@ -78,11 +79,12 @@ def parse_body(text: str) -> Checkpoint:
     if not origin:
         raise NoteError("checkpoint origin line is empty")
     if not _SIZE_RE.fullmatch(size_text) or int(size_text) >= 2**64:
-        raise NoteError(f"checkpoint size {size_text!r} is not a decimal without leading zeros")
-    try:
-        root = base64.b64decode(root_text, validate=True)
-    except binascii.Error as exc:
-        raise NoteError("checkpoint root hash is not valid base64") from exc
+        raise NoteError(
+            f"checkpoint size {excerpt(size_text)} is not a decimal without leading zeros"
+        )
+    root = b64decode_strict(root_text)
+    if root is None:
+        raise NoteError("checkpoint root hash is not valid base64")
     if len(root) != HASH_SIZE:
         raise NoteError(f"checkpoint root hash is {len(root)} bytes, not {HASH_SIZE}")
     return Checkpoint(origin, int(size_text), root)
@@ -221,11 +223,42 @@ def proof_request(old: int, new: int) -> bytes:
     return rfc8785.dumps({"new": new, "old": old})
 
 
-def _load_object(data: bytes, what: str) -> dict[str, Any]:
+MAX_PROOF_REQUEST: Final = 1024
+"""A request is two sizes (about 60 bytes); anything much longer is not one."""
+MAX_PROOF_RESPONSE: Final = 16384
+"""A consistency proof holds at most about 128 hashes (about 6 KiB as JSON)."""
+_MAX_DIGITS: Final = 20  # 2**64 - 1 has 20 digits
+
+
+def _load_object(data: bytes, what: str, limit: int) -> dict[str, Any]:
+    """Parse a flat JSON object sent by a peer; raise ``AuditError`` for anything else.
+
+    Checklist: 1. at most ``limit`` bytes; 2. JSON, nested less deeply than the
+    interpreter's recursion limit (``json`` raises ``RecursionError`` past it);
+    3. no key twice (``json`` would keep the last, so two readers could
+    disagree); 4. no integer longer than a size can be (``int`` refuses over
+    4300 digits with a ``ValueError``, and is slow well before that); 5. an object.
+    """
+    if len(data) > limit:
+        raise AuditError(f"{what} is {len(data)} bytes, more than {limit}")
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) != len(items):
+            raise AuditError(f"{what} has a duplicate key")
+        return obj
+
+    def integer(text: str) -> int:
+        if len(text.lstrip("-")) > _MAX_DIGITS:
+            raise AuditError(f"{what} has an integer of more than {_MAX_DIGITS} digits")
+        return int(text)
+
     try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AuditError(f"{what} is not JSON") from exc
+        value = json.loads(data, object_pairs_hook=pairs, parse_int=integer)
+    except RecursionError:
+        raise AuditError(f"{what} is nested too deeply") from None
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AuditError(f"{what} is not JSON") from None
     if not isinstance(value, dict):
         raise AuditError(f"{what} is not a JSON object")
     return value
@@ -239,7 +272,7 @@ def _size(value: object, what: str) -> int:
 
 def parse_proof_request(data: bytes) -> tuple[int, int]:
     """Parse a proof request into ``(old, new)``; raise ``AuditError`` if malformed."""
-    obj = _load_object(data, "proof request")
+    obj = _load_object(data, "proof request", MAX_PROOF_REQUEST)
     if set(obj) != {"old", "new"}:
         raise AuditError("proof request must have exactly 'old' and 'new'")
     return _size(obj["old"], "proof request 'old'"), _size(obj["new"], "proof request 'new'")
@@ -254,15 +287,14 @@ def proof_response(old: int, new: int, proof: Sequence[bytes]) -> bytes:
 
 def parse_proof_response(data: bytes) -> tuple[int, int, list[bytes]]:
     """Parse a proof reply into ``(old, new, proof)``; raise ``AuditError`` if malformed."""
-    obj = _load_object(data, "proof response")
+    obj = _load_object(data, "proof response", MAX_PROOF_RESPONSE)
     if set(obj) != {"old", "new", "proof"} or not isinstance(obj["proof"], list):
         raise AuditError("proof response must have 'old', 'new' and a 'proof' list")
     proof = []
     for i, item in enumerate(obj["proof"]):
-        try:
-            raw = base64.b64decode(item, validate=True) if isinstance(item, str) else b""
-        except binascii.Error as exc:
-            raise AuditError(f"proof hash {i} is not valid base64") from exc
+        raw = b64decode_strict(item) if isinstance(item, str) else b""
+        if raw is None:
+            raise AuditError(f"proof hash {i} is not valid base64")
         if len(raw) != HASH_SIZE:
             raise AuditError(f"proof hash {i} is not a base64 32-byte hash")
         proof.append(raw)

@@ -798,6 +798,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 roster_witness_keys(signed.roster, partners),
                 config.data_dir / "witness-state.json",
                 metrics.audit_alarms,
+                refused=metrics.rejected,
             )
 
         expiries = _expiries(config, signed.roster, keys.signing_kid, at)

@@ -39,10 +39,37 @@ def key_id(name: str, alg: int, public: bytes) -> bytes:
     return hashlib.sha256(name.encode() + b"\n" + bytes([alg]) + public).digest()[:4]
 
 
+EXCERPT_CHARS: Final = 24
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """Return ``text`` quoted for an error message: at most ``limit`` printable ASCII characters.
+
+    Refusals reach the log and the node's status; a peer's bytes quoted there
+    must not be long, nor carry control characters or look-alike text.
+    """
+    short = "".join(ch if " " <= ch <= "~" else "?" for ch in text[:limit])
+    return repr(short + ("..." if len(text) > limit else ""))
+
+
+def b64decode_strict(text: str) -> bytes | None:
+    """Decode padded standard base64, or return ``None`` if ``text`` is not that.
+
+    ``base64.b64decode`` raises ``binascii.Error`` for bad base64 but a plain
+    ``ValueError`` for a ``str`` with a non-ASCII character: both mean "not base64".
+    """
+    if not text.isascii():
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        return None
+
+
 def check_key_name(name: str) -> None:
     """Raise ``NoteError`` unless ``name`` is a legal key name (non-empty, no spaces or ``+``)."""
     if not name or "+" in name or any(ch.isspace() for ch in name):
-        raise NoteError(f"invalid note key name {name!r}")
+        raise NoteError(f"invalid note key name {excerpt(name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,18 +118,20 @@ def parse_vkey(text: str) -> Verifier:
     # Split at most twice: the base64 key itself may contain "+".
     parts = text.strip().split("+", 2)
     if len(parts) != 3:
-        raise NoteError(f"verifier key {text.strip()!r} is not <name>+<hex id>+<base64 key>")
+        raise NoteError(f"verifier key {excerpt(text.strip())} is not <name>+<hex id>+<base64 key>")
     name, hex_id, b64 = parts
+    raw = b64decode_strict(b64)
     try:
-        raw = base64.b64decode(b64, validate=True)
         want_id = bytes.fromhex(hex_id)
-    except (binascii.Error, ValueError) as exc:
-        raise NoteError(f"verifier key for {name!r} is not valid hex/base64") from exc
+    except ValueError:
+        raw = None
+    if raw is None:
+        raise NoteError(f"verifier key for {excerpt(name)} is not valid hex/base64")
     if len(raw) < 1:
-        raise NoteError(f"verifier key for {name!r} has no key material")
+        raise NoteError(f"verifier key for {excerpt(name)} has no key material")
     verifier = Verifier(name, raw[0], raw[1:])
     if verifier.key_id != want_id:
-        raise NoteError(f"verifier key for {name!r}: key ID {hex_id} does not match the key")
+        raise NoteError(f"verifier key for {excerpt(name)}: key ID does not match the key")
     return verifier
 
 
@@ -183,10 +212,9 @@ def parse(data: bytes | str) -> Note:
             raise NoteError(f"signature line {n} is not '— <name> <signature>'")
         name, b64 = fields
         check_key_name(name)
-        try:
-            raw = base64.b64decode(b64, validate=True)
-        except binascii.Error as exc:
-            raise NoteError(f"signature line {n} is not valid base64") from exc
+        raw = b64decode_strict(b64)
+        if raw is None:
+            raise NoteError(f"signature line {n} is not valid base64")
         if len(raw) < 5:
             raise NoteError(f"signature line {n} is too short")
         sigs.append(Signature(name, raw[:4], raw[4:]))

@@ -14,7 +14,6 @@ supported by ``parse_add_checkpoint`` so the same bytes can travel on NATS.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.checkpoint import Checkpoint, cosign, open_checkpoint
 from broker.errors import AuditError
 from broker.merkle import HASH_SIZE, ProofError, verify_consistency
-from broker.note import Note, NoteError, Verifier
+from broker.note import Note, NoteError, Verifier, b64decode_strict, excerpt
 
 _OLD_RE: Final = re.compile(r"old (0|[1-9][0-9]{0,19})")
 
@@ -126,10 +125,7 @@ def parse_add_checkpoint(body: bytes) -> AddCheckpoint:
         raise WitnessError("add-checkpoint proof has more than 63 hashes")
     proof = []
     for i, line in enumerate(lines[1:]):
-        try:
-            raw = base64.b64decode(line, validate=True)
-        except binascii.Error:
-            raw = b""
+        raw = b64decode_strict(line) or b""
         if len(raw) != HASH_SIZE:
             raise WitnessError(f"add-checkpoint proof line {i} is not a base64 32-byte hash")
         proof.append(raw)
@@ -169,7 +165,7 @@ class Witness:
             raise WitnessError(f"malformed checkpoint: {exc}") from None
         keys = self._logs.get(origin)
         if keys is None:
-            raise UnknownLogError(f"witness {self.name} does not follow log {origin!r}")
+            raise UnknownLogError(f"witness {self.name} does not follow log {excerpt(origin)}")
         try:
             cp, note = open_checkpoint(checkpoint, keys)
         except NoteError as exc:
@@ -188,7 +184,7 @@ class Witness:
           4. the new size is not below it (``WitnessAlarmError`` rollback);
           5. equal sizes must have equal roots, otherwise a valid consistency
              proof must link our root to the new one (``WitnessAlarmError`` fork);
-          6. record the new state, then cosign it at time ``now``.
+          6. cosign it at time ``now``, and record the new state.
         """
         return self.add_opened(old_size, proof, self.open(checkpoint), now)
 
@@ -208,8 +204,11 @@ class Witness:
         if cp.size < known.size:
             raise WitnessAlarmError("rollback", origin, f"size {cp.size} after size {known.size}")
         self._check_consistent(cp, known, proof)
+        # Signed before the state moves: a cosignature that cannot be made
+        # (a clock out of range) leaves the witness where it was.
+        line = cosign(note, self.name, self._key, now)
         self.state[origin] = LogState(cp.size, cp.root)
-        return Note(note.text, (cosign(note, self.name, self._key, now),)).render()
+        return Note(note.text, (line,)).render()
 
     @staticmethod
     def _check_consistent(cp: Checkpoint, known: LogState, proof: Sequence[bytes]) -> None:
@@ -252,12 +251,11 @@ def load_state(data: bytes) -> dict[str, LogState]:
         raise WitnessError("witness state is not a JSON object")
     state = {}
     for origin, item in raw.items():
-        try:
-            size, root = item["size"], base64.b64decode(item["root"], validate=True)
-        except (TypeError, KeyError, binascii.Error):
-            raise WitnessError(f"witness state for {origin!r} is malformed") from None
-        if not isinstance(size, int) or size < 0 or len(root) != HASH_SIZE:
-            raise WitnessError(f"witness state for {origin!r} is malformed")
+        fields = item if isinstance(item, dict) else {}
+        size, root_text = fields.get("size"), fields.get("root")
+        root = b64decode_strict(root_text) if isinstance(root_text, str) else None
+        if not isinstance(size, int) or size < 0 or root is None or len(root) != HASH_SIZE:
+            raise WitnessError(f"witness state for {excerpt(origin)} is malformed")
         state[origin] = LogState(size, root)
     return state
 

@@ -7,6 +7,8 @@ the node's ``AuditNet`` with their own store thread, as in ``broker.node``.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +23,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter
+from structlog.testing import capture_logs
 
 from broker.auditlog import AuditLog
 from broker.auditnet import AuditNet
-from broker.checkpoint import cosign, parse_body, proof_request, sign_checkpoint
+from broker.checkpoint import (
+    Checkpoint,
+    cosign,
+    parse_body,
+    parse_proof_response,
+    proof_request,
+    sign_checkpoint,
+)
+from broker.merkle import verify_consistency
 from broker.natsproc import NatsServer
-from broker.note import Signature, parse
+from broker.note import Note, Signature, parse
 from broker.witness import LogState
 
 pytestmark = pytest.mark.integration
@@ -53,13 +64,24 @@ class Peer:
     net: AuditNet
     nc: Client
     alarms: Counter
+    refused: Counter
     pool: ThreadPoolExecutor
     task: asyncio.Task[None] | None = None
 
-    def alarm_count(self) -> float:
-        return sum(
-            s.value for m in self.alarms.collect() for s in m.samples if s.name.endswith("_total")
-        )
+    def alarm_count(self, kind: str | None = None) -> float:
+        return _total(self.alarms, kind)
+
+    def refused_count(self) -> float:
+        return _total(self.refused, None)
+
+
+def _total(counter: Counter, label: str | None) -> float:
+    return sum(
+        s.value
+        for m in counter.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and label in (None, *s.labels.values())
+    )
 
 
 @dataclass
@@ -108,7 +130,9 @@ async def _peer(
     async def run_db(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
-    alarms = Counter("alarms", "test", ["kind"], registry=CollectorRegistry())
+    registry = CollectorRegistry()
+    alarms = Counter("alarms", "test", ["kind"], registry=registry)
+    refused = Counter("rejected", "test", ["reason"], registry=registry)
     others = {"JPN": JPN_KEY, "USA": USA_KEY, "KOR": KOR_KEY}
     net = AuditNet(
         member,
@@ -121,11 +145,12 @@ async def _peer(
         alarms,
         interval=interval,
         settled=interval,
+        refused=refused,
     )
     nc = await nats.connect(server.url)
     await net.subscribe(nc)
     await nc.flush()
-    return Peer(net, nc, alarms, pool)
+    return Peer(net, nc, alarms, refused, pool)
 
 
 @pytest.fixture
@@ -241,7 +266,8 @@ async def test_cosignatures_of_other_logs_are_ignored_and_ours_checked_in_full(
     # Not about JPN's log: dropped by JPN before parsing, however malformed.
     await publish("msmt.audit.USA.cosignature", b"garbage that is no note")
     await publish("msmt.audit.USA.cosignature", usa_on_kor.encode())
-    # About JPN's log: parsed and verified; a forged line is refused with an alarm.
+    # About JPN's log: parsed and verified; a forged line is refused (quietly: it is
+    # the publisher's invention, and says nothing about JPN's log).
     await publish("msmt.audit.USA.cosignature", note.with_signatures(forged).render().encode())
     await publish("msmt.audit.USA.cosignature", b"JPN\nnot a checkpoint\n")
     await publish("msmt.audit.USA.cosignature", good.render().encode())
@@ -249,8 +275,9 @@ async def test_cosignatures_of_other_logs_are_ignored_and_ours_checked_in_full(
     await await_for(
         lambda: "\u2014 USA " in (audit.log.latest_checkpoint() or ""), 10, "the good one merged"
     )
-    # Delivered in order: the two alarms are the forged line and the malformed note about JPN.
-    assert audit.jpn.alarm_count() == 2
+    # Delivered in order: the two refused are the forged line and the malformed note.
+    assert audit.jpn.refused_count() == 2
+    assert audit.jpn.alarm_count() == 0
     assert audit.log.latest_checkpoint() == good.render()
 
 
@@ -311,3 +338,211 @@ async def test_a_state_that_cannot_be_saved_is_not_cosigned_and_is_retried(
     await await_for(lambda: len(audit.usa_cosignatures) == 1, 10, "cosigned once saved")
     assert audit.usa_state().size == 3
     assert (tmp_path / "later" / "ws.json").is_file()
+
+
+async def test_a_malformed_checkpoint_costs_only_itself_and_the_node_goes_on(
+    audit: Audit,
+) -> None:
+    # One unsigned note on KOR's own subject, a non-ASCII character in its root
+    # line: it once stopped every node before any signature was checked.
+    audit.usa.net.interval = 0
+    note = f"KOR\n5\n{'A' * 42}\u00e9=\n\n\u2014 KOR AAAAAAAAAAAA\n"
+    await audit.tap.publish("msmt.audit.KOR.checkpoint", note.encode())
+    await audit.tap.flush()
+    await await_for(lambda: audit.usa.net.last_error is not None, 10, "USA's refusal")
+    assert "checkpoint of KOR: checkpoint root hash is not valid base64" in (
+        audit.usa.net.last_error or ""
+    )
+    await audit.grow(0)
+    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned JPN's log")
+    assert audit.usa.task is not None
+    assert not audit.usa.task.done()
+    assert "KOR" not in audit.usa.net.witness.state
+    assert audit.usa.alarm_count() == 0
+
+
+async def _kor_answers_proofs_with(audit: Audit, reply: bytes) -> list[bytes]:
+    """USA has cosigned KOR's log at size 3; KOR's proof service answers ``reply``."""
+    audit.usa.net.witness.state["KOR"] = LogState(3, bytes(32))
+    asked: list[bytes] = []
+
+    async def answer(msg: Msg) -> None:
+        asked.append(msg.data)
+        await msg.respond(reply)
+
+    await audit.tap.subscribe("msmt.audit.KOR.proof", cb=answer)
+    await audit.tap.flush()
+    audit.usa.net.interval = 0
+    kor = sign_checkpoint(Checkpoint("KOR", 40, bytes(range(32))), KOR_KEY).render()
+    await audit.tap.publish("msmt.audit.KOR.checkpoint", kor.encode())
+    await audit.tap.flush()
+    return asked
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (b"[" * 200_000, "more than 16384"),
+        (b'{"old":3,"new":' + b"9" * 5_000 + b',"proof":[]}', "more than 20 digits"),
+        (b'{"old":3,"new":40,"proof":["' + b"A" * 42 + "\u00e9=".encode() + b'"]}', "base64"),
+    ],
+    ids=["deep", "long-integer", "non-ascii-hash"],
+)
+async def test_a_hostile_proof_reply_costs_only_that_log_and_witnessing_goes_on(
+    audit: Audit, reply: bytes, reason: str
+) -> None:
+    # KOR's checkpoint is validly signed and extends what USA cosigned; its
+    # answer to USA's proof request is what once stopped the node.
+    asked = await _kor_answers_proofs_with(audit, reply)
+    await await_for(lambda: audit.usa.net.last_error is not None, 10, "USA's refusal")
+    assert asked == [proof_request(3, 40)]
+    assert "KOR's proof reply refused" in (audit.usa.net.last_error or "")
+    assert reason in (audit.usa.net.last_error or "")
+    await audit.grow(0)
+    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned JPN's log")
+    assert audit.usa.task is not None
+    assert not audit.usa.task.done()
+    assert audit.usa.net.witness.state["KOR"] == LogState(3, bytes(32))  # never cosigned
+    assert all(not c.startswith(b"KOR\n") for c in audit.usa_cosignatures)
+
+
+async def test_an_unexpected_failure_with_one_log_is_reported_by_type_and_not_cosigned(
+    audit: Audit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever bug a partner's bytes may reach next: it costs that checkpoint
+    # alone, is not cosigned, and is reported by its type (the text may quote them).
+    opened = audit.usa.net.witness.open
+
+    def open_breaking_on_kor(data: bytes | str) -> Any:
+        text = data.decode() if isinstance(data, bytes) else data
+        if text.startswith("KOR\n"):
+            raise KeyError("hostile content")
+        return opened(data)
+
+    monkeypatch.setattr(audit.usa.net.witness, "open", open_breaking_on_kor)
+    audit.usa.net.interval = 0
+    kor = sign_checkpoint(Checkpoint("KOR", 40, bytes(range(32))), KOR_KEY).render()
+    with capture_logs() as logs:
+        await audit.tap.publish("msmt.audit.KOR.checkpoint", kor.encode())
+        await audit.tap.flush()
+        await await_for(lambda: audit.usa.net.last_error is not None, 10, "USA's report")
+        await audit.grow(0)
+        await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned JPN's log")
+    assert audit.usa.net.last_error == "witness: checkpoint from KOR failed (KeyError)"
+    failures = [e for e in logs if e["event"] == "audit_message_failed"]
+    assert [(e["source"], e["error"], e["log_level"]) for e in failures] == [
+        ("KOR", "KeyError", "error")
+    ]
+    assert "hostile content" not in repr(logs)
+    assert audit.usa.task is not None
+    assert not audit.usa.task.done()
+    assert "KOR" not in audit.usa.net.witness.state
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"[" * 100_000, "more than 1024"),
+        (b"[" * 1_020, "nested too deeply|not JSON"),
+        (b'{"old":1,"new":' + b"9" * 5_000 + b"}", "more than 1024"),
+        (b'{"old":1,"new":' + b"9" * 100 + b"}", "more than 20 digits"),
+        (b'{"old":1,"new":3,"old":2}', "duplicate key"),
+        (b'{"old":1,"new":"3"}', "non-negative integer"),
+    ],
+    ids=["deep", "deep-short", "long", "long-integer", "duplicate", "string"],
+)
+async def test_a_malformed_proof_request_gets_an_error_reply(
+    audit: Audit, body: bytes, reason: str
+) -> None:
+    reply = await audit.tap.request(f"msmt.audit.{MEMBER}.proof", body, timeout=3)
+    answer = json.loads(reply.data)
+    assert list(answer) == ["error"]
+    assert re.search(reason, answer["error"])
+
+
+async def test_a_proof_from_size_zero_is_empty_as_c2sp_tlog_witness_has_it(audit: Audit) -> None:
+    async def ask(old: int, new: int) -> bytes:
+        reply = await audit.tap.request(
+            f"msmt.audit.{MEMBER}.proof", proof_request(old, new), timeout=3
+        )
+        return reply.data
+
+    assert parse_proof_response(await ask(0, 3)) == (0, 3, [])
+    assert parse_proof_response(await ask(0, 0)) == (0, 0, [])
+    assert json.loads(await ask(0, 4)) == {
+        "error": "no consistency proof from size 0 to 4 (log size 3)"
+    }
+    # The other sizes as before: a real RFC 9162 proof.
+    audit.append(4)
+    _, _, proof = parse_proof_response(await ask(3, 7))
+    old_root, new_root = (parse_body(parse(audit.log.checkpoint_at(n)).text).root for n in (3, 7))
+    verify_consistency(3, 7, old_root, new_root, proof)
+
+
+def _kor_cosigned(checkpoint: Note) -> bytes:
+    return Note(checkpoint.text, (cosign(checkpoint, "KOR", KOR_KEY, 7),)).render().encode()
+
+
+async def _publish_then_merge_a_good_one(audit: Audit, notes: list[tuple[str, bytes]]) -> None:
+    """Publish ``notes`` (publisher, body), then USA's real cosignature, and wait for it."""
+    for publisher, body in notes:
+        await audit.tap.publish(f"msmt.audit.{publisher}.cosignature", body)
+    ours = parse(audit.log.latest_checkpoint() or "")
+    good = Note(ours.text, (cosign(ours, "USA", USA_KEY, 7),))
+    await audit.tap.publish("msmt.audit.USA.cosignature", good.render().encode())
+    await audit.tap.flush()
+    await await_for(
+        lambda: "\u2014 USA " in (audit.log.latest_checkpoint() or ""), 10, "the good one merged"
+    )
+
+
+async def test_cosignatures_of_checkpoints_we_never_signed_are_refused_quietly(
+    audit: Audit,
+) -> None:
+    # KOR fabricates checkpoints of JPN's log and cosigns them on its own subject:
+    # no proof of anything about JPN's log, so no alarm, however many.
+    size = audit.log.size
+    other_root = Note(Checkpoint(MEMBER, size, b"\x22" * 32).body(), ())
+    never_had = Note(Checkpoint(MEMBER, size + 100_000, b"\x22" * 32).body(), ())
+    no_checkpoint = Note(Checkpoint(MEMBER, 1, b"\x22" * 32).body(), ())
+    jpn_key_id = log_verifier(JPN_KEY).key_id
+    # A line claiming JPN's key, whose signature does not verify, proves nothing either.
+    bad_jpn_line = Note(
+        other_root.text,
+        (Signature(MEMBER, jpn_key_id, bytes(64)), cosign(other_root, "KOR", KOR_KEY, 7)),
+    )
+    flood = [_kor_cosigned(n) for n in (other_root, never_had, no_checkpoint)]
+    flood += [bad_jpn_line.render().encode(), b"JPN\n\xff\xfe"]
+    with capture_logs() as logs:
+        await _publish_then_merge_a_good_one(audit, [("KOR", body) for body in flood * 20])
+    assert audit.jpn.alarm_count() == 0
+    assert audit.jpn.refused_count() == len(flood) * 20
+    assert audit.jpn.net.last_error is None
+    warnings = [e for e in logs if e["event"] == "cosignature_refused"]
+    assert [(e["publisher"], e["log_level"]) for e in warnings] == [("KOR", "warning")]
+    assert [e for e in logs if e["event"] == "audit_alarm"] == []
+
+
+async def test_a_cosigned_checkpoint_our_own_key_signed_but_our_log_lacks_is_the_alarm(
+    audit: Audit,
+) -> None:
+    # Our log key's signature on a checkpoint our log does not hold is proof of a
+    # fork (or of our log rolled back): the alarm, counted each time, logged once a minute.
+    forked = sign_checkpoint(Checkpoint(MEMBER, audit.log.size, b"\x22" * 32), JPN_KEY)
+    beyond = sign_checkpoint(Checkpoint(MEMBER, audit.log.size + 50, b"\x22" * 32), JPN_KEY)
+    notes = [forked.with_signatures(cosign(forked, "KOR", KOR_KEY, 7)).render().encode()] * 5
+    notes.append(beyond.with_signatures(cosign(beyond, "KOR", KOR_KEY, 7)).render().encode())
+    with capture_logs() as logs:
+        await _publish_then_merge_a_good_one(audit, [("KOR", body) for body in notes])
+    assert audit.jpn.alarm_count("fork") == 5
+    assert audit.jpn.alarm_count("rollback") == 1
+    alarms = [e for e in logs if e["event"] == "audit_alarm"]
+    assert [(e["kind"], e["origin"], e["log_level"]) for e in alarms] == [
+        ("fork", MEMBER, "error"),
+        ("rollback", MEMBER, "error"),
+    ]
+    assert "rollback detected on our log JPN: our log key signed a checkpoint of size 53" in (
+        audit.jpn.net.last_error or ""
+    )
+    assert "published by KOR" in (audit.jpn.net.last_error or "")
+    assert audit.jpn.refused_count() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import struct
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -308,3 +309,125 @@ def test_verifier_equality_and_hash_ignore_the_cached_key() -> None:
     line = cosign(sign_checkpoint(Checkpoint("JPN", 1, bytes(32)), LOG), "USA", WIT, 5)
     note = sign_checkpoint(Checkpoint("JPN", 1, bytes(32)), LOG).with_signatures(line)
     assert verify_cosignature(note, copy) == 5
+
+
+ROOT_B64 = "A" * 43 + "="
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        # A non-ASCII character makes base64.b64decode raise ValueError, not binascii.Error.
+        (f"KOR\n5\n{ROOT_B64[:42]}\u00e9=\n", "root hash is not valid base64"),
+        (f"KOR\n5\n\u00e9{ROOT_B64}\n", "root hash is not valid base64"),
+        (f"KOR\n{'9' * 10_000}\n{ROOT_B64}\n", "leading zeros"),
+        (f"KOR\n\u202e\x7f{'1' * 500}\n{ROOT_B64}\n", "leading zeros"),
+    ],
+)
+def test_hostile_checkpoint_bodies_are_refused_with_a_short_printable_reason(
+    body: str, reason: str
+) -> None:
+    with pytest.raises(NoteError, match=reason) as err:
+        parse_body(body)
+    assert len(str(err.value)) < 100
+    assert str(err.value).isascii()
+    assert str(err.value).isprintable()
+
+
+def test_a_non_ascii_signature_line_or_key_name_is_refused_as_a_note_error() -> None:
+    with pytest.raises(NoteError, match="signature line 1 is not valid base64"):
+        parse(GO_TEXT + "\n\u2014 PeterNeumann AAAAAAA\u00e9\n")
+    with pytest.raises(NoteError, match="invalid note key name") as err:
+        parse(GO_TEXT + "\n\u2014 " + "+" * 5000 + " AAAAAAAA\n")
+    assert len(str(err.value)) < 100
+    # And the note a hostile member published (tests/redteam t14), checked before any key.
+    note = f"KOR\n5\n{ROOT_B64[:42]}\u00e9=\n\n\u2014 KOR AAAAAAAAAAAA\n"
+    with pytest.raises(NoteError, match="not valid base64"):
+        open_checkpoint(note, [_log_key("KOR")])
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"[" * 200_000, "more than 1024"),
+        (b'{"old":1,"new":' + b"9" * 1_000 + b"}", "more than 20 digits"),
+        (b'{"old":1,"new":' + b"9" * 21 + b"}", "more than 20 digits"),
+        (b'{"old":1,"new":3,"old":2}', "duplicate key"),
+        (b"\xff", "not JSON"),
+        (b'{"old":1.5,"new":3}', "non-negative integer"),
+        (b'{"old":1,"new":18446744073709551616}', "non-negative integer"),
+    ],
+)
+def test_hostile_proof_requests_are_refused(body: bytes, reason: str) -> None:
+    with pytest.raises(AuditError, match=reason):
+        parse_proof_request(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"[" * 200_000, "more than 16384"),
+        # Deeper than the recursion limit (how deep json may go depends on the Python).
+        (b'{"proof":' + b"[" * 15_000, "nested too deeply|not JSON"),
+        (b'{"old":16,"new":' + b"9" * 5_000 + b',"proof":[]}', "more than 20 digits"),
+        (b'{"old":1,"new":2,"proof":[],"proof":["x"]}', "duplicate key"),
+        (b'{"old":1,"new":2,"proof":["' + ROOT_B64[:42].encode() + b'\xc3\xa9="]}', "base64"),
+        (b'{"old":1e400,"new":2,"proof":[]}', "non-negative integer"),
+        (b'{"old":1,"new":2,"proof":[{}]}', "proof hash 0"),
+    ],
+)
+def test_hostile_proof_responses_are_refused(body: bytes, reason: str) -> None:
+    with pytest.raises(AuditError, match=reason):
+        parse_proof_response(body)
+
+
+def test_a_proof_from_size_zero_is_an_empty_proof_on_the_wire() -> None:
+    # C2SP tlog-witness: old size 0 means "no previous checkpoint", proved by nothing.
+    assert parse_proof_request(proof_request(0, 110)) == (0, 110)
+    assert parse_proof_response(proof_response(0, 110, [])) == (0, 110, [])
+
+
+@settings(max_examples=300)
+@given(
+    origin=st.text(max_size=8),
+    size=st.text(max_size=25),
+    root=st.text(max_size=50),
+    sig_line=st.text(max_size=60),
+)
+def test_any_checkpoint_note_opens_or_is_refused_with_a_short_note_error(
+    origin: str, size: str, root: str, sig_line: str
+) -> None:
+    # What a hostile member controls in a checkpoint: every line of it.
+    note = f"{origin}\n{size}\n{root}\n\n\u2014 {sig_line}\n"
+    reason = ""
+    try:
+        open_checkpoint(note, [_log_key("KOR")])
+    except NoteError as exc:
+        reason = str(exc)
+    assert len(reason) < 120
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=50),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300)
+@given(
+    value=st.one_of(
+        _JSON,
+        st.fixed_dictionaries({"old": _JSON, "new": _JSON, "proof": st.lists(st.text() | _JSON)}),
+        st.fixed_dictionaries({"old": _JSON, "new": _JSON}),
+    )
+)
+def test_any_json_proof_message_parses_or_is_refused_with_an_audit_error(value: object) -> None:
+    body = json.dumps(value).encode()
+    for parser in (parse_proof_request, parse_proof_response):
+        reason = ""
+        try:
+            parser(body)
+        except AuditError as exc:
+            reason = str(exc)
+        assert len(reason) < 120

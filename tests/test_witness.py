@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from broker.audit_verify import verify_log
 from broker.auditlog import AuditLog
 from broker.checkpoint import Checkpoint, parse_body, sign_checkpoint, verify_cosignature
+from broker.errors import AuditError
 from broker.merkle import Levels, leaf_hash
 from broker.note import parse
 from broker.witness import (
@@ -198,3 +199,31 @@ def test_open_verifies_and_an_opened_checkpoint_serves_only_its_witness(tmp_path
     with pytest.raises(WitnessError, match="not opened by this witness"):
         witness.add_opened(0, [], stranger.open(forged), NOW)
     assert witness.state == {}
+
+
+def test_a_cosignature_that_cannot_be_made_leaves_the_state_unchanged(tmp_path: Path) -> None:
+    log = build_log(tmp_path, LOG_KEY, [3])
+    witness = _witness()
+    with pytest.raises(AuditError, match="timestamp"):
+        witness.add_checkpoint(0, [], log.latest_checkpoint() or "", -1)
+    assert witness.state == {}
+
+
+def test_hostile_state_and_add_checkpoint_bodies_raise_witness_errors(tmp_path: Path) -> None:
+    for bad in (
+        '{"JPN":{"size":1,"root":"\u00e9"}}'.encode(),
+        b'{"JPN":{"size":1,"root":7}}',
+        b'{"JPN":[1]}',
+    ):
+        with pytest.raises(WitnessError, match="malformed"):
+            load_state(bad)
+    long_origin = "\u00e9" * 5_000
+    with pytest.raises(UnknownLogError) as err:
+        _witness().open(f"{long_origin}\n1\nAAAA\n\n\u2014 JPN AAAAAAAA\n")
+    assert len(str(err.value)) < 100
+    # C2SP's request with old size 0: no previous checkpoint, an empty proof.
+    log = build_log(tmp_path, LOG_KEY, [3])
+    request = parse_add_checkpoint(add_checkpoint_body(0, [], log.latest_checkpoint() or ""))
+    witness = _witness()
+    witness.add_checkpoint(request.old_size, request.proof, request.checkpoint, NOW)
+    assert witness.state[MEMBER].size == 3
