@@ -361,7 +361,12 @@ STEPS = (
 def forge_bad(  # noqa: PLR0911 - one return per checklist step
     forger: Forger, step: str, record: dict[str, Any], kor_record: dict[str, Any], i: int
 ) -> tuple[bytes, str]:
-    """One message broken at checklist ``step``: (payload, subject suffix)."""
+    """One message broken at checklist ``step``: (payload, subject suffix).
+
+    Sent on its report's own kind, since a subject naming another kind is
+    refused at step 6 (``sender``), before the step it is meant to break.
+    """
+    kind = record["kind"]
     if step == "subject":
         return forger.envelope(record)[0].encode(), "vessel.extra"
     if step == "size":
@@ -369,18 +374,18 @@ def forge_bad(  # noqa: PLR0911 - one return per checklist step
     if step == "format":
         return (b"\xff\xfe not an envelope" if i % 2 else b"a.b.c"), "vessel"
     if step == "decrypt":
-        return flip(forger.envelope(record)[0], 3).encode(), "vessel"
+        return flip(forger.envelope(record)[0], 3).encode(), kind
     if step == "recipient":
-        return forger.envelope(record, to="KOR")[0].encode(), "vessel"
+        return forger.envelope(record, to="KOR")[0].encode(), kind
     if step == "signature":
         token = forger.envelope(record, signer=forger.kor, kid=forger.jpn.signing_kid)[0]
-        return token.encode(), "vessel"
+        return token.encode(), kind
     if step == "key":
-        return forger.envelope(record, kid=forger.kor.signing_kid)[0].encode(), "vessel"
+        return forger.envelope(record, kid=forger.kor.signing_kid)[0].encode(), kind
     if step == "freshness":
-        return forger.envelope(record, at=forger.now - timedelta(hours=2))[0].encode(), "vessel"
+        return forger.envelope(record, at=forger.now - timedelta(hours=2))[0].encode(), kind
     # KOR's report handed over by JPN: the hub says JPN, the envelope says KOR.
-    return forger.envelope(kor_record)[0].encode(), "vessel"
+    return forger.envelope(kor_record)[0].encode(), kor_record["kind"]
 
 
 async def test_flood_of_bad_messages_mixed_with_good_ones(world: World) -> None:
