@@ -96,7 +96,11 @@ class BigStoreServer(NatsServer):
     """The project's test server, with room for 10 inboxes of 100,000 envelopes each."""
 
     def render_config(self) -> str:
-        return super().render_config().replace("max_file_store: 2GB", "max_file_store: 64GB")
+        # The bench's account quotas (inboxes sized for the run) must fit the store's
+        # reservation; it is a bound, not disk the server takes.
+        config = super().render_config()
+        assert "max_file_store: 16GB" in config, "the base config changed"
+        return config.replace("max_file_store: 16GB", "max_file_store: 1TB")
 
 
 @dataclass
@@ -129,9 +133,9 @@ class Cluster:
 
     async def start_hub(self, inbox_bytes: int) -> None:
         keys.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
-        self.server = BigStoreServer(
-            workdir=self.root / "nats", extra_config=accounts_config(load_users(self.keydir))
-        )
+        # One server: one replica of each stream counts against an account's quota.
+        accounts = accounts_config(load_users(self.keydir), replicas=1, inbox_bytes=inbox_bytes)
+        self.server = BigStoreServer(workdir=self.root / "nats", extra_config=accounts)
         self.server.start()
         limits = InboxLimits(max_bytes=inbox_bytes)
         for account in (*MEMBERS, keys.AUDIT_ACCOUNT):

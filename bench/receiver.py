@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -59,6 +59,7 @@ from e2e import (
     read_rows,
 )
 from floors import pull_floor
+from nats.js.api import RetentionPolicy
 
 from broker import keys
 from broker.config import load_config
@@ -132,9 +133,8 @@ async def publish(cluster: Cluster, items: list[OutboxItem], tag: str = "") -> N
 async def start_hub(cluster: Cluster) -> None:
     """``Cluster.start_hub``, except that USA's inbox consumer is not created yet."""
     keys.init_keys(cluster.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
-    cluster.server = BigStoreServer(
-        workdir=cluster.root / "nats", extra_config=accounts_config(load_users(cluster.keydir))
-    )
+    accounts = accounts_config(load_users(cluster.keydir), replicas=1, inbox_bytes=LIMITS.max_bytes)
+    cluster.server = BigStoreServer(workdir=cluster.root / "nats", extra_config=accounts)
     cluster.server.start()
     for account in (*MEMBERS, keys.AUDIT_ACCOUNT):
         seed = (cluster.keydir / account / keys.NATS_SEED_FILE).read_bytes().strip()
@@ -143,7 +143,10 @@ async def start_hub(cluster: Cluster) -> None:
             continue
         nc = await connect_account(cluster.url, account, seed)
         try:
-            await ensure_stream(nc.jetstream(), inbox_stream_config(ME, LIMITS))
+            # Limits retention while it has no consumer, as ``ensure_inbox`` starts
+            # one: interest retention would drop the pre-filled messages.
+            config = replace(inbox_stream_config(ME, LIMITS), retention=RetentionPolicy.LIMITS)
+            await ensure_stream(nc.jetstream(), config)
         finally:
             await nc.close()
 
@@ -158,6 +161,8 @@ async def create_consumer(cluster: Cluster) -> None:
         )
         if result.action != "created":
             raise LostError(f"USA's consumer was {result.action}, expected created")
+        # Then interest retention, as ``msmt nats setup`` leaves the inbox.
+        await ensure_stream(nc.jetstream(), inbox_stream_config(ME, LIMITS))
     finally:
         await nc.close()
 

@@ -12,8 +12,16 @@ Reports travel as a cross-account *service* (see docs/KEYS.md for why not a stre
   through the service import's response path.
 
 Audit: each member exports ``msmt.audit.M.checkpoint`` / ``.cosignature`` as streams
-to every other member and ``AUDIT`` (which archives them), and ``msmt.audit.M.proof``
-as a request/reply service so a witness can ask for a consistency proof.
+to every other member and ``AUDIT`` (which archives them, one stream per member, so
+no member can fill the archive of another), and ``msmt.audit.M.proof`` as a
+request/reply service so a witness can ask for a consistency proof.
+
+Storage: every account has a JetStream quota (``account_quotas``): file storage only,
+a bounded number of streams and consumers, and every stream must declare its
+``max_bytes``. A member's user may create and update its own inbox (``msmt nats
+setup`` runs as that user), so the quota, not the stream settings, is what bounds
+what an account can store. nats-server refuses to start if the quotas together
+exceed its JetStream store, so no account can fill the hub's disk for the others.
 
 The configuration is built as plain data and rendered as JSON, which nats-server's
 configuration syntax accepts as is, so what the server reads is what a reader sees.
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,7 +41,76 @@ from broker.members import MEMBERS, is_member
 
 SYS_ACCOUNT: Final = "SYS"
 AUDIT_STREAM: Final = "AUDIT_ARCHIVE"
+"""The archive shared by all members up to 0.x; ``archive_stream`` names today's."""
 AUDIT_KINDS: Final = ("checkpoint", "cosignature")
+
+MiB: Final = 1024**2
+INBOX_MAX_BYTES: Final = 128 * MiB
+"""Default ``max_bytes`` of a member's inbox stream (``msmt nats setup --max-bytes``)."""
+ARCHIVE_MAX_BYTES: Final = 32 * MiB
+"""Default ``max_bytes`` of each member's archive stream in ``AUDIT``."""
+QUOTA_HEADROOM: Final = 2
+"""An account's quota is this many times what its default streams need: room to
+enlarge them with ``msmt nats setup --max-bytes`` (and to keep the shared archive
+of older versions), and no more."""
+QUOTA_REPLICAS: Final = 3
+"""Replicas the quota allows for by default: JetStream counts every replica of a
+stream against its account, so an R3 inbox needs three times its ``max_bytes``."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountQuota:
+    """One account's JetStream limits, as nats-server's account ``jetstream`` block."""
+
+    max_file: int
+    max_streams: int
+    max_consumers: int
+
+    def block(self) -> dict[str, Any]:
+        """The ``jetstream`` block: no memory storage, every stream declares ``max_bytes``."""
+        return {
+            "max_mem": 0,
+            "max_file": self.max_file,
+            "max_streams": self.max_streams,
+            "max_consumers": self.max_consumers,
+            "max_bytes_required": True,
+        }
+
+
+def account_quotas(
+    *,
+    replicas: int = QUOTA_REPLICAS,
+    inbox_bytes: int = INBOX_MAX_BYTES,
+    archive_bytes: int = ARCHIVE_MAX_BYTES,
+) -> tuple[AccountQuota, AccountQuota]:
+    """Return the quotas of a member account and of ``AUDIT``, for streams of ``replicas``.
+
+    A member needs one inbox stream and one consumer (a few more consumers are
+    allowed for an operator's look); ``AUDIT`` one archive stream per possible
+    member plus the retired shared archive (``AUDIT_STREAM``) that older
+    versions made.
+    """
+    if replicas < 1:
+        raise UsageError("replicas must be at least 1")
+    member = AccountQuota(
+        max_file=QUOTA_HEADROOM * inbox_bytes * replicas, max_streams=1, max_consumers=4
+    )
+    audit = AccountQuota(
+        max_file=QUOTA_HEADROOM * len(MEMBERS) * archive_bytes * replicas,
+        max_streams=len(MEMBERS) + 1,
+        max_consumers=16,
+    )
+    return member, audit
+
+
+def archive_stream(member: str) -> str:
+    """The name of ``member``'s archive stream in ``AUDIT``: its checkpoints and cosignatures."""
+    return f"{AUDIT_STREAM}_{member}"
+
+
+def archive_subjects(member: str) -> list[str]:
+    """The subjects ``member``'s archive stream captures: only ``member`` may publish them."""
+    return [f"msmt.audit.{member}.{kind}" for kind in AUDIT_KINDS]
 
 
 def inbox_stream(member: str) -> str:
@@ -75,8 +153,10 @@ def _js_api(stream: str, durable: str | None) -> list[str]:
     return subjects
 
 
-def member_account(member: str, nkey: str, members: tuple[str, ...]) -> dict[str, Any]:
-    """Return the account block of ``member``: its user, exports and imports."""
+def member_account(
+    member: str, nkey: str, members: tuple[str, ...], quota: AccountQuota | None = None
+) -> dict[str, Any]:
+    """Return the account block of ``member``: its quota, user, exports and imports."""
     partners = [p for p in members if p != member]
     audience = [*partners, AUDIT_ACCOUNT]
     publish = [f"msmt.to.{p}.>" for p in partners]
@@ -110,8 +190,9 @@ def member_account(member: str, nkey: str, members: tuple[str, ...]) -> dict[str
             for kind in AUDIT_KINDS
         ]
     return {
-        # Account limits: one inbox stream and a few consumers is all a node needs.
-        "jetstream": {"max_mem": 0, "max_file": -1, "max_streams": 1, "max_consumers": 4},
+        # The user may update its own inbox (setup runs as that user): these limits,
+        # not the stream's settings, bound what the account can store.
+        "jetstream": (quota or account_quotas()[0]).block(),
         "users": [
             {
                 "nkey": nkey,
@@ -128,11 +209,18 @@ def member_account(member: str, nkey: str, members: tuple[str, ...]) -> dict[str
     }
 
 
-def audit_account(nkey: str, members: tuple[str, ...]) -> dict[str, Any]:
-    """Return the ``AUDIT`` account: imports every member's audit subjects and archives them."""
+def audit_account(
+    nkey: str, members: tuple[str, ...], quota: AccountQuota | None = None
+) -> dict[str, Any]:
+    """Return the ``AUDIT`` account: imports every member's audit subjects and archives them.
+
+    Its user manages one archive stream per member (``archive_stream``), for
+    every member there may be, and the shared archive older versions made.
+    """
     publish = [f"msmt.audit.{m}.proof" for m in members]
-    publish += _js_api(AUDIT_STREAM, None)
-    publish += [f"$JS.API.STREAM.MSG.GET.{AUDIT_STREAM}"]
+    for stream in (AUDIT_STREAM, *(archive_stream(m) for m in MEMBERS)):
+        publish += _js_api(stream, None)
+        publish.append(f"$JS.API.STREAM.MSG.GET.{stream}")
     imports: list[dict[str, Any]] = []
     for member in members:
         imports.append({"service": {"account": member, "subject": f"msmt.audit.{member}.proof"}})
@@ -141,12 +229,7 @@ def audit_account(nkey: str, members: tuple[str, ...]) -> dict[str, Any]:
             for kind in AUDIT_KINDS
         ]
     return {
-        "jetstream": {
-            "max_mem": 0,
-            "max_file": -1,
-            "max_streams": 1,
-            "max_consumers": 16,
-        },
+        "jetstream": (quota or account_quotas()[1]).block(),
         "users": [
             {
                 "nkey": nkey,
@@ -160,9 +243,17 @@ def audit_account(nkey: str, members: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def accounts_config(users: Mapping[str, str]) -> str:
+def accounts_config(
+    users: Mapping[str, str],
+    *,
+    replicas: int = QUOTA_REPLICAS,
+    inbox_bytes: int = INBOX_MAX_BYTES,
+    archive_bytes: int = ARCHIVE_MAX_BYTES,
+) -> str:
     """Render the ``accounts`` and ``system_account`` blocks for ``users`` (account -> nkey).
 
+    Each account's storage quota allows for streams of ``replicas`` and the given
+    sizes (``account_quotas``).
     ``users`` must hold ``AUDIT`` and at least two members; raises ``KeyMaterialError``
     otherwise or if a key is not a user public nkey.
     """
@@ -174,8 +265,13 @@ def accounts_config(users: Mapping[str, str]) -> str:
     members = tuple(m for m in MEMBERS if m in users)
     if AUDIT_ACCOUNT not in users or len(members) < 2:
         raise KeyMaterialError(f"{NATS_USERS_FILE}: needs AUDIT and at least two members")
-    accounts: dict[str, Any] = {m: member_account(m, users[m], members) for m in members}
-    accounts[AUDIT_ACCOUNT] = audit_account(users[AUDIT_ACCOUNT], members)
+    member_quota, audit_quota = account_quotas(
+        replicas=replicas, inbox_bytes=inbox_bytes, archive_bytes=archive_bytes
+    )
+    accounts: dict[str, Any] = {
+        m: member_account(m, users[m], members, member_quota) for m in members
+    }
+    accounts[AUDIT_ACCOUNT] = audit_account(users[AUDIT_ACCOUNT], members, audit_quota)
     # SYS has no users: the hub operator watches it through the monitoring port.
     accounts[SYS_ACCOUNT] = {}
     return (
@@ -203,6 +299,8 @@ def server_config(
     With ``cluster`` > 1 it adds a cluster block whose routes are ``route_host``
     formatted with ``i`` = 1..cluster on port 6222; each server's name comes from
     the ``SERVER_NAME`` environment variable so one file serves every server.
+    The account quotas allow for one replica per stream on a single server and
+    three in a cluster (``--replicas 3``).
     """
     if cluster < 0 or cluster == 1:
         raise UsageError("--cluster must be 0 (single server) or at least 2")
@@ -226,4 +324,5 @@ def server_config(
             f"  routes: [{', '.join(routes)}]",
             "}",
         ]
-    return "\n".join(lines) + "\n" + accounts_config(load_users(keydir))
+    replicas = min(cluster, QUOTA_REPLICAS) if cluster else 1
+    return "\n".join(lines) + "\n" + accounts_config(load_users(keydir), replicas=replicas)

@@ -4,10 +4,18 @@
 step reads what exists, creates what is missing, updates what differs and leaves
 the rest alone, so running it twice changes nothing; the result lists every
 setting so an operator can see the retention they got.
+
+An inbox keeps a message only until its node acks or terminates it (interest
+retention): a flood of garbage occupies it only while the node has not yet
+rejected it. Inboxes made with limits retention (older versions) are switched in
+place, keeping every message the node has not acked yet. The shared archive of
+older versions (``AUDIT_ARCHIVE``) is retired, with its content, for one archive
+stream per member.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from dataclasses import dataclass
 from enum import Enum
@@ -31,9 +39,13 @@ from nats.js.api import (
 from broker.errors import ConfigError
 from broker.keys import AUDIT_ACCOUNT
 from broker.log import get_logger
+from broker.members import MEMBERS
 from broker.natsconfig import (
-    AUDIT_KINDS,
+    ARCHIVE_MAX_BYTES,
     AUDIT_STREAM,
+    INBOX_MAX_BYTES,
+    archive_stream,
+    archive_subjects,
     inbox_durable,
     inbox_prefix,
     inbox_stream,
@@ -43,7 +55,7 @@ from broker.natstls import TlsOnlyClient
 
 log = get_logger("natsetup")
 
-Action = Literal["created", "updated", "unchanged"]
+Action = Literal["created", "updated", "unchanged", "retired"]
 
 # Fields we set and therefore compare; everything else stays at the server default.
 _STREAM_FIELDS: Final = (
@@ -80,7 +92,7 @@ class InboxLimits:
     """
 
     max_age_days: float = 30.0
-    max_bytes: int = 128 * 1024**2
+    max_bytes: int = INBOX_MAX_BYTES
     max_msg_size: int = 512 * 1024
     duplicate_window_s: float = 24 * 3600.0
     replicas: int = 1
@@ -89,11 +101,18 @@ class InboxLimits:
 
 
 def inbox_stream_config(member: str, limits: InboxLimits) -> StreamConfig:
-    """The inbox stream: file storage, limits retention, no deletes or purges, dedup window."""
+    """The inbox stream: file storage, interest retention, no deletes or purges, dedup window.
+
+    Interest retention removes a message once the node's consumer acks or
+    terminates it, so what the node has rejected stops taking space at once (a
+    full inbox refuses every partner's reports). Unlike work-queue retention it
+    can be switched to in place from the limits retention older versions used.
+    The dedup window outlives the messages (``Nats-Msg-Id`` is remembered apart).
+    """
     return StreamConfig(
         name=inbox_stream(member),
         subjects=inbox_subjects(member),
-        retention=RetentionPolicy.LIMITS,
+        retention=RetentionPolicy.INTEREST,
         storage=StorageType.FILE,
         discard=DiscardPolicy.NEW,
         max_age=limits.max_age_days * 86400.0,
@@ -122,11 +141,22 @@ def inbox_consumer_config(member: str, limits: InboxLimits) -> ConsumerConfig:
     )
 
 
-def audit_stream_config(replicas: int = 1, max_bytes: int = 256 * 1024**2) -> StreamConfig:
-    """The AUDIT archive of every checkpoint and cosignature: kept forever, never deleted."""
+ARCHIVE_MAX_MSG_SIZE: Final = 16 * 1024
+"""A checkpoint with every member's cosignature is under 2 KiB."""
+
+
+def audit_stream_config(
+    member: str, replicas: int = 1, max_bytes: int = ARCHIVE_MAX_BYTES
+) -> StreamConfig:
+    """``member``'s archive in AUDIT: its checkpoints and cosignatures, kept forever.
+
+    One stream per member, each with its own bound: only ``member`` may publish
+    these subjects, so a member that floods them fills its own archive and no
+    one else's.
+    """
     return StreamConfig(
-        name=AUDIT_STREAM,
-        subjects=[f"msmt.audit.*.{kind}" for kind in AUDIT_KINDS],
+        name=archive_stream(member),
+        subjects=archive_subjects(member),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.NEW,
@@ -134,7 +164,7 @@ def audit_stream_config(replicas: int = 1, max_bytes: int = 256 * 1024**2) -> St
         # Bounded, with discard=new: a full archive refuses, it never drops history.
         max_bytes=max_bytes,
         max_msgs=-1,
-        max_msg_size=64 * 1024,
+        max_msg_size=ARCHIVE_MAX_MSG_SIZE,
         duplicate_window=120.0,
         num_replicas=replicas,
         deny_delete=True,
@@ -171,24 +201,110 @@ def _pick(config: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
     return {f: config.get(f) for f in fields}
 
 
+async def _stream_config(js: JetStreamContext, name: str) -> StreamConfig | None:
+    """The configuration of stream ``name`` as the server has it, or ``None`` if missing."""
+    try:
+        return (await js.stream_info(name)).config
+    except nats.js.errors.NotFoundError:
+        return None
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        raise ConfigError(f"stream {name}: the server refused the setup ({exc})") from None
+
+
+_NO_STORAGE: Final = 10047
+"""JetStream's ``insufficient storage resources available``: the account quota is full."""
+
+
+def _refusal(name: str, wanted: StreamConfig, exc: Exception) -> ConfigError:
+    """One line for a refused stream change; a full account quota says what to do."""
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _NO_STORAGE:
+        need = int(wanted.max_bytes or 0) * int(wanted.num_replicas or 1)
+        return ConfigError(
+            f"stream {name}: the account's storage quota on the hub has no room for "
+            f"max_bytes x replicas = {need} bytes: use a smaller --max-bytes or "
+            "--replicas, or ask the hub operator for a larger quota"
+        )
+    return ConfigError(f"stream {name}: the server refused the setup ({exc})")
+
+
 async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> SetupResult:
     """Create ``wanted`` if missing, update it if it differs; raise ``ConfigError`` on refusal."""
     name = str(wanted.name)
     want = _pick(wanted.as_dict(), _STREAM_FIELDS)
+    current = await _stream_config(js, name)
     try:
-        try:
-            info = await js.stream_info(name)
-        except nats.js.errors.NotFoundError:
+        if current is None:
             info = await js.add_stream(wanted)
             return SetupResult(
                 "stream", name, "created", _pick(info.config.as_dict(), _STREAM_FIELDS)
             )
-        if _pick(info.config.as_dict(), _STREAM_FIELDS) == want:
+        if _pick(current.as_dict(), _STREAM_FIELDS) == want:
             return SetupResult("stream", name, "unchanged", want)
         info = await js.update_stream(wanted)
     except (nats.errors.Error, nats.js.errors.Error) as exc:
-        raise ConfigError(f"stream {name}: the server refused the setup ({exc})") from None
+        raise _refusal(name, wanted, exc) from None
     return SetupResult("stream", name, "updated", _pick(info.config.as_dict(), _STREAM_FIELDS))
+
+
+async def ensure_inbox(js: JetStreamContext, member: str, limits: InboxLimits) -> list[SetupResult]:
+    """Ensure ``member``'s inbox stream and its node's consumer; return both results.
+
+    Interest retention drops a message that arrives while the stream has no
+    consumer, so a new inbox starts with limits retention, gets its consumer and
+    only then switches. An inbox of an older version (limits retention) is
+    switched in place the same way: the server then drops what the consumer has
+    acked or terminated and keeps everything else. A work-queue inbox (made by
+    hand) cannot be switched: that raises ``ConfigError`` saying so.
+    """
+    wanted = inbox_stream_config(member, limits)
+    name = str(wanted.name)
+    current = await _stream_config(js, name)
+    retention = RetentionPolicy.LIMITS
+    if current is not None and current.retention is not None:
+        retention = RetentionPolicy(current.retention)
+    if retention == RetentionPolicy.WORK_QUEUE:
+        raise ConfigError(
+            f"stream {name} has work-queue retention, which JetStream cannot change to "
+            "interest in place: let the node drain it, delete it on the hub and run setup again"
+        )
+    stream = await ensure_stream(js, dataclasses.replace(wanted, retention=retention))
+    consumer = await ensure_consumer(js, name, inbox_consumer_config(member, limits))
+    if retention != wanted.retention:
+        switched = await ensure_stream(js, wanted)
+        if current is not None:
+            log.warning("inbox_retention_switched", stream=name, was=str(retention.value))
+        action: Action = "created" if stream.action == "created" else "updated"
+        stream = SetupResult("stream", name, action, switched.settings)
+    return [stream, consumer]
+
+
+RETIRED_SUBJECT: Final = f"msmt.retired.{AUDIT_STREAM}"
+"""What the shared archive of older versions listens on once retired: a subject no
+user may publish, so it keeps its content and takes nothing new."""
+
+
+async def retire_shared_archive(js: JetStreamContext) -> SetupResult | None:
+    """Free the subjects of the shared ``AUDIT_ARCHIVE`` for the per-member archives.
+
+    The old stream is kept with everything in it (readable as before, never
+    deleted); only its subjects change. Returns ``None`` if there is no such stream.
+    """
+    current = await _stream_config(js, AUDIT_STREAM)
+    if current is None:
+        return None
+    if current.subjects == [RETIRED_SUBJECT]:
+        return SetupResult(
+            "stream", AUDIT_STREAM, "unchanged", _pick(current.as_dict(), _STREAM_FIELDS)
+        )
+    retired = dataclasses.replace(current, subjects=[RETIRED_SUBJECT])
+    try:
+        info = await js.update_stream(retired)
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        raise _refusal(AUDIT_STREAM, retired, exc) from None
+    log.warning("shared_archive_retired", stream=AUDIT_STREAM, messages=info.state.messages)
+    return SetupResult(
+        "stream", AUDIT_STREAM, "retired", _pick(info.config.as_dict(), _STREAM_FIELDS)
+    )
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, wanted: ConsumerConfig) -> SetupResult:
@@ -286,7 +402,8 @@ def _reason(url: str, raised: Exception, failures: list[Exception], timeout: int
     return reason
 
 
-AUDIT_MAX_BYTES: Final = 256 * 1024**2
+AUDIT_MAX_BYTES: Final = ARCHIVE_MAX_BYTES
+"""Default ``max_bytes`` of each member's archive stream (``--max-bytes`` for ``AUDIT``)."""
 
 
 async def setup_account(
@@ -300,21 +417,22 @@ async def setup_account(
 ) -> list[SetupResult]:
     """Ensure ``account``'s streams and consumers exist as configured (idempotent).
 
-    A member gets its inbox stream and durable consumer; ``AUDIT`` its archive.
-    ``tls`` is passed to ``connect_account``. Raises ``ConfigError`` if the
-    server is unreachable or refuses a step.
+    A member gets its inbox stream and durable consumer; ``AUDIT`` one archive
+    stream per member (``audit_max_bytes`` each), after retiring the shared
+    archive of older versions. ``tls`` is passed to ``connect_account``. Raises
+    ``ConfigError`` if the server is unreachable or refuses a step.
     """
     limits = limits or InboxLimits()
     nc = await connect_account(url, account, seed, tls=tls)
     try:
         js = nc.jetstream()
         if account == AUDIT_ACCOUNT:
-            wanted = audit_stream_config(limits.replicas, audit_max_bytes)
-            return [await ensure_stream(js, wanted)]
-        stream = await ensure_stream(js, inbox_stream_config(account, limits))
-        consumer = await ensure_consumer(
-            js, inbox_stream(account), inbox_consumer_config(account, limits)
-        )
-        return [stream, consumer]
+            retired = await retire_shared_archive(js)
+            results = [] if retired is None else [retired]
+            for member in MEMBERS:
+                wanted = audit_stream_config(member, limits.replicas, audit_max_bytes)
+                results.append(await ensure_stream(js, wanted))
+            return results
+        return await ensure_inbox(js, account, limits)
     finally:
         await nc.close()

@@ -94,7 +94,10 @@ class NatsServer:
             "jetstream {",
             f"  store_dir: {_quote(str(self.store_dir))}",
             "  max_memory_store: 256MB",
-            "  max_file_store: 2GB",
+            # A reservation, not disk in use: nats-server refuses to start unless every
+            # account's storage quota fits (natsconfig.account_quotas, about 10.3 GiB
+            # for 11 members at three replicas).
+            "  max_file_store: 16GB",
             "}",
             "max_payload: 1MB",
         ]

@@ -489,7 +489,8 @@ def _not_whole(topo: Topology) -> str | None:
             for stream in account.get("stream_detail", []):
                 if stream.get("cluster", {}).get("leader") == name:
                     streams[stream["name"]] = stream
-    missing = ({f"INBOX_{m}" for m in MEMBERS} | {"AUDIT_ARCHIVE"}) - set(streams)
+    wanted = {f"INBOX_{m}" for m in MEMBERS} | {f"AUDIT_ARCHIVE_{m}" for m in MEMBERS}
+    missing = wanted - set(streams)
     if missing:
         return f"streams without a leader: {sorted(missing)}"
     for stream in streams.values():
@@ -551,7 +552,7 @@ def test_compose_topology_survives_a_hub_server_kill(topology: Topology) -> None
     again = topo.run_once("setup")
     assert again.returncode == 0, again.stderr[-2000:]
     actions = re.findall(r"^(stream|consumer) (\S+): (\w+)$", again.stdout, re.MULTILINE)
-    assert len(actions) == 2 * len(MEMBERS) + 1  # each inbox and consumer, the archive
+    assert len(actions) == 3 * len(MEMBERS)  # each inbox and consumer, each member's archive
     assert {a for _, _, a in actions} == {"unchanged"}
 
     for name in nodes:

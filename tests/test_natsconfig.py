@@ -147,7 +147,8 @@ def test_setup_twice_changes_nothing_and_shows_its_settings(hub: NatsServer, key
     assert "max_bytes = 16777216" in changed.output
     audit = runner.invoke(main, [*base[:-3], "AUDIT"])
     assert audit.exit_code == 0, audit.output
-    assert f"stream {natsconfig.AUDIT_STREAM}: created" in audit.output
+    for member in MEMBERS:  # one archive per member, so none can fill another's
+        assert f"stream {natsconfig.archive_stream(member)}: created" in audit.output
 
 
 def test_setup_with_credentials_the_hub_does_not_know_is_one_line(

@@ -191,9 +191,11 @@ async def test_eleven_members_leak_nothing_to_the_hub_and_receive_only_what_was_
         head = token.split(b".")[0]
         header = json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)))
         assert set(header) == JWE_HEADER
-    # 2. The hub at rest: its JetStream store holds no plaintext either.
+    # 2. The hub at rest: its JetStream store holds no plaintext either. The envelopes
+    # the nodes acked have left it (interest retention); what is scanned is every
+    # stream's files: metadata, the archived checkpoints, anything not yet acked.
     at_rest = b"".join(p.read_bytes() for p in hub.store_dir.rglob("*") if p.is_file())
-    assert len(at_rest) > 100_000
+    assert all(f'"name":"INBOX_{m}"'.encode() in at_rest for m in MEMBERS)
     assert sorted(s.decode() for s in secrets if s in at_rest) == []
     # (And the nodes' own logs carry no report content.)
     assert (
@@ -268,10 +270,9 @@ async def assert_no_crossing(
     finally:
         for nc in conns:
             await nc.close()
-    # Nothing forged landed: each inbox holds, per server-attested sender, exactly the releases.
+    # Nothing forged landed: each inbox ever stored exactly the releases (its node has
+    # acked and so removed them; a forged one would still have taken a sequence).
     for partner in MEMBERS:
-        per_sender = await cluster.stream_counts(partner)
-        for sender in MEMBERS:
-            n = sum(1 for (p, s, _) in want if (p, s) == (partner, sender))
-            assert per_sender[sender] == n, (partner, sender)
+        n = sum(1 for (p, _, _) in want if p == partner)
+        assert await cluster.stream_stored(partner) == n, partner
     assert records

@@ -198,7 +198,12 @@ def nats_config(keydir: Path, out: Path, cluster: int, route_host: str, store_di
     show_default=True,
 )
 @click.option("--account", required=True, help="A member trigraph, or AUDIT.")
-@click.option("--max-bytes", type=click.IntRange(1024 * 1024), default=None)
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(1024 * 1024),
+    default=None,
+    help="The inbox's size (a member), or each member's archive (AUDIT); within the quota.",
+)
 @click.option("--max-age-days", type=click.FloatRange(0.01), default=None)
 @click.option("--replicas", type=click.IntRange(1, 5), default=1, show_default=True)
 @click.option(
