@@ -33,7 +33,9 @@ def report_id(i: int) -> str:
 def plan_one(store: Store, i: int) -> None:
     rid = report_id(i)
     store.accept([NewReport(rid, "vessel", b"{}")])
-    store.plan({rid: [OutboxItem(rid, "USA", subject_for("USA", "vessel"), b"jwe", "{}")]})
+    # Distinct bytes, as every real envelope is: the hub deduplicates by their hash.
+    jwe = f"jwe-{i}".encode()
+    store.plan({rid: [OutboxItem(rid, "USA", subject_for("USA", "vessel"), jwe, "{}")]})
 
 
 @pytest.mark.timeout(60)

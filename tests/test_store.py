@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -18,7 +19,9 @@ def rep(i: int, size: int = 10) -> NewReport:
 
 
 def item(rid: str, partner: str) -> OutboxItem:
-    return OutboxItem(rid, partner, f"msmt.to.{partner}.vessel", b"jwe", "{}")
+    return OutboxItem(
+        rid, partner, f"msmt.to.{partner}.vessel", f"jwe {rid} {partner}".encode(), "{}"
+    )
 
 
 def received(sender: str, rid: str, digest: str = "h1", expires: float = 100.0) -> Received:
@@ -71,7 +74,9 @@ def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
     assert store.outbox_depth() == 2  # two envelopes awaiting an ack
     pending = store.pending(10)
     assert [(p.report_id, p.partner) for p in pending] == [(r1, "USA"), (r1, "KOR")]
-    assert pending[0].msg_id == f"{r1}.USA"
+    # The hub deduplicates by the envelope's hash, which only its sender knows.
+    assert pending[0].msg_id == hashlib.sha256(pending[0].jwe).hexdigest()
+    assert pending[0].msg_id != pending[1].msg_id
     assert store.pending(10, skip=[(r1, "USA")]) == [pending[1]]
     store.mark_sent([(r1, "USA")])
     assert store.outbox_depth() == 1
