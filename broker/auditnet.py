@@ -56,7 +56,7 @@ from broker.checkpoint import (
     proof_request,
     proof_response,
 )
-from broker.errors import AuditError, MsmtError, StoreError
+from broker.errors import AuditError, MsmtError
 from broker.log import get_logger
 from broker.members import is_member
 from broker.note import (
@@ -308,8 +308,6 @@ class AuditNet:
             )
         try:
             stored = self.audit.checkpoint_at(checkpoint.size)
-        except StoreError:
-            raise
         except AuditError:
             raise _NotOursError(
                 "fork", f"size {checkpoint.size}, a size our log never had"
