@@ -171,10 +171,7 @@ class Transform:
             # A plainly valid position (every one a transform produces) needs no
             # JSON round trip; anything else meets the schema, which gives the reason.
             if not is_plain_position(value):
-                try:
-                    Position.model_validate_json(rfc8785.dumps(value))
-                except ValidationError as exc:
-                    raise ValueError(_first_error(exc)) from None
+                _check_position(value)
             if _coarsen(value, Decimal(str(self.param))) != value:
                 raise ValueError(
                     f"position is not the centre of a {self.param} degree cell "
@@ -203,6 +200,19 @@ class Transform:
         match = _PSEUDONYM.fullmatch(value) if isinstance(value, str) else None
         if match is None or match.group(1) != self.param:
             raise ValueError(f"pseudonym must look like hmac-sha256:{self.param}:<43 base64url>")
+
+
+def _check_position(value: Any) -> None:
+    # The schema decides, on the value's JSON text, without quoting the value.
+    try:
+        text = rfc8785.dumps(value)
+    except ValueError:
+        # rfc8785's own text quotes the value it cannot encode (2**53, say).
+        raise ValueError("position is not a JSON value RFC 8785 can encode") from None
+    try:
+        Position.model_validate_json(text)
+    except ValidationError as exc:
+        raise ValueError(_first_error(exc)) from None
 
 
 def _first_error(exc: ValidationError) -> str:
