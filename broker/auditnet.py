@@ -167,6 +167,9 @@ class AuditNet:
     ``alarms`` counts fork and rollback alarms by ``kind``; ``refused``, if
     given, a counter with a ``reason`` label (the node's ``msmt_rejected``),
     counts cosignature notes refused as their publisher's forgeries.
+    ``own_log_keys`` are our log keys that partners trust besides ``signer``'s
+    (the roster's retired ones): a checkpoint one of them signed that our log
+    lacks is a fork too.
     """
 
     def __init__(
@@ -183,6 +186,7 @@ class AuditNet:
         settled: float = SETTLED_S,
         *,
         refused: PromCounter | None = None,
+        own_log_keys: Sequence[Verifier] = (),
     ) -> None:
         self.member = member
         self.audit = audit
@@ -194,8 +198,12 @@ class AuditNet:
         self.alarms = alarms
         self.refused = refused
         self.throttle = _Throttle()
-        # Only our own log key can prove that our log forked: the key our log signs with.
-        self._own_keys = [Verifier(member, ALG_ED25519, signer.public_key().public_bytes_raw())]
+        # Only our own log keys can prove that our log forked: the key our log signs
+        # with, and any earlier one partners still trust (a retired key; never a
+        # revoked one, whose holder may be anyone). A fork under a pre-rotation key
+        # is as real to a partner as one under the current key.
+        current = Verifier(member, ALG_ED25519, signer.public_key().public_bytes_raw())
+        self._own_keys = [current, *(k for k in own_log_keys if k != current)]
         self.interval = interval
         self.settled = settled
         self.last_error: str | None = None
@@ -317,8 +325,8 @@ class AuditNet:
         return self.audit.add_cosignatures(data, self.cosigners)
 
     def _not_ours(self, publisher: str, note: Note, exc: _NotOursError) -> None:
-        # Anyone can write a checkpoint with our origin line; only our own log
-        # key's valid signature on it proves that our log forked (a restored
+        # Anyone can write a checkpoint with our origin line; only a valid
+        # signature by one of our log keys proves that our log forked (a restored
         # backup, a stolen key). A note without one is refused quietly.
         for key in self._own_keys:
             if find_signature(note, key) is None:

@@ -799,6 +799,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 config.data_dir / "witness-state.json",
                 metrics.audit_alarms,
                 refused=metrics.rejected,
+                own_log_keys=roster_log_keys(signed.roster, config.member),
             )
 
         expiries = _expiries(config, signed.roster, keys.signing_kid, at)

@@ -45,6 +45,8 @@ pytestmark = pytest.mark.integration
 JPN_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 USA_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(50, 82)))
 KOR_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
+# JPN's log key before a rotation: retired in the roster, so partners still trust it.
+JPN_RETIRED_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(150, 182)))
 NONE = LogState(0, b"")
 
 
@@ -146,6 +148,7 @@ async def _peer(
         interval=interval,
         settled=interval,
         refused=refused,
+        own_log_keys=[log_verifier(JPN_RETIRED_KEY)] if member == "JPN" else (),
     )
     nc = await nats.connect(server.url)
     await net.subscribe(nc)
@@ -546,3 +549,20 @@ async def test_a_cosigned_checkpoint_our_own_key_signed_but_our_log_lacks_is_the
     )
     assert "published by KOR" in (audit.jpn.net.last_error or "")
     assert audit.jpn.refused_count() == 0
+
+
+async def test_a_fork_under_our_retired_log_key_is_the_alarm_and_under_others_is_not(
+    audit: Audit,
+) -> None:
+    # Partners still trust a retired log key, so a checkpoint it signed that our
+    # log lacks is a fork in their eyes: the alarm. A key that is not one of our
+    # log keys (a revoked one, or anyone's) proves nothing, however valid.
+    stranger = Ed25519PrivateKey.from_private_bytes(bytes(range(200, 232)))
+    bodies = []
+    for key in (JPN_RETIRED_KEY, stranger):
+        forked = sign_checkpoint(Checkpoint(MEMBER, audit.log.size, b"\x33" * 32), key)
+        bodies.append(forked.with_signatures(cosign(forked, "KOR", KOR_KEY, 7)).render().encode())
+    await _publish_then_merge_a_good_one(audit, [("KOR", body) for body in bodies])
+    assert audit.jpn.alarm_count("fork") == 1
+    assert audit.jpn.refused_count() == 1
+    assert "fork detected on our log JPN" in (audit.jpn.net.last_error or "")
