@@ -287,6 +287,39 @@ def test_undelivered_and_unknown_policy_and_field_mismatch(tmp_path: Path) -> No
     ]
 
 
+def test_a_policy_left_out_is_one_line_however_many_sends_it_covers(tmp_path: Path) -> None:
+    # An auditor who forgot KOR's policy gets one finding per send under it
+    # (--json keeps each); the table folds identical ones into one line, so the
+    # other findings stay in sight.
+    root = tmp_path / "logs"
+    reports = [uuid.UUID(int=100 + i) for i in range(7)]
+    kor = AuditLog(root / "KOR", "KOR", KEYS["KOR"])
+    kor.append_many([_started("KOR"), *(_accepted("KOR", r, 1) for r in reports)])
+    kor.append_many([_send("KOR", "USA", r, ["vessel.imo"], 2) for r in reports])
+    kor.close()
+    usa = AuditLog(root / "USA", "USA", KEYS["USA"])
+    usa.append_many(
+        [_started("USA"), *(_recv("USA", "KOR", r, ["vessel.imo"], 3) for r in reports[1:])]
+    )
+    usa.close()
+    policies = tmp_path / "policies"
+    (policies / "USA").mkdir(parents=True)
+    (policies / "USA" / "policy.toml").write_text(POLICIES["USA"])
+    args = ["audit", "replay", str(root / "KOR"), str(root / "USA"), "--policies", str(policies)]
+    for member in ("USA", "KOR"):
+        args += ["--log-key", log_verifier(KEYS[member], member).vkey()]
+    table = CliRunner().invoke(main, args)
+    as_json = CliRunner().invoke(main, [*args, "--json"])
+    assert (table.exit_code, as_json.exit_code) == (1, 1)
+    assert len(json.loads(as_json.stdout)["findings"]) == 8
+    findings = table.stdout.split("Findings (8)\n", 1)[1].splitlines()
+    assert findings == [
+        "  undelivered: KOR entry 8: sent to USA, which logged no receipt of this JWE",
+        "  unknown-policy: KOR entries 8, 9, 10, 11, 12, ... (7 in all): "
+        f"policy {DIGEST['KOR'][:12]}... of KOR was not provided",
+    ]
+
+
 @pytest.mark.parametrize(
     ("tlp", "rel_to", "originator", "expected"),
     [

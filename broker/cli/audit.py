@@ -12,7 +12,7 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import click
 
 from broker import keys as keyfiles
 from broker.audit_events import parse_entry
-from broker.audit_replay import Replay, replay
+from broker.audit_replay import Finding, Replay, replay
 from broker.audit_verify import LoadedLog, load, read_origin, verify_log
 from broker.checkpoint import (
     parse_body,
@@ -392,10 +392,33 @@ def render_tables(result: Replay, members: list[str]) -> str:
         cells = ("    -" if s == r else f"{result.matrix.get((s, r), 0):>5}" for r in recipients)
         lines.append(f"  {s}  " + " ".join(cells))
     lines += ["", f"Findings ({len(result.findings)})"]
-    lines += [f"  {f.kind}: {f.member} entry {f.seq}: {f.detail}" for f in result.findings]
+    lines += _finding_lines(result.findings)
     if not result.findings:
         lines.append("  none: every send and receive reconciles with the policies")
     return "\n".join(lines)
+
+
+SHOWN_ENTRIES = 5
+
+
+def _finding_lines(findings: Sequence[Finding]) -> list[str]:
+    """One line per distinct finding, a repeated one naming its first entries and count.
+
+    A policy left out of ``--policies`` is one finding per send under it: thousands
+    of identical lines would hide every other finding.
+    """
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for f in findings:
+        groups.setdefault((f.kind, f.member, f.detail), []).append(f.seq)
+    lines = []
+    for (kind, member, detail), seqs in groups.items():
+        if len(seqs) == 1:
+            lines.append(f"  {kind}: {member} entry {seqs[0]}: {detail}")
+            continue
+        shown = ", ".join(str(seq) for seq in seqs[:SHOWN_ENTRIES])
+        more = ", ..." if len(seqs) > SHOWN_ENTRIES else ""
+        lines.append(f"  {kind}: {member} entries {shown}{more} ({len(seqs)} in all): {detail}")
+    return lines
 
 
 COMMANDS: tuple[click.Command, ...] = (audit_group,)
