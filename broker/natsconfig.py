@@ -307,7 +307,13 @@ def server_config(
     lines = [
         "listen: 0.0.0.0:4222",
         "http: 127.0.0.1:8222",
-        f"jetstream {{ store_dir: {json.dumps(store_dir)} }}",
+        "jetstream {",
+        f"  store_dir: {json.dumps(store_dir)}",
+        # A node marks an envelope sent, for good, on the hub's ack; nats-server's
+        # default fsyncs only every two minutes, so an OS crash or power cut would
+        # lose acked reports. "always" fsyncs each write before the ack.
+        "  sync_interval: always",
+        "}",
         # Reports are small; a bound on payload size protects every inbox.
         "max_payload: 1MB",
     ]

@@ -98,6 +98,8 @@ class NatsServer:
             # account's storage quota fits (natsconfig.account_quotas, about 10.3 GiB
             # for 11 members at three replicas).
             "  max_file_store: 16GB",
+            # As the production hub (natsconfig.server_config): an ack means on disk.
+            "  sync_interval: always",
             "}",
             "max_payload: 1MB",
         ]

@@ -51,6 +51,8 @@ def test_cli_config_loads_in_nats_server(keydir: Path, tmp_path: Path, cluster: 
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert ("cluster {" in text) == bool(cluster)
+    # Every write fsynced before its ack: a node never sends an acked envelope again.
+    assert "\n  sync_interval: always\n" in text.split("jetstream {", 1)[1].split("}", 1)[0] + "\n"
     env = {**os.environ, "SERVER_NAME": "nats-1"}
     check = subprocess.run(
         [nats_server_binary(), "-t", "-c", str(out)],
