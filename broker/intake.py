@@ -321,8 +321,11 @@ def read_token(path: Path) -> str:
     try:
         mode = path.stat().st_mode
         token = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read intake token {path}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read intake token {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        # The codec's own message would quote a byte of the secret.
+        raise UsageError(f"intake token {path} is not ASCII text") from None
     if mode & 0o077:
         raise UsageError(f"intake token {path} is readable by others: chmod 600 it")
     if len(token) < 16:

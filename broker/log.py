@@ -29,6 +29,28 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+class LibraryHandler(logging.Handler):
+    """Carries the standard-library logging of our dependencies into our log, safely.
+
+    A library's record becomes one ``library_log`` line naming the logger, its
+    message template (never the values filled into it) and the exception's type
+    (never its text or traceback): aiohttp, for one, logs a malformed request to
+    the intake with the offending header line, bearer token and all, and
+    Python's fallback handler printed that as a multi-line traceback.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Log ``record`` through structlog, without its values or traceback."""
+        fields: dict[str, Any] = {"logger": record.name}
+        # A template with arguments is the library's code; without arguments the
+        # message may be an f-string holding data, so it is left out.
+        if record.args and isinstance(record.msg, str):
+            fields["template"] = record.msg[:200]
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["error"] = record.exc_info[0].__name__
+        structlog.get_logger(component="library").log(record.levelno, "library_log", **fields)
+
+
 def configure(*, json: bool | None = None, level: str = "INFO") -> None:
     """Configure structlog for the process.
 
@@ -58,6 +80,12 @@ def configure(*, json: bool | None = None, level: str = "INFO") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, LibraryHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(LibraryHandler())
+    # Libraries' own chatter below WARNING stays out, as under Python's default.
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
 
 
 def get_logger(name: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import stat
@@ -13,10 +14,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker import samples
+from broker import log, samples
 from broker.errors import UsageError
 from broker.intake import (
     Intake,
@@ -526,3 +528,59 @@ async def test_intake_refuses_a_record_with_a_member_given_twice(tmp_path: Path)
     assert answer["reason"] == "schema"
     assert answer["errors"] == [{"path": "tlp", "reason": "appears more than once in its object"}]
     assert store.unplanned(10) == []
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\x00\r\n\r\n",
+        b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nAuthorization : Bearer %s\r\n\r\n",
+    ],
+)
+async def test_a_malformed_request_is_one_log_line_without_the_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], request_head: bytes
+) -> None:
+    # aiohttp logs a request it cannot parse, with the offending header line; through
+    # Python's fallback handler that was a traceback holding the bearer token.
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "data" / "intake.token")
+    sock = tmp_path / "data" / "intake.sock"
+    log.configure(json=True)
+    try:
+        runner = await serve_unix(make_app(make_intake(store), token), sock)
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(request_head % token.encode())
+            await writer.drain()
+            status = await reader.readline()
+            writer.close()
+            await writer.wait_closed()
+        finally:
+            await runner.cleanup()
+    finally:
+        for handler in logging.getLogger().handlers[:]:
+            if isinstance(handler, log.LibraryHandler):
+                logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(logging.WARNING)
+        structlog.reset_defaults()
+    assert status.split()[1] == b"400"
+    err = capsys.readouterr().err
+    assert token not in err
+    assert "Traceback" not in err
+    (line,) = err.splitlines()
+    entry = json.loads(line)
+    assert (entry["event"], entry["logger"], entry["level"]) == (
+        "library_log",
+        "aiohttp.server",
+        "error",
+    )
+    assert entry["error"] == "BadHttpMessage"
+
+
+def test_a_token_file_that_is_not_ascii_is_refused_without_quoting_it(tmp_path: Path) -> None:
+    path = tmp_path / "intake.token"
+    path.write_bytes(b"\xffsecret-token-bytes-here")
+    path.chmod(0o600)
+    with pytest.raises(UsageError) as err:
+        read_token(path)
+    assert str(err.value) == f"intake token {path} is not ASCII text"
