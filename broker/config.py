@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from broker.errors import ConfigError
 from broker.members import Member
-from broker.natstls import CONFIG_NAMES, check_tls_settings, client_tls_context
+from broker.natstls import CONFIG_NAMES, check_tls_settings, client_tls_context, display_url
 from broker.validation import MAX_RECORD_BYTES
 
 ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
@@ -83,7 +83,7 @@ class NatsSection(_Section):
     def _urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
         for url in urls:
             if not url.startswith(("nats://", "tls://")):
-                raise ValueError(f"{url!r} is not a nats:// or tls:// URL")
+                raise ValueError(f"{display_url(url)!r} is not a nats:// or tls:// URL")
         return urls
 
     def tls_context(self) -> ssl.SSLContext | None:
@@ -305,6 +305,8 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -103,6 +103,9 @@ def read_json(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        # The codec's message would quote a byte of what may be a private key.
+        raise KeyMaterialError(f"{path} is not UTF-8 text") from None
     try:
         return json.loads(text, object_pairs_hook=_reject_duplicates)
     except ValueError as exc:
@@ -172,10 +175,21 @@ def load_private_jwk(path: Path, *, use: KeyUse) -> OKPKey:
         raise KeyMaterialError(f"{path}: not a private {curve} JWK")
     if data.get("use") != use or not isinstance(data.get("kid"), str):
         raise KeyMaterialError(f"{path}: missing kid or use is not {use!r}")
+    return _import_private(path, data)
+
+
+def _import_private(path: Path, data: dict[str, Any]) -> OKPKey:
+    """Import a private OKP JWK whose ``d`` must belong to its ``x``."""
     try:
-        return OKPKey.import_key(data)
+        key = OKPKey.import_key(data)
     except (ValueError, JoseError) as exc:
         raise KeyMaterialError(f"{path}: malformed JWK ({exc})") from None
+    # joserfc keeps the file's "x" as given, and the roster check compares that:
+    # a "d" of another key would sign or decrypt as a key no roster entry has.
+    derived = base64.urlsafe_b64encode(key.public_key.public_bytes_raw()).rstrip(b"=").decode()
+    if data.get("x") != derived:
+        raise KeyMaterialError(f"{path}: its private key (d) does not belong to its public key (x)")
+    return key
 
 
 def new_nats_seed() -> bytes:
@@ -449,10 +463,7 @@ def load_private_jwk_any(path: Path) -> OKPKey:
     data = read_json(path)
     if not isinstance(data, dict) or data.get("crv") != "Ed25519" or "d" not in data:
         raise KeyMaterialError(f"{path}: not a private Ed25519 JWK")
-    try:
-        key = OKPKey.import_key(data)
-    except (ValueError, JoseError) as exc:
-        raise KeyMaterialError(f"{path}: malformed JWK ({exc})") from None
+    key = _import_private(path, data)
     check_private_file(path, "roster authority key")
     return key
 

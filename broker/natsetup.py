@@ -51,7 +51,7 @@ from broker.natsconfig import (
     inbox_stream,
     inbox_subjects,
 )
-from broker.natstls import TlsOnlyClient
+from broker.natstls import TlsOnlyClient, display_url
 
 log = get_logger("natsetup")
 
@@ -377,7 +377,8 @@ async def connect_account(
         # nats-py leaves the socket open when the first connect fails.
         await nc.close()
         raise ConfigError(
-            f"cannot connect to {url} as {account}: {_reason(url, exc, failures, connect_timeout)}"
+            f"cannot connect to {display_url(url)} as {account}: "
+            f"{_reason(url, exc, failures, connect_timeout)}"
         ) from None
     return nc
 

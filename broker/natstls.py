@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import ssl
+import urllib.parse
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -249,3 +250,18 @@ def _spki(public: PublicKeyTypes) -> bytes:
     return public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+def display_url(url: str) -> str:
+    """``url`` fit for a message: any user and password in it replaced by ``***``.
+
+    nats-py takes credentials in the URL (``nats://user:password@host``); an error
+    line naming the server must not carry them.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "(a malformed URL)"
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()

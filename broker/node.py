@@ -88,6 +88,8 @@ def _read_policy(config: NodeConfig) -> tuple[Policy, str]:
         text = config.policy.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read policy {config.policy}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"policy {config.policy} is not UTF-8 text") from None
     return load_policy(text, member=config.member, source=str(config.policy)), text
 
 

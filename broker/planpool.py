@@ -122,6 +122,10 @@ class PlanPool:
             if self._proc is None:
                 self._proc = await asyncio.create_subprocess_exec(
                     sys.executable,
+                    # -P: the node's working directory is not on the import path, so
+                    # a file there cannot stand in for a module in the process that
+                    # holds the signing and pseudonym keys.
+                    "-P",
                     "-m",
                     "broker.planpool",
                     stdin=asyncio.subprocess.PIPE,

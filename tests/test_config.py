@@ -129,6 +129,22 @@ def test_missing_file_is_one_line(tmp_path: Path) -> None:
         load_config(tmp_path / "node.toml", env={})
 
 
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value) == f"config {path} is not UTF-8 text"
+
+
+def test_a_password_in_a_hub_url_is_not_repeated(tmp_path: Path) -> None:
+    url = "http://operator:hunter2-secret@hub.example:4222"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path), env={"MSMT_NATS_URLS": url})
+    assert "hunter2" not in str(info.value)
+    assert "'http://***@hub.example:4222' is not a nats:// or tls:// URL" in str(info.value)
+
+
 def test_every_documented_variable_is_in_the_operator_guide() -> None:
     guide = (Path(__file__).parent.parent / "docs" / "NODE.md").read_text(encoding="utf-8")
     for name in ENV_OVERRIDES:

@@ -306,12 +306,14 @@ def test_signed_roster_with_duplicate_kid_is_refused(keydir: Path) -> None:
             "malformed JWK",
         ),
         ('{"kty": "OKP", "crv": "Ed25519", "kid": "a", "kid": "b"}', "duplicate member"),
+        # The codec's own message would quote the byte.
+        ('{"d": "\udcff"}', "is not UTF-8 text"),
     ],
 )
 def test_malformed_private_key_file_is_refused(keydir: Path, content: str, match: str) -> None:
     roster = keys.load_signed_roster(keydir).roster
     path = keys.key_path(keydir, "JPN", roster.current("JPN", "sig", T0).kid)
-    path.write_text(content)
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
     with pytest.raises(KeyMaterialError, match=match) as info:
         keys.load_member_keys(keydir, "JPN", roster, T0)
     assert str(path) in str(info.value) or "duplicate" in str(info.value)
@@ -325,6 +327,20 @@ def test_private_key_not_matching_the_roster_is_refused(keydir: Path) -> None:
     keys.key_path(keydir, "JPN", kid).write_text(json.dumps(impostor))
     with pytest.raises(KeyMaterialError, match="does not match roster key"):
         keys.load_member_keys(keydir, "JPN", roster, T0)
+
+
+@pytest.mark.parametrize("use", ["sig", "enc"])
+def test_a_private_key_whose_d_is_not_its_x_is_refused(keydir: Path, use: str) -> None:
+    # The file's own "x" matches the roster, but its "d" is another key's: the node
+    # would sign what no partner can verify, or fail to decrypt what it is sent.
+    roster = keys.load_signed_roster(keydir).roster
+    kid = roster.current("JPN", use, T0).kid  # type: ignore[arg-type]
+    path = keys.key_path(keydir, "JPN", kid)
+    other = keys.generate_key("JPN", use, T0).as_dict(private=True)  # type: ignore[arg-type]
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"d": other["d"]}))
+    with pytest.raises(KeyMaterialError) as info:
+        keys.load_member_keys(keydir, "JPN", roster, T0)
+    assert str(info.value) == (f"{path}: its private key (d) does not belong to its public key (x)")
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])

@@ -160,6 +160,17 @@ def test_setup_with_credentials_the_hub_does_not_know_is_one_line(
         asyncio.run(natsetup.setup_account(hub.url, "JPN", keys.new_nats_seed()))
 
 
+def test_setup_does_not_repeat_a_password_in_the_server_url(keydir: Path) -> None:
+    port = free_port()
+    done = msmt(
+        "nats", "setup", "--server", f"nats://operator:hunter2-secret@127.0.0.1:{port}",
+        "--keys", str(keydir), "--account", "JPN", timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout
+    assert "hunter2" not in done.stderr
+    assert done.stderr.startswith(f"msmt: error: cannot connect to nats://***@127.0.0.1:{port} ")
+
+
 def test_setup_against_a_port_nobody_listens_on_is_one_line_and_quick(keydir: Path) -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     started = time.monotonic()

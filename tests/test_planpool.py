@@ -113,6 +113,20 @@ async def test_worker_plans_what_the_planner_plans_and_recipients_open_it(
             assert received.originator == "JPN"
 
 
+async def test_a_module_in_the_working_directory_does_not_stand_in_for_one_the_worker_imports(
+    pool: PlanPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker holds the signing and pseudonym keys; a "secrets.py" beside where
+    # the node was started must not run in it (nor break it, as it did by accident).
+    marker = tmp_path / "ran"
+    (tmp_path / "secrets.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    await pool.start()
+    plans, errors = await pool.plan(rows(1), 1)
+    assert (len(plans), errors) == (1, {})
+    assert not marker.exists()
+
+
 async def test_a_killed_worker_fails_the_next_call_instead_of_hanging(pool: PlanPool) -> None:
     await pool.start()
     (pid,) = pool.worker_pids()
