@@ -134,17 +134,58 @@ def decode_segwit(hrp: str, addr: str) -> tuple[int, bytes]:
     return version, bytes(program)
 
 
+_BASE58: Final = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+# Human-readable parts and base58 version bytes of the other Bitcoin networks, so
+# that a testnet address is refused as one rather than as a bad checksum.
+_OTHER_NETWORK_HRP: Final = {"tb": "testnet", "bcrt": "regtest"}
+_TESTNET_VERSIONS: Final = frozenset({0x6F, 0xC4})
+
+
+def _bech32_hrp(value: str) -> str | None:
+    """The human-readable part if ``value`` has the shape of a bech32 string, else None."""
+    if value.lower() != value and value.upper() != value:
+        return None
+    lower = value.lower()
+    pos = lower.rfind("1")
+    data = lower[pos + 1 :]
+    if pos < 1 or len(data) < 6 or not _CHARSET_VALUE.keys() >= set(data):
+        return None
+    hrp = lower[:pos]
+    return hrp if _PRINTABLE.fullmatch(hrp) else None
+
+
 def check_bitcoin_address(value: str) -> None:
-    """Validate a Bitcoin mainnet address: base58check P2PKH/P2SH or segwit."""
+    """Validate a Bitcoin mainnet address: base58check P2PKH/P2SH or segwit.
+
+    The reason names the form found (bech32 or base58, and the network when it
+    is another one) and never quotes the address.
+    """
     if value[:3].lower() == "bc1":
         decode_segwit("bc", value)
         return
     try:
         raw = base58.b58decode_check(value)
-    except ValueError as exc:
-        raise ValueError("Bitcoin base58check checksum does not match") from exc
-    if len(raw) != 21 or raw[0] not in (0x00, 0x05):
-        raise ValueError("Bitcoin address is not a mainnet P2PKH or P2SH address")
+    except ValueError:
+        raw = None
+    if raw is not None:
+        if len(raw) == 21 and raw[0] in _TESTNET_VERSIONS:
+            raise ValueError(
+                "not a Bitcoin mainnet address: a testnet base58 address "
+                "(version byte must be 0x00 or 0x05)"
+            )
+        if len(raw) != 21 or raw[0] not in (0x00, 0x05):
+            raise ValueError("Bitcoin address is not a mainnet P2PKH or P2SH address")
+        return
+    hrp = _bech32_hrp(value)
+    if hrp is not None:
+        network = _OTHER_NETWORK_HRP.get(hrp)
+        kind = f": a {network} segwit address" if network else ""
+        raise ValueError(f"not a Bitcoin mainnet address{kind} (bech32 prefix must be bc1)")
+    if value and set(value) <= _BASE58:
+        raise ValueError("Bitcoin base58check checksum does not match")
+    raise ValueError(
+        "not a Bitcoin address: neither base58check (P2PKH/P2SH) nor bech32 starting with bc1"
+    )
 
 
 _HIGH_NIBBLE: Final = frozenset("89abcdef")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,8 @@ def _reason(err: dict[str, object]) -> str:
     kind = err.get("type")
     if kind == "extra_forbidden":
         return "unknown field"
-    if kind == "missing":
+    # No tag (``{}``, a transfer without ``category``) is a missing field like any other.
+    if kind in ("missing", "union_tag_not_found"):
         return "required field is missing"
     if kind == "union_tag_invalid":
         ctx = err.get("ctx")
@@ -67,15 +69,43 @@ def _reason(err: dict[str, object]) -> str:
 
 def problems_of(exc: ValidationError) -> list[FieldProblem]:
     """Translate a pydantic error into field problems a feed author can act on."""
+    errors = exc.errors()
     out = []
-    for e in exc.errors():
+    for e in errors:
+        if e["type"] == "too_short" and _has_item_error(e["loc"], errors):
+            # ``rel_to: ["BAD"]`` is one error: the dropped item leaves the tuple
+            # "too short after validation", which is only an echo of it.
+            continue
         path = _path(e["loc"])
-        if e["type"] == "union_tag_invalid":
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             # The tag itself is the field at fault: name it (``kind``, ``transfer.category``).
             tag = str(e.get("ctx", {}).get("discriminator", "")).strip("'")
             path = f"{path}.{tag}" if path else tag
         out.append(FieldProblem(path, _reason(dict(e))))
     return out
+
+
+def _has_item_error(loc: tuple[int | str, ...], errors: list[Any]) -> bool:
+    return any(len(e["loc"]) > len(loc) and e["loc"][: len(loc)] == loc for e in errors)
+
+
+_JSON_POSITION = re.compile(r"^(?P<what>.*?),? at line (?P<line>\d+),? column (?P<col>\d+)$")
+
+
+def _json_reason(what: str, line: int, column: int) -> str:
+    # An NDJSON record is one line, so its own "line 1" would read as the file's
+    # line 1 (``msmt validate`` prints file lines): give the column alone.
+    where = f"column {column}" if line == 1 else f"line {line} column {column} of the record"
+    return f"not valid JSON: {what} at {where}"
+
+
+def _jiter_reason(msg: str) -> str:
+    """Reword pydantic's "Invalid JSON: <what> at line L column C" in the project's terms."""
+    msg = msg.removeprefix("Invalid JSON: ")
+    found = _JSON_POSITION.match(msg)
+    if found is None:
+        return f"not valid JSON: {msg}"
+    return _json_reason(found["what"], int(found["line"]), int(found["col"]))
 
 
 def parse_record(raw: bytes | str) -> SightingModel:
@@ -93,11 +123,15 @@ def parse_record(raw: bytes | str) -> SightingModel:
         sighting = SIGHTING_ADAPTER.validate_json(raw)
     except ValidationError as exc:
         problems = problems_of(exc)
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            problems = [FieldProblem("", "not valid JSON: " + str(exc.errors()[0]["msg"]))]
+        bad_json = [e for e in exc.errors() if e["type"] == "json_invalid"]
+        if bad_json:
+            problems = [FieldProblem("", _jiter_reason(str(bad_json[0]["msg"])))]
         raise InvalidRecordError(problems) from None
     try:
         twice = duplicate_key(raw)
+    except json.JSONDecodeError as exc:
+        reason = _json_reason(exc.msg, exc.lineno, exc.colno)
+        raise InvalidRecordError([FieldProblem("", reason)]) from None
     except ValueError as exc:
         raise InvalidRecordError([FieldProblem("", f"not valid JSON: {exc}")]) from None
     if twice is not None:
@@ -167,8 +201,13 @@ class LineResult:
 
 
 def validate_lines(lines: Iterable[bytes]) -> Iterator[LineResult]:
-    """Validate NDJSON lines one by one; blank lines are skipped, not counted as errors."""
-    for number, raw in enumerate(lines, start=1):
+    """Validate NDJSON lines one by one; blank lines are skipped, not counted as errors.
+
+    A line's ending (LF or CRLF) is not part of its record, as at intake
+    (``msmt submit``): an error is reported the same by both.
+    """
+    for number, line in enumerate(lines, start=1):
+        raw = line.removesuffix(b"\n").rstrip(b"\r")
         if not raw.strip():
             continue
         try:

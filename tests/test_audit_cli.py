@@ -134,6 +134,21 @@ def test_not_a_log_directory_exits_2(tmp_path: Path, keydir: Path) -> None:
     assert "is not a directory" in err
 
 
+def test_an_unreadable_witness_key_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    build_log(tmp_path / "log", LOG_KEY, [1])
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe")
+    missing = tmp_path / "missing.txt"
+    base = ("audit", "verify", str(tmp_path / "log"), "--log-key", VKEY, "--cosigned")
+    for path, reason in (
+        (missing, "No such file or directory"),
+        (binary, "not UTF-8 text"),
+    ):
+        code, out, err = _run(*base, "--quorum", "1", "--witnesses", str(path))
+        assert (code, out) == (2, "")
+        assert err == f"msmt: error: cannot read witness keys {path}: {reason}\n"
+
+
 def test_cosigned_quorum_from_roster_and_witness_file(tmp_path: Path, keydir: Path) -> None:
     log = build_log(tmp_path, _signing_key(keydir, "JPN"), [4])
     roster = keyfiles.load_signed_roster(keydir).roster
@@ -285,10 +300,16 @@ def test_verify_known_refuses_what_is_not_a_checkpoint_of_this_log(
     usa.close()
     garbage = tmp_path / "garbage.json"
     garbage.write_text('{"tree_size": 3}')
+    binary = tmp_path / "binary.note"
+    binary.write_bytes(b"\xff\xfe checkpoint")
+    missing = tmp_path / "missing"
     for path, reason in (
         (theirs, f"{theirs}: not a checkpoint of this log: "),
-        (garbage, f'{garbage}: JSON without a "checkpoint" note in it'),
-        (tmp_path / "missing", f"cannot read checkpoint {tmp_path / 'missing'}: "),
+        (garbage, f'{garbage}: JSON without a "checkpoint" note in it\n'),
+        # The OS's reason, not Python's "[Errno 2] ...: '<path>'" naming the file twice,
+        # and no codec text for a file that is not text.
+        (missing, f"cannot read checkpoint {missing}: No such file or directory\n"),
+        (binary, f"cannot read checkpoint {binary}: not UTF-8 text\n"),
     ):
         code, out, err = _run(
             "audit", "verify", str(tmp_path / "jpn"), "--keys", str(keydir), "--known", str(path)

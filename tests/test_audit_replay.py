@@ -780,3 +780,21 @@ async def test_replay_of_a_real_restart_with_a_new_policy_while_envelopes_pend(
     assert [(f["kind"], f["seq"]) for f in report["findings"]] == [
         ("policy-not-in-force", seq) for seq in rewritten
     ]
+
+
+def test_an_unreadable_policy_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    (policies / "JPN").mkdir(parents=True)
+    (policies / "JPN" / "policy.toml").write_bytes(b"member = \xff\xfe\n")
+    (policies / "USA" / "policy.toml").mkdir(parents=True)  # a folder where the file goes
+    for member, reason in (("JPN", "not UTF-8 text"), ("USA", "Is a directory")):
+        only = tmp_path / f"only-{member}"
+        only.mkdir()
+        (policies / member).rename(only / member)
+        args = ["audit", "replay", str(tmp_path / "log"), "--policies", str(only)]
+        result = CliRunner().invoke(
+            main, [*args, "--log-key", log_verifier(KEYS["JPN"], "JPN").vkey()]
+        )
+        assert (result.exit_code, result.stdout) == (2, "")
+        path = only / member / "policy.toml"
+        assert result.stderr == f"msmt: error: cannot read policy {path}: {reason}\n"

@@ -42,6 +42,63 @@ def test_mainnet_check_refuses_testnet_segwit() -> None:
         identifiers.check_bitcoin_address(VECTORS["valid"][1][0])
 
 
+_TESTNET_SEGWIT = "tb1qw508d6qejxtdg4y5r3zarvary0c5xw7kxpjzsx"
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        # Each form is named for what it is, not as a failed base58 checksum.
+        (
+            _TESTNET_SEGWIT,
+            "not a Bitcoin mainnet address: a testnet segwit address (bech32 prefix must be bc1)",
+        ),
+        (
+            _TESTNET_SEGWIT.upper(),
+            "not a Bitcoin mainnet address: a testnet segwit address (bech32 prefix must be bc1)",
+        ),
+        (
+            "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kxpjzsx",
+            "not a Bitcoin mainnet address: a regtest segwit address (bech32 prefix must be bc1)",
+        ),
+        (
+            "ltc1qw508d6qejxtdg4y5r3zarvary0c5xw7kgmn4n9",
+            "not a Bitcoin mainnet address (bech32 prefix must be bc1)",
+        ),
+        (
+            base58.b58encode_check(b"\x6f" + bytes(20)).decode(),
+            "not a Bitcoin mainnet address: a testnet base58 address "
+            "(version byte must be 0x00 or 0x05)",
+        ),
+        (
+            base58.b58encode_check(b"\xc4" + bytes(20)).decode(),
+            "not a Bitcoin mainnet address: a testnet base58 address "
+            "(version byte must be 0x00 or 0x05)",
+        ),
+        (
+            base58.b58encode_check(b"\x30" + bytes(20)).decode(),
+            "Bitcoin address is not a mainnet P2PKH or P2SH address",
+        ),
+        ("1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN3", "Bitcoin base58check checksum does not match"),
+        ("bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t5", "bech32 checksum does not match"),
+        (
+            "0x52908400098527886E0F7030069857D2E4169EE7",
+            "not a Bitcoin address: neither base58check (P2PKH/P2SH) nor bech32 starting with bc1",
+        ),
+        (
+            "",
+            "not a Bitcoin address: neither base58check (P2PKH/P2SH) nor bech32 starting with bc1",
+        ),
+    ],
+)
+def test_bitcoin_reason_names_the_form_and_network(address: str, reason: str) -> None:
+    with pytest.raises(ValueError) as info:  # noqa: PT011 - the whole reason is compared below
+        identifiers.check_bitcoin_address(address)
+    assert str(info.value) == reason
+    if address:
+        assert address.lower() not in str(info.value).lower()
+
+
 # EIP-55's own examples (all-caps, all-lower and normal forms).
 EIP55 = [
     "0x52908400098527886E0F7030069857D2E4169EE7",

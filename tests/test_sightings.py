@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from broker import samples, schemas
 from broker.cli import main
+from broker.intake import LineSplitter
 from broker.sightings import (
     SIGHTING_ADAPTER,
     VesselSighting,
@@ -23,7 +24,13 @@ from broker.sightings import (
     leaf_values,
     validate_field,
 )
-from broker.validation import FieldProblem, InvalidRecordError, parse_record, validate_lines
+from broker.validation import (
+    MAX_RECORD_BYTES,
+    FieldProblem,
+    InvalidRecordError,
+    parse_record,
+    validate_lines,
+)
 
 ROOT = Path(__file__).parent.parent
 
@@ -307,6 +314,75 @@ def test_validate_cli_names_a_duplicated_member_in_one_line(tmp_path: Path) -> N
     assert "feed.ndjson:2: tlp: appears more than once in its object" in result.stdout
     assert "Traceback" not in result.output
     assert "1 valid, 1 invalid" in result.output
+
+
+def test_a_missing_tag_is_a_missing_field_in_the_projects_words(tmp_path: Path) -> None:
+    # Not pydantic's "Unable to extract tag using discriminator 'kind'".
+    assert _one_problem("{}") == FieldProblem("kind", "required field is missing")
+    rec: dict[str, Any] = samples.example_records()["transfer"]
+    del rec["transfer"]["category"]
+    assert _one_problem(json.dumps(rec)) == FieldProblem(
+        "transfer.category", "required field is missing"
+    )
+    path = tmp_path / "feed.ndjson"
+    path.write_text("{}\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout == f"{path}:1: kind: required field is missing\n"
+
+
+def test_an_unknown_rel_to_member_is_one_problem_not_also_an_empty_tuple() -> None:
+    rec = _vessel_with("rel_to", ["BAD"])
+    problem = _one_problem(json.dumps(rec))
+    assert problem.path == "rel_to[0]"
+    assert "Tuple" not in problem.reason
+    # An empty list is still refused, for itself.
+    assert _one_problem(json.dumps(_vessel_with("rel_to", []))).path == "rel_to"
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_bad_json_reads_the_same_in_validate_and_submit(tmp_path: Path, ending: bytes) -> None:
+    # validate used to parse the line ending too: "control character ... at line 2
+    # column 0", where submit said "EOF ... at line 1 column 32". Both now give the
+    # column alone, which cannot be read as the file's line.
+    good = json.dumps(samples.example_records()["vessel"]).encode()
+    broken = b'{"kind": "vessel", "imo": "12345'
+    data = good + ending + broken + ending
+    reason = "not valid JSON: EOF while parsing a string at column 32"
+
+    splitter = LineSplitter(MAX_RECORD_BYTES)
+    lines = splitter.feed(data) + splitter.finish()
+    number, raw = lines[1]
+    assert number == 2
+    assert isinstance(raw, bytes)
+    with pytest.raises(InvalidRecordError) as info:
+        parse_record(raw)
+    assert info.value.problems == [FieldProblem("", reason)]
+
+    path = tmp_path / "feed.ndjson"
+    path.write_bytes(data)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout == f"{path}:2: (record): {reason}\n"
+
+
+def test_a_json_error_inside_a_multi_line_record_names_its_line_in_the_record() -> None:
+    assert _one_problem('{\n"kind": x}') == FieldProblem(
+        "", "not valid JSON: expected value at line 2 column 9 of the record"
+    )
+
+
+def test_samples_and_schemas_that_cannot_be_written_are_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    target = tmp_path / "no" / "feed.ndjson"
+    result = runner.invoke(main, ["samples", "generate", "--count", "1", "--out", str(target)])
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == f"msmt: error: cannot write {target}: No such file or directory\n"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = runner.invoke(main, ["schemas", "export", "--out", str(blocker / "schemas")])
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == f"msmt: error: cannot write {blocker / 'schemas'}: Not a directory\n"
 
 
 def _pattern(schema_text: str, *where: str | int) -> re.Pattern[str]:

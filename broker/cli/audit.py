@@ -57,21 +57,26 @@ def _vkeys(texts: tuple[str, ...] | list[str], what: str) -> list[Verifier]:
         raise UsageError(f"{what}: {exc}") from None
 
 
-def _read_vkey_file(path: Path) -> list[str]:
+def _read_file(path: Path, what: str) -> str:
+    # One line naming the file: the OS's reason, not Python's "[Errno 2] ...: 'path'",
+    # and no codec text (its byte offsets say nothing an operator can use).
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read witness keys {path}: {exc}") from None
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or 'unreadable'}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot read {what} {path}: not UTF-8 text") from None
+
+
+def _read_vkey_file(path: Path) -> list[str]:
+    lines = _read_file(path, "witness keys").splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def _read_text(path: Path) -> str:
     # A checkpoint note as served (msmt.audit.<M>.checkpoint), or the JSON that
     # ``msmt audit prove`` prints, whose "checkpoint" member is one.
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read checkpoint {path}: {exc}") from None
+    text = _read_file(path, "checkpoint")
     if text.lstrip().startswith("{"):
         try:
             inner = json.loads(text).get("checkpoint")
@@ -259,10 +264,7 @@ def _load_policies(folders: tuple[Path, ...]) -> dict[str, Policy]:
         if not files:
             raise UsageError(f"--policies {folder}: no <MEMBER>/policy.toml inside")
         for path in files:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise UsageError(f"cannot read {path}: {exc}") from None
+            text = _read_file(path, "policy")
             policy = load_policy(text, member=path.parent.name, source=str(path))
             policies[policy.digest] = policy
     return policies

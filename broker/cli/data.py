@@ -9,6 +9,7 @@ from typing import BinaryIO
 import click
 
 from broker import samples, schemas
+from broker.errors import UsageError
 from broker.members import MEMBERS, parse_members
 from broker.validation import validate_lines
 
@@ -58,8 +59,11 @@ def schemas_group() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("schemas"))
 def schemas_export(out: Path) -> None:
     """Write the JSON Schema files and example records to OUT."""
-    for path in schemas.export(out):
-        click.echo(str(path))
+    try:
+        for path in schemas.export(out):
+            click.echo(str(path))
+    except OSError as exc:
+        raise UsageError(f"cannot write {exc.filename or out}: {exc.strerror}") from None
 
 
 @click.group(name="samples")
@@ -97,7 +101,10 @@ def samples_generate(
     if out is None:
         click.echo(text, nl=False)
     else:
-        out.write_text(text, encoding="utf-8")
+        try:
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write {out}: {exc.strerror}") from None
 
 
 COMMANDS = (validate, schemas_group, samples_group)
