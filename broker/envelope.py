@@ -54,6 +54,7 @@ from broker.errors import (
 from broker.members import is_member
 from broker.roster import Roster
 from broker.sightings import (
+    KINDS,
     SCHEMA_VERSION,
     SightingModel,
     leaf_values,
@@ -294,7 +295,8 @@ def receive(
     check_header(header, expected={"alg": KEY_ALG, "enc": CONTENT_ENC, "cty": TYP})
     # 3. recipient: the header names me, and its kid is one of my decryption keys.
     if header[HDR_TO] != me:
-        raise EnvelopeError("recipient", f"addressed to {header[HDR_TO]!r:.20}, not {me}")
+        to = header[HDR_TO] if is_member(header[HDR_TO]) else "a non-member"
+        raise EnvelopeError("recipient", f"addressed to {to}, not {me}")
     key = decryption_keys.get(header["kid"])
     if key is None:
         _not_mine(header["kid"], roster, now)
@@ -320,9 +322,9 @@ def receive(
     #    attested kind (when given) = the signed kind, so the hub's routing is true.
     _check_sender(header, payload, attested_sender, accept_onward_from)
     if attested_kind is not None and attested_kind != payload["kind"]:
-        raise EnvelopeError(
-            "sender", f"sent as {attested_kind!r:.20} but the signed kind is {payload['kind']}"
-        )
+        # The transport's kind is the subject the sender published on: named if a known kind.
+        sent = repr(attested_kind) if attested_kind in KINDS else "a kind that is not one of ours"
+        raise EnvelopeError("sender", f"sent as {sent} but the signed kind is {payload['kind']}")
     # 7. key: the signing kid is in the roster, belongs to iss, is a sig key, and
     #    is usable (not revoked, not retired, within validity) at iat.
     # 8. signature over the exact JWS bytes received.
@@ -406,11 +408,17 @@ def _check_sender(
     attested_sender: str | None,
     accept_onward_from: Collection[str],
 ) -> None:
+    # The header sender is the sender's text: named only if it is a member.
     sender, iss = header[HDR_FROM], payload["iss"]
+    who = (
+        f"header sender {sender} is"
+        if is_member(sender)
+        else "header sender is not one of the members, so"
+    )
     if attested_sender is not None and sender != attested_sender:
-        raise EnvelopeError("sender", f"header sender {sender!r:.20} is not {attested_sender}")
+        raise EnvelopeError("sender", f"{who} not {attested_sender}")
     if sender != iss and not (is_member(sender) and sender in accept_onward_from):
-        raise EnvelopeError("sender", f"header sender {sender!r:.20} is not the originator {iss}")
+        raise EnvelopeError("sender", f"{who} not the originator {iss}")
     if header[HDR_RID] != payload["jti"]:
         raise EnvelopeError("sender", "header report id does not match the signed jti")
 
@@ -422,12 +430,12 @@ def _not_mine(kid: str, roster: Roster, now: datetime) -> NoReturn:
         key = roster.get(kid)
         why = key.usable_at(now) or f"key {kid} is not one of my keys"
         raise EnvelopeError("recipient", f"{why}: I hold no private key for it")
-    raise UnknownKeyError("recipient", f"kid {kid!r:.80} is in neither my keys nor my roster")
+    raise UnknownKeyError("recipient", "header kid is in neither my keys nor my roster")
 
 
 def _verify_signature(jws_text: str, *, kid: str, iss: str, iat: datetime, roster: Roster) -> None:
     if kid not in roster:
-        raise UnknownKeyError("key", f"kid {kid!r:.80} is not in the roster")
+        raise UnknownKeyError("key", "signing kid is not in the roster")
     try:
         roster.check(kid, member=iss, use="sig", at=iat)
         public = roster.public_key(kid)

@@ -3,6 +3,9 @@
 Kept apart from ``broker.envelope`` (which issues, presents and runs the
 checklist) so each reads in one sitting. Every check raises
 ``EnvelopeError(step, reason)``; reasons name fields and members, never values.
+Nor do they quote any other text the sender chose (a member name, claim name,
+disclosure key, kind or algorithm): a reason names only what the receiver
+defines (members, known field paths, kinds, transforms), and describes the rest.
 docs/ENVELOPE.md describes the same bytes in prose.
 """
 
@@ -26,7 +29,7 @@ from broker.sightings import (
     fields_plainly_valid,
     validate_field,
 )
-from broker.transforms import VARIANT_SEP, split_variant_key
+from broker.transforms import FORMS, VARIANT_SEP, split_variant_key
 
 TYP: Final = "msmt+sd-jwt"
 """JWS ``typ`` and JWE ``cty``: media type ``application/msmt+sd-jwt`` (RFC 9901 §9.11)."""
@@ -106,9 +109,10 @@ def _is_compact_jwe(token: str, parts: list[str]) -> bool:
 def _exact_members(obj: Mapping[str, Any], allowed: frozenset[str], step: str, what: str) -> None:
     if obj.keys() == allowed:
         return
-    extra, missing = sorted(set(obj) - allowed), sorted(allowed - set(obj))
+    # The missing names are ours; the unexpected ones are the sender's, so only counted.
+    extra, missing = set(obj) - allowed, sorted(allowed - set(obj))
     if extra or missing:
-        raise EnvelopeError(step, f"{what}: unexpected {extra[:5]!r:.100}, missing {missing}")
+        raise EnvelopeError(step, f"{what}: {len(extra)} unexpected, missing {missing}")
 
 
 def check_header(header: Mapping[str, Any], *, expected: Mapping[str, str]) -> None:
@@ -116,7 +120,7 @@ def check_header(header: Mapping[str, Any], *, expected: Mapping[str, str]) -> N
     _exact_members(header, _JWE_MEMBERS, "header", "JWE header")
     for name, value in expected.items():
         if header[name] != value:
-            raise EnvelopeError("header", f"{name} is {header[name]!r:.40}, expected {value}")
+            raise EnvelopeError("header", f"{name} is not {value}")
     for name in ("kid", HDR_FROM, HDR_TO, HDR_RID):
         if not isinstance(header[name], str) or not 0 < len(header[name]) <= 200:
             raise EnvelopeError("header", f"{name} must be a non-empty string")
@@ -161,7 +165,7 @@ def check_claims(plaintext: bytes, *, expected_header: Mapping[str, str]) -> Par
     _exact_members(header, _JWS_MEMBERS, "format", "JWS header")
     for name, value in expected_header.items():
         if header[name] != value:
-            raise EnvelopeError("format", f"JWS {name} is {header[name]!r:.40}, expected {value}")
+            raise EnvelopeError("format", f"JWS {name} is not {value}")
     if not isinstance(header["kid"], str):
         raise EnvelopeError("format", "JWS kid is not a string")
     payload = _b64_json(segments[1], "JWS payload")
@@ -195,22 +199,37 @@ def fields_of(
         name = disclosure.name
         field = name.partition("#")[0]
         if "." in field or (container is None and field != "observed_at"):
-            raise ValueError(f"disclosed claim name {name!r:.80} is not a field of this format")
+            raise ValueError(
+                f"a claim name disclosed {_IN[container]} is not a field of this format"
+            )
         key = name if container is None else f"{container}.{name}"
         value = processed[name] if container is None else processed[container][name]
         if value is not disclosure.value and value != disclosure.value:
             # Processing took ``_sd`` or ``...`` out of it: not where this format puts any,
             # and what would be stored is not what was signed.
-            raise ValueError(f"disclosed value of {name!r:.80} holds SD-JWT digests")
+            known = _known_key(kind, key)
+            raise ValueError(
+                f"disclosed value of {known} holds SD-JWT digests"
+                if known is not None
+                else f"a value disclosed {_IN[container]} holds SD-JWT digests"
+            )
         fields[key] = value
         encoded[key] = disclosure.encoded
     return fields, encoded
 
 
+# Where in the payload a disclosure is referenced from, in words (the kind is a known one).
+_IN: Final[Mapping[str | None, str]] = {
+    None: "at the top level",
+    "source": "in source",
+    **{kind: f"in {kind}" for kind in KINDS},
+}
+
+
 def _check_claim_types(payload: dict[str, Any]) -> None:
     kind = payload.get("kind")
     if kind not in KINDS:
-        raise EnvelopeError("format", f"kind {kind!r:.40} is not one of {', '.join(KINDS)}")
+        raise EnvelopeError("format", f"kind is not one of {', '.join(KINDS)}")
     optional = {"rel_to"} & set(payload)
     _exact_members(payload, _CLAIMS | {kind} | optional, "format", "claims")
     problems = {
@@ -268,8 +287,31 @@ def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
         except ValueError as exc:
             # The reasons are the schema's and the transforms' own, which name the
             # rule and never quote the value (audit entries must not hold content).
+            # The key is the sender's: named only as a known field path.
+            where = _known_key(kind, key)
+            if where is None:
+                raise EnvelopeError(
+                    "schema",
+                    f"a disclosure name that is not a field of {kind} reports "
+                    f"(schema {SCHEMA_VERSION})",
+                ) from None
             why = str(exc).removeprefix(f"{key.partition(VARIANT_SEP)[0]}: ")
-            raise EnvelopeError("schema", f"{key:.80}: {why} (schema {SCHEMA_VERSION})") from None
+            raise EnvelopeError("schema", f"{where}: {why} (schema {SCHEMA_VERSION})") from None
+
+
+def _known_key(kind: str, key: str) -> str | None:
+    """A disclosure key in the receiver's words, or ``None`` if its path is not a known field.
+
+    A plain key is its field path; a variant's transform is named in its general
+    form (``vessel.imo#pseudonym:<key id>``), since the parameter is the sender's.
+    """
+    path, sep, ident = key.partition(VARIANT_SEP)
+    if path not in _PATH_SETS[kind]:
+        return None
+    if not sep:
+        return path
+    form = FORMS.get(ident.partition(":")[0])
+    return f"{path}{VARIANT_SEP}{form}" if form is not None else f"a variant of {path}"
 
 
 def _check_one_category(fields: Mapping[str, Any]) -> None:
@@ -285,9 +327,14 @@ def _check_one_category(fields: Mapping[str, Any]) -> None:
     if isinstance(category, str):
         found.add(category)
     if len(found) > 1:
+        # A category disclosed as something else than crypto or fuel is the sender's text.
+        both = found <= _CATEGORIES
         raise EnvelopeError(
             "schema",
             f"transfer fields of both categories, {' and '.join(sorted(found))} "
+            f"(schema {SCHEMA_VERSION})"
+            if both
+            else "transfer.category is not the category of the other transfer fields "
             f"(schema {SCHEMA_VERSION})",
         )
 
@@ -302,6 +349,7 @@ _CATEGORY_OF: Final = {
     for name in model.model_fields
     if name not in other.model_fields
 }
+_CATEGORIES: Final = frozenset(_CATEGORY_OF.values())
 
 
 def _plainly_valid(kind: str, fields: Mapping[str, Any], chain: str | None) -> bool:

@@ -568,6 +568,8 @@ def _paths_of(kind: str) -> tuple[str, ...]:
 # Computed once: the receive path asks for every envelope, and pydantic builds
 # model_fields anew on each access (~7 us per call).
 _FIELD_PATHS: Final = {kind: _paths_of(kind) for kind in KINDS}
+# Every kind's paths: a reason may name one of these, never another path it was given.
+_ALL_PATHS: Final = frozenset(p for paths in _FIELD_PATHS.values() for p in paths)
 
 
 SOURCE_AND_METHOD_PATHS: Final = frozenset(f"source.{f}" for f in SourceMethod.model_fields)
@@ -628,7 +630,7 @@ def _field_form(head: str, name: str) -> Any:
         if name in m.model_fields
     ]
     if not found:
-        raise ValueError(f"{head} has no field {name!r}")
+        raise ValueError(f"{head} has no field of that name")
     return found[0] if len(found) == 1 else Union[tuple(found)]  # noqa: UP007
 
 
@@ -746,7 +748,9 @@ def _validate_field(kind: str, path: str, value: Any, chain: str | None) -> None
         return
     head, _, name = path.partition(".")
     if head not in ("source", kind) or not name or "." in name:
-        raise ValueError(f"{path!r} is not a field of {kind} reports")
+        # The path may be a sender's disclosure name: named only if it is a known one.
+        what = repr(path) if path in _ALL_PATHS else "a path that"
+        raise ValueError(f"{what} is not a field of {kind} reports")
     adapter = _ADAPTERS.get((head, name))
     if adapter is None:
         adapter = _ADAPTERS[(head, name)] = _field_adapter(head, name)

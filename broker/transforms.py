@@ -63,6 +63,17 @@ _APPLIES: Final = {
     "hour": TIME_PATHS,
     "pseudonym": PSEUDONYM_PATHS,
 }
+FORMS: Final = {
+    "coarsen": "coarsen:<deg>",
+    "round": "round:<step>",
+    "hour": "hour",
+    "pseudonym": "pseudonym:<key id>",
+}
+"""Each transform id in its general form, as the table above writes it.
+
+A receiver's reason names a variant by this form, never by the parameter in
+the disclosure key: that parameter is text the sender chose.
+"""
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _PSEUDONYM = re.compile(r"hmac-sha256:([A-Za-z0-9_.-]{1,64}):([A-Za-z0-9_-]{43})")
 _ROUNDED = re.compile(r"[0-9]+(\.[0-9]+)?(E\+[0-9]+)?")
@@ -76,13 +87,13 @@ def _positive_decimal(text: str, what: str) -> Decimal:
     # Only plain decimals: the parameter is part of the disclosure key, so
     # "1E+3", " 0.5" or "NaN" would give odd keys (or none) for the same step.
     if not _PLAIN_DECIMAL.fullmatch(text):
-        raise ValueError(f"{what} must be a plain positive decimal such as 0.5, not {text!r}")
+        raise ValueError(f"{what} must be a plain positive decimal such as 0.5")
     try:
         value = Decimal(text)
     except InvalidOperation:
-        raise ValueError(f"{what} must be a decimal number, not {text!r}") from None
+        raise ValueError(f"{what} must be a decimal number") from None
     if value <= 0:
-        raise ValueError(f"{what} must be a positive decimal, not {text!r}")
+        raise ValueError(f"{what} must be a positive decimal")
     return value
 
 
@@ -104,10 +115,14 @@ class Transform:
 
     @classmethod
     def parse(cls, ident: str) -> Transform:
-        """Parse a transform id; raise ``ValueError`` with a plain reason if unknown or bad."""
+        """Parse a transform id; raise ``ValueError`` with a plain reason if unknown or bad.
+
+        The reason never quotes ``ident``: a receiver parses the ids in a sender's
+        disclosure keys, and its reasons reach its audit log.
+        """
         name, _, param = ident.partition(":")
         if name not in NAMES:
-            raise ValueError(f"unknown transform {name!r} (known: {', '.join(NAMES)})")
+            raise ValueError(f"unknown transform (known: {', '.join(NAMES)})")
         if name == "hour":
             if param:
                 raise ValueError("transform 'hour' takes no parameter")
@@ -165,7 +180,8 @@ class Transform:
         Coarsened, rounded and hour values must be fixed points of the transform
         (a cell centre, a multiple of the step, a whole hour, each in the exact text
         it gives), so a variant key cannot pass off a finer value. A pseudonym can
-        be checked only for its form. The reason never quotes the value.
+        be checked only for its form. The reason never quotes the value, nor the
+        parameter: a receiver checks transforms named in a sender's disclosure keys.
         """
         if self.name == "coarsen":
             # A plainly valid position (every one a transform produces) needs no
@@ -174,8 +190,8 @@ class Transform:
                 _check_position(value)
             if _coarsen(value, Decimal(str(self.param))) != value:
                 raise ValueError(
-                    f"position is not the centre of a {self.param} degree cell "
-                    f"written as {self.ident} writes it"
+                    "position is not the centre of a cell of the variant's grid, "
+                    "written as coarsen writes it"
                 )
             return
         if self.name == "round":
@@ -184,7 +200,7 @@ class Transform:
                 raise ValueError("rounded amount must be a plain non-negative decimal string")
             if self.apply(value, pseudonym_keys={}, path="") != value:
                 raise ValueError(
-                    f"amount is not a multiple of {self.param} written as {self.ident} writes it"
+                    "amount is not a multiple of the variant's step, written as round writes it"
                 )
             return
         if self.name == "hour":
@@ -199,7 +215,9 @@ class Transform:
             return
         match = _PSEUDONYM.fullmatch(value) if isinstance(value, str) else None
         if match is None or match.group(1) != self.param:
-            raise ValueError(f"pseudonym must look like hmac-sha256:{self.param}:<43 base64url>")
+            raise ValueError(
+                "pseudonym must look like hmac-sha256:<the variant's key id>:<43 base64url>"
+            )
 
 
 def _check_position(value: Any) -> None:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.checkpoint import Checkpoint, cosign, open_checkpoint
 from broker.errors import AuditError
+from broker.members import is_member
 from broker.merkle import HASH_SIZE, ProofError, verify_consistency
 from broker.note import Note, NoteError, Verifier, b64decode_strict, excerpt
 
@@ -165,7 +166,9 @@ class Witness:
             raise WitnessError(f"malformed checkpoint: {exc}") from None
         keys = self._logs.get(origin)
         if keys is None:
-            raise UnknownLogError(f"witness {self.name} does not follow log {excerpt(origin)}")
+            # The origin line is the log's text: named only if it is a member's log.
+            log = f"log {origin}" if is_member(origin) else "a log of that origin"
+            raise UnknownLogError(f"witness {self.name} does not follow {log}")
         try:
             cp, note = open_checkpoint(checkpoint, keys)
         except NoteError as exc:

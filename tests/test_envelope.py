@@ -521,8 +521,8 @@ def test_a_variant_must_be_what_its_transform_gives(issued: envelope.Issued) -> 
 
         err = reject(_forge(edit, issued), "schema")
         assert err.reason == (
-            "vessel.position#coarsen:0.5: position is not the centre of a 0.5 degree cell "
-            "written as coarsen:0.5 writes it (schema 1.0)"
+            "vessel.position#coarsen:<deg>: position is not the centre of a cell of the "
+            "variant's grid, written as coarsen writes it (schema 1.0)"
         )
         assert err.report_id == issued.report_id
 
@@ -539,7 +539,7 @@ def test_digests_inside_a_disclosed_value_are_refused(issued: envelope.Issued) -
             return [d]
 
         err = reject(_forge(edit, issued), "disclosures")
-        assert err.reason == "disclosed value of 'position' holds SD-JWT digests"
+        assert err.reason == "disclosed value of vessel.position holds SD-JWT digests"
 
 
 def test_a_huge_integer_is_refused_in_plain_words(issued: envelope.Issued) -> None:
@@ -587,6 +587,206 @@ def test_rel_to_must_name_the_receiver() -> None:
     assert err.reason == "REL TO KOR, GBR does not include USA"
     assert err.report_id == issued.report_id
     assert Node("KOR").receive(JPN.present(issued, "KOR", ["vessel.imo"])).rel_to == ("KOR", "GBR")
+
+
+# --- rejections never quote what the sender chose ----------------------------------------
+# A reason reaches the receiver's audit log and node log. Text the sender chose
+# (a member name, kid, kind, claim or disclosure name, transform parameter,
+# algorithm) is named only when it is one of ours; "CNRY" marks the sender's text.
+
+CANARY = "CNRY"
+
+
+def _header_only(issued: envelope.Issued, **extra: Any) -> str:
+    # A token refused at step 2, before decryption: only its header matters.
+    header = {
+        "alg": "ECDH-ES+A256KW",
+        "enc": "A256GCM",
+        "cty": envelope.TYP,
+        "kid": "USA-enc-1",
+        "epk": {"kty": "OKP", "crv": "X25519", "x": "A" * 43},
+        envelope.HDR_FROM: "JPN",
+        envelope.HDR_TO: "USA",
+        envelope.HDR_RID: issued.report_id,
+        **extra,
+    }
+    return ".".join([sdjwt.b64u_encode(json.dumps(header).encode()), "AA", "AA", "AA", "AA"])
+
+
+def _disclosing(container: str | None, name: str, value: Any) -> Callable[[envelope.Issued], str]:
+    def build(issued: envelope.Issued) -> str:
+        def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
+            d = sdjwt.Disclosure.make(name, value)
+            (payload if container is None else payload[container])["_sd"].append(d.digest)
+            return [d]
+
+        return _forge(edit, issued)
+
+    return build
+
+
+def _claim(name: str, value: Any) -> Callable[[envelope.Issued], str]:
+    def build(issued: envelope.Issued) -> str:
+        def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
+            payload[name] = value
+            return []
+
+        return _forge(edit, issued)
+
+    return build
+
+
+def _jws_typ(issued: envelope.Issued) -> str:
+    forged = jws.serialize_compact(
+        {"alg": "Ed25519", "typ": "CNRYTYP", "kid": "JPN-sig-1"},
+        sdjwt.dumps_compact(payload_of(issued.jws)),
+        sig_key("JPN"),
+        algorithms=["Ed25519"],
+    )
+    return seal(forged + "~", rid=issued.report_id)
+
+
+_CANARY_CASES: dict[str, tuple[Callable[[envelope.Issued], str], str, dict[str, Any], str]] = {
+    "jwe header member": (
+        lambda i: _header_only(i, CNRYHDR=1),
+        "header",
+        {},
+        "JWE header: 1 unexpected, missing []",
+    ),
+    "jwe enc": (lambda i: _header_only(i, enc="CNRYENC"), "header", {}, "enc is not A256GCM"),
+    "addressee": (
+        lambda i: seal(i.jws + "~", rid=i.report_id, **{envelope.HDR_TO: "CNRYTO"}),
+        "recipient",
+        {},
+        "addressed to a non-member, not USA",
+    ),
+    "jwe kid": (
+        lambda i: seal(i.jws + "~", rid=i.report_id, kid="CNRYKID"),
+        "recipient",
+        {},
+        "header kid is in neither my keys nor my roster",
+    ),
+    "jws typ": (_jws_typ, "format", {}, "JWS typ is not msmt+sd-jwt"),
+    "kind": (
+        _claim("kind", "CNRYKIND40"),
+        "format",
+        {},
+        "kind is not one of vessel, worker, transfer",
+    ),
+    "claim": (_claim("CNRYCLAIM41", 1), "format", {}, "claims: 1 unexpected, missing []"),
+    "header sender, attested": (
+        lambda i: seal(i.jws + "~", sender="CNRYHDRFROM38", rid=i.report_id),
+        "sender",
+        {"attested_sender": "JPN"},
+        "header sender is not one of the members, so not JPN",
+    ),
+    "header sender": (
+        lambda i: seal(i.jws + "~", sender="CNRYHDRFROM38", rid=i.report_id),
+        "sender",
+        {},
+        "header sender is not one of the members, so not the originator JPN",
+    ),
+    "transport kind": (
+        lambda i: JPN.present(i, "USA", ["vessel.imo"]),
+        "sender",
+        {"attested_kind": "CNRYSUBJECT"},
+        "sent as a kind that is not one of ours but the signed kind is vessel",
+    ),
+    "signing kid": (
+        lambda i: seal(sign(payload_of(i.jws), kid="CNRYSIGKID") + "~", rid=i.report_id),
+        "key",
+        {},
+        "signing kid is not in the roster",
+    ),
+    "top-level claim name": (
+        _disclosing(None, "CNRYTOP", "x"),
+        "disclosures",
+        {},
+        "a claim name disclosed at the top level is not a field of this format",
+    ),
+    "dotted claim name": (
+        _disclosing("vessel", "CNRY.imo", "x"),
+        "disclosures",
+        {},
+        "a claim name disclosed in vessel is not a field of this format",
+    ),
+    "digests under an unknown name": (
+        _disclosing("vessel", "CNRYNAME", {"_sd": []}),
+        "disclosures",
+        {},
+        "a value disclosed in vessel holds SD-JWT digests",
+    ),
+    "disclosure name": (
+        _disclosing("vessel", "CNRYFIELDNAME34", "x"),
+        "schema",
+        {},
+        "a disclosure name that is not a field of vessel reports (schema 1.0)",
+    ),
+    "pseudonym key id": (
+        _disclosing("vessel", "imo#pseudonym:CNRYPSEUD50", "hmac-sha256:CNRYPSEUD50:x"),
+        "schema",
+        {},
+        "vessel.imo#pseudonym:<key id>: pseudonym must look like "
+        "hmac-sha256:<the variant's key id>:<43 base64url> (schema 1.0)",
+    ),
+    "coarsen grid": (
+        _disclosing("vessel", "position#coarsen:CNRY", {"lat": "38.5", "lon": "124.5"}),
+        "schema",
+        {},
+        "vessel.position#coarsen:<deg>: coarsen step must be a plain positive decimal "
+        "such as 0.5 (schema 1.0)",
+    ),
+    "transform name": (
+        _disclosing("vessel", "position#CNRYXFORM", {"lat": "38.5", "lon": "124.5"}),
+        "schema",
+        {},
+        "a variant of vessel.position: unknown transform "
+        "(known: coarsen, round, hour, pseudonym) (schema 1.0)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CANARY_CASES))
+def test_a_reason_never_quotes_text_the_sender_chose(issued: envelope.Issued, case: str) -> None:
+    build, step, kw, reason = _CANARY_CASES[case]
+    err = reject(build(issued), step, **kw)
+    assert CANARY not in str(err)
+    assert err.reason == reason
+
+
+def test_a_category_the_sender_chose_is_not_quoted() -> None:
+    crypto = next(
+        s
+        for s in sightings(40, seed=5)
+        if isinstance(s, TransferSighting)
+        and s.transfer.category == "crypto"
+        and s.originator == "JPN"
+        and not s.rel_to
+    )
+    issued = Node("JPN").issue(crypto)
+
+    def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
+        ds = [
+            sdjwt.Disclosure.make("category", "CNRYCAT"),
+            sdjwt.Disclosure.make("chain", "bitcoin"),
+        ]
+        payload["transfer"]["_sd"] += [d.digest for d in ds]
+        return ds
+
+    err = reject(_forge(edit, issued), "schema")
+    assert CANARY not in str(err)
+    assert err.reason == (
+        "transfer.category is not the category of the other transfer fields (schema 1.0)"
+    )
+
+
+def test_a_member_or_known_kind_the_sender_named_is_still_named(issued: envelope.Issued) -> None:
+    # Our own vocabulary: the reason stays as specific as before.
+    token = seal(issued.jws + "~", sender="GBR", rid=issued.report_id)
+    assert reject(token, "sender").reason == "header sender GBR is not the originator JPN"
+    token = JPN.present(issued, "USA", ["vessel.imo"])
+    assert reject(token, "sender", attested_sender="KOR").reason == "header sender JPN is not KOR"
+    assert reject(token, "recipient", node=GBR).reason == "addressed to USA, not GBR"
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,11 @@ def _oracle(kind: str, path: str, value: Any, chain: str | None = None) -> None:
             return
         head, _, name = path.partition(".")
         if head not in ("source", kind) or not name or "." in name:
-            raise ValueError(f"{path!r} is not a field of {kind} reports")
+            # With the reason it gives now: a path is named only if it is a known one.
+            known = any(path in field_paths(k) for k in KINDS)
+            raise ValueError(
+                f"{repr(path) if known else 'a path that'} is not a field of {kind} reports"
+            )
         adapter = _adapter(head, name)
         adapter.validate_json(json.dumps(value), strict=True)
     except ValidationError as exc:
@@ -359,6 +363,30 @@ def test_unknown_paths_are_refused_alike() -> None:
         validate_field("vessel", "vessel.nope", "x")
 
 
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("vessel.CNRY.x", "a path that is not a field of vessel reports"),
+        ("CNRY.imo", "a path that is not a field of vessel reports"),
+        ("vessel.CNRYFIELDNAME34", "vessel has no field of that name"),
+        ("worker.employer", "'worker.employer' is not a field of vessel reports"),
+    ],
+)
+def test_an_unknown_path_is_named_only_if_it_is_a_known_one(path: str, reason: str) -> None:
+    # A path may be a sender's disclosure name, and the reason may reach an audit log.
+    with pytest.raises(ValueError, match=f"^{re.escape(reason)}$"):
+        validate_field("vessel", path, "x")
+
+
+def test_check_fields_does_not_quote_a_disclosure_name() -> None:
+    with pytest.raises(EnvelopeError) as err:
+        envelope_format.check_fields("vessel", {"vessel.CNRYFIELDNAME34": "x"})
+    assert "CNRY" not in str(err.value)
+    assert (
+        err.value.reason == "a disclosure name that is not a field of vessel reports (schema 1.0)"
+    )
+
+
 # --- Transform.check_output("coarsen") and variant keys ----------------------------------
 
 
@@ -475,6 +503,15 @@ def _check_field_oracle(kind: str, key: str, value: Any, chain: str | None) -> N
     transform.check_output(value)
 
 
+# A variant is named by its transform's general form, never the parameter it was sent with.
+_FORMS = {
+    "coarsen": "coarsen:<deg>",
+    "round": "round:<step>",
+    "hour": "hour",
+    "pseudonym": "pseudonym:<key id>",
+}
+
+
 def _check_fields_oracle(kind: str, fields: dict[str, Any]) -> None:
     # envelope_format.check_fields before its batch shortcut (commit fa42ec2),
     # with the reasons it gives now.
@@ -485,8 +522,15 @@ def _check_fields_oracle(kind: str, fields: dict[str, Any]) -> None:
         try:
             _check_field_oracle(kind, key, value, chain if isinstance(chain, str) else None)
         except ValueError as exc:
-            why = str(exc).removeprefix(key.partition("#")[0] + ": ")
-            raise EnvelopeError("schema", f"{key:.80}: {why} (schema 1.0)") from None
+            path, sep, ident = key.partition("#")
+            if path not in field_paths(kind):
+                reason = f"a disclosure name that is not a field of {kind} reports (schema 1.0)"
+                raise EnvelopeError("schema", reason) from None
+            form = _FORMS.get(ident.partition(":")[0])
+            variant = f"{path}#{form}" if form else f"a variant of {path}"
+            where = variant if sep else path
+            why = str(exc).removeprefix(path + ": ")
+            raise EnvelopeError("schema", f"{where}: {why} (schema 1.0)") from None
 
 
 REPORTS: list[tuple[str, dict[str, Any]]] = []

@@ -607,7 +607,7 @@ MALFORMED = [
         '[[rules]]\nkinds = ["vessel"]\npartners = ["USA"]\nrelease = ["vessel.position"]\n'
         'transforms = { "vessel.position" = "blur:1" }\n',
         11,
-        "unknown transform 'blur'",
+        "vessel.position: unknown transform (known: coarsen, round, hour, pseudonym)",
     ),
     (
         '[[rules]]\nkinds = ["vessel"]\npartners = ["USA"]\nrelease = ["vessel.imo"]\n'

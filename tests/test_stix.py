@@ -367,7 +367,10 @@ def test_since_selects_by_time_received() -> None:
         ({"originator": "PRK"}, "originator is not an MSMT member"),
         ({"rel_to": ("XXX",)}, "REL TO lists a non-member"),
         ({"report_id": "not-a-uuid"}, "report id is not a UUID"),
-        ({"fields": {"vessel.colour": "red"}}, "vessel.colour: not a field of vessel reports"),
+        (
+            {"fields": {"vessel.colour": "red"}},
+            "a disclosure name that is not a field of vessel reports",
+        ),
         ({"fields": {"vessel.imo": "1234568"}}, "vessel.imo: IMO check digit does not match"),
     ],
 )

@@ -151,3 +151,32 @@ def test_applies_to_and_variant_keys() -> None:
     assert variant_key("vessel.position", t) == "vessel.position#coarsen:0.5"
     assert variant_key("vessel.position", None) == "vessel.position"
     assert split_variant_key("vessel.position#coarsen:0.5") == ("vessel.position", t)
+
+
+@pytest.mark.parametrize(
+    "ident",
+    ["CNRYXFORM", "CNRY:1", "coarsen:CNRY", "round:CNRY1", "round:1CNRY", "coarsen:-CNRY"],
+)
+def test_a_refused_transform_id_is_not_quoted(ident: str) -> None:
+    # A receiver parses the ids in a sender's disclosure keys; its reasons reach its audit log.
+    with pytest.raises(ValueError, match=r"transform|step") as err:
+        Transform.parse(ident)
+    assert "CNRY" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("ident", "value", "sent"),
+    [
+        ("pseudonym:CNRYPSEUD50", "hmac-sha256:CNRYPSEUD50:x", "CNRYPSEUD50"),
+        ("pseudonym:CNRYPSEUD50", "9575565", "CNRYPSEUD50"),
+        ("coarsen:0.654321", {"lat": "38.5", "lon": "124.5"}, "0.654321"),
+        ("round:987654321", "5", "987654321"),
+    ],
+)
+def test_a_refused_output_does_not_quote_the_parameter(
+    ident: str, value: object, sent: str
+) -> None:
+    # The parameter is part of the disclosure key a sender chose: described, not quoted.
+    with pytest.raises(ValueError, match="variant's") as err:
+        Transform.parse(ident).check_output(value)
+    assert sent not in str(err.value)

@@ -227,3 +227,16 @@ def test_hostile_state_and_add_checkpoint_bodies_raise_witness_errors(tmp_path: 
     witness = _witness()
     witness.add_checkpoint(request.old_size, request.proof, request.checkpoint, NOW)
     assert witness.state[MEMBER].size == 3
+
+
+def test_an_unknown_origin_is_named_only_if_it_is_a_member() -> None:
+    # The origin line is the log's own text: it reaches the witness's log and
+    # status, so a reason names it only if it is a member code (ours).
+    witness = _witness()
+    with pytest.raises(UnknownLogError) as err:
+        witness.open("CNRYCKPT1 garbage\n1\nAAAA\n\n\u2014 JPN AAAAAAAA\n")
+    assert "CNRY" not in str(err.value)
+    assert str(err.value) == "witness USA does not follow a log of that origin"
+    kor = sign_checkpoint(Checkpoint("KOR", 1, bytes(32)), LOG_KEY).render()
+    with pytest.raises(UnknownLogError, match=r"^witness USA does not follow log KOR$"):
+        witness.open(kor)
