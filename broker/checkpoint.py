@@ -39,7 +39,6 @@ from broker.note import (
     Verifier,
     b64decode_strict,
     check_key_name,
-    excerpt,
     find_signature,
     find_signatures,
     key_id,
@@ -79,9 +78,7 @@ def parse_body(text: str) -> Checkpoint:
     if not origin:
         raise NoteError("checkpoint origin line is empty")
     if not _SIZE_RE.fullmatch(size_text) or int(size_text) >= 2**64:
-        raise NoteError(
-            f"checkpoint size {excerpt(size_text)} is not a decimal without leading zeros"
-        )
+        raise NoteError("checkpoint size is not a decimal without leading zeros, below 2^64")
     root = b64decode_strict(root_text)
     if root is None:
         raise NoteError("checkpoint root hash is not valid base64")

@@ -69,7 +69,8 @@ def b64decode_strict(text: str) -> bytes | None:
 def check_key_name(name: str) -> None:
     """Raise ``NoteError`` unless ``name`` is a legal key name (non-empty, no spaces or ``+``)."""
     if not name or "+" in name or any(ch.isspace() for ch in name):
-        raise NoteError(f"invalid note key name {excerpt(name)}")
+        # Not quoted: a signature line's name is whatever its publisher wrote.
+        raise NoteError("invalid note key name (empty, or with a space or '+')")
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,9 +123,8 @@ _B64_LIST_JSON: Final = SchemaValidator(
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
-        names = [key for key, _ in pairs]
-        duplicate = next(k for k in names if names.count(k) > 1)
-        raise ValueError(f"duplicate JSON member {duplicate!r:.40}")
+        # Not named: the sender chose it, and a refusal reason reaches our audit log.
+        raise ValueError("duplicate JSON member")
     return out
 
 
@@ -484,7 +483,7 @@ class _Walk:
             if disclosure.name is None:
                 raise ValueError("an array-element disclosure is referenced from an _sd array")
             if disclosure.name in out:
-                raise ValueError(f"disclosed claim {disclosure.name!r} is already present")
+                raise ValueError("a disclosed claim name is already present in its object")
             value = disclosure.value
             out[disclosure.name] = (
                 value if shallow and type(value) in _SCALARS else self.value(value, depth + 1)

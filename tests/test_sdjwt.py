@@ -101,6 +101,13 @@ def test_strict_json(text: str | bytes, reason: str) -> None:
         sdjwt.loads_strict(text)
 
 
+def test_a_duplicate_member_is_refused_without_naming_it() -> None:
+    # The name is the sender's text, and a refusal reason reaches the receiver's audit log.
+    with pytest.raises(ValueError, match="duplicate") as err:
+        sdjwt.loads_strict('{"CNRY":1,"CNRY":2}')
+    assert str(err.value) == "duplicate JSON member"
+
+
 def test_sd_array_pads_with_distinct_decoys_and_sorts() -> None:
     real = [Disclosure.make(f"c{i}", i).digest for i in range(5)]
     arr = sdjwt.sd_array(real, 16)
@@ -413,7 +420,7 @@ class _OracleWalk:
             if disclosure.name is None:
                 raise ValueError("an array-element disclosure is referenced from an _sd array")
             if disclosure.name in out:
-                raise ValueError(f"disclosed claim {disclosure.name!r} is already present")
+                raise ValueError("a disclosed claim name is already present in its object")
             out[disclosure.name] = self.value(disclosure.value, depth + 1)
         return out
 
