@@ -11,6 +11,12 @@ Message bodies are built and parsed by ``broker.checkpoint`` (docs/AUDIT.md):
   only then publish our cosignature on ``msmt.audit.<ME>.cosignature``. A fork
   or rollback raises the alarm (log, metric, status) and is never cosigned.
   Only each log's latest checkpoint is witnessed, in rounds (``AuditNet``);
+* ``msmt.audit.<ME>.checkpoint`` (our own subject, which only our account may
+  publish on): our own checkpoints echo back; the latest is checked against our
+  audit log at most once a second. One our log holds is our echo; one signed by
+  our own log key that our log does not hold comes from another process with
+  our credentials (a second node of ours, or a restored or forked copy) and
+  raises the ``twin`` alarm; anything else is refused quietly;
 * ``msmt.audit.<W>.cosignature``: a witness's cosignature of one of our
   checkpoints is verified against the roster and merged into our audit log;
   those of other logs (every witness's reach every node) are dropped by their
@@ -50,6 +56,7 @@ from prometheus_client import Counter as PromCounter
 from broker.auditlog import AuditLog
 from broker.checkpoint import (
     Checkpoint,
+    open_checkpoint,
     parse_body,
     parse_proof_request,
     parse_proof_response,
@@ -81,6 +88,9 @@ load a partner's log is cosigned this often, not at each of its batches."""
 SETTLED_S: Final = 1.5
 """A pending checkpoint not superseded for this long is its log's last for now
 (a growing log publishes a newer one every second): no need to wait further."""
+ECHO_INTERVAL_S: Final = 1.0
+"""Our own checkpoints echo back on our own subject: the latest one is checked
+against our log at most this often (one store read), newer arrivals replacing it."""
 LOG_EVERY_S: Final = 60.0
 """The same alarm or refusal is logged at most this often per kind and log (or
 publisher): a partner repeating a message must not flood the log. Each still counts."""
@@ -164,9 +174,10 @@ class AuditNet:
     at every batch, and when they stop their last checkpoints are cosigned
     promptly; the first checkpoint after an idle spell starts a round at once.
 
-    ``alarms`` counts fork and rollback alarms by ``kind``; ``refused``, if
-    given, a counter with a ``reason`` label (the node's ``msmt_rejected``),
-    counts cosignature notes refused as their publisher's forgeries.
+    ``alarms`` counts fork, rollback and twin alarms by ``kind``; ``refused``,
+    if given, a counter with a ``reason`` label (the node's ``msmt_rejected``),
+    counts cosignature notes (``cosignature``) and notes on our own checkpoint
+    subject (``checkpoint``) refused as their publisher's forgeries.
     ``own_log_keys`` are our log keys that partners trust besides ``signer``'s
     (the roster's retired ones): a checkpoint one of them signed that our log
     lacks is a fork too.
@@ -211,6 +222,10 @@ class AuditNet:
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(QUEUE_LIMIT)
         self._pending: dict[str, bytes] = {}
         self._newest = math.inf  # when the newest pending checkpoint arrived
+        # The latest note seen on our own checkpoint subject, not yet checked (``_watch_own``).
+        self.echo_interval = ECHO_INTERVAL_S
+        self._echo: bytes | None = None
+        self._echo_arrived = asyncio.Event()
         self._last_round = -math.inf
         # A cosignature note starts with the checkpoint's origin line: ours start with this.
         self._ours = f"{member}\n".encode()
@@ -258,7 +273,12 @@ class AuditNet:
 
     async def _on_checkpoint(self, msg: Msg) -> None:
         origin = msg.subject.split(".")[2]
-        if origin == self.member or not is_member(origin):
+        if origin == self.member:
+            # Latest wins: ``_watch_own`` checks one at most every ``echo_interval``.
+            self._echo = msg.data
+            self._echo_arrived.set()
+            return
+        if not is_member(origin):
             return
         # Latest wins: when we fall behind, dropping a checkpoint only delays a cosignature.
         if self._queue.full():
@@ -343,13 +363,76 @@ class AuditNet:
             return
         self._forged(publisher, NoteError(f"cosigned checkpoint of {exc} is not signed by us"))
 
+    async def _watch_own(self) -> None:
+        """Check the notes on our own checkpoint subject: the latest, once per ``echo_interval``."""
+        while True:
+            await self._echo_arrived.wait()
+            self._echo_arrived.clear()
+            data, self._echo = self._echo, None
+            if data is None:
+                continue
+            try:
+                await self._check_own(data)
+            except Exception as exc:  # noqa: BLE001 - one message must not cost more than itself
+                self._failed("checkpoint", self.member, exc)
+            await asyncio.sleep(self.echo_interval)
+
+    async def _check_own(self, data: bytes) -> None:
+        """Check a note on our own checkpoint subject: our own echo, or a twin's checkpoint.
+
+        Only our own NATS account may publish there. Checklist: 1. the note is a
+        checkpoint of our log signed by one of our own log keys
+        (``open_checkpoint``), else it is refused quietly as a forgery; 2. our
+        log holds that very checkpoint: our own echo, nothing to do. One that
+        passes 1 but not 2 was signed by another process holding our
+        credentials and keys (a second node of ours on another data directory,
+        a restored or forked copy): the ``twin`` alarm.
+        """
+        try:
+            checkpoint, _ = open_checkpoint(data, self._own_keys)
+        except NoteError as exc:
+            self._forged(self.member, exc, "checkpoint")
+            return
+        detail = await self.run_db(self._twin_detail, checkpoint)
+        if detail is not None:
+            self._alarm(
+                "twin",
+                self.member,
+                f"another node is publishing checkpoints of our log {self.member} ({detail}):"
+                f" is a second node running with {self.member}'s credentials?",
+            )
+
+    def _twin_detail(self, checkpoint: Checkpoint) -> str | None:
+        """Step 2 of ``_check_own``, on the store thread: ``None`` if our log holds it."""
+        size = self.audit.size
+        if checkpoint.size > size:
+            return f"size {checkpoint.size}, ours {size}: beyond our log"
+        try:
+            stored = self.audit.checkpoint_at(checkpoint.size)
+        except AuditError:
+            return f"size {checkpoint.size}, ours {size}: a size our log never had"
+        if parse(stored).text != checkpoint.body():
+            return f"size {checkpoint.size}, ours {size}: another root than ours"
+        return None
+
     def _not_stored(self, exc: MsmtError) -> None:
         self.last_error = f"cosignature: {exc}"[:300]
         if self.throttle.due("cosignature_store", self.member):
             log.error("cosignature_not_stored", error=str(exc)[:200])
 
     async def run(self, nc: Client, stop: asyncio.Event) -> None:
-        """Witness partners' checkpoints in rounds (see the class) until ``stop``."""
+        """Witness partners' checkpoints in rounds (see the class) until ``stop``.
+
+        Meanwhile the notes on our own checkpoint subject are checked (``_watch_own``).
+        """
+        watcher = asyncio.create_task(self._watch_own())
+        try:
+            await self._witness(nc, stop)
+        finally:
+            watcher.cancel()
+            await asyncio.wait([watcher])
+
+    async def _witness(self, nc: Client, stop: asyncio.Event) -> None:
         while not stop.is_set():
             wait = 0.5
             if self._pending:
@@ -500,13 +583,14 @@ class AuditNet:
         if self.throttle.due(kind, origin):
             log.error("audit_alarm", kind=kind, origin=origin, detail=detail[:300])
 
-    def _forged(self, publisher: str, exc: MsmtError) -> None:
+    def _forged(self, publisher: str, exc: MsmtError, what: str = "cosignature") -> None:
         # Proof of nothing but the publisher's own misbehaviour: no alarm and no
         # status line it could fill; a warning (once a minute) and a count.
+        # ``what``: "cosignature", or "checkpoint" for a note on our own subject.
         if self.refused is not None:
-            self.refused.labels(reason="cosignature").inc()
-        if self.throttle.due("forged_cosignature", publisher):
-            log.warning("cosignature_refused", publisher=publisher, error=str(exc)[:200])
+            self.refused.labels(reason=what).inc()
+        if self.throttle.due(f"forged_{what}", publisher):
+            log.warning(f"{what}_refused", publisher=publisher, error=str(exc)[:200])
 
     def _failed(self, what: str, source: str, exc: Exception) -> None:
         # An unexpected failure handling one message: the message may quote

@@ -96,7 +96,7 @@ class Metrics:
         )
         self.audit_alarms = Counter(
             "msmt_audit_alarms",
-            "Witness alarms (fork, rollback) and refused cosignatures, by kind.",
+            "Witness alarms (fork, rollback, twin) and refused cosignatures, by kind.",
             ["kind"],
             registry=r,
         )

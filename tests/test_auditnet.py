@@ -73,8 +73,8 @@ class Peer:
     def alarm_count(self, kind: str | None = None) -> float:
         return _total(self.alarms, kind)
 
-    def refused_count(self) -> float:
-        return _total(self.refused, None)
+    def refused_count(self, reason: str | None = None) -> float:
+        return _total(self.refused, reason)
 
 
 def _total(counter: Counter, label: str | None) -> float:
@@ -566,3 +566,173 @@ async def test_a_fork_under_our_retired_log_key_is_the_alarm_and_under_others_is
     assert audit.jpn.alarm_count("fork") == 1
     assert audit.jpn.refused_count() == 1
     assert "fork detected on our log JPN" in (audit.jpn.net.last_error or "")
+
+
+def _spy_own_checks(audit: Audit, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str | None]]:
+    """Record each of JPN's checks of a note on its own subject: (size, what differs or None)."""
+    checked: list[tuple[int, str | None]] = []
+    twin_detail = audit.jpn.net._twin_detail
+
+    def spy(checkpoint: Checkpoint) -> str | None:
+        detail = twin_detail(checkpoint)
+        checked.append((checkpoint.size, detail))
+        return detail
+
+    monkeypatch.setattr(audit.jpn.net, "_twin_detail", spy)
+    audit.jpn.net.echo_interval = 0.05
+    return checked
+
+
+def _counted(counter: Counter, label: str, n: int) -> Callable[[], bool]:
+    return lambda: _total(counter, label) == n
+
+
+async def _publish_own(audit: Audit, body: bytes, done: Callable[[], bool], what: str) -> None:
+    """Publish ``body`` on JPN's own checkpoint subject and wait until JPN has dealt with it."""
+    await audit.publish_checkpoint(body)
+    await await_for(done, 10, what)
+
+
+async def test_our_own_checkpoints_echoing_back_are_checked_and_raise_no_alarm(
+    audit: Audit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # JPN's node publishes each new checkpoint on its own subject, and hears it back;
+    # also republished with a witness's cosignature merged, or arriving late.
+    checked = _spy_own_checks(audit, monkeypatch)
+
+    def checks(n: int) -> Callable[[], bool]:
+        return lambda: len(checked) == n
+
+    with capture_logs() as logs:
+        await audit.grow(0)
+        await await_for(checks(1), 10, "echo of size 3 checked")
+        await await_for(lambda: "\u2014 USA " in audit.log.checkpoint_at(3), 10, "cosigned")
+        await _publish_own(audit, audit.log.checkpoint_at(3).encode(), checks(2), "cosigned 3")
+        await audit.grow(4)
+        await await_for(checks(3), 10, "echo of size 7 checked")
+        await audit.grow(5)
+        await await_for(checks(4), 10, "echo of size 12 checked")
+        await _publish_own(audit, audit.log.checkpoint_at(7).encode(), checks(5), "late 7")
+    assert checked == [(3, None), (3, None), (7, None), (12, None), (7, None)]
+    assert audit.jpn.alarm_count() == 0
+    assert audit.jpn.refused_count() == 0
+    assert audit.jpn.net.last_error is None
+    assert [e for e in logs if e["event"] == "audit_alarm"] == []
+
+
+async def test_a_checkpoint_of_our_log_that_our_log_lacks_on_our_subject_is_the_twin_alarm(
+    audit: Audit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second JPN node (same credentials and log key, another data directory)
+    # publishes its own checkpoints on JPN's subject: each one seen is the alarm.
+    checked = _spy_own_checks(audit, monkeypatch)
+    twin_log = build_log(tmp_path / "twin", JPN_KEY, [1])
+    try:
+        twin = (twin_log.latest_checkpoint() or "").encode()
+    finally:
+        twin_log.close()
+    other_root = sign_checkpoint(Checkpoint(MEMBER, 3, b"\x22" * 32), JPN_KEY)
+    beyond = sign_checkpoint(Checkpoint(MEMBER, 40, b"\x22" * 32), JPN_RETIRED_KEY)
+    bodies = [twin, twin, other_root.render().encode(), beyond.render().encode()]
+    with capture_logs() as logs:
+        for n, body in enumerate(bodies, start=1):
+            await _publish_own(
+                audit,
+                body,
+                _counted(audit.jpn.alarms, "twin", n),
+                f"twin alarm {n}",
+            )
+        # Our own echo in between changes nothing: it is checked and passes.
+        await _publish_own(
+            audit, audit.log.checkpoint_at(3).encode(), lambda: len(checked) == 5, "our echo"
+        )
+    assert [size for size, _ in checked] == [1, 1, 3, 40, 3]
+    assert checked[-1] == (3, None)
+    assert audit.jpn.alarm_count() == audit.jpn.alarm_count("twin") == 4
+    assert audit.jpn.refused_count("checkpoint") == 0
+    assert audit.jpn.net.last_error == (
+        "another node is publishing checkpoints of our log JPN (size 40, ours 3: beyond our"
+        " log): is a second node running with JPN's credentials?"
+    )
+    alarms = [e for e in logs if e["event"] == "audit_alarm"]
+    assert [(e["kind"], e["origin"], e["log_level"]) for e in alarms] == [("twin", MEMBER, "error")]
+    assert alarms[0]["detail"] == (
+        "another node is publishing checkpoints of our log JPN (size 1, ours 3: a size our"
+        " log never had): is a second node running with JPN's credentials?"
+    )
+    assert "another root than ours" in (checked[2][1] or "")
+    assert audit.usa.alarm_count("twin") == 0  # a partner's subject is not its own
+
+
+async def test_a_note_on_our_subject_not_signed_by_our_log_key_is_refused_quietly(
+    audit: Audit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked = _spy_own_checks(audit, monkeypatch)
+    stranger = Ed25519PrivateKey.from_private_bytes(bytes(range(200, 232)))
+    forged = sign_checkpoint(Checkpoint(MEMBER, 3, b"\x22" * 32), stranger)
+    bad_line = Note(forged.text, (Signature(MEMBER, log_verifier(JPN_KEY).key_id, bytes(64)),))
+    kor = sign_checkpoint(Checkpoint("KOR", 3, b"\x22" * 32), KOR_KEY)
+    bodies = [
+        b"garbage that is no note",
+        b"JPN\n\xff\xfe",
+        f"JPN\n5\n{'A' * 42}\u00e9=\n\n\u2014 JPN AAAAAAAAAAAA\n".encode(),
+        forged.render().encode(),
+        bad_line.render().encode(),
+        kor.render().encode(),
+    ]
+    with capture_logs() as logs:
+        for n, body in enumerate(bodies, start=1):
+            await _publish_own(
+                audit,
+                body,
+                _counted(audit.jpn.refused, "checkpoint", n),
+                f"refusal {n}",
+            )
+    assert checked == []  # none reached our log
+    assert audit.jpn.alarm_count() == 0
+    assert audit.jpn.net.last_error is None
+    warnings = [e for e in logs if e["event"] == "checkpoint_refused"]
+    assert [(e["publisher"], e["log_level"]) for e in warnings] == [(MEMBER, "warning")]
+    assert [e for e in logs if e["event"] == "audit_alarm"] == []
+    # The node goes on: it still witnesses USA's log and checks its own subject.
+    assert audit.jpn.task is not None
+    assert not audit.jpn.task.done()
+    usa = sign_checkpoint(Checkpoint("USA", 1, b"\x44" * 32), USA_KEY).render()
+    await audit.tap.publish("msmt.audit.USA.checkpoint", usa.encode())
+    await audit.tap.flush()
+    await await_for(
+        lambda: audit.jpn.net.witness.state.get("USA") == LogState(1, b"\x44" * 32),
+        10,
+        "JPN cosigned USA's checkpoint",
+    )
+    await _publish_own(
+        audit, audit.log.checkpoint_at(3).encode(), lambda: checked == [(3, None)], "our echo"
+    )
+
+
+async def test_an_unexpected_failure_checking_our_subject_is_reported_by_type_and_goes_on(
+    audit: Audit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def breaking(checkpoint: Checkpoint) -> str | None:
+        raise KeyError("hostile content")
+
+    monkeypatch.setattr(audit.jpn.net, "_twin_detail", breaking)
+    audit.jpn.net.echo_interval = 0.05
+    with capture_logs() as logs:
+        await _publish_own(
+            audit,
+            audit.log.checkpoint_at(3).encode(),
+            lambda: audit.jpn.net.last_error is not None,
+            "JPN's report",
+        )
+    assert audit.jpn.net.last_error == "witness: checkpoint from JPN failed (KeyError)"
+    assert "hostile content" not in repr(logs)
+    assert audit.jpn.alarm_count() == 0
+    # The next note on our subject is checked as ever.
+    monkeypatch.undo()
+    twin = sign_checkpoint(Checkpoint(MEMBER, 40, b"\x22" * 32), JPN_KEY).render()
+    await _publish_own(
+        audit, twin.encode(), lambda: audit.jpn.alarm_count("twin") == 1, "the twin alarm"
+    )
+    assert audit.jpn.task is not None
+    assert not audit.jpn.task.done()
