@@ -328,6 +328,11 @@ class AuditLog:
         rows = self._rows("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1")
         return str(rows[0][0]) if rows else None
 
+    def checkpoint_sizes(self, after: int) -> list[int]:
+        """The sizes of the stored checkpoints beyond ``after``, ascending: where appends ended."""
+        rows = self._rows("SELECT size FROM checkpoints WHERE size > ? ORDER BY size", (after,))
+        return [int(r[0]) for r in rows]
+
     def checkpoint_at(self, size: int) -> str:
         """Return the stored checkpoint note for ``size``; raise ``AuditError`` if there is none."""
         rows = self._rows("SELECT note FROM checkpoints WHERE size = ?", (size,))

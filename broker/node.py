@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import contextlib
 import functools
 import json
@@ -63,7 +64,7 @@ from broker.policy import Policy, load_policy
 from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
 from broker.receiver import Inbound, Receiver
 from broker.roster import Roster
-from broker.store import NewReport, OutboxItem, Store
+from broker.store import AUDIT_SIZE, NewReport, OutboxItem, Store
 
 log = get_logger("node")
 
@@ -175,26 +176,34 @@ class Node:
 
     # --- intake ---------------------------------------------------------------
 
-    def _accept_sync(self, batch: list[NewReport], feed: str) -> list[bool]:
+    def _accept_sync(self, batch: list[NewReport], feed: str) -> tuple[list[bool], str | None]:
         # Store, then audit, then confirm: a crash between the first two leaves
         # unconfirmed reports that load_node audits at the next start, so the log
         # never misses an accepted report (at worst it records one twice).
         fresh = self.store.accept(batch)
         new = [r for r, is_new in zip(batch, fresh, strict=True) if is_new]
         now = datetime.now(UTC)
-        self.audit.append_many(
-            [
-                audit_events.accepted(
-                    self.member, now, report_id=r.report_id, kind=r.kind, feed=feed
-                )
-                for r in new
-            ]
-        )
-        self.store.mark_audited([r.report_id for r in new])
-        return fresh
+        try:
+            self.audit.append_many(
+                [
+                    audit_events.accepted(
+                        self.member, now, report_id=r.report_id, kind=r.kind, feed=feed
+                    )
+                    for r in new
+                ]
+            )
+            self.store.mark_audited([r.report_id for r in new])
+        except MsmtError as exc:
+            # Stored is accepted: the feed must not resend a report it would then
+            # find taken. Housekeeping logs it once the log can be written, and the
+            # planner takes only logged reports, so nothing is sent before that.
+            return fresh, f"audit: {exc}"
+        return fresh, None
 
     async def _accept(self, batch: list[NewReport], feed: str) -> list[bool]:
-        fresh = await self.run_db(self._accept_sync, batch, feed)
+        fresh, failed = await self.run_db(self._accept_sync, batch, feed)
+        if failed is not None:
+            self._error(failed)
         self._plan_wake.set()
         return fresh
 
@@ -753,6 +762,8 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
         audit = _open_audit(config, store, signing, signed.roster)
         undo.callback(audit.close)
+        check_store_against_log(config, store, audit)
+        store.audit_size = lambda: audit.size
         previous = state.get("policy_digest")
         if previous != policy.digest:
             audit.append_many(
@@ -858,6 +869,57 @@ def _open_audit(
         audit.close()
         raise lost
     return audit
+
+
+def check_store_against_log(config: NodeConfig, store: Store, audit: AuditLog) -> None:
+    """Refuse a store and an audit log that are not from one moment; raise ``ConfigError``.
+
+    Every store write records the log's size (``store.AUDIT_SIZE``), and the log
+    commits before the store write that follows an append. So a log shorter than
+    that lost entries. After it, an ``accepted`` report and a ``sent`` envelope
+    were in the store before their entries were written, so the store must hold
+    them; ``received`` reports are stored after their entries, so one append's
+    worth may be missing (a crash, or a store write that failed, before the
+    store's write; the hub redelivers them), never more. Anything else means one
+    of the two lost commits: a restore without its ``-wal`` file, or from two
+    backups. Starting would lose reports for good (the hub was told they were
+    stored) or fork the log.
+    """
+    recorded = store.state().get(AUDIT_SIZE, "")
+    if not recorded.isdecimal():
+        return  # a store from before this record: its first write starts it
+    seen = int(recorded)
+    restore = (
+        "restore the store and the audit log from the same backup, each with its -wal file"
+        " (docs/DEPLOY.md)"
+    )
+    if seen > audit.size:
+        raise ConfigError(
+            f"the audit log in {config.audit_dir} holds {audit.size} entries, but the store"
+            f" {config.store_path} was last written when it held {seen}: the log lost"
+            f" entries; {restore}"
+        )
+    ends = audit.checkpoint_sizes(seen)
+    unstored_append: int | None = None  # the one append whose receipts may be missing
+    for index in range(seen, audit.size):
+        entry = json.loads(audit.entry(index))
+        kind = entry.get("type")
+        if kind == "accepted":
+            held = store.has_report(entry["report_id"])
+        elif kind == "sent":
+            held = store.has_envelope(entry["report_id"], entry["partner"])
+        elif kind == "received":
+            held = store.has_received(entry["sender"], entry["jwe_sha256"])
+            append = bisect.bisect_right(ends, index)
+            if not held and unstored_append in (None, append):
+                unstored_append, held = append, True
+        else:
+            continue
+        if not held:
+            raise ConfigError(
+                f"the store {config.store_path} lacks what audit log entry {index} records"
+                f" ({kind}, report {entry['report_id']}): the store lost commits; {restore}"
+            )
 
 
 def audit_unaudited(member: str, store: Store, audit: AuditLog, at: datetime) -> int:

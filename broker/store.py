@@ -26,13 +26,16 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from broker.errors import StoreError
+
+AUDIT_SIZE: Final = "audit_size"
+"""The ``state`` key holding the audit log's size at the store's last write."""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -223,6 +226,8 @@ class Store:
 
     def __init__(self, path: Path, *, readonly: bool = False, max_pages: int | None = None) -> None:
         self.path = path
+        self.audit_size: Callable[[], int] | None = None
+        """The node's audit log size: once set, every write records it (``AUDIT_SIZE``)."""
         self._lock: int | None = None
         try:
             if readonly:
@@ -267,6 +272,15 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                if self.audit_size is not None:
+                    # The log commits before any store write that follows its append,
+                    # so what is recorded here never exceeds what the log holds: a log
+                    # found shorter at the next start lost entries (broker.node).
+                    self._db.execute(
+                        "INSERT INTO state(key, value) VALUES (?, ?)"
+                        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        (AUDIT_SIZE, str(self.audit_size())),
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 # SQLite may already have rolled back itself (SQLITE_FULL does).
@@ -423,6 +437,18 @@ class Store:
         if not rows:
             return "new"
         return "redelivered" if rows[0][0] == jwe_sha256 else "replay"
+
+    def has_report(self, report_id: str) -> bool:
+        """Whether a feed's report with this id was accepted."""
+        return bool(self._read("SELECT 1 FROM reports WHERE report_id = ?", (report_id,)))
+
+    def has_envelope(self, report_id: str, partner: str) -> bool:
+        """Whether the outbox holds (pending or sent) this report's envelope for ``partner``."""
+        return bool(
+            self._read(
+                "SELECT 1 FROM outbox WHERE report_id = ? AND partner = ?", (report_id, partner)
+            )
+        )
 
     def has_received(self, sender: str, jwe_sha256: str) -> bool:
         """Whether these exact envelope bytes from ``sender`` were verified and stored before."""

@@ -74,6 +74,16 @@ def event(i: int, member: str = MEMBER) -> ev.AuditEvent:
             )
 
 
+def unstored_event(i: int, member: str = MEMBER) -> ev.AuditEvent:
+    """A refusal: an entry with no store counterpart, to append to a real node's own log.
+
+    A node checks at start that its store holds what its log's newest entries
+    say it accepted, sent and received (``broker.node.check_store_against_log``).
+    """
+    at = T0 + timedelta(seconds=i)
+    return ev.rejected(member, at, source="GBR", step="signature", reason=f"test {i}")
+
+
 def build_log(
     datadir: Path, key: Ed25519PrivateKey, batches: list[int], member: str = MEMBER
 ) -> AuditLog:

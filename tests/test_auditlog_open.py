@@ -10,22 +10,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from audit_helpers import event
+from audit_helpers import event, unstored_event
 from node_world import MSMT, msmt, write_node_config
 
-from broker import keys
+from broker import audit_events, keys, samples
 from broker.auditlog import DB_FILE
 from broker.checkpoint import open_checkpoint, roster_log_keys
 from broker.config import load_config
-from broker.errors import AuditError
+from broker.errors import AuditError, ConfigError
+from broker.intake import Intake
 from broker.node import load_node
 from broker.note import NoteError
+from broker.store import NewReport
 
 POLICY = """
 version = 1
@@ -53,7 +57,7 @@ def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> N
     for appended in (3, 0):  # it loads, and loads again
         node = load_node(config)
         try:
-            node.audit.append_many([event(i) for i in range(appended)])
+            node.audit.append_many([unstored_event(i) for i in range(appended)])
             assert node.audit.size == 4
         finally:
             node.store.close()
@@ -92,7 +96,7 @@ def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_pa
     keydir = tmp_path / "keys"
     node = load_node(config)
     try:
-        node.audit.append_many([event(i) for i in range(3)])
+        node.audit.append_many([unstored_event(i) for i in range(3)])
         head = node.audit.latest_checkpoint()
     finally:
         node.store.close()
@@ -138,7 +142,7 @@ def test_a_log_whose_latest_checkpoint_only_a_revoked_key_signed_does_not_verify
     keydir = tmp_path / "keys"
     node = load_node(config)
     try:
-        node.audit.append_many([event(i) for i in range(3)])
+        node.audit.append_many([unstored_event(i) for i in range(3)])
     finally:
         node.store.close()
         node.audit.close()
@@ -154,3 +158,110 @@ def test_a_log_whose_latest_checkpoint_only_a_revoked_key_signed_does_not_verify
     assert done.stderr.endswith(
         "is signed only by a revoked key; nothing trusted vouches for the log\n"
     ), done.stderr
+
+
+def _accept(config_path: Path, count: int, seed: int) -> None:
+    """Start JPN's node in process, accept ``count`` reports as its intake does, stop it."""
+    node = load_node(load_config(config_path, env={}))
+    try:
+        records = samples.generate(count, seed=seed, originators=("JPN",))
+        batch = [NewReport(r["report_id"], r["kind"], json.dumps(r).encode()) for r in records]
+        assert node._accept_sync(batch, "ais") == ([True] * count, None)
+    finally:
+        node.store.close()
+        node.audit.close()
+
+
+def _received(i: int) -> audit_events.AuditEvent:
+    return audit_events.received(
+        "JPN",
+        datetime.now(UTC),
+        sender="USA",
+        report_id=uuid.UUID(int=i),
+        kind="vessel",
+        fields=["vessel.imo"],
+        jwe_sha256=f"{i:064x}",
+    )
+
+
+def test_a_log_restored_older_than_its_store_is_refused(tmp_path: Path) -> None:
+    # The log's copy is older than the store's (a restore from two backups, or
+    # without the log's -wal file): starting would fork the log.
+    config_path = jpn_config(tmp_path)
+    audit_dir = load_config(config_path, env={}).audit_dir
+    _accept(config_path, 2, seed=1)
+    shutil.copytree(audit_dir, tmp_path / "older-audit")
+    _accept(config_path, 3, seed=2)
+    shutil.rmtree(audit_dir)
+    shutil.copytree(tmp_path / "older-audit", audit_dir)
+    done = msmt("node", "run", "--config", str(config_path))
+    assert done.returncode == 2, done.stderr
+    assert "holds 3 entries, but the store" in done.stderr
+    assert "was last written when it held 6: the log lost entries; restore the store" in (
+        done.stderr
+    )
+    assert done.stderr.count("\n") == 1
+
+
+def test_a_store_restored_older_than_its_log_is_refused(tmp_path: Path) -> None:
+    # The store lost commits the log records (its -wal file left out of a restore):
+    # reports the hub was told are stored would be gone for good.
+    config_path = jpn_config(tmp_path)
+    store_path = load_config(config_path, env={}).store_path
+    _accept(config_path, 2, seed=1)
+    shutil.copy(store_path, tmp_path / "older-store")
+    _accept(config_path, 3, seed=2)
+    shutil.copy(tmp_path / "older-store", store_path)
+    done = msmt("node", "run", "--config", str(config_path))
+    assert done.returncode == 2, done.stderr
+    assert "lacks what audit log entry 3 records (accepted, report " in done.stderr
+    assert "the store lost commits; restore the store and the audit log" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_receipts_one_append_ahead_of_the_store_are_a_crash_not_a_loss(tmp_path: Path) -> None:
+    # The receiver logs a batch, then stores it: a crash (or a failed store write)
+    # between the two leaves one append's receipts unstored, which the hub
+    # redelivers. Two such appends cannot come from that; the store lost commits.
+    config = load_config(jpn_config(tmp_path), env={})
+    node = load_node(config)
+    node.audit.append_many([_received(i) for i in range(3)])
+    node.store.close()
+    node.audit.close()
+    node = load_node(config)  # starts, and its first store write closes the gap
+    node.audit.append_many([_received(i) for i in range(10, 12)])
+    node.audit.append_many([unstored_event(1)])  # an intake refusal: no store write
+    node.store.close()
+    node.audit.close()
+    node = load_node(config)
+    node.audit.append_many([_received(20)])
+    node.audit.append_many([_received(21)])
+    node.store.close()
+    node.audit.close()
+    with pytest.raises(ConfigError, match=r"lacks what audit log entry \d+ records \(received"):
+        load_node(config)
+
+
+async def test_reports_stored_while_the_log_cannot_be_written_are_answered_accepted(
+    tmp_path: Path,
+) -> None:
+    # The store committed them; answering "unavailable" sent the feed to resend
+    # reports it would then find taken. The next start (or housekeeping) logs them.
+    config = load_config(jpn_config(tmp_path), env={})
+    node = load_node(config)
+    records = samples.generate(2, seed=3, originators=("JPN",))
+    intake = Intake("JPN", 65536, node._accept, feed="socket")
+    node.audit.close()  # the log cannot be written (a full disk, say); the store can
+    try:
+        answers = await intake.process([(i, json.dumps(r).encode()) for i, r in enumerate(records)])
+    finally:
+        node.store.close()
+    assert [a["status"] for a in answers] == ["accepted", "accepted"]
+    node = load_node(config)
+    try:
+        assert node.store.unaudited() == []
+        entry = json.loads(node.audit.entry(node.audit.size - 1))
+        assert (entry["type"], entry["feed"]) == ("accepted", "recovered")
+    finally:
+        node.store.close()
+        node.audit.close()
