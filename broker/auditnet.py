@@ -229,6 +229,8 @@ class AuditNet:
         self._last_round = -math.inf
         # A cosignature note starts with the checkpoint's origin line: ours start with this.
         self._ours = f"{member}\n".encode()
+        # Our cosignature line in a partner's note, as the log merged it.
+        self._our_line = f"\n\u2014 {member} ".encode()
         self._cosigned = {
             origin: _cosigned_text(origin, st) for origin, st in self.witness.state.items()
         }
@@ -455,10 +457,12 @@ class AuditNet:
 
     def _hold(self, origin: str, data: bytes) -> None:
         # A log republishes its checkpoint as cosignatures merge into it: the
-        # same text we already cosigned needs no work (we would verify it only
-        # to find nothing to do). Anything else waits for the next round.
+        # same text we already cosigned, with our line merged, needs no work (we
+        # would verify it only to find nothing to do). Without our line, our
+        # cosignature was lost on the way (a hub restart): the round signs it
+        # again. Anything else waits for the next round too.
         done = self._cosigned.get(origin)
-        if done is not None and data.startswith(done):
+        if done is not None and data.startswith(done) and self._our_line in data:
             return
         self._pending[origin] = data
         self._newest = time.monotonic()
@@ -548,7 +552,8 @@ class AuditNet:
         no round trip); 2. that log is the one whose subject carried it (a
         member replaying another's old checkpoint must not pass for that log
         rolling back); 3. the log's reply proves the sizes we asked for. Returns
-        ``None`` when we already cosigned exactly this checkpoint.
+        ``None`` when we already cosigned exactly this checkpoint and the note
+        carries our line.
         """
         opened = self.witness.open(data)
         checkpoint = opened.checkpoint
@@ -558,7 +563,9 @@ class AuditNet:
             )
         known = self.witness.state.get(origin, LogState(0, b""))
         if checkpoint.size == known.size and checkpoint.root == known.root:
-            return None  # already cosigned
+            # Already cosigned; once more if our line never reached the log
+            # (C2SP tlog-witness cosigns a checkpoint at the size it holds again).
+            return None if self._our_line in data else (opened, known.size, [])
         proof: list[bytes] = []
         if 0 < known.size < checkpoint.size:
             try:

@@ -26,6 +26,7 @@ import bisect
 import contextlib
 import functools
 import json
+import math
 import os
 import signal
 import ssl
@@ -78,6 +79,8 @@ PLAN_RETRY_S: Final = 30.0
 HOUSEKEEPING_S: Final = 1.0
 LAG_EVERY_S: Final = 5.0
 """Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
+REPUBLISH_S: Final = 60.0
+"""Longest time between two publications of our latest checkpoint, changed or not."""
 STATUS_EVERY_S: Final = 30.0
 """Longest time between status writes when nothing changed (``updated_at``'s freshness)."""
 PLAN_ERROR_RETRY_S: Final = 0.5
@@ -164,6 +167,7 @@ class Node:
         self._last_condition = ""
         self._last_logged = 0.0
         self._published_checkpoint: str | None = None
+        self._published_at = -math.inf
         self._lag: int | None = None
         self._lag_at = -LAG_EVERY_S
         self._status: dict[str, str] = {}
@@ -591,7 +595,11 @@ class Node:
     async def _publish_checkpoint(self, checkpoint: str | None) -> None:
         # Witnesses need our latest signed root; core NATS is enough, the AUDIT
         # account archives it and the next one supersedes a lost one.
-        if checkpoint is None or checkpoint == self._published_checkpoint:
+        # The same one again after a while: a witness whose cosignature was lost on
+        # the way (a hub restart) sees its line missing and signs again, so an idle
+        # log still reaches its quorum.
+        again = time.monotonic() - self._published_at >= REPUBLISH_S
+        if checkpoint is None or (checkpoint == self._published_checkpoint and not again):
             return
         if self.nc is None or not self.nc.is_connected:
             return
@@ -601,6 +609,7 @@ class Node:
             self._error(f"checkpoint publish: {type(exc).__name__}")
             return
         self._published_checkpoint = checkpoint
+        self._published_at = time.monotonic()
 
     # --- the whole daemon --------------------------------------------------------
 

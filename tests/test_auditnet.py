@@ -256,6 +256,26 @@ async def test_a_republished_checkpoint_already_cosigned_is_not_witnessed_again(
     assert len(audit.usa_cosignatures) == 1
 
 
+async def test_a_cosignature_lost_on_the_way_is_made_again_when_the_log_republishes(
+    audit: Audit,
+) -> None:
+    # USA cosigned JPN's checkpoint, but its line never reached JPN (a hub restart):
+    # JPN republishes the note without it, and USA signs that checkpoint again
+    # (C2SP tlog-witness cosigns the size it holds again). No alarm, no proof asked.
+    note = await audit.grow(2)
+    await await_for(lambda: len(audit.usa_cosignatures) == 1, 10, "the first cosignature")
+    requests = len(audit.proof_requests)
+    audit.usa.net.interval = 0
+    await audit.publish_checkpoint(note)  # the same text, still without USA's line
+    await await_for(lambda: len(audit.usa_cosignatures) == 2, 10, "the cosignature again")
+    again = parse(audit.usa_cosignatures[1].decode())
+    assert again.text == parse(note).text
+    assert [s.name for s in again.signatures] == ["USA"]
+    assert audit.usa.alarm_count() == 0
+    assert len(audit.proof_requests) == requests
+    assert audit.usa_state().size == audit.log.size
+
+
 async def test_cosignatures_of_other_logs_are_ignored_and_ours_checked_in_full(
     audit: Audit,
 ) -> None:

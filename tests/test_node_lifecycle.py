@@ -6,6 +6,7 @@ fixture), or against a port where no hub listens.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -29,6 +30,7 @@ from node_world import (
 )
 
 from broker import keys
+from broker import node as node_module
 from broker.errors import KeyMaterialError
 from broker.natsetup import setup_account
 from broker.natsproc import free_port
@@ -240,3 +242,41 @@ async def test_a_hub_that_lost_the_inbox_shows_not_ready_until_setup_runs_again(
     await await_for(lambda: "msmt_ready 1.0" in fetch(url), 15, "USA ready again")
     assert readyz(port)
     assert world.terminate("USA") == 0
+
+
+async def test_an_idle_log_gets_the_cosignature_of_a_witness_that_was_away(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # USA was down while JPN's log last grew; JPN then went idle. Its latest
+    # checkpoint never changes again, so before, it was never published again and
+    # USA never cosigned it: the log stayed short of its quorum until the next
+    # report (chaos walkthrough, after hub restarts). JPN now republishes it.
+    monkeypatch.setattr(node_module, "REPUBLISH_S", 0.5)
+    for member in ("JPN", "USA"):
+        world.write_config(member, BATCH_POLICY if member == "JPN" else None)
+    jpn = load_node(world.config("JPN"))
+    jpn_task = asyncio.create_task(jpn.run())
+    try:
+        await await_for(lambda: jpn.ready() is None, 20, "JPN ready")
+        answers = await world.submit("JPN", records_for("JPN", 2, seed=7))
+        assert [a["status"] for a in answers] == ["accepted", "accepted"]
+        await await_for(lambda: jpn.store.outbox_depth() == 0, 30, "JPN sent everything")
+        idle = jpn.audit.size
+        await asyncio.sleep(1.5)  # idle: its checkpoint published, nothing new
+        assert jpn.audit.size == idle
+        assert "\u2014 USA " not in (jpn.audit.latest_checkpoint() or "")
+        usa = load_node(world.config("USA"))
+        usa_task = asyncio.create_task(usa.run())
+        try:
+            await await_for(
+                lambda: "\u2014 USA " in (jpn.audit.latest_checkpoint() or ""),
+                30,
+                "USA's cosignature of JPN's idle checkpoint",
+            )
+            assert jpn.audit.size == idle
+        finally:
+            usa.stop.set()
+            await usa_task
+    finally:
+        jpn.stop.set()
+        await jpn_task
