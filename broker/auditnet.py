@@ -63,7 +63,7 @@ from broker.checkpoint import (
     proof_request,
     proof_response,
 )
-from broker.errors import AuditError, MsmtError
+from broker.errors import AuditError, ConfigError, MsmtError
 from broker.log import get_logger
 from broker.members import is_member
 from broker.note import (
@@ -97,7 +97,11 @@ publisher): a partner repeating a message must not flood the log. Each still cou
 
 
 def load_witness_state(path: Path) -> dict[str, LogState]:
-    """Read the persisted witness state; raise ``AuditError`` if it is unreadable."""
+    """Read the persisted witness state; raise ``ConfigError`` if it is unreadable.
+
+    A configuration error (exit status 2): restarting cannot mend the file, and
+    the sample systemd unit does not restart on 2.
+    """
     if not path.exists():
         return {}
     try:
@@ -107,7 +111,11 @@ def load_witness_state(path: Path) -> dict[str, LogState]:
             for origin, entry in data.items()
         }
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AuditError(f"witness state {path} is unreadable ({type(exc).__name__})") from None
+        raise ConfigError(
+            f"witness state {path} is unreadable ({type(exc).__name__}): restore it from a"
+            " backup; without it this node would cosign every partner's log afresh,"
+            " forgetting what it cosigned (docs/DEPLOY.md)"
+        ) from None
 
 
 def save_witness_state(path: Path, state: Mapping[str, LogState]) -> None:

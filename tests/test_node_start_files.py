@@ -14,6 +14,7 @@ import pytest
 from node_world import msmt, write_node_config
 
 from broker import keys
+from broker.config import load_config
 
 NOT_UTF8 = b'{"d": "\xff\xfe"}'
 
@@ -46,3 +47,16 @@ def test_a_file_that_is_not_utf8_text_is_one_line(folder: Path, damaged: str, re
     assert done.stderr.endswith(reason.format(path.resolve()) + "\n"), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert "\\xff" not in done.stderr
+
+
+def test_an_unreadable_witness_state_stops_the_start_for_the_operator(folder: Path) -> None:
+    # Exit status 2, which the sample systemd unit does not restart on: a restart
+    # cannot mend the file, and a node that forgot what it cosigned can be rolled back.
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    state = load_config(config_path, env={}).data_dir / "witness-state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text('{"USA": {"size": "x"}}')
+    done = msmt("node", "run", "--config", str(config_path))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"msmt: error: witness state {state} is unreadable (")
+    assert done.stderr.count("\n") == 1, done.stderr
