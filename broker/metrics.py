@@ -78,6 +78,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.clock_offset = Gauge(
+            "msmt_clock_offset_seconds",
+            "This node's clock minus the hub's, measured every 5 s while connected.",
+            registry=r,
+        )
         self.connected = Gauge("msmt_nats_connected", "1 while connected to NATS.", registry=r)
         self.ready = Gauge(
             "msmt_ready",

@@ -79,6 +79,8 @@ PLAN_RETRY_S: Final = 30.0
 HOUSEKEEPING_S: Final = 1.0
 LAG_EVERY_S: Final = 5.0
 """Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
+CLOCK_WARN_S: Final = 60.0
+"""A clock this far from the hub's is reported (``msmt_clock_offset_seconds``, the status)."""
 REPUBLISH_S: Final = 60.0
 """Longest time between two publications of our latest checkpoint, changed or not."""
 STATUS_EVERY_S: Final = 30.0
@@ -582,15 +584,37 @@ class Node:
         if now - self._lag_at < LAG_EVERY_S:
             return self._lag
         self._lag_at = now
+        # The JetStream API itself, not nats-py's ConsumerInfo: its "ts", the hub's
+        # clock, is what the node checks its own against (``_check_clock``).
+        subject = f"$JS.API.CONSUMER.INFO.{inbox_stream(self.member)}.{inbox_durable(self.member)}"
+        asked = wall_clock()
         try:
-            info = await self.nc.jetstream().consumer_info(
-                inbox_stream(self.member), inbox_durable(self.member), timeout=1.0
-            )
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            reply = await self.nc.request(subject, b"", timeout=1.0)
+            info = json.loads(reply.data)
+            self._lag = int(info["num_pending"]) + int(info["num_ack_pending"])
+        except (nats.errors.Error, TimeoutError, ValueError, KeyError, TypeError):
+            # No answer, or {"error": ...} for an inbox the hub lost: unknown.
             self._lag = None
             return None
-        self._lag = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        self._check_clock(info.get("ts"), asked, wall_clock())
         return self._lag
+
+    def _check_clock(self, hub_time: object, asked: float, answered: float) -> None:
+        # Partners refuse reports issued more than MAX_SKEW in their future, and
+        # nothing tells the sender: say it here, well before that (docs/NODE.md).
+        hub = _parse_hub_time(hub_time)
+        if hub is None:
+            return
+        offset = (asked + answered) / 2 - hub
+        self.metrics.clock_offset.set(round(offset, 3))
+        if abs(offset) > CLOCK_WARN_S:
+            way = "ahead of" if offset > 0 else "behind"
+            self._error(
+                f"clock: this node's clock is {abs(offset):.0f} s {way} the hub's; partners"
+                " refuse reports issued more than 5 minutes in their future or older than"
+                " their freshness window: synchronise it (NTP)",
+                same_as="clock",
+            )
 
     async def _publish_checkpoint(self, checkpoint: str | None) -> None:
         # Witnesses need our latest signed root; core NATS is enough, the AUDIT
@@ -947,6 +971,25 @@ def audit_unaudited(member: str, store: Store, audit: AuditLog, at: datetime) ->
         )
         store.mark_audited([rid for rid, _ in unaudited])
     return len(unaudited)
+
+
+def wall_clock() -> float:
+    """Return the node's own clock, as the planner signs with it (a test can move it)."""
+    return time.time()
+
+
+def _parse_hub_time(value: object) -> float | None:
+    # RFC 3339 with up to nanoseconds ("2026-12-03T15:31:48.685577106Z"): Python
+    # reads microseconds at most.
+    if not isinstance(value, str):
+        return None
+    head, dot, tail = value.removesuffix("Z").partition(".")
+    try:
+        at = datetime.fromisoformat(head).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    digits = tail[:9] if dot and tail[:9].isdecimal() else "0"
+    return at.timestamp() + int(digits) / float(10 ** len(digits))
 
 
 def _utc_now_text() -> str:

@@ -280,3 +280,31 @@ async def test_an_idle_log_gets_the_cosignature_of_a_witness_that_was_away(
     finally:
         jpn.stop.set()
         await jpn_task
+
+
+async def test_a_clock_ahead_of_the_hubs_is_reported_before_partners_refuse(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Partners refuse reports issued more than 5 minutes in their future, and the
+    # sender learns nothing of it (chaos walkthrough: a node 10 minutes ahead lost
+    # every report). The node compares its clock with the hub's every 5 s.
+    world.write_config("JPN")
+    node = load_node(world.config("JPN"))
+    task = asyncio.create_task(node.run())
+
+    def offset() -> float | None:
+        return node.metrics.registry.get_sample_value("msmt_clock_offset_seconds")
+
+    try:
+        await await_for(lambda: offset() is not None, 20, "a first comparison")
+        assert abs(offset() or 0) < 5
+        assert "clock" not in node._last_error
+        real = node_module.wall_clock
+        monkeypatch.setattr(node_module, "wall_clock", lambda: real() + 600)
+        await await_for(lambda: (offset() or 0) > 590, 20, "the clock 600 s ahead")
+        assert node._last_error.startswith(
+            "clock: this node's clock is 600 s ahead of the hub's; partners refuse reports"
+        )
+    finally:
+        node.stop.set()
+        await task
