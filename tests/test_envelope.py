@@ -548,7 +548,8 @@ def test_a_huge_integer_is_refused_in_plain_words(issued: envelope.Issued) -> No
     assert err.reason == "not valid JSON (an integer of more than 4300 digits)"
 
 
-def test_a_transfer_of_two_categories_is_refused() -> None:
+def _jpn_crypto_transfer() -> envelope.Issued:
+    """JPN's first crypto transfer among the sample sightings, issued, unmarked."""
     crypto = next(
         s
         for s in sightings(40, seed=5)
@@ -557,7 +558,11 @@ def test_a_transfer_of_two_categories_is_refused() -> None:
         and s.originator == "JPN"
         and not s.rel_to
     )
-    issued = Node("JPN").issue(crypto)
+    return Node("JPN").issue(crypto)
+
+
+def test_a_transfer_of_two_categories_is_refused() -> None:
+    issued = _jpn_crypto_transfer()
 
     def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
         # The category disclosed as crypto, with a fuel transfer's field beside it.
@@ -755,15 +760,7 @@ def test_a_reason_never_quotes_text_the_sender_chose(issued: envelope.Issued, ca
 
 
 def test_a_category_the_sender_chose_is_not_quoted() -> None:
-    crypto = next(
-        s
-        for s in sightings(40, seed=5)
-        if isinstance(s, TransferSighting)
-        and s.transfer.category == "crypto"
-        and s.originator == "JPN"
-        and not s.rel_to
-    )
-    issued = Node("JPN").issue(crypto)
+    issued = _jpn_crypto_transfer()
 
     def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
         ds = [
