@@ -135,7 +135,9 @@ class Cluster:
         keys.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
         # One server: one replica of each stream counts against an account's quota.
         accounts = accounts_config(load_users(self.keydir), replicas=1, inbox_bytes=inbox_bytes)
-        self.server = BigStoreServer(workdir=self.root / "nats", extra_config=accounts)
+        self.server = BigStoreServer(
+            workdir=self.root / "nats", extra_config=accounts, sync_always=True
+        )
         self.server.start()
         limits = InboxLimits(max_bytes=inbox_bytes)
         for account in (*MEMBERS, keys.AUDIT_ACCOUNT):

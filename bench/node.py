@@ -117,7 +117,11 @@ async def main(count: int) -> None:
         root = Path(tmp)
         keydir = root / "keys"
         keys.init_keys(keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
-        server = NatsServer(workdir=root / "nats", extra_config=accounts_config(load_users(keydir)))
+        server = NatsServer(
+            workdir=root / "nats",
+            extra_config=accounts_config(load_users(keydir)),
+            sync_always=True,
+        )
         server.start()
         try:
             for account in (*MEMBERS, keys.AUDIT_ACCOUNT):

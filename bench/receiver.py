@@ -134,7 +134,9 @@ async def start_hub(cluster: Cluster) -> None:
     """``Cluster.start_hub``, except that USA's inbox consumer is not created yet."""
     keys.init_keys(cluster.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
     accounts = accounts_config(load_users(cluster.keydir), replicas=1, inbox_bytes=LIMITS.max_bytes)
-    cluster.server = BigStoreServer(workdir=cluster.root / "nats", extra_config=accounts)
+    cluster.server = BigStoreServer(
+        workdir=cluster.root / "nats", extra_config=accounts, sync_always=True
+    )
     cluster.server.start()
     for account in (*MEMBERS, keys.AUDIT_ACCOUNT):
         seed = (cluster.keydir / account / keys.NATS_SEED_FILE).read_bytes().strip()

@@ -52,12 +52,16 @@ class NatsServer:
     """One nats-server process with JetStream, on loopback ports chosen once.
 
     ``extra_config`` is appended verbatim (accounts, authorization, ...).
-    ``cluster_name``/``routes`` make it one member of a cluster.
+    ``cluster_name``/``routes`` make it one member of a cluster. ``sync_always``
+    fsyncs every JetStream write before its ack, as the production hub does
+    (``natsconfig.server_config``): the benchmarks set it, to measure what runs;
+    the tests kill processes, not machines, so they leave it off and run faster.
     """
 
     workdir: Path
     name: str = "n1"
     extra_config: str = ""
+    sync_always: bool = False
     port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     cluster_port: int | None = None
@@ -98,8 +102,7 @@ class NatsServer:
             # account's storage quota fits (natsconfig.account_quotas, about 10.3 GiB
             # for 11 members at three replicas).
             "  max_file_store: 16GB",
-            # As the production hub (natsconfig.server_config): an ack means on disk.
-            "  sync_interval: always",
+            *(["  sync_interval: always"] if self.sync_always else []),
             "}",
             "max_payload: 1MB",
         ]
