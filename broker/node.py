@@ -918,14 +918,24 @@ def check_store_against_log(config: NodeConfig, store: Store, audit: AuditLog) -
     backups. Starting would lose reports for good (the hub was told they were
     stored) or fork the log.
     """
-    recorded = store.state().get(AUDIT_SIZE, "")
-    if not recorded.isdecimal():
-        return  # a store from before this record: its first write starts it
-    seen = int(recorded)
+    state = store.state()
+    recorded = state.get(AUDIT_SIZE, "")
     restore = (
         "restore the store and the audit log from the same backup, each with its -wal file"
         " (docs/DEPLOY.md)"
     )
+    if not recorded.isdecimal():
+        # A store that never recorded it was written by an older version (its first
+        # write starts the record), unless it holds nothing at all beside a log that
+        # does: a young store lives wholly in its -wal file until SQLite's first
+        # checkpoint, and losing that file leaves an empty store.
+        if audit.size and not state:
+            raise ConfigError(
+                f"the audit log in {config.audit_dir} holds {audit.size} entries, but the"
+                f" store {config.store_path} is empty: the store was lost; {restore}"
+            )
+        return
+    seen = int(recorded)
     if seen > audit.size:
         raise ConfigError(
             f"the audit log in {config.audit_dir} holds {audit.size} entries, but the store"

@@ -265,3 +265,20 @@ async def test_reports_stored_while_the_log_cannot_be_written_are_answered_accep
     finally:
         node.store.close()
         node.audit.close()
+
+
+def test_a_store_lost_whole_beside_its_log_is_refused(tmp_path: Path) -> None:
+    # A young store lives wholly in its -wal file until SQLite's first checkpoint:
+    # losing that file after a kill -9 leaves an empty store beside a full log
+    # (chaos walkthrough: 177 received reports gone, and the node started).
+    config_path = jpn_config(tmp_path)
+    store_path = load_config(config_path, env={}).store_path
+    _accept(config_path, 2, seed=1)
+    for path in store_path.parent.glob(store_path.name + "*"):
+        if path.suffix != ".lock":
+            path.unlink()
+    done = msmt("node", "run", "--config", str(config_path))
+    assert done.returncode == 2, done.stderr
+    assert "holds 3 entries, but the store" in done.stderr
+    assert "is empty: the store was lost; restore the store and the audit log" in done.stderr
+    assert done.stderr.count("\n") == 1
