@@ -339,20 +339,25 @@ class AuditNet:
 
     def _merge_cosignatures(self, checkpoint: Checkpoint, data: bytes) -> list[str]:
         """Steps 2-3 of ``_take_cosignature``, on the store thread."""
+        unheld = self._unheld(checkpoint)
+        if unheld is not None:
+            raise unheld
+        return self.audit.add_cosignatures(data, self.cosigners)
+
+    def _unheld(self, checkpoint: Checkpoint) -> _NotOursError | None:
+        """How our log lacks ``checkpoint`` (``None`` if it holds exactly it); store thread."""
         size = self.audit.size
         if checkpoint.size > size:
-            raise _NotOursError(
-                "rollback", f"size {checkpoint.size} while our log holds {size} entries"
-            )
+            return _NotOursError("rollback", f"size {checkpoint.size}, ours {size}: beyond our log")
         try:
             stored = self.audit.checkpoint_at(checkpoint.size)
         except AuditError:
-            raise _NotOursError(
-                "fork", f"size {checkpoint.size}, a size our log never had"
-            ) from None
-        if parse(stored).text != checkpoint.body():
-            raise _NotOursError("fork", f"size {checkpoint.size} with another root than ours")
-        return self.audit.add_cosignatures(data, self.cosigners)
+            why = "a size our log never had"
+        else:
+            if parse(stored).text == checkpoint.body():
+                return None
+            why = "another root than ours"
+        return _NotOursError("fork", f"size {checkpoint.size}, ours {size}: {why}")
 
     def _not_ours(self, publisher: str, note: Note, exc: _NotOursError) -> None:
         # Anyone can write a checkpoint with our origin line; only a valid
@@ -413,17 +418,9 @@ class AuditNet:
             )
 
     def _twin_detail(self, checkpoint: Checkpoint) -> str | None:
-        """Step 2 of ``_check_own``, on the store thread: ``None`` if our log holds it."""
-        size = self.audit.size
-        if checkpoint.size > size:
-            return f"size {checkpoint.size}, ours {size}: beyond our log"
-        try:
-            stored = self.audit.checkpoint_at(checkpoint.size)
-        except AuditError:
-            return f"size {checkpoint.size}, ours {size}: a size our log never had"
-        if parse(stored).text != checkpoint.body():
-            return f"size {checkpoint.size}, ours {size}: another root than ours"
-        return None
+        """Step 2 of ``_check_own``, on the store thread: what differs, or ``None``."""
+        unheld = self._unheld(checkpoint)
+        return None if unheld is None else str(unheld)
 
     def _not_stored(self, exc: MsmtError) -> None:
         self.last_error = f"cosignature: {exc}"[:300]
