@@ -43,7 +43,7 @@ from node_world import (
 
 from broker import keys, samples
 from broker.config import NodeConfig, load_config
-from broker.errors import UsageError
+from broker.errors import ConfigError, UsageError
 from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
 from broker.natsconfig import accounts_config, inbox_stream, load_users
@@ -92,7 +92,16 @@ class Cluster:
 
         async def setup() -> None:
             for account in (*MEMBERS, keys.AUDIT_ACCOUNT):
-                await setup_account(self.hub_urls[0], account, self.seed(account), limits)
+                # A cluster just started may not yet count every peer as online for a
+                # three-replica placement ("no suitable peers"): retry for a while.
+                for attempt in range(20):
+                    try:
+                        await setup_account(self.hub_urls[0], account, self.seed(account), limits)
+                        break
+                    except ConfigError as exc:
+                        if "no suitable peers" not in str(exc) or attempt == 19:
+                            raise
+                        await asyncio.sleep(0.5)
 
         # A test's event loop may already be running here: set up on a thread of its own.
         with ThreadPoolExecutor(1) as pool:
