@@ -5,25 +5,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from datetime import datetime
 from pathlib import Path
 
 import click
 
+from broker.cli.options import rfc3339
 from broker.errors import UsageError
 from broker.stix import bundle, load_received
-
-
-def _since(text: str | None) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"--since {text!r} is not an RFC 3339 time") from None
-    if when.utcoffset() is None:
-        raise UsageError(f"--since {text!r} needs a time zone, e.g. 2026-11-01T00:00:00Z")
-    return when
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -59,7 +47,7 @@ def export_group() -> None:
 )
 def export_stix(config_path: Path, since: str | None, out: Path | None) -> None:
     """Write a STIX 2.1 bundle of the reports this node received (docs/STIX.md)."""
-    reports = load_received(config_path, _since(since))
+    reports = load_received(config_path, None if since is None else rfc3339("--since", since))
     text = json.dumps(bundle(reports), indent=2, ensure_ascii=False) + "\n"
     if out is None:
         click.echo(text, nl=False)
