@@ -86,6 +86,8 @@ REPUBLISH_S: Final = 60.0
 STATUS_EVERY_S: Final = 30.0
 """Longest time between status writes when nothing changed (``updated_at``'s freshness)."""
 PLAN_ERROR_RETRY_S: Final = 0.5
+REISSUE_EVERY_S: Final = 60.0
+"""Seconds between looks for envelopes to sign again (pending too long; ``msmt node resend``)."""
 PSEUDONYM_MIN_BYTES: Final = 32
 
 
@@ -325,11 +327,60 @@ class Node:
             self.publisher.wake()
         return True
 
+    async def _reissue_loop(self) -> None:
+        # A partner refuses an envelope signed longer ago than its freshness
+        # window. One pending for half of ours (the hub unreachable) is signed
+        # again before it goes out; ``msmt node resend`` queues sent ones that a
+        # partner refused. Off the hot path: both are rare.
+        stale_after = self.config.limits.freshness_seconds / 2
+        while not self.stop.is_set():
+            try:
+                await self.run_db(self.store.queue_stale, wall_clock() - stale_after)
+                failed: set[str] = set()
+                while not self.stop.is_set() and await self._reissue_batch(failed):
+                    pass
+            except MsmtError as exc:
+                if isinstance(exc, PlanWorkerError):
+                    raise  # fatal, as in the plan loop
+                self._error(f"signing again: {exc}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), REISSUE_EVERY_S)
+
+    async def _reissue_batch(self, failed: set[str]) -> bool:
+        # One batch of queued envelopes signed again under the current policy and
+        # keys; True if there may be more. Reports that cannot be planned now (no
+        # valid key) stay queued for the next pass, and are skipped in this one.
+        rows = await self.run_db(self.store.reissues, PLAN_BATCH + len(failed))
+        rows = [row for row in rows if row[0] not in failed]
+        if not rows:
+            return False
+        plans, errors = await self._plans.plan(
+            [(rid, record) for rid, record, _ in rows], len(rows)
+        )
+        failed.update(errors)
+        wanted = {rid: partners for rid, _, partners in rows if rid not in errors}
+        withheld = await self.run_db(self.store.reissued, plans, wanted)
+        for reason in sorted(set(errors.values())):
+            self._error(f"cannot sign again: {reason}", same_as=f"reissue: {reason}")
+        signed = sum(len(partners) for partners in wanted.values()) - len(withheld)
+        if signed:
+            log.info("envelopes_signed_again", envelopes=signed)
+            if self.publisher is not None:
+                self.publisher.wake()
+        for report_id, partner in withheld:
+            log.warning(
+                "not_signed_again",
+                report_id=report_id,
+                partner=partner,
+                reason="the current policy releases nothing of it to this partner",
+            )
+        return True
+
     def _record_sent(self, batch: list[OutboxItem]) -> None:
         now = datetime.now(UTC)
         # The send is recorded durably before the outbox calls it done.
         self.audit.append_many([sent_event(self.member, item, now) for item in batch])
-        self.store.mark_sent([(i.report_id, i.partner) for i in batch])
+        self.store.mark_sent(batch)
 
     # --- NATS ------------------------------------------------------------------
 
@@ -672,6 +723,7 @@ class Node:
         tasks = [
             asyncio.create_task(spool.run(spool_stop), name="spool"),
             asyncio.create_task(self._plan_loop(), name="planner"),
+            asyncio.create_task(self._reissue_loop(), name="reissue"),
             asyncio.create_task(self._messaging(), name="messaging"),
         ]
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")

@@ -10,14 +10,16 @@ Two stages, both restartable from the store alone:
    report planned. A crash before the commit re-plans from scratch; after it,
    nothing is planned twice and no partner can be left out.
 2. **Publish** (``Publisher``, asyncio): send each pending JWE to
-   ``msmt.to.<PARTNER>.<kind>`` on JetStream with ``Nats-Msg-Id`` = report id +
-   partner, at most ``max_in_flight`` awaiting their acks (pipelined through
+   ``msmt.to.<PARTNER>.<kind>`` on JetStream with ``Nats-Msg-Id`` = the
+   envelope's SHA-256, at most ``max_in_flight`` awaiting their acks (pipelined through
    nats-py's ``publish_async``: one reply subscription, no task per envelope;
    an ack not back within ``PUBLISH_TIMEOUT`` counts as failed). Acked envelopes are
    recorded in the audit log, then marked sent, in batches. A failed or
    unanswered publish simply stays pending and is retried: the outbox, not the
-   client's reconnect buffer, is the durability guarantee, and the hub's dedup
-   window makes a resend of the same message id harmless.
+   client's reconnect buffer, is the durability guarantee (nothing is published
+   while disconnected), and the hub's dedup window makes a resend of the same
+   bytes harmless. An envelope pending for half the freshness window is signed
+   again first (``Store.queue_stale``), since partners would refuse it as too old.
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ class Planner:
                 recipient_key=self.roster.public_key(enc.kid),
             )
             audit = {
+                # When it was signed: one pending too long is signed again (Store.queue_stale).
+                "iat": int(now.timestamp()),
                 "kind": sighting.kind,
                 "released": sorted(keys),
                 "policy": self.policy.digest,
@@ -250,10 +254,16 @@ class Publisher:
                 room = self.max_in_flight - len(self._in_flight)
                 started = 0
                 failed = False
-                # Refill in batches, not after every ack: each refill is a store
-                # round trip, and one per ack cost the store thread more than the
-                # acks' own bookkeeping.
-                if room >= self._refill or (room > 0 and not self._in_flight):
+                # Disconnected, nats-py would buffer the envelope and write it at the
+                # next connection, even after the outbox has given up on its ack and
+                # signed it again (a long outage): a copy out that no audit entry
+                # records. The outbox is the buffer; publishing waits for the hub.
+                # Connected, refill in batches, not after every ack: each refill is a
+                # store round trip, and one per ack cost the store thread more than
+                # the acks' own bookkeeping.
+                if not self.connected():
+                    failed = True
+                elif room >= self._refill or (room > 0 and not self._in_flight):
                     now = time.monotonic()
                     skip = set(self._in_flight) | self._unrecorded
                     skip |= {k for k, t in self._retry_at.items() if t > now}

@@ -5,6 +5,9 @@ Tables:
 * ``reports``: records accepted from feeds, with whether the per-partner plan exists;
 * ``outbox``: one row per (report, partner) with the exact JWE to publish and a
   state, ``pending`` until the hub acknowledged it, then ``sent``;
+* ``reissue``: outbox rows to sign again before they are published (again):
+  ``stale`` ones waited pending for half the freshness window, ``operator``
+  ones were asked for by ``msmt node resend`` after a partner refused them;
 * ``inbox``: the verified disclosed fields received from partners;
 * ``seen``: the replay seen-set, ``(sender, jti) -> JWE hash``, kept only for the
   freshness window (older messages fail the freshness check anyway);
@@ -23,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import time
@@ -59,6 +63,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (report_id, partner)
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(state) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS reissue (
+    report_id  TEXT NOT NULL,
+    partner    TEXT NOT NULL,
+    reason     TEXT NOT NULL CHECK (reason IN ('stale', 'operator')),
+    PRIMARY KEY (report_id, partner)
+);
 CREATE TABLE IF NOT EXISTS inbox (
     sender      TEXT NOT NULL,
     originator  TEXT NOT NULL,
@@ -394,20 +404,30 @@ class Store:
         )
         return [OutboxItem(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
-    def mark_sent(self, done: Sequence[tuple[str, str]], now: float | None = None) -> None:
-        """Mark envelopes sent, after the hub acknowledged them."""
+    def mark_sent(self, done: Sequence[OutboxItem], now: float | None = None) -> None:
+        """Mark envelopes sent, after the hub acknowledged them.
+
+        Only a row that still holds the acknowledged bytes: one signed again
+        meanwhile (``reissued``) stays pending, so its new envelope goes out too.
+        """
         at = time.time() if now is None else now
         with self._tx() as db:
             db.executemany(
-                "UPDATE outbox SET state = 'sent', sent_at = ? WHERE report_id = ? AND partner = ?",
-                [(at, rid, partner) for rid, partner in done],
+                "UPDATE outbox SET state = 'sent', sent_at = ?"
+                " WHERE report_id = ? AND partner = ? AND jwe = ?",
+                [(at, i.report_id, i.partner, i.jwe) for i in done],
             )
 
     def outbox_depth(self) -> int:
-        """Envelopes waiting for an ack, plus accepted reports not yet planned."""
+        """Envelopes waiting for an ack, plus accepted reports not yet planned.
+
+        Sent envelopes queued to be sent again (``msmt node resend``) count too.
+        """
         rows = self._read(
             "SELECT (SELECT count(*) FROM outbox WHERE state = 'pending')"
             " + (SELECT count(*) FROM reports WHERE planned = 0)"
+            " + (SELECT count(*) FROM reissue q JOIN outbox o"
+            " ON o.report_id = q.report_id AND o.partner = q.partner WHERE o.state = 'sent')"
         )
         return int(rows[0][0])
 
@@ -417,6 +437,118 @@ class Store:
             "SELECT count(*) FROM outbox WHERE partner = ? AND state = 'sent'", (partner,)
         )
         return int(rows[0][0])
+
+    # --- signing again (``msmt node resend``, stale pending envelopes) --------
+
+    def queue_stale(self, issued_before: float) -> int:
+        """Queue pending envelopes signed before ``issued_before`` to be signed again.
+
+        A partner refuses an envelope older than its freshness window, so one left
+        pending that long (the hub unreachable) would be lost if published as it is.
+        Returns how many were queued. Rows planned before the outbox recorded
+        ``iat`` are left alone.
+        """
+        stale = "FROM outbox WHERE state = 'pending' AND json_extract(audit, '$.iat') < ?"
+        # Read first: the node asks every minute, and an empty answer needs no commit.
+        if not self._read(f"SELECT 1 {stale} LIMIT 1", (issued_before,)):
+            return 0
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO reissue(report_id, partner, reason)"
+                f" SELECT report_id, partner, 'stale' {stale}",
+                (issued_before,),
+            )
+            return int(cur.rowcount)
+
+    def queue_resend(
+        self,
+        partner: str,
+        *,
+        sent_from: float | None = None,
+        sent_until: float | None = None,
+        report_ids: Sequence[str] = (),
+    ) -> tuple[int, list[str]]:
+        """Queue envelopes to ``partner`` to be signed again and sent again.
+
+        Chosen by when the hub acknowledged them (``sent_from <= sent_at <
+        sent_until``) or by report id. Returns how many were queued and which of
+        ``report_ids`` have no envelope to ``partner`` here.
+        """
+        queued = 0
+        with self._tx() as db:
+            if sent_from is not None:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO reissue(report_id, partner, reason)"
+                    " SELECT report_id, partner, 'operator' FROM outbox"
+                    " WHERE partner = ? AND state = 'sent' AND sent_at >= ? AND sent_at < ?",
+                    (partner, sent_from, math.inf if sent_until is None else sent_until),
+                )
+                queued += cur.rowcount
+            missing = []
+            for report_id in report_ids:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO reissue(report_id, partner, reason)"
+                    " SELECT report_id, partner, 'operator' FROM outbox"
+                    " WHERE report_id = ? AND partner = ?",
+                    (report_id, partner),
+                )
+                queued += cur.rowcount
+                if not db.execute(
+                    "SELECT 1 FROM outbox WHERE report_id = ? AND partner = ?", (report_id, partner)
+                ).fetchone():
+                    missing.append(report_id)
+        return queued, missing
+
+    def reissues(self, limit: int) -> list[tuple[str, bytes, tuple[str, ...]]]:
+        """Up to ``limit`` queued reports to sign again: (id, record, partners), oldest first."""
+        rows = self._read(
+            "SELECT q.report_id, r.record, json_group_array(q.partner) FROM reissue q"
+            " JOIN reports r ON r.report_id = q.report_id"
+            " GROUP BY q.report_id ORDER BY min(q.rowid) LIMIT ?",
+            (limit,),
+        )
+        return [(r[0], bytes(r[1]), tuple(json.loads(r[2]))) for r in rows]
+
+    def reissue_count(self) -> int:
+        """How many envelopes wait to be signed again."""
+        return int(self._read("SELECT count(*) FROM reissue")[0][0])
+
+    def reissued(
+        self, plans: Mapping[str, Sequence[OutboxItem]], wanted: Mapping[str, Sequence[str]]
+    ) -> list[tuple[str, str]]:
+        """Put new envelopes in place of the queued ones, atomically; dequeue them.
+
+        ``plans`` are the reports planned again (``Planner.plan``), ``wanted`` the
+        partners queued for each. A new envelope replaces the row's bytes and
+        makes it pending again. Returns the (report, partner) pairs the current
+        policy no longer releases anything to: their rows are left as they were
+        if sent, and dropped if still pending, so they never go out.
+        """
+        withheld: list[tuple[str, str]] = []
+        with self._tx() as db:
+            for report_id, partners in wanted.items():
+                items = {i.partner: i for i in plans.get(report_id, ())}
+                for partner in partners:
+                    item = items.get(partner)
+                    if item is None:
+                        withheld.append((report_id, partner))
+                        db.execute(
+                            "DELETE FROM outbox WHERE report_id = ? AND partner = ?"
+                            " AND state = 'pending'",
+                            (report_id, partner),
+                        )
+                    else:
+                        db.execute(
+                            "UPDATE outbox SET subject = ?, jwe = ?, audit = ?,"
+                            " state = 'pending', sent_at = NULL"
+                            " WHERE report_id = ? AND partner = ?",
+                            (item.subject, item.jwe, item.audit, report_id, partner),
+                        )
+                    db.execute(
+                        "DELETE FROM reissue WHERE report_id = ? AND partner = ?",
+                        (report_id, partner),
+                    )
+        return withheld
 
     # --- inbox and replay seen-set -----------------------------------------
 

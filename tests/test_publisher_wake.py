@@ -67,7 +67,7 @@ async def test_a_plan_committed_while_the_publisher_looks_is_published_without_a
     all_sent = asyncio.Event()
 
     def record_sent(batch: list[OutboxItem]) -> None:  # on the store thread
-        store.mark_sent([(i.report_id, i.partner) for i in batch])
+        store.mark_sent(batch)
         sent.extend(i.report_id for i in batch)
         if len(sent) == 5:
             loop.call_soon_threadsafe(all_sent.set)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from pathlib import Path
 
@@ -78,13 +79,89 @@ def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
     assert pending[0].msg_id == hashlib.sha256(pending[0].jwe).hexdigest()
     assert pending[0].msg_id != pending[1].msg_id
     assert store.pending(10, skip=[(r1, "USA")]) == [pending[1]]
-    store.mark_sent([(r1, "USA")])
+    store.mark_sent([pending[0]])
     assert store.outbox_depth() == 1
     assert store.sent_to("USA") == 1
     assert store.sent_to("KOR") == 0
     # Planning twice (a crash between plan and restart) adds nothing.
     store.plan({r1: [item(r1, "USA")]})
     assert store.outbox_depth() == 1
+
+
+def signed(rid: str, partner: str, iat: int, tag: str = "") -> OutboxItem:
+    audit = json.dumps({"iat": iat, "kind": "vessel"})
+    return OutboxItem(rid, partner, f"msmt.to.{partner}.vessel", f"jwe{tag} {rid}".encode(), audit)
+
+
+def outbox_rows(store: Store) -> dict[tuple[str, str], tuple[str, bytes]]:
+    rows = store._db.execute("SELECT report_id, partner, state, jwe FROM outbox").fetchall()
+    return {(r[0], r[1]): (r[2], bytes(r[3])) for r in rows}
+
+
+def test_envelopes_pending_since_before_a_time_are_signed_again_in_place(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.accept([rep(1), rep(2)])
+    r1, r2 = rep(1).report_id, rep(2).report_id
+    legacy = OutboxItem(r2, "GBR", "msmt.to.GBR.vessel", b"jwe legacy", "{}")  # no iat recorded
+    store.plan({r1: [signed(r1, "USA", 100), signed(r1, "KOR", 500)], r2: [legacy]})
+    assert store.queue_stale(issued_before=100) == 0
+    assert store.queue_stale(issued_before=101) == 1  # only USA's, signed at 100
+    assert store.queue_stale(issued_before=101) == 0  # already queued
+    assert store.reissues(10) == [(r1, rep(1).record, ("USA",))]
+    # The publisher may hold the old bytes: their ack must not mark the new ones sent.
+    (old_usa,) = [i for i in store.pending(10) if i.partner == "USA"]
+    assert (
+        store.reissued({r1: [signed(r1, "USA", 900, "new"), signed(r1, "KOR", 900)]}, {r1: ["USA"]})
+        == []
+    )
+    assert store.reissues(10) == []
+    store.mark_sent([old_usa])
+    rows = outbox_rows(store)
+    assert rows[(r1, "USA")] == ("pending", f"jwenew {r1}".encode())
+    assert rows[(r1, "KOR")] == ("pending", f"jwe {r1}".encode())  # not queued: untouched
+    assert store.outbox_depth() == 3
+    (new_usa,) = [i for i in store.pending(10) if i.partner == "USA"]
+    store.mark_sent([new_usa])
+    assert outbox_rows(store)[(r1, "USA")][0] == "sent"
+
+
+def test_a_pending_envelope_the_policy_no_longer_releases_is_dropped_not_sent(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    store.accept([rep(1)])
+    r1 = rep(1).report_id
+    store.plan({r1: [signed(r1, "USA", 100), signed(r1, "KOR", 100)]})
+    (usa,) = [i for i in store.pending(10) if i.partner == "USA"]
+    store.mark_sent([usa])
+    assert store.queue_stale(issued_before=200) == 1  # KOR's; USA's is sent
+    assert store.queue_resend("USA", report_ids=[r1]) == (1, [])
+    assert store.reissued({r1: []}, {r1: ["USA", "KOR"]}) == [(r1, "USA"), (r1, "KOR")]
+    # Sent stays as it was (the log records it); pending never goes out.
+    assert outbox_rows(store) == {(r1, "USA"): ("sent", f"jwe {r1}".encode())}
+    assert store.reissue_count() == 0
+
+
+def test_resend_queues_what_the_hub_acknowledged_for_one_partner_in_a_time_range(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    store.accept([rep(i) for i in range(1, 5)])
+    ids = [rep(i).report_id for i in range(1, 5)]
+    store.plan({rid: [signed(rid, "USA", 1), signed(rid, "GBR", 1)] for rid in ids})
+    pending = store.pending(10)
+    for at, rid in zip((10.0, 20.0, 30.0), ids, strict=False):
+        store.mark_sent([i for i in pending if i.report_id == rid], now=at)
+    # ids[3] is still pending: it goes out anyway, so a time range leaves it.
+    assert store.queue_resend("USA", sent_from=20.0, sent_until=30.0) == (1, [])
+    assert store.queue_resend("USA", sent_from=20.0) == (1, [])  # 30.0; 20.0 already queued
+    assert store.queue_resend("GBR", report_ids=[ids[0], "nope"]) == (1, ["nope"])
+    assert store.reissue_count() == 3
+    assert sorted((rid, partners) for rid, _, partners in store.reissues(10)) == sorted(
+        [(ids[0], ("GBR",)), (ids[1], ("USA",)), (ids[2], ("USA",))]
+    )
+    # Queued sent envelopes are work still to do.
+    assert store.outbox_depth() == 2 + 3
 
 
 def test_received_is_idempotent_and_seen_state_tells_redelivery_from_replay(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 ``msmt node run`` is the daemon; ``msmt submit`` hands it NDJSON over the local
 socket; ``msmt inbox list|show`` and ``msmt status`` read the node's store
-(read-only, so they work while the daemon runs).
+(read-only, so they work while the daemon runs). ``msmt node resend`` writes
+the store, so it runs while the daemon is stopped.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import click
 
 from broker.audit_verify import read_origin
 from broker.auditlog import DB_FILE
+from broker.cli.options import rfc3339
 from broker.config import NodeConfig, load_config
-from broker.errors import UsageError
+from broker.errors import StoreError, UsageError
 from broker.intake import read_token, submit
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
@@ -63,6 +65,54 @@ def node_run(config_path: Path, log_level: str) -> None:
     asyncio.run(run(config))
 
 
+@node_group.command(name="resend")
+@_CONFIG
+@click.option("--to", "partner", required=True, help="The partner to send to again.")
+@click.option("--since", help="Envelopes the hub acknowledged at or after this RFC 3339 time.")
+@click.option("--until", help="... and before this one (default: now).")
+@click.option("--report", "report_ids", multiple=True, help="A report id (repeatable).")
+def node_resend(
+    config_path: Path,
+    partner: str,
+    since: str | None,
+    until: str | None,
+    report_ids: tuple[str, ...],
+) -> None:
+    """Sign reports again and send them again to a partner that refused them.
+
+    For a partner that was down, or held our messages, longer than its
+    freshness window: it refused what waited at the hub (``freshness``). Run
+    with the node stopped; at its next start the node signs each envelope
+    again, under its current policy and keys, and sends it. A partner that
+    already holds a report refuses the new copy (``replay``) and keeps the first.
+    Exit 0 when envelopes were queued, 1 when none were or a report id has none.
+    """
+    config = _config(config_path)
+    to = partner.upper()
+    if not is_member(to) or to == config.member:
+        raise UsageError(f"--to: {partner!r} is not a partner of {config.member}")
+    if since is None and not report_ids:
+        raise UsageError("give --since (a time range) or --report (report ids)")
+    if until is not None and since is None:
+        raise UsageError("--until needs --since")
+    sent_from = None if since is None else rfc3339("--since", since).timestamp()
+    sent_until = None if until is None else rfc3339("--until", until).timestamp()
+    store = _open_store(config, write=True)
+    try:
+        queued, missing = store.queue_resend(
+            to, sent_from=sent_from, sent_until=sent_until, report_ids=report_ids
+        )
+    finally:
+        store.close()
+    for report_id in missing:
+        click.echo(f"no envelope of report {report_id} to {to} in the outbox", err=True)
+    click.echo(
+        f"{queued} envelopes to {to} queued: the node signs them again and sends them when it"
+        " next runs"
+    )
+    sys.exit(1 if missing or not queued else 0)
+
+
 async def _read_chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
     while chunk := await asyncio.to_thread(stream.read, 1 << 16):
         yield chunk
@@ -100,7 +150,7 @@ def submit_cmd(config_path: Path, file: str, quiet: bool) -> None:
     sys.exit(1 if counts["rejected"] else 0)
 
 
-def _open_store(config: NodeConfig) -> Store:
+def _open_store(config: NodeConfig, *, write: bool = False) -> Store:
     if not config.store_path.exists():
         raise UsageError(f"no node store at {config.store_path}: has the node run yet?")
     # The node refuses another member's data directory (its audit log's origin);
@@ -109,7 +159,12 @@ def _open_store(config: NodeConfig) -> Store:
     origin = read_origin(config.audit_dir) if has_log else config.member
     if origin != config.member:
         raise UsageError(f"data_dir {config.data_dir} holds {origin}'s node, not {config.member}'s")
-    return Store(config.store_path, readonly=True)
+    if not write:
+        return Store(config.store_path, readonly=True)
+    try:
+        return Store(config.store_path)
+    except StoreError as exc:
+        raise UsageError(f"stop the node first: {exc}") from None
 
 
 def _when(ts: float) -> str:

@@ -1,0 +1,236 @@
+"""Signing envelopes again, so that nothing waits past a partner's freshness window and is lost.
+
+Against a real nats-server, with JPN and USA running in this process:
+
+* a partner away longer than its window refuses what waited for it (``freshness``);
+  ``msmt node resend`` queues those envelopes, and the node's next run signs
+  them again and delivers them;
+* envelopes left pending for half the window (the hub unreachable) are signed
+  again before they go out, without an operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from node_world import (
+    World,
+    audit_entries,
+    audit_rejections,
+    await_for,
+    expected_partners,
+    msmt,
+    records_for,
+)
+
+import broker.node
+from broker.cli import main
+from broker.node import Node, load_node
+from broker.store import Store
+from broker.validation import parse_record
+
+pytestmark = pytest.mark.integration
+
+PAIR = ("JPN", "USA")
+
+
+def configured_pair(world: World, count: int, seed: int) -> tuple[list[dict[str, Any]], set[str]]:
+    """JPN's and USA's node folders; ``count`` JPN reports and the ids of those USA gets."""
+    for member in PAIR:
+        world.write_config(member)
+    records = records_for("JPN", count, seed=seed)
+    policy = world.policy("JPN")
+    to_usa = {
+        r["report_id"]
+        for r in records
+        if "USA" in expected_partners(policy, parse_record(json.dumps(r)))
+    }
+    assert to_usa
+    return records, to_usa
+
+
+def sends_to_usa(world: World) -> list[dict[str, Any]]:
+    entries = audit_entries(world.config("JPN").audit_dir)
+    return [e for e in entries if e["type"] == "sent" and e["partner"] == "USA"]
+
+
+async def run_pair(world: World, nodes: dict[str, Node]) -> list[asyncio.Task[None]]:
+    tasks = [asyncio.create_task(n.run()) for n in nodes.values()]
+    await await_for(lambda: all(n.ready() is None for n in nodes.values()), 20, "ready")
+    return tasks
+
+
+async def stop_pair(nodes: dict[str, Node], tasks: list[asyncio.Task[None]]) -> None:
+    for node in nodes.values():
+        node.stop.set()
+    await asyncio.gather(*tasks)
+
+
+async def test_reports_a_partner_refused_as_too_old_reach_it_after_msmt_node_resend(
+    world: World,
+) -> None:
+    records, to_usa = configured_pair(world, 8, seed=31)
+    since = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    jpn_config = str(world.config_path("JPN"))
+
+    nodes = {m: load_node(world.config(m)) for m in PAIR}
+    # USA was away longer than its freshness window: all that waited for it is too old.
+    nodes["USA"].inbound.freshness = timedelta(seconds=-1)
+    tasks = await run_pair(world, nodes)
+    try:
+        answers = await world.submit("JPN", records)
+        assert [a["status"] for a in answers] == ["accepted"] * len(records)
+        await await_for(
+            lambda: audit_rejections(world.config("USA"))["freshness"] == len(to_usa),
+            30,
+            "USA refusing every report as too old",
+        )
+        assert world.inbox_ids("USA", "JPN") == []
+        # The command changes the outbox, which the running node owns.
+        busy = await asyncio.to_thread(
+            msmt, "node", "resend", "--config", jpn_config, "--to", "USA", "--since", since
+        )
+        assert busy.returncode == 2
+        assert busy.stderr.startswith("msmt: error: stop the node first: store ")
+        assert len(busy.stderr.splitlines()) == 1
+    finally:
+        await stop_pair(nodes, tasks)
+    first = {e["report_id"]: e["jwe_sha256"] for e in sends_to_usa(world)}
+    assert set(first) == to_usa
+
+    queued = msmt("node", "resend", "--config", jpn_config, "--to", "usa", "--since", since)
+    assert queued.returncode == 0, queued.stderr
+    assert queued.stdout.startswith(f"{len(to_usa)} envelopes to USA queued")
+
+    nodes = {m: load_node(world.config(m)) for m in PAIR}
+    tasks = await run_pair(world, nodes)
+    try:
+        await await_for(
+            lambda: set(world.inbox_ids("USA", "JPN")) == to_usa, 30, "every report at USA"
+        )
+    finally:
+        await stop_pair(nodes, tasks)
+
+    # Each report went out twice, as two different envelopes, both in JPN's log:
+    # USA's log refused the first and received the second.
+    sends = sends_to_usa(world)
+    assert Counter(e["report_id"] for e in sends) == dict.fromkeys(to_usa, 2)
+    second = {
+        e["report_id"]: e["jwe_sha256"] for e in sends if e["jwe_sha256"] != first[e["report_id"]]
+    }
+    assert set(second) == to_usa
+    usa_log = audit_entries(world.config("USA").audit_dir)
+    refused = {e["jwe_sha256"] for e in usa_log if e["type"] == "rejected"}
+    received = {e["jwe_sha256"] for e in usa_log if e["type"] == "received"}
+    assert refused == set(first.values())
+    assert received == set(second.values())
+    store = world.store("JPN")
+    try:
+        assert store.reissue_count() == 0
+        assert store.outbox_depth() == 0
+    finally:
+        store.close()
+
+    # The auditor sees both: each first send refused, each second delivered, and no finding.
+    dirs = [str(world.config(m).audit_dir) for m in PAIR]
+    args = ["audit", "replay", *dirs, "--keys", str(world.keydir), "--json"]
+    result = CliRunner().invoke(main, [*args, "--policies", str(world.root / "nodes")])
+    assert result.exit_code == 0, result.output
+    replay = json.loads(result.stdout)
+    assert replay["findings"] == []
+    statuses = Counter(
+        (e["report_id"] in to_usa, e["status"])
+        for e in replay["exchanges"]
+        if e["recipient"] == "USA"
+    )
+    assert statuses == {(True, "rejected"): len(to_usa), (True, "delivered"): len(to_usa)}
+
+    # Nothing in range now, and a report id with no envelope to USA: exit 1, and why.
+    nothing = msmt(
+        "node", "resend", "--config", jpn_config, "--to", "USA",
+        "--since", datetime.now(UTC).isoformat(), "--report", "not-a-report",
+    )  # fmt: skip
+    assert nothing.returncode == 1
+    assert nothing.stderr == "no envelope of report not-a-report to USA in the outbox\n"
+    assert nothing.stdout.startswith("0 envelopes to USA queued")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--to", "JPN", "--since", "2026-12-01T00:00:00Z"], "--to: 'JPN' is not a partner of JPN"),
+        (["--to", "XYZ", "--since", "2026-12-01T00:00:00Z"], "--to: 'XYZ' is not a partner of JPN"),
+        (["--to", "USA"], "give --since (a time range) or --report (report ids)"),
+        (
+            ["--to", "USA", "--until", "2026-12-01T00:00:00Z", "--report", "r"],
+            "--until needs --since",
+        ),
+        (["--to", "USA", "--since", "yesterday"], "--since 'yesterday' is not an RFC 3339 time"),
+        (
+            ["--to", "USA", "--since", "2026-12-01T00:00:00"],
+            "--since '2026-12-01T00:00:00' needs a time zone, e.g. 2026-11-01T00:00:00Z",
+        ),
+    ],
+)
+def test_resend_refuses_a_bad_request_with_one_line(
+    world: World, args: list[str], message: str
+) -> None:
+    world.write_config("JPN")
+    Store(world.config("JPN").store_path).close()  # a node that has run once
+    done = msmt("node", "resend", "--config", str(world.config_path("JPN")), *args)
+    assert (done.returncode, done.stderr) == (2, f"msmt: error: {message}\n")
+
+
+async def test_envelopes_pending_for_half_the_freshness_window_are_signed_again_then_sent(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records, to_usa = configured_pair(world, 6, seed=32)
+    jpn = world.config("JPN")
+    monkeypatch.setattr(broker.node, "REISSUE_EVERY_S", 0.2)
+
+    def pending_to_usa() -> dict[str, str]:
+        store = world.store("JPN")
+        try:
+            return {i.report_id: i.jwe_sha256 for i in store.pending(100) if i.partner == "USA"}
+        finally:
+            store.close()
+
+    nodes = {m: load_node(world.config(m)) for m in PAIR}
+    tasks = await run_pair(world, nodes)
+    try:
+        world.server.kill()  # the hub is unreachable for a long time
+        await world.submit("JPN", records)
+        await await_for(lambda: set(pending_to_usa()) == to_usa, 30, "envelopes pending")
+        before = pending_to_usa()
+        await asyncio.sleep(1.0)  # several passes: none is due yet
+        assert pending_to_usa() == before
+        # Half the window later, to the whole second: envelopes signed over a second
+        # ago (these) are stale, and any signed from now on are not. The planning
+        # worker's clock is not moved, so new envelopes are signed at the real time.
+        later = math.floor(broker.node.wall_clock()) + jpn.limits.freshness_seconds / 2
+        monkeypatch.setattr(broker.node, "wall_clock", lambda: later)
+
+        def all_signed_again() -> bool:
+            now = pending_to_usa()
+            return set(now) == to_usa and all(now[r] != before[r] for r in to_usa)
+
+        await await_for(all_signed_again, 30, "every pending envelope signed again")
+        again = pending_to_usa()
+        await asyncio.sleep(1.0)
+        assert pending_to_usa() == again  # signed at the real time: not stale
+        world.server.start()
+        await await_for(
+            lambda: set(world.inbox_ids("USA", "JPN")) == to_usa, 60, "every report at USA"
+        )
+    finally:
+        await stop_pair(nodes, tasks)
+    # Only the new envelopes went out: the log's sends are exactly them.
+    assert {e["report_id"]: e["jwe_sha256"] for e in sends_to_usa(world)} == again
+    assert audit_rejections(world.config("USA")) == Counter()
