@@ -38,7 +38,6 @@ what it cosigned could be rolled back.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import math
 import os
@@ -76,7 +75,15 @@ from broker.note import (
     verify_ed25519,
 )
 from broker.publisher import RunDb
-from broker.witness import LogState, Opened, Witness, WitnessAlarmError
+from broker.witness import (
+    LogState,
+    Opened,
+    Witness,
+    WitnessAlarmError,
+    WitnessError,
+    dump_state,
+    load_state,
+)
 
 log = get_logger("auditnet")
 
@@ -102,32 +109,29 @@ def load_witness_state(path: Path) -> dict[str, LogState]:
     A configuration error (exit status 2): restarting cannot mend the file, and
     the sample systemd unit does not restart on 2.
     """
-    if not path.exists():
-        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {
-            origin: LogState(int(entry["size"]), base64.b64decode(entry["root"], validate=True))
-            for origin, entry in data.items()
-        }
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(
-            f"witness state {path} is unreadable ({type(exc).__name__}): restore it from a"
-            " backup; without it this node would cosign every partner's log afresh,"
-            " forgetting what it cosigned (docs/DEPLOY.md)"
-        ) from None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        problem = str(exc.strerror)
+    else:
+        try:
+            return load_state(data)
+        except WitnessError as exc:
+            problem = str(exc)
+    raise ConfigError(
+        f"{path} is unreadable: {problem}: restore it from a backup; without it this node"
+        " would cosign every partner's log afresh, forgetting what it cosigned (docs/DEPLOY.md)"
+    )
 
 
 def save_witness_state(path: Path, state: Mapping[str, LogState]) -> None:
     """Write the witness state durably (temp file, fsync, rename); ``AuditError`` if it cannot."""
-    data = {
-        origin: {"size": s.size, "root": base64.b64encode(s.root).decode()}
-        for origin, s in sorted(state.items())
-    }
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            json.dump(data, handle, sort_keys=True)
+        with tmp.open("wb") as handle:
+            handle.write(dump_state(state))
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(path)

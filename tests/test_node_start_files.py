@@ -55,8 +55,15 @@ def test_an_unreadable_witness_state_stops_the_start_for_the_operator(folder: Pa
     config_path = folder / "nodes" / "JPN" / "node.toml"
     state = load_config(config_path, env={}).data_dir / "witness-state.json"
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text('{"USA": {"size": "x"}}')
-    done = msmt("node", "run", "--config", str(config_path))
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"msmt: error: witness state {state} is unreadable (")
-    assert done.stderr.count("\n") == 1, done.stderr
+    for damage, problem in (
+        (b'{"USA": {"size": "x"}}', "witness state for 'USA' is malformed"),
+        (b'{"USA": {"size": 3, "root": "AAAA"}}', "witness state for 'USA' is malformed"),
+        (b"\xff{", "witness state is not JSON"),
+    ):
+        state.write_bytes(damage)
+        done = msmt("node", "run", "--config", str(config_path))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"msmt: error: {state} is unreadable: {problem}: restore"), (
+            done.stderr
+        )
+        assert done.stderr.count("\n") == 1, done.stderr
