@@ -447,7 +447,7 @@ async def messaging_floor(cluster: Cluster, count: int, batch: int) -> float:
     """Seconds to publish ``count`` x 10 envelope-sized payloads and pull+ack them all."""
     sizes_rows = read_rows(
         cluster.store_path(ORIGIN),
-        "SELECT subject, length(jwe) FROM outbox ORDER BY rowid LIMIT ?",
+        "SELECT subject, json_extract(audit, '$.bytes') FROM outbox ORDER BY rowid LIMIT ?",
         (count * len(PARTNERS),),
     )
     subjects = [r[0] for r in sizes_rows]

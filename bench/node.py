@@ -105,7 +105,7 @@ async def node_run(root: Path, count: int) -> tuple[float, int]:
     ):
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - start
-    rows = node.store._read("SELECT avg(length(jwe)) FROM outbox")
+    rows = node.store._read("SELECT avg(json_extract(audit, '$.bytes')) FROM outbox")
     size = int(rows[0][0])
     node.stop.set()
     await task

@@ -136,7 +136,9 @@ async def run(args: argparse.Namespace) -> Measured:
             if set(streams.values()) != {count}:
                 raise LostError(f"inbox streams hold {streams}, expected {count} each")
             crypto, crypto_send, _ = floor_rates(crypto_floors(records))
-            rows = read_rows(path, "SELECT subject, length(jwe) FROM outbox ORDER BY rowid")
+            rows = read_rows(
+                path, "SELECT subject, json_extract(audit, '$.bytes') FROM outbox ORDER BY rowid"
+            )
             pub_s = await publish_floor(
                 cluster.url,
                 cluster.keydir,

@@ -138,6 +138,8 @@ class Planner:
             audit = {
                 # When it was signed: one pending too long is signed again (Store.queue_stale).
                 "iat": int(now.timestamp()),
+                # Its size, which the outbox keeps after dropping the sent bytes.
+                "bytes": len(jwe),
                 "kind": sighting.kind,
                 "released": sorted(keys),
                 "policy": self.policy.digest,

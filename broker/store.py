@@ -4,7 +4,8 @@ Tables:
 
 * ``reports``: records accepted from feeds, with whether the per-partner plan exists;
 * ``outbox``: one row per (report, partner) with the exact JWE to publish and a
-  state, ``pending`` until the hub acknowledged it, then ``sent``;
+  state, ``pending`` until the hub acknowledged it, then ``sent`` (and the JWE's
+  bytes dropped: the audit log keeps its hash);
 * ``reissue``: outbox rows to sign again before they are published (again):
   ``stale`` ones waited pending for half the freshness window, ``operator``
   ones were asked for by ``msmt node resend`` after a partner refused them;
@@ -405,18 +406,30 @@ class Store:
         return [OutboxItem(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
     def mark_sent(self, done: Sequence[OutboxItem], now: float | None = None) -> None:
-        """Mark envelopes sent, after the hub acknowledged them.
+        """Mark envelopes sent, after the hub acknowledged them, and drop their bytes.
 
-        Only a row that still holds the acknowledged bytes: one signed again
+        Nothing sends those bytes again (``msmt node resend`` signs anew) and the
+        audit log keeps their hash, so the row keeps only the facts. Only a row
+        that still holds the acknowledged bytes is marked: one signed again
         meanwhile (``reissued``) stays pending, so its new envelope goes out too.
         """
         at = time.time() if now is None else now
         with self._tx() as db:
-            db.executemany(
-                "UPDATE outbox SET state = 'sent', sent_at = ?"
-                " WHERE report_id = ? AND partner = ? AND jwe = ?",
-                [(at, i.report_id, i.partner, i.jwe) for i in done],
-            )
+            for item in done:
+                # Moved (a new rowid), not updated in place: an envelope fills a
+                # page of its own, which SQLite would keep, nearly empty, under the
+                # shrunk row. Moved, the sent rows pack together and the emptied
+                # pages are reused: about 0.6 KB per envelope instead of 4-8 KB.
+                cur = db.execute(
+                    "DELETE FROM outbox WHERE report_id = ? AND partner = ? AND jwe = ?",
+                    (item.report_id, item.partner, item.jwe),
+                )
+                if cur.rowcount:
+                    db.execute(
+                        "INSERT INTO outbox(report_id, partner, subject, jwe, audit, state,"
+                        " sent_at) VALUES (?, ?, ?, X'', ?, 'sent', ?)",
+                        (item.report_id, item.partner, item.subject, item.audit, at),
+                    )
 
     def outbox_depth(self) -> int:
         """Envelopes waiting for an ack, plus accepted reports not yet planned.

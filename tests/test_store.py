@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -88,6 +89,38 @@ def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
     assert store.outbox_depth() == 1
 
 
+def test_sent_envelopes_leave_only_their_facts_and_their_pages_are_reused(tmp_path: Path) -> None:
+    # The outbox must not grow by an envelope's size for every envelope ever sent:
+    # a node sends ~6 KB per partner and report, for years. After 3,000 envelopes
+    # of 6,000 bytes (18 MB), sent in batches as a node does, the file holds about
+    # their facts and one batch in flight.
+    store = Store(tmp_path / "s.db")
+    facts = json.dumps({"kind": "vessel", "released": ["vessel.imo"] * 12})
+    for batch in range(30):
+        reports = [rep(batch * 10 + i) for i in range(10)]
+        store.accept(reports)
+        store.plan(
+            {
+                r.report_id: [
+                    OutboxItem(r.report_id, p, f"msmt.to.{p}.vessel", os.urandom(6000), facts)
+                    for p in ("USA", "KOR", "GBR", "FRA", "AUS", "CAN", "DEU", "ITA", "NLD", "NZL")
+                ]
+                for r in reports
+            }
+        )
+        store.mark_sent(store.pending(1000), now=float(batch))
+    assert store.outbox_depth() == 0
+    assert store.sent_to("NZL") == 300
+    (sent,) = store._db.execute(
+        "SELECT subject, jwe, audit, sent_at FROM outbox WHERE report_id = ? AND partner = 'USA'",
+        (rep(42).report_id,),
+    ).fetchall()
+    assert sent == ("msmt.to.USA.vessel", b"", facts, 4.0)
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    assert pages * store._db.execute("PRAGMA page_size").fetchone()[0] < 18_000_000 / 6
+
+
 def signed(rid: str, partner: str, iat: int, tag: str = "") -> OutboxItem:
     audit = json.dumps({"iat": iat, "kind": "vessel"})
     return OutboxItem(rid, partner, f"msmt.to.{partner}.vessel", f"jwe{tag} {rid}".encode(), audit)
@@ -122,7 +155,8 @@ def test_envelopes_pending_since_before_a_time_are_signed_again_in_place(tmp_pat
     assert store.outbox_depth() == 3
     (new_usa,) = [i for i in store.pending(10) if i.partner == "USA"]
     store.mark_sent([new_usa])
-    assert outbox_rows(store)[(r1, "USA")][0] == "sent"
+    # Sent, its bytes are dropped: the audit log keeps their hash.
+    assert outbox_rows(store)[(r1, "USA")] == ("sent", b"")
 
 
 def test_a_pending_envelope_the_policy_no_longer_releases_is_dropped_not_sent(
@@ -138,7 +172,7 @@ def test_a_pending_envelope_the_policy_no_longer_releases_is_dropped_not_sent(
     assert store.queue_resend("USA", report_ids=[r1]) == (1, [])
     assert store.reissued({r1: []}, {r1: ["USA", "KOR"]}) == [(r1, "USA"), (r1, "KOR")]
     # Sent stays as it was (the log records it); pending never goes out.
-    assert outbox_rows(store) == {(r1, "USA"): ("sent", f"jwe {r1}".encode())}
+    assert outbox_rows(store) == {(r1, "USA"): ("sent", b"")}
     assert store.reissue_count() == 0
 
 
