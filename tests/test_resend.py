@@ -174,6 +174,10 @@ async def test_reports_a_partner_refused_as_too_old_reach_it_after_msmt_node_res
         ),
         (["--to", "USA", "--since", "yesterday"], "--since 'yesterday' is not an RFC 3339 time"),
         (
+            ["--to", "USA", "--since", "2026-12-02T00:00:00Z", "--until", "2026-12-01T00:00:00Z"],
+            "--until 2026-12-01T00:00:00Z is not after --since 2026-12-02T00:00:00Z",
+        ),
+        (
             ["--to", "USA", "--since", "2026-12-01T00:00:00"],
             "--since '2026-12-01T00:00:00' needs a time zone, e.g. 2026-11-01T00:00:00Z",
         ),

@@ -97,6 +97,8 @@ def node_resend(
         raise UsageError("--until needs --since")
     sent_from = None if since is None else rfc3339("--since", since).timestamp()
     sent_until = None if until is None else rfc3339("--until", until).timestamp()
+    if sent_from is not None and sent_until is not None and sent_until <= sent_from:
+        raise UsageError(f"--until {until} is not after --since {since}")
     store = _open_store(config, write=True)
     try:
         queued, missing = store.queue_resend(
