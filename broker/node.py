@@ -87,7 +87,8 @@ STATUS_EVERY_S: Final = 30.0
 """Longest time between status writes when nothing changed (``updated_at``'s freshness)."""
 PLAN_ERROR_RETRY_S: Final = 0.5
 REISSUE_EVERY_S: Final = 60.0
-"""Seconds between looks for envelopes to sign again (pending too long; ``msmt node resend``)."""
+"""Longest time between looks for envelopes to sign again (pending too long; ``msmt node
+resend``); a quarter of the freshness window if that is shorter."""
 PSEUDONYM_MIN_BYTES: Final = 32
 
 
@@ -332,7 +333,8 @@ class Node:
         # window. One pending for half of ours (the hub unreachable) is signed
         # again before it goes out; ``msmt node resend`` queues sent ones that a
         # partner refused. Off the hot path: both are rare.
-        stale_after = self.config.limits.freshness_seconds / 2
+        window = self.config.limits.freshness_seconds
+        stale_after, every = window / 2, reissue_interval(window)
         while not self.stop.is_set():
             try:
                 await self.run_db(self.store.queue_stale, wall_clock() - stale_after)
@@ -344,7 +346,7 @@ class Node:
                     raise  # fatal, as in the plan loop
                 self._error(f"signing again: {exc}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), REISSUE_EVERY_S)
+                await asyncio.wait_for(self.stop.wait(), every)
 
     async def _reissue_batch(self, failed: set[str]) -> bool:
         # One batch of queued envelopes signed again under the current policy and
@@ -1033,6 +1035,16 @@ def audit_unaudited(member: str, store: Store, audit: AuditLog, at: datetime) ->
         )
         store.mark_audited([rid for rid, _ in unaudited])
     return len(unaudited)
+
+
+def reissue_interval(freshness_seconds: int) -> float:
+    """Seconds between looks for stale pending envelopes, for a freshness window.
+
+    Stale at half the window and looked for every quarter of it (at most every
+    ``REISSUE_EVERY_S``), an envelope goes out at most three quarters of the
+    window old, however short the window: 45 s of a 60 s one.
+    """
+    return min(REISSUE_EVERY_S, freshness_seconds / 4)
 
 
 def wall_clock() -> float:

@@ -237,7 +237,12 @@ class Inbound:
                     jwe_sha256=digest,
                 )
             )
-            log.warning("inbound_rejected", sender=source, step=step, reason=_printable(reason))
+            # The report id only once the signature vouched for it (a checked UUID):
+            # the sender's operator needs it for ``msmt node resend --report``.
+            named = {} if report_id is None else {"report_id": report_id}
+            log.warning(
+                "inbound_rejected", sender=source, step=step, reason=_printable(reason), **named
+            )
         # Durable record first, then the store: a crash in between leaves an
         # audit entry that the redelivery repeats, never a stored report the log lacks.
         self.audit.append_many(events)

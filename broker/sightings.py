@@ -148,6 +148,11 @@ def _uuid_text(value: object) -> object:
     return UUID(value)
 
 
+def is_report_id(value: str) -> bool:
+    """Whether ``value`` is a report id as feeds must write one (lower-case UUID text)."""
+    return _UUID_TEXT.fullmatch(value) is not None and value not in _NOT_CHOSEN
+
+
 def _chosen_uuid(value: UUID) -> UUID:
     if str(value) in _NOT_CHOSEN:
         raise ValueError("must not be the nil or max UUID: each report needs its own id")

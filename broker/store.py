@@ -484,33 +484,34 @@ class Store:
         """Queue envelopes to ``partner`` to be signed again and sent again.
 
         Chosen by when the hub acknowledged them (``sent_from <= sent_at <
-        sent_until``) or by report id. Returns how many were queued and which of
+        sent_until``), or by report id (pending ones too). Returns how many of
+        those chosen are queued now (including any queued before) and which of
         ``report_ids`` have no envelope to ``partner`` here.
         """
-        queued = 0
+        chosen: list[tuple[str, str]] = []
+        missing = []
         with self._tx() as db:
             if sent_from is not None:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO reissue(report_id, partner, reason)"
-                    " SELECT report_id, partner, 'operator' FROM outbox"
+                chosen += db.execute(
+                    "SELECT report_id, partner FROM outbox"
                     " WHERE partner = ? AND state = 'sent' AND sent_at >= ? AND sent_at < ?",
                     (partner, sent_from, math.inf if sent_until is None else sent_until),
-                )
-                queued += cur.rowcount
-            missing = []
+                ).fetchall()
             for report_id in report_ids:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO reissue(report_id, partner, reason)"
-                    " SELECT report_id, partner, 'operator' FROM outbox"
-                    " WHERE report_id = ? AND partner = ?",
+                row = db.execute(
+                    "SELECT report_id, partner FROM outbox WHERE report_id = ? AND partner = ?",
                     (report_id, partner),
-                )
-                queued += cur.rowcount
-                if not db.execute(
-                    "SELECT 1 FROM outbox WHERE report_id = ? AND partner = ?", (report_id, partner)
-                ).fetchone():
+                ).fetchone()
+                if row is None:
                     missing.append(report_id)
-        return queued, missing
+                else:
+                    chosen.append(row)
+            db.executemany(
+                "INSERT OR IGNORE INTO reissue(report_id, partner, reason)"
+                " VALUES (?, ?, 'operator')",
+                chosen,
+            )
+        return len(set(chosen)), missing
 
     def reissues(self, limit: int) -> list[tuple[str, bytes, tuple[str, ...]]]:
         """Up to ``limit`` queued reports to sign again: (id, record, partners), oldest first."""

@@ -539,6 +539,13 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert {r["report_id"] for r in rows} == {r["report_id"] for r in to_usa}
     assert {r["originator"] for r in rows} == {"JPN"}
+    assert listed.stderr == ""
+    # Fewer than there are: stdout stays one JSON line each, stderr says so.
+    fewer = await asyncio.to_thread(
+        msmt, "inbox", "list", "--config", usa, "--json", "--limit", "1"
+    )
+    assert len(fewer.stdout.splitlines()) == 1
+    assert fewer.stderr == f"(the newest 1 of {len(to_usa)}; --limit N for more)\n"
     shown = await asyncio.to_thread(msmt, "inbox", "show", "--config", usa, to_usa[0]["report_id"])
     assert shown.returncode == 0
     entry = json.loads(shown.stdout)

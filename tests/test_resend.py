@@ -29,10 +29,11 @@ from node_world import (
     msmt,
     records_for,
 )
+from structlog.testing import capture_logs
 
 import broker.node
 from broker.cli import main
-from broker.node import Node, load_node
+from broker.node import REISSUE_EVERY_S, Node, load_node, reissue_interval
 from broker.store import Store
 from broker.validation import parse_record
 
@@ -85,13 +86,14 @@ async def test_reports_a_partner_refused_as_too_old_reach_it_after_msmt_node_res
     nodes["USA"].inbound.freshness = timedelta(seconds=-1)
     tasks = await run_pair(world, nodes)
     try:
-        answers = await world.submit("JPN", records)
-        assert [a["status"] for a in answers] == ["accepted"] * len(records)
-        await await_for(
-            lambda: audit_rejections(world.config("USA"))["freshness"] == len(to_usa),
-            30,
-            "USA refusing every report as too old",
-        )
+        with capture_logs() as refusals:
+            answers = await world.submit("JPN", records)
+            assert [a["status"] for a in answers] == ["accepted"] * len(records)
+            await await_for(
+                lambda: audit_rejections(world.config("USA"))["freshness"] == len(to_usa),
+                30,
+                "USA refusing every report as too old",
+            )
         assert world.inbox_ids("USA", "JPN") == []
         # The command changes the outbox, which the running node owns.
         busy = await asyncio.to_thread(
@@ -102,12 +104,19 @@ async def test_reports_a_partner_refused_as_too_old_reach_it_after_msmt_node_res
         assert len(busy.stderr.splitlines()) == 1
     finally:
         await stop_pair(nodes, tasks)
+    # USA's operator can tell JPN's which reports to send again: the log names them.
+    named = {e.get("report_id") for e in refusals if e["event"] == "inbound_rejected"}
+    assert named == to_usa
     first = {e["report_id"]: e["jwe_sha256"] for e in sends_to_usa(world)}
     assert set(first) == to_usa
 
     queued = msmt("node", "resend", "--config", jpn_config, "--to", "usa", "--since", since)
     assert queued.returncode == 0, queued.stderr
     assert queued.stdout.startswith(f"{len(to_usa)} envelopes to USA queued")
+    # Asked twice before the node runs: the same envelopes, queued once, counted again.
+    again = msmt("node", "resend", "--config", jpn_config, "--to", "USA", "--since", since)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"{len(to_usa)} envelopes to USA queued")
 
     nodes = {m: load_node(world.config(m)) for m in PAIR}
     tasks = await run_pair(world, nodes)
@@ -152,14 +161,28 @@ async def test_reports_a_partner_refused_as_too_old_reach_it_after_msmt_node_res
     )
     assert statuses == {(True, "rejected"): len(to_usa), (True, "delivered"): len(to_usa)}
 
-    # Nothing in range now, and a report id with no envelope to USA: exit 1, and why.
+    # Nothing in range now: exit 1, and a word on what was not looked at.
     nothing = msmt(
         "node", "resend", "--config", jpn_config, "--to", "USA",
-        "--since", datetime.now(UTC).isoformat(), "--report", "not-a-report",
+        "--since", datetime.now(UTC).isoformat(),
     )  # fmt: skip
     assert nothing.returncode == 1
-    assert nothing.stderr == "no envelope of report not-a-report to USA in the outbox\n"
     assert nothing.stdout.startswith("0 envelopes to USA queued")
+    assert nothing.stderr == "(envelopes to USA that the hub has not acked yet still go out)\n"
+    # Reports without an envelope to USA: each named on stderr, with why; exit 1.
+    (withheld, *_) = [r["report_id"] for r in records if r["report_id"] not in to_usa]
+    unknown = "00000000-0000-4000-8000-000000000001"
+    (sent, *_) = sorted(to_usa)
+    some = msmt(
+        "node", "resend", "--config", jpn_config, "--to", "USA",
+        "--report", sent, "--report", withheld, "--report", unknown,
+    )  # fmt: skip
+    assert some.returncode == 1
+    assert some.stdout.startswith("1 envelopes to USA queued")
+    assert some.stderr.splitlines() == [
+        f"report {withheld}: no envelope to USA (its policy released nothing of it to USA)",
+        f"report {unknown}: no envelope to USA (no report with this id was accepted here)",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -167,7 +190,12 @@ async def test_reports_a_partner_refused_as_too_old_reach_it_after_msmt_node_res
     [
         (["--to", "JPN", "--since", "2026-12-01T00:00:00Z"], "--to: 'JPN' is not a partner of JPN"),
         (["--to", "XYZ", "--since", "2026-12-01T00:00:00Z"], "--to: 'XYZ' is not a partner of JPN"),
-        (["--to", "USA"], "give --since (a time range) or --report (report ids)"),
+        (["--to", "USA"], "give either --since (a time range) or --report (report ids)"),
+        (
+            ["--to", "USA", "--since", "2026-12-01T00:00:00Z", "--report", "r"],
+            "give either --since (a time range) or --report (report ids)",
+        ),
+        (["--to", "USA", "--report", "r"], "--report 'r' is not a report id (a lower-case UUID)"),
         (
             ["--to", "USA", "--until", "2026-12-01T00:00:00Z", "--report", "r"],
             "--until needs --since",
@@ -238,3 +266,12 @@ async def test_envelopes_pending_for_half_the_freshness_window_are_signed_again_
     # Only the new envelopes went out: the log's sends are exactly them.
     assert {e["report_id"]: e["jwe_sha256"] for e in sends_to_usa(world)} == again
     assert audit_rejections(world.config("USA")) == Counter()
+
+
+def test_a_short_freshness_window_is_looked_at_often_enough_to_send_nothing_too_old() -> None:
+    # Stale at half the window, looked for every interval: the oldest an envelope
+    # can go out is half the window plus one interval, which must stay under it.
+    for window in (60, 61, 120, 239, 240, 241, 3600, 86_400, 30 * 86_400):
+        assert window / 2 + reissue_interval(window) < window
+    assert reissue_interval(86_400) == REISSUE_EVERY_S == 60
+    assert reissue_interval(60) == 15

@@ -188,7 +188,8 @@ def test_resend_queues_what_the_hub_acknowledged_for_one_partner_in_a_time_range
         store.mark_sent([i for i in pending if i.report_id == rid], now=at)
     # ids[3] is still pending: it goes out anyway, so a time range leaves it.
     assert store.queue_resend("USA", sent_from=20.0, sent_until=30.0) == (1, [])
-    assert store.queue_resend("USA", sent_from=20.0) == (1, [])  # 30.0; 20.0 already queued
+    # Asked again, what was queued before counts: 20.0 (queued already) and 30.0.
+    assert store.queue_resend("USA", sent_from=20.0) == (2, [])
     assert store.queue_resend("GBR", report_ids=[ids[0], "nope"]) == (1, ["nope"])
     assert store.reissue_count() == 3
     assert sorted((rid, partners) for rid, _, partners in store.reissues(10)) == sorted(

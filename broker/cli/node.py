@@ -26,6 +26,7 @@ from broker.errors import StoreError, UsageError
 from broker.intake import read_token, submit
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
+from broker.sightings import is_report_id
 from broker.store import InboxEntry, Store
 
 _CONFIG = click.option(
@@ -70,7 +71,7 @@ def node_run(config_path: Path, log_level: str) -> None:
 @click.option("--to", "partner", required=True, help="The partner to send to again.")
 @click.option("--since", help="Envelopes the hub acknowledged at or after this RFC 3339 time.")
 @click.option("--until", help="... and before this one (default: now).")
-@click.option("--report", "report_ids", multiple=True, help="A report id (repeatable).")
+@click.option("--report", "report_ids", multiple=True, help="Or: a report id (repeatable).")
 def node_resend(
     config_path: Path,
     partner: str,
@@ -81,20 +82,24 @@ def node_resend(
     """Sign reports again and send them again to a partner that refused them.
 
     For a partner that was down, or held our messages, longer than its
-    freshness window: it refused what waited at the hub (``freshness``). Run
-    with the node stopped; at its next start the node signs each envelope
-    again, under its current policy and keys, and sends it. A partner that
-    already holds a report refuses the new copy (``replay``) and keeps the first.
-    Exit 0 when envelopes were queued, 1 when none were or a report id has none.
+    freshness window: it refused what waited at the hub (``freshness``). Once
+    it is back, run this with our node stopped; at its next start the node
+    signs each envelope again, under its current policy and keys, and sends
+    it. A partner that already holds a report refuses the new copy
+    (``replay``) and keeps the first. Exit 0 when envelopes are queued, 1 when
+    none are or a report has no envelope to the partner.
     """
     config = _config(config_path)
     to = partner.upper()
     if not is_member(to) or to == config.member:
         raise UsageError(f"--to: {partner!r} is not a partner of {config.member}")
-    if since is None and not report_ids:
-        raise UsageError("give --since (a time range) or --report (report ids)")
+    if (since is None) == (not report_ids):
+        raise UsageError("give either --since (a time range) or --report (report ids)")
     if until is not None and since is None:
         raise UsageError("--until needs --since")
+    for report_id in report_ids:
+        if not is_report_id(report_id):
+            raise UsageError(f"--report {report_id!r} is not a report id (a lower-case UUID)")
     sent_from = None if since is None else rfc3339("--since", since).timestamp()
     sent_until = None if until is None else rfc3339("--until", until).timestamp()
     if sent_from is not None and sent_until is not None and sent_until <= sent_from:
@@ -104,14 +109,22 @@ def node_resend(
         queued, missing = store.queue_resend(
             to, sent_from=sent_from, sent_until=sent_until, report_ids=report_ids
         )
+        for report_id in missing:
+            why = (
+                f"its policy released nothing of it to {to}"
+                if store.has_report(report_id)
+                else "no report with this id was accepted here"
+            )
+            click.echo(f"report {report_id}: no envelope to {to} ({why})", err=True)
     finally:
         store.close()
-    for report_id in missing:
-        click.echo(f"no envelope of report {report_id} to {to} in the outbox", err=True)
     click.echo(
         f"{queued} envelopes to {to} queued: the node signs them again and sends them when it"
         " next runs"
     )
+    if since is not None and not queued:
+        # Unacked envelopes are not chosen: they go out anyway, signed again if old.
+        click.echo(f"(envelopes to {to} that the hub has not acked yet still go out)", err=True)
     sys.exit(1 if missing or not queued else 0)
 
 
@@ -207,7 +220,13 @@ def inbox_list(config_path: Path, sender: str | None, limit: int, as_json: bool)
             raise UsageError(f"--from: unknown member {sender!r} (members: {', '.join(MEMBERS)})")
         sender = sender.upper()
     store = _open_store(_config(config_path))
-    for entry in store.inbox(sender=sender, limit=limit):
+    entries = store.inbox(sender=sender, limit=limit)
+    if len(entries) == limit and store.inbox_count(sender) > limit:
+        # On stderr, so a --json consumer's lines stay JSON.
+        click.echo(
+            f"(the newest {limit} of {store.inbox_count(sender)}; --limit N for more)", err=True
+        )
+    for entry in entries:
         if as_json:
             click.echo(json.dumps(_entry_json(entry)))
         else:
