@@ -54,6 +54,8 @@ class Exchange:
     jwe_sha256: str
     status: str  # delivered | undelivered | rejected | not-checked
     seq: int
+    refused_at: str | None = None
+    """For a ``rejected`` send, the recipient's checklist step that refused it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,22 @@ class Replay:
         """How many sends ended in each status."""
         return Counter(e.status for e in self.exchanges)
 
+    def never_delivered(self) -> list[Exchange]:
+        """Per (sender, recipient, report), the last send when every send was refused.
+
+        Not a finding (both logs agree on what happened), but a report the
+        recipient does not hold: ``msmt node resend --report`` sends it again.
+        """
+        last: dict[tuple[str, str, str], Exchange] = {}
+        delivered: set[tuple[str, str, str]] = set()
+        for e in self.exchanges:
+            key = (e.sender, e.recipient, e.report_id)
+            if e.status == "rejected":
+                last[key] = e
+            elif e.status != "not-checked":
+                delivered.add(key)
+        return [e for key, e in last.items() if key not in delivered]
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form for tools (``msmt audit replay --json``)."""
         return {
@@ -95,6 +113,15 @@ class Replay:
                 for (s, r), n in sorted(self.matrix.items())
             ],
             "findings": [asdict(f) for f in self.findings],
+            "never_delivered": [
+                {
+                    "sender": e.sender,
+                    "recipient": e.recipient,
+                    "report_id": e.report_id,
+                    "refused_at": e.refused_at,
+                }
+                for e in self.never_delivered()
+            ],
         }
 
 
@@ -257,7 +284,7 @@ def replay(
     exchanges: list[Exchange] = []
     matrix: Counter[tuple[str, str]] = Counter()
     for jwe, (member, send) in sends.items():
-        status = _send_status(jwe, member, send, logs, receives, rejections, findings)
+        status, refused_at = _send_status(jwe, member, send, logs, receives, rejections, findings)
         if status == "delivered":
             matrix[(member, send["partner"])] += 1
         exchanges.append(
@@ -274,6 +301,7 @@ def replay(
                 jwe,
                 status,
                 send["seq"],
+                refused_at,
             )
         )
         findings += _check_release(member, send, policies)
@@ -307,12 +335,12 @@ def _send_status(
     receives: Mapping[str, tuple[str, Mapping[str, Any]]],
     rejections: Mapping[str, tuple[str, Mapping[str, Any]]],
     findings: list[Finding],
-) -> str:
+) -> tuple[str, str | None]:
     partner = send["partner"]
     if partner not in logs:
-        return "not-checked"
+        return "not-checked", None
     if jwe in rejections and rejections[jwe][0] == partner:
-        return "rejected"
+        return "rejected", str(rejections[jwe][1]["step"])
     match = receives.get(jwe)
     if match is None or match[0] != partner:
         findings.append(
@@ -324,7 +352,7 @@ def _send_status(
                 f"sent to {partner}, which logged no receipt of this JWE",
             )
         )
-        return "undelivered"
+        return "undelivered", None
     recv = match[1]
     differ = [
         what
@@ -347,7 +375,7 @@ def _send_status(
                 + " and ".join(differ),
             )
         )
-    return "delivered"
+    return "delivered", None
 
 
 def _read_log(

@@ -28,9 +28,10 @@ from node_world import (
 
 from broker import audit_events as ev
 from broker import keys as keyfiles
-from broker.audit_replay import over_disclosures, replay
+from broker.audit_replay import Exchange, Finding, Replay, over_disclosures, replay
 from broker.auditlog import DB_FILE, AuditLog
 from broker.cli import main
+from broker.cli.audit import render_tables
 from broker.natsproc import free_port
 from broker.node import load_node
 from broker.policy import load_policy
@@ -798,3 +799,36 @@ def test_an_unreadable_policy_file_is_one_line_naming_it(tmp_path: Path) -> None
         assert (result.exit_code, result.stdout) == (2, "")
         path = only / member / "policy.toml"
         assert result.stderr == f"msmt: error: cannot read policy {path}: {reason}\n"
+
+
+def test_reports_refused_at_every_send_are_listed_apart_from_findings() -> None:
+    def send(report: str, to: str, status: str, step: str | None = None) -> Exchange:
+        return Exchange(
+            "2026-12-03T00:00:00Z", "JPN", to, report, "vessel", "AMBER", None, "p" * 64,
+            ("vessel.imo",), f"{report}{to}{status}", status, 1, step,
+        )  # fmt: skip
+
+    exchanges = (
+        send("r1", "USA", "rejected", "freshness"),
+        send("r1", "USA", "delivered"),  # sent again: delivered
+        send("r2", "USA", "rejected", "freshness"),
+        send("r2", "USA", "rejected", "replay"),  # the last refusal is shown
+        send("r3", "GBR", "rejected", "key"),
+        send("r3", "USA", "delivered"),
+        send("r4", "USA", "undelivered"),  # a finding, not this list
+        send("r5", "KOR", "not-checked"),
+    )
+    finding = Finding("undelivered", "JPN", 1, "r4", "sent to USA, which logged no receipt")
+    result = Replay(exchanges, {("JPN", "USA"): 2}, (finding,))
+    assert [(e.recipient, e.report_id, e.refused_at) for e in result.never_delivered()] == [
+        ("USA", "r2", "replay"),
+        ("GBR", "r3", "key"),
+    ]
+    assert result.to_json()["never_delivered"][1] == {
+        "sender": "JPN", "recipient": "GBR", "report_id": "r3", "refused_at": "key",
+    }  # fmt: skip
+    text = render_tables(result, ["GBR", "JPN", "USA"])
+    assert "vessel   r1  AMBER         1 fields  policy pppppppppppp  rejected (freshness)" in text
+    assert text.split("Refused at every send (2; msmt node resend --report sends again)\n")[
+        1
+    ].startswith("  JPN -> USA  r2  replay\n  JPN -> GBR  r3  key\n\nFindings (1)")

@@ -62,6 +62,13 @@ def sends_to_usa(world: World) -> list[dict[str, Any]]:
     return [e for e in entries if e["type"] == "sent" and e["partner"] == "USA"]
 
 
+def replay_pair(world: World) -> tuple[int, dict[str, Any]]:
+    dirs = [str(world.config(m).audit_dir) for m in PAIR]
+    args = ["audit", "replay", *dirs, "--keys", str(world.keydir), "--json"]
+    result = CliRunner().invoke(main, [*args, "--policies", str(world.root / "nodes")])
+    return result.exit_code, json.loads(result.stdout)
+
+
 async def run_pair(world: World, nodes: dict[str, Node]) -> list[asyncio.Task[None]]:
     tasks = [asyncio.create_task(n.run()) for n in nodes.values()]
     await await_for(lambda: all(n.ready() is None for n in nodes.values()), 20, "ready")
@@ -109,6 +116,14 @@ async def test_reports_a_partner_refused_as_too_old_reach_it_after_msmt_node_res
     assert named == to_usa
     first = {e["report_id"]: e["jwe_sha256"] for e in sends_to_usa(world)}
     assert set(first) == to_usa
+    # The auditor (and JPN's operator) can list what USA never got, and why.
+    code, lost = replay_pair(world)
+    assert code == 0
+    assert lost["findings"] == []
+    assert sorted(lost["never_delivered"], key=lambda e: e["report_id"]) == [
+        {"sender": "JPN", "recipient": "USA", "report_id": rid, "refused_at": "freshness"}
+        for rid in sorted(to_usa)
+    ]
 
     queued = msmt("node", "resend", "--config", jpn_config, "--to", "usa", "--since", since)
     assert queued.returncode == 0, queued.stderr
@@ -148,18 +163,19 @@ async def test_reports_a_partner_refused_as_too_old_reach_it_after_msmt_node_res
         store.close()
 
     # The auditor sees both: each first send refused, each second delivered, and no finding.
-    dirs = [str(world.config(m).audit_dir) for m in PAIR]
-    args = ["audit", "replay", *dirs, "--keys", str(world.keydir), "--json"]
-    result = CliRunner().invoke(main, [*args, "--policies", str(world.root / "nodes")])
-    assert result.exit_code == 0, result.output
-    replay = json.loads(result.stdout)
+    code, replay = replay_pair(world)
+    assert code == 0
     assert replay["findings"] == []
+    assert replay["never_delivered"] == []
     statuses = Counter(
-        (e["report_id"] in to_usa, e["status"])
+        (e["report_id"] in to_usa, e["status"], e["refused_at"])
         for e in replay["exchanges"]
         if e["recipient"] == "USA"
     )
-    assert statuses == {(True, "rejected"): len(to_usa), (True, "delivered"): len(to_usa)}
+    assert statuses == {
+        (True, "rejected", "freshness"): len(to_usa),
+        (True, "delivered", None): len(to_usa),
+    }
 
     # Nothing in range now: exit 1, and a word on what was not looked at.
     nothing = msmt(

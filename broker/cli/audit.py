@@ -384,6 +384,7 @@ def render_tables(result: Replay, members: list[str]) -> str:
         lines.append(
             f"  {e.at}  {e.sender} -> {e.recipient}  {e.kind:<8} {e.report_id}  "
             f"{e.tlp:<12} {len(e.released):>2} fields  policy {e.policy_digest[:12]}  {e.status}"
+            + ("" if e.refused_at is None else f" ({e.refused_at})")
         )
     lines += ["", status_line(result, len(members))]
     senders = sorted({s for s, _ in result.matrix} | set(members))
@@ -393,6 +394,16 @@ def render_tables(result: Replay, members: list[str]) -> str:
     for s in senders:
         cells = ("    -" if s == r else f"{result.matrix.get((s, r), 0):>5}" for r in recipients)
         lines.append(f"  {s}  " + " ".join(cells))
+    lost = result.never_delivered()
+    if lost:
+        # Not findings: both logs agree. But the recipient does not hold these reports.
+        lines += ["", f"Refused at every send ({len(lost)}; msmt node resend --report sends again)"]
+        lines += [
+            f"  {e.sender} -> {e.recipient}  {e.report_id}  {e.refused_at}"
+            for e in lost[:SHOWN_LOST]
+        ]
+        if len(lost) > SHOWN_LOST:
+            lines.append(f"  ... and {len(lost) - SHOWN_LOST} more (--json lists all)")
     lines += ["", f"Findings ({len(result.findings)})"]
     lines += _finding_lines(result.findings)
     if not result.findings:
@@ -401,6 +412,7 @@ def render_tables(result: Replay, members: list[str]) -> str:
 
 
 SHOWN_ENTRIES = 5
+SHOWN_LOST = 20
 
 
 def _finding_lines(findings: Sequence[Finding]) -> list[str]:
