@@ -51,7 +51,7 @@ from broker.errors import (
     UnknownKeyError,
     UsageError,
 )
-from broker.members import is_member
+from broker.members import MEMBERS, is_member
 from broker.roster import Roster
 from broker.sightings import (
     KINDS,
@@ -310,6 +310,68 @@ def receive(
     if not isinstance(private, X25519PrivateKey):
         raise UsageError(f"decryption key {header['kid']!r:.80} is not an X25519 private key")
     plaintext = jose.open_segments(segments, header, private)
+    return _verified(
+        token,
+        header,
+        plaintext,
+        me=me,
+        roster=roster,
+        attested_sender=attested_sender,
+        attested_kind=attested_kind,
+        accept_onward_from=accept_onward_from,
+        now=now,
+        max_age=max_age,
+        max_skew=max_skew,
+        is_replay=is_replay,
+    )
+
+
+def check_kept(token: str, content_key: bytes, *, roster: Roster) -> Received:
+    """Verify an envelope a partner kept, decrypting it with the content key it revealed.
+
+    Every step of ``receive`` but two, which held when it arrived (its
+    ``received`` audit entry records that): freshness and replay. The recipient
+    is the one the header names; an onward share from any member is accepted.
+    Raises ``EnvelopeError(step, reason)`` at the first failing step.
+    """
+    header, _ = parse_jwe(token, MAX_ENVELOPE_BYTES)
+    check_header(header, expected={"alg": KEY_ALG, "enc": CONTENT_ENC, "cty": TYP})
+    me = header[HDR_TO]
+    if not is_member(me):
+        raise EnvelopeError("recipient", "addressed to a non-member")
+    plaintext = jose.open_with_key(token, header, content_key)
+    return _verified(
+        token,
+        header,
+        plaintext,
+        me=me,
+        roster=roster,
+        attested_sender=None,
+        attested_kind=None,
+        accept_onward_from=MEMBERS,
+        now=None,
+        max_age=timedelta(0),
+        max_skew=timedelta(0),
+        is_replay=None,
+    )
+
+
+def _verified(
+    token: str,
+    header: Mapping[str, Any],
+    plaintext: bytes,
+    *,
+    me: str,
+    roster: Roster,
+    attested_sender: str | None,
+    attested_kind: str | None,
+    accept_onward_from: Collection[str],
+    now: datetime | None,
+    max_age: timedelta,
+    max_skew: timedelta,
+    is_replay: Callable[[str], bool] | None,
+) -> Received:
+    # Steps 5-13 of ``receive``, on the decrypted plaintext; ``now`` None skips freshness.
     # 5. format: <jws>~<d>~...~ in ASCII without key binding; JWS header exact;
     #    claims well-typed.
     claims = check_claims(plaintext, expected_header={"alg": JWS_ALG, "typ": TYP})
@@ -371,7 +433,7 @@ def _check_signed(
     iat: datetime,
     *,
     me: str,
-    now: datetime,
+    now: datetime | None,
     max_age: timedelta,
     max_skew: timedelta,
     is_replay: Callable[[str], bool] | None,
@@ -385,8 +447,10 @@ def _check_signed(
         fields, encoded = fields_of(payload, processed, parsed)
     except ValueError as exc:
         raise EnvelopeError("disclosures", str(exc)) from None
-    # 10. freshness: iat no older than max_age and no further ahead than max_skew.
-    _check_fresh(iat, now=now, max_age=max_age, max_skew=max_skew)
+    # 10. freshness: iat no older than max_age and no further ahead than max_skew
+    #     (not for a kept envelope: it was checked on arrival).
+    if now is not None:
+        _check_fresh(iat, now=now, max_age=max_age, max_skew=max_skew)
     # 11. replay: the caller's seen-set has not had this jti.
     jti = payload["jti"]
     if is_replay is not None and is_replay(jti):
@@ -464,6 +528,7 @@ __all__ = [
     # the API
     "Issued",
     "Received",
+    "check_kept",
     "issue",
     "present",
     "receive",

@@ -174,16 +174,67 @@ def open_segments(
 
     Same checks, same errors: the segment count is still step 1.
     """
-    # Checklist (RFC 7516 §5.2 for this profile); each step raises EnvelopeError.
+    cek, iv, sealed = _unwrap(parts, header, private)
+    return _decrypt(cek, iv, sealed, parts[0])
+
+
+def content_key(token: str, header: Mapping[str, Any], private: X25519PrivateKey) -> bytes:
+    """The content encryption key of a compact JWE of this profile, once it decrypts.
+
+    Revealing it lets a third party decrypt this one message (``open_with_key``)
+    without the recipient's private key. Same checks and errors as ``open``.
+    """
+    parts = token.split(".")
+    cek, iv, sealed = _unwrap(parts, header, private)
+    _decrypt(cek, iv, sealed, parts[0])
+    return cek
+
+
+def open_with_key(token: str, header: Mapping[str, Any], cek: bytes) -> bytes:
+    """Decrypt a compact JWE of this profile with its content key (RFC 7516 §5.2 steps 14-16).
+
+    ``header`` as for ``open``. The encrypted key segment is not used; every
+    other segment is checked as ``open`` checks it. Raises ``EnvelopeError``
+    with step ``decrypt``.
+    """
+    parts = token.split(".")
+    _check_profile(parts, header)
+    if len(cek) != CEK_BYTES:
+        raise _fail(f"the content key is {len(cek)} bytes, expected {CEK_BYTES}")
+    _segment(parts[1], "encrypted key", WRAPPED_BYTES)
+    iv = _segment(parts[2], "IV", IV_BYTES)
+    sealed = _segment(parts[3], "ciphertext") + _segment(parts[4], "authentication tag", TAG_BYTES)
+    return _decrypt(cek, iv, sealed, parts[0])
+
+
+def _decrypt(cek: bytes, iv: bytes, sealed: bytes, protected: str) -> bytes:
+    # AES-256-GCM with the protected header's ASCII as AAD: the tag
+    # authenticates the ciphertext and every header member.
+    try:
+        return AESGCM(cek).decrypt(iv, sealed, protected.encode("ascii"))
+    except InvalidTag:
+        raise _fail("the authentication tag does not verify") from None
+
+
+def _check_profile(parts: Sequence[str], header: Mapping[str, Any]) -> None:
     # 1. exactly five segments (RFC 7516 §7.1).
     if len(parts) != 5:
         raise _fail(f"a compact JWE has 5 segments, not {len(parts)}")
-    protected, wrapped_b64, iv_b64, ciphertext_b64, tag_b64 = parts
     # 2. the header names this profile and nothing we do not implement.
     if header.get("alg") != ALG or header.get("enc") != ENC:
         raise _fail(f"only alg {ALG} with enc {ENC} is supported")
     if any(name in header for name in _UNSUPPORTED):
         raise _fail("zip and crit are not supported")
+
+
+def _unwrap(
+    parts: Sequence[str], header: Mapping[str, Any], private: X25519PrivateKey
+) -> tuple[bytes, bytes, bytes]:
+    # Steps 1-7 of the checklist; returns the CEK, the IV and ciphertext + tag.
+    # Checklist (RFC 7516 §5.2 for this profile); each step raises EnvelopeError.
+    # 1-2. (``_check_profile``) five segments; the header names this profile.
+    _check_profile(parts, header)
+    _, wrapped_b64, iv_b64, ciphertext_b64, tag_b64 = parts
     # 3. epk is a public X25519 OKP key of 32 bytes (RFC 8037 §2, RFC 7748 §5).
     epk = _ephemeral_key(header)
     # 4. every segment is canonical base64url of the length the profile fixes:
@@ -208,9 +259,5 @@ def open_segments(
         cek = aes_key_unwrap(kek, wrapped)
     except InvalidUnwrap:
         raise _fail("the content key does not unwrap") from None
-    # 8. AES-256-GCM with the protected header's ASCII as AAD: the tag
-    #    authenticates the ciphertext and every header member.
-    try:
-        return AESGCM(cek).decrypt(iv, ciphertext + tag, protected.encode("ascii"))
-    except InvalidTag:
-        raise _fail("the authentication tag does not verify") from None
+    # 8. (``_decrypt``) AES-256-GCM with the protected header as AAD.
+    return cek, iv, ciphertext + tag

@@ -321,6 +321,7 @@ class Inbound:
             fields=dict(got.fields),
             paths=got.paths,
             jwe_sha256=got.jwe_sha256,
+            jwe=token,
             # Past this, the freshness check refuses the message anyway.
             expires_at=(got.iat + self.freshness + MAX_SKEW).timestamp(),
         )

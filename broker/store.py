@@ -9,7 +9,9 @@ Tables:
 * ``reissue``: outbox rows to sign again before they are published (again):
   ``stale`` ones waited pending for half the freshness window, ``operator``
   ones were asked for by ``msmt node resend`` after a partner refused them;
-* ``inbox``: the verified disclosed fields received from partners;
+* ``inbox``: the verified disclosed fields received from partners, and each
+  envelope exactly as it arrived (evidence of what its originator signed;
+  ``msmt inbox evidence``);
 * ``seen``: the replay seen-set, ``(sender, jti) -> JWE hash``, kept only for the
   freshness window (older messages fail the freshness check anyway);
 * ``counters`` and ``state``: figures and the last error, for ``msmt status``.
@@ -82,6 +84,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     fields      TEXT NOT NULL,
     paths       TEXT NOT NULL,
     jwe_sha256  TEXT NOT NULL,
+    jwe         TEXT,
     PRIMARY KEY (sender, report_id)
 );
 CREATE INDEX IF NOT EXISTS inbox_jwe ON inbox(jwe_sha256);
@@ -203,6 +206,7 @@ class Received:
     fields: Mapping[str, Any]
     paths: tuple[str, ...]
     jwe_sha256: str
+    jwe: str
     expires_at: float
 
 
@@ -254,6 +258,7 @@ class Store:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
+                _add_missing_columns(self._db)
                 if max_pages is not None:
                     self._db.execute(f"PRAGMA max_page_count={int(max_pages)}")
         except (sqlite3.Error, OSError) as exc:
@@ -627,8 +632,8 @@ class Store:
             for rec in batch:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO inbox(sender, originator, report_id, kind, tlp, rel_to,"
-                    " iat, received_at, fields, paths, jwe_sha256)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " iat, received_at, fields, paths, jwe_sha256, jwe)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec.sender,
                         rec.originator,
@@ -641,6 +646,7 @@ class Store:
                         json.dumps(rec.fields, sort_keys=True),
                         json.dumps(list(rec.paths)),
                         rec.jwe_sha256,
+                        rec.jwe,
                     ),
                 )
                 db.execute(
@@ -679,6 +685,19 @@ class Store:
             (report_id,),
         )
         return [_entry(r) for r in rows]
+
+    def kept_envelope(self, sender: str, report_id: str) -> str | None:
+        """The envelope of a received report as it arrived, or None.
+
+        None for a report received before nodes kept envelopes, or not received.
+        """
+        # A store from before nodes kept envelopes, opened read-only, has no column yet.
+        if not any(row[1] == "jwe" for row in self._read("PRAGMA table_info(inbox)")):
+            return None
+        rows = self._read(
+            "SELECT jwe FROM inbox WHERE sender = ? AND report_id = ?", (sender, report_id)
+        )
+        return None if not rows or rows[0][0] is None else str(rows[0][0])
 
     def holds_reports(self) -> bool:
         """Whether any report was ever accepted or received here."""
@@ -730,6 +749,13 @@ _INBOX_COLUMNS: Final = (
     "SELECT sender, originator, report_id, kind, tlp, rel_to, iat, received_at, fields, paths,"
     " jwe_sha256 FROM inbox"
 )
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    # A store made before a column was added gets it, empty for the rows it holds.
+    have = {str(row[1]) for row in db.execute("PRAGMA table_info(inbox)")}
+    if "jwe" not in have:
+        db.execute("ALTER TABLE inbox ADD COLUMN jwe TEXT")
 
 
 def _entry(row: Sequence[Any]) -> InboxEntry:

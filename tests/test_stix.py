@@ -476,6 +476,7 @@ def _store(path: Path, reports: Iterable[ReceivedReport]) -> None:
                         fields=dict(report.fields),
                         paths=tuple(report.fields),
                         jwe_sha256="00" * 32,
+                        jwe="",
                         expires_at=0.0,
                     )
                 ],

@@ -38,6 +38,7 @@ def received(sender: str, rid: str, digest: str = "h1", expires: float = 100.0) 
         fields={"vessel.imo": "9321483"},
         paths=("vessel.imo",),
         jwe_sha256=digest,
+        jwe=f"jwe {sender} {rid}",
         expires_at=expires,
     )
 
@@ -352,3 +353,33 @@ def test_accept_hands_back_the_record_stored_under_each_taken_id(tmp_path: Path)
     # Index -> stored record; a report earlier in the same batch counts too.
     assert got.earlier == {1: b"xxx", 2: b"xxxx"}
     assert [bytes(r) for _, r in store.unplanned(10)] == [b"xxx", b"xxxx"]
+
+
+def test_a_store_from_before_envelopes_were_kept_gains_the_column_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "node.sqlite3"
+    with sqlite3.connect(path) as raw:
+        # The inbox table as an earlier version created it, with one report in it.
+        raw.execute(
+            "CREATE TABLE inbox (sender TEXT NOT NULL, originator TEXT NOT NULL,"
+            " report_id TEXT NOT NULL, kind TEXT NOT NULL, received_at REAL NOT NULL,"
+            " tlp TEXT NOT NULL, rel_to TEXT, iat REAL NOT NULL, fields TEXT NOT NULL,"
+            " paths TEXT NOT NULL, jwe_sha256 TEXT NOT NULL, PRIMARY KEY (sender, report_id))"
+        )
+        raw.execute(
+            "INSERT INTO inbox VALUES ('JPN', 'JPN', 'r-old', 'vessel', 1.0, 'AMBER', NULL,"
+            " 1.0, '{}', '[]', 'h0')"
+        )
+    old = Store(path, readonly=True)  # read-only: no column added, and no error either
+    assert old.kept_envelope("JPN", "r-old") is None
+    old.close()
+    store = Store(path)
+    assert store.store_received([received("JPN", "r-new")]) == [True]
+    assert store.kept_envelope("JPN", "r-old") is None
+    assert store.kept_envelope("JPN", "r-new") == "jwe JPN r-new"
+    assert [e.report_id for e in store.inbox()] == ["r-new", "r-old"]
+    store.close()
+    again = Store(path)  # opening again adds nothing twice
+    assert again.kept_envelope("JPN", "r-new") == "jwe JPN r-new"
+    again.close()

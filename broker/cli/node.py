@@ -13,17 +13,20 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import click
 
+from broker import evidence
 from broker.audit_verify import read_origin
 from broker.auditlog import DB_FILE
 from broker.cli.options import rfc3339
 from broker.config import NodeConfig, load_config
-from broker.errors import StoreError, UsageError
+from broker.errors import EnvelopeError, InputError, StoreError, UsageError
 from broker.intake import read_token, submit
+from broker.keys import load_member_keys, load_pinned_roster
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
 from broker.sightings import is_report_id
@@ -247,6 +250,49 @@ def inbox_show(config_path: Path, report_id: str) -> None:
         raise UsageError(f"no received report {report_id}")
     for entry in entries:
         click.echo(json.dumps(_entry_json(entry), indent=2))
+
+
+@inbox_group.command(name="evidence")
+@_CONFIG
+@click.argument("report_id")
+@click.option("--from", "sender", help="The member that sent it, if several did.")
+def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> None:
+    """Print evidence of a received report, for a third party to check.
+
+    The envelope as it arrived and its content key, which opens this one message
+    and nothing else. ``msmt audit evidence FILE --keys DIR`` checks it.
+    """
+    config = _config(config_path)
+    store = _open_store(config)
+    entries = store.inbox_entry(report_id)
+    if sender is not None:
+        entries = [e for e in entries if e.sender == sender.upper()]
+    if not entries:
+        raise UsageError(f"no received report {report_id}" + (f" from {sender}" if sender else ""))
+    if len(entries) > 1:
+        senders = ", ".join(sorted(e.sender for e in entries))
+        raise UsageError(f"report {report_id} came from {senders}: say which with --from")
+    entry = entries[0]
+    jwe = store.kept_envelope(entry.sender, report_id)
+    if jwe is None:
+        raise InputError(
+            f"report {report_id} from {entry.sender} was received before nodes kept envelopes:"
+            " there is no evidence of it but the audit log's hash"
+        )
+    signed = load_pinned_roster(
+        config.roster_dir,
+        config.authority_path,
+        config.data_dir / "roster-state.json",
+        record=False,
+    )
+    keys = load_member_keys(config.keys.dir, config.member, signed.roster, datetime.now(UTC))
+    try:
+        found = evidence.make(
+            jwe, received_at=entry.received_at, decryption_keys=keys.decryption, me=config.member
+        )
+    except EnvelopeError as exc:
+        raise InputError(f"cannot open the kept envelope of report {report_id}: {exc}") from None
+    click.echo(found.to_json())
 
 
 @click.command(name="status")
