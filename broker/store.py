@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -676,7 +677,7 @@ class Store:
             args.append(sender)
         sql += " ORDER BY received_at DESC, rowid DESC LIMIT ?"
         args.append(limit)
-        return [_entry(r) for r in self._read(sql, args)]
+        return self._entries(self._read(sql, args))
 
     def inbox_entry(self, report_id: str) -> list[InboxEntry]:
         """Every stored copy of ``report_id`` (one per sender that sent it)."""
@@ -684,7 +685,20 @@ class Store:
             _INBOX_COLUMNS + " WHERE report_id = ?",
             (report_id,),
         )
-        return [_entry(r) for r in rows]
+        return self._entries(rows)
+
+    def _entries(self, rows: Iterable[Sequence[Any]]) -> list[InboxEntry]:
+        out: list[InboxEntry] = []
+        for row in rows:
+            try:
+                out.append(_entry(row))
+            except _DamagedRowError as exc:
+                # Named by rowid: the report id itself may be what was damaged.
+                raise StoreError(
+                    f"store {self.path}: inbox row {row[-1]} is damaged ({exc});"
+                    " restore the store from a backup"
+                ) from None
+        return out
 
     def kept_envelope(self, sender: str, report_id: str) -> str | None:
         """The envelope of a received report as it arrived, or None.
@@ -747,7 +761,7 @@ class Store:
 
 _INBOX_COLUMNS: Final = (
     "SELECT sender, originator, report_id, kind, tlp, rel_to, iat, received_at, fields, paths,"
-    " jwe_sha256 FROM inbox"
+    " jwe_sha256, rowid FROM inbox"
 )
 
 
@@ -758,17 +772,51 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE inbox ADD COLUMN jwe TEXT")
 
 
+class _DamagedRowError(Exception):
+    """An inbox row that the receiver cannot have written; the message names the column."""
+
+
 def _entry(row: Sequence[Any]) -> InboxEntry:
+    # The receiver wrote these columns from verified values; a row that reads otherwise
+    # was damaged on disk or by hand. The error names the column, never its content.
+    rel_to = None if row[5] is None else _json_column(row[5], list, "rel_to")
+    paths = _json_column(row[9], list, "paths")
+    for name, value in (("rel_to", rel_to or []), ("paths", paths)):
+        if not all(isinstance(item, str) for item in value):
+            raise _DamagedRowError(f"its {name} column is not a list of names")
+    if not all(isinstance(row[i], str) for i in (0, 1, 2, 3, 4, 10)):
+        raise _DamagedRowError("a text column holds bytes or a number")
     return InboxEntry(
         sender=row[0],
         originator=row[1],
         report_id=row[2],
         kind=row[3],
         tlp=row[4],
-        rel_to=None if row[5] is None else tuple(json.loads(row[5])),
-        iat=float(row[6]),
-        received_at=float(row[7]),
-        fields=json.loads(row[8]),
-        paths=tuple(json.loads(row[9])),
+        rel_to=None if rel_to is None else tuple(rel_to),
+        iat=_time_column(row[6], "iat"),
+        received_at=_time_column(row[7], "received_at"),
+        fields=_json_column(row[8], dict, "fields"),
+        paths=tuple(paths),
         jwe_sha256=row[10],
     )
+
+
+def _json_column(text: Any, kind: type[Any], name: str) -> Any:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        raise _DamagedRowError(f"its {name} column is not JSON") from None
+    if not isinstance(value, kind):
+        raise _DamagedRowError(
+            f"its {name} column is not a JSON {'object' if kind is dict else 'array'}"
+        )
+    return value
+
+
+def _time_column(value: Any, name: str) -> float:
+    # A time every reader can turn into a datetime (years 1 to 9999).
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        with suppress(OverflowError, OSError, ValueError):
+            datetime.fromtimestamp(value, UTC)
+            return float(value)
+    raise _DamagedRowError(f"its {name} column is not a time")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -543,3 +544,43 @@ def test_an_hour_variant_at_either_end_of_time_still_exports(hour: str, last: st
     (sighting,) = [o for o in stix["objects"] if o["type"] == "sighting"]
     assert sighting["first_seen"] == hour.replace(":00Z", ":00.000Z")
     assert sighting["last_seen"] == last
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        ("fields = 'not json'", "its fields column is not JSON"),
+        ("fields = '[]'", "its fields column is not a JSON object"),
+        ("paths = 'SECRETVALUE'", "its paths column is not JSON"),
+        ("rel_to = '[\"SECRETVALUE\", 5]'", "its rel_to column is not a list of names"),
+        ("iat = 'SECRETVALUE'", "its iat column is not a time"),
+        ("received_at = 1e300", "its received_at column is not a time"),
+        ("iat = -1e20", "its iat column is not a time"),
+        ("tlp = X'414D424552'", "a text column holds bytes or a number"),
+    ],
+)
+def test_a_damaged_store_row_stops_export_and_inbox_with_one_line(
+    tmp_path: Path, damage: str, why: str
+) -> None:
+    # A hostile auditor's trial: each of these gave a Python traceback.
+    reports = [received(r) for r in samples.generate(3, seed=23)]
+    path = tmp_path / "data" / "node.sqlite3"
+    _store(path, reports)
+    with sqlite3.connect(path) as db:
+        rowid = db.execute(
+            "SELECT rowid FROM inbox WHERE report_id = ?", (reports[1].report_id,)
+        ).fetchone()[0]
+        db.execute(f"UPDATE inbox SET {damage} WHERE rowid = ?", (rowid,))  # noqa: S608
+    env = {"MSMT_DATA_DIR": str(tmp_path / "data")}
+    expected = f"msmt: error: store {path}: inbox row {rowid} is damaged ({why});"
+    for args in (
+        ["export", "stix", "--config", str(JPN_CONFIG)],
+        ["inbox", "list", "--config", str(JPN_CONFIG)],
+        ["inbox", "show", "--config", str(JPN_CONFIG), reports[1].report_id],
+    ):
+        result = _run(args, env)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr.startswith(expected), (args, result.stderr)
+        assert result.stderr.endswith(" restore the store from a backup\n")
+        assert result.stderr.count("\n") == 1
+        assert "SECRETVALUE" not in result.output
