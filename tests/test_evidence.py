@@ -253,3 +253,55 @@ def test_a_report_received_before_envelopes_were_kept_has_no_evidence(
                 assert hashlib.sha256(kept.encode()).hexdigest() == entry.jwe_sha256
     finally:
         store.close()
+
+
+def test_inbox_check_finds_rows_edited_or_deleted_on_disk(
+    delivered: tuple[World, list[str]],
+) -> None:
+    world, ids = delivered
+    config = str(world.config_path("USA"))
+    clean = _cli("inbox", "check", "--config", config)
+    assert clean.exit_code == 0, clean.output
+    assert clean.stdout == (
+        f"OK: {len(ids)} reports match their signed envelopes;"
+        " every receipt in the audit log is in the inbox\n"
+    )
+    path = world.config("USA").store_path
+    receipts = {
+        e["report_id"]: e["seq"]
+        for e in audit_entries(world.config("USA").audit_dir)
+        if e["type"] == "received"
+    }
+    with sqlite3.connect(path) as db:
+        # A value changed, a marking lowered, a row deleted: each as a hand on the file would.
+        fields = json.loads(
+            db.execute("SELECT fields FROM inbox WHERE report_id = ?", (ids[0],)).fetchone()[0]
+        )
+        name = sorted(fields)[0]
+        fields[name] = "SECRETVALUE"
+        db.execute(
+            "UPDATE inbox SET fields = ?, tlp = 'CLEAR' WHERE report_id = ?",
+            (json.dumps(fields), ids[0]),
+        )
+        db.execute("DELETE FROM inbox WHERE report_id = ?", (ids[1],))
+    found = _cli("inbox", "check", "--config", config)
+    assert found.exit_code == 1
+    assert found.stdout.splitlines() == [
+        f"report {ids[0]} from JPN: tlp, fields differ from the signed envelope",
+        f"audit entry {receipts[ids[1]]}: report {ids[1]} received from JPN is not in the inbox",
+    ]
+    assert found.stderr == (
+        f"msmt: error: 2 problems in the inbox ({len(ids) - 2} reports match their signed"
+        " envelopes)\n"
+    )
+    assert "SECRETVALUE" not in found.output
+    # A row whose envelope was not kept (an earlier version) is counted, not checked.
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE inbox SET jwe = NULL WHERE report_id = ?", (ids[0],))
+    older = _cli("inbox", "check", "--config", config)
+    assert older.exit_code == 1
+    assert older.stderr.startswith("msmt: error: 1 problem in the inbox (")
+    assert older.stderr.endswith(
+        f"({len(ids) - 2} reports match their signed envelopes;"
+        " 1 received before envelopes were kept)\n"
+    )

@@ -19,12 +19,13 @@ from typing import Any, BinaryIO
 
 import click
 
-from broker import evidence
-from broker.audit_verify import read_origin
+from broker import evidence, inbox_check
+from broker.audit_events import parse_entry
+from broker.audit_verify import load, read_origin
 from broker.auditlog import DB_FILE
 from broker.cli.options import rfc3339
 from broker.config import NodeConfig, load_config
-from broker.errors import EnvelopeError, InputError, StoreError, UsageError
+from broker.errors import AuditError, EnvelopeError, InputError, StoreError, UsageError
 from broker.intake import read_token, submit
 from broker.keys import load_member_keys, load_pinned_roster
 from broker.log import LEVELS as LOG_LEVELS
@@ -293,6 +294,48 @@ def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> Non
     except EnvelopeError as exc:
         raise InputError(f"cannot open the kept envelope of report {report_id}: {exc}") from None
     click.echo(found.to_json())
+
+
+@inbox_group.command(name="check")
+@_CONFIG
+def inbox_check_cmd(config_path: Path) -> None:
+    """Check every received report against its kept envelope and the node's audit log.
+
+    Each row whose envelope was kept is verified again and compared with it, column by
+    column; rows and the log's receipts must match one for one. Exit 0 if all hold,
+    1 with one line per problem. The log itself: msmt audit verify.
+    """
+    config = _config(config_path)
+    store = _open_store(config)
+    receipts = []
+    log = load(config.audit_dir)
+    for seq, data in enumerate(log.entries(0, 1 << 62)):
+        try:
+            entry = parse_entry(data, seq)
+        except AuditError as exc:
+            raise AuditError(
+                f"audit log {log.path}: entry {seq} {exc}: run msmt audit verify"
+            ) from None
+        if entry["type"] == "received":
+            receipts.append((seq, entry["sender"], entry["report_id"], entry["jwe_sha256"]))
+    signed = load_pinned_roster(
+        config.roster_dir,
+        config.authority_path,
+        config.data_dir / "roster-state.json",
+        record=False,
+    )
+    keys = load_member_keys(config.keys.dir, config.member, signed.roster, datetime.now(UTC))
+    found = inbox_check.check(
+        store, receipts, me=config.member, decryption_keys=keys.decryption, roster=signed.roster
+    )
+    for problem in found.problems:
+        click.echo(problem)
+    older = f"; {found.not_kept} received before envelopes were kept" if found.not_kept else ""
+    summary = f"{found.verified} reports match their signed envelopes{older}"
+    if found.problems:
+        count = len(found.problems)
+        raise InputError(f"{count} problem{'s' if count > 1 else ''} in the inbox ({summary})")
+    click.echo(f"OK: {summary}; every receipt in the audit log is in the inbox")
 
 
 @click.command(name="status")
