@@ -9,31 +9,50 @@ member) and the policies the auditor holds (by digest). Within each log:
   previous ``policy`` entry (``null`` for the first), else ``policy-chain``;
 * each send's policy was in force between the report's arrival in the log and
   the send, else ``policy-not-in-force`` (see ``PolicyTimeline``);
-* a send releases at least one disclosure key, else ``empty-send``.
+* a send releases at least one disclosure key, else ``empty-send``;
+* a repeat of a ``sent`` or ``received`` entry (same JWE hash) repeats it
+  exactly, but for its time and place in the log (a node's repeat after a
+  crash), else ``conflicting-repeat``; every distinct version of a send is
+  checked against the policy, not only the last;
+* no JWE is both received and rejected from the same sender, else
+  ``conflicting-entries``.
 
 Across logs:
 
 * every send has a receive with the same JWE hash in the partner's log, else it
-  is ``undelivered`` (or ``rejected`` when the partner logged a rejection of it);
+  is ``undelivered`` (or ``rejected`` when the partner logged a rejection of it,
+  as it came from the sender);
 * every receive has a send with the same JWE hash in the sender's log, else it
   is an ``unmatched-receive`` (the sender's log lost or never had the send);
 * a receive names the same sender, report, kind and disclosure keys as its
-  send, else ``mismatch``;
+  send, and a rejection that names a report names the send's, else ``mismatch``;
+* a receipt or rejection of a sent JWE is in the log of the member it was sent
+  to, else ``receipt-by-non-recipient`` or ``rejection-by-non-recipient``;
+* a JWE is sent in one log only, and (when no log given sends it) received in
+  one log only, else ``conflicting-entries``;
 * each send's disclosure keys are what the sender's policy (found by the
   digest the entry names) releases to that partner for that kind and marking;
   anything else is an ``over-disclosure``.
 
-Logs not given are not guessed at: their side is reported as ``not-checked``.
+A member can append entries to its own log (its witnesses cosign what it
+appends), so no conclusion rests on the last entry of a JWE, or on the order in
+which the logs are given. Logs not given are not guessed at: their side is
+reported as ``not-checked``.
+
+``verified_entries`` parses a verified log's entries only if their bytes are the
+ones verified.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from broker.errors import PolicyError
+from broker.audit_events import parse_entry
+from broker.errors import AuditError, PolicyError
+from broker.merkle import CompactRange, leaf_hash
 from broker.policy import Policy, Release
 from broker.transforms import split_variant_key
 
@@ -259,8 +278,115 @@ class PolicyTimeline:
         )
 
 
-_Seen = dict[str, tuple[str, Mapping[str, Any]]]
-"""Entries of one type by JWE hash, with the member whose log holds them."""
+def verified_entries(data: Iterable[bytes], size: int, root: bytes) -> list[dict[str, Any]]:
+    """Parse a log's entries, refusing them unless they are the ``size`` entries verified.
+
+    ``size`` and ``root`` are what verifying the log established
+    (``broker.audit_verify.Report``); ``data`` is the entries' bytes, read
+    again, in index order. Verifying and reading are two reads of a file that
+    can change in between (a copy swapped in, a row edited), so the bytes parsed
+    must rebuild the verified root: their RFC 6962 leaf hashes are folded as they
+    stream by, and compared at the end. Raises ``AuditError``: that the log
+    changed after it was verified, or else, at the first entry that does not
+    parse, ``entry N: <why>`` (only a verified entry is blamed on the log's owner).
+    """
+    edge = CompactRange()
+    entries: list[dict[str, Any]] = []
+    failure: str | None = None
+    changed = AuditError(
+        "changed after it was verified: its entries do not hash to the root verified "
+        f"at size {size}"
+    )
+    for i, blob in enumerate(data):
+        if i == size:
+            raise changed
+        edge.append(leaf_hash(blob))
+        if failure is None:
+            try:
+                entries.append(parse_entry(blob, i))
+            except AuditError as exc:
+                # Said only once the root matches: a malformed entry in bytes that
+                # were never verified is not the log owner's, and must not read so.
+                failure = f"entry {i}: {exc}"
+    if edge.size != size or edge.root() != root:
+        raise changed
+    if failure is not None:
+        raise AuditError(failure)
+    return entries
+
+
+_Entry = Mapping[str, Any]
+_Version = tuple[tuple[str, Any], ...]
+
+_REPEAT_MAY_DIFFER = frozenset({"at", "seq", "prev"})
+"""The fields in which an honest repeat of an entry differs from the entry it repeats.
+
+A node that crashes between logging an event and the store write it describes
+logs the same event again when it redoes the work (docs/AUDIT.md): the
+publisher builds a repeated ``sent`` entry from the same outbox row and the
+receiver a repeated ``received`` entry from the same envelope, so only the
+time it is logged and its place in the log change.
+"""
+
+
+def _version(entry: _Entry) -> _Version:
+    """What an honest repeat of ``entry`` repeats exactly, in a hashable form."""
+    return tuple(
+        sorted(
+            (k, tuple(v) if isinstance(v, list) else v)
+            for k, v in entry.items()
+            if k not in _REPEAT_MAY_DIFFER
+        )
+    )
+
+
+def _differing(entry: _Entry, earlier: _Entry) -> str:
+    """The names (never the values) of the fields in which a repeat differs from ``earlier``."""
+    names = sorted(k for k in entry if k not in _REPEAT_MAY_DIFFER and entry[k] != earlier.get(k))
+    return " and ".join(names)
+
+
+class _Repeats:
+    """One log's entries of one type by JWE hash: honest repeats and conflicting ones.
+
+    Only a repeat costs more than a dictionary lookup (its content made hashable),
+    and the versions of one JWE are a set, so appending many repeats stays linear.
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[str, _Entry] = {}  # JWE -> its first entry
+        self._versions: dict[str, set[_Version]] = {}
+
+    def add(self, entry: _Entry) -> tuple[_Entry | None, bool]:
+        """The earlier entry ``entry`` repeats (``None`` if none); whether its content is new."""
+        key = entry["jwe_sha256"]
+        earlier = self.first.get(key)
+        if earlier is None:
+            self.first[key] = entry
+            return None, True
+        seen = self._versions.get(key)
+        if seen is None:
+            seen = self._versions[key] = {_version(earlier)}
+        version = _version(entry)
+        if version in seen:
+            return earlier, False
+        seen.add(version)
+        return earlier, True
+
+
+@dataclass(slots=True)
+class _Index:
+    """What the logs say of each JWE hash, as (member, entry) pairs in the order read.
+
+    ``sends`` holds each log's distinct versions of a ``sent`` entry (the first
+    entry of each), ``receipts`` each log's first ``received`` entry (its
+    repeats are checked against it where they are read), ``rejections`` every
+    ``rejected`` entry.
+    """
+
+    sends: dict[str, list[tuple[str, _Entry]]] = field(default_factory=dict)
+    receipts: dict[str, list[tuple[str, _Entry]]] = field(default_factory=dict)
+    rejections: dict[str, list[tuple[str, _Entry]]] = field(default_factory=dict)
 
 
 def replay(
@@ -273,53 +399,65 @@ def replay(
 
     ``policies`` maps policy digests to loaded policies. ``progress``, if given,
     is advanced once per entry (a click progress bar, say).
+
+    No conclusion depends on the order of the logs or on which of several
+    entries of one JWE comes last: a member can append entries to its own log
+    (its witnesses cosign whatever it appends), so every entry of a JWE is
+    weighed, and entries that contradict each other are findings.
     """
     ticks = iter(progress) if progress is not None else None
-    sends: _Seen = {}
-    receives: _Seen = {}
-    rejections: _Seen = {}
+    index = _Index()
     findings: list[Finding] = []
     for member, entries in logs.items():
-        _read_log(member, entries, ticks, sends, receives, rejections, findings)
+        _read_log(member, entries, ticks, index, findings)
     exchanges: list[Exchange] = []
-    matrix: Counter[tuple[str, str]] = Counter()
-    for jwe, (member, send) in sends.items():
-        status, refused_at = _send_status(jwe, member, send, logs, receives, rejections, findings)
-        if status == "delivered":
-            matrix[(member, send["partner"])] += 1
-        exchanges.append(
-            Exchange(
-                send["at"],
-                member,
-                send["partner"],
-                send["report_id"],
-                send["kind"],
-                send["tlp"],
-                None if send["rel_to"] is None else tuple(send["rel_to"]),
-                send["policy_digest"],
-                tuple(send["released"]),
-                jwe,
-                status,
-                send["seq"],
-                refused_at,
+    delivered: set[tuple[str, str, str]] = set()  # (sender, recipient, JWE): counted once
+    for jwe, versions in index.sends.items():
+        findings += _sent_in_several_logs(versions)
+        for member, send in versions:
+            # Every version is checked against the policy: a later one cannot
+            # stand in for an earlier one that disclosed more.
+            status, refused_at = _send_status(jwe, member, send, logs, index, findings)
+            if status == "delivered":
+                delivered.add((member, send["partner"], jwe))
+            exchanges.append(
+                Exchange(
+                    send["at"],
+                    member,
+                    send["partner"],
+                    send["report_id"],
+                    send["kind"],
+                    send["tlp"],
+                    None if send["rel_to"] is None else tuple(send["rel_to"]),
+                    send["policy_digest"],
+                    tuple(send["released"]),
+                    jwe,
+                    status,
+                    send["seq"],
+                    refused_at,
+                )
             )
-        )
-        findings += _check_release(member, send, policies)
-    for jwe, (member, recv) in receives.items():
-        if jwe in sends:
+            findings += _check_release(member, send, policies)
+        findings += _not_the_recipient(jwe, versions, index)
+    for jwe, receipts in index.receipts.items():
+        if jwe in index.sends:
             continue
-        sender = recv["sender"]
-        kind = "unmatched-receive" if sender in logs else "not-checked"
-        findings.append(
-            Finding(
-                kind,
-                member,
-                recv["seq"],
-                recv["report_id"],
-                f"received from {sender} but {sender}'s log "
-                + ("has no matching send" if sender in logs else "was not given"),
+        for member, recv in receipts:
+            sender = recv["sender"]
+            kind = "unmatched-receive" if sender in logs else "not-checked"
+            findings.append(
+                Finding(
+                    kind,
+                    member,
+                    recv["seq"],
+                    recv["report_id"],
+                    f"received from {sender} but {sender}'s log "
+                    + ("has no matching send" if sender in logs else "was not given"),
+                )
             )
-        )
+        # An envelope is encrypted to one member: two cannot both have opened it.
+        findings += _in_several_logs(receipts, "a receipt")
+    matrix = Counter((sender, recipient) for sender, recipient, _ in delivered)
     exchanges.sort(key=lambda e: (e.at, e.sender, e.seq))
     findings.sort(key=lambda f: (f.member, f.seq, f.kind))
     return Replay(
@@ -327,33 +465,125 @@ def replay(
     )
 
 
+def _in_several_logs(pairs: Sequence[tuple[str, _Entry]], what: str) -> list[Finding]:
+    """One ``conflicting-entries`` finding per log, when more than one log holds ``what``."""
+    if len(pairs) < 2:
+        return []  # the usual case, kept cheap: one per JWE
+    firsts: dict[str, _Entry] = {}
+    for member, entry in pairs:
+        firsts.setdefault(member, entry)
+    if len(firsts) < 2:
+        return []
+    return [
+        Finding(
+            "conflicting-entries",
+            member,
+            entry["seq"],
+            entry["report_id"],
+            ", ".join(f"{m}'s entry {e['seq']}" for m, e in firsts.items() if m != member)
+            + f" also logs {what} of this JWE",
+        )
+        for member, entry in firsts.items()
+    ]
+
+
+def _sent_in_several_logs(versions: Sequence[tuple[str, _Entry]]) -> list[Finding]:
+    # Only the member whose node published an envelope logs it as sent; a send of
+    # the same bytes in another log would stand in for (or hide) the real one.
+    return _in_several_logs(versions, "a send")
+
+
+def _not_the_recipient(
+    jwe: str, versions: Sequence[tuple[str, _Entry]], index: _Index
+) -> list[Finding]:
+    """Receipts and rejections of a sent JWE in the log of a member it was not sent to.
+
+    Only the partner can open the envelope, so another member's receipt is
+    false; another member's rejection means the envelope reached a member it was
+    not sent to (or the rejection is false). Either way the log that holds it is
+    named, never the sender's or the partner's.
+    """
+    recipients = {send["partner"] for _, send in versions}
+    receipts = [(m, e) for m, e in index.receipts.get(jwe, ()) if m not in recipients]
+    refusals = [(m, e) for m, e in index.rejections.get(jwe, ()) if m not in recipients]
+    if not receipts and not refusals:
+        return []
+    sender, send = versions[0]
+    where = f"that {sender}'s entry {send['seq']} sent to {send['partner']}"
+    found = [
+        Finding(
+            "receipt-by-non-recipient",
+            member,
+            recv["seq"],
+            recv["report_id"],
+            f"received a JWE from {recv['sender']} {where}, not to {member}",
+        )
+        for member, recv in receipts
+    ]
+    found += [
+        Finding(
+            "rejection-by-non-recipient",
+            member,
+            refusal["seq"],
+            refusal["report_id"],
+            f"rejected a JWE from {refusal['source']} {where}, not to {member}",
+        )
+        for member, refusal in refusals
+    ]
+    return found
+
+
 def _send_status(
     jwe: str,
     member: str,
-    send: Mapping[str, Any],
+    send: _Entry,
     logs: Mapping[str, Sequence[Mapping[str, Any]]],
-    receives: Mapping[str, tuple[str, Mapping[str, Any]]],
-    rejections: Mapping[str, tuple[str, Mapping[str, Any]]],
+    index: _Index,
     findings: list[Finding],
 ) -> tuple[str, str | None]:
     partner = send["partner"]
     if partner not in logs:
         return "not-checked", None
-    if jwe in rejections and rejections[jwe][0] == partner:
-        return "rejected", str(rejections[jwe][1]["step"])
-    match = receives.get(jwe)
-    if match is None or match[0] != partner:
-        findings.append(
-            Finding(
-                "undelivered",
-                member,
-                send["seq"],
-                send["report_id"],
-                f"sent to {partner}, which logged no receipt of this JWE",
+    for holder, recv in index.receipts.get(jwe, ()):
+        if holder == partner:
+            # A receipt outweighs a rejection of the same JWE (which, from the
+            # same sender, is a conflicting-entries finding of the partner's
+            # log): the partner says it holds the report.
+            _check_receipt(member, send, partner, recv, findings)
+            return "delivered", None
+    # Only a refusal of the envelope as it came from its sender counts: the same
+    # bytes passed on by a third member and refused say nothing of this send.
+    refusals = [
+        e for m, e in index.rejections.get(jwe, ()) if m == partner and e["source"] == member
+    ]
+    for refusal in refusals:
+        if refusal["report_id"] not in (None, send["report_id"]):
+            findings.append(
+                Finding(
+                    "mismatch",
+                    partner,
+                    refusal["seq"],
+                    refusal["report_id"],
+                    f"rejection of {member}'s entry {send['seq']} differs from it in report",
+                )
             )
+    if refusals:
+        return "rejected", str(refusals[-1]["step"])
+    findings.append(
+        Finding(
+            "undelivered",
+            member,
+            send["seq"],
+            send["report_id"],
+            f"sent to {partner}, which logged no receipt of this JWE",
         )
-        return "undelivered", None
-    recv = match[1]
+    )
+    return "undelivered", None
+
+
+def _check_receipt(
+    member: str, send: _Entry, partner: str, recv: _Entry, findings: list[Finding]
+) -> None:
     differ = [
         what
         for what, theirs, ours in (
@@ -375,20 +605,19 @@ def _send_status(
                 + " and ".join(differ),
             )
         )
-    return "delivered", None
 
 
 def _read_log(
     member: str,
     entries: Iterable[Mapping[str, Any]],
     ticks: Iterator[None] | None,
-    sends: _Seen,
-    receives: _Seen,
-    rejections: _Seen,
+    index: _Index,
     findings: list[Finding],
 ) -> None:
     """Index one log's sends, receipts and rejections; check what the log alone can tell."""
     timeline = PolicyTimeline()
+    sent, received = _Repeats(), _Repeats()
+    refused: dict[tuple[str, str], _Entry] = {}  # (JWE, source) -> its first rejection
     for entry in entries:
         if ticks is not None:
             next(ticks, None)
@@ -406,7 +635,7 @@ def _read_log(
                 )
             )
         elif kind == "sent":
-            sends[entry["jwe_sha256"]] = (member, entry)
+            _read_send(member, entry, sent, index, findings)
             problem = timeline.not_in_force(member, entry)
             if problem is not None:
                 findings.append(
@@ -420,14 +649,91 @@ def _read_log(
                 )
         elif kind in ("accepted", "received"):
             if kind == "received":
-                receives[entry["jwe_sha256"]] = (member, entry)
+                _read_receipt(member, entry, received, refused, index, findings)
             timeline.add_arrival(entry)
         elif kind == "policy":
             problem = timeline.add_policy(entry)
             if problem is not None:
                 findings.append(Finding("policy-chain", member, entry["seq"], None, problem))
         elif kind == "rejected" and entry["jwe_sha256"] is not None:
-            rejections[entry["jwe_sha256"]] = (member, entry)
+            _read_rejection(member, entry, received, refused, index, findings)
+
+
+def _read_send(
+    member: str, entry: _Entry, sent: _Repeats, index: _Index, findings: list[Finding]
+) -> None:
+    """Index a ``sent`` entry: a new version of its JWE's send, or an honest repeat."""
+    earlier, new = sent.add(entry)
+    if new:
+        index.sends.setdefault(entry["jwe_sha256"], []).append((member, entry))
+    if earlier is not None and new:
+        findings.append(_conflicting_repeat(member, entry, earlier))
+
+
+def _read_rejection(
+    member: str,
+    entry: _Entry,
+    received: _Repeats,
+    refused: dict[tuple[str, str], _Entry],
+    index: _Index,
+    findings: list[Finding],
+) -> None:
+    """Index a ``rejected`` entry; a rejection of what the log received is a conflict."""
+    jwe, source = entry["jwe_sha256"], entry["source"]
+    index.rejections.setdefault(jwe, []).append((member, entry))
+    recv = received.first.get(jwe)
+    if recv is not None and recv["sender"] == source:
+        # The receiver acks a stored envelope again without verifying it: an
+        # honest node never refuses what it logged as received from that sender.
+        findings.append(
+            Finding(
+                "conflicting-entries",
+                member,
+                entry["seq"],
+                entry["report_id"],
+                f"rejection of a JWE from {source} that entry {recv['seq']} logs as received",
+            )
+        )
+    refused.setdefault((jwe, source), entry)
+
+
+def _read_receipt(
+    member: str,
+    entry: _Entry,
+    received: _Repeats,
+    refused: Mapping[tuple[str, str], _Entry],
+    index: _Index,
+    findings: list[Finding],
+) -> None:
+    """Index a ``received`` entry: a log's first of its JWE, an honest repeat, or a conflict."""
+    jwe, sender = entry["jwe_sha256"], entry["sender"]
+    earlier, new = received.add(entry)
+    if earlier is None:
+        index.receipts.setdefault(jwe, []).append((member, entry))
+    elif new:
+        findings.append(_conflicting_repeat(member, entry, earlier))
+    refusal = refused.get((jwe, sender))
+    if refusal is not None:
+        findings.append(
+            Finding(
+                "conflicting-entries",
+                member,
+                entry["seq"],
+                entry["report_id"],
+                f"receipt of a JWE from {sender} that entry {refusal['seq']} logs as rejected",
+            )
+        )
+
+
+def _conflicting_repeat(member: str, entry: _Entry, earlier: _Entry) -> Finding:
+    return Finding(
+        "conflicting-repeat",
+        member,
+        entry["seq"],
+        entry["report_id"],
+        f"repeat of entry {earlier['seq']} (same JWE) differs from it in "
+        + _differing(entry, earlier),
+    )
 
 
 def _check_release(
