@@ -143,7 +143,15 @@ def load(directory: Path, *, jobs: int = 1, parallel_from: int = PARALLEL_FROM) 
 
 def _find_hole(db: sqlite3.Connection) -> None:
     for pos, (idx,) in enumerate(db.execute("SELECT idx FROM entries ORDER BY idx")):
+        if idx < 0:
+            # Sorted, so only the first row can be below 0; no entry of the log is
+            # missing there, a row was stored where no entry can be.
+            raise TamperError(
+                None, f"an entry is stored at index {idx}: entry indices start at 0 (an insertion)"
+            )
         if idx != pos:
+            if pos == 0:
+                raise TamperError(0, f"is missing (the first stored index is {idx})")
             raise TamperError(pos, f"is missing (stored indices jump from {pos - 1} to {idx})")
 
 
@@ -261,6 +269,79 @@ def verify_log(
     for source, text in known:
         _check_known(log, source, text, [*log_keys, *revoked_keys])
     return Report(log.origin, n, len(log.checkpoints), log.tree.root(n), latest, cosigners)
+
+
+def stored_checkpoint(log: LoadedLog, size: int) -> tuple[Checkpoint, str]:
+    """Return the checkpoint stored at ``size`` and its note, once the entries reproduce it.
+
+    What ``msmt audit prove`` checks before proving against it; raises
+    ``TamperError`` at the first failure, ``UsageError`` if none is stored there:
+      1. the note parses and its body names this log's origin and ``size``;
+      2. the log holds entries ``0..size-1`` (``load`` already refused holes);
+      3. the tree over them has the checkpoint's root; if not, a slow pass from
+         the last stored checkpoint that still matches names the first broken entry.
+
+    No signature is checked: that needs the member's key, which whoever receives
+    the proof holds (``verify_log`` checks it for an auditor).
+    """
+    notes = dict(log.checkpoints)
+    if size not in notes:
+        raise UsageError(f"no stored checkpoint of size {size}")
+    checkpoint, text = _stored_body(size, notes[size])
+    if checkpoint is None:
+        raise TamperError(None, f"checkpoint at size {size} does not parse: {text}")
+    if checkpoint.origin != log.origin or checkpoint.size != size:
+        raise TamperError(
+            None,
+            f"checkpoint at size {size} is for {checkpoint.origin}/{checkpoint.size}, "
+            f"not {log.origin}/{size}",
+        )
+    n = log.tree.size
+    if size > n:
+        raise TamperError(
+            n, f"is missing: the log holds {n} entries but its checkpoint claims {size} (truncated)"
+        )
+    if log.tree.root(size) != checkpoint.root:
+        start = max(
+            (
+                s
+                for s, t in log.checkpoints
+                if s < size and _matches(log, s, t)  # s < size <= n: a prefix the log holds
+            ),
+            default=0,
+        )
+        _pinpoint(log, start, size)
+        raise TamperError(
+            start if size - start == 1 else None,
+            f"entries {start}..{size - 1} do not reproduce the root of the checkpoint "
+            f"at size {size}",
+        )
+    return checkpoint, text
+
+
+def _stored_body(size: int, stored: object) -> tuple[Checkpoint | None, str]:
+    # (body, note text), or (None, why it does not parse). A note stored as a BLOB
+    # (by hand) is read as its UTF-8 text, as verify_log reads it; SQLite would
+    # hand a number stored in a hand-made table through as one.
+    if not isinstance(stored, str | bytes):
+        return None, "it is not stored as text"
+    try:
+        note = parse(stored)
+        return parse_body(note.text), stored if isinstance(stored, str) else stored.decode()
+    except NoteError as exc:
+        return None, str(exc)
+
+
+def _matches(log: LoadedLog, size: int, stored: object) -> bool:
+    # Only to place a slow pass: the root of a stored checkpoint, signed or not,
+    # equals the log's first ``size`` entries' root.
+    checkpoint, _ = _stored_body(size, stored)
+    return (
+        checkpoint is not None
+        and checkpoint.size == size
+        and 0 < size <= log.tree.size
+        and log.tree.root(size) == checkpoint.root
+    )
 
 
 def _check_known(log: LoadedLog, source: str, text: str, keys: Sequence[Verifier]) -> None:

@@ -111,12 +111,17 @@ class _ChunkedTree(Levels):
 
 
 def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
-    """Open the audit database; raise ``UsageError`` if a read-only one is missing."""
+    """Open the audit database.
+
+    A read-only open raises ``UsageError`` if the file is missing, and
+    ``AuditError`` if it is an SQLite file without an audit log's tables.
+    """
     try:
         if readonly:
             if not path.is_file():
                 raise UsageError(f"no audit log at {path} (is this a node's data directory?)")
             db = open_readonly(path)
+            _check_tables(db, path)
         else:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -126,6 +131,29 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open audit log {path}: {exc}") from exc
     return db
+
+
+_TABLES: Final = ("meta", "entries", "checkpoints")
+"""The tables a reader needs (``edge`` serves only the node's appends)."""
+
+
+def _check_tables(db: sqlite3.Connection, path: Path) -> None:
+    # A zero-byte or foreign SQLite file opens fine; without this, its first query
+    # fails with SQLite's bare "no such table: meta", which names neither the file
+    # nor what is wrong with it.
+    try:
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    except BaseException:
+        db.close()
+        raise
+    tables = {name for (name,) in rows}
+    missing = [name for name in _TABLES if name not in tables]
+    if missing:
+        db.close()
+        why = (
+            "empty or not initialised" if not tables else f"it has no {' or '.join(missing)} table"
+        )
+        raise AuditError(f"{path} is not an {FORMAT} audit log ({why})")
 
 
 class AuditLog:

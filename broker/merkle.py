@@ -151,8 +151,11 @@ class Levels:
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         """Return PATH(index, D[0:size]) per RFC 9162 §2.1.3.1."""
-        if not 0 <= index < size <= self.size:
+        if not 0 <= index < size:
             raise AuditError(f"no leaf {index} in a tree of size {size}")
+        if size > self.size:
+            # Not "no leaf": the leaf may well be there, the tree asked for is not.
+            raise AuditError(f"no tree of size {size}: {self.size} leaves are known")
         path: list[bytes] = []
         lo, hi, m = 0, size, index
         while hi - lo > 1:

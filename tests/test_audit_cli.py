@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import keys as keyfiles
 from broker.auditlog import DB_FILE, AuditLog
-from broker.checkpoint import cosign, roster_log_keys
+from broker.checkpoint import Checkpoint, cosign, roster_log_keys, sign_checkpoint
 from broker.cli import main
 from broker.note import ALG_ED25519, Verifier, parse
 from broker.witness import Witness
@@ -233,6 +233,129 @@ def test_prove_prints_a_proof_any_rfc6962_verifier_accepts(tmp_path: Path, keydi
         assert entry_json["seq"] == entry
     assert _run("audit", "prove", str(tmp_path), "--entry", "13")[0] == 2
     assert _run("audit", "prove", str(tmp_path), "--entry", "1", "--checkpoint", "8")[0] == 2
+
+
+def _damaged(directory: Path, reason: str) -> str:
+    return (
+        f"msmt: error: no proof: the log in {directory} is damaged: {reason}; "
+        f"check it with msmt audit verify {directory}\n"
+    )
+
+
+def test_prove_refuses_a_truncated_log_in_one_line(tmp_path: Path) -> None:
+    # Entries deleted from 12 on, the checkpoints kept (no key needed). Once an
+    # IndexError traceback for an entry beyond the cut, and "no leaf 5 in a tree of
+    # size 20" for one before it.
+    build_log(tmp_path, LOG_KEY, [8, 4, 8]).close()
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        db.execute("DELETE FROM entries WHERE idx >= 12")
+    truncated = _damaged(
+        tmp_path,
+        "entry 12: is missing: the log holds 12 entries but its checkpoint claims 20 (truncated)",
+    )
+    for entry in ("15", "5"):
+        assert _run("audit", "prove", str(tmp_path), "--entry", entry) == (1, "", truncated)
+    # The checkpoint of size 12 still matches what is left: a proof against it is sound.
+    code, out, err = _run("audit", "prove", str(tmp_path), "--entry", "5", "--checkpoint", "12")
+    assert (code, err) == (0, "")
+    assert _independent_rfc6962_check(json.loads(out)) == base64.b64decode(
+        json.loads(out)["root_hash"]
+    )
+
+
+def test_prove_names_the_edited_entry_rather_than_a_failed_self_check(tmp_path: Path) -> None:
+    # Once "inclusion proof does not lead to the root hash", which blamed the proof.
+    build_log(tmp_path, LOG_KEY, [8, 8]).close()
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        (data,) = db.execute("SELECT entry FROM entries WHERE idx = 10").fetchone()
+        db.execute(
+            "UPDATE entries SET entry = ? WHERE idx = 10", (data.replace(b'"at":"2', b'"at":"3'),)
+        )
+    reason = "entry 10: was altered, removed or replaced: entry 11 does not link to it"
+    assert _run("audit", "prove", str(tmp_path), "--entry", "3") == (
+        1,
+        "",
+        _damaged(tmp_path, reason),
+    )
+    # The checkpoint before the edit still holds: proofs against it are given.
+    assert _run("audit", "prove", str(tmp_path), "--entry", "3", "--checkpoint", "8")[0] == 0
+
+
+def test_prove_against_a_huge_checkpoint_is_one_line(tmp_path: Path) -> None:
+    # An insider signs a checkpoint claiming 2**63-1 entries, the largest SQLite
+    # integer; proving its second-to-last entry was an IndexError traceback.
+    build_log(tmp_path, LOG_KEY, [5]).close()
+    huge = 2**63 - 1
+    note = sign_checkpoint(Checkpoint("JPN", huge, b"\x11" * 32), LOG_KEY).render()
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        db.execute("INSERT INTO checkpoints VALUES (?, ?)", (huge, note))
+    reason = f"entry 5: is missing: the log holds 5 entries but its checkpoint claims {huge} "
+    for args in (
+        ("--entry", str(huge - 1), "--checkpoint", str(huge)),
+        ("--entry", "2"),  # the latest checkpoint, by default
+    ):
+        assert _run("audit", "prove", str(tmp_path), *args) == (
+            1,
+            "",
+            _damaged(tmp_path, reason + "(truncated)"),
+        )
+
+
+def test_prove_reads_a_checkpoint_stored_as_a_blob_as_its_text(tmp_path: Path) -> None:
+    # A note stored as a BLOB (by hand) is still the note, as verify reads it: once a
+    # TypeError traceback when printing the JSON.
+    build_log(tmp_path, LOG_KEY, [3, 3]).close()
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        db.execute("UPDATE checkpoints SET note = CAST(note AS BLOB) WHERE size = 3")
+    code, out, err = _run("audit", "prove", str(tmp_path), "--entry", "1", "--checkpoint", "3")
+    assert (code, err) == (0, "")
+    assert json.loads(out)["checkpoint"].startswith("JPN\n3\n")
+
+
+def test_prove_refuses_a_checkpoint_that_is_not_this_logs_own(tmp_path: Path) -> None:
+    # The latest checkpoint's origin line edited to USA: once a proof printed from it.
+    build_log(tmp_path, LOG_KEY, [3, 3]).close()
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        db.execute("UPDATE checkpoints SET note = 'USA' || substr(note, 4) WHERE size = 6")
+    assert _run("audit", "prove", str(tmp_path), "--entry", "1") == (
+        1,
+        "",
+        _damaged(tmp_path, "checkpoint at size 6 is for USA/6, not JPN/6"),
+    )
+
+
+def test_prove_on_a_zero_byte_log_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / DB_FILE).write_bytes(b"")
+    for args in (
+        ("prove", str(tmp_path), "--entry", "0"),
+        ("verify", str(tmp_path), "--log-key", VKEY),
+    ):
+        assert _run("audit", *args) == (
+            1,
+            "",
+            f"msmt: error: {tmp_path / DB_FILE} is not an msmt-audit-1 audit log "
+            "(empty or not initialised)\n",
+        )
+
+
+def test_verify_refuses_a_directory_named_for_another_member(tmp_path: Path, keydir: Path) -> None:
+    # USA's log in JPN's data directory (swapped files) printed "OK: USA log ..." and
+    # exited 0: a script checking data/JPN by exit status took it for JPN's log.
+    build_log(tmp_path / "data" / "JPN" / "audit", _signing_key(keydir, "USA"), [3], "USA").close()
+    build_log(tmp_path / "USA", _signing_key(keydir, "USA"), [3], "USA").close()
+    build_log(tmp_path / "usa-copy", _signing_key(keydir, "USA"), [3], "USA").close()
+    for directory in (tmp_path / "data" / "JPN", tmp_path / "data" / "JPN" / "audit"):
+        assert _run("audit", "verify", str(directory), "--keys", str(keydir)) == (
+            1,
+            "",
+            f"msmt: error: {directory} is named for JPN but holds USA's audit log "
+            "(a swapped or misplaced audit.sqlite?)\n",
+        )
+    # Named for its own member, or for none: verified as before.
+    for name in ("USA", "usa-copy"):
+        code, out, _ = _run("audit", "verify", str(tmp_path / name), "--keys", str(keydir))
+        assert code == 0
+        assert out.startswith("OK: USA log of 3 entries")
 
 
 def test_prove_on_empty_directory_fails_cleanly(tmp_path: Path) -> None:

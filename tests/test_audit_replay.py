@@ -1163,16 +1163,11 @@ def test_a_malformed_entry_is_blamed_on_the_log_only_once_its_bytes_are_verified
     assert str(unverified.value).startswith("changed after it was verified")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/cli/audit.py still reads the entries again without verified_entries",
-)
 def test_replay_refuses_a_log_swapped_after_it_was_verified(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The window of a racing ``mv``, hit deterministically: the file changes right
-    # after verification. Strict: once the command parses through
-    # ``verified_entries`` this passes, and the marker must go.
+    # after verification.
     dirs = _run_world(tmp_path / "logs")
     forged = _forged_copy(dirs[0] / DB_FILE, tmp_path / "forged.sqlite")
 

@@ -195,6 +195,55 @@ def test_insert_is_pinpointed(tmp_path: Path) -> None:
     assert err.value.index == 6
 
 
+def test_an_entry_stored_below_index_0_is_named_as_such(tmp_path: Path) -> None:
+    # Once "entry 0: is missing (stored indices jump from -1 to -1)": nothing was missing.
+    build_log(tmp_path, KEY, [5])
+    with _db(tmp_path) as db:
+        db.execute("INSERT INTO entries VALUES (-1, x'7b7d')")
+    with pytest.raises(TamperError) as err:
+        _verify(tmp_path)
+    assert str(err.value) == (
+        "an entry is stored at index -1: entry indices start at 0 (an insertion)"
+    )
+    assert err.value.index is None
+
+
+def test_a_log_missing_its_first_entries_names_the_first_stored_index(tmp_path: Path) -> None:
+    # Not "jump from -1 to 2": there is no stored index -1.
+    build_log(tmp_path, KEY, [5])
+    with _db(tmp_path) as db:
+        db.execute("DELETE FROM entries WHERE idx < 2")
+    with pytest.raises(TamperError) as err:
+        _verify(tmp_path)
+    assert str(err.value) == "entry 0: is missing (the first stored index is 2)"
+    assert err.value.index == 0
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        # A zero-byte file opens as an empty SQLite database.
+        (None, "empty or not initialised"),
+        ("DROP TABLE entries", "it has no entries table"),
+        ("DROP TABLE meta", "it has no meta table"),
+    ],
+)
+def test_a_file_without_the_logs_tables_is_not_an_audit_log(
+    tmp_path: Path, damage: str | None, why: str
+) -> None:
+    # Once SQLite's bare "no such table: meta", naming neither the file nor the fault.
+    if damage is None:
+        (tmp_path / DB_FILE).write_bytes(b"")
+    else:
+        build_log(tmp_path, KEY, [3]).close()
+        with _db(tmp_path) as db:
+            db.execute(damage)
+    with pytest.raises(AuditError) as err:
+        _verify(tmp_path)
+    assert str(err.value) == f"{tmp_path / DB_FILE} is not an msmt-audit-1 audit log ({why})"
+    assert err.value.exit_code == 1
+
+
 def test_reorder_is_pinpointed(tmp_path: Path) -> None:
     build_log(tmp_path, KEY, [10, 10])
     entries = _entries(tmp_path)

@@ -190,3 +190,14 @@ def test_empty_root_is_sha256_of_nothing() -> None:
 def test_compact_range_rejects_wrong_node_count() -> None:
     with pytest.raises(AuditError):
         CompactRange(3, [leaf_hash(b"a")])
+
+
+def test_a_proof_from_a_tree_larger_than_the_leaves_says_so() -> None:
+    # Once "no leaf 5 in a tree of size 12", as if leaf 5 were absent; it is the tree
+    # of size 12 that is (a log whose checkpoint claims more entries than it holds).
+    tree = Levels([leaf_hash(bytes([i])) for i in range(8)])
+    with pytest.raises(AuditError, match=r"^no tree of size 12: 8 leaves are known$"):
+        tree.inclusion_proof(5, 12)
+    with pytest.raises(AuditError, match=r"^no leaf 9 in a tree of size 8$"):
+        tree.inclusion_proof(9, 8)
+    verify_inclusion(leaf_hash(b"\x05"), 5, 8, tree.inclusion_proof(5, 8), tree.root())

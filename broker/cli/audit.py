@@ -12,18 +12,24 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
 from broker import keys as keyfiles
-from broker.audit_events import parse_entry
-from broker.audit_replay import Finding, Replay, replay
-from broker.audit_verify import LoadedLog, load, read_origin, verify_log
+from broker.audit_replay import Finding, Replay, replay, verified_entries
+from broker.audit_verify import (
+    LoadedLog,
+    Report,
+    TamperError,
+    load,
+    read_origin,
+    stored_checkpoint,
+    verify_log,
+)
 from broker.checkpoint import (
-    parse_body,
     roster_log_keys,
     roster_revoked_log_keys,
     roster_witness_keys,
@@ -31,7 +37,7 @@ from broker.checkpoint import (
 from broker.errors import AuditError, MsmtError, UsageError
 from broker.members import MEMBERS
 from broker.merkle import verify_inclusion
-from broker.note import ALG_COSIGNATURE_V1, NoteError, Verifier, parse, parse_vkey
+from broker.note import ALG_COSIGNATURE_V1, NoteError, Verifier, parse_vkey
 from broker.policy import Policy, load_policy
 from broker.roster import Roster
 
@@ -86,6 +92,15 @@ def _read_text(path: Path) -> str:
             raise UsageError(f'{path}: JSON without a "checkpoint" note in it')
         return inner
     return text
+
+
+def _named_member(directory: Path) -> str | None:
+    # The member a log directory is named for: DIR itself (data/JPN), or, for a
+    # node's audit/ folder, the data directory around it (data/JPN/audit). Only an
+    # exact member code counts; any other name says nothing about whose log it is.
+    path = Path(os.path.abspath(directory))  # "." and ".." by name; symlinks kept
+    names = [path.name, path.parent.name] if path.name == "audit" else [path.name]
+    return next((name for name in names if name in MEMBERS), None)
 
 
 _DIR = click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
@@ -203,6 +218,15 @@ def audit_verify(
         known=[(str(path), _read_text(path)) for path in known],
         jobs=jobs,
     )
+    named = _named_member(directory)
+    if named is not None and named != origin:
+        # Checked once the log verifies, so a log whose stored origin was edited gets
+        # verify's own reason. An OK line naming another member is easy to miss, and a
+        # script checking data/JPN by exit status would take USA's log for JPN's.
+        raise AuditError(
+            f"{directory} is named for {named} but holds {origin}'s audit log "
+            "(a swapped or misplaced audit.sqlite?)"
+        )
     click.echo(
         f"OK: {report.origin} log of {report.size} entries, {report.checkpoints} signed "
         f"checkpoints, root {_b64(report.root)}"
@@ -223,19 +247,32 @@ def audit_verify(
     help="Prove against the stored checkpoint of this size (default: the latest).",
 )
 def audit_prove(directory: Path, index: int, size: int | None) -> None:
-    """Print an RFC 6962 inclusion proof of entry N against a signed checkpoint, as JSON."""
-    log = load(directory)
-    if not log.checkpoints:
-        raise AuditError(f"{directory} has no signed checkpoint yet")
-    notes = dict(log.checkpoints)
-    if size is None:
-        size = max(notes)
-    if size not in notes:
-        raise UsageError(f"no stored checkpoint of size {size} (have {sorted(notes)[-5:]}...)")
-    if index >= size:
-        raise UsageError(f"entry {index} is not in the checkpoint of size {size}")
-    note = notes[size]
-    checkpoint = parse_body(parse(note).text)
+    """Print an RFC 6962 inclusion proof of entry N against a signed checkpoint, as JSON.
+
+    The entries must first reproduce that checkpoint: a damaged log gets one line
+    naming the damage and exit status 1. The checkpoint's signature is not
+    checked (no key is needed); whoever receives the proof checks it with the
+    member's key (docs/AUDIT.md), and msmt audit verify checks it for an auditor.
+    """
+    try:
+        log = load(directory)
+        if not log.checkpoints:
+            raise AuditError(f"{directory} has no signed checkpoint yet")
+        notes = dict(log.checkpoints)
+        if size is None:
+            size = max(notes)
+        if size not in notes:
+            raise UsageError(f"no stored checkpoint of size {size} (have {sorted(notes)[-5:]}...)")
+        if index >= size:
+            raise UsageError(f"entry {index} is not in the checkpoint of size {size}")
+        checkpoint, note = stored_checkpoint(log, size)
+    except TamperError as exc:
+        # Proving from a damaged log would fail later with a misleading reason (or a
+        # traceback); say what is damaged and where the whole damage can be seen.
+        raise AuditError(
+            f"no proof: the log in {directory} is damaged: {exc}; "
+            f"check it with msmt audit verify {directory}"
+        ) from None
     leaf = log.tree.levels[0][index]
     path = log.tree.inclusion_proof(index, size)
     # Self-check before publishing: a proof that fails here would only mislead.
@@ -270,24 +307,28 @@ def _load_policies(folders: tuple[Path, ...]) -> dict[str, Policy]:
     return policies
 
 
-def _parsed_entries(log: LoadedLog, bar: Any) -> list[dict[str, Any]]:
-    entries = []
-    step = 10_000
-    for lo in range(0, log.tree.size, step):
-        for i, data in enumerate(log.entries(lo, min(lo + step, log.tree.size)), lo):
-            try:
-                entries.append(parse_entry(data, i))
-            except AuditError as exc:
-                # Several logs are read: the line must say whose entry it is.
-                raise AuditError(f"{log.origin} log {log.path}: entry {i}: {exc}") from None
-        bar.update(min(step, log.tree.size - lo))
-    return entries
+def _parsed_entries(log: LoadedLog, report: Report, bar: Any) -> list[dict[str, Any]]:
+    def chunks() -> Iterator[bytes]:
+        step = 10_000
+        for lo in range(0, report.size, step):
+            batch = log.entries(lo, min(lo + step, report.size))
+            yield from batch
+            bar.update(len(batch))
+
+    try:
+        # Exactly the bytes verify_log hashed: the file may have changed since.
+        return verified_entries(chunks(), report.size, report.root)
+    except AuditError as exc:
+        # Several logs are read: the line must say whose log it is.
+        raise AuditError(f"{log.origin} log {log.path}: {exc}") from None
 
 
-def _verified(directory: Path, origin: str, keys: list[Verifier], revoked: list[Verifier]) -> None:
+def _verified(
+    directory: Path, origin: str, keys: list[Verifier], revoked: list[Verifier]
+) -> Report:
     # verify's own lines name an entry but not the log; replay reads several.
     try:
-        verify_log(directory, keys, revoked_keys=revoked)
+        return verify_log(directory, keys, revoked_keys=revoked)
     except MsmtError as exc:
         error = UsageError if exc.exit_code == UsageError.exit_code else AuditError
         raise error(f"{origin} log {directory}: {exc}") from None
@@ -331,6 +372,10 @@ def audit_replay(
     empty-send           a send with no disclosure keys
     policy-chain         a policy entry whose previous digest is not the last one
     wrong-member         an entry naming a member other than the log's own
+    conflicting-repeat   a repeat of a sent or received entry that differs from it
+    conflicting-entries  one JWE received and rejected, or sent (received) in two logs
+    receipt-by-non-recipient    a receipt of a JWE that was sent to another member
+    rejection-by-non-recipient  a rejection of a JWE that was sent to another member
 
     \b
     Exit status: 0 no findings; 1 findings, or a log or entry that does not
@@ -344,12 +389,12 @@ def audit_replay(
         origin = read_origin(directory)
         if origin in logs:
             raise UsageError(f"two logs of {origin} given")
-        _verified(
+        report = _verified(
             directory, origin, _log_keys(trusted, log_key, origin), _revoked_keys(trusted, origin)
         )
-        loaded.append(load(directory))
+        loaded.append((load(directory), report))
         logs[origin] = []
-    total = sum(log.tree.size for log in loaded)
+    total = sum(report.size for _, report in loaded)
     # The bar goes to stderr, so --json output stays clean; short logs need none.
     with click.progressbar(
         length=total,
@@ -358,8 +403,8 @@ def audit_replay(
         show_pos=True,
         hidden=total < PROGRESS_FROM,
     ) as bar:
-        for log in loaded:
-            logs[log.origin] = _parsed_entries(log, bar)
+        for log, report in loaded:
+            logs[log.origin] = _parsed_entries(log, report, bar)
     result = replay(logs, known)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
