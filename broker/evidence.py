@@ -38,6 +38,9 @@ from broker.sdjwt import b64u_decode, b64u_encode
 FORMAT: Final = "msmt-evidence/v1"
 """The ``format`` member of an evidence file."""
 
+MAX_FILE_BYTES: Final = 2 * MAX_ENVELOPE_BYTES
+"""The largest evidence file read: one envelope, its key and a few short members."""
+
 _MEMBERS: Final = (
     "format",
     "recipient",
@@ -109,10 +112,24 @@ def make(
     )
 
 
-def parse(text: str) -> Evidence:
-    """Read an evidence file's text; raise ``InputError`` naming what is wrong."""
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two readers of one file must not see two envelopes: a repeated member is refused.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise InputError("a member appears twice")
+    return out
+
+
+def parse(raw: bytes) -> Evidence:
+    """Read an evidence file's bytes; raise ``InputError`` naming what is wrong."""
+    if len(raw) > MAX_FILE_BYTES:
+        raise InputError(f"larger than {MAX_FILE_BYTES} bytes: not an evidence file")
     try:
-        data: Any = json.loads(text)
+        data: Any = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text") from None
+    except RecursionError:
+        raise InputError("not JSON an evidence file can be: nested too deeply") from None
     except ValueError:
         raise InputError("not JSON") from None
     if not isinstance(data, dict):

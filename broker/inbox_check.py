@@ -13,6 +13,7 @@ sender and the column that differs, never a value.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -35,48 +36,66 @@ class InboxCheck:
 
 
 def _differs(entry: InboxEntry, got: Received) -> list[str]:
-    # Column by column: what the receiver wrote from the verified envelope.
-    signed: Mapping[str, object] = {
-        "originator": got.originator,
-        "kind": got.kind,
-        "tlp": got.tlp,
-        "rel_to": got.rel_to,
-        "iat": got.iat.timestamp(),
-        "paths": got.paths,
-        "fields": dict(got.fields),
+    # Column by column, as the receiver wrote them from the verified envelope; JSON
+    # compared as text, so that 83.0 is not 83 and true is not 1.
+    signed: Mapping[str, tuple[object, object]] = {
+        "originator": (entry.originator, got.originator),
+        "kind": (entry.kind, got.kind),
+        "tlp": (entry.tlp, got.tlp),
+        "rel_to": (entry.rel_to, got.rel_to),
+        "iat": (entry.iat, got.iat.timestamp()),
+        "paths": (entry.paths, got.paths),
+        "fields": (_canonical(entry.fields), _canonical(dict(got.fields))),
     }
-    return [name for name, value in signed.items() if getattr(entry, name) != value]
+    return [name for name, (stored, real) in signed.items() if stored != real]
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _shown(text: str) -> str:
+    # Columns of a damaged row may hold anything: never a line break or escape code.
+    return text if text.isprintable() and len(text) <= 64 else ascii(text[:64])
 
 
 def check(
     store: Store,
-    received: Iterable[tuple[int, str, str, str]],
+    received: Iterable[tuple[int, str, str, str, float]],
     *,
     me: str,
     decryption_keys: Mapping[str, OKPKey],
     roster: Roster,
+    kept_since: float | None,
 ) -> InboxCheck:
     """Check every inbox row against its kept envelope and the log's receipts.
 
-    ``received`` is the log's (index, sender, report id, JWE hash) per ``received``
-    entry. A report may be received more than once (sent again after the seen-set
-    forgot it); the row keeps the first copy, so one of its receipts must name it.
+    ``received`` is the log's (index, sender, report id, JWE hash, time) per
+    ``received`` entry. A report may be received more than once (sent again after
+    the seen-set forgot it); the row keeps the first copy, so one of its receipts
+    must name it. ``kept_since`` is when the store began keeping envelopes (None:
+    always), so a row without one is old only if its receipt is older.
     """
     result = InboxCheck()
-    logged: dict[tuple[str, str], list[tuple[int, str]]] = {}
-    for index, sender, report_id, digest in received:
-        logged.setdefault((sender, report_id), []).append((index, digest))
+    logged: dict[tuple[str, str], list[tuple[int, str, float]]] = {}
+    for index, sender, report_id, digest, at in received:
+        logged.setdefault((sender, report_id), []).append((index, digest, at))
     entries = store.inbox(limit=max(1, store.inbox_count()))
     for entry in entries:
-        where = f"report {entry.report_id} from {entry.sender}"
+        where = f"report {_shown(entry.report_id)} from {_shown(entry.sender)}"
         receipts = logged.pop((entry.sender, entry.report_id), [])
-        if entry.jwe_sha256 not in {digest for _, digest in receipts}:
+        mine = [at for _, digest, at in receipts if digest == entry.jwe_sha256]
+        if not mine:
             result.problems.append(f"{where}: no received entry in the audit log names it")
         jwe = store.kept_envelope(entry.sender, entry.report_id)
         if jwe is None:
-            result.not_kept += 1
+            # The log's time, not the row's: a row's own columns are what is in question.
+            if kept_since is not None and mine and min(mine) < kept_since + 1:
+                result.not_kept += 1
+            else:
+                result.problems.append(f"{where}: its kept envelope is missing")
             continue
-        if hashlib.sha256(jwe.encode("ascii")).hexdigest() != entry.jwe_sha256:
+        if hashlib.sha256(jwe.encode("utf-8")).hexdigest() != entry.jwe_sha256:
             result.problems.append(f"{where}: the kept envelope is not the one received")
             continue
         try:

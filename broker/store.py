@@ -45,6 +45,12 @@ from broker.errors import StoreError
 AUDIT_SIZE: Final = "audit_size"
 """The ``state`` key holding the audit log's size at the store's last write."""
 
+KEPT_SINCE: Final = "envelopes_kept_since"
+"""The ``state`` key holding when a store from before envelopes were kept gained them.
+
+Absent in a store created since: every report in it has its envelope.
+"""
+
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS reports (
     report_id   TEXT PRIMARY KEY,
@@ -769,7 +775,15 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
     # A store made before a column was added gets it, empty for the rows it holds.
     have = {str(row[1]) for row in db.execute("PRAGMA table_info(inbox)")}
     if "jwe" not in have:
-        db.execute("ALTER TABLE inbox ADD COLUMN jwe TEXT")
+        # One transaction: the moment recorded is the moment envelopes began to be kept,
+        # so that ``msmt inbox check`` can tell an old report from an envelope removed.
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ALTER TABLE inbox ADD COLUMN jwe TEXT")
+            db.execute(
+                "INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
+                (KEPT_SINCE, repr(time.time())),
+            )
 
 
 class _DamagedRowError(Exception):
@@ -801,9 +815,20 @@ def _entry(row: Sequence[Any]) -> InboxEntry:
     )
 
 
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.dumps never repeats a member: a repeated one was written by another hand,
+    # and SQLite's JSON functions would read its first value where Python reads the last.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _DamagedRowError("a member appears twice")
+    return out
+
+
 def _json_column(text: Any, kind: type[Any], name: str) -> Any:
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique)
+    except _DamagedRowError:
+        raise _DamagedRowError(f"its {name} column repeats a member") from None
     except (TypeError, ValueError):
         raise _DamagedRowError(f"its {name} column is not JSON") from None
     if not isinstance(value, kind):

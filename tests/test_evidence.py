@@ -13,7 +13,9 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,14 @@ from node_world import World, audit_entries, await_for, expected_partners, recor
 from broker import keys
 from broker.cli import main
 from broker.node import load_node
-from broker.store import Store
+from broker.store import KEPT_SINCE, Store
 from broker.validation import parse_record
 
 pytestmark = pytest.mark.integration
+
+
+def _b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def _b64d(text: str) -> bytes:
@@ -75,6 +81,20 @@ def _evidence(world: World, report_id: str) -> dict[str, Any]:
     assert result.exit_code == 0, result.stderr
     data: dict[str, Any] = json.loads(result.stdout)
     return data
+
+
+def _check(world: World, path: Path, *extra: str, logs: tuple[str, ...] = ("JPN",)) -> Result:
+    """``msmt audit evidence`` with the given members' logs."""
+    dirs = [a for m in logs for a in ("--log", str(world.config(m).audit_dir))]
+    return _cli("audit", "evidence", str(path), "--keys", str(world.keydir), *dirs, *extra)
+
+
+def _kept_since(world: World, when: float) -> None:
+    """Make USA's store one that began keeping envelopes at ``when`` (an upgraded store)."""
+    with sqlite3.connect(world.config("USA").store_path) as db:
+        db.execute(
+            "INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", (KEPT_SINCE, repr(when))
+        )
 
 
 def _write(tmp: Path, name: str, data: dict[str, Any]) -> Path:
@@ -159,7 +179,7 @@ def test_an_auditor_checks_evidence_with_stock_libraries_and_both_logs(
 
     # msmt audit evidence agrees, and shows what USA's store holds for the report.
     path = _write(world.root, "evidence.json", data)
-    checked = _cli("audit", "evidence", str(path), "--keys", str(world.keydir), "--json")
+    checked = _check(world, path, "--json", logs=("JPN", "USA"))
     assert checked.exit_code == 0, checked.stderr
     shown = json.loads(checked.stdout)
     stored = json.loads(
@@ -172,10 +192,80 @@ def test_an_auditor_checks_evidence_with_stock_libraries_and_both_logs(
         digest,
     )
     assert shown["policy_digest"] == sent[0]["policy_digest"]
-    text = _cli("audit", "evidence", str(path), "--keys", str(world.keydir))
+    assert (shown["sent_entry"], shown["received_entry"]) == (sent[0]["seq"], received[0]["seq"])
+    text = _check(world, path, logs=("JPN", "USA"))
     assert text.exit_code == 0
     assert text.stdout.startswith(f"OK: USA received report {report_id} (")
-    assert digest in text.stdout
+    assert (
+        f"envelope sha256 {digest}: JPN's log entry {sent[0]['seq']} is its send,"
+        f" USA's log entry {received[0]['seq']} its receipt"
+    ) in text.stdout
+    # The sender's log is what vouches for the recipient: without it, no answer.
+    alone = _check(world, path, logs=("USA",))
+    assert alone.exit_code == 2
+    assert alone.stderr == "msmt: error: give the sender's log (JPN) with --log\n"
+
+
+def test_evidence_readdressed_by_its_recipient_is_refused_by_the_senders_log(
+    delivered: tuple[World, list[str]],
+) -> None:
+    # USA holds the plaintext and may choose any content key: it can wrap JPN's signed
+    # report in a new envelope that names GBR as its recipient. The originator's signature
+    # still verifies (the SD-JWT names no recipient); only JPN's log, which records where
+    # each envelope went by its hash, refuses it.
+    world, ids = delivered
+    data = _evidence(world, ids[0])
+    protected, wrapped, iv, ciphertext, tag = data["jwe"].split(".")
+    plaintext = AESGCM(_b64d(data["cek"])).decrypt(
+        _b64d(iv), _b64d(ciphertext) + _b64d(tag), protected.encode("ascii")
+    )
+    header = {**json.loads(_b64d(protected)), "msmt_to": "GBR"}
+    new_protected = _b64e(json.dumps(header, separators=(",", ":")).encode())
+    cek, new_iv = os.urandom(32), os.urandom(12)
+    sealed = AESGCM(cek).encrypt(new_iv, plaintext, new_protected.encode("ascii"))
+    jwe = ".".join(
+        (new_protected, wrapped, _b64e(new_iv), _b64e(sealed[:-16]), _b64e(sealed[-16:]))
+    )
+    forged = {
+        **data,
+        "recipient": "GBR",
+        "jwe": jwe,
+        "jwe_sha256": hashlib.sha256(jwe.encode()).hexdigest(),
+        "cek": _b64e(cek),
+    }
+    path = _write(world.root, "readdressed.json", forged)
+    result = _check(world, path)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"msmt: error: evidence {path}: JPN's log holds no send of this envelope"
+        f" (sha256 {forged['jwe_sha256']}) to GBR: the file's recipient is not vouched for\n"
+    )
+
+
+def test_an_evidence_file_that_is_not_one_is_one_line(
+    delivered: tuple[World, list[str]],
+) -> None:
+    world, ids = delivered
+    data = _evidence(world, ids[0])
+    text = json.dumps(data)
+    cases = {
+        # Two readers must not see two envelopes in one file.
+        "twice": (text[:-1] + ', "jwe": "x"}', "a member appears twice"),
+        "deep": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        "latin1": (None, "not UTF-8 text"),
+        "huge": (" " * (600 * 1024) + text, "larger than 524288 bytes"),
+    }
+    for name, (body, reason) in cases.items():
+        path = world.root / f"{name}.json"
+        if body is None:
+            path.write_bytes(text.encode()[:-2] + b'\xe9"}')
+        else:
+            path.write_text(body)
+        result = _check(world, path)
+        assert result.exit_code == 1, (name, result.output)
+        assert result.stderr.startswith(f"msmt: error: evidence {path}: "), name
+        assert reason in result.stderr, (name, result.stderr)
+        assert result.stderr.count("\n") == 1, name
 
 
 def test_evidence_that_was_altered_is_refused_with_one_line(
@@ -199,7 +289,7 @@ def test_evidence_that_was_altered_is_refused_with_one_line(
     }
     for name, (data, reason) in cases.items():
         path = _write(world.root, f"{name}.json", data)
-        result = _cli("audit", "evidence", str(path), "--keys", str(world.keydir))
+        result = _check(world, path)
         assert result.exit_code == 1, (name, result.stdout)
         assert result.stderr.startswith(f"msmt: error: evidence {path}: "), name
         assert reason in result.stderr, (name, result.stderr)
@@ -210,10 +300,10 @@ def test_evidence_that_was_altered_is_refused_with_one_line(
     jwe = ".".join((protected, wrapped, iv, flipped, tag))
     forged = {**first, "jwe": jwe, "jwe_sha256": hashlib.sha256(jwe.encode()).hexdigest()}
     path = _write(world.root, "flipped.json", forged)
-    result = _cli("audit", "evidence", str(path), "--keys", str(world.keydir))
+    result = _check(world, path)
     assert result.exit_code == 1
     assert "does not verify at decrypt: the authentication tag does not verify" in result.stderr
-    missing = _cli("audit", "evidence", str(world.root / "nope.json"), "--keys", str(world.keydir))
+    missing = _check(world, world.root / "nope.json")
     assert missing.exit_code == 2
     nope = world.root / "nope.json"
     assert (
@@ -226,9 +316,17 @@ def test_a_report_received_before_envelopes_were_kept_has_no_evidence(
 ) -> None:
     world, ids = delivered
     config = str(world.config_path("USA"))
-    # As a store from an earlier version holds it: the column empty for that row.
     with sqlite3.connect(world.config("USA").store_path) as db:
         db.execute("UPDATE inbox SET jwe = NULL WHERE report_id = ?", (ids[0],))
+    # In a store that kept envelopes from its start, a row without one lost it.
+    lost = _cli("inbox", "evidence", "--config", config, ids[0])
+    assert lost.exit_code == 1
+    assert lost.stderr == (
+        f"msmt: error: the kept envelope of report {ids[0]} is missing:"
+        " check the store with msmt inbox check\n"
+    )
+    # As a store from an earlier version holds it: the column added later, empty for the row.
+    _kept_since(world, time.time() + 5)
     old = _cli("inbox", "evidence", "--config", config, ids[0])
     assert old.exit_code == 1
     assert old.stderr == (
@@ -295,9 +393,17 @@ def test_inbox_check_finds_rows_edited_or_deleted_on_disk(
         " envelopes)\n"
     )
     assert "SECRETVALUE" not in found.output
-    # A row whose envelope was not kept (an earlier version) is counted, not checked.
+    # A row whose envelope went missing, in a store that always kept them, is a problem.
     with sqlite3.connect(path) as db:
         db.execute("UPDATE inbox SET jwe = NULL WHERE report_id = ?", (ids[0],))
+    gone = _cli("inbox", "check", "--config", config)
+    assert gone.exit_code == 1
+    assert f"report {ids[0]} from JPN: its kept envelope is missing" in gone.stdout.splitlines()
+    # One received after an upgraded store began keeping envelopes is a problem too...
+    _kept_since(world, time.time() - 3600)
+    assert _cli("inbox", "check", "--config", config).stdout == gone.stdout
+    # ...and one received before that is counted, not checked.
+    _kept_since(world, time.time() + 5)
     older = _cli("inbox", "check", "--config", config)
     assert older.exit_code == 1
     assert older.stderr.startswith("msmt: error: 1 problem in the inbox (")
@@ -305,3 +411,55 @@ def test_inbox_check_finds_rows_edited_or_deleted_on_disk(
         f"({len(ids) - 2} reports match their signed envelopes;"
         " 1 received before envelopes were kept)\n"
     )
+
+
+def test_inbox_check_and_evidence_see_subtler_edits(delivered: tuple[World, list[str]]) -> None:
+    # From a trial of these commands: each of these passed, or ended in a traceback.
+    world, ids = delivered
+    config = str(world.config_path("USA"))
+    path = world.config("USA").store_path
+    with sqlite3.connect(path) as db:
+        rows = {
+            rid: (fields, jwe)
+            for rid, fields, jwe in db.execute("SELECT report_id, fields, jwe FROM inbox")
+        }
+        # A worker report (seed 57 has two for USA) holds a count of workers: an integer.
+        counted = [r for r in ids if "worker.workers" in json.loads(rows[r][0])]
+        ids = [counted[0], *[r for r in ids if r != counted[0]]]
+        first = json.loads(rows[ids[0]][0])
+        number = "worker.workers"
+        first[number] = float(first[number])  # 83 -> 83.0: equal in Python, not in JSON
+        db.execute("UPDATE inbox SET fields = ? WHERE report_id = ?", (json.dumps(first), ids[0]))
+        # Another report's envelope under this report's row.
+        db.execute("UPDATE inbox SET jwe = ? WHERE report_id = ?", (rows[ids[0]][1], ids[1]))
+    found = _cli("inbox", "check", "--config", config)
+    assert found.exit_code == 1
+    assert found.stdout.splitlines() == [
+        f"report {ids[0]} from JPN: fields differs from the signed envelope",
+        f"report {ids[1]} from JPN: the kept envelope is not the one received",
+    ]
+    swapped = _cli("inbox", "evidence", "--config", config, ids[1])
+    assert swapped.exit_code == 1
+    assert swapped.stderr == (
+        f"msmt: error: the kept envelope of report {ids[1]} is not the one received:"
+        " check the store with msmt inbox check\n"
+    )
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE inbox SET jwe = ? WHERE report_id = ?", ("é" + rows[ids[1]][1], ids[1]))
+        # A member twice: SQLite's JSON functions read the first, Python the last.
+        text = rows[ids[0]][0]
+        db.execute(
+            "UPDATE inbox SET fields = ? WHERE report_id = ?",
+            ('{"' + number + '": 1, ' + text[1:], ids[0]),
+        )
+    broken = _cli("inbox", "check", "--config", config)
+    assert broken.exit_code == 1
+    assert "its fields column repeats a member" in broken.stderr
+    assert broken.stderr.count("\n") == 1
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE inbox SET fields = ? WHERE report_id = ?", (text, ids[0]))
+    ascii_only = _cli("inbox", "check", "--config", config)
+    assert ascii_only.exit_code == 1
+    assert ascii_only.stdout.splitlines() == [
+        f"report {ids[1]} from JPN: the kept envelope is not the one received"
+    ]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import StoreError
-from broker.store import NewReport, OutboxItem, Received, Store
+from broker.store import KEPT_SINCE, NewReport, OutboxItem, Received, Store
 
 
 def rep(i: int, size: int = 10) -> NewReport:
@@ -374,12 +375,18 @@ def test_a_store_from_before_envelopes_were_kept_gains_the_column_and_keeps_its_
     old = Store(path, readonly=True)  # read-only: no column added, and no error either
     assert old.kept_envelope("JPN", "r-old") is None
     old.close()
+    before = time.time()
     store = Store(path)
+    # When the store began keeping envelopes, for msmt inbox check.
+    assert before <= float(store.state()[KEPT_SINCE]) <= time.time()
     assert store.store_received([received("JPN", "r-new")]) == [True]
     assert store.kept_envelope("JPN", "r-old") is None
     assert store.kept_envelope("JPN", "r-new") == "jwe JPN r-new"
     assert [e.report_id for e in store.inbox()] == ["r-new", "r-old"]
+    since = store.state()[KEPT_SINCE]
     store.close()
     again = Store(path)  # opening again adds nothing twice
     assert again.kept_envelope("JPN", "r-new") == "jwe JPN r-new"
+    assert again.state()[KEPT_SINCE] == since
+    assert KEPT_SINCE not in Store(tmp_path / "new.sqlite3").state()  # kept from the start
     again.close()

@@ -35,12 +35,11 @@ def main() -> None:
 def _register() -> None:
     # Imported here so each command family stays in its own module and the
     # group is assembled in one place.
-    from broker.cli import audit, data, demo, evidence, export, keys, node, policy  # noqa: PLC0415
+    from broker.cli import audit, data, demo, export, keys, node, policy  # noqa: PLC0415
 
     for module in (data, keys, policy, node, audit, export, demo):
         for command in module.COMMANDS:
             main.add_command(command)
-    audit.audit_group.add_command(evidence.audit_evidence)
 
 
 _register()

@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from broker import evidence
 from broker import keys as keyfiles
 from broker.audit_replay import Finding, Replay, replay, verified_entries
 from broker.audit_verify import (
@@ -34,7 +35,7 @@ from broker.checkpoint import (
     roster_revoked_log_keys,
     roster_witness_keys,
 )
-from broker.errors import AuditError, MsmtError, UsageError
+from broker.errors import AuditError, EnvelopeError, InputError, MsmtError, UsageError
 from broker.members import MEMBERS
 from broker.merkle import verify_inclusion
 from broker.note import ALG_COSIGNATURE_V1, NoteError, Verifier, parse_vkey
@@ -481,3 +482,136 @@ def _finding_lines(findings: Sequence[Finding]) -> list[str]:
 
 
 COMMANDS: tuple[click.Command, ...] = (audit_group,)
+
+
+def _printable(text: str, limit: int = 80) -> str:
+    # A signed claim is the originator's text, not ours: never a control character
+    # on the auditor's terminal.
+    return text if text.isprintable() and len(text) <= limit else ascii(text[:limit])
+
+
+def _logged(
+    directories: tuple[Path, ...], trusted: Roster, found: evidence.Evidence
+) -> tuple[int, int | None]:
+    """Find the envelope in the sender's (and recipient's, if given) verified logs."""
+    entries: dict[str, list[dict[str, Any]]] = {}
+    with click.progressbar(length=0, file=sys.stderr, hidden=True) as bar:
+        for directory in directories:
+            origin = read_origin(directory)
+            report = _verified(
+                directory, origin, _log_keys(trusted, (), origin), _revoked_keys(trusted, origin)
+            )
+            entries[origin] = _parsed_entries(load(directory), report, bar)
+    if found.sender not in entries:
+        raise UsageError(f"give the sender's log ({found.sender}) with --log")
+    sent = [
+        e["seq"]
+        for e in entries[found.sender]
+        if e["type"] == "sent"
+        and e["jwe_sha256"] == found.jwe_sha256
+        and (e["partner"], e["report_id"]) == (found.recipient, found.report_id)
+    ]
+    if not sent:
+        raise InputError(
+            f"{found.sender}'s log holds no send of this envelope (sha256 {found.jwe_sha256})"
+            f" to {found.recipient}: the file's recipient is not vouched for"
+        )
+    received = None
+    if found.recipient in entries:
+        got = [
+            e["seq"]
+            for e in entries[found.recipient]
+            if e["type"] == "received"
+            and e["jwe_sha256"] == found.jwe_sha256
+            and e["sender"] == found.sender
+        ]
+        if not got:
+            raise InputError(f"{found.recipient}'s log holds no receipt of this envelope")
+        received = got[0]
+    return sent[0], received
+
+
+@audit_group.command(name="evidence")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--log",
+    "log_dirs",
+    multiple=True,
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The sender's audit log directory (required); the recipient's too, if you have it.",
+)
+@click.option(
+    "--keys",
+    "keydir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder with the signed roster (roster.json, roster.json.jws).",
+)
+@click.option(
+    "--authority",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The roster authority's public key to pin (default: the one in --keys).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print what was signed, values included.")
+def audit_evidence(
+    file: Path, log_dirs: tuple[Path, ...], keydir: Path, authority: Path | None, as_json: bool
+) -> None:
+    """Check evidence of a received report (msmt inbox evidence) against the sender's log.
+
+    Exit 0 only if the envelope opens with the key in FILE, the originator's
+    signature, disclosures, schema and markings hold, and the sender's verified
+    log records sending exactly this envelope to the recipient the file names
+    (the recipient's log, if given with a second --log, its receipt). 1 otherwise.
+    """
+    try:
+        with file.open("rb") as handle:
+            raw = handle.read(evidence.MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read evidence {file}: {exc.strerror or 'unreadable'}") from None
+    try:
+        found = evidence.parse(raw)
+    except InputError as exc:
+        raise InputError(f"evidence {file}: {exc}") from None
+    signed = keyfiles.load_signed_roster(keydir, authority_path=authority)
+    try:
+        got = evidence.check(found, signed.roster)
+    except EnvelopeError as exc:
+        raise InputError(f"evidence {file}: does not verify at {exc}") from None
+    try:
+        sent, received = _logged(log_dirs, signed.roster, found)
+    except InputError as exc:
+        raise InputError(f"evidence {file}: {exc}") from None
+    issued = got.iat.isoformat().replace("+00:00", "Z")
+    if as_json:
+        out = {
+            "recipient": got.recipient,
+            "sender": got.sender,
+            "originator": got.originator,
+            "report_id": got.report_id,
+            "kind": got.kind,
+            "tlp": got.tlp,
+            "rel_to": None if got.rel_to is None else list(got.rel_to),
+            "issued_at": issued,
+            "policy_digest": got.policy_digest,
+            "signing_kid": got.signing_kid,
+            "fields": dict(got.fields),
+            "jwe_sha256": got.jwe_sha256,
+            "roster_version": signed.version,
+            "sent_entry": sent,
+            "received_entry": received,
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    markings = f"TLP:{got.tlp}" + (f", REL TO {', '.join(got.rel_to)}" if got.rel_to else "")
+    click.echo(
+        f"OK: {got.recipient} received report {got.report_id} ({got.kind}) from {got.sender},"
+        f" signed by {got.originator} at {issued} under policy"
+        f" {_printable(got.policy_digest)}, {markings}"
+    )
+    click.echo(f"fields: {', '.join(got.paths)}")
+    receipt = "" if received is None else f", {got.recipient}'s log entry {received} its receipt"
+    click.echo(
+        f"envelope sha256 {got.jwe_sha256}: {got.sender}'s log entry {sent} is its send{receipt}"
+        f" (roster version {signed.version})"
+    )

@@ -31,7 +31,7 @@ from broker.keys import load_member_keys, load_pinned_roster
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
 from broker.sightings import is_report_id
-from broker.store import InboxEntry, Store
+from broker.store import KEPT_SINCE, InboxEntry, Store
 
 _CONFIG = click.option(
     "--config",
@@ -275,6 +275,12 @@ def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> Non
         raise UsageError(f"report {report_id} came from {senders}: say which with --from")
     entry = entries[0]
     jwe = store.kept_envelope(entry.sender, report_id)
+    if jwe is None and KEPT_SINCE not in store.state():
+        # This store kept envelopes from its start: the row lost its own.
+        raise InputError(
+            f"the kept envelope of report {report_id} is missing:"
+            " check the store with msmt inbox check"
+        )
     if jwe is None:
         raise InputError(
             f"report {report_id} from {entry.sender} was received before nodes kept envelopes:"
@@ -293,6 +299,12 @@ def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> Non
         )
     except EnvelopeError as exc:
         raise InputError(f"cannot open the kept envelope of report {report_id}: {exc}") from None
+    if (found.jwe_sha256, found.report_id) != (entry.jwe_sha256, report_id):
+        # The store was changed on disk: never hand out another report's envelope as this one.
+        raise InputError(
+            f"the kept envelope of report {report_id} is not the one received:"
+            " check the store with msmt inbox check"
+        )
     click.echo(found.to_json())
 
 
@@ -317,7 +329,8 @@ def inbox_check_cmd(config_path: Path) -> None:
                 f"audit log {log.path}: entry {seq} {exc}: run msmt audit verify"
             ) from None
         if entry["type"] == "received":
-            receipts.append((seq, entry["sender"], entry["report_id"], entry["jwe_sha256"]))
+            at = datetime.fromisoformat(entry["at"]).timestamp()
+            receipts.append((seq, entry["sender"], entry["report_id"], entry["jwe_sha256"], at))
     signed = load_pinned_roster(
         config.roster_dir,
         config.authority_path,
@@ -325,8 +338,14 @@ def inbox_check_cmd(config_path: Path) -> None:
         record=False,
     )
     keys = load_member_keys(config.keys.dir, config.member, signed.roster, datetime.now(UTC))
+    since = store.state().get(KEPT_SINCE)
     found = inbox_check.check(
-        store, receipts, me=config.member, decryption_keys=keys.decryption, roster=signed.roster
+        store,
+        receipts,
+        me=config.member,
+        decryption_keys=keys.decryption,
+        roster=signed.roster,
+        kept_since=None if since is None else float(since),
     )
     for problem in found.problems:
         click.echo(problem)
