@@ -706,6 +706,20 @@ class Store:
                 ) from None
         return out
 
+    def inbox_rows(self) -> list[InboxEntry | str]:
+        """Every received report, oldest first; a damaged row as what is wrong with it.
+
+        For ``msmt inbox check``, which reports every row at fault instead of stopping
+        at the first, as the readers that rely on the rows do.
+        """
+        out: list[InboxEntry | str] = []
+        for row in self._read(_INBOX_COLUMNS + " ORDER BY rowid"):
+            try:
+                out.append(_entry(row))
+            except _DamagedRowError as exc:
+                out.append(f"inbox row {row[-1]} is damaged ({exc})")
+        return out
+
     def kept_envelope(self, sender: str, report_id: str) -> str | None:
         """The envelope of a received report as it arrived, or None.
 
