@@ -27,9 +27,10 @@ from broker.cli.options import rfc3339
 from broker.config import NodeConfig, load_config
 from broker.errors import AuditError, EnvelopeError, InputError, StoreError, UsageError
 from broker.intake import read_token, submit
-from broker.keys import load_member_keys, load_pinned_roster
+from broker.keys import MemberKeys, load_member_keys, load_pinned_roster
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
+from broker.roster import Roster
 from broker.sightings import is_report_id
 from broker.store import KEPT_SINCE, InboxEntry, Store
 
@@ -186,6 +187,19 @@ def _open_store(config: NodeConfig, *, write: bool = False) -> Store:
         raise UsageError(f"stop the node first: {exc}") from None
 
 
+def _member_keys(config: NodeConfig) -> tuple[Roster, MemberKeys]:
+    # As the node loads them (pinned roster, not recorded), for the inbox's own checks.
+    signed = load_pinned_roster(
+        config.roster_dir,
+        config.authority_path,
+        config.data_dir / "roster-state.json",
+        record=False,
+    )
+    return signed.roster, load_member_keys(
+        config.keys.dir, config.member, signed.roster, datetime.now(UTC)
+    )
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
@@ -286,13 +300,7 @@ def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> Non
             f"report {report_id} from {entry.sender} was received before nodes kept envelopes:"
             " there is no evidence of it but the audit log's hash"
         )
-    signed = load_pinned_roster(
-        config.roster_dir,
-        config.authority_path,
-        config.data_dir / "roster-state.json",
-        record=False,
-    )
-    keys = load_member_keys(config.keys.dir, config.member, signed.roster, datetime.now(UTC))
+    _, keys = _member_keys(config)
     try:
         found = evidence.make(
             jwe, received_at=entry.received_at, decryption_keys=keys.decryption, me=config.member
@@ -331,20 +339,14 @@ def inbox_check_cmd(config_path: Path) -> None:
         if entry["type"] == "received":
             at = datetime.fromisoformat(entry["at"]).timestamp()
             receipts.append((seq, entry["sender"], entry["report_id"], entry["jwe_sha256"], at))
-    signed = load_pinned_roster(
-        config.roster_dir,
-        config.authority_path,
-        config.data_dir / "roster-state.json",
-        record=False,
-    )
-    keys = load_member_keys(config.keys.dir, config.member, signed.roster, datetime.now(UTC))
+    roster, keys = _member_keys(config)
     since = store.state().get(KEPT_SINCE)
     found = inbox_check.check(
         store,
         receipts,
         me=config.member,
         decryption_keys=keys.decryption,
-        roster=signed.roster,
+        roster=roster,
         kept_since=None if since is None else float(since),
     )
     for problem in found.problems:
