@@ -251,6 +251,7 @@ class Store:
         self.audit_size: Callable[[], int] | None = None
         """The node's audit log size: once set, every write records it (``AUDIT_SIZE``)."""
         self._lock: int | None = None
+        self._has_jwe: bool | None = None
         try:
             if readonly:
                 self._db = sqlite3.connect(
@@ -725,8 +726,11 @@ class Store:
 
         None for a report received before nodes kept envelopes, or not received.
         """
-        # A store from before nodes kept envelopes, opened read-only, has no column yet.
-        if not any(row[1] == "jwe" for row in self._read("PRAGMA table_info(inbox)")):
+        # A store from before nodes kept envelopes, opened read-only, has no column yet;
+        # asked once, since ``msmt inbox check`` calls this for every row.
+        if self._has_jwe is None:
+            self._has_jwe = any(row[1] == "jwe" for row in self._read("PRAGMA table_info(inbox)"))
+        if not self._has_jwe:
             return None
         rows = self._read(
             "SELECT jwe FROM inbox WHERE sender = ? AND report_id = ?", (sender, report_id)
