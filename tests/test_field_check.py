@@ -177,7 +177,9 @@ def _edit_text(draw: st.DrawFn, value: str) -> Any:
             chars.insert(at, char)
         elif at < len(chars):
             chars[at] = {"delete": "", "replace": char, "case": chars[at].swapcase()}[op]
-    as_int = int(value) if value.isdigit() else value
+    # Only a short ASCII digit string becomes a number: value * 30 compounds
+    # over draws, and int() refuses more than 4,300 digits (and "²" at all).
+    as_int = int(value) if value.isascii() and value.isdigit() and len(value) < 40 else value
     return draw(st.sampled_from(["".join(chars), value, value * 30, as_int]))
 
 
