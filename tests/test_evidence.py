@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -24,10 +25,19 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from jwcrypto import jwk as jjwk
 from jwcrypto import jws as jjws
-from node_world import World, audit_entries, await_for, expected_partners, records_for
+from node_world import (
+    World,
+    audit_entries,
+    await_for,
+    expected_partners,
+    records_for,
+    setup_accounts,
+    start_hub,
+)
 
 from broker import keys
 from broker.cli import main
+from broker.members import MEMBERS
 from broker.node import load_node
 from broker.store import KEPT_SINCE, Store
 from broker.validation import parse_record
@@ -47,9 +57,8 @@ def _cli(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
 
 
-@pytest.fixture
-async def delivered(world: World) -> tuple[World, list[str]]:
-    """JPN sent USA what its policy releases; both nodes stopped. Returns the ids USA holds."""
+async def _deliver(world: World) -> list[str]:
+    """JPN sends USA what its policy releases; both nodes stop. Returns the ids USA holds."""
     for member in ("JPN", "USA"):
         world.write_config(member)
     records = records_for("JPN", 6, seed=57)
@@ -73,7 +82,35 @@ async def delivered(world: World) -> tuple[World, list[str]]:
         for n in nodes:
             n.stop.set()
         await asyncio.gather(*tasks)
-    return world, to_usa
+    return to_usa
+
+
+@pytest.fixture(scope="module")
+def delivered_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[World, list[str]]:
+    """One real exchange for the whole module: every test below reads it offline.
+
+    The hub is gone once the nodes have stopped; each test gets its own copy
+    (``delivered``), so one that edits USA's store on disk spoils no other.
+    """
+    root = tmp_path_factory.mktemp("evidence")
+    keydir, server = start_hub(root, MEMBERS)
+    try:
+        setup_accounts(server.url, keydir, (*MEMBERS, keys.AUDIT_ACCOUNT))
+        world = World(root, keydir, server)
+        ids = asyncio.run(_deliver(world))
+    finally:
+        server.kill()
+    return world, ids
+
+
+@pytest.fixture
+def delivered(delivered_once: tuple[World, list[str]], tmp_path: Path) -> tuple[World, list[str]]:
+    """A copy of the module's exchange (node folders, keys, stores, logs; no hub)."""
+    world, ids = delivered_once
+    # node.toml names its paths relative to the world's root, so a copied tree works as is.
+    root = tmp_path / "world"
+    shutil.copytree(world.root, root, ignore=shutil.ignore_patterns("nats"))
+    return World(root, root / "keys", world.server), ids
 
 
 def _evidence(world: World, report_id: str) -> dict[str, Any]:
