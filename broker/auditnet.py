@@ -44,7 +44,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import nats.errors
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -444,6 +444,17 @@ class AuditNet:
             await asyncio.wait([watcher])
 
     async def _witness(self, nc: Client, stop: asyncio.Event) -> None:
+        # Waiting on the queue and on stop at once lets a stopping node go at once
+        # rather than at the end of the current wait.
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        try:
+            await self._witness_until(nc, stop, stopping)
+        finally:
+            stopping.cancel()
+
+    async def _witness_until(
+        self, nc: Client, stop: asyncio.Event, stopping: asyncio.Future[Any]
+    ) -> None:
         while not stop.is_set():
             wait = 0.5
             if self._pending:
@@ -456,11 +467,13 @@ class AuditNet:
                     await self._round(nc)
                     continue
                 wait = min(wait, due)
-            try:
-                origin, data = await asyncio.wait_for(self._queue.get(), wait)
-            except TimeoutError:
+            getting: asyncio.Future[Any] = asyncio.ensure_future(self._queue.get())
+            await asyncio.wait([getting, stopping], timeout=wait, return_when="FIRST_COMPLETED")
+            if not getting.done():
+                # A cancelled get takes nothing: what arrives meanwhile stays queued.
+                getting.cancel()
                 continue
-            self._hold(origin, data)
+            self._hold(*getting.result())
             while not self._queue.empty():
                 self._hold(*self._queue.get_nowait())
 
