@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -36,8 +37,36 @@ def nats_server_binary() -> str:
     return found
 
 
+# Below the kernel's ephemeral range, so that no outgoing connection (a client's
+# own end, picked by the kernel from that range) can take a port between our
+# check and the server's bind. With port 0 that race now and then failed a
+# nats-server start with "address already in use" (seen in the test suite).
+_PORTS_FROM = 10_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    Chosen at random below the ephemeral port range where there is room
+    (Linux: 10000-32767), else by the kernel.
+    """
+    low = _ephemeral_low()
+    for _ in range(100 if low - _PORTS_FROM >= 1_000 else 0):
+        port = _PORTS_FROM + secrets.randbelow(low - _PORTS_FROM)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -104,8 +104,9 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     """A real 3-server JetStream cluster on loopback."""
     servers = make_cluster(tmp_path / "cluster", 3)
-    start_cluster(servers)
     try:
+        # Inside the try: a server that fails to start must not leave the others running.
+        start_cluster(servers)
         yield servers
     finally:
         for server in servers:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 
 import nats
 import pytest
@@ -10,7 +12,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck, StreamConfig
 from nats.js.errors import NoStreamResponseError
 
-from broker.natsproc import NatsServer
+from broker.natsproc import NatsServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -68,3 +70,15 @@ async def test_three_server_cluster_replicates_a_stream(nats_cluster: list[NatsS
         assert (await _publish_once_led(nc.jetstream(), b"2", "m2")).seq == 2
     finally:
         await nc.close()
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_bindable() -> None:
+    # A client connection's own end comes from the ephemeral range; a port chosen
+    # there could be taken before the server binds it.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(50)}
+    assert len(ports) > 40  # random, not the same few
+    for port in ports:
+        assert 10_000 <= port < low
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
