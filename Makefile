@@ -23,7 +23,8 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Two workers: the five-minute soak beside the rest of the suite, which still runs
-# in order on one worker (tests/conftest.py, SoakBesideSuite).
+# in order on one worker; the soak's worker then takes a few light integration
+# modules (tests/conftest.py, SoakBesideSuite).
 pytest: $(STAMP)
 	$(BIN)/pytest -n 2
 

@@ -29,7 +29,10 @@ settings.load_profile("msmt")
 # The five-minute soak offers light, steady load and waits most of the time, so
 # `make test` (pytest -n 2) runs it on a worker of its own beside the rest, with
 # the pure modules (no hub, no node process: CPU only) before and after it, which
-# would otherwise lengthen the one worker that runs every integration test.
+# would otherwise lengthen the one worker that runs the integration tests. That
+# worker is still done first, so it then takes AFTER_THE_SOAK: integration
+# modules that run at most one hub and short-lived nodes, and inject no fault
+# (no kill and restart, no network cut, no full disk).
 BESIDE_THE_SUITE = frozenset(
     f"tests/{name}.py::"
     for name in (
@@ -56,31 +59,63 @@ BESIDE_THE_SUITE = frozenset(
         "test_witness",
     )
 )
+AFTER_THE_SOAK = frozenset(
+    f"tests/{name}.py::"
+    for name in (
+        "test_audit_cli",
+        "test_audit_replay",
+        "test_auditlog_open",
+        "test_auditnet",
+        "test_deploy",
+        "test_evidence",
+        "test_intake",
+        "test_nats_isolation",
+        "test_nats_quota",
+        "test_natsconfig",
+        "test_node_start_files",
+        "test_store",
+        "test_tls",
+    )
+)
 
 
 # _split_scope is xdist's own (private) hook for naming a test's unit of work.
 # Were a new xdist to drop or rename it, this class would silently fall back to
 # one unit per module, and integration tests would run two at a time: refuse
 # to start instead.
-if not callable(getattr(LoadScopeScheduling, "_split_scope", None)):
-    raise pytest.UsageError(
-        "this pytest-xdist has no LoadScopeScheduling._split_scope: "
-        "update SoakBesideSuite in tests/conftest.py"
-    )
+# _assign_work_unit and workqueue (an OrderedDict of units, taken from the front)
+# are private too.
+for _hook in ("_split_scope", "_assign_work_unit"):
+    if not callable(getattr(LoadScopeScheduling, _hook, None)):
+        raise pytest.UsageError(
+            f"this pytest-xdist has no LoadScopeScheduling.{_hook}: "
+            "update SoakBesideSuite in tests/conftest.py"
+        )
 
 
 class SoakBesideSuite(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no type hints
-    """Two units of work: the soak with the pure modules, and every other test.
+    """Three units of work: the soak with the pure modules, the suite, and what follows the soak.
 
-    The other tests start and kill nats-servers and nodes and several wait on
-    timers, so they never run two at a time: one worker takes them all in the
-    order a plain ``pytest`` run would. (``--dist loadgroup`` would say this with
-    marks, but it stopped grouping with pytest 9.2: pytest-xdist issue #1386.)
+    The suite's tests start and kill nats-servers and nodes and several wait on
+    timers, so one worker takes them all, one at a time, in the order a plain
+    ``pytest`` run would. The soak's worker, done first, then takes the light
+    integration modules of ``AFTER_THE_SOAK``: never two of them at a time, and
+    never during the soak. (``--dist loadgroup`` would say this with marks, but
+    it stopped grouping with pytest 9.2: pytest-xdist issue #1386.)
     """
 
     def _split_scope(self, nodeid: str) -> str:
         module = nodeid.partition("::")[0] + "::"
-        return "beside" if module in BESIDE_THE_SUITE else "suite"
+        if module in BESIDE_THE_SUITE:
+            return "beside"
+        return "after" if module in AFTER_THE_SOAK else "suite"
+
+    def _assign_work_unit(self, node: object) -> None:
+        # xdist hands out the biggest unit first; "after" waits until a worker is
+        # free of the other two, whatever its size.
+        if len(self.workqueue) > 1 and "after" in self.workqueue:
+            self.workqueue.move_to_end("after")
+        super()._assign_work_unit(node)
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: `pytest -p no:xdist` still runs

@@ -371,7 +371,9 @@ def _gone(children: list[psutil.Process]) -> list[int]:
 
 
 def test_ctrl_c_stops_every_process_and_removes_the_scratch_directory() -> None:
-    proc = _start_demo("--sightings", "60", "--html", os.devnull)
+    # Enough sightings that the run cannot finish before the signal lands: with 60,
+    # a worker held off the CPU for a moment sent it after a clean exit 0.
+    proc = _start_demo("--sightings", "600", "--html", os.devnull)
     try:
         scratch, children = _until_ready(proc)
         proc.send_signal(signal.SIGINT)
