@@ -9,7 +9,7 @@ the last checkpoint that still matched, to name the first broken entry and why.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from broker.checkpoint import Checkpoint, count_cosignatures, open_checkpoint, p
 from broker.errors import AuditError, StoreError, UsageError
 from broker.merkle import Levels, ProofError, verify_consistency
 from broker.note import Note, NoteError, Verifier, find_signature, parse
+from broker.witness import LogState
 
 
 class TamperError(AuditError):
@@ -183,6 +184,7 @@ def verify_log(
     quorum: int = 0,
     revoked_keys: Sequence[Verifier] = (),
     known: Sequence[tuple[str, str]] = (),
+    witnessed: Sequence[tuple[str, Mapping[str, LogState]]] = (),
     jobs: int = 1,
     parallel_from: int = PARALLEL_FROM,
 ) -> Report:
@@ -204,7 +206,11 @@ def verify_log(
       8. each checkpoint in ``known`` ((where it came from, its text): ones the
          auditor kept from earlier, signed by a trusted or revoked log key) is
          covered: the log has not been cut below it (rollback) and its first
-         entries still hash to its root (a rewritten history, a fork).
+         entries still hash to its root (a rewritten history, a fork);
+      9. likewise for the size and root each witness state in ``witnessed``
+         ((where it came from, a partner's ``witness-state.json``) records as last
+         cosigned for this log; a state that never cosigned this log is a usage
+         error. The state is not signed: the auditor vouches for where it came from.
 
     A checkpoint signed by a log key revoked since is not trusted for what it
     says, but it need not be: the latest checkpoint, signed by a trusted key,
@@ -268,6 +274,8 @@ def verify_log(
     cosigners = _cosigners(latest, covered, witnesses, quorum) if quorum > 0 else ()
     for source, text in known:
         _check_known(log, source, text, [*log_keys, *revoked_keys])
+    for source, state in witnessed:
+        _check_witnessed(log, source, state)
     return Report(log.origin, n, len(log.checkpoints), log.tree.root(n), latest, cosigners)
 
 
@@ -352,18 +360,42 @@ def _check_known(log: LoadedLog, source: str, text: str, keys: Sequence[Verifier
         raise UsageError(f"{source}: not a checkpoint of this log: {exc}") from None
     if checkpoint.origin != log.origin:
         raise UsageError(f"{source}: a checkpoint of {checkpoint.origin}, not {log.origin}")
-    n = log.tree.size
-    if checkpoint.size > n:
-        raise TamperError(
-            None,
-            f"rolled back: the log holds {n} entries, but {source} is its checkpoint "
-            f"at size {checkpoint.size}",
+    _still_holds(
+        log,
+        checkpoint.size,
+        checkpoint.root,
+        f"{source} is its checkpoint at size {checkpoint.size}",
+        f"the root of {source}, which its own key signed",
+    )
+
+
+def _check_witnessed(log: LoadedLog, source: str, state: Mapping[str, LogState]) -> None:
+    """Checklist step 9 for one partner's witness state (from ``source``)."""
+    held = state.get(log.origin)
+    if held is None:
+        raise UsageError(
+            f"{source}: this witness has cosigned nothing of {log.origin}"
+            f" (it holds {len(state)} other logs)"
         )
-    if checkpoint.size and log.tree.root(checkpoint.size) != checkpoint.root:
+    _still_holds(
+        log,
+        held.size,
+        held.root,
+        f"the witness whose state is {source} cosigned it at size {held.size}",
+        f"the root the witness whose state is {source} cosigned",
+    )
+
+
+def _still_holds(log: LoadedLog, size: int, root: bytes, kept: str, signed: str) -> None:
+    # Rollback: the log was cut below a size someone outside it vouches for; fork:
+    # its first ``size`` entries no longer hash to the root they vouched for.
+    n = log.tree.size
+    if size > n:
+        raise TamperError(None, f"rolled back: the log holds {n} entries, but {kept}")
+    if size and log.tree.root(size) != root:
         raise TamperError(
             None,
-            f"history rewritten: the log's first {checkpoint.size} entries do not hash "
-            f"to the root of {source}, which its own key signed (a fork)",
+            f"history rewritten: the log's first {size} entries do not hash to {signed} (a fork)",
         )
 
 

@@ -22,7 +22,7 @@ from broker.auditlog import DB_FILE, AuditLog
 from broker.checkpoint import Checkpoint, cosign, roster_log_keys, sign_checkpoint
 from broker.cli import main
 from broker.note import ALG_ED25519, Verifier, parse
-from broker.witness import Witness
+from broker.witness import LogState, Witness, dump_state
 
 MEMBERS = ("JPN", "USA", "KOR", "GBR")
 LOG_KEY = Ed25519PrivateKey.from_private_bytes(bytes(32))
@@ -437,6 +437,74 @@ def test_verify_known_refuses_what_is_not_a_checkpoint_of_this_log(
         code, out, err = _run(
             "audit", "verify", str(tmp_path / "jpn"), "--keys", str(keydir), "--known", str(path)
         )
+        assert (code, out) == (2, "")
+        assert err.startswith(f"msmt: error: {reason}"), err
+        assert err.count("\n") == 1
+
+
+def test_verify_witness_state_catches_a_cut_back_the_log_alone_cannot(
+    tmp_path: Path, keydir: Path
+) -> None:
+    # USA witnessed JPN's log at size 10; its witness-state.json is all an auditor
+    # needs to catch JPN's log cut back to size 5 (a checkpoint USA did cosign) or
+    # rewritten and re-signed at the same size.
+    roster = keyfiles.load_signed_roster(keydir).roster
+    key = _signing_key(keydir, "JPN")
+    log = build_log(tmp_path / "log", key, [5, 5])
+    witness = Witness("USA", Ed25519PrivateKey.generate(), {"JPN": roster_log_keys(roster, "JPN")})
+    witness.add_checkpoint(0, [], log.latest_checkpoint() or "", 1_700_000_000)
+    log.append_many([event(i) for i in range(10, 14)])
+    log.close()
+    state = tmp_path / "witness-state.json"
+    state.write_bytes(dump_state(witness.state))
+    verify = ("audit", "verify", "--keys", str(keydir))
+
+    code, out, err = _run(*verify, str(tmp_path / "log"), "--witness-state", str(state))
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1:] == [f"holds what the witness state in {state} cosigned"]
+
+    rolled = tmp_path / "rolled"
+    build_log(rolled, key, [5]).close()
+    assert _run(*verify, str(rolled))[0] == 0
+    assert _run(*verify, str(rolled), "--witness-state", str(state)) == (
+        1,
+        "",
+        f"msmt: error: rolled back: the log holds 5 entries, but the witness whose state is "
+        f"{state} cosigned it at size 10\n",
+    )
+
+    forked = AuditLog(tmp_path / "forked", "JPN", key)
+    forked.append_many([event(i + 100) for i in range(12)])
+    forked.close()
+    assert _run(*verify, str(tmp_path / "forked"))[0] == 0
+    assert _run(*verify, str(tmp_path / "forked"), "--witness-state", str(state)) == (
+        1,
+        "",
+        "msmt: error: history rewritten: the log's first 10 entries do not hash to the root "
+        f"the witness whose state is {state} cosigned (a fork)\n",
+    )
+
+
+def test_verify_witness_state_refuses_a_file_that_says_nothing_of_this_log(
+    tmp_path: Path, keydir: Path
+) -> None:
+    build_log(tmp_path / "jpn", _signing_key(keydir, "JPN"), [3]).close()
+    others = tmp_path / "others.json"
+    others.write_bytes(dump_state({"KOR": LogState(3, bytes(32)), "GBR": LogState(1, bytes(32))}))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"JPN": {"size": -1, "root": "AAAA"}}')
+    note = tmp_path / "kept.note"
+    note.write_text("JPN\n3\nAAAA\n")
+    for path, reason in (
+        (others, f"{others}: this witness has cosigned nothing of JPN (it holds 2 other logs)"),
+        (bad, f"{bad}: not a witness state: witness state for 'JPN' is malformed"),
+        (note, f"{note}: not a witness state: witness state is not JSON"),
+        (tmp_path / "nope", f"cannot read witness state {tmp_path / 'nope'}: No such file"),
+    ):
+        code, out, err = _run(
+            "audit", "verify", str(tmp_path / "jpn"), "--keys", str(keydir),
+            "--witness-state", str(path),
+        )  # fmt: skip
         assert (code, out) == (2, "")
         assert err.startswith(f"msmt: error: {reason}"), err
         assert err.count("\n") == 1

@@ -41,6 +41,7 @@ from broker.merkle import verify_inclusion
 from broker.note import ALG_COSIGNATURE_V1, NoteError, Verifier, parse_vkey
 from broker.policy import Policy, load_policy
 from broker.roster import Roster
+from broker.witness import LogState, WitnessError, load_state
 
 
 def _b64(data: bytes) -> str:
@@ -73,6 +74,13 @@ def _read_file(path: Path, what: str) -> str:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or 'unreadable'}") from None
     except UnicodeDecodeError:
         raise UsageError(f"cannot read {what} {path}: not UTF-8 text") from None
+
+
+def _read_witness_state(path: Path) -> dict[str, LogState]:
+    try:
+        return load_state(_read_file(path, "witness state").encode("utf-8"))
+    except WitnessError as exc:
+        raise UsageError(f"{path}: not a witness state: {exc}") from None
 
 
 def _read_vkey_file(path: Path) -> list[str]:
@@ -174,6 +182,13 @@ def _revoked_keys(trusted: Roster | None, origin: str) -> list[Verifier]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="A checkpoint of this log kept from earlier; the log must still contain it (repeat).",
 )
+@click.option(
+    "--witness-state",
+    "witness_states",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A partner's witness-state.json; the log must still hold what it cosigned (repeat).",
+)
 def audit_verify(
     directory: Path,
     keydir: Path | None,
@@ -185,6 +200,7 @@ def audit_verify(
     witnesses: Path | None,
     jobs: int,
     known: tuple[Path, ...],
+    witness_states: tuple[Path, ...],
 ) -> None:
     """Recompute DIR's Merkle tree and check every checkpoint; exit 1 at the first fault."""
     trusted = _roster(keydir, authority, roster)
@@ -217,6 +233,7 @@ def audit_verify(
         quorum=quorum or 0,
         revoked_keys=_revoked_keys(trusted, origin),
         known=[(str(path), _read_text(path)) for path in known],
+        witnessed=[(str(path), _read_witness_state(path)) for path in witness_states],
         jobs=jobs,
     )
     named = _named_member(directory)
@@ -236,6 +253,8 @@ def audit_verify(
         click.echo(f"cosigned by {', '.join(report.cosigners)} (quorum {quorum})")
     for path in known:
         click.echo(f"contains the checkpoint in {path}")
+    for path in witness_states:
+        click.echo(f"holds what the witness state in {path} cosigned")
 
 
 @audit_group.command(name="prove")
