@@ -83,7 +83,14 @@ def parse_jwe(token: object, limit: int) -> tuple[dict[str, Any], list[str]]:
         raise EnvelopeError("format", f"envelope is {len(token)} bytes; limit {limit}")
     parts = token.split(".")
     if not _is_compact_jwe(token, parts):
-        raise EnvelopeError("format", "not a compact JWE: five base64url segments")
+        # The likeliest slip of a sender's own code gets its own words.
+        padded = "=" in token and _is_compact_jwe(token.replace("=", ""), parts)
+        raise EnvelopeError(
+            "format",
+            "a JWE segment has base64 padding ('='); RFC 7515 base64url has none"
+            if padded
+            else "not a compact JWE: five base64url segments",
+        )
     # joserfc decodes leniently; a receiver that accepted two spellings of one
     # envelope would log two different hashes for it, so only canonical ones pass.
     if not all(sdjwt.has_canonical_tail(p) for p in parts):
@@ -278,6 +285,7 @@ def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
     chain = chain if isinstance(chain, str) else None
     if kind == "transfer":
         _check_one_category(fields)
+    _check_one_form(kind, fields)
     if _plainly_valid(kind, fields, chain):
         return
     paths = _PATH_SETS[kind]
@@ -297,6 +305,32 @@ def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
                 ) from None
             why = str(exc).removeprefix(f"{key.partition(VARIANT_SEP)[0]}: ")
             raise EnvelopeError("schema", f"{where}: {why} (schema {SCHEMA_VERSION})") from None
+
+
+def _check_one_form(kind: str, fields: Mapping[str, Any]) -> None:
+    # A policy releases each field to a partner in one form, exact or reduced
+    # (docs/POLICY.md), and a field the report does not have is left out, never
+    # disclosed as null: a presentation otherwise is no sender's that keeps to
+    # the format. Only known paths are named; others are refused by the loop.
+    named: dict[str, str] = {}  # field path -> the first of its disclosures, as named
+    for key, value in fields.items():
+        where = _known_key(kind, key)
+        if where is None:
+            continue
+        if value is None:
+            raise EnvelopeError(
+                "schema",
+                f"{where}: null; a field the report does not have is left out, not disclosed",
+            )
+        path = key.partition(VARIANT_SEP)[0]
+        if path not in named:
+            named[path] = where
+        else:
+            forms = " and ".join(sorted({named[path], where}))
+            raise EnvelopeError(
+                "schema",
+                f"{path} is disclosed twice, as {forms}; a partner is sent one form of a field",
+            )
 
 
 def _known_key(kind: str, key: str) -> str | None:

@@ -295,8 +295,10 @@ def test_non_canonical_or_padded_segments_refused(issued: envelope.Issued) -> No
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     twin = tag[:-1] + alphabet[alphabet.index(tag[-1]) ^ 1]
     reject(".".join([*parts[:4], twin]), "format")
-    reject(".".join([*parts[:4], tag + "=="]), "format")
-    reject(".".join([*parts[:3], parts[3][:10] + "*" + parts[3][10:], tag]), "format")
+    padded = reject(".".join([*parts[:4], tag + "=="]), "format")
+    assert padded.reason == "a JWE segment has base64 padding ('='); RFC 7515 base64url has none"
+    other = reject(".".join([*parts[:3], parts[3][:10] + "*" + parts[3][10:], tag]), "format")
+    assert other.reason == "not a compact JWE: five base64url segments"
 
 
 def test_duplicate_header_member_refused() -> None:
@@ -525,6 +527,47 @@ def test_a_variant_must_be_what_its_transform_gives(issued: envelope.Issued) -> 
             "variant's grid, written as coarsen writes it (schema 1.0)"
         )
         assert err.report_id == issued.report_id
+
+
+def test_a_field_in_two_forms_is_refused() -> None:
+    # A policy sends a partner one form of each field (docs/POLICY.md): the exact
+    # position beside its coarse cell, or two grids, is no sender's that keeps to it.
+    s = vessel()
+    exact = leaf_values(s)["vessel.position"]
+    grids = [Transform.parse(f"coarsen:{g}") for g in ("0.5", "1")]
+    variants = {
+        variant_key("vessel.position", t): t.apply(exact, pseudonym_keys={}, path="vessel.position")
+        for t in grids
+    }
+    issued = JPN.issue(s, variants=variants)
+    coarse, coarser = variants
+    for keys, forms in (
+        (["vessel.position", coarse], "vessel.position and vessel.position#coarsen:<deg>"),
+        ([coarse, coarser], "vessel.position#coarsen:<deg>"),
+    ):
+        err = reject(JPN.present(issued, "USA", keys), "schema")
+        assert err.reason == (
+            f"vessel.position is disclosed twice, as {forms}; a partner is sent one form of a field"
+        )
+    assert dict(USA.receive(JPN.present(issued, "USA", [coarse])).fields) == {
+        coarse: variants[coarse]
+    }
+
+
+def test_a_field_disclosed_as_null_is_refused(issued: envelope.Issued) -> None:
+    # Our producer leaves an absent optional field out; a null would show the
+    # receiver a field the report does not have.
+    for name, key in (("mmsi", "vessel.mmsi"), ("counterpart", "vessel.counterpart")):
+
+        def edit(payload: dict[str, Any], name: str = name) -> list[sdjwt.Disclosure]:
+            d = sdjwt.Disclosure.make(name, None)
+            payload["vessel"]["_sd"].append(d.digest)
+            return [d]
+
+        err = reject(_forge(edit, issued), "schema")
+        assert err.reason == (
+            f"{key}: null; a field the report does not have is left out, not disclosed"
+        )
 
 
 def test_digests_inside_a_disclosed_value_are_refused(issued: envelope.Issued) -> None:

@@ -519,20 +519,39 @@ def _check_fields_oracle(kind: str, fields: dict[str, Any]) -> None:
     # with the reasons it gives now.
     if kind == "transfer":
         envelope_format._check_one_category(fields)
+
+    def named(key: str) -> str:
+        path, sep, ident = key.partition("#")
+        form = _FORMS.get(ident.partition(":")[0])
+        return (f"{path}#{form}" if form else f"a variant of {path}") if sep else path
+
+    # One form per known field, none null: the first key (in order) that breaks it.
+    first: dict[str, str] = {}
+    for key, value in fields.items():
+        path = key.partition("#")[0]
+        if path not in field_paths(kind):
+            continue
+        if value is None:
+            reason = (
+                f"{named(key)}: null; a field the report does not have is left out, not disclosed"
+            )
+            raise EnvelopeError("schema", reason)
+        if path in first:
+            forms = " and ".join(sorted({first[path], named(key)}))
+            reason = f"{path} is disclosed twice, as {forms}; a partner is sent one form of a field"
+            raise EnvelopeError("schema", reason)
+        first[path] = named(key)
     chain = fields.get("transfer.chain")
     for key, value in fields.items():
         try:
             _check_field_oracle(kind, key, value, chain if isinstance(chain, str) else None)
         except ValueError as exc:
-            path, sep, ident = key.partition("#")
+            path = key.partition("#")[0]
             if path not in field_paths(kind):
                 reason = f"a disclosure name that is not a field of {kind} reports (schema 1.0)"
                 raise EnvelopeError("schema", reason) from None
-            form = _FORMS.get(ident.partition(":")[0])
-            variant = f"{path}#{form}" if form else f"a variant of {path}"
-            where = variant if sep else path
             why = str(exc).removeprefix(path + ": ")
-            raise EnvelopeError("schema", f"{where}: {why} (schema 1.0)") from None
+            raise EnvelopeError("schema", f"{named(key)}: {why} (schema 1.0)") from None
 
 
 REPORTS: list[tuple[str, dict[str, Any]]] = []
