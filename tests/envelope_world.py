@@ -25,7 +25,8 @@ from broker.sightings import SIGHTING_ADAPTER, SightingModel
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 VALID_FROM = datetime(2026, 1, 1, tzinfo=UTC)
 VALID_UNTIL = datetime(2036, 1, 1, tzinfo=UTC)  # far off: some tests run on the real clock
-POLICY = "sha-256:" + "A" * 43
+# Shaped as a node writes it (a policy's bare hex digest), of a policy that is not one.
+POLICY = hashlib.sha256(b"test policy: not a real one").hexdigest()
 MAX_AGE = timedelta(days=7)
 MAX_SKEW = timedelta(minutes=5)
 
