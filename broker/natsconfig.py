@@ -30,6 +30,7 @@ configuration syntax accepts as is, so what the server reads is what a reader se
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,12 +288,25 @@ def load_users(keydir: Path) -> dict[str, str]:
     return data
 
 
+_HOST: Final = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
+
+
+def host_port(text: str, what: str) -> str:
+    """Return ``text`` if it is ``HOST:PORT`` (name, IPv4 or [IPv6]); else raise ``UsageError``."""
+    host, sep, port = text.rpartition(":")
+    if not (sep and _HOST.fullmatch(host) and port.isdigit() and 0 < int(port) < 65536):
+        raise UsageError(f"{what} {text!r} is not HOST:PORT (e.g. 127.0.0.1:4222)")
+    return text
+
+
 def server_config(
     keydir: Path,
     *,
     cluster: int = 0,
     route_host: str = "nats-{i}",
     store_dir: str = "/data/jetstream",
+    listen: str = "0.0.0.0:4222",
+    http: str = "127.0.0.1:8222",
 ) -> str:
     """Return a complete nats-server configuration for the hub, from ``keydir``.
 
@@ -300,13 +314,15 @@ def server_config(
     formatted with ``i`` = 1..cluster on port 6222; each server's name comes from
     the ``SERVER_NAME`` environment variable so one file serves every server.
     The account quotas allow for one replica per stream on a single server and
-    three in a cluster (``--replicas 3``).
+    three in a cluster (``--replicas 3``). ``listen`` is where clients connect,
+    ``http`` the monitoring endpoint (``/healthz``, ``/jsz``): loopback by default,
+    since it shows every connection and account.
     """
     if cluster < 0 or cluster == 1:
         raise UsageError("--cluster must be 0 (single server) or at least 2")
     lines = [
-        "listen: 0.0.0.0:4222",
-        "http: 127.0.0.1:8222",
+        f"listen: {json.dumps(host_port(listen, '--listen'))}",
+        f"http: {json.dumps(host_port(http, '--http'))}",
         "jetstream {",
         f"  store_dir: {json.dumps(store_dir)}",
         # A node marks an envelope sent, for good, on the hub's ack; nats-server's

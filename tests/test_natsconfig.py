@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from node_world import msmt, running_hub
+from node_world import fetch, msmt, running_hub, wait_for
 
 from broker import keys, natsconfig, natsetup
 from broker.cli import main
@@ -64,6 +64,59 @@ def test_cli_config_loads_in_nats_server(keydir: Path, tmp_path: Path, cluster: 
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "is valid" in check.stdout + check.stderr
+
+
+def test_cli_config_listens_where_the_operator_says(keydir: Path, tmp_path: Path) -> None:
+    # A second hub on a shared machine, or a port policy: --listen and --http, no hand edits.
+    out = tmp_path / "hub.conf"
+    client, monitor = free_port(), free_port()
+    result = CliRunner().invoke(
+        main,
+        [
+            "nats", "config", "--keys", str(keydir), "--out", str(out),
+            "--store-dir", str(tmp_path / "js"),
+            "--listen", f"127.0.0.1:{client}", "--http", f"127.0.0.1:{monitor}",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-c", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def serving() -> bool:
+            assert proc.poll() is None, "nats-server exited"
+            try:
+                fetch(f"http://127.0.0.1:{monitor}/healthz")
+            except OSError:
+                return False
+            return True
+
+        wait_for(serving, 30, "the monitoring endpoint")
+        varz = json.loads(fetch(f"http://127.0.0.1:{monitor}/varz"))
+        assert (varz["host"], varz["port"], varz["http_port"]) == ("127.0.0.1", client, monitor)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--listen", "4222"), ("--listen", "0.0.0.0:0"), ("--http", 'x" y:1'), ("--http", "h:p")],
+)
+def test_cli_config_refuses_a_listen_address_that_is_not_host_port(
+    keydir: Path, tmp_path: Path, option: str, value: str
+) -> None:
+    out = tmp_path / "hub.conf"
+    args = ["nats", "config", "--keys", str(keydir), "--out", str(out), option, value]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"msmt: error: {option} {value!r} is not HOST:PORT (e.g. 127.0.0.1:4222)\n"
+    )
+    assert not out.exists()
 
 
 def test_every_member_user_has_least_privilege(keydir: Path) -> None:

@@ -177,12 +177,34 @@ def nats_group() -> None:
 @click.option("--cluster", type=click.IntRange(0, 9), default=0, help="Servers in the hub.")
 @click.option("--route-host", default="nats-{i}", show_default=True, help="Route host pattern.")
 @click.option("--store-dir", default="/data/jetstream", show_default=True)
-def nats_config(keydir: Path, out: Path, cluster: int, route_host: str, store_dir: str) -> None:
+@click.option(
+    "--listen", default="0.0.0.0:4222", show_default=True, help="Where nodes connect (HOST:PORT)."
+)
+@click.option(
+    "--http",
+    default="127.0.0.1:8222",
+    show_default=True,
+    help="Monitoring endpoint (HOST:PORT); it shows every connection, so keep it private.",
+)
+def nats_config(
+    keydir: Path,
+    out: Path,
+    cluster: int,
+    route_host: str,
+    store_dir: str,
+    listen: str,
+    http: str,
+) -> None:
     """Write the hub's nats-server configuration (accounts, users, exports, imports)."""
     if "{i}" not in route_host and cluster:
         raise UsageError("--route-host must contain {i}")
     text = natsconfig.server_config(
-        keydir, cluster=cluster, route_host=route_host, store_dir=store_dir
+        keydir,
+        cluster=cluster,
+        route_host=route_host,
+        store_dir=store_dir,
+        listen=listen,
+        http=http,
     )
     keyfiles.write_public(out, text.encode())
     click.echo(f"wrote {out}")
