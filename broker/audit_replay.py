@@ -95,6 +95,8 @@ class Replay:
     exchanges: tuple[Exchange, ...]
     matrix: Mapping[tuple[str, str], int]
     findings: tuple[Finding, ...]
+    unchecked_receipts: int = 0
+    """Receipts from members whose logs were not given: nothing to check them against."""
 
     def statuses(self) -> Counter[str]:
         """How many sends ended in each status."""
@@ -132,6 +134,7 @@ class Replay:
                 for (s, r), n in sorted(self.matrix.items())
             ],
             "findings": [asdict(f) for f in self.findings],
+            "unchecked_receipts": self.unchecked_receipts,
             "never_delivered": [
                 {
                     "sender": e.sender,
@@ -461,7 +464,10 @@ def replay(
     exchanges.sort(key=lambda e: (e.at, e.sender, e.seq))
     findings.sort(key=lambda f: (f.member, f.seq, f.kind))
     return Replay(
-        tuple(exchanges), dict(matrix), tuple(f for f in findings if f.kind != "not-checked")
+        tuple(exchanges),
+        dict(matrix),
+        tuple(f for f in findings if f.kind != "not-checked"),
+        sum(f.kind == "not-checked" for f in findings),
     )
 
 

@@ -238,6 +238,14 @@ def test_clean_run_reconciles(tmp_path: Path) -> None:
         in out
     )
     assert "5 sends in 3 logs: 3 delivered, 1 not-checked, 1 rejected" in out
+    # "none" covers only what the logs given can check; what they cannot is counted.
+    assert "  not checked: 1 send and 0 receipts whose other side's log was not given" in out
+    assert report["unchecked_receipts"] == 0
+    # Without JPN's log: USA's and KOR's receipts of R1, and USA's send to JPN.
+    code, out, _ = _replay(tmp_path / "partial", dirs[1:])
+    assert code == 0
+    assert "none: every send and receive reconciles" in out
+    assert "  not checked: 1 send and 2 receipts whose other side's log was not given" in out
 
 
 def test_removed_send_is_reported_exactly(tmp_path: Path) -> None:

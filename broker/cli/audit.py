@@ -473,7 +473,18 @@ def render_tables(result: Replay, members: list[str]) -> str:
     lines += _finding_lines(result.findings)
     if not result.findings:
         lines.append("  none: every send and receive reconciles with the policies")
+    sends, receipts = result.statuses()["not-checked"], result.unchecked_receipts
+    if sends or receipts:
+        # "none" is only as wide as the logs given: say what they could not check.
+        lines.append(
+            f"  not checked: {_count(sends, 'send')} and {_count(receipts, 'receipt')}"
+            " whose other side's log was not given"
+        )
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 SHOWN_ENTRIES = 5
