@@ -195,6 +195,20 @@ def test_explain_bad_inputs_give_one_line(tmp_path: Path) -> None:
     assert "this is JPN's policy, not USA's" in wrong.output
 
 
+def test_explain_outside_the_repository_says_where_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default policy path is relative: run elsewhere, it says so and how to go on.
+    report = write_report(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = run("policy", "explain", "--member", "JPN", "--report", str(report))
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "msmt: error: no policy at nodes/JPN/policy.toml (the default, relative to the "
+        "current directory): give --policy FILE\n"
+    )
+
+
 def test_msmt_policy_check_runs_as_a_program() -> None:
     msmt = Path(sys.executable).with_name("msmt")
     proc = subprocess.run(

@@ -180,6 +180,12 @@ def explain(
     transform applied (e.g. ``coarsen:0.5``), or ``withheld``.
     """
     path = policy_path or Path("nodes") / member / "policy.toml"
+    if policy_path is None and not path.exists():
+        # The default is relative to where the command runs: say so, and the way out.
+        raise UsageError(
+            f"no policy at {path} (the default, relative to the current directory): "
+            "give --policy FILE"
+        )
     policy = load_policy(_read(path, "policy"), member=member, source=str(path))
     sighting = _report(report_path)
     if sighting.originator != member and not onward:
