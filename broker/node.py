@@ -84,6 +84,8 @@ CLOCK_WARN_S: Final = 60.0
 REPUBLISH_S: Final = 60.0
 """Longest time between two publications of our latest checkpoint, changed or not."""
 STATUS_EVERY_S: Final = 30.0
+ACTIVITY_EVERY_S: Final = 60.0
+"""How often a node that did anything logs one ``activity`` line of counts."""
 """Longest time between status writes when nothing changed (``updated_at``'s freshness)."""
 PLAN_ERROR_RETRY_S: Final = 0.5
 REISSUE_EVERY_S: Final = 60.0
@@ -177,6 +179,8 @@ class Node:
         self._lag_at = -LAG_EVERY_S
         self._status: dict[str, str] = {}
         self._status_at = -STATUS_EVERY_S
+        self._activity: Counter[str] = Counter()
+        self._activity_at = time.monotonic()
         self.failure: str | None = None
 
     async def run_db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -615,6 +619,9 @@ class Node:
         if recovered:
             self._plan_wake.set()
         self.metrics.outbox_depth.set(depth)
+        self._activity.update(counts)
+        if now - self._activity_at >= ACTIVITY_EVERY_S:
+            self._log_activity(now - self._activity_at, depth)
         for name, count in counts.items():
             if name.startswith("intake.accepted"):
                 self.metrics.accepted.inc(count)
@@ -626,6 +633,31 @@ class Node:
         # shows msmt_nats_connected 1; this is what says nothing is being received.
         self.metrics.ready.set(1 if self.ready() is None else 0)
         await self._publish_checkpoint(checkpoint)
+
+    def _log_activity(self, seconds: float, depth: int) -> None:
+        # An operator tailing the log sees the node at work (receipts are not
+        # logged one by one): counts only, and nothing from an idle node.
+        counts, self._activity = self._activity, Counter()
+        self._activity_at = time.monotonic()
+        if not counts:
+            return
+
+        def total(prefix: str) -> int:
+            return sum(n for name, n in counts.items() if name.startswith(prefix))
+
+        accepted = counts["intake.accepted"]
+        log.info(
+            "activity",
+            seconds=round(seconds),
+            accepted=accepted,
+            intake_refused=total("intake.") - accepted,
+            sent=total("published."),
+            received=total("received."),
+            rejected=total("rejected."),
+            duplicates=total("duplicate."),
+            held=total("held."),
+            outbox_depth=depth,
+        )
 
     async def _inbox_lag(self) -> int | None:
         # A request to the hub every LAG_EVERY_S, not every housekeeping tick:

@@ -35,6 +35,7 @@ from node_world import (
 )
 from structlog.testing import capture_logs
 
+import broker.node
 from broker import envelope, keys, samples, sdjwt
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig
@@ -1256,3 +1257,52 @@ async def test_an_idle_node_writes_its_status_only_when_something_changes(world:
         node.stop.set()
         await task
     assert node.failure is None
+
+
+async def test_a_working_node_logs_counts_of_what_it_did_and_an_idle_one_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Receipts are not logged one by one; an operator tailing the log still sees the
+    # node at work: one "activity" line per interval, counts only.
+    monkeypatch.setattr(broker.node, "ACTIVITY_EVERY_S", 0.5)
+    for member in ("JPN", "USA"):
+        world.write_config(member)
+    records = records_for("JPN", 5, seed=71)
+    policy = world.policy("JPN")
+    partners = [expected_partners(policy, parse_record(json.dumps(r))) for r in records]
+    to_usa = sum("USA" in p for p in partners)
+    nodes = [load_node(world.config(m)) for m in ("JPN", "USA")]
+    tasks = [asyncio.create_task(n.run()) for n in nodes]
+    try:
+        with capture_logs() as logs:
+            await await_for(lambda: all(n.ready() is None for n in nodes), 20, "ready")
+            await world.submit("JPN", [*records, {"kind": "vessel"}])
+
+            def totals() -> Counter[str]:
+                out: Counter[str] = Counter()
+                for line in (e for e in logs if e["event"] == "activity"):
+                    out.update({k: v for k, v in line.items() if isinstance(v, int)})
+                return out
+
+            want = {
+                "accepted": len(records),
+                "intake_refused": 1,
+                "sent": sum(len(p) for p in partners),
+                "received": to_usa,
+            }
+            await await_for(
+                lambda: all(totals()[k] == n for k, n in want.items()), 30, "the counts logged"
+            )
+            lines = len([e for e in logs if e["event"] == "activity"])
+            await asyncio.sleep(2)  # four intervals with nothing done: nothing logged
+            assert len([e for e in logs if e["event"] == "activity"]) == lines
+    finally:
+        for n in nodes:
+            n.stop.set()
+        await asyncio.gather(*tasks)
+    activity = [e for e in logs if e["event"] == "activity"]
+    assert {k for e in activity for k in e} == {
+        "event", "log_level", "component", "seconds", "accepted", "intake_refused", "sent",
+        "received", "rejected", "duplicates", "held", "outbox_depth",
+    }  # fmt: skip
+    assert sum(e["rejected"] + e["duplicates"] + e["held"] for e in activity) == 0
