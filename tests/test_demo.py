@@ -366,6 +366,13 @@ def _until_ready(proc: subprocess.Popen[str]) -> tuple[Path, list[psutil.Process
     return scratch, children
 
 
+def _signal_masks(pid: int) -> dict[str, str]:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(
+        ln.split(":\t", 1) for ln in status if ln.startswith(("SigIgn", "SigCgt", "SigBlk"))
+    )
+
+
 def _gone(children: list[psutil.Process]) -> list[int]:
     return [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
@@ -376,13 +383,15 @@ def test_ctrl_c_stops_every_process_and_removes_the_scratch_directory() -> None:
     proc = _start_demo("--sightings", "600", "--html", os.devnull)
     try:
         scratch, children = _until_ready(proc)
+        # What the demo does with SIGINT as it gets it (signal 2 is bit 1 of each mask).
+        masks = _signal_masks(proc.pid)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode != 0, err
+    assert proc.returncode != 0, (masks, out[-1500:], err)
     assert "Traceback" not in err
     assert _gone(children) == []
     assert not scratch.exists()
