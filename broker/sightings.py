@@ -462,6 +462,8 @@ Transfer = Annotated[CryptoTransfer | FuelTransfer, Field(discriminator="categor
 
 
 _EARLIEST_OBSERVATION: Final = datetime(2000, 1, 1, tzinfo=UTC)
+OBSERVED_AHEAD: Final = timedelta(minutes=5)
+"""How far past this machine's clock a whole record's ``observed_at`` may be (clock skew)."""
 # The same form in the years 2000 to 9999, as _plausible below requires.
 _OBSERVED_PATTERN: Final = "^[2-9][0-9]{3}" + _TIME_TEXT.removeprefix("[0-9]{4}") + "$"
 
@@ -496,6 +498,13 @@ class _Header(_Frozen):
         # the field alone (validate_field) and keep taking any year.
         if value < _EARLIEST_OBSERVATION:
             raise ValueError("is before 2000-01-01: a zero or placeholder time, not an observation")
+        # A time ahead of the clock is a feed's bug too (a wrong zone, a local time
+        # labelled Z); once shared, every partner would hold a report from the future.
+        if value > datetime.now(UTC) + OBSERVED_AHEAD:
+            raise ValueError(
+                "is in the future (more than 5 minutes past this machine's clock):"
+                " an observation has already happened"
+            )
         return value
 
     @field_validator("rel_to")

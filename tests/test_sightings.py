@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,25 @@ def test_a_zero_observed_at_is_refused_at_intake_but_not_by_receivers() -> None:
         # A report an older originator signed with such a time is still received.
         validate_field("vessel", "observed_at", zero)
     parse_record(json.dumps(_vessel_with("observed_at", "2000-01-01T00:00:00Z")))
+
+
+def test_an_observed_at_ahead_of_the_clock_is_refused_at_intake_but_not_by_receivers() -> None:
+    # A feed trial's 2099 sighting was accepted and shared with every partner.
+    now = datetime.now(UTC)
+    for ahead in ("2099-01-01T00:00:00Z", _z(now + timedelta(minutes=6))):
+        problem = _one_problem(json.dumps(_vessel_with("observed_at", ahead)))
+        assert problem == FieldProblem(
+            "observed_at",
+            "is in the future (more than 5 minutes past this machine's clock):"
+            " an observation has already happened",
+        )
+        validate_field("vessel", "observed_at", ahead)  # a partner's clock is not ours
+    # Within the allowance for clock skew: accepted.
+    parse_record(json.dumps(_vessel_with("observed_at", _z(now + timedelta(minutes=4)))))
+
+
+def _z(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @pytest.mark.parametrize(
