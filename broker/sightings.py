@@ -479,7 +479,8 @@ class _Header(_Frozen):
         WithJsonSchema({"type": "string", "format": "date-time", "pattern": _OBSERVED_PATTERN}),
     ] = Field(
         description="When the activity was observed: RFC 3339 in UTC with Z, at most 6 fraction"
-        " digits, in the year 2000 or later."
+        " digits, in the year 2000 or later, and at most 5 minutes ahead of the clock of"
+        " the node that takes it from the feed."
     )
     tlp: TLP = Field(description="Originator's TLP 2.0 handling marking.")
     rel_to: tuple[Member, ...] | None = Field(
