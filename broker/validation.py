@@ -99,6 +99,25 @@ def _json_reason(what: str, line: int, column: int) -> str:
     return f"not valid JSON: {what} at {where}"
 
 
+def _not_text(raw: bytes | str) -> str | None:
+    """Why ``raw`` is not JSON text at all, in words a feed author can act on, or ``None``.
+
+    The JSON parser only says "expected value at column 1" for a byte order mark
+    and "invalid unicode code point" for bytes that are not UTF-8.
+    """
+    if raw.startswith(b"\xef\xbb\xbf") if isinstance(raw, bytes) else raw.startswith("\ufeff"):
+        return "not valid JSON: starts with a byte order mark (EF BB BF); send UTF-8 without one"
+    if isinstance(raw, bytes):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return (
+                f"not UTF-8 text at byte {exc.start + 1} (0x{raw[exc.start]:02X}: {exc.reason});"
+                " JSON is UTF-8 (was this written as Latin-1?)"
+            )
+    return None
+
+
 def _jiter_reason(msg: str) -> str:
     """Reword pydantic's "Invalid JSON: <what> at line L column C" in the project's terms."""
     msg = msg.removeprefix("Invalid JSON: ")
@@ -125,7 +144,8 @@ def parse_record(raw: bytes | str) -> SightingModel:
         problems = problems_of(exc)
         bad_json = [e for e in exc.errors() if e["type"] == "json_invalid"]
         if bad_json:
-            problems = [FieldProblem("", _jiter_reason(str(bad_json[0]["msg"])))]
+            reason = _not_text(raw) or _jiter_reason(str(bad_json[0]["msg"]))
+            problems = [FieldProblem("", reason)]
         raise InvalidRecordError(problems) from None
     try:
         twice = duplicate_key(raw)

@@ -386,6 +386,31 @@ def test_bad_json_reads_the_same_in_validate_and_submit(tmp_path: Path, ending: 
     assert result.stdout == f"{path}:2: (record): {reason}\n"
 
 
+def test_a_record_that_is_not_utf8_json_text_says_what_it_is(tmp_path: Path) -> None:
+    # The parser said "expected value at column 1" and "invalid unicode code point".
+    good = json.dumps(samples.example_records()["vessel"], ensure_ascii=False).encode()
+    bom = b"\xef\xbb\xbf" + good
+    latin1 = good.replace(b'"YUK TUNG"', '"YUK T\u00d3NG"'.encode("latin-1"))
+    assert latin1 != good
+    at = latin1.index(b"\xd3") + 1
+    reasons = [
+        "not valid JSON: starts with a byte order mark (EF BB BF); send UTF-8 without one",
+        f"not UTF-8 text at byte {at} (0xD3: invalid continuation byte); JSON is UTF-8"
+        " (was this written as Latin-1?)",
+    ]
+    for raw, reason in zip((bom, latin1), reasons, strict=True):
+        with pytest.raises(InvalidRecordError) as info:
+            parse_record(raw)
+        assert info.value.problems == [FieldProblem("", reason)]
+    path = tmp_path / "feed.ndjson"
+    path.write_bytes(bom + b"\n" + latin1 + b"\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout == "".join(
+        f"{path}:{n}: (record): {r}\n" for n, r in enumerate(reasons, 1)
+    )
+
+
 def test_a_json_error_inside_a_multi_line_record_names_its_line_in_the_record() -> None:
     assert _one_problem('{\n"kind": x}') == FieldProblem(
         "", "not valid JSON: expected value at line 2 column 9 of the record"
