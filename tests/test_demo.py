@@ -336,6 +336,14 @@ async def test_report_renders_in_chromium_without_errors_or_fetches(
 # --- Ctrl-C, failure reasons, escaping -------------------------------------------------
 
 
+def _as_from_a_terminal() -> None:
+    # A demo started from a shell prompt gets Ctrl-C: SIGINT neither ignored nor
+    # blocked, whatever the test runner's own process inherited (a shell starts
+    # background jobs with SIGINT ignored, and children inherit that and the mask).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _start_demo(*args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
     return subprocess.Popen(
@@ -345,6 +353,7 @@ def _start_demo(*args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_as_from_a_terminal,  # noqa: PLW1509 - two signal calls, no locks taken
     )
 
 
@@ -385,6 +394,8 @@ def test_ctrl_c_stops_every_process_and_removes_the_scratch_directory() -> None:
         scratch, children = _until_ready(proc)
         # What the demo does with SIGINT as it gets it (signal 2 is bit 1 of each mask).
         masks = _signal_masks(proc.pid)
+        assert not int(masks["SigIgn"], 16) & 2, masks
+        assert not int(masks["SigBlk"], 16) & 2, masks
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
