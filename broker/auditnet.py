@@ -63,7 +63,7 @@ from broker.checkpoint import (
     proof_response,
 )
 from broker.errors import AuditError, ConfigError, MsmtError
-from broker.log import get_logger
+from broker.log import Throttle, get_logger
 from broker.members import is_member
 from broker.note import (
     ALG_ED25519,
@@ -155,23 +155,6 @@ class _NotOursError(AuditError):
         self.kind = kind
 
 
-class _Throttle:
-    """Says whether an event is due to be logged: once per key per ``period`` seconds."""
-
-    def __init__(self, period: float = LOG_EVERY_S) -> None:
-        self.period = period
-        # Keys are (kind, member or "?"): a handful, so the mapping stays small.
-        self._last: dict[tuple[str, str], float] = {}
-
-    def due(self, kind: str, who: str) -> bool:
-        now = time.monotonic()
-        last = self._last.get((kind, who))
-        if last is not None and now - last < self.period:
-            return False
-        self._last[kind, who] = now
-        return True
-
-
 class AuditNet:
     """Serves proofs of our log, witnesses partners' logs, and collects our cosignatures.
 
@@ -220,7 +203,7 @@ class AuditNet:
         self.cosigners = list(cosigners)
         self.alarms = alarms
         self.refused = refused
-        self.throttle = _Throttle()
+        self.throttle = Throttle(LOG_EVERY_S)
         # Only our own log keys can prove that our log forked: the key our log signs
         # with, and any earlier one partners still trust (a retired key; never a
         # revoked one, whose holder may be anyone). A fork under a pre-rotation key

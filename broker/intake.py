@@ -11,12 +11,14 @@ Every record gets one answer line (NDJSON), in input order::
     {"line": 2, "status": "rejected", "reason": "schema", "errors": [{"path": ..., "reason": ...}]}
     {"line": 3, "status": "rejected", "reason": "size", "detail": "..."}
     {"line": 4, "status": "rejected", "reason": "duplicate", "report_id": "..."}
-    {"line": 5, "status": "rejected", "reason": "conflict", "report_id": "...", "detail": "..."}
+    {"line": 5, "status": "rejected", "reason": "conflict", "report_id": "...",
+     "fields": ["observed_at", "vessel.name"], "detail": "..."}
     {"line": 6, "status": "rejected", "reason": "unavailable", "detail": "store ...: disk is full"}
 
 "duplicate" is a resend of what was accepted (the same content, however
 spelt); "conflict" is other content under an id already accepted, which the
-node never signs: a correction needs a new report id.
+node never signs: a correction needs a new report id. A conflict names the
+fields that differ (paths only, never values).
 
 "accepted" is only written after the record is committed to the store (and its
 audit entry appended): the ``Acceptor`` returns only then.
@@ -39,9 +41,10 @@ from typing import Any, Final, NamedTuple
 
 import aiohttp
 from aiohttp import web
+from pydantic import BaseModel
 
 from broker.errors import StoreError, UsageError
-from broker.log import get_logger
+from broker.log import Throttle, get_logger
 from broker.sightings import HANDLING_FIELDS, KINDS, SightingModel, field_paths, same_content
 from broker.store import Accepted, NewReport
 from broker.validation import InvalidRecordError, parse_record
@@ -243,25 +246,58 @@ def _answer(
     # acceptor says) has other content.
     if new:
         return {"line": number, "status": "accepted", "report_id": report.report_id}
-    if stored is None or _resent(report, sighting, stored):
+    if stored is None or stored == report.record:
         return _rejected(number, "duplicate", report_id=report.report_id)
+    try:
+        earlier = parse_record(stored)
+    except InvalidRecordError:
+        # Rules tightened since it was stored: other content unless byte-identical,
+        # since answering "duplicate" could hide a change; which fields, unknown.
+        earlier = None
+    if earlier is not None and same_content(earlier, sighting):
+        return _rejected(number, "duplicate", report_id=report.report_id)
+    fields = [] if earlier is None else differing_paths(earlier, sighting)
+    # Paths only: they are the schema's own names (both records parsed), never a value.
+    where = f" in {', '.join(fields)}" if fields else ""
     detail = (
-        f"report_id {report.report_id} was accepted earlier with different content;"
+        f"report_id {report.report_id} was accepted earlier with different content{where};"
         " send a correction under a new report_id"
     )
-    return _rejected(number, "conflict", report_id=report.report_id, detail=detail)
+    extra: dict[str, Any] = {"fields": fields} if fields else {}
+    return _rejected(number, "conflict", report_id=report.report_id, **extra, detail=detail)
 
 
-def _resent(report: NewReport, sighting: SightingModel, stored: bytes) -> bool:
-    # Whether the stored record under this id says what the new one says. A
-    # stored record that no longer parses (rules since tightened) is other
-    # content unless byte-identical: answering "duplicate" could hide a change.
-    if stored == report.record:
-        return True
-    try:
-        return same_content(parse_record(stored), sighting)
-    except InvalidRecordError:
-        return False
+def differing_paths(earlier: SightingModel, later: SightingModel) -> list[str]:
+    """The field paths (e.g. ``vessel.name``) where two sightings differ; never their values.
+
+    A field differs when putting ``later``'s value into ``earlier`` changes what
+    ``same_content`` sees, so a respelling (``"38.10"`` for ``"38.1"``) is no
+    difference. Nested objects are followed down to the fields that differ;
+    a list, or an object of another type, is named as a whole.
+    """
+    if type(earlier) is not type(later):
+        return ["kind"]
+    paths: list[str] = []
+
+    def walk(
+        old: BaseModel, new: BaseModel, prefix: str, rebuild: Callable[[BaseModel], Any]
+    ) -> None:
+        for name in type(old).model_fields:
+            theirs = getattr(new, name)
+
+            def swap(value: Any, node: BaseModel = old, name: str = name) -> Any:
+                return rebuild(node.model_copy(update={name: value}))
+
+            if same_content(swap(theirs), earlier):
+                continue
+            ours = getattr(old, name)
+            if isinstance(ours, BaseModel) and type(ours) is type(theirs):
+                walk(ours, theirs, f"{prefix}{name}.", swap)
+            else:
+                paths.append(prefix + name)
+
+    walk(earlier, later, "", lambda whole: whole)
+    return paths
 
 
 _KNOWN_PATHS: Final = frozenset(
@@ -334,25 +370,52 @@ def read_token(path: Path) -> str:
 
 
 def make_app(intake: Intake, token: str) -> web.Application:
-    """The intake HTTP application: ``POST /v1/reports`` with a bearer token."""
+    """The intake HTTP application: ``POST /v1/reports`` with a bearer token.
+
+    A refused token is counted (``intake.counts["token"]``) and logged at most
+    once a minute, without the token sent. When the app shuts down, a request
+    waiting for more of its body ends at once: what was read is answered, the
+    rest is not (so not accepted), and the feed sends it again.
+    """
     expected = token.encode()
+    stopping = asyncio.Event()
+    throttle = Throttle()
+    unlogged = Counter[str]()  # refused requests since the last warning, by why
+
+    def refuse(why: str) -> web.Response:
+        # A feed with a stale token is otherwise invisible to the operator; one
+        # line a minute, not one per request, so a flood cannot fill the log.
+        intake.counts["token"] += 1
+        unlogged[why] += 1
+        if throttle.due("token", intake.feed):
+            log.warning("intake_token_refused", requests=dict(unlogged), feed=intake.feed)
+            unlogged.clear()
+        return web.json_response(
+            {"error": "missing or wrong bearer token"},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="msmt-intake"'},
+        )
 
     async def submit(request: web.Request) -> web.StreamResponse:
         # Exactly one Authorization header; the scheme is case-insensitive (RFC 9110
         # §11.1), the token compared in constant time; a 401 names the scheme (RFC 6750 §3).
         given = request.headers.getall("Authorization", [])
-        scheme, _, credentials = (given[0] if len(given) == 1 else "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.encode(), expected):
-            return web.json_response(
-                {"error": "missing or wrong bearer token"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="msmt-intake"'},
-            )
+        if len(given) != 1:
+            return refuse("no Authorization header" if not given else "several headers")
+        scheme, _, credentials = given[0].partition(" ")
+        if scheme.lower() != "bearer":
+            return refuse("not a Bearer token")
+        if not hmac.compare_digest(credentials.encode(), expected):
+            return refuse("wrong token")
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         splitter = LineSplitter(intake.max_bytes)
         while True:
-            chunk = await request.content.readany()
+            chunk = await _next_chunk(request, stopping)
+            if chunk is None:
+                # Stopping: a line not yet complete is left unanswered, not guessed at.
+                log.info("intake_request_ended", reason="node stopping")
+                break
             lines = splitter.feed(chunk) if chunk else splitter.finish()
             # Each network chunk's complete lines are committed together, so a
             # slow feed still gets prompt answers and a fast one batched fsyncs.
@@ -364,9 +427,32 @@ def make_app(intake: Intake, token: str) -> web.Application:
         await response.write_eof()
         return response
 
+    async def on_shutdown(_app: web.Application) -> None:
+        stopping.set()
+
     app = web.Application(client_max_size=1024**3)
     app.router.add_post("/v1/reports", submit)
+    app.on_shutdown.append(on_shutdown)
     return app
+
+
+async def _next_chunk(request: web.Request, stopping: asyncio.Event) -> bytes | None:
+    """The next piece of the body (``b""`` at its end), or None once ``stopping`` is set.
+
+    aiohttp's shutdown waits up to its timeout for every open request, so a feed
+    that holds its request open between records (streaming as they come) held
+    up each stop by that long before being cut off mid-answer.
+    """
+    if stopping.is_set():
+        return None
+    read = asyncio.ensure_future(request.content.readany())
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        done, _ = await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        read.cancel()  # only the wait (if still waiting): bytes not yet read stay unread
+    return read.result() if read in done else None
 
 
 def _set_aside_stale_socket(path: Path) -> Path | None:
@@ -464,8 +550,10 @@ class Spool:
     A file goes to ``done/`` when every record was accepted (or was already
     accepted before, a duplicate), else to ``rejected/`` (a record refused, or
     a conflict: other content under an id already accepted); its answers are written
-    beside it as ``<name>.result.ndjson``. If the store cannot accept, the file
-    stays in place and is retried, since re-ingesting only yields duplicates.
+    beside it as ``<name>.result.ndjson``. A name already filed there is never
+    overwritten: the file and its answers go under ``<name>.1``, ``<name>.2``, ...
+    If the store cannot accept, the file stays in place and is retried, since
+    re-ingesting only yields duplicates.
     Names starting with ``.`` or ending in ``.tmp`` are ignored: feeds write
     there first, then rename.
     """
@@ -499,8 +587,10 @@ class Spool:
             return False
         ok = all(a["status"] == "accepted" or a.get("reason") == "duplicate" for a in answers)
         target = self.dir / ("done" if ok else "rejected")
-        await asyncio.to_thread(_file_away, path, target, answer_bytes(answers))
-        log.info("spool_file", file=path.name, outcome=target.name, records=len(answers))
+        filed = await asyncio.to_thread(_file_away, path, target, answer_bytes(answers))
+        log.info(
+            "spool_file", file=path.name, outcome=target.name, filed_as=filed, records=len(answers)
+        )
         return True
 
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
@@ -517,13 +607,26 @@ class Spool:
                 await asyncio.wait_for(stop.wait(), interval)
 
 
-def _file_away(path: Path, target: Path, results: bytes) -> None:
-    # The result file lands first, so a file in done/ or rejected/ always has its answers.
-    result = target / f"{path.name}.result.ndjson"
+def _file_away(path: Path, target: Path, results: bytes) -> str:
+    # Never over an earlier file: a feed that reuses a file name would otherwise
+    # lose the receipt of its earlier batch. The first free "<name>.N" is taken
+    # for both the batch and its answers, so they stay paired. The spool task
+    # files one file at a time and is the only writer here, so a name found free
+    # stays free until used.
+    name = path.name
+    n = 0
+    while os.path.lexists(target / name) or os.path.lexists(target / f"{name}.result.ndjson"):
+        n += 1
+        name = f"{path.name}.{n}"
+    # The result file lands first, so a file in done/ or rejected/ always has its
+    # answers; a stop in between leaves the answers alone and the batch in the
+    # spool, to be read again and filed under the next free name.
+    result = target / f"{name}.result.ndjson"
     tmp = result.with_name(result.name + ".tmp")
     tmp.write_bytes(results)
     tmp.replace(result)
-    path.replace(target / path.name)
+    path.replace(target / name)
+    return name
 
 
 # --- the client side, for ``msmt submit`` ---------------------------------------
@@ -537,8 +640,21 @@ async def submit(
 ) -> None:
     """Stream NDJSON chunks to a node's intake socket; call ``on_answer`` per answer line.
 
-    Raises ``UsageError`` if the node cannot be reached or refuses the token.
+    Raises ``UsageError`` if the node cannot be reached, refuses the token, or
+    ends its answers before it has read every chunk (it is stopping): records
+    without an answer were not accepted.
     """
+    sent_all = False
+
+    async def body() -> AsyncIterator[bytes]:
+        # Set before the body's end goes out, so before the node can see it and
+        # answer the last record: an answer stream that ends while this is unset
+        # was cut short.
+        nonlocal sent_all
+        async for chunk in chunks:
+            yield chunk
+        sent_all = True
+
     connector = aiohttp.UnixConnector(path=str(socket))
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
     try:
@@ -546,7 +662,7 @@ async def submit(
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
             session.post(
                 "http://msmt-node/v1/reports",
-                data=chunks,
+                data=body(),
                 headers={
                     "Authorization": f"Bearer {token}",
                     "Content-Type": "application/x-ndjson",
@@ -560,6 +676,11 @@ async def submit(
             async for line in resp.content:
                 if line.strip():
                     on_answer(json.loads(line))
+            if not sent_all:
+                raise UsageError(
+                    f"the node at {socket} stopped before reading all records:"
+                    " those without an answer were not accepted; send them again"
+                )
     except aiohttp.ClientConnectorError as exc:
         # aiohttp's own text names "ssl:default" and the host; the OS reason is what helps.
         reason = exc.os_error.strerror or str(exc.os_error)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any, Final
 
@@ -27,6 +28,28 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
         if key.lower() in _SECRET_KEYS:
             event[key] = "[redacted]"
     return event
+
+
+class Throttle:
+    """Says whether an event is due to be logged: once per key per ``period`` seconds.
+
+    For conditions that can repeat many times a second (refusals, alarms): the
+    first is logged, and the same kind for the same party again only a period later.
+    """
+
+    def __init__(self, period: float = 60.0) -> None:
+        self.period = period
+        # Keys are (kind, member or another small name): a handful, so the mapping stays small.
+        self._last: dict[tuple[str, str], float] = {}
+
+    def due(self, kind: str, who: str) -> bool:
+        """Whether (``kind``, ``who``) was not logged within the last period; if so, it is now."""
+        now = time.monotonic()
+        last = self._last.get((kind, who))
+        if last is not None and now - last < self.period:
+            return False
+        self._last[kind, who] = now
+        return True
 
 
 class LibraryHandler(logging.Handler):

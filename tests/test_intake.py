@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -465,9 +466,12 @@ async def test_other_content_under_an_accepted_id_is_a_conflict_not_a_duplicate(
         "status": "rejected",
         "reason": "conflict",
         "report_id": rid,
-        "detail": f"report_id {rid} was accepted earlier with different content;"
-        " send a correction under a new report_id",
+        "fields": ["vessel.name"],
+        "detail": f"report_id {rid} was accepted earlier with different content in"
+        " vessel.name; send a correction under a new report_id",
     }
+    assert answers[3]["fields"] == ["tlp"]
+    assert answers[4]["fields"] == ["vessel.position.lat"]
     # The stored record (what is signed and sent) is still the first one.
     ((_, stored),) = [row for row in store.unplanned(10) if row[0] == rid]
     assert json.loads(stored) == vessel
@@ -481,6 +485,50 @@ async def test_other_content_under_an_accepted_id_is_a_conflict_not_a_duplicate(
         [(1, json.dumps(transfer).encode()), (2, json.dumps(other).encode())]
     )
     assert [a.get("reason", a["status"]) for a in both] == ["accepted", "conflict"]
+    assert both[1]["fields"] == ["source.confidence"]
+
+
+async def test_a_conflict_names_the_fields_that_differ_and_none_of_their_values(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    recorded: list[Refusal] = []
+
+    async def acceptor(batch: list[NewReport], _feed: str) -> list[bool]:
+        return await asyncio.to_thread(store.accept, batch)
+
+    async def record(refused: list[Refusal], _feed: str) -> None:
+        recorded.extend(refused)
+
+    intake = Intake("JPN", 65536, acceptor, record_rejects=record)
+    vessel = jpn_records(1, seed=3)[0]
+    assert vessel["kind"] == "vessel"
+    vessel["vessel"]["position"]["lat"] = "38.1"
+    vessel["observed_at"] = "2026-11-01T10:00:00Z"
+    assert (await intake.process([(1, json.dumps(vessel).encode())]))[0]["status"] == "accepted"
+    corrected = samples.edited(vessel, "vessel.name", "SECRET NEW NAME")
+    corrected = samples.edited(corrected, "observed_at", "2026-11-01T11:30:00Z")
+    corrected = samples.edited(corrected, "vessel.position.lat", "38.100")  # a respelling only
+    corrected = samples.edited(corrected, "vessel.position.lon", "131.5")
+    (answer,) = await intake.process([(2, json.dumps(corrected).encode())])
+    assert answer["reason"] == "conflict"
+    assert answer["fields"] == ["observed_at", "vessel.name", "vessel.position.lon"]
+    assert (
+        "different content in observed_at, vessel.name, vessel.position.lon;" in (answer["detail"])
+    )
+    said = json.dumps(answer)
+    assert "SECRET" not in said
+    assert "11:30" not in said
+    assert "131.5" not in said
+    # The audit log gets neither the values nor the feed's detail text.
+    rid = vessel["report_id"]
+    assert recorded == [("conflict", f"report {rid} was accepted with other content", rid)]
+
+    # Another kind under the same id: the kind is what differs.
+    worker = dict(jpn_records(2, seed=3)[1], report_id=rid)
+    assert worker["kind"] == "worker"
+    (other,) = await intake.process([(3, json.dumps(worker).encode())])
+    assert (other["reason"], other["fields"]) == ("conflict", ["kind"])
 
 
 async def test_crypto_addresses_in_another_letter_case_are_the_same_report(
@@ -530,6 +578,20 @@ async def test_intake_refuses_a_record_with_a_member_given_twice(tmp_path: Path)
     assert store.unplanned(10) == []
 
 
+@contextlib.contextmanager
+def json_logging() -> Iterator[None]:
+    """The node's JSON logging to stderr, undone afterwards."""
+    log.configure(json=True)
+    try:
+        yield
+    finally:
+        for handler in logging.getLogger().handlers[:]:
+            if isinstance(handler, log.LibraryHandler):
+                logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(logging.WARNING)
+        structlog.reset_defaults()
+
+
 @pytest.mark.parametrize(
     "request_head",
     [
@@ -545,8 +607,7 @@ async def test_a_malformed_request_is_one_log_line_without_the_token(
     store = Store(tmp_path / "s.db")
     token = ensure_token(tmp_path / "data" / "intake.token")
     sock = tmp_path / "data" / "intake.sock"
-    log.configure(json=True)
-    try:
+    with json_logging():
         runner = await serve_unix(make_app(make_intake(store), token), sock)
         try:
             reader, writer = await asyncio.open_unix_connection(str(sock))
@@ -557,12 +618,6 @@ async def test_a_malformed_request_is_one_log_line_without_the_token(
             await writer.wait_closed()
         finally:
             await runner.cleanup()
-    finally:
-        for handler in logging.getLogger().handlers[:]:
-            if isinstance(handler, log.LibraryHandler):
-                logging.getLogger().removeHandler(handler)
-        logging.getLogger().setLevel(logging.WARNING)
-        structlog.reset_defaults()
     assert status.split()[1] == b"400"
     err = capsys.readouterr().err
     assert token not in err
@@ -584,3 +639,125 @@ def test_a_token_file_that_is_not_ascii_is_refused_without_quoting_it(tmp_path: 
     with pytest.raises(UsageError) as err:
         read_token(path)
     assert str(err.value) == f"intake token {path} is not ASCII text"
+
+
+async def test_a_spool_name_used_again_keeps_both_batches_and_both_receipts(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    first, second, third = jpn_records(2, seed=21), jpn_records(3, seed=22), jpn_records(1, seed=23)
+    batches = [ndjson(first), ndjson(second), ndjson([*third, b"{}"])]
+    for batch in batches:
+        (spool_dir / "daily.ndjson").write_bytes(batch)
+        assert await spool.ingest(spool_dir / "daily.ndjson")
+    done, rejected = spool_dir / "done", spool_dir / "rejected"
+    assert sorted(p.name for p in done.iterdir()) == [
+        "daily.ndjson",
+        "daily.ndjson.1",
+        "daily.ndjson.1.result.ndjson",
+        "daily.ndjson.result.ndjson",
+    ]
+    assert (done / "daily.ndjson").read_bytes() == batches[0]
+    assert (done / "daily.ndjson.1").read_bytes() == batches[1]
+
+    def receipt(path: Path) -> list[tuple[str, str | None]]:
+        answers = [json.loads(x) for x in path.read_text().splitlines()]
+        return [(a["status"], a.get("report_id")) for a in answers]
+
+    assert receipt(done / "daily.ndjson.result.ndjson") == [
+        ("accepted", r["report_id"]) for r in first
+    ]
+    assert receipt(done / "daily.ndjson.1.result.ndjson") == [
+        ("accepted", r["report_id"]) for r in second
+    ]
+    # Names are per folder: the first refused file under this name takes the plain name.
+    assert (rejected / "daily.ndjson").read_bytes() == batches[2]
+    assert receipt(rejected / "daily.ndjson.result.ndjson") == [
+        ("accepted", third[0]["report_id"]),
+        ("rejected", None),
+    ]
+
+    # A receipt whose batch is missing (a stop between the two moves) is kept too.
+    (done / "daily.ndjson.1").unlink()
+    (spool_dir / "daily.ndjson").write_bytes(batches[0])
+    assert await spool.ingest(spool_dir / "daily.ndjson")
+    assert receipt(done / "daily.ndjson.1.result.ndjson") == [
+        ("accepted", r["report_id"]) for r in second
+    ]
+    assert (done / "daily.ndjson.2").read_bytes() == batches[0]
+    assert [a for a, _ in receipt(done / "daily.ndjson.2.result.ndjson")] == ["rejected"] * 2
+    assert len(store.unplanned(100)) == 6
+
+
+async def test_a_refused_token_is_counted_and_logged_without_the_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "data" / "intake.token")
+    sock = tmp_path / "data" / "intake.sock"
+    intake = make_intake(store)
+    sent = "stale-token-of-a-feed-0123456789"
+    answers: list[dict[str, Any]] = []
+    with json_logging():
+        runner = await serve_unix(make_app(intake, token), sock)
+        try:
+            for _ in range(3):
+                with pytest.raises(UsageError, match="refused the intake token"):
+                    await submit(sock, sent, chunks_of(ndjson(jpn_records(1))), answers.append)
+            await submit(sock, token, chunks_of(ndjson(jpn_records(1))), answers.append)
+        finally:
+            await runner.cleanup()
+    assert [a["status"] for a in answers] == ["accepted"]
+    assert intake.counts == {"token": 3, "accepted": 1}
+    assert store.unplanned(10) != []
+    err = capsys.readouterr().err
+    assert sent not in err
+    assert token not in err
+    # One warning for the three: a flood of bad requests is not a flood of lines.
+    (warning,) = [json.loads(x) for x in err.splitlines() if "intake_token_refused" in x]
+    assert (warning["level"], warning["requests"], warning["feed"]) == (
+        "warning",
+        {"wrong token": 1},
+        "socket",
+    )
+
+
+async def test_a_stop_ends_a_request_waiting_for_more_records_with_its_answers(
+    tmp_path: Path,
+) -> None:
+    # A feed streaming records as they come holds its request open between them;
+    # a stop must not wait for it, nor cut off what it already sent.
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "i.sock"
+    runner = await serve_unix(make_app(make_intake(store), token), sock)
+    records = jpn_records(2, seed=31)
+    never = asyncio.Event()
+
+    async def feed() -> AsyncIterator[bytes]:
+        yield ndjson(records[:1])
+        yield ndjson(records[1:])[:30]  # half a record, then nothing more for now
+        await never.wait()
+        yield ndjson(records[1:])[30:]
+
+    answers: list[dict[str, Any]] = []
+    first = asyncio.Event()
+
+    def on_answer(answer: dict[str, Any]) -> None:
+        answers.append(answer)
+        first.set()
+
+    feeding = asyncio.create_task(submit(sock, token, feed(), on_answer))
+    try:
+        await asyncio.wait_for(first.wait(), 30)
+        await runner.cleanup()
+        with pytest.raises(UsageError, match="stopped before reading all records"):
+            await asyncio.wait_for(feeding, 30)
+    finally:
+        feeding.cancel()
+        await runner.cleanup()
+    assert answers == [{"line": 1, "status": "accepted", "report_id": records[0]["report_id"]}]
+    assert [r for r, _ in store.unplanned(10)] == [records[0]["report_id"]]
+    assert not sock.exists()

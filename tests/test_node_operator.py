@@ -23,11 +23,12 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from node_world import MSMT, msmt, readyz, setup_accounts, start_hub, wait_for
+from node_world import MSMT, fetch, msmt, readyz, setup_accounts, start_hub, wait_for
 
 from broker import keys, samples
 from broker.auditlog import AuditLog
 from broker.config import NodeConfig, load_config
+from broker.errors import UsageError
 from broker.intake import ensure_token, submit
 from broker.natsproc import NatsServer, free_port
 
@@ -213,3 +214,89 @@ def test_the_readme_tour_asks_no_more_cosignatures_than_its_running_nodes_give()
     (origin, quorum), *_ = re.findall(r"msmt audit verify data/([A-Z]{3}) .*--quorum (\d+)", tour)
     # Only the other running nodes witness the origin's log.
     assert int(quorum) <= len([m for m in running if m != origin])
+
+
+def test_submit_exits_0_on_a_resend_and_a_refused_token_shows_in_status(kor: Kor) -> None:
+    kor.create_pseudonym_key()
+    kor.start()
+    config = str(kor.config_path)
+    records = samples.generate(3, seed=41, originators=("KOR",))
+    feed = kor.root / "feed.ndjson"
+    feed.write_text(samples.to_ndjson(records))
+    first = kor.msmt("submit", "--config", config, str(feed))
+    assert (first.returncode, first.stderr) == (0, "3 accepted, 0 rejected\n")
+    # A cron feed retrying a batch that got through: a safe resend, not an alarm.
+    again = kor.msmt("submit", "--config", config, str(feed))
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(x)["reason"] for x in again.stdout.splitlines()] == ["duplicate"] * 3
+    assert again.stderr == "0 accepted, 3 rejected (3 of them duplicates)\n"
+    # Any other refusal beside duplicates still fails.
+    feed.write_text(samples.to_ndjson(records[:1]) + '{"kind": "vessel"}\n')
+    mixed = kor.msmt("submit", "--config", config, str(feed))
+    assert mixed.returncode == 1, mixed.stderr
+    assert [json.loads(x)["status"] for x in mixed.stdout.splitlines()] == ["rejected"] * 2
+    assert mixed.stderr == "0 accepted, 2 rejected (1 of them duplicates)\n"
+
+    # A feed with a stale token: answered 401, and counted where the operator looks.
+    async def one() -> Any:
+        yield samples.to_ndjson(records[:1]).encode()
+
+    stale = "stale-token-of-a-feed-0123456789"
+    with pytest.raises(UsageError, match="refused the intake token"):
+        asyncio.run(submit(kor.config.socket_path, stale, one(), print))
+
+    def counters() -> dict[str, Any]:
+        out = kor.msmt("status", "--config", config, "--json")
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout)["counters"])
+
+    wait_for(lambda: counters().get("intake.token") == 1, 30, "the refused token counted")
+    metrics = fetch(f"http://127.0.0.1:{kor.config.metrics.port}/metrics")
+    assert 'msmt_intake_rejected_total{reason="token"} 1.0' in metrics
+    assert kor.stop(signal.SIGTERM) == 0
+    logged = (kor.root / "KOR.log").read_text()
+    assert "intake_token_refused" in logged
+    assert stale not in logged
+
+
+def test_a_stop_ends_open_feed_connections_and_answers_what_was_read(kor: Kor) -> None:
+    kor.create_pseudonym_key()
+    kor.start()
+    config = kor.config
+    token = ensure_token(config.token_path).encode()
+    record = samples.to_ndjson(samples.generate(1, seed=43, originators=("KOR",))).encode()
+    head = b"POST /v1/reports HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer %s\r\n" % token
+    with (
+        socket.socket(socket.AF_UNIX) as idle,
+        socket.socket(socket.AF_UNIX) as streaming,
+    ):
+        for conn in (idle, streaming):
+            conn.settimeout(60)
+            conn.connect(str(config.socket_path))
+        answered = {idle: b"", streaming: b""}
+
+        def await_answer(conn: socket.socket) -> None:
+            while b"}\n\r\n" not in answered[conn]:  # an answer line's chunk ends
+                chunk = conn.recv(65536)
+                assert chunk, answered[conn]
+                answered[conn] += chunk
+
+        # One keep-alive connection idle after a finished request ...
+        idle.sendall(head + b"Content-Length: %d\r\n\r\n" % len(record) + record)
+        await_answer(idle)
+        # ... and one feed streaming records as they come, waiting for its next one.
+        streaming.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        streaming.sendall(b"%x\r\n%s\r\n" % (len(record), record))
+        await_answer(streaming)
+        assert b'"status":"accepted"' in answered[idle]
+        assert b'"reason":"duplicate"' in answered[streaming]
+
+        assert kor.stop(signal.SIGTERM) == 0
+        for conn in (idle, streaming):
+            while chunk := conn.recv(65536):  # the node closes both
+                answered[conn] += chunk
+    # The streaming request's answers end properly (the last chunk), not cut off.
+    assert answered[streaming].endswith(b"}\n\r\n0\r\n\r\n")
+    assert answered[idle].endswith(b"\r\n0\r\n\r\n")
+    assert not config.socket_path.exists()
+    assert "intake_request_ended" in (kor.root / "KOR.log").read_text()

@@ -145,15 +145,20 @@ async def _read_chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
 def submit_cmd(config_path: Path, file: str, quiet: bool) -> None:
     """Send NDJSON sightings to the local node; print one answer line per record.
 
-    Exit 0 when every record was accepted, 1 when any was rejected, 2 when the
-    node could not be reached.
+    Exit 0 when every record was accepted or was a duplicate (accepted before:
+    a feed may resend safely), 1 when any was refused otherwise (schema, size,
+    conflict, unavailable), 2 when the node could not be reached or stopped
+    before answering every record.
     """
     config = _config(config_path)
     token = read_token(config.token_path)
     counts = {"accepted": 0, "rejected": 0}
+    duplicates = 0
 
     def show(answer: dict[str, Any]) -> None:
+        nonlocal duplicates
         counts[answer["status"]] = counts.get(answer["status"], 0) + 1
+        duplicates += answer.get("reason") == "duplicate"
         if not quiet or answer["status"] != "accepted":
             click.echo(json.dumps(answer, separators=(",", ":")))
 
@@ -166,8 +171,9 @@ def submit_cmd(config_path: Path, file: str, quiet: bool) -> None:
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
-    click.echo(f"{counts['accepted']} accepted, {counts['rejected']} rejected", err=True)
-    sys.exit(1 if counts["rejected"] else 0)
+    summary = f"{counts['accepted']} accepted, {counts['rejected']} rejected"
+    click.echo(summary + (f" ({duplicates} of them duplicates)" if duplicates else ""), err=True)
+    sys.exit(1 if counts["rejected"] > duplicates else 0)
 
 
 def _open_store(config: NodeConfig, *, write: bool = False) -> Store:
