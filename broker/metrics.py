@@ -28,7 +28,11 @@ class Metrics:
         r = self.registry
         self.accepted = Counter("msmt_intake_accepted", "Records accepted from feeds.", registry=r)
         self.intake_rejected = Counter(
-            "msmt_intake_rejected", "Feed records refused, by reason.", ["reason"], registry=r
+            "msmt_intake_rejected",
+            "Feed records refused, by reason; reason token counts requests refused for their"
+            " bearer token.",
+            ["reason"],
+            registry=r,
         )
         self.published = Counter(
             "msmt_published",

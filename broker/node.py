@@ -645,12 +645,13 @@ class Node:
         def total(prefix: str) -> int:
             return sum(n for name, n in counts.items() if name.startswith(prefix))
 
-        accepted = counts["intake.accepted"]
+        accepted, tokens = counts["intake.accepted"], counts["intake.token"]
         log.info(
             "activity",
             seconds=round(seconds),
             accepted=accepted,
-            intake_refused=total("intake.") - accepted,
+            intake_refused=total("intake.") - accepted - tokens,
+            token_refused=tokens,
             sent=total("published."),
             received=total("received."),
             rejected=total("rejected."),

@@ -1303,6 +1303,8 @@ async def test_a_working_node_logs_counts_of_what_it_did_and_an_idle_one_nothing
     activity = [e for e in logs if e["event"] == "activity"]
     assert {k for e in activity for k in e} == {
         "event", "log_level", "component", "seconds", "accepted", "intake_refused", "sent",
-        "received", "rejected", "duplicates", "held", "outbox_depth",
+        "token_refused", "received", "rejected", "duplicates", "held", "outbox_depth",
     }  # fmt: skip
-    assert sum(e["rejected"] + e["duplicates"] + e["held"] for e in activity) == 0
+    assert (
+        sum(e["rejected"] + e["duplicates"] + e["held"] + e["token_refused"] for e in activity) == 0
+    )
