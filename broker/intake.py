@@ -8,7 +8,8 @@ NDJSON; and files moved atomically into the spool directory.
 Every record gets one answer line (NDJSON), in input order::
 
     {"line": 1, "status": "accepted", "report_id": "..."}
-    {"line": 2, "status": "rejected", "reason": "schema", "errors": [{"path": ..., "reason": ...}]}
+    {"line": 2, "status": "rejected", "reason": "schema", "report_id": "...",
+     "errors": [{"path": ..., "reason": ...}]}
     {"line": 3, "status": "rejected", "reason": "size", "detail": "..."}
     {"line": 4, "status": "rejected", "reason": "duplicate", "report_id": "..."}
     {"line": 5, "status": "rejected", "reason": "conflict", "report_id": "...",
@@ -45,7 +46,14 @@ from pydantic import BaseModel
 
 from broker.errors import StoreError, UsageError
 from broker.log import Throttle, get_logger
-from broker.sightings import HANDLING_FIELDS, KINDS, SightingModel, field_paths, same_content
+from broker.sightings import (
+    HANDLING_FIELDS,
+    KINDS,
+    SightingModel,
+    field_paths,
+    is_report_id,
+    same_content,
+)
 from broker.store import Accepted, NewReport
 from broker.validation import InvalidRecordError, parse_record
 
@@ -67,7 +75,8 @@ class Refusal(NamedTuple):
     detail: str
     """Where, in at most 200 printable ASCII characters."""
     report_id: str | None = None
-    """The record's id when it was read from a valid record (duplicate, conflict)."""
+    """The record's id: read from a valid record (duplicate, conflict), or the id a
+    refused record gives when it is in the form of one (schema)."""
 
 
 RejectRecorder = Callable[[list[Refusal], str], Awaitable[None]]
@@ -230,13 +239,27 @@ class Intake:
             problems = [{"path": p.path, "reason": p.reason} for p in exc.problems]
             if any(p.reason.startswith("record is ") for p in exc.problems):
                 return _rejected(number, "size", detail=str(exc)), None
-            return _rejected(number, "schema", errors=problems), None
+            # Which report the feed meant, when its id itself is sound: the feed can
+            # match the answer to its own records, and the audit entry names it.
+            rid = None if any(p.path == "report_id" for p in exc.problems) else _claimed_id(raw)
+            extra = {"report_id": rid} if rid else {}
+            return _rejected(number, "schema", **extra, errors=problems), None
         if sighting.originator != self.member:
             reason = f"this node signs for {self.member}, not {sighting.originator}"
             return _rejected(
                 number, "schema", errors=[{"path": "originator", "reason": reason}]
             ), None
         return None, (NewReport(str(sighting.report_id), sighting.kind, raw), sighting)
+
+
+def _claimed_id(raw: bytes) -> str | None:
+    """The record's ``report_id`` if it is a JSON object with one in the right form."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):  # hostile nesting: refused already, for itself
+        return None
+    rid = record.get("report_id") if isinstance(record, dict) else None
+    return rid if isinstance(rid, str) and is_report_id(rid) else None
 
 
 def _answer(
@@ -319,7 +342,8 @@ def _summary(answer: dict[str, Any]) -> Refusal:
     reason = str(answer["reason"])
     if reason == "schema":
         paths = sorted({_known(str(e["path"])) for e in answer.get("errors", [])})
-        return Refusal(reason, ("invalid field " + ", ".join(paths))[:200])
+        # The id, when named, is in the form of one (_claimed_id): its own field, no content.
+        return Refusal(reason, ("invalid field " + ", ".join(paths))[:200], answer.get("report_id"))
     if reason == "size":
         limit = answer.get("detail", "").rpartition(" ")[2]
         return Refusal(reason, f"record over the {limit} byte limit")

@@ -101,6 +101,7 @@ async def test_process_answers_every_line_in_order(tmp_path: Path) -> None:
     assert answers[0] == {"line": 1, "status": "accepted", "report_id": good[0]["report_id"]}
     assert answers[1]["reason"] == "schema"
     assert answers[1]["errors"][0]["path"] == "report_id"
+    assert "report_id" not in answers[1]  # the id itself is at fault: not named as one
     assert answers[2]["reason"] == "size"
     assert answers[3]["status"] == "accepted"
     assert answers[4] == {
@@ -410,12 +411,15 @@ async def test_rejections_are_recorded_without_feed_chosen_names_or_values(tmp_p
     )
     assert [a["status"] for a in answers] == ["accepted", *["rejected"] * 4]
     assert answers[2]["errors"][0]["path"] == "vessel.secret_source_name"  # the feed is told
+    # Which of its records it was: the id is sound, so the answer and the log name it.
+    assert answers[2]["report_id"] == good[3]["report_id"]
+    assert "report_id" not in answers[3]  # not JSON: no id to name
     ((refused, feed),) = recorded
     assert feed == "spool"
     rid = good[0]["report_id"]
     assert refused == [
         ("duplicate", f"report {rid} was already accepted", rid),
-        ("schema", "invalid field (unknown field)", None),
+        ("schema", "invalid field (unknown field)", good[3]["report_id"]),
         ("schema", "invalid field (record)", None),
         ("size", "record over the 4096 byte limit", None),
     ]
