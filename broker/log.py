@@ -51,6 +51,10 @@ class Throttle:
         self._last[kind, who] = now
         return True
 
+    def __len__(self) -> int:
+        """How many (kind, party) keys it remembers (bounded by the parties there are)."""
+        return len(self._last)
+
 
 class LibraryHandler(logging.Handler):
     """Carries the standard-library logging of our dependencies into our log, safely.

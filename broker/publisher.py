@@ -45,7 +45,7 @@ from broker import audit_events
 from broker.audit_events import AuditEvent
 from broker.envelope import issue, present
 from broker.errors import KeyMaterialError, MsmtError
-from broker.log import get_logger
+from broker.log import Throttle, get_logger
 from broker.metrics import Metrics
 from broker.policy import Policy, variants
 from broker.roster import Roster
@@ -236,7 +236,7 @@ class Publisher:
         self._finished = False  # run has ended: record what is left, then stop
         self._retry_at: dict[tuple[str, str], float] = {}
         self._attempts: dict[tuple[str, str], int] = {}
-        self._warned: dict[str, float] = {}
+        self._warned = Throttle(WARN_EVERY)  # one warning per partner per period
         self.counts: Counter[str] = Counter()
         self.last_error: str | None = None
 
@@ -359,8 +359,7 @@ class Publisher:
         attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
         now = time.monotonic()
         self._retry_at[key] = now + min(RETRY_MAX, RETRY_AFTER * 2 ** (attempts - 1))
-        if now - self._warned.get(item.partner, -WARN_EVERY) >= WARN_EVERY:
-            self._warned[item.partner] = now
+        if self._warned.due("publish_failed", item.partner):
             log.warning(
                 "publish_failed",
                 report_id=item.report_id,

@@ -52,7 +52,7 @@ from broker.audit_events import AuditEvent
 from broker.auditlog import AuditLog
 from broker.envelope import receive
 from broker.errors import EnvelopeError, MsmtError, UnknownKeyError
-from broker.log import get_logger
+from broker.log import Throttle, get_logger
 from broker.members import is_member
 from broker.metrics import Metrics
 from broker.natsconfig import inbox_durable, inbox_stream
@@ -146,7 +146,7 @@ class Inbound:
         self.audit = audit
         self.freshness = freshness
         self.max_message_bytes = max_message_bytes
-        self._hold_logged: dict[str, float] = {}  # sender -> when its holds were last logged
+        self._hold_log = Throttle(HOLD_LOG_EVERY_S)  # one warning per sender per period
         # sender -> JWE hashes of its messages held now. Held messages stay unacked
         # at the hub, so they count against the consumer's max_ack_pending (1024):
         # a sender naming made-up keys could otherwise stall the whole inbox.
@@ -256,9 +256,7 @@ class Inbound:
             held.discard(digest)
 
     def _log_hold(self, sender: str, exc: UnknownKeyError) -> None:
-        now = time.monotonic()
-        if now - self._hold_logged.get(sender, -HOLD_LOG_EVERY_S) >= HOLD_LOG_EVERY_S:
-            self._hold_logged[sender] = now
+        if self._hold_log.due("held", sender):
             log.warning(
                 "inbound_held",
                 sender=sender,

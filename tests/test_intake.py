@@ -765,3 +765,24 @@ async def test_a_stop_ends_a_request_waiting_for_more_records_with_its_answers(
     assert answers == [{"line": 1, "status": "accepted", "report_id": records[0]["report_id"]}]
     assert [r for r, _ in store.unplanned(10)] == [records[0]["report_id"]]
     assert not sock.exists()
+
+
+def test_a_throttle_lets_each_kind_and_party_through_once_a_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The one throttle behind every repeated warning (refused tokens, held and
+    # unpublished envelopes, witness alarms): the first of a kind per party
+    # passes, the same again only after the period; other keys are not held back.
+    clock = [1000.0]
+    monkeypatch.setattr("broker.log.time.monotonic", lambda: clock[0])
+    throttle = log.Throttle(period=60)
+    assert throttle.due("token", "socket")
+    clock[0] += 59.9
+    assert not throttle.due("token", "socket")
+    assert throttle.due("token", "spool")
+    assert throttle.due("held", "socket")
+    assert len(throttle) == 3
+    clock[0] += 0.1
+    assert throttle.due("token", "socket")
+    assert not throttle.due("token", "socket")
+    assert len(throttle) == 3
