@@ -70,6 +70,11 @@ COALESCE_ACKS: Final = 0.01
 """Seconds the recorder lets acks gather after the first, so one commit records a burst."""
 
 
+# One encoder for every envelope's send facts: ``json.dumps`` with any option
+# builds a new encoder per call.
+_AUDIT_JSON: Final = json.JSONEncoder(separators=(",", ":"))
+
+
 def subject_for(partner: str, kind: str) -> str:
     """The subject a sender publishes a report of ``kind`` to ``partner`` on."""
     return f"msmt.to.{partner}.{kind}"
@@ -153,7 +158,7 @@ class Planner:
                     partner=decision.partner,
                     subject=subject_for(decision.partner, sighting.kind),
                     jwe=jwe.encode("ascii"),
-                    audit=json.dumps(audit, separators=(",", ":")),
+                    audit=_AUDIT_JSON.encode(audit),
                 )
             )
         return items

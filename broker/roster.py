@@ -149,6 +149,11 @@ class Roster:
             if key.kid in self._keys:
                 raise KeyMaterialError(f"duplicate kid {key.kid} in roster")
             self._keys[key.kid] = key
+        # Each member's keys by use: a publisher looks up every partner's current
+        # encryption key per report, and the whole roster is ~3 keys per member.
+        self._by_owner: dict[tuple[str, str], list[RosterKey]] = {}
+        for key in self._keys.values():
+            self._by_owner.setdefault((key.member, key.use), []).append(key)
         # Parsed public keys are cached: verification looks them up per message.
         self._public: dict[str, OKPKey] = {}
 
@@ -203,11 +208,8 @@ class Roster:
         """Return the member's active key for ``use`` at ``at`` (the newest if several)."""
         candidates = [
             k
-            for k in self._keys.values()
-            if k.member == member
-            and k.use == use
-            and k.status == "active"
-            and k.usable_at(at) is None
+            for k in self._by_owner.get((member, use), ())
+            if k.status == "active" and k.usable_at(at) is None
         ]
         if not candidates:
             raise KeyMaterialError(f"{member} has no active {use} key valid now")
