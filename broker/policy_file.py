@@ -377,6 +377,7 @@ class _Reader:
             self.fail(self.loc.line(*where), "a rule needs kinds = [...] and partners = [...]")
             return None
         kinds = self.strings(data["kinds"], (*where, "kinds"), "kinds")
+        self.not_empty(data["kinds"], (*where, "kinds"), "kinds")
         if kinds == ["*"]:
             kinds = list(KINDS)
         for kind in list(kinds):
@@ -387,6 +388,7 @@ class _Reader:
                     f'unknown report kind {kind!r} (kinds: {", ".join(KINDS)}, or "*")',
                 )
         partner_names = self.strings(data["partners"], (*where, "partners"), "partners")
+        self.not_empty(data["partners"], (*where, "partners"), "partners")
         members, named = self.partners(partner_names, (*where, "partners"), groups)
         if ("release" in data) == ("withhold" in data):
             self.fail(
@@ -397,6 +399,9 @@ class _Reader:
         effect: Effect = "release" if "release" in data else "withhold"
         default_tlp = [t for t in TLP_LABELS if t != "RED"] if effect == "release" else TLP_LABELS
         tlp = self.strings(data.get("tlp", list(default_tlp)), (*where, "tlp"), "tlp")
+        # An empty list is not "any": a rule that matches nothing is refused, since
+        # an inert withhold rule would send what the officer meant to keep back.
+        self.not_empty(data.get("tlp", default_tlp), (*where, "tlp"), "tlp")
         for label in tlp:
             if label not in TLP_LABELS:
                 self.fail(
@@ -404,9 +409,10 @@ class _Reader:
                     f"unknown TLP label {label!r} (labels: {', '.join(TLP_LABELS)})",
                 )
         fields = self.strings(data[effect], (*where, effect), effect)
+        self.not_empty(data[effect], (*where, effect), effect)
         for pattern in fields:
             self.field_pattern(pattern, effect, kinds, (*where, effect))
-        transforms = self.transforms(data.get("transforms", {}), where, effect, fields)
+        transforms = self.transforms(data.get("transforms", {}), where, effect, fields, kinds)
         if len(self.problems) > before:
             return None
         return Rule(
@@ -450,8 +456,17 @@ class _Reader:
                 f"name them ({names})",
             )
 
+    def not_empty(self, value: object, where: tuple[str | int, ...], what: str) -> None:
+        if value == []:
+            self.fail(self.loc.line(*where), f"rule can never match: {what} is empty")
+
     def transforms(
-        self, data: object, where: tuple[str | int, ...], effect: Effect, fields: list[str]
+        self,
+        data: object,
+        where: tuple[str | int, ...],
+        effect: Effect,
+        fields: list[str],
+        kinds: list[str],
     ) -> dict[str, Transform]:
         if not isinstance(data, dict):
             self.fail(
@@ -489,6 +504,15 @@ class _Reader:
                 self.fail(line, f"transform {ident!r} does not apply to {path}")
             elif not any(_matches(p, path) for p in fields):
                 self.fail(line, f"transform for {path} but the rule does not release {path}")
+            elif not any(path in field_paths(kind) for kind in kinds):
+                # A wildcard release covers every path, but the rule applies only to its
+                # kinds: this transform would never run, and another rule's raw release
+                # of the field would go out instead of the reduced form.
+                self.fail(
+                    line,
+                    f"transform for {path} but {path} is not a field of "
+                    f"{' or '.join(kinds) or 'any'} reports, the rule's kinds",
+                )
             else:
                 out[path] = transform
         return out

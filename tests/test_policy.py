@@ -621,6 +621,46 @@ MALFORMED = [
         11,
         "the rule does not release",
     ),
+    # A wildcard release covers every path, but a transform for a field outside the
+    # rule's kinds would never run (another rule's raw release would go out instead).
+    (
+        '[[rules]]\nkinds = ["transfer"]\npartners = ["FRA"]\nrelease = ["*"]\n'
+        'transforms = { "vessel.position" = "coarsen:0.5" }\n',
+        11,
+        "transform for vessel.position but vessel.position is not a field of transfer reports",
+    ),
+    (
+        '[[rules]]\nkinds = ["vessel"]\npartners = ["FRA"]\nrelease = ["*"]\n'
+        'transforms = { "transfer.place" = "coarsen:0.5" }\n',
+        11,
+        "transfer.place is not a field of vessel reports",
+    ),
+    # An empty list matches nothing: an inert withhold rule would release what it names.
+    (
+        '[[rules]]\nkinds = ["vessel"]\npartners = ["FRA"]\ntlp = []\nwithhold = ["vessel.imo"]\n',
+        10,
+        "rule can never match: tlp is empty",
+    ),
+    (
+        '[[rules]]\nkinds = ["vessel"]\npartners = ["FRA"]\nwithhold = []\n',
+        10,
+        "rule can never match: withhold is empty",
+    ),
+    (
+        '[[rules]]\nkinds = ["vessel"]\npartners = ["FRA"]\nrelease = []\n',
+        10,
+        "rule can never match: release is empty",
+    ),
+    (
+        '[[rules]]\nkinds = []\npartners = ["FRA"]\nwithhold = ["observed_at"]\n',
+        8,
+        "rule can never match: kinds is empty",
+    ),
+    (
+        '[[rules]]\nkinds = ["vessel"]\npartners = []\nwithhold = ["vessel.imo"]\n',
+        9,
+        "rule can never match: partners is empty",
+    ),
     (
         '[[rules]]\nkinds = ["vessel"]\npartners = ["USA"]\nwithhold = ["vessel.imo"]\n'
         'transforms = { "vessel.imo" = "hour" }\n',
@@ -787,7 +827,8 @@ def test_dotted_transform_keys_must_be_quoted() -> None:
 
 
 def test_policy_refuses_conflicts_even_when_built_by_hand() -> None:
-    text = HEAD.format(member="JPN") + MALFORMED[17][0]
+    (conflicting,) = [m[0] for m in MALFORMED if "in two forms" in m[2]]
+    text = HEAD.format(member="JPN") + conflicting
     from broker.policy_file import read_policy
 
     spec, problems = read_policy(text, member="JPN")
