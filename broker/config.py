@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from broker.errors import ConfigError
 from broker.members import Member
 from broker.natstls import CONFIG_NAMES, check_tls_settings, client_tls_context, display_url
+from broker.policy import Policy, load_policy
 from broker.validation import MAX_RECORD_BYTES
 
 ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
@@ -175,6 +176,20 @@ class NodeConfig(_Section):
     intake: IntakeSection = IntakeSection()
     limits: LimitsSection = LimitsSection()
     metrics: MetricsSection = MetricsSection()
+
+    def read_policy(self) -> tuple[Policy, str]:
+        """Load and check the member's policy file; return it and its text.
+
+        Raises ``ConfigError`` if the file cannot be read as UTF-8 and
+        ``PolicyError`` (naming the line) if it does not check.
+        """
+        try:
+            text = self.policy.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read policy {self.policy}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"policy {self.policy} is not UTF-8 text") from None
+        return load_policy(text, member=self.member, source=str(self.policy)), text
 
     @property
     def seed_path(self) -> Path:

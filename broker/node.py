@@ -61,7 +61,7 @@ from broker.metrics import make_app as make_metrics_app
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
 from broker.natstls import CONFIG_NAMES, TlsOnlyClient, certificate_expiry
 from broker.planpool import PlanPool, PlanWorkerError
-from broker.policy import Policy, load_policy
+from broker.policy import Policy
 from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
 from broker.receiver import Inbound, Receiver
 from broker.roster import Roster
@@ -92,16 +92,6 @@ REISSUE_EVERY_S: Final = 60.0
 """Longest time between looks for envelopes to sign again (pending too long; ``msmt node
 resend``); a quarter of the freshness window if that is shorter."""
 PSEUDONYM_MIN_BYTES: Final = 32
-
-
-def _read_policy(config: NodeConfig) -> tuple[Policy, str]:
-    try:
-        text = config.policy.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read policy {config.policy}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"policy {config.policy} is not UTF-8 text") from None
-    return load_policy(text, member=config.member, source=str(config.policy)), text
 
 
 def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
@@ -764,7 +754,14 @@ class Node:
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
         for task in (*tasks, housekeeping):
             task.add_done_callback(self._task_done)
-        log.info("node_started", member=self.member, socket=str(config.socket_path))
+        # Which policy is in force: the file may be edited while the node runs, and
+        # only a restart applies it (msmt status compares the two).
+        log.info(
+            "node_started",
+            member=self.member,
+            socket=str(config.socket_path),
+            policy_digest=self.planner.policy.digest,
+        )
         try:
             await self.stop.wait()
         finally:
@@ -875,7 +872,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             seed = keys.nats_seed
         # Built once, here: a bad CA, certificate or key stops the node before it connects.
         tls = config.nats.tls_context()
-        policy, policy_text = _read_policy(config)
+        policy, policy_text = config.read_policy()
         pseudonym = load_pseudonym_keys(config, policy)
         signing = keys.signing.private_key
         if not isinstance(signing, Ed25519PrivateKey):

@@ -155,7 +155,7 @@ def test_a_socket_left_by_a_killed_node_is_replaced_at_the_next_start(kor: Kor) 
     assert not sock.exists()
 
 
-def test_status_shows_the_roster_version_the_node_started_with(kor: Kor) -> None:
+def test_status_shows_the_roster_and_policy_the_node_started_with(kor: Kor) -> None:
     kor.create_pseudonym_key()
     before = kor.msmt("keys", "rotate", "JPN", "--dir", str(kor.root / "keys"))
     assert before.returncode == 0, before.stderr
@@ -170,6 +170,27 @@ def test_status_shows_the_roster_version_the_node_started_with(kor: Kor) -> None
     done = kor.msmt("status", "--config", str(kor.config_path), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["roster_version"] == version
+
+    # The policy in force, and whether the file is still it: an edit applies only
+    # at a restart, and nothing else would show that the node runs the old one.
+    policy_path = kor.config.policy
+    digest = kor.config.read_policy()[0].digest
+    assert f'"policy_digest": "{digest}"' in (kor.root / "KOR.log").read_text()
+    assert json.loads(done.stdout)["policy_digest"] == digest
+    assert json.loads(done.stdout)["policy_file"] == "in force"
+    policy_path.write_text(policy_path.read_text().replace('"vessel.flag",\n', "", 1))
+    edited = kor.config.read_policy()[0].digest
+    assert edited != digest
+    changed = kor.msmt("status", "--config", str(kor.config_path), "--json")
+    assert json.loads(changed.stdout)["policy_digest"] == digest
+    assert json.loads(changed.stdout)["policy_file"] == (
+        f"changed to {edited}; restart the node to apply it"
+    )
+    policy_path.write_text(policy_path.read_text().replace("version = 1", "version = 2"))
+    broken = kor.msmt("status", "--config", str(kor.config_path))
+    assert broken.returncode == 0, broken.stderr
+    assert "policy_file    does not load, so a restart would fail: " in broken.stdout
+    assert "the policy must say version = 1" in broken.stdout
 
     # Pointed at another member's data, status refuses as the node does, rather
     # than showing that member's counters under KOR's name.

@@ -25,7 +25,14 @@ from broker.audit_verify import load, read_origin
 from broker.auditlog import DB_FILE
 from broker.cli.options import rfc3339
 from broker.config import NodeConfig, load_config
-from broker.errors import AuditError, EnvelopeError, InputError, StoreError, UsageError
+from broker.errors import (
+    AuditError,
+    EnvelopeError,
+    InputError,
+    MsmtError,
+    StoreError,
+    UsageError,
+)
 from broker.intake import read_token, submit
 from broker.keys import MemberKeys, load_member_keys, load_pinned_roster
 from broker.log import LEVELS as LOG_LEVELS
@@ -365,6 +372,19 @@ def inbox_check_cmd(config_path: Path) -> None:
     click.echo(f"OK: {summary}; every receipt in the audit log is in the inbox")
 
 
+def _policy_file_state(config: NodeConfig, in_force: str) -> str:
+    # Never an error: status must answer even while the file is being rewritten.
+    try:
+        policy, _ = config.read_policy()
+    except MsmtError as exc:
+        return f"does not load, so a restart would fail: {exc}"
+    if policy.digest == in_force:
+        return "in force"
+    if in_force == "unknown":
+        return f"{policy.digest} (the node has not started with it yet)"
+    return f"changed to {policy.digest}; restart the node to apply it"
+
+
 @click.command(name="status")
 @_CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
@@ -373,14 +393,19 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
 
     ``roster_version`` is the roster the node last started with (a number, or
     ``unknown`` before its first start), to check a roster rollout reached it.
+    ``policy_digest`` is the policy it last started with; ``policy_file`` says
+    whether the file on disk is still that policy (an edit applies at restart).
     """
     config = _config(config_path)
     store = _open_store(config)
     state = store.state()
     roster = state.get("roster_version", "unknown")
+    in_force = state.get("policy_digest", "unknown")
     status: dict[str, Any] = {
         "member": config.member,
         "roster_version": int(roster) if roster.isdecimal() else roster,
+        "policy_digest": in_force,
+        "policy_file": _policy_file_state(config, in_force),
         "connected": state.get("connected", "unknown"),
         "outbox_depth": store.outbox_depth(),
         "inbox_lag": state.get("inbox_lag", "unknown"),
