@@ -190,25 +190,14 @@ def _semantic_problems(spec: PolicySpec, text: str) -> tuple[list[Problem], _Tab
         for path, transform in rule.transforms.items():
             if transform.name != "pseudonym":
                 continue
-            line = loc.line(*where, "transforms", path, needle=path)
-            sharing = spec.pseudonym_keys.get(str(transform.param))
-            if sharing is None:
+            if str(transform.param) not in spec.pseudonym_keys:
+                line = loc.line(*where, "transforms", path, needle=path)
                 problems.append(
                     Problem(
                         line,
                         f"pseudonym key {transform.param!r} is not declared in [pseudonym_keys]",
                     )
                 )
-                continue
-            for partner in sorted(rule.members - sharing):
-                problems.append(
-                    Problem(
-                        line,
-                        f"pseudonym key {transform.param!r} is not shared with {partner}, "
-                        f"but {rule.name} releases {path} to {partner} under it",
-                    )
-                )
-                break
     table, conflicts = _analyse(spec)
     seen: set[tuple[str, str, str]] = set()
     for rule, partner, path, first, other in conflicts:
@@ -232,8 +221,8 @@ def check_policy(text: str, *, member: str | None = None) -> list[Problem]:
     """Every problem in policy ``text``, sorted by line; empty if the policy is clean.
 
     Checks structure and names (unknown fields, partners, groups, transforms),
-    rules that can never match, pseudonym keys not shared with a rule's
-    partners, and fields released to one partner in two different transforms.
+    rules that can never match, undeclared pseudonym keys, and fields released to
+    one partner in two different transforms.
     """
     spec, problems = read_policy(text, member=member)
     if spec is None:

@@ -352,10 +352,8 @@ class _Reader:
                 continue
             names = self.strings(entry["partners"], (*where, "partners"), "partners")
             members, _ = self.partners(names, (*where, "partners"), groups)
-            if not members - {member}:
-                self.fail(
-                    self.loc.line(*where), f"pseudonym key {key_id!r} is shared with no partner"
-                )
+            # Who holds the key; may be nobody else. A holder can test guesses against
+            # the pseudonyms it receives, a partner without the key can only link them.
             out[key_id] = members - {member}
         return out
 

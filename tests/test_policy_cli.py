@@ -148,6 +148,40 @@ def test_explain_json_matches_the_engine(tmp_path: Path, monkeypatch: pytest.Mon
     }
 
 
+def test_explain_flags_pseudonyms_the_partner_holds_the_key_of(tmp_path: Path) -> None:
+    # KOR holds jk and can test guesses against its pseudonyms; GBR cannot.
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        'version = 1\nmember = "JPN"\n[pseudonym_keys.jk]\npartners = ["KOR"]\n'
+        '[[rules]]\nkinds = ["vessel"]\npartners = ["KOR", "GBR"]\n'
+        'release = ["vessel.imo", "observed_at"]\n'
+        'transforms = { "vessel.imo" = "pseudonym:jk" }\n'
+    )
+    report = write_report(tmp_path, originator="JPN")
+    args = (
+        "policy",
+        "explain",
+        "--member",
+        "JPN",
+        "--report",
+        str(report),
+        "--policy",
+        str(policy),
+    )
+    table = run(*args)
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    imo = next(line for line in lines if line.startswith("partner")).split().index("imo")
+    rows = {line.split()[0]: line.split() for line in lines if line[:3] in MEMBERS}
+    assert rows["KOR"][imo] == "pseudonym:jk*"
+    assert rows["GBR"][imo] == "pseudonym:jk"
+    assert "* the partner holds this pseudonym key: it can test guesses" in table.output
+    data = json.loads(run(*args, "--json").output)["partners"]
+    assert data["KOR"]["released"]["vessel.imo"]["partner_holds_key"] is True
+    assert data["GBR"]["released"]["vessel.imo"]["partner_holds_key"] is False
+    assert data["GBR"]["released"]["observed_at"]["partner_holds_key"] is None
+
+
 def test_explain_reads_the_first_ndjson_record(tmp_path: Path) -> None:
     records = samples.generate(6, seed=2, originators=("KOR",))
     feed = tmp_path / "feed.ndjson"

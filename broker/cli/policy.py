@@ -15,7 +15,7 @@ import click
 
 from broker.errors import InputError, PolicyError, UsageError
 from broker.members import MEMBERS
-from broker.policy import Decision, Policy, check_policy, load_policy
+from broker.policy import Decision, Policy, Release, check_policy, load_policy
 from broker.policy_file import read_policy
 from broker.sightings import SightingModel, field_paths
 from broker.validation import InvalidRecordError, parse_record
@@ -80,14 +80,24 @@ def _report(path: Path) -> SightingModel:
         raise InputError(f"{path}: not a valid sighting: {exc}") from None
 
 
-def _cell(decision: Decision, path: str) -> str:
+def _holds_key(policy: Policy, partner: str, release: Release) -> bool | None:
+    """Whether ``partner`` holds the key of a pseudonym ``release`` (``None``: not a pseudonym)."""
+    if release.transform is None or release.transform.name != "pseudonym":
+        return None
+    return partner in policy.pseudonym_keys.get(str(release.transform.param), ())
+
+
+def _cell(policy: Policy, partner: str, decision: Decision, path: str) -> str:
     release = decision.released.get(path)
     if release is not None:
-        return "released" if release.transform is None else release.transform.ident
+        if release.transform is None:
+            return "released"
+        # A key holder can test guesses: flag it where the officer looks.
+        return release.transform.ident + ("*" if _holds_key(policy, partner, release) else "")
     return "withheld" if path in decision.withheld else ""
 
 
-def _table(sighting: SightingModel, decisions: dict[str, Decision]) -> list[str]:
+def _table(policy: Policy, sighting: SightingModel, decisions: dict[str, Decision]) -> list[str]:
     present = [
         p
         for p in field_paths(sighting.kind)
@@ -96,7 +106,7 @@ def _table(sighting: SightingModel, decisions: dict[str, Decision]) -> list[str]
     prefix = f"{sighting.kind}."
     headers = ["partner", "sent", *(p.removeprefix(prefix) for p in present)]
     rows = [
-        [partner, "yes" if d.sends else "no", *(_cell(d, p) for p in present)]
+        [partner, "yes" if d.sends else "no", *(_cell(policy, partner, d, p) for p in present)]
         for partner, d in decisions.items()
     ]
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
@@ -104,6 +114,12 @@ def _table(sighting: SightingModel, decisions: dict[str, Decision]) -> list[str]
     lines += [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
+    if any("*" in cell for row in rows for cell in row):
+        lines.append("")
+        lines.append(
+            "* the partner holds this pseudonym key: it can test guesses, so a guessable "
+            "identifier (IMO, MMSI, a listed name or address) is as good as released"
+        )
     lines.append("")
     lines.append("why withheld:")
     for partner, d in decisions.items():
@@ -139,6 +155,9 @@ def _as_json(
                         "rule": r.rule,
                         "transform": None if r.transform is None else r.transform.ident,
                         "disclosure_key": r.disclosure_key,
+                        # For a pseudonym: whether the partner holds its key (and so
+                        # can test guesses); null for other forms.
+                        "partner_holds_key": _holds_key(policy, partner, r),
                     }
                     for path, r in d.released.items()
                 },
@@ -207,7 +226,7 @@ def explain(
     )
     click.echo(f"policy {path} ({policy.member}), digest {policy.digest}")
     click.echo("")
-    for line in _table(sighting, decisions):
+    for line in _table(policy, sighting, decisions):
         click.echo(line)
 
 
