@@ -293,11 +293,22 @@ class _Reader:
             self.fail(self.loc.line("groups"), "groups must be a table of name = [members]")
             return {}
         out: dict[str, tuple[str, ...]] = {}
+        folded: dict[str, str] = {}
         for name, members in data.items():
             where = ("groups", name)
-            if name == ALL_GROUP or is_member(name) or not _NAME.fullmatch(name):
+            # Case is not enough to tell names apart: a group "kor" of USA would read
+            # as KOR in a rule, and "EU" beside "eu" as one group.
+            upper = name.upper()
+            if upper == ALL_GROUP or is_member(upper) or not _NAME.fullmatch(name):
                 self.fail(self.loc.line(*where), f"{name!r} cannot be a group name")
                 continue
+            if upper in folded:
+                self.fail(
+                    self.loc.line(*where),
+                    f"group {name} differs from group {folded[upper]} only in case",
+                )
+                continue
+            folded[upper] = name
             if not isinstance(members, list):
                 self.fail(self.loc.line(*where), f"group {name} must be a list of strings")
                 continue
@@ -488,32 +499,48 @@ class _Reader:
                 line = self.loc.line(*where, "transforms", *dotted)
                 self.fail(line, f'quote the field path in transforms: "{".".join(dotted)}" = "…"')
                 continue
+            if path in _RULE_KEYS:
+                # TOML puts every key after a [rules.transforms] header in that table.
+                self.fail(
+                    line,
+                    f"{path!r} is inside the rule's transforms table: "
+                    "write the rule's settings above [rules.transforms]",
+                )
+                continue
             if not isinstance(ident, str):
                 self.fail(line, f'transform for {path!r} must be a string such as "coarsen:0.5"')
                 continue
-            try:
-                transform = Transform.parse(ident)
-            except ValueError as exc:
-                self.fail(line, f"{path}: {exc}")
-                continue
-            if path not in ALL_PATHS:
-                self.fail(line, f"unknown field path {path!r} in transforms")
-            elif not transform.applies_to(path):
-                self.fail(line, f"transform {ident!r} does not apply to {path}")
-            elif not any(_matches(p, path) for p in fields):
-                self.fail(line, f"transform for {path} but the rule does not release {path}")
-            elif not any(path in field_paths(kind) for kind in kinds):
-                # A wildcard release covers every path, but the rule applies only to its
-                # kinds: this transform would never run, and another rule's raw release
-                # of the field would go out instead of the reduced form.
-                self.fail(
-                    line,
-                    f"transform for {path} but {path} is not a field of "
-                    f"{' or '.join(kinds) or 'any'} reports, the rule's kinds",
-                )
-            else:
+            transform = self.transform(path, ident, line, fields, kinds)
+            if transform is not None:
                 out[path] = transform
         return out
+
+    def transform(
+        self, path: str, ident: str, line: int, fields: list[str], kinds: list[str]
+    ) -> Transform | None:
+        try:
+            transform = Transform.parse(ident)
+        except ValueError as exc:
+            self.fail(line, f"{path}: {exc}")
+            return None
+        if path not in ALL_PATHS:
+            self.fail(line, f"unknown field path {path!r} in transforms")
+        elif not transform.applies_to(path):
+            self.fail(line, f"transform {ident!r} does not apply to {path}")
+        elif not any(_matches(p, path) for p in fields):
+            self.fail(line, f"transform for {path} but the rule does not release {path}")
+        elif not any(path in field_paths(kind) for kind in kinds):
+            # A wildcard release covers every path, but the rule applies only to its
+            # kinds: this transform would never run, and another rule's raw release
+            # of the field would go out instead of the reduced form.
+            self.fail(
+                line,
+                f"transform for {path} but {path} is not a field of "
+                f"{' or '.join(kinds) or 'any'} reports, the rule's kinds",
+            )
+        else:
+            return transform
+        return None
 
 
 def read_policy(text: str, *, member: str | None) -> tuple[PolicySpec | None, list[Problem]]:

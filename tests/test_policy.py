@@ -659,6 +659,18 @@ MALFORMED = [
         11,
         "transfer.place is not a field of vessel reports",
     ),
+    (
+        '[[rules]]\nkinds = ["vessel"]\npartners = ["FRA"]\nrelease = ["vessel.position"]\n'
+        '[rules.transforms]\n"vessel.position" = "coarsen:1"\ntlp = ["GREEN"]\n',
+        13,
+        "'tlp' is inside the rule's transforms table: write the rule's settings above",
+    ),
+    (
+        '[[rules]]\nkinds = ["vessel"]\npartners = ["FRA"]\nrelease = ["vessel.position"]\n'
+        '[rules.transforms]\n"vessel.position" = "coarsen:1"\nname = "fra"\n',
+        13,
+        "'name' is inside the rule's transforms table",
+    ),
     # An empty list matches nothing: an inert withhold rule would release what it names.
     (
         '[[rules]]\nkinds = ["vessel"]\npartners = ["FRA"]\ntlp = []\nwithhold = ["vessel.imo"]\n',
@@ -807,6 +819,13 @@ def test_malformed_policy_gives_line_and_reason(body: str, line: int, reason: st
         ('version = 1\nmember = "JPN"\n[groups]\nASIA = []\n', 4, "group ASIA is empty"),
         ('version = 1\nmember = "JPN"\n[groups]\nMSMT = ["KOR"]\n', 4, "cannot be a group name"),
         ('version = 1\nmember = "JPN"\n[groups]\nKOR = ["KOR"]\n', 4, "cannot be a group name"),
+        ('version = 1\nmember = "JPN"\n[groups]\nkor = ["USA"]\n', 4, "cannot be a group name"),
+        ('version = 1\nmember = "JPN"\n[groups]\nMsmt = ["USA"]\n', 4, "cannot be a group name"),
+        (
+            'version = 1\nmember = "JPN"\n[groups]\nEU = ["FRA"]\neu = ["DEU"]\n',
+            5,
+            "group eu differs from group EU only in case",
+        ),
         (
             'version = 1\nmember = "JPN"\n[pseudonym_keys."bad id"]\npartners = ["KOR"]\n',
             3,
