@@ -239,8 +239,40 @@ def test_explain_outside_the_repository_says_where_it_looked(
     assert (result.exit_code, result.stdout) == (2, "")
     assert result.stderr == (
         "msmt: error: no policy at nodes/JPN/policy.toml (the default, relative to the "
-        "current directory): give --policy FILE\n"
+        "current directory): give --policy FILE or --config NODE_TOML\n"
     )
+
+
+def test_explain_with_config_uses_the_nodes_member_and_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run from anywhere: the node's config names its member and policy file.
+    folder = tmp_path / "nodes" / "JPN"
+    folder.mkdir(parents=True)
+    (folder / "policy.toml").write_text(
+        'version = 1\nmember = "JPN"\n[[rules]]\nkinds = ["vessel"]\npartners = ["NZL"]\n'
+        'release = ["vessel.imo"]\n'
+    )
+    config = folder / "node.toml"
+    config.write_text(
+        'member = "JPN"\nbase_dir = "../.."\npolicy = "nodes/JPN/policy.toml"\n'
+        'data_dir = "data/JPN"\n[nats]\nurls = ["nats://127.0.0.1:4222"]\n[keys]\ndir = "keys"\n'
+    )
+    report = write_report(tmp_path)
+    monkeypatch.chdir(ROOT)  # where nodes/JPN/policy.toml is the repository's example
+    result = run("policy", "explain", "--config", str(config), "--report", str(report), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [p for p, d in data["partners"].items() if d["sent"]] == ["NZL"]
+    wrong = run(
+        "policy", "explain", "--config", str(config), "--member", "USA", "--report", str(report)
+    )
+    assert (wrong.exit_code, wrong.stderr) == (
+        2,
+        f"msmt: error: --member USA, but {config} is JPN's node\n",
+    )
+    neither = run("policy", "explain", "--report", str(report))
+    assert (neither.exit_code, neither.stderr) == (2, "msmt: error: give --member or --config\n")
 
 
 def test_msmt_policy_check_runs_as_a_program() -> None:

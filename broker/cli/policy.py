@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from broker.config import load_config
 from broker.errors import InputError, PolicyError, UsageError
 from broker.members import MEMBERS
 from broker.policy import Decision, Policy, Release, check_policy, load_policy
@@ -170,7 +171,15 @@ def _as_json(
 
 @policy_group.command(name="explain")
 @click.option(
-    "--member", required=True, type=click.Choice(MEMBERS), help="The member whose policy decides."
+    "--member",
+    type=click.Choice(MEMBERS),
+    help="The member whose policy decides (or give --config).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A node's node.toml: its member and the policy file it names.",
 )
 @click.option(
     "--report",
@@ -191,19 +200,33 @@ def _as_json(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
 def explain(
-    member: str, report_path: Path, policy_path: Path | None, onward: bool, as_json: bool
+    member: str | None,
+    config_path: Path | None,
+    report_path: Path,
+    policy_path: Path | None,
+    onward: bool,
+    as_json: bool,
 ) -> None:
     """Show which partner would receive which field of a report, and why, before sending.
 
     Partners are rows and fields are columns; each cell is ``released``, the
-    transform applied (e.g. ``coarsen:0.5``), or ``withheld``.
+    transform applied (e.g. ``coarsen:0.5``), or ``withheld``. With ``--config``,
+    the node's own policy file (what its next start would apply; ``msmt status``
+    says whether the running node still has it).
     """
+    if config_path is not None:
+        config = load_config(config_path)
+        if member is not None and member != config.member:
+            raise UsageError(f"--member {member}, but {config_path} is {config.member}'s node")
+        member, policy_path = config.member, policy_path or config.policy
+    if member is None:
+        raise UsageError("give --member or --config")
     path = policy_path or Path("nodes") / member / "policy.toml"
     if policy_path is None and not path.exists():
         # The default is relative to where the command runs: say so, and the way out.
         raise UsageError(
             f"no policy at {path} (the default, relative to the current directory): "
-            "give --policy FILE"
+            "give --policy FILE or --config NODE_TOML"
         )
     policy = load_policy(_read(path, "policy"), member=member, source=str(path))
     sighting = _report(report_path)
