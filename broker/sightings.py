@@ -595,9 +595,10 @@ def leaf_values(sighting: SightingModel) -> dict[str, Any]:
     """Map each releasable path present in ``sighting`` to its JSON value.
 
     Values are in JSON form (decimals and times as strings); absent optional
-    fields are left out, so their absence is not itself disclosed.
+    fields are left out, so their absence is not itself disclosed. A list the
+    record left out is absent too, not ``[]``: "not reported" is not "none".
     """
-    data = sighting.model_dump(mode="json", exclude_none=True)
+    data = sighting.model_dump(mode="json", exclude_none=True, exclude_unset=True)
     out: dict[str, Any] = {"observed_at": data["observed_at"]}
     for name, value in data["source"].items():
         out[f"source.{name}"] = value

@@ -30,10 +30,11 @@ from joserfc import jwe, jws
 from joserfc.jwe import JWERegistry
 from joserfc.registry import HeaderParameter
 
-from broker import envelope, envelope_format, sdjwt
+from broker import envelope, envelope_format, samples, sdjwt
 from broker.errors import EnvelopeError, InputError, UsageError
 from broker.sightings import TransferSighting, leaf_values
 from broker.transforms import Transform, variant_key
+from broker.validation import parse_record
 
 JPN, USA, GBR = Node("JPN"), Node("USA"), Node("GBR")
 
@@ -114,6 +115,25 @@ def test_full_release_round_trip(issued: envelope.Issued) -> None:
     assert got.signing_kid == "JPN-sig-1"
     assert got.presentation == open_token(token, "USA")
     assert len(got.jwe_sha256) == 64
+
+
+def test_a_list_the_record_left_out_is_not_disclosed_as_empty() -> None:
+    # "Not reported" is not "none": an omitted optional list is absent at the
+    # partner, as an omitted optional value is; an explicit [] is sent as [].
+    record = json.loads(json.dumps(samples.example_records()["worker"]))
+    record["worker"].pop("online_identities", None)
+    record["worker"].pop("human_rights_concerns", None)
+    omitted = parse_record(json.dumps(record))
+    assert omitted.worker.online_identities == ()  # type: ignore[union-attr]
+    paths = set(leaf_values(omitted))
+    assert not paths & {"worker.online_identities", "worker.human_rights_concerns"}
+    record["worker"]["human_rights_concerns"] = []
+    explicit = parse_record(json.dumps(record))
+    assert leaf_values(explicit)["worker.human_rights_concerns"] == []
+    node = Node(explicit.originator)
+    to = next(m for m in ("NZL", "JPN") if m != explicit.originator)
+    token = node.present(node.issue(omitted), to, leaf_values(omitted))
+    assert dict(Node(to).receive(token).fields) == leaf_values(omitted)
 
 
 def test_every_kind_round_trips() -> None:
