@@ -52,7 +52,7 @@ from broker.errors import (
     UsageError,
 )
 from broker.members import MEMBERS, is_member
-from broker.roster import Roster
+from broker.roster import Roster, format_time
 from broker.sightings import (
     KINDS,
     SCHEMA_VERSION,
@@ -310,7 +310,7 @@ def receive(
     if not isinstance(private, X25519PrivateKey):
         raise UsageError(f"decryption key {header['kid']!r:.80} is not an X25519 private key")
     plaintext = jose.open_segments(segments, header, private)
-    return _verified(
+    received = _verified(
         token,
         header,
         plaintext,
@@ -324,6 +324,18 @@ def receive(
         max_skew=max_skew,
         is_replay=is_replay,
     )
+    # 3, completed once the signed iat is known: a decryption key that has expired
+    #    opens only envelopes made while it was valid (queued on the hub while this
+    #    node was down across the expiry); a sender must not encrypt to it later.
+    until = roster.get(header["kid"]).valid_until if header["kid"] in roster else None
+    if until is not None and received.iat > until:
+        error = EnvelopeError(
+            "recipient",
+            f"key {header['kid']} expired at {format_time(until)}, before the envelope was made",
+        )
+        error.report_id = received.report_id
+        raise error
+    return received
 
 
 def check_kept(token: str, content_key: bytes, *, roster: Roster) -> Received:

@@ -92,13 +92,13 @@ def make(
     """Evidence for an envelope this node (``me``) received and kept.
 
     Raises ``EnvelopeError`` if this node no longer holds the key it was
-    encrypted to (revoked or expired since), or the envelope does not open.
+    encrypted to (revoked since), or the envelope does not open.
     """
     header, _ = parse_jwe(jwe, MAX_ENVELOPE_BYTES)
     key = decryption_keys.get(str(header.get("kid")))
     if key is None:
         kid = header.get("kid")
-        raise EnvelopeError("recipient", f"key {kid!r:.80} is no longer held (revoked or expired)")
+        raise EnvelopeError("recipient", f"key {kid!r:.80} is no longer held (revoked)")
     private = key.raw_value
     if not isinstance(private, X25519PrivateKey):
         raise EnvelopeError("recipient", "the decryption key is not an X25519 private key")

@@ -550,8 +550,9 @@ def revoke_key(keydir: Path, kid: str, reason: str, *, now: datetime | None = No
 class MemberKeys:
     """One member's private keys, as its node uses them.
 
-    ``decryption`` keeps every enc key that is not revoked or expired, so a message
-    encrypted to a key that was just rotated out still decrypts.
+    ``decryption`` keeps every enc key that is not revoked, so a message encrypted
+    to a key that was just rotated out, or that expired while it waited on the hub,
+    still decrypts (``envelope.receive`` refuses one made after the expiry).
     """
 
     member: str
@@ -574,12 +575,17 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
     current = roster.current(member, "sig", at)
     signing = _matching(key_path(keydir, member, current.kid), roster, member, "sig")
     decryption: dict[str, OKPKey] = {}
+    usable = False
     for path in sorted(folder.glob(f"{member}-enc-*.jwk")):
         entry = roster.get(path.name.removesuffix(".jwk"))
-        if entry.status == "revoked" or at > entry.valid_until:
+        if entry.status == "revoked":
             continue
+        # An expired key is kept: envelopes encrypted to it while it was valid may
+        # still wait on the hub (a node down across the expiry), and the receiver
+        # opens those only (envelope.receive checks the signed iat against it).
         decryption[entry.kid] = _matching(path, roster, member, "enc")
-    if not decryption:
+        usable = usable or at <= entry.valid_until
+    if not usable:
         raise KeyMaterialError(f"{member} has no usable decryption key in {folder}")
     try:
         seed = (folder / NATS_SEED_FILE).read_bytes().strip()

@@ -6,7 +6,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -371,6 +371,33 @@ def test_key_not_yet_valid(issued: envelope.Issued) -> None:
 def test_key_expired(issued: envelope.Issued) -> None:
     usa = _with_roster([roster_entry("JPN", "sig", valid_until=NOW - timedelta(hours=1))])
     assert "expired" in str(reject(JPN.present(issued, "USA", []), "key", node=usa))
+
+
+def _usa_enc_expiring(until: datetime) -> Node:
+    keep = [e for e in default_entries() if e["kid"] != "USA-enc-1"]
+    return Node("USA", roster=make_roster([*keep, roster_entry("USA", "enc", valid_until=until)]))
+
+
+def test_expired_decryption_key_opens_what_was_sent_before_it_expired(
+    issued: envelope.Issued,
+) -> None:
+    # Queued on the hub while USA was down across its key's expiry: made (iat = NOW)
+    # while the key was valid, so it opens, after the expiry as before it.
+    token = JPN.present(issued, "USA", ["vessel.imo"])
+    usa = _usa_enc_expiring(NOW + timedelta(minutes=5))
+    got = usa.receive(token, now=NOW + timedelta(hours=2))
+    assert got.fields == {"vessel.imo": vessel().vessel.imo}  # type: ignore[union-attr]
+
+
+def test_expired_decryption_key_refuses_what_was_made_after_it_expired(
+    issued: envelope.Issued,
+) -> None:
+    token = JPN.present(issued, "USA", ["vessel.imo"])
+    usa = _usa_enc_expiring(NOW - timedelta(minutes=5))
+    error = reject(token, "recipient", node=usa)
+    assert "expired at" in error.reason
+    assert "before the envelope was made" in error.reason
+    assert error.report_id == issued.report_id
 
 
 def test_key_retired_before_iat(issued: envelope.Issued) -> None:

@@ -151,6 +151,22 @@ def test_rotate_retires_old_keys_which_still_verify_older_reports(keydir: Path) 
     assert keys.load_signed_roster(keydir).roster.current("USA", "sig", t1).status == "active"
 
 
+def test_expired_decryption_keys_stay_loaded_revoked_ones_do_not(keydir: Path) -> None:
+    # Envelopes encrypted to a key before it expired may wait on the hub while the
+    # node is down across the expiry: the node keeps that key to open them.
+    old_enc = keys.load_signed_roster(keydir).roster.current("JPN", "enc", T0)
+    t1 = T0 + timedelta(days=300)
+    _, new_enc = keys.rotate_keys(keydir, "JPN", now=t1, valid_days=365)
+    roster = keys.load_signed_roster(keydir).roster
+    after_expiry = T0 + timedelta(days=400)
+    assert roster.get(old_enc.kid).valid_until < after_expiry
+    mine = keys.load_member_keys(keydir, "JPN", roster, after_expiry)
+    assert set(mine.decryption) == {new_enc, old_enc.kid}
+    keys.revoke_key(keydir, old_enc.kid, "lost laptop", now=t1 + timedelta(days=1))
+    roster = keys.load_signed_roster(keydir).roster
+    assert set(keys.load_member_keys(keydir, "JPN", roster, after_expiry).decryption) == {new_enc}
+
+
 def test_rotate_unknown_member_changes_nothing(keydir: Path) -> None:
     before = snapshot(keydir)
     with pytest.raises(UsageError, match="unknown member 'XXX'"):
