@@ -51,6 +51,7 @@ from broker import audit_events
 from broker.audit_events import AuditEvent
 from broker.auditlog import AuditLog
 from broker.envelope import receive
+from broker.envelope_format import HDR_RID, parse_jwe_header
 from broker.errors import EnvelopeError, MsmtError, UnknownKeyError
 from broker.log import Throttle, get_logger
 from broker.members import is_member
@@ -58,6 +59,7 @@ from broker.metrics import Metrics
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.publisher import RunDb
 from broker.roster import Roster
+from broker.sightings import is_report_id
 from broker.store import Received, Store
 
 log = get_logger("receiver")
@@ -75,6 +77,16 @@ inside the consumer's ``max_ack_pending`` (1024), so a sender naming made-up key
 cannot stall the inbox for the others."""
 
 Action = Literal["ack", "term", "hold"]
+
+
+def _claimed_report_id(data: bytes, limit: int) -> str | None:
+    """The report id a JWE's protected header names, if it parses and is a UUID."""
+    try:
+        header = parse_jwe_header(data.decode("ascii"), limit)
+    except (UnicodeDecodeError, EnvelopeError):
+        return None
+    claimed = header.get(HDR_RID)
+    return claimed if isinstance(claimed, str) and is_report_id(claimed) else None
 
 
 def attested_sender(subject: str, me: str) -> str:
@@ -222,32 +234,49 @@ class Inbound:
                     events.append(event)
                 continue
             self._release(subject, digest)
-            source = subject.split(".")[1] if subject.count(".") >= 1 else "unknown"
-            source = source if is_member(source) else "unknown"
+            events.append(self._refused(subject, data, digest, now, step, reason, report_id))
             result.rejected[step] += 1
             result.actions.append("term")
-            events.append(
-                audit_events.rejected(
-                    self.member,
-                    now,
-                    source=source,
-                    step=step,
-                    reason=_printable(reason),
-                    report_id=report_id,
-                    jwe_sha256=digest,
-                )
-            )
-            # The report id only once the signature vouched for it (a checked UUID):
-            # the sender's operator needs it for ``msmt node resend --report``.
-            named = {} if report_id is None else {"report_id": report_id}
-            log.warning(
-                "inbound_rejected", sender=source, step=step, reason=_printable(reason), **named
-            )
         # Durable record first, then the store: a crash in between leaves an
         # audit entry that the redelivery repeats, never a stored report the log lacks.
         self.audit.append_many(events)
         self.store.store_received(result.stored)
         return result
+
+    def _refused(
+        self,
+        subject: str,
+        data: bytes,
+        digest: str,
+        now: datetime,
+        step: str,
+        reason: str,
+        report_id: str | None,
+    ) -> AuditEvent:
+        """Log a refused message and return its audit entry."""
+        source = subject.split(".")[1] if subject.count(".") >= 1 else "unknown"
+        source = source if is_member(source) else "unknown"
+        # The report id once the signature vouched for it (a checked UUID); before
+        # that (a key this node refuses or cannot open), the one the header claims,
+        # named as a claim: the sender's operator needs it for ``msmt node resend
+        # --report``. The audit entry keeps only a vouched-for id.
+        if report_id is not None:
+            named = {"report_id": report_id}
+        else:
+            claimed = _claimed_report_id(data, self.max_message_bytes)
+            named = {} if claimed is None else {"claimed_report_id": claimed}
+        log.warning(
+            "inbound_rejected", sender=source, step=step, reason=_printable(reason), **named
+        )
+        return audit_events.rejected(
+            self.member,
+            now,
+            source=source,
+            step=step,
+            reason=_printable(reason),
+            report_id=report_id,
+            jwe_sha256=digest,
+        )
 
     def _release(self, subject: str, digest: str) -> None:
         # A held message came back and was decided: its place is free again.

@@ -928,11 +928,20 @@ def test_a_message_for_a_revoked_key_of_mine_says_so(usa_inbound: tuple[Any, For
     inbound.roster = Roster(
         [*(k for k in inbound.roster if k.kid != usa_enc), replace(revoked, status="revoked")]
     )
-    result = inbound.process([(f"from.JPN.msmt.to.USA.{record['kind']}", token)])
+    with capture_logs() as logs:
+        result = inbound.process([(f"from.JPN.msmt.to.USA.{record['kind']}", token)])
     assert result.actions == ["term"]
     assert result.rejected == {"recipient": 1}
-    reasons = [e["reason"] for e in audit_entries(path.parent / "audit") if e["type"] == "rejected"]
-    assert reasons == [f"key {usa_enc} is revoked: I hold no private key for it"]
+    refused = [e for e in audit_entries(path.parent / "audit") if e["type"] == "rejected"]
+    assert [e["reason"] for e in refused] == [
+        f"key {usa_enc} is revoked: I hold no private key for it"
+    ]
+    # Nothing vouches for the id before decryption: the audit entry has none, and the
+    # log line names the header's as a claim, for the sender's msmt node resend --report.
+    assert refused[0]["report_id"] is None
+    (line,) = [e for e in logs if e["event"] == "inbound_rejected"]
+    assert line["claimed_report_id"] == record["report_id"]
+    assert "report_id" not in line
 
 
 def test_signed_routing_and_markings_are_held_to_the_hub_and_name_the_report(
