@@ -274,21 +274,29 @@ def verify_roster(
         header = jws.extract_compact(signature.strip().encode()).protected
     except (ValueError, JoseError) as exc:
         raise KeyMaterialError(f"roster signature is malformed ({exc})") from None
+    if isinstance(header.get("kid"), str) and header["kid"] != authority.kid:
+        raise KeyMaterialError(
+            f"roster is signed by {header['kid']:.80}, not by the pinned roster authority "
+            f"{authority.kid}"
+        )
     if header != {"alg": "Ed25519", "kid": authority.kid, "typ": ROSTER_JWS_TYP}:
         raise KeyMaterialError(
-            f"roster signature header {header} is not Ed25519 by authority {authority.kid}"
+            f"roster signature header must be exactly alg Ed25519, typ {ROSTER_JWS_TYP} and "
+            f"kid {authority.kid}"
         )
     try:
         jws.deserialize_compact(
             signature.strip(), authority, payload=rfc8785.dumps(jwks), algorithms=["Ed25519"]
         )
-    except (ValueError, JoseError, rfc8785.CanonicalizationError) as exc:
+    except (ValueError, JoseError, rfc8785.CanonicalizationError):
         raise KeyMaterialError(
-            f"roster signature does not verify: the roster was altered ({type(exc).__name__})"
+            f"roster signature does not verify with the pinned authority key {authority.kid}: "
+            "the roster was altered, or signed by another key under that kid"
         ) from None
     if version < min_version:
         raise KeyMaterialError(
-            f"roster version {version} is older than version {min_version} already seen (rollback)"
+            f"roster version {version} is older than version {min_version}, the oldest "
+            "accepted (a rollback)"
         )
     return SignedRoster(roster=Roster.from_jwks(jwks), version=version, jwks=jwks)
 

@@ -78,9 +78,16 @@ def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
     keyfiles.revoke_key(keydir, kid, reason)
     signed = keyfiles.load_signed_roster(keydir)
     click.echo(f"revoked {kid}; roster version {signed.version}")
-    owner = signed.roster.get(kid).member
-    if not any(k.member == owner and k.status == "active" for k in signed.roster):
-        click.echo(f"warning: {owner} has no active key left; run 'msmt keys rotate {owner}'")
+    revoked = signed.roster.get(kid)
+    owner = revoked.member
+    # A member without an active key of this use cannot start its node (no signing
+    # key) or be sent anything (no encryption key) until it is rotated.
+    if not any(
+        k.member == owner and k.use == revoked.use and k.status == "active" for k in signed.roster
+    ):
+        click.echo(
+            f"warning: {owner} has no active {revoked.use} key left; run 'msmt keys rotate {owner}'"
+        )
 
 
 @keys_group.command(name="verify-roster")
