@@ -207,6 +207,11 @@ class NodeConfig(_Section):
         return self.keys.authority or self.roster_dir / "roster-authority.json"
 
     @property
+    def roster_state_path(self) -> Path:
+        """The highest roster version this node accepted (``keys.load_pinned_roster``)."""
+        return self.data_dir / "roster-state.json"
+
+    @property
     def store_path(self) -> Path:
         """The node's SQLite store."""
         return self.data_dir / "node.sqlite3"

@@ -349,6 +349,7 @@ class Inbound:
             paths=got.paths,
             jwe_sha256=got.jwe_sha256,
             jwe=token,
+            signing_kid=got.signing_kid,
             # Past this, the freshness check refuses the message anyway.
             expires_at=(got.iat + self.freshness + MAX_SKEW).timestamp(),
         )

@@ -204,6 +204,19 @@ class Roster:
             raise KeyMaterialError(reason)
         return key
 
+    def withdrawn(self, kid: str) -> str | None:
+        """Why what ``kid`` signed is no longer trusted, or None while it still is.
+
+        Revoking a key withdraws trust in everything it signed, whenever it was
+        signed; so does a roster that no longer lists the key. Retirement and
+        expiry do not: what a key signed while it was valid stands.
+        """
+        key = self._keys.get(kid)
+        if key is None:
+            # repr: the kid comes from a store row, which may hold anything.
+            return f"key {kid!r} is not in the roster"
+        return f"key {kid} is revoked" if key.status == "revoked" else None
+
     def current(self, member: str, use: KeyUse, at: datetime) -> RosterKey:
         """Return the member's active key for ``use`` at ``at`` (the newest if several)."""
         candidates = [

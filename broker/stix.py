@@ -19,7 +19,9 @@ objects and docs/STIX.md has the mapping table. In short:
 Ids are deterministic (UUIDv5), so a re-export never duplicates objects in the
 tool it is imported into. A field the partner did not receive cannot appear:
 every value is read from ``fields`` and nothing is looked up elsewhere.
-Pure code apart from ``load_received``, which reads a node's store.
+Pure code apart from ``load_received``, which reads a node's store and roster:
+a report whose originator's signing key the roster has since revoked is left
+out (``leave_out_withdrawn``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from broker.sightings import KINDS
 from broker.stix_objects import TLP_MARKINGS, BundleBuilder
 
 if TYPE_CHECKING:
+    from broker.roster import Roster
     from broker.store import InboxEntry
 
 
@@ -157,13 +160,17 @@ def select_since(reports: Iterable[ReceivedReport], since: datetime | None) -> l
     return [r for r in reports if since is None or r.received_at >= since]
 
 
-def load_received(config_path: Path, since: datetime | None) -> list[ReceivedReport]:
+def load_received(config_path: Path, since: datetime | None) -> tuple[list[ReceivedReport], int]:
     """Read the reports a node received at or after ``since`` from its store (read-only).
 
+    Returns them and how many were left out because the roster has since revoked
+    the key their originator signed them with (``leave_out_withdrawn``).
     Read-only, so it works while the daemon runs. Raises ``ConfigError`` for a
-    bad config and ``StoreError`` for a missing or unreadable store, each as one line.
+    bad config, ``StoreError`` for a missing or unreadable store and
+    ``KeyMaterialError`` for a roster the node would refuse, each as one line.
     """
     from broker.config import load_config  # noqa: PLC0415 - keeps the pure part import-light
+    from broker.keys import load_pinned_roster  # noqa: PLC0415
     from broker.store import Store  # noqa: PLC0415
 
     config = load_config(config_path)
@@ -174,7 +181,42 @@ def load_received(config_path: Path, since: datetime | None) -> list[ReceivedRep
         entries = store.inbox(limit=max(1, store.inbox_count()))
     finally:
         store.close()
-    return select_since((from_inbox(e) for e in entries), since)
+    roster = None
+    if any(e.signing_kid is not None for e in entries):
+        # As the node loads it, not recorded; rows from before nodes recorded the
+        # signing key need no roster (msmt inbox check re-verifies those).
+        roster = load_pinned_roster(
+            config.roster_dir, config.authority_path, config.roster_state_path, record=False
+        ).roster
+    kept, left_out = leave_out_withdrawn(entries, roster, since)
+    return [from_inbox(e) for e in kept], left_out
+
+
+def leave_out_withdrawn(
+    entries: Iterable[InboxEntry], roster: Roster | None, since: datetime | None = None
+) -> tuple[list[InboxEntry], int]:
+    """The entries received at or after ``since`` whose signer ``roster`` still trusts.
+
+    Also returns how many reports (by originator and id) were left out. A report
+    is left out whole when any stored copy names a key the roster withdrew
+    (``Roster.withdrawn``): copies of one report carry its originator's one
+    signature. A copy with no key recorded is kept, as before nodes recorded it.
+    ``roster`` may be None only when no entry names a key.
+    """
+    entries = list(entries)
+    withdrawn = {
+        (e.originator, e.report_id)
+        for e in entries
+        if e.signing_kid is not None
+        and (roster is None or roster.withdrawn(e.signing_kid) is not None)
+    }
+    # Compared as ``select_since`` does, on the time as exported.
+    chosen = [
+        e for e in entries if since is None or datetime.fromtimestamp(e.received_at, UTC) >= since
+    ]
+    kept = [e for e in chosen if (e.originator, e.report_id) not in withdrawn]
+    left_out = {(e.originator, e.report_id) for e in chosen} & withdrawn
+    return kept, len(left_out)
 
 
 def from_inbox(entry: InboxEntry) -> ReceivedReport:

@@ -9,9 +9,10 @@ Tables:
 * ``reissue``: outbox rows to sign again before they are published (again):
   ``stale`` ones waited pending for half the freshness window, ``operator``
   ones were asked for by ``msmt node resend`` after a partner refused them;
-* ``inbox``: the verified disclosed fields received from partners, and each
-  envelope exactly as it arrived (evidence of what its originator signed;
-  ``msmt inbox evidence``);
+* ``inbox``: the verified disclosed fields received from partners, the key
+  their originator signed them with (to tell which a later revocation
+  withdrew), and each envelope exactly as it arrived (evidence of what its
+  originator signed; ``msmt inbox evidence``);
 * ``seen``: the replay seen-set, ``(sender, jti) -> JWE hash``, kept only for the
   freshness window (older messages fail the freshness check anyway);
 * ``counters`` and ``state``: figures and the last error, for ``msmt status``.
@@ -92,6 +93,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     paths       TEXT NOT NULL,
     jwe_sha256  TEXT NOT NULL,
     jwe         TEXT,
+    signing_kid TEXT,
     PRIMARY KEY (sender, report_id)
 );
 CREATE INDEX IF NOT EXISTS inbox_jwe ON inbox(jwe_sha256);
@@ -200,7 +202,9 @@ class Received:
     ``sender`` is the member the hub attests sent it; ``originator`` signed it
     (they differ only for an onward share). ``tlp``, ``rel_to`` and ``iat``
     (Unix seconds) are the signed handling claims, kept so the report can be
-    handled and exported under the originator's markings.
+    handled and exported under the originator's markings. ``signing_kid`` is the
+    key the originator signed it with, so that a report whose key is revoked
+    later can be told apart (``msmt inbox list``, ``msmt export stix``).
     """
 
     sender: str
@@ -214,12 +218,16 @@ class Received:
     paths: tuple[str, ...]
     jwe_sha256: str
     jwe: str
+    signing_kid: str | None
     expires_at: float
 
 
 @dataclass(frozen=True, slots=True)
 class InboxEntry:
-    """A stored received report, as ``msmt inbox`` shows it (times in Unix seconds)."""
+    """A stored received report, as ``msmt inbox`` shows it (times in Unix seconds).
+
+    ``signing_kid`` is None for a report received before nodes recorded it.
+    """
 
     sender: str
     originator: str
@@ -232,6 +240,7 @@ class InboxEntry:
     fields: dict[str, Any]
     paths: tuple[str, ...]
     jwe_sha256: str
+    signing_kid: str | None
 
 
 SeenState = Literal["new", "redelivered", "replay"]
@@ -252,6 +261,7 @@ class Store:
         """The node's audit log size: once set, every write records it (``AUDIT_SIZE``)."""
         self._lock: int | None = None
         self._has_jwe: bool | None = None
+        self._has_kid: bool | None = None
         try:
             if readonly:
                 self._db = sqlite3.connect(
@@ -640,8 +650,8 @@ class Store:
             for rec in batch:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO inbox(sender, originator, report_id, kind, tlp, rel_to,"
-                    " iat, received_at, fields, paths, jwe_sha256, jwe)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " iat, received_at, fields, paths, jwe_sha256, jwe, signing_kid)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec.sender,
                         rec.originator,
@@ -655,6 +665,7 @@ class Store:
                         json.dumps(list(rec.paths)),
                         rec.jwe_sha256,
                         rec.jwe,
+                        rec.signing_kid,
                     ),
                 )
                 db.execute(
@@ -677,7 +688,7 @@ class Store:
 
     def inbox(self, *, sender: str | None = None, limit: int = 100) -> list[InboxEntry]:
         """Received reports, newest first, optionally from one sender."""
-        sql = _INBOX_COLUMNS
+        sql = self._inbox_select()
         args: list[Any] = []
         if sender is not None:
             sql += " WHERE sender = ?"
@@ -689,10 +700,19 @@ class Store:
     def inbox_entry(self, report_id: str) -> list[InboxEntry]:
         """Every stored copy of ``report_id`` (one per sender that sent it)."""
         rows = self._read(
-            _INBOX_COLUMNS + " WHERE report_id = ?",
+            self._inbox_select() + " WHERE report_id = ?",
             (report_id,),
         )
         return self._entries(rows)
+
+    def _inbox_select(self) -> str:
+        # A store from before nodes recorded signing keys, opened read-only, has no
+        # column yet: its rows read as NULL, as the upgrade leaves them.
+        if self._has_kid is None:
+            self._has_kid = any(
+                row[1] == "signing_kid" for row in self._read("PRAGMA table_info(inbox)")
+            )
+        return _INBOX_COLUMNS.format(kid="signing_kid" if self._has_kid else "NULL")
 
     def _entries(self, rows: Iterable[Sequence[Any]]) -> list[InboxEntry]:
         out: list[InboxEntry] = []
@@ -714,7 +734,7 @@ class Store:
         at the first, as the readers that rely on the rows do.
         """
         out: list[InboxEntry | str] = []
-        for row in self._read(_INBOX_COLUMNS + " ORDER BY rowid"):
+        for row in self._read(self._inbox_select() + " ORDER BY rowid"):
             try:
                 out.append(_entry(row))
             except _DamagedRowError as exc:
@@ -785,7 +805,7 @@ class Store:
 
 _INBOX_COLUMNS: Final = (
     "SELECT sender, originator, report_id, kind, tlp, rel_to, iat, received_at, fields, paths,"
-    " jwe_sha256, rowid FROM inbox"
+    " jwe_sha256, {kid}, rowid FROM inbox"
 )
 
 
@@ -802,6 +822,11 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
                 "INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
                 (KEPT_SINCE, repr(time.time())),
             )
+    if "signing_kid" not in have:
+        # Rows received before it stay NULL: ``msmt inbox check`` re-verifies those.
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ALTER TABLE inbox ADD COLUMN signing_kid TEXT")
 
 
 class _DamagedRowError(Exception):
@@ -816,7 +841,9 @@ def _entry(row: Sequence[Any]) -> InboxEntry:
     for name, value in (("rel_to", rel_to or []), ("paths", paths)):
         if not all(isinstance(item, str) for item in value):
             raise _DamagedRowError(f"its {name} column is not a list of names")
-    if not all(isinstance(row[i], str) for i in (0, 1, 2, 3, 4, 10)):
+    if not all(isinstance(row[i], str) for i in (0, 1, 2, 3, 4, 10)) or not (
+        row[11] is None or isinstance(row[11], str)
+    ):
         raise _DamagedRowError("a text column holds bytes or a number")
     return InboxEntry(
         sender=row[0],
@@ -830,6 +857,7 @@ def _entry(row: Sequence[Any]) -> InboxEntry:
         fields=_json_column(row[8], dict, "fields"),
         paths=tuple(paths),
         jwe_sha256=row[10],
+        signing_kid=row[11],
     )
 
 

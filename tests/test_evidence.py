@@ -17,6 +17,7 @@ import os
 import shutil
 import sqlite3
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from jwcrypto import jwk as jjwk
 from jwcrypto import jws as jjws
 from node_world import (
+    Forger,
     World,
     audit_entries,
     await_for,
@@ -515,4 +517,108 @@ def test_inbox_check_and_evidence_see_subtler_edits(delivered: tuple[World, list
     assert ascii_only.exit_code == 1
     assert ascii_only.stdout.splitlines() == [
         f"report {ids[1]} from JPN: the kept envelope is not the one received"
+    ]
+
+
+def _receive_from_kor(world: World, count: int) -> list[str]:
+    """KOR's reports, received by USA's own receiver code (USA's real keys, store and log)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from broker.auditlog import AuditLog
+    from broker.receiver import Inbound
+
+    now = datetime.now(UTC)
+    forger = Forger(world, now)
+    usa = keys.load_member_keys(world.keydir, "USA", forger.roster, now)
+    signer = usa.signing.private_key
+    assert isinstance(signer, Ed25519PrivateKey)
+    config = world.config("USA")
+    records = records_for("KOR", count, seed=58)
+    batch = [(f"from.KOR.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    store = Store(config.store_path)
+    audit = AuditLog(config.audit_dir, "USA", signer)
+    try:
+        inbound = Inbound(
+            "USA", usa.decryption, forger.roster, store, audit, timedelta(hours=1), 1 << 20
+        )
+        assert inbound.process(batch).actions == ["ack"] * count
+    finally:
+        audit.close()
+        store.close()
+    return [r["report_id"] for r in records]
+
+
+def test_reports_signed_with_a_key_since_revoked_are_marked_and_not_exported(
+    delivered: tuple[World, list[str]],
+) -> None:
+    # An operator's trial: after JPN's signing key was revoked, what it had signed
+    # before still listed, showed and exported like any other report.
+    world, ids = delivered
+    config = str(world.config_path("USA"))
+    kor_ids = _receive_from_kor(world, 2)
+    roster = keys.load_signed_roster(world.keydir).roster
+    now = datetime.now(UTC)
+    kid = {m: roster.current(m, "sig", now).kid for m in ("JPN", "KOR")}
+    # The receiver recorded the key each originator signed with.
+    store = world.store("USA")
+    try:
+        assert {(e.sender, e.signing_kid) for e in store.inbox()} == {
+            ("JPN", kid["JPN"]),
+            ("KOR", kid["KOR"]),
+        }
+    finally:
+        store.close()
+    listed = _cli("inbox", "list", "--config", config, "--json")
+    assert listed.exit_code == 0, listed.stderr
+    assert {json.loads(line)["signer_revoked"] for line in listed.stdout.splitlines()} == {None}
+
+    keys.revoke_key(world.keydir, kid["JPN"], "stolen in the test")
+    revoked = f"key {kid['JPN']} is revoked"
+    listed = _cli("inbox", "list", "--config", config, "--json")
+    assert listed.exit_code == 0, listed.stderr
+    rows = {json.loads(line)["report_id"]: json.loads(line) for line in listed.stdout.splitlines()}
+    assert {rid: row["signer_revoked"] for rid, row in rows.items()} == {
+        **dict.fromkeys(ids, revoked),
+        **dict.fromkeys(kor_ids, None),
+    }
+    assert rows[kor_ids[0]]["signing_kid"] == kid["KOR"]
+    text = _cli("inbox", "list", "--config", config)
+    assert text.exit_code == 0, text.stderr
+    for line in text.stdout.splitlines():
+        mark = f"  SIGNER REVOKED ({revoked})"
+        assert line.endswith(mark) == any(rid in line for rid in ids), line
+    shown = _cli("inbox", "show", "--config", config, ids[0])
+    assert shown.exit_code == 0, shown.stderr
+    assert json.loads(shown.stdout)["signer_revoked"] == revoked
+    other = _cli("inbox", "show", "--config", config, kor_ids[0])
+    assert json.loads(other.stdout)["signer_revoked"] is None
+
+    exported = _cli("export", "stix", "--config", config)
+    assert exported.exit_code == 0, exported.stderr
+    assert exported.stderr == (
+        f"{len(ids)} reports left out: signed by a key since revoked (msmt inbox list shows them)\n"
+    )
+    bundle = json.loads(exported.stdout)
+    reports = [o for o in bundle["objects"] if o["type"] == "report"]
+    assert len(reports) == len(kor_ids)
+    assert not any(rid in exported.stdout for rid in ids)
+
+    # inbox check, which re-verifies each kept envelope, agrees row for row.
+    check = _cli("inbox", "check", "--config", config)
+    assert check.exit_code == 1
+    assert sorted(check.stdout.splitlines()) == sorted(
+        f"report {rid} from JPN: the kept envelope does not verify at key: {revoked}" for rid in ids
+    )
+
+
+def test_inbox_check_finds_a_signing_kid_edited_on_disk(delivered: tuple[World, list[str]]) -> None:
+    world, ids = delivered
+    config = str(world.config_path("USA"))
+    with sqlite3.connect(world.config("USA").store_path) as db:
+        # As a hand on the file would hide a report from a revocation: another kid.
+        db.execute("UPDATE inbox SET signing_kid = 'KOR-sig-x' WHERE report_id = ?", (ids[0],))
+    found = _cli("inbox", "check", "--config", config)
+    assert found.exit_code == 1
+    assert found.stdout.splitlines() == [
+        f"report {ids[0]} from JPN: signing_kid differs from the signed envelope"
     ]

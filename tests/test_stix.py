@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stix2validator import ValidationOptions, validate_instance, validate_string
 
-from broker import samples
+from broker import keys, samples
 from broker.cli import main
 from broker.errors import InputError
 from broker.sightings import SIGHTING_ADAPTER, leaf_values
@@ -465,15 +465,24 @@ def test_cli_bad_since_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1
 
 
-def _store(path: Path, reports: Iterable[ReceivedReport]) -> None:
-    """Write ``reports`` into a real node store file, as the node's receiver does."""
+def _store(
+    path: Path,
+    reports: Iterable[ReceivedReport],
+    kids: Mapping[str, str] | None = None,
+    sender: str | None = None,
+) -> None:
+    """Write ``reports`` into a real node store file, as the node's receiver does.
+
+    ``kids``: each originator's signing key id (None: received before nodes kept it);
+    ``sender``: the member that sent them on, if not their originator.
+    """
     store = Store(path)
     try:
         for report in reports:
             store.store_received(
                 [
                     StoredReport(
-                        sender=report.originator,
+                        sender=sender or report.originator,
                         originator=report.originator,
                         report_id=report.report_id,
                         kind=report.kind,
@@ -484,6 +493,7 @@ def _store(path: Path, reports: Iterable[ReceivedReport]) -> None:
                         paths=tuple(report.fields),
                         jwe_sha256="00" * 32,
                         jwe="",
+                        signing_kid=None if kids is None else kids[report.originator],
                         expires_at=0.0,
                     )
                 ],
@@ -514,6 +524,87 @@ def test_cli_exports_a_real_store_and_since_filters(tmp_path: Path) -> None:
     written = json.loads(out.read_text())
     assert written == bundle(reports[8:])
     assert validate_string(out.read_text(), ValidationOptions(version="2.1")).is_valid
+
+
+def test_cli_leaves_out_reports_signed_by_a_key_since_revoked(tmp_path: Path) -> None:
+    # An operator's trial: revoking JPN's signing key left what it had signed in the
+    # export and the inbox listing, unmarked. Real keys and roster, real store file.
+    keydir = tmp_path / "keys"
+    now = datetime.now(UTC)
+    roster = keys.init_keys(keydir, ("JPN", "KOR", "USA"), now=now - timedelta(days=1)).roster
+    kids = {m: roster.current(m, "sig", now).kid for m in ("JPN", "KOR")}
+    records = [r for r in samples.generate(44, seed=29) if r["originator"] in kids]
+    reports = [received(r, at=RECEIVED + timedelta(hours=i)) for i, r in enumerate(records)]
+    jpn = [r for r in reports if r.originator == "JPN"]
+    kor = [r for r in reports if r.originator == "KOR"]
+    assert len(jpn) == len(kor) == 4
+    signed, old = jpn[:3], jpn[3]
+    path = tmp_path / "data" / "node.sqlite3"
+    _store(path, [*signed, *kor], kids)
+    _store(path, [old])  # received before nodes recorded the signing key
+    _store(path, signed[:1], kids, sender="KOR")  # and a copy KOR sent on: one report
+    env = {"MSMT_DATA_DIR": str(tmp_path / "data"), "MSMT_KEY_DIR": str(keydir)}
+    export = ["export", "stix", "--config", str(JPN_CONFIG)]
+    listing = ["inbox", "list", "--config", str(JPN_CONFIG)]
+
+    before = _run(export, env)
+    assert before.exit_code == 0, before.stderr
+    assert before.stderr == ""
+    assert json.loads(before.stdout) == bundle(reports)
+
+    keys.revoke_key(keydir, kids["JPN"], "stolen in the test")
+    after = _run(export, env)
+    assert after.exit_code == 0, after.stderr
+    assert after.stderr == (
+        "3 reports left out: signed by a key since revoked (msmt inbox list shows them)\n"
+    )
+    # KOR's reports, and JPN's from before nodes recorded the key, exactly as before.
+    assert json.loads(after.stdout) == bundle([*kor, old])
+    validate(json.loads(after.stdout))
+    out = tmp_path / "recent.json"
+    since = ["--since", _when(signed[2].received_at), "--out", str(out)]
+    recent = _run([*export, *since], env)
+    assert recent.exit_code == 0, recent.stderr
+    kept = [r for r in [*kor, old] if r.received_at >= signed[2].received_at]
+    assert recent.stderr == (
+        "1 report left out: signed by a key since revoked (msmt inbox list shows them)\n"
+        f"{len(kept)} reports exported to {out}\n"
+    )
+    assert json.loads(out.read_text()) == bundle(kept)
+
+    # The listing shows them, marked; the copy KOR sent on too, since JPN signed it.
+    revoked = f"key {kids['JPN']} is revoked"
+    rows = [json.loads(line) for line in _run([*listing, "--json"], env).stdout.splitlines()]
+    marked = {(r["sender"], r["report_id"]) for r in rows if r["signer_revoked"] == revoked}
+    assert marked == {
+        *(("JPN", r.report_id) for r in signed),
+        ("KOR", signed[0].report_id),
+    }
+    assert {r["signer_revoked"] for r in rows} == {revoked, None}
+    assert {r["signing_kid"] for r in rows if r["report_id"] == old.report_id} == {None}
+    text = _run(listing, env)
+    assert text.exit_code == 0, text.stderr
+    flagged = [
+        line for line in text.stdout.splitlines() if line.endswith(f"SIGNER REVOKED ({revoked})")
+    ]
+    assert len(flagged) == 4
+    assert text.stdout.count("SIGNER REVOKED") == 4
+    show = _run(["inbox", "show", "--config", str(JPN_CONFIG), kor[0].report_id], env)
+    assert json.loads(show.stdout)["signer_revoked"] is None
+    assert json.loads(show.stdout)["signing_kid"] == kids["KOR"]
+
+    # The roster decides what is left out: one the node would refuse stops the export.
+    (keydir / "roster.json.jws").unlink()
+    for args in (export, listing):
+        refused = _run(args, env)
+        assert refused.exit_code != 0
+        assert refused.stderr.startswith("msmt: error: ")
+        assert refused.stderr.count("\n") == 1
+        assert refused.stdout == ""
+
+
+def _when(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ def received(sender: str, rid: str, digest: str = "h1", expires: float = 100.0) 
         paths=("vessel.imo",),
         jwe_sha256=digest,
         jwe=f"jwe {sender} {rid}",
+        signing_kid=f"{sender}-sig-1",
         expires_at=expires,
     )
 
@@ -390,3 +391,53 @@ def test_a_store_from_before_envelopes_were_kept_gains_the_column_and_keeps_its_
     assert again.state()[KEPT_SINCE] == since
     assert KEPT_SINCE not in Store(tmp_path / "new.sqlite3").state()  # kept from the start
     again.close()
+
+
+def test_a_store_from_before_signing_keys_were_recorded_gains_the_column_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "node.sqlite3"
+    with sqlite3.connect(path) as raw:
+        # The inbox table as the previous version created it (envelopes kept), one report in it.
+        raw.execute(
+            "CREATE TABLE inbox (sender TEXT NOT NULL, originator TEXT NOT NULL,"
+            " report_id TEXT NOT NULL, kind TEXT NOT NULL, received_at REAL NOT NULL,"
+            " tlp TEXT NOT NULL, rel_to TEXT, iat REAL NOT NULL, fields TEXT NOT NULL,"
+            " paths TEXT NOT NULL, jwe_sha256 TEXT NOT NULL, jwe TEXT,"
+            " PRIMARY KEY (sender, report_id))"
+        )
+        raw.execute(
+            "INSERT INTO inbox VALUES ('JPN', 'JPN', 'r-old', 'vessel', 1.0, 'AMBER', NULL,"
+            " 1.0, '{}', '[]', 'h0', 'jwe JPN r-old')"
+        )
+    # Read-only (msmt inbox list while the old daemon runs): no column added, no error.
+    old = Store(path, readonly=True)
+    (entry,) = old.inbox()
+    assert (entry.report_id, entry.signing_kid) == ("r-old", None)
+    assert old.inbox_entry("r-old") == [entry]
+    assert old.inbox_rows() == [entry]
+    old.close()
+    store = Store(path)
+    assert store.store_received([received("JPN", "r-new")]) == [True]
+    got = {e.report_id: e.signing_kid for e in store.inbox()}
+    assert got == {"r-new": "JPN-sig-1", "r-old": None}
+    assert store.kept_envelope("JPN", "r-old") == "jwe JPN r-old"
+    assert KEPT_SINCE not in store.state()  # this store kept envelopes already
+    store.close()
+    again = Store(path)  # opening again adds nothing twice
+    assert {e.report_id: e.signing_kid for e in again.inbox()} == got
+    again.close()
+    with sqlite3.connect(path) as raw:
+        columns = [row[1] for row in raw.execute("PRAGMA table_info(inbox)")]
+    assert columns.count("signing_kid") == 1
+
+
+def test_a_signing_kid_that_is_not_text_is_a_damaged_row(tmp_path: Path) -> None:
+    path = tmp_path / "node.sqlite3"
+    store = Store(path)
+    store.store_received([received("JPN", "r-1")])
+    store._db.execute("UPDATE inbox SET signing_kid = X'00ff'")
+    with pytest.raises(StoreError, match=r"inbox row 1 is damaged \(a text column holds bytes"):
+        store.inbox()
+    assert store.inbox_rows() == ["inbox row 1 is damaged (a text column holds bytes or a number)"]
+    store.close()

@@ -46,9 +46,22 @@ def export_group() -> None:
     help="Write the bundle here instead of to stdout.",
 )
 def export_stix(config_path: Path, since: str | None, out: Path | None) -> None:
-    """Write a STIX 2.1 bundle of the reports this node received (docs/STIX.md)."""
-    reports = load_received(config_path, None if since is None else rfc3339("--since", since))
+    """Write a STIX 2.1 bundle of the reports this node received (docs/STIX.md).
+
+    Reports whose originator's signing key the roster has since revoked are left
+    out, and a line on stderr says how many; ``msmt inbox list`` shows them.
+    """
+    reports, left_out = load_received(
+        config_path, None if since is None else rfc3339("--since", since)
+    )
     text = json.dumps(bundle(reports), indent=2, ensure_ascii=False) + "\n"
+    if left_out:
+        # Never a flag to put them back: a revocation withdraws trust in what the key signed.
+        click.echo(
+            f"{left_out} report{'s' if left_out > 1 else ''} left out: signed by a key since"
+            " revoked (msmt inbox list shows them)",
+            err=True,
+        )
     if out is None:
         click.echo(text, nl=False)
     else:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -200,24 +200,39 @@ def _open_store(config: NodeConfig, *, write: bool = False) -> Store:
         raise UsageError(f"stop the node first: {exc}") from None
 
 
+def _roster(config: NodeConfig) -> Roster:
+    # As the node loads it (pinned, never older), but not recorded: only a node's
+    # start advances the pin. The roster is public: no private key is read.
+    return load_pinned_roster(
+        config.roster_dir, config.authority_path, config.roster_state_path, record=False
+    ).roster
+
+
 def _member_keys(config: NodeConfig) -> tuple[Roster, MemberKeys]:
-    # As the node loads them (pinned roster, not recorded), for the inbox's own checks.
-    signed = load_pinned_roster(
-        config.roster_dir,
-        config.authority_path,
-        config.data_dir / "roster-state.json",
-        record=False,
-    )
-    return signed.roster, load_member_keys(
-        config.keys.dir, config.member, signed.roster, datetime.now(UTC)
-    )
+    # As the node loads them, for the inbox's own checks.
+    roster = _roster(config)
+    return roster, load_member_keys(config.keys.dir, config.member, roster, datetime.now(UTC))
+
+
+def _revoked_signers(config: NodeConfig, entries: Sequence[InboxEntry]) -> dict[str, str]:
+    """The signing keys of ``entries`` that the roster withdrew, each with why."""
+    kids = {e.signing_kid for e in entries if e.signing_kid is not None}
+    if not kids:
+        # Rows from before nodes recorded the key need no roster: inbox check covers them.
+        return {}
+    roster = _roster(config)
+    return {kid: why for kid in sorted(kids) if (why := roster.withdrawn(kid)) is not None}
 
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _entry_json(entry: InboxEntry) -> dict[str, Any]:
+def _signer_revoked(entry: InboxEntry, revoked: Mapping[str, str]) -> str | None:
+    return None if entry.signing_kid is None else revoked.get(entry.signing_kid)
+
+
+def _entry_json(entry: InboxEntry, revoked: Mapping[str, str]) -> dict[str, Any]:
     return {
         "sender": entry.sender,
         "originator": entry.originator,
@@ -230,6 +245,9 @@ def _entry_json(entry: InboxEntry) -> dict[str, Any]:
         "paths": list(entry.paths),
         "fields": entry.fields,
         "jwe_sha256": entry.jwe_sha256,
+        # None for a report received before nodes recorded it.
+        "signing_kid": entry.signing_kid,
+        "signer_revoked": _signer_revoked(entry, revoked),
     }
 
 
@@ -244,14 +262,21 @@ def inbox_group() -> None:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def inbox_list(config_path: Path, sender: str | None, limit: int, as_json: bool) -> None:
-    """List received reports, newest first: originator, kind, and the fields received."""
+    """List received reports, newest first: originator, kind, and the fields received.
+
+    A report whose originator's signing key the roster has since revoked is
+    marked ``SIGNER REVOKED`` (``signer_revoked`` in ``--json``). One received
+    before nodes recorded signing keys is not: ``msmt inbox check`` checks those.
+    """
     if sender is not None:
         if not is_member(sender.upper()):
             # The store would only find nothing, which reads as "no reports yet".
             raise UsageError(f"--from: unknown member {sender!r} (members: {', '.join(MEMBERS)})")
         sender = sender.upper()
-    store = _open_store(_config(config_path))
+    config = _config(config_path)
+    store = _open_store(config)
     entries = store.inbox(sender=sender, limit=limit)
+    revoked = _revoked_signers(config, entries)
     if len(entries) == limit and store.inbox_count(sender) > limit:
         # On stderr, so a --json consumer's lines stay JSON.
         click.echo(
@@ -259,25 +284,33 @@ def inbox_list(config_path: Path, sender: str | None, limit: int, as_json: bool)
         )
     for entry in entries:
         if as_json:
-            click.echo(json.dumps(_entry_json(entry)))
-        else:
-            click.echo(
-                f"{_when(entry.received_at)}  {entry.originator}  {entry.kind:<8}  "
-                f"TLP:{entry.tlp:<12}  "
-                f"{entry.report_id}  {len(entry.paths)} fields: {', '.join(entry.paths)}"
-            )
+            click.echo(json.dumps(_entry_json(entry, revoked)))
+            continue
+        why = _signer_revoked(entry, revoked)
+        click.echo(
+            f"{_when(entry.received_at)}  {entry.originator}  {entry.kind:<8}  "
+            f"TLP:{entry.tlp:<12}  "
+            f"{entry.report_id}  {len(entry.paths)} fields: {', '.join(entry.paths)}"
+            + ("" if why is None else f"  SIGNER REVOKED ({why})")
+        )
 
 
 @inbox_group.command(name="show")
 @_CONFIG
 @click.argument("report_id")
 def inbox_show(config_path: Path, report_id: str) -> None:
-    """Show one received report: its sender and every field received, as JSON."""
-    entries = _open_store(_config(config_path)).inbox_entry(report_id)
+    """Show one received report: its sender and every field received, as JSON.
+
+    ``signer_revoked`` says why, when the roster has since revoked the key its
+    originator signed it with (see ``msmt inbox list``).
+    """
+    config = _config(config_path)
+    entries = _open_store(config).inbox_entry(report_id)
     if not entries:
         raise UsageError(f"no received report {report_id}")
+    revoked = _revoked_signers(config, entries)
     for entry in entries:
-        click.echo(json.dumps(_entry_json(entry), indent=2))
+        click.echo(json.dumps(_entry_json(entry, revoked), indent=2))
 
 
 @inbox_group.command(name="evidence")
