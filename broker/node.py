@@ -245,6 +245,7 @@ class Node:
         committing: asyncio.Task[bool] | None = None
         in_commit: set[str] = set()
         planned: dict[str, list[OutboxItem]] = {}  # planned, commit not started
+        waiting: dict[str, dict[str, str]] = {}  # their partners without a key
         try:
             while not self.stop.is_set():
                 failed = False
@@ -269,13 +270,13 @@ class Node:
                     committing, in_commit = None, set()
                 if planned:
                     in_commit = set(planned)
-                    committing = asyncio.create_task(self._commit_plans(planned))
-                    planned = {}
+                    committing = asyncio.create_task(self._commit_plans(planned, waiting))
+                    planned, waiting = {}, {}
                 plans: dict[str, list[OutboxItem]] = {}
                 errors: dict[str, str] = {}
                 try:
                     if rows:
-                        plans, errors = await self._plans.plan(rows, PLAN_BATCH)
+                        plans, errors, waiting = await self._plans.plan(rows, PLAN_BATCH)
                 except PlanWorkerError:
                     raise  # fatal: the node stops (and systemd restarts it)
                 except MsmtError as exc:
@@ -290,6 +291,7 @@ class Node:
                     # holds back every report, and the log must not scroll with them.
                     which = f"{len(ids)} reports ({ids[0]}, ...)" if ids[1:] else f"report {ids[0]}"
                     self._error(f"cannot plan {which}: {reason}", same_as=f"plan: {reason}")
+                self._report_waiting(waiting)
                 planned = plans
                 if not plans and not errors and committing is None:
                     # Event-driven: an accept wakes us; a timer runs only for a
@@ -311,10 +313,26 @@ class Node:
             return None
         return max(0.01, min(self._plan_skip.values()) - now)
 
-    async def _commit_plans(self, plans: dict[str, list[OutboxItem]]) -> bool:
+    def _report_waiting(self, waiting: Mapping[str, Mapping[str, str]]) -> None:
+        # One line per cause (a partner's lapsed key), at most once a minute: the
+        # reports go out to everyone else meanwhile, and to that partner once its
+        # key is valid (a roster update and restart, or its valid-from reached).
+        by_reason: dict[str, list[str]] = {}
+        for report_id, partners in waiting.items():
+            for reason in partners.values():
+                by_reason.setdefault(reason, []).append(report_id)
+        for reason, ids in by_reason.items():
+            which = (
+                f"{len(ids)} reports ({ids[0]}, ...) wait" if ids[1:] else f"report {ids[0]} waits"
+            )
+            self._error(f"{which} for a partner's key: {reason}", same_as=f"waiting: {reason}")
+
+    async def _commit_plans(
+        self, plans: dict[str, list[OutboxItem]], waiting: dict[str, dict[str, str]]
+    ) -> bool:
         # False if not committed: the reports stay unplanned and the plan loop retries.
         try:
-            await self.run_db(self.store.plan, plans)
+            await self.run_db(self.store.plan, plans, waiting)
         except MsmtError as exc:
             self._error(f"planning: {exc}")
             return False
@@ -335,12 +353,45 @@ class Node:
                 failed: set[str] = set()
                 while not self.stop.is_set() and await self._reissue_batch(failed):
                     pass
+                tried: set[str] = set()
+                while not self.stop.is_set() and await self._awaited_batch(tried):
+                    pass
             except MsmtError as exc:
                 if isinstance(exc, PlanWorkerError):
                     raise  # fatal, as in the plan loop
                 self._error(f"signing again: {exc}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), every)
+
+    async def _awaited_batch(self, tried: set[str]) -> bool:
+        # Partners a report was planned without (no valid encryption key then):
+        # planned again now, once per pass; True if there may be more. The report
+        # is signed anew for them (under the current policy and keys).
+        rows = await self.run_db(self.store.awaiting, PLAN_BATCH + len(tried))
+        rows = [row for row in rows if row[0] not in tried]
+        if not rows:
+            return False
+        tried.update(rid for rid, _, _ in rows)
+        plans, errors, waiting = await self._plans.plan(
+            [(rid, record) for rid, record, _ in rows], len(rows)
+        )
+        for reason in sorted(set(errors.values())):
+            self._error(f"cannot plan for a partner: {reason}", same_as=f"plan: {reason}")
+        wanted = {rid: partners for rid, _, partners in rows if rid not in errors}
+        queued, dropped = await self.run_db(self.store.awaited, plans, waiting, wanted)
+        self._report_waiting({rid: w for rid, w in waiting.items() if rid in wanted})
+        if queued:
+            log.info("envelopes_planned_for_waiting_partners", envelopes=queued)
+            if self.publisher is not None:
+                self.publisher.wake()
+        for report_id, partner in dropped:
+            log.warning(
+                "not_planned",
+                report_id=report_id,
+                partner=partner,
+                reason="the current policy releases nothing of it to this partner",
+            )
+        return True
 
     async def _reissue_batch(self, failed: set[str]) -> bool:
         # One batch of queued envelopes signed again under the current policy and
@@ -350,13 +401,23 @@ class Node:
         rows = [row for row in rows if row[0] not in failed]
         if not rows:
             return False
-        plans, errors = await self._plans.plan(
+        plans, errors, waiting = await self._plans.plan(
             [(rid, record) for rid, record, _ in rows], len(rows)
         )
         failed.update(errors)
-        wanted = {rid: partners for rid, _, partners in rows if rid not in errors}
+        # A partner whose key lapsed since has no new envelope: it is left out here
+        # (``reissued`` would take it for one the policy no longer releases to), so
+        # its row stays as it was and queued, for the next pass.
+        lapsed = {rid: set(partners) for rid, partners in waiting.items()}
+        failed.update(lapsed)
+        wanted = {
+            rid: [p for p in partners if p not in lapsed.get(rid, ())]
+            for rid, _, partners in rows
+            if rid not in errors
+        }
         withheld = await self.run_db(self.store.reissued, plans, wanted)
-        for reason in sorted(set(errors.values())):
+        lapsed_reasons = {why for partners in waiting.values() for why in partners.values()}
+        for reason in sorted(set(errors.values()) | lapsed_reasons):
             self._error(f"cannot sign again: {reason}", same_as=f"reissue: {reason}")
         signed = sum(len(partners) for partners in wanted.values()) - len(withheld)
         if signed:

@@ -44,9 +44,8 @@ from joserfc.jwk import OKPKey
 
 from broker.errors import MsmtError, PolicyError
 from broker.policy import load_policy
-from broker.publisher import Planner, Signer
+from broker.publisher import Planner, Plans, Signer
 from broker.roster import Roster, RosterKey
-from broker.store import OutboxItem
 
 PLAN_TIMEOUT: Final = 300.0
 """Seconds the worker may take to start or to plan one batch before the node gives up."""
@@ -55,8 +54,6 @@ STOP_TIMEOUT: Final = 10.0
 PIPE_BUFFER: Final = 8 * 2**20
 """Bytes of a worker's answer buffered before reading pauses."""
 _PR_SET_PDEATHSIG: Final = 1
-
-Plans = tuple[dict[str, list[OutboxItem]], dict[str, str]]
 
 
 class PlanWorkerError(MsmtError):

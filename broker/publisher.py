@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import nats.errors
 import nats.js.errors
@@ -89,6 +89,17 @@ class Signer:
     kid: str
 
 
+class Plans(NamedTuple):
+    """What ``Planner.plan`` made of a batch of reports."""
+
+    plans: dict[str, list[OutboxItem]]
+    """Report id -> its envelopes (possibly none)."""
+    errors: dict[str, str]
+    """Report id -> why it cannot be planned now (it stays unplanned)."""
+    waiting: dict[str, dict[str, str]]
+    """Report id -> {partner: why it has no envelope yet}: no valid encryption key."""
+
+
 class Planner:
     """Turns accepted reports into per-partner envelopes (pure apart from the store calls)."""
 
@@ -107,12 +118,40 @@ class Planner:
         self.clock = clock
 
     def envelopes(self, report_id: str, record: bytes) -> list[OutboxItem]:
-        """The envelopes for one stored record; raise ``MsmtError`` if it cannot be planned."""
+        """The envelopes for one stored record; raise ``MsmtError`` if it cannot be planned.
+
+        Every partner must have a valid encryption key (``envelopes_waiting`` plans
+        for those that do).
+        """
+        items, waiting = self.envelopes_waiting(report_id, record)
+        for reason in waiting.values():
+            raise KeyMaterialError(reason)
+        return items
+
+    def envelopes_waiting(
+        self, report_id: str, record: bytes
+    ) -> tuple[list[OutboxItem], dict[str, str]]:
+        """The envelopes for one stored record, and the partners that must wait for a key.
+
+        A partner the policy releases to but whose encryption key is missing or not
+        valid now is left out, with the reason: one partner's lapsed key must not
+        hold back the report for every other. Raises ``MsmtError`` if the report
+        cannot be planned at all (e.g. this node's own signing key expired).
+        """
         sighting = parse_record(record)
         now = self.clock().replace(microsecond=0)
         decisions = [d for d in self.policy.decide_all(sighting).values() if d.sends]
         if not decisions:
-            return []
+            return [], {}
+        waiting: dict[str, str] = {}
+        keyed = []
+        for decision in decisions:
+            try:
+                keyed.append((decision, self.roster.current(decision.partner, "enc", now)))
+            except KeyMaterialError as exc:
+                waiting[decision.partner] = str(exc)
+        if not keyed:
+            return [], waiting
         # The key was current when the node started; a node left running past its
         # msmt_valid_until would sign reports every partner refuses. Holding the
         # report unplanned (retried, and logged with this reason) loses nothing:
@@ -130,8 +169,7 @@ class Planner:
             now=now,
         )
         items = []
-        for decision in decisions:
-            enc = self.roster.current(decision.partner, "enc", now)
+        for decision, enc in keyed:
             keys = decision.disclosure_keys()
             jwe = present(
                 issued,
@@ -161,28 +199,30 @@ class Planner:
                     audit=_AUDIT_JSON.encode(audit),
                 )
             )
-        return items
+        return items, waiting
 
-    def plan(
-        self, rows: list[tuple[str, bytes]], limit: int
-    ) -> tuple[dict[str, list[OutboxItem]], dict[str, str]]:
+    def plan(self, rows: list[tuple[str, bytes]], limit: int) -> Plans:
         """Envelopes for up to ``limit`` of ``rows`` (from ``Store.unplanned``).
 
-        Returns (plans, {report id: error}). A report that cannot be planned (e.g.
-        a partner has no valid key) is named in the errors and stays unplanned,
-        so the caller can retry it later without holding up the others. No I/O:
+        A report that cannot be planned at all (e.g. our signing key expired) is
+        named in ``errors`` and stays unplanned, so the caller can retry it later
+        without holding up the others. Partners without a valid encryption key
+        are named in ``waiting`` (the report is planned for the others). No I/O:
         the node runs this off the store's thread, so publishing goes on meanwhile.
         """
-        plans: dict[str, list[OutboxItem]] = {}
-        errors: dict[str, str] = {}
+        result = Plans({}, {}, {})
         for report_id, record in rows:
             try:
-                plans[report_id] = self.envelopes(report_id, record)
+                items, waiting = self.envelopes_waiting(report_id, record)
             except MsmtError as exc:
-                errors[report_id] = str(exc)
-            if len(plans) >= limit:
+                result.errors[report_id] = str(exc)
+            else:
+                result.plans[report_id] = items
+                if waiting:
+                    result.waiting[report_id] = waiting
+            if len(result.plans) >= limit:
                 break
-        return plans, errors
+        return result
 
 
 def sent_event(member: str, item: OutboxItem, at: datetime) -> AuditEvent:

@@ -6,6 +6,8 @@ Tables:
 * ``outbox``: one row per (report, partner) with the exact JWE to publish and a
   state, ``pending`` until the hub acknowledged it, then ``sent`` (and the JWE's
   bytes dropped: the audit log keeps its hash);
+* ``awaiting_key``: partners a planned report has no envelope for yet, because
+  the roster had no valid encryption key for them (planned when it has);
 * ``reissue``: outbox rows to sign again before they are published (again):
   ``stale`` ones waited pending for half the freshness window, ``operator``
   ones were asked for by ``msmt node resend`` after a partner refused them;
@@ -39,6 +41,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from broker.errors import StoreError
@@ -78,6 +81,12 @@ CREATE TABLE IF NOT EXISTS reissue (
     report_id  TEXT NOT NULL,
     partner    TEXT NOT NULL,
     reason     TEXT NOT NULL CHECK (reason IN ('stale', 'operator')),
+    PRIMARY KEY (report_id, partner)
+);
+CREATE TABLE IF NOT EXISTS awaiting_key (
+    report_id  TEXT NOT NULL,
+    partner    TEXT NOT NULL,
+    reason     TEXT NOT NULL,
     PRIMARY KEY (report_id, partner)
 );
 CREATE TABLE IF NOT EXISTS inbox (
@@ -394,8 +403,16 @@ class Store:
         )
         return [(r[0], bytes(r[1])) for r in rows]
 
-    def plan(self, plans: Mapping[str, Sequence[OutboxItem]]) -> None:
-        """Store each report's envelopes (possibly none) and mark it planned, atomically."""
+    def plan(
+        self,
+        plans: Mapping[str, Sequence[OutboxItem]],
+        waiting: Mapping[str, Mapping[str, str]] = MappingProxyType({}),
+    ) -> None:
+        """Store each report's envelopes (possibly none) and mark it planned, atomically.
+
+        ``waiting`` names, per report, the partners it has no envelope for yet (no
+        valid encryption key) and why; ``awaiting`` hands them back for planning.
+        """
         with self._tx() as db:
             for report_id, items in plans.items():
                 db.executemany(
@@ -403,7 +420,69 @@ class Store:
                     " VALUES (?, ?, ?, ?, ?, 'pending')",
                     [(i.report_id, i.partner, i.subject, i.jwe, i.audit) for i in items],
                 )
+                db.executemany(
+                    "INSERT OR REPLACE INTO awaiting_key(report_id, partner, reason)"
+                    " VALUES (?, ?, ?)",
+                    [(report_id, p, why) for p, why in waiting.get(report_id, {}).items()],
+                )
                 db.execute("UPDATE reports SET planned = 1 WHERE report_id = ?", (report_id,))
+
+    def awaiting(self, limit: int) -> list[tuple[str, bytes, tuple[str, ...]]]:
+        """Up to ``limit`` planned reports with partners still awaiting a key, oldest first.
+
+        Each is (id, record, the partners without an envelope).
+        """
+        rows = self._read(
+            "SELECT a.report_id, r.record, json_group_array(a.partner) FROM awaiting_key a"
+            " JOIN reports r ON r.report_id = a.report_id"
+            " GROUP BY a.report_id ORDER BY min(a.rowid) LIMIT ?",
+            (limit,),
+        )
+        return [(r[0], bytes(r[1]), tuple(json.loads(r[2]))) for r in rows]
+
+    def awaited(
+        self,
+        plans: Mapping[str, Sequence[OutboxItem]],
+        waiting: Mapping[str, Mapping[str, str]],
+        wanted: Mapping[str, Sequence[str]],
+    ) -> tuple[int, list[tuple[str, str]]]:
+        """Queue envelopes for partners that were awaiting a key, atomically.
+
+        ``plans`` and ``waiting`` are ``Planner.plan``'s for the reports planned
+        again, ``wanted`` the partners awaited for each. A partner with a new
+        envelope gets it pending; one still without a key keeps waiting (with the
+        new reason); one the current policy releases nothing to any more is
+        dropped. Returns how many envelopes were queued and the dropped pairs.
+        """
+        queued = 0
+        dropped: list[tuple[str, str]] = []
+        with self._tx() as db:
+            for report_id, partners in wanted.items():
+                items = {i.partner: i for i in plans.get(report_id, ())}
+                still = waiting.get(report_id, {})
+                for partner in partners:
+                    item = items.get(partner)
+                    if partner in still:
+                        db.execute(
+                            "UPDATE awaiting_key SET reason = ?"
+                            " WHERE report_id = ? AND partner = ?",
+                            (still[partner], report_id, partner),
+                        )
+                        continue
+                    if item is None:
+                        dropped.append((report_id, partner))
+                    else:
+                        cur = db.execute(
+                            "INSERT OR IGNORE INTO outbox(report_id, partner, subject, jwe, audit,"
+                            " state) VALUES (?, ?, ?, ?, ?, 'pending')",
+                            (item.report_id, item.partner, item.subject, item.jwe, item.audit),
+                        )
+                        queued += cur.rowcount
+                    db.execute(
+                        "DELETE FROM awaiting_key WHERE report_id = ? AND partner = ?",
+                        (report_id, partner),
+                    )
+        return queued, dropped
 
     # --- outbox -------------------------------------------------------------
 
@@ -465,6 +544,10 @@ class Store:
             " + (SELECT count(*) FROM reissue q JOIN outbox o"
             " ON o.report_id = q.report_id AND o.partner = q.partner WHERE o.state = 'sent')"
         )
+        # Envelopes not made yet for want of a partner's key. A store no node of
+        # this version has opened yet (status reads it read-only) has no such table.
+        if self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'awaiting_key'"):
+            rows = [(rows[0][0] + self._read("SELECT count(*) FROM awaiting_key")[0][0],)]
         return int(rows[0][0])
 
     def sent_to(self, partner: str) -> int:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -46,16 +47,19 @@ async def test_a_plan_commit_that_fails_is_retried_and_sends_each_report_once(
     real_plan = node.store.plan
     failures: list[str] = []
 
-    def plan_on_a_full_disk_once(plans: Mapping[str, Sequence[OutboxItem]]) -> None:
+    def plan_on_a_full_disk_once(
+        plans: Mapping[str, Sequence[OutboxItem]],
+        waiting: Mapping[str, Mapping[str, str]] = MappingProxyType({}),
+    ) -> None:
         if failures:
-            return real_plan(plans)
+            return real_plan(plans, waiting)
         # Runs on the store's thread, so nothing else writes meanwhile: cap the
         # file at its current size, let the real commit fail, then lift the cap.
         db: sqlite3.Connection = node.store._db  # the fault is injected below the API
         (pages,) = db.execute("PRAGMA page_count").fetchone()
         db.execute(f"PRAGMA max_page_count={int(pages)}")
         try:
-            real_plan(plans)
+            real_plan(plans, waiting)
         except StoreError as exc:
             failures.append(str(exc))
             raise

@@ -1,10 +1,11 @@
-"""The plan loop retries a report it could not plan on its own timer, not on the next accept.
+"""A partner without a valid key waits; the report goes to the others at once.
 
 USA's keys are rotated to new ones that start a few seconds from now (and its
 current ones retire then), so until that moment USA has no encryption key valid
-now: JPN's planner, in its worker process, refuses the report and the node
-parks it for ``PLAN_RETRY_S``. Nothing else is submitted, so only the retry
-timer can bring the loop back to the report once USA's key is valid.
+now: JPN's planner, in its worker process, plans the report for KOR and names
+USA as waiting, and the node keeps that in its store. Nothing else is
+submitted, so only the node's periodic look at waiting partners can plan USA's
+envelope once its key is valid.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ RETRY_S = 0.5
 """The shortened retry interval (the node's default is 30 s)."""
 
 
-async def test_a_report_skipped_for_a_missing_key_is_sent_once_the_key_is_valid(
+async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
     world: World,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     world.write_config("JPN", BATCH_POLICY)
     usable_at = (datetime.now(UTC) + timedelta(seconds=LEAD_S)).replace(microsecond=0)
     keys.rotate_keys(world.keydir, "USA", now=usable_at)
-    # Read at call time by the plan loop, so the retry comes after RETRY_S, not 30 s.
-    monkeypatch.setattr(broker.node, "PLAN_RETRY_S", RETRY_S)
+    # Read when the node's reissue loop starts, so it looks every RETRY_S, not 60 s.
+    monkeypatch.setattr(broker.node, "REISSUE_EVERY_S", RETRY_S)
     # A report the policy sends to both (a sample's markings may hold it back from some).
     policy = world.policy("JPN")
     record = next(
@@ -50,7 +51,7 @@ async def test_a_report_skipped_for_a_missing_key_is_sent_once_the_key_is_valid(
         if expected_partners(policy, parse_record(json.dumps(r))) == {"USA", "KOR"}
     )
     rid = record["report_id"]
-    cause = f"cannot plan report {rid}: USA has no active enc key valid now"
+    cause = f"report {rid} waits for a partner's key: USA has no active enc key valid now"
 
     def store_facts() -> tuple[dict[str, str], dict[str, int], int, dict[str, int]]:
         store = world.store("JPN")
@@ -73,20 +74,22 @@ async def test_a_report_skipped_for_a_missing_key_is_sent_once_the_key_is_valid(
             answers = await world.submit("JPN", [record])
             assert [a["status"] for a in answers] == ["accepted"]
 
-            # While USA has no valid key: the error is in the status, nothing is planned or sent.
+            # While USA has no valid key: the cause is in the status, KOR has the
+            # report already, USA's envelope is not made yet.
             await await_for(
-                lambda: store_facts()[0].get("last_error") == cause, 5, "the error in the status"
+                lambda: store_facts()[0].get("last_error") == cause, 5, "the cause in the status"
             )
+            await await_for(lambda: store_facts()[3]["KOR"] == 1, 10, "sent to KOR")
             _, _, depth, sent = store_facts()
-            assert depth == 1  # the report itself, still unplanned: no envelope was made
-            assert sent == {"USA": 0, "KOR": 0}
+            assert depth == 1  # USA's envelope, still to make
+            assert sent == {"USA": 0, "KOR": 1}
             assert await world.stream_messages("USA") == 0
-            assert await world.stream_messages("KOR") == 0
-            assert sent_entries() == []
+            assert await world.stream_messages("KOR") == 1
+            assert [e["partner"] for e in sent_entries()] == ["KOR"]
             # Else the checks above ran after the cause was gone and proved nothing.
-            assert datetime.now(UTC) < usable_at, "too slow to see the report held back"
+            assert datetime.now(UTC) < usable_at, "too slow to see USA wait"
 
-            # No other accept: only the retry timer can wake the loop for the report.
+            # No other accept: only the look at waiting partners can plan USA's.
             await await_for(
                 lambda: store_facts()[3] == {"USA": 1, "KOR": 1},
                 LEAD_S + 15,
@@ -105,7 +108,9 @@ async def test_a_report_skipped_for_a_missing_key_is_sent_once_the_key_is_valid(
     assert await world.stream_messages("KOR") == 1
     entries = sent_entries()
     assert sorted((e["partner"], e["report_id"]) for e in entries) == [("KOR", rid), ("USA", rid)]
-    assert all(datetime.fromisoformat(e["at"]) >= usable_at for e in entries)
+    at = {e["partner"]: datetime.fromisoformat(e["at"]) for e in entries}
+    assert at["KOR"] < usable_at <= at["USA"]
+    assert [e for e in logs if e["event"] == "envelopes_planned_for_waiting_partners"]
     # The refusal was logged too, naming the report but none of its content.
     assert [e for e in logs if e["event"] == "node_error" and e.get("error") == cause]
     rendered = [json.dumps(e, default=str) for e in logs]

@@ -22,6 +22,7 @@ import pytest
 from envelope_world import Node, default_entries, make_roster, roster_entry, sig_key
 
 from broker import samples
+from broker.errors import KeyMaterialError
 from broker.planpool import PlannerSpec, PlanPool, PlanWorkerError
 from broker.policy import load_policy
 from broker.publisher import Planner, Signer
@@ -69,16 +70,42 @@ def test_a_signing_key_past_its_validity_holds_every_report_back() -> None:
     signer = Signer("JPN", sig_key("JPN"), "JPN-sig-1")
     batch = rows(3)
 
-    plans, errors = Planner(signer, policy, roster, {}).plan(batch, 10)
+    plans, errors, waiting = Planner(signer, policy, roster, {}).plan(batch, 10)
     assert plans == {}
     reason = f"cannot sign: key JPN-sig-1 expired at {expires.isoformat().replace('+00:00', 'Z')}"
     assert errors == {rid: reason for rid, _ in batch}
 
     # The same planner a second before the key expired signs all three.
     before = Planner(signer, policy, roster, {}, clock=lambda: expires - timedelta(seconds=1))
-    plans, errors = before.plan(batch, 10)
+    plans, errors, waiting = before.plan(batch, 10)
     assert errors == {}
+    assert waiting == {}
     assert list(plans) == [rid for rid, _ in batch]
+
+
+def test_a_partner_without_a_valid_key_waits_and_the_others_are_planned() -> None:
+    # GBR's only encryption key has expired: its envelope cannot be made, but one
+    # partner's lapsed key must not hold back the report for the other nine.
+    expired = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    entries = [e for e in default_entries() if e["kid"] != "GBR-enc-1"]
+    roster = make_roster([*entries, roster_entry("GBR", "enc", valid_until=expired)])
+    policy = load_policy(POLICY, member="JPN")
+    batch = rows(2)
+    plans, errors, waiting = Planner(
+        Signer("JPN", sig_key("JPN"), "JPN-sig-1"), policy, roster, {}
+    ).plan(batch, 10)
+    assert errors == {}
+    reason = "GBR has no active enc key valid now"
+    assert waiting == {rid: {"GBR": reason} for rid, _ in batch}
+    for rid, _ in batch:
+        partners = {i.partner for i in plans[rid]}
+        assert partners == {"USA", "KOR", "FRA", "AUS", "CAN", "DEU", "ITA", "NLD", "NZL"}
+        usa = next(i for i in plans[rid] if i.partner == "USA")
+        got = Node("USA").receive(usa.jwe.decode(), now=datetime.now(UTC))
+        assert got.report_id == rid
+    # envelopes() keeps its all-or-nothing contract for its callers.
+    with pytest.raises(KeyMaterialError, match=reason):
+        Planner(Signer("JPN", sig_key("JPN"), "JPN-sig-1"), policy, roster, {}).envelopes(*batch[0])
 
 
 def test_spec_rebuilds_an_equal_planner() -> None:
@@ -94,8 +121,9 @@ async def test_worker_plans_what_the_planner_plans_and_recipients_open_it(
     pool: PlanPool,
 ) -> None:
     batch = rows(6)
-    ours, errors = await pool.plan(batch[1:], 4)
-    theirs, their_errors = planner().plan(batch[1:], 4)
+    ours, errors, waiting = await pool.plan(batch[1:], 4)
+    theirs, their_errors, _ = planner().plan(batch[1:], 4)
+    assert waiting == {}
     assert errors == their_errors == {}
     assert list(ours) == list(theirs) == [rid for rid, _ in batch[1:5]]
     now = datetime.now(UTC)
@@ -122,7 +150,7 @@ async def test_a_module_in_the_working_directory_does_not_stand_in_for_one_the_w
     (tmp_path / "secrets.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     monkeypatch.chdir(tmp_path)
     await pool.start()
-    plans, errors = await pool.plan(rows(1), 1)
+    plans, errors, _ = await pool.plan(rows(1), 1)
     assert (len(plans), errors) == (1, {})
     assert not marker.exists()
 
@@ -142,7 +170,7 @@ async def test_the_worker_ignores_sigterm_sent_to_the_whole_group(pool: PlanPool
     await pool.start()
     (pid,) = pool.worker_pids()
     os.kill(pid, signal.SIGTERM)
-    plans, errors = await pool.plan(rows(1), 1)
+    plans, errors, _ = await pool.plan(rows(1), 1)
     assert len(plans) == 1
     assert errors == {}
     assert pool.worker_pids() == [pid]

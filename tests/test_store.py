@@ -92,6 +92,46 @@ def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
     assert store.outbox_depth() == 1
 
 
+def test_partners_awaiting_a_key_are_kept_until_planned(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    store.accept([rep(1, size=20), rep(2)])
+    r1, r2 = rep(1).report_id, rep(2).report_id
+    why = "GBR has no active enc key valid now"
+    store.plan({r1: [item(r1, "USA")], r2: []}, {r1: {"GBR": why, "FRA": why}})
+    assert store.unplanned(10) == []
+    assert store.outbox_depth() == 3  # USA's envelope, and GBR's and FRA's still to make
+    assert [(r, rec, sorted(ps)) for r, rec, ps in store.awaiting(10)] == [
+        (r1, b"x" * 20, ["FRA", "GBR"])
+    ]
+    # A read-only reader (msmt status) counts them too.
+    store.close()
+    assert Store(path, readonly=True).outbox_depth() == 3
+    store = Store(path)
+    # Planned again: GBR's key is valid now, FRA's still is not. USA's envelope in
+    # the new plan is not wanted: it has one already, which stays as it is.
+    queued, dropped = store.awaited(
+        {r1: [item(r1, "GBR"), item(r1, "USA")]},
+        {r1: {"FRA": "FRA has no active enc key valid now"}},
+        {r1: ("GBR", "FRA")},
+    )
+    assert (queued, dropped) == (1, [])
+    assert [(p.report_id, p.partner) for p in store.pending(10)] == [(r1, "USA"), (r1, "GBR")]
+    assert store.awaiting(10) == [(r1, b"x" * 20, ("FRA",))]
+    # The policy no longer releases anything to FRA: it stops waiting, nothing is made.
+    assert store.awaited({r1: [item(r1, "USA")]}, {}, {r1: ("FRA",)}) == (0, [(r1, "FRA")])
+    assert store.awaiting(10) == []
+    assert store.outbox_depth() == 2
+
+
+def test_an_older_store_without_the_awaiting_table_still_reads(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    Store(path).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("DROP TABLE awaiting_key")
+    assert Store(path, readonly=True).outbox_depth() == 0
+
+
 def test_sent_envelopes_leave_only_their_facts_and_their_pages_are_reused(tmp_path: Path) -> None:
     # The outbox must not grow by an envelope's size for every envelope ever sent:
     # a node sends ~6 KB per partner and report, for years. After 3,000 envelopes
