@@ -917,7 +917,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         undo.callback(store.close)
         state = store.state()
         # The pinned state file refuses a rolled-back roster and two rosters under one version.
-        roster_state = config.data_dir / "roster-state.json"
+        roster_state = config.roster_state_path
         signed = load_pinned_roster(
             config.roster_dir, config.authority_path, roster_state, record=False
         )
