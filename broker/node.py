@@ -64,7 +64,7 @@ from broker.planpool import PlanPool, PlanWorkerError
 from broker.policy import Policy
 from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
 from broker.receiver import Inbound, Receiver
-from broker.roster import Roster
+from broker.roster import Roster, format_time
 from broker.store import AUDIT_SIZE, NewReport, OutboxItem, Store
 
 log = get_logger("node")
@@ -92,6 +92,8 @@ REISSUE_EVERY_S: Final = 60.0
 """Longest time between looks for envelopes to sign again (pending too long; ``msmt node
 resend``); a quarter of the freshness window if that is shorter."""
 PSEUDONYM_MIN_BYTES: Final = 32
+EXPIRY_WARNING: Final = timedelta(days=14)
+"""A credential expiring sooner than this is logged at start (``credential_expires_soon``)."""
 
 
 def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
@@ -145,8 +147,23 @@ class Node:
         self.seed = seed
         self.tls = tls
         self.metrics = Metrics()
+        now = datetime.now(UTC)
         for credential, at in (expiries or {}).items():
             self.metrics.credential_expiry.labels(credential=credential).set(at.timestamp())
+            # Said at start too, not only in a gauge nobody may scrape: a node that
+            # signs with an expired key holds every report back (docs/KEYS.md).
+            if at - now < EXPIRY_WARNING:
+                log.warning(
+                    "credential_expires_soon", credential=credential, expires_at=format_time(at)
+                )
+        if expiries:
+            store.set_state(
+                {
+                    "credentials_valid_until": json.dumps(
+                        {name: format_time(at) for name, at in sorted(expiries.items())}
+                    )
+                }
+            )
         self.auditnet = auditnet(self.metrics, self.run_db)
         self.stop = asyncio.Event()
         self.nc: Client | None = None

@@ -18,6 +18,7 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from broker.config import NodeConfig, load_config
 from broker.errors import UsageError
 from broker.intake import ensure_token, submit
 from broker.natsproc import NatsServer, free_port
+from broker.roster import format_time
 
 pytestmark = pytest.mark.integration
 
@@ -159,17 +161,29 @@ def test_status_shows_the_roster_and_policy_the_node_started_with(kor: Kor) -> N
     kor.create_pseudonym_key()
     before = kor.msmt("keys", "rotate", "JPN", "--dir", str(kor.root / "keys"))
     assert before.returncode == 0, before.stderr
-    version = keys.load_signed_roster(kor.root / "keys").version
-    assert version > 1  # a rotation, so the number is not a default anyone would print
+    # KOR's own keys valid for a day only: the start says so, and status shows when.
+    short = kor.msmt("keys", "rotate", "KOR", "--dir", str(kor.root / "keys"), "--valid-days", "1")
+    assert short.returncode == 0, short.stderr
+    signed = keys.load_signed_roster(kor.root / "keys")
+    version = signed.version
+    assert version > 2  # rotations, so the number is not a default anyone would print
+    until = signed.roster.current("KOR", "sig", datetime.now(UTC)).valid_until
     kor.start()
     assert kor.stop(signal.SIGTERM) == 0
 
     text = kor.msmt("status", "--config", str(kor.config_path))
     assert text.returncode == 0, text.stderr
     assert f"roster_version {version}\n" in text.stdout
+    assert f"  signing_key                  {format_time(until)}\n" in text.stdout
+    started = (kor.root / "KOR.log").read_text()
+    assert '"event": "credential_expires_soon"' in started
+    assert f'"expires_at": "{format_time(until)}"' in started
     done = kor.msmt("status", "--config", str(kor.config_path), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["roster_version"] == version
+    valid = json.loads(done.stdout)["credentials_valid_until"]
+    assert set(valid) == {"signing_key", "encryption_key"}
+    assert valid["signing_key"] == format_time(until)
 
     # The policy in force, and whether the file is still it: an edit applies only
     # at a restart, and nothing else would show that the node runs the old one.

@@ -405,6 +405,15 @@ def inbox_check_cmd(config_path: Path) -> None:
     click.echo(f"OK: {summary}; every receipt in the audit log is in the inbox")
 
 
+def _json_state(state: dict[str, str], key: str) -> dict[str, Any]:
+    # Written by the node; a damaged value is shown as such, never a traceback.
+    try:
+        value = json.loads(state.get(key, "{}"))
+    except ValueError:
+        return {"unreadable": key}
+    return value if isinstance(value, dict) else {"unreadable": key}
+
+
 def _policy_file_state(config: NodeConfig, in_force: str) -> str:
     # Never an error: status must answer even while the file is being rewritten.
     try:
@@ -439,6 +448,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "roster_version": int(roster) if roster.isdecimal() else roster,
         "policy_digest": in_force,
         "policy_file": _policy_file_state(config, in_force),
+        # As of the last start: the signing and encryption keys and the TLS certificate.
+        "credentials_valid_until": _json_state(state, "credentials_valid_until"),
         "connected": state.get("connected", "unknown"),
         "outbox_depth": store.outbox_depth(),
         "inbox_lag": state.get("inbox_lag", "unknown"),
@@ -456,6 +467,10 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         if key == "counters":
             for name, count in value.items():
                 click.echo(f"  {name:<28} {count}")
+        elif key == "credentials_valid_until":
+            click.echo("credentials valid until")
+            for name, until in value.items():
+                click.echo(f"  {name:<28} {until}")
         else:
             click.echo(f"{key:<14} {value}")
 
