@@ -847,6 +847,12 @@ def test_reports_refused_at_every_send_are_listed_apart_from_findings() -> None:
     assert text.split("Refused at every send (2; msmt node resend --report sends again)\n")[
         1
     ].startswith("  JPN -> USA  r2  replay\n  JPN -> GBR  r3  key\n\nFindings (1)")
+    assert "vessel.imo" not in text
+    # With --fields, who got which fields: each send's disclosure keys under it.
+    listed = render_tables(result, ["GBR", "JPN", "USA"], show_fields=True).splitlines()
+    first = listed.index(next(line for line in listed if "r1  AMBER" in line))
+    assert listed[first + 1] == "      vessel.imo"
+    assert listed.count("      vessel.imo") == len(exchanges)
 
 
 # --- entries a member appends to its own log: repeats, conflicts, other members' JWEs ------

@@ -367,6 +367,9 @@ def _verified(
     help="Folder of <MEMBER>/policy.toml files (such as nodes/); repeat for older versions.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for tools instead of tables.")
+@click.option(
+    "--fields", "show_fields", is_flag=True, help="List each send's disclosure keys under it."
+)
 def audit_replay(
     directories: tuple[Path, ...],
     keydir: Path | None,
@@ -375,6 +378,7 @@ def audit_replay(
     log_key: tuple[str, ...],
     policies: tuple[Path, ...],
     as_json: bool,
+    show_fields: bool,
 ) -> None:
     """Reconcile several nodes' logs: timeline, who-sent-to-whom, and every discrepancy.
 
@@ -429,7 +433,7 @@ def audit_replay(
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
-        click.echo(render_tables(result, sorted(logs)))
+        click.echo(render_tables(result, sorted(logs), show_fields=show_fields))
     if result.findings:
         raise AuditError(f"{len(result.findings)} findings: the logs do not reconcile")
 
@@ -442,8 +446,12 @@ def status_line(result: Replay, logs: int) -> str:
     )
 
 
-def render_tables(result: Replay, members: list[str]) -> str:
-    """The human report: timeline, delivered-sends matrix, findings."""
+def render_tables(result: Replay, members: list[str], *, show_fields: bool = False) -> str:
+    """The human report: timeline, delivered-sends matrix, findings.
+
+    ``show_fields`` lists under each send the disclosure keys it released (field
+    paths and forms, never values): who got which fields.
+    """
     lines = [f"Timeline ({len(result.exchanges)} sends; policy: the first 12 hex of its digest)"]
     for e in result.exchanges:
         lines.append(
@@ -451,6 +459,8 @@ def render_tables(result: Replay, members: list[str]) -> str:
             f"{e.tlp:<12} {len(e.released):>2} fields  policy {e.policy_digest[:12]}  {e.status}"
             + ("" if e.refused_at is None else f" ({e.refused_at})")
         )
+        if show_fields:
+            lines.append(f"      {', '.join(e.released) or '(none)'}")
     lines += ["", status_line(result, len(members))]
     senders = sorted({s for s, _ in result.matrix} | set(members))
     recipients = sorted({r for _, r in result.matrix} | set(members))
