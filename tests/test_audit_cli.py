@@ -109,6 +109,38 @@ def test_tampered_log_exits_1_with_the_entry(tmp_path: Path, keydir: Path) -> No
     assert proc.stdout == ""
 
 
+def test_entries_lists_a_verified_log_and_refuses_a_damaged_one(
+    tmp_path: Path, keydir: Path
+) -> None:
+    build_log(tmp_path, _signing_key(keydir, "JPN"), [6, 6])
+    code, out, err = _run("audit", "entries", str(tmp_path), "--keys", str(keydir))
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == [str(i) for i in range(12)]
+    assert [line.split()[2] for line in lines[:6]] == [
+        "accepted", "sent", "received", "rejected", "key", "policy",
+    ]  # fmt: skip
+    assert "released=vessel.imo,vessel.position#coarsen:0.1" in lines[1]
+    assert "action=rotated  kid=JPN-sig-1  new_kid=JPN-sig-2" in lines[4]
+    code, out, err = _run(
+        "audit", "entries", str(tmp_path), "--keys", str(keydir), "--type", "key", "--json"
+    )
+    assert (code, err) == (0, "")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["seq"], r["type"], r["new_kid"]) for r in rows] == [
+        (4, "key", "JPN-sig-2"),
+        (10, "key", "JPN-sig-2"),
+    ]
+    # Only what verifies is shown: an edited entry is one line and exit 1, nothing listed.
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        db.execute("UPDATE entries SET entry = replace(entry, 'USA', 'NZL') WHERE idx = 1")
+    code, out, err = _run("audit", "entries", str(tmp_path), "--keys", str(keydir))
+    assert (code, out) == (1, "")
+    assert err.startswith("msmt: error: JPN log ")
+    assert "entry 1" in err
+    assert len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("args", "reason"),
     [

@@ -20,6 +20,7 @@ import click
 
 from broker import evidence
 from broker import keys as keyfiles
+from broker.audit_events import TYPES
 from broker.audit_replay import Finding, Replay, replay, verified_entries
 from broker.audit_verify import (
     LoadedLog,
@@ -352,6 +353,66 @@ def _verified(
     except MsmtError as exc:
         error = UsageError if exc.exit_code == UsageError.exit_code else AuditError
         raise error(f"{origin} log {directory}: {exc}") from None
+
+
+_NOT_SHOWN: frozenset[str] = frozenset({"v", "seq", "prev", "at", "type", "member"})
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    return "-" if value is None else str(value)
+
+
+@audit_group.command(name="entries")
+@_DIR
+@_trust_options
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    type=click.Choice(TYPES),
+    help="Only entries of this type (repeat for several).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per entry (NDJSON).")
+def audit_entries(
+    directory: Path,
+    keydir: Path | None,
+    authority: Path | None,
+    roster: Path | None,
+    log_key: tuple[str, ...],
+    types: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """List a log's entries (accepted, sent, received, rejected, key, policy) after verifying it.
+
+    The log is verified first, as msmt audit verify does, and only the entries
+    that rebuild the verified root are shown: a damaged log gets one line and
+    exit status 1. Entries hold ids, disclosure keys, digests and markings,
+    never report content.
+    """
+    trusted = _roster(keydir, authority, roster)
+    origin = read_origin(directory)
+    report = _verified(
+        directory, origin, _log_keys(trusted, log_key, origin), _revoked_keys(trusted, origin)
+    )
+    log = load(directory)
+    with click.progressbar(
+        length=report.size,
+        label="reading entries",
+        file=sys.stderr,
+        show_pos=True,
+        hidden=report.size < PROGRESS_FROM,
+    ) as bar:
+        entries = _parsed_entries(log, report, bar)
+    for entry in entries:
+        if types and entry["type"] not in types:
+            continue
+        if as_json:
+            click.echo(json.dumps(entry, separators=(",", ":")))
+            continue
+        rest = "  ".join(f"{k}={_shown(v)}" for k, v in entry.items() if k not in _NOT_SHOWN)
+        click.echo(f"{entry['seq']:>7}  {entry['at']}  {entry['type']:<8}  {rest}")
 
 
 @audit_group.command(name="replay")
