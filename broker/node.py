@@ -985,6 +985,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         audit_unaudited(config.member, store, audit, at)
         signer = Signer(config.member, keys.signing, keys.signing_kid)
         planner = Planner(signer, policy, signed.roster, pseudonym)
+        _warn_keyless_partners(policy, signed.roster, at)
         inbound = Inbound(
             config.member,
             keys.decryption,
@@ -1143,6 +1144,26 @@ def audit_unaudited(member: str, store: Store, audit: AuditLog, at: datetime) ->
         )
         store.mark_audited([rid for rid, _ in unaudited])
     return len(unaudited)
+
+
+def _warn_keyless_partners(policy: Policy, roster: Roster, at: datetime) -> None:
+    # A partner the policy releases to but the roster has no valid encryption key
+    # for gets nothing until it has one (its envelopes wait): say so at start,
+    # rather than only at the first report (a roster made for fewer members, say).
+    named = {p for rule in policy.rules if rule.effect == "release" for p in rule.members}
+    keyless = []
+    for partner in sorted(named, key=MEMBERS.index):
+        try:
+            roster.current(partner, "enc", at)
+        except KeyMaterialError:
+            keyless.append(partner)
+    if keyless:
+        log.warning(
+            "partners_without_keys",
+            partners=",".join(keyless),
+            reason="the policy releases to them but the roster has no valid encryption key: "
+            "their envelopes wait until it has",
+        )
 
 
 def reissue_interval(freshness_seconds: int) -> float:

@@ -111,6 +111,9 @@ async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
     at = {e["partner"]: datetime.fromisoformat(e["at"]) for e in entries}
     assert at["KOR"] < usable_at <= at["USA"]
     assert [e for e in logs if e["event"] == "envelopes_planned_for_waiting_partners"]
+    # Said at start already, before any report: the policy names a partner without a key.
+    (keyless,) = [e for e in logs if e["event"] == "partners_without_keys"]
+    assert keyless["partners"] == "USA"
     # The refusal was logged too, naming the report but none of its content.
     assert [e for e in logs if e["event"] == "node_error" and e.get("error") == cause]
     rendered = [json.dumps(e, default=str) for e in logs]
