@@ -592,6 +592,13 @@ def test_reports_signed_with_a_key_since_revoked_are_marked_and_not_exported(
     assert json.loads(shown.stdout)["signer_revoked"] == revoked
     other = _cli("inbox", "show", "--config", config, kor_ids[0])
     assert json.loads(other.stdout)["signer_revoked"] is None
+    # Evidence still shows what was received, with a warning that it no longer vouches.
+    handed = _cli("inbox", "evidence", "--config", config, ids[0])
+    assert handed.exit_code == 0, handed.stderr
+    assert handed.stderr == f"warning: the report's signer is no longer trusted: {revoked}\n"
+    assert json.loads(handed.stdout)["report_id"] == ids[0]
+    clean = _cli("inbox", "evidence", "--config", config, kor_ids[0])
+    assert (clean.exit_code, clean.stderr) == (0, "")
 
     exported = _cli("export", "stix", "--config", config)
     assert exported.exit_code == 0, exported.stderr

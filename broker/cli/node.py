@@ -346,7 +346,7 @@ def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> Non
             f"report {report_id} from {entry.sender} was received before nodes kept envelopes:"
             " there is no evidence of it but the audit log's hash"
         )
-    _, keys = _member_keys(config)
+    roster, keys = _member_keys(config)
     try:
         found = evidence.make(
             jwe, received_at=entry.received_at, decryption_keys=keys.decryption, me=config.member
@@ -359,6 +359,11 @@ def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> Non
             f"the kept envelope of report {report_id} is not the one received:"
             " check the store with msmt inbox check"
         )
+    withdrawn = None if entry.signing_kid is None else roster.withdrawn(entry.signing_kid)
+    if withdrawn is not None:
+        # Still printed (it shows what was received), but its signature no longer
+        # vouches for it: msmt audit evidence refuses it at the key step.
+        click.echo(f"warning: the report's signer is no longer trusted: {withdrawn}", err=True)
     click.echo(found.to_json())
 
 
