@@ -840,6 +840,7 @@ class Node:
             socket=str(config.socket_path),
             policy_digest=self.planner.policy.digest,
         )
+        _warn_keyless_partners(self.planner.policy, self.planner.roster, datetime.now(UTC))
         try:
             await self.stop.wait()
         finally:
@@ -985,7 +986,6 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         audit_unaudited(config.member, store, audit, at)
         signer = Signer(config.member, keys.signing, keys.signing_kid)
         planner = Planner(signer, policy, signed.roster, pseudonym)
-        _warn_keyless_partners(policy, signed.roster, at)
         inbound = Inbound(
             config.member,
             keys.decryption,
