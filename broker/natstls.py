@@ -36,11 +36,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import nats.errors
+import nats.js.errors
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from broker.errors import ConfigError, KeyMaterialError
 from broker.keys import check_private_file
@@ -93,6 +96,31 @@ class TlsOnlyClient(Client):
                 "refusing to go on in plaintext"
             )
         await super()._process_info(info, initial_connection)
+
+    def jetstream(self, **opts: Any) -> JetStreamContext:
+        """A JetStream context whose ``publish_async`` futures also carry the hub's refusals."""
+        return AckedJetStream(self, **opts)
+
+
+class AckedJetStream(JetStreamContext):
+    """nats-py's JetStream context, with refused publishes failing their futures.
+
+    nats-py's reply handler builds the error with ``APIError.from_error``, which
+    raises instead of returning (nats-io/nats.py#985, fix pending in #994): the
+    error escapes to the connection's error callback and the publish's future is
+    never resolved. A full inbox (``503 maximum bytes exceeded``) then looked to
+    the publisher like a hub that did not answer within its timeout.
+    """
+
+    async def _handle_async_reply(self, msg: Msg) -> None:
+        try:
+            await super()._handle_async_reply(msg)
+        except (nats.js.errors.Error, ValueError) as exc:
+            # The same token nats-py keys its futures by (its reply subject's last token).
+            token = msg.subject[len(self._nc._inbox_prefix) + 22 + 2 :]
+            future = self._publish_async_futures.get(token)
+            if future is not None and not future.done():
+                future.set_exception(exc)
 
 
 def plaintext_refusal_hooked() -> bool:
