@@ -212,7 +212,8 @@ async def _stream_config(js: JetStreamContext, name: str) -> StreamConfig | None
 
 
 _NO_STORAGE: Final = 10047
-"""JetStream's ``insufficient storage resources available``: the account quota is full."""
+"""JetStream's ``insufficient storage resources available``: the account quota, or the
+server's store, is full (the server's answer does not say which)."""
 
 
 def _refusal(name: str, wanted: StreamConfig, exc: Exception) -> ConfigError:
@@ -222,7 +223,8 @@ def _refusal(name: str, wanted: StreamConfig, exc: Exception) -> ConfigError:
         return ConfigError(
             f"stream {name}: the account's storage quota on the hub has no room for "
             f"max_bytes x replicas = {need} bytes: use a smaller --max-bytes or "
-            "--replicas, or ask the hub operator for a larger quota"
+            "--replicas, or ask the hub operator for a larger quota (or a larger JetStream "
+            "store: the server's own may be smaller than the quotas, see its 'Max Storage')"
         )
     return ConfigError(f"stream {name}: the server refused the setup ({exc})")
 
