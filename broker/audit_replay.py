@@ -118,6 +118,19 @@ class Replay:
                 delivered.add(key)
         return [e for key, e in last.items() if key not in delivered]
 
+    def recovered(self) -> list[Exchange]:
+        """Sends the partner never logged whose report a later send delivered to it.
+
+        The hub lost them (or never stored them) and ``msmt node resend`` sent the
+        report again: not findings, but shown, so a recovery can be checked.
+        """
+        flagged = {(f.member, f.seq) for f in self.findings if f.kind == "undelivered"}
+        return [
+            e
+            for e in self.exchanges
+            if e.status == "undelivered" and (e.sender, e.seq) not in flagged
+        ]
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form for tools (``msmt audit replay --json``)."""
         return {
@@ -143,6 +156,15 @@ class Replay:
                     "refused_at": e.refused_at,
                 }
                 for e in self.never_delivered()
+            ],
+            "recovered": [
+                {
+                    "sender": e.sender,
+                    "recipient": e.recipient,
+                    "report_id": e.report_id,
+                    "seq": e.seq,
+                }
+                for e in self.recovered()
             ],
         }
 
@@ -462,6 +484,7 @@ def replay(
         findings += _in_several_logs(receipts, "a receipt")
     matrix = Counter((sender, recipient) for sender, recipient, _ in delivered)
     exchanges.sort(key=lambda e: (e.at, e.sender, e.seq))
+    findings = _resent_after_loss(exchanges, findings)
     findings.sort(key=lambda f: (f.member, f.seq, f.kind))
     return Replay(
         tuple(exchanges),
@@ -469,6 +492,29 @@ def replay(
         tuple(f for f in findings if f.kind != "not-checked"),
         sum(f.kind == "not-checked" for f in findings),
     )
+
+
+def _resent_after_loss(exchanges: Sequence[Exchange], findings: list[Finding]) -> list[Finding]:
+    """Drop ``undelivered`` findings for sends a later send of the report made good.
+
+    A send the partner never logged (the hub lost it, docs/RELIABILITY.md) whose
+    report a later send from the same sender delivered to the same partner
+    (``msmt node resend``) is a loss recovered, not a discrepancy: both logs
+    agree the partner holds the report. The send keeps its ``undelivered``
+    status in the timeline, and ``Replay.recovered`` lists it.
+    """
+    delivered_at: dict[tuple[str, str, str], int] = {}
+    for e in exchanges:
+        if e.status == "delivered":
+            key = (e.sender, e.recipient, e.report_id)
+            delivered_at[key] = max(delivered_at.get(key, -1), e.seq)
+    lost = {
+        (e.sender, e.seq)
+        for e in exchanges
+        if e.status == "undelivered"
+        and delivered_at.get((e.sender, e.recipient, e.report_id), -1) > e.seq
+    }
+    return [f for f in findings if not (f.kind == "undelivered" and (f.member, f.seq) in lost)]
 
 
 def _in_several_logs(pairs: Sequence[tuple[str, _Entry]], what: str) -> list[Finding]:

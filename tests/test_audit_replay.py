@@ -923,6 +923,41 @@ def test_a_receipt_appended_for_a_rejected_jwe_is_a_conflict() -> None:
     ]
 
 
+def test_a_send_lost_by_the_hub_and_made_good_by_a_resend_is_not_a_finding() -> None:
+    # The hub lost JPN's first envelope (USA never logged it); msmt node resend
+    # signed the report again, and USA logged the new envelope. The loss is
+    # shown as recovered, not as a discrepancy; a report lost for good still is.
+    resent = hashlib.sha256(b"resent").hexdigest()
+    jpn = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0), _accepted("JPN", R2, 0)]
+    jpn += [_jpn_send(R1, D_LOOSE), _jpn_send(R2, D_LOOSE)]
+    again = ev.sent(
+        "JPN", T0 + timedelta(seconds=60), partner="USA", report_id=R1, kind="vessel",
+        released=NARROW, policy_digest=D_LOOSE, jwe_sha256=resent, originator="JPN",
+        tlp="AMBER", rel_to=None,
+    )  # fmt: skip
+    jpn.append(again)
+    usa = [_started("USA")]
+    usa.append(
+        ev.received(
+            "USA", T0 + timedelta(seconds=61), sender="JPN", report_id=R1, kind="vessel",
+            fields=NARROW, jwe_sha256=resent,
+        )
+    )  # fmt: skip
+    result = replay({"JPN": _entries(jpn), "USA": _entries(usa)}, BOTH)
+    assert [(f.kind, f.report_id) for f in result.findings] == [("undelivered", str(R2))]
+    assert [(e.report_id, e.seq) for e in result.recovered()] == [(str(R1), 3)]
+    statuses = sorted((e.report_id == str(R1), e.seq, e.status) for e in result.exchanges)
+    assert statuses == [(False, 4, "undelivered"), (True, 3, "undelivered"), (True, 5, "delivered")]
+    assert result.to_json()["recovered"] == [
+        {"sender": "JPN", "recipient": "USA", "report_id": str(R1), "seq": 3}
+    ]
+    text = render_tables(result, ["JPN", "USA"])
+    assert (
+        f"Lost on the way, then delivered by a later send (1)\n  JPN -> USA  {R1}  (entry 3)"
+        in text
+    )
+
+
 def test_an_envelope_passed_on_by_a_third_member_is_not_a_refusal_of_the_send() -> None:
     # KOR publishes JPN's envelope to USA again: USA's node, honestly, refuses the
     # same bytes from KOR. That is not USA refusing JPN's send, which it received.

@@ -540,6 +540,17 @@ def render_tables(result: Replay, members: list[str], *, show_fields: bool = Fal
         ]
         if len(lost) > SHOWN_LOST:
             lines.append(f"  ... and {len(lost) - SHOWN_LOST} more (--json lists all)")
+    recovered = result.recovered()
+    if recovered:
+        # Not findings either: the partner never logged these sends (the hub lost
+        # them), but a later send of the same report reached it.
+        lines += ["", f"Lost on the way, then delivered by a later send ({len(recovered)})"]
+        lines += [
+            f"  {e.sender} -> {e.recipient}  {e.report_id}  (entry {e.seq})"
+            for e in recovered[:SHOWN_LOST]
+        ]
+        if len(recovered) > SHOWN_LOST:
+            lines.append(f"  ... and {len(recovered) - SHOWN_LOST} more (--json lists all)")
     lines += ["", f"Findings ({len(result.findings)})"]
     lines += _finding_lines(result.findings)
     if not result.findings:
