@@ -846,7 +846,12 @@ def test_reports_refused_at_every_send_are_listed_apart_from_findings() -> None:
     assert "vessel   r1  AMBER         1 fields  policy pppppppppppp  rejected (freshness)" in text
     assert text.split("Refused at every send (2; msmt node resend --report sends again)\n")[
         1
-    ].startswith("  JPN -> USA  r2  replay\n  JPN -> GBR  r3  key\n\nFindings (1)")
+    ].startswith(
+        "  JPN -> USA  r2  replay\n  JPN -> GBR  r3  key\n\n"
+        "Sends the partner never logged (1; findings below; if the hub lost them, "
+        "msmt node resend --report sends them again)\n  JPN -> USA  r4  (entry 1)\n\n"
+        "Findings (1)"
+    )
     assert "vessel.imo" not in text
     # With --fields, who got which fields: each send's disclosure keys under it.
     listed = render_tables(result, ["GBR", "JPN", "USA"], show_fields=True).splitlines()

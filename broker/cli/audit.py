@@ -540,6 +540,23 @@ def render_tables(result: Replay, members: list[str], *, show_fields: bool = Fal
         ]
         if len(lost) > SHOWN_LOST:
             lines.append(f"  ... and {len(lost) - SHOWN_LOST} more (--json lists all)")
+    flagged = {(f.member, f.seq) for f in result.findings if f.kind == "undelivered"}
+    unlogged = [
+        e for e in result.exchanges if e.status == "undelivered" and (e.sender, e.seq) in flagged
+    ]
+    if unlogged:
+        # The findings name entries; a sender resends by report id.
+        lines += [
+            "",
+            f"Sends the partner never logged ({len(unlogged)}; findings below; if the hub lost"
+            " them, msmt node resend --report sends them again)",
+        ]
+        lines += [
+            f"  {e.sender} -> {e.recipient}  {e.report_id}  (entry {e.seq})"
+            for e in unlogged[:SHOWN_LOST]
+        ]
+        if len(unlogged) > SHOWN_LOST:
+            lines.append(f"  ... and {len(unlogged) - SHOWN_LOST} more (--json lists all)")
     recovered = result.recovered()
     if recovered:
         # Not findings either: the partner never logged these sends (the hub lost
