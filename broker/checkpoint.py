@@ -94,6 +94,10 @@ def sign_checkpoint(checkpoint: Checkpoint, private: Ed25519PrivateKey) -> Note:
     return Note(text, (sign_ed25519(text, checkpoint.origin, private),))
 
 
+class UntrustedSignerError(NoteError):
+    """No key trusted for the checkpoint's log signed it (e.g. a roster update not loaded)."""
+
+
 def open_checkpoint(data: bytes | str, log_keys: Iterable[Verifier]) -> tuple[Checkpoint, Note]:
     """Parse and verify a signed checkpoint; raise ``NoteError`` on any failure.
 
@@ -106,7 +110,9 @@ def open_checkpoint(data: bytes | str, log_keys: Iterable[Verifier]) -> tuple[Ch
     keys = [k for k in log_keys if k.name == checkpoint.origin and k.alg == ALG_ED25519]
     present = [k for k in keys if find_signature(note, k) is not None]
     if not present:
-        raise NoteError(f"checkpoint for {checkpoint.origin} has no signature by a trusted log key")
+        raise UntrustedSignerError(
+            f"checkpoint for {checkpoint.origin} has no signature by a trusted log key"
+        )
     for verifier in present:
         verify_ed25519(note, verifier)
     return checkpoint, note

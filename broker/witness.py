@@ -23,7 +23,7 @@ from typing import Final
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.checkpoint import Checkpoint, cosign, open_checkpoint
+from broker.checkpoint import Checkpoint, UntrustedSignerError, cosign, open_checkpoint
 from broker.errors import AuditError
 from broker.members import is_member
 from broker.merkle import HASH_SIZE, ProofError, verify_consistency
@@ -172,7 +172,14 @@ class Witness:
         try:
             cp, note = open_checkpoint(checkpoint, keys)
         except NoteError as exc:
-            raise BadSignatureError(f"checkpoint of {origin}: {exc}") from None
+            # Most often a partner's rotated log key, in a roster this node has not
+            # loaded yet: say so, since the line shows in every node's status then.
+            hint = (
+                f" (if {origin} rotated its keys, restart with the new roster)"
+                if isinstance(exc, UntrustedSignerError)
+                else ""
+            )
+            raise BadSignatureError(f"checkpoint of {origin}: {exc}{hint}") from None
         return Opened(cp, note, self)
 
     def add_checkpoint(
