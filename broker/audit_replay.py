@@ -124,11 +124,18 @@ class Replay:
         The hub lost them (or never stored them) and ``msmt node resend`` sent the
         report again: not findings, but shown, so a recovery can be checked.
         """
-        flagged = {(f.member, f.seq) for f in self.findings if f.kind == "undelivered"}
+        return self._undelivered(flagged=False)
+
+    def unlogged(self) -> list[Exchange]:
+        """Sends the partner never logged that no later send made good: the findings."""
+        return self._undelivered(flagged=True)
+
+    def _undelivered(self, *, flagged: bool) -> list[Exchange]:
+        findings = {(f.member, f.seq) for f in self.findings if f.kind == "undelivered"}
         return [
             e
             for e in self.exchanges
-            if e.status == "undelivered" and (e.sender, e.seq) not in flagged
+            if e.status == "undelivered" and ((e.sender, e.seq) in findings) == flagged
         ]
 
     def to_json(self) -> dict[str, Any]:

@@ -397,18 +397,25 @@ class Node:
         wanted = {rid: partners for rid, _, partners in rows if rid not in errors}
         queued, dropped = await self.run_db(self.store.awaited, plans, waiting, wanted)
         self._report_waiting({rid: w for rid, w in waiting.items() if rid in wanted})
-        if queued:
-            log.info("envelopes_planned_for_waiting_partners", envelopes=queued)
+        self._replanned("envelopes_planned_for_waiting_partners", queued, "not_planned", dropped)
+        return True
+
+    def _replanned(
+        self, made: str, count: int, dropped_event: str, dropped: list[tuple[str, str]]
+    ) -> None:
+        # After envelopes were made again (or anew): wake the publisher, and name
+        # each partner the current policy no longer releases anything to.
+        if count:
+            log.info(made, envelopes=count)
             if self.publisher is not None:
                 self.publisher.wake()
         for report_id, partner in dropped:
             log.warning(
-                "not_planned",
+                dropped_event,
                 report_id=report_id,
                 partner=partner,
                 reason="the current policy releases nothing of it to this partner",
             )
-        return True
 
     async def _reissue_batch(self, failed: set[str]) -> bool:
         # One batch of queued envelopes signed again under the current policy and
@@ -437,17 +444,7 @@ class Node:
         for reason in sorted(set(errors.values()) | lapsed_reasons):
             self._error(f"cannot sign again: {reason}", same_as=f"reissue: {reason}")
         signed = sum(len(partners) for partners in wanted.values()) - len(withheld)
-        if signed:
-            log.info("envelopes_signed_again", envelopes=signed)
-            if self.publisher is not None:
-                self.publisher.wake()
-        for report_id, partner in withheld:
-            log.warning(
-                "not_signed_again",
-                report_id=report_id,
-                partner=partner,
-                reason="the current policy releases nothing of it to this partner",
-            )
+        self._replanned("envelopes_signed_again", signed, "not_signed_again", withheld)
         return True
 
     def _record_sent(self, batch: list[OutboxItem]) -> None:

@@ -124,8 +124,8 @@ class Planner:
         for those that do).
         """
         items, waiting = self.envelopes_waiting(report_id, record)
-        for reason in waiting.values():
-            raise KeyMaterialError(reason)
+        if waiting:
+            raise KeyMaterialError(next(iter(waiting.values())))
         return items
 
     def envelopes_waiting(

@@ -432,10 +432,14 @@ class Store:
 
         Each is (id, record, the partners without an envelope).
         """
+        return self._queued("awaiting_key", limit)
+
+    def _queued(self, table: str, limit: int) -> list[tuple[str, bytes, tuple[str, ...]]]:
+        # (id, record, partners) per report in a (report_id, partner) queue table.
         rows = self._read(
-            "SELECT a.report_id, r.record, json_group_array(a.partner) FROM awaiting_key a"
-            " JOIN reports r ON r.report_id = a.report_id"
-            " GROUP BY a.report_id ORDER BY min(a.rowid) LIMIT ?",
+            f"SELECT q.report_id, r.record, json_group_array(q.partner) FROM {table} q"  # noqa: S608 - our own table name
+            " JOIN reports r ON r.report_id = q.report_id"
+            " GROUP BY q.report_id ORDER BY min(q.rowid) LIMIT ?",
             (limit,),
         )
         return [(r[0], bytes(r[1]), tuple(json.loads(r[2]))) for r in rows]
@@ -621,13 +625,7 @@ class Store:
 
     def reissues(self, limit: int) -> list[tuple[str, bytes, tuple[str, ...]]]:
         """Up to ``limit`` queued reports to sign again: (id, record, partners), oldest first."""
-        rows = self._read(
-            "SELECT q.report_id, r.record, json_group_array(q.partner) FROM reissue q"
-            " JOIN reports r ON r.report_id = q.report_id"
-            " GROUP BY q.report_id ORDER BY min(q.rowid) LIMIT ?",
-            (limit,),
-        )
-        return [(r[0], bytes(r[1]), tuple(json.loads(r[2]))) for r in rows]
+        return self._queued("reissue", limit)
 
     def reissue_count(self) -> int:
         """How many envelopes wait to be signed again."""

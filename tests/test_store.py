@@ -397,22 +397,28 @@ def test_accept_hands_back_the_record_stored_under_each_taken_id(tmp_path: Path)
     assert [bytes(r) for _, r in store.unplanned(10)] == [b"xxx", b"xxxx"]
 
 
+def _old_inbox(raw: sqlite3.Connection, *, jwe: str | None) -> None:
+    """An earlier version's inbox table with report r-old: with the ``jwe`` column
+    (holding ``jwe``) unless ``jwe`` is None, and never the ``signing_kid`` column."""
+    kept = ", jwe TEXT" if jwe is not None else ""
+    raw.execute(
+        "CREATE TABLE inbox (sender TEXT NOT NULL, originator TEXT NOT NULL,"
+        " report_id TEXT NOT NULL, kind TEXT NOT NULL, received_at REAL NOT NULL,"
+        " tlp TEXT NOT NULL, rel_to TEXT, iat REAL NOT NULL, fields TEXT NOT NULL,"
+        f" paths TEXT NOT NULL, jwe_sha256 TEXT NOT NULL{kept}, PRIMARY KEY (sender, report_id))"
+    )
+    values = ("JPN", "JPN", "r-old", "vessel", 1.0, "AMBER", None, 1.0, "{}", "[]", "h0")
+    row = values if jwe is None else (*values, jwe)
+    raw.execute(f"INSERT INTO inbox VALUES ({', '.join('?' * len(row))})", row)  # noqa: S608 - placeholders only
+
+
 def test_a_store_from_before_envelopes_were_kept_gains_the_column_and_keeps_its_rows(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "node.sqlite3"
     with sqlite3.connect(path) as raw:
         # The inbox table as an earlier version created it, with one report in it.
-        raw.execute(
-            "CREATE TABLE inbox (sender TEXT NOT NULL, originator TEXT NOT NULL,"
-            " report_id TEXT NOT NULL, kind TEXT NOT NULL, received_at REAL NOT NULL,"
-            " tlp TEXT NOT NULL, rel_to TEXT, iat REAL NOT NULL, fields TEXT NOT NULL,"
-            " paths TEXT NOT NULL, jwe_sha256 TEXT NOT NULL, PRIMARY KEY (sender, report_id))"
-        )
-        raw.execute(
-            "INSERT INTO inbox VALUES ('JPN', 'JPN', 'r-old', 'vessel', 1.0, 'AMBER', NULL,"
-            " 1.0, '{}', '[]', 'h0')"
-        )
+        _old_inbox(raw, jwe=None)
     old = Store(path, readonly=True)  # read-only: no column added, and no error either
     assert old.kept_envelope("JPN", "r-old") is None
     old.close()
@@ -439,17 +445,7 @@ def test_a_store_from_before_signing_keys_were_recorded_gains_the_column_and_kee
     path = tmp_path / "node.sqlite3"
     with sqlite3.connect(path) as raw:
         # The inbox table as the previous version created it (envelopes kept), one report in it.
-        raw.execute(
-            "CREATE TABLE inbox (sender TEXT NOT NULL, originator TEXT NOT NULL,"
-            " report_id TEXT NOT NULL, kind TEXT NOT NULL, received_at REAL NOT NULL,"
-            " tlp TEXT NOT NULL, rel_to TEXT, iat REAL NOT NULL, fields TEXT NOT NULL,"
-            " paths TEXT NOT NULL, jwe_sha256 TEXT NOT NULL, jwe TEXT,"
-            " PRIMARY KEY (sender, report_id))"
-        )
-        raw.execute(
-            "INSERT INTO inbox VALUES ('JPN', 'JPN', 'r-old', 'vessel', 1.0, 'AMBER', NULL,"
-            " 1.0, '{}', '[]', 'h0', 'jwe JPN r-old')"
-        )
+        _old_inbox(raw, jwe="jwe JPN r-old")
     # Read-only (msmt inbox list while the old daemon runs): no column added, no error.
     old = Store(path, readonly=True)
     (entry,) = old.inbox()

@@ -21,7 +21,7 @@ import click
 from broker import evidence
 from broker import keys as keyfiles
 from broker.audit_events import TYPES
-from broker.audit_replay import Finding, Replay, replay, verified_entries
+from broker.audit_replay import Exchange, Finding, Replay, replay, verified_entries
 from broker.audit_verify import (
     LoadedLog,
     Report,
@@ -530,44 +530,26 @@ def render_tables(result: Replay, members: list[str], *, show_fields: bool = Fal
     for s in senders:
         cells = ("    -" if s == r else f"{result.matrix.get((s, r), 0):>5}" for r in recipients)
         lines.append(f"  {s}  " + " ".join(cells))
-    lost = result.never_delivered()
-    if lost:
-        # Not findings: both logs agree. But the recipient does not hold these reports.
-        lines += ["", f"Refused at every send ({len(lost)}; msmt node resend --report sends again)"]
-        lines += [
-            f"  {e.sender} -> {e.recipient}  {e.report_id}  {e.refused_at}"
-            for e in lost[:SHOWN_LOST]
-        ]
-        if len(lost) > SHOWN_LOST:
-            lines.append(f"  ... and {len(lost) - SHOWN_LOST} more (--json lists all)")
-    flagged = {(f.member, f.seq) for f in result.findings if f.kind == "undelivered"}
-    unlogged = [
-        e for e in result.exchanges if e.status == "undelivered" and (e.sender, e.seq) in flagged
-    ]
-    if unlogged:
-        # The findings name entries; a sender resends by report id.
-        lines += [
-            "",
-            f"Sends the partner never logged ({len(unlogged)}; findings below; if the hub lost"
-            " them, msmt node resend --report sends them again)",
-        ]
-        lines += [
-            f"  {e.sender} -> {e.recipient}  {e.report_id}  (entry {e.seq})"
-            for e in unlogged[:SHOWN_LOST]
-        ]
-        if len(unlogged) > SHOWN_LOST:
-            lines.append(f"  ... and {len(unlogged) - SHOWN_LOST} more (--json lists all)")
-    recovered = result.recovered()
-    if recovered:
-        # Not findings either: the partner never logged these sends (the hub lost
-        # them), but a later send of the same report reached it.
-        lines += ["", f"Lost on the way, then delivered by a later send ({len(recovered)})"]
-        lines += [
-            f"  {e.sender} -> {e.recipient}  {e.report_id}  (entry {e.seq})"
-            for e in recovered[:SHOWN_LOST]
-        ]
-        if len(recovered) > SHOWN_LOST:
-            lines.append(f"  ... and {len(recovered) - SHOWN_LOST} more (--json lists all)")
+    # Not findings: both logs agree, but the recipient does not hold these reports.
+    lines += _exchange_lines(
+        "Refused at every send ({n}; msmt node resend --report sends again)",
+        result.never_delivered(),
+        lambda e: str(e.refused_at),
+    )
+    # The findings name entries; a sender resends by report id.
+    lines += _exchange_lines(
+        "Sends the partner never logged ({n}; findings below; if the hub lost them,"
+        " msmt node resend --report sends them again)",
+        result.unlogged(),
+        lambda e: f"(entry {e.seq})",
+    )
+    # Not findings either: the hub lost these sends, but a later send of the same
+    # report reached the partner.
+    lines += _exchange_lines(
+        "Lost on the way, then delivered by a later send ({n})",
+        result.recovered(),
+        lambda e: f"(entry {e.seq})",
+    )
     lines += ["", f"Findings ({len(result.findings)})"]
     lines += _finding_lines(result.findings)
     if not result.findings:
@@ -588,6 +570,21 @@ def _count(n: int, noun: str) -> str:
 
 SHOWN_ENTRIES = 5
 SHOWN_LOST = 20
+
+
+def _exchange_lines(
+    heading: str, exchanges: Sequence[Exchange], last: Callable[[Exchange], str]
+) -> list[str]:
+    """A titled list of sends (none if empty), the first ``SHOWN_LOST`` of them."""
+    if not exchanges:
+        return []
+    lines = ["", heading.format(n=len(exchanges))]
+    lines += [
+        f"  {e.sender} -> {e.recipient}  {e.report_id}  {last(e)}" for e in exchanges[:SHOWN_LOST]
+    ]
+    if len(exchanges) > SHOWN_LOST:
+        lines.append(f"  ... and {len(exchanges) - SHOWN_LOST} more (--json lists all)")
+    return lines
 
 
 def _finding_lines(findings: Sequence[Finding]) -> list[str]:
