@@ -442,6 +442,7 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``unknown`` before its first start), to check a roster rollout reached it.
     ``policy_digest`` is the policy it last started with; ``policy_file`` says
     whether the file on disk is still that policy (an edit applies at restart).
+    ``received`` is how many reports the inbox holds now (what ``inbox list`` lists).
     """
     config = _config(config_path)
     store = _open_store(config)
