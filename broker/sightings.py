@@ -321,7 +321,10 @@ class Worker(_Frozen):
         default=None, description="Front company believed to stand behind the employer."
     )
     workers: Annotated[int, Field(ge=1, le=100_000)] = Field(
-        description="Number of workers observed or assessed."
+        description=(
+            "Number of workers observed or assessed, written as a JSON integer"
+            " (12, not 12.0 or 1.2e1)."
+        )
     )
     sector: Literal[
         "construction",

@@ -60,6 +60,10 @@ def _reason(err: dict[str, object]) -> str:
     # No tag (``{}``, a transfer without ``category``) is a missing field like any other.
     if kind in ("missing", "union_tag_not_found"):
         return "required field is missing"
+    # JSON Schema's "integer" takes 12.0 (the same number); the node wants the
+    # integer's own spelling, as receivers do, so the reason says exactly that.
+    if kind == "int_type" and isinstance(err.get("input"), float):
+        return "must be an integer written without a fraction or exponent (12, not 12.0)"
     if kind == "union_tag_invalid":
         ctx = err.get("ctx")
         expected = ctx.get("expected_tags") if isinstance(ctx, dict) else "?"

@@ -510,3 +510,19 @@ def test_exported_patterns_take_every_generated_record_and_refuse_bad_shapes() -
     assert not amount.fullmatch("0.000")
     assert not shapes["bitcoin"][1].fullmatch("xyz")
     assert not shapes["ethereum"][0].fullmatch("0x" + "g" * 40)
+
+
+@pytest.mark.parametrize("spelling", ["12.0", "1.2e1", "12.5"])
+def test_a_count_spelled_as_a_fraction_or_exponent_is_refused_saying_so(spelling: str) -> None:
+    # JSON Schema's "integer" takes 12.0, so a feed that passed the schema needs a
+    # reason it can act on, not "Input should be a valid integer".
+    record = json.loads((ROOT / "schemas" / "examples" / "worker.json").read_text())
+    text = json.dumps(record).replace('"workers": 193', f'"workers": {spelling}')
+    problem = _one_problem(text)
+    assert problem.path == "worker.workers"
+    assert problem.reason == (
+        "must be an integer written without a fraction or exponent (12, not 12.0)"
+    )
+    assert "12, not 12.0" in schemas.schema_documents()["worker.schema.json"]
+    with pytest.raises(ValueError, match="valid integer"):
+        validate_field("worker", "worker.workers", float(spelling))
