@@ -554,6 +554,41 @@ class Store:
             rows = [(rows[0][0] + self._read("SELECT count(*) FROM awaiting_key")[0][0],)]
         return int(rows[0][0])
 
+    def outbox_by_partner(self) -> dict[str, dict[str, Any]]:
+        """What ``outbox_depth`` counts, per partner, with the oldest report's acceptance time.
+
+        Per partner: ``unacked`` (envelopes waiting for the hub's ack), ``resend``
+        (sent envelopes queued to be signed again), ``awaiting_key`` (not made for
+        want of the partner's key) and ``oldest_accepted_at`` (epoch seconds).
+        Accepted reports not planned yet have no partner: ``outbox_depth`` less
+        these is their number.
+        """
+        queues = [
+            ("unacked", "SELECT partner, report_id FROM outbox WHERE state = 'pending'"),
+            (
+                "resend",
+                "SELECT q.partner, q.report_id FROM reissue q JOIN outbox o"
+                " ON o.report_id = q.report_id AND o.partner = q.partner WHERE o.state = 'sent'",
+            ),
+        ]
+        # A store no node of this version has opened yet (status reads it read-only).
+        if self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'awaiting_key'"):
+            queues.append(("awaiting_key", "SELECT partner, report_id FROM awaiting_key"))
+        result: dict[str, dict[str, Any]] = {}
+        for name, select in queues:
+            rows = self._read(
+                f"SELECT w.partner, count(*), min(r.accepted_at) FROM ({select}) w"  # noqa: S608 - our own queries
+                " JOIN reports r ON r.report_id = w.report_id GROUP BY w.partner"
+            )
+            for partner, count, oldest in rows:
+                entry = result.setdefault(
+                    partner,
+                    {"unacked": 0, "resend": 0, "awaiting_key": 0, "oldest_accepted_at": oldest},
+                )
+                entry[name] = int(count)
+                entry["oldest_accepted_at"] = min(entry["oldest_accepted_at"], oldest)
+        return dict(sorted(result.items()))
+
     def sent_to(self, partner: str) -> int:
         """How many envelopes the hub acknowledged for ``partner``."""
         rows = self._read(

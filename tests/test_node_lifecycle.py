@@ -113,6 +113,15 @@ async def test_sigterm_with_envelopes_awaiting_a_gone_hub_stops_without_waiting_
     await await_for(lambda: _status(world, "JPN")["outbox_depth"] == depth, 30, "JPN to plan")
     _stops_cleanly(world, "JPN", within=PUBLISH_TIMEOUT)
     assert _status(world, "JPN")["outbox_depth"] == depth
+    # Which partners the depth waits for, so an operator knows where to look.
+    outbox = _status(world, "JPN")["outbox"]
+    assert isinstance(outbox, dict)
+    assert outbox.pop("unplanned") == 0
+    assert {m: counts["unacked"] for m, counts in outbox.items()} == {
+        m: n for m, n in sends.items() if n
+    }
+    text = msmt("status", "--config", str(world.config_path("JPN"))).stdout
+    assert f"\n  USA                          unacked {sends['USA']} (oldest accepted " in text
 
     world.server.start()
     world.start("JPN")

@@ -95,18 +95,26 @@ def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
 def test_partners_awaiting_a_key_are_kept_until_planned(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     store = Store(path)
-    store.accept([rep(1, size=20), rep(2)])
+    store.accept([rep(1, size=20), rep(2)], now=1000.0)
     r1, r2 = rep(1).report_id, rep(2).report_id
     why = "GBR has no active enc key valid now"
     store.plan({r1: [item(r1, "USA")], r2: []}, {r1: {"GBR": why, "FRA": why}})
     assert store.unplanned(10) == []
     assert store.outbox_depth() == 3  # USA's envelope, and GBR's and FRA's still to make
+    # msmt status splits the depth by partner, so an operator sees who holds it up.
+    waits = {"unacked": 0, "resend": 0, "awaiting_key": 1, "oldest_accepted_at": 1000.0}
+    assert store.outbox_by_partner() == {
+        "FRA": waits,
+        "GBR": waits,
+        "USA": waits | {"unacked": 1, "awaiting_key": 0},
+    }
     assert [(r, rec, sorted(ps)) for r, rec, ps in store.awaiting(10)] == [
         (r1, b"x" * 20, ["FRA", "GBR"])
     ]
     # A read-only reader (msmt status) counts them too.
     store.close()
     assert Store(path, readonly=True).outbox_depth() == 3
+    assert len(Store(path, readonly=True).outbox_by_partner()) == 3
     store = Store(path)
     # Planned again: GBR's key is valid now, FRA's still is not. USA's envelope in
     # the new plan is not wanted: it has one already, which stays as it is.
@@ -130,6 +138,7 @@ def test_an_older_store_without_the_awaiting_table_still_reads(tmp_path: Path) -
     with sqlite3.connect(path) as raw:
         raw.execute("DROP TABLE awaiting_key")
     assert Store(path, readonly=True).outbox_depth() == 0
+    assert Store(path, readonly=True).outbox_by_partner() == {}
 
 
 def test_sent_envelopes_leave_only_their_facts_and_their_pages_are_reused(tmp_path: Path) -> None:
@@ -240,6 +249,11 @@ def test_resend_queues_what_the_hub_acknowledged_for_one_partner_in_a_time_range
     )
     # Queued sent envelopes are work still to do.
     assert store.outbox_depth() == 2 + 3
+    by_partner = store.outbox_by_partner()
+    assert {p: (c["unacked"], c["resend"]) for p, c in by_partner.items()} == {
+        "GBR": (1, 1),
+        "USA": (1, 2),
+    }
 
 
 def test_received_is_idempotent_and_seen_state_tells_redelivery_from_replay(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -222,6 +222,17 @@ def _revoked_signers(config: NodeConfig, entries: Sequence[InboxEntry]) -> dict[
         return {}
     roster = _roster(config)
     return {kid: why for kid in sorted(kids) if (why := roster.withdrawn(kid)) is not None}
+
+
+def _outbox(store: Store, depth: int) -> dict[str, Any]:
+    # ``outbox_depth`` by partner; what no partner accounts for is not planned yet.
+    partners = store.outbox_by_partner()
+    queued = sum(n for p in partners.values() for k, n in p.items() if k != "oldest_accepted_at")
+    shown = {
+        partner: {**counts, "oldest_accepted_at": _when(counts["oldest_accepted_at"])}
+        for partner, counts in partners.items()
+    }
+    return {"unplanned": depth - queued, **shown}
 
 
 def _when(ts: float) -> str:
@@ -443,12 +454,15 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``policy_digest`` is the policy it last started with; ``policy_file`` says
     whether the file on disk is still that policy (an edit applies at restart).
     ``received`` is how many reports the inbox holds now (what ``inbox list`` lists).
+    ``outbox`` splits ``outbox_depth`` by partner (``unplanned`` has none yet), with
+    the acceptance time of the oldest report waiting for each.
     """
     config = _config(config_path)
     store = _open_store(config)
     state = store.state()
     roster = state.get("roster_version", "unknown")
     in_force = state.get("policy_digest", "unknown")
+    depth = store.outbox_depth()
     status: dict[str, Any] = {
         "member": config.member,
         "roster_version": int(roster) if roster.isdecimal() else roster,
@@ -457,7 +471,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         # As of the last start: the signing and encryption keys and the TLS certificate.
         "credentials_valid_until": _json_state(state, "credentials_valid_until"),
         "connected": state.get("connected", "unknown"),
-        "outbox_depth": store.outbox_depth(),
+        "outbox_depth": depth,
+        "outbox": _outbox(store, depth),
         "inbox_lag": state.get("inbox_lag", "unknown"),
         "received": store.inbox_count(),
         "counters": dict(sorted(store.counters().items())),
@@ -470,15 +485,27 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         click.echo(json.dumps(status))
         return
     for key, value in status.items():
-        if key == "counters":
-            for name, count in value.items():
-                click.echo(f"  {name:<28} {count}")
-        elif key == "credentials_valid_until":
-            click.echo("credentials valid until")
-            for name, until in value.items():
-                click.echo(f"  {name:<28} {until}")
+        if key == "outbox":
+            for name, line in _outbox_lines(value):
+                click.echo(f"  {name:<28} {line}")
+        elif isinstance(value, dict):
+            # A header, so the indented lines below are not read as the line above's.
+            click.echo(key.replace("_", " "))
+            for name, item in value.items():
+                click.echo(f"  {name:<28} {item}")
         else:
             click.echo(f"{key:<14} {value}")
+
+
+def _outbox_lines(outbox: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    # Under outbox_depth: what makes it up, nothing when it is 0.
+    for name, counts in outbox.items():
+        if name == "unplanned":
+            if counts:
+                yield "not planned yet", str(counts)
+            continue
+        waits = ", ".join(f"{k} {n}" for k, n in counts.items() if k != "oldest_accepted_at" and n)
+        yield name, f"{waits} (oldest accepted {counts['oldest_accepted_at']})"
 
 
 COMMANDS: tuple[click.Command, ...] = (node_group, submit_cmd, inbox_group, status_cmd)
