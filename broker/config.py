@@ -294,7 +294,7 @@ def parse_config(
         if first["type"] == "extra_forbidden":
             msg = "unknown key"
         raise ConfigError(f"config key {_where(first['loc'])}: {msg}") from None
-    base = (config_dir / config.base_dir).resolve()
+    base = _resolve(config_dir / config.base_dir, "base_dir")
     resolved = config.model_dump()
     resolved["base_dir"] = base
     for keys in _PATH_KEYS:
@@ -303,7 +303,7 @@ def parse_config(
             holder = holder[key]
         value = holder[keys[-1]]
         if value is not None:
-            holder[keys[-1]] = (base / value).resolve()
+            holder[keys[-1]] = _resolve(base / value, ".".join(keys))
     config = NodeConfig.model_validate(resolved)
     nats = config.nats
     check_tls_settings(nats.urls, nats.ca_file, nats.cert_file, nats.key_file, CONFIG_NAMES)
@@ -313,6 +313,15 @@ def parse_config(
             f"path may be ({MAX_SOCKET_PATH} bytes); set intake.socket to a shorter path"
         )
     return config
+
+
+def _resolve(path: Path, key: str) -> Path:
+    # A symlink loop on the way is a RuntimeError from pathlib, not an OSError.
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "a symbolic link loop"
+        raise ConfigError(f"config key {key}: {path} cannot be resolved: {reason}") from None
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> NodeConfig:

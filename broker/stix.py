@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from broker.envelope_format import check_fields
-from broker.errors import EnvelopeError, InputError, StoreError
+from broker.errors import EnvelopeError, InputError
 from broker.members import is_member
 from broker.sightings import KINDS
 from broker.stix_objects import TLP_MARKINGS, BundleBuilder
@@ -166,16 +166,16 @@ def load_received(config_path: Path, since: datetime | None) -> tuple[list[Recei
     Returns them and how many were left out because the roster has since revoked
     the key their originator signed them with (``leave_out_withdrawn``).
     Read-only, so it works while the daemon runs. Raises ``ConfigError`` for a
-    bad config, ``StoreError`` for a missing or unreadable store and
+    bad config, ``UsageError`` for a store that is missing or out of reach,
+    ``StoreError`` for one that cannot be read, and
     ``KeyMaterialError`` for a roster the node would refuse, each as one line.
     """
     from broker.config import load_config  # noqa: PLC0415 - keeps the pure part import-light
     from broker.keys import load_pinned_roster  # noqa: PLC0415
-    from broker.store import Store  # noqa: PLC0415
+    from broker.store import Store, require_store  # noqa: PLC0415
 
     config = load_config(config_path)
-    if not config.store_path.is_file():
-        raise StoreError(f"no node store at {config.store_path}: has the node run yet?")
+    require_store(config.store_path)
     store = Store(config.store_path, readonly=True)
     try:
         entries = store.inbox(limit=max(1, store.inbox_count()))

@@ -29,6 +29,7 @@ calls it from one worker thread.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -44,7 +45,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from broker.errors import StoreError
+from broker.errors import StoreError, UsageError
 
 AUDIT_SIZE: Final = "audit_size"
 """The ``state`` key holding the audit log's size at the store's last write."""
@@ -253,6 +254,21 @@ class InboxEntry:
 
 
 SeenState = Literal["new", "redelivered", "replay"]
+
+
+def require_store(path: Path) -> None:
+    """Raise ``UsageError`` (one line) unless the node store at ``path`` exists and can be reached.
+
+    ``Path.exists`` raises, rather than answers, when a directory on the way may not
+    be searched (another user's 0700 data directory): that is said here as one line.
+    """
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise UsageError(f"no node store at {path}: has the node run yet?") from None
+    except OSError as exc:
+        hint = " (run this as the node's user)" if exc.errno == errno.EACCES else ""
+        raise UsageError(f"cannot reach the node store at {path}: {exc.strerror}{hint}") from None
 
 
 class Store:

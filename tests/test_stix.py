@@ -8,9 +8,13 @@ receives: a subset of the disclosure keys, some of them as released variants
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import sqlite3
+import stat
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -428,6 +432,7 @@ def test_copies_of_one_report_merge_into_one() -> None:
 # --- the command line -------------------------------------------------------
 
 JPN_CONFIG = Path(__file__).parent.parent / "nodes" / "JPN" / "node.toml"
+MSMT = str(Path(sys.executable).parent / "msmt")
 
 
 def _run(args: list[str], env: Mapping[str, str] | None = None) -> Any:
@@ -453,9 +458,31 @@ def test_cli_invalid_config_is_one_line(tmp_path: Path) -> None:
 def test_cli_missing_store_is_one_line(tmp_path: Path) -> None:
     env = {"MSMT_DATA_DIR": str(tmp_path / "data")}
     result = _run(["export", "stix", "--config", str(JPN_CONFIG)], env)
-    assert result.exit_code != 0
+    assert result.exit_code == 2  # as msmt status and msmt inbox say it
     assert result.stderr.startswith("msmt: error: no node store at ")
     assert result.stderr.count("\n") == 1
+    # A store that cannot even be looked for: another user's 0700 data directory
+    # raised PermissionError from Path.is_file (a traceback). A file in place of the
+    # directory is another such error, and one that root gets too.
+    (tmp_path / "file").write_text("")
+    env = {"MSMT_DATA_DIR": str(tmp_path / "file")}
+    for command in (["export", "stix"], ["status"], ["inbox", "list"]):
+        result = _run([*command, "--config", str(JPN_CONFIG)], env)
+        assert result.exit_code == 2, command
+        assert result.stderr == (
+            f"msmt: error: cannot reach the node store at {tmp_path / 'file' / 'node.sqlite3'}:"
+            " Not a directory\n"
+        ), command
+    # A symlink loop on the way was a RuntimeError from pathlib.
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    result = _run(
+        ["export", "stix", "--config", str(JPN_CONFIG)], {"MSMT_DATA_DIR": str(tmp_path / "loop")}
+    )
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"msmt: error: config key data_dir: {tmp_path / 'loop'} cannot be resolved:"
+        " a symbolic link loop\n"
+    )
 
 
 def test_cli_bad_since_is_one_line(tmp_path: Path) -> None:
@@ -681,3 +708,61 @@ def test_a_damaged_store_row_stops_export_and_inbox_with_one_line(
         assert result.stderr.endswith(" restore the store from a backup\n")
         assert result.stderr.count("\n") == 1
         assert "SECRETVALUE" not in result.output
+
+
+def test_cli_out_writes_only_a_regular_file(tmp_path: Path) -> None:
+    # Run as root, --out /dev/full was replaced by a regular file of reports, and a
+    # symlink by a file (its target untouched): the rename takes whatever is there.
+    _store(tmp_path / "data" / "node.sqlite3", [received(samples.generate(1, seed=3)[0])])
+    env = {"MSMT_DATA_DIR": str(tmp_path / "data")}
+    target = tmp_path / "target.json"
+    target.write_text("kept")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for out, what in (
+        (link, "a symbolic link"),
+        (fifo, "not a regular file"),
+    ):
+        result = _run(["export", "stix", "--config", str(JPN_CONFIG), "--out", str(out)], env)
+        assert result.exit_code == 2, out
+        assert result.stderr == (
+            f"msmt: error: --out {out} is {what}: give a regular file's path, or leave"
+            " --out out for stdout\n"
+        )
+    assert link.is_symlink()
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert target.read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "data",
+        "fifo",
+        "link.json",
+        "target.json",
+    ]
+    # A regular file is replaced, as before.
+    result = _run(["export", "stix", "--config", str(JPN_CONFIG), "--out", str(target)], env)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(target.read_text())["type"] == "bundle"
+
+
+def test_cli_stdout_that_fails_is_one_line_and_not_success(tmp_path: Path) -> None:
+    # A bundle cut short by a full disk or a reader that went away must not exit 0
+    # (the reader may import what it got), nor print a traceback.
+    _store(tmp_path / "data" / "node.sqlite3", [received(r) for r in samples.generate(40, seed=5)])
+    args = [MSMT, "export", "stix", "--config", str(JPN_CONFIG)]
+    env = {**os.environ, "MSMT_DATA_DIR": str(tmp_path / "data")}
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, env=env, check=False)
+    assert done.returncode == 1
+    assert done.stderr == (
+        b"msmt: error: cannot write the bundle to stdout: No space left on device\n"
+    )
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first byte
+    try:
+        done = subprocess.run(args, stdout=writer, stderr=subprocess.PIPE, env=env, check=False)
+    finally:
+        os.close(writer)
+    assert done.returncode == 1
+    assert done.stderr == b"msmt: error: stdout was closed before the whole bundle was written\n"

@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import sys
 import tempfile
 from pathlib import Path
 
 import click
 
 from broker.cli.options import rfc3339
-from broker.errors import UsageError
+from broker.errors import MsmtError, UsageError
 from broker.stix import bundle, load_received
 
 
 def _write_atomically(path: Path, text: str) -> None:
     # A half-written bundle must never be imported: write aside, then rename.
+    # The rename would put a regular file in place of whatever is there: run as
+    # root, --out /dev/full became a file of reports, a symlink lost its target.
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise UsageError(
+            f"--out {path} is {what}: give a regular file's path, or leave --out out for stdout"
+        )
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -23,6 +38,19 @@ def _write_atomically(path: Path, text: str) -> None:
         Path(tmp).replace(path)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _write_stdout(text: str) -> None:
+    # A bundle cut short must not end in exit status 0: the reader may import it.
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Nothing more can reach the reader; keep Python's exit flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise MsmtError("stdout was closed before the whole bundle was written") from None
+    except OSError as exc:
+        raise MsmtError(f"cannot write the bundle to stdout: {exc.strerror}") from None
 
 
 @click.group(name="export")
@@ -63,7 +91,7 @@ def export_stix(config_path: Path, since: str | None, out: Path | None) -> None:
             err=True,
         )
     if out is None:
-        click.echo(text, nl=False)
+        _write_stdout(text)
     else:
         _write_atomically(out, text)
         click.echo(f"{len(reports)} reports exported to {out}", err=True)

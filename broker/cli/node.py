@@ -39,7 +39,7 @@ from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
 from broker.roster import Roster
 from broker.sightings import is_report_id
-from broker.store import KEPT_SINCE, InboxEntry, Store
+from broker.store import KEPT_SINCE, InboxEntry, Store, require_store
 
 _CONFIG = click.option(
     "--config",
@@ -184,8 +184,7 @@ def submit_cmd(config_path: Path, file: str, quiet: bool) -> None:
 
 
 def _open_store(config: NodeConfig, *, write: bool = False) -> Store:
-    if not config.store_path.exists():
-        raise UsageError(f"no node store at {config.store_path}: has the node run yet?")
+    require_store(config.store_path)
     # The node refuses another member's data directory (its audit log's origin);
     # reading one here would show that member's reports under this member's name.
     has_log = (config.audit_dir / DB_FILE).is_file()
