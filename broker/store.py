@@ -564,11 +564,17 @@ class Store:
             " + (SELECT count(*) FROM reissue q JOIN outbox o"
             " ON o.report_id = q.report_id AND o.partner = q.partner WHERE o.state = 'sent')"
         )
-        # Envelopes not made yet for want of a partner's key. A store no node of
-        # this version has opened yet (status reads it read-only) has no such table.
-        if self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'awaiting_key'"):
+        # Envelopes not made yet for want of a partner's key.
+        if self._has_awaiting_table():
             rows = [(rows[0][0] + self._read("SELECT count(*) FROM awaiting_key")[0][0],)]
         return int(rows[0][0])
+
+    def _has_awaiting_table(self) -> bool:
+        # A store no node of this version has opened yet (status reads it read-only)
+        # has no awaiting_key table.
+        return bool(
+            self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'awaiting_key'")
+        )
 
     def outbox_by_partner(self) -> dict[str, dict[str, Any]]:
         """What ``outbox_depth`` counts, per partner, with the oldest report's acceptance time.
@@ -587,8 +593,7 @@ class Store:
                 " ON o.report_id = q.report_id AND o.partner = q.partner WHERE o.state = 'sent'",
             ),
         ]
-        # A store no node of this version has opened yet (status reads it read-only).
-        if self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'awaiting_key'"):
+        if self._has_awaiting_table():
             queues.append(("awaiting_key", "SELECT partner, report_id FROM awaiting_key"))
         result: dict[str, dict[str, Any]] = {}
         for name, select in queues:
