@@ -84,7 +84,13 @@ def write_public(path: Path, data: bytes) -> None:
     _write_atomic(path, data, private=False)
 
 
-def _json_bytes(value: Any) -> bytes:
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private file (a key, a seed) atomically, mode 0600 in a 0700 directory."""
+    _write_atomic(path, data, private=True)
+
+
+def json_bytes(value: Any) -> bytes:
+    """The project's JSON file form: indented, sorted members, a final newline."""
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -138,9 +144,12 @@ def generate_key(member: str, use: KeyUse, at: datetime) -> OKPKey:
 
 
 def roster_entry(key: OKPKey, member: str, at: datetime, valid_days: int) -> dict[str, Any]:
-    """Return the public roster JWK for ``key``: active from ``at`` for ``valid_days``."""
-    public = key.as_dict(private=False)
-    entry = {k: public[k] for k in ("kty", "crv", "x", "kid", "use", "alg")}
+    """Return the public roster JWK for ``key``: active from ``at`` for ``valid_days``.
+
+    ``key`` may be private (made here) or public (sent in a key request); only its
+    public members enter the roster.
+    """
+    entry = public_jwk(key)
     entry |= {
         "msmt_member": member,
         "msmt_status": "active",
@@ -148,6 +157,12 @@ def roster_entry(key: OKPKey, member: str, at: datetime, valid_days: int) -> dic
         "msmt_valid_until": format_time(at + timedelta(days=valid_days)),
     }
     return entry
+
+
+def public_jwk(key: OKPKey) -> dict[str, Any]:
+    """Return the standard public members of ``key`` (kty, crv, x, kid, use, alg): never ``d``."""
+    public = key.as_dict(private=False)
+    return {k: public[k] for k in ("kty", "crv", "x", "kid", "use", "alg")}
 
 
 def check_private_file(path: Path, what: str = "private key") -> None:
@@ -217,6 +232,27 @@ def nats_public(seed: bytes, where: str) -> str:
     if not public.startswith("U"):
         raise KeyMaterialError(f"{where}: not a NATS user seed")
     return str(public)
+
+
+def check_nats_user(nkey: object, where: str) -> str:
+    """Return ``nkey`` if it is a NATS user public nkey (``U...``, CRC-16 intact).
+
+    Raises ``KeyMaterialError`` naming ``where`` otherwise: a seed (``SU...``), another
+    kind of nkey, or a mistyped one, which the hub would refuse or never match.
+    """
+    if not isinstance(nkey, str) or len(nkey) != 56 or not nkey.isascii():
+        raise KeyMaterialError(f"{where}: not a NATS user public nkey (56 base32 characters)")
+    if nkey.startswith("S"):
+        raise KeyMaterialError(f"{where}: this is an nkey seed, which is private, not a public key")
+    try:
+        raw = base64.b32decode(nkey)
+    except (binascii.Error, ValueError):
+        raise KeyMaterialError(f"{where}: malformed NATS public nkey (not base32)") from None
+    if nkeys.crc16_checksum(raw[:-2]) != raw[-2:]:
+        raise KeyMaterialError(f"{where}: malformed NATS public nkey (bad checksum)")
+    if raw[0] != nkeys.PREFIX_BYTE_USER:
+        raise KeyMaterialError(f"{where}: not a NATS user public nkey")
+    return nkey
 
 
 # --- the signed roster -----------------------------------------------------
@@ -357,7 +393,7 @@ def load_pinned_roster(
 
 def pin_roster(state_path: Path, signed: SignedRoster) -> None:
     """Record ``signed`` as the highest roster version accepted (see ``load_pinned_roster``)."""
-    state_bytes = _json_bytes({"version": signed.version, "sha256": roster_digest(signed.jwks)})
+    state_bytes = json_bytes({"version": signed.version, "sha256": roster_digest(signed.jwks)})
     _write_atomic(state_path, state_bytes, private=False)
 
 
@@ -378,11 +414,12 @@ def _check_members(members: Iterable[str]) -> tuple[str, ...]:
     return result
 
 
-def _write_roster(keydir: Path, jwks: dict[str, Any], authority: OKPKey) -> None:
+def write_roster(keydir: Path, jwks: dict[str, Any], authority: OKPKey) -> None:
+    """Sign ``jwks`` with ``authority`` and write ``roster.json`` and its ``.jws``."""
     signature = sign_roster(jwks, authority)
     # Two renames: a crash between them leaves a roster whose signature fails,
     # which every node refuses (fail closed); rerunning the command repairs it.
-    _write_atomic(keydir / ROSTER_FILE, _json_bytes(jwks), private=False)
+    _write_atomic(keydir / ROSTER_FILE, json_bytes(jwks), private=False)
     _write_atomic(keydir / ROSTER_SIG_FILE, (signature + "\n").encode(), private=False)
 
 
@@ -414,14 +451,7 @@ def init_keys(
     ]
     if existing and not force:
         raise KeyMaterialError(f"{existing[0]} already exists; use --force to replace all keys")
-    authority = OKPKey.generate_key(
-        "Ed25519",
-        parameters={
-            "kid": f"roster-authority-{at:%Y%m%d}-{secrets.token_hex(4)}",
-            "alg": "Ed25519",
-        },
-        private=True,
-    )
+    authority = new_authority(at)
     entries: list[dict[str, Any]] = []
     users: dict[str, str] = {}
     private_files: list[tuple[Path, bytes]] = []
@@ -430,7 +460,7 @@ def init_keys(
             key = generate_key(member, use, at)
             entries.append(roster_entry(key, member, at, valid_days))
             path = key_path(keydir, member, str(key.kid))
-            private_files.append((path, _json_bytes(key.as_dict(private=True))))
+            private_files.append((path, json_bytes(key.as_dict(private=True))))
     for account in (*chosen, AUDIT_ACCOUNT):
         seed = new_nats_seed()
         users[account] = nats_public(seed, account)
@@ -442,19 +472,47 @@ def init_keys(
                     old.unlink()
     for path, data in private_files:
         _write_atomic(path, data, private=True)
-    _write_atomic(
-        keydir / AUTHORITY_PRIVATE_FILE, _json_bytes(authority.as_dict(private=True)), private=True
-    )
-    _write_atomic(
-        keydir / AUTHORITY_PUBLIC_FILE, _json_bytes(authority.as_dict(private=False)), private=False
-    )
-    _write_atomic(keydir / NATS_USERS_FILE, _json_bytes(users), private=False)
-    jwks: dict[str, Any] = {"keys": entries, "msmt_version": 1, "msmt_issued_at": format_time(at)}
-    _write_roster(keydir, jwks, authority)
+    write_authority(keydir, authority, entries, users, at)
     return load_signed_roster(keydir)
 
 
-def _load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
+def new_authority(at: datetime) -> OKPKey:
+    """Generate a roster authority key: Ed25519, kid ``roster-authority-<date>-<hex>``."""
+    return OKPKey.generate_key(
+        "Ed25519",
+        parameters={
+            "kid": f"roster-authority-{at:%Y%m%d}-{secrets.token_hex(4)}",
+            "alg": "Ed25519",
+        },
+        private=True,
+    )
+
+
+def write_authority(
+    keydir: Path,
+    authority: OKPKey,
+    entries: list[dict[str, Any]],
+    users: Mapping[str, str],
+    at: datetime,
+) -> None:
+    """Write the authority's two files, ``nats-users.json`` and a roster v1 of ``entries``."""
+    _write_atomic(
+        keydir / AUTHORITY_PRIVATE_FILE, json_bytes(authority.as_dict(private=True)), private=True
+    )
+    _write_atomic(
+        keydir / AUTHORITY_PUBLIC_FILE, json_bytes(authority.as_dict(private=False)), private=False
+    )
+    _write_atomic(keydir / NATS_USERS_FILE, json_bytes(dict(users)), private=False)
+    jwks: dict[str, Any] = {"keys": entries, "msmt_version": 1, "msmt_issued_at": format_time(at)}
+    write_roster(keydir, jwks, authority)
+
+
+def load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
+    """Load the roster and the authority's private key, to sign a change to it.
+
+    Raises ``KeyMaterialError`` if the roster does not verify, the private key is
+    malformed or open to other users, or it is not the key of the public authority file.
+    """
     signed = load_signed_roster(keydir)
     path = keydir / AUTHORITY_PRIVATE_FILE
     authority = load_private_jwk_any(path)
@@ -476,7 +534,12 @@ def load_private_jwk_any(path: Path) -> OKPKey:
     return key
 
 
-def _bump(signed: SignedRoster, keys: list[dict[str, Any]], at: datetime) -> dict[str, Any]:
+def bump_roster(signed: SignedRoster, keys: list[dict[str, Any]], at: datetime) -> dict[str, Any]:
+    """Return the next roster version holding ``keys``, issued at ``at``.
+
+    Raises ``KeyMaterialError`` for a duplicate kid or anything the nodes would
+    refuse to parse: nothing is signed that a node cannot load.
+    """
     kids = [k["kid"] for k in keys]
     if len(set(kids)) != len(kids):
         raise KeyMaterialError("duplicate kid in the updated roster")
@@ -501,26 +564,31 @@ def rotate_keys(
     """
     if not is_member(member):
         raise UsageError(f"unknown member {member!r} (members: {', '.join(MEMBERS)})")
-    signed, authority = _load_for_update(keydir)
+    signed, authority = load_for_update(keydir)
     if not any(k.member == member for k in signed.roster):
         raise UsageError(f"member {member} has no keys in the roster; run 'msmt keys init'")
     at = now or _utcnow()
-    keys: list[dict[str, Any]] = []
-    for entry in signed.jwks["keys"]:
-        retire = entry["msmt_member"] == member and entry["msmt_status"] == "active"
-        keys.append(
-            {**entry, "msmt_status": "retired", "msmt_retired_at": format_time(at)}
-            if retire
-            else entry
-        )
+    keys = retire_active(signed.jwks["keys"], member, at)
     new = {use: generate_key(member, use, at) for use in ("sig", "enc")}
     keys += [roster_entry(k, member, at, valid_days) for k in new.values()]
-    jwks = _bump(signed, keys, at)
+    jwks = bump_roster(signed, keys, at)
     for key in new.values():
         path = key_path(keydir, member, str(key.kid))
-        _write_atomic(path, _json_bytes(key.as_dict(private=True)), private=True)
-    _write_roster(keydir, jwks, authority)
+        _write_atomic(path, json_bytes(key.as_dict(private=True)), private=True)
+    write_roster(keydir, jwks, authority)
     return str(new["sig"].kid), str(new["enc"].kid)
+
+
+def retire_active(
+    entries: Iterable[Mapping[str, Any]], member: str, at: datetime
+) -> list[dict[str, Any]]:
+    """Return the roster's ``entries`` with ``member``'s active keys retired as of ``at``."""
+    return [
+        {**entry, "msmt_status": "retired", "msmt_retired_at": format_time(at)}
+        if entry["msmt_member"] == member and entry["msmt_status"] == "active"
+        else dict(entry)
+        for entry in entries
+    ]
 
 
 def revoke_key(keydir: Path, kid: str, reason: str, *, now: datetime | None = None) -> None:
@@ -532,7 +600,7 @@ def revoke_key(keydir: Path, kid: str, reason: str, *, now: datetime | None = No
     reason = reason.strip()
     if not reason or "\n" in reason or len(reason) > 200:
         raise UsageError("--reason must be one non-empty line of at most 200 characters")
-    signed, authority = _load_for_update(keydir)
+    signed, authority = load_for_update(keydir)
     key = signed.roster.get(kid)
     if key.status == "revoked":
         raise KeyMaterialError(f"key {kid} is already revoked")
@@ -548,7 +616,7 @@ def revoke_key(keydir: Path, kid: str, reason: str, *, now: datetime | None = No
         else e
         for e in signed.jwks["keys"]
     ]
-    _write_roster(keydir, _bump(signed, keys, at), authority)
+    write_roster(keydir, bump_roster(signed, keys, at), authority)
 
 
 # --- what a node loads -------------------------------------------------------
@@ -581,7 +649,7 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
     if not folder.is_dir():
         raise KeyMaterialError(f"no key directory {folder}")
     current = roster.current(member, "sig", at)
-    signing = _matching(key_path(keydir, member, current.kid), roster, member, "sig")
+    signing = load_matching_key(key_path(keydir, member, current.kid), roster, member, "sig")
     decryption: dict[str, OKPKey] = {}
     usable = False
     for path in sorted(folder.glob(f"{member}-enc-*.jwk")):
@@ -591,7 +659,7 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
         # An expired key is kept: envelopes encrypted to it while it was valid may
         # still wait on the hub (a node down across the expiry), and the receiver
         # opens those only (envelope.receive checks the signed iat against it).
-        decryption[entry.kid] = _matching(path, roster, member, "enc")
+        decryption[entry.kid] = load_matching_key(path, roster, member, "enc")
         usable = usable or at <= entry.valid_until
     if not usable:
         raise KeyMaterialError(f"{member} has no usable decryption key in {folder}")
@@ -604,7 +672,12 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
     return MemberKeys(member, signing, current.kid, decryption, seed)
 
 
-def _matching(path: Path, roster: Roster, member: str, use: KeyUse) -> OKPKey:
+def load_matching_key(path: Path, roster: Roster, member: str, use: KeyUse) -> OKPKey:
+    """Load ``member``'s private key file ``path`` and check it against its roster entry.
+
+    Raises ``KeyMaterialError`` if the file is malformed, open to other users, or
+    its key is not the roster's key of that kid, member and use.
+    """
     key = load_private_jwk(path, use=use)
     check_private_file(path)
     entry = roster.get(str(key.kid))
