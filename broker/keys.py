@@ -629,6 +629,9 @@ class MemberKeys:
     ``decryption`` keeps every enc key that is not revoked, so a message encrypted
     to a key that was just rotated out, or that expired while it waited on the hub,
     still decrypts (``envelope.receive`` refuses one made after the expiry).
+    ``pending`` names the key files in the member's folder that the roster does
+    not list yet (made by ``msmt keys request`` and not accepted, or accepted in a
+    roster not installed here): the node uses none of them.
     """
 
     member: str
@@ -636,6 +639,7 @@ class MemberKeys:
     signing_kid: str
     decryption: dict[str, OKPKey]
     nats_seed: bytes
+    pending: tuple[str, ...] = ()
 
 
 def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) -> MemberKeys:
@@ -643,7 +647,9 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
 
     Raises ``KeyMaterialError`` if a file is malformed or open to other users
     (``check_private_file``), a private key does not match its roster entry, or
-    the member has no usable active signing key at ``at``.
+    the member has no usable active signing key at ``at``. A key file whose kid
+    the roster does not list is skipped, and named in ``pending``: a key request
+    waits for the custodian, and the node runs on its current keys meanwhile.
     """
     folder = keydir / member
     if not folder.is_dir():
@@ -652,8 +658,16 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
     signing = load_matching_key(key_path(keydir, member, current.kid), roster, member, "sig")
     decryption: dict[str, OKPKey] = {}
     usable = False
+    pending = tuple(
+        kid
+        for kid in (p.name.removesuffix(".jwk") for p in sorted(folder.glob(f"{member}-*.jwk")))
+        if kid not in roster
+    )
     for path in sorted(folder.glob(f"{member}-enc-*.jwk")):
-        entry = roster.get(path.name.removesuffix(".jwk"))
+        kid = path.name.removesuffix(".jwk")
+        if kid in pending:
+            continue
+        entry = roster.get(kid)
         if entry.status == "revoked":
             continue
         # An expired key is kept: envelopes encrypted to it while it was valid may
@@ -669,7 +683,7 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
         raise KeyMaterialError(f"cannot read {folder / NATS_SEED_FILE}: {exc.strerror}") from None
     check_private_file(folder / NATS_SEED_FILE, "NATS seed")
     nats_public(seed, str(folder / NATS_SEED_FILE))
-    return MemberKeys(member, signing, current.kid, decryption, seed)
+    return MemberKeys(member, signing, current.kid, decryption, seed, pending)
 
 
 def load_matching_key(path: Path, roster: Roster, member: str, use: KeyUse) -> OKPKey:

@@ -937,6 +937,14 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             config.roster_dir, config.authority_path, roster_state, record=False
         )
         keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
+        if keys.pending:
+            # Normal while a key request waits for the custodian; if it lasts, the
+            # accepted roster was not installed here (docs/KEYS.md, "Key requests").
+            log.warning(
+                "keys_pending",
+                kids=",".join(keys.pending),
+                reason="not in the roster yet: the node uses its current keys",
+            )
         if config.nats.seed_file is not None:
             try:
                 seed = config.nats.seed_file.read_bytes().strip()

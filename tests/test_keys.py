@@ -513,3 +513,20 @@ def test_garbage_signature_is_one_clean_error(keydir: Path, signature: str) -> N
     with pytest.raises(KeyMaterialError) as info:
         keys.verify_roster(jwks, signature, authority)
     assert "\n" not in str(info.value)
+
+
+def test_key_files_the_roster_does_not_list_yet_are_pending_not_an_error(keydir: Path) -> None:
+    # A key request made on the member's machine leaves new key files that the
+    # roster lists only once the custodian accepts them: the node runs meanwhile.
+    roster = keys.load_signed_roster(keydir).roster
+    current = keys.load_member_keys(keydir, "JPN", roster, T0)
+    assert current.pending == ()
+    pending = {use: keys.generate_key("JPN", use, T0) for use in ("sig", "enc")}
+    for key in pending.values():
+        keys.write_private(
+            keys.key_path(keydir, "JPN", str(key.kid)), keys.json_bytes(key.as_dict(private=True))
+        )
+    mine = keys.load_member_keys(keydir, "JPN", roster, T0)
+    assert mine.pending == tuple(sorted(str(k.kid) for k in pending.values()))
+    assert mine.signing_kid == current.signing_kid
+    assert set(mine.decryption) == set(current.decryption)
