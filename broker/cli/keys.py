@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
+from broker import keyrequest, natsconfig, natsetup, natstls, pseudonym_keys
 from broker import keys as keyfiles
-from broker import natsconfig, natsetup, natstls, pseudonym_keys
 from broker.errors import KeyMaterialError, UsageError
 from broker.members import MEMBERS, parse_members
 from broker.roster import format_time
@@ -88,6 +88,102 @@ def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
         click.echo(
             f"warning: {owner} has no active {revoked.use} key left; run 'msmt keys rotate {owner}'"
         )
+
+
+@keys_group.command(name="authority")
+@_KEYDIR
+@click.option(
+    "--audit",
+    is_flag=True,
+    help="Also make the AUDIT account's NATS user here (the custodian runs the audit archive).",
+)
+def keys_authority(keydir: Path, audit: bool) -> None:
+    """Start a custodian's key directory: the roster authority and an empty signed roster.
+
+    No member's keys are made here: each member makes its own with 'msmt keys
+    request' and sends the request; 'msmt keys accept' puts it into the roster.
+    """
+    keyrequest.init_authority(keydir, audit=audit)
+    authority = keyfiles.load_authority(keydir / keyfiles.AUTHORITY_PUBLIC_FILE)
+    click.echo(f"wrote the roster authority and an empty roster version 1 under {keydir}")
+    if audit:
+        click.echo(f"wrote the AUDIT account's NATS user ({keydir / keyfiles.AUDIT_ACCOUNT})")
+    click.echo(
+        f"send {keydir / keyfiles.AUTHORITY_PUBLIC_FILE} to every member, who pins it; keep "
+        f"{keydir / keyfiles.AUTHORITY_PRIVATE_FILE} offline"
+    )
+    click.echo(f"authority thumbprint (RFC 7638): {authority.thumbprint()}")
+
+
+@keys_group.command(name="request")
+@click.argument("member")
+@_KEYDIR
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the request (default: <dir>/<new sig kid>.request.json).",
+)
+def keys_request(member: str, keydir: Path, out: Path | None) -> None:
+    """Make MEMBER's new keys here, and a key request for the roster custodian.
+
+    Run by the member on its own machine: the private keys stay in <dir>/<MEMBER>/;
+    the request carries only the public keys and the NATS user's public nkey. It is
+    signed by the new key, and by MEMBER's current key if the roster here lists one.
+    """
+    made = keyrequest.make_request(keydir, member.upper(), out=out)
+    click.echo(f"wrote key request {made.path}")
+    click.echo(f"new keys {made.sig_kid} and {made.enc_kid} (mode 0600 in {keydir / made.member})")
+    verb = "new" if made.nats_created else "kept"
+    click.echo(f"NATS user {made.nats_user} ({verb})")
+    if made.endorsed_by is not None:
+        click.echo(f"signed by the new key and by the current key {made.endorsed_by}")
+    else:
+        click.echo(
+            f"signed by the new key only ({made.not_endorsed}): the custodian will compare "
+            "the fingerprint with you"
+        )
+    click.echo(f"fingerprint {made.fingerprint}")
+    click.echo(
+        "send the request to the roster custodian and read the fingerprint out to them by "
+        "phone; the node uses the new keys once you install the roster that lists them"
+    )
+
+
+@keys_group.command(name="accept")
+@click.argument("request", type=click.Path(dir_okay=False, path_type=Path))
+@_KEYDIR
+@click.option(
+    "--fingerprint",
+    default=None,
+    help="sha256:... as the member read it out; needed unless a current key signed the request.",
+)
+@_VALID_DAYS
+def keys_accept(request: Path, keydir: Path, fingerprint: str | None, valid_days: int) -> None:
+    """Check the key REQUEST a member sent and put its public keys into the signed roster.
+
+    The member's previous active keys retire as of now (as with 'msmt keys rotate').
+    Refused, with one line and nothing written, unless every check passes.
+    """
+    done = keyrequest.accept_request(
+        keydir, request, expected_fingerprint=fingerprint, valid_days=valid_days
+    )
+    click.echo(f"accepted {request} from {done.member}, authorized by {done.authorized_by}")
+    click.echo(f"fingerprint {done.fingerprint}")
+    span = f"{format_time(done.valid_from)}..{format_time(done.valid_until)}"
+    click.echo(f"{done.member}: new keys {done.sig_kid} and {done.enc_kid}, active {span}")
+    if done.retired:
+        click.echo(f"{done.member}: retired {', '.join(done.retired)}")
+    if done.previous_nats_user != done.nats_user:
+        what = "added" if done.previous_nats_user is None else "changed"
+        click.echo(
+            f"{done.member}'s NATS user {what} in {keydir / keyfiles.NATS_USERS_FILE}: "
+            "regenerate the hub's configuration with 'msmt nats config' and reload the hub"
+        )
+    click.echo(
+        f"roster version {done.version}: publish {keyfiles.ROSTER_FILE} and "
+        f"{keyfiles.ROSTER_SIG_FILE} to every member"
+    )
 
 
 @keys_group.command(name="verify-roster")

@@ -1,0 +1,586 @@
+"""Keys made on a member's own machine: the key request and the custodian's acceptance.
+
+In a deployment no private key leaves the member that owns it. The member runs
+``make_request`` (``msmt keys request``): new signing and encryption keys in its
+own key directory, and a **key request** that carries only their public halves.
+The request is a JWS in General JSON Serialization (RFC 7515 §7.2.1) whose payload
+is the RFC 8785 form of::
+
+    {"iat": <NumericDate>, "keys": [<public sig JWK>, <public enc JWK>],
+     "msmt_member": "GBR", "msmt_nats_user": "U..."}
+
+signed by the new signing key (proof that the member holds it) and, when the
+member's roster lists a current signing key it holds, by that key too (so the
+custodian can accept a routine rotation without a phone call). Each signature's
+protected header is exactly ``{"alg": "Ed25519", "kid": ..., "typ":
+"msmt-key-request+jws"}``; any JOSE library verifies it.
+
+The request's **fingerprint** is ``sha256:<hex>`` of the payload bytes as signed
+(the base64url-decoded ``payload`` member): it fixes every key, the member, the
+NATS user and the time, and does not change if the JSON around the signatures is
+re-wrapped on the way. The member reads it out to the custodian out of band.
+
+The custodian runs ``accept_request`` (``msmt keys accept``), which checks the
+request (a numbered checklist, fail closed) and signs the next roster version, as
+``rotate_keys`` does. ``init_authority`` (``msmt keys authority``) starts a
+custodian's directory with the authority and an empty roster, and no member keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import rfc8785
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import Key, KeySet, OKPKey
+from joserfc.jws import FlattenedJSONSerialization
+
+from broker import keys as keyfiles
+from broker.errors import KeyMaterialError, UsageError
+from broker.members import MEMBERS, is_member
+from broker.roster import CURVES, Roster, RosterKey, format_time
+from broker.sdjwt import b64u_decode, loads_strict
+
+REQUEST_TYP: Final = "msmt-key-request+jws"
+MAX_REQUEST_BYTES: Final = 16 * 1024
+"""A request is about 1.5 KB; anything much larger is not one."""
+MAX_REQUEST_AGE: Final = timedelta(days=30)
+"""A request older than this is refused: the member makes a new one."""
+MAX_CLOCK_SKEW: Final = timedelta(minutes=5)
+"""How far in the future a request's ``iat`` may be (the two clocks differ)."""
+_PAYLOAD_MEMBERS: Final = frozenset({"msmt_member", "keys", "msmt_nats_user", "iat"})
+_JWK_MEMBERS: Final = frozenset({"kty", "crv", "x", "kid", "use", "alg"})
+_KID: Final = re.compile(r"(?P<member>[A-Z]{3})-(?P<use>sig|enc)-\d{8}-[0-9a-f]{8}")
+_FINGERPRINT: Final = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def fingerprint(payload: bytes) -> str:
+    """``sha256:<hex>`` of a request's payload bytes, as the member and custodian compare it."""
+    return f"sha256:{hashlib.sha256(payload).hexdigest()}"
+
+
+def _header(kid: str) -> dict[str, str]:
+    return {"alg": "Ed25519", "kid": kid, "typ": REQUEST_TYP}
+
+
+# --- the member's side ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A key request as ``make_request`` wrote it, for the member to send."""
+
+    path: Path
+    member: str
+    sig_kid: str
+    enc_kid: str
+    nats_user: str
+    nats_created: bool
+    endorsed_by: str | None
+    """The current signing key that signed it too, or None."""
+    not_endorsed: str | None
+    """Why no current key signed it (None if one did)."""
+    fingerprint: str
+
+
+def _current_key(keydir: Path, member: str, at: datetime) -> tuple[OKPKey | None, str | None]:
+    """The member's current signing key per its verified roster, or why there is none."""
+    if not (keydir / keyfiles.ROSTER_FILE).exists():
+        return None, f"no roster in {keydir}"
+    # Verified as a node does: a tampered roster must not choose the key that signs.
+    roster = keyfiles.load_signed_roster(keydir).roster
+    try:
+        current = roster.current(member, "sig", at)
+    except KeyMaterialError as exc:
+        return None, f"the roster in {keydir}: {exc}"
+    path = keyfiles.key_path(keydir, member, current.kid)
+    if not path.exists():
+        return None, f"the private key of {current.kid} is not in {path.parent}"
+    return keyfiles.load_matching_key(path, roster, member, "sig"), None
+
+
+def make_request(
+    keydir: Path, member: str, *, out: Path | None = None, now: datetime | None = None
+) -> Request:
+    """Make ``member``'s new keys in ``keydir/<member>/`` and write a key request for them.
+
+    The private keys are written mode 0600 as ``keys init`` writes them; the NATS
+    seed only if there is none. The request goes to ``out`` (default
+    ``keydir/<sig kid>.request.json``). Nothing in the roster changes. Raises
+    ``UsageError`` for an unknown member or an existing ``out`` and
+    ``KeyMaterialError`` for a roster that does not verify or an unusable key
+    file; every check runs before the first write.
+    """
+    if not is_member(member):
+        raise UsageError(
+            f"unknown member {member!r} (members: {', '.join(MEMBERS)}); the AUDIT account has "
+            "no roster keys (docs/KEYS.md, 'Key requests')"
+        )
+    at = now or _utcnow()
+    endorser, not_endorsed = _current_key(keydir, member, at)
+    seed_path = keydir / member / keyfiles.NATS_SEED_FILE
+    nats_created = not seed_path.exists()
+    if nats_created:
+        seed = keyfiles.new_nats_seed()
+    else:
+        try:
+            seed = seed_path.read_bytes().strip()
+        except OSError as exc:
+            raise KeyMaterialError(f"cannot read {seed_path}: {exc.strerror}") from None
+        keyfiles.check_private_file(seed_path, "NATS seed")
+    nats_user = keyfiles.nats_public(seed, str(seed_path))
+    sig = keyfiles.generate_key(member, "sig", at)
+    enc = keyfiles.generate_key(member, "enc", at)
+    path = out or keydir / f"{sig.kid}.request.json"
+    if path.exists():
+        raise UsageError(f"{path} already exists: choose another --out")
+    payload: dict[str, Any] = {
+        "msmt_member": member,
+        "keys": [keyfiles.public_jwk(sig), keyfiles.public_jwk(enc)],
+        "msmt_nats_user": nats_user,
+        "iat": int(at.timestamp()),
+    }
+    body = rfc8785.dumps(payload)
+    signers: list[Key] = [sig] if endorser is None else [sig, endorser]
+    value = jws.serialize_json(
+        [{"protected": _header(str(k.kid))} for k in signers],
+        body,
+        KeySet(signers),
+        algorithms=["Ed25519"],
+    )
+    for key in (sig, enc):
+        path_ = keyfiles.key_path(keydir, member, str(key.kid))
+        keyfiles.write_private(path_, keyfiles.json_bytes(key.as_dict(private=True)))
+    if nats_created:
+        keyfiles.write_private(seed_path, seed + b"\n")
+    # Written last: a request on disk always has its private keys beside it.
+    keyfiles.write_public(path, keyfiles.json_bytes(value))
+    return Request(
+        path=path,
+        member=member,
+        sig_kid=str(sig.kid),
+        enc_kid=str(enc.kid),
+        nats_user=nats_user,
+        nats_created=nats_created,
+        endorsed_by=None if endorser is None else str(endorser.kid),
+        not_endorsed=not_endorsed,
+        fingerprint=fingerprint(body),
+    )
+
+
+# --- the custodian's side --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Signature:
+    kid: str
+    flattened: FlattenedJSONSerialization
+    """The signature with the payload (RFC 7515 §7.2.2), to verify on its own."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    payload: dict[str, Any]
+    body: bytes
+    signatures: list[_Signature]
+
+
+def _private_member(value: Any, depth: int = 0) -> bool:
+    """Whether a JSON value holds an object with a ``d`` member (a private JWK)."""
+    if depth > 8:
+        return False  # nothing of ours nests this deep: the structure checks refuse it
+    if isinstance(value, dict):
+        return "d" in value or any(_private_member(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_private_member(v, depth + 1) for v in value)
+    return False
+
+
+def _leaked(path: Path) -> KeyMaterialError:
+    return KeyMaterialError(
+        f"{path} holds a private key (a 'd' member): the member sent its secret, not a key "
+        "request. Delete the file, and have the member discard those keys and make a new "
+        "request with 'msmt keys request'"
+    )
+
+
+def _read_outer(path: Path) -> Any:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_REQUEST_BYTES + 1)
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_REQUEST_BYTES:
+        raise KeyMaterialError(
+            f"{path} is too large for a key request (more than {MAX_REQUEST_BYTES} bytes)"
+        )
+    try:
+        return loads_strict(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        # The codec's message would quote a byte of what may be a private key.
+        raise KeyMaterialError(f"{path} is not UTF-8 text") from None
+    except ValueError as exc:
+        raise KeyMaterialError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _b64_json(path: Path, text: Any, what: str) -> tuple[bytes, Any]:
+    if not isinstance(text, str):
+        raise KeyMaterialError(f"{path}: {what} is not a base64url string")
+    try:
+        data = b64u_decode(text)
+        return data, loads_strict(data)
+    except ValueError as exc:
+        raise KeyMaterialError(f"{path}: {what} is not base64url JSON ({exc})") from None
+
+
+def _signature(path: Path, n: int, member: Any, payload: str) -> _Signature:
+    if not (
+        isinstance(member, dict)
+        and set(member) == {"protected", "signature"}
+        and isinstance(member["signature"], str)
+    ):
+        raise KeyMaterialError(
+            f"{path}: signature {n} must be exactly 'protected' and 'signature' "
+            "(no unprotected header)"
+        )
+    _, header = _b64_json(path, member["protected"], f"signature {n}'s protected header")
+    kid = header.get("kid") if isinstance(header, dict) else None
+    if not isinstance(kid, str) or header != _header(kid):
+        raise KeyMaterialError(
+            f"{path}: signature {n}'s protected header must be exactly alg Ed25519, "
+            f"typ {REQUEST_TYP} and a kid"
+        )
+    flattened: FlattenedJSONSerialization = {
+        "payload": payload,
+        "protected": member["protected"],
+        "signature": member["signature"],
+    }
+    return _Signature(kid=kid, flattened=flattened)
+
+
+def _parse(path: Path) -> _Parsed:
+    """Step 1 of ``accept_request``: the file's structure, each fault with its reason."""
+    outer = _read_outer(path)
+    if _private_member(outer):
+        raise _leaked(path)
+    if not isinstance(outer, dict) or set(outer) != {"payload", "signatures"}:
+        raise KeyMaterialError(
+            f"{path}: not a JWS in General JSON Serialization (exactly 'payload' and "
+            "'signatures', RFC 7515 §7.2.1)"
+        )
+    members = outer["signatures"]
+    if not isinstance(members, list) or not 1 <= len(members) <= 2:
+        raise KeyMaterialError(f"{path}: 'signatures' must list one or two signatures")
+    body, payload = _b64_json(path, outer["payload"], "the payload")
+    if _private_member(payload):
+        raise _leaked(path)
+    if not isinstance(payload, dict) or set(payload) != _PAYLOAD_MEMBERS:
+        raise KeyMaterialError(
+            f"{path}: the payload must be a JSON object of exactly "
+            f"{', '.join(sorted(_PAYLOAD_MEMBERS))}"
+        )
+    signatures = [_signature(path, n, m, outer["payload"]) for n, m in enumerate(members, 1)]
+    if len({s.kid for s in signatures}) != len(signatures):
+        raise KeyMaterialError(f"{path}: two signatures by one key")
+    return _Parsed(payload=payload, body=body, signatures=signatures)
+
+
+def _verifies(signature: _Signature, key: OKPKey) -> bool:
+    try:
+        jws.deserialize_json(signature.flattened, key, algorithms=["Ed25519"])
+    except (ValueError, JoseError):
+        return False
+    return True
+
+
+def _public_key(path: Path, n: int, jwk: Any, member: str, roster: Roster) -> tuple[str, OKPKey]:
+    """Step 2 for one key of the request: (its use, the key); raise naming the fault."""
+    where = f"{path}: key {n}"
+    if not isinstance(jwk, dict) or set(jwk) != _JWK_MEMBERS:
+        raise KeyMaterialError(f"{where} must have exactly {', '.join(sorted(_JWK_MEMBERS))}")
+    use, kid = jwk["use"], jwk["kid"]
+    if use not in CURVES:
+        raise KeyMaterialError(f"{where}: use must be 'sig' or 'enc'")
+    if (jwk["kty"], jwk["crv"], jwk["alg"]) != ("OKP", CURVES[use], keyfiles.ALGS[use]):
+        raise KeyMaterialError(
+            f"{where}: a {use} key must be OKP {CURVES[use]} with alg {keyfiles.ALGS[use]}"
+        )
+    match = _KID.fullmatch(kid) if isinstance(kid, str) else None
+    if match is None or match["member"] != member or match["use"] != use:
+        raise KeyMaterialError(
+            f"{where}: kid {kid!r:.80} is not of the form {member}-{use}-YYYYMMDD-<8 hex digits>"
+        )
+    if kid in roster:
+        raise KeyMaterialError(
+            f"{where}: {kid} is already in the roster: this request was accepted before"
+        )
+    try:
+        key = OKPKey.import_key(dict(jwk))
+    except (ValueError, TypeError, JoseError) as exc:
+        raise KeyMaterialError(f"{where}: malformed public key ({exc})") from None
+    same = next((k.kid for k in roster if k.jwk.get("x") == jwk["x"]), None)
+    if same is not None:
+        raise KeyMaterialError(f"{where}: its public key is already in the roster as {same}")
+    return use, key
+
+
+@dataclass(frozen=True, slots=True)
+class _Content:
+    member: str
+    keys: dict[str, OKPKey]
+    nats_user: str
+    iat: int
+
+
+def _content(
+    path: Path, payload: dict[str, Any], roster: Roster, users: dict[str, str]
+) -> _Content:
+    """Step 2 of ``accept_request``: the member, its two public keys, its NATS user, iat."""
+    member = payload["msmt_member"]
+    if not isinstance(member, str) or not is_member(member):
+        raise KeyMaterialError(f"{path}: msmt_member {member!r:.20} is not an MSMT member")
+    listed = payload["keys"]
+    if not isinstance(listed, list) or len(listed) != 2:
+        raise KeyMaterialError(f"{path}: 'keys' must list two keys, one sig and one enc")
+    new: dict[str, OKPKey] = {}
+    for n, jwk in enumerate(listed, 1):
+        use, key = _public_key(path, n, jwk, member, roster)
+        if use in new:
+            raise KeyMaterialError(f"{path}: two {use} keys; a request has one sig and one enc")
+        new[use] = key
+    nats_user = keyfiles.check_nats_user(payload["msmt_nats_user"], f"{path}: msmt_nats_user")
+    other = next((a for a, u in users.items() if u == nats_user and a != member), None)
+    if other is not None:
+        raise KeyMaterialError(f"{path}: msmt_nats_user is already the NATS user of {other}")
+    iat = payload["iat"]
+    if not isinstance(iat, int) or isinstance(iat, bool):
+        raise KeyMaterialError(f"{path}: iat must be an integer (seconds since the epoch)")
+    return _Content(member, new, nats_user, iat)
+
+
+def _endorser(
+    path: Path, parsed: _Parsed, new_sig: str, member: str, roster: Roster, at: datetime
+) -> tuple[RosterKey | None, str]:
+    """Step 4 by signature: the member's current key that signed, or why none counts."""
+    why = "it is signed only by its new key"
+    for signature in parsed.signatures:
+        if signature.kid == new_sig:
+            continue
+        if signature.kid not in roster:
+            why = f"it is signed by {signature.kid:.80}, which the roster does not list"
+            continue
+        key = roster.get(signature.kid)
+        if key.member != member or key.use != "sig":
+            raise KeyMaterialError(
+                f"{path}: signed by {key.kid}, a {key.use} key of {key.member}, not a "
+                f"signing key of {member}"
+            )
+        if not _verifies(signature, roster.public_key(key.kid)):
+            raise KeyMaterialError(
+                f"{path}: the signature by {key.kid} does not verify: the request was altered"
+            )
+        reason = key.usable_at(at) or (
+            None if key.status == "active" else f"key {key.kid} is {key.status}"
+        )
+        if reason is None:
+            return key, ""
+        why = f"its other signature does not count: {reason}"
+    return None, why
+
+
+def _authorize(
+    path: Path,
+    parsed: _Parsed,
+    content: _Content,
+    roster: Roster,
+    wanted: str | None,
+    at: datetime,
+) -> str:
+    """Steps 3 and 4 of ``accept_request``; returns what authorized the request."""
+    member, new_sig = content.member, content.keys["sig"]
+    own = next((s for s in parsed.signatures if s.kid == new_sig.kid), None)
+    if own is None:
+        raise KeyMaterialError(f"{path}: no signature by its new key {new_sig.kid}")
+    if not _verifies(own, new_sig):
+        raise KeyMaterialError(
+            f"{path}: the signature by its new key {new_sig.kid} does not verify: the "
+            "request was altered"
+        )
+    digest = fingerprint(parsed.body)
+    endorser, why = _endorser(path, parsed, str(new_sig.kid), member, roster, at)
+    if wanted is not None:
+        if not hmac.compare_digest(wanted, digest):
+            # The right fingerprint is not shown: it must come from the member, not from here.
+            raise KeyMaterialError(
+                f"{path}: its fingerprint is not {wanted}: this is not the request {member} "
+                "read out to you; do not accept it"
+            )
+        return f"the fingerprint compared with {member}"
+    if endorser is None:
+        raise KeyMaterialError(
+            f"{path}: the request carries no signature by a current key of {member} ({why}): "
+            f"compare its fingerprint with {member} by phone and pass --fingerprint"
+        )
+    return f"the signature of {member}'s current key {endorser.kid}"
+
+
+def _check_time(path: Path, iat: int, at: datetime) -> None:
+    """Step 5 of ``accept_request``: made at most MAX_REQUEST_AGE ago, not in the future."""
+    made = datetime.fromtimestamp(iat, UTC) if abs(iat) < 10**11 else None
+    if made is None or made > at + MAX_CLOCK_SKEW:
+        raise KeyMaterialError(f"{path}: iat is in the future: check the member's clock")
+    if made < at - MAX_REQUEST_AGE:
+        raise KeyMaterialError(
+            f"{path}: made {format_time(made)}, more than {MAX_REQUEST_AGE.days} days ago: "
+            "ask the member for a new request"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What ``accept_request`` changed, for the custodian to read and pass on."""
+
+    member: str
+    sig_kid: str
+    enc_kid: str
+    valid_from: datetime
+    valid_until: datetime
+    retired: tuple[str, ...]
+    authorized_by: str
+    nats_user: str
+    previous_nats_user: str | None
+    version: int
+    fingerprint: str
+
+
+def check_fingerprint(text: str) -> str:
+    """Normalize a ``--fingerprint`` (``sha256:`` and 64 hex digits); ``UsageError`` if not."""
+    value = text.strip().lower()
+    if not _FINGERPRINT.fullmatch(value):
+        raise UsageError("--fingerprint must be 'sha256:' followed by 64 hex digits")
+    return value
+
+
+def accept_request(
+    keydir: Path,
+    path: Path,
+    *,
+    expected_fingerprint: str | None = None,
+    valid_days: int = keyfiles.DEFAULT_VALID_DAYS,
+    now: datetime | None = None,
+) -> Accepted:
+    """Check the key request ``path`` and put its keys into the signed roster in ``keydir``.
+
+    The member's new keys become active from now for ``valid_days``; its previous
+    active keys are retired as of now, as ``rotate_keys`` does; its entry in
+    ``nats-users.json`` becomes the request's NATS user. Raises ``KeyMaterialError``
+    with one line naming ``path`` at the first failing step of the checklist below,
+    and ``UsageError`` for a malformed ``expected_fingerprint`` or validity;
+    nothing is written unless every step passed.
+    """
+    wanted = None if expected_fingerprint is None else check_fingerprint(expected_fingerprint)
+    if valid_days < 1:
+        raise UsageError("--valid-days must be at least 1")
+    at = now or _utcnow()
+    signed, authority = keyfiles.load_for_update(keydir)
+    users = _load_users(keydir)
+    # Checklist; each step raises KeyMaterialError naming the file, before any write.
+    # 1. format: at most MAX_REQUEST_BYTES of UTF-8 JSON, no duplicate members, no
+    #    "d" member anywhere (a private key); a JWS in General JSON Serialization
+    #    of one or two signatures, each exactly a protected header {alg: Ed25519,
+    #    kid, typ: msmt-key-request+jws} and a signature; a payload that is a JSON
+    #    object of exactly msmt_member, keys, msmt_nats_user and iat.
+    parsed = _parse(path)
+    # 2. content: a known member; one public Ed25519 sig and one public X25519 enc
+    #    key, each exactly kty, crv, x, kid, use, alg, with a kid <M>-<use>-<date>-<hex>
+    #    of that member, neither kid nor key already in the roster (a request
+    #    accepted before); a NATS user public nkey no other account has; integer iat.
+    content = _content(path, parsed.payload, signed.roster, users)
+    # 3. proof of possession: the signature by the new sig key verifies.
+    # 4. authority: a second signature verifies under a key of the member that is
+    #    active and valid now (a revoked, retired or expired key does not count),
+    #    or the fingerprint the custodian compared with the member matches. A
+    #    wrong fingerprint is refused, whatever signed the request.
+    authorized_by = _authorize(path, parsed, content, signed.roster, wanted, at)
+    # 5. time: iat at most MAX_CLOCK_SKEW ahead of now and MAX_REQUEST_AGE behind it.
+    _check_time(path, content.iat, at)
+
+    member, new = content.member, content.keys
+    retired = tuple(k.kid for k in signed.roster if k.member == member and k.status == "active")
+    entries = keyfiles.retire_active(signed.jwks["keys"], member, at)
+    entries += [keyfiles.roster_entry(new[u], member, at, valid_days) for u in ("sig", "enc")]
+    jwks = keyfiles.bump_roster(signed, entries, at)
+    previous = users.get(member)
+    # nats-users.json first: a crash before the roster is written leaves the request
+    # acceptable again, and accepting it then finds the user already there.
+    if previous != content.nats_user:
+        updated = users | {member: content.nats_user}
+        keyfiles.write_public(keydir / keyfiles.NATS_USERS_FILE, keyfiles.json_bytes(updated))
+    keyfiles.write_roster(keydir, jwks, authority)
+    return Accepted(
+        member=member,
+        sig_kid=str(new["sig"].kid),
+        enc_kid=str(new["enc"].kid),
+        valid_from=at,
+        valid_until=at + timedelta(days=valid_days),
+        retired=retired,
+        authorized_by=authorized_by,
+        nats_user=content.nats_user,
+        previous_nats_user=previous,
+        version=jwks["msmt_version"],
+        fingerprint=fingerprint(parsed.body),
+    )
+
+
+def _load_users(keydir: Path) -> dict[str, str]:
+    path = keydir / keyfiles.NATS_USERS_FILE
+    data = keyfiles.read_json(path)
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise KeyMaterialError(f"{path} is not a JSON object of public nkeys")
+    return data
+
+
+# --- a custodian's start -----------------------------------------------------------
+
+
+def init_authority(keydir: Path, *, audit: bool = False, now: datetime | None = None) -> None:
+    """Start a custodian's key directory: the roster authority and an empty signed roster v1.
+
+    No member's keys are made: each member joins with a key request. With
+    ``audit``, the AUDIT account's NATS user is made here too (its seed in
+    ``keydir/AUDIT/nats.nk``), for a custodian who also runs the audit archive.
+    Raises ``KeyMaterialError`` (nothing written) if ``keydir`` already has a
+    roster, an authority or NATS users.
+    """
+    at = now or _utcnow()
+    names = [
+        keyfiles.ROSTER_FILE,
+        keyfiles.ROSTER_SIG_FILE,
+        keyfiles.AUTHORITY_PRIVATE_FILE,
+        keyfiles.AUTHORITY_PUBLIC_FILE,
+        keyfiles.NATS_USERS_FILE,
+    ]
+    if audit:
+        names.append(f"{keyfiles.AUDIT_ACCOUNT}/{keyfiles.NATS_SEED_FILE}")
+    existing = next((keydir / n for n in names if (keydir / n).exists()), None)
+    if existing is not None:
+        raise KeyMaterialError(f"{existing} already exists: {keydir} has a roster authority")
+    users: dict[str, str] = {}
+    if audit:
+        seed = keyfiles.new_nats_seed()
+        users[keyfiles.AUDIT_ACCOUNT] = keyfiles.nats_public(seed, keyfiles.AUDIT_ACCOUNT)
+        keyfiles.write_private(
+            keydir / keyfiles.AUDIT_ACCOUNT / keyfiles.NATS_SEED_FILE, seed + b"\n"
+        )
+    keyfiles.write_authority(keydir, keyfiles.new_authority(at), [], users, at)
