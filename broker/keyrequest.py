@@ -314,7 +314,7 @@ def _public_key(path: Path, n: int, jwk: Any, member: str, roster: Roster) -> tu
         raise KeyMaterialError(f"{where}: use must be 'sig' or 'enc'")
     if (jwk["kty"], jwk["crv"], jwk["alg"]) != ("OKP", CURVES[use], keyfiles.ALGS[use]):
         raise KeyMaterialError(
-            f"{where}: a {use} key must be OKP {CURVES[use]} with alg {keyfiles.ALGS[use]}"
+            f"{where}: use {use} needs kty OKP, crv {CURVES[use]} and alg {keyfiles.ALGS[use]}"
         )
     match = _KID.fullmatch(kid) if isinstance(kid, str) else None
     if match is None or match["member"] != member or match["use"] != use:
