@@ -310,7 +310,7 @@ def _public_key(path: Path, n: int, jwk: Any, member: str, roster: Roster) -> tu
     if not isinstance(jwk, dict) or set(jwk) != _JWK_MEMBERS:
         raise KeyMaterialError(f"{where} must have exactly {', '.join(sorted(_JWK_MEMBERS))}")
     use, kid = jwk["use"], jwk["kid"]
-    if use not in CURVES:
+    if not isinstance(use, str) or use not in CURVES:
         raise KeyMaterialError(f"{where}: use must be 'sig' or 'enc'")
     if (jwk["kty"], jwk["crv"], jwk["alg"]) != ("OKP", CURVES[use], keyfiles.ALGS[use]):
         raise KeyMaterialError(

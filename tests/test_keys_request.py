@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import rfc8785
 from click.testing import CliRunner, Result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from joserfc import jws
 from joserfc.jwk import Key, KeySet, OKPKey
 from jwcrypto import jwk as jwc_jwk
@@ -387,6 +389,7 @@ def test_keys_of_another_member_or_of_the_wrong_kind_are_refused(
         ([sig, {**enc, "alg": "ECDH-ES"}], "key 2: use enc needs kty OKP, crv X25519 and alg"),
         ([sig, {**enc, "use": "sig"}], "key 2: use sig needs kty OKP, crv Ed25519"),
         ([sig, {**enc, "x5u": "https://example.org"}], "key 2 must have exactly alg, crv, kid"),
+        ([sig, {**enc, "use": ["enc"]}], "key 2: use must be 'sig' or 'enc'"),
         ([sig], "'keys' must list two keys"),
     ]
     for listed, reason in cases:
@@ -514,3 +517,39 @@ def test_a_signature_by_another_members_key_is_refused(custodian: Path, tmp_path
     assert refused(custodian, request.path) == (
         f": signed by {made.sig_kid}, a sig key of USA, not a signing key of JPN"
     )
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["set", "delete", "insert"]),
+            st.floats(0, 1, exclude_max=True),
+            st.sampled_from(list(b'aZ09-_={}[]":,. \\\x00\xff')),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_any_damage_to_a_request_is_refused_with_one_line(
+    custodian: Path, pending: keyrequest.Request, edits: list[tuple[str, float, int]]
+) -> None:
+    made = original(pending.path)
+    data = bytearray(made)
+    for op, where, byte in edits:
+        at = int(where * len(data))
+        if op == "set":
+            data[at] = byte
+        elif op == "delete":
+            del data[at]
+        else:
+            data.insert(at, byte)
+    try:
+        if json.loads(data) == json.loads(made):
+            return  # only the layout changed (white space): the same request
+    except ValueError:
+        pass
+    pending.path.write_bytes(bytes(data))
+    with pytest.raises(KeyMaterialError) as info:
+        keyrequest.accept_request(custodian, pending.path, now=T0 + timedelta(days=1, hours=1))
+    assert "\n" not in str(info.value)
