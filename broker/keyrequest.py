@@ -94,12 +94,14 @@ class Request:
     fingerprint: str
 
 
-def _current_key(keydir: Path, member: str, at: datetime) -> tuple[OKPKey | None, str | None]:
+def _current_key(
+    keydir: Path, member: str, at: datetime, authority: Path | None
+) -> tuple[OKPKey | None, str | None]:
     """The member's current signing key per its verified roster, or why there is none."""
     if not (keydir / keyfiles.ROSTER_FILE).exists():
         return None, f"no roster in {keydir}"
     # Verified as a node does: a tampered roster must not choose the key that signs.
-    roster = keyfiles.load_signed_roster(keydir).roster
+    roster = keyfiles.load_signed_roster(keydir, authority_path=authority).roster
     try:
         current = roster.current(member, "sig", at)
     except KeyMaterialError as exc:
@@ -111,13 +113,20 @@ def _current_key(keydir: Path, member: str, at: datetime) -> tuple[OKPKey | None
 
 
 def make_request(
-    keydir: Path, member: str, *, out: Path | None = None, now: datetime | None = None
+    keydir: Path,
+    member: str,
+    *,
+    out: Path | None = None,
+    authority: Path | None = None,
+    now: datetime | None = None,
 ) -> Request:
     """Make ``member``'s new keys in ``keydir/<member>/`` and write a key request for them.
 
     The private keys are written mode 0600 as ``keys init`` writes them; the NATS
     seed only if there is none. The request goes to ``out`` (default
-    ``keydir/<sig kid>.request.json``). Nothing in the roster changes. Raises
+    ``keydir/<sig kid>.request.json``). The roster in ``keydir``, if any, is
+    verified against ``authority`` (default: ``keydir/roster-authority.json``)
+    before its current key of ``member`` signs too. Nothing in the roster changes. Raises
     ``UsageError`` for an unknown member or an existing ``out`` and
     ``KeyMaterialError`` for a roster that does not verify or an unusable key
     file; every check runs before the first write.
@@ -128,7 +137,7 @@ def make_request(
             "no roster keys (docs/KEYS.md, 'Key requests')"
         )
     at = now or _utcnow()
-    endorser, not_endorsed = _current_key(keydir, member, at)
+    endorser, not_endorsed = _current_key(keydir, member, at, authority)
     seed_path = keydir / member / keyfiles.NATS_SEED_FILE
     nats_created = not seed_path.exists()
     if nats_created:

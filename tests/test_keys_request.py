@@ -553,3 +553,30 @@ def test_any_damage_to_a_request_is_refused_with_one_line(
     with pytest.raises(KeyMaterialError) as info:
         keyrequest.accept_request(custodian, pending.path, now=T0 + timedelta(days=1, hours=1))
     assert "\n" not in str(info.value)
+
+
+def test_the_members_roster_is_verified_against_its_pinned_authority(
+    custodian: Path, tmp_path: Path
+) -> None:
+    jpn = tmp_path / "jpn"
+    install_roster(custodian, jpn)
+    pinned = tmp_path / "etc" / "roster-authority.json"
+    pinned.parent.mkdir()
+    (jpn / keys.AUTHORITY_PUBLIC_FILE).rename(pinned)
+    other = tmp_path / "other"
+    keyrequest.init_authority(other)
+    before = snapshot(jpn)
+    for authority, reason in (
+        (None, f"cannot read {jpn / keys.AUTHORITY_PUBLIC_FILE}"),
+        (other / keys.AUTHORITY_PUBLIC_FILE, "not by the pinned roster authority"),
+    ):
+        flags: list[str | Path] = [] if authority is None else ["--authority", authority]
+        done = msmt("keys", "request", "JPN", "--dir", jpn, *flags)
+        assert done.exit_code == 2
+        assert reason in done.stderr
+        assert done.stderr.count("\n") == 1
+        assert snapshot(jpn) == before  # no key made, no request written
+    done = msmt("keys", "request", "JPN", "--dir", jpn, "--authority", pinned)
+    assert done.exit_code == 0, done.output
+    old = keys.load_signed_roster(jpn, authority_path=pinned).roster.current("JPN", "sig", T0)
+    assert f"signed by the new key and by the current key {old.kid}\n" in done.output

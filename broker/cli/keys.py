@@ -124,14 +124,20 @@ def keys_authority(keydir: Path, audit: bool) -> None:
     default=None,
     help="Where to write the request (default: <dir>/<new sig kid>.request.json).",
 )
-def keys_request(member: str, keydir: Path, out: Path | None) -> None:
+@click.option(
+    "--authority",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The pinned roster-authority public key (default: the one in the key directory).",
+)
+def keys_request(member: str, keydir: Path, out: Path | None, authority: Path | None) -> None:
     """Make MEMBER's new keys here, and a key request for the roster custodian.
 
     Run by the member on its own machine: the private keys stay in <dir>/<MEMBER>/;
     the request carries only the public keys and the NATS user's public nkey. It is
     signed by the new key, and by MEMBER's current key if the roster here lists one.
     """
-    made = keyrequest.make_request(keydir, member.upper(), out=out)
+    made = keyrequest.make_request(keydir, member.upper(), out=out, authority=authority)
     click.echo(f"wrote key request {made.path}")
     click.echo(f"new keys {made.sig_kid} and {made.enc_kid} (mode 0600 in {keydir / made.member})")
     verb = "new" if made.nats_created else "kept"
