@@ -54,7 +54,7 @@ from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError, MsmtError
 from broker.intake import Intake, Refusal, Spool, ensure_token, make_app, serve_unix
 from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
-from broker.log import get_logger
+from broker.log import Throttle, get_logger
 from broker.members import MEMBERS
 from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
@@ -179,6 +179,7 @@ class Node:
         self._last_error = ""
         self._last_error_at = ""  # when it last happened, so a stale error reads as one
         self._last_condition = ""
+        self._throttle = Throttle()
         self._last_logged = 0.0
         self._published_checkpoint: str | None = None
         self._published_at = -math.inf
@@ -331,18 +332,21 @@ class Node:
         return max(0.01, min(self._plan_skip.values()) - now)
 
     def _report_waiting(self, waiting: Mapping[str, Mapping[str, str]]) -> None:
-        # One line per cause (a partner's lapsed key), at most once a minute: the
-        # reports go out to everyone else meanwhile, and to that partner once its
-        # key is valid (a roster update and restart, or its valid-from reached).
-        by_reason: dict[str, list[str]] = {}
-        for report_id, partners in waiting.items():
-            for reason in partners.values():
-                by_reason.setdefault(reason, []).append(report_id)
-        for reason, ids in by_reason.items():
-            which = (
-                f"{len(ids)} reports ({ids[0]}, ...) wait" if ids[1:] else f"report {ids[0]} waits"
-            )
-            self._error(f"{which} for a partner's key: {reason}", same_as=f"waiting: {reason}")
+        # One warning a minute for every partner without a key, not an error of
+        # this node: a partner's key lapsed, or a member not enrolled yet (a group
+        # joining one by one has several, for weeks). In last_error it hid real
+        # errors; msmt status shows the envelopes waiting per partner (outbox).
+        # They go out once the partner's key is valid (a roster update and restart).
+        if not waiting or not self._throttle.due("waiting", "partners"):
+            return
+        reasons = {p: why for partners in waiting.values() for p, why in partners.items()}
+        log.warning(
+            "reports_await_keys",
+            reports=len(waiting),
+            first_report=next(iter(waiting)),
+            partners=",".join(sorted(reasons)),
+            reasons="; ".join(sorted(set(reasons.values()))),
+        )
 
     async def _commit_plans(
         self, plans: dict[str, list[OutboxItem]], waiting: dict[str, dict[str, str]]

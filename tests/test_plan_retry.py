@@ -51,13 +51,14 @@ async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
         if expected_partners(policy, parse_record(json.dumps(r))) == {"USA", "KOR"}
     )
     rid = record["report_id"]
-    cause = f"report {rid} waits for a partner's key: USA has no active enc key valid now"
 
-    def store_facts() -> tuple[dict[str, str], dict[str, int], int, dict[str, int]]:
+    def store_facts() -> tuple[dict[str, Any], dict[str, int], int, dict[str, int]]:
         store = world.store("JPN")
         try:
             sent = {p: store.sent_to(p) for p in ("USA", "KOR")}
-            return store.state(), store.counters(), store.outbox_depth(), sent
+            # The state, and what msmt status shows of the outbox per partner.
+            state: dict[str, Any] = {**store.state(), "outbox": store.outbox_by_partner()}
+            return state, store.counters(), store.outbox_depth(), sent
         finally:
             store.close()
 
@@ -74,10 +75,12 @@ async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
             answers = await world.submit("JPN", [record])
             assert [a["status"] for a in answers] == ["accepted"]
 
-            # While USA has no valid key: the cause is in the status, KOR has the
-            # report already, USA's envelope is not made yet.
+            # While USA has no valid key: the status shows USA's envelope waiting,
+            # KOR has the report already, USA's envelope is not made yet.
             await await_for(
-                lambda: store_facts()[0].get("last_error") == cause, 5, "the cause in the status"
+                lambda: store_facts()[0]["outbox"].get("USA", {}).get("awaiting_key") == 1,
+                5,
+                "USA's envelope waiting in the status",
             )
             await await_for(lambda: store_facts()[3]["KOR"] == 1, 10, "sent to KOR")
             _, _, depth, sent = store_facts()
@@ -114,7 +117,13 @@ async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
     # Said at start already, before any report: the policy names a partner without a key.
     (keyless,) = [e for e in logs if e["event"] == "partners_without_keys"]
     assert keyless["partners"] == "USA"
-    # The refusal was logged too, naming the report but none of its content.
-    assert [e for e in logs if e["event"] == "node_error" and e.get("error") == cause]
+    # The wait was logged once (a minute), naming the report but none of its content,
+    # as a warning: not an error of JPN's, so it never filled last_error.
+    (waits,) = [e for e in logs if e["event"] == "reports_await_keys"]
+    assert waits["log_level"] == "warning"
+    assert (waits["partners"], waits["first_report"]) == ("USA", rid)
+    assert waits["reasons"] == "USA has no active enc key valid now"
+    assert not [e for e in logs if e["event"] == "node_error"]
+    assert store_facts()[0].get("last_error", "") == ""
     rendered = [json.dumps(e, default=str) for e in logs]
     assert [v for v in content_of([record]) if any(v in line for line in rendered)] == []
