@@ -7,7 +7,9 @@ objects and docs/STIX.md has the mapping table. In short:
 
 * each report is a ``report`` SDO whose ``msmt-report`` property extension
   carries every disclosed field exactly as received (pseudonyms as opaque
-  strings, decimals as strings), so nothing is lost and nothing is added;
+  strings, decimals as strings), and whose description lists them one
+  ``key: value`` line each for tools that keep only text (MISP), so nothing
+  is lost and nothing is added;
 * vessels are ``infrastructure`` SDOs with a ``sighting`` at a ``location``;
   workers are a ``group`` ``identity`` with employer and place; crypto
   addresses and transactions are ``cryptocurrency-wallet`` and

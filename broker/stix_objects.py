@@ -144,16 +144,6 @@ def best_form(fields: Mapping[str, Any], path: str) -> tuple[Any, str | None]:
     return (best[0], best[1]) if best else (None, None)
 
 
-def pseudonyms(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(disclosure key, pseudonym)`` for every pseudonymised field received, sorted."""
-    out = []
-    for key in sorted(fields):
-        _, transform = split_variant_key(key)
-        if transform is not None and transform.name == "pseudonym":
-            out.append((key, str(fields[key])))
-    return out
-
-
 def coordinates(position: Mapping[str, str]) -> tuple[float, float]:
     """A decimal-string position as JSON numbers, because STIX ``location`` requires numbers.
 
@@ -221,7 +211,6 @@ class _Report:
         if statement is not None:
             self.markings.append(statement)
         self.refs: list[str] = []
-        self.notes: list[str] = []
 
     def _id(self, kind: str, role: str) -> str:
         name = f"{self.head['originator']}/{self.head['report_id']}/{role}"
@@ -309,8 +298,7 @@ class _Report:
     def finish(self) -> None:
         head, fields = self.head, self.fields
         lines = [f"MSMT {head['kind']} report {head['report_id']} from {head['originator']}."]
-        lines += self.notes
-        lines += [f"Pseudonymised {key}: {value}" for key, value in pseudonyms(fields)]
+        lines += received_lines(fields)
         extension: dict[str, Any] = {
             "extension_type": "property-extension",
             "report_id": head["report_id"],
@@ -345,14 +333,34 @@ def _confidence(fields: Mapping[str, Any]) -> int | None:
     return _CONFIDENCE.get(value) if isinstance(value, str) else None
 
 
+def show_value(value: Any) -> str:
+    """A received value on one line: a string as it is, anything else as RFC 8785 JSON.
+
+    Strings need no quoting: the schema refuses control characters and line
+    breaks in every string field, so a value can never start a second line.
+    """
+    return value if isinstance(value, str) else rfc8785.dumps(value).decode()
+
+
+def received_lines(fields: Mapping[str, Any]) -> list[str]:
+    """The report description's field lines: ``Fields as received:`` then ``key: value``.
+
+    One line per received disclosure key, in key order, every form (variants and
+    pseudonyms included): MISP keeps a report's description and drops its
+    extension, so this is the one place such a tool can keep every field from.
+    """
+    if not fields:
+        return []
+    return ["Fields as received:", *(f"{key}: {show_value(fields[key])}" for key in sorted(fields))]
+
+
 def _describe(fields: Mapping[str, Any], paths: tuple[str, ...]) -> list[str]:
     """One ``path: value`` line per received field among ``paths`` (most precise form)."""
     out = []
     for path in paths:
         value, transform = best_form(fields, path)
         if value is not None:
-            shown = value if isinstance(value, str) else rfc8785.dumps(value).decode()
-            out.append(f"{path}{'#' + transform if transform else ''}: {shown}")
+            out.append(f"{path}{'#' + transform if transform else ''}: {show_value(value)}")
     return out
 
 
@@ -360,7 +368,6 @@ def _vessel_report(rep: _Report) -> None:
     f = rep.fields
     ref = {k: f[f"vessel.{k}"] for k in ("imo", "mmsi", "name") if f"vessel.{k}" in f}
     facts = _describe(f, ("vessel.flag", "vessel.activity", "vessel.cargo"))
-    rep.notes += facts
     vessel = rep.vessel("vessel", ref, "\n".join(["Vessel reported to MSMT.", *facts]))
     place = rep.location("position", "vessel.position", f"Position of {_vessel_label(ref)}")
     rep.sighting("sighting", vessel, place, "\n".join(facts) or "Vessel sighting.")
@@ -373,7 +380,6 @@ def _vessel_report(rep: _Report) -> None:
 def _fuel(rep: _Report) -> None:
     f = rep.fields
     facts = _describe(f, ("transfer.product", "transfer.volume", "transfer.unit"))
-    rep.notes += facts
     place = rep.location("place", "transfer.place", "Place of fuel transfer")
     vessels = f.get("transfer.vessels")
     ids: list[str] = []
@@ -386,9 +392,6 @@ def _fuel(rep: _Report) -> None:
 
 def _crypto(rep: _Report) -> None:
     f = rep.fields
-    rep.notes += _describe(
-        f, ("transfer.chain", "transfer.amount", "transfer.asset", "transfer.exchanges")
-    )
     senders = [
         rep.sco("cryptocurrency-wallet", EXT_WALLET, value=a)
         for a in f.get("transfer.from_addresses", [])
@@ -425,7 +428,6 @@ def _crypto(rep: _Report) -> None:
 def _worker_report(rep: _Report) -> None:
     f = rep.fields
     facts = _describe(f, ("worker.sector", "worker.workers", "worker.human_rights_concerns"))
-    rep.notes += facts
     count = f.get("worker.workers")
     group = rep.sdo(
         "identity",
@@ -437,6 +439,8 @@ def _worker_report(rep: _Report) -> None:
     )
     country = _ISO3166.get(f.get("worker.country", ""))
     place = None
+    # No STIX location without a country, region or coordinates: without an
+    # alpha-2 country, the city is only in the report description's field lines.
     if country is not None:
         city = f.get("worker.location")
         place = rep.sdo(
@@ -453,9 +457,6 @@ def _worker_report(rep: _Report) -> None:
             source_ref=group,
             target_ref=place,
         )
-    else:
-        # No STIX location without a country, region or coordinates: say it in words.
-        rep.notes += _describe(f, ("worker.country", "worker.location"))
     employer = None
     if "worker.employer" in f:
         employer = rep.sdo(

@@ -411,6 +411,67 @@ def test_report_extension_holds_exactly_the_received_fields(seed: int, share: fl
     assert extension.get("rel_to") == (sorted(report.rel_to) if report.rel_to else None)
 
 
+def _described_fields(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The ``key: value`` lines of a report description, after ``Fields as received:``."""
+    lines = report["description"].split("\n")
+    if "Fields as received:" not in lines:
+        return []
+    rest = lines[lines.index("Fields as received:") + 1 :]
+    # Keys never contain ": " (paths and transform ids), so the first one splits.
+    return [(key, value) for key, _, value in (line.partition(": ") for line in rest)]
+
+
+def _leaves(value: Any) -> list[str]:
+    if isinstance(value, Mapping):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [str(value)]
+
+
+def test_report_description_carries_every_received_leaf_of_every_kind() -> None:
+    records = samples.generate(60, seed=21)
+    reports = [received(r) for r in records]
+    stix = bundle(reports)
+    validate(stix)
+    sdos = {
+        o["extensions"][EXT_REPORT]["report_id"]: o
+        for o in stix["objects"]
+        if o["type"] == "report"
+    }
+    shapes = set()
+    for report in reports:
+        lines = dict(_described_fields(sdos[report.report_id]))
+        assert set(lines) == set(report.fields)
+        for key, value in report.fields.items():
+            for leaf in _leaves(value):
+                assert leaf in lines[key], f"{key} of a {report.kind} report"
+        shapes.add((report.kind, report.fields.get("transfer.category")))
+    assert shapes == {
+        ("vessel", None),
+        ("worker", None),
+        ("transfer", "fuel"),
+        ("transfer", "crypto"),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), share=st.floats(0.0, 1.0))
+def test_report_description_reads_back_as_exactly_the_received_fields(
+    seed: int, share: float
+) -> None:
+    rng = random.Random(seed)
+    record = samples.generate(1 + seed % 3, seed=seed)[-1]
+    report = received(record, pick(all_forms(record), rng, share))
+    (sdo,) = [o for o in bundle([report])["objects"] if o["type"] == "report"]
+    lines = _described_fields(sdo)
+    assert [key for key, _ in lines] == sorted(report.fields)
+    for key, text in lines:
+        value = report.fields[key]
+        # Strings as they are, anything else as JSON: the layout docs/STIX.md gives.
+        assert (text if isinstance(value, str) else json.loads(text)) == value
+
+
 def test_copies_of_one_report_merge_into_one() -> None:
     record = next(r for r in samples.generate(3, seed=16) if r["kind"] == "vessel")
     first = received(record, ["vessel.name", "observed_at"])
