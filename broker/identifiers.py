@@ -11,6 +11,8 @@ with a plain-words reason, which pydantic turns into a field error.
   with the BIP's own vectors.
 * Ethereum: ``0x`` + 40 hex digits; mixed-case addresses must carry a valid
   EIP-55 checksum (keccak-256 from pycryptodome).
+
+``canonical_address`` gives one spelling per address, for use as an identifier.
 """
 
 from __future__ import annotations
@@ -209,6 +211,22 @@ def check_ethereum_address(value: str) -> None:
     body = value[2:]
     if body not in (body.lower(), body.upper()) and value != eip55(value):
         raise ValueError("Ethereum address fails its EIP-55 checksum")
+
+
+def canonical_address(value: str) -> str:
+    """One spelling per address: EIP-55 for Ethereum, lower case for bech32, base58 as is.
+
+    Letter case in an Ethereum or bech32 address is only a spelling (the intake's
+    ``same_content`` ignores it), while in base58 it is part of the value. Used
+    where an address becomes an identifier (STIX wallet ids), so that one
+    address is one object however each report spelt it. A string that is
+    neither form is returned unchanged.
+    """
+    if _ETH.fullmatch(value):
+        return eip55(value)
+    if value[:3].lower() == "bc1" and _bech32_hrp(value) is not None:
+        return value.lower()
+    return value
 
 
 def check_address(chain: str, value: str) -> None:

@@ -39,8 +39,9 @@ _REPORT_SCHEMA: Final = (
 )
 _WALLET_SCHEMA: Final = (
     "New SCO 'cryptocurrency-wallet': a cryptocurrency address. Properties: value (string, "
-    "required, the address as received: Bitcoin base58check or bech32, or EIP-55 Ethereum). "
-    "Id-contributing property: value. Same type and property name as OpenCTI's observable."
+    "required, the address in one spelling: Bitcoin base58check as received, bech32 in lower "
+    "case, Ethereum in EIP-55 mixed case). Id-contributing property: value. Same type and "
+    "property name as OpenCTI's observable."
 )
 _TRANSACTION_SCHEMA: Final = (
     "New SCO 'cryptocurrency-transaction': a blockchain transaction. Properties: value "
@@ -49,18 +50,31 @@ _TRANSACTION_SCHEMA: Final = (
 )
 
 
-def _extension(ext_id: str, name: str, description: str, schema: str, kind: str) -> dict[str, Any]:
+# A definition whose meaning changes gets a new version and ``modified``, so that
+# a tool holding the earlier one (same id) takes the change: (version, modified).
+_FIRST: Final = ("1.0.0", FIXED_CREATED)
+_WALLET_VERSION: Final = ("1.1.0", "2026-12-04T00:00:00.000Z")  # value in one spelling
+
+
+def _extension(
+    ext_id: str,
+    name: str,
+    description: str,
+    schema: str,
+    kind: str,
+    version: tuple[str, str] = _FIRST,
+) -> dict[str, Any]:
     return {
         "type": "extension-definition",
         "spec_version": "2.1",
         "id": ext_id,
         "created_by_ref": PRODUCER_ID,
         "created": FIXED_CREATED,
-        "modified": FIXED_CREATED,
+        "modified": version[1],
         "name": name,
         "description": description,
         "schema": schema,
-        "version": "1.0.0",
+        "version": version[0],
         "extension_types": [kind],
     }
 
@@ -138,6 +152,7 @@ def fixed_objects(members: Sequence[str], tlps: Sequence[str]) -> list[dict[str,
             "A cryptocurrency address, as an observable.",
             _WALLET_SCHEMA,
             "new-sco",
+            _WALLET_VERSION,
         ),
         _extension(
             EXT_TRANSACTION,

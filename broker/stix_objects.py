@@ -18,6 +18,7 @@ from uuid import UUID, uuid5
 
 import rfc8785
 
+from broker.identifiers import canonical_address
 from broker.transforms import split_variant_key
 
 MSMT_NAMESPACE: Final = UUID("5b97faa6-0569-4b13-b73f-80f354b4d9bf")
@@ -392,12 +393,14 @@ def _fuel(rep: _Report) -> None:
 
 def _crypto(rep: _Report) -> None:
     f = rep.fields
+    # The id-contributing value is the address's one spelling, so that EIP-55 and
+    # lower-case spellings of an address are one wallet; as spelt is in the report.
     senders = [
-        rep.sco("cryptocurrency-wallet", EXT_WALLET, value=a)
+        rep.sco("cryptocurrency-wallet", EXT_WALLET, value=canonical_address(a))
         for a in f.get("transfer.from_addresses", [])
     ]
     receivers = [
-        rep.sco("cryptocurrency-wallet", EXT_WALLET, value=a)
+        rep.sco("cryptocurrency-wallet", EXT_WALLET, value=canonical_address(a))
         for a in f.get("transfer.to_addresses", [])
     ]
     observed = list(dict.fromkeys(senders + receivers))

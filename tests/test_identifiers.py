@@ -130,6 +130,30 @@ def test_eip55_one_flipped_letter_is_refused(address: str) -> None:
         identifiers.check_ethereum_address(flipped)
 
 
+@pytest.mark.parametrize("address", EIP55)
+def test_canonical_ethereum_address_is_eip55_in_any_spelling(address: str) -> None:
+    expected = identifiers.eip55(address)
+    body = address[2:]
+    for spelling in (address, "0x" + body.lower(), "0x" + body.upper()):
+        assert identifiers.canonical_address(spelling) == expected
+    identifiers.check_ethereum_address(expected)
+
+
+@pytest.mark.parametrize(
+    "address", [a for a, hrp, _ in VECTORS["valid"] if hrp == "bc"], ids=lambda a: a[:12]
+)
+def test_canonical_bech32_address_is_lower_case(address: str) -> None:
+    # BIP-173: either case is the same address; lower case is the one it recommends.
+    assert identifiers.canonical_address(address.upper()) == address.lower()
+    assert identifiers.canonical_address(address.lower()) == address.lower()
+
+
+def test_canonical_base58_address_keeps_its_case() -> None:
+    # In base58 the case is part of the value: changing it is another (invalid) address.
+    for address in ("1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2", "3J98t1WpEZ73CNmQviecrnyiWrnqRhWNLy"):
+        assert identifiers.canonical_address(address) == address
+
+
 def test_imo_check_digit_worked_example() -> None:
     # The example the IMO scheme is usually explained with: 9074729.
     identifiers.check_imo("9074729")

@@ -34,7 +34,13 @@ from broker.errors import InputError
 from broker.sightings import SIGHTING_ADAPTER, leaf_values
 from broker.stix import ReceivedReport, bundle, check_report, select_since
 from broker.stix_defs import tlp_marking
-from broker.stix_objects import EXT_REPORT, MSMT_NAMESPACE, TLP_MARKINGS, member_identity_id
+from broker.stix_objects import (
+    EXT_REPORT,
+    MSMT_NAMESPACE,
+    TLP_MARKINGS,
+    member_identity_id,
+    sco_id,
+)
 from broker.store import Received as StoredReport
 from broker.store import Store
 from broker.transforms import Transform, variant_key
@@ -322,6 +328,69 @@ def test_crypto_transfer_mapping_and_shared_wallets_merge() -> None:
         assert len(wallet["object_marking_refs"]) == 1 + statements
     (tx,) = [o for o in stix["objects"] if o["type"] == "cryptocurrency-transaction"]
     assert tx["value"] == record["transfer"]["tx_hash"]
+
+
+def _respelt(record: Mapping[str, Any], name: str, address: str, spelling: str) -> ReceivedReport:
+    """``record`` reported again by NZL with ``address`` spelt ``spelling`` (as intake allows)."""
+    transfer = dict(record["transfer"])
+    for side in ("from_addresses", "to_addresses"):
+        transfer[side] = [spelling if a == address else a for a in transfer[side]]
+    other = dict(record, report_id=str(uuid5(MSMT_NAMESPACE, name)), originator="NZL")
+    return received(dict(other, transfer=transfer))
+
+
+def test_an_address_in_two_spellings_is_one_wallet() -> None:
+    records = [
+        r
+        for r in samples.generate(80, seed=9)
+        if r["kind"] == "transfer" and r["transfer"]["category"] == "crypto"
+    ]
+    eth = next(r for r in records if r["transfer"]["chain"] == "ethereum")
+    btc = next(
+        r
+        for r in records
+        if any(a.startswith("bc1") for a in r["transfer"]["from_addresses"])
+        and any(
+            a[0] in "13" for a in r["transfer"]["from_addresses"] + r["transfer"]["to_addresses"]
+        )
+    )
+    checksummed = eth["transfer"]["from_addresses"][0]
+    segwit = next(a for a in btc["transfer"]["from_addresses"] if a.startswith("bc1"))
+    assert checksummed != checksummed.lower()
+    reports = [
+        received(eth),
+        received(btc),
+        _respelt(eth, "eth", checksummed, checksummed.lower()),
+        _respelt(btc, "btc", segwit, segwit.upper()),
+    ]
+    stix = bundle(reports)
+    validate(stix)
+    wallets = {o["value"]: o["id"] for o in stix["objects"] if o["type"] == "cryptocurrency-wallet"}
+    assert checksummed.lower() not in wallets
+    assert segwit.upper() not in wallets
+    for wallet in (checksummed, segwit):
+        naming = [
+            o
+            for o in stix["objects"]
+            if o.get("object_refs")
+            and wallets[wallet] in o["object_refs"]
+            and o["type"] == "report"
+        ]
+        assert len(naming) == 2
+    # The id is the SCO rule's, over the one spelling.
+    assert wallets[checksummed] == sco_id("cryptocurrency-wallet", {"value": checksummed})
+    # A base58 address keeps its case: it is part of the value.
+    addresses = btc["transfer"]["from_addresses"] + btc["transfer"]["to_addresses"]
+    base58 = {a for a in addresses if a[0] in "13"}
+    assert base58
+    assert base58 <= set(wallets)
+    # The report keeps each address as it was spelt.
+    respelt = next(
+        o
+        for o in stix["objects"]
+        if o["type"] == "report" and "NZL" in o["name"] and "ethereum" in o["description"]
+    )
+    assert checksummed.lower() in respelt["description"]
 
 
 def test_tlp_markings_are_the_official_oasis_objects() -> None:
