@@ -178,20 +178,34 @@ def seen_span(fields: Mapping[str, Any]) -> tuple[str, str] | None:
     return stix_time(start), stix_time(end)
 
 
-def _vessel_label(ref: Mapping[str, Any]) -> str:
+def vessel_identifier(ref: Mapping[str, Any], pseudonym: str | None = None) -> str | None:
+    """What identifies a vessel across reports: ``IMO n``, else ``MMSI n``, else None.
+
+    ``pseudonym`` is a received ``vessel.imo`` or ``vessel.mmsi`` pseudonym, used
+    only without an exact number: the same number under the same key always
+    gives the same pseudonym (which names its key), so it identifies the vessel
+    among that key's pseudonyms and never across keys. A name is no identifier:
+    names are shared by unrelated ships and changed by the ones evading sanctions.
+    """
+    for key, label in (("imo", "IMO"), ("mmsi", "MMSI")):
+        if key in ref:
+            return f"{label} {ref[key]}"
+    return pseudonym
+
+
+def vessel_name(ref: Mapping[str, Any], where: str, pseudonym: str | None = None) -> str:
+    """The ``infrastructure`` name of a vessel; ``where`` is ``<originator> report <8 hex>``.
+
+    Tools such as OpenCTI take an Infrastructure's name (and aliases) as its
+    identity and merge objects that share one, so a name must either identify
+    the vessel (``NAME (IMO n)``, ``IMO n``) or be specific to one report.
+    """
+    ident = vessel_identifier(ref, pseudonym)
+    if ident is not None:
+        return f"{ref['name']} ({ident})" if "name" in ref else ident
     if "name" in ref:
-        return str(ref["name"])
-    if "imo" in ref:
-        return f"IMO {ref['imo']}"
-    if "mmsi" in ref:
-        return f"MMSI {ref['mmsi']}"
-    return "Unidentified vessel"
-
-
-def _aliases(ref: Mapping[str, Any]) -> list[str]:
-    return [
-        f"{label} {ref[key]}" for key, label in (("imo", "IMO"), ("mmsi", "MMSI")) if key in ref
-    ]
+        return f"{ref['name']} (as named in {where})"
+    return f"Unidentified vessel ({where})"
 
 
 def _slug(text: str) -> str:
@@ -271,15 +285,27 @@ class _Report:
             precision=cell_precision(transform),
         )
 
-    def vessel(self, role: str, ref: Mapping[str, Any], description: str) -> str:
+    @property
+    def where(self) -> str:
+        """``<originator> report <first 8 hex of the id>``: makes a name specific to this report."""
+        return f"{self.head['originator']} report {self.head['report_id'][:8]}"
+
+    def vessel(
+        self, role: str, ref: Mapping[str, Any], description: str, pseudonym: str | None = None
+    ) -> str:
+        name = vessel_name(ref, self.where, pseudonym)
+        ident = vessel_identifier(ref, pseudonym)
         return self.sdo(
             "infrastructure",
             role,
-            name=_vessel_label(ref),
+            name=name,
             description=description,
             # "unknown" is the one infrastructure-type-ov value a ship fits.
             infrastructure_types=["unknown"],
-            aliases=_aliases(ref),
+            # OpenCTI merges by alias as by name: only the identifier, so that two
+            # spellings of a name merge, and an MMSI (changed with the flag,
+            # spoofed in identity tampering) never fuses two hulls with IMOs.
+            aliases=[ident] if ident is not None and ident != name else None,
         )
 
     def sighting(self, role: str, of: str, where: str | None, description: str) -> str:
@@ -369,8 +395,16 @@ def _vessel_report(rep: _Report) -> None:
     f = rep.fields
     ref = {k: f[f"vessel.{k}"] for k in ("imo", "mmsi", "name") if f"vessel.{k}" in f}
     facts = _describe(f, ("vessel.flag", "vessel.activity", "vessel.cargo"))
-    vessel = rep.vessel("vessel", ref, "\n".join(["Vessel reported to MSMT.", *facts]))
-    place = rep.location("position", "vessel.position", f"Position of {_vessel_label(ref)}")
+    hidden = [
+        f"{label} pseudonym {value}"
+        for path, label in (("vessel.imo", "IMO"), ("vessel.mmsi", "MMSI"))
+        for key, value in sorted(f.items())
+        if key.startswith(f"{path}#pseudonym:")
+    ]
+    pseudonym = hidden[0] if hidden else None
+    vessel = rep.vessel("vessel", ref, "\n".join(["Vessel reported to MSMT.", *facts]), pseudonym)
+    name = vessel_name(ref, rep.where, pseudonym)
+    place = rep.location("position", "vessel.position", f"Position of {name}")
     rep.sighting("sighting", vessel, place, "\n".join(facts) or "Vessel sighting.")
     counterpart = f.get("vessel.counterpart")
     if isinstance(counterpart, Mapping):
@@ -435,7 +469,8 @@ def _worker_report(rep: _Report) -> None:
     group = rep.sdo(
         "identity",
         "workers",
-        name=f"{count} DPRK workers" if isinstance(count, int) else "DPRK workers",
+        # A head count is no identity: the report makes the name specific.
+        name=f"{f'{count} ' if isinstance(count, int) else ''}DPRK workers ({rep.where})",
         identity_class="group",
         sectors=[_SECTORS[s] for s in [f.get("worker.sector")] if s in _SECTORS],
         description="\n".join(["North Korean workers abroad.", *facts]),

@@ -204,19 +204,29 @@ def test_coarsened_position_is_exported_as_received_and_exact_digits_are_absent(
     assert exact["lon"] not in text
 
 
-def test_pseudonym_is_opaque_and_never_an_imo() -> None:
+def test_pseudonymised_imo_names_the_vessel_only_within_its_key() -> None:
     record = next(r for r in samples.generate(30, seed=6) if r["kind"] == "vessel")
     key = "vessel.imo#pseudonym:FVEY-2026"
     stix = bundle([received(record, [key, "vessel.flag"])])
     validate(stix)
     pseudonym = all_forms(record)[key]
     (vessel,) = [o for o in stix["objects"] if o["type"] == "infrastructure"]
-    assert vessel["name"] == "Unidentified vessel"
+    # The pseudonym names its key, so two keys' pseudonyms of one IMO never merge.
+    assert vessel["name"] == f"IMO pseudonym {pseudonym}"
+    assert pseudonym.startswith("hmac-sha256:FVEY-2026:")
     assert "aliases" not in vessel
     assert record["vessel"]["imo"] not in json.dumps(stix)
     (report,) = [o for o in stix["objects"] if o["type"] == "report"]
     extension = next(iter(report["extensions"].values()))
     assert {"key": key, "value": pseudonym} in extension["fields"]
+    # The same IMO from another originator under the same key: the same name.
+    other = dict(record, report_id=str(uuid5(MSMT_NAMESPACE, "same-imo")), originator="NZL")
+    names = {
+        o["name"]
+        for o in bundle([received(record, [key]), received(other, [key])])["objects"]
+        if o["type"] == "infrastructure"
+    }
+    assert names == {vessel["name"]}
 
 
 def test_vessel_mapping() -> None:
@@ -232,13 +242,16 @@ def test_vessel_mapping() -> None:
     vessel = objects[sighting["sighting_of_ref"]]
     place = objects[sighting["where_sighted_refs"][0]]
     assert vessel["type"] == "infrastructure"
-    assert vessel["name"] == record["vessel"]["name"]
-    assert f"IMO {record['vessel']['imo']}" in vessel["aliases"]
+    imo = f"IMO {record['vessel']['imo']}"
+    assert vessel["name"] == f"{record['vessel']['name']} ({imo})"
+    assert vessel["aliases"] == [imo]
     assert place["latitude"] == float(record["vessel"]["position"]["lat"])
     assert "precision" not in place  # exact positions claim no coarsening
     assert sighting["first_seen"] == record["observed_at"].replace("Z", ".000Z")
     counterpart = [o for o in stix["objects"] if o.get("target_ref", "").startswith("infra")]
-    assert objects[counterpart[0]["target_ref"]]["name"] == record["vessel"]["counterpart"]["name"]
+    other = record["vessel"]["counterpart"]
+    assert objects[counterpart[0]["target_ref"]]["name"] == f"{other['name']} (IMO {other['imo']})"
+    assert counterpart[0]["source_ref"] == vessel["id"]
     for obj in stix["objects"]:
         if obj["type"] in ("infrastructure", "sighting", "location", "relationship", "report"):
             assert obj["created_by_ref"] == author
@@ -259,7 +272,8 @@ def test_worker_mapping() -> None:
     place = objects[sighting["where_sighted_refs"][0]]
     worker = record["worker"]
     assert (group["identity_class"], group["sectors"]) == ("group", ["technology"])
-    assert group["name"] == f"{worker['workers']} DPRK workers"
+    short = f"{record['originator']} report {record['report_id'][:8]}"
+    assert group["name"] == f"{worker['workers']} DPRK workers ({short})"
     alpha2 = {"RUS": "RU", "CHN": "CN", "LAO": "LA", "ARE": "AE", "NGA": "NG", "KHM": "KH"}
     assert place["country"] == alpha2.get(worker["country"], "MN")
     assert place["city"] == worker["location"]
@@ -289,7 +303,7 @@ def test_fuel_transfer_mapping() -> None:
     objects = by_id(stix)
     sightings = [o for o in stix["objects"] if o["type"] == "sighting"]
     names = sorted(objects[s["sighting_of_ref"]]["name"] for s in sightings)
-    assert names == sorted(v["name"] for v in record["transfer"]["vessels"])
+    assert names == sorted(f"{v['name']} (IMO {v['imo']})" for v in record["transfer"]["vessels"])
     (place,) = {s["where_sighted_refs"][0] for s in sightings}
     assert "precision" in objects[place]
     (report,) = [o for o in stix["objects"] if o["type"] == "report"]
@@ -297,6 +311,55 @@ def test_fuel_transfer_mapping() -> None:
     assert f"transfer.volume#round:100: {rounded}" in report["description"]
     # transfer.category was not received: the fuel fields alone route it here.
     assert not [o for o in stix["objects"] if o["type"].startswith("cryptocurrency")]
+
+
+def _names(stix: Mapping[str, Any], kind: str) -> list[str]:
+    return sorted(o["name"] for o in stix["objects"] if o["type"] == kind)
+
+
+def test_names_that_identify_nothing_are_specific_to_their_report() -> None:
+    records = samples.generate(80, seed=22)
+    vessels = [r for r in records if r["kind"] == "vessel"][:3]
+    workers = [r for r in records if r["kind"] == "worker"][:2]
+    # Reports withholding every identifier, and worker groups of one size.
+    withheld = [received(r, ["vessel.flag", "vessel.position"]) for r in vessels]
+    groups = [received(r, ["worker.workers"]) for r in workers]
+    groups[1] = replace(groups[1], fields=dict(groups[0].fields))
+    stix = bundle(withheld + groups)
+    validate(stix)
+    expected = sorted(
+        f"Unidentified vessel ({r['originator']} report {r['report_id'][:8]})" for r in vessels
+    )
+    assert _names(stix, "infrastructure") == expected
+    count = groups[0].fields["worker.workers"]
+    group_names = [n for n in _names(stix, "identity") if "DPRK workers" in n]
+    assert group_names == sorted(
+        f"{count} DPRK workers ({r['originator']} report {r['report_id'][:8]})" for r in workers
+    )
+    # A name alone identifies nothing either: ships share names and change them.
+    named = bundle([received(vessels[0], ["vessel.name"])])
+    short = f"{vessels[0]['originator']} report {vessels[0]['report_id'][:8]}"
+    assert _names(named, "infrastructure") == [
+        f"{vessels[0]['vessel']['name']} (as named in {short})"
+    ]
+
+
+def test_one_imo_under_two_spellings_shares_its_alias() -> None:
+    record = next(r for r in samples.generate(30, seed=23) if r["kind"] == "vessel")
+    respelt = dict(record, report_id=str(uuid5(MSMT_NAMESPACE, "respelt")), originator="NZL")
+    respelt["vessel"] = dict(record["vessel"], name=record["vessel"]["name"] + " II")
+    keys = ["vessel.imo", "vessel.mmsi", "vessel.name"]
+    stix = bundle([received(record, keys), received(respelt, keys)])
+    vessels = [o for o in stix["objects"] if o["type"] == "infrastructure"]
+    imo = f"IMO {record['vessel']['imo']}"
+    assert sorted(v["name"] for v in vessels) == sorted(
+        f"{name} ({imo})" for name in (record["vessel"]["name"], respelt["vessel"]["name"])
+    )
+    # Tools that merge by alias (OpenCTI) merge these two; the MMSI is no alias.
+    assert [v["aliases"] for v in vessels] == [[imo], [imo]]
+    only_imo = bundle([received(record, ["vessel.imo", "vessel.mmsi"])])
+    assert _names(only_imo, "infrastructure") == [imo]
+    assert "aliases" not in next(o for o in only_imo["objects"] if o["type"] == "infrastructure")
 
 
 def test_hour_variant_spans_the_hour() -> None:
