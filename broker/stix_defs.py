@@ -31,7 +31,8 @@ _OASIS_TLP_AUTHOR: Final = "identity--b3bca3c2-1f3d-4b54-b44f-dac42c3a8f01"
 _REPORT_SCHEMA: Final = (
     "MSMT report property extension, for report SDOs. Properties: report_id (string, UUID), "
     "originator (string, ISO 3166-1 alpha-3 MSMT member), kind (string: vessel, worker or "
-    "transfer), tlp (string, TLP 2.0 label), rel_to (list of string, optional: REL TO members), "
+    "transfer), tlp (string, TLP 2.0 label), rel_to (list of string, optional: REL TO members "
+    "in the order signed), "
     "issued_at (timestamp: the signed iat), received_at (timestamp), fields (list of "
     "{key: string, value: any JSON}: every field the receiving member was given, keyed by "
     "disclosure key 'path' or 'path#transform', value exactly as received: decimals as "
@@ -54,6 +55,7 @@ _TRANSACTION_SCHEMA: Final = (
 # a tool holding the earlier one (same id) takes the change: (version, modified).
 _FIRST: Final = ("1.0.0", FIXED_CREATED)
 _WALLET_VERSION: Final = ("1.1.0", "2026-12-04T00:00:00.000Z")  # value in one spelling
+_REPORT_VERSION: Final = ("1.1.0", "2026-12-04T00:00:00.000Z")  # rel_to in the signed order
 
 
 def _extension(
@@ -145,6 +147,7 @@ def fixed_objects(members: Sequence[str], tlps: Sequence[str]) -> list[dict[str,
             "The handling claims and every received field of an MSMT report.",
             _REPORT_SCHEMA,
             "property-extension",
+            _REPORT_VERSION,
         ),
         _extension(
             EXT_WALLET,

@@ -338,7 +338,9 @@ class _Report:
         if fields:  # STIX forbids empty lists
             extension["fields"] = [{"key": key, "value": fields[key]} for key in sorted(fields)]
         if head["rel_to"] is not None:
-            extension["rel_to"] = sorted(head["rel_to"])
+            # The signed order: the extension is the report as received. (The
+            # statement marking sorts, so one list has one marking id.)
+            extension["rel_to"] = list(head["rel_to"])
         refs = list(dict.fromkeys(self.refs)) or [self.author]
         self.refs = []
         self.sdo(

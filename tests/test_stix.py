@@ -480,6 +480,23 @@ def test_rel_to_is_a_statement_marking_on_every_object() -> None:
             assert statement["id"] in obj["object_marking_refs"]
 
 
+def test_rel_to_is_in_the_signed_order_in_the_extension_only() -> None:
+    record = dict(samples.generate(1, seed=2)[0], rel_to=["USA", "GBR", "CAN"])
+    signed = bundle([received(record)])
+    (report,) = [o for o in signed["objects"] if o["type"] == "report"]
+    assert report["extensions"][EXT_REPORT]["rel_to"] == ["USA", "GBR", "CAN"]
+    # The statement marking is one per set of members, whatever the order signed.
+    ordered = bundle([received(dict(record, rel_to=["CAN", "GBR", "USA"]))])
+    statements = [
+        [o for o in stix["objects"] if o.get("definition_type") == "statement"]
+        for stix in (signed, ordered)
+    ]
+    assert statements[0] == statements[1]
+    assert statements[0][0]["name"] == "REL TO CAN, GBR, USA"
+    name = f"{record['originator']}/rel-to/CAN, GBR, USA"
+    assert statements[0][0]["id"] == f"marking-definition--{uuid5(MSMT_NAMESPACE, name)}"
+
+
 def test_ids_are_deterministic_across_exports() -> None:
     records = samples.generate(30, seed=12)
     first = bundle(received(r) for r in records)
@@ -540,7 +557,7 @@ def test_report_extension_holds_exactly_the_received_fields(seed: int, share: fl
     extension = sdo["extensions"][EXT_REPORT]
     assert {f["key"]: f["value"] for f in extension.get("fields", [])} == dict(report.fields)
     assert (extension["report_id"], extension["tlp"]) == (report.report_id, report.tlp)
-    assert extension.get("rel_to") == (sorted(report.rel_to) if report.rel_to else None)
+    assert extension.get("rel_to") == (list(report.rel_to) if report.rel_to else None)
 
 
 def _described_fields(report: Mapping[str, Any]) -> list[tuple[str, str]]:
