@@ -23,6 +23,7 @@ from typing import Any
 from uuid import uuid5
 
 import pytest
+import rfc8785
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +32,7 @@ from stix2validator import ValidationOptions, validate_instance, validate_string
 from broker import keys, samples
 from broker.cli import main
 from broker.errors import InputError
+from broker.identifiers import canonical_address
 from broker.sightings import SIGHTING_ADAPTER, leaf_values
 from broker.stix import ReceivedReport, bundle, check_report, select_since
 from broker.stix_defs import tlp_marking
@@ -456,6 +458,33 @@ def test_an_address_in_two_spellings_is_one_wallet() -> None:
     assert checksummed.lower() in respelt["description"]
 
 
+def test_a_shared_wallet_takes_the_markings_of_the_reports_in_its_bundle() -> None:
+    record = next(
+        r
+        for r in samples.generate(60, seed=9)
+        if r["kind"] == "transfer" and r["transfer"]["category"] == "crypto"
+    )
+    clear = dict(record, originator="FRA", tlp="CLEAR")
+    clear.pop("rel_to", None)
+    amber = dict(record, report_id=str(uuid5(MSMT_NAMESPACE, "usa")), originator="USA")
+    amber.update(tlp="AMBER", rel_to=["GBR", "CAN"])
+    address = record["transfer"]["from_addresses"][0]
+
+    def wallet(stix: dict[str, Any]) -> dict[str, Any]:
+        return next(o for o in stix["objects"] if o.get("value") == canonical_address(address))
+
+    alone = wallet(bundle([received(clear)]))
+    shared = wallet(bundle([received(clear), received(amber)]))
+    # One id, and the markings of the reports in the bundle: docs/STIX.md "Shared observables".
+    assert alone["id"] == shared["id"]
+    assert alone["object_marking_refs"] == [TLP_MARKINGS["CLEAR"]]
+    statement = uuid5(MSMT_NAMESPACE, "USA/rel-to/CAN, GBR")
+    assert shared["object_marking_refs"] == [
+        TLP_MARKINGS["AMBER"],
+        f"marking-definition--{statement}",
+    ]
+
+
 def test_tlp_markings_are_the_official_oasis_objects() -> None:
     for label, mid in TLP_MARKINGS.items():
         official = json.loads((VECTORS / f"{mid}.json").read_text())["objects"][0]
@@ -507,6 +536,42 @@ def test_ids_are_deterministic_across_exports() -> None:
     record = records[0]
     expected = uuid5(MSMT_NAMESPACE, f"{record['originator']}/{record['report_id']}/report")
     assert f"report--{expected}" in by_id(first)
+
+
+def test_documented_id_names_give_the_documented_ids() -> None:
+    # The examples of docs/STIX.md "Ids", for implementers in other languages.
+    assert member_identity_id("FRA") == "identity--22b3d724-a399-577a-a09c-49fc537a4485"
+    marking = "63b361bc-ebb9-5b22-9160-86775bd02ee7"
+    assert str(uuid5(MSMT_NAMESPACE, "JPN/rel-to/GBR, USA")) == marking
+    report = "FRA/4a9b528b-6963-4321-a461-b55ef55b7bea/report"
+    assert str(uuid5(MSMT_NAMESPACE, report)) == "8a7a9249-ab56-5896-9242-860581e992d0"
+    wallet = {"value": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"}
+    assert sco_id("cryptocurrency-wallet", wallet).endswith("30c92b53-d888-51f1-86a2-51ceb419496e")
+    account = {"account_type": "github", "account_login": "dev795"}
+    assert sco_id("user-account", account).endswith("abd61d03-0698-5260-a88a-a04510d88963")
+    # And the exporter uses those names: a real bundle, checked id by id.
+    record = dict(
+        next(
+            r
+            for r in samples.generate(60, seed=24)
+            if r["kind"] == "worker" and r["worker"].get("online_identities")
+        ),
+        rel_to=["USA", "GBR"],
+    )
+    stix = bundle([received(record)])
+    objects = by_id(stix)
+    origin, rid = record["originator"], record["report_id"]
+    assert member_identity_id(origin) in objects
+    members = f"{origin}/rel-to/GBR, USA"
+    assert f"marking-definition--{uuid5(MSMT_NAMESPACE, members)}" in objects
+    for kind, role in (("report", "report"), ("identity", "workers"), ("sighting", "sighting")):
+        assert f"{kind}--{uuid5(MSMT_NAMESPACE, f'{origin}/{rid}/{role}')}" in objects
+    for handle in record["worker"]["online_identities"]:
+        platform = "-".join(handle["platform"].lower().replace("_", " ").split())
+        contributing = {"account_type": platform, "account_login": handle["handle"]}
+        assert sco_id("user-account", contributing) in objects
+    digest = rfc8785.dumps(stix["objects"]).decode()
+    assert stix["id"] == f"bundle--{uuid5(MSMT_NAMESPACE, 'bundle/' + digest)}"
 
 
 def test_since_selects_by_time_received() -> None:
