@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from uuid import uuid5
@@ -204,6 +205,23 @@ def test_coarsened_position_is_exported_as_received_and_exact_digits_are_absent(
     text = json.dumps(stix)
     assert exact["lat"] not in text
     assert exact["lon"] not in text
+
+
+def test_tiny_coordinates_are_exact_numbers_though_written_with_an_exponent() -> None:
+    record = next(r for r in samples.generate(30, seed=5) if r["kind"] == "vessel")
+    record["vessel"] = dict(record["vessel"], position={"lat": "-0.0000001", "lon": "0.0000999"})
+    stix = bundle([received(record, ["vessel.position", "vessel.name"])])
+    validate(stix)
+    # The text the CLI writes: -1e-07 is the JSON number -0.0000001 (docs/STIX.md "Numbers").
+    text = json.dumps(stix, indent=2)
+    assert '"latitude": -1e-07' in text
+    (location,) = [
+        o for o in json.loads(text, parse_float=Decimal)["objects"] if o["type"] == "location"
+    ]
+    assert (location["latitude"], location["longitude"]) == (
+        Decimal("-0.0000001"),
+        Decimal("0.0000999"),
+    )
 
 
 def test_pseudonymised_imo_names_the_vessel_only_within_its_key() -> None:
