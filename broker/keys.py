@@ -290,9 +290,11 @@ def load_authority(path: Path) -> OKPKey:
 
 
 def verify_roster(
-    jwks: Any, signature: str, authority: OKPKey, *, min_version: int = 0
+    jwks: Any, signature: str, authority: OKPKey, *, min_version: int = 0, pinned_at: str = ""
 ) -> SignedRoster:
     """Verify a roster against the pinned authority key and the last version seen.
+
+    ``pinned_at`` names the pinned key's file, for the refusal of another signer.
 
     Checklist (each step raises ``KeyMaterialError`` with a one-line reason):
     1. the roster is a JSON object with an integer ``msmt_version`` >= 1;
@@ -313,7 +315,7 @@ def verify_roster(
     if isinstance(header.get("kid"), str) and header["kid"] != authority.kid:
         raise KeyMaterialError(
             f"roster is signed by {header['kid']:.80}, not by the pinned roster authority "
-            f"{authority.kid}"
+            f"{authority.kid}" + (f" ({pinned_at})" if pinned_at else "")
         )
     if header != {"alg": "Ed25519", "kid": authority.kid, "typ": ROSTER_JWS_TYP}:
         raise KeyMaterialError(
@@ -352,8 +354,10 @@ def load_signed_roster(
         raise KeyMaterialError(
             f"cannot read roster signature {keydir / ROSTER_SIG_FILE}: {exc}"
         ) from None
-    authority = load_authority(authority_path or keydir / AUTHORITY_PUBLIC_FILE)
-    return verify_roster(jwks, signature, authority, min_version=min_version)
+    pin = authority_path or keydir / AUTHORITY_PUBLIC_FILE
+    return verify_roster(
+        jwks, signature, load_authority(pin), min_version=min_version, pinned_at=str(pin)
+    )
 
 
 def roster_digest(jwks: Mapping[str, Any]) -> str:

@@ -280,8 +280,11 @@ def test_rolled_back_roster_is_refused(keydir: Path, tmp_path: Path) -> None:
 def test_roster_signed_by_another_authority_is_refused(keydir: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     keys.init_keys(other, ("JPN", "USA"), now=T0)
-    with pytest.raises(KeyMaterialError, match="not by the pinned roster authority"):
-        keys.load_signed_roster(keydir, authority_path=other / keys.AUTHORITY_PUBLIC_FILE)
+    pin = other / keys.AUTHORITY_PUBLIC_FILE
+    # The line names the pin, so an operator sees which file to check (keys.authority).
+    with pytest.raises(KeyMaterialError, match="not by the pinned roster authority") as refused:
+        keys.load_signed_roster(keydir, authority_path=pin)
+    assert str(refused.value).endswith(f" ({pin})")
     # Same kid, different key: the signature itself must fail.
     forged = OKPKey.generate_key(
         "Ed25519", parameters={"kid": _authority_kid(keydir)}, private=True
