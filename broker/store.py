@@ -56,6 +56,12 @@ KEPT_SINCE: Final = "envelopes_kept_since"
 Absent in a store created since: every report in it has its envelope.
 """
 
+STORE_FORMAT: Final = 1
+"""The store format this build writes (SQLite ``user_version``), raised whenever a newer
+build adds what an older one would not keep. A store in a newer format is refused, read
+or written: a rolled-back build would drop what it does not know. Stores from before the
+stamp read as 0 and are brought up to date at a writer's open."""
+
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS reports (
     report_id   TEXT PRIMARY KEY,
@@ -292,18 +298,24 @@ class Store:
                 self._db = sqlite3.connect(
                     f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10
                 )
+                _check_format(self._db, path)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._lock = _lock_writer(path)
                 self._db = sqlite3.connect(
                     path, isolation_level=None, timeout=10, check_same_thread=False
                 )
+                _check_format(self._db, path)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
                 _add_missing_columns(self._db)
+                self._db.execute(f"PRAGMA user_version={STORE_FORMAT}")
                 if max_pages is not None:
                     self._db.execute(f"PRAGMA max_page_count={int(max_pages)}")
+        except StoreError:
+            self._unlock()
+            raise
         except (sqlite3.Error, OSError) as exc:
             self._unlock()
             raise StoreError(f"cannot open store {path}: {exc}") from None
@@ -944,6 +956,20 @@ _INBOX_COLUMNS: Final = (
     "SELECT sender, originator, report_id, kind, tlp, rel_to, iat, received_at, fields, paths,"
     " jwe_sha256, {kid}, rowid FROM inbox"
 )
+
+
+def _check_format(db: sqlite3.Connection, path: Path) -> None:
+    # A build rolled back onto a store a newer one wrote would misread it: builds
+    # before the stamp stored received reports without the envelopes this one keeps,
+    # and msmt inbox check then called each of them tampered (an upgrade trial).
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if found > STORE_FORMAT:
+        db.close()
+        raise StoreError(
+            f"store {path} is in format {found}, written by a newer msmt; this one reads up "
+            f"to format {STORE_FORMAT}: run the newer version, or restore the store backed up "
+            "before the upgrade (docs/DEPLOY.md, 'Upgrading a node')"
+        )
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import StoreError
-from broker.store import KEPT_SINCE, NewReport, OutboxItem, Received, Store
+from broker.store import KEPT_SINCE, STORE_FORMAT, NewReport, OutboxItem, Received, Store
 
 
 def rep(i: int, size: int = 10) -> NewReport:
@@ -139,6 +139,37 @@ def test_an_older_store_without_the_awaiting_table_still_reads(tmp_path: Path) -
         raw.execute("DROP TABLE awaiting_key")
     assert Store(path, readonly=True).outbox_depth() == 0
     assert Store(path, readonly=True).outbox_by_partner() == {}
+
+
+def test_a_store_in_a_newer_format_is_refused_and_an_older_one_is_stamped(
+    tmp_path: Path,
+) -> None:
+    # An upgrade trial rolled a node back onto a store a newer build had used: the old
+    # build ran on, storing reports without their envelopes, and msmt inbox check then
+    # called each of them tampered. A build must refuse a format it does not know.
+    path = tmp_path / "s.db"
+    Store(path).close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == STORE_FORMAT
+        raw.execute("PRAGMA user_version = 0")  # as stores from before the stamp read
+    Store(path).close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == STORE_FORMAT
+        raw.execute(f"PRAGMA user_version = {STORE_FORMAT + 1}")
+    before = path.read_bytes()
+    for readonly in (False, True):
+        with pytest.raises(StoreError) as refused:
+            Store(path, readonly=readonly)
+        assert str(refused.value) == (
+            f"store {path} is in format {STORE_FORMAT + 1}, written by a newer msmt; this one"
+            f" reads up to format {STORE_FORMAT}: run the newer version, or restore the store"
+            " backed up before the upgrade (docs/DEPLOY.md, 'Upgrading a node')"
+        )
+    assert path.read_bytes() == before
+    # The refused writer let go of its lock: the newer build can open the store at once.
+    with sqlite3.connect(path) as raw:
+        raw.execute("PRAGMA user_version = 0")
+    Store(path).close()
 
 
 def test_sent_envelopes_leave_only_their_facts_and_their_pages_are_reused(tmp_path: Path) -> None:
