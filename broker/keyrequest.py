@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import rfc8785
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import Key, KeySet, OKPKey
@@ -46,7 +48,7 @@ from broker import keys as keyfiles
 from broker.errors import KeyMaterialError, UsageError
 from broker.members import MEMBERS, is_member
 from broker.roster import CURVES, Roster, RosterKey, format_time
-from broker.sdjwt import b64u_decode, loads_strict
+from broker.sdjwt import b64u_decode, b64u_encode, loads_strict
 
 REQUEST_TYP: Final = "msmt-key-request+jws"
 MAX_REQUEST_BYTES: Final = 16 * 1024
@@ -205,22 +207,64 @@ class _Parsed:
     signatures: list[_Signature]
 
 
-def _private_member(value: Any, depth: int = 0) -> bool:
-    """Whether a JSON value holds an object with a ``d`` member (a private JWK)."""
+def _private_jwks(value: Any, depth: int = 0) -> list[dict[str, Any]]:
+    """Every JSON object in ``value`` with a ``d`` member (a private JWK)."""
     if depth > 8:
-        return False  # nothing of ours nests this deep: the structure checks refuse it
+        return []  # nothing of ours nests this deep: the structure checks refuse it
     if isinstance(value, dict):
-        return "d" in value or any(_private_member(v, depth + 1) for v in value.values())
+        found = [value] if "d" in value else []
+        return found + [j for v in value.values() for j in _private_jwks(v, depth + 1)]
     if isinstance(value, list):
-        return any(_private_member(v, depth + 1) for v in value)
-    return False
+        return [j for v in value for j in _private_jwks(v, depth + 1)]
+    return []
 
 
-def _leaked(path: Path) -> KeyMaterialError:
+def _public_of(jwk: dict[str, Any]) -> str | None:
+    """The base64url public key that a private OKP JWK's ``d`` gives, or None if none."""
+    d, curve = jwk.get("d"), jwk.get("crv")
+    if not isinstance(d, str) or curve not in ("Ed25519", "X25519"):
+        return None
+    try:
+        raw = b64u_decode(d)
+        private = (
+            Ed25519PrivateKey.from_private_bytes(raw)
+            if curve == "Ed25519"
+            else X25519PrivateKey.from_private_bytes(raw)
+        )
+    except ValueError:
+        return None
+    return b64u_encode(private.public_key().public_bytes_raw())
+
+
+def _leaked(path: Path, found: list[dict[str, Any]], roster: Roster) -> KeyMaterialError:
+    """The refusal of a file that holds private keys, naming any the roster lists.
+
+    The public key is derived from ``d`` itself, not read from the file's ``x`` or
+    kid: only a key whose secret is really in the file is called disclosed.
+    """
+    publics = {p for p in map(_public_of, found) if p is not None}
+    listed = [k for k in roster if k.jwk.get("x") in publics]
+    if not listed:
+        return KeyMaterialError(
+            f"{path} holds a private key (a 'd' member) that the roster does not list (a "
+            "pending request's key): the member sent its secret, not a key request. Delete "
+            "the file, and have the member discard those keys and make a new request with "
+            "'msmt keys request'"
+        )
+    kids = " and ".join(f"{k.kid} ({k.member}'s {k.status} {k.use} key)" for k in listed)
+    member = listed[0].member
+    live = [k.kid for k in listed if k.status != "revoked"]
+    commands = " and ".join(f"'msmt keys revoke {kid} --reason ...'" for kid in live)
+    first = (
+        f"revoke {'it' if len(live) == 1 else 'them'} first: {commands}"
+        if live
+        else "it is revoked already"
+    )
     return KeyMaterialError(
-        f"{path} holds a private key (a 'd' member): the member sent its secret, not a key "
-        "request. Delete the file, and have the member discard those keys and make a new "
-        "request with 'msmt keys request'"
+        f"{path} holds the private key of {kids} in the roster: that key is disclosed, and "
+        f"whoever read this file can use it as {member}. Delete the file; {first}; then "
+        f"{member} makes a new request and you accept it only with --fingerprint, after a "
+        "phone call"
     )
 
 
@@ -278,11 +322,11 @@ def _signature(path: Path, n: int, member: Any, payload: str) -> _Signature:
     return _Signature(kid=kid, flattened=flattened)
 
 
-def _parse(path: Path) -> _Parsed:
+def _parse(path: Path, roster: Roster) -> _Parsed:
     """Step 1 of ``accept_request``: the file's structure, each fault with its reason."""
     outer = _read_outer(path)
-    if _private_member(outer):
-        raise _leaked(path)
+    if found := _private_jwks(outer):
+        raise _leaked(path, found, roster)
     if not isinstance(outer, dict) or set(outer) != {"payload", "signatures"}:
         raise KeyMaterialError(
             f"{path}: not a JWS in General JSON Serialization (exactly 'payload' and "
@@ -292,8 +336,8 @@ def _parse(path: Path) -> _Parsed:
     if not isinstance(members, list) or not 1 <= len(members) <= 2:
         raise KeyMaterialError(f"{path}: 'signatures' must list one or two signatures")
     body, payload = _b64_json(path, outer["payload"], "the payload")
-    if _private_member(payload):
-        raise _leaked(path)
+    if found := _private_jwks(payload):
+        raise _leaked(path, found, roster)
     if not isinstance(payload, dict) or set(payload) != _PAYLOAD_MEMBERS:
         raise KeyMaterialError(
             f"{path}: the payload must be a JSON object of exactly "
@@ -506,11 +550,12 @@ def accept_request(
     users = _load_users(keydir)
     # Checklist; each step raises KeyMaterialError naming the file, before any write.
     # 1. format: at most MAX_REQUEST_BYTES of UTF-8 JSON, no duplicate members, no
-    #    "d" member anywhere (a private key); a JWS in General JSON Serialization
+    #    "d" member anywhere (a private key: if it is a roster key's, the line names
+    #    it, to be revoked first); a JWS in General JSON Serialization
     #    of one or two signatures, each exactly a protected header {alg: Ed25519,
     #    kid, typ: msmt-key-request+jws} and a signature; a payload that is a JSON
     #    object of exactly msmt_member, keys, msmt_nats_user and iat.
-    parsed = _parse(path)
+    parsed = _parse(path, signed.roster)
     # 2. content: a known member; one public Ed25519 sig and one public X25519 enc
     #    key, each exactly kty, crv, x, kid, use, alg, with a kid <M>-<use>-<date>-<hex>
     #    of that member, neither kid nor key already in the roster (a request

@@ -1,0 +1,179 @@
+"""Key custody across machines, as the distributed trial ran it: mistakes and compromises.
+
+A custodian and members in separate directories, driven through the real CLI; only
+public files (and, by mistake, a private one) pass between them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from broker import keys
+from broker.cli import main
+
+
+def msmt(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes: 'changes nothing' is asserted against this."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def refusal(done: Result) -> str:
+    """The one line of a refused command (exit 2, nothing on stdout)."""
+    assert done.exit_code == 2, done.output
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    return done.stderr.removeprefix("msmt: error: ").rstrip("\n")
+
+
+def fingerprint_of(done: Result) -> str:
+    found = re.search(r"^fingerprint (sha256:[0-9a-f]{64})$", done.output, re.MULTILINE)
+    assert found is not None, done.output
+    return found[1]
+
+
+def install_roster(custodian: Path, member_dir: Path) -> None:
+    """What a member does with a published roster: copy the public files."""
+    for name in (keys.ROSTER_FILE, keys.ROSTER_SIG_FILE, keys.AUTHORITY_PUBLIC_FILE):
+        shutil.copy(custodian / name, member_dir / name)
+
+
+def request(member_dir: Path, member: str, out: Path, *flags: str) -> Result:
+    done = msmt("keys", "request", member, "--dir", member_dir, "--out", out, *flags)
+    assert done.exit_code == 0, done.output
+    return done
+
+
+@pytest.fixture
+def custodian(tmp_path: Path) -> Path:
+    folder = tmp_path / "custodian"
+    assert msmt("keys", "authority", "--dir", folder, "--audit").exit_code == 0
+    return folder
+
+
+def join(custodian: Path, member_dir: Path, member: str) -> None:
+    """``member``'s first request, accepted by fingerprint; the member installs the roster."""
+    out = member_dir.parent / f"{member.lower()}-first.json"
+    made = request(member_dir, member, out)
+    done = msmt("keys", "accept", out, "--dir", custodian, "--fingerprint", fingerprint_of(made))
+    assert done.exit_code == 0, done.output
+    install_roster(custodian, member_dir)
+
+
+def current(keydir: Path, member: str, use: str) -> str:
+    signed = keys.load_signed_roster(keydir)
+    return next(
+        k.kid for k in signed.roster if k.member == member and k.use == use and k.status == "active"
+    )
+
+
+# --- 1. a member sends its current private key instead of a request ----------------------
+
+
+def test_a_disclosed_current_key_is_named_and_its_signature_stops_counting_once_revoked(
+    custodian: Path, tmp_path: Path
+) -> None:
+    gbr = tmp_path / "gbr"
+    join(custodian, gbr, "GBR")
+    active = current(custodian, "GBR", "sig")
+    # GBR's mistake: its active private signing key is what reached the custodian.
+    leaked = tmp_path / "inbox" / f"{active}.jwk"
+    leaked.parent.mkdir()
+    shutil.copy(keys.key_path(gbr, "GBR", active), leaked)
+    before = snapshot(custodian)
+    reason = refusal(msmt("keys", "accept", leaked, "--dir", custodian))
+    assert reason == (
+        f"{leaked} holds the private key of {active} (GBR's active sig key) in the roster: that "
+        "key is disclosed, and whoever read this file can use it as GBR. Delete the file; revoke "
+        f"it first: 'msmt keys revoke {active} --reason ...'; then GBR makes a new request and "
+        "you accept it only with --fingerprint, after a phone call"
+    )
+    assert json.loads(leaked.read_text())["d"] not in reason
+    assert snapshot(custodian) == before
+
+    # Whoever read it makes a request beside it, signed by the new key and the leaked one.
+    attacker = tmp_path / "attacker"
+    (attacker / "GBR").mkdir(parents=True)
+    install_roster(custodian, attacker)
+    shutil.copy(leaked, keys.key_path(attacker, "GBR", active))
+    keys.key_path(attacker, "GBR", active).chmod(0o600)
+    forged = request(attacker, "GBR", tmp_path / "forged.json")
+    assert f"signed by the new key and by the current key {active}\n" in forged.output
+
+    # The custodian revokes it, as the refusal said ...
+    revoked = msmt(
+        "keys", "revoke", active, "--reason", "private key disclosed", "--dir", custodian
+    )
+    assert revoked.exit_code == 0, revoked.output
+    # ... and then the leaked key's signature no longer authorizes anything.
+    before = snapshot(custodian)
+    assert refusal(msmt("keys", "accept", tmp_path / "forged.json", "--dir", custodian)) == (
+        f"{tmp_path / 'forged.json'}: the request carries no signature by a current key of GBR "
+        f"(its other signature does not count: key {active} is revoked): compare its "
+        "fingerprint with GBR by phone and pass --fingerprint"
+    )
+    assert snapshot(custodian) == before
+    # The same file sent again is named as revoked already.
+    assert refusal(msmt("keys", "accept", leaked, "--dir", custodian)) == (
+        f"{leaked} holds the private key of {active} (GBR's revoked sig key) in the roster: that "
+        "key is disclosed, and whoever read this file can use it as GBR. Delete the file; it is "
+        "revoked already; then GBR makes a new request and you accept it only with "
+        "--fingerprint, after a phone call"
+    )
+
+    # GBR's honest request still carries the leaked key's signature (its roster is older):
+    # it too needs the phone call, and passes with the fingerprint GBR reads out.
+    honest = request(gbr, "GBR", tmp_path / "honest.json")
+    assert f"by the current key {active}" in honest.output
+    assert "is revoked" in refusal(
+        msmt("keys", "accept", tmp_path / "honest.json", "--dir", custodian)
+    )
+    done = msmt(
+        "keys",
+        "accept",
+        tmp_path / "honest.json",
+        "--dir",
+        custodian,
+        "--fingerprint",
+        fingerprint_of(honest),
+    )
+    assert done.exit_code == 0, done.output
+    assert "authorized by the fingerprint compared with GBR" in done.output
+
+
+def test_a_private_key_the_roster_does_not_list_is_not_called_a_roster_key(
+    custodian: Path, tmp_path: Path
+) -> None:
+    gbr = tmp_path / "gbr"
+    join(custodian, gbr, "GBR")
+    active = current(custodian, "GBR", "sig")
+    pending = request(gbr, "GBR", tmp_path / "pending.json")
+    new_kid = re.search(r"new keys (GBR-sig-\S+) and", pending.output)
+    assert new_kid is not None
+    expected = (
+        " holds a private key (a 'd' member) that the roster does not list (a pending "
+        "request's key): the member sent its secret, not a key request. Delete the file, and "
+        "have the member discard those keys and make a new request with 'msmt keys request'"
+    )
+    sent = tmp_path / "sent.jwk"
+    shutil.copy(keys.key_path(gbr, "GBR", new_kid[1]), sent)
+    assert refusal(msmt("keys", "accept", sent, "--dir", custodian)) == f"{sent}{expected}"
+    # A file that only claims a roster key (its kid and x) with another key's secret is
+    # not that key disclosed: the public key is derived from d, never read from the file.
+    claimed = json.loads(sent.read_text()) | {
+        "kid": active,
+        "x": keys.load_signed_roster(custodian).roster.get(active).jwk["x"],
+    }
+    sent.write_text(json.dumps(claimed))
+    assert refusal(msmt("keys", "accept", sent, "--dir", custodian)) == f"{sent}{expected}"
