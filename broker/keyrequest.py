@@ -101,7 +101,7 @@ def _current_key(
 ) -> tuple[OKPKey | None, str | None]:
     """The member's current signing key per its verified roster, or why there is none."""
     if not (keydir / keyfiles.ROSTER_FILE).exists():
-        return None, f"no roster in {keydir}"
+        return None, "a first request: no roster here yet"
     # Verified as a node does: a tampered roster must not choose the key that signs.
     roster = keyfiles.load_signed_roster(keydir, authority_path=authority).roster
     try:
@@ -114,22 +114,50 @@ def _current_key(
     return keyfiles.load_matching_key(path, roster, member, "sig"), None
 
 
+def _check_directory(keydir: Path, member: str, *, first: bool) -> None:
+    """Refuse a key directory that is not ``member``'s, or not a first one with ``first``."""
+    folder = keydir / member
+    if first:
+        held = sorted(folder.glob("*.jwk"))
+        if (folder / keyfiles.NATS_SEED_FILE).exists():
+            held.append(folder / keyfiles.NATS_SEED_FILE)
+        if held:
+            raise UsageError(
+                f"{folder} already holds keys of {member} ({held[0].name}): {member} has keys "
+                "here, so this is not its first request; make it without --first"
+            )
+        return
+    missing = next((p for p in (folder, keydir / keyfiles.ROSTER_FILE) if not p.exists()), None)
+    if missing is not None:
+        raise UsageError(
+            f"no {missing}: {keydir} is not {member}'s key directory (give the node's with "
+            "--dir); a member's first request takes --first"
+        )
+
+
 def make_request(
     keydir: Path,
     member: str,
     *,
     out: Path | None = None,
     authority: Path | None = None,
+    first: bool = False,
     now: datetime | None = None,
 ) -> Request:
     """Make ``member``'s new keys in ``keydir/<member>/`` and write a key request for them.
 
     The private keys are written mode 0600 as ``keys init`` writes them; the NATS
     seed only if there is none. The request goes to ``out`` (default
-    ``keydir/<sig kid>.request.json``). The roster in ``keydir``, if any, is
-    verified against ``authority`` (default: ``keydir/roster-authority.json``)
-    before its current key of ``member`` signs too. Nothing in the roster changes. Raises
-    ``UsageError`` for an unknown member or an existing ``out`` and
+    ``keydir/<sig kid>.request.json``). The roster in ``keydir`` is verified
+    against ``authority`` (default: ``keydir/roster-authority.json``) before its
+    current key of ``member`` signs too. Nothing in the roster changes.
+
+    A request in the wrong directory would make a second key tree and a second
+    NATS seed, which the custodian could not tell from the real ones: so
+    ``keydir/<member>/`` and a roster must already be there, unless ``first``
+    (the member's first request), which instead refuses a directory that already
+    holds keys of ``member``. Raises ``UsageError`` for an unknown member, a
+    directory that does not fit ``first`` or an existing ``out``, and
     ``KeyMaterialError`` for a roster that does not verify or an unusable key
     file; every check runs before the first write.
     """
@@ -138,6 +166,7 @@ def make_request(
             f"unknown member {member!r} (members: {', '.join(MEMBERS)}); the AUDIT account has "
             "no roster keys (docs/KEYS.md, 'Key requests')"
         )
+    _check_directory(keydir, member, first=first)
     at = now or _utcnow()
     endorser, not_endorsed = _current_key(keydir, member, at, authority)
     seed_path = keydir / member / keyfiles.NATS_SEED_FILE

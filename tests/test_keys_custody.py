@@ -65,7 +65,7 @@ def custodian(tmp_path: Path) -> Path:
 def join(custodian: Path, member_dir: Path, member: str) -> None:
     """``member``'s first request, accepted by fingerprint; the member installs the roster."""
     out = member_dir.parent / f"{member.lower()}-first.json"
-    made = request(member_dir, member, out)
+    made = request(member_dir, member, out, "--first")
     done = msmt("keys", "accept", out, "--dir", custodian, "--fingerprint", fingerprint_of(made))
     assert done.exit_code == 0, done.output
     install_roster(custodian, member_dir)
@@ -74,7 +74,9 @@ def join(custodian: Path, member_dir: Path, member: str) -> None:
 def current(keydir: Path, member: str, use: str) -> str:
     signed = keys.load_signed_roster(keydir)
     return next(
-        k.kid for k in signed.roster if k.member == member and k.use == use and k.status == "active"
+        str(k.kid)
+        for k in signed.roster
+        if k.member == member and k.use == use and k.status == "active"
     )
 
 
@@ -177,3 +179,62 @@ def test_a_private_key_the_roster_does_not_list_is_not_called_a_roster_key(
     }
     sent.write_text(json.dumps(claimed))
     assert refusal(msmt("keys", "accept", sent, "--dir", custodian)) == f"{sent}{expected}"
+
+
+# --- 3. a request made in the wrong directory -------------------------------------------
+
+
+def test_a_request_outside_the_members_key_directory_is_refused_before_any_write(
+    custodian: Path, tmp_path: Path
+) -> None:
+    gbr = tmp_path / "gbr"
+    join(custodian, gbr, "GBR")
+    data = tmp_path / "data"  # the node's data directory, mistaken for its key directory
+    data.mkdir()
+    (data / "node.sqlite3").write_bytes(b"")
+    (gbr / "GBR" / "pseudonym").mkdir()
+    before = snapshot(tmp_path)
+    out = tmp_path / "req.json"
+    for keydir, reason in [
+        (
+            data,
+            f"no {data / 'GBR'}: {data} is not GBR's key directory (give the node's with "
+            "--dir); a member's first request takes --first",
+        ),
+        (
+            tmp_path / "elsewhere",
+            f"no {tmp_path / 'elsewhere' / 'GBR'}: {tmp_path / 'elsewhere'} is not GBR's key "
+            "directory (give the node's with --dir); a member's first request takes --first",
+        ),
+    ]:
+        done = msmt("keys", "request", "GBR", "--dir", keydir, "--out", out)
+        assert refusal(done) == reason
+        assert snapshot(tmp_path) == before
+    # GBR's folder without a roster beside it is not a node's key directory either.
+    (data / "GBR").mkdir()
+    before = snapshot(tmp_path)
+    assert refusal(msmt("keys", "request", "GBR", "--dir", data, "--out", out)) == (
+        f"no {data / keys.ROSTER_FILE}: {data} is not GBR's key directory (give the node's "
+        "with --dir); a member's first request takes --first"
+    )
+    assert snapshot(tmp_path) == before
+    # --first refuses a directory where GBR already has keys: a JWK, or only a NATS seed.
+    held = sorted(p.name for p in (gbr / "GBR").glob("*.jwk"))
+    assert refusal(msmt("keys", "request", "GBR", "--dir", gbr, "--out", out, "--first")) == (
+        f"{gbr / 'GBR'} already holds keys of GBR ({held[0]}): GBR has keys here, so this is "
+        "not its first request; make it without --first"
+    )
+    assert snapshot(tmp_path) == before
+    seed_only = tmp_path / "seed-only"
+    (seed_only / "GBR").mkdir(parents=True)
+    shutil.copy(gbr / "GBR" / keys.NATS_SEED_FILE, seed_only / "GBR" / keys.NATS_SEED_FILE)
+    before_seed = snapshot(tmp_path)
+    assert refusal(msmt("keys", "request", "GBR", "--dir", seed_only, "--out", out, "--first")) == (
+        f"{seed_only / 'GBR'} already holds keys of GBR (nats.nk): GBR has keys here, so this "
+        "is not its first request; make it without --first"
+    )
+    assert snapshot(tmp_path) == before_seed
+    # In its own key directory, with the roster, the request is made and signed by the
+    # current key.
+    done = request(gbr, "GBR", out)
+    assert f"by the current key {current(custodian, 'GBR', 'sig')}" in done.output

@@ -85,7 +85,7 @@ def custodian(tmp_path: Path) -> Path:
     done = msmt("keys", "authority", "--dir", folder, "--audit")
     assert done.exit_code == 0, done.output
     jpn = tmp_path / "jpn"
-    made = keyrequest.make_request(jpn, "JPN", now=T0)
+    made = keyrequest.make_request(jpn, "JPN", first=True, now=T0)
     keyrequest.accept_request(folder, made.path, expected_fingerprint=made.fingerprint, now=T0)
     return folder
 
@@ -138,7 +138,9 @@ def test_authority_with_audit_makes_the_audit_nats_user(tmp_path: Path) -> None:
 
 def test_request_makes_private_keys_and_a_request_of_public_keys_only(tmp_path: Path) -> None:
     member = tmp_path / "gbr"
-    done = msmt("keys", "request", "gbr", "--dir", member, "--out", tmp_path / "req.json")
+    done = msmt(
+        "keys", "request", "gbr", "--dir", member, "--out", tmp_path / "req.json", "--first"
+    )
     assert done.exit_code == 0, done.output
     folder = member / "GBR"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
@@ -164,19 +166,19 @@ def test_request_makes_private_keys_and_a_request_of_public_keys_only(tmp_path: 
     fingerprint = "sha256:" + hashlib.sha256(rfc8785.dumps(payload)).hexdigest()
     assert f"fingerprint {fingerprint}\n" in done.output
     assert f"new keys {sig_kid} and {enc_kid}" in done.output
-    assert "signed by the new key only (no roster in" in done.output
-    # A second request keeps the NATS seed (the hub knows it) and never overwrites a file.
-    again = msmt("keys", "request", "GBR", "--dir", member, "--out", tmp_path / "req.json")
+    assert "signed by the new key only (a first request: no roster here yet)" in done.output
+    # An existing file is never overwritten, and nothing is made then.
+    other = tmp_path / "other"
+    again = msmt(
+        "keys", "request", "GBR", "--dir", other, "--out", tmp_path / "req.json", "--first"
+    )
     assert again.exit_code == 2
     assert (
         again.stderr
         == f"msmt: error: {tmp_path / 'req.json'} already exists: choose another --out\n"
     )
+    assert not other.exists()
     assert len(list(folder.iterdir())) == 3
-    second = keyrequest.make_request(member, "GBR")
-    assert second.nats_user == payload["msmt_nats_user"]
-    assert not second.nats_created
-    assert second.path == member / f"{second.sig_kid}.request.json"
 
 
 def test_the_request_is_a_standard_jws_that_jwcrypto_verifies(
@@ -210,7 +212,7 @@ def test_the_request_is_a_standard_jws_that_jwcrypto_verifies(
 def test_a_new_member_joins_by_request_and_fingerprint(custodian: Path, tmp_path: Path) -> None:
     gbr = tmp_path / "gbr"
     request = tmp_path / "gbr-request.json"
-    done = msmt("keys", "request", "GBR", "--dir", gbr, "--out", request)
+    done = msmt("keys", "request", "GBR", "--dir", gbr, "--out", request, "--first")
     assert done.exit_code == 0, done.output
     found = re.search(r"^fingerprint (sha256:[0-9a-f]{64})$", done.output, re.MULTILINE)
     assert found is not None, done.output
@@ -508,7 +510,7 @@ def test_a_malformed_request_is_one_line(
 
 def test_a_signature_by_another_members_key_is_refused(custodian: Path, tmp_path: Path) -> None:
     usa = tmp_path / "usa"
-    made = keyrequest.make_request(usa, "USA", now=T0)
+    made = keyrequest.make_request(usa, "USA", first=True, now=T0)
     keyrequest.accept_request(custodian, made.path, expected_fingerprint=made.fingerprint, now=T0)
     jpn = tmp_path / "jpn"
     install_roster(custodian, jpn)

@@ -35,7 +35,7 @@ release = ["*"]
 
 def join(custodian: Path, root: Path, member: str, partner: str) -> None:
     """``member`` makes its keys under ``root/keys`` and the custodian accepts them."""
-    made = keyrequest.make_request(root / "keys", member)
+    made = keyrequest.make_request(root / "keys", member, first=True)
     keyrequest.accept_request(custodian, made.path, expected_fingerprint=made.fingerprint)
     write_node_config(
         root, member, ["nats://127.0.0.1:1"], POLICY.format(member=member, partner=partner)

@@ -130,14 +130,24 @@ def keys_authority(keydir: Path, audit: bool) -> None:
     default=None,
     help="The pinned roster-authority public key (default: the one in the key directory).",
 )
-def keys_request(member: str, keydir: Path, out: Path | None, authority: Path | None) -> None:
+@click.option(
+    "--first",
+    is_flag=True,
+    help="MEMBER's first request: <dir>/<MEMBER>/ may be new, but must hold no keys.",
+)
+def keys_request(
+    member: str, keydir: Path, out: Path | None, authority: Path | None, first: bool
+) -> None:
     """Make MEMBER's new keys here, and a key request for the roster custodian.
 
     Run by the member on its own machine: the private keys stay in <dir>/<MEMBER>/;
     the request carries only the public keys and the NATS user's public nkey. It is
     signed by the new key, and by MEMBER's current key if the roster here lists one.
+    <dir>/<MEMBER>/ and <dir>/roster.json must exist, unless --first.
     """
-    made = keyrequest.make_request(keydir, member.upper(), out=out, authority=authority)
+    made = keyrequest.make_request(
+        keydir, member.upper(), out=out, authority=authority, first=first
+    )
     click.echo(f"wrote key request {made.path}")
     click.echo(f"new keys {made.sig_kid} and {made.enc_kid} (mode 0600 in {keydir / made.member})")
     verb = "new" if made.nats_created else "kept"
