@@ -529,6 +529,24 @@ def _check_time(path: Path, iat: int, at: datetime) -> None:
         )
 
 
+def _check_nats_user(path: Path, content: _Content, users: dict[str, str], replace: bool) -> None:
+    """Step 6 of ``accept_request``: the NATS user changes if and only if ``replace``."""
+    member, previous = content.member, users.get(content.member)
+    if previous is None or replace == (previous != content.nats_user):
+        return
+    if replace:
+        raise KeyMaterialError(
+            f"{path}: it keeps {member}'s NATS user, and --replace-nats-user was given: after "
+            f"a compromise {member} makes its request with 'msmt keys request {member} "
+            "--new-nats-user'"
+        )
+    raise KeyMaterialError(
+        f"{path}: it changes {member}'s NATS user: it was made with another NATS seed, either "
+        f"in a key directory other than the one {member}'s node uses, or on purpose after a "
+        "compromise (--new-nats-user); only in that case accept it with --replace-nats-user"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """What ``accept_request`` changed, for the custodian to read and pass on."""
@@ -559,6 +577,7 @@ def accept_request(
     path: Path,
     *,
     expected_fingerprint: str | None = None,
+    replace_nats_user: bool = False,
     valid_days: int = keyfiles.DEFAULT_VALID_DAYS,
     now: datetime | None = None,
 ) -> Accepted:
@@ -566,7 +585,9 @@ def accept_request(
 
     The member's new keys become active from now for ``valid_days``; its previous
     active keys are retired as of now, as ``rotate_keys`` does; its entry in
-    ``nats-users.json`` becomes the request's NATS user. Raises ``KeyMaterialError``
+    ``nats-users.json`` becomes the request's NATS user: a request that changes
+    an existing one is refused unless ``replace_nats_user``, and one that keeps it
+    is refused with it (after a compromise the seed must change). Raises ``KeyMaterialError``
     with one line naming ``path`` at the first failing step of the checklist below,
     and ``UsageError`` for a malformed ``expected_fingerprint`` or validity;
     nothing is written unless every step passed.
@@ -598,6 +619,9 @@ def accept_request(
     authorized_by = _authorize(path, parsed, content, signed.roster, wanted, at)
     # 5. time: iat at most MAX_CLOCK_SKEW ahead of now and MAX_REQUEST_AGE behind it.
     _check_time(path, content.iat, at)
+    # 6. NATS user: one that replaces the member's (made with another seed) only with
+    #    replace_nats_user; with it, the request must replace it.
+    _check_nats_user(path, content, users, replace_nats_user)
 
     member, new = content.member, content.keys
     retired = tuple(k.kid for k in signed.roster if k.member == member and k.status == "active")

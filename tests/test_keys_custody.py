@@ -238,3 +238,71 @@ def test_a_request_outside_the_members_key_directory_is_refused_before_any_write
     # current key.
     done = request(gbr, "GBR", out)
     assert f"by the current key {current(custodian, 'GBR', 'sig')}" in done.output
+
+
+def test_a_request_that_changes_the_nats_user_needs_replace_nats_user(
+    custodian: Path, tmp_path: Path
+) -> None:
+    gbr = tmp_path / "gbr"
+    join(custodian, gbr, "GBR")
+    users_file = custodian / keys.NATS_USERS_FILE
+    live_user = json.loads(users_file.read_text())["GBR"]
+    # A copy of GBR's key directory without its seed: the request brings a new NATS user.
+    stray = tmp_path / "stray"
+    (stray / "GBR").mkdir(parents=True)
+    install_roster(custodian, stray)
+    made = request(stray, "GBR", tmp_path / "stray.json")
+    assert "(new)" in made.output
+    before = snapshot(custodian)
+    assert refusal(
+        msmt(
+            "keys",
+            "accept",
+            tmp_path / "stray.json",
+            "--dir",
+            custodian,
+            "--fingerprint",
+            fingerprint_of(made),
+        )
+    ) == (
+        f"{tmp_path / 'stray.json'}: it changes GBR's NATS user: it was made with another NATS "
+        "seed, either in a key directory other than the one GBR's node uses, or on purpose "
+        "after a compromise (--new-nats-user); only in that case accept it with "
+        "--replace-nats-user"
+    )
+    assert snapshot(custodian) == before
+    # A routine request from GBR's own directory keeps the user: --replace-nats-user is
+    # refused for it (after a compromise the seed must change), and it passes without.
+    routine = request(gbr, "GBR", tmp_path / "routine.json")
+    assert "(kept" in routine.output
+    assert refusal(
+        msmt(
+            "keys",
+            "accept",
+            tmp_path / "routine.json",
+            "--dir",
+            custodian,
+            "--replace-nats-user",
+        )
+    ) == (
+        f"{tmp_path / 'routine.json'}: it keeps GBR's NATS user, and --replace-nats-user was "
+        "given: after a compromise GBR makes its request with 'msmt keys request GBR "
+        "--new-nats-user'"
+    )
+    assert snapshot(custodian) == before
+    # Confirmed as a deliberate replacement, the stray request is accepted.
+    done = msmt(
+        "keys",
+        "accept",
+        tmp_path / "stray.json",
+        "--dir",
+        custodian,
+        "--fingerprint",
+        fingerprint_of(made),
+        "--replace-nats-user",
+    )
+    assert done.exit_code == 0, done.output
+    assert "GBR's NATS user changed" in done.output
+    new_user = json.loads(users_file.read_text())["GBR"]
+    assert new_user != live_user
+    assert new_user == keys.nats_public((stray / "GBR" / keys.NATS_SEED_FILE).read_bytes(), "s")

@@ -174,15 +174,30 @@ def keys_request(
     default=None,
     help="sha256:... as the member read it out; needed unless a current key signed the request.",
 )
+@click.option(
+    "--replace-nats-user",
+    is_flag=True,
+    help="Accept a request that replaces the member's NATS user (after a compromise).",
+)
 @_VALID_DAYS
-def keys_accept(request: Path, keydir: Path, fingerprint: str | None, valid_days: int) -> None:
+def keys_accept(
+    request: Path,
+    keydir: Path,
+    fingerprint: str | None,
+    replace_nats_user: bool,
+    valid_days: int,
+) -> None:
     """Check the key REQUEST a member sent and put its public keys into the signed roster.
 
     The member's previous active keys retire as of now (as with 'msmt keys rotate').
     Refused, with one line and nothing written, unless every check passes.
     """
     done = keyrequest.accept_request(
-        keydir, request, expected_fingerprint=fingerprint, valid_days=valid_days
+        keydir,
+        request,
+        expected_fingerprint=fingerprint,
+        replace_nats_user=replace_nats_user,
+        valid_days=valid_days,
     )
     click.echo(f"accepted {request} from {done.member}, authorized by {done.authorized_by}")
     click.echo(f"fingerprint {done.fingerprint}")
