@@ -46,6 +46,7 @@ BESIDE_THE_SUITE = frozenset(
         "test_identifiers",
         "test_jose",
         "test_keys",
+        "test_keys_custody",
         "test_keys_request",
         "test_merkle",
         "test_policy",

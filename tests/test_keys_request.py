@@ -249,8 +249,10 @@ def test_a_new_member_joins_by_request_and_fingerprint(custodian: Path, tmp_path
     assert f"GBR: new keys {sig_kid} and {enc_kid}, active " in accepted.output
     assert "retired" not in accepted.output
     assert (
-        f"GBR's NATS user added in {custodian / keys.NATS_USERS_FILE}: regenerate the hub's "
-        "configuration with 'msmt nats config' and reload the hub"
+        f"GBR's NATS user added in {custodian / keys.NATS_USERS_FILE}, a new account on the "
+        "hub: regenerate the hub's configuration with 'msmt nats config' and RESTART every hub "
+        "server (one at a time); a reload does not set up a new account, whose publishes then "
+        "fail"
     ) in accepted.output
     assert "roster version 3: publish roster.json and roster.json.jws" in accepted.output
     # The custodian never held a private key of GBR, nor of JPN.

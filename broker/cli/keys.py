@@ -205,11 +205,20 @@ def keys_accept(
     click.echo(f"{done.member}: new keys {done.sig_kid} and {done.enc_kid}, active {span}")
     if done.retired:
         click.echo(f"{done.member}: retired {', '.join(done.retired)}")
-    if done.previous_nats_user != done.nats_user:
-        what = "added" if done.previous_nats_user is None else "changed"
+    users = keydir / keyfiles.NATS_USERS_FILE
+    if done.previous_nats_user is None:
+        # Tried on nats-server 2.15: after a reload that adds an account, the new
+        # account receives but its own publishes get no JetStream response.
         click.echo(
-            f"{done.member}'s NATS user {what} in {keydir / keyfiles.NATS_USERS_FILE}: "
-            "regenerate the hub's configuration with 'msmt nats config' and reload the hub"
+            f"{done.member}'s NATS user added in {users}, a new account on the hub: regenerate "
+            "the hub's configuration with 'msmt nats config' and RESTART every hub server (one "
+            "at a time); a reload does not set up a new account, whose publishes then fail"
+        )
+    elif done.previous_nats_user != done.nats_user:
+        click.echo(
+            f"{done.member}'s NATS user changed in {users}: regenerate the hub's configuration "
+            "with 'msmt nats config' and reload every hub server (send it SIGHUP); "
+            "the old user's connections are closed"
         )
     click.echo(
         f"roster version {done.version}: publish {keyfiles.ROSTER_FILE} and "
