@@ -89,6 +89,8 @@ class Request:
     enc_kid: str
     nats_user: str
     nats_created: bool
+    replaced_nats_seed: Path | None
+    """Where the previous NATS seed was kept, with ``new_nats_user``; None otherwise."""
     endorsed_by: str | None
     """The current signing key that signed it too, or None."""
     not_endorsed: str | None
@@ -142,15 +144,18 @@ def make_request(
     out: Path | None = None,
     authority: Path | None = None,
     first: bool = False,
+    new_nats_user: bool = False,
     now: datetime | None = None,
 ) -> Request:
     """Make ``member``'s new keys in ``keydir/<member>/`` and write a key request for them.
 
     The private keys are written mode 0600 as ``keys init`` writes them; the NATS
-    seed only if there is none. The request goes to ``out`` (default
-    ``keydir/<sig kid>.request.json``). The roster in ``keydir`` is verified
-    against ``authority`` (default: ``keydir/roster-authority.json``) before its
-    current key of ``member`` signs too. Nothing in the roster changes.
+    seed only if there is none, or with ``new_nats_user`` (after a compromise): the
+    previous seed is then kept beside it as ``nats.nk.replaced-<UTC time>``. The
+    request goes to ``out`` (default ``keydir/<sig kid>.request.json``). The
+    roster in ``keydir`` is verified against ``authority`` (default:
+    ``keydir/roster-authority.json``) before its current key of ``member`` signs
+    too. Nothing in the roster changes.
 
     A request in the wrong directory would make a second key tree and a second
     NATS seed, which the custodian could not tell from the real ones: so
@@ -170,15 +175,22 @@ def make_request(
     at = now or _utcnow()
     endorser, not_endorsed = _current_key(keydir, member, at, authority)
     seed_path = keydir / member / keyfiles.NATS_SEED_FILE
-    nats_created = not seed_path.exists()
-    if nats_created:
-        seed = keyfiles.new_nats_seed()
-    else:
+    old_seed: bytes | None = None
+    if seed_path.exists():
         try:
-            seed = seed_path.read_bytes().strip()
+            old_seed = seed_path.read_bytes()
         except OSError as exc:
             raise KeyMaterialError(f"cannot read {seed_path}: {exc.strerror}") from None
         keyfiles.check_private_file(seed_path, "NATS seed")
+        keyfiles.nats_public(old_seed, str(seed_path))
+    replaced = None
+    if new_nats_user and old_seed is not None:
+        # Kept, never deleted silently: the member decides when the old login is gone.
+        replaced = seed_path.with_name(f"{seed_path.name}.replaced-{at:%Y%m%dT%H%M%SZ}")
+        if replaced.exists():
+            raise UsageError(f"{replaced} already exists: try again in a second")
+    nats_created = new_nats_user or old_seed is None
+    seed = keyfiles.new_nats_seed() if nats_created or old_seed is None else old_seed.strip()
     nats_user = keyfiles.nats_public(seed, str(seed_path))
     sig = keyfiles.generate_key(member, "sig", at)
     enc = keyfiles.generate_key(member, "enc", at)
@@ -202,7 +214,10 @@ def make_request(
     for key in (sig, enc):
         path_ = keyfiles.key_path(keydir, member, str(key.kid))
         keyfiles.write_private(path_, keyfiles.json_bytes(key.as_dict(private=True)))
+    if replaced is not None and old_seed is not None:
+        keyfiles.write_private(replaced, old_seed)
     if nats_created:
+        # Replaced in one rename: the node, which reads only nats.nk, never finds none.
         keyfiles.write_private(seed_path, seed + b"\n")
     # Written last: a request on disk always has its private keys beside it.
     keyfiles.write_public(path, keyfiles.json_bytes(value))
@@ -213,6 +228,7 @@ def make_request(
         enc_kid=str(enc.kid),
         nats_user=nats_user,
         nats_created=nats_created,
+        replaced_nats_seed=replaced,
         endorsed_by=None if endorser is None else str(endorser.kid),
         not_endorsed=not_endorsed,
         fingerprint=fingerprint(body),

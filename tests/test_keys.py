@@ -425,7 +425,12 @@ def test_cli_init_rotate_revoke_verify(tmp_path: Path) -> None:
     result = runner.invoke(main, ["keys", "revoke", kid, "--reason", "test", "--dir", keydir])
     assert result.exit_code == 0, result.output
     # Its signing key revoked, USA has no key to start its node with: say so.
-    assert "warning: USA has no active sig key left; run 'msmt keys rotate USA'" in result.output
+    assert (
+        "warning: USA has no active sig key left: run 'msmt keys rotate USA' if you hold its "
+        "keys (as in the demo); otherwise USA makes a key request ('msmt keys request USA', "
+        "with --new-nats-user if its NATS seed may be disclosed too) and you accept it with "
+        "--fingerprint after a phone call\n"
+    ) in result.output
     result = runner.invoke(main, ["keys", "verify-roster", "--dir", keydir, "--min-version", "3"])
     assert result.exit_code == 0, result.output
     assert f"USA sig {kid} revoked" in result.output

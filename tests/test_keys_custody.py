@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
-from broker import keys
+from broker import keyrequest, keys
 from broker.cli import main
+from broker.errors import UsageError
 
 
 def msmt(*args: str | Path) -> Result:
@@ -306,3 +308,83 @@ def test_a_request_that_changes_the_nats_user_needs_replace_nats_user(
     new_user = json.loads(users_file.read_text())["GBR"]
     assert new_user != live_user
     assert new_user == keys.nats_public((stray / "GBR" / keys.NATS_SEED_FILE).read_bytes(), "s")
+
+
+# --- 4. a compromise: the NATS login is replaced with the keys ---------------------------
+
+
+def test_after_a_compromise_the_member_re_enrols_with_a_new_nats_user(
+    custodian: Path, tmp_path: Path
+) -> None:
+    gbr = tmp_path / "gbr"
+    join(custodian, gbr, "GBR")
+    old_seed = (gbr / "GBR" / keys.NATS_SEED_FILE).read_bytes()
+    old_user = json.loads((custodian / keys.NATS_USERS_FILE).read_text())["GBR"]
+    # GBR's machine was compromised: the custodian revokes both keys.
+    for use in ("sig", "enc"):
+        kid = current(custodian, "GBR", use)
+        done = msmt("keys", "revoke", kid, "--reason", "machine compromised", "--dir", custodian)
+        assert done.exit_code == 0, done.output
+    assert (
+        "otherwise GBR makes a key request ('msmt keys request GBR', with --new-nats-user if its "
+        "NATS seed may be disclosed too) and you accept it with --fingerprint"
+    ) in done.output
+    install_roster(custodian, gbr)
+    # Without --new-nats-user, a request that no current key signs says what it keeps.
+    copy = tmp_path / "gbr-copy"
+    shutil.copytree(gbr, copy)
+    kept = request(copy, "GBR", tmp_path / "kept.json")
+    assert (
+        f"NATS user {old_user} (kept; after a compromise make the request with "
+        "--new-nats-user, or whoever holds the seed keeps the member's hub login)"
+    ) in kept.output
+
+    made = request(gbr, "GBR", tmp_path / "again.json", "--new-nats-user")
+    replaced = list((gbr / "GBR").glob(f"{keys.NATS_SEED_FILE}.replaced-*"))
+    assert len(replaced) == 1
+    assert re.fullmatch(r"nats\.nk\.replaced-\d{8}T\d{6}Z", replaced[0].name)
+    assert replaced[0].read_bytes() == old_seed
+    assert replaced[0].stat().st_mode & 0o777 == 0o600
+    new_seed = (gbr / "GBR" / keys.NATS_SEED_FILE).read_bytes()
+    new_user = keys.nats_public(new_seed, "seed")
+    assert new_user != old_user
+    assert (gbr / "GBR" / keys.NATS_SEED_FILE).stat().st_mode & 0o777 == 0o600
+    assert f"NATS user {new_user} (new; the old seed is kept as {replaced[0]})" in made.output
+    assert "signed by the new key only" in made.output
+
+    # The custodian accepts it by fingerprint, and says the user is replaced on purpose.
+    again = tmp_path / "again.json"
+    assert "it changes GBR's NATS user" in refusal(
+        msmt("keys", "accept", again, "--dir", custodian, "--fingerprint", fingerprint_of(made))
+    )
+    done = msmt(
+        "keys",
+        "accept",
+        again,
+        "--dir",
+        custodian,
+        "--fingerprint",
+        fingerprint_of(made),
+        "--replace-nats-user",
+    )
+    assert done.exit_code == 0, done.output
+    assert "GBR's NATS user changed in" in done.output
+    assert json.loads((custodian / keys.NATS_USERS_FILE).read_text())["GBR"] == new_user
+    # GBR's node, given the new roster, logs in with the new seed (it reads only nats.nk).
+    install_roster(custodian, gbr)
+    roster = keys.load_signed_roster(gbr).roster
+    mine = keys.load_member_keys(gbr, "GBR", roster, datetime.now(UTC))
+    assert mine.nats_seed == new_seed.strip()
+    assert mine.signing_kid == current(custodian, "GBR", "sig")
+    assert mine.pending == ()
+
+
+def test_new_nats_user_never_overwrites_a_kept_seed(custodian: Path, tmp_path: Path) -> None:
+    gbr = tmp_path / "gbr"
+    join(custodian, gbr, "GBR")
+    at = datetime.now(UTC).replace(microsecond=0)
+    keyrequest.make_request(gbr, "GBR", new_nats_user=True, now=at)
+    before = snapshot(gbr)
+    with pytest.raises(UsageError, match=r"nats\.nk\.replaced-\d{8}T\d{6}Z already exists"):
+        keyrequest.make_request(gbr, "GBR", new_nats_user=True, now=at)
+    assert snapshot(gbr) == before

@@ -34,9 +34,11 @@ def msmt(*args: str | Path) -> Result:
 
 def join(custodian: Path, member_dir: Path, member: str, *flags: str) -> Result:
     """A request from ``member_dir``, accepted by fingerprint; returns the accept."""
-    out = member_dir.parent / f"{member_dir.name}.json"
+    out = (
+        member_dir.parent / f"{member_dir.name}-{len(list(member_dir.parent.glob('*.json')))}.json"
+    )
     accept_flags = [f for f in flags if f == "--replace-nats-user"]
-    request_flags = [f for f in flags if f != "--replace-nats-user"]
+    request_flags = [f for f in flags if f in ("--first", "--new-nats-user")]
     made = msmt("keys", "request", member, "--dir", member_dir, "--out", out, *request_flags)
     assert made.exit_code == 0, made.output
     found = re.search(r"^fingerprint (sha256:[0-9a-f]{64})$", made.output, re.MULTILINE)
@@ -118,15 +120,14 @@ def test_a_changed_nats_user_takes_a_reload_and_an_added_one_a_restart(
     old_gbr = seed(dirs["GBR"], "GBR")
     assert asyncio.run(publish(hub, "GBR", old_gbr, "JPN")) == "stored in INBOX_JPN"
 
-    # GBR's NATS user is replaced: a reload is enough, and the old seed no longer logs in.
-    other = tmp_path / "gbr-other"
-    (other / "GBR").mkdir(parents=True)
+    # GBR replaces its NATS user (after a compromise): a reload is enough, and the old
+    # seed no longer logs in.
     for name in (keys.ROSTER_FILE, keys.ROSTER_SIG_FILE, keys.AUTHORITY_PUBLIC_FILE):
-        (other / name).write_bytes((custodian / name).read_bytes())
-    changed = join(custodian, other, "GBR", "--replace-nats-user")
+        (dirs["GBR"] / name).write_bytes((custodian / name).read_bytes())
+    changed = join(custodian, dirs["GBR"], "GBR", "--new-nats-user", "--replace-nats-user")
     assert "GBR's NATS user changed in" in changed.output
     assert "reload every hub server" in changed.output
-    new_gbr = seed(other, "GBR")
+    new_gbr = seed(dirs["GBR"], "GBR")
     assert new_gbr != old_gbr
     configure(hub, custodian)
     reload(hub)

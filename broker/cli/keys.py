@@ -86,7 +86,10 @@ def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
         k.member == owner and k.use == revoked.use and k.status == "active" for k in signed.roster
     ):
         click.echo(
-            f"warning: {owner} has no active {revoked.use} key left; run 'msmt keys rotate {owner}'"
+            f"warning: {owner} has no active {revoked.use} key left: run 'msmt keys rotate "
+            f"{owner}' if you hold its keys (as in the demo); otherwise {owner} makes a key "
+            f"request ('msmt keys request {owner}', with --new-nats-user if its NATS seed may "
+            "be disclosed too) and you accept it with --fingerprint after a phone call"
         )
 
 
@@ -135,8 +138,18 @@ def keys_authority(keydir: Path, audit: bool) -> None:
     is_flag=True,
     help="MEMBER's first request: <dir>/<MEMBER>/ may be new, but must hold no keys.",
 )
+@click.option(
+    "--new-nats-user",
+    is_flag=True,
+    help="Make a new NATS seed (after a compromise); the old one is kept, renamed.",
+)
 def keys_request(
-    member: str, keydir: Path, out: Path | None, authority: Path | None, first: bool
+    member: str,
+    keydir: Path,
+    out: Path | None,
+    authority: Path | None,
+    first: bool,
+    new_nats_user: bool,
 ) -> None:
     """Make MEMBER's new keys here, and a key request for the roster custodian.
 
@@ -146,12 +159,28 @@ def keys_request(
     <dir>/<MEMBER>/ and <dir>/roster.json must exist, unless --first.
     """
     made = keyrequest.make_request(
-        keydir, member.upper(), out=out, authority=authority, first=first
+        keydir,
+        member.upper(),
+        out=out,
+        authority=authority,
+        first=first,
+        new_nats_user=new_nats_user,
     )
     click.echo(f"wrote key request {made.path}")
     click.echo(f"new keys {made.sig_kid} and {made.enc_kid} (mode 0600 in {keydir / made.member})")
-    verb = "new" if made.nats_created else "kept"
-    click.echo(f"NATS user {made.nats_user} ({verb})")
+    if made.replaced_nats_seed is not None:
+        click.echo(
+            f"NATS user {made.nats_user} (new; the old seed is kept as "
+            f"{made.replaced_nats_seed}): the node logs in with it once the custodian has "
+            "accepted the request with --replace-nats-user and the hub has reloaded"
+        )
+    elif not made.nats_created and made.endorsed_by is None:
+        click.echo(
+            f"NATS user {made.nats_user} (kept; after a compromise make the request with "
+            "--new-nats-user, or whoever holds the seed keeps the member's hub login)"
+        )
+    else:
+        click.echo(f"NATS user {made.nats_user} ({'new' if made.nats_created else 'kept'})")
     if made.endorsed_by is not None:
         click.echo(f"signed by the new key and by the current key {made.endorsed_by}")
     else:
