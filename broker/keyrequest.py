@@ -45,6 +45,7 @@ from joserfc.jwk import Key, KeySet, OKPKey
 from joserfc.jws import FlattenedJSONSerialization
 
 from broker import keys as keyfiles
+from broker import natsusers
 from broker.errors import KeyMaterialError, UsageError
 from broker.members import MEMBERS, is_member
 from broker.roster import CURVES, Roster, RosterKey, format_time
@@ -613,7 +614,7 @@ def accept_request(
         raise UsageError("--valid-days must be at least 1")
     at = now or _utcnow()
     signed, authority = keyfiles.load_for_update(keydir)
-    users = _load_users(keydir)
+    users = natsusers.load_users(keydir)
     # Checklist; each step raises KeyMaterialError naming the file, before any write.
     # 1. format: at most MAX_REQUEST_BYTES of UTF-8 JSON, no duplicate members, no
     #    "d" member anywhere (a private key: if it is a roster key's, the line names
@@ -664,14 +665,6 @@ def accept_request(
         version=jwks["msmt_version"],
         fingerprint=fingerprint(parsed.body),
     )
-
-
-def _load_users(keydir: Path) -> dict[str, str]:
-    path = keydir / keyfiles.NATS_USERS_FILE
-    data = keyfiles.read_json(path)
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise KeyMaterialError(f"{path} is not a JSON object of public nkeys")
-    return data
 
 
 # --- a custodian's start -----------------------------------------------------------

@@ -388,3 +388,71 @@ def test_new_nats_user_never_overwrites_a_kept_seed(custodian: Path, tmp_path: P
     with pytest.raises(UsageError, match=r"nats\.nk\.replaced-\d{8}T\d{6}Z already exists"):
         keyrequest.make_request(gbr, "GBR", new_nats_user=True, now=at)
     assert snapshot(gbr) == before
+
+
+# --- 5. the auditor's NATS user, without NATS's nk tool ----------------------------------
+
+
+def test_the_auditor_makes_its_nats_user_and_the_custodian_records_it(tmp_path: Path) -> None:
+    custodian = tmp_path / "custodian"
+    assert msmt("keys", "authority", "--dir", custodian).exit_code == 0  # no --audit
+    for member in ("JPN", "GBR"):
+        join(custodian, tmp_path / member.lower(), member)
+    auditor = tmp_path / "auditor"
+    made = msmt("keys", "nats-user", "audit", "--dir", auditor)
+    assert made.exit_code == 0, made.output
+    seed_file = auditor / "AUDIT" / keys.NATS_SEED_FILE
+    assert seed_file.stat().st_mode & 0o777 == 0o600
+    user = keys.nats_public(seed_file.read_bytes(), "seed")
+    assert f"NATS user {user}\n" in made.output
+    assert f"'msmt keys accept-nats-user AUDIT {user}'" in made.output
+    assert seed_file.read_text().strip() not in made.output
+    # A second run never replaces the seed.
+    before = snapshot(auditor)
+    assert refusal(msmt("keys", "nats-user", "AUDIT", "--dir", auditor)) == (
+        f"{seed_file} already exists: AUDIT has a NATS user here"
+    )
+    assert snapshot(auditor) == before
+    assert "only the AUDIT account's NATS user is made apart" in refusal(
+        msmt("keys", "nats-user", "GBR", "--dir", auditor)
+    )
+
+    users_file = custodian / keys.NATS_USERS_FILE
+    before = snapshot(custodian)
+    jpn_user = json.loads(users_file.read_text())["JPN"]
+    for nkey, reason in [
+        (seed_file.read_text().strip(), "the NATS user: not a NATS user public nkey"),
+        (user[:-1] + ("A" if user[-1] != "A" else "B"), "malformed NATS public nkey"),
+        (jpn_user, f"the NATS user is already JPN's in {users_file}"),
+    ]:
+        line = refusal(msmt("keys", "accept-nats-user", "AUDIT", nkey, "--dir", custodian))
+        assert reason in line
+        assert nkey not in line  # a seed pasted by mistake is never echoed
+        assert snapshot(custodian) == before
+    assert "a member's comes with its key request" in refusal(
+        msmt("keys", "accept-nats-user", "KOR", user, "--dir", custodian)
+    )
+    done = msmt("keys", "accept-nats-user", "AUDIT", user, "--dir", custodian)
+    assert done.exit_code == 0, done.output
+    assert f"AUDIT's NATS user added in {users_file}\n" in done.output
+    assert json.loads(users_file.read_text())["AUDIT"] == user
+    again = msmt("keys", "accept-nats-user", "AUDIT", user, "--dir", custodian)
+    assert again.output == f"AUDIT's NATS user unchanged in {users_file}\n"
+    # Another key for AUDIT replaces it only when the custodian says so.
+    other = keys.nats_public(keys.new_nats_seed(), "seed")
+    before = snapshot(custodian)
+    assert refusal(msmt("keys", "accept-nats-user", "AUDIT", other, "--dir", custodian)) == (
+        f"{users_file} already has another NATS user for AUDIT: pass --replace-nats-user to "
+        "replace it (its seed then no longer logs in)"
+    )
+    assert snapshot(custodian) == before
+    replaced = msmt(
+        "keys", "accept-nats-user", "AUDIT", other, "--dir", custodian, "--replace-nats-user"
+    )
+    assert replaced.exit_code == 0, replaced.output
+    assert "AUDIT's NATS user replaced" in replaced.output
+    assert json.loads(users_file.read_text())["AUDIT"] == other
+    # The hub configuration takes it.
+    config = msmt("nats", "config", "--keys", custodian, "--out", tmp_path / "hub.conf")
+    assert config.exit_code == 0, config.output
+    assert other in (tmp_path / "hub.conf").read_text()

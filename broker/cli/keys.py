@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from broker import keyrequest, natsconfig, natsetup, natstls, pseudonym_keys
+from broker import keyrequest, natsconfig, natsetup, natstls, natsusers, pseudonym_keys
 from broker import keys as keyfiles
 from broker.errors import KeyMaterialError, UsageError
 from broker.members import MEMBERS, parse_members
@@ -253,6 +253,49 @@ def keys_accept(
         f"roster version {done.version}: publish {keyfiles.ROSTER_FILE} and "
         f"{keyfiles.ROSTER_SIG_FILE} to every member"
     )
+
+
+@keys_group.command(name="nats-user")
+@click.argument("account")
+@_KEYDIR
+def keys_nats_user(account: str, keydir: Path) -> None:
+    """Make ACCOUNT's NATS user here: <dir>/<ACCOUNT>/nats.nk. Only AUDIT (the auditor).
+
+    Prints the public key (U...), which goes to the roster custodian; the seed stays
+    here. An existing seed is never overwritten.
+    """
+    path, user = natsusers.make_user(keydir, account.upper())
+    click.echo(f"wrote {path} (mode 0600)")
+    click.echo(f"NATS user {user}")
+    click.echo(
+        f"send the NATS user (not the seed) to the roster custodian, who runs 'msmt keys "
+        f"accept-nats-user {account.upper()} {user}'"
+    )
+
+
+@keys_group.command(name="accept-nats-user")
+@click.argument("account")
+@click.argument("nkey")
+@_KEYDIR
+@click.option(
+    "--replace-nats-user",
+    is_flag=True,
+    help="Replace a different NATS user already recorded for ACCOUNT.",
+)
+def keys_accept_nats_user(account: str, nkey: str, keydir: Path, replace_nats_user: bool) -> None:
+    """Record NKEY (U...) as ACCOUNT's NATS user in <dir>/nats-users.json. Only AUDIT."""
+    done = natsusers.record_user(keydir, account.upper(), nkey, replace=replace_nats_user)
+    click.echo(f"{account.upper()}'s NATS user {done.outcome} in {done.path}")
+    if done.outcome == "added":
+        click.echo(
+            "regenerate the hub's configuration with 'msmt nats config' and start the hub, or "
+            "RESTART every hub server (one at a time) if it runs: the account is new"
+        )
+    elif done.outcome == "replaced":
+        click.echo(
+            "regenerate the hub's configuration with 'msmt nats config' and reload every hub "
+            "server (send it SIGHUP); the old user's connections are closed"
+        )
 
 
 @keys_group.command(name="verify-roster")
