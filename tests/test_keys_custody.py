@@ -456,3 +456,33 @@ def test_the_auditor_makes_its_nats_user_and_the_custodian_records_it(tmp_path: 
     config = msmt("nats", "config", "--keys", custodian, "--out", tmp_path / "hub.conf")
     assert config.exit_code == 0, config.output
     assert other in (tmp_path / "hub.conf").read_text()
+
+
+# --- 6. what the member is told to do with the fingerprint -------------------------------
+
+
+def test_the_request_says_whether_a_phone_call_is_needed(custodian: Path, tmp_path: Path) -> None:
+    gbr = tmp_path / "gbr"
+    first = request(gbr, "GBR", tmp_path / "first.json", "--first")
+    assert "read the fingerprint out to them by phone" in first.output
+    assert "no phone call" not in first.output
+    done = msmt(
+        "keys",
+        "accept",
+        tmp_path / "first.json",
+        "--dir",
+        custodian,
+        "--fingerprint",
+        fingerprint_of(first),
+    )
+    assert done.exit_code == 0, done.output
+    install_roster(custodian, gbr)
+    routine = request(gbr, "GBR", tmp_path / "routine.json")
+    assert (
+        "send the request to the roster custodian: no phone call is needed, since your current "
+        "key signed it (the custodian may still compare the fingerprint with you)"
+    ) in routine.output
+    assert "by phone" not in routine.output
+    # ... and indeed the custodian accepts it without one.
+    done = msmt("keys", "accept", tmp_path / "routine.json", "--dir", custodian)
+    assert done.exit_code == 0, done.output

@@ -189,10 +189,17 @@ def keys_request(
             "the fingerprint with you"
         )
     click.echo(f"fingerprint {made.fingerprint}")
-    click.echo(
-        "send the request to the roster custodian and read the fingerprint out to them by "
-        "phone; the node uses the new keys once you install the roster that lists them"
-    )
+    if made.endorsed_by is not None:
+        click.echo(
+            "send the request to the roster custodian: no phone call is needed, since your "
+            "current key signed it (the custodian may still compare the fingerprint with you); "
+            "the node uses the new keys once you install the roster that lists them"
+        )
+    else:
+        click.echo(
+            "send the request to the roster custodian and read the fingerprint out to them by "
+            "phone; the node uses the new keys once you install the roster that lists them"
+        )
 
 
 @keys_group.command(name="accept")
