@@ -22,6 +22,12 @@ _KEYDIR = click.option(
     show_default=True,
     help="The key directory.",
 )
+_AUTHORITY = click.option(
+    "--authority",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The pinned roster-authority public key (default: the one in the key directory).",
+)
 _VALID_DAYS = click.option(
     "--valid-days",
     type=click.IntRange(1, 3650),
@@ -127,12 +133,7 @@ def keys_authority(keydir: Path, audit: bool) -> None:
     default=None,
     help="Where to write the request (default: <dir>/<new sig kid>.request.json).",
 )
-@click.option(
-    "--authority",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="The pinned roster-authority public key (default: the one in the key directory).",
-)
+@_AUTHORITY
 @click.option(
     "--first",
     is_flag=True,
@@ -307,12 +308,7 @@ def keys_accept_nats_user(account: str, nkey: str, keydir: Path, replace_nats_us
 
 @keys_group.command(name="verify-roster")
 @_KEYDIR
-@click.option(
-    "--authority",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="The pinned roster-authority public key (default: the one in the key directory).",
-)
+@_AUTHORITY
 @click.option("--min-version", type=click.IntRange(0), default=0, help="Last version accepted.")
 def keys_verify_roster(keydir: Path, authority: Path | None, min_version: int) -> None:
     """Check the roster's signature and version, then list its keys."""
