@@ -94,7 +94,12 @@ class InboxLimits:
     max_age_days: float = 30.0
     max_bytes: int = INBOX_MAX_BYTES
     max_msg_size: int = 512 * 1024
-    duplicate_window_s: float = 24 * 3600.0
+    # Two minutes: the hub keeps every Nats-Msg-Id it saw for the whole window,
+    # outside any quota, and nothing bounds an id's size; a hostile member sending
+    # junk under 60 KB ids grew the hub by 131 MiB in 5 s, held for the old 24 h
+    # (red-team trial). A resend later than this reaches the receiver, which acks
+    # the same bytes again as a duplicate and stores nothing.
+    duplicate_window_s: float = 120.0
     replicas: int = 1
     ack_wait_s: float = 30.0
     max_ack_pending: int = 1024

@@ -185,7 +185,7 @@ def test_setup_twice_changes_nothing_and_shows_its_settings(hub: NatsServer, key
     for line in (
         "deny_delete = True",
         "deny_purge = True",
-        "duplicate_window = 86400s",
+        "duplicate_window = 120s",
         "max_msg_size = 524288",
         "max_bytes = 8388608",
         "discard = new",
