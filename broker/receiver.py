@@ -70,6 +70,9 @@ MAX_SKEW: Final = timedelta(minutes=5)
 HOLD_BACKOFF_MAX: Final = 15
 """A held message's delay doubles per delivery up to this many times ``hold_seconds``."""
 HOLD_LOG_EVERY_S: Final = 60.0
+REFUSALS_LOGGED_PER_MINUTE: Final = 60
+"""``inbound_rejected`` lines per sender per minute; the rest are counted (the audit log
+keeps every refusal). A hostile member's junk wrote 1,850 lines a second (red-team trial)."""
 """Held messages are logged at most this often per sender: each comes back many times."""
 MAX_HELD_PER_SENDER: Final = 64
 """Messages held at once per sender; more are refused. Ten partners' worth stays well
@@ -159,6 +162,8 @@ class Inbound:
         self.freshness = freshness
         self.max_message_bytes = max_message_bytes
         self._hold_log = Throttle(HOLD_LOG_EVERY_S)  # one warning per sender per period
+        # sender -> (start of its minute, lines logged in it, refusals not logged since).
+        self._refusal_lines: dict[str, tuple[float, int, int]] = {}
         # sender -> JWE hashes of its messages held now. Held messages stay unacked
         # at the hub, so they count against the consumer's max_ack_pending (1024):
         # a sender naming made-up keys could otherwise stall the whole inbox.
@@ -260,14 +265,19 @@ class Inbound:
         # that (a key this node refuses or cannot open), the one the header claims,
         # named as a claim: the sender's operator needs it for ``msmt node resend
         # --report``. The audit entry keeps only a vouched-for id.
+        named: dict[str, str | int]
         if report_id is not None:
             named = {"report_id": report_id}
         else:
             claimed = _claimed_report_id(data, self.max_message_bytes)
             named = {} if claimed is None else {"claimed_report_id": claimed}
-        log.warning(
-            "inbound_rejected", sender=source, step=step, reason=_printable(reason), **named
-        )
+        unlogged = self._log_refusal(source)
+        if unlogged is not None:
+            if unlogged:
+                named["unlogged_before"] = unlogged
+            log.warning(
+                "inbound_rejected", sender=source, step=step, reason=_printable(reason), **named
+            )
         return audit_events.rejected(
             self.member,
             now,
@@ -277,6 +287,19 @@ class Inbound:
             report_id=report_id,
             jwe_sha256=digest,
         )
+
+    def _log_refusal(self, sender: str) -> int | None:
+        # At most REFUSALS_LOGGED_PER_MINUTE lines per sender a minute. None: do not
+        # log this one (it is counted); else how many went unlogged before it.
+        now = time.monotonic()
+        start, logged, unlogged = self._refusal_lines.get(sender, (now, 0, 0))
+        if now - start >= 60.0:
+            start, logged = now, 0
+        if logged < REFUSALS_LOGGED_PER_MINUTE:
+            self._refusal_lines[sender] = (start, logged + 1, 0)
+            return unlogged
+        self._refusal_lines[sender] = (start, logged, unlogged + 1)
+        return None
 
     def _release(self, subject: str, digest: str) -> None:
         # A held message came back and was decided: its place is free again.

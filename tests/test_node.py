@@ -670,6 +670,32 @@ def usa_inbound(tmp_path: Path) -> Iterator[tuple[Any, Forger, Path]]:
         audit.close()
 
 
+def test_a_senders_junk_fills_neither_the_log_nor_hides_other_senders(
+    usa_inbound: tuple[Any, Forger, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A red-team member's junk wrote 1,850 inbound_rejected lines a second: per sender
+    # only REFUSALS_LOGGED_PER_MINUTE lines a minute; the audit log keeps every refusal.
+    from broker import receiver
+
+    make, _, path = usa_inbound
+    inbound = make(Store(path))
+    limit = receiver.REFUSALS_LOGGED_PER_MINUTE
+    junk = [("from.KOR.msmt.to.USA.vessel", b"junk %d" % i) for i in range(limit + 40)]
+    with capture_logs() as logs:
+        inbound.process(junk)
+        inbound.process([("from.JPN.msmt.to.USA.vessel", b"not an envelope")])
+        # A minute later KOR gets lines again, the first saying how many were not logged.
+        clock = time.monotonic() + 61
+        monkeypatch.setattr(time, "monotonic", lambda: clock)
+        inbound.process([("from.KOR.msmt.to.USA.vessel", b"more junk")])
+    lines = [e for e in logs if e["event"] == "inbound_rejected"]
+    assert [e["sender"] for e in lines] == ["KOR"] * limit + ["JPN", "KOR"]
+    assert "unlogged_before" not in lines[limit]  # JPN's first line: nothing went unlogged
+    assert lines[-1]["unlogged_before"] == 40
+    refused = [e for e in audit_entries(path.parent / "audit") if e["type"] == "rejected"]
+    assert len(refused) == limit + 40 + 2
+
+
 def test_store_failure_hands_the_batch_back_and_redelivery_stores_once(
     usa_inbound: tuple[Any, Forger, Path],
 ) -> None:
