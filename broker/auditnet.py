@@ -213,6 +213,9 @@ class AuditNet:
         self.interval = interval
         self.settled = settled
         self.last_error: str | None = None
+        self.alarm: str | None = None
+        """The latest alarm not yet taken by the node: kept apart from ``last_error``,
+        which a partner's junk on its own subject can overwrite within seconds."""
         self._last_warned: str | None = None
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(QUEUE_LIMIT)
         self._pending: dict[str, bytes] = {}
@@ -591,7 +594,7 @@ class AuditNet:
 
     def _alarm(self, kind: str, origin: str, detail: str) -> None:
         self.alarms.labels(kind=kind).inc()
-        self.last_error = detail[:300]
+        self.last_error = self.alarm = detail[:300]
         if self.throttle.due(kind, origin):
             log.error("audit_alarm", kind=kind, origin=origin, detail=detail[:300])
 

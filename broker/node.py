@@ -178,6 +178,7 @@ class Node:
         self._intakes: list[Intake] = []
         self._last_error = ""
         self._last_error_at = ""  # when it last happened, so a stale error reads as one
+        self._alarm_facts: dict[str, str] = {}  # an audit alarm not recorded yet
         self._last_condition = ""
         self._throttle = Throttle()
         self._last_logged = 0.0
@@ -651,20 +652,30 @@ class Node:
             if part is not None and part.last_error:
                 self._last_error, part.last_error = part.last_error, None
                 self._last_error_at = _utc_now_text()
+        if self.auditnet is not None and self.auditnet.alarm:
+            # Recorded once and kept across restarts (msmt status): a red-team
+            # member overwrote a fork alarm in last_error within 9 s.
+            self._alarm_facts = {
+                "last_audit_alarm": self.auditnet.alarm,
+                "last_audit_alarm_at": _utc_now_text(),
+            }
+            self.auditnet.alarm = None
         return counts
 
     async def _final_status(self) -> None:
         # After the connection is closed: the counts since the last tick, and a
         # status that no longer says "connected" for a node that has stopped.
+        counts = self._take_counts()
         facts = {
             "connected": "no",
             "inbox_lag": "unknown",
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,
             "updated_at": _utc_now_text(),
+            **self._alarm_facts,
         }
         try:
-            await self.run_db(self.store.record_status, self._take_counts(), facts)
+            await self.run_db(self.store.record_status, counts, facts)
         except MsmtError as exc:
             self._error(f"housekeeping: {exc}")
 
@@ -684,6 +695,9 @@ class Node:
         if status != self._status or counts or now - self._status_at >= STATUS_EVERY_S:
             self._status, self._status_at = status, now
             facts = {**status, "updated_at": _utc_now_text()}
+        if self._alarm_facts:
+            facts = {**(facts or {"updated_at": _utc_now_text()}), **self._alarm_facts}
+            self._alarm_facts = {}
         depth, checkpoint, recovered = await self.run_db(self._housekeep_sync, facts, counts)
         if recovered:
             self._plan_wake.set()

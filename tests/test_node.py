@@ -1074,6 +1074,21 @@ async def test_witness_raises_the_alarm_when_a_log_rewrites_its_history(world: W
         await await_for(alarmed, 30, "USA's alarm")
         # Housekeeping moves the alarm to the node's last error within a second.
         assert "JPN" in (usa.auditnet.last_error or usa._last_error or "")
+
+        def state() -> dict[str, str]:
+            store = world.store("USA")
+            try:
+                return store.state()
+            finally:
+                store.close()
+
+        # msmt status keeps it apart: a red-team member's junk on its own checkpoint
+        # subject replaced a fork alarm in last_error within 9 s.
+        await await_for(lambda: "JPN" in state().get("last_audit_alarm", ""), 10, "recorded")
+        usa.auditnet.last_error = "witness: junk from FRA"
+        await await_for(lambda: state().get("last_error") == "witness: junk from FRA", 10, "junk")
+        assert "JPN" in state()["last_audit_alarm"]
+        assert state()["last_audit_alarm_at"]
         assert "\u2014 USA " not in (jpn.audit.latest_checkpoint() or "")
     finally:
         usa.stop.set()

@@ -478,6 +478,10 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "last_error": state.get("last_error", ""),
         # When that error last happened: the node keeps showing it after recovery.
         "last_error_at": state.get("last_error_at", ""),
+        # A fork or rollback of a partner's log (or our own) ever seen: kept until
+        # the next replaces it, whatever fills last_error meanwhile.
+        "last_audit_alarm": state.get("last_audit_alarm", ""),
+        "last_audit_alarm_at": state.get("last_audit_alarm_at", ""),
         "updated_at": state.get("updated_at", ""),
     }
     if as_json:
