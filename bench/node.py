@@ -39,9 +39,10 @@ from broker import keys, samples
 from broker.config import load_config
 from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
-from broker.natsconfig import accounts_config, load_users
+from broker.natsconfig import accounts_config
 from broker.natsetup import setup_account
 from broker.natsproc import NatsServer, free_port
+from broker.natsusers import load_users
 from broker.node import load_node
 
 POLICY = """

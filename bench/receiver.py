@@ -64,7 +64,7 @@ from nats.js.api import RetentionPolicy
 from broker import keys
 from broker.config import load_config
 from broker.members import MEMBERS
-from broker.natsconfig import accounts_config, inbox_durable, inbox_stream, load_users
+from broker.natsconfig import accounts_config, inbox_durable, inbox_stream
 from broker.natsetup import (
     InboxLimits,
     connect_account,
@@ -74,6 +74,7 @@ from broker.natsetup import (
     inbox_stream_config,
     setup_account,
 )
+from broker.natsusers import load_users
 from broker.policy import load_policy
 from broker.publisher import Planner, Signer
 from broker.store import OutboxItem

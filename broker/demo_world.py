@@ -28,9 +28,10 @@ from broker.config import NodeConfig, load_config
 from broker.errors import MsmtError, UsageError
 from broker.intake import read_token, submit
 from broker.members import MEMBERS
-from broker.natsconfig import accounts_config, load_users
+from broker.natsconfig import accounts_config
 from broker.natsetup import setup_account
 from broker.natsproc import NatsServer, free_port
+from broker.natsusers import load_users
 from broker.policy import Policy, load_policy
 from broker.validation import parse_record
 

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker.errors import KeyMaterialError, UsageError
-from broker.keys import AUDIT_ACCOUNT, NATS_USERS_FILE, read_json
+from broker.keys import AUDIT_ACCOUNT, NATS_USERS_FILE
 from broker.members import MEMBERS, is_member
+from broker.natsusers import load_users
 
 SYS_ACCOUNT: Final = "SYS"
 AUDIT_STREAM: Final = "AUDIT_ARCHIVE"
@@ -278,14 +279,6 @@ def accounts_config(
     return (
         f"accounts: {json.dumps(accounts, indent=2)}\nsystem_account: {json.dumps(SYS_ACCOUNT)}\n"
     )
-
-
-def load_users(keydir: Path) -> dict[str, str]:
-    """Read ``nats-users.json`` (public nkeys only) from a key directory."""
-    data = read_json(keydir / NATS_USERS_FILE)
-    if not isinstance(data, dict):
-        raise KeyMaterialError(f"{keydir / NATS_USERS_FILE} is not a JSON object")
-    return data
 
 
 _HOST: Final = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")

@@ -34,9 +34,10 @@ from broker.auditlog import DB_FILE
 from broker.config import NodeConfig, load_config
 from broker.envelope import issue, present
 from broker.intake import ensure_token, submit
-from broker.natsconfig import accounts_config, inbox_stream, load_users
+from broker.natsconfig import accounts_config, inbox_stream
 from broker.natsetup import connect_account, setup_account
 from broker.natsproc import NatsServer, free_port
+from broker.natsusers import load_users
 from broker.policy import Policy, load_policy
 from broker.sightings import SightingModel, leaf_values
 from broker.store import Store

@@ -46,9 +46,10 @@ from broker.config import NodeConfig, load_config
 from broker.errors import ConfigError, UsageError
 from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
-from broker.natsconfig import accounts_config, inbox_stream, load_users
+from broker.natsconfig import accounts_config, inbox_stream
 from broker.natsetup import InboxLimits, connect_account, setup_account
 from broker.natsproc import NatsServer, make_cluster, start_cluster
+from broker.natsusers import load_users
 from broker.policy import Policy, load_policy
 from broker.store import Store
 from broker.validation import parse_record

@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from node_world import running_hub
 
-from broker import keys, natsconfig, natsetup
+from broker import keys, natsconfig, natsetup, natsusers
 from broker.errors import UsageError
 from broker.natsproc import NatsServer
 
@@ -308,7 +308,7 @@ async def test_witness_asks_a_log_for_a_proof_and_only_the_log_answers(connect: 
 
 def test_server_refuses_an_import_of_another_senders_slot(keydir: Path, tmp_path: Path) -> None:
     """account_token_position is what stops KOR from sending as JPN; the server enforces it."""
-    users = natsconfig.load_users(keydir)
+    users = natsusers.load_users(keydir)
     accounts = {m: natsconfig.member_account(m, users[m], MEMBERS3) for m in MEMBERS3}
     accounts["KOR"]["imports"].append(
         {"service": {"account": "USA", "subject": "from.JPN.msmt.to.USA.>"}, "to": "forge.>"}

@@ -28,7 +28,7 @@ from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
 from node_world import running_hub
 
-from broker import keys, natsconfig, natsetup
+from broker import keys, natsconfig, natsetup, natsusers
 from broker.errors import ConfigError
 from broker.members import MEMBERS
 from broker.natsproc import NatsServer
@@ -218,7 +218,7 @@ async def test_a_a_work_queue_inbox_is_refused_with_what_to_do(
 
 def test_b_every_account_has_a_bounded_file_quota_and_no_memory(keydir: Path) -> None:
     for replicas, quota in ((1, 256 * MiB), (3, 768 * MiB)):
-        text = natsconfig.accounts_config(natsconfig.load_users(keydir), replicas=replicas)
+        text = natsconfig.accounts_config(natsusers.load_users(keydir), replicas=replicas)
         accounts = json.loads(text.partition("accounts: ")[2].rpartition("system_account")[0])
         for name in MEMBERS3:
             assert accounts[name]["jetstream"] == {

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from node_world import fetch, msmt, running_hub, wait_for
 
-from broker import keys, natsconfig, natsetup
+from broker import keys, natsconfig, natsetup, natsusers
 from broker.cli import main
 from broker.errors import ConfigError, KeyMaterialError
 from broker.members import MEMBERS
@@ -120,7 +120,7 @@ def test_cli_config_refuses_a_listen_address_that_is_not_host_port(
 
 
 def test_every_member_user_has_least_privilege(keydir: Path) -> None:
-    users = natsconfig.load_users(keydir)
+    users = natsusers.load_users(keydir)
     for member in MEMBERS:
         account = natsconfig.member_account(member, users[member], MEMBERS)
         (user,) = account["users"]
@@ -242,7 +242,7 @@ def test_setup_against_a_port_nobody_listens_on_is_one_line_and_quick(keydir: Pa
 def test_three_server_hub_acks_a_cross_account_publish_on_an_r3_inbox(
     keydir: Path, tmp_path: Path
 ) -> None:
-    users = natsconfig.load_users(keydir)
+    users = natsusers.load_users(keydir)
     servers = make_cluster(tmp_path / "cluster", 3, natsconfig.accounts_config(users))
     start_cluster(servers)
     try:
@@ -286,7 +286,7 @@ async def _r3_round_trip(servers: list[NatsServer], keydir: Path) -> None:
 
 
 def test_config_is_plain_json_a_reader_can_audit(keydir: Path) -> None:
-    text = natsconfig.accounts_config(natsconfig.load_users(keydir))
+    text = natsconfig.accounts_config(natsusers.load_users(keydir))
     head, _, rest = text.partition("accounts: ")
     body, _, tail = rest.rpartition("system_account: ")
     assert head == ""

@@ -28,10 +28,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from node_world import MSMT, World, fetch, msmt, readyz, records_for, wait_for, write_node_config
 
 from broker import keys
-from broker.natsconfig import accounts_config, load_users
+from broker.natsconfig import accounts_config
 from broker.natsetup import setup_account
 from broker.natsproc import NatsServer
 from broker.natstls import CLI_NAMES, client_tls_context
+from broker.natsusers import load_users
 
 pytestmark = pytest.mark.integration
 
