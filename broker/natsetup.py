@@ -72,6 +72,11 @@ _STREAM_FIELDS: Final = (
     "deny_delete",
     "deny_purge",
     "allow_rollup_hdrs",
+    # Never set, so compared as absent: a member's user may edit its own inbox, and a
+    # red-team member added a source pulling another member's inbox (it stayed idle);
+    # setup puts the stream back.
+    "sources",
+    "mirror",
 )
 _CONSUMER_FIELDS: Final = (
     "durable_name",
@@ -190,7 +195,10 @@ class SetupResult:
     def lines(self) -> list[str]:
         """Human-readable lines: the action, then one ``setting = value`` per field."""
         head = f"{self.kind} {self.name}: {self.action}"
-        return [head, *(f"  {k} = {_show(k, v)}" for k, v in self.settings.items())]
+        return [
+            head,
+            *(f"  {k} = {_show(k, v)}" for k, v in self.settings.items() if v is not None),
+        ]
 
 
 def _show(field: str, value: Any) -> str:

@@ -9,9 +9,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from nats.js.api import ExternalStream, StreamSource
 from node_world import fetch, msmt, running_hub, wait_for
 
 from broker import keys, natsconfig, natsetup, natsusers
@@ -312,3 +314,41 @@ def test_keys_md_names_every_setting_the_hub_config_has_besides_the_accounts(
     # The file is nats-server syntax around one JSON value; the doc must not sell it as JSON.
     assert [s for s in settings if f"`{s}" not in doc] == []
     assert '`accounts: {...}` and `system_account: "SYS"`' in doc
+
+
+def test_setup_takes_away_a_source_a_member_added_to_its_own_inbox(
+    hub: NatsServer, keydir: Path
+) -> None:
+    # A member's user may edit its own inbox: a red-team member added a source pulling
+    # another member's inbox through its API prefix (it stayed idle). Setup undoes it.
+    base = ["nats", "setup", "--server", hub.url, "--keys", str(keydir), "--account", "FRA"]
+    base += ["--max-bytes", str(8 * 1024 * 1024)]
+    assert CliRunner().invoke(main, base).exit_code == 0
+
+    async def add_source() -> list[Any] | None:
+        seed = (keydir / "FRA" / keys.NATS_SEED_FILE).read_bytes().strip()
+        nc = await natsetup.connect_account(hub.url, "FRA", seed)
+        try:
+            js = nc.jetstream()
+            config = (await js.stream_info("INBOX_FRA")).config
+            config.sources = [
+                StreamSource(name="INBOX_JPN", external=ExternalStream(api="$JS.JPN.API"))
+            ]
+            return (await js.update_stream(config)).config.sources
+        finally:
+            await nc.close()
+
+    async def sources() -> list[Any] | None:
+        seed = (keydir / "FRA" / keys.NATS_SEED_FILE).read_bytes().strip()
+        nc = await natsetup.connect_account(hub.url, "FRA", seed)
+        try:
+            return (await nc.jetstream().stream_info("INBOX_FRA")).config.sources
+        finally:
+            await nc.close()
+
+    assert asyncio.run(add_source())  # the hub took it
+    again = CliRunner().invoke(main, base)
+    assert again.exit_code == 0, again.output
+    assert "stream INBOX_FRA: updated" in again.output
+    assert not asyncio.run(sources())
+    assert "stream INBOX_FRA: unchanged" in CliRunner().invoke(main, base).output
