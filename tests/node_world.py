@@ -271,6 +271,14 @@ class World:
         """``member``'s store, opened read-only; the caller closes it."""
         return Store(self.config(member).store_path, readonly=True)
 
+    def state(self, member: str) -> dict[str, str]:
+        """The status facts ``member``'s node last wrote (what ``msmt status`` reads)."""
+        store = self.store(member)
+        try:
+            return store.state()
+        finally:
+            store.close()
+
     def inbox_ids(self, member: str, sender: str) -> list[str]:
         """Report ids ``member``'s store holds from ``sender``."""
         return inbox_ids(self.config(member).store_path, sender)

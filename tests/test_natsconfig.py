@@ -346,7 +346,10 @@ def test_setup_takes_away_a_source_a_member_added_to_its_own_inbox(
         finally:
             await nc.close()
 
-    assert asyncio.run(add_source())  # the hub took it
+    added = asyncio.run(add_source())  # the hub took it
+    assert [(s.name, s.external.api if s.external else None) for s in added or []] == [
+        ("INBOX_JPN", "$JS.JPN.API")
+    ]
     again = CliRunner().invoke(main, base)
     assert again.exit_code == 0, again.output
     assert "stream INBOX_FRA: updated" in again.output
