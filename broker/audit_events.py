@@ -36,11 +36,12 @@ from broker.sightings import KINDS, TLP
 TLPS: Final = get_args(TLP)
 
 VERSION: Final = 1
-TYPES: Final = ("accepted", "sent", "received", "rejected", "key", "policy")
+TYPES: Final = ("accepted", "sent", "received", "rejected", "rejected_many", "key", "policy")
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 _DISCLOSURE: Final = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*(#[A-Za-z0-9_.:=-]{1,64})?")
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _REASON: Final = re.compile(r"[ -~]{1,200}")
+_INT_MAX: Final = 2**53 - 1  # I-JSON (RFC 7493): what every JSON parser reads exactly
 # Fields every type carries, and the extra fields each type must carry.
 _COMMON: Final = frozenset({"v", "seq", "prev", "type", "at", "member"})
 _FIELDS: Final[dict[str, frozenset[str]]] = {
@@ -60,6 +61,7 @@ _FIELDS: Final[dict[str, frozenset[str]]] = {
     ),
     "received": frozenset({"sender", "report_id", "kind", "fields", "jwe_sha256"}),
     "rejected": frozenset({"source", "step", "reason", "report_id", "jwe_sha256"}),
+    "rejected_many": frozenset({"source", "count", "steps"}),
     "key": frozenset({"action", "kid", "new_kid"}),
     "policy": frozenset({"policy_digest", "previous_digest"}),
 }
@@ -249,6 +251,35 @@ def rejected(
     return AuditEvent(fields)
 
 
+def rejected_many(
+    member: str, at: datetime, *, source: str, count: int, steps: Mapping[str, int]
+) -> AuditEvent:
+    """``count`` messages from ``source`` were rejected, ``steps[step]`` at each checklist step.
+
+    Written instead of one ``rejected`` entry each once ``source`` is over its
+    quota (``broker.receiver``): counts only, no report ids, hashes or reasons.
+    ``count`` is the sum of ``steps``, each at least 1.
+    """
+    if not isinstance(steps, Mapping) or not steps:
+        raise AuditError("audit bulk refusal steps must be a non-empty object")
+    counted = {_token(step, "step"): _positive(n, "step count") for step, n in steps.items()}
+    if _positive(count, "count") != sum(counted.values()):
+        raise AuditError("audit bulk refusal count is not the sum of its step counts")
+    fields = {
+        "source": _token(source, "source"),
+        "count": count,
+        "steps": dict(sorted(counted.items())),
+    }
+    return AuditEvent(_base("rejected_many", member, at) | fields)
+
+
+def _positive(value: object, what: str) -> int:
+    # ``bool`` is an ``int`` that compares equal to 1: refused, or True would pass for 1.
+    if type(value) is not int or not 1 <= value <= _INT_MAX:
+        raise AuditError(f"audit {what} must be an integer from 1 to 2**53-1")
+    return value
+
+
 def key_changed(
     member: str, at: datetime, *, action: str, kid: str, new_kid: str | None = None
 ) -> AuditEvent:
@@ -293,11 +324,15 @@ def parse_entry(data: bytes, seq: int) -> dict[str, Any]:
     """
     try:
         entry = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise AuditError("is not JSON") from None
     if not isinstance(entry, dict):
         raise AuditError("is not a JSON object")
-    if canonical.dumps(entry) != data:
+    try:
+        canonical_form = canonical.dumps(entry)
+    except ValueError:  # an integer beyond I-JSON's range, which RFC 8785 cannot write
+        raise AuditError("is not RFC 8785 canonical JSON") from None
+    if canonical_form != data:
         raise AuditError("is not RFC 8785 canonical JSON")
     if entry.get("v") != VERSION:
         raise AuditError(f"has unknown version {entry.get('v')!r}")
@@ -321,6 +356,7 @@ _BUILDERS: Final = {
     "sent": lambda m, at, f: sent(m, at, **f),
     "received": lambda m, at, f: received(m, at, **f),
     "rejected": lambda m, at, f: rejected(m, at, **f),
+    "rejected_many": lambda m, at, f: rejected_many(m, at, **f),
     "key": lambda m, at, f: key_changed(m, at, **f),
     "policy": lambda m, at, f: policy_changed(m, at, **f),
 }

@@ -30,7 +30,7 @@ def witness_verifier(key: Ed25519PrivateKey, name: str) -> Verifier:
 
 
 def event(i: int, member: str = MEMBER) -> ev.AuditEvent:
-    """A deterministic mix of every event type."""
+    """A deterministic mix of every event type (``rejected_many`` in every other round of 6)."""
     at = T0 + timedelta(seconds=i)
     rid = uuid.UUID(int=i)
     match i % 6:
@@ -61,8 +61,13 @@ def event(i: int, member: str = MEMBER) -> ev.AuditEvent:
                 jwe_sha256=digest(f"jwe{i}"),
             )
         case 3:
-            return ev.rejected(
-                member, at, source="GBR", step="signature", reason="signature does not verify"
+            steps = {"format": i - 1, "signature": 1}
+            return (
+                ev.rejected_many(member, at, source="GBR", count=i, steps=steps)
+                if i // 6 % 2
+                else ev.rejected(
+                    member, at, source="GBR", step="signature", reason="signature does not verify"
+                )
             )
         case 4:
             return ev.key_changed(

@@ -122,6 +122,8 @@ def test_entries_lists_a_verified_log_and_refuses_a_damaged_one(
     ]  # fmt: skip
     assert "released=vessel.imo,vessel.position#coarsen:0.1" in lines[1]
     assert "action=rotated  kid=JPN-sig-1  new_kid=JPN-sig-2" in lines[4]
+    assert lines[9].split()[2] == "rejected_many"
+    assert lines[9].endswith("count=9  source=GBR  steps=format:8,signature:1")
     code, out, err = _run(
         "audit", "entries", str(tmp_path), "--keys", str(keydir), "--type", "key", "--json"
     )

@@ -433,6 +433,70 @@ def test_parse_entry_refuses_a_well_formed_but_invalid_entry() -> None:
     assert parse_entry(rfc8785.dumps(good), 4) == good
 
 
+_MANY: dict[str, Any] = {"source": "KOR", "count": 5, "steps": {"size": 2, "format": 3}}
+
+
+def test_a_bulk_refusal_entry_round_trips_with_its_steps_sorted() -> None:
+    event = ev.rejected_many(MEMBER, T0, **_MANY)
+    data = event.seal(4, None)
+    assert b'"steps":{"format":3,"size":2}' in data
+    entry = parse_entry(data, 4)
+    assert entry == json.loads(data)
+    assert {k: entry[k] for k in _MANY} == _MANY
+    assert set(entry) - set(_MANY) == {"v", "seq", "prev", "type", "at", "member"}
+    assert entry["type"] in TYPES
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"count": 6}, "not the sum of its step counts"),
+        ({"count": 0}, "count must be an integer"),
+        ({"count": -5}, "count must be an integer"),
+        ({"count": "5"}, "count must be an integer"),
+        ({"count": 1.5}, "count must be an integer"),
+        ({"count": True, "steps": {"format": 1}}, "count must be an integer"),
+        ({"count": 2, "steps": {"format": True, "size": 1}}, "step count must be an integer"),
+        ({"count": 1, "steps": {"format": 1, "size": 0}}, "step count must be an integer"),
+        ({"count": 4, "steps": {"format": 5, "size": -1}}, "step count must be an integer"),
+        ({"steps": {"format": {"size": 5}}}, "step count must be an integer"),
+        ({"steps": {"format": "5"}}, "step count must be an integer"),
+        ({"steps": {}}, "non-empty object"),
+        ({"steps": [["format", 5]]}, "non-empty object"),
+        ({"steps": None}, "non-empty object"),
+        ({"steps": {"bad step": 5}}, "not a short identifier"),
+        ({"steps": {"s" * 65: 5}}, "not a short identifier"),
+        ({"source": "K O R"}, "not a short identifier"),
+        ({"source": None}, "not a valid 'rejected_many' entry"),
+        ({"member": "PRK"}, "not an MSMT member"),
+        ({"at": "2026-11-28T12:00:00+00:00"}, "canonical form"),
+    ],
+)
+def test_a_malformed_bulk_refusal_entry_is_refused(change: dict[str, Any], reason: str) -> None:
+    good = json.loads(ev.rejected_many(MEMBER, T0, **_MANY).seal(4, None))
+    with pytest.raises(AuditError, match=reason):
+        parse_entry(rfc8785.dumps(good | change), 4)
+
+
+def test_a_bulk_refusal_entry_with_other_fields_or_bytes_is_refused() -> None:
+    good = json.loads(ev.rejected_many(MEMBER, T0, **_MANY).seal(4, None))
+    data = rfc8785.dumps(good)
+    extra = good | {"report_id": None}
+    missing = {k: v for k, v in good.items() if k != "steps"}
+    for entry in (extra, missing):
+        with pytest.raises(AuditError, match="wrong fields for a 'rejected_many' entry"):
+            parse_entry(rfc8785.dumps(entry), 4)
+    for raw in (
+        data.replace(b'"count":5', b'"count":5.0'),  # equal as a number, not canonical
+        data.replace(b'"count":5', b'"count":' + str(2**64).encode()),  # beyond I-JSON
+        data.replace(b'"format":3', b'"format":3,"format":3'),  # a member twice
+    ):
+        with pytest.raises(AuditError, match="canonical"):
+            parse_entry(raw, 4)
+    with pytest.raises(AuditError, match="is not JSON"):
+        parse_entry(b"[" * 100_000 + b"]" * 100_000, 4)
+
+
 def test_threads_appending_and_reading_at_once_leave_a_valid_log(tmp_path: Path) -> None:
     # The daemon appends from worker threads while the proof service reads.
     log = build_log(tmp_path, KEY, [1])

@@ -165,7 +165,7 @@ AT = st.datetimes(
 
 
 @st.composite
-def events(draw: st.DrawFn) -> ev.AuditEvent:
+def events(draw: st.DrawFn) -> ev.AuditEvent:  # noqa: PLR0911 - one return per entry type
     member, at = draw(MEMBER), draw(AT)
     report_id = draw(st.uuids())
     kind = draw(st.sampled_from(KINDS))
@@ -204,6 +204,16 @@ def events(draw: st.DrawFn) -> ev.AuditEvent:
             reason=draw(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1)),
             report_id=draw(st.none() | st.just(report_id)),
             jwe_sha256=draw(st.none() | HEX64),
+        )
+    if which == "rejected_many":
+        step = st.from_regex(r"[A-Za-z0-9_.:-]{1,20}", fullmatch=True)
+        steps = draw(st.dictionaries(step, st.integers(1, 2**40), min_size=1, max_size=8))
+        return ev.rejected_many(
+            member,
+            at,
+            source=draw(st.from_regex(r"[A-Za-z0-9_.:-]{1,20}", fullmatch=True)),
+            count=sum(steps.values()),
+            steps=steps,
         )
     if which == "key":
         rotated = draw(st.booleans())

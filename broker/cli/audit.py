@@ -361,6 +361,8 @@ _NOT_SHOWN: frozenset[str] = frozenset({"v", "seq", "prev", "at", "type", "membe
 def _shown(value: object) -> str:
     if isinstance(value, list):
         return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):  # a bulk refusal's steps: step:count,...
+        return ",".join(f"{k}:{v}" for k, v in value.items()) or "-"
     return "-" if value is None else str(value)
 
 
@@ -384,7 +386,7 @@ def audit_entries(
     types: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """List a log's entries (accepted, sent, received, rejected, key, policy) after verifying it.
+    """List a log's entries (of every type: sent, received, rejected...) after verifying it.
 
     The log is verified first, as msmt audit verify does, and only the entries
     that rebuild the verified root are shown: a damaged log gets one line and
