@@ -14,9 +14,15 @@ each batch costs two fsynced commits. For each batch:
    hub's dedup window), it is acked without storing again;
 4. otherwise ``broker.envelope.receive`` runs its whole checklist, with the
    replay check against the store's seen-set (and the batch so far);
-5. the batch's audit entries (received and rejected) are appended durably,
-   then the verified reports are stored; only then are messages acked (good)
-   or terminated (bad, ``msg.term()`` so the consumer never stalls on them).
+5. the batch's audit entries are appended durably, then the verified reports
+   are stored; only then are messages acked (good) or terminated (bad,
+   ``msg.term()`` so the consumer never stalls on them). Each report stored
+   has its ``received`` entry. Each refusal is counted (``rejected.<step>``);
+   the first ``REFUSALS_LOGGED_PER_MINUTE`` of a source's refusals each minute
+   also get an ``inbound_rejected`` line and a ``rejected`` entry of their
+   own, and the rest of the source's refusals in the batch one
+   ``rejected_many`` entry (a count per step), so junk from a member cannot
+   grow the audit log by an entry per message.
    One failure is held instead (``nak`` with a growing delay, not audited): a
    key this node's roster does not list, until the message is too old, and at
    most ``MAX_HELD_PER_SENDER`` messages of one sender at a time.
@@ -70,10 +76,12 @@ MAX_SKEW: Final = timedelta(minutes=5)
 HOLD_BACKOFF_MAX: Final = 15
 """A held message's delay doubles per delivery up to this many times ``hold_seconds``."""
 HOLD_LOG_EVERY_S: Final = 60.0
-REFUSALS_LOGGED_PER_MINUTE: Final = 60
-"""``inbound_rejected`` lines per sender per minute; the rest are counted (the audit log
-keeps every refusal). A hostile member's junk wrote 1,850 lines a second (red-team trial)."""
 """Held messages are logged at most this often per sender: each comes back many times."""
+REFUSALS_LOGGED_PER_MINUTE: Final = 60
+"""Refusals per source a minute that get an ``inbound_rejected`` line and a ``rejected``
+audit entry of their own; the rest are counted, and folded into one ``rejected_many``
+entry per source and batch. A hostile member's junk was refused 1,850 times a second
+(red-team trial): a line and a 360-byte entry each, about 75 GB of audit log a day."""
 MAX_HELD_PER_SENDER: Final = 64
 """Messages held at once per sender; more are refused. Ten partners' worth stays well
 inside the consumer's ``max_ack_pending`` (1024), so a sender naming made-up keys
@@ -103,6 +111,40 @@ def attested_sender(subject: str, me: str) -> str:
     ):
         raise EnvelopeError("subject", "inbox subject is not from.<MEMBER>.msmt.to.<me>.<kind>")
     return parts[1]
+
+
+def _source(subject: str) -> str:
+    # Whom a refusal is counted against: the subject's sender if it is a member.
+    sender = _sender_field(subject)
+    return sender if is_member(sender) else "unknown"
+
+
+class RefusalQuota:
+    """Per source, the first ``per_minute`` refusals of each minute are told one by one.
+
+    A told refusal gets an ``inbound_rejected`` line and its own ``rejected``
+    audit entry; the rest are only counted (and folded into ``rejected_many``
+    entries). The minute starts at a source's first refusal after the last one
+    ended. ``clock`` is monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        # source -> (start of its minute, refusals told in it, refusals not told since).
+        self._windows: dict[str, tuple[float, int, int]] = {}
+
+    def take(self, source: str) -> int | None:
+        """``None`` if this refusal is over the quota, else how many went untold before it."""
+        now = self.clock()
+        start, told, untold = self._windows.get(source, (now, 0, 0))
+        if now - start >= 60.0:
+            start, told = now, 0
+        if told < self.per_minute:
+            self._windows[source] = (start, told + 1, 0)
+            return untold
+        self._windows[source] = (start, told, untold + 1)
+        return None
 
 
 def _sender_field(subject: str) -> str:
@@ -153,6 +195,7 @@ class Inbound:
         audit: AuditLog,
         freshness: timedelta,
         max_message_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.member = member
         self.decryption_keys = decryption_keys
@@ -162,8 +205,7 @@ class Inbound:
         self.freshness = freshness
         self.max_message_bytes = max_message_bytes
         self._hold_log = Throttle(HOLD_LOG_EVERY_S)  # one warning per sender per period
-        # sender -> (start of its minute, lines logged in it, refusals not logged since).
-        self._refusal_lines: dict[str, tuple[float, int, int]] = {}
+        self._refusals = RefusalQuota(REFUSALS_LOGGED_PER_MINUTE, clock)
         # sender -> JWE hashes of its messages held now. Held messages stay unacked
         # at the hub, so they count against the consumer's max_ack_pending (1024):
         # a sender naming made-up keys could otherwise stall the whole inbox.
@@ -184,6 +226,7 @@ class Inbound:
         now = datetime.now(UTC)
         result = BatchResult(actions=[])
         events: list[AuditEvent] = []
+        folded: dict[str, Counter[str]] = {}  # source -> refusals over its quota, by step
         batch_seen: set[tuple[str, str]] = set()  # (sender, jti) verified in this batch
         digests = [hashlib.sha256(data).hexdigest() for _, data in messages]
         # (sender, JWE hash) of what was stored before (one lookup for the whole
@@ -239,9 +282,17 @@ class Inbound:
                     events.append(event)
                 continue
             self._release(subject, digest)
-            events.append(self._refused(subject, data, digest, now, step, reason, report_id))
             result.rejected[step] += 1
             result.actions.append("term")
+            event = self._refused(subject, data, digest, now, step, reason, report_id, folded)
+            if event is not None:
+                events.append(event)
+        # In the same append as the batch's other entries: no message is terminated
+        # before the entry that accounts for it is durable.
+        events += [
+            audit_events.rejected_many(self.member, now, source=s, count=n.total(), steps=n)
+            for s, n in folded.items()
+        ]
         # Durable record first, then the store: a crash in between leaves an
         # audit entry that the redelivery repeats, never a stored report the log lacks.
         self.audit.append_many(events)
@@ -257,10 +308,18 @@ class Inbound:
         step: str,
         reason: str,
         report_id: str | None,
-    ) -> AuditEvent:
-        """Log a refused message and return its audit entry."""
-        source = subject.split(".")[1] if subject.count(".") >= 1 else "unknown"
-        source = source if is_member(source) else "unknown"
+        folded: dict[str, Counter[str]],
+    ) -> AuditEvent | None:
+        """Log a refused message and return its audit entry, or fold it if over its quota.
+
+        A refusal over its source's quota is only counted, in ``folded`` (source
+        -> step -> refusals), for the batch's ``rejected_many`` entries.
+        """
+        source = _source(subject)
+        unlogged = self._refusals.take(source)
+        if unlogged is None:
+            folded.setdefault(source, Counter())[step] += 1
+            return None
         # The report id once the signature vouched for it (a checked UUID); before
         # that (a key this node refuses or cannot open), the one the header claims,
         # named as a claim: the sender's operator needs it for ``msmt node resend
@@ -271,13 +330,11 @@ class Inbound:
         else:
             claimed = _claimed_report_id(data, self.max_message_bytes)
             named = {} if claimed is None else {"claimed_report_id": claimed}
-        unlogged = self._log_refusal(source)
-        if unlogged is not None:
-            if unlogged:
-                named["unlogged_before"] = unlogged
-            log.warning(
-                "inbound_rejected", sender=source, step=step, reason=_printable(reason), **named
-            )
+        if unlogged:
+            named["unlogged_before"] = unlogged
+        log.warning(
+            "inbound_rejected", sender=source, step=step, reason=_printable(reason), **named
+        )
         return audit_events.rejected(
             self.member,
             now,
@@ -287,19 +344,6 @@ class Inbound:
             report_id=report_id,
             jwe_sha256=digest,
         )
-
-    def _log_refusal(self, sender: str) -> int | None:
-        # At most REFUSALS_LOGGED_PER_MINUTE lines per sender a minute. None: do not
-        # log this one (it is counted); else how many went unlogged before it.
-        now = time.monotonic()
-        start, logged, unlogged = self._refusal_lines.get(sender, (now, 0, 0))
-        if now - start >= 60.0:
-            start, logged = now, 0
-        if logged < REFUSALS_LOGGED_PER_MINUTE:
-            self._refusal_lines[sender] = (start, logged + 1, 0)
-            return unlogged
-        self._refusal_lines[sender] = (start, logged, unlogged + 1)
-        return None
 
     def _release(self, subject: str, digest: str) -> None:
         # A held message came back and was decided: its place is free again.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -658,10 +659,16 @@ def usa_inbound(tmp_path: Path) -> Iterator[tuple[Any, Forger, Path]]:
     store_path = tmp_path / "usa.sqlite3"
     audit = AuditLog(tmp_path / "audit", "USA", signer)
 
-    def inbound(store: Store, lacking: Callable[[RosterKey], bool] = lambda _k: False) -> Inbound:
+    def inbound(
+        store: Store,
+        lacking: Callable[[RosterKey], bool] = lambda _k: False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Inbound:
         # ``lacking``: keys left out of USA's roster, as if it had not been rolled out yet.
         behind = Roster(k for k in roster if not lacking(k))
-        return Inbound("USA", usa.decryption, behind, store, audit, timedelta(hours=1), 1 << 20)
+        return Inbound(
+            "USA", usa.decryption, behind, store, audit, timedelta(hours=1), 1 << 20, clock
+        )
 
     world = World(tmp_path, keydir, NatsServer(workdir=tmp_path / "unused"))
     try:
@@ -671,29 +678,89 @@ def usa_inbound(tmp_path: Path) -> Iterator[tuple[Any, Forger, Path]]:
 
 
 def test_a_senders_junk_fills_neither_the_log_nor_hides_other_senders(
-    usa_inbound: tuple[Any, Forger, Path], monkeypatch: pytest.MonkeyPatch
+    usa_inbound: tuple[Any, Forger, Path],
 ) -> None:
-    # A red-team member's junk wrote 1,850 inbound_rejected lines a second: per sender
-    # only REFUSALS_LOGGED_PER_MINUTE lines a minute; the audit log keeps every refusal.
+    # A red-team member's junk was refused 1,850 times a second, each with a log line
+    # and a ~360-byte audit entry. Per source, REFUSALS_LOGGED_PER_MINUTE refusals a
+    # minute get both; the rest of a batch's are one rejected_many entry.
     from broker import receiver
 
     make, _, path = usa_inbound
-    inbound = make(Store(path))
+    clock = [1000.0]
+    inbound = make(Store(path), clock=lambda: clock[0])
     limit = receiver.REFUSALS_LOGGED_PER_MINUTE
-    junk = [("from.KOR.msmt.to.USA.vessel", b"junk %d" % i) for i in range(limit + 40)]
+    junk = [("from.KOR.msmt.to.USA.vessel", b"junk %d" % i) for i in range(200)]
     with capture_logs() as logs:
-        inbound.process(junk)
-        inbound.process([("from.JPN.msmt.to.USA.vessel", b"not an envelope")])
-        # A minute later KOR gets lines again, the first saying how many were not logged.
-        clock = time.monotonic() + 61
-        monkeypatch.setattr(time, "monotonic", lambda: clock)
-        inbound.process([("from.KOR.msmt.to.USA.vessel", b"more junk")])
+        first = inbound.process(junk)
+        other = inbound.process([("from.JPN.msmt.to.USA.vessel", b"not an envelope")])
+        clock[0] += 59.9  # the same minute: KOR's refusals are only folded
+        second = inbound.process(junk[:30])
+        clock[0] += 0.1  # a minute on: KOR's refusals are told one by one again
+        third = inbound.process(junk[:3])
+    assert first.actions == ["term"] * 200
+    assert first.rejected == {"format": 200}  # counted per message, whatever the log holds
+    assert (other.rejected, second.rejected, third.rejected) == (
+        {"format": 1},
+        {"format": 30},
+        {"format": 3},
+    )
+    entries = audit_entries(path.parent / "audit")
+    shape = [(e["type"], e["source"], e.get("count")) for e in entries]
+    assert shape == [
+        *[("rejected", "KOR", None)] * limit,
+        ("rejected_many", "KOR", 200 - limit),
+        ("rejected", "JPN", None),
+        ("rejected_many", "KOR", 30),
+        *[("rejected", "KOR", None)] * 3,
+    ]
+    assert entries[limit]["steps"] == {"format": 200 - limit}
     lines = [e for e in logs if e["event"] == "inbound_rejected"]
-    assert [e["sender"] for e in lines] == ["KOR"] * limit + ["JPN", "KOR"]
+    assert [e["sender"] for e in lines] == ["KOR"] * limit + ["JPN"] + ["KOR"] * 3
     assert "unlogged_before" not in lines[limit]  # JPN's first line: nothing went unlogged
-    assert lines[-1]["unlogged_before"] == 40
-    refused = [e for e in audit_entries(path.parent / "audit") if e["type"] == "rejected"]
-    assert len(refused) == limit + 40 + 2
+    assert lines[-3]["unlogged_before"] == 200 - limit + 30
+    assert "unlogged_before" not in lines[-1]
+
+
+def test_refusals_over_the_quota_are_folded_by_source_and_step_beside_good_reports(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    from broker import receiver
+
+    make, forger, path = usa_inbound
+    store = Store(path)
+    inbound = make(store, clock=lambda: 5.0)
+    limit = receiver.REFUSALS_LOGGED_PER_MINUTE
+    records = records_for("JPN", 3, seed=31)
+    good = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    kor = [("from.KOR.msmt.to.USA.vessel", b"junk %d" % i) for i in range(limit)]
+    kor += [("from.KOR.msmt.to.USA.vessel", b"A" * (2 << 20))] * 3  # over max_message_bytes
+    kor += [("from.KOR.msmt.to.USA.vessel.extra", b"junk")] * 4
+    kor += [("from.KOR.msmt.to.USA.vessel", b"\xff not ascii")] * 5
+    strangers = [("from.XYZ.msmt.to.USA.vessel", b"junk")] * (limit + 2)
+    batch = [good[0], *kor, good[1], *strangers, good[2]]
+    result = inbound.process(batch)
+    assert result.actions == (
+        ["ack"] + ["term"] * len(kor) + ["ack"] + ["term"] * len(strangers) + ["ack"]
+    )
+    assert result.rejected == {"format": limit + 5, "size": 3, "subject": 4 + limit + 2}
+    assert sorted(r.report_id for r in result.stored) == sorted(r["report_id"] for r in records)
+    assert store.inbox_count() == 3
+    entries = audit_entries(path.parent / "audit")
+    received = [e["report_id"] for e in entries if e["type"] == "received"]
+    assert sorted(received) == sorted(r["report_id"] for r in records)
+    told = Counter((e["source"], e["step"]) for e in entries if e["type"] == "rejected")
+    assert told == {("KOR", "format"): limit, ("unknown", "subject"): limit}
+    folded = [
+        (e["source"], e["count"], e["steps"]) for e in entries if e["type"] == "rejected_many"
+    ]
+    assert folded == [
+        ("KOR", 12, {"format": 5, "size": 3, "subject": 4}),
+        ("unknown", 2, {"subject": 2}),
+    ]
+    # One durable append for the whole batch: its one checkpoint covers every entry.
+    assert len(entries) == 3 + 2 * limit + 2
+    with sqlite3.connect(path.parent / "audit" / DB_FILE) as db:
+        assert [row[0] for row in db.execute("SELECT size FROM checkpoints")] == [len(entries)]
 
 
 def test_store_failure_hands_the_batch_back_and_redelivery_stores_once(
