@@ -21,7 +21,10 @@ Across logs:
 
 * every send has a receive with the same JWE hash in the partner's log, else it
   is ``undelivered`` (or ``rejected`` when the partner logged a rejection of it,
-  as it came from the sender);
+  as it came from the sender); when the partner's log also counts refusals of
+  the sender's messages in bulk (``rejected_many``, which name no message), the
+  finding says how many, at which steps and when, but not that this send was
+  one of them;
 * every receive has a send with the same JWE hash in the sender's log, else it
   is an ``unmatched-receive`` (the sender's log lost or never had the send);
 * a receive names the same sender, report, kind and disclosure keys as its
@@ -88,6 +91,31 @@ class Finding:
     detail: str
 
 
+@dataclass(slots=True)
+class BulkRefusals:
+    """What one log's ``rejected_many`` entries count of one source: how many, never which."""
+
+    count: int = 0
+    entries: int = 0
+    steps: Counter[str] = field(default_factory=Counter)
+    first: str = ""
+    """The earliest entry's ``at`` (RFC 3339 UTC to the second: text order is time order)."""
+    last: str = ""
+
+    def add(self, entry: Mapping[str, Any]) -> None:
+        """Count one ``rejected_many`` entry."""
+        self.count += entry["count"]
+        self.entries += 1
+        self.steps.update(entry["steps"])
+        self.first = min(self.first or entry["at"], entry["at"])
+        self.last = max(self.last, entry["at"])
+
+    def describe(self) -> str:
+        """``format 100, size 40; <first> to <last>``: at which steps, and when."""
+        steps = ", ".join(f"{step} {n}" for step, n in sorted(self.steps.items()))
+        return f"{steps}; {self.first} to {self.last}"
+
+
 @dataclass(frozen=True, slots=True)
 class Replay:
     """The result: exchanges in time order, the delivered-sends matrix, and findings."""
@@ -97,6 +125,8 @@ class Replay:
     findings: tuple[Finding, ...]
     unchecked_receipts: int = 0
     """Receipts from members whose logs were not given: nothing to check them against."""
+    bulk_refusals: Mapping[tuple[str, str], BulkRefusals] = field(default_factory=dict)
+    """(source, recipient) -> the refusals the recipient's log counts without naming them."""
 
     def statuses(self) -> Counter[str]:
         """How many sends ended in each status."""
@@ -172,6 +202,18 @@ class Replay:
                     "seq": e.seq,
                 }
                 for e in self.recovered()
+            ],
+            "bulk_refusals": [
+                {
+                    "source": source,
+                    "recipient": recipient,
+                    "count": b.count,
+                    "entries": b.entries,
+                    "steps": dict(sorted(b.steps.items())),
+                    "first": b.first,
+                    "last": b.last,
+                }
+                for (source, recipient), b in sorted(self.bulk_refusals.items())
             ],
         }
 
@@ -413,12 +455,14 @@ class _Index:
     ``sends`` holds each log's distinct versions of a ``sent`` entry (the first
     entry of each), ``receipts`` each log's first ``received`` entry (its
     repeats are checked against it where they are read), ``rejections`` every
-    ``rejected`` entry.
+    ``rejected`` entry; ``bulk`` the ``rejected_many`` entries, which name no
+    JWE, by (source, the log's member).
     """
 
     sends: dict[str, list[tuple[str, _Entry]]] = field(default_factory=dict)
     receipts: dict[str, list[tuple[str, _Entry]]] = field(default_factory=dict)
     rejections: dict[str, list[tuple[str, _Entry]]] = field(default_factory=dict)
+    bulk: dict[tuple[str, str], BulkRefusals] = field(default_factory=dict)
 
 
 def replay(
@@ -498,6 +542,7 @@ def replay(
         dict(matrix),
         tuple(f for f in findings if f.kind != "not-checked"),
         sum(f.kind == "not-checked" for f in findings),
+        index.bulk,
     )
 
 
@@ -628,15 +673,15 @@ def _send_status(
             )
     if refusals:
         return "rejected", str(refusals[-1]["step"])
-    findings.append(
-        Finding(
-            "undelivered",
-            member,
-            send["seq"],
-            send["report_id"],
-            f"sent to {partner}, which logged no receipt of this JWE",
+    detail = f"sent to {partner}, which logged no receipt of this JWE"
+    bulk = index.bulk.get((member, partner))
+    if bulk is not None:
+        # Counted refusals name no message: this send may be one of them, or lost.
+        detail += (
+            f"; {partner}'s log counts {bulk.count} refusals of {member}'s messages without"
+            f" naming them ({bulk.describe()}): this send may or may not be among them"
         )
-    )
+    findings.append(Finding("undelivered", member, send["seq"], send["report_id"], detail))
     return "undelivered", None
 
 
@@ -716,6 +761,8 @@ def _read_log(
                 findings.append(Finding("policy-chain", member, entry["seq"], None, problem))
         elif kind == "rejected" and entry["jwe_sha256"] is not None:
             _read_rejection(member, entry, received, refused, index, findings)
+        elif kind == "rejected_many":
+            index.bulk.setdefault((entry["source"], member), BulkRefusals()).add(entry)
 
 
 def _read_send(

@@ -1236,3 +1236,148 @@ def test_replay_refuses_a_log_swapped_after_it_was_verified(
     assert (code, out) == (1, "")
     assert err.startswith("msmt: error: JPN log ")
     assert "changed after it was verified" in err
+
+
+# --- refusals a node counted in bulk (rejected_many): counted, never matched to a send -----
+
+
+def _bulk(member: str, source: str, t: int, **steps: int) -> ev.AuditEvent:
+    at = T0 + timedelta(seconds=t)
+    return ev.rejected_many(member, at, source=source, count=sum(steps.values()), steps=steps)
+
+
+def test_bulk_refusals_are_told_beside_a_send_the_partner_never_named() -> None:
+    # USA received R1, refused R2 by name, and never named R3, while it counted
+    # refusals of JPN's messages (and KOR's, and an unknown source's) in bulk.
+    jpn = [_started("JPN", None, D_LOOSE)]
+    jpn += [_accepted("JPN", r, 0) for r in (R1, R2, R3)]
+    jpn += [_jpn_send(r, D_LOOSE) for r in (R1, R2, R3)]
+    jpn.append(_jpn_send(R3, D_LOOSE, partner="KOR"))
+    usa = [
+        _started("USA"),
+        _recv("USA", "JPN", R1, NARROW, 1),
+        _rejection("USA", "JPN", R2, _jwe_of(jpn[5]), 2, step="freshness"),
+        _bulk("USA", "JPN", 5, format=100, size=40),
+        _bulk("USA", "KOR", 6, format=7),
+        _bulk("USA", "unknown", 7, subject=2),
+        _bulk("USA", "JPN", 70, format=10),
+        _bulk("KOR", "JPN", 8, format=1000),  # KOR's entry in USA's log: its own finding
+    ]
+    kor = [_started("KOR")]
+    result = replay({"JPN": _entries(jpn), "USA": _entries(usa), "KOR": _entries(kor)}, BOTH)
+    statuses = {(e.recipient, e.report_id): e.status for e in result.exchanges}
+    assert statuses == {
+        ("USA", str(R1)): "delivered",
+        ("USA", str(R2)): "rejected",
+        ("USA", str(R3)): "undelivered",  # not "rejected": no entry names it
+        ("KOR", str(R3)): "undelivered",
+    }
+    assert [(f.kind, f.member, f.seq, f.detail) for f in result.findings] == [
+        (
+            "undelivered",
+            "JPN",
+            6,
+            "sent to USA, which logged no receipt of this JWE; USA's log counts 150 refusals"
+            " of JPN's messages without naming them (format 110, size 40;"
+            " 2026-11-28T12:00:05Z to 2026-11-28T12:01:10Z): this send may or may not be"
+            " among them",
+        ),
+        ("undelivered", "JPN", 7, "sent to KOR, which logged no receipt of this JWE"),
+        ("wrong-member", "USA", 7, "a rejected_many entry that names KOR, in USA's log"),
+    ]
+    bulk = {k: (b.count, b.entries, dict(b.steps)) for k, b in result.bulk_refusals.items()}
+    assert bulk == {
+        ("JPN", "USA"): (150, 2, {"format": 110, "size": 40}),
+        ("KOR", "USA"): (7, 1, {"format": 7}),
+        ("unknown", "USA"): (2, 1, {"subject": 2}),
+    }
+    # Not "refused at every send": nothing says R3 was refused.
+    assert [e.report_id for e in result.never_delivered()] == [str(R2)]
+    assert result.to_json()["bulk_refusals"] == [
+        {
+            "source": "JPN",
+            "recipient": "USA",
+            "count": 150,
+            "entries": 2,
+            "steps": {"format": 110, "size": 40},
+            "first": "2026-11-28T12:00:05Z",
+            "last": "2026-11-28T12:01:10Z",
+        },
+        {
+            "source": "KOR",
+            "recipient": "USA",
+            "count": 7,
+            "entries": 1,
+            "steps": {"format": 7},
+            "first": "2026-11-28T12:00:06Z",
+            "last": "2026-11-28T12:00:06Z",
+        },
+        {
+            "source": "unknown",
+            "recipient": "USA",
+            "count": 2,
+            "entries": 1,
+            "steps": {"subject": 2},
+            "first": "2026-11-28T12:00:07Z",
+            "last": "2026-11-28T12:00:07Z",
+        },
+    ]
+    text = render_tables(result, ["JPN", "KOR", "USA"])
+    assert (
+        "Refused in bulk, counted without naming the messages (source -> recipient)\n"
+        "  JPN -> USA  150 refusals (format 110, size 40;"
+        " 2026-11-28T12:00:05Z to 2026-11-28T12:01:10Z) in 2 entries\n"
+        "  KOR -> USA  7 refusals (format 7; 2026-11-28T12:00:06Z to 2026-11-28T12:00:06Z)"
+        " in 1 entry\n"
+        "  unknown -> USA  2 refusals (subject 2;"
+        " 2026-11-28T12:00:07Z to 2026-11-28T12:00:07Z) in 1 entry\n"
+    ) in text
+
+
+def _jwe_of(send: ev.AuditEvent) -> str:
+    return str(send.fields["jwe_sha256"])
+
+
+def test_bulk_refusals_alone_are_no_finding_and_show_in_every_output(tmp_path: Path) -> None:
+    # Real logs: a clean exchange, then USA's node counts junk from KOR in bulk.
+    dirs = _run_world(tmp_path / "logs")
+    _append(dirs[1], "USA", [_bulk("USA", "KOR", 9, format=140), _bulk("USA", "KOR", 10, size=3)])
+    code, out, err = _replay(tmp_path, dirs, "--json")
+    assert (code, err) == (0, "")
+    report = json.loads(out)
+    assert report["findings"] == []
+    assert report["bulk_refusals"] == [
+        {
+            "source": "KOR",
+            "recipient": "USA",
+            "count": 143,
+            "entries": 2,
+            "steps": {"format": 140, "size": 3},
+            "first": "2026-11-28T12:00:09Z",
+            "last": "2026-11-28T12:00:10Z",
+        }
+    ]
+    # KOR's named refusal is still the send's status; the counted ones change nothing.
+    statuses = {(e["sender"], e["recipient"]): e["status"] for e in report["exchanges"]}
+    assert statuses[("KOR", "USA")] == "rejected"
+    code, out, _ = _replay(tmp_path / "again", dirs)
+    assert code == 0
+    assert (
+        "  KOR -> USA  143 refusals (format 140, size 3;"
+        " 2026-11-28T12:00:09Z to 2026-11-28T12:00:10Z) in 2 entries"
+    ) in out
+    assert "none: every send and receive reconciles" in out
+    code, listed, err = _run_cli(
+        "audit", "entries", str(dirs[1]), "--type", "rejected_many", "--log-key",
+        log_verifier(KEYS["USA"], "USA").vkey(),
+    )  # fmt: skip
+    assert (code, err) == (0, "")
+    assert [line.split()[2:] for line in listed.splitlines()] == [
+        ["rejected_many", "count=140", "source=KOR", "steps=format:140"],
+        ["rejected_many", "count=3", "source=KOR", "steps=size:3"],
+    ]
+
+
+def _run_cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr

@@ -532,6 +532,7 @@ def render_tables(result: Replay, members: list[str], *, show_fields: bool = Fal
     for s in senders:
         cells = ("    -" if s == r else f"{result.matrix.get((s, r), 0):>5}" for r in recipients)
         lines.append(f"  {s}  " + " ".join(cells))
+    lines += _bulk_lines(result)
     # Not findings: both logs agree, but the recipient does not hold these reports.
     lines += _exchange_lines(
         "Refused at every send ({n}; msmt node resend --report sends again)",
@@ -564,6 +565,19 @@ def render_tables(result: Replay, members: list[str], *, show_fields: bool = Fal
             " whose other side's log was not given"
         )
     return "\n".join(lines)
+
+
+def _bulk_lines(result: Replay) -> list[str]:
+    """Refusals a recipient counted without naming them (``rejected_many``), per source."""
+    if not result.bulk_refusals:
+        return []
+    lines = ["", "Refused in bulk, counted without naming the messages (source -> recipient)"]
+    for (source, recipient), bulk in sorted(result.bulk_refusals.items()):
+        entries = "1 entry" if bulk.entries == 1 else f"{bulk.entries} entries"
+        lines.append(
+            f"  {source} -> {recipient}  {bulk.count} refusals ({bulk.describe()}) in {entries}"
+        )
+    return lines
 
 
 def _count(n: int, noun: str) -> str:
