@@ -385,6 +385,13 @@ def audit_entries(audit_dir: Path) -> list[dict[str, Any]]:
 
 
 def audit_rejections(config: NodeConfig) -> Counter[str]:
-    """Rejections in the audit log of the node ``config`` describes, by checklist step."""
+    """Rejections in the audit log of the node ``config`` describes, by checklist step.
+
+    Each ``rejected`` entry counts one; a ``rejected_many`` entry its counts per step.
+    """
     entries = audit_entries(config.audit_dir)
-    return Counter(e["step"] for e in entries if e["type"] == "rejected")
+    found = Counter(e["step"] for e in entries if e["type"] == "rejected")
+    for e in entries:
+        if e["type"] == "rejected_many":
+            found.update(e["steps"])
+    return found

@@ -8,6 +8,7 @@ this process so that ``capture_logs`` sees every log event they emit.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import sqlite3
 import time
@@ -401,6 +402,32 @@ def forge_bad(  # noqa: PLR0911 - one return per checklist step
     return forger.envelope(kor_record)[0].encode(), kor_record["kind"]
 
 
+JUNK_PER_RECORD = 6
+
+
+def assert_refusals_bounded(config: NodeConfig, refused: int) -> None:
+    """The refusals' audit entries: 60 told a minute, the rest one entry per batch.
+
+    Minutes are read from the entries' own times (to the second) and batches from
+    the log's checkpoints (one per durable append), so no timing is assumed.
+    """
+    from broker.receiver import REFUSALS_LOGGED_PER_MINUTE as PER_MINUTE
+
+    entries = audit_entries(config.audit_dir)
+    told = [e for e in entries if e["type"] == "rejected"]
+    folded = [e for e in entries if e["type"] == "rejected_many"]
+    assert {e["source"] for e in told + folded} == {"JPN"}
+    assert len(told) + sum(e["count"] for e in folded) == refused
+    times = [datetime.fromisoformat(e["at"]) for e in told + folded]
+    minutes = int((max(times) - min(times)).total_seconds() + 1) // 60 + 1
+    assert PER_MINUTE <= len(told) <= PER_MINUTE * minutes
+    with sqlite3.connect(config.audit_dir / DB_FILE) as db:
+        ends = [row[0] for row in db.execute("SELECT size FROM checkpoints ORDER BY size")]
+    batches = [bisect.bisect_right(ends, e["seq"]) for e in folded]
+    assert len(batches) == len(set(batches))  # at most one folded entry per batch
+    assert len(told) + len(folded) <= PER_MINUTE * minutes + len(ends)
+
+
 async def test_flood_of_bad_messages_mixed_with_good_ones(world: World) -> None:
     _, _ = batch_world(world)
     world.start("USA", MSMT_MAX_MESSAGE_BYTES="16384", MSMT_FRESHNESS_SECONDS="3600")
@@ -425,6 +452,10 @@ async def test_flood_of_bad_messages_mixed_with_good_ones(world: World) -> None:
     redelivered = 0
     for i, record in enumerate(good_records):
         rid = record["report_id"]
+        # A hostile member's junk among it all (red-team trial): each piece is refused
+        # and counted, but past 60 a minute only counted in the audit log.
+        for j in range(JUNK_PER_RECORD):
+            add_bad("format", b"junk %d" % (i * JUNK_PER_RECORD + j), "vessel")
         if i % 6 == 0:
             add_good(record)
             # The same report again under another message id: same jti, new bytes.
@@ -489,6 +520,9 @@ async def test_flood_of_bad_messages_mixed_with_good_ones(world: World) -> None:
         k.removeprefix("rejected."): v for k, v in final.items() if k.startswith("rejected.")
     } == bad
     assert audit_rejections(usa) == bad
+    assert_refusals_bounded(usa, sum(bad.values()))
+    assert await consumer_counts(world, "USA") == (0, 0)  # every message acked or terminated
+    assert await world.stream_messages("USA") == 0
     text = await asyncio.to_thread(fetch, f"http://127.0.0.1:{usa.metrics.port}/metrics")
     for step, n in bad.items():
         assert f'msmt_rejected_total{{reason="{step}"}} {float(n)}' in text
