@@ -450,7 +450,7 @@ def audit_replay(
     naming the log and the entry. Findings (docs/AUDIT.md):
 
     \b
-    undelivered          a send the partner's log neither received nor rejected
+    undelivered          a send the partner's log neither received nor rejected by name
     unmatched-receive    a receipt with no send of that JWE in the sender's log
     mismatch             a receipt naming another sender, report, kind or keys
     over-disclosure      a key the sender's policy does not release (in that form)
