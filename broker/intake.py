@@ -429,7 +429,8 @@ def make_app(intake: Intake, token: str) -> web.Application:
         scheme, _, credentials = given[0].partition(" ")
         if scheme.lower() != "bearer":
             return refuse("not a Bearer token")
-        if not hmac.compare_digest(credentials.encode(), expected):
+        # surrogateescape: header bytes that are not UTF-8 compare as the bytes sent.
+        if not hmac.compare_digest(credentials.encode("utf-8", "surrogateescape"), expected):
             return refuse("wrong token")
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)

@@ -178,6 +178,33 @@ async def test_bearer_scheme_any_case_one_header_and_a_named_challenge(tmp_path:
         store.close()
 
 
+async def test_a_token_with_bytes_that_are_not_utf8_is_refused_not_a_server_error(
+    tmp_path: Path,
+) -> None:
+    # aiohttp decodes header bytes with surrogateescape; encoding them back
+    # strictly raised, and the feed got HTTP 500 from a traceback.
+    store = Store(tmp_path / "s.db")
+    intake = make_intake(store)
+    token = ensure_token(tmp_path / "data" / "intake.token")
+    sock = tmp_path / "data" / "intake.sock"
+    runner = await serve_unix(make_app(intake, token), sock)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(
+            b"POST /v1/reports HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer \xff\xfe"
+            + token.encode()
+            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+    finally:
+        await runner.cleanup()
+        store.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
+    assert intake.counts == {"token": 1}
+
+
 async def test_a_burst_of_feeds_connecting_at_once_is_queued_not_refused(tmp_path: Path) -> None:
     # A unix-socket connect beyond the listen backlog fails at once with EAGAIN
     # instead of waiting. The loop does not run between these connects, so none
