@@ -657,6 +657,31 @@ def _file_away(path: Path, target: Path, results: bytes) -> str:
 # --- the client side, for ``msmt submit`` ---------------------------------------
 
 
+class RecordCount:
+    """Counts the records in a byte stream as the node counts them: its non-blank lines.
+
+    (A line of only spaces longer than the record limit is one the node answers
+    ``size`` and this does not count; more answers than counted is no loss.)
+    """
+
+    def __init__(self) -> None:
+        self.records = 0
+        self._open = False  # the current line has more than whitespace
+
+    def feed(self, chunk: bytes) -> None:
+        """Count the lines that ``chunk`` completes."""
+        *ended, rest = chunk.split(b"\n")
+        for piece in ended:
+            self.records += self._open or bool(piece.strip())
+            self._open = False
+        self._open = self._open or bool(rest.strip())
+
+    def finish(self) -> None:
+        """Count a last line without a newline."""
+        self.records += self._open
+        self._open = False
+
+
 async def submit(
     socket: Path,
     token: str,
@@ -666,10 +691,11 @@ async def submit(
     """Stream NDJSON chunks to a node's intake socket; call ``on_answer`` per answer line.
 
     Raises ``UsageError`` if the node cannot be reached, refuses the token, or
-    ends its answers before it has read every chunk (it is stopping): records
-    without an answer were not accepted.
+    ends its answers before it has answered every record sent (it is stopping):
+    records without an answer were not accepted.
     """
     sent_all = False
+    sent = RecordCount()
 
     async def body() -> AsyncIterator[bytes]:
         # Set before the body's end goes out, so before the node can see it and
@@ -677,7 +703,9 @@ async def submit(
         # was cut short.
         nonlocal sent_all
         async for chunk in chunks:
+            sent.feed(chunk)
             yield chunk
+        sent.finish()
         sent_all = True
 
     connector = aiohttp.UnixConnector(path=str(socket))
@@ -698,13 +726,18 @@ async def submit(
                 raise UsageError(f"the node at {socket} refused the intake token")
             if resp.status != 200:
                 raise UsageError(f"the node at {socket} answered HTTP {resp.status}")
+            answered = 0
             async for line in resp.content:
                 if line.strip():
+                    answered += 1
                     on_answer(json.loads(line))
-            if not sent_all:
+            # All sent is not all read: a node that stops (or ends the request
+            # otherwise) after the last bytes went out leaves the rest unanswered.
+            if not sent_all or answered < sent.records:
                 raise UsageError(
-                    f"the node at {socket} stopped before reading all records:"
-                    " those without an answer were not accepted; send them again"
+                    f"the node at {socket} ended the request before answering every record"
+                    " (is it stopping?): those without an answer were not accepted; send them"
+                    " again"
                 )
     except aiohttp.ClientConnectorError as exc:
         # aiohttp's own text names "ssl:default" and the host; the OS reason is what helps.

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,8 +27,10 @@ from broker.intake import (
     Line,
     LineSplitter,
     Oversize,
+    RecordCount,
     Refusal,
     Spool,
+    answer_bytes,
     ensure_token,
     make_app,
     read_token,
@@ -79,6 +82,64 @@ def test_splitter_lines_do_not_depend_on_chunking(lines: list[bytes], data: st.D
         elif line.strip():
             expected.append((number, line.rstrip(b"\r")))
     assert out == expected
+
+
+@given(
+    st.lists(st.sampled_from([b"", b" ", b"\t\r", b"{}", b" x ", b"\r"]), max_size=20),
+    st.data(),
+)
+def test_the_client_counts_the_records_the_node_answers(
+    lines: list[bytes], data: st.DataObject
+) -> None:
+    # msmt submit compares its count with the answers: it must count exactly the
+    # lines the node's splitter hands on (those within the limit).
+    stream = b"\n".join(lines)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    count = RecordCount()
+    splitter = LineSplitter(max_bytes=65536)
+    answered = 0
+    prev = 0
+    for cut in [*cuts, len(stream)]:
+        count.feed(stream[prev:cut])
+        answered += len(splitter.feed(stream[prev:cut]))
+        prev = cut
+    count.finish()
+    answered += len(splitter.finish())
+    assert count.records == answered
+
+
+async def test_submit_fails_when_the_node_answers_fewer_records_than_were_sent(
+    tmp_path: Path,
+) -> None:
+    # All sent is not all read: a node that stops once the last bytes are in its
+    # socket buffer answers what it read, and msmt submit exited 0 for the rest.
+    # A stand-in node that reads the whole request and answers its first record.
+    async def answer_one(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        response = web.StreamResponse()
+        await response.prepare(request)
+        report_id = json.loads(body.splitlines()[0])["report_id"]
+        await response.write(
+            answer_bytes([{"line": 1, "status": "accepted", "report_id": report_id}])
+        )
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/reports", answer_one)
+    sock = tmp_path / "node.sock"
+    runner = await serve_unix(app, sock)
+    answers: list[dict[str, Any]] = []
+    try:
+        with pytest.raises(UsageError, match="ended the request before answering every record"):
+            await submit(
+                sock, "token", chunks_of(ndjson(jpn_records(2)) + b"\n \n"), answers.append
+            )
+        # Blank lines get no answer, so one record is all answered.
+        await submit(sock, "token", chunks_of(ndjson(jpn_records(1)) + b"\n \n"), answers.append)
+    finally:
+        await runner.cleanup()
+    assert [a["line"] for a in answers] == [1, 1]
 
 
 async def test_process_answers_every_line_in_order(tmp_path: Path) -> None:
@@ -784,7 +845,7 @@ async def test_a_stop_ends_a_request_waiting_for_more_records_with_its_answers(
     try:
         await asyncio.wait_for(first.wait(), 30)
         await runner.cleanup()
-        with pytest.raises(UsageError, match="stopped before reading all records"):
+        with pytest.raises(UsageError, match="ended the request before answering every record"):
             await asyncio.wait_for(feeding, 30)
     finally:
         feeding.cancel()
