@@ -232,6 +232,11 @@ class NodeConfig(_Section):
         return self.intake.token_file or self.data_dir / "intake.token"
 
     @property
+    def feeds_path(self) -> Path:
+        """The named feeds' token hashes (``msmt feeds``): ``<data_dir>/intake-feeds.json``."""
+        return self.data_dir / "intake-feeds.json"
+
+    @property
     def spool_path(self) -> Path:
         """The spool directory (default ``<data_dir>/spool``)."""
         return self.intake.spool_dir or self.data_dir / "spool"

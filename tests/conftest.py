@@ -42,6 +42,7 @@ BESIDE_THE_SUITE = frozenset(
         "test_config",
         "test_envelope",
         "test_envelope_interop",
+        "test_feeds",
         "test_field_check",
         "test_identifiers",
         "test_jose",

@@ -35,9 +35,9 @@ def main() -> None:
 def _register() -> None:
     # Imported here so each command family stays in its own module and the
     # group is assembled in one place.
-    from broker.cli import audit, data, demo, export, keys, node, policy  # noqa: PLC0415
+    from broker.cli import audit, data, demo, export, feeds, keys, node, policy  # noqa: PLC0415
 
-    for module in (data, keys, policy, node, audit, export, demo):
+    for module in (data, keys, policy, node, feeds, audit, export, demo):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -33,6 +33,8 @@ from broker.errors import (
     StoreError,
     UsageError,
 )
+from broker.feeds import FEED_COUNTER
+from broker.feeds import usage as feed_usage
 from broker.intake import read_token, submit
 from broker.keys import MemberKeys, load_member_keys, load_pinned_roster
 from broker.log import LEVELS as LOG_LEVELS
@@ -116,7 +118,7 @@ def node_resend(
     sent_until = None if until is None else rfc3339("--until", until).timestamp()
     if sent_from is not None and sent_until is not None and sent_until <= sent_from:
         raise UsageError(f"--until {until} is not after --since {since}")
-    store = _open_store(config, write=True)
+    store = open_store(config, write=True)
     try:
         queued, missing = store.queue_resend(
             to, sent_from=sent_from, sent_until=sent_until, report_ids=report_ids
@@ -149,16 +151,23 @@ async def _read_chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
 @_CONFIG
 @click.argument("file", default="-", metavar="[FILE|-]")
 @click.option("--quiet", "-q", is_flag=True, help="Print only rejected records and the summary.")
-def submit_cmd(config_path: Path, file: str, quiet: bool) -> None:
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A named feed's token (msmt feeds add --out); default: the node's intake.token.",
+)
+def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | None) -> None:
     """Send NDJSON sightings to the local node; print one answer line per record.
 
-    Exit 0 when every record was accepted or was a duplicate (accepted before:
-    a feed may resend safely), 1 when any was refused otherwise (schema, size,
-    conflict, unavailable), 2 when the node could not be reached or stopped
-    before answering every record.
+    With ``--token-file`` the records come from that named feed, and the audit
+    log says so (``socket:NAME``). Exit 0 when every record was accepted or was
+    a duplicate (accepted before: a feed may resend safely), 1 when any was
+    refused otherwise (schema, size, conflict, unavailable), 2 when the node
+    could not be reached, refused the token, or stopped before answering every
+    record.
     """
     config = _config(config_path)
-    token = read_token(config.token_path)
+    token = read_token(token_file or config.token_path)
     counts = {"accepted": 0, "rejected": 0}
     duplicates = 0
 
@@ -183,7 +192,8 @@ def submit_cmd(config_path: Path, file: str, quiet: bool) -> None:
     sys.exit(1 if counts["rejected"] > duplicates else 0)
 
 
-def _open_store(config: NodeConfig, *, write: bool = False) -> Store:
+def open_store(config: NodeConfig, *, write: bool = False) -> Store:
+    """The node's store (read-only unless ``write``); ``UsageError`` if it is not this member's."""
     require_store(config.store_path)
     # The node refuses another member's data directory (its audit log's origin);
     # reading one here would show that member's reports under this member's name.
@@ -284,7 +294,7 @@ def inbox_list(config_path: Path, sender: str | None, limit: int, as_json: bool)
             raise UsageError(f"--from: unknown member {sender!r} (members: {', '.join(MEMBERS)})")
         sender = sender.upper()
     config = _config(config_path)
-    store = _open_store(config)
+    store = open_store(config)
     entries = store.inbox(sender=sender, limit=limit)
     revoked = _revoked_signers(config, entries)
     if len(entries) == limit and store.inbox_count(sender) > limit:
@@ -315,7 +325,7 @@ def inbox_show(config_path: Path, report_id: str) -> None:
     originator signed it with (see ``msmt inbox list``).
     """
     config = _config(config_path)
-    entries = _open_store(config).inbox_entry(report_id)
+    entries = open_store(config).inbox_entry(report_id)
     if not entries:
         raise UsageError(f"no received report {report_id}")
     revoked = _revoked_signers(config, entries)
@@ -334,7 +344,7 @@ def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> Non
     and nothing else. ``msmt audit evidence FILE --keys DIR`` checks it.
     """
     config = _config(config_path)
-    store = _open_store(config)
+    store = open_store(config)
     entries = store.inbox_entry(report_id)
     if sender is not None:
         entries = [e for e in entries if e.sender == sender.upper()]
@@ -387,7 +397,7 @@ def inbox_check_cmd(config_path: Path) -> None:
     1 with one line per problem. The log itself: msmt audit verify.
     """
     config = _config(config_path)
-    store = _open_store(config)
+    store = open_store(config)
     receipts = []
     log = load(config.audit_dir)
     for seq, data in enumerate(log.entries(0, 1 << 62)):
@@ -454,14 +464,17 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     whether the file on disk is still that policy (an edit applies at restart).
     ``received`` is how many reports the inbox holds now (what ``inbox list`` lists).
     ``outbox`` splits ``outbox_depth`` by partner (``unplanned`` has none yet), with
-    the acceptance time of the oldest report waiting for each.
+    the acceptance time of the oldest report waiting for each. ``feeds`` counts
+    records accepted and rejected by feed (``socket``: intake.token, ``spool``,
+    ``socket:NAME``: a named feed) and says when each last sent any.
     """
     config = _config(config_path)
-    store = _open_store(config)
+    store = open_store(config)
     state = store.state()
     roster = state.get("roster_version", "unknown")
     in_force = state.get("policy_digest", "unknown")
     depth = store.outbox_depth()
+    counters = store.counters()
     status: dict[str, Any] = {
         "member": config.member,
         "roster_version": int(roster) if roster.isdecimal() else roster,
@@ -474,7 +487,9 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "outbox": _outbox(store, depth),
         "inbox_lag": state.get("inbox_lag", "unknown"),
         "received": store.inbox_count(),
-        "counters": dict(sorted(store.counters().items())),
+        "counters": {k: v for k, v in sorted(counters.items()) if not k.startswith(FEED_COUNTER)},
+        # By feed: socket (intake.token), spool, and socket:NAME for each named feed.
+        "feeds": feed_usage(counters, state),
         "last_error": state.get("last_error", ""),
         # When that error last happened: the node keeps showing it after recovery.
         "last_error_at": state.get("last_error_at", ""),
@@ -491,6 +506,10 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         if key == "outbox":
             for name, line in _outbox_lines(value):
                 click.echo(f"  {name:<28} {line}")
+        elif key == "feeds":
+            click.echo("feeds")
+            for name, figures in value.items():
+                click.echo(f"  {name:<28} {feed_line(figures)}")
         elif isinstance(value, dict):
             # A header, so the indented lines below are not read as the line above's.
             click.echo(key.replace("_", " "))
@@ -498,6 +517,16 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
                 click.echo(f"  {name:<28} {item}")
         else:
             click.echo(f"{key:<14} {value}")
+
+
+def feed_line(figures: Mapping[str, Any]) -> str:
+    """One feed's figures (``broker.feeds.usage``) as status and ``msmt feeds list`` show them."""
+    n = figures["revoked"]
+    revoked = f", {n} request{'s' if n != 1 else ''} refused as revoked" if n else ""
+    return (
+        f"accepted {figures['accepted']}, rejected {figures['rejected']}{revoked},"
+        f" last used {figures['last_used'] or 'never'}"
+    )
 
 
 def _outbox_lines(outbox: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
