@@ -44,7 +44,8 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel
 
-from broker.errors import StoreError, UsageError
+from broker.errors import ConfigError, StoreError, UsageError
+from broker.feeds import NO_FEEDS, Feed, Feeds, FeedTokens
 from broker.log import Throttle, get_logger
 from broker.sightings import (
     HANDLING_FIELDS,
@@ -159,8 +160,10 @@ class LineSplitter:
 class Intake:
     """Validates lines and hands good ones to the acceptor; answers every line.
 
-    ``feed`` names the channel (``socket``, ``spool``) in the audit log.
-    ``counts`` tallies outcomes for metrics. Details of schema errors go to the
+    ``feed`` names the channel (``socket``, ``spool``) in the audit log; a named
+    feed's request passes its own name (``socket:NAME``) to ``process``.
+    ``counts`` tallies outcomes for metrics, ``feed_counts`` records accepted and
+    rejected by feed (``"<feed>.accepted"``). Details of schema errors go to the
     feed only: the audit log and the counters get the reason and the field path,
     never a value.
     """
@@ -181,9 +184,14 @@ class Intake:
         self.record_rejects = record_rejects
         self.refusing: str | None = None  # set while the store cannot accept
         self.counts: Counter[str] = Counter()
+        self.feed_counts: Counter[str] = Counter()
 
-    async def process(self, lines: list[Line]) -> list[dict[str, Any]]:
-        """Answer a batch of lines in order; good records are committed in one transaction."""
+    async def process(self, lines: list[Line], feed: str | None = None) -> list[dict[str, Any]]:
+        """Answer a batch of lines in order; good records are committed in one transaction.
+
+        ``feed`` names who sent them in the audit log (default: this channel's ``feed``).
+        """
+        feed = feed or self.feed
         answers: list[dict[str, Any] | None] = []
         batch: list[NewReport] = []
         sightings: list[SightingModel] = []
@@ -197,7 +205,7 @@ class Intake:
                 sightings.append(checked[1])
         if batch:
             try:
-                fresh = await self.acceptor(batch, self.feed)
+                fresh = await self.acceptor(batch, feed)
             except StoreError as exc:
                 self.refusing = str(exc)
             else:
@@ -220,11 +228,12 @@ class Intake:
         refused = [_summary(a) for a in done if a["status"] == "rejected"]
         refused = [r for r in refused if r.reason != "unavailable"]
         if refused and self.record_rejects is not None:
-            await self.record_rejects(refused, self.feed)
+            await self.record_rejects(refused, feed)
         for answer in done:
             self.counts[
                 answer["status"] if answer["status"] == "accepted" else answer["reason"]
             ] += 1
+            self.feed_counts[f"{feed}.{answer['status']}"] += 1
         return done
 
     def _check(
@@ -393,45 +402,100 @@ def read_token(path: Path) -> str:
     return token
 
 
-def make_app(intake: Intake, token: str) -> web.Application:
-    """The intake HTTP application: ``POST /v1/reports`` with a bearer token.
+class _Gate:
+    """Who a request's bearer token is: the channel's own token, or a live named feed.
 
-    A refused token is counted (``intake.counts["token"]``) and logged at most
-    once a minute, without the token sent. When the app shuts down, a request
-    waiting for more of its body ends at once: what was read is answered, the
-    rest is not (so not accepted), and the feed sends it again.
+    Keeps the refusals for the throttled ``intake_token_refused`` warning.
     """
-    expected = token.encode()
-    stopping = asyncio.Event()
-    throttle = Throttle()
-    unlogged = Counter[str]()  # refused requests since the last warning, by why
 
-    def refuse(why: str) -> web.Response:
+    def __init__(self, intake: Intake, token: str, feeds: FeedTokens | None) -> None:
+        self.intake = intake
+        self.expected = token.encode()
+        self.feeds = feeds
+        self.throttle = Throttle()
+        self.unlogged = Counter[str]()  # refused requests since the last warning, by why
+        self.revoked: set[str] = set()  # revoked feeds whose tokens came since then
+
+    def admit(self, given: list[str]) -> Feed | str | None:
+        """``None`` for the channel's own token, the named ``Feed``, or why it is refused."""
+        # Exactly one Authorization header; the scheme is case-insensitive (RFC 9110
+        # §11.1), the token compared in constant time.
+        if len(given) != 1:
+            return "no Authorization header" if not given else "several headers"
+        scheme, _, credentials = given[0].partition(" ")
+        if scheme.lower() != "bearer":
+            return "not a Bearer token"
+        # surrogateescape: bytes that are not UTF-8 compare as the bytes sent.
+        if hmac.compare_digest(credentials.encode("utf-8", "surrogateescape"), self.expected):
+            return None
+        return self._named(credentials)
+
+    def _named(self, credentials: str) -> Feed | str:
+        known = self.current()
+        if known is None:
+            return "feeds file unfit"
+        found = known.match(credentials)
+        if found is None:
+            return "wrong token"
+        if found.revoked_at is not None:
+            # The operator's own name for a token it retired: not a secret (the
+            # audit log holds it), and it says which feed still knocks.
+            self.revoked.add(found.name)
+            self.intake.feed_counts[f"{found.audit_name}.revoked"] += 1
+            return "revoked feed token"
+        return found
+
+    def current(self) -> Feeds | None:
+        """The named feeds now, or ``None`` while the feeds file is unfit."""
+        # Fail closed: while the file is unfit no named feed is let in (the
+        # channel's own token still is); the operator sees why once a minute.
+        try:
+            return NO_FEEDS if self.feeds is None else self.feeds.current()
+        except ConfigError as exc:
+            if self.throttle.due("feeds", "file"):
+                log.error("intake_feeds_unreadable", reason=str(exc))  # noqa: TRY400
+            return None
+
+    def refuse(self, why: str) -> web.Response:
+        """Count and (once a minute) log a refused token; the 401 names the scheme (RFC 6750 §3)."""
         # A feed with a stale token is otherwise invisible to the operator; one
         # line a minute, not one per request, so a flood cannot fill the log.
-        intake.counts["token"] += 1
-        unlogged[why] += 1
-        if throttle.due("token", intake.feed):
-            log.warning("intake_token_refused", requests=dict(unlogged), feed=intake.feed)
-            unlogged.clear()
+        feed = self.intake.feed
+        self.intake.counts["token"] += 1
+        self.unlogged[why] += 1
+        if self.throttle.due("token", feed):
+            named = {"revoked_feeds": sorted(self.revoked)} if self.revoked else {}
+            log.warning("intake_token_refused", requests=dict(self.unlogged), feed=feed, **named)
+            self.unlogged.clear()
+            self.revoked.clear()
         return web.json_response(
             {"error": "missing or wrong bearer token"},
             status=401,
             headers={"WWW-Authenticate": 'Bearer realm="msmt-intake"'},
         )
 
+
+def make_app(intake: Intake, token: str, feeds: FeedTokens | None = None) -> web.Application:
+    """The intake HTTP application: ``POST /v1/reports`` with a bearer token.
+
+    The token is the channel's own (``intake.token``: feed ``socket``) or, with
+    ``feeds``, a named feed's (feed ``socket:NAME``), looked up afresh for each
+    request, so a feed added or revoked counts from the next one. A request
+    streaming when its feed is revoked ends before its next batch is committed.
+    A refused token is counted (``intake.counts["token"]``) and logged at most
+    once a minute, never with the token sent, naming a feed only when the
+    token was a revoked feed's. When the app shuts down, a request
+    waiting for more of its body ends at once: what was read is answered, the
+    rest is not (so not accepted), and the feed sends it again.
+    """
+    stopping = asyncio.Event()
+    gate = _Gate(intake, token, feeds)
+
     async def submit(request: web.Request) -> web.StreamResponse:
-        # Exactly one Authorization header; the scheme is case-insensitive (RFC 9110
-        # §11.1), the token compared in constant time; a 401 names the scheme (RFC 6750 §3).
-        given = request.headers.getall("Authorization", [])
-        if len(given) != 1:
-            return refuse("no Authorization header" if not given else "several headers")
-        scheme, _, credentials = given[0].partition(" ")
-        if scheme.lower() != "bearer":
-            return refuse("not a Bearer token")
-        # surrogateescape: header bytes that are not UTF-8 compare as the bytes sent.
-        if not hmac.compare_digest(credentials.encode("utf-8", "surrogateescape"), expected):
-            return refuse("wrong token")
+        feed = gate.admit(request.headers.getall("Authorization", []))
+        if isinstance(feed, str):
+            return gate.refuse(feed)
+        name = intake.feed if feed is None else feed.audit_name
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         splitter = LineSplitter(intake.max_bytes)
@@ -441,11 +505,15 @@ def make_app(intake: Intake, token: str) -> web.Application:
                 # Stopping: a line not yet complete is left unanswered, not guessed at.
                 log.info("intake_request_ended", reason="node stopping")
                 break
+            if feed is not None and not ((known := gate.current()) and known.holds(feed)):
+                # Revoked (or the file became unfit) while streaming: nothing more is taken.
+                log.info("intake_request_ended", reason="feed no longer valid", feed=name)
+                break
             lines = splitter.feed(chunk) if chunk else splitter.finish()
             # Each network chunk's complete lines are committed together, so a
             # slow feed still gets prompt answers and a fast one batched fsyncs.
             for i in range(0, len(lines), MAX_BATCH):
-                answers = await intake.process(lines[i : i + MAX_BATCH])
+                answers = await intake.process(lines[i : i + MAX_BATCH], name)
                 await response.write(answer_bytes(answers))
             if not chunk:
                 break
@@ -691,8 +759,8 @@ async def submit(
     """Stream NDJSON chunks to a node's intake socket; call ``on_answer`` per answer line.
 
     Raises ``UsageError`` if the node cannot be reached, refuses the token, or
-    ends its answers before it has answered every record sent (it is stopping):
-    records without an answer were not accepted.
+    ends its answers before it has answered every record sent (it is stopping,
+    or the feed was revoked meanwhile): records without an answer were not accepted.
     """
     sent_all = False
     sent = RecordCount()
@@ -736,8 +804,8 @@ async def submit(
             if not sent_all or answered < sent.records:
                 raise UsageError(
                     f"the node at {socket} ended the request before answering every record"
-                    " (is it stopping?): those without an answer were not accepted; send them"
-                    " again"
+                    " (is it stopping, or was this feed's token revoked?): those without an"
+                    " answer were not accepted; send them again"
                 )
     except aiohttp.ClientConnectorError as exc:
         # aiohttp's own text names "ssl:default" and the host; the OS reason is what helps.

@@ -52,6 +52,7 @@ from broker.auditnet import AuditNet
 from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError, MsmtError
+from broker.feeds import FEED_COUNTER, FEED_USED, FeedTokens
 from broker.intake import Intake, Refusal, Spool, ensure_token, make_app, serve_unix
 from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
 from broker.log import Throttle, get_logger
@@ -641,6 +642,10 @@ class Node:
         for intake in self._intakes:
             counts.update({f"intake.{k}": v for k, v in intake.counts.items()})
             intake.counts.clear()
+            # By feed, for msmt status and msmt feeds list; apart from the
+            # ``intake.`` names, which the metrics and activity line add up.
+            counts.update({f"{FEED_COUNTER}{k}": v for k, v in intake.feed_counts.items()})
+            intake.feed_counts.clear()
         # Every tally below is kept on the event loop's thread, so none is
         # mutated by the store thread while it is read here.
         for part in (self.receiver, self.publisher):
@@ -667,6 +672,7 @@ class Node:
         # status that no longer says "connected" for a node that has stopped.
         counts = self._take_counts()
         facts = {
+            **_feeds_used(counts),
             "connected": "no",
             "inbox_lag": "unknown",
             "last_error": self._last_error,
@@ -698,6 +704,8 @@ class Node:
         if self._alarm_facts:
             facts = {**(facts or {"updated_at": _utc_now_text()}), **self._alarm_facts}
             self._alarm_facts = {}
+        if facts is not None:  # always, when there are counts
+            facts.update(_feeds_used(counts))
         depth, checkpoint, recovered = await self.run_db(self._housekeep_sync, facts, counts)
         if recovered:
             self._plan_wake.set()
@@ -812,13 +820,17 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         config = self.config
+        token = ensure_token(config.token_path)
+        # Read once here, before the planning worker starts, so an unfit feeds file
+        # stops the start with one line; then each request reads it again if it changed.
+        feeds = FeedTokens(config.feeds_path)
+        feeds.current()
         # Before any input: a node that could not plan must not accept reports.
         try:
             await self._plans.start()
         except PlanWorkerError as exc:
             await self._plans.shutdown()
             raise NodeFailedError(str(exc)) from None
-        token = ensure_token(config.token_path)
         socket_intake = Intake(
             self.member,
             config.limits.max_record_bytes,
@@ -835,7 +847,7 @@ class Node:
         )
         self._intakes = [socket_intake, spool_intake]
         spool, metrics_runner, intake_runner = await self._open_inputs(
-            token, socket_intake, spool_intake
+            make_app(socket_intake, token, feeds), spool_intake
         )
         spool_stop = asyncio.Event()
         tasks = [
@@ -893,14 +905,14 @@ class Node:
             raise NodeFailedError(self.failure)
 
     async def _open_inputs(
-        self, token: str, socket_intake: Intake, spool_intake: Intake
+        self, intake_app: web.Application, spool_intake: Intake
     ) -> tuple[Spool, web.AppRunner, web.AppRunner]:
         # The spool first: a bad spool_dir must not leave a socket behind.
         opened: list[web.AppRunner] = []
         try:
             spool = _spool(self.config.spool_path, spool_intake)
             opened.append(await self._serve_metrics())
-            opened.append(await serve_unix(make_app(socket_intake, token), self.config.socket_path))
+            opened.append(await serve_unix(intake_app, self.config.socket_path))
         except BaseException:
             # A refused start closes what it opened, so the process exits with one line.
             for runner in reversed(opened):
@@ -1044,6 +1056,17 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         pin_roster(roster_state, signed)
         undo.pop_all()
         return node
+
+
+def _feeds_used(counts: Counter[str]) -> dict[str, str]:
+    """``feed_last_used.<feed>``: now, for each feed that sent records since the last tick."""
+    now = _utc_now_text()
+    used = {
+        name.removeprefix(FEED_COUNTER).rpartition(".")[0]
+        for name in counts
+        if name.startswith(FEED_COUNTER) and not name.endswith(".revoked")
+    }
+    return {f"{FEED_USED}{feed}": now for feed in sorted(used)}
 
 
 def _spool(directory: Path, intake: Intake) -> Spool:

@@ -72,6 +72,7 @@ AFTER_THE_SOAK = frozenset(
         "test_deploy",
         "test_evidence",
         "test_intake",
+        "test_intake_feeds",
         "test_keys_request_node",
         "test_nats_isolation",
         "test_nats_quota",

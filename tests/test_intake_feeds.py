@@ -1,0 +1,309 @@
+"""Named feeds at the intake: each feed's token, its name in the audit log, revocation live.
+
+The intake app on a real unix socket with a real SQLite store, then a real
+``msmt node run`` against a real hub, fed with ``msmt submit --token-file``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node_world import (
+    World,
+    audit_entries,
+    msmt,
+    records_for,
+    setup_accounts,
+    start_hub,
+    wait_for,
+    write_node_config,
+)
+from structlog.testing import capture_logs
+
+from broker import feeds, keys, samples
+from broker.errors import UsageError
+from broker.intake import Intake, ensure_token, make_app, serve_unix, submit
+from broker.store import NewReport, Store
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
+
+
+class Served:
+    """The intake app of one data directory, serving on its socket; what it accepted, by feed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.store = Store(root / "s.db")
+        self.token = ensure_token(root / "intake.token")
+        self.feeds_path = root / "intake-feeds.json"
+        self.socket = root / "intake.sock"
+        self.accepted: list[tuple[str, str]] = []  # (feed, report id)
+
+        async def acceptor(batch: list[NewReport], feed: str) -> list[bool]:
+            fresh = await asyncio.to_thread(self.store.accept, batch)
+            self.accepted += [
+                (feed, r.report_id) for r, new in zip(batch, fresh, strict=True) if new
+            ]
+            return fresh
+
+        self.intake = Intake("JPN", 65536, acceptor)
+
+    async def send(self, token: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        answers: list[dict[str, Any]] = []
+        body = samples.to_ndjson(records).encode()
+        await submit(self.socket, token, one_chunk(body), answers.append)
+        return answers
+
+
+async def one_chunk(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    it = Served(tmp_path)
+    runner = await serve_unix(
+        make_app(it.intake, it.token, feeds.FeedTokens(it.feeds_path)), it.socket
+    )
+    try:
+        yield it
+    finally:
+        await runner.cleanup()
+        it.store.close()
+
+
+def records(count: int, seed: int) -> list[dict[str, Any]]:
+    return records_for("JPN", count, seed)
+
+
+async def test_each_feed_is_named_in_what_it_sends_and_revoked_ones_refused_at_once(
+    served: Served,
+) -> None:
+    ais = feeds.add(served.feeds_path, "jpn-ais", NOW)  # added while serving
+    case = feeds.add(served.feeds_path, "case-sys", NOW)
+    first, second, third, fourth = (records(1, seed) for seed in (1, 2, 3, 6))
+    with capture_logs() as logs:
+        assert [a["status"] for a in await served.send(ais, first)] == ["accepted"]
+        assert [a["status"] for a in await served.send(case, second)] == ["accepted"]
+        assert [a["status"] for a in await served.send(served.token, third)] == ["accepted"]
+        feeds.revoke(served.feeds_path, "jpn-ais", NOW)
+        for _ in range(2):
+            with pytest.raises(UsageError, match="refused the intake token"):
+                await served.send(ais, records(1, 4))
+        with pytest.raises(UsageError, match="refused the intake token"):
+            await served.send("never-a-token-of-any-feed-0123456789", records(1, 5))
+        # The others are untouched by one feed's revocation.
+        assert [a["status"] for a in await served.send(case, fourth)] == ["accepted"]
+    assert served.accepted == [
+        ("socket:jpn-ais", first[0]["report_id"]),
+        ("socket:case-sys", second[0]["report_id"]),
+        ("socket", third[0]["report_id"]),
+        ("socket:case-sys", fourth[0]["report_id"]),
+    ]
+    assert len(served.store.unplanned(10)) == 4
+    assert served.intake.counts == {"accepted": 4, "token": 3}
+    assert served.intake.feed_counts == {
+        "socket:jpn-ais.accepted": 1,
+        "socket:case-sys.accepted": 2,
+        "socket.accepted": 1,
+        "socket:jpn-ais.revoked": 2,
+    }
+    # One throttled warning; it names the revoked feed (the operator's own name,
+    # in the audit log anyway), never a token sent or held.
+    (warning,) = [e for e in logs if e["event"] == "intake_token_refused"]
+    assert warning["requests"] == {"revoked feed token": 1}
+    assert warning["revoked_feeds"] == ["jpn-ais"]
+    for token in (ais, case, served.token, "never-a-token-of-any-feed"):
+        assert token not in json.dumps(logs, default=str)
+
+
+async def test_a_feed_revoked_while_streaming_gets_nothing_more_accepted(served: Served) -> None:
+    token = feeds.add(served.feeds_path, "jpn-ais", NOW)
+    sent = records(2, 7)
+    revoked = asyncio.Event()
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield samples.to_ndjson(sent[:1]).encode()
+        await revoked.wait()
+        yield samples.to_ndjson(sent[1:]).encode()
+
+    answers: list[dict[str, Any]] = []
+
+    def on_answer(answer: dict[str, Any]) -> None:
+        answers.append(answer)
+        feeds.revoke(served.feeds_path, "jpn-ais", NOW)
+        revoked.set()
+
+    with pytest.raises(UsageError, match="ended the request before answering every record"):
+        await asyncio.wait_for(submit(served.socket, token, stream(), on_answer), 30)
+    assert [(a["line"], a["status"]) for a in answers] == [(1, "accepted")]
+    assert served.accepted == [("socket:jpn-ais", sent[0]["report_id"])]
+    assert [r for r, _ in served.store.unplanned(10)] == [sent[0]["report_id"]]
+
+
+async def test_an_unfit_feeds_file_shuts_out_every_named_feed_but_not_intake_token(
+    served: Served,
+) -> None:
+    token = feeds.add(served.feeds_path, "jpn-ais", NOW)
+    served.feeds_path.chmod(0o644)
+    with capture_logs() as logs:
+        for _ in range(2):
+            with pytest.raises(UsageError, match="refused the intake token"):
+                await served.send(token, records(1, 8))
+        assert [a["status"] for a in await served.send(served.token, records(1, 9))] == ["accepted"]
+        served.feeds_path.chmod(0o600)
+        assert [a["status"] for a in await served.send(token, records(1, 10))] == ["accepted"]
+    (error,) = [e for e in logs if e["event"] == "intake_feeds_unreadable"]
+    assert error["reason"] == (
+        f"feeds file {served.feeds_path} is open to other users (mode 0644): chmod 600 it"
+    )
+    assert [f for f, _ in served.accepted] == ["socket", "socket:jpn-ais"]
+    assert token not in json.dumps(logs, default=str)
+
+
+# --- a real node ------------------------------------------------------------------
+
+POLICY = """
+version = 1
+member = "JPN"
+
+[[rules]]
+name = "all-to-USA"
+kinds = ["*"]
+partners = ["USA"]
+release = ["*"]
+"""
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[World]:
+    """Keys for JPN and USA, a hub with their accounts, and JPN's node config; no node yet."""
+    keydir, server = start_hub(tmp_path, ("JPN", "USA"))
+    world = World(tmp_path, keydir, server)
+    try:
+        setup_accounts(server.url, keydir, ("JPN", "USA", keys.AUDIT_ACCOUNT))
+        world.write_config("JPN", POLICY)
+        yield world
+    finally:
+        for member in list(world.procs):
+            world.kill(member)
+        server.kill()
+
+
+def test_a_node_audits_each_feed_by_name_and_cuts_one_off_without_a_restart(
+    pair: World, tmp_path: Path
+) -> None:
+    config = str(pair.config_path("JPN"))
+    jpn = pair.config("JPN")
+    ais_file = tmp_path / "ais.token"
+    added = msmt("feeds", "add", "jpn-ais", "--config", config, "--out", str(ais_file))
+    assert added.returncode == 0, added.stderr
+    pair.start("JPN")
+    case = msmt("feeds", "add", "case-sys", "--config", config)  # while it runs
+    assert case.returncode == 0, case.stderr
+    case_file = tmp_path / "case.token"
+    case_file.write_text(case.stdout)
+    case_file.chmod(0o600)
+    by_ais, by_case, by_shared, later = records(2, 1), records(1, 2), records(1, 3), records(1, 5)
+
+    def send(batch: list[dict[str, Any]], *token: str) -> Any:
+        text = samples.to_ndjson(batch).encode()
+        return msmt("submit", "--config", config, *token, "-", stdin=text)
+
+    done = [
+        send(by_ais, "--token-file", str(ais_file)),
+        send(by_case, "--token-file", str(case_file)),
+        send(by_shared),
+    ]
+    assert [d.returncode for d in done] == [0, 0, 0], [d.stderr for d in done]
+    revoked = msmt("feeds", "revoke", "jpn-ais", "--config", config)
+    assert revoked.returncode == 0, revoked.stderr
+    refused = send(records(1, 4), "--token-file", str(ais_file))
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        f"msmt: error: the node at {jpn.socket_path} refused the intake token\n"
+    )
+    still = send(later, "--token-file", str(case_file))
+    assert still.returncode == 0, still.stderr
+
+    accepted = [e for e in audit_entries(jpn.audit_dir) if e["type"] == "accepted"]
+    assert sorted((e["feed"], e["report_id"]) for e in accepted) == sorted(
+        [("socket:jpn-ais", r["report_id"]) for r in by_ais]
+        + [("socket:case-sys", r["report_id"]) for r in by_case + later]
+        + [("socket", r["report_id"]) for r in by_shared]
+    )
+
+    def status() -> dict[str, Any]:
+        out = msmt("status", "--config", config, "--json")
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    wait_for(lambda: "socket:jpn-ais" in status()["feeds"], 20, "the feeds in msmt status")
+    wait_for(lambda: status()["feeds"]["socket:case-sys"]["accepted"] == 2, 20, "case-sys's count")
+    shown = status()
+    assert {k: {**v, "last_used": bool(v["last_used"])} for k, v in shown["feeds"].items()} == {
+        "socket": {"accepted": 1, "rejected": 0, "revoked": 0, "last_used": True},
+        "socket:case-sys": {"accepted": 2, "rejected": 0, "revoked": 0, "last_used": True},
+        "socket:jpn-ais": {"accepted": 2, "rejected": 0, "revoked": 1, "last_used": True},
+    }
+    assert shown["counters"]["intake.accepted"] == 5
+    assert shown["counters"]["intake.token"] == 1
+    assert not any(k.startswith("feed.") for k in shown["counters"])
+    listed = msmt("feeds", "list", "--config", config)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["case-sys", "jpn-ais", "(intake.token)"]
+    assert "accepted 2, rejected 0, 1 request refused as revoked, last used 20" in lines[1]
+
+    assert pair.terminate("JPN") == 0
+    log = (tmp_path / "JPN.log").read_text()
+    (warning,) = [json.loads(line) for line in log.splitlines() if '"intake_token_refused"' in line]
+    assert warning["revoked_feeds"] == ["jpn-ais"]
+    entries = msmt(
+        "audit", "entries", str(jpn.audit_dir), "--keys", str(pair.keydir), "--type", "accepted"
+    )
+    assert entries.returncode == 0, entries.stderr
+    assert entries.stdout.count("feed=socket:jpn-ais") == 2
+    assert entries.stdout.count("feed=socket:case-sys") == 2
+    assert entries.stdout.count("feed=socket ") + entries.stdout.count("feed=socket\n") == 1
+    tokens = [ais_file.read_text().strip(), case.stdout.strip(), jpn.token_path.read_text()]
+    seen = log + listed.stdout + listed.stderr + json.dumps(shown) + entries.stdout
+    for token in tokens:
+        assert token.strip() not in seen
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "reason"),
+    [
+        ('{"version": 1, "feeds": {}}', 0o640, "is open to other users (mode 0640): chmod 600 it"),
+        ('{"version": 1, "feeds": {', 0o600, "is malformed: not valid JSON"),
+        (
+            json.dumps({"version": 1, "feeds": {"Socket": {}}}),
+            0o600,
+            "is malformed: 'Socket' is not a feed name",
+        ),
+    ],
+)
+def test_a_node_will_not_start_on_an_unfit_feeds_file(
+    tmp_path: Path, content: str, mode: int, reason: str
+) -> None:
+    keys.init_keys(tmp_path / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1))
+    write_node_config(tmp_path, "JPN", ["nats://127.0.0.1:1"], POLICY)
+    config = tmp_path / "nodes" / "JPN" / "node.toml"
+    path = tmp_path / "data" / "JPN" / "intake-feeds.json"
+    path.parent.mkdir(parents=True, mode=0o700)
+    path.write_text(content)
+    path.chmod(mode)
+    done = msmt("node", "run", "--config", str(config), timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"msmt: error: feeds file {path} {reason}"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "data" / "JPN" / "intake.sock").exists()
