@@ -255,8 +255,12 @@ class Intake:
             return _rejected(number, "schema", **extra, errors=problems), None
         if sighting.originator != self.member:
             reason = f"this node signs for {self.member}, not {sighting.originator}"
+            # The record parsed, so its id is a checked UUID: name it (docs/NODE.md).
             return _rejected(
-                number, "schema", errors=[{"path": "originator", "reason": reason}]
+                number,
+                "schema",
+                report_id=str(sighting.report_id),
+                errors=[{"path": "originator", "reason": reason}],
             ), None
         return None, (NewReport(str(sighting.report_id), sighting.kind, raw), sighting)
 

@@ -176,6 +176,8 @@ async def test_process_answers_every_line_in_order(tmp_path: Path) -> None:
     assert answers[6]["errors"] == [
         {"path": "originator", "reason": "this node signs for JPN, not USA"}
     ]
+    # The id is sound, so the feed can match the answer to its record.
+    assert answers[6]["report_id"] == foreign["report_id"]
     assert {r for r, _ in store.unplanned(10)} == {good[0]["report_id"], good[1]["report_id"]}
 
 
