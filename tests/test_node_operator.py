@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -292,6 +293,43 @@ def test_submit_exits_0_on_a_resend_and_a_refused_token_shows_in_status(kor: Kor
     logged = (kor.root / "KOR.log").read_text()
     assert "intake_token_refused" in logged
     assert stale not in logged
+
+
+def test_submit_answers_piped_records_as_they_come_and_ctrl_c_exits_2(kor: Kor) -> None:
+    kor.create_pseudonym_key()
+    kor.start()
+    record = samples.to_ndjson(samples.generate(1, seed=47, originators=("KOR",))).encode()
+    feed = subprocess.Popen(
+        [MSMT, "submit", "--config", str(kor.config_path), "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert feed.stdin is not None
+        assert feed.stdout is not None
+        assert feed.stderr is not None
+        # A feed piping one record and keeping the pipe open gets its answer now,
+        # not once 64 KiB or the end of input have come.
+        feed.stdin.write(record)
+        feed.stdin.flush()
+        readable, _, _ = select.select([feed.stdout], [], [], 60)
+        assert readable, "no answer to a piped record while the pipe stays open"
+        assert json.loads(feed.stdout.readline())["status"] == "accepted"
+        # Ctrl-C while the feed is quiet: exit 2 (records may be unanswered), not
+        # click's "Aborted!" and 1 (some record refused), and no wait for the pipe.
+        feed.send_signal(signal.SIGINT)
+        assert feed.wait(timeout=60) == 2
+        err = feed.stderr.read().decode()
+        assert err.startswith("1 accepted, 0 rejected\nmsmt: error: interrupted before every")
+        assert err.count("\n") == 2
+    finally:
+        feed.kill()
+        feed.wait()
+        for pipe in (feed.stdin, feed.stdout, feed.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert kor.stop(signal.SIGTERM) == 0
 
 
 def test_a_stop_ends_open_feed_connections_and_answers_what_was_read(kor: Kor) -> None:

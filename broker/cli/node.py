@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -143,7 +145,42 @@ def node_resend(
 
 
 async def _read_chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
-    while chunk := await asyncio.to_thread(stream.read, 1 << 16):
+    """Yield the feed's bytes as they come, read on a daemon thread.
+
+    ``os.read`` returns what the feed has written so far, so records piped in one
+    at a time are sent, and answered, at once (``stream.read`` would wait for 64 KiB
+    or the end). A daemon thread rather than the loop's executor, which
+    ``asyncio.run`` joins at its end: Ctrl-C must not wait for a feed that writes
+    nothing more.
+    """
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes | OSError] = asyncio.Queue()
+    room = threading.Semaphore(4)  # at most four chunks read ahead of the node
+    fd = stream.fileno()
+
+    def pump() -> None:
+        while True:
+            room.acquire()
+            chunk: bytes | OSError
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError as exc:
+                chunk = exc
+            try:
+                loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            except RuntimeError:  # the loop is closed: the command has ended
+                return
+            if not chunk or isinstance(chunk, OSError):
+                return
+
+    threading.Thread(target=pump, name="submit-reader", daemon=True).start()
+    while True:
+        chunk = await chunks.get()
+        room.release()
+        if isinstance(chunk, OSError):
+            raise chunk
+        if not chunk:
+            return
         yield chunk
 
 
@@ -164,7 +201,7 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
     a duplicate (accepted before: a feed may resend safely), 1 when any was
     refused otherwise (schema, size, conflict, unavailable), 2 when the node
     could not be reached, refused the token, or stopped before answering every
-    record.
+    record, or on Ctrl-C.
     """
     config = _config(config_path)
     token = read_token(token_file or config.token_path)
@@ -182,13 +219,32 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
         stream = sys.stdin.buffer if file == "-" else Path(file).open("rb")  # noqa: SIM115
     except OSError as exc:
         raise UsageError(f"cannot read {file}: {exc.strerror}") from None
+
+    def summarise() -> None:
+        summary = f"{counts['accepted']} accepted, {counts['rejected']} rejected"
+        click.echo(
+            summary + (f" ({duplicates} of them duplicates)" if duplicates else ""), err=True
+        )
+
     try:
         asyncio.run(submit(config.socket_path, token, _read_chunks(stream), show))
+    except KeyboardInterrupt:
+        # Exit 2, not click's "Aborted!" and 1: a feed's wrapper must not take an
+        # interrupted batch for one whose records were all answered.
+        summarise()
+        raise UsageError(
+            "interrupted before every record was answered: those without an answer"
+            " may or may not have been accepted; send them again (a resend is"
+            " answered duplicate)"
+        ) from None
+    except UsageError:
+        if counts["accepted"] or counts["rejected"]:
+            summarise()  # what was answered before the node stopped
+        raise
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
-    summary = f"{counts['accepted']} accepted, {counts['rejected']} rejected"
-    click.echo(summary + (f" ({duplicates} of them duplicates)" if duplicates else ""), err=True)
+    summarise()
     sys.exit(1 if counts["rejected"] > duplicates else 0)
 
 
