@@ -11,6 +11,12 @@ set -eu
 KEYS=${1:-keys}
 NODES=${2:-nodes}
 
+# A mistyped NODESDIR would otherwise write every key but no pseudonym key.
+if ! ls "$NODES"/*/policy.toml >/dev/null 2>&1; then
+    echo "prepare.sh: no $NODES/<MEMBER>/policy.toml: NODESDIR must hold the members' policies" >&2
+    exit 2
+fi
+
 msmt keys init --dir "$KEYS"
 
 # Each [pseudonym_keys.<id>] a member's policy declares needs a key in

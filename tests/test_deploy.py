@@ -23,6 +23,7 @@ from broker.natsproc import NatsServer
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "msmt-node.service"
 PROVISION = REPO / "deploy" / "provision.sh"
+PREPARE = REPO / "deploy" / "prepare.sh"
 AUTHORITY = "roster-authority.json"
 
 
@@ -138,3 +139,22 @@ def test_provision_pins_the_authority_key_once_and_never_replaces_it(
     assert refused.stderr.count("\n") == 1, refused.stderr
     assert refused.stdout == ""
     assert _snapshot(volumes) == before
+
+
+def test_prepare_refuses_a_nodes_directory_without_policies_before_writing_keys(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        [str(PREPARE), "keys", "nodez"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (
+        "prepare.sh: no nodez/<MEMBER>/policy.toml: NODESDIR must hold the members' policies\n"
+    )
+    assert not (tmp_path / "keys").exists()
