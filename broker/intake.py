@@ -799,7 +799,20 @@ async def submit(
             if resp.status != 200:
                 raise UsageError(f"the node at {socket} answered HTTP {resp.status}")
             answered = 0
-            async for line in resp.content:
+            answers = aiter(resp.content)
+            while True:
+                try:
+                    line = await anext(answers)
+                except StopAsyncIteration:
+                    break
+                except (aiohttp.ClientError, OSError) as exc:
+                    # The node went away mid-answer (killed, say): aiohttp's own text
+                    # speaks of transfer lengths; what the feed needs is what to do.
+                    raise UsageError(
+                        f"the connection to the node at {socket} broke before every record"
+                        f" was answered ({type(exc).__name__}): those without an answer may"
+                        " or may not have been accepted; send them again"
+                    ) from None
                 if line.strip():
                     answered += 1
                     on_answer(json.loads(line))

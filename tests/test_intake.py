@@ -857,6 +857,45 @@ async def test_a_stop_ends_a_request_waiting_for_more_records_with_its_answers(
     assert not sock.exists()
 
 
+async def test_a_connection_broken_mid_answer_says_what_to_do_not_aiohttp_s_words(
+    tmp_path: Path,
+) -> None:
+    # A node killed while answering: it sent one answer, then its socket closed in
+    # the middle of the chunked response. Played by a bare socket server, since a
+    # real node cannot be killed at that byte.
+    sock = tmp_path / "i.sock"
+    answer = b'{"line":1,"status":"accepted","report_id":"x"}\n'
+
+    async def node_killed_mid_answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"%x\r\n%s\r\n" % (len(answer), answer) + b'40\r\n{"line":2')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(node_killed_mid_answer, path=str(sock))
+
+    async def feed() -> AsyncIterator[bytes]:
+        yield ndjson(jpn_records(2, seed=33))
+
+    answers: list[dict[str, Any]] = []
+    try:
+        with pytest.raises(UsageError) as raised:
+            await asyncio.wait_for(submit(sock, "t" * 43, feed(), answers.append), 30)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert answers == [json.loads(answer)]
+    assert str(raised.value).startswith(
+        f"the connection to the node at {sock} broke before every record was answered ("
+    )
+    assert str(raised.value).endswith(
+        "): those without an answer may or may not have been accepted; send them again"
+    )
+
+
 def test_a_throttle_lets_each_kind_and_party_through_once_a_period(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
