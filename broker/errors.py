@@ -72,5 +72,13 @@ class AuditError(MsmtError):
     """An audit log or checkpoint failed verification."""
 
 
+class WriteError(MsmtError):
+    """A file could not be written (a full disk, a read-only or unwritable directory).
+
+    Exit status 1, not 2: the command or node start succeeds once the cause is
+    fixed, so a service manager should keep restarting a node that hit it.
+    """
+
+
 class StoreError(MsmtError):
     """The node's durable store could not accept or return data (disk full, corrupt)."""

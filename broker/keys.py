@@ -40,7 +40,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import KeyParameters, OKPKey
 
-from broker.errors import KeyMaterialError, UsageError
+from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.members import MEMBERS, is_member
 from broker.roster import KeyUse, Roster, format_time
 
@@ -60,11 +60,23 @@ DEFAULT_VALID_DAYS: Final = 730
 
 
 def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
-    if private:
-        path.parent.chmod(0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write ``data`` to ``path`` via a temp file in the same directory and a rename.
+
+    Raises ``WriteError`` (one line) if it cannot, leaving ``path`` as it was.
+    """
+    tmp = _stage(path, data, private=private)
+    _put_in_place(tmp, path)
+
+
+def _stage(path: Path, data: bytes, *, private: bool) -> Path:
+    """Write ``data`` durably to a new temp file beside ``path``; return the temp file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
+        if private:
+            path.parent.chmod(0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror}") from None
     try:
         # mkstemp already creates 0600; public files are then widened to 0644.
         with os.fdopen(fd, "wb") as handle:
@@ -73,10 +85,20 @@ def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
             os.fsync(handle.fileno())
         if not private:
             Path(tmp).chmod(0o644)
-        Path(tmp).replace(path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk: one line, not a traceback
+            raise WriteError(f"cannot write {path}: {exc.strerror}") from None
         raise
+    return Path(tmp)
+
+
+def _put_in_place(tmp: Path, path: Path) -> None:
+    try:
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def write_public(path: Path, data: bytes) -> None:
@@ -421,10 +443,19 @@ def _check_members(members: Iterable[str]) -> tuple[str, ...]:
 def write_roster(keydir: Path, jwks: dict[str, Any], authority: OKPKey) -> None:
     """Sign ``jwks`` with ``authority`` and write ``roster.json`` and its ``.jws``."""
     signature = sign_roster(jwks, authority)
-    # Two renames: a crash between them leaves a roster whose signature fails,
-    # which every node refuses (fail closed); rerunning the command repairs it.
-    _write_atomic(keydir / ROSTER_FILE, json_bytes(jwks), private=False)
-    _write_atomic(keydir / ROSTER_SIG_FILE, (signature + "\n").encode(), private=False)
+    # Both are written aside before either is renamed into place, so a full disk
+    # leaves the old pair, which still verifies. A crash between the two renames
+    # leaves a roster whose signature fails, which every node refuses (fail
+    # closed), and so does the next rotate or revoke until the last published pair
+    # (roster.json and roster.json.jws, as the members' repository holds them) is back.
+    staged = _stage(keydir / ROSTER_FILE, json_bytes(jwks), private=False)
+    try:
+        signed = _stage(keydir / ROSTER_SIG_FILE, (signature + "\n").encode(), private=False)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    _put_in_place(staged, keydir / ROSTER_FILE)
+    _put_in_place(signed, keydir / ROSTER_SIG_FILE)
 
 
 def init_keys(

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import resource
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,8 @@ from broker import keys
 from broker.cli import main
 from broker.errors import KeyMaterialError, UsageError
 from broker.roster import Roster
+
+MSMT = str(Path(sys.executable).parent / "msmt")
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 MEMBERS3 = ("JPN", "USA", "KOR")
@@ -538,3 +543,32 @@ def test_key_files_the_roster_does_not_list_yet_are_pending_not_an_error(keydir:
     assert mine.pending == tuple(sorted(str(k.kid) for k in pending.values()))
     assert mine.signing_kid == current.signing_kid
     assert set(mine.decryption) == set(current.decryption)
+
+
+def _small_files() -> None:
+    # In the child: files past 1 KiB cannot be written (EFBIG), as on a full disk,
+    # without root; ignored SIGXFSZ makes that an error rather than a kill.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+
+def test_a_rotation_that_cannot_write_says_so_in_one_line_and_keeps_the_roster(
+    tmp_path: Path,
+) -> None:
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, ["JPN", "USA"])
+    roster = (keydir / keys.ROSTER_FILE).read_bytes()
+    assert len(roster) > 1024  # the key files fit under the limit, the roster does not
+    done = subprocess.run(
+        [MSMT, "keys", "rotate", "JPN", "--dir", str(keydir)],
+        capture_output=True,
+        text=True,
+        preexec_fn=_small_files,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr == f"msmt: error: cannot write {keydir / keys.ROSTER_FILE}: File too large\n"
+    # The old pair stays in place and verifies; nothing half-written is left beside it.
+    assert (keydir / keys.ROSTER_FILE).read_bytes() == roster
+    assert keys.load_signed_roster(keydir).version == 1
+    assert not list(keydir.glob(".roster*"))
