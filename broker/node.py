@@ -95,6 +95,8 @@ resend``); a quarter of the freshness window if that is shorter."""
 PSEUDONYM_MIN_BYTES: Final = 32
 EXPIRY_WARNING: Final = timedelta(days=14)
 """A credential expiring sooner than this is logged at start (``credential_expires_soon``)."""
+_START_ENTRIES: Final = frozenset({"policy", "key"})
+"""The entry types a start appends before its first store write (``load_node``)."""
 
 
 def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
@@ -993,24 +995,11 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
         audit = _open_audit(config, store, signing, signed.roster)
         undo.callback(audit.close)
-        check_store_against_log(config, store, audit)
+        unrecorded = check_store_against_log(config, store, audit)
         store.audit_size = lambda: audit.size
-        previous = state.get("policy_digest")
-        if previous != policy.digest:
-            audit.append_many(
-                [
-                    audit_events.policy_changed(
-                        config.member, at, policy_digest=policy.digest, previous_digest=previous
-                    )
-                ]
-            )
-        try:
-            logged = {str(x) for x in json.loads(state.get("key_events", "[]"))}
-        except (ValueError, TypeError):
-            logged = set()  # unreadable: log the roster's changes again rather than never
-        key_events, logged_now = own_key_events(config.member, signed.roster, logged, at)
-        if key_events:
-            audit.append_many(key_events)
+        logged_now = _log_start(
+            config.member, audit, state, policy.digest, signed.roster, unrecorded, at
+        )
         store.set_state(
             {
                 "roster_version": str(signed.version),
@@ -1069,6 +1058,44 @@ def _feeds_used(counts: Counter[str]) -> dict[str, str]:
     return {f"{FEED_USED}{feed}": now for feed in sorted(used)}
 
 
+def _log_start(
+    member: str,
+    audit: AuditLog,
+    state: dict[str, str],
+    digest: str,
+    roster: Roster,
+    unrecorded: list[dict[str, Any]],
+    at: datetime,
+) -> set[str]:
+    """Append the start's ``policy`` and ``key`` entries; return the key events now logged.
+
+    ``unrecorded`` are such entries an earlier start appended without writing the
+    store after them (a full disk): this start goes on from them rather than
+    logging them twice, which replay would call a broken policy chain.
+    """
+    previous = state.get("policy_digest")
+    for entry in unrecorded:
+        if entry["type"] == "policy":
+            previous = entry["policy_digest"]
+    if previous != digest:
+        audit.append_many(
+            [
+                audit_events.policy_changed(
+                    member, at, policy_digest=digest, previous_digest=previous
+                )
+            ]
+        )
+    try:
+        logged = {str(x) for x in json.loads(state.get("key_events", "[]"))}
+    except (ValueError, TypeError):
+        logged = set()  # unreadable: log the roster's changes again rather than never
+    logged |= {f"{e['action']}:{e['kid']}" for e in unrecorded if e["type"] == "key"}
+    key_events, logged_now = own_key_events(member, roster, logged, at)
+    if key_events:
+        audit.append_many(key_events)
+    return logged_now
+
+
 def _spool(directory: Path, intake: Intake) -> Spool:
     try:
         return Spool(directory, intake)
@@ -1113,8 +1140,13 @@ def _open_audit(
     return audit
 
 
-def check_store_against_log(config: NodeConfig, store: Store, audit: AuditLog) -> None:
+def check_store_against_log(
+    config: NodeConfig, store: Store, audit: AuditLog
+) -> list[dict[str, Any]]:
     """Refuse a store and an audit log that are not from one moment; raise ``ConfigError``.
+
+    Returns the ``policy`` and ``key`` entries the log holds after the store's
+    last write: a start that logged them and then could not write the store.
 
     Every store write records the log's size (``store.AUDIT_SIZE``), and the log
     commits before the store write that follows an append. So a log shorter than
@@ -1138,12 +1170,7 @@ def check_store_against_log(config: NodeConfig, store: Store, audit: AuditLog) -
         # write starts the record), unless it holds nothing at all beside a log that
         # does: a young store lives wholly in its -wal file until SQLite's first
         # checkpoint, and losing that file leaves an empty store.
-        if audit.size and not state:
-            raise ConfigError(
-                f"the audit log in {config.audit_dir} holds {audit.size} entries, but the"
-                f" store {config.store_path} is empty: the store was lost; {restore}"
-            )
-        return
+        return [] if state else _start_entries_only(config, audit, restore)
     seen = int(recorded)
     if seen > audit.size:
         raise ConfigError(
@@ -1153,9 +1180,12 @@ def check_store_against_log(config: NodeConfig, store: Store, audit: AuditLog) -
         )
     ends = audit.checkpoint_sizes(seen)
     unstored_append: int | None = None  # the one append whose receipts may be missing
+    unrecorded: list[dict[str, Any]] = []
     for index in range(seen, audit.size):
         entry = json.loads(audit.entry(index))
         kind = entry.get("type")
+        if kind in _START_ENTRIES:
+            unrecorded.append(entry)
         if kind == "accepted":
             held = store.has_report(entry["report_id"])
         elif kind == "sent":
@@ -1172,6 +1202,25 @@ def check_store_against_log(config: NodeConfig, store: Store, audit: AuditLog) -
                 f"the store {config.store_path} lacks what audit log entry {index} records"
                 f" ({kind}, report {entry['report_id']}): the store lost commits; {restore}"
             )
+    return unrecorded
+
+
+def _start_entries_only(config: NodeConfig, audit: AuditLog, restore: str) -> list[dict[str, Any]]:
+    """The log's entries beside an empty store, if they are a start's alone; else ``ConfigError``.
+
+    A first start that logged its policy and keys and then found the disk full
+    leaves a log of those alone: nothing of a report was in the store to lose.
+    """
+    found = []
+    for index in range(audit.size):
+        entry = json.loads(audit.entry(index))
+        if entry.get("type") not in _START_ENTRIES:
+            raise ConfigError(
+                f"the audit log in {config.audit_dir} holds {audit.size} entries, but the"
+                f" store {config.store_path} is empty: the store was lost; {restore}"
+            )
+        found.append(entry)
+    return found
 
 
 def audit_unaudited(member: str, store: Store, audit: AuditLog, at: datetime) -> int:

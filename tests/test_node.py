@@ -1250,6 +1250,67 @@ def test_reports_accepted_but_not_yet_audited_are_audited_at_the_next_start(worl
     ]
 
 
+def _start_with_a_full_disk(config: NodeConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start whose store write fails after the audit log took its entries (a full disk)."""
+
+    def full(store: Store, values: Any) -> None:
+        raise StoreError(f"store {store.path.name}: database or disk is full")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Store, "set_state", full)
+        with pytest.raises(StoreError, match="database or disk is full"):
+            load_node(config)
+
+
+def _start_and_stop(config: NodeConfig) -> None:
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+
+
+def test_a_first_start_on_a_full_disk_starts_once_space_returns(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A resource trial: the log held the first start's policy entry beside a store
+    # still empty, and every later start was refused as a lost store (exit 2).
+    world.write_config("JPN")
+    config = world.config("JPN")
+    _start_with_a_full_disk(config, monkeypatch)
+    assert [e["type"] for e in audit_entries(config.audit_dir)] == ["policy"]
+    _start_and_stop(config)  # space returns
+    assert [e["type"] for e in audit_entries(config.audit_dir)] == ["policy"]
+
+
+def test_a_start_on_a_full_disk_is_not_logged_twice_once_space_returns(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The entries a start logged before its store write failed are the log's; the
+    # next start goes on from them. It went on from the store before: it logged the
+    # change and the rotation again, and back on the first policy it logged nothing,
+    # so the log said the second was in force while the node sent under the first.
+    world.write_config("JPN")
+    config = world.config("JPN")
+    _start_and_stop(config)
+    world.write_config("JPN", BATCH_POLICY)  # a new policy and a rotation, at one restart
+    keys.rotate_keys(world.keydir, "JPN")
+    _start_with_a_full_disk(config, monkeypatch)
+    _start_and_stop(config)  # space returns
+    entries = [e for e in audit_entries(config.audit_dir) if e["type"] in ("policy", "key")]
+    assert [(e["type"], e.get("action")) for e in entries] == [
+        ("policy", None),
+        ("policy", None),
+        ("key", "rotated"),
+        ("key", "rotated"),
+    ]
+    first, second = entries[0], entries[1]
+    assert second["previous_digest"] == first["policy_digest"] != second["policy_digest"]
+    world.write_config("JPN")  # back to the first policy: chained to the second
+    _start_and_stop(config)
+    last = [e for e in audit_entries(config.audit_dir) if e["type"] == "policy"][-1]
+    assert last["previous_digest"] == second["policy_digest"]
+    assert last["policy_digest"] == first["policy_digest"]
+
+
 async def test_node_is_not_ready_until_its_inbox_exists_then_becomes_ready(
     tmp_path: Path,
 ) -> None:
