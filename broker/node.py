@@ -191,6 +191,8 @@ class Node:
         self._lag_at = -LAG_EVERY_S
         self._status: dict[str, str] = {}
         self._status_at = -STATUS_EVERY_S
+        # Counts the store has not taken yet: kept until it can (a full disk).
+        self._unrecorded: Counter[str] = Counter()
         self._activity: Counter[str] = Counter()
         self._activity_at = time.monotonic()
         self.failure: str | None = None
@@ -612,12 +614,7 @@ class Node:
             return "inbox consumer not bound"
         return None
 
-    def _housekeep_sync(
-        self, facts: dict[str, str] | None, counts: Counter[str]
-    ) -> tuple[int, str | None, int]:
-        # One fsynced commit, and only when there is something to record.
-        if facts is not None or counts:
-            self.store.record_status(counts, facts or {})
+    def _housekeep_sync(self) -> tuple[int, str | None, int]:
         # Reports committed while their audit append failed (a full disk) wait
         # unplanned until their entries are in the log: retried here each tick.
         recovered = audit_unaudited(self.member, self.store, self.audit, datetime.now(UTC))
@@ -672,7 +669,7 @@ class Node:
     async def _final_status(self) -> None:
         # After the connection is closed: the counts since the last tick, and a
         # status that no longer says "connected" for a node that has stopped.
-        counts = self._take_counts()
+        counts = self._take_counts() + self._unrecorded
         facts = {
             **_feeds_used(counts),
             "connected": "no",
@@ -690,6 +687,15 @@ class Node:
     async def _housekeep_once(self) -> None:
         lag = await self._inbox_lag()
         counts = self._take_counts()
+        # Metrics first: they live in memory, so they count what happens while the
+        # store cannot (a full disk, when "unavailable" refusals are what to alert on).
+        for name, count in counts.items():
+            if name.startswith("intake.accepted"):
+                self.metrics.accepted.inc(count)
+            elif name.startswith("intake."):
+                self.metrics.intake_rejected.labels(reason=name.partition(".")[2]).inc(count)
+        self._activity.update(counts)
+        self._unrecorded.update(counts)
         status = {
             "connected": "yes" if self.nc is not None and self.nc.is_connected else "no",
             "inbox_lag": "unknown" if lag is None else str(lag),
@@ -701,25 +707,32 @@ class Node:
         facts: dict[str, str] | None = None
         now = time.monotonic()
         if status != self._status or counts or now - self._status_at >= STATUS_EVERY_S:
-            self._status, self._status_at = status, now
             facts = {**status, "updated_at": _utc_now_text()}
         if self._alarm_facts:
             facts = {**(facts or {"updated_at": _utc_now_text()}), **self._alarm_facts}
-            self._alarm_facts = {}
-        if facts is not None:  # always, when there are counts
-            facts.update(_feeds_used(counts))
-        depth, checkpoint, recovered = await self.run_db(self._housekeep_sync, facts, counts)
+        if self._unrecorded:  # counts from this round, or left from one the store refused
+            facts = {
+                **(facts or {"updated_at": _utc_now_text()}),
+                **_feeds_used(self._unrecorded),
+            }
+        if facts is not None or self._unrecorded:
+            # One fsynced commit, and only when there is something to record. What
+            # it could not record stays for the next round: counts, facts, an alarm.
+            try:
+                await self.run_db(self.store.record_status, Counter(self._unrecorded), facts or {})
+            except MsmtError as exc:
+                self._error(f"housekeeping: {exc}")
+            else:
+                self._unrecorded = Counter()
+                self._alarm_facts = {}
+                if facts is not None:
+                    self._status, self._status_at = status, now
+        depth, checkpoint, recovered = await self.run_db(self._housekeep_sync)
         if recovered:
             self._plan_wake.set()
         self.metrics.outbox_depth.set(depth)
-        self._activity.update(counts)
         if now - self._activity_at >= ACTIVITY_EVERY_S:
             self._log_activity(now - self._activity_at, depth)
-        for name, count in counts.items():
-            if name.startswith("intake.accepted"):
-                self.metrics.accepted.inc(count)
-            elif name.startswith("intake."):
-                self.metrics.intake_rejected.labels(reason=name.partition(".")[2]).inc(count)
         if lag is not None:
             self.metrics.inbox_lag.set(lag)
         # Connected with the inbox stream gone (a hub that lost its store) still

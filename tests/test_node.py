@@ -1464,6 +1464,47 @@ async def test_an_idle_node_writes_its_status_only_when_something_changes(world:
     assert node.failure is None
 
 
+async def test_counts_the_store_cannot_take_are_in_the_metrics_and_recorded_later(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A resource trial filled a node's disk: the counts taken each second were lost
+    # with the status write that failed, and msmt_intake_rejected_total never moved,
+    # so the documented alert on "unavailable" refusals could not fire.
+    world.write_config("JPN")
+    node = load_node(world.config("JPN"))
+    task = asyncio.create_task(node.run())
+    real = node.store.record_status
+    full = True
+
+    def record_status(deltas: Any, values: Any) -> None:
+        if full:
+            raise StoreError(f"store {node.store.path.name}: database or disk is full")
+        real(deltas, values)
+
+    monkeypatch.setattr(node.store, "record_status", record_status)
+
+    def refused() -> float | None:
+        labels = {"reason": "schema"}
+        return node.metrics.registry.get_sample_value("msmt_intake_rejected_total", labels)
+
+    try:
+        await await_for(lambda: node.ready() is None, 20, "ready")
+        answers = await world.submit("JPN", [{"kind": "vessel"}, {"kind": "worker"}])
+        assert [a["reason"] for a in answers] == ["schema", "schema"]
+        await await_for(lambda: refused() == 2, 10, "the refusals in the metrics")
+        await asyncio.sleep(2.5)  # housekeeping rounds that cannot write
+        assert "intake.schema" not in node.store.counters()
+        assert node._last_error == "housekeeping: store node.sqlite3: database or disk is full"
+        full = False  # space returns
+        await await_for(
+            lambda: node.store.counters().get("intake.schema") == 2, 10, "the counts recorded"
+        )
+        assert refused() == 2  # counted once, not again when recorded
+    finally:
+        node.stop.set()
+        await task
+
+
 async def test_a_working_node_logs_counts_of_what_it_did_and_an_idle_one_nothing(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
