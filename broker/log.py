@@ -19,6 +19,9 @@ from broker.errors import UsageError
 LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 """The levels ``configure`` accepts (any case): ``--log-level`` offers exactly these."""
 
+LIBRARY_LINES_PER_MINUTE: Final = 10
+"""The most ``library_log`` lines one library message (logger, template, error) gets a minute."""
+
 _SECRET_KEYS = frozenset({"token", "seed", "private_key", "d", "password", "secret", "plaintext"})
 
 
@@ -64,7 +67,18 @@ class LibraryHandler(logging.Handler):
     (never its text or traceback): aiohttp, for one, logs a malformed request to
     the intake with the offending header line, bearer token and all, and
     Python's fallback handler printed that as a multi-line traceback.
+
+    Each message gets at most ``LIBRARY_LINES_PER_MINUTE`` lines a minute; the
+    first line of the next minute says how many were left out (``unlogged_before``).
+    A node out of file descriptors had asyncio log every failed accept: 52,000
+    lines in 30 s, which on a shared disk would have filled it next.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # (logger, template, error) -> [minute's start, lines logged, lines left out].
+        # The keys are the libraries' own code, so the mapping stays small.
+        self._minutes: dict[tuple[str, str, str], list[float]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         """Log ``record`` through structlog, without its values or traceback."""
@@ -75,6 +89,17 @@ class LibraryHandler(logging.Handler):
             fields["template"] = record.msg[:200]
         if record.exc_info and record.exc_info[0] is not None:
             fields["error"] = record.exc_info[0].__name__
+        key = (record.name, fields.get("template", ""), fields.get("error", ""))
+        now = time.monotonic()
+        minute = self._minutes.get(key)
+        if minute is None or now - minute[0] >= 60:
+            if minute is not None and minute[2]:
+                fields["unlogged_before"] = int(minute[2])
+            minute = self._minutes[key] = [now, 0, 0]
+        if minute[1] >= LIBRARY_LINES_PER_MINUTE:
+            minute[2] += 1
+            return
+        minute[1] += 1
         structlog.get_logger(component="library").log(record.levelno, "library_log", **fields)
 
 

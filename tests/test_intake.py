@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -724,6 +725,29 @@ async def test_a_malformed_request_is_one_log_line_without_the_token(
         "error",
     )
     assert entry["error"] == "BadHttpMessage"
+
+
+def test_a_library_repeating_itself_is_logged_a_few_lines_a_minute(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A resource trial ran a node out of file descriptors: asyncio logged every
+    # failed accept on the intake socket, 52,000 library_log lines in 30 s.
+    clock = 1000.0
+    monkeypatch.setattr(time, "monotonic", lambda: clock)
+    with json_logging():
+        flooding = logging.getLogger("asyncio")
+        for _ in range(500):
+            flooding.error("socket.accept() out of system resource: %s", "details")
+        logging.getLogger("aiohttp.server").error("Error handling request: %s", "details")
+        clock += 61
+        flooding.error("socket.accept() out of system resource: %s", "details")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    repeated = [line for line in lines if line["logger"] == "asyncio"]
+    assert len(repeated) == log.LIBRARY_LINES_PER_MINUTE + 1
+    assert "unlogged_before" not in repeated[0]
+    assert repeated[-1]["unlogged_before"] == 500 - log.LIBRARY_LINES_PER_MINUTE
+    # Another message is not held back by the flood.
+    assert [line["logger"] for line in lines].count("aiohttp.server") == 1
 
 
 def test_a_token_file_that_is_not_ascii_is_refused_without_quoting_it(tmp_path: Path) -> None:
