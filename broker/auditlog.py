@@ -41,7 +41,7 @@ from broker.checkpoint import (
     sign_checkpoint,
     verify_cosignature,
 )
-from broker.errors import AuditError, StoreError, UsageError
+from broker.errors import AuditError, StoreError, UsageError, sqlite_reason
 from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash, node_hash
 from broker.note import ALG_ED25519, Note, NoteError, Verifier, find_signature, parse
 
@@ -129,7 +129,7 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot open audit log {path}: {exc}") from exc
+        raise StoreError(f"cannot open audit log {path}: {sqlite_reason(exc)}") from exc
     return db
 
 

@@ -7,6 +7,8 @@ exceptions are translated at the boundary (``raise ... from exc``) so that a raw
 
 from __future__ import annotations
 
+from typing import Final
+
 
 class MsmtError(Exception):
     """Root of every error this package raises on purpose.
@@ -82,3 +84,21 @@ class WriteError(MsmtError):
 
 class StoreError(MsmtError):
     """The node's durable store could not accept or return data (disk full, corrupt)."""
+
+
+_COULD_NOT_GROW: Final = {
+    "SQLITE_IOERR_SHMSIZE": "its -shm file could not grow",
+    "SQLITE_IOERR_WRITE": "a write failed",
+}
+
+
+def sqlite_reason(exc: Exception) -> str:
+    """A SQLite error's text, with a hint where SQLite's own says only "disk I/O error".
+
+    Opening a WAL database on a full disk fails to grow its ``-shm`` file, which
+    SQLite reports as a disk I/O error: operators looked for a failing disk.
+    """
+    name = getattr(exc, "sqlite_errorname", "")
+    if name in _COULD_NOT_GROW:
+        return f"{exc} ({name}: {_COULD_NOT_GROW[name]}; is the disk full?)"
+    return str(exc)

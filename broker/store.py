@@ -45,7 +45,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from broker.errors import StoreError, UsageError
+from broker.errors import StoreError, UsageError, sqlite_reason
 
 AUDIT_SIZE: Final = "audit_size"
 """The ``state`` key holding the audit log's size at the store's last write."""
@@ -318,7 +318,7 @@ class Store:
             raise
         except (sqlite3.Error, OSError) as exc:
             self._unlock()
-            raise StoreError(f"cannot open store {path}: {exc}") from None
+            raise StoreError(f"cannot open store {path}: {sqlite_reason(exc)}") from None
         if not readonly:
             # Received reports are stored in the clear: never readable by others,
             # even in a data directory that was created open.

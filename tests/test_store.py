@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -522,3 +526,35 @@ def test_a_signing_kid_that_is_not_text_is_a_damaged_row(tmp_path: Path) -> None
         store.inbox()
     assert store.inbox_rows() == ["inbox row 1 is damaged (a text column holds bytes or a number)"]
     store.close()
+
+
+def _small_files() -> None:
+    # In the child: no file may grow past 8 KiB (EFBIG), as on a full disk, without
+    # root; ignored SIGXFSZ makes that an error rather than a kill.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+
+def test_a_store_whose_shm_file_cannot_grow_says_the_disk_may_be_full(tmp_path: Path) -> None:
+    # On a full disk SQLite says only "disk I/O error" (a resource trial): it could
+    # not grow the -shm file every WAL database needs to be opened, even to read.
+    path = tmp_path / "node.sqlite3"
+    Store(path).close()
+    opening = (
+        "import sys\nfrom pathlib import Path\nfrom broker.errors import StoreError\n"
+        "from broker.store import Store\n"
+        "try:\n    Store(Path(sys.argv[1]), readonly=sys.argv[2] == 'ro')\n"
+        "except StoreError as exc:\n    print(exc)\n"
+    )
+    for mode in ("rw", "ro"):
+        done = subprocess.run(
+            [sys.executable, "-c", opening, str(path), mode],
+            capture_output=True,
+            text=True,
+            preexec_fn=_small_files,
+            check=False,
+        )
+        assert done.stdout == (
+            f"cannot open store {path}: disk I/O error (SQLITE_IOERR_SHMSIZE: its -shm file"
+            " could not grow; is the disk full?)\n"
+        ), (mode, done.stderr)
