@@ -684,16 +684,19 @@ class Node:
         except MsmtError as exc:
             self._error(f"housekeeping: {exc}")
 
-    async def _housekeep_once(self) -> None:
-        lag = await self._inbox_lag()
-        counts = self._take_counts()
-        # Metrics first: they live in memory, so they count what happens while the
-        # store cannot (a full disk, when "unavailable" refusals are what to alert on).
+    def _count_intake(self, counts: Counter[str]) -> None:
         for name, count in counts.items():
             if name.startswith("intake.accepted"):
                 self.metrics.accepted.inc(count)
             elif name.startswith("intake."):
                 self.metrics.intake_rejected.labels(reason=name.partition(".")[2]).inc(count)
+
+    async def _housekeep_once(self) -> None:
+        lag = await self._inbox_lag()
+        counts = self._take_counts()
+        # Metrics first: they live in memory, so they count what happens while the
+        # store cannot (a full disk, when "unavailable" refusals are what to alert on).
+        self._count_intake(counts)
         self._activity.update(counts)
         self._unrecorded.update(counts)
         status = {
