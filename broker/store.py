@@ -174,6 +174,30 @@ def _lock_writer(path: Path) -> int:
     return fd
 
 
+def writer_pid(path: Path, locks: Path = Path("/proc/locks")) -> int | None:
+    """The pid of the process that holds ``<store>.lock`` (a running node), or ``None``.
+
+    Read from the kernel's table of locks (Linux ``/proc/locks``), so asking takes
+    no lock: a probe that took one, even for a moment, could refuse a node
+    starting just then. 0 means held by a process whose pid is not visible here
+    (another pid namespace). Raises ``OSError`` if the table cannot be read.
+    """
+    try:
+        held = os.stat(path.with_name(path.name + ".lock"))
+    except FileNotFoundError:
+        return None
+    # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:56789 0 EOF": pid, then MAJOR:MINOR:INODE
+    # with the device numbers in hex.
+    device = f"{os.major(held.st_dev):02x}:{os.minor(held.st_dev):02x}:{held.st_ino}"
+    for line in locks.read_text(encoding="ascii", errors="replace").splitlines():
+        fields = line.split()
+        if "->" in fields:  # a process waiting for the lock, not holding it
+            continue
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            return int(fields[4]) if fields[4].isdecimal() else 0
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxItem:
     """One envelope to publish to one partner.

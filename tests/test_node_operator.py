@@ -8,6 +8,7 @@ SIGKILL leaves it behind, and the next start replaces it and serves.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import socket
 import stat
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +36,7 @@ from broker.errors import UsageError
 from broker.intake import ensure_token, submit
 from broker.natsproc import NatsServer, free_port
 from broker.roster import format_time
+from broker.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -215,6 +218,51 @@ def test_status_shows_the_roster_and_policy_the_node_started_with(kor: Kor) -> N
     wrong = msmt("status", "--config", str(kor.config_path), MSMT_DATA_DIR=str(other))
     assert wrong.returncode == 2, wrong.stdout
     assert wrong.stderr == f"msmt: error: data_dir {other} holds USA's node, not KOR's\n"
+
+
+def test_status_says_whether_the_node_runs_and_when_its_figures_went_stale(kor: Kor) -> None:
+    def status() -> dict[str, Any]:
+        done = kor.msmt("status", "--config", str(kor.config_path), "--json")
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    kor.create_pseudonym_key()
+    kor.start()
+    assert kor.proc is not None
+    pid = kor.proc.pid
+    wait_for(lambda: status()["updated_at"] != "", 30, "KOR's first status")
+    running = status()
+    assert (running["running"], running["pid"], running["status_stale"]) == (True, pid, False)
+    assert 0 <= running["status_age_s"] <= 90
+    text = kor.msmt("status", "--config", str(kor.config_path)).stdout
+    assert f"node           running (pid {pid})\n" in text
+    assert "warning" not in text
+    assert kor.stop(signal.SIGTERM) == 0
+
+    stopped = status()
+    assert (stopped["running"], stopped["pid"], stopped["status_stale"]) == (False, None, False)
+    assert (
+        "node           not running\n"
+        in kor.msmt("status", "--config", str(kor.config_path)).stdout
+    )
+
+    # A node whose store cannot be written (a full disk) runs on while its status
+    # keeps the figures from before: here, a status two minutes old while this
+    # test holds the lock a running node holds.
+    store = Store(kor.config.store_path)
+    store.record_status(Counter(), {"updated_at": "2026-01-01T00:00:00Z"})
+    store.close()
+    lock = os.open(kor.config.store_path.with_name("node.sqlite3.lock"), os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        stale = status()
+        assert (stale["running"], stale["pid"], stale["status_stale"]) == (True, os.getpid(), True)
+        assert stale["status_age_s"] > 90
+        text = kor.msmt("status", "--config", str(kor.config_path)).stdout
+        assert "warning        the running node has not rewritten its status for" in text
+        assert "is the disk full?" in text
+    finally:
+        os.close(lock)
 
 
 def test_log_level_in_any_case_and_inbox_from_only_a_member(kor: Kor) -> None:

@@ -18,7 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import StoreError
-from broker.store import KEPT_SINCE, STORE_FORMAT, NewReport, OutboxItem, Received, Store
+from broker.store import (
+    KEPT_SINCE,
+    STORE_FORMAT,
+    NewReport,
+    OutboxItem,
+    Received,
+    Store,
+    writer_pid,
+)
 
 
 def rep(i: int, size: int = 10) -> NewReport:
@@ -558,3 +566,34 @@ def test_a_store_whose_shm_file_cannot_grow_says_the_disk_may_be_full(tmp_path: 
             f"cannot open store {path}: disk I/O error (SQLITE_IOERR_SHMSIZE: its -shm file"
             " could not grow; is the disk full?)\n"
         ), (mode, done.stderr)
+
+
+def test_writer_pid_reads_the_kernels_lock_table_without_taking_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "node.sqlite3"
+    assert writer_pid(path) is None  # no lock file: never opened for writing
+    store = Store(path)
+    try:
+        assert writer_pid(path) == os.getpid()
+    finally:
+        store.close()
+    assert writer_pid(path) is None  # the file stays, the lock went with the store
+    # Asking took no lock: a writer can still take it at once.
+    Store(path).close()
+
+    lock = os.stat(tmp_path / "node.sqlite3.lock")
+    device = f"{os.major(lock.st_dev):02x}:{os.minor(lock.st_dev):02x}:{lock.st_ino}"
+    table = tmp_path / "locks"
+    # A process waiting for the lock (``->``) does not hold it; another inode is not ours;
+    # a holder in another pid namespace shows as pid 0 (held, pid unknown).
+    table.write_text(
+        f"1: FLOCK  ADVISORY  WRITE 4242 {device}9 0 EOF\n"
+        f"1: -> FLOCK  ADVISORY  WRITE 77 {device} 0 EOF\n"
+    )
+    assert writer_pid(path, table) is None
+    table.write_text(
+        f"2: POSIX  ADVISORY  WRITE 88 {device} 0 EOF\n3: FLOCK  ADVISORY  WRITE 0 {device} 0 EOF\n"
+    )
+    assert writer_pid(path, table) == 0
+    table.unlink()
+    with pytest.raises(FileNotFoundError):
+        writer_pid(path, table)

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final
 
 import click
 
@@ -41,9 +41,9 @@ from broker.intake import read_token, submit
 from broker.keys import MemberKeys, load_member_keys, load_pinned_roster
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
-from broker.roster import Roster
+from broker.roster import Roster, parse_time
 from broker.sightings import is_report_id
-from broker.store import KEPT_SINCE, InboxEntry, Store, require_store
+from broker.store import KEPT_SINCE, InboxEntry, Store, require_store, writer_pid
 
 _CONFIG = click.option(
     "--config",
@@ -522,7 +522,9 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``outbox`` splits ``outbox_depth`` by partner (``unplanned`` has none yet), with
     the acceptance time of the oldest report waiting for each. ``feeds`` counts
     records accepted and rejected by feed (``socket``: intake.token, ``spool``,
-    ``socket:NAME``: a named feed) and says when each last sent any.
+    ``socket:NAME``: a named feed) and says when each last sent any. ``node`` says
+    whether a node runs on this data directory now; a running node's status more
+    than 90 s old is flagged (it cannot write its store: a full disk?).
     """
     config = _config(config_path)
     store = open_store(config)
@@ -554,12 +556,18 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "last_audit_alarm": state.get("last_audit_alarm", ""),
         "last_audit_alarm_at": state.get("last_audit_alarm_at", ""),
         "updated_at": state.get("updated_at", ""),
+        **_liveness(config, state.get("updated_at", "")),
     }
     if as_json:
         click.echo(json.dumps(status))
         return
     for key, value in status.items():
-        if key == "outbox":
+        if key in _LIVENESS_KEYS:
+            continue  # told with updated_at
+        if key == "updated_at":
+            for name, line in _liveness_lines(status):
+                click.echo(f"{name:<14} {line}")
+        elif key == "outbox":
             for name, line in _outbox_lines(value):
                 click.echo(f"  {name:<28} {line}")
         elif key == "feeds":
@@ -573,6 +581,50 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
                 click.echo(f"  {name:<28} {item}")
         else:
             click.echo(f"{key:<14} {value}")
+
+
+STATUS_STALE_S: Final = 90
+"""A running node rewrites its status at least every 30 s; three times that is stale."""
+
+
+def _liveness(config: NodeConfig, updated_at: str) -> dict[str, Any]:
+    # Whether a node holds the store now (so the status should be fresh), and how old
+    # the status is: a node whose store cannot be written (a full disk) keeps running
+    # while the status shows what the store held before, looking healthy.
+    try:
+        pid = writer_pid(config.store_path)
+        running: bool | None = pid is not None
+    except OSError:
+        pid, running = None, None  # no /proc/locks: cannot tell
+    try:
+        age: int | None = max(
+            0, int((datetime.now(UTC) - parse_time(updated_at, "")).total_seconds())
+        )
+    except MsmtError:
+        age = None
+    stale = bool(running) and (age is None or age > STATUS_STALE_S)
+    return {"running": running, "pid": pid or None, "status_age_s": age, "status_stale": stale}
+
+
+_LIVENESS_KEYS: Final = frozenset({"running", "pid", "status_age_s", "status_stale"})
+
+
+def _liveness_lines(status: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    age = status["status_age_s"]
+    yield "updated_at", status["updated_at"] + ("" if age is None else f" ({age} s ago)")
+    if status["running"] is None:
+        yield "node", "unknown (cannot read /proc/locks)"
+    elif status["running"]:
+        yield "node", "running" + (f" (pid {status['pid']})" if status["pid"] else "")
+    else:
+        yield "node", "not running"
+    if status["status_stale"]:
+        yield (
+            "warning",
+            "the running node has not rewritten its status for"
+            f" {'a while' if age is None else f'{age} s'}: it cannot write its store (is the"
+            " disk full?), and the figures above are from before; see its log",
+        )
 
 
 def feed_line(figures: Mapping[str, Any]) -> str:
