@@ -183,6 +183,7 @@ class Intake:
         self.feed = feed
         self.record_rejects = record_rejects
         self.refusing: str | None = None  # set while the store cannot accept
+        self._refusals = Throttle()
         self.counts: Counter[str] = Counter()
         self.feed_counts: Counter[str] = Counter()
 
@@ -210,8 +211,18 @@ class Intake:
                 self.refusing = str(exc)
             else:
                 self.refusing = None
+            # Once a minute per channel: a spool file is retried every 0.5 s while the
+            # disk is full (157 lines in a trial), and a feed resends at once.
+            unlogged = None if self.refusing is None else self._refusals.check("refused", feed)
+            if unlogged is not None:
+                log.error(
+                    "intake_refused",
+                    reason=self.refusing,
+                    records=len(batch),
+                    feed=feed,
+                    **({"unlogged_before": unlogged} if unlogged else {}),
+                )
             if self.refusing is not None:
-                log.error("intake_refused", reason=self.refusing, records=len(batch))
                 for slot in slots:
                     answers[slot] = {
                         "line": lines[slot][0],

@@ -44,15 +44,26 @@ class Throttle:
         self.period = period
         # Keys are (kind, member or another small name): a handful, so the mapping stays small.
         self._last: dict[tuple[str, str], float] = {}
+        self._skipped: dict[tuple[str, str], int] = {}
 
     def due(self, kind: str, who: str) -> bool:
         """Whether (``kind``, ``who``) was not logged within the last period; if so, it is now."""
+        return self.check(kind, who) is not None
+
+    def check(self, kind: str, who: str) -> int | None:
+        """Like ``due``, but when due, how many were not logged since the last (else ``None``).
+
+        The count goes into the line (``unlogged_before``), so a throttled log still
+        says how often the condition happened.
+        """
         now = time.monotonic()
-        last = self._last.get((kind, who))
+        key = (kind, who)
+        last = self._last.get(key)
         if last is not None and now - last < self.period:
-            return False
-        self._last[kind, who] = now
-        return True
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._skipped.pop(key, 0)
 
     def __len__(self) -> int:
         """How many (kind, party) keys it remembers (bounded by the parties there are)."""

@@ -599,6 +599,7 @@ class Receiver:
         self.fetch_batch = fetch_batch
         self.hold_seconds = hold_seconds  # a held message's first wait (``hold_delay``)
         self.bound = False
+        self._commit_log = Throttle()  # inbound_commit_failed, once a minute
         self.last_error: str | None = None
         self.counts: Counter[str] = Counter()
         self._pull: _Pull | None = None
@@ -655,7 +656,16 @@ class Receiver:
             )
         except MsmtError as exc:
             self.last_error = str(exc)
-            log.error("inbound_commit_failed", error=str(exc), messages=len(msgs))  # noqa: TRY400
+            # Once a minute: the batch comes back within seconds and fails the same way
+            # while the disk is full (499 lines in a trial).
+            unlogged = self._commit_log.check("commit_failed", "inbox")
+            if unlogged is not None:
+                log.error(  # noqa: TRY400 - the reason is the line; a traceback adds nothing
+                    "inbound_commit_failed",
+                    error=str(exc),
+                    messages=len(msgs),
+                    **({"unlogged_before": unlogged} if unlogged else {}),
+                )
             for msg in msgs:
                 await msg.nak(delay=1.0)
             return

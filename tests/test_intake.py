@@ -422,6 +422,40 @@ async def test_disk_full_refuses_with_reason_and_keeps_what_was_accepted(tmp_pat
     assert {r for r, _ in store.unplanned(100_000)} == set(accepted)
 
 
+async def test_a_full_disk_is_logged_once_a_minute_with_the_refusals_between(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A spool file is retried every 0.5 s while the disk is full: one intake_refused
+    # line each time filled the log (157 lines in the resource trial).
+    clock = [1000.0]
+    monkeypatch.setattr("broker.log.time.monotonic", lambda: clock[0])
+    store = Store(tmp_path / "s.db", max_pages=60)
+    intake = make_intake(store)
+    with json_logging():
+        for batch in range(200):
+            records = jpn_records(20, seed=batch + 100)
+            answers = await intake.process(
+                [(i + 1, json.dumps(r).encode()) for i, r in enumerate(records)]
+            )
+            if intake.refusing is not None:
+                break
+        # The refused batch again, as a spool retry or a feed's resend sends it.
+        again: list[Line] = [(i + 1, json.dumps(r).encode()) for i, r in enumerate(records)]
+        for _ in range(5):
+            clock[0] += 0.5
+            answers = await intake.process(again)
+            assert {a.get("reason") for a in answers} == {"unavailable"}
+        clock[0] += 60
+        await intake.process(again)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    refused = [line for line in lines if line["event"] == "intake_refused"]
+    assert len(refused) == 2
+    assert "database or disk is full" in refused[0]["reason"]
+    assert "unlogged_before" not in refused[0]
+    assert refused[1]["unlogged_before"] == 5
+    assert intake.counts["unavailable"] == 20 * (1 + 5 + 1)  # every refusal still counted
+
+
 async def test_spool_moves_files_to_done_or_rejected_with_results(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     spool_dir = tmp_path / "spool"
@@ -939,3 +973,11 @@ def test_a_throttle_lets_each_kind_and_party_through_once_a_period(
     assert throttle.due("token", "socket")
     assert not throttle.due("token", "socket")
     assert len(throttle) == 3
+    # check() says how many were held back since the last line that went through.
+    clock[0] += 60
+    assert throttle.check("token", "socket") == 1
+    assert throttle.check("token", "socket") is None
+    assert throttle.check("token", "socket") is None
+    clock[0] += 60
+    assert throttle.check("token", "socket") == 2
+    assert throttle.check("token", "spool") == 0
