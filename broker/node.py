@@ -957,16 +957,25 @@ class Node:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         # A part that dies must take the node down (for systemd to restart it):
         # a node that accepts reports but no longer sends them is worse than none.
-        if task.cancelled() or task.exception() is None:
+        if task.cancelled():
             return
         exc = task.exception()
-        self.failure = f"{task.get_name()} failed: {type(exc).__name__}: {exc}"
+        if exc is None:
+            return
+        self.failure = failure_text(task.get_name(), exc)
         log.error("node_task_failed", task=task.get_name(), error=type(exc).__name__)
         self.stop.set()
 
     def _close(self) -> None:
         self.store.close()
         self.audit.close()
+
+
+def failure_text(part: str, exc: BaseException) -> str:
+    """The one line a node stops with when ``part`` failed with ``exc``."""
+    # MemoryError and some others carry no text: the type alone, not "MemoryError: ".
+    said = f": {exc}" if str(exc) else ""
+    return f"{part} failed: {type(exc).__name__}{said}"
 
 
 def load_node(config: NodeConfig, now: datetime | None = None) -> Node:

@@ -45,7 +45,7 @@ from broker.errors import StoreError
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import connect_account, setup_account
 from broker.natsproc import NatsServer
-from broker.node import Node, load_node
+from broker.node import Node, failure_text, load_node
 from broker.policy import variants
 from broker.roster import Roster, RosterKey
 from broker.sightings import leaf_values
@@ -271,6 +271,12 @@ async def test_a_dead_planning_worker_stops_the_node_with_one_line_and_loses_not
     world.start("JPN")
     await assert_all_exactly_once(world, want)
     assert outbox_depth(world, "JPN") == 0
+
+
+def test_a_failure_without_text_is_named_by_its_type_alone() -> None:
+    # A resource trial's node, short of memory, stopped with "messaging failed: MemoryError: ".
+    assert failure_text("messaging", MemoryError()) == "messaging failed: MemoryError"
+    assert failure_text("planner", ValueError("bad")) == "planner failed: ValueError: bad"
 
 
 async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:
