@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from broker.cli.options import rfc3339
+from broker.cli.options import CONFIG, rfc3339
 from broker.errors import MsmtError, UsageError
 from broker.stix import bundle, load_received
 
@@ -59,13 +59,7 @@ def export_group() -> None:
 
 
 @export_group.command(name="stix")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="The node's node.toml.",
-)
+@CONFIG
 @click.option("--since", help="Only reports received at or after this RFC 3339 time.")
 @click.option(
     "--out",

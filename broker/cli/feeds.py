@@ -17,17 +17,10 @@ import click
 
 from broker import feeds
 from broker.cli.node import feed_line, open_store
+from broker.cli.options import CONFIG as _CONFIG
 from broker.config import NodeConfig, load_config
 from broker.errors import UsageError
 from broker.roster import format_time
-
-_CONFIG = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="The node's node.toml.",
-)
 
 
 @click.group(name="feeds")

@@ -25,6 +25,7 @@ from broker import evidence, inbox_check
 from broker.audit_events import parse_entry
 from broker.audit_verify import load, read_origin
 from broker.auditlog import DB_FILE
+from broker.cli.options import CONFIG as _CONFIG
 from broker.cli.options import rfc3339
 from broker.config import NodeConfig, load_config
 from broker.errors import (
@@ -44,14 +45,6 @@ from broker.members import MEMBERS, is_member
 from broker.roster import Roster, parse_time
 from broker.sightings import is_report_id
 from broker.store import KEPT_SINCE, InboxEntry, Store, require_store, writer_pid
-
-_CONFIG = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="The node's node.toml.",
-)
 
 
 def _config(path: Path) -> NodeConfig:

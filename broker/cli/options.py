@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
+
+import click
 
 from broker.errors import UsageError
+
+CONFIG = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The node's node.toml.",
+)
+"""``--config``: the node's ``node.toml``, for every command that works on one node."""
 
 
 def rfc3339(option: str, text: str) -> datetime:
