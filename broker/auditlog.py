@@ -114,7 +114,9 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     """Open the audit database.
 
     A read-only open raises ``UsageError`` if the file is missing, and
-    ``AuditError`` if it is an SQLite file without an audit log's tables.
+    ``AuditError`` if it is an SQLite file without an audit log's tables. Any
+    open raises ``AuditError`` for a file that is not a database or is
+    malformed, and ``StoreError`` when SQLite cannot open it otherwise.
     """
     try:
         if readonly:
@@ -129,8 +131,19 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot open audit log {path}: {sqlite_reason(exc)}") from exc
+        raise _sqlite_error("cannot open", path, exc) from exc
     return db
+
+
+def _sqlite_error(doing: str, path: Path, exc: sqlite3.Error) -> StoreError | AuditError:
+    """SQLite's refusal as ours: the file's fault (``AuditError``) or the system's (``StoreError``).
+
+    A file that is not a database, or a malformed one, stays so: no retry or
+    restart mends it. Anything else (locked, I/O, permissions, a full disk) may pass.
+    """
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        return AuditError(f"audit log {path} is damaged or not an audit log: {exc}")
+    return StoreError(f"{doing} audit log {path}: {sqlite_reason(exc)}")
 
 
 _TABLES: Final = ("meta", "entries", "checkpoints")
@@ -160,8 +173,9 @@ class AuditLog:
     """One member's append-only audit log in ``datadir``; the only writer of that file.
 
     Raises ``StoreError`` when the database cannot be read or written, and
-    ``AuditError`` when its stored state is inconsistent (another origin, or an
-    open check of ``_read_edge`` failing: the node must not append to it).
+    ``AuditError`` when the file is damaged or its stored state is inconsistent
+    (not a database, another origin, or an open check of ``_read_edge``
+    failing: the node must not append to it).
     ``earlier_keys`` are this member's log keys from before a key rotation
     (e.g. ``roster_log_keys``): the latest checkpoint may carry one of them
     rather than ``signer``'s.
@@ -189,7 +203,7 @@ class AuditLog:
             self._edge, self._last = self._read_edge([own, *earlier_keys])
         except sqlite3.Error as exc:
             self._db.close()
-            raise StoreError(f"cannot read audit log {self.path}: {exc}") from exc
+            raise _sqlite_error("cannot read", self.path, exc) from exc
         except _DamagedError as exc:
             self._db.close()
             raise AuditError(

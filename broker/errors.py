@@ -26,7 +26,12 @@ class UsageError(MsmtError):
 
 
 class ConfigError(MsmtError):
-    """A configuration, policy or roster file is invalid or unreadable."""
+    """A configuration, policy or roster file is invalid or unreadable.
+
+    Also what a node's start raises for data no restart can mend (a damaged
+    audit log, a store and log from two moments): exit status 2 is the one the
+    sample systemd unit does not restart on.
+    """
 
     exit_code = 2
 

@@ -51,7 +51,7 @@ from broker.auditlog import DB_FILE, AuditLog
 from broker.auditnet import AuditNet
 from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
-from broker.errors import ConfigError, KeyMaterialError, MsmtError
+from broker.errors import AuditError, ConfigError, KeyMaterialError, MsmtError
 from broker.feeds import FEED_COUNTER, FEED_USED, FeedTokens
 from broker.intake import Intake, Refusal, Spool, ensure_token, make_app, serve_unix
 from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
@@ -1158,7 +1158,14 @@ def _open_audit(
     holds_reports = store.holds_reports()
     if holds_reports and not (config.audit_dir / DB_FILE).exists():
         raise lost
-    audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
+    try:
+        audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
+    except AuditError as exc:
+        # Damaged, not a log, or another member's: no restart mends it, so the
+        # status the systemd unit does not restart on, as for a store and log
+        # from two moments (check_store_against_log). Locked, unreadable or on a
+        # full disk (StoreError) stays 1: that may pass, and a restart then works.
+        raise ConfigError(str(exc)) from None
     if holds_reports and audit.size == 0:
         audit.close()
         raise lost

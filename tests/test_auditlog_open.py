@@ -25,7 +25,7 @@ from broker import audit_events, keys, samples
 from broker.auditlog import DB_FILE
 from broker.checkpoint import open_checkpoint, roster_log_keys
 from broker.config import load_config
-from broker.errors import AuditError, ConfigError
+from broker.errors import ConfigError
 from broker.intake import Intake
 from broker.node import load_node
 from broker.note import NoteError
@@ -67,7 +67,7 @@ def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> N
     with contextlib.closing(sqlite3.connect(config.audit_dir / DB_FILE)) as db, db:
         db.execute("DELETE FROM checkpoints WHERE size = 4")
     # In process, the refusal leaves no file open behind it (store, audit log or their WALs).
-    with pytest.raises(AuditError, match="refusing to append"):
+    with pytest.raises(ConfigError, match="refusing to append"):
         load_node(config)
     fds = Path("/proc/self/fd")
     open_files = {str(os.path.realpath(fd)) for fd in fds.iterdir()}
@@ -82,13 +82,34 @@ def test_node_run_refuses_a_damaged_audit_log_with_one_line(tmp_path: Path) -> N
         env=env,
         check=False,
     )
-    assert proc.returncode == 1
+    # Exit 2, which the sample systemd unit does not restart on: a restart every
+    # 2 s cannot mend the file and would bury this line in the journal.
+    assert proc.returncode == 2
     assert proc.stderr == (
         f"msmt: error: refusing to append to audit log {config.audit_dir / DB_FILE}: "
         "its tree holds 4 entries but its latest checkpoint is size 1 "
         "(check it with msmt audit verify)\n"
     )
     assert proc.stdout == ""
+
+
+def test_node_run_refuses_an_audit_log_that_is_not_a_database_with_exit_2(
+    tmp_path: Path,
+) -> None:
+    folder = jpn_config(tmp_path).parent
+    config = load_config(folder / "node.toml", env={})
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+    path = config.audit_dir / DB_FILE
+    for name in os.listdir(config.audit_dir):  # its -wal too, or SQLite would replay it
+        (config.audit_dir / name).unlink()
+    path.write_bytes(b"not an SQLite file, but long enough to have a header" * 4)
+    done = msmt("node", "run", "--config", str(folder / "node.toml"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"msmt: error: audit log {path} is damaged or not an audit log: file is not a database\n"
+    )
 
 
 def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_path: Path) -> None:
