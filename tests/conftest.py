@@ -69,6 +69,7 @@ AFTER_THE_SOAK = frozenset(
         "test_audit_replay",
         "test_auditlog_open",
         "test_auditnet",
+        "test_cli",
         "test_deploy",
         "test_evidence",
         "test_intake",
