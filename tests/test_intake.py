@@ -20,8 +20,10 @@ import structlog
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
+from node_world import MSMT, write_node_config
 
 from broker import log, samples
+from broker.config import load_config
 from broker.errors import UsageError
 from broker.intake import (
     Intake,
@@ -952,6 +954,47 @@ async def test_a_connection_broken_mid_answer_says_what_to_do_not_aiohttp_s_word
     assert str(raised.value).endswith(
         "): those without an answer may or may not have been accepted; send them again"
     )
+
+
+async def test_submit_with_its_stdout_closed_says_so_and_exits_2(tmp_path: Path) -> None:
+    # `msmt submit ... | head`: the reader of stdout leaves. That is not the node's
+    # socket breaking ("cannot reach the node ... Broken pipe", as it said), and
+    # not every answer was shown: exit 2, as for Ctrl-C.
+    write_node_config(tmp_path, "JPN", ["nats://127.0.0.1:1"])
+    config_path = tmp_path / "nodes" / "JPN" / "node.toml"
+    config = load_config(config_path, env={})
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(config.token_path)
+    runner = await serve_unix(make_app(make_intake(store), token), config.socket_path)
+    records = jpn_records(3, seed=61)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader gone before the first answer: every write fails
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            MSMT,
+            "submit",
+            "--config",
+            str(config_path),
+            "-",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        os.close(write_end)
+        _, err = await asyncio.wait_for(proc.communicate(ndjson(records)), 60)
+    finally:
+        await runner.cleanup()
+    assert proc.returncode == 2, err
+    assert err.decode() == (
+        "1 accepted, 0 rejected\n"
+        "msmt: error: stdout was closed before every answer was shown: records whose"
+        " answer was not shown may or may not have been accepted; send them again"
+        " (a resend is answered duplicate)\n"
+    )
+    # The record answered (and counted) was accepted, though its answer went nowhere.
+    assert records[0]["report_id"] in {r for r, _ in store.unplanned(10)}
 
 
 def test_a_throttle_lets_each_kind_and_party_through_once_a_period(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from broker.cli.options import CONFIG, rfc3339
+from broker.cli.options import CONFIG, rfc3339, silence_stdout
 from broker.errors import MsmtError, UsageError
 from broker.stix import bundle, load_received
 
@@ -46,8 +46,7 @@ def _write_stdout(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:
-        # Nothing more can reach the reader; keep Python's exit flush quiet too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_stdout()
         raise MsmtError("stdout was closed before the whole bundle was written") from None
     except OSError as exc:
         raise MsmtError(f"cannot write the bundle to stdout: {exc.strerror}") from None

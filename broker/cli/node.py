@@ -26,7 +26,7 @@ from broker.audit_events import parse_entry
 from broker.audit_verify import load, read_origin
 from broker.auditlog import DB_FILE
 from broker.cli.options import CONFIG as _CONFIG
-from broker.cli.options import rfc3339
+from broker.cli.options import rfc3339, silence_stdout
 from broker.config import NodeConfig, load_config
 from broker.errors import (
     AuditError,
@@ -194,7 +194,7 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
     a duplicate (accepted before: a feed may resend safely), 1 when any was
     refused otherwise (schema, size, conflict, unavailable), 2 when the node
     could not be reached, refused the token, or stopped before answering every
-    record, or on Ctrl-C.
+    record, on Ctrl-C, or when stdout was closed before every answer was shown.
     """
     config = _config(config_path)
     token = read_token(token_file or config.token_path)
@@ -206,7 +206,18 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
         counts[answer["status"]] = counts.get(answer["status"], 0) + 1
         duplicates += answer.get("reason") == "duplicate"
         if not quiet or answer["status"] != "accepted":
-            click.echo(json.dumps(answer, separators=(",", ":")))
+            try:
+                click.echo(json.dumps(answer, separators=(",", ":")))
+            except BrokenPipeError:
+                # Our stdout's reader left (``| head``): not the node's socket, which
+                # an OSError here was taken for. Exit 2, as for Ctrl-C: the answers
+                # not shown may be of records not accepted, and a wrapper must know.
+                silence_stdout()
+                raise UsageError(
+                    "stdout was closed before every answer was shown: records whose answer"
+                    " was not shown may or may not have been accepted; send them again"
+                    " (a resend is answered duplicate)"
+                ) from None
 
     try:
         stream = sys.stdin.buffer if file == "-" else Path(file).open("rb")  # noqa: SIM115

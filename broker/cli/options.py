@@ -1,7 +1,9 @@
-"""Option values that several ``msmt`` commands parse the same way."""
+"""What several ``msmt`` commands share: option values parsed the same way, stdout's end."""
 
 from __future__ import annotations
 
+import os
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -17,6 +19,15 @@ CONFIG = click.option(
     help="The node's node.toml.",
 )
 """``--config``: the node's ``node.toml``, for every command that works on one node."""
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone (``BrokenPipeError``).
+
+    Nothing more can reach that reader, and Python's own flush at exit would
+    otherwise fail too and print "Exception ignored ... BrokenPipeError".
+    """
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def rfc3339(option: str, text: str) -> datetime:
