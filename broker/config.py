@@ -9,19 +9,26 @@ Every environment variable in ``ENV_OVERRIDES`` replaces one key of the file;
 an override that does not parse fails exactly like a bad key in the file.
 Any invalid value raises ``ConfigError`` with one line naming the key, so a
 node refuses to start rather than run half-configured.
+
+Types are strict: TOML has real integers, strings and arrays, so ``"100"``,
+``100.0`` or ``true`` where an integer belongs is refused, not converted. Only
+paths (TOML strings) and ``nats.urls`` (an array, held as a tuple) are
+converted; environment variables, always text, are parsed by the key's type.
 """
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
+import re
 import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from broker.errors import ConfigError
 from broker.members import Member
@@ -61,7 +68,13 @@ MAX_SOCKET_PATH: Final = 107
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Strict: a string where an integer belongs is a mistake to name, not to
+    # convert (lax mode took fetch_batch = "100"). ConfigPath is the exception.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+ConfigPath = Annotated[Path, Strict(False)]
+"""A path key: a TOML string (or a ``Path`` once resolved), the one conversion allowed."""
 
 
 class NatsSection(_Section):
@@ -73,11 +86,12 @@ class NatsSection(_Section):
     every URL to be ``tls://``; ``parse_config`` checks that.
     """
 
-    urls: Annotated[tuple[str, ...], Field(min_length=1)]
-    seed_file: Path | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    # A TOML array arrives as a list: converted to a tuple, each item still a strict string.
+    urls: Annotated[tuple[str, ...], Field(min_length=1, strict=False)]
+    seed_file: ConfigPath | None = None
+    ca_file: ConfigPath | None = None
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
 
     @field_validator("urls")
     @classmethod
@@ -106,17 +120,17 @@ class KeysSection(_Section):
     roster that key signed.
     """
 
-    dir: Path
-    roster_dir: Path | None = None
-    authority: Path | None = None
+    dir: ConfigPath
+    roster_dir: ConfigPath | None = None
+    authority: ConfigPath | None = None
 
 
 class IntakeSection(_Section):
     """Local-only intake: the unix socket, its bearer-token file, and the spool directory."""
 
-    socket: Path | None = None
-    token_file: Path | None = None
-    spool_dir: Path | None = None
+    socket: ConfigPath | None = None
+    token_file: ConfigPath | None = None
+    spool_dir: ConfigPath | None = None
 
 
 class LimitsSection(_Section):
@@ -168,11 +182,11 @@ class NodeConfig(_Section):
     """
 
     member: Member
-    base_dir: Path = Path()
+    base_dir: ConfigPath = Path()
     nats: NatsSection
     keys: KeysSection
-    policy: Path
-    data_dir: Path
+    policy: ConfigPath
+    data_dir: ConfigPath
     intake: IntakeSection = IntakeSection()
     limits: LimitsSection = LimitsSection()
     metrics: MetricsSection = MetricsSection()
@@ -251,11 +265,53 @@ def _set(tree: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def _coerce_env(keys: tuple[str, ...], text: str) -> Any:
-    # Everything else stays text: pydantic turns "50" into 50 and names the key if it cannot.
+def _key_type(keys: tuple[str, ...]) -> Any:
+    """The annotation of the config key ``keys`` (``int`` for ``limits.fetch_batch``)."""
+    model: type[BaseModel] = NodeConfig
+    for key in keys[:-1]:  # the sections on the way (ENV_OVERRIDES names only those)
+        model = cast("type[BaseModel]", model.model_fields[key].annotation)
+    return model.model_fields[keys[-1]].annotation
+
+
+def _coerce_env(name: str, keys: tuple[str, ...], text: str) -> Any:
+    # An environment variable is always text: parsed here by the key's type, as
+    # TOML would have typed it, since the model itself converts nothing but paths.
     if keys in _LIST_KEYS:
         return [part.strip() for part in text.split(",") if part.strip()]
+    if _key_type(keys) is int:
+        if re.fullmatch(r"-?[0-9]+", text.strip()) is None:
+            raise ConfigError(f"config key {'.'.join(keys)}: {name}={text!r} is not an integer")
+        return int(text)
     return text
+
+
+_EXPECTED: Final = {
+    "int_type": "an integer",
+    "string_type": "a string",
+    "path_type": "a path (a string)",
+    "tuple_type": "an array",
+    "model_type": "a table",
+    "bool_type": "true or false",
+}
+"""Pydantic's type errors, by the TOML type the key wants."""
+
+
+_TOML_TYPES: Final = (
+    (bool, "a boolean"),  # before int: a bool is an int in Python
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+    (datetime.datetime, "a date-time"),  # before date, its base class
+    (datetime.date, "a date"),
+    (datetime.time, "a time"),
+)
+
+
+def _toml_type(value: object) -> str:
+    """What the file (or an override) gave, in TOML's words."""
+    return next((words for kind, words in _TOML_TYPES if isinstance(value, kind)), "a value")
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -290,7 +346,7 @@ def parse_config(
     environ = os.environ if env is None else env
     for name, keys in ENV_OVERRIDES.items():
         if name in environ:
-            _set(tree, keys, _coerce_env(keys, environ[name]))
+            _set(tree, keys, _coerce_env(name, keys, environ[name]))
     try:
         config = NodeConfig.model_validate(tree)
     except ValidationError as exc:
@@ -298,6 +354,8 @@ def parse_config(
         msg = str(first["msg"]).removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif first["type"] in _EXPECTED:
+            msg = f"must be {_EXPECTED[first['type']]}, not {_toml_type(first['input'])}"
         raise ConfigError(f"config key {_where(first['loc'])}: {msg}") from None
     base = _resolve(config_dir / config.base_dir, "base_dir")
     resolved = config.model_dump()

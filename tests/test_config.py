@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from pydantic import BaseModel
 
 from broker import natstls
-from broker.config import ENV_OVERRIDES, load_config
+from broker.config import ENV_OVERRIDES, NodeConfig, load_config, parse_config
 from broker.errors import ConfigError
 from broker.members import MEMBERS
 
@@ -228,3 +233,136 @@ def test_a_nats_py_without_the_hook_refuses_tls_urls_at_start(
         load_config(write(tmp_path, TLS), env={})
     # A nats:// URL does not depend on the hook.
     assert load_config(write(tmp_path), env={}).nats.urls == ("nats://127.0.0.1:4222",)
+
+
+def _leaf_keys(
+    model: type[BaseModel] = NodeConfig, prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every key a node.toml may hold, with its annotation (sections walked into)."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _leaf_keys(annotation, (*prefix, name))
+        else:
+            yield (*prefix, name), annotation
+
+
+PATH_KEYS = {
+    ("base_dir",),
+    ("policy",),
+    ("data_dir",),
+    ("nats", "seed_file"),
+    ("nats", "ca_file"),
+    ("nats", "cert_file"),
+    ("nats", "key_file"),
+    ("keys", "dir"),
+    ("keys", "roster_dir"),
+    ("keys", "authority"),
+    ("intake", "socket"),
+    ("intake", "token_file"),
+    ("intake", "spool_dir"),
+}
+STRING_KEYS = {("member",), ("metrics", "listen")}
+ARRAY_KEYS = {("nats", "urls")}
+WHEN = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+
+
+def _wrong_types() -> Iterator[tuple[tuple[str, ...], Any, str]]:
+    """(key, a value of another TOML type, the reason expected) for every key."""
+    keys = dict(_leaf_keys())
+    # A key added without a case here fails the test below rather than go untested.
+    assert set(keys) == PATH_KEYS | STRING_KEYS | ARRAY_KEYS | {
+        k for k, annotation in keys.items() if annotation is int
+    }
+    not_ints: list[tuple[Any, str]] = [("100", "a string"), (100.0, "a float"), (True, "a boolean")]
+    not_paths: list[tuple[Any, str]] = [
+        (5, "an integer"),
+        (False, "a boolean"),
+        (WHEN, "a date-time"),
+    ]
+    for key, annotation in sorted(keys.items()):
+        if annotation is int:
+            for value, kind in not_ints:
+                yield key, value, f"must be an integer, not {kind}"
+        elif key in PATH_KEYS:
+            for value, kind in not_paths:
+                yield key, value, f"must be a path (a string), not {kind}"
+        elif key == ("member",):
+            yield key, 5, "Input should be 'JPN'"  # one of the trigraphs, named
+        elif key in STRING_KEYS:
+            yield key, 9464, "must be a string, not an integer"
+        else:
+            yield key, "nats://127.0.0.1:4222", "must be an array, not a string"
+            yield key, [4222], "must be a string, not an integer"
+
+
+@pytest.mark.parametrize(("key", "value", "reason"), list(_wrong_types()))
+def test_every_key_refuses_a_value_of_another_toml_type(
+    tmp_path: Path, key: tuple[str, ...], value: Any, reason: str
+) -> None:
+    # Lax pydantic took fetch_batch = "100" (and 100.0, and true as 1) quietly.
+    data = tomllib.loads(BASE)
+    holder = data
+    for part in key[:-1]:
+        holder = holder.setdefault(part, {})
+    holder[key[-1]] = value
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, tmp_path, env={})
+    assert str(info.value).startswith(f"config key {'.'.join(key)}: {reason}")
+
+
+def test_a_quoted_integer_in_the_file_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, BASE + '[limits]\nfetch_batch = "100"\n'), env={})
+    assert str(info.value) == "config key limits.fetch_batch: must be an integer, not a string"
+    with pytest.raises(ConfigError) as section:
+        load_config(write(tmp_path, "limits = 100\n" + BASE), env={})
+    assert str(section.value) == "config key limits: must be a table, not an integer"
+
+
+def test_every_environment_override_is_read_as_its_keys_type(tmp_path: Path) -> None:
+    # Variables are text: paths, the URL list and integers from them must still load.
+    # Each one below its default (every default is in range, some at its top).
+    ints = {
+        k: NodeConfig.model_fields[k[0]].default.model_dump()[k[1]] - 1
+        for k, annotation in _leaf_keys()
+        if annotation is int
+    }
+    values = {
+        name: (
+            f"/srv/{'-'.join(keys)}"
+            if keys in PATH_KEYS
+            else f" {ints[keys]} "  # spaces around a number are no mistake
+            if keys in ints
+            else {
+                ("member",): "USA",
+                ("metrics", "listen"): "[::1]:9100",
+                ("nats", "urls"): "tls://a:4222,tls://b:4222",
+            }[keys]
+        )
+        for name, keys in ENV_OVERRIDES.items()
+    }
+    config = load_config(write(tmp_path), env=values)
+    for name, keys in ENV_OVERRIDES.items():
+        got: Any = config
+        for part in keys:
+            got = getattr(got, part)
+        if keys in PATH_KEYS:
+            assert got == Path(values[name]), name
+        elif keys in ints:
+            assert got == ints[keys], name
+        elif keys in ARRAY_KEYS:
+            assert got == ("tls://a:4222", "tls://b:4222"), name
+        else:
+            assert got == values[name], name
+
+
+@pytest.mark.parametrize("text", ["many", "1.5", "true", "", "1e3", "0x10"])
+def test_an_integer_override_that_is_not_one_is_one_line_naming_both(
+    tmp_path: Path, text: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path), env={"MSMT_FETCH_BATCH": text})
+    assert str(info.value) == (
+        f"config key limits.fetch_batch: MSMT_FETCH_BATCH={text!r} is not an integer"
+    )
