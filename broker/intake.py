@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import os
@@ -38,7 +39,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, BinaryIO, Final, NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -664,28 +665,56 @@ class Spool:
     re-ingesting only yields duplicates.
     Names starting with ``.`` or ending in ``.tmp`` are ignored: feeds write
     there first, then rename.
+
+    Only regular files are read, and never through a link: a symbolic link
+    (``passwd.ndjson -> /etc/passwd``) is refused unread and moved to
+    ``rejected/`` with one answer saying why, as is anything found not to be a
+    regular file once opened. A FIFO, socket or device is never opened: it
+    stays where it is, logged once a minute. Directories are left alone.
     """
 
     def __init__(self, directory: Path, intake: Intake) -> None:
         self.dir = directory
         self.intake = intake
+        self.throttle = Throttle()
         for sub in ("done", "rejected"):
             (directory / sub).mkdir(parents=True, exist_ok=True)
 
     def candidates(self) -> list[Path]:
-        """Files waiting to be ingested, oldest first."""
-        files = [
-            p
-            for p in self.dir.iterdir()
-            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp")
-        ]
-        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+        """Regular files and symbolic links waiting here (links to be refused), oldest first."""
+        found: list[tuple[float, str]] = []
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.name.endswith(".tmp"):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # taken away meanwhile
+                mode = info.st_mode
+                if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                    found.append((info.st_mtime, entry.name))
+                elif not stat.S_ISDIR(mode) and self.throttle.due("spool_ignored", entry.name):
+                    # Opening a FIFO would wait for its writer, a device may act on
+                    # an open: neither is read. Said, so a feed writing one is found.
+                    log.warning(
+                        "spool_file_ignored",
+                        file=entry.name,
+                        kind=_file_kind(mode),
+                        reason="not a regular file: move regular files into the spool",
+                    )
+        return [self.dir / name for _, name in sorted(found)]
 
     async def ingest(self, path: Path) -> bool:
         """Ingest one file; return whether it was finished (moved away)."""
         splitter = LineSplitter(self.intake.max_bytes)
         answers: list[dict[str, Any]] = []
-        with path.open("rb") as handle:
+        try:
+            opened = await asyncio.to_thread(_open_regular, path)
+        except _NotRegularError as exc:
+            await self._refuse(path, exc.kind)
+            return True
+        with opened as handle:
             while chunk := await asyncio.to_thread(handle.read, 1 << 20):
                 lines = splitter.feed(chunk)
                 for i in range(0, len(lines), MAX_BATCH):
@@ -701,6 +730,17 @@ class Spool:
         )
         return True
 
+    async def _refuse(self, path: Path, kind: str) -> None:
+        # Unread: its answer is about the file, so it has no line number.
+        answer = {
+            "status": "rejected",
+            "reason": NOT_REGULAR,
+            "detail": f"{kind}: the spool reads only regular files moved into it",
+        }
+        target = self.dir / "rejected"
+        filed = await asyncio.to_thread(_file_away, path, target, answer_bytes([answer]))
+        log.warning("spool_file_refused", file=path.name, kind=kind, filed_as=filed)
+
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
         """Poll the directory until ``stop`` is set."""
         while not stop.is_set():
@@ -713,6 +753,55 @@ class Spool:
                 log.error("spool_error", error=f"{type(exc).__name__}: {exc.strerror}")  # noqa: TRY400
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
+
+
+NOT_REGULAR: Final = "not_a_regular_file"
+"""The reason of a spool file's one answer when it was refused unread (a link, a FIFO)."""
+
+
+class _NotRegularError(Exception):
+    """A spool entry that is not a regular file (``kind`` says what it is)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISDIR, "a directory"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` to read if it is a regular file itself; else ``_NotRegularError``.
+
+    ``O_NOFOLLOW`` refuses a link in the last component; the type is checked on
+    the open descriptor, so an entry swapped after the listing is caught too.
+    ``O_NONBLOCK`` keeps a FIFO swapped in from stopping the open until a writer comes.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _NotRegularError("a symbolic link") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    raise _NotRegularError(_file_kind(mode))
 
 
 def _file_away(path: Path, target: Path, results: bytes) -> str:

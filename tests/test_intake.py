@@ -505,6 +505,70 @@ async def test_spool_leaves_the_file_when_the_store_is_full(tmp_path: Path) -> N
     assert not list((spool_dir / "done").iterdir())
 
 
+async def test_spool_refuses_a_symbolic_link_unread_and_files_it_under_rejected(
+    tmp_path: Path,
+) -> None:
+    # A trial's `passwd.ndjson -> /etc/passwd` was read and filed. A link to a
+    # file of valid records shows it is not read at all: following it accepts them.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    target = tmp_path / "elsewhere.ndjson"
+    target.write_bytes(ndjson(jpn_records(2, seed=71)))
+    (spool_dir / "records.ndjson").symlink_to(target)
+    (spool_dir / "passwd.ndjson").symlink_to("/etc/passwd")
+    (spool_dir / "good.ndjson").write_bytes(ndjson(jpn_records(1, seed=72)))
+    with structlog.testing.capture_logs() as logs:
+        for path in spool.candidates():
+            assert await spool.ingest(path)
+    assert spool.candidates() == []
+    assert len(store.unplanned(10)) == 1  # good.ndjson's record only
+    rejected = spool_dir / "rejected"
+    for name in ("records.ndjson", "passwd.ndjson"):
+        assert (rejected / name).is_symlink()  # the link itself moved aside, not its target
+        answers = [
+            json.loads(a) for a in (rejected / f"{name}.result.ndjson").read_bytes().splitlines()
+        ]
+        assert answers == [
+            {
+                "status": "rejected",
+                "reason": "not_a_regular_file",
+                "detail": "a symbolic link: the spool reads only regular files moved into it",
+            }
+        ]
+    assert target.read_bytes() == ndjson(jpn_records(2, seed=71))
+    refused = [e for e in logs if e["event"] == "spool_file_refused"]
+    assert sorted((e["file"], e["kind"], e["log_level"]) for e in refused) == [
+        ("passwd.ndjson", "a symbolic link", "warning"),
+        ("records.ndjson", "a symbolic link", "warning"),
+    ]
+
+
+async def test_a_fifo_in_the_spool_is_never_opened_and_logged_once_a_minute(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    os.mkfifo(spool_dir / "feed.ndjson")
+    (spool_dir / "archive").mkdir()  # a directory is left alone, and not logged
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):  # three polls within the minute
+            assert spool.candidates() == []
+    assert [(e["event"], e["file"], e["kind"]) for e in logs] == [
+        ("spool_file_ignored", "feed.ndjson", "a FIFO")
+    ]
+    assert stat.S_ISFIFO((spool_dir / "feed.ndjson").lstat().st_mode)
+    # One swapped in after the listing is refused at the open, which does not wait
+    # for a writer: the descriptor's type is what counts.
+    with structlog.testing.capture_logs() as logs:
+        assert await asyncio.wait_for(spool.ingest(spool_dir / "feed.ndjson"), 30)
+    assert stat.S_ISFIFO((spool_dir / "rejected" / "feed.ndjson").lstat().st_mode)
+    answer = json.loads((spool_dir / "rejected" / "feed.ndjson.result.ndjson").read_bytes())
+    assert (answer["reason"], answer["detail"].split(":")[0]) == ("not_a_regular_file", "a FIFO")
+    assert [(e["event"], e["kind"]) for e in logs] == [("spool_file_refused", "a FIFO")]
+
+
 def test_token_file_must_be_private(tmp_path: Path) -> None:
     path = tmp_path / "token"
     token = ensure_token(path)
