@@ -420,7 +420,8 @@ def load_pinned_roster(
 def pin_roster(state_path: Path, signed: SignedRoster) -> None:
     """Record ``signed`` as the highest roster version accepted (see ``load_pinned_roster``)."""
     state_bytes = json_bytes({"version": signed.version, "sha256": roster_digest(signed.jwks)})
-    _write_atomic(state_path, state_bytes, private=False)
+    # Private, as all else in the node's data directory (0700 itself): nobody else reads it.
+    _write_atomic(state_path, state_bytes, private=True)
 
 
 # --- operations: init, rotate, revoke ---------------------------------------

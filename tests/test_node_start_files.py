@@ -1,17 +1,22 @@
-"""A node refuses files it cannot read as text with one line, exit 2, and no traceback.
+"""The files a node starts with: those it cannot read, and the modes of those it makes.
 
-Real keys and a real ``msmt node run``: each file below is read before the node
-dials the hub, so the URL is never used. The codec's own message would quote a
-byte of the file, which for a key file is a byte of the secret.
+Real keys and a real ``msmt node run``: each file read below is read before the
+node dials the hub, so the URL is never used. A file it cannot read as text is
+one line, exit 2, and no traceback: the codec's own message would quote a byte
+of the file, which for a key file is a byte of the secret.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import stat
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from node_world import msmt, write_node_config
+from node_world import MSMT, fetch, msmt, wait_for, write_node_config
 
 from broker import keys
 from broker.config import load_config
@@ -67,3 +72,63 @@ def test_an_unreadable_witness_state_stops_the_start_for_the_operator(folder: Pa
             done.stderr
         )
         assert done.stderr.count("\n") == 1, done.stderr
+
+
+def _modes(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (and ``root``) with its kind and permission bits."""
+    found = {".": f"d{stat.S_IMODE(root.lstat().st_mode):04o}"}
+    for path in root.rglob("*"):
+        mode = path.lstat().st_mode
+        kind = "d" if stat.S_ISDIR(mode) else "s" if stat.S_ISSOCK(mode) else "f"
+        found[str(path.relative_to(root))] = f"{kind}{stat.S_IMODE(mode):04o}"
+    return found
+
+
+def test_what_a_node_creates_is_its_users_alone_whatever_the_umask(folder: Path) -> None:
+    # Created 0755/0644 under the usual umask 022 (spool/, audit/, roster-state.json,
+    # the SQLite -wal and -shm files): safe only while the data directory stayed 0700.
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    config = load_config(config_path, env={})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    node = subprocess.Popen(
+        [MSMT, "node", "run", "--config", str(config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        umask=0o022,  # what a shell, cron or a container gives it
+    )
+    try:
+        # The socket is bound last, after the store, log, spool and metrics listener.
+        wait_for(lambda: config.socket_path.exists() or node.poll() is not None, 60, "started")
+        assert node.poll() is None, node.stderr.read() if node.stderr else ""
+        assert fetch(f"http://127.0.0.1:{config.metrics.port}/healthz")
+        running = _modes(config.data_dir)
+    finally:
+        node.send_signal(signal.SIGTERM)
+        _, err = node.communicate(timeout=60)
+    assert node.returncode == 0, err
+    stopped = _modes(config.data_dir)
+    # What a start makes, at least; SQLite's -wal and -shm exist while it runs.
+    expected = {
+        ".",
+        "audit",
+        "audit/audit.sqlite",
+        "audit/audit.sqlite-wal",
+        "audit/audit.sqlite-shm",
+        "node.sqlite3",
+        "node.sqlite3-wal",
+        "node.sqlite3-shm",
+        "node.sqlite3.lock",
+        "roster-state.json",
+        "intake.token",
+        "intake.sock",
+        "spool",
+        "spool/done",
+        "spool/rejected",
+    }
+    assert expected <= set(running), sorted(running)
+    for modes in (running, stopped):
+        wrong = {
+            name: mode for name, mode in modes.items() if mode not in ("d0700", "f0600", "s0600")
+        }
+        assert wrong == {}, modes

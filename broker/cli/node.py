@@ -46,6 +46,9 @@ from broker.roster import Roster, parse_time
 from broker.sightings import is_report_id
 from broker.store import KEPT_SINCE, InboxEntry, Store, require_store, writer_pid
 
+NODE_UMASK: int = 0o077
+"""What ``msmt node run`` creates is its user's alone (the sample systemd unit's ``UMask``)."""
+
 
 def _config(path: Path) -> NodeConfig:
     return load_config(path)
@@ -72,6 +75,11 @@ def node_run(config_path: Path, log_level: str) -> None:
 
     config = _config(config_path)
     log.configure(level=log_level)
+    # Whatever the caller's umask: the data directory holds reports in the clear and
+    # what partners sent, so all the node creates (store and audit log with their
+    # -wal and -shm, spool, state files) is 0700/0600, not only what sets its own
+    # mode. Files meant for others (the intake socket) are chmodded explicitly.
+    os.umask(NODE_UMASK)
     asyncio.run(run(config))
 
 
