@@ -16,7 +16,10 @@ Message bodies are built and parsed by ``broker.checkpoint`` (docs/AUDIT.md):
   audit log at most once a second. One our log holds is our echo; one signed by
   our own log key that our log does not hold comes from another process with
   our credentials (a second node of ours, or a restored or forked copy) and
-  raises the ``twin`` alarm; anything else is refused quietly;
+  raises the ``twin`` alarm, which lasts ``TWIN_CLEAR_S`` after the last such
+  checkpoint (``twin_active``; the node pauses its inbox meanwhile); anything
+  else is refused quietly. The echoes of the notes the node says it published
+  (``published``) are dropped unchecked, so they cannot crowd a twin's note out;
 * ``msmt.audit.<W>.cosignature``: a witness's cosignature of one of our
   checkpoints is verified against the roster and merged into our audit log;
   those of other logs (every witness's reach every node) are dropped by their
@@ -42,7 +45,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -101,6 +105,12 @@ against our log at most this often (one store read), newer arrivals replacing it
 LOG_EVERY_S: Final = 60.0
 """The same alarm or refusal is logged at most this often per kind and log (or
 publisher): a partner repeating a message must not flood the log. Each still counts."""
+TWIN_CLEAR_S: Final = 180.0
+"""The twin alarm lasts this long after the twin's last checkpoint seen: three times
+the 60 s within which every node publishes its latest again, so an idle twin is
+not taken for gone between two of its checkpoints."""
+PUBLISHED_KEPT: Final = 4
+"""Our own latest checkpoint notes, whose echoes are dropped unchecked."""
 
 
 def load_witness_state(path: Path) -> dict[str, LogState]:
@@ -175,7 +185,7 @@ class AuditNet:
     subject (``checkpoint``) refused as their publisher's forgeries.
     ``own_log_keys`` are our log keys that partners trust besides ``signer``'s
     (the roster's retired ones): a checkpoint one of them signed that our log
-    lacks is a fork too.
+    lacks is a fork too. ``on_twin``, if set, is called at each twin checkpoint seen.
     """
 
     def __init__(
@@ -223,6 +233,11 @@ class AuditNet:
         # The latest note seen on our own checkpoint subject, not yet checked (``_watch_own``).
         self.echo_interval = ECHO_INTERVAL_S
         self._echo: bytes | None = None
+        self._published: deque[bytes] = deque(maxlen=PUBLISHED_KEPT)
+        self.twin_clear = TWIN_CLEAR_S
+        self.twin_seen = -math.inf
+        """When (``time.monotonic``) a twin's checkpoint was last seen."""
+        self.on_twin: Callable[[], None] | None = None
         self._echo_arrived = asyncio.Event()
         self._last_round = -math.inf
         # A cosignature note starts with the checkpoint's origin line: ours start with this.
@@ -232,6 +247,19 @@ class AuditNet:
         self._cosigned = {
             origin: _cosigned_text(origin, st) for origin, st in self.witness.state.items()
         }
+
+    def published(self, note: bytes) -> None:
+        """Say that we publish ``note`` on our own subject: its echo is then not checked.
+
+        Only the latest note there is checked, once a second: while our log grows
+        our own echoes came every second and could take the place of a twin's
+        checkpoint before its check, and the twin alarm lapsed while it ran.
+        """
+        self._published.append(note)
+
+    def twin_active(self) -> bool:
+        """Whether a twin's checkpoint was seen within the last ``twin_clear`` seconds."""
+        return time.monotonic() - self.twin_seen < self.twin_clear
 
     @property
     def backlog(self) -> int:
@@ -274,6 +302,8 @@ class AuditNet:
     async def _on_checkpoint(self, msg: Msg) -> None:
         origin = msg.subject.split(".")[2]
         if origin == self.member:
+            if msg.data in self._published:
+                return  # byte for byte what we published: our echo
             # Latest wins: ``_watch_own`` checks one at most every ``echo_interval``.
             self._echo = msg.data
             self._echo_arrived.set()
@@ -400,12 +430,15 @@ class AuditNet:
             return
         detail = await self.run_db(self._twin_detail, checkpoint)
         if detail is not None:
+            self.twin_seen = time.monotonic()
             self._alarm(
                 "twin",
                 self.member,
                 f"another node is publishing checkpoints of our log {self.member} ({detail}):"
                 f" is a second node running with {self.member}'s credentials?",
             )
+            if self.on_twin is not None:
+                self.on_twin()
 
     def _twin_detail(self, checkpoint: Checkpoint) -> str | None:
         """Step 2 of ``_check_own``, on the store thread: what differs, or ``None``."""

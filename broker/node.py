@@ -85,9 +85,11 @@ CLOCK_WARN_S: Final = 60.0
 REPUBLISH_S: Final = 60.0
 """Longest time between two publications of our latest checkpoint, changed or not."""
 STATUS_EVERY_S: Final = 30.0
+"""Longest time between status writes when nothing changed (``updated_at``'s freshness)."""
 ACTIVITY_EVERY_S: Final = 60.0
 """How often a node that did anything logs one ``activity`` line of counts."""
-"""Longest time between status writes when nothing changed (``updated_at``'s freshness)."""
+PAUSED_LOG_EVERY_S: Final = 60.0
+"""While the inbox is paused for a twin, a line says so this often."""
 PLAN_ERROR_RETRY_S: Final = 0.5
 REISSUE_EVERY_S: Final = 60.0
 """Longest time between looks for envelopes to sign again (pending too long; ``msmt node
@@ -168,7 +170,11 @@ class Node:
                 }
             )
         self.auditnet = auditnet(self.metrics, self.run_db)
+        self.auditnet.on_twin = self._twin_seen
         self.stop = asyncio.Event()
+        # Ends the receiver's run: at a stop, or when a twin is seen (``_twin_seen``).
+        self._inbox_halt = asyncio.Event()
+        self._inbox_paused = ""  # why and since when, while the inbox is paused
         self.nc: Client | None = None
         self.publisher: Publisher | None = None
         self.receiver: Receiver | None = None
@@ -585,12 +591,54 @@ class Node:
     async def _receive_forever(self, receiver: Receiver) -> None:
         # Binding fails while the hub is away or the inbox is not set up yet; keep trying.
         while not self.stop.is_set():
+            if self.auditnet.twin_active():
+                await self._pause_inbox()
+                continue
+            self._inbox_halt.clear()
             try:
-                await receiver.run(self.stop)
+                await receiver.run(self._inbox_halt)
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 self._error(f"inbox: {type(exc).__name__} {exc}".strip(), same_as=_HUB_TROUBLE)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), 1.0)
+
+    def _twin_seen(self) -> None:
+        # A twin (another process with our credentials and log key) shares our
+        # inbox consumer: each report it takes lands in its store, not ours (a
+        # trial: 10 of 40). Stop taking any at once; the hub keeps them for
+        # whichever node is left. Our checkpoint goes out again now, so the twin
+        # sees it and pauses too, rather than consume alone until our next one.
+        if self._inbox_paused:
+            return
+        self._inbox_paused = (
+            f"since {_utc_now_text()}: another process with {self.member}'s credentials"
+            " takes reports from this inbox (the twin alarm); stop it, and this node resumes"
+            f" {self.auditnet.twin_clear:.0f} s after its last checkpoint"
+        )
+        self._inbox_halt.set()
+        if self.receiver is not None:
+            self.receiver.wake()
+        self._published_at = -math.inf
+
+    async def _pause_inbox(self) -> None:
+        # Until no twin checkpoint has come for auditnet.twin_clear: both twins
+        # pause (neither knows which one the operator meant), so the member's
+        # reports wait at the hub rather than split between two stores, and the
+        # one left resumes by itself once the other is stopped. Intake, sending
+        # and the audit traffic go on.
+        self._twin_seen()  # set already, unless the alarm came between two runs
+        logged = -math.inf
+        while not self.stop.is_set() and self.auditnet.twin_active():
+            if time.monotonic() - logged >= PAUSED_LOG_EVERY_S:
+                log.error("inbox_paused", reason=self._inbox_paused)
+                logged = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), HOUSEKEEPING_S)
+        paused, self._inbox_paused = self._inbox_paused, ""
+        if not self.stop.is_set():
+            log.warning(
+                "inbox_resumed", paused_since=paused.partition(": ")[0].removeprefix("since ")
+            )
 
     # --- housekeeping ------------------------------------------------------------
 
@@ -610,6 +658,8 @@ class Node:
         """Why the node is not ready, or ``None`` when it is."""
         if self.nc is None or not self.nc.is_connected:
             return "not connected to NATS"
+        if self._inbox_paused:
+            return "inbox paused: a twin takes reports from it (msmt status)"
         if self.receiver is None or not self.receiver.bound:
             return "inbox consumer not bound"
         return None
@@ -674,6 +724,7 @@ class Node:
             **_feeds_used(counts),
             "connected": "no",
             "inbox_lag": "unknown",
+            "inbox_paused": "",  # a stopped node takes nothing: "connected no" says so
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,
             "updated_at": _utc_now_text(),
@@ -702,6 +753,7 @@ class Node:
         status = {
             "connected": "yes" if self.nc is not None and self.nc.is_connected else "no",
             "inbox_lag": "unknown" if lag is None else str(lag),
+            "inbox_paused": self._inbox_paused,
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,
         }
@@ -822,8 +874,10 @@ class Node:
             return
         if self.nc is None or not self.nc.is_connected:
             return
+        body = checkpoint.encode()
+        self.auditnet.published(body)
         try:
-            await self.nc.publish(f"msmt.audit.{self.member}.checkpoint", checkpoint.encode())
+            await self.nc.publish(f"msmt.audit.{self.member}.checkpoint", body)
         except nats.errors.Error as exc:
             self._error(f"checkpoint publish: {type(exc).__name__}")
             return
@@ -894,12 +948,7 @@ class Node:
             await intake_runner.cleanup()
             spool_stop.set()
             self.stop.set()
-            # The planner and publisher sleep until woken, not on a timer.
-            self._plan_wake.set()
-            if self.publisher is not None:
-                self.publisher.wake()
-            if self.receiver is not None:
-                self.receiver.wake()
+            self._wake_for_stop()
             # 2. planner, publisher (waits for in-flight acks) and receiver finish
             await asyncio.gather(*tasks, housekeeping, return_exceptions=True)
             # 3. acks reach the server before the connection goes
@@ -953,6 +1002,15 @@ class Node:
             raise ConfigError(
                 f"config key metrics.listen: cannot listen on {listen.host}:{listen.port}: {reason}"
             ) from None
+
+    def _wake_for_stop(self) -> None:
+        # The planner, publisher and receiver sleep until woken, not on a timer.
+        self._plan_wake.set()
+        if self.publisher is not None:
+            self.publisher.wake()
+        self._inbox_halt.set()
+        if self.receiver is not None:
+            self.receiver.wake()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         # A part that dies must take the node down (for systemd to restart it):

@@ -684,6 +684,48 @@ async def test_a_checkpoint_of_our_log_that_our_log_lacks_on_our_subject_is_the_
     assert audit.usa.alarm_count("twin") == 0  # a partner's subject is not its own
 
 
+async def test_the_twin_alarm_lasts_while_twin_checkpoints_come_and_lapses_after(
+    audit: Audit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The node pauses its inbox while twin_active(): it must hold from the first
+    # twin checkpoint on, and end once they stop coming for twin_clear seconds.
+    _spy_own_checks(audit, monkeypatch)
+    net = audit.jpn.net
+    seen: list[float] = []
+    net.on_twin = lambda: seen.append(net.twin_seen)
+    assert not net.twin_active()
+    twin = sign_checkpoint(Checkpoint(MEMBER, 40, b"\x22" * 32), JPN_KEY).render().encode()
+    await _publish_own(audit, twin, lambda: len(seen) == 1, "the twin's first checkpoint")
+    assert net.twin_active()
+    first = seen[0]
+    net.twin_clear = 0.5  # from here, so the wait below is short
+    await _publish_own(audit, twin, lambda: len(seen) == 2, "the twin's next checkpoint")
+    assert seen[1] > first  # each one seen extends the alarm
+    await await_for(lambda: not net.twin_active(), 10, "the alarm to lapse")
+    assert len(seen) == 2
+    assert audit.jpn.alarm_count("twin") == 2
+
+
+async def test_our_own_published_notes_cannot_crowd_out_a_twins_note(
+    audit: Audit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the latest note on our subject is checked, once per echo_interval: while
+    # our log grew, our echo every second replaced a twin's note before its check.
+    checked = _spy_own_checks(audit, monkeypatch)
+    net = audit.jpn.net
+    net.echo_interval = 2.0
+    ours = audit.log.checkpoint_at(3).encode()
+    net.published(ours)  # as the node says before each publish
+    twin = sign_checkpoint(Checkpoint(MEMBER, 40, b"\x22" * 32), JPN_KEY).render().encode()
+    await _publish_own(audit, twin, lambda: len(checked) == 1, "a first twin note checked")
+    # The watcher now sleeps: the twin's next note, then our echo, arrive meanwhile.
+    await audit.publish_checkpoint(twin)
+    await audit.publish_checkpoint(ours)
+    await await_for(lambda: len(checked) == 2, 10, "the next check")
+    assert [size for size, _ in checked] == [40, 40]  # the twin's, not our echo
+    assert audit.jpn.alarm_count("twin") == 2
+
+
 async def test_a_note_on_our_subject_not_signed_by_our_log_key_is_refused_quietly(
     audit: Audit, monkeypatch: pytest.MonkeyPatch
 ) -> None:

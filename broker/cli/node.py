@@ -531,6 +531,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``policy_digest`` is the policy it last started with; ``policy_file`` says
     whether the file on disk is still that policy (an edit applies at restart).
     ``received`` is how many reports the inbox holds now (what ``inbox list`` lists).
+    ``inbox_paused`` says why and since when the node takes nothing from its inbox
+    (another process with its credentials takes from it: the twin alarm).
     ``outbox`` splits ``outbox_depth`` by partner (``unplanned`` has none yet), with
     the acceptance time of the oldest report waiting for each. ``feeds`` counts
     records accepted and rejected by feed (``socket``: intake.token, ``spool``,
@@ -556,6 +558,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "outbox_depth": depth,
         "outbox": _outbox(store, depth),
         "inbox_lag": state.get("inbox_lag", "unknown"),
+        # Why and since when the node takes nothing from its inbox (a twin), else empty.
+        "inbox_paused": state.get("inbox_paused", ""),
         "received": store.inbox_count(),
         "counters": {k: v for k, v in sorted(counters.items()) if not k.startswith(FEED_COUNTER)},
         # By feed: socket (intake.token), spool, and socket:NAME for each named feed.
