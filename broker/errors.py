@@ -91,6 +91,10 @@ class StoreError(MsmtError):
     """The node's durable store could not accept or return data (disk full, corrupt)."""
 
 
+class StoreDamagedError(StoreError):
+    """The store's file is not a database or is malformed: no retry or restart mends it."""
+
+
 _COULD_NOT_GROW: Final = {
     "SQLITE_IOERR_SHMSIZE": "its -shm file could not grow",
     "SQLITE_IOERR_WRITE": "a write failed",

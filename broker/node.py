@@ -51,7 +51,7 @@ from broker.auditlog import DB_FILE, AuditLog
 from broker.auditnet import AuditNet
 from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
-from broker.errors import AuditError, ConfigError, KeyMaterialError, MsmtError
+from broker.errors import AuditError, ConfigError, KeyMaterialError, MsmtError, StoreDamagedError
 from broker.feeds import FEED_COUNTER, FEED_USED, FeedTokens
 from broker.intake import Intake, Refusal, Spool, ensure_token, make_app, serve_unix
 from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
@@ -1043,7 +1043,12 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
     # Until the node owns them, a failure closes what was opened: in-process
     # callers (tests, the demo) must not inherit open files.
     with contextlib.ExitStack() as undo:
-        store = Store(config.store_path)
+        try:
+            store = Store(config.store_path)
+        except StoreDamagedError as exc:
+            # As for a damaged audit log (_open_audit): exit 2, which the unit does not
+            # restart on; a store that is locked or on a full disk stays 1.
+            raise ConfigError(str(exc)) from None
         undo.callback(store.close)
         state = store.state()
         # The pinned state file refuses a rolled-back roster and two rosters under one version.

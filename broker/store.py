@@ -45,7 +45,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from broker.errors import StoreError, UsageError, sqlite_reason
+from broker.errors import StoreDamagedError, StoreError, UsageError, sqlite_reason
 
 AUDIT_SIZE: Final = "audit_size"
 """The ``state`` key holding the audit log's size at the store's last write."""
@@ -340,6 +340,14 @@ class Store:
         except StoreError:
             self._unlock()
             raise
+        except sqlite3.DatabaseError as exc:
+            self._unlock()
+            if isinstance(exc, sqlite3.OperationalError):  # locked, I/O, a full disk: may pass
+                raise StoreError(f"cannot open store {path}: {sqlite_reason(exc)}") from None
+            raise StoreDamagedError(
+                f"store {path} is damaged or not a node store: {exc}; restore it from a backup"
+                " (docs/DEPLOY.md, 'Backing up and restoring a node')"
+            ) from None
         except (sqlite3.Error, OSError) as exc:
             self._unlock()
             raise StoreError(f"cannot open store {path}: {sqlite_reason(exc)}") from None

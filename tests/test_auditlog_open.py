@@ -112,6 +112,25 @@ def test_node_run_refuses_an_audit_log_that_is_not_a_database_with_exit_2(
     )
 
 
+def test_node_run_refuses_a_store_that_is_not_a_database_with_exit_2(tmp_path: Path) -> None:
+    # The same for the store: a restart every 2 s cannot mend it either.
+    folder = jpn_config(tmp_path).parent
+    config = load_config(folder / "node.toml", env={})
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+    path = config.store_path
+    for extra in ("-wal", "-shm"):
+        path.with_name(path.name + extra).unlink(missing_ok=True)
+    path.write_bytes(b"not an SQLite file, but long enough to have a header" * 4)
+    done = msmt("node", "run", "--config", str(folder / "node.toml"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"msmt: error: store {path} is damaged or not a node store: file is not a database;"
+        " restore it from a backup (docs/DEPLOY.md, 'Backing up and restoring a node')\n"
+    )
+
+
 def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_path: Path) -> None:
     config = load_config(jpn_config(tmp_path), env={})
     keydir = tmp_path / "keys"
