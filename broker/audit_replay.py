@@ -43,17 +43,21 @@ which the logs are given. Logs not given are not guessed at: their side is
 reported as ``not-checked``.
 
 ``verified_entries`` parses a verified log's entries only if their bytes are the
-ones verified.
+ones verified; ``iter_verified_entries`` streams them, so that replay keeps only
+what it needs of each entry (``_Send``, ``_Receipt``, ``_Rejection``), never the
+logs themselves: a year of logs is millions of entries.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Generic, Protocol, TypeVar
 
-from broker.audit_events import parse_entry
+from broker.audit_events import VERSION, parse_entry
 from broker.errors import AuditError, PolicyError
 from broker.merkle import CompactRange, leaf_hash
 from broker.policy import Policy, Release
@@ -169,23 +173,40 @@ class Replay:
         ]
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready form for tools (``msmt audit replay --json``)."""
-        return {
-            "exchanges": [
-                asdict(e)
-                | {
-                    "released": list(e.released),
-                    "rel_to": None if e.rel_to is None else list(e.rel_to),
-                }
-                for e in self.exchanges
-            ],
-            "matrix": [
+        """A JSON-ready form for tools (``msmt audit replay --json`` prints ``json_text()``)."""
+        return dict(self._json_summary(), exchanges=[_exchange_json(e) for e in self.exchanges])
+
+    def json_text(self) -> Iterator[str]:
+        """``to_json()`` as JSON text, in pieces: the findings first, the exchanges last.
+
+        Each list item is one line. Written piece by piece, the exchanges of a long
+        replay are never one string, or one list of dicts, in memory.
+        """
+        yield "{"
+        for key, value in self._json_summary():
+            yield f"\n  {_JSON(key)}: "
+            if isinstance(value, list):
+                yield from _json_list(value)
+            else:
+                yield _JSON(value)
+            yield ","
+        yield '\n  "exchanges": '
+        yield from _json_list(_exchange_json(e) for e in self.exchanges)
+        yield "\n}"
+
+    def _json_summary(self) -> Iterator[tuple[str, Any]]:
+        yield "findings", [asdict(f) for f in self.findings]
+        yield "unchecked_receipts", self.unchecked_receipts
+        yield (
+            "matrix",
+            [
                 {"sender": s, "recipient": r, "delivered": n}
                 for (s, r), n in sorted(self.matrix.items())
             ],
-            "findings": [asdict(f) for f in self.findings],
-            "unchecked_receipts": self.unchecked_receipts,
-            "never_delivered": [
+        )
+        yield (
+            "never_delivered",
+            [
                 {
                     "sender": e.sender,
                     "recipient": e.recipient,
@@ -194,7 +215,10 @@ class Replay:
                 }
                 for e in self.never_delivered()
             ],
-            "recovered": [
+        )
+        yield (
+            "recovered",
+            [
                 {
                     "sender": e.sender,
                     "recipient": e.recipient,
@@ -203,7 +227,10 @@ class Replay:
                 }
                 for e in self.recovered()
             ],
-            "bulk_refusals": [
+        )
+        yield (
+            "bulk_refusals",
+            [
                 {
                     "source": source,
                     "recipient": recipient,
@@ -215,7 +242,40 @@ class Replay:
                 }
                 for (source, recipient), b in sorted(self.bulk_refusals.items())
             ],
-        }
+        )
+
+
+_JSON = json.JSONEncoder().encode
+"""The C encoder (``indent`` would select the pure-Python one, ten times slower)."""
+
+
+def _json_list(items: Iterable[Any]) -> Iterator[str]:
+    """A JSON array, one item a line."""
+    yield "["
+    sep = "\n    "
+    for item in items:
+        yield sep + _JSON(item)
+        sep = ",\n    "
+    yield "]" if sep == "\n    " else "\n  ]"
+
+
+def _exchange_json(e: Exchange) -> dict[str, Any]:
+    # Not asdict(), which deep-copies every field: it cost more than the encoding itself.
+    return {
+        "at": e.at,
+        "sender": e.sender,
+        "recipient": e.recipient,
+        "report_id": e.report_id,
+        "kind": e.kind,
+        "tlp": e.tlp,
+        "rel_to": None if e.rel_to is None else list(e.rel_to),
+        "policy_digest": e.policy_digest,
+        "released": list(e.released),
+        "jwe_sha256": e.jwe_sha256,
+        "status": e.status,
+        "seq": e.seq,
+        "refused_at": e.refused_at,
+    }
 
 
 def over_disclosures(send: Mapping[str, Any], policy: Policy) -> list[str]:
@@ -224,9 +284,27 @@ def over_disclosures(send: Mapping[str, Any], policy: Policy) -> list[str]:
     The policy answers from the send's handling markings alone
     (``Policy.releasable``), exactly as it decided when the report went out.
     """
-    released = send["released"]
+    markings = (send["partner"], send["kind"], send["tlp"], send["originator"], send["rel_to"])
+    return _over_disclosures(policy, *markings, send["released"])
+
+
+def releases_anything(send: Mapping[str, Any], policy: Policy) -> bool:
+    """Whether ``policy`` releases any field at all to the send's partner, given its markings."""
+    markings = (send["partner"], send["kind"], send["tlp"], send["originator"], send["rel_to"])
+    return _releases_anything(policy, *markings)
+
+
+def _over_disclosures(
+    policy: Policy,
+    partner: str,
+    kind: str,
+    tlp: str,
+    originator: str,
+    rel_to: Sequence[str] | None,
+    released: Sequence[str],
+) -> list[str]:
     try:
-        cells = _cells(send, policy)
+        cells = _cells(policy, partner, kind, tlp, originator, rel_to)
     except PolicyError as exc:
         return [f"{key}: {exc}" for key in released]
     problems = []
@@ -236,7 +314,7 @@ def over_disclosures(send: Mapping[str, Any], policy: Policy) -> list[str]:
         except ValueError:
             problems.append(f"{key}: not a valid disclosure key")
             continue
-        cell = cells.get(path, f"not a field of a {send['kind']} report")
+        cell = cells.get(path, f"not a field of a {kind} report")
         if not isinstance(cell, Release):
             problems.append(f"{key}: withheld by the policy ({cell})")
         elif cell.disclosure_key != key:
@@ -244,23 +322,26 @@ def over_disclosures(send: Mapping[str, Any], policy: Policy) -> list[str]:
     return problems
 
 
-def releases_anything(send: Mapping[str, Any], policy: Policy) -> bool:
-    """Whether ``policy`` releases any field at all to the send's partner, given its markings."""
+def _releases_anything(
+    policy: Policy, partner: str, kind: str, tlp: str, originator: str, rel_to: Sequence[str] | None
+) -> bool:
     try:
-        cells = _cells(send, policy)
+        cells = _cells(policy, partner, kind, tlp, originator, rel_to)
     except PolicyError:
         return False
     return any(isinstance(cell, Release) for cell in cells.values())
 
 
-def _cells(send: Mapping[str, Any], policy: Policy) -> Mapping[str, Release | str]:
+def _cells(
+    policy: Policy, partner: str, kind: str, tlp: str, originator: str, rel_to: Sequence[str] | None
+) -> Mapping[str, Release | str]:
     return policy.releasable(
-        send["partner"],
-        kind=send["kind"],
-        tlp=send["tlp"],
-        originator=send["originator"],
-        rel_to=send["rel_to"],
-        onward=send["originator"] != policy.member,
+        partner,
+        kind=kind,
+        tlp=tlp,
+        originator=originator,
+        rel_to=rel_to,
+        onward=originator != policy.member,
     )
 
 
@@ -325,7 +406,8 @@ class PolicyTimeline:
     def add_arrival(self, entry: Mapping[str, Any]) -> None:
         """Record an ``accepted`` or ``received`` entry (only a report's first counts)."""
         arrivals = self._accepted if entry["type"] == "accepted" else self._received
-        arrivals.setdefault(entry["report_id"], (entry["seq"], len(self.policies) - 1))
+        report = sys.intern(entry["report_id"])  # shared with the sends of the report
+        arrivals.setdefault(report, (entry["seq"], len(self.policies) - 1))
 
     def not_in_force(self, member: str, send: Mapping[str, Any]) -> str | None:
         """Why ``send``'s policy was not in force for its report, or ``None`` if it was."""
@@ -364,8 +446,20 @@ def verified_entries(data: Iterable[bytes], size: int, root: bytes) -> list[dict
     changed after it was verified, or else, at the first entry that does not
     parse, ``entry N: <why>`` (only a verified entry is blamed on the log's owner).
     """
+    return list(iter_verified_entries(data, size, root))
+
+
+def iter_verified_entries(
+    data: Iterable[bytes], size: int, root: bytes
+) -> Iterator[dict[str, Any]]:
+    """``verified_entries`` one entry at a time, for a caller that keeps only what it needs.
+
+    The entries come before the root is checked: whatever the caller makes of
+    them is unverified until the iterator is exhausted, which raises exactly
+    what ``verified_entries`` raises (after an entry that does not parse, it
+    yields nothing more but reads on, to check the root).
+    """
     edge = CompactRange()
-    entries: list[dict[str, Any]] = []
     failure: str | None = None
     changed = AuditError(
         "changed after it was verified: its entries do not hash to the root verified "
@@ -377,16 +471,17 @@ def verified_entries(data: Iterable[bytes], size: int, root: bytes) -> list[dict
         edge.append(leaf_hash(blob))
         if failure is None:
             try:
-                entries.append(parse_entry(blob, i))
+                entry = parse_entry(blob, i)
             except AuditError as exc:
                 # Said only once the root matches: a malformed entry in bytes that
                 # were never verified is not the log owner's, and must not read so.
                 failure = f"entry {i}: {exc}"
+                continue
+            yield entry
     if edge.size != size or edge.root() != root:
         raise changed
     if failure is not None:
         raise AuditError(failure)
-    return entries
 
 
 _Entry = Mapping[str, Any]
@@ -420,37 +515,156 @@ def _differing(entry: _Entry, earlier: _Entry) -> str:
     return " and ".join(names)
 
 
-class _Repeats:
+# What replay keeps of an entry until every log is read: a few slots, their repeated
+# values shared (``_Pool``). A parsed entry is a dict of ~2.5 KB; a log holds
+# hundreds of thousands. Each record holds every field the checks read, and
+# ``entry()`` gives back what a repeat is compared with (all but ``at`` and ``prev``
+# for a receipt, ``prev`` for a send; ``v`` and ``type`` are known, and ``member``
+# is the log's own, since entries naming another member are left out).
+
+
+@dataclass(frozen=True, slots=True)
+class _Send:
+    member: str
+    seq: int
+    at: str
+    partner: str
+    report_id: str
+    kind: str
+    originator: str
+    tlp: str
+    rel_to: tuple[str, ...] | None
+    released: tuple[str, ...]
+    policy_digest: str
+    jwe_sha256: str
+
+    def entry(self) -> dict[str, Any]:
+        return _as_entry(self, "sent")
+
+
+@dataclass(frozen=True, slots=True)
+class _Receipt:
+    member: str
+    seq: int
+    sender: str
+    report_id: str
+    kind: str
+    fields: tuple[str, ...]
+    jwe_sha256: str
+
+    def entry(self) -> dict[str, Any]:
+        return _as_entry(self, "received")
+
+
+@dataclass(frozen=True, slots=True)
+class _Rejection:
+    member: str
+    seq: int
+    source: str
+    step: str
+    report_id: str | None
+    jwe_sha256: str
+
+
+def _as_entry(record: _Send | _Receipt, kind: str) -> dict[str, Any]:
+    values = ((f.name, getattr(record, f.name)) for f in fields(record))
+    entry = {k: list(v) if isinstance(v, tuple) else v for k, v in values}
+    return entry | {"v": VERSION, "type": kind}
+
+
+class _Kept(Protocol):
+    """What every record has: the log it came from and the entry's place in it."""
+
+    @property
+    def member(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def report_id(self) -> str | None: ...
+
+
+class _Pool:
+    """One object per distinct value kept: strings by ``sys.intern``, tuples of them here.
+
+    Members, kinds, markings, policy digests and disclosure keys repeat in every
+    send, report ids in each of a report's sends, a JWE hash in its send and its
+    receipt: parsed, each occurrence is its own object.
+    """
+
+    def __init__(self) -> None:
+        self._tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def keys(self, values: Iterable[str]) -> tuple[str, ...]:
+        """``values`` (disclosure keys, members) as a shared tuple of shared strings."""
+        kept = tuple(map(sys.intern, values))
+        return self._tuples.setdefault(kept, kept)
+
+    def send(self, member: str, e: _Entry) -> _Send:
+        """The record of a ``sent`` entry of ``member``'s log."""
+        s = sys.intern
+        rel_to = None if e["rel_to"] is None else self.keys(e["rel_to"])
+        return _Send(
+            member, e["seq"], s(e["at"]), s(e["partner"]), s(e["report_id"]), s(e["kind"]),
+            s(e["originator"]), s(e["tlp"]), rel_to, self.keys(e["released"]),
+            s(e["policy_digest"]), s(e["jwe_sha256"]),
+        )  # fmt: skip
+
+    def receipt(self, member: str, e: _Entry) -> _Receipt:
+        """The record of a ``received`` entry of ``member``'s log."""
+        s = sys.intern
+        return _Receipt(
+            member, e["seq"], s(e["sender"]), s(e["report_id"]), s(e["kind"]),
+            self.keys(e["fields"]), s(e["jwe_sha256"]),
+        )  # fmt: skip
+
+    def rejection(self, member: str, e: _Entry) -> _Rejection:
+        """The record of a ``rejected`` entry (one that names a JWE) of ``member``'s log."""
+        s = sys.intern
+        report = e["report_id"]
+        return _Rejection(
+            member, e["seq"], s(e["source"]), s(e["step"]), None if report is None else s(report),
+            s(e["jwe_sha256"]),
+        )  # fmt: skip
+
+
+_R = TypeVar("_R", _Send, _Receipt)
+
+
+class _Repeats(Generic[_R]):
     """One log's entries of one type by JWE hash: honest repeats and conflicting ones.
 
     Only a repeat costs more than a dictionary lookup (its content made hashable),
     and the versions of one JWE are a set, so appending many repeats stays linear.
     """
 
-    def __init__(self) -> None:
-        self.first: dict[str, _Entry] = {}  # JWE -> its first entry
+    def __init__(self, keep: Callable[[_Entry], _R]) -> None:
+        self.first: dict[str, _R] = {}  # JWE -> the record of its first entry
         self._versions: dict[str, set[_Version]] = {}
+        self._keep: Callable[[_Entry], _R] = keep
 
-    def add(self, entry: _Entry) -> tuple[_Entry | None, bool]:
-        """The earlier entry ``entry`` repeats (``None`` if none); whether its content is new."""
+    def add(self, entry: _Entry) -> tuple[_R | None, _R | None]:
+        """The earlier record ``entry`` repeats (``None`` if none), and its own if it is new.
+
+        The second is ``None`` for a repeat whose content is not new (an honest one).
+        """
         key = entry["jwe_sha256"]
         earlier = self.first.get(key)
         if earlier is None:
-            self.first[key] = entry
-            return None, True
+            record = self.first[key] = self._keep(entry)
+            return None, record
         seen = self._versions.get(key)
         if seen is None:
-            seen = self._versions[key] = {_version(earlier)}
+            seen = self._versions[key] = {_version(earlier.entry())}
         version = _version(entry)
         if version in seen:
-            return earlier, False
+            return earlier, None
         seen.add(version)
-        return earlier, True
+        return earlier, self._keep(entry)
 
 
 @dataclass(slots=True)
 class _Index:
-    """What the logs say of each JWE hash, as (member, entry) pairs in the order read.
+    """What the logs say of each JWE hash, as records in the order read.
 
     ``sends`` holds each log's distinct versions of a ``sent`` entry (the first
     entry of each), ``receipts`` each log's first ``received`` entry (its
@@ -459,22 +673,24 @@ class _Index:
     JWE, by (source, the log's member).
     """
 
-    sends: dict[str, list[tuple[str, _Entry]]] = field(default_factory=dict)
-    receipts: dict[str, list[tuple[str, _Entry]]] = field(default_factory=dict)
-    rejections: dict[str, list[tuple[str, _Entry]]] = field(default_factory=dict)
+    sends: dict[str, list[_Send]] = field(default_factory=dict)
+    receipts: dict[str, list[_Receipt]] = field(default_factory=dict)
+    rejections: dict[str, list[_Rejection]] = field(default_factory=dict)
     bulk: dict[tuple[str, str], BulkRefusals] = field(default_factory=dict)
 
 
 def replay(
-    logs: Mapping[str, Sequence[Mapping[str, Any]]],
+    logs: Mapping[str, Iterable[Mapping[str, Any]]],
     policies: Mapping[str, Policy],
     *,
     progress: Iterable[None] | None = None,
 ) -> Replay:
     """Reconcile the parsed entries of each member's log (``logs[member]``).
 
-    ``policies`` maps policy digests to loaded policies. ``progress``, if given,
-    is advanced once per entry (a click progress bar, say).
+    Each log's entries are read once, in order, so they may be an iterator
+    (``iter_verified_entries``): only what the checks need of them is kept.
+    ``policies`` maps policy digests to loaded policies. ``progress``, if
+    given, is advanced once per entry (a click progress bar, say).
 
     No conclusion depends on the order of the logs or on which of several
     entries of one JWE comes last: a member can append entries to its own log
@@ -484,51 +700,54 @@ def replay(
     ticks = iter(progress) if progress is not None else None
     index = _Index()
     findings: list[Finding] = []
+    pool = _Pool()
     for member, entries in logs.items():
-        _read_log(member, entries, ticks, index, findings)
+        _read_log(member, entries, ticks, index, findings, pool)
+    given = frozenset(logs)
+    answers = _PolicyAnswers(policies)
     exchanges: list[Exchange] = []
     delivered: set[tuple[str, str, str]] = set()  # (sender, recipient, JWE): counted once
     for jwe, versions in index.sends.items():
         findings += _sent_in_several_logs(versions)
-        for member, send in versions:
+        for send in versions:
             # Every version is checked against the policy: a later one cannot
             # stand in for an earlier one that disclosed more.
-            status, refused_at = _send_status(jwe, member, send, logs, index, findings)
+            status, refused_at = _send_status(jwe, send, given, index, findings)
             if status == "delivered":
-                delivered.add((member, send["partner"], jwe))
+                delivered.add((send.member, send.partner, jwe))
             exchanges.append(
                 Exchange(
-                    send["at"],
-                    member,
-                    send["partner"],
-                    send["report_id"],
-                    send["kind"],
-                    send["tlp"],
-                    None if send["rel_to"] is None else tuple(send["rel_to"]),
-                    send["policy_digest"],
-                    tuple(send["released"]),
+                    send.at,
+                    send.member,
+                    send.partner,
+                    send.report_id,
+                    send.kind,
+                    send.tlp,
+                    send.rel_to,
+                    send.policy_digest,
+                    send.released,
                     jwe,
                     status,
-                    send["seq"],
+                    send.seq,
                     refused_at,
                 )
             )
-            findings += _check_release(member, send, policies)
+            findings += _check_release(send, answers)
         findings += _not_the_recipient(jwe, versions, index)
     for jwe, receipts in index.receipts.items():
         if jwe in index.sends:
             continue
-        for member, recv in receipts:
-            sender = recv["sender"]
-            kind = "unmatched-receive" if sender in logs else "not-checked"
+        for recv in receipts:
+            sender = recv.sender
+            kind = "unmatched-receive" if sender in given else "not-checked"
             findings.append(
                 Finding(
                     kind,
-                    member,
-                    recv["seq"],
-                    recv["report_id"],
+                    recv.member,
+                    recv.seq,
+                    recv.report_id,
                     f"received from {sender} but {sender}'s log "
-                    + ("has no matching send" if sender in logs else "was not given"),
+                    + ("has no matching send" if sender in given else "was not given"),
                 )
             )
         # An envelope is encrypted to one member: two cannot both have opened it.
@@ -569,37 +788,35 @@ def _resent_after_loss(exchanges: Sequence[Exchange], findings: list[Finding]) -
     return [f for f in findings if not (f.kind == "undelivered" and (f.member, f.seq) in lost)]
 
 
-def _in_several_logs(pairs: Sequence[tuple[str, _Entry]], what: str) -> list[Finding]:
+def _in_several_logs(records: Sequence[_Kept], what: str) -> list[Finding]:
     """One ``conflicting-entries`` finding per log, when more than one log holds ``what``."""
-    if len(pairs) < 2:
+    if len(records) < 2:
         return []  # the usual case, kept cheap: one per JWE
-    firsts: dict[str, _Entry] = {}
-    for member, entry in pairs:
-        firsts.setdefault(member, entry)
+    firsts: dict[str, _Kept] = {}
+    for record in records:
+        firsts.setdefault(record.member, record)
     if len(firsts) < 2:
         return []
     return [
         Finding(
             "conflicting-entries",
             member,
-            entry["seq"],
-            entry["report_id"],
-            ", ".join(f"{m}'s entry {e['seq']}" for m, e in firsts.items() if m != member)
+            record.seq,
+            record.report_id,
+            ", ".join(f"{m}'s entry {r.seq}" for m, r in firsts.items() if m != member)
             + f" also logs {what} of this JWE",
         )
-        for member, entry in firsts.items()
+        for member, record in firsts.items()
     ]
 
 
-def _sent_in_several_logs(versions: Sequence[tuple[str, _Entry]]) -> list[Finding]:
+def _sent_in_several_logs(versions: Sequence[_Send]) -> list[Finding]:
     # Only the member whose node published an envelope logs it as sent; a send of
     # the same bytes in another log would stand in for (or hide) the real one.
     return _in_several_logs(versions, "a send")
 
 
-def _not_the_recipient(
-    jwe: str, versions: Sequence[tuple[str, _Entry]], index: _Index
-) -> list[Finding]:
+def _not_the_recipient(jwe: str, versions: Sequence[_Send], index: _Index) -> list[Finding]:
     """Receipts and rejections of a sent JWE in the log of a member it was not sent to.
 
     Only the partner can open the envelope, so another member's receipt is
@@ -607,72 +824,67 @@ def _not_the_recipient(
     not sent to (or the rejection is false). Either way the log that holds it is
     named, never the sender's or the partner's.
     """
-    recipients = {send["partner"] for _, send in versions}
-    receipts = [(m, e) for m, e in index.receipts.get(jwe, ()) if m not in recipients]
-    refusals = [(m, e) for m, e in index.rejections.get(jwe, ()) if m not in recipients]
+    recipients = {send.partner for send in versions}
+    receipts = [r for r in index.receipts.get(jwe, ()) if r.member not in recipients]
+    refusals = [r for r in index.rejections.get(jwe, ()) if r.member not in recipients]
     if not receipts and not refusals:
         return []
-    sender, send = versions[0]
-    where = f"that {sender}'s entry {send['seq']} sent to {send['partner']}"
+    send = versions[0]
+    where = f"that {send.member}'s entry {send.seq} sent to {send.partner}"
     found = [
         Finding(
             "receipt-by-non-recipient",
-            member,
-            recv["seq"],
-            recv["report_id"],
-            f"received a JWE from {recv['sender']} {where}, not to {member}",
+            recv.member,
+            recv.seq,
+            recv.report_id,
+            f"received a JWE from {recv.sender} {where}, not to {recv.member}",
         )
-        for member, recv in receipts
+        for recv in receipts
     ]
     found += [
         Finding(
             "rejection-by-non-recipient",
-            member,
-            refusal["seq"],
-            refusal["report_id"],
-            f"rejected a JWE from {refusal['source']} {where}, not to {member}",
+            refusal.member,
+            refusal.seq,
+            refusal.report_id,
+            f"rejected a JWE from {refusal.source} {where}, not to {refusal.member}",
         )
-        for member, refusal in refusals
+        for refusal in refusals
     ]
     return found
 
 
 def _send_status(
-    jwe: str,
-    member: str,
-    send: _Entry,
-    logs: Mapping[str, Sequence[Mapping[str, Any]]],
-    index: _Index,
-    findings: list[Finding],
+    jwe: str, send: _Send, given: frozenset[str], index: _Index, findings: list[Finding]
 ) -> tuple[str, str | None]:
-    partner = send["partner"]
-    if partner not in logs:
+    member, partner = send.member, send.partner
+    if partner not in given:
         return "not-checked", None
-    for holder, recv in index.receipts.get(jwe, ()):
-        if holder == partner:
+    for recv in index.receipts.get(jwe, ()):
+        if recv.member == partner:
             # A receipt outweighs a rejection of the same JWE (which, from the
             # same sender, is a conflicting-entries finding of the partner's
             # log): the partner says it holds the report.
-            _check_receipt(member, send, partner, recv, findings)
+            _check_receipt(send, recv, findings)
             return "delivered", None
     # Only a refusal of the envelope as it came from its sender counts: the same
     # bytes passed on by a third member and refused say nothing of this send.
     refusals = [
-        e for m, e in index.rejections.get(jwe, ()) if m == partner and e["source"] == member
+        r for r in index.rejections.get(jwe, ()) if r.member == partner and r.source == member
     ]
     for refusal in refusals:
-        if refusal["report_id"] not in (None, send["report_id"]):
+        if refusal.report_id not in (None, send.report_id):
             findings.append(
                 Finding(
                     "mismatch",
                     partner,
-                    refusal["seq"],
-                    refusal["report_id"],
-                    f"rejection of {member}'s entry {send['seq']} differs from it in report",
+                    refusal.seq,
+                    refusal.report_id,
+                    f"rejection of {member}'s entry {send.seq} differs from it in report",
                 )
             )
     if refusals:
-        return "rejected", str(refusals[-1]["step"])
+        return "rejected", refusals[-1].step
     detail = f"sent to {partner}, which logged no receipt of this JWE"
     bulk = index.bulk.get((member, partner))
     if bulk is not None:
@@ -681,20 +893,18 @@ def _send_status(
             f"; {partner}'s log counts {bulk.count} refusals of {member}'s messages without"
             f" naming them ({bulk.describe()}): this send may or may not be among them"
         )
-    findings.append(Finding("undelivered", member, send["seq"], send["report_id"], detail))
+    findings.append(Finding("undelivered", member, send.seq, send.report_id, detail))
     return "undelivered", None
 
 
-def _check_receipt(
-    member: str, send: _Entry, partner: str, recv: _Entry, findings: list[Finding]
-) -> None:
+def _check_receipt(send: _Send, recv: _Receipt, findings: list[Finding]) -> None:
     differ = [
         what
         for what, theirs, ours in (
-            ("sender", recv["sender"], member),
-            ("report", recv["report_id"], send["report_id"]),
-            ("kind", recv["kind"], send["kind"]),
-            ("disclosure keys", list(recv["fields"]), list(send["released"])),
+            ("sender", recv.sender, send.member),
+            ("report", recv.report_id, send.report_id),
+            ("kind", recv.kind, send.kind),
+            ("disclosure keys", recv.fields, send.released),
         )
         if theirs != ours
     ]
@@ -702,10 +912,10 @@ def _check_receipt(
         findings.append(
             Finding(
                 "mismatch",
-                partner,
-                recv["seq"],
-                recv["report_id"],
-                f"receipt of {member}'s entry {send['seq']} differs from it in "
+                recv.member,
+                recv.seq,
+                recv.report_id,
+                f"receipt of {send.member}'s entry {send.seq} differs from it in "
                 + " and ".join(differ),
             )
         )
@@ -717,11 +927,13 @@ def _read_log(
     ticks: Iterator[None] | None,
     index: _Index,
     findings: list[Finding],
+    pool: _Pool,
 ) -> None:
     """Index one log's sends, receipts and rejections; check what the log alone can tell."""
     timeline = PolicyTimeline()
-    sent, received = _Repeats(), _Repeats()
-    refused: dict[tuple[str, str], _Entry] = {}  # (JWE, source) -> its first rejection
+    sent = _Repeats(lambda e: pool.send(member, e))
+    received = _Repeats(lambda e: pool.receipt(member, e))
+    refused: dict[tuple[str, str], _Rejection] = {}  # (JWE, source) -> its first rejection
     for entry in entries:
         if ticks is not None:
             next(ticks, None)
@@ -760,64 +972,64 @@ def _read_log(
             if problem is not None:
                 findings.append(Finding("policy-chain", member, entry["seq"], None, problem))
         elif kind == "rejected" and entry["jwe_sha256"] is not None:
-            _read_rejection(member, entry, received, refused, index, findings)
+            _read_rejection(pool.rejection(member, entry), received, refused, index, findings)
         elif kind == "rejected_many":
             index.bulk.setdefault((entry["source"], member), BulkRefusals()).add(entry)
 
 
 def _read_send(
-    member: str, entry: _Entry, sent: _Repeats, index: _Index, findings: list[Finding]
+    member: str, entry: _Entry, sent: _Repeats[_Send], index: _Index, findings: list[Finding]
 ) -> None:
     """Index a ``sent`` entry: a new version of its JWE's send, or an honest repeat."""
-    earlier, new = sent.add(entry)
-    if new:
-        index.sends.setdefault(entry["jwe_sha256"], []).append((member, entry))
-    if earlier is not None and new:
-        findings.append(_conflicting_repeat(member, entry, earlier))
+    earlier, record = sent.add(entry)
+    if record is not None:
+        index.sends.setdefault(record.jwe_sha256, []).append(record)
+        if earlier is not None:
+            findings.append(_conflicting_repeat(member, entry, earlier))
 
 
 def _read_rejection(
-    member: str,
-    entry: _Entry,
-    received: _Repeats,
-    refused: dict[tuple[str, str], _Entry],
+    refusal: _Rejection,
+    received: _Repeats[_Receipt],
+    refused: dict[tuple[str, str], _Rejection],
     index: _Index,
     findings: list[Finding],
 ) -> None:
     """Index a ``rejected`` entry; a rejection of what the log received is a conflict."""
-    jwe, source = entry["jwe_sha256"], entry["source"]
-    index.rejections.setdefault(jwe, []).append((member, entry))
+    jwe, source = refusal.jwe_sha256, refusal.source
+    index.rejections.setdefault(jwe, []).append(refusal)
     recv = received.first.get(jwe)
-    if recv is not None and recv["sender"] == source:
+    if recv is not None and recv.sender == source:
         # The receiver acks a stored envelope again without verifying it: an
         # honest node never refuses what it logged as received from that sender.
         findings.append(
             Finding(
                 "conflicting-entries",
-                member,
-                entry["seq"],
-                entry["report_id"],
-                f"rejection of a JWE from {source} that entry {recv['seq']} logs as received",
+                refusal.member,
+                refusal.seq,
+                refusal.report_id,
+                f"rejection of a JWE from {source} that entry {recv.seq} logs as received",
             )
         )
-    refused.setdefault((jwe, source), entry)
+    refused.setdefault((jwe, source), refusal)
 
 
 def _read_receipt(
     member: str,
     entry: _Entry,
-    received: _Repeats,
-    refused: Mapping[tuple[str, str], _Entry],
+    received: _Repeats[_Receipt],
+    refused: Mapping[tuple[str, str], _Rejection],
     index: _Index,
     findings: list[Finding],
 ) -> None:
     """Index a ``received`` entry: a log's first of its JWE, an honest repeat, or a conflict."""
     jwe, sender = entry["jwe_sha256"], entry["sender"]
-    earlier, new = received.add(entry)
-    if earlier is None:
-        index.receipts.setdefault(jwe, []).append((member, entry))
-    elif new:
-        findings.append(_conflicting_repeat(member, entry, earlier))
+    earlier, record = received.add(entry)
+    if record is not None:
+        if earlier is None:
+            index.receipts.setdefault(record.jwe_sha256, []).append(record)
+        else:
+            findings.append(_conflicting_repeat(member, entry, earlier))
     refusal = refused.get((jwe, sender))
     if refusal is not None:
         findings.append(
@@ -826,43 +1038,81 @@ def _read_receipt(
                 member,
                 entry["seq"],
                 entry["report_id"],
-                f"receipt of a JWE from {sender} that entry {refusal['seq']} logs as rejected",
+                f"receipt of a JWE from {sender} that entry {refusal.seq} logs as rejected",
             )
         )
 
 
-def _conflicting_repeat(member: str, entry: _Entry, earlier: _Entry) -> Finding:
+def _conflicting_repeat(member: str, entry: _Entry, earlier: _Send | _Receipt) -> Finding:
     return Finding(
         "conflicting-repeat",
         member,
         entry["seq"],
         entry["report_id"],
-        f"repeat of entry {earlier['seq']} (same JWE) differs from it in "
-        + _differing(entry, earlier),
+        f"repeat of entry {earlier.seq} (same JWE) differs from it in "
+        + _differing(entry, earlier.entry()),
     )
 
 
-def _check_release(
-    member: str, send: Mapping[str, Any], policies: Mapping[str, Policy]
-) -> list[Finding]:
+class _PolicyAnswers:
+    """The policies given, asked each distinct question about a send only once.
+
+    A policy's answer depends only on the send's partner, kind, markings and
+    disclosure keys, which thousands of sends share: a year of sends asks a few
+    hundred distinct questions.
+    """
+
+    def __init__(self, policies: Mapping[str, Policy]) -> None:
+        self._policies = policies
+        self._over: dict[tuple[Any, ...], list[str]] = {}
+        self._anything: dict[tuple[Any, ...], bool] = {}
+
+    def policy(self, send: _Send) -> Policy | None:
+        """The sender's policy the send names, if it was given."""
+        policy = self._policies.get(send.policy_digest)
+        return policy if policy is not None and policy.member == send.member else None
+
+    def over_disclosures(self, send: _Send, policy: Policy) -> list[str]:
+        """``over_disclosures`` of the send."""
+        s = send
+        key = (policy.digest, s.partner, s.kind, s.tlp, s.originator, s.rel_to, s.released)
+        found = self._over.get(key)
+        if found is None:
+            found = self._over[key] = _over_disclosures(
+                policy, s.partner, s.kind, s.tlp, s.originator, s.rel_to, s.released
+            )
+        return found
+
+    def releases_anything(self, send: _Send, policy: Policy) -> bool:
+        """``releases_anything`` for the send."""
+        s = send
+        key = (policy.digest, s.partner, s.kind, s.tlp, s.originator, s.rel_to)
+        found = self._anything.get(key)
+        if found is None:
+            found = self._anything[key] = _releases_anything(
+                policy, s.partner, s.kind, s.tlp, s.originator, s.rel_to
+            )
+        return found
+
+
+def _check_release(send: _Send, answers: _PolicyAnswers) -> list[Finding]:
     """Findings on what one send released: empty, under an unknown policy, or too much."""
     found = []
-    policy = policies.get(send["policy_digest"])
-    if policy is not None and policy.member != member:
-        policy = None
-    if not send["released"]:
+    member = send.member
+    policy = answers.policy(send)
+    if not send.released:
         # Even with no disclosure the message tells the partner that the report
         # exists, its kind and its markings; the node sends nothing instead.
         why = ""
-        if policy is not None and not releases_anything(send, policy):
+        if policy is not None and not answers.releases_anything(send, policy):
             why = "; the policy releases it nothing for this kind and these markings"
         found.append(
             Finding(
                 "empty-send",
                 member,
-                send["seq"],
-                send["report_id"],
-                f"to {send['partner']}: a message with no disclosure keys{why}",
+                send.seq,
+                send.report_id,
+                f"to {send.partner}: a message with no disclosure keys{why}",
             )
         )
     if policy is None:
@@ -870,9 +1120,9 @@ def _check_release(
             Finding(
                 "unknown-policy",
                 member,
-                send["seq"],
-                send["report_id"],
-                f"policy {send['policy_digest'][:12]}... of {member} was not provided",
+                send.seq,
+                send.report_id,
+                f"policy {send.policy_digest[:12]}... of {member} was not provided",
             )
         )
         return found
@@ -880,10 +1130,10 @@ def _check_release(
         Finding(
             "over-disclosure",
             member,
-            send["seq"],
-            send["report_id"],
-            f"to {send['partner']}: {problem}",
+            send.seq,
+            send.report_id,
+            f"to {send.partner}: {problem}",
         )
-        for problem in over_disclosures(send, policy)
+        for problem in answers.over_disclosures(send, policy)
     ]
     return found

@@ -56,14 +56,23 @@ class LoadedLog:
 
     def entries(self, lo: int, hi: int) -> list[bytes]:
         """Read entries ``[lo, hi)`` again from disk (only the slow paths need their bytes)."""
-        db = open_readonly(self.path)
-        try:
-            query = "SELECT entry FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx"
-            return [bytes(r[0]) for r in db.execute(query, (lo, hi))]
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read audit log {self.path}: {exc}") from exc
-        finally:
-            db.close()
+        return read_entries(self.path, lo, hi)
+
+
+def read_entries(path: Path, lo: int, hi: int) -> list[bytes]:
+    """Read entries ``[lo, hi)`` of the audit database ``path``, read-only, as stored.
+
+    Nothing is checked: callers compare what they read with what ``verify_log``
+    established (``broker.audit_replay.iter_verified_entries``). Raises ``StoreError``.
+    """
+    db = open_readonly(path)
+    try:
+        query = "SELECT entry FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx"
+        return [bytes(r[0]) for r in db.execute(query, (lo, hi))]
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read audit log {path}: {exc}") from exc
+    finally:
+        db.close()
 
 
 def log_dir(directory: Path) -> Path:

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -246,6 +248,35 @@ def test_clean_run_reconciles(tmp_path: Path) -> None:
     assert code == 0
     assert "none: every send and receive reconciles" in out
     assert "  not checked: 1 send and 2 receipts whose other side's log was not given" in out
+
+
+def test_output_that_cannot_be_written_is_one_line_and_not_success(tmp_path: Path) -> None:
+    # A reader that goes away before the end (| head), or a full disk, is one line and
+    # exit status 1, never a traceback.
+    dirs = _run_world(tmp_path / "logs")
+    msmt = str(Path(sys.executable).parent / "msmt")
+    args = [msmt, "audit", "replay", *map(str, dirs), "--policies", str(_policies(tmp_path))]
+    for member in ("JPN", "USA", "KOR"):
+        args += ["--log-key", log_verifier(KEYS[member], member).vkey()]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, check=False)
+    assert (done.returncode, done.stderr) == (
+        1,
+        b"msmt: error: cannot write the replay to stdout: No space left on device\n",
+    )
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first byte
+    try:
+        done = subprocess.run([*args, "--json"], stdout=writer, stderr=subprocess.PIPE, check=False)
+    finally:
+        os.close(writer)
+    assert (done.returncode, done.stderr) == (
+        1,
+        b"msmt: error: stdout was closed before the whole replay was written\n",
+    )
+    with open(tmp_path / "out", "wb") as out:
+        done = subprocess.run(args, stdout=out, stderr=subprocess.PIPE, check=False)
+    assert (done.returncode, done.stderr) == (0, b"")
 
 
 def test_removed_send_is_reported_exactly(tmp_path: Path) -> None:
@@ -842,6 +873,7 @@ def test_reports_refused_at_every_send_are_listed_apart_from_findings() -> None:
     assert result.to_json()["never_delivered"][1] == {
         "sender": "JPN", "recipient": "GBR", "report_id": "r3", "refused_at": "key",
     }  # fmt: skip
+    _assert_json_text(result)
     text = render_tables(result, ["GBR", "JPN", "USA"])
     assert "vessel   r1  AMBER         1 fields  policy pppppppppppp  rejected (freshness)" in text
     assert text.split("Refused at every send (2; msmt node resend --report sends again)\n")[
@@ -1265,6 +1297,10 @@ def test_bulk_refusals_are_told_beside_a_send_the_partner_never_named() -> None:
     ]
     kor = [_started("KOR")]
     result = replay({"JPN": _entries(jpn), "USA": _entries(usa), "KOR": _entries(kor)}, BOTH)
+    # Each log is read once, in order: iterators (as the CLI streams them) say the same.
+    streamed = {"JPN": iter(_entries(jpn)), "USA": iter(_entries(usa)), "KOR": iter(_entries(kor))}
+    assert replay(streamed, BOTH) == result
+    _assert_json_text(result)
     statuses = {(e.recipient, e.report_id): e.status for e in result.exchanges}
     assert statuses == {
         ("USA", str(R1)): "delivered",
@@ -1332,6 +1368,17 @@ def test_bulk_refusals_are_told_beside_a_send_the_partner_never_named() -> None:
         "  unknown -> USA  2 refusals (subject 2;"
         " 2026-11-28T12:00:07Z to 2026-11-28T12:00:07Z) in 1 entry\n"
     ) in text
+
+
+def _assert_json_text(result: Replay) -> None:
+    """``--json`` prints ``json_text()``: ``to_json()``, the findings first, one item a line."""
+    text = "".join(result.json_text())
+    assert json.loads(text) == result.to_json()
+    members = list(json.loads(text))
+    assert (members[0], members[-1]) == ("findings", "exchanges")
+    lines = text.splitlines()
+    each = lines[lines.index('  "exchanges": [') + 1 : -2]
+    assert [json.loads(line.strip().rstrip(",")) for line in each] == result.to_json()["exchanges"]
 
 
 def _jwe_of(send: ev.AuditEvent) -> str:

@@ -9,10 +9,11 @@ trusts (``--roster``), or note verifier keys (``--log-key``).
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,18 @@ import click
 from broker import evidence
 from broker import keys as keyfiles
 from broker.audit_events import TYPES
-from broker.audit_replay import Exchange, Finding, Replay, replay, verified_entries
+from broker.audit_replay import Exchange, Finding, Replay, iter_verified_entries, replay
 from broker.audit_verify import (
-    LoadedLog,
     Report,
     TamperError,
     load,
+    log_dir,
+    read_entries,
     read_origin,
     stored_checkpoint,
     verify_log,
 )
+from broker.auditlog import DB_FILE
 from broker.checkpoint import (
     roster_log_keys,
     roster_revoked_log_keys,
@@ -328,20 +331,30 @@ def _load_policies(folders: tuple[Path, ...]) -> dict[str, Policy]:
     return policies
 
 
-def _parsed_entries(log: LoadedLog, report: Report, bar: Any) -> list[dict[str, Any]]:
+def _entry_stream(directory: Path, report: Report, bar: Any) -> Iterator[dict[str, Any]]:
+    """The entries of the log ``report`` verified, parsed one by one, read in chunks.
+
+    Unverified until exhausted (``iter_verified_entries``): nothing may be shown before.
+    """
+    path = log_dir(directory) / DB_FILE
+
     def chunks() -> Iterator[bytes]:
         step = 10_000
         for lo in range(0, report.size, step):
-            batch = log.entries(lo, min(lo + step, report.size))
+            batch = read_entries(path, lo, min(lo + step, report.size))
             yield from batch
             bar.update(len(batch))
 
     try:
         # Exactly the bytes verify_log hashed: the file may have changed since.
-        return verified_entries(chunks(), report.size, report.root)
+        yield from iter_verified_entries(chunks(), report.size, report.root)
     except AuditError as exc:
         # Several logs are read: the line must say whose log it is.
-        raise AuditError(f"{log.origin} log {log.path}: {exc}") from None
+        raise AuditError(f"{report.origin} log {path}: {exc}") from None
+
+
+def _parsed_entries(directory: Path, report: Report, bar: Any) -> list[dict[str, Any]]:
+    return list(_entry_stream(directory, report, bar))
 
 
 def _verified(
@@ -398,7 +411,6 @@ def audit_entries(
     report = _verified(
         directory, origin, _log_keys(trusted, log_key, origin), _revoked_keys(trusted, origin)
     )
-    log = load(directory)
     with click.progressbar(
         length=report.size,
         label="reading entries",
@@ -406,7 +418,7 @@ def audit_entries(
         show_pos=True,
         hidden=report.size < PROGRESS_FROM,
     ) as bar:
-        entries = _parsed_entries(log, report, bar)
+        entries = _parsed_entries(directory, report, bar)
     for entry in entries:
         if types and entry["type"] not in types:
             continue
@@ -470,18 +482,16 @@ def audit_replay(
     """  # noqa: D301 - click's \b (a backspace) keeps the tables unwrapped
     trusted = _roster(keydir, authority, roster)
     known = _load_policies(policies)
-    logs: dict[str, list[dict[str, Any]]] = {}
-    loaded = []
+    verified: dict[str, tuple[Path, Report]] = {}
     for directory in directories:
         origin = read_origin(directory)
-        if origin in logs:
+        if origin in verified:
             raise UsageError(f"two logs of {origin} given")
         report = _verified(
             directory, origin, _log_keys(trusted, log_key, origin), _revoked_keys(trusted, origin)
         )
-        loaded.append((load(directory), report))
-        logs[origin] = []
-    total = sum(report.size for _, report in loaded)
+        verified[origin] = (directory, report)
+    total = sum(report.size for _, report in verified.values())
     # The bar goes to stderr, so --json output stays clean; short logs need none.
     with click.progressbar(
         length=total,
@@ -490,13 +500,15 @@ def audit_replay(
         show_pos=True,
         hidden=total < PROGRESS_FROM,
     ) as bar:
-        for log, report in loaded:
-            logs[log.origin] = _parsed_entries(log, report, bar)
-    result = replay(logs, known)
+        # Streamed: replay keeps what it needs of each entry, not the logs. Nothing
+        # is printed before replay returns, so before every entry read is verified.
+        logs = {m: _entry_stream(d, report, bar) for m, (d, report) in verified.items()}
+        result = replay(logs, known)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        _write_stdout(itertools.chain(result.json_text(), "\n"))
     else:
-        click.echo(render_tables(result, sorted(logs), show_fields=show_fields))
+        lines = render_lines(result, sorted(logs), show_fields=show_fields)
+        _write_stdout(line + "\n" for line in lines)
     if result.findings:
         raise AuditError(f"{len(result.findings)} findings: the logs do not reconcile")
 
@@ -510,21 +522,31 @@ def status_line(result: Replay, logs: int) -> str:
 
 
 def render_tables(result: Replay, members: list[str], *, show_fields: bool = False) -> str:
-    """The human report: timeline, delivered-sends matrix, findings.
+    """The human report as one string (``render_lines``)."""
+    return "\n".join(render_lines(result, members, show_fields=show_fields))
+
+
+def render_lines(result: Replay, members: list[str], *, show_fields: bool = False) -> Iterator[str]:
+    """The human report, line by line: timeline, delivered-sends matrix, findings.
 
     ``show_fields`` lists under each send the disclosure keys it released (field
     paths and forms, never values): who got which fields.
     """
-    lines = [f"Timeline ({len(result.exchanges)} sends; policy: the first 12 hex of its digest)"]
+    yield f"Timeline ({len(result.exchanges)} sends; policy: the first 12 hex of its digest)"
     for e in result.exchanges:
-        lines.append(
+        yield (
             f"  {e.at}  {e.sender} -> {e.recipient}  {e.kind:<8} {e.report_id}  "
             f"{e.tlp:<12} {len(e.released):>2} fields  policy {e.policy_digest[:12]}  {e.status}"
             + ("" if e.refused_at is None else f" ({e.refused_at})")
         )
         if show_fields:
-            lines.append(f"      {', '.join(e.released) or '(none)'}")
-    lines += ["", status_line(result, len(members))]
+            yield f"      {', '.join(e.released) or '(none)'}"
+    yield ""
+    yield from _summary_lines(result, members)
+
+
+def _summary_lines(result: Replay, members: list[str]) -> list[str]:
+    lines = [status_line(result, len(members))]
     senders = sorted({s for s, _ in result.matrix} | set(members))
     recipients = sorted({r for _, r in result.matrix} | set(members))
     lines += ["", "Delivered sends (rows: sender, columns: recipient)"]
@@ -564,7 +586,27 @@ def render_tables(result: Replay, members: list[str], *, show_fields: bool = Fal
             f"  not checked: {_count(sends, 'send')} and {_count(receipts, 'receipt')}"
             " whose other side's log was not given"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def _write_stdout(pieces: Iterable[str]) -> None:
+    """Write ``pieces`` to stdout in blocks: a long output is never one string in memory."""
+    block: list[str] = []
+    try:
+        for piece in pieces:
+            block.append(piece)
+            if len(block) >= 4096:
+                sys.stdout.write("".join(block))
+                block.clear()
+        sys.stdout.write("".join(block))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # A reader that stopped early (| head): nothing more reaches it. Python's exit
+        # flush is kept quiet, and the status does not say that everything was read.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise MsmtError("stdout was closed before the whole replay was written") from None
+    except OSError as exc:
+        raise MsmtError(f"cannot write the replay to stdout: {exc.strerror}") from None
 
 
 def _bulk_lines(result: Replay) -> list[str]:
@@ -643,7 +685,7 @@ def _logged(
             report = _verified(
                 directory, origin, _log_keys(trusted, (), origin), _revoked_keys(trusted, origin)
             )
-            entries[origin] = _parsed_entries(load(directory), report, bar)
+            entries[origin] = _parsed_entries(directory, report, bar)
     if found.sender not in entries:
         raise UsageError(f"give the sender's log ({found.sender}) with --log")
     sent = [
