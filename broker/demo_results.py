@@ -95,7 +95,7 @@ def replay_all(world: World) -> tuple[bool, list[str], dict[tuple[str, str], int
         result = replay(logs, policies)
     except MsmtError as exc:
         return False, [f"FAIL: {exc}"], {}
-    tables = render_tables(result, sorted(logs)).splitlines()
+    tables = render_tables(result, sorted(logs), timeline=False).splitlines()
     findings_at = next(i for i, ln in enumerate(tables) if ln.startswith("Findings"))
     lines = [status_line(result, len(logs)), *tables[findings_at:]]
     ok = not result.findings and set(result.statuses()) == {"delivered"}

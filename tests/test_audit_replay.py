@@ -232,14 +232,23 @@ def test_clean_run_reconciles(tmp_path: Path) -> None:
         None,
         DIGEST["JPN"],
     )
-    code, out, _ = _replay(tmp_path / "again", dirs)
+    code, out, _ = _replay(tmp_path / "again", dirs, "--timeline")
     assert code == 0
     assert "none: every send and receive reconciles" in out
-    assert (
+    timeline = (
         f"JPN -> USA  vessel   {R1}  AMBER         3 fields  policy {DIGEST['JPN'][:12]}  delivered"
-        in out
     )
-    assert "5 sends in 3 logs: 3 delivered, 1 not-checked, 1 rejected" in out
+    assert timeline in out
+    # The findings first: the timeline of a year of logs is millions of lines.
+    assert out.index("Findings (0)") < out.index("Timeline (5 sends;") < out.index(timeline)
+    assert out.startswith("5 sends in 3 logs: 3 delivered, 1 not-checked, 1 rejected\n")
+    code, summary, _ = _replay(tmp_path / "summary", dirs)
+    assert code == 0
+    assert summary == out.split("\n\nTimeline", 1)[0] + "\n"
+    assert "Timeline" not in summary
+    code, listed, _ = _replay(tmp_path / "fields", dirs, "--fields")  # implies --timeline
+    assert code == 0
+    assert f"{timeline}\n      observed_at, vessel.imo, vessel.name\n" in listed
     # "none" covers only what the logs given can check; what they cannot is counted.
     assert "  not checked: 1 send and 0 receipts whose other side's log was not given" in out
     assert report["unchecked_receipts"] == 0
@@ -251,8 +260,8 @@ def test_clean_run_reconciles(tmp_path: Path) -> None:
 
 
 def test_output_that_cannot_be_written_is_one_line_and_not_success(tmp_path: Path) -> None:
-    # A reader that goes away before the end (| head), or a full disk, is one line and
-    # exit status 1, never a traceback.
+    # The findings come first, so "| head" is a natural way to read a replay: a reader
+    # that goes away, or a full disk, is one line and exit status 1, never a traceback.
     dirs = _run_world(tmp_path / "logs")
     msmt = str(Path(sys.executable).parent / "msmt")
     args = [msmt, "audit", "replay", *map(str, dirs), "--policies", str(_policies(tmp_path))]

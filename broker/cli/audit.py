@@ -441,9 +441,23 @@ def audit_entries(
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder of <MEMBER>/policy.toml files (such as nodes/); repeat for older versions.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for tools instead of tables.")
 @click.option(
-    "--fields", "show_fields", is_flag=True, help="List each send's disclosure keys under it."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print JSON for tools instead of tables (every send included, as "exchanges").',
+)
+@click.option(
+    "--timeline",
+    "show_timeline",
+    is_flag=True,
+    help="Also list every send, oldest first, after the findings.",
+)
+@click.option(
+    "--fields",
+    "show_fields",
+    is_flag=True,
+    help="List each send's disclosure keys under it in the timeline (implies --timeline).",
 )
 def audit_replay(
     directories: tuple[Path, ...],
@@ -453,13 +467,16 @@ def audit_replay(
     log_key: tuple[str, ...],
     policies: tuple[Path, ...],
     as_json: bool,
+    show_timeline: bool,
     show_fields: bool,
 ) -> None:
-    """Reconcile several nodes' logs: timeline, who-sent-to-whom, and every discrepancy.
+    """Reconcile several nodes' logs: who sent what to whom, and every discrepancy.
 
     Each log is verified first, then every entry is parsed; a log that does not
     verify, or an entry that does not parse, stops the replay with one line
-    naming the log and the entry. Findings (docs/AUDIT.md):
+    naming the log and the entry. Printed: the sends counted by status, the
+    matrix of delivered sends, refusals and undelivered sends, then the
+    findings; --timeline adds every send after them. Findings (docs/AUDIT.md):
 
     \b
     undelivered          a send the partner's log neither received nor rejected by name
@@ -507,7 +524,9 @@ def audit_replay(
     if as_json:
         _write_stdout(itertools.chain(result.json_text(), "\n"))
     else:
-        lines = render_lines(result, sorted(logs), show_fields=show_fields)
+        lines = render_lines(
+            result, sorted(logs), timeline=show_timeline or show_fields, show_fields=show_fields
+        )
         _write_stdout(line + "\n" for line in lines)
     if result.findings:
         raise AuditError(f"{len(result.findings)} findings: the logs do not reconcile")
@@ -521,17 +540,27 @@ def status_line(result: Replay, logs: int) -> str:
     )
 
 
-def render_tables(result: Replay, members: list[str], *, show_fields: bool = False) -> str:
-    """The human report as one string (``render_lines``)."""
-    return "\n".join(render_lines(result, members, show_fields=show_fields))
+def render_tables(
+    result: Replay, members: list[str], *, timeline: bool = True, show_fields: bool = False
+) -> str:
+    """The human report as one string: ``render_lines``, the timeline included by default."""
+    return "\n".join(render_lines(result, members, timeline=timeline, show_fields=show_fields))
 
 
-def render_lines(result: Replay, members: list[str], *, show_fields: bool = False) -> Iterator[str]:
-    """The human report, line by line: timeline, delivered-sends matrix, findings.
+def render_lines(
+    result: Replay, members: list[str], *, timeline: bool, show_fields: bool = False
+) -> Iterator[str]:
+    """The human report, line by line: sends by status, matrix, findings, then the timeline.
 
-    ``show_fields`` lists under each send the disclosure keys it released (field
-    paths and forms, never values): who got which fields.
+    The findings come before the timeline, which a year of logs makes millions of
+    lines long. ``show_fields`` lists under each send of the timeline the
+    disclosure keys it released (field paths and forms, never values): who got
+    which fields.
     """
+    yield from _summary_lines(result, members)
+    if not timeline:
+        return
+    yield ""
     yield f"Timeline ({len(result.exchanges)} sends; policy: the first 12 hex of its digest)"
     for e in result.exchanges:
         yield (
@@ -541,8 +570,6 @@ def render_lines(result: Replay, members: list[str], *, show_fields: bool = Fals
         )
         if show_fields:
             yield f"      {', '.join(e.released) or '(none)'}"
-    yield ""
-    yield from _summary_lines(result, members)
 
 
 def _summary_lines(result: Replay, members: list[str]) -> list[str]:
