@@ -587,8 +587,9 @@ class _Pool:
     """One object per distinct value kept: strings by ``sys.intern``, tuples of them here.
 
     Members, kinds, markings, policy digests and disclosure keys repeat in every
-    send, report ids in each of a report's sends, a JWE hash in its send and its
-    receipt: parsed, each occurrence is its own object.
+    send, report ids and times in each of a report's sends: parsed, each occurrence
+    is its own object. A JWE hash is kept as it is: it repeats at most in its
+    receipt, and an interned string costs a slot of its own.
     """
 
     def __init__(self) -> None:
@@ -606,7 +607,7 @@ class _Pool:
         return _Send(
             member, e["seq"], s(e["at"]), s(e["partner"]), s(e["report_id"]), s(e["kind"]),
             s(e["originator"]), s(e["tlp"]), rel_to, self.keys(e["released"]),
-            s(e["policy_digest"]), s(e["jwe_sha256"]),
+            s(e["policy_digest"]), e["jwe_sha256"],
         )  # fmt: skip
 
     def receipt(self, member: str, e: _Entry) -> _Receipt:
@@ -614,7 +615,7 @@ class _Pool:
         s = sys.intern
         return _Receipt(
             member, e["seq"], s(e["sender"]), s(e["report_id"]), s(e["kind"]),
-            self.keys(e["fields"]), s(e["jwe_sha256"]),
+            self.keys(e["fields"]), e["jwe_sha256"],
         )  # fmt: skip
 
     def rejection(self, member: str, e: _Entry) -> _Rejection:
@@ -623,7 +624,7 @@ class _Pool:
         report = e["report_id"]
         return _Rejection(
             member, e["seq"], s(e["source"]), s(e["step"]), None if report is None else s(report),
-            s(e["jwe_sha256"]),
+            e["jwe_sha256"],
         )  # fmt: skip
 
 
@@ -824,9 +825,12 @@ def _not_the_recipient(jwe: str, versions: Sequence[_Send], index: _Index) -> li
     not sent to (or the rejection is false). Either way the log that holds it is
     named, never the sender's or the partner's.
     """
+    receipts, refusals = index.receipts.get(jwe, ()), index.rejections.get(jwe, ())
+    if not receipts and not refusals:
+        return []  # most sends: to a member whose log was not given
     recipients = {send.partner for send in versions}
-    receipts = [r for r in index.receipts.get(jwe, ()) if r.member not in recipients]
-    refusals = [r for r in index.rejections.get(jwe, ()) if r.member not in recipients]
+    receipts = [r for r in receipts if r.member not in recipients]
+    refusals = [r for r in refusals if r.member not in recipients]
     if not receipts and not refusals:
         return []
     send = versions[0]
