@@ -305,6 +305,10 @@ def same_json(ours: Path, base: Path) -> str:
     return "identical members" if not differ else f"DIFFER in {', '.join(differ)}"
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 logs of 50,000 entries")
@@ -348,7 +352,7 @@ def main() -> None:
                 print(
                     f"{label:<22}{run.wall:>8.1f}{run.cpu:>8.1f}{run.rss_mib:>7.0f}"
                     f"{run.cpu / base.cpu:>9.2f}{run.rss_mib / base.rss_mib:>7.2f}  {run.code}"
-                    f"  ({run.out_bytes / 1e6:.1f} MB out)"
+                    f"  ({_size(run.out_bytes)} out)"
                 )
         print("x floor: CPU seconds over the floor's; x RSS: peak RSS over the floor's")
         if args.baseline:
