@@ -39,6 +39,7 @@ from broker.checkpoint import (
     roster_revoked_log_keys,
     roster_witness_keys,
 )
+from broker.cli.options import silence_stdout
 from broker.errors import AuditError, EnvelopeError, InputError, MsmtError, UsageError
 from broker.members import MEMBERS
 from broker.merkle import verify_inclusion
@@ -628,9 +629,8 @@ def _write_stdout(pieces: Iterable[str]) -> None:
         sys.stdout.write("".join(block))
         sys.stdout.flush()
     except BrokenPipeError:
-        # A reader that stopped early (| head): nothing more reaches it. Python's exit
-        # flush is kept quiet, and the status does not say that everything was read.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # A reader that stopped early (| head): the status must not say it read all.
+        silence_stdout()
         raise MsmtError("stdout was closed before the whole replay was written") from None
     except OSError as exc:
         raise MsmtError(f"cannot write the replay to stdout: {exc.strerror}") from None
