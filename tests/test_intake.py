@@ -403,21 +403,28 @@ async def test_oversized_line_is_refused_without_buffering_it(tmp_path: Path) ->
     assert "limit 2048" in answers[1]["detail"]
 
 
+async def fill_until_refused(
+    intake: Intake,
+) -> tuple[list[str], list[dict[str, Any]], list[Line]]:
+    """Submit batches of 20 until the (small) store refuses one: what was accepted,
+    the refusals, and the refused batch's lines (to send again)."""
+    accepted: list[str] = []
+    for batch in range(200):
+        lines: list[Line] = [
+            (i + 1, json.dumps(r).encode()) for i, r in enumerate(jpn_records(20, seed=batch + 100))
+        ]
+        answers = await intake.process(lines)
+        accepted += [a["report_id"] for a in answers if a["status"] == "accepted"]
+        refused = [a for a in answers if a["status"] == "rejected"]
+        if refused:
+            return accepted, refused, lines
+    raise AssertionError("the store never filled")
+
+
 async def test_disk_full_refuses_with_reason_and_keeps_what_was_accepted(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db", max_pages=60)
     intake = make_intake(store)
-    accepted: list[str] = []
-    refused: list[dict[str, Any]] = []
-    for batch in range(200):
-        records = jpn_records(20, seed=batch + 100)
-        answers = await intake.process(
-            [(i + 1, json.dumps(r).encode()) for i, r in enumerate(records)]
-        )
-        accepted += [a["report_id"] for a in answers if a["status"] == "accepted"]
-        refused += [a for a in answers if a["status"] == "rejected"]
-        if refused:
-            break
-    assert refused
+    accepted, refused, _ = await fill_until_refused(intake)
     assert {a["reason"] for a in refused} == {"unavailable"}
     assert all("database or disk is full" in a["detail"] for a in refused)
     assert intake.refusing is not None
@@ -434,15 +441,9 @@ async def test_a_full_disk_is_logged_once_a_minute_with_the_refusals_between(
     store = Store(tmp_path / "s.db", max_pages=60)
     intake = make_intake(store)
     with json_logging():
-        for batch in range(200):
-            records = jpn_records(20, seed=batch + 100)
-            answers = await intake.process(
-                [(i + 1, json.dumps(r).encode()) for i, r in enumerate(records)]
-            )
-            if intake.refusing is not None:
-                break
+        _, refused_first, again = await fill_until_refused(intake)
+        assert len(refused_first) == 20  # the whole batch, in one transaction
         # The refused batch again, as a spool retry or a feed's resend sends it.
-        again: list[Line] = [(i + 1, json.dumps(r).encode()) for i, r in enumerate(records)]
         for _ in range(5):
             clock[0] += 0.5
             answers = await intake.process(again)
