@@ -321,6 +321,11 @@ def parse_entry(data: bytes, seq: int) -> dict[str, Any]:
     6. every field is what that type's constructor would produce from it (member,
     time, identifiers, sorted disclosure keys...). The ``prev`` link is checked by the caller,
     which knows the previous entry's hash and so can name the altered entry.
+
+    Steps 2 and 6 are one comparison: the bytes must be exactly the canonical
+    encoding of the entry rebuilt by its constructor, so a value that only
+    compares equal (``true`` for ``1``, ``1.0``) is refused. When a check fails,
+    non-canonical bytes are named as such first, whatever else is wrong.
     """
     try:
         entry = json.loads(data)
@@ -329,26 +334,22 @@ def parse_entry(data: bytes, seq: int) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise AuditError("is not a JSON object")
     try:
+        _rebuild(entry, seq, data)
+    except AuditError:
+        _refuse_if_not_canonical(entry, data)
+        raise
+    return entry
+
+
+def _refuse_if_not_canonical(entry: dict[str, Any], data: bytes) -> None:
+    try:
         canonical_form = canonical.dumps(entry)
     except ValueError:  # an integer beyond I-JSON's range, which RFC 8785 cannot write
         raise AuditError("is not RFC 8785 canonical JSON") from None
+    except RecursionError:  # deeper than the encoders go; no entry nests beyond 2
+        raise AuditError("is nested too deeply") from None
     if canonical_form != data:
         raise AuditError("is not RFC 8785 canonical JSON")
-    if entry.get("v") != VERSION:
-        raise AuditError(f"has unknown version {entry.get('v')!r}")
-    if entry.get("seq") != seq:
-        raise AuditError(f"carries seq {entry.get('seq')!r} (deleted, inserted or reordered)")
-    kind = entry.get("type")
-    if kind not in _FIELDS:
-        raise AuditError(f"has unknown type {kind!r}")
-    if set(entry) != _COMMON | _FIELDS[kind]:
-        raise AuditError(f"has the wrong fields for a {kind!r} entry")
-    if not isinstance(entry["prev"], str) or not (
-        entry["prev"] == "" or _HEX64.fullmatch(entry["prev"])
-    ):
-        raise AuditError("has a malformed prev link")
-    _rebuild(entry)
-    return entry
 
 
 _BUILDERS: Final = {
@@ -362,20 +363,34 @@ _BUILDERS: Final = {
 }
 
 
-def _rebuild(entry: Mapping[str, Any]) -> None:
-    """Require the entry to be exactly what its constructor makes of its own fields.
+def _rebuild(entry: Mapping[str, Any], seq: int, data: bytes) -> None:
+    """Checks 3-6: ``data`` must be the entry exactly as its constructor makes it.
 
     This re-applies every pattern the constructors enforce (members, UUIDs,
     disclosure keys, digests, reason text), so a replay never meets a value of
     the wrong type or shape, even in an entry the node itself signed.
     """
-    kind = entry["type"]
+    version = entry.get("v")
+    if type(version) is not int or version != VERSION:
+        raise AuditError(f"has unknown version {version!r}")
+    if type(entry.get("seq")) is not int or entry["seq"] != seq:
+        raise AuditError(f"carries seq {entry.get('seq')!r} (deleted, inserted or reordered)")
+    kind = entry.get("type")
+    if kind not in _FIELDS:
+        raise AuditError(f"has unknown type {kind!r}")
+    if set(entry) != _COMMON | _FIELDS[kind]:
+        raise AuditError(f"has the wrong fields for a {kind!r} entry")
+    prev = entry["prev"]
+    if not isinstance(prev, str) or not (prev == "" or _HEX64.fullmatch(prev)):
+        raise AuditError("has a malformed prev link")
     fields = {k: v for k, v in entry.items() if k not in _COMMON}
     try:
         at = parse_time(entry["at"], "time")
         event = _BUILDERS[kind](entry["member"], at, fields)
     except (KeyMaterialError, AuditError, TypeError, ValueError) as exc:
         raise AuditError(f"is not a valid {kind!r} entry: {exc}") from None
-    expected = dict(event.fields, v=VERSION, seq=entry["seq"], prev=entry["prev"])
-    if expected != dict(entry):
+    expected = dict(event.fields, v=VERSION, seq=seq, prev=prev)
+    # Constructors give only ASCII keys and strings, and integers within
+    # I-JSON, where the C encoder is RFC 8785 (broker.canonical): no walk.
+    if canonical.encode_in_domain(expected) != data:
         raise AuditError(f"is not a valid {kind!r} entry: fields are not in canonical form")

@@ -495,6 +495,24 @@ def test_a_bulk_refusal_entry_with_other_fields_or_bytes_is_refused() -> None:
             parse_entry(raw, 4)
     with pytest.raises(AuditError, match="is not JSON"):
         parse_entry(b"[" * 100_000 + b"]" * 100_000, 4)
+    # Shallow enough for the JSON parser, too deep for the encoders (once a traceback).
+    with pytest.raises(AuditError, match="is nested too deeply"):
+        parse_entry(b'{"steps":' + b"[" * 900 + b"]" * 900 + b"}", 4)
+
+
+def test_a_value_that_only_compares_equal_is_refused() -> None:
+    # In Python true == 1, so these once passed as version 1 and seq 1; a verifier
+    # written from docs/AUDIT.md in another language refuses them, and so must we.
+    data = ev.rejected_many(MEMBER, T0, **_MANY).seal(1, None)
+    assert parse_entry(data, 1)["seq"] == 1
+    for raw, reason in (
+        (data.replace(b'"v":1', b'"v":true'), "unknown version True"),
+        (data.replace(b'"seq":1', b'"seq":true'), "carries seq True"),
+        (data.replace(b'"format":3', b'"format":3.0'), "canonical"),
+    ):
+        assert raw != data
+        with pytest.raises(AuditError, match=reason):
+            parse_entry(raw, 1)
 
 
 def test_threads_appending_and_reading_at_once_leave_a_valid_log(tmp_path: Path) -> None:
