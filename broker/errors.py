@@ -7,6 +7,7 @@ exceptions are translated at the boundary (``raise ... from exc``) so that a raw
 
 from __future__ import annotations
 
+import errno
 from typing import Final
 
 
@@ -85,6 +86,24 @@ class WriteError(MsmtError):
     Exit status 1, not 2: the command or node start succeeds once the cause is
     fixed, so a service manager should keep restarting a node that hit it.
     """
+
+
+class StdoutError(MsmtError):
+    """stdout did not take what a command wrote: its reader left (``| head``), a full disk.
+
+    Exit status 1: what was written is cut short, and a reader must not take it
+    for the whole. ``what`` names the output in the one line ("the whole replay").
+    """
+
+    def __init__(self, cause: OSError, what: str = "output") -> None:
+        # EBADF: stdout was closed when the command started (``>&-``).
+        self.closed = isinstance(cause, BrokenPipeError) or cause.errno == errno.EBADF
+        self.cause = cause
+        super().__init__(
+            f"stdout was closed before the whole {what} was written"
+            if self.closed
+            else f"cannot write the {what} to stdout: {cause.strerror}"
+        )
 
 
 class StoreError(MsmtError):

@@ -1,4 +1,5 @@
-"""The ``msmt`` entry point itself: Ctrl-C that no command handles is one line and exit 130.
+"""The ``msmt`` entry point itself: Ctrl-C that no command handles is one line and exit 130,
+and a stdout that fails is one line and exit 1, for every command.
 
 A real ``msmt`` process each time. The Ctrl-C is a ``KeyboardInterrupt`` raised
 where Python's SIGINT handler would raise it, at the import of a named module
@@ -10,10 +11,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from node_world import MSMT, REPO
+
+from broker import feeds
+from broker.store import Store
 
 HOOK = """
 import os, sys
@@ -63,3 +68,68 @@ def test_the_hook_interrupts_nothing_it_is_not_asked_to(tmp_path: Path) -> None:
     done = _interrupted_run(tmp_path, "no.such.module", "--version")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("msmt, version ")
+
+
+JPN_CONFIG = str(REPO / "nodes/JPN/node.toml")
+
+
+def _run_with_stdout(how: str, args: list[str], data: Path) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    env["MSMT_DATA_DIR"] = str(data)
+    if how == "file":
+        with (data / "out").open("wb") as out:
+            return subprocess.run(
+                [MSMT, *args],
+                stdout=out,
+                capture_output=False,
+                stderr=subprocess.PIPE,
+                env=env,
+                timeout=60,
+                check=False,
+            )
+    if how == "full":
+        with open("/dev/full", "wb") as full:
+            return subprocess.run(
+                [MSMT, *args], stdout=full, stderr=subprocess.PIPE, env=env, timeout=60, check=False
+            )
+    if how == "closed":  # the shell's ">&-": no fd 1 at all when msmt starts
+        shell = ["/bin/sh", "-c", 'exec "$@" >&-', "sh", MSMT, *args]
+        return subprocess.run(shell, stderr=subprocess.PIPE, env=env, timeout=60, check=False)
+    reader, writer = os.pipe()
+    os.close(reader)  # "| head -0": the reader is gone before the first byte
+    try:
+        return subprocess.run(
+            [MSMT, *args], stdout=writer, stderr=subprocess.PIPE, env=env, timeout=60, check=False
+        )
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--config", JPN_CONFIG],
+        ["feeds", "list", "--config", JPN_CONFIG],
+        ["--help"],  # click's own output
+    ],
+    ids=lambda args: " ".join(args[:2]),
+)
+def test_a_stdout_that_fails_is_one_line_and_exit_1_for_every_command(
+    tmp_path: Path, args: list[str]
+) -> None:
+    # Output cut short must not pass for whole (exit 0, as ">&-" gave), nor be click's
+    # silent exit 1 for a closed pipe, nor a traceback for a full disk.
+    Store(tmp_path / "node.sqlite3").close()  # what status reads, as a node leaves it
+    feeds.add(tmp_path / "intake-feeds.json", "jpn-ais", datetime.now(UTC))
+    written = _run_with_stdout("file", args, tmp_path)
+    assert (written.returncode, written.stderr) == (0, b"")
+    assert (tmp_path / "out").stat().st_size > 0  # so each of these writes to stdout
+    closed = b"msmt: error: stdout was closed before the whole output was written\n"
+    for how in ("pipe", "closed"):
+        done = _run_with_stdout(how, args, tmp_path)
+        assert (how, done.returncode, done.stderr) == (how, 1, closed)
+    done = _run_with_stdout("full", args, tmp_path)
+    assert (done.returncode, done.stderr) == (
+        1,
+        b"msmt: error: cannot write the output to stdout: No space left on device\n",
+    )

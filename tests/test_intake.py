@@ -1021,10 +1021,16 @@ async def test_a_connection_broken_mid_answer_says_what_to_do_not_aiohttp_s_word
     )
 
 
-async def test_submit_with_its_stdout_closed_says_so_and_exits_2(tmp_path: Path) -> None:
-    # `msmt submit ... | head`: the reader of stdout leaves. That is not the node's
-    # socket breaking ("cannot reach the node ... Broken pipe", as it said), and
-    # not every answer was shown: exit 2, as for Ctrl-C.
+@pytest.mark.parametrize(
+    ("stdout", "failed"),
+    [("pipe", "stdout was closed"), ("/dev/full", "stdout failed (No space left on device)")],
+)
+async def test_submit_with_its_stdout_closed_says_so_and_exits_2(
+    tmp_path: Path, stdout: str, failed: str
+) -> None:
+    # `msmt submit ... | head`: the reader of stdout leaves (or a full disk). That is
+    # not the node's socket breaking ("cannot reach the node ... Broken pipe", as it
+    # said), and not every answer was shown: exit 2, as for Ctrl-C.
     write_node_config(tmp_path, "JPN", ["nats://127.0.0.1:1"])
     config_path = tmp_path / "nodes" / "JPN" / "node.toml"
     config = load_config(config_path, env={})
@@ -1032,8 +1038,11 @@ async def test_submit_with_its_stdout_closed_says_so_and_exits_2(tmp_path: Path)
     token = ensure_token(config.token_path)
     runner = await serve_unix(make_app(make_intake(store), token), config.socket_path)
     records = jpn_records(3, seed=61)
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # a reader gone before the first answer: every write fails
+    if stdout == "pipe":
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # a reader gone before the first answer: every write fails
+    else:
+        write_end = os.open(stdout, os.O_WRONLY)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -1054,7 +1063,7 @@ async def test_submit_with_its_stdout_closed_says_so_and_exits_2(tmp_path: Path)
     assert proc.returncode == 2, err
     assert err.decode() == (
         "1 accepted, 0 rejected\n"
-        "msmt: error: stdout was closed before every answer was shown: records whose"
+        f"msmt: error: {failed} before every answer was shown: records whose"
         " answer was not shown may or may not have been accepted; send them again"
         " (a resend is answered duplicate)\n"
     )

@@ -1,8 +1,10 @@
 """The ``msmt`` command line: one group, with each command family in its own module.
 
 Every ``MsmtError`` becomes one line on stderr and the error's exit code; a
-traceback is only ever shown for a bug, never for bad input. Ctrl-C that no
-command handles itself is one line and exit status 130 (128 + SIGINT).
+traceback is only ever shown for a bug, never for bad input. So does a stdout
+that fails (``| head``, ``>&-``, a full disk): exit status 1, as output cut short
+must not pass for whole. Ctrl-C that no command handles itself is one line and
+exit status 130 (128 + SIGINT).
 """
 
 from __future__ import annotations
@@ -13,10 +15,16 @@ from typing import Any, NoReturn
 import click
 
 from broker import __version__
-from broker.errors import MsmtError
+from broker.cli.options import guarded_stdout
+from broker.errors import MsmtError, StdoutError
 
 INTERRUPTED_EXIT: int = 130
 """The shell's status for a command ended by SIGINT (128 + 2)."""
+
+
+def _fail(exc: MsmtError) -> NoReturn:
+    click.echo(f"msmt: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
 
 
 def _interrupted() -> NoReturn:
@@ -37,16 +45,18 @@ class _Group(click.Group):
         """
         try:
             _register()
-            return super().main(*args, **kwargs)
+            with guarded_stdout():
+                return super().main(*args, **kwargs)
         except KeyboardInterrupt:
             _interrupted()
+        except StdoutError as exc:  # click's own output: --help, --version, usage
+            _fail(exc)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except MsmtError as exc:
-            click.echo(f"msmt: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc)
         except KeyboardInterrupt:
             # Reached only when the command does not handle Ctrl-C itself (msmt
             # submit exits 2 with its summary; node run stops on SIGINT).

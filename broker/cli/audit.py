@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from broker.checkpoint import (
     roster_revoked_log_keys,
     roster_witness_keys,
 )
-from broker.cli.options import silence_stdout
+from broker.cli.options import write_stdout
 from broker.errors import AuditError, EnvelopeError, InputError, MsmtError, UsageError
 from broker.members import MEMBERS
 from broker.merkle import verify_inclusion
@@ -523,12 +523,12 @@ def audit_replay(
         logs = {m: _entry_stream(d, report, bar) for m, (d, report) in verified.items()}
         result = replay(logs, known)
     if as_json:
-        _write_stdout(itertools.chain(result.json_text(), "\n"))
+        write_stdout(itertools.chain(result.json_text(), "\n"), "replay")
     else:
         lines = render_lines(
             result, sorted(logs), timeline=show_timeline or show_fields, show_fields=show_fields
         )
-        _write_stdout(line + "\n" for line in lines)
+        write_stdout((line + "\n" for line in lines), "replay")
     if result.findings:
         raise AuditError(f"{len(result.findings)} findings: the logs do not reconcile")
 
@@ -615,25 +615,6 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
             " whose other side's log was not given"
         )
     return lines
-
-
-def _write_stdout(pieces: Iterable[str]) -> None:
-    """Write ``pieces`` to stdout in blocks: a long output is never one string in memory."""
-    block: list[str] = []
-    try:
-        for piece in pieces:
-            block.append(piece)
-            if len(block) >= 4096:
-                sys.stdout.write("".join(block))
-                block.clear()
-        sys.stdout.write("".join(block))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # A reader that stopped early (| head): the status must not say it read all.
-        silence_stdout()
-        raise MsmtError("stdout was closed before the whole replay was written") from None
-    except OSError as exc:
-        raise MsmtError(f"cannot write the replay to stdout: {exc.strerror}") from None
 
 
 def _bulk_lines(result: Replay) -> list[str]:

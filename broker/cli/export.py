@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 import tempfile
 from pathlib import Path
 
 import click
 
-from broker.cli.options import CONFIG, rfc3339, silence_stdout
-from broker.errors import MsmtError, UsageError
+from broker.cli.options import CONFIG, rfc3339, write_stdout
+from broker.errors import UsageError
 from broker.stix import bundle, load_received
 
 
@@ -38,18 +37,6 @@ def _write_atomically(path: Path, text: str) -> None:
         Path(tmp).replace(path)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _write_stdout(text: str) -> None:
-    # A bundle cut short must not end in exit status 0: the reader may import it.
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        silence_stdout()
-        raise MsmtError("stdout was closed before the whole bundle was written") from None
-    except OSError as exc:
-        raise MsmtError(f"cannot write the bundle to stdout: {exc.strerror}") from None
 
 
 @click.group(name="export")
@@ -84,7 +71,8 @@ def export_stix(config_path: Path, since: str | None, out: Path | None) -> None:
             err=True,
         )
     if out is None:
-        _write_stdout(text)
+        # A bundle cut short must not end in exit status 0: the reader may import it.
+        write_stdout([text], "bundle")
     else:
         _write_atomically(out, text)
         click.echo(f"{len(reports)} reports exported to {out}", err=True)

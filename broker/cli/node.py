@@ -26,13 +26,14 @@ from broker.audit_events import parse_entry
 from broker.audit_verify import load, read_origin
 from broker.auditlog import DB_FILE
 from broker.cli.options import CONFIG as _CONFIG
-from broker.cli.options import rfc3339, silence_stdout
+from broker.cli.options import rfc3339
 from broker.config import NodeConfig, load_config
 from broker.errors import (
     AuditError,
     EnvelopeError,
     InputError,
     MsmtError,
+    StdoutError,
     StoreError,
     UsageError,
 )
@@ -216,13 +217,15 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
         if not quiet or answer["status"] != "accepted":
             try:
                 click.echo(json.dumps(answer, separators=(",", ":")))
-            except BrokenPipeError:
-                # Our stdout's reader left (``| head``): not the node's socket, which
-                # an OSError here was taken for. Exit 2, as for Ctrl-C: the answers
-                # not shown may be of records not accepted, and a wrapper must know.
-                silence_stdout()
+            except StdoutError as exc:
+                # Our stdout failed (``| head`` left, a full disk): not the node's
+                # socket, which an OSError here was taken for. Exit 2, as for Ctrl-C:
+                # the answers not shown may be of records not accepted.
+                failed = (
+                    "stdout was closed" if exc.closed else f"stdout failed ({exc.cause.strerror})"
+                )
                 raise UsageError(
-                    "stdout was closed before every answer was shown: records whose answer"
+                    f"{failed} before every answer was shown: records whose answer"
                     " was not shown may or may not have been accepted; send them again"
                     " (a resend is answered duplicate)"
                 ) from None

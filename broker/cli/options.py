@@ -1,15 +1,18 @@
-"""What several ``msmt`` commands share: option values parsed the same way, stdout's end."""
+"""What several ``msmt`` commands share: option values parsed the same way, stdout's failures."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TextIO, cast
 
 import click
 
-from broker.errors import UsageError
+from broker.errors import StdoutError, UsageError
 
 CONFIG = click.option(
     "--config",
@@ -21,13 +24,90 @@ CONFIG = click.option(
 """``--config``: the node's ``node.toml``, for every command that works on one node."""
 
 
-def silence_stdout() -> None:
-    """Point stdout at /dev/null once its reader has gone (``BrokenPipeError``).
+def _silence(fd: int) -> None:
+    # Nothing more can reach stdout's reader (gone, or a full disk), and Python's
+    # own flush at exit would otherwise fail too and print "Exception ignored ...".
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
-    Nothing more can reach that reader, and Python's own flush at exit would
-    otherwise fail too and print "Exception ignored ... BrokenPipeError".
+
+class _GuardedStdout:
+    """``sys.stdout`` whose failures are one ``StdoutError``, never a raw ``OSError``.
+
+    A raw ``OSError`` from a write is ambiguous where it surfaces (``msmt submit``
+    took its closed stdout for the node's socket), and click turns a broken pipe
+    into a silent exit status 1 and anything else into a traceback.
     """
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._failed: OSError | None = None
+
+    def write(self, text: str) -> int:
+        """Write as the stream does; ``StdoutError`` if stdout fails or has failed."""
+        with self._failing():
+            return self._stream.write(text)
+
+    def flush(self) -> None:
+        """Flush as the stream does; ``StdoutError`` if stdout fails or has failed."""
+        with self._failing():
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        # Once failed, always: click's own probe of the stream swallows the first
+        # error, and what it writes next must not reach the /dev/null put in place.
+        if self._failed is not None:
+            raise StdoutError(self._failed)
+        try:
+            yield
+        except OSError as exc:
+            self._failed = exc
+            with contextlib.suppress(OSError, ValueError):  # a test's stream has no fd
+                _silence(self._stream.fileno())
+            raise StdoutError(exc) from None
+
+
+@contextlib.contextmanager
+def guarded_stdout() -> Iterator[None]:
+    """Run with stdout's failures as ``StdoutError`` (one line, exit status 1).
+
+    A stdout closed at the start (``>&-``) is held open on a /dev/null that
+    refuses writes: the first write fails as a closed pipe does, and no file the
+    command opens meanwhile becomes fd 1, where a child's output would land.
+    """
+    before = sys.stdout
+    # Opened, a closed fd 1 is the lowest free one: it becomes this /dev/null.
+    stream = before or open(os.open(os.devnull, os.O_RDONLY), "w", encoding="utf-8")  # noqa: SIM115
+    sys.stdout = cast(TextIO, _GuardedStdout(stream))
+    try:
+        yield
+    finally:
+        sys.stdout = before
+
+
+def write_stdout(pieces: Iterable[str], what: str) -> None:
+    """Write ``pieces`` to stdout in blocks: a long output is never one string in memory.
+
+    Raises ``StdoutError`` naming ``what`` (``"replay"``) if stdout fails:
+    output cut short must not end in exit status 0, as the reader may use it.
+    Needs ``guarded_stdout`` (every ``msmt`` command runs in it).
+    """
+    block: list[str] = []
+    try:
+        for piece in pieces:
+            block.append(piece)
+            if len(block) >= 4096:
+                sys.stdout.write("".join(block))
+                block.clear()
+        sys.stdout.write("".join(block))
+        sys.stdout.flush()
+    except StdoutError as exc:
+        raise StdoutError(exc.cause, what) from None
 
 
 def rfc3339(option: str, text: str) -> datetime:
