@@ -132,3 +132,29 @@ def test_what_a_node_creates_is_its_users_alone_whatever_the_umask(folder: Path)
             name: mode for name, mode in modes.items() if mode not in ("d0700", "f0600", "s0600")
         }
         assert wrong == {}, modes
+
+
+def test_every_command_on_a_node_creates_private_files_whatever_the_umask(folder: Path) -> None:
+    # Not only msmt node run: a feed added before the node's first start made the
+    # data directory's parent 0755 under umask 022, and so would any file a command
+    # on a node created without a mode of its own. Every --config command runs
+    # with umask 077.
+    config_path = str(folder / "nodes" / "JPN" / "node.toml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    for args in (
+        ["feeds", "add", "jpn-ais", "--out", str(folder / "jpn-ais.token")],
+        ["feeds", "revoke", "jpn-ais"],
+    ):
+        done = subprocess.run(
+            [MSMT, *args, "--config", config_path],
+            capture_output=True,
+            text=True,
+            env=env,
+            umask=0o022,  # what a shell, cron or a container gives it
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    modes = _modes(folder / "data")
+    assert set(modes) == {".", "JPN", "JPN/intake-feeds.json", "JPN/.intake-feeds.json.lock"}
+    assert {name: mode for name, mode in modes.items() if mode not in ("d0700", "f0600")} == {}

@@ -47,9 +47,6 @@ from broker.roster import Roster, parse_time
 from broker.sightings import is_report_id
 from broker.store import KEPT_SINCE, InboxEntry, Store, require_store, writer_pid
 
-NODE_UMASK: int = 0o077
-"""What ``msmt node run`` creates is its user's alone (the sample systemd unit's ``UMask``)."""
-
 
 def _config(path: Path) -> NodeConfig:
     return load_config(path)
@@ -76,11 +73,8 @@ def node_run(config_path: Path, log_level: str) -> None:
 
     config = _config(config_path)
     log.configure(level=log_level)
-    # Whatever the caller's umask: the data directory holds reports in the clear and
-    # what partners sent, so all the node creates (store and audit log with their
-    # -wal and -shm, spool, state files) is 0700/0600, not only what sets its own
-    # mode. Files meant for others (the intake socket) are chmodded explicitly.
-    os.umask(NODE_UMASK)
+    # What the node creates is 0700/0600 whatever the caller's umask: --config
+    # (options.CONFIG) sets umask 077 for every command on a node.
     asyncio.run(run(config))
 
 

@@ -14,14 +14,34 @@ import click
 
 from broker.errors import StdoutError, UsageError
 
+NODE_UMASK: int = 0o077
+"""What a command on a node creates is its user's alone (the sample systemd unit's ``UMask``)."""
+
+
+def _private_files(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    # Whatever the caller's umask: a node's data directory holds reports in the
+    # clear and what partners sent, so all a command on it creates (store and
+    # audit log with their -wal and -shm, spool, state and feeds files, the data
+    # directory's own parents) is 0700/0600, not only what sets its own mode.
+    # Files meant for others (the intake socket) are chmodded explicitly. Put
+    # back when the command ends: in a test's process, the next one's umask.
+    before = os.umask(NODE_UMASK)
+    ctx.call_on_close(lambda: os.umask(before))
+    return value
+
+
 CONFIG = click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
+    callback=_private_files,
     help="The node's node.toml.",
 )
-"""``--config``: the node's ``node.toml``, for every command that works on one node."""
+"""``--config``: the node's ``node.toml``, for every command that works on one node.
+
+Each such command runs with umask 077 (``NODE_UMASK``), as ``msmt node run`` does.
+"""
 
 
 def _silence(fd: int) -> None:
