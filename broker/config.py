@@ -52,6 +52,7 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "MSMT_INTAKE_SOCKET": ("intake", "socket"),
     "MSMT_INTAKE_TOKEN_FILE": ("intake", "token_file"),
     "MSMT_SPOOL_DIR": ("intake", "spool_dir"),
+    "MSMT_INTAKE_SHARED_TOKEN": ("intake", "shared_token"),  # true or false
     "MSMT_METRICS_LISTEN": ("metrics", "listen"),
     "MSMT_MAX_RECORD_BYTES": ("limits", "max_record_bytes"),
     "MSMT_PUBLISH_MAX_IN_FLIGHT": ("limits", "publish_max_in_flight"),
@@ -126,11 +127,16 @@ class KeysSection(_Section):
 
 
 class IntakeSection(_Section):
-    """Local-only intake: the unix socket, its bearer-token file, and the spool directory."""
+    """Local-only intake: the unix socket, its bearer-token file, and the spool directory.
+
+    ``shared_token = false`` refuses the shared ``token_file`` (feed ``socket``):
+    only named feeds' tokens (``msmt feeds``) are let in at the socket.
+    """
 
     socket: ConfigPath | None = None
     token_file: ConfigPath | None = None
     spool_dir: ConfigPath | None = None
+    shared_token: bool = True
 
 
 class LimitsSection(_Section):
@@ -282,6 +288,10 @@ def _coerce_env(name: str, keys: tuple[str, ...], text: str) -> Any:
         if re.fullmatch(r"-?[0-9]+", text.strip()) is None:
             raise ConfigError(f"config key {'.'.join(keys)}: {name}={text!r} is not an integer")
         return int(text)
+    if _key_type(keys) is bool:
+        if text.strip() not in ("true", "false"):
+            raise ConfigError(f"config key {'.'.join(keys)}: {name}={text!r} is not true or false")
+        return text.strip() == "true"
     return text
 
 

@@ -53,6 +53,8 @@ FEED_COUNTER: Final = "feed."
 ``.revoked`` (requests refused as a revoked feed's)."""
 FEED_USED: Final = "feed_last_used."
 """The node's status facts ``feed_last_used.<feed>``: when it last sent records, to the second."""
+SHARED_STATE: Final = "intake_shared_token"
+"""The node's state: ``on`` or ``off``, whether its last start let the shared intake.token in."""
 MAX_FILE_BYTES: Final = 1 << 20
 """A feeds file larger than this is refused rather than read (some 5,000 feeds fit)."""
 

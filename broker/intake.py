@@ -418,15 +418,30 @@ def read_token(path: Path) -> str:
     return token
 
 
+SHARED_TOKEN_OFF: Final = "shared token off"  # noqa: S105 - a reason, not a secret
+"""Why a request with the shared token is refused where ``intake.shared_token = false``."""
+
+_REFUSED: Final = {
+    # The holder of the shared token learns only what it already had reason to
+    # think: that its token is the node's shared one. It learns what to do instead.
+    SHARED_TOKEN_OFF: "this node refuses the shared intake.token (intake.shared_token = false):"
+    " send with the feed's own token (msmt feeds add)",
+}
+"""The 401's reason where it is not the one line every other refusal gets."""
+
+
 class _Gate:
     """Who a request's bearer token is: the channel's own token, or a live named feed.
 
     Keeps the refusals for the throttled ``intake_token_refused`` warning.
     """
 
-    def __init__(self, intake: Intake, token: str, feeds: FeedTokens | None) -> None:
+    def __init__(
+        self, intake: Intake, token: str | None, feeds: FeedTokens | None, *, shared: bool
+    ) -> None:
         self.intake = intake
-        self.expected = token.encode()
+        self.expected = None if token is None else token.encode()
+        self.shared = shared
         self.feeds = feeds
         self.throttle = Throttle()
         self.unlogged = Counter[str]()  # refused requests since the last warning, by why
@@ -442,8 +457,9 @@ class _Gate:
         if scheme.lower() != "bearer":
             return "not a Bearer token"
         # surrogateescape: bytes that are not UTF-8 compare as the bytes sent.
-        if hmac.compare_digest(credentials.encode("utf-8", "surrogateescape"), self.expected):
-            return None
+        sent = credentials.encode("utf-8", "surrogateescape")
+        if self.expected is not None and hmac.compare_digest(sent, self.expected):
+            return None if self.shared else SHARED_TOKEN_OFF
         return self._named(credentials)
 
     def _named(self, credentials: str) -> Feed | str:
@@ -485,18 +501,22 @@ class _Gate:
             self.unlogged.clear()
             self.revoked.clear()
         return web.json_response(
-            {"error": "missing or wrong bearer token"},
+            {"error": _REFUSED.get(why, "missing or wrong bearer token")},
             status=401,
             headers={"WWW-Authenticate": 'Bearer realm="msmt-intake"'},
         )
 
 
-def make_app(intake: Intake, token: str, feeds: FeedTokens | None = None) -> web.Application:
+def make_app(
+    intake: Intake, token: str | None, feeds: FeedTokens | None = None, *, shared: bool = True
+) -> web.Application:
     """The intake HTTP application: ``POST /v1/reports`` with a bearer token.
 
     The token is the channel's own (``intake.token``: feed ``socket``) or, with
     ``feeds``, a named feed's (feed ``socket:NAME``), looked up afresh for each
-    request, so a feed added or revoked counts from the next one. A request
+    request, so a feed added or revoked counts from the next one. With
+    ``shared=False`` the channel's own token is refused (401 saying why), and
+    ``token`` (``None`` if there is none) only tells it apart from a wrong one. A request
     streaming when its feed is revoked ends before its next batch is committed.
     A refused token is counted (``intake.counts["token"]``) and logged at most
     once a minute, never with the token sent, naming a feed only when the
@@ -505,7 +525,7 @@ def make_app(intake: Intake, token: str, feeds: FeedTokens | None = None) -> web
     rest is not (so not accepted), and the feed sends it again.
     """
     stopping = asyncio.Event()
-    gate = _Gate(intake, token, feeds)
+    gate = _Gate(intake, token, feeds, shared=shared)
 
     async def submit(request: web.Request) -> web.StreamResponse:
         feed = gate.admit(request.headers.getall("Authorization", []))
@@ -854,6 +874,17 @@ class RecordCount:
         self._open = False
 
 
+async def _reason(resp: aiohttp.ClientResponse) -> str:
+    """``": REASON"`` from a refusal's JSON body (``{"error": ...}``), or ``""`` if none."""
+    # The node's own words, from its own socket: kept to one short line all the same.
+    try:
+        body = json.loads(await resp.content.read(1024))
+    except (aiohttp.ClientError, OSError, ValueError):
+        return ""
+    error = body.get("error") if isinstance(body, dict) else None
+    return f": {' '.join(error.split())[:300]}" if isinstance(error, str) else ""
+
+
 async def submit(
     socket: Path,
     token: str,
@@ -895,7 +926,9 @@ async def submit(
             ) as resp,
         ):
             if resp.status == 401:
-                raise UsageError(f"the node at {socket} refused the intake token")
+                raise UsageError(
+                    f"the node at {socket} refused the intake token{await _reason(resp)}"
+                )
             if resp.status != 200:
                 raise UsageError(f"the node at {socket} answered HTTP {resp.status}")
             answered = 0

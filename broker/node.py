@@ -51,9 +51,16 @@ from broker.auditlog import DB_FILE, AuditLog
 from broker.auditnet import AuditNet
 from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
-from broker.errors import AuditError, ConfigError, KeyMaterialError, MsmtError, StoreDamagedError
-from broker.feeds import FEED_COUNTER, FEED_USED, FeedTokens
-from broker.intake import Intake, Refusal, Spool, ensure_token, make_app, serve_unix
+from broker.errors import (
+    AuditError,
+    ConfigError,
+    KeyMaterialError,
+    MsmtError,
+    StoreDamagedError,
+    UsageError,
+)
+from broker.feeds import FEED_COUNTER, FEED_USED, SHARED_STATE, FeedTokens
+from broker.intake import Intake, Refusal, Spool, ensure_token, make_app, read_token, serve_unix
 from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
 from broker.log import Throttle, get_logger
 from broker.members import MEMBERS
@@ -892,7 +899,7 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         config = self.config
-        token = ensure_token(config.token_path)
+        token = _shared_token(config)
         # Read once here, before the planning worker starts, so an unfit feeds file
         # stops the start with one line; then each request reads it again if it changed.
         feeds = FeedTokens(config.feeds_path)
@@ -919,7 +926,7 @@ class Node:
         )
         self._intakes = [socket_intake, spool_intake]
         spool, metrics_runner, intake_runner = await self._open_inputs(
-            make_app(socket_intake, token, feeds), spool_intake
+            make_app(socket_intake, token, feeds, shared=config.intake.shared_token), spool_intake
         )
         spool_stop = asyncio.Event()
         tasks = [
@@ -937,6 +944,7 @@ class Node:
             "node_started",
             member=self.member,
             socket=str(config.socket_path),
+            shared_token=config.intake.shared_token,
             policy_digest=self.planner.policy.digest,
         )
         _warn_keyless_partners(self.planner.policy, self.planner.roster, datetime.now(UTC))
@@ -1092,6 +1100,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             {
                 "roster_version": str(signed.version),
                 "policy_digest": policy.digest,
+                SHARED_STATE: "on" if config.intake.shared_token else "off",
                 "key_events": json.dumps(sorted(logged_now)),
             }
         )
@@ -1191,6 +1200,24 @@ def _spool(directory: Path, intake: Intake) -> Spool:
         raise ConfigError(
             f"config key intake.spool_dir: cannot use {directory}: {exc.strerror}"
         ) from None
+
+
+def _shared_token(config: NodeConfig) -> str | None:
+    """The shared intake token, made on the first start; where it is off, the one left, if any.
+
+    Off, none is made: a token left from before is read only so that a feed not
+    moved to its own yet is told why it is refused. Unfit to read, it is left
+    alone, and said so at the start.
+    """
+    if config.intake.shared_token:
+        return ensure_token(config.token_path)
+    if not config.token_path.exists():
+        return None
+    try:
+        return read_token(config.token_path)
+    except UsageError as exc:
+        log.warning("intake_token_ignored", reason=str(exc))
+        return None
 
 
 def _make_data_dir(data_dir: Path) -> None:

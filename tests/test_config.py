@@ -264,6 +264,7 @@ PATH_KEYS = {
 }
 STRING_KEYS = {("member",), ("metrics", "listen")}
 ARRAY_KEYS = {("nats", "urls")}
+BOOL_KEYS = {("intake", "shared_token")}
 WHEN = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
 
 
@@ -271,7 +272,7 @@ def _wrong_types() -> Iterator[tuple[tuple[str, ...], Any, str]]:
     """(key, a value of another TOML type, the reason expected) for every key."""
     keys = dict(_leaf_keys())
     # A key added without a case here fails the test below rather than go untested.
-    assert set(keys) == PATH_KEYS | STRING_KEYS | ARRAY_KEYS | {
+    assert set(keys) == PATH_KEYS | STRING_KEYS | ARRAY_KEYS | BOOL_KEYS | {
         k for k, annotation in keys.items() if annotation is int
     }
     not_ints: list[tuple[Any, str]] = [("100", "a string"), (100.0, "a float"), (True, "a boolean")]
@@ -291,6 +292,9 @@ def _wrong_types() -> Iterator[tuple[tuple[str, ...], Any, str]]:
             yield key, 5, "Input should be 'JPN'"  # one of the trigraphs, named
         elif key in STRING_KEYS:
             yield key, 9464, "must be a string, not an integer"
+        elif key in BOOL_KEYS:
+            for value, kind in [("false", "a string"), (0, "an integer")]:
+                yield key, value, f"must be true or false, not {kind}"
         else:
             yield key, "nats://127.0.0.1:4222", "must be an array, not a string"
             yield key, [4222], "must be a string, not an integer"
@@ -334,6 +338,8 @@ def test_every_environment_override_is_read_as_its_keys_type(tmp_path: Path) -> 
             if keys in PATH_KEYS
             else f" {ints[keys]} "  # spaces around a number are no mistake
             if keys in ints
+            else "false"  # the default is true
+            if keys in BOOL_KEYS
             else {
                 ("member",): "USA",
                 ("metrics", "listen"): "[::1]:9100",
@@ -353,8 +359,23 @@ def test_every_environment_override_is_read_as_its_keys_type(tmp_path: Path) -> 
             assert got == ints[keys], name
         elif keys in ARRAY_KEYS:
             assert got == ("tls://a:4222", "tls://b:4222"), name
+        elif keys in BOOL_KEYS:
+            assert got is False, name
         else:
             assert got == values[name], name
+
+
+@pytest.mark.parametrize("text", ["False", "0", "no", "", "off"])
+def test_a_boolean_override_that_is_not_one_is_one_line_naming_both(
+    tmp_path: Path, text: str
+) -> None:
+    # Only TOML's own words: "0" or "off" read as false by one tool and true by another.
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path), env={"MSMT_INTAKE_SHARED_TOKEN": text})
+    assert str(info.value) == (
+        f"config key intake.shared_token: MSMT_INTAKE_SHARED_TOKEN={text!r} is not true or false"
+    )
+    assert load_config(write(tmp_path), env={}).intake.shared_token is True  # the default
 
 
 @pytest.mark.parametrize("text", ["many", "1.5", "true", "", "1e3", "0x10"])

@@ -169,6 +169,34 @@ async def test_an_unfit_feeds_file_shuts_out_every_named_feed_but_not_intake_tok
     assert token not in json.dumps(logs, default=str)
 
 
+async def test_with_the_shared_token_off_it_is_refused_saying_why_and_named_feeds_get_in(
+    tmp_path: Path,
+) -> None:
+    it = Served(tmp_path)
+    ais = feeds.add(it.feeds_path, "jpn-ais", NOW)
+    off = "this node refuses the shared intake.token (intake.shared_token = false)"
+    # The node's token from before is known, so its holder is told why; without
+    # one (deleted), the shared token is any wrong token.
+    for known, reason in ((it.token, off), (None, "missing or wrong bearer token")):
+        app = make_app(it.intake, known, feeds.FeedTokens(it.feeds_path), shared=False)
+        runner = await serve_unix(app, it.socket)
+        try:
+            with capture_logs() as logs, pytest.raises(UsageError) as info:
+                await it.send(it.token, records(1, 20))
+            assert str(info.value).startswith(
+                f"the node at {it.socket} refused the intake token: {reason}"
+            )
+            accepted = await it.send(ais, records(1, 21 + (known is None)))
+            assert [a["status"] for a in accepted] == ["accepted"]
+        finally:
+            await runner.cleanup()
+        (warning,) = [e for e in logs if e["event"] == "intake_token_refused"]
+        assert warning["requests"] == {"shared token off" if known else "wrong token": 1}
+    assert [f for f, _ in it.accepted] == ["socket:jpn-ais", "socket:jpn-ais"]
+    assert it.intake.counts == {"accepted": 2, "token": 2}
+    it.store.close()
+
+
 # --- a real node ------------------------------------------------------------------
 
 POLICY = """
@@ -229,7 +257,8 @@ def test_a_node_audits_each_feed_by_name_and_cuts_one_off_without_a_restart(
     refused = send(records(1, 4), "--token-file", str(ais_file))
     assert refused.returncode == 2
     assert refused.stderr == (
-        f"msmt: error: the node at {jpn.socket_path} refused the intake token\n"
+        f"msmt: error: the node at {jpn.socket_path} refused the intake token:"
+        " missing or wrong bearer token\n"
     )
     still = send(later, "--token-file", str(case_file))
     assert still.returncode == 0, still.stderr
@@ -307,3 +336,80 @@ def test_a_node_will_not_start_on_an_unfit_feeds_file(
     assert done.stderr.startswith(f"msmt: error: feeds file {path} {reason}"), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "data" / "JPN" / "intake.sock").exists()
+
+
+def test_a_node_with_the_shared_token_off_refuses_it_saying_why(
+    pair: World, tmp_path: Path
+) -> None:
+    config = str(pair.config_path("JPN"))
+    jpn = pair.config("JPN")
+    ais_file = tmp_path / "ais.token"
+    added = msmt("feeds", "add", "jpn-ais", "--config", config, "--out", str(ais_file))
+    assert added.returncode == 0, added.stderr
+    shared = ensure_token(jpn.token_path)  # a node moving off it: made by its starts before
+    with pair.config_path("JPN").open("a") as toml:
+        toml.write("[intake]\nshared_token = false\n")
+    pair.start("JPN")
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("never-a-token-of-any-feed-0123456789\n")
+    wrong.chmod(0o600)
+    by_ais = records(2, 30)
+
+    def send(batch: list[dict[str, Any]], *token: str) -> Any:
+        text = samples.to_ndjson(batch).encode()
+        return msmt("submit", "--config", config, *token, "-", stdin=text)
+
+    done = send(by_ais, "--token-file", str(ais_file))
+    assert done.returncode == 0, done.stderr
+    # Without --token-file, msmt submit says so before sending anything.
+    unnamed = send(records(1, 31))
+    assert (unnamed.returncode, unnamed.stderr) == (
+        2,
+        "msmt: error: this node refuses the shared intake.token (intake.shared_token = false):"
+        " give --token-file with the feed's own token (msmt feeds add)\n",
+    )
+    # A feed of its own that sends the shared token is told why by the node itself.
+    refused = send(records(1, 32), "--token-file", str(jpn.token_path))
+    assert (refused.returncode, refused.stderr) == (
+        2,
+        f"msmt: error: the node at {jpn.socket_path} refused the intake token: this node"
+        " refuses the shared intake.token (intake.shared_token = false): send with the feed's"
+        " own token (msmt feeds add)\n",
+    )
+    plain = send(records(1, 33), "--token-file", str(wrong))
+    assert plain.stderr.endswith("refused the intake token: missing or wrong bearer token\n")
+
+    def status() -> dict[str, Any]:
+        out = msmt("status", "--config", config, "--json")
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    wait_for(lambda: status()["counters"].get("intake.token") == 2, 20, "two refused tokens")
+    shown = status()
+    assert shown["shared_token"] == "off"
+    assert set(shown["feeds"]) == {"socket:jpn-ais"}
+    text = msmt("status", "--config", config).stdout
+    assert "\nshared_token   off\n" in text
+    listed = msmt("feeds", "list", "--config", config)
+    assert listed.stdout.splitlines()[-1] == (
+        f"{'(intake.token)':<24} off (intake.shared_token = false)"
+    )
+    assert pair.terminate("JPN") == 0
+    log = (tmp_path / "JPN.log").read_text()
+    warning = next(
+        json.loads(line) for line in log.splitlines() if '"intake_token_refused"' in line
+    )
+    assert warning["requests"] == {"shared token off": 1}
+    started = next(json.loads(line) for line in log.splitlines() if '"node_started"' in line)
+    assert started["shared_token"] is False
+    accepted = [e for e in audit_entries(jpn.audit_dir) if e["type"] == "accepted"]
+    assert sorted((e["feed"], e["report_id"]) for e in accepted) == sorted(
+        ("socket:jpn-ais", r["report_id"]) for r in by_ais
+    )
+    assert shared not in log
+    # Set back (here by the environment), the shared token is let in again.
+    pair.start("JPN", MSMT_INTAKE_SHARED_TOKEN="true")
+    again = send(records(1, 34), "--token-file", str(jpn.token_path))
+    assert again.returncode == 0, again.stderr
+    wait_for(lambda: status()["shared_token"] != "off", 20, "the start's status")
+    assert status()["shared_token"] == "on; node.toml says off: restart the node to apply it"

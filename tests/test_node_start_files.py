@@ -158,3 +158,27 @@ def test_every_command_on_a_node_creates_private_files_whatever_the_umask(folder
     modes = _modes(folder / "data")
     assert set(modes) == {".", "JPN", "JPN/intake-feeds.json", "JPN/.intake-feeds.json.lock"}
     assert {name: mode for name, mode in modes.items() if mode not in ("d0700", "f0600")} == {}
+
+
+def test_a_node_with_the_shared_token_off_makes_none(folder: Path) -> None:
+    # intake.shared_token = false: a token no feed may use is not written either.
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    with config_path.open("a") as toml:
+        toml.write("[intake]\nshared_token = false\n")
+    config = load_config(config_path, env={})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    node = subprocess.Popen(
+        [MSMT, "node", "run", "--config", str(config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        wait_for(lambda: config.socket_path.exists() or node.poll() is not None, 60, "started")
+        assert node.poll() is None, node.stderr.read() if node.stderr else ""
+    finally:
+        node.send_signal(signal.SIGTERM)
+        _, err = node.communicate(timeout=60)
+    assert node.returncode == 0, err
+    assert config.store_path.exists()  # it did start on this data directory
+    assert not config.token_path.exists()

@@ -114,7 +114,8 @@ def feeds_list(config_path: Path) -> None:
 
     The figures (records accepted and rejected, when last used) are the node's
     as of its last status write (about once a second while it runs). The last
-    line is the shared ``intake.token`` (feed ``socket``), once it has sent records.
+    line is the shared ``intake.token`` (feed ``socket``), once it has sent records
+    or where it is turned off (``intake.shared_token = false``).
     """
     config = load_config(config_path)
     known = feeds.load(config.feeds_path)
@@ -127,7 +128,10 @@ def feeds_list(config_path: Path) -> None:
         line = "never used" if used is None else feed_line(used)
         click.echo(f"{feed.name:<24} created {format_time(feed.created_at)}  {state:<28}  {line}")
     shared = figures.get(feeds.CHANNEL)
-    if shared is not None:
+    if not config.intake.shared_token:
+        before = "" if shared is None else f"; before: {feed_line(shared)}"
+        click.echo(f"{'(intake.token)':<24} off (intake.shared_token = false){before}")
+    elif shared is not None:
         click.echo(f"{'(intake.token)':<24} shared token, feed socket: {feed_line(shared)}")
 
 

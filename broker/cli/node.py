@@ -37,7 +37,7 @@ from broker.errors import (
     StoreError,
     UsageError,
 )
-from broker.feeds import FEED_COUNTER
+from broker.feeds import FEED_COUNTER, SHARED_STATE
 from broker.feeds import usage as feed_usage
 from broker.intake import read_token, submit
 from broker.keys import MemberKeys, load_member_keys, load_pinned_roster
@@ -200,6 +200,11 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
     record, on Ctrl-C, or when stdout was closed before every answer was shown.
     """
     config = _config(config_path)
+    if token_file is None and not config.intake.shared_token:
+        raise UsageError(
+            "this node refuses the shared intake.token (intake.shared_token = false):"
+            " give --token-file with the feed's own token (msmt feeds add)"
+        )
     token = read_token(token_file or config.token_path)
     counts = {"accepted": 0, "rejected": 0}
     duplicates = 0
@@ -517,6 +522,18 @@ def _policy_file_state(config: NodeConfig, in_force: str) -> str:
     return f"changed to {policy.digest}; restart the node to apply it"
 
 
+def _shared_token_state(config: NodeConfig, state: Mapping[str, str]) -> str:
+    # As for the policy: what the node started with, and whether node.toml still
+    # says so (a change applies at the next start).
+    wanted = "on" if config.intake.shared_token else "off"
+    started = state.get(SHARED_STATE)
+    if started is None:
+        return f"{wanted} (the node has not started with it yet)"
+    if started != wanted:
+        return f"{started}; node.toml says {wanted}: restart the node to apply it"
+    return started
+
+
 @click.command(name="status")
 @_CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
@@ -527,6 +544,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``unknown`` before its first start), to check a roster rollout reached it.
     ``policy_digest`` is the policy it last started with; ``policy_file`` says
     whether the file on disk is still that policy (an edit applies at restart).
+    ``shared_token`` is ``off`` where the node refuses the shared intake.token
+    (``intake.shared_token = false``: named feeds only), ``on`` otherwise.
     ``received`` is how many reports the inbox holds now (what ``inbox list`` lists).
     ``inbox_paused`` says why and since when the node takes nothing from its inbox
     (another process with its credentials takes from it: the twin alarm).
@@ -549,6 +568,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "roster_version": int(roster) if roster.isdecimal() else roster,
         "policy_digest": in_force,
         "policy_file": _policy_file_state(config, in_force),
+        # Whether intake.token is let in (intake.shared_token), as of the last start.
+        "shared_token": _shared_token_state(config, state),
         # As of the last start: the signing and encryption keys and the TLS certificate.
         "credentials_valid_until": _json_state(state, "credentials_valid_until"),
         "connected": state.get("connected", "unknown"),
