@@ -377,9 +377,18 @@ def load_signed_roster(
             f"cannot read roster signature {keydir / ROSTER_SIG_FILE}: {exc}"
         ) from None
     pin = authority_path or keydir / AUTHORITY_PUBLIC_FILE
-    return verify_roster(
-        jwks, signature, load_authority(pin), min_version=min_version, pinned_at=str(pin)
-    )
+    try:
+        return verify_roster(
+            jwks, signature, load_authority(pin), min_version=min_version, pinned_at=str(pin)
+        )
+    except KeyMaterialError as exc:
+        if not (keydir / ROSTER_SIG_STAGED).exists():
+            raise
+        # Refused all the same: only the custodian's next roster write finishes it.
+        raise KeyMaterialError(
+            f"{exc} ({ROSTER_SIG_STAGED} is beside it: a roster write was cut short; the"
+            " custodian's next msmt keys rotate, revoke or accept in that directory finishes it)"
+        ) from None
 
 
 def roster_digest(jwks: Mapping[str, Any]) -> str:
@@ -441,22 +450,86 @@ def _check_members(members: Iterable[str]) -> tuple[str, ...]:
     return result
 
 
+ROSTER_STAGED: Final = f"{ROSTER_FILE}.new"
+ROSTER_SIG_STAGED: Final = f"{ROSTER_SIG_FILE}.new"
+"""Where ``write_roster`` puts the new pair aside before renaming it into place."""
+
+
 def write_roster(keydir: Path, jwks: dict[str, Any], authority: OKPKey) -> None:
-    """Sign ``jwks`` with ``authority`` and write ``roster.json`` and its ``.jws``."""
+    """Sign ``jwks`` with ``authority`` and write ``roster.json`` and its ``.jws``.
+
+    A crash between the two renames into place leaves a roster whose signature
+    fails, which every node refuses (fail closed); ``finish_roster_write`` then
+    finds the signature still aside and finishes the swap.
+    """
     signature = sign_roster(jwks, authority)
-    # Both are written aside before either is renamed into place, so a full disk
-    # leaves the old pair, which still verifies. A crash between the two renames
-    # leaves a roster whose signature fails, which every node refuses (fail
-    # closed), and so does the next rotate or revoke until the last published pair
-    # (roster.json and roster.json.jws, as the members' repository holds them) is back.
-    staged = _stage(keydir / ROSTER_FILE, json_bytes(jwks), private=False)
+    staged, staged_sig = keydir / ROSTER_STAGED, keydir / ROSTER_SIG_STAGED
+    # Both are put aside whole (each written to a temp file and renamed) under
+    # fixed names before either goes into place, so a full disk leaves the old
+    # pair, which still verifies, and a crash leaves files that say what it was.
+    _put_in_place(_stage(keydir / ROSTER_FILE, json_bytes(jwks), private=False), staged)
     try:
         signed = _stage(keydir / ROSTER_SIG_FILE, (signature + "\n").encode(), private=False)
+        _put_in_place(signed, staged_sig)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
-    _put_in_place(staged, keydir / ROSTER_FILE)
-    _put_in_place(signed, keydir / ROSTER_SIG_FILE)
+    _swap(staged, keydir / ROSTER_FILE)
+    _swap(staged_sig, keydir / ROSTER_SIG_FILE)
+
+
+def _swap(staged: Path, path: Path) -> None:
+    # Unlike _put_in_place, the file aside is kept on failure: once the roster
+    # is in place, its signature aside is what finishes the swap.
+    try:
+        staged.replace(path)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _verified_pair(roster: Path, signature: Path, authority: OKPKey) -> SignedRoster | None:
+    """The roster ``roster`` signed by ``signature`` under ``authority``; ``None`` if not."""
+    try:
+        text = signature.read_text(encoding="ascii")
+        return verify_roster(read_json(roster), text, authority)
+    except (OSError, UnicodeDecodeError, KeyMaterialError):
+        return None
+
+
+def finish_roster_write(keydir: Path) -> str | None:
+    """Finish or undo a ``write_roster`` cut short (a crash); one line saying which, or ``None``.
+
+    The pair left aside goes into place only if it verifies under the authority's
+    public key in ``keydir`` and is newer than the pair in place (a roster in
+    place with the signature aside counts as such a pair); otherwise, if the pair
+    in place verifies, what was left aside is removed. Raises ``KeyMaterialError``,
+    changing nothing, if neither verifies: an unsigned or mismatched roster is
+    never put in place.
+    """
+    staged, staged_sig = keydir / ROSTER_STAGED, keydir / ROSTER_SIG_STAGED
+    if not staged.exists() and not staged_sig.exists():
+        return None
+    authority = load_authority(keydir / AUTHORITY_PUBLIC_FILE)
+    current = _verified_pair(keydir / ROSTER_FILE, keydir / ROSTER_SIG_FILE, authority)
+    candidate = None
+    if staged_sig.exists():
+        roster = staged if staged.exists() else keydir / ROSTER_FILE
+        candidate = _verified_pair(roster, staged_sig, authority)
+    cut = f"a roster write in {keydir} was cut short"
+    if candidate is not None and (current is None or candidate.version > current.version):
+        if staged.exists():
+            _swap(staged, keydir / ROSTER_FILE)
+        _swap(staged_sig, keydir / ROSTER_SIG_FILE)
+        return f"{cut}: finished it, roster version {candidate.version} is in place"
+    if current is not None:
+        for path in (staged, staged_sig):
+            path.unlink(missing_ok=True)
+        return f"{cut}: undid it, roster version {current.version} stays in place"
+    raise KeyMaterialError(
+        f"{cut}, and neither the roster in place nor the one left aside ({ROSTER_STAGED},"
+        f" {ROSTER_SIG_STAGED}) verifies: put the last published {ROSTER_FILE} and"
+        f" {ROSTER_SIG_FILE} back, and remove those two"
+    )
 
 
 def init_keys(

@@ -572,3 +572,109 @@ def test_a_rotation_that_cannot_write_says_so_in_one_line_and_keeps_the_roster(
     assert (keydir / keys.ROSTER_FILE).read_bytes() == roster
     assert keys.load_signed_roster(keydir).version == 1
     assert not list(keydir.glob(".roster*"))
+
+
+def _cut_short(keydir: Path, renamed: int) -> keys.SignedRoster:
+    """Leave ``keydir`` as a crash in ``write_roster`` would: the next roster (a rotation
+    of USA) aside, and ``renamed`` (0 or 1) of its two files renamed into place."""
+    signed, authority = keys.load_for_update(keydir)
+    entries = keys.retire_active(signed.jwks["keys"], "USA", T0)
+    jwks = keys.bump_roster(signed, entries, T0)
+    (keydir / keys.ROSTER_STAGED).write_bytes(keys.json_bytes(jwks))
+    (keydir / keys.ROSTER_SIG_STAGED).write_text(keys.sign_roster(jwks, authority) + "\n")
+    if renamed:
+        (keydir / keys.ROSTER_STAGED).replace(keydir / keys.ROSTER_FILE)
+    return keys.verify_roster(jwks, keys.sign_roster(jwks, authority), authority)
+
+
+def test_a_roster_write_cut_between_its_renames_is_refused_then_finished(keydir: Path) -> None:
+    new = _cut_short(keydir, renamed=1)  # the new roster in place, its signature aside
+    # Fail closed meanwhile, and say why: every node and verify-roster refuse the pair.
+    with pytest.raises(KeyMaterialError, match="does not verify") as info:
+        keys.load_signed_roster(keydir)
+    assert str(info.value).endswith(
+        f"({keys.ROSTER_SIG_STAGED} is beside it: a roster write was cut short; the custodian's"
+        " next msmt keys rotate, revoke or accept in that directory finishes it)"
+    )
+    assert keys.finish_roster_write(keydir) == (
+        f"a roster write in {keydir} was cut short: finished it, roster version 2 is in place"
+    )
+    assert keys.load_signed_roster(keydir).jwks == new.jwks
+    assert not (keydir / keys.ROSTER_SIG_STAGED).exists()
+    assert keys.finish_roster_write(keydir) is None  # nothing left to do
+
+
+def test_a_roster_write_cut_before_its_renames_is_finished_and_never_rolls_back(
+    keydir: Path,
+) -> None:
+    new = _cut_short(keydir, renamed=0)  # the old pair in place, the whole new one aside
+    assert keys.load_signed_roster(keydir).version == 1  # the old pair still verifies
+    assert keys.finish_roster_write(keydir) is not None
+    assert keys.load_signed_roster(keydir).jwks == new.jwks
+    # A pair left aside that is not newer than the one in place (a stale copy) is
+    # removed, never put back over it.
+    (keydir / keys.ROSTER_STAGED).write_bytes((keydir / "roster.json").read_bytes())
+    (keydir / keys.ROSTER_SIG_STAGED).write_bytes((keydir / "roster.json.jws").read_bytes())
+    keys.rotate_keys(keydir, "JPN", now=T0)  # version 3
+    stale = _cut_short(keydir, renamed=0)  # version 4 aside ...
+    (keydir / keys.ROSTER_FILE).write_bytes(keys.json_bytes(stale.jwks))  # ... and 4 in place:
+    sig = (keydir / keys.ROSTER_SIG_STAGED).read_bytes()
+    (keydir / keys.ROSTER_SIG_FILE).write_bytes(sig)
+    (keydir / keys.ROSTER_STAGED).write_bytes(keys.json_bytes(new.jwks))  # version 2 aside
+    (keydir / keys.ROSTER_SIG_STAGED).write_text(
+        keys.sign_roster(new.jwks, keys.load_for_update(keydir)[1]) + "\n"
+    )
+    assert keys.finish_roster_write(keydir) == (
+        f"a roster write in {keydir} was cut short: undid it, roster version 4 stays in place"
+    )
+    assert keys.load_signed_roster(keydir).version == 4
+    assert not (keydir / keys.ROSTER_STAGED).exists()
+
+
+@pytest.mark.parametrize("damaged", [keys.ROSTER_STAGED, keys.ROSTER_SIG_STAGED])
+def test_a_roster_left_aside_that_does_not_verify_is_never_put_in_place(
+    keydir: Path, damaged: str
+) -> None:
+    _cut_short(keydir, renamed=0)
+    path = keydir / damaged
+    text = path.read_text()
+    # The roster edited, or the signature's last bytes replaced.
+    path.write_text(text.replace("USA", "NZL", 1) if "USA" in text else text[:-8] + "AAAAAAA\n")
+    assert path.read_text() != text
+    before = keys.load_signed_roster(keydir).jwks
+    assert "undid it, roster version 1 stays in place" in (keys.finish_roster_write(keydir) or "")
+    assert keys.load_signed_roster(keydir).jwks == before
+    # Neither pair verifies (the new roster in place, its signature aside altered):
+    # nothing is changed, and the line says what to put back.
+    _cut_short(keydir, renamed=1)
+    sig = keydir / keys.ROSTER_SIG_STAGED
+    sig.write_text(sig.read_text()[:-8] + "AAAAAAA\n")
+    files = snapshot(keydir)
+    with pytest.raises(KeyMaterialError, match=r"put the last published roster\.json and"):
+        keys.finish_roster_write(keydir)
+    assert snapshot(keydir) == files
+
+
+def test_the_next_rotation_finishes_a_roster_write_cut_short_and_says_so(tmp_path: Path) -> None:
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, MEMBERS3, now=T0, valid_days=365)
+    _cut_short(keydir, renamed=1)
+    done = subprocess.run(
+        [MSMT, "keys", "rotate", "JPN", "--dir", str(keydir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (
+        f"msmt: a roster write in {keydir} was cut short: finished it, roster version 2 is in"
+        " place\n"
+    )
+    signed = keys.load_signed_roster(keydir)
+    assert signed.version == 3
+    assert {k.status for k in signed.roster if k.member == "USA"} == {"retired"}
+    assert sorted(p.name for p in keydir.glob("roster*")) == [
+        "roster-authority.json",
+        "roster.json",
+        "roster.json.jws",
+    ]

@@ -37,6 +37,14 @@ _VALID_DAYS = click.option(
 )
 
 
+def _finish_roster_write(keydir: Path) -> None:
+    # Before a command that writes the roster: one cut short by a crash is
+    # finished or undone first, and the operator is told which.
+    done = keyfiles.finish_roster_write(keydir)
+    if done is not None:
+        click.echo(f"msmt: {done}", err=True)
+
+
 @click.group(name="keys")
 def keys_group() -> None:
     """Member keys, NATS users and the signed public roster."""
@@ -70,6 +78,7 @@ def keys_init(keydir: Path, members: str, force: bool, valid_days: int) -> None:
 @_VALID_DAYS
 def keys_rotate(member: str, keydir: Path, valid_days: int) -> None:
     """Give MEMBER new active keys; its old ones retire (they still verify older reports)."""
+    _finish_roster_write(keydir)
     sig, enc = keyfiles.rotate_keys(keydir, member.upper(), valid_days=valid_days)
     version = keyfiles.load_signed_roster(keydir).version
     click.echo(f"{member.upper()}: new keys {sig} and {enc}; roster version {version}")
@@ -81,6 +90,7 @@ def keys_rotate(member: str, keydir: Path, valid_days: int) -> None:
 @_KEYDIR
 def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
     """Mark KID revoked: nothing signed with it verifies again."""
+    _finish_roster_write(keydir)
     keyfiles.revoke_key(keydir, kid, reason)
     signed = keyfiles.load_signed_roster(keydir)
     click.echo(f"revoked {kid}; roster version {signed.version}")
@@ -229,6 +239,7 @@ def keys_accept(
     The member's previous active keys retire as of now (as with 'msmt keys rotate').
     Refused, with one line and nothing written, unless every check passes.
     """
+    _finish_roster_write(keydir)
     done = keyrequest.accept_request(
         keydir,
         request,
