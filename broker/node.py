@@ -60,7 +60,7 @@ from broker.errors import (
     UsageError,
 )
 from broker.feeds import FEED_COUNTER, FEED_USED, SHARED_STATE, FeedTokens
-from broker.intake import Intake, Refusal, Spool, ensure_token, make_app, read_token, serve_unix
+from broker.intake import Intake, Refusal, ensure_token, make_app, read_token, serve_unix
 from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
 from broker.log import Throttle, get_logger
 from broker.members import MEMBERS
@@ -73,6 +73,7 @@ from broker.policy import Policy
 from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
 from broker.receiver import Inbound, Receiver
 from broker.roster import Roster, format_time
+from broker.spool import Spool
 from broker.store import AUDIT_SIZE, NewReport, OutboxItem, Store
 
 log = get_logger("node")

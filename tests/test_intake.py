@@ -32,7 +32,6 @@ from broker.intake import (
     Oversize,
     RecordCount,
     Refusal,
-    Spool,
     answer_bytes,
     ensure_token,
     make_app,
@@ -40,6 +39,7 @@ from broker.intake import (
     serve_unix,
     submit,
 )
+from broker.spool import Spool
 from broker.store import NewReport, Store
 
 

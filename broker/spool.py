@@ -1,0 +1,195 @@
+"""The spool directory: batch files moved into it are ingested, then filed with their answers.
+
+The second way in from feeds beside the intake socket (``broker.intake``), for
+feeds that write files: each record is answered as at the socket, and the
+answers are written beside the file where it is filed (``done/`` or
+``rejected/``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Any, BinaryIO, Final
+
+from broker.intake import MAX_BATCH, Intake, LineSplitter, answer_bytes
+from broker.log import Throttle, get_logger
+
+log = get_logger("intake")  # the same component as the socket's lines, as before
+
+
+class Spool:
+    """Ingest files moved into a directory; move each to ``done/`` or ``rejected/``.
+
+    A file goes to ``done/`` when every record was accepted (or was already
+    accepted before, a duplicate), else to ``rejected/`` (a record refused, or
+    a conflict: other content under an id already accepted); its answers are written
+    beside it as ``<name>.result.ndjson``. A name already filed there is never
+    overwritten: the file and its answers go under ``<name>.1``, ``<name>.2``, ...
+    If the store cannot accept, the file stays in place and is retried, since
+    re-ingesting only yields duplicates.
+    Names starting with ``.`` or ending in ``.tmp`` are ignored: feeds write
+    there first, then rename.
+
+    Only regular files are read, and never through a link: a symbolic link
+    (``passwd.ndjson -> /etc/passwd``) is refused unread and moved to
+    ``rejected/`` with one answer saying why, as is anything found not to be a
+    regular file once opened. A FIFO, socket or device is never opened: it
+    stays where it is, logged once a minute. Directories are left alone.
+    """
+
+    def __init__(self, directory: Path, intake: Intake) -> None:
+        self.dir = directory
+        self.intake = intake
+        self.throttle = Throttle()
+        for sub in ("done", "rejected"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+
+    def candidates(self) -> list[Path]:
+        """Regular files and symbolic links waiting here (links to be refused), oldest first."""
+        found: list[tuple[float, str]] = []
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.name.endswith(".tmp"):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # taken away meanwhile
+                mode = info.st_mode
+                if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                    found.append((info.st_mtime, entry.name))
+                elif not stat.S_ISDIR(mode) and self.throttle.due("spool_ignored", entry.name):
+                    # Opening a FIFO would wait for its writer, a device may act on
+                    # an open: neither is read. Said, so a feed writing one is found.
+                    log.warning(
+                        "spool_file_ignored",
+                        file=entry.name,
+                        kind=_file_kind(mode),
+                        reason="not a regular file: move regular files into the spool",
+                    )
+        return [self.dir / name for _, name in sorted(found)]
+
+    async def ingest(self, path: Path) -> bool:
+        """Ingest one file; return whether it was finished (moved away)."""
+        splitter = LineSplitter(self.intake.max_bytes)
+        answers: list[dict[str, Any]] = []
+        try:
+            opened = await asyncio.to_thread(_open_regular, path)
+        except _NotRegularError as exc:
+            await self._refuse(path, exc.kind)
+            return True
+        with opened as handle:
+            while chunk := await asyncio.to_thread(handle.read, 1 << 20):
+                lines = splitter.feed(chunk)
+                for i in range(0, len(lines), MAX_BATCH):
+                    answers += await self.intake.process(lines[i : i + MAX_BATCH])
+            answers += await self.intake.process(splitter.finish())
+        if any(a.get("reason") == "unavailable" for a in answers):
+            return False
+        ok = all(a["status"] == "accepted" or a.get("reason") == "duplicate" for a in answers)
+        target = self.dir / ("done" if ok else "rejected")
+        filed = await asyncio.to_thread(_file_away, path, target, answer_bytes(answers))
+        log.info(
+            "spool_file", file=path.name, outcome=target.name, filed_as=filed, records=len(answers)
+        )
+        return True
+
+    async def _refuse(self, path: Path, kind: str) -> None:
+        # Unread: its answer is about the file, so it has no line number.
+        answer = {
+            "status": "rejected",
+            "reason": NOT_REGULAR,
+            "detail": f"{kind}: the spool reads only regular files moved into it",
+        }
+        target = self.dir / "rejected"
+        filed = await asyncio.to_thread(_file_away, path, target, answer_bytes([answer]))
+        log.warning("spool_file_refused", file=path.name, kind=kind, filed_as=filed)
+
+    async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
+        """Poll the directory until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                for path in self.candidates():
+                    if stop.is_set() or not await self.ingest(path):
+                        break
+            except OSError as exc:
+                # A file that vanished or a full disk: try again on the next poll.
+                log.error("spool_error", error=f"{type(exc).__name__}: {exc.strerror}")  # noqa: TRY400
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+
+NOT_REGULAR: Final = "not_a_regular_file"
+"""The reason of a spool file's one answer when it was refused unread (a link, a FIFO)."""
+
+
+class _NotRegularError(Exception):
+    """A spool entry that is not a regular file (``kind`` says what it is)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISDIR, "a directory"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` to read if it is a regular file itself; else ``_NotRegularError``.
+
+    ``O_NOFOLLOW`` refuses a link in the last component; the type is checked on
+    the open descriptor, so an entry swapped after the listing is caught too.
+    ``O_NONBLOCK`` keeps a FIFO swapped in from stopping the open until a writer comes.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _NotRegularError("a symbolic link") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    raise _NotRegularError(_file_kind(mode))
+
+
+def _file_away(path: Path, target: Path, results: bytes) -> str:
+    # Never over an earlier file: a feed that reuses a file name would otherwise
+    # lose the receipt of its earlier batch. The first free "<name>.N" is taken
+    # for both the batch and its answers, so they stay paired. The spool task
+    # files one file at a time and is the only writer here, so a name found free
+    # stays free until used.
+    name = path.name
+    n = 0
+    while os.path.lexists(target / name) or os.path.lexists(target / f"{name}.result.ndjson"):
+        n += 1
+        name = f"{path.name}.{n}"
+    # The result file lands first, so a file in done/ or rejected/ always has its
+    # answers; a stop in between leaves the answers alone and the batch in the
+    # spool, to be read again and filed under the next free name.
+    result = target / f"{name}.result.ndjson"
+    tmp = result.with_name(result.name + ".tmp")
+    tmp.write_bytes(results)
+    tmp.replace(result)
+    path.replace(target / name)
+    return name
