@@ -27,6 +27,7 @@ from node_world import (
 from structlog.testing import capture_logs
 
 from broker import feeds, keys, samples
+from broker.config import NodeConfig
 from broker.errors import UsageError
 from broker.intake import Intake, ensure_token, make_app, serve_unix, submit
 from broker.store import NewReport, Store
@@ -226,14 +227,30 @@ def pair(tmp_path: Path) -> Iterator[World]:
         server.kill()
 
 
-def test_a_node_audits_each_feed_by_name_and_cuts_one_off_without_a_restart(
-    pair: World, tmp_path: Path
-) -> None:
+def _with_ais_feed(pair: World, tmp_path: Path) -> tuple[str, NodeConfig, Path]:
+    """JPN's node.toml, its configuration, and the token file of feed jpn-ais added to it."""
     config = str(pair.config_path("JPN"))
-    jpn = pair.config("JPN")
     ais_file = tmp_path / "ais.token"
     added = msmt("feeds", "add", "jpn-ais", "--config", config, "--out", str(ais_file))
     assert added.returncode == 0, added.stderr
+    return config, pair.config("JPN"), ais_file
+
+
+def _submit(config: str, batch: list[dict[str, Any]], *token: str) -> Any:
+    """``msmt submit`` of ``batch`` to the node of ``config`` (``--token-file FILE`` or none)."""
+    return msmt("submit", "--config", config, *token, "-", stdin=samples.to_ndjson(batch).encode())
+
+
+def _status(config: str) -> dict[str, Any]:
+    out = msmt("status", "--config", config, "--json")
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+def test_a_node_audits_each_feed_by_name_and_cuts_one_off_without_a_restart(
+    pair: World, tmp_path: Path
+) -> None:
+    config, jpn, ais_file = _with_ais_feed(pair, tmp_path)
     pair.start("JPN")
     case = msmt("feeds", "add", "case-sys", "--config", config)  # while it runs
     assert case.returncode == 0, case.stderr
@@ -243,8 +260,7 @@ def test_a_node_audits_each_feed_by_name_and_cuts_one_off_without_a_restart(
     by_ais, by_case, by_shared, later = records(2, 1), records(1, 2), records(1, 3), records(1, 5)
 
     def send(batch: list[dict[str, Any]], *token: str) -> Any:
-        text = samples.to_ndjson(batch).encode()
-        return msmt("submit", "--config", config, *token, "-", stdin=text)
+        return _submit(config, batch, *token)
 
     done = [
         send(by_ais, "--token-file", str(ais_file)),
@@ -271,9 +287,7 @@ def test_a_node_audits_each_feed_by_name_and_cuts_one_off_without_a_restart(
     )
 
     def status() -> dict[str, Any]:
-        out = msmt("status", "--config", config, "--json")
-        assert out.returncode == 0, out.stderr
-        return dict(json.loads(out.stdout))
+        return _status(config)
 
     wait_for(lambda: "socket:jpn-ais" in status()["feeds"], 20, "the feeds in msmt status")
     wait_for(lambda: status()["feeds"]["socket:case-sys"]["accepted"] == 2, 20, "case-sys's count")
@@ -341,11 +355,7 @@ def test_a_node_will_not_start_on_an_unfit_feeds_file(
 def test_a_node_with_the_shared_token_off_refuses_it_saying_why(
     pair: World, tmp_path: Path
 ) -> None:
-    config = str(pair.config_path("JPN"))
-    jpn = pair.config("JPN")
-    ais_file = tmp_path / "ais.token"
-    added = msmt("feeds", "add", "jpn-ais", "--config", config, "--out", str(ais_file))
-    assert added.returncode == 0, added.stderr
+    config, jpn, ais_file = _with_ais_feed(pair, tmp_path)
     shared = ensure_token(jpn.token_path)  # a node moving off it: made by its starts before
     with pair.config_path("JPN").open("a") as toml:
         toml.write("[intake]\nshared_token = false\n")
@@ -356,8 +366,7 @@ def test_a_node_with_the_shared_token_off_refuses_it_saying_why(
     by_ais = records(2, 30)
 
     def send(batch: list[dict[str, Any]], *token: str) -> Any:
-        text = samples.to_ndjson(batch).encode()
-        return msmt("submit", "--config", config, *token, "-", stdin=text)
+        return _submit(config, batch, *token)
 
     done = send(by_ais, "--token-file", str(ais_file))
     assert done.returncode == 0, done.stderr
@@ -380,9 +389,7 @@ def test_a_node_with_the_shared_token_off_refuses_it_saying_why(
     assert plain.stderr.endswith("refused the intake token: missing or wrong bearer token\n")
 
     def status() -> dict[str, Any]:
-        out = msmt("status", "--config", config, "--json")
-        assert out.returncode == 0, out.stderr
-        return dict(json.loads(out.stdout))
+        return _status(config)
 
     wait_for(lambda: status()["counters"].get("intake.token") == 2, 20, "two refused tokens")
     shown = status()

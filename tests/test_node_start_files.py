@@ -8,10 +8,12 @@ of the file, which for a key file is a byte of the secret.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
 import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 from node_world import MSMT, fetch, msmt, wait_for, write_node_config
 
 from broker import keys
-from broker.config import load_config
+from broker.config import NodeConfig, load_config
 
 NOT_UTF8 = b'{"d": "\xff\xfe"}'
 
@@ -84,10 +86,9 @@ def _modes(root: Path) -> dict[str, str]:
     return found
 
 
-def test_what_a_node_creates_is_its_users_alone_whatever_the_umask(folder: Path) -> None:
-    # Created 0755/0644 under the usual umask 022 (spool/, audit/, roster-state.json,
-    # the SQLite -wal and -shm files): safe only while the data directory stayed 0700.
-    config_path = folder / "nodes" / "JPN" / "node.toml"
+@contextlib.contextmanager
+def _running(config_path: Path, *, umask: int = -1) -> Iterator[NodeConfig]:
+    """A real ``msmt node run`` against no hub, from its socket's bind to a clean stop."""
     config = load_config(config_path, env={})
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
     node = subprocess.Popen(
@@ -95,18 +96,26 @@ def test_what_a_node_creates_is_its_users_alone_whatever_the_umask(folder: Path)
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,
-        umask=0o022,  # what a shell, cron or a container gives it
+        umask=umask,
     )
     try:
         # The socket is bound last, after the store, log, spool and metrics listener.
         wait_for(lambda: config.socket_path.exists() or node.poll() is not None, 60, "started")
         assert node.poll() is None, node.stderr.read() if node.stderr else ""
-        assert fetch(f"http://127.0.0.1:{config.metrics.port}/healthz")
-        running = _modes(config.data_dir)
+        yield config
     finally:
         node.send_signal(signal.SIGTERM)
         _, err = node.communicate(timeout=60)
     assert node.returncode == 0, err
+
+
+def test_what_a_node_creates_is_its_users_alone_whatever_the_umask(folder: Path) -> None:
+    # Created 0755/0644 under the usual umask 022 (spool/, audit/, roster-state.json,
+    # the SQLite -wal and -shm files): safe only while the data directory stayed 0700.
+    # umask 022: what a shell, cron or a container gives it.
+    with _running(folder / "nodes" / "JPN" / "node.toml", umask=0o022) as config:
+        assert fetch(f"http://127.0.0.1:{config.metrics.port}/healthz")
+        running = _modes(config.data_dir)
     stopped = _modes(config.data_dir)
     # What a start makes, at least; SQLite's -wal and -shm exist while it runs.
     expected = {
@@ -165,20 +174,7 @@ def test_a_node_with_the_shared_token_off_makes_none(folder: Path) -> None:
     config_path = folder / "nodes" / "JPN" / "node.toml"
     with config_path.open("a") as toml:
         toml.write("[intake]\nshared_token = false\n")
-    config = load_config(config_path, env={})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
-    node = subprocess.Popen(
-        [MSMT, "node", "run", "--config", str(config_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
-        wait_for(lambda: config.socket_path.exists() or node.poll() is not None, 60, "started")
-        assert node.poll() is None, node.stderr.read() if node.stderr else ""
-    finally:
-        node.send_signal(signal.SIGTERM)
-        _, err = node.communicate(timeout=60)
-    assert node.returncode == 0, err
+    with _running(config_path) as config:
+        pass
     assert config.store_path.exists()  # it did start on this data directory
     assert not config.token_path.exists()
