@@ -178,3 +178,10 @@ def test_a_node_with_the_shared_token_off_makes_none(folder: Path) -> None:
         pass
     assert config.store_path.exists()  # it did start on this data directory
     assert not config.token_path.exists()
+    # With no token to send, msmt submit says why before it reaches for the node.
+    done = msmt("submit", "--config", str(config_path), "-", stdin=b"")
+    assert (done.returncode, done.stderr) == (
+        2,
+        "msmt: error: this node refuses the shared intake.token (intake.shared_token = false):"
+        " give --token-file with the feed's own token (msmt feeds add)\n",
+    )

@@ -200,12 +200,17 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
     record, on Ctrl-C, or when stdout was closed before every answer was shown.
     """
     config = _config(config_path)
-    if token_file is None and not config.intake.shared_token:
-        raise UsageError(
-            "this node refuses the shared intake.token (intake.shared_token = false):"
-            " give --token-file with the feed's own token (msmt feeds add)"
-        )
-    token = read_token(token_file or config.token_path)
+    try:
+        token = read_token(token_file or config.token_path)
+    except UsageError:
+        # Only when there is no token to send: MSMT_INTAKE_TOKEN_FILE may point a
+        # feed at its own token, and a node refusing the one sent says why itself.
+        if token_file is None and not config.intake.shared_token:
+            raise UsageError(
+                "this node refuses the shared intake.token (intake.shared_token = false):"
+                " give --token-file with the feed's own token (msmt feeds add)"
+            ) from None
+        raise
     counts = {"accepted": 0, "rejected": 0}
     duplicates = 0
 
