@@ -90,6 +90,12 @@ LAG_EVERY_S: Final = 5.0
 """Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
 CLOCK_WARN_S: Final = 60.0
 """A clock this far from the hub's is reported (``msmt_clock_offset_seconds``, the status)."""
+CLOCK_PAUSE_S: Final = 240.0
+"""A clock this far from the hub's pauses the inbox: it would misjudge partners' reports.
+
+Partners' clocks may be up to ``CLOCK_WARN_S`` off without a warning, and a report
+issued more than 5 minutes (``MAX_SKEW``) in our future is refused: past 4 minutes
+behind, our own error alone would refuse theirs, and a refusal is final."""
 REPUBLISH_S: Final = 60.0
 """Longest time between two publications of our latest checkpoint, changed or not."""
 STATUS_EVERY_S: Final = 30.0
@@ -183,6 +189,11 @@ class Node:
         # Ends the receiver's run: at a stop, or when a twin is seen (``_twin_seen``).
         self._inbox_halt = asyncio.Event()
         self._inbox_paused = ""  # why and since when, while the inbox is paused
+        self._paused_for = ""  # its cause: "twin" or "clock"
+        # Why our clock is too far off the hub's to judge freshness, else empty; set
+        # by the clock check (``_check_clock``), which the receiver waits for at start.
+        self._clock_off = ""
+        self._clock_checked = asyncio.Event()
         self.nc: Client | None = None
         self.publisher: Publisher | None = None
         self.receiver: Receiver | None = None
@@ -597,9 +608,14 @@ class Node:
         )
 
     async def _receive_forever(self, receiver: Receiver) -> None:
+        # Not before our clock was compared with the hub's (the first housekeeping
+        # tick once connected): a wrong clock would refuse what the first fetch takes.
+        # A hub that does not answer in time leaves it to the next comparison.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._clock_checked.wait(), 2 * LAG_EVERY_S)
         # Binding fails while the hub is away or the inbox is not set up yet; keep trying.
         while not self.stop.is_set():
-            if self.auditnet.twin_active():
+            if self._pause_reason()[0]:
                 await self._pause_inbox()
                 continue
             self._inbox_halt.clear()
@@ -613,36 +629,61 @@ class Node:
     def _twin_seen(self) -> None:
         # A twin (another process with our credentials and log key) shares our
         # inbox consumer: each report it takes lands in its store, not ours (a
-        # trial: 10 of 40). Stop taking any at once; the hub keeps them for
+        # trial: 10 of 40 in the twin's). Stop taking any at once; the hub keeps them for
         # whichever node is left. Our checkpoint goes out again now, so the twin
         # sees it and pauses too, rather than consume alone until our next one.
-        if self._inbox_paused:
+        if self._paused_for == "twin":
             return
-        self._inbox_paused = (
-            f"since {_utc_now_text()}: another process with {self.member}'s credentials"
-            " takes reports from this inbox (the twin alarm); stop it, and this node resumes"
-            f" {self.auditnet.twin_clear:.0f} s after its last checkpoint"
-        )
+        self._halt_inbox()
+        self._published_at = -math.inf
+
+    def _pause_reason(self) -> tuple[str, str]:
+        # Why the inbox must take nothing now (a cause, and the text the status
+        # shows), else ("", ""): a twin first, the alarm.
+        if self.auditnet.twin_active():
+            return "twin", (
+                f"another process with {self.member}'s credentials takes reports from this"
+                " inbox (the twin alarm); stop it, and this node resumes"
+                f" {self.auditnet.twin_clear:.0f} s after its last checkpoint"
+            )
+        return ("clock", self._clock_off) if self._clock_off else ("", "")
+
+    def _halt_inbox(self) -> None:
+        # Stop taking reports at once, and say why in the status from now on.
+        cause, reason = self._pause_reason()
+        if not cause or cause == self._paused_for:
+            return
+        since = self._inbox_paused.partition(": ")[0] or f"since {_utc_now_text()}"
+        self._inbox_paused, self._paused_for = f"{since}: {reason}", cause
         self._inbox_halt.set()
         if self.receiver is not None:
             self.receiver.wake()
-        self._published_at = -math.inf
 
     async def _pause_inbox(self) -> None:
-        # Until no twin checkpoint has come for auditnet.twin_clear: both twins
-        # pause (neither knows which one the operator meant), so the member's
+        # While a twin's checkpoints come (until none for auditnet.twin_clear), both
+        # twins pause (neither knows which one the operator meant), so the member's
         # reports wait at the hub rather than split between two stores, and the
-        # one left resumes by itself once the other is stopped. Intake, sending
-        # and the audit traffic go on.
-        self._twin_seen()  # set already, unless the alarm came between two runs
+        # one left resumes by itself once the other is stopped. While our clock is
+        # too far off the hub's, partners' reports wait at the hub too, rather than
+        # be refused for good by a freshness check that used the wrong time; we
+        # resume once the clock check finds it right. Intake, sending and the audit
+        # traffic go on.
+        self._halt_inbox()  # set already, unless the cause came between two runs
         logged = -math.inf
-        while not self.stop.is_set() and self.auditnet.twin_active():
-            if time.monotonic() - logged >= PAUSED_LOG_EVERY_S:
+        while not self.stop.is_set():
+            cause, reason = self._pause_reason()
+            if not cause:
+                break
+            said = self._paused_for
+            self._halt_inbox()
+            # The text follows the clock's offset; a line when the cause changes.
+            self._inbox_paused = f"{self._inbox_paused.partition(': ')[0]}: {reason}"
+            if cause != said or time.monotonic() - logged >= PAUSED_LOG_EVERY_S:
                 log.error("inbox_paused", reason=self._inbox_paused)
                 logged = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), HOUSEKEEPING_S)
-        paused, self._inbox_paused = self._inbox_paused, ""
+        paused, self._inbox_paused, self._paused_for = self._inbox_paused, "", ""
         if not self.stop.is_set():
             log.warning(
                 "inbox_resumed", paused_since=paused.partition(": ")[0].removeprefix("since ")
@@ -666,8 +707,10 @@ class Node:
         """Why the node is not ready, or ``None`` when it is."""
         if self.nc is None or not self.nc.is_connected:
             return "not connected to NATS"
-        if self._inbox_paused:
+        if self._paused_for == "twin":
             return "inbox paused: a twin takes reports from it (msmt status)"
+        if self._paused_for == "clock":
+            return "inbox paused: this node's clock is too far off the hub's (msmt status)"
         if self.receiver is None or not self.receiver.bound:
             return "inbox consumer not bound"
         return None
@@ -851,6 +894,8 @@ class Node:
             # No answer, or {"error": ...} for an inbox the hub lost: unknown.
             self._lag = None
             return None
+        finally:
+            self._clock_checked.set()  # as far as the hub lets us: see _receive_forever
         self._check_clock(info.get("ts"), asked, wall_clock())
         return self._lag
 
@@ -862,8 +907,17 @@ class Node:
             return
         offset = (asked + answered) / 2 - hub
         self.metrics.clock_offset.set(round(offset, 3))
+        way = "ahead of" if offset > 0 else "behind"
+        self._clock_off = (
+            f"this node's clock is {abs(offset):.0f} s {way} the hub's, too far off to judge"
+            " the freshness of partners' reports: they wait at the hub until it is"
+            " synchronised (NTP)"
+            if abs(offset) > CLOCK_PAUSE_S
+            else ""
+        )
+        if self._clock_off:
+            self._halt_inbox()
         if abs(offset) > CLOCK_WARN_S:
-            way = "ahead of" if offset > 0 else "behind"
             self._error(
                 f"clock: this node's clock is {abs(offset):.0f} s {way} the hub's; partners"
                 " refuse reports issued more than 5 minutes in their future or older than"

@@ -78,6 +78,7 @@ AFTER_THE_SOAK = frozenset(
         "test_nats_isolation",
         "test_nats_quota",
         "test_natsconfig",
+        "test_node_clock",
         "test_node_start_files",
         "test_publish_refused",
         "test_store",

@@ -1,0 +1,94 @@
+"""A node whose clock is far off the hub's takes nothing from its inbox until it is right.
+
+Its freshness check would judge partners' reports by the wrong time: 6 minutes
+behind, it refused every report a partner signed as "issued in the future" (a
+trial; 1 day ahead, every one as too old), and a refusal is final, with nothing
+to tell the senders. So the reports wait at the hub. A real hub, USA as a
+``msmt node run`` process (its own, right clock), JPN in process with its clock
+moved through the seam the clock check reads (``broker.node.wall_clock``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import pytest
+from node_world import World, audit_rejections, await_for, expected_partners, records_for
+from structlog.testing import capture_logs
+
+import broker.node as node_module
+from broker.node import load_node
+from broker.validation import parse_record
+
+USA_TO_JPN = """
+version = 1
+member = "USA"
+
+[[rules]]
+name = "all-to-jpn"
+kinds = ["*"]
+partners = ["JPN"]
+release = ["*"]
+"""
+
+PAUSED_FOR_CLOCK = "inbox paused: this node's clock is too far off the hub's (msmt status)"
+
+
+async def test_a_clock_far_behind_the_hubs_pauses_the_inbox_and_loses_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.write_config("JPN")
+    world.write_config("USA", USA_TO_JPN)
+    world.start("USA")
+    real = node_module.wall_clock
+    with capture_logs() as logs:
+        jpn = load_node(world.config("JPN"))
+        jpn_task = asyncio.create_task(jpn.run())
+        try:
+            await await_for(lambda: jpn.ready() is None, 30, "JPN ready")
+            monkeypatch.setattr(node_module, "wall_clock", lambda: real() - 600)
+            await await_for(lambda: jpn.ready() == PAUSED_FOR_CLOCK, 20, "JPN's pause")
+            await await_for(
+                lambda: (
+                    "clock is 600 s behind the hub's, too far off"
+                    in world.state("JPN").get("inbox_paused", "")
+                ),
+                10,
+                "JPN's status",
+            )
+            records = records_for("USA", 10, seed=83)
+            answers = await world.submit("USA", records)
+            assert {a["status"] for a in answers} == {"accepted"}
+            usa_policy = world.policy("USA")
+            to_jpn = sorted(
+                r["report_id"]
+                for r in records
+                if "JPN" in expected_partners(usa_policy, parse_record(json.dumps(r)))
+            )
+            assert len(to_jpn) > 5
+            for _ in range(300):  # sent by USA: at the hub, for JPN
+                if await world.stream_messages("JPN") == len(to_jpn):
+                    break
+                await asyncio.sleep(0.1)
+            assert await world.stream_messages("JPN") == len(to_jpn)
+            await asyncio.sleep(2)  # JPN had time to take them, were it not paused
+            assert world.inbox_ids("JPN", "USA") == []
+
+            monkeypatch.setattr(node_module, "wall_clock", real)  # NTP sets it right
+            await await_for(lambda: jpn.ready() is None, 20, "JPN resumed")
+            await await_for(
+                lambda: sorted(world.inbox_ids("JPN", "USA")) == to_jpn, 30, "every report"
+            )
+            await await_for(
+                lambda: world.state("JPN").get("inbox_paused") == "", 10, "JPN's status"
+            )
+        finally:
+            jpn.stop.set()
+            await jpn_task
+    assert world.terminate("USA") == 0
+    assert audit_rejections(world.config("JPN")) == Counter()  # nothing refused, ever
+    events = [e["event"] for e in logs]
+    assert events.count("inbox_paused") == 1  # once a minute; this pause lasted less
+    assert events.count("inbox_resumed") == 1
