@@ -194,6 +194,7 @@ class Node:
         # by the clock check (``_check_clock``), which the receiver waits for at start.
         self._clock_off = ""
         self._clock_checked = asyncio.Event()
+        self._clock_offset = "unknown"  # for the status: whole seconds, signed
         self.nc: Client | None = None
         self.publisher: Publisher | None = None
         self.receiver: Receiver | None = None
@@ -804,6 +805,7 @@ class Node:
         status = {
             "connected": "yes" if self.nc is not None and self.nc.is_connected else "no",
             "inbox_lag": "unknown" if lag is None else str(lag),
+            "clock_offset": self._clock_offset,
             "inbox_paused": self._inbox_paused,
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,
@@ -907,6 +909,8 @@ class Node:
             return
         offset = (asked + answered) / 2 - hub
         self.metrics.clock_offset.set(round(offset, 3))
+        # Whole seconds: the status is rewritten when a fact changes, not at each jitter.
+        self._clock_offset = f"{round(offset):+d}"
         way = "ahead of" if offset > 0 else "behind"
         self._clock_off = (
             f"this node's clock is {abs(offset):.0f} s {way} the hub's, too far off to judge"

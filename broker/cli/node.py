@@ -552,8 +552,10 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``shared_token`` is ``off`` where the node refuses the shared intake.token
     (``intake.shared_token = false``: named feeds only), ``on`` otherwise.
     ``received`` is how many reports the inbox holds now (what ``inbox list`` lists).
+    ``clock_offset`` is the node's clock minus the hub's, in seconds, as last compared.
     ``inbox_paused`` says why and since when the node takes nothing from its inbox
-    (another process with its credentials takes from it: the twin alarm).
+    (another process with its credentials takes from it: the twin alarm; or its
+    clock is more than 4 minutes off the hub's).
     ``outbox`` splits ``outbox_depth`` by partner (``unplanned`` has none yet), with
     the acceptance time of the oldest report waiting for each. ``feeds`` counts
     records accepted and rejected by feed (``socket``: intake.token, ``spool``,
@@ -581,6 +583,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "outbox_depth": depth,
         "outbox": _outbox(store, depth),
         "inbox_lag": state.get("inbox_lag", "unknown"),
+        # This node's clock minus the hub's, as last compared (every 5 s when connected).
+        "clock_offset": state.get("clock_offset", "unknown"),
         # Why and since when the node takes nothing from its inbox (a twin), else empty.
         "inbox_paused": state.get("inbox_paused", ""),
         "received": store.inbox_count(),
