@@ -195,6 +195,10 @@ class Node:
         self._clock_off = ""
         self._clock_checked = asyncio.Event()
         self._clock_offset = "unknown"  # for the status: whole seconds, signed
+        # Nothing is published until the reissue loop has queued what was signed by
+        # a wrong clock to be signed again: at start, and once the clock is right again.
+        self._resign_due = True
+        self._reissue_wake = asyncio.Event()
         self.nc: Client | None = None
         self.publisher: Publisher | None = None
         self.receiver: Receiver | None = None
@@ -400,21 +404,38 @@ class Node:
         # partner refused. Off the hot path: both are rare.
         window = self.config.limits.freshness_seconds
         stale_after, every = window / 2, reissue_interval(window)
+        # Judged by a clock compared with the hub's (see _receive_forever).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._clock_checked.wait(), 2 * LAG_EVERY_S)
         while not self.stop.is_set():
-            try:
-                await self.run_db(self.store.queue_stale, wall_clock() - stale_after)
-                failed: set[str] = set()
-                while not self.stop.is_set() and await self._reissue_batch(failed):
-                    pass
-                tried: set[str] = set()
-                while not self.stop.is_set() and await self._awaited_batch(tried):
-                    pass
-            except MsmtError as exc:
-                if isinstance(exc, PlanWorkerError):
-                    raise  # fatal, as in the plan loop
-                self._error(f"signing again: {exc}")
+            self._reissue_wake.clear()
+            # Not while our clock is off the hub's: it would misjudge what is stale,
+            # and sign with the wrong time again.
+            if not self._clock_off:
+                try:
+                    await self._reissue_pass(stale_after)
+                except MsmtError as exc:
+                    if isinstance(exc, PlanWorkerError):
+                        raise  # fatal, as in the plan loop
+                    self._error(f"signing again: {exc}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), every)
+                await asyncio.wait_for(self._reissue_wake.wait(), every)
+
+    async def _reissue_pass(self, stale_after: float) -> None:
+        # What was signed too long ago, or in the future (by a clock that ran ahead
+        # and is right now), is signed again before the publisher may send it.
+        now = wall_clock()
+        await self.run_db(self.store.queue_stale, now - stale_after, now + CLOCK_WARN_S)
+        failed: set[str] = set()
+        while not self.stop.is_set() and await self._reissue_batch(failed):
+            pass
+        if self._resign_due and not self._clock_off:
+            self._resign_due = False
+            if self.publisher is not None:
+                self.publisher.wake()
+        tried: set[str] = set()
+        while not self.stop.is_set() and await self._awaited_batch(tried):
+            pass
 
     async def _awaited_batch(self, tried: set[str]) -> bool:
         # Partners a report was planned without (no valid encryption key then):
@@ -590,6 +611,7 @@ class Node:
             self.metrics,
             self.config.limits.publish_max_in_flight,
             lambda: nc.is_connected,
+            lambda: not self._clock_off and not self._resign_due,
         )
         self.receiver = Receiver(
             self.member,
@@ -914,13 +936,16 @@ class Node:
         way = "ahead of" if offset > 0 else "behind"
         self._clock_off = (
             f"this node's clock is {abs(offset):.0f} s {way} the hub's, too far off to judge"
-            " the freshness of partners' reports: they wait at the hub until it is"
-            " synchronised (NTP)"
+            " the freshness of partners' reports or to sign ours: theirs wait at the hub,"
+            " ours in the outbox, until it is synchronised (NTP)"
             if abs(offset) > CLOCK_PAUSE_S
             else ""
         )
         if self._clock_off:
             self._halt_inbox()
+            self._resign_due = True
+        elif self._resign_due:
+            self._reissue_wake.set()
         if abs(offset) > CLOCK_WARN_S:
             self._error(
                 f"clock: this node's clock is {abs(offset):.0f} s {way} the hub's; partners"
@@ -1073,6 +1098,8 @@ class Node:
     def _wake_for_stop(self) -> None:
         # The planner, publisher and receiver sleep until woken, not on a timer.
         self._plan_wake.set()
+        self._reissue_wake.set()
+        self._clock_checked.set()  # its waiters look at stop next
         if self.publisher is not None:
             self.publisher.wake()
         self._inbox_halt.set()

@@ -260,10 +260,14 @@ class Publisher:
         metrics: Metrics,
         max_in_flight: int,
         connected: Callable[[], bool],
+        may_publish: Callable[[], bool] = lambda: True,
     ) -> None:
         self.member = member
         self.js = js
         self.connected = connected  # whether an ack could still arrive
+        # False while what is pending must not go out yet: signed by a clock that
+        # partners would refuse (the node's, off the hub's), until signed again.
+        self.may_publish = may_publish
         self.store = store
         self.run_db = run_db
         self.record_sent = record_sent  # audit + mark sent, on the store thread
@@ -308,7 +312,7 @@ class Publisher:
                 # Connected, refill in batches, not after every ack: each refill is a
                 # store round trip, and one per ack cost the store thread more than
                 # the acks' own bookkeeping.
-                if not self.connected():
+                if not self.connected() or not self.may_publish():
                     failed = True
                 elif room >= self._refill or (room > 0 and not self._in_flight):
                     now = time.monotonic()

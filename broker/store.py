@@ -663,23 +663,28 @@ class Store:
 
     # --- signing again (``msmt node resend``, stale pending envelopes) --------
 
-    def queue_stale(self, issued_before: float) -> int:
+    def queue_stale(self, issued_before: float, issued_after: float = math.inf) -> int:
         """Queue pending envelopes signed before ``issued_before`` to be signed again.
 
         A partner refuses an envelope older than its freshness window, so one left
         pending that long (the hub unreachable) would be lost if published as it is.
-        Returns how many were queued. Rows planned before the outbox recorded
-        ``iat`` are left alone.
+        So is one signed after ``issued_after``: in the future, by a clock that ran
+        ahead and has been set right since. Returns how many were queued. Rows
+        planned before the outbox recorded ``iat`` are left alone.
         """
-        stale = "FROM outbox WHERE state = 'pending' AND json_extract(audit, '$.iat') < ?"
+        stale = (
+            "FROM outbox WHERE state = 'pending'"
+            " AND (json_extract(audit, '$.iat') < ? OR json_extract(audit, '$.iat') > ?)"
+        )
+        bounds = (issued_before, issued_after)
         # Read first: the node asks every minute, and an empty answer needs no commit.
-        if not self._read(f"SELECT 1 {stale} LIMIT 1", (issued_before,)):
+        if not self._read(f"SELECT 1 {stale} LIMIT 1", bounds):
             return 0
         with self._tx() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO reissue(report_id, partner, reason)"
                 f" SELECT report_id, partner, 'stale' {stale}",
-                (issued_before,),
+                bounds,
             )
             return int(cur.rowcount)
 

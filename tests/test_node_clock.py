@@ -93,3 +93,43 @@ async def test_a_clock_far_behind_the_hubs_pauses_the_inbox_and_loses_nothing(
     events = [e["event"] for e in logs]
     assert events.count("inbox_paused") == 1  # once a minute; this pause lasted less
     assert events.count("inbox_resumed") == 1
+
+
+async def test_a_clock_far_ahead_of_the_hubs_holds_the_outbox_until_it_is_right(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Partners refuse a report issued more than 5 minutes in their future, and
+    # the refusal never reaches the sender (a trial: 6 minutes ahead, every
+    # report lost until ``msmt node resend``). So nothing is published while the
+    # clock is off; once it is right, what was signed in the future is signed
+    # again first (Store.queue_stale), then everything goes out.
+    world.write_config("USA", USA_TO_JPN)
+    real = node_module.wall_clock
+    usa = load_node(world.config("USA"))
+    task = asyncio.create_task(usa.run())
+    try:
+        await await_for(lambda: usa.ready() is None, 30, "USA ready")
+        monkeypatch.setattr(node_module, "wall_clock", lambda: real() + 600)
+        await await_for(lambda: usa.ready() == PAUSED_FOR_CLOCK, 20, "USA's pause")
+        records = records_for("USA", 10, seed=84)
+        answers = await world.submit("USA", records)
+        assert {a["status"] for a in answers} == {"accepted"}
+        usa_policy = world.policy("USA")
+        to_jpn = [
+            r
+            for r in records
+            if "JPN" in expected_partners(usa_policy, parse_record(json.dumps(r)))
+        ]
+        assert len(to_jpn) > 5
+        await await_for(lambda: usa.store.outbox_depth() == len(to_jpn), 20, "the envelopes")
+        await asyncio.sleep(2)  # time to publish them, were it not held
+        assert usa.store.outbox_depth() == len(to_jpn)
+        assert await world.stream_messages("JPN") == 0
+
+        monkeypatch.setattr(node_module, "wall_clock", real)  # NTP sets it right
+        await await_for(lambda: usa.store.outbox_depth() == 0, 30, "every envelope sent")
+        assert await world.stream_messages("JPN") == len(to_jpn)
+    finally:
+        usa.stop.set()
+        await task
+    assert usa.failure is None

@@ -254,6 +254,19 @@ def test_envelopes_pending_since_before_a_time_are_signed_again_in_place(tmp_pat
     assert outbox_rows(store)[(r1, "USA")] == ("sent", b"")
 
 
+def test_envelopes_signed_in_the_future_are_signed_again(tmp_path: Path) -> None:
+    # By a clock that ran ahead (a trial: a day) and has been set right since:
+    # partners would refuse them as issued in the future.
+    store = Store(tmp_path / "s.db")
+    store.accept([rep(1)])
+    r1 = rep(1).report_id
+    store.plan({r1: [signed(r1, "USA", 1000), signed(r1, "KOR", 1061), signed(r1, "GBR", 500)]})
+    assert store.queue_stale(issued_before=400, issued_after=1061) == 0
+    assert store.queue_stale(issued_before=400, issued_after=1060) == 1  # only KOR's
+    assert store.queue_stale(issued_before=501, issued_after=1060) == 1  # and GBR's, too old
+    assert store.reissues(10) == [(r1, rep(1).record, ("GBR", "KOR"))]
+
+
 def test_a_pending_envelope_the_policy_no_longer_releases_is_dropped_not_sent(
     tmp_path: Path,
 ) -> None:
