@@ -90,6 +90,8 @@ LAG_EVERY_S: Final = 5.0
 """Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
 CLOCK_WARN_S: Final = 60.0
 """A clock this far from the hub's is reported (``msmt_clock_offset_seconds``, the status)."""
+CLOCK_STEP_S: Final = 1.0
+"""A step of the clock this large since the last comparison is compared again at once."""
 CLOCK_PAUSE_S: Final = 240.0
 """A clock this far from the hub's pauses the inbox: it would misjudge partners' reports.
 
@@ -190,11 +192,14 @@ class Node:
         self._inbox_halt = asyncio.Event()
         self._inbox_paused = ""  # why and since when, while the inbox is paused
         self._paused_for = ""  # its cause: "twin" or "clock"
-        # Why our clock is too far off the hub's to judge freshness, else empty; set
-        # by the clock check (``_check_clock``), which the receiver waits for at start.
-        self._clock_off = ""
+        # Why our clock is too far off the hub's to judge freshness, else empty, and
+        # the offset for the status (whole seconds, signed): set by the clock check
+        # (``_check_clock``), which the receiver waits for at start.
+        self._clock_off, self._clock_offset = "", "unknown"
         self._clock_checked = asyncio.Event()
-        self._clock_offset = "unknown"  # for the status: whole seconds, signed
+        # Our clock minus the monotonic one at the last comparison: a change says
+        # the clock was stepped (NTP, an operator) since, without asking the hub.
+        self._clock_base: float | None = None
         # Nothing is published until the reissue loop has queued what was signed by
         # a wrong clock to be signed again: at start, and once the clock is right again.
         self._resign_due = True
@@ -903,7 +908,7 @@ class Node:
             self._lag_at = -LAG_EVERY_S
             return None
         now = time.monotonic()
-        if now - self._lag_at < LAG_EVERY_S:
+        if now - self._lag_at < LAG_EVERY_S and not self._clock_stepped(now):
             return self._lag
         self._lag_at = now
         # The JetStream API itself, not nats-py's ConsumerInfo: its "ts", the hub's
@@ -920,8 +925,17 @@ class Node:
             return None
         finally:
             self._clock_checked.set()  # as far as the hub lets us: see _receive_forever
-        self._check_clock(info.get("ts"), asked, wall_clock())
+        answered = wall_clock()
+        self._clock_base = answered - time.monotonic()
+        self._check_clock(info.get("ts"), asked, answered)
         return self._lag
+
+    def _clock_stepped(self, monotonic: float) -> bool:
+        # Checked every housekeeping tick (1 s), so a step pauses the inbox and the
+        # outbox within about a second, not at the next comparison up to 5 s later.
+        if self._clock_base is None:
+            return False
+        return abs(wall_clock() - monotonic - self._clock_base) > CLOCK_STEP_S
 
     def _check_clock(self, hub_time: object, asked: float, answered: float) -> None:
         # Partners refuse reports issued more than MAX_SKEW in their future, and

@@ -133,3 +133,29 @@ async def test_a_clock_far_ahead_of_the_hubs_holds_the_outbox_until_it_is_right(
         usa.stop.set()
         await task
     assert usa.failure is None
+
+
+async def test_a_step_of_the_clock_is_compared_with_the_hubs_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between two comparisons (5 s apart) the inbox would judge, and the outbox
+    # sign, by a stepped clock. A step shows as a change of the clock against the
+    # monotonic one, seen at the next housekeeping tick: compared again at once.
+    world.write_config("JPN")
+    real = node_module.wall_clock
+    jpn = load_node(world.config("JPN"))
+    task = asyncio.create_task(jpn.run())
+    try:
+        await await_for(lambda: jpn.ready() is None, 30, "JPN ready")
+        await await_for(lambda: jpn._clock_offset == "+0", 20, "a first comparison")
+        monkeypatch.setattr(node_module, "LAG_EVERY_S", 3600.0)  # no routine comparison
+        monkeypatch.setattr(node_module, "wall_clock", lambda: real() + 86_400)
+        await await_for(lambda: jpn.ready() == PAUSED_FOR_CLOCK, 20, "JPN's pause")
+        assert jpn._clock_offset in {"+86399", "+86400", "+86401"}
+        monkeypatch.setattr(node_module, "wall_clock", real)  # and back
+        await await_for(lambda: jpn.ready() is None, 20, "JPN resumed")
+        assert jpn._clock_offset in {"-1", "+0", "+1"}
+    finally:
+        jpn.stop.set()
+        await task
+    assert jpn.failure is None
