@@ -17,13 +17,23 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from .members import MEMBERS
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# The labels that docs/DEPLOY.md's alerts (and the resend guidance) read. Prometheus's
+# ``increase()`` needs a sample before the first event: a labelled series that
+# appears only at its first event, already at 1, never shows an increase, so a
+# single fork alarm or a single report refused over a key would go unalerted.
+ALARM_KINDS = ("fork", "rollback", "twin")
+ALERTED_REJECTIONS = ("key", "recipient", "freshness")
+ALERTED_INTAKE_REFUSALS = ("unavailable",)
 
 
 class Metrics:
     """The node's counters, gauges and histograms, in one private registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, member: str | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.accepted = Counter("msmt_intake_accepted", "Records accepted from feeds.", registry=r)
@@ -109,6 +119,19 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self._start_at_zero(member)
+
+    def _start_at_zero(self, member: str | None) -> None:
+        # Exported at 0 from the start, so the first event is an increase (see above).
+        for kind in ALARM_KINDS:
+            self.audit_alarms.labels(kind=kind)
+        for step in ALERTED_REJECTIONS:
+            self.rejected.labels(reason=step)
+        for reason in ALERTED_INTAKE_REFUSALS:
+            self.intake_rejected.labels(reason=reason)
+        for partner in MEMBERS:
+            if partner != member:
+                self.held.labels(sender=partner)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

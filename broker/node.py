@@ -167,7 +167,7 @@ class Node:
         self.inbound = inbound
         self.seed = seed
         self.tls = tls
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.member)
         now = datetime.now(UTC)
         for credential, at in (expiries or {}).items():
             self.metrics.credential_expiry.labels(credential=credential).set(at.timestamp())

@@ -50,6 +50,7 @@ BESIDE_THE_SUITE = frozenset(
         "test_keys_custody",
         "test_keys_request",
         "test_merkle",
+        "test_metrics",
         "test_policy",
         "test_policy_cli",
         "test_pseudonym_keys",

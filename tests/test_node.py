@@ -625,6 +625,11 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     assert "msmt_intake_accepted_total 15.0" in jpn_metrics
     assert 'msmt_intake_rejected_total{reason="duplicate"} 2.0' in jpn_metrics
     assert "msmt_outbox_depth 0.0" in jpn_metrics
+    # The series the documented alerts read exist at 0 before their first event.
+    assert 'msmt_audit_alarms_total{kind="fork"} 0.0' in jpn_metrics
+    assert 'msmt_rejected_total{reason="key"} 0.0' in jpn_metrics
+    assert 'msmt_intake_rejected_total{reason="unavailable"} 0.0' in jpn_metrics
+    assert 'msmt_received_held_total{sender="USA"} 0.0' in jpn_metrics
     # When JPN's keys stop being valid, from the roster, to alert on before they lapse.
     roster = keys.load_signed_roster(world.keydir).roster
     for credential, until in (
