@@ -395,6 +395,22 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"store {self.path.name} is damaged: {exc}") from None
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Hold one read transaction: every read inside sees the store at one moment.
+
+        SQLite fixes the moment at the first read inside, not at ``BEGIN``.
+        """
+        try:
+            self._db.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path.name}: {sqlite_reason(exc)}") from None
+        try:
+            yield
+        finally:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         try:
             return self._db.execute(sql, args).fetchall()

@@ -45,7 +45,7 @@ from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
 from broker.roster import Roster, parse_time
 from broker.sightings import is_report_id
-from broker.store import KEPT_SINCE, InboxEntry, Store, require_store, writer_pid
+from broker.store import AUDIT_SIZE, KEPT_SINCE, InboxEntry, Store, require_store, writer_pid
 
 
 def _config(path: Path) -> NodeConfig:
@@ -473,31 +473,52 @@ def inbox_check_cmd(config_path: Path) -> None:
     """
     config = _config(config_path)
     store = open_store(config)
-    receipts = []
-    log = load(config.audit_dir)
-    for seq, data in enumerate(log.entries(0, 1 << 62)):
-        try:
-            entry = parse_entry(data, seq)
-        except AuditError as exc:
-            raise AuditError(
-                f"audit log {log.path}: entry {seq} {exc}: run msmt audit verify"
-            ) from None
-        if entry["type"] == "received":
+    roster, keys = _member_keys(config)
+    try:
+        running = writer_pid(config.store_path) is not None
+    except OSError:
+        running = False  # cannot tell: check every receipt, as for a stopped node
+    # A running node appends each receipt to its log before it stores the report. So the
+    # store is read at one moment first and the log after it: every stored row's receipt
+    # is then in what is read (reading the log first, a trial under load found rows
+    # "no received entry names" 3 times in 5). Receipts the log holds beyond the size the
+    # store last recorded may not be stored yet while the node runs: those are left out,
+    # and counted, rather than reported missing.
+    with store.snapshot():
+        state = store.state()
+        recorded = int(state[AUDIT_SIZE]) if running and AUDIT_SIZE in state else None
+        receipts, unsettled = [], 0
+        log = load(config.audit_dir)
+        for seq, data in enumerate(log.entries(0, 1 << 62)):
+            try:
+                entry = parse_entry(data, seq)
+            except AuditError as exc:
+                raise AuditError(
+                    f"audit log {log.path}: entry {seq} {exc}: run msmt audit verify"
+                ) from None
+            if entry["type"] != "received":
+                continue
+            if recorded is not None and seq >= recorded:
+                unsettled += 1
+                continue
             at = datetime.fromisoformat(entry["at"]).timestamp()
             receipts.append((seq, entry["sender"], entry["report_id"], entry["jwe_sha256"], at))
-    roster, keys = _member_keys(config)
-    since = store.state().get(KEPT_SINCE)
-    found = inbox_check.check(
-        store,
-        receipts,
-        me=config.member,
-        decryption_keys=keys.decryption,
-        roster=roster,
-        kept_since=None if since is None else float(since),
-    )
+        since = state.get(KEPT_SINCE)
+        found = inbox_check.check(
+            store,
+            receipts,
+            me=config.member,
+            decryption_keys=keys.decryption,
+            roster=roster,
+            kept_since=None if since is None else float(since),
+        )
     for problem in found.problems:
         click.echo(problem)
     older = f"; {found.not_kept} received before envelopes were kept" if found.not_kept else ""
+    if unsettled:
+        plural = "s" if unsettled > 1 else ""
+        older += f"; {unsettled} receipt{plural} logged after the running node's last store write"
+        older += " left out"
     summary = f"{found.verified} reports match their signed envelopes{older}"
     if found.problems:
         count = len(found.problems)
