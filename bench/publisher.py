@@ -100,6 +100,8 @@ class Measured:
     crypto: float
     crypto_send: float
     publish_s: float
+    audit_commits: int
+    sent_commits: int
 
 
 async def run(args: argparse.Namespace) -> Measured:
@@ -127,6 +129,11 @@ async def run(args: argparse.Namespace) -> Measured:
             last = read_rows(path, "SELECT max(sent_at) FROM outbox")[0][0]
             states = dict(read_rows(path, "SELECT state, count(*) FROM outbox GROUP BY state"))
             unplanned = read_rows(path, "SELECT count(*) FROM reports WHERE planned = 0")[0][0]
+            # Each audit append commits one signed checkpoint; each mark_sent one sent_at.
+            audit_commits = read_rows(
+                path.parent / "audit" / "audit.sqlite", "SELECT count(*) FROM checkpoints"
+            )[0][0]
+            sent_commits = read_rows(path, "SELECT count(DISTINCT sent_at) FROM outbox")[0][0]
             codes = cluster.stop_nodes()
             if any(codes.values()):
                 raise LostError(f"node exit codes {codes}")
@@ -151,7 +158,17 @@ async def run(args: argparse.Namespace) -> Measured:
             cluster.kill()
     spent = {k: cpu1[k] - cpu0[k] for k in cpu0}
     return Measured(
-        count, first, accepted, last, spent, worker1 - worker0, crypto, crypto_send, pub_s
+        count,
+        first,
+        accepted,
+        last,
+        spent,
+        worker1 - worker0,
+        crypto,
+        crypto_send,
+        pub_s,
+        audit_commits,
+        sent_commits,
     )
 
 
@@ -174,6 +191,11 @@ def show(m: Measured) -> None:
         f"CPU s: JPN node {node:.2f} ({node / count * 1e3:.2f} ms/report: main process"
         f" {m.cpu[ORIGIN] / count * 1e3:.2f}, planning worker {m.worker_cpu / count * 1e3:.2f}),"
         f" nats-server {m.cpu['nats-server']:.2f}, bench driver {m.cpu['bench']:.2f}"
+    )
+    print(
+        f"JPN commits: audit log {m.audit_commits} ({m.audit_commits / count:.2f} per report),"
+        f" sends marked {m.sent_commits} ({count * len(PARTNERS) / m.sent_commits:.1f}"
+        " envelopes each)"
     )
     print(
         f"crypto floor (1 CPU): {m.crypto:8.1f} reports/s whole report;"
