@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from broker.errors import StoreError
 from broker.store import (
     KEPT_SINCE,
+    PAGE_SIZE,
     STORE_FORMAT,
     NewReport,
     OutboxItem,
@@ -214,6 +215,27 @@ def test_sent_envelopes_leave_only_their_facts_and_their_pages_are_reused(tmp_pa
     store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     pages = store._db.execute("PRAGMA page_count").fetchone()[0]
     assert pages * store._db.execute("PRAGMA page_size").fetchone()[0] < 18_000_000 / 6
+
+
+def test_a_new_store_has_large_pages_and_an_older_one_keeps_its_own(tmp_path: Path) -> None:
+    # Page size is fixed when a file is first written: a new store gets PAGE_SIZE;
+    # a store made with SQLite's default 4 KB pages keeps them and works as before.
+    new = Store(tmp_path / "new.db")
+    assert new._db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 16384
+    old_path = tmp_path / "old.db"
+    db = sqlite3.connect(old_path)
+    db.execute("PRAGMA page_size=4096")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.close()
+    old = Store(old_path)
+    assert old._db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    for store in (new, old):
+        store.accept([rep(1)])
+        store.plan({rep(1).report_id: [item(rep(1).report_id, "USA")]})
+        store.mark_sent(store.pending(10))
+        assert (store.outbox_depth(), store.sent_to("USA")) == (0, 1)
+        store.close()
 
 
 def signed(rid: str, partner: str, iat: int, tag: str = "") -> OutboxItem:
