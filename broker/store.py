@@ -39,7 +39,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -214,11 +214,18 @@ class OutboxItem:
     subject: str
     jwe: bytes
     audit: str
+    _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def jwe_sha256(self) -> str:
         """The envelope's SHA-256 (hex), as its ``sent`` audit entry records it."""
-        return hashlib.sha256(self.jwe).hexdigest()
+        # Hashed once: the publisher needs it for the message id, then again for
+        # the sent entry (~4.5 us per 6 KB envelope each time).
+        digest = self._sha256
+        if digest is None:
+            digest = hashlib.sha256(self.jwe).hexdigest()
+            object.__setattr__(self, "_sha256", digest)
+        return digest
 
     @property
     def msg_id(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import resource
 import signal
 import sqlite3
@@ -236,6 +237,20 @@ def test_a_new_store_has_large_pages_and_an_older_one_keeps_its_own(tmp_path: Pa
         store.mark_sent(store.pending(10))
         assert (store.outbox_depth(), store.sent_to("USA")) == (0, 1)
         store.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(jwe=st.binary(max_size=9000))
+def test_an_envelopes_hash_is_computed_once_and_is_its_sha256(jwe: bytes) -> None:
+    envelope = OutboxItem("r", "USA", "msmt.to.USA.vessel", jwe, "{}")
+    want = hashlib.sha256(jwe).hexdigest()
+    assert envelope.jwe_sha256 == want
+    assert envelope.msg_id == envelope.jwe_sha256 == want  # the second read is the cached one
+    # The cache is no part of the value: equal, hashed and pickled as before.
+    fresh = OutboxItem("r", "USA", "msmt.to.USA.vessel", jwe, "{}")
+    assert envelope == fresh
+    assert hash(envelope) == hash(fresh)
+    assert pickle.loads(pickle.dumps(envelope)).jwe_sha256 == want  # noqa: S301 - our own bytes
 
 
 def signed(rid: str, partner: str, iat: int, tag: str = "") -> OutboxItem:
