@@ -267,10 +267,31 @@ def _read(inp: BinaryIO) -> Any:
     return pickle.loads(data)  # noqa: S301 - from the node that started us, over our own pipe
 
 
+class _Chunks(list[bytes]):
+    """A file for ``pickle.Pickler`` that keeps the pieces it is given, uncopied."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Keep ``data`` (a copy only if it is not ``bytes``, which cannot change)."""
+        self.append(data if type(data) is bytes else bytes(data))
+        return len(data)
+
+
+def _pickled(value: object) -> list[bytes]:
+    """``pickle.dumps(value, HIGHEST_PROTOCOL)``'s bytes, in pieces.
+
+    ``dumps`` grows one buffer for a batch's ~3 MB answer, copying it as it
+    grows (~70 us per report of the worker's CPU); a ``Pickler`` writing to a
+    file hands over its frames and each envelope's bytes as they are (~13 us).
+    """
+    chunks = _Chunks()
+    pickle.Pickler(chunks, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return chunks
+
+
 def _write(out: BinaryIO, value: object) -> None:
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(len(data).to_bytes(8, "big"))
-    out.write(data)
+    chunks = _pickled(value)
+    out.write(sum(map(len, chunks)).to_bytes(8, "big"))
+    out.writelines(chunks)
     out.flush()
 
 

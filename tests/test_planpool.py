@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 
 from broker import samples
 from broker.errors import KeyMaterialError
-from broker.planpool import PlannerSpec, PlanPool, PlanWorkerError, _read_exactly
+from broker.planpool import PlannerSpec, PlanPool, PlanWorkerError, _pickled, _read_exactly
 from broker.policy import load_policy
 from broker.publisher import Planner, Signer
 
@@ -284,3 +285,22 @@ async def test_answers_read_straight_from_the_pipe_are_what_a_stream_reader_read
     finally:
         await writer
         os.close(answers)
+
+
+def test_a_planned_batch_is_pickled_to_exactly_the_bytes_of_pickle_dumps() -> None:
+    plans = planner().plan(rows(12), 12)
+    assert sum(len(items) for items in plans.plans.values()) == 12 * 10
+    for reply in (("ok", plans), ("error", "ValueError while planning"), ("ok", None)):
+        assert b"".join(_pickled(reply)) == pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    value=st.recursive(
+        st.none() | st.text() | st.integers() | st.binary(max_size=200_000),
+        lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(), inner, max_size=6),
+        max_leaves=12,
+    )
+)
+def test_pickled_pieces_are_the_bytes_of_pickle_dumps(value: object) -> None:
+    assert b"".join(_pickled(value)) == pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
