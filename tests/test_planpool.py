@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from broker import samples
 from broker.errors import KeyMaterialError
-from broker.planpool import PlannerSpec, PlanPool, PlanWorkerError, _pickled, _read_exactly
+from broker.planpool import PlannerSpec, PlanPool, PlanWorkerError, _pickled
 from broker.policy import load_policy
 from broker.publisher import Planner, Signer
 
@@ -244,47 +244,6 @@ async def test_a_failure_inside_the_worker_is_named_by_type_only(pool: PlanPool)
     with pytest.raises(PlanWorkerError) as caught:
         await pool.plan(bad, 1)
     assert str(caught.value) == "the planning worker failed: ValueError while planning"
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    data=st.binary(min_size=1, max_size=300_000),
-    cuts=st.lists(st.integers(min_value=1, max_value=70_000), max_size=8),
-    eof_early=st.booleans(),
-)
-async def test_answers_read_straight_from_the_pipe_are_what_a_stream_reader_reads(
-    data: bytes, cuts: list[int], eof_early: bool
-) -> None:
-    # The worker writes an answer in pieces, as a pipe delivers it; the reader must
-    # return exactly those bytes, or at end of file what StreamReader.readexactly
-    # raises: IncompleteReadError with the bytes read so far.
-    loop = asyncio.get_running_loop()
-    answers, child = os.pipe()
-    os.set_blocking(answers, False)
-    sent = data[: len(data) // 2] if eof_early else data
-    pieces, at = [], 0
-    for cut in [*cuts, len(sent)]:
-        pieces.append(sent[at : at + cut])
-        at += cut
-    pieces.append(sent[at:])
-
-    def write() -> None:
-        with os.fdopen(child, "wb", buffering=0) as out:
-            for piece in pieces:
-                out.write(piece)
-                time.sleep(0.001)
-
-    writer = loop.run_in_executor(None, write)
-    try:
-        if eof_early:
-            with pytest.raises(asyncio.IncompleteReadError) as caught:
-                await _read_exactly(answers, len(data))
-            assert (caught.value.partial, caught.value.expected) == (sent, len(data))
-        else:
-            assert await _read_exactly(answers, len(data)) == data
-    finally:
-        await writer
-        os.close(answers)
 
 
 def test_a_planned_batch_is_pickled_to_exactly_the_bytes_of_pickle_dumps() -> None:
