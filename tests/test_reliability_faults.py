@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +22,9 @@ import nats.aio.client
 import pytest
 from reliability_world import Cluster, Feed, await_for, fault_rng, fetch, records_for
 from tcpproxy import running
+
+from broker.natsetup import connect_account
+from broker.publisher import subject_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
@@ -100,6 +104,56 @@ async def test_cluster_loses_one_server_then_another_after_the_first_returns(
         await cluster.settle(sent, FOUR)
     finally:
         cluster.close()
+
+
+async def test_a_resend_the_restarted_hub_stores_again_is_stored_once(single: Cluster) -> None:
+    """The hub forgets, at its restart, the ``Nats-Msg-Id`` of messages already taken.
+
+    nats-server rebuilds its dedup window from the messages its streams still hold,
+    and an inbox stream drops each one its partner acked. A sender stopped between
+    the hub's ack and its own record of the send sends the same bytes under the
+    same id at its next start; after a hub restart the hub stores that copy again
+    (bench/chaos.py met it: docs/RELIABILITY.md, "What the hub may hold twice").
+    The resend is made here with JPN's credentials from the envelope KOR kept,
+    since no signal lands a kill between an ack and a commit on cue.
+    """
+    pair = ("JPN", "KOR")
+    for member in pair:
+        single.write_config(member)
+    single.start_many(pair)
+    feed = Feed(single, ("JPN",))
+    await feed.deliver("JPN", records_for("JPN", 6, seed=4242))
+    want = await single.settle(dict(feed.sent), pair)
+    report_id = sorted(want[("KOR", "JPN")])[0]
+    kind = next(r["kind"] for r in feed.sent["JPN"] if r["report_id"] == report_id)
+    store = single.store("KOR")
+    try:
+        jwe = store.kept_envelope("JPN", report_id)
+    finally:
+        store.close()
+    assert jwe is not None
+    msg_id = hashlib.sha256(jwe.encode()).hexdigest()  # as the publisher names it
+    duplicates_before = single.counters("KOR").get("duplicate.JPN", 0)
+
+    hub = single.servers[0]
+    hub.kill()
+    await asyncio.to_thread(hub.start)
+    nc = await connect_account(single.hub_urls[0], "JPN", single.seed("JPN"))
+    try:
+        ack = await nc.jetstream().publish(
+            subject_for("KOR", kind), jwe.encode(), headers={"Nats-Msg-Id": msg_id}
+        )
+    finally:
+        await nc.close()
+    assert not ack.duplicate  # the hub took it as new: its dedup did not survive
+
+    await await_for(
+        lambda: single.counters("KOR").get("duplicate.JPN", 0) == duplicates_before + 1,
+        60,
+        "KOR counts the second copy as a duplicate",
+    )
+    # One row per report, no second receipt in KOR's log, replay clean: stored once.
+    await single.settle(dict(feed.sent), pair, hub_copies={"KOR": 1})
 
 
 async def test_network_cut_longer_than_the_reconnect_buffer(single: Cluster) -> None:
