@@ -1,6 +1,6 @@
 """Crash-consistency torture: random, repeated faults under load, then "nothing lost, ever".
 
-    python bench/chaos.py [--minutes M] [--seed N] [--root DIR]
+    python bench/chaos.py [--minutes M] [--seed N] [--root DIR] [--faults KIND,...]
 
 Not a timed benchmark and not in ``make test``: a long-running check. It builds
 the reliability suite's world (``tests/reliability_world.Cluster``: keys for all
@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,9 +140,9 @@ class Chaos:
 
     # --- faults ------------------------------------------------------------------
 
-    async def faulting(self, until: float) -> None:
+    async def faulting(self, until: float, chosen: Sequence[str]) -> None:
         tasks: set[asyncio.Task[None]] = set()
-        kinds, weights = zip(*FAULTS.items(), strict=True)
+        kinds, weights = zip(*((k, w) for k, w in FAULTS.items() if k in chosen), strict=True)
         while time.monotonic() < until:
             await asyncio.sleep(self.rng.uniform(2, 12))
             kind = self.rng.choices(kinds, weights)[0]
@@ -503,7 +504,7 @@ class Chaos:
         return failures
 
 
-async def run(root: Path, minutes: float, seed: int) -> int:
+async def run(root: Path, minutes: float, seed: int, chosen: Sequence[str]) -> int:
     chaos = Chaos(root, random.Random(seed))
     chaos.event(f"seed {seed}, {minutes} minutes, root {root}")
     try:
@@ -519,7 +520,7 @@ async def run(root: Path, minutes: float, seed: int) -> int:
             ),
         ]
         watchdog = asyncio.create_task(chaos.watchdog())
-        await chaos.faulting(time.monotonic() + minutes * 60)
+        await chaos.faulting(time.monotonic() + minutes * 60, chosen)
         chaos.event("healing")
         await chaos.heal_all()
         chaos.stopping.set()
@@ -544,10 +545,18 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=25)
     parser.add_argument("--seed", type=int, default=int(os.environ.get("MSMT_FAULT_SEED", "1")))
     parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help="the kinds to draw from, comma-separated (default: all): " + ", ".join(FAULTS),
+    )
     args = parser.parse_args()
+    chosen = [k for k in args.faults.split(",") if k]
+    if not chosen or set(chosen) - set(FAULTS):
+        parser.error(f"--faults: choose from {', '.join(FAULTS)}")
     root = args.root or Path(tempfile.mkdtemp(prefix="msmt-chaos-"))
     root.mkdir(parents=True, exist_ok=True)
-    sys.exit(asyncio.run(run(root, args.minutes, args.seed)))
+    sys.exit(asyncio.run(run(root, args.minutes, args.seed, chosen)))
 
 
 if __name__ == "__main__":
