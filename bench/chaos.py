@@ -159,15 +159,17 @@ class Chaos:
                 target = self.rng.choice(free)
             self.step += 1
             self.faults[kind] += 1
-            if kind != "submit-kill9":
+            # A submit-kill9 only flags the feed: the node stays free for other faults.
+            holds = kind != "submit-kill9"
+            if holds:
                 self.busy.add(target)
-            task = asyncio.create_task(self.fault(kind, target, self.rng.random()))
+            task = asyncio.create_task(self.fault(kind, target, self.rng.random(), holds))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         self.event("faults stop; waiting for the ones in progress")
         await asyncio.gather(*tasks)
 
-    async def fault(self, kind: str, target: str, r: float) -> None:
+    async def fault(self, kind: str, target: str, r: float, holds: bool) -> None:
         rng = random.Random(r)  # each fault's own draws: the main schedule stays seeded
         try:
             await getattr(self, "fault_" + kind.replace("-", "_"))(target, rng)
@@ -175,7 +177,8 @@ class Chaos:
         except Exception as exc:  # noqa: BLE001 - the harness itself failed: say so, go on
             self.anomaly(f"{kind} {target}: the driver failed: {type(exc).__name__} {exc}")
         finally:
-            self.busy.discard(target)
+            if holds:  # released only by the fault that holds it, never by a submit-kill9
+                self.busy.discard(target)
 
     async def fault_kill9(self, target: str, rng: random.Random) -> None:
         down = rng.uniform(0, 10)
