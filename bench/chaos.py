@@ -290,23 +290,38 @@ class Chaos:
             assert proc.stderr is not None
             kill_at = -1
             if self.kill_submit.pop(member, False):
-                kill_at = random.Random(attempts * 7919 + len(ok)).randint(0, len(to_send) - 1)
-            reading = asyncio.create_task(proc.stdout.read())
+                kill_at = min(
+                    len(to_send) - 1, random.Random(attempts * 7919 + len(ok)).randint(2, 12)
+                )
+            lines: list[bytes] = []
+
+            async def read(stdout: asyncio.StreamReader, lines: list[bytes]) -> None:
+                while line := await stdout.readline():
+                    lines.append(line)
+
+            reading = asyncio.create_task(read(proc.stdout, lines))
             killed = False
             with contextlib.suppress(ConnectionError):
                 for i, record in enumerate(to_send):
                     if i == kill_at:
-                        await asyncio.sleep(0.3)  # let the answers of what was piped come
+                        # Mid-stream: once the node answered records (msmt submit takes
+                        # seconds to start on a busy machine), with the last one in flight.
+                        deadline = time.monotonic() + 30
+                        while len(lines) < i - 1 and time.monotonic() < deadline:  # noqa: ASYNC110
+                            await asyncio.sleep(0.02)
                         proc.kill()
                         killed = True
-                        self.event(f"killed msmt submit of {member} after {i} records piped")
+                        self.event(
+                            f"killed msmt submit of {member}: {i} piped, {len(lines)} answered"
+                        )
                         break
                     proc.stdin.write((json.dumps(record) + "\n").encode())
                     await proc.stdin.drain()
                     await asyncio.sleep(0.05)
                 if not killed:
                     proc.stdin.close()
-            out = await reading
+            await reading
+            out = b"".join(lines)
             err = await proc.stderr.read()
             rc = await proc.wait()
             self.take_answers(member, out.decode(errors="replace"), by_id, ok)
