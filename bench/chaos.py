@@ -307,9 +307,12 @@ class Chaos:
                         # Mid-stream: once the node answered records (msmt submit takes
                         # seconds to start on a busy machine), with the last one in flight.
                         deadline = time.monotonic() + 30
-                        while len(lines) < i - 1 and time.monotonic() < deadline:  # noqa: ASYNC110
+                        while len(lines) < i - 1 and time.monotonic() < deadline:
+                            if proc.returncode is not None:
+                                break
                             await asyncio.sleep(0.02)
-                        proc.kill()
+                        with contextlib.suppress(ProcessLookupError):  # it ended on its own
+                            proc.kill()
                         killed = True
                         self.event(
                             f"killed msmt submit of {member}: {i} piped, {len(lines)} answered"
