@@ -13,6 +13,7 @@ describes the bytes. Pure: no I/O, and the clock is always passed in.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -531,9 +532,18 @@ def _verify_signature(jws_text: str, *, kid: str, iss: str, iat: datetime, roste
 
 def _check_fresh(iat: datetime, *, now: datetime, max_age: timedelta, max_skew: timedelta) -> None:
     if now - iat > max_age:
-        raise EnvelopeError("freshness", f"issued {now - iat} ago; limit {max_age}")
+        raise EnvelopeError("freshness", f"issued {_seconds(now - iat)} ago; limit {max_age}")
     if iat - now > max_skew:
-        raise EnvelopeError("freshness", f"issued {iat - now} in the future; limit {max_skew}")
+        raise EnvelopeError(
+            "freshness",
+            f"issued {_seconds(iat - now)} in the future; limit {max_skew}"
+            " (the sender's clock ahead, or ours behind)",
+        )
+
+
+def _seconds(span: timedelta) -> timedelta:
+    # Whole seconds, rounded up: past a limit never reads as equal to it.
+    return timedelta(seconds=math.ceil(span.total_seconds()))
 
 
 __all__ = [

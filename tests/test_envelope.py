@@ -511,7 +511,8 @@ def test_disclosure_outside_our_three_objects(issued: envelope.Issued) -> None:
 
 def test_stale_iat(issued: envelope.Issued) -> None:
     token = JPN.present(issued, "USA", [])
-    reject(token, "freshness", now=NOW + timedelta(days=7, seconds=1))
+    error = reject(token, "freshness", now=NOW + timedelta(days=7, seconds=1))
+    assert "issued 7 days, 0:00:01 ago; limit 7 days, 0:00:00" in str(error)
     assert USA.receive(token, now=NOW + timedelta(days=7)).report_id == issued.report_id
 
 
@@ -519,6 +520,9 @@ def test_future_iat(issued: envelope.Issued) -> None:
     token = JPN.present(issued, "USA", [])
     reject(token, "freshness", now=NOW - timedelta(minutes=5, seconds=1))
     assert USA.receive(token, now=NOW - timedelta(minutes=5)).iat == NOW
+    # Whole seconds, rounded up (a clock trial read "0:05:59.400696"), and a hint.
+    error = reject(token, "freshness", now=NOW - timedelta(minutes=5, microseconds=400_000))
+    assert "issued 0:05:01 in the future; limit 0:05:00 (the sender's clock ahead" in str(error)
 
 
 def test_replayed_jti(issued: envelope.Issued) -> None:
