@@ -59,6 +59,18 @@ partners = ["USA", "KOR"]
 release = ["*"]
 """
 
+# All of USA's reports, whole, to JPN alone: one envelope per report.
+USA_TO_JPN = """
+version = 1
+member = "USA"
+
+[[rules]]
+name = "all-to-jpn"
+kinds = ["*"]
+partners = ["JPN"]
+release = ["*"]
+"""
+
 
 def msmt(
     *args: str, stdin: bytes | None = None, timeout: float = 120, **env: str

@@ -15,23 +15,19 @@ import json
 from collections import Counter
 
 import pytest
-from node_world import World, audit_rejections, await_for, expected_partners, records_for
+from node_world import (
+    USA_TO_JPN,
+    World,
+    audit_rejections,
+    await_for,
+    expected_partners,
+    records_for,
+)
 from structlog.testing import capture_logs
 
 import broker.node as node_module
 from broker.node import load_node
 from broker.validation import parse_record
-
-USA_TO_JPN = """
-version = 1
-member = "USA"
-
-[[rules]]
-name = "all-to-jpn"
-kinds = ["*"]
-partners = ["JPN"]
-release = ["*"]
-"""
 
 PAUSED_FOR_CLOCK = "inbox paused: this node's clock is too far off the hub's (msmt status)"
 

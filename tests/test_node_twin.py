@@ -14,24 +14,13 @@ import asyncio
 import json
 from pathlib import Path
 
-from node_world import World, await_for, expected_partners, inbox_ids, records_for
+from node_world import USA_TO_JPN, World, await_for, expected_partners, inbox_ids, records_for
 from structlog.testing import capture_logs
 
 from broker.natsproc import free_port
 from broker.node import load_node
 from broker.store import Store
 from broker.validation import parse_record
-
-USA_TO_JPN = """
-version = 1
-member = "USA"
-
-[[rules]]
-name = "all-to-jpn"
-kinds = ["*"]
-partners = ["JPN"]
-release = ["*"]
-"""
 
 
 def _paused(store_path: Path) -> str:
