@@ -609,7 +609,10 @@ def test_a_roster_write_cut_before_its_renames_is_finished_and_never_rolls_back(
 ) -> None:
     new = _cut_short(keydir, renamed=0)  # the old pair in place, the whole new one aside
     assert keys.load_signed_roster(keydir).version == 1  # the old pair still verifies
-    assert keys.finish_roster_write(keydir) is not None
+    assert keys.finish_roster_write(keydir) == (
+        f"a roster write in {keydir} was cut short: finished it, roster version"
+        f" {new.version} is in place"
+    )
     assert keys.load_signed_roster(keydir).jwks == new.jwks
     # A pair left aside that is not newer than the one in place (a stale copy) is
     # removed, never put back over it.
