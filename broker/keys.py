@@ -71,9 +71,7 @@ def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
 def _stage(path: Path, data: bytes, *, private: bool) -> Path:
     """Write ``data`` durably to a new temp file beside ``path``; return the temp file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
-        if private:
-            path.parent.chmod(0o700)
+        _make_folder(path.parent, private=private)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror}") from None
@@ -91,6 +89,21 @@ def _stage(path: Path, data: bytes, *, private: bool) -> Path:
             raise WriteError(f"cannot write {path}: {exc.strerror}") from None
         raise
     return Path(tmp)
+
+
+def _make_folder(folder: Path, *, private: bool) -> None:
+    """Make ``folder`` (0700 if ``private``) and any folder above it missing, 0755.
+
+    ``mkdir(parents=True)`` would make the folders above 0777 less the umask: under
+    umask 000 others could then swap a member's key folder, or the roster and its
+    authority, for their own. Raises ``OSError``.
+    """
+    for above in reversed(folder.parents):
+        if not above.is_dir():
+            above.mkdir(mode=0o755, exist_ok=True)
+    folder.mkdir(exist_ok=True, mode=0o700 if private else 0o755)
+    if private:
+        folder.chmod(0o700)
 
 
 def _put_in_place(tmp: Path, path: Path) -> None:

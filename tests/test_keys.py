@@ -79,6 +79,30 @@ def test_init_writes_private_keys_0600_and_a_public_signed_roster(keydir: Path) 
         assert not any(seed in text for seed in seeds)
 
 
+@pytest.mark.parametrize("umask", [0o000, 0o002, 0o022])
+def test_init_makes_no_directory_others_can_write_whatever_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    # A key directory others can write lets them swap keys/JPN/ or the roster
+    # and its authority for their own, though they cannot read the keys. Before
+    # the fix, `keys` and the folders above it were made 0777 under umask 000.
+    keydir = tmp_path / "deploy" / "keys"
+    done = subprocess.run(
+        [MSMT, "keys", "init", "--dir", str(keydir), "--members", "JPN"],
+        capture_output=True,
+        text=True,
+        umask=umask,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    made = {p: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "deploy", *keydir.rglob("*"))}
+    made[keydir] = stat.S_IMODE(keydir.stat().st_mode)
+    writable = {str(p): f"{m:04o}" for p, m in made.items() if p.is_dir() and m & 0o022}
+    assert writable == {}
+    assert made[keydir / "JPN"] == 0o700
+    assert made[keydir] == 0o755 & ~umask
+
+
 def test_gitignore_keeps_private_keys_out_of_git() -> None:
     repo = Path(__file__).resolve().parent.parent
     private = ["keys/JPN/JPN-sig-20261101-00000000.jwk", "keys/JPN/nats.nk"]
