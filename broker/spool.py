@@ -154,6 +154,9 @@ def _open_regular(path: Path) -> BinaryIO:
     ``O_NOFOLLOW`` refuses a link in the last component; the type is checked on
     the open descriptor, so an entry swapped after the listing is caught too.
     ``O_NONBLOCK`` keeps a FIFO swapped in from stopping the open until a writer comes.
+    A regular file is made 0600 through the descriptor: it is report content, kept
+    in ``done/`` or ``rejected/`` as the node's other files are, whatever mode the
+    feed wrote it with (a file of another owner keeps its mode).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -164,6 +167,8 @@ def _open_regular(path: Path) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISREG(mode):
+            with contextlib.suppress(PermissionError):
+                os.fchmod(fd, 0o600)
             os.set_blocking(fd, True)
             return os.fdopen(fd, "rb")
     except BaseException:

@@ -496,6 +496,24 @@ async def test_spool_moves_files_to_done_or_rejected_with_results(tmp_path: Path
     assert [json.loads(r)["reason"] for r in again] == ["duplicate"] * 3
 
 
+async def test_spool_files_batches_0600_whatever_mode_the_feed_wrote_them(tmp_path: Path) -> None:
+    # A batch is report content kept in done/ or rejected/ for good. Filed with the
+    # feed's 0644, it was readable by anyone wherever those folders are open: made
+    # 0755 by a node before umask 077, or by the operator.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    for sub in ("done", "rejected"):
+        (spool_dir / sub).chmod(0o755)
+    (spool_dir / "good.ndjson").write_bytes(ndjson(jpn_records(2, seed=73)))
+    (spool_dir / "bad.ndjson").write_bytes(b"{}\n")
+    for name in ("good.ndjson", "bad.ndjson"):
+        (spool_dir / name).chmod(0o644)
+        assert await spool.ingest(spool_dir / name)
+    filed = (spool_dir / "done" / "good.ndjson", spool_dir / "rejected" / "bad.ndjson")
+    assert [stat.S_IMODE(p.stat().st_mode) for p in filed] == [0o600, 0o600]
+
+
 async def test_spool_leaves_the_file_when_the_store_is_full(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db", max_pages=30)
     spool_dir = tmp_path / "spool"
