@@ -206,8 +206,9 @@ class Chaos:
         if rc is None:
             await self.signal_node(target, signal.SIGKILL)
         elif rc == -signal.SIGTERM:
-            # Still starting: Python had not yet installed the node's handler, so
-            # SIGTERM's default action ended it, as a kill would. Counted, not failed.
+            # Before msmt node run's first line (the interpreter and msmt's imports):
+            # no handler yet, so SIGTERM's default action ended it, as a kill would.
+            # Counted, not failed; a SIGTERM later in the start is a clean stop.
             self.notes["died of SIGTERM while starting"] += 1
             self.event(f"{target} died of SIGTERM while starting (no handler yet)")
         elif rc != 0:

@@ -74,6 +74,7 @@ from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
 from broker.receiver import Inbound, Receiver
 from broker.roster import Roster, format_time
 from broker.spool import Spool
+from broker.stopsignals import StopSignals
 from broker.store import AUDIT_SIZE, NewReport, OutboxItem, Store
 
 log = get_logger("node")
@@ -998,11 +999,26 @@ class Node:
 
     # --- the whole daemon --------------------------------------------------------
 
-    async def run(self) -> None:
-        """Run until SIGTERM/SIGINT (or ``self.stop`` is set), then shut down in order."""
+    async def run(self, signals: StopSignals | None = None) -> None:
+        """Run until SIGTERM/SIGINT (or ``self.stop`` is set), then shut down in order.
+
+        With ``signals`` (``msmt node run``'s, entered at its first line), a
+        signal that came while the node loaded stops it as soon as it has
+        started, and one after it has stopped is recorded, not the default action.
+        """
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
+        if signals is None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop.set)
+        else:
+            signals.take(loop, self.stop.set)
+        try:
+            await self._run()
+        finally:
+            if signals is not None:
+                signals.release(loop)
+
+    async def _run(self) -> None:
         config = self.config
         token = _shared_token(config)
         # Read once here, before the planning worker starts, so an unfit feeds file
@@ -1568,7 +1584,7 @@ def _expiries(
     return expiries
 
 
-async def run(config: NodeConfig) -> None:
-    """Load and run the node described by ``config`` until it is told to stop."""
+async def run(config: NodeConfig, signals: StopSignals | None = None) -> None:
+    """Load and run the node described by ``config`` until it is told to stop (``Node.run``)."""
     node = load_node(config)
-    await node.run()
+    await node.run(signals)

@@ -9,6 +9,7 @@ of the file, which for a key file is a byte of the secret.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import stat
@@ -107,6 +108,67 @@ def _running(config_path: Path, *, umask: int = -1) -> Iterator[NodeConfig]:
         node.send_signal(signal.SIGTERM)
         _, err = node.communicate(timeout=60)
     assert node.returncode == 0, err
+
+
+@pytest.mark.parametrize(
+    ("blocked_on", "sig"),
+    [
+        # Read by the command before the store is opened; then inside load_node,
+        # after the store and before the audit log.
+        ("node.toml", signal.SIGTERM),
+        ("policy.toml", signal.SIGTERM),
+        ("policy.toml", signal.SIGINT),
+    ],
+)
+def test_a_signal_while_the_node_starts_is_a_clean_stop(
+    folder: Path, blocked_on: str, sig: signal.Signals
+) -> None:
+    # The seam: the file is a FIFO, so the start waits in its read until the
+    # test writes it, and the signal lands there, before the node's own
+    # handlers exist. SIGTERM's default action killed it (-15) and SIGINT was
+    # "msmt: interrupted" and 130; a service manager's stop must be a stop.
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    path = config_path.parent / blocked_on
+    text = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    node = subprocess.Popen(
+        [MSMT, "node", "run", "--config", str(config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        writer: list[int] = []
+
+        def reading() -> bool:
+            # A FIFO opens for writing without waiting only once its reader is there.
+            with contextlib.suppress(OSError):  # ENXIO: not yet
+                writer.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            return bool(writer) or node.poll() is not None
+
+        wait_for(reading, 60, f"the start to read {blocked_on}")
+        assert writer, node.communicate()[1]
+        node.send_signal(sig)
+        os.set_blocking(writer[0], True)
+        os.write(writer[0], text)
+        os.close(writer[0])
+        _, err = node.communicate(timeout=60)
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+    path.unlink()
+    path.write_bytes(text)
+    assert node.returncode == 0, err
+    events = [json.loads(line)["event"] for line in err.decode().splitlines()]
+    # Started whole (each step was left to finish), then stopped as any stop is.
+    assert events[0] == "node_started", err
+    assert events[-2:] == ["node_stopping", "node_stopped"], err
+    config = load_config(config_path, env={})
+    verified = msmt("audit", "verify", str(config.audit_dir), "--keys", str(folder / "keys"))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_what_a_node_creates_is_its_users_alone_whatever_the_umask(folder: Path) -> None:

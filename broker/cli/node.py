@@ -45,6 +45,7 @@ from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
 from broker.roster import Roster, parse_time
 from broker.sightings import is_report_id
+from broker.stopsignals import StopSignals
 from broker.store import AUDIT_SIZE, KEPT_SINCE, InboxEntry, Store, require_store, writer_pid
 
 
@@ -68,14 +69,16 @@ def node_group() -> None:
 )
 def node_run(config_path: Path, log_level: str) -> None:
     """Run the node until SIGTERM or SIGINT: intake, outbox publishing, inbox, metrics."""
-    from broker import log  # noqa: PLC0415
-    from broker.node import run  # noqa: PLC0415 - the daemon pulls in nats; load it only here
+    # First: a SIGTERM or SIGINT from here on, even while the node loads, is a stop.
+    with StopSignals() as signals:
+        from broker import log  # noqa: PLC0415
+        from broker.node import run  # noqa: PLC0415 - the daemon pulls in nats; load it only here
 
-    config = _config(config_path)
-    log.configure(level=log_level)
-    # What the node creates is 0700/0600 whatever the caller's umask: --config
-    # (options.CONFIG) sets umask 077 for every command on a node.
-    asyncio.run(run(config))
+        config = _config(config_path)
+        log.configure(level=log_level)
+        # What the node creates is 0700/0600 whatever the caller's umask: --config
+        # (options.CONFIG) sets umask 077 for every command on a node.
+        asyncio.run(run(config, signals))
 
 
 @node_group.command(name="resend")
