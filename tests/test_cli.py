@@ -133,3 +133,33 @@ def test_a_stdout_that_fails_is_one_line_and_exit_1_for_every_command(
         1,
         b"msmt: error: cannot write the output to stdout: No space left on device\n",
     )
+
+
+def _run_with_stderr(how: str, args: list[str]) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    if how == "closed":  # the shell's "2>&-": no fd 2 at all when msmt starts
+        shell = ["/bin/sh", "-c", 'exec "$@" 2>&-', "sh", MSMT, *args]
+        return subprocess.run(shell, stdout=subprocess.PIPE, env=env, timeout=60, check=False)
+    with open("/dev/full", "wb") as full:
+        return subprocess.run(
+            [MSMT, *args], stdout=subprocess.PIPE, stderr=full, env=env, timeout=60, check=False
+        )
+
+
+@pytest.mark.parametrize("how", ["closed", "full"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--config", "/nonexistent/node.toml"],  # ours: MsmtError, exit 2
+        ["status", "--no-such-option"],  # click's usage error, exit 2
+    ],
+    ids=lambda args: args[-1],
+)
+def test_a_stderr_that_fails_keeps_the_exit_status_and_out_of_stdout(
+    how: str, args: list[str]
+) -> None:
+    # The error line has nowhere to go. /dev/full made our own line's write raise
+    # (exit 1 and a traceback, to /dev/full too); with fd 2 closed, click wrote
+    # its usage error to stdout, where a script's output goes.
+    done = _run_with_stderr(how, args)
+    assert (done.returncode, done.stdout) == (2, b"")

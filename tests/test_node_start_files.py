@@ -171,6 +171,43 @@ def test_a_signal_while_the_node_starts_is_a_clean_stop(
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
+@pytest.mark.parametrize("how", ["closed", "full"])
+def test_a_node_whose_stderr_fails_runs_and_stops_and_nothing_takes_fd_2(
+    folder: Path, how: str
+) -> None:
+    # 2>&-: the node died at its log set-up (AttributeError, exit 1); had it gone
+    # on, the store or the audit log would have been the next fd 2, and the
+    # planning worker's error text would have landed in it. /dev/full: the node
+    # died at its first log line. Now fd 2 is /dev/null or left as it is, and the
+    # lines that cannot be written are dropped.
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    config = load_config(config_path, env={})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    args = [MSMT, "node", "run", "--config", str(config_path)]
+    with contextlib.ExitStack() as stack:
+        if how == "closed":
+            node = subprocess.Popen(
+                ["/bin/sh", "-c", 'exec "$@" 2>&-', "sh", *args], stdout=subprocess.PIPE, env=env
+            )
+        else:
+            full = stack.enter_context(open("/dev/full", "wb"))
+            node = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=full, env=env)
+        try:
+            wait_for(lambda: config.socket_path.exists() or node.poll() is not None, 60, "started")
+            assert node.poll() is None, node.returncode
+            worker = Path(f"/proc/{node.pid}/task/{node.pid}/children").read_text().split()
+            assert len(worker) == 1, worker  # the planning worker, started before the socket
+            expected = "/dev/null" if how == "closed" else "/dev/full"
+            for pid in (node.pid, int(worker[0])):
+                assert os.readlink(f"/proc/{pid}/fd/2") == expected
+        finally:
+            node.send_signal(signal.SIGTERM)
+            out, _ = node.communicate(timeout=60)
+    assert (node.returncode, out) == (0, b"")  # nor did the log go to stdout
+    verified = msmt("audit", "verify", str(config.audit_dir), "--keys", str(folder / "keys"))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
 def test_what_a_node_creates_is_its_users_alone_whatever_the_umask(folder: Path) -> None:
     # Created 0755/0644 under the usual umask 022 (spool/, audit/, roster-state.json,
     # the SQLite -wal and -shm files): safe only while the data directory stayed 0700.

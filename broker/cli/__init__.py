@@ -4,7 +4,8 @@ Every ``MsmtError`` becomes one line on stderr and the error's exit code; a
 traceback is only ever shown for a bug, never for bad input. So does a stdout
 that fails (``| head``, ``>&-``, a full disk): exit status 1, as output cut short
 must not pass for whole. Ctrl-C that no command handles itself is one line and
-exit status 130 (128 + SIGINT).
+exit status 130 (128 + SIGINT). A stderr that fails (``2>&-``, a full disk)
+loses what was written to it, never the exit code, and never stops a node.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from broker import __version__
-from broker.cli.options import guarded_stdout
+from broker.cli.options import guarded_stderr, guarded_stdout
 from broker.errors import MsmtError, StdoutError
 
 INTERRUPTED_EXIT: int = 130
@@ -43,14 +44,15 @@ class _Group(click.Group):
         The families are imported here rather than with this module: that takes
         most of a second, and a Ctrl-C then must not print an import traceback.
         """
-        try:
-            _register()
-            with guarded_stdout():
-                return super().main(*args, **kwargs)
-        except KeyboardInterrupt:
-            _interrupted()
-        except StdoutError as exc:  # click's own output: --help, --version, usage
-            _fail(exc)
+        with guarded_stderr():
+            try:
+                _register()
+                with guarded_stdout():
+                    return super().main(*args, **kwargs)
+            except KeyboardInterrupt:
+                _interrupted()
+            except StdoutError as exc:  # click's own output: --help, --version, usage
+                _fail(exc)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

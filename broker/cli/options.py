@@ -1,4 +1,4 @@
-"""What several ``msmt`` commands share: option values parsed the same way, stdout's failures."""
+"""What several ``msmt`` commands share: options parsed alike, stdout's and stderr's failures."""
 
 from __future__ import annotations
 
@@ -92,6 +92,21 @@ class _GuardedStdout:
             raise StdoutError(exc) from None
 
 
+def _hold(fd: int, flags: int) -> None:
+    # A standard fd closed at the start (">&-", "2>&-") would be the next file the
+    # command opens (the store, the audit log), and what is written to that fd
+    # (our output, a child's error text) would land in it: /dev/null holds it,
+    # inheritable, so a child sees it too rather than a closed one.
+    try:
+        os.fstat(fd)
+    except OSError:
+        devnull = os.open(os.devnull, flags)
+        if devnull != fd:  # fd 0 was closed too: os.open took the lowest
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        os.set_inheritable(fd, True)
+
+
 @contextlib.contextmanager
 def guarded_stdout() -> Iterator[None]:
     """Run with stdout's failures as ``StdoutError`` (one line, exit status 1).
@@ -101,13 +116,96 @@ def guarded_stdout() -> Iterator[None]:
     command opens meanwhile becomes fd 1, where a child's output would land.
     """
     before = sys.stdout
-    # Opened, a closed fd 1 is the lowest free one: it becomes this /dev/null.
-    stream = before or open(os.open(os.devnull, os.O_RDONLY), "w", encoding="utf-8")  # noqa: SIM115
+    if before is None:
+        _hold(1, os.O_RDONLY)
+    stream = before or open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
     sys.stdout = cast(TextIO, _GuardedStdout(stream))
     try:
         yield
     finally:
         sys.stdout = before
+
+
+class _Stderr:
+    """``sys.stderr`` that never raises: a line that cannot be written is dropped.
+
+    Nothing is left to tell when stderr itself fails (closed, a full disk, its
+    reader gone), and telling must not fail the command: a node's first log line
+    to /dev/full ended the node, and a failing command's own error line turned
+    its exit status into 1 and a traceback. Whole lines go out in one write, each
+    tried afresh (a disk that had no room may have some now); none is kept.
+    """
+
+    def __init__(self, fd: int, encoding: str) -> None:
+        self._fd = fd
+        self.encoding = encoding
+        self.errors = "backslashreplace"  # as Python's own stderr
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        """Write ``text``'s whole lines now, the rest with the next newline or flush."""
+        lines, newline, self._partial = (self._partial + text).rpartition("\n")
+        if newline:
+            self._put(lines + newline)
+        if len(self._partial) >= 1 << 16:  # no newline in sight: not held in memory
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        """Write the unfinished line, if any."""
+        if self._partial:
+            self._put(self._partial)
+            self._partial = ""
+
+    def _put(self, text: str) -> None:
+        data = memoryview(text.encode(self.encoding, self.errors))
+        with contextlib.suppress(OSError):  # dropped: see the class
+            while data:
+                data = data[os.write(self._fd, data) :]
+
+    def fileno(self) -> int:
+        """The file descriptor (2)."""
+        return self._fd
+
+    def isatty(self) -> bool:
+        """Whether stderr is a terminal (the log is readable text there, JSON elsewhere)."""
+        return os.isatty(self._fd)
+
+    def writable(self) -> bool:
+        """Always: writes never fail."""
+        return True
+
+
+def _fd(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+
+
+@contextlib.contextmanager
+def guarded_stderr() -> Iterator[None]:
+    """Run with a stderr whose failures drop the line rather than fail the command.
+
+    A stderr closed at the start (``2>&-``) is held open on /dev/null, as
+    stdout is: error text and log lines go nowhere, never into a file the
+    command opened (the store, the audit log) as fd 2. A stream without a file
+    descriptor (a test's) is left as it is.
+    """
+    before = sys.stderr
+    if before is None:
+        _hold(2, os.O_WRONLY)
+    elif _fd(before) != 2:
+        yield
+        return
+    else:
+        with contextlib.suppress(OSError):
+            before.flush()
+    sys.stderr = cast(TextIO, _Stderr(2, getattr(before, "encoding", None) or "utf-8"))
+    try:
+        yield
+    finally:
+        sys.stderr = before
 
 
 def write_stdout(pieces: Iterable[str], what: str) -> None:
