@@ -21,13 +21,22 @@ import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from node_world import MSMT, fetch, msmt, readyz, setup_accounts, start_hub, wait_for
+from node_world import (
+    MSMT,
+    fetch,
+    msmt,
+    readyz,
+    setup_accounts,
+    start_hub,
+    wait_for,
+    write_node_config,
+)
 
 from broker import keys, samples
 from broker.auditlog import AuditLog
@@ -263,6 +272,48 @@ def test_status_says_whether_the_node_runs_and_when_its_figures_went_stale(kor: 
         assert "is the disk full?" in text
     finally:
         os.close(lock)
+
+
+def test_a_status_from_before_the_clock_went_back_is_not_taken_for_fresh(tmp_path: Path) -> None:
+    # The node wrote its last status, then this host's clock was stepped back 10
+    # minutes and the node stopped writing (here: nothing writes, while this test
+    # holds the lock a running node holds). The age was clamped to 0, so the
+    # status passed for fresh until the clock had caught up 10 minutes later.
+    write_node_config(tmp_path, "KOR", ["nats://127.0.0.1:1"])
+    config = load_config(tmp_path / "nodes" / "KOR" / "node.toml", env={})
+    config.data_dir.mkdir(parents=True)
+    ahead = format_time(datetime.now(UTC) + timedelta(minutes=10))
+    store = Store(config.store_path)
+    store.record_status(Counter(), {"updated_at": ahead})
+    store.close()
+
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        done = msmt("status", "--config", str(tmp_path / "nodes" / "KOR" / "node.toml"), *args)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    lock = os.open(config.store_path.with_name("node.sqlite3.lock"), os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        answer = json.loads(status("--json").stdout)
+        assert (answer["running"], answer["status_stale"]) == (True, True)
+        assert answer["status_stale_reason"] == "future"
+        assert -600 <= answer["status_age_s"] < -500
+        text = status().stdout
+        assert re.search(
+            r"\nupdated_at +\S+ \(\d+ s in the future: this host's clock went back since\)\n", text
+        ), text
+        assert "warning        the running node's status is " in text
+    finally:
+        os.close(lock)
+    # Not running: a status from the future is only a fact, not a warning.
+    answer = json.loads(status("--json").stdout)
+    assert (answer["running"], answer["status_stale"], answer["status_stale_reason"]) == (
+        False,
+        False,
+        "",
+    )
+    assert answer["status_age_s"] < -500
 
 
 def test_log_level_in_any_case_and_inbox_from_only_a_member(kor: Kor) -> None:

@@ -664,28 +664,61 @@ def _liveness(config: NodeConfig, updated_at: str) -> dict[str, Any]:
     except OSError:
         pid, running = None, None  # no /proc/locks: cannot tell
     try:
-        age: int | None = max(
-            0, int((datetime.now(UTC) - parse_time(updated_at, "")).total_seconds())
-        )
+        # Negative when the clock went back since the node wrote it (same host, same
+        # clock): kept so, not clamped to 0, which passed a dead node for a fresh one
+        # until the clock caught up with what it had written.
+        age: int | None = int((datetime.now(UTC) - parse_time(updated_at, "")).total_seconds())
     except MsmtError:
         age = None
-    stale = bool(running) and (age is None or age > STATUS_STALE_S)
-    return {"running": running, "pid": pid or None, "status_age_s": age, "status_stale": stale}
+    why = ""
+    if running:
+        if age is None:
+            why = "unreadable"
+        elif age > STATUS_STALE_S:
+            why = "old"
+        elif age < -STATUS_STALE_S:
+            # Its age is unknown: a node that runs on rewrites it within 30 s of
+            # the step, with the clock's new time, so one that stays is stale.
+            why = "future"
+    return {
+        "running": running,
+        "pid": pid or None,
+        "status_age_s": age,
+        "status_stale": bool(why),
+        "status_stale_reason": why,
+    }
 
 
-_LIVENESS_KEYS: Final = frozenset({"running", "pid", "status_age_s", "status_stale"})
+_LIVENESS_KEYS: Final = frozenset(
+    {"running", "pid", "status_age_s", "status_stale", "status_stale_reason"}
+)
+
+
+def _age_text(age: int | None) -> str:
+    if age is None:
+        return ""
+    if age < 0:
+        return f" ({-age} s in the future: this host's clock went back since)"
+    return f" ({age} s ago)"
 
 
 def _liveness_lines(status: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     age = status["status_age_s"]
-    yield "updated_at", status["updated_at"] + ("" if age is None else f" ({age} s ago)")
+    yield "updated_at", status["updated_at"] + _age_text(age)
     if status["running"] is None:
         yield "node", "unknown (cannot read /proc/locks)"
     elif status["running"]:
         yield "node", "running" + (f" (pid {status['pid']})" if status["pid"] else "")
     else:
         yield "node", "not running"
-    if status["status_stale"]:
+    if status["status_stale_reason"] == "future":
+        yield (
+            "warning",
+            f"the running node's status is {-age} s ahead of this host's clock, which went"
+            " back since: a node that writes its store rewrites it within 30 s, so it cannot"
+            " (is the disk full?), and the figures above are from before; see its log",
+        )
+    elif status["status_stale"]:
         yield (
             "warning",
             "the running node has not rewritten its status for"
