@@ -185,10 +185,21 @@ def writer_pid(path: Path, locks: Path = Path("/proc/locks")) -> int | None:
     starting just then. 0 means held by a process whose pid is not visible here
     (another pid namespace). Raises ``OSError`` if the table cannot be read.
     """
+    lock = path.with_name(path.name + ".lock")
     try:
-        held = os.stat(path.with_name(path.name + ".lock"))
+        os.stat(lock)
     except FileNotFoundError:
         return None
+    return flock_holder(lock, locks)
+
+
+def flock_holder(path: Path, locks: Path = Path("/proc/locks")) -> int | None:
+    """The pid of the process holding an ``flock`` on ``path`` (a file or a directory), or ``None``.
+
+    As ``writer_pid``: read from ``/proc/locks``, 0 for a pid not visible here.
+    Raises ``OSError`` if ``path`` or the table cannot be read.
+    """
+    held = os.stat(path)
     # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:56789 0 EOF": pid, then MAJOR:MINOR:INODE
     # with the device numbers in hex.
     device = f"{os.major(held.st_dev):02x}:{os.minor(held.st_dev):02x}:{held.st_ino}"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
+import os
 import resource
 import shutil
 import signal
@@ -705,3 +707,37 @@ def test_the_next_rotation_finishes_a_roster_write_cut_short_and_says_so(tmp_pat
         "roster.json",
         "roster.json.jws",
     ]
+
+
+@pytest.mark.parametrize("command", ["rotate", "revoke"])
+def test_a_keys_command_while_another_runs_is_refused_and_changes_nothing(
+    keydir: Path, command: str
+) -> None:
+    # The other command (this test's process, holding the key directory's lock)
+    # is mid-write: its next roster is staged beside the one in place. Unlocked,
+    # this command would take that for a write cut short by a crash and finish
+    # it, then write its own roster over the other's.
+    _cut_short(keydir, renamed=0)
+    kid = keys.load_signed_roster(keydir).roster.current("JPN", "sig", T0).kid
+    args = {"rotate": ["rotate", "JPN"], "revoke": ["revoke", kid, "--reason", "lost"]}[command]
+    before = snapshot(keydir)
+    held = os.open(keydir, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run(
+            [MSMT, "keys", *args, "--dir", str(keydir)], capture_output=True, text=True, check=False
+        )
+        assert (done.returncode, done.stdout) == (1, "")
+        assert done.stderr == (
+            f"msmt: error: another msmt keys command is running on {keydir}"
+            f" (pid {os.getpid()}): nothing was changed; run this one again once it has finished\n"
+        )
+        assert snapshot(keydir) == before
+    finally:
+        os.close(held)
+    # Once the other has finished (here: let go), the same command runs.
+    done = subprocess.run(
+        [MSMT, "keys", *args, "--dir", str(keydir)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"msmt: a roster write in {keydir} was cut short: finished it")

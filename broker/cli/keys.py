@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import functools
+import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import click
 
 from broker import keyrequest, natsconfig, natsetup, natstls, natsusers, pseudonym_keys
 from broker import keys as keyfiles
-from broker.errors import KeyMaterialError, UsageError
+from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.members import MEMBERS, parse_members
 from broker.roster import format_time
+from broker.store import flock_holder
 
 _KEYDIR = click.option(
     "--dir",
@@ -37,6 +44,61 @@ _VALID_DAYS = click.option(
 )
 
 
+_Command = TypeVar("_Command", bound=Callable[..., None])
+
+
+@contextlib.contextmanager
+def _locked(keydir: Path) -> Iterator[None]:
+    # The directory itself is locked: a lock file would be a write into whatever
+    # --dir names, even a directory the command then refuses (a node's data_dir).
+    try:
+        fd = os.open(keydir, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        yield  # nothing there to race on yet: the command makes it, or says what is missing
+        return
+    except OSError as exc:
+        raise WriteError(f"cannot lock {keydir}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WriteError(
+                f"another msmt keys command is running on {keydir}{_holder(keydir)}:"
+                " nothing was changed; run this one again once it has finished"
+            ) from None
+        except OSError as exc:  # a file system without flock: not run unguarded
+            raise WriteError(f"cannot lock {keydir}: {exc.strerror}") from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
+
+
+def _holder(keydir: Path) -> str:
+    try:
+        pid = flock_holder(keydir)
+    except OSError:  # no /proc/locks
+        return ""
+    return f" (pid {pid})" if pid else ""
+
+
+def _writes_keys(command: _Command) -> _Command:
+    """Run the command holding an exclusive ``flock`` on its ``--dir``; not waited for.
+
+    Two at once (a rotate and an accept, say) would each write the roster they
+    read, the later undoing the earlier, and one would take the other's roster
+    staged mid-write for one cut short (``_finish_roster_write``) and finish or
+    undo it. The second is refused with one line, ``WriteError`` (exit 1),
+    having changed nothing: the custodian should know what else is running.
+    """
+
+    @functools.wraps(command)
+    def locked(*args: Any, **kwargs: Any) -> None:
+        with _locked(kwargs["keydir"]):
+            command(*args, **kwargs)
+
+    return cast(_Command, locked)
+
+
 def _finish_roster_write(keydir: Path) -> None:
     # Before a command that writes the roster: one cut short by a crash is
     # finished or undone first, and the operator is told which.
@@ -55,6 +117,7 @@ def keys_group() -> None:
 @click.option("--members", default=",".join(MEMBERS), show_default=True)
 @click.option("--force", is_flag=True, help="Replace existing keys (all old keys are lost).")
 @_VALID_DAYS
+@_writes_keys
 def keys_init(keydir: Path, members: str, force: bool, valid_days: int) -> None:
     """Create each member's signing, encryption and NATS keys, and a signed roster."""
     try:
@@ -76,6 +139,7 @@ def keys_init(keydir: Path, members: str, force: bool, valid_days: int) -> None:
 @click.argument("member")
 @_KEYDIR
 @_VALID_DAYS
+@_writes_keys
 def keys_rotate(member: str, keydir: Path, valid_days: int) -> None:
     """Give MEMBER new active keys; its old ones retire (they still verify older reports)."""
     _finish_roster_write(keydir)
@@ -88,6 +152,7 @@ def keys_rotate(member: str, keydir: Path, valid_days: int) -> None:
 @click.argument("kid")
 @click.option("--reason", required=True, help="Why (one line; recorded in the roster).")
 @_KEYDIR
+@_writes_keys
 def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
     """Mark KID revoked: nothing signed with it verifies again."""
     _finish_roster_write(keydir)
@@ -116,6 +181,7 @@ def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
     is_flag=True,
     help="Also make the AUDIT account's NATS user here (the custodian runs the audit archive).",
 )
+@_writes_keys
 def keys_authority(keydir: Path, audit: bool) -> None:
     """Start a custodian's key directory: the roster authority and an empty signed roster.
 
@@ -154,6 +220,7 @@ def keys_authority(keydir: Path, audit: bool) -> None:
     is_flag=True,
     help="Make a new NATS seed (after a compromise); the old one is kept, renamed.",
 )
+@_writes_keys
 def keys_request(
     member: str,
     keydir: Path,
@@ -227,6 +294,7 @@ def keys_request(
     help="Accept a request that replaces the member's NATS user (after a compromise).",
 )
 @_VALID_DAYS
+@_writes_keys
 def keys_accept(
     request: Path,
     keydir: Path,
@@ -277,6 +345,7 @@ def keys_accept(
 @keys_group.command(name="nats-user")
 @click.argument("account")
 @_KEYDIR
+@_writes_keys
 def keys_nats_user(account: str, keydir: Path) -> None:
     """Make ACCOUNT's NATS user here: <dir>/<ACCOUNT>/nats.nk. Only AUDIT (the auditor).
 
@@ -301,6 +370,7 @@ def keys_nats_user(account: str, keydir: Path) -> None:
     is_flag=True,
     help="Replace a different NATS user already recorded for ACCOUNT.",
 )
+@_writes_keys
 def keys_accept_nats_user(account: str, nkey: str, keydir: Path, replace_nats_user: bool) -> None:
     """Record NKEY (U...) as ACCOUNT's NATS user in <dir>/nats-users.json. Only AUDIT."""
     done = natsusers.record_user(keydir, account.upper(), nkey, replace=replace_nats_user)
@@ -350,6 +420,7 @@ def keys_verify_roster(keydir: Path, authority: Path | None, min_version: int) -
     is_flag=True,
     help="Overwrite an existing, different key: every pseudonym made with it changes.",
 )
+@_writes_keys
 def keys_pseudonym(
     member: str, key_id: str, keydir: Path, source: Path | None, replace: bool
 ) -> None:
