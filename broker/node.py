@@ -657,6 +657,19 @@ class Node:
             self._inbox_halt.clear()
             try:
                 await receiver.run(self._inbox_halt)
+            except nats.js.errors.NotFoundError as exc:
+                # The hub answers but holds no inbox for us (setup never run, or the
+                # hub lost its JetStream store): only the operator can mend that, so
+                # it is a condition of its own, not one more line of hub trouble
+                # (whose once-a-minute slot the disconnect before it had taken).
+                self._error(
+                    f"inbox: {type(exc).__name__} {exc}: the hub has no stream"
+                    f" {inbox_stream(self.member)} or consumer {inbox_durable(self.member)};"
+                    f" run msmt nats setup --account {self.member} (docs/DEPLOY.md)",
+                    same_as="inbox missing",
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), 1.0)
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 self._error(f"inbox: {type(exc).__name__} {exc}".strip(), same_as=_HUB_TROUBLE)
                 with contextlib.suppress(TimeoutError):

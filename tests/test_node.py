@@ -1335,6 +1335,11 @@ async def test_node_is_not_ready_until_its_inbox_exists_then_becomes_ready(
             await await_for(lambda: node.nc is not None and node.nc.is_connected, 20, "connected")
             await asyncio.sleep(1.5)
             assert node.ready() == "inbox consumer not bound"
+            # The status says what to do, not only that the stream is missing.
+            assert node._last_error.endswith(
+                ": the hub has no stream INBOX_USA or consumer USA_NODE;"
+                " run msmt nats setup --account USA (docs/DEPLOY.md)"
+            ), node._last_error
             seed = (keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
             await setup_account(server.url, "USA", seed)
             await await_for(lambda: node.ready() is None, 20, "ready once the inbox exists")

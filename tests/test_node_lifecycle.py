@@ -251,6 +251,12 @@ async def test_a_hub_that_lost_the_inbox_shows_not_ready_until_setup_runs_again(
         return connected and "msmt_ready 0.0" in page and not readyz(port)
 
     await await_for(connected_not_ready, 15, "USA back on the hub, not ready")
+    # The journal says what is missing and what to run, beside the disconnect's line.
+    said = (
+        ": the hub has no stream INBOX_USA or consumer USA_NODE;"
+        " run msmt nats setup --account USA (docs/DEPLOY.md)"
+    )
+    await await_for(lambda: said in (world.root / "USA.log").read_text(), 15, "the line")
     # What DEPLOY.md tells the operator: run the setup again; the node recovers by itself.
     seed = (world.keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
     await setup_account(world.server.url, "USA", seed)
