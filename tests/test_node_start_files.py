@@ -23,6 +23,7 @@ from node_world import MSMT, fetch, msmt, wait_for, write_node_config
 
 from broker import keys
 from broker.config import NodeConfig, load_config
+from broker.store import writer_pid
 
 NOT_UTF8 = b'{"d": "\xff\xfe"}'
 
@@ -206,6 +207,26 @@ def test_a_node_whose_stderr_fails_runs_and_stops_and_nothing_takes_fd_2(
     assert (node.returncode, out) == (0, b"")  # nor did the log go to stdout
     verified = msmt("audit", "verify", str(config.audit_dir), "--keys", str(folder / "keys"))
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def _core_limit(pid: int) -> str:
+    """The soft and hard core file size limits of ``pid``, as ``/proc/<pid>/limits`` shows them."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            return " ".join(line.split()[4:6])
+    raise AssertionError(f"no core file size limit for {pid}")
+
+
+def test_a_running_node_and_its_worker_never_write_a_core_file(folder: Path) -> None:
+    # Both hold private keys and report content in memory, which a crash would
+    # otherwise write to a core file; the test's own limit is whatever it was given.
+    with _running(folder / "nodes" / "JPN" / "node.toml") as config:
+        node = writer_pid(config.data_dir / "node.sqlite3")
+        assert node
+        worker = Path(f"/proc/{node}/task/{node}/children").read_text().split()
+        assert len(worker) == 1, worker  # the planning worker, started before the socket
+        limits = {pid: _core_limit(pid) for pid in (node, int(worker[0]))}
+    assert set(limits.values()) == {"0 0"}, limits
 
 
 def test_what_a_node_creates_is_its_users_alone_whatever_the_umask(folder: Path) -> None:

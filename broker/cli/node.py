@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import sys
 import threading
 import time
@@ -69,6 +70,11 @@ def node_group() -> None:
 )
 def node_run(config_path: Path, log_level: str) -> None:
     """Run the node until SIGTERM or SIGINT: intake, outbox publishing, inbox, metrics."""
+    # The node holds private keys and report content in memory: a crash must not
+    # write them to a core file (systemd-coredump keeps those for days, readable by
+    # admins). Lowered for good, hard limit too, before any key is read; the
+    # planning worker inherits it.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # First: a SIGTERM or SIGINT from here on, even while the node loads, is a stop.
     with StopSignals() as signals:
         from broker import log  # noqa: PLC0415
