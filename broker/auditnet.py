@@ -16,8 +16,8 @@ Message bodies are built and parsed by ``broker.checkpoint`` (docs/AUDIT.md):
   audit log at most once a second. One our log holds is our echo; one signed by
   our own log key that our log does not hold comes from another process with
   our credentials (a second node of ours, or a restored or forked copy) and
-  raises the ``twin`` alarm, which lasts ``TWIN_CLEAR_S`` after the last such
-  checkpoint (``twin_active``; the node pauses its inbox meanwhile); anything
+  raises the ``twin`` alarm (``twin_active``; the node pauses its inbox while it
+  stands, see below); anything
   else is refused quietly. The echoes of the notes the node says it published
   (``published``) are dropped unchecked, so they cannot crowd a twin's note out;
 * ``msmt.audit.<W>.cosignature``: a witness's cosignature of one of our
@@ -31,7 +31,17 @@ Message bodies are built and parsed by ``broker.checkpoint`` (docs/AUDIT.md):
 Whatever a partner sends costs at most the one message or checkpoint it is in:
 a failure that is not a refusal is logged by its type alone and the node goes
 on. Repeated log lines (alarms, refusals) are written once a minute per kind and
-log; the metric counts each one.
+log; refusals count each one.
+
+An alarm *stands* for its kind and log from its first conflicting checkpoint
+until ``ALARM_CLEAR_S`` after the last one (``alarm_active``), and counts once
+per conflict rather than per checkpoint: a partner's forked log that keeps
+publishing (its branch growing) is one alarm while it can prove each new
+checkpoint extends the last conflicting one (the witness asks it, as for any
+consistency proof); a checkpoint it cannot prove so is another conflict and
+counts again. Conflicts of our own log (``twin``, and a fork or rollback our
+own key signed) count once while they stand: no one serves the other
+branch's proofs to tell two apart.
 
 Witness state lives in ``<data_dir>/witness-state.json``, written atomically
 (fsync, rename) before a cosignature leaves the node: a witness that forgot
@@ -41,12 +51,14 @@ what it cosigned could be rolled back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,6 +67,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge as PromGauge
 
 from broker.auditlog import AuditLog
 from broker.checkpoint import (
@@ -69,6 +82,7 @@ from broker.checkpoint import (
 from broker.errors import AuditError, ConfigError, MsmtError
 from broker.log import Throttle, get_logger
 from broker.members import is_member
+from broker.merkle import verify_consistency
 from broker.note import (
     ALG_ED25519,
     Note,
@@ -105,10 +119,10 @@ against our log at most this often (one store read), newer arrivals replacing it
 LOG_EVERY_S: Final = 60.0
 """The same alarm or refusal is logged at most this often per kind and log (or
 publisher): a partner repeating a message must not flood the log. Each still counts."""
-TWIN_CLEAR_S: Final = 180.0
-"""The twin alarm lasts this long after the twin's last checkpoint seen: three times
-the 60 s within which every node publishes its latest again, so an idle twin is
-not taken for gone between two of its checkpoints."""
+ALARM_CLEAR_S: Final = 180.0
+"""An alarm stands this long after the last conflicting checkpoint seen (a twin's, a
+forked log's): three times the 60 s within which every node publishes its latest
+again, so an idle twin or forked log is not taken for gone between two checkpoints."""
 PUBLISHED_KEPT: Final = 4
 """Our own latest checkpoint notes, whose echoes are dropped unchecked."""
 
@@ -165,6 +179,18 @@ class _NotOursError(AuditError):
         self.kind = kind
 
 
+@dataclass(slots=True)
+class _Standing:
+    """An alarm standing for one kind and log: when its last conflicting checkpoint came.
+
+    ``checkpoint`` is that checkpoint, for a partner's log: the next one counts
+    again unless it is the same or the log proves that it extends it.
+    """
+
+    seen: float
+    checkpoint: Checkpoint | None = None
+
+
 class AuditNet:
     """Serves proofs of our log, witnesses partners' logs, and collects our cosignatures.
 
@@ -179,7 +205,9 @@ class AuditNet:
     at every batch, and when they stop their last checkpoints are cosigned
     promptly; the first checkpoint after an idle spell starts a round at once.
 
-    ``alarms`` counts fork, rollback and twin alarms by ``kind``; ``refused``,
+    ``alarms`` counts fork, rollback and twin alarms by ``kind`` and ``log`` (the
+    origin), once per conflict (see the module); ``active``, if given, a gauge with
+    the same labels, says which alarms stand (``alarm_active``). ``refused``,
     if given, a counter with a ``reason`` label (the node's ``msmt_rejected``),
     counts cosignature notes (``cosignature``) and notes on our own checkpoint
     subject (``checkpoint``) refused as their publisher's forgeries.
@@ -203,6 +231,7 @@ class AuditNet:
         *,
         refused: PromCounter | None = None,
         own_log_keys: Sequence[Verifier] = (),
+        active: PromGauge | None = None,
     ) -> None:
         self.member = member
         self.audit = audit
@@ -234,9 +263,15 @@ class AuditNet:
         self.echo_interval = ECHO_INTERVAL_S
         self._echo: bytes | None = None
         self._published: deque[bytes] = deque(maxlen=PUBLISHED_KEPT)
-        self.twin_clear = TWIN_CLEAR_S
-        self.twin_seen = -math.inf
-        """When (``time.monotonic``) a twin's checkpoint was last seen."""
+        self.alarm_clear = ALARM_CLEAR_S
+        self._standing: dict[tuple[str, str], _Standing] = {}
+        if active is not None:
+            for kind, origin in [("twin", member)] + [
+                (kind, origin) for kind in ("fork", "rollback") for origin in (member, *log_keys)
+            ]:
+                active.labels(kind=kind, log=origin).set_function(
+                    functools.partial(self._active_value, kind, origin)
+                )
         self.on_twin: Callable[[], None] | None = None
         self._echo_arrived = asyncio.Event()
         self._last_round = -math.inf
@@ -257,9 +292,17 @@ class AuditNet:
         """
         self._published.append(note)
 
+    def alarm_active(self, kind: str, origin: str) -> bool:
+        """Whether the ``kind`` alarm on ``origin``'s log stands (seen within ``alarm_clear`` s)."""
+        standing = self._standing.get((kind, origin))
+        return standing is not None and time.monotonic() - standing.seen < self.alarm_clear
+
+    def _active_value(self, kind: str, origin: str) -> float:
+        return 1.0 if self.alarm_active(kind, origin) else 0.0
+
     def twin_active(self) -> bool:
-        """Whether a twin's checkpoint was seen within the last ``twin_clear`` seconds."""
-        return time.monotonic() - self.twin_seen < self.twin_clear
+        """Whether the twin alarm stands: a twin's checkpoint seen within ``alarm_clear`` s."""
+        return self.alarm_active("twin", self.member)
 
     @property
     def backlog(self) -> int:
@@ -393,7 +436,10 @@ class AuditNet:
                 return
             detail = f"our log key signed a checkpoint of {exc} (published by {publisher})"
             self._alarm(
-                exc.kind, self.member, f"{exc.kind} detected on our log {self.member}: {detail}"
+                exc.kind,
+                self.member,
+                f"{exc.kind} detected on our log {self.member}: {detail}",
+                new=not self.alarm_active(exc.kind, self.member),
             )
             return
         self._forged(publisher, NoteError(f"cosigned checkpoint of {exc} is not signed by us"))
@@ -430,12 +476,12 @@ class AuditNet:
             return
         detail = await self.run_db(self._twin_detail, checkpoint)
         if detail is not None:
-            self.twin_seen = time.monotonic()
             self._alarm(
                 "twin",
                 self.member,
                 f"another node is publishing checkpoints of our log {self.member} ({detail}):"
                 f" is a second node running with {self.member}'s credentials?",
+                new=not self.twin_active(),
             )
             if self.on_twin is not None:
                 self.on_twin()
@@ -517,6 +563,23 @@ class AuditNet:
             *(self._prepare(nc, origin, data) for origin, data in batch.items()),
             return_exceptions=True,
         )
+        alarms: list[tuple[WitnessAlarmError, Checkpoint]] = []
+        await self._cosign(nc, batch, results, alarms)
+        # Only after the round's cosignatures have gone: telling a standing fork's
+        # branch from another asks the forked log for a proof, which may time out.
+        await asyncio.gather(*(self._witness_alarm(nc, exc, cp) for exc, cp in alarms))
+
+    async def _cosign(
+        self,
+        nc: Client,
+        batch: Mapping[str, bytes],
+        results: Sequence[tuple[Opened, int, list[bytes]] | BaseException | None],
+        alarms: list[tuple[WitnessAlarmError, Checkpoint]],
+    ) -> None:
+        """Add the round's prepared checkpoints to the witness, save it, publish the cosignatures.
+
+        The alarms raised are appended to ``alarms``, with the checkpoint that raised each.
+        """
         before = dict(self.witness.state)
         cosigned: dict[str, str] = {}
         refused = False
@@ -528,6 +591,8 @@ class AuditNet:
                 opened, old, proof = result
                 try:
                     cosigned[origin] = self.witness.add_opened(old, proof, opened, now)
+                except WitnessAlarmError as exc:
+                    alarms.append((exc, opened.checkpoint))
                 except Exception as exc:  # noqa: BLE001 - sorted out by _failure
                     refused |= self._failure(origin, data, exc)
         if not refused:
@@ -559,9 +624,6 @@ class AuditNet:
         reached) costs that checkpoint alone: it is not cosigned (a check that
         failed unexpectedly has not passed), and the round goes on.
         """
-        if isinstance(exc, WitnessAlarmError):
-            self._alarm(exc.kind, exc.origin, str(exc))
-            return False
         if isinstance(exc, _UnreachableError):
             # The log may be idle from now on: keep its checkpoint for the next round.
             self._pending.setdefault(origin, data)
@@ -625,8 +687,52 @@ class AuditNet:
                 raise AuditError(f"{origin} answered a proof for other sizes")
         return opened, known.size, proof
 
-    def _alarm(self, kind: str, origin: str, detail: str) -> None:
-        self.alarms.labels(kind=kind).inc()
+    async def _witness_alarm(
+        self, nc: Client, exc: WitnessAlarmError, checkpoint: Checkpoint
+    ) -> None:
+        """Raise a fork or rollback alarm on a partner's log; new unless ``_same_branch``."""
+        try:
+            same = await self._same_branch(nc, exc.kind, exc.origin, checkpoint)
+        except Exception as bug:  # noqa: BLE001 - a partner's reply must not stop witnessing
+            self._failed("proof reply", exc.origin, bug)
+            same = False
+        self._alarm(exc.kind, exc.origin, str(exc), new=not same)
+        self._standing[exc.kind, exc.origin].checkpoint = checkpoint
+
+    async def _same_branch(self, nc: Client, kind: str, origin: str, new: Checkpoint) -> bool:
+        """Whether ``new`` is on the branch whose checkpoint last raised the standing alarm.
+
+        It is if it is that checkpoint again (republished), or if the log proves
+        that one of the two extends the other (the branch grew, or a late
+        checkpoint of it came). Anything else (another root at the same size, a
+        proof that fails or does not come) is another conflict: counting it again
+        is safe, missing a second fork is not.
+        """
+        standing = self._standing.get((kind, origin))
+        if not self.alarm_active(kind, origin) or standing is None or standing.checkpoint is None:
+            return False
+        small, large = sorted((standing.checkpoint, new), key=lambda c: c.size)
+        if small.size in (0, large.size):  # no proof to ask for
+            return small == large
+        try:
+            reply = await nc.request(
+                f"msmt.audit.{origin}.proof",
+                proof_request(small.size, large.size),
+                timeout=PROOF_TIMEOUT,
+            )
+            proved_old, proved_new, proof = parse_proof_response(reply.data)
+            if (proved_old, proved_new) != (small.size, large.size):
+                return False
+            verify_consistency(small.size, large.size, small.root, large.root, proof)
+        except (nats.errors.Error, TimeoutError, AuditError):
+            return False
+        return True
+
+    def _alarm(self, kind: str, origin: str, detail: str, *, new: bool) -> None:
+        # ``new``: a conflict, not one more checkpoint of a standing one: counted.
+        if new:
+            self.alarms.labels(kind=kind, log=origin).inc()
+        self._standing[kind, origin] = _Standing(time.monotonic())
         self.last_error = self.alarm = detail[:300]
         if self.throttle.due(kind, origin):
             log.error("audit_alarm", kind=kind, origin=origin, detail=detail[:300])

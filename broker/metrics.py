@@ -30,6 +30,21 @@ ALERTED_REJECTIONS = ("key", "recipient", "freshness")
 ALERTED_INTAKE_REFUSALS = ("unavailable",)
 
 
+def alarm_series(member: str | None) -> list[tuple[str, str]]:
+    """The (kind, log) alarm series a node exports from the start.
+
+    A fork or rollback can be any member's log, ours included (our own key's
+    signature on a checkpoint our log lacks); a twin only ours (every member's
+    without one).
+    """
+    return [
+        (kind, log)
+        for kind in ALARM_KINDS
+        for log in MEMBERS
+        if kind != "twin" or member in (None, log)
+    ]
+
+
 class Metrics:
     """The node's counters, gauges and histograms, in one private registry."""
 
@@ -115,16 +130,25 @@ class Metrics:
         )
         self.audit_alarms = Counter(
             "msmt_audit_alarms",
-            "Witness alarms (fork, rollback, twin) and refused cosignatures, by kind.",
-            ["kind"],
+            "Audit alarms (fork, rollback, twin), by kind and log (its member): once per"
+            " conflict, not per checkpoint of it.",
+            ["kind", "log"],
+            registry=r,
+        )
+        self.audit_alarm_active = Gauge(
+            "msmt_audit_alarm_active",
+            "1 while an audit alarm stands: a checkpoint conflicting with it seen within"
+            " the last 180 s, by kind and log.",
+            ["kind", "log"],
             registry=r,
         )
         self._start_at_zero(member)
 
     def _start_at_zero(self, member: str | None) -> None:
         # Exported at 0 from the start, so the first event is an increase (see above).
-        for kind in ALARM_KINDS:
-            self.audit_alarms.labels(kind=kind)
+        for kind, log in alarm_series(member):
+            self.audit_alarms.labels(kind=kind, log=log)
+            self.audit_alarm_active.labels(kind=kind, log=log)
         for step in ALERTED_REJECTIONS:
             self.rejected.labels(reason=step)
         for reason in ALERTED_INTAKE_REFUSALS:

@@ -693,7 +693,7 @@ class Node:
             return "twin", (
                 f"another process with {self.member}'s credentials takes reports from this"
                 " inbox (the twin alarm); stop it, and this node resumes"
-                f" {self.auditnet.twin_clear:.0f} s after its last checkpoint"
+                f" {self.auditnet.alarm_clear:.0f} s after its last checkpoint"
             )
         return ("clock", self._clock_off) if self._clock_off else ("", "")
 
@@ -709,7 +709,7 @@ class Node:
             self.receiver.wake()
 
     async def _pause_inbox(self) -> None:
-        # While a twin's checkpoints come (until none for auditnet.twin_clear), both
+        # While a twin's checkpoints come (until none for auditnet.alarm_clear), both
         # twins pause (neither knows which one the operator meant), so the member's
         # reports wait at the hub rather than split between two stores, and the
         # one left resumes by itself once the other is stopped. While our clock is
@@ -1266,6 +1266,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 metrics.audit_alarms,
                 refused=metrics.rejected,
                 own_log_keys=roster_log_keys(signed.roster, config.member),
+                active=metrics.audit_alarm_active,
             )
 
         expiries = _expiries(config, signed.roster, keys.signing_kid, at)

@@ -18,11 +18,18 @@ from typing import Any
 
 import nats
 import pytest
-from audit_helpers import MEMBER, build_log, event, log_verifier, witness_verifier
+from audit_helpers import (
+    MEMBER,
+    build_log,
+    event,
+    log_verifier,
+    unstored_event,
+    witness_verifier,
+)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from structlog.testing import capture_logs
 
 from broker.auditlog import AuditLog
@@ -31,11 +38,14 @@ from broker.checkpoint import (
     Checkpoint,
     cosign,
     parse_body,
+    parse_proof_request,
     parse_proof_response,
     proof_request,
+    proof_response,
     sign_checkpoint,
 )
 from broker.merkle import verify_consistency
+from broker.metrics import alarm_series
 from broker.natsproc import NatsServer
 from broker.note import Note, Signature, parse
 from broker.witness import LogState
@@ -67,11 +77,20 @@ class Peer:
     nc: Client
     alarms: Counter
     refused: Counter
+    registry: CollectorRegistry
     pool: ThreadPoolExecutor
     task: asyncio.Task[None] | None = None
 
     def alarm_count(self, kind: str | None = None) -> float:
         return _total(self.alarms, kind)
+
+    def alarms_on(self, kind: str, log: str) -> float | None:
+        """The alarm counter's series for ``kind`` on ``log``'s log, as a scrape reads it."""
+        return self.registry.get_sample_value("alarms_total", {"kind": kind, "log": log})
+
+    def active(self, kind: str, log: str) -> float | None:
+        """The alarm gauge's series for ``kind`` on ``log``'s log, as a scrape reads it."""
+        return self.registry.get_sample_value("active", {"kind": kind, "log": log})
 
     def refused_count(self, reason: str | None = None) -> float:
         return _total(self.refused, reason)
@@ -133,8 +152,11 @@ async def _peer(
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     registry = CollectorRegistry()
-    alarms = Counter("alarms", "test", ["kind"], registry=registry)
+    alarms = Counter("alarms", "test", ["kind", "log"], registry=registry)
+    active = Gauge("active", "test", ["kind", "log"], registry=registry)
     refused = Counter("rejected", "test", ["reason"], registry=registry)
+    for kind, origin in alarm_series(member):  # at 0 from the start, as the node's (Metrics)
+        alarms.labels(kind=kind, log=origin)
     others = {"JPN": JPN_KEY, "USA": USA_KEY, "KOR": KOR_KEY}
     net = AuditNet(
         member,
@@ -149,11 +171,12 @@ async def _peer(
         settled=interval,
         refused=refused,
         own_log_keys=[log_verifier(JPN_RETIRED_KEY)] if member == "JPN" else (),
+        active=active,
     )
     nc = await nats.connect(server.url)
     await net.subscribe(nc)
     await nc.flush()
-    return Peer(net, nc, alarms, refused, pool)
+    return Peer(net, nc, alarms, refused, registry, pool)
 
 
 @pytest.fixture
@@ -429,6 +452,107 @@ async def test_a_hostile_proof_reply_costs_only_that_log_and_witnessing_goes_on(
     assert all(not c.startswith(b"KOR\n") for c in audit.usa_cosignatures)
 
 
+class _KorCopies:
+    """KOR's log as whichever copy of it runs now serves it: its proofs on the hub."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.logs: list[AuditLog] = []
+        self.serving: AuditLog | None = None
+
+    def copy(self, name: str, entries: Callable[[int], Any], size: int) -> AuditLog:
+        """A log of KOR's with ``size`` entries made by ``entries``, one batch."""
+        log = AuditLog(self.tmp_path / name, "KOR", KOR_KEY)
+        self.logs.append(log)
+        log.append_many([entries(i) for i in range(size)])
+        return log
+
+    async def answer(self, msg: Msg) -> None:
+        assert self.serving is not None
+        old, new = parse_proof_request(msg.data)
+        proof = [] if old == 0 else self.serving.consistency_proof(old, new)
+        await msg.respond(proof_response(old, new, proof))
+
+    def close(self) -> None:
+        for log in self.logs:
+            log.close()
+
+
+async def _witness_kor(audit: Audit, log: AuditLog, size: int | None = None) -> None:
+    """Publish ``log``'s checkpoint at ``size`` (its latest) as KOR; wait for USA's round."""
+    net = audit.usa.net
+    before = net._standing.get(("fork", "KOR"))
+    seen = -1.0 if before is None else before.seen
+    note = log.checkpoint_at(size) if size is not None else log.latest_checkpoint() or ""
+    await audit.tap.publish("msmt.audit.KOR.checkpoint", note.encode())
+    await audit.tap.flush()
+    await await_for(
+        lambda: (
+            (s := net._standing.get(("fork", "KOR"))) is not None
+            and s.seen > seen
+            and s.checkpoint is not None
+            and s.checkpoint.size == (size or log.size)
+        ),
+        10,
+        f"USA's round on KOR's size {size or log.size}",
+    )
+
+
+async def test_a_forked_log_is_one_alarm_while_it_grows_and_a_second_fork_is_another(
+    audit: Audit, tmp_path: Path
+) -> None:
+    # A day-2 trial: a partner's node restored from a backup published every second,
+    # and each of its checkpoints counted a fork at every witness (24 a minute), so
+    # the increase() alert never cleared and the counter did not say whose log.
+    kor = _KorCopies(tmp_path)
+    try:
+        honest = kor.copy("honest", lambda i: event(i, "KOR"), 3)
+        pinned = parse_body(parse(honest.checkpoint_at(3)).text)
+        audit.usa.net.witness.state["KOR"] = LogState(3, pinned.root)
+        await audit.tap.subscribe("msmt.audit.KOR.proof", cb=kor.answer)
+        await audit.tap.flush()
+        audit.usa.net.interval = 0
+        assert audit.usa.alarms_on("fork", "KOR") == 0
+        assert audit.usa.active("fork", "KOR") == 0
+        # The restored copy: another history from entry 0, signed by KOR's real key.
+        forked = kor.copy("forked", lambda i: unstored_event(i, "KOR"), 3)
+        kor.serving = forked
+        with capture_logs() as logs:
+            await _witness_kor(audit, forked)  # size 3, another root: no proof needed
+            for grow in (2, 3, 4):
+                forked.append_many([unstored_event(forked.size + i, "KOR") for i in range(grow)])
+                await _witness_kor(audit, forked)  # sizes 5, 8, 12: each proved from 3
+            await _witness_kor(audit, forked, 8)  # republished late: seen before
+            await _witness_kor(audit, forked)  # size 12 again
+        # Six checkpoints of one forked history: one alarm, standing.
+        assert audit.usa.alarms_on("fork", "KOR") == 1
+        assert audit.usa.active("fork", "KOR") == 1
+        assert audit.usa.alarm_count() == 1
+        assert audit.usa.active("rollback", "KOR") == audit.usa.active("fork", "JPN") == 0
+        alarms = [e for e in logs if e["event"] == "audit_alarm"]
+        assert [(e["kind"], e["origin"]) for e in alarms] == [("fork", "KOR")]
+        assert "fork detected on log KOR" in (audit.usa.net.alarm or "")
+        # Never cosigned, whatever the count: the witness still holds the honest state.
+        assert audit.usa.net.witness.state["KOR"] == LogState(3, pinned.root)
+        assert all(not c.startswith(b"KOR\n") for c in audit.usa_cosignatures)
+        # Another copy takes over with yet another history: it cannot prove that
+        # its checkpoint extends the forked one, so it is a second conflict.
+        other = kor.copy("other", lambda i: unstored_event(i + 1000, "KOR"), 20)
+        kor.serving = other
+        await _witness_kor(audit, other)
+        assert audit.usa.alarms_on("fork", "KOR") == 2
+        await _witness_kor(audit, forked, 5)  # the first fork again, below: a third
+        assert audit.usa.alarms_on("fork", "KOR") == 3
+        assert audit.usa.net.witness.state["KOR"] == LogState(3, pinned.root)
+        # No conflicting checkpoint for alarm_clear seconds: the alarm no longer stands,
+        # while the counter keeps what it counted.
+        audit.usa.net.alarm_clear = 0.2
+        await await_for(lambda: audit.usa.active("fork", "KOR") == 0, 10, "the alarm to lapse")
+        assert audit.usa.alarms_on("fork", "KOR") == 3
+    finally:
+        kor.close()
+
+
 async def test_an_unexpected_failure_with_one_log_is_reported_by_type_and_not_cosigned(
     audit: Audit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -550,15 +674,19 @@ async def test_a_cosigned_checkpoint_our_own_key_signed_but_our_log_lacks_is_the
     audit: Audit,
 ) -> None:
     # Our log key's signature on a checkpoint our log does not hold is proof of a
-    # fork (or of our log rolled back): the alarm, counted each time, logged once a minute.
+    # fork (or of our log rolled back): the alarm, logged once a minute, counted
+    # once while it stands (no one serves the other branch's proofs to tell two apart).
     forked = sign_checkpoint(Checkpoint(MEMBER, audit.log.size, b"\x22" * 32), JPN_KEY)
     beyond = sign_checkpoint(Checkpoint(MEMBER, audit.log.size + 50, b"\x22" * 32), JPN_KEY)
     notes = [forked.with_signatures(cosign(forked, "KOR", KOR_KEY, 7)).render().encode()] * 5
     notes.append(beyond.with_signatures(cosign(beyond, "KOR", KOR_KEY, 7)).render().encode())
     with capture_logs() as logs:
         await _publish_then_merge_a_good_one(audit, [("KOR", body) for body in notes])
-    assert audit.jpn.alarm_count("fork") == 5
-    assert audit.jpn.alarm_count("rollback") == 1
+    assert audit.jpn.alarms_on("fork", MEMBER) == 1
+    assert audit.jpn.alarms_on("rollback", MEMBER) == 1
+    assert audit.jpn.alarm_count() == 2
+    assert audit.jpn.active("fork", MEMBER) == audit.jpn.active("rollback", MEMBER) == 1
+    assert audit.jpn.active("twin", MEMBER) == 0
     alarms = [e for e in logs if e["event"] == "audit_alarm"]
     assert [(e["kind"], e["origin"], e["log_level"]) for e in alarms] == [
         ("fork", MEMBER, "error"),
@@ -603,6 +731,10 @@ def _spy_own_checks(audit: Audit, monkeypatch: pytest.MonkeyPatch) -> list[tuple
     return checked
 
 
+def _checked(checked: list[tuple[int, str | None]], n: int) -> Callable[[], bool]:
+    return lambda: len(checked) == n
+
+
 def _counted(counter: Counter, label: str, n: int) -> Callable[[], bool]:
     return lambda: _total(counter, label) == n
 
@@ -644,7 +776,8 @@ async def test_a_checkpoint_of_our_log_that_our_log_lacks_on_our_subject_is_the_
     audit: Audit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A second JPN node (same credentials and log key, another data directory)
-    # publishes its own checkpoints on JPN's subject: each one seen is the alarm.
+    # publishes its own checkpoints on JPN's subject: each one seen is the alarm,
+    # counted once while it stands.
     checked = _spy_own_checks(audit, monkeypatch)
     twin_log = build_log(tmp_path / "twin", JPN_KEY, [1])
     try:
@@ -656,19 +789,15 @@ async def test_a_checkpoint_of_our_log_that_our_log_lacks_on_our_subject_is_the_
     bodies = [twin, twin, other_root.render().encode(), beyond.render().encode()]
     with capture_logs() as logs:
         for n, body in enumerate(bodies, start=1):
-            await _publish_own(
-                audit,
-                body,
-                _counted(audit.jpn.alarms, "twin", n),
-                f"twin alarm {n}",
-            )
+            await _publish_own(audit, body, _checked(checked, n), f"twin note {n}")
         # Our own echo in between changes nothing: it is checked and passes.
         await _publish_own(
             audit, audit.log.checkpoint_at(3).encode(), lambda: len(checked) == 5, "our echo"
         )
     assert [size for size, _ in checked] == [1, 1, 3, 40, 3]
     assert checked[-1] == (3, None)
-    assert audit.jpn.alarm_count() == audit.jpn.alarm_count("twin") == 4
+    assert audit.jpn.alarm_count() == audit.jpn.alarms_on("twin", MEMBER) == 1
+    assert audit.jpn.active("twin", MEMBER) == 1
     assert audit.jpn.refused_count("checkpoint") == 0
     assert audit.jpn.net.last_error == (
         "another node is publishing checkpoints of our log JPN (size 40, ours 3: beyond our"
@@ -688,22 +817,29 @@ async def test_the_twin_alarm_lasts_while_twin_checkpoints_come_and_lapses_after
     audit: Audit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The node pauses its inbox while twin_active(): it must hold from the first
-    # twin checkpoint on, and end once they stop coming for twin_clear seconds.
+    # twin checkpoint on, and end once they stop coming for alarm_clear seconds.
     _spy_own_checks(audit, monkeypatch)
     net = audit.jpn.net
     seen: list[float] = []
-    net.on_twin = lambda: seen.append(net.twin_seen)
+    net.on_twin = lambda: seen.append(net._standing["twin", MEMBER].seen)
     assert not net.twin_active()
+    assert audit.jpn.active("twin", MEMBER) == 0
     twin = sign_checkpoint(Checkpoint(MEMBER, 40, b"\x22" * 32), JPN_KEY).render().encode()
     await _publish_own(audit, twin, lambda: len(seen) == 1, "the twin's first checkpoint")
     assert net.twin_active()
+    assert audit.jpn.active("twin", MEMBER) == 1
     first = seen[0]
-    net.twin_clear = 0.5  # from here, so the wait below is short
+    net.alarm_clear = 0.5  # from here, so the wait below is short
     await _publish_own(audit, twin, lambda: len(seen) == 2, "the twin's next checkpoint")
     assert seen[1] > first  # each one seen extends the alarm
+    assert audit.jpn.alarms_on("twin", MEMBER) == 1  # one alarm standing, not two
     await await_for(lambda: not net.twin_active(), 10, "the alarm to lapse")
+    assert audit.jpn.active("twin", MEMBER) == 0
     assert len(seen) == 2
-    assert audit.jpn.alarm_count("twin") == 2
+    # A twin seen after the alarm lapsed is a new one: counted again.
+    await _publish_own(audit, twin, lambda: len(seen) == 3, "the twin back")
+    assert audit.jpn.alarms_on("twin", MEMBER) == 2
+    assert audit.jpn.active("twin", MEMBER) == 1
 
 
 async def test_our_own_published_notes_cannot_crowd_out_a_twins_note(
@@ -723,7 +859,8 @@ async def test_our_own_published_notes_cannot_crowd_out_a_twins_note(
     await audit.publish_checkpoint(ours)
     await await_for(lambda: len(checked) == 2, 10, "the next check")
     assert [size for size, _ in checked] == [40, 40]  # the twin's, not our echo
-    assert audit.jpn.alarm_count("twin") == 2
+    assert checked[1][1] is not None  # and found it a twin's
+    assert audit.jpn.alarms_on("twin", MEMBER) == 1  # the one twin alarm standing
 
 
 async def test_a_note_on_our_subject_not_signed_by_our_log_key_is_refused_quietly(

@@ -626,7 +626,9 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     assert 'msmt_intake_rejected_total{reason="duplicate"} 2.0' in jpn_metrics
     assert "msmt_outbox_depth 0.0" in jpn_metrics
     # The series the documented alerts read exist at 0 before their first event.
-    assert 'msmt_audit_alarms_total{kind="fork"} 0.0' in jpn_metrics
+    assert 'msmt_audit_alarms_total{kind="fork",log="USA"} 0.0' in jpn_metrics
+    # The witness's own answer: no alarm stands on USA's log.
+    assert 'msmt_audit_alarm_active{kind="fork",log="USA"} 0.0' in jpn_metrics
     assert 'msmt_rejected_total{reason="key"} 0.0' in jpn_metrics
     assert 'msmt_intake_rejected_total{reason="unavailable"} 0.0' in jpn_metrics
     assert 'msmt_received_held_total{sender="USA"} 0.0' in jpn_metrics
@@ -1184,6 +1186,8 @@ async def test_witness_raises_the_alarm_when_a_log_rewrites_its_history(world: W
             )
 
         await await_for(alarmed, 30, "USA's alarm")
+        # Whose log: JPN's, and the alarm stands while its new history runs.
+        assert any(usa.auditnet.alarm_active(kind, "JPN") for kind in ("fork", "rollback"))
         # Housekeeping moves the alarm to the node's last error within a second.
         assert "JPN" in (usa.auditnet.last_error or usa._last_error or "")
 

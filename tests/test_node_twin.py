@@ -83,7 +83,7 @@ async def test_twins_pause_their_inbox_and_the_one_left_resumes_with_every_repor
             assert inbox_ids(store_path, "USA") == []
 
             assert world.terminate("JPN") == 0  # the operator stops the twin
-            jpn.auditnet.twin_clear = 1.0  # rather than wait 180 s for its silence
+            jpn.auditnet.alarm_clear = 1.0  # rather than wait 180 s for its silence
             await await_for(lambda: jpn.ready() is None, 30, "JPN resumed")
             want = sorted(to_jpn)
             await await_for(
