@@ -4,23 +4,39 @@ The fast path hashes every entry once, builds the tree level by level, and
 compares each stored checkpoint's signed root with the recomputed root of the
 same prefix. Only when something fails does a slow pass parse entries, from
 the last checkpoint that still matched, to name the first broken entry and why.
+
+A running node's log grows while it is read: verify checks a snapshot (the
+entries up to the latest checkpoint then). Its witnesses cosign one of its
+latest checkpoints every few seconds, so with a quorum demanded, that latest
+checkpoint often has none yet; ``wait`` lets verify re-read the checkpoints
+from it on until one of them has the quorum, and then extend the verification
+to that one. Everything the snapshot held is then covered by a checkpoint with
+the quorum, checked as all the others, or verify fails: the check is the same.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 from broker.audit_events import parse_entry
 from broker.audit_scan import PARALLEL_FROM, LeafScan, open_readonly
 from broker.auditlog import DB_FILE, FORMAT, connect
 from broker.checkpoint import Checkpoint, count_cosignatures, open_checkpoint, parse_body
 from broker.errors import AuditError, StoreError, UsageError
-from broker.merkle import Levels, ProofError, verify_consistency
+from broker.merkle import Levels, ProofError, leaf_hash, verify_consistency
 from broker.note import Note, NoteError, Verifier, find_signature, parse
+from broker.roster import format_time
 from broker.witness import LogState
+
+QUORUM_POLL_S: Final = 0.5
+"""How often verify re-reads the checkpoints while it waits for a quorum."""
 
 
 class TamperError(AuditError):
@@ -196,6 +212,8 @@ def verify_log(
     witnessed: Sequence[tuple[str, Mapping[str, LogState]]] = (),
     jobs: int = 1,
     parallel_from: int = PARALLEL_FROM,
+    wait: float = 0.0,
+    on_wait: Callable[[int], None] | None = None,
 ) -> Report:
     """Verify the audit log in ``directory``; raise ``TamperError`` at the first fault.
 
@@ -211,7 +229,8 @@ def verify_log(
       6. every entry is covered by a signed checkpoint (nothing appended unsigned);
       7. with ``witnesses``, no checkpoint carries a cosignature line of a
          witness key that does not verify (C2SP signed-note), and with
-         ``quorum > 0`` the latest carries at least ``quorum`` valid ones;
+         ``quorum > 0`` the latest carries at least ``quorum`` valid ones; with
+         ``wait`` seconds, a later one may, the log verified up to it (see the module);
       8. each checkpoint in ``known`` ((where it came from, its text): ones the
          auditor kept from earlier, signed by a trusted or revoked log key) is
          covered: the log has not been cut below it (rollback) and its first
@@ -231,44 +250,11 @@ def verify_log(
     if quorum < 0 or (quorum > 0 and len({w.name for w in witnesses}) < quorum):
         raise UsageError(f"a quorum of {quorum} needs at least {quorum} witness keys")
     log = load(directory, jobs=jobs, parallel_from=parallel_from)
+    walk = _Walk(log, log_keys, revoked_keys, witnesses, quorum)
+    walk.check(log.checkpoints)
     n = log.tree.size
-    previous: Checkpoint | None = None
-    latest: Note | None = None
-    latest_by_revoked = False
-    for size, text in log.checkpoints:
-        try:
-            checkpoint, note, latest_by_revoked = _open(text, log.origin, log_keys, revoked_keys)
-            count_cosignatures(note, witnesses)  # raises if a trusted witness's line fails
-        except NoteError as exc:
-            raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
-        if checkpoint.origin != log.origin or checkpoint.size != size:
-            raise TamperError(
-                None, f"checkpoint at size {size} is for {checkpoint.origin}/{checkpoint.size}"
-            )
-        if size > n:
-            raise TamperError(
-                n,
-                f"is missing: the log holds {n} entries but a checkpoint was signed "
-                f"at size {size} (truncated)",
-            )
-        if log.tree.root(size) != checkpoint.root:
-            start = previous.size if previous else 0
-            _pinpoint(log, start, size)
-            raise TamperError(
-                start if size - start == 1 else None,
-                f"entries {start}..{size - 1} do not reproduce the root signed at size {size}",
-            )
-        if previous is not None and previous.size > 0:
-            try:
-                proof = log.tree.consistency_proof(previous.size, size)
-                verify_consistency(previous.size, size, previous.root, checkpoint.root, proof)
-            except ProofError as exc:
-                raise TamperError(
-                    None, f"checkpoint {size} is not consistent with {previous.size}: {exc}"
-                ) from None
-        previous, latest = checkpoint, note
-    covered = previous.size if previous else 0
-    if latest_by_revoked:
+    covered = walk.previous.size if walk.previous else 0
+    if walk.by_revoked:
         raise TamperError(
             None,
             f"the latest checkpoint (size {covered}) is signed only by a revoked key; "
@@ -280,12 +266,227 @@ def verify_log(
             covered,
             f"and the {n - covered} entries after it are not covered by any signed checkpoint",
         )
-    cosigners = _cosigners(latest, covered, witnesses, quorum) if quorum > 0 else ()
+    cosigners = walk.quorum(wait, on_wait) if quorum > 0 else ()
     for source, text in known:
         _check_known(log, source, text, [*log_keys, *revoked_keys])
     for source, state in witnessed:
         _check_witnessed(log, source, state)
-    return Report(log.origin, n, len(log.checkpoints), log.tree.root(n), latest, cosigners)
+    n = log.tree.size  # waiting for a quorum may have verified more of the log
+    return Report(log.origin, n, walk.count, log.tree.root(n), walk.latest, cosigners)
+
+
+class _Walk:
+    """Steps 2-5 and 7 of ``verify_log`` over the checkpoints, in size order."""
+
+    def __init__(
+        self,
+        log: LoadedLog,
+        log_keys: Sequence[Verifier],
+        revoked_keys: Sequence[Verifier],
+        witnesses: Sequence[Verifier],
+        quorum: int,
+    ) -> None:
+        self.log = log
+        self.log_keys = log_keys
+        self.revoked_keys = revoked_keys
+        self.witnesses = witnesses
+        self.quorum_size = quorum
+        self.previous: Checkpoint | None = None
+        self.latest: Note | None = None
+        self.by_revoked = False
+        self.count = 0
+        self.cosigners: tuple[str, ...] = ()
+        """The witnesses whose valid cosignatures the latest checkpoint carries."""
+        self.quorate = 0
+        """The size of the latest checkpoint with the quorum (0: none)."""
+
+    def check(self, rows: Sequence[tuple[int, str]]) -> None:
+        """Check ``rows`` (size, note), the checkpoints after the ones checked before."""
+        log = self.log
+        n = log.tree.size
+        for size, text in rows:
+            try:
+                checkpoint, note, self.by_revoked = _open(
+                    text, log.origin, self.log_keys, self.revoked_keys
+                )
+                # Raises if a trusted witness's line fails.
+                self.cosigners = tuple(count_cosignatures(note, self.witnesses))
+            except NoteError as exc:
+                raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
+            if checkpoint.origin != log.origin or checkpoint.size != size:
+                raise TamperError(
+                    None, f"checkpoint at size {size} is for {checkpoint.origin}/{checkpoint.size}"
+                )
+            if size > n:
+                raise TamperError(
+                    n,
+                    f"is missing: the log holds {n} entries but a checkpoint was signed "
+                    f"at size {size} (truncated)",
+                )
+            previous = self.previous
+            if log.tree.root(size) != checkpoint.root:
+                start = previous.size if previous else 0
+                _pinpoint(log, start, size)
+                raise TamperError(
+                    start if size - start == 1 else None,
+                    f"entries {start}..{size - 1} do not reproduce the root signed at size {size}",
+                )
+            if previous is not None and previous.size > 0:
+                try:
+                    proof = log.tree.consistency_proof(previous.size, size)
+                    verify_consistency(previous.size, size, previous.root, checkpoint.root, proof)
+                except ProofError as exc:
+                    raise TamperError(
+                        None, f"checkpoint {size} is not consistent with {previous.size}: {exc}"
+                    ) from None
+            self.previous, self.latest = checkpoint, note
+            self.count += 1
+            if self.quorum_size and len(self.cosigners) >= self.quorum_size:
+                self.quorate = size
+
+    def quorum(self, wait: float, on_wait: Callable[[int], None] | None) -> tuple[str, ...]:
+        """Step 7's quorum on the latest checkpoint, waiting up to ``wait`` s for one.
+
+        While it waits, the checkpoints from the latest on are re-read every
+        ``QUORUM_POLL_S``: once one of them carries the quorum, the entries up to it
+        and the checkpoints before it are checked as all the others were
+        (``extend``), and it is the latest. ``on_wait(size)`` is called as the wait starts.
+        """
+        if self.previous is None:
+            raise TamperError(None, "no checkpoint to check cosignatures on")
+        if len(self.cosigners) >= self.quorum_size:
+            return self.cosigners
+        size, have = self.previous.size, len(self.cosigners)
+        if wait > 0:
+            if on_wait is not None:
+                on_wait(size)
+            deadline = time.monotonic() + wait
+            while True:
+                found = _first_quorate(self.log.path, size, self.witnesses, self.quorum_size)
+                if found is not None:
+                    self.extend(found)
+                    if len(self.cosigners) >= self.quorum_size:
+                        return self.cosigners
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(QUORUM_POLL_S, left))
+        raise TamperError(None, self.short_of_quorum(size, have, wait))
+
+    def extend(self, upto: int) -> None:
+        """Verify the log on from the latest checkpoint checked to the one at ``upto``."""
+        if self.previous is None or self.latest is None:
+            raise TamperError(None, "no checkpoint to check cosignatures on")
+        start = self.previous.size
+        leaves, rows = _read_more(self.log.path, start, upto)
+        for leaf in leaves:
+            self.log.tree.append(leaf)
+        self.log.checkpoints.extend(rows[1:])
+        # The latest checked again: its body as verified, its cosignature lines new.
+        size, text = rows[0]
+        try:
+            note = parse(text)
+            if note.text != self.latest.text:
+                raise TamperError(None, f"checkpoint at size {size} changed while it was verified")
+            self.cosigners = tuple(count_cosignatures(note, self.witnesses))
+        except NoteError as exc:
+            raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
+        self.latest = note
+        self.check(rows[1:])
+
+    def short_of_quorum(self, size: int, have: int, waited: float) -> str:
+        """The failure line: what the latest checkpoint lacks; what a live log's auditor does."""
+        newest = _newest_entry_time(self.log, size)
+        quorate = (
+            f"the latest with a quorum is at size {self.quorate}"
+            f" ({size - self.quorate} entries before)"
+            if self.quorate
+            else "no checkpoint has a quorum"
+        )
+        then = (
+            f"none at size {size} or later reached it within the {waited:g} s waited"
+            if waited > 0
+            else "a running node's newest checkpoints wait for their witnesses' next round"
+            " (about every 5 s): --wait 30 waits for a quorum on it or a later one"
+        )
+        return (
+            f"latest checkpoint (size {size}{newest}) has {have} valid witness cosignatures,"
+            f" fewer than the quorum of {self.quorum_size}; {quorate}; {then}"
+        )
+
+
+def _first_quorate(path: Path, size: int, witnesses: Sequence[Verifier], quorum: int) -> int | None:
+    """The smallest stored checkpoint size from ``size`` on whose note has the quorum.
+
+    Only a pick: ``_Walk.extend`` then checks it and every entry and checkpoint before
+    it, so a note that does not parse or has a failing line is passed over here.
+    """
+    db = open_readonly(path)
+    try:
+        rows = db.execute(
+            "SELECT size, note FROM checkpoints WHERE size >= ? ORDER BY size", (size,)
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read audit log {path}: {exc}") from exc
+    finally:
+        db.close()
+    for stored, text in rows:
+        try:
+            if len(count_cosignatures(parse(text), witnesses)) >= quorum:
+                return int(stored)
+        except (NoteError, TypeError):
+            continue
+    return None
+
+
+def _read_more(path: Path, start: int, upto: int) -> tuple[list[bytes], list[tuple[int, str]]]:
+    """Leaf hashes of entries ``[start, upto)`` and the checkpoints from ``start`` to ``upto``.
+
+    Read in one snapshot, as ``load`` reads the rest; an index missing from the
+    range is refused as ``load`` refuses one.
+    """
+    db = open_readonly(path)
+    try:
+        db.execute("BEGIN")
+        entries = db.execute(
+            "SELECT idx, entry FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+            (start, upto),
+        ).fetchall()
+        rows = db.execute(
+            "SELECT size, note FROM checkpoints WHERE size >= ? AND size <= ? ORDER BY size",
+            (start, upto),
+        ).fetchall()
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read audit log {path}: {exc}") from exc
+    finally:
+        db.close()
+    leaves = []
+    for i, (idx, entry) in enumerate(entries, start):
+        if idx != i:
+            raise TamperError(i, f"is missing (stored indices jump from {i - 1} to {idx})")
+        if not isinstance(entry, bytes):
+            raise TamperError(i, "is not stored as bytes (edited by hand)")
+        leaves.append(leaf_hash(entry))
+    if not rows or rows[0][0] != start:
+        raise TamperError(None, f"checkpoint at size {start} was removed while it was verified")
+    return leaves, [(int(size), note) for size, note in rows]
+
+
+def _newest_entry_time(log: LoadedLog, size: int) -> str:
+    """``", newest entry 0.4 s old"`` (or its time, if older), to tell a live log; or ``""``.
+
+    The entry's own time, as its node wrote it: only a hint for the reader.
+    """
+    try:
+        (data,) = log.entries(size - 1, size)
+        at = datetime.fromisoformat(json.loads(data)["at"])
+        age = (datetime.now(UTC) - at).total_seconds()  # a naive time: TypeError
+    except (StoreError, ValueError, KeyError, TypeError):
+        return ""
+    return (
+        f", newest entry {age:.1f} s old" if 0 <= age < 120 else f", newest entry {format_time(at)}"
+    )
 
 
 def stored_checkpoint(log: LoadedLog, size: int) -> tuple[Checkpoint, str]:
@@ -434,22 +635,3 @@ def _open(
         checkpoint, note = open_checkpoint(text, revoked_keys)
         return checkpoint, note, True
     return checkpoint, note, False
-
-
-def _cosigners(
-    latest: Note | None, size: int, witnesses: Sequence[Verifier], quorum: int
-) -> tuple[str, ...]:
-    """Checklist step 7: a quorum of valid witness cosignatures on the latest checkpoint."""
-    if latest is None:
-        raise TamperError(None, "no checkpoint to check cosignatures on")
-    try:
-        cosigners = tuple(count_cosignatures(latest, witnesses))
-    except NoteError as exc:
-        raise TamperError(None, f"latest checkpoint: {exc}") from None
-    if len(cosigners) < quorum:
-        raise TamperError(
-            None,
-            f"latest checkpoint (size {size}) has {len(cosigners)} valid witness "
-            f"cosignatures, fewer than the quorum of {quorum}",
-        )
-    return cosigners

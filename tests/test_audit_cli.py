@@ -152,6 +152,7 @@ def test_entries_lists_a_verified_log_and_refuses_a_damaged_one(
         (("--log-key", VKEY, "--quorum", "2"), "--cosigned and --quorum K go together"),
         (("--log-key", VKEY, "--cosigned", "--quorum", "1"), "--cosigned needs --witnesses"),
         (("--keys", "/nonexistent", "--roster", "x.json"), "either --keys or --roster"),
+        (("--log-key", VKEY, "--wait", "30"), "--wait waits for a quorum: it needs --cosigned"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...], reason: str) -> None:
@@ -225,6 +226,81 @@ def test_cosigned_quorum_from_roster_and_witness_file(tmp_path: Path, keydir: Pa
     code, _, err = _run(*base, "--quorum", "1", "--witnesses", str(wfile))
     assert code == 1
     assert "cosignature" in err or "does not verify" in err
+
+
+def test_short_of_a_quorum_says_what_a_live_logs_auditor_can_do(
+    tmp_path: Path, keydir: Path
+) -> None:
+    # A running node's newest checkpoint waits for its witnesses' next round: the
+    # line says which checkpoint last had the quorum and how to wait for one.
+    log = build_log(tmp_path, _signing_key(keydir, "JPN"), [4, 3])
+    roster = keyfiles.load_signed_roster(keydir).roster
+    trusted = []
+    for member in ("USA", "KOR"):
+        key = _signing_key(keydir, member)
+        witness = Witness(member, key, {"JPN": roster_log_keys(roster, "JPN")})
+        cosigned = witness.add_checkpoint(0, [], log.checkpoint_at(4), 1_800_000_000)
+        trusted.append(witness_verifier(key, member))
+        log.add_cosignatures(cosigned, trusted)
+    log.close()
+    base = ["audit", "verify", str(tmp_path), "--keys", str(keydir), "--cosigned"]
+    code, out, err = _run(*base, "--quorum", "2")
+    assert (code, out) == (1, "")
+    assert err == (
+        "msmt: error: latest checkpoint (size 7, newest entry 2026-11-28T12:00:06Z) has 0 valid"
+        " witness cosignatures, fewer than the quorum of 2; the latest with a quorum is at size"
+        " 4 (3 entries before); a running node's newest checkpoints wait for their witnesses'"
+        " next round (about every 5 s): --wait 30 waits for a quorum on it or a later one\n"
+    )
+    # Nothing cosigns meanwhile: after the wait, the same decision, said so.
+    code, out, err = _run(*base, "--quorum", "3", "--wait", "0.2")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        "waiting up to 0.2 s for a quorum of 3 on the checkpoint at size 7 or a later one",
+        "msmt: error: latest checkpoint (size 7, newest entry 2026-11-28T12:00:06Z) has 0 valid"
+        " witness cosignatures, fewer than the quorum of 3; no checkpoint has a quorum; none at"
+        " size 7 or later reached it within the 0.2 s waited",
+    ]
+
+
+def test_verify_wait_passes_once_a_checkpoint_reaches_the_quorum_while_it_waits(
+    tmp_path: Path, keydir: Path
+) -> None:
+    # The command as an auditor runs it on a running node: the log grows and the
+    # witnesses cosign a later checkpoint only after verify has read the log.
+    log = build_log(tmp_path, _signing_key(keydir, "JPN"), [4])
+    roster = keyfiles.load_signed_roster(keydir).roster
+    msmt = str(Path(sys.executable).parent / "msmt")
+    args = ["audit", "verify", str(tmp_path), "--keys", str(keydir), "--cosigned"]
+    proc = subprocess.Popen(
+        [msmt, *args, "--quorum", "2", "--wait", "120", "--jobs", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline() == (
+            "waiting up to 120 s for a quorum of 2 on the checkpoint at size 4 or a later one\n"
+        )
+        log.append_many([event(i) for i in range(4, 9)])
+        trusted = []
+        for member in ("USA", "GBR"):
+            key = _signing_key(keydir, member)
+            witness = Witness(member, key, {"JPN": roster_log_keys(roster, "JPN")})
+            cosigned = witness.add_checkpoint(0, [], log.checkpoint_at(9), 1_800_000_000)
+            trusted.append(witness_verifier(key, member))
+            log.add_cosignatures(cosigned, trusted)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert (proc.returncode, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].startswith("OK: JPN log of 9 entries, 2 signed checkpoints, root ")
+    assert lines[1:] == ["cosigned by USA, GBR (quorum 2), reached at size 9 (size 4 when read)"]
 
 
 def _independent_rfc6962_check(proof: dict[str, Any]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -18,7 +19,7 @@ from broker import audit_events as ev
 from broker.audit_events import TYPES, parse_entry
 from broker.audit_verify import TamperError, verify_log
 from broker.auditlog import CHUNK_BITS, DB_FILE, AuditLog
-from broker.checkpoint import Checkpoint, cosign, open_checkpoint, sign_checkpoint
+from broker.checkpoint import Checkpoint, cosign, open_checkpoint, parse_body, sign_checkpoint
 from broker.errors import AuditError, StoreError, UsageError
 from broker.merkle import Levels, leaf_hash, verify_consistency, verify_inclusion
 from broker.note import Note, Signature, parse
@@ -912,3 +913,111 @@ def test_opening_while_another_process_appends_sees_one_snapshot(tmp_path: Path)
     assert opened > 1
     writer.close()
     _verify(tmp_path)
+
+
+def _cosign_stored(log: AuditLog, size: int, witnesses: dict[str, Ed25519PrivateKey]) -> None:
+    """Merge each witness's cosignature of the checkpoint at ``size``, as the node does."""
+    note = parse(log.checkpoint_at(size))
+    trusted = [witness_verifier(key, name) for name, key in witnesses.items()]
+    for name, key in witnesses.items():
+        line = cosign(note, name, key, 1_800_000_000)
+        assert log.add_cosignatures(note.with_signatures(line).render(), trusted) == [name]
+
+
+class _WhileWaiting:
+    """Run ``verify_log`` with a wait on a thread; ``during`` runs once it waits, not before."""
+
+    def __init__(self, datadir: Path, witnesses: list[Any], quorum: int) -> None:
+        self.waiting: list[int] = []
+        self.pool = ThreadPoolExecutor(1)
+        self.started = threading.Event()
+
+        def on_wait(size: int) -> None:
+            self.waiting.append(size)
+            self.started.set()
+
+        self.future = self.pool.submit(
+            verify_log,
+            datadir,
+            [log_verifier(KEY)],
+            witnesses=witnesses,
+            quorum=quorum,
+            wait=120,  # an upper bound only: it ends as soon as the quorum is there
+            on_wait=on_wait,
+        )
+
+    def result(self, during: Any) -> Any:
+        try:
+            assert self.started.wait(60), "verify never started waiting"
+            during()
+            return self.future.result(timeout=120)
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+WITNESS_KEYS = {
+    name: Ed25519PrivateKey.from_private_bytes(bytes(range(seed, seed + 32)))
+    for name, seed in (("USA", 40), ("KOR", 80), ("GBR", 120))
+}
+WITNESSES = [witness_verifier(key, name) for name, key in WITNESS_KEYS.items()]
+
+
+def test_verify_waits_for_the_latest_checkpoints_quorum(tmp_path: Path) -> None:
+    # A running node's newest checkpoint waits a round for its witnesses: a verify
+    # that read it a moment too early failed (4 of 6 runs under steady load).
+    log = build_log(tmp_path, KEY, [3, 4])
+    _cosign_stored(log, 3, WITNESS_KEYS)
+    with pytest.raises(TamperError, match="has 0 valid witness cosignatures"):
+        verify_log(tmp_path, [log_verifier(KEY)], witnesses=WITNESSES, quorum=2)
+
+    def two_witnesses_cosign() -> None:  # one after the other, as their rounds come
+        _cosign_stored(log, 7, {"USA": WITNESS_KEYS["USA"]})
+        _cosign_stored(log, 7, {"GBR": WITNESS_KEYS["GBR"]})
+
+    run = _WhileWaiting(tmp_path, WITNESSES, 2)
+    report = run.result(two_witnesses_cosign)
+    assert run.waiting == [7]
+    assert (report.size, report.checkpoints, report.cosigners) == (7, 2, ("USA", "GBR"))
+    log.close()
+
+
+def test_verify_waiting_takes_a_later_checkpoint_and_verifies_up_to_it(tmp_path: Path) -> None:
+    # Under load each witness cosigns one of the latest checkpoints in its round,
+    # so the one verify read may never get a quorum while a later one does: the
+    # entries up to that one are then verified like all the others.
+    log = build_log(tmp_path, KEY, [3, 4])
+
+    def the_node_goes_on() -> None:
+        log.append_many([event(i) for i in range(7, 9)])  # size 9: never cosigned
+        log.append_many([event(i) for i in range(9, 12)])  # size 12: the quorum
+        _cosign_stored(log, 12, {"USA": WITNESS_KEYS["USA"], "KOR": WITNESS_KEYS["KOR"]})
+        log.append_many([event(12)])  # size 13: after it, left out
+
+    run = _WhileWaiting(tmp_path, WITNESSES, 2)
+    report = run.result(the_node_goes_on)
+    assert run.waiting == [7]
+    assert (report.size, report.checkpoints, report.cosigners) == (12, 4, ("USA", "KOR"))
+    assert report.root == Levels([leaf_hash(e) for e in _entries(tmp_path)[:12]]).root(12)
+    assert report.latest_note is not None
+    assert parse_body(report.latest_note.text).size == 12
+    log.close()
+
+
+def test_verify_waiting_refuses_an_entry_edited_after_the_checkpoint_it_read(
+    tmp_path: Path,
+) -> None:
+    # What verify adds while it waits is checked as the rest: an edited entry
+    # under the cosigned checkpoint fails, named, however many witnesses signed it.
+    log = build_log(tmp_path, KEY, [3, 4])
+
+    def the_node_goes_on_and_someone_edits() -> None:
+        log.append_many([event(i) for i in range(7, 10)])
+        with _db(tmp_path) as db:
+            db.execute("UPDATE entries SET entry = ? WHERE idx = 8", (_entries(tmp_path)[2],))
+        _cosign_stored(log, 10, {"USA": WITNESS_KEYS["USA"], "KOR": WITNESS_KEYS["KOR"]})
+
+    run = _WhileWaiting(tmp_path, WITNESSES, 2)
+    with pytest.raises(TamperError, match=r"^entry 8: ") as caught:
+        run.result(the_node_goes_on_and_someone_edits)
+    assert caught.value.index == 8
+    log.close()

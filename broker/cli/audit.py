@@ -164,6 +164,24 @@ def _revoked_keys(trusted: Roster | None, origin: str) -> list[Verifier]:
     return [] if trusted is None else roster_revoked_log_keys(trusted, origin)
 
 
+def _witness_keys(witnesses: Path | None, trusted: Roster | None, origin: str) -> list[Verifier]:
+    """The witness keys ``--cosigned`` counts: ``--witnesses FILE``, else the roster's."""
+    if witnesses is not None:
+        keys = _vkeys(_read_vkey_file(witnesses), str(witnesses))
+        for key in keys:
+            # A log key here would match no cosignature line and only show as
+            # "0 valid witness cosignatures"; say what is wrong instead.
+            if key.alg != ALG_COSIGNATURE_V1:
+                raise UsageError(
+                    f"{witnesses}: {key.name}'s key has signature type 0x{key.alg:02x}; "
+                    "witness keys are cosignature keys, type 0x04 (tlog-cosignature)"
+                )
+        return keys
+    if trusted is not None:
+        return roster_witness_keys(trusted, [m for m in MEMBERS if m != origin])
+    raise UsageError("--cosigned needs --witnesses FILE or a roster")
+
+
 @audit_group.command(name="verify")
 @_DIR
 @_trust_options
@@ -173,6 +191,14 @@ def _revoked_keys(trusted: Roster | None, origin: str) -> list[Verifier]:
     "--witnesses",
     type=click.Path(dir_okay=False, path_type=Path),
     help="File of witness verifier keys, one per line (default: other members in the roster).",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(0, 3600),
+    default=0,
+    metavar="SECONDS",
+    help="With --cosigned: wait up to this long for the latest checkpoint, or a later one,"
+    " to reach the quorum (a running node's newest checkpoint waits for its witnesses).",
 )
 @click.option(
     "--jobs",
@@ -203,6 +229,7 @@ def audit_verify(
     cosigned: bool,
     quorum: int | None,
     witnesses: Path | None,
+    wait: float,
     jobs: int,
     known: tuple[Path, ...],
     witness_states: tuple[Path, ...],
@@ -213,24 +240,21 @@ def audit_verify(
         raise UsageError("say whose key signs the log: --keys DIR, --roster FILE or --log-key")
     if cosigned != (quorum is not None):
         raise UsageError("--cosigned and --quorum K go together")
+    if wait and not cosigned:
+        raise UsageError("--wait waits for a quorum: it needs --cosigned --quorum K")
     origin = read_origin(directory)
     log_keys = _log_keys(trusted, log_key, origin)
-    witness_keys: list[Verifier] = []
-    if cosigned:
-        if witnesses is not None:
-            witness_keys = _vkeys(_read_vkey_file(witnesses), str(witnesses))
-            for key in witness_keys:
-                # A log key here would match no cosignature line and only show as
-                # "0 valid witness cosignatures"; say what is wrong instead.
-                if key.alg != ALG_COSIGNATURE_V1:
-                    raise UsageError(
-                        f"{witnesses}: {key.name}'s key has signature type 0x{key.alg:02x}; "
-                        "witness keys are cosignature keys, type 0x04 (tlog-cosignature)"
-                    )
-        elif trusted is not None:
-            witness_keys = roster_witness_keys(trusted, [m for m in MEMBERS if m != origin])
-        else:
-            raise UsageError("--cosigned needs --witnesses FILE or a roster")
+    witness_keys = _witness_keys(witnesses, trusted, origin) if cosigned else []
+    began: list[int] = []
+
+    def waiting(size: int) -> None:
+        began.append(size)
+        click.echo(
+            f"waiting up to {wait:g} s for a quorum of {quorum} on the checkpoint at size {size}"
+            " or a later one",
+            err=True,
+        )
+
     report = verify_log(
         directory,
         log_keys,
@@ -240,6 +264,8 @@ def audit_verify(
         known=[(str(path), _read_text(path)) for path in known],
         witnessed=[(str(path), _read_witness_state(path)) for path in witness_states],
         jobs=jobs,
+        wait=wait,
+        on_wait=waiting,
     )
     named = _named_member(directory)
     if named is not None and named != origin:
@@ -255,7 +281,8 @@ def audit_verify(
         f"checkpoints, root {_b64(report.root)}"
     )
     if cosigned:
-        click.echo(f"cosigned by {', '.join(report.cosigners)} (quorum {quorum})")
+        waited = f", reached at size {report.size} (size {began[0]} when read)" if began else ""
+        click.echo(f"cosigned by {', '.join(report.cosigners)} (quorum {quorum}){waited}")
     for path in known:
         click.echo(f"contains the checkpoint in {path}")
     for path in witness_states:
