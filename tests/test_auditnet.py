@@ -262,6 +262,34 @@ async def test_a_log_that_stops_growing_is_cosigned_without_waiting_out_the_inte
     await await_for(lambda: len(audit.usa_cosignatures) == 2, 10, "second cosignature")
 
 
+async def test_cosignatures_merged_are_logged_at_once_then_once_a_minute(audit: Audit) -> None:
+    # Under load about 33 cosignature notes a minute reached each node, one info
+    # line each: the first still shows at once, then one line sums up the minute.
+    def merged(size: int) -> Callable[[], bool]:
+        return lambda: "\u2014 USA " in audit.log.checkpoint_at(size)
+
+    def lines() -> list[dict[str, Any]]:
+        return [
+            {k: e[k] for k in ("witnesses", "checkpoints", "size")}
+            for e in logs
+            if e["event"] == "cosigned"
+        ]
+
+    with capture_logs() as logs:
+        await audit.grow(0)
+        await await_for(merged(3), 10, "USA's cosignature of size 3 merged")
+        assert lines() == [{"witnesses": {"USA": 1}, "checkpoints": 1, "size": 3}]
+        audit.usa.net.interval = 0
+        await audit.grow(4)
+        await await_for(merged(7), 10, "USA's cosignature of size 7 merged")
+        await audit.grow(5)
+        await await_for(merged(12), 10, "USA's cosignature of size 12 merged")
+        assert len(lines()) == 1  # within the minute: counted, not logged yet
+        audit.jpn.net.cosigned_every = 0  # the minute is up
+        await await_for(lambda: len(lines()) == 2, 10, "the minute's line")
+    assert lines()[1] == {"witnesses": {"USA": 2}, "checkpoints": 2, "size": 12}
+
+
 async def test_a_republished_checkpoint_already_cosigned_is_not_witnessed_again(
     audit: Audit,
 ) -> None:
