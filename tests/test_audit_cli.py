@@ -44,6 +44,19 @@ def _signing_key(keydir: Path, member: str) -> Ed25519PrivateKey:
     return private
 
 
+def _cosign(log: AuditLog, keydir: Path, size: int, members: tuple[str, ...]) -> list[Verifier]:
+    """Each member's witness cosigns JPN's checkpoint at ``size``, merged as the node merges it."""
+    roster = keyfiles.load_signed_roster(keydir).roster
+    trusted: list[Verifier] = []
+    for member in members:
+        key = _signing_key(keydir, member)
+        witness = Witness(member, key, {"JPN": roster_log_keys(roster, "JPN")})
+        cosigned = witness.add_checkpoint(0, [], log.checkpoint_at(size), 1_800_000_000)
+        trusted.append(witness_verifier(key, member))
+        log.add_cosignatures(cosigned, trusted)
+    return trusted
+
+
 def _run(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(main, list(args))
     return result.exit_code, result.stdout, result.stderr
@@ -191,13 +204,7 @@ def test_cosigned_quorum_from_roster_and_witness_file(tmp_path: Path, keydir: Pa
     code, _, err = _run(*base, "--quorum", "1")
     assert code == 1
     assert "0 valid witness cosignatures, fewer than the quorum of 1" in err
-    witnesses = []
-    for member in ("USA", "KOR"):
-        key = _signing_key(keydir, member)
-        witness = Witness(member, key, {"JPN": roster_log_keys(roster, "JPN")})
-        cosigned = witness.add_checkpoint(0, [], log.latest_checkpoint() or "", 1_800_000_000)
-        witnesses.append(witness_verifier(key, member))
-        log.add_cosignatures(cosigned, witnesses)
+    witnesses = _cosign(log, keydir, 4, ("USA", "KOR"))
     code, out, _ = _run(*base, "--quorum", "2")
     assert code == 0
     assert "cosigned by USA, KOR (quorum 2)" in out
@@ -234,14 +241,7 @@ def test_short_of_a_quorum_says_what_a_live_logs_auditor_can_do(
     # A running node's newest checkpoint waits for its witnesses' next round: the
     # line says which checkpoint last had the quorum and how to wait for one.
     log = build_log(tmp_path, _signing_key(keydir, "JPN"), [4, 3])
-    roster = keyfiles.load_signed_roster(keydir).roster
-    trusted = []
-    for member in ("USA", "KOR"):
-        key = _signing_key(keydir, member)
-        witness = Witness(member, key, {"JPN": roster_log_keys(roster, "JPN")})
-        cosigned = witness.add_checkpoint(0, [], log.checkpoint_at(4), 1_800_000_000)
-        trusted.append(witness_verifier(key, member))
-        log.add_cosignatures(cosigned, trusted)
+    _cosign(log, keydir, 4, ("USA", "KOR"))
     log.close()
     base = ["audit", "verify", str(tmp_path), "--keys", str(keydir), "--cosigned"]
     code, out, err = _run(*base, "--quorum", "2")
@@ -269,7 +269,6 @@ def test_verify_wait_passes_once_a_checkpoint_reaches_the_quorum_while_it_waits(
     # The command as an auditor runs it on a running node: the log grows and the
     # witnesses cosign a later checkpoint only after verify has read the log.
     log = build_log(tmp_path, _signing_key(keydir, "JPN"), [4])
-    roster = keyfiles.load_signed_roster(keydir).roster
     msmt = str(Path(sys.executable).parent / "msmt")
     args = ["audit", "verify", str(tmp_path), "--keys", str(keydir), "--cosigned"]
     proc = subprocess.Popen(
@@ -284,13 +283,7 @@ def test_verify_wait_passes_once_a_checkpoint_reaches_the_quorum_while_it_waits(
             "waiting up to 120 s for a quorum of 2 on the checkpoint at size 4 or a later one\n"
         )
         log.append_many([event(i) for i in range(4, 9)])
-        trusted = []
-        for member in ("USA", "GBR"):
-            key = _signing_key(keydir, member)
-            witness = Witness(member, key, {"JPN": roster_log_keys(roster, "JPN")})
-            cosigned = witness.add_checkpoint(0, [], log.checkpoint_at(9), 1_800_000_000)
-            trusted.append(witness_verifier(key, member))
-            log.add_cosignatures(cosigned, trusted)
+        _cosign(log, keydir, 9, ("USA", "GBR"))
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
