@@ -254,12 +254,7 @@ def verify_log(
     walk.check(log.checkpoints)
     n = log.tree.size
     covered = walk.previous.size if walk.previous else 0
-    if walk.by_revoked:
-        raise TamperError(
-            None,
-            f"the latest checkpoint (size {covered}) is signed only by a revoked key; "
-            "nothing trusted vouches for the log",
-        )
+    walk.refuse_if_by_revoked()
     if covered < n:
         _pinpoint(log, covered, n)
         raise TamperError(
@@ -344,6 +339,15 @@ class _Walk:
             if self.quorum_size and len(self.cosigners) >= self.quorum_size:
                 self.quorate = size
 
+    def refuse_if_by_revoked(self) -> None:
+        """Refuse a latest checkpoint that only a revoked key signed (see ``verify_log``)."""
+        if self.by_revoked and self.previous is not None:
+            raise TamperError(
+                None,
+                f"the latest checkpoint (size {self.previous.size}) is signed only by a revoked"
+                " key; nothing trusted vouches for the log",
+            )
+
     def quorum(self, wait: float, on_wait: Callable[[int], None] | None) -> tuple[str, ...]:
         """Step 7's quorum on the latest checkpoint, waiting up to ``wait`` s for one.
 
@@ -365,8 +369,11 @@ class _Walk:
                 found = _first_quorate(self.log.path, size, self.witnesses, self.quorum_size)
                 if found is not None:
                     self.extend(found)
-                    if len(self.cosigners) >= self.quorum_size:
-                        return self.cosigners
+                    if len(self.cosigners) < self.quorum_size:  # a node never removes one
+                        raise TamperError(
+                            None, f"checkpoint at size {found} lost cosignatures while read"
+                        )
+                    return self.cosigners
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -393,6 +400,7 @@ class _Walk:
             raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
         self.latest = note
         self.check(rows[1:])
+        self.refuse_if_by_revoked()
 
     def short_of_quorum(self, size: int, have: int, waited: float) -> str:
         """The failure line: what the latest checkpoint lacks; what a live log's auditor does."""

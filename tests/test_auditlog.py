@@ -927,7 +927,9 @@ def _cosign_stored(log: AuditLog, size: int, witnesses: dict[str, Ed25519Private
 class _WhileWaiting:
     """Run ``verify_log`` with a wait on a thread; ``during`` runs once it waits, not before."""
 
-    def __init__(self, datadir: Path, witnesses: list[Any], quorum: int) -> None:
+    def __init__(
+        self, datadir: Path, witnesses: list[Any], quorum: int, key: Ed25519PrivateKey = KEY
+    ) -> None:
         self.waiting: list[int] = []
         self.pool = ThreadPoolExecutor(1)
         self.started = threading.Event()
@@ -939,9 +941,10 @@ class _WhileWaiting:
         self.future = self.pool.submit(
             verify_log,
             datadir,
-            [log_verifier(KEY)],
+            [log_verifier(key)],
             witnesses=witnesses,
             quorum=quorum,
+            revoked_keys=[log_verifier(k) for k in (KEY, OTHER) if k is not key],
             wait=120,  # an upper bound only: it ends as soon as the quorum is there
             on_wait=on_wait,
         )
@@ -1021,3 +1024,21 @@ def test_verify_waiting_refuses_an_entry_edited_after_the_checkpoint_it_read(
         run.result(the_node_goes_on_and_someone_edits)
     assert caught.value.index == 8
     log.close()
+
+
+def test_verify_waiting_refuses_a_quorum_on_a_checkpoint_only_a_revoked_key_signed(
+    tmp_path: Path,
+) -> None:
+    # The latest checkpoint is still the one the trust comes from, wait or not: a
+    # thief with the revoked key appends and gets it cosigned while verify waits.
+    build_log(tmp_path, OTHER, [3, 4]).close()
+
+    def a_thief_appends() -> None:
+        thief = AuditLog(tmp_path, MEMBER, KEY, earlier_keys=[log_verifier(OTHER)])
+        thief.append_many([event(i) for i in range(7, 9)])
+        _cosign_stored(thief, 9, {"USA": WITNESS_KEYS["USA"], "KOR": WITNESS_KEYS["KOR"]})
+        thief.close()
+
+    run = _WhileWaiting(tmp_path, WITNESSES, 2, key=OTHER)
+    with pytest.raises(TamperError, match=r"latest checkpoint \(size 9\) is signed only by a rev"):
+        run.result(a_thief_appends)
