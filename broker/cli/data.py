@@ -56,7 +56,13 @@ def schemas_group() -> None:
 
 
 @schemas_group.command(name="export")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("schemas"))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("schemas"),
+    show_default=True,
+    help="The directory to write them to.",
+)
 def schemas_export(out: Path) -> None:
     """Write the JSON Schema files and example records to OUT."""
     try:
@@ -72,8 +78,16 @@ def samples_group() -> None:
 
 
 @samples_group.command(name="generate")
-@click.option("--count", type=click.IntRange(1, 1_000_000), default=300, show_default=True)
-@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--count",
+    type=click.IntRange(1, 1_000_000),
+    default=300,
+    show_default=True,
+    help="How many records.",
+)
+@click.option(
+    "--seed", type=int, default=1, show_default=True, help="The same seed writes the same file."
+)
 @click.option(
     "--originators",
     default=",".join(MEMBERS),
@@ -81,7 +95,12 @@ def samples_group() -> None:
     help="Comma-separated members the records come from (a feed submits only its own).",
 )
 @click.option("--invalid", is_flag=True, help="Write the invalid-record file instead.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The file to write (default: stdout).",
+)
 def samples_generate(
     count: int, seed: int, originators: str, invalid: bool, out: Path | None
 ) -> None:

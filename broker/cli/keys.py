@@ -114,7 +114,12 @@ def keys_group() -> None:
 
 @keys_group.command(name="init")
 @_KEYDIR
-@click.option("--members", default=",".join(MEMBERS), show_default=True)
+@click.option(
+    "--members",
+    default=",".join(MEMBERS),
+    show_default=True,
+    help="Comma-separated members to make keys for.",
+)
 @click.option("--force", is_flag=True, help="Replace existing keys (all old keys are lost).")
 @_VALID_DAYS
 @_writes_keys
@@ -472,11 +477,28 @@ def nats_group() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("keys"),
     show_default=True,
+    help="The key directory (keys/nats-users.json: every member's public nkey).",
 )
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--cluster", type=click.IntRange(0, 9), default=0, help="Servers in the hub.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The hub.conf to write.",
+)
+@click.option(
+    "--cluster",
+    type=click.IntRange(0, 9),
+    default=0,
+    show_default=True,
+    help="Servers in the hub: 0 for a single server (no cluster block), else 2 to 9.",
+)
 @click.option("--route-host", default="nats-{i}", show_default=True, help="Route host pattern.")
-@click.option("--store-dir", default="/data/jetstream", show_default=True)
+@click.option(
+    "--store-dir",
+    default="/data/jetstream",
+    show_default=True,
+    help="The JetStream store directory (relative: to the server's working directory).",
+)
 @click.option(
     "--listen", default="0.0.0.0:4222", show_default=True, help="Where nodes connect (HOST:PORT)."
 )
@@ -511,23 +533,42 @@ def nats_config(
 
 
 @nats_group.command(name="setup")
-@click.option("--server", "url", default="nats://127.0.0.1:4222", show_default=True)
+@click.option(
+    "--server",
+    "url",
+    default="nats://127.0.0.1:4222",
+    show_default=True,
+    help="A hub server's URL (nats:// or tls://).",
+)
 @click.option(
     "--keys",
     "keydir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("keys"),
     show_default=True,
+    help="The key directory (<dir>/ACCOUNT/nats.nk: the account's NATS seed).",
 )
 @click.option("--account", required=True, help="A member trigraph, or AUDIT.")
 @click.option(
     "--max-bytes",
     type=click.IntRange(1024 * 1024),
     default=None,
-    help="The inbox's size (a member), or each member's archive (AUDIT); within the quota.",
+    help="The inbox's size (a member; default 128 MiB), or each member's archive (AUDIT;"
+    " default 32 MiB); within the quota.",
 )
-@click.option("--max-age-days", type=click.FloatRange(0.01), default=None)
-@click.option("--replicas", type=click.IntRange(1, 5), default=1, show_default=True)
+@click.option(
+    "--max-age-days",
+    type=click.FloatRange(0.01),
+    default=None,
+    help="How long an unread report stays in the inbox (default 30); archives keep all.",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(1, 5),
+    default=1,
+    show_default=True,
+    help="Copies of each stream; at most the hub's servers.",
+)
 @click.option(
     "--tls-ca",
     type=click.Path(dir_okay=False, path_type=Path),

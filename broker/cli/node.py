@@ -363,7 +363,13 @@ def inbox_group() -> None:
 @inbox_group.command(name="list")
 @_CONFIG
 @click.option("--from", "sender", help="Only reports from this member.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Show at most this many, the newest (stderr says when there are more).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def inbox_list(config_path: Path, sender: str | None, limit: int, as_json: bool) -> None:
     """List received reports, newest first: originator, kind, and the fields received.
