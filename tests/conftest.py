@@ -40,6 +40,7 @@ BESIDE_THE_SUITE = frozenset(
         "test_canonical",
         "test_checkpoint",
         "test_config",
+        "test_docs",
         "test_envelope",
         "test_envelope_interop",
         "test_feeds",
