@@ -5,7 +5,8 @@ tests can run several nodes in one process. Labels carry only member codes
 and rejection reasons, never report content.
 
 * ``/healthz``: 200 while the process serves requests (liveness);
-* ``/readyz``: 200 once the store is open and NATS is connected, else 503;
+* ``/readyz``: 200 while connected to NATS with the inbox consumer bound and the inbox
+  not paused (a twin, a clock far off the hub's), else 503 with why;
 * ``/metrics``: the Prometheus text format.
 """
 
@@ -115,7 +116,8 @@ class Metrics:
         self.connected = Gauge("msmt_nats_connected", "1 while connected to NATS.", registry=r)
         self.ready = Gauge(
             "msmt_ready",
-            "1 while /readyz would answer 200: connected and the inbox consumer bound.",
+            "1 while /readyz would answer 200: connected, the inbox consumer bound and the"
+            " inbox not paused.",
             registry=r,
         )
         # Unattended nodes need a warning before a credential lapses: past it,
