@@ -781,7 +781,8 @@ def audit_evidence(
     Exit 0 only if the envelope opens with the key in FILE, the originator's
     signature, disclosures, schema and markings hold, and the sender's verified
     log records sending exactly this envelope to the recipient the file names
-    (the recipient's log, if given with a second --log, its receipt). 1 otherwise.
+    (the recipient's log, if given with a second --log, its receipt); 1 otherwise,
+    2 for a usage error (an unreadable file, no --log of the sender).
     """
     try:
         with file.open("rb") as handle:

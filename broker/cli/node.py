@@ -108,7 +108,8 @@ def node_resend(
     signs each envelope again, under its current policy and keys, and sends
     it. A partner that already holds a report refuses the new copy
     (``replay``) and keeps the first. Exit 0 when envelopes are queued, 1 when
-    none are or a report has no envelope to the partner.
+    none are or a report has no envelope to the partner, 2 for a bad request or
+    while the node runs.
     """
     config = _config(config_path)
     to = partner.upper()
