@@ -64,15 +64,27 @@ def _code_snippets(text: str) -> Iterator[tuple[int, str]]:
                 yield number, span.group(1)
 
 
+def _help_snippets() -> Iterator[tuple[str, str]]:
+    """(command, text) of each code span and parenthesised ``(msmt ...)`` in the --help texts."""
+    for path, cmd in _commands().items():
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        for text in texts:
+            flat = " ".join(text.split())
+            for span in [*re.findall(r"`([^`]+)`", flat), *re.findall(r"\((msmt [^)]*)\)", flat)]:
+                yield f"msmt {' '.join(path)} --help", span
+
+
 def _invocations() -> Iterator[tuple[str, str, list[str]]]:
-    """(where, rest of the command line, words after msmt) of each ``msmt ...`` in the docs."""
-    for doc in DOCS:
-        for number, snippet in _code_snippets(doc.read_text(encoding="utf-8")):
-            for part in re.split(r"\|\||&&|;|\||\$\(", snippet):
-                for m in re.finditer(
-                    r"(?:^|[\s/(])msmt(?=\s|$)((?:\s+[a-z][a-z0-9-]*)*)(.*)", part
-                ):
-                    yield f"{doc.name}:{number}", m.group(2), m.group(1).split()
+    """(where, rest of the command line, words after msmt) of each ``msmt ...`` shown."""
+    snippets = [
+        (f"{doc.name}:{number}", snippet)
+        for doc in DOCS
+        for number, snippet in _code_snippets(doc.read_text(encoding="utf-8"))
+    ]
+    for where, snippet in [*snippets, *_help_snippets()]:
+        for part in re.split(r"\|\||&&|;|\||\$\(", snippet):
+            for m in re.finditer(r"(?:^|[\s/(])msmt(?=\s|$)((?:\s+[a-z][a-z0-9-]*)*)(.*)", part):
+                yield where, m.group(2), m.group(1).split()
 
 
 def test_every_documented_command_and_option_exists() -> None:
