@@ -9,6 +9,7 @@ says where.
 from __future__ import annotations
 
 import ast
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +20,12 @@ from annotated_types import Ge, Le
 from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel
 
+from broker import feeds
 from broker.cli import _register
 from broker.cli import main as msmt
 from broker.config import ENV_OVERRIDES, NodeConfig
 from broker.metrics import Metrics
+from broker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -332,3 +335,27 @@ def test_cross_references_point_somewhere(doc: Path) -> None:
         if not (ROOT / name).exists():
             wrong.append(f"{name}: no such file")
     assert wrong == []
+
+
+def test_status_json_keys_are_named_in_node_md(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What msmt status --json gives on a node's store, against what docs/NODE.md names.
+    (tmp_path / "data").mkdir(mode=0o700)
+    Store(tmp_path / "data" / "node.sqlite3").close()
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'member = "JPN"\npolicy = "{ROOT / "nodes" / "JPN" / "policy.toml"}"\n'
+        'data_dir = "data"\n[nats]\nurls = ["nats://127.0.0.1:1"]\n[keys]\ndir = "keys"\n',
+        encoding="utf-8",
+    )
+    callback = _commands()[("status",)].callback
+    assert callback is not None
+    callback(config_path=config, as_json=True)
+    shown = set(json.loads(capsys.readouterr().out))
+    shown |= {
+        key for figures in feeds.usage({"feed.socket.accepted": 1}, {}).values() for key in figures
+    }
+    text = NODE_MD.read_text(encoding="utf-8")
+    assert len(shown) > 20
+    assert sorted(key for key in shown if f"`{key}`" not in text) == []
