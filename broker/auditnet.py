@@ -82,6 +82,7 @@ from broker.checkpoint import (
     proof_response,
 )
 from broker.errors import AuditError, ConfigError, MsmtError
+from broker.files import read_file_bytes
 from broker.log import Throttle, get_logger
 from broker.members import is_member
 from broker.merkle import verify_consistency
@@ -136,7 +137,7 @@ def load_witness_state(path: Path) -> dict[str, LogState]:
     the sample systemd unit does not restart on 2.
     """
     try:
-        data = path.read_bytes()
+        data = read_file_bytes(path)
     except FileNotFoundError:
         return {}
     except OSError as exc:

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Final, cast
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from broker.errors import ConfigError
+from broker.files import read_file_text
 from broker.members import Member
 from broker.natstls import CONFIG_NAMES, check_tls_settings, client_tls_context, display_url
 from broker.policy import Policy, load_policy
@@ -204,7 +205,7 @@ class NodeConfig(_Section):
         ``PolicyError`` (naming the line) if it does not check.
         """
         try:
-            text = self.policy.read_text(encoding="utf-8")
+            text = read_file_text(self.policy)
         except OSError as exc:
             raise ConfigError(f"cannot read policy {self.policy}: {exc.strerror}") from None
         except UnicodeDecodeError:
@@ -404,7 +405,7 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
     line), or the first invalid key.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_file_text(path)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -413,4 +414,6 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path}: invalid TOML: {exc}") from None
+    except RecursionError:  # arrays or inline tables nested deeper than tomllib's stack
+        raise ConfigError(f"config {path}: invalid TOML: nested too deeply") from None
     return parse_config(data, path.parent, env)

@@ -47,6 +47,7 @@ from pydantic import BaseModel
 
 from broker.errors import ConfigError, StoreError, UsageError
 from broker.feeds import NO_FEEDS, Feed, Feeds, FeedTokens
+from broker.files import read_file_text
 from broker.log import Throttle, get_logger
 from broker.sightings import (
     HANDLING_FIELDS,
@@ -405,7 +406,7 @@ def read_token(path: Path) -> str:
     """Read the intake token; raise ``UsageError`` if it is missing, empty or readable by others."""
     try:
         mode = path.stat().st_mode
-        token = path.read_text(encoding="ascii").strip()
+        token = read_file_text(path, "ascii").strip()
     except OSError as exc:
         raise UsageError(f"cannot read intake token {path}: {exc.strerror}") from None
     except UnicodeDecodeError:

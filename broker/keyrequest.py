@@ -47,6 +47,7 @@ from joserfc.jws import FlattenedJSONSerialization
 from broker import keys as keyfiles
 from broker import natsusers
 from broker.errors import KeyMaterialError, UsageError
+from broker.files import read_file_bytes
 from broker.members import MEMBERS, is_member
 from broker.roster import CURVES, Roster, RosterKey, format_time
 from broker.sdjwt import b64u_decode, b64u_encode, loads_strict
@@ -179,7 +180,7 @@ def make_request(
     old_seed: bytes | None = None
     if seed_path.exists():
         try:
-            old_seed = seed_path.read_bytes()
+            old_seed = read_file_bytes(seed_path)
         except OSError as exc:
             raise KeyMaterialError(f"cannot read {seed_path}: {exc.strerror}") from None
         keyfiles.check_private_file(seed_path, "NATS seed")
@@ -316,8 +317,7 @@ def _leaked(path: Path, found: list[dict[str, Any]], roster: Roster) -> KeyMater
 
 def _read_outer(path: Path) -> Any:
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_REQUEST_BYTES + 1)
+        data = read_file_bytes(path, MAX_REQUEST_BYTES + 1)
     except OSError as exc:
         raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
     if len(data) > MAX_REQUEST_BYTES:

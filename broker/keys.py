@@ -41,6 +41,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeyParameters, OKPKey
 
 from broker.errors import KeyMaterialError, UsageError, WriteError
+from broker.files import read_file_bytes, read_file_text
 from broker.members import MEMBERS, is_member
 from broker.roster import KeyUse, Roster, format_time
 
@@ -141,7 +142,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def read_json(path: Path) -> Any:
     """Read a JSON file strictly (no duplicate members); raise ``KeyMaterialError`` naming it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_file_text(path)
     except OSError as exc:
         raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -149,6 +150,8 @@ def read_json(path: Path) -> Any:
         raise KeyMaterialError(f"{path} is not UTF-8 text") from None
     try:
         return json.loads(text, object_pairs_hook=_reject_duplicates)
+    except RecursionError:  # "[[[[...": deeper than the decoder's stack, not a traceback
+        raise KeyMaterialError(f"{path} is not valid JSON: nested too deeply") from None
     except ValueError as exc:
         raise KeyMaterialError(f"{path} is not valid JSON: {exc}") from None
 
@@ -384,10 +387,11 @@ def load_signed_roster(
     """
     jwks = read_json(keydir / ROSTER_FILE)
     try:
-        signature = (keydir / ROSTER_SIG_FILE).read_text(encoding="ascii")
+        signature = read_file_text(keydir / ROSTER_SIG_FILE, "ascii")
     except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
         raise KeyMaterialError(
-            f"cannot read roster signature {keydir / ROSTER_SIG_FILE}: {exc}"
+            f"cannot read roster signature {keydir / ROSTER_SIG_FILE}: {reason}"
         ) from None
     pin = authority_path or keydir / AUTHORITY_PUBLIC_FILE
     try:
@@ -503,7 +507,7 @@ def _swap(staged: Path, path: Path) -> None:
 def _verified_pair(roster: Path, signature: Path, authority: OKPKey) -> SignedRoster | None:
     """The roster ``roster`` signed by ``signature`` under ``authority``; ``None`` if not."""
     try:
-        text = signature.read_text(encoding="ascii")
+        text = read_file_text(signature, "ascii")
         return verify_roster(read_json(roster), text, authority)
     except (OSError, UnicodeDecodeError, KeyMaterialError):
         return None
@@ -800,7 +804,7 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
     if not usable:
         raise KeyMaterialError(f"{member} has no usable decryption key in {folder}")
     try:
-        seed = (folder / NATS_SEED_FILE).read_bytes().strip()
+        seed = read_file_bytes(folder / NATS_SEED_FILE).strip()
     except OSError as exc:
         raise KeyMaterialError(f"cannot read {folder / NATS_SEED_FILE}: {exc.strerror}") from None
     check_private_file(folder / NATS_SEED_FILE, "NATS seed")

@@ -46,6 +46,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from broker.errors import ConfigError, KeyMaterialError
+from broker.files import read_file_bytes
 from broker.keys import check_private_file
 from broker.roster import format_time
 
@@ -243,7 +244,7 @@ def _reason(exc: Exception) -> str:
 
 def _read(path: Path, name: str) -> bytes:
     try:
-        return path.read_bytes()
+        return read_file_bytes(path)
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
 

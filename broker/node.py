@@ -60,6 +60,7 @@ from broker.errors import (
     UsageError,
 )
 from broker.feeds import FEED_COUNTER, FEED_USED, SHARED_STATE, FeedTokens
+from broker.files import read_file_bytes, read_file_text
 from broker.intake import Intake, Refusal, ensure_token, make_app, read_token, serve_unix
 from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
 from broker.log import Throttle, get_logger
@@ -129,7 +130,7 @@ def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
     for key_id in policy.pseudonym_keys:
         path = config.keys.dir / config.member / "pseudonym" / f"{key_id}.key"
         try:
-            text = path.read_text(encoding="ascii").strip()
+            text = read_file_text(path, "ascii").strip()
             key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         except (OSError, ValueError) as exc:
             raise KeyMaterialError(f"pseudonym key {key_id}: cannot read {path} ({exc})") from None
@@ -1211,7 +1212,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             )
         if config.nats.seed_file is not None:
             try:
-                seed = config.nats.seed_file.read_bytes().strip()
+                seed = read_file_bytes(config.nats.seed_file).strip()
             except OSError as exc:
                 raise KeyMaterialError(
                     f"cannot read {config.nats.seed_file}: {exc.strerror}"

@@ -556,6 +556,8 @@ def read_policy(text: str, *, member: str | None) -> tuple[PolicySpec | None, li
         if match:
             return None, [Problem(int(match.group(2)), f"not valid TOML: {match.group(1)}")]
         return None, [Problem(max(1, len(text.splitlines())), f"not valid TOML: {exc}")]
+    except RecursionError:  # arrays or inline tables nested deeper than tomllib's stack
+        return None, [Problem(1, "not valid TOML: nested too deeply")]
     reader = _Reader(text, member)
     spec = reader.read(data)
     return spec, sorted(reader.problems, key=lambda p: p.line)

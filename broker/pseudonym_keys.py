@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from broker.errors import KeyMaterialError, UsageError
+from broker.files import read_file_bytes
 from broker.members import MEMBERS, is_member
 from broker.transforms import Transform
 
@@ -109,7 +110,7 @@ def store_key(path: Path, key: bytes, *, replace: bool) -> Outcome:
             "the right --dir)"
         )
     try:
-        existing: bytes | None = path.read_bytes()
+        existing: bytes | None = read_file_bytes(path)
     except FileNotFoundError:
         existing = None
     except OSError as exc:

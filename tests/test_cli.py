@@ -10,6 +10,7 @@ a real signal would land wherever the process happened to be.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from node_world import MSMT, REPO
 
-from broker import feeds
+from broker import feeds, keys
 from broker.store import Store
 
 HOOK = """
@@ -165,3 +166,78 @@ def test_a_stderr_that_fails_keeps_the_exit_status_and_out_of_stdout(
     # its usage error to stdout, where a script's output goes.
     done = _run_with_stderr(how, args)
     assert (done.returncode, done.stdout) == (2, b"")
+def _msmt(*args: str, data: Path, limit_memory: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    env["MSMT_DATA_DIR"] = str(data)
+
+    def cap() -> None:  # /dev/zero read whole, without the fix, must not take the machine's
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run(
+        [MSMT, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,  # a FIFO read as a file waits for a writer that never comes
+        check=False,
+        preexec_fn=cap if limit_memory else None,
+    )
+
+
+NOT_A_FILE = "not a regular file (a FIFO, socket or device)"
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (("status", "--config", "{fifo}"), "cannot read config {fifo}"),
+        (("policy", "check", "{fifo}"), "cannot read policy {fifo}"),
+        (("keys", "verify-roster", "--dir", "{keys}"), "cannot read {keys}/roster.json"),
+        (
+            ("submit", "--config", JPN_CONFIG, "--token-file", "{fifo}", "/dev/null"),
+            "cannot read intake token {fifo}",
+        ),
+    ],
+    ids=lambda value: value[0] if isinstance(value, tuple) else "",
+)
+def test_a_fifo_named_as_an_input_file_is_refused_at_once(
+    tmp_path: Path, args: tuple[str, ...], reason: str
+) -> None:
+    # Each command reads the FIFO where it expects a file: without a writer it
+    # would wait for ever (the subprocess's timeout fails the test).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, ["JPN", "USA"])
+    (keydir / keys.ROSTER_FILE).unlink()
+    os.mkfifo(keydir / keys.ROSTER_FILE)
+    done = _msmt(*(a.format(fifo=fifo, keys=keydir) for a in args), data=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"msmt: error: {reason.format(fifo=fifo, keys=keydir)}: {NOT_A_FILE}\n"
+
+
+def test_a_device_named_as_the_config_is_refused_before_a_byte_is_read(tmp_path: Path) -> None:
+    # /dev/zero never ends: read whole, it took memory until a MemoryError traceback.
+    done = _msmt("status", "--config", "/dev/zero", data=tmp_path, limit_memory=True)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"msmt: error: cannot read config /dev/zero: {NOT_A_FILE}\n"
+
+
+def test_input_files_nested_too_deeply_are_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # Deeper than the parsers' stack: RecursionError, which no loader caught.
+    toml = tmp_path / "deep.toml"
+    toml.write_text("a = " + "[" * 10_000 + "]" * 10_000 + "\n")
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, ["JPN", "USA"])
+    (keydir / keys.ROSTER_FILE).write_text("[" * 10_000 + "]" * 10_000)
+    done = _msmt("status", "--config", str(toml), data=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"msmt: error: config {toml}: invalid TOML: nested too deeply\n"
+    done = _msmt("policy", "check", str(toml), data=tmp_path)
+    assert (done.returncode, done.stderr) == (1, "")
+    assert done.stdout == f"{toml}:1: not valid TOML: nested too deeply\n"
+    done = _msmt("keys", "verify-roster", "--dir", str(keydir), data=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        f"msmt: error: {keydir}/roster.json is not valid JSON: nested too deeply\n"
+    )

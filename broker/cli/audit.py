@@ -41,6 +41,7 @@ from broker.checkpoint import (
 )
 from broker.cli.options import write_stdout
 from broker.errors import AuditError, EnvelopeError, InputError, MsmtError, UsageError
+from broker.files import read_file_bytes, read_file_text
 from broker.members import MEMBERS
 from broker.merkle import verify_inclusion
 from broker.note import ALG_COSIGNATURE_V1, NoteError, Verifier, parse_vkey
@@ -74,7 +75,7 @@ def _read_file(path: Path, what: str) -> str:
     # One line naming the file: the OS's reason, not Python's "[Errno 2] ...: 'path'",
     # and no codec text (its byte offsets say nothing an operator can use).
     try:
-        return path.read_text(encoding="utf-8")
+        return read_file_text(path)
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or 'unreadable'}") from None
     except UnicodeDecodeError:
@@ -100,7 +101,7 @@ def _read_text(path: Path) -> str:
     if text.lstrip().startswith("{"):
         try:
             inner = json.loads(text).get("checkpoint")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             inner = None
         if not isinstance(inner, str):
             raise UsageError(f'{path}: JSON without a "checkpoint" note in it')
@@ -785,8 +786,7 @@ def audit_evidence(
     2 for a usage error (an unreadable file, no --log of the sender).
     """
     try:
-        with file.open("rb") as handle:
-            raw = handle.read(evidence.MAX_FILE_BYTES + 1)
+        raw = read_file_bytes(file, evidence.MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"cannot read evidence {file}: {exc.strerror or 'unreadable'}") from None
     try:

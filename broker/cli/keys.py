@@ -17,6 +17,7 @@ import click
 from broker import keyrequest, natsconfig, natsetup, natstls, natsusers, pseudonym_keys
 from broker import keys as keyfiles
 from broker.errors import KeyMaterialError, UsageError, WriteError
+from broker.files import read_file_bytes
 from broker.members import MEMBERS, parse_members
 from broker.roster import format_time
 from broker.store import flock_holder
@@ -459,8 +460,7 @@ def _read_key_source(source: Path) -> bytes:
     if str(source) == "-":
         return sys.stdin.buffer.read(limit)
     try:
-        with source.open("rb") as handle:
-            return handle.read(limit)
+        return read_file_bytes(source, limit)
     except OSError as exc:
         raise UsageError(f"cannot read {source}: {exc.strerror}") from None
 
@@ -609,7 +609,7 @@ def nats_setup(
     tls = natstls.client_tls_context([url], tls_ca, tls_cert, tls_key, natstls.CLI_NAMES)
     path = keydir / account / keyfiles.NATS_SEED_FILE
     try:
-        seed = path.read_bytes().strip()
+        seed = read_file_bytes(path).strip()
     except OSError as exc:
         raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
     keyfiles.nats_public(seed, str(path))

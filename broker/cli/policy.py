@@ -15,6 +15,7 @@ import click
 
 from broker.config import load_config
 from broker.errors import InputError, PolicyError, UsageError
+from broker.files import read_file_text
 from broker.members import MEMBERS
 from broker.policy import Decision, Policy, Release, check_policy, load_policy
 from broker.policy_file import read_policy
@@ -24,7 +25,7 @@ from broker.validation import InvalidRecordError, parse_record
 
 def _read(path: Path, what: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return read_file_text(path)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise UsageError(f"cannot read {what} {path}: {reason}") from None
@@ -72,8 +73,8 @@ def _report(path: Path) -> SightingModel:
     try:
         json.loads(text)
         raw = text
-    except json.JSONDecodeError:
-        # NDJSON: explain the first record.
+    except (json.JSONDecodeError, RecursionError):
+        # NDJSON: explain the first record (or refuse the nesting, as parse_record does).
         raw = next((line for line in text.splitlines() if line.strip()), "")
     try:
         return parse_record(raw)
