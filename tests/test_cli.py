@@ -166,6 +166,8 @@ def test_a_stderr_that_fails_keeps_the_exit_status_and_out_of_stdout(
     # its usage error to stdout, where a script's output goes.
     done = _run_with_stderr(how, args)
     assert (done.returncode, done.stdout) == (2, b"")
+
+
 def _msmt(*args: str, data: Path, limit_memory: bool = False) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
     env["MSMT_DATA_DIR"] = str(data)
@@ -181,6 +183,23 @@ def _msmt(*args: str, data: Path, limit_memory: bool = False) -> subprocess.Comp
         timeout=60,  # a FIFO read as a file waits for a writer that never comes
         check=False,
         preexec_fn=cap if limit_memory else None,
+    )
+
+
+def test_an_error_line_escapes_the_newline_or_escape_in_what_it_names(tmp_path: Path) -> None:
+    # A path is echoed into the error: a newline in it must not split the line,
+    # nor forge a second "msmt: error:" line in whatever log collects stderr.
+    forged = tmp_path / "a\nmsmt: error: forged" / "node.toml"
+    done = _msmt("status", "--config", str(forged), data=tmp_path)
+    shown = str(forged).replace("\n", "\\n")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"msmt: error: cannot read config {shown}: No such file or directory\n"
+    # policy check prints its own error lines, one per file it cannot read.
+    red = tmp_path / "x\x1b[31m.toml"
+    done = _msmt("policy", "check", str(red), data=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"msmt: error: cannot read policy {tmp_path}/x\\x1b[31m.toml: No such file or directory\n"
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from broker import __version__
-from broker.cli.options import guarded_stderr, guarded_stdout
+from broker.cli.options import error_line, guarded_stderr, guarded_stdout
 from broker.errors import MsmtError, StdoutError
 
 INTERRUPTED_EXIT: int = 130
@@ -24,7 +24,7 @@ INTERRUPTED_EXIT: int = 130
 
 
 def _fail(exc: MsmtError) -> NoReturn:
-    click.echo(f"msmt: error: {exc}", err=True)
+    click.echo(error_line(exc), err=True)
     sys.exit(exc.exit_code)
 
 

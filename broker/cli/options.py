@@ -228,6 +228,21 @@ def write_stdout(pieces: Iterable[str], what: str) -> None:
         raise StdoutError(exc.cause, what) from None
 
 
+def one_line(text: str) -> str:
+    r"""``text`` with each control character and line break escaped (``\n``, ``\x1b``).
+
+    An error names what the operator gave (a path, a value), which may hold a
+    newline: it must not split the line, nor forge a second one in whatever
+    log collects stderr, nor let an escape sequence restyle the terminal.
+    """
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def error_line(exc: Exception) -> str:
+    """The one line an error is shown as: ``msmt: error: REASON``, escaped by ``one_line``."""
+    return f"msmt: error: {one_line(str(exc))}"
+
+
 def rfc3339(option: str, text: str) -> datetime:
     """An option's RFC 3339 time with its zone; ``UsageError`` naming the option otherwise."""
     try:

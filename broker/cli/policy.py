@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from broker.cli.options import error_line
 from broker.config import load_config
 from broker.errors import InputError, PolicyError, UsageError
 from broker.files import read_file_text
@@ -49,7 +50,7 @@ def check(files: tuple[Path, ...]) -> None:
         try:
             text = _read(path, "policy")
         except UsageError as exc:
-            click.echo(f"msmt: error: {exc}", err=True)
+            click.echo(error_line(exc), err=True)
             status = 2
             continue
         problems = check_policy(text)
