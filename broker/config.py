@@ -288,7 +288,13 @@ def _coerce_env(name: str, keys: tuple[str, ...], text: str) -> Any:
     if _key_type(keys) is int:
         if re.fullmatch(r"-?[0-9]+", text.strip()) is None:
             raise ConfigError(f"config key {'.'.join(keys)}: {name}={text!r} is not an integer")
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:  # over 4300 digits, which int() refuses; no limit is near that
+            digits = len(text.strip().lstrip("-"))
+            raise ConfigError(
+                f"config key {'.'.join(keys)}: {name} is an integer of {digits} digits"
+            ) from None
     if _key_type(keys) is bool:
         if text.strip() not in ("true", "false"):
             raise ConfigError(f"config key {'.'.join(keys)}: {name}={text!r} is not true or false")
@@ -416,4 +422,6 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
         raise ConfigError(f"config {path}: invalid TOML: {exc}") from None
     except RecursionError:  # arrays or inline tables nested deeper than tomllib's stack
         raise ConfigError(f"config {path}: invalid TOML: nested too deeply") from None
+    except ValueError:  # tomllib leaves int()'s refusal of over 4300 digits unwrapped
+        raise ConfigError(f"config {path}: invalid TOML: an integer of over 4300 digits") from None
     return parse_config(data, path.parent, env)

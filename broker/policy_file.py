@@ -558,6 +558,8 @@ def read_policy(text: str, *, member: str | None) -> tuple[PolicySpec | None, li
         return None, [Problem(max(1, len(text.splitlines())), f"not valid TOML: {exc}")]
     except RecursionError:  # arrays or inline tables nested deeper than tomllib's stack
         return None, [Problem(1, "not valid TOML: nested too deeply")]
+    except ValueError:  # tomllib leaves int()'s refusal of over 4300 digits unwrapped
+        return None, [Problem(1, "not valid TOML: an integer of over 4300 digits")]
     reader = _Reader(text, member)
     spec = reader.read(data)
     return spec, sorted(reader.problems, key=lambda p: p.line)

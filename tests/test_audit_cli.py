@@ -529,9 +529,12 @@ def test_verify_known_refuses_what_is_not_a_checkpoint_of_this_log(
     binary = tmp_path / "binary.note"
     binary.write_bytes(b"\xff\xfe checkpoint")
     missing = tmp_path / "missing"
+    deep = tmp_path / "deep.json"  # deeper than json's stack: was a traceback
+    deep.write_text('{"checkpoint": ' + "[" * 10_000 + "]" * 10_000 + "}")
     for path, reason in (
         (theirs, f"{theirs}: not a checkpoint of this log: "),
         (garbage, f'{garbage}: JSON without a "checkpoint" note in it\n'),
+        (deep, f'{deep}: JSON without a "checkpoint" note in it\n'),
         # The OS's reason, not Python's "[Errno 2] ...: '<path>'" naming the file twice,
         # and no codec text for a file that is not text.
         (missing, f"cannot read checkpoint {missing}: No such file or directory\n"),
@@ -598,10 +601,17 @@ def test_verify_witness_state_refuses_a_file_that_says_nothing_of_this_log(
     bad.write_text('{"JPN": {"size": -1, "root": "AAAA"}}')
     note = tmp_path / "kept.note"
     note.write_text("JPN\n3\nAAAA\n")
+    # Deeper than json's stack, and an integer int() refuses: each was a traceback.
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 10_000 + "]" * 10_000)
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"JPN": {"size": ' + "9" * 5000 + ', "root": "AAAA"}}')
     for path, reason in (
         (others, f"{others}: this witness has cosigned nothing of JPN (it holds 2 other logs)"),
         (bad, f"{bad}: not a witness state: witness state for 'JPN' is malformed"),
         (note, f"{note}: not a witness state: witness state is not JSON"),
+        (deep, f"{deep}: not a witness state: witness state is not JSON"),
+        (huge, f"{huge}: not a witness state: witness state is not JSON"),
         (tmp_path / "nope", f"cannot read witness state {tmp_path / 'nope'}: No such file"),
     ):
         code, out, err = _run(

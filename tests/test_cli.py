@@ -168,9 +168,11 @@ def test_a_stderr_that_fails_keeps_the_exit_status_and_out_of_stdout(
     assert (done.returncode, done.stdout) == (2, b"")
 
 
-def _msmt(*args: str, data: Path, limit_memory: bool = False) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
-    env["MSMT_DATA_DIR"] = str(data)
+def _msmt(
+    *args: str, data: Path, limit_memory: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    environ.update(MSMT_DATA_DIR=str(data), **(env or {}))
 
     def cap() -> None:  # /dev/zero read whole, without the fix, must not take the machine's
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
@@ -179,7 +181,7 @@ def _msmt(*args: str, data: Path, limit_memory: bool = False) -> subprocess.Comp
         [MSMT, *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=environ,
         timeout=60,  # a FIFO read as a file waits for a writer that never comes
         check=False,
         preexec_fn=cap if limit_memory else None,
@@ -260,3 +262,36 @@ def test_input_files_nested_too_deeply_are_one_line_not_a_traceback(tmp_path: Pa
     assert done.stderr == (
         f"msmt: error: {keydir}/roster.json is not valid JSON: nested too deeply\n"
     )
+
+
+def test_an_integer_of_over_4300_digits_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # int() refuses over 4300 digits with a ValueError that tomllib and json leave
+    # unwrapped, and that MSMT_* integers met too: each was a traceback.
+    huge = "9" * 5000
+    config = tmp_path / "node.toml"
+    config.write_text((REPO / "nodes/JPN/node.toml").read_text() + f"\nzz = {huge}\n")
+    done = _msmt("status", "--config", str(config), data=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        f"msmt: error: config {config}: invalid TOML: an integer of over 4300 digits\n"
+    )
+    done = _msmt("status", "--config", JPN_CONFIG, data=tmp_path, env={"MSMT_HOLD_SECONDS": huge})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "msmt: error: config key limits.hold_seconds: MSMT_HOLD_SECONDS is an integer of"
+        " 5000 digits\n"
+    )
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"version = {huge}\n")
+    done = _msmt("policy", "check", str(policy), data=tmp_path)
+    assert (done.returncode, done.stderr) == (1, "")
+    assert done.stdout == f"{policy}:1: not valid TOML: an integer of over 4300 digits\n"
+    report = tmp_path / "report.json"
+    report.write_text(f'{{"report_id": {huge}}}\n')
+    done = _msmt(
+        "policy", "explain", "--member", "JPN", "--report", str(report),
+        "--policy", str(REPO / "nodes/JPN/policy.toml"), data=tmp_path,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.startswith(f"msmt: error: {report}: not a valid sighting: ")
+    assert done.stderr.count("\n") == 1

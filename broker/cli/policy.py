@@ -74,7 +74,7 @@ def _report(path: Path) -> SightingModel:
     try:
         json.loads(text)
         raw = text
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: also an integer of over 4300 digits
         # NDJSON: explain the first record (or refuse the nesting, as parse_record does).
         raw = next((line for line in text.splitlines() if line.strip()), "")
     try:
