@@ -125,6 +125,7 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
             db = open_readonly(path)
             _check_tables(db, path)
         else:
+            _refuse_foreign(path)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             # FULL syncs the WAL on every commit: an acknowledged append survives power loss.
@@ -167,6 +168,25 @@ def _check_tables(db: sqlite3.Connection, path: Path) -> None:
             "empty or not initialised" if not tables else f"it has no {' or '.join(missing)} table"
         )
         raise AuditError(f"{path} is not an {FORMAT} audit log ({why})")
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Raise ``AuditError`` if ``path`` holds tables but not an audit log's; write nothing.
+
+    Checked read-only, before the writer opens it: a read-write connection writes
+    the ``-wal`` file beside the database into it when it closes, and another
+    database's ``-wal`` put there overwrote the log's pages before its tables were
+    found missing. A new or empty file passes, to be made into a log.
+    """
+    wal = path.with_name(path.name + "-wal")
+    if not any(p.is_file() and p.stat().st_size for p in (path, wal)):
+        return
+    db = open_readonly(path)
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'").fetchone():
+            _check_tables(db, path)
+    finally:
+        db.close()
 
 
 class AuditLog:

@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -347,6 +348,7 @@ class Store:
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._lock = _lock_writer(path)
+                _refuse_foreign(path)
                 self._db = sqlite3.connect(
                     path, isolation_level=None, timeout=10, check_same_thread=False
                 )
@@ -1036,6 +1038,35 @@ _INBOX_COLUMNS: Final = (
     "SELECT sender, originator, report_id, kind, tlp, rel_to, iat, received_at, fields, paths,"
     " jwe_sha256, {kid}, rowid FROM inbox"
 )
+
+
+_STORE_TABLES: Final = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
+"""Every table of a store; one made by an older version has some of them."""
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Raise ``StoreDamagedError`` if ``path`` holds tables, none of them a store's; write nothing.
+
+    Checked read-only, before the writer opens it: a read-write connection writes
+    the ``-wal`` file beside the database into it when it closes, and another
+    database's ``-wal`` put there overwrote the store's pages (the reports it had
+    accepted) before anything found them missing. A new or empty file passes.
+    """
+    wal = path.with_name(path.name + "-wal")
+    if not any(p.is_file() and p.stat().st_size for p in (path, wal)):
+        return
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
+    try:
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    finally:
+        db.close()
+    tables = {name for (name,) in rows}
+    if tables and tables.isdisjoint(_STORE_TABLES):
+        raise StoreDamagedError(
+            f"store {path} is not a node store (it has none of a store's tables; SQLite"
+            " reads a -wal file beside it as part of it): restore it from a backup"
+            " (docs/DEPLOY.md, 'Backing up and restoring a node')"
+        )
 
 
 def _check_format(db: sqlite3.Connection, path: Path) -> None:

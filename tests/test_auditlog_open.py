@@ -131,6 +131,47 @@ def test_node_run_refuses_a_store_that_is_not_a_database_with_exit_2(tmp_path: P
     )
 
 
+def _foreign_wal(path: Path) -> bytes:
+    """The -wal file of another SQLite database, with committed pages not yet written back."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TABLE entries (x BLOB)")
+    db.executemany("INSERT INTO entries VALUES (?)", [(b"x" * 500,)] * 50)
+    db.commit()
+    wal = path.with_name(path.name + "-wal").read_bytes()
+    db.close()
+    return wal
+
+
+@pytest.mark.parametrize("which", ["store", "audit log"])
+def test_node_run_refuses_another_databases_wal_without_writing_it_in(
+    tmp_path: Path, which: str
+) -> None:
+    # SQLite reads a -wal file beside a database as part of it, whatever database
+    # wrote it, and a read-write connection writes it in when it closes: the node's
+    # open did so before anything found the tables missing, overwriting the store's
+    # accepted reports or the log's entries. Now refused before a byte is written.
+    folder = jpn_config(tmp_path).parent
+    config = load_config(folder / "node.toml", env={})
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+    path = config.store_path if which == "store" else config.audit_dir / DB_FILE
+    path.with_name(path.name + "-shm").unlink(missing_ok=True)
+    path.with_name(path.name + "-wal").write_bytes(_foreign_wal(tmp_path / "other.sqlite3"))
+    before = path.read_bytes()
+    done = msmt("node", "run", "--config", str(folder / "node.toml"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith(
+        f"msmt: error: store {path} is not a node store (it has none of a store's tables;"
+        if which == "store"
+        else f"msmt: error: {path} is not an msmt-audit-1 audit log (it has no meta or"
+    ), done.stderr
+    assert path.read_bytes() == before
+
+
 def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_path: Path) -> None:
     config = load_config(jpn_config(tmp_path), env={})
     keydir = tmp_path / "keys"
