@@ -43,6 +43,7 @@ from joserfc.jwk import KeyParameters, OKPKey
 from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.files import read_file_bytes, read_file_text
 from broker.members import MEMBERS, is_member
+from broker.note import excerpt
 from broker.roster import KeyUse, Roster, format_time
 
 ROSTER_FILE: Final = "roster.json"
@@ -231,8 +232,17 @@ def load_private_jwk(path: Path, *, use: KeyUse) -> OKPKey:
     return _import_private(path, data)
 
 
+def _check_alg(path: Path, data: Mapping[str, Any]) -> None:
+    # joserfc imports any "alg", then refuses to sign with one it does not know, or
+    # one not of the key's curve: a traceback from msmt keys rotate, not a refusal.
+    want = ALGS["sig"] if data.get("crv") == "Ed25519" else ALGS["enc"]
+    if "alg" in data and data["alg"] != want:
+        raise KeyMaterialError(f"{path}: its alg is {excerpt(str(data['alg']))}, not {want!r}")
+
+
 def _import_private(path: Path, data: dict[str, Any]) -> OKPKey:
-    """Import a private OKP JWK whose ``d`` must belong to its ``x``."""
+    """Import a private OKP JWK whose ``d`` must belong to its ``x``, of its curve's ``alg``."""
+    _check_alg(path, data)
     try:
         key = OKPKey.import_key(data)
     except (ValueError, JoseError) as exc:
@@ -321,6 +331,7 @@ def load_authority(path: Path) -> OKPKey:
         raise KeyMaterialError(f"{path}: roster authority must be a public Ed25519 JWK")
     if not isinstance(data.get("kid"), str):
         raise KeyMaterialError(f"{path}: roster authority key has no kid")
+    _check_alg(path, data)
     try:
         return OKPKey.import_key(data)
     except (ValueError, JoseError) as exc:

@@ -207,6 +207,20 @@ def test_rotate_unknown_member_changes_nothing(keydir: Path) -> None:
     assert snapshot(keydir) == before
 
 
+@pytest.mark.parametrize("alg", ["x", "ECDH-ES+A256KW", ["Ed25519"]])
+def test_a_key_file_with_another_alg_is_refused_in_one_line(keydir: Path, alg: object) -> None:
+    # joserfc imports a JWK whatever its "alg", then refused to sign with it:
+    # msmt keys rotate was a traceback (UnsupportedKeyAlgorithmError).
+    path = keydir / keys.AUTHORITY_PRIVATE_FILE
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "alg": alg}))
+    before = snapshot(keydir)
+    result = CliRunner().invoke(main, ["keys", "rotate", "JPN", "--dir", str(keydir)])
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (f"msmt: error: {path}: its alg is {str(alg)!r}, not 'Ed25519'\n")
+    assert snapshot(keydir) == before
+
+
 def test_revoke_records_reason_and_the_key_never_verifies_again(keydir: Path) -> None:
     roster = keys.load_signed_roster(keydir).roster
     kid = roster.current("USA", "sig", T0).kid
