@@ -16,6 +16,7 @@ from typing import Literal
 
 from broker import keys as keyfiles
 from broker.errors import KeyMaterialError, UsageError
+from broker.note import excerpt
 
 
 def _check_account(account: str) -> str:
@@ -28,11 +29,18 @@ def _check_account(account: str) -> str:
 
 
 def load_users(keydir: Path) -> dict[str, str]:
-    """Read ``nats-users.json`` strictly: a JSON object of strings; ``KeyMaterialError`` if not."""
+    """Read ``nats-users.json`` strictly: an object of NATS user public nkeys, by account.
+
+    Raises ``KeyMaterialError`` naming the file and account otherwise: ``msmt nats
+    config`` wrote a mistyped nkey into the hub's configuration, which nats-server
+    then refused to load, naming only its own line.
+    """
     path = keydir / keyfiles.NATS_USERS_FILE
     data = keyfiles.read_json(path)
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise KeyMaterialError(f"{path} is not a JSON object of public nkeys")
+    for account, nkey in data.items():
+        keyfiles.check_nats_user(nkey, f"{path}: the user of {excerpt(account)}")
     return data
 
 

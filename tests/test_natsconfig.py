@@ -176,6 +176,25 @@ def test_cli_config_from_missing_keys_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "x.conf").exists()
 
 
+def test_cli_config_refuses_a_mistyped_nkey_in_the_user_list(keydir: Path, tmp_path: Path) -> None:
+    # One letter of AUS's nkey in lower case: the config was written, and nats-server
+    # then refused it, naming only a line of the config, not the file to mend.
+    copy = tmp_path / "keys"
+    copy.mkdir()
+    users = natsusers.load_users(keydir)
+    at = next(i for i, ch in enumerate(users["AUS"]) if i > 0 and ch.isalpha())
+    users["AUS"] = users["AUS"][:at] + users["AUS"][at].lower() + users["AUS"][at + 1 :]
+    (copy / keys.NATS_USERS_FILE).write_text(json.dumps(users))
+    out = tmp_path / "x.conf"
+    result = CliRunner().invoke(main, ["nats", "config", "--keys", str(copy), "--out", str(out)])
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"msmt: error: {copy / keys.NATS_USERS_FILE}: the user of 'AUS': malformed NATS public"
+        " nkey (not base32)\n"
+    )
+    assert not out.exists()
+
+
 def test_setup_twice_changes_nothing_and_shows_its_settings(hub: NatsServer, keydir: Path) -> None:
     runner = CliRunner()
     base = ["nats", "setup", "--server", hub.url, "--keys", str(keydir), "--account", "JPN"]
