@@ -37,7 +37,6 @@ import secrets
 import stat
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -58,7 +57,7 @@ from broker.sightings import (
     same_content,
 )
 from broker.store import Accepted, NewReport
-from broker.validation import InvalidRecordError, parse_record
+from broker.validation import InvalidRecordError, Line, LineSplitter, Oversize, parse_record
 
 log = get_logger("intake")
 
@@ -94,69 +93,6 @@ LISTEN_BACKLOG: Final = 1024
 A unix-socket connect beyond the backlog fails at once rather than waiting,
 so aiohttp's default of 128 refused feeds in a burst (118 of 400 at once).
 Linux caps it at ``net.core.somaxconn`` (4096 by default)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Oversize:
-    """A line that exceeded the record limit; only its size is kept."""
-
-    size: int
-
-
-Line = tuple[int, bytes | Oversize]
-
-
-class LineSplitter:
-    """Split a byte stream into numbered NDJSON lines, never buffering more than the limit.
-
-    A line longer than ``max_bytes`` is discarded as it streams and reported as
-    ``Oversize``, so a feed cannot make the node hold an unbounded line.
-    Blank lines are skipped but still counted, so line numbers match the input.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._buf = bytearray()
-        self._over = 0  # bytes dropped from the current oversized line
-        self._line = 0
-
-    def feed(self, chunk: bytes) -> list[Line]:
-        """Add bytes; return the lines completed by them."""
-        out: list[Line] = []
-        start = 0
-        while True:
-            nl = chunk.find(b"\n", start)
-            piece = chunk[start:] if nl < 0 else chunk[start:nl]
-            self._take(piece)
-            if nl < 0:
-                return out
-            self._end(out)
-            start = nl + 1
-
-    def finish(self) -> list[Line]:
-        """Return the last line if the stream did not end with a newline."""
-        out: list[Line] = []
-        if self._buf or self._over:
-            self._end(out)
-        return out
-
-    def _take(self, piece: bytes) -> None:
-        if self._over:
-            self._over += len(piece)
-        elif len(self._buf) + len(piece) > self.max_bytes:
-            self._over = len(self._buf) + len(piece)
-            self._buf.clear()
-        else:
-            self._buf += piece
-
-    def _end(self, out: list[Line]) -> None:
-        self._line += 1
-        if self._over:
-            out.append((self._line, Oversize(self._over)))
-        elif self._buf.strip():
-            out.append((self._line, bytes(self._buf).rstrip(b"\r")))
-        self._buf.clear()
-        self._over = 0
 
 
 class Intake:

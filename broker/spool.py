@@ -16,8 +16,9 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
-from broker.intake import MAX_BATCH, Intake, LineSplitter, answer_bytes
+from broker.intake import MAX_BATCH, Intake, answer_bytes
 from broker.log import Throttle, get_logger
+from broker.validation import LineSplitter
 
 log = get_logger("intake")  # the same component as the socket's lines, as before
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
@@ -238,3 +238,88 @@ def validate_lines(lines: Iterable[bytes]) -> Iterator[LineResult]:
             yield LineResult(number, parse_record(raw), None)
         except InvalidRecordError as exc:
             yield LineResult(number, None, exc)
+
+
+@dataclass(frozen=True, slots=True)
+class Oversize:
+    """A line that exceeded the record limit; only its size is kept."""
+
+    size: int
+
+
+Line = tuple[int, bytes | Oversize]
+
+
+class LineSplitter:
+    """Split a byte stream into numbered NDJSON lines, never buffering more than the limit.
+
+    A line longer than ``max_bytes`` is discarded as it streams and reported as
+    ``Oversize``, so a feed cannot make the node hold an unbounded line.
+    Blank lines are skipped but still counted, so line numbers match the input.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._buf = bytearray()
+        self._over = 0  # bytes dropped from the current oversized line
+        self._line = 0
+
+    def feed(self, chunk: bytes) -> list[Line]:
+        """Add bytes; return the lines completed by them."""
+        out: list[Line] = []
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            piece = chunk[start:] if nl < 0 else chunk[start:nl]
+            self._take(piece)
+            if nl < 0:
+                return out
+            self._end(out)
+            start = nl + 1
+
+    def finish(self) -> list[Line]:
+        """Return the last line if the stream did not end with a newline."""
+        out: list[Line] = []
+        if self._buf or self._over:
+            self._end(out)
+        return out
+
+    def _take(self, piece: bytes) -> None:
+        if self._over:
+            self._over += len(piece)
+        elif len(self._buf) + len(piece) > self.max_bytes:
+            self._over = len(self._buf) + len(piece)
+            self._buf.clear()
+        else:
+            self._buf += piece
+
+    def _end(self, out: list[Line]) -> None:
+        self._line += 1
+        if self._over:
+            out.append((self._line, Oversize(self._over)))
+        elif self._buf.strip():
+            out.append((self._line, bytes(self._buf).rstrip(b"\r")))
+        self._buf.clear()
+        self._over = 0
+
+
+def validate_stream(stream: BinaryIO) -> Iterator[LineResult]:
+    """``validate_lines`` over a byte stream, holding at most one record's bytes at a time.
+
+    A line longer than ``MAX_RECORD_BYTES`` is refused by its size as it streams,
+    as the node's intake does: read whole, ``/dev/zero`` (one line without end)
+    took memory until a ``MemoryError``.
+    """
+    splitter = LineSplitter(MAX_RECORD_BYTES)
+
+    def lines() -> Iterator[Line]:
+        while chunk := stream.read(1 << 16):
+            yield from splitter.feed(chunk)
+        yield from splitter.finish()
+
+    for number, raw in lines():
+        if isinstance(raw, Oversize):
+            reason = f"record is {raw.size} bytes; limit {MAX_RECORD_BYTES}"
+            yield LineResult(number, None, InvalidRecordError([FieldProblem("", reason)]))
+        else:
+            yield from (replace(result, line=number) for result in validate_lines([raw]))

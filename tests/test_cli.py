@@ -295,3 +295,16 @@ def test_an_integer_of_over_4300_digits_is_one_line_not_a_traceback(tmp_path: Pa
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr.startswith(f"msmt: error: {report}: not a valid sighting: ")
     assert done.stderr.count("\n") == 1
+
+
+def test_validate_holds_one_record_not_a_whole_line(tmp_path: Path) -> None:
+    # A line of 1.25 GiB (a sparse file of zeros: /dev/zero is one without end)
+    # under a 1 GiB memory cap: read whole, it was a MemoryError traceback.
+    huge = tmp_path / "zeros.ndjson"
+    with huge.open("wb") as out:
+        out.truncate(5 << 28)
+    with huge.open("ab") as out:
+        out.write(b"\n" + (REPO / "samples/feed.ndjson").read_bytes().split(b"\n")[0] + b"\n")
+    done = _msmt("validate", str(huge), data=tmp_path, limit_memory=True)
+    assert (done.returncode, done.stderr) == (1, "1 valid, 1 invalid\n")
+    assert done.stdout == f"{huge}:1: (record): record is {5 << 28} bytes; limit 65536\n"

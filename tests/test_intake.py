@@ -27,9 +27,6 @@ from broker.config import load_config
 from broker.errors import UsageError
 from broker.intake import (
     Intake,
-    Line,
-    LineSplitter,
-    Oversize,
     RecordCount,
     Refusal,
     answer_bytes,
@@ -41,6 +38,7 @@ from broker.intake import (
 )
 from broker.spool import Spool
 from broker.store import NewReport, Store
+from broker.validation import Line, LineSplitter, Oversize
 
 
 def ndjson(records: list[Any]) -> bytes:

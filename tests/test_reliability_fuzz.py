@@ -36,11 +36,11 @@ from joserfc.jwk import OKPKey
 
 from broker import envelope, envelope_format, sdjwt
 from broker.errors import EnvelopeError, MsmtError
-from broker.intake import Intake, LineSplitter
+from broker.intake import Intake
 from broker.samples import generate
 from broker.sightings import field_paths
 from broker.store import NewReport
-from broker.validation import MAX_RECORD_BYTES, parse_record
+from broker.validation import MAX_RECORD_BYTES, LineSplitter, parse_record
 
 pytestmark = [pytest.mark.reliability, pytest.mark.fuzz]
 

@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from broker import samples, schemas
 from broker.cli import main
-from broker.intake import LineSplitter
 from broker.sightings import (
     SIGHTING_ADAPTER,
     VesselSighting,
@@ -29,6 +28,7 @@ from broker.validation import (
     MAX_RECORD_BYTES,
     FieldProblem,
     InvalidRecordError,
+    LineSplitter,
     parse_record,
     validate_lines,
 )

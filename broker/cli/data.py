@@ -11,7 +11,7 @@ import click
 from broker import samples, schemas
 from broker.errors import UsageError
 from broker.members import MEMBERS, parse_members
-from broker.validation import validate_lines
+from broker.validation import validate_stream
 
 
 def _open_input(path: str) -> BinaryIO:
@@ -34,7 +34,7 @@ def validate(file: str, quiet: bool) -> None:
     stream = _open_input(file)
     good = bad = 0
     try:
-        for result in validate_lines(stream):
+        for result in validate_stream(stream):
             if result.error is None:
                 good += 1
                 continue
