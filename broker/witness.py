@@ -264,7 +264,11 @@ def load_state(data: bytes) -> dict[str, LogState]:
         fields = item if isinstance(item, dict) else {}
         size, root_text = fields.get("size"), fields.get("root")
         root = b64decode_strict(root_text) if isinstance(root_text, str) else None
-        if not isinstance(size, int) or size < 0 or root is None or len(root) != HASH_SIZE:
+        # A bool is an int to Python, and no log holds 2**64 entries: either, read as
+        # a size, would set off a false alarm at that log's next checkpoint.
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 2**64:
+            raise WitnessError(f"witness state for {excerpt(origin)} is malformed")
+        if root is None or len(root) != HASH_SIZE:
             raise WitnessError(f"witness state for {excerpt(origin)} is malformed")
         state[origin] = LogState(size, root)
     return state

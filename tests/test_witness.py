@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -212,13 +213,19 @@ def test_a_cosignature_that_cannot_be_made_leaves_the_state_unchanged(tmp_path: 
 
 
 def test_hostile_state_and_add_checkpoint_bodies_raise_witness_errors(tmp_path: Path) -> None:
+    root = base64.b64encode(bytes(32)).decode()
     for bad in (
         '{"JPN":{"size":1,"root":"\u00e9"}}'.encode(),
         b'{"JPN":{"size":1,"root":7}}',
         b'{"JPN":[1]}',
+        # A bool is an int to Python; no log holds 2**64 entries. Either, read as
+        # a size, set off a false alarm at the log's next checkpoint.
+        f'{{"JPN":{{"size":true,"root":"{root}"}}}}'.encode(),
+        f'{{"JPN":{{"size":{2**64},"root":"{root}"}}}}'.encode(),
     ):
         with pytest.raises(WitnessError, match="malformed"):
             load_state(bad)
+    assert load_state(f'{{"JPN":{{"size":{2**64 - 1},"root":"{root}"}}}}'.encode())
     long_origin = "\u00e9" * 5_000
     with pytest.raises(UnknownLogError) as err:
         _witness().open(f"{long_origin}\n1\nAAAA\n\n\u2014 JPN AAAAAAAA\n")
