@@ -50,7 +50,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from inputs_damage import (
@@ -181,7 +181,7 @@ class Slot:
     first also gets the format-specific variants.
     """
 
-    path: str  # relative to the world
+    path: str  # relative to the world; a "*" matches a key's kid
     kind: str  # json, toml, sqlite, wal, text
     commands: tuple[str, ...]
     other: str = "keys/roster.json"  # a file of another kind, for "other-kind"
@@ -267,6 +267,16 @@ SLOTS: tuple[Slot, ...] = (
             "nats config --keys keys --out extra/hub.conf",
         ),
     ),
+    Slot(
+        "keys/JPN/JPN-sig-*.jwk",
+        "json",
+        (
+            f"inbox check {JPN}",
+            "keys request JPN --dir keys --out extra/req2.json",
+            f"node run {JPN}",
+        ),
+    ),
+    Slot("keys/JPN/JPN-enc-*.jwk", "json", (f"inbox check {JPN}", f"node run {JPN}")),
     Slot(
         "keys/JPN/nats.nk",
         "text",
@@ -659,7 +669,11 @@ def plan(pristine: Path, wanted: list[str], variants: list[str], quick: bool) ->
         return not variants or any(v in name for v in variants)
 
     jobs: list[Job] = []
-    for slot in SLOTS:
+    for pattern in SLOTS:
+        slot = pattern
+        if "*" in pattern.path:  # a key file, named by its kid
+            found = sorted(pristine.glob(pattern.path))
+            slot = replace(pattern, path=str(found[0].relative_to(pristine)))
         if chosen(slot.path):
             target = pristine / slot.path
             original = target.read_bytes() if target.is_file() else b""
