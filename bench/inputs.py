@@ -162,6 +162,8 @@ def tree_digest(top: Path, skip: Path) -> dict[str, str]:
             except OSError as exc:  # a socket, a mode-000 file: named, not read
                 digests[str(path.relative_to(top))] = f"unreadable: {exc.strerror}"
                 continue
+            if name.endswith("-wal") and not data:
+                continue  # an empty -wal is none: a clean close removes it
             if data.startswith(b"SQLite format 3\0"):
                 # A transaction that changed nothing still bumps the header's change
                 # counter (bytes 24-27, 92-95): not a change to what was accepted.
