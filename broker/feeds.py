@@ -198,10 +198,12 @@ def load(path: Path) -> Feeds:
         if exc.errno == errno.ELOOP:
             raise ConfigError(f"feeds file {path} is a symbolic link") from None
         raise ConfigError(f"cannot read feeds file {path}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        # Checked before fdopen, which raises IsADirectoryError for a directory.
+        os.close(fd)
+        raise ConfigError(f"feeds file {path} is not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ConfigError(f"feeds file {path} is not a regular file")
         if mode & 0o077:
             raise ConfigError(
                 f"feeds file {path} is open to other users (mode {stat.S_IMODE(mode):04o}):"

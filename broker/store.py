@@ -436,9 +436,18 @@ class Store:
             raise StoreError(f"store {self.path.name}: {sqlite_reason(exc)}") from None
         try:
             yield
-        finally:
+        except BaseException:
+            # The read's own error says what went wrong: on a damaged file the end
+            # of the transaction fails too, and replaced it with a raw traceback.
             if self._db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise
+        if self._db.in_transaction:
+            try:
                 self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path.name}: {sqlite_reason(exc)}") from None
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         try:

@@ -110,6 +110,15 @@ def test_a_feeds_file_that_is_a_link_or_too_big_is_refused(tmp_path: Path) -> No
     link.chmod(0o600)
     with pytest.raises(ConfigError, match=r"is larger than 1048576 bytes$"):
         feeds.load(link)
+    # A directory and a FIFO: the first was an IsADirectoryError traceback.
+    link.unlink()
+    link.mkdir()
+    with pytest.raises(ConfigError, match=r"is not a regular file$"):
+        feeds.load(link)
+    link.rmdir()
+    os.mkfifo(link)
+    with pytest.raises(ConfigError, match=r"is not a regular file$"):
+        feeds.load(link)
 
 
 def test_no_feeds_file_is_no_named_feeds(tmp_path: Path) -> None:

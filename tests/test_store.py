@@ -647,3 +647,19 @@ def test_writer_pid_reads_the_kernels_lock_table_without_taking_the_lock(tmp_pat
     table.unlink()
     with pytest.raises(FileNotFoundError):
         writer_pid(path, table)
+
+
+def test_a_read_of_a_damaged_store_in_a_snapshot_is_a_store_error(tmp_path: Path) -> None:
+    # Three bytes put in the middle of the file: the read fails, and so did the
+    # end of the snapshot's transaction, whose raw error replaced the read's
+    # (msmt inbox check showed a sqlite3.DatabaseError traceback).
+    path = tmp_path / "node.sqlite3"
+    store = Store(path)
+    store.store_received([received("JPN", f"r-{i}") for i in range(300)])
+    store.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] + b"\xff\xfe\xc3" + data[len(data) // 2 :])
+    damaged = Store(path, readonly=True)
+    with pytest.raises(StoreError, match="malformed"), damaged.snapshot():
+        damaged.inbox(limit=1000)
+    damaged.close()
