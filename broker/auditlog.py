@@ -23,8 +23,11 @@ with the latest signed checkpoint and the newest entries (``AuditLog.__init__``)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +45,7 @@ from broker.checkpoint import (
     verify_cosignature,
 )
 from broker.errors import AuditError, StoreError, UsageError, sqlite_reason
+from broker.files import NOT_A_FILE
 from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash, node_hash
 from broker.note import ALG_ED25519, Note, NoteError, Verifier, find_signature, parse
 
@@ -171,13 +175,16 @@ def _check_tables(db: sqlite3.Connection, path: Path) -> None:
 
 
 def _refuse_foreign(path: Path) -> None:
-    """Raise ``AuditError`` if ``path`` holds tables but not an audit log's; write nothing.
+    """Raise ``AuditError`` if ``path`` is no file, or holds tables but not a log's; write nothing.
 
     Checked read-only, before the writer opens it: a read-write connection writes
     the ``-wal`` file beside the database into it when it closes, and another
     database's ``-wal`` put there overwrote the log's pages before its tables were
     found missing. A new or empty file passes, to be made into a log.
     """
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.stat(path).st_mode):  # SQLite's open blocks on a FIFO
+            raise AuditError(f"audit log {path} is {NOT_A_FILE}")
     wal = path.with_name(path.name + "-wal")
     if not any(p.is_file() and p.stat().st_size for p in (path, wal)):
         return

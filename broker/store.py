@@ -37,6 +37,7 @@ import math
 import os
 import re
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -47,6 +48,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from broker.errors import StoreDamagedError, StoreError, UsageError, sqlite_reason
+from broker.files import NOT_A_FILE
 
 AUDIT_SIZE: Final = "audit_size"
 """The ``state`` key holding the audit log's size at the store's last write."""
@@ -315,12 +317,15 @@ def require_store(path: Path) -> None:
     be searched (another user's 0700 data directory): that is said here as one line.
     """
     try:
-        path.stat()
+        mode = path.stat().st_mode
     except FileNotFoundError:
         raise UsageError(f"no node store at {path}: has the node run yet?") from None
     except OSError as exc:
         hint = " (run this as the node's user)" if exc.errno == errno.EACCES else ""
         raise UsageError(f"cannot reach the node store at {path}: {exc.strerror}{hint}") from None
+    if not stat.S_ISREG(mode):
+        # SQLite opens a FIFO without O_NONBLOCK: the command waited for a writer.
+        raise UsageError(f"the node store {path} is {NOT_A_FILE}")
 
 
 class Store:
@@ -340,6 +345,9 @@ class Store:
         self._has_jwe: bool | None = None
         self._has_kid: bool | None = None
         try:
+            with suppress(FileNotFoundError):
+                if not stat.S_ISREG(os.stat(path).st_mode):  # SQLite's open blocks on a FIFO
+                    raise StoreDamagedError(f"store {path} is {NOT_A_FILE}")
             if readonly:
                 self._db = sqlite3.connect(
                     f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10

@@ -172,6 +172,36 @@ def test_node_run_refuses_another_databases_wal_without_writing_it_in(
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize("which", ["store", "audit log"])
+def test_a_fifo_as_the_store_or_audit_log_is_refused_not_waited_on(
+    tmp_path: Path, which: str
+) -> None:
+    # A FIFO there: msmt node run said "disk I/O error" with exit 1, which a service
+    # manager restarts for ever, and msmt status, opening the store read-only, waited
+    # for a writer that never came.
+    folder = jpn_config(tmp_path).parent
+    config = load_config(folder / "node.toml", env={})
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+    path = config.store_path if which == "store" else config.audit_dir / DB_FILE
+    path.unlink()
+    os.mkfifo(path)
+    done = msmt("node", "run", "--config", str(folder / "node.toml"))
+    assert done.returncode == 2, done.stderr
+    shown = "store" if which == "store" else "audit log"
+    assert done.stderr == (
+        f"msmt: error: {shown} {path} is not a regular file (a FIFO, socket or device)\n"
+    )
+    if which == "store":
+        done = msmt("status", "--config", str(folder / "node.toml"))
+        assert (done.returncode, done.stderr) == (
+            2,
+            f"msmt: error: the node store {path} is not a regular file (a FIFO, socket or"
+            " device)\n",
+        )
+
+
 def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_path: Path) -> None:
     config = load_config(jpn_config(tmp_path), env={})
     keydir = tmp_path / "keys"
