@@ -23,7 +23,9 @@ something when this script runs as root) with its address space capped at
   file itself, ``-shm`` and lock files and SQLite's header change counter aside);
 * ``accepted``: exit 0 on damaged input, for a reader to judge (a command
   that never reads the damaged key; a BOM; a trailing byte cut off a token);
-* ``usage``, ``refused``: click's usage error, or one line and exit 1 or 2.
+* ``usage``, ``refused``: click's usage error, or one line and exit 1 or 2;
+* ``stream``: ``validate`` or ``submit`` still reading a FIFO or ``/dev/zero``
+  as their NDJSON, as they read a pipe: until its end.
 
 Arguments and ``MSMT_*`` variables are tried the same way (``ARGUMENT_CASES``,
 ``ENV_CASES``; ``--only args``, ``--only env``). ``--code DIR`` runs the
@@ -558,7 +560,9 @@ def classify(case: Case) -> str:
     command = " ".join(case.argv[1:3])
     lines = case.stderr.strip("\n").split("\n") if case.stderr.strip() else []
     verdict = "refused"
-    if case.rc is None:
+    if case.rc is None and case.slot == REPORT and case.variant in ("fifo", "dev-zero"):
+        verdict = "stream"  # NDJSON read from a pipe, or without end: until its end, by design
+    elif case.rc is None:
         verdict = "hang"
     elif "Permission denied: '" + str(MSMT.parent / "python") in case.stderr:
         # The node's planning worker, started as nobody, cannot exec the venv's
@@ -717,7 +721,7 @@ def run_all(top: Path, pristine: Path, jobs: list[Job], parallel: int) -> list[C
             results.append(case)
             if len(results) % 100 == 0:
                 print(f"... {len(results)} of {len(jobs)}", flush=True)
-            if case.verdict not in ("refused", "usage"):
+            if case.verdict not in ("refused", "usage", "stream"):
                 last = (case.stderr.strip().splitlines() or [""])[-1][:160]
                 where = f"{case.slot} [{case.variant}] {' '.join(case.argv[1:3])}"
                 print(f"{case.verdict:9} rc={case.rc} {where}: {last!r}", flush=True)
