@@ -339,7 +339,8 @@ SLOTS: tuple[Slot, ...] = (
         ),
         other="data/USA/node.sqlite3",
     ),
-    Slot("data/JPN/audit/audit.sqlite-wal", "wal", (VERIFY, f"status {JPN}")),
+    # The node first: a read-write open writes a -wal into its database.
+    Slot("data/JPN/audit/audit.sqlite-wal", "wal", (f"node run {JPN}", VERIFY, f"status {JPN}")),
     Slot(
         "data/JPN/node.sqlite3",
         "sqlite",
@@ -353,7 +354,11 @@ SLOTS: tuple[Slot, ...] = (
         ),
         other="data/JPN/audit/audit.sqlite",
     ),
-    Slot("data/JPN/node.sqlite3-wal", "wal", (f"status {JPN}", f"inbox list {JPN}")),
+    Slot(
+        "data/JPN/node.sqlite3-wal",
+        "wal",
+        (f"node run {JPN}", f"status {JPN}", f"inbox list {JPN}"),
+    ),
 )
 """Each input file and the commands that read it."""
 
