@@ -168,6 +168,31 @@ def test_a_stderr_that_fails_keeps_the_exit_status_and_out_of_stdout(
     assert (done.returncode, done.stdout) == (2, b"")
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["validate", "-"],
+        ["keys", "pseudonym", "JPN", "k1", "--dir", "{keys}", "--from-file", "-"],
+        ["submit", "--config", JPN_CONFIG, "--token-file", "{token}", "-"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_a_closed_stdin_given_as_input_is_one_line(tmp_path: Path, args: list[str]) -> None:
+    # "<&-": sys.stdin is None, and reading "-" was an AttributeError traceback.
+    token = tmp_path / "token"
+    token.write_text("x" * 43)
+    token.chmod(0o600)
+    filled = [a.format(keys=tmp_path / "keys", token=token) for a in args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    shell = ["/bin/sh", "-c", 'exec "$@" <&-', "sh", MSMT, *filled]
+    done = subprocess.run(shell, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (
+        2,
+        "msmt: error: stdin is closed: give a file, or pipe the input in\n",
+    )
+    assert not (tmp_path / "keys").exists()  # nothing imported
+
+
 def _msmt(
     *args: str, data: Path, limit_memory: bool = False, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from broker import __version__
-from broker.cli.options import error_line, guarded_stderr, guarded_stdout
+from broker.cli.options import error_line, guarded_stderr, guarded_stdout, hold_stdin
 from broker.errors import MsmtError, StdoutError
 
 INTERRUPTED_EXIT: int = 130
@@ -44,6 +44,7 @@ class _Group(click.Group):
         The families are imported here rather than with this module: that takes
         most of a second, and a Ctrl-C then must not print an import traceback.
         """
+        hold_stdin()
         with guarded_stderr():
             try:
                 _register()

@@ -9,6 +9,7 @@ from typing import BinaryIO
 import click
 
 from broker import samples, schemas
+from broker.cli.options import stdin_buffer
 from broker.errors import UsageError
 from broker.members import MEMBERS, parse_members
 from broker.validation import validate_stream
@@ -16,7 +17,7 @@ from broker.validation import validate_stream
 
 def _open_input(path: str) -> BinaryIO:
     if path == "-":
-        return sys.stdin.buffer
+        return stdin_buffer()
     try:
         return Path(path).open("rb")
     except OSError as exc:
@@ -44,7 +45,7 @@ def validate(file: str, quiet: bool) -> None:
                     where = problem.path or "(record)"
                     click.echo(f"{file}:{result.line}: {where}: {problem.reason}")
     finally:
-        if stream is not sys.stdin.buffer:
+        if file != "-":
             stream.close()
     click.echo(f"{good} valid, {bad} invalid", err=True)
     sys.exit(1 if bad else 0)

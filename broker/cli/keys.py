@@ -7,7 +7,6 @@ import contextlib
 import fcntl
 import functools
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -16,6 +15,7 @@ import click
 
 from broker import keyrequest, natsconfig, natsetup, natstls, natsusers, pseudonym_keys
 from broker import keys as keyfiles
+from broker.cli.options import stdin_buffer
 from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.files import read_file_bytes
 from broker.members import MEMBERS, parse_members
@@ -458,7 +458,7 @@ def _read_key_source(source: Path) -> bytes:
     # Read one byte past the limit, so an oversized file is refused without reading it all.
     limit = pseudonym_keys.MAX_FILE_BYTES + 1
     if str(source) == "-":
-        return sys.stdin.buffer.read(limit)
+        return stdin_buffer().read(limit)
     try:
         return read_file_bytes(source, limit)
     except OSError as exc:

@@ -27,7 +27,7 @@ from broker.audit_events import parse_entry
 from broker.audit_verify import load, read_origin
 from broker.auditlog import DB_FILE
 from broker.cli.options import CONFIG as _CONFIG
-from broker.cli.options import rfc3339
+from broker.cli.options import rfc3339, stdin_buffer
 from broker.config import NodeConfig, load_config
 from broker.errors import (
     AuditError,
@@ -245,7 +245,7 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
                 ) from None
 
     try:
-        stream = sys.stdin.buffer if file == "-" else Path(file).open("rb")  # noqa: SIM115
+        stream = stdin_buffer() if file == "-" else Path(file).open("rb")  # noqa: SIM115
     except OSError as exc:
         raise UsageError(f"cannot read {file}: {exc.strerror}") from None
 
@@ -271,7 +271,7 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
             summarise()  # what was answered before the node stopped
         raise
     finally:
-        if stream is not sys.stdin.buffer:
+        if file != "-":
             stream.close()
     summarise()
     sys.exit(1 if counts["rejected"] > duplicates else 0)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, BinaryIO, TextIO, cast
 
 import click
 
@@ -206,6 +206,23 @@ def guarded_stderr() -> Iterator[None]:
         yield
     finally:
         sys.stderr = before
+
+
+def hold_stdin() -> None:
+    """Hold a stdin closed at the start (``<&-``) on /dev/null, as stdout and stderr are.
+
+    Otherwise the next file the command opens (the store, the audit log) becomes
+    fd 0. A command then asked to read ``-`` refuses (``stdin_buffer``).
+    """
+    if sys.stdin is None:
+        _hold(0, os.O_RDONLY)
+
+
+def stdin_buffer() -> BinaryIO:
+    """Stdin's bytes, for a command given ``-``; ``UsageError`` if stdin was closed (``<&-``)."""
+    if sys.stdin is None:
+        raise UsageError("stdin is closed: give a file, or pipe the input in")
+    return sys.stdin.buffer
 
 
 def write_stdout(pieces: Iterable[str], what: str) -> None:
