@@ -38,6 +38,7 @@ TLPS: Final = get_args(TLP)
 VERSION: Final = 1
 TYPES: Final = ("accepted", "sent", "received", "rejected", "rejected_many", "key", "policy")
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
+_UUID_TEXT: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _DISCLOSURE: Final = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*(#[A-Za-z0-9_.:=-]{1,64})?")
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _REASON: Final = re.compile(r"[ -~]{1,200}")
@@ -90,11 +91,20 @@ def _member(value: str, what: str) -> str:
     return value
 
 
+def _report_id(value: UUID | str) -> str:
+    # Canonical text (lower-case 8-4-4-4-12) is exactly what str(UUID(value)) gives
+    # back unchanged, and it is all a receiver, a replay or a verify passes: each
+    # entry a new id, so the cache below missed and UUID() cost 4-12 us an entry.
+    if type(value) is str and _UUID_TEXT.fullmatch(value):
+        return value
+    return _parsed_report_id(value)
+
+
 # The checks below are pure, and a node records the same report id, disclosure
 # keys and time for up to 10 partners in a row: their answers are cached (an
 # invalid value raises every time; exceptions are not cached).
 @functools.lru_cache(maxsize=4096)
-def _report_id(value: UUID | str) -> str:
+def _parsed_report_id(value: UUID | str) -> str:
     try:
         return str(UUID(str(value)))
     except ValueError:

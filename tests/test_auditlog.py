@@ -9,11 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 import rfc8785
 from audit_helpers import MEMBER, T0, build_log, event, log_verifier, witness_verifier
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker import audit_events as ev
 from broker.audit_events import TYPES, parse_entry
@@ -396,6 +399,28 @@ def test_event_constructors_refuse_local_time_and_free_text() -> None:
         ev.key_changed(MEMBER, T0, action="rotated", kid="JPN-sig-1")
     with pytest.raises(AuditError, match="short identifier"):
         ev.accepted(MEMBER, T0, report_id=_SENT["report_id"], kind="vessel", feed="a feed")
+
+
+def _uuid_spellings(u: UUID) -> list[str]:
+    return [str(u), str(u).upper(), u.hex, f"{{{u}}}", f"urn:uuid:{u}", f" {u}", f"{u}\n"]
+
+
+@given(
+    st.uuids()
+    | st.uuids().flatmap(lambda u: st.sampled_from(_uuid_spellings(u)))
+    | st.text(alphabet="0123456789abcdefABCDEF-{}", max_size=40)
+)
+def test_report_ids_are_written_as_uuid_reads_them(value: UUID | str) -> None:
+    # Canonical text skips the UUID() round trip: pinned to what that gives for
+    # every spelling UUID() reads, and refused where it refuses.
+    try:
+        want = str(UUID(str(value)))
+    except ValueError:
+        with pytest.raises(AuditError, match="not a UUID"):
+            ev.accepted(MEMBER, T0, report_id=value, kind="vessel", feed="radar")
+        return
+    entry = ev.accepted(MEMBER, T0, report_id=value, kind="vessel", feed="radar")
+    assert entry.fields["report_id"] == want
 
 
 def test_cached_checks_still_refuse_what_they_refused() -> None:
