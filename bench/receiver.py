@@ -12,7 +12,9 @@ may create its consumer but not pause it), so start-up is not measured. The
 node then drains the inbox: its CPU (psutil, planning worker included) from the consumer's
 creation to the moment its store holds all N, and its wall rate from the first
 to the last ``received_at``. That covers fetch, every verification step, the
-audit append, the store commit and the ack, for every message.
+audit append, the store commit and the ack, for every message. The node's CPU is
+also split by thread (psutil): the event loop (nats-py, pulls, acks) and the
+store's thread (verification, the audit log, the store; SQLite without the GIL).
 
 Afterwards the node stops (SIGTERM, exit 0 expected) and the counts are
 checked: the store holds every report exactly once, the audit log one
@@ -217,6 +219,26 @@ def tree_cpu(node: psutil.Process) -> tuple[float, float]:
     return user, system
 
 
+def thread_cpu(node: psutil.Process) -> dict[int, float]:
+    """CPU seconds (user + system) of each of the node's threads, by thread id."""
+    return {t.id: t.user_time + t.system_time for t in node.threads()}
+
+
+def split_threads(
+    node: psutil.Process, before: dict[int, float], after: dict[int, float]
+) -> tuple[float, float, float]:
+    """(event loop, busiest other thread, the rest) CPU seconds between two ``thread_cpu``.
+
+    The event loop is the main thread (nats-py, pulls, acks); the busiest other
+    thread is the store's, where ``Inbound.process`` verifies, audits and stores.
+    SQLite runs there without the GIL, so a ``--gil`` profile misses part of it.
+    """
+    used = {tid: cpu - before.get(tid, 0.0) for tid, cpu in after.items()}
+    loop = used.pop(node.pid, 0.0)
+    busiest = max(used.values(), default=0.0)
+    return loop, busiest, sum(used.values()) - busiest
+
+
 def stored(cluster: Cluster) -> int:
     path = cluster.store_path(ME)
     if not path.exists():
@@ -281,6 +303,7 @@ class Results:
     rate: float  # deliveries per wall second
     cpu: float  # node CPU seconds over the phase
     cpu_sys: float  # of which in the kernel (fsync, sockets)
+    threads: tuple[float, float, float]  # of the node process: event loop, store thread, rest
     batches: float  # audit entries per commit
     crypto_rate: float  # receive crypto floor, deliveries per CPU second
     pull_cpu: float  # bare pull + ack, CPU seconds for ``count``
@@ -303,13 +326,13 @@ async def measure(args: argparse.Namespace) -> Results:
             node = start_node(cluster, args.fetch_batch)
             await asyncio.sleep(2.0)  # let start-up work (first checkpoint etc.) settle
             spies = profile(cluster, args.profile, [ME]) if args.profile else []
-            t0 = tree_cpu(node)
+            t0, th0 = tree_cpu(node), thread_cpu(node)
             if args.rate is None:
                 await create_consumer(cluster)
             else:
                 await publish_paced(cluster, items, args.rate)
             await wait_stored(cluster, count, args.timeout)
-            t1 = tree_cpu(node)
+            t1, th1 = tree_cpu(node), thread_cpu(node)
             for spy in spies:
                 spy.send_signal(signal.SIGINT)
                 spy.wait()
@@ -341,6 +364,7 @@ async def measure(args: argparse.Namespace) -> Results:
                 rate=after[0][0] / (last - first),
                 cpu=(t1[0] + t1[1]) - (t0[0] + t0[1]),
                 cpu_sys=t1[1] - t0[1],
+                threads=split_threads(node, th0, th1),
                 batches=audit_batching(cluster),
                 crypto_rate=len(floors) * floors[0].rate(receive),
                 pull_cpu=cpu_f,
@@ -368,6 +392,11 @@ def show(r: Results, args: argparse.Namespace) -> None:
         f"node: {r.rate:8.1f} deliveries/s wall; CPU {r.cpu:.2f} s ="
         f" {per * 1e3:.3f} ms per delivery ({1 / per:.0f} deliveries per CPU second),"
         f" kernel {r.cpu_sys / r.count * 1e3:.3f} ms of it"
+    )
+    loop, store, rest = (t / r.count * 1e3 for t in r.threads)
+    print(
+        f"node CPU by thread, per delivery: event loop {loop:.3f} ms, store thread {store:.3f} ms,"
+        f" other threads {rest:.3f} ms"
     )
     print(
         f"crypto floor, receive (1 CPU): {r.crypto_rate:8.0f} deliveries/s"
