@@ -1,6 +1,7 @@
 """Crash-consistency torture: random, repeated faults under load, then "nothing lost, ever".
 
     python bench/chaos.py [--minutes M] [--seed N] [--root DIR] [--faults KIND,...]
+                          [--hub-servers 1|3]
 
 Not a timed benchmark and not in ``make test``: a long-running check. It builds
 the reliability suite's world (``tests/reliability_world.Cluster``: keys for all
@@ -25,6 +26,36 @@ logged with its step number to ``<root>/chaos-events.log``):
 * ``sigstop``: SIGSTOP a node for 31-50 s (longer than the inbox consumers'
   30 s ack wait), then SIGCONT.
 
+With ``--hub-servers 3`` the hub is a 3-server cluster, every stream at 3
+replicas, as docs/DEPLOY.md runs it: each node is given all three servers'
+URLs (each through a proxy of its own), the servers route to one another
+through proxies too (``Cluster(proxied_routes=True)``), and ``hub-kill9`` gives
+way to these (each holds the hub until every server's ``/healthz`` is 200):
+
+* ``server-kill9``: SIGKILL one server, restart it on its store after 0-10 s;
+* ``leader-kill9``: the same for the JetStream meta leader's server, or the
+  server leading a random member's inbox stream (``/jsz``);
+* ``quorum-kill9``: SIGKILL two servers at once for 5-40 s (no quorum: every
+  publish and pull fails), restart one, the other 0-10 s later;
+* ``rolling-restart``: SIGTERM, start and wait for ``/healthz`` (JetStream
+  current), each server in turn;
+* ``route-partition``: cut one server's routes for 5-60 s, refusing
+  connections or (half the time) holding them open and forwarding nothing;
+* ``server-wipe``: SIGKILL one server, delete its whole store, restart it: the
+  others must replicate every stream to it again;
+* ``server-sigstop``: SIGSTOP one server for 10-60 s;
+* ``link-cut``: cut (or hold) a node's link to the server it uses for 5-60 s.
+
+A node's ``partition`` then cuts all three of its links. Every change of a
+node's ``/readyz`` and of a server's ``/healthz`` is logged, and during a
+quorum loss, a partition or a stopped server one node's ``msmt status``. At
+the end the cluster must be whole again: the meta group and every stream led,
+at 3 replicas, both followers current.
+
+Run it in the foreground (or under ``nohup`` from a shell that stays): a
+driver left in an orphaned process group gets its SIGSTOPped nodes killed by
+the kernel's SIGHUP.
+
 The ledger holds every record a feed was told was accepted (``accepted`` or
 ``duplicate``). At the end everything is healed and restarted, the feeds
 finish, and the check is: every ledger report reached exactly every partner
@@ -33,7 +64,7 @@ the hub's inbox streams stored one message per release), every outbox is
 empty, each originator's store holds exactly the ledger's reports, every
 node stops cleanly on SIGTERM (exit 0), ``msmt audit verify`` passes on every
 log and ``msmt audit replay`` over all of them has no finding. Any miss prints
-``FAILED: ...`` and exits 1.
+``FAILED: ...`` (into the events log too) and exits 1.
 """
 
 from __future__ import annotations
@@ -44,13 +75,16 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,19 +97,52 @@ sys.path.insert(0, str(REPO / "tests"))
 from reliability_world import MSMT, Cluster, msmt, records_for  # noqa: E402
 from tcpproxy import TcpProxy  # noqa: E402
 
+from broker.members import MEMBERS as ALL_MEMBERS  # noqa: E402
+from broker.natsproc import NatsServer  # noqa: E402
+
 SUBMITTERS = ("JPN", "USA")
 SPOOLERS = ("GBR", "KOR")
 MEMBERS = (*SUBMITTERS, *SPOOLERS, "FRA")
 ACK_WAIT_S = 30.0  # natsetup.InboxLimits.ack_wait_s: a SIGSTOP longer than this redelivers
-FAULTS = {  # kind -> weight
+NODE_FAULTS = {  # kind -> weight
     "kill9": 4,
     "kill9-startup": 2,
     "term-kill": 3,
-    "hub-kill9": 2,
     "partition": 2,
     "submit-kill9": 3,
     "sigstop": 1,
 }
+HUB_FAULTS = {"hub-kill9": 2}  # a single server
+CLUSTER_FAULTS = {  # --hub-servers 3; each holds the hub until the cluster is healthy again
+    "server-kill9": 3,
+    "leader-kill9": 2,
+    "quorum-kill9": 1,
+    "rolling-restart": 1,
+    "route-partition": 2,
+    "server-wipe": 1,
+    "server-sigstop": 1,
+    "link-cut": 2,
+}
+FAULTS = {**NODE_FAULTS, **HUB_FAULTS, **CLUSTER_FAULTS}
+HUB_KINDS = {*HUB_FAULTS, *CLUSTER_FAULTS} - {"link-cut"}  # these hold "hub"
+STATUS_KEYS = ("connected", "outbox_depth", "inbox_lag", "last_error", "last_error_at")
+HEALTHY_WITHIN_S = 300.0  # a restarted server not healthy by then is an anomaly
+
+
+def faults_for(servers: int) -> dict[str, int]:
+    """The fault kinds (and weights) a hub of ``servers`` servers draws from."""
+    return {**NODE_FAULTS, **(HUB_FAULTS if servers == 1 else CLUSTER_FAULTS)}
+
+
+def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
+    """GET ``url``: (status, body); (0, the reason) when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback
+            return int(response.status), response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, f"{type(exc).__name__} {exc}"
 
 
 @dataclass
@@ -84,13 +151,17 @@ class Chaos:
 
     root: Path
     rng: random.Random
+    servers: int = 1
     world: Cluster = field(init=False)
-    proxies: dict[str, TcpProxy] = field(default_factory=dict)
+    proxies: dict[str, list[TcpProxy]] = field(default_factory=dict)  # one per server
     ledger: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     faults: Counter[str] = field(default_factory=Counter)
     anomalies: list[str] = field(default_factory=list)
     notes: Counter[str] = field(default_factory=Counter)
     busy: set[str] = field(default_factory=set)
+    readiness: defaultdict[str, list[tuple[float, str]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     kill_submit: dict[str, bool] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     step: int = 0
@@ -98,7 +169,7 @@ class Chaos:
     t0: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.world = Cluster(self.root)
+        self.world = Cluster(self.root, self.servers, proxied_routes=self.servers > 1)
         self.ledger = {m: {} for m in (*SUBMITTERS, *SPOOLERS)}
         self._events = (self.root / "chaos-events.log").open("a", buffering=1)
 
@@ -114,18 +185,18 @@ class Chaos:
     # --- world -------------------------------------------------------------------
 
     def start(self) -> None:
-        hub_port = self.world.servers[0].port
         for member in MEMBERS:
-            proxy = TcpProxy(hub_port)
-            proxy.start()
-            self.proxies[member] = proxy
-            self.world.write_config(member, urls=[proxy.url])
+            self.proxies[member] = [TcpProxy(server.port) for server in self.world.servers]
+            for proxy in self.proxies[member]:
+                proxy.start()
+            self.world.write_config(member, urls=[p.url for p in self.proxies[member]])
         self.world.start_many(MEMBERS)
 
     def close(self) -> None:
         self.world.close()
-        for proxy in self.proxies.values():
-            proxy.stop()
+        for proxies in self.proxies.values():
+            for proxy in proxies:
+                proxy.stop()
 
     def proc(self, member: str) -> subprocess.Popen[bytes]:
         return self.world.procs[member]
@@ -147,7 +218,7 @@ class Chaos:
             await asyncio.sleep(self.rng.uniform(2, 12))
             kind = self.rng.choices(kinds, weights)[0]
             free = [m for m in MEMBERS if m not in self.busy]
-            if kind == "hub-kill9":
+            if kind in HUB_KINDS:
                 if "hub" in self.busy:
                     continue
                 target = "hub"
@@ -226,9 +297,11 @@ class Chaos:
     async def fault_partition(self, target: str, rng: random.Random) -> None:
         cut = rng.uniform(2, 60)
         self.event(f"partition {target} for {cut:.1f}s")
-        self.proxies[target].cut()
+        for proxy in self.proxies[target]:
+            proxy.cut()
         await asyncio.sleep(cut)
-        self.proxies[target].heal()
+        for proxy in self.proxies[target]:
+            proxy.heal()
 
     async def fault_submit_kill9(self, target: str, rng: random.Random) -> None:
         self.event(f"kill -9 the next msmt submit of {target} mid-stream")
@@ -240,6 +313,187 @@ class Chaos:
         await self.signal_node(target, signal.SIGSTOP)
         await asyncio.sleep(held)
         await self.signal_node(target, signal.SIGCONT)
+
+    # --- cluster faults (--hub-servers 3) ------------------------------------------
+
+    def server(self, i: int) -> NatsServer:
+        return self.world.servers[i]
+
+    async def restart_servers(self, indices: Sequence[int]) -> None:
+        """Start the servers again on their stores; an anomaly if one is not healthy in time."""
+        for i in indices:
+            await asyncio.to_thread(self.server(i).start, wait=False)
+        t0 = time.monotonic()
+        for i in indices:
+            left = HEALTHY_WITHIN_S - (time.monotonic() - t0)
+            try:
+                await asyncio.to_thread(self.server(i).wait_healthy, max(left, 1))
+            except Exception as exc:  # noqa: BLE001 - say so and go on: heal_all tries again
+                self.anomaly(f"{self.server(i).name} not healthy again: {exc}")
+                return
+        self.event(
+            f"{', '.join(self.server(i).name for i in indices)} healthy after"
+            f" {time.monotonic() - t0:.1f}s"
+        )
+
+    def attached(self, i: int) -> list[str]:
+        """The nodes with a connection open to server ``i`` now (through their proxy)."""
+        return [m for m in MEMBERS if self.proxies[m][i].active]
+
+    def jsz(self, query: str = "") -> dict[str, Any] | None:
+        """``/jsz`` of the first server that answers."""
+        for server in self.world.servers:
+            status, body = http_get(f"http://127.0.0.1:{server.http_port}/jsz{query}")
+            if status == 200:
+                return dict(json.loads(body))
+        return None
+
+    def leader(self, rng: random.Random) -> tuple[int, str]:
+        """The meta leader's server, or the leader of a random member's inbox stream."""
+        names = {s.name: i for i, s in enumerate(self.world.servers)}
+        if rng.random() < 0.5:
+            view = self.jsz() or {}
+            leader = view.get("meta_cluster", {}).get("leader")
+            if leader in names:
+                return names[leader], "the meta leader"
+        member = rng.choice(MEMBERS)
+        view = self.jsz("?accounts=true&streams=true") or {}
+        for account in view.get("account_details", []):
+            for stream in account.get("stream_detail", []):
+                if stream["name"] == f"INBOX_{member}":
+                    leader = stream.get("cluster", {}).get("leader")
+                    if leader in names:
+                        return names[leader], f"INBOX_{member}'s leader"
+        return rng.randrange(len(names)), "no leader known: a random server"
+
+    async def fault_server_kill9(self, target: str, rng: random.Random) -> None:
+        i, down = rng.randrange(3), rng.uniform(0, 10)
+        self.event(f"kill -9 {self.server(i).name}, down {down:.1f}s")
+        self.server(i).kill()
+        await asyncio.sleep(down)
+        await self.restart_servers([i])
+
+    async def fault_leader_kill9(self, target: str, rng: random.Random) -> None:
+        i, which = await asyncio.to_thread(self.leader, rng)
+        down = rng.uniform(0, 10)
+        self.event(f"kill -9 {self.server(i).name} ({which}), down {down:.1f}s")
+        self.server(i).kill()
+        await asyncio.sleep(down)
+        await self.restart_servers([i])
+
+    async def fault_quorum_kill9(self, target: str, rng: random.Random) -> None:
+        pair = rng.sample(range(3), 2)
+        down, gap = rng.uniform(5, 40), rng.uniform(0, 10)
+        names = " and ".join(self.server(i).name for i in pair)
+        self.event(f"kill -9 {names} at once (quorum lost), down {down:.1f}s, then {gap:.1f}s")
+        for i in pair:
+            self.server(i).kill()
+        await asyncio.sleep(down / 2)
+        await self.status_sample(rng, "quorum lost")
+        await asyncio.sleep(down / 2)
+        await self.restart_servers(pair[:1])
+        await asyncio.sleep(gap)
+        await self.restart_servers(pair[1:])
+
+    async def fault_rolling_restart(self, target: str, rng: random.Random) -> None:
+        order = rng.sample(range(3), 3)
+        self.event("rolling restart: " + ", ".join(self.server(i).name for i in order))
+        for i in order:
+            # As an operator would: SIGTERM, start, healthy (JetStream current), next.
+            await asyncio.to_thread(self.server(i).stop, 30)
+            await self.restart_servers([i])
+            await asyncio.sleep(rng.uniform(0, 5))
+
+    async def fault_route_partition(self, target: str, rng: random.Random) -> None:
+        i, cut, hold = rng.randrange(3), rng.uniform(5, 60), rng.random() < 0.5
+        how = "dropping packets" if hold else "connections refused"
+        self.event(
+            f"partition {self.server(i).name} from the others ({how}) for {cut:.1f}s;"
+            f" nodes on it: {self.attached(i)}"
+        )
+        for proxy in self.world.routes_of(i):
+            proxy.hold() if hold else proxy.cut()
+        await asyncio.sleep(cut / 2)
+        await self.status_sample(rng, f"{self.server(i).name} partitioned")
+        await asyncio.sleep(cut / 2)
+        for proxy in self.world.routes_of(i):
+            proxy.heal()
+        await asyncio.to_thread(self.wait_cluster_healthy)
+
+    async def fault_server_wipe(self, target: str, rng: random.Random) -> None:
+        i = rng.randrange(3)
+        server = self.server(i)
+        self.event(f"kill -9 {server.name}, wipe its store, restart it")
+        server.kill()
+        await asyncio.to_thread(shutil.rmtree, server.store_dir, True)
+        await self.restart_servers([i])
+
+    async def fault_server_sigstop(self, target: str, rng: random.Random) -> None:
+        i, held = rng.randrange(3), rng.uniform(10, 60)
+        server = self.server(i)
+        self.event(f"SIGSTOP {server.name} for {held:.1f}s; nodes on it: {self.attached(i)}")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(held / 2)
+        await self.status_sample(rng, f"{server.name} stopped")
+        await asyncio.sleep(held / 2)
+        server.proc.send_signal(signal.SIGCONT)
+        await asyncio.to_thread(self.wait_cluster_healthy)
+
+    async def fault_link_cut(self, target: str, rng: random.Random) -> None:
+        # The link to the server the node uses now, if it has one open.
+        proxies = self.proxies[target]
+        used = [i for i, p in enumerate(proxies) if p.active] or list(range(len(proxies)))
+        i, cut, hold = rng.choice(used), rng.uniform(5, 60), rng.random() < 0.5
+        how = "dropping packets" if hold else "connections refused"
+        self.event(f"cut {target}'s link to {self.server(i).name} ({how}) for {cut:.1f}s")
+        proxies[i].hold() if hold else proxies[i].cut()
+        await asyncio.sleep(cut)
+        proxies[i].heal()
+
+    def wait_cluster_healthy(self) -> None:
+        """Every server's ``/healthz`` 200 again, else an anomaly."""
+        for server in self.world.servers:
+            try:
+                server.wait_healthy(HEALTHY_WITHIN_S)
+            except Exception as exc:  # noqa: BLE001 - say so and go on
+                self.anomaly(f"{server.name} not healthy after the fault: {exc}")
+
+    async def status_sample(self, rng: random.Random, during: str) -> None:
+        """What ``msmt status`` tells an operator in the middle of a hub fault."""
+        member = rng.choice(MEMBERS)
+        config = str(self.world.config_path(member))
+        done = await asyncio.to_thread(msmt, "status", "--config", config, "--json", timeout=60)
+        try:
+            status = json.loads(done.stdout)
+        except ValueError:
+            self.event(f"{during}: msmt status {member} exited {done.returncode}: {done.stderr}")
+            return
+        keep = {k: status.get(k) for k in STATUS_KEYS}
+        self.event(f"{during}: msmt status {member}: {json.dumps(keep)}")
+
+    async def monitor(self) -> None:
+        """Log each change of a node's ``/readyz`` and of each server's ``/healthz``."""
+        seen: dict[str, str] = {}
+        while not self.stopping.is_set():
+            await asyncio.sleep(2)
+            now: dict[str, str] = {}
+            for member in MEMBERS:
+                port = self.world.config(member).metrics.port
+                status, body = await asyncio.to_thread(
+                    http_get, f"http://127.0.0.1:{port}/readyz", 2
+                )
+                now[member] = f"{status} {body.strip()[:160]}" if status else "down"
+            for server in self.world.servers:
+                status, body = await asyncio.to_thread(
+                    http_get, f"http://127.0.0.1:{server.http_port}/healthz", 2
+                )
+                now[server.name] = f"{status} {body.strip()[:160]}" if status else "down"
+            for name, state in now.items():
+                if seen.get(name) != state:
+                    self.readiness[name].append((time.monotonic() - self.t0, state))
+                    self.event(f"state {name}: {state}")
+            seen = now
 
     async def watchdog(self) -> None:
         """A node that exits on its own (not killed by us) is an anomaly; restart it."""
@@ -399,10 +653,19 @@ class Chaos:
     # --- the end -----------------------------------------------------------------
 
     async def heal_all(self) -> None:
-        for proxy in self.proxies.values():
+        for proxies in self.proxies.values():
+            for proxy in proxies:
+                proxy.heal()
+        for proxy in self.world.route_proxies.values():
             proxy.heal()
-        if self.world.servers[0].proc is None or self.world.servers[0].proc.poll() is not None:
-            await asyncio.to_thread(self.world.servers[0].start)
+        down = []
+        for i, server in enumerate(self.world.servers):
+            if server.proc is None or server.proc.poll() is not None:
+                down.append(i)
+            else:
+                server.proc.send_signal(signal.SIGCONT)
+        if down:
+            await self.restart_servers(down)
         for member in MEMBERS:
             with contextlib.suppress(ProcessLookupError):
                 self.proc(member).send_signal(signal.SIGCONT)
@@ -434,6 +697,8 @@ class Chaos:
             if depth := self.outbox(member):
                 failures.append(f"{member}'s outbox still holds {depth}")
         failures += self.check_originators()
+        if self.servers > 1:
+            failures += await self.check_cluster()
         releases = sum(len(ids) for ids in want.values())
         self.event(f"checked {sum(len(v) for v in sent.values())} accepted, {releases} releases")
         for member in MEMBERS:
@@ -477,6 +742,45 @@ class Chaos:
             self.notes[f"hub extra copies in {partner}'s inbox"] += last_seq - released
             self.event(f"{partner}: hub stored {last_seq - released} extra copies; {dups}")
         return failures
+
+    async def check_cluster(self) -> list[str]:
+        """The cluster whole again: the meta group and every stream led at 3 replicas, current."""
+        deadline = time.monotonic() + 120
+        while (why := await asyncio.to_thread(self.not_whole)) and time.monotonic() < deadline:  # noqa: ASYNC110 - other processes
+            await asyncio.sleep(2)
+        return [f"the cluster is not whole: {why}"] if why else []
+
+    def not_whole(self) -> str | None:
+        """What keeps the cluster from being whole (as tests/test_compose.py judges), or None."""
+        views: dict[str, dict[str, Any]] = {}
+        for server in self.world.servers:
+            query = "?accounts=true&streams=true&config=true"
+            status, body = http_get(f"http://127.0.0.1:{server.http_port}/jsz{query}", 10)
+            if status != 200:
+                return f"{server.name} /jsz: {status} {body[:200]}"
+            views[server.name] = json.loads(body)
+        leader = next(iter(views.values())).get("meta_cluster", {}).get("leader")
+        if leader not in views:
+            return f"no meta leader: {leader}"
+        meta = views[leader]["meta_cluster"]
+        current = sorted(r["name"] for r in meta.get("replicas", []) if r.get("current"))
+        if current != sorted(set(views) - {leader}):
+            return f"meta group as {leader} sees it: {meta}"
+        led: dict[str, dict[str, Any]] = {}
+        for name, view in views.items():
+            for account in view.get("account_details", []):
+                for stream in account.get("stream_detail", []):
+                    if stream.get("cluster", {}).get("leader") == name:
+                        led[stream["name"]] = stream
+        wanted = {f"INBOX_{m}" for m in ALL_MEMBERS} | {f"AUDIT_ARCHIVE_{m}" for m in ALL_MEMBERS}
+        if missing := wanted - set(led):
+            return f"streams without a leader: {sorted(missing)}"
+        for stream in led.values():
+            cluster = stream["cluster"]
+            current = [r["name"] for r in cluster.get("replicas", []) if r.get("current")]
+            if stream["config"]["num_replicas"] != 3 or len(current) != 2:
+                return f"stream {stream['name']}: {cluster}"
+        return None
 
     def check_originators(self) -> list[str]:
         """Each originator's store holds exactly the reports its feeds were told it took."""
@@ -526,9 +830,9 @@ class Chaos:
         return failures
 
 
-async def run(root: Path, minutes: float, seed: int, chosen: Sequence[str]) -> int:
-    chaos = Chaos(root, random.Random(seed))
-    chaos.event(f"seed {seed}, {minutes} minutes, root {root}")
+async def run(root: Path, minutes: float, seed: int, chosen: Sequence[str], servers: int) -> int:
+    chaos = Chaos(root, random.Random(seed), servers)
+    chaos.event(f"seed {seed}, {minutes} minutes, {servers} hub server(s), root {root}")
     try:
         chaos.start()
         feeds = [
@@ -542,23 +846,25 @@ async def run(root: Path, minutes: float, seed: int, chosen: Sequence[str]) -> i
             ),
         ]
         watchdog = asyncio.create_task(chaos.watchdog())
+        monitor = asyncio.create_task(chaos.monitor())
         await chaos.faulting(time.monotonic() + minutes * 60, chosen)
         chaos.event("healing")
         await chaos.heal_all()
         chaos.stopping.set()
-        await asyncio.gather(*feeds, watchdog)
+        await asyncio.gather(*feeds, watchdog, monitor)
         chaos.event(f"feeds done: {sum(len(v) for v in chaos.ledger.values())} accepted")
         failures = chaos.anomalies + await chaos.check()
     finally:
         chaos.close()
-    print(f"faults: {dict(chaos.faults)}; submit resends: {chaos.resent}")
-    print(f"notes: {dict(chaos.notes)}")
-    print("ledger: " + ", ".join(f"{m} {len(v)}" for m, v in chaos.ledger.items()))
+    # Into the events log too: it outlives a driver whose output was lost.
+    chaos.event(f"faults: {dict(chaos.faults)}; submit resends: {chaos.resent}")
+    chaos.event(f"notes: {dict(chaos.notes)}")
+    chaos.event("ledger: " + ", ".join(f"{m} {len(v)}" for m, v in chaos.ledger.items()))
+    for failure in failures:
+        chaos.event(f"FAILED: {failure}")
     if failures:
-        for failure in failures:
-            print(f"FAILED: {failure}")
         return 1
-    print("OK: nothing lost, nothing stored twice, every log verifies, replay clean")
+    chaos.event("OK: nothing lost, nothing stored twice, every log verifies, replay clean")
     return 0
 
 
@@ -568,17 +874,28 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=int(os.environ.get("MSMT_FAULT_SEED", "1")))
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument(
+        "--hub-servers",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="1: a single hub; 3: a cluster, every stream at 3 replicas, routes through proxies",
+    )
+    parser.add_argument(
         "--faults",
-        default=",".join(FAULTS),
-        help="the kinds to draw from, comma-separated (default: all): " + ", ".join(FAULTS),
+        default=None,
+        help="the kinds to draw from, comma-separated (default: all for the hub): "
+        + ", ".join(FAULTS),
     )
     args = parser.parse_args()
-    chosen = [k for k in args.faults.split(",") if k]
-    if not chosen or set(chosen) - set(FAULTS):
-        parser.error(f"--faults: choose from {', '.join(FAULTS)}")
+    kinds = faults_for(args.hub_servers)
+    chosen = [k for k in (args.faults or ",".join(kinds)).split(",") if k]
+    if not chosen or set(chosen) - set(kinds):
+        parser.error(
+            f"--faults: with --hub-servers {args.hub_servers} choose from {', '.join(kinds)}"
+        )
     root = args.root or Path(tempfile.mkdtemp(prefix="msmt-chaos-"))
     root.mkdir(parents=True, exist_ok=True)
-    sys.exit(asyncio.run(run(root, args.minutes, args.seed, chosen)))
+    sys.exit(asyncio.run(run(root, args.minutes, args.seed, chosen, args.hub_servers)))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ class NatsServer:
     fsyncs every JetStream write before its ack, as the production hub does
     (``natsconfig.server_config``): the benchmarks set it, to measure what runs;
     the tests kill processes, not machines, so they leave it off and run faster.
+    ``cluster_lines`` go into the cluster block as they are (``bench/chaos.py``
+    routes through proxies and must keep the servers from gossiping their ports).
     """
 
     workdir: Path
@@ -112,6 +114,7 @@ class NatsServer:
     cluster_port: int | None = None
     cluster_name: str | None = None
     routes: list[int] = field(default_factory=list)
+    cluster_lines: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -158,6 +161,7 @@ class NatsServer:
                 f"  name: {_quote(self.cluster_name)}",
                 "  listen: " + _quote(f"127.0.0.1:{self.cluster_port}"),
                 f"  routes: [{routes}]",
+                *(f"  {line}" for line in self.cluster_lines),
                 "}",
             ]
         return "\n".join(lines) + "\n" + self.extra_config + "\n"

@@ -40,6 +40,7 @@ from node_world import (
     wait_for,
     write_node_config,
 )
+from tcpproxy import TcpProxy
 
 from broker import keys, samples
 from broker.config import NodeConfig, load_config
@@ -48,7 +49,7 @@ from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
 from broker.natsconfig import accounts_config, inbox_stream
 from broker.natsetup import InboxLimits, connect_account, setup_account
-from broker.natsproc import NatsServer, make_cluster, start_cluster
+from broker.natsproc import NatsServer, free_port, make_cluster, start_cluster
 from broker.natsusers import load_users
 from broker.policy import Policy, load_policy
 from broker.store import Store
@@ -73,21 +74,21 @@ class Cluster:
 
     root: Path
     size: int = 1
+    proxied_routes: bool = False
     keydir: Path = field(init=False)
     servers: list[NatsServer] = field(init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     urls: dict[str, list[str]] = field(default_factory=dict)
     env: dict[str, dict[str, str]] = field(default_factory=dict)
+    route_proxies: dict[tuple[int, int], TcpProxy] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.keydir = self.root / "keys"
         keys.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
-        extra = accounts_config(load_users(self.keydir))
+        self.servers = self.make_servers(accounts_config(load_users(self.keydir)))
         if self.size == 1:
-            self.servers = [NatsServer(workdir=self.root / "nats", extra_config=extra)]
             self.servers[0].start()
         else:
-            self.servers = make_cluster(self.root / "nats", self.size, extra)
             start_cluster(self.servers)
         limits = InboxLimits(replicas=min(self.size, 3))
 
@@ -108,6 +109,46 @@ class Cluster:
         with ThreadPoolExecutor(1) as pool:
             pool.submit(asyncio.run, setup()).result()
 
+    def make_servers(self, extra_config: str) -> list[NatsServer]:
+        """Build (not start) the hub's servers, with the accounts' configuration.
+
+        With ``proxied_routes``, server i dials server j through its own proxy
+        ``route_proxies[i, j]``, so one server can be cut off from the others
+        (``routes_of``). Each server then advertises a route address nobody
+        listens on, so no server learns another's real cluster port by gossip and
+        routes round the proxies; ``no_advertise`` keeps clients to the URLs they
+        were given (a node's proxies, if it has any).
+        """
+        if self.size == 1:
+            return [NatsServer(workdir=self.root / "nats", extra_config=extra_config)]
+        if not self.proxied_routes:
+            return make_cluster(self.root / "nats", self.size, extra_config)
+        ports = [free_port() for _ in range(self.size)]
+        servers = []
+        for i in range(self.size):
+            routes = []
+            for j in range(self.size):
+                if j != i:
+                    proxy = self.route_proxies[i, j] = TcpProxy(ports[j])
+                    proxy.start()
+                    routes.append(proxy.port)
+            servers.append(
+                NatsServer(
+                    workdir=self.root / "nats",
+                    name=f"n{i + 1}",
+                    extra_config=extra_config,
+                    cluster_port=ports[i],
+                    cluster_name="msmt",
+                    routes=routes,
+                    cluster_lines=["no_advertise: true", f'advertise: "127.0.0.1:{free_port()}"'],
+                )
+            )
+        return servers
+
+    def routes_of(self, server: int) -> list[TcpProxy]:
+        """Every route proxy to and from ``servers[server]`` (``proxied_routes`` only)."""
+        return [p for (a, b), p in self.route_proxies.items() if server in (a, b)]
+
     @property
     def hub_urls(self) -> list[str]:
         """Every server's client URL."""
@@ -123,6 +164,8 @@ class Cluster:
             self.kill(member)
         for server in self.servers:
             server.kill()
+        for proxy in self.route_proxies.values():
+            proxy.stop()
 
     # --- configuration ---------------------------------------------------------
 

@@ -3,7 +3,8 @@
 It runs on its own event loop in a background thread so that both in-process
 nodes (on the test's loop) and subprocess nodes can use it. ``cut()`` closes
 every open connection and refuses new ones (accepted and closed at once, as a
-dead route would look to the client after its connect timeout); ``heal()``
+dead route would look to the client after its connect timeout); ``hold()``
+keeps them open but forwards nothing, as a link dropping packets; ``heal()``
 lets connections through again. With ``record=True`` every byte that crosses,
 both directions, is kept, so a test can search what the hub and its clients
 actually exchanged.
@@ -30,6 +31,8 @@ class TcpProxy:
         self._open = True
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
+        self._flowing = asyncio.Event()  # cleared by ``hold``
+        self._flowing.set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.base_events.Server | None = None
         self._lock = threading.Lock()
@@ -60,8 +63,23 @@ class TcpProxy:
         asyncio.run_coroutine_threadsafe(self._cut(), self._loop).result(10)
 
     def heal(self) -> None:
-        """Let connections through again."""
+        """Let connections through again (after ``cut`` or ``hold``)."""
         self._open = True
+        self._loop.call_soon_threadsafe(self._flowing.set)
+
+    def hold(self) -> None:
+        """Stop forwarding but keep every connection open, as a link dropping packets.
+
+        Nothing is closed, so neither end notices but by its own timers; what is
+        sent meanwhile waits in the proxy and flows on ``heal``. New connections
+        are accepted and wait too.
+        """
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    @property
+    def active(self) -> int:
+        """How many proxied connections are open now."""
+        return len(self._writers) // 2
 
     def capture(self) -> bytes:
         """Every byte that crossed so far, both directions, in arrival order."""
@@ -88,6 +106,11 @@ class TcpProxy:
             self.refused += 1
             writer.close()
             return
+        await self._flowing.wait()
+        if not self._open:  # cut while it waited
+            self.refused += 1
+            writer.close()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
@@ -108,6 +131,9 @@ class TcpProxy:
             while self._open or writer in self._writers:
                 data = await reader.read(65536)
                 if not data or writer.is_closing():
+                    break
+                await self._flowing.wait()
+                if writer.is_closing():
                     break
                 if self.record:
                     with self._lock:
