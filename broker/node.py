@@ -44,6 +44,7 @@ import nats.js.errors
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from broker import audit_events
 from broker.audit_events import AuditEvent
@@ -90,6 +91,14 @@ PLAN_RETRY_S: Final = 30.0
 HOUSEKEEPING_S: Final = 1.0
 LAG_EVERY_S: Final = 5.0
 """Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
+SILENT_SWITCH: Final = 3
+"""Unanswered ``consumer_info`` requests in a row after which the node leaves its server.
+
+A server cut off from the rest of a cluster, frozen, or behind a link that drops
+packets keeps the connection open, so nats-py stays on it (its pings notice a dead
+link only after 2-6 minutes, a live server never) while nothing is published or
+received; another server in ``nats.urls`` may be whole. Three requests ``LAG_EVERY_S``
+apart, each given 1 s, are 10-15 s without an answer: longer than a leader election."""
 CLOCK_WARN_S: Final = 60.0
 """A clock this far from the hub's is reported (``msmt_clock_offset_seconds``, the status)."""
 CLOCK_STEP_S: Final = 1.0
@@ -225,7 +234,8 @@ class Node:
         self._published_checkpoint: str | None = None
         self._published_at = -math.inf
         self._lag: int | None = None
-        self._lag_at = -LAG_EVERY_S
+        # When the lag was last asked, and how many requests in a row got no answer.
+        self._lag_at, self._silent = -LAG_EVERY_S, 0
         self._status: dict[str, str] = {}
         self._status_at = -STATUS_EVERY_S
         # Counts the store has not taken yet: kept until it can (a full disk).
@@ -761,6 +771,8 @@ class Node:
             return "inbox paused: a twin takes reports from it (msmt status)"
         if self._paused_for == "clock":
             return "inbox paused: this node's clock is too far off the hub's (msmt status)"
+        if self._silent >= 2:
+            return "the hub server does not answer JetStream requests (msmt status)"
         if self.receiver is None or not self.receiver.bound:
             return "inbox consumer not bound"
         return None
@@ -937,20 +949,43 @@ class Node:
         # clock, is what the node checks its own against (``_check_clock``).
         subject = f"$JS.API.CONSUMER.INFO.{inbox_stream(self.member)}.{inbox_durable(self.member)}"
         asked = wall_clock()
+        reply: Msg | None = None
         try:
             reply = await self.nc.request(subject, b"", timeout=1.0)
             info = json.loads(reply.data)
             self._lag = int(info["num_pending"]) + int(info["num_ack_pending"])
-        except (nats.errors.Error, TimeoutError, ValueError, KeyError, TypeError):
+        except (nats.errors.Error, TimeoutError, ValueError, KeyError, TypeError) as exc:
             # No answer, or {"error": ...} for an inbox the hub lost: unknown.
             self._lag = None
+            await self._heard(_silence(reply, exc))
             return None
         finally:
             self._clock_checked.set()  # as far as the hub lets us: see _receive_forever
+        await self._heard(None)
         answered = wall_clock()
         self._clock_base = answered - time.monotonic()
         self._check_clock(info.get("ts"), asked, answered)
         return self._lag
+
+    async def _heard(self, silence: str | None) -> None:
+        # ``silence``: why the hub gave no usable answer (``_silence``), None for
+        # an answer. After SILENT_SWITCH in a row, another server: nats-py tries
+        # the next in its list, and comes back here if none other is up.
+        if silence is None:
+            self._silent = 0
+            return
+        self._silent += 1
+        if self._silent < SILENT_SWITCH or self.nc is None:
+            return
+        self._silent = 0
+        url = self.nc.connected_url
+        server = f"{url.hostname}:{url.port}" if url is not None else "its server"
+        self._error(
+            f"hub: {server} has not answered JetStream requests for"
+            f" {SILENT_SWITCH * LAG_EVERY_S:.0f} s ({silence}); trying another server",
+            same_as="hub-switch",
+        )
+        await self.nc.force_reconnect()
 
     def _clock_stepped(self, monotonic: float) -> bool:
         # Checked every housekeeping tick (1 s), so a step pauses the inbox and the
@@ -1534,6 +1569,24 @@ def reissue_interval(freshness_seconds: int) -> float:
 def wall_clock() -> float:
     """Return the node's own clock, as the planner signs with it (a test can move it)."""
     return time.time()
+
+
+def _silence(reply: Msg | None, exc: BaseException) -> str | None:
+    """Why a JetStream API request got no usable answer, or None if the hub did answer.
+
+    No reply (a timeout, no responders) or 503 ("JetStream system temporarily
+    unavailable": a server without its cluster's quorum) is silence; any other
+    error answer (a stream not found) comes from a JetStream that works.
+    """
+    if reply is None:
+        return type(exc).__name__
+    try:
+        error = json.loads(reply.data)["error"]
+        if int(error["code"]) == 503:
+            return f"503 {error.get('description', '')}".strip()
+    except (ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def _parse_hub_time(value: object) -> float | None:

@@ -100,6 +100,7 @@ class TcpProxy:
         for writer in list(self._writers):
             writer.close()
         self._writers.clear()
+        self._flowing.set()  # a held pipe wakes, finds its writer closed and ends
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._open:
