@@ -52,9 +52,9 @@ quorum loss, a partition or a stopped server one node's ``msmt status``. At
 the end the cluster must be whole again: the meta group and every stream led,
 at 3 replicas, both followers current.
 
-Run it in the foreground (or under ``nohup`` from a shell that stays): a
-driver left in an orphaned process group gets its SIGSTOPped nodes killed by
-the kernel's SIGHUP.
+Each node runs in a session of its own, so a driver started in the background
+(``nohup ... &``) whose shell exits does not get its SIGSTOPped nodes killed
+by the kernel's SIGHUP for an orphaned process group.
 
 The ledger holds every record a feed was told was accepted (``accepted`` or
 ``duplicate``). At the end everything is healed and restarted, the feeds
@@ -169,7 +169,9 @@ class Chaos:
     t0: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.world = Cluster(self.root, self.servers, proxied_routes=self.servers > 1)
+        self.world = Cluster(
+            self.root, self.servers, proxied_routes=self.servers > 1, node_sessions=True
+        )
         self.ledger = {m: {} for m in (*SUBMITTERS, *SPOOLERS)}
         self._events = (self.root / "chaos-events.log").open("a", buffering=1)
 

@@ -75,6 +75,10 @@ class Cluster:
     root: Path
     size: int = 1
     proxied_routes: bool = False
+    # Each node in a session of its own: a SIGSTOPped node then never gets the SIGHUP
+    # the kernel sends a stopped process whose process group is orphaned (a driver
+    # started in the background whose shell has exited).
+    node_sessions: bool = False
     keydir: Path = field(init=False)
     servers: list[NatsServer] = field(init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -209,6 +213,7 @@ class Cluster:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env[member]},
+                start_new_session=self.node_sessions,
             )
 
     def wait_ready(self, member: str, timeout: float = 60) -> None:
