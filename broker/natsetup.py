@@ -242,11 +242,18 @@ def _refusal(name: str, wanted: StreamConfig, exc: Exception) -> ConfigError:
     return ConfigError(f"stream {name}: the server refused the setup ({exc})")
 
 
-async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> SetupResult:
-    """Create ``wanted`` if missing, update it if it differs; raise ``ConfigError`` on refusal."""
+async def ensure_stream(
+    js: JetStreamContext, wanted: StreamConfig, *, keep_replicas: bool = False
+) -> SetupResult:
+    """Create ``wanted`` if missing, update it if it differs; raise ``ConfigError`` on refusal.
+
+    With ``keep_replicas`` an existing stream keeps its own number of replicas.
+    """
     name = str(wanted.name)
-    want = _pick(wanted.as_dict(), _STREAM_FIELDS)
     current = await _stream_config(js, name)
+    if keep_replicas and current is not None and current.num_replicas:
+        wanted = dataclasses.replace(wanted, num_replicas=current.num_replicas)
+    want = _pick(wanted.as_dict(), _STREAM_FIELDS)
     try:
         if current is None:
             info = await js.add_stream(wanted)
@@ -261,7 +268,9 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> SetupResu
     return SetupResult("stream", name, "updated", _pick(info.config.as_dict(), _STREAM_FIELDS))
 
 
-async def ensure_inbox(js: JetStreamContext, member: str, limits: InboxLimits) -> list[SetupResult]:
+async def ensure_inbox(
+    js: JetStreamContext, member: str, limits: InboxLimits, *, keep_replicas: bool = False
+) -> list[SetupResult]:
     """Ensure ``member``'s inbox stream and its node's consumer; return both results.
 
     Interest retention drops a message that arrives while the stream has no
@@ -282,10 +291,12 @@ async def ensure_inbox(js: JetStreamContext, member: str, limits: InboxLimits) -
             f"stream {name} has work-queue retention, which JetStream cannot change to "
             "interest in place: let the node drain it, delete it on the hub and run setup again"
         )
-    stream = await ensure_stream(js, dataclasses.replace(wanted, retention=retention))
+    stream = await ensure_stream(
+        js, dataclasses.replace(wanted, retention=retention), keep_replicas=keep_replicas
+    )
     consumer = await ensure_consumer(js, name, inbox_consumer_config(member, limits))
     if retention != wanted.retention:
-        switched = await ensure_stream(js, wanted)
+        switched = await ensure_stream(js, wanted, keep_replicas=keep_replicas)
         if current is not None:
             log.warning("inbox_retention_switched", stream=name, was=str(retention.value))
         action: Action = "created" if stream.action == "created" else "updated"
@@ -430,13 +441,16 @@ async def setup_account(
     *,
     audit_max_bytes: int = AUDIT_MAX_BYTES,
     tls: ssl.SSLContext | None = None,
+    keep_replicas: bool = False,
 ) -> list[SetupResult]:
     """Ensure ``account``'s streams and consumers exist as configured (idempotent).
 
     A member gets its inbox stream and durable consumer; ``AUDIT`` one archive
     stream per member (``audit_max_bytes`` each), after retiring the shared
-    archive of older versions. ``tls`` is passed to ``connect_account``. Raises
-    ``ConfigError`` if the server is unreachable or refuses a step.
+    archive of older versions. ``tls`` is passed to ``connect_account``. With
+    ``keep_replicas`` a stream that exists keeps its number of replicas (a new one
+    gets ``limits.replicas``). Raises ``ConfigError`` if the server is unreachable
+    or refuses a step.
     """
     limits = limits or InboxLimits()
     nc = await connect_account(url, account, seed, tls=tls)
@@ -447,8 +461,8 @@ async def setup_account(
             results = [] if retired is None else [retired]
             for member in MEMBERS:
                 wanted = audit_stream_config(member, limits.replicas, audit_max_bytes)
-                results.append(await ensure_stream(js, wanted))
+                results.append(await ensure_stream(js, wanted, keep_replicas=keep_replicas))
             return results
-        return await ensure_inbox(js, account, limits)
+        return await ensure_inbox(js, account, limits, keep_replicas=keep_replicas)
     finally:
         await nc.close()

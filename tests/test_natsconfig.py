@@ -306,6 +306,39 @@ async def _r3_round_trip(servers: list[NatsServer], keydir: Path) -> None:
     assert len(info.cluster.replicas or []) == 2
 
 
+def test_setup_again_without_replicas_keeps_every_copy_of_a_cluster_stream(
+    keydir: Path, tmp_path: Path
+) -> None:
+    """A member re-running setup as docs/DEPLOY.md says, but without ``--replicas``."""
+    users = natsusers.load_users(keydir)
+    servers = make_cluster(tmp_path / "cluster", 3, natsconfig.accounts_config(users))
+    start_cluster(servers)
+    runner = CliRunner()
+    base = ["nats", "setup", "--server", servers[0].url, "--keys", str(keydir)]
+    base += ["--max-bytes", str(8 * 1024 * 1024)]
+    try:
+        for attempt in range(50):  # a new cluster may not count its peers yet
+            first = runner.invoke(main, [*base, "--account", "USA", "--replicas", "3"])
+            if first.exit_code == 0 or "no suitable peers" not in first.output or attempt == 49:
+                break
+            time.sleep(0.2)
+        assert first.exit_code == 0, first.output
+        assert "num_replicas = 3" in first.output
+        again = runner.invoke(main, [*base, "--account", "USA"])
+        audit = runner.invoke(main, [*base, "--account", "AUDIT", "--replicas", "3"])
+        audit_again = runner.invoke(main, [*base, "--account", "AUDIT"])
+    finally:
+        for server in servers:
+            server.kill()
+    assert again.exit_code == 0, again.output
+    assert "stream INBOX_USA: unchanged" in again.output
+    assert "num_replicas = 3" in again.output
+    assert audit.exit_code == 0, audit.output
+    assert audit_again.exit_code == 0, audit_again.output
+    assert "updated" not in audit_again.output
+    assert audit_again.output.count("num_replicas = 3") == len(MEMBERS)
+
+
 def test_config_is_plain_json_a_reader_can_audit(keydir: Path) -> None:
     text = natsconfig.accounts_config(natsusers.load_users(keydir))
     head, _, rest = text.partition("accounts: ")

@@ -565,9 +565,9 @@ def nats_config(
 @click.option(
     "--replicas",
     type=click.IntRange(1, 5),
-    default=1,
-    show_default=True,
-    help="Copies of each stream; at most the hub's servers.",
+    default=None,
+    help="Copies of each stream on the hub's servers. Without it a stream that exists"
+    " keeps its own, and a new one gets 1.",
 )
 @click.option(
     "--tls-ca",
@@ -593,7 +593,7 @@ def nats_setup(
     account: str,
     max_bytes: int | None,
     max_age_days: float | None,
-    replicas: int,
+    replicas: int | None,
     tls_ca: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -617,11 +617,21 @@ def nats_setup(
     limits = natsetup.InboxLimits(
         max_bytes=max_bytes or defaults.max_bytes,
         max_age_days=max_age_days or defaults.max_age_days,
-        replicas=replicas,
+        replicas=replicas or 1,
     )
     audit_bytes = max_bytes or natsetup.AUDIT_MAX_BYTES
     results = asyncio.run(
-        natsetup.setup_account(url, account, seed, limits, audit_max_bytes=audit_bytes, tls=tls)
+        natsetup.setup_account(
+            url,
+            account,
+            seed,
+            limits,
+            audit_max_bytes=audit_bytes,
+            tls=tls,
+            # Re-run without --replicas on a cluster, setup would otherwise scale
+            # every stream down to one copy, quietly (a trial's did).
+            keep_replicas=replicas is None,
+        )
     )
     for result in results:
         for line in result.lines():
