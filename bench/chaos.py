@@ -84,7 +84,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,9 +159,6 @@ class Chaos:
     anomalies: list[str] = field(default_factory=list)
     notes: Counter[str] = field(default_factory=Counter)
     busy: set[str] = field(default_factory=set)
-    readiness: defaultdict[str, list[tuple[float, str]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
     kill_submit: dict[str, bool] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     step: int = 0
@@ -414,7 +411,10 @@ class Chaos:
             f" nodes on it: {self.attached(i)}"
         )
         for proxy in self.world.routes_of(i):
-            proxy.hold() if hold else proxy.cut()
+            if hold:
+                proxy.hold()
+            else:
+                proxy.cut()
         await asyncio.sleep(cut / 2)
         await self.status_sample(rng, f"{self.server(i).name} partitioned")
         await asyncio.sleep(cut / 2)
@@ -449,7 +449,10 @@ class Chaos:
         i, cut, hold = rng.choice(used), rng.uniform(5, 60), rng.random() < 0.5
         how = "dropping packets" if hold else "connections refused"
         self.event(f"cut {target}'s link to {self.server(i).name} ({how}) for {cut:.1f}s")
-        proxies[i].hold() if hold else proxies[i].cut()
+        if hold:
+            proxies[i].hold()
+        else:
+            proxies[i].cut()
         await asyncio.sleep(cut)
         proxies[i].heal()
 
@@ -493,7 +496,6 @@ class Chaos:
                 now[server.name] = f"{status} {body.strip()[:160]}" if status else "down"
             for name, state in now.items():
                 if seen.get(name) != state:
-                    self.readiness[name].append((time.monotonic() - self.t0, state))
                     self.event(f"state {name}: {state}")
             seen = now
 
