@@ -94,10 +94,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from reliability_world import MSMT, Cluster, msmt, records_for  # noqa: E402
+from reliability_world import MSMT, Cluster, msmt, not_whole, records_for  # noqa: E402
 from tcpproxy import TcpProxy  # noqa: E402
 
-from broker.members import MEMBERS as ALL_MEMBERS  # noqa: E402
 from broker.natsproc import NatsServer  # noqa: E402
 
 SUBMITTERS = ("JPN", "USA")
@@ -755,7 +754,7 @@ class Chaos:
         return [f"the cluster is not whole: {why}"] if why else []
 
     def not_whole(self) -> str | None:
-        """What keeps the cluster from being whole (as tests/test_compose.py judges), or None."""
+        """What keeps the cluster from being whole (``reliability_world.not_whole``), or None."""
         views: dict[str, dict[str, Any]] = {}
         for server in self.world.servers:
             query = "?accounts=true&streams=true&config=true"
@@ -763,28 +762,7 @@ class Chaos:
             if status != 200:
                 return f"{server.name} /jsz: {status} {body[:200]}"
             views[server.name] = json.loads(body)
-        leader = next(iter(views.values())).get("meta_cluster", {}).get("leader")
-        if leader not in views:
-            return f"no meta leader: {leader}"
-        meta = views[leader]["meta_cluster"]
-        current = sorted(r["name"] for r in meta.get("replicas", []) if r.get("current"))
-        if current != sorted(set(views) - {leader}):
-            return f"meta group as {leader} sees it: {meta}"
-        led: dict[str, dict[str, Any]] = {}
-        for name, view in views.items():
-            for account in view.get("account_details", []):
-                for stream in account.get("stream_detail", []):
-                    if stream.get("cluster", {}).get("leader") == name:
-                        led[stream["name"]] = stream
-        wanted = {f"INBOX_{m}" for m in ALL_MEMBERS} | {f"AUDIT_ARCHIVE_{m}" for m in ALL_MEMBERS}
-        if missing := wanted - set(led):
-            return f"streams without a leader: {sorted(missing)}"
-        for stream in led.values():
-            cluster = stream["cluster"]
-            current = [r["name"] for r in cluster.get("replicas", []) if r.get("current")]
-            if stream["config"]["num_replicas"] != 3 or len(current) != 2:
-                return f"stream {stream['name']}: {cluster}"
-        return None
+        return not_whole(views)
 
     def check_originators(self) -> list[str]:
         """Each originator's store holds exactly the reports its feeds were told it took."""

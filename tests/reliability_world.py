@@ -427,6 +427,39 @@ class Feed:
             await asyncio.sleep(0.3)
 
 
+def not_whole(views: Mapping[str, dict[str, Any]]) -> str | None:
+    """What keeps a 3-server hub from being whole, from each server's ``/jsz``, or None.
+
+    ``views``: server name -> its ``/jsz?accounts=true&streams=true&config=true``.
+    Whole: the meta group and every stream (each member's inbox and archive)
+    configured for 3 replicas, with a leader that reports both other replicas
+    current. Only a leader knows whether its followers are current, so each group
+    is judged by its leader's own report.
+    """
+    leader = next(iter(views.values())).get("meta_cluster", {}).get("leader")
+    if leader not in views:
+        return f"no meta leader: {leader}"
+    meta = views[leader]["meta_cluster"]
+    current = sorted(r["name"] for r in meta.get("replicas", []) if r.get("current"))
+    if meta.get("cluster_size") != 3 or current != sorted(set(views) - {leader}):
+        return f"meta group as its leader {leader} sees it: {meta}"
+    led: dict[str, dict[str, Any]] = {}
+    for name, view in views.items():
+        for account in view.get("account_details", []):
+            for stream in account.get("stream_detail", []):
+                if stream.get("cluster", {}).get("leader") == name:
+                    led[stream["name"]] = stream
+    wanted = {f"INBOX_{m}" for m in MEMBERS} | {f"AUDIT_ARCHIVE_{m}" for m in MEMBERS}
+    if missing := wanted - set(led):
+        return f"streams without a leader: {sorted(missing)}"
+    for stream in led.values():
+        cluster = stream["cluster"]
+        current = [r["name"] for r in cluster.get("replicas", []) if r.get("current")]
+        if stream["config"]["num_replicas"] != 3 or len(current) != 2:
+            return f"stream {stream['name']}: {cluster}"
+    return None
+
+
 def fault_rng(name: str) -> tuple[random.Random, int]:
     """A seeded RNG for fault timing; the seed is MSMT_FAULT_SEED (or fixed) and is printed."""
     seed = int(os.environ.get("MSMT_FAULT_SEED", "20261129"))

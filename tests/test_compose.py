@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
+from reliability_world import not_whole
 
 from broker import samples
 from broker.config import load_config
@@ -480,31 +481,7 @@ def _not_whole(topo: Topology) -> str | None:
     unhealthy = [n for n in NATS_SERVICES if not topo.healthy(n)]
     if unhealthy:
         return f"{unhealthy} unhealthy"
-    views = {n: topo.jsz(n) for n in NATS_SERVICES}
-    meta = views[NATS_SERVICES[0]].get("meta_cluster", {})
-    leader = meta.get("leader")
-    if leader not in views:
-        return f"no meta leader: {meta}"
-    meta = views[leader]["meta_cluster"]
-    current = [r["name"] for r in meta.get("replicas", []) if r.get("current")]
-    if meta.get("cluster_size") != 3 or sorted(current) != sorted(set(NATS_SERVICES) - {leader}):
-        return f"meta group as its leader {leader} sees it: {meta}"
-    streams: dict[str, dict[str, Any]] = {}
-    for name, view in views.items():
-        for account in view.get("account_details", []):
-            for stream in account.get("stream_detail", []):
-                if stream.get("cluster", {}).get("leader") == name:
-                    streams[stream["name"]] = stream
-    wanted = {f"INBOX_{m}" for m in MEMBERS} | {f"AUDIT_ARCHIVE_{m}" for m in MEMBERS}
-    missing = wanted - set(streams)
-    if missing:
-        return f"streams without a leader: {sorted(missing)}"
-    for stream in streams.values():
-        cluster = stream["cluster"]
-        current = [r["name"] for r in cluster.get("replicas", []) if r.get("current")]
-        if stream["config"]["num_replicas"] != 3 or len(current) != 2:
-            return f"stream {stream['name']}: {cluster}"
-    return None
+    return not_whole({n: topo.jsz(n) for n in NATS_SERVICES})
 
 
 def test_compose_topology_survives_a_hub_server_kill(topology: Topology) -> None:
