@@ -149,6 +149,21 @@ class Cluster:
             )
         return servers
 
+    def whole(self) -> bool:
+        """Whether every server is healthy and the hub whole (``not_whole``): 3 servers only.
+
+        A server rejoining after a partition may answer for a stream it no longer
+        leads, from its old state, until then.
+        """
+        if not all(s.healthy() for s in self.servers):
+            return False
+        query = "/jsz?accounts=true&streams=true&config=true"
+        views = {
+            s.name: json.loads(fetch(f"http://127.0.0.1:{s.http_port}{query}"))
+            for s in self.servers
+        }
+        return not_whole(views) is None
+
     def routes_of(self, server: int) -> list[TcpProxy]:
         """Every route proxy to and from ``servers[server]`` (``proxied_routes`` only)."""
         return [p for (a, b), p in self.route_proxies.items() if server in (a, b)]
