@@ -980,9 +980,12 @@ class Node:
         self._silent = 0
         url = self.nc.connected_url
         server = f"{url.hostname}:{url.port}" if url is not None else "its server"
+        # With one server a new connection to it still helps: a middlebox that
+        # dropped the old one's state shows as silence too.
+        then = "trying another server" if len(self.config.nats.urls) > 1 else "reconnecting"
         self._error(
             f"hub: {server} has not answered JetStream requests for"
-            f" {SILENT_SWITCH * LAG_EVERY_S:.0f} s ({silence}); trying another server",
+            f" {SILENT_SWITCH * LAG_EVERY_S:.0f} s ({silence}); {then}",
             same_as="hub-switch",
         )
         await self.nc.force_reconnect()
