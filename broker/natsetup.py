@@ -242,17 +242,24 @@ def _refusal(name: str, wanted: StreamConfig, exc: Exception) -> ConfigError:
     return ConfigError(f"stream {name}: the server refused the setup ({exc})")
 
 
+KEEPABLE: Final = frozenset({"num_replicas", "max_bytes", "max_age"})
+"""Stream settings an operator sets by option, which a re-run without it keeps (``keep``)."""
+
+
 async def ensure_stream(
-    js: JetStreamContext, wanted: StreamConfig, *, keep_replicas: bool = False
+    js: JetStreamContext, wanted: StreamConfig, *, keep: frozenset[str] = frozenset()
 ) -> SetupResult:
     """Create ``wanted`` if missing, update it if it differs; raise ``ConfigError`` on refusal.
 
-    With ``keep_replicas`` an existing stream keeps its own number of replicas.
+    An existing stream keeps its own value of each setting named in ``keep`` (of
+    ``KEEPABLE``): a re-run without ``--replicas`` or ``--max-bytes`` must not
+    quietly undo what an operator set on purpose.
     """
     name = str(wanted.name)
     current = await _stream_config(js, name)
-    if keep_replicas and current is not None and current.num_replicas:
-        wanted = dataclasses.replace(wanted, num_replicas=current.num_replicas)
+    if current is not None:
+        kept = {f: getattr(current, f) for f in keep & KEEPABLE if getattr(current, f)}
+        wanted = dataclasses.replace(wanted, **kept)
     want = _pick(wanted.as_dict(), _STREAM_FIELDS)
     try:
         if current is None:
@@ -269,7 +276,7 @@ async def ensure_stream(
 
 
 async def ensure_inbox(
-    js: JetStreamContext, member: str, limits: InboxLimits, *, keep_replicas: bool = False
+    js: JetStreamContext, member: str, limits: InboxLimits, *, keep: frozenset[str] = frozenset()
 ) -> list[SetupResult]:
     """Ensure ``member``'s inbox stream and its node's consumer; return both results.
 
@@ -291,12 +298,10 @@ async def ensure_inbox(
             f"stream {name} has work-queue retention, which JetStream cannot change to "
             "interest in place: let the node drain it, delete it on the hub and run setup again"
         )
-    stream = await ensure_stream(
-        js, dataclasses.replace(wanted, retention=retention), keep_replicas=keep_replicas
-    )
+    stream = await ensure_stream(js, dataclasses.replace(wanted, retention=retention), keep=keep)
     consumer = await ensure_consumer(js, name, inbox_consumer_config(member, limits))
     if retention != wanted.retention:
-        switched = await ensure_stream(js, wanted, keep_replicas=keep_replicas)
+        switched = await ensure_stream(js, wanted, keep=keep)
         if current is not None:
             log.warning("inbox_retention_switched", stream=name, was=str(retention.value))
         action: Action = "created" if stream.action == "created" else "updated"
@@ -441,15 +446,15 @@ async def setup_account(
     *,
     audit_max_bytes: int = AUDIT_MAX_BYTES,
     tls: ssl.SSLContext | None = None,
-    keep_replicas: bool = False,
+    keep: frozenset[str] = frozenset(),
 ) -> list[SetupResult]:
     """Ensure ``account``'s streams and consumers exist as configured (idempotent).
 
     A member gets its inbox stream and durable consumer; ``AUDIT`` one archive
     stream per member (``audit_max_bytes`` each), after retiring the shared
     archive of older versions. ``tls`` is passed to ``connect_account``. With
-    ``keep_replicas`` a stream that exists keeps its number of replicas (a new one
-    gets ``limits.replicas``). Raises ``ConfigError`` if the server is unreachable
+    ``keep`` (of ``KEEPABLE``) a stream that exists keeps those settings (a new one
+    gets ``limits``' and ``audit_max_bytes``). Raises ``ConfigError`` if the server is unreachable
     or refuses a step.
     """
     limits = limits or InboxLimits()
@@ -461,8 +466,8 @@ async def setup_account(
             results = [] if retired is None else [retired]
             for member in MEMBERS:
                 wanted = audit_stream_config(member, limits.replicas, audit_max_bytes)
-                results.append(await ensure_stream(js, wanted, keep_replicas=keep_replicas))
+                results.append(await ensure_stream(js, wanted, keep=keep))
             return results
-        return await ensure_inbox(js, account, limits, keep_replicas=keep_replicas)
+        return await ensure_inbox(js, account, limits, keep=keep)
     finally:
         await nc.close()

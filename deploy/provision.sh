@@ -3,8 +3,8 @@
 # roster): copy each member's private keys and the public signed roster into
 # that member's keys volume, then create every account's streams and consumers
 # on the hub (idempotent: running it twice changes nothing). It passes no
-# --max-bytes, so it also sets every inbox back to 128 MiB and every archive to
-# 32 MiB: set one sized on purpose again afterwards (docs/DEPLOY.md).
+# --max-bytes, --max-age-days or --replicas, so a stream that exists keeps the
+# size, age and copies set on it before, and a new one gets the defaults.
 #
 # The roster-authority public key is installed into a volume only when the volume
 # has none: it is what each node checks every later roster against, so a roster

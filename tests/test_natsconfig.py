@@ -227,6 +227,34 @@ def test_setup_twice_changes_nothing_and_shows_its_settings(hub: NatsServer, key
         assert f"stream {natsconfig.archive_stream(member)}: created" in audit.output
 
 
+def test_setup_again_without_its_options_keeps_a_stream_sized_on_purpose(
+    hub: NatsServer, keydir: Path
+) -> None:
+    # deploy/provision.sh (the compose setup, re-run for every roster rollout)
+    # passes no --max-bytes or --max-age-days: it set every sized inbox back to
+    # 128 MiB and 30 days, and every archive to 32 MiB, saying "updated".
+    runner = CliRunner()
+    base = ["nats", "setup", "--server", hub.url, "--keys", str(keydir), "--account"]
+    sized = ["--max-bytes", str(16 * 1024 * 1024), "--max-age-days", "2"]
+    first = runner.invoke(main, [*base, "JPN", *sized])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(main, [*base, "JPN"])
+    assert again.exit_code == 0, again.output
+    assert "stream INBOX_JPN: unchanged" in again.output
+    assert "max_bytes = 16777216" in again.output
+    assert "max_age = 172800s" in again.output
+    archive = runner.invoke(main, [*base, "AUDIT", "--max-bytes", str(8 * 1024 * 1024)])
+    assert archive.exit_code == 0, archive.output
+    archive_again = runner.invoke(main, [*base, "AUDIT"])
+    assert archive_again.exit_code == 0, archive_again.output
+    assert "updated" not in archive_again.output
+    assert archive_again.output.count("max_bytes = 8388608") == len(MEMBERS)
+    # A new stream still gets the defaults.
+    new = runner.invoke(main, [*base, "USA"])
+    assert new.exit_code == 0, new.output
+    assert f"max_bytes = {natsetup.INBOX_MAX_BYTES}" in new.output
+
+
 def test_setup_with_credentials_the_hub_does_not_know_is_one_line(
     hub: NatsServer, tmp_path: Path
 ) -> None:

@@ -553,14 +553,15 @@ def nats_config(
     "--max-bytes",
     type=click.IntRange(1024 * 1024),
     default=None,
-    help="The inbox's size (a member; default 128 MiB), or each member's archive (AUDIT;"
-    " default 32 MiB); within the quota.",
+    help="The inbox's size (a member; a new one 128 MiB), or each member's archive (AUDIT;"
+    " a new one 32 MiB); within the quota. Without it a stream that exists keeps its own.",
 )
 @click.option(
     "--max-age-days",
     type=click.FloatRange(0.01),
     default=None,
-    help="How long an unread report stays in the inbox (default 30); archives keep all.",
+    help="How long an unread report stays in the inbox (a new one 30; without it an"
+    " existing one keeps its own); archives keep all.",
 )
 @click.option(
     "--replicas",
@@ -629,8 +630,17 @@ def nats_setup(
             audit_max_bytes=audit_bytes,
             tls=tls,
             # Re-run without --replicas on a cluster, setup would otherwise scale
-            # every stream down to one copy, quietly (a trial's did).
-            keep_replicas=replicas is None,
+            # every stream down to one copy, quietly (a trial's did); without
+            # --max-bytes (deploy/provision.sh) set a sized inbox back to 128 MiB.
+            keep=frozenset(
+                field
+                for field, given in (
+                    ("num_replicas", replicas),
+                    ("max_bytes", max_bytes),
+                    ("max_age", max_age_days),
+                )
+                if given is None
+            ),
         )
     )
     for result in results:
