@@ -131,6 +131,16 @@ def test_node_run_refuses_a_store_that_is_not_a_database_with_exit_2(tmp_path: P
     )
 
 
+def _started_once(tmp_path: Path, which: str) -> tuple[Path, Path]:
+    """A JPN node folder whose node has started once; its store or audit log file."""
+    folder = jpn_config(tmp_path).parent
+    config = load_config(folder / "node.toml", env={})
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+    return folder, config.store_path if which == "store" else config.audit_dir / DB_FILE
+
+
 def _foreign_wal(path: Path) -> bytes:
     """The -wal file of another SQLite database, with committed pages not yet written back."""
     db = sqlite3.connect(path)
@@ -152,12 +162,7 @@ def test_node_run_refuses_another_databases_wal_without_writing_it_in(
     # wrote it, and a read-write connection writes it in when it closes: the node's
     # open did so before anything found the tables missing, overwriting the store's
     # accepted reports or the log's entries. Now refused before a byte is written.
-    folder = jpn_config(tmp_path).parent
-    config = load_config(folder / "node.toml", env={})
-    node = load_node(config)
-    node.store.close()
-    node.audit.close()
-    path = config.store_path if which == "store" else config.audit_dir / DB_FILE
+    folder, path = _started_once(tmp_path, which)
     path.with_name(path.name + "-shm").unlink(missing_ok=True)
     path.with_name(path.name + "-wal").write_bytes(_foreign_wal(tmp_path / "other.sqlite3"))
     before = path.read_bytes()
@@ -179,12 +184,7 @@ def test_a_fifo_as_the_store_or_audit_log_is_refused_not_waited_on(
     # A FIFO there: msmt node run said "disk I/O error" with exit 1, which a service
     # manager restarts for ever, and msmt status, opening the store read-only, waited
     # for a writer that never came.
-    folder = jpn_config(tmp_path).parent
-    config = load_config(folder / "node.toml", env={})
-    node = load_node(config)
-    node.store.close()
-    node.audit.close()
-    path = config.store_path if which == "store" else config.audit_dir / DB_FILE
+    folder, path = _started_once(tmp_path, which)
     path.unlink()
     os.mkfifo(path)
     done = msmt("node", "run", "--config", str(folder / "node.toml"))
