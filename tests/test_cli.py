@@ -230,6 +230,19 @@ def test_an_error_line_escapes_the_newline_or_escape_in_what_it_names(tmp_path: 
     )
 
 
+def test_an_error_naming_a_huge_value_keeps_its_start_and_its_reason(tmp_path: Path) -> None:
+    # A 100 KB argument was echoed whole into the one line; the reason after it
+    # (here strerror) must survive the cut.
+    huge = tmp_path / ("x" * 100_000) / "node.toml"
+    done = _msmt("status", "--config", str(huge), data=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.count("\n") == 1
+    assert len(done.stderr) < 4200
+    assert done.stderr.startswith(f"msmt: error: cannot read config {tmp_path}/xxx")
+    assert "characters left out ...] xxx" in done.stderr
+    assert done.stderr.endswith("x/node.toml: File name too long\n")
+
+
 NOT_A_FILE = "not a regular file (a FIFO, socket or device)"
 
 

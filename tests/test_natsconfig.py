@@ -252,7 +252,7 @@ def test_setup_again_without_its_options_keeps_a_stream_sized_on_purpose(
     # A new stream still gets the defaults.
     new = runner.invoke(main, [*base, "USA"])
     assert new.exit_code == 0, new.output
-    assert f"max_bytes = {natsetup.INBOX_MAX_BYTES}" in new.output
+    assert f"max_bytes = {natsconfig.INBOX_MAX_BYTES}" in new.output
 
 
 def test_setup_with_credentials_the_hub_does_not_know_is_one_line(

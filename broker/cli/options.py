@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO, cast
+from typing import Any, BinaryIO, Final, TextIO, cast
 
 import click
 
@@ -255,9 +255,22 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
+ERROR_LINE_MAX: Final = 4096
+"""Characters of an error's reason shown at most: its start and its end, the middle left out."""
+
+
 def error_line(exc: Exception) -> str:
-    """The one line an error is shown as: ``msmt: error: REASON``, escaped by ``one_line``."""
-    return f"msmt: error: {one_line(str(exc))}"
+    """The one line an error is shown as: ``msmt: error: REASON``, escaped by ``one_line``.
+
+    A reason quoting a huge value the operator gave (a 100 KB report id) keeps its
+    first and last parts, since what went wrong is often said after the value.
+    """
+    reason = one_line(str(exc))
+    if len(reason) > ERROR_LINE_MAX:
+        head, tail = ERROR_LINE_MAX * 2 // 3, ERROR_LINE_MAX // 3
+        left_out = len(reason) - head - tail
+        reason = f"{reason[:head]} [... {left_out} characters left out ...] {reason[-tail:]}"
+    return f"msmt: error: {reason}"
 
 
 def rfc3339(option: str, text: str) -> datetime:
