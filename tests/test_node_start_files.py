@@ -111,6 +111,27 @@ def _running(config_path: Path, *, umask: int = -1) -> Iterator[NodeConfig]:
     assert node.returncode == 0, err
 
 
+# The seam for a signal during the start: the node's own files are refused if they
+# are FIFOs, so this hook (loaded by the test's msmt process as sitecustomize) makes
+# the start wait in a FIFO of the test's, just before it reads the named file, until
+# the test writes to it. Module globals: read_file_text looks read_file_bytes up at
+# each call, and no module has imported broker.files yet when sitecustomize runs.
+START_HOOK = """
+import os
+import broker.files as files
+
+_read = files.read_file_bytes
+
+def read_file_bytes(path, limit=-1):
+    if path.name == os.environ["WAIT_BEFORE_READING"]:
+        with open(os.environ["WAIT_IN_FIFO"], "rb") as fifo:
+            fifo.read()
+    return _read(path, limit)
+
+files.read_file_bytes = read_file_bytes
+"""
+
+
 @pytest.mark.parametrize(
     ("blocked_on", "sig"),
     [
@@ -122,18 +143,20 @@ def _running(config_path: Path, *, umask: int = -1) -> Iterator[NodeConfig]:
     ],
 )
 def test_a_signal_while_the_node_starts_is_a_clean_stop(
-    folder: Path, blocked_on: str, sig: signal.Signals
+    folder: Path, tmp_path: Path, blocked_on: str, sig: signal.Signals
 ) -> None:
-    # The seam: the file is a FIFO, so the start waits in its read until the
-    # test writes it, and the signal lands there, before the node's own
-    # handlers exist. SIGTERM's default action killed it (-15) and SIGINT was
-    # "msmt: interrupted" and 130; a service manager's stop must be a stop.
+    # The start waits (START_HOOK) before it reads the file, and the signal lands
+    # there, before the node's own handlers exist. SIGTERM's default action killed
+    # it (-15) and SIGINT was "msmt: interrupted" and 130; a service manager's stop
+    # must be a stop.
     config_path = folder / "nodes" / "JPN" / "node.toml"
-    path = config_path.parent / blocked_on
-    text = path.read_bytes()
-    path.unlink()
-    os.mkfifo(path)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(START_HOOK)
+    fifo = tmp_path / "wait"
+    os.mkfifo(fifo)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    env.update(PYTHONPATH=str(hook), WAIT_BEFORE_READING=blocked_on, WAIT_IN_FIFO=str(fifo))
     node = subprocess.Popen(
         [MSMT, "node", "run", "--config", str(config_path)],
         stdout=subprocess.DEVNULL,
@@ -143,25 +166,21 @@ def test_a_signal_while_the_node_starts_is_a_clean_stop(
     try:
         writer: list[int] = []
 
-        def reading() -> bool:
+        def waiting() -> bool:
             # A FIFO opens for writing without waiting only once its reader is there.
             with contextlib.suppress(OSError):  # ENXIO: not yet
-                writer.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
             return bool(writer) or node.poll() is not None
 
-        wait_for(reading, 60, f"the start to read {blocked_on}")
+        wait_for(waiting, 60, f"the start to wait before reading {blocked_on}")
         assert writer, node.communicate()[1]
         node.send_signal(sig)
-        os.set_blocking(writer[0], True)
-        os.write(writer[0], text)
-        os.close(writer[0])
+        os.close(writer[0])  # end of file: the start goes on
         _, err = node.communicate(timeout=60)
     finally:
         if node.poll() is None:
             node.kill()
             node.wait()
-    path.unlink()
-    path.write_bytes(text)
     assert node.returncode == 0, err
     events = [json.loads(line)["event"] for line in err.decode().splitlines()]
     # Started whole (each step was left to finish), then stopped as any stop is.
