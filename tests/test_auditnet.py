@@ -887,7 +887,7 @@ async def test_our_own_published_notes_cannot_crowd_out_a_twins_note(
     await audit.publish_checkpoint(ours)
     await await_for(lambda: len(checked) == 2, 10, "the next check")
     assert [size for size, _ in checked] == [40, 40]  # the twin's, not our echo
-    assert checked[1][1] is not None  # and found it a twin's
+    assert checked[1][1] == "size 40, ours 3: beyond our log"  # and found it a twin's
     assert audit.jpn.alarms_on("twin", MEMBER) == 1  # the one twin alarm standing
 
 
