@@ -49,6 +49,23 @@ _PORTS_FROM = 10_000
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _cursor: list[int] = []  # the next port to offer, once chosen
 _cursor_lock = threading.Lock()
+_slice = (0, 1)  # (index, count): this process offers ports from that share only
+
+
+def confine_ports(index: int, count: int) -> None:
+    """Offer ports only from share ``index`` of ``count`` equal shares of the range.
+
+    Processes that pick ports side by side (the test suite's two workers) each
+    walk their own from a random start; their walks could meet, and one then
+    took the port the other had picked but not yet bound ("address already in
+    use"). Given disjoint shares they never offer the same port.
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"share {index} of {count}")
+    with _cursor_lock:
+        global _slice  # noqa: PLW0603 - one setting per process, read under the lock
+        _slice = (index, count)
+        _cursor.clear()
 
 
 def _ephemeral_low() -> int:
@@ -62,15 +79,17 @@ def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago, not offered before.
 
     Taken in turn below the ephemeral port range where there is room
-    (Linux: 10000-32767), from a random start per process; else from the kernel.
+    (Linux: 10000-32767), from a random start per process within its share
+    (``confine_ports``); else from the kernel.
     """
-    span = _ephemeral_low() - _PORTS_FROM
-    if span >= 1_000:
-        with _cursor_lock:
+    with _cursor_lock:
+        index, count = _slice
+        span = (_ephemeral_low() - _PORTS_FROM) // count
+        if span >= 1_000:
             if not _cursor:
                 _cursor.append(secrets.randbelow(span))
             for _ in range(100):
-                port = _PORTS_FROM + _cursor[0]
+                port = _PORTS_FROM + index * span + _cursor[0]
                 _cursor[0] = (_cursor[0] + 1) % span
                 if _bindable(port):
                     return port

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,19 @@ from xdist.scheduler import LoadScopeScheduling  # noqa: E402
 
 from broker import keys  # noqa: E402
 from broker.members import MEMBERS  # noqa: E402
-from broker.natsproc import NatsServer, make_cluster, start_cluster  # noqa: E402
+from broker.natsproc import (  # noqa: E402
+    NatsServer,
+    confine_ports,
+    make_cluster,
+    start_cluster,
+)
+
+# `make test` runs two workers side by side, each picking ports in turn from a random
+# start: once their walks met, and one node's metrics port was taken by the other
+# worker between its pick and its bind. Each worker picks from its own share.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw"):
+    confine_ports(int(_WORKER[2:]), int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
 
 # Timings are for benchmarks, never tests: on a shared 2-core machine a stalled
 # draw (a strategy's first regex compile, another job's burst) tripped

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import nats
@@ -84,3 +86,21 @@ def test_free_ports_are_below_the_ephemeral_range_and_bindable() -> None:
         assert 10_000 <= port < low
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_processes_given_their_own_shares_never_offer_the_same_port() -> None:
+    # The suite's two workers each walk from a random start; confined to halves
+    # their walks cannot meet (in subprocesses: this worker keeps its own share).
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    pick = (
+        "import sys; from broker.natsproc import confine_ports, free_port;"
+        " confine_ports(int(sys.argv[1]), 2); print(*(free_port() for _ in range(300)))"
+    )
+    shares = [
+        {int(p) for p in subprocess.check_output([sys.executable, "-c", pick, str(i)]).split()}
+        for i in (0, 1)
+    ]
+    middle = 10_000 + (low - 10_000) // 2
+    assert [len(s) for s in shares] == [300, 300]
+    assert all(10_000 <= p < middle for p in shares[0])
+    assert all(middle <= p < low for p in shares[1])
