@@ -329,8 +329,10 @@ async def wait_all(
         await asyncio.sleep(0.25)
 
 
-def timings(cluster: Cluster, ids: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
-    """Per report id: JPN's accepted_at, and the last partner's received_at."""
+def timings(
+    cluster: Cluster, ids: Sequence[str]
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Per report id: JPN's accepted_at, and the first and the last partner's received_at."""
     wanted = set(ids)
     accepted = {
         rid: at
@@ -339,6 +341,7 @@ def timings(cluster: Cluster, ids: Sequence[str]) -> tuple[dict[str, float], dic
         )
         if rid in wanted
     }
+    first: dict[str, float] = {}
     last: dict[str, float] = {}
     for member in PARTNERS:
         rows = read_rows(
@@ -348,8 +351,9 @@ def timings(cluster: Cluster, ids: Sequence[str]) -> tuple[dict[str, float], dic
         )
         for rid, at in rows:
             if rid in wanted:
+                first[rid] = min(first.get(rid, at), at)
                 last[rid] = max(last.get(rid, 0.0), at)
-    return accepted, last
+    return accepted, first, last
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -499,7 +503,7 @@ class Results:
     wall: float
     cpu: dict[str, float]
     latencies: list[float]
-    to_hub: list[float]
+    to_first: list[float]
     memory: Memory | None
     batching: str
     crypto: tuple[float, float, float]
@@ -534,19 +538,13 @@ async def measure(args: argparse.Namespace) -> Results:
                 spy.send_signal(signal.SIGINT)
                 spy.wait()
             ids = [str(r["report_id"]) for r in bulk]
-            accepted, last = timings(cluster, ids)
+            accepted, _, last = timings(cluster, ids)
             # 2. latency at a fixed offered rate
             await asyncio.sleep(1.0)
             await cluster.feed(paced, rate=args.rate)
             await wait_all(cluster, count + lat_count, args.timeout)
             lat_ids = [str(r["report_id"]) for r in paced]
-            lat_acc, lat_last = timings(cluster, lat_ids)
-            lat_sent = dict(
-                read_rows(
-                    cluster.store_path(ORIGIN),
-                    "SELECT report_id, max(sent_at) FROM outbox GROUP BY report_id",
-                )
-            )
+            lat_acc, lat_first, lat_last = timings(cluster, lat_ids)
             # 3. stop and count
             codes = cluster.stop_nodes()
             if any(codes.values()):
@@ -561,7 +559,7 @@ async def measure(args: argparse.Namespace) -> Results:
                 wall=wall,
                 cpu={k: cpu1[k] - cpu0[k] for k in cpu0},
                 latencies=[lat_last[r] - lat_acc[r] for r in lat_ids],
-                to_hub=[lat_sent[r] - lat_acc[r] for r in lat_ids],
+                to_first=[lat_first[r] - lat_acc[r] for r in lat_ids],
                 memory=memory,
                 batching=audit_batches(cluster),
                 crypto=floor_rates(crypto_floors(records)),
@@ -620,10 +618,12 @@ def show(r: Results, rate: float) -> None:
         f" at all 10: p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms,"
         f" max {max(r.latencies) * 1e3:.0f} ms  (target p99 < 250 ms)"
     )
-    h50, h95, h99 = (percentile(r.to_hub, q) * 1e3 for q in (0.5, 0.95, 0.99))
+    # How much is before any partner has it (JPN's side, the hub, one receiver),
+    # and so how much is the spread over the ten.
+    f50, f95, f99 = (percentile(r.to_first, q) * 1e3 for q in (0.5, 0.95, 0.99))
     print(
-        f"  of which accepted -> the 10th hub ack recorded at JPN: p50 {h50:.0f} ms,"
-        f" p95 {h95:.0f} ms, p99 {h99:.0f} ms"
+        f"  accepted -> stored at the first partner: p50 {f50:.0f} ms, p95 {f95:.0f} ms,"
+        f" p99 {f99:.0f} ms"
     )
     if r.memory is not None:
         print(f"memory over {r.count} reports (sampled each second):")
