@@ -75,22 +75,44 @@ def _ephemeral_low() -> int:
         return 0
 
 
+def port_share() -> tuple[int, int]:
+    """The share this process offers ports from: ``(index, count)``, as ``confine_ports`` set it.
+
+    ``(0, 1)``, the whole range, unless confined. A test hands it on to a
+    subprocess that picks ports of its own (``msmt demo``), which would
+    otherwise walk the whole range and could meet the other worker's walk.
+    """
+    with _cursor_lock:
+        return _slice
+
+
+def share_ports(index: int, count: int) -> range:
+    """The ports of share ``index`` of ``count``: empty where there is no room to share.
+
+    The range is below the kernel's ephemeral ports (Linux: 10000-32767);
+    ``free_port`` asks the kernel where it is empty (under 1000 ports a share).
+    """
+    span = (_ephemeral_low() - _PORTS_FROM) // count
+    if span < 1_000:
+        return range(0)
+    return range(_PORTS_FROM + index * span, _PORTS_FROM + (index + 1) * span)
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago, not offered before.
 
-    Taken in turn below the ephemeral port range where there is room
-    (Linux: 10000-32767), from a random start per process within its share
-    (``confine_ports``); else from the kernel.
+    Taken in turn from this process's share of the range below the ephemeral
+    ports (``share_ports``, ``confine_ports``), from a random start; else from
+    the kernel.
     """
     with _cursor_lock:
-        index, count = _slice
-        span = (_ephemeral_low() - _PORTS_FROM) // count
-        if span >= 1_000:
+        ports = share_ports(*_slice)
+        if ports:
             if not _cursor:
-                _cursor.append(secrets.randbelow(span))
+                _cursor.append(secrets.randbelow(len(ports)))
             for _ in range(100):
-                port = _PORTS_FROM + index * span + _cursor[0]
-                _cursor[0] = (_cursor[0] + 1) % span
+                port = ports[_cursor[0]]
+                _cursor[0] = (_cursor[0] + 1) % len(ports)
                 if _bindable(port):
                     return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

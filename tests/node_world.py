@@ -36,7 +36,7 @@ from broker.envelope import issue, present
 from broker.intake import ensure_token, submit
 from broker.natsconfig import accounts_config, inbox_stream
 from broker.natsetup import connect_account, setup_account
-from broker.natsproc import NatsServer, free_port
+from broker.natsproc import NatsServer, free_port, port_share
 from broker.natsusers import load_users
 from broker.policy import Policy, load_policy
 from broker.sightings import SightingModel, leaf_values
@@ -85,6 +85,18 @@ def msmt(
         env={**os.environ, **env},
         check=False,
     )
+
+
+def in_port_share(env: dict[str, str], share: tuple[int, int] | None = None) -> dict[str, str]:
+    """``env`` for a subprocess that picks ports: from this worker's share, or ``share``.
+
+    Its ``sitecustomize`` (``tests/port_share``) confines it as conftest confines
+    the worker (``msmt demo``'s hub and metrics ports); the product's CLI has no
+    switch for it. It replaces ``PYTHONPATH``.
+    """
+    index, count = port_share() if share is None else share
+    hook = Path(__file__).parent / "port_share"
+    return {**env, "PYTHONPATH": str(hook), "CONFINE_PORTS": f"{index}/{count}"}
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:

@@ -28,13 +28,14 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from node_world import MSMT
+from node_world import MSMT, in_port_share
 
 from broker.demo_report import render
 from broker.demo_view import Cell, Outcome, Point, SideBySide, first_failure, summary_line
 from broker.demo_watch import wait_ready
 from broker.demo_world import World
 from broker.members import MEMBERS
+from broker.natsproc import port_share, share_ports
 from broker.store import Store
 
 pytestmark = pytest.mark.integration
@@ -70,7 +71,7 @@ class DemoRun:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     root = tmp_path_factory.mktemp("demo") / "kept"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    env = in_port_share({k: v for k, v in os.environ.items() if not k.startswith("MSMT_")})
     done = subprocess.run(
         [MSMT, "demo", "--keep", str(root), "--sightings", str(SIGHTINGS)],
         cwd=REPO,
@@ -154,6 +155,19 @@ def test_demo_keeps_everything_it_was_asked_to(demo_run: DemoRun) -> None:
         check=False,
     )
     assert verified.returncode == 0, verified.stderr
+
+
+def test_the_demo_picks_its_ports_from_this_workers_share(demo_run: DemoRun) -> None:
+    # The demo's own free_port() walked the whole range, so under `make test` its hub
+    # or a node could take a port the other worker had picked and not yet bound.
+    # Started with in_port_share, it walks this worker's share only.
+    kept = [demo_run.root / "nats" / "n1.conf"]
+    kept += [demo_run.root / "nodes" / m / "node.toml" for m in MEMBERS]
+    ports = [int(p) for path in kept for p in re.findall(r"127\.0\.0\.1:(\d+)", path.read_text())]
+    # The hub's client and monitoring ports; each node's hub URL and metrics port.
+    assert len(ports) == 2 + 2 * len(MEMBERS)
+    share = share_ports(*port_share())
+    assert [p for p in ports if p not in share] == [], (port_share(), share)
 
 
 # --- headless Chromium over the DevTools protocol ---------------------------------------
@@ -345,7 +359,7 @@ def _as_from_a_terminal() -> None:
 
 
 def _start_demo(*args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    env = in_port_share({k: v for k, v in os.environ.items() if not k.startswith("MSMT_")})
     return subprocess.Popen(
         [MSMT, "demo", *args],
         cwd=REPO,

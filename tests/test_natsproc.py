@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, StreamConfig
 from nats.js.errors import NoStreamResponseError
+from node_world import in_port_share
 
-from broker.natsproc import NatsServer, free_port
+from broker.natsproc import NatsServer, free_port, share_ports
 
 pytestmark = pytest.mark.integration
 
@@ -104,3 +106,27 @@ def test_processes_given_their_own_shares_never_offer_the_same_port() -> None:
     assert [len(s) for s in shares] == [300, 300]
     assert all(10_000 <= p < middle for p in shares[0])
     assert all(middle <= p < low for p in shares[1])
+
+
+def test_a_subprocess_started_in_a_share_offers_ports_from_it_alone() -> None:
+    # What test_demo hands msmt demo (in_port_share): a sitecustomize that confines
+    # the subprocess, with no switch in the product's CLI. Shares far apart, so a
+    # walk of the whole range would land outside them; the share is printed too.
+    pick = (
+        "from broker.natsproc import free_port, port_share;"
+        " print(*port_share(), *(free_port() for _ in range(300)))"
+    )
+    for share in ((1, 8), (6, 8)):
+        env = in_port_share(dict(os.environ), share)
+        shown, ports = _split(subprocess.check_output([sys.executable, "-c", pick], env=env))
+        assert shown == share
+        assert len(set(ports)) == 300
+        assert [p for p in ports if p not in share_ports(*share)] == []
+    # Without it, a subprocess offers the whole range (what the demo did).
+    shown, _ = _split(subprocess.check_output([sys.executable, "-c", pick]))
+    assert shown == (0, 1)
+
+
+def _split(output: bytes) -> tuple[tuple[int, int], list[int]]:
+    index, count, *ports = (int(n) for n in output.split())
+    return (index, count), ports
