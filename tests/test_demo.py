@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import psutil
 import pytest
 from node_world import MSMT, in_port_share
 
+from broker import keys
 from broker.demo_report import render
 from broker.demo_view import Cell, Outcome, Point, SideBySide, first_failure, summary_line
 from broker.demo_watch import wait_ready
@@ -80,6 +82,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
         env=env,
         timeout=240,
         check=False,
+        # As a careless shell leaves it: what is kept must be private all the same.
+        umask=0,
     )
     return DemoRun(root, done.returncode, done.stdout, done.stderr)
 
@@ -155,6 +159,31 @@ def test_demo_keeps_everything_it_was_asked_to(demo_run: DemoRun) -> None:
         check=False,
     )
     assert verified.returncode == 0, verified.stderr
+
+
+def test_what_the_demo_keeps_is_private_whatever_the_umask(demo_run: DemoRun) -> None:
+    # Run under umask 000 (demo_run): every member's private keys, its store and its
+    # log were 0666 and their folders 0777. Now 0700/0600, as msmt node run makes
+    # its own, but for the roster files msmt keys init makes public on purpose.
+    public = {
+        keys.ROSTER_FILE,
+        keys.ROSTER_SIG_FILE,
+        keys.AUTHORITY_PUBLIC_FILE,
+        keys.NATS_USERS_FILE,
+    }
+    wrong: dict[str, str] = {}
+    for path in [demo_run.root, *demo_run.root.rglob("*")]:
+        mode = path.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            want = 0o700
+        elif path.parent == demo_run.root / "keys" and path.name in public:
+            want = 0o644
+        else:
+            want = 0o600
+        if stat.S_IMODE(mode) != want:
+            wrong[str(path.relative_to(demo_run.root))] = stat.filemode(mode)
+    assert wrong == {}
+    assert (demo_run.root / "data" / "KOR" / "node.sqlite3").is_file()  # the walk saw them
 
 
 def test_the_demo_picks_its_ports_from_this_workers_share(demo_run: DemoRun) -> None:

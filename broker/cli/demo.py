@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from broker.cli.options import private_files
 from broker.demo import (
     DEFAULT_SIGHTINGS,
     DemoFailedError,
@@ -35,6 +36,9 @@ DEFAULT_HTML = Path("msmt-demo-report.html")
 @click.option(
     "--keep",
     type=click.Path(file_okay=False, path_type=Path),
+    # Kept or not, what the demo writes is 0700/0600 whatever the caller's umask:
+    # 11 members' private keys, stores and logs, as msmt node run makes them.
+    callback=private_files,
     help="Leave keys, configs, data, logs and the HTML report in this new or empty directory.",
 )
 @click.option(

@@ -18,11 +18,15 @@ NODE_UMASK: int = 0o077
 """What a command on a node creates is its user's alone (the sample systemd unit's ``UMask``)."""
 
 
-def _private_files(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
-    # Whatever the caller's umask: a node's data directory holds reports in the
-    # clear and what partners sent, so all a command on it creates (store and
-    # audit log with their -wal and -shm, spool, state and feeds files, the data
-    # directory's own parents) is 0700/0600, not only what sets its own mode.
+def private_files(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """A click option's callback: the command runs with umask 077 (``NODE_UMASK``).
+
+    Whatever the caller's umask: a node's data directory holds reports in the
+    clear and what partners sent, so all a command on it creates (store and audit
+    log with their -wal and -shm, spool, state and feeds files, the data
+    directory's own parents) is 0700/0600, not only what sets its own mode.
+    ``msmt demo`` runs so too: ``--keep`` keeps 11 members' private keys and stores.
+    """
     # Files meant for others (the intake socket) are chmodded explicitly. Put
     # back when the command ends: in a test's process, the next one's umask.
     before = os.umask(NODE_UMASK)
@@ -35,7 +39,7 @@ CONFIG = click.option(
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    callback=_private_files,
+    callback=private_files,
     help="The node's node.toml.",
 )
 """``--config``: the node's ``node.toml``, for every command that works on one node.
