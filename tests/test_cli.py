@@ -230,6 +230,55 @@ def test_an_error_line_escapes_the_newline_or_escape_in_what_it_names(tmp_path: 
     )
 
 
+# A folder name that, printed raw, would end the line, forge one of msmt's own and
+# turn the terminal red; and how it is shown (as error lines show it).
+HOSTILE = "a\nmsmt: error: forged\x1b[31m"
+HOSTILE_SHOWN = "a\\nmsmt: error: forged\\x1b[31m"
+
+
+@pytest.mark.parametrize(
+    "command", ["keys authority", "schemas export", "policy check", "validate"]
+)
+def test_a_success_line_escapes_the_newline_or_escape_in_the_path_it_names(
+    tmp_path: Path, command: str
+) -> None:
+    # "wrote <path>" and its like printed the path as it was: a newline in a name
+    # forged a second line for whoever reads the output, and \x1b[ restyled the terminal.
+    folder = tmp_path / HOSTILE
+    folder.mkdir()
+    shown = f"{tmp_path}/{HOSTILE_SHOWN}"
+    if command == "keys authority":
+        done = _msmt("keys", "authority", "--dir", str(folder / "keys"), data=tmp_path)
+        lines = [
+            f"wrote the roster authority and an empty roster version 1 under {shown}/keys",
+            f"send {shown}/keys/roster-authority.json to every member, who pins it; keep"
+            f" {shown}/keys/authority/roster-authority.jwk offline",
+        ]
+    elif command == "schemas export":
+        done = _msmt("schemas", "export", "--out", str(folder / "schemas"), data=tmp_path)
+        written = sorted(p for p in (folder / "schemas").rglob("*") if p.is_file())
+        lines = [f"{shown}/{p.relative_to(folder)}" for p in written]
+    elif command == "policy check":
+        policy = folder / "policy.toml"
+        policy.write_bytes((REPO / "nodes" / "JPN" / "policy.toml").read_bytes())
+        done = _msmt("policy", "check", str(policy), data=tmp_path)
+        lines = done.stdout.splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"{shown}/policy.toml: ok: JPN, "), lines
+    else:
+        feed = folder / "feed.ndjson"
+        feed.write_text('{"kind": "vessel"}\n')
+        done = _msmt("validate", str(feed), data=tmp_path)
+        lines = done.stdout.splitlines()
+        assert lines
+        assert all(ln.startswith(f"{shown}/feed.ndjson:1: ") for ln in lines), lines
+    assert done.returncode == (1 if command == "validate" else 0), done.stderr
+    output = done.stdout + done.stderr
+    assert "\x1b" not in output
+    assert not [ln for ln in output.splitlines() if ln.startswith("msmt: error: forged")]
+    assert set(lines) <= set(done.stdout.splitlines()), done.stdout
+
+
 def test_an_error_naming_a_huge_value_keeps_its_start_and_its_reason(tmp_path: Path) -> None:
     # A 100 KB argument was echoed whole into the one line; the reason after it
     # (here strerror) must survive the cut.

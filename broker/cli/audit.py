@@ -39,7 +39,7 @@ from broker.checkpoint import (
     roster_revoked_log_keys,
     roster_witness_keys,
 )
-from broker.cli.options import write_stdout
+from broker.cli.options import echo_line, write_stdout
 from broker.errors import AuditError, EnvelopeError, InputError, MsmtError, UsageError
 from broker.files import read_file_bytes, read_file_text
 from broker.members import MEMBERS
@@ -285,9 +285,9 @@ def audit_verify(
         waited = f", reached at size {report.size} (size {began[0]} when read)" if began else ""
         click.echo(f"cosigned by {', '.join(report.cosigners)} (quorum {quorum}){waited}")
     for path in known:
-        click.echo(f"contains the checkpoint in {path}")
+        echo_line(f"contains the checkpoint in {path}")
     for path in witness_states:
-        click.echo(f"holds what the witness state in {path} cosigned")
+        echo_line(f"holds what the witness state in {path} cosigned")
 
 
 @audit_group.command(name="prove")

@@ -9,7 +9,7 @@ from typing import BinaryIO
 import click
 
 from broker import samples, schemas
-from broker.cli.options import stdin_buffer
+from broker.cli.options import echo_line, stdin_buffer
 from broker.errors import UsageError
 from broker.members import MEMBERS, parse_members
 from broker.validation import validate_stream
@@ -43,7 +43,7 @@ def validate(file: str, quiet: bool) -> None:
             if not quiet:
                 for problem in result.error.problems:
                     where = problem.path or "(record)"
-                    click.echo(f"{file}:{result.line}: {where}: {problem.reason}")
+                    echo_line(f"{file}:{result.line}: {where}: {problem.reason}")
     finally:
         if file != "-":
             stream.close()
@@ -68,7 +68,7 @@ def schemas_export(out: Path) -> None:
     """Write the JSON Schema files and example records to OUT."""
     try:
         for path in schemas.export(out):
-            click.echo(str(path))
+            echo_line(str(path))
     except OSError as exc:
         raise UsageError(f"cannot write {exc.filename or out}: {exc.strerror}") from None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from broker.cli.options import private_files
+from broker.cli.options import echo_line, private_files
 from broker.demo import (
     DEFAULT_SIGHTINGS,
     DemoFailedError,
@@ -67,7 +67,7 @@ def demo(sightings: int, keep: Path | None, html: Path | None, nodes: Path) -> N
 
     display = Display(write, sys.stdout.isatty())
     with signals_interrupt(), scratch(keep) as root:
-        outcome = asyncio.run(run(Options(sightings, keep, nodes), root, display, click.echo))
+        outcome = asyncio.run(run(Options(sightings, keep, nodes), root, display, echo_line))
         report = html or (root / "report.html" if keep is not None else DEFAULT_HTML)
         outcome.elapsed = time.monotonic() - started  # the whole command, as a user waits
         write_report(outcome, report)
@@ -79,9 +79,9 @@ def demo(sightings: int, keep: Path | None, html: Path | None, nodes: Path) -> N
     click.echo("")
     click.echo("\n".join(audit_lines(outcome)))
     click.echo("")
-    click.echo(f"HTML report: {report}")
+    echo_line(f"HTML report: {report}")
     if keep is not None:
-        click.echo(f"everything is kept in {keep} (logs in {keep / 'logs'})")
+        echo_line(f"everything is kept in {keep} (logs in {keep / 'logs'})")
     click.echo(summary_line(outcome))
     if outcome.failures:
         sys.stdout.flush()

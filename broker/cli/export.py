@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from broker.cli.options import CONFIG, rfc3339, write_stdout
+from broker.cli.options import CONFIG, echo_line, rfc3339, write_stdout
 from broker.errors import UsageError
 from broker.stix import bundle, load_received
 
@@ -75,7 +75,7 @@ def export_stix(config_path: Path, since: str | None, out: Path | None) -> None:
         write_stdout([text], "bundle")
     else:
         _write_atomically(out, text)
-        click.echo(f"{len(reports)} reports exported to {out}", err=True)
+        echo_line(f"{len(reports)} reports exported to {out}", err=True)
 
 
 COMMANDS: tuple[click.Command, ...] = (export_group,)

@@ -18,6 +18,7 @@ import click
 from broker import feeds
 from broker.cli.node import feed_line, open_store
 from broker.cli.options import CONFIG as _CONFIG
+from broker.cli.options import echo_line
 from broker.config import NodeConfig, load_config
 from broker.errors import UsageError
 from broker.roster import format_time
@@ -88,7 +89,7 @@ def feeds_add(config_path: Path, name: str, out: Path | None) -> None:
         where = "it is shown only now"
     else:
         where = f"its token is in {out} (mode 0600), nowhere else"
-    click.echo(
+    echo_line(
         f"feed {name!r} added as socket:{name}; {where}. The node accepts it from its next"
         " request.",
         err=True,
@@ -121,7 +122,7 @@ def feeds_list(config_path: Path) -> None:
     known = feeds.load(config.feeds_path)
     figures = _figures(config)
     if not known.by_name:
-        click.echo(f"no named feeds (msmt feeds add NAME; file {config.feeds_path})", err=True)
+        echo_line(f"no named feeds (msmt feeds add NAME; file {config.feeds_path})", err=True)
     for feed in sorted(known.by_name.values(), key=lambda f: f.name):
         state = "active" if feed.revoked_at is None else f"revoked {format_time(feed.revoked_at)}"
         used = figures.get(feed.audit_name)

@@ -15,7 +15,7 @@ import click
 
 from broker import keyrequest, natsconfig, natsetup, natstls, natsusers, pseudonym_keys
 from broker import keys as keyfiles
-from broker.cli.options import stdin_buffer
+from broker.cli.options import echo_line, stdin_buffer
 from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.files import read_file_bytes
 from broker.members import MEMBERS, parse_members
@@ -105,7 +105,7 @@ def _finish_roster_write(keydir: Path) -> None:
     # finished or undone first, and the operator is told which.
     done = keyfiles.finish_roster_write(keydir)
     if done is not None:
-        click.echo(f"msmt: {done}", err=True)
+        echo_line(f"msmt: {done}", err=True)
 
 
 @click.group(name="keys")
@@ -131,10 +131,10 @@ def keys_init(keydir: Path, members: str, force: bool, valid_days: int) -> None:
     except ValueError as exc:
         raise UsageError(f"--members: {exc}") from None
     signed = keyfiles.init_keys(keydir, chosen, force=force, valid_days=valid_days)
-    click.echo(f"wrote keys for {', '.join(chosen)} and AUDIT under {keydir}")
+    echo_line(f"wrote keys for {', '.join(chosen)} and AUDIT under {keydir}")
     click.echo(f"roster version {signed.version}: {len(signed.roster)} public keys")
     authority = keyfiles.load_authority(keydir / keyfiles.AUTHORITY_PUBLIC_FILE)
-    click.echo(
+    echo_line(
         f"pin {keydir / keyfiles.AUTHORITY_PUBLIC_FILE} in every node; keep "
         f"{keydir / keyfiles.AUTHORITY_PRIVATE_FILE} offline"
     )
@@ -196,10 +196,10 @@ def keys_authority(keydir: Path, audit: bool) -> None:
     """
     keyrequest.init_authority(keydir, audit=audit)
     authority = keyfiles.load_authority(keydir / keyfiles.AUTHORITY_PUBLIC_FILE)
-    click.echo(f"wrote the roster authority and an empty roster version 1 under {keydir}")
+    echo_line(f"wrote the roster authority and an empty roster version 1 under {keydir}")
     if audit:
-        click.echo(f"wrote the AUDIT account's NATS user ({keydir / keyfiles.AUDIT_ACCOUNT})")
-    click.echo(
+        echo_line(f"wrote the AUDIT account's NATS user ({keydir / keyfiles.AUDIT_ACCOUNT})")
+    echo_line(
         f"send {keydir / keyfiles.AUTHORITY_PUBLIC_FILE} to every member, who pins it; keep "
         f"{keydir / keyfiles.AUTHORITY_PRIVATE_FILE} offline"
     )
@@ -250,10 +250,10 @@ def keys_request(
         first=first,
         new_nats_user=new_nats_user,
     )
-    click.echo(f"wrote key request {made.path}")
-    click.echo(f"new keys {made.sig_kid} and {made.enc_kid} (mode 0600 in {keydir / made.member})")
+    echo_line(f"wrote key request {made.path}")
+    echo_line(f"new keys {made.sig_kid} and {made.enc_kid} (mode 0600 in {keydir / made.member})")
     if made.replaced_nats_seed is not None:
-        click.echo(
+        echo_line(
             f"NATS user {made.nats_user} (new; the old seed is kept as "
             f"{made.replaced_nats_seed}): the node logs in with it once the custodian has "
             "accepted the request with --replace-nats-user and the hub has reloaded"
@@ -321,7 +321,7 @@ def keys_accept(
         replace_nats_user=replace_nats_user,
         valid_days=valid_days,
     )
-    click.echo(f"accepted {request} from {done.member}, authorized by {done.authorized_by}")
+    echo_line(f"accepted {request} from {done.member}, authorized by {done.authorized_by}")
     click.echo(f"fingerprint {done.fingerprint}")
     span = f"{format_time(done.valid_from)}..{format_time(done.valid_until)}"
     click.echo(f"{done.member}: new keys {done.sig_kid} and {done.enc_kid}, active {span}")
@@ -331,13 +331,13 @@ def keys_accept(
     if done.previous_nats_user is None:
         # Tried on nats-server 2.15: after a reload that adds an account, the new
         # account receives but its own publishes get no JetStream response.
-        click.echo(
+        echo_line(
             f"{done.member}'s NATS user added in {users}, a new account on the hub: regenerate "
             "the hub's configuration with 'msmt nats config' and RESTART every hub server (one "
             "at a time); a reload does not set up a new account, whose publishes then fail"
         )
     elif done.previous_nats_user != done.nats_user:
-        click.echo(
+        echo_line(
             f"{done.member}'s NATS user changed in {users}: regenerate the hub's configuration "
             "with 'msmt nats config' and reload every hub server (send it SIGHUP); "
             "the old user's connections are closed"
@@ -359,7 +359,7 @@ def keys_nats_user(account: str, keydir: Path) -> None:
     here. An existing seed is never overwritten.
     """
     path, user = natsusers.make_user(keydir, account.upper())
-    click.echo(f"wrote {path} (mode 0600)")
+    echo_line(f"wrote {path} (mode 0600)")
     click.echo(f"NATS user {user}")
     click.echo(
         f"send the NATS user (not the seed) to the roster custodian, who runs 'msmt keys "
@@ -380,7 +380,7 @@ def keys_nats_user(account: str, keydir: Path) -> None:
 def keys_accept_nats_user(account: str, nkey: str, keydir: Path, replace_nats_user: bool) -> None:
     """Record NKEY (U...) as ACCOUNT's NATS user in <dir>/nats-users.json. Only AUDIT."""
     done = natsusers.record_user(keydir, account.upper(), nkey, replace=replace_nats_user)
-    click.echo(f"{account.upper()}'s NATS user {done.outcome} in {done.path}")
+    echo_line(f"{account.upper()}'s NATS user {done.outcome} in {done.path}")
     if done.outcome == "added":
         click.echo(
             "regenerate the hub's configuration with 'msmt nats config' and start the hub, or "
@@ -443,11 +443,11 @@ def keys_pseudonym(
         key = pseudonym_keys.decode(_read_key_source(source), where)
     outcome = pseudonym_keys.store_key(path, key, replace=replace)
     verb = "imported" if outcome == "created" and source is not None else outcome
-    click.echo(f"{verb} {path}" + ("" if outcome == "unchanged" else " (mode 0600)"))
+    echo_line(f"{verb} {path}" + ("" if outcome == "unchanged" else " (mode 0600)"))
     click.echo(f"fingerprint {pseudonym_keys.fingerprint(key)}")
     if source is None:
         again = " --replace" if outcome == "replaced" else ""
-        click.echo(
+        echo_line(
             f"send {path} to each partner listed under [pseudonym_keys.{key_id}] over a "
             f"channel you trust; they run 'msmt keys pseudonym <THEM> {key_id} "
             f"--from-file FILE{again}' and compare the fingerprint with you"
@@ -529,7 +529,7 @@ def nats_config(
         http=http,
     )
     keyfiles.write_public(out, text.encode())
-    click.echo(f"wrote {out}")
+    echo_line(f"wrote {out}")
 
 
 @nats_group.command(name="setup")

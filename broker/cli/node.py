@@ -27,7 +27,7 @@ from broker.audit_events import parse_entry
 from broker.audit_verify import load, read_origin
 from broker.auditlog import DB_FILE
 from broker.cli.options import CONFIG as _CONFIG
-from broker.cli.options import rfc3339, stdin_buffer
+from broker.cli.options import echo_line, rfc3339, stdin_buffer
 from broker.config import NodeConfig, load_config
 from broker.errors import (
     AuditError,
@@ -658,9 +658,10 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
             # A header, so the indented lines below are not read as the line above's.
             click.echo(key.replace("_", " "))
             for name, item in value.items():
-                click.echo(f"  {name:<28} {item}")
+                echo_line(f"  {name:<28} {item}")
         else:
-            click.echo(f"{key:<14} {value}")
+            # last_error and policy_file quote errors, which name paths and values.
+            echo_line(f"{key:<14} {value}")
 
 
 STATUS_STALE_S: Final = 90

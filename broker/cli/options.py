@@ -259,6 +259,17 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
+def echo_line(text: str, *, err: bool = False) -> None:
+    r"""Print ``text`` as one line of output, escaped by ``one_line`` as an error line is.
+
+    For success and info lines that name what the operator gave (a path, a
+    name): ``wrote {path}`` with a newline in the path's name would forge a
+    second line for whoever reads the output, and ``\x1b[`` restyle a terminal.
+    Not capped: such a line is short, and a path left out in part is no use.
+    """
+    click.echo(one_line(text), err=err)
+
+
 ERROR_LINE_MAX: Final = 4096
 """Characters of an error's reason shown at most: its start and its end, the middle left out."""
 

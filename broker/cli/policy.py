@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from broker.cli.options import error_line
+from broker.cli.options import echo_line, error_line
 from broker.config import load_config
 from broker.errors import InputError, PolicyError, UsageError
 from broker.files import read_file_text
@@ -55,13 +55,13 @@ def check(files: tuple[Path, ...]) -> None:
             continue
         problems = check_policy(text)
         for problem in problems:
-            click.echo(f"{path}:{problem.line}: {problem.reason}")
+            echo_line(f"{path}:{problem.line}: {problem.reason}")
         if problems:
             status = max(status, 1)
             continue
         spec, _ = read_policy(text, member=None)
         assert spec is not None  # noqa: S101 - no problems means it parsed
-        click.echo(
+        echo_line(
             f"{path}: ok: {spec.member}, rules {len(spec.rules)}, "
             f"groups {len(spec.groups)}, pseudonym keys {len(spec.pseudonym_keys)}, "
             f"digest {spec.digest()}"
@@ -249,7 +249,7 @@ def explain(
         f"report {sighting.report_id} ({sighting.kind}) from {sighting.originator}, "
         f"TLP:{sighting.tlp}, REL TO {rel_to}{', passed on' if onward else ''}"
     )
-    click.echo(f"policy {path} ({policy.member}), digest {policy.digest}")
+    echo_line(f"policy {path} ({policy.member}), digest {policy.digest}")
     click.echo("")
     for line in _table(policy, sighting, decisions):
         click.echo(line)
