@@ -254,7 +254,7 @@ class Node:
         # Store, then audit, then confirm: a crash between the first two leaves
         # unconfirmed reports that load_node audits at the next start, so the log
         # never misses an accepted report (at worst it records one twice).
-        fresh = self.store.accept(batch)
+        fresh = self.store.accept(batch, feed=feed)
         new = [r for r, is_new in zip(batch, fresh, strict=True) if is_new]
         now = datetime.now(UTC)
         try:

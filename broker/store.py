@@ -2,7 +2,8 @@
 
 Tables:
 
-* ``reports``: records accepted from feeds, with whether the per-partner plan exists;
+* ``reports``: records accepted from feeds, with whether the per-partner plan exists
+  and which feed accepted each (NULL for one accepted before the store recorded it);
 * ``outbox``: one row per (report, partner) with the exact JWE to publish and a
   state, ``pending`` until the hub acknowledged it, then ``sent`` (and the JWE's
   bytes dropped: the audit log keeps its hash);
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 from broker.errors import StoreDamagedError, StoreError, UsageError, sqlite_reason
 from broker.files import NOT_A_FILE
@@ -75,7 +76,8 @@ CREATE TABLE IF NOT EXISTS reports (
     accepted_at REAL NOT NULL,
     record      BLOB NOT NULL,
     planned     INTEGER NOT NULL DEFAULT 0,
-    audited     INTEGER NOT NULL DEFAULT 0
+    audited     INTEGER NOT NULL DEFAULT 0,
+    feed        TEXT
 );
 CREATE INDEX IF NOT EXISTS reports_unaudited ON reports(audited) WHERE audited = 0;
 CREATE INDEX IF NOT EXISTS reports_unplanned ON reports(planned) WHERE planned = 0;
@@ -141,17 +143,25 @@ class NewReport:
     record: bytes
 
 
+class Earlier(NamedTuple):
+    """What is stored under a report id that was taken: the record, and the feed that gave it."""
+
+    record: bytes
+    feed: str | None
+    """As the ``accepted`` audit entry names it (``socket:NAME``, ``socket``, ``spool``);
+    None when unknown (accepted before the store recorded feeds, or with no feed given)."""
+
+
 class Accepted(list[bool]):
     """``Store.accept``'s answer: per report, True if new, False if its id was taken.
 
     A list of bools, so callers that only count new reports need nothing else;
-    ``earlier`` maps the index of each refused report to the record stored
-    under its id.
+    ``earlier`` maps the index of each refused report to what is stored under its id.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.earlier: dict[int, bytes] = {}
+        self.earlier: dict[int, Earlier] = {}
 
 
 def _lock_writer(path: Path) -> int:
@@ -465,28 +475,32 @@ class Store:
 
     # --- reports accepted from feeds ---------------------------------------
 
-    def accept(self, reports: Sequence[NewReport], now: float | None = None) -> Accepted:
-        """Durably accept a batch; return, per report, True if new, False if its id was taken.
+    def accept(
+        self, reports: Sequence[NewReport], now: float | None = None, *, feed: str | None = None
+    ) -> Accepted:
+        """Durably accept a batch from ``feed``; return, per report, True if new, False if taken.
 
-        For each id already taken, ``Accepted.earlier`` holds the record stored
-        under it, so the caller can tell a resend from a conflicting correction.
+        ``feed`` is recorded with each new report. For each id already taken,
+        ``Accepted.earlier`` holds the record stored under it and its feed, so the
+        caller can tell a resend from a conflicting correction, and say which
+        fields differ only to the feed that gave the first version.
         """
         at = time.time() if now is None else now
         out = Accepted()
         with self._tx() as db:
             for i, rep in enumerate(reports):
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO reports(report_id, kind, accepted_at, record) "
-                    "VALUES (?, ?, ?, ?)",
-                    (rep.report_id, rep.kind, at, rep.record),
+                    "INSERT OR IGNORE INTO reports(report_id, kind, accepted_at, record, feed) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (rep.report_id, rep.kind, at, rep.record, feed),
                 )
                 out.append(cur.rowcount == 1)
                 if cur.rowcount != 1:
                     # Within the transaction, so an earlier record of this batch counts too.
                     row = db.execute(
-                        "SELECT record FROM reports WHERE report_id = ?", (rep.report_id,)
+                        "SELECT record, feed FROM reports WHERE report_id = ?", (rep.report_id,)
                     ).fetchone()
-                    out.earlier[i] = bytes(row[0])
+                    out.earlier[i] = Earlier(bytes(row[0]), row[1])
         return out
 
     def unaudited(self) -> list[tuple[str, str]]:
@@ -1102,6 +1116,13 @@ def _check_format(db: sqlite3.Connection, path: Path) -> None:
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     # A store made before a column was added gets it, empty for the rows it holds.
+    if "feed" not in {str(row[1]) for row in db.execute("PRAGMA table_info(reports)")}:
+        # Reports accepted before it stay NULL, their feed unknown: a conflict under
+        # their ids names no fields to anyone (broker.intake). The format stays 1: an
+        # older build writes NULL here too, which only makes its answers terser.
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ALTER TABLE reports ADD COLUMN feed TEXT")
     have = {str(row[1]) for row in db.execute("PRAGMA table_info(inbox)")}
     if "jwe" not in have:
         # One transaction: the moment recorded is the moment envelopes began to be kept,

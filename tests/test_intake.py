@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import stat
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -52,8 +53,8 @@ def jpn_records(count: int, seed: int = 1) -> list[dict[str, Any]]:
 
 
 def make_intake(store: Store, max_bytes: int = 65536) -> Intake:
-    async def acceptor(batch: list[NewReport], _feed: str) -> list[bool]:
-        return await asyncio.to_thread(store.accept, batch)
+    async def acceptor(batch: list[NewReport], feed: str) -> list[bool]:
+        return await asyncio.to_thread(lambda: store.accept(batch, feed=feed))
 
     return Intake("JPN", max_bytes, acceptor)
 
@@ -640,8 +641,8 @@ async def test_other_content_under_an_accepted_id_is_a_conflict_not_a_duplicate(
     store = Store(tmp_path / "s.db")
     recorded: list[list[Refusal]] = []
 
-    async def acceptor(batch: list[NewReport], _feed: str) -> list[bool]:
-        return await asyncio.to_thread(store.accept, batch)
+    async def acceptor(batch: list[NewReport], feed: str) -> list[bool]:
+        return await asyncio.to_thread(lambda: store.accept(batch, feed=feed))
 
     async def record(refused: list[Refusal], _feed: str) -> None:
         recorded.append(refused)
@@ -706,8 +707,8 @@ async def test_a_conflict_names_the_fields_that_differ_and_none_of_their_values(
     store = Store(tmp_path / "s.db")
     recorded: list[Refusal] = []
 
-    async def acceptor(batch: list[NewReport], _feed: str) -> list[bool]:
-        return await asyncio.to_thread(store.accept, batch)
+    async def acceptor(batch: list[NewReport], feed: str) -> list[bool]:
+        return await asyncio.to_thread(lambda: store.accept(batch, feed=feed))
 
     async def record(refused: list[Refusal], _feed: str) -> None:
         recorded.extend(refused)
@@ -1114,3 +1115,49 @@ def test_a_throttle_lets_each_kind_and_party_through_once_a_period(
     clock[0] += 60
     assert throttle.check("token", "socket") == 2
     assert throttle.check("token", "spool") == 0
+
+
+async def test_a_store_from_before_feeds_were_recorded_opens_and_names_no_fields_for_its_reports(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "node.sqlite3"
+    old, kept = jpn_records(2, seed=17)
+    with sqlite3.connect(path) as raw:
+        # The reports table as the previous version created it, one report in it.
+        raw.execute(
+            "CREATE TABLE reports (report_id TEXT PRIMARY KEY, kind TEXT NOT NULL,"
+            " accepted_at REAL NOT NULL, record BLOB NOT NULL,"
+            " planned INTEGER NOT NULL DEFAULT 0, audited INTEGER NOT NULL DEFAULT 0)"
+        )
+        raw.execute(
+            "INSERT INTO reports VALUES (?, ?, 1.0, ?, 0, 1)",
+            (old["report_id"], old["kind"], json.dumps(old).encode()),
+        )
+    store = Store(path)
+    intake = make_intake(store)
+    (accepted,) = await intake.process([(1, json.dumps(kept).encode())])
+    assert accepted["status"] == "accepted"
+    tlp = {"tlp": "RED" if old["tlp"] != "RED" else "CLEAR"}
+    answers = await intake.process(
+        [
+            (1, json.dumps(old).encode()),
+            (2, json.dumps({**old, **tlp}).encode()),
+            (3, json.dumps({**kept, "tlp": "RED" if kept["tlp"] != "RED" else "CLEAR"}).encode()),
+        ]
+    )
+    assert [a["reason"] for a in answers] == ["duplicate", "conflict", "conflict"]
+    # Its feed unknown, the old report's fields are named to no one; the new one's are.
+    assert "fields" not in answers[1]
+    assert answers[1]["detail"].startswith(
+        f"report_id {old['report_id']} was accepted earlier with different content;"
+    )
+    assert answers[2]["fields"] == ["tlp"]
+    assert [bytes(r) for _, r in store.unplanned(10)] == [
+        json.dumps(old).encode(),
+        json.dumps(kept).encode(),
+    ]
+    store.close()
+    with sqlite3.connect(path) as raw:
+        feeds = raw.execute("SELECT report_id, feed FROM reports ORDER BY accepted_at").fetchall()
+    assert feeds == [(old["report_id"], None), (kept["report_id"], "socket")]
+    Store(path).close()  # opening again adds nothing twice

@@ -49,7 +49,7 @@ class Served:
         self.accepted: list[tuple[str, str]] = []  # (feed, report id)
 
         async def acceptor(batch: list[NewReport], feed: str) -> list[bool]:
-            fresh = await asyncio.to_thread(self.store.accept, batch)
+            fresh = await asyncio.to_thread(lambda: self.store.accept(batch, feed=feed))
             self.accepted += [
                 (feed, r.report_id) for r, new in zip(batch, fresh, strict=True) if new
             ]

@@ -493,15 +493,20 @@ def test_accept_hands_back_the_record_stored_under_each_taken_id(tmp_path: Path)
     # The intake compares it with the new record: a resend is a duplicate,
     # other content under the same id a conflict.
     store = Store(tmp_path / "s.db")
-    first = store.accept([rep(1, size=3)])
+    first = store.accept([rep(1, size=3)], feed="socket:jpn-ais")
     assert first == [True]
     assert first.earlier == {}
     later = NewReport(rep(1).report_id, "vessel", b"y" * 5)
-    got = store.accept([rep(2, size=4), later, NewReport(rep(2).report_id, "vessel", b"z")])
+    got = store.accept(
+        [rep(2, size=4), later, NewReport(rep(2).report_id, "vessel", b"z")], feed="spool"
+    )
     assert got == [True, False, False]
-    # Index -> stored record; a report earlier in the same batch counts too.
-    assert got.earlier == {1: b"xxx", 2: b"xxxx"}
+    # Index -> stored record and the feed that gave it, so the intake names the
+    # differing fields to that feed only; a report earlier in the same batch counts too.
+    assert got.earlier == {1: (b"xxx", "socket:jpn-ais"), 2: (b"xxxx", "spool")}
     assert [bytes(r) for _, r in store.unplanned(10)] == [b"xxx", b"xxxx"]
+    assert store.accept([rep(3)]) == [True]  # no feed given: unknown
+    assert store.accept([rep(3, size=2)]).earlier == {0: (b"x" * 10, None)}
 
 
 def _old_inbox(raw: sqlite3.Connection, *, jwe: str | None) -> None:
