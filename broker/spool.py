@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
+import signal
 import stat
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, Literal
 
 from broker.intake import MAX_BATCH, Intake, answer_bytes
 from broker.log import Throttle, get_logger
@@ -35,6 +37,11 @@ class Spool:
     re-ingesting only yields duplicates.
     Names starting with ``.`` or ending in ``.tmp`` are ignored: feeds write
     there first, then rename.
+
+    A file still open for writing (or mapped writable) by any process is left
+    until it is closed, and one that grew while it was read is read again at the
+    next poll: a feed that writes in place, against the contract, loses nothing
+    to ``done/`` unread (``_open_for_writing``).
 
     Only regular files are read, and never through a link: a symbolic link
     (``passwd.ndjson -> /etc/passwd``) is refused unread and moved to
@@ -77,28 +84,72 @@ class Spool:
 
     async def ingest(self, path: Path) -> bool:
         """Ingest one file; return whether it was finished (moved away)."""
+        return await self._take(path) == "filed"
+
+    async def _take(self, path: Path) -> Taken:
         splitter = LineSplitter(self.intake.max_bytes)
         answers: list[dict[str, Any]] = []
         try:
             opened = await asyncio.to_thread(_open_regular, path)
         except _NotRegularError as exc:
             await self._refuse(path, exc.kind)
-            return True
+            return "filed"
         with opened as handle:
+            fd = handle.fileno()
+            if await asyncio.to_thread(_open_for_writing, fd):
+                self._being_written(path, "open for writing")
+                return "written"
+            read = 0
             while chunk := await asyncio.to_thread(handle.read, 1 << 20):
+                read += len(chunk)
                 lines = splitter.feed(chunk)
                 for i in range(0, len(lines), MAX_BATCH):
                     answers += await self.intake.process(lines[i : i + MAX_BATCH])
             answers += await self.intake.process(splitter.finish())
-        if any(a.get("reason") == "unavailable" for a in answers):
-            return False
+            if any(a.get("reason") == "unavailable" for a in answers):
+                return "unavailable"
+            return await self._file(path, fd, read, answers)
+
+    async def _file(self, path: Path, fd: int, read: int, answers: list[dict[str, Any]]) -> Taken:
+        # Files the batch open as ``fd``, of which ``read`` bytes were read and answered.
         ok = all(a["status"] == "accepted" or a.get("reason") == "duplicate" for a in answers)
         target = self.dir / ("done" if ok else "rejected")
-        filed = await asyncio.to_thread(_file_away, path, target, answer_bytes(answers))
+        results = answer_bytes(answers)
+        filed = await asyncio.to_thread(_file_away, path, target, results)
+        # Checked once filed, so that nothing can fall between a check and the
+        # move. The feed may have renamed its next batch under this name while
+        # this one was read (the contract's way, a name used again): what was
+        # moved is that batch, unread. It goes back, and this one, no longer in
+        # the spool, is filed as a copy of what was read.
+        if not await asyncio.to_thread(_same_file, fd, target / filed):
+            await asyncio.to_thread(_put_back, target, filed, path)
+            filed = await asyncio.to_thread(_file_away, path, target, results, fd)
+        # A writer that opened it again while it was read (after the first check),
+        # or one that check cannot see, may have written what was not read. Then
+        # it goes back to be read again at the next poll (what was accepted now is
+        # answered "duplicate" then); a writer's open by name after the move makes
+        # a new file in the spool, read in its turn.
+        elif await asyncio.to_thread(_written_since, fd, read):
+            await asyncio.to_thread(_put_back, target, filed, path)
+            self._being_written(path, "written to while it was read")
+            return "written"
         log.info(
             "spool_file", file=path.name, outcome=target.name, filed_as=filed, records=len(answers)
         )
-        return True
+        return "filed"
+
+    def _being_written(self, path: Path, why: str) -> None:
+        # One key for all files: a feed writing every batch in place, each under a
+        # new name, must not grow the throttle without bound.
+        unlogged = self.throttle.check("spool_file_waiting", "")
+        if unlogged is not None:
+            log.warning(
+                "spool_file_waiting",
+                file=path.name,
+                reason=f"{why}: left to be read once it is closed; write the file under"
+                " a temporary name and rename it into the spool",
+                **({"unlogged_before": unlogged} if unlogged else {}),
+            )
 
     async def _refuse(self, path: Path, kind: str) -> None:
         # Unread: its answer is about the file, so it has no line number.
@@ -116,7 +167,9 @@ class Spool:
         while not stop.is_set():
             try:
                 for path in self.candidates():
-                    if stop.is_set() or not await self.ingest(path):
+                    # A file being written is passed over; when the store cannot
+                    # accept, the rest would be refused too.
+                    if stop.is_set() or await self._take(path) == "unavailable":
                         break
             except OSError as exc:
                 # A file that vanished or a full disk: try again on the next poll.
@@ -124,6 +177,9 @@ class Spool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
+
+Taken = Literal["filed", "unavailable", "written"]
+"""What became of a spool file: filed, or left in place (the store cannot accept; being written)."""
 
 NOT_REGULAR: Final = "not_a_regular_file"
 """The reason of a spool file's one answer when it was refused unread (a link, a FIFO)."""
@@ -179,7 +235,62 @@ def _open_regular(path: Path) -> BinaryIO:
     raise _NotRegularError(_file_kind(mode))
 
 
-def _file_away(path: Path, target: Path, results: bytes) -> str:
+def _open_for_writing(fd: int) -> bool | None:
+    """Whether any process holds the file of ``fd`` (open read-only) open for writing.
+
+    None when it cannot be told. Asked with a read lease, which Linux grants
+    only while no one holds the file open for writing or mapped writable (its
+    count of writers: any process, user or namespace; 7 us a probe), and given
+    back at once, so a writer that opens the file meanwhile waits two system
+    calls. The lease's break signal is SIGURG, ignored unless handled: the
+    default, SIGIO, would kill the node if a writer opened the file between the
+    two calls. A quiet period would not do: a feed writing in place on a full
+    disk leaves the file empty, or cut mid-record, for as long as the disk is
+    full, while holding it open. Nor would a final newline: a writer's buffer
+    may end at a record's end. Cannot be told (None): another user's file
+    without ``CAP_LEASE``, a filesystem without leases (NFS, FUSE), or leases off
+    (``fs.leases-enable``); the file is read then, and only a change of size
+    while it is read is caught.
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return True if exc.errno == errno.EAGAIN else None
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` (not followed) is the file open as ``fd``."""
+    held, there = os.fstat(fd), os.lstat(path)
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _written_since(fd: int, read: int) -> bool:
+    """Whether the file of ``fd`` is open for writing now, or holds other than ``read`` bytes."""
+    return bool(_open_for_writing(fd)) or os.fstat(fd).st_size != read
+
+
+def _put_back(target: Path, filed: str, path: Path) -> None:
+    # Linked, never renamed, back: a rename would replace a new batch the feed put
+    # under that name meanwhile. Then under the first free "<name>.N"; the answers
+    # go last, so a stop midway leaves what a stop while filing leaves.
+    n = 0
+    while True:
+        again = path if n == 0 else path.with_name(f"{path.name}.{n}")
+        try:
+            os.link(target / filed, again)
+            break
+        except FileExistsError:
+            n += 1
+    os.unlink(target / filed)
+    os.unlink(target / f"{filed}.result.ndjson")
+
+
+def _file_away(path: Path, target: Path, results: bytes, copy_of: int | None = None) -> str:
+    # Moves the batch at ``path``, or with ``copy_of`` writes a copy of that open
+    # file's bytes under its name instead (its own name now holds another batch).
     # Never over an earlier file: a feed that reuses a file name would otherwise
     # lose the receipt of its earlier batch. The first free "<name>.N" is taken
     # for both the batch and its answers, so they stay paired. The spool task
@@ -197,5 +308,14 @@ def _file_away(path: Path, target: Path, results: bytes) -> str:
     tmp = result.with_name(result.name + ".tmp")
     tmp.write_bytes(results)
     tmp.replace(result)
-    path.replace(target / name)
+    if copy_of is None:
+        path.replace(target / name)
+        return name
+    copy = target / f"{name}.tmp"
+    with open(copy, "wb", opener=lambda p, flags: os.open(p, flags, 0o600)) as out:
+        offset = 0
+        while chunk := os.pread(copy_of, 1 << 20, offset):
+            out.write(chunk)
+            offset += len(chunk)
+    copy.replace(target / name)
     return name

@@ -1161,3 +1161,110 @@ async def test_a_store_from_before_feeds_were_recorded_opens_and_names_no_fields
         feeds = raw.execute("SELECT report_id, feed FROM reports ORDER BY accepted_at").fetchall()
     assert feeds == [(old["report_id"], None), (kept["report_id"], "socket")]
     Store(path).close()  # opening again adds nothing twice
+
+
+async def test_a_spool_file_still_open_for_writing_is_left_until_closed_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    # Written in place, against the contract: taken at once, a file was filed in
+    # done/ with the records written so far (none, on a full disk), and the feed's
+    # later writes landed there unread (14 of 20 in a trial).
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    records = [json.dumps(r).encode() + b"\n" for r in jpn_records(4, seed=41)]
+    held = spool_dir / "in-place.ndjson"
+    (spool_dir / ".whole.ndjson").write_bytes(ndjson(jpn_records(2, seed=42)))
+    (spool_dir / ".whole.ndjson").rename(spool_dir / "whole.ndjson")
+    with held.open("wb") as writer, structlog.testing.capture_logs() as logs:
+        writer.write(b"".join(records[:2]) + records[2][:40])  # cut mid-record
+        writer.flush()
+        assert not await spool.ingest(held)
+        assert held.exists()
+        assert not list((spool_dir / "done").iterdir())
+        assert not list((spool_dir / "rejected").iterdir())
+        assert store.unplanned(10) == []
+        # The poll passes over it to the next file, which is filed meanwhile.
+        stop = asyncio.Event()
+        task = asyncio.create_task(spool.run(stop, interval=0.05))
+        for _ in range(200):
+            if (spool_dir / "done" / "whole.ndjson").exists():
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        assert held.exists()
+        writer.write(records[2][40:] + records[3])
+    assert await spool.ingest(held)
+    answers = (spool_dir / "done" / "in-place.ndjson.result.ndjson").read_text().splitlines()
+    assert [json.loads(a)["status"] for a in answers] == ["accepted"] * 4
+    assert len(store.unplanned(10)) == 6
+    waiting = [e for e in logs if e["event"] == "spool_file_waiting"]
+    assert [(e["file"], e["log_level"]) for e in waiting] == [("in-place.ndjson", "warning")]
+    assert waiting[0]["reason"].startswith("open for writing: left to be read once it is closed")
+
+
+async def test_a_spool_file_written_to_while_it_is_read_goes_back_to_be_read_again(
+    tmp_path: Path,
+) -> None:
+    # A writer that opens the file again after the node looked (">>" a record at a
+    # time): what it wrote after the node's last read would be filed unread.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    first, later = jpn_records(3, seed=43), jpn_records(1, seed=44)
+    path = spool_dir / "appended.ndjson"
+
+    async def acceptor(batch: list[NewReport], feed: str) -> list[bool]:
+        # The last record has no newline, so it is answered after the last read:
+        # the writer comes then, once.
+        if batch[-1].report_id == first[-1]["report_id"] and not store.unplanned(10)[2:]:
+            with path.open("ab") as writer:
+                writer.write(b"\n" + ndjson(later))
+        return await asyncio.to_thread(lambda: store.accept(batch, feed=feed))
+
+    spool = Spool(spool_dir, Intake("JPN", 65536, acceptor))
+    path.write_bytes(ndjson(first)[:-1])
+    assert not await spool.ingest(path)
+    assert path.read_bytes() == ndjson(first + later)
+    assert not list((spool_dir / "done").iterdir())
+    assert await spool.ingest(path)
+    answers = (spool_dir / "done" / "appended.ndjson.result.ndjson").read_text().splitlines()
+    assert [json.loads(a).get("reason", "accepted") for a in answers] == [
+        "duplicate",
+        "duplicate",
+        "duplicate",
+        "accepted",
+    ]
+    assert len(store.unplanned(10)) == 4
+
+
+async def test_a_batch_renamed_under_the_name_being_read_is_not_filed_unread(
+    tmp_path: Path,
+) -> None:
+    # The contract's way, a name used again: a feed renamed its next batch.ndjson
+    # into the spool while the node read the last one, and the node moved the new
+    # one to done/ with the old one's answers (23 of 58 batches in a fast trial).
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    old, new = jpn_records(2, seed=45), jpn_records(3, seed=46)
+    path = spool_dir / "batch.ndjson"
+
+    async def acceptor(batch: list[NewReport], feed: str) -> list[bool]:
+        if not store.unplanned(1):  # once, as the first batch is read
+            (spool_dir / ".batch.ndjson").write_bytes(ndjson(new))
+            (spool_dir / ".batch.ndjson").rename(path)
+        return await asyncio.to_thread(lambda: store.accept(batch, feed=feed))
+
+    spool = Spool(spool_dir, Intake("JPN", 65536, acceptor))
+    path.write_bytes(ndjson(old))
+    assert await spool.ingest(path)
+    assert (spool_dir / "done" / "batch.ndjson").read_bytes() == ndjson(old)
+    assert path.read_bytes() == ndjson(new)  # back in the spool, to be read
+    assert stat.S_IMODE((spool_dir / "done" / "batch.ndjson").stat().st_mode) == 0o600
+    assert await spool.ingest(path)
+    assert (spool_dir / "done" / "batch.ndjson.1").read_bytes() == ndjson(new)
+    for name, batch in (("batch.ndjson", old), ("batch.ndjson.1", new)):
+        answers = (spool_dir / "done" / f"{name}.result.ndjson").read_text().splitlines()
+        assert [json.loads(a)["report_id"] for a in answers] == [r["report_id"] for r in batch]
+    assert len(store.unplanned(10)) == 5
+    assert sorted(p.name for p in spool_dir.iterdir()) == ["done", "rejected"]
