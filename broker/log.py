@@ -33,6 +33,17 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+def one_line(text: str) -> str:
+    r"""``text`` with each control character and line break escaped (``\n``, ``\x1b``).
+
+    An error names what the operator gave (a path, a value), and a log line what
+    a feed named (a spool file), which may hold a newline: it must not split the
+    line, nor forge a second one in whatever log collects stderr, nor let an
+    escape sequence restyle the terminal.
+    """
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class Throttle:
     """Says whether an event is due to be logged: once per key per ``period`` seconds.
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import signal
 import stat
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal
 
 from broker.intake import MAX_BATCH, Intake, answer_bytes
-from broker.log import Throttle, get_logger
+from broker.log import Throttle, get_logger, one_line
 from broker.validation import LineSplitter
 
 log = get_logger("intake")  # the same component as the socket's lines, as before
@@ -76,7 +77,7 @@ class Spool:
                     # an open: neither is read. Said, so a feed writing one is found.
                     log.warning(
                         "spool_file_ignored",
-                        file=entry.name,
+                        file=shown_name(entry.name),
                         kind=_file_kind(mode),
                         reason="not a regular file: move regular files into the spool",
                     )
@@ -134,7 +135,11 @@ class Spool:
             self._being_written(path, "written to while it was read")
             return "written"
         log.info(
-            "spool_file", file=path.name, outcome=target.name, filed_as=filed, records=len(answers)
+            "spool_file",
+            file=shown_name(path.name),
+            outcome=target.name,
+            filed_as=shown_name(filed),
+            records=len(answers),
         )
         return "filed"
 
@@ -145,7 +150,7 @@ class Spool:
         if unlogged is not None:
             log.warning(
                 "spool_file_waiting",
-                file=path.name,
+                file=shown_name(path.name),
                 reason=f"{why}: left to be read once it is closed; write the file under"
                 " a temporary name and rename it into the spool",
                 **({"unlogged_before": unlogged} if unlogged else {}),
@@ -160,7 +165,9 @@ class Spool:
         }
         target = self.dir / "rejected"
         filed = await asyncio.to_thread(_file_away, path, target, answer_bytes([answer]))
-        log.warning("spool_file_refused", file=path.name, kind=kind, filed_as=filed)
+        log.warning(
+            "spool_file_refused", file=shown_name(path.name), kind=kind, filed_as=shown_name(filed)
+        )
 
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
         """Poll the directory until ``stop`` is set."""
@@ -180,6 +187,32 @@ class Spool:
 
 Taken = Literal["filed", "unavailable", "written"]
 """What became of a spool file: filed, or left in place (the store cannot accept; being written)."""
+
+NAME_SHOWN: Final = 64
+"""Characters of a spool file's name a log line shows at most (its start and its end)."""
+
+
+def shown_name(name: str) -> str:
+    """A spool file's name as the log shows it: escaped by ``one_line``, at most ``NAME_SHOWN``.
+
+    The name is the feed's choice: any bytes but ``/`` and NUL, up to 255 of them.
+    Escaped, a newline or an escape sequence in it cannot split or forge a line,
+    or restyle a terminal, wherever the JSON is decoded and printed; capped, a
+    line stays short (a name of 255 control bytes escapes to 1,020 characters),
+    and a feed that carelessly puts report content in its names gets at most
+    this much of it into the log. The name is shown rather than a hash of it
+    because it is how an operator finds the batch in ``done/`` or ``rejected/``;
+    its start and end are kept, since feeds tell batches apart by a date or a
+    sequence number at either end (and the ``.N`` of ``filed_as`` is at the end).
+    """
+    text = one_line(name)
+    if len(text) <= NAME_SHOWN:
+        return text
+    # "[+N]" for the N characters left out: 7 at most, 255 bytes escaping to 1,530.
+    tail = 16
+    head = NAME_SHOWN - tail - 8
+    return f"{text[:head]}[+{len(text) - head - tail}]{text[-tail:]}"
+
 
 NOT_REGULAR: Final = "not_a_regular_file"
 """The reason of a spool file's one answer when it was refused unread (a link, a FIFO)."""
@@ -272,13 +305,33 @@ def _written_since(fd: int, read: int) -> bool:
     return bool(_open_for_writing(fd)) or os.fstat(fd).st_size != read
 
 
+FILED_NAME_MAX: Final = 200
+"""Bytes of a spool file's name kept when it is filed; a longer one is shortened."""
+
+
+def filed_base(name: str) -> str:
+    """The name a spool file is filed under (before any ``.N``): ``name``, or a shortened one.
+
+    A name is at most 255 bytes on Linux, and the feed may use them all: one of
+    over 237 left no room for ``.result.ndjson.tmp``, so the file could not be
+    filed, and, retried at every poll oldest first, stopped every later one.
+    A longer name keeps its first bytes, then ``~`` and 12 hex digits of its
+    SHA-256, so that names alike at the start stay apart.
+    """
+    raw = os.fsencode(name)
+    if len(raw) <= FILED_NAME_MAX:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return f"{os.fsdecode(raw[: FILED_NAME_MAX - 13])}~{digest}"
+
+
 def _put_back(target: Path, filed: str, path: Path) -> None:
     # Linked, never renamed, back: a rename would replace a new batch the feed put
     # under that name meanwhile. Then under the first free "<name>.N"; the answers
     # go last, so a stop midway leaves what a stop while filing leaves.
     n = 0
     while True:
-        again = path if n == 0 else path.with_name(f"{path.name}.{n}")
+        again = path if n == 0 else path.with_name(f"{filed_base(path.name)}.{n}")
         try:
             os.link(target / filed, again)
             break
@@ -296,11 +349,11 @@ def _file_away(path: Path, target: Path, results: bytes, copy_of: int | None = N
     # for both the batch and its answers, so they stay paired. The spool task
     # files one file at a time and is the only writer here, so a name found free
     # stays free until used.
-    name = path.name
+    name = base = filed_base(path.name)
     n = 0
     while os.path.lexists(target / name) or os.path.lexists(target / f"{name}.result.ndjson"):
         n += 1
-        name = f"{path.name}.{n}"
+        name = f"{base}.{n}"
     # The result file lands first, so a file in done/ or rejected/ always has its
     # answers; a stop in between leaves the answers alone and the batch in the
     # spool, to be read again and filed under the next free name.

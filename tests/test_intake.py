@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -1268,3 +1269,76 @@ async def test_a_batch_renamed_under_the_name_being_read_is_not_filed_unread(
         assert [json.loads(a)["report_id"] for a in answers] == [r["report_id"] for r in batch]
     assert len(store.unplanned(10)) == 5
     assert sorted(p.name for p in spool_dir.iterdir()) == ["done", "rejected"]
+
+
+async def test_spool_file_names_are_logged_escaped_and_capped(tmp_path: Path) -> None:
+    # The name is the feed's: any bytes but "/" and NUL, 255 of them. Logged as
+    # given, a newline forged a second line wherever the JSON was decoded and
+    # printed, an escape sequence restyled the terminal, and a long name filled it.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    forged = 'x\n{"event":"forged"}\x1b[31m' + "A" * 150 + "-0042.ndjson"
+    names = {
+        "batch": forged,
+        "link": "link\r\x07" + "L" * 200,
+        "fifo": os.fsdecode(b"fifo-\xff\x9b2J.ndjson"),  # not UTF-8; 0x9b is CSI
+        "open": "open\t" + "O" * 100,
+    }
+    (spool_dir / names["batch"]).write_bytes(ndjson(jpn_records(1, seed=47)))
+    (spool_dir / names["link"]).symlink_to(tmp_path / "s.db")
+    os.mkfifo(spool_dir / names["fifo"])
+    with (spool_dir / names["open"]).open("wb"), structlog.testing.capture_logs() as logs:
+        for path in spool.candidates():
+            await spool.ingest(path)
+    shown = {e["event"]: e for e in logs}
+    assert set(shown) == {
+        "spool_file",
+        "spool_file_refused",
+        "spool_file_ignored",
+        "spool_file_waiting",
+    }
+    for entry in shown.values():
+        for key in ("file", "filed_as"):
+            if key in entry:
+                assert entry[key].isprintable()
+                assert len(entry[key]) <= 64
+    batch = shown["spool_file"]
+    assert batch["file"] == batch["filed_as"]
+    assert batch["file"] == 'x\\n{"event":"forged"}\\x1b[31mAAAAAAAAAAA[+135]AAAA-0042.ndjson'
+    assert shown["spool_file_refused"]["file"].startswith("link\\r\\x07LLL")
+    assert shown["spool_file_ignored"]["file"] == "fifo-\\udcff\\udc9b2J.ndjson"
+    assert shown["spool_file_waiting"]["file"] == "open\\t" + "O" * 34 + "[+50]" + "O" * 16
+    # Filed under its own name all the same: the log's text is only what is shown.
+    assert (spool_dir / "done" / names["batch"]).exists()
+
+
+async def test_a_spool_file_named_too_long_for_its_answers_is_filed_and_stops_nothing(
+    tmp_path: Path,
+) -> None:
+    # 255 bytes is a name's limit: one of 250 left no room for ".result.ndjson.tmp".
+    # It could not be filed; retried at every poll, oldest first, it kept every
+    # later batch in the spool.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    long = "é" * 120 + "-0001.ndjson"  # 252 bytes
+    (spool_dir / long).write_bytes(ndjson(jpn_records(1, seed=48)))
+    os.utime(spool_dir / long, (1, 1))  # the oldest
+    (spool_dir / "next.ndjson").write_bytes(ndjson(jpn_records(1, seed=49)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(spool.run(stop, interval=0.05))
+    for _ in range(200):
+        if (spool_dir / "done" / "next.ndjson").exists():
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    assert (spool_dir / "done" / "next.ndjson").exists()
+    raw = os.fsencode(long)
+    # Its first 187 bytes (a character cut in two escapes), "~" and its hash's start.
+    short = os.fsdecode(raw[:187]) + "~" + hashlib.sha256(raw).hexdigest()[:12]
+    assert sorted(p.name for p in (spool_dir / "done").iterdir()) == sorted(
+        [short, f"{short}.result.ndjson", "next.ndjson", "next.ndjson.result.ndjson"]
+    )
+    assert len(store.unplanned(10)) == 2

@@ -13,6 +13,7 @@ from typing import Any, BinaryIO, Final, TextIO, cast
 import click
 
 from broker.errors import StdoutError, UsageError
+from broker.log import one_line
 
 NODE_UMASK: int = 0o077
 """What a command on a node creates is its user's alone (the sample systemd unit's ``UMask``)."""
@@ -247,16 +248,6 @@ def write_stdout(pieces: Iterable[str], what: str) -> None:
         sys.stdout.flush()
     except StdoutError as exc:
         raise StdoutError(exc.cause, what) from None
-
-
-def one_line(text: str) -> str:
-    r"""``text`` with each control character and line break escaped (``\n``, ``\x1b``).
-
-    An error names what the operator gave (a path, a value), which may hold a
-    newline: it must not split the line, nor forge a second one in whatever
-    log collects stderr, nor let an escape sequence restyle the terminal.
-    """
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def echo_line(text: str, *, err: bool = False) -> None:
