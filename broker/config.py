@@ -361,9 +361,11 @@ def parse_config(
     """
     tree: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     environ = os.environ if env is None else env
+    overridden: dict[str, str] = {}
     for name, keys in ENV_OVERRIDES.items():
         if name in environ:
             _set(tree, keys, _coerce_env(name, keys, environ[name]))
+            overridden[".".join(keys)] = name
     try:
         config = NodeConfig.model_validate(tree)
     except ValidationError as exc:
@@ -373,7 +375,11 @@ def parse_config(
             msg = "unknown key"
         elif first["type"] in _EXPECTED:
             msg = f"must be {_EXPECTED[first['type']]}, not {_toml_type(first['input'])}"
-        raise ConfigError(f"config key {_where(first['loc'])}: {msg}") from None
+        where = _where(first["loc"])
+        # A value from the environment (a unit's Environment= line) is not in the
+        # file the line points at: say where it came from.
+        source = f" (set by {overridden[where]})" if where in overridden else ""
+        raise ConfigError(f"config key {where}: {msg}{source}") from None
     base = _resolve(config_dir / config.base_dir, "base_dir")
     resolved = config.model_dump()
     resolved["base_dir"] = base

@@ -79,6 +79,10 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             "metrics.listen: '0.0.0.0:9464' is not a loopback",
         ),
         ({"MSMT_MEMBER": "PRK"}, BASE, "config key member: "),
+        # A value the environment set is not in the file: the line says which variable.
+        ({"MSMT_FETCH_BATCH": "0"}, BASE, "equal to 1 (set by MSMT_FETCH_BATCH)"),
+        ({"MSMT_MEMBER": "PRK"}, BASE, " (set by MSMT_MEMBER)"),
+        ({"MSMT_NATS_URLS": "http://hub:4222"}, BASE, " (set by MSMT_NATS_URLS)"),
         (
             {"MSMT_NATS_URLS": "http://hub:4222"},
             BASE,
@@ -122,6 +126,17 @@ def test_invalid_config_fails_with_one_line_naming_the_key(
         load_config(write(tmp_path, text), env=env)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_bad_value_from_the_file_names_no_variable(tmp_path: Path) -> None:
+    # The same bad value from node.toml: the file is where to look, so no variable is named,
+    # also while another key is overridden.
+    text = BASE + "\n[limits]\nfetch_batch = 0\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={"MSMT_MEMBER": "USA"})
+    assert str(info.value) == (
+        "config key limits.fetch_batch: Input should be greater than or equal to 1"
+    )
 
 
 def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
