@@ -329,7 +329,13 @@ def require_store(path: Path) -> None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise UsageError(f"no node store at {path}: has the node run yet?") from None
+        # The likeliest cause on a deployed node: its unit sets MSMT_DATA_DIR, this
+        # shell does not, so node.toml's own data_dir was read.
+        raise UsageError(
+            f"no node store at {path}: no node has run on this data_dir yet (if the node runs"
+            " with MSMT_DATA_DIR or other MSMT_* variables set, as a systemd unit's"
+            " Environment= does, run this command with the same ones)"
+        ) from None
     except OSError as exc:
         hint = " (run this as the node's user)" if exc.errno == errno.EACCES else ""
         raise UsageError(f"cannot reach the node store at {path}: {exc.strerror}{hint}") from None

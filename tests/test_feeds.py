@@ -21,6 +21,7 @@ from node_world import msmt
 
 from broker import feeds
 from broker.errors import ConfigError, UsageError
+from broker.store import Store
 
 T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 HASH = "ab" * 32
@@ -339,3 +340,31 @@ def test_feeds_commands_refuse_an_unfit_file_in_one_line(tmp_path: Path, config:
         assert done.stdout == ""
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert json.loads(path.read_text())["feeds"] == {"ais": entry()}
+
+
+def test_feeds_add_on_a_data_dir_no_node_ran_on_says_the_environment_may_differ(
+    tmp_path: Path, config: Path
+) -> None:
+    # A trial: the node ran from a unit with MSMT_DATA_DIR; `feeds add` from a shell
+    # wrote the feed into node.toml's own data_dir, said the node takes it, and the
+    # feed was refused (401) with no hint why.
+    data = tmp_path / "data"
+    added = msmt("feeds", "add", "ais", "--config", str(config), "--out", str(tmp_path / "t"))
+    assert added.returncode == 0, added.stderr
+    warning = added.stderr.splitlines()[-1]
+    assert warning.startswith(f"msmt: warning: no node has run on data_dir {data} yet: ")
+    assert "MSMT_DATA_DIR" in warning
+    assert len(added.stderr.splitlines()) == 2
+    revoked = msmt("feeds", "revoke", "other", "--config", str(config))
+    assert revoked.returncode == 2
+    assert revoked.stderr.startswith(f"msmt: error: no feed 'other' in {data}/intake-feeds.json (")
+    assert "MSMT_DATA_DIR" in revoked.stderr
+    assert revoked.stderr.count("\n") == 1
+    # Where a node has run, nothing more is said.
+    Store(data / "node.sqlite3").close()
+    again = msmt("feeds", "add", "gps", "--config", str(config), "--out", str(tmp_path / "u"))
+    assert again.returncode == 0, again.stderr
+    assert "warning" not in again.stderr
+    assert len(again.stderr.splitlines()) == 1
+    revoked = msmt("feeds", "revoke", "other", "--config", str(config))
+    assert revoked.stderr == f"msmt: error: no feed 'other' in {data}/intake-feeds.json\n"

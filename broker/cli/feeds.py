@@ -51,6 +51,21 @@ def _write_new(path: Path, token: str) -> None:
         raise UsageError(f"cannot write --out {path}: {exc.strerror}") from None
 
 
+def _no_node_here(config: NodeConfig) -> str:
+    """Why a feed added here may never reach the node, or ``""`` when a node has run here.
+
+    The node may run with ``MSMT_DATA_DIR`` (a systemd unit's ``Environment=``) while
+    this command, run from a shell, reads the data directory node.toml names.
+    """
+    if config.store_path.exists():
+        return ""
+    return (
+        f"no node has run on data_dir {config.data_dir} yet: if the node runs with"
+        " MSMT_DATA_DIR or other MSMT_* variables set (a systemd unit's Environment=),"
+        " run this command with the same ones"
+    )
+
+
 @feeds_group.command(name="add")
 @_CONFIG
 @click.argument("name")
@@ -70,6 +85,7 @@ def feeds_add(config_path: Path, name: str, out: Path | None) -> None:
     file that exists. Exit 0 when added, 2 when not (nothing changed).
     """
     config = load_config(config_path)
+    elsewhere = _no_node_here(config)
     written: list[Path] = []
 
     def write(token: str) -> None:
@@ -94,6 +110,8 @@ def feeds_add(config_path: Path, name: str, out: Path | None) -> None:
         " request.",
         err=True,
     )
+    if elsewhere:
+        click.echo(f"msmt: warning: {elsewhere}, or the node never sees this feed", err=True)
 
 
 def _figures(config: NodeConfig) -> dict[str, dict[str, object]]:
@@ -148,7 +166,13 @@ def feeds_revoke(config_path: Path, name: str) -> None:
     """
     config = load_config(config_path)
     now = datetime.now(UTC)
-    feeds.revoke(config.feeds_path, name, now)
+    try:
+        feeds.revoke(config.feeds_path, name, now)
+    except UsageError as exc:
+        elsewhere = _no_node_here(config)
+        if not elsewhere:
+            raise
+        raise UsageError(f"{exc} ({elsewhere})") from None
     click.echo(f"feed {name!r} revoked at {format_time(now)}")
 
 
