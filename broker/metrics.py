@@ -93,6 +93,11 @@ class Metrics:
             "Envelopes and reports not yet acknowledged by the hub.",
             registry=r,
         )
+        self.outbox_awaiting_key = Gauge(
+            "msmt_outbox_awaiting_key",
+            "Of msmt_outbox_depth: envelopes not made yet for want of a partner's valid key.",
+            registry=r,
+        )
         self.inbox_lag = Gauge(
             "msmt_inbox_lag", "Messages in the inbox stream not yet processed.", registry=r
         )

@@ -777,11 +777,11 @@ class Node:
             return "inbox consumer not bound"
         return None
 
-    def _housekeep_sync(self) -> tuple[int, str | None, int]:
+    def _housekeep_sync(self) -> tuple[tuple[int, int], str | None, int]:
         # Reports committed while their audit append failed (a full disk) wait
         # unplanned until their entries are in the log: retried here each tick.
         recovered = audit_unaudited(self.member, self.store, self.audit, datetime.now(UTC))
-        return self.store.outbox_depth(), self.audit.latest_checkpoint(), recovered
+        return self.store.outbox_depths(), self.audit.latest_checkpoint(), recovered
 
     async def _housekeeping(self) -> None:
         last_prune = 0.0
@@ -896,10 +896,12 @@ class Node:
                 self._alarm_facts = {}
                 if facts is not None:
                     self._status, self._status_at = status, now
-        depth, checkpoint, recovered = await self.run_db(self._housekeep_sync)
+        (unsent, awaiting), checkpoint, recovered = await self.run_db(self._housekeep_sync)
+        depth = unsent + awaiting
         if recovered:
             self._plan_wake.set()
         self.metrics.outbox_depth.set(depth)
+        self.metrics.outbox_awaiting_key.set(awaiting)
         if now - self._activity_at >= ACTIVITY_EVERY_S:
             self._log_activity(now - self._activity_at, depth)
         if lag is not None:

@@ -682,7 +682,17 @@ class Store:
     def outbox_depth(self) -> int:
         """Envelopes waiting for an ack, plus accepted reports not yet planned.
 
-        Sent envelopes queued to be sent again (``msmt node resend``) count too.
+        Sent envelopes queued to be sent again (``msmt node resend``) count too, and
+        envelopes not made yet for want of a partner's key.
+        """
+        return sum(self.outbox_depths())
+
+    def outbox_depths(self) -> tuple[int, int]:
+        """``outbox_depth`` in two parts: (waiting for the hub or planning, awaiting a key).
+
+        The second counts envelopes not made yet for want of a partner's key. Apart
+        because it can last for weeks by design (a partner not in the roster yet), and
+        would hide the first's growth from an alert on the sum.
         """
         rows = self._read(
             "SELECT (SELECT count(*) FROM outbox WHERE state = 'pending')"
@@ -690,10 +700,10 @@ class Store:
             " + (SELECT count(*) FROM reissue q JOIN outbox o"
             " ON o.report_id = q.report_id AND o.partner = q.partner WHERE o.state = 'sent')"
         )
-        # Envelopes not made yet for want of a partner's key.
+        awaiting = 0
         if self._has_awaiting_table():
-            rows = [(rows[0][0] + self._read("SELECT count(*) FROM awaiting_key")[0][0],)]
-        return int(rows[0][0])
+            awaiting = int(self._read("SELECT count(*) FROM awaiting_key")[0][0])
+        return int(rows[0][0]), awaiting
 
     def _has_awaiting_table(self) -> bool:
         # A store no node of this version has opened yet (status reads it read-only)

@@ -67,6 +67,9 @@ async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
             entries = [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries")]
         return [e for e in entries if e["type"] == "sent"]
 
+    def gauge(name: str) -> float | None:
+        return node.metrics.registry.get_sample_value(name)
+
     with capture_logs() as logs:
         node = load_node(world.config("JPN"))
         task = asyncio.create_task(node.run())
@@ -85,6 +88,12 @@ async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
             await await_for(lambda: store_facts()[3]["KOR"] == 1, 10, "sent to KOR")
             _, _, depth, sent = store_facts()
             assert depth == 1  # USA's envelope, still to make
+            # /metrics tells the wait apart from a backlog at the hub: an alert on the
+            # depth less the waiting envelopes stays quiet for a partner without a key.
+            await await_for(
+                lambda: gauge("msmt_outbox_awaiting_key") == 1, 5, "the awaiting-key gauge"
+            )
+            assert gauge("msmt_outbox_depth") == 1
             assert sent == {"USA": 0, "KOR": 1}
             assert await world.stream_messages("USA") == 0
             assert await world.stream_messages("KOR") == 1
@@ -100,6 +109,9 @@ async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
             )
             await asyncio.sleep(4 * RETRY_S)  # a second plan or send would show by now
             _, counters, depth, sent = store_facts()
+            await await_for(
+                lambda: gauge("msmt_outbox_awaiting_key") == 0, 5, "the gauge back at 0"
+            )
         finally:
             node.stop.set()
             await task
