@@ -139,3 +139,57 @@ async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
     assert store_facts()[0].get("last_error", "") == ""
     rendered = [json.dumps(e, default=str) for e in logs]
     assert [v for v in content_of([record]) if any(v in line for line in rendered)] == []
+
+
+async def test_a_policy_that_drops_waiting_envelopes_says_so_in_one_line(
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A trial's group of three ran the eleven-member policies, then narrowed its own to
+    # the members there were: the restart logged one not_planned line per report and
+    # absent partner (77 at once). Here USA has no valid key for an hour, JPN accepts
+    # reports for USA and KOR, and restarts with a policy that releases nothing to USA.
+    world.write_config("JPN", BATCH_POLICY)
+    keys.rotate_keys(world.keydir, "USA", now=datetime.now(UTC) + timedelta(hours=1))
+    monkeypatch.setattr(broker.node, "REISSUE_EVERY_S", RETRY_S)
+    policy = world.policy("JPN")
+    records = [
+        r
+        for r in records_for("JPN", 40, seed=8)
+        if expected_partners(policy, parse_record(json.dumps(r))) == {"USA", "KOR"}
+    ][:5]
+    assert len(records) == 5
+
+    def waiting_for_usa() -> int:
+        store = world.store("JPN")
+        try:
+            return int(store.outbox_by_partner().get("USA", {}).get("awaiting_key", 0))
+        finally:
+            store.close()
+
+    node = load_node(world.config("JPN"))
+    task = asyncio.create_task(node.run())
+    try:
+        await await_for(lambda: node.ready() is None, 20, "JPN ready")
+        answers = await world.submit("JPN", records)
+        assert [a["status"] for a in answers] == ["accepted"] * 5
+        await await_for(lambda: waiting_for_usa() == 5, 10, "five envelopes waiting for USA")
+    finally:
+        node.stop.set()
+        await task
+
+    narrowed = BATCH_POLICY.replace('partners = ["USA", "KOR"]', 'partners = ["KOR"]')
+    (world.config_path("JPN").parent / "policy.toml").write_text(narrowed)
+    with capture_logs() as logs:
+        node = load_node(world.config("JPN"))
+        task = asyncio.create_task(node.run())
+        try:
+            await await_for(lambda: waiting_for_usa() == 0, 10, "the waiting envelopes dropped")
+            await asyncio.sleep(4 * RETRY_S)  # a second pass would log again by now
+        finally:
+            node.stop.set()
+            await task
+    (line,) = [e for e in logs if e["event"] == "not_planned"]
+    assert line["log_level"] == "warning"
+    assert (line["envelopes"], line["reports"], line["partners"]) == (5, 5, "USA")
+    assert line["first_report"] in {r["report_id"] for r in records}
