@@ -107,7 +107,9 @@ def _current_key(
     if not (keydir / keyfiles.ROSTER_FILE).exists():
         return None, "a first request: no roster here yet"
     # Verified as a node does: a tampered roster must not choose the key that signs.
-    roster = keyfiles.load_signed_roster(keydir, authority_path=authority).roster
+    roster = keyfiles.load_signed_roster(
+        keydir, authority_path=authority, authority_option="--authority"
+    ).roster
     try:
         current = roster.current(member, "sig", at)
     except KeyMaterialError as exc:

@@ -389,14 +389,26 @@ def verify_roster(
 
 
 def load_signed_roster(
-    keydir: Path, *, authority_path: Path | None = None, min_version: int = 0
+    keydir: Path,
+    *,
+    authority_path: Path | None = None,
+    min_version: int = 0,
+    authority_option: str | None = None,
 ) -> SignedRoster:
     """Read and verify ``roster.json`` + ``roster.json.jws`` from ``keydir``.
 
     ``authority_path`` is the pinned authority key (default: the one in ``keydir``,
     which proves integrity only if that file itself came from a trusted place).
+    ``authority_option`` names the command's option for it, said when the default
+    is missing: a deployment pins the key elsewhere (``/etc/msmt``), as it should.
     """
     jwks = read_json(keydir / ROSTER_FILE)
+    pin = authority_path or keydir / AUTHORITY_PUBLIC_FILE
+    if authority_path is None and authority_option is not None and not pin.exists():
+        raise KeyMaterialError(
+            f"no roster-authority key at {pin}: name the pinned copy with {authority_option}"
+            " (the node's keys.authority)"
+        )
     try:
         signature = read_file_text(keydir / ROSTER_SIG_FILE, "ascii")
     except (OSError, UnicodeDecodeError) as exc:
@@ -404,7 +416,6 @@ def load_signed_roster(
         raise KeyMaterialError(
             f"cannot read roster signature {keydir / ROSTER_SIG_FILE}: {reason}"
         ) from None
-    pin = authority_path or keydir / AUTHORITY_PUBLIC_FILE
     try:
         return verify_roster(
             jwks, signature, load_authority(pin), min_version=min_version, pinned_at=str(pin)

@@ -575,7 +575,12 @@ def test_the_members_roster_is_verified_against_its_pinned_authority(
     keyrequest.init_authority(other)
     before = snapshot(jpn)
     for authority, reason in (
-        (None, f"cannot read {jpn / keys.AUTHORITY_PUBLIC_FILE}"),
+        # Pinned elsewhere, as a deployment should: the line says how to name it.
+        (
+            None,
+            f"no roster-authority key at {jpn / keys.AUTHORITY_PUBLIC_FILE}: name the pinned"
+            " copy with --authority (the node's keys.authority)",
+        ),
         (other / keys.AUTHORITY_PUBLIC_FILE, "not by the pinned roster authority"),
     ):
         flags: list[str | Path] = [] if authority is None else ["--authority", authority]
@@ -584,6 +589,11 @@ def test_the_members_roster_is_verified_against_its_pinned_authority(
         assert reason in done.stderr
         assert done.stderr.count("\n") == 1
         assert snapshot(jpn) == before  # no key made, no request written
+    checked = msmt("keys", "verify-roster", "--dir", jpn)
+    assert checked.exit_code == 2
+    assert checked.stderr.endswith(
+        ": name the pinned copy with --authority (the node's keys.authority)\n"
+    )
     done = msmt("keys", "request", "JPN", "--dir", jpn, "--authority", pinned)
     assert done.exit_code == 0, done.output
     old = keys.load_signed_roster(jpn, authority_path=pinned).roster.current("JPN", "sig", T0)

@@ -58,7 +58,9 @@ def _roster(keydir: Path | None, authority: Path | None, roster: Path | None) ->
     if keydir is not None and roster is not None:
         raise UsageError("give either --keys or --roster, not both")
     if keydir is not None:
-        return keyfiles.load_signed_roster(keydir, authority_path=authority).roster
+        return keyfiles.load_signed_roster(
+            keydir, authority_path=authority, authority_option="--authority"
+        ).roster
     if roster is not None:
         return Roster.from_jwks(keyfiles.read_json(roster))
     return None
@@ -793,7 +795,9 @@ def audit_evidence(
         found = evidence.parse(raw)
     except InputError as exc:
         raise InputError(f"evidence {file}: {exc}") from None
-    signed = keyfiles.load_signed_roster(keydir, authority_path=authority)
+    signed = keyfiles.load_signed_roster(
+        keydir, authority_path=authority, authority_option="--authority"
+    )
     try:
         got = evidence.check(found, signed.roster)
     except EnvelopeError as exc:

@@ -399,7 +399,9 @@ def keys_accept_nats_user(account: str, nkey: str, keydir: Path, replace_nats_us
 @click.option("--min-version", type=click.IntRange(0), default=0, help="Last version accepted.")
 def keys_verify_roster(keydir: Path, authority: Path | None, min_version: int) -> None:
     """Check the roster's signature and version, then list its keys."""
-    signed = keyfiles.load_signed_roster(keydir, authority_path=authority, min_version=min_version)
+    signed = keyfiles.load_signed_roster(
+        keydir, authority_path=authority, min_version=min_version, authority_option="--authority"
+    )
     pinned = keyfiles.load_authority(authority or keydir / keyfiles.AUTHORITY_PUBLIC_FILE)
     click.echo(f"roster version {signed.version}: signature ok, {len(signed.roster)} keys")
     click.echo(f"signed by {pinned.kid}, thumbprint (RFC 7638) {pinned.thumbprint()}")
