@@ -205,8 +205,16 @@ def _show(field: str, value: Any) -> str:
     if isinstance(value, Enum):
         return str(value.value)
     if field in ("max_age", "duplicate_window", "ack_wait") and isinstance(value, int):
-        # The JetStream API counts durations in nanoseconds.
-        return f"{value / 1e9:g}s"
+        # The JetStream API counts durations in nanoseconds. Whole seconds, never
+        # "2.592e+06s"; days beside them, and what a zero max_age means (a trial read
+        # the archives' "0s" as "kept for no time").
+        seconds = value / 1e9
+        shown = f"{seconds:.0f}s" if seconds == int(seconds) else f"{seconds}s"
+        if field == "max_age" and value == 0:
+            return f"{shown} (no age limit)"
+        if seconds >= 86400:
+            return f"{shown} ({seconds / 86400:g} days)"
+        return shown
     return str(value)
 
 

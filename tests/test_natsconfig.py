@@ -207,6 +207,8 @@ def test_setup_twice_changes_nothing_and_shows_its_settings(hub: NatsServer, key
         "deny_delete = True",
         "deny_purge = True",
         "duplicate_window = 120s",
+        "max_age = 2592000s (30 days)",  # not "2.592e+06s"
+        "ack_wait = 30s",
         "max_msg_size = 524288",
         "max_bytes = 8388608",
         "discard = new",
@@ -225,6 +227,7 @@ def test_setup_twice_changes_nothing_and_shows_its_settings(hub: NatsServer, key
     assert audit.exit_code == 0, audit.output
     for member in MEMBERS:  # one archive per member, so none can fill another's
         assert f"stream {natsconfig.archive_stream(member)}: created" in audit.output
+    assert audit.output.count("max_age = 0s (no age limit)\n") == len(MEMBERS)
 
 
 def test_setup_again_without_its_options_keeps_a_stream_sized_on_purpose(
@@ -242,7 +245,7 @@ def test_setup_again_without_its_options_keeps_a_stream_sized_on_purpose(
     assert again.exit_code == 0, again.output
     assert "stream INBOX_JPN: unchanged" in again.output
     assert "max_bytes = 16777216" in again.output
-    assert "max_age = 172800s" in again.output
+    assert "max_age = 172800s (2 days)" in again.output
     archive = runner.invoke(main, [*base, "AUDIT", "--max-bytes", str(8 * 1024 * 1024)])
     assert archive.exit_code == 0, archive.output
     archive_again = runner.invoke(main, [*base, "AUDIT"])
