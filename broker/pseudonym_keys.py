@@ -105,9 +105,11 @@ def store_key(path: Path, key: bytes, *, replace: bool) -> Outcome:
     ``--dir``), or the file cannot be written.
     """
     if not path.parent.parent.is_dir():
+        # A trial imported KOR's key at JPN as 'msmt keys pseudonym KOR ...': the key
+        # goes under the member whose node uses it, the importer's own.
         raise UsageError(
-            f"no key directory {path.parent.parent} (run 'msmt keys init' first, or pass "
-            "the right --dir)"
+            f"no key directory {path.parent.parent}: name the member whose node uses the"
+            " key (to import a partner's key, your own member), or pass the right --dir"
         )
     try:
         existing: bytes | None = read_file_bytes(path)

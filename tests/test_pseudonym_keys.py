@@ -155,7 +155,12 @@ def test_partners_import_the_same_bytes_from_a_file_or_stdin(keydir: Path) -> No
         (["KOR", "a" * 65], "pseudonym key id must be 1-64 letters"),
         (["KOR", ""], "pseudonym key id is empty"),
         (["XYZ", KEY_ID], "unknown member 'XYZ'"),
-        (["NZL", KEY_ID], "no key directory"),  # a member with no keys in this directory
+        # A member with no keys in this directory (a trial: KOR's key imported at JPN
+        # under KOR's name): the line says whose name it takes.
+        (
+            ["NZL", KEY_ID],
+            "/NZL: name the member whose node uses the key (to import a partner's key, your own",
+        ),
         (["JPN", KEY_ID, "--from-file", "/nonexistent/k.key"], "cannot read /nonexistent/k.key"),
     ],
 )
