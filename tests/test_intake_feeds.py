@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 import pytest
 from node_world import (
+    REPO,
     World,
     audit_entries,
     msmt,
@@ -414,3 +418,50 @@ def test_a_node_with_the_shared_token_off_refuses_it_saying_why(
     assert again.returncode == 0, again.stderr
     wait_for(lambda: status()["shared_token"] != "off", 20, "the start's status")
     assert status()["shared_token"] == "on; node.toml says off: restart the node to apply it"
+
+
+def _python_feed() -> str:
+    """The Python feed docs/NODE.md shows, exactly as written there."""
+    text = (REPO / "docs" / "NODE.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"```python\n(# feed\.py .*?)```", text, re.DOTALL)
+    return str(code)
+
+
+async def test_the_python_feed_in_node_md_runs_as_written(served: Served, tmp_path: Path) -> None:
+    # A feed trial wrote its feed from the docs alone and had to find the unix-socket
+    # HTTPConnection itself; the page now shows one, which must keep working.
+    script = tmp_path / "feed.py"
+    script.write_text(_python_feed())
+    token_file = tmp_path / "py.token"
+    token_file.write_text(feeds.add(served.feeds_path, "py-feed", NOW) + "\n")
+    first, second = records(2, seed=7)
+    changed = {**second, "observed_at": "2026-11-01T10:00:00Z"}
+    batch = [first, second, first, changed, {**first, "report_id": "not-a-uuid"}]
+    path = tmp_path / "batch.ndjson"
+    path.write_text(samples.to_ndjson(batch))
+
+    def feed(token: Path) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, str(script), str(served.socket), str(token), str(path)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    done = await asyncio.to_thread(feed, token_file)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:3] == [
+        f"1 done {first['report_id']}",
+        f"2 done {second['report_id']}",
+        f"3 done {first['report_id']}",
+    ]  # a duplicate: accepted before
+    assert lines[3].startswith(
+        f"4 conflict report_id {second['report_id']} was accepted earlier with different"
+        " content in observed_at;"
+    )
+    assert lines[4].startswith("5 schema [{'path': 'report_id'")
+    assert len(lines) == 5
+    assert served.accepted == [("socket:py-feed", r["report_id"]) for r in (first, second)]
+    # A revoked token: the feed stops with the node's reason, and nothing is accepted.
+    feeds.revoke(served.feeds_path, "py-feed", NOW)
+    refused = await asyncio.to_thread(feed, token_file)
+    assert refused.returncode == 1
+    assert refused.stderr == 'refused: 401 {"error": "missing or wrong bearer token"}\n'
+    assert len(served.accepted) == 2
