@@ -544,7 +544,10 @@ class Node:
 
         async def disconnected() -> None:
             self.metrics.connected.set(0)
-            log.warning("nats_disconnected")
+            # At a stop the node closes the connection itself and does not reconnect:
+            # a warning there would say otherwise at every restart.
+            if not self.stop.is_set():
+                log.warning("nats_disconnected")
 
         async def reconnected() -> None:
             nonlocal tls_failed

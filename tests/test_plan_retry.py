@@ -189,6 +189,12 @@ async def test_a_policy_that_drops_waiting_envelopes_says_so_in_one_line(
         finally:
             node.stop.set()
             await task
+    # The node closed its own connection at the stop: no "lost, reconnecting" warning.
+    assert [e["event"] for e in logs if e["event"].startswith("node_stop")] == [
+        "node_stopping",
+        "node_stopped",
+    ]
+    assert not [e for e in logs if e["event"] == "nats_disconnected"]
     (line,) = [e for e in logs if e["event"] == "not_planned"]
     assert line["log_level"] == "warning"
     assert (line["envelopes"], line["reports"], line["partners"]) == (5, 5, "USA")
