@@ -11,8 +11,9 @@ the other ten only receive. In order:
 1. throughput: N reports submitted as fast as intake takes them; timed from
    the first report's acceptance (JPN store ``accepted_at``) to the last
    delivery stored and verified at a partner (partner store ``received_at``);
-   the CPU time of every process over the phase (psutil); in the full run the
-   resident memory of every node (with its children), sampled each second.
+   the CPU time of every process over the phase (psutil) and the messages into
+   and out of the hub (its ``/varz``); in the full run the resident memory of
+   every node (with its children), sampled each second.
 2. latency: reports offered at a fixed rate (default 100/s), one per write;
    per report, accepted at JPN -> stored at the last of the 10 partners.
 3. the nodes stop (SIGTERM, exit 0 expected); counts are checked: every
@@ -183,6 +184,14 @@ class Cluster:
                 return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False
+
+    def hub_messages(self) -> tuple[int, int]:
+        """Messages into and out of the hub so far (its ``/varz``), every client together."""
+        assert self.server is not None
+        url = f"http://127.0.0.1:{self.server.http_port}/varz"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            varz = json.loads(r.read())
+        return int(varz["in_msgs"]), int(varz["out_msgs"])
 
     def log_tail(self, member: str) -> str:
         return (self.root / "logs" / f"{member}.log").read_text(errors="replace")[-2000:]
@@ -450,11 +459,12 @@ def floor_rates(floors: list[CryptoFloor]) -> tuple[float, float, float]:
 
 async def messaging_floor(
     cluster: Cluster, count: int, batch: int
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, dict[str, float], tuple[int, int]]:
     """Wall and CPU seconds to publish ``count`` x 10 envelope-sized payloads and pull+ack them.
 
     The CPU is the hub's and this process's (the bare clients) over the floor; the
-    nodes are stopped by then, so nothing else of the tree runs.
+    nodes are stopped by then, so nothing else of the tree runs. Also returns the
+    messages into and out of the hub over the floor.
     """
     sizes_rows = read_rows(
         cluster.store_path(ORIGIN),
@@ -466,6 +476,7 @@ async def messaging_floor(
     assert cluster.server is not None
     assert cluster.server.proc is not None
     procs = {"nats-server": psutil.Process(cluster.server.proc.pid), "bench": psutil.Process()}
+    msgs0 = cluster.hub_messages()
     cpu0 = cpu_seconds(procs)
     start = time.perf_counter()
     await asyncio.gather(
@@ -474,7 +485,12 @@ async def messaging_floor(
     )
     elapsed = time.perf_counter() - start
     cpu1 = cpu_seconds(procs)
-    return elapsed, {k: cpu1[k] - cpu0[k] for k in procs}
+    msgs1 = cluster.hub_messages()
+    return elapsed, {k: cpu1[k] - cpu0[k] for k in procs}, _minus(msgs1, msgs0)
+
+
+def _minus(after: tuple[int, int], before: tuple[int, int]) -> tuple[int, int]:
+    return after[0] - before[0], after[1] - before[1]
 
 
 def show_cpu(spent: dict[str, float], reports: int) -> None:
@@ -510,6 +526,10 @@ class Results:
     floor_n: int
     msg_s: float
     msg_cpu: dict[str, float]
+    hub_msgs: tuple[int, int]
+    """Messages into and out of the hub over the throughput phase."""
+    msg_hub_msgs: tuple[int, int]
+    """The same over the messaging floor."""
 
 
 async def measure(args: argparse.Namespace) -> Results:
@@ -526,6 +546,7 @@ async def measure(args: argparse.Namespace) -> Results:
             procs = cluster.processes()
             # 1. throughput
             memory = Memory() if args.memory else None
+            msgs0 = cluster.hub_messages()
             cpu0 = tree_cpu_seconds(procs)
             wall0 = time.perf_counter()
             spies = profile(cluster, args.profile) if args.profile else []
@@ -534,6 +555,7 @@ async def measure(args: argparse.Namespace) -> Results:
             await feeding
             wall = time.perf_counter() - wall0
             cpu1 = tree_cpu_seconds(procs)
+            hub_msgs = _minus(cluster.hub_messages(), msgs0)
             for spy in spies:
                 spy.send_signal(signal.SIGINT)
                 spy.wait()
@@ -552,7 +574,7 @@ async def measure(args: argparse.Namespace) -> Results:
             check_counts(cluster, ids + lat_ids)
             # 4. floors, same run, same sizes
             floor_n = count if args.floor_reports is None else min(count, args.floor_reports)
-            msg_s, msg_cpu = await messaging_floor(cluster, floor_n, 100)
+            msg_s, msg_cpu, msg_hub_msgs = await messaging_floor(cluster, floor_n, 100)
             return Results(
                 count=count,
                 span=max(last.values()) - min(accepted.values()),
@@ -566,6 +588,8 @@ async def measure(args: argparse.Namespace) -> Results:
                 floor_n=floor_n,
                 msg_s=msg_s,
                 msg_cpu=msg_cpu,
+                hub_msgs=hub_msgs,
+                msg_hub_msgs=msg_hub_msgs,
             )
         finally:
             cluster.kill()
@@ -607,6 +631,17 @@ def show(r: Results, rate: float) -> None:
         f" (hub {msg_ms['nats-server']:.2f}, bare clients {msg_ms['bench']:.2f});"
         f" with the crypto floor's {1e3 / crypto:.2f} ms: {floors_ms:.2f} ms,"
         f" at most {cores / floors_ms * 1e3:.1f} reports/s on {cores} cores"
+    )
+    # The hub's CPU per report depends on the pace as much as on the messages: the
+    # same messages spread over a longer run cost it more (bench/README.md, "the
+    # hub"), so the counts and the share of a core it used are printed beside it.
+    hub_in, hub_out = (n / r.count for n in r.hub_msgs)
+    floor_in, floor_out = (n / r.floor_n for n in r.msg_hub_msgs)
+    print(
+        f"hub messages per report: in {hub_in:.2f}, out {hub_out:.2f}"
+        f" (messaging floor: in {floor_in:.2f}, out {floor_out:.2f});"
+        f" hub busy {r.cpu['nats-server'] / r.wall * 100:.0f}% of a core over the phase"
+        f" (floor: {r.msg_cpu['nats-server'] / r.msg_s * 100:.0f}%)"
     )
     print(f"ratio ours / crypto floor:    {ours / crypto:6.2f}   (target >= 0.50)")
     print(f"ratio ours / messaging floor: {ours / messaging:6.2f}")
