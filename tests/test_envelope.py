@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import rfc8785
 from envelope_world import (
+    MAX_AGE,
+    MAX_SKEW,
     NOW,
     POLICY,
     VALID_FROM,
@@ -1083,3 +1085,108 @@ def _old_is_uuid(value: object) -> bool:
 )
 def test_jti_check_is_the_old_uuid_round_trip(value: object) -> None:
     assert envelope_format._is_uuid(value) is _old_is_uuid(value)
+
+
+# --- receive_batch: each step across the batch, each message's checklist in its order ---------
+
+
+def _batch_pool() -> list[tuple[str, envelope.Delivery]]:
+    """(expected outcome, delivery): good ones, and one refused at each step of the checklist."""
+    first, *good = [
+        JPN.issue(vessel().model_copy(update={"report_id": uuid.UUID(int=n | 1 << 78 | 1 << 63)}))
+        for n in range(3)
+    ]
+    every = list(first.disclosures)
+    token = JPN.present(first, "USA", every)
+    h, p, sig = first.jws.split(".")
+    bad_sig = sig[:10] + ("A" if sig[10] != "A" else "B") + sig[11:]
+
+    def schema(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
+        d = sdjwt.Disclosure.make("imo", "9321484")  # bad check digit, signed by JPN
+        payload["vessel"]["_sd"].append(d.digest)
+        return [d]
+
+    made_up = sdjwt.Disclosure.make("name", "NOT SIGNED").encoded
+    elsewhere = JPN.issue(vessel().model_copy(update={"rel_to": ("KOR", "GBR")}))
+    stale = JPN.issue(vessel(), now=NOW - timedelta(days=30))
+
+    def ok(token: str, kind: str = "vessel") -> envelope.Delivery:
+        return envelope.Delivery(token, "JPN", kind)
+
+    return [
+        ("ok", ok(token)),
+        *[("ok", ok(JPN.present(g, "USA", list(g.disclosures)))) for g in good],
+        ("format", ok("not.an.envelope")),
+        ("header", ok(seal(first.jws + "~", rid=first.report_id, cty="JWT"))),
+        ("recipient", ok(JPN.present(first, "GBR", every))),
+        ("recipient", ok(seal(first.jws + "~", rid=first.report_id, kid="USA-enc-9"))),
+        ("decrypt", ok(_flip(token, 3))),
+        ("sender", envelope.Delivery(token, "KOR", "vessel")),
+        ("sender", ok(token, "worker")),
+        ("signature", ok(seal(f"{h}.{p}.{bad_sig}~", rid=first.report_id))),
+        ("disclosures", ok(_present_raw(first, [first.disclosures["vessel.imo"], made_up]))),
+        ("freshness", ok(JPN.present(stale, "USA", every))),
+        ("schema", ok(_forge(schema, first))),
+        ("markings", ok(JPN.present(elsewhere, "USA", every))),
+    ]
+
+
+_POOL: list[tuple[str, envelope.Delivery]] = []
+
+
+def _outcome(value: envelope.Received | Exception) -> Any:
+    if isinstance(value, EnvelopeError):
+        return (type(value), value.step, value.reason, value.report_id)
+    return value
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(picks=st.lists(st.integers(0, 13), max_size=12), replayed=st.sets(st.integers(0, 2)))
+def test_a_batch_decides_each_message_as_receive_alone_would(
+    picks: list[int], replayed: set[int]
+) -> None:
+    # Any mix of good envelopes and envelopes refused at any step: each message gets
+    # exactly what receive alone gives it (same step, reason and report id), and
+    # is_replay is asked for the messages that reach step 11, in order.
+    if not _POOL:
+        _POOL.extend(_batch_pool())
+    batch = [_POOL[i] for i in picks]
+    seen = {_POOL[i][1].token for i in replayed}  # these good ones were received before
+    asked: list[tuple[int, str]] = []
+
+    def is_replay(index: int, jti: str) -> bool:
+        asked.append((index, jti))
+        return batch[index][1].token in seen
+
+    kw: dict[str, Any] = {
+        "me": "USA",
+        "decryption_keys": {"USA-enc-1": enc_key("USA")},
+        "roster": USA.roster,
+        "now": NOW,
+        "max_age": MAX_AGE,
+        "max_skew": MAX_SKEW,
+    }
+    got = envelope.receive_batch([d for _, d in batch], is_replay=is_replay, **kw)
+    alone: list[envelope.Received | Exception] = []
+    for _, d in batch:
+        try:
+            alone.append(
+                envelope.receive(
+                    d.token,
+                    attested_sender=d.attested_sender,
+                    attested_kind=d.attested_kind,
+                    is_replay=lambda _jti, token=d.token: token in seen,  # type: ignore[misc]
+                    **kw,
+                )
+            )
+        except EnvelopeError as exc:
+            alone.append(exc)
+    assert [_outcome(o) for o in got] == [_outcome(o) for o in alone]
+    steps = [o.step if isinstance(o, EnvelopeError) else "ok" for o in got]
+    assert steps == ["replay" if want == "ok" and d.token in seen else want for want, d in batch]
+    vouched = [o.report_id for o in got if isinstance(o, envelope.Received | EnvelopeError)]
+    assert asked == [
+        (i, jti)
+        for i, ((want, _), jti) in enumerate(zip(batch, vouched, strict=True))
+        if want in {"ok", "schema", "markings"}
+    ]
