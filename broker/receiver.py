@@ -12,8 +12,12 @@ each batch costs two fsynced commits. For each batch:
 3. if the exact same bytes from the same sender were already verified and
    stored (a redelivery after a crash before the ack, or a resend after the
    hub's dedup window), it is acked without storing again;
-4. otherwise ``broker.envelope.receive`` runs its whole checklist, with the
-   replay check against the store's seen-set (and the batch so far);
+4. otherwise ``broker.envelope.receive_batch`` runs the checklist a step at a
+   time across the batch, with the replay check against the store's seen-set;
+   each message's checklist still runs in its order and decides it alone. A
+   message an earlier one could decide (the same sender's report again), or whose
+   checklist failed unexpectedly, is verified again with ``receive`` on its own,
+   its replay check against the batch so far too;
 5. the batch's audit entries are appended durably, then the verified reports
    are stored; only then are messages acked (good) or terminated (bad,
    ``msg.term()`` so the consumer never stalls on them). Each report stored
@@ -53,10 +57,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
-from broker import audit_events
+from broker import audit_events, envelope
 from broker.audit_events import AuditEvent
 from broker.auditlog import AuditLog
-from broker.envelope import receive
+from broker.envelope import Delivery, receive, receive_batch
 from broker.envelope_format import HDR_RID, parse_jwe_header
 from broker.errors import EnvelopeError, MsmtError, UnknownKeyError
 from broker.log import Throttle, get_logger
@@ -88,6 +92,9 @@ inside the consumer's ``max_ack_pending`` (1024), so a sender naming made-up key
 cannot stall the inbox for the others."""
 
 Action = Literal["ack", "term", "hold"]
+Verdict = envelope.Received | EnvelopeError | Literal["duplicate"] | None
+"""What ``Inbound._verify`` found of a message: verified, refused, a byte-identical
+redelivery of what was stored, or ``None``: to be verified in order (``Inbound._one``)."""
 
 
 def _claimed_report_id(data: bytes, limit: int) -> str | None:
@@ -236,10 +243,14 @@ class Inbound:
             (_sender_field(subject), digest)
             for (subject, _), digest in zip(messages, digests, strict=True)
         )
+        verdicts = self._verify(messages, digests, now, known)
         for index, ((subject, data), digest) in enumerate(zip(messages, digests, strict=True)):
             try:
-                action, rec, event = self._one(
-                    subject, data, digest, now, batch_seen, known, result
+                verdict = verdicts[index]
+                action, rec, event = (
+                    self._one(subject, data, digest, now, batch_seen, known, result)
+                    if verdict is None
+                    else self._decided(verdict, subject, data, now, result)
                 )
             except UnknownKeyError as exc:
                 # The sender's roster may be newer than ours (a key rotated and
@@ -247,16 +258,9 @@ class Inbound:
                 # good, so the hub keeps it until a restart with that roster. Past
                 # the freshness window it would fail anyway, and is refused.
                 stored_at = now if published is None else published(index)
-                sender = _sender_field(subject)
-                held = self._held.setdefault(sender, set())
-                fresh = now - stored_at <= self.freshness + MAX_SKEW
-                if fresh and (digest in held or len(held) < MAX_HELD_PER_SENDER):
-                    held.add(digest)
-                    result.actions.append("hold")
-                    result.held[sender] += 1
-                    self._log_hold(sender, exc)
+                why = self._hold(subject, digest, now - stored_at, exc, result)
+                if why is None:
                     continue
-                why = "held until too old" if not fresh else f"not held: {len(held)} held already"
                 step, reason, report_id = exc.step, f"{exc.reason} ({why})", None
             except EnvelopeError as exc:
                 step, reason, report_id = exc.step, exc.reason, exc.report_id
@@ -345,6 +349,21 @@ class Inbound:
             jwe_sha256=digest,
         )
 
+    def _hold(
+        self, subject: str, digest: str, age: timedelta, exc: UnknownKeyError, result: BatchResult
+    ) -> str | None:
+        """Hold a message naming a key we lack (``None``), or say why it is not held."""
+        sender = _sender_field(subject)
+        held = self._held.setdefault(sender, set())
+        fresh = age <= self.freshness + MAX_SKEW
+        if fresh and (digest in held or len(held) < MAX_HELD_PER_SENDER):
+            held.add(digest)
+            result.actions.append("hold")
+            result.held[sender] += 1
+            self._log_hold(sender, exc)
+            return None
+        return "held until too old" if not fresh else f"not held: {len(held)} held already"
+
     def _release(self, subject: str, digest: str) -> None:
         # A held message came back and was decided: its place is free again.
         held = self._held.get(_sender_field(subject))
@@ -361,6 +380,94 @@ class Inbound:
                 hint="the sender's roster is newer than this node's: restart with the new roster",
             )
 
+    def _verify(
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        digests: Sequence[str],
+        now: datetime,
+        known: set[tuple[str, str]],
+    ) -> list[Verdict]:
+        """Each message's verdict, its checklist run a step at a time across the batch.
+
+        Each is what ``_one`` decides for it in order (the subject, size, ASCII and
+        stored-duplicate checks first, then ``receive``), since one message's outcome
+        can depend on another's only through the batch's own redeliveries and
+        replays: one sender's report id, vouched for by its signature, coming again.
+        Such a message, and one that failed unexpectedly (at a step not known, so
+        perhaps past the replay check), is left ``None``: ``process`` verifies it
+        again with ``_one``, against the batch so far.
+        """
+        decided: dict[int, Verdict] = {}
+        deliveries: list[Delivery] = []
+        asked: list[tuple[int, str]] = []  # (index in the batch, sender) of each delivery
+        for index, ((subject, data), digest) in enumerate(zip(messages, digests, strict=True)):
+            try:
+                sender, token = self._admitted(subject, data)
+            except EnvelopeError as exc:
+                decided[index] = exc
+                continue
+            if (sender, digest) in known:
+                decided[index] = "duplicate"
+                continue
+            deliveries.append(Delivery(token, sender, subject.rpartition(".")[2]))
+            asked.append((index, sender))
+
+        def is_replay(i: int, jti: str) -> bool:
+            index, sender = asked[i]
+            return self.store.seen_state(sender, jti, digests[index]) != "new"
+
+        outcomes = receive_batch(
+            deliveries,
+            me=self.member,
+            decryption_keys=self.decryption_keys,
+            roster=self.roster,
+            now=now,
+            max_age=self.freshness,
+            max_skew=MAX_SKEW,
+            is_replay=is_replay,
+        )
+        vouched: set[tuple[str, str]] = set()  # (sender, report id) of the batch so far
+        for (index, sender), outcome in zip(asked, outcomes, strict=True):
+            if not isinstance(outcome, envelope.Received | EnvelopeError):
+                decided[index] = None
+            elif outcome.report_id is None:
+                decided[index] = outcome  # refused before the signature: no replay step
+            elif (sender, outcome.report_id) in vouched:
+                decided[index] = None
+            else:
+                vouched.add((sender, outcome.report_id))
+                decided[index] = outcome
+        return [decided[index] for index in range(len(messages))]
+
+    def _decided(
+        self,
+        verdict: envelope.Received | EnvelopeError | Literal["duplicate"],
+        subject: str,
+        data: bytes,
+        now: datetime,
+        result: BatchResult,
+    ) -> tuple[Action, Received | None, AuditEvent | None]:
+        # ``_one``'s result for a message ``_verify`` decided.
+        if isinstance(verdict, Exception):
+            raise verdict
+        if isinstance(verdict, str):  # "duplicate"
+            result.duplicates[_sender_field(subject)] += 1
+            return "ack", None, None
+        return self._accepted(verdict, data.decode("ascii"), now, result)
+
+    def _admitted(self, subject: str, data: bytes) -> tuple[str, str]:
+        # Before the envelope's checklist: the attested sender and the envelope text.
+        sender = attested_sender(subject, self.member)
+        if len(data) > self.max_message_bytes:
+            raise EnvelopeError(
+                "size", f"message is {len(data)} bytes; limit {self.max_message_bytes}"
+            )
+        try:
+            token = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise EnvelopeError("format", "envelope is not ASCII text") from None
+        return sender, token
+
     def _one(
         self,
         subject: str,
@@ -371,15 +478,7 @@ class Inbound:
         known: set[tuple[str, str]],
         result: BatchResult,
     ) -> tuple[Action, Received | None, AuditEvent | None]:
-        sender = attested_sender(subject, self.member)
-        if len(data) > self.max_message_bytes:
-            raise EnvelopeError(
-                "size", f"message is {len(data)} bytes; limit {self.max_message_bytes}"
-            )
-        try:
-            token = data.decode("ascii")
-        except UnicodeDecodeError:
-            raise EnvelopeError("format", "envelope is not ASCII text") from None
+        sender, token = self._admitted(subject, data)
         if (sender, digest) in known:
             # Counted, so an operator can tell a crash-and-redeliver (or a peer
             # resending) from silence; acked, since it is already stored.
@@ -403,6 +502,12 @@ class Inbound:
             max_skew=MAX_SKEW,
             is_replay=is_replay,
         )
+        return self._accepted(got, token, now, result)
+
+    def _accepted(
+        self, got: envelope.Received, token: str, now: datetime, result: BatchResult
+    ) -> tuple[Action, Received, AuditEvent]:
+        # A verified report: its row for the store and its ``received`` entry.
         result.latencies.append((now - got.iat).total_seconds())
         rec = Received(
             sender=got.sender,

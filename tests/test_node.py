@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -38,7 +39,7 @@ from node_world import (
 from structlog.testing import capture_logs
 
 import broker.node
-from broker import envelope, keys, samples, sdjwt
+from broker import envelope, envelope_format, keys, samples, sdjwt
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig
 from broker.errors import StoreError
@@ -1120,22 +1121,195 @@ def test_signed_routing_and_markings_are_held_to_the_hub_and_name_the_report(
     assert [r.report_id for r in first.stored] == [again["report_id"]]
 
 
+def _without_chain(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # An entry's place in its log (seq, prev) and time (at) differ between two runs, and
+    # so may a stale report's age in its reason ("issued 2:00:01 ago").
+    return [
+        {
+            k: re.sub(r"\d+:\d\d:\d\d ago", "ago", v) if k == "reason" else v
+            for k, v in e.items()
+            if k not in {"seq", "prev", "at"}
+        }
+        for e in entries
+    ]
+
+
+def _against_one_at_a_time(
+    make: Any, path: Path, before: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]
+) -> tuple[Any, list[dict[str, Any]], Store]:
+    """``batch`` through ``Inbound.process`` as it is, then one message at a time (the
+    checklist whole per message, as before batches were verified a step at a time), each
+    into its own store that first took ``before``; both must decide and audit alike.
+    Returns the first's result, its audit entries for the batch, and its store."""
+    log = path.parent / "audit"
+    store = Store(path)
+    inbounds = [make(store), make(Store(path.with_name("one-at-a-time.sqlite3")))]
+    # Its fallback for every message: ``_one`` for each in turn, against the batch so far.
+    inbounds[1]._verify = lambda messages, *_a: [None] * len(messages)
+    for inbound in inbounds:
+        assert inbound.process(before).actions == ["ack"] * len(before)
+    start = len(audit_entries(log))
+    staged = inbounds[0].process(batch)
+    middle = len(audit_entries(log))
+    one = inbounds[1].process(batch)
+    entries = audit_entries(log)
+    assert (staged.actions, staged.rejected, staged.duplicates, staged.held) == (
+        one.actions,
+        one.rejected,
+        one.duplicates,
+        one.held,
+    )
+    assert [r.report_id for r in staged.stored] == [r.report_id for r in one.stored]
+    assert _without_chain(entries[start:middle]) == _without_chain(entries[middle:])
+    return staged, entries[start:middle], store
+
+
+def test_a_mixed_batch_refuses_each_bad_message_at_its_own_step_and_stores_the_rest(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # A batch is verified a step at a time across its messages; each message's
+    # checklist still decides it alone, in its order, and the audit log reads as
+    # if the messages had been verified one after another.
+    make, forger, path = usa_inbound
+    good = records_for("JPN", 4, seed=41)
+    bad = records_for("JPN", len(STEPS), seed=43)
+    kor = records_for("KOR", 1, seed=44)[0]
+    earlier, unknown = records_for("JPN", 2, seed=45)
+
+    def sent(record: dict[str, Any], **kw: Any) -> tuple[str, bytes]:
+        return f"from.JPN.msmt.to.USA.{record['kind']}", forger.envelope(record, **kw)[0].encode()
+
+    before = [sent(earlier)]
+    refused = []
+    for i, (step, record) in enumerate(zip(STEPS, bad, strict=True)):
+        data, suffix = forge_bad(forger, step, record, kor, i)
+        refused.append((f"from.JPN.msmt.to.USA.{suffix}", data))
+    refused[1] = ("from.JPN.msmt.to.USA.vessel", b"A" * (2 << 20))  # over max_message_bytes
+    batch = [
+        sent(good[0]),
+        *refused[:5],
+        sent(good[1]),
+        sent(earlier),  # the same report again, newly encrypted: a replay
+        before[0],  # the very bytes stored before: a redelivery
+        sent(unknown, kid="JPN-sig-99"),  # a key this roster lacks: held
+        *refused[5:],
+        sent(good[2]),
+        sent(good[3]),
+    ]
+    result, entries, store = _against_one_at_a_time(make, path, before, batch)
+    assert result.actions == [
+        "ack",
+        *["term"] * 5,
+        "ack",
+        "term",
+        "ack",
+        "hold",
+        *["term"] * (len(STEPS) - 5),
+        "ack",
+        "ack",
+    ]
+    assert [r.report_id for r in result.stored] == [r["report_id"] for r in good]
+    assert result.duplicates == {"JPN": 1}
+    assert result.held == {"JPN": 1}
+    assert [(e["type"], e.get("step"), e.get("report_id")) for e in entries] == [
+        ("received", None, good[0]["report_id"]),
+        *[("rejected", step, None) for step in STEPS[:5]],
+        ("received", None, good[1]["report_id"]),
+        ("rejected", "replay", earlier["report_id"]),
+        # From the signature on, the refusal names the report (freshness, step 10).
+        *[
+            ("rejected", step, bad[i]["report_id"] if step == "freshness" else None)
+            for i, step in enumerate(STEPS[5:], start=5)
+        ],
+        ("received", None, good[2]["report_id"]),
+        ("received", None, good[3]["report_id"]),
+    ]
+    assert store.inbox_count() == 5
+
+
+def test_a_report_twice_in_one_batch_is_stored_once_as_one_at_a_time_would(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # Within a batch, a message can decide another: the same bytes again are a
+    # redelivery of what the batch stored, the same report newly encrypted a replay;
+    # before the first copy is verified, neither is known.
+    make, forger, path = usa_inbound
+    first, second, third, earlier = records_for("JPN", 4, seed=46)
+
+    def sent(record: dict[str, Any], **kw: Any) -> tuple[str, bytes]:
+        return f"from.JPN.msmt.to.USA.{record['kind']}", forger.envelope(record, **kw)[0].encode()
+
+    once, again = sent(first), sent(first)
+    stale = sent(second, at=forger.now - timedelta(hours=2))
+    batch = [
+        once,
+        once,  # the same bytes: acked, not stored twice
+        again,  # the same report, other bytes: a replay
+        stale,
+        sent(second),  # the same report as the stale one: that one was refused, this one is new
+        ("from.JPN.msmt.to.USA.vessel", flip(once[1].decode(), 3).encode()),
+        sent(third),
+        sent(third),
+    ]
+    result, entries, store = _against_one_at_a_time(make, path, [sent(earlier)], batch)
+    assert result.actions == ["ack", "ack", "term", "term", "ack", "term", "ack", "term"]
+    assert [r.report_id for r in result.stored] == [
+        first["report_id"],
+        second["report_id"],
+        third["report_id"],
+    ]
+    assert result.duplicates == {"JPN": 1}
+    assert [(e["type"], e.get("step"), e.get("report_id")) for e in entries] == [
+        ("received", None, first["report_id"]),
+        ("rejected", "replay", first["report_id"]),
+        ("rejected", "freshness", second["report_id"]),
+        ("received", None, second["report_id"]),
+        ("rejected", "decrypt", None),
+        ("received", None, third["report_id"]),
+        ("rejected", "replay", third["report_id"]),
+    ]
+    assert store.inbox_count() == 4
+
+
+def test_a_replay_is_refused_as_a_replay_even_where_a_later_step_would_fail_unexpectedly(
+    usa_inbound: tuple[Any, Forger, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One message at a time, the second copy of a report stops at step 11 (replay);
+    # a step at a time, its step 12 may already have run, and failed in a way that
+    # names no step: such a batch is decided one message at a time instead.
+    make, forger, path = usa_inbound
+    record = records_for("JPN", 1, seed=47)[0]
+    subject = f"from.JPN.msmt.to.USA.{record['kind']}"
+    batch = [(subject, forger.envelope(record)[0].encode()) for _ in range(2)]
+    calls = []
+
+    def check_fields(kind: str, fields: Any) -> None:
+        calls.append(kind)
+        if len(calls) == 2:
+            raise RecursionError("deep inside a validator")
+        envelope_format.check_fields(kind, fields)
+
+    monkeypatch.setattr("broker.envelope.check_fields", check_fields)
+    result = make(Store(path)).process(batch)
+    assert result.actions == ["ack", "term"]
+    assert result.rejected == {"replay": 1}
+    assert [r.report_id for r in result.stored] == [record["report_id"]]
+
+
 def test_an_unexpected_verifier_failure_costs_one_message_not_the_consumer(
     usa_inbound: tuple[Any, Forger, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import broker.receiver
-
     make, forger, path = usa_inbound
     good, poison = records_for("JPN", 2, seed=4)
-    real = envelope.receive
+    real = envelope_format.parse_jwe
 
-    def receive(token: str, **kwargs: Any) -> Any:
+    def parse_jwe(token: str, limit: int) -> Any:
         if token == poison_token:
             raise RecursionError("deep inside a parser")
-        return real(token, **kwargs)
+        return real(token, limit)
 
     poison_token = forger.envelope(poison)[0]
-    monkeypatch.setattr(broker.receiver, "receive", receive)
+    monkeypatch.setattr(envelope, "parse_jwe", parse_jwe)
     store = Store(path)
     result = make(store).process(
         [
