@@ -393,9 +393,10 @@ class Inbound:
         stored-duplicate checks first, then ``receive``), since one message's outcome
         can depend on another's only through the batch's own redeliveries and
         replays: one sender's report id, vouched for by its signature, coming again.
-        Such a message, and one that failed unexpectedly (at a step not known, so
-        perhaps past the replay check), is left ``None``: ``process`` verifies it
-        again with ``_one``, against the batch so far.
+        Such a message, one that failed unexpectedly (at a step not known, so
+        perhaps past the replay check), and every later message of that sender, is
+        left ``None``: ``process`` verifies it again with ``_one``, against the batch
+        so far.
         """
         decided: dict[int, Verdict] = {}
         deliveries: list[Delivery] = []
@@ -427,8 +428,13 @@ class Inbound:
             is_replay=is_replay,
         )
         vouched: set[tuple[str, str]] = set()  # (sender, report id) of the batch so far
+        # Senders with a message whose checklist failed unexpectedly: its report id is
+        # unknown, and verified again it may yet be stored (a fault that passed), and
+        # then decide any later message of that sender, which is verified again too.
+        unsure: set[str] = set()
         for (index, sender), outcome in zip(asked, outcomes, strict=True):
-            if not isinstance(outcome, envelope.Received | EnvelopeError):
+            if sender in unsure or not isinstance(outcome, envelope.Received | EnvelopeError):
+                unsure.add(sender)
                 decided[index] = None
             elif outcome.report_id is None:
                 decided[index] = outcome  # refused before the signature: no replay step

@@ -1296,6 +1296,35 @@ def test_a_replay_is_refused_as_a_replay_even_where_a_later_step_would_fail_unex
     assert [r.report_id for r in result.stored] == [record["report_id"]]
 
 
+def test_a_message_that_fails_unexpectedly_once_still_decides_its_senders_later_copy(
+    usa_inbound: tuple[Any, Forger, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A step at a time, the first copy's checklist fails in a way that names no report
+    # (a fault that passes), so the second copy verifies; verified again on its own,
+    # the first is stored, and the second is then a replay, as one at a time.
+    make, forger, path = usa_inbound
+    record = records_for("JPN", 1, seed=48)[0]
+    subject = f"from.JPN.msmt.to.USA.{record['kind']}"
+    first, second = (forger.envelope(record)[0] for _ in range(2))
+    real = envelope_format.parse_jwe
+    failed: list[str] = []
+
+    def parse_jwe(token: str, limit: int) -> Any:
+        if token == first and not failed:
+            failed.append(token)
+            raise MemoryError("once")
+        return real(token, limit)
+
+    monkeypatch.setattr(envelope, "parse_jwe", parse_jwe)
+    store = Store(path)
+    result = make(store).process([(subject, first.encode()), (subject, second.encode())])
+    assert failed == [first]
+    assert result.actions == ["ack", "term"]
+    assert result.rejected == {"replay": 1}
+    assert [r.report_id for r in result.stored] == [record["report_id"]]
+    assert store.inbox_count() == 1
+
+
 def test_an_unexpected_verifier_failure_costs_one_message_not_the_consumer(
     usa_inbound: tuple[Any, Forger, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
