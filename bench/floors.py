@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import nats.errors
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -109,7 +110,18 @@ async def publish_floor(
 
     async def one(i: int, subject: str, size: int) -> None:
         async with sem:
-            await js.publish(subject, payloads[size], headers={"Nats-Msg-Id": f"floor-{tag}-{i}"})
+            # An ack that times out on a loaded machine is asked for again: the same
+            # Nats-Msg-Id, so the hub stores the payload once whatever happened.
+            for attempt in range(10):
+                try:
+                    await js.publish(
+                        subject, payloads[size], headers={"Nats-Msg-Id": f"floor-{tag}-{i}"}
+                    )
+                except nats.errors.TimeoutError:
+                    if attempt == 9:
+                        raise
+                else:
+                    return
 
     start = time.perf_counter()
     await asyncio.gather(
@@ -118,6 +130,10 @@ async def publish_floor(
     elapsed = time.perf_counter() - start
     await nc.close()
     return elapsed
+
+
+STALL_S = 120.0
+"""Seconds a floor puller waits for its next message before it gives up."""
 
 
 async def pull_floor(
@@ -133,8 +149,21 @@ async def pull_floor(
             durable=inbox_durable(member), stream=inbox_stream(member)
         )
         got = 0
+        # A fetch that times out is a slow moment (the publisher behind, a loaded
+        # machine), not the end: the floor comes last in a long run, and an
+        # exception here lost everything measured before it. Only a stall ends it.
+        stalled_since = time.monotonic()
         while got < each:
-            msgs = await sub.fetch(min(batch, each - got), timeout=10.0)
+            try:
+                msgs = await sub.fetch(min(batch, each - got), timeout=10.0)
+            except nats.errors.TimeoutError:
+                if time.monotonic() - stalled_since > STALL_S:
+                    raise RuntimeError(
+                        f"messaging floor: {member} got {got} of {each} messages,"
+                        f" then nothing for {STALL_S:.0f} s"
+                    ) from None
+                continue
+            stalled_since = time.monotonic()
             for msg in msgs:
                 await msg.ack()
             got += len(msgs)
