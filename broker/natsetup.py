@@ -222,6 +222,23 @@ def _pick(config: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
     return {f: config.get(f) for f in fields}
 
 
+SETUP_TIMEOUT: Final = 20.0
+"""Seconds ``setup_account`` waits for each JetStream API answer (nats-py's default is 5).
+
+Creating a replicated stream takes the cluster's meta leader and each replica's
+server; on a busy cluster 5 s was too little (a test saw an R3 archive time out)."""
+
+
+def _unanswered(what: str, exc: Exception) -> ConfigError | None:
+    # A request that timed out was not refused: the server may yet have done it.
+    if not isinstance(exc, nats.errors.TimeoutError):
+        return None
+    return ConfigError(
+        f"{what}: the hub did not answer within {SETUP_TIMEOUT:g} s (a busy or partitioned"
+        " cluster?): run the setup again, it changes only what differs"
+    )
+
+
 async def _stream_config(js: JetStreamContext, name: str) -> StreamConfig | None:
     """The configuration of stream ``name`` as the server has it, or ``None`` if missing."""
     try:
@@ -229,6 +246,9 @@ async def _stream_config(js: JetStreamContext, name: str) -> StreamConfig | None
     except nats.js.errors.NotFoundError:
         return None
     except (nats.errors.Error, nats.js.errors.Error) as exc:
+        unanswered = _unanswered(f"stream {name}", exc)
+        if unanswered is not None:
+            raise unanswered from None
         raise ConfigError(f"stream {name}: the server refused the setup ({exc})") from None
 
 
@@ -239,6 +259,9 @@ server's store, is full (the server's answer does not say which)."""
 
 def _refusal(name: str, wanted: StreamConfig, exc: Exception) -> ConfigError:
     """One line for a refused stream change; a full account quota says what to do."""
+    unanswered = _unanswered(f"stream {name}", exc)
+    if unanswered is not None:
+        return unanswered
     if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _NO_STORAGE:
         need = int(wanted.max_bytes or 0) * int(wanted.num_replicas or 1)
         return ConfigError(
@@ -362,6 +385,9 @@ async def ensure_consumer(js: JetStreamContext, stream: str, wanted: ConsumerCon
             info = await js.add_consumer(stream, wanted)
             action = "updated"
     except (nats.errors.Error, nats.js.errors.Error) as exc:
+        unanswered = _unanswered(f"consumer {stream}/{name}", exc)
+        if unanswered is not None:
+            raise unanswered from None
         raise ConfigError(
             f"consumer {stream}/{name}: the server refused the setup ({exc})"
         ) from None
@@ -468,7 +494,7 @@ async def setup_account(
     limits = limits or InboxLimits()
     nc = await connect_account(url, account, seed, tls=tls)
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=SETUP_TIMEOUT)
         if account == AUDIT_ACCOUNT:
             retired = await retire_shared_archive(js)
             results = [] if retired is None else [retired]

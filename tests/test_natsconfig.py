@@ -438,3 +438,47 @@ def test_setup_takes_away_a_source_a_member_added_to_its_own_inbox(
     assert "stream INBOX_FRA: updated" in again.output
     assert not asyncio.run(sources())
     assert "stream INBOX_FRA: unchanged" in CliRunner().invoke(main, base).output
+
+
+def test_a_setup_request_the_hub_does_not_answer_is_said_to_be_unanswered(
+    tmp_path: Path,
+) -> None:
+    # A request that timed out was not refused (the server may yet have done it): the
+    # line says so and that running the setup again is safe, not "refused (nats: timeout)".
+    import signal
+
+    import nats
+
+    server = NatsServer(workdir=tmp_path)
+    server.start()
+    try:
+        limits = natsetup.InboxLimits()
+
+        async def ask() -> str:
+            nc = await nats.connect(server.url, allow_reconnect=False)
+            try:
+                js = nc.jetstream(timeout=0.5)
+                assert server.proc is not None
+                server.proc.send_signal(signal.SIGSTOP)
+                try:
+                    wanted = natsetup.inbox_stream_config("USA", limits)
+                    with pytest.raises(ConfigError) as stream:
+                        await natsetup.ensure_stream(js, wanted)
+                    with pytest.raises(ConfigError) as consumer:
+                        await natsetup.ensure_consumer(
+                            js, "INBOX_USA", natsetup.inbox_consumer_config("USA", limits)
+                        )
+                finally:
+                    server.proc.send_signal(signal.SIGCONT)
+                return f"{stream.value}\n{consumer.value}"
+            finally:
+                await nc.close()
+
+        lines = asyncio.run(ask()).splitlines()
+    finally:
+        server.kill()
+    assert lines == [
+        f"{what}: the hub did not answer within 20 s (a busy or partitioned cluster?):"
+        " run the setup again, it changes only what differs"
+        for what in ("stream INBOX_USA", "consumer INBOX_USA/USA_NODE")
+    ]
