@@ -572,6 +572,9 @@ async def measure(args: argparse.Namespace) -> Results:
             if any(codes.values()):
                 raise LostError(f"node exit codes {codes}")
             check_counts(cluster, ids + lat_ids)
+            if memory is not None:
+                # Before the floors: a long run's samples must not be lost to them.
+                show_memory(memory, count)
             # 4. floors, same run, same sizes
             floor_n = count if args.floor_reports is None else min(count, args.floor_reports)
             msg_s, msg_cpu, msg_hub_msgs = await messaging_floor(cluster, floor_n, 100)
@@ -660,15 +663,18 @@ def show(r: Results, rate: float) -> None:
         f"  accepted -> stored at the first partner: p50 {f50:.0f} ms, p95 {f95:.0f} ms,"
         f" p99 {f99:.0f} ms"
     )
-    if r.memory is not None:
-        print(f"memory over {r.count} reports (sampled each second):")
-        for name in (ORIGIN, *PARTNERS[:3]):
-            print("  " + r.memory.summary(name, r.count))
-        samples = r.memory.samples
-        worst = max(PARTNERS, key=lambda m: max(p[1] for p in samples.get(m, [(0, 0.0)])))
-        print("  worst receiver " + r.memory.summary(worst, r.count))
     print(f"audit log batching: {r.batching}")
     print("counts: every partner stored every report exactly once; outbox fully sent; nothing lost")
+
+
+def show_memory(memory: Memory, count: int) -> None:
+    """Print the RSS samples' summary: at once, so a later failure does not lose them."""
+    print(f"memory over {count} reports (sampled each second):")
+    for name in (ORIGIN, *PARTNERS[:3]):
+        print("  " + memory.summary(name, count))
+    samples = memory.samples
+    worst = max(PARTNERS, key=lambda m: max(p[1] for p in samples.get(m, [(0, 0.0)])))
+    print("  worst receiver " + memory.summary(worst, count), flush=True)
 
 
 def platform_line() -> str:

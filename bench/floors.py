@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import nats.errors
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -117,7 +116,7 @@ async def publish_floor(
                     await js.publish(
                         subject, payloads[size], headers={"Nats-Msg-Id": f"floor-{tag}-{i}"}
                     )
-                except nats.errors.TimeoutError:
+                except TimeoutError:
                     if attempt == 9:
                         raise
                 else:
@@ -156,7 +155,7 @@ async def pull_floor(
         while got < each:
             try:
                 msgs = await sub.fetch(min(batch, each - got), timeout=10.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own or asyncio's, by where it waited
                 if time.monotonic() - stalled_since > STALL_S:
                     raise RuntimeError(
                         f"messaging floor: {member} got {got} of {each} messages,"
