@@ -278,6 +278,9 @@ async def test_cosignatures_merged_are_logged_at_once_then_once_a_minute(audit: 
     with capture_logs() as logs:
         await audit.grow(0)
         await await_for(merged(3), 10, "USA's cosignature of size 3 merged")
+        # The line follows the merge's commit on the store thread (a CI run under load
+        # read the checkpoint before the line was out).
+        await await_for(lambda: lines() != [], 10, "the first cosigned line")
         assert lines() == [{"witnesses": {"USA": 1}, "checkpoints": 1, "size": 3}]
         audit.usa.net.interval = 0
         await audit.grow(4)
