@@ -73,6 +73,7 @@ BESIDE_THE_SUITE = frozenset(
         "test_sdjwt",
         "test_sightings",
         "test_stix",
+        "test_tcpproxy",
         "test_transforms",
         "test_witness",
     )

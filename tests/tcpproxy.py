@@ -29,7 +29,9 @@ class TcpProxy:
         self.connections = 0
         self.refused = 0
         self._open = True
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._writers: set[asyncio.StreamWriter] = set()  # piped pairs
+        self._waiting: set[asyncio.StreamWriter] = set()  # accepted, not yet piped
+        self._handlers: set[asyncio.Task[None]] = set()
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()  # cleared by ``hold``
         self._flowing.set()
@@ -90,19 +92,38 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._handle, sock=self._sock)
 
     async def _shutdown(self) -> None:
-        await self._cut()
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        await self._cut()
+        # Every handler must have ended, and every socket's close run, before the
+        # loop stops: a transport left open is a ResourceWarning in whichever
+        # later test the garbage collector happens to run.
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
+        await asyncio.sleep(0)  # the aborted transports' connection_lost callbacks
 
     async def _cut(self) -> None:
         self._open = False
-        for writer in list(self._writers):
-            writer.close()
+        # abort, not close: close() waits to flush what a stopped peer never
+        # reads, and a cut link delivers nothing more anyway.
+        for writer in self._writers | self._waiting:
+            writer.transport.abort()
         self._writers.clear()
+        self._waiting.clear()
         self._flowing.set()  # a held pipe wakes, finds its writer closed and ends
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # a start_server callback always runs in a task
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        self._waiting.add(writer)
+        try:
+            await self._forward(reader, writer)
+        finally:
+            self._waiting.discard(writer)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._open:
             self.refused += 1
             writer.close()
@@ -117,7 +138,13 @@ class TcpProxy:
         except OSError:
             writer.close()
             return
+        if not self._open:  # cut while it connected
+            self.refused += 1
+            writer.close()
+            up_writer.close()
+            return
         self.connections += 1
+        self._waiting.discard(writer)
         self._writers |= {writer, up_writer}
         await asyncio.gather(
             self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
