@@ -231,9 +231,15 @@ def generate(
     rng = random.Random(seed)
     base = now or datetime(2026, 11, 1, tzinfo=UTC)
     kinds = tuple(_MAKERS)
-    return [
+    records = [
         _MAKERS[kinds[i % 3]](rng, originators[i % len(originators)], base) for i in range(count)
     ]
+    for rec in records:
+        # Two members' feeds made with the same seed (a trial's usual way) must not
+        # share report ids, or each member's store would hold the other's ids.
+        digest = hashlib.sha256(f"{rec['report_id']} {rec['originator']}".encode()).digest()
+        rec["report_id"] = str(uuid.UUID(bytes=digest[:16], version=4))
+    return records
 
 
 def example_records() -> dict[str, dict[str, Any]]:

@@ -172,6 +172,17 @@ def test_samples_generate_for_one_originator() -> None:
     assert "unknown member 'XXX'" in bad.output
 
 
+def test_two_members_feeds_from_one_seed_share_no_report_id() -> None:
+    jpn = samples.generate(30, seed=1, originators=("JPN",))
+    usa = samples.generate(30, seed=1, originators=("USA",))
+    assert not {r["report_id"] for r in jpn} & {r["report_id"] for r in usa}
+    assert len({r["report_id"] for r in jpn}) == 30
+    # Still one seed, one feed; and every id a valid record's.
+    assert samples.generate(30, seed=1, originators=("JPN",)) == jpn
+    for rec in (*jpn, *usa):
+        parse_record(json.dumps(rec))
+
+
 def _vessel_with(path: str, value: object) -> dict[str, object]:
     rec: dict[str, Any] = samples.example_records()["vessel"]
     *parents, last = path.split(".")
