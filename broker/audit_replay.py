@@ -58,10 +58,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Generic, Protocol, TypeVar
 
 from broker.audit_events import VERSION, parse_entry
-from broker.errors import AuditError, PolicyError
+from broker.audit_policy import (
+    PolicyTimeline,
+    over_disclosures_for,
+    releases_anything_for,
+)
+from broker.errors import AuditError
 from broker.merkle import CompactRange, leaf_hash
-from broker.policy import Policy, Release
-from broker.transforms import split_variant_key
+from broker.policy import Policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,162 +280,6 @@ def _exchange_json(e: Exchange) -> dict[str, Any]:
         "seq": e.seq,
         "refused_at": e.refused_at,
     }
-
-
-def over_disclosures(send: Mapping[str, Any], policy: Policy) -> list[str]:
-    """Return one line per disclosure key in ``send`` that ``policy`` would not have released.
-
-    The policy answers from the send's handling markings alone
-    (``Policy.releasable``), exactly as it decided when the report went out.
-    """
-    markings = (send["partner"], send["kind"], send["tlp"], send["originator"], send["rel_to"])
-    return _over_disclosures(policy, *markings, send["released"])
-
-
-def releases_anything(send: Mapping[str, Any], policy: Policy) -> bool:
-    """Whether ``policy`` releases any field at all to the send's partner, given its markings."""
-    markings = (send["partner"], send["kind"], send["tlp"], send["originator"], send["rel_to"])
-    return _releases_anything(policy, *markings)
-
-
-def _over_disclosures(
-    policy: Policy,
-    partner: str,
-    kind: str,
-    tlp: str,
-    originator: str,
-    rel_to: Sequence[str] | None,
-    released: Sequence[str],
-) -> list[str]:
-    try:
-        cells = _cells(policy, partner, kind, tlp, originator, rel_to)
-    except PolicyError as exc:
-        return [f"{key}: {exc}" for key in released]
-    problems = []
-    for key in released:
-        try:
-            path, _ = split_variant_key(key)
-        except ValueError:
-            problems.append(f"{key}: not a valid disclosure key")
-            continue
-        cell = cells.get(path, f"not a field of a {kind} report")
-        if not isinstance(cell, Release):
-            problems.append(f"{key}: withheld by the policy ({cell})")
-        elif cell.disclosure_key != key:
-            problems.append(f"{key}: the policy releases it only as {cell.disclosure_key}")
-    return problems
-
-
-def _releases_anything(
-    policy: Policy, partner: str, kind: str, tlp: str, originator: str, rel_to: Sequence[str] | None
-) -> bool:
-    try:
-        cells = _cells(policy, partner, kind, tlp, originator, rel_to)
-    except PolicyError:
-        return False
-    return any(isinstance(cell, Release) for cell in cells.values())
-
-
-def _cells(
-    policy: Policy, partner: str, kind: str, tlp: str, originator: str, rel_to: Sequence[str] | None
-) -> Mapping[str, Release | str]:
-    return policy.releasable(
-        partner,
-        kind=kind,
-        tlp=tlp,
-        originator=originator,
-        rel_to=rel_to,
-        onward=originator != policy.member,
-    )
-
-
-class PolicyTimeline:
-    """One log's policy history and report arrivals, fed its entries in log order.
-
-    A send may name the policy in force when its report arrived in the log, or
-    one logged between that arrival and the send: the node plans a report (and
-    so fixes its policy digest) some time after accepting it, and logs the send
-    only once the hub acknowledged it, so after a restart with a new policy a
-    send planned under the old one is logged after the new ``policy`` entry.
-    Any other digest (an older policy, or one first logged later) was never the
-    node's policy for that report.
-
-    The arrival is the first ``accepted`` entry of the report, or, for a report
-    another member originated (passed on), its first ``received`` entry. A
-    node's log can lack it: a store commit that succeeds while the audit append
-    after it fails (a full disk) leaves an accepted report that is planned and
-    sent before its ``accepted`` entry is written at the next start. Such a send
-    is held to the policy in force at the send itself, the narrowest window, so
-    deleting an arrival entry widens nothing.
-
-    Each step is O(1): the index of the policy in force at an arrival is kept,
-    and a digest was in force since then iff its latest ``policy`` entry comes
-    at or after that index.
-    """
-
-    def __init__(self) -> None:
-        self.policies: list[tuple[int, str, str | None]] = []  # (seq, digest, previous)
-        self._latest: dict[str, int] = {}  # digest -> index of its latest policy entry
-        self._accepted: dict[str, tuple[int, int]] = {}  # report -> (seq, policy index)
-        self._received: dict[str, tuple[int, int]] = {}
-
-    def add_policy(self, entry: Mapping[str, Any]) -> str | None:
-        """Record a ``policy`` entry; say why its ``previous_digest`` breaks the chain, if it does.
-
-        The first ``policy`` entry of a log has ``previous_digest`` null (a node's
-        first start); each later one names the digest of the one before. An exact
-        repeat of the previous entry is accepted: a node that stops between
-        logging a change and saving it in its store logs the same change again.
-        """
-        digest, previous = entry["policy_digest"], entry["previous_digest"]
-        problem = None
-        if not self.policies:
-            if previous is not None:
-                problem = (
-                    f"the log's first policy entry names a previous policy {previous[:12]}..."
-                    ", which the log never recorded"
-                )
-        else:
-            seq, last, last_previous = self.policies[-1]
-            if previous != last and (digest, previous) != (last, last_previous):
-                named = "none" if previous is None else f"{previous[:12]}..."
-                problem = (
-                    f"previous policy {named} is not {last[:12]}..., "
-                    f"the policy of the log's previous policy entry {seq}"
-                )
-        self._latest[digest] = len(self.policies)
-        self.policies.append((entry["seq"], digest, previous))
-        return problem
-
-    def add_arrival(self, entry: Mapping[str, Any]) -> None:
-        """Record an ``accepted`` or ``received`` entry (only a report's first counts)."""
-        arrivals = self._accepted if entry["type"] == "accepted" else self._received
-        report = sys.intern(entry["report_id"])  # shared with the sends of the report
-        arrivals.setdefault(report, (entry["seq"], len(self.policies) - 1))
-
-    def not_in_force(self, member: str, send: Mapping[str, Any]) -> str | None:
-        """Why ``send``'s policy was not in force for its report, or ``None`` if it was."""
-        arrivals = self._accepted if send["originator"] == member else self._received
-        arrival = arrivals.get(send["report_id"])
-        now = len(self.policies) - 1
-        since = now if arrival is None else arrival[1]
-        digest = send["policy_digest"]
-        if self._latest.get(digest, -1) >= max(since, 0):
-            return None
-        name = f"policy {digest[:12]}..."
-        if digest not in self._latest:
-            return f"{name} was never logged before this send"
-        if arrival is None:
-            what = "accepted" if send["originator"] == member else "received"
-            current = self.policies[-1][1][:12]
-            return (
-                f"{name} is not {current}..., the policy in force at this send "
-                f"(no {what} entry of the report comes before it)"
-            )
-        return (
-            f"{name} was not in force between the report's arrival (entry {arrival[0]}) "
-            "and this send"
-        )
 
 
 def verified_entries(data: Iterable[bytes], size: int, root: bytes) -> list[dict[str, Any]]:
@@ -1082,7 +930,7 @@ class _PolicyAnswers:
         key = (policy.digest, s.partner, s.kind, s.tlp, s.originator, s.rel_to, s.released)
         found = self._over.get(key)
         if found is None:
-            found = self._over[key] = _over_disclosures(
+            found = self._over[key] = over_disclosures_for(
                 policy, s.partner, s.kind, s.tlp, s.originator, s.rel_to, s.released
             )
         return found
@@ -1093,7 +941,7 @@ class _PolicyAnswers:
         key = (policy.digest, s.partner, s.kind, s.tlp, s.originator, s.rel_to)
         found = self._anything.get(key)
         if found is None:
-            found = self._anything[key] = _releases_anything(
+            found = self._anything[key] = releases_anything_for(
                 policy, s.partner, s.kind, s.tlp, s.originator, s.rel_to
             )
         return found

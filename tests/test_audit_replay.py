@@ -33,7 +33,8 @@ from node_world import (
 from broker import audit_events as ev
 from broker import canonical
 from broker import keys as keyfiles
-from broker.audit_replay import Exchange, Finding, Replay, over_disclosures, replay
+from broker.audit_policy import over_disclosures
+from broker.audit_replay import Exchange, Finding, Replay, replay
 from broker.audit_verify import Report, load, verify_log
 from broker.auditlog import DB_FILE, AuditLog
 from broker.cli import main
