@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,55 @@ def test_a_proof_from_a_tree_larger_than_the_leaves_says_so() -> None:
     with pytest.raises(AuditError, match=r"^no leaf 9 in a tree of size 8$"):
         tree.inclusion_proof(9, 8)
     verify_inclusion(leaf_hash(b"\x05"), 5, 8, tree.inclusion_proof(5, 8), tree.root())
+
+
+def _audit_md_inclusion_verifier() -> Any:
+    """docs/AUDIT.md's "these lines of Python", compiled to read the proof from ``PROOF``."""
+    text = (Path(__file__).parent.parent / "docs" / "AUDIT.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "inclusion_path" in b]
+    assert len(blocks) == 1
+    assert blocks[0].count("json.load(sys.stdin)") == 1
+    return compile(blocks[0].replace("json.load(sys.stdin)", "PROOF"), "docs/AUDIT.md", "exec")
+
+
+def _doc_accepts(snippet: Any, proof: dict[str, Any]) -> bool:
+    try:
+        exec(snippet, {"PROOF": proof, "print": lambda *_: None})  # noqa: S102 - the doc's lines
+    except AssertionError:
+        return False
+    return True
+
+
+def _code_accepts(leaf: bytes, index: int, size: int, path: list[bytes], root: bytes) -> bool:
+    try:
+        verify_inclusion(leaf, index, size, path, root)
+    except ProofError:
+        return False
+    return True
+
+
+def test_the_inclusion_check_audit_md_gives_users_refuses_what_verify_inclusion_does() -> None:
+    # A user checking `msmt audit prove` output with the doc's lines must not accept a
+    # proof for another index or tree size: a trial's copy took leaf 3 of a 3-leaf tree.
+    snippet = _audit_md_inclusion_verifier()
+    entries = [f"entry {i}".encode() for i in range(12)]
+    tree = Levels([leaf_hash(e) for e in entries])
+    disagreements = []
+    for size in range(1, 13):
+        root = tree.root(size)
+        for index in range(size):
+            path = tree.inclusion_proof(index, size)
+            for claimed_index in range(15):
+                for claimed_size in range(1, 15):
+                    proof = {
+                        "entry": base64.b64encode(entries[index]).decode(),
+                        "leaf_index": claimed_index,
+                        "tree_size": claimed_size,
+                        "inclusion_path": [base64.b64encode(p).decode() for p in path],
+                        "root_hash": base64.b64encode(root).decode(),
+                    }
+                    doc = _doc_accepts(snippet, proof)
+                    leaf = leaf_hash(entries[index])
+                    if doc != _code_accepts(leaf, claimed_index, claimed_size, path, root):
+                        disagreements.append((index, size, claimed_index, claimed_size, doc))
+    assert disagreements == []
