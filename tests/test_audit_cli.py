@@ -306,7 +306,9 @@ def _independent_rfc6962_check(proof: dict[str, Any]) -> bytes:
     r = h(b"\x00" + entry)
     assert base64.b64encode(r).decode() == proof["leaf_hash"]
     fn, sn = proof["leaf_index"], proof["tree_size"] - 1
+    assert 0 <= fn <= sn
     for p in map(base64.b64decode, proof["inclusion_path"]):
+        assert sn > 0
         if fn & 1 or fn == sn:
             r = h(b"\x01" + p + r)
             while not fn & 1 and fn:
