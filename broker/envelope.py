@@ -605,8 +605,14 @@ def _verify_signature(jws_text: str, *, kid: str, iss: str, iat: datetime, roste
     # directly on the received bytes instead of parsing the JWS a second time.
     signing_input, _, signature = jws_text.rpartition(".")
     try:
+        raw = sdjwt.b64u_decode(signature)
+    except ValueError as exc:
+        # A fixed text about the spelling (never the value), which tells a sender's
+        # engineer what to fix: a trial's own node got "cannot verify (ValueError)".
+        raise EnvelopeError("signature", f"the JWS signature is {exc}") from None
+    try:
         _ED25519.check_key(public)
-        valid = _ED25519.verify(signing_input.encode("ascii"), sdjwt.b64u_decode(signature), public)
+        valid = _ED25519.verify(signing_input.encode("ascii"), raw, public)
     except (JoseError, ValueError) as exc:
         raise EnvelopeError("signature", f"cannot verify ({type(exc).__name__})") from None
     if not valid:

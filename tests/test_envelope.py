@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import uuid
@@ -431,6 +432,21 @@ def test_tampered_signature(issued: envelope.Issued) -> None:
     h, p, sig = issued.jws.split(".")
     bad = sig[:10] + ("A" if sig[10] != "A" else "B") + sig[11:]
     reject(seal(f"{h}.{p}.{bad}~", rid=issued.report_id), "signature")
+
+
+def test_a_signature_spelt_otherwise_is_refused_saying_so(issued: envelope.Issued) -> None:
+    # The same 64 bytes with a spare bit set: refused, with a reason a sender's engineer
+    # can act on (a trial's node written from the docs was told "cannot verify (ValueError)").
+    h, p, sig = issued.jws.split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    twin = sig[:-1] + alphabet[alphabet.index(sig[-1]) ^ 1]
+    assert sdjwt.b64u_decode(sig) == base64.urlsafe_b64decode(twin + "==")
+    refused = reject(seal(f"{h}.{p}.{twin}~", rid=issued.report_id), "signature")
+    assert refused.reason == (
+        "the JWS signature is not canonical base64url (non-zero trailing bits)"
+    )
+    refused = reject(seal(f"{h}.{p}.{sig}==~", rid=issued.report_id), "signature")
+    assert refused.reason == "the JWS signature is not unpadded base64url"
 
 
 def test_tampered_payload(issued: envelope.Issued) -> None:
