@@ -17,6 +17,7 @@ import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -557,8 +558,11 @@ def test_inbox_check_and_evidence_see_subtler_edits(delivered: tuple[World, list
     ]
 
 
-def _receive_from_kor(world: World, count: int) -> list[str]:
-    """KOR's reports, received by USA's own receiver code (USA's real keys, store and log)."""
+def _receive_from_kor(world: World, count: int, report_ids: Sequence[str] = ()) -> list[str]:
+    """KOR's reports, received by USA's own receiver code (USA's real keys, store and log).
+
+    The first ``report_ids`` replace the records' own ids.
+    """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from broker.auditlog import AuditLog
@@ -571,6 +575,8 @@ def _receive_from_kor(world: World, count: int) -> list[str]:
     assert isinstance(signer, Ed25519PrivateKey)
     config = world.config("USA")
     records = records_for("KOR", count, seed=58)
+    for record, report_id in zip(records, report_ids, strict=False):
+        record["report_id"] = report_id
     batch = [(f"from.KOR.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
     store = Store(config.store_path)
     audit = AuditLog(config.audit_dir, "USA", signer)
@@ -583,6 +589,33 @@ def _receive_from_kor(world: World, count: int) -> list[str]:
         audit.close()
         store.close()
     return [r["report_id"] for r in records]
+
+
+def test_an_id_two_members_sent_is_shown_for_the_one_named(
+    delivered: tuple[World, list[str]],
+) -> None:
+    # A trial's node written from the docs sent USA a report under an id JPN used too; USA
+    # keeps both (a seen-set per sender). `inbox show` printed the two one after the
+    # other, which is not JSON; like `inbox evidence` it now asks which.
+    world, ids = delivered
+    config = str(world.config_path("USA"))
+    assert _receive_from_kor(world, 1, [ids[0]]) == [ids[0]]
+    for command in ("show", "evidence"):
+        both = _cli("inbox", command, "--config", config, ids[0])
+        assert (both.exit_code, both.stdout) == (2, "")
+        assert f"report {ids[0]} came from JPN, KOR: say which with --from" in both.stderr
+    for sender in ("jpn", "KOR"):
+        shown = _cli("inbox", "show", "--config", config, ids[0], "--from", sender)
+        assert shown.exit_code == 0, shown.stderr
+        assert json.loads(shown.stdout)["sender"] == sender.upper()
+        handed = _cli("inbox", "evidence", "--config", config, ids[0], "--from", sender)
+        assert handed.exit_code == 0, handed.stderr
+        assert json.loads(handed.stdout)["report_id"] == ids[0]
+    nobody = _cli("inbox", "show", "--config", config, ids[0], "--from", "GBR")
+    assert nobody.exit_code == 2
+    assert f"no received report {ids[0]} from GBR" in nobody.stderr
+    # An id one member sent is shown as before, --from or not.
+    assert json.loads(_cli("inbox", "show", "--config", config, ids[1]).stdout)["sender"] == "JPN"
 
 
 def test_reports_signed_with_a_key_since_revoked_are_marked_and_not_exported(

@@ -406,36 +406,9 @@ def inbox_list(config_path: Path, sender: str | None, limit: int, as_json: bool)
         )
 
 
-@inbox_group.command(name="show")
-@_CONFIG
-@click.argument("report_id")
-def inbox_show(config_path: Path, report_id: str) -> None:
-    """Show one received report: its sender and every field received, as JSON.
-
-    ``signer_revoked`` says why, when the roster has since revoked the key its
-    originator signed it with (see ``msmt inbox list``).
-    """
-    config = _config(config_path)
-    entries = open_store(config).inbox_entry(report_id)
-    if not entries:
-        raise UsageError(f"no received report {report_id}")
-    revoked = _revoked_signers(config, entries)
-    for entry in entries:
-        click.echo(json.dumps(_entry_json(entry, revoked), indent=2))
-
-
-@inbox_group.command(name="evidence")
-@_CONFIG
-@click.argument("report_id")
-@click.option("--from", "sender", help="The member that sent it, if several did.")
-def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> None:
-    """Print evidence of a received report, for a third party to check.
-
-    The envelope as it arrived and its content key, which opens this one message
-    and nothing else. ``msmt audit evidence FILE --keys DIR`` checks it.
-    """
-    config = _config(config_path)
-    store = open_store(config)
+def _one_received(store: Store, report_id: str, sender: str | None) -> InboxEntry:
+    # Each sender has its own seen-set, so two members may have sent one report id:
+    # the caller names which rather than be shown either, or both as one.
     entries = store.inbox_entry(report_id)
     if sender is not None:
         entries = [e for e in entries if e.sender == sender.upper()]
@@ -444,7 +417,41 @@ def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> Non
     if len(entries) > 1:
         senders = ", ".join(sorted(e.sender for e in entries))
         raise UsageError(f"report {report_id} came from {senders}: say which with --from")
-    entry = entries[0]
+    return entries[0]
+
+
+_FROM = click.option("--from", "sender", help="The member that sent it, if several did.")
+
+
+@inbox_group.command(name="show")
+@_CONFIG
+@click.argument("report_id")
+@_FROM
+def inbox_show(config_path: Path, report_id: str, sender: str | None) -> None:
+    """Show one received report: its sender and every field received, as JSON.
+
+    ``signer_revoked`` says why, when the roster has since revoked the key its
+    originator signed it with (see ``msmt inbox list``).
+    """
+    config = _config(config_path)
+    entry = _one_received(open_store(config), report_id, sender)
+    revoked = _revoked_signers(config, [entry])
+    click.echo(json.dumps(_entry_json(entry, revoked), indent=2))
+
+
+@inbox_group.command(name="evidence")
+@_CONFIG
+@click.argument("report_id")
+@_FROM
+def inbox_evidence(config_path: Path, report_id: str, sender: str | None) -> None:
+    """Print evidence of a received report, for a third party to check.
+
+    The envelope as it arrived and its content key, which opens this one message
+    and nothing else. ``msmt audit evidence FILE --keys DIR`` checks it.
+    """
+    config = _config(config_path)
+    store = open_store(config)
+    entry = _one_received(store, report_id, sender)
     jwe = store.kept_envelope(entry.sender, report_id)
     if jwe is None and KEPT_SINCE not in store.state():
         # This store kept envelopes from its start: the row lost its own.
