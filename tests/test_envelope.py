@@ -753,6 +753,18 @@ def _claim(name: str, value: Any) -> Callable[[envelope.Issued], str]:
     return build
 
 
+def test_a_registered_name_a_library_adds_is_named(issued: envelope.Issued) -> None:
+    # A node written elsewhere whose JOSE library adds `apu` to the JWE header, or whose JWT
+    # library adds `exp`, learns which to drop (a trial's node got "1 unexpected"); any
+    # other name is the sender's own text, only counted (the canaries below).
+    refused = reject(_header_only(issued, apu="QWxpY2U"), "header")
+    assert refused.reason == "JWE header: 1 unexpected (apu), missing []"
+    refused = reject(_header_only(issued, zip="DEF", CNRYHDR=1), "header")
+    assert refused.reason == "JWE header: 2 unexpected (zip, ...), missing []"
+    refused = reject(_claim("exp", 1)(issued), "format")
+    assert refused.reason == "claims: 1 unexpected (exp), missing []"
+
+
 def _jws_typ(issued: envelope.Issued) -> str:
     forged = jws.serialize_compact(
         {"alg": "Ed25519", "typ": "CNRYTYP", "kid": "JPN-sig-1"},
