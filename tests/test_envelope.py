@@ -949,6 +949,39 @@ def test_wrong_jws_typ(issued: envelope.Issued) -> None:
     reject(seal(forged + "~", rid=issued.report_id), "format")
 
 
+@pytest.mark.parametrize(
+    ("typ", "accepted"),
+    [
+        ("application/msmt+sd-jwt", True),  # RFC 7515 §4.1.9: the short form's full name
+        ("MSMT+SD-JWT", True),  # media type names are case-insensitive
+        ("Application/Msmt+Sd-Jwt", True),
+        ("application/jwt", False),
+        ("text/msmt+sd-jwt", False),
+        ("msmt+sd-jwt ", False),
+        ("application/msmt+sd-jwt; x=1", False),
+    ],
+)
+def test_jws_typ_and_jwe_cty_are_media_types(
+    issued: envelope.Issued, typ: str, accepted: bool
+) -> None:
+    # A library that writes the media type in full, or in capitals, names the same
+    # type; anything else is still refused, at the step that checks it.
+    forged = jws.serialize_compact(
+        {"alg": "Ed25519", "typ": typ, "kid": "JPN-sig-1"},
+        sdjwt.dumps_compact(payload_of(issued.jws)),
+        sig_key("JPN"),
+        algorithms=["Ed25519"],
+    )
+    with_typ = seal(forged + "~", rid=issued.report_id)
+    with_cty = seal(issued.jws + "~", rid=issued.report_id, cty=typ)
+    if accepted:
+        assert USA.receive(with_typ).report_id == issued.report_id
+        assert USA.receive(with_cty).report_id == issued.report_id
+    else:
+        assert "JWS typ is not msmt+sd-jwt" in str(reject(with_typ, "format"))
+        assert "cty is not msmt+sd-jwt" in str(reject(with_cty, "header"))
+
+
 # --- onward sharing ---------------------------------------------------------------------
 
 
