@@ -537,3 +537,13 @@ def test_a_count_spelled_as_a_fraction_or_exponent_is_refused_saying_so(spelling
     assert "12, not 12.0" in schemas.schema_documents()["worker.schema.json"]
     with pytest.raises(ValueError, match="valid integer"):
         validate_field("worker", "worker.workers", float(spelling))
+
+
+def test_a_lone_surrogate_in_a_received_value_is_named_as_such() -> None:
+    # json.loads turns a "\ud800" escape into a lone surrogate, which no JSON check
+    # takes; the reason says so instead of the parser's "unexpected end of hex escape".
+    value = json.loads('"LUCKY\\ud800STAR"')
+    with pytest.raises(ValueError, match=r"^vessel\.name: holds a lone surrogate escape"):
+        validate_field("vessel", "vessel.name", value)
+    # A pair is one character, and fine.
+    validate_field("vessel", "vessel.name", json.loads('"LUCKY \\ud83d\\udea2 STAR"'))
