@@ -297,6 +297,10 @@ def receive(
     failing step, with ``report_id`` set once the signature has verified; the
     reason never contains report content. Raises ``UsageError`` if ``now`` is naive.
     """
+
+    def replays(asked: Sequence[tuple[int, str]]) -> list[int]:
+        return [i for i, jti in asked if is_replay is not None and is_replay(jti)]
+
     (outcome,) = receive_batch(
         [Delivery(token, attested_sender, attested_kind)],
         me=me,
@@ -305,7 +309,7 @@ def receive(
         now=now,
         max_age=max_age,
         max_skew=max_skew,
-        is_replay=None if is_replay is None else lambda _index, jti: is_replay(jti),
+        replays=None if is_replay is None else replays,
         accept_onward_from=accept_onward_from,
     )
     if isinstance(outcome, Exception):
@@ -322,7 +326,7 @@ def receive_batch(
     now: datetime,
     max_age: timedelta,
     max_skew: timedelta,
-    is_replay: Callable[[int, str], bool] | None = None,
+    replays: Callable[[Sequence[tuple[int, str]]], Collection[int]] | None = None,
     accept_onward_from: Collection[str] = (),
 ) -> list[Received | Exception]:
     """``receive`` for each delivery, one checklist step at a time across the batch.
@@ -330,9 +334,12 @@ def receive_batch(
     Each message's checklist runs in its order and stops at its first failure, as
     in ``receive``; what that failure raised (an ``EnvelopeError``, or whatever a
     step raised unexpectedly) is returned in the message's place instead, so a bad
-    message costs only itself. ``is_replay(i, jti)`` asks about delivery ``i``; it
-    is asked once per message that reaches the replay step, in index order, and
-    must not depend on the other messages' outcomes (it cannot see them yet).
+    message costs only itself. ``replays(asked)`` is the replay step's question for
+    the whole batch, asked once (if any message reaches the step) with ``(i, jti)``
+    of every delivery ``i`` that reached it, in index order; it returns those
+    ``i`` whose jti the caller's seen-set has had. It must answer each as if
+    asked alone, not from the others' outcomes (it cannot see them yet); what it
+    raises is the outcome of every message it was asked about.
     Raises ``UsageError`` if ``now`` is naive.
 
     Step by step rather than message by message: each step's code and tables
@@ -378,10 +385,23 @@ def receive_batch(
         # 10. freshness: iat no older than max_age and no further ahead than max_skew.
         _check_fresh(o.iat, now=now, max_age=max_age, max_skew=max_skew)
 
-    def replay(o: _Opening) -> None:
-        # 11. replay: the caller's seen-set has not had this jti.
-        if is_replay is not None and is_replay(o.index, o.parsed.payload["jti"]):
-            raise EnvelopeError("replay", f"report {o.parsed.payload['jti']} was already received")
+    def replay(live: Sequence[_Opening]) -> None:
+        # 11. replay: the caller's seen-set has not had this jti. One question for
+        #     every message that got here, so that the caller can answer them
+        #     together (the receiver: one SQLite statement, not one each).
+        if replays is None or not live:
+            return
+        try:
+            found = replays([(o.index, o.parsed.payload["jti"]) for o in live])
+        except Exception as exc:  # noqa: BLE001 - each message's outcome, as in _run
+            for o in live:
+                o.error = exc
+            return
+        for o in live:
+            if o.index in found:
+                error = EnvelopeError("replay", f"report {o.jti} was already received")
+                error.report_id = o.jti  # as _run names it for a step's refusal
+                o.error = error
 
     # 12-13: ``_content``.
     def expiry(o: _Opening) -> None:
@@ -408,7 +428,7 @@ def receive_batch(
             partial(_signature, roster=roster),
             _disclosures,
             fresh,
-            replay,
+            _Across(replay),
             partial(_content, me=me),
             expiry,
             partial(_result, me=me),
@@ -467,12 +487,21 @@ class _Opening:
     received: Received = field(init=False)  # set by the last step: every step passed
 
 
+@dataclass(frozen=True, slots=True)
+class _Across:
+    # A step taken for every opening still undecided at once; it sets their errors.
+    step: Callable[[Sequence[_Opening]], None]
+
+
 def _run(
-    openings: Sequence[_Opening], steps: Sequence[Callable[[_Opening], None]]
+    openings: Sequence[_Opening], steps: Sequence[Callable[[_Opening], None] | _Across]
 ) -> list[Received | Exception]:
     # Each step across every opening still undecided; a step's exception decides its
     # message. From the signature on, the originator vouches for jti: a refusal names it.
     for step in steps:
+        if isinstance(step, _Across):
+            step.step([o for o in openings if o.error is None])
+            continue
         for opening in openings:
             if opening.error is None:
                 try:

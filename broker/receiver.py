@@ -13,7 +13,8 @@ each batch costs two fsynced commits. For each batch:
    stored (a redelivery after a crash before the ack, or a resend after the
    hub's dedup window), it is acked without storing again;
 4. otherwise ``broker.envelope.receive_batch`` runs the checklist a step at a
-   time across the batch, with the replay check against the store's seen-set;
+   time across the batch, with the replay check against the store's seen-set
+   (one statement for the messages of the batch that reach it);
    each message's checklist still runs in its order and decides it alone. A
    message an earlier one could decide (the same sender's report again), or whose
    checklist failed unexpectedly, is verified again with ``receive`` on its own,
@@ -413,9 +414,12 @@ class Inbound:
             deliveries.append(Delivery(token, sender, subject.rpartition(".")[2]))
             asked.append((index, sender))
 
-        def is_replay(i: int, jti: str) -> bool:
-            index, sender = asked[i]
-            return self.store.seen_state(sender, jti, digests[index]) != "new"
+        def replays(reached: Sequence[tuple[int, str]]) -> list[int]:
+            # Step 11 for the batch in one statement: the same answer as _one's
+            # seen_state(...) != "new" for each (a redelivery of what was stored
+            # was acked as a duplicate before the checklist).
+            seen = self.store.seen_before([(asked[i][1], jti) for i, jti in reached])
+            return [i for (i, _), hit in zip(reached, seen, strict=True) if hit]
 
         outcomes = receive_batch(
             deliveries,
@@ -425,7 +429,7 @@ class Inbound:
             now=now,
             max_age=self.freshness,
             max_skew=MAX_SKEW,
-            is_replay=is_replay,
+            replays=replays,
         )
         vouched: set[tuple[str, str]] = set()  # (sender, report id) of the batch so far
         # Senders with a message whose checklist failed unexpectedly: its report id is

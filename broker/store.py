@@ -885,6 +885,26 @@ class Store:
             return "new"
         return "redelivered" if rows[0][0] == jwe_sha256 else "replay"
 
+    def seen_before(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """For each ``(sender, jti)``, whether ``seen_state`` would not call it new.
+
+        One statement for a whole batch (the receiver's replay step) instead of
+        one ``seen_state`` per message; the answer is the same: the jti is in the
+        seen-set or, once pruned from it, in the inbox.
+        """
+        if not pairs:
+            return []
+        rows = self._read(
+            "SELECT j.key FROM json_each(?) AS j"
+            " WHERE EXISTS (SELECT 1 FROM seen WHERE sender = json_extract(j.value, '$[0]')"
+            " AND jti = json_extract(j.value, '$[1]'))"
+            " OR EXISTS (SELECT 1 FROM inbox WHERE sender = json_extract(j.value, '$[0]')"
+            " AND report_id = json_extract(j.value, '$[1]'))",
+            (json.dumps(pairs),),
+        )
+        found = {int(row[0]) for row in rows}
+        return [index in found for index in range(len(pairs))]
+
     def has_report(self, report_id: str) -> bool:
         """Whether a feed's report with this id was accepted."""
         return bool(self._read("SELECT 1 FROM reports WHERE report_id = ?", (report_id,)))

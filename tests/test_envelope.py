@@ -6,7 +6,7 @@ import base64
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -1216,16 +1216,16 @@ def test_a_batch_decides_each_message_as_receive_alone_would(
 ) -> None:
     # Any mix of good envelopes and envelopes refused at any step: each message gets
     # exactly what receive alone gives it (same step, reason and report id), and
-    # is_replay is asked for the messages that reach step 11, in order.
+    # replays is asked once, about the messages that reach step 11, in order.
     if not _POOL:
         _POOL.extend(_batch_pool())
     batch = [_POOL[i] for i in picks]
     seen = {_POOL[i][1].token for i in replayed}  # these good ones were received before
-    asked: list[tuple[int, str]] = []
+    asked: list[list[tuple[int, str]]] = []
 
-    def is_replay(index: int, jti: str) -> bool:
-        asked.append((index, jti))
-        return batch[index][1].token in seen
+    def replays(reached: Sequence[tuple[int, str]]) -> list[int]:
+        asked.append(list(reached))
+        return [index for index, _ in reached if batch[index][1].token in seen]
 
     kw: dict[str, Any] = {
         "me": "USA",
@@ -1235,7 +1235,7 @@ def test_a_batch_decides_each_message_as_receive_alone_would(
         "max_age": MAX_AGE,
         "max_skew": MAX_SKEW,
     }
-    got = envelope.receive_batch([d for _, d in batch], is_replay=is_replay, **kw)
+    got = envelope.receive_batch([d for _, d in batch], replays=replays, **kw)
     alone: list[envelope.Received | Exception] = []
     for _, d in batch:
         try:
@@ -1254,8 +1254,39 @@ def test_a_batch_decides_each_message_as_receive_alone_would(
     steps = [o.step if isinstance(o, EnvelopeError) else "ok" for o in got]
     assert steps == ["replay" if want == "ok" and d.token in seen else want for want, d in batch]
     vouched = [o.report_id for o in got if isinstance(o, envelope.Received | EnvelopeError)]
-    assert asked == [
+    reached = [
         (i, jti)
         for i, ((want, _), jti) in enumerate(zip(batch, vouched, strict=True))
         if want in {"ok", "schema", "markings"}
     ]
+    assert asked == ([reached] if reached else [])
+
+
+def test_a_seen_set_that_fails_decides_only_the_messages_it_was_asked_about() -> None:
+    # The replay step asks once for the batch: what it raises (the receiver's store
+    # failing) is the outcome of each message that reached step 11, not a refusal,
+    # and a message refused before it keeps its own refusal.
+    if not _POOL:
+        _POOL.extend(_batch_pool())
+    (_, good), (refused, bad) = _POOL[0], _POOL[3]  # a good envelope, and one refused early
+    assert refused == "format"
+    failure = OSError("the seen-set is unreadable")
+
+    def replays(reached: Sequence[tuple[int, str]]) -> list[int]:
+        assert [index for index, _ in reached] == [0, 2]
+        raise failure
+
+    got = envelope.receive_batch(
+        [good, bad, good],
+        me="USA",
+        decryption_keys={"USA-enc-1": enc_key("USA")},
+        roster=USA.roster,
+        now=NOW,
+        max_age=MAX_AGE,
+        max_skew=MAX_SKEW,
+        replays=replays,
+    )
+    assert got[0] is failure
+    assert got[2] is failure
+    assert isinstance(got[1], EnvelopeError)
+    assert got[1].step == "format"

@@ -381,6 +381,22 @@ def test_seen_set_is_pruned_by_freshness_window_but_inbox_still_refuses(tmp_path
     assert store.seen_state("USA", "old", "different") == "replay"
 
 
+def test_seen_before_answers_a_batch_as_seen_state_answers_each(tmp_path: Path) -> None:
+    # The receiver's replay step asks for a whole batch at once: each answer must be
+    # seen_state's (not "new"), from the seen-set, or from the inbox once pruned.
+    store = Store(tmp_path / "s.db")
+    store.store_received([received("USA", "r1", expires=1e12), received("KOR", "r2", expires=10.0)])
+    assert store.prune_seen(now=11.0) == 1  # KOR's r2 is now only in the inbox
+    with sqlite3.connect(tmp_path / "s.db") as db:  # USA's r1 only in the seen-set
+        db.execute("DELETE FROM inbox WHERE sender = 'USA' AND report_id = 'r1'")
+    db.close()
+    pairs = [("USA", "r1"), ("KOR", "r2"), ("GBR", "r1"), ("USA", "r2"), ("KOR", "r1")]
+    pairs += [("USA", "r1"), ("KOR", "r2")]  # the same message twice in a batch
+    assert store.seen_before(pairs) == [True, True, False, False, False, True, True]
+    assert store.seen_before(pairs) == [store.seen_state(s, j, "h1") != "new" for s, j in pairs]
+    assert store.seen_before([]) == []
+
+
 def test_counters_and_state(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     store.bump({"rejected.signature": 2, "received": 1})
