@@ -247,11 +247,11 @@ class Inbound:
         verdicts = self._verify(messages, digests, now, known)
         for index, ((subject, data), digest) in enumerate(zip(messages, digests, strict=True)):
             try:
-                verdict = verdicts[index]
+                verdict, token = verdicts[index]
                 action, rec, event = (
                     self._one(subject, data, digest, now, batch_seen, known, result)
                     if verdict is None
-                    else self._decided(verdict, subject, data, now, result)
+                    else self._decided(verdict, token, subject, now, result)
                 )
             except UnknownKeyError as exc:
                 # The sender's roster may be newer than ours (a key rotated and
@@ -387,8 +387,8 @@ class Inbound:
         digests: Sequence[str],
         now: datetime,
         known: set[tuple[str, str]],
-    ) -> list[Verdict]:
-        """Each message's verdict, its checklist run a step at a time across the batch.
+    ) -> list[tuple[Verdict, str]]:
+        """Each message's verdict and text, its checklist run a step at a time across the batch.
 
         Each is what ``_one`` decides for it in order (the subject, size, ASCII and
         stored-duplicate checks first, then ``receive``), since one message's outcome
@@ -397,9 +397,11 @@ class Inbound:
         Such a message, one that failed unexpectedly (at a step not known, so
         perhaps past the replay check), and every later message of that sender, is
         left ``None``: ``process`` verifies it again with ``_one``, against the batch
-        so far.
+        so far. The text is the message decoded once, at admission, for the stored
+        row ("" if admission refused it).
         """
         decided: dict[int, Verdict] = {}
+        tokens = [""] * len(messages)
         deliveries: list[Delivery] = []
         asked: list[tuple[int, str]] = []  # (index in the batch, sender) of each delivery
         for index, ((subject, data), digest) in enumerate(zip(messages, digests, strict=True)):
@@ -411,6 +413,7 @@ class Inbound:
             if (sender, digest) in known:
                 decided[index] = "duplicate"
                 continue
+            tokens[index] = token
             deliveries.append(Delivery(token, sender, subject.rpartition(".")[2]))
             asked.append((index, sender))
 
@@ -447,23 +450,23 @@ class Inbound:
             else:
                 vouched.add((sender, outcome.report_id))
                 decided[index] = outcome
-        return [decided[index] for index in range(len(messages))]
+        return [(decided[index], tokens[index]) for index in range(len(messages))]
 
     def _decided(
         self,
         verdict: envelope.Received | EnvelopeError | Literal["duplicate"],
+        token: str,
         subject: str,
-        data: bytes,
         now: datetime,
         result: BatchResult,
     ) -> tuple[Action, Received | None, AuditEvent | None]:
-        # ``_one``'s result for a message ``_verify`` decided.
+        # ``_one``'s result for a message ``_verify`` decided; ``token`` is its text.
         if isinstance(verdict, Exception):
             raise verdict
         if isinstance(verdict, str):  # "duplicate"
             result.duplicates[_sender_field(subject)] += 1
             return "ack", None, None
-        return self._accepted(verdict, data.decode("ascii"), now, result)
+        return self._accepted(verdict, token, now, result)
 
     def _admitted(self, subject: str, data: bytes) -> tuple[str, str]:
         # Before the envelope's checklist: the attested sender and the envelope text.

@@ -1145,7 +1145,7 @@ def _against_one_at_a_time(
     store = Store(path)
     inbounds = [make(store), make(Store(path.with_name("one-at-a-time.sqlite3")))]
     # Its fallback for every message: ``_one`` for each in turn, against the batch so far.
-    inbounds[1]._verify = lambda messages, *_a: [None] * len(messages)
+    inbounds[1]._verify = lambda messages, *_a: [(None, "")] * len(messages)
     for inbound in inbounds:
         assert inbound.process(before).actions == ["ack"] * len(before)
     start = len(audit_entries(log))
