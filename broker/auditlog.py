@@ -363,10 +363,12 @@ class AuditLog:
             last = self._last
             start = edge.size
             rows = []
+            leaves = []
             for event in events:
                 data = event.seal(edge.size, last or None)
                 rows.append((edge.size, data))
                 last = leaf_hash(data)
+                leaves.append(last)
                 edge.append(last)
             note = sign_checkpoint(Checkpoint(self.origin, edge.size, edge.root()), self._signer)
             try:
@@ -388,8 +390,8 @@ class AuditLog:
                 raise StoreError(f"cannot append to audit log {self.path}: {exc}") from exc
             self._edge, self._last = edge, last
             if self._levels is not None:
-                for _, data in rows:
-                    self._levels.append(leaf_hash(data))
+                for leaf in leaves:
+                    self._levels.append(leaf)
             return list(range(start, edge.size))
 
     def latest_checkpoint(self) -> str | None:

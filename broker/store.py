@@ -69,6 +69,9 @@ stamp read as 0 and are brought up to date at a writer's open."""
 PAGE_SIZE: Final = 16384
 """SQLite page size of a new store, in bytes; an existing store keeps its own."""
 
+_SORTED_JSON: Final = json.JSONEncoder(sort_keys=True).encode
+"""``json.dumps(value, sort_keys=True)``, the same text, without a new encoder per call."""
+
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS reports (
     report_id   TEXT PRIMARY KEY,
@@ -959,7 +962,7 @@ class Store:
                         None if rec.rel_to is None else json.dumps(list(rec.rel_to)),
                         rec.iat,
                         at,
-                        json.dumps(rec.fields, sort_keys=True),
+                        _SORTED_JSON(rec.fields),
                         json.dumps(list(rec.paths)),
                         rec.jwe_sha256,
                         rec.jwe,

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -368,6 +369,21 @@ def test_received_is_idempotent_and_seen_state_tells_redelivery_from_replay(tmp_
     (kor,) = store.inbox(sender="KOR")
     assert kor.rel_to == ("JPN", "USA")
     assert entry.paths == ("vessel.imo",)
+
+
+def test_a_received_rows_fields_are_stored_as_json_dumps_sorted_writes_them(
+    tmp_path: Path,
+) -> None:
+    # The store encodes with one shared encoder; the text must stay what
+    # json.dumps(fields, sort_keys=True) gave: non-ASCII escaped, keys sorted at every level.
+    fields = {"vessel.name": "Été 北", "vessel.position": {"lon": "1.5", "lat": "-2"}, "a": [2, 1]}
+    store = Store(tmp_path / "s.db")
+    store.store_received([replace(received("USA", "r1"), fields=fields)])
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        (text,) = db.execute("SELECT fields FROM inbox").fetchone()
+    db.close()
+    assert text == json.dumps(fields, sort_keys=True)
+    assert text.isascii()
 
 
 def test_seen_set_is_pruned_by_freshness_window_but_inbox_still_refuses(tmp_path: Path) -> None:
