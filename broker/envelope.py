@@ -392,7 +392,7 @@ def receive_batch(
         if replays is None or not live:
             return
         try:
-            found = replays([(o.index, o.parsed.payload["jti"]) for o in live])
+            found = set(replays([(o.index, o.parsed.payload["jti"]) for o in live]))
         except Exception as exc:  # noqa: BLE001 - each message's outcome, as in _run
             for o in live:
                 o.error = exc
