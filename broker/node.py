@@ -637,7 +637,7 @@ class Node:
         js = nc.jetstream()
         self.publisher = Publisher(
             self.member,
-            js,
+            nc,
             self.store,
             self.run_db,
             self._record_sent,

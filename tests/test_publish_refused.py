@@ -3,19 +3,23 @@
 A real nats-server: a stream of 64 KiB that discards new messages once full,
 as a partner's inbox does when it stays away. nats-py's own reply handler
 leaves the future of a refused publish pending forever; ``AckedJetStream``
-must fail it with the hub's ``503 maximum bytes exceeded`` at once.
+must fail it with the hub's ``503 maximum bytes exceeded`` at once, and so
+must the publisher's own pipeline (``broker.pubacks``), which also settles
+acks, duplicates and a subject no stream takes.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from nats.js.api import DiscardPolicy, StreamConfig
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from broker.natsproc import NatsServer
 from broker.natstls import AckedJetStream, TlsOnlyClient
+from broker.pubacks import PubAcks
 
 pytestmark = pytest.mark.integration
 
@@ -48,3 +52,57 @@ async def test_a_full_stream_fails_the_publish_future_with_the_hubs_reason(
         assert "maximum bytes exceeded" in str(refused)
     finally:
         await nc.close()
+
+
+@pytest.fixture
+async def client(nats_server: NatsServer) -> AsyncIterator[TlsOnlyClient]:
+    nc = TlsOnlyClient()
+    await nc.connect(servers=[nats_server.url], allow_reconnect=False)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def test_the_pipeline_settles_acks_and_fails_a_full_streams_publish(
+    client: TlsOnlyClient,
+) -> None:
+    js = client.jetstream()
+    await js.add_stream(
+        StreamConfig(
+            name="INBOX_T", subjects=["t.>"], max_bytes=64 * 1024, discard=DiscardPolicy.NEW
+        )
+    )
+    acks = PubAcks(client)
+    # All in flight at once, as the publisher pipelines them; then one resent
+    # (the same Nats-Msg-Id), which the hub acks as a duplicate and keeps once.
+    futures = [await acks.publish("t.x", b"x" * 4096, f"id-{i}") for i in range(40)]
+    futures.append(await acks.publish("t.x", b"x" * 4096, "id-0"))
+    results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+    stored = [r for r in results[:40] if r is None]
+    refused = [r for r in results[:40] if r is not None]
+    assert 0 < len(stored) < 40
+    assert results[:40] == [None] * len(stored) + refused  # full once, full after
+    assert all(isinstance(r, ServiceUnavailableError) for r in refused)
+    assert "maximum bytes exceeded" in str(refused[0])
+    assert results[40] is None
+    info = await js.stream_info("INBOX_T")
+    assert info.state.messages == len(stored)
+
+
+async def test_the_pipeline_fails_a_publish_no_stream_takes(client: TlsOnlyClient) -> None:
+    future = await PubAcks(client).publish("nowhere.x", b"x", "id-1")
+    with pytest.raises(NoStreamResponseError):
+        await asyncio.wait_for(future, 5)
+
+
+async def test_the_pipeline_keeps_no_future_it_gave_up_on(client: TlsOnlyClient) -> None:
+    # A plain subscriber takes the subject, so the hub neither stores nor answers:
+    # each future is cancelled, as the publisher does when its ack is overdue.
+    # Never answered, they must not pile up in the pipeline.
+    await client.subscribe("silent.x")
+    acks = PubAcks(client)
+    for i in range(5000):
+        future = await acks.publish("silent.x", b"x", f"id-{i}")
+        future.cancel()
+    assert len(acks._futures) <= 1024

@@ -73,7 +73,7 @@ async def test_a_plan_committed_while_the_publisher_looks_is_published_without_a
             loop.call_soon_threadsafe(all_sent.set)
 
     publisher = Publisher(
-        "JPN", js, store, run_db, record_sent, Metrics(), 16, lambda: nc.is_connected
+        "JPN", nc, store, run_db, record_sent, Metrics(), 16, lambda: nc.is_connected
     )
     stop = asyncio.Event()
     task = asyncio.create_task(publisher.run(stop))
