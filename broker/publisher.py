@@ -30,7 +30,7 @@ import functools
 import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple
@@ -49,6 +49,7 @@ from broker.metrics import Metrics
 from broker.policy import Policy, variants
 from broker.pubacks import PubAcks
 from broker.roster import Roster
+from broker.sightings import SightingModel
 from broker.store import OutboxItem, Store
 from broker.validation import parse_record
 
@@ -169,6 +170,11 @@ class Planner:
             now=now,
         )
         items = []
+        # When it was signed: one pending too long is signed again (Store.queue_stale).
+        iat = int(now.timestamp())
+        # The send facts after "iat" and "bytes" differ between partners only by the
+        # released keys, mostly the same for all: encoded once per distinct set.
+        facts: dict[tuple[str, ...], str] = {}
         for decision, enc in keyed:
             keys = decision.disclosure_keys()
             jwe = present(
@@ -178,25 +184,20 @@ class Planner:
                 recipient_kid=enc.kid,
                 recipient_key=self.roster.public_key(enc.kid),
             )
-            audit = {
-                # When it was signed: one pending too long is signed again (Store.queue_stale).
-                "iat": int(now.timestamp()),
-                # Its size, which the outbox keeps after dropping the sent bytes.
-                "bytes": len(jwe),
-                "kind": sighting.kind,
-                "released": sorted(keys),
-                "policy": self.policy.digest,
-                "originator": sighting.originator,
-                "tlp": sighting.tlp,
-                "rel_to": None if sighting.rel_to is None else list(sighting.rel_to),
-            }
+            released = tuple(sorted(keys))
+            rest = facts.get(released)
+            if rest is None:
+                whole = send_facts(0, 0, sighting, released, self.policy.digest)
+                rest = facts[released] = whole.removeprefix(_NO_IAT_NO_BYTES)
             items.append(
                 OutboxItem(
                     report_id=report_id,
                     partner=decision.partner,
                     subject=subject_for(decision.partner, sighting.kind),
                     jwe=jwe.encode("ascii"),
-                    audit=_AUDIT_JSON.encode(audit),
+                    # Exactly ``send_facts(iat, len(jwe), ...)``: the encoder writes
+                    # an int as its repr, and the members in this order.
+                    audit=f'{{"iat":{iat},"bytes":{len(jwe)},{rest}',
                 )
             )
         return items, waiting
@@ -223,6 +224,32 @@ class Planner:
             if len(result.plans) >= limit:
                 break
         return result
+
+
+def send_facts(
+    iat: int, size: int, sighting: SightingModel, released: Sequence[str], policy_digest: str
+) -> str:
+    """An envelope's send facts as the outbox keeps them (``OutboxItem.audit``), no content.
+
+    ``iat``: when it was signed (one pending too long is signed again,
+    ``Store.queue_stale``); ``size``: its length, which the outbox keeps after
+    dropping the sent bytes; the rest is what its ``sent`` entry records.
+    """
+    return _AUDIT_JSON.encode(
+        {
+            "iat": iat,
+            "bytes": size,
+            "kind": sighting.kind,
+            "released": list(released),
+            "policy": policy_digest,
+            "originator": sighting.originator,
+            "tlp": sighting.tlp,
+            "rel_to": None if sighting.rel_to is None else list(sighting.rel_to),
+        }
+    )
+
+
+_NO_IAT_NO_BYTES: Final = '{"iat":0,"bytes":0,'
 
 
 def sent_event(member: str, item: OutboxItem, at: datetime) -> AuditEvent:

@@ -28,7 +28,8 @@ from broker import samples
 from broker.errors import KeyMaterialError
 from broker.planpool import PlannerSpec, PlanPool, PlanWorkerError, _pickled
 from broker.policy import load_policy
-from broker.publisher import Planner, Signer
+from broker.publisher import Planner, Signer, send_facts
+from broker.validation import parse_record
 
 POLICY = """version = 1
 member = "JPN"
@@ -152,6 +153,48 @@ async def test_worker_plans_what_the_planner_plans_and_recipients_open_it(
             )
             assert received.report_id == report_id
             assert received.originator == "JPN"
+
+
+SPLIT_POLICY = """version = 1
+member = "JPN"
+
+[[rules]]
+name = "everything"
+kinds = ["*"]
+partners = ["USA", "GBR"]
+release = ["*"]
+
+[[rules]]
+name = "some"
+kinds = ["*"]
+partners = ["KOR", "FRA", "DEU"]
+release = ["observed_at", "vessel.imo", "worker.country", "transfer.chain"]
+"""
+
+
+def test_each_envelopes_send_facts_are_the_plain_encoding_of_its_own_release() -> None:
+    # The planner encodes the facts once per distinct released set and adds each
+    # envelope's size: the stored bytes must still be exactly send_facts' for
+    # every partner, with partners released different sets in one report.
+    policy = load_policy(SPLIT_POLICY, member="JPN")
+    made = Planner(Signer("JPN", sig_key("JPN"), "JPN-sig-1"), policy, make_roster(), {})
+    batch = rows(6)
+    plans, errors, _ = made.plan(batch, 6)
+    assert errors == {}
+    sets = set()
+    for report_id, record in batch:
+        sighting = parse_record(record)
+        decisions = policy.decide_all(sighting)
+        items = plans[report_id]
+        assert sorted(i.partner for i in items) == ["DEU", "FRA", "GBR", "KOR", "USA"]
+        for item in items:
+            released = sorted(decisions[item.partner].disclosure_keys())
+            sets.add(tuple(released))
+            iat = json.loads(item.audit)["iat"]
+            assert item.audit == send_facts(
+                iat, len(item.jwe), sighting, released, policy.digest
+            ), item.partner
+    assert len(sets) > 3  # several per report and kind: the per-set encoding is exercised
 
 
 async def test_a_module_in_the_working_directory_does_not_stand_in_for_one_the_worker_imports(
