@@ -76,6 +76,7 @@ def structures(node: Node) -> dict[str, float]:
     return {
         "KOR.in_flight": len(pub._in_flight),
         "KOR.unrecorded": len(pub._unrecorded),
+        "KOR.ack_futures": len(pub.acks._futures),
         "KOR.retry_at": len(pub._retry_at),
         "KOR.attempts": len(pub._attempts),
         "KOR.warned": len(pub._warned),
