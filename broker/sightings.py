@@ -667,7 +667,7 @@ def validate_field(kind: str, path: str, value: Any, chain: str | None = None) -
     try:
         _validate_field(kind, path, value, chain)
     except ValidationError as exc:
-        if _has_lone_surrogate(value):
+        if not _encodable(json.dumps(value, ensure_ascii=False)):
             # The JSON check's own words ("unexpected end of hex escape") do not
             # say what a sender's engineer must fix.
             raise ValueError(
@@ -676,16 +676,6 @@ def validate_field(kind: str, path: str, value: Any, chain: str | None = None) -
             ) from None
         first = exc.errors()[0]
         raise ValueError(f"{path}: {str(first['msg']).removeprefix('Value error, ')}") from None
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        return not _encodable(value)
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_lone_surrogate(item) for item in value)
-    return False
 
 
 # What decides is the field's schema applied to the value's JSON text in strict

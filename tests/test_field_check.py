@@ -37,14 +37,6 @@ from broker.transforms import Transform, split_variant_key
 _adapter = functools.cache(sightings._field_adapter)
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _oracle(kind: str, path: str, value: Any, chain: str | None = None) -> None:
     # validate_field as it was before the Python-mode fast path (commit 42c41c3).
     try:
@@ -61,8 +53,10 @@ def _oracle(kind: str, path: str, value: Any, chain: str | None = None) -> None:
         adapter = _adapter(head, name)
         adapter.validate_json(json.dumps(value), strict=True)
     except ValidationError as exc:
-        if "\\ud" in json.dumps(value) and not _encodable(json.dumps(value, ensure_ascii=False)):
-            # With the reason it gives now for a lone surrogate, which json.dumps escapes.
+        # With the reason it gives now for a lone surrogate, which json.dumps escapes.
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
             raise ValueError(
                 f"{path}: holds a lone surrogate escape (\\ud800-\\udfff not in a pair),"
                 " which is no Unicode character"
