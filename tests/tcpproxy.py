@@ -31,7 +31,9 @@ class TcpProxy:
         self._open = True
         self._writers: set[asyncio.StreamWriter] = set()  # piped pairs
         self._waiting: set[asyncio.StreamWriter] = set()  # accepted, not yet piped
-        self._handlers: set[asyncio.Task[None]] = set()
+        # Closed after their pipes ended: a close waits to flush what its peer has
+        # not read, for ever if the peer has stopped reading, so kept to abort.
+        self._closing: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()  # cleared by ``hold``
         self._flowing.set()
@@ -55,7 +57,7 @@ class TcpProxy:
 
     def stop(self) -> None:
         """Close everything and stop the thread."""
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
@@ -94,29 +96,33 @@ class TcpProxy:
     async def _shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
-        await self._cut()
         # Every handler must have ended, and every socket's close run, before the
         # loop stops: a transport left open is a ResourceWarning in whichever
-        # later test the garbage collector happens to run.
-        if self._handlers:
-            await asyncio.wait(self._handlers, timeout=5)
+        # later test the garbage collector happens to run. A connection accepted
+        # just before the close gets its handler task a turn later, so the loop's
+        # tasks are waited for until none is left (each finds the proxy closed).
+        me = asyncio.current_task()
+        for _ in range(20):
+            await self._cut()
+            await asyncio.sleep(0)
+            others = [t for t in asyncio.all_tasks() if t is not me]
+            if not others:
+                break
+            await asyncio.wait(others, timeout=1)
         await asyncio.sleep(0)  # the aborted transports' connection_lost callbacks
 
     async def _cut(self) -> None:
         self._open = False
         # abort, not close: close() waits to flush what a stopped peer never
         # reads, and a cut link delivers nothing more anyway.
-        for writer in self._writers | self._waiting:
+        for writer in self._writers | self._waiting | self._closing:
             writer.transport.abort()
         self._writers.clear()
         self._waiting.clear()
+        self._closing.clear()
         self._flowing.set()  # a held pipe wakes, finds its writer closed and ends
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None  # a start_server callback always runs in a task
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
         self._waiting.add(writer)
         try:
             await self._forward(reader, writer)
@@ -126,22 +132,22 @@ class TcpProxy:
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._open:
             self.refused += 1
-            writer.close()
+            writer.transport.abort()
             return
         await self._flowing.wait()
         if not self._open:  # cut while it waited
             self.refused += 1
-            writer.close()
+            writer.transport.abort()
             return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
-            writer.close()
+            writer.transport.abort()
             return
         if not self._open:  # cut while it connected
             self.refused += 1
-            writer.close()
-            up_writer.close()
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self.connections += 1
         self._waiting.discard(writer)
@@ -151,6 +157,7 @@ class TcpProxy:
         )
         for w in (writer, up_writer):
             self._writers.discard(w)
+            self._closing.add(w)
             w.close()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
