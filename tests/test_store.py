@@ -97,7 +97,7 @@ def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
     # The hub deduplicates by the envelope's hash, which only its sender knows.
     assert pending[0].msg_id == hashlib.sha256(pending[0].jwe).hexdigest()
     assert pending[0].msg_id != pending[1].msg_id
-    assert store.pending(10, skip=[(r1, "USA")]) == [pending[1]]
+    assert store.pending(10, skip=[pending[0].rowid]) == [pending[1]]
     store.mark_sent([pending[0]])
     assert store.outbox_depth() == 1
     assert store.sent_to("USA") == 1
@@ -320,6 +320,38 @@ def test_a_pending_envelope_the_policy_no_longer_releases_is_dropped_not_sent(
     # Sent stays as it was (the log records it); pending never goes out.
     assert outbox_rows(store) == {(r1, "USA"): ("sent", b"")}
     assert store.reissue_count() == 0
+
+
+def test_a_row_dropped_while_held_back_does_not_hold_back_the_next_envelope(
+    tmp_path: Path,
+) -> None:
+    # The publisher holds back the rows it has in flight (or waiting for a retry)
+    # by their rowid. SQLite gives a new row one past the highest rowid left, so
+    # without the store's own numbering the next envelope planned would take the
+    # rowid of the one just dropped, and wait for that one's ack or timeout.
+    store = Store(tmp_path / "s.db")
+    store.accept([rep(1), rep(2), rep(3)])
+    r1, r2, r3 = rep(1).report_id, rep(2).report_id, rep(3).report_id
+    store.plan({r1: [signed(r1, "USA", 100), signed(r1, "KOR", 100)]})
+    held = [i.rowid for i in store.pending(10)]  # both in flight
+    assert len(set(held)) == 2
+    # In flight, KOR's (the highest row) is queued again and the policy no longer
+    # releases it: its row is dropped. Then the next report is planned.
+    assert store.queue_resend("KOR", report_ids=[r1]) == (1, [])
+    assert store.reissued({r1: []}, {r1: ["KOR"]}) == [(r1, "KOR")]
+    store.plan({r2: [signed(r2, "KOR", 100)]})
+    assert [(i.report_id, i.partner) for i in store.pending(10, skip=held)] == [(r2, "KOR")]
+    # Marking sent moves a row: that takes a fresh rowid too.
+    (usa,) = [i for i in store.pending(10) if i.partner == "USA"]
+    store.mark_sent([usa])
+    store.plan({r3: [signed(r3, "USA", 100)]})
+    rowids = [r[0] for r in store._db.execute("SELECT rowid FROM outbox")]
+    assert len(rowids) == 3
+    assert set(rowids).isdisjoint(held)
+    assert [(i.report_id, i.partner) for i in store.pending(10, skip=held)] == [
+        (r2, "KOR"),
+        (r3, "USA"),
+    ]
 
 
 def test_resend_queues_what_the_hub_acknowledged_for_one_partner_in_a_time_range(
