@@ -7,6 +7,7 @@ makes is opened by its recipient with ``envelope.receive``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import pickle
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,11 +26,11 @@ from envelope_world import Node, default_entries, make_roster, roster_entry, sig
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import samples
+from broker import audit_events, samples
 from broker.errors import KeyMaterialError
 from broker.planpool import PlannerSpec, PlanPool, PlanWorkerError, _pickled
 from broker.policy import load_policy
-from broker.publisher import Planner, Signer, send_facts
+from broker.publisher import Planner, Signer, send_facts, sent_event
 from broker.validation import parse_record
 
 POLICY = """version = 1
@@ -195,6 +197,39 @@ def test_each_envelopes_send_facts_are_the_plain_encoding_of_its_own_release() -
                 iat, len(item.jwe), sighting, released, policy.digest
             ), item.partner
     assert len(sets) > 3  # several per report and kind: the per-set encoding is exercised
+
+
+def test_each_envelopes_sent_entry_records_its_own_facts() -> None:
+    # sent_event parses the facts after "iat" and "bytes" once for every envelope
+    # that shares them: each entry must still be what the whole text says, for
+    # partners released different sets, and for facts stored in an older shape.
+    policy = load_policy(SPLIT_POLICY, member="JPN")
+    made = Planner(Signer("JPN", sig_key("JPN"), "JPN-sig-1"), policy, make_roster(), {})
+    plans, errors, _ = made.plan(rows(4), 4)
+    assert errors == {}
+    items = [i for planned in plans.values() for i in planned]
+    first = items[0]
+    whole = json.loads(first.audit)
+    del whole["iat"], whole["bytes"]
+    items.append(replace(first, audit=json.dumps(whole)))  # planned before "iat" was kept
+    at = datetime(2026, 12, 5, tzinfo=UTC)
+    for item in items:
+        facts = json.loads(item.audit)
+        expected = audit_events.sent(
+            "JPN",
+            at,
+            partner=item.partner,
+            report_id=item.report_id,
+            kind=facts["kind"],
+            released=facts["released"],
+            policy_digest=facts["policy"],
+            jwe_sha256=hashlib.sha256(item.jwe).hexdigest(),
+            originator=facts["originator"],
+            tlp=facts["tlp"],
+            rel_to=facts["rel_to"],
+        )
+        assert sent_event("JPN", item, at) == expected, item.audit
+    assert len({tuple(json.loads(i.audit)["released"]) for i in items}) > 3
 
 
 async def test_a_module_in_the_working_directory_does_not_stand_in_for_one_the_worker_imports(
