@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import NoneType
 
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from broker.natsproc import NatsServer
 from broker.natstls import AckedJetStream, TlsOnlyClient
-from broker.pubacks import PubAcks
+from broker.pubacks import NotAnAckError, PubAcks
 
 pytestmark = pytest.mark.integration
 
@@ -106,3 +108,30 @@ async def test_the_pipeline_keeps_no_future_it_gave_up_on(client: TlsOnlyClient)
         future = await acks.publish("silent.x", b"x", f"id-{i}")
         future.cancel()
     assert len(acks._futures) <= 1024
+
+
+async def test_the_pipeline_fails_a_publish_answered_with_what_is_not_an_ack(
+    client: TlsOnlyClient,
+) -> None:
+    # A plain responder takes the subjects instead of a stream: whatever it
+    # answers that is not a JetStream ack must fail the publish, never settle it
+    # as stored, and a well-formed ack still settles it.
+    answers = [
+        b"not json",
+        b"\xff\xfe",  # neither UTF-8 nor JSON
+        b'{"stream":"S","seq":1} {}',  # an ack, then more
+        b"[1]",
+        b'{"stream":"S"}',
+        b'{"error":"nope"}',
+        b'{"stream":"S","seq":1}',
+    ]
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(answers[int(msg.subject.rsplit(".", 1)[1])])
+
+    await client.subscribe("answer.*", cb=answer)
+    acks = PubAcks(client)
+    futures = [await acks.publish(f"answer.{i}", b"x", f"id-{i}") for i in range(len(answers))]
+    results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 5)
+    assert [type(r) for r in results[3:]] == [NotAnAckError, NotAnAckError, NotAnAckError, NoneType]
+    assert all(isinstance(r, ValueError) and not isinstance(r, NotAnAckError) for r in results[:3])
