@@ -16,9 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from annotated_types import Le
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.config import LimitsSection
 from broker.errors import StoreError
 from broker.store import (
     KEPT_SINCE,
@@ -443,6 +445,46 @@ def test_seen_before_answers_a_batch_as_seen_state_answers_each(tmp_path: Path) 
     assert store.seen_before(pairs) == [True, True, False, False, False, True, True]
     assert store.seen_before(pairs) == [store.seen_state(s, j, "h1") != "new" for s, j in pairs]
     assert store.seen_before([]) == []
+
+
+def test_batch_lookups_take_the_largest_fetch_batch(tmp_path: Path) -> None:
+    # Each pair is bound as its own parameters (padded to 1024 rows): the most a
+    # receiver's batch can hold must stay within SQLite's limits.
+    bounds = LimitsSection.model_fields["fetch_batch"].metadata
+    (largest,) = [bound.le for bound in bounds if isinstance(bound, Le)]
+    assert isinstance(largest, int)
+    store = Store(tmp_path / "s.db")
+    store.store_received([received("USA", "r7", "h7")])
+    pairs = [("USA", f"r{i}") for i in range(largest)]
+    assert store.seen_before(pairs) == [i == 7 for i in range(largest)]
+    hashes = [("USA", f"h{i}") for i in range(largest)]
+    assert store.received_digests(hashes) == {("USA", "h7")}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    stored=st.lists(
+        st.tuples(st.sampled_from(["USA", "KOR"]), st.integers(0, 9), st.booleans()), max_size=20
+    ),
+    asked=st.lists(
+        st.tuples(st.sampled_from(["USA", "KOR", "GBR"]), st.integers(0, 12)), max_size=70
+    ),
+)
+def test_seen_before_agrees_with_seen_state_at_any_batch_size(
+    tmp_path_factory: pytest.TempPathFactory,
+    stored: list[tuple[str, int, bool]],
+    asked: list[tuple[str, int]],
+) -> None:
+    # The batch's rows are padded to a power of two with its last one repeated:
+    # whatever the size, each answer is its own (a pad asking for anything else
+    # would answer for it, or leave an index unanswered).
+    store = Store(tmp_path_factory.mktemp("d") / "s.db")
+    store.store_received(
+        [received(s, f"r{n}", expires=10.0 if pruned else 1e12) for s, n, pruned in stored]
+    )
+    store.prune_seen(now=11.0)  # some only in the inbox now
+    pairs = [(sender, f"r{n}") for sender, n in asked]
+    assert store.seen_before(pairs) == [store.seen_state(s, j, "h1") != "new" for s, j in pairs]
 
 
 def test_counters_and_state(tmp_path: Path) -> None:
