@@ -78,25 +78,14 @@ _SEEN_BEFORE_SQL: Final = (
     " OR EXISTS (SELECT 1 FROM inbox"
     " WHERE inbox.sender = asked.sender AND inbox.report_id = asked.jti)"
 )
-"""``Store.seen_before``'s statement, for ``rows`` placeholders of ``(index, sender, jti)``."""
+"""``Store.seen_before``'s statement, for ``rows`` of ``(index, sender, jti)``."""
 
-_RECEIVED_DIGESTS_SQL: Final = "SELECT sender, jwe_sha256 FROM inbox WHERE jwe_sha256 IN ({marks})"
-"""``Store.received_digests``' statement, for ``marks`` placeholders of JWE hashes."""
+_RECEIVED_DIGESTS_SQL: Final = "SELECT sender, jwe_sha256 FROM inbox WHERE jwe_sha256 IN ({rows})"
+"""``Store.received_digests``' statement, for ``rows`` of one JWE hash."""
 
-
-def _padded(count: int) -> int:
-    # A batch's lookup binds one placeholder (or row) per item; the count is
-    # rounded up to a power of two so that the connection's statement cache holds
-    # a handful of statements instead of one per batch size, each prepared anew.
-    return 1 << (count - 1).bit_length()
-
-
-def _padded_args(rows: Sequence[tuple[Any, ...]], size: int) -> list[Any]:
-    # ``rows`` flattened, the last one repeated up to ``size`` rows: asking again
-    # for what was already asked changes no answer.
-    padded = [*rows, *[rows[-1]] * (size - len(rows))]
-    return [value for row in padded for value in row]
-
+_LOOKUP_ROWS: Final = 256
+"""Rows one batch lookup binds at most: at 3 parameters a row, within SQLite's smallest
+default limit of parameters per statement (999, before SQLite 3.32)."""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -515,6 +504,23 @@ class Store:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.path.name}: {exc}") from None
+
+    def _lookup(self, template: str, row: str, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
+        # A batch's lookup with its rows bound as parameters (``row`` placeholders
+        # each, in ``template``'s ``{rows}``) rather than one JSON array through
+        # json_each: at the few messages a batch holds at a trickle, encoding the
+        # array, json_each and json_extract cost as much as the lookups. Each
+        # statement's rows are padded to a power of two, the last repeated (asking
+        # again changes no answer), so the statement cache holds a few statements
+        # instead of one per batch size, each prepared anew.
+        found: list[Any] = []
+        for start in range(0, len(rows), _LOOKUP_ROWS):
+            part = rows[start : start + _LOOKUP_ROWS]
+            size = 1 << (len(part) - 1).bit_length()
+            padded = [*part, *[part[-1]] * (size - len(part))]
+            sql = template.format(rows=", ".join([row] * size))
+            found += self._read(sql, [value for item in padded for value in item])
+        return found
 
     # --- reports accepted from feeds ---------------------------------------
 
@@ -959,15 +965,8 @@ class Store:
         """
         if not pairs:
             return []
-        # The pairs as bound rows rather than one JSON array through json_each:
-        # at the few messages a batch holds at a trickle, encoding, json_each and
-        # four json_extract per row cost as much as the two lookups.
-        size = _padded(len(pairs))
-        rows = self._read(
-            _SEEN_BEFORE_SQL.format(rows=", ".join(["(?, ?, ?)"] * size)),
-            _padded_args([(i, sender, jti) for i, (sender, jti) in enumerate(pairs)], size),
-        )
-        found = {int(row[0]) for row in rows}
+        asked = [(i, sender, jti) for i, (sender, jti) in enumerate(pairs)]
+        found = {int(row[0]) for row in self._lookup(_SEEN_BEFORE_SQL, "(?, ?, ?)", asked)}
         return [index in found for index in range(len(pairs))]
 
     def has_report(self, report_id: str) -> bool:
@@ -999,11 +998,7 @@ class Store:
         if not wanted:
             return set()
         digests = [(digest,) for digest in {digest for _, digest in wanted}]
-        size = _padded(len(digests))
-        rows = self._read(
-            _RECEIVED_DIGESTS_SQL.format(marks=", ".join(["?"] * size)),
-            _padded_args(digests, size),
-        )
+        rows = self._lookup(_RECEIVED_DIGESTS_SQL, "?", digests)
         return {(str(sender), str(digest)) for sender, digest in rows} & wanted
 
     def store_received(self, batch: Sequence[Received], now: float | None = None) -> list[bool]:
