@@ -449,12 +449,14 @@ def test_seen_before_answers_a_batch_as_seen_state_answers_each(tmp_path: Path) 
 
 def test_batch_lookups_take_the_largest_fetch_batch(tmp_path: Path) -> None:
     # Each pair is bound as parameters, at most 256 rows a statement: the most a
-    # receiver's batch can hold must stay within SQLite's limits, and an answer in
-    # a later statement must come back in its place.
+    # receiver's batch can hold must stay within SQLite's limits, here the 999
+    # parameters a statement it allowed by default before 3.32, and an answer in a
+    # later statement must come back in its place.
     bounds = LimitsSection.model_fields["fetch_batch"].metadata
     (largest,) = [bound.le for bound in bounds if isinstance(bound, Le)]
     assert isinstance(largest, int)
     store = Store(tmp_path / "s.db")
+    store._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
     store.store_received([received("USA", "r7", "h7"), received("USA", "r700", "h700")])
     pairs = [("USA", f"r{i}") for i in range(largest)]
     assert store.seen_before(pairs) == [i in (7, 700) for i in range(largest)]
