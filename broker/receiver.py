@@ -556,12 +556,16 @@ PULL_EXPIRES_S: Final = 1.0
 PULL_GRACE_S: Final = 1.0
 """Past a request's expiry, how long to wait for its end before asking again (a lost 408)."""
 
-LINGER_S: Final = 0.02
+LINGER_S: Final = 0.06
 """How long a part batch waits for more deliveries before it is verified and committed.
 
-A batch costs two fsynced commits (audit log, then store) whatever its size, and
-at a trickle that fixed cost was most of a delivery's CPU; 20 ms more before the
-ack gathers a few messages per commit at 100/s.
+A batch costs two fsynced commits (audit log, then store) and about 4 ms of the
+node's CPU whatever its size, and at a trickle that fixed cost was most of a
+delivery's CPU. At 130 deliveries/s, 20 ms gathered ~3.6 per commit, 60 ms ~9.
+In ``bench/e2e.py --quick`` 60 ms against 20 cut the receivers' CPU per report
+by ~14 % and did not raise the latency at 100 reports/s offered (less queueing
+for the cores); a lone report waits the whole 60 ms (bench/README.md,
+seventeenth session).
 """
 
 
