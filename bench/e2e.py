@@ -534,11 +534,18 @@ def show_cpu(spent: dict[str, float], reports: int) -> None:
         f" (max one {max(spent[m] for m in PARTNERS):.1f}), nats-server {spent['nats-server']:.1f},"
         f" bench driver {spent['bench']:.1f}; total {total:.1f}"
     )
-    ms = {k: v / reports * 1e3 for k, v in (("pub", spent[ORIGIN]), ("recv", receivers))}
-    print(
-        f"CPU per report: publisher {ms['pub']:.2f} ms, receivers {ms['recv']:.2f} ms,"
-        f" hub {spent['nats-server'] / reports * 1e3:.2f} ms, all {total / reports * 1e3:.2f} ms"
-    )
+    print(f"CPU per report: {per_report(spent, reports)}")
+
+
+def per_report(spent: dict[str, float], reports: int) -> str:
+    """Each side's CPU per report, and all of it, from CPU seconds over ``reports``."""
+    ms = {
+        "publisher": spent[ORIGIN],
+        "receivers": sum(spent[m] for m in PARTNERS),
+        "hub": spent["nats-server"],
+        "all": sum(spent.values()),
+    }
+    return ", ".join(f"{side} {v / reports * 1e3:.2f} ms" for side, v in ms.items())
 
 
 @dataclass
@@ -698,12 +705,8 @@ def show(r: Results, rate: float) -> None:
     # At a fixed rate each receiver gets one message at a time, so its batches are
     # smaller than in the throughput phase and each delivery costs more: the
     # share of the cores the tree used is the headroom the latency depends on.
-    lat_ms = sum(r.lat_cpu.values()) / len(r.latencies) * 1e3
-    lat_recv = sum(r.lat_cpu[m] for m in PARTNERS) / len(r.latencies) * 1e3
     print(
-        f"  CPU per report at {rate:.0f}/s: publisher"
-        f" {r.lat_cpu[ORIGIN] / len(r.latencies) * 1e3:.2f} ms, receivers {lat_recv:.2f} ms,"
-        f" hub {r.lat_cpu['nats-server'] / len(r.latencies) * 1e3:.2f} ms, all {lat_ms:.2f} ms;"
+        f"  CPU per report at {rate:.0f}/s: {per_report(r.lat_cpu, len(r.latencies))};"
         f" the tree kept {sum(r.lat_cpu.values()) / r.lat_wall / cores * 100:.0f}% of"
         f" {cores} cores busy"
     )
