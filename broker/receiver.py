@@ -563,7 +563,7 @@ A batch costs two fsynced commits (audit log, then store) and about 4 ms of the
 node's CPU whatever its size, and at a trickle that fixed cost was most of a
 delivery's CPU. At 130 deliveries/s, 20 ms gathered ~3.6 per commit, 60 ms ~9.
 In ``bench/e2e.py --quick`` 60 ms against 20 cut the receivers' CPU per report
-by ~14 % and did not raise the latency at 100 reports/s offered (less queueing
+by ~14 % and lowered the latency at 100 reports/s offered (less queueing
 for the cores); a lone report waits the whole 60 ms (bench/README.md,
 seventeenth session).
 """
