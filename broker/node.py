@@ -318,21 +318,31 @@ class Node:
         in_commit: set[str] = set()
         planned: dict[str, list[OutboxItem]] = {}  # planned, commit not started
         waiting: dict[str, dict[str, str]] = {}  # their partners without a key
+        # Whether the store may hold unplanned reports not planned yet. A read that
+        # found fewer than it asked for saw them all; after it only an accept or
+        # a recovery (both wake us), a failed commit, a skip coming due or a row
+        # the worker left for its next batch adds one.
+        # So a report fed alone costs one read, not three (one more while its plan
+        # is made, one while it is committed): each a hop to the store thread.
+        look = True
         try:
             while not self.stop.is_set():
                 failed = False
                 # Cleared before looking, so a report accepted meanwhile wakes the next wait.
+                look |= self._plan_wake.is_set()
                 self._plan_wake.clear()
                 now = time.monotonic()
                 skip = {rid for rid, until in self._plan_skip.items() if until > now}
                 skip |= in_commit | planned.keys()
                 rows: list[tuple[str, bytes]] = []
                 try:
-                    rows = await self.run_db(
-                        functools.partial(self.store.unplanned, audited_only=True),
-                        PLAN_BATCH + len(skip),
-                    )
-                    rows = [row for row in rows if row[0] not in skip]
+                    if look:
+                        limit = PLAN_BATCH + len(skip)
+                        rows = await self.run_db(
+                            functools.partial(self.store.unplanned, audited_only=True), limit
+                        )
+                        look = len(rows) >= limit
+                        rows = [row for row in rows if row[0] not in skip]
                 except MsmtError as exc:
                     self._error(f"planning: {exc}")
                     failed = True
@@ -349,6 +359,8 @@ class Node:
                 try:
                     if rows:
                         plans, errors, waiting = await self._plans.plan(rows, PLAN_BATCH)
+                        # The worker plans at most PLAN_BATCH: the rest are read again.
+                        look |= len(plans) + len(errors) < len(rows)
                 except PlanWorkerError:
                     raise  # fatal: the node stops (and systemd restarts it)
                 except MsmtError as exc:
@@ -365,11 +377,13 @@ class Node:
                     self._error(f"cannot plan {which}: {reason}", same_as=f"plan: {reason}")
                 self._report_waiting(waiting)
                 planned = plans
+                look |= failed
                 if not plans and not errors and committing is None:
                     # Event-driven: an accept wakes us; a timer runs only for a
                     # retry (a store error, a report skipped for now).
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._plan_wake.wait(), self._plan_timeout(failed))
+                    look = True
         finally:
             if committing is not None:
                 await committing

@@ -1,0 +1,83 @@
+"""The plan loop reads the store for unplanned reports only when it may find one.
+
+Reports fed one at a time (a feed at a trickle) each cost one read of the
+store's unplanned reports, a hop to the store's thread: not three (one more
+while the report's plan is made, one while it is committed). Every report is
+still planned and sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+import pytest
+from node_world import BATCH_POLICY, World, await_for, expected_partners, records_for
+
+from broker.node import load_node
+from broker.store import OutboxItem
+from broker.validation import parse_record
+
+pytestmark = pytest.mark.integration
+
+PARTNERS = ("USA", "KOR")
+
+
+async def test_a_report_fed_alone_costs_one_read_of_the_unplanned(world: World) -> None:
+    world.write_config("JPN", BATCH_POLICY)
+    policy = world.policy("JPN")
+    records = [
+        r
+        for r in records_for("JPN", 30, seed=21)
+        if expected_partners(policy, parse_record(json.dumps(r))) == set(PARTNERS)
+    ][:4]
+    assert len(records) == 4
+
+    node = load_node(world.config("JPN"))
+    real_unplanned, real_plan = node.store.unplanned, node.store.plan
+    reads: list[int] = []
+    planned: list[str] = []
+
+    def counted_unplanned(limit: int, *, audited_only: bool = False) -> list[tuple[str, bytes]]:
+        rows = real_unplanned(limit, audited_only=audited_only)
+        reads.append(len(rows))
+        return rows
+
+    def counted_plan(
+        plans: Mapping[str, Sequence[OutboxItem]],
+        waiting: Mapping[str, Mapping[str, str]] = MappingProxyType({}),
+    ) -> None:
+        real_plan(plans, waiting)
+        planned.extend(plans)
+
+    node.store.unplanned = counted_unplanned  # type: ignore[method-assign]
+    node.store.plan = counted_plan  # type: ignore[method-assign]
+
+    def sent_counts() -> dict[str, int]:
+        store = world.store("JPN")
+        try:
+            return {p: store.sent_to(p) for p in PARTNERS}
+        finally:
+            store.close()
+
+    task = asyncio.create_task(node.run())
+    try:
+        await await_for(lambda: node.ready() is None, 20, "JPN ready")
+        for i, record in enumerate(records, start=1):
+            answers = await world.submit("JPN", [record])
+            assert [a["status"] for a in answers] == ["accepted"]
+            await await_for(lambda i=i: len(planned) == i, 10, f"report {i} planned")
+        await await_for(
+            lambda: sent_counts() == dict.fromkeys(PARTNERS, 4), 20, "every report sent"
+        )
+        await asyncio.sleep(0.5)  # a read after the last commit would show by now
+        counted = list(reads)
+    finally:
+        node.stop.set()
+        await task
+
+    assert sorted(planned) == sorted(str(r["report_id"]) for r in records)
+    # The read at start (nothing yet), then one per accepted report, which finds it.
+    assert counted == [0, 1, 1, 1, 1]
