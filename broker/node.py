@@ -33,7 +33,7 @@ import signal
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -88,6 +88,8 @@ connection errors and the inbox's timeouts alternate, and would each be logged."
 
 T = TypeVar("T")
 PLAN_BATCH: Final = 50
+HANDED_MAX: Final = 4 * PLAN_BATCH
+"""Most accepted reports held in memory for the planner; past it, it reads them from the store."""
 PLAN_RETRY_S: Final = 30.0
 HOUSEKEEPING_S: Final = 1.0
 LAG_EVERY_S: Final = 5.0
@@ -158,6 +160,12 @@ class NodeFailedError(MsmtError):
 class Node:
     """One member's running node; build it with ``load_node``."""
 
+    # Reports accepted and logged since the planner last looked, which it takes
+    # from here rather than reading the store (a hop to its thread and back per
+    # report at a trickle). The store stays the record: None (after a recovery,
+    # or past HANDED_MAX) has the planner read it (see _plan_loop).
+    _handed: dict[str, bytes] | None
+
     def __init__(
         self,
         config: NodeConfig,
@@ -223,7 +231,7 @@ class Node:
         # Envelope crypto runs in a worker process, on another core than the
         # event loop and the store thread that publish and record the acks.
         self._plans = PlanPool(planner, policy_text)
-        self._plan_wake = asyncio.Event()
+        self._plan_wake, self._handed = asyncio.Event(), {}
         self._plan_skip: dict[str, float] = {}
         self._intakes: list[Intake] = []
         self._last_error = ""
@@ -278,7 +286,14 @@ class Node:
     async def _accept(self, batch: list[NewReport], feed: str) -> list[bool]:
         fresh, failed = await self.run_db(self._accept_sync, batch, feed)
         if failed is not None:
+            # Not logged: housekeeping logs them, then wakes the planner to read them.
             self._error(failed)
+        elif self._handed is not None:
+            new = [r for r, is_new in zip(batch, fresh, strict=True) if is_new]
+            if len(self._handed) + len(new) > HANDED_MAX:
+                self._handed = None
+            else:
+                self._handed.update((r.report_id, r.record) for r in new)
         self._plan_wake.set()
         return fresh
 
@@ -318,34 +333,23 @@ class Node:
         in_commit: set[str] = set()
         planned: dict[str, list[OutboxItem]] = {}  # planned, commit not started
         waiting: dict[str, dict[str, str]] = {}  # their partners without a key
-        # Whether the store may hold unplanned reports not planned yet. A read that
-        # found fewer than it asked for saw them all; after it only an accept or
-        # a recovery (both wake us), a failed commit, a skip coming due or a row
-        # the worker left for its next batch adds one.
-        # So a report fed alone costs one read, not three (one more while its plan
-        # is made, one while it is committed): each a hop to the store thread.
+        # Whether the store may hold unplanned reports that are not in _handed. A
+        # read that found fewer than it asked for saw them all; after it only a
+        # recovery or an overfull _handed (None), a failed commit, a skip coming
+        # due or rows the worker left for its next batch add one. So a report fed
+        # alone costs no read, not three (the one that found it, one while its
+        # plan was made, one while it was committed).
         look = True
         try:
             while not self.stop.is_set():
-                failed = False
                 # Cleared before looking, so a report accepted meanwhile wakes the next wait.
-                look |= self._plan_wake.is_set()
                 self._plan_wake.clear()
                 now = time.monotonic()
-                skip = {rid for rid, until in self._plan_skip.items() if until > now}
-                skip |= in_commit | planned.keys()
-                rows: list[tuple[str, bytes]] = []
-                try:
-                    if look:
-                        limit = PLAN_BATCH + len(skip)
-                        rows = await self.run_db(
-                            functools.partial(self.store.unplanned, audited_only=True), limit
-                        )
-                        look = len(rows) >= limit
-                        rows = [row for row in rows if row[0] not in skip]
-                except MsmtError as exc:
-                    self._error(f"planning: {exc}")
-                    failed = True
+                due = [rid for rid, until in self._plan_skip.items() if until <= now]
+                for rid in due:
+                    del self._plan_skip[rid]
+                skip = self._plan_skip.keys() | in_commit | planned.keys()
+                rows, look, failed = await self._unplanned(look or bool(due), skip)
                 if committing is not None:
                     # Not committed means still unplanned: read again after a pause.
                     failed |= not await committing
@@ -383,21 +387,43 @@ class Node:
                     # retry (a store error, a report skipped for now).
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._plan_wake.wait(), self._plan_timeout(failed))
-                    look = True
         finally:
             if committing is not None:
                 await committing
 
+    async def _unplanned(
+        self, look: bool, skip: Collection[str]
+    ) -> tuple[list[tuple[str, bytes]], bool, bool]:
+        # The plan loop's next rows: those handed over by the intake, and with
+        # ``look`` (or _handed None) the store's. Also whether to look next time,
+        # and whether the read failed.
+        handed, self._handed = self._handed, {}
+        rows: list[tuple[str, bytes]] = []
+        if look or handed is None:
+            limit = PLAN_BATCH + len(skip)
+            try:
+                rows = await self.run_db(
+                    functools.partial(self.store.unplanned, audited_only=True), limit
+                )
+            except MsmtError as exc:
+                self._error(f"planning: {exc}")
+                return [], True, True
+            look = len(rows) >= limit
+        # Logged and committed, so in the store too until planned: a read may
+        # have found them, and found fewer than it asked for, it found them all.
+        read = {rid for rid, _ in rows}
+        rows += [row for row in (handed or {}).items() if row[0] not in read]
+        return [row for row in rows if row[0] not in skip], look, False
+
     def _plan_timeout(self, failed: bool) -> float | None:
         # How long the plan loop may sleep without a wake-up: briefly after a
         # store error, until the first skipped report is due, else until woken.
+        # The loop drops a skip that came due, and reads the store for it.
         if failed:
             return PLAN_ERROR_RETRY_S
-        now = time.monotonic()
-        self._plan_skip = {rid: until for rid, until in self._plan_skip.items() if until > now}
         if not self._plan_skip:
             return None
-        return max(0.01, min(self._plan_skip.values()) - now)
+        return max(0.01, min(self._plan_skip.values()) - time.monotonic())
 
     def _report_waiting(self, waiting: Mapping[str, Mapping[str, str]]) -> None:
         # One warning a minute for every partner without a key, not an error of
@@ -922,6 +948,7 @@ class Node:
         (unsent, awaiting), checkpoint, recovered = await self.run_db(self._housekeep_sync)
         depth = unsent + awaiting
         if recovered:
+            self._handed = None
             self._plan_wake.set()
         self.metrics.outbox_depth.set(depth)
         self.metrics.outbox_awaiting_key.set(awaiting)
