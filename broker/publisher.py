@@ -69,8 +69,14 @@ WARN_EVERY: Final = 30.0
 """Seconds between warnings about one partner, so an outage does not flood the log."""
 IDLE_WAIT: Final = 5.0
 """Longest sleep of the publish loop with nothing to wait for (a safety net; wake-ups drive it)."""
-COALESCE_ACKS: Final = 0.01
-"""Seconds the recorder lets acks gather after the first, so one commit records a burst."""
+COALESCE_ACKS: Final = 0.1
+"""Seconds the recorder lets acks gather after the first, so one commit records a burst.
+
+At a trickle (one report, ten envelopes, at a time) a shorter wait records each
+report's acks in two or three commits, each an fsync of the audit log and of
+the store. Only the record waits: the partners' copies are out already, and a
+stop records what it holds at once (``run``).
+"""
 
 
 # One encoder for every envelope's send facts: ``json.dumps`` with any option
@@ -335,8 +341,15 @@ class Publisher:
         # envelope is not published (and audited as sent) twice in one run.
         self._unrecorded: set[int] = set()
         self._wake = asyncio.Event()
+        # Whether the outbox may hold rows this publisher has not seen: set by
+        # ``wake`` and after recording, cleared when a look finds fewer than it
+        # could take. An ack does not add a row, so it wakes the loop only while
+        # rows may be waiting for the room it frees: at a trickle, one look per
+        # plan, not one per ack.
+        self._unseen = True
         self._acked_wake = asyncio.Event()  # set when _acked gains an item, or at the end
         self._finished = False  # run has ended: record what is left, then stop
+        self._stopping = asyncio.Event()  # ends the recorder's gathering wait at a stop
         self._retry_at: dict[int, float] = {}
         self._attempts: dict[int, int] = {}
         self._warned = Throttle(WARN_EVERY)  # one warning per partner per period
@@ -345,6 +358,7 @@ class Publisher:
 
     def wake(self) -> None:
         """Tell the publisher new envelopes may be pending."""
+        self._unseen = True
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -368,17 +382,25 @@ class Publisher:
                 # the acks' own bookkeeping.
                 if not self.connected() or not self.may_publish():
                     failed = True
-                elif room >= self._refill or (room > 0 and not self._in_flight):
+                elif (room >= self._refill or (room > 0 and not self._in_flight)) and (
+                    self._unseen or self._retry_due(time.monotonic())
+                ):
                     now = time.monotonic()
                     skip = set(self._in_flight) | self._unrecorded
                     skip |= {k for k, t in self._retry_at.items() if t > now}
+                    # Due retries are plain pending rows from here: a full answer
+                    # below leaves the rest of them to the next look.
+                    self._retry_at = {k: t for k, t in self._retry_at.items() if t > now}
+                    self._unseen = False  # a wake-up during the look sets it again
                     try:
                         items = await self.run_db(self.store.pending, room, skip)
                     except MsmtError as exc:
                         self.last_error = str(exc)
                         items, failed = [], True
+                        self._unseen = True
+                    if len(items) >= room:
+                        self._unseen = True  # the answer was cut at the room left
                     for item in items:
-                        self._retry_at.pop(item.rowid, None)
                         await self._publish(item)
                         started += 1
                 if started == 0:
@@ -389,6 +411,7 @@ class Publisher:
                             self._wake.wait(), RETRY_AFTER if failed else self._idle_timeout()
                         )
         finally:
+            self._stopping.set()
             # Hand back: whatever is unacked stays pending in the outbox. Acks come
             # only over a live connection, so with the hub gone waiting would only
             # delay the stop (by up to PUBLISH_TIMEOUT, past systemd's patience).
@@ -405,9 +428,13 @@ class Publisher:
             self._acked_wake.set()
             await committer
 
+    def _retry_due(self, now: float) -> bool:
+        return any(t <= now for t in self._retry_at.values())
+
     def _idle_timeout(self) -> float:
-        # Woken by a new plan, an ack or a failure (``wake``/``_done``); a timer
-        # is needed only for the next ack deadline or retry that falls due.
+        # Woken by a new plan, a failure, or an ack that frees room unseen rows
+        # wait for (``wake``/``_done``); a timer is needed only for the next ack
+        # deadline or retry that falls due.
         now = time.monotonic()
         due = [deadline for _, deadline in self._in_flight.values()][:1]
         due += [t for t in self._retry_at.values() if t > now]
@@ -439,7 +466,6 @@ class Publisher:
     def _done(self, item: OutboxItem, started: float, future: asyncio.Future[None]) -> None:
         key = item.rowid
         self._in_flight.pop(key, None)
-        self._wake.set()
         if future.cancelled():
             self._failed(item, TimeoutError(f"no ack within {PUBLISH_TIMEOUT:g} s"))
             return
@@ -447,6 +473,8 @@ class Publisher:
         if exc is not None:
             self._failed(item, exc)
             return
+        if self._unseen:
+            self._wake.set()  # rows may be waiting for the room this ack frees
         self._attempts.pop(key, None)
         self.metrics.publish_latency.observe(time.perf_counter() - started)
         self._acked.append(item)
@@ -460,6 +488,7 @@ class Publisher:
         attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
         now = time.monotonic()
         self._retry_at[key] = now + min(RETRY_MAX, RETRY_AFTER * 2 ** (attempts - 1))
+        self._wake.set()  # the loop's timer must now cover this retry
         if self._warned.due("publish_failed", item.partner):
             log.warning(
                 "publish_failed",
@@ -477,7 +506,8 @@ class Publisher:
                 await self._acked_wake.wait()
                 self._acked_wake.clear()
                 if self._acked:
-                    await asyncio.sleep(COALESCE_ACKS)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), COALESCE_ACKS)
             elif not self._acked:
                 if not self._in_flight:
                     return
@@ -500,5 +530,6 @@ class Publisher:
                         self.counts[f"published.{partner}"] += count
                 finally:
                     self._unrecorded.difference_update(i.rowid for i in batch)
-                # Failed or not, these rows may be pending again: look for them.
-                self._wake.set()
+                # Failed or not, these rows may be pending again (not recorded, or
+                # signed again meanwhile, so not marked sent): look for them.
+                self.wake()

@@ -295,6 +295,23 @@ class World:
         """``member``'s store, opened read-only; the caller closes it."""
         return Store(self.config(member).store_path, readonly=True)
 
+    def outbox_depth(self, member: str) -> int:
+        """``member``'s ``Store.outbox_depth``: unplanned reports and unsent envelopes."""
+        store = self.store(member)
+        try:
+            return store.outbox_depth()
+        finally:
+            store.close()
+
+    async def outbox_sent(self, member: str, within: float = 30) -> None:
+        """Wait until ``member``'s outbox holds nothing unplanned or unsent.
+
+        A node records the hub's acks a moment after they come (it gathers them
+        for ``publisher.COALESCE_ACKS``), so a partner can hold a report before
+        its sender's outbox calls it sent.
+        """
+        await await_for(lambda: self.outbox_depth(member) == 0, within, f"{member}'s outbox sent")
+
     def state(self, member: str) -> dict[str, str]:
         """The status facts ``member``'s node last wrote (what ``msmt status`` reads)."""
         store = self.store(member)

@@ -223,14 +223,6 @@ def assert_no_content_in_logs(world: World, records: list[dict[str, Any]]) -> No
         assert [v for v in values if v in text] == [], log.name
 
 
-def outbox_depth(world: World, member: str) -> int:
-    store = world.store(member)
-    try:
-        return store.outbox_depth()
-    finally:
-        store.close()
-
-
 async def test_kill_and_restart_the_publishing_node_mid_batch(world: World) -> None:
     records, want = batch_world(world)
     world.start("USA")
@@ -240,10 +232,10 @@ async def test_kill_and_restart_the_publishing_node_mid_batch(world: World) -> N
     assert sum(a["status"] == "accepted" for a in answers) == 1000
     await await_for(lambda: len(world.inbox_ids("USA", "JPN")) >= 50, 60, "first deliveries")
     world.kill("JPN")
-    assert outbox_depth(world, "JPN") > 0  # the kill really was mid-batch
+    assert world.outbox_depth("JPN") > 0  # the kill really was mid-batch
     world.start("JPN")
     await assert_all_exactly_once(world, want)
-    assert outbox_depth(world, "JPN") == 0
+    await world.outbox_sent("JPN")
     assert_no_content_in_logs(world, records)
 
 
@@ -268,10 +260,10 @@ async def test_a_dead_planning_worker_stops_the_node_with_one_line_and_loses_not
     log = world.log_tail("JPN")
     assert "planner failed: PlanWorkerError: the planning worker exited" in log
     assert "Traceback" not in log
-    assert outbox_depth(world, "JPN") == len(records)  # accepted, not yet planned
+    assert world.outbox_depth("JPN") == len(records)  # accepted, not yet planned
     world.start("JPN")
     await assert_all_exactly_once(world, want)
-    assert outbox_depth(world, "JPN") == 0
+    await world.outbox_sent("JPN")
 
 
 def test_a_failure_without_text_is_named_by_its_type_alone() -> None:
@@ -288,7 +280,7 @@ async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:
     await world.submit("JPN", records)
     await await_for(lambda: len(world.inbox_ids("USA", "JPN")) >= 50, 60, "first deliveries")
     world.server.kill()
-    assert outbox_depth(world, "JPN") > 0
+    assert world.outbox_depth("JPN") > 0
     await asyncio.sleep(1.5)  # long enough for publishes to fail and be retried
     world.server.start()
     await assert_all_exactly_once(world, want)

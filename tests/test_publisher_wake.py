@@ -1,29 +1,34 @@
-"""The publisher is event-driven: a plan committed while it asks the store is not left waiting.
+"""The publisher is event-driven: woken by what may need it, and only by that.
 
 Its loop sleeps without a timer when nothing is in flight or due for a retry,
 so a wake-up lost between looking and sleeping would leave envelopes unsent
 until the next report. Here the wake-up is made to come at exactly that
 moment (the store thread commits a plan while the publisher's query returns
 nothing), against a real nats-server and a real store, with the idle timer
-pushed far beyond the test's deadline.
+pushed far beyond the test's deadline. An ack, on the other hand, adds nothing
+to the outbox: at a trickle it must not send the publisher back to the store.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client
+from node_world import await_for
 
 from broker import publisher as publisher_module
 from broker.metrics import Metrics
 from broker.natsproc import NatsServer
 from broker.publisher import Publisher, subject_for
 from broker.store import NewReport, OutboxItem, Store
+
+PARTNERS = ("USA", "KOR", "GBR", "FRA", "AUS", "CAN", "DEU", "ITA", "NLD", "NZL")
 
 
 def report_id(i: int) -> str:
@@ -91,3 +96,110 @@ async def test_a_plan_committed_while_the_publisher_looks_is_published_without_a
     assert info.state.messages == 5
     assert sorted(sent) == [report_id(i) for i in range(5)]
     assert publisher.counts["published.USA"] == 5
+
+
+def plan_to_all(store: Store, i: int) -> None:
+    """One report planned for all ten partners, as a node plans it."""
+    rid = report_id(i)
+    store.accept([NewReport(rid, "vessel", b"{}")])
+    items = [
+        OutboxItem(rid, p, subject_for(p, "vessel"), f"jwe-{i}-{p}".encode(), "{}")
+        for p in PARTNERS
+    ]
+    store.plan({rid: items})
+
+
+class Trickle:
+    """A publisher over a real store and hub, counting its looks at the outbox."""
+
+    def __init__(self, nc: Client, store: Store) -> None:
+        self.store = store
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.looks = 0
+        self.recorded: list[OutboxItem] = []
+        # A window far larger than a report's ten envelopes, as a node's 256.
+        self.publisher = Publisher(
+            "JPN", nc, store, self.run_db, self.record_sent, Metrics(), 64, lambda: True
+        )
+
+    async def run_db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if fn == self.store.pending:
+            self.looks += 1
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def record_sent(self, batch: list[OutboxItem]) -> None:  # on the store thread
+        self.store.mark_sent(batch)
+        self.recorded.extend(batch)
+
+    def acked(self) -> float:
+        count = self.publisher.metrics.registry.get_sample_value(
+            "msmt_publish_latency_seconds_count"
+        )
+        return count or 0.0
+
+    async def acks(self, count: int) -> None:
+        """Wait until the hub has acked ``count`` envelopes in all."""
+        await await_for(lambda: self.acked() == count, 20, f"{count} acks")
+
+    async def plan(self, i: int) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.pool, plan_to_all, self.store, i)
+        self.publisher.wake()
+
+
+@pytest.fixture
+async def trickle(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Trickle]:
+    monkeypatch.setattr(publisher_module, "IDLE_WAIT", 3600.0)
+    # Nothing is recorded until the stop, so no wake-up comes from recording.
+    monkeypatch.setattr(publisher_module, "COALESCE_ACKS", 3600.0)
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().add_stream(name="INBOX", subjects=["msmt.to.>"])
+    world = Trickle(nc, Store(tmp_path / "store.sqlite3"))
+    try:
+        yield world
+    finally:
+        await nc.close()
+        world.pool.submit(world.store.close).result()
+        world.pool.shutdown()
+
+
+@pytest.mark.timeout(60)
+async def test_acks_at_a_trickle_do_not_send_the_publisher_back_to_the_outbox(
+    trickle: Trickle,
+) -> None:
+    # Each ack used to wake the loop and each wake-up to ask the store for more:
+    # 5.5 looks per report at 100 reports/s (bench/publisher.py --rate 100).
+    stop = asyncio.Event()
+    task = asyncio.create_task(trickle.publisher.run(stop))
+    try:
+        for i in range(5):
+            await trickle.plan(i)
+            await trickle.acks(10 * (i + 1))
+        # One look at the start, then one per plan: the acks asked for none.
+        assert trickle.looks == 1 + 5
+    finally:
+        stop.set()
+        trickle.publisher.wake()
+        await asyncio.wait_for(task, 30)
+    assert len(trickle.recorded) == 50
+
+
+@pytest.mark.timeout(60)
+async def test_a_stop_records_the_acks_it_holds_without_waiting_to_gather_more(
+    trickle: Trickle,
+) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(trickle.publisher.run(stop))
+    await trickle.plan(0)
+    await trickle.acks(10)
+    assert trickle.recorded == []  # gathering, for an hour here
+    stop.set()
+    trickle.publisher.wake()
+    # A stop must not wait out the gathering (nor leave the acks unrecorded).
+    await asyncio.wait_for(task, 30)
+    assert sorted(i.partner for i in trickle.recorded) == sorted(PARTNERS)
+    assert (
+        await asyncio.get_running_loop().run_in_executor(trickle.pool, trickle.store.pending, 100)
+        == []
+    )
