@@ -176,7 +176,7 @@ async def test_acks_at_a_trickle_do_not_send_the_publisher_back_to_the_outbox(
         for i in range(5):
             await trickle.plan(i)
             await trickle.acks(10 * (i + 1))
-        # One look at the start, then one per plan: the acks asked for none.
+        # One look per wake-up (the start's, then each plan's): the acks asked for none.
         assert trickle.looks == 1 + 5
     finally:
         stop.set()
