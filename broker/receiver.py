@@ -44,7 +44,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -557,16 +557,72 @@ PULL_GRACE_S: Final = 1.0
 """Past a request's expiry, how long to wait for its end before asking again (a lost 408)."""
 
 LINGER_S: Final = 0.06
-"""How long a part batch waits for more deliveries before it is verified and committed.
+"""How long a part batch may wait for more deliveries before it is verified and committed.
 
 A batch costs two fsynced commits (audit log, then store) and about 4 ms of the
 node's CPU whatever its size, and at a trickle that fixed cost was most of a
 delivery's CPU. At 130 deliveries/s, 20 ms gathered ~3.6 per commit, 60 ms ~9.
 In ``bench/e2e.py --quick`` 60 ms against 20 cut the receivers' CPU per report
 by ~14 % and lowered the latency at 100 reports/s offered (less queueing
-for the cores); a lone report waits the whole 60 ms (bench/README.md,
-seventeenth session).
+for the cores) (bench/README.md, seventeenth session). It waits only when
+``Linger`` expects company: a lone report at a light load is not held back.
 """
+
+LINGER_COMPANY: Final = 2.0
+"""Deliveries a part batch must expect within ``LINGER_S`` for the wait to be worth it.
+
+At 2 and 60 ms a part batch waits from ~33 deliveries/s up: at 20/s a report
+waited the whole 60 ms for company that rarely came (e2e p50 45 -> 86 ms)."""
+
+RATE_SAMPLE: Final = 16
+"""Recent deliveries whose span ``Linger`` takes as the arrival rate."""
+
+
+class Linger:
+    """Whether a part batch should wait for company: only when more deliveries are likely.
+
+    Two signs, either enough: the hub holds more for this consumer now (the
+    newest delivery's pending count, from its ``$JS.ACK`` subject), or the last
+    ``sample`` deliveries came at a rate that brings ``company`` more within
+    ``seconds``. Otherwise the batch is committed at once. Times are monotonic
+    seconds; this is pure logic, fed by ``_Pull``.
+    """
+
+    def __init__(
+        self, seconds: float, company: float = LINGER_COMPANY, sample: int = RATE_SAMPLE
+    ) -> None:
+        if sample < 2 or company <= 0:
+            raise ValueError("a rate needs two arrivals and a positive company")
+        self.seconds = seconds
+        self._arrivals: deque[float] = deque(maxlen=sample)
+        # ``sample`` arrivals span this long, or less, at the slowest rate worth waiting for.
+        self._span = (sample - 1) * seconds / company
+
+    def arrived(self, at: float) -> None:
+        """Record a delivery's arrival."""
+        self._arrivals.append(at)
+
+    def wait(self, pending: int) -> float:
+        """Seconds a part batch should wait for more: ``seconds`` or 0."""
+        if self.seconds <= 0:
+            return 0.0
+        arrivals = self._arrivals
+        if pending > 0 or (
+            len(arrivals) == arrivals.maxlen and arrivals[-1] - arrivals[0] <= self._span
+        ):
+            return self.seconds
+        return 0.0
+
+
+def hub_pending(msg: Msg) -> int:
+    """How many more the hub held for the consumer as it sent ``msg``; 0 if not said.
+
+    From the delivery's ``$JS.ACK`` reply subject, which the hub sets (a sender cannot).
+    """
+    try:
+        return int(msg.metadata.num_pending)
+    except (nats.errors.Error, ValueError, IndexError):
+        return 0
 
 
 class _Pull:
@@ -588,8 +644,11 @@ class _Pull:
     put on its message therefore cannot make us skip that message.
     """
 
-    def __init__(self, nc: Client, stream: str, durable: str, batch: int) -> None:
+    def __init__(
+        self, nc: Client, stream: str, durable: str, batch: int, pace: Linger | None = None
+    ) -> None:
         self.nc = nc
+        self.pace = Linger(LINGER_S) if pace is None else pace  # told of every delivery
         self.api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.deliver = ""
         self.batch = batch
@@ -627,6 +686,7 @@ class _Pull:
     async def _on_msg(self, msg: Msg) -> None:
         if msg.reply:
             self.ready.append(msg)
+            self.pace.arrived(time.monotonic())
             self.open = max(0, self.open - 1)
             if len(self.ready) >= self.want or self.open == 0:
                 self.wake.set()
@@ -746,10 +806,12 @@ class Receiver:
                 pull.wake.clear()
                 if 0 < len(pull.ready) < self.fetch_batch:
                     await pull.want_more()
-                    await pull.linger(LINGER_S, stop)
-                    if stop.is_set() or pull.failure is not None:
-                        break  # what was delivered is handed back below
-                    pull.wake.clear()
+                    seconds = pull.pace.wait(hub_pending(pull.ready[-1]))
+                    if seconds > 0:
+                        await pull.linger(seconds, stop)
+                        if stop.is_set() or pull.failure is not None:
+                            break  # what was delivered is handed back below
+                        pull.wake.clear()
                 msgs = pull.take()
                 if msgs:
                     await pull.want_more()

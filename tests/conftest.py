@@ -68,6 +68,7 @@ BESIDE_THE_SUITE = frozenset(
         "test_policy",
         "test_policy_cli",
         "test_pseudonym_keys",
+        "test_receiver_linger",
         "test_reliability_fuzz",
         "test_reliability_resources",
         "test_sdjwt",
