@@ -574,8 +574,13 @@ LINGER_COMPANY: Final = 2.0
 At 2 and 60 ms a part batch waits from ~33 deliveries/s up: at 20/s a report
 waited the whole 60 ms for company that rarely came (e2e p50 45 -> 86 ms)."""
 
-RATE_SAMPLE: Final = 16
-"""Recent deliveries whose span ``Linger`` takes as the arrival rate."""
+RATE_SAMPLE: Final = 8
+"""Recent deliveries whose span ``Linger`` takes as the arrival rate.
+
+Few, so that a receiver going from idle to a steady trickle lingers from its
+8th delivery on (at 16, `bench/receiver.py --rate 130` committed ~16 of its 600
+one or two at a time); enough that 20 deliveries/s, 350 ms for 7 gaps on
+average, rarely looks like the 33/s (210 ms) worth waiting at."""
 
 
 class Linger:
