@@ -2,8 +2,8 @@
 
 ``Receiver`` keeps one pull request out at the hub (``_Pull``) and hands what
 has arrived, up to ``fetch_batch`` messages, to ``Inbound.process`` on the
-store's thread; a part batch first waits up to ``LINGER_S`` for more, since
-each batch costs two fsynced commits. For each batch:
+store's thread; a part batch first waits up to ``LINGER_S`` for more if more
+are likely (``Linger``), since each batch costs two fsynced commits. For each batch:
 
 1. the subject must be ``from.<SENDER>.msmt.to.<ME>.<kind>``: the hub's word for
    who sent it (service import prefix) and what, which the envelope's sender and
@@ -626,8 +626,8 @@ def hub_pending(msg: Msg) -> int:
     """
     try:
         return int(msg.metadata.num_pending)
-    except (nats.errors.Error, ValueError, IndexError):
-        return 0
+    except (nats.errors.Error, ValueError, IndexError, OverflowError, OSError):
+        return 0  # nats-py's parse of the subject (its id numbers and timestamp) failed
 
 
 class _Pull:
@@ -649,11 +649,9 @@ class _Pull:
     put on its message therefore cannot make us skip that message.
     """
 
-    def __init__(
-        self, nc: Client, stream: str, durable: str, batch: int, pace: Linger | None = None
-    ) -> None:
+    def __init__(self, nc: Client, stream: str, durable: str, batch: int) -> None:
         self.nc = nc
-        self.pace = Linger(LINGER_S) if pace is None else pace  # told of every delivery
+        self.pace = Linger(LINGER_S)  # told of every delivery
         self.api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.deliver = ""
         self.batch = batch
