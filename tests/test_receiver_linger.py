@@ -44,6 +44,16 @@ def test_a_lone_report_after_a_pause_is_not_held_back() -> None:
     assert pace.wait(pending=0) == 0.0
 
 
+def test_deliveries_already_waiting_are_company() -> None:
+    # A node kept off the cores sees a steady stream late and bunched: the span of
+    # its last arrivals looks slow, but what came while it verified says otherwise.
+    pace = fed(200.0)
+    pace.arrived(1000.0 + 0.5)
+    pace.arrived(1000.0 + 0.5)
+    assert pace.wait(pending=0, waiting=1) == 0.0
+    assert pace.wait(pending=0, waiting=int(LINGER_COMPANY)) == LINGER_S
+
+
 def test_what_the_hub_still_holds_is_worth_waiting_for() -> None:
     # A backlog (a pre-filled inbox, a partner back after an outage) comes at once.
     assert Linger(LINGER_S).wait(pending=1) == LINGER_S
