@@ -578,7 +578,7 @@ RATE_SAMPLE: Final = 8
 """Recent deliveries whose span ``Linger`` takes as the arrival rate.
 
 Few, so that a receiver going from idle to a steady trickle lingers from its
-8th delivery on (at 16, `bench/receiver.py --rate 130` committed ~16 of its 600
+8th delivery on (at 16, ``bench/receiver.py --rate 130`` committed ~16 of its 600
 one or two at a time); enough that 20 deliveries/s, 350 ms for 7 gaps on
 average, rarely looks like the 33/s (210 ms) worth waiting at."""
 
