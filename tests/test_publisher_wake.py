@@ -203,3 +203,27 @@ async def test_a_stop_records_the_acks_it_holds_without_waiting_to_gather_more(
         await asyncio.get_running_loop().run_in_executor(trickle.pool, trickle.store.pending, 100)
         == []
     )
+
+
+@pytest.mark.timeout(60)
+async def test_a_row_no_wake_up_announced_is_still_published_after_the_idle_wait(
+    trickle: Trickle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every path that adds a pending row wakes the publisher; the idle timer is
+    # the safety net should one not, as it was before looks followed wake-ups.
+    monkeypatch.setattr(publisher_module, "IDLE_WAIT", 0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(trickle.publisher.run(stop))
+    try:
+        await trickle.plan(0)
+        await trickle.acks(10)
+        # Planned behind the publisher's back: no wake().
+        await asyncio.get_running_loop().run_in_executor(
+            trickle.pool, plan_to_all, trickle.store, 1
+        )
+        await trickle.acks(20)
+    finally:
+        stop.set()
+        trickle.publisher.wake()
+        await asyncio.wait_for(task, 30)
+    assert sorted({i.report_id for i in trickle.recorded}) == [report_id(0), report_id(1)]
