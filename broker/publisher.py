@@ -386,11 +386,10 @@ class Publisher:
                     self._unseen or self._retry_due(time.monotonic())
                 ):
                     now = time.monotonic()
-                    skip = set(self._in_flight) | self._unrecorded
-                    skip |= {k for k, t in self._retry_at.items() if t > now}
                     # Due retries are plain pending rows from here: a full answer
                     # below leaves the rest of them to the next look.
                     self._retry_at = {k: t for k, t in self._retry_at.items() if t > now}
+                    skip = set(self._in_flight) | self._unrecorded | self._retry_at.keys()
                     self._unseen = False  # a wake-up during the look sets it again
                     try:
                         items = await self.run_db(self.store.pending, room, skip)

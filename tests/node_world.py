@@ -242,6 +242,19 @@ class World:
         text = (self.root / "nodes" / member / "policy.toml").read_text()
         return load_policy(text, member=member)
 
+    def records_released_to(
+        self, member: str, partners: Iterable[str], count: int, seed: int
+    ) -> list[dict[str, Any]]:
+        """``count`` of 30 generated records ``member``'s policy sends to exactly ``partners``."""
+        policy = self.policy(member)
+        records = [
+            r
+            for r in records_for(member, 30, seed=seed)
+            if expected_partners(policy, parse_record(json.dumps(r))) == set(partners)
+        ][:count]
+        assert len(records) == count, f"seed {seed} gave {len(records)} such records"
+        return records
+
     def pseudonym_keys(self, member: str) -> dict[str, bytes]:
         """``member``'s pseudonym keys by id (empty if it has none)."""
         folder = self.keydir / member / "pseudonym"

@@ -17,13 +17,12 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
-from node_world import BATCH_POLICY, World, await_for, expected_partners, records_for
+from node_world import BATCH_POLICY, World, await_for
 
 from broker.auditlog import DB_FILE
 from broker.errors import StoreError
 from broker.node import load_node
 from broker.store import OutboxItem
-from broker.validation import parse_record
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +33,7 @@ async def test_a_plan_commit_that_fails_is_retried_and_sends_each_report_once(
     world: World,
 ) -> None:
     world.write_config("JPN", BATCH_POLICY)
-    policy = world.policy("JPN")
-    records = [
-        r
-        for r in records_for("JPN", 30, seed=12)
-        if expected_partners(policy, parse_record(json.dumps(r))) == set(PARTNERS)
-    ][:5]
-    assert len(records) == 5
+    records = world.records_released_to("JPN", PARTNERS, 5, seed=12)
     ids = sorted(str(r["report_id"]) for r in records)
 
     node = load_node(world.config("JPN"))

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import pytest
-from node_world import BATCH_POLICY, World, await_for, expected_partners, records_for
+from node_world import BATCH_POLICY, World, await_for
 
 from broker.node import load_node
 from broker.store import OutboxItem
-from broker.validation import parse_record
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +26,7 @@ PARTNERS = ("USA", "KOR")
 
 async def test_reports_fed_one_at_a_time_are_planned_without_a_store_read(world: World) -> None:
     world.write_config("JPN", BATCH_POLICY)
-    policy = world.policy("JPN")
-    records = [
-        r
-        for r in records_for("JPN", 30, seed=21)
-        if expected_partners(policy, parse_record(json.dumps(r))) == set(PARTNERS)
-    ][:4]
-    assert len(records) == 4
+    records = world.records_released_to("JPN", PARTNERS, 4, seed=21)
 
     node = load_node(world.config("JPN"))
     real_unplanned, real_plan = node.store.unplanned, node.store.plan

@@ -12,6 +12,7 @@ to the outbox: at a trickle it must not send the publisher back to the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -145,6 +146,18 @@ class Trickle:
         await asyncio.get_running_loop().run_in_executor(self.pool, plan_to_all, self.store, i)
         self.publisher.wake()
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The publisher's run, stopped at the end; a stop must end within 30 s."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(self.publisher.run(stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            self.publisher.wake()
+            await asyncio.wait_for(task, 30)
+
 
 @pytest.fixture
 async def trickle(
@@ -170,18 +183,12 @@ async def test_acks_at_a_trickle_do_not_send_the_publisher_back_to_the_outbox(
 ) -> None:
     # Each ack used to wake the loop and each wake-up to ask the store for more:
     # 5.5 looks per report at 100 reports/s (bench/publisher.py --rate 100).
-    stop = asyncio.Event()
-    task = asyncio.create_task(trickle.publisher.run(stop))
-    try:
+    async with trickle.running():
         for i in range(5):
             await trickle.plan(i)
             await trickle.acks(10 * (i + 1))
         # One look per wake-up (the start's, then each plan's): the acks asked for none.
         assert trickle.looks == 1 + 5
-    finally:
-        stop.set()
-        trickle.publisher.wake()
-        await asyncio.wait_for(task, 30)
     assert len(trickle.recorded) == 50
 
 
@@ -189,15 +196,12 @@ async def test_acks_at_a_trickle_do_not_send_the_publisher_back_to_the_outbox(
 async def test_a_stop_records_the_acks_it_holds_without_waiting_to_gather_more(
     trickle: Trickle,
 ) -> None:
-    stop = asyncio.Event()
-    task = asyncio.create_task(trickle.publisher.run(stop))
-    await trickle.plan(0)
-    await trickle.acks(10)
-    assert trickle.recorded == []  # gathering, for an hour here
-    stop.set()
-    trickle.publisher.wake()
-    # A stop must not wait out the gathering (nor leave the acks unrecorded).
-    await asyncio.wait_for(task, 30)
+    # A stop (the end of ``running``) must not wait out the gathering, nor leave
+    # the acks unrecorded.
+    async with trickle.running():
+        await trickle.plan(0)
+        await trickle.acks(10)
+        assert trickle.recorded == []  # gathering, for an hour here
     assert sorted(i.partner for i in trickle.recorded) == sorted(PARTNERS)
     assert (
         await asyncio.get_running_loop().run_in_executor(trickle.pool, trickle.store.pending, 100)
@@ -212,9 +216,7 @@ async def test_a_row_no_wake_up_announced_is_still_published_after_the_idle_wait
     # Every path that adds a pending row wakes the publisher; the idle timer is
     # the safety net should one not, as it was before looks followed wake-ups.
     monkeypatch.setattr(publisher_module, "IDLE_WAIT", 0.2)
-    stop = asyncio.Event()
-    task = asyncio.create_task(trickle.publisher.run(stop))
-    try:
+    async with trickle.running():
         await trickle.plan(0)
         await trickle.acks(10)
         # Planned behind the publisher's back: no wake().
@@ -222,8 +224,4 @@ async def test_a_row_no_wake_up_announced_is_still_published_after_the_idle_wait
             trickle.pool, plan_to_all, trickle.store, 1
         )
         await trickle.acks(20)
-    finally:
-        stop.set()
-        trickle.publisher.wake()
-        await asyncio.wait_for(task, 30)
     assert sorted({i.report_id for i in trickle.recorded}) == [report_id(0), report_id(1)]
