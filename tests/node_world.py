@@ -316,6 +316,14 @@ class World:
         finally:
             store.close()
 
+    def sent_counts(self, member: str, partners: Iterable[str]) -> dict[str, int]:
+        """How many reports ``member``'s store has marked sent to each of ``partners``."""
+        store = self.store(member)
+        try:
+            return {p: store.sent_to(p) for p in partners}
+        finally:
+            store.close()
+
     async def outbox_sent(self, member: str, within: float = 30) -> None:
         """Wait until ``member``'s outbox holds nothing unplanned or unsent.
 

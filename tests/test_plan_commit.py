@@ -67,13 +67,6 @@ async def test_a_plan_commit_that_fails_is_retried_and_sends_each_report_once(
             entries = [json.loads(r[0]) for r in db.execute("SELECT entry FROM entries")]
         return [e for e in entries if e["type"] == "sent"]
 
-    def sent_counts() -> dict[str, int]:
-        store = world.store("JPN")
-        try:
-            return {p: store.sent_to(p) for p in PARTNERS}
-        finally:
-            store.close()
-
     def last_error() -> str | None:
         store = world.store("JPN")
         try:
@@ -92,7 +85,9 @@ async def test_a_plan_commit_that_fails_is_retried_and_sends_each_report_once(
             lambda: last_error() == f"planning: {failures[0]}", 10, "the error in the status"
         )
         await await_for(
-            lambda: sent_counts() == dict.fromkeys(PARTNERS, 5), 20, "all sent after the retry"
+            lambda: world.sent_counts("JPN", PARTNERS) == dict.fromkeys(PARTNERS, 5),
+            20,
+            "all sent after the retry",
         )
         await asyncio.sleep(2)  # a second plan or send would show by now
     finally:

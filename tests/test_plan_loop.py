@@ -51,13 +51,6 @@ async def test_reports_fed_one_at_a_time_are_planned_without_a_store_read(world:
     def planned_at_least(count: int) -> bool:
         return len(planned) >= count
 
-    def sent_counts() -> dict[str, int]:
-        store = world.store("JPN")
-        try:
-            return {p: store.sent_to(p) for p in PARTNERS}
-        finally:
-            store.close()
-
     task = asyncio.create_task(node.run())
     try:
         await await_for(lambda: node.ready() is None, 20, "JPN ready")
@@ -66,7 +59,9 @@ async def test_reports_fed_one_at_a_time_are_planned_without_a_store_read(world:
             assert [a["status"] for a in answers] == ["accepted"]
             await await_for(functools.partial(planned_at_least, i), 10, f"report {i} planned")
         await await_for(
-            lambda: sent_counts() == dict.fromkeys(PARTNERS, 4), 20, "every report sent"
+            lambda: world.sent_counts("JPN", PARTNERS) == dict.fromkeys(PARTNERS, 4),
+            20,
+            "every report sent",
         )
         await asyncio.sleep(0.5)  # a read after the last commit would show by now
         counted = list(reads)
