@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -393,6 +394,22 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def by_second(latencies: Sequence[float], rate: float, most: int = 30) -> str:
+    """p50 / p99 of each stretch of the fixed-rate phase, in feed order, as one line.
+
+    The phase's p99 says how bad the tail is, not when: a queue built while the
+    receivers wake from the pause before the phase, or one that grows over it,
+    looks the same in it. Stretches are a second long, longer past ``most`` seconds.
+    """
+    seconds = max(1, math.ceil(len(latencies) / rate / most))
+    size = max(1, round(rate * seconds))
+    parts = []
+    for i in range(0, len(latencies), size):
+        part = latencies[i : i + size]
+        parts.append(f"{percentile(part, 0.5) * 1e3:.0f}/{percentile(part, 0.99) * 1e3:.0f}")
+    return f"{seconds} s of the phase: {' '.join(parts)}"
+
+
 def check_counts(cluster: Cluster, ids: Sequence[str]) -> None:
     """Every partner holds exactly these reports from JPN; JPN sent every envelope."""
     want = set(ids)
@@ -702,6 +719,7 @@ def show(r: Results, rate: float) -> None:
         f" at all 10: p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms,"
         f" max {max(r.latencies) * 1e3:.0f} ms  (target p99 < 250 ms)"
     )
+    print(f"  p50 / p99 ms by {by_second(r.latencies, rate)}")
     # At a fixed rate each receiver gets one message at a time, so its batches are
     # smaller than in the throughput phase and each delivery costs more: the
     # share of the cores the tree used is the headroom the latency depends on.
