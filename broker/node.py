@@ -262,7 +262,10 @@ class Node:
     def _accept_sync(self, batch: list[NewReport], feed: str) -> tuple[list[bool], str | None]:
         # Store, then audit, then confirm: a crash between the first two leaves
         # unconfirmed reports that load_node audits at the next start, so the log
-        # never misses an accepted report (at worst it records one twice).
+        # never misses an accepted report. The confirmation rides on the next store
+        # write (the plan's, at a trickle) rather than an fsynced commit of its own:
+        # a crash before it leaves entries the next start finds in the log after the
+        # store's last write, and does not append again (audit_unaudited).
         fresh = self.store.accept(batch, feed=feed)
         new = [r for r, is_new in zip(batch, fresh, strict=True) if is_new]
         now = datetime.now(UTC)
@@ -275,7 +278,7 @@ class Node:
                     for r in new
                 ]
             )
-            self.store.mark_audited([r.report_id for r in new])
+            self.store.mark_audited_later([r.report_id for r in new])
         except MsmtError as exc:
             # Stored is accepted: the feed must not resend a report it would then
             # find taken. Housekeeping logs it once the log can be written, and the
@@ -1323,6 +1326,9 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         logged_now = _log_start(
             config.member, audit, state, policy.digest, signed.roster, unrecorded, at
         )
+        # Before any store write: it would record a log size past the entries of
+        # reports whose confirmation a crash lost, and they would be logged twice.
+        audit_unaudited(config.member, store, audit, at)
         store.set_state(
             {
                 "roster_version": str(signed.version),
@@ -1331,7 +1337,6 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 "key_events": json.dumps(sorted(logged_now)),
             }
         )
-        audit_unaudited(config.member, store, audit, at)
         signer = Signer(config.member, keys.signing, keys.signing_kid)
         planner = Planner(signer, policy, signed.roster, pseudonym)
         inbound = Inbound(
@@ -1574,21 +1579,43 @@ def _start_entries_only(config: NodeConfig, audit: AuditLog, restore: str) -> li
 
 
 def audit_unaudited(member: str, store: Store, audit: AuditLog, at: datetime) -> int:
-    """Append the ``accepted`` entries the store has no confirmation of; return how many.
+    """Confirm the reports the store has no audit confirmation of; return how many.
 
-    They are missing after a crash, or an audit append that failed (a full
-    disk), between a report's store commit and its entry; feed ``recovered``.
+    Their ``accepted`` entries are missing after a crash, or an audit append that
+    failed (a full disk), between a report's store commit and its entry: appended
+    here with feed ``recovered``. After a crash between the entry and the store
+    write that confirms it (``Store.mark_audited_later``), the entry is in the log
+    after the size the store last recorded (``AUDIT_SIZE``): found there, it is not
+    appended again. Call it before the store's first write after a start.
     """
     unaudited = store.unaudited()
-    if unaudited:
+    if not unaudited:
+        return 0
+    logged = _accepted_since_store_write(store, audit, {rid for rid, _ in unaudited})
+    missing = [(rid, kind) for rid, kind in unaudited if rid not in logged]
+    if missing:
         audit.append_many(
             [
                 audit_events.accepted(member, at, report_id=rid, kind=kind, feed="recovered")
-                for rid, kind in unaudited
+                for rid, kind in missing
             ]
         )
-        store.mark_audited([rid for rid, _ in unaudited])
+    store.mark_audited([rid for rid, _ in unaudited])
     return len(unaudited)
+
+
+def _accepted_since_store_write(store: Store, audit: AuditLog, wanted: set[str]) -> set[str]:
+    # The reports of ``wanted`` with an ``accepted`` entry past the log size the
+    # store last recorded: every store write after an entry's append confirms its
+    # report in the same commit, so an unconfirmed report's entry, if written, is
+    # there. Without a recorded size (a store no node wrote yet) nothing is found.
+    recorded = store.state().get(AUDIT_SIZE, "")
+    found: set[str] = set()
+    for index in range(int(recorded) if recorded.isdecimal() else audit.size, audit.size):
+        entry = json.loads(audit.entry(index))
+        if entry.get("type") == "accepted" and entry.get("report_id") in wanted:
+            found.add(entry["report_id"])
+    return found
 
 
 def _warn_keyless_partners(policy: Policy, roster: Roster, at: datetime) -> None:

@@ -386,6 +386,9 @@ class Store:
         self._has_kid: bool | None = None
         # The highest outbox rowid given out while open: see ``_outbox_rowids``.
         self._outbox_top = 0
+        # Reports whose ``accepted`` entries the log holds, confirmed by the next
+        # write (``mark_audited_later``); dropped once a write committed them.
+        self._audited_later: list[str] = []
         try:
             with suppress(FileNotFoundError):
                 if not stat.S_ISREG(os.stat(path).st_mode):  # SQLite's open blocks on a FIFO
@@ -454,6 +457,13 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                marks = self._audited_later
+                if marks:
+                    # In the same commit as the log size below: a store write that
+                    # records a size past a report's entry also records its mark.
+                    self._db.executemany(
+                        "UPDATE reports SET audited = 1 WHERE report_id = ?", [(r,) for r in marks]
+                    )
                 if self.audit_size is not None:
                     # The log commits before any store write that follows its append,
                     # so what is recorded here never exceeds what the log holds: a log
@@ -464,6 +474,8 @@ class Store:
                         (AUDIT_SIZE, str(self.audit_size())),
                     )
                 self._db.execute("COMMIT")
+                if marks:
+                    self._audited_later = []
             except BaseException:
                 # SQLite may already have rolled back itself (SQLITE_FULL does).
                 if self._db.in_transaction:
@@ -555,18 +567,22 @@ class Store:
     def unaudited(self) -> list[tuple[str, str]]:
         """Accepted reports whose ``accepted`` audit entry is not confirmed: ``(id, kind)``.
 
-        Non-empty only after a crash between the accept commit and the audit
-        append; the node appends their entries at start (at-least-once, no gap).
+        Non-empty only after a crash or a failed audit append between the accept
+        commit and the next write; the node looks for their entries in the log and
+        appends those it lacks (``broker.node.audit_unaudited``). A mark waiting
+        for the next write counts as confirmed.
         """
+        later = set(self._audited_later)
         return [
             (r[0], r[1])
             for r in self._read(
                 "SELECT report_id, kind FROM reports WHERE audited = 0 ORDER BY accepted_at, rowid"
             )
+            if r[0] not in later
         ]
 
     def mark_audited(self, report_ids: Sequence[str]) -> None:
-        """Confirm that these reports' ``accepted`` entries are in the audit log."""
+        """Confirm that these reports' ``accepted`` entries are in the audit log, now."""
         if not report_ids:
             return
         with self._tx() as db:
@@ -574,17 +590,27 @@ class Store:
                 "UPDATE reports SET audited = 1 WHERE report_id = ?", [(r,) for r in report_ids]
             )
 
+    def mark_audited_later(self, report_ids: Sequence[str]) -> None:
+        """Confirm these reports' ``accepted`` entries with the next write, not a commit now.
+
+        That write records the log's size past their entries in the same commit
+        (``AUDIT_SIZE``), so a store that lost the mark (a crash first) records a
+        size at or before them, and the next start finds them in the log after it.
+        """
+        self._audited_later += report_ids
+
     def unplanned(self, limit: int, *, audited_only: bool = False) -> list[tuple[str, bytes]]:
         """Accepted reports whose per-partner envelopes are not made yet, oldest first.
 
         The planner asks for ``audited_only``: a report whose ``accepted`` entry is
         not in the audit log yet (its append failed after the store commit) waits,
-        since sent first its send would come before its arrival in the log.
+        since sent first its send would come before its arrival in the log. A mark
+        waiting for the next write (``mark_audited_later``) counts.
         """
         rows = self._read(
-            "SELECT report_id, record FROM reports WHERE planned = 0 AND audited >= ?"
-            " ORDER BY accepted_at LIMIT ?",
-            (1 if audited_only else 0, limit),
+            "SELECT report_id, record FROM reports WHERE planned = 0 AND (audited >= ?"
+            " OR report_id IN (SELECT value FROM json_each(?))) ORDER BY accepted_at LIMIT ?",
+            (1 if audited_only else 0, json.dumps(self._audited_later), limit),
         )
         return [(r[0], bytes(r[1])) for r in rows]
 

@@ -16,20 +16,21 @@ import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from audit_helpers import event, unstored_event
-from node_world import MSMT, msmt, write_node_config
+from node_world import MSMT, audit_entries, msmt, write_node_config
 
 from broker import audit_events, keys, samples
 from broker.auditlog import DB_FILE
 from broker.checkpoint import open_checkpoint, roster_log_keys
-from broker.config import load_config
+from broker.config import NodeConfig, load_config
 from broker.errors import ConfigError
 from broker.intake import Intake
 from broker.node import load_node
 from broker.note import NoteError
-from broker.store import NewReport
+from broker.store import NewReport, Store
 
 POLICY = """
 version = 1
@@ -278,6 +279,7 @@ def _accept(config_path: Path, count: int, seed: int) -> None:
         records = samples.generate(count, seed=seed, originators=("JPN",))
         batch = [NewReport(r["report_id"], r["kind"], json.dumps(r).encode()) for r in records]
         assert node._accept_sync(batch, "ais") == ([True] * count, None)
+        node.store.record_status({}, {"connected": "no"})  # as a node's stop does
     finally:
         node.store.close()
         node.audit.close()
@@ -376,6 +378,85 @@ async def test_reports_stored_while_the_log_cannot_be_written_are_answered_accep
     finally:
         node.store.close()
         node.audit.close()
+
+
+class _Crash(BaseException):
+    """The process dying at this point: nothing after it runs, no handler catches it."""
+
+
+def _accepted_entries(config: NodeConfig) -> list[tuple[str, str]]:
+    return [
+        (e["report_id"], e["feed"])
+        for e in audit_entries(config.audit_dir)
+        if e["type"] == "accepted"
+    ]
+
+
+@pytest.mark.parametrize("dies", ["after the log's commit", "before the next store write"])
+def test_a_crash_after_the_accepted_entries_does_not_log_them_again(
+    tmp_path: Path, dies: str
+) -> None:
+    # The intake's store commit, then the log's, then the store's confirmation:
+    # a crash before the confirmation must leave each report logged once.
+    config = load_config(jpn_config(tmp_path), env={})
+    records = samples.generate(3, seed=5, originators=("JPN",))
+    batch = [NewReport(r["report_id"], r["kind"], json.dumps(r).encode()) for r in records]
+    node = load_node(config)
+    append_many = node.audit.append_many
+
+    def append_then_die(events: Any) -> Any:
+        append_many(events)
+        raise _Crash
+
+    try:
+        assert node._accept_sync(batch[:1], "spool") == ([True], None)
+        if dies == "after the log's commit":
+            node.audit.append_many = append_then_die  # type: ignore[method-assign]
+            with pytest.raises(_Crash):
+                node._accept_sync(batch[1:], "socket")
+        else:
+            assert node._accept_sync(batch[1:], "socket") == ([True, True], None)
+    finally:
+        node._close()  # no store write after: the process is gone
+    node = load_node(config)
+    try:
+        assert node.store.unaudited() == []
+        assert node.store.unplanned(10, audited_only=True) == [
+            (r.report_id, r.record) for r in batch
+        ]
+    finally:
+        node._close()
+    feeds = ["spool", "socket", "socket"]
+    assert _accepted_entries(config) == [
+        (r["report_id"], feed) for r, feed in zip(records, feeds, strict=True)
+    ]
+
+
+def test_a_crash_after_the_recovered_entries_does_not_log_them_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A start appends the entries a crash before the log's commit left out, then
+    # confirms them in the store: a crash between the two must not repeat them.
+    config = load_config(jpn_config(tmp_path), env={})
+    load_node(config)._close()
+    records = samples.generate(2, seed=6, originators=("JPN",))
+    raw = Store(config.store_path)
+    raw.accept([NewReport(r["report_id"], r["kind"], json.dumps(r).encode()) for r in records])
+    raw.close()
+
+    def die(self: Store, report_ids: Any) -> None:
+        raise _Crash
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Store, "mark_audited", die)
+        with pytest.raises(_Crash):
+            load_node(config)
+    node = load_node(config)
+    try:
+        assert node.store.unaudited() == []
+    finally:
+        node._close()
+    assert _accepted_entries(config) == [(r["report_id"], "recovered") for r in records]
 
 
 def test_a_store_lost_whole_beside_its_log_is_refused(tmp_path: Path) -> None:

@@ -86,6 +86,44 @@ def test_unaudited_reports_are_listed_until_confirmed(tmp_path: Path) -> None:
     assert store.unaudited() == [(rep(2).report_id, "vessel")]
 
 
+def test_a_later_mark_commits_with_the_next_write_and_counts_for_the_planner(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    store.accept([rep(1), rep(2), rep(3)])
+    r1, r2, r3 = rep(1).report_id, rep(2).report_id, rep(3).report_id
+    store.mark_audited_later([r1])
+    # Counted at once: listed as confirmed, and the planner may take it.
+    assert store.unaudited() == [(r2, "vessel"), (r3, "vessel")]
+    assert store.unplanned(10, audited_only=True) == [(r1, b"x" * 10)]
+    store.close()  # a crash before any write: the mark was never committed
+    store = Store(path)
+    assert [rid for rid, _ in store.unaudited()] == [r1, r2, r3]
+    store.mark_audited_later([r1, r2])
+    store.plan({r3: []})  # any write commits the waiting marks with it
+    store.close()
+    store = Store(path)
+    assert store.unaudited() == [(r3, "vessel")]
+    assert store.unplanned(10, audited_only=True) == [(r1, b"x" * 10), (r2, b"x" * 10)]
+
+
+def test_a_later_mark_waits_through_a_failed_write_for_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    store.accept([rep(1)])
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store.close()
+    store = Store(path, max_pages=pages + 1)  # far short of a big write
+    store.mark_audited_later([rep(1).report_id])
+    with pytest.raises(StoreError, match="database or disk is full"):
+        store.accept([rep(i, size=100_000) for i in range(2, 5)])
+    assert store.unaudited() == []  # rolled back with the write, and still waiting
+    store.bump({"intake.accepted": 1})  # a small write that fits carries it
+    store.close()
+    assert Store(path).unaudited() == []
+
+
 def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     store.accept([rep(1), rep(2)])
