@@ -450,12 +450,12 @@ class Node:
     ) -> bool:
         # False if not committed: the reports stay unplanned and the plan loop retries.
         try:
-            await self.run_db(self.store.plan, plans, waiting)
+            stored = await self.run_db(self.store.plan, plans, waiting)
         except MsmtError as exc:
             self._error(f"planning: {exc}")
             return False
         if self.publisher is not None:
-            self.publisher.wake()
+            self.publisher.hand(stored)  # rather than have it read them back
         return True
 
     async def _reissue_loop(self) -> None:

@@ -347,6 +347,11 @@ class Publisher:
         # rows may be waiting for the room it frees: at a trickle, one look per
         # plan, not one per ack.
         self._unseen = True
+        # Envelopes just planned, handed over by the plan commit (``hand``): taken
+        # without a look while the publisher has seen every older row (not
+        # ``_unseen``); dropped when it has not, since the look then finds them.
+        self._handed: list[OutboxItem] = []
+        self._seen_top = 0  # the highest row a look has read
         self._acked_wake = asyncio.Event()  # set when _acked gains an item, or at the end
         self._finished = False  # run has ended: record what is left, then stop
         self._stopping = asyncio.Event()  # ends the recorder's gathering wait at a stop
@@ -359,6 +364,20 @@ class Publisher:
     def wake(self) -> None:
         """Tell the publisher new envelopes may be pending."""
         self._unseen = True
+        self._wake.set()
+
+    def hand(self, items: Sequence[OutboxItem] | None) -> None:
+        """Publish these envelopes just planned (``Store.plan``'s answer) without reading them.
+
+        At a trickle that saves a look at the outbox per plan. Taken only while
+        the publisher has seen every older pending row and has room for them;
+        otherwise, or given None, this is ``wake``: the look reads them back.
+        """
+        if items is None or self._unseen or len(self._handed) + len(items) > self.max_in_flight:
+            self._handed = []
+            self.wake()
+            return
+        self._handed += items
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -382,23 +401,8 @@ class Publisher:
                 # the acks' own bookkeeping.
                 if not self.connected() or not self.may_publish():
                     failed = True
-                elif (room >= self._refill or (room > 0 and not self._in_flight)) and (
-                    self._unseen or self._retry_due(time.monotonic())
-                ):
-                    now = time.monotonic()
-                    # Due retries are plain pending rows from here: a full answer
-                    # below leaves the rest of them to the next look.
-                    self._retry_at = {k: t for k, t in self._retry_at.items() if t > now}
-                    skip = set(self._in_flight) | self._unrecorded | self._retry_at.keys()
-                    self._unseen = False  # a wake-up during the look sets it again
-                    try:
-                        items = await self.run_db(self.store.pending, room, skip)
-                    except MsmtError as exc:
-                        self.last_error = str(exc)
-                        items, failed = [], True
-                        self._unseen = True
-                    if len(items) >= room:
-                        self._unseen = True  # the answer was cut at the room left
+                else:
+                    items, failed = await self._next(room)
                     for item in items:
                         await self._publish(item)
                         started += 1
@@ -423,6 +427,40 @@ class Publisher:
             self._finished = True
             self._acked_wake.set()
             await committer
+
+    async def _next(self, room: int) -> tuple[list[OutboxItem], bool]:
+        # What to publish now, and whether the store could not be read: envelopes
+        # handed over while every older row was seen, else, with room for a
+        # refill and rows that may wait (or a retry due), the oldest pending.
+        now = time.monotonic()
+        retry = self._retry_due(now)
+        if self._handed and not self._unseen and not retry:
+            # A look that ran after their commit read them already: its rows are
+            # numbered up to _seen_top, and a later plan's rows above any before.
+            fresh = [i for i in self._handed if i.rowid > self._seen_top]
+            items, self._handed = fresh[:room], fresh[room:]  # the rest as acks free room
+            return items, False
+        if not (room >= self._refill or (room > 0 and not self._in_flight)):
+            return [], False
+        if not (self._unseen or retry):
+            return [], False
+        # Due retries are plain pending rows from here: a full answer below
+        # leaves the rest of them to the next look.
+        self._retry_at = {k: t for k, t in self._retry_at.items() if t > now}
+        skip = set(self._in_flight) | self._unrecorded | self._retry_at.keys()
+        self._unseen = False  # a wake-up during the look sets it again
+        self._handed = []  # pending still: the look finds them, oldest first
+        try:
+            items = await self.run_db(self.store.pending, room, skip)
+        except MsmtError as exc:
+            self.last_error = str(exc)
+            self._unseen = True
+            return [], True
+        if len(items) >= room:
+            self._unseen = True  # the answer was cut at the room left
+        if items:
+            self._seen_top = max(self._seen_top, items[-1].rowid)
+        return items, False
 
     async def _sleep(self, failed: bool) -> None:
         # Until a wake-up, or the next timer: a retry after a failure, else the
@@ -481,7 +519,7 @@ class Publisher:
         if exc is not None:
             self._failed(item, exc)
             return
-        if self._unseen:
+        if self._unseen or self._handed:
             self._wake.set()  # rows may be waiting for the room this ack frees
         self._attempts.pop(key, None)
         self.metrics.publish_latency.observe(time.perf_counter() - started)

@@ -618,29 +618,37 @@ class Store:
         self,
         plans: Mapping[str, Sequence[OutboxItem]],
         waiting: Mapping[str, Mapping[str, str]] = MappingProxyType({}),
-    ) -> None:
+    ) -> list[OutboxItem] | None:
         """Store each report's envelopes (possibly none) and mark it planned, atomically.
 
         ``waiting`` names, per report, the partners it has no envelope for yet (no
         valid encryption key) and why; ``awaiting`` hands them back for planning.
+        Returns the envelopes stored, named by their rows (``OutboxItem.rowid``), in
+        row order: what ``pending`` would read back. None if a row was there already.
         """
+        stored: list[OutboxItem] | None = []
         with self._tx() as db:
             rowids = iter(self._outbox_rowids(db, sum(map(len, plans.values()))))
             for report_id, items in plans.items():
-                db.executemany(
+                rows = [
+                    (next(rowids), i.report_id, i.partner, i.subject, i.jwe, i.audit) for i in items
+                ]
+                cur = db.executemany(
                     "INSERT OR IGNORE INTO outbox(rowid, report_id, partner, subject, jwe, audit,"
                     " state) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
-                    [
-                        (next(rowids), i.report_id, i.partner, i.subject, i.jwe, i.audit)
-                        for i in items
-                    ],
+                    rows,
                 )
+                if stored is None or cur.rowcount != len(rows):
+                    stored = None  # one ignored: which is not told
+                else:
+                    stored += [OutboxItem(*row[1:], row[0]) for row in rows]
                 db.executemany(
                     "INSERT OR REPLACE INTO awaiting_key(report_id, partner, reason)"
                     " VALUES (?, ?, ?)",
                     [(report_id, p, why) for p, why in waiting.get(report_id, {}).items()],
                 )
                 db.execute("UPDATE reports SET planned = 1 WHERE report_id = ?", (report_id,))
+        return stored
 
     def awaiting(self, limit: int) -> list[tuple[str, bytes, tuple[str, ...]]]:
         """Up to ``limit`` planned reports with partners still awaiting a key, oldest first.

@@ -43,7 +43,7 @@ async def test_a_plan_commit_that_fails_is_retried_and_sends_each_report_once(
     def plan_on_a_full_disk_once(
         plans: Mapping[str, Sequence[OutboxItem]],
         waiting: Mapping[str, Mapping[str, str]] = MappingProxyType({}),
-    ) -> None:
+    ) -> list[OutboxItem] | None:
         if failures:
             return real_plan(plans, waiting)
         # Runs on the store's thread, so nothing else writes meanwhile: cap the

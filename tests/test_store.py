@@ -124,6 +124,21 @@ def test_a_later_mark_waits_through_a_failed_write_for_the_next(tmp_path: Path) 
     assert Store(path).unaudited() == []
 
 
+def test_plan_returns_the_envelopes_as_pending_reads_them(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.accept([rep(1), rep(2)])
+    r1, r2 = rep(1).report_id, rep(2).report_id
+    stored = store.plan({r1: [item(r1, "USA"), item(r1, "KOR")], r2: [item(r2, "USA")]})
+    assert stored is not None
+    read = store.pending(10)
+    assert [(i.rowid, i.report_id, i.partner, i.jwe, i.audit) for i in stored] == [
+        (i.rowid, i.report_id, i.partner, i.jwe, i.audit) for i in read
+    ]
+    assert len({i.rowid for i in stored}) == 3
+    # A row that was there already (a report planned twice) is not told apart: None.
+    assert store.plan({r1: [item(r1, "USA"), item(r1, "GBR")]}) is None
+
+
 def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     store.accept([rep(1), rep(2)])
