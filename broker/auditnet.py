@@ -57,7 +57,6 @@ import functools
 import json
 import math
 import os
-import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -112,22 +111,11 @@ log = get_logger("auditnet")
 PROOF_TIMEOUT: Final = 3.0
 QUEUE_LIMIT: Final = 256
 WITNESS_INTERVAL_S: Final = 5.0
-"""Mean time between two witnessing rounds while logs keep growing: under load a
-partner's log is cosigned about this often, not at each of its batches."""
+"""Shortest time between two witnessing rounds while logs keep growing: under
+load a partner's log is cosigned this often, not at each of its batches."""
 SETTLED_S: Final = 1.5
 """A pending checkpoint not superseded for this long is its log's last for now
 (a growing log publishes a newer one every second): no need to wait further."""
-WITNESS_SPREAD_S: Final = 5.0
-"""Width of the window each round falls in, at random (``round_due``): the
-interval give or take half of it, or from ``SETTLED_S`` to half of it later.
-
-Every node's rounds otherwise come at the same instants: they all start from the
-same burst's end and keep its step. With 11 nodes and the hub on one machine a
-whole round of the network, ~300 ms of CPU within ~0.2 s, raised the latency at
-100 reports/s by ~100 ms once every 5 s; spread, the p99 of 30 s at that rate
-fell from a median of 344 ms to 255 over 7 pairs of runs (bench/README.md,
-twentieth session). A hub serving members on their own machines gets the
-rounds' ~1,500 messages spread likewise."""
 ECHO_INTERVAL_S: Final = 1.0
 """Our own checkpoints echo back on our own subject: the latest one is checked
 against our log at most this often (one store read), newer arrivals replacing it."""
@@ -140,21 +128,6 @@ forked log's): three times the 60 s within which every node publishes its latest
 again, so an idle twin or forked log is not taken for gone between two checkpoints."""
 PUBLISHED_KEPT: Final = 4
 """Our own latest checkpoint notes, whose echoes are dropped unchecked."""
-
-
-def round_due(
-    last: float, newest: float, interval: float, settled: float, spread: float, draw: float
-) -> float:
-    """When the next witnessing round is due (monotonic seconds), at ``draw`` (0-1) of its window.
-
-    The earlier of: ``interval`` after the ``last`` round, moved by up to half of
-    ``spread`` either way; and ``settled`` after the ``newest`` pending checkpoint
-    arrived, up to half of ``spread`` later. So rounds come ``interval`` apart on
-    average whatever ``spread``, and the first checkpoint after an idle spell
-    longer than ``interval`` + ``spread`` / 2 (or the first ever: ``last`` -inf)
-    starts one at once.
-    """
-    return min(last + interval + (draw - 0.5) * spread, newest + settled + draw * spread / 2)
 
 
 def load_witness_state(path: Path) -> dict[str, LogState]:
@@ -230,12 +203,10 @@ class AuditNet:
     for their proofs concurrently, and saves the state once before publishing
     the round's cosignatures. A round starts when ``interval`` seconds have
     passed since the last one, or sooner once every pending checkpoint has
-    stood ``settled`` seconds without a newer one (the logs stopped growing),
-    each at a random point of a window ``spread`` wide (``round_due``), so that
-    the nodes' rounds do not all come at once. So while logs grow each is
-    cosigned about every ``interval`` seconds rather than at every batch, and
-    when they stop their last checkpoints are cosigned within seconds; the first
-    checkpoint after an idle spell starts a round at once.
+    stood ``settled`` seconds without a newer one (the logs stopped growing).
+    So while logs grow each is cosigned every ``interval`` seconds rather than
+    at every batch, and when they stop their last checkpoints are cosigned
+    promptly; the first checkpoint after an idle spell starts a round at once.
 
     ``alarms`` counts fork, rollback and twin alarms by ``kind`` and ``log`` (the
     origin), once per conflict (see the module); ``active``, if given, a gauge with
@@ -260,7 +231,6 @@ class AuditNet:
         alarms: PromCounter,
         interval: float = WITNESS_INTERVAL_S,
         settled: float = SETTLED_S,
-        spread: float = WITNESS_SPREAD_S,
         *,
         refused: PromCounter | None = None,
         own_log_keys: Sequence[Verifier] = (),
@@ -284,11 +254,6 @@ class AuditNet:
         self._own_keys = [current, *(k for k in own_log_keys if k != current)]
         self.interval = interval
         self.settled = settled
-        self.spread = spread
-        # Where in its window the next round falls (``round_due``); drawn again after
-        # each round. Not a secret: SystemRandom only so that no two nodes share a seed.
-        self._random = random.SystemRandom()
-        self._draw = self._random.random()
         self.last_error: str | None = None
         self.alarm: str | None = None
         """The latest alarm not yet taken by the node: kept apart from ``last_error``,
@@ -590,19 +555,11 @@ class AuditNet:
             wait = 0.5
             if self._pending:
                 due = (
-                    round_due(
-                        self._last_round,
-                        self._newest,
-                        self.interval,
-                        self.settled,
-                        self.spread,
-                        self._draw,
-                    )
+                    min(self._last_round + self.interval, self._newest + self.settled)
                     - time.monotonic()
                 )
                 if due <= 0:
                     self._last_round = time.monotonic()
-                    self._draw = self._random.random()
                     await self._round(nc)
                     continue
                 wait = min(wait, due)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from structlog.testing import capture_logs
 
 from broker.auditlog import AuditLog
-from broker.auditnet import WITNESS_INTERVAL_S, WITNESS_SPREAD_S, AuditNet, round_due
+from broker.auditnet import AuditNet
 from broker.checkpoint import (
     Checkpoint,
     cosign,
@@ -170,7 +169,6 @@ async def _peer(
         alarms,
         interval=interval,
         settled=interval,
-        spread=0,  # rounds when the tests say, not at a random point of a window
         refused=refused,
         own_log_keys=[log_verifier(JPN_RETIRED_KEY)] if member == "JPN" else (),
         active=active,
@@ -212,38 +210,6 @@ async def audit(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Audit]
             peer.pool.shutdown(wait=True)
         log.close()
         usa_log.close()
-
-
-def test_a_round_falls_anywhere_in_its_window_and_the_mean_interval_stays() -> None:
-    # While logs grow (the newest checkpoint just in): interval give or take half the spread.
-    last, newest = 100.0, 104.9
-    assert round_due(last, newest, 5.0, 1.5, 5.0, draw=0.0) == 102.5
-    assert round_due(last, newest, 5.0, 1.5, 5.0, draw=0.5) == 105.0
-    assert round_due(last, newest, 5.0, 1.5, 5.0, draw=1.0) == 107.5
-    # Two nodes drawing differently come apart by that much of the window.
-    assert round_due(last, newest, 5.0, 1.5, 5.0, 0.9) - round_due(
-        last, newest, 5.0, 1.5, 5.0, 0.1
-    ) == pytest.approx(4.0)
-    # Without a spread, the rule before it: whatever the draw.
-    for draw in (0.0, 0.3, 1.0):
-        assert round_due(last, newest, 5.0, 1.5, 0.0, draw) == 105.0
-
-
-def test_a_settled_log_is_cosigned_within_half_a_spread_of_settling() -> None:
-    # The logs stopped: the newest checkpoint came just after the last round.
-    last, newest = 100.0, 100.5
-    assert round_due(last, newest, 5.0, 1.5, 5.0, draw=0.0) == 102.0
-    assert round_due(last, newest, 5.0, 1.5, 5.0, draw=0.5) == 103.25
-    assert round_due(last, newest, 5.0, 1.5, 5.0, draw=1.0) == 104.5
-    assert round_due(last, newest, 5.0, 1.5, 0.0, draw=1.0) == 102.0
-
-
-def test_the_first_round_and_one_after_an_idle_spell_come_at_once() -> None:
-    assert round_due(-math.inf, 7.0, 5.0, 1.5, 5.0, draw=1.0) == -math.inf
-    now, idle_since = 1000.0, 900.0
-    assert round_due(idle_since, now, 5.0, 1.5, 5.0, draw=1.0) < now
-    # The node's defaults never put a round before the one it follows.
-    assert WITNESS_SPREAD_S <= 2 * WITNESS_INTERVAL_S
 
 
 async def test_a_round_cosigns_the_latest_checkpoint_and_skips_the_ones_before(
