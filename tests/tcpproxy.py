@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 
 class TcpProxy:
@@ -34,9 +34,6 @@ class TcpProxy:
         # Closed after their pipes ended: a close waits to flush what its peer has
         # not read, for ever if the peer has stopped reading, so kept to abort.
         self._closing: set[asyncio.StreamWriter] = set()
-        # Every transport the proxy made, either side, whatever became of it: aborted
-        # last on stop, so none outlives the loop whatever race it was caught in.
-        self._made: list[asyncio.WriteTransport] = []
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()  # cleared by ``hold``
         self._flowing.set()
@@ -63,6 +60,8 @@ class TcpProxy:
         asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        # The loop has stopped: run it here once more for whatever it still holds.
+        self._loop.run_until_complete(self._abort_leftovers())
         self._loop.close()
 
     def cut(self) -> None:
@@ -94,18 +93,7 @@ class TcpProxy:
             return b"".join(self.captured)
 
     async def _listen(self) -> None:
-        proxy = self
-
-        class Tracked(asyncio.StreamReaderProtocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                if isinstance(transport, asyncio.WriteTransport):
-                    proxy._made.append(transport)
-                super().connection_made(transport)
-
-        def accepted() -> Tracked:
-            return Tracked(asyncio.StreamReader(), self._handle)
-
-        self._server = await self._loop.create_server(accepted, sock=self._sock)
+        self._server = await asyncio.start_server(self._handle, sock=self._sock)
 
     async def _shutdown(self) -> None:
         if self._server is not None:
@@ -123,11 +111,18 @@ class TcpProxy:
             if not others:
                 break
             await asyncio.wait(others, timeout=1)
-        # A transport can still be open here (a ResourceWarning seen about once in
-        # three suite runs, source not found): abort every one the proxy made.
-        for transport in self._made:
-            transport.abort()
-        self._made.clear()
+
+    async def _abort_leftovers(self) -> None:
+        # The suite failed about once in three runs on a ResourceWarning for a
+        # transport GC'd open after its loop closed, both ports ephemeral (so a
+        # connection to a proxy, not to a server), no stream writer warning with
+        # it. How it escaped the shutdown above is not known. The selector loop
+        # registers every transport it makes, whatever made it (private, but there
+        # since 3.4): abort each one still there, once nothing else can run.
+        transports: Mapping[int, asyncio.BaseTransport] = self._loop._transports  # type: ignore[attr-defined]
+        for transport in list(transports.values()):
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.abort()
         await asyncio.sleep(0)  # the aborted transports' connection_lost callbacks
         await asyncio.sleep(0)
 
@@ -164,7 +159,6 @@ class TcpProxy:
         except OSError:
             writer.transport.abort()
             return
-        self._made.append(up_writer.transport)
         if not self._open:  # cut while it connected
             self.refused += 1
             writer.transport.abort()

@@ -1,8 +1,9 @@
 """The test TCP proxy closes every socket it opened when stopped, whatever its peers do.
 
 A socket left open is collected later, in whichever test the garbage collector
-happens to run, and fails that test with a ResourceWarning (seen once in CI: a
-reliability test failed at setup on a proxy socket from an earlier module).
+happens to run, and fails that test with a ResourceWarning (seen in CI about once
+in three suite runs: a reliability test failed at setup on a socket from an earlier
+module, whose ports say it was a connection to a proxy).
 """
 
 from __future__ import annotations
@@ -83,3 +84,35 @@ def test_stop_closes_every_socket_even_with_a_peer_that_never_reads(
     finally:
         for client in clients:
             client.close()
+
+
+def test_stop_closes_even_a_connection_the_orderly_shutdown_missed(
+    deaf_upstream: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The orderly shutdown closes every connection it knows of. Whatever escapes it
+    # (how one escaped in CI is not known) is aborted once the loop has stopped:
+    # here the shutdown closes only the listener, so every connection escapes.
+    async def close_the_listener_only(self: TcpProxy) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    monkeypatch.setattr(TcpProxy, "_shutdown", close_the_listener_only)
+    upstream_port = int(deaf_upstream.getsockname()[1])
+    proxy = TcpProxy(upstream_port)
+    proxy.start()
+    client = socket.create_connection(("127.0.0.1", proxy.port))
+    try:
+        deadline = time.monotonic() + 10
+        while proxy.active < 1:
+            assert time.monotonic() < deadline, "the proxy never connected upstream"
+            time.sleep(0.01)
+        before = _proxy_sockets(proxy, upstream_port)
+        assert sum("ESTABLISHED" in line for line in before) == 2, before  # both sides open
+
+        proxy.stop()
+
+        left = _proxy_sockets(proxy, upstream_port)
+        held_open = [line for line in left if "ESTABLISHED" in line or "CLOSE_WAIT" in line]
+        assert held_open == [], held_open
+    finally:
+        client.close()
