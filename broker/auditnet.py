@@ -57,6 +57,7 @@ import functools
 import json
 import math
 import os
+import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -113,6 +114,9 @@ QUEUE_LIMIT: Final = 256
 WITNESS_INTERVAL_S: Final = 5.0
 """Shortest time between two witnessing rounds while logs keep growing: under
 load a partner's log is cosigned this often, not at each of its batches."""
+WITNESS_SPREAD: Final = 0.9
+"""Under load, a round's work (proofs, cosignatures) comes at a random point of this
+fraction of the interval after the round's start: see ``AuditNet``."""
 SETTLED_S: Final = 1.5
 """A pending checkpoint not superseded for this long is its log's last for now
 (a growing log publishes a newer one every second): no need to wait further."""
@@ -208,6 +212,18 @@ class AuditNet:
     at every batch, and when they stop their last checkpoints are cosigned
     promptly; the first checkpoint after an idle spell starts a round at once.
 
+    Every node's rounds start together (each is timed from the first checkpoint
+    after a quiet spell, which reaches all of them at once), so under load they
+    take the same checkpoints and the witnesses' cosignatures meet on them: the
+    quorum an auditor asks for. But their work, ~300 ms of CPU across the
+    network, then came all at once too, and delayed every report in flight
+    (bench/README.md). So a round that comes on time after the last one (the
+    logs still growing) takes its checkpoints at its start and does its work at
+    a random point within ``spread`` of the interval after it: the same
+    checkpoints cosigned, the work spread out. The first round after a quiet
+    spell and a settled one are not delayed, and a delayed one's work comes at
+    once if the logs settle meanwhile.
+
     ``alarms`` counts fork, rollback and twin alarms by ``kind`` and ``log`` (the
     origin), once per conflict (see the module); ``active``, if given, a gauge with
     the same labels, says which alarms stand (``alarm_active``). ``refused``,
@@ -232,6 +248,7 @@ class AuditNet:
         interval: float = WITNESS_INTERVAL_S,
         settled: float = SETTLED_S,
         *,
+        spread: float = WITNESS_SPREAD,
         refused: PromCounter | None = None,
         own_log_keys: Sequence[Verifier] = (),
         active: PromGauge | None = None,
@@ -254,6 +271,7 @@ class AuditNet:
         self._own_keys = [current, *(k for k in own_log_keys if k != current)]
         self.interval = interval
         self.settled = settled
+        self.spread = spread
         self.last_error: str | None = None
         self.alarm: str | None = None
         """The latest alarm not yet taken by the node: kept apart from ``last_error``,
@@ -262,6 +280,9 @@ class AuditNet:
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(QUEUE_LIMIT)
         self._pending: dict[str, bytes] = {}
         self._newest = math.inf  # when the newest pending checkpoint arrived
+        # A round's checkpoints, taken at its start, and when its work is due (``spread``).
+        self._batch: dict[str, bytes] | None = None
+        self._work_at = -math.inf
         # The latest note seen on our own checkpoint subject, not yet checked (``_watch_own``).
         self.echo_interval = ECHO_INTERVAL_S
         self._echo: bytes | None = None
@@ -316,7 +337,7 @@ class AuditNet:
     @property
     def backlog(self) -> int:
         """Checkpoints received but not yet witnessed (queued, plus the latest held per log)."""
-        return self._queue.qsize() + len(self._pending)
+        return self._queue.qsize() + len(self._pending) + len(self._batch or ())
 
     async def subscribe(self, nc: Client) -> None:
         """Subscribe to the audit subjects on ``nc`` (call again after a new connection)."""
@@ -553,14 +574,20 @@ class AuditNet:
         while not stop.is_set():
             self._log_cosigned()  # what merged since the last line, once it is due
             wait = 0.5
-            if self._pending:
-                due = (
-                    min(self._last_round + self.interval, self._newest + self.settled)
-                    - time.monotonic()
-                )
+            now = time.monotonic()
+            if self._batch is not None:
+                # The logs may settle while the work waits: then it is due at once,
+                # so that a burst's last checkpoints are cosigned promptly.
+                quiet = (self._newest if self._pending else self._last_round) + self.settled
+                if now >= min(self._work_at, quiet):
+                    batch, self._batch = self._batch, None
+                    await self._round(nc, batch)
+                    continue
+                wait = min(wait, self._work_at - now, quiet - now)
+            elif self._pending:
+                due = min(self._last_round + self.interval, self._newest + self.settled) - now
                 if due <= 0:
-                    self._last_round = time.monotonic()
-                    await self._round(nc)
+                    self._start_round(now)
                     continue
                 wait = min(wait, due)
             getting: asyncio.Future[Any] = asyncio.ensure_future(self._queue.get())
@@ -585,11 +612,19 @@ class AuditNet:
         self._pending[origin] = data
         self._newest = time.monotonic()
 
-    async def _round(self, nc: Client) -> None:
-        batch, self._pending = self._pending, {}
-        # What this round puts back for a retry waits for the interval; only a
+    def _start_round(self, now: float) -> None:
+        """Take the pending checkpoints for a round, and say when its work is due."""
+        # On time after the last round, the logs not settled: under load (the class).
+        busy = now - self._last_round < 2 * self.interval and self._newest + self.settled > now
+        delay = _jitter.uniform(0, self.spread * self.interval) if busy else 0.0
+        self._last_round = now
+        self._batch, self._pending = self._pending, {}
+        self._work_at = now + delay
+        # What the round puts back for a retry waits for the interval; only a
         # new arrival can make the pending set settle (and a round come sooner).
         self._newest = math.inf
+
+    async def _round(self, nc: Client, batch: dict[str, bytes]) -> None:
         results = await asyncio.gather(
             *(self._prepare(nc, origin, data) for origin, data in batch.items()),
             return_exceptions=True,
@@ -641,12 +676,18 @@ class AuditNet:
             self._refused(exc)
             return
         self._cosigned = {origin: _cosigned_text(origin, st) for origin, st in state.items()}
-        for cosignature in cosigned.values():
+        for origin, cosignature in cosigned.items():
             try:
                 await nc.publish(f"msmt.audit.{self.member}.cosignature", cosignature.encode())
             except nats.errors.Error as exc:
                 self.last_error = f"witness: cosignature publish: {type(exc).__name__}"
                 return
+            # The log republished this checkpoint with other witnesses' lines while
+            # the round waited (``spread``): without ours, as ours was not yet sent.
+            # Not a lost cosignature to sign again; a later copy still without it is.
+            held = self._pending.get(origin)
+            if held is not None and held.startswith(self._cosigned[origin]):
+                del self._pending[origin]
 
     def _failure(self, origin: str, data: bytes, exc: BaseException) -> bool:
         """Act on one partner's checkpoint that was not cosigned; return whether it was refused.
@@ -783,6 +824,11 @@ class AuditNet:
         self.last_error = f"witness: {what} from {source} failed ({type(exc).__name__})"
         if self.throttle.due(f"failed {what}", source):
             log.error("audit_message_failed", what=what, source=source, error=type(exc).__name__)
+
+
+# When a round's work comes (``AuditNet.spread``). Not a secret: the OS's source
+# only spares a seed of ours, and keeps each node's draws its own.
+_jitter = random.SystemRandom()
 
 
 def _error_reply(reason: str) -> bytes:

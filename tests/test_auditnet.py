@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from structlog.testing import capture_logs
 
+from broker import auditnet
 from broker.auditlog import AuditLog
 from broker.auditnet import AuditNet
 from broker.checkpoint import (
@@ -260,6 +261,77 @@ async def test_a_log_that_stops_growing_is_cosigned_without_waiting_out_the_inte
     await await_for(lambda: audit.usa_state().size == 7, 10, "USA cosigned size 7")
     assert audit.proof_requests == [proof_request(3, 7)]
     await await_for(lambda: len(audit.usa_cosignatures) == 2, 10, "second cosignature")
+
+
+class _Latest:
+    """The spread's draw at its latest: a round's work as late as it may come."""
+
+    def uniform(self, low: float, high: float) -> float:
+        return high
+
+
+async def test_under_load_a_round_takes_its_checkpoints_at_its_start_and_works_later(
+    audit: Audit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every witness's round starts at the same time, so they all cosign the same
+    # checkpoints; under load each does the work later, at its own random point.
+    monkeypatch.setattr(auditnet, "_jitter", _Latest())
+    net = audit.usa.net
+    await audit.grow(0)
+    # The first round after a quiet spell is not delayed.
+    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
+    net.interval, net.spread = 1.5, 1.0  # rounds 1.5 s apart, the work 1.5 s after each start
+    taken = await audit.grow(4)
+    await await_for(lambda: net._batch is not None, 10, "USA's round taking size 7")
+    assert net._batch == {MEMBER: taken.encode()}
+    # While the work waits the log republishes size 7 (as when cosignatures merge into
+    # it): held, but not a lost cosignature of ours, so not signed twice.
+    await audit.publish_checkpoint(taken)
+    await await_for(lambda: MEMBER in net._pending, 10, "USA holding the republished size 7")
+    assert audit.usa_state().size == 3
+    await await_for(lambda: audit.usa_state().size == 7, 10, "USA cosigned size 7")
+    assert net.backlog == 0
+    # The next round takes size 12 at its start; size 14, come meanwhile, waits for the one after.
+    twelve = await audit.grow(5)
+    await await_for(lambda: net._batch == {MEMBER: twelve.encode()}, 10, "the round taking 12")
+    fourteen = await audit.grow(2)
+    await await_for(lambda: net._pending.get(MEMBER) == fourteen.encode(), 10, "USA holding 14")
+    assert audit.usa_state().size == 7
+    await await_for(lambda: audit.usa_state().size == 14, 20, "USA cosigned size 14")
+    await audit.tap.flush()
+    sizes = [parse_body(parse(c).text).size for c in audit.usa_cosignatures]
+    assert sizes == [3, 7, 12, 14]
+    assert audit.proof_requests == [
+        proof_request(3, 7),
+        proof_request(7, 12),
+        proof_request(12, 14),
+    ]
+
+
+async def test_a_delayed_round_works_at_once_when_the_log_stops_growing(
+    audit: Audit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A burst's last checkpoints are cosigned once the logs settle, not only when
+    # the delayed work of the round that took them comes due.
+    monkeypatch.setattr(auditnet, "_jitter", _Latest())
+    net = audit.usa.net
+    await audit.grow(0)
+    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
+    net.interval, net.spread, net.settled = 2.0, 1.0, 0.5  # the work due 2 s after the start
+
+    async def feed() -> None:  # a checkpoint every 0.1 s: the log keeps growing
+        while net._batch is None:
+            await audit.grow(1)
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(feed(), 10)
+    batch = net._batch
+    assert batch is not None
+    taken = parse_body(parse(batch[MEMBER]).text).size
+    work_at = net._work_at
+    await await_for(lambda: audit.usa_state().size >= taken, 10, f"USA cosigned size {taken}")
+    assert time.monotonic() < work_at  # settled: not left to wait out the delay
+    await await_for(lambda: audit.usa_state().size == audit.log.size, 10, "the last checkpoint")
 
 
 async def test_cosignatures_merged_are_logged_at_once_then_once_a_minute(audit: Audit) -> None:
