@@ -270,16 +270,25 @@ class _Latest:
         return high
 
 
+@pytest.fixture
+async def spread(audit: Audit, monkeypatch: pytest.MonkeyPatch) -> Audit:
+    """``audit`` once USA cosigned size 3, a delayed round's work as late as it may come.
+
+    That first round follows a quiet spell, so it is not delayed (the hour's
+    interval would delay it by most of an hour).
+    """
+    monkeypatch.setattr(auditnet, "_jitter", _Latest())
+    await audit.grow(0)
+    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
+    return audit
+
+
 async def test_under_load_a_round_takes_its_checkpoints_at_its_start_and_works_later(
-    audit: Audit, monkeypatch: pytest.MonkeyPatch
+    spread: Audit,
 ) -> None:
     # Every witness's round starts at the same time, so they all cosign the same
     # checkpoints; under load each does the work later, at its own random point.
-    monkeypatch.setattr(auditnet, "_jitter", _Latest())
-    net = audit.usa.net
-    await audit.grow(0)
-    # The first round after a quiet spell is not delayed.
-    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
+    audit, net = spread, spread.usa.net
     net.interval, net.spread = 1.5, 1.0  # rounds 1.5 s apart, the work 1.5 s after each start
     taken = await audit.grow(4)
     await await_for(lambda: net._batch is not None, 10, "USA's round taking size 7")
@@ -308,15 +317,10 @@ async def test_under_load_a_round_takes_its_checkpoints_at_its_start_and_works_l
     ]
 
 
-async def test_a_delayed_round_works_at_once_when_the_log_stops_growing(
-    audit: Audit, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_delayed_round_works_at_once_when_the_log_stops_growing(spread: Audit) -> None:
     # A burst's last checkpoints are cosigned once the logs settle, not only when
     # the delayed work of the round that took them comes due.
-    monkeypatch.setattr(auditnet, "_jitter", _Latest())
-    net = audit.usa.net
-    await audit.grow(0)
-    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
+    audit, net = spread, spread.usa.net
     net.interval, net.spread, net.settled = 2.0, 1.0, 0.5  # the work due 2 s after the start
 
     async def feed() -> None:  # a checkpoint every 0.1 s: the log keeps growing
