@@ -37,13 +37,19 @@ class TcpProxy:
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()  # cleared by ``hold``
         self._flowing.set()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
         self._server: asyncio.base_events.Server | None = None
         self._lock = threading.Lock()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         self.port = int(sock.getsockname()[1])
         self._sock = sock
+
+    def _serve(self) -> None:
+        self._loop.run_forever()
+        # Stopped: run the loop once more, on its own thread (the caller of ``stop``
+        # may be running a loop of its own), for whatever it still holds.
+        self._loop.run_until_complete(self._abort_leftovers())
 
     @property
     def url(self) -> str:
@@ -60,8 +66,6 @@ class TcpProxy:
         asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
-        # The loop has stopped: run it here once more for whatever it still holds.
-        self._loop.run_until_complete(self._abort_leftovers())
         self._loop.close()
 
     def cut(self) -> None:

@@ -8,6 +8,7 @@ module, whose ports say it was a connection to a proxy).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
@@ -86,12 +87,13 @@ def test_stop_closes_every_socket_even_with_a_peer_that_never_reads(
             client.close()
 
 
-def test_stop_closes_even_a_connection_the_orderly_shutdown_missed(
+async def test_stop_closes_even_a_connection_the_orderly_shutdown_missed(
     deaf_upstream: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The orderly shutdown closes every connection it knows of. Whatever escapes it
     # (how one escaped in CI is not known) is aborted once the loop has stopped:
     # here the shutdown closes only the listener, so every connection escapes.
+    # Async, as the reliability tests are: ``stop`` is called with a loop running.
     async def close_the_listener_only(self: TcpProxy) -> None:
         assert self._server is not None
         self._server.close()
@@ -105,7 +107,7 @@ def test_stop_closes_even_a_connection_the_orderly_shutdown_missed(
         deadline = time.monotonic() + 10
         while proxy.active < 1:
             assert time.monotonic() < deadline, "the proxy never connected upstream"
-            time.sleep(0.01)
+            await asyncio.sleep(0.01)
         before = _proxy_sockets(proxy, upstream_port)
         assert sum("ESTABLISHED" in line for line in before) == 2, before  # both sides open
 
