@@ -95,8 +95,8 @@ async def test_stop_closes_even_a_connection_the_orderly_shutdown_missed(
     # here the shutdown closes only the listener, so every connection escapes.
     # Async, as the reliability tests are: ``stop`` is called with a loop running.
     async def close_the_listener_only(self: TcpProxy) -> None:
-        assert self._server is not None
-        self._server.close()
+        if self._server is not None:  # as the real one: set by start()
+            self._server.close()
 
     monkeypatch.setattr(TcpProxy, "_shutdown", close_the_listener_only)
     upstream_port = int(deaf_upstream.getsockname()[1])
