@@ -578,7 +578,9 @@ class AuditNet:
             if self._batch is not None:
                 # The logs may settle while the work waits: then it is due at once,
                 # so that a burst's last checkpoints are cosigned promptly.
-                quiet = (self._newest if self._pending else self._last_round) + self.settled
+                # Nothing newer since the round's start: settled from its start.
+                newest = self._newest if self._newest < math.inf else self._last_round
+                quiet = newest + self.settled
                 if now >= min(self._work_at, quiet):
                     batch, self._batch = self._batch, None
                     await self._round(nc, batch)
@@ -601,16 +603,26 @@ class AuditNet:
                 self._hold(*self._queue.get_nowait())
 
     def _hold(self, origin: str, data: bytes) -> None:
-        # A log republishes its checkpoint as cosignatures merge into it: the
-        # same text we already cosigned, with our line merged, needs no work (we
-        # would verify it only to find nothing to do). Without our line, our
-        # cosignature was lost on the way (a hub restart): the round signs it
-        # again. Anything else waits for the next round too.
+        # A log republishes its checkpoint as cosignatures merge into it. A copy
+        # is not a newer checkpoint: it needs no work of its own, and it does not
+        # keep the logs from looking settled (at rest each of ten witnesses' lines
+        # made every log republish, and the last witnesses waited out the interval).
         done = self._cosigned.get(origin)
-        if done is not None and data.startswith(done) and self._our_line in data:
+        if done is not None and data.startswith(done):
+            if self._our_line in data:
+                # Ours reached the log: a copy held from before it did is resolved.
+                held = self._pending.get(origin)
+                if held is not None and held.startswith(done):
+                    del self._pending[origin]
+                return
+            # Without our line: ours is on its way, or was lost (a hub restart). Unless
+            # a copy with it comes first, the next round signs it again.
+            self._pending.setdefault(origin, data)
             return
+        held = self._pending.get(origin) or (self._batch or {}).get(origin)
         self._pending[origin] = data
-        self._newest = time.monotonic()
+        if held is None or _note_text(held) != _note_text(data):
+            self._newest = time.monotonic()
 
     def _start_round(self, now: float) -> None:
         """Take the pending checkpoints for a round, and say when its work is due."""
@@ -838,6 +850,11 @@ def _error_reply(reason: str) -> bytes:
 
 def _member_or_unknown(code: str) -> str:
     return code if is_member(code) else "?"
+
+
+def _note_text(data: bytes) -> bytes:
+    """A note's text and the blank line after it: the checkpoint, whatever its signatures."""
+    return data[: data.rfind(b"\n\n") + 2]
 
 
 def _cosigned_text(origin: str, state: LogState) -> bytes:

@@ -263,6 +263,48 @@ async def test_a_log_that_stops_growing_is_cosigned_without_waiting_out_the_inte
     await await_for(lambda: len(audit.usa_cosignatures) == 2, 10, "second cosignature")
 
 
+async def test_copies_of_a_held_checkpoint_do_not_keep_the_log_from_settling(
+    audit: Audit,
+) -> None:
+    # Each witness's line merged into a log makes it republish its latest checkpoint.
+    # A copy is not a newer checkpoint: the round comes once the log has settled,
+    # not once the copies stop (at rest ten witnesses took 7-10 s, not 2.5).
+    await audit.grow(0)
+    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
+    audit.usa.net.settled = 0.5  # and still an hour to the next round
+    note = parse(await audit.grow(4))
+    copy = Note(note.text, (*note.signatures, cosign(note, "KOR", KOR_KEY, 7))).render()
+    deadline = time.monotonic() + 5
+    while audit.usa_state().size != 7 and time.monotonic() < deadline:
+        await audit.publish_checkpoint(copy)  # KOR's line merged: the log republishes
+        await asyncio.sleep(0.1)
+    assert audit.usa_state().size == 7, "USA waited for the copies to stop"
+    assert audit.proof_requests == [proof_request(3, 7)]
+
+
+async def test_a_copy_without_our_line_is_dropped_once_one_with_it_arrives(audit: Audit) -> None:
+    # The log republished before our cosignature reached it (other witnesses' lines
+    # merging): a race, not a loss. The copy that follows with our line says so,
+    # and the one held without it is not signed again at the next round.
+    note = await audit.grow(2)
+    await await_for(lambda: len(audit.usa_cosignatures) == 1, 10, "the first cosignature")
+    await audit.publish_checkpoint(note)  # the same checkpoint, without USA's line
+    await await_for(lambda: MEMBER in audit.usa.net._pending, 10, "USA holding the copy")
+    await await_for(
+        lambda: "\u2014 USA " in (audit.log.latest_checkpoint() or ""), 10, "JPN merged USA's"
+    )
+    await audit.publish_checkpoint(audit.log.latest_checkpoint() or "")
+    await await_for(lambda: MEMBER not in audit.usa.net._pending, 10, "the copy dropped")
+    # A round now would sign anything still held; a note on KOR's subject brings one.
+    audit.usa.net.interval = 0
+    await audit.tap.publish("msmt.audit.KOR.checkpoint", b"KOR\n")
+    await audit.tap.flush()
+    await await_for(lambda: audit.usa.net.last_error is not None, 10, "the round (KOR's refused)")
+    await audit.tap.flush()
+    assert len(audit.usa_cosignatures) == 1
+    assert audit.usa.net.backlog == 0
+
+
 class _Latest:
     """The spread's draw at its latest: a round's work as late as it may come."""
 
@@ -336,6 +378,30 @@ async def test_a_delayed_round_works_at_once_when_the_log_stops_growing(spread: 
     await await_for(lambda: audit.usa_state().size >= taken, 10, f"USA cosigned size {taken}")
     assert time.monotonic() < work_at  # settled: not left to wait out the delay
     await await_for(lambda: audit.usa_state().size == audit.log.size, 10, "the last checkpoint")
+
+
+async def test_a_delayed_round_works_at_once_when_only_copies_follow_its_checkpoint(
+    spread: Audit,
+) -> None:
+    # The log stopped growing, but other witnesses' lines merging into its last
+    # checkpoint keep it republishing: settled all the same.
+    audit, net = spread, spread.usa.net
+    net.interval, net.spread, net.settled = 2.0, 1.0, 0.5  # the work due 2 s after the start
+
+    async def feed() -> None:
+        while net._batch is None:
+            await audit.grow(1)
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(feed(), 10)
+    work_at = net._work_at
+    note = parse(audit.log.latest_checkpoint() or "")
+    copy = Note(note.text, (*note.signatures, cosign(note, "KOR", KOR_KEY, 7))).render()
+    while audit.usa_state().size != audit.log.size and time.monotonic() < work_at + 5:
+        await audit.publish_checkpoint(copy)
+        await asyncio.sleep(0.1)
+    assert audit.usa_state().size == audit.log.size
+    assert time.monotonic() < work_at  # not left to wait out the delay
 
 
 async def test_cosignatures_merged_are_logged_at_once_then_once_a_minute(audit: Audit) -> None:
