@@ -15,7 +15,10 @@ the other ten only receive. In order:
    and out of the hub (its ``/varz``); in the full run the resident memory of
    every node (with its children), sampled each second.
 2. latency: reports offered at a fixed rate (default 100/s), one per write;
-   per report, accepted at JPN -> stored at the last of the 10 partners.
+   per report, accepted at JPN -> stored at the last of the 10 partners. Then
+   the witnessing of that phase: once every log's latest checkpoint is cosigned
+   by all 10 witnesses (or 30 s passed), the checkpoints each log signed in the
+   phase, counted by their verified cosignatures.
 3. the nodes stop (SIGTERM, exit 0 expected); counts are checked: every
    partner stored exactly every report, JPN's outbox holds nothing unsent.
    Anything lost or extra is a non-zero exit.
@@ -56,6 +59,12 @@ from floors import CryptoFloor, publish_floor, pull_floor
 from joserfc.jwk import OKPKey
 
 from broker import envelope, keys, samples, sdjwt
+from broker.checkpoint import (
+    count_cosignatures,
+    open_checkpoint,
+    roster_log_keys,
+    roster_witness_keys,
+)
 from broker.config import load_config
 from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
@@ -63,6 +72,7 @@ from broker.natsconfig import accounts_config
 from broker.natsetup import InboxLimits, setup_account
 from broker.natsproc import NatsServer, free_port
 from broker.natsusers import load_users
+from broker.roster import Roster
 from broker.validation import parse_record
 
 ORIGIN = "JPN"
@@ -438,13 +448,111 @@ def audit_batches(cluster: Cluster) -> str:
     """Audit entries per signed checkpoint (= per commit) at JPN and the receivers' mean."""
     out = []
     for member in (ORIGIN, "USA"):
-        path = load_config(cluster.config_path(member), env={}).audit_dir / "audit.sqlite"
+        path = audit_path(cluster, member)
         entries = read_rows(path, "SELECT count(*) FROM entries")[0][0]
         commits = read_rows(path, "SELECT count(*) FROM checkpoints")[0][0]
         out.append(
             f"{member} {entries} entries in {commits} commits ({entries / commits:.1f} each)"
         )
     return "; ".join(out)
+
+
+def log_sizes(cluster: Cluster) -> dict[str, int]:
+    """Entries in every node's audit log now."""
+    return {
+        m: read_rows(audit_path(cluster, m), "SELECT count(*) FROM entries")[0][0] for m in MEMBERS
+    }
+
+
+def audit_path(cluster: Cluster, member: str) -> Path:
+    """The SQLite file of ``member``'s audit log."""
+    return load_config(cluster.config_path(member), env={}).audit_dir / "audit.sqlite"
+
+
+@dataclass
+class Witnessing:
+    """Verified cosignatures on the checkpoints each log signed in the fixed-rate phase."""
+
+    phase: dict[str, list[int]]
+    """Per log: cosignatures on each checkpoint signed in the phase that has any, its last
+    one (cosigned at rest, so by all, and counted in ``last``) left out."""
+    last: dict[str, int]
+    """Per log: cosignatures on its latest checkpoint once the logs were at rest."""
+    waited: float
+
+    def lines(self, seconds: float) -> list[str]:
+        witnesses = len(MEMBERS) - 1
+        majority = witnesses // 2 + 1
+
+        def spread(values: Sequence[int]) -> str:
+            ordered = sorted(values)
+            return f"median {ordered[len(ordered) // 2]}, least {ordered[0]}"
+
+        def count(at_least: int) -> list[int]:
+            return [sum(1 for n in ns if n >= at_least) for ns in self.phase.values()]
+
+        most = [max(ns, default=0) for ns in self.phase.values()]
+        cosigned = [len(ns) for ns in self.phase.values()]
+        short = {m: n for m, n in self.last.items() if n < witnesses}
+        return [
+            f"witnessing over the {seconds:.0f} s phase, per log (of {len(MEMBERS)}), its"
+            f" checkpoints signed in it but the last, cosigned: by any {spread(cosigned)};"
+            f" by 3 or more {spread(count(3))}; by a majority ({majority} of {witnesses})"
+            f" {spread(count(majority))}; the most on one {spread(most)}",
+            f"  at rest ({self.waited:.1f} s after the phase): "
+            + (
+                f"every log's latest checkpoint cosigned by all {witnesses}"
+                if not short
+                else "latest checkpoint NOT cosigned by all "
+                + ", ".join(f"{m} {n}/{witnesses}" for m, n in sorted(short.items()))
+            ),
+        ]
+
+
+def cosignatures(
+    cluster: Cluster, member: str, after: int, roster: Roster, upto: int | None = None
+) -> list[tuple[int, int]]:
+    """(size, verified cosignatures) of ``member``'s checkpoints after ``after`` (to ``upto``)."""
+    log_keys = roster_log_keys(roster, member)
+    witnesses = roster_witness_keys(roster, [m for m in MEMBERS if m != member])
+    rows = read_rows(
+        audit_path(cluster, member),
+        "SELECT size, note FROM checkpoints WHERE size > ? AND size <= ? ORDER BY size",
+        (after, upto if upto is not None else 2**62),
+    )
+    out = []
+    for size, note in rows:
+        _, parsed = open_checkpoint(note, log_keys)
+        out.append((int(size), len(count_cosignatures(parsed, witnesses))))
+    return out
+
+
+async def witnessing(
+    cluster: Cluster, before: dict[str, int], after: dict[str, int], within: float = 30.0
+) -> Witnessing:
+    """Wait for the witnesses to cosign every log's latest checkpoint, then count the phase's.
+
+    A round under load does its work up to 4.5 s after it took its checkpoints,
+    so the phase's counts are read once the logs are at rest: then every witness
+    cosigns every log's latest checkpoint (docs/NODE.md), or the wait times out.
+    """
+    roster = keys.load_signed_roster(cluster.keydir).roster
+    witnesses = len(MEMBERS) - 1
+    start = time.monotonic()
+    while True:
+        last = {}
+        for member in MEMBERS:
+            latest = cosignatures(cluster, member, after[member] - 1, roster)
+            last[member] = latest[-1][1] if latest else 0
+        waited = time.monotonic() - start
+        if all(n == witnesses for n in last.values()) or waited > within:
+            break
+        await asyncio.sleep(0.5)
+    phase = {
+        m: [n for _, n in cosignatures(cluster, m, before[m], roster, after[m] - 1) if n]
+        for m in MEMBERS
+    }
+    return Witnessing(phase=phase, last=last, waited=waited)
 
 
 def crypto_floors(records: list[dict[str, Any]]) -> list[CryptoFloor]:
@@ -578,6 +686,7 @@ class Results:
     """CPU seconds of each process over the fixed-rate phase."""
     lat_wall: float
     to_first: list[float]
+    witnessing: Witnessing
     memory: Memory | None
     batching: str
     crypto: tuple[float, float, float]
@@ -621,11 +730,13 @@ async def measure(args: argparse.Namespace) -> Results:
             accepted, _, last = timings(cluster, ids)
             # 2. latency at a fixed offered rate
             await asyncio.sleep(1.0)
+            sizes0 = log_sizes(cluster)
             lat_cpu0, lat_wall0 = tree_cpu_seconds(procs), time.perf_counter()
             await cluster.feed(paced, rate=args.rate)
             await wait_all(cluster, count + lat_count, args.timeout)
             lat_wall = time.perf_counter() - lat_wall0
             lat_cpu1 = tree_cpu_seconds(procs)
+            witnessed = await witnessing(cluster, sizes0, log_sizes(cluster))
             lat_ids = [str(r["report_id"]) for r in paced]
             lat_acc, lat_first, lat_last = timings(cluster, lat_ids)
             # 3. stop and count
@@ -648,6 +759,7 @@ async def measure(args: argparse.Namespace) -> Results:
                 lat_cpu={k: lat_cpu1[k] - lat_cpu0[k] for k in lat_cpu0},
                 lat_wall=lat_wall,
                 to_first=[lat_first[r] - lat_acc[r] for r in lat_ids],
+                witnessing=witnessed,
                 memory=memory,
                 batching=audit_batches(cluster),
                 crypto=floor_rates(crypto_floors(records)),
@@ -735,6 +847,8 @@ def show(r: Results, rate: float) -> None:
         f"  accepted -> stored at the first partner: p50 {f50:.0f} ms, p95 {f95:.0f} ms,"
         f" p99 {f99:.0f} ms"
     )
+    for line in r.witnessing.lines(len(r.latencies) / rate):
+        print(line)
     print(f"audit log batching: {r.batching}")
     print("counts: every partner stored every report exactly once; outbox fully sent; nothing lost")
 
