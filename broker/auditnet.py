@@ -611,9 +611,7 @@ class AuditNet:
         if done is not None and data.startswith(done):
             if self._our_line in data:
                 # Ours reached the log: a copy held from before it did is resolved.
-                held = self._pending.get(origin)
-                if held is not None and held.startswith(done):
-                    del self._pending[origin]
+                self._drop_held_copy(origin)
                 return
             # Without our line: ours is on its way, or was lost (a hub restart). Unless
             # a copy with it comes first, the next round signs it again.
@@ -697,9 +695,13 @@ class AuditNet:
             # The log republished this checkpoint with other witnesses' lines while
             # the round waited (``spread``): without ours, as ours was not yet sent.
             # Not a lost cosignature to sign again; a later copy still without it is.
-            held = self._pending.get(origin)
-            if held is not None and held.startswith(self._cosigned[origin]):
-                del self._pending[origin]
+            self._drop_held_copy(origin)
+
+    def _drop_held_copy(self, origin: str) -> None:
+        """Forget a held copy of the checkpoint of ``origin``'s we last cosigned: not newer."""
+        held = self._pending.get(origin)
+        if held is not None and held.startswith(self._cosigned[origin]):
+            del self._pending[origin]
 
     def _failure(self, origin: str, data: bytes, exc: BaseException) -> bool:
         """Act on one partner's checkpoint that was not cosigned; return whether it was refused.

@@ -295,7 +295,9 @@ async def test_a_copy_without_our_line_is_dropped_once_one_with_it_arrives(audit
     )
     await audit.publish_checkpoint(audit.log.latest_checkpoint() or "")
     await await_for(lambda: MEMBER not in audit.usa.net._pending, 10, "the copy dropped")
-    # A round now would sign anything still held; a note on KOR's subject brings one.
+    # A round now would sign anything still held; a note on KOR's subject brings one,
+    # and its refusal (the only error so far) says the round ran.
+    assert audit.usa.net.last_error is None
     audit.usa.net.interval = 0
     await audit.tap.publish("msmt.audit.KOR.checkpoint", b"KOR\n")
     await audit.tap.flush()
