@@ -112,8 +112,10 @@ log = get_logger("auditnet")
 PROOF_TIMEOUT: Final = 3.0
 QUEUE_LIMIT: Final = 256
 WITNESS_INTERVAL_S: Final = 5.0
-"""Shortest time between two witnessing rounds while logs keep growing: under
-load a partner's log is cosigned this often, not at each of its batches."""
+"""While logs keep growing, witnessing rounds start on the wall clock's multiples of
+this (seconds since the epoch), at least half of it apart: under load a partner's log
+is cosigned this often, not at each of its batches, and every witness's rounds start
+together (``next_round``)."""
 WITNESS_SPREAD: Final = 0.9
 """Under load, a round's work (proofs, cosignatures) comes at a random point of this
 fraction of the interval after the round's start: see ``AuditNet``."""
@@ -205,24 +207,32 @@ class AuditNet:
     every partner (older ones are superseded: cosigning the latest covers them,
     since it is proved consistent with what we cosigned before), asks the logs
     for their proofs concurrently, and saves the state once before publishing
-    the round's cosignatures. A round starts when ``interval`` seconds have
-    passed since the last one, or sooner once every pending checkpoint has
-    stood ``settled`` seconds without a newer one (the logs stopped growing).
-    So while logs grow each is cosigned every ``interval`` seconds rather than
-    at every batch, and when they stop their last checkpoints are cosigned
-    promptly; the first checkpoint after an idle spell starts a round at once.
+    the round's cosignatures. A round starts at the first multiple of
+    ``interval`` on the wall clock at least half an interval after the last one
+    (``next_round``), or sooner once every pending checkpoint has stood
+    ``settled`` seconds without a newer one (the logs stopped growing). So while
+    logs grow each is cosigned every ``interval`` seconds rather than at every
+    batch, and when they stop their last checkpoints are cosigned promptly; the
+    first checkpoint after an idle spell starts a round at once.
 
-    Every node's rounds start together (each is timed from the first checkpoint
-    after a quiet spell, which reaches all of them at once), so under load they
-    take the same checkpoints and the witnesses' cosignatures meet on them: the
-    quorum an auditor asks for. But their work, ~300 ms of CPU across the
-    network, then came all at once too, and delayed every report in flight
-    (bench/README.md). So a round that comes on time after the last one (the
-    logs still growing) takes its checkpoints at its start and does its work at
-    a random point within ``spread`` of the interval after it: the same
-    checkpoints cosigned, the work spread out. The first round after a quiet
-    spell and a settled one are not delayed, and a delayed one's work comes at
-    once if the logs settle meanwhile.
+    Every node's rounds start together: at the same multiples of the interval
+    under load (their clocks agree to well within the second between two of a
+    log's checkpoints, docs/NODE.md), and at the first checkpoint after a quiet
+    spell, which reaches all of them at once. So under load they take the same
+    checkpoints and the witnesses' cosignatures meet on them: the quorum an
+    auditor asks for. A round that starts late (its loop starved, the last
+    round's proof timing out) takes later checkpoints than the others', but the
+    next is back in step; timed from each witness's own last round, as they
+    were, one late start kept a witness out of step until the next quiet spell
+    and split the quorum under load (bench/README.md).
+
+    Their work, ~300 ms of CPU across the network, then comes all at once too,
+    and delayed every report in flight (bench/README.md). So a round that comes
+    on time after the last one (the logs still growing) takes its checkpoints at
+    its start and does its work at a random point within ``spread`` of the
+    interval after it: the same checkpoints cosigned, the work spread out. The
+    first round after a quiet spell and a settled one are not delayed, and a
+    delayed one's work comes at once if the logs settle meanwhile.
 
     ``alarms`` counts fork, rollback and twin alarms by ``kind`` and ``log`` (the
     origin), once per conflict (see the module); ``active``, if given, a gauge with
@@ -299,6 +309,7 @@ class AuditNet:
         self.on_twin: Callable[[], None] | None = None
         self._echo_arrived = asyncio.Event()
         self._last_round = -math.inf
+        self._last_round_wall = -math.inf  # the same instant on the wall clock
         # A cosignature note starts with the checkpoint's origin line: ours start with this.
         self._ours = f"{member}\n".encode()
         # Our cosignature line in a partner's note, as the log merged it.
@@ -587,7 +598,7 @@ class AuditNet:
                     continue
                 wait = min(wait, self._work_at - now, quiet - now)
             elif self._pending:
-                due = min(self._last_round + self.interval, self._newest + self.settled) - now
+                due = min(self._round_due(), self._newest + self.settled) - now
                 if due <= 0:
                     self._start_round(now)
                     continue
@@ -622,12 +633,22 @@ class AuditNet:
         if held is None or _note_text(held) != _note_text(data):
             self._newest = time.monotonic()
 
+    def _round_due(self) -> float:
+        """When the next round is due (``time.monotonic``) while the logs grow: see the class."""
+        if self._last_round == -math.inf:
+            return -math.inf
+        # Counted on the monotonic clock from the last round's start: a step of the
+        # wall clock since then moves no round out of its half to one and a half intervals.
+        later = next_round(self._last_round_wall, self.interval) - self._last_round_wall
+        return self._last_round + later
+
     def _start_round(self, now: float) -> None:
         """Take the pending checkpoints for a round, and say when its work is due."""
         # On time after the last round, the logs not settled: under load (the class).
         busy = now - self._last_round < 2 * self.interval and self._newest + self.settled > now
         delay = _jitter.uniform(0, self.spread * self.interval) if busy else 0.0
         self._last_round = now
+        self._last_round_wall = time.time()
         self._batch, self._pending = self._pending, {}
         self._work_at = now + delay
         # What the round puts back for a retry waits for the interval; only a
@@ -843,6 +864,18 @@ class AuditNet:
 # When a round's work comes (``AuditNet.spread``). Not a secret: the OS's source
 # only spares a seed of ours, and keeps each node's draws its own.
 _jitter = random.SystemRandom()
+
+
+def next_round(started: float, interval: float) -> float:
+    """When the round after one that started at ``started`` is due, both on the wall clock.
+
+    The first multiple of ``interval`` (seconds since the epoch) at least half an
+    interval after ``started``: every witness's rounds fall on the same multiples,
+    also after one of them started late, and no two come closer than half an interval.
+    """
+    if interval <= 0:
+        return started
+    return math.ceil((started + interval / 2) / interval) * interval
 
 
 def _error_reply(reason: str) -> bytes:

@@ -307,6 +307,40 @@ async def test_a_copy_without_our_line_is_dropped_once_one_with_it_arrives(audit
     assert audit.usa.net.backlog == 0
 
 
+async def test_under_load_rounds_start_on_the_wall_clocks_multiples_of_the_interval(
+    audit: Audit,
+) -> None:
+    # Every witness must take the same checkpoints for their cosignatures to meet on
+    # them. Timed from a witness's own last round, one round off the beat (a starved
+    # loop, a proof timing out) kept it out of step with the others until the next
+    # quiet spell: under load the quorum split. Here the first round, after a quiet
+    # spell, starts at 0.5-0.6 s past a whole second; the next ones must not.
+    starts: list[float] = []
+
+    async def on_proof(msg: Msg) -> None:
+        starts.append(time.time())  # no spread: a round asks for its proof as it starts
+
+    await audit.tap.subscribe(f"msmt.audit.{MEMBER}.proof", cb=on_proof)
+    await audit.tap.flush()
+    net = audit.usa.net
+    net.spread = 0
+    await asyncio.sleep((0.55 - time.time()) % 1)  # to 0.55 s past a whole second
+    await audit.grow(0)
+    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
+    first = net._last_round_wall
+    assert 0.5 <= first % 1 < 0.7
+    net.interval = 1.0
+    deadline = time.monotonic() + 4.5
+    while time.monotonic() < deadline:  # a checkpoint every 0.1 s: the log keeps growing
+        await audit.grow(1)
+        await asyncio.sleep(0.1)
+    await audit.tap.flush()
+    assert len(starts) >= 3
+    assert all(s % 1 < 0.3 for s in starts), [round(s % 1, 2) for s in starts]
+    # No two rounds less than half an interval apart: not one at the second after the first.
+    assert starts[0] - first >= 0.5
+
+
 class _Latest:
     """The spread's draw at its latest: a round's work as late as it may come."""
 
@@ -343,6 +377,8 @@ async def test_under_load_a_round_takes_its_checkpoints_at_its_start_and_works_l
     await await_for(lambda: MEMBER in net._pending, 10, "USA holding the republished size 7")
     assert audit.usa_state().size == 3
     await await_for(lambda: audit.usa_state().size == 7, 10, "USA cosigned size 7")
+    # The state moves before it is saved; the copy is dropped once the cosignature is out.
+    await await_for(lambda: len(audit.usa_cosignatures) == 2, 10, "USA's cosignature of 7")
     assert net.backlog == 0
     # The next round takes size 12 at its start; size 14, come meanwhile, waits for the one after.
     twelve = await audit.grow(5)
@@ -351,7 +387,7 @@ async def test_under_load_a_round_takes_its_checkpoints_at_its_start_and_works_l
     await await_for(lambda: net._pending.get(MEMBER) == fourteen.encode(), 10, "USA holding 14")
     assert audit.usa_state().size == 7
     await await_for(lambda: audit.usa_state().size == 14, 20, "USA cosigned size 14")
-    await audit.tap.flush()
+    await await_for(lambda: len(audit.usa_cosignatures) == 4, 10, "USA's cosignature of 14")
     sizes = [parse_body(parse(c).text).size for c in audit.usa_cosignatures]
     assert sizes == [3, 7, 12, 14]
     assert audit.proof_requests == [
@@ -559,6 +595,22 @@ async def test_a_state_that_cannot_be_saved_is_not_cosigned_and_is_retried(
     await await_for(lambda: len(audit.usa_cosignatures) == 1, 10, "cosigned once saved")
     assert audit.usa_state().size == 3
     assert (tmp_path / "later" / "ws.json").is_file()
+
+
+def test_the_next_round_is_the_first_multiple_of_the_interval_half_of_it_later() -> None:
+    # On time, or late by less than half the interval: the next multiple.
+    assert auditnet.next_round(100.0, 5.0) == 105.0
+    assert auditnet.next_round(102.4, 5.0) == 105.0
+    # After a quiet spell a round starts at once, whenever: never two within half an interval.
+    assert auditnet.next_round(97.4, 5.0) == 100.0
+    assert auditnet.next_round(97.6, 5.0) == 105.0
+    # Late by more than half: it skips one, and the one after is back on the beat.
+    assert auditnet.next_round(103.0, 5.0) == 110.0
+    assert auditnet.next_round(110.0, 5.0) == 115.0
+    # At the wall clock's size today (seconds since 1970) the multiples stay exact.
+    now = 1_796_000_001.3
+    assert auditnet.next_round(now, 5.0) == 1_796_000_005.0
+    assert auditnet.next_round(now, 0) == now  # no interval: due at once
 
 
 async def test_a_malformed_checkpoint_costs_only_itself_and_the_node_goes_on(
