@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck pytest schemas clean
+.PHONY: test demo lint typecheck pytest chromium schemas clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ typecheck: $(STAMP)
 # Two workers: the five-minute soak beside the rest of the suite, which still runs
 # in order on one worker; the soak's worker then takes a few light integration
 # modules (tests/conftest.py, SoakBesideSuite).
-pytest: $(STAMP)
+pytest: $(STAMP) chromium
 	$(BIN)/pytest -n 2
+
+# The browser test (tests/test_demo.py) needs Debian's chromium: installed only if missing,
+# so that `make test` alone works on a fresh machine, as .ci/run does.
+chromium:
+	scripts/install-chromium.sh
 
 demo: $(STAMP)
 	$(BIN)/msmt demo

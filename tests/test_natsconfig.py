@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from nats.js.api import ExternalStream, StreamSource
 from node_world import fetch, msmt, running_hub, wait_for
 
@@ -347,17 +347,26 @@ def test_setup_again_without_replicas_keeps_every_copy_of_a_cluster_stream(
     runner = CliRunner()
     base = ["nats", "setup", "--server", servers[0].url, "--keys", str(keydir)]
     base += ["--max-bytes", str(8 * 1024 * 1024)]
-    try:
-        for attempt in range(50):  # a new cluster may not count its peers yet
-            first = runner.invoke(main, [*base, "--account", "USA", "--replicas", "3"])
-            if first.exit_code == 0 or "no suitable peers" not in first.output or attempt == 49:
+
+    def placed(args: list[str]) -> Result:
+        # A new cluster may not count its peers yet, and on a loaded machine a peer
+        # can miss a heartbeat and count as offline for a moment: the server then
+        # refuses a replicated stream's placement. Setup says so; run again, as an operator would.
+        result = runner.invoke(main, [*base, *args])
+        for _ in range(49):
+            if result.exit_code == 0 or "no suitable peers" not in result.output:
                 break
             time.sleep(0.2)
+            result = runner.invoke(main, [*base, *args])
+        return result
+
+    try:
+        first = placed(["--account", "USA", "--replicas", "3"])
         assert first.exit_code == 0, first.output
         assert "num_replicas = 3" in first.output
-        again = runner.invoke(main, [*base, "--account", "USA"])
-        audit = runner.invoke(main, [*base, "--account", "AUDIT", "--replicas", "3"])
-        audit_again = runner.invoke(main, [*base, "--account", "AUDIT"])
+        again = placed(["--account", "USA"])
+        audit = placed(["--account", "AUDIT", "--replicas", "3"])
+        audit_again = placed(["--account", "AUDIT"])
     finally:
         for server in servers:
             server.kill()
