@@ -115,7 +115,7 @@ WITNESS_INTERVAL_S: Final = 5.0
 """While logs keep growing, witnessing rounds start on the wall clock's multiples of
 this (seconds since the epoch), at least half of it apart: under load a partner's log
 is cosigned this often, not at each of its batches, and every witness's rounds start
-together (``next_round``)."""
+together (``next_round``). A round once the logs settle comes sooner (``SETTLED_S``)."""
 WITNESS_SPREAD: Final = 0.9
 """Under load, a round's work (proofs, cosignatures) comes at a random point of this
 fraction of the interval after the round's start: see ``AuditNet``."""
@@ -226,13 +226,14 @@ class AuditNet:
     were, one late start kept a witness out of step until the next quiet spell
     and split the quorum under load (bench/README.md).
 
-    Their work, ~300 ms of CPU across the network, then comes all at once too,
-    and delayed every report in flight (bench/README.md). So a round that comes
-    on time after the last one (the logs still growing) takes its checkpoints at
-    its start and does its work at a random point within ``spread`` of the
-    interval after it: the same checkpoints cosigned, the work spread out. The
-    first round after a quiet spell and a settled one are not delayed, and a
-    delayed one's work comes at once if the logs settle meanwhile.
+    Their work, ~300 ms of CPU across the network, would then come all at once
+    too; it did, and delayed every report in flight (bench/README.md). So a
+    round that comes on time after the last one (the logs still growing) takes
+    its checkpoints at its start and does its work at a random point within
+    ``spread`` of the interval after it: the same checkpoints cosigned, the work
+    spread out. The first round after a quiet spell and a settled one are not
+    delayed, and a delayed one's work comes at once if the logs settle
+    meanwhile.
 
     ``alarms`` counts fork, rollback and twin alarms by ``kind`` and ``log`` (the
     origin), once per conflict (see the module); ``active``, if given, a gauge with

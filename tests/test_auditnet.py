@@ -314,7 +314,7 @@ async def test_under_load_rounds_start_on_the_wall_clocks_multiples_of_the_inter
     # them. Timed from a witness's own last round, one round off the beat (a starved
     # loop, a proof timing out) kept it out of step with the others until the next
     # quiet spell: under load the quorum split. Here the first round, after a quiet
-    # spell, starts at 0.5-0.6 s past a whole second; the next ones must not.
+    # spell, starts about 0.55 s past a whole second; the later ones must start on one.
     starts: list[float] = []
 
     async def on_proof(msg: Msg) -> None:
@@ -328,7 +328,7 @@ async def test_under_load_rounds_start_on_the_wall_clocks_multiples_of_the_inter
     await audit.grow(0)
     await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
     first = net._last_round_wall
-    assert 0.5 <= first % 1 < 0.9  # so rounds timed from it would never fall under 0.3
+    assert 0.5 <= first % 1 < 0.9  # so rounds timed from it would never fall under 0.45
     net.interval = 1.0
     deadline = time.monotonic() + 4.5
     while time.monotonic() < deadline:  # a checkpoint every 0.1 s: the log keeps growing
@@ -336,7 +336,8 @@ async def test_under_load_rounds_start_on_the_wall_clocks_multiples_of_the_inter
         await asyncio.sleep(0.1)
     await audit.tap.flush()
     assert len(starts) >= 3
-    assert all(s % 1 < 0.3 for s in starts), [round(s % 1, 2) for s in starts]
+    # Within 0.45 s of a whole second: a busy machine's loop and hub may be that late.
+    assert all(s % 1 < 0.45 for s in starts), [round(s % 1, 2) for s in starts]
     # No two rounds less than half an interval apart: not one at the second after the first.
     assert starts[0] - first >= 0.5
 
