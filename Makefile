@@ -29,7 +29,7 @@ pytest: $(STAMP) chromium
 	$(BIN)/pytest -n 2
 
 # The browser test (tests/test_demo.py) needs Debian's chromium: installed only if missing,
-# so that `make test` alone works on a fresh machine, as .ci/run does.
+# so that `make test` alone works on a fresh machine (.ci/run runs only that).
 chromium:
 	scripts/install-chromium.sh
 
