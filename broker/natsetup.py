@@ -15,8 +15,11 @@ stream per member.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ssl
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final, Literal
@@ -34,6 +37,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
 )
 
 from broker.errors import ConfigError
@@ -273,18 +277,65 @@ def _refusal(name: str, wanted: StreamConfig, exc: Exception) -> ConfigError:
     return ConfigError(f"stream {name}: the server refused the setup ({exc})")
 
 
+_NO_PEERS: Final = 10005
+"""JetStream's ``no suitable peers for placement``: the cluster has fewer servers online
+than the stream's replicas, for good or only for now (one still starting, or late with
+a heartbeat under load); the server's answer does not say which."""
+
+PLACEMENT_WAIT: Final = 20.0
+"""Seconds ``ensure_stream`` keeps asking while the hub cannot yet place a stream's replicas.
+
+A cluster counts as healthy once a majority of its servers is up, so a setup run
+just after start (deploy/provision.sh) could be refused a three-replica stream
+for the moment the last server takes to join."""
+
+
+async def _placed(
+    change: Callable[[StreamConfig], Awaitable[StreamInfo]], wanted: StreamConfig, wait: float
+) -> StreamInfo:
+    """``change(wanted)``, asked again for up to ``wait`` s while the hub has no servers for it.
+
+    Raises ``ConfigError`` if the placement is still refused then; any other
+    error propagates for ``_refusal`` to word.
+    """
+    deadline = time.monotonic() + wait
+    delay = 0.1
+    while True:
+        try:
+            return await change(wanted)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != _NO_PEERS:
+                raise
+        if time.monotonic() + delay > deadline:
+            replicas = int(wanted.num_replicas or 1)
+            raise ConfigError(
+                f"stream {wanted.name}: the hub has no {replicas} servers online to place "
+                f"{replicas} replicas on (still refused after {wait:g} s): start the cluster's "
+                "missing servers, or use a smaller --replicas (at most the cluster's size)"
+            )
+        if delay == 0.1:  # the first refusal: say why setup pauses
+            log.info("stream_placement_waiting", stream=wanted.name, replicas=wanted.num_replicas)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
 KEEPABLE: Final = frozenset({"num_replicas", "max_bytes", "max_age"})
 """Stream settings an operator sets by option, which a re-run without it keeps (``keep``)."""
 
 
 async def ensure_stream(
-    js: JetStreamContext, wanted: StreamConfig, *, keep: frozenset[str] = frozenset()
+    js: JetStreamContext,
+    wanted: StreamConfig,
+    *,
+    keep: frozenset[str] = frozenset(),
+    placement_wait: float = PLACEMENT_WAIT,
 ) -> SetupResult:
     """Create ``wanted`` if missing, update it if it differs; raise ``ConfigError`` on refusal.
 
     An existing stream keeps its own value of each setting named in ``keep`` (of
     ``KEEPABLE``): a re-run without ``--replicas`` or ``--max-bytes`` must not
-    quietly undo what an operator set on purpose.
+    quietly undo what an operator set on purpose. A placement the hub refuses for
+    want of servers is asked again for up to ``placement_wait`` seconds.
     """
     name = str(wanted.name)
     current = await _stream_config(js, name)
@@ -294,20 +345,25 @@ async def ensure_stream(
     want = _pick(wanted.as_dict(), _STREAM_FIELDS)
     try:
         if current is None:
-            info = await js.add_stream(wanted)
+            info = await _placed(js.add_stream, wanted, placement_wait)
             return SetupResult(
                 "stream", name, "created", _pick(info.config.as_dict(), _STREAM_FIELDS)
             )
         if _pick(current.as_dict(), _STREAM_FIELDS) == want:
             return SetupResult("stream", name, "unchanged", want)
-        info = await js.update_stream(wanted)
+        info = await _placed(js.update_stream, wanted, placement_wait)
     except (nats.errors.Error, nats.js.errors.Error) as exc:
         raise _refusal(name, wanted, exc) from None
     return SetupResult("stream", name, "updated", _pick(info.config.as_dict(), _STREAM_FIELDS))
 
 
 async def ensure_inbox(
-    js: JetStreamContext, member: str, limits: InboxLimits, *, keep: frozenset[str] = frozenset()
+    js: JetStreamContext,
+    member: str,
+    limits: InboxLimits,
+    *,
+    keep: frozenset[str] = frozenset(),
+    placement_wait: float = PLACEMENT_WAIT,
 ) -> list[SetupResult]:
     """Ensure ``member``'s inbox stream and its node's consumer; return both results.
 
@@ -329,10 +385,15 @@ async def ensure_inbox(
             f"stream {name} has work-queue retention, which JetStream cannot change to "
             "interest in place: let the node drain it, delete it on the hub and run setup again"
         )
-    stream = await ensure_stream(js, dataclasses.replace(wanted, retention=retention), keep=keep)
+    stream = await ensure_stream(
+        js,
+        dataclasses.replace(wanted, retention=retention),
+        keep=keep,
+        placement_wait=placement_wait,
+    )
     consumer = await ensure_consumer(js, name, inbox_consumer_config(member, limits))
     if retention != wanted.retention:
-        switched = await ensure_stream(js, wanted, keep=keep)
+        switched = await ensure_stream(js, wanted, keep=keep, placement_wait=placement_wait)
         if current is not None:
             log.warning("inbox_retention_switched", stream=name, was=str(retention.value))
         action: Action = "created" if stream.action == "created" else "updated"
@@ -481,6 +542,7 @@ async def setup_account(
     audit_max_bytes: int = AUDIT_MAX_BYTES,
     tls: ssl.SSLContext | None = None,
     keep: frozenset[str] = frozenset(),
+    placement_wait: float = PLACEMENT_WAIT,
 ) -> list[SetupResult]:
     """Ensure ``account``'s streams and consumers exist as configured (idempotent).
 
@@ -488,8 +550,9 @@ async def setup_account(
     stream per member (``audit_max_bytes`` each), after retiring the shared
     archive of older versions. ``tls`` is passed to ``connect_account``. With
     ``keep`` (of ``KEEPABLE``) a stream that exists keeps those settings (a new one
-    gets ``limits``' and ``audit_max_bytes``). Raises ``ConfigError`` if the server is unreachable
-    or refuses a step.
+    gets ``limits``' and ``audit_max_bytes``). A replicated stream the hub cannot
+    place yet is asked again for up to ``placement_wait`` seconds (``ensure_stream``).
+    Raises ``ConfigError`` if the server is unreachable or refuses a step.
     """
     limits = limits or InboxLimits()
     nc = await connect_account(url, account, seed, tls=tls)
@@ -500,8 +563,10 @@ async def setup_account(
             results = [] if retired is None else [retired]
             for member in MEMBERS:
                 wanted = audit_stream_config(member, limits.replicas, audit_max_bytes)
-                results.append(await ensure_stream(js, wanted, keep=keep))
+                results.append(
+                    await ensure_stream(js, wanted, keep=keep, placement_wait=placement_wait)
+                )
             return results
-        return await ensure_inbox(js, account, limits, keep=keep)
+        return await ensure_inbox(js, account, limits, keep=keep, placement_wait=placement_wait)
     finally:
         await nc.close()

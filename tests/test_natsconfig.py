@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 from nats.js.api import ExternalStream, StreamSource
 from node_world import fetch, msmt, running_hub, wait_for
+from structlog.testing import capture_logs
 
 from broker import keys, natsconfig, natsetup, natsusers
 from broker.cli import main
@@ -307,14 +310,8 @@ def test_three_server_hub_acks_a_cross_account_publish_on_an_r3_inbox(
 async def _r3_round_trip(servers: list[NatsServer], keydir: Path) -> None:
     limits = natsetup.InboxLimits(max_bytes=8 * 1024 * 1024, replicas=3)
     usa_seed = (keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
-    for attempt in range(50):  # the meta leader may still be settling right after /healthz
-        try:
-            results = await natsetup.setup_account(servers[0].url, "USA", usa_seed, limits)
-            break
-        except ConfigError:
-            if attempt == 49:
-                raise
-            await asyncio.sleep(0.2)
+    # Right after /healthz a server may not count its peers yet: setup waits for them.
+    results = await natsetup.setup_account(servers[0].url, "USA", usa_seed, limits)
     assert results[0].settings["num_replicas"] == 3
     # The sender is on another server than the one the inbox was set up through.
     jpn_seed = (keydir / "JPN" / keys.NATS_SEED_FILE).read_bytes().strip()
@@ -348,25 +345,18 @@ def test_setup_again_without_replicas_keeps_every_copy_of_a_cluster_stream(
     base = ["nats", "setup", "--server", servers[0].url, "--keys", str(keydir)]
     base += ["--max-bytes", str(8 * 1024 * 1024)]
 
-    def placed(args: list[str]) -> Result:
+    def setup(args: list[str]) -> Result:
         # A new cluster may not count its peers yet, and on a loaded machine a peer
-        # can miss a heartbeat and count as offline for a moment: the server then
-        # refuses a replicated stream's placement. Setup says so; run again, as an operator would.
-        result = runner.invoke(main, [*base, *args])
-        for _ in range(49):
-            if result.exit_code == 0 or "no suitable peers" not in result.output:
-                break
-            time.sleep(0.2)
-            result = runner.invoke(main, [*base, *args])
-        return result
+        # can miss a heartbeat and count as offline for a moment: setup then waits.
+        return runner.invoke(main, [*base, *args])
 
     try:
-        first = placed(["--account", "USA", "--replicas", "3"])
+        first = setup(["--account", "USA", "--replicas", "3"])
         assert first.exit_code == 0, first.output
         assert "num_replicas = 3" in first.output
-        again = placed(["--account", "USA"])
-        audit = placed(["--account", "AUDIT", "--replicas", "3"])
-        audit_again = placed(["--account", "AUDIT"])
+        again = setup(["--account", "USA"])
+        audit = setup(["--account", "AUDIT", "--replicas", "3"])
+        audit_again = setup(["--account", "AUDIT"])
     finally:
         for server in servers:
             server.kill()
@@ -377,6 +367,57 @@ def test_setup_again_without_replicas_keeps_every_copy_of_a_cluster_stream(
     assert audit_again.exit_code == 0, audit_again.output
     assert "updated" not in audit_again.output
     assert audit_again.output.count("num_replicas = 3") == len(MEMBERS)
+
+
+def test_setup_waits_for_the_server_still_joining_to_place_three_replicas(
+    keydir: Path, tmp_path: Path
+) -> None:
+    """A cluster is healthy once a majority is up, and deploy/provision.sh sets up then."""
+    users = natsusers.load_users(keydir)
+    servers = make_cluster(tmp_path / "cluster", 3, natsconfig.accounts_config(users))
+    limits = natsetup.InboxLimits(max_bytes=8 * 1024 * 1024, replicas=3)
+
+    def setup(
+        account: str, limits: natsetup.InboxLimits, wait: float
+    ) -> tuple[list[natsetup.SetupResult] | str, list[MutableMapping[str, Any]]]:
+        """The results, or the one-line refusal; and what setup logged."""
+        seed = (keydir / account / keys.NATS_SEED_FILE).read_bytes().strip()
+        run = natsetup.setup_account(servers[0].url, account, seed, limits, placement_wait=wait)
+        with capture_logs() as logs:
+            try:
+                return asyncio.run(run), logs
+            except ConfigError as exc:
+                return str(exc), logs
+
+    try:
+        start_cluster(servers[:2])
+        # Two of three servers cannot hold three replicas: refused at once without a wait.
+        refused, _ = setup("USA", limits, 0)
+        late = threading.Timer(1.0, servers[2].start, kwargs={"wait": False})
+        late.start()
+        created, waited = setup("USA", limits, natsetup.PLACEMENT_WAIT)
+        late.join()
+        # A cluster of three can never place five: the wait ends in one line saying so.
+        too_many, _ = setup("JPN", dataclasses.replace(limits, replicas=5), 0.5)
+    finally:
+        for server in servers:
+            server.kill()
+    assert refused == (
+        "stream INBOX_USA: the hub has no 3 servers online to place 3 replicas on (still"
+        " refused after 0 s): start the cluster's missing servers, or use a smaller --replicas"
+        " (at most the cluster's size)"
+    )
+    assert not isinstance(created, str), created
+    assert [(r.kind, r.name, r.action) for r in created] == [
+        ("stream", "INBOX_USA", "created"),
+        ("consumer", "USA_NODE", "created"),
+    ]
+    assert created[0].settings["num_replicas"] == 3
+    assert [e["event"] for e in waited] == ["stream_placement_waiting"]
+    assert waited[0]["stream"] == "INBOX_USA"
+    assert isinstance(too_many, str)
+    assert too_many.startswith("stream INBOX_JPN: the hub has no 5 servers online")
+    assert "(still refused after 0.5 s)" in too_many
 
 
 def test_config_is_plain_json_a_reader_can_audit(keydir: Path) -> None:
