@@ -10,8 +10,9 @@ loses what was written to it, never the exit code, and never stops a node.
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import click
 
@@ -39,21 +40,37 @@ class _Group(click.Group):
     """A click group that turns our errors into one clear line and an exit code."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        """Load the command families, then run as click does; Ctrl-C meanwhile exits 130.
+        """Run as click does; Ctrl-C meanwhile exits 130, even while a family loads.
 
-        The families are imported here rather than with this module: that takes
-        most of a second, and a Ctrl-C then must not print an import traceback.
+        A command's family is imported when click looks the command up
+        (``get_command``), not with this module: importing them all takes a
+        second or more, which every ``msmt submit`` and node start would pay,
+        and a Ctrl-C then must not print an import traceback.
         """
         hold_stdin()
         with guarded_stderr():
             try:
-                _register()
                 with guarded_stdout():
                     return super().main(*args, **kwargs)
             except KeyboardInterrupt:
                 _interrupted()
             except StdoutError as exc:  # click's own output: --help, --version, usage
                 _fail(exc)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command's name, its family loaded or not (``--help`` then loads them all)."""
+        return sorted({*self.commands, *FAMILIES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command named ``cmd_name``, its family imported first if need be."""
+        if cmd_name not in self.commands and cmd_name in FAMILIES:
+            try:
+                _load(FAMILIES[cmd_name])
+            except KeyboardInterrupt:
+                # --help looks commands up inside click's own main, which would
+                # print "Aborted!" and exit 1.
+                _interrupted()
+        return self.commands.get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -72,13 +89,33 @@ def main() -> None:
     """Share sanctions-monitoring sightings among MSMT members, under each member's policy."""
 
 
-def _register() -> None:
-    # Imported here so each command family stays in its own module and the
-    # group is assembled in one place; once, at the first run.
-    if main.commands:
-        return
-    from broker.cli import audit, data, demo, export, feeds, keys, node, policy  # noqa: PLC0415
+FAMILIES: Final[dict[str, str]] = {
+    "validate": "data",
+    "schemas": "data",
+    "samples": "data",
+    "keys": "keys",
+    "nats": "keys",
+    "policy": "policy",
+    "node": "node",
+    "submit": "node",
+    "inbox": "node",
+    "status": "node",
+    "feeds": "feeds",
+    "audit": "audit",
+    "export": "export",
+    "demo": "demo",
+}
+"""Each top-level command's family: the module ``broker.cli.<family>`` whose ``COMMANDS`` has it."""
 
-    for module in (data, keys, policy, node, feeds, audit, export, demo):
-        for command in module.COMMANDS:
-            main.add_command(command)
+
+def _load(family: str) -> None:
+    """Import ``broker.cli.<family>`` and add all of its ``COMMANDS`` to the group."""
+    module = importlib.import_module(f"broker.cli.{family}")
+    for command in module.COMMANDS:
+        main.add_command(command)
+
+
+def _register() -> None:
+    """Load every command family (``--help`` lists them all; the docs' tests walk them)."""
+    for family in dict.fromkeys(FAMILIES.values()):
+        _load(family)  # again for a family already loaded: the same commands, unchanged
