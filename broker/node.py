@@ -214,9 +214,11 @@ class Node:
         self._paused_for = ""  # its cause: "twin" or "clock"
         # Why our clock is too far off the hub's to judge freshness, else empty, and
         # the offset for the status (whole seconds, signed): set by the clock check
-        # (``_check_clock``), which the receiver waits for at start.
+        # (``_check_clock``), which the receiver waits for at start. ``_tick`` wakes
+        # the housekeeping loop that checks before its second is up: at connect, so
+        # the check (hence /readyz) comes at once; and at a stop.
         self._clock_off, self._clock_offset = "", "unknown"
-        self._clock_checked = asyncio.Event()
+        self._clock_checked, self._tick = asyncio.Event(), asyncio.Event()
         # Our clock minus the monotonic one at the last comparison: a change says
         # the clock was stepped (NTP, an operator) since, without asking the hub.
         self._clock_base: float | None = None
@@ -677,6 +679,7 @@ class Node:
         if nc is None:
             return
         self.nc = nc
+        self._tick.set()
         js = nc.jetstream()
         self.publisher = Publisher(
             self.member,
@@ -849,7 +852,8 @@ class Node:
             if self.stop.is_set():
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), HOUSEKEEPING_S)
+                await asyncio.wait_for(self._tick.wait(), HOUSEKEEPING_S)
+            self._tick.clear()
 
     def _take_counts(self) -> Counter[str]:
         counts: Counter[str] = Counter()
@@ -1244,6 +1248,7 @@ class Node:
         self._plan_wake.set()
         self._reissue_wake.set()
         self._clock_checked.set()  # its waiters look at stop next
+        self._tick.set()
         if self.publisher is not None:
             self.publisher.wake()
         self._inbox_halt.set()

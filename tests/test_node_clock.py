@@ -155,3 +155,26 @@ async def test_a_step_of_the_clock_is_compared_with_the_hubs_at_once(
         jpn.stop.set()
         await task
     assert jpn.failure is None
+
+
+async def test_the_clock_is_compared_with_the_hubs_as_soon_as_the_node_connects(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receiver waits for that comparison (up to 10 s), and /readyz for the
+    # receiver: they waited for the housekeeping loop's next round, up to a second
+    # after connecting, in every node start. With the rounds an hour apart here, a
+    # comparison that waited for one would never come, and the status would not say
+    # "connected" either: the round before the connection wrote it.
+    monkeypatch.setattr(node_module, "HOUSEKEEPING_S", 3600.0)
+    world.write_config("JPN")
+    jpn = load_node(world.config("JPN"))
+    task = asyncio.create_task(jpn.run())
+    try:
+        await await_for(lambda: jpn.ready() is None, 8, "JPN ready, before the 10 s wait ends")
+        await await_for(lambda: world.state("JPN").get("connected") == "yes", 5, "JPN's status")
+        offset = world.state("JPN")["clock_offset"]
+    finally:
+        jpn.stop.set()
+        await task
+    assert jpn.failure is None
+    assert offset in {"-1", "+0", "+1"}
