@@ -77,8 +77,8 @@ from broker.natsetup import (
     setup_account,
 )
 from broker.natsusers import load_users
+from broker.planner import Planner, Signer
 from broker.policy import load_policy
-from broker.publisher import Planner, Signer
 from broker.store import OutboxItem
 
 ME = "USA"

@@ -71,9 +71,10 @@ from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
 from broker.natstls import CONFIG_NAMES, TlsOnlyClient, certificate_expiry
+from broker.planner import Planner, Signer
 from broker.planpool import PlanPool, PlanWorkerError
 from broker.policy import Policy
-from broker.publisher import Planner, Publisher, RunDb, Signer, sent_event
+from broker.publisher import Publisher, RunDb, sent_event
 from broker.receiver import Inbound, Receiver
 from broker.roster import Roster, format_time
 from broker.spool import Spool

@@ -43,8 +43,8 @@ from typing import Any, BinaryIO, Final
 from joserfc.jwk import OKPKey
 
 from broker.errors import MsmtError, PolicyError
+from broker.planner import Planner, Plans, Signer
 from broker.policy import load_policy
-from broker.publisher import Planner, Plans, Signer
 from broker.roster import Roster, RosterKey
 
 PLAN_TIMEOUT: Final = 300.0

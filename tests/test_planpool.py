@@ -28,9 +28,10 @@ from hypothesis import strategies as st
 
 from broker import audit_events, samples
 from broker.errors import KeyMaterialError
+from broker.planner import Planner, Signer, send_facts
 from broker.planpool import PlannerSpec, PlanPool, PlanWorkerError, _pickled
 from broker.policy import load_policy
-from broker.publisher import Planner, Signer, send_facts, sent_event
+from broker.publisher import sent_event
 from broker.validation import parse_record
 
 POLICY = """version = 1
@@ -155,6 +156,22 @@ async def test_worker_plans_what_the_planner_plans_and_recipients_open_it(
             )
             assert received.report_id == report_id
             assert received.originator == "JPN"
+
+
+def test_the_worker_loads_no_network_client() -> None:
+    # The process that holds the signing and pseudonym keys plans and nothing else:
+    # it loaded the NATS client (and aiohttp, the metrics) through the publisher's
+    # module, which also made every node start wait for them, ~0.4 s on a slow machine.
+    code = (
+        "import sys, broker.planpool\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'nats', 'aiohttp', 'prometheus_client', 'broker'}))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('broker.publisher')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.splitlines() == ["['broker']", "[]"]
 
 
 SPLIT_POLICY = """version = 1

@@ -26,7 +26,8 @@ from node_world import await_for
 from broker import publisher as publisher_module
 from broker.metrics import Metrics
 from broker.natsproc import NatsServer
-from broker.publisher import Publisher, subject_for
+from broker.planner import subject_for
+from broker.publisher import Publisher
 from broker.store import NewReport, OutboxItem, Store
 
 PARTNERS = ("USA", "KOR", "GBR", "FRA", "AUS", "CAN", "DEU", "ITA", "NLD", "NZL")

@@ -24,7 +24,7 @@ from reliability_world import Cluster, Feed, await_for, fault_rng, fetch, record
 from tcpproxy import running
 
 from broker.natsetup import connect_account
-from broker.publisher import subject_for
+from broker.planner import subject_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
