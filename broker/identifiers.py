@@ -23,7 +23,6 @@ import re
 from typing import Final
 
 import base58
-from Crypto.Hash import keccak
 
 _IMO = re.compile(r"[0-9]{7}")
 _MMSI = re.compile(r"[0-9]{9}")
@@ -195,6 +194,11 @@ _HIGH_NIBBLE: Final = frozenset("89abcdef")
 
 def eip55(address: str) -> str:
     """Return the EIP-55 mixed-case checksum encoding of a ``0x`` address."""
+    # Imported on first use: pycryptodome loads cffi and its C parser, ~0.1 s that
+    # every msmt process (a node, its planning worker, each command) paid at start
+    # although most never see an Ethereum address.
+    from Crypto.Hash import keccak  # noqa: PLC0415
+
     body = address[2:].lower()
     digest = keccak.new(digest_bits=256, data=body.encode("ascii")).hexdigest()
     # A letter is upper case where its nibble of the hash is 8 or more; digits
