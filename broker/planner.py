@@ -1,6 +1,6 @@
 """Plan: turn each accepted report into one envelope per partner the policy releases it to.
 
-The first of the outbox's two stages (``broker.publisher`` has both), and pure:
+The first of the outbox's two stages (``broker.publisher`` describes both), and pure:
 no I/O, no NATS, so the planning worker (``broker.planpool``) imports only the
 policy and the envelope crypto. For each report ``Planner`` runs the policy for
 every partner, issues the SD-JWT once and presents it to each partner that is

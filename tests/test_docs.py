@@ -21,7 +21,6 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel
 
 from broker import feeds
-from broker.cli import _register
 from broker.cli import main as msmt
 from broker.config import ENV_OVERRIDES, NodeConfig
 from broker.metrics import Metrics
@@ -33,13 +32,16 @@ NODE_MD = ROOT / "docs" / "NODE.md"
 
 
 def _commands() -> dict[tuple[str, ...], click.Command]:
-    _register()
     found: dict[tuple[str, ...], click.Command] = {}
 
     def walk(cmd: click.Command, path: tuple[str, ...]) -> None:
         found[path] = cmd
         if isinstance(cmd, click.Group):
-            for name, sub in cmd.commands.items():
+            # As msmt itself looks them up: the top group loads each family then.
+            ctx = click.Context(cmd)
+            for name in cmd.list_commands(ctx):
+                sub = cmd.get_command(ctx, name)
+                assert sub is not None, (*path, name)
                 walk(sub, (*path, name))
 
     walk(msmt, ())

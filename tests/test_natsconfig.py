@@ -389,17 +389,21 @@ def test_setup_waits_for_the_server_still_joining_to_place_three_replicas(
             except ConfigError as exc:
                 return str(exc), logs
 
+    late = threading.Timer(1.0, servers[2].start, kwargs={"wait": False})
     try:
         start_cluster(servers[:2])
         # Two of three servers cannot hold three replicas: refused at once without a wait.
         refused, _ = setup("USA", limits, 0)
-        late = threading.Timer(1.0, servers[2].start, kwargs={"wait": False})
         late.start()
         created, waited = setup("USA", limits, natsetup.PLACEMENT_WAIT)
         late.join()
         # A cluster of three can never place five: the wait ends in one line saying so.
         too_many, _ = setup("JPN", dataclasses.replace(limits, replicas=5), 0.5)
     finally:
+        # A failure above must not leave the timer to start a server after the kill.
+        late.cancel()
+        if late.is_alive():
+            late.join()
         for server in servers:
             server.kill()
     assert refused == (

@@ -113,9 +113,3 @@ def _load(family: str) -> None:
     module = importlib.import_module(f"broker.cli.{family}")
     for command in module.COMMANDS:
         main.add_command(command)
-
-
-def _register() -> None:
-    """Load every command family (``--help`` lists them all; the docs' tests walk them)."""
-    for family in dict.fromkeys(FAMILIES.values()):
-        _load(family)  # again for a family already loaded: the same commands, unchanged
