@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from broker import keys, samples
 from broker.auditlog import DB_FILE
@@ -45,6 +45,14 @@ from broker.validation import parse_record
 
 REPO = Path(__file__).parent.parent
 MSMT = str(Path(sys.executable).parent / "msmt")
+
+KILL_ACK_WAIT: Final = 3.0
+"""The inbox consumers' ack_wait (seconds) in tests that SIGKILL a receiving node.
+
+What the killed node had fetched but not acked comes back only after ack_wait:
+3 s, not the hub's 30, which such a test would otherwise wait out (27 of its 37 s).
+Nothing else changes; a live node's batch redelivered on a busy machine is a
+duplicate it must store once, which these tests check as well."""
 
 # Everything but source and method to USA and KOR, so each report costs two
 # envelopes rather than ten.

@@ -79,6 +79,9 @@ class Cluster:
     # the kernel sends a stopped process whose process group is orphaned (a driver
     # started in the background whose shell has exited).
     node_sessions: bool = False
+    # The inbox consumers' ack_wait (natsetup.InboxLimits): what a SIGKILLed node had
+    # fetched but not acked comes back only after it.
+    ack_wait_s: float = InboxLimits().ack_wait_s
     keydir: Path = field(init=False)
     servers: list[NatsServer] = field(init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -104,7 +107,7 @@ class Cluster:
             self.servers[0].start()
         else:
             start_cluster(self.servers)
-        limits = InboxLimits(replicas=min(self.size, 3))
+        limits = InboxLimits(replicas=min(self.size, 3), ack_wait_s=self.ack_wait_s)
 
         async def setup() -> None:
             for account in (*MEMBERS, keys.AUDIT_ACCOUNT):

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from node_world import (
     BATCH_POLICY,
+    KILL_ACK_WAIT,
     Forger,
     World,
     audit_entries,
@@ -44,7 +45,7 @@ from broker.auditlog import DB_FILE
 from broker.config import NodeConfig
 from broker.errors import StoreError
 from broker.natsconfig import inbox_durable, inbox_stream
-from broker.natsetup import connect_account, setup_account
+from broker.natsetup import InboxLimits, connect_account, setup_account
 from broker.natsproc import NatsServer
 from broker.node import Node, failure_text, load_node
 from broker.policy import variants
@@ -290,6 +291,9 @@ async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:
 
 async def test_kill_and_restart_a_receiving_node_mid_batch(world: World) -> None:
     records, want = batch_world(world)
+    # What USA fetched but had not acked when killed comes back after KILL_ACK_WAIT.
+    seed = (world.keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
+    await setup_account(world.server.url, "USA", seed, InboxLimits(ack_wait_s=KILL_ACK_WAIT))
     world.start("USA", MSMT_FETCH_BATCH="20")
     world.start("KOR")
     world.start("JPN")

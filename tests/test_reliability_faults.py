@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nats.aio.client
 import pytest
+from node_world import KILL_ACK_WAIT
 from reliability_world import Cluster, Feed, await_for, fault_rng, fetch, records_for
 from tcpproxy import running
 
@@ -35,7 +36,8 @@ FOUR = (*PUBLISHERS, *RECEIVERS)
 
 @pytest.fixture
 def single(tmp_path: Path) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path)
+    # These tests kill nodes, receivers among them.
+    cluster = Cluster(tmp_path, ack_wait_s=KILL_ACK_WAIT)
     try:
         yield cluster
     finally:
