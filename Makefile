@@ -22,15 +22,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Two workers: the five-minute soak beside the rest of the suite, which still runs
-# in order on one worker; the soak's worker then takes a few light integration
-# modules (tests/conftest.py, SoakBesideSuite).
+# Three workers: the five-minute soak, the integration suite in order, and the light
+# integration modules; the pure modules fill in wherever a worker is free
+# (tests/conftest.py, SoakBesideSuite).
 # Bytecode is cached under the venv, not in the tree, even where the environment
 # sets PYTHONDONTWRITEBYTECODE (a CI image's may): else each of the hundreds of msmt
 # processes the suite starts (nodes, their planning workers, commands) compiled the
 # broker from source again: half a second of each node's start on a slow machine.
 pytest: $(STAMP) chromium
-	env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX='$(CURDIR)/$(VENV)/pycache' $(BIN)/pytest -n 2
+	env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX='$(CURDIR)/$(VENV)/pycache' $(BIN)/pytest -n 3
 
 # The browser test (tests/test_demo.py) needs Debian's chromium: installed only if missing,
 # so that `make test` alone works on a fresh machine (.ci/run runs only that).

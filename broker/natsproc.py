@@ -55,7 +55,7 @@ _slice = (0, 1)  # (index, count): this process offers ports from that share onl
 def confine_ports(index: int, count: int) -> None:
     """Offer ports only from share ``index`` of ``count`` equal shares of the range.
 
-    Processes that pick ports side by side (the test suite's two workers) each
+    Processes that pick ports side by side (the test suite's workers) each
     walk their own from a random start; their walks could meet, and one then
     took the port the other had picked but not yet bound ("address already in
     use"). Given disjoint shares they never offer the same port.
@@ -80,7 +80,7 @@ def port_share() -> tuple[int, int]:
 
     ``(0, 1)``, the whole range, unless confined. A test hands it on to a
     subprocess that picks ports of its own (``msmt demo``), which would
-    otherwise walk the whole range and could meet the other worker's walk.
+    otherwise walk the whole range and could meet another worker's walk.
     """
     with _cursor_lock:
         return _slice

@@ -25,7 +25,7 @@ from broker.natsproc import (  # noqa: E402
     start_cluster,
 )
 
-# `make test` runs two workers side by side, each picking ports in turn from a random
+# `make test` runs workers side by side, each picking ports in turn from a random
 # start: once their walks met, and one node's metrics port was taken by the other
 # worker between its pick and its bind. Each worker picks from its own share.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
@@ -39,17 +39,17 @@ if _WORKER.startswith("gw"):
 settings.register_profile("msmt", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("msmt")
 
-# The five-minute soak offers light, steady load and waits most of the time, so
-# `make test` (pytest -n 2) runs it on a worker of its own beside the rest, with
-# the pure modules (no hub, no node process: CPU only) before and after it, which
-# would otherwise lengthen the one worker that runs the integration tests. That
-# worker is still done first, so it then takes AFTER_THE_SOAK: integration
-# modules that run at most one hub and short-lived nodes, and inject no fault
-# (no kill and restart, no network cut, no full disk). The two lists balance the
-# workers: on a slow machine (session 24) the suite took 793 s and the soak's worker
-# 577 + 294 s, after test_deploy (45 s) had moved to the suite; test_auditnet (33 s)
-# followed it.
-BESIDE_THE_SUITE = frozenset(
+# `make test` runs three workers (pytest -n 3) on two cores, because the integration
+# tests wait more than they compute: two workers kept 1.2 of the 2 cores busy
+# (session 24), three 1.6. The five-minute soak, light steady load, takes one
+# worker. The suite's integration tests take another, one at a time in a plain
+# run's order. The LIGHT modules take the third, one at a time: the shorter
+# integration modules, each test with one hub at most and a few nodes. Each PURE
+# module (no hub, no node process: CPU only) is a unit of its own, taken by
+# whichever worker is free first, after the soak or the light modules. Moving a
+# module between the suite and LIGHT balances the two: on a slow machine (session
+# 25) the suite took 644 s, LIGHT 652 s, the soak 310 s and PURE 279 s in all.
+PURE = frozenset(
     f"tests/{name}.py::"
     for name in (
         "test_auditlog",
@@ -73,7 +73,6 @@ BESIDE_THE_SUITE = frozenset(
         "test_pseudonym_keys",
         "test_receiver_linger",
         "test_reliability_fuzz",
-        "test_reliability_resources",
         "test_sdjwt",
         "test_sightings",
         "test_stix",
@@ -82,23 +81,38 @@ BESIDE_THE_SUITE = frozenset(
         "test_witness",
     )
 )
-AFTER_THE_SOAK = frozenset(
+SOAK = "tests/test_reliability_resources.py::"
+LIGHT = frozenset(
     f"tests/{name}.py::"
     for name in (
         "test_audit_cli",
         "test_audit_replay",
         "test_auditlog_open",
+        "test_auditnet",
         "test_cli",
+        "test_deploy",
         "test_evidence",
         "test_intake",
+        "test_intake_conflict_node",
         "test_intake_feeds",
+        "test_intake_to_receiver",
+        "test_keys_hub",
         "test_keys_request_node",
         "test_nats_isolation",
         "test_nats_quota",
         "test_natsconfig",
         "test_node_clock",
+        "test_node_operator",
         "test_node_start_files",
+        "test_node_twin",
+        "test_plan_commit",
+        "test_plan_loop",
+        "test_plan_retry",
+        "test_planpool",
         "test_publish_refused",
+        "test_publisher_wake",
+        "test_reliability_hostile",
+        "test_resend",
         "test_store",
         "test_tls",
     )
@@ -120,27 +134,29 @@ for _hook in ("_split_scope", "_assign_work_unit"):
 
 
 class SoakBesideSuite(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no type hints
-    """Three units of work: the soak with the pure modules, the suite, and what follows the soak.
+    """Units of work: the soak, the suite, the light modules, and each pure module.
 
     The suite's tests start and kill nats-servers and nodes and several wait on
     timers, so one worker takes them all, one at a time, in the order a plain
-    ``pytest`` run would. The soak's worker, done first, then takes the light
-    integration modules of ``AFTER_THE_SOAK``: never two of them at a time, and
-    never during the soak. (``--dist loadgroup`` would say this with marks, but
-    it stopped grouping with pytest 9.2: pytest-xdist issue #1386.)
+    ``pytest`` run would. The light modules are one unit too, so never two of them
+    run at a time. (``--dist loadgroup`` would say this with marks, but it stopped
+    grouping with pytest 9.2: pytest-xdist issue #1386.)
     """
 
     def _split_scope(self, nodeid: str) -> str:
         module = nodeid.partition("::")[0] + "::"
-        if module in BESIDE_THE_SUITE:
-            return "beside"
-        return "after" if module in AFTER_THE_SOAK else "suite"
+        if module in PURE:
+            return module
+        if module == SOAK:
+            return "soak"
+        return "light" if module in LIGHT else "suite"
 
     def _assign_work_unit(self, node: object) -> None:
-        # xdist hands out the biggest unit first; "after" waits until a worker is
-        # free of the other two, whatever its size.
-        if len(self.workqueue) > 1 and "after" in self.workqueue:
-            self.workqueue.move_to_end("after")
+        # xdist hands out the unit with the most tests first. The three long units
+        # go first instead, one to each worker, and the pure modules fill in after.
+        for scope in ("light", "soak", "suite"):
+            if scope in self.workqueue:
+                self.workqueue.move_to_end(scope, last=False)
         super()._assign_work_unit(node)
 
 

@@ -188,7 +188,7 @@ def test_what_the_demo_keeps_is_private_whatever_the_umask(demo_run: DemoRun) ->
 
 def test_the_demo_picks_its_ports_from_this_workers_share(demo_run: DemoRun) -> None:
     # The demo's own free_port() walked the whole range, so under `make test` its hub
-    # or a node could take a port the other worker had picked and not yet bound.
+    # or a node could take a port another worker had picked and not yet bound.
     # Started with in_port_share, it walks this worker's share only.
     kept = [demo_run.root / "nats" / "n1.conf"]
     kept += [demo_run.root / "nodes" / m / "node.toml" for m in MEMBERS]

@@ -1,10 +1,10 @@
 """Loaded by a test's subprocess (``PYTHONPATH``): pick ports from the test worker's share.
 
-The suite's two workers each pick ports from their own share of the range
+The suite's workers each pick ports from their own share of the range
 (``tests/conftest.py``, ``broker.natsproc.confine_ports``). A subprocess that
 picks ports itself (``msmt demo`` starts a hub and gives every node a metrics
 port) would walk the whole range from a random start, and could take a port
-the other worker had picked but not yet bound. ``node_world.in_port_share``
+another worker had picked but not yet bound. ``node_world.in_port_share``
 sets ``PYTHONPATH`` to this folder and ``CONFINE_PORTS`` to ``INDEX/COUNT``.
 """
 
