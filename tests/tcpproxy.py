@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 
@@ -67,6 +69,27 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+        self._close_escaped()
+
+    def _close_escaped(self) -> None:
+        # The last net. The suite still failed now and then (sessions 19 to 25, at the
+        # setup of the test after test_reliability_cluster's) on a ResourceWarning for
+        # a transport accepted on a proxy's port, neither closed nor aborted (its repr
+        # says neither) and its loop closed: so it escaped the registry sweep of
+        # ``_abort_leftovers`` too, by a path not found. Once the loop is closed nothing
+        # else can close it: any transport of this loop still holding a socket has it
+        # closed here, and is named on stderr (shown with a failing test's output).
+        for obj in gc.get_objects():
+            if not isinstance(obj, asyncio.BaseTransport):
+                continue
+            sock = getattr(obj, "_sock", None)
+            if getattr(obj, "_loop", None) is self._loop and sock is not None:
+                print(f"tcpproxy: closed an escaped {obj!r}: {sock!r}", file=sys.stderr)
+                sock.close()
+                # As its own close leaves it: closed, and closing, so that neither it
+                # nor a StreamWriter on it warns when collected.
+                obj._sock = None  # type: ignore[attr-defined]
+                obj._closing = True  # type: ignore[attr-defined]
 
     def cut(self) -> None:
         """Drop every open connection and refuse new ones until ``heal``."""

@@ -9,6 +9,7 @@ module, whose ports say it was a connection to a proxy).
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import time
 from collections.abc import Iterator
@@ -116,5 +117,44 @@ async def test_stop_closes_even_a_connection_the_orderly_shutdown_missed(
         left = _proxy_sockets(proxy, upstream_port)
         held_open = [line for line in left if "ESTABLISHED" in line or "CLOSE_WAIT" in line]
         assert held_open == [], held_open
+    finally:
+        client.close()
+
+
+async def test_stop_closes_a_connection_that_escaped_both_sweeps(
+    deaf_upstream: socket.socket,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Neither the orderly shutdown nor the sweep of the stopped loop's registry sees
+    # these connections: only the last net, after the loop is closed, can close them.
+    async def close_the_listener_only(self: TcpProxy) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def sweep_nothing(self: TcpProxy) -> None:
+        pass
+
+    monkeypatch.setattr(TcpProxy, "_shutdown", close_the_listener_only)
+    monkeypatch.setattr(TcpProxy, "_abort_leftovers", sweep_nothing)
+    upstream_port = int(deaf_upstream.getsockname()[1])
+    proxy = TcpProxy(upstream_port)
+    proxy.start()
+    client = socket.create_connection(("127.0.0.1", proxy.port))
+    try:
+        deadline = time.monotonic() + 10
+        while proxy.active < 1:
+            assert time.monotonic() < deadline, "the proxy never connected upstream"
+            await asyncio.sleep(0.01)
+
+        proxy.stop()
+
+        left = _proxy_sockets(proxy, upstream_port)
+        held_open = [line for line in left if "ESTABLISHED" in line or "CLOSE_WAIT" in line]
+        assert held_open == [], held_open
+        # Both sides were named, and nothing is left for the garbage collector to
+        # warn about (the suite turns a ResourceWarning into an error).
+        assert capsys.readouterr().err.count("tcpproxy: closed an escaped") == 2
+        gc.collect()
     finally:
         client.close()
