@@ -44,6 +44,7 @@ from broker.errors import ConfigError
 from broker.keys import AUDIT_ACCOUNT
 from broker.log import get_logger
 from broker.members import MEMBERS
+from broker.natsclient import TlsOnlyClient
 from broker.natsconfig import (
     ARCHIVE_MAX_BYTES,
     AUDIT_STREAM,
@@ -55,7 +56,7 @@ from broker.natsconfig import (
     inbox_stream,
     inbox_subjects,
 )
-from broker.natstls import TlsOnlyClient, display_url
+from broker.natstls import display_url
 
 log = get_logger("natsetup")
 

@@ -69,8 +69,9 @@ from broker.log import Throttle, get_logger
 from broker.members import MEMBERS
 from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
+from broker.natsclient import TlsOnlyClient
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
-from broker.natstls import CONFIG_NAMES, TlsOnlyClient, certificate_expiry
+from broker.natstls import CONFIG_NAMES, certificate_expiry
 from broker.planner import Planner, Signer
 from broker.planpool import PlanPool, PlanWorkerError
 from broker.policy import Policy

@@ -9,7 +9,7 @@ dataclass per message: 30.4 us of CPU per publish and ack against 21.6 here
 (in process, bench/README.md). The publisher bounds its own window, these
 futures are keyed by a counter under a fresh random prefix, and the publisher
 needs only "stored" or "not stored". nats-py's reply handler also leaves a
-refused publish's future pending (nats-io/nats.py#985; ``natstls.AckedJetStream``):
+refused publish's future pending (nats-io/nats.py#985; ``natsclient.AckedJetStream``):
 here every answer settles it.
 """
 

@@ -116,6 +116,55 @@ def test_a_command_loads_only_its_own_family(args: list[str], families: list[str
     assert done.returncode == (2 if args == ["no-such-command"] else 0), done.stderr
 
 
+# Run as msmt, then print which network clients it imported (last line of stderr).
+CLIENTS = """
+import atexit, sys
+from broker.cli import main
+atexit.register(lambda: print(sorted(m for m in ("nats", "aiohttp") if m in sys.modules),
+                              file=sys.stderr))
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "clients"),
+    [
+        (["status", "--config", "@CONFIG"], []),
+        (["feeds", "list", "--config", "@CONFIG"], []),
+        (["policy", "check", "@POLICY"], []),
+        (["keys", "init", "--dir", "@KEYS", "--members", "JPN,USA"], []),
+        (["submit", "--config", "@CONFIG"], ["aiohttp"]),  # refused: no node runs
+    ],
+    ids=lambda args: " ".join(args[:2]) if isinstance(args, list) else None,
+)
+def test_a_command_that_never_reaches_the_hub_loads_no_network_client(
+    tmp_path: Path, args: list[str], clients: list[str]
+) -> None:
+    # nats-py loads aiohttp, ~0.3 s of a command's ~1 s on a slow machine: the TLS
+    # rules that reading node.toml checks, the intake and nats setup load them
+    # only where they are used.
+    Store(tmp_path / "node.sqlite3").close()  # what status reads, as a node leaves it
+    feeds.add(tmp_path / "intake-feeds.json", "jpn-ais", datetime.now(UTC))
+    paths = {
+        "@CONFIG": JPN_CONFIG,
+        "@POLICY": str(REPO / "nodes/JPN/policy.toml"),
+        "@KEYS": str(tmp_path / "keys"),
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    env["MSMT_DATA_DIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENTS, *(paths.get(a, a) for a in args)],
+        input="",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert ast.literal_eval(done.stderr.splitlines()[-1]) == clients
+    assert done.returncode == (2 if args[0] == "submit" else 0), done.stderr
+
+
 def test_every_command_family_is_listed_with_exactly_its_commands() -> None:
     # A command missing from FAMILIES would be missing from msmt, and its tests would
     # say only "No such command".

@@ -12,7 +12,7 @@ import pytest
 from nats.aio.client import Client
 from pydantic import BaseModel
 
-from broker import natstls
+from broker import natsclient
 from broker.config import ENV_OVERRIDES, NodeConfig, load_config, parse_config
 from broker.errors import ConfigError
 from broker.members import MEMBERS
@@ -228,7 +228,7 @@ def test_no_tls_file_means_no_tls_context(tmp_path: Path) -> None:
 def test_this_nats_py_has_the_hook_that_refuses_plaintext_on_tls_urls() -> None:
     # If a nats-py release renames or reshapes Client._process_info, this fails in CI
     # before the override silently stops running (TlsOnlyClient, test_tls).
-    assert natstls.plaintext_refusal_hooked()
+    assert natsclient.plaintext_refusal_hooked()
 
 
 @pytest.mark.parametrize(
@@ -243,7 +243,7 @@ def test_a_nats_py_without_the_hook_refuses_tls_urls_at_start(
         monkeypatch.delattr(Client, "_process_info")
     else:
         monkeypatch.setattr(Client, "_process_info", replacement)
-    assert not natstls.plaintext_refusal_hooked()
+    assert not natsclient.plaintext_refusal_hooked()
     with pytest.raises(ConfigError, match=r"^config key nats\.urls: nats-py .* plaintext"):
         load_config(write(tmp_path, TLS), env={})
     # A nats:// URL does not depend on the hook.

@@ -19,8 +19,8 @@ from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
+from broker.natsclient import AckedJetStream, TlsOnlyClient
 from broker.natsproc import NatsServer
-from broker.natstls import AckedJetStream, TlsOnlyClient
 from broker.pubacks import NotAnAckError, PubAcks
 
 pytestmark = pytest.mark.integration

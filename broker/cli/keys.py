@@ -13,7 +13,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from broker import keyrequest, natsconfig, natsetup, natstls, natsusers, pseudonym_keys
+from broker import keyrequest, natsconfig, natstls, natsusers, pseudonym_keys
 from broker import keys as keyfiles
 from broker.cli.options import echo_line, stdin_buffer
 from broker.errors import KeyMaterialError, UsageError, WriteError
@@ -606,6 +606,9 @@ def nats_setup(
     --tls-* need a tls:// --server: the same rules as node.toml's nats.ca_file,
     nats.cert_file and nats.key_file.
     """
+    # Imported here: nats-py loads aiohttp (~0.3 s), which no keys command uses.
+    from broker import natsetup  # noqa: PLC0415
+
     account = account.upper()
     if account not in (*MEMBERS, keyfiles.AUDIT_ACCOUNT):
         raise UsageError(f"unknown account {account!r}: a member trigraph or AUDIT")

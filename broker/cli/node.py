@@ -40,7 +40,6 @@ from broker.errors import (
 )
 from broker.feeds import FEED_COUNTER, SHARED_STATE
 from broker.feeds import usage as feed_usage
-from broker.intake import read_token, submit
 from broker.keys import MemberKeys, load_member_keys, load_pinned_roster
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
@@ -209,6 +208,10 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
     could not be reached, refused the token, or stopped before answering every
     record, on Ctrl-C, or when stdout was closed before every answer was shown.
     """
+    # Imported here: the intake loads aiohttp (~0.3 s), which the family's other
+    # commands, and msmt feeds, never use.
+    from broker.intake import read_token, submit  # noqa: PLC0415
+
     config = _config(config_path)
     try:
         token = read_token(token_file or config.token_path)

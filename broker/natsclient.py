@@ -1,0 +1,94 @@
+"""The nats-py client that a node and ``msmt nats setup`` connect with.
+
+``TlsOnlyClient`` closes the gap ``broker.natstls``'s rule 2 cannot: nats-py
+upgrades even a ``tls://`` connection only when the server's INFO asks for TLS,
+so a server (or a machine in the middle) that does not would get the CONNECT and
+every message after it in plaintext, with the CA and certificate silently
+unused. Its ``jetstream()`` is an ``AckedJetStream``, whose refused publishes fail
+their futures. Both override nats-py internals, which tests guard.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+
+class PlaintextServerError(nats.errors.Error):
+    """A server reached through a ``tls://`` URL did not ask for TLS; nothing was sent to it."""
+
+
+class TlsOnlyClient(Client):
+    """A nats-py client that refuses a ``tls://`` server offering plaintext, before CONNECT.
+
+    The refusal is a ``nats.errors.Error``, so nats-py treats it like any failed
+    connect or reconnect: reported to ``error_cb``, then the next attempt. A test
+    against a plaintext server guards this override of nats-py's internals.
+    """
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        server = self._current_server
+        if (
+            initial_connection
+            and server is not None
+            and server.uri.scheme == "tls"
+            and not info.get("tls_required")
+        ):
+            raise PlaintextServerError(
+                f"nats: {server.uri.netloc} did not offer TLS on a tls:// URL; "
+                "refusing to go on in plaintext"
+            )
+        await super()._process_info(info, initial_connection)
+
+    def jetstream(self, **opts: Any) -> JetStreamContext:
+        """A JetStream context whose ``publish_async`` futures also carry the hub's refusals."""
+        return AckedJetStream(self, **opts)
+
+
+class AckedJetStream(JetStreamContext):
+    """nats-py's JetStream context, with refused publishes failing their futures.
+
+    nats-py's reply handler builds the error with ``APIError.from_error``, which
+    raises instead of returning (nats-io/nats.py#985, fix pending in #994): the
+    error escapes to the connection's error callback and the publish's future is
+    never resolved. A full inbox (``503 maximum bytes exceeded``) then looked to
+    the publisher like a hub that did not answer within its timeout.
+    """
+
+    async def _handle_async_reply(self, msg: Msg) -> None:
+        try:
+            await super()._handle_async_reply(msg)
+        except (nats.js.errors.Error, ValueError) as exc:
+            # The same token nats-py keys its futures by (its reply subject's last token).
+            token = msg.subject[len(self._nc._inbox_prefix) + 22 + 2 :]
+            future = self._publish_async_futures.get(token)
+            if future is not None and not future.done():
+                future.set_exception(exc)
+
+
+def plaintext_refusal_hooked() -> bool:
+    """Whether nats-py still has the private method ``TlsOnlyClient`` overrides, as it was.
+
+    The override is of nats-py internals (tested against 2.16); a release that
+    renamed the method or changed its parameters would leave it never called.
+    """
+    try:
+        params = list(inspect.signature(Client._process_info).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return params == ["self", "info", "initial_connection"]
+
+
+def nats_version() -> str:
+    """The installed nats-py's version, for messages."""
+    try:
+        return importlib.metadata.version("nats-py")
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version)"
