@@ -88,19 +88,14 @@ def test_stop_closes_every_socket_even_with_a_peer_that_never_reads(
             client.close()
 
 
-async def test_stop_closes_even_a_connection_the_orderly_shutdown_missed(
-    deaf_upstream: socket.socket, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The orderly shutdown closes every connection it knows of. Whatever escapes it
-    # (how one escaped in CI is not known) is aborted once the loop has stopped:
-    # here the shutdown closes only the listener, so every connection escapes.
-    # Async, as the reliability tests are: ``stop`` is called with a loop running.
-    async def close_the_listener_only(self: TcpProxy) -> None:
-        if self._server is not None:  # as the real one: set by start()
-            self._server.close()
+async def _close_the_listener_only(self: TcpProxy) -> None:
+    """A shutdown that misses every connection: it closes only the listener."""
+    if self._server is not None:  # as the real one: set by start()
+        self._server.close()
 
-    monkeypatch.setattr(TcpProxy, "_shutdown", close_the_listener_only)
-    upstream_port = int(deaf_upstream.getsockname()[1])
+
+async def _pipe_one_then_stop(upstream_port: int) -> list[str]:
+    """Pipe one client through a new proxy, stop it, and return its sockets still open."""
     proxy = TcpProxy(upstream_port)
     proxy.start()
     client = socket.create_connection(("127.0.0.1", proxy.port))
@@ -115,10 +110,20 @@ async def test_stop_closes_even_a_connection_the_orderly_shutdown_missed(
         proxy.stop()
 
         left = _proxy_sockets(proxy, upstream_port)
-        held_open = [line for line in left if "ESTABLISHED" in line or "CLOSE_WAIT" in line]
-        assert held_open == [], held_open
+        return [line for line in left if "ESTABLISHED" in line or "CLOSE_WAIT" in line]
     finally:
         client.close()
+
+
+async def test_stop_closes_even_a_connection_the_orderly_shutdown_missed(
+    deaf_upstream: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The orderly shutdown closes every connection it knows of. Whatever escapes it
+    # (how one escaped in CI is not known) is aborted once the loop has stopped:
+    # here the shutdown closes only the listener, so every connection escapes.
+    # Async, as the reliability tests are: ``stop`` is called with a loop running.
+    monkeypatch.setattr(TcpProxy, "_shutdown", _close_the_listener_only)
+    assert await _pipe_one_then_stop(int(deaf_upstream.getsockname()[1])) == []
 
 
 async def test_stop_closes_a_connection_that_escaped_both_sweeps(
@@ -129,10 +134,6 @@ async def test_stop_closes_a_connection_that_escaped_both_sweeps(
     # Neither the orderly shutdown nor the sweep of the stopped loop's registry sees
     # these connections, whose tasks end without closing them: only the last net,
     # after the loop is closed, can close them.
-    async def close_the_listener_only(self: TcpProxy) -> None:
-        if self._server is not None:
-            self._server.close()
-
     async def end_the_tasks_only(self: TcpProxy) -> None:
         me = asyncio.current_task()
         tasks = [task for task in asyncio.all_tasks() if task is not me]
@@ -140,26 +141,10 @@ async def test_stop_closes_a_connection_that_escaped_both_sweeps(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    monkeypatch.setattr(TcpProxy, "_shutdown", close_the_listener_only)
+    monkeypatch.setattr(TcpProxy, "_shutdown", _close_the_listener_only)
     monkeypatch.setattr(TcpProxy, "_abort_leftovers", end_the_tasks_only)
-    upstream_port = int(deaf_upstream.getsockname()[1])
-    proxy = TcpProxy(upstream_port)
-    proxy.start()
-    client = socket.create_connection(("127.0.0.1", proxy.port))
-    try:
-        deadline = time.monotonic() + 10
-        while proxy.active < 1:
-            assert time.monotonic() < deadline, "the proxy never connected upstream"
-            await asyncio.sleep(0.01)
-
-        proxy.stop()
-
-        left = _proxy_sockets(proxy, upstream_port)
-        held_open = [line for line in left if "ESTABLISHED" in line or "CLOSE_WAIT" in line]
-        assert held_open == [], held_open
-        # Both sides were named, and nothing is left for the garbage collector to
-        # warn about (the suite turns a ResourceWarning into an error).
-        assert capsys.readouterr().err.count("tcpproxy: closed an escaped") == 2
-        gc.collect()
-    finally:
-        client.close()
+    assert await _pipe_one_then_stop(int(deaf_upstream.getsockname()[1])) == []
+    # Both sides were named, and nothing is left for the garbage collector to warn
+    # about (the suite turns a ResourceWarning into an error).
+    assert capsys.readouterr().err.count("tcpproxy: closed an escaped") == 2
+    gc.collect()
