@@ -569,7 +569,9 @@ def crypto_floors(records: list[dict[str, Any]]) -> list[CryptoFloor]:
             policy_digest="x" * 64,
             now=datetime.now(UTC),
         )
-        plaintext = sdjwt.join_presentation(issued.jws, issued.disclosures.values()).encode()
+        # As encrypted: the presentation with its padding (docs/ENVELOPE.md §4.1).
+        presentation = sdjwt.join_presentation(issued.jws, issued.disclosures.values())
+        plaintext = envelope.padded([presentation])[0]
         token = envelope.present(
             issued,
             disclosure_keys=list(issued.disclosures),

@@ -108,7 +108,7 @@ class Setup:
         plaintext = sdjwt.join_presentation(
             self.sample.jws, [self.sample.disclosures[k] for k in self.keys]
         )
-        self.data = plaintext.encode()
+        self.data = envelope.padded([plaintext])[0]  # as encrypted, with its padding
         self.signing_input = self.sample.jws.rsplit(".", 1)[0].encode()
         self.header_b64 = self.token.split(".", 1)[0].encode()
 
@@ -132,8 +132,12 @@ class Setup:
         )
 
     def issue_and_present(self) -> list[str]:
+        # In one call, as the node's planner does: the envelopes are padded together.
         issued = self.issue()
-        return [self.present(issued, self.keys, m) for m in PARTNERS]
+        return envelope.present_all(
+            issued,
+            [envelope.Recipient(m, f"{m}-enc", self.pubs[m], self.keys) for m in PARTNERS],
+        )
 
     def receive(self) -> envelope.Received:
         return self.receive_token(self.token)

@@ -39,6 +39,8 @@ from broker.envelope_format import (
     JWS_ALG,
     KEY_ALG,
     MAX_ENVELOPE_BYTES,
+    MAX_PADDED_PLAINTEXT,
+    PAD_BLOCK,
     TYP,
     Parsed,
     check_claims,
@@ -183,8 +185,18 @@ def issue(
     return Issued(token, MappingProxyType(encoded), sighting.originator, report_id, kind)
 
 
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One partner of ``present_all``: its encryption key and the disclosures released to it."""
+
+    partner: str
+    kid: str
+    key: OKPKey
+    disclosure_keys: Collection[str]
+
+
 def _seal(
-    plaintext: str,
+    plaintext: bytes,
     *,
     sender: str,
     recipient: str,
@@ -206,7 +218,19 @@ def _seal(
         HDR_TO: recipient,
         HDR_RID: report_id,
     }
-    return jose.seal(header, plaintext.encode("utf-8"), public)
+    return jose.seal(header, plaintext, public)
+
+
+def padded(presentations: Sequence[str]) -> list[bytes]:
+    """The plaintexts that ``present_all`` encrypts for these presentations.
+
+    Each presentation, then spaces up to one length for all: the next multiple
+    of ``PAD_BLOCK`` at or above the longest, but never past
+    ``MAX_PADDED_PLAINTEXT`` (docs/ENVELOPE.md §4.1).
+    """
+    longest = max((len(p) for p in presentations), default=0)
+    length = min(-(-longest // PAD_BLOCK) * PAD_BLOCK, MAX_PADDED_PLAINTEXT)
+    return [p.encode("ascii").ljust(length, b" ") for p in presentations]
 
 
 def _select(available: Mapping[str, str], keys: Collection[str], what: str) -> list[str]:
@@ -214,6 +238,34 @@ def _select(available: Mapping[str, str], keys: Collection[str], what: str) -> l
     if missing:
         raise UsageError(f"{what} has no disclosure for {', '.join(missing)}")
     return [available[k] for k in sorted(set(keys))]
+
+
+def present_all(issued: Issued, recipients: Sequence[Recipient]) -> list[str]:
+    """Encrypt the JWS and exactly each recipient's disclosures to it, in order.
+
+    The plaintexts are padded with spaces to one length, the next multiple of
+    ``PAD_BLOCK`` at or above the longest: the hub sees every envelope of a
+    report, and their lengths would otherwise tell how much each partner was
+    released (docs/ENVELOPE.md §4.1). The sender in the header is the
+    originator. Raises ``UsageError`` if a key was not issued for this report
+    or a recipient key is not X25519.
+    """
+    what = f"report {issued.report_id}"
+    presentations = [
+        sdjwt.join_presentation(issued.jws, _select(issued.disclosures, to.disclosure_keys, what))
+        for to in recipients
+    ]
+    return [
+        _seal(
+            plaintext,
+            sender=issued.originator,
+            recipient=to.partner,
+            report_id=issued.report_id,
+            recipient_kid=to.kid,
+            recipient_key=to.key,
+        )
+        for to, plaintext in zip(recipients, padded(presentations), strict=True)
+    ]
 
 
 def present(
@@ -226,18 +278,11 @@ def present(
 ) -> str:
     """Encrypt the JWS and exactly the disclosures ``disclosure_keys`` to one partner.
 
-    The sender in the header is the originator. Raises ``UsageError`` if a key
-    was not issued for this report or the recipient key is not X25519.
+    ``present_all`` for one recipient, so padded alone.
     """
-    chosen = _select(issued.disclosures, disclosure_keys, f"report {issued.report_id}")
-    return _seal(
-        sdjwt.join_presentation(issued.jws, chosen),
-        sender=issued.originator,
-        recipient=recipient,
-        report_id=issued.report_id,
-        recipient_kid=recipient_kid,
-        recipient_key=recipient_key,
-    )
+    return present_all(
+        issued, [Recipient(recipient, recipient_kid, recipient_key, disclosure_keys)]
+    )[0]
 
 
 def represent(
@@ -250,12 +295,13 @@ def represent(
 ) -> str:
     """Share a subset of a verified report onward; the originator's signature still holds.
 
-    The sender in the header is the member that received it. Raises
-    ``UsageError`` for any key it never received: a holder cannot add fields.
+    The sender in the header is the member that received it; padded as
+    ``present`` pads. Raises ``UsageError`` for any key it never received: a
+    holder cannot add fields.
     """
     chosen = _select(received.disclosures, disclosure_keys, "the received report")
     return _seal(
-        sdjwt.join_presentation(received.jws, chosen),
+        padded([sdjwt.join_presentation(received.jws, chosen)])[0],
         sender=received.recipient,
         recipient=recipient,
         report_id=received.report_id,
@@ -669,9 +715,12 @@ __all__ = [
     "Delivery",
     "Issued",
     "Received",
+    "Recipient",
     "check_kept",
     "issue",
+    "padded",
     "present",
+    "present_all",
     "receive",
     "receive_batch",
     "represent",
@@ -686,5 +735,7 @@ __all__ = [
     "JWS_ALG",
     "KEY_ALG",
     "MAX_ENVELOPE_BYTES",
+    "MAX_PADDED_PLAINTEXT",
+    "PAD_BLOCK",
     "TYP",
 ]

@@ -39,12 +39,16 @@ CONTENT_ENC: Final = "A256GCM"
 HDR_FROM: Final = "msmt_from"
 HDR_TO: Final = "msmt_to"
 HDR_RID: Final = "msmt_rid"
+PAD_BLOCK: Final = 256
+"""A sender pads a report's plaintexts with spaces to one length, a multiple of this."""
 CLAIM_SCHEMA: Final = "msmt_schema"
 CLAIM_POLICY: Final = "msmt_policy"
 DECOY_BUCKET: Final = 16
 """Every ``_sd`` array is padded with decoys to a multiple of this many digests."""
 MAX_ENVELOPE_BYTES: Final = 256 * 1024
 """Largest compact JWE we parse; a 64 KiB record grows to well under this."""
+MAX_PADDED_PLAINTEXT: Final = 3 * (MAX_ENVELOPE_BYTES - 4096) // 4
+"""The longest plaintext padding makes: base64url grows it by 4/3; 4 KiB is room for the rest."""
 
 
 MAX_DISCLOSURES: Final = 512
@@ -185,9 +189,14 @@ class Parsed:
 
 
 def check_claims(plaintext: bytes, *, expected_header: Mapping[str, str]) -> Parsed:
-    """Checklist step 5: split the SD-JWT, check the JWS header and claim types."""
+    """Checklist step 5: split the SD-JWT, check the JWS header and claim types.
+
+    Trailing spaces are the sender's padding (docs/ENVELOPE.md §4.1), not part
+    of the SD-JWT, which cannot hold a space.
+    """
     try:
-        jws_text, disclosures, kb_jwt = sdjwt.split_presentation(plaintext.decode("ascii"))
+        presentation = plaintext.rstrip(b" ").decode("ascii")
+        jws_text, disclosures, kb_jwt = sdjwt.split_presentation(presentation)
     except UnicodeDecodeError:
         raise EnvelopeError("format", "the SD-JWT is not ASCII") from None
     except ValueError as exc:

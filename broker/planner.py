@@ -18,7 +18,7 @@ from typing import Final, NamedTuple
 
 from joserfc.jwk import OKPKey
 
-from broker.envelope import issue, present
+from broker.envelope import Recipient, issue, present_all
 from broker.errors import KeyMaterialError, MsmtError
 from broker.policy import Policy, variants
 from broker.roster import Roster
@@ -130,16 +130,13 @@ class Planner:
         # The send facts after "iat" and "bytes" differ between partners only by the
         # released keys, mostly the same for all: encoded once per distinct set.
         facts: dict[tuple[str, ...], str] = {}
-        for decision, enc in keyed:
-            keys = decision.disclosure_keys()
-            jwe = present(
-                issued,
-                disclosure_keys=keys,
-                recipient=decision.partner,
-                recipient_kid=enc.kid,
-                recipient_key=self.roster.public_key(enc.kid),
-            )
-            released = tuple(sorted(keys))
+        # One call for all partners: their envelopes are padded to one length.
+        recipients = [
+            Recipient(d.partner, enc.kid, self.roster.public_key(enc.kid), d.disclosure_keys())
+            for d, enc in keyed
+        ]
+        for to, jwe in zip(recipients, present_all(issued, recipients), strict=True):
+            released = tuple(sorted(to.disclosure_keys))
             rest = facts.get(released)
             if rest is None:
                 whole = send_facts(0, 0, sighting, released, self.policy.digest)
@@ -147,8 +144,8 @@ class Planner:
             items.append(
                 OutboxItem(
                     report_id=report_id,
-                    partner=decision.partner,
-                    subject=subject_for(decision.partner, sighting.kind),
+                    partner=to.partner,
+                    subject=subject_for(to.partner, sighting.kind),
                     jwe=jwe.encode("ascii"),
                     # Exactly ``send_facts(iat, len(jwe), ...)``: the encoder writes
                     # an int as its repr, and the members in this order.

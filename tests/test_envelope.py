@@ -6,7 +6,7 @@ import base64
 import json
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -116,7 +116,7 @@ def test_full_release_round_trip(issued: envelope.Issued) -> None:
     assert got.iat == NOW
     assert got.policy_digest == POLICY
     assert got.signing_kid == "JPN-sig-1"
-    assert got.presentation == open_token(token, "USA")
+    assert got.presentation == open_token(token, "USA").rstrip(" ")  # without the padding
     assert len(got.jwe_sha256) == 64
 
 
@@ -172,7 +172,7 @@ def test_variant_released_without_the_exact_value() -> None:
     token = JPN.present(issued, "USA", [*variants, "vessel.flag"])
     got = USA.receive(token)
     assert dict(got.fields) == {**variants, "vessel.flag": exact["vessel.flag"]}
-    plaintext = open_token(token, "USA")
+    plaintext = open_token(token, "USA").rstrip(" ")  # less the padding
     decoded = [sdjwt.Disclosure.parse(d) for d in sdjwt.split_presentation(plaintext)[1]]
     assert {d.name for d in decoded} == {"position#coarsen:0.5", "imo#pseudonym:FVEY-2026", "flag"}
     assert exact["vessel.imo"] not in json.dumps([d.value for d in decoded])
@@ -204,6 +204,107 @@ def test_structure_hides_counts_with_decoys(issued: envelope.Issued) -> None:
     assert "rel_to" not in payload or payload["rel_to"] == list(vessel().rel_to or [])
 
 
+# --- padding: what the hub sees of a report's length --------------------------------
+
+
+def _recipients(releases: Mapping[str, Sequence[str]]) -> list[envelope.Recipient]:
+    roster = make_roster()
+    return [
+        envelope.Recipient(p, f"{p}-enc-1", roster.public_key(f"{p}-enc-1"), keys)
+        for p, keys in releases.items()
+    ]
+
+
+def _ciphertext(token: str) -> str:
+    return token.split(".")[3]
+
+
+def test_a_reports_envelopes_have_one_ciphertext_length_whatever_each_partner_is_released() -> None:
+    # A report with a long list, released whole to one partner and barely to the
+    # others: far apart in length, unpadded.
+    record = samples.example_records()["transfer"]
+    record["transfer"]["exchanges"] = [f"exchange {i} " + "x" * 60 for i in range(20)]
+    big = JPN.issue(parse_record(json.dumps(record).encode()))
+    releases = {
+        "USA": sorted(big.disclosures),
+        "GBR": ["transfer.chain"],
+        "KOR": ["observed_at", "transfer.asset", "transfer.amount"],
+    }
+    tokens = envelope.present_all(big, _recipients(releases))
+    presentations = {
+        p: sdjwt.join_presentation(big.jws, [big.disclosures[k] for k in sorted(keys)])
+        for p, keys in releases.items()
+    }
+    assert max(map(len, presentations.values())) - min(map(len, presentations.values())) > 2000
+    # What the hub sees of the content, the ciphertext, has one length for all.
+    assert len({len(_ciphertext(t)) for t in tokens}) == 1
+    longest = max(len(p) for p in presentations.values())
+    padded = -(-longest // envelope.PAD_BLOCK) * envelope.PAD_BLOCK
+    for (partner, keys), token in zip(releases.items(), tokens, strict=True):
+        # Decrypted by a stock library: the presentation, then spaces to the length.
+        plaintext = open_token(token, partner)
+        assert plaintext == presentations[partner].ljust(padded, " ")
+        assert set(Node(partner).receive(token).fields) == set(keys)
+        # Headers differ only in the partner's name and key id (the hub sees them anyway).
+        assert len(token.split(".")[0]) == len(tokens[0].split(".")[0])
+
+
+def test_present_pads_a_single_envelope_to_the_block() -> None:
+    issued = JPN.issue(vessel())
+    for keys in (["vessel.imo"], sorted(issued.disclosures)):
+        plaintext = open_token(JPN.present(issued, "USA", keys), "USA")
+        assert len(plaintext) % envelope.PAD_BLOCK == 0
+        assert plaintext.rstrip(" ").endswith("~")
+        assert len(plaintext) - len(plaintext.rstrip(" ")) < envelope.PAD_BLOCK
+    assert envelope.present_all(issued, []) == []
+
+
+def test_represent_pads_the_share_onward_too(issued: envelope.Issued) -> None:
+    received = USA.receive(JPN.present(issued, "USA", sorted(issued.disclosures)))
+    roster = make_roster()
+    onward = envelope.represent(
+        received,
+        disclosure_keys=["vessel.imo"],
+        recipient="GBR",
+        recipient_kid="GBR-enc-1",
+        recipient_key=roster.public_key("GBR-enc-1"),
+    )
+    assert len(open_token(onward, "GBR")) % envelope.PAD_BLOCK == 0
+
+
+def test_padding_never_takes_a_plaintext_past_what_receivers_accept() -> None:
+    # The cap: base64url of the longest padded plaintext, with a generous header,
+    # still fits the envelope limit.
+    assert (4 * envelope.MAX_PADDED_PLAINTEXT + 2) // 3 + 4096 <= envelope.MAX_ENVELOPE_BYTES
+    near = "x" * (envelope.MAX_PADDED_PLAINTEXT - 10)
+    beyond = "y" * (envelope.MAX_PADDED_PLAINTEXT + 10)
+    assert envelope.padded([near]) == [near.encode().ljust(envelope.MAX_PADDED_PLAINTEXT)]
+    # One already past the cap is left as it is; the other is padded to the cap only.
+    assert envelope.padded([beyond, "z~"]) == [
+        beyond.encode(),
+        b"z~".ljust(envelope.MAX_PADDED_PLAINTEXT),
+    ]
+
+
+def test_an_envelope_without_padding_is_received(issued: envelope.Issued) -> None:
+    # Builds before the padding sent none; their envelopes stay valid.
+    presentation = sdjwt.join_presentation(issued.jws, [issued.disclosures["vessel.imo"]])
+    assert set(USA.receive(seal(presentation, rid=issued.report_id)).fields) == {"vessel.imo"}
+
+
+@pytest.mark.parametrize("tail", ["\n", "\t", " x", "~ ", "  \r"])
+def test_anything_after_the_sd_jwt_but_spaces_is_refused(
+    issued: envelope.Issued, tail: str
+) -> None:
+    presentation = sdjwt.join_presentation(issued.jws, [issued.disclosures["vessel.imo"]])
+    reject(seal(presentation + tail, rid=issued.report_id), "format")
+
+
+def test_leading_spaces_are_refused(issued: envelope.Issued) -> None:
+    presentation = sdjwt.join_presentation(issued.jws, [issued.disclosures["vessel.imo"]])
+    reject(seal("   " + presentation, rid=issued.report_id), "format")
+
+
 # --- the release property ----------------------------------------------------------
 
 
@@ -216,9 +317,9 @@ def test_partner_never_sees_a_field_outside_its_release(seed: int, data: Any) ->
     released = data.draw(st.sets(st.sampled_from(sorted(issued.disclosures))))
     to = next(m for m in (s.rel_to or ("NLD", "ITA")) if m != s.originator)
     token = origin.present(issued, to, released)
-    # The decrypted bytes themselves, not only the result object.
+    # The decrypted bytes themselves, not only the result object; less the padding.
     plaintext = open_token(token, to)
-    jws_text, disclosures, kb = sdjwt.split_presentation(plaintext)
+    jws_text, disclosures, kb = sdjwt.split_presentation(plaintext.rstrip(" "))
     assert (jws_text, kb) == (issued.jws, "")
     assert sorted(disclosures) == sorted(issued.disclosures[k] for k in released)
     for key, encoded in issued.disclosures.items():

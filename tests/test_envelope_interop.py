@@ -77,9 +77,13 @@ def test_jwcrypto_decrypts_and_verifies_our_envelope() -> None:
         str(s.report_id),
     )
     assert header["epk"]["crv"] == "X25519"
+    # The SD-JWT, then spaces of padding to a multiple of the block (docs/ENVELOPE.md §4.1).
     plaintext = outer.payload.decode("ascii")
-    assert plaintext.endswith("~")
-    compact, *disclosures, tail = plaintext.split("~")
+    assert len(plaintext) % envelope.PAD_BLOCK == 0
+    presentation = plaintext.rstrip(" ")
+    assert presentation.endswith("~")
+    assert len(plaintext) - len(presentation) < envelope.PAD_BLOCK
+    compact, *disclosures, tail = presentation.split("~")
     assert tail == ""
     # 2. The JWS verifies with jwcrypto and with cryptography's bare Ed25519.
     public = sig_key("JPN").as_dict(private=False)
@@ -175,8 +179,17 @@ def _block(lang: str, text: str) -> str:
     return f"```{lang}\n{text}\n```\n"
 
 
+def _plaintext(token: str) -> str:
+    # As a partner on jwcrypto decrypts it with USA's key.
+    outer = jjwe.JWE()
+    outer.deserialize(token, key=_jwk(enc_key("USA")))
+    return str(outer.payload.decode("ascii"))
+
+
 def _render(issued: envelope.Issued, released: list[str], token: str) -> str:
     h, p, _ = issued.jws.split(".")
+    presentation = sdjwt.join_presentation(issued.jws, [issued.disclosures[k] for k in released])
+    padded = _plaintext(token)
     jwe_header = json.loads(_b64d(token.split(".", maxsplit=1)[0]))
     rows = []
     for key in released:
@@ -209,11 +222,11 @@ def _render(issued: envelope.Issued, released: list[str], token: str) -> str:
         "| --- | --- | --- |",
         *rows,
         "",
-        "The JWE plaintext (the SD-JWT presentation; one line, no key binding):",
+        f"The JWE plaintext is this SD-JWT presentation ({len(presentation)} bytes, one line, no"
+        f" key binding), then {len(padded) - len(presentation)} spaces of padding to"
+        f" {len(padded)} bytes, the next multiple of {envelope.PAD_BLOCK} (§4.1):",
         "",
-        _block(
-            "text", sdjwt.join_presentation(issued.jws, [issued.disclosures[k] for k in released])
-        ),
+        _block("text", presentation),
         "The JWE protected header (the `epk` is fresh for every envelope):",
         "",
         _block("json", json.dumps(jwe_header, indent=2)),
@@ -244,6 +257,12 @@ def test_doc_example_matches_the_code(deterministic: None) -> None:
     assert match is not None, "the doc example has no compact JWE block"
     token = match.group(1)
     assert section == _render(issued, released, token)
+    # Its plaintext is the presentation, padded with spaces to the next multiple of the block.
+    presentation = sdjwt.join_presentation(
+        issued.jws, [issued.disclosures[k] for k in sorted(released)]
+    )
+    padded = -(-len(presentation) // envelope.PAD_BLOCK) * envelope.PAD_BLOCK
+    assert _plaintext(token) == presentation.ljust(padded)
     # The JWE in the doc is a real envelope: it passes every receive step today.
     got = USA.receive(token, attested_sender="JPN", max_age=MAX_AGE, max_skew=MAX_SKEW)
     assert got.presentation == sdjwt.join_presentation(

@@ -26,7 +26,8 @@ from envelope_world import Node, default_entries, make_roster, roster_entry, sig
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import audit_events, samples
+from broker import audit_events, samples, sdjwt
+from broker.envelope import PAD_BLOCK
 from broker.errors import KeyMaterialError
 from broker.planner import Planner, Signer, send_facts
 from broker.planpool import PlannerSpec, PlanPool, PlanWorkerError, _pickled
@@ -214,6 +215,38 @@ def test_each_envelopes_send_facts_are_the_plain_encoding_of_its_own_release() -
                 iat, len(item.jwe), sighting, released, policy.digest
             ), item.partner
     assert len(sets) > 3  # several per report and kind: the per-set encoding is exercised
+
+
+def test_a_reports_envelopes_are_padded_to_one_length_for_partners_released_more_or_less() -> None:
+    # The hub sees every envelope of a report: the planner pads them together
+    # (envelope.present_all), so their lengths do not say who was released more.
+    policy = load_policy(
+        POLICY.replace('partners = ["MSMT"]', 'partners = ["USA", "GBR"]')
+        + """
+[[rules]]
+name = "no-position"
+kinds = ["*"]
+partners = ["KOR"]
+release = ["observed_at", "vessel.imo", "vessel.flag", "worker.*", "transfer.*"]
+""",
+        member="JPN",
+    )
+    made = Planner(Signer("JPN", sig_key("JPN"), "JPN-sig-1"), policy, make_roster(), {})
+    plans, errors, _ = made.plan(rows(6), 6)
+    assert errors == {}
+    vessels = 0
+    for items in plans.values():
+        assert sorted(i.partner for i in items) == ["GBR", "KOR", "USA"]
+        # The ciphertexts (what the hub sees of the content) have one length, a
+        # multiple of the block (AES-GCM keeps the plaintext's length).
+        assert len({len(i.jwe.split(b".")[3]) for i in items}) == 1
+        assert len(sdjwt.b64u_decode(items[0].jwe.split(b".")[3].decode())) % PAD_BLOCK == 0
+        now = datetime.now(UTC)
+        opened = {i.partner: Node(i.partner).receive(i.jwe.decode(), now=now) for i in items}
+        if opened["KOR"].kind == "vessel":
+            vessels += 1
+            assert set(opened["KOR"].fields) < set(opened["USA"].fields)
+    assert vessels == 2
 
 
 def test_each_envelopes_sent_entry_records_its_own_facts() -> None:

@@ -92,7 +92,7 @@ def b64(data: bytes) -> str:
 def seal(plaintext: str) -> str:
     """A genuine JWE from JPN to USA around any plaintext (what a member can always make)."""
     return envelope._seal(
-        plaintext,
+        plaintext.encode("utf-8"),
         sender="JPN",
         recipient="USA",
         report_id=ISSUED[0].report_id,
