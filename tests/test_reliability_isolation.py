@@ -213,10 +213,19 @@ async def test_eleven_members_leak_nothing_to_the_hub_and_receive_only_what_was_
     tokens = set(JWE.findall(wire))
     want = released(cluster, records)
     assert len(tokens) >= len(want)  # every envelope was seen on the wire
+    ciphertexts: dict[str, set[int]] = {}
     for token in tokens:
         head = token.split(b".")[0]
         header = json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)))
         assert set(header) == JWE_HEADER
+        ciphertexts.setdefault(header["msmt_rid"], set()).add(len(token.split(b".")[3]))
+    # ... and the ciphertexts of one report have one length, though its partners were
+    # released different fields (docs/ENVELOPE.md §4.1, padding).
+    releases: dict[str, set[frozenset[str]]] = {}
+    for (_partner, _sender, rid), fields in want.items():
+        releases.setdefault(rid, set()).add(frozenset(fields))
+    assert sum(len(r) > 1 for r in releases.values()) > len(releases) // 4
+    assert {rid: len(n) for rid, n in ciphertexts.items() if len(n) > 1} == {}
     # 2. The hub at rest: its JetStream store holds no plaintext either. The envelopes
     # the nodes acked have left it (interest retention); what is scanned is every
     # stream's files: metadata, the archived checkpoints, anything not yet acked.
