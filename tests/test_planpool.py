@@ -247,6 +247,13 @@ release = ["observed_at", "vessel.imo", "vessel.flag", "worker.*", "transfer.*"]
             vessels += 1
             assert set(opened["KOR"].fields) < set(opened["USA"].fields)
     assert vessels == 2
+    # The node makes a report's later envelopes (resend, stale, a key now current) by
+    # planning it again for all partners: those are padded as the first ones were.
+    again, errors, _ = made.plan(rows(6), 6)
+    assert errors == {}
+    for rid, items in plans.items():
+        first = {len(i.jwe.split(b".")[3]) for i in items}
+        assert {len(i.jwe.split(b".")[3]) for i in again[rid]} == first
 
 
 def test_each_envelopes_sent_entry_records_its_own_facts() -> None:
