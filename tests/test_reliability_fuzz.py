@@ -347,7 +347,7 @@ atheris.Fuzz()
 """
 
 
-def test_atheris_campaign() -> None:
+def test_atheris_campaign(tmp_path: Path) -> None:
     """A bounded, seeded, coverage-guided campaign over the same doors (needs atheris)."""
     done = subprocess.run(
         [
@@ -357,6 +357,9 @@ def test_atheris_campaign() -> None:
             f"-runs={ATHERIS_RUNS}",
             "-seed=1",
             "-max_len=4096",
+            # A failing input is written here, not into the checkout (libFuzzer's
+            # default is the working directory, which must be this one for the import).
+            f"-artifact_prefix={tmp_path}/",
         ],
         capture_output=True,
         text=True,
@@ -367,7 +370,7 @@ def test_atheris_campaign() -> None:
     assert "No module named 'atheris'" not in done.stderr, (
         "atheris is not installed: add 'atheris' to the test extras"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (sorted(p.name for p in tmp_path.iterdir()), done.stderr[-3000:])
     assert f"Done {ATHERIS_RUNS} runs" in done.stderr, done.stderr[-3000:]
 
 
