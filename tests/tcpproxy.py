@@ -28,6 +28,7 @@ class TcpProxy:
         self.upstream_port = upstream_port
         self.record = record
         self.captured: list[bytes] = []
+        self._streams: list[list[bytes]] = []  # each direction of each connection
         self.connections = 0
         self.refused = 0
         self._open = True
@@ -119,6 +120,16 @@ class TcpProxy:
         with self._lock:
             return b"".join(self.captured)
 
+    def capture_streams(self) -> list[bytes]:
+        """What crossed so far, one byte string per direction of each connection.
+
+        ``capture`` interleaves the connections' reads, so a message that one read
+        cut short continues after another connection's bytes; searching it can
+        miss a value or glue the start of one envelope to the end of another.
+        """
+        with self._lock:
+            return [b"".join(chunks) for chunks in self._streams]
+
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._handle, sock=self._sock)
 
@@ -204,6 +215,10 @@ class TcpProxy:
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A closed peer ends the pipe; ConnectionError covers resets from either side.
+        stream: list[bytes] = []
+        if self.record:
+            with self._lock:
+                self._streams.append(stream)
         with contextlib.suppress(ConnectionError):
             while self._open or writer in self._writers:
                 data = await reader.read(65536)
@@ -215,6 +230,7 @@ class TcpProxy:
                 if self.record:
                     with self._lock:
                         self.captured.append(data)
+                        stream.append(data)
                 writer.write(data)
                 await writer.drain()
         writer.close()

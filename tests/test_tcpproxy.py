@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -148,3 +149,42 @@ async def test_stop_closes_a_connection_that_escaped_both_sweeps(
     # about (the suite turns a ResourceWarning into an error).
     assert capsys.readouterr().err.count("tcpproxy: closed an escaped") == 2
     gc.collect()
+
+
+def test_capture_streams_keeps_each_connection_whole_where_capture_interleaves() -> None:
+    # A sink upstream: accepts and reads, never answers.
+    sink = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.listen()
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _addr = sink.accept()
+            accepted.append(conn)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    proxy = TcpProxy(int(sink.getsockname()[1]), record=True)
+    proxy.start()
+    try:
+        first = socket.create_connection(("127.0.0.1", proxy.port))
+        second = socket.create_connection(("127.0.0.1", proxy.port))
+        sent = b""
+        # Alternate the connections, each write seen by the proxy before the next.
+        for client, chunk in [(first, b"a1"), (second, b"B1"), (first, b"a2"), (second, b"B2")]:
+            client.sendall(chunk)
+            sent += chunk
+            deadline = time.monotonic() + 10
+            while proxy.capture() != sent and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert proxy.capture() == b"a1B1a2B2"
+        assert sorted(s for s in proxy.capture_streams() if s) == [b"B1B2", b"a1a2"]
+        first.close()
+        second.close()
+    finally:
+        proxy.stop()
+        server.join(timeout=10)
+        for conn in accepted:
+            conn.close()
+        sink.close()
