@@ -16,10 +16,12 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -213,7 +215,14 @@ class PageLoad:
 
 @pytest.fixture
 def chromium(tmp_path: Path) -> Iterator[str]:
-    """A headless Chromium with remote debugging on a free port; yields its HTTP endpoint."""
+    """A headless Chromium with remote debugging on a free port; yields its HTTP endpoint.
+
+    It gets a temporary directory of its own, removed afterwards: Chromium keeps its
+    singleton socket in ``$TMPDIR/org.chromium.Chromium.*``, and a killed browser
+    left one in /tmp per run. The directory is not under ``tmp_path``, whose length
+    would push the socket's path past the 107 bytes a unix socket's may have.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="msmt-chromium-"))
     proc = subprocess.Popen(
         [
             CHROMIUM,
@@ -233,6 +242,7 @@ def chromium(tmp_path: Path) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     try:
         assert proc.stderr is not None
@@ -246,12 +256,15 @@ def chromium(tmp_path: Path) -> Iterator[str]:
             if match:
                 endpoint = match.group(1)
         assert endpoint is not None, "chromium did not start its DevTools endpoint"
+        # Chromium took the directory: its singleton socket is there, not in /tmp.
+        assert list(scratch.glob("org.chromium.Chromium.*/SingletonSocket"))
         yield endpoint
     finally:
         proc.kill()
         proc.wait(timeout=10)
         if proc.stderr is not None:
             proc.stderr.close()
+        shutil.rmtree(scratch)
 
 
 PROBE = """JSON.stringify({
