@@ -43,7 +43,7 @@ from broker.natsconfig import accounts_config
 from broker.natsetup import setup_account
 from broker.natsproc import NatsServer, free_port
 from broker.natsusers import load_users
-from broker.node import load_node
+from broker.node_start import load_node
 
 POLICY = """
 version = 1

@@ -188,7 +188,7 @@ def roster_log_keys(roster: Roster, member: str, *, with_revoked: bool = False) 
 
     Revoked keys are left out: a checkpoint they sign is never trusted again.
     ``with_revoked`` keeps them for one check only, a node's look at its own log
-    file at start (``broker.node.load_node``), which asks whether the file is
+    file at start (``broker.node_start.load_node``), which asks whether the file is
     intact, not whether a partner should trust it.
     """
     return [

@@ -1,8 +1,9 @@
 """The national node daemon: intake, planning, publishing, receiving, metrics, shutdown.
 
-``load_node`` checks everything before anything runs (config, signed roster,
-private keys, policy, pseudonym keys, store, audit log), so a bad setup fails
-at start with one line. ``Node.run`` then runs these tasks until SIGTERM/SIGINT:
+``broker.node_start.load_node`` checks everything before anything runs (config,
+signed roster, private keys, policy, pseudonym keys, store, audit log), so a bad
+setup fails at start with one line, and builds the ``Node``. ``Node.run`` then
+runs these tasks until SIGTERM/SIGINT:
 
 * intake on the unix socket and the spool directory (``broker.intake``);
 * the planner and the publisher (``broker.publisher``); planning runs in a
@@ -21,11 +22,8 @@ log, then the planning worker.
 from __future__ import annotations
 
 import asyncio
-import base64
-import bisect
 import contextlib
 import functools
-import gc
 import json
 import math
 import os
@@ -43,44 +41,37 @@ import nats
 import nats.errors
 import nats.js.errors
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from broker import audit_events
-from broker.audit_events import AuditEvent
-from broker.auditlog import DB_FILE, AuditLog
+from broker.auditlog import AuditLog
 from broker.auditnet import AuditNet
-from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
 from broker.errors import (
-    AuditError,
     ConfigError,
     KeyMaterialError,
     MsmtError,
-    StoreDamagedError,
     UsageError,
 )
-from broker.feeds import FEED_COUNTER, FEED_USED, SHARED_STATE, FeedTokens
-from broker.files import read_file_bytes, read_file_text
+from broker.feeds import FEED_COUNTER, FEED_USED, FeedTokens
 from broker.intake import Intake, Refusal, ensure_token, make_app, read_token, serve_unix
-from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
 from broker.log import Throttle, get_logger
 from broker.members import MEMBERS
 from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
 from broker.natsclient import TlsOnlyClient
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
-from broker.natstls import CONFIG_NAMES, certificate_expiry
-from broker.planner import Planner, Signer
+from broker.planner import Planner
 from broker.planpool import PlanPool, PlanWorkerError
 from broker.policy import Policy
 from broker.publisher import Publisher, RunDb, sent_event
 from broker.receiver import Inbound, Receiver
+from broker.reconcile import audit_unaudited
 from broker.roster import Roster, format_time
 from broker.spool import Spool
 from broker.stopsignals import StopSignals
-from broker.store import AUDIT_SIZE, NewReport, OutboxItem, Store
+from broker.store import NewReport, OutboxItem, Store
 
 log = get_logger("node")
 
@@ -126,33 +117,8 @@ PLAN_ERROR_RETRY_S: Final = 0.5
 REISSUE_EVERY_S: Final = 60.0
 """Longest time between looks for envelopes to sign again (pending too long; ``msmt node
 resend``); a quarter of the freshness window if that is shorter."""
-PSEUDONYM_MIN_BYTES: Final = 32
 EXPIRY_WARNING: Final = timedelta(days=14)
 """A credential expiring sooner than this is logged at start (``credential_expires_soon``)."""
-_START_ENTRIES: Final = frozenset({"policy", "key"})
-"""The entry types a start appends before its first store write (``load_node``)."""
-
-
-def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
-    """Load each pseudonym key the policy names from ``<keys.dir>/<MEMBER>/pseudonym/<id>.key``.
-
-    A key file holds at least 32 random bytes, base64url; raises ``KeyMaterialError``
-    if one is missing, short or open to other users, so a node never starts unable
-    to apply its policy (or with a key others may have read).
-    """
-    out: dict[str, bytes] = {}
-    for key_id in policy.pseudonym_keys:
-        path = config.keys.dir / config.member / "pseudonym" / f"{key_id}.key"
-        try:
-            text = read_file_text(path, "ascii").strip()
-            key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        except (OSError, ValueError) as exc:
-            raise KeyMaterialError(f"pseudonym key {key_id}: cannot read {path} ({exc})") from None
-        if len(key) < PSEUDONYM_MIN_BYTES:
-            raise KeyMaterialError(f"pseudonym key {path} is shorter than 32 bytes")
-        check_private_file(path, "pseudonym key")
-        out[key_id] = key
-    return out
 
 
 class NodeFailedError(MsmtError):
@@ -160,7 +126,7 @@ class NodeFailedError(MsmtError):
 
 
 class Node:
-    """One member's running node; build it with ``load_node``."""
+    """One member's running node; build it with ``broker.node_start.load_node``."""
 
     # Reports accepted and logged since the planner last looked, which it takes
     # from here rather than reading the store (a hop to its thread and back per
@@ -1281,109 +1247,6 @@ def failure_text(part: str, exc: BaseException) -> str:
     return f"{part} failed: {type(exc).__name__}{said}"
 
 
-def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
-    """Check and load everything a node needs; raise ``MsmtError`` with one line if any is bad."""
-    at = now or datetime.now(UTC)
-    _make_data_dir(config.data_dir)
-    # Until the node owns them, a failure closes what was opened: in-process
-    # callers (tests, the demo) must not inherit open files.
-    with contextlib.ExitStack() as undo:
-        try:
-            store = Store(config.store_path)
-        except StoreDamagedError as exc:
-            # As for a damaged audit log (_open_audit): exit 2, which the unit does not
-            # restart on; a store that is locked or on a full disk stays 1.
-            raise ConfigError(str(exc)) from None
-        undo.callback(store.close)
-        state = store.state()
-        # The pinned state file refuses a rolled-back roster and two rosters under one version.
-        roster_state = config.roster_state_path
-        signed = load_pinned_roster(
-            config.roster_dir, config.authority_path, roster_state, record=False
-        )
-        keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
-        if keys.pending:
-            # Normal while a key request waits for the custodian; if it lasts, the
-            # accepted roster was not installed here (docs/KEYS.md, "Key requests").
-            log.warning(
-                "keys_pending",
-                kids=",".join(keys.pending),
-                reason="not in the roster yet: the node uses its current keys",
-            )
-        if config.nats.seed_file is not None:
-            try:
-                seed = read_file_bytes(config.nats.seed_file).strip()
-            except OSError as exc:
-                raise KeyMaterialError(
-                    f"cannot read {config.nats.seed_file}: {exc.strerror}"
-                ) from None
-        else:
-            seed = keys.nats_seed
-        # Built once, here: a bad CA, certificate or key stops the node before it connects.
-        tls = config.nats.tls_context()
-        policy, policy_text = config.read_policy()
-        pseudonym = load_pseudonym_keys(config, policy)
-        signing = keys.signing.private_key
-        if not isinstance(signing, Ed25519PrivateKey):
-            raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
-        audit = _open_audit(config, store, signing, signed.roster)
-        undo.callback(audit.close)
-        unrecorded = check_store_against_log(config, store, audit)
-        store.audit_size = lambda: audit.size
-        logged_now = _log_start(
-            config.member, audit, state, policy.digest, signed.roster, unrecorded, at
-        )
-        # Before any store write: it would record a log size past the entries of
-        # reports whose confirmation a crash lost, and they would be logged twice.
-        audit_unaudited(config.member, store, audit, at)
-        store.set_state(
-            {
-                "roster_version": str(signed.version),
-                "policy_digest": policy.digest,
-                SHARED_STATE: "on" if config.intake.shared_token else "off",
-                "key_events": json.dumps(sorted(logged_now)),
-            }
-        )
-        signer = Signer(config.member, keys.signing, keys.signing_kid)
-        planner = Planner(signer, policy, signed.roster, pseudonym)
-        inbound = Inbound(
-            config.member,
-            keys.decryption,
-            signed.roster,
-            store,
-            audit,
-            timedelta(seconds=config.limits.freshness_seconds),
-            config.limits.max_message_bytes,
-        )
-        partners = [m for m in MEMBERS if m != config.member]
-
-        def auditnet(metrics: Metrics, run_db: RunDb) -> AuditNet:
-            return AuditNet(
-                config.member,
-                audit,
-                run_db,
-                signing,
-                {m: roster_log_keys(signed.roster, m) for m in partners},
-                roster_witness_keys(signed.roster, partners),
-                config.data_dir / "witness-state.json",
-                metrics.audit_alarms,
-                refused=metrics.rejected,
-                own_log_keys=roster_log_keys(signed.roster, config.member),
-                active=metrics.audit_alarm_active,
-            )
-
-        expiries = _expiries(config, signed.roster, keys.signing_kid, at)
-        node = Node(
-            config, store, audit, planner, inbound, seed, auditnet, policy_text, tls, expiries
-        )
-        # Only now: a start refused above (a key file missing for the new roster)
-        # must leave the previous roster usable again (docs/KEYS.md).
-        # load_pinned_roster refused anything older, so this never lowers the pin.
-        pin_roster(roster_state, signed)
-        undo.pop_all()
-        return node
-
-
 def _feeds_used(counts: Counter[str]) -> dict[str, str]:
     """``feed_last_used.<feed>``: now, for each feed that sent records since the last tick."""
     now = _utc_now_text()
@@ -1393,44 +1256,6 @@ def _feeds_used(counts: Counter[str]) -> dict[str, str]:
         if name.startswith(FEED_COUNTER) and not name.endswith(".revoked")
     }
     return {f"{FEED_USED}{feed}": now for feed in sorted(used)}
-
-
-def _log_start(
-    member: str,
-    audit: AuditLog,
-    state: dict[str, str],
-    digest: str,
-    roster: Roster,
-    unrecorded: list[dict[str, Any]],
-    at: datetime,
-) -> set[str]:
-    """Append the start's ``policy`` and ``key`` entries; return the key events now logged.
-
-    ``unrecorded`` are such entries an earlier start appended without writing the
-    store after them (a full disk): this start goes on from them rather than
-    logging them twice, which replay would call a broken policy chain.
-    """
-    previous = state.get("policy_digest")
-    for entry in unrecorded:
-        if entry["type"] == "policy":
-            previous = entry["policy_digest"]
-    if previous != digest:
-        audit.append_many(
-            [
-                audit_events.policy_changed(
-                    member, at, policy_digest=digest, previous_digest=previous
-                )
-            ]
-        )
-    try:
-        logged = {str(x) for x in json.loads(state.get("key_events", "[]"))}
-    except (ValueError, TypeError):
-        logged = set()  # unreadable: log the roster's changes again rather than never
-    logged |= {f"{e['action']}:{e['kid']}" for e in unrecorded if e["type"] == "key"}
-    key_events, logged_now = own_key_events(member, roster, logged, at)
-    if key_events:
-        audit.append_many(key_events)
-    return logged_now
 
 
 def _spool(directory: Path, intake: Intake) -> Spool:
@@ -1458,171 +1283,6 @@ def _shared_token(config: NodeConfig) -> str | None:
     except UsageError as exc:
         log.warning("intake_token_ignored", reason=str(exc))
         return None
-
-
-def _make_data_dir(data_dir: Path) -> None:
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ConfigError(
-            f"config key data_dir: cannot create {data_dir}: {exc.strerror}"
-        ) from None
-
-
-def _open_audit(
-    config: NodeConfig, store: Store, signing: Ed25519PrivateKey, roster: Roster
-) -> AuditLog:
-    # The log's latest checkpoint may carry a key from before a rotation, or one
-    # revoked since: the open check asks only whether the file is intact, and
-    # refusing those keys would keep a node that rotated or revoked from starting.
-    # The next append signs the whole tree with the current key; partners and
-    # ``msmt audit verify`` still refuse checkpoints a revoked key signed.
-    earlier = roster_log_keys(roster, config.member, with_revoked=True)
-    # A node logs its policy before it takes any report, so reports beside a
-    # missing or empty log mean the log was lost or left out of a restore:
-    # starting would begin a new history under the old one's name, silently.
-    lost = ConfigError(
-        f"the store {config.store_path} holds reports but the audit log in {config.audit_dir}"
-        " is missing or empty: restore it from the same backup as the store (docs/DEPLOY.md)"
-    )
-    holds_reports = store.holds_reports()
-    if holds_reports and not (config.audit_dir / DB_FILE).exists():
-        raise lost
-    try:
-        audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
-    except AuditError as exc:
-        # Damaged, not a log, or another member's: no restart mends it, so the
-        # status the systemd unit does not restart on, as for a store and log
-        # from two moments (check_store_against_log). Locked, unreadable or on a
-        # full disk (StoreError) stays 1: that may pass, and a restart then works.
-        raise ConfigError(str(exc)) from None
-    if holds_reports and audit.size == 0:
-        audit.close()
-        raise lost
-    return audit
-
-
-def check_store_against_log(
-    config: NodeConfig, store: Store, audit: AuditLog
-) -> list[dict[str, Any]]:
-    """Refuse a store and an audit log that are not from one moment; raise ``ConfigError``.
-
-    Returns the ``policy`` and ``key`` entries the log holds after the store's
-    last write: a start that logged them and then could not write the store.
-
-    Every store write records the log's size (``store.AUDIT_SIZE``), and the log
-    commits before the store write that follows an append. So a log shorter than
-    that lost entries. After it, an ``accepted`` report and a ``sent`` envelope
-    were in the store before their entries were written, so the store must hold
-    them; ``received`` reports are stored after their entries, so one append's
-    worth may be missing (a crash, or a store write that failed, before the
-    store's write; the hub redelivers them), never more. Anything else means one
-    of the two lost commits: a restore without its ``-wal`` file, or from two
-    backups. Starting would lose reports for good (the hub was told they were
-    stored) or fork the log.
-    """
-    state = store.state()
-    recorded = state.get(AUDIT_SIZE, "")
-    restore = (
-        "restore the store and the audit log from the same backup, each with its -wal file"
-        " (docs/DEPLOY.md)"
-    )
-    if not recorded.isdecimal():
-        # A store that never recorded it was written by an older version (its first
-        # write starts the record), unless it holds nothing at all beside a log that
-        # does: a young store lives wholly in its -wal file until SQLite's first
-        # checkpoint, and losing that file leaves an empty store.
-        return [] if state else _start_entries_only(config, audit, restore)
-    seen = int(recorded)
-    if seen > audit.size:
-        raise ConfigError(
-            f"the audit log in {config.audit_dir} holds {audit.size} entries, but the store"
-            f" {config.store_path} was last written when it held {seen}: the log lost"
-            f" entries; {restore}"
-        )
-    ends = audit.checkpoint_sizes(seen)
-    unstored_append: int | None = None  # the one append whose receipts may be missing
-    unrecorded: list[dict[str, Any]] = []
-    for index in range(seen, audit.size):
-        entry = json.loads(audit.entry(index))
-        kind = entry.get("type")
-        if kind in _START_ENTRIES:
-            unrecorded.append(entry)
-        if kind == "accepted":
-            held = store.has_report(entry["report_id"])
-        elif kind == "sent":
-            held = store.has_envelope(entry["report_id"], entry["partner"])
-        elif kind == "received":
-            held = store.has_received(entry["sender"], entry["jwe_sha256"])
-            append = bisect.bisect_right(ends, index)
-            if not held and unstored_append in (None, append):
-                unstored_append, held = append, True
-        else:
-            continue
-        if not held:
-            raise ConfigError(
-                f"the store {config.store_path} lacks what audit log entry {index} records"
-                f" ({kind}, report {entry['report_id']}): the store lost commits; {restore}"
-            )
-    return unrecorded
-
-
-def _start_entries_only(config: NodeConfig, audit: AuditLog, restore: str) -> list[dict[str, Any]]:
-    """The log's entries beside an empty store, if they are a start's alone; else ``ConfigError``.
-
-    A first start that logged its policy and keys and then found the disk full
-    leaves a log of those alone: nothing of a report was in the store to lose.
-    """
-    found = []
-    for index in range(audit.size):
-        entry = json.loads(audit.entry(index))
-        if entry.get("type") not in _START_ENTRIES:
-            raise ConfigError(
-                f"the audit log in {config.audit_dir} holds {audit.size} entries, but the"
-                f" store {config.store_path} is empty: the store was lost; {restore}"
-            )
-        found.append(entry)
-    return found
-
-
-def audit_unaudited(member: str, store: Store, audit: AuditLog, at: datetime) -> int:
-    """Confirm the reports the store has no audit confirmation of; return how many.
-
-    Their ``accepted`` entries are missing after a crash, or an audit append that
-    failed (a full disk), between a report's store commit and its entry: appended
-    here with feed ``recovered``. After a crash between the entry and the store
-    write that confirms it (``Store.mark_audited_later``), the entry is in the log
-    after the size the store last recorded (``AUDIT_SIZE``): found there, it is not
-    appended again. Call it before the store's first write after a start.
-    """
-    unaudited = store.unaudited()
-    if not unaudited:
-        return 0
-    logged = _accepted_since_store_write(store, audit, {rid for rid, _ in unaudited})
-    missing = [(rid, kind) for rid, kind in unaudited if rid not in logged]
-    if missing:
-        audit.append_many(
-            [
-                audit_events.accepted(member, at, report_id=rid, kind=kind, feed="recovered")
-                for rid, kind in missing
-            ]
-        )
-    store.mark_audited([rid for rid, _ in unaudited])
-    return len(unaudited)
-
-
-def _accepted_since_store_write(store: Store, audit: AuditLog, wanted: set[str]) -> set[str]:
-    # The reports of ``wanted`` with an ``accepted`` entry past the log size the
-    # store last recorded: every store write after an entry's append confirms its
-    # report in the same commit, so an unconfirmed report's entry, if written, is
-    # there. Without a recorded size (a store no node wrote yet) nothing is found.
-    recorded = store.state().get(AUDIT_SIZE, "")
-    found: set[str] = set()
-    for index in range(int(recorded) if recorded.isdecimal() else audit.size, audit.size):
-        entry = json.loads(audit.entry(index))
-        if entry.get("type") == "accepted" and entry.get("report_id") in wanted:
-            found.add(entry["report_id"])
-    return found
 
 
 def _warn_keyless_partners(policy: Policy, roster: Roster, at: datetime) -> None:
@@ -1694,65 +1354,3 @@ def _parse_hub_time(value: object) -> float | None:
 
 def _utc_now_text() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def own_key_events(
-    member: str, roster: Roster, logged: set[str], at: datetime
-) -> tuple[list[AuditEvent], set[str]]:
-    """``key`` entries for ``member``'s keys the roster shows rotated or revoked, not yet logged.
-
-    A node learns of its own rotations and revocations from the roster it starts
-    with, so it logs each once, at the first start that shows it (``logged``
-    holds ``action:kid`` of those already logged; the new set is returned).
-    """
-    events: list[AuditEvent] = []
-    done = set(logged)
-    for key in sorted(roster, key=lambda k: k.kid):
-        if key.member != member or key.status == "active":
-            continue
-        action = "revoked" if key.status == "revoked" else "rotated"
-        if f"{action}:{key.kid}" in done:
-            continue
-        new_kid = None
-        if action == "rotated":
-            try:
-                new_kid = roster.current(member, key.use, at).kid
-            except KeyMaterialError:
-                continue  # retired with nothing valid in its place: nothing to name yet
-        events.append(
-            audit_events.key_changed(member, at, action=action, kid=key.kid, new_kid=new_kid)
-        )
-        done.add(f"{action}:{key.kid}")
-    return events, done
-
-
-def _expiries(
-    config: NodeConfig, roster: Roster, signing_kid: str, at: datetime
-) -> dict[str, datetime]:
-    # For the credential-expiry gauge.
-    expiries = {"signing_key": roster.get(signing_kid).valid_until}
-    # No current encryption key (a rotation dated later) only means nothing
-    # arrives until it starts; the gauge is left out, the node still runs.
-    with contextlib.suppress(KeyMaterialError):
-        expiries["encryption_key"] = roster.current(config.member, "enc", at).valid_until
-    if config.nats.cert_file is not None:
-        cert = config.nats.cert_file
-        expiries["tls_certificate"] = certificate_expiry(cert, CONFIG_NAMES.cert)
-    return expiries
-
-
-async def run(config: NodeConfig, signals: StopSignals | None = None) -> None:
-    """Load and run the node described by ``config`` until it is told to stop (``Node.run``).
-
-    The daemon's entry (``msmt node run``), in a process of its own: what it has
-    loaded is then frozen out of the cyclic garbage collector's way. In-process
-    callers (tests, the demo) use ``load_node`` and ``Node.run`` instead.
-    """
-    node = load_node(config)
-    # The modules, roster, keys and schemas loaded by now (~77,000 objects) live as
-    # long as the process, yet every full collection walked them all: one per ~3,000
-    # deliveries at a receiver, 26-41 ms each on the store's thread or the event loop
-    # (bench/README.md, sixteenth session). Collected first: no garbage is frozen.
-    gc.collect()
-    gc.freeze()
-    await node.run(signals)

@@ -569,7 +569,7 @@ class Store:
 
         Non-empty only after a crash or a failed audit append between the accept
         commit and the next write; the node looks for their entries in the log and
-        appends those it lacks (``broker.node.audit_unaudited``). A mark waiting
+        appends those it lacks (``broker.reconcile.audit_unaudited``). A mark waiting
         for the next write counts as confirmed.
         """
         later = set(self._audited_later)

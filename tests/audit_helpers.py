@@ -83,7 +83,7 @@ def unstored_event(i: int, member: str = MEMBER) -> ev.AuditEvent:
     """A refusal: an entry with no store counterpart, to append to a real node's own log.
 
     A node checks at start that its store holds what its log's newest entries
-    say it accepted, sent and received (``broker.node.check_store_against_log``).
+    say it accepted, sent and received (``broker.reconcile.check_store_against_log``).
     """
     at = T0 + timedelta(seconds=i)
     return ev.rejected(member, at, source="GBR", step="signature", reason=f"test {i}")

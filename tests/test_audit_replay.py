@@ -41,7 +41,7 @@ from broker.cli import main
 from broker.cli.audit import render_tables
 from broker.errors import AuditError
 from broker.natsproc import free_port
-from broker.node import load_node
+from broker.node_start import load_node
 from broker.policy import load_policy
 from broker.publisher import sent_event
 from broker.store import OutboxItem

@@ -28,7 +28,7 @@ from broker.checkpoint import open_checkpoint, roster_log_keys
 from broker.config import NodeConfig, load_config
 from broker.errors import ConfigError
 from broker.intake import Intake
-from broker.node import load_node
+from broker.node_start import load_node
 from broker.note import NoteError
 from broker.store import NewReport, Store
 

@@ -41,7 +41,7 @@ from node_world import (
 from broker import keys
 from broker.cli import main
 from broker.members import MEMBERS
-from broker.node import load_node
+from broker.node_start import load_node
 from broker.store import AUDIT_SIZE, KEPT_SINCE, Store
 from broker.validation import parse_record
 

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from broker import keyrequest, keys
 from broker.config import load_config
-from broker.node import load_node
+from broker.node_start import load_node
 
 POLICY = """
 version = 1

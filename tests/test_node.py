@@ -47,7 +47,8 @@ from broker.errors import StoreError
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import InboxLimits, connect_account, setup_account
 from broker.natsproc import NatsServer
-from broker.node import Node, failure_text, load_node
+from broker.node import Node, failure_text
+from broker.node_start import load_node
 from broker.policy import variants
 from broker.roster import Roster, RosterKey
 from broker.sightings import leaf_values
@@ -933,7 +934,7 @@ async def test_a_report_whose_audit_entry_failed_waits_unsent_until_the_entry_is
 def test_own_key_events_log_each_rotation_and_revocation_once() -> None:
     from envelope_world import make_roster, roster_entry
 
-    from broker.node import own_key_events
+    from broker.node_start import own_key_events
 
     now = datetime.now(UTC)
     roster = make_roster(

@@ -26,7 +26,7 @@ from node_world import (
 from structlog.testing import capture_logs
 
 import broker.node as node_module
-from broker.node import load_node
+from broker.node_start import load_node
 from broker.validation import parse_record
 
 PAUSED_FOR_CLOCK = "inbox paused: this node's clock is too far off the hub's (msmt status)"

@@ -34,7 +34,7 @@ from broker import node as node_module
 from broker.errors import KeyMaterialError
 from broker.natsetup import setup_account
 from broker.natsproc import free_port
-from broker.node import load_node
+from broker.node_start import load_node
 from broker.publisher import PUBLISH_TIMEOUT
 from broker.store import Store
 from broker.validation import parse_record

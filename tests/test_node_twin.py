@@ -18,7 +18,7 @@ from node_world import USA_TO_JPN, World, await_for, expected_partners, inbox_id
 from structlog.testing import capture_logs
 
 from broker.natsproc import free_port
-from broker.node import load_node
+from broker.node_start import load_node
 from broker.store import Store
 from broker.validation import parse_record
 

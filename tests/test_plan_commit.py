@@ -21,7 +21,7 @@ from node_world import BATCH_POLICY, World, await_for
 
 from broker.auditlog import DB_FILE
 from broker.errors import StoreError
-from broker.node import load_node
+from broker.node_start import load_node
 from broker.store import OutboxItem
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from types import MappingProxyType
 import pytest
 from node_world import BATCH_POLICY, World, await_for
 
-from broker.node import load_node
+from broker.node_start import load_node
 from broker.store import OutboxItem
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 import broker.node
 from broker import keys
 from broker.auditlog import DB_FILE
-from broker.node import load_node
+from broker.node_start import load_node
 from broker.validation import parse_record
 
 pytestmark = pytest.mark.integration

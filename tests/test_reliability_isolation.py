@@ -34,7 +34,8 @@ from tcpproxy import TcpProxy, running
 
 from broker.members import MEMBERS
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
-from broker.node import Node, load_node
+from broker.node import Node
+from broker.node_start import load_node
 from broker.policy import variants
 from broker.sightings import leaf_values
 from broker.validation import parse_record

@@ -33,7 +33,8 @@ from structlog.testing import capture_logs
 
 import broker.node
 from broker.cli import main
-from broker.node import REISSUE_EVERY_S, Node, load_node, reissue_interval
+from broker.node import REISSUE_EVERY_S, Node, reissue_interval
+from broker.node_start import load_node
 from broker.store import Store
 from broker.validation import parse_record
 

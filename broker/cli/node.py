@@ -77,7 +77,7 @@ def node_run(config_path: Path, log_level: str) -> None:
     # First: a SIGTERM or SIGINT from here on, even while the node loads, is a stop.
     with StopSignals() as signals:
         from broker import log  # noqa: PLC0415
-        from broker.node import run  # noqa: PLC0415 - the daemon pulls in nats; load it only here
+        from broker.node_start import run  # noqa: PLC0415 - the daemon pulls in nats; load it here
 
         config = _config(config_path)
         log.configure(level=log_level)

@@ -1,0 +1,316 @@
+"""Starting a node: check and load everything before anything runs, then run it.
+
+``load_node`` reads the config's files (the pinned signed roster, the private
+keys, the policy and its pseudonym keys, the TLS files), opens the store and the
+audit log and checks they are from one moment (``broker.reconcile``), logs the
+start's ``policy`` and ``key`` entries, and builds the ``Node``. Anything bad
+stops it with one line (``MsmtError``) before a socket is opened, and what it
+opened is closed again. ``run`` is the daemon's entry (``msmt node run``).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gc
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker import audit_events
+from broker.audit_events import AuditEvent
+from broker.auditlog import DB_FILE, AuditLog
+from broker.auditnet import AuditNet
+from broker.checkpoint import roster_log_keys, roster_witness_keys
+from broker.config import NodeConfig
+from broker.errors import AuditError, ConfigError, KeyMaterialError, StoreDamagedError
+from broker.feeds import SHARED_STATE
+from broker.files import read_file_bytes, read_file_text
+from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
+from broker.log import get_logger
+from broker.members import MEMBERS
+from broker.metrics import Metrics
+from broker.natstls import CONFIG_NAMES, certificate_expiry
+from broker.node import Node
+from broker.planner import Planner, Signer
+from broker.policy import Policy
+from broker.publisher import RunDb
+from broker.receiver import Inbound
+from broker.reconcile import audit_unaudited, check_store_against_log
+from broker.roster import Roster
+from broker.stopsignals import StopSignals
+from broker.store import Store
+
+log = get_logger("node")
+
+PSEUDONYM_MIN_BYTES: Final = 32
+
+
+def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
+    """Check and load everything a node needs; raise ``MsmtError`` with one line if any is bad."""
+    at = now or datetime.now(UTC)
+    _make_data_dir(config.data_dir)
+    # Until the node owns them, a failure closes what was opened: in-process
+    # callers (tests, the demo) must not inherit open files.
+    with contextlib.ExitStack() as undo:
+        try:
+            store = Store(config.store_path)
+        except StoreDamagedError as exc:
+            # As for a damaged audit log (_open_audit): exit 2, which the unit does not
+            # restart on; a store that is locked or on a full disk stays 1.
+            raise ConfigError(str(exc)) from None
+        undo.callback(store.close)
+        state = store.state()
+        # The pinned state file refuses a rolled-back roster and two rosters under one version.
+        roster_state = config.roster_state_path
+        signed = load_pinned_roster(
+            config.roster_dir, config.authority_path, roster_state, record=False
+        )
+        keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
+        if keys.pending:
+            # Normal while a key request waits for the custodian; if it lasts, the
+            # accepted roster was not installed here (docs/KEYS.md, "Key requests").
+            log.warning(
+                "keys_pending",
+                kids=",".join(keys.pending),
+                reason="not in the roster yet: the node uses its current keys",
+            )
+        if config.nats.seed_file is not None:
+            try:
+                seed = read_file_bytes(config.nats.seed_file).strip()
+            except OSError as exc:
+                raise KeyMaterialError(
+                    f"cannot read {config.nats.seed_file}: {exc.strerror}"
+                ) from None
+        else:
+            seed = keys.nats_seed
+        # Built once, here: a bad CA, certificate or key stops the node before it connects.
+        tls = config.nats.tls_context()
+        policy, policy_text = config.read_policy()
+        pseudonym = load_pseudonym_keys(config, policy)
+        signing = keys.signing.private_key
+        if not isinstance(signing, Ed25519PrivateKey):
+            raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
+        audit = _open_audit(config, store, signing, signed.roster)
+        undo.callback(audit.close)
+        unrecorded = check_store_against_log(config, store, audit)
+        store.audit_size = lambda: audit.size
+        logged_now = _log_start(
+            config.member, audit, state, policy.digest, signed.roster, unrecorded, at
+        )
+        # Before any store write: it would record a log size past the entries of
+        # reports whose confirmation a crash lost, and they would be logged twice.
+        audit_unaudited(config.member, store, audit, at)
+        store.set_state(
+            {
+                "roster_version": str(signed.version),
+                "policy_digest": policy.digest,
+                SHARED_STATE: "on" if config.intake.shared_token else "off",
+                "key_events": json.dumps(sorted(logged_now)),
+            }
+        )
+        signer = Signer(config.member, keys.signing, keys.signing_kid)
+        planner = Planner(signer, policy, signed.roster, pseudonym)
+        inbound = Inbound(
+            config.member,
+            keys.decryption,
+            signed.roster,
+            store,
+            audit,
+            timedelta(seconds=config.limits.freshness_seconds),
+            config.limits.max_message_bytes,
+        )
+        partners = [m for m in MEMBERS if m != config.member]
+
+        def auditnet(metrics: Metrics, run_db: RunDb) -> AuditNet:
+            return AuditNet(
+                config.member,
+                audit,
+                run_db,
+                signing,
+                {m: roster_log_keys(signed.roster, m) for m in partners},
+                roster_witness_keys(signed.roster, partners),
+                config.data_dir / "witness-state.json",
+                metrics.audit_alarms,
+                refused=metrics.rejected,
+                own_log_keys=roster_log_keys(signed.roster, config.member),
+                active=metrics.audit_alarm_active,
+            )
+
+        expiries = _expiries(config, signed.roster, keys.signing_kid, at)
+        node = Node(
+            config, store, audit, planner, inbound, seed, auditnet, policy_text, tls, expiries
+        )
+        # Only now: a start refused above (a key file missing for the new roster)
+        # must leave the previous roster usable again (docs/KEYS.md).
+        # load_pinned_roster refused anything older, so this never lowers the pin.
+        pin_roster(roster_state, signed)
+        undo.pop_all()
+        return node
+
+
+def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
+    """Load each pseudonym key the policy names from ``<keys.dir>/<MEMBER>/pseudonym/<id>.key``.
+
+    A key file holds at least 32 random bytes, base64url; raises ``KeyMaterialError``
+    if one is missing, short or open to other users, so a node never starts unable
+    to apply its policy (or with a key others may have read).
+    """
+    out: dict[str, bytes] = {}
+    for key_id in policy.pseudonym_keys:
+        path = config.keys.dir / config.member / "pseudonym" / f"{key_id}.key"
+        try:
+            text = read_file_text(path, "ascii").strip()
+            key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (OSError, ValueError) as exc:
+            raise KeyMaterialError(f"pseudonym key {key_id}: cannot read {path} ({exc})") from None
+        if len(key) < PSEUDONYM_MIN_BYTES:
+            raise KeyMaterialError(f"pseudonym key {path} is shorter than 32 bytes")
+        check_private_file(path, "pseudonym key")
+        out[key_id] = key
+    return out
+
+
+def _log_start(
+    member: str,
+    audit: AuditLog,
+    state: dict[str, str],
+    digest: str,
+    roster: Roster,
+    unrecorded: list[dict[str, Any]],
+    at: datetime,
+) -> set[str]:
+    """Append the start's ``policy`` and ``key`` entries; return the key events now logged.
+
+    ``unrecorded`` are such entries an earlier start appended without writing the
+    store after them (a full disk): this start goes on from them rather than
+    logging them twice, which replay would call a broken policy chain.
+    """
+    previous = state.get("policy_digest")
+    for entry in unrecorded:
+        if entry["type"] == "policy":
+            previous = entry["policy_digest"]
+    if previous != digest:
+        audit.append_many(
+            [
+                audit_events.policy_changed(
+                    member, at, policy_digest=digest, previous_digest=previous
+                )
+            ]
+        )
+    try:
+        logged = {str(x) for x in json.loads(state.get("key_events", "[]"))}
+    except (ValueError, TypeError):
+        logged = set()  # unreadable: log the roster's changes again rather than never
+    logged |= {f"{e['action']}:{e['kid']}" for e in unrecorded if e["type"] == "key"}
+    key_events, logged_now = own_key_events(member, roster, logged, at)
+    if key_events:
+        audit.append_many(key_events)
+    return logged_now
+
+
+def _make_data_dir(data_dir: Path) -> None:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(
+            f"config key data_dir: cannot create {data_dir}: {exc.strerror}"
+        ) from None
+
+
+def _open_audit(
+    config: NodeConfig, store: Store, signing: Ed25519PrivateKey, roster: Roster
+) -> AuditLog:
+    # The log's latest checkpoint may carry a key from before a rotation, or one
+    # revoked since: the open check asks only whether the file is intact, and
+    # refusing those keys would keep a node that rotated or revoked from starting.
+    # The next append signs the whole tree with the current key; partners and
+    # ``msmt audit verify`` still refuse checkpoints a revoked key signed.
+    earlier = roster_log_keys(roster, config.member, with_revoked=True)
+    # A node logs its policy before it takes any report, so reports beside a
+    # missing or empty log mean the log was lost or left out of a restore:
+    # starting would begin a new history under the old one's name, silently.
+    lost = ConfigError(
+        f"the store {config.store_path} holds reports but the audit log in {config.audit_dir}"
+        " is missing or empty: restore it from the same backup as the store (docs/DEPLOY.md)"
+    )
+    holds_reports = store.holds_reports()
+    if holds_reports and not (config.audit_dir / DB_FILE).exists():
+        raise lost
+    try:
+        audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
+    except AuditError as exc:
+        # Damaged, not a log, or another member's: no restart mends it, so the
+        # status the systemd unit does not restart on, as for a store and log
+        # from two moments (check_store_against_log). Locked, unreadable or on a
+        # full disk (StoreError) stays 1: that may pass, and a restart then works.
+        raise ConfigError(str(exc)) from None
+    if holds_reports and audit.size == 0:
+        audit.close()
+        raise lost
+    return audit
+
+
+def own_key_events(
+    member: str, roster: Roster, logged: set[str], at: datetime
+) -> tuple[list[AuditEvent], set[str]]:
+    """``key`` entries for ``member``'s keys the roster shows rotated or revoked, not yet logged.
+
+    A node learns of its own rotations and revocations from the roster it starts
+    with, so it logs each once, at the first start that shows it (``logged``
+    holds ``action:kid`` of those already logged; the new set is returned).
+    """
+    events: list[AuditEvent] = []
+    done = set(logged)
+    for key in sorted(roster, key=lambda k: k.kid):
+        if key.member != member or key.status == "active":
+            continue
+        action = "revoked" if key.status == "revoked" else "rotated"
+        if f"{action}:{key.kid}" in done:
+            continue
+        new_kid = None
+        if action == "rotated":
+            try:
+                new_kid = roster.current(member, key.use, at).kid
+            except KeyMaterialError:
+                continue  # retired with nothing valid in its place: nothing to name yet
+        events.append(
+            audit_events.key_changed(member, at, action=action, kid=key.kid, new_kid=new_kid)
+        )
+        done.add(f"{action}:{key.kid}")
+    return events, done
+
+
+def _expiries(
+    config: NodeConfig, roster: Roster, signing_kid: str, at: datetime
+) -> dict[str, datetime]:
+    # For the credential-expiry gauge.
+    expiries = {"signing_key": roster.get(signing_kid).valid_until}
+    # No current encryption key (a rotation dated later) only means nothing
+    # arrives until it starts; the gauge is left out, the node still runs.
+    with contextlib.suppress(KeyMaterialError):
+        expiries["encryption_key"] = roster.current(config.member, "enc", at).valid_until
+    if config.nats.cert_file is not None:
+        cert = config.nats.cert_file
+        expiries["tls_certificate"] = certificate_expiry(cert, CONFIG_NAMES.cert)
+    return expiries
+
+
+async def run(config: NodeConfig, signals: StopSignals | None = None) -> None:
+    """Load and run the node described by ``config`` until it is told to stop (``Node.run``).
+
+    The daemon's entry (``msmt node run``), in a process of its own: what it has
+    loaded is then frozen out of the cyclic garbage collector's way. In-process
+    callers (tests, the demo) use ``load_node`` and ``Node.run`` instead.
+    """
+    node = load_node(config)
+    # The modules, roster, keys and schemas loaded by now (~77,000 objects) live as
+    # long as the process, yet every full collection walked them all: one per ~3,000
+    # deliveries at a receiver, 26-41 ms each on the store's thread or the event loop
+    # (bench/README.md, sixteenth session). Collected first: no garbage is frozen.
+    gc.collect()
+    gc.freeze()
+    await node.run(signals)

@@ -1,0 +1,147 @@
+"""A node's store and audit log, checked to be from one moment and brought level at start.
+
+The store records the audit log's size with every write (``store.AUDIT_SIZE``),
+so a start can tell a log that lost entries, a store that lost commits, and the
+one append a crash may leave unconfirmed. ``check_store_against_log`` refuses
+the first two (a restore from two moments: starting would lose reports or fork
+the log); ``audit_unaudited`` logs what a crash or a full disk left unlogged.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from datetime import datetime
+from typing import Any, Final
+
+from broker import audit_events
+from broker.auditlog import AuditLog
+from broker.config import NodeConfig
+from broker.errors import ConfigError
+from broker.store import AUDIT_SIZE, Store
+
+_START_ENTRIES: Final = frozenset({"policy", "key"})
+"""The entry types a start appends before its first store write (``node_start.load_node``)."""
+
+
+def check_store_against_log(
+    config: NodeConfig, store: Store, audit: AuditLog
+) -> list[dict[str, Any]]:
+    """Refuse a store and an audit log that are not from one moment; raise ``ConfigError``.
+
+    Returns the ``policy`` and ``key`` entries the log holds after the store's
+    last write: a start that logged them and then could not write the store.
+
+    Every store write records the log's size (``store.AUDIT_SIZE``), and the log
+    commits before the store write that follows an append. So a log shorter than
+    that lost entries. After it, an ``accepted`` report and a ``sent`` envelope
+    were in the store before their entries were written, so the store must hold
+    them; ``received`` reports are stored after their entries, so one append's
+    worth may be missing (a crash, or a store write that failed, before the
+    store's write; the hub redelivers them), never more. Anything else means one
+    of the two lost commits: a restore without its ``-wal`` file, or from two
+    backups. Starting would lose reports for good (the hub was told they were
+    stored) or fork the log.
+    """
+    state = store.state()
+    recorded = state.get(AUDIT_SIZE, "")
+    restore = (
+        "restore the store and the audit log from the same backup, each with its -wal file"
+        " (docs/DEPLOY.md)"
+    )
+    if not recorded.isdecimal():
+        # A store that never recorded it was written by an older version (its first
+        # write starts the record), unless it holds nothing at all beside a log that
+        # does: a young store lives wholly in its -wal file until SQLite's first
+        # checkpoint, and losing that file leaves an empty store.
+        return [] if state else _start_entries_only(config, audit, restore)
+    seen = int(recorded)
+    if seen > audit.size:
+        raise ConfigError(
+            f"the audit log in {config.audit_dir} holds {audit.size} entries, but the store"
+            f" {config.store_path} was last written when it held {seen}: the log lost"
+            f" entries; {restore}"
+        )
+    ends = audit.checkpoint_sizes(seen)
+    unstored_append: int | None = None  # the one append whose receipts may be missing
+    unrecorded: list[dict[str, Any]] = []
+    for index in range(seen, audit.size):
+        entry = json.loads(audit.entry(index))
+        kind = entry.get("type")
+        if kind in _START_ENTRIES:
+            unrecorded.append(entry)
+        if kind == "accepted":
+            held = store.has_report(entry["report_id"])
+        elif kind == "sent":
+            held = store.has_envelope(entry["report_id"], entry["partner"])
+        elif kind == "received":
+            held = store.has_received(entry["sender"], entry["jwe_sha256"])
+            append = bisect.bisect_right(ends, index)
+            if not held and unstored_append in (None, append):
+                unstored_append, held = append, True
+        else:
+            continue
+        if not held:
+            raise ConfigError(
+                f"the store {config.store_path} lacks what audit log entry {index} records"
+                f" ({kind}, report {entry['report_id']}): the store lost commits; {restore}"
+            )
+    return unrecorded
+
+
+def _start_entries_only(config: NodeConfig, audit: AuditLog, restore: str) -> list[dict[str, Any]]:
+    """The log's entries beside an empty store, if they are a start's alone; else ``ConfigError``.
+
+    A first start that logged its policy and keys and then found the disk full
+    leaves a log of those alone: nothing of a report was in the store to lose.
+    """
+    found = []
+    for index in range(audit.size):
+        entry = json.loads(audit.entry(index))
+        if entry.get("type") not in _START_ENTRIES:
+            raise ConfigError(
+                f"the audit log in {config.audit_dir} holds {audit.size} entries, but the"
+                f" store {config.store_path} is empty: the store was lost; {restore}"
+            )
+        found.append(entry)
+    return found
+
+
+def audit_unaudited(member: str, store: Store, audit: AuditLog, at: datetime) -> int:
+    """Confirm the reports the store has no audit confirmation of; return how many.
+
+    Their ``accepted`` entries are missing after a crash, or an audit append that
+    failed (a full disk), between a report's store commit and its entry: appended
+    here with feed ``recovered``. After a crash between the entry and the store
+    write that confirms it (``Store.mark_audited_later``), the entry is in the log
+    after the size the store last recorded (``AUDIT_SIZE``): found there, it is not
+    appended again. Call it before the store's first write after a start.
+    """
+    unaudited = store.unaudited()
+    if not unaudited:
+        return 0
+    logged = _accepted_since_store_write(store, audit, {rid for rid, _ in unaudited})
+    missing = [(rid, kind) for rid, kind in unaudited if rid not in logged]
+    if missing:
+        audit.append_many(
+            [
+                audit_events.accepted(member, at, report_id=rid, kind=kind, feed="recovered")
+                for rid, kind in missing
+            ]
+        )
+    store.mark_audited([rid for rid, _ in unaudited])
+    return len(unaudited)
+
+
+def _accepted_since_store_write(store: Store, audit: AuditLog, wanted: set[str]) -> set[str]:
+    # The reports of ``wanted`` with an ``accepted`` entry past the log size the
+    # store last recorded: every store write after an entry's append confirms its
+    # report in the same commit, so an unconfirmed report's entry, if written, is
+    # there. Without a recorded size (a store no node wrote yet) nothing is found.
+    recorded = store.state().get(AUDIT_SIZE, "")
+    found: set[str] = set()
+    for index in range(int(recorded) if recorded.isdecimal() else audit.size, audit.size):
+        entry = json.loads(audit.entry(index))
+        if entry.get("type") == "accepted" and entry.get("report_id") in wanted:
+            found.add(entry["report_id"])
+    return found
