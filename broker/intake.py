@@ -353,7 +353,13 @@ def ensure_token(path: Path) -> str:
 
 
 def read_token(path: Path) -> str:
-    """Read the intake token; raise ``UsageError`` if it is missing, empty or readable by others."""
+    """Read an intake token file; raise ``UsageError`` unless it holds one token, private.
+
+    A token is one line of at least 16 visible ASCII characters (ours are 43, URL-safe
+    base64). Anything else is the wrong file, and is said so before its permissions
+    are: told to chmod a feed's data file, a user did, and the file's newlines then
+    reached an HTTP header. No message quotes the file: it may hold a secret.
+    """
     try:
         mode = path.stat().st_mode
         token = read_file_text(path, "ascii").strip()
@@ -362,10 +368,15 @@ def read_token(path: Path) -> str:
     except UnicodeDecodeError:
         # The codec's own message would quote a byte of the secret.
         raise UsageError(f"intake token {path} is not ASCII text") from None
-    if mode & 0o077:
-        raise UsageError(f"intake token {path} is readable by others: chmod 600 it")
+    if not all("!" <= c <= "~" for c in token):
+        raise UsageError(
+            f"intake token {path} is not one token: it holds spaces, control characters"
+            " or more than one line (is it the right file?)"
+        )
     if len(token) < 16:
         raise UsageError(f"intake token {path} is too short")
+    if mode & 0o077:
+        raise UsageError(f"intake token {path} is readable by others: chmod 600 it")
     return token
 
 

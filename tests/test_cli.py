@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from node_world import MSMT, REPO
 
-from broker import feeds, keys
+from broker import __version__, feeds, keys
 from broker.cli import FAMILIES
 from broker.store import Store
 
@@ -498,3 +498,98 @@ def test_validate_holds_one_record_not_a_whole_line(tmp_path: Path) -> None:
     done = _msmt("validate", str(huge), data=tmp_path, limit_memory=True)
     assert (done.returncode, done.stderr) == (1, "1 valid, 1 invalid\n")
     assert done.stdout == f"{huge}:1: (record): record is {5 << 28} bytes; limit 65536\n"
+
+
+def test_a_token_file_that_is_not_one_token_is_one_line_before_any_chmod_advice(
+    tmp_path: Path,
+) -> None:
+    # A feed's data file given as the token: it was first told to chmod the file,
+    # and then its newlines went into the HTTP header, a traceback.
+    feed = tmp_path / "feed.ndjson"
+    feed.write_text('{"secret-looking": 1}\n{"second": 2}\n')
+    feed.chmod(0o644)
+    two_lines = tmp_path / "two.token"
+    two_lines.write_text("a" * 40 + "\n" + "b" * 32 + "\n")
+    two_lines.chmod(0o600)
+    for path in (feed, two_lines):
+        done = _msmt("submit", "--config", JPN_CONFIG, "--token-file", str(path), data=tmp_path)
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr == (
+            f"msmt: error: intake token {path} is not one token: it holds spaces, control"
+            " characters or more than one line (is it the right file?)\n"
+        )
+    # One token, one line, still refused for its permissions.
+    one = tmp_path / "one.token"
+    one.write_text("c" * 43 + "\n")
+    one.chmod(0o644)
+    done = _msmt("submit", "--config", JPN_CONFIG, "--token-file", str(one), data=tmp_path)
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"msmt: error: intake token {one} is readable by others: chmod 600 it\n",
+    )
+
+
+def test_submit_before_the_node_ever_started_says_where_the_token_comes_from(
+    tmp_path: Path,
+) -> None:
+    done = _msmt("submit", "--config", JPN_CONFIG, "-", data=tmp_path / "data")
+    assert (done.returncode, done.stdout) == (2, "")
+    token = tmp_path / "data" / "intake.token"
+    assert done.stderr == (
+        f"msmt: error: cannot read intake token {token}: No such file or directory: the node"
+        " writes it at its first start (has `msmt node run` run?)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (
+            ["status", "--confg", "x"],
+            "No such option '--confg'. (Did you mean one of: '--config', '--json'?)"
+            " (see msmt status --help)",
+        ),
+        (["audit", "prove", "JPN"], "Missing option '--entry'. (see msmt audit prove --help)"),
+        (
+            ["inbox", "list", "--limit", "abc"],
+            "Invalid value for '--limit': 'abc' is not a valid integer range."
+            " (see msmt inbox list --help)",
+        ),
+        (["frobnicate"], "No such command 'frobnicate'. (see msmt --help)"),
+    ],
+    ids=["option", "missing", "value", "command"],
+)
+def test_a_command_line_click_refuses_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], reason: str
+) -> None:
+    # Click shows these as three lines (usage, a hint, the error); every other
+    # error of ours is one line, which a wrapper script can log as it is.
+    done = _msmt(*args, data=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", f"msmt: error: {reason}\n")
+
+
+def test_help_version_and_a_group_named_alone_are_as_click_shows_them(tmp_path: Path) -> None:
+    helped = _msmt("status", "--help", data=tmp_path)
+    assert (helped.returncode, helped.stderr) == (0, "")
+    assert helped.stdout.startswith("Usage: msmt status [OPTIONS]\n")
+    version = _msmt("--version", data=tmp_path)
+    assert (version.returncode, version.stdout) == (0, f"msmt, version {__version__}\n")
+    alone = _msmt("keys", data=tmp_path)
+    assert alone.returncode == 2
+    assert alone.stderr.startswith("Usage: msmt keys [OPTIONS] COMMAND [ARGS]...\n")
+    assert "verify-roster" in alone.stderr
+
+
+def test_validate_of_a_pretty_printed_record_says_what_ndjson_is(tmp_path: Path) -> None:
+    example = REPO / "schemas" / "examples" / "vessel.json"
+    done = _msmt("validate", "--quiet", str(example), data=tmp_path)
+    lines = len(example.read_text().splitlines())
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        f"0 valid, {lines} invalid (line 1 is not a whole record: NDJSON holds one record per"
+        " line; a pretty-printed file can be given as `jq -c . FILE | msmt validate -`)\n"
+    )
+    # A record cut short on line 1 is not taken for one spread over lines.
+    invalid = _msmt("validate", "--quiet", str(REPO / "samples" / "invalid.ndjson"), data=tmp_path)
+    assert invalid.returncode == 1
+    assert "line 1 is not a whole record" not in invalid.stderr

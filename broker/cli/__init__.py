@@ -18,7 +18,7 @@ import click
 
 from broker import __version__
 from broker.cli.options import error_line, guarded_stderr, guarded_stdout, hold_stdin
-from broker.errors import MsmtError, StdoutError
+from broker.errors import MsmtError, StdoutError, UsageError
 
 INTERRUPTED_EXIT: int = 130
 """The shell's status for a command ended by SIGINT (128 + 2)."""
@@ -26,6 +26,18 @@ INTERRUPTED_EXIT: int = 130
 
 def _fail(exc: MsmtError) -> NoReturn:
     click.echo(error_line(exc), err=True)
+    sys.exit(exc.exit_code)
+
+
+def _usage_failed(exc: click.ClickException) -> NoReturn:
+    """Click's own refusal of the command line as one line, with its exit code (2)."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        exc.show()  # a group named alone: its help, as click shows it
+        sys.exit(exc.exit_code)
+    reason = exc.format_message()
+    if isinstance(exc, click.UsageError) and exc.ctx is not None:
+        reason += f" (see {exc.ctx.command_path} --help)"
+    click.echo(error_line(UsageError(reason)), err=True)
     sys.exit(exc.exit_code)
 
 
@@ -48,14 +60,25 @@ class _Group(click.Group):
         and a Ctrl-C then must not print an import traceback.
         """
         hold_stdin()
+        standalone = kwargs.pop("standalone_mode", True)
         with guarded_stderr():
             try:
                 with guarded_stdout():
-                    return super().main(*args, **kwargs)
-            except KeyboardInterrupt:
+                    # Click's standalone mode would show a usage error as three lines
+                    # (the usage, a hint, the error); here it is one, as every error.
+                    done = super().main(*args, **{**kwargs, "standalone_mode": False})
+            except (KeyboardInterrupt, click.Abort):
                 _interrupted()
-            except StdoutError as exc:  # click's own output: --help, --version, usage
+            except StdoutError as exc:  # click's own output: --help, --version
                 _fail(exc)
+            except click.ClickException as exc:
+                if not standalone:
+                    raise
+                _usage_failed(exc)
+        if not standalone:
+            return done
+        # A command that returns ends with 0; ``ctx.exit(n)`` comes back as ``n``.
+        sys.exit(done if isinstance(done, int) else 0)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """Every command's name, its family loaded or not (``--help`` then loads them all)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 import click
 
@@ -21,7 +21,13 @@ def _open_input(path: str) -> BinaryIO:
     try:
         return Path(path).open("rb")
     except OSError as exc:
-        raise click.UsageError(f"cannot read {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+_OPENED_ONLY: Final = frozenset(
+    f"not valid JSON: EOF while parsing {what} at column 1" for what in ("an object", "a list")
+)
+"""The reason for a line that only opens an object or a list."""
 
 
 @click.command()
@@ -34,12 +40,16 @@ def validate(file: str, quiet: bool) -> None:
     """
     stream = _open_input(file)
     good = bad = 0
+    spread = False  # line 1 is only "{" or "[": a pretty-printed JSON file, most likely
     try:
         for result in validate_stream(stream):
             if result.error is None:
                 good += 1
                 continue
             bad += 1
+            spread = spread or (
+                result.line == 1 and result.error.problems[0].reason in _OPENED_ONLY
+            )
             if not quiet:
                 for problem in result.error.problems:
                     where = problem.path or "(record)"
@@ -47,7 +57,13 @@ def validate(file: str, quiet: bool) -> None:
     finally:
         if file != "-":
             stream.close()
-    click.echo(f"{good} valid, {bad} invalid", err=True)
+    hint = (
+        " (line 1 is not a whole record: NDJSON holds one record per line; a pretty-printed"
+        " file can be given as `jq -c . FILE | msmt validate -`)"
+        if spread
+        else ""
+    )
+    click.echo(f"{good} valid, {bad} invalid{hint}", err=True)
     sys.exit(1 if bad else 0)
 
 

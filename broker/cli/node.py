@@ -215,13 +215,17 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
     config = _config(config_path)
     try:
         token = read_token(token_file or config.token_path)
-    except UsageError:
+    except UsageError as exc:
         # Only when there is no token to send: MSMT_INTAKE_TOKEN_FILE may point a
         # feed at its own token, and a node refusing the one sent says why itself.
         if token_file is None and not config.intake.shared_token:
             raise UsageError(
                 "this node refuses the shared intake.token (intake.shared_token = false):"
                 " give --token-file with the feed's own token (msmt feeds add)"
+            ) from None
+        if token_file is None and not config.token_path.exists():
+            raise UsageError(
+                f"{exc}: the node writes it at its first start (has `msmt node run` run?)"
             ) from None
         raise
     counts = {"accepted": 0, "rejected": 0}
