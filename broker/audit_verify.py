@@ -28,7 +28,13 @@ from typing import Final
 from broker.audit_events import parse_entry
 from broker.audit_scan import PARALLEL_FROM, LeafScan, open_readonly
 from broker.auditlog import DB_FILE, FORMAT, connect
-from broker.checkpoint import Checkpoint, count_cosignatures, open_checkpoint, parse_body
+from broker.checkpoint import (
+    Checkpoint,
+    UntrustedSignerError,
+    count_cosignatures,
+    open_checkpoint,
+    parse_body,
+)
 from broker.errors import AuditError, StoreError, UsageError
 from broker.merkle import Levels, ProofError, leaf_hash, verify_consistency
 from broker.note import Note, NoteError, Verifier, find_signature, parse
@@ -307,7 +313,12 @@ class _Walk:
                 # Raises if a trusted witness's line fails.
                 self.cosigners = tuple(count_cosignatures(note, self.witnesses))
             except NoteError as exc:
-                raise TamperError(None, f"checkpoint at size {size}: {exc}") from None
+                # The first checkpoint unsigned by any of the roster's keys: a forged
+                # log, or --keys naming another federation's roster (a demo's, say).
+                other = ""
+                if isinstance(exc, UntrustedSignerError) and self.previous is None:
+                    other = " (or the roster given is not this log's federation's)"
+                raise TamperError(None, f"checkpoint at size {size}: {exc}{other}") from None
             if checkpoint.origin != log.origin or checkpoint.size != size:
                 raise TamperError(
                     None, f"checkpoint at size {size} is for {checkpoint.origin}/{checkpoint.size}"

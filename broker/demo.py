@@ -173,7 +173,10 @@ async def run(opts: Options, root: Path, display: Display, say: Callable[[str], 
         world.start_nodes()
         async with aiohttp.ClientSession() as session:
             await wait_ready(world, session)
-            say(f"hub and {len(world.nodes)} nodes ready after {time.monotonic() - started:.1f}s")
+            say(
+                f"hub and {len(world.nodes)} nodes ready after {time.monotonic() - started:.1f}s;"
+                " below, each member's reports sent>received"
+            )
             records = feed_records(opts.sightings, datetime.now(UTC))
             expected = expected_releases(world.policies, records)
             tallies, problems = await _watch(world, session, records, expected, display, started)

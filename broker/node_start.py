@@ -162,11 +162,25 @@ def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for key_id in policy.pseudonym_keys:
         path = config.keys.dir / config.member / "pseudonym" / f"{key_id}.key"
+        # No reason quotes the file: a decoding error's own text shows a byte of the key.
         try:
             text = read_file_text(path, "ascii").strip()
+        except FileNotFoundError:
+            raise KeyMaterialError(
+                f"pseudonym key {key_id}: {path} is missing: make it with `msmt keys pseudonym"
+                f" {config.member} {key_id} --dir {config.keys.dir}`, or import the copy a"
+                " partner sent with --from-file (docs/KEYS.md)"
+            ) from None
+        except OSError as exc:
+            raise KeyMaterialError(
+                f"pseudonym key {key_id}: cannot read {path}: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise KeyMaterialError(f"pseudonym key {key_id}: {path} is not ASCII text") from None
+        try:
             key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        except (OSError, ValueError) as exc:
-            raise KeyMaterialError(f"pseudonym key {key_id}: cannot read {path} ({exc})") from None
+        except ValueError:
+            raise KeyMaterialError(f"pseudonym key {key_id}: {path} is not base64url") from None
         if len(key) < PSEUDONYM_MIN_BYTES:
             raise KeyMaterialError(f"pseudonym key {path} is shorter than 32 bytes")
         check_private_file(path, "pseudonym key")

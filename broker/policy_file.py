@@ -265,7 +265,10 @@ class _Reader:
         if not isinstance(version, int) or isinstance(version, bool) or version != 1:
             self.fail(self.loc.line("version"), "the policy must say version = 1")
         member = data.get("member")
-        if not isinstance(member, str) or not is_member(member):
+        if member is None:
+            self.fail(self.loc.line("member"), 'the policy must say whose it is: member = "JPN"')
+            member = self.expected or MEMBERS[0]
+        elif not isinstance(member, str) or not is_member(member):
             self.fail(self.loc.line("member"), f"member must be a member trigraph, not {member!r}")
             member = self.expected or MEMBERS[0]
         elif self.expected is not None and member != self.expected:

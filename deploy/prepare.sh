@@ -17,6 +17,14 @@ if ! ls "$NODES"/*/policy.toml >/dev/null 2>&1; then
     exit 2
 fi
 
+# It makes a federation's keys once: `msmt keys init` would say "use --force", which
+# this script does not take. Keys already made change one member at a time.
+if [ -e "$KEYS/roster.json" ]; then
+    echo "prepare.sh: $KEYS already holds keys (roster.json): to start over, move $KEYS away;" \
+        "to change keys, see docs/KEYS.md (msmt keys rotate, msmt keys revoke)" >&2
+    exit 2
+fi
+
 msmt keys init --dir "$KEYS"
 
 # Each [pseudonym_keys.<id>] a member's policy declares needs a key in

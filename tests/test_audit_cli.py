@@ -69,6 +69,22 @@ def test_verify_clean_log_with_signed_roster(tmp_path: Path, keydir: Path) -> No
     assert out.startswith("OK: JPN log of 10 entries, 2 signed checkpoints")
 
 
+def test_a_log_checked_against_another_federations_roster_says_that_may_be_why(
+    tmp_path: Path, keydir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # A new user checked a demo's log against the repository's keys: the line read
+    # like tampering alone.
+    other = tmp_path_factory.mktemp("other-keys")
+    keyfiles.init_keys(other, MEMBERS)
+    build_log(tmp_path, _signing_key(keydir, "JPN"), [5, 5])
+    code, out, err = _run("audit", "verify", str(tmp_path), "--keys", str(other))
+    assert (code, out) == (1, "")
+    assert err == (
+        "msmt: error: checkpoint at size 5: checkpoint for JPN has no signature by a trusted"
+        " log key (or the roster given is not this log's federation's)\n"
+    )
+
+
 def test_verify_and_prove_accept_a_relative_node_data_dir(
     tmp_path: Path, keydir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -158,3 +158,23 @@ def test_prepare_refuses_a_nodes_directory_without_policies_before_writing_keys(
         "prepare.sh: no nodez/<MEMBER>/policy.toml: NODESDIR must hold the members' policies\n"
     )
     assert not (tmp_path / "keys").exists()
+
+
+def test_prepare_run_again_refuses_with_its_own_line_and_changes_nothing(tmp_path: Path) -> None:
+    # It said "use --force", an option of msmt keys init that prepare.sh does not take.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    shutil.copytree(REPO / "nodes", tmp_path / "nodes")
+    first = subprocess.run(
+        [str(PREPARE)], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = _snapshot(tmp_path / "keys")
+    again = subprocess.run(
+        [str(PREPARE)], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert (again.returncode, again.stdout) == (2, "")
+    assert again.stderr == (
+        "prepare.sh: keys already holds keys (roster.json): to start over, move keys away;"
+        " to change keys, see docs/KEYS.md (msmt keys rotate, msmt keys revoke)\n"
+    )
+    assert _snapshot(tmp_path / "keys") == before

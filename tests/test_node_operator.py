@@ -139,7 +139,12 @@ def test_node_starts_with_a_created_pseudonym_key_and_a_clean_stop_removes_its_s
 ) -> None:
     refused = kor.msmt("node", "run", "--config", str(kor.config_path))
     assert refused.returncode == 2
-    assert refused.stderr.startswith("msmt: error: pseudonym key kor-jpn-usa-2026: cannot read")
+    assert refused.stderr.startswith("msmt: error: pseudonym key kor-jpn-usa-2026: ")
+    # It names the file and how to make it.
+    path = kor.config.keys.dir / "KOR" / "pseudonym" / "kor-jpn-usa-2026.key"
+    assert f"{path} is missing: make it with `msmt keys pseudonym KOR kor-jpn-usa-2026" in (
+        refused.stderr
+    )
     assert refused.stderr.count("\n") == 1
 
     kor.create_pseudonym_key()

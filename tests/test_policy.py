@@ -810,6 +810,8 @@ def test_malformed_policy_gives_line_and_reason(body: str, line: int, reason: st
         ('version = 1.0\nmember = "JPN"\n', 1, "version = 1"),
         ('version = 1\nmember = "JPN"\n[[rules]]\nname = "default deny"\n', 4, "rule name must"),
         ('version = 1\nmember = "PRK"\n', 2, "member trigraph"),
+        ("version = 1\n", 1, 'the policy must say whose it is: member = "JPN"'),
+        ("", 1, 'the policy must say whose it is: member = "JPN"'),
         ('version = 1\nmember = "USA"\n', 2, "this is USA's policy, not JPN's"),
         (
             'version = 1\nmember = "JPN"\n[groups]\nASIA = ["KOR", "CHN"]\n',

@@ -79,7 +79,7 @@ def assert_one_line_error(result: Result, code: int, *needles: str) -> None:
 
 
 def test_created_key_is_what_the_node_loads_private_and_fingerprinted(keydir: Path) -> None:
-    with pytest.raises(KeyMaterialError, match="cannot read"):
+    with pytest.raises(KeyMaterialError, match="is missing: make it with `msmt keys pseudonym KOR"):
         kor_loads(keydir)  # the node refuses to start without it
     result = run("kor", KEY_ID, "--dir", str(keydir))
     assert result.exit_code == 0, result.output
@@ -92,6 +92,18 @@ def test_created_key_is_what_the_node_loads_private_and_fingerprinted(keydir: Pa
     assert len(loaded[KEY_ID]) == 32
     assert f"fingerprint sha256:{hashlib.sha256(loaded[KEY_ID]).hexdigest()}" in result.output
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_a_key_file_the_node_cannot_decode_is_refused_without_quoting_it(keydir: Path) -> None:
+    folder = keydir / "KOR" / "pseudonym"
+    folder.mkdir(mode=0o700)
+    path = folder / f"{KEY_ID}.key"
+    path.write_bytes(b"\xfe" + b"A" * 42)
+    path.chmod(0o600)
+    with pytest.raises(KeyMaterialError) as err:
+        kor_loads(keydir)
+    # The codec's own text would have shown the key's first byte (0xfe).
+    assert str(err.value) == f"pseudonym key {KEY_ID}: {path} is not ASCII text"
 
 
 def test_two_keys_are_never_the_same(keydir: Path) -> None:
