@@ -356,6 +356,88 @@ def test_prove_prints_a_proof_any_rfc6962_verifier_accepts(tmp_path: Path, keydi
     assert _run("audit", "prove", str(tmp_path), "--entry", "1", "--checkpoint", "8")[0] == 2
 
 
+def _independent_consistency_check(proof: dict[str, Any], old_root: bytes) -> bytes:
+    """Rebuild both roots from the proof with nothing but hashlib (RFC 9162 §2.1.4.2).
+
+    ``old_root`` is the one the holder kept, not the proof's word; returns the new root.
+    """
+
+    def h(data: bytes) -> bytes:
+        return hashlib.sha256(data).digest()
+
+    m, n = proof["old_size"], proof["tree_size"]
+    path = [base64.b64decode(x) for x in proof["consistency_path"]]
+    assert 0 < m <= n
+    if m == n:
+        assert path == []
+        return old_root
+    if m & (m - 1) == 0:  # 1. a power of two: the old root is the first node
+        path.insert(0, old_root)
+    fn, sn = m - 1, n - 1  # 2.
+    while fn & 1:  # 3.
+        fn, sn = fn >> 1, sn >> 1
+    fr = sr = path[0]  # 4.
+    for c in path[1:]:  # 5.
+        assert sn != 0
+        if fn & 1 or fn == sn:
+            fr, sr = h(b"\x01" + c + fr), h(b"\x01" + c + sr)
+            while not fn & 1 and fn:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            sr = h(b"\x01" + sr + c)
+        fn, sn = fn >> 1, sn >> 1
+    assert sn == 0  # 6.
+    assert fr == old_root
+    return sr
+
+
+def test_prove_from_size_prints_a_consistency_proof_any_rfc6962_verifier_accepts(
+    tmp_path: Path, keydir: Path
+) -> None:
+    # An auditor kept JPN's checkpoint of size 7 at the last audit: the log now at
+    # 13 proves it extends those 7 entries, without the auditor reading them.
+    build_log(tmp_path, _signing_key(keydir, "JPN"), [7, 6])
+    code, out, _ = _run("audit", "prove", str(tmp_path), "--entry", "0", "--checkpoint", "7")
+    assert code == 0
+    kept = base64.b64decode(json.loads(out)["checkpoint"].split("\n")[2])
+    for old, size in ((7, None), (7, 7), (1, None), (4, None), (8, None), (12, 13), (13, None)):
+        args = ["audit", "prove", str(tmp_path), "--from-size", str(old)]
+        if size:
+            args += ["--checkpoint", str(size)]
+        code, out, err = _run(*args)
+        assert (code, err) == (0, ""), err
+        proof = json.loads(out)
+        assert set(proof) == {
+            "origin",
+            "old_size",
+            "old_root_hash",
+            "tree_size",
+            "consistency_path",
+            "root_hash",
+            "checkpoint",
+        }
+        assert (proof["origin"], proof["old_size"], proof["tree_size"]) == ("JPN", old, size or 13)
+        old_root = base64.b64decode(proof["old_root_hash"])
+        if old == 7:
+            assert old_root == kept
+        new_root = _independent_consistency_check(proof, old_root)
+        assert base64.b64encode(new_root).decode() == proof["root_hash"]
+        assert proof["checkpoint"].split("\n")[:3] == ["JPN", str(size or 13), proof["root_hash"]]
+    # A holder whose kept root differs (another history) is not convinced.
+    code, out, _ = _run("audit", "prove", str(tmp_path), "--from-size", "7")
+    with pytest.raises(AssertionError):
+        _independent_consistency_check(json.loads(out), hashlib.sha256(b"other").digest())
+    for wrong, reason in (
+        (("--from-size", "14"), "--from-size 14 is past the checkpoint of size 13"),
+        (("--from-size", "8", "--checkpoint", "7"), "past the checkpoint of size 7"),
+        (("--from-size", "3", "--entry", "1"), "give one of --entry N (inclusion) or --from-size"),
+        ((), "give one of --entry N (inclusion) or --from-size OLD (consistency)"),
+    ):
+        code, out, err = _run("audit", "prove", str(tmp_path), *wrong)
+        assert (code, out) == (2, ""), err
+        assert reason in err
+
+
 def _damaged(directory: Path, reason: str) -> str:
     return (
         f"msmt: error: no proof: the log in {directory} is damaged: {reason}; "

@@ -549,7 +549,10 @@ def test_submit_before_the_node_ever_started_says_where_the_token_comes_from(
             "No such option '--confg'. (Did you mean one of: '--config', '--json'?)"
             " (see msmt status --help)",
         ),
-        (["audit", "prove", "JPN"], "Missing option '--entry'. (see msmt audit prove --help)"),
+        (
+            ["keys", "pseudonym", "KOR"],
+            "Missing argument 'KEY_ID'. (see msmt keys pseudonym --help)",
+        ),
         (
             ["inbox", "list", "--limit", "abc"],
             "Invalid value for '--limit': 'abc' is not a valid integer range."

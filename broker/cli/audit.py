@@ -43,7 +43,7 @@ from broker.cli.options import echo_line, write_stdout
 from broker.errors import AuditError, EnvelopeError, InputError, MsmtError, UsageError
 from broker.files import read_file_bytes, read_file_text
 from broker.members import MEMBERS
-from broker.merkle import verify_inclusion
+from broker.merkle import verify_consistency, verify_inclusion
 from broker.note import ALG_COSIGNATURE_V1, NoteError, Verifier, parse_vkey
 from broker.policy import Policy, load_policy
 from broker.roster import Roster
@@ -294,21 +294,30 @@ def audit_verify(
 
 @audit_group.command(name="prove")
 @_DIR
-@click.option("--entry", "index", type=click.IntRange(0), required=True, help="Entry index.")
+@click.option("--entry", "index", type=click.IntRange(0), help="Prove entry N is in the log.")
+@click.option(
+    "--from-size",
+    "old",
+    type=click.IntRange(1),
+    help="Prove the log extends its first OLD entries (a checkpoint of size OLD kept earlier).",
+)
 @click.option(
     "--checkpoint",
     "size",
     type=click.IntRange(1),
     help="Prove against the stored checkpoint of this size (default: the latest).",
 )
-def audit_prove(directory: Path, index: int, size: int | None) -> None:
-    """Print an RFC 6962 inclusion proof of entry N against a signed checkpoint, as JSON.
+def audit_prove(directory: Path, index: int | None, old: int | None, size: int | None) -> None:
+    """Print an RFC 6962 inclusion (--entry) or consistency (--from-size) proof, as JSON.
 
-    The entries must first reproduce that checkpoint: a damaged log gets one line
-    naming the damage and exit status 1. The checkpoint's signature is not
-    checked (no key is needed); whoever receives the proof checks it with the
-    member's key (docs/AUDIT.md), and msmt audit verify checks it for an auditor.
+    Either proof is against a signed checkpoint of the log, and the entries must
+    first reproduce that checkpoint: a damaged log gets one line naming the
+    damage and exit status 1. The checkpoint's signature is not checked (no key
+    is needed); whoever receives the proof checks it with the member's key
+    (docs/AUDIT.md), and msmt audit verify checks it for an auditor.
     """
+    if (index is None) == (old is None):
+        raise UsageError("give one of --entry N (inclusion) or --from-size OLD (consistency)")
     try:
         log = load(directory)
         if not log.checkpoints:
@@ -318,8 +327,10 @@ def audit_prove(directory: Path, index: int, size: int | None) -> None:
             size = max(notes)
         if size not in notes:
             raise UsageError(f"no stored checkpoint of size {size} (have {sorted(notes)[-5:]}...)")
-        if index >= size:
+        if index is not None and index >= size:
             raise UsageError(f"entry {index} is not in the checkpoint of size {size}")
+        if old is not None and old > size:
+            raise UsageError(f"--from-size {old} is past the checkpoint of size {size}")
         checkpoint, note = stored_checkpoint(log, size)
     except TamperError as exc:
         # Proving from a damaged log would fail later with a misleading reason (or a
@@ -328,20 +339,32 @@ def audit_prove(directory: Path, index: int, size: int | None) -> None:
             f"no proof: the log in {directory} is damaged: {exc}; "
             f"check it with msmt audit verify {directory}"
         ) from None
-    leaf = log.tree.levels[0][index]
-    path = log.tree.inclusion_proof(index, size)
-    # Self-check before publishing: a proof that fails here would only mislead.
-    verify_inclusion(leaf, index, size, path, checkpoint.root)
-    proof = {
-        "origin": log.origin,
-        "leaf_index": index,
-        "tree_size": size,
-        "entry": _b64(log.entries(index, index + 1)[0]),
-        "leaf_hash": _b64(leaf),
-        "inclusion_path": [_b64(h) for h in path],
-        "root_hash": _b64(checkpoint.root),
-        "checkpoint": note,
-    }
+    proof: dict[str, Any] = {"origin": log.origin}
+    if index is not None:
+        leaf = log.tree.levels[0][index]
+        path = log.tree.inclusion_proof(index, size)
+        # Self-check before publishing: a proof that fails here would only mislead.
+        verify_inclusion(leaf, index, size, path, checkpoint.root)
+        proof |= {
+            "leaf_index": index,
+            "tree_size": size,
+            "entry": _b64(log.entries(index, index + 1)[0]),
+            "leaf_hash": _b64(leaf),
+            "inclusion_path": [_b64(h) for h in path],
+        }
+    elif old is not None:
+        old_root = log.tree.root(old)
+        path = log.tree.consistency_proof(old, size)
+        verify_consistency(old, size, old_root, checkpoint.root, path)
+        # The old root is ours to state, not to be trusted: the holder compares it
+        # with the root line of the checkpoint of that size it kept.
+        proof |= {
+            "old_size": old,
+            "old_root_hash": _b64(old_root),
+            "tree_size": size,
+            "consistency_path": [_b64(h) for h in path],
+        }
+    proof |= {"root_hash": _b64(checkpoint.root), "checkpoint": note}
     click.echo(json.dumps(proof, indent=2, ensure_ascii=False))
 
 
