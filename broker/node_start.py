@@ -1,22 +1,22 @@
 """Starting a node: check and load everything before anything runs, then run it.
 
-``load_node`` reads the config's files (the pinned signed roster, the private
-keys, the policy and its pseudonym keys, the TLS files), opens the store and the
-audit log and checks they are from one moment (``broker.reconcile``), logs the
-start's ``policy`` and ``key`` entries, and builds the ``Node``. Anything bad
-stops it with one line (``MsmtError``) before a socket is opened, and what it
-opened is closed again. ``run`` is the daemon's entry (``msmt node run``).
+``load_node`` reads the config's files (``broker.node_files``: the pinned signed
+roster, the private keys, the policy and its pseudonym keys, the TLS files),
+opens the store and the audit log and checks they are from one moment
+(``broker.reconcile``), logs the start's ``policy`` and ``key`` entries, and
+builds the ``Node``. Anything bad stops it with one line (``MsmtError``) before a
+socket is opened, and what it opened is closed again. ``run`` is the daemon's
+entry (``msmt node run``).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import gc
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -28,15 +28,16 @@ from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
 from broker.errors import AuditError, ConfigError, KeyMaterialError, StoreDamagedError
 from broker.feeds import SHARED_STATE
-from broker.files import read_file_bytes, read_file_text
-from broker.keys import check_private_file, load_member_keys, load_pinned_roster, pin_roster
+from broker.keys import (
+    pin_roster,
+)
 from broker.log import get_logger
 from broker.members import MEMBERS
 from broker.metrics import Metrics
 from broker.natstls import CONFIG_NAMES, certificate_expiry
 from broker.node import Node
+from broker.node_files import load_files
 from broker.planner import Planner, Signer
-from broker.policy import Policy
 from broker.publisher import RunDb
 from broker.receiver import Inbound
 from broker.reconcile import audit_unaudited, check_store_against_log
@@ -45,8 +46,6 @@ from broker.stopsignals import StopSignals
 from broker.store import Store
 
 log = get_logger("node")
-
-PSEUDONYM_MIN_BYTES: Final = 32
 
 
 def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
@@ -64,12 +63,8 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             raise ConfigError(str(exc)) from None
         undo.callback(store.close)
         state = store.state()
-        # The pinned state file refuses a rolled-back roster and two rosters under one version.
-        roster_state = config.roster_state_path
-        signed = load_pinned_roster(
-            config.roster_dir, config.authority_path, roster_state, record=False
-        )
-        keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
+        files = load_files(config, at)
+        signed, keys, policy, signing = files.signed, files.keys, files.policy, files.signing
         if keys.pending:
             # Normal while a key request waits for the custodian; if it lasts, the
             # accepted roster was not installed here (docs/KEYS.md, "Key requests").
@@ -78,22 +73,6 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 kids=",".join(keys.pending),
                 reason="not in the roster yet: the node uses its current keys",
             )
-        if config.nats.seed_file is not None:
-            try:
-                seed = read_file_bytes(config.nats.seed_file).strip()
-            except OSError as exc:
-                raise KeyMaterialError(
-                    f"cannot read {config.nats.seed_file}: {exc.strerror}"
-                ) from None
-        else:
-            seed = keys.nats_seed
-        # Built once, here: a bad CA, certificate or key stops the node before it connects.
-        tls = config.nats.tls_context()
-        policy, policy_text = config.read_policy()
-        pseudonym = load_pseudonym_keys(config, policy)
-        signing = keys.signing.private_key
-        if not isinstance(signing, Ed25519PrivateKey):
-            raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
         audit = _open_audit(config, store, signing, signed.roster)
         undo.callback(audit.close)
         unrecorded = check_store_against_log(config, store, audit)
@@ -113,7 +92,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             }
         )
         signer = Signer(config.member, keys.signing, keys.signing_kid)
-        planner = Planner(signer, policy, signed.roster, pseudonym)
+        planner = Planner(signer, policy, signed.roster, files.pseudonym)
         inbound = Inbound(
             config.member,
             keys.decryption,
@@ -142,50 +121,23 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
 
         expiries = _expiries(config, signed.roster, keys.signing_kid, at)
         node = Node(
-            config, store, audit, planner, inbound, seed, auditnet, policy_text, tls, expiries
+            config,
+            store,
+            audit,
+            planner,
+            inbound,
+            files.seed,
+            auditnet,
+            files.policy_text,
+            files.tls,
+            expiries,
         )
         # Only now: a start refused above (a key file missing for the new roster)
         # must leave the previous roster usable again (docs/KEYS.md).
         # load_pinned_roster refused anything older, so this never lowers the pin.
-        pin_roster(roster_state, signed)
+        pin_roster(config.roster_state_path, signed)
         undo.pop_all()
         return node
-
-
-def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
-    """Load each pseudonym key the policy names from ``<keys.dir>/<MEMBER>/pseudonym/<id>.key``.
-
-    A key file holds at least 32 random bytes, base64url; raises ``KeyMaterialError``
-    if one is missing, short or open to other users, so a node never starts unable
-    to apply its policy (or with a key others may have read).
-    """
-    out: dict[str, bytes] = {}
-    for key_id in policy.pseudonym_keys:
-        path = config.keys.dir / config.member / "pseudonym" / f"{key_id}.key"
-        # No reason quotes the file: a decoding error's own text shows a byte of the key.
-        try:
-            text = read_file_text(path, "ascii").strip()
-        except FileNotFoundError:
-            raise KeyMaterialError(
-                f"pseudonym key {key_id}: {path} is missing: make it with `msmt keys pseudonym"
-                f" {config.member} {key_id} --dir {config.keys.dir}`, or import the copy a"
-                " partner sent with --from-file (docs/KEYS.md)"
-            ) from None
-        except OSError as exc:
-            raise KeyMaterialError(
-                f"pseudonym key {key_id}: cannot read {path}: {exc.strerror}"
-            ) from None
-        except UnicodeDecodeError:
-            raise KeyMaterialError(f"pseudonym key {key_id}: {path} is not ASCII text") from None
-        try:
-            key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        except ValueError:
-            raise KeyMaterialError(f"pseudonym key {key_id}: {path} is not base64url") from None
-        if len(key) < PSEUDONYM_MIN_BYTES:
-            raise KeyMaterialError(f"pseudonym key {path} is shorter than 32 bytes")
-        check_private_file(path, "pseudonym key")
-        out[key_id] = key
-    return out
 
 
 def _log_start(

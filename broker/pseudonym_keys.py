@@ -2,7 +2,7 @@
 
 A pseudonym key is the HMAC-SHA256 key of the ``pseudonym:<key id>`` transform
 (``broker.transforms``): 32 random bytes, stored as one line of base64url, mode
-0600 in a 0700 directory. The node reads it with ``broker.node_start.load_pseudonym_keys``.
+0600 in a 0700 directory. The node reads it with ``broker.node_files.load_pseudonym_keys``.
 
 Members that share a key id must hold the same bytes, or the same identifier gets
 different pseudonyms from each of them. So one member creates the key and sends the

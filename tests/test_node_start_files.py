@@ -23,7 +23,7 @@ from node_world import MSMT, fetch, msmt, wait_for, write_node_config
 
 from broker import keys
 from broker.config import NodeConfig, load_config
-from broker.store import writer_pid
+from broker.store import Store, writer_pid
 
 NOT_UTF8 = b'{"d": "\xff\xfe"}'
 
@@ -56,6 +56,61 @@ def test_a_file_that_is_not_utf8_text_is_one_line(folder: Path, damaged: str, re
     assert done.stderr.endswith(reason.format(path.resolve()) + "\n"), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert "\\xff" not in done.stderr
+    # msmt node check finds it, with the same line and status, and starts nothing.
+    checked = msmt("node", "check", "--config", str(folder / "nodes" / "JPN" / "node.toml"))
+    assert (checked.returncode, checked.stdout, checked.stderr) == (2, "", done.stderr)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_node_check_reads_what_a_start_reads_and_writes_nothing(folder: Path) -> None:
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    config = load_config(config_path, env={})
+    before = _tree(folder)
+    done = msmt("node", "check", "--config", str(config_path))
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(" ")[0] for line in lines] == [
+        "config",
+        "roster",
+        "keys",
+        "nats",
+        "policy",
+        "store",
+        "ok:",
+    ]
+    assert lines[1].startswith(f"roster {config.roster_dir}: version 1, signed by the pinned")
+    assert lines[4] == f"policy {config.policy}: {config.read_policy()[0].digest}"
+    assert lines[5] == f"store {config.store_path}: none yet (the first start makes it)"
+    # No data directory, no roster pin: a check changes nothing a start would see.
+    assert _tree(folder) == before
+    assert not config.data_dir.exists()
+
+    # A node that last ran another policy: the check says a restart applies this one.
+    config.data_dir.mkdir(parents=True, mode=0o700)
+    store = Store(config.store_path)
+    store.set_state({"policy_digest": "0" * 64, "roster_version": "1"})
+    store.close()
+    before = _tree(folder)
+    done = msmt("node", "check", "--config", str(config_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[5] == (
+        f"store {config.store_path}: JPN's, last started with roster 1; the policy differs"
+        " from the one in force: a restart applies it"
+    )
+    # Only SQLite's own -wal and -shm appear beside the store, as for any reader
+    # (msmt status); the store itself is unchanged.
+    after = _tree(folder)
+    assert set(after.keys() - before.keys()) <= {
+        "data/JPN/node.sqlite3-wal",
+        "data/JPN/node.sqlite3-shm",
+    }
+    assert {k: v for k, v in after.items() if k in before} == before
 
 
 def test_an_unreadable_witness_state_stops_the_start_for_the_operator(folder: Path) -> None:

@@ -19,7 +19,7 @@ from broker import keys, pseudonym_keys
 from broker.cli import main
 from broker.config import NodeConfig, load_config
 from broker.errors import KeyMaterialError
-from broker.node_start import load_pseudonym_keys
+from broker.node_files import load_pseudonym_keys
 from broker.policy import load_policy
 
 REPO = Path(__file__).resolve().parent.parent

@@ -86,6 +86,58 @@ def node_run(config_path: Path, log_level: str) -> None:
         asyncio.run(run(config, signals))
 
 
+@node_group.command(name="check")
+@_CONFIG
+def node_check(config_path: Path) -> None:
+    """Check what msmt node run reads at start, without starting it or writing anything.
+
+    The config, the signed roster against the pinned authority and version, the
+    member's private keys, the NATS seed and TLS files, the policy and its
+    pseudonym keys, and whose data directory it is: one line each, then ``ok``.
+    The first bad one is one line and the exit status a start would have (2 for
+    a configuration or key error). Safe beside a running node; the start itself
+    still checks the store against the audit log and reaches the hub.
+    """
+    from broker.node_files import load_files  # noqa: PLC0415
+
+    config = _config(config_path)
+    files = load_files(config, datetime.now(UTC))
+    echo_line(f"config {config_path}: member {config.member}")
+    echo_line(
+        f"roster {config.roster_dir}: version {files.signed.version}, signed by the pinned"
+        f" authority {config.authority_path}"
+    )
+    keys = files.keys
+    waiting = f"; not in the roster yet: {', '.join(keys.pending)}" if keys.pending else ""
+    echo_line(
+        f"keys {config.keys.dir / config.member}: signing {keys.signing_kid},"
+        f" {len(keys.decryption)} decryption key(s){waiting}"
+    )
+    tls = "on" if files.tls is not None else "off"
+    echo_line(f"nats {', '.join(config.nats.urls)}: seed {config.seed_path}, TLS {tls}")
+    named = f", {len(files.pseudonym)} pseudonym key(s)" if files.pseudonym else ""
+    echo_line(f"policy {config.policy}: {files.policy.digest}{named}")
+    if config.store_path.exists():
+        store = open_store(config)
+        try:
+            state = store.state()
+            in_force = state.get("policy_digest")
+            change = (
+                ""
+                if in_force in (None, files.policy.digest)
+                else "; the policy differs from the one in force: a restart applies it"
+            )
+            echo_line(
+                f"store {config.store_path}: {config.member}'s, last started with roster"
+                f" {state.get('roster_version', 'unknown')}{change}"
+            )
+        finally:
+            store.close()
+    else:
+        echo_line(f"store {config.store_path}: none yet (the first start makes it)")
+    click.echo("ok: the start also checks the store against the audit log, and reaches the hub")
+
+
 @node_group.command(name="resend")
 @_CONFIG
 @click.option("--to", "partner", required=True, help="The partner to send to again.")

@@ -1,0 +1,111 @@
+"""What a node reads from its files at start, besides its store and audit log.
+
+The pinned signed roster, the member's private keys, the NATS seed, the TLS
+files, the policy and its pseudonym keys: ``load_files`` reads and checks them
+all and writes nothing, so ``msmt node check`` runs it beside a running node,
+and ``broker.node_start.load_node`` runs it before anything else it opens. No
+network client is imported here.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.config import NodeConfig
+from broker.errors import KeyMaterialError
+from broker.files import read_file_bytes, read_file_text
+from broker.keys import (
+    MemberKeys,
+    SignedRoster,
+    check_private_file,
+    load_member_keys,
+    load_pinned_roster,
+)
+from broker.policy import Policy
+
+PSEUDONYM_MIN_BYTES: Final = 32
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFiles:
+    """What a node reads from its files besides its store and audit log (``load_files``)."""
+
+    signed: SignedRoster
+    keys: MemberKeys
+    signing: Ed25519PrivateKey
+    seed: bytes
+    tls: ssl.SSLContext | None
+    policy: Policy
+    policy_text: str
+    pseudonym: dict[str, bytes]
+
+
+def load_files(config: NodeConfig, at: datetime) -> NodeFiles:
+    """Read and check the roster, keys, NATS seed, TLS files, policy and pseudonym keys.
+
+    Writes nothing: the roster is checked against the pinned state but not pinned
+    (``load_node`` pins it once the whole start succeeded; ``msmt node check``
+    never does). Raises ``MsmtError`` with one line for the first bad file.
+    """
+    # The pinned state file refuses a rolled-back roster and two rosters under one version.
+    signed = load_pinned_roster(
+        config.roster_dir, config.authority_path, config.roster_state_path, record=False
+    )
+    keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
+    if config.nats.seed_file is not None:
+        try:
+            seed = read_file_bytes(config.nats.seed_file).strip()
+        except OSError as exc:
+            raise KeyMaterialError(f"cannot read {config.nats.seed_file}: {exc.strerror}") from None
+    else:
+        seed = keys.nats_seed
+    # Built once, here: a bad CA, certificate or key stops the node before it connects.
+    tls = config.nats.tls_context()
+    policy, policy_text = config.read_policy()
+    pseudonym = load_pseudonym_keys(config, policy)
+    signing = keys.signing.private_key
+    if not isinstance(signing, Ed25519PrivateKey):
+        raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
+    return NodeFiles(signed, keys, signing, seed, tls, policy, policy_text, pseudonym)
+
+
+def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
+    """Load each pseudonym key the policy names from ``<keys.dir>/<MEMBER>/pseudonym/<id>.key``.
+
+    A key file holds at least 32 random bytes, base64url; raises ``KeyMaterialError``
+    if one is missing, short or open to other users, so a node never starts unable
+    to apply its policy (or with a key others may have read).
+    """
+    out: dict[str, bytes] = {}
+    for key_id in policy.pseudonym_keys:
+        path = config.keys.dir / config.member / "pseudonym" / f"{key_id}.key"
+        # No reason quotes the file: a decoding error's own text shows a byte of the key.
+        try:
+            text = read_file_text(path, "ascii").strip()
+        except FileNotFoundError:
+            raise KeyMaterialError(
+                f"pseudonym key {key_id}: {path} is missing: make it with `msmt keys pseudonym"
+                f" {config.member} {key_id} --dir {config.keys.dir}`, or import the copy a"
+                " partner sent with --from-file (docs/KEYS.md)"
+            ) from None
+        except OSError as exc:
+            raise KeyMaterialError(
+                f"pseudonym key {key_id}: cannot read {path}: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise KeyMaterialError(f"pseudonym key {key_id}: {path} is not ASCII text") from None
+        try:
+            key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except ValueError:
+            raise KeyMaterialError(f"pseudonym key {key_id}: {path} is not base64url") from None
+        if len(key) < PSEUDONYM_MIN_BYTES:
+            raise KeyMaterialError(f"pseudonym key {path} is shorter than 32 bytes")
+        check_private_file(path, "pseudonym key")
+        out[key_id] = key
+    return out
