@@ -1353,4 +1353,5 @@ def _parse_hub_time(value: object) -> float | None:
 
 
 def _utc_now_text() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    # As every other time we show (roster, feeds, audit): RFC 3339 with "Z".
+    return format_time(datetime.now(UTC))

@@ -301,6 +301,12 @@ def test_a_node_audits_each_feed_by_name_and_cuts_one_off_without_a_restart(
         "socket:case-sys": {"accepted": 2, "rejected": 0, "revoked": 0, "last_used": True},
         "socket:jpn-ais": {"accepted": 2, "rejected": 0, "revoked": 1, "last_used": True},
     }
+    # RFC 3339 with "Z", as every other time shown (it was "+00:00" here alone).
+    assert all(
+        re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", v["last_used"])
+        for v in shown["feeds"].values()
+    )
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", shown["updated_at"])
     assert shown["counters"]["intake.accepted"] == 5
     assert shown["counters"]["intake.token"] == 1
     assert not any(k.startswith("feed.") for k in shown["counters"])
@@ -465,3 +471,34 @@ async def test_the_python_feed_in_node_md_runs_as_written(served: Served, tmp_pa
     assert refused.returncode == 1
     assert refused.stderr == 'refused: 401 {"error": "missing or wrong bearer token"}\n'
     assert len(served.accepted) == 2
+
+
+async def test_the_python_feed_in_node_md_resends_what_a_request_ended_early_left(
+    served: Served, tmp_path: Path
+) -> None:
+    # The node ends a request early cleanly (here: the feed revoked while its first
+    # batch commits), so a feed must count answers; the page's first version exited 0.
+    script = tmp_path / "feed.py"
+    script.write_text(_python_feed())
+    token_file = tmp_path / "py.token"
+    token_file.write_text(feeds.add(served.feeds_path, "py-feed", NOW) + "\n")
+    batch = records(600, seed=11)  # ~400 KB: more than one read of the socket
+    path = tmp_path / "batch.ndjson"
+    path.write_text(samples.to_ndjson(batch))
+    commit = served.intake.acceptor
+
+    async def revoke_then_commit(reports: list[NewReport], feed: str) -> list[bool]:
+        feeds.revoke(served.feeds_path, "py-feed", NOW)
+        return await commit(reports, feed)
+
+    served.intake.acceptor = revoke_then_commit
+    argv = [sys.executable, str(script), str(served.socket), str(token_file), str(path)]
+    done = await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    answered = len(served.accepted)
+    assert 0 < answered < len(batch)
+    assert lines[:-1] == [f"{n} done {r['report_id']}" for n, r in enumerate(batch, 1)][:answered]
+    assert lines[-1] == f"lines {answered + 1}-{len(batch)}: no answer, send them again"
