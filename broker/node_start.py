@@ -40,7 +40,7 @@ from broker.node_files import load_files
 from broker.planner import Planner, Signer
 from broker.publisher import RunDb
 from broker.receiver import Inbound
-from broker.reconcile import audit_unaudited, check_store_against_log
+from broker.reconcile import audit_unaudited, check_store_against_log, log_lost
 from broker.roster import Roster
 from broker.stopsignals import StopSignals
 from broker.store import Store
@@ -196,13 +196,7 @@ def _open_audit(
     # The next append signs the whole tree with the current key; partners and
     # ``msmt audit verify`` still refuse checkpoints a revoked key signed.
     earlier = roster_log_keys(roster, config.member, with_revoked=True)
-    # A node logs its policy before it takes any report, so reports beside a
-    # missing or empty log mean the log was lost or left out of a restore:
-    # starting would begin a new history under the old one's name, silently.
-    lost = ConfigError(
-        f"the store {config.store_path} holds reports but the audit log in {config.audit_dir}"
-        " is missing or empty: restore it from the same backup as the store (docs/DEPLOY.md)"
-    )
+    lost = log_lost(config)
     holds_reports = store.holds_reports()
     if holds_reports and not (config.audit_dir / DB_FILE).exists():
         raise lost

@@ -5,6 +5,8 @@ so a start can tell a log that lost entries, a store that lost commits, and the
 one append a crash may leave unconfirmed. ``check_store_against_log`` refuses
 the first two (a restore from two moments: starting would lose reports or fork
 the log); ``audit_unaudited`` logs what a crash or a full disk left unlogged.
+``check_restore`` makes the same checks without opening either file for
+writing (``msmt node check``, before a restored node starts).
 """
 
 from __future__ import annotations
@@ -12,20 +14,91 @@ from __future__ import annotations
 import bisect
 import json
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from broker import audit_events
-from broker.auditlog import AuditLog
+from broker.audit_verify import LoadedLog, load
+from broker.auditlog import DB_FILE, AuditLog
 from broker.config import NodeConfig
-from broker.errors import ConfigError
+from broker.errors import AuditError, ConfigError
 from broker.store import AUDIT_SIZE, Store
 
 _START_ENTRIES: Final = frozenset({"policy", "key"})
 """The entry types a start appends before its first store write (``node_start.load_node``)."""
 
 
+class LogEntries(Protocol):
+    """What the checks read of an audit log: its size, where appends ended, an entry."""
+
+    @property
+    def size(self) -> int:
+        """How many entries the log holds."""
+        ...
+
+    def checkpoint_sizes(self, after: int) -> list[int]:
+        """The sizes of the stored checkpoints beyond ``after``, ascending."""
+        ...
+
+    def entry(self, index: int) -> bytes:
+        """Entry ``index``'s bytes."""
+        ...
+
+
+class ReadOnlyLog:
+    """``LogEntries`` of a log read with ``audit_verify.load``: nothing opened for writing."""
+
+    def __init__(self, loaded: LoadedLog) -> None:
+        self._loaded = loaded
+
+    @property
+    def size(self) -> int:
+        """How many entries the log holds."""
+        return self._loaded.tree.size
+
+    def checkpoint_sizes(self, after: int) -> list[int]:
+        """The sizes of the stored checkpoints beyond ``after``, ascending."""
+        return sorted(size for size, _ in self._loaded.checkpoints if size > after)
+
+    def entry(self, index: int) -> bytes:
+        """Entry ``index``'s bytes, read again from the file."""
+        return self._loaded.entries(index, index + 1)[0]
+
+
+def log_lost(config: NodeConfig) -> ConfigError:
+    """The refusal of a store that holds reports beside a missing or empty audit log.
+
+    A node logs its policy before it takes any report, so such a log was lost or
+    left out of a restore: starting would begin a new history under its name.
+    """
+    return ConfigError(
+        f"the store {config.store_path} holds reports but the audit log in {config.audit_dir}"
+        " is missing or empty: restore it from the same backup as the store (docs/DEPLOY.md)"
+    )
+
+
+def check_restore(config: NodeConfig, store: Store) -> int:
+    """Check a store and its log as a start does, without writing; return the log's size.
+
+    Raises ``ConfigError`` with the start's own line for a log that is lost,
+    damaged or not from the store's moment.
+    """
+    holds_reports = store.holds_reports()
+    if not (config.audit_dir / DB_FILE).exists():
+        if holds_reports:
+            raise log_lost(config)
+        return 0
+    try:
+        log = ReadOnlyLog(load(config.audit_dir))
+    except AuditError as exc:
+        raise ConfigError(str(exc)) from None
+    if holds_reports and log.size == 0:
+        raise log_lost(config)
+    check_store_against_log(config, store, log)
+    return log.size
+
+
 def check_store_against_log(
-    config: NodeConfig, store: Store, audit: AuditLog
+    config: NodeConfig, store: Store, audit: LogEntries
 ) -> list[dict[str, Any]]:
     """Refuse a store and an audit log that are not from one moment; raise ``ConfigError``.
 
@@ -89,7 +162,9 @@ def check_store_against_log(
     return unrecorded
 
 
-def _start_entries_only(config: NodeConfig, audit: AuditLog, restore: str) -> list[dict[str, Any]]:
+def _start_entries_only(
+    config: NodeConfig, audit: LogEntries, restore: str
+) -> list[dict[str, Any]]:
     """The log's entries beside an empty store, if they are a start's alone; else ``ConfigError``.
 
     A first start that logged its policy and keys and then found the disk full

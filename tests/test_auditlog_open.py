@@ -23,6 +23,7 @@ from audit_helpers import event, unstored_event
 from node_world import MSMT, audit_entries, msmt, write_node_config
 
 from broker import audit_events, keys, samples
+from broker.audit_verify import read_entries
 from broker.auditlog import DB_FILE
 from broker.checkpoint import open_checkpoint, roster_log_keys
 from broker.config import NodeConfig, load_config
@@ -307,7 +308,10 @@ def test_a_log_restored_older_than_its_store_is_refused(tmp_path: Path) -> None:
     _accept(config_path, 3, seed=2)
     shutil.rmtree(audit_dir)
     shutil.copytree(tmp_path / "older-audit", audit_dir)
+    # msmt node check finds it before a start, with the start's own line.
+    checked = msmt("node", "check", "--config", str(config_path))
     done = msmt("node", "run", "--config", str(config_path))
+    assert (checked.returncode, checked.stderr) == (2, done.stderr)
     assert done.returncode == 2, done.stderr
     assert "holds 3 entries, but the store" in done.stderr
     assert "was last written when it held 6: the log lost entries; restore the store" in (
@@ -325,11 +329,33 @@ def test_a_store_restored_older_than_its_log_is_refused(tmp_path: Path) -> None:
     shutil.copy(store_path, tmp_path / "older-store")
     _accept(config_path, 3, seed=2)
     shutil.copy(tmp_path / "older-store", store_path)
+    checked = msmt("node", "check", "--config", str(config_path))
     done = msmt("node", "run", "--config", str(config_path))
+    assert (checked.returncode, checked.stderr) == (2, done.stderr)
     assert done.returncode == 2, done.stderr
     assert "lacks what audit log entry 3 records (accepted, report " in done.stderr
     assert "the store lost commits; restore the store and the audit log" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_node_check_passes_a_whole_restore_and_refuses_a_store_without_its_log(
+    tmp_path: Path,
+) -> None:
+    config_path = jpn_config(tmp_path)
+    config = load_config(config_path, env={})
+    _accept(config_path, 2, seed=1)
+    checked = msmt("node", "check", "--config", str(config_path))
+    assert checked.returncode == 0, checked.stderr
+    size = len(read_entries(config.audit_dir / DB_FILE, 0, 1000))
+    assert (
+        f"audit {config.audit_dir}: {size} entries, from the same moment as the store"
+        in checked.stdout.splitlines()
+    )
+    shutil.rmtree(config.audit_dir)  # left out of the restore
+    checked = msmt("node", "check", "--config", str(config_path))
+    done = msmt("node", "run", "--config", str(config_path))
+    assert (checked.returncode, checked.stderr) == (2, done.stderr)
+    assert "holds reports but the audit log in" in checked.stderr
 
 
 def test_receipts_one_append_ahead_of_the_store_are_a_crash_not_a_loss(tmp_path: Path) -> None:

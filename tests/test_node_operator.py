@@ -153,8 +153,20 @@ def test_node_starts_with_a_created_pseudonym_key_and_a_clean_stop_removes_its_s
     assert stat.S_ISSOCK(sock.lstat().st_mode)
     answers = kor.submit(3)
     assert [a["status"] for a in answers] == ["accepted"] * 3
+    # Beside the running node, msmt node check says so, and leaves its files alone:
+    # they change as it runs, so a store and a log read at two moments would differ.
+    checked = kor.msmt("node", "check", "--config", str(kor.config_path))
+    assert checked.returncode == 0, checked.stderr
+    assert kor.proc is not None
+    assert (
+        f"node: runs on this data directory now (pid {kor.proc.pid}); a restart applies what"
+        " differs, and checks the store against the audit log"
+    ) in checked.stdout.splitlines()
     assert kor.stop(signal.SIGTERM) == 0
     assert not sock.exists()
+    stopped = kor.msmt("node", "check", "--config", str(kor.config_path))
+    assert stopped.returncode == 0, stopped.stderr
+    assert "from the same moment as the store" in stopped.stdout
     assert not sock.is_symlink()
     assert kor.config.token_path.exists()  # the token outlives the run; only the socket goes
 

@@ -99,10 +99,12 @@ def test_node_check_reads_what_a_start_reads_and_writes_nothing(folder: Path) ->
     before = _tree(folder)
     done = msmt("node", "check", "--config", str(config_path))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[5] == (
+    assert done.stdout.splitlines()[5:] == [
         f"store {config.store_path}: JPN's, last started with roster 1; the policy differs"
-        " from the one in force: a restart applies it"
-    )
+        " from the one in force",
+        f"audit {config.audit_dir}: none yet (the first start makes it)",
+        "ok: a start reaches the hub and takes its ports; the rest is checked",
+    ]
     # Only SQLite's own -wal and -shm appear beside the store, as for any reader
     # (msmt status); the store itself is unchanged.
     after = _tree(folder)

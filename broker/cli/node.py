@@ -93,12 +93,14 @@ def node_check(config_path: Path) -> None:
 
     The config, the signed roster against the pinned authority and version, the
     member's private keys, the NATS seed and TLS files, the policy and its
-    pseudonym keys, and whose data directory it is: one line each, then ``ok``.
-    The first bad one is one line and the exit status a start would have (2 for
-    a configuration or key error). Safe beside a running node; the start itself
-    still checks the store against the audit log and reaches the hub.
+    pseudonym keys, whose data directory it is, and, unless a node runs on it,
+    that its store and audit log are from one moment (a restore): one line each,
+    then ``ok``. The first bad one is one line and the exit status a start would
+    have (2 for a configuration, key or restore error). Safe beside a running
+    node. Only a start reaches the hub and takes its ports.
     """
     from broker.node_files import load_files  # noqa: PLC0415
+    from broker.reconcile import check_restore  # noqa: PLC0415
 
     config = _config(config_path)
     files = load_files(config, datetime.now(UTC))
@@ -117,25 +119,42 @@ def node_check(config_path: Path) -> None:
     echo_line(f"nats {', '.join(config.nats.urls)}: seed {config.seed_path}, TLS {tls}")
     named = f", {len(files.pseudonym)} pseudonym key(s)" if files.pseudonym else ""
     echo_line(f"policy {config.policy}: {files.policy.digest}{named}")
-    if config.store_path.exists():
-        store = open_store(config)
-        try:
-            state = store.state()
-            in_force = state.get("policy_digest")
-            change = (
-                ""
-                if in_force in (None, files.policy.digest)
-                else "; the policy differs from the one in force: a restart applies it"
-            )
-            echo_line(
-                f"store {config.store_path}: {config.member}'s, last started with roster"
-                f" {state.get('roster_version', 'unknown')}{change}"
-            )
-        finally:
-            store.close()
-    else:
+    if not config.store_path.exists():
         echo_line(f"store {config.store_path}: none yet (the first start makes it)")
-    click.echo("ok: the start also checks the store against the audit log, and reaches the hub")
+        click.echo("ok: a start reaches the hub and takes its ports; the rest is checked")
+        return
+    store = open_store(config)
+    try:
+        state = store.state()
+        in_force = {"roster": state.get("roster_version"), "policy": state.get("policy_digest")}
+        on_disk = {"roster": str(files.signed.version), "policy": files.policy.digest}
+        changed = [name for name, value in in_force.items() if value not in (None, on_disk[name])]
+        echo_line(
+            f"store {config.store_path}: {config.member}'s, last started with roster"
+            f" {in_force['roster'] or 'unknown'}"
+            + "".join(f"; the {name} differs from the one in force" for name in changed)
+        )
+        try:
+            pid = writer_pid(config.store_path)
+        except OSError:
+            pid = None  # no /proc/locks: cannot tell, so checked as a stopped node's
+        if pid is not None:
+            # Its files change as it runs: what it wrote between two reads here would
+            # pass for a store and a log from two moments.
+            echo_line(
+                f"node: runs on this data directory now (pid {pid}); a restart applies"
+                " what differs, and checks the store against the audit log"
+            )
+        else:
+            size = check_restore(config, store)
+            echo_line(
+                f"audit {config.audit_dir}: {size} entries, from the same moment as the store"
+                if size
+                else f"audit {config.audit_dir}: none yet (the first start makes it)"
+            )
+    finally:
+        store.close()
+    click.echo("ok: a start reaches the hub and takes its ports; the rest is checked")
 
 
 @node_group.command(name="resend")
