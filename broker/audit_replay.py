@@ -974,7 +974,8 @@ def _check_release(send: _Send, answers: _PolicyAnswers) -> list[Finding]:
                 member,
                 send.seq,
                 send.report_id,
-                f"policy {send.policy_digest[:12]}... of {member} was not provided",
+                f"policy {send.policy_digest[:12]}... of {member} was not provided (give a"
+                f" folder holding it as {member}/policy.toml with another --policies)",
             )
         )
         return found

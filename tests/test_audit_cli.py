@@ -353,7 +353,12 @@ def test_prove_prints_a_proof_any_rfc6962_verifier_accepts(tmp_path: Path, keydi
         entry_json = json.loads(base64.b64decode(proof["entry"]))
         assert entry_json["seq"] == entry
     assert _run("audit", "prove", str(tmp_path), "--entry", "13")[0] == 2
-    assert _run("audit", "prove", str(tmp_path), "--entry", "1", "--checkpoint", "8")[0] == 2
+    assert _run("audit", "prove", str(tmp_path), "--entry", "1", "--checkpoint", "8") == (
+        2,
+        "",
+        "msmt: error: no stored checkpoint of size 8: the nearest are 7 and 13"
+        " (2 checkpoints, sizes 7 to 13)\n",
+    )
 
 
 def _independent_consistency_check(proof: dict[str, Any], old_root: bytes) -> bytes:

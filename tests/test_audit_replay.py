@@ -338,7 +338,13 @@ def test_undelivered_and_unknown_policy_and_field_mismatch(tmp_path: Path) -> No
     result = replay(logs, polices_without_kor)
     assert [(f.kind, f.member, f.seq, f.detail) for f in result.findings] == [
         ("undelivered", "JPN", 4, "sent to KOR, which logged no receipt of this JWE"),
-        ("unknown-policy", "KOR", 2, f"policy {DIGEST['KOR'][:12]}... of KOR was not provided"),
+        (
+            "unknown-policy",
+            "KOR",
+            2,
+            f"policy {DIGEST['KOR'][:12]}... of KOR was not provided (give a folder holding it"
+            " as KOR/policy.toml with another --policies)",
+        ),
         ("mismatch", "USA", 1, "receipt of JPN's entry 3 differs from it in disclosure keys"),
         ("mismatch", "USA", 2, "receipt of KOR's entry 2 differs from it in kind"),
     ]
@@ -373,7 +379,8 @@ def test_a_policy_left_out_is_one_line_however_many_sends_it_covers(tmp_path: Pa
     assert findings == [
         "  undelivered: KOR entry 8: sent to USA, which logged no receipt of this JWE",
         "  unknown-policy: KOR entries 8, 9, 10, 11, 12, ... (7 in all): "
-        f"policy {DIGEST['KOR'][:12]}... of KOR was not provided",
+        f"policy {DIGEST['KOR'][:12]}... of KOR was not provided (give a folder holding it"
+        " as KOR/policy.toml with another --policies)",
     ]
 
 

@@ -254,3 +254,58 @@ def test_the_inclusion_check_audit_md_gives_users_refuses_what_verify_inclusion_
                     if doc != _code_accepts(leaf, claimed_index, claimed_size, path, root):
                         disagreements.append((index, size, claimed_index, claimed_size, doc))
     assert disagreements == []
+
+
+def _audit_md_consistency_verifier() -> Any:
+    """docs/AUDIT.md's consistency lines, compiled to read ``PROOF`` and ``OLD_ROOT``."""
+    text = (Path(__file__).parent.parent / "docs" / "AUDIT.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "consistency_path" in b]
+    assert len(blocks) == 1
+    code = blocks[0].replace("json.load(sys.stdin)", "PROOF").replace("sys.argv[1]", "OLD_ROOT")
+    return compile(code, "docs/AUDIT.md", "exec")
+
+
+def test_the_consistency_check_audit_md_gives_users_refuses_what_verify_consistency_does() -> None:
+    # The lines an auditor runs on `msmt audit prove --from-size` output: for every
+    # pair of sizes, right and wrong claimed sizes and a right and a wrong kept root,
+    # they accept exactly what the code's RFC 9162 verifier accepts.
+    snippet = _audit_md_consistency_verifier()
+    tree = Levels([leaf_hash(f"entry {i}".encode()) for i in range(12)])
+    other = Levels([leaf_hash(f"other {i}".encode()) for i in range(12)])
+    disagreements, accepted = [], 0
+    for old in range(1, 13):
+        for new in range(old, 13):
+            path = tree.consistency_proof(old, new)
+            for claimed_old in range(1, 14):
+                for claimed_new in range(claimed_old, 14):
+                    for kept in (tree.root(old), other.root(old)):
+                        proof = {
+                            "old_size": claimed_old,
+                            "tree_size": claimed_new,
+                            "consistency_path": [base64.b64encode(p).decode() for p in path],
+                            "root_hash": base64.b64encode(tree.root(new)).decode(),
+                        }
+                        try:
+                            exec(  # noqa: S102 - the doc's lines
+                                snippet,
+                                {
+                                    "PROOF": proof,
+                                    "OLD_ROOT": base64.b64encode(kept).decode(),
+                                    "print": lambda *_: None,
+                                },
+                            )
+                            doc = True
+                        except SystemExit:  # its early "consistent" for equal sizes
+                            doc = True
+                        except (AssertionError, IndexError):
+                            doc = False
+                        try:
+                            verify_consistency(claimed_old, claimed_new, kept, tree.root(new), path)
+                            code = True
+                        except ProofError:
+                            code = False
+                        accepted += code
+                        if doc != code:
+                            disagreements.append((old, new, claimed_old, claimed_new, doc))
+    assert disagreements == []
+    assert accepted >= 78  # every true pair of sizes, with the right kept root

@@ -9,6 +9,7 @@ trusts (``--roster``), or note verifier keys (``--log-key``).
 from __future__ import annotations
 
 import base64
+import bisect
 import itertools
 import json
 import os
@@ -326,7 +327,14 @@ def audit_prove(directory: Path, index: int | None, old: int | None, size: int |
         if size is None:
             size = max(notes)
         if size not in notes:
-            raise UsageError(f"no stored checkpoint of size {size} (have {sorted(notes)[-5:]}...)")
+            sizes = sorted(notes)
+            at = bisect.bisect(sizes, size)
+            near = [str(n) for n in sizes[max(at - 1, 0) : at + 1]]
+            raise UsageError(
+                f"no stored checkpoint of size {size}: the nearest"
+                f" {'are' if len(near) > 1 else 'is'} {' and '.join(near)}"
+                f" ({len(sizes)} checkpoints, sizes {sizes[0]} to {sizes[-1]})"
+            )
         if index is not None and index >= size:
             raise UsageError(f"entry {index} is not in the checkpoint of size {size}")
         if old is not None and old > size:
