@@ -223,6 +223,13 @@ def test_setup_twice_changes_nothing_and_shows_its_settings(hub: NatsServer, key
     assert second.exit_code == 0, second.output
     assert "stream INBOX_JPN: unchanged" in second.output
     assert "consumer JPN_NODE: unchanged" in second.output
+    # --quiet: what was done, without the settings (the README's loop over 12 accounts).
+    quiet = runner.invoke(main, [*base, "--quiet"])
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.output.splitlines() == [
+        line for line in second.output.splitlines() if not line.startswith("  ")
+    ]
+    assert "stream INBOX_JPN: unchanged" in quiet.output.splitlines()
     changed = runner.invoke(main, [*base[:-1], str(16 * 1024 * 1024)])
     assert "stream INBOX_JPN: updated" in changed.output
     assert "max_bytes = 16777216" in changed.output

@@ -590,6 +590,9 @@ def nats_config(
     default=None,
     help="PEM private key of --tls-cert (unencrypted).",
 )
+@click.option(
+    "--quiet", "-q", is_flag=True, help="One line per stream or consumer, without its settings."
+)
 def nats_setup(
     url: str,
     keydir: Path,
@@ -600,11 +603,13 @@ def nats_setup(
     tls_ca: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
+    quiet: bool,
 ) -> None:
     """Create or update ACCOUNT's streams and consumer; running it twice changes nothing.
 
-    --tls-* need a tls:// --server: the same rules as node.toml's nats.ca_file,
-    nats.cert_file and nats.key_file.
+    Prints what it did to each stream and consumer, and the settings each now has
+    (with --quiet, only what it did). --tls-* need a tls:// --server: the same
+    rules as node.toml's nats.ca_file, nats.cert_file and nats.key_file.
     """
     # Imported here: nats-py loads aiohttp (~0.3 s), which no keys command uses.
     from broker import natsetup  # noqa: PLC0415
@@ -649,7 +654,7 @@ def nats_setup(
         )
     )
     for result in results:
-        for line in result.lines():
+        for line in result.lines()[:1] if quiet else result.lines():
             click.echo(line)
 
 
