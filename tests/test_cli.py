@@ -23,6 +23,8 @@ from node_world import MSMT, REPO
 
 from broker import __version__, feeds, keys
 from broker.cli import FAMILIES
+from broker.cli.options import rfc3339
+from broker.errors import UsageError
 from broker.store import Store
 
 HOOK = """
@@ -597,3 +599,14 @@ def test_validate_of_a_pretty_printed_record_says_what_ndjson_is(tmp_path: Path)
     invalid = _msmt("validate", "--quiet", str(REPO / "samples" / "invalid.ndjson"), data=tmp_path)
     assert invalid.returncode == 1
     assert "line 1 is not a whole record" not in invalid.stderr
+
+
+def test_an_rfc3339_option_takes_lower_case_t_and_z_as_the_rfc_allows() -> None:
+    # An analyst's --since 2026-12-06t11:45:40z was refused as "not an RFC 3339 time".
+    upper = rfc3339("--since", "2026-12-06T11:45:40Z")
+    assert rfc3339("--since", "2026-12-06t11:45:40z") == upper
+    assert rfc3339("--since", "2026-12-06t20:45:40+09:00") == upper
+    with pytest.raises(UsageError, match=r"^--since 'yesterday' is not an RFC 3339 time$"):
+        rfc3339("--since", "yesterday")
+    with pytest.raises(UsageError, match="needs a time zone"):
+        rfc3339("--since", "2026-12-06t11:45:40")

@@ -280,9 +280,12 @@ def error_line(exc: Exception) -> str:
 
 
 def rfc3339(option: str, text: str) -> datetime:
-    """An option's RFC 3339 time with its zone; ``UsageError`` naming the option otherwise."""
+    """An option's RFC 3339 time with its zone; ``UsageError`` naming the option otherwise.
+
+    RFC 3339 lets ``T`` and ``Z`` be lower case (section 5.6), which Python does not read.
+    """
     try:
-        when = datetime.fromisoformat(text)
+        when = datetime.fromisoformat(text.upper())
     except ValueError:
         raise UsageError(f"{option} {text!r} is not an RFC 3339 time") from None
     if when.utcoffset() is None:
