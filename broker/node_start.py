@@ -86,6 +86,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         store.set_state(
             {
                 "roster_version": str(signed.version),
+                "signing_kid": keys.signing_kid,
                 "policy_digest": policy.digest,
                 SHARED_STATE: "on" if config.intake.shared_token else "off",
                 "key_events": json.dumps(sorted(logged_now)),

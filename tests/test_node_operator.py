@@ -211,6 +211,11 @@ def test_status_shows_the_roster_and_policy_the_node_started_with(kor: Kor) -> N
     done = kor.msmt("status", "--config", str(kor.config_path), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["roster_version"] == version
+    # The key it signs with since that start: the rotated one, as the roster has it now.
+    assert (
+        json.loads(done.stdout)["signing_kid"]
+        == signed.roster.current("KOR", "sig", datetime.now(UTC)).kid
+    )
     valid = json.loads(done.stdout)["credentials_valid_until"]
     assert set(valid) == {"signing_key", "encryption_key"}
     assert valid["signing_key"] == format_time(until)

@@ -94,14 +94,14 @@ def test_node_check_reads_what_a_start_reads_and_writes_nothing(folder: Path) ->
     # A node that last ran another policy: the check says a restart applies this one.
     config.data_dir.mkdir(parents=True, mode=0o700)
     store = Store(config.store_path)
-    store.set_state({"policy_digest": "0" * 64, "roster_version": "1"})
+    store.set_state({"policy_digest": "0" * 64, "roster_version": "1", "signing_kid": "JPN-old"})
     store.close()
     before = _tree(folder)
     done = msmt("node", "check", "--config", str(config_path))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[5:] == [
-        f"store {config.store_path}: JPN's, last started with roster 1; the policy differs"
-        " from the one in force",
+        f"store {config.store_path}: JPN's, last started with roster 1; the signing key"
+        " differs from the one in force; the policy differs from the one in force",
         f"audit {config.audit_dir}: none yet (the first start makes it)",
         "ok: a start reaches the hub and takes its ports; the rest is checked",
     ]

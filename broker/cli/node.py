@@ -126,8 +126,16 @@ def node_check(config_path: Path) -> None:
     store = open_store(config)
     try:
         state = store.state()
-        in_force = {"roster": state.get("roster_version"), "policy": state.get("policy_digest")}
-        on_disk = {"roster": str(files.signed.version), "policy": files.policy.digest}
+        in_force = {
+            "roster": state.get("roster_version"),
+            "signing key": state.get("signing_kid"),
+            "policy": state.get("policy_digest"),
+        }
+        on_disk = {
+            "roster": str(files.signed.version),
+            "signing key": files.keys.signing_kid,
+            "policy": files.policy.digest,
+        }
         changed = [name for name, value in in_force.items() if value not in (None, on_disk[name])]
         echo_line(
             f"store {config.store_path}: {config.member}'s, last started with roster"
@@ -695,6 +703,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     status: dict[str, Any] = {
         "member": config.member,
         "roster_version": int(roster) if roster.isdecimal() else roster,
+        # The key it signs with since that start: a rotation took once this is the new one.
+        "signing_kid": state.get("signing_kid", "unknown"),
         "policy_digest": in_force,
         "policy_file": _policy_file_state(config, in_force),
         # Whether intake.token is let in (intake.shared_token), as of the last start.
