@@ -430,4 +430,7 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
         raise ConfigError(f"config {path}: invalid TOML: nested too deeply") from None
     except ValueError:  # tomllib leaves int()'s refusal of over 4300 digits unwrapped
         raise ConfigError(f"config {path}: invalid TOML: an integer of over 4300 digits") from None
+    if "rules" in data and "nats" not in data:
+        # Rather than "config key nats: Field required" (a new user's trial).
+        raise ConfigError(f"config {path} is a policy file, not a node.toml (docs/NODE.md)")
     return parse_config(data, path.parent, env)

@@ -311,9 +311,13 @@ def validate_stream(stream: BinaryIO) -> Iterator[LineResult]:
     took memory until a ``MemoryError``.
     """
     splitter = LineSplitter(MAX_RECORD_BYTES)
+    # One system read at a time where the stream allows it: a buffered read(n) reads
+    # on until n bytes, so at a terminal it took Ctrl-D as the end of that read, and a
+    # second Ctrl-D was needed to end the input.
+    read = getattr(stream, "read1", stream.read)
 
     def lines() -> Iterator[Line]:
-        while chunk := stream.read(1 << 16):
+        while chunk := read(1 << 16):
             yield from splitter.feed(chunk)
         yield from splitter.finish()
 

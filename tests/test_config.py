@@ -180,6 +180,14 @@ def test_shipped_node_configs_load(member: str) -> None:
     assert config.metrics.host == "127.0.0.1"
 
 
+def test_a_policy_file_given_as_the_config_is_named_as_one() -> None:
+    # It was "config key nats: Field required", naming neither the file nor the mistake.
+    path = Path(__file__).parent.parent / "nodes" / "JPN" / "policy.toml"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert str(err.value) == f"config {path} is a policy file, not a node.toml (docs/NODE.md)"
+
+
 TLS = BASE.replace(
     'urls = ["nats://127.0.0.1:4222"]',
     'urls = ["tls://hub:4222"]\nca_file = "tls/ca.pem"\n'

@@ -82,7 +82,7 @@ def test_node_check_reads_what_a_start_reads_and_writes_nothing(folder: Path) ->
         "nats",
         "policy",
         "store",
-        "ok:",
+        "ok",
     ]
     assert lines[1].startswith(f"roster {config.roster_dir}: version 1, signed by the pinned")
     assert lines[4] == f"policy {config.policy}: {config.read_policy()[0].digest}"
@@ -103,7 +103,7 @@ def test_node_check_reads_what_a_start_reads_and_writes_nothing(folder: Path) ->
         f"store {config.store_path}: JPN's, last started with roster 1; the signing key"
         " differs from the one in force; the policy differs from the one in force",
         f"audit {config.audit_dir}: none yet (the first start makes it)",
-        "ok: a start reaches the hub and takes its ports; the rest is checked",
+        "ok (not checked: the hub and the ports, which only a start reaches)",
     ]
     # Only SQLite's own -wal and -shm appear beside the store, as for any reader
     # (msmt status); the store itself is unchanged.

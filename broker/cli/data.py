@@ -10,7 +10,7 @@ import click
 
 from broker import samples, schemas
 from broker.cli.options import echo_line, stdin_buffer
-from broker.errors import UsageError
+from broker.errors import InputError, UsageError
 from broker.members import MEMBERS, parse_members
 from broker.validation import validate_stream
 
@@ -40,16 +40,20 @@ def validate(file: str, quiet: bool) -> None:
     """
     stream = _open_input(file)
     good = bad = 0
-    spread = False  # line 1 is only "{" or "[": a pretty-printed JSON file, most likely
     try:
         for result in validate_stream(stream):
             if result.error is None:
                 good += 1
                 continue
+            if result.line == 1 and result.error.problems[0].reason in _OPENED_ONLY:
+                # Not NDJSON but a pretty-printed JSON file: each of its other lines
+                # would be one more error, saying nothing more (a new user's trial).
+                raise InputError(
+                    f"{file}: line 1 is not a whole record: NDJSON holds one record per"
+                    " line; a pretty-printed file can be given as"
+                    " `jq -c . FILE | msmt validate -`"
+                )
             bad += 1
-            spread = spread or (
-                result.line == 1 and result.error.problems[0].reason in _OPENED_ONLY
-            )
             if not quiet:
                 for problem in result.error.problems:
                     where = problem.path or "(record)"
@@ -57,13 +61,7 @@ def validate(file: str, quiet: bool) -> None:
     finally:
         if file != "-":
             stream.close()
-    hint = (
-        " (line 1 is not a whole record: NDJSON holds one record per line; a pretty-printed"
-        " file can be given as `jq -c . FILE | msmt validate -`)"
-        if spread
-        else ""
-    )
-    click.echo(f"{good} valid, {bad} invalid{hint}", err=True)
+    click.echo(f"{good} valid, {bad} invalid", err=True)
     sys.exit(1 if bad else 0)
 
 

@@ -95,8 +95,8 @@ def node_check(config_path: Path) -> None:
     member's private keys, the NATS seed and TLS files, the policy and its
     pseudonym keys, whose data directory it is, and, unless a node runs on it,
     that its store and audit log are from one moment (a restore): one line each,
-    then ``ok``. The first bad one is one line and the exit status a start would
-    have (2 for a configuration, key or restore error). Safe beside a running
+    then ``ok``. If one is bad, only its line, the one a start would give, with
+    the start's exit status (2 for a configuration, key or restore error). Safe beside a running
     node. Only a start reaches the hub and takes its ports.
     """
     from broker.node_files import load_files  # noqa: PLC0415
@@ -121,7 +121,7 @@ def node_check(config_path: Path) -> None:
     echo_line(f"policy {config.policy}: {files.policy.digest}{named}")
     if not config.store_path.exists():
         echo_line(f"store {config.store_path}: none yet (the first start makes it)")
-        click.echo("ok: a start reaches the hub and takes its ports; the rest is checked")
+        click.echo("ok (not checked: the hub and the ports, which only a start reaches)")
         return
     store = open_store(config)
     try:
@@ -162,7 +162,7 @@ def node_check(config_path: Path) -> None:
             )
     finally:
         store.close()
-    click.echo("ok: a start reaches the hub and takes its ports; the rest is checked")
+    click.echo("ok (not checked: the hub and the ports, which only a start reaches)")
 
 
 @node_group.command(name="resend")

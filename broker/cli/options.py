@@ -224,9 +224,15 @@ def hold_stdin() -> None:
 
 
 def stdin_buffer() -> BinaryIO:
-    """Stdin's bytes, for a command given ``-``; ``UsageError`` if stdin was closed (``<&-``)."""
+    """Stdin's bytes, for a command given ``-``; ``UsageError`` if stdin was closed (``<&-``).
+
+    At a terminal it says first, on stderr, that it reads there: ``msmt validate``
+    with no file otherwise just waited, and a new user took it for hung.
+    """
     if sys.stdin is None:
         raise UsageError("stdin is closed: give a file, or pipe the input in")
+    if sys.stdin.isatty():
+        click.echo("reading from the terminal: type or paste the input, then Ctrl-D", err=True)
     return sys.stdin.buffer
 
 
