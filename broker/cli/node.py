@@ -96,8 +96,8 @@ def node_check(config_path: Path) -> None:
     pseudonym keys, whose data directory it is, and, unless a node runs on it,
     that its store and audit log are from one moment (a restore): one line each,
     then ``ok``. If one is bad, only its line, the one a start would give, with
-    the start's exit status (2 for a configuration, key or restore error). Safe beside a running
-    node. Only a start reaches the hub and takes its ports.
+    the start's exit status (2 for a configuration, key or restore error). Safe
+    beside a running node. Only a start reaches the hub and takes its ports.
     """
     from broker.node_files import load_files  # noqa: PLC0415
     from broker.reconcile import check_restore  # noqa: PLC0415
