@@ -76,7 +76,9 @@ the disclosure key: that parameter is text the sender chose.
 """
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _PSEUDONYM = re.compile(r"hmac-sha256:([A-Za-z0-9_.-]{1,64}):([A-Za-z0-9_-]{43})")
-_ROUNDED = re.compile(r"[0-9]+(\.[0-9]+)?(E\+[0-9]+)?")
+# What round writes (_plain): never an exponent, which a sender could make
+# "1E+999999999" and so overflow the check's decimal context.
+_ROUNDED = re.compile(r"[0-9]+(\.[0-9]+)?")
 VARIANT_SEP: Final = "#"
 
 

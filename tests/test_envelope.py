@@ -699,6 +699,25 @@ def test_a_variant_must_be_what_its_transform_gives(issued: envelope.Issued) -> 
         assert err.report_id == issued.report_id
 
 
+@pytest.mark.parametrize("amount", ["1E+999999999", "1E+3", "1e3", "-100", "1.", " 100"])
+def test_a_rounded_amount_is_a_plain_decimal_as_round_writes_it(amount: str) -> None:
+    # A signed "1E+999999999" once overflowed the step's decimal context: the
+    # receiver refused it as an internal failure, with no reason or report id.
+    issued = _jpn_crypto_transfer()
+
+    def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
+        d = sdjwt.Disclosure.make("amount#round:1", amount)
+        payload["transfer"]["_sd"].append(d.digest)
+        return [d]
+
+    err = reject(_forge(edit, issued), "schema")
+    assert err.reason == (
+        "transfer.amount#round:<step>: rounded amount must be a plain non-negative "
+        "decimal string (schema 1.0)"
+    )
+    assert err.report_id == issued.report_id
+
+
 def test_a_field_in_two_forms_is_refused() -> None:
     # A policy sends a partner one form of each field (docs/POLICY.md): the exact
     # position beside its coarse cell, or two grids, is no sender's that keeps to it.
