@@ -29,7 +29,7 @@ import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.errors import AuditError
-from broker.merkle import HASH_SIZE
+from broker.merkle import EMPTY_ROOT, HASH_SIZE
 from broker.note import (
     ALG_COSIGNATURE_V1,
     ALG_ED25519,
@@ -84,6 +84,10 @@ def parse_body(text: str) -> Checkpoint:
         raise NoteError("checkpoint root hash is not valid base64")
     if len(root) != HASH_SIZE:
         raise NoteError(f"checkpoint root hash is {len(root)} bytes, not {HASH_SIZE}")
+    if size_text == "0" and root != EMPTY_ROOT:
+        # RFC 9162 2.1.1: the empty tree has one root. Two roots at size 0 would
+        # be a fork that no consistency proof can show (there is none from 0).
+        raise NoteError("checkpoint of size 0 has a root other than the empty tree's")
     return Checkpoint(origin, int(size_text), root)
 
 

@@ -53,17 +53,22 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
 
 
 def b64decode_strict(text: str) -> bytes | None:
-    """Decode padded standard base64, or return ``None`` if ``text`` is not that.
+    """Decode canonical padded standard base64, or return ``None`` if ``text`` is not that.
 
     ``base64.b64decode`` raises ``binascii.Error`` for bad base64 but a plain
     ``ValueError`` for a ``str`` with a non-ASCII character: both mean "not base64".
+    It also ignores the spare low bits of a final partial group, so one value would
+    have several spellings: a checkpoint's root spelt another way than its log wrote
+    it would compare equal as bytes and unequal as text. Only the spelling that
+    encoding gives back is taken.
     """
     if not text.isascii():
         return None
     try:
-        return base64.b64decode(text, validate=True)
+        raw = base64.b64decode(text, validate=True)
     except binascii.Error:
         return None
+    return raw if base64.b64encode(raw).decode("ascii") == text else None
 
 
 def check_key_name(name: str) -> None:
@@ -199,7 +204,9 @@ def parse(data: bytes | str) -> Note:
     if split < 0 or not data.endswith("\n"):
         raise NoteError("signed note has no blank line before its signatures")
     text, sig_block = data[: split + 1], data[split + 2 :]
-    lines = sig_block.splitlines()
+    # Lines end in "\n" alone: str.splitlines would also split at U+0085, U+2028
+    # and U+2029, which C2SP's parsers (Go's note.Open) take as part of a line.
+    lines = sig_block.split("\n")[:-1]
     if not lines:
         raise NoteError("signed note has no signature lines")
     if len(lines) > MAX_SIGNATURES:

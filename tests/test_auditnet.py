@@ -7,6 +7,7 @@ the node's ``AuditNet`` with their own store thread, as in ``broker.node``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -886,7 +887,15 @@ async def test_cosignatures_of_checkpoints_we_never_signed_are_refused_quietly(
         other_root.text,
         (Signature(MEMBER, jpn_key_id, bytes(64)), cosign(other_root, "KOR", KOR_KEY, 7)),
     )
-    flood = [_kor_cosigned(n) for n in (other_root, never_had, no_checkpoint)]
+    # Our own latest checkpoint with its root spelt another way (the spare low bits
+    # of its last base64 group set): the same bytes, once taken for ours, then
+    # refused at merging as "differs from ours (fork?)" in the node's status.
+    origin, size_text, root_text, _ = parse(audit.log.latest_checkpoint() or "").text.split("\n")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    respelt = root_text[:-2] + alphabet[alphabet.index(root_text[-2]) ^ 1] + "="
+    assert base64.b64decode(respelt) == base64.b64decode(root_text)
+    respelt_ours = Note(f"{origin}\n{size_text}\n{respelt}\n", ())
+    flood = [_kor_cosigned(n) for n in (other_root, never_had, no_checkpoint, respelt_ours)]
     flood += [bad_jpn_line.render().encode(), b"JPN\n\xff\xfe"]
     with capture_logs() as logs:
         await _publish_then_merge_a_good_one(audit, [("KOR", body) for body in flood * 20])

@@ -32,6 +32,7 @@ from broker.checkpoint import (
     verify_cosignature,
 )
 from broker.errors import AuditError
+from broker.merkle import EMPTY_ROOT
 from broker.note import (
     ALG_COSIGNATURE_V1,
     ALG_ED25519,
@@ -114,6 +115,13 @@ def test_mangled_verifier_keys_are_refused(vkey: str) -> None:
         (GO_TEXT + "\n\u2014 PeterNeumann !!!\n", "base64"),
         (GO_TEXT + "\n\u2014 Peter Neumann AAAAAAAA\n", "not '\u2014 <name> <signature>'"),
         ("bell\x07\n\n" + GO_SIG, "control character"),
+        # The spare low bits of the final group set: the same bytes spelt another way.
+        (GO_TEXT + "\n" + GO_SIG.replace("AM=\n", "AN=\n"), "base64"),
+        # Lines end in "\n" alone, as in Go's note.Open: not at U+2028, U+2029 or U+0085.
+        *(
+            (GO_TEXT + "\n" + GO_SIG.rstrip("\n") + sep + GO_SIG, "not '\u2014 <name>")
+            for sep in ("\u2028", "\u2029", "\x85")
+        ),
     ],
 )
 def test_malformed_notes_are_refused(text: str, reason: str) -> None:
@@ -153,6 +161,9 @@ def test_checkpoint_body_round_trip_and_signature() -> None:
         ("\n1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n", "origin"),
         ("JPN\n1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\next\n", "three lines"),
         ("JPN\n1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "three lines"),
+        # A root spelt with the spare low bits set: the same 32 bytes, another text.
+        ("JPN\n1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAB=\n", "base64"),
+        ("JPN\n0\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n", "size 0"),
     ],
 )
 def test_malformed_checkpoint_bodies_are_refused(body: str, reason: str) -> None:
@@ -166,7 +177,7 @@ def test_malformed_checkpoint_bodies_are_refused(body: str, reason: str) -> None
     root=st.binary(min_size=32, max_size=32),
 )
 def test_checkpoint_body_round_trips(origin: str, size: int, root: bytes) -> None:
-    cp = Checkpoint(origin, size, root)
+    cp = Checkpoint(origin, size, root if size else EMPTY_ROOT)
     assert parse_body(cp.body()) == cp
 
 

@@ -15,7 +15,7 @@ from broker.audit_verify import verify_log
 from broker.auditlog import AuditLog
 from broker.checkpoint import Checkpoint, parse_body, sign_checkpoint, verify_cosignature
 from broker.errors import AuditError
-from broker.merkle import Levels, leaf_hash
+from broker.merkle import EMPTY_ROOT, Levels, leaf_hash
 from broker.note import parse
 from broker.witness import (
     BadSignatureError,
@@ -249,3 +249,19 @@ def test_an_unknown_origin_is_named_only_if_it_is_a_member() -> None:
     kor = sign_checkpoint(Checkpoint("KOR", 1, bytes(32)), LOG_KEY).render()
     with pytest.raises(UnknownLogError, match=r"^witness USA does not follow log KOR$"):
         witness.open(kor)
+
+
+def test_a_size_0_checkpoint_has_the_empty_trees_root_or_is_refused() -> None:
+    # No consistency proof runs from size 0, so two roots at size 0 were both
+    # cosigned: a split view no witness would ever alarm on (security review).
+    witness = _witness()
+    for root in (bytes(32), b"\x01" * 32):
+        note = sign_checkpoint(Checkpoint(MEMBER, 0, root), LOG_KEY).render()
+        with pytest.raises(AuditError, match="size 0 has a root other than the empty tree's"):
+            witness.add_checkpoint(0, [], note, NOW)
+    assert MEMBER not in witness.state
+    empty = sign_checkpoint(Checkpoint(MEMBER, 0, EMPTY_ROOT), LOG_KEY).render()
+    verify_cosignature(
+        parse(witness.add_checkpoint(0, [], empty, NOW)), witness_verifier(USA_KEY, "USA")
+    )
+    assert witness.state[MEMBER] == LogState(0, EMPTY_ROOT)
