@@ -141,7 +141,8 @@ def loads_strict(data: bytes | str) -> Any:
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
+        # The codec's own words quote the byte: position only, as for JSON errors.
+        raise ValueError(f"not valid JSON (not UTF-8 at byte {exc.start})") from None
     # Fast path: the decoder's own scanner, without the two Python frames of
     # JSONDecoder.decode. It runs the same hooks, so a value it returns for the
     # whole text is exactly what decode returns. Anything else (an error,

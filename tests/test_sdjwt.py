@@ -108,6 +108,14 @@ def test_a_duplicate_member_is_refused_without_naming_it() -> None:
     assert str(err.value) == "duplicate JSON member"
 
 
+def test_text_that_is_not_utf8_is_refused_without_quoting_a_byte() -> None:
+    # The codec's own words quote the byte ("can't decode byte 0xc3"): a byte of
+    # what was sent, before any signature is checked.
+    with pytest.raises(ValueError, match="not UTF-8") as err:
+        sdjwt.loads_strict(b'{"a":"\xc3("}')
+    assert str(err.value) == "not valid JSON (not UTF-8 at byte 6)"
+
+
 def test_sd_array_pads_with_distinct_decoys_and_sorts() -> None:
     real = [Disclosure.make(f"c{i}", i).digest for i in range(5)]
     arr = sdjwt.sd_array(real, 16)
