@@ -465,6 +465,7 @@ Transfer = Annotated[CryptoTransfer | FuelTransfer, Field(discriminator="categor
 
 
 _EARLIEST_OBSERVATION: Final = datetime(2000, 1, 1, tzinfo=UTC)
+_BEFORE_2000: Final = "is before 2000-01-01: a zero or placeholder time, not an observation"
 OBSERVED_AHEAD: Final = timedelta(minutes=5)
 """How far past this machine's clock a whole record's ``observed_at`` may be (clock skew)."""
 # The same form in the years 2000 to 9999, as _plausible below requires.
@@ -497,13 +498,14 @@ class _Header(_Frozen):
     @field_validator("observed_at")
     @classmethod
     def _plausible(cls, value: datetime) -> datetime:
-        # Only at intake (a whole record): a zero time such as Go's 0001-01-01 or
-        # the Unix epoch is a feed's bug, not an observation. Receivers check
-        # the field alone (validate_field) and keep taking any year.
+        # A zero time such as Go's 0001-01-01 or the Unix epoch is a feed's bug,
+        # not an observation. Receivers refuse it too (check_observation_year),
+        # as the schema's pattern does.
         if value < _EARLIEST_OBSERVATION:
-            raise ValueError("is before 2000-01-01: a zero or placeholder time, not an observation")
+            raise ValueError(_BEFORE_2000)
         # A time ahead of the clock is a feed's bug too (a wrong zone, a local time
         # labelled Z); once shared, every partner would hold a report from the future.
+        # Only at intake: a receiver's clock is not the originator's.
         if value > datetime.now(UTC) + OBSERVED_AHEAD:
             raise ValueError(
                 "is in the future (more than 5 minutes past this machine's clock):"
@@ -765,12 +767,23 @@ def is_plain_position(value: Any) -> bool:
     )
 
 
+def check_observation_year(text: str) -> None:
+    """Raise ``ValueError`` if ``text``, an ``observed_at`` in RFC 3339 form, is before 2000.
+
+    The schema's pattern (``^[2-9][0-9]{3}-``) says the same, for the exact time
+    and its ``#hour`` variant alike.
+    """
+    if text < "2000":
+        raise ValueError(_BEFORE_2000)
+
+
 def _validate_field(kind: str, path: str, value: Any, chain: str | None) -> None:
     if path == "observed_at":
         if not (
             type(value) is str and _scalar(value) and _passes(_TIME_ADAPTER, value, strings=True)
         ):
             _TIME_ADAPTER.validate_json(_json(value), strict=True)
+        check_observation_year(value)
         return
     head, _, name = path.partition(".")
     if head not in ("source", kind) or not name or "." in name:

@@ -718,6 +718,31 @@ def test_a_rounded_amount_is_a_plain_decimal_as_round_writes_it(amount: str) -> 
     assert err.report_id == issued.report_id
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("observed_at", "1999-12-31T23:59:59Z"),
+        ("observed_at", "0001-01-01T00:00:00Z"),
+        ("observed_at#hour", "1970-01-01T00:00:00Z"),
+    ],
+)
+def test_an_observation_before_2000_is_refused_as_the_schema_and_intake_refuse_it(
+    issued: envelope.Issued, name: str, value: str
+) -> None:
+    # The schema's pattern is ^[2-9][0-9]{3}- and the intake refuses the record; a
+    # receiver stored it (a trial node in JavaScript, checking with the schema, did not).
+    def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
+        d = sdjwt.Disclosure.make(name, value)
+        payload["_sd"].append(d.digest)
+        return [d]
+
+    err = reject(_forge(edit, issued), "schema")
+    assert err.reason.endswith(
+        "is before 2000-01-01: a zero or placeholder time, not an observation (schema 1.0)"
+    )
+    assert value not in err.reason
+
+
 def test_a_field_in_two_forms_is_refused() -> None:
     # A policy sends a partner one form of each field (docs/POLICY.md): the exact
     # position beside its coarse cell, or two grids, is no sender's that keeps to it.
