@@ -386,6 +386,9 @@ def _rebuild(entry: Mapping[str, Any], seq: int, data: bytes) -> None:
     if type(entry.get("seq")) is not int or entry["seq"] != seq:
         raise AuditError(f"carries seq {entry.get('seq')!r} (deleted, inserted or reordered)")
     kind = entry.get("type")
+    if not isinstance(kind, str):
+        # An array or object is no key of _FIELDS, and cannot even be looked up.
+        raise AuditError("has a type that is not a string")
     if kind not in _FIELDS:
         raise AuditError(f"has unknown type {kind!r}")
     if set(entry) != _COMMON | _FIELDS[kind]:

@@ -611,6 +611,17 @@ def test_a_malformed_entry_stops_replay_with_the_log_and_entry_named(tmp_path: P
     )
 
 
+def test_an_entry_whose_type_is_not_a_string_stops_replay_in_one_line(tmp_path: Path) -> None:
+    # An array was unhashable: a TypeError traceback from replay, entries and evidence.
+    entry = {"type": ["sent"], "member": "JPN", "at": "2026-11-28T12:00:00Z"}
+    forged = _forged_log(tmp_path / "logs", "JPN", [entry])
+    code, out, err = _replay(tmp_path, [forged])
+    assert (code, out) == (1, "")
+    assert err == (
+        f"msmt: error: JPN log {forged / DB_FILE}: entry 0: has a type that is not a string\n"
+    )
+
+
 def test_a_log_that_does_not_verify_is_named(tmp_path: Path) -> None:
     dirs = _run_world(tmp_path / "logs")
     with sqlite3.connect(dirs[1] / DB_FILE) as db:

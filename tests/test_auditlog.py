@@ -453,6 +453,11 @@ def test_parse_entry_refuses_a_well_formed_but_invalid_entry() -> None:
         ({"at": "2026-11-28T12:00:00+00:00"}, "canonical form"),
         ({"partner": 7}, "not a valid 'sent' entry"),
         ({"prev": "xyz"}, "malformed prev"),
+        # Unhashable: once a TypeError traceback from audit replay, entries and evidence.
+        ({"type": ["sent"]}, "type that is not a string"),
+        ({"type": {}}, "type that is not a string"),
+        ({"type": None}, "type that is not a string"),
+        ({"type": "seen"}, "unknown type 'seen'"),
     ):
         with pytest.raises(AuditError, match=reason):
             parse_entry(rfc8785.dumps(good | change), 4)
