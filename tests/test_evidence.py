@@ -17,7 +17,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -281,6 +281,83 @@ def test_evidence_readdressed_by_its_recipient_is_refused_by_the_senders_log(
         f"msmt: error: evidence {path}: JPN's log holds no send of this envelope"
         f" (sha256 {forged['jwe_sha256']}) to GBR: the file's recipient is not vouched for\n"
     )
+
+
+def _rewrite_log(world: World, member: str, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """``member``'s log as its owner could rewrite and re-sign it: ``edit`` on each entry."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from broker import audit_events as ev
+    from broker.auditlog import DB_FILE, AuditLog
+
+    source = world.config(member).audit_dir
+    with sqlite3.connect(source / DB_FILE) as db:
+        blobs = [row[0] for row in db.execute("SELECT entry FROM entries ORDER BY idx")]
+    entries = []
+    for blob in blobs:
+        entry = {k: v for k, v in json.loads(blob).items() if k not in ("v", "seq", "prev")}
+        edit(entry)
+        entries.append(ev.AuditEvent(entry))
+    signed = keys.load_signed_roster(world.keydir).roster
+    owner = keys.load_member_keys(world.keydir, member, signed, datetime.now(UTC))
+    signer = owner.signing.private_key
+    assert isinstance(signer, Ed25519PrivateKey)
+    rewritten = world.root / "rewritten" / member
+    log = AuditLog(rewritten, member, signer)
+    log.append_many(entries)
+    log.close()
+    return rewritten
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"partner": "GBR"}, "partner"),
+        ({"released": ["observed_at"]}, "released"),
+        ({"tlp": "CLEAR", "rel_to": None}, "tlp"),
+    ],
+)
+def test_a_senders_log_that_misstates_a_send_is_named_by_the_recipients_evidence(
+    delivered: tuple[World, list[str]], change: dict[str, Any], named: str
+) -> None:
+    # JPN holds its own log key: it can log its send to USA as one to GBR, or as
+    # releasing less than it did, and re-sign. Replay then weighs one log against
+    # the other; USA's kept envelope decides, since JPN's entry names its very bytes.
+    world, ids = delivered
+    data = _evidence(world, ids[0])
+    path = _write(world.root, "evidence.json", data)
+
+    def edit(entry: dict[str, Any]) -> None:
+        if entry["type"] == "sent" and entry["jwe_sha256"] == data["jwe_sha256"]:
+            entry.update(change)
+
+    forged = _rewrite_log(world, "JPN", edit)
+    result = _cli("audit", "evidence", str(path), "--keys", str(world.keydir), "--log", str(forged))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"msmt: error: evidence {path}: JPN's log entry ")
+    assert result.stderr.endswith(
+        f" records this envelope (sha256 {data['jwe_sha256']}) with another {named} than the"
+        " envelope holds: the entry names these very bytes, so JPN's log misstates this send\n"
+    )
+
+    # The recipient's own log misstating its receipt is named the same way.
+    def usa_edit(entry: dict[str, Any]) -> None:
+        if entry["type"] == "received" and entry["jwe_sha256"] == data["jwe_sha256"]:
+            entry["fields"] = ["observed_at", "vessel.imo", "vessel.position"]
+
+    usa = _rewrite_log(world, "USA", usa_edit)
+    honest = world.config("JPN").audit_dir
+    result = _cli(
+        "audit", "evidence", str(path), "--keys", str(world.keydir),
+        "--log", str(honest), "--log", str(usa),
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.stderr.endswith(
+        " records its receipt of this envelope with another fields than the envelope holds:"
+        " USA's log misstates this receipt\n"
+    )
+    result = _check(world, path, logs=("JPN", "USA"))
+    assert result.exit_code == 0, result.output
 
 
 def test_an_evidence_file_that_is_not_one_is_one_line(

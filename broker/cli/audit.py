@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from broker.checkpoint import (
     roster_witness_keys,
 )
 from broker.cli.options import echo_line, write_stdout
+from broker.envelope import Received
 from broker.errors import AuditError, EnvelopeError, InputError, MsmtError, UsageError
 from broker.files import read_file_bytes, read_file_text
 from broker.members import MEMBERS
@@ -555,6 +556,10 @@ def audit_replay(
     receipt-by-non-recipient    a receipt of a JWE that was sent to another member
     rejection-by-non-recipient  a rejection of a JWE that was sent to another member
 
+    A finding between two logs says one of them is false, not which: the
+    recipient's kept envelope decides (msmt inbox evidence, then msmt audit
+    evidence with the sender's log).
+
     \b
     Exit status: 0 no findings; 1 findings, or a log or entry that does not
     verify; 2 usage errors (missing key source, unreadable folders).
@@ -743,8 +748,28 @@ def _printable(text: str, limit: int = 80) -> str:
     return text if text.isprintable() and len(text) <= limit else ascii(text[:limit])
 
 
+def _misstated(entry: Mapping[str, Any], got: Received) -> list[str]:
+    """What a ``sent`` entry of this very envelope records otherwise than the envelope holds.
+
+    The entry names the envelope by its hash, so the envelope's authenticated header
+    and signed claims are what the sender sent: any difference is the sender's log's.
+    """
+    rel_to = None if got.rel_to is None else sorted(got.rel_to)
+    envelope = {
+        "partner": got.recipient,
+        "report_id": got.report_id,
+        "kind": got.kind,
+        "originator": got.originator,
+        "tlp": got.tlp,
+        "rel_to": rel_to,
+        "released": sorted(got.paths),
+        "policy_digest": got.policy_digest,
+    }
+    return [name for name, value in envelope.items() if entry.get(name) != value]
+
+
 def _logged(
-    directories: tuple[Path, ...], trusted: Roster, found: evidence.Evidence
+    directories: tuple[Path, ...], trusted: Roster, found: evidence.Evidence, got: Received
 ) -> tuple[int, int | None]:
     """Find the envelope in the sender's (and recipient's, if given) verified logs."""
     entries: dict[str, list[dict[str, Any]]] = {}
@@ -757,30 +782,51 @@ def _logged(
             entries[origin] = _parsed_entries(directory, report, bar)
     if found.sender not in entries:
         raise UsageError(f"give the sender's log ({found.sender}) with --log")
-    sent = [
-        e["seq"]
+    sends = [
+        e
         for e in entries[found.sender]
-        if e["type"] == "sent"
-        and e["jwe_sha256"] == found.jwe_sha256
-        and (e["partner"], e["report_id"]) == (found.recipient, found.report_id)
+        if e["type"] == "sent" and e["jwe_sha256"] == found.jwe_sha256
     ]
-    if not sent:
+    if not sends:
         raise InputError(
             f"{found.sender}'s log holds no send of this envelope (sha256 {found.jwe_sha256})"
             f" to {found.recipient}: the file's recipient is not vouched for"
         )
+    sent = [e["seq"] for e in sends if not _misstated(e, got)]
+    if not sent:
+        # Only the sender made these bytes (its entry holds their hash), and they open
+        # as the envelope says: so the entry, not the recipient's file, is false.
+        first = sends[0]
+        raise InputError(
+            f"{found.sender}'s log entry {first['seq']} records this envelope"
+            f" (sha256 {found.jwe_sha256}) with another {', '.join(_misstated(first, got))}"
+            f" than the envelope holds: the entry names these very bytes, so"
+            f" {found.sender}'s log misstates this send"
+        )
     received = None
     if found.recipient in entries:
-        got = [
-            e["seq"]
+        receipts = [
+            e
             for e in entries[found.recipient]
             if e["type"] == "received"
             and e["jwe_sha256"] == found.jwe_sha256
             and e["sender"] == found.sender
         ]
-        if not got:
+        if not receipts:
             raise InputError(f"{found.recipient}'s log holds no receipt of this envelope")
-        received = got[0]
+        envelope = {"report_id": got.report_id, "kind": got.kind, "fields": sorted(got.paths)}
+
+        def wrong(entry: Mapping[str, Any]) -> list[str]:
+            return [name for name, value in envelope.items() if entry[name] != value]
+
+        matching = [e["seq"] for e in receipts if not wrong(e)]
+        if not matching:
+            raise InputError(
+                f"{found.recipient}'s log entry {receipts[0]['seq']} records its receipt of"
+                f" this envelope with another {', '.join(wrong(receipts[0]))} than the envelope"
+                f" holds: {found.recipient}'s log misstates this receipt"
+            )
+        received = matching[0]
     return sent[0], received
 
 
@@ -814,9 +860,11 @@ def audit_evidence(
 
     Exit 0 only if the envelope opens with the key in FILE, the originator's
     signature, disclosures, schema and markings hold, and the sender's verified
-    log records sending exactly this envelope to the recipient the file names
-    (the recipient's log, if given with a second --log, its receipt); 1 otherwise,
-    2 for a usage error (an unreadable file, no --log of the sender).
+    log records sending exactly this envelope to the recipient the file names,
+    with its report, markings, policy and disclosure keys (the recipient's log, if
+    given with a second --log, its receipt); 1 otherwise, naming a log entry
+    that misstates the envelope; 2 for a usage error (an unreadable file, no
+    --log of the sender).
     """
     try:
         raw = read_file_bytes(file, evidence.MAX_FILE_BYTES + 1)
@@ -834,7 +882,7 @@ def audit_evidence(
     except EnvelopeError as exc:
         raise InputError(f"evidence {file}: does not verify at {exc}") from None
     try:
-        sent, received = _logged(log_dirs, signed.roster, found)
+        sent, received = _logged(log_dirs, signed.roster, found, got)
     except InputError as exc:
         raise InputError(f"evidence {file}: {exc}") from None
     issued = got.iat.isoformat().replace("+00:00", "Z")
