@@ -98,6 +98,8 @@ class Request:
     not_endorsed: str | None
     """Why no current key signed it (None if one did)."""
     fingerprint: str
+    acceptable_until: datetime
+    """Until when a custodian accepts it, whoever hands it over: it is public."""
 
 
 def _current_key(
@@ -236,6 +238,7 @@ def make_request(
         endorsed_by=None if endorser is None else str(endorser.kid),
         not_endorsed=not_endorsed,
         fingerprint=fingerprint(body),
+        acceptable_until=datetime.fromtimestamp(payload["iat"], UTC) + MAX_REQUEST_AGE,
     )
 
 
@@ -581,6 +584,8 @@ class Accepted:
     previous_nats_user: str | None
     version: int
     fingerprint: str
+    made_at: datetime
+    """The request's ``iat``: an old one may be one its member no longer stands behind."""
 
 
 def check_fingerprint(text: str) -> str:
@@ -666,6 +671,7 @@ def accept_request(
         previous_nats_user=previous,
         version=jwks["msmt_version"],
         fingerprint=fingerprint(parsed.body),
+        made_at=datetime.fromtimestamp(content.iat, UTC),
     )
 
 

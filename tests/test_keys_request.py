@@ -217,6 +217,14 @@ def test_a_new_member_joins_by_request_and_fingerprint(custodian: Path, tmp_path
     found = re.search(r"^fingerprint (sha256:[0-9a-f]{64})$", done.output, re.MULTILINE)
     assert found is not None, done.output
     fingerprint = found[1]
+    # It is public and acceptable for 30 days whoever hands it over: a member that
+    # deleted its unused keys before then could be rotated to keys nobody holds.
+    iat = datetime.fromtimestamp(payload_of(request)["iat"], UTC)
+    until = (iat + keyrequest.MAX_REQUEST_AGE).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert done.output.splitlines()[-2] == (
+        f"acceptable until {until}: keep the new key files until then, even if you never send"
+        " this request (whoever hands it to the custodian gets it accepted)"
+    )
     before = snapshot(custodian)
     # No current key of GBR signed it: the custodian must phone.
     refused = msmt("keys", "accept", request, "--dir", custodian)
@@ -247,6 +255,8 @@ def test_a_new_member_joins_by_request_and_fingerprint(custodian: Path, tmp_path
         f"accepted {request} from GBR, authorized by the fingerprint compared with GBR"
     )
     assert f"GBR: new keys {sig_kid} and {enc_kid}, active " in accepted.output
+    made = iat.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert accepted.output.splitlines()[2] == f"made {made} (0 days ago)"
     assert "retired" not in accepted.output
     assert (
         f"GBR's NATS user added in {custodian / keys.NATS_USERS_FILE}, a new account on the "

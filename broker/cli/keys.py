@@ -8,6 +8,7 @@ import fcntl
 import functools
 import os
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -273,6 +274,13 @@ def keys_request(
             "the fingerprint with you"
         )
     click.echo(f"fingerprint {made.fingerprint}")
+    # It is public, and a custodian accepts it from anyone: deleting these keys while
+    # it can still be accepted would rotate the member to keys nobody holds.
+    click.echo(
+        f"acceptable until {format_time(made.acceptable_until)}: keep the new key files until"
+        " then, even if you never send this request (whoever hands it to the custodian gets"
+        " it accepted)"
+    )
     if made.endorsed_by is not None:
         click.echo(
             "send the request to the roster custodian: no phone call is needed, since your "
@@ -323,6 +331,8 @@ def keys_accept(
     )
     echo_line(f"accepted {request} from {done.member}, authorized by {done.authorized_by}")
     click.echo(f"fingerprint {done.fingerprint}")
+    age = (datetime.now(UTC) - done.made_at).days
+    click.echo(f"made {format_time(done.made_at)} ({age} days ago)")
     span = f"{format_time(done.valid_from)}..{format_time(done.valid_until)}"
     click.echo(f"{done.member}: new keys {done.sig_kid} and {done.enc_kid}, active {span}")
     if done.retired:
