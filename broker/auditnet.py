@@ -244,6 +244,8 @@ class AuditNet:
     ``own_log_keys`` are our log keys that partners trust besides ``signer``'s
     (the roster's retired ones): a checkpoint one of them signed that our log
     lacks is a fork too. ``on_twin``, if set, is called at each twin checkpoint seen.
+    ``witnessed``, if given, a gauge with a ``log`` label, reads ``seen`` for each
+    partner's log: when we last saw it at a checkpoint we cosigned.
     """
 
     def __init__(
@@ -263,6 +265,7 @@ class AuditNet:
         refused: PromCounter | None = None,
         own_log_keys: Sequence[Verifier] = (),
         active: PromGauge | None = None,
+        witnessed: PromGauge | None = None,
     ) -> None:
         self.member = member
         self.audit = audit
@@ -308,6 +311,11 @@ class AuditNet:
                     functools.partial(self._active_value, kind, origin)
                 )
         self.on_twin: Callable[[], None] | None = None
+        self.seen: dict[str, int] = {}
+        """Each partner's log: when (Unix time) we last saw it at a checkpoint we cosigned."""
+        if witnessed is not None:
+            for origin in log_keys:
+                witnessed.labels(log=origin).set_function(functools.partial(self._seen, origin))
         self._echo_arrived = asyncio.Event()
         self._last_round = -math.inf
         self._last_round_wall = -math.inf  # the same instant on the wall clock
@@ -324,6 +332,9 @@ class AuditNet:
         self._merged_notes = 0
         self._merged_size = 0
         self._merged_logged = -math.inf
+
+    def _seen(self, origin: str) -> float:
+        return float(self.seen.get(origin, 0))
 
     def published(self, note: bytes) -> None:
         """Say that we publish ``note`` on our own subject: its echo is then not checked.
@@ -621,6 +632,9 @@ class AuditNet:
         # made every log republish, and the last witnesses waited out the interval).
         done = self._cosigned.get(origin)
         if done is not None and data.startswith(done):
+            # The log, at a checkpoint we cosigned: only its own node publishes on
+            # its subject (the hub's permissions), and it republishes while it runs.
+            self.seen[origin] = int(time.time())
             if self._our_line in data:
                 # Ours reached the log: a copy held from before it did is resolved.
                 self._drop_held_copy(origin)
@@ -718,6 +732,7 @@ class AuditNet:
             # the round waited (``spread``): without ours, as ours was not yet sent.
             # Not a lost cosignature to sign again; a later copy still without it is.
             self._drop_held_copy(origin)
+            self.seen[origin] = int(time.time())
 
     def _drop_held_copy(self, origin: str) -> None:
         """Forget a held copy of the checkpoint of ``origin``'s we last cosigned: not newer."""

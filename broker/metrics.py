@@ -149,6 +149,16 @@ class Metrics:
             ["kind", "log"],
             registry=r,
         )
+        # A partner that sends reports but publishes no log (a node built without the
+        # audit half, docs/ENVELOPE.md) is otherwise noticed only at the next audit.
+        self.witnessed = Gauge(
+            "msmt_witnessed_timestamp_seconds",
+            "When this node last saw each partner's log at a checkpoint it has cosigned"
+            " (a new one, or the log republishing it, at least once a minute while it"
+            " runs): Unix time, 0 if not since this node started. By log (its member).",
+            ["log"],
+            registry=r,
+        )
         self._start_at_zero(member)
 
     def _start_at_zero(self, member: str | None) -> None:
@@ -163,6 +173,7 @@ class Metrics:
         for partner in MEMBERS:
             if partner != member:
                 self.held.labels(sender=partner)
+                self.received.labels(sender=partner)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

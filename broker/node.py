@@ -865,12 +865,25 @@ class Node:
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,
             "updated_at": _utc_now_text(),
+            "witnessed": self._witnessed(),
             **self._alarm_facts,
         }
         try:
             await self.run_db(self.store.record_status, counts, facts)
         except MsmtError as exc:
             self._error(f"housekeeping: {exc}")
+
+    def _witnessed(self) -> str:
+        """Each partner's log: when last seen at a checkpoint we cosigned ("" not since start)."""
+        seen = self.auditnet.seen
+        return json.dumps(
+            {
+                origin: format_time(datetime.fromtimestamp(seen[origin], UTC))
+                if origin in seen
+                else ""
+                for origin in sorted(self.auditnet.log_keys)
+            }
+        )
 
     def _count_intake(self, counts: Counter[str]) -> None:
         for name, count in counts.items():
@@ -900,7 +913,9 @@ class Node:
         facts: dict[str, str] | None = None
         now = time.monotonic()
         if status != self._status or counts or now - self._status_at >= STATUS_EVERY_S:
-            facts = {**status, "updated_at": _utc_now_text()}
+            # Witnessed times ride along: they change as each partner republishes,
+            # and would otherwise cost a commit every few seconds.
+            facts = {**status, "updated_at": _utc_now_text(), "witnessed": self._witnessed()}
         if self._alarm_facts:
             facts = {**(facts or {"updated_at": _utc_now_text()}), **self._alarm_facts}
         if self._unrecorded:  # counts from this round, or left from one the store refused

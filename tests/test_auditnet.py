@@ -97,6 +97,10 @@ class Peer:
     def refused_count(self, reason: str | None = None) -> float:
         return _total(self.refused, reason)
 
+    def witnessed(self, log: str) -> float | None:
+        """The witnessed gauge's series for ``log``'s log, as a scrape reads it."""
+        return self.registry.get_sample_value("witnessed", {"log": log})
+
 
 def _total(counter: Counter, label: str | None) -> float:
     return sum(
@@ -157,6 +161,7 @@ async def _peer(
     alarms = Counter("alarms", "test", ["kind", "log"], registry=registry)
     active = Gauge("active", "test", ["kind", "log"], registry=registry)
     refused = Counter("rejected", "test", ["reason"], registry=registry)
+    witnessed = Gauge("witnessed", "test", ["log"], registry=registry)
     for kind, origin in alarm_series(member):  # at 0 from the start, as the node's (Metrics)
         alarms.labels(kind=kind, log=origin)
     others = {"JPN": JPN_KEY, "USA": USA_KEY, "KOR": KOR_KEY}
@@ -174,6 +179,7 @@ async def _peer(
         refused=refused,
         own_log_keys=[log_verifier(JPN_RETIRED_KEY)] if member == "JPN" else (),
         active=active,
+        witnessed=witnessed,
     )
     nc = await nats.connect(server.url)
     await net.subscribe(nc)
@@ -249,6 +255,24 @@ async def test_a_round_cosigns_the_latest_checkpoint_and_skips_the_ones_before(
     assert "\u2014 USA " not in audit.log.checkpoint_at(7)
     assert audit.usa.net.backlog == 0
     assert audit.usa.alarm_count() == audit.jpn.alarm_count() == 0
+
+
+async def test_a_partners_log_is_seen_when_cosigned_and_each_time_it_republishes(
+    audit: Audit,
+) -> None:
+    # A partner that sends reports but publishes no log (a node built without the
+    # audit half) shows as never seen: KOR here, whose log publishes nothing.
+    assert audit.usa.witnessed("JPN") == audit.usa.witnessed("KOR") == 0
+    before = int(time.time())
+    await audit.grow(0)
+    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
+    await await_for(lambda: (audit.usa.witnessed("JPN") or 0) >= before, 10, "JPN seen")
+    # An idle log republishes the checkpoint we cosigned: seen again, nothing to sign.
+    audit.usa.net.seen[MEMBER] = before - 600
+    await audit.publish_checkpoint(audit.log.latest_checkpoint() or "")
+    await await_for(lambda: (audit.usa.witnessed("JPN") or 0) >= before, 10, "seen again")
+    assert len(audit.usa_cosignatures) == 1
+    assert audit.usa.witnessed("KOR") == 0
 
 
 async def test_a_log_that_stops_growing_is_cosigned_without_waiting_out_the_interval(

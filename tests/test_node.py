@@ -615,6 +615,11 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     assert status["counters"]["intake.duplicate"] == 2
     assert status["counters"]["intake.schema"] == 1
     assert want  # the batch world's expectations were built for the same policy
+    # USA's log, witnessed by JPN (a partner publishing no log would stay unseen).
+    await await_for(
+        lambda: jpn_status()["witnessed"].get("USA", "").endswith("Z"), 30, "USA's log seen"
+    )
+    assert datetime.fromisoformat(jpn_status()["witnessed"]["USA"]) <= datetime.now(UTC)
 
     jpn_port, usa_port = world.config("JPN").metrics.port, world.config("USA").metrics.port
     assert await asyncio.to_thread(fetch, f"http://127.0.0.1:{jpn_port}/healthz") == "ok\n"
@@ -630,6 +635,10 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     assert 'msmt_rejected_total{reason="key"} 0.0' in jpn_metrics
     assert 'msmt_intake_rejected_total{reason="unavailable"} 0.0' in jpn_metrics
     assert 'msmt_received_held_total{sender="USA"} 0.0' in jpn_metrics
+    seen = 'msmt_witnessed_timestamp_seconds{log="USA"} '
+    assert [float(x.removeprefix(seen)) > 0 for x in jpn_metrics.splitlines() if seen in x] == [
+        True
+    ]
     # When JPN's keys stop being valid, from the roster, to alert on before they lapse.
     roster = keys.load_signed_roster(world.keydir).roster
     for credential, until in (

@@ -635,6 +635,11 @@ def inbox_check_cmd(config_path: Path) -> None:
     click.echo(f"OK: {summary}; every receipt in the audit log is in the inbox")
 
 
+def _witnessed(seen: dict[str, Any]) -> dict[str, Any]:
+    # "" from the node: no checkpoint of that log cosigned since it started.
+    return {log: when or "not since the node started" for log, when in seen.items()}
+
+
 def _json_state(state: dict[str, str], key: str) -> dict[str, Any]:
     # Written by the node; a damaged value is shown as such, never a traceback.
     try:
@@ -689,7 +694,9 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``outbox`` splits ``outbox_depth`` by partner (``unplanned`` has none yet), with
     the acceptance time of the oldest report waiting for each. ``feeds`` counts
     records accepted and rejected by feed (``socket``: intake.token, ``spool``,
-    ``socket:NAME``: a named feed) and says when each last sent any. ``node`` says
+    ``socket:NAME``: a named feed) and says when each last sent any. ``witnessed``
+    says when each partner's log was last seen at a checkpoint this node
+    cosigned (a running log republishes at least once a minute). ``node`` says
     whether a node runs on this data directory now; a running node's status more
     than 90 s old is flagged (it cannot write its store: a full disk?).
     """
@@ -730,6 +737,9 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         # the next replaces it, whatever fills last_error meanwhile.
         "last_audit_alarm": state.get("last_audit_alarm", ""),
         "last_audit_alarm_at": state.get("last_audit_alarm_at", ""),
+        # Each partner's log, when last seen at a checkpoint this node cosigned: a
+        # partner that sends reports but is never witnessed publishes no log.
+        "witnessed": _witnessed(_json_state(state, "witnessed")),
         "updated_at": state.get("updated_at", ""),
         **_liveness(config, state.get("updated_at", "")),
     }
