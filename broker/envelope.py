@@ -46,6 +46,7 @@ from broker.envelope_format import (
     check_claims,
     check_fields,
     check_header,
+    check_observed_year,
     check_variant,
     fields_of,
     parse_jwe,
@@ -475,7 +476,7 @@ def receive_batch(
             _disclosures,
             fresh,
             _Across(replay),
-            partial(_content, me=me),
+            partial(_content, me=me, arriving=True),
             expiry,
             partial(_result, me=me),
         ),
@@ -601,11 +602,16 @@ def _disclosures(o: _Opening) -> None:
     # whose were checked on arrival.
 
 
-def _content(o: _Opening, *, me: str) -> None:
+def _content(o: _Opening, *, me: str, arriving: bool = False) -> None:
     payload = o.parsed.payload
     # 12. schema: every disclosed value is valid for its field (or is what its
     #     transform produces), and a transfer's fields are of one category.
     check_fields(payload["kind"], o.fields)
+    if arriving:
+        # And as the schema's pattern has it, an observation from 2000 on. Only
+        # for what arrives: a report an older node stored with an earlier time
+        # still exports, and its kept envelope still serves as evidence.
+        check_observed_year(o.fields)
     # 13. markings: the originator's REL TO, if any, names me. Its policy should
     #     never have sent it here; keeping it would break the originator's caveat.
     rel_to = payload.get("rel_to")

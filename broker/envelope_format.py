@@ -25,6 +25,7 @@ from broker.sightings import (
     TLP,
     CryptoTransfer,
     FuelTransfer,
+    check_observation_year,
     field_paths,
     fields_plainly_valid,
     validate_field,
@@ -347,6 +348,17 @@ def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
                 ) from None
             why = str(exc).removeprefix(f"{key.partition(VARIANT_SEP)[0]}: ")
             raise EnvelopeError("schema", f"{where}: {why} (schema {SCHEMA_VERSION})") from None
+
+
+def check_observed_year(fields: Mapping[str, Any]) -> None:
+    """Step 12 on arrival: ``observed_at`` and its ``#hour`` variant are from 2000 on."""
+    for key in ("observed_at", f"observed_at{VARIANT_SEP}hour"):
+        value = fields.get(key)
+        if isinstance(value, str):
+            try:
+                check_observation_year(value)
+            except ValueError as exc:
+                raise EnvelopeError("schema", f"{key}: {exc} (schema {SCHEMA_VERSION})") from None
 
 
 def _check_one_form(kind: str, fields: Mapping[str, Any]) -> None:

@@ -770,8 +770,10 @@ def is_plain_position(value: Any) -> bool:
 def check_observation_year(text: str) -> None:
     """Raise ``ValueError`` if ``text``, an ``observed_at`` in RFC 3339 form, is before 2000.
 
-    The schema's pattern (``^[2-9][0-9]{3}-``) says the same, for the exact time
-    and its ``#hour`` variant alike.
+    The schema's pattern (``^[2-9][0-9]{3}-``) says the same. Receivers apply it
+    to what arrives (``envelope_format.check_fields``), the exact time and its
+    ``#hour`` variant alike; ``validate_field`` does not, so that a report an
+    older node stored with such a time still reads and exports.
     """
     if text < "2000":
         raise ValueError(_BEFORE_2000)
@@ -783,7 +785,6 @@ def _validate_field(kind: str, path: str, value: Any, chain: str | None) -> None
             type(value) is str and _scalar(value) and _passes(_TIME_ADAPTER, value, strings=True)
         ):
             _TIME_ADAPTER.validate_json(_json(value), strict=True)
-        check_observation_year(value)
         return
     head, _, name = path.partition(".")
     if head not in ("source", kind) or not name or "." in name:

@@ -34,7 +34,7 @@ from typing import Any, Final
 import rfc8785
 from pydantic import ValidationError
 
-from broker.sightings import Position, check_observation_year, is_plain_position
+from broker.sightings import Position, is_plain_position
 
 NAMES: Final = ("coarsen", "round", "hour", "pseudonym")
 
@@ -214,7 +214,6 @@ class Transform:
                 whole = False
             if not whole:
                 raise ValueError("time truncated to the hour must be YYYY-MM-DDTHH:00:00Z")
-            check_observation_year(value)
             return
         match = _PSEUDONYM.fullmatch(value) if isinstance(value, str) else None
         if match is None or match.group(1) != self.param:
