@@ -406,4 +406,11 @@ def _rebuild(entry: Mapping[str, Any], seq: int, data: bytes) -> None:
     # Constructors give only ASCII keys and strings, and integers within
     # I-JSON, where the C encoder is RFC 8785 (broker.canonical): no walk.
     if canonical.encode_in_domain(expected) != data:
-        raise AuditError(f"is not a valid {kind!r} entry: fields are not in canonical form")
+        # Canonical JSON (checked first by the caller) whose values a node would have
+        # written otherwise: name the members, not their values.
+        differ = sorted(k for k in expected if expected[k] != entry.get(k))
+        which = ", ".join(differ) if differ else "its members"
+        raise AuditError(
+            f"is not a valid {kind!r} entry: {which} not in the form a node writes"
+            " (docs/AUDIT.md, 'Entry format')"
+        )

@@ -430,9 +430,13 @@ class AuditLog:
             added, names = [], []
             for witness in witnesses:
                 sig = find_signature(incoming, witness)
-                if sig is None or find_signature(stored, witness) is not None:
+                if sig is None:
                     continue
+                # Checked even when that witness's line is already stored: a bad
+                # line is its publisher's forgery, to be counted as every other.
                 verify_cosignature(Note(incoming.text, (sig,)), witness)
+                if find_signature(stored, witness) is not None:
+                    continue  # the first valid line of each witness is the one kept
                 added.append(sig)
                 names.append(witness.name)
             if added:

@@ -100,6 +100,7 @@ from broker.publisher import RunDb
 from broker.witness import (
     LogState,
     Opened,
+    UnknownLogError,
     Witness,
     WitnessAlarmError,
     WitnessError,
@@ -781,7 +782,17 @@ class AuditNet:
         ``None`` when we already cosigned exactly this checkpoint and the note
         carries our line.
         """
-        opened = self.witness.open(data)
+        try:
+            opened = self.witness.open(data)
+        except UnknownLogError:
+            if origin not in self.log_keys:
+                raise  # a member's log we do not follow (not in our roster): as it says
+            # The note's first line names no log we follow: whatever it is, it is
+            # not a checkpoint of the log whose subject carried it.
+            raise AuditError(
+                f"a note on {origin}'s checkpoint subject is not a checkpoint of a log"
+                " this witness follows (its first line names none)"
+            ) from None
         checkpoint = opened.checkpoint
         if checkpoint.origin != origin:
             raise AuditError(

@@ -39,6 +39,7 @@ from broker.note import (
     Verifier,
     b64decode_strict,
     check_key_name,
+    excerpt,
     find_signature,
     find_signatures,
     key_id,
@@ -273,7 +274,7 @@ def _load_object(data: bytes, what: str, limit: int) -> dict[str, Any]:
 
 def _size(value: object, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
-        raise AuditError(f"{what} must be a non-negative integer")
+        raise AuditError(f"{what} must be an integer from 0 to 2^64 - 1")
     return value
 
 
@@ -295,6 +296,9 @@ def proof_response(old: int, new: int, proof: Sequence[bytes]) -> bytes:
 def parse_proof_response(data: bytes) -> tuple[int, int, list[bytes]]:
     """Parse a proof reply into ``(old, new, proof)``; raise ``AuditError`` if malformed."""
     obj = _load_object(data, "proof response", MAX_PROOF_RESPONSE)
+    if set(obj) == {"error"} and isinstance(obj["error"], str):
+        # The documented refusal (docs/AUDIT.md): the log's own reason, quoted short.
+        raise AuditError(f"the log answered with an error: {excerpt(obj['error'], 120)}")
     if set(obj) != {"old", "new", "proof"} or not isinstance(obj["proof"], list):
         raise AuditError("proof response must have 'old', 'new' and a 'proof' list")
     proof = []

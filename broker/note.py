@@ -28,6 +28,8 @@ SIG_PREFIX: Final = "\u2014 "  # em dash, space
 _CONTROL: Final = re.compile("[\x00-\x09\x0b-\x1f]")  # ASCII controls except newline
 MAX_SIGNATURES: Final = 32
 """The spec asks verifiers to accept at least 16 signatures; more is refused as abuse."""
+MAX_NOTE_BYTES: Final = 16384
+"""A checkpoint with 32 signature lines is under 4 KiB; a note far larger is refused as such."""
 
 
 class NoteError(AuditError):
@@ -192,6 +194,8 @@ def parse(data: bytes | str) -> Note:
 
     Only the syntax is checked here; ``verify`` decides which signatures count.
     """
+    if len(data) > MAX_NOTE_BYTES:
+        raise NoteError(f"signed note is over {MAX_NOTE_BYTES} bytes")
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")

@@ -125,6 +125,15 @@ def test_cosignatures_are_verified_and_merged(tmp_path: Path) -> None:
     third = witness_verifier(Ed25519PrivateKey.generate(), "GBR")
     with pytest.raises(TamperError, match="fewer than the quorum of 3"):
         verify_log(tmp_path, [log_verifier(KEY)], witnesses=[*witnesses, third], quorum=3)
+    # A forged line of a witness whose line is already stored is refused too (it once
+    # went unchecked, and so uncounted); the stored one stays, and a repeat of it is
+    # no new line.
+    forged_usa = Signature("USA", witnesses[0].key_id, cosign(note, "USA", kor, 7).sig)
+    with pytest.raises(AuditError, match="does not verify"):
+        log.add_cosignatures(note.with_signatures(forged_usa).render(), witnesses)
+    again = cosign(note, "USA", usa, 1_800_000_100)
+    assert log.add_cosignatures(note.with_signatures(again).render(), witnesses) == []
+    assert parse(log.checkpoint_at(4)).signatures == stored.signatures
     # A forged cosignature under a trusted witness's key ID is refused, not stored.
     log.append(event(4))
     fresh = parse(log.latest_checkpoint() or "")
@@ -449,8 +458,9 @@ def test_parse_entry_refuses_a_well_formed_but_invalid_entry() -> None:
     good = json.loads(ev.sent(MEMBER, T0, **_SENT).seal(4, None))
     for change, reason in (
         ({"released": ["vessel.name=CHON MA SAN"]}, "not a field path"),
-        ({"released": ["vessel.name", "vessel.imo"]}, "canonical form"),
-        ({"at": "2026-11-28T12:00:00+00:00"}, "canonical form"),
+        ({"released": ["vessel.name", "vessel.imo"]}, "entry: released not in the form a node"),
+        ({"at": "2026-11-28T12:00:00+00:00"}, "entry: at not in the form a node writes"),
+        ({"at": "2026-11-28T12:00:00.123Z"}, "entry: at not in the form a node writes"),
         ({"partner": 7}, "not a valid 'sent' entry"),
         ({"prev": "xyz"}, "malformed prev"),
         # Unhashable: once a TypeError traceback from audit replay, entries and evidence.
@@ -500,7 +510,7 @@ def test_a_bulk_refusal_entry_round_trips_with_its_steps_sorted() -> None:
         ({"source": "K O R"}, "not a short identifier"),
         ({"source": None}, "not a valid 'rejected_many' entry"),
         ({"member": "PRK"}, "not an MSMT member"),
-        ({"at": "2026-11-28T12:00:00+00:00"}, "canonical form"),
+        ({"at": "2026-11-28T12:00:00+00:00"}, "entry: at not in the form a node writes"),
     ],
 )
 def test_a_malformed_bulk_refusal_entry_is_refused(change: dict[str, Any], reason: str) -> None:

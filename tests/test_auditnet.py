@@ -660,6 +660,33 @@ async def test_a_malformed_checkpoint_costs_only_itself_and_the_node_goes_on(
     assert audit.usa.alarm_count() == 0
 
 
+@pytest.mark.parametrize(
+    ("note", "reason"),
+    [
+        # Once "witness USA does not follow a log of that origin": neither the
+        # subject nor what was wrong.
+        (
+            b"hello",
+            "a note on KOR's checkpoint subject is not a checkpoint of a log this witness"
+            " follows (its first line names none)",
+        ),
+        (b"\xff\xfe\n", "a note on KOR's checkpoint subject is not a checkpoint"),
+        # Once "no blank line before its signatures".
+        (b"KOR\n5\n" + b"A" * 900_000 + b"\n", "signed note is over 16384 bytes"),
+    ],
+    ids=["text", "bytes", "huge"],
+)
+async def test_junk_on_a_partners_checkpoint_subject_is_named_for_what_it_is(
+    audit: Audit, note: bytes, reason: str
+) -> None:
+    audit.usa.net.interval = 0
+    await audit.tap.publish("msmt.audit.KOR.checkpoint", note)
+    await audit.tap.flush()
+    await await_for(lambda: audit.usa.net.last_error is not None, 10, "USA's refusal")
+    assert reason in (audit.usa.net.last_error or "")
+    assert audit.usa.alarm_count() == 0
+
+
 async def _kor_answers_proofs_with(audit: Audit, reply: bytes) -> list[bytes]:
     """USA has cosigned KOR's log at size 3; KOR's proof service answers ``reply``."""
     audit.usa.net.witness.state["KOR"] = LogState(3, bytes(32))
@@ -684,8 +711,13 @@ async def _kor_answers_proofs_with(audit: Audit, reply: bytes) -> list[bytes]:
         (b"[" * 200_000, "more than 16384"),
         (b'{"old":3,"new":' + b"9" * 5_000 + b',"proof":[]}', "more than 20 digits"),
         (b'{"old":3,"new":40,"proof":["' + b"A" * 42 + "\u00e9=".encode() + b'"]}', "base64"),
+        # The documented refusal: the log's reason reaches the witness's operator.
+        (
+            b'{"error":"no consistency proof from size 3 to 40 (log size 3)"}',
+            "the log answered with an error: 'no consistency proof from size 3 to 40 (log",
+        ),
     ],
-    ids=["deep", "long-integer", "non-ascii-hash"],
+    ids=["deep", "long-integer", "non-ascii-hash", "error-reply"],
 )
 async def test_a_hostile_proof_reply_costs_only_that_log_and_witnessing_goes_on(
     audit: Audit, reply: bytes, reason: str
@@ -847,7 +879,7 @@ async def test_an_unexpected_failure_with_one_log_is_reported_by_type_and_not_co
         (b'{"old":1,"new":' + b"9" * 5_000 + b"}", "more than 1024"),
         (b'{"old":1,"new":' + b"9" * 100 + b"}", "more than 20 digits"),
         (b'{"old":1,"new":3,"old":2}', "duplicate key"),
-        (b'{"old":1,"new":"3"}', "non-negative integer"),
+        (b'{"old":1,"new":"3"}', "integer from 0 to 2\\^64 - 1"),
     ],
     ids=["deep", "deep-short", "long", "long-integer", "duplicate", "string"],
 )

@@ -368,8 +368,8 @@ def test_a_non_ascii_signature_line_or_key_name_is_refused_as_a_note_error() -> 
         (b'{"old":1,"new":' + b"9" * 21 + b"}", "more than 20 digits"),
         (b'{"old":1,"new":3,"old":2}', "duplicate key"),
         (b"\xff", "not JSON"),
-        (b'{"old":1.5,"new":3}', "non-negative integer"),
-        (b'{"old":1,"new":18446744073709551616}', "non-negative integer"),
+        (b'{"old":1.5,"new":3}', "integer from 0 to 2\\^64 - 1"),
+        (b'{"old":1,"new":18446744073709551616}', "integer from 0 to 2\\^64 - 1"),
     ],
 )
 def test_hostile_proof_requests_are_refused(body: bytes, reason: str) -> None:
@@ -386,8 +386,10 @@ def test_hostile_proof_requests_are_refused(body: bytes, reason: str) -> None:
         (b'{"old":16,"new":' + b"9" * 5_000 + b',"proof":[]}', "more than 20 digits"),
         (b'{"old":1,"new":2,"proof":[],"proof":["x"]}', "duplicate key"),
         (b'{"old":1,"new":2,"proof":["' + ROOT_B64[:42].encode() + b'\xc3\xa9="]}', "base64"),
-        (b'{"old":1e400,"new":2,"proof":[]}', "non-negative integer"),
+        (b'{"old":1e400,"new":2,"proof":[]}', "integer from 0 to 2\\^64 - 1"),
         (b'{"old":1,"new":2,"proof":[{}]}', "proof hash 0"),
+        (b'{"error":"we refuse\\ntoday"}', r"the log answered with an error: 'we refuse\?today'"),
+        (b'{"error":7}', "must have 'old', 'new' and a 'proof' list"),
     ],
 )
 def test_hostile_proof_responses_are_refused(body: bytes, reason: str) -> None:
