@@ -802,8 +802,11 @@ class Store:
         rows = self._read(
             "SELECT (SELECT count(*) FROM outbox WHERE state = 'pending')"
             " + (SELECT count(*) FROM reports WHERE planned = 0)"
-            " + (SELECT count(*) FROM reissue q JOIN outbox o"
-            " ON o.report_id = q.report_id AND o.partner = q.partner WHERE o.state = 'sent')"
+            # Driven from reissue (empty, or a few rows) into outbox by its key: as a
+            # join, SQLite scanned every envelope ever sent, once a second (a soak
+            # trial: 7 ms at 25,000 rows, growing with the node's age).
+            " + (SELECT count(*) FROM reissue q WHERE EXISTS (SELECT 1 FROM outbox o"
+            " WHERE o.report_id = q.report_id AND o.partner = q.partner AND o.state = 'sent'))"
         )
         awaiting = 0
         if self._has_awaiting_table():
@@ -830,8 +833,9 @@ class Store:
             ("unacked", "SELECT partner, report_id FROM outbox WHERE state = 'pending'"),
             (
                 "resend",
-                "SELECT q.partner, q.report_id FROM reissue q JOIN outbox o"
-                " ON o.report_id = q.report_id AND o.partner = q.partner WHERE o.state = 'sent'",
+                "SELECT q.partner, q.report_id FROM reissue q WHERE EXISTS (SELECT 1 FROM"
+                " outbox o WHERE o.report_id = q.report_id AND o.partner = q.partner"
+                " AND o.state = 'sent')",
             ),
         ]
         if self._has_awaiting_table():
