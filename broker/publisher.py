@@ -354,6 +354,9 @@ class Publisher:
                 report_id=item.report_id,
                 partner=item.partner,
                 error=type(exc).__name__,
+                # The hub's own words ("maximum bytes exceeded": the partner's inbox is
+                # full), as last_error has them; no report content is in a publish error.
+                detail=str(exc)[:200],
                 attempts=attempts,
             )
 

@@ -11,17 +11,26 @@ acks, duplicates and a subject no stream takes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import NoneType
+from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+from node_world import await_for
+from structlog.testing import capture_logs
 
+from broker.metrics import Metrics
 from broker.natsclient import AckedJetStream, TlsOnlyClient
 from broker.natsproc import NatsServer
+from broker.planner import subject_for
 from broker.pubacks import NotAnAckError, PubAcks
+from broker.publisher import Publisher
+from broker.store import NewReport, OutboxItem, Store
 
 pytestmark = pytest.mark.integration
 
@@ -135,3 +144,50 @@ async def test_the_pipeline_fails_a_publish_answered_with_what_is_not_an_ack(
     results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 5)
     assert [type(r) for r in results[3:]] == [NotAnAckError, NotAnAckError, NotAnAckError, NoneType]
     assert all(isinstance(r, ValueError) and not isinstance(r, NotAnAckError) for r in results[:3])
+
+
+async def test_the_publishers_line_for_a_full_inbox_gives_the_hubs_words(
+    client: TlsOnlyClient, tmp_path: Path
+) -> None:
+    # An operator's soak: publish_failed said only ServiceUnavailableError; what to do
+    # ("maximum bytes exceeded": the partner's inbox is full) was only in last_error.
+    js = client.jetstream()
+    await js.add_stream(
+        StreamConfig(
+            name="INBOX_USA",
+            subjects=["msmt.to.USA.>"],
+            max_bytes=4 * 1024,
+            discard=DiscardPolicy.NEW,
+        )
+    )
+    await js.publish("msmt.to.USA.vessel", b"x" * 3500)  # the inbox is full now
+    store = Store(tmp_path / "store.sqlite3")
+    rid = "00000000-0000-4000-8000-000000000001"
+    store.accept([NewReport(rid, "vessel", b"{}")])
+    envelope = b"CNRYENVELOPE" * 100
+    store.plan({rid: [OutboxItem(rid, "USA", subject_for("USA", "vessel"), envelope, "{}")]})
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    async def run_db(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    publisher = Publisher(
+        "JPN", client, store, run_db, store.mark_sent, Metrics(), 16, lambda: True
+    )
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(publisher.run(stop))
+        try:
+            await await_for(
+                lambda: any(e["event"] == "publish_failed" for e in logs), 10, "the refusal"
+            )
+        finally:
+            stop.set()
+            publisher.wake()
+            await task
+            pool.submit(store.close).result()
+            pool.shutdown()
+    (line,) = [e for e in logs if e["event"] == "publish_failed"]
+    assert (line["partner"], line["error"]) == ("USA", "ServiceUnavailableError")
+    assert "maximum bytes exceeded" in line["detail"]
+    assert "CNRY" not in repr(logs)
