@@ -348,6 +348,20 @@ def test_undelivered_and_unknown_policy_and_field_mismatch(tmp_path: Path) -> No
         ("mismatch", "USA", 1, "receipt of JPN's entry 3 differs from it in disclosure keys"),
         ("mismatch", "USA", 2, "receipt of KOR's entry 2 differs from it in kind"),
     ]
+    # The table names the report a receipt's finding is about (msmt inbox evidence asks
+    # for it), and says that such a finding does not say which log is false.
+    text = render_tables(result, ["JPN", "KOR", "USA"]).splitlines()
+    assert f"  mismatch: USA entry 1 (report {R1}): receipt of JPN's entry 3 differs from it" in (
+        "\n".join(text)
+    )
+    assert "  undelivered: JPN entry 4: sent to KOR, which logged no receipt of this JWE" in text
+    caveat = (
+        "  (a finding between two logs says that one of them is false, not which: the"
+        " recipient's kept envelope decides"
+    )
+    assert [line for line in text if line.startswith(caveat)] == [
+        text[text.index("Findings (4)") + 5]
+    ]
 
 
 def test_a_policy_left_out_is_one_line_however_many_sends_it_covers(tmp_path: Path) -> None:

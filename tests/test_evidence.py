@@ -278,7 +278,7 @@ def test_evidence_readdressed_by_its_recipient_is_refused_by_the_senders_log(
     result = _check(world, path)
     assert result.exit_code == 1, result.output
     assert result.stderr == (
-        f"msmt: error: evidence {path}: JPN's log holds no send of this envelope"
+        f"msmt: error: evidence {path}: step 7: JPN's log holds no send of this envelope"
         f" (sha256 {forged['jwe_sha256']}) to GBR: the file's recipient is not vouched for\n"
     )
 
@@ -312,9 +312,9 @@ def _rewrite_log(world: World, member: str, edit: Callable[[dict[str, Any]], Non
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"partner": "GBR"}, "partner"),
-        ({"released": ["observed_at"]}, "released"),
-        ({"tlp": "CLEAR", "rel_to": None}, "tlp"),
+        ({"partner": "GBR"}, "partner: the entry GBR, the envelope USA"),
+        ({"released": ["observed_at"]}, "released: the entry leaves out "),
+        ({"tlp": "CLEAR", "rel_to": None}, "tlp: the entry CLEAR, the envelope "),
     ],
 )
 def test_a_senders_log_that_misstates_a_send_is_named_by_the_recipients_evidence(
@@ -334,10 +334,13 @@ def test_a_senders_log_that_misstates_a_send_is_named_by_the_recipients_evidence
     forged = _rewrite_log(world, "JPN", edit)
     result = _cli("audit", "evidence", str(path), "--keys", str(world.keydir), "--log", str(forged))
     assert result.exit_code == 1, result.output
-    assert result.stderr.startswith(f"msmt: error: evidence {path}: JPN's log entry ")
+    assert result.stderr.startswith(f"msmt: error: evidence {path}: step 7: JPN's log entry ")
+    assert (
+        f" records this envelope (sha256 {data['jwe_sha256']}) otherwise than the envelope"
+        f" holds ({named}"
+    ) in result.stderr
     assert result.stderr.endswith(
-        f" records this envelope (sha256 {data['jwe_sha256']}) with another {named} than the"
-        " envelope holds: the entry names these very bytes, so JPN's log misstates this send\n"
+        "): the entry names these very bytes, so JPN's log misstates this send\n"
     )
 
     # The recipient's own log misstating its receipt is named the same way.
@@ -352,10 +355,10 @@ def test_a_senders_log_that_misstates_a_send_is_named_by_the_recipients_evidence
         "--log", str(honest), "--log", str(usa),
     )  # fmt: skip
     assert result.exit_code == 1, result.output
-    assert result.stderr.endswith(
-        " records its receipt of this envelope with another fields than the envelope holds:"
-        " USA's log misstates this receipt\n"
+    assert " records its receipt of this envelope otherwise than the envelope holds (fields:" in (
+        result.stderr
     )
+    assert result.stderr.endswith("): USA's log misstates this receipt\n")
     result = _check(world, path, logs=("JPN", "USA"))
     assert result.exit_code == 0, result.output
 

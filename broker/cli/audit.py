@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import click
 
@@ -671,6 +671,13 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
     )
     lines += ["", f"Findings ({len(result.findings)})"]
     lines += _finding_lines(result.findings)
+    if any(f.kind in DECIDED_BY_EVIDENCE for f in result.findings):
+        # Pinned to the entry without its counterpart, which is not always the false one.
+        lines.append(
+            "  (a finding between two logs says that one of them is false, not which: the"
+            " recipient's kept envelope decides, with msmt inbox evidence at the recipient"
+            " and msmt audit evidence --log SENDER_DIR --log RECIPIENT_DIR; docs/AUDIT.md)"
+        )
     if not result.findings:
         lines.append("  none: every send and receive reconciles with the policies")
     sends, receipts = result.statuses()["not-checked"], result.unchecked_receipts
@@ -719,6 +726,12 @@ def _exchange_lines(
     return lines
 
 
+DECIDED_BY_EVIDENCE: Final = frozenset(
+    {"mismatch", "unmatched-receive", "receipt-by-non-recipient"}
+)
+"""Findings on a receipt, which the recipient's kept envelope of that report can settle."""
+
+
 def _finding_lines(findings: Sequence[Finding]) -> list[str]:
     """One line per distinct finding, a repeated one naming its first entries and count.
 
@@ -729,9 +742,13 @@ def _finding_lines(findings: Sequence[Finding]) -> list[str]:
     for f in findings:
         groups.setdefault((f.kind, f.member, f.detail), []).append(f.seq)
     lines = []
+    reports = {(f.kind, f.member, f.seq): f.report_id for f in findings}
     for (kind, member, detail), seqs in groups.items():
         if len(seqs) == 1:
-            lines.append(f"  {kind}: {member} entry {seqs[0]}: {detail}")
+            # The report id is what msmt inbox evidence asks for.
+            rid = reports[kind, member, seqs[0]] if kind in DECIDED_BY_EVIDENCE else None
+            about = f" (report {rid})" if rid else ""
+            lines.append(f"  {kind}: {member} entry {seqs[0]}{about}: {detail}")
             continue
         shown = ", ".join(str(seq) for seq in seqs[:SHOWN_ENTRIES])
         more = ", ..." if len(seqs) > SHOWN_ENTRIES else ""
@@ -748,24 +765,49 @@ def _printable(text: str, limit: int = 80) -> str:
     return text if text.isprintable() and len(text) <= limit else ascii(text[:limit])
 
 
-def _misstated(entry: Mapping[str, Any], got: Received) -> list[str]:
-    """What a ``sent`` entry of this very envelope records otherwise than the envelope holds.
+def _misstated(entry: Mapping[str, Any], envelope: Mapping[str, Any]) -> list[str]:
+    """How a log entry of this very envelope records it otherwise than the envelope holds.
 
     The entry names the envelope by its hash, so the envelope's authenticated header
-    and signed claims are what the sender sent: any difference is the sender's log's.
+    and signed claims are what was sent: any difference is the log's. Each part names
+    the member and both sides; they are identifiers and disclosure keys, never values.
     """
-    rel_to = None if got.rel_to is None else sorted(got.rel_to)
-    envelope = {
+    parts = []
+    for name, actual in envelope.items():
+        logged = entry.get(name)
+        if logged == actual:
+            continue
+        if isinstance(actual, list) and isinstance(logged, list):
+            left_out = [k for k in actual if k not in logged]
+            added = [k for k in logged if k not in actual]
+            said = [f"leaves out {', '.join(left_out)}"] if left_out else []
+            said += [f"adds {', '.join(added)}"] if added else []
+            parts.append(f"{name}: the entry {' and '.join(said)}")
+        else:
+            parts.append(f"{name}: the entry {_stated(logged)}, the envelope {_stated(actual)}")
+    return parts
+
+
+def _stated(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def _sent_form(got: Received) -> dict[str, Any]:
+    """What a ``sent`` entry of this envelope records, as the envelope itself has it."""
+    return {
         "partner": got.recipient,
         "report_id": got.report_id,
         "kind": got.kind,
         "originator": got.originator,
         "tlp": got.tlp,
-        "rel_to": rel_to,
+        "rel_to": None if got.rel_to is None else sorted(got.rel_to),
         "released": sorted(got.paths),
         "policy_digest": got.policy_digest,
     }
-    return [name for name, value in envelope.items() if entry.get(name) != value]
 
 
 def _logged(
@@ -789,19 +831,21 @@ def _logged(
     ]
     if not sends:
         raise InputError(
-            f"{found.sender}'s log holds no send of this envelope (sha256 {found.jwe_sha256})"
+            f"step 7: {found.sender}'s log holds no send of this envelope"
+            f" (sha256 {found.jwe_sha256})"
             f" to {found.recipient}: the file's recipient is not vouched for"
         )
-    sent = [e["seq"] for e in sends if not _misstated(e, got)]
+    as_sent = _sent_form(got)
+    sent = [e["seq"] for e in sends if not _misstated(e, as_sent)]
     if not sent:
         # Only the sender made these bytes (its entry holds their hash), and they open
         # as the envelope says: so the entry, not the recipient's file, is false.
         first = sends[0]
         raise InputError(
-            f"{found.sender}'s log entry {first['seq']} records this envelope"
-            f" (sha256 {found.jwe_sha256}) with another {', '.join(_misstated(first, got))}"
-            f" than the envelope holds: the entry names these very bytes, so"
-            f" {found.sender}'s log misstates this send"
+            f"step 7: {found.sender}'s log entry {first['seq']} records this envelope"
+            f" (sha256 {found.jwe_sha256}) otherwise than the envelope holds"
+            f" ({'; '.join(_misstated(first, as_sent))}): the entry names these very bytes,"
+            f" so {found.sender}'s log misstates this send"
         )
     received = None
     if found.recipient in entries:
@@ -813,18 +857,15 @@ def _logged(
             and e["sender"] == found.sender
         ]
         if not receipts:
-            raise InputError(f"{found.recipient}'s log holds no receipt of this envelope")
-        envelope = {"report_id": got.report_id, "kind": got.kind, "fields": sorted(got.paths)}
-
-        def wrong(entry: Mapping[str, Any]) -> list[str]:
-            return [name for name, value in envelope.items() if entry[name] != value]
-
-        matching = [e["seq"] for e in receipts if not wrong(e)]
+            raise InputError(f"step 7: {found.recipient}'s log holds no receipt of this envelope")
+        as_received = {"report_id": got.report_id, "kind": got.kind, "fields": sorted(got.paths)}
+        matching = [e["seq"] for e in receipts if not _misstated(e, as_received)]
         if not matching:
             raise InputError(
-                f"{found.recipient}'s log entry {receipts[0]['seq']} records its receipt of"
-                f" this envelope with another {', '.join(wrong(receipts[0]))} than the envelope"
-                f" holds: {found.recipient}'s log misstates this receipt"
+                f"step 7: {found.recipient}'s log entry {receipts[0]['seq']} records its"
+                " receipt of this envelope otherwise than the envelope holds"
+                f" ({'; '.join(_misstated(receipts[0], as_received))}):"
+                f" {found.recipient}'s log misstates this receipt"
             )
         received = matching[0]
     return sent[0], received
