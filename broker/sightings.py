@@ -771,9 +771,9 @@ def check_observation_year(text: str) -> None:
     """Raise ``ValueError`` if ``text``, an ``observed_at`` in RFC 3339 form, is before 2000.
 
     The schema's pattern (``^[2-9][0-9]{3}-``) says the same. Receivers apply it
-    to what arrives (``envelope_format.check_fields``), the exact time and its
-    ``#hour`` variant alike; ``validate_field`` does not, so that a report an
-    older node stored with such a time still reads and exports.
+    to what arrives (``envelope_format.check_observed_year``, at step 12), the
+    exact time and its ``#hour`` variant alike; ``validate_field`` does not, so
+    that a report an older node stored with such a time still reads and exports.
     """
     if text < "2000":
         raise ValueError(_BEFORE_2000)
