@@ -738,15 +738,15 @@ def _finding_lines(findings: Sequence[Finding]) -> list[str]:
     A policy left out of ``--policies`` is one finding per send under it: thousands
     of identical lines would hide every other finding.
     """
-    groups: dict[tuple[str, str, str], list[int]] = {}
+    groups: dict[tuple[str, str, str], list[Finding]] = {}
     for f in findings:
-        groups.setdefault((f.kind, f.member, f.detail), []).append(f.seq)
+        groups.setdefault((f.kind, f.member, f.detail), []).append(f)
     lines = []
-    reports = {(f.kind, f.member, f.seq): f.report_id for f in findings}
-    for (kind, member, detail), seqs in groups.items():
-        if len(seqs) == 1:
+    for (kind, member, detail), group in groups.items():
+        seqs = [f.seq for f in group]
+        if len(group) == 1:
             # The report id is what msmt inbox evidence asks for.
-            rid = reports[kind, member, seqs[0]] if kind in DECIDED_BY_EVIDENCE else None
+            rid = group[0].report_id if kind in DECIDED_BY_EVIDENCE else None
             about = f" (report {rid})" if rid else ""
             lines.append(f"  {kind}: {member} entry {seqs[0]}{about}: {detail}")
             continue
@@ -784,16 +784,8 @@ def _misstated(entry: Mapping[str, Any], envelope: Mapping[str, Any]) -> list[st
             said += [f"adds {', '.join(added)}"] if added else []
             parts.append(f"{name}: the entry {' and '.join(said)}")
         else:
-            parts.append(f"{name}: the entry {_stated(logged)}, the envelope {_stated(actual)}")
+            parts.append(f"{name}: the entry {_shown(logged)}, the envelope {_shown(actual)}")
     return parts
-
-
-def _stated(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, list):
-        return ", ".join(map(str, value)) or "none"
-    return str(value)
 
 
 def _sent_form(got: Received) -> dict[str, Any]:

@@ -86,6 +86,10 @@ def node_run(config_path: Path, log_level: str) -> None:
         asyncio.run(run(config, signals))
 
 
+_CHECKED: Final = "ok (not checked: the hub and the ports, which only a start reaches)"
+"""``msmt node check``'s last line: what it did not check."""
+
+
 @node_group.command(name="check")
 @_CONFIG
 def node_check(config_path: Path) -> None:
@@ -121,7 +125,7 @@ def node_check(config_path: Path) -> None:
     echo_line(f"policy {config.policy}: {files.policy.digest}{named}")
     if not config.store_path.exists():
         echo_line(f"store {config.store_path}: none yet (the first start makes it)")
-        click.echo("ok (not checked: the hub and the ports, which only a start reaches)")
+        click.echo(_CHECKED)
         return
     store = open_store(config)
     try:
@@ -162,7 +166,7 @@ def node_check(config_path: Path) -> None:
             )
     finally:
         store.close()
-    click.echo("ok (not checked: the hub and the ports, which only a start reaches)")
+    click.echo(_CHECKED)
 
 
 @node_group.command(name="resend")
