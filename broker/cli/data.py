@@ -34,7 +34,7 @@ _OPENED_ONLY: Final = frozenset(
 @click.argument("file", default="-", metavar="[FILE|-]")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary line.")
 def validate(file: str, quiet: bool) -> None:
-    """Validate NDJSON sightings; print one line per bad record.
+    """Validate NDJSON sightings; print one line per bad field.
 
     Exit 0 when every record is valid, 1 when any is invalid, 2 on a usage error.
     """
