@@ -51,6 +51,9 @@ log = get_logger("node")
 def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
     """Check and load everything a node needs; raise ``MsmtError`` with one line if any is bad."""
     at = now or datetime.now(UTC)
+    # The files first: they are only read, so a start refused for a missing roster or
+    # key leaves no data directory or empty store behind (a docs review found one).
+    files = load_files(config, at)
     _make_data_dir(config.data_dir)
     # Until the node owns them, a failure closes what was opened: in-process
     # callers (tests, the demo) must not inherit open files.
@@ -63,7 +66,6 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             raise ConfigError(str(exc)) from None
         undo.callback(store.close)
         state = store.state()
-        files = load_files(config, at)
         signed, keys, policy, signing = files.signed, files.keys, files.policy, files.signing
         if keys.pending:
             # Normal while a key request waits for the custodian; if it lasts, the

@@ -51,8 +51,12 @@ def test_a_file_that_is_not_utf8_text_is_one_line(folder: Path, damaged: str, re
     else:
         path = folder / damaged
     path.write_bytes(NOT_UTF8)
+    before = _tree(folder)
     done = msmt("node", "run", "--config", str(folder / "nodes" / "JPN" / "node.toml"))
     assert done.returncode == 2, done.stderr
+    # A first start refused for its files leaves nothing behind: no data directory,
+    # no empty store that the next start would take for this member's.
+    assert _tree(folder) == before
     assert done.stderr.endswith(reason.format(path.resolve()) + "\n"), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert "\\xff" not in done.stderr
