@@ -12,6 +12,7 @@ and rejection reasons, never report content.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from aiohttp import web
@@ -115,9 +116,13 @@ class Metrics:
         )
         self.clock_offset = Gauge(
             "msmt_clock_offset_seconds",
-            "This node's clock minus the hub's, measured every 5 s while connected.",
+            "This node's clock minus the hub's, measured every 5 s while connected;"
+            " NaN until the first comparison.",
             registry=r,
         )
+        # Not 0 before the hub has answered: that would read as a perfect clock, where
+        # the status says "unknown" (a docs review saw both on a node never connected).
+        self.clock_offset.set(math.nan)
         self.connected = Gauge("msmt_nats_connected", "1 while connected to NATS.", registry=r)
         self.ready = Gauge(
             "msmt_ready",

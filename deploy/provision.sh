@@ -2,9 +2,9 @@
 # The compose file's one-shot `setup` service (also run again to roll out a new
 # roster): copy each member's private keys and the public signed roster into
 # that member's keys volume, then create every account's streams and consumers
-# on the hub (idempotent: running it twice changes nothing). It passes no
-# --max-bytes, --max-age-days or --replicas, so a stream that exists keeps the
-# size, age and copies set on it before, and a new one gets the defaults.
+# on the hub (idempotent: running it twice changes nothing). It passes
+# --replicas $MSMT_REPLICAS and no --max-bytes or --max-age-days, so a stream that
+# exists keeps the size and age set on it before, and a new one gets the defaults.
 #
 # The roster-authority public key is installed into a volume only when the volume
 # has none: it is what each node checks every later roster against, so a roster
