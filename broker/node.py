@@ -133,6 +133,8 @@ class Node:
     # report at a trickle). The store stays the record: None (after a recovery,
     # or past HANDED_MAX) has the planner read it (see _plan_loop).
     _handed: dict[str, bytes] | None
+    _signals: StopSignals | None = None
+    """``msmt node run``'s, to name the signal that stopped the node."""
 
     def __init__(
         self,
@@ -1094,7 +1096,7 @@ class Node:
     # --- the whole daemon --------------------------------------------------------
 
     async def run(self, signals: StopSignals | None = None) -> None:
-        """Run until SIGTERM/SIGINT (or ``self.stop`` is set), then shut down in order.
+        """Run until SIGTERM/SIGINT/SIGHUP (or ``self.stop`` is set), then shut down in order.
 
         With ``signals`` (``msmt node run``'s, entered at its first line), a
         signal that came while the node loaded stops it as soon as it has
@@ -1106,6 +1108,7 @@ class Node:
                 loop.add_signal_handler(sig, self.stop.set)
         else:
             signals.take(loop, self.stop.set)
+        self._signals = signals
         try:
             await self._run()
         finally:
@@ -1166,7 +1169,10 @@ class Node:
         try:
             await self.stop.wait()
         finally:
-            log.info("node_stopping", member=self.member)
+            # Which signal asked (a SIGHUP sent for a reload shows as one); none after
+            # a failed part, which logged its own error.
+            name = self._signals.name if self._signals is not None else None
+            log.info("node_stopping", member=self.member, **({"signal": name} if name else {}))
             # 1. no new input
             await intake_runner.cleanup()
             spool_stop.set()

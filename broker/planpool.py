@@ -21,11 +21,11 @@ and returns the same ``OutboxItem``s (pickled over its stdin/stdout pipes;
   Nothing is lost: unplanned reports stay unplanned in the store. A failure
   inside the worker is reported by exception type only, never its message
   (which could quote a report).
-* **Shutdown.** The worker ignores SIGINT and SIGTERM (a service manager sends
-  them to the whole group) so it finishes its batch; the node closes its stdin
-  after the planner loop ends and it exits. If the node is killed, the kernel
-  kills the worker with it (Linux ``PR_SET_PDEATHSIG``); elsewhere it exits at
-  end-of-file on its stdin.
+* **Shutdown.** The worker ignores SIGINT, SIGTERM and SIGHUP (a service manager
+  or a closed terminal sends them to the whole group) so it finishes its batch;
+  the node closes its stdin after the planner loop ends and it exits. If the
+  node is killed, the kernel kills the worker with it (Linux
+  ``PR_SET_PDEATHSIG``); elsewhere it exits at end-of-file on its stdin.
 """
 
 from __future__ import annotations
@@ -249,8 +249,8 @@ def _die_with_parent() -> None:
 
 def serve(inp: BinaryIO, out: BinaryIO) -> int:
     """The worker's loop: a spec, then planning requests until end of file; returns an exit code."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
     first = _read(inp)
     if first is None:

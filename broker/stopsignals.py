@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT as a request to stop, from a daemon command's first line to its last.
+"""SIGTERM, SIGINT and SIGHUP as a request to stop, from a daemon command's first line to its last.
 
 Python installs no handler for SIGTERM, and the event loop's own handler only
 exists while the node runs: a SIGTERM during the start (opening the store and
@@ -8,6 +8,11 @@ a SIGINT there was ``msmt: interrupted`` and 130. ``StopSignals`` records
 either from the command's first line; the node then takes them over, and stops
 at once if one came while it loaded. When the event loop gives them back, the
 default action would return with it: ``release`` puts the recorder back instead.
+
+SIGHUP is a stop too, logged as such: the node has no reload (its files are read
+at start), and its default action killed it without a line, leaving its intake
+socket behind (a policy officer's trial sent it expecting a reload). Under the
+unit's ``Restart=always`` a stop is followed by a start, which applies new files.
 """
 
 from __future__ import annotations
@@ -19,19 +24,20 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any, Final
 
-SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
-"""The signals that ask a daemon to stop (a service manager's, and Ctrl-C)."""
+SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""The signals that ask a daemon to stop (a service manager's, Ctrl-C, a hangup)."""
 
 
 class StopSignals:
-    """While entered, SIGTERM and SIGINT only set ``asked``; ``take`` hands them to a loop.
+    """While entered, the stop signals only set ``asked``; ``take`` hands them to a loop.
 
     Entered in the main thread (only it can set signal handlers); leaving puts
-    back the handlers found on entry.
+    back the handlers found on entry. ``name`` is the first signal's (``SIGTERM``).
     """
 
     def __init__(self) -> None:
         self.asked = threading.Event()
+        self.name: str | None = None
         self._before: dict[signal.Signals, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -49,14 +55,24 @@ class StopSignals:
             signal.signal(sig, handler)
         self._before.clear()
 
-    def _record(self, _signum: int, _frame: FrameType | None) -> None:
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
         # Only a flag: raising here could cut a step of the start in two.
+        self._note(signum)
         self.asked.set()
 
+    def _note(self, signum: int) -> None:
+        if self.name is None:
+            self.name = signal.Signals(signum).name
+
     def take(self, loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
-        """Have ``loop`` call ``stop`` on either signal; call it now if one came already."""
+        """Have ``loop`` call ``stop`` on any of them; call it now if one came already."""
+
+        def stop_on(signum: int) -> None:
+            self._note(signum)
+            stop()
+
         for sig in SIGNALS:
-            loop.add_signal_handler(sig, stop)
+            loop.add_signal_handler(sig, stop_on, sig)
         if self.asked.is_set():
             stop()
 

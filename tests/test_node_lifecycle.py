@@ -43,11 +43,13 @@ from broker.validation import parse_record
 pytestmark = pytest.mark.integration
 
 
-def _stops_cleanly(world: World, member: str, within: float) -> None:
-    """SIGTERM ``member``: exit 0 within ``within`` s, in order, and a status not claiming NATS."""
+def _stops_cleanly(
+    world: World, member: str, within: float, sig: signal.Signals = signal.SIGTERM
+) -> None:
+    """Signal ``member``: exit 0 within ``within`` s, in order, and a status not claiming NATS."""
     proc = world.procs.pop(member)
     began = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     code = proc.wait(timeout=30)
     took = time.monotonic() - began
     log = (world.root / f"{member}.log").read_text()
@@ -78,6 +80,21 @@ def test_sigterm_stops_a_node_that_never_reached_the_hub(world: World) -> None:
         "the node to try the hub",
     )
     _stops_cleanly(world, "JPN", within=10)
+
+
+def test_sighup_stops_a_running_node_as_sigterm_does_and_the_log_says_which(
+    world: World,
+) -> None:
+    # The node has no reload: SIGHUP's default action killed it without a line and
+    # left its intake socket behind (a policy officer sent it expecting a reload).
+    world.write_config("JPN", BATCH_POLICY)
+    world.start("JPN")
+    wait_for(lambda: _status(world, "JPN")["connected"] == "yes", 30, "the status to say so")
+    _stops_cleanly(world, "JPN", within=20, sig=signal.SIGHUP)
+    lines = [json.loads(line) for line in (world.root / "JPN.log").read_text().splitlines()]
+    stopping = [line for line in lines if line["event"] == "node_stopping"]
+    assert [line.get("signal") for line in stopping] == ["SIGHUP"]
+    assert not world.config("JPN").socket_path.exists()
 
 
 def test_sigterm_while_the_hub_is_down_stops_cleanly_and_says_not_connected(
