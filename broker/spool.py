@@ -49,6 +49,15 @@ class Spool:
     ``rejected/`` with one answer saying why, as is anything found not to be a
     regular file once opened. A FIFO, socket or device is never opened: it
     stays where it is, logged once a minute. Directories are left alone.
+
+    Nor is anything filed through a link. Whoever may move files into the spool
+    may also rename ``done/`` and put a link to any folder in its place, or plant
+    a link where an answer file is about to be written: a review moved a batch
+    into the node's data directory, and overwrote its audit log with answers,
+    that way. So ``done/`` and ``rejected/`` are opened without following a link,
+    all filing is done relative to them, and every file the node writes there is
+    created anew (``O_EXCL | O_NOFOLLOW``). If one of them is not a directory,
+    nothing is filed (``spool_error`` says why) and every batch waits in the spool.
     """
 
     def __init__(self, directory: Path, intake: Intake) -> None:
@@ -65,6 +74,8 @@ class Spool:
             for entry in entries:
                 if entry.name.startswith(".") or entry.name.endswith(".tmp"):
                     continue
+                if entry.name in FILED_INTO:
+                    continue  # where batches are filed: a link there is no batch
                 try:
                     info = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
@@ -114,30 +125,34 @@ class Spool:
     async def _file(self, path: Path, fd: int, read: int, answers: list[dict[str, Any]]) -> Taken:
         # Files the batch open as ``fd``, of which ``read`` bytes were read and answered.
         ok = all(a["status"] == "accepted" or a.get("reason") == "duplicate" for a in answers)
-        target = self.dir / ("done" if ok else "rejected")
+        outcome = "done" if ok else "rejected"
         results = answer_bytes(answers)
-        filed = await asyncio.to_thread(_file_away, path, target, results)
-        # Checked once filed, so that nothing can fall between a check and the
-        # move. The feed may have renamed its next batch under this name while
-        # this one was read (the contract's way, a name used again): what was
-        # moved is that batch, unread. It goes back, and this one, no longer in
-        # the spool, is filed as a copy of what was read.
-        if not await asyncio.to_thread(_same_file, fd, target / filed):
-            await asyncio.to_thread(_put_back, target, filed, path)
-            filed = await asyncio.to_thread(_file_away, path, target, results, fd)
-        # A writer that opened it again while it was read (after the first check),
-        # or one that check cannot see, may have written what was not read. Then
-        # it goes back to be read again at the next poll (what was accepted now is
-        # answered "duplicate" then); a writer's open by name after the move makes
-        # a new file in the spool, read in its turn.
-        elif await asyncio.to_thread(_written_since, fd, read):
-            await asyncio.to_thread(_put_back, target, filed, path)
-            self._being_written(path, "written to while it was read")
-            return "written"
+        target = await asyncio.to_thread(_open_filed_into, self.dir, outcome)
+        try:
+            filed = await asyncio.to_thread(_file_away, path, target, results)
+            # Checked once filed, so that nothing can fall between a check and the
+            # move. The feed may have renamed its next batch under this name while
+            # this one was read (the contract's way, a name used again): what was
+            # moved is that batch, unread. It goes back, and this one, no longer in
+            # the spool, is filed as a copy of what was read.
+            if not await asyncio.to_thread(_same_file, fd, target, filed):
+                await asyncio.to_thread(_put_back, target, filed, path)
+                filed = await asyncio.to_thread(_file_away, path, target, results, fd)
+            # A writer that opened it again while it was read (after the first
+            # check), or one that check cannot see, may have written what was not
+            # read. Then it goes back to be read again at the next poll (what was
+            # accepted now is answered "duplicate" then); a writer's open by name
+            # after the move makes a new file in the spool, read in its turn.
+            elif await asyncio.to_thread(_written_since, fd, read):
+                await asyncio.to_thread(_put_back, target, filed, path)
+                self._being_written(path, "written to while it was read")
+                return "written"
+        finally:
+            os.close(target)
         log.info(
             "spool_file",
             file=shown_name(path.name),
-            outcome=target.name,
+            outcome=outcome,
             filed_as=shown_name(filed),
             records=len(answers),
         )
@@ -163,8 +178,11 @@ class Spool:
             "reason": NOT_REGULAR,
             "detail": f"{kind}: the spool reads only regular files moved into it",
         }
-        target = self.dir / "rejected"
-        filed = await asyncio.to_thread(_file_away, path, target, answer_bytes([answer]))
+        target = await asyncio.to_thread(_open_filed_into, self.dir, "rejected")
+        try:
+            filed = await asyncio.to_thread(_file_away, path, target, answer_bytes([answer]))
+        finally:
+            os.close(target)
         log.warning(
             "spool_file_refused", file=shown_name(path.name), kind=kind, filed_as=shown_name(filed)
         )
@@ -294,10 +312,52 @@ def _open_for_writing(fd: int) -> bool | None:
     return False
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether ``path`` (not followed) is the file open as ``fd``."""
-    held, there = os.fstat(fd), os.lstat(path)
+def _same_file(fd: int, folder: int, name: str) -> bool:
+    """Whether ``name`` in the open ``folder`` (not followed) is the file open as ``fd``."""
+    held, there = os.fstat(fd), os.stat(name, dir_fd=folder, follow_symlinks=False)
     return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+
+FILED_INTO: Final = ("done", "rejected")
+"""The spool's folders that batches are filed into, with their answers."""
+
+
+def _open_filed_into(spool: Path, name: str) -> int:
+    """Open the spool's folder ``name`` (``done``, ``rejected``), never through a link."""
+    try:
+        return os.open(spool / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            raise
+        raise OSError(
+            exc.errno,
+            f"the spool's {name}/ is not a directory (a symbolic link, a file, or gone):"
+            " nothing is filed, and batches wait in the spool, until it is one again",
+        ) from None
+
+
+def _exists(folder: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _create(folder: int, name: str) -> int:
+    """Create ``name`` in the open ``folder`` anew, 0600, to write: never through a link."""
+    # A leftover of a stop midway, or a link planted under that name: removed,
+    # not followed (unlink removes a link itself).
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=folder)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name, flags, 0o600, dir_fd=folder)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _written_since(fd: int, read: int) -> bool:
@@ -325,7 +385,7 @@ def filed_base(name: str) -> str:
     return f"{os.fsdecode(raw[: FILED_NAME_MAX - 13])}~{digest}"
 
 
-def _put_back(target: Path, filed: str, path: Path) -> None:
+def _put_back(target: int, filed: str, path: Path) -> None:
     # Linked, never renamed, back: a rename would replace a new batch the feed put
     # under that name meanwhile. Then under the first free "<name>.N"; the answers
     # go last, so a stop midway leaves what a stop while filing leaves.
@@ -333,42 +393,48 @@ def _put_back(target: Path, filed: str, path: Path) -> None:
     while True:
         again = path if n == 0 else path.with_name(f"{filed_base(path.name)}.{n}")
         try:
-            os.link(target / filed, again)
+            os.link(filed, again, src_dir_fd=target, follow_symlinks=False)
             break
         except FileExistsError:
             n += 1
-    os.unlink(target / filed)
-    os.unlink(target / f"{filed}.result.ndjson")
+    os.unlink(filed, dir_fd=target)
+    os.unlink(f"{filed}.result.ndjson", dir_fd=target)
 
 
-def _file_away(path: Path, target: Path, results: bytes, copy_of: int | None = None) -> str:
+def _file_away(path: Path, target: int, results: bytes, copy_of: int | None = None) -> str:
     # Moves the batch at ``path``, or with ``copy_of`` writes a copy of that open
     # file's bytes under its name instead (its own name now holds another batch).
     # Never over an earlier file: a feed that reuses a file name would otherwise
     # lose the receipt of its earlier batch. The first free "<name>.N" is taken
     # for both the batch and its answers, so they stay paired. The spool task
     # files one file at a time and is the only writer here, so a name found free
-    # stays free until used.
+    # stays free until used. ``target`` is the folder, open (``_open_filed_into``).
     name = base = filed_base(path.name)
     n = 0
-    while os.path.lexists(target / name) or os.path.lexists(target / f"{name}.result.ndjson"):
+    while _exists(target, name) or _exists(target, f"{name}.result.ndjson"):
         n += 1
         name = f"{base}.{n}"
     # The result file lands first, so a file in done/ or rejected/ always has its
     # answers; a stop in between leaves the answers alone and the batch in the
     # spool, to be read again and filed under the next free name.
-    result = target / f"{name}.result.ndjson"
-    tmp = result.with_name(result.name + ".tmp")
-    tmp.write_bytes(results)
-    tmp.replace(result)
+    result = f"{name}.result.ndjson"
+    tmp = _create(target, f"{result}.tmp")
+    try:
+        _write_all(tmp, results)
+    finally:
+        os.close(tmp)
+    # A rename replaces the name itself, never what a link there points to.
+    os.replace(f"{result}.tmp", result, src_dir_fd=target, dst_dir_fd=target)
     if copy_of is None:
-        path.replace(target / name)
+        os.replace(path, name, dst_dir_fd=target)
         return name
-    copy = target / f"{name}.tmp"
-    with open(copy, "wb", opener=lambda p, flags: os.open(p, flags, 0o600)) as out:
+    copy = _create(target, f"{name}.tmp")
+    try:
         offset = 0
         while chunk := os.pread(copy_of, 1 << 20, offset):
-            out.write(chunk)
+            _write_all(copy, chunk)
             offset += len(chunk)
-    copy.replace(target / name)
+    finally:
+        os.close(copy)
+    os.replace(f"{name}.tmp", name, src_dir_fd=target, dst_dir_fd=target)
     return name

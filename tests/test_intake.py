@@ -496,6 +496,46 @@ async def test_spool_moves_files_to_done_or_rejected_with_results(tmp_path: Path
     assert [json.loads(r)["reason"] for r in again] == ["duplicate"] * 3
 
 
+async def test_spool_files_nothing_through_a_link_the_feed_put_in_done_or_rejected(
+    tmp_path: Path,
+) -> None:
+    # A security review: whoever may move files into the spool may rename
+    # rejected/ and put a link to another folder (the node's data directory) in its
+    # place, or plant a link where the answers are written first; the node moved
+    # a batch into that folder, and overwrote a file there with the answers.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    elsewhere = tmp_path / "data"
+    elsewhere.mkdir()
+    victim = elsewhere / "audit.db"
+    victim.write_bytes(b"the node's own file")
+
+    # 1. A link planted where the answers' temporary file is written.
+    (spool_dir / "rejected" / "bad.ndjson.result.ndjson.tmp").symlink_to(victim)
+    (spool_dir / "bad.ndjson").write_bytes(b"{}\n")
+    assert await spool.ingest(spool_dir / "bad.ndjson")
+    assert victim.read_bytes() == b"the node's own file"
+    answers = (spool_dir / "rejected" / "bad.ndjson.result.ndjson").read_bytes()
+    assert json.loads(answers)["status"] == "rejected"
+    assert not (spool_dir / "rejected" / "bad.ndjson.result.ndjson.tmp").is_symlink()
+
+    # 2. rejected/ itself replaced by a link: nothing is filed, the batch waits.
+    (spool_dir / "rejected").rename(spool_dir / "old")
+    (spool_dir / "rejected").symlink_to(elsewhere)
+    (spool_dir / "authorized_keys").write_bytes(b"ssh-ed25519 AAAA attacker\n")
+    assert spool.candidates() == [spool_dir / "authorized_keys"]  # the link is no batch
+    with pytest.raises(OSError, match=r"the spool's rejected/ is not a directory"):
+        await spool.ingest(spool_dir / "authorized_keys")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["audit.db"]
+    assert (spool_dir / "authorized_keys").exists()
+    # Once it is a directory again, the batch is filed there, nothing lost.
+    (spool_dir / "rejected").unlink()
+    (spool_dir / "old").rename(spool_dir / "rejected")
+    assert await spool.ingest(spool_dir / "authorized_keys")
+    assert (spool_dir / "rejected" / "authorized_keys").exists()
+
+
 async def test_spool_files_batches_0600_whatever_mode_the_feed_wrote_them(tmp_path: Path) -> None:
     # A batch is report content kept in done/ or rejected/ for good. Filed with the
     # feed's 0644, it was readable by anyone wherever those folders are open: made
