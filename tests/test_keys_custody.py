@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -486,3 +487,46 @@ def test_the_request_says_whether_a_phone_call_is_needed(custodian: Path, tmp_pa
     # ... and indeed the custodian accepts it without one.
     done = msmt("keys", "accept", tmp_path / "routine.json", "--dir", custodian)
     assert done.exit_code == 0, done.output
+
+
+# --- a thief rotates the member before the theft is noticed ------------------------------
+
+
+def test_revoking_a_stolen_key_names_the_keys_a_thief_may_have_rotated_to(
+    custodian: Path, tmp_path: Path
+) -> None:
+    # A compromise drill: the thief's key request, signed by the stolen current key,
+    # was accepted with no call (a routine rotation). Revoking the stolen keys then
+    # left the thief's own keys active, and nothing said so.
+    gbr = tmp_path / "gbr"
+    join(custodian, gbr, "GBR")
+    stolen_sig, stolen_enc = current(custodian, "GBR", "sig"), current(custodian, "GBR", "enc")
+    thief = tmp_path / "thief"
+    shutil.copytree(gbr, thief)
+    time.sleep(1.1)  # a roster's times are whole seconds: the thief's keys come later
+    made = request(thief, "GBR", tmp_path / "takeover.json")
+    assert f"signed by the new key and by the current key {stolen_sig}\n" in made.output
+    accepted = msmt("keys", "accept", tmp_path / "takeover.json", "--dir", custodian)
+    assert accepted.exit_code == 0, accepted.output
+    thiefs = current(custodian, "GBR", "sig"), current(custodian, "GBR", "enc")
+    assert thiefs[0] != stolen_sig
+    done = msmt("keys", "revoke", stolen_sig, "--reason", "machine broken into", "--dir", custodian)
+    assert done.exit_code == 0, done.output
+    # No "no active key left" warning (the thief's key is active), but this one:
+    assert "has no active" not in done.output
+    warning = done.output.splitlines()[-1]
+    assert warning.startswith(f"warning: GBR's keys made after {stolen_sig} stay in force: ")
+    assert all(kid in warning for kid in thiefs)
+    assert warning.endswith(
+        f"A key request signed by {stolen_sig} needed no call; if GBR did not make them "
+        "itself, revoke them too (docs/KEYS.md, 'After a compromise')"
+    )
+    # Revoked, they are named no more; the encryption key's revocation names none left.
+    for kid in thiefs:
+        assert (
+            msmt("keys", "revoke", kid, "--reason", "the thief's", "--dir", custodian).exit_code
+            == 0
+        )
+    last = msmt("keys", "revoke", stolen_enc, "--reason", "machine broken into", "--dir", custodian)
+    assert "stay in force" not in last.output, last.output
+    assert "warning: GBR has no active enc key left" in last.output

@@ -179,6 +179,21 @@ def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
             f"request ('msmt keys request {owner}', with --new-nats-user if its NATS seed may "
             "be disclosed too) and you accept it with --fingerprint after a phone call"
         )
+    # A key request signed by the current key is accepted with no call: whoever
+    # stole the key may already have rotated the member to keys of its own, which
+    # revoking the stolen one leaves in force (a compromise drill's thief did).
+    later = [
+        k
+        for k in signed.roster
+        if k.member == owner and k.status != "revoked" and k.valid_from > revoked.valid_from
+    ]
+    if later:
+        names = ", ".join(f"{k.kid} (since {format_time(k.valid_from)})" for k in later)
+        click.echo(
+            f"warning: {owner}'s keys made after {kid} stay in force: {names}. A key request "
+            f"signed by {kid} needed no call; if {owner} did not make them itself, revoke "
+            "them too (docs/KEYS.md, 'After a compromise')"
+        )
 
 
 @keys_group.command(name="authority")
