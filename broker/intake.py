@@ -52,6 +52,7 @@ from broker.errors import ConfigError, StoreError, UsageError
 from broker.feeds import NO_FEEDS, Feed, Feeds, FeedTokens
 from broker.files import read_file_text
 from broker.log import Throttle, get_logger
+from broker.serving import BoundedRunner
 from broker.sightings import (
     HANDLING_FIELDS,
     KINDS,
@@ -590,7 +591,7 @@ def _remove_own_socket(path: Path, ident: tuple[int, int]) -> None:
         log.warning("intake_socket_left", path=str(path), error=exc.strerror)
 
 
-class _UnixRunner(web.AppRunner):
+class _UnixRunner(BoundedRunner):
     """An ``AppRunner`` whose ``cleanup`` also removes the socket file it served on."""
 
     def __init__(self, app: web.Application, path: Path, **kwargs: Any) -> None:
@@ -618,7 +619,9 @@ async def serve_unix(app: web.Application, path: Path) -> web.AppRunner:
     aside = _set_aside_stale_socket(path)
     # On shutdown a feed mid-stream gets a few seconds to finish its batch, so the
     # whole stop stays inside a service manager's timeout.
-    runner = _UnixRunner(app, path, handle_signals=False, access_log=None, shutdown_timeout=10.0)
+    runner = _UnixRunner(
+        app, path, listener="intake", handle_signals=False, access_log=None, shutdown_timeout=10.0
+    )
     try:
         await runner.setup()
         await web.UnixSite(runner, str(path), backlog=LISTEN_BACKLOG).start()

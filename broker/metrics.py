@@ -8,18 +8,25 @@ and rejection reasons, never report content.
 * ``/readyz``: 200 while connected to NATS with the inbox consumer bound and the inbox
   not paused (a twin, a clock far off the hub's), else 503 with why;
 * ``/metrics``: the Prometheus text format.
+
+A request naming a host that is not this machine's loopback (``Host:``) is
+refused with 421: a web page whose name an attacker points at 127.0.0.1 (DNS
+rebinding) could otherwise read the node's traffic figures from a browser on it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.members import MEMBERS
+from broker.serving import BoundedRunner
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -200,16 +207,41 @@ def make_app(metrics: Metrics, ready: Callable[[], str | None]) -> web.Applicati
     async def metrics_view(_request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application()
+    app = web.Application(middlewares=[_loopback_host])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     return app
 
 
+@web.middleware
+async def _loopback_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # Only a name for this machine's loopback, as a scraper or health check on it
+    # uses; none at all (HTTP/1.0) is no browser's.
+    host = request.headers.get("Host")
+    if host is not None and not is_loopback_host(host):
+        return web.Response(status=421, text="not a loopback host name\n")
+    return await handler(request)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header names this machine's loopback: localhost, 127.0.0.0/8, ::1."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else ""
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 async def serve_tcp(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Serve ``app`` on ``host:port`` (the config guarantees loopback); return the runner."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = BoundedRunner(app, listener="metrics", handle_signals=False, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

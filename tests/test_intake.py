@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from node_world import MSMT, write_node_config
 
-from broker import log, samples
+from broker import log, samples, serving
 from broker.config import load_config
 from broker.errors import UsageError
 from broker.intake import (
@@ -294,6 +294,73 @@ async def test_a_burst_of_feeds_connecting_at_once_is_queued_not_refused(tmp_pat
     finally:
         for feed in feeds:
             feed.close()
+        await runner.cleanup()
+        store.close()
+
+
+async def test_a_connection_that_never_finishes_its_headers_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A security review held 300 half-sent requests open (no token is needed: it is
+    # checked once the headers are in) until the node had no descriptor left for
+    # its store or the hub; aiohttp kept each an hour.
+    monkeypatch.setattr(serving, "HEADER_TIMEOUT_S", 0.5)
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "data" / "intake.sock"
+    runner = await serve_unix(make_app(make_intake(store), token), sock)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(b"POST /submit HTTP/1.1\r\nHost: x\r\n")  # and no more
+        await writer.drain()
+        began = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, unanswered
+        assert 0.3 < time.monotonic() - began < 5
+        writer.close()
+        # A feed that sends its request streams as long as it likes.
+        answers: list[dict[str, Any]] = []
+
+        async def slowly() -> AsyncIterator[bytes]:
+            for record in ndjson(jpn_records(3, seed=91)).splitlines(keepends=True):
+                await asyncio.sleep(0.4)
+                yield record
+
+        await submit(sock, token, slowly(), answers.append)
+        assert [a["status"] for a in answers] == ["accepted"] * 3
+    finally:
+        await runner.cleanup()
+        store.close()
+
+
+async def test_connections_over_the_cap_are_closed_at_once_and_feeds_get_in_after(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "data" / "intake.sock"
+    runner = await serve_unix(make_app(make_intake(store), token), sock)
+    assert isinstance(runner, serving.BoundedRunner)
+    assert 8 <= runner.cap <= serving.CONNECTIONS_MAX
+    runner.cap = 3
+    held = [await asyncio.open_unix_connection(str(sock)) for _ in range(3)]
+    try:
+        await asyncio.sleep(0.1)  # accepted, each waiting for its request
+        with structlog.testing.capture_logs() as logs:
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+        full = [e for e in logs if e["event"] == "connections_full"]
+        assert [(e["listener"], e["limit"]) for e in full] == [("intake", 3)]
+        for _, idle in held[:1]:
+            idle.close()
+            await idle.wait_closed()
+        await asyncio.sleep(0.1)
+        answers: list[dict[str, Any]] = []
+        await submit(sock, token, chunks_of(ndjson(jpn_records(1, seed=92))), answers.append)
+        assert [a["status"] for a in answers] == ["accepted"]
+    finally:
+        for _, idle in held:
+            idle.close()
         await runner.cleanup()
         store.close()
 

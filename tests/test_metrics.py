@@ -1,9 +1,22 @@
-"""The node's metrics as a Prometheus server reads them (pure: no node, no hub)."""
+"""The node's metrics as a Prometheus server reads them, and the port that serves them (no hub)."""
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
+import pytest
+
+from broker import serving
 from broker.members import MEMBERS
-from broker.metrics import ALERTED_INTAKE_REFUSALS, ALERTED_REJECTIONS, Metrics
+from broker.metrics import (
+    ALERTED_INTAKE_REFUSALS,
+    ALERTED_REJECTIONS,
+    Metrics,
+    is_loopback_host,
+    make_app,
+    serve_tcp,
+)
 
 
 def sample(metrics: Metrics, name: str, labels: dict[str, str]) -> float | None:
@@ -55,3 +68,50 @@ def test_the_rendered_page_carries_the_zeros() -> None:
     assert page.count("\nmsmt_audit_alarm_active{") == 23
     assert 'msmt_received_held_total{sender="JPN"} 0.0' in page
     assert 'msmt_received_held_total{sender="GBR"}' not in page
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1:9464", True),
+        ("127.0.0.2", True),
+        ("localhost:9464", True),
+        ("LOCALHOST", True),
+        ("[::1]:9464", True),
+        ("::1", True),
+        ("attacker.example:9464", False),
+        ("10.0.0.5:9464", False),
+        ("127.0.0.1.attacker.example", False),
+        ("[::1", False),
+        ("", False),
+    ],
+)
+def test_a_host_header_is_loopback_only_if_it_names_this_machine(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback
+
+
+async def test_the_metrics_port_refuses_other_host_names_and_half_sent_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A security review: a page whose name an attacker points at 127.0.0.1 (DNS
+    # rebinding) read the traffic figures from a browser on the node's machine; and
+    # any local user could hold connections open until the node ran out of descriptors.
+    monkeypatch.setattr(serving, "HEADER_TIMEOUT_S", 0.5)
+    runner = await serve_tcp(make_app(Metrics("JPN"), lambda: None), "127.0.0.1", 0)
+    try:
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/metrics"
+            async with session.get(url) as ok:
+                assert ok.status == 200
+                assert "msmt_published_total" in await ok.text()
+            async with session.get(url, headers={"Host": "attacker.example"}) as refused:
+                assert refused.status == 421
+                assert "msmt_" not in await refused.text()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\n")  # and no more
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    finally:
+        await runner.cleanup()

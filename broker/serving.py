@@ -1,0 +1,93 @@
+"""The node's two HTTP listeners (intake socket, metrics port), held to a bound.
+
+Each connection holds a file descriptor from the moment it is accepted, and
+aiohttp lets one sit without a request for an hour: a security review held 300
+half-sent requests open on a node whose descriptor limit was 256, and the node
+could then open neither its store nor the spool, nor reconnect to the hub. The
+intake socket is open to every feed's container, token or not (the token is
+checked only once the headers are in), and the metrics port to every local user.
+
+So ``BoundedRunner`` closes a connection that has not sent a whole request's
+headers within ``HEADER_TIMEOUT_S`` (and one idle that long between requests),
+and takes at most ``connection_cap()`` connections at once: one more is closed
+as soon as it is accepted, logged once a minute (``connections_full``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from typing import Any, Final
+
+from aiohttp import web
+
+from broker.log import Throttle, get_logger
+
+log = get_logger("node")
+
+HEADER_TIMEOUT_S: Final = 10.0
+"""Seconds a connection has to send a request's headers, or stay idle between requests."""
+
+CONNECTIONS_MAX: Final = 512
+"""The most connections one listener takes at once, however high the descriptor limit."""
+
+
+def connection_cap() -> int:
+    """Connections one listener takes at once: a quarter of the descriptor limit, at most 512.
+
+    The rest stay free for the store, the audit log, the spool, the hub and the
+    other listener, whatever the limit the node was started with.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return CONNECTIONS_MAX
+    return max(8, min(CONNECTIONS_MAX, soft // 4))
+
+
+class _Closed(asyncio.Protocol):
+    """A connection over the cap: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class BoundedRunner(web.AppRunner):
+    """An ``AppRunner`` whose connections are bounded in number and in time to their headers.
+
+    ``listener`` names it in the log (``intake``, ``metrics``); ``cap`` may be
+    lowered before a site starts.
+    """
+
+    def __init__(self, app: web.Application, *, listener: str, **kwargs: Any) -> None:
+        # aiohttp starts its keep-alive timer as a connection opens and does not
+        # restart it for a part of a request: past it, a connection still waiting
+        # for its request's headers is closed. Between requests it is the idle limit.
+        super().__init__(app, keepalive_timeout=HEADER_TIMEOUT_S, **kwargs)
+        self.listener = listener
+        self.cap = connection_cap()
+        self._throttle = Throttle()
+
+    # The sites take their protocol factory from this property (and only they do;
+    # the runner's own shutdown uses the server itself): a factory that counts.
+    @property
+    def server(self) -> Any:
+        """The protocol factory the sites serve with: the server's, past the cap a closed one."""
+        real = self._server
+        if real is None:
+            return None
+
+        def protocol() -> asyncio.BaseProtocol:
+            if len(real.connections) < self.cap:
+                return real()
+            unlogged = self._throttle.check("connections_full", self.listener)
+            if unlogged is not None:
+                log.warning(
+                    "connections_full",
+                    listener=self.listener,
+                    limit=self.cap,
+                    reason="a connection over the limit was closed: too many are open at once",
+                    **({"unlogged_before": unlogged} if unlogged else {}),
+                )
+            return _Closed()
+
+        return protocol
