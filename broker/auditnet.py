@@ -82,7 +82,7 @@ from broker.checkpoint import (
     proof_request,
     proof_response,
 )
-from broker.errors import AuditError, ConfigError, MsmtError
+from broker.errors import AuditError, ConfigError, MsmtError, StoreError
 from broker.files import read_file_bytes
 from broker.log import Throttle, get_logger
 from broker.members import is_member
@@ -374,8 +374,15 @@ class AuditNet:
             old, new = parse_proof_request(msg.data)
             proof = await self.run_db(self._consistency_proof, old, new)
             body = proof_response(old, new, proof)
+        except StoreError as exc:
+            # Our own log could not be read: its words name our paths, which are no
+            # partner's business (a security review); the operator gets them here.
+            self.last_error = f"witness: proof request: {exc}"
+            if self.throttle.due("proof unreadable", ""):
+                log.error("proof_unreadable", error=str(exc))  # noqa: TRY400 - no traceback
+            body = _error_reply("the log cannot read its entries now")
         except MsmtError as exc:
-            body = _error_reply(str(exc))
+            body = _error_reply(str(exc))  # about the request: the sizes asked for
         except Exception as exc:  # noqa: BLE001 - one request must not cost more than its reply
             self._failed("proof request", "?", exc)
             body = _error_reply("internal error")

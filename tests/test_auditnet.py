@@ -46,6 +46,7 @@ from broker.checkpoint import (
     proof_response,
     sign_checkpoint,
 )
+from broker.errors import StoreError
 from broker.merkle import verify_consistency
 from broker.metrics import alarm_series
 from broker.natsproc import NatsServer
@@ -890,6 +891,26 @@ async def test_a_malformed_proof_request_gets_an_error_reply(
     answer = json.loads(reply.data)
     assert list(answer) == ["error"]
     assert re.search(reason, answer["error"])
+
+
+async def test_a_log_that_cannot_read_its_entries_tells_the_partner_no_path(
+    audit: Audit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A security review: the reply carried the store's own words, which name the
+    # node's paths; the partner learns that the log cannot answer, the operator why.
+    def unreadable(old: int, new: int) -> list[bytes]:
+        raise StoreError("cannot read audit log /var/lib/msmt-node/audit.sqlite: disk I/O error")
+
+    monkeypatch.setattr(audit.jpn.net, "_consistency_proof", unreadable)
+    with capture_logs() as logs:
+        reply = await audit.tap.request(
+            f"msmt.audit.{MEMBER}.proof", proof_request(1, 3), timeout=3
+        )
+    assert json.loads(reply.data) == {"error": "the log cannot read its entries now"}
+    assert [e["error"] for e in logs if e["event"] == "proof_unreadable"] == [
+        "cannot read audit log /var/lib/msmt-node/audit.sqlite: disk I/O error"
+    ]
+    assert "disk I/O error" in (audit.jpn.net.last_error or "")
 
 
 async def test_a_proof_from_size_zero_is_empty_as_c2sp_tlog_witness_has_it(audit: Audit) -> None:
