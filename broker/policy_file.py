@@ -246,6 +246,9 @@ class _Reader:
         self.loc = _Locator(text)
         self.expected = member
         self.problems: list[Problem] = []
+        # Group names refused where they are declared: a rule naming one is not told
+        # again that the group is unknown (a policy officer's trial found it misleading).
+        self.refused_groups: set[str] = set()
 
     def fail(self, line: int, reason: str) -> None:
         self.problems.append(Problem(line, reason))
@@ -304,12 +307,14 @@ class _Reader:
             upper = name.upper()
             if upper == ALL_GROUP or is_member(upper) or not _NAME.fullmatch(name):
                 self.fail(self.loc.line(*where), f"{name!r} cannot be a group name")
+                self.refused_groups.add(name)
                 continue
             if upper in folded:
                 self.fail(
                     self.loc.line(*where),
                     f"group {name} differs from group {folded[upper]} only in case",
                 )
+                self.refused_groups.add(name)
                 continue
             folded[upper] = name
             if not isinstance(members, list):
@@ -340,7 +345,7 @@ class _Reader:
             elif is_member(name):
                 members.add(name)
                 named.add(name)
-            else:
+            elif name not in self.refused_groups:
                 self.fail(self.loc.line(*where, needle=name), f"unknown partner or group {name!r}")
         return frozenset(members), frozenset(named)
 
@@ -450,6 +455,10 @@ class _Reader:
             self.fail(line, f"unknown field path {pattern!r} (expected {known})")
             return
         present = [p for k in kinds for p in field_paths(k) if _matches(pattern, p)]
+        if not kinds:
+            # Each kind unknown, and said so: "not a field of any reports" would be a
+            # consequence, not another mistake (a policy officer's trial).
+            return
         if not present:
             self.fail(
                 line,
@@ -532,6 +541,8 @@ class _Reader:
             self.fail(line, f"transform {ident!r} does not apply to {path}")
         elif not any(_matches(p, path) for p in fields):
             self.fail(line, f"transform for {path} but the rule does not release {path}")
+        elif not kinds:
+            pass  # every kind unknown, and said so: no kind to hold the path
         elif not any(path in field_paths(kind) for kind in kinds):
             # A wildcard release covers every path, but the rule applies only to its
             # kinds: this transform would never run, and another rule's raw release

@@ -859,6 +859,31 @@ def test_dotted_transform_keys_must_be_quoted() -> None:
     ]
 
 
+def test_a_mistake_is_said_once_not_again_as_its_consequences() -> None:
+    # A policy officer's trial: a group refused for its case was then "unknown" in each
+    # rule naming it, and an unknown kind made every field "not a field of any reports".
+    text = (
+        'version = 1\nmember = "JPN"\n[groups]\nEu = ["FRA"]\nEU = ["DEU"]\n'
+        '[[rules]]\nkinds = ["vessel"]\npartners = ["EU"]\nrelease = ["vessel.flag"]\n'
+        '[[rules]]\nkinds = ["vessels"]\npartners = ["USA", "CHN"]\n'
+        'release = ["vessel.position", "vessel.nmae"]\n'
+        'transforms = { "vessel.position" = "coarsen:1", "vessel.imo" = "hour" }\n'
+    )
+    problems = check_policy(text, member="JPN")
+    assert [(p.line, p.reason) for p in problems] == [
+        (5, "group EU differs from group Eu only in case"),
+        (11, "unknown report kind 'vessels' (kinds: vessel, worker, transfer, or \"*\")"),
+        (12, "unknown partner or group 'CHN'"),
+        # What does not depend on the kind is still said.
+        (
+            13,
+            "unknown field path 'vessel.nmae' (expected a field path such as vessel.imo, a"
+            " wildcard such as vessel.*, or *)",
+        ),
+        (14, "transform 'hour' does not apply to vessel.imo"),
+    ]
+
+
 def test_policy_refuses_conflicts_even_when_built_by_hand() -> None:
     (conflicting,) = [m[0] for m in MALFORMED if "in two forms" in m[2]]
     text = HEAD.format(member="JPN") + conflicting
