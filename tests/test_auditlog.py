@@ -26,6 +26,7 @@ from broker.checkpoint import Checkpoint, cosign, open_checkpoint, parse_body, s
 from broker.errors import AuditError, StoreError, UsageError
 from broker.merkle import Levels, leaf_hash, verify_consistency, verify_inclusion
 from broker.note import Note, Signature, parse
+from broker.transforms import Transform
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
@@ -396,6 +397,17 @@ def test_event_constructors_refuse_anything_but_identifiers(
 ) -> None:
     with pytest.raises(AuditError, match=reason):
         ev.sent(MEMBER, T0, **(_SENT | change))
+
+
+def test_every_variant_a_policy_can_write_can_be_logged() -> None:
+    # A docs review: a pseudonym key id of 55 to 64 characters passed the policy and
+    # every envelope check, and then could not be written into a sent entry.
+    longest = "vessel.imo#pseudonym:" + "k" * 64
+    assert Transform.parse(longest.partition("#")[2]).param == "k" * 64
+    sent = ev.sent(MEMBER, T0, **(_SENT | {"released": [longest]}))
+    assert json.loads(sent.seal(0, None))["released"] == [longest]
+    with pytest.raises(AuditError, match="not a field path"):
+        ev.sent(MEMBER, T0, **(_SENT | {"released": ["vessel.imo#" + "k" * 75]}))
 
 
 def test_event_constructors_refuse_local_time_and_free_text() -> None:
