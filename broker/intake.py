@@ -52,7 +52,7 @@ from broker.errors import ConfigError, StoreError, UsageError
 from broker.feeds import NO_FEEDS, Feed, Feeds, FeedTokens
 from broker.files import read_file_text
 from broker.log import Throttle, get_logger
-from broker.serving import BoundedRunner
+from broker.serving import BoundedRunner, refusals_close
 from broker.sightings import (
     HANDLING_FIELDS,
     KINDS,
@@ -522,7 +522,7 @@ def make_app(
     async def on_shutdown(_app: web.Application) -> None:
         stopping.set()
 
-    app = web.Application(client_max_size=1024**3)
+    app = web.Application(client_max_size=1024**3, middlewares=[refusals_close])
     app.router.add_post("/v1/reports", submit)
     app.on_shutdown.append(on_shutdown)
     return app

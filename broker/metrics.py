@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.members import MEMBERS
-from broker.serving import BoundedRunner
+from broker.serving import BoundedRunner, refusals_close
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -207,7 +207,7 @@ def make_app(metrics: Metrics, ready: Callable[[], str | None]) -> web.Applicati
     async def metrics_view(_request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application(middlewares=[_loopback_host])
+    app = web.Application(middlewares=[refusals_close, _loopback_host])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
@@ -228,9 +228,15 @@ def is_loopback_host(host: str) -> bool:
     """Whether a ``Host`` header names this machine's loopback: localhost, 127.0.0.0/8, ::1."""
     name = host.strip().lower()
     if name.startswith("["):
-        name = name[1 : name.find("]")] if "]" in name else ""
+        # "[::1]" or "[::1]:PORT", nothing else after the bracket.
+        inside, bracket, rest = name[1:].partition("]")
+        if not bracket or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return False
+        name = inside
     elif name.count(":") == 1:
-        name = name.partition(":")[0]
+        name, _, port = name.partition(":")
+        if not port.isdigit():
+            return False
     if name == "localhost":
         return True
     try:

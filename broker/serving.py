@@ -10,7 +10,12 @@ checked only once the headers are in), and the metrics port to every local user.
 So ``BoundedRunner`` closes a connection that has not sent a whole request's
 headers within ``HEADER_TIMEOUT_S`` (and one idle that long between requests),
 and takes at most ``connection_cap()`` connections at once: one more is closed
-as soon as it is accepted, logged once a minute (``connections_full``).
+as soon as it is accepted, logged once a minute (``connections_full``). A
+connection is counted from the moment its protocol is handed out, not from when
+aiohttp registers it: asyncio accepts up to a backlog of connections in one go
+and registers them later, and a second review let 1,014 in past a cap of 256 so.
+A refused request (``refusals_close``) closes its connection: a client without a
+token keeps no slot by asking again.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import resource
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
 
 from broker.log import Throttle, get_logger
 
@@ -44,6 +51,10 @@ def connection_cap() -> int:
     return max(8, min(CONNECTIONS_MAX, soft // 4))
 
 
+HANDED_OUT_S: Final = 5.0
+"""A protocol handed out and not registered by then never got its connection: not counted."""
+
+
 class _Closed(asyncio.Protocol):
     """A connection over the cap: closed as soon as it is made."""
 
@@ -66,6 +77,20 @@ class BoundedRunner(web.AppRunner):
         self.listener = listener
         self.cap = connection_cap()
         self._throttle = Throttle()
+        # Protocols handed out and not yet among the server's connections, with when.
+        self._handed: dict[RequestHandler, float] = {}
+
+    def open_connections(self) -> int:
+        """Connections open or about to be: the server's, and those handed out since."""
+        real = self._server
+        if real is None:
+            return 0
+        now = asyncio.get_running_loop().time()
+        registered = set(real.connections)
+        for handler, at in list(self._handed.items()):
+            if handler in registered or now - at > HANDED_OUT_S:
+                del self._handed[handler]
+        return len(registered) + len(self._handed)
 
     # The sites take their protocol factory from this property (and only they do;
     # the runner's own shutdown uses the server itself): a factory that counts.
@@ -77,8 +102,10 @@ class BoundedRunner(web.AppRunner):
             return None
 
         def protocol() -> asyncio.BaseProtocol:
-            if len(real.connections) < self.cap:
-                return real()
+            if self.open_connections() < self.cap:
+                handler = real()
+                self._handed[handler] = asyncio.get_running_loop().time()
+                return handler
             unlogged = self._throttle.check("connections_full", self.listener)
             if unlogged is not None:
                 log.warning(
@@ -91,3 +118,17 @@ class BoundedRunner(web.AppRunner):
             return _Closed()
 
         return protocol
+
+
+@web.middleware
+async def refusals_close(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Close the connection after a refused request (a 4xx answer), so it holds no slot."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            exc.force_close()
+        raise
+    if 400 <= response.status < 500:
+        response.force_close()
+    return response

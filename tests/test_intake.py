@@ -365,6 +365,54 @@ async def test_connections_over_the_cap_are_closed_at_once_and_feeds_get_in_afte
         store.close()
 
 
+async def test_a_burst_of_connections_is_held_to_the_cap_and_a_refused_one_is_closed(
+    tmp_path: Path,
+) -> None:
+    # A second review: asyncio accepts a backlog of connections in one go and aiohttp
+    # registers each later, so counting registered ones let 1,014 in past a cap of 256.
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(tmp_path / "t")
+    sock = tmp_path / "data" / "intake.sock"
+    runner = await serve_unix(make_app(make_intake(store), token), sock)
+    assert isinstance(runner, serving.BoundedRunner)
+    runner.cap = 3
+    burst: list[socket.socket] = []
+    try:
+        for _ in range(40):  # all queued before the loop runs: one accept pass
+            feed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            burst.append(feed)
+            feed.setblocking(False)
+            feed.connect(str(sock))
+        await asyncio.sleep(0.5)
+
+        def closed_by_the_node(feed: socket.socket) -> bool:
+            try:
+                return feed.recv(1) == b""
+            except BlockingIOError:
+                return False
+
+        assert sum(not closed_by_the_node(feed) for feed in burst) == 3
+        assert runner.open_connections() == 3
+        for feed in burst:
+            feed.close()
+        await asyncio.sleep(0.2)
+        # A request refused (a wrong token) is answered, then its connection closed:
+        # asking again and again keeps no slot.
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(
+            b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 5)  # to the end: closed
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
+        writer.close()
+    finally:
+        for feed in burst:
+            feed.close()
+        await runner.cleanup()
+        store.close()
+
+
 def leave_stale_socket(path: Path) -> None:
     """What a SIGKILLed node leaves behind: a bound socket file nobody listens on."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

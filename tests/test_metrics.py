@@ -83,6 +83,10 @@ def test_the_rendered_page_carries_the_zeros() -> None:
         ("10.0.0.5:9464", False),
         ("127.0.0.1.attacker.example", False),
         ("[::1", False),
+        ("[::1]evil.example", False),
+        ("[::1]:", False),
+        ("localhost:evil", False),
+        ("127.0.0.1:9464x", False),
         ("", False),
     ],
 )
