@@ -1180,6 +1180,7 @@ class Node:
             self._wake_for_stop()
             # 2. planner, publisher (waits for in-flight acks) and receiver finish
             await asyncio.gather(*tasks, housekeeping, return_exceptions=True)
+            spool.close()
             # 3. acks reach the server before the connection goes
             if self.nc is not None:
                 # The hub may be gone (a reset connection): nothing is left to lose here,

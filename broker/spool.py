@@ -58,19 +58,41 @@ class Spool:
     all filing is done relative to them, and every file the node writes there is
     created anew (``O_EXCL | O_NOFOLLOW``). If one of them is not a directory,
     nothing is filed (``spool_error`` says why) and every batch waits in the spool.
+    The spool itself is opened once, at the start, and everything after is done
+    relative to that: a feed that may write the spool's parent could otherwise
+    swap the spool for a link to the data directory between two steps (a second
+    review moved the node's signing key out so). A file with another name
+    elsewhere (a hard link) is left unread and unchanged until it has none.
+
+    A batch's answers go to a file as they come (``rejected/.answers.tmp``, then
+    beside the batch), never all held in memory: one of 200,000 lines took 220 MB.
     """
 
     def __init__(self, directory: Path, intake: Intake) -> None:
         self.dir = directory
         self.intake = intake
         self.throttle = Throttle()
-        for sub in ("done", "rejected"):
-            (directory / sub).mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        # Following a link the operator configured, once; never again (see above).
+        self.fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for sub in FILED_INTO:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(sub, 0o700, dir_fd=self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        """Let go of the spool directory (the node's stop)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def candidates(self) -> list[Path]:
         """Regular files and symbolic links waiting here (links to be refused), oldest first."""
         found: list[tuple[float, str]] = []
-        with os.scandir(self.dir) as entries:
+        with os.scandir(self.fd) as entries:
             for entry in entries:
                 if entry.name.startswith(".") or entry.name.endswith(".tmp"):
                     continue
@@ -99,53 +121,85 @@ class Spool:
         return await self._take(path) == "filed"
 
     async def _take(self, path: Path) -> Taken:
-        splitter = LineSplitter(self.intake.max_bytes)
-        answers: list[dict[str, Any]] = []
         try:
-            opened = await asyncio.to_thread(_open_regular, path)
+            opened = await asyncio.to_thread(_open_regular, self.fd, path.name)
         except _NotRegularError as exc:
             await self._refuse(path, exc.kind)
             return "filed"
         with opened as handle:
             fd = handle.fileno()
             if await asyncio.to_thread(_open_for_writing, fd):
-                self._being_written(path, "open for writing")
+                self._being_written(path, f"open for writing: {_LEFT_OPEN}")
                 return "written"
-            read = 0
-            while chunk := await asyncio.to_thread(handle.read, 1 << 20):
+            if os.fstat(fd).st_nlink > 1:
+                # Another name of this file is elsewhere, where the feed put it (a
+                # hard link to one of the node's files, say): neither read nor made
+                # 0600; a feed that links a batch in and then unlinks the first
+                # name gets it read at a later poll.
+                self._being_written(
+                    path,
+                    "it has another name (a hard link): left unread until it has none;"
+                    " move files into the spool, do not link them",
+                )
+                return "written"
+            rejected = await asyncio.to_thread(_open_filed_into, self.fd, "rejected")
+            try:
+                return await self._answer(path, fd, rejected)
+            finally:
+                os.close(rejected)
+
+    async def _answer(self, path: Path, fd: int, rejected: int) -> Taken:
+        # Reads the batch open as ``fd``, its answers into rejected/'s ANSWERS, then files it.
+        splitter = LineSplitter(self.intake.max_bytes)
+        answers = await asyncio.to_thread(_create, rejected, ANSWERS)
+        read = records = 0
+        ok = unavailable = False
+        try:
+            ok = True
+            while chunk := await asyncio.to_thread(os.read, fd, 1 << 20):
                 read += len(chunk)
                 lines = splitter.feed(chunk)
                 for i in range(0, len(lines), MAX_BATCH):
-                    answers += await self.intake.process(lines[i : i + MAX_BATCH])
-            answers += await self.intake.process(splitter.finish())
-            if any(a.get("reason") == "unavailable" for a in answers):
-                return "unavailable"
-            return await self._file(path, fd, read, answers)
+                    given = await self.intake.process(lines[i : i + MAX_BATCH])
+                    ok, unavailable = _tally(given, ok, unavailable)
+                    records += len(given)
+                    await asyncio.to_thread(_write_all, answers, answer_bytes(given))
+            given = await self.intake.process(splitter.finish())
+            ok, unavailable = _tally(given, ok, unavailable)
+            records += len(given)
+            await asyncio.to_thread(_write_all, answers, answer_bytes(given))
+        finally:
+            os.close(answers)
+        if unavailable:
+            return "unavailable"
+        return await self._file(path, fd, read, records, "done" if ok else "rejected", rejected)
 
-    async def _file(self, path: Path, fd: int, read: int, answers: list[dict[str, Any]]) -> Taken:
-        # Files the batch open as ``fd``, of which ``read`` bytes were read and answered.
-        ok = all(a["status"] == "accepted" or a.get("reason") == "duplicate" for a in answers)
-        outcome = "done" if ok else "rejected"
-        results = answer_bytes(answers)
-        target = await asyncio.to_thread(_open_filed_into, self.dir, outcome)
+    async def _file(
+        self, path: Path, fd: int, read: int, records: int, outcome: str, rejected: int
+    ) -> Taken:
+        # Files the batch open as ``fd``, of which ``read`` bytes were read and answered
+        # (``records`` answers, in rejected/'s ANSWERS), into ``outcome``.
+        target = await asyncio.to_thread(_open_filed_into, self.fd, outcome)
         try:
-            filed = await asyncio.to_thread(_file_away, path, target, results)
+            filed = await asyncio.to_thread(_file_away, self.fd, path.name, target, rejected)
             # Checked once filed, so that nothing can fall between a check and the
             # move. The feed may have renamed its next batch under this name while
             # this one was read (the contract's way, a name used again): what was
             # moved is that batch, unread. It goes back, and this one, no longer in
             # the spool, is filed as a copy of what was read.
             if not await asyncio.to_thread(_same_file, fd, target, filed):
-                await asyncio.to_thread(_put_back, target, filed, path)
-                filed = await asyncio.to_thread(_file_away, path, target, results, fd)
+                await asyncio.to_thread(_put_back, target, filed, self.fd, path.name, rejected)
+                filed = await asyncio.to_thread(
+                    _file_away, self.fd, path.name, target, rejected, fd
+                )
             # A writer that opened it again while it was read (after the first
             # check), or one that check cannot see, may have written what was not
             # read. Then it goes back to be read again at the next poll (what was
             # accepted now is answered "duplicate" then); a writer's open by name
             # after the move makes a new file in the spool, read in its turn.
             elif await asyncio.to_thread(_written_since, fd, read):
-                await asyncio.to_thread(_put_back, target, filed, path)
-                self._being_written(path, "written to while it was read")
+                await asyncio.to_thread(_put_back, target, filed, self.fd, path.name, rejected)
+                self._being_written(path, f"written to while it was read: {_LEFT_OPEN}")
                 return "written"
         finally:
             os.close(target)
@@ -154,11 +208,12 @@ class Spool:
             file=shown_name(path.name),
             outcome=outcome,
             filed_as=shown_name(filed),
-            records=len(answers),
+            records=records,
         )
         return "filed"
 
     def _being_written(self, path: Path, why: str) -> None:
+        """Log (once a minute) that the batch at ``path`` was left in the spool, and why."""
         # One key for all files: a feed writing every batch in place, each under a
         # new name, must not grow the throttle without bound.
         unlogged = self.throttle.check("spool_file_waiting", "")
@@ -166,8 +221,7 @@ class Spool:
             log.warning(
                 "spool_file_waiting",
                 file=shown_name(path.name),
-                reason=f"{why}: left to be read once it is closed; write the file under"
-                " a temporary name and rename it into the spool",
+                reason=why,
                 **({"unlogged_before": unlogged} if unlogged else {}),
             )
 
@@ -178,9 +232,14 @@ class Spool:
             "reason": NOT_REGULAR,
             "detail": f"{kind}: the spool reads only regular files moved into it",
         }
-        target = await asyncio.to_thread(_open_filed_into, self.dir, "rejected")
+        target = await asyncio.to_thread(_open_filed_into, self.fd, "rejected")
         try:
-            filed = await asyncio.to_thread(_file_away, path, target, answer_bytes([answer]))
+            answers = await asyncio.to_thread(_create, target, ANSWERS)
+            try:
+                await asyncio.to_thread(_write_all, answers, answer_bytes([answer]))
+            finally:
+                os.close(answers)
+            filed = await asyncio.to_thread(_file_away, self.fd, path.name, target, target)
         finally:
             os.close(target)
         log.warning(
@@ -256,8 +315,8 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
-def _open_regular(path: Path) -> BinaryIO:
-    """Open ``path`` to read if it is a regular file itself; else ``_NotRegularError``.
+def _open_regular(spool: int, name: str) -> BinaryIO:
+    """Open ``name`` in ``spool`` to read if it is a regular file itself; else ``_NotRegularError``.
 
     ``O_NOFOLLOW`` refuses a link in the last component; the type is checked on
     the open descriptor, so an entry swapped after the listing is caught too.
@@ -267,7 +326,8 @@ def _open_regular(path: Path) -> BinaryIO:
     feed wrote it with (a file of another owner keeps its mode).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=spool)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _NotRegularError("a symbolic link") from None
@@ -275,8 +335,9 @@ def _open_regular(path: Path) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISREG(mode):
-            with contextlib.suppress(PermissionError):
-                os.fchmod(fd, 0o600)
+            if os.fstat(fd).st_nlink == 1:  # a hard link is left as it is (_take)
+                with contextlib.suppress(PermissionError):
+                    os.fchmod(fd, 0o600)
             os.set_blocking(fd, True)
             return os.fdopen(fd, "rb")
     except BaseException:
@@ -321,11 +382,31 @@ def _same_file(fd: int, folder: int, name: str) -> bool:
 FILED_INTO: Final = ("done", "rejected")
 """The spool's folders that batches are filed into, with their answers."""
 
+_LEFT_OPEN: Final = (
+    "left to be read once it is closed; write the file under a temporary name and rename it"
+    " into the spool"
+)
 
-def _open_filed_into(spool: Path, name: str) -> int:
-    """Open the spool's folder ``name`` (``done``, ``rejected``), never through a link."""
+ANSWERS: Final = ".answers.tmp"
+"""In ``rejected/``: the answers of the batch being read, until they are filed beside it."""
+
+
+def _tally(answers: list[dict[str, Any]], ok: bool, unavailable: bool) -> tuple[bool, bool]:
+    # Whether the batch is still all accepted (a duplicate is), and whether the store
+    # could not take a record: then the batch stays, to be read again.
+    for answer in answers:
+        if answer.get("reason") == "unavailable":
+            unavailable = True
+        if answer["status"] != "accepted" and answer.get("reason") != "duplicate":
+            ok = False
+    return ok, unavailable
+
+
+def _open_filed_into(spool: int, name: str) -> int:
+    """Open the open ``spool``'s folder ``name`` (``done``, ``rejected``), never through a link."""
     try:
-        return os.open(spool / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(name, flags, dir_fd=spool)
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
             raise
@@ -385,48 +466,46 @@ def filed_base(name: str) -> str:
     return f"{os.fsdecode(raw[: FILED_NAME_MAX - 13])}~{digest}"
 
 
-def _put_back(target: int, filed: str, path: Path) -> None:
+def _put_back(target: int, filed: str, spool: int, name: str, rejected: int) -> None:
     # Linked, never renamed, back: a rename would replace a new batch the feed put
     # under that name meanwhile. Then under the first free "<name>.N"; the answers
-    # go last, so a stop midway leaves what a stop while filing leaves.
+    # go last (back to rejected/'s ANSWERS, to be filed again), so a stop midway
+    # leaves what a stop while filing leaves.
     n = 0
     while True:
-        again = path if n == 0 else path.with_name(f"{filed_base(path.name)}.{n}")
+        again = name if n == 0 else f"{filed_base(name)}.{n}"
         try:
-            os.link(filed, again, src_dir_fd=target, follow_symlinks=False)
+            os.link(filed, again, src_dir_fd=target, dst_dir_fd=spool, follow_symlinks=False)
             break
         except FileExistsError:
             n += 1
     os.unlink(filed, dir_fd=target)
-    os.unlink(f"{filed}.result.ndjson", dir_fd=target)
+    os.replace(f"{filed}.result.ndjson", ANSWERS, src_dir_fd=target, dst_dir_fd=rejected)
 
 
-def _file_away(path: Path, target: int, results: bytes, copy_of: int | None = None) -> str:
-    # Moves the batch at ``path``, or with ``copy_of`` writes a copy of that open
-    # file's bytes under its name instead (its own name now holds another batch).
+def _file_away(
+    spool: int, batch: str, target: int, answers_in: int, copy_of: int | None = None
+) -> str:
+    # Moves the batch ``batch`` of the open ``spool`` into ``target``, and beside it the
+    # answers from ANSWERS in ``answers_in``; or with ``copy_of`` writes a copy of that
+    # open file's bytes under its name instead (its own name now holds another batch).
     # Never over an earlier file: a feed that reuses a file name would otherwise
     # lose the receipt of its earlier batch. The first free "<name>.N" is taken
     # for both the batch and its answers, so they stay paired. The spool task
     # files one file at a time and is the only writer here, so a name found free
     # stays free until used. ``target`` is the folder, open (``_open_filed_into``).
-    name = base = filed_base(path.name)
+    name = base = filed_base(batch)
     n = 0
     while _exists(target, name) or _exists(target, f"{name}.result.ndjson"):
         n += 1
         name = f"{base}.{n}"
     # The result file lands first, so a file in done/ or rejected/ always has its
     # answers; a stop in between leaves the answers alone and the batch in the
-    # spool, to be read again and filed under the next free name.
-    result = f"{name}.result.ndjson"
-    tmp = _create(target, f"{result}.tmp")
-    try:
-        _write_all(tmp, results)
-    finally:
-        os.close(tmp)
-    # A rename replaces the name itself, never what a link there points to.
-    os.replace(f"{result}.tmp", result, src_dir_fd=target, dst_dir_fd=target)
+    # spool, to be read again and filed under the next free name. A rename
+    # replaces the name itself, never what a link there points to.
+    os.replace(ANSWERS, f"{name}.result.ndjson", src_dir_fd=answers_in, dst_dir_fd=target)
     if copy_of is None:
-        os.replace(path, name, dst_dir_fd=target)
+        os.replace(batch, name, src_dir_fd=spool, dst_dir_fd=target)
         return name
     copy = _create(target, f"{name}.tmp")
     try:

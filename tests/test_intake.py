@@ -626,14 +626,14 @@ async def test_spool_files_nothing_through_a_link_the_feed_put_in_done_or_reject
     victim = elsewhere / "audit.db"
     victim.write_bytes(b"the node's own file")
 
-    # 1. A link planted where the answers' temporary file is written.
-    (spool_dir / "rejected" / "bad.ndjson.result.ndjson.tmp").symlink_to(victim)
+    # 1. A link planted where the answers are first written.
+    (spool_dir / "rejected" / ".answers.tmp").symlink_to(victim)
     (spool_dir / "bad.ndjson").write_bytes(b"{}\n")
     assert await spool.ingest(spool_dir / "bad.ndjson")
     assert victim.read_bytes() == b"the node's own file"
     answers = (spool_dir / "rejected" / "bad.ndjson.result.ndjson").read_bytes()
     assert json.loads(answers)["status"] == "rejected"
-    assert not (spool_dir / "rejected" / "bad.ndjson.result.ndjson.tmp").is_symlink()
+    assert not (spool_dir / "rejected" / ".answers.tmp").exists()
 
     # 2. rejected/ itself replaced by a link: nothing is filed, the batch waits.
     (spool_dir / "rejected").rename(spool_dir / "old")
@@ -649,6 +649,59 @@ async def test_spool_files_nothing_through_a_link_the_feed_put_in_done_or_reject
     (spool_dir / "old").rename(spool_dir / "rejected")
     assert await spool.ingest(spool_dir / "authorized_keys")
     assert (spool_dir / "rejected" / "authorized_keys").exists()
+
+
+async def test_spool_swapped_for_a_link_after_the_start_is_not_followed(tmp_path: Path) -> None:
+    # A second review: a feed that may write the spool's parent swapped the spool for
+    # a link to the node's data directory between two steps of a filing, and the
+    # node moved its own signing key out. The spool is opened once, at the start.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "feed" / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "signing.key").write_bytes(b"the node's secret")
+    try:
+        spool_dir.rename(tmp_path / "feed" / "real")
+        spool_dir.symlink_to(data)
+        assert spool.candidates() == []  # the real spool's entries, not the data's
+        (tmp_path / "feed" / "real" / "batch.ndjson").write_bytes(ndjson(jpn_records(1, seed=93)))
+        [batch] = spool.candidates()
+        assert batch.name == "batch.ndjson"
+        assert await spool.ingest(batch)
+        assert (tmp_path / "feed" / "real" / "done" / "batch.ndjson").exists()
+        assert sorted(p.name for p in data.iterdir()) == ["signing.key"]
+        assert (data / "signing.key").read_bytes() == b"the node's secret"
+    finally:
+        spool.close()
+
+
+async def test_spool_leaves_a_hard_link_unread_and_unchanged(tmp_path: Path) -> None:
+    # A second review: a hard link to another file was read, made 0600 (the
+    # original's mode changed) and kept in rejected/ for good.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    roster = tmp_path / "roster.json"
+    roster.write_bytes(b'{"keys": []}\n')
+    roster.chmod(0o644)
+    try:
+        os.link(roster, spool_dir / "roster.ndjson")
+        with structlog.testing.capture_logs() as logs:
+            assert not await spool.ingest(spool_dir / "roster.ndjson")
+        assert stat.S_IMODE(roster.stat().st_mode) == 0o644
+        assert (spool_dir / "roster.ndjson").exists()
+        assert list((spool_dir / "rejected").iterdir()) == []
+        assert [e["reason"] for e in logs if e["event"] == "spool_file_waiting"] == [
+            "it has another name (a hard link): left unread until it has none;"
+            " move files into the spool, do not link them"
+        ]
+        # Once it is the only name, it is a batch like any other.
+        roster.unlink()
+        assert await spool.ingest(spool_dir / "roster.ndjson")
+        assert (spool_dir / "rejected" / "roster.ndjson").exists()
+    finally:
+        spool.close()
 
 
 async def test_spool_files_batches_0600_whatever_mode_the_feed_wrote_them(tmp_path: Path) -> None:
