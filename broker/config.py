@@ -403,6 +403,9 @@ def parse_config(
 
 def _resolve(path: Path, key: str) -> Path:
     # A symlink loop on the way is a RuntimeError from pathlib, not an OSError.
+    if "\0" in str(path):
+        # No system call takes it (ValueError: embedded null byte, a traceback once).
+        raise ConfigError(f"config key {key}: the path holds a NUL character (\\u0000)")
     try:
         return path.resolve()
     except (OSError, RuntimeError) as exc:

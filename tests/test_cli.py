@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ import pytest
 from node_world import MSMT, REPO
 
 from broker import __version__, feeds, keys, samples
+from broker import cli as cli_module
 from broker.cli import FAMILIES
 from broker.cli.options import rfc3339
 from broker.errors import UsageError
@@ -54,7 +56,10 @@ def _interrupted_run(tmp_path: Path, module: str, *args: str) -> subprocess.Comp
 @pytest.mark.parametrize(
     ("module", "args"),
     [
-        # While a command's family loads, before it runs (most of a second)...
+        # While the CLI itself is imported, by the console script's entry point (a
+        # bad-input sweep: a traceback and a kill by SIGINT)...
+        ("click", ("--version",)),
+        # ...while a command's family loads, before it runs (most of a second)...
         ("broker.cli.node", ("status", "--config", str(REPO / "nodes/JPN/node.toml"))),
         # ...or every family, for the list of commands.
         ("broker.cli.audit", ("--help",)),
@@ -71,6 +76,37 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(
     assert done.returncode == 130, done.stderr
     assert done.stderr == "msmt: interrupted\n"
     assert done.stdout == ""
+
+
+def test_a_ctrl_c_while_a_family_loads_is_held_until_it_has_loaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Raised inside the import, pydantic wrapped it in a SchemaError as it built a
+    # model's validator: a traceback (a bad-input sweep). It is held, then raised.
+    loaded: list[str] = []
+
+    def load(family: str) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # bytecodes: where a handler that raises would
+            pass
+        loaded.append(family)
+
+    monkeypatch.setattr(cli_module, "_load", load)
+    with pytest.raises(KeyboardInterrupt):
+        cli_module._load_holding_sigint("data")
+    assert loaded == ["data"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_entry_point_imports_the_cli_only_under_its_guard() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, broker.entry; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = set(ast.literal_eval(done.stdout))
+    assert not {"click", "broker.cli", "pydantic", "signal"} & loaded
 
 
 def test_the_hook_interrupts_nothing_it_is_not_asked_to(tmp_path: Path) -> None:

@@ -117,6 +117,22 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             BASE.replace("[nats]\n", '[nats]\nca_file = "tls/ca.pem"\n'),
             "config key nats.urls: 'nats://hub-2:4222' is not a tls:// URL",
         ),
+        # A bad-input sweep: a NUL in a path was a ValueError traceback.
+        (
+            {},
+            BASE.replace('data_dir = "data/JPN"', 'data_dir = "data/J\\u0000PN"'),
+            "config key data_dir: the path holds a NUL character (\\u0000)",
+        ),
+        (
+            {},
+            BASE.replace('base_dir = "../.."', 'base_dir = "..\\u0000"'),
+            "config key base_dir: the path holds a NUL character",
+        ),
+        (
+            {"MSMT_DATA_DIR": "data/J\0PN"},
+            BASE,
+            "config key data_dir: the path holds a NUL character",
+        ),
     ],
 )
 def test_invalid_config_fails_with_one_line_naming_the_key(

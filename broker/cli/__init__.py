@@ -11,17 +11,17 @@ loses what was written to it, never the exit code, and never stops a node.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+from types import FrameType
 from typing import Any, Final, NoReturn
 
 import click
 
 from broker import __version__
 from broker.cli.options import error_line, guarded_stderr, guarded_stdout, hold_stdin
+from broker.entry import INTERRUPTED_EXIT
 from broker.errors import MsmtError, StdoutError, UsageError
-
-INTERRUPTED_EXIT: int = 130
-"""The shell's status for a command ended by SIGINT (128 + 2)."""
 
 
 def _fail(exc: MsmtError) -> NoReturn:
@@ -88,7 +88,7 @@ class _Group(click.Group):
         """The command named ``cmd_name``, its family imported first if need be."""
         if cmd_name not in self.commands and cmd_name in FAMILIES:
             try:
-                _load(FAMILIES[cmd_name])
+                _load_holding_sigint(FAMILIES[cmd_name])
             except KeyboardInterrupt:
                 # --help looks commands up inside click's own main, which would
                 # print "Aborted!" and exit 1.
@@ -129,6 +129,30 @@ FAMILIES: Final[dict[str, str]] = {
     "demo": "demo",
 }
 """Each top-level command's family: the module ``broker.cli.<family>`` whose ``COMMANDS`` has it."""
+
+
+def _load_holding_sigint(family: str) -> None:
+    """``_load``, a Ctrl-C meanwhile held until the import is done, then raised.
+
+    Raised inside the import, pydantic wrapped it in a ``SchemaError`` while it
+    built a model's validator, which was a traceback (a bad-input sweep).
+    """
+    asked: list[int] = []
+
+    def hold(signum: int, _frame: FrameType | None) -> None:
+        asked.append(signum)
+
+    try:
+        before = signal.signal(signal.SIGINT, hold)
+    except ValueError:  # not the main thread: a test's runner
+        _load(family)
+        return
+    try:
+        _load(family)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if asked:
+        raise KeyboardInterrupt
 
 
 def _load(family: str) -> None:
