@@ -281,6 +281,29 @@ def test_a_stdout_that_fails_is_one_line_and_exit_1_for_every_command(
     )
 
 
+def test_a_reader_that_leaves_midway_through_a_large_write_is_output_cut_short() -> None:
+    # "| head -c 10" on one large write: Python's buffered writer returned the short
+    # count, which the text layer dropped, and the command exited 0 with 2.4 MB
+    # unwritten (a bad-input sweep). The reader here takes 10 bytes and leaves.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    command = [MSMT, "samples", "generate", "--count", "5000"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as run:
+        assert run.stdout is not None
+        assert run.stderr is not None
+        assert len(run.stdout.read(10)) == 10
+        run.stdout.close()
+        err = run.stderr.read()
+        code = run.wait(timeout=60)
+    assert (code, err) == (
+        1,
+        b"msmt: error: stdout was closed before the whole output was written\n",
+    )
+    # Read whole, the same output is 2.4 MB and exit 0.
+    whole = subprocess.run(command, capture_output=True, env=env, timeout=60, check=False)
+    assert (whole.returncode, whole.stderr) == (0, b"")
+    assert len(whole.stdout.splitlines()) == 5000
+
+
 def _run_with_stderr(how: str, args: list[str]) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
     if how == "closed":  # the shell's "2>&-": no fd 2 at all when msmt starts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -57,6 +58,10 @@ def _silence(fd: int) -> None:
     os.close(devnull)
 
 
+_WHOLE: Final = 8192
+"""Characters the text stream is left to write itself: its buffer's flush writes them whole."""
+
+
 class _GuardedStdout:
     """``sys.stdout`` whose failures are one ``StdoutError``, never a raw ``OSError``.
 
@@ -72,7 +77,23 @@ class _GuardedStdout:
     def write(self, text: str) -> int:
         """Write as the stream does; ``StdoutError`` if stdout fails or has failed."""
         with self._failing():
-            return self._stream.write(text)
+            buffer = getattr(self._stream, "buffer", None)
+            if len(text) <= _WHOLE or buffer is None:
+                return self._stream.write(text)
+            # A large write to a pipe whose reader leaves (``| head``) is cut short,
+            # and Python's buffered writer returns the short count, which the text
+            # layer drops: the rest was lost and the command exited 0 (a bad-input
+            # sweep). So the bytes go out here, and what is left is written again,
+            # which then fails as a closed pipe does.
+            self._stream.flush()
+            view = memoryview(text.encode(self._stream.encoding, self._stream.errors or "strict"))
+            while view:
+                written = buffer.write(view)
+                if not written:
+                    raise OSError(errno.EAGAIN, "stdout took none of a write")
+                view = view[written:]
+            buffer.flush()
+            return len(text)
 
     def flush(self) -> None:
         """Flush as the stream does; ``StdoutError`` if stdout fails or has failed."""
