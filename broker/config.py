@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from broker.errors import ConfigError
 from broker.files import read_file_text
 from broker.members import Member
-from broker.natstls import CONFIG_NAMES, check_tls_settings, client_tls_context, display_url
+from broker.natstls import CONFIG_NAMES, check_tls_settings, client_tls_context, url_problem
 from broker.policy import Policy, load_policy
 from broker.validation import MAX_RECORD_BYTES
 
@@ -99,8 +99,9 @@ class NatsSection(_Section):
     @classmethod
     def _urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
         for url in urls:
-            if not url.startswith(("nats://", "tls://")):
-                raise ValueError(f"{display_url(url)!r} is not a nats:// or tls:// URL")
+            problem = url_problem(url)
+            if problem is not None:
+                raise ValueError(problem)
         return urls
 
     def tls_context(self) -> ssl.SSLContext | None:
@@ -436,4 +437,14 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
     if "rules" in data and "nats" not in data:
         # Rather than "config key nats: Field required" (a new user's trial).
         raise ConfigError(f"config {path} is a policy file, not a node.toml (docs/NODE.md)")
-    return parse_config(data, path.parent, env)
+    try:
+        return parse_config(data, path.parent, env)
+    except ConfigError as exc:
+        if data:
+            raise
+        # "config key member: Field required" named no file. (An empty file is fine
+        # where the environment sets all a node needs.)
+        raise ConfigError(
+            f"config {path} is empty, and the environment does not set all a node needs:"
+            f" {exc} (docs/NODE.md)"
+        ) from None

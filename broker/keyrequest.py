@@ -335,7 +335,10 @@ def _read_outer(path: Path) -> Any:
         # The codec's message would quote a byte of what may be a private key.
         raise KeyMaterialError(f"{path} is not UTF-8 text") from None
     except ValueError as exc:
-        raise KeyMaterialError(f"{path} is not valid JSON: {exc}") from None
+        # The parser's words begin "not valid JSON" themselves, or say what is wrong.
+        reason = str(exc)
+        said = reason if reason.startswith("not valid JSON") else f"not valid JSON: {reason}"
+        raise KeyMaterialError(f"{path} is {said}") from None
 
 
 def _b64_json(path: Path, text: Any, what: str) -> tuple[bytes, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
 import os
@@ -100,6 +101,11 @@ def _make_folder(folder: Path, *, private: bool) -> None:
     umask 000 others could then swap a member's key folder, or the roster and its
     authority, for their own. Raises ``OSError``.
     """
+    for above in (*reversed(folder.parents), folder):
+        if above.exists() and not above.is_dir():
+            # mkdir's own word for it is "File exists", which named the file to be
+            # written, not the file in the way (a bad-input sweep).
+            raise NotADirectoryError(errno.ENOTDIR, f"{above} is not a directory")
     for above in reversed(folder.parents):
         if not above.is_dir():
             above.mkdir(mode=0o755, exist_ok=True)

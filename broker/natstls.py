@@ -207,6 +207,31 @@ def _spki(public: PublicKeyTypes) -> bytes:
     )
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` is no hub server's URL (``nats://`` or ``tls://``, a host, a port), or None.
+
+    Checked before any connection: nats-py's own words for a malformed one
+    (``invalid connect url option``) name no URL, and came at each retry.
+    """
+    shown = display_url(url)
+    if not url.startswith(("nats://", "tls://")):
+        return f"{shown!r} is not a nats:// or tls:// URL"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        # Unparsable, it cannot be shown without perhaps showing a password in it.
+        return f"a URL is not well-formed ({exc}); it is not shown, as it may hold a password"
+    try:
+        port = parts.port
+    except ValueError as exc:
+        return f"{shown!r} has no valid port ({exc})"
+    if not parts.hostname:
+        return f"{shown!r} names no host"
+    if port == 0:
+        return f"{shown!r} names port 0"
+    return None
+
+
 def display_url(url: str) -> str:
     """``url`` fit for a message: any user and password in it replaced by ``***``.
 

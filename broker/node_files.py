@@ -13,12 +13,13 @@ import base64
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import NodeConfig
-from broker.errors import KeyMaterialError
+from broker.errors import ConfigError, KeyMaterialError
 from broker.files import read_file_bytes, read_file_text
 from broker.keys import (
     MemberKeys,
@@ -26,6 +27,7 @@ from broker.keys import (
     check_private_file,
     load_member_keys,
     load_pinned_roster,
+    nats_public,
 )
 from broker.policy import Policy
 
@@ -63,6 +65,9 @@ def load_files(config: NodeConfig, at: datetime) -> NodeFiles:
             seed = read_file_bytes(config.nats.seed_file).strip()
         except OSError as exc:
             raise KeyMaterialError(f"cannot read {config.nats.seed_file}: {exc.strerror}") from None
+        # Checked here, not at the hub: a file of junk passed node check, then ended
+        # the running node with a UnicodeDecodeError naming no file (a bad-input sweep).
+        nats_public(seed, f"nats.seed_file {config.nats.seed_file}")
     else:
         seed = keys.nats_seed
     # Built once, here: a bad CA, certificate or key stops the node before it connects.
@@ -73,6 +78,16 @@ def load_files(config: NodeConfig, at: datetime) -> NodeFiles:
     if not isinstance(signing, Ed25519PrivateKey):
         raise KeyMaterialError(f"{config.member}'s signing key is not a private Ed25519 key")
     return NodeFiles(signed, keys, signing, seed, tls, policy, policy_text, pseudonym)
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Raise ``ConfigError`` if ``data_dir`` is there but no directory (a start makes it).
+
+    A regular file there passed ``node check`` ("none yet") and failed the start
+    with "cannot create ...: File exists" (a bad-input sweep).
+    """
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"config key data_dir: {data_dir} is not a directory")
 
 
 def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:

@@ -36,7 +36,7 @@ from broker.members import MEMBERS
 from broker.metrics import Metrics
 from broker.natstls import CONFIG_NAMES, certificate_expiry
 from broker.node import Node
-from broker.node_files import load_files
+from broker.node_files import check_data_dir, load_files
 from broker.planner import Planner, Signer
 from broker.publisher import RunDb
 from broker.receiver import Inbound
@@ -183,6 +183,7 @@ def _log_start(
 
 
 def _make_data_dir(data_dir: Path) -> None:
+    check_data_dir(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:

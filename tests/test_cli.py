@@ -622,8 +622,19 @@ def test_submit_before_the_node_ever_started_says_where_the_token_comes_from(
             " (see msmt inbox list --help)",
         ),
         (["frobnicate"], "No such command 'frobnicate'. (see msmt --help)"),
+        # A bad-input sweep: NaN passed a click.FloatRange, and inf one with no maximum.
+        (
+            ["audit", "verify", "x", "--wait", "nan"],
+            "Invalid value for '--wait': 'nan' is not a finite number"
+            " (see msmt audit verify --help)",
+        ),
+        (
+            ["nats", "setup", "--account", "JPN", "--max-age-days", "inf"],
+            "Invalid value for '--max-age-days': 'inf' is not a finite number"
+            " (see msmt nats setup --help)",
+        ),
     ],
-    ids=["option", "missing", "value", "command"],
+    ids=["option", "missing", "value", "command", "nan", "inf"],
 )
 def test_a_command_line_click_refuses_is_one_line_and_exit_2(
     tmp_path: Path, args: list[str], reason: str

@@ -117,6 +117,23 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             BASE.replace("[nats]\n", '[nats]\nca_file = "tls/ca.pem"\n'),
             "config key nats.urls: 'nats://hub-2:4222' is not a tls:// URL",
         ),
+        # A bad-input sweep: a malformed URL was nats-py's "invalid connect url option",
+        # naming no URL, at each retry of a running node.
+        (
+            {},
+            BASE.replace('urls = ["nats://127.0.0.1:4222"]', 'urls = ["nats://u:pw@[::1:9999"]'),
+            "config key nats.urls: a URL is not well-formed (Invalid IPv6 URL); it is not shown",
+        ),
+        (
+            {"MSMT_NATS_URLS": "nats://hub-1:99999"},
+            BASE,
+            "config key nats.urls: 'nats://hub-1:99999' has no valid port (Port out of range",
+        ),
+        (
+            {},
+            BASE.replace('urls = ["nats://127.0.0.1:4222"]', 'urls = ["nats://:4222"]'),
+            "config key nats.urls: 'nats://:4222' names no host",
+        ),
         # A bad-input sweep: a NUL in a path was a ValueError traceback.
         (
             {},
@@ -163,6 +180,26 @@ def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> N
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot read config .*node\.toml"):
         load_config(tmp_path / "node.toml", env={})
+
+
+def test_an_empty_file_is_named_as_such(tmp_path: Path) -> None:
+    # A bad-input sweep: "config key member: Field required" named no file.
+    (tmp_path / "node.toml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "node.toml", env={})
+    assert str(info.value) == (
+        f"config {tmp_path / 'node.toml'} is empty, and the environment does not set all a"
+        " node needs: config key member: Field required (docs/NODE.md)"
+    )
+    # Where the environment sets all, an empty file is a config like any other.
+    env = {
+        "MSMT_MEMBER": "JPN",
+        "MSMT_POLICY": "policy.toml",
+        "MSMT_DATA_DIR": "data",
+        "MSMT_NATS_URLS": "nats://127.0.0.1:4222",
+        "MSMT_KEY_DIR": "keys",
+    }
+    assert load_config(tmp_path / "node.toml", env=env).member == "JPN"
 
 
 def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:

@@ -487,6 +487,19 @@ def test_cli_init_rotate_revoke_verify(tmp_path: Path) -> None:
     assert "unknown member 'XYZ'" in result.stderr
 
 
+def test_writing_keys_under_a_file_names_the_file_in_the_way(tmp_path: Path) -> None:
+    # A bad-input sweep: "cannot write .../x/JPN/...jwk: File exists", naming the file
+    # to be written, when a file stood where a folder had to be.
+    (tmp_path / "file.txt").write_text("x\n")
+    result = CliRunner().invoke(
+        main, ["keys", "init", "--dir", str(tmp_path / "file.txt" / "keys"), "--members", "JPN"]
+    )
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"msmt: error: cannot write {tmp_path / 'file.txt'}/keys/")
+    assert result.stderr.endswith(f": {tmp_path / 'file.txt'} is not a directory\n")
+    assert (tmp_path / "file.txt").read_text() == "x\n"
+
+
 def test_node_pins_the_authority_and_remembers_the_highest_version(
     keydir: Path, tmp_path: Path
 ) -> None:

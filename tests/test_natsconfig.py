@@ -286,6 +286,24 @@ def test_setup_does_not_repeat_a_password_in_the_server_url(keydir: Path) -> Non
     assert done.stderr.startswith(f"msmt: error: cannot connect to nats://***@127.0.0.1:{port} ")
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://hub-1:4222", "'http://hub-1:4222' is not a nats:// or tls:// URL"),
+        ("nats://hub-1:99999", "'nats://hub-1:99999' has no valid port"),
+        ("nats://op:hunter2@[::1", "a URL is not well-formed (Invalid IPv6 URL)"),
+    ],
+)
+def test_setup_refuses_a_server_that_is_no_hub_url_before_connecting(
+    keydir: Path, url: str, reason: str
+) -> None:
+    # A bad-input sweep: "http://x" got as far as "Name or service not known".
+    done = msmt("nats", "setup", "--server", url, "--keys", str(keydir), "--account", "JPN")
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.startswith(f"msmt: error: --server: {reason}"), done.stderr
+    assert "hunter2" not in done.stderr
+
+
 def test_setup_against_a_port_nobody_listens_on_is_one_line_and_quick(keydir: Path) -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     started = time.monotonic()

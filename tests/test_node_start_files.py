@@ -65,6 +65,51 @@ def test_a_file_that_is_not_utf8_text_is_one_line(folder: Path, damaged: str, re
     assert (checked.returncode, checked.stdout, checked.stderr) == (2, "", done.stderr)
 
 
+def test_a_nats_seed_file_of_junk_is_found_by_node_check(folder: Path) -> None:
+    # A bad-input sweep: node check said "ok", and the running node then ended with a
+    # UnicodeDecodeError naming no file.
+    junk = folder / "seed.nk"
+    junk.write_bytes(b"\xfc\x00 not a seed\n")
+    junk.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    env["MSMT_NATS_SEED_FILE"] = str(junk)
+    config = str(folder / "nodes" / "JPN" / "node.toml")
+    checked = subprocess.run(
+        [MSMT, "node", "check", "--config", config],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert checked.returncode == 2, checked.stdout
+    assert checked.stderr == (
+        f"msmt: error: nats.seed_file {junk}: malformed nkey seed (not base32)\n"
+    )
+
+
+def test_a_data_dir_that_is_a_file_is_named_by_node_check_and_run(folder: Path) -> None:
+    # A bad-input sweep: node check said "none yet (the first start makes it)" and ok,
+    # and node run then "cannot create ...: File exists".
+    not_a_dir = folder / "data.txt"
+    not_a_dir.write_text("a file\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    env.update(MSMT_DATA_DIR=str(not_a_dir), MSMT_NATS_URLS="nats://op:hunter2@127.0.0.1:1")
+    config = str(folder / "nodes" / "JPN" / "node.toml")
+    line = f"msmt: error: config key data_dir: {not_a_dir} is not a directory\n"
+    for command in ("check", "run"):
+        done = subprocess.run(
+            [MSMT, "node", command, "--config", config],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=60,
+        )
+        assert (command, done.returncode, done.stderr) == (command, 2, line)
+        assert "hunter2" not in done.stdout  # node check's nats line shows no password
+    assert not_a_dir.read_text() == "a file\n"
+
+
 def _tree(root: Path) -> dict[str, tuple[int, bytes | None]]:
     return {
         str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes() if p.is_file() else None)

@@ -212,7 +212,15 @@ async def test_reports_a_partner_refused_as_too_old_reach_it_after_msmt_node_res
             ["--to", "USA", "--since", "2026-12-01T00:00:00Z", "--report", "r"],
             "give either --since (a time range) or --report (report ids)",
         ),
-        (["--to", "USA", "--report", "r"], "--report 'r' is not a report id (a lower-case UUID)"),
+        (
+            ["--to", "USA", "--report", "r"],
+            "--report 'r' is not a report id (a lower-case UUID, not the nil or the max UUID)",
+        ),
+        (
+            ["--to", "USA", "--report", "00000000-0000-0000-0000-000000000000"],
+            "--report '00000000-0000-0000-0000-000000000000' is not a report id (a lower-case"
+            " UUID, not the nil or the max UUID)",
+        ),
         (
             ["--to", "USA", "--until", "2026-12-01T00:00:00Z", "--report", "r"],
             "--until needs --since",

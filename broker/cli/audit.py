@@ -40,7 +40,7 @@ from broker.checkpoint import (
     roster_revoked_log_keys,
     roster_witness_keys,
 )
-from broker.cli.options import echo_line, write_stdout
+from broker.cli.options import Finite, echo_line, write_stdout
 from broker.envelope import Received
 from broker.errors import AuditError, EnvelopeError, InputError, MsmtError, UsageError
 from broker.files import read_file_bytes, read_file_text
@@ -199,7 +199,7 @@ def _witness_keys(witnesses: Path | None, trusted: Roster | None, origin: str) -
 )
 @click.option(
     "--wait",
-    type=click.FloatRange(0, 3600),
+    type=Finite(0, 3600),
     default=0,
     metavar="SECONDS",
     help="With --cosigned: wait up to this long for the latest checkpoint, or a later one,"

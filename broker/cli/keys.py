@@ -16,7 +16,7 @@ import click
 
 from broker import keyrequest, natsconfig, natstls, natsusers, pseudonym_keys
 from broker import keys as keyfiles
-from broker.cli.options import echo_line, stdin_buffer
+from broker.cli.options import Finite, echo_line, stdin_buffer
 from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.files import read_file_bytes
 from broker.members import MEMBERS, parse_members
@@ -585,7 +585,7 @@ def nats_config(
 )
 @click.option(
     "--max-age-days",
-    type=click.FloatRange(0.01),
+    type=Finite(min=0.01),
     default=None,
     help="How long an unread report stays in the inbox (a new one 30; without it an"
     " existing one keeps its own); archives keep all.",
@@ -642,6 +642,9 @@ def nats_setup(
     account = account.upper()
     if account not in (*MEMBERS, keyfiles.AUDIT_ACCOUNT):
         raise UsageError(f"unknown account {account!r}: a member trigraph or AUDIT")
+    problem = natstls.url_problem(url)
+    if problem is not None:
+        raise UsageError(f"--server: {problem}")
     tls = natstls.client_tls_context([url], tls_ca, tls_cert, tls_key, natstls.CLI_NAMES)
     path = keydir / account / keyfiles.NATS_SEED_FILE
     try:

@@ -103,7 +103,8 @@ def node_check(config_path: Path) -> None:
     the start's exit status (2 for a configuration, key or restore error). Safe
     beside a running node. Only a start reaches the hub and takes its ports.
     """
-    from broker.node_files import load_files  # noqa: PLC0415
+    from broker.natstls import display_url  # noqa: PLC0415
+    from broker.node_files import check_data_dir, load_files  # noqa: PLC0415
     from broker.reconcile import check_restore  # noqa: PLC0415
 
     config = _config(config_path)
@@ -120,9 +121,11 @@ def node_check(config_path: Path) -> None:
         f" {len(keys.decryption)} decryption key(s){waiting}"
     )
     tls = "on" if files.tls is not None else "off"
-    echo_line(f"nats {', '.join(config.nats.urls)}: seed {config.seed_path}, TLS {tls}")
+    urls = ", ".join(display_url(url) for url in config.nats.urls)  # no password shown
+    echo_line(f"nats {urls}: seed {config.seed_path}, TLS {tls}")
     named = f", {len(files.pseudonym)} pseudonym key(s)" if files.pseudonym else ""
     echo_line(f"policy {config.policy}: {files.policy.digest}{named}")
+    check_data_dir(config.data_dir)
     if not config.store_path.exists():
         echo_line(f"store {config.store_path}: none yet (the first start makes it)")
         click.echo(_CHECKED)
@@ -203,7 +206,10 @@ def node_resend(
         raise UsageError("--until needs --since")
     for report_id in report_ids:
         if not is_report_id(report_id):
-            raise UsageError(f"--report {report_id!r} is not a report id (a lower-case UUID)")
+            raise UsageError(
+                f"--report {report_id!r} is not a report id (a lower-case UUID, not the nil"
+                " or the max UUID)"
+            )
     sent_from = None if since is None else rfc3339("--since", since).timestamp()
     sent_until = None if until is None else rfc3339("--until", until).timestamp()
     if sent_from is not None and sent_until is not None and sent_until <= sent_from:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -304,6 +305,21 @@ def error_line(exc: Exception) -> str:
         left_out = len(reason) - head - tail
         reason = f"{reason[:head]} [... {left_out} characters left out ...] {reason[-tail:]}"
     return f"msmt: error: {reason}"
+
+
+class Finite(click.FloatRange):
+    """A ``click.FloatRange`` that refuses NaN and infinities as well.
+
+    NaN compares false with both bounds, so ``--wait nan`` passed the range and was
+    taken, and a range with no upper bound took ``inf`` (a bad-input sweep).
+    """
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The number, or click's usage error for one not finite or outside the range."""
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def rfc3339(option: str, text: str) -> datetime:
