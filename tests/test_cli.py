@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from audit_helpers import build_log, log_verifier
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from node_world import MSMT, REPO
 
 from broker import __version__, feeds, keys, samples
@@ -709,3 +711,25 @@ def test_reading_stdin_at_a_terminal_says_so_first(tmp_path: Path) -> None:
         [MSMT, "validate"], input=record + b"\n", capture_output=True, env=env, check=False
     )
     assert (piped.returncode, piped.stderr) == (0, b"1 valid, 0 invalid\n")
+
+
+def test_an_audit_file_that_holds_nothing_usable_is_named(tmp_path: Path) -> None:
+    # A bad-input sweep: "roster is not a JWK Set: no 'keys' list" named no file, and an
+    # empty --witnesses file was "a quorum of 1 needs at least 1 witness keys".
+    log, roster, witnesses = tmp_path / "log", tmp_path / "roster.json", tmp_path / "w.txt"
+    key = Ed25519PrivateKey.generate()
+    build_log(log, key, [2]).close()
+    roster.write_text('{"x": 1}\n')
+    witnesses.write_text("")
+    done = _msmt("audit", "verify", str(log), "--roster", str(roster), data=tmp_path)
+    reason = "roster is not a JWK Set: no 'keys' list"
+    assert (done.returncode, done.stderr) == (2, f"msmt: error: --roster {roster}: {reason}\n")
+    vkey = log_verifier(key).vkey()
+    done = _msmt(
+        "audit", "verify", str(log), "--log-key", vkey, "--cosigned", "--quorum", "1",
+        "--witnesses", str(witnesses), data=tmp_path,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"msmt: error: --witnesses {witnesses} holds no verifier key\n",
+    ), done.stderr

@@ -42,7 +42,14 @@ from broker.checkpoint import (
 )
 from broker.cli.options import Finite, echo_line, write_stdout
 from broker.envelope import Received
-from broker.errors import AuditError, EnvelopeError, InputError, MsmtError, UsageError
+from broker.errors import (
+    AuditError,
+    EnvelopeError,
+    InputError,
+    KeyMaterialError,
+    MsmtError,
+    UsageError,
+)
 from broker.files import read_file_bytes, read_file_text
 from broker.members import MEMBERS
 from broker.merkle import verify_consistency, verify_inclusion
@@ -64,7 +71,14 @@ def _roster(keydir: Path | None, authority: Path | None, roster: Path | None) ->
             keydir, authority_path=authority, authority_option="--authority"
         ).roster
     if roster is not None:
-        return Roster.from_jwks(keyfiles.read_json(roster))
+        try:
+            return Roster.from_jwks(keyfiles.read_json(roster))
+        except KeyMaterialError as exc:
+            # "roster is not a JWK Set" named no file (a bad-input sweep).
+            text = str(exc)
+            raise KeyMaterialError(
+                text if str(roster) in text else f"--roster {roster}: {text}"
+            ) from None
     return None
 
 
@@ -173,6 +187,9 @@ def _witness_keys(witnesses: Path | None, trusted: Roster | None, origin: str) -
     """The witness keys ``--cosigned`` counts: ``--witnesses FILE``, else the roster's."""
     if witnesses is not None:
         keys = _vkeys(_read_vkey_file(witnesses), str(witnesses))
+        if not keys:
+            # Else "a quorum of 1 needs at least 1 witness keys" (a bad-input sweep).
+            raise UsageError(f"--witnesses {witnesses} holds no verifier key")
         for key in keys:
             # A log key here would match no cosignature line and only show as
             # "0 valid witness cosignatures"; say what is wrong instead.
