@@ -514,8 +514,15 @@ class Store:
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         try:
             return self._db.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:
             raise StoreError(f"store {self.path.name}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            # Pages of the file are not SQLite's (zeroed, overwritten): say what to do
+            # (a bad-input sweep got the bare "database disk image is malformed").
+            raise StoreError(
+                f"store {self.path.name} is damaged: {exc}; restore it from a backup"
+                " (docs/DEPLOY.md, 'Backing up and restoring a node')"
+            ) from None
 
     def _lookup(self, template: str, row: str, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
         # A batch's lookup with its rows bound as parameters (``row`` placeholders

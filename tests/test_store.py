@@ -873,3 +873,28 @@ def test_a_read_of_a_damaged_store_in_a_snapshot_is_a_store_error(tmp_path: Path
     with pytest.raises(StoreError, match="malformed"), damaged.snapshot():
         damaged.inbox(limit=1000)
     damaged.close()
+
+
+def test_a_read_of_damaged_pages_says_to_restore_from_a_backup(tmp_path: Path) -> None:
+    # A bad-input sweep: pages zeroed in a store gave node check and inbox list the bare
+    # "store node.sqlite3: database disk image is malformed".
+    path = tmp_path / "node.sqlite3"
+    store = Store(path)
+    store.store_received(
+        [received("USA", f"{i:08d}-0000-4000-8000-000000000000") for i in range(400)]
+    )
+    store.close()
+    pages = path.stat().st_size // PAGE_SIZE
+    with path.open("r+b") as raw:  # every page but the schema's
+        raw.seek(PAGE_SIZE)
+        raw.write(bytes(PAGE_SIZE * (pages - 1)))
+    damaged = Store(path, readonly=True)
+    try:
+        with pytest.raises(StoreError) as info:
+            damaged.inbox(limit=1000)
+    finally:
+        damaged.close()
+    assert str(info.value) == (
+        "store node.sqlite3 is damaged: database disk image is malformed; restore it from a"
+        " backup (docs/DEPLOY.md, 'Backing up and restoring a node')"
+    )
