@@ -48,7 +48,7 @@ def msmt_command() -> list[str]:
     exe = Path(sys.executable).parent / "msmt"
     if exe.exists():
         return [str(exe)]
-    return [sys.executable, "-c", "from broker.cli import main; main()"]
+    return [sys.executable, "-c", "from broker.entry import main; main()"]
 
 
 def clean_env() -> dict[str, str]:

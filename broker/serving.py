@@ -1,9 +1,10 @@
 """The node's two HTTP listeners (intake socket, metrics port), held to a bound.
 
 Each connection holds a file descriptor from the moment it is accepted, and
-aiohttp lets one sit without a request for an hour: a security review held 300
-half-sent requests open on a node whose descriptor limit was 256, and the node
-could then open neither its store nor the spool, nor reconnect to the hub. The
+aiohttp lets one sit without a request for an hour: a security review held
+half-sent requests open until a node whose descriptor limit was 256 had none
+left, and it could then open neither its store nor the spool, nor reconnect to
+the hub. The
 intake socket is open to every feed's container, token or not (the token is
 checked only once the headers are in), and the metrics port to every local user.
 

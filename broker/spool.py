@@ -57,7 +57,7 @@ class Spool:
     that way. So ``done/`` and ``rejected/`` are opened without following a link,
     all filing is done relative to them, and every file the node writes there is
     created anew (``O_EXCL | O_NOFOLLOW``). If one of them is not a directory,
-    nothing is filed (``spool_error`` says why) and every batch waits in the spool.
+    nothing is read or filed (``spool_error`` says why) and every batch waits in the spool.
     The spool itself is opened once, at the start, and everything after is done
     relative to that: a feed that may write the spool's parent could otherwise
     swap the spool for a link to the data directory between two steps (a second
@@ -65,7 +65,7 @@ class Spool:
     elsewhere (a hard link) is left unread and unchanged until it has none.
 
     A batch's answers go to a file as they come (``rejected/.answers.tmp``, then
-    beside the batch), never all held in memory: one of 200,000 lines took 220 MB.
+    beside the batch), never all held in memory: one of 200,000 lines took 205 MB more.
     """
 
     def __init__(self, directory: Path, intake: Intake) -> None:
@@ -142,14 +142,21 @@ class Spool:
                     " move files into the spool, do not link them",
                 )
                 return "written"
-            rejected = await asyncio.to_thread(_open_filed_into, self.fd, "rejected")
+            # Both folders before a record is read: one that is not a directory must
+            # stop the batch before its records are taken, not after (then read again
+            # at every poll, each record answered "duplicate": a review of the change).
+            folders: dict[str, int] = {}
             try:
-                return await self._answer(path, fd, rejected)
+                for name in FILED_INTO:
+                    folders[name] = await asyncio.to_thread(_open_filed_into, self.fd, name)
+                return await self._answer(path, fd, folders)
             finally:
-                os.close(rejected)
+                for opened_folder in folders.values():
+                    os.close(opened_folder)
 
-    async def _answer(self, path: Path, fd: int, rejected: int) -> Taken:
+    async def _answer(self, path: Path, fd: int, folders: dict[str, int]) -> Taken:
         # Reads the batch open as ``fd``, its answers into rejected/'s ANSWERS, then files it.
+        rejected = folders["rejected"]
         splitter = LineSplitter(self.intake.max_bytes)
         answers = await asyncio.to_thread(_create, rejected, ANSWERS)
         read = records = 0
@@ -172,37 +179,32 @@ class Spool:
             os.close(answers)
         if unavailable:
             return "unavailable"
-        return await self._file(path, fd, read, records, "done" if ok else "rejected", rejected)
+        return await self._file(path, fd, read, records, "done" if ok else "rejected", folders)
 
     async def _file(
-        self, path: Path, fd: int, read: int, records: int, outcome: str, rejected: int
+        self, path: Path, fd: int, read: int, records: int, outcome: str, folders: dict[str, int]
     ) -> Taken:
         # Files the batch open as ``fd``, of which ``read`` bytes were read and answered
         # (``records`` answers, in rejected/'s ANSWERS), into ``outcome``.
-        target = await asyncio.to_thread(_open_filed_into, self.fd, outcome)
-        try:
-            filed = await asyncio.to_thread(_file_away, self.fd, path.name, target, rejected)
-            # Checked once filed, so that nothing can fall between a check and the
-            # move. The feed may have renamed its next batch under this name while
-            # this one was read (the contract's way, a name used again): what was
-            # moved is that batch, unread. It goes back, and this one, no longer in
-            # the spool, is filed as a copy of what was read.
-            if not await asyncio.to_thread(_same_file, fd, target, filed):
-                await asyncio.to_thread(_put_back, target, filed, self.fd, path.name, rejected)
-                filed = await asyncio.to_thread(
-                    _file_away, self.fd, path.name, target, rejected, fd
-                )
-            # A writer that opened it again while it was read (after the first
-            # check), or one that check cannot see, may have written what was not
-            # read. Then it goes back to be read again at the next poll (what was
-            # accepted now is answered "duplicate" then); a writer's open by name
-            # after the move makes a new file in the spool, read in its turn.
-            elif await asyncio.to_thread(_written_since, fd, read):
-                await asyncio.to_thread(_put_back, target, filed, self.fd, path.name, rejected)
-                self._being_written(path, f"written to while it was read: {_LEFT_OPEN}")
-                return "written"
-        finally:
-            os.close(target)
+        target, rejected = folders[outcome], folders["rejected"]
+        filed = await asyncio.to_thread(_file_away, self.fd, path.name, target, rejected)
+        # Checked once filed, so that nothing can fall between a check and the
+        # move. The feed may have renamed its next batch under this name while
+        # this one was read (the contract's way, a name used again): what was
+        # moved is that batch, unread. It goes back, and this one, no longer in
+        # the spool, is filed as a copy of what was read.
+        if not await asyncio.to_thread(_same_file, fd, target, filed):
+            await asyncio.to_thread(_put_back, target, filed, self.fd, path.name, rejected)
+            filed = await asyncio.to_thread(_file_away, self.fd, path.name, target, rejected, fd)
+        # A writer that opened it again while it was read (after the first
+        # check), or one that check cannot see, may have written what was not
+        # read. Then it goes back to be read again at the next poll (what was
+        # accepted now is answered "duplicate" then); a writer's open by name
+        # after the move makes a new file in the spool, read in its turn.
+        elif await asyncio.to_thread(_written_since, fd, read):
+            await asyncio.to_thread(_put_back, target, filed, self.fd, path.name, rejected)
+            self._being_written(path, f"written to while it was read: {_LEFT_OPEN}")
+            return "written"
         log.info(
             "spool_file",
             file=shown_name(path.name),
@@ -256,8 +258,17 @@ class Spool:
                     if stop.is_set() or await self._take(path) == "unavailable":
                         break
             except OSError as exc:
-                # A file that vanished or a full disk: try again on the next poll.
-                log.error("spool_error", error=f"{type(exc).__name__}: {exc.strerror}")  # noqa: TRY400
+                # A file that vanished or a full disk: try again on the next poll. Said
+                # once a minute for each reason: a folder swapped for a link stops every
+                # poll, twice a second, until someone puts it right.
+                error = f"{type(exc).__name__}: {exc.strerror}"
+                unlogged = self.throttle.check("spool_error", error)
+                if unlogged is not None:
+                    log.error(  # noqa: TRY400 - one line, no traceback
+                        "spool_error",
+                        error=error,
+                        **({"unlogged_before": unlogged} if unlogged else {}),
+                    )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
@@ -413,7 +424,7 @@ def _open_filed_into(spool: int, name: str) -> int:
         raise OSError(
             exc.errno,
             f"the spool's {name}/ is not a directory (a symbolic link, a file, or gone):"
-            " nothing is filed, and batches wait in the spool, until it is one again",
+            " nothing is read or filed, and batches wait in the spool, until it is one again",
         ) from None
 
 

@@ -4,7 +4,8 @@
 # that member's keys volume, then create every account's streams and consumers
 # on the hub (idempotent: running it twice changes nothing). It passes
 # --replicas $MSMT_REPLICAS and no --max-bytes or --max-age-days, so a stream that
-# exists keeps the size and age set on it before, and a new one gets the defaults.
+# exists keeps the size and age set on it before, and a new one gets the default
+# size and age (and $MSMT_REPLICAS copies).
 #
 # The roster-authority public key is installed into a volume only when the volume
 # has none: it is what each node checks every later roster against, so a roster

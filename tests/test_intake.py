@@ -650,6 +650,18 @@ async def test_spool_files_nothing_through_a_link_the_feed_put_in_done_or_reject
     assert await spool.ingest(spool_dir / "authorized_keys")
     assert (spool_dir / "rejected" / "authorized_keys").exists()
 
+    # 3. done/ replaced by a link: a batch of good records is not even read (else its
+    # records were taken, then the batch read again at every poll as duplicates).
+    (spool_dir / "done").rename(spool_dir / "old")
+    (spool_dir / "done").symlink_to(elsewhere)
+    (spool_dir / "good.ndjson").write_bytes(ndjson(jpn_records(2, seed=94)))
+    before = len(store.unplanned(100))
+    with pytest.raises(OSError, match=r"the spool's done/ is not a directory"):
+        await spool.ingest(spool_dir / "good.ndjson")
+    assert len(store.unplanned(100)) == before
+    assert (spool_dir / "good.ndjson").exists()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["audit.db"]
+
 
 async def test_spool_swapped_for_a_link_after_the_start_is_not_followed(tmp_path: Path) -> None:
     # A second review: a feed that may write the spool's parent swapped the spool for
