@@ -65,7 +65,8 @@ class Spool:
     elsewhere (a hard link) is left unread and unchanged until it has none.
 
     A batch's answers go to a file as they come (``rejected/.answers.tmp``, then
-    beside the batch), never all held in memory: one of 200,000 lines took 205 MB more.
+    beside the batch), never all held in memory: one of 200,000 lines took 205 MB more
+    (``bench/spool.py``).
     """
 
     def __init__(self, directory: Path, intake: Intake) -> None:
@@ -163,7 +164,7 @@ class Spool:
         ok = unavailable = False
         try:
             ok = True
-            while chunk := await asyncio.to_thread(os.read, fd, 1 << 20):
+            while chunk := await asyncio.to_thread(os.read, fd, READ_BYTES):
                 read += len(chunk)
                 lines = splitter.feed(chunk)
                 for i in range(0, len(lines), MAX_BATCH):
@@ -171,6 +172,8 @@ class Spool:
                     ok, unavailable = _tally(given, ok, unavailable)
                     records += len(given)
                     await asyncio.to_thread(_write_all, answers, answer_bytes(given))
+                # Before the next read: else two reads' lines were held at once.
+                del lines
             given = await self.intake.process(splitter.finish())
             ok, unavailable = _tally(given, ok, unavailable)
             records += len(given)
@@ -397,6 +400,9 @@ _LEFT_OPEN: Final = (
     "left to be read once it is closed; write the file under a temporary name and rename it"
     " into the spool"
 )
+
+READ_BYTES: Final = 1 << 18
+"""Bytes of a batch read at a time: their lines, not the batch's, are what is held."""
 
 ANSWERS: Final = ".answers.tmp"
 """In ``rejected/``: the answers of the batch being read, until they are filed beside it."""
