@@ -298,18 +298,29 @@ async def test_a_burst_of_feeds_connecting_at_once_is_queued_not_refused(tmp_pat
         store.close()
 
 
-async def test_a_connection_that_never_finishes_its_headers_is_closed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A security review held 300 half-sent requests open (no token is needed: it is
-    # checked once the headers are in) until the node had no descriptor left for
-    # its store or the hub; aiohttp kept each an hour.
-    monkeypatch.setattr(serving, "HEADER_TIMEOUT_S", 0.5)
+@contextlib.asynccontextmanager
+async def intake_socket(tmp_path: Path) -> AsyncIterator[tuple[Path, str, serving.BoundedRunner]]:
+    """A store's intake served on a unix socket: its path, its token and its runner."""
     store = Store(tmp_path / "s.db")
     token = ensure_token(tmp_path / "t")
     sock = tmp_path / "data" / "intake.sock"
     runner = await serve_unix(make_app(make_intake(store), token), sock)
+    assert isinstance(runner, serving.BoundedRunner)
     try:
+        yield sock, token, runner
+    finally:
+        await runner.cleanup()
+        store.close()
+
+
+async def test_a_connection_that_never_finishes_its_headers_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A security review held half-sent requests open (no token is needed: it is
+    # checked once the headers are in) until the node had no descriptor left for
+    # its store or the hub; aiohttp kept each an hour.
+    monkeypatch.setattr(serving, "HEADER_TIMEOUT_S", 0.5)
+    async with intake_socket(tmp_path) as (sock, token, _):
         reader, writer = await asyncio.open_unix_connection(str(sock))
         writer.write(b"POST /submit HTTP/1.1\r\nHost: x\r\n")  # and no more
         await writer.drain()
@@ -327,42 +338,33 @@ async def test_a_connection_that_never_finishes_its_headers_is_closed(
 
         await submit(sock, token, slowly(), answers.append)
         assert [a["status"] for a in answers] == ["accepted"] * 3
-    finally:
-        await runner.cleanup()
-        store.close()
 
 
 async def test_connections_over_the_cap_are_closed_at_once_and_feeds_get_in_after(
     tmp_path: Path,
 ) -> None:
-    store = Store(tmp_path / "s.db")
-    token = ensure_token(tmp_path / "t")
-    sock = tmp_path / "data" / "intake.sock"
-    runner = await serve_unix(make_app(make_intake(store), token), sock)
-    assert isinstance(runner, serving.BoundedRunner)
-    assert 8 <= runner.cap <= serving.CONNECTIONS_MAX
-    runner.cap = 3
-    held = [await asyncio.open_unix_connection(str(sock)) for _ in range(3)]
-    try:
-        await asyncio.sleep(0.1)  # accepted, each waiting for its request
-        with structlog.testing.capture_logs() as logs:
-            reader, writer = await asyncio.open_unix_connection(str(sock))
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-            writer.close()
-        full = [e for e in logs if e["event"] == "connections_full"]
-        assert [(e["listener"], e["limit"]) for e in full] == [("intake", 3)]
-        for _, idle in held[:1]:
-            idle.close()
-            await idle.wait_closed()
-        await asyncio.sleep(0.1)
-        answers: list[dict[str, Any]] = []
-        await submit(sock, token, chunks_of(ndjson(jpn_records(1, seed=92))), answers.append)
-        assert [a["status"] for a in answers] == ["accepted"]
-    finally:
-        for _, idle in held:
-            idle.close()
-        await runner.cleanup()
-        store.close()
+    async with intake_socket(tmp_path) as (sock, token, runner):
+        assert 8 <= runner.cap <= serving.CONNECTIONS_MAX
+        runner.cap = 3
+        held = [await asyncio.open_unix_connection(str(sock)) for _ in range(3)]
+        try:
+            await asyncio.sleep(0.1)  # accepted, each waiting for its request
+            with structlog.testing.capture_logs() as logs:
+                reader, writer = await asyncio.open_unix_connection(str(sock))
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+                writer.close()
+            full = [e for e in logs if e["event"] == "connections_full"]
+            assert [(e["listener"], e["limit"]) for e in full] == [("intake", 3)]
+            held[0][1].close()
+            await held[0][1].wait_closed()
+            await asyncio.sleep(0.1)
+            answers: list[dict[str, Any]] = []
+            records = chunks_of(ndjson(jpn_records(1, seed=92)))
+            await submit(sock, token, records, answers.append)
+            assert [a["status"] for a in answers] == ["accepted"]
+        finally:
+            for _, idle in held:
+                idle.close()
 
 
 async def test_a_burst_of_connections_is_held_to_the_cap_and_a_refused_one_is_closed(
@@ -370,31 +372,28 @@ async def test_a_burst_of_connections_is_held_to_the_cap_and_a_refused_one_is_cl
 ) -> None:
     # A second review: asyncio accepts a backlog of connections in one go and aiohttp
     # registers each later, so counting registered ones let 1,014 in past a cap of 256.
-    store = Store(tmp_path / "s.db")
-    token = ensure_token(tmp_path / "t")
-    sock = tmp_path / "data" / "intake.sock"
-    runner = await serve_unix(make_app(make_intake(store), token), sock)
-    assert isinstance(runner, serving.BoundedRunner)
-    runner.cap = 3
-    burst: list[socket.socket] = []
-    try:
-        for _ in range(40):  # all queued before the loop runs: one accept pass
-            feed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            burst.append(feed)
-            feed.setblocking(False)
-            feed.connect(str(sock))
-        await asyncio.sleep(0.5)
+    async with intake_socket(tmp_path) as (sock, _, runner):
+        runner.cap = 3
+        burst: list[socket.socket] = []
+        try:
+            for _ in range(40):  # all queued before the loop runs: one accept pass
+                feed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                burst.append(feed)
+                feed.setblocking(False)
+                feed.connect(str(sock))
+            await asyncio.sleep(0.5)
 
-        def closed_by_the_node(feed: socket.socket) -> bool:
-            try:
-                return feed.recv(1) == b""
-            except BlockingIOError:
-                return False
+            def closed_by_the_node(feed: socket.socket) -> bool:
+                try:
+                    return feed.recv(1) == b""
+                except BlockingIOError:
+                    return False
 
-        assert sum(not closed_by_the_node(feed) for feed in burst) == 3
-        assert runner.open_connections() == 3
-        for feed in burst:
-            feed.close()
+            assert sum(not closed_by_the_node(feed) for feed in burst) == 3
+            assert runner.open_connections() == 3
+        finally:
+            for feed in burst:
+                feed.close()
         await asyncio.sleep(0.2)
         # A request refused (a wrong token) is answered, then its connection closed:
         # asking again and again keeps no slot.
@@ -406,11 +405,6 @@ async def test_a_burst_of_connections_is_held_to_the_cap_and_a_refused_one_is_cl
         answer = await asyncio.wait_for(reader.read(), 5)  # to the end: closed
         assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
         writer.close()
-    finally:
-        for feed in burst:
-            feed.close()
-        await runner.cleanup()
-        store.close()
 
 
 def leave_stale_socket(path: Path) -> None:
