@@ -13,6 +13,7 @@ from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 import pytest
 from click.testing import CliRunner, Result
 from nats.js.api import ExternalStream, StreamSource
@@ -342,9 +343,20 @@ async def _r3_round_trip(servers: list[NatsServer], keydir: Path) -> None:
     jpn_seed = (keydir / "JPN" / keys.NATS_SEED_FILE).read_bytes().strip()
     jpn = await natsetup.connect_account(servers[2].url, "JPN", jpn_seed)
     try:
-        ack = await jpn.jetstream().publish(
-            "msmt.to.USA.vessel", b"ct", headers={"Nats-Msg-Id": "c1"}, timeout=10
-        )
+        # The new stream reaches the third server a moment later, on a loaded machine
+        # after the first publish (a clean-clone run: no responders): retried, as a
+        # node's outbox retries; the message id keeps it one message.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                ack = await jpn.jetstream().publish(
+                    "msmt.to.USA.vessel", b"ct", headers={"Nats-Msg-Id": "c1"}, timeout=10
+                )
+                break
+            except nats.js.errors.NoStreamResponseError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
     finally:
         await jpn.close()
     assert ack.stream == "INBOX_USA"
