@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Final, Literal
 
 from broker.intake import MAX_BATCH, Intake, answer_bytes
 from broker.log import Throttle, get_logger, one_line
-from broker.validation import LineSplitter
+from broker.validation import Line, LineSplitter
 
 log = get_logger("intake")  # the same component as the socket's lines, as before
 
@@ -161,23 +161,24 @@ class Spool:
         splitter = LineSplitter(self.intake.max_bytes)
         answers = await asyncio.to_thread(_create, rejected, ANSWERS)
         read = records = 0
-        ok = unavailable = False
+        ok, unavailable = True, False
+
+        async def answer(lines: list[Line]) -> None:
+            nonlocal records, ok, unavailable
+            given = await self.intake.process(lines)
+            ok, unavailable = _tally(given, ok, unavailable)
+            records += len(given)
+            await asyncio.to_thread(_write_all, answers, answer_bytes(given))
+
         try:
-            ok = True
             while chunk := await asyncio.to_thread(os.read, fd, READ_BYTES):
                 read += len(chunk)
                 lines = splitter.feed(chunk)
                 for i in range(0, len(lines), MAX_BATCH):
-                    given = await self.intake.process(lines[i : i + MAX_BATCH])
-                    ok, unavailable = _tally(given, ok, unavailable)
-                    records += len(given)
-                    await asyncio.to_thread(_write_all, answers, answer_bytes(given))
+                    await answer(lines[i : i + MAX_BATCH])
                 # Before the next read: else two reads' lines were held at once.
                 del lines
-            given = await self.intake.process(splitter.finish())
-            ok, unavailable = _tally(given, ok, unavailable)
-            records += len(given)
-            await asyncio.to_thread(_write_all, answers, answer_bytes(given))
+            await answer(splitter.finish())
         finally:
             os.close(answers)
         if unavailable:
