@@ -71,14 +71,12 @@ def _roster(keydir: Path | None, authority: Path | None, roster: Path | None) ->
             keydir, authority_path=authority, authority_option="--authority"
         ).roster
     if roster is not None:
+        data = keyfiles.read_json(roster)  # its refusals name the file
         try:
-            return Roster.from_jwks(keyfiles.read_json(roster))
+            return Roster.from_jwks(data)
         except KeyMaterialError as exc:
             # "roster is not a JWK Set" named no file (a bad-input sweep).
-            text = str(exc)
-            raise KeyMaterialError(
-                text if str(roster) in text else f"--roster {roster}: {text}"
-            ) from None
+            raise KeyMaterialError(f"--roster {roster}: {exc}") from None
     return None
 
 
