@@ -135,6 +135,10 @@ forked log's): three times the 60 s within which every node publishes its latest
 again, so an idle twin or forked log is not taken for gone between two checkpoints."""
 PUBLISHED_KEPT: Final = 4
 """Our own latest checkpoint notes, whose echoes are dropped unchecked."""
+GROWN_KEPT: Final = 4096
+"""Our own checkpoints published since the start, each with when, that some witness has
+not cosigned yet (``uncosigned_seconds``): over an hour of a log growing every second.
+Beyond it the oldest kept is taken for the first, so the figure is a lower bound."""
 
 
 def load_witness_state(path: Path) -> dict[str, LogState]:
@@ -246,7 +250,9 @@ class AuditNet:
     (the roster's retired ones): a checkpoint one of them signed that our log
     lacks is a fork too. ``on_twin``, if set, is called at each twin checkpoint seen.
     ``witnessed``, if given, a gauge with a ``log`` label, reads ``seen`` for each
-    partner's log: when we last saw it at a checkpoint we cosigned.
+    partner's log: when we last saw it at a checkpoint we cosigned. ``uncosigned``,
+    if given, a gauge with a ``witness`` label, reads ``uncosigned_seconds`` for each
+    witness of our log.
     """
 
     def __init__(
@@ -267,6 +273,7 @@ class AuditNet:
         own_log_keys: Sequence[Verifier] = (),
         active: PromGauge | None = None,
         witnessed: PromGauge | None = None,
+        uncosigned: PromGauge | None = None,
     ) -> None:
         self.member = member
         self.audit = audit
@@ -304,19 +311,9 @@ class AuditNet:
         self._published: deque[bytes] = deque(maxlen=PUBLISHED_KEPT)
         self.alarm_clear = ALARM_CLEAR_S
         self._standing: dict[tuple[str, str], _Standing] = {}
-        if active is not None:
-            for kind, origin in [("twin", member)] + [
-                (kind, origin) for kind in ("fork", "rollback") for origin in (member, *log_keys)
-            ]:
-                active.labels(kind=kind, log=origin).set_function(
-                    functools.partial(self._active_value, kind, origin)
-                )
         self.on_twin: Callable[[], None] | None = None
         self.seen: dict[str, int] = {}
         """Each partner's log: when (Unix time) we last saw it at a checkpoint we cosigned."""
-        if witnessed is not None:
-            for origin in log_keys:
-                witnessed.labels(log=origin).set_function(functools.partial(self._seen, origin))
         self._echo_arrived = asyncio.Event()
         self._last_round = -math.inf
         self._last_round_wall = -math.inf  # the same instant on the wall clock
@@ -333,6 +330,34 @@ class AuditNet:
         self._merged_notes = 0
         self._merged_size = 0
         self._merged_logged = -math.inf
+        # Our log as each witness last cosigned it (its size), and our checkpoints
+        # published since the start beyond what some witness cosigned, with when
+        # (monotonic), oldest first: what ``uncosigned_seconds`` reads.
+        self.cosigned_size: dict[str, int] = {}
+        self._grown: deque[tuple[int, float]] = deque(maxlen=GROWN_KEPT)
+        self._bind(active, witnessed, uncosigned)
+
+    def _bind(
+        self, active: PromGauge | None, witnessed: PromGauge | None, uncosigned: PromGauge | None
+    ) -> None:
+        """Have each given gauge read its figures from here, series by series."""
+        if active is not None:
+            for kind, origin in [("twin", self.member)] + [
+                (kind, origin)
+                for kind in ("fork", "rollback")
+                for origin in (self.member, *self.log_keys)
+            ]:
+                active.labels(kind=kind, log=origin).set_function(
+                    functools.partial(self._active_value, kind, origin)
+                )
+        if witnessed is not None:
+            for origin in self.log_keys:
+                witnessed.labels(log=origin).set_function(functools.partial(self._seen, origin))
+        if uncosigned is not None:
+            for witness in self.cosigners:
+                uncosigned.labels(witness=witness.name).set_function(
+                    functools.partial(self.uncosigned_seconds, witness.name)
+                )
 
     def _seen(self, origin: str) -> float:
         return float(self.seen.get(origin, 0))
@@ -345,6 +370,26 @@ class AuditNet:
         checkpoint before its check, and the twin alarm lapsed while it ran.
         """
         self._published.append(note)
+        try:
+            size = parse_body(parse(note).text).size
+        except NoteError:
+            return  # not a checkpoint we could have signed: nothing for a witness
+        if not self._grown or size > self._grown[-1][0]:
+            self._grown.append((size, time.monotonic()))
+
+    def uncosigned_seconds(self, witness: str) -> float:
+        """How long ``witness`` has left a checkpoint of our log we published uncosigned.
+
+        Seconds since the first checkpoint published beyond the size it last
+        cosigned (since this node started, at most, or ``GROWN_KEPT`` checkpoints
+        ago): 0 once it has cosigned the latest. A witness that stops cosigning
+        our log shows here, not only at the next audit.
+        """
+        cosigned = self.cosigned_size.get(witness, -1)
+        for size, at in self._grown:
+            if size > cosigned:
+                return time.monotonic() - at
+        return 0.0
 
     def alarm_active(self, kind: str, origin: str) -> bool:
         """Whether the ``kind`` alarm on ``origin``'s log stands (seen within ``alarm_clear`` s)."""
@@ -463,6 +508,24 @@ class AuditNet:
             self._merged_notes += 1
             self._merged_size = max(self._merged_size, checkpoint.size)
             self._log_cosigned()
+            self._cosigned_by(names, checkpoint.size)
+
+    def _cosigned_by(self, names: Sequence[str], size: int) -> None:
+        # Checkpoints every witness has cosigned beyond are no one's concern any more.
+        for name in names:
+            self.cosigned_size[name] = max(self.cosigned_size.get(name, -1), size)
+        everyone = min(self.cosigned_size.get(w.name, -1) for w in self.cosigners)
+        while self._grown and self._grown[0][0] <= everyone:
+            self._grown.popleft()
+
+    def _cosigned_at_start(self) -> None:
+        """Which witnesses cosigned our latest stored checkpoint (store thread)."""
+        latest = self.audit.latest_checkpoint()
+        if latest is None:
+            return
+        note = parse(latest)
+        size = parse_body(note.text).size
+        self._cosigned_by([w.name for w in self.cosigners if find_signature(note, w)], size)
 
     def _log_cosigned(self, *, now: bool = False) -> None:
         # About 33 notes a minute reach a node under load, each merging a line or
@@ -582,6 +645,12 @@ class AuditNet:
 
         Meanwhile the notes on our own checkpoint subject are checked (``_watch_own``).
         """
+        try:
+            await self.run_db(self._cosigned_at_start)
+        except MsmtError as exc:
+            # Each witness then counts as not having cosigned since the start.
+            self.last_error = f"audit log: {exc}"[:300]
+            log.error("audit_log_unreadable", error=str(exc)[:200])  # noqa: TRY400 - no traceback
         watcher = asyncio.create_task(self._watch_own())
         try:
             await self._witness(nc, stop)

@@ -171,6 +171,17 @@ class Metrics:
             ["log"],
             registry=r,
         )
+        # Our own log's witnesses: one that stops cosigning it (its node down, the hub
+        # not passing our checkpoints on) otherwise shows only at the next audit.
+        self.uncosigned = Gauge(
+            "msmt_uncosigned_seconds",
+            "How long each witness has left this node's audit log uncosigned: seconds"
+            " since the first checkpoint published beyond the size it last cosigned (at"
+            " most since this node started), 0 once it has cosigned the latest. By"
+            " witness (its member).",
+            ["witness"],
+            registry=r,
+        )
         self._start_at_zero(member)
 
     def _start_at_zero(self, member: str | None) -> None:

@@ -121,6 +121,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 own_log_keys=roster_log_keys(signed.roster, config.member),
                 active=metrics.audit_alarm_active,
                 witnessed=metrics.witnessed,
+                uncosigned=metrics.uncosigned,
             )
 
         expiries = _expiries(config, signed.roster, keys.signing_kid, at)

@@ -102,6 +102,12 @@ class Peer:
         """The witnessed gauge's series for ``log``'s log, as a scrape reads it."""
         return self.registry.get_sample_value("witnessed", {"log": log})
 
+    def uncosigned(self, witness: str) -> float:
+        """The uncosigned gauge's series for ``witness``, as a scrape reads it."""
+        value = self.registry.get_sample_value("uncosigned", {"witness": witness})
+        assert value is not None, f"no uncosigned series for {witness}"
+        return value
+
 
 def _total(counter: Counter, label: str | None) -> float:
     return sum(
@@ -163,6 +169,7 @@ async def _peer(
     active = Gauge("active", "test", ["kind", "log"], registry=registry)
     refused = Counter("rejected", "test", ["reason"], registry=registry)
     witnessed = Gauge("witnessed", "test", ["log"], registry=registry)
+    uncosigned = Gauge("uncosigned", "test", ["witness"], registry=registry)
     for kind, origin in alarm_series(member):  # at 0 from the start, as the node's (Metrics)
         alarms.labels(kind=kind, log=origin)
     others = {"JPN": JPN_KEY, "USA": USA_KEY, "KOR": KOR_KEY}
@@ -181,6 +188,7 @@ async def _peer(
         own_log_keys=[log_verifier(JPN_RETIRED_KEY)] if member == "JPN" else (),
         active=active,
         witnessed=witnessed,
+        uncosigned=uncosigned,
     )
     nc = await nats.connect(server.url)
     await net.subscribe(nc)
@@ -274,6 +282,58 @@ async def test_a_partners_log_is_seen_when_cosigned_and_each_time_it_republishes
     await await_for(lambda: (audit.usa.witnessed("JPN") or 0) >= before, 10, "seen again")
     assert len(audit.usa_cosignatures) == 1
     assert audit.usa.witnessed("KOR") == 0
+
+
+async def test_how_long_each_witness_has_left_our_log_uncosigned_is_measured(
+    audit: Audit,
+) -> None:
+    async def publish_as_the_node(entries: int) -> None:
+        note = audit.append(entries).encode()
+        audit.jpn.net.published(note)  # as the node's housekeeping does, before it publishes
+        await audit.publish_checkpoint(note)
+
+    # Nothing published yet: no witness owes anything.
+    assert audit.jpn.uncosigned("USA") == audit.jpn.uncosigned("KOR") == 0
+    await publish_as_the_node(0)
+    await await_for(
+        lambda: audit.jpn.uncosigned("USA") == 0 < audit.jpn.uncosigned("KOR"), 10, "USA cosigned"
+    )
+    # KOR runs no node here: its count grows from the publication, and keeps growing.
+    first = audit.jpn.uncosigned("KOR")
+    await asyncio.sleep(0.3)
+    assert audit.jpn.uncosigned("KOR") >= first + 0.3
+    # USA holds the next checkpoints for its interval (an hour here): it owes them.
+    await publish_as_the_node(4)
+    await publish_as_the_node(5)
+    await await_for(lambda: MEMBER in audit.usa.net._pending, 10, "USA holding size 12")
+    await asyncio.sleep(0.3)
+    owed = audit.jpn.uncosigned("USA")
+    assert 0.3 <= owed < audit.jpn.uncosigned("KOR")  # since size 7, after KOR's size 3
+    audit.usa.net.interval = 0
+    await await_for(lambda: audit.jpn.uncosigned("USA") == 0, 10, "USA cosigned size 12")
+    assert audit.jpn.net.cosigned_size == {"USA": 12}
+    # A node started again on the log reads who cosigned its latest checkpoint: USA
+    # owes nothing, KOR counts from the first publication after the start.
+    registry = CollectorRegistry()
+    gauge = Gauge("uncosigned", "test", ["witness"], registry=registry)
+    again = AuditNet(
+        MEMBER,
+        audit.log,
+        audit.jpn.net.run_db,
+        JPN_KEY,
+        audit.jpn.net.log_keys,
+        audit.jpn.net.cosigners,
+        audit.jpn.net.state_path,
+        Counter("alarms", "test", ["kind", "log"], registry=registry),
+        uncosigned=gauge,
+    )
+    stopped = asyncio.Event()
+    stopped.set()
+    await again.run(audit.jpn.nc, stopped)
+    again.published((audit.log.latest_checkpoint() or "").encode())
+    await asyncio.sleep(0.1)
+    assert registry.get_sample_value("uncosigned", {"witness": "USA"}) == 0
+    assert (registry.get_sample_value("uncosigned", {"witness": "KOR"}) or 0) >= 0.1
 
 
 async def test_a_log_that_stops_growing_is_cosigned_without_waiting_out_the_interval(

@@ -639,6 +639,22 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     assert [float(x.removeprefix(seen)) > 0 for x in jpn_metrics.splitlines() if seen in x] == [
         True
     ]
+
+    # JPN's own log, the other way: USA, which runs, cosigns it; KOR runs no node here.
+    def uncosigned(text: str, witness: str) -> float:
+        line = f'msmt_uncosigned_seconds{{witness="{witness}"}} '
+        (value,) = [float(x.removeprefix(line)) for x in text.splitlines() if line in x]
+        return value
+
+    async def jpn_scrape() -> str:
+        return await asyncio.to_thread(fetch, f"http://127.0.0.1:{jpn_port}/metrics")
+
+    for _ in range(300):
+        if uncosigned(jpn_metrics, "USA") == 0 < uncosigned(jpn_metrics, "KOR"):
+            break
+        await asyncio.sleep(0.1)
+        jpn_metrics = await jpn_scrape()
+    assert uncosigned(jpn_metrics, "USA") == 0 < uncosigned(jpn_metrics, "KOR")
     # When JPN's keys stop being valid, from the roster, to alert on before they lapse.
     roster = keys.load_signed_roster(world.keydir).roster
     for credential, until in (
