@@ -1161,6 +1161,26 @@ class Store:
         )
         return None if not rows or rows[0][0] is None else str(rows[0][0])
 
+    def check_pages(self) -> None:
+        """Read every page (SQLite's ``quick_check``); raise ``StoreDamagedError`` at damage.
+
+        Queries read only the pages they need, so a damaged page (a bad backup, a
+        failing disk) can hide until one reaches it. Seconds for a large store,
+        which is why only ``msmt node check`` asks.
+        """
+        try:
+            found = [str(row[0]) for row in self._db.execute("PRAGMA quick_check")]
+        except sqlite3.OperationalError as exc:  # locked, I/O: says nothing of the pages
+            raise StoreError(f"store {self.path}: {sqlite_reason(exc)}") from None
+        except sqlite3.DatabaseError as exc:  # so damaged the check itself stops
+            found = [str(exc)]
+        if found != ["ok"]:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise StoreDamagedError(
+                f"store {self.path} is damaged: {found[0]}{more}; restore it from a backup"
+                " (docs/DEPLOY.md, 'Backing up and restoring a node')"
+            )
+
     def holds_reports(self) -> bool:
         """Whether any report was ever accepted or received here."""
         rows = self._read("SELECT EXISTS (SELECT 1 FROM reports) OR EXISTS (SELECT 1 FROM inbox)")

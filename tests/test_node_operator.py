@@ -16,6 +16,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 from collections import Counter
@@ -169,6 +170,36 @@ def test_node_starts_with_a_created_pseudonym_key_and_a_clean_stop_removes_its_s
     assert "from the same moment as the store" in stopped.stdout
     assert not sock.is_symlink()
     assert kor.config.token_path.exists()  # the token outlives the run; only the socket goes
+
+
+def test_node_check_reads_every_page_of_the_store_which_queries_alone_do_not(
+    kor: Kor,
+) -> None:
+    kor.create_pseudonym_key()
+    kor.start()
+    assert [a["status"] for a in kor.submit(3)] == ["accepted"] * 3
+    assert kor.stop(signal.SIGTERM) == 0
+    store = kor.config.store_path
+    checked = kor.msmt("node", "check", "--config", str(kor.config_path))
+    assert checked.returncode == 0, checked.stderr
+    assert f"pages {store}: every one reads (SQLite quick_check)" in checked.stdout.splitlines()
+    # A restored backup with one bad page: the reports table's. The check's queries
+    # read other pages (its indexes), so it passed before it read them all.
+    db = sqlite3.connect(store)
+    ((page,),) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'reports'")
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    db.close()
+    with store.open("r+b") as f:
+        f.seek((page - 1) * page_size)
+        f.write(b"\xff" * page_size)
+    damaged = kor.msmt("node", "check", "--config", str(kor.config_path))
+    assert damaged.returncode != 0
+    assert damaged.stderr.startswith(f"msmt: error: store {store} is damaged: ")
+    assert damaged.stderr.endswith(
+        "; restore it from a backup (docs/DEPLOY.md, 'Backing up and restoring a node')\n"
+    )
+    assert damaged.stderr.count("\n") == 1
+    assert "pages " not in damaged.stdout
 
 
 def test_a_socket_left_by_a_killed_node_is_replaced_at_the_next_start(kor: Kor) -> None:

@@ -151,6 +151,7 @@ def test_node_check_reads_what_a_start_reads_and_writes_nothing(folder: Path) ->
     assert done.stdout.splitlines()[5:] == [
         f"store {config.store_path}: JPN's, last started with roster 1; the signing key"
         " differs from the one in force; the policy differs from the one in force",
+        f"pages {config.store_path}: every one reads (SQLite quick_check)",
         f"audit {config.audit_dir}: none yet (the first start makes it)",
         "ok (not checked: the hub and the ports, which only a start reaches)",
     ]

@@ -97,11 +97,12 @@ def node_check(config_path: Path) -> None:
 
     The config, the signed roster against the pinned authority and version, the
     member's private keys, the NATS seed and TLS files, the policy and its
-    pseudonym keys, whose data directory it is, and, unless a node runs on it,
-    that its store and audit log are from one moment (a restore): one line each,
-    then ``ok``. If one is bad, only its line, the one a start would give, with
-    the start's exit status (2 for a configuration, key or restore error). Safe
-    beside a running node. Only a start reaches the hub and takes its ports.
+    pseudonym keys, whose data directory it is, that every page of its store reads
+    (which a start does not check), and, unless a node runs on it, that its store
+    and audit log are from one moment (a restore): one line each, then ``ok``. If
+    one is bad, only its line, the one a start would give, with the start's exit
+    status (2 for a configuration, key, restore or damaged-store error). Safe beside
+    a running node. Only a start reaches the hub and takes its ports.
     """
     from broker.natstls import display_url  # noqa: PLC0415
     from broker.node_files import check_data_dir, load_files  # noqa: PLC0415
@@ -149,6 +150,8 @@ def node_check(config_path: Path) -> None:
             f" {in_force['roster'] or 'unknown'}"
             + "".join(f"; the {name} differs from the one in force" for name in changed)
         )
+        store.check_pages()
+        echo_line(f"pages {config.store_path}: every one reads (SQLite quick_check)")
         try:
             pid = writer_pid(config.store_path)
         except OSError:
