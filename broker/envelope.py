@@ -54,6 +54,7 @@ from broker.envelope_format import (
 from broker.errors import (
     EnvelopeError,
     InputError,
+    IssuedAheadError,
     KeyMaterialError,
     UnknownKeyError,
     UsageError,
@@ -704,7 +705,7 @@ def _check_fresh(iat: datetime, *, now: datetime, max_age: timedelta, max_skew: 
     if now - iat > max_age:
         raise EnvelopeError("freshness", f"issued {_seconds(now - iat)} ago; limit {max_age}")
     if iat - now > max_skew:
-        raise EnvelopeError(
+        raise IssuedAheadError(
             "freshness",
             f"issued {_seconds(iat - now)} in the future; limit {max_skew}"
             " (the sender's clock ahead, or ours behind)",

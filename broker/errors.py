@@ -67,13 +67,36 @@ class EnvelopeError(MsmtError):
         self.report_id: str | None = None
 
 
-class UnknownKeyError(EnvelopeError):
+class HeldError(EnvelopeError):
+    """A failure that may pass later: a receiver holds the message for redelivery.
+
+    Refusing would lose the report for good; past the freshness window it is
+    refused like any other failure. ``hint`` says what the operator can do.
+    """
+
+    hint = ""
+
+
+class UnknownKeyError(HeldError):
     """The envelope names a key this node's roster does not hold (yet).
 
     The roster may simply be behind the sender's (a rotation not rolled out
     here yet), so a receiver holds such a message for redelivery instead of
     refusing it for good.
     """
+
+    hint = "the sender's roster is newer than this node's: restart with the new roster"
+
+
+class IssuedAheadError(HeldError):
+    """The envelope was issued further ahead of this node's clock than the skew allows.
+
+    The sender's clock may be ahead, or ours behind (stepped back, before the
+    node pauses for it within a second): either way the report passes once the
+    clocks agree, so a receiver holds it rather than refusing it for good.
+    """
+
+    hint = "the sender's clock is ahead of this node's, or this node's behind: check both (NTP)"
 
 
 class AuditError(MsmtError):

@@ -103,8 +103,9 @@ CLOCK_PAUSE_S: Final = 240.0
 """A clock this far from the hub's pauses the inbox: it would misjudge partners' reports.
 
 Partners' clocks may be up to ``CLOCK_WARN_S`` off without a warning, and a report
-issued more than 5 minutes (``MAX_SKEW``) in our future is refused: past 4 minutes
-behind, our own error alone would refuse theirs, and a refusal is final."""
+issued more than 5 minutes (``MAX_SKEW``) in our future is held until it is not: past
+4 minutes behind, our own error alone would hold theirs, and a day ahead refuse them
+as too old, which is final."""
 REPUBLISH_S: Final = 60.0
 """Longest time between two publications of our latest checkpoint, changed or not."""
 STATUS_EVERY_S: Final = 30.0

@@ -28,9 +28,10 @@ are likely (``Linger``), since each batch costs two fsynced commits. For each ba
    own, and the rest of the source's refusals in the batch one
    ``rejected_many`` entry (a count per step), so junk from a member cannot
    grow the audit log by an entry per message.
-   One failure is held instead (``nak`` with a growing delay, not audited): a
-   key this node's roster does not list, until the message is too old, and at
-   most ``MAX_HELD_PER_SENDER`` messages of one sender at a time.
+   Two failures are held instead (``nak`` with a growing delay, not audited):
+   a key this node's roster does not list, and an ``iat`` more than
+   ``MAX_SKEW`` ahead of our clock (``HeldError``), until the message is too
+   old, and at most ``MAX_HELD_PER_SENDER`` messages of one sender at a time.
 
 If the audit log or store cannot be written, nothing is acked; the batch is
 handed back with ``nak`` and redelivered. At a stop, messages delivered but not
@@ -63,7 +64,7 @@ from broker.audit_events import AuditEvent
 from broker.auditlog import AuditLog
 from broker.envelope import Delivery, receive, receive_batch
 from broker.envelope_format import HDR_RID, parse_jwe_header
-from broker.errors import EnvelopeError, MsmtError, UnknownKeyError
+from broker.errors import EnvelopeError, HeldError, MsmtError
 from broker.log import Throttle, get_logger
 from broker.members import is_member
 from broker.metrics import Metrics
@@ -228,8 +229,9 @@ class Inbound:
 
         ``published(i)`` is when the hub stored message ``i`` (its JetStream
         timestamp; asked only for held messages): a message naming a key this
-        node's roster lacks is held (action ``hold``, no audit entry) until it
-        is older than the freshness window, then refused like any other failure.
+        node's roster lacks, or issued more than ``MAX_SKEW`` ahead of our clock,
+        is held (action ``hold``, no audit entry) until it is older than the
+        freshness window, then refused like any other failure.
         """
         now = datetime.now(UTC)
         result = BatchResult(actions=[])
@@ -253,11 +255,12 @@ class Inbound:
                     if verdict is None
                     else self._decided(verdict, token, subject, now, result)
                 )
-            except UnknownKeyError as exc:
+            except HeldError as exc:
                 # The sender's roster may be newer than ours (a key rotated and
-                # not rolled out here yet): refusing would lose the report for
-                # good, so the hub keeps it until a restart with that roster. Past
-                # the freshness window it would fail anyway, and is refused.
+                # not rolled out here yet), or its clock ahead of ours (or ours
+                # stepped back): refusing would lose the report for good, so the
+                # hub keeps it until a restart with that roster, or the clocks
+                # agree. Past the freshness window it is refused.
                 stored_at = now if published is None else published(index)
                 why = self._hold(subject, digest, now - stored_at, exc, result)
                 if why is None:
@@ -351,7 +354,7 @@ class Inbound:
         )
 
     def _hold(
-        self, subject: str, digest: str, age: timedelta, exc: UnknownKeyError, result: BatchResult
+        self, subject: str, digest: str, age: timedelta, exc: HeldError, result: BatchResult
     ) -> str | None:
         """Hold a message naming a key we lack (``None``), or say why it is not held."""
         sender = _sender_field(subject)
@@ -371,14 +374,14 @@ class Inbound:
         if held:
             held.discard(digest)
 
-    def _log_hold(self, sender: str, exc: UnknownKeyError) -> None:
+    def _log_hold(self, sender: str, exc: HeldError) -> None:
         if self._hold_log.due("held", sender):
             log.warning(
                 "inbound_held",
                 sender=sender,
                 step=exc.step,
                 reason=_printable(exc.reason),
-                hint="the sender's roster is newer than this node's: restart with the new roster",
+                hint=exc.hint,
             )
 
     def _verify(

@@ -1028,6 +1028,45 @@ def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
     assert [(e["step"], e["reason"][-20:]) for e in refused] == [("key", "(held until too old)")]
 
 
+def test_a_report_issued_ahead_of_our_clock_is_held_until_the_clocks_agree(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # A clock trial: USA's clock stepped back an hour while JPN published, and USA
+    # refused, for good, every report that came in the second before it paused for
+    # its clock (77-198 a run); two nodes each 200 s off, within what pauses either,
+    # are 400 s apart. Either way the report passes once the clocks agree.
+    make, forger, path = usa_inbound
+    store = Store(path)
+    inbound = make(store)
+    record = records_for("JPN", 1, seed=15)[0]
+    ahead = forger.envelope(record, at=datetime.now(UTC) + timedelta(seconds=303))[0]
+    message = (f"from.JPN.msmt.to.USA.{record['kind']}", ahead.encode())
+    fresh = datetime.now(UTC)
+    before = len(audit_entries(path.parent / "audit"))
+    with capture_logs() as logs:
+        first = inbound.process([message], lambda _i: fresh)
+    assert first.actions == ["hold"]
+    assert first.held == {"JPN": 1}
+    assert not first.rejected
+    assert len(audit_entries(path.parent / "audit")) == before  # nothing final to record
+    (held,) = [e for e in logs if e["event"] == "inbound_held"]
+    assert held["step"] == "freshness"
+    assert "in the future; limit 0:05:00" in held["reason"]
+    assert "clock" in held["hint"]
+    time.sleep(4)  # now it is less than 5 minutes ahead
+    assert inbound.process([message], lambda _i: fresh).actions == ["ack"]
+    assert store.inbox_count() == 1
+    # One that stays ahead after the freshness window (an hour here) is refused.
+    late = records_for("JPN", 1, seed=16)[0]
+    far = forger.envelope(late, at=datetime.now(UTC) + timedelta(days=1))[0]
+    old = fresh - timedelta(hours=2)
+    stale = inbound.process(
+        [(f"from.JPN.msmt.to.USA.{late['kind']}", far.encode())], lambda _i: old
+    )
+    assert stale.actions == ["term"]
+    assert stale.rejected == {"freshness": 1}
+
+
 def test_one_sender_can_hold_only_so_many_messages_and_others_still_flow(
     usa_inbound: tuple[Any, Forger, Path],
 ) -> None:
