@@ -60,7 +60,7 @@ from broker.errors import (
     UsageError,
 )
 from broker.members import MEMBERS, is_member
-from broker.roster import Roster, format_time
+from broker.roster import CLOCK_SKEW, Roster, format_time
 from broker.sightings import (
     KINDS,
     SCHEMA_VERSION,
@@ -458,7 +458,7 @@ def receive_batch(
         #    node was down across the expiry); a sender must not encrypt to it later.
         kid = o.header["kid"]
         until = roster.get(kid).valid_until if kid in roster else None
-        if until is not None and o.iat > until:
+        if until is not None and o.iat > until + CLOCK_SKEW:
             raise EnvelopeError(
                 "recipient",
                 f"key {kid} expired at {format_time(until)}, before the envelope was made",
@@ -679,7 +679,7 @@ def _verify_signature(jws_text: str, *, kid: str, iss: str, iat: datetime, roste
     if kid not in roster:
         raise UnknownKeyError("key", "signing kid is not in the roster")
     try:
-        roster.check(kid, member=iss, use="sig", at=iat)
+        roster.check(kid, member=iss, use="sig", at=iat, skew=CLOCK_SKEW)
         public = roster.public_key(kid)
     except (KeyMaterialError, JoseError, ValueError) as exc:
         raise EnvelopeError("key", str(exc)) from None

@@ -45,7 +45,7 @@ from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.files import read_file_bytes, read_file_text
 from broker.members import MEMBERS, is_member
 from broker.note import excerpt
-from broker.roster import KeyUse, Roster, format_time
+from broker.roster import CLOCK_SKEW, KeyUse, Roster, format_time
 
 ROSTER_FILE: Final = "roster.json"
 ROSTER_SIG_FILE: Final = "roster.json.jws"
@@ -808,7 +808,10 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
     folder = keydir / member
     if not folder.is_dir():
         raise KeyMaterialError(f"no key directory {folder}")
-    current = roster.current(member, "sig", at)
+    # A key made moments ago by a custodian whose clock is ahead of ours counts:
+    # partners take what it signs within the same skew (a node restarted at once
+    # after a rotation stayed down, exit 2, "no active sig key valid now").
+    current = roster.current(member, "sig", at, skew=CLOCK_SKEW)
     signing = load_matching_key(key_path(keydir, member, current.kid), roster, member, "sig")
     decryption: dict[str, OKPKey] = {}
     usable = False

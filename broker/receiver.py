@@ -70,13 +70,13 @@ from broker.members import is_member
 from broker.metrics import Metrics
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.publisher import RunDb
-from broker.roster import Roster
+from broker.roster import CLOCK_SKEW, Roster
 from broker.sightings import is_report_id
 from broker.store import Received, Store
 
 log = get_logger("receiver")
 
-MAX_SKEW: Final = timedelta(minutes=5)
+MAX_SKEW: Final = CLOCK_SKEW
 """How far in the future a report's ``iat`` may be (clock skew between nodes)."""
 
 HOLD_BACKOFF_MAX: Final = 15

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
 from joserfc.errors import JoseError
@@ -48,6 +48,16 @@ def format_time(value: datetime) -> str:
     return value.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+CLOCK_SKEW: Final = timedelta(minutes=5)
+"""How far a signed time may be off a key's validity at either end and still count.
+
+The custodian's clock set the validity; the signer's clock set the signed time. A
+receiver already takes an ``iat`` this far in its own future, so a key retired, expired
+or made this close to a report's ``iat`` may have been the right one when it was
+signed (a clock trial: a member 200 s ahead, rotated within that, lost reports, and its
+partners' stores then failed ``msmt inbox check``). Never for a revoked key."""
+
+
 @dataclass(frozen=True, slots=True)
 class RosterKey:
     """One public key in the roster, with its owner, use, status and validity."""
@@ -65,15 +75,23 @@ class RosterKey:
         """Return the key as a joserfc ``OKPKey`` (public part only)."""
         return OKPKey.import_key(dict(self.jwk))
 
-    def usable_at(self, at: datetime) -> str | None:
-        """Return why this key may not verify something made at ``at``, or ``None`` if it may."""
+    def usable_at(self, at: datetime, skew: timedelta = timedelta(0)) -> str | None:
+        """Return why this key may not verify something made at ``at``, or ``None`` if it may.
+
+        ``skew`` widens the validity by that much at each end (``CLOCK_SKEW``), never
+        for a revoked key.
+        """
         if self.status == "revoked":
             return f"key {self.kid} is revoked"
-        if at < self.valid_from:
+        if at < self.valid_from - skew:
             return f"key {self.kid} is not valid before {format_time(self.valid_from)}"
-        if at > self.valid_until:
+        if at > self.valid_until + skew:
             return f"key {self.kid} expired at {format_time(self.valid_until)}"
-        if self.status == "retired" and self.retired_at is not None and at >= self.retired_at:
+        if (
+            self.status == "retired"
+            and self.retired_at is not None
+            and at >= self.retired_at + skew
+        ):
             return f"key {self.kid} was retired at {format_time(self.retired_at)}"
         return None
 
@@ -188,8 +206,10 @@ class Roster:
             key = self._public[kid] = self.get(kid).public_key()
         return key
 
-    def check(self, kid: str, *, member: str, use: KeyUse, at: datetime) -> RosterKey:
-        """Return the key if ``member`` may use it for ``use`` at time ``at``.
+    def check(
+        self, kid: str, *, member: str, use: KeyUse, at: datetime, skew: timedelta = timedelta(0)
+    ) -> RosterKey:
+        """Return the key if ``member`` may use it for ``use`` at ``at``, give or take ``skew``.
 
         Raises ``KeyMaterialError`` saying exactly why not: unknown kid, another
         member's key, wrong use, revoked, retired before ``at``, or out of validity.
@@ -199,7 +219,7 @@ class Roster:
             raise KeyMaterialError(f"key {kid} belongs to {key.member}, not {member}")
         if key.use != use:
             raise KeyMaterialError(f"key {kid} is a {key.use} key, not {use}")
-        reason = key.usable_at(at)
+        reason = key.usable_at(at, skew)
         if reason is not None:
             raise KeyMaterialError(reason)
         return key
@@ -217,12 +237,17 @@ class Roster:
             return f"key {kid!r} is not in the roster"
         return f"key {kid} is revoked" if key.status == "revoked" else None
 
-    def current(self, member: str, use: KeyUse, at: datetime) -> RosterKey:
-        """Return the member's active key for ``use`` at ``at`` (the newest if several)."""
+    def current(
+        self, member: str, use: KeyUse, at: datetime, skew: timedelta = timedelta(0)
+    ) -> RosterKey:
+        """Return the member's active key for ``use`` at ``at`` (the newest if several).
+
+        With ``skew``, a key valid within that much of ``at`` counts (``usable_at``).
+        """
         candidates = [
             k
             for k in self._by_owner.get((member, use), ())
-            if k.status == "active" and k.usable_at(at) is None
+            if k.status == "active" and k.usable_at(at, skew) is None
         ]
         if not candidates:
             raise KeyMaterialError(f"{member} has no active {use} key valid now")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import rfc8785
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from envelope_world import (
     MAX_AGE,
     MAX_SKEW,
@@ -33,7 +34,7 @@ from joserfc import jwe, jws
 from joserfc.jwe import JWERegistry
 from joserfc.registry import HeaderParameter
 
-from broker import envelope, envelope_format, samples, sdjwt
+from broker import envelope, envelope_format, jose, samples, sdjwt
 from broker.errors import EnvelopeError, InputError, UsageError
 from broker.sightings import TransferSighting, leaf_values
 from broker.transforms import Transform, variant_key
@@ -497,7 +498,7 @@ def test_expired_decryption_key_refuses_what_was_made_after_it_expired(
     issued: envelope.Issued,
 ) -> None:
     token = JPN.present(issued, "USA", ["vessel.imo"])
-    usa = _usa_enc_expiring(NOW - timedelta(minutes=5))
+    usa = _usa_enc_expiring(NOW - timedelta(minutes=5, seconds=1))  # past the clock skew
     error = reject(token, "recipient", node=usa)
     assert "expired at" in error.reason
     assert "before the envelope was made" in error.reason
@@ -508,6 +509,43 @@ def test_key_retired_before_iat(issued: envelope.Issued) -> None:
     entry = roster_entry("JPN", "sig", status="retired", retired_at=NOW - timedelta(days=1))
     usa = _with_roster([entry])
     assert "retired" in str(reject(JPN.present(issued, "USA", []), "key", node=usa))
+
+
+@pytest.mark.parametrize(
+    ("entry", "step"),
+    [
+        # Signed by a clock up to 5 minutes ahead of the custodian's, just after the
+        # rotation, retirement or expiry it set: what a receiver's own skew allows.
+        (roster_entry("JPN", "sig", status="retired", retired_at=NOW - timedelta(minutes=4)), None),
+        (roster_entry("JPN", "sig", valid_until=NOW - timedelta(minutes=4)), None),
+        # Or behind it, just before a new key's validity began.
+        (roster_entry("JPN", "sig", valid_from=NOW + timedelta(minutes=4)), None),
+        # Beyond the skew, refused as before; and a revoked key never gets it.
+        (
+            roster_entry("JPN", "sig", status="retired", retired_at=NOW - timedelta(minutes=6)),
+            "key",
+        ),
+        (roster_entry("JPN", "sig", valid_until=NOW - timedelta(minutes=6)), "key"),
+        (roster_entry("JPN", "sig", valid_from=NOW + timedelta(minutes=6)), "key"),
+        (roster_entry("JPN", "sig", status="revoked"), "key"),
+    ],
+)
+def test_a_keys_validity_allows_the_same_clock_skew_as_iat(
+    issued: envelope.Issued, entry: dict[str, Any], step: str | None
+) -> None:
+    usa = _with_roster([entry])
+    token = JPN.present(issued, "USA", [])
+    if step is None:
+        assert usa.receive(token).originator == "JPN"
+        # What a partner's store keeps checks the same way later (msmt inbox check):
+        # a trial's honest receivers failed it after such a rotation.
+        header = json.loads(sdjwt.b64u_decode(token.split(".")[0]))
+        private = enc_key("USA").raw_value
+        assert isinstance(private, X25519PrivateKey)
+        cek = jose.content_key(token, header, private)
+        assert envelope.check_kept(token, cek, roster=usa.roster).report_id == issued.report_id
+    else:
+        reject(token, step, node=usa)
 
 
 def test_retired_key_still_verifies_older_reports(issued: envelope.Issued) -> None:

@@ -176,6 +176,11 @@ def test_rotate_retires_old_keys_which_still_verify_older_reports(keydir: Path) 
         signed.roster.check(old.kid, member="JPN", use="sig", at=t1 + timedelta(seconds=1))
     mine = keys.load_member_keys(keydir, "JPN", signed.roster, t1)
     assert mine.signing_kid == new_sig
+    # A node whose clock is up to 5 minutes behind the custodian's starts on the new
+    # key too (partners take what it signs within the same skew); a clock trial's
+    # node stayed down, exit 2, "JPN has no active sig key valid now".
+    behind = t1 - timedelta(minutes=4)
+    assert keys.load_member_keys(keydir, "JPN", signed.roster, behind).signing_kid == new_sig
     # Both decryption keys stay: a message encrypted to the old key just before rotation decrypts.
     assert set(mine.decryption) == {new_enc, old_enc.kid}
     # Other members are untouched.
