@@ -2,14 +2,19 @@
 
 Message bodies are built and parsed by ``broker.checkpoint`` (docs/AUDIT.md):
 
-* ``msmt.audit.<ME>.proof`` (service): answer ``{"old": m, "new": n}`` with a
-  consistency proof from our own audit log (empty for ``old`` 0, as C2SP
-  tlog-witness has it), or ``{"error": reason}``;
+* ``msmt.audit.<ME>.proof`` (service): answer ``{"old": m, "new": n, "nonce": ...}``
+  with a consistency proof from our own audit log (empty for ``old`` 0, as C2SP
+  tlog-witness has it), or a refusal, signed with our log key over the nonce;
+  ``{"error": reason}`` unsigned for a request we cannot read;
 * ``msmt.audit.<P>.checkpoint`` (each partner's latest signed checkpoint): act as
   witness (C2SP tlog-witness logic in ``broker.witness.Witness``): ask ``P`` for a
   proof from the size we last cosigned, check it, persist the new state, and
   only then publish our cosignature on ``msmt.audit.<ME>.cosignature``. A fork
-  or rollback raises the alarm (log, metric, status) and is never cosigned.
+  or rollback raises the alarm (log, metric, status) and is never cosigned, but
+  only on the log's own word: two roots it signed for one size, or a failing
+  proof or a smaller size it signed for our nonce. A reply that is not signed so
+  may be the hub's, which routes every request and can replay old checkpoints:
+  such a checkpoint is not cosigned, and raises no alarm (``_below``).
   Only each log's latest checkpoint is witnessed, in rounds (``AuditNet``);
 * ``msmt.audit.<ME>.checkpoint`` (our own subject, which only our account may
   publish on): our own checkpoints echo back; the latest is checked against our
@@ -74,11 +79,14 @@ from prometheus_client import Gauge as PromGauge
 
 from broker.auditlog import AuditLog
 from broker.checkpoint import (
+    NONCE_BYTES,
     Checkpoint,
+    ProofReply,
     open_checkpoint,
     parse_body,
     parse_proof_request,
     parse_proof_response,
+    proof_refusal,
     proof_request,
     proof_response,
 )
@@ -92,6 +100,7 @@ from broker.note import (
     Note,
     NoteError,
     Verifier,
+    excerpt,
     find_signature,
     parse,
     verify_ed25519,
@@ -179,6 +188,14 @@ def save_witness_state(path: Path, state: Mapping[str, LogState]) -> None:
 
 class _UnreachableError(AuditError):
     """A log did not answer our proof request (it may be down, or the hub away)."""
+
+
+class _StaleError(AuditError):
+    """An older checkpoint of a log than we cosigned, which the log proves it extends.
+
+    Only the hub replays those (a log's node publishes its latest): nothing to cosign,
+    and nothing to warn of, as C2SP tlog-witness answers an old checkpoint.
+    """
 
 
 class _NotOursError(AuditError):
@@ -284,6 +301,7 @@ class AuditNet:
         self.cosigners = list(cosigners)
         self.alarms = alarms
         self.refused = refused
+        self._signer = signer  # our log key: it signs our proof replies
         self.throttle = Throttle(LOG_EVERY_S)
         # Only our own log keys can prove that our log forked: the key our log signs
         # with, and any earlier one partners still trust (a retired key; never a
@@ -416,9 +434,8 @@ class AuditNet:
 
     async def _on_proof_request(self, msg: Msg) -> None:
         try:
-            old, new = parse_proof_request(msg.data)
-            proof = await self.run_db(self._consistency_proof, old, new)
-            body = proof_response(old, new, proof)
+            old, new, nonce = parse_proof_request(msg.data)
+            body = await self.run_db(self._proof_reply, old, new, nonce)
         except StoreError as exc:
             # Our own log could not be read: its words name our paths, which are no
             # partner's business (a security review); the operator gets them here.
@@ -427,7 +444,7 @@ class AuditNet:
                 log.error("proof_unreadable", error=str(exc))  # noqa: TRY400 - no traceback
             body = _error_reply("the log cannot read its entries now")
         except MsmtError as exc:
-            body = _error_reply(str(exc))  # about the request: the sizes asked for
+            body = _error_reply(str(exc))  # a request we could not read: unsigned
         except Exception as exc:  # noqa: BLE001 - one request must not cost more than its reply
             self._failed("proof request", "?", exc)
             body = _error_reply("internal error")
@@ -435,6 +452,24 @@ class AuditNet:
             await msg.respond(body)
         except nats.errors.Error as exc:
             log.warning("proof_reply_failed", error=type(exc).__name__)
+
+    def _proof_reply(self, old: int, new: int, nonce: bytes) -> bytes:
+        """Our signed answer to a proof request (store thread): the proof, or why not.
+
+        Signed with our log key over the witness's nonce: a witness takes a
+        failing proof, or a refusal that our log is smaller than what it
+        cosigned, as evidence against our log only with our signature on it.
+        """
+        size = self.audit.size
+        try:
+            proof = self._consistency_proof(old, new)
+        except StoreError:
+            raise
+        except MsmtError as exc:  # about the request: the sizes asked for
+            return proof_refusal(self.member, str(exc), size=size, nonce=nonce, signer=self._signer)
+        return proof_response(
+            self.member, old, new, proof, size=size, nonce=nonce, signer=self._signer
+        )
 
     def _consistency_proof(self, old: int, new: int) -> list[bytes]:
         # C2SP tlog-witness: old size 0 means the witness has no checkpoint of
@@ -824,6 +859,8 @@ class AuditNet:
         reached) costs that checkpoint alone: it is not cosigned (a check that
         failed unexpectedly has not passed), and the round goes on.
         """
+        if isinstance(exc, _StaleError):
+            return False  # old news, replayed: nothing to cosign or to warn of
         if isinstance(exc, _UnreachableError):
             # The log may be idle from now on: keep its checkpoint for the next round.
             self._pending.setdefault(origin, data)
@@ -879,23 +916,86 @@ class AuditNet:
             # Already cosigned; once more if our line never reached the log
             # (C2SP tlog-witness cosigns a checkpoint at the size it holds again).
             return None if self._our_line in data else (opened, known.size, [])
+        if checkpoint.size < known.size:
+            await self._below(nc, checkpoint, known)  # returns only for the alarm
+            return opened, known.size, []
         proof: list[bytes] = []
         if 0 < known.size < checkpoint.size:
-            try:
-                reply = await nc.request(
-                    f"msmt.audit.{origin}.proof",
-                    proof_request(known.size, checkpoint.size),
-                    timeout=PROOF_TIMEOUT,
+            reply, signed = await self._ask_proof(nc, origin, known.size, checkpoint.size)
+            if reply.error is not None:
+                raise AuditError(
+                    f"{origin}'s proof reply refused: the log answered with an error:"
+                    f" {excerpt(reply.error, 120)}"
                 )
-            except (nats.errors.Error, TimeoutError) as exc:
-                raise _UnreachableError(f"no proof from {origin}: {type(exc).__name__}") from None
-            try:
-                old, new, proof = parse_proof_response(reply.data)
-            except AuditError as exc:
-                raise AuditError(f"{origin}'s proof reply refused: {exc}") from None
-            if (old, new) != (known.size, checkpoint.size):
-                raise AuditError(f"{origin} answered a proof for other sizes")
+            proof = list(reply.proof)
+            if not signed and not _proves(known.size, checkpoint, known.root, proof):
+                # Anyone on the way (the hub) can make up a failing proof: without
+                # the log's signature it is no evidence of a fork.
+                raise AuditError(
+                    f"{origin}'s proof from size {known.size} to {checkpoint.size} does not"
+                    " verify, and the log did not sign it: not cosigned, and no alarm (the"
+                    " reply may not be the log's; the hub's, say)"
+                )
         return opened, known.size, proof
+
+    async def _ask_proof(
+        self, nc: Client, origin: str, old: int, new: int
+    ) -> tuple[ProofReply, bool]:
+        """Ask ``origin``'s log for a proof from ``old`` to ``new``: the reply, and if it is signed.
+
+        Raises ``_UnreachableError`` without a reply, ``AuditError`` for a
+        malformed one or a proof of other sizes.
+        """
+        nonce = os.urandom(NONCE_BYTES)
+        try:
+            msg = await nc.request(
+                f"msmt.audit.{origin}.proof", proof_request(old, new, nonce), timeout=PROOF_TIMEOUT
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _UnreachableError(f"no proof from {origin}: {type(exc).__name__}") from None
+        try:
+            reply = parse_proof_response(msg.data)
+        except AuditError as exc:
+            raise AuditError(f"{origin}'s proof reply refused: {exc}") from None
+        if reply.error is None and (reply.old, reply.new) != (old, new):
+            raise AuditError(f"{origin} answered a proof for other sizes")
+        return reply, reply.signed_by(origin, nonce, self.log_keys.get(origin, ()))
+
+    async def _below(self, nc: Client, checkpoint: Checkpoint, known: LogState) -> None:
+        """A checkpoint below the size we cosigned: return only if the log says it rolled back.
+
+        Its signature proves only that the log once had that size, and the hub
+        can replay it (C2SP tlog-witness answers one as stale, not as an alarm).
+        So the log is asked for a proof from it to what we cosigned: signed and
+        verifying, the checkpoint is old news (``_StaleError``); signed and
+        saying the log is smaller now, or not verifying, it is the log's own word
+        that it went back, and the caller raises the rollback alarm. Anything
+        else (no reply, an unsigned one) proves nothing either way (``AuditError``).
+        """
+        origin = checkpoint.origin
+        if checkpoint.size == 0:  # the empty tree, which every log extends
+            raise _StaleError(f"{origin}'s size 0, before {known.size}")
+        try:
+            reply, signed = await self._ask_proof(nc, origin, checkpoint.size, known.size)
+        except _UnreachableError:
+            reply, signed = ProofReply(error="no reply"), False
+        if signed and reply.error is None:
+            if _proves(
+                checkpoint.size,
+                Checkpoint(origin, known.size, known.root),
+                checkpoint.root,
+                list(reply.proof),
+            ):
+                raise _StaleError(f"{origin}'s size {checkpoint.size}, before {known.size}")
+            return  # the log signed a proof that its old checkpoint is not a prefix of ours
+        if signed and reply.size is not None and reply.size < known.size:
+            return  # the log says it is smaller than what it showed us before
+        raise AuditError(
+            f"a checkpoint of {origin}'s log at size {checkpoint.size}, below the size"
+            f" {known.size} this witness cosigned, and the log does not vouch for it being"
+            " current: an old checkpoint replayed (by the hub), or a rollback; not cosigned,"
+            " and no alarm"
+        )
 
     async def _witness_alarm(
         self, nc: Client, exc: WitnessAlarmError, checkpoint: Checkpoint
@@ -916,7 +1016,8 @@ class AuditNet:
         that one of the two extends the other (the branch grew, or a late
         checkpoint of it came). Anything else (another root at the same size, a
         proof that fails or does not come) is another conflict: counting it again
-        is safe, missing a second fork is not.
+        is safe, missing a second fork is not. Except a failing proof the log did
+        not sign: it may be the hub's, and must not count the alarm again.
         """
         standing = self._standing.get((kind, origin))
         if not self.alarm_active(kind, origin) or standing is None or standing.checkpoint is None:
@@ -925,18 +1026,14 @@ class AuditNet:
         if small.size in (0, large.size):  # no proof to ask for
             return small == large
         try:
-            reply = await nc.request(
-                f"msmt.audit.{origin}.proof",
-                proof_request(small.size, large.size),
-                timeout=PROOF_TIMEOUT,
-            )
-            proved_old, proved_new, proof = parse_proof_response(reply.data)
-            if (proved_old, proved_new) != (small.size, large.size):
-                return False
-            verify_consistency(small.size, large.size, small.root, large.root, proof)
-        except (nats.errors.Error, TimeoutError, AuditError):
+            reply, signed = await self._ask_proof(nc, origin, small.size, large.size)
+        except AuditError:
             return False
-        return True
+        if reply.error is None and _proves(small.size, large, small.root, list(reply.proof)):
+            return True
+        # Only the log's own word makes it another conflict: a reply made up on the
+        # way (the hub's) must not count the alarm again.
+        return not signed
 
     def _alarm(self, kind: str, origin: str, detail: str, *, new: bool) -> None:
         # ``new``: a conflict, not one more checkpoint of a standing one: counted.
@@ -979,6 +1076,15 @@ def next_round(started: float, interval: float) -> float:
     if interval <= 0:
         return started
     return math.ceil((started + interval / 2) / interval) * interval
+
+
+def _proves(old_size: int, new: Checkpoint, old_root: bytes, proof: list[bytes]) -> bool:
+    """Whether ``proof`` links the tree of ``old_size`` and ``old_root`` to ``new``."""
+    try:
+        verify_consistency(old_size, new.size, old_root, new.root, proof)
+    except AuditError:
+        return False
+    return True
 
 
 def _error_reply(reason: str) -> bytes:

@@ -11,8 +11,12 @@ Message bodies on NATS (wired by the transport, built and parsed here):
 * ``msmt.audit.<MEMBER>.checkpoint``: the signed checkpoint note, UTF-8;
 * ``msmt.audit.<MEMBER>.cosignature``: the checkpoint note carrying only the
   witness's cosignature line;
-* ``msmt.audit.<MEMBER>.proof`` (request/reply): JSON ``{"old": m, "new": n}``
-  answered by ``{"old": m, "new": n, "proof": [base64...]}`` (RFC 8785).
+* ``msmt.audit.<MEMBER>.proof`` (request/reply): JSON ``{"old": m, "new": n,
+  "nonce": base64}`` answered by ``{"log", "new", "nonce", "old", "proof": [base64...],
+  "sig", "size"}`` (RFC 8785), signed by the log's key, or by a refusal: signed
+  ``{"error", "log", "nonce", "sig", "size"}``, or ``{"error"}`` for a request that
+  could not be read. The signature lets a witness tell the log's own word (evidence
+  of a fork or rollback) from a reply made up on the way (the hub's).
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ from broker.note import (
     Verifier,
     b64decode_strict,
     check_key_name,
-    excerpt,
     find_signature,
     find_signatures,
     key_id,
@@ -226,9 +229,16 @@ def roster_witness_keys(roster: Roster, members: Iterable[str]) -> list[Verifier
     ]
 
 
-def proof_request(old: int, new: int) -> bytes:
-    """Build the ``msmt.audit.<MEMBER>.proof`` request body."""
-    return rfc8785.dumps({"new": new, "old": old})
+PROOF_REPLY_CONTEXT: Final = b"msmt-proof-reply/v1\n"
+"""What a proof reply's signature covers starts with this, then the reply's RFC 8785
+form without ``sig``: no checkpoint or cosignature text starts so, so the log key's
+signature on a reply can never pass for one on a note."""
+NONCE_BYTES: Final = 16
+
+
+def proof_request(old: int, new: int, nonce: bytes) -> bytes:
+    """Build the ``msmt.audit.<MEMBER>.proof`` request body; ``nonce`` makes the reply fresh."""
+    return rfc8785.dumps({"new": new, "nonce": base64.b64encode(nonce).decode(), "old": old})
 
 
 MAX_PROOF_REQUEST: Final = 1024
@@ -278,29 +288,120 @@ def _size(value: object, what: str) -> int:
     return value
 
 
-def parse_proof_request(data: bytes) -> tuple[int, int]:
-    """Parse a proof request into ``(old, new)``; raise ``AuditError`` if malformed."""
+def parse_proof_request(data: bytes) -> tuple[int, int, bytes]:
+    """Parse a proof request into ``(old, new, nonce)``; raise ``AuditError`` if malformed."""
     obj = _load_object(data, "proof request", MAX_PROOF_REQUEST)
-    if set(obj) != {"old", "new"}:
-        raise AuditError("proof request must have exactly 'old' and 'new'")
-    return _size(obj["old"], "proof request 'old'"), _size(obj["new"], "proof request 'new'")
-
-
-def proof_response(old: int, new: int, proof: Sequence[bytes]) -> bytes:
-    """Build the proof reply body carrying a consistency proof from ``old`` to ``new``."""
-    return rfc8785.dumps(
-        {"new": new, "old": old, "proof": [base64.b64encode(h).decode() for h in proof]}
+    if set(obj) != {"old", "new", "nonce"}:
+        raise AuditError("proof request must have exactly 'old', 'new' and 'nonce'")
+    return (
+        _size(obj["old"], "proof request 'old'"),
+        _size(obj["new"], "proof request 'new'"),
+        _nonce(obj["nonce"], "proof request 'nonce'"),
     )
 
 
-def parse_proof_response(data: bytes) -> tuple[int, int, list[bytes]]:
-    """Parse a proof reply into ``(old, new, proof)``; raise ``AuditError`` if malformed."""
+def proof_response(
+    log: str,
+    old: int,
+    new: int,
+    proof: Sequence[bytes],
+    *,
+    size: int,
+    nonce: bytes,
+    signer: Ed25519PrivateKey,
+) -> bytes:
+    """The log's signed reply carrying a consistency proof from ``old`` to ``new``.
+
+    ``size`` is the log's size as it answers; ``nonce`` the request's.
+    """
+    body = {
+        "log": log,
+        "new": new,
+        "nonce": base64.b64encode(nonce).decode(),
+        "old": old,
+        "proof": [base64.b64encode(h).decode() for h in proof],
+        "size": size,
+    }
+    return _signed(body, signer)
+
+
+def proof_refusal(
+    log: str, reason: str, *, size: int, nonce: bytes, signer: Ed25519PrivateKey
+) -> bytes:
+    """The log's signed refusal of a request it read: ``reason`` says why, ``size`` its size."""
+    body = {
+        "error": reason[:200],
+        "log": log,
+        "nonce": base64.b64encode(nonce).decode(),
+        "size": size,
+    }
+    return _signed(body, signer)
+
+
+def _signed(body: dict[str, Any], signer: Ed25519PrivateKey) -> bytes:
+    sig = signer.sign(PROOF_REPLY_CONTEXT + rfc8785.dumps(body))
+    return rfc8785.dumps({**body, "sig": base64.b64encode(sig).decode()})
+
+
+@dataclass(frozen=True, slots=True)
+class ProofReply:
+    """A parsed proof reply: a proof (``error`` None) or a refusal, signed or not."""
+
+    error: str | None
+    old: int | None = None
+    new: int | None = None
+    proof: tuple[bytes, ...] = ()
+    log: str | None = None
+    size: int | None = None
+    nonce: bytes | None = None
+    sig: bytes | None = None
+    signed_text: bytes = b""
+
+    def signed_by(self, log: str, nonce: bytes, keys: Iterable[Verifier]) -> bool:
+        """Whether ``log``'s key signed this reply to the request that carried ``nonce``."""
+        if self.sig is None or self.log != log or self.nonce != nonce:
+            return False
+        return any(k.verifies(self.signed_text, self.sig) for k in keys)
+
+
+_PROOF_KEYS: Final = frozenset({"log", "new", "nonce", "old", "proof", "sig", "size"})
+_REFUSAL_KEYS: Final = frozenset({"error", "log", "nonce", "sig", "size"})
+
+
+def parse_proof_response(data: bytes) -> ProofReply:
+    """Parse a proof reply; raise ``AuditError`` if malformed. Its signature is not checked here.
+
+    Checklist: 1. a flat JSON object (``_load_object``); 2. exactly the members of
+    a proof, of a signed refusal, or only ``error``; 3. each member well-typed:
+    sizes, a canonical base64 nonce of 16 bytes and signature of 64, 32-byte
+    proof hashes, the log a member's name.
+    """
     obj = _load_object(data, "proof response", MAX_PROOF_RESPONSE)
-    if set(obj) == {"error"} and isinstance(obj["error"], str):
-        # The documented refusal (docs/AUDIT.md): the log's own reason, quoted short.
-        raise AuditError(f"the log answered with an error: {excerpt(obj['error'], 120)}")
-    if set(obj) != {"old", "new", "proof"} or not isinstance(obj["proof"], list):
-        raise AuditError("proof response must have 'old', 'new' and a 'proof' list")
+    keys = set(obj)
+    if keys == {"error"} and isinstance(obj["error"], str):
+        return ProofReply(error=obj["error"])
+    if keys not in (_PROOF_KEYS, _REFUSAL_KEYS):
+        raise AuditError(
+            "proof response must hold exactly the members of a proof, of a refusal,"
+            " or only 'error' (docs/AUDIT.md)"
+        )
+    log = obj["log"]
+    if not isinstance(log, str) or not re.fullmatch(r"[A-Z]{3}", log):
+        raise AuditError("proof response 'log' must be a member's name")
+    sig = _b64(obj["sig"], "proof response 'sig'", 64)
+    fields: dict[str, Any] = {
+        "log": log,
+        "size": _size(obj["size"], "proof response 'size'"),
+        "nonce": _nonce(obj["nonce"], "proof response 'nonce'"),
+        "sig": sig,
+        "signed_text": PROOF_REPLY_CONTEXT + rfc8785.dumps({k: obj[k] for k in keys - {"sig"}}),
+    }
+    if keys == _REFUSAL_KEYS:
+        if not isinstance(obj["error"], str):
+            raise AuditError("proof response 'error' must be a string")
+        return ProofReply(error=obj["error"], **fields)
+    if not isinstance(obj["proof"], list):
+        raise AuditError("proof response must have a 'proof' list")
     proof = []
     for i, item in enumerate(obj["proof"]):
         raw = b64decode_strict(item) if isinstance(item, str) else b""
@@ -309,4 +410,21 @@ def parse_proof_response(data: bytes) -> tuple[int, int, list[bytes]]:
         if len(raw) != HASH_SIZE:
             raise AuditError(f"proof hash {i} is not a base64 32-byte hash")
         proof.append(raw)
-    return _size(obj["old"], "proof 'old'"), _size(obj["new"], "proof 'new'"), proof
+    return ProofReply(
+        error=None,
+        old=_size(obj["old"], "proof 'old'"),
+        new=_size(obj["new"], "proof 'new'"),
+        proof=tuple(proof),
+        **fields,
+    )
+
+
+def _b64(value: object, what: str, length: int) -> bytes:
+    raw = b64decode_strict(value) if isinstance(value, str) else None
+    if raw is None or len(raw) != length:
+        raise AuditError(f"{what} must be {length} bytes in canonical base64")
+    return raw
+
+
+def _nonce(value: object, what: str) -> bytes:
+    return _b64(value, what, NONCE_BYTES)

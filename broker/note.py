@@ -108,6 +108,14 @@ class Verifier:
             raise NoteError(f"Ed25519 key for {self.name} is not a valid public key") from exc
         object.__setattr__(self, "_key", parsed)
 
+    def verifies(self, message: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` is this key's Ed25519 signature of ``message``."""
+        try:
+            self._key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
     def vkey(self) -> str:
         """Return the verifier key string ``<name>+<hex id>+<base64(type || key)>``."""
         body = base64.b64encode(bytes([self.alg]) + self.public).decode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import time
@@ -38,15 +39,17 @@ from broker.auditlog import AuditLog
 from broker.auditnet import AuditNet
 from broker.checkpoint import (
     Checkpoint,
+    ProofReply,
     cosign,
     parse_body,
     parse_proof_request,
     parse_proof_response,
+    proof_refusal,
     proof_request,
     proof_response,
     sign_checkpoint,
 )
-from broker.errors import StoreError
+from broker.errors import AuditError, StoreError
 from broker.merkle import verify_consistency
 from broker.metrics import alarm_series
 from broker.natsproc import NatsServer
@@ -127,7 +130,8 @@ class Audit:
     usa: Peer
     tap: Client
     stop: asyncio.Event
-    proof_requests: list[bytes] = field(default_factory=list)
+    proof_requests: list[tuple[int, int]] = field(default_factory=list)
+    """The sizes of each proof request seen on JPN's proof subject (each has its own nonce)."""
     usa_cosignatures: list[bytes] = field(default_factory=list)
 
     async def publish_checkpoint(self, data: str | bytes) -> None:
@@ -206,7 +210,8 @@ async def audit(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Audit]
     world = Audit(log, jpn, usa, tap, asyncio.Event())
 
     async def on_proof(msg: Msg) -> None:
-        world.proof_requests.append(msg.data)
+        with contextlib.suppress(AuditError):  # a test's malformed request: JPN answers it
+            world.proof_requests.append(parse_proof_request(msg.data)[:2])
 
     async def on_cosignature(msg: Msg) -> None:
         world.usa_cosignatures.append(msg.data)
@@ -256,7 +261,7 @@ async def test_a_round_cosigns_the_latest_checkpoint_and_skips_the_ones_before(
     audit.usa.net.interval = 0
     await await_for(lambda: audit.usa_state().size == 12, 10, "USA cosigned size 12")
     await await_for(lambda: len(audit.usa_cosignatures) == 2, 10, "second cosignature")
-    assert audit.proof_requests == [proof_request(3, 12)]
+    assert audit.proof_requests == [(3, 12)]
     assert audit.usa_state().root == parse_body(parse(latest).text).root
     await await_for(
         lambda: "\u2014 USA " in audit.log.checkpoint_at(12), 10, "JPN merged the cosignature"
@@ -345,7 +350,7 @@ async def test_a_log_that_stops_growing_is_cosigned_without_waiting_out_the_inte
     audit.usa.net.settled = 0.3
     await audit.grow(4)
     await await_for(lambda: audit.usa_state().size == 7, 10, "USA cosigned size 7")
-    assert audit.proof_requests == [proof_request(3, 7)]
+    assert audit.proof_requests == [(3, 7)]
     await await_for(lambda: len(audit.usa_cosignatures) == 2, 10, "second cosignature")
 
 
@@ -365,7 +370,7 @@ async def test_copies_of_a_held_checkpoint_do_not_keep_the_log_from_settling(
         await audit.publish_checkpoint(copy)  # KOR's line merged: the log republishes
         await asyncio.sleep(0.1)
     assert audit.usa_state().size == 7, "USA waited for the copies to stop"
-    assert audit.proof_requests == [proof_request(3, 7)]
+    assert audit.proof_requests == [(3, 7)]
 
 
 async def test_a_copy_without_our_line_is_dropped_once_one_with_it_arrives(audit: Audit) -> None:
@@ -478,9 +483,9 @@ async def test_under_load_a_round_takes_its_checkpoints_at_its_start_and_works_l
     sizes = [parse_body(parse(c).text).size for c in audit.usa_cosignatures]
     assert sizes == [3, 7, 12, 14]
     assert audit.proof_requests == [
-        proof_request(3, 7),
-        proof_request(7, 12),
-        proof_request(12, 14),
+        (3, 7),
+        (7, 12),
+        (12, 14),
     ]
 
 
@@ -771,7 +776,20 @@ async def _kor_answers_proofs_with(audit: Audit, reply: bytes) -> list[bytes]:
     [
         (b"[" * 200_000, "more than 16384"),
         (b'{"old":3,"new":' + b"9" * 5_000 + b',"proof":[]}', "more than 20 digits"),
-        (b'{"old":3,"new":40,"proof":["' + b"A" * 42 + "\u00e9=".encode() + b'"]}', "base64"),
+        (
+            json.dumps(
+                {
+                    "log": "KOR",
+                    "new": 40,
+                    "nonce": "AAECAwQFBgcICQoLDA0ODw==",
+                    "old": 3,
+                    "proof": ["A" * 42 + "\u00e9="],
+                    "sig": "A" * 86 + "==",
+                    "size": 40,
+                }
+            ).encode(),
+            "base64",
+        ),
         # The documented refusal: the log's reason reaches the witness's operator.
         (
             b'{"error":"no consistency proof from size 3 to 40 (log size 3)"}',
@@ -787,7 +805,7 @@ async def test_a_hostile_proof_reply_costs_only_that_log_and_witnessing_goes_on(
     # answer to USA's proof request is what once stopped the node.
     asked = await _kor_answers_proofs_with(audit, reply)
     await await_for(lambda: audit.usa.net.last_error is not None, 10, "USA's refusal")
-    assert asked == [proof_request(3, 40)]
+    assert [parse_proof_request(a)[:2] for a in asked] == [(3, 40)]
     assert "KOR's proof reply refused" in (audit.usa.net.last_error or "")
     assert reason in (audit.usa.net.last_error or "")
     await audit.grow(0)
@@ -815,9 +833,19 @@ class _KorCopies:
 
     async def answer(self, msg: Msg) -> None:
         assert self.serving is not None
-        old, new = parse_proof_request(msg.data)
-        proof = [] if old == 0 else self.serving.consistency_proof(old, new)
-        await msg.respond(proof_response(old, new, proof))
+        old, new, nonce = parse_proof_request(msg.data)
+        size = self.serving.size
+        # Signed, as KOR's node signs its replies: the log's own word, which may raise an alarm.
+        try:
+            proof = [] if old == 0 else self.serving.consistency_proof(old, new)
+        except AuditError as exc:  # sizes beyond the copy serving now
+            await msg.respond(
+                proof_refusal("KOR", str(exc), size=size, nonce=nonce, signer=KOR_KEY)
+            )
+            return
+        await msg.respond(
+            proof_response("KOR", old, new, proof, size=size, nonce=nonce, signer=KOR_KEY)
+        )
 
     def close(self) -> None:
         for log in self.logs:
@@ -842,6 +870,81 @@ async def _witness_kor(audit: Audit, log: AuditLog, size: int | None = None) -> 
         10,
         f"USA's round on KOR's size {size or log.size}",
     )
+
+
+async def _usa_refuses_or_alarms(audit: Audit, note: str) -> None:
+    """Publish ``note`` on KOR's subject and wait until USA's round has dealt with it."""
+    audit.usa.net.last_error = None
+    audit.usa.net.interval = 0
+    await audit.tap.publish("msmt.audit.KOR.checkpoint", note.encode())
+    await audit.tap.flush()
+    await await_for(
+        lambda: audit.usa.net.last_error is not None or audit.usa.alarm_count() > 0,
+        10,
+        "USA's round on KOR's checkpoint",
+    )
+
+
+async def test_an_old_checkpoint_replayed_is_no_rollback_unless_the_log_says_it_went_back(
+    audit: Audit, tmp_path: Path
+) -> None:
+    # A hostile-hub review: the hub republished a log's genuine old checkpoint after
+    # the witnesses had cosigned a later one, and every witness raised a rollback
+    # alarm on an honest log. Its signature shows only that the log once had that size.
+    kor = _KorCopies(tmp_path)
+    try:
+        log = kor.copy("honest", lambda i: event(i, "KOR"), 12)
+        cosigned = parse_body(parse(log.checkpoint_at(12)).text)
+        audit.usa.net.witness.state["KOR"] = LogState(12, cosigned.root)
+        log3 = kor.copy("prefix", lambda i: event(i, "KOR"), 3)
+        old = log3.latest_checkpoint() or ""  # the same history's size-3 checkpoint
+        # 1. The log does not answer (down, or the hub keeps its replies): proves nothing.
+        await _usa_refuses_or_alarms(audit, old)
+        assert audit.usa.alarm_count() == 0
+        assert "below the size 12 this witness cosigned" in (audit.usa.net.last_error or "")
+        assert "no alarm" in (audit.usa.net.last_error or "")
+        # 2. The log answers, signed, with a proof from 3 to 12: old news, dropped quietly.
+        kor.serving = log
+        asked: list[tuple[int, int]] = []
+
+        async def answer(msg: Msg) -> None:
+            asked.append(parse_proof_request(msg.data)[:2])
+            await kor.answer(msg)
+
+        await audit.tap.subscribe("msmt.audit.KOR.proof", cb=answer)
+        await audit.tap.flush()
+        audit.usa.net.last_error = None
+        with capture_logs() as logs:
+            await audit.tap.publish("msmt.audit.KOR.checkpoint", old.encode())
+            await audit.tap.flush()
+            await await_for(lambda: asked == [(3, 12)], 10, "USA asking KOR for 3 to 12")
+            # Rounds run one after another: once a later one cosigned JPN, KOR's was done.
+            await audit.grow(0)
+            await await_for(lambda: audit.usa_state().size == 3, 10, "USA's next round")
+        assert audit.usa.alarm_count() == 0
+        assert audit.usa.net.last_error is None
+        assert [e for e in logs if e["event"] in ("witness_refused", "audit_alarm")] == []
+        assert audit.usa.net.witness.state["KOR"] == LogState(12, cosigned.root)
+        # 3. The log itself is at size 3 now (restored from a backup) and signs so: the alarm.
+        kor.serving = log3
+        await _usa_refuses_or_alarms(audit, old)
+        assert audit.usa.alarms_on("rollback", "KOR") == 1
+        assert "size 3 after size 12" in (audit.usa.net.alarm or "")
+    finally:
+        kor.close()
+
+
+async def test_a_failing_proof_the_log_did_not_sign_is_no_fork(audit: Audit) -> None:
+    # A hostile-hub review: the hub answered proof requests itself with made-up hashes,
+    # and every witness raised a fork alarm on an honest log. A failing proof is the
+    # log's word only with its signature over this request's nonce.
+    made_up = proof_response("KOR", 3, 40, [bytes(32)], size=40, nonce=bytes(16), signer=USA_KEY)
+    asked = await _kor_answers_proofs_with(audit, made_up)
+    await await_for(lambda: audit.usa.net.last_error is not None, 10, "USA's refusal")
+    assert [parse_proof_request(a)[:2] for a in asked] == [(3, 40)]
+    assert audit.usa.alarm_count() == 0
+    assert "does not verify, and the log did not sign it" in (audit.usa.net.last_error or "")
+    assert audit.usa.net.witness.state["KOR"] == LogState(3, bytes(32))  # not cosigned
 
 
 async def test_a_forked_log_is_one_alarm_while_it_grows_and_a_second_fork_is_another(
@@ -940,9 +1043,10 @@ async def test_an_unexpected_failure_with_one_log_is_reported_by_type_and_not_co
         (b'{"old":1,"new":' + b"9" * 5_000 + b"}", "more than 1024"),
         (b'{"old":1,"new":' + b"9" * 100 + b"}", "more than 20 digits"),
         (b'{"old":1,"new":3,"old":2}', "duplicate key"),
-        (b'{"old":1,"new":"3"}', "integer from 0 to 2\\^64 - 1"),
+        (b'{"old":1,"new":"3","nonce":"AAECAwQFBgcICQoLDA0ODw=="}', "integer from 0 to 2\\^64 - 1"),
+        (b'{"old":1,"new":3}', "exactly 'old', 'new' and 'nonce'"),
     ],
-    ids=["deep", "deep-short", "long", "long-integer", "duplicate", "string"],
+    ids=["deep", "deep-short", "long", "long-integer", "duplicate", "string", "no-nonce"],
 )
 async def test_a_malformed_proof_request_gets_an_error_reply(
     audit: Audit, body: bytes, reason: str
@@ -964,7 +1068,7 @@ async def test_a_log_that_cannot_read_its_entries_tells_the_partner_no_path(
     monkeypatch.setattr(audit.jpn.net, "_consistency_proof", unreadable)
     with capture_logs() as logs:
         reply = await audit.tap.request(
-            f"msmt.audit.{MEMBER}.proof", proof_request(1, 3), timeout=3
+            f"msmt.audit.{MEMBER}.proof", proof_request(1, 3, bytes(16)), timeout=3
         )
     assert json.loads(reply.data) == {"error": "the log cannot read its entries now"}
     assert [e["error"] for e in logs if e["event"] == "proof_unreadable"] == [
@@ -974,20 +1078,26 @@ async def test_a_log_that_cannot_read_its_entries_tells_the_partner_no_path(
 
 
 async def test_a_proof_from_size_zero_is_empty_as_c2sp_tlog_witness_has_it(audit: Audit) -> None:
-    async def ask(old: int, new: int) -> bytes:
-        reply = await audit.tap.request(
-            f"msmt.audit.{MEMBER}.proof", proof_request(old, new), timeout=3
-        )
-        return reply.data
+    nonce = bytes(range(16))
+    keys = [log_verifier(JPN_KEY)]
 
-    assert parse_proof_response(await ask(0, 3)) == (0, 3, [])
-    assert parse_proof_response(await ask(0, 0)) == (0, 0, [])
-    assert json.loads(await ask(0, 4)) == {
-        "error": "no consistency proof from size 0 to 4 (log size 3)"
-    }
+    async def ask(old: int, new: int) -> ProofReply:
+        reply = await audit.tap.request(
+            f"msmt.audit.{MEMBER}.proof", proof_request(old, new, nonce), timeout=3
+        )
+        parsed = parse_proof_response(reply.data)
+        assert parsed.signed_by(MEMBER, nonce, keys)  # every answer to a readable request
+        return parsed
+
+    assert (await ask(0, 3)).proof == (await ask(0, 0)).proof == ()
+    refused = await ask(0, 4)
+    assert (refused.error, refused.size) == (
+        "no consistency proof from size 0 to 4 (log size 3)",
+        3,
+    )
     # The other sizes as before: a real RFC 9162 proof.
     audit.append(4)
-    _, _, proof = parse_proof_response(await ask(3, 7))
+    proof = list((await ask(3, 7)).proof)
     old_root, new_root = (parse_body(parse(audit.log.checkpoint_at(n)).text).root for n in (3, 7))
     verify_consistency(3, 7, old_root, new_root, proof)
 

@@ -24,6 +24,7 @@ from broker.checkpoint import (
     parse_body,
     parse_proof_request,
     parse_proof_response,
+    proof_refusal,
     proof_request,
     proof_response,
     roster_log_keys,
@@ -243,15 +244,72 @@ def test_roster_keys_become_note_verifiers() -> None:
         open_checkpoint(note.render(), roster_log_keys(roster, "JPN"))
 
 
+NONCE = bytes(range(16))
+NONCE_B64 = base64.b64encode(NONCE).decode()
+
+
+def _reply(**changes: object) -> bytes:
+    """A well-formed signed proof reply's members, with ``changes``, as JSON."""
+    body: dict[str, object] = {
+        "log": "JPN",
+        "new": 2,
+        "nonce": NONCE_B64,
+        "old": 1,
+        "proof": [ROOT_B64],
+        "sig": base64.b64encode(bytes(64)).decode(),
+        "size": 2,
+    }
+    body.update(changes)
+    return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+
+
 def test_proof_messages_round_trip_and_refuse_garbage() -> None:
-    assert parse_proof_request(proof_request(3, 9)) == (3, 9)
+    assert parse_proof_request(proof_request(3, 9, NONCE)) == (3, 9, NONCE)
     proof = [bytes([i]) * 32 for i in range(4)]
-    assert parse_proof_response(proof_response(3, 9, proof)) == (3, 9, proof)
+    body = proof_response("JPN", 3, 9, proof, size=12, nonce=NONCE, signer=LOG)
+    reply = parse_proof_response(body)
+    assert (reply.error, reply.old, reply.new, list(reply.proof), reply.size) == (
+        None,
+        3,
+        9,
+        proof,
+        12,
+    )
     for bad in (b"[]", b"{", b'{"old":1}', b'{"old":-1,"new":2}', b'{"old":true,"new":2}'):
         with pytest.raises(AuditError):
             parse_proof_request(bad)
+    with pytest.raises(AuditError, match="exactly 'old', 'new' and 'nonce'"):
+        parse_proof_request(b'{"old":1,"new":2}')  # no nonce: a reply could be replayed
     with pytest.raises(AuditError, match="proof hash 0"):
-        parse_proof_response(b'{"old":1,"new":2,"proof":["AAAA"]}')
+        parse_proof_response(_reply(proof=["AAAA"]))
+
+
+def test_a_proof_reply_is_the_logs_word_only_with_its_signature_on_this_request() -> None:
+    # A witness raises a fork or rollback alarm on a reply only if the log signed it
+    # for this very request: a hostile hub answered proof requests itself with made-up
+    # proofs, and every witness raised a fork alarm on an honest log.
+    keys = [_log_key()]
+    proof = [bytes([i]) * 32 for i in range(2)]
+    reply = parse_proof_response(
+        proof_response("JPN", 3, 9, proof, size=9, nonce=NONCE, signer=LOG)
+    )
+    assert reply.signed_by("JPN", NONCE, keys)
+    assert not reply.signed_by("JPN", bytes(16), keys)  # an answer to another request
+    assert not reply.signed_by("USA", NONCE, keys)  # another log's name
+    assert not reply.signed_by("JPN", NONCE, [_wit_key()])  # another key
+    refusal = parse_proof_response(
+        proof_refusal("JPN", "no proof to 9 (log size 5)", size=5, nonce=NONCE, signer=LOG)
+    )
+    assert (refusal.error, refusal.size) == ("no proof to 9 (log size 5)", 5)
+    assert refusal.signed_by("JPN", NONCE, keys)
+    # Any member changed on the way breaks the signature: here the size.
+    signed = json.loads(proof_refusal("JPN", "x", size=5, nonce=NONCE, signer=LOG))
+    changed = parse_proof_response(json.dumps({**signed, "size": 50}).encode())
+    assert not changed.signed_by("JPN", NONCE, keys)
+    # A refusal of a request the log could not read is unsigned, and says so.
+    unsigned = parse_proof_response(b'{"error":"we refuse\\ntoday"}')
+    assert unsigned.error == "we refuse\ntoday"
+    assert not unsigned.signed_by("JPN", NONCE, keys)
 
 
 def test_the_worked_example_in_docs_audit_verifies() -> None:
@@ -368,8 +426,9 @@ def test_a_non_ascii_signature_line_or_key_name_is_refused_as_a_note_error() -> 
         (b'{"old":1,"new":' + b"9" * 21 + b"}", "more than 20 digits"),
         (b'{"old":1,"new":3,"old":2}', "duplicate key"),
         (b"\xff", "not JSON"),
-        (b'{"old":1.5,"new":3}', "integer from 0 to 2\\^64 - 1"),
-        (b'{"old":1,"new":18446744073709551616}', "integer from 0 to 2\\^64 - 1"),
+        (b'{"old":1.5,"new":3,"nonce":"' + NONCE_B64.encode() + b'"}', "integer from 0"),
+        (b'{"old":1,"new":18446744073709551616,"nonce":"AA=="}', "integer from 0"),
+        (b'{"old":1,"new":3,"nonce":"AA=="}', "'nonce' must be 16 bytes"),
     ],
 )
 def test_hostile_proof_requests_are_refused(body: bytes, reason: str) -> None:
@@ -385,11 +444,17 @@ def test_hostile_proof_requests_are_refused(body: bytes, reason: str) -> None:
         (b'{"proof":' + b"[" * 15_000, "nested too deeply|not JSON"),
         (b'{"old":16,"new":' + b"9" * 5_000 + b',"proof":[]}', "more than 20 digits"),
         (b'{"old":1,"new":2,"proof":[],"proof":["x"]}', "duplicate key"),
-        (b'{"old":1,"new":2,"proof":["' + ROOT_B64[:42].encode() + b'\xc3\xa9="]}', "base64"),
-        (b'{"old":1e400,"new":2,"proof":[]}', "integer from 0 to 2\\^64 - 1"),
-        (b'{"old":1,"new":2,"proof":[{}]}', "proof hash 0"),
-        (b'{"error":"we refuse\\ntoday"}', r"the log answered with an error: 'we refuse\?today'"),
-        (b'{"error":7}', "must have 'old', 'new' and a 'proof' list"),
+        (_reply(proof=[ROOT_B64[:42] + "\u00e9="]), "proof hash 0 is not valid base64"),
+        (_reply(old=1.5), "integer from 0 to 2\\^64 - 1"),
+        (_reply(proof=[{}]), "proof hash 0"),
+        (_reply(proof="AA"), "a 'proof' list"),
+        (_reply(size=-1), "'size' must be an integer"),
+        (_reply(nonce="AAAA"), "'nonce' must be 16 bytes"),
+        (_reply(sig="AAAA"), "'sig' must be 64 bytes"),
+        (_reply(log="jpn"), "'log' must be a member's name"),
+        (_reply(size=None), "exactly the members of a proof"),  # a member missing
+        (_reply(extra=1), "exactly the members of a proof"),
+        (b'{"error":7}', "exactly the members of a proof"),
     ],
 )
 def test_hostile_proof_responses_are_refused(body: bytes, reason: str) -> None:
@@ -399,8 +464,9 @@ def test_hostile_proof_responses_are_refused(body: bytes, reason: str) -> None:
 
 def test_a_proof_from_size_zero_is_an_empty_proof_on_the_wire() -> None:
     # C2SP tlog-witness: old size 0 means "no previous checkpoint", proved by nothing.
-    assert parse_proof_request(proof_request(0, 110)) == (0, 110)
-    assert parse_proof_response(proof_response(0, 110, [])) == (0, 110, [])
+    assert parse_proof_request(proof_request(0, 110, NONCE)) == (0, 110, NONCE)
+    body = proof_response("JPN", 0, 110, [], size=110, nonce=NONCE, signer=LOG)
+    assert parse_proof_response(body).proof == ()
 
 
 @settings(max_examples=300)
