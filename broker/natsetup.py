@@ -90,6 +90,11 @@ _CONSUMER_FIELDS: Final = (
     "ack_wait",
     "max_deliver",
     "max_ack_pending",
+    # Set on the hub, each holds or drops reports (a hostile-hub review's filter made
+    # the inbox drop them all): the setup puts them back to none.
+    "filter_subject",
+    "filter_subjects",
+    "headers_only",
 )
 
 

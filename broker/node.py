@@ -216,8 +216,10 @@ class Node:
         self._published_checkpoint: str | None = None
         self._published_at = -math.inf
         self._lag: int | None = None
-        # When the lag was last asked, and how many requests in a row got no answer.
-        self._lag_at, self._silent = -LAG_EVERY_S, 0
+        # When the lag was last asked, how many requests in a row got no answer, and
+        # how the hub has the inbox consumer otherwise than ``msmt nats setup`` made
+        # it (a filter, a pause; ``_check_consumer``), else empty.
+        self._lag_at, self._silent, self._consumer_altered = -LAG_EVERY_S, 0, ""
         self._status: dict[str, str] = {}
         self._status_at = -STATUS_EVERY_S
         # Counts the store has not taken yet: kept until it can (a full disk).
@@ -801,7 +803,8 @@ class Node:
             return "the hub server does not answer JetStream requests (msmt status)"
         if self.receiver is None or not self.receiver.bound:
             return "inbox consumer not bound"
-        return None
+        altered = self._consumer_altered
+        return f"inbox consumer altered on the hub: {altered} (msmt status)" if altered else None
 
     def _housekeep_sync(self) -> tuple[tuple[int, int], str | None, int]:
         # Reports committed while their audit append failed (a full disk) wait
@@ -999,6 +1002,7 @@ class Node:
             reply = await self.nc.request(subject, b"", timeout=1.0)
             info = json.loads(reply.data)
             self._lag = int(info["num_pending"]) + int(info["num_ack_pending"])
+            self._check_consumer(info)
         except (nats.errors.Error, TimeoutError, ValueError, KeyError, TypeError) as exc:
             # No answer, or {"error": ...} for an inbox the hub lost: unknown.
             self._lag = None
@@ -1041,6 +1045,22 @@ class Node:
         if self._clock_base is None:
             return False
         return abs(wall_clock() - monotonic - self._clock_base) > CLOCK_STEP_S
+
+    def _check_consumer(self, info: dict[str, Any]) -> None:
+        # Whoever runs the hub can change or pause our consumer: a filter that left
+        # out our subjects made the inbox drop every report at once (interest
+        # retention), and a pause held them, while the node stayed ready with no
+        # error (a hostile-hub review). Say so, and stop reading as ready.
+        altered = consumer_alterations(info)
+        self._consumer_altered = altered
+        if altered:
+            self._error(
+                f"hub: the inbox consumer {inbox_durable(self.member)} is not as msmt nats setup"
+                f" made it: {altered}; reports to this node may be held or dropped there: run"
+                f" msmt nats setup --account {self.member}, and ask who changed it"
+                " (docs/DEPLOY.md)",
+                same_as="consumer",
+            )
 
     def _check_clock(self, hub_time: object, asked: float, answered: float) -> None:
         # Partners refuse reports issued more than MAX_SKEW in their future, and
@@ -1341,6 +1361,29 @@ def reissue_interval(freshness_seconds: int) -> float:
 def wall_clock() -> float:
     """Return the node's own clock, as the planner signs with it (a test can move it)."""
     return time.time()
+
+
+def consumer_alterations(info: object) -> str:
+    """What in a JetStream consumer-info answer differs from the inbox consumer we set up.
+
+    Empty when nothing does. Only what can hold or drop reports is looked at: a
+    subject filter, headers only, a delivery limit, a pause.
+    """
+    if not isinstance(info, dict):
+        return ""
+    config = info.get("config")
+    config = config if isinstance(config, dict) else {}
+    found = []
+    for key in ("filter_subject", "filter_subjects"):
+        if config.get(key):
+            found.append(f"{key} {config[key]!r:.100}")
+    if config.get("headers_only"):
+        found.append("headers_only")
+    if config.get("max_deliver") not in (None, -1, 0):
+        found.append(f"max_deliver {config['max_deliver']!r:.20}")
+    if info.get("paused"):
+        found.append(f"paused until {config.get('pause_until', '?')!s:.40}")
+    return ", ".join(found)
 
 
 def _silence(reply: Msg | None, exc: BaseException) -> str | None:

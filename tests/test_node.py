@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import json
 import re
 import sqlite3
@@ -1616,6 +1617,63 @@ async def test_node_is_not_ready_until_its_inbox_exists_then_becomes_ready(
             await task
     finally:
         server.kill()
+
+
+async def test_an_inbox_consumer_changed_on_the_hub_is_named_and_setup_puts_it_back(
+    world: World,
+) -> None:
+    # A hostile-hub review narrowed a node's consumer to a subject no report has: the
+    # inbox (interest retention) dropped every report at once, and the node stayed
+    # ready with no error. Members' own credentials may change their consumer too.
+    world.write_config("USA")
+    node = load_node(world.config("USA"))
+    task = asyncio.create_task(node.run())
+    seed = (world.keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
+    try:
+        await await_for(lambda: node.ready() is None, 20, "USA ready")
+        nc = await connect_account(world.server.url, "USA", seed)
+        try:
+            js = nc.jetstream()
+            info = await js.consumer_info(inbox_stream("USA"), inbox_durable("USA"))
+            narrowed = dataclasses.replace(info.config, filter_subject="from.KOR.nothing")
+            await js.add_consumer(inbox_stream("USA"), narrowed)
+        finally:
+            await nc.close()
+        await await_for(lambda: node.ready() is not None, 20, "USA not ready")
+        assert node.ready() == (
+            "inbox consumer altered on the hub: filter_subject 'from.KOR.nothing' (msmt status)"
+        )
+        assert "run msmt nats setup --account USA" in node._last_error
+        results = await setup_account(world.server.url, "USA", seed)
+        assert [r.action for r in results if r.kind == "consumer"] == ["updated"]
+        await await_for(lambda: node.ready() is None, 20, "USA ready again")
+    finally:
+        node.stop.set()
+        await task
+
+
+def test_consumer_alterations_name_what_holds_or_drops_reports() -> None:
+    from broker.node import consumer_alterations
+
+    setup = {"config": {"max_deliver": -1, "ack_policy": "explicit"}, "paused": False}
+    assert consumer_alterations(setup) == ""
+    assert consumer_alterations({"config": {"filter_subjects": ["a.b"]}}) == (
+        "filter_subjects ['a.b']"
+    )
+    assert (
+        consumer_alterations(
+            {
+                "config": {
+                    "max_deliver": 1,
+                    "headers_only": True,
+                    "pause_until": "2099-01-01T00:00:00Z",
+                },
+                "paused": True,
+            }
+        )
+        == "headers_only, max_deliver 1, paused until 2099-01-01T00:00:00Z"
+    )
+    assert consumer_alterations("junk") == consumer_alterations({"config": 7}) == ""
 
 
 # --- the receiver's own pull loop ---------------------------------------------------------
