@@ -135,6 +135,8 @@ class Replay:
     """Receipts from members whose logs were not given: nothing to check them against."""
     bulk_refusals: Mapping[tuple[str, str], BulkRefusals] = field(default_factory=dict)
     """(source, recipient) -> the refusals the recipient's log counts without naming them."""
+    resent_to_holder: frozenset[tuple[str, int]] = frozenset()
+    """(sender, seq) of sends of a report the partner already held, among its bulk replays."""
 
     def statuses(self) -> Counter[str]:
         """How many sends ended in each status."""
@@ -162,7 +164,18 @@ class Replay:
         The hub lost them (or never stored them) and ``msmt node resend`` sent the
         report again: not findings, but shown, so a recovery can be checked.
         """
-        return self._undelivered(flagged=False)
+        return [
+            e
+            for e in self._undelivered(flagged=False)
+            if (e.sender, e.seq) not in self.resent_to_holder
+        ]
+
+    def resent(self) -> list[Exchange]:
+        """Sends of a report the partner already held, refused among its bulk ``replay`` counts.
+
+        Not findings (``_resent_to_holder``), but shown: a ``resend --since`` makes many.
+        """
+        return [e for e in self.exchanges if (e.sender, e.seq) in self.resent_to_holder]
 
     def unlogged(self) -> list[Exchange]:
         """Sends the partner never logged that no later send made good: the findings."""
@@ -230,6 +243,18 @@ class Replay:
                     "seq": e.seq,
                 }
                 for e in self.recovered()
+            ],
+        )
+        yield (
+            "resent_to_holder",
+            [
+                {
+                    "sender": e.sender,
+                    "recipient": e.recipient,
+                    "report_id": e.report_id,
+                    "seq": e.seq,
+                }
+                for e in self.resent()
             ],
         )
         yield (
@@ -604,6 +629,7 @@ def replay(
     matrix = Counter((sender, recipient) for sender, recipient, _ in delivered)
     exchanges.sort(key=lambda e: (e.at, e.sender, e.seq))
     findings = _resent_after_loss(exchanges, findings)
+    findings, held = _resent_to_holder(exchanges, findings, index.bulk)
     findings.sort(key=lambda f: (f.member, f.seq, f.kind))
     return Replay(
         tuple(exchanges),
@@ -611,6 +637,7 @@ def replay(
         tuple(f for f in findings if f.kind != "not-checked"),
         sum(f.kind == "not-checked" for f in findings),
         index.bulk,
+        held,
     )
 
 
@@ -635,6 +662,47 @@ def _resent_after_loss(exchanges: Sequence[Exchange], findings: list[Finding]) -
         and delivered_at.get((e.sender, e.recipient, e.report_id), -1) > e.seq
     }
     return [f for f in findings if not (f.kind == "undelivered" and (f.member, f.seq) in lost)]
+
+
+def _resent_to_holder(
+    exchanges: Sequence[Exchange],
+    findings: list[Finding],
+    bulk: Mapping[tuple[str, str], BulkRefusals],
+) -> tuple[list[Finding], frozenset[tuple[str, int]]]:
+    """Drop ``undelivered`` findings for sends of a report the partner already held.
+
+    ``msmt node resend --since`` sends again every report of its window, most of
+    which the partner received before: it refuses those at ``replay``, and past
+    60 a minute only counts them (``rejected_many``). A send the partner never
+    named, of a report an earlier send from the same sender delivered to it, is
+    one of those refusals if the partner's log counts at least as many bulk
+    ``replay`` refusals of that sender as there are such sends; otherwise each
+    stays a finding (some were lost). Returns the findings left and the
+    ``(sender, seq)`` of the sends taken as refused so (a clock trial's resend
+    left 552 findings, every one a report the partner held).
+    """
+    first: dict[tuple[str, str, str], int] = {}
+    for e in exchanges:
+        if e.status == "delivered":
+            key = (e.sender, e.recipient, e.report_id)
+            first[key] = min(first.get(key, e.seq), e.seq)
+    unlogged = {(f.member, f.seq) for f in findings if f.kind == "undelivered"}
+    again: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for e in exchanges:
+        if (
+            e.status == "undelivered"
+            and (e.sender, e.seq) in unlogged
+            and first.get((e.sender, e.recipient, e.report_id), e.seq) < e.seq
+        ):
+            again.setdefault((e.sender, e.recipient), []).append((e.sender, e.seq))
+    held = frozenset(
+        send
+        for pair, sends in again.items()
+        if (counted := bulk.get(pair)) is not None and len(sends) <= counted.steps["replay"]
+        for send in sends
+    )
+    kept = [f for f in findings if not (f.kind == "undelivered" and (f.member, f.seq) in held)]
+    return kept, held
 
 
 def _in_several_logs(records: Sequence[_Kept], what: str) -> list[Finding]:

@@ -1427,6 +1427,50 @@ def _jwe_of(send: ev.AuditEvent) -> str:
     return str(send.fields["jwe_sha256"])
 
 
+def _resend(report: uuid.UUID, t: int) -> ev.AuditEvent:
+    """JPN's send of ``report`` to USA again (msmt node resend): a new envelope."""
+    return ev.sent(
+        "JPN", T0 + timedelta(seconds=t), partner="USA", report_id=report, kind="vessel",
+        released=NARROW, policy_digest=D_LOOSE, originator="JPN", tlp="AMBER", rel_to=None,
+        jwe_sha256=hashlib.sha256(f"again {report} {t}".encode()).hexdigest(),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("replays", [2, 1])
+def test_a_resend_of_reports_the_partner_held_refused_in_bulk_is_no_finding(
+    replays: int,
+) -> None:
+    # A clock trial: msmt node resend --since sent 629 reports again, most of which
+    # USA held; it refused them as replays, past 60 a minute only counted, and replay
+    # then gave 552 "undelivered" findings, every one a report USA held. R3 was never
+    # delivered: its resend, unnamed, stays a finding whatever the counts.
+    jpn = [_started("JPN", None, D_LOOSE)]
+    jpn += [_accepted("JPN", r, 0) for r in (R1, R2, R3)]
+    jpn += [_jpn_send(r, D_LOOSE) for r in (R1, R2)]
+    jpn += [_resend(R1, 60), _resend(R2, 61), _resend(R3, 62)]
+    usa = [_started("USA"), _recv("USA", "JPN", R1, NARROW, 1), _recv("USA", "JPN", R2, NARROW, 2)]
+    usa.append(_bulk("USA", "JPN", 70, replay=replays, format=5))
+    result = replay({"JPN": _entries(jpn), "USA": _entries(usa)}, BOTH)
+    _assert_json_text(result)
+    unlogged = [(f.kind, f.report_id) for f in result.findings]
+    if replays == 2:  # as many bulk replays as resends of held reports: those are they
+        assert unlogged == [("undelivered", str(R3))]
+        assert [(e.report_id, e.seq) for e in result.resent()] == [(str(R1), 6), (str(R2), 7)]
+        assert result.to_json()["resent_to_holder"] == [
+            {"sender": "JPN", "recipient": "USA", "report_id": str(r), "seq": s}
+            for r, s in ((R1, 6), (R2, 7))
+        ]
+        text = render_tables(result, ["JPN", "USA"])
+        assert (
+            "Sent again to a partner that held the report, among its bulk replay refusals (2)\n"
+            f"  JPN -> USA  {R1}  (entry 6)"
+        ) in text
+    else:  # fewer: one of them was lost, and which cannot be told
+        assert unlogged == [("undelivered", r) for r in (str(R1), str(R2), str(R3))]
+        assert result.resent() == []
+    assert result.recovered() == []  # an earlier send delivered these, not a later one
+
+
 def test_bulk_refusals_alone_are_no_finding_and_show_in_every_output(tmp_path: Path) -> None:
     # Real logs: a clean exchange, then USA's node counts junk from KOR in bulk.
     dirs = _run_world(tmp_path / "logs")

@@ -684,6 +684,12 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
         result.recovered(),
         lambda e: f"(entry {e.seq})",
     )
+    # Nor these: a resend of reports the partner held, refused as replays in bulk.
+    lines += _exchange_lines(
+        "Sent again to a partner that held the report, among its bulk replay refusals ({n})",
+        result.resent(),
+        lambda e: f"(entry {e.seq})",
+    )
     lines += ["", f"Findings ({len(result.findings)})"]
     lines += _finding_lines(result.findings)
     if any(f.kind in DECIDED_BY_EVIDENCE for f in result.findings):
