@@ -1076,7 +1076,8 @@ class Node:
         self._clock_off = (
             f"this node's clock is {abs(offset):.0f} s {way} the hub's, too far off to judge"
             " the freshness of partners' reports or to sign ours: theirs wait at the hub,"
-            " ours in the outbox, until it is synchronised (NTP)"
+            " ours in the outbox, until it is synchronised (NTP; if it is right, the hub's"
+            " clock is not, or the hub's answers are altered)"
             if abs(offset) > CLOCK_PAUSE_S
             else ""
         )
@@ -1088,8 +1089,9 @@ class Node:
         if abs(offset) > CLOCK_WARN_S:
             self._error(
                 f"clock: this node's clock is {abs(offset):.0f} s {way} the hub's; partners"
-                " refuse reports issued more than 5 minutes in their future or older than"
-                " their freshness window: synchronise it (NTP)",
+                " hold reports issued more than 5 minutes in their future and refuse those"
+                " older than their freshness window: synchronise it (NTP; if it is right,"
+                " the hub's clock is not)",
                 same_as="clock",
             )
 

@@ -1402,7 +1402,8 @@ def test_bulk_refusals_are_told_beside_a_send_the_partner_never_named() -> None:
     ]
     text = render_tables(result, ["JPN", "KOR", "USA"])
     assert (
-        "Refused in bulk, counted without naming the messages (source -> recipient)\n"
+        "Refused in bulk, counted without naming the messages"
+        " (source as the hub named it -> recipient)\n"
         "  JPN -> USA  150 refusals (format 110, size 40;"
         " 2026-11-28T12:00:05Z to 2026-11-28T12:01:10Z) in 2 entries\n"
         "  KOR -> USA  7 refusals (format 7; 2026-11-28T12:00:06Z to 2026-11-28T12:00:06Z)"

@@ -715,7 +715,13 @@ def _bulk_lines(result: Replay) -> list[str]:
     """Refusals a recipient counted without naming them (``rejected_many``), per source."""
     if not result.bulk_refusals:
         return []
-    lines = ["", "Refused in bulk, counted without naming the messages (source -> recipient)"]
+    # The source is the subject's sender, which the hub vouches for, not a signature:
+    # a hostile hub can put junk in an inbox under any member's name.
+    lines = [
+        "",
+        "Refused in bulk, counted without naming the messages"
+        " (source as the hub named it -> recipient)",
+    ]
     for (source, recipient), bulk in sorted(result.bulk_refusals.items()):
         entries = "1 entry" if bulk.entries == 1 else f"{bulk.entries} entries"
         lines.append(
