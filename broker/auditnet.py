@@ -466,7 +466,9 @@ class AuditNet:
         except StoreError:
             raise
         except MsmtError as exc:  # about the request: the sizes asked for
-            return proof_refusal(self.member, str(exc), size=size, nonce=nonce, signer=self._signer)
+            return proof_refusal(
+                self.member, old, new, str(exc), size=size, nonce=nonce, signer=self._signer
+            )
         return proof_response(
             self.member, old, new, proof, size=size, nonce=nonce, signer=self._signer
         )
@@ -549,7 +551,7 @@ class AuditNet:
         # Checkpoints every witness has cosigned beyond are no one's concern any more.
         for name in names:
             self.cosigned_size[name] = max(self.cosigned_size.get(name, -1), size)
-        everyone = min(self.cosigned_size.get(w.name, -1) for w in self.cosigners)
+        everyone = min((self.cosigned_size.get(w.name, -1) for w in self.cosigners), default=-1)
         while self._grown and self._grown[0][0] <= everyone:
             self._grown.popleft()
 
@@ -957,7 +959,7 @@ class AuditNet:
             reply = parse_proof_response(msg.data)
         except AuditError as exc:
             raise AuditError(f"{origin}'s proof reply refused: {exc}") from None
-        if reply.error is None and (reply.old, reply.new) != (old, new):
+        if reply.log is not None and (reply.old, reply.new) != (old, new):
             raise AuditError(f"{origin} answered a proof for other sizes")
         return reply, reply.signed_by(origin, nonce, self.log_keys.get(origin, ()))
 
@@ -1014,10 +1016,10 @@ class AuditNet:
 
         It is if it is that checkpoint again (republished), or if the log proves
         that one of the two extends the other (the branch grew, or a late
-        checkpoint of it came). Anything else (another root at the same size, a
-        proof that fails or does not come) is another conflict: counting it again
-        is safe, missing a second fork is not. Except a failing proof the log did
-        not sign: it may be the hub's, and must not count the alarm again.
+        checkpoint of it came), or if the log gives no word of its own (no
+        reply, a malformed or unsigned one: the hub may have made it, and must not
+        count the alarm again). Another root at the same size, or a proof or a
+        refusal the log signed that does not link them, is another conflict.
         """
         standing = self._standing.get((kind, origin))
         if not self.alarm_active(kind, origin) or standing is None or standing.checkpoint is None:
@@ -1028,7 +1030,7 @@ class AuditNet:
         try:
             reply, signed = await self._ask_proof(nc, origin, small.size, large.size)
         except AuditError:
-            return False
+            return True  # no word from the log (the hub may keep it): no new conflict
         if reply.error is None and _proves(small.size, large, small.root, list(reply.proof)):
             return True
         # Only the log's own word makes it another conflict: a reply made up on the

@@ -326,13 +326,27 @@ def proof_response(
 
 
 def proof_refusal(
-    log: str, reason: str, *, size: int, nonce: bytes, signer: Ed25519PrivateKey
+    log: str,
+    old: int,
+    new: int,
+    reason: str,
+    *,
+    size: int,
+    nonce: bytes,
+    signer: Ed25519PrivateKey,
 ) -> bytes:
-    """The log's signed refusal of a request it read: ``reason`` says why, ``size`` its size."""
+    """The log's signed refusal of a request for ``old`` to ``new``: ``reason`` says why.
+
+    ``size`` is the log's size as it answers. The sizes asked are signed too, so
+    that a refusal of other sizes, asked on the way with this nonce, cannot pass
+    for a refusal of these.
+    """
     body = {
         "error": reason[:200],
         "log": log,
+        "new": new,
         "nonce": base64.b64encode(nonce).decode(),
+        "old": old,
         "size": size,
     }
     return _signed(body, signer)
@@ -365,7 +379,7 @@ class ProofReply:
 
 
 _PROOF_KEYS: Final = frozenset({"log", "new", "nonce", "old", "proof", "sig", "size"})
-_REFUSAL_KEYS: Final = frozenset({"error", "log", "nonce", "sig", "size"})
+_REFUSAL_KEYS: Final = frozenset({"error", "log", "new", "nonce", "old", "sig", "size"})
 
 
 def parse_proof_response(data: bytes) -> ProofReply:
@@ -391,14 +405,25 @@ def parse_proof_response(data: bytes) -> ProofReply:
     sig = _b64(obj["sig"], "proof response 'sig'", 64)
     fields: dict[str, Any] = {
         "log": log,
+        "old": _size(obj["old"], "proof 'old'"),
+        "new": _size(obj["new"], "proof 'new'"),
         "size": _size(obj["size"], "proof response 'size'"),
         "nonce": _nonce(obj["nonce"], "proof response 'nonce'"),
         "sig": sig,
-        "signed_text": PROOF_REPLY_CONTEXT + rfc8785.dumps({k: obj[k] for k in keys - {"sig"}}),
     }
+    if keys == _REFUSAL_KEYS and not isinstance(obj["error"], str):
+        raise AuditError("proof response 'error' must be a string")
+    if keys == _PROOF_KEYS and not isinstance(obj["proof"], list):
+        raise AuditError("proof response must have a 'proof' list")
+    try:
+        # Only now: every member is of its type. RFC 8785 takes integers up to 2^53
+        # and strings without lone surrogates; beyond, no log of ours signed it.
+        fields["signed_text"] = PROOF_REPLY_CONTEXT + rfc8785.dumps(
+            {k: obj[k] for k in keys - {"sig"}}
+        )
+    except rfc8785.CanonicalizationError as exc:
+        raise AuditError(f"proof response cannot be put in RFC 8785 form ({exc})") from None
     if keys == _REFUSAL_KEYS:
-        if not isinstance(obj["error"], str):
-            raise AuditError("proof response 'error' must be a string")
         return ProofReply(error=obj["error"], **fields)
     if not isinstance(obj["proof"], list):
         raise AuditError("proof response must have a 'proof' list")
@@ -410,13 +435,7 @@ def parse_proof_response(data: bytes) -> ProofReply:
         if len(raw) != HASH_SIZE:
             raise AuditError(f"proof hash {i} is not a base64 32-byte hash")
         proof.append(raw)
-    return ProofReply(
-        error=None,
-        old=_size(obj["old"], "proof 'old'"),
-        new=_size(obj["new"], "proof 'new'"),
-        proof=tuple(proof),
-        **fields,
-    )
+    return ProofReply(error=None, proof=tuple(proof), **fields)
 
 
 def _b64(value: object, what: str, length: int) -> bytes:

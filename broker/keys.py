@@ -812,6 +812,8 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
     # partners take what it signs within the same skew (a node restarted at once
     # after a rotation stayed down, exit 2, "no active sig key valid now").
     current = roster.current(member, "sig", at, skew=CLOCK_SKEW)
+    if at > current.valid_until:  # the skew is for a new key, not one that has lapsed
+        raise KeyMaterialError(f"{member} has no active sig key valid now")
     signing = load_matching_key(key_path(keydir, member, current.kid), roster, member, "sig")
     decryption: dict[str, OKPKey] = {}
     usable = False

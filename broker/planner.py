@@ -113,7 +113,7 @@ class Planner:
         # report unplanned (retried, and logged with this reason) loses nothing:
         # after a rotation and restart it goes out under the new key.
         try:
-            self.roster.check(self.signer.kid, member=self.signer.member, use="sig", at=now)
+            self.roster.check_signer(self.signer.kid, self.signer.member, now)
         except KeyMaterialError as exc:
             raise KeyMaterialError(f"cannot sign: {exc}") from None
         issued = issue(

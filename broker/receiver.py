@@ -215,10 +215,12 @@ class Inbound:
         self.max_message_bytes = max_message_bytes
         self._hold_log = Throttle(HOLD_LOG_EVERY_S)  # one warning per sender per period
         self._refusals = RefusalQuota(REFUSALS_LOGGED_PER_MINUTE, clock)
-        # sender -> JWE hashes of its messages held now. Held messages stay unacked
-        # at the hub, so they count against the consumer's max_ack_pending (1024):
-        # a sender naming made-up keys could otherwise stall the whole inbox.
-        self._held: dict[str, set[str]] = {}
+        # sender -> JWE hashes of its messages held now, with when each was first
+        # held (``clock``). Held messages stay unacked at the hub, so they count
+        # against the consumer's max_ack_pending (1024): a sender naming made-up
+        # keys could otherwise stall the whole inbox.
+        self._held: dict[str, dict[str, float]] = {}
+        self._clock = clock
 
     def process(
         self,
@@ -358,10 +360,17 @@ class Inbound:
     ) -> str | None:
         """Hold a message naming a key we lack (``None``), or say why it is not held."""
         sender = _sender_field(subject)
-        held = self._held.setdefault(sender, set())
+        held = self._held.setdefault(sender, {})
         fresh = age <= self.freshness + MAX_SKEW
+        if len(held) >= MAX_HELD_PER_SENDER:
+            # A place whose message never came back (the hub kept it, or made it up
+            # and dropped it) frees once that message could only be refused: else
+            # the sender's later reports were refused for good, "64 held already".
+            stale = self._clock() - (self.freshness + MAX_SKEW).total_seconds()
+            for old in [d for d, at in held.items() if at < stale]:
+                del held[old]
         if fresh and (digest in held or len(held) < MAX_HELD_PER_SENDER):
-            held.add(digest)
+            held.setdefault(digest, self._clock())
             result.actions.append("hold")
             result.held[sender] += 1
             self._log_hold(sender, exc)
@@ -372,7 +381,7 @@ class Inbound:
         # A held message came back and was decided: its place is free again.
         held = self._held.get(_sender_field(subject))
         if held:
-            held.discard(digest)
+            held.pop(digest, None)
 
     def _log_hold(self, sender: str, exc: HeldError) -> None:
         if self._hold_log.due("held", sender):

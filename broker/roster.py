@@ -224,6 +224,18 @@ class Roster:
             raise KeyMaterialError(reason)
         return key
 
+    def check_signer(self, kid: str, member: str, at: datetime) -> RosterKey:
+        """``check`` of our own signing key at ``at``, before we sign with it.
+
+        ``CLOCK_SKEW`` before its ``valid_from`` (a node started on a new key just
+        before, by its own clock, signs at once, as partners allow), none after it
+        lapses: a key past its ``valid_until`` by our clock is not ours to sign with.
+        """
+        key = self.check(kid, member=member, use="sig", at=at, skew=CLOCK_SKEW)
+        if at > key.valid_until:
+            raise KeyMaterialError(f"key {kid} expired at {format_time(key.valid_until)}")
+        return key
+
     def withdrawn(self, kid: str) -> str | None:
         """Why what ``kid`` signed is no longer trusted, or None while it still is.
 

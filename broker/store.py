@@ -1169,15 +1169,12 @@ class Store:
         which is why only ``msmt node check`` asks.
         """
         try:
-            found = [str(row[0]) for row in self._db.execute("PRAGMA quick_check")]
+            found = page_damage(self._db)
         except sqlite3.OperationalError as exc:  # locked, I/O: says nothing of the pages
             raise StoreError(f"store {self.path}: {sqlite_reason(exc)}") from None
-        except sqlite3.DatabaseError as exc:  # so damaged the check itself stops
-            found = [str(exc)]
-        if found != ["ok"]:
-            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        if found:
             raise StoreDamagedError(
-                f"store {self.path} is damaged: {found[0]}{more}; restore it from a backup"
+                f"store {self.path} is damaged: {found}; restore it from a backup"
                 " (docs/DEPLOY.md, 'Backing up and restoring a node')"
             )
 
@@ -1260,6 +1257,22 @@ def _refuse_foreign(path: Path) -> None:
             " reads a -wal file beside it as part of it): restore it from a backup"
             " (docs/DEPLOY.md, 'Backing up and restoring a node')"
         )
+
+
+def page_damage(db: sqlite3.Connection) -> str:
+    """What SQLite's ``quick_check`` finds wrong with every page of ``db`` ("" if nothing).
+
+    Raises ``sqlite3.OperationalError`` (locked, I/O) for the caller to word.
+    """
+    try:
+        found = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as exc:  # so damaged the check itself stops
+        found = [str(exc)]
+    if found == ["ok"]:
+        return ""
+    return found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
 
 
 def _check_format(db: sqlite3.Connection, path: Path) -> None:

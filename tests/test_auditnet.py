@@ -335,6 +335,19 @@ async def test_how_long_each_witness_has_left_our_log_uncosigned_is_measured(
     stopped = asyncio.Event()
     stopped.set()
     await again.run(audit.jpn.nc, stopped)
+    # A roster with no witness keys for our log (every partner's revoked) starts too.
+    alone = AuditNet(
+        MEMBER,
+        audit.log,
+        audit.jpn.net.run_db,
+        JPN_KEY,
+        audit.jpn.net.log_keys,
+        [],
+        audit.jpn.net.state_path,
+        Counter("alarms", "test", ["kind", "log"], registry=CollectorRegistry()),
+    )
+    await alone.run(audit.jpn.nc, stopped)
+    assert alone.cosigned_size == {}
     again.published((audit.log.latest_checkpoint() or "").encode())
     await asyncio.sleep(0.1)
     assert registry.get_sample_value("uncosigned", {"witness": "USA"}) == 0
@@ -840,7 +853,7 @@ class _KorCopies:
             proof = [] if old == 0 else self.serving.consistency_proof(old, new)
         except AuditError as exc:  # sizes beyond the copy serving now
             await msg.respond(
-                proof_refusal("KOR", str(exc), size=size, nonce=nonce, signer=KOR_KEY)
+                proof_refusal("KOR", old, new, str(exc), size=size, nonce=nonce, signer=KOR_KEY)
             )
             return
         await msg.respond(
@@ -945,6 +958,49 @@ async def test_a_failing_proof_the_log_did_not_sign_is_no_fork(audit: Audit) -> 
     assert audit.usa.alarm_count() == 0
     assert "does not verify, and the log did not sign it" in (audit.usa.net.last_error or "")
     assert audit.usa.net.witness.state["KOR"] == LogState(3, bytes(32))  # not cosigned
+
+
+@pytest.mark.parametrize("hub", ["refusal-of-other-sizes", "garbage", "silence"])
+async def test_the_hub_cannot_make_a_standing_fork_count_again(
+    audit: Audit, tmp_path: Path, hub: str
+) -> None:
+    # A review of the signed replies: the hub took a witness's nonce to the forked log
+    # with other sizes, and passed its signed refusal back as the answer; or answered
+    # junk. Either counted the standing fork again, as if a second fork had come.
+    kor = _KorCopies(tmp_path)
+    try:
+        honest = kor.copy("honest", lambda i: event(i, "KOR"), 3)
+        audit.usa.net.witness.state["KOR"] = LogState(
+            3, parse_body(parse(honest.checkpoint_at(3)).text).root
+        )
+        forked = kor.copy("forked", lambda i: unstored_event(i, "KOR"), 3)
+        kor.serving = forked
+        seen: list[tuple[int, int]] = []
+
+        async def answer(msg: Msg) -> None:
+            old, new, nonce = parse_proof_request(msg.data)
+            seen.append((old, new))
+            if (old, new) != (5, 8):  # only the standing alarm's question is the hub's
+                await kor.answer(msg)
+            elif hub == "refusal-of-other-sizes":
+                reason = f"no consistency proof from size 0 to {2**40} (log size 8)"
+                await msg.respond(
+                    proof_refusal("KOR", 0, 2**40, reason, size=8, nonce=nonce, signer=KOR_KEY)
+                )
+            elif hub == "garbage":
+                await msg.respond(b'{"error":"x","log":"KOR","size":9007199254740993}')
+
+        await audit.tap.subscribe("msmt.audit.KOR.proof", cb=answer)
+        await audit.tap.flush()
+        audit.usa.net.interval = 0
+        await _witness_kor(audit, forked)  # size 3, another root: the alarm
+        for grow in (2, 3):
+            forked.append_many([unstored_event(forked.size + i, "KOR") for i in range(grow)])
+            await _witness_kor(audit, forked)  # sizes 5, then 8: the hub answers (5, 8)
+        assert (5, 8) in seen
+        assert audit.usa.alarms_on("fork", "KOR") == 1
+    finally:
+        kor.close()
 
 
 async def test_a_forked_log_is_one_alarm_while_it_grows_and_a_second_fork_is_another(

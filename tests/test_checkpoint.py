@@ -298,12 +298,12 @@ def test_a_proof_reply_is_the_logs_word_only_with_its_signature_on_this_request(
     assert not reply.signed_by("USA", NONCE, keys)  # another log's name
     assert not reply.signed_by("JPN", NONCE, [_wit_key()])  # another key
     refusal = parse_proof_response(
-        proof_refusal("JPN", "no proof to 9 (log size 5)", size=5, nonce=NONCE, signer=LOG)
+        proof_refusal("JPN", 3, 9, "no proof to 9 (log size 5)", size=5, nonce=NONCE, signer=LOG)
     )
     assert (refusal.error, refusal.size) == ("no proof to 9 (log size 5)", 5)
     assert refusal.signed_by("JPN", NONCE, keys)
     # Any member changed on the way breaks the signature: here the size.
-    signed = json.loads(proof_refusal("JPN", "x", size=5, nonce=NONCE, signer=LOG))
+    signed = json.loads(proof_refusal("JPN", 3, 9, "x", size=5, nonce=NONCE, signer=LOG))
     changed = parse_proof_response(json.dumps({**signed, "size": 50}).encode())
     assert not changed.signed_by("JPN", NONCE, keys)
     # A refusal of a request the log could not read is unsigned, and says so.
@@ -452,6 +452,23 @@ def test_hostile_proof_requests_are_refused(body: bytes, reason: str) -> None:
         (_reply(nonce="AAAA"), "'nonce' must be 16 bytes"),
         (_reply(sig="AAAA"), "'sig' must be 64 bytes"),
         (_reply(log="jpn"), "'log' must be a member's name"),
+        # Beyond RFC 8785 (integers to 2^53, no lone surrogates): no log signed it.
+        (_reply(size=2**60, new=2**60), "cannot be put in RFC 8785 form"),
+        (_reply(proof=[1e300]), "cannot be put in RFC 8785 form|proof hash 0"),
+        (
+            json.dumps(
+                {
+                    "error": "\ud800",
+                    "log": "JPN",
+                    "new": 2,
+                    "nonce": NONCE_B64,
+                    "old": 1,
+                    "sig": base64.b64encode(bytes(64)).decode(),
+                    "size": 2,
+                }
+            ).encode(),
+            "cannot be put in RFC 8785 form",
+        ),
         (_reply(size=None), "exactly the members of a proof"),  # a member missing
         (_reply(extra=1), "exactly the members of a proof"),
         (b'{"error":7}', "exactly the members of a proof"),

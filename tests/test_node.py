@@ -1104,6 +1104,18 @@ def test_one_sender_can_hold_only_so_many_messages_and_others_still_flow(
     assert all(
         e["reason"].endswith(f"(not held: {MAX_HELD_PER_SENDER} held already)") for e in refused
     )
+    # A review: places whose messages never come back (the hub kept them, or made
+    # them up) stayed taken until a restart, and the sender's real reports to be held
+    # were refused for good. A place frees once its message could only be refused.
+    now = [1000.0]
+    later = make(store, clock=lambda: now[0])
+    full = later.process(flood[:MAX_HELD_PER_SENDER], lambda _i: fresh)
+    assert full.actions == ["hold"] * MAX_HELD_PER_SENDER
+    one_more = [("from.KOR.msmt.to.USA.vessel", junk(MAX_HELD_PER_SENDER + 10))]
+    assert later.process(one_more, lambda _i: fresh).actions == ["term"]
+    now[0] += timedelta(hours=1, minutes=5, seconds=1).total_seconds()  # freshness + skew
+    one_more = [("from.KOR.msmt.to.USA.vessel", junk(MAX_HELD_PER_SENDER + 11))]
+    assert later.process(one_more, lambda _i: fresh).actions == ["hold"]
 
 
 def test_a_held_message_comes_again_later_each_time_up_to_a_cap() -> None:

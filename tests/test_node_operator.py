@@ -180,18 +180,15 @@ def test_node_check_reads_every_page_of_the_store_which_queries_alone_do_not(
     assert [a["status"] for a in kor.submit(3)] == ["accepted"] * 3
     assert kor.stop(signal.SIGTERM) == 0
     store = kor.config.store_path
+    audit_db = kor.config.audit_dir / "audit.sqlite"
     checked = kor.msmt("node", "check", "--config", str(kor.config_path))
     assert checked.returncode == 0, checked.stderr
     assert f"pages {store}: every one reads (SQLite quick_check)" in checked.stdout.splitlines()
+    assert f"pages {audit_db}: every one reads (SQLite quick_check)" in checked.stdout.splitlines()
+    kept = store.read_bytes()
     # A restored backup with one bad page: the reports table's. The check's queries
     # read other pages (its indexes), so it passed before it read them all.
-    db = sqlite3.connect(store)
-    ((page,),) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'reports'")
-    (page_size,) = db.execute("PRAGMA page_size").fetchone()
-    db.close()
-    with store.open("r+b") as f:
-        f.seek((page - 1) * page_size)
-        f.write(b"\xff" * page_size)
+    _spoil_page(store, "reports")
     damaged = kor.msmt("node", "check", "--config", str(kor.config_path))
     assert damaged.returncode != 0
     assert damaged.stderr.startswith(f"msmt: error: store {store} is damaged: ")
@@ -200,6 +197,24 @@ def test_node_check_reads_every_page_of_the_store_which_queries_alone_do_not(
     )
     assert damaged.stderr.count("\n") == 1
     assert "pages " not in damaged.stdout
+    # The audit log's file too: a page the start's checks do not read.
+    store.write_bytes(kept)
+    _spoil_page(audit_db, "edge")
+    spoilt = kor.msmt("node", "check", "--config", str(kor.config_path))
+    assert spoilt.returncode == 2
+    assert spoilt.stderr.startswith(f"msmt: error: audit log {audit_db} is damaged: ")
+    assert spoilt.stderr.count("\n") == 1
+
+
+def _spoil_page(path: Path, table: str) -> None:
+    """Overwrite the root page of ``table`` in the SQLite file at ``path`` with junk."""
+    db = sqlite3.connect(path)
+    ((page,),) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    db.close()
+    with path.open("r+b") as f:
+        f.seek((page - 1) * page_size)
+        f.write(b"\xff" * page_size)
 
 
 def test_a_socket_left_by_a_killed_node_is_replaced_at_the_next_start(kor: Kor) -> None:

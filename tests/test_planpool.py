@@ -83,6 +83,15 @@ def test_a_signing_key_past_its_validity_holds_every_report_back() -> None:
     reason = f"cannot sign: key JPN-sig-1 expired at {expires.isoformat().replace('+00:00', 'Z')}"
     assert errors == {rid: reason for rid, _ in batch}
 
+    # A node started on a new key up to 5 minutes before its valid_from by its own
+    # clock (a custodian's clock ahead) signs at once, as partners allow that skew.
+    early = make_roster(
+        [*entries, roster_entry("JPN", "sig", valid_from=datetime.now(UTC) + timedelta(minutes=4))]
+    )
+    plans, errors, _ = Planner(signer, policy, early, {}).plan(batch, 10)
+    assert errors == {}
+    assert list(plans) == [rid for rid, _ in batch]
+
     # The same planner a second before the key expired signs all three.
     before = Planner(signer, policy, roster, {}, clock=lambda: expires - timedelta(seconds=1))
     plans, errors, waiting = before.plan(batch, 10)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import resource
+import sqlite3
 import sys
 import threading
 import time
@@ -31,12 +32,14 @@ from broker.cli.options import echo_line, rfc3339, stdin_buffer
 from broker.config import NodeConfig, load_config
 from broker.errors import (
     AuditError,
+    ConfigError,
     EnvelopeError,
     InputError,
     MsmtError,
     StdoutError,
     StoreError,
     UsageError,
+    sqlite_reason,
 )
 from broker.feeds import FEED_COUNTER, SHARED_STATE
 from broker.feeds import usage as feed_usage
@@ -46,7 +49,15 @@ from broker.members import MEMBERS, is_member
 from broker.roster import Roster, parse_time
 from broker.sightings import is_report_id
 from broker.stopsignals import StopSignals
-from broker.store import AUDIT_SIZE, KEPT_SINCE, InboxEntry, Store, require_store, writer_pid
+from broker.store import (
+    AUDIT_SIZE,
+    KEPT_SINCE,
+    InboxEntry,
+    Store,
+    page_damage,
+    require_store,
+    writer_pid,
+)
 
 
 def _config(path: Path) -> NodeConfig:
@@ -170,9 +181,32 @@ def node_check(config_path: Path) -> None:
                 if size
                 else f"audit {config.audit_dir}: none yet (the first start makes it)"
             )
+        _check_audit_pages(config.audit_dir / DB_FILE)
     finally:
         store.close()
     click.echo(_CHECKED)
+
+
+def _check_audit_pages(path: Path) -> None:
+    """``quick_check`` of the audit log's file, as of the store's: a line, or ``ConfigError``."""
+    from broker.audit_scan import open_readonly  # noqa: PLC0415
+
+    if not path.exists():
+        return
+    try:
+        db = open_readonly(path)
+        try:
+            found = page_damage(db)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"audit log {path}: {sqlite_reason(exc)}") from None
+    if found:
+        raise ConfigError(
+            f"audit log {path} is damaged: {found}; restore it from a backup"
+            " (docs/DEPLOY.md, 'Backing up and restoring a node')"
+        )
+    echo_line(f"pages {path}: every one reads (SQLite quick_check)")
 
 
 @node_group.command(name="resend")
