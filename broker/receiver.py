@@ -162,6 +162,22 @@ def _sender_field(subject: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+WRITABLE_WAIT_MAX_S: Final = 30.0
+"""After a batch the store could not commit, the longest wait between two tries of a
+write (``Receiver._until_writable``), doubling from 1 s."""
+
+UNSTORED_KEPT: Final = 4096
+"""Receipts logged but not stored that are remembered (``Inbound._unstored``): more
+than the consumer's ``max_ack_pending`` ever delivers unacked."""
+
+
+def _receipt(event: AuditEvent) -> tuple[str, str] | None:
+    """A ``received`` entry's (sender, JWE hash); ``None`` for any other entry."""
+    if event.type != "received":
+        return None
+    return str(event.fields["sender"]), str(event.fields["jwe_sha256"])
+
+
 def hold_delay(hold_seconds: float, msg: Msg) -> float:
     """Seconds until a held message comes again: ``hold_seconds``, doubling, capped.
 
@@ -221,6 +237,10 @@ class Inbound:
         # keys could otherwise stall the whole inbox.
         self._held: dict[str, dict[str, float]] = {}
         self._clock = clock
+        # (sender, JWE hash) of receipts whose entries are in the log but whose
+        # store commit failed (a full disk): their redeliveries are not logged
+        # again. A trial's full store and writable log had 80 entries an envelope.
+        self._unstored: set[tuple[str, str]] = set()
 
     def process(
         self,
@@ -303,11 +323,23 @@ class Inbound:
             audit_events.rejected_many(self.member, now, source=s, count=n.total(), steps=n)
             for s, n in folded.items()
         ]
+        self._commit(events, result.stored)
+        return result
+
+    def _commit(self, events: list[AuditEvent], stored: list[Received]) -> None:
         # Durable record first, then the store: a crash in between leaves an
         # audit entry that the redelivery repeats, never a stored report the log lacks.
-        self.audit.append_many(events)
-        self.store.store_received(result.stored)
-        return result
+        self.audit.append_many(
+            [e for e in events if _receipt(e) not in self._unstored] if self._unstored else events
+        )
+        receipts = {(rec.sender, rec.jwe_sha256) for rec in stored}
+        try:
+            self.store.store_received(stored)
+        except MsmtError:
+            if len(self._unstored) < UNSTORED_KEPT:
+                self._unstored |= receipts
+            raise
+        self._unstored -= receipts
 
     def _refused(
         self,
@@ -837,7 +869,8 @@ class Receiver:
                 msgs = pull.take()
                 if msgs:
                     await pull.want_more()
-                    await self._handle(msgs)
+                    if not await self._handle(msgs):
+                        await self._until_writable(stop)
                     continue
                 await pull.want_more()
                 await pull.wait(min(1.0, max(0.01, pull.deadline - time.monotonic())))
@@ -852,7 +885,25 @@ class Receiver:
             self.last_error = pull.failure
             await asyncio.sleep(0.5)
 
-    async def _handle(self, msgs: list[Msg]) -> None:
+    async def _until_writable(self, stop: asyncio.Event) -> None:
+        """After a batch the store could not commit, wait until it takes a write again.
+
+        Each retry of a batch whose receipts were logged but not stored adds the new
+        messages it brings to those the log holds and the store lacks, which a start
+        refuses beyond one append's worth (a full store beside a writable log: the
+        node would not start again). So no batch is tried until a write commits.
+        """
+        wait = 1.0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await stop.wait()
+            if stop.is_set() or await self.run_db(self.inbound.store.writable):
+                return
+            wait = min(wait * 2, WRITABLE_WAIT_MAX_S)
+
+    async def _handle(self, msgs: list[Msg]) -> bool:
+        """Process one batch; whether it was committed (else it was handed back)."""
         try:
             result: BatchResult = await self.run_db(
                 self.inbound.process,
@@ -874,7 +925,7 @@ class Receiver:
                 )
             for msg in msgs:
                 await msg.nak(delay=1.0)
-            return
+            return False
         # Committed: now, and only now, the hub may forget them.
         for msg, action in zip(msgs, result.actions, strict=True):
             if action == "ack":
@@ -898,3 +949,4 @@ class Receiver:
         for sender, count in result.held.items():
             self.metrics.held.labels(sender=sender).inc(count)
             self.counts[f"held.{sender}"] += count
+        return True

@@ -1219,6 +1219,14 @@ class Store:
                 list(values.items()),
             )
 
+    def writable(self) -> bool:
+        """Whether a small write commits now (a full disk may have room again)."""
+        try:
+            self.set_state({"write_checked_at": str(int(time.time()))})
+        except StoreError:
+            return False
+        return True
+
     def state(self) -> dict[str, str]:
         """All status facts by key."""
         return {r[0]: r[1] for r in self._read("SELECT key, value FROM state")}

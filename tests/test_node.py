@@ -858,6 +858,35 @@ def test_store_failure_hands_the_batch_back_and_redelivery_stores_once(
     assert store.inbox_count() == 40
 
 
+def test_a_batch_the_store_cannot_take_is_logged_once_however_often_it_comes_back(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # A disk-full trial: the store full, the audit log not. Each redelivery of the
+    # batch logged its receipts again (up to 80 entries an envelope), and the node
+    # then refused to start: its log held receipts beyond one append that its store
+    # lacked.
+    make, forger, path = usa_inbound
+    records = records_for("JPN", 5, seed=31)
+    batch = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    Store(path).close()
+    full = Store(path, max_pages=8)
+    inbound = make(full)
+
+    def receipts() -> int:
+        return sum(e["type"] == "received" for e in audit_entries(path.parent / "audit"))
+
+    for _ in range(3):  # the batch handed back and delivered again, three times
+        with pytest.raises(StoreError, match="database or disk is full"):
+            inbound.process(batch)
+    assert receipts() == 5
+    full.close()
+    inbound.store = Store(path)  # space returns
+    assert inbound.store.writable()
+    assert inbound.process(batch).actions == ["ack"] * 5
+    assert receipts() == 5  # its entries were written the first time
+    assert inbound.store.inbox_count() == 5
+
+
 async def test_reports_signed_with_a_key_a_partner_does_not_know_yet_are_held_not_lost(
     world: World,
 ) -> None:
