@@ -158,6 +158,7 @@ class Spool:
     async def _answer(self, path: Path, fd: int, folders: dict[str, int]) -> Taken:
         # Reads the batch open as ``fd``, its answers into rejected/'s ANSWERS, then files it.
         rejected = folders["rejected"]
+        await asyncio.to_thread(_room_to_answer, rejected, fd, path.name)
         splitter = LineSplitter(self.intake.max_bytes)
         answers = await asyncio.to_thread(_create, rejected, ANSWERS)
         read = records = 0
@@ -253,7 +254,8 @@ class Spool:
         )
 
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
-        """Poll the directory until ``stop`` is set."""
+        """Poll the directory until ``stop`` is set; after an error, less often (to 60 s)."""
+        wait = interval
         while not stop.is_set():
             try:
                 for path in self.candidates():
@@ -261,7 +263,12 @@ class Spool:
                     # accept, the rest would be refused too.
                     if stop.is_set() or await self._take(path) == "unavailable":
                         break
+                wait = interval
             except OSError as exc:
+                # Each try of a batch that cannot be filed answers its records again,
+                # those taken before as "duplicate", each an audit entry: a trial's
+                # full spool disk grew the log by 825 entries a second.
+                wait = min(wait * 2, ERROR_WAIT_MAX_S)
                 # A file that vanished or a full disk: try again on the next poll. Said
                 # once a minute for each reason: a folder swapped for a link stops every
                 # poll, twice a second, until someone puts it right.
@@ -274,7 +281,7 @@ class Spool:
                         **({"unlogged_before": unlogged} if unlogged else {}),
                     )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                await asyncio.wait_for(stop.wait(), wait)
 
 
 Taken = Literal["filed", "unavailable", "written"]
@@ -406,6 +413,32 @@ READ_BYTES: Final = 1 << 18
 """Bytes of a batch read at a time: their lines, not the batch's, are what is held."""
 
 ANSWERS: Final = ".answers.tmp"
+ERROR_WAIT_MAX_S: Final = 60.0
+"""After a poll that failed (a full disk), the next waits twice as long, up to this."""
+ANSWER_ROOM: Final = 1 << 20
+"""Free bytes wanted beside ``rejected/`` on top of twice the batch's size, before it is read."""
+
+
+def _room_to_answer(rejected: int, fd: int, name: str) -> None:
+    """Raise ``OSError`` (ENOSPC) unless there is room for the answers of the batch ``fd``.
+
+    Checked before a record is taken: a batch whose answers could not be written
+    is read again at every poll, and each record taken before answered
+    "duplicate" again, with an audit entry each. Its answers are about as long as
+    its lines (a refusal's detail may be longer than a short line): twice its
+    size and a MiB to spare.
+    """
+    fs = os.fstatvfs(rejected)
+    free = fs.f_bavail * fs.f_frsize
+    wanted = 2 * os.fstat(fd).st_size + ANSWER_ROOM
+    if free < wanted:
+        raise OSError(
+            errno.ENOSPC,
+            f"no room to answer {shown_name(name)}: less than {wanted} bytes free beside"
+            " rejected/; it waits in the spool",
+        )
+
+
 """In ``rejected/``: the answers of the batch being read, until they are filed beside it."""
 
 

@@ -738,6 +738,32 @@ async def test_spool_leaves_the_file_when_the_store_is_full(tmp_path: Path) -> N
     assert not list((spool_dir / "done").iterdir())
 
 
+async def test_spool_takes_no_record_of_a_batch_it_has_no_room_to_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A disk-full trial: the spool's disk filled while a batch was answered. Read
+    # again at every poll, its records taken before were answered "duplicate" again,
+    # an audit entry each: 106,000 entries in two minutes. Now nothing is taken.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    (spool_dir / "big.ndjson").write_bytes(ndjson(jpn_records(20)))
+    real = os.fstatvfs
+
+    def full(fd: int) -> os.statvfs_result:
+        fs = real(fd)
+        return os.statvfs_result((*fs[:4], 10, *fs[5:]))  # f_bavail: 10 blocks
+
+    monkeypatch.setattr(os, "fstatvfs", full)
+    with pytest.raises(OSError, match=r"no room to answer big\.ndjson: less than "):
+        await spool.ingest(spool_dir / "big.ndjson")
+    assert not store.holds_reports()
+    assert (spool_dir / "big.ndjson").exists()
+    monkeypatch.setattr(os, "fstatvfs", real)
+    assert await spool.ingest(spool_dir / "big.ndjson")
+    assert (spool_dir / "done" / "big.ndjson").exists()
+
+
 async def test_spool_refuses_a_symbolic_link_unread_and_files_it_under_rejected(
     tmp_path: Path,
 ) -> None:
