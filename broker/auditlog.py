@@ -114,6 +114,20 @@ class _ChunkedTree(Levels):
         return _perfect_root(leaves)
 
 
+def holds_nothing(path: Path) -> bool:
+    """Whether the SQLite database at ``path`` is missing, or 0 bytes with no -wal that holds any.
+
+    SQLite opens a file of 0 bytes as an empty database, as a start makes a new log:
+    a copy cut short (a full disk) looks so. Unreadable is not nothing: whatever
+    opens it next says why.
+    """
+    wal = path.with_name(path.name + "-wal")
+    try:
+        return not any(p.stat().st_size for p in (path, wal) if p.exists())
+    except OSError:
+        return False
+
+
 def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     """Open the audit database.
 

@@ -40,7 +40,7 @@ from broker.node_files import check_data_dir, load_files
 from broker.planner import Planner, Signer
 from broker.publisher import RunDb
 from broker.receiver import Inbound
-from broker.reconcile import audit_unaudited, check_store_against_log, log_lost
+from broker.reconcile import audit_unaudited, check_store_against_log, log_lost, ran_before
 from broker.roster import Roster
 from broker.stopsignals import StopSignals
 from broker.store import Store
@@ -202,9 +202,9 @@ def _open_audit(
     # The next append signs the whole tree with the current key; partners and
     # ``msmt audit verify`` still refuse checkpoints a revoked key signed.
     earlier = roster_log_keys(roster, config.member, with_revoked=True)
-    lost = log_lost(config)
-    holds_reports = store.holds_reports()
-    if holds_reports and not (config.audit_dir / DB_FILE).exists():
+    holds_reports, ran = store.holds_reports(), ran_before(config)
+    lost = log_lost(config, ran=not holds_reports)
+    if (holds_reports or ran) and not (config.audit_dir / DB_FILE).exists():
         raise lost
     try:
         audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
@@ -214,7 +214,7 @@ def _open_audit(
         # from two moments (check_store_against_log). Locked, unreadable or on a
         # full disk (StoreError) stays 1: that may pass, and a restart then works.
         raise ConfigError(str(exc)) from None
-    if holds_reports and audit.size == 0:
+    if (holds_reports or ran) and audit.size == 0:
         audit.close()
         raise lost
     return audit

@@ -18,10 +18,11 @@ from typing import Any, Final, Protocol
 
 from broker import audit_events
 from broker.audit_verify import LoadedLog, load
-from broker.auditlog import DB_FILE, AuditLog
+from broker.auditlog import DB_FILE, AuditLog, holds_nothing
 from broker.config import NodeConfig
 from broker.errors import AuditError, ConfigError
 from broker.store import AUDIT_SIZE, Store
+from broker.witness import WitnessError, load_state
 
 _START_ENTRIES: Final = frozenset({"policy", "key"})
 """The entry types a start appends before its first store write (``node_start.load_node``)."""
@@ -64,15 +65,45 @@ class ReadOnlyLog:
         return self._loaded.entries(index, index + 1)[0]
 
 
-def log_lost(config: NodeConfig) -> ConfigError:
-    """The refusal of a store that holds reports beside a missing or empty audit log.
+WITNESS_STATE: Final = "witness-state.json"
+WITNESS_STATE_READ: Final = 1 << 20
+"""A witness state of eleven logs is under 2 KiB: more is not one."""
 
-    A node logs its policy before it takes any report, so such a log was lost or
-    left out of a restore: starting would begin a new history under its name.
+
+def ran_before(config: NodeConfig) -> bool:
+    """Whether the data directory's witness state shows this node has run, connected.
+
+    A node cosigns partners' logs only after its own start logged its policy, so
+    its own log held entries then. A state of no log says nothing, and one that
+    cannot be read is for its own loader to name (``auditnet.load_witness_state``).
     """
+    try:
+        state = load_state((config.data_dir / WITNESS_STATE).read_bytes()[:WITNESS_STATE_READ])
+    except (OSError, WitnessError):
+        return False
+    return bool(state)
+
+
+def log_lost(config: NodeConfig, *, ran: bool = False) -> ConfigError:
+    """The refusal of a missing or empty audit log beside a store that holds reports.
+
+    With ``ran``, beside a witness state that shows the node ran before (a copy
+    onto a full disk left a store and a log of 0 bytes, and a start began a new
+    history under the member's name). A node logs its policy before it takes any
+    report or witnesses anything, so such a log was lost or left out of a restore.
+    """
+    beside = (
+        f"{config.data_dir / WITNESS_STATE} shows this node ran before"
+        if ran
+        else f"the store {config.store_path} holds reports"
+    )
     return ConfigError(
-        f"the store {config.store_path} holds reports but the audit log in {config.audit_dir}"
-        " is missing or empty: restore it from the same backup as the store (docs/DEPLOY.md)"
+        f"{beside} but the audit log in {config.audit_dir} is missing or empty: restore it"
+        " from the same backup as the store (docs/DEPLOY.md); a node that is to start"
+        f" afresh has no {WITNESS_STATE} either"
+        if ran
+        else f"{beside} but the audit log in {config.audit_dir} is missing or empty: restore"
+        " it from the same backup as the store (docs/DEPLOY.md)"
     )
 
 
@@ -82,18 +113,50 @@ def check_restore(config: NodeConfig, store: Store) -> int:
     Raises ``ConfigError`` with the start's own line for a log that is lost,
     damaged or not from the store's moment.
     """
-    holds_reports = store.holds_reports()
-    if not (config.audit_dir / DB_FILE).exists():
-        if holds_reports:
-            raise log_lost(config)
+    holds_reports, ran = store.holds_reports(), ran_before(config)
+    if _no_log(config):
+        if holds_reports or ran:
+            raise log_lost(config, ran=not holds_reports)
         return 0
     try:
         log = ReadOnlyLog(load(config.audit_dir))
     except AuditError as exc:
         raise ConfigError(str(exc)) from None
-    if holds_reports and log.size == 0:
-        raise log_lost(config)
+    if (holds_reports or ran) and log.size == 0:
+        raise log_lost(config, ran=not holds_reports)
     check_store_against_log(config, store, log)
+    return log.size
+
+
+def _no_log(config: NodeConfig) -> bool:
+    """Whether the node's audit log holds nothing: missing, or a file of 0 bytes."""
+    return holds_nothing(config.audit_dir / DB_FILE)
+
+
+def check_log_without_store(config: NodeConfig) -> int:
+    """``check_restore`` for a data directory with no store yet; return the log's size.
+
+    A start makes a new store, and then refuses a log of more than a start's
+    entries beside it (the store was lost), or a missing or empty one beside a
+    witness state (the log was).
+    """
+    ran = ran_before(config)
+    if _no_log(config):
+        if ran:
+            raise log_lost(config, ran=True)
+        return 0
+    try:
+        log = ReadOnlyLog(load(config.audit_dir))
+    except AuditError as exc:
+        raise ConfigError(str(exc)) from None
+    if ran and log.size == 0:
+        raise log_lost(config, ran=True)
+    _start_entries_only(
+        config,
+        log,
+        "restore the store and the audit log from the same backup, each with its -wal file"
+        " (docs/DEPLOY.md)",
+    )
     return log.size
 
 

@@ -346,7 +346,7 @@ async def test_a_clock_ahead_of_the_hubs_is_reported_before_partners_refuse(
         monkeypatch.setattr(node_module, "wall_clock", lambda: real() + 600)
         await await_for(lambda: offset() > 590, 20, "the clock 600 s ahead")
         assert node._last_error.startswith(
-            "clock: this node's clock is 600 s ahead of the hub's; partners refuse reports"
+            "clock: this node's clock is 600 s ahead of the hub's; partners hold reports"
         )
     finally:
         node.stop.set()

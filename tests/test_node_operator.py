@@ -206,6 +206,34 @@ def test_node_check_reads_every_page_of_the_store_which_queries_alone_do_not(
     assert spoilt.stderr.count("\n") == 1
 
 
+def test_a_copy_cut_short_by_a_full_disk_is_refused_not_started_afresh(kor: Kor) -> None:
+    # A disk-full trial: `cp -a` of a data directory onto a full disk left the store
+    # and the audit log 0 bytes long. node check said the log was not a log, and a
+    # start began a new history under the member's name beside its old witness state.
+    kor.create_pseudonym_key()
+    kor.start()
+    assert kor.stop(signal.SIGTERM) == 0
+    data = kor.config.data_dir
+    (data / "witness-state.json").write_text('{"JPN":{"root":"' + "A" * 43 + '=","size":3}}')
+    for name in ("node.sqlite3", "audit/audit.sqlite"):
+        (data / name).write_bytes(b"")
+        for extra in ("-wal", "-shm"):
+            (data / (name + extra)).unlink(missing_ok=True)
+    line = (
+        f"msmt: error: {data / 'witness-state.json'} shows this node ran before but the audit"
+        f" log in {kor.config.audit_dir} is missing or empty: restore it from the same backup"
+        " as the store (docs/DEPLOY.md); a node that is to start afresh has no"
+        " witness-state.json either\n"
+    )
+    for command in ("check", "run"):
+        refused = kor.msmt("node", command, "--config", str(kor.config_path))
+        assert (refused.returncode, refused.stderr) == (2, line), command
+    # No store at all beside the empty log: the same.
+    (data / "node.sqlite3").unlink()
+    refused = kor.msmt("node", "check", "--config", str(kor.config_path))
+    assert (refused.returncode, refused.stderr) == (2, line)
+
+
 def _spoil_page(path: Path, table: str) -> None:
     """Overwrite the root page of ``table`` in the SQLite file at ``path`` with junk."""
     db = sqlite3.connect(path)

@@ -26,7 +26,7 @@ import click
 from broker import evidence, inbox_check
 from broker.audit_events import parse_entry
 from broker.audit_verify import load, read_origin
-from broker.auditlog import DB_FILE
+from broker.auditlog import DB_FILE, holds_nothing
 from broker.cli.options import CONFIG as _CONFIG
 from broker.cli.options import echo_line, rfc3339, stdin_buffer
 from broker.config import NodeConfig, load_config
@@ -117,7 +117,7 @@ def node_check(config_path: Path) -> None:
     """
     from broker.natstls import display_url  # noqa: PLC0415
     from broker.node_files import check_data_dir, load_files  # noqa: PLC0415
-    from broker.reconcile import check_restore  # noqa: PLC0415
+    from broker.reconcile import check_log_without_store, check_restore  # noqa: PLC0415
 
     config = _config(config_path)
     files = load_files(config, datetime.now(UTC))
@@ -138,8 +138,12 @@ def node_check(config_path: Path) -> None:
     named = f", {len(files.pseudonym)} pseudonym key(s)" if files.pseudonym else ""
     echo_line(f"policy {config.policy}: {files.policy.digest}{named}")
     check_data_dir(config.data_dir)
-    if not config.store_path.exists():
+    if holds_nothing(config.store_path):  # as a start, which makes a new one in its place
+        size = check_log_without_store(config)
         echo_line(f"store {config.store_path}: none yet (the first start makes it)")
+        if size:
+            echo_line(f"audit {config.audit_dir}: {size} entries, a start's only")
+        _check_audit_pages(config.audit_dir / DB_FILE)
         click.echo(_CHECKED)
         return
     store = open_store(config)
@@ -415,7 +419,7 @@ def open_store(config: NodeConfig, *, write: bool = False) -> Store:
     require_store(config.store_path)
     # The node refuses another member's data directory (its audit log's origin);
     # reading one here would show that member's reports under this member's name.
-    has_log = (config.audit_dir / DB_FILE).is_file()
+    has_log = not holds_nothing(config.audit_dir / DB_FILE)
     origin = read_origin(config.audit_dir) if has_log else config.member
     if origin != config.member:
         raise UsageError(f"data_dir {config.data_dir} holds {origin}'s node, not {config.member}'s")
