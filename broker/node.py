@@ -210,9 +210,8 @@ class Node:
         self._last_error = ""
         self._last_error_at = ""  # when it last happened, so a stale error reads as one
         self._alarm_facts: dict[str, str] = {}  # an audit alarm not recorded yet
-        self._last_condition = ""
         self._throttle = Throttle()
-        self._last_logged = 0.0
+        self._error_log = Throttle()  # node_error: once a minute for each condition
         self._published_checkpoint: str | None = None
         self._published_at = -math.inf
         self._lag: int | None = None
@@ -781,14 +780,17 @@ class Node:
 
     def _error(self, text: str, same_as: str | None = None) -> None:
         # A condition that persists (hub away, inbox missing) is logged once per
-        # minute, not on every retry; the status always shows the latest.
+        # minute, not on every retry; the status always shows the latest. Each
+        # condition its own minute: two that alternate (a full disk failing planning
+        # and housekeeping in turn) were logged twice a second.
         # ``same_as`` names the condition when the text varies with it (a count, an id).
-        now = time.monotonic()
         condition = text if same_as is None else same_as
-        if condition != self._last_condition or now - self._last_logged >= 60:
-            log.error("node_error", error=text)
-            self._last_logged = now
-        self._last_error, self._last_condition = text, condition
+        unlogged = self._error_log.check("node_error", condition)
+        if unlogged is not None:
+            log.error(
+                "node_error", error=text, **({"unlogged_before": unlogged} if unlogged else {})
+            )
+        self._last_error = text
         self._last_error_at = _utc_now_text()
 
     def ready(self) -> str | None:

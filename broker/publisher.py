@@ -62,6 +62,9 @@ WARN_EVERY: Final = 30.0
 """Seconds between warnings about one partner, so an outage does not flood the log."""
 IDLE_WAIT: Final = 5.0
 """Longest sleep of the publish loop with nothing to wait for (a safety net; wake-ups drive it)."""
+RECORD_RETRY_S: Final = 1.0
+"""After acked envelopes could not be recorded as sent (a full disk), how long until
+the record is tried again; they are not published again meanwhile."""
 COALESCE_ACKS: Final = 0.1
 """Seconds the recorder lets acks gather after the first, so one commit records a burst.
 
@@ -171,6 +174,7 @@ class Publisher:
         self._retry_at: dict[int, float] = {}
         self._attempts: dict[int, int] = {}
         self._warned = Throttle(WARN_EVERY)  # one warning per partner per period
+        self._record_log = Throttle()  # record_sent_failed, once a minute
         self.counts: Counter[str] = Counter()
         self.last_error: str | None = None
 
@@ -360,6 +364,41 @@ class Publisher:
                 attempts=attempts,
             )
 
+    async def _record(self, batch: list[OutboxItem]) -> bool:
+        """Record acked envelopes as sent; whether they were put back to be recorded later."""
+        requeued = False
+        try:
+            await self.run_db(self.record_sent, batch)
+        except MsmtError as exc:
+            self.last_error = str(exc)
+            unlogged = self._record_log.check("record_sent_failed", "")
+            if unlogged is not None:
+                log.error(  # noqa: TRY400 - the reason is the line
+                    "record_sent_failed",
+                    error=str(exc),
+                    envelopes=len(batch),
+                    **({"unlogged_before": unlogged} if unlogged else {}),
+                )
+            if not self._finished and not self._stopping.is_set():
+                # The hub has them: record them again later, never publish
+                # them again meanwhile. A disk-full trial published the same
+                # 177 envelopes 178,940 times, and past the hub's 2-minute
+                # dedup window each stored again.
+                self._acked[:0] = batch
+                requeued = True
+            # At a stop: not recorded means not marked sent; the next start
+            # sends them again, which the hub's dedup may not catch by then.
+        else:
+            # One metric update per partner, not per envelope (a label
+            # lookup and a locked increment each).
+            for partner, count in Counter(item.partner for item in batch).items():
+                self.metrics.published.labels(partner=partner).inc(count)
+                self.counts[f"published.{partner}"] += count
+        finally:
+            if not requeued:
+                self._unrecorded.difference_update(i.rowid for i in batch)
+        return requeued
+
     async def _commit_loop(self) -> None:
         # Sleeps until an ack arrives (or ``run`` ends), not on a timer: an idle
         # node does not wake here at all.
@@ -377,21 +416,12 @@ class Publisher:
                 continue
             if self._acked:
                 batch, self._acked = self._acked, []
-                try:
-                    await self.run_db(self.record_sent, batch)
-                except MsmtError as exc:
-                    # Not recorded means not marked sent: they will be resent,
-                    # and the hub's dedup makes that harmless.
-                    self.last_error = str(exc)
-                    log.error("record_sent_failed", error=str(exc), envelopes=len(batch))  # noqa: TRY400
-                else:
-                    # One metric update per partner, not per envelope (a label
-                    # lookup and a locked increment each).
-                    for partner, count in Counter(item.partner for item in batch).items():
-                        self.metrics.published.labels(partner=partner).inc(count)
-                        self.counts[f"published.{partner}"] += count
-                finally:
-                    self._unrecorded.difference_update(i.rowid for i in batch)
-                # Failed or not, these rows may be pending again (not recorded, or
-                # signed again meanwhile, so not marked sent): look for them.
+                requeued = await self._record(batch)
+                if requeued:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), RECORD_RETRY_S)
+                    self._acked_wake.set()  # to try again without waiting for a new ack
+                    continue
+                # Failed at a stop or not, these rows may be pending again (not
+                # recorded, or signed again meanwhile, so not marked sent): look for them.
                 self.wake()

@@ -20,10 +20,12 @@ from typing import Any
 
 import nats
 import pytest
+import structlog
 from nats.aio.client import Client
 from node_world import await_for
 
 from broker import publisher as publisher_module
+from broker.errors import StoreError
 from broker.metrics import Metrics
 from broker.natsproc import NatsServer
 from broker.planner import subject_for
@@ -278,3 +280,33 @@ async def test_envelopes_handed_over_after_a_look_read_them_go_out_once(
     rows = [i.rowid for i in trickle.recorded]
     assert sorted(rows) == sorted(set(rows))
     assert len(rows) == 20
+
+
+@pytest.mark.timeout(60)
+async def test_acked_envelopes_the_store_cannot_record_are_recorded_later_not_published_again(
+    trickle: Trickle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A disk-full trial: the hub acked, the store could not record it, and the node
+    # published the same 177 envelopes 178,940 times; past the hub's 2-minute dedup
+    # window each was stored again. The record is tried again instead.
+    monkeypatch.setattr(publisher_module, "COALESCE_ACKS", 0.01)
+    monkeypatch.setattr(publisher_module, "RECORD_RETRY_S", 0.05)
+    failures = [StoreError("store store.sqlite3: database or disk is full")] * 3
+    record = trickle.record_sent
+
+    def failing(batch: list[OutboxItem]) -> None:  # on the store thread
+        if failures:
+            raise failures.pop()
+        record(batch)
+
+    trickle.publisher.record_sent = failing
+    with structlog.testing.capture_logs() as logs:
+        async with trickle.running():
+            await trickle.plan(0)
+            await await_for(lambda: len(trickle.recorded) == 10, 20, "the record")
+            assert trickle.acked() == 10  # each envelope published and acked once
+    assert failures == []
+    assert [e["event"] for e in logs if e["event"] == "record_sent_failed"] == [
+        "record_sent_failed"
+    ]  # once a minute, not at each try
+    assert sorted(i.partner for i in trickle.recorded) == sorted(PARTNERS)
