@@ -90,8 +90,7 @@ from broker.checkpoint import (
     proof_request,
     proof_response,
 )
-from broker.errors import AuditError, ConfigError, MsmtError, StoreError
-from broker.files import read_file_bytes
+from broker.errors import AuditError, MsmtError, StoreError
 from broker.log import Throttle, get_logger
 from broker.members import is_member
 from broker.merkle import verify_consistency
@@ -112,9 +111,8 @@ from broker.witness import (
     UnknownLogError,
     Witness,
     WitnessAlarmError,
-    WitnessError,
     dump_state,
-    load_state,
+    load_witness_state,
 )
 
 log = get_logger("auditnet")
@@ -148,29 +146,6 @@ GROWN_KEPT: Final = 4096
 """Our own checkpoints published since the start, each with when, that some witness has
 not cosigned yet (``uncosigned_seconds``): over an hour of a log growing every second.
 Beyond it the oldest kept is taken for the first, so the figure is a lower bound."""
-
-
-def load_witness_state(path: Path) -> dict[str, LogState]:
-    """Read the persisted witness state; raise ``ConfigError`` if it is unreadable.
-
-    A configuration error (exit status 2): restarting cannot mend the file, and
-    the sample systemd unit does not restart on 2.
-    """
-    try:
-        data = read_file_bytes(path)
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        problem = str(exc.strerror)
-    else:
-        try:
-            return load_state(data)
-        except WitnessError as exc:
-            problem = str(exc)
-    raise ConfigError(
-        f"{path} is unreadable: {problem}: restore it from a backup; without it this node"
-        " would cosign every partner's log afresh, forgetting what it cosigned (docs/DEPLOY.md)"
-    )
 
 
 def save_witness_state(path: Path, state: Mapping[str, LogState]) -> None:

@@ -44,6 +44,10 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
+THROTTLE_KEYS: Final = 256
+"""Past this many keys a ``Throttle`` forgets those whose period is over."""
+
+
 class Throttle:
     """Says whether an event is due to be logged: once per key per ``period`` seconds.
 
@@ -69,6 +73,12 @@ class Throttle:
         """
         now = time.monotonic()
         key = (kind, who)
+        if len(self._last) > THROTTLE_KEYS:
+            # Keys whose period is over log at once anyway: forgetting them costs only
+            # their skipped counts. Error texts as keys must not grow without bound.
+            for old in [k for k, at in self._last.items() if now - at >= self.period]:
+                del self._last[old]
+                self._skipped.pop(old, None)
         last = self._last.get(key)
         if last is not None and now - last < self.period:
             self._skipped[key] = self._skipped.get(key, 0) + 1

@@ -212,6 +212,7 @@ class Node:
         self._alarm_facts: dict[str, str] = {}  # an audit alarm not recorded yet
         self._throttle = Throttle()
         self._error_log = Throttle()  # node_error: once a minute for each condition
+        self._sent_logged: set[int] = set()  # outbox rows logged sent, not marked (store thread)
         self._published_checkpoint: str | None = None
         self._published_at = -math.inf
         self._lag: int | None = None
@@ -546,9 +547,17 @@ class Node:
 
     def _record_sent(self, batch: list[OutboxItem]) -> None:
         now = datetime.now(UTC)
-        # The send is recorded durably before the outbox calls it done.
-        self.audit.append_many([sent_event(self.member, item, now) for item in batch])
-        self.store.mark_sent(batch)
+        # The send is recorded durably before the outbox calls it done. A batch the
+        # store could not mark (a full disk) is tried again each second: its sends,
+        # logged the first time, are not logged again (``_sent_logged``).
+        fresh = [item for item in batch if item.rowid not in self._sent_logged]
+        self.audit.append_many([sent_event(self.member, item, now) for item in fresh])
+        try:
+            self.store.mark_sent(batch)
+        except MsmtError:
+            self._sent_logged.update(item.rowid for item in fresh)
+            raise
+        self._sent_logged.difference_update(item.rowid for item in batch)
 
     # --- NATS ------------------------------------------------------------------
 

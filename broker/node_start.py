@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import audit_events
 from broker.audit_events import AuditEvent
-from broker.auditlog import DB_FILE, AuditLog
+from broker.auditlog import DB_FILE, AuditLog, holds_nothing
 from broker.auditnet import AuditNet
 from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
@@ -204,8 +204,8 @@ def _open_audit(
     earlier = roster_log_keys(roster, config.member, with_revoked=True)
     holds_reports, ran = store.holds_reports(), ran_before(config)
     lost = log_lost(config, ran=not holds_reports)
-    if (holds_reports or ran) and not (config.audit_dir / DB_FILE).exists():
-        raise lost
+    if (holds_reports or ran) and holds_nothing(config.audit_dir / DB_FILE):
+        raise lost  # before AuditLog writes its tables into an empty file
     try:
         audit = AuditLog(config.audit_dir, config.member, signing, earlier_keys=earlier)
     except AuditError as exc:

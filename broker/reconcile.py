@@ -22,7 +22,7 @@ from broker.auditlog import DB_FILE, AuditLog, holds_nothing
 from broker.config import NodeConfig
 from broker.errors import AuditError, ConfigError
 from broker.store import AUDIT_SIZE, Store
-from broker.witness import WitnessError, load_state
+from broker.witness import load_witness_state
 
 _START_ENTRIES: Final = frozenset({"policy", "key"})
 """The entry types a start appends before its first store write (``node_start.load_node``)."""
@@ -66,22 +66,17 @@ class ReadOnlyLog:
 
 
 WITNESS_STATE: Final = "witness-state.json"
-WITNESS_STATE_READ: Final = 1 << 20
-"""A witness state of eleven logs is under 2 KiB: more is not one."""
 
 
 def ran_before(config: NodeConfig) -> bool:
     """Whether the data directory's witness state shows this node has run, connected.
 
     A node cosigns partners' logs only after its own start logged its policy, so
-    its own log held entries then. A state of no log says nothing, and one that
-    cannot be read is for its own loader to name (``auditnet.load_witness_state``).
+    its own log held entries then. A state of no log says nothing. One that cannot
+    be read is ``ConfigError`` (``load_witness_state``), before the log is opened:
+    a copy onto a full disk leaves it 0 bytes long beside a log of 0 bytes.
     """
-    try:
-        state = load_state((config.data_dir / WITNESS_STATE).read_bytes()[:WITNESS_STATE_READ])
-    except (OSError, WitnessError):
-        return False
-    return bool(state)
+    return bool(load_witness_state(config.data_dir / WITNESS_STATE))
 
 
 def log_lost(config: NodeConfig, *, ran: bool = False) -> ConfigError:
@@ -99,8 +94,8 @@ def log_lost(config: NodeConfig, *, ran: bool = False) -> ConfigError:
     )
     return ConfigError(
         f"{beside} but the audit log in {config.audit_dir} is missing or empty: restore it"
-        " from the same backup as the store (docs/DEPLOY.md); a node that is to start"
-        f" afresh has no {WITNESS_STATE} either"
+        " from the same backup as the store (docs/DEPLOY.md); for a node that is to start"
+        f" afresh, move {WITNESS_STATE} aside and keep it for the auditors"
         if ran
         else f"{beside} but the audit log in {config.audit_dir} is missing or empty: restore"
         " it from the same backup as the store (docs/DEPLOY.md)"

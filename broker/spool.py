@@ -257,18 +257,29 @@ class Spool:
         """Poll the directory until ``stop`` is set; after an error, less often (to 60 s)."""
         wait = interval
         while not stop.is_set():
+            # Each try of a batch that cannot be filed, or that the store cannot take,
+            # answers its records again (those taken before as "duplicate", those
+            # refused again), each an audit entry: a trial's full spool disk grew the
+            # log by 825 entries a second. So after one, the next poll comes later.
+            failed = False
             try:
                 for path in self.candidates():
+                    if stop.is_set():
+                        break
+                    try:
+                        taken = await self._take(path)
+                    except _NoRoomError as exc:
+                        # Only this batch waits: a smaller one behind it may fit.
+                        failed = True
+                        self._no_room(exc)
+                        continue
                     # A file being written is passed over; when the store cannot
                     # accept, the rest would be refused too.
-                    if stop.is_set() or await self._take(path) == "unavailable":
+                    if taken == "unavailable":
+                        failed = True
                         break
-                wait = interval
             except OSError as exc:
-                # Each try of a batch that cannot be filed answers its records again,
-                # those taken before as "duplicate", each an audit entry: a trial's
-                # full spool disk grew the log by 825 entries a second.
-                wait = min(wait * 2, ERROR_WAIT_MAX_S)
+                failed = True
                 # A file that vanished or a full disk: try again on the next poll. Said
                 # once a minute for each reason: a folder swapped for a link stops every
                 # poll, twice a second, until someone puts it right.
@@ -280,8 +291,19 @@ class Spool:
                         error=error,
                         **({"unlogged_before": unlogged} if unlogged else {}),
                     )
+            wait = min(wait * 2, ERROR_WAIT_MAX_S) if failed else interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
+
+    def _no_room(self, exc: OSError) -> None:
+        # One key for every batch: names and sizes vary, the condition does not.
+        unlogged = self.throttle.check("spool_error", "no room")
+        if unlogged is not None:
+            log.error(
+                "spool_error",
+                error=f"OSError: {exc.strerror}",
+                **({"unlogged_before": unlogged} if unlogged else {}),
+            )
 
 
 Taken = Literal["filed", "unavailable", "written"]
@@ -419,6 +441,10 @@ ANSWER_ROOM: Final = 1 << 20
 """Free bytes wanted beside ``rejected/`` on top of twice the batch's size, before it is read."""
 
 
+class _NoRoomError(OSError):
+    """No room beside ``rejected/`` for a batch's answers: it waits, the others go on."""
+
+
 def _room_to_answer(rejected: int, fd: int, name: str) -> None:
     """Raise ``OSError`` (ENOSPC) unless there is room for the answers of the batch ``fd``.
 
@@ -432,7 +458,7 @@ def _room_to_answer(rejected: int, fd: int, name: str) -> None:
     free = fs.f_bavail * fs.f_frsize
     wanted = 2 * os.fstat(fd).st_size + ANSWER_ROOM
     if free < wanted:
-        raise OSError(
+        raise _NoRoomError(
             errno.ENOSPC,
             f"no room to answer {shown_name(name)}: less than {wanted} bytes free beside"
             " rejected/; it waits in the spool",

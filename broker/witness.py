@@ -18,13 +18,15 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.checkpoint import Checkpoint, UntrustedSignerError, cosign, open_checkpoint
-from broker.errors import AuditError
+from broker.errors import AuditError, ConfigError
+from broker.files import read_file_bytes
 from broker.members import is_member
 from broker.merkle import HASH_SIZE, ProofError, verify_consistency
 from broker.note import Note, NoteError, Verifier, b64decode_strict, excerpt
@@ -248,6 +250,29 @@ def dump_state(state: Mapping[str, LogState]) -> bytes:
             o: {"size": st.size, "root": base64.b64encode(st.root).decode()}
             for o, st in state.items()
         }
+    )
+
+
+def load_witness_state(path: Path) -> dict[str, LogState]:
+    """Read the persisted witness state; raise ``ConfigError`` if it is unreadable.
+
+    A configuration error (exit status 2): restarting cannot mend the file, and
+    the sample systemd unit does not restart on 2.
+    """
+    try:
+        data = read_file_bytes(path)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        problem = str(exc.strerror)
+    else:
+        try:
+            return load_state(data)
+        except WitnessError as exc:
+            problem = str(exc)
+    raise ConfigError(
+        f"{path} is unreadable: {problem}: restore it from a backup; without it this node"
+        " would cosign every partner's log afresh, forgetting what it cosigned (docs/DEPLOY.md)"
     )
 
 

@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
-from node_world import MSMT, write_node_config
+from node_world import MSMT, await_for, write_node_config
 
 from broker import log, samples, serving
 from broker.config import load_config
@@ -762,6 +762,41 @@ async def test_spool_takes_no_record_of_a_batch_it_has_no_room_to_answer(
     monkeypatch.setattr(os, "fstatvfs", real)
     assert await spool.ingest(spool_dir / "big.ndjson")
     assert (spool_dir / "done" / "big.ndjson").exists()
+
+
+async def test_a_batch_without_room_to_answer_waits_and_those_behind_it_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: one batch too big for the room left stopped every poll, and every
+    # smaller batch behind it waited too.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    big, small = spool_dir / "a-big.ndjson", spool_dir / "b-small.ndjson"
+    big.write_bytes(ndjson(jpn_records(1000, seed=1)))
+    small.write_bytes(ndjson(jpn_records(2, seed=2)))
+    os.utime(big, (1, 1))  # the older: taken first
+    real = os.fstatvfs
+    room = 1 << 20 | 1 << 19  # a MiB and a half: room for the small one's answers only
+    assert 2 * big.stat().st_size + (1 << 20) > room > 2 * small.stat().st_size + (1 << 20)
+
+    def short(fd: int) -> os.statvfs_result:
+        fs = real(fd)
+        return os.statvfs_result((fs[0], 1, *fs[2:4], room, *fs[5:]))
+
+    monkeypatch.setattr(os, "fstatvfs", short)
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(spool.run(stop, interval=0.05))
+        try:
+            await await_for((spool_dir / "done" / small.name).exists, 10, "small")
+        finally:
+            stop.set()
+            await task
+    assert big.exists()
+    assert [e["error"][:38] for e in logs if e["event"] == "spool_error"] == [
+        "OSError: no room to answer a-big.ndjso"
+    ]
 
 
 async def test_spool_refuses_a_symbolic_link_unread_and_files_it_under_rejected(

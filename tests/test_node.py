@@ -986,6 +986,51 @@ async def test_a_report_whose_audit_entry_failed_waits_unsent_until_the_entry_is
     assert all(arrival[0]["seq"] < e["seq"] for e in sends)
 
 
+async def test_sends_the_store_cannot_mark_are_logged_once_and_published_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A disk-full trial: the hub acked, the store could not mark the envelopes sent,
+    # and the node published them again and again (178,940 times for 177); the fix
+    # tries the mark again each second, and a review found each try logging the
+    # same sends again. Now one `sent` entry each, and one publish each.
+    world.write_config("JPN")
+    jpn = load_node(world.config("JPN"))
+    real = jpn.store.mark_sent
+    failures = 3
+
+    def mark_sent(batch: Any) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StoreError(f"store {jpn.store.path.name}: database or disk is full")
+        return real(batch)
+
+    monkeypatch.setattr(jpn.store, "mark_sent", mark_sent)
+    task = asyncio.create_task(jpn.run())
+    try:
+        await await_for(lambda: jpn.ready() is None, 20, "JPN ready")
+        (record,) = records_for("JPN", 1, seed=32)
+        assert [a["status"] for a in await world.submit("JPN", [record])] == ["accepted"]
+        await await_for(lambda: jpn.store.sent_to("USA") == 1, 30, "marked sent at last")
+        assert failures == 0
+    finally:
+        jpn.stop.set()
+        await task
+    sends = [
+        e
+        for e in audit_entries(world.config("JPN").audit_dir)
+        if e["type"] == "sent" and e["report_id"] == record["report_id"]
+    ]
+    assert len(sends) == len({e["partner"] for e in sends})  # one entry a partner
+    (published,) = [
+        s.value
+        for m in jpn.metrics.published.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels["partner"] == "USA"
+    ]
+    assert published == 1
+
+
 def test_own_key_events_log_each_rotation_and_revocation_once() -> None:
     from envelope_world import make_roster, roster_entry
 

@@ -222,8 +222,8 @@ def test_a_copy_cut_short_by_a_full_disk_is_refused_not_started_afresh(kor: Kor)
     line = (
         f"msmt: error: {data / 'witness-state.json'} shows this node ran before but the audit"
         f" log in {kor.config.audit_dir} is missing or empty: restore it from the same backup"
-        " as the store (docs/DEPLOY.md); a node that is to start afresh has no"
-        " witness-state.json either\n"
+        " as the store (docs/DEPLOY.md); for a node that is to start afresh, move"
+        " witness-state.json aside and keep it for the auditors\n"
     )
     for command in ("check", "run"):
         refused = kor.msmt("node", command, "--config", str(kor.config_path))
@@ -232,6 +232,14 @@ def test_a_copy_cut_short_by_a_full_disk_is_refused_not_started_afresh(kor: Kor)
     (data / "node.sqlite3").unlink()
     refused = kor.msmt("node", "check", "--config", str(kor.config_path))
     assert (refused.returncode, refused.stderr) == (2, line)
+    # The witness state cut short too: refused for it, before the log is touched.
+    (data / "witness-state.json").write_bytes(b"")
+    unreadable = f"msmt: error: {data / 'witness-state.json'} is unreadable: "
+    for command in ("check", "run"):
+        refused = kor.msmt("node", command, "--config", str(kor.config_path))
+        assert refused.returncode == 2, command
+        assert refused.stderr.startswith(unreadable), refused.stderr
+    assert (data / "audit" / "audit.sqlite").stat().st_size == 0
 
 
 def _spoil_page(path: Path, table: str) -> None:
