@@ -844,6 +844,13 @@ class _KorCopies:
         log.append_many([entries(i) for i in range(size)])
         return log
 
+    def cosigned_by_usa(self, audit: Audit, size: int) -> AuditLog:
+        """KOR's honest log of ``size`` entries, which USA has cosigned at that size."""
+        log = self.copy("honest", lambda i: event(i, "KOR"), size)
+        root = parse_body(parse(log.checkpoint_at(size)).text).root
+        audit.usa.net.witness.state["KOR"] = LogState(size, root)
+        return log
+
     async def answer(self, msg: Msg) -> None:
         assert self.serving is not None
         old, new, nonce = parse_proof_request(msg.data)
@@ -906,9 +913,8 @@ async def test_an_old_checkpoint_replayed_is_no_rollback_unless_the_log_says_it_
     # alarm on an honest log. Its signature shows only that the log once had that size.
     kor = _KorCopies(tmp_path)
     try:
-        log = kor.copy("honest", lambda i: event(i, "KOR"), 12)
-        cosigned = parse_body(parse(log.checkpoint_at(12)).text)
-        audit.usa.net.witness.state["KOR"] = LogState(12, cosigned.root)
+        log = kor.cosigned_by_usa(audit, 12)
+        cosigned = audit.usa.net.witness.state["KOR"]
         log3 = kor.copy("prefix", lambda i: event(i, "KOR"), 3)
         old = log3.latest_checkpoint() or ""  # the same history's size-3 checkpoint
         # 1. The log does not answer (down, or the hub keeps its replies): proves nothing.
@@ -969,10 +975,7 @@ async def test_the_hub_cannot_make_a_standing_fork_count_again(
     # junk. Either counted the standing fork again, as if a second fork had come.
     kor = _KorCopies(tmp_path)
     try:
-        honest = kor.copy("honest", lambda i: event(i, "KOR"), 3)
-        audit.usa.net.witness.state["KOR"] = LogState(
-            3, parse_body(parse(honest.checkpoint_at(3)).text).root
-        )
+        kor.cosigned_by_usa(audit, 3)
         forked = kor.copy("forked", lambda i: unstored_event(i, "KOR"), 3)
         kor.serving = forked
         seen: list[tuple[int, int]] = []
@@ -1011,9 +1014,8 @@ async def test_a_forked_log_is_one_alarm_while_it_grows_and_a_second_fork_is_ano
     # the increase() alert never cleared and the counter did not say whose log.
     kor = _KorCopies(tmp_path)
     try:
-        honest = kor.copy("honest", lambda i: event(i, "KOR"), 3)
-        pinned = parse_body(parse(honest.checkpoint_at(3)).text)
-        audit.usa.net.witness.state["KOR"] = LogState(3, pinned.root)
+        kor.cosigned_by_usa(audit, 3)
+        pinned = audit.usa.net.witness.state["KOR"]
         await audit.tap.subscribe("msmt.audit.KOR.proof", cb=kor.answer)
         await audit.tap.flush()
         audit.usa.net.interval = 0

@@ -738,6 +738,18 @@ async def test_spool_leaves_the_file_when_the_store_is_full(tmp_path: Path) -> N
     assert not list((spool_dir / "done").iterdir())
 
 
+def _free_bytes(monkeypatch: pytest.MonkeyPatch, free: int) -> Any:
+    """Make ``os.fstatvfs`` report ``free`` bytes available; return the real one."""
+    real = os.fstatvfs
+
+    def short(fd: int) -> os.statvfs_result:
+        fs = real(fd)
+        return os.statvfs_result((fs[0], 1, *fs[2:4], free, *fs[5:]))  # 1-byte blocks
+
+    monkeypatch.setattr(os, "fstatvfs", short)
+    return real
+
+
 async def test_spool_takes_no_record_of_a_batch_it_has_no_room_to_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -748,13 +760,7 @@ async def test_spool_takes_no_record_of_a_batch_it_has_no_room_to_answer(
     spool_dir = tmp_path / "spool"
     spool = Spool(spool_dir, make_intake(store))
     (spool_dir / "big.ndjson").write_bytes(ndjson(jpn_records(20)))
-    real = os.fstatvfs
-
-    def full(fd: int) -> os.statvfs_result:
-        fs = real(fd)
-        return os.statvfs_result((*fs[:4], 10, *fs[5:]))  # f_bavail: 10 blocks
-
-    monkeypatch.setattr(os, "fstatvfs", full)
+    real = _free_bytes(monkeypatch, 10)
     with pytest.raises(OSError, match=r"no room to answer big\.ndjson: less than "):
         await spool.ingest(spool_dir / "big.ndjson")
     assert not store.holds_reports()
@@ -776,15 +782,9 @@ async def test_a_batch_without_room_to_answer_waits_and_those_behind_it_go_on(
     big.write_bytes(ndjson(jpn_records(1000, seed=1)))
     small.write_bytes(ndjson(jpn_records(2, seed=2)))
     os.utime(big, (1, 1))  # the older: taken first
-    real = os.fstatvfs
     room = 1 << 20 | 1 << 19  # a MiB and a half: room for the small one's answers only
     assert 2 * big.stat().st_size + (1 << 20) > room > 2 * small.stat().st_size + (1 << 20)
-
-    def short(fd: int) -> os.statvfs_result:
-        fs = real(fd)
-        return os.statvfs_result((fs[0], 1, *fs[2:4], room, *fs[5:]))
-
-    monkeypatch.setattr(os, "fstatvfs", short)
+    _free_bytes(monkeypatch, room)
     stop = asyncio.Event()
     with structlog.testing.capture_logs() as logs:
         task = asyncio.create_task(spool.run(stop, interval=0.05))
