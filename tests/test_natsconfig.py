@@ -531,6 +531,16 @@ def test_setup_takes_away_a_source_a_member_added_to_its_own_inbox(
     assert "stream INBOX_FRA: unchanged" in CliRunner().invoke(main, base).output
 
 
+def _stopped(pid: int) -> None:
+    """Wait until process ``pid`` is stopped (state ``T`` in ``/proc/<pid>/stat``)."""
+    for _ in range(500):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rpartition(")")[2].split()[0] in ("T", "t"):
+            return
+        time.sleep(0.01)  # the loop has nothing to do meanwhile: nothing is asked yet
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def test_a_setup_request_the_hub_does_not_answer_is_said_to_be_unanswered(
     tmp_path: Path,
 ) -> None:
@@ -551,6 +561,9 @@ def test_a_setup_request_the_hub_does_not_answer_is_said_to_be_unanswered(
                 js = nc.jetstream(timeout=0.5)
                 assert server.proc is not None
                 server.proc.send_signal(signal.SIGSTOP)
+                # Stopped before the first request: on a loaded machine the server
+                # answered one in the moment the signal took to land (a CI run).
+                _stopped(server.proc.pid)
                 try:
                     wanted = natsetup.inbox_stream_config("USA", limits)
                     with pytest.raises(ConfigError) as stream:

@@ -1519,10 +1519,12 @@ async def test_witness_raises_the_alarm_when_a_log_rewrites_its_history(world: W
         jpn.stop.set()
         await jpn_task
         # JPN throws its log away and starts a new history, signed with its real key.
-        # (It throws its store away too: a node refuses reports beside an empty log.)
+        # (It throws its store and witness state away too: a node refuses to start an
+        # empty log beside reports, or beside a witness state that shows it ran.)
         shutil.rmtree(world.config("JPN").audit_dir)
         for path in world.config("JPN").data_dir.glob("node.sqlite3*"):
             path.unlink()
+        (world.config("JPN").data_dir / "witness-state.json").unlink(missing_ok=True)
         jpn = load_node(world.config("JPN"))
         jpn_task = asyncio.create_task(jpn.run())
         await await_for(lambda: jpn.ready() is None, 20, "JPN ready again")
