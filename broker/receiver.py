@@ -390,7 +390,7 @@ class Inbound:
     def _hold(
         self, subject: str, digest: str, age: timedelta, exc: HeldError, result: BatchResult
     ) -> str | None:
-        """Hold a message naming a key we lack (``None``), or say why it is not held."""
+        """Hold a message that may pass later (``None``), or say why it is not held."""
         sender = _sender_field(subject)
         held = self._held.setdefault(sender, {})
         fresh = age <= self.freshness + MAX_SKEW
