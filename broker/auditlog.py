@@ -45,7 +45,7 @@ from broker.checkpoint import (
     verify_cosignature,
 )
 from broker.errors import AuditError, StoreError, UsageError, sqlite_reason
-from broker.files import NOT_A_FILE
+from broker.files import NOT_A_FILE, holds_nothing
 from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash, node_hash
 from broker.note import ALG_ED25519, Note, NoteError, Verifier, find_signature, parse
 
@@ -112,20 +112,6 @@ class _ChunkedTree(Levels):
         if len(leaves) != hi - lo:
             raise AuditError(f"audit log entries [{lo}, {hi}) are missing")
         return _perfect_root(leaves)
-
-
-def holds_nothing(path: Path) -> bool:
-    """Whether the SQLite database at ``path`` is missing, or 0 bytes with no -wal that holds any.
-
-    SQLite opens a file of 0 bytes as an empty database, as a start makes a new log:
-    a copy cut short (a full disk) looks so. Unreadable is not nothing: whatever
-    opens it next says why.
-    """
-    wal = path.with_name(path.name + "-wal")
-    try:
-        return not any(p.stat().st_size for p in (path, wal) if p.exists())
-    except OSError:
-        return False
 
 
 def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
@@ -199,8 +185,7 @@ def _refuse_foreign(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISREG(os.stat(path).st_mode):  # SQLite's open blocks on a FIFO
             raise AuditError(f"audit log {path} is {NOT_A_FILE}")
-    wal = path.with_name(path.name + "-wal")
-    if not any(p.is_file() and p.stat().st_size for p in (path, wal)):
+    if holds_nothing(path):
         return
     db = open_readonly(path)
     try:

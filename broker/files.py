@@ -50,3 +50,17 @@ def read_file_text(path: Path, encoding: str = "utf-8") -> str:
     Raises ``OSError`` as ``read_file_bytes`` does, and ``UnicodeDecodeError``.
     """
     return read_file_bytes(path).decode(encoding).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def holds_nothing(path: Path) -> bool:
+    """Whether the SQLite database at ``path`` is missing, or 0 bytes with no -wal that holds any.
+
+    SQLite opens a file of 0 bytes as an empty database, as a start makes a new one:
+    a new file, or a copy cut short (a full disk). Unreadable is not nothing:
+    whatever opens it next says why.
+    """
+    wal = path.with_name(path.name + "-wal")
+    try:
+        return not any(p.is_file() and p.stat().st_size for p in (path, wal))
+    except OSError:
+        return False

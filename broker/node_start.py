@@ -22,12 +22,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import audit_events
 from broker.audit_events import AuditEvent
-from broker.auditlog import DB_FILE, AuditLog, holds_nothing
+from broker.auditlog import DB_FILE, AuditLog
 from broker.auditnet import AuditNet
 from broker.checkpoint import roster_log_keys, roster_witness_keys
 from broker.config import NodeConfig
 from broker.errors import AuditError, ConfigError, KeyMaterialError, StoreDamagedError
 from broker.feeds import SHARED_STATE
+from broker.files import holds_nothing
 from broker.keys import (
     pin_roster,
 )

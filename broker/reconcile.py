@@ -18,9 +18,10 @@ from typing import Any, Final, Protocol
 
 from broker import audit_events
 from broker.audit_verify import LoadedLog, load
-from broker.auditlog import DB_FILE, AuditLog, holds_nothing
+from broker.auditlog import DB_FILE, AuditLog
 from broker.config import NodeConfig
 from broker.errors import AuditError, ConfigError
+from broker.files import holds_nothing
 from broker.store import AUDIT_SIZE, Store
 from broker.witness import load_witness_state
 
@@ -66,6 +67,11 @@ class ReadOnlyLog:
 
 
 WITNESS_STATE: Final = "witness-state.json"
+RESTORE: Final = (
+    "restore the store and the audit log from the same backup, each with its -wal file"
+    " (docs/DEPLOY.md)"
+)
+"""What a refusal of a store and a log from two moments tells the operator to do."""
 
 
 def ran_before(config: NodeConfig) -> bool:
@@ -87,18 +93,17 @@ def log_lost(config: NodeConfig, *, ran: bool = False) -> ConfigError:
     history under the member's name). A node logs its policy before it takes any
     report or witnesses anything, so such a log was lost or left out of a restore.
     """
-    beside = (
-        f"{config.data_dir / WITNESS_STATE} shows this node ran before"
-        if ran
-        else f"the store {config.store_path} holds reports"
-    )
+    if ran:
+        beside = f"{config.data_dir / WITNESS_STATE} shows this node ran before"
+        afresh = (
+            f"; for a node that is to start afresh, move {WITNESS_STATE} aside and keep it"
+            " for the auditors"
+        )
+    else:
+        beside, afresh = f"the store {config.store_path} holds reports", ""
     return ConfigError(
         f"{beside} but the audit log in {config.audit_dir} is missing or empty: restore it"
-        " from the same backup as the store (docs/DEPLOY.md); for a node that is to start"
-        f" afresh, move {WITNESS_STATE} aside and keep it for the auditors"
-        if ran
-        else f"{beside} but the audit log in {config.audit_dir} is missing or empty: restore"
-        " it from the same backup as the store (docs/DEPLOY.md)"
+        f" from the same backup as the store (docs/DEPLOY.md){afresh}"
     )
 
 
@@ -146,12 +151,7 @@ def check_log_without_store(config: NodeConfig) -> int:
         raise ConfigError(str(exc)) from None
     if ran and log.size == 0:
         raise log_lost(config, ran=True)
-    _start_entries_only(
-        config,
-        log,
-        "restore the store and the audit log from the same backup, each with its -wal file"
-        " (docs/DEPLOY.md)",
-    )
+    _start_entries_only(config, log)
     return log.size
 
 
@@ -176,22 +176,18 @@ def check_store_against_log(
     """
     state = store.state()
     recorded = state.get(AUDIT_SIZE, "")
-    restore = (
-        "restore the store and the audit log from the same backup, each with its -wal file"
-        " (docs/DEPLOY.md)"
-    )
     if not recorded.isdecimal():
         # A store that never recorded it was written by an older version (its first
         # write starts the record), unless it holds nothing at all beside a log that
         # does: a young store lives wholly in its -wal file until SQLite's first
         # checkpoint, and losing that file leaves an empty store.
-        return [] if state else _start_entries_only(config, audit, restore)
+        return [] if state else _start_entries_only(config, audit)
     seen = int(recorded)
     if seen > audit.size:
         raise ConfigError(
             f"the audit log in {config.audit_dir} holds {audit.size} entries, but the store"
             f" {config.store_path} was last written when it held {seen}: the log lost"
-            f" entries; {restore}"
+            f" entries; {RESTORE}"
         )
     ends = audit.checkpoint_sizes(seen)
     unstored_append: int | None = None  # the one append whose receipts may be missing
@@ -215,14 +211,12 @@ def check_store_against_log(
         if not held:
             raise ConfigError(
                 f"the store {config.store_path} lacks what audit log entry {index} records"
-                f" ({kind}, report {entry['report_id']}): the store lost commits; {restore}"
+                f" ({kind}, report {entry['report_id']}): the store lost commits; {RESTORE}"
             )
     return unrecorded
 
 
-def _start_entries_only(
-    config: NodeConfig, audit: LogEntries, restore: str
-) -> list[dict[str, Any]]:
+def _start_entries_only(config: NodeConfig, audit: LogEntries) -> list[dict[str, Any]]:
     """The log's entries beside an empty store, if they are a start's alone; else ``ConfigError``.
 
     A first start that logged its policy and keys and then found the disk full
@@ -234,7 +228,7 @@ def _start_entries_only(
         if entry.get("type") not in _START_ENTRIES:
             raise ConfigError(
                 f"the audit log in {config.audit_dir} holds {audit.size} entries, but the"
-                f" store {config.store_path} is empty: the store was lost; {restore}"
+                f" store {config.store_path} is empty: the store was lost; {RESTORE}"
             )
         found.append(entry)
     return found

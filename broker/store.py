@@ -49,7 +49,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
 
 from broker.errors import StoreDamagedError, StoreError, UsageError, sqlite_reason
-from broker.files import NOT_A_FILE
+from broker.files import NOT_A_FILE, holds_nothing
 
 AUDIT_SIZE: Final = "audit_size"
 """The ``state`` key holding the audit log's size at the store's last write."""
@@ -1250,8 +1250,7 @@ def _refuse_foreign(path: Path) -> None:
     database's ``-wal`` put there overwrote the store's pages (the reports it had
     accepted) before anything found them missing. A new or empty file passes.
     """
-    wal = path.with_name(path.name + "-wal")
-    if not any(p.is_file() and p.stat().st_size for p in (path, wal)):
+    if holds_nothing(path):
         return
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
     try:

@@ -26,7 +26,7 @@ import click
 from broker import evidence, inbox_check
 from broker.audit_events import parse_entry
 from broker.audit_verify import load, read_origin
-from broker.auditlog import DB_FILE, holds_nothing
+from broker.auditlog import DB_FILE
 from broker.cli.options import CONFIG as _CONFIG
 from broker.cli.options import echo_line, rfc3339, stdin_buffer
 from broker.config import NodeConfig, load_config
@@ -43,6 +43,7 @@ from broker.errors import (
 )
 from broker.feeds import FEED_COUNTER, SHARED_STATE
 from broker.feeds import usage as feed_usage
+from broker.files import holds_nothing
 from broker.keys import MemberKeys, load_member_keys, load_pinned_roster
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import MEMBERS, is_member
