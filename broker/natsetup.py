@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeGuard
 
 import nats
 import nats.errors
@@ -49,6 +49,7 @@ from broker.natsconfig import (
     ARCHIVE_MAX_BYTES,
     AUDIT_STREAM,
     INBOX_MAX_BYTES,
+    MIN_INBOX_AGE_DAYS,
     archive_stream,
     archive_subjects,
     inbox_durable,
@@ -159,6 +160,67 @@ def inbox_consumer_config(member: str, limits: InboxLimits) -> ConsumerConfig:
         max_deliver=-1,
         max_ack_pending=limits.max_ack_pending,
     )
+
+
+def consumer_alterations(info: object) -> str:
+    """What in a JetStream consumer-info answer differs from the inbox consumer we set up.
+
+    Empty when nothing does. Only what can hold or drop reports is looked at: a
+    subject filter, headers only, a delivery limit, a pause.
+    """
+    if not isinstance(info, dict):
+        return ""
+    config = info.get("config")
+    config = config if isinstance(config, dict) else {}
+    found = []
+    for key in ("filter_subject", "filter_subjects"):
+        if config.get(key):
+            found.append(f"{key} {config[key]!r:.100}")
+    if config.get("headers_only"):
+        found.append("headers_only")
+    if config.get("max_deliver") not in (None, -1, 0):
+        found.append(f"max_deliver {config['max_deliver']!r:.20}")
+    if info.get("paused"):
+        found.append(f"paused until {config.get('pause_until', '?')!s:.40}")
+    return ", ".join(found)
+
+
+def stream_alterations(info: object, member: str) -> str:
+    """What in a JetStream stream-info answer for ``member``'s inbox drops or refuses reports.
+
+    Empty when nothing does. Looked at: subjects other than setup's (partners'
+    reports find no stream), discard old (a full inbox drops its oldest unread),
+    a message limit, an age limit under setup's least (unread reports expire
+    while the node is down), a message size under setup's (larger reports are
+    refused), and a sealed stream (every report refused). The size and age an
+    operator may choose by option (``KEEPABLE``) are left alone above those.
+    """
+    if not isinstance(info, dict):
+        return ""
+    config = info.get("config")
+    config = config if isinstance(config, dict) else {}
+    found = []
+    if "subjects" in config and config["subjects"] != inbox_subjects(member):
+        found.append(f"subjects {config['subjects']!r:.100}")
+    if config.get("discard") == "old":
+        found.append("discard old")
+    for key in ("max_msgs", "max_msgs_per_subject"):
+        if _positive(config.get(key)):
+            found.append(f"{key} {config[key]}")
+    # JetStream's API gives durations in nanoseconds; 0 is no limit.
+    age = config.get("max_age")
+    if _positive(age) and age < MIN_INBOX_AGE_DAYS * 86400e9:
+        found.append(f"max_age {age / 1e9:.0f} s")
+    size = config.get("max_msg_size")
+    if _positive(size) and size < InboxLimits().max_msg_size:
+        found.append(f"max_msg_size {size}")
+    if config.get("sealed"):
+        found.append("sealed")
+    return ", ".join(found)
+
+
+def _positive(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 ARCHIVE_MAX_MSG_SIZE: Final = 16 * 1024

@@ -62,6 +62,7 @@ from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
 from broker.natsclient import TlsOnlyClient
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
+from broker.natsetup import consumer_alterations, stream_alterations
 from broker.planner import Planner
 from broker.planpool import PlanPool, PlanWorkerError
 from broker.policy import Policy
@@ -87,6 +88,8 @@ PLAN_RETRY_S: Final = 30.0
 HOUSEKEEPING_S: Final = 1.0
 LAG_EVERY_S: Final = 5.0
 """Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
+STREAM_EVERY_S: Final = 30.0
+"""Seconds between the inbox stream's info requests (``_check_stream``)."""
 SILENT_SWITCH: Final = 3
 """Unanswered ``consumer_info`` requests in a row after which the node leaves its server.
 
@@ -159,23 +162,7 @@ class Node:
         self.seed = seed
         self.tls = tls
         self.metrics = Metrics(config.member)
-        now = datetime.now(UTC)
-        for credential, at in (expiries or {}).items():
-            self.metrics.credential_expiry.labels(credential=credential).set(at.timestamp())
-            # Said at start too, not only in a gauge nobody may scrape: a node that
-            # signs with an expired key holds every report back (docs/KEYS.md).
-            if at - now < EXPIRY_WARNING:
-                log.warning(
-                    "credential_expires_soon", credential=credential, expires_at=format_time(at)
-                )
-        if expiries:
-            store.set_state(
-                {
-                    "credentials_valid_until": json.dumps(
-                        {name: format_time(at) for name, at in sorted(expiries.items())}
-                    )
-                }
-            )
+        self._note_expiries(expiries or {})
         self.auditnet = auditnet(self.metrics, self.run_db)
         self.auditnet.on_twin = self._twin_seen
         self.stop = asyncio.Event()
@@ -216,10 +203,11 @@ class Node:
         self._published_checkpoint: str | None = None
         self._published_at = -math.inf
         self._lag: int | None = None
-        # When the lag was last asked, how many requests in a row got no answer, and
-        # how the hub has the inbox consumer otherwise than ``msmt nats setup`` made
-        # it (a filter, a pause; ``_check_consumer``), else empty.
-        self._lag_at, self._silent, self._consumer_altered = -LAG_EVERY_S, 0, ""
+        # When the lag and the stream were last asked, how many requests in a row got
+        # no answer, and how the hub has the inbox "consumer" and "stream" otherwise
+        # than ``msmt nats setup`` made them (``_check_consumer``, ``_check_stream``).
+        self._lag_at, self._stream_at, self._silent = -LAG_EVERY_S, -STREAM_EVERY_S, 0
+        self._altered = {"consumer": "", "stream": ""}
         self._status: dict[str, str] = {}
         self._status_at = -STATUS_EVERY_S
         # Counts the store has not taken yet: kept until it can (a full disk).
@@ -227,6 +215,26 @@ class Node:
         self._activity: Counter[str] = Counter()
         self._activity_at = time.monotonic()
         self.failure: str | None = None
+
+    def _note_expiries(self, expiries: Mapping[str, datetime]) -> None:
+        # When each credential lapses: in a gauge, in the status, and in a warning.
+        now = datetime.now(UTC)
+        for credential, at in expiries.items():
+            self.metrics.credential_expiry.labels(credential=credential).set(at.timestamp())
+            # Said at start too, not only in a gauge nobody may scrape: a node that
+            # signs with an expired key holds every report back (docs/KEYS.md).
+            if at - now < EXPIRY_WARNING:
+                log.warning(
+                    "credential_expires_soon", credential=credential, expires_at=format_time(at)
+                )
+        if expiries:
+            self.store.set_state(
+                {
+                    "credentials_valid_until": json.dumps(
+                        {name: format_time(at) for name, at in sorted(expiries.items())}
+                    )
+                }
+            )
 
     async def run_db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store or audit-log call on the single store thread."""
@@ -814,8 +822,12 @@ class Node:
             return "the hub server does not answer JetStream requests (msmt status)"
         if self.receiver is None or not self.receiver.bound:
             return "inbox consumer not bound"
-        altered = self._consumer_altered
-        return f"inbox consumer altered on the hub: {altered} (msmt status)" if altered else None
+        what = next((what for what, altered in self._altered.items() if altered), None)
+        return (
+            f"inbox {what} altered on the hub: {self._altered[what]} (msmt status)"
+            if what
+            else None
+        )
 
     def _housekeep_sync(self) -> tuple[tuple[int, int], str | None, int]:
         # Reports committed while their audit append failed (a full disk) wait
@@ -1025,6 +1037,9 @@ class Node:
         answered = wall_clock()
         self._clock_base = answered - time.monotonic()
         self._check_clock(info.get("ts"), asked, answered)
+        if now - self._stream_at >= STREAM_EVERY_S:
+            self._stream_at = now
+            await self._check_stream()
         return self._lag
 
     async def _heard(self, silence: str | None) -> None:
@@ -1063,7 +1078,7 @@ class Node:
         # retention), and a pause held them, while the node stayed ready with no
         # error (a hostile-hub review). Say so, and stop reading as ready.
         altered = consumer_alterations(info)
-        self._consumer_altered = altered
+        self._altered["consumer"] = altered
         if altered:
             self._error(
                 f"hub: the inbox consumer {inbox_durable(self.member)} is not as msmt nats setup"
@@ -1071,6 +1086,32 @@ class Node:
                 f" msmt nats setup --account {self.member}, and ask who changed it"
                 " (docs/DEPLOY.md)",
                 same_as="consumer",
+            )
+
+    async def _check_stream(self) -> None:
+        # The inbox stream can be edited with the member's own credentials as well
+        # as the hub's: discard old, a short max_age or a message limit drops unread
+        # reports there, and a narrowed subject or size refuses partners' reports
+        # (their outboxes grow), all while this node reads an empty inbox as quiet.
+        if self.nc is None:
+            return
+        subject = f"$JS.API.STREAM.INFO.{inbox_stream(self.member)}"
+        try:
+            reply = await self.nc.request(subject, b"", timeout=1.0)
+            info = json.loads(reply.data)
+        except (nats.errors.Error, TimeoutError, ValueError):
+            return  # the consumer's request says what an unanswering hub is
+        if not isinstance(info, dict) or "config" not in info:
+            return  # {"error": ...}: a missing stream shows as an unbound consumer
+        altered = stream_alterations(info, self.member)
+        self._altered["stream"] = altered
+        if altered:
+            self._error(
+                f"hub: the inbox stream {inbox_stream(self.member)} is not as msmt nats setup"
+                f" made it: {altered}; reports to this node may be refused or dropped there:"
+                f" run msmt nats setup --account {self.member}, and ask who changed it"
+                " (docs/DEPLOY.md)",
+                same_as="stream",
             )
 
     def _check_clock(self, hub_time: object, asked: float, answered: float) -> None:
@@ -1374,29 +1415,6 @@ def reissue_interval(freshness_seconds: int) -> float:
 def wall_clock() -> float:
     """Return the node's own clock, as the planner signs with it (a test can move it)."""
     return time.time()
-
-
-def consumer_alterations(info: object) -> str:
-    """What in a JetStream consumer-info answer differs from the inbox consumer we set up.
-
-    Empty when nothing does. Only what can hold or drop reports is looked at: a
-    subject filter, headers only, a delivery limit, a pause.
-    """
-    if not isinstance(info, dict):
-        return ""
-    config = info.get("config")
-    config = config if isinstance(config, dict) else {}
-    found = []
-    for key in ("filter_subject", "filter_subjects"):
-        if config.get(key):
-            found.append(f"{key} {config[key]!r:.100}")
-    if config.get("headers_only"):
-        found.append("headers_only")
-    if config.get("max_deliver") not in (None, -1, 0):
-        found.append(f"max_deliver {config['max_deliver']!r:.20}")
-    if info.get("paused"):
-        found.append(f"paused until {config.get('pause_until', '?')!s:.40}")
-    return ", ".join(found)
 
 
 def _silence(reply: Msg | None, exc: BaseException) -> str | None:

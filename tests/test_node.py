@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
+from nats.js.api import DiscardPolicy
 from node_world import (
     BATCH_POLICY,
     KILL_ACK_WAIT,
@@ -1740,8 +1741,72 @@ async def test_an_inbox_consumer_changed_on_the_hub_is_named_and_setup_puts_it_b
         await task
 
 
+async def test_an_inbox_stream_changed_on_the_hub_is_named_and_setup_puts_it_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The member's own credentials may edit its inbox stream (nats stream edit): with
+    # discard old a full inbox drops its oldest unread reports, and the node, reading
+    # an empty inbox, looked quiet and ready.
+    monkeypatch.setattr(broker.node, "STREAM_EVERY_S", 0.0)
+    world.write_config("USA")
+    node = load_node(world.config("USA"))
+    task = asyncio.create_task(node.run())
+    seed = (world.keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
+    try:
+        await await_for(lambda: node.ready() is None, 20, "USA ready")
+        nc = await connect_account(world.server.url, "USA", seed)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(inbox_stream("USA"))
+            edited = dataclasses.replace(info.config, discard=DiscardPolicy.OLD, max_msgs=100)
+            await js.update_stream(edited)
+        finally:
+            await nc.close()
+        await await_for(lambda: node.ready() is not None, 20, "USA not ready")
+        assert node.ready() == (
+            "inbox stream altered on the hub: discard old, max_msgs 100 (msmt status)"
+        )
+        assert "the inbox stream INBOX_USA is not as msmt nats setup made it" in node._last_error
+        assert "run msmt nats setup --account USA" in node._last_error
+        results = await setup_account(world.server.url, "USA", seed)
+        assert [r.action for r in results if r.kind == "stream"] == ["updated"]
+        await await_for(lambda: node.ready() is None, 20, "USA ready again")
+    finally:
+        node.stop.set()
+        await task
+
+
+def test_stream_alterations_name_what_refuses_or_drops_reports() -> None:
+    from broker.natsetup import inbox_stream_config, stream_alterations
+
+    # What setup makes, as the JetStream API answers it (durations in nanoseconds).
+    made = json.loads(json.dumps(inbox_stream_config("USA", InboxLimits()).as_dict()))
+    assert made["max_age"] == 30 * 86400 * 10**9
+    assert stream_alterations({"config": made}, "USA") == ""
+    # An operator's own size and age (--max-bytes, --max-age-days) are not alterations.
+    chosen = {**made, "max_bytes": 2 * 1024 * 1024, "max_age": int(864 * 1e9)}
+    assert stream_alterations({"config": chosen}, "USA") == ""
+    edited = {
+        **made,
+        "subjects": ["from.*.msmt.to.USA.nothing"],
+        "discard": "old",
+        "max_msgs": 5,
+        "max_msgs_per_subject": 1,
+        "max_age": int(60 * 1e9),
+        "max_msg_size": 1024,
+        "sealed": True,
+    }
+    assert stream_alterations({"config": edited}, "USA") == (
+        "subjects ['from.*.msmt.to.USA.nothing'], discard old, max_msgs 5,"
+        " max_msgs_per_subject 1, max_age 60 s, max_msg_size 1024, sealed"
+    )
+    # Another member's subjects are not this one's.
+    assert stream_alterations({"config": made}, "KOR").startswith("subjects ")
+    assert stream_alterations("junk", "USA") == stream_alterations({"config": 7}, "USA") == ""
+
+
 def test_consumer_alterations_name_what_holds_or_drops_reports() -> None:
-    from broker.node import consumer_alterations
+    from broker.natsetup import consumer_alterations
 
     setup = {"config": {"max_deliver": -1, "ack_policy": "explicit"}, "paused": False}
     assert consumer_alterations(setup) == ""

@@ -585,7 +585,7 @@ def nats_config(
 )
 @click.option(
     "--max-age-days",
-    type=Finite(min=0.01),
+    type=Finite(min=natsconfig.MIN_INBOX_AGE_DAYS),
     default=None,
     help="How long an unread report stays in the inbox (a new one 30; without it an"
     " existing one keeps its own); archives keep all.",
