@@ -107,6 +107,16 @@ def account_quotas(
     return member, audit
 
 
+def store_bytes(replicas: int) -> int:
+    """A hub server's JetStream store (``max_file_store``): every account's quota, summed.
+
+    Each of the eleven members (those yet to join too) and ``AUDIT``: about 3.4 GiB
+    for one replica, 10.3 GiB for three (docs/DEPLOY.md, "Quotas").
+    """
+    member, audit = account_quotas(replicas=replicas)
+    return len(MEMBERS) * member.max_file + audit.max_file
+
+
 def archive_stream(member: str) -> str:
     """The name of ``member``'s archive stream in ``AUDIT``: its checkpoints and cosignatures."""
     return f"{AUDIT_STREAM}_{member}"
@@ -315,6 +325,7 @@ def server_config(
     """
     if cluster < 0 or cluster == 1:
         raise UsageError("--cluster must be 0 (single server) or at least 2")
+    replicas = min(cluster, QUOTA_REPLICAS) if cluster else 1
     lines = [
         f"listen: {json.dumps(host_port(listen, '--listen'))}",
         f"http: {json.dumps(host_port(http, '--http'))}",
@@ -324,6 +335,10 @@ def server_config(
         # default fsyncs only every two minutes, so an OS crash or power cut would
         # lose acked reports. "always" fsyncs each write before the ack.
         "  sync_interval: always",
+        # Without it the store's limit is 75% of the disk space free at each start:
+        # a hub restarted after its disk filled got 141 MB beside 516 MB it held,
+        # and refused every publish (a disk-full trial). Room for every quota.
+        f"  max_file_store: {store_bytes(replicas)}",
         "}",
         # Reports are small; a bound on payload size protects every inbox.
         "max_payload: 1MB",
@@ -341,5 +356,4 @@ def server_config(
             f"  routes: [{', '.join(routes)}]",
             "}",
         ]
-    replicas = min(cluster, QUOTA_REPLICAS) if cluster else 1
     return "\n".join(lines) + "\n" + accounts_config(load_users(keydir), replicas=replicas)

@@ -58,7 +58,12 @@ def test_cli_config_loads_in_nats_server(keydir: Path, tmp_path: Path, cluster: 
     text = out.read_text()
     assert ("cluster {" in text) == bool(cluster)
     # Every write fsynced before its ack: a node never sends an acked envelope again.
-    assert "\n  sync_interval: always\n" in text.split("jetstream {", 1)[1].split("}", 1)[0] + "\n"
+    block = text.split("jetstream {", 1)[1].split("}", 1)[0] + "\n"
+    assert "\n  sync_interval: always\n" in block
+    # The store's size is set, not 75% of what the disk has free at each start (a hub
+    # restarted on a full disk refused every publish): room for every account's quota.
+    mib = 3520 * 3 if cluster else 3520
+    assert f"\n  max_file_store: {mib * 1024 * 1024}\n" in block
     env = {**os.environ, "SERVER_NAME": "nats-1"}
     check = subprocess.run(
         [nats_server_binary(), "-t", "-c", str(out)],
