@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol
 
 from broker import audit_events
 from broker.audit_verify import LoadedLog, load
-from broker.auditlog import DB_FILE, AuditLog
+from broker.auditlog import DB_FILE, FORMAT, AuditLog
 from broker.config import NodeConfig
 from broker.errors import AuditError, ConfigError
 from broker.files import holds_nothing
@@ -146,9 +146,16 @@ def check_log_without_store(config: NodeConfig) -> int:
             raise log_lost(config, ran=True)
         return 0
     try:
-        log = ReadOnlyLog(load(config.audit_dir))
+        loaded = load(config.audit_dir)
     except AuditError as exc:
         raise ConfigError(str(exc)) from None
+    if loaded.origin != config.member:
+        # As the start's open of the log says it (AuditLog), before it writes a store.
+        raise ConfigError(
+            f"{loaded.path} is a {FORMAT} log of {loaded.origin}, not a {FORMAT} log of"
+            f" {config.member}"
+        )
+    log = ReadOnlyLog(loaded)
     if ran and log.size == 0:
         raise log_lost(config, ran=True)
     _start_entries_only(config, log)

@@ -19,9 +19,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from node_world import MSMT, fetch, msmt, wait_for, write_node_config
 
 from broker import keys
+from broker.auditlog import DB_FILE, AuditLog
 from broker.config import NodeConfig, load_config
 from broker.store import Store, writer_pid
 
@@ -163,6 +165,24 @@ def test_node_check_reads_what_a_start_reads_and_writes_nothing(folder: Path) ->
         "data/JPN/node.sqlite3-shm",
     }
     assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_another_members_log_without_a_store_is_refused_by_node_check_as_by_a_start(
+    folder: Path,
+) -> None:
+    # A disk-full review: beside no store, node check read the log but not whose it
+    # was, and said ok for a data directory the start refuses.
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    config = load_config(config_path, env={})
+    config.data_dir.mkdir(parents=True, mode=0o700)
+    AuditLog(config.audit_dir, "USA", Ed25519PrivateKey.generate()).close()
+    line = (
+        f"msmt: error: {config.audit_dir / DB_FILE} is a msmt-audit-1 log of USA, not a"
+        " msmt-audit-1 log of JPN\n"
+    )
+    for command in ("check", "run"):
+        done = msmt("node", command, "--config", str(config_path))
+        assert (command, done.returncode, done.stderr) == (command, 2, line)
 
 
 def test_an_unreadable_witness_state_stops_the_start_for_the_operator(folder: Path) -> None:
