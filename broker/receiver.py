@@ -162,9 +162,10 @@ def _sender_field(subject: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-WRITABLE_WAIT_MAX_S: Final = 30.0
+WRITABLE_WAIT_MAX_S: Final = 10.0
 """After a batch the store could not commit, the longest wait between two tries of a
-write (``Receiver._until_writable``), doubling from 1 s."""
+write (``Receiver._until_writable``), doubling from 1 s: a third of the consumer's
+``ack_wait``, as the messages delivered meanwhile are told the hub again each time."""
 
 UNSTORED_KEPT: Final = 4096
 """Receipts logged but not stored that are remembered (``Inbound._unstored``): more
@@ -892,6 +893,9 @@ class Receiver:
         messages it brings to those the log holds and the store lacks, which a start
         refuses beyond one append's worth (a full store beside a writable log: the
         node would not start again). So no batch is tried until a write commits.
+        Messages delivered meanwhile are marked in progress at each try: past the
+        consumer's ``ack_wait`` the hub would deliver them again, and the second
+        copy be refused and logged as a replay.
         """
         wait = 1.0
         while not stop.is_set():
@@ -900,6 +904,9 @@ class Receiver:
                     await stop.wait()
             if stop.is_set() or await self.run_db(self.inbound.store.writable):
                 return
+            for msg in self._pull.ready if self._pull is not None else ():
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.in_progress()
             wait = min(wait * 2, WRITABLE_WAIT_MAX_S)
 
     async def _handle(self, msgs: list[Msg]) -> bool:

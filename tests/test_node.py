@@ -42,6 +42,7 @@ from node_world import (
 from structlog.testing import capture_logs
 
 import broker.node
+import broker.receiver
 from broker import envelope, envelope_format, keys, samples, sdjwt
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig
@@ -1885,6 +1886,54 @@ async def test_a_status_header_from_a_sender_does_not_hide_its_message(world: Wo
     while (counts := await consumer_counts(world, "USA")) != (0, 0):
         assert time.monotonic() < deadline, f"still pending, unacked: {counts}"
         await asyncio.sleep(0.2)
+
+
+async def test_messages_delivered_while_the_store_is_full_are_not_delivered_twice(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A disk-full review: after a batch the store could not take, the receiver waits
+    # for a write to commit, and what the hub delivered meanwhile sat past ack_wait:
+    # delivered again, the second copies came in beside the first.
+    seed = (world.keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
+    await setup_account(world.server.url, "USA", seed, InboxLimits(ack_wait_s=KILL_ACK_WAIT))
+    # A third of ack_wait, as the hub's 30 s is to the receiver's 10.
+    monkeypatch.setattr(broker.receiver, "WRITABLE_WAIT_MAX_S", KILL_ACK_WAIT / 3)
+    world.write_config("USA")
+    node = load_node(world.config("USA"))
+    task = asyncio.create_task(node.run())
+    forger = Forger(world, datetime.now(UTC))
+    first, later = records_for("JPN", 10, seed=33), records_for("JPN", 10, seed=34)
+    full = True
+    real_writable = node.store.writable
+    monkeypatch.setattr(node.store, "writable", lambda: not full and real_writable())
+    try:
+        await await_for(lambda: node.ready() is None, 20, "USA ready")
+        pages = await node.run_db(lambda: node.store._db.execute("PRAGMA page_count").fetchone())
+        await node.run_db(node.store._db.execute, f"PRAGMA max_page_count={pages[0]}")
+        await publish_as(
+            world,
+            "JPN",
+            [(f"msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode(), {}) for r in first],
+        )
+        await await_for(lambda: node.receiver is not None and node.receiver.last_error, 20, "full")
+        await publish_as(
+            world,
+            "JPN",
+            [(f"msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode(), {}) for r in later],
+        )
+        await asyncio.sleep(3 * KILL_ACK_WAIT)  # the receiver waits; ack_wait passes twice
+        await node.run_db(node.store._db.execute, "PRAGMA max_page_count=1073741823")
+        full = False
+        want = {r["report_id"] for r in first + later}
+        await await_for(lambda: set(world.inbox_ids("USA", "JPN")) == want, 30, "all stored")
+        await asyncio.sleep(KILL_ACK_WAIT)  # any copy delivered again has come by now
+        assert node.metrics.duplicates.labels(sender="JPN")._value.get() == 0
+        received = list(audit_entries(world.config("USA").audit_dir))
+        assert Counter(e["type"] for e in received)["received"] == 20
+        assert not [e for e in received if e["type"].startswith("rejected")]
+    finally:
+        node.stop.set()
+        await task
 
 
 async def test_sigterm_mid_inbox_hands_back_what_was_delivered_but_not_verified(
