@@ -1915,7 +1915,9 @@ async def test_messages_delivered_while_the_store_is_full_are_not_delivered_twic
             "JPN",
             [(f"msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode(), {}) for r in first],
         )
-        await await_for(lambda: node.receiver is not None and node.receiver.last_error, 20, "full")
+        await await_for(
+            lambda: node.receiver is not None and bool(node.receiver.last_error), 20, "full"
+        )
         await publish_as(
             world,
             "JPN",
