@@ -8,10 +8,14 @@ neither is a file anyone means to hand a command, so both fail at once, as an
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
+
+from broker.errors import UsageError, WriteError
 
 NOT_A_FILE = "not a regular file (a FIFO, socket or device)"
 """The ``strerror`` of the ``OSError`` for a path that is neither a file nor a directory."""
@@ -64,3 +68,62 @@ def holds_nothing(path: Path) -> bool:
         return not any(p.is_file() and p.stat().st_size for p in (path, wal))
     except OSError:
         return False
+
+
+def write_output(path: Path, data: bytes, *, option: str = "--out") -> None:
+    """Put ``data`` at ``path`` whole or not at all, mode 0600: a command's ``--out`` file.
+
+    Written beside it, fsynced, renamed over it, and the folder fsynced: a half-written
+    file is never read as the whole (a power cut included). ``UsageError`` if ``path``
+    is a link or not a regular file (the rename would replace it: as root, ``/dev/full``
+    became a file) or its folder is missing; ``WriteError`` (exit 1) naming ``path`` if
+    the disk refuses (full, read-only), with no temporary file left behind.
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise UsageError(
+            f"{option} {path} is {what}: give a regular file's path, or leave {option} out"
+            " for stdout"
+        )
+    folder = path.parent
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        sync_folder(folder)
+    except OSError as exc:
+        raise write_refusal(path, exc) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def sync_folder(folder: Path) -> None:
+    """Fsync ``folder``, so that a file just created or renamed in it survives a power cut."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_refusal(path: Path | str, exc: OSError) -> UsageError | WriteError:
+    """The one-line error for ``exc`` raised writing ``path``.
+
+    A folder that is not there is the path's fault (``UsageError``, exit 2); a full
+    or read-only disk passes once mended (``WriteError``, exit 1).
+    """
+    bad_path = exc.errno in (errno.ENOENT, errno.ENOTDIR)
+    return (UsageError if bad_path else WriteError)(f"cannot write {path}: {exc.strerror}")

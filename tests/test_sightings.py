@@ -5,6 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import re
+import resource
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -453,6 +457,44 @@ def test_samples_and_schemas_that_cannot_be_written_are_one_line(tmp_path: Path)
     result = runner.invoke(main, ["schemas", "export", "--out", str(blocker / "schemas")])
     assert (result.exit_code, result.stdout) == (2, "")
     assert result.stderr == f"msmt: error: cannot write {blocker / 'schemas'}: Not a directory\n"
+
+
+MSMT = str(Path(sys.executable).parent / "msmt")
+
+
+def _small_files() -> None:
+    # In the child: files past 1 KiB cannot be written (EFBIG), as on a full disk,
+    # without root; ignored SIGXFSZ makes that an error rather than a kill.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+
+def test_samples_on_a_full_disk_leave_the_old_file_and_no_temporary_one(tmp_path: Path) -> None:
+    # A disk-full trial: --out on a full disk exited 2, the status of a mistake in the
+    # command, and left its temporary file beside the target.
+    target = tmp_path / "feed.ndjson"
+    target.write_text("the old feed\n")
+    done = subprocess.run(
+        [MSMT, "samples", "generate", "--count", "50", "--out", str(target)],
+        capture_output=True,
+        text=True,
+        preexec_fn=_small_files,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"msmt: error: cannot write {target}: File too large\n"
+    assert target.read_text() == "the old feed\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["feed.ndjson"]
+    # Room again: the whole file, in place of the old one.
+    done = subprocess.run(
+        [MSMT, "samples", "generate", "--count", "50", "--out", str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(target.read_text().splitlines()) == 50
+    assert [p.name for p in tmp_path.iterdir()] == ["feed.ndjson"]
 
 
 def _pattern(schema_text: str, *where: str | int) -> re.Pattern[str]:

@@ -11,6 +11,7 @@ import click
 from broker import samples, schemas
 from broker.cli.options import echo_line, stdin_buffer
 from broker.errors import InputError, UsageError
+from broker.files import write_output, write_refusal
 from broker.members import MEMBERS, parse_members
 from broker.validation import validate_stream
 
@@ -84,7 +85,7 @@ def schemas_export(out: Path) -> None:
         for path in schemas.export(out):
             echo_line(str(path))
     except OSError as exc:
-        raise UsageError(f"cannot write {exc.filename or out}: {exc.strerror}") from None
+        raise write_refusal(exc.filename or out, exc) from None
 
 
 @click.group(name="samples")
@@ -135,10 +136,7 @@ def samples_generate(
     if out is None:
         click.echo(text, nl=False)
     else:
-        try:
-            out.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot write {out}: {exc.strerror}") from None
+        write_output(out, text.encode("utf-8"))
 
 
 COMMANDS = (validate, schemas_group, samples_group)

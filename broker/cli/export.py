@@ -3,40 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
-import tempfile
 from pathlib import Path
 
 import click
 
 from broker.cli.options import CONFIG, echo_line, rfc3339, write_stdout
-from broker.errors import UsageError
+from broker.files import write_output
 from broker.stix import bundle, load_received
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # A half-written bundle must never be imported: write aside, then rename.
-    # The rename would put a regular file in place of whatever is there: run as
-    # root, --out /dev/full became a file of reports, a symlink lost its target.
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        mode = stat.S_IFREG
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
-        raise UsageError(
-            f"--out {path} is {what}: give a regular file's path, or leave --out out for stdout"
-        )
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        Path(tmp).replace(path)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
 
 
 @click.group(name="export")
@@ -74,7 +47,7 @@ def export_stix(config_path: Path, since: str | None, out: Path | None) -> None:
         # A bundle cut short must not end in exit status 0: the reader may import it.
         write_stdout([text], "bundle")
     else:
-        _write_atomically(out, text)
+        write_output(out, text.encode("utf-8"))
         echo_line(f"{len(reports)} reports exported to {out}", err=True)
 
 
