@@ -91,6 +91,7 @@ from broker.checkpoint import (
     proof_response,
 )
 from broker.errors import AuditError, MsmtError, StoreError
+from broker.files import write_durably
 from broker.log import Throttle, get_logger
 from broker.members import is_member
 from broker.merkle import verify_consistency
@@ -149,14 +150,13 @@ Beyond it the oldest kept is taken for the first, so the figure is a lower bound
 
 
 def save_witness_state(path: Path, state: Mapping[str, LogState]) -> None:
-    """Write the witness state durably (temp file, fsync, rename); ``AuditError`` if it cannot."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write the witness state durably (``write_durably``); ``AuditError`` if it cannot.
+
+    Durable before any cosignature it records is published: a witness that forgot
+    what it cosigned, at a power cut, cosigned a fork of that log afterwards.
+    """
     try:
-        with tmp.open("wb") as handle:
-            handle.write(dump_state(state))
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        write_durably(path, dump_state(state))
     except OSError as exc:  # a full disk must cost a cosignature, not the node
         raise AuditError(f"cannot save witness state {path}: {exc.strerror}") from None
 

@@ -73,8 +73,8 @@ def holds_nothing(path: Path) -> bool:
 def write_output(path: Path, data: bytes, *, option: str = "--out") -> None:
     """Put ``data`` at ``path`` whole or not at all, mode 0600: a command's ``--out`` file.
 
-    Written beside it, fsynced, renamed over it, and the folder fsynced: a half-written
-    file is never read as the whole (a power cut included). ``UsageError`` if ``path``
+    As ``write_durably``: a half-written file is never read as the whole, nor a written
+    one lost to a power cut after the command said so. ``UsageError`` if ``path``
     is a link or not a regular file (the rename would replace it: as root, ``/dev/full``
     became a file) or its folder is missing; ``WriteError`` (exit 1) naming ``path`` if
     the disk refuses (full, read-only), with no temporary file left behind.
@@ -91,23 +91,36 @@ def write_output(path: Path, data: bytes, *, option: str = "--out") -> None:
             f"{option} {path} is {what}: give a regular file's path, or leave {option} out"
             " for stdout"
         )
-    folder = path.parent
-    tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        sync_folder(folder)
+        write_durably(path, data)
     except OSError as exc:
         raise write_refusal(path, exc) from None
+
+
+def write_durably(path: Path, data: bytes, *, replace: bool = True) -> None:
+    """Put ``data`` at ``path`` whole, mode 0600, so that it survives a power cut.
+
+    Written to a temporary file beside it and fsynced, then renamed over ``path``
+    (or, with ``replace`` false, linked: ``FileExistsError`` if anything is at
+    ``path``, so nothing there is overwritten or written through), then the folder
+    fsynced: a rename is durable only once its folder is (a power-cut trial brought
+    back revoked feeds and forgotten cosignatures). The temporary file (``.NAME.*.tmp``)
+    is gone when the call returns or raises. Raises ``OSError``.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+        sync_folder(path.parent)
     finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def sync_folder(folder: Path) -> None:

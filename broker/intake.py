@@ -50,7 +50,7 @@ from pydantic import BaseModel
 
 from broker.errors import ConfigError, StoreError, UsageError
 from broker.feeds import NO_FEEDS, Feed, Feeds, FeedTokens
-from broker.files import read_file_text
+from broker.files import read_file_text, write_durably
 from broker.log import Throttle, get_logger
 from broker.serving import BoundedRunner, refusals_close
 from broker.sightings import (
@@ -347,9 +347,10 @@ def ensure_token(path: Path) -> str:
     """Return the intake token, creating it (random, mode 0600) on first start."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(secrets.token_urlsafe(32) + "\n")
+        # Whole and durable, never written over: created in place and cut by a power
+        # cut, it came back 0 bytes, and the node then refused to start on it.
+        with contextlib.suppress(FileExistsError):
+            write_durably(path, (secrets.token_urlsafe(32) + "\n").encode(), replace=False)
     return read_token(path)
 
 

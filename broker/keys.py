@@ -42,7 +42,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeyParameters, OKPKey
 
 from broker.errors import KeyMaterialError, UsageError, WriteError
-from broker.files import read_file_bytes, read_file_text
+from broker.files import read_file_bytes, read_file_text, sync_folder
 from broker.members import MEMBERS, is_member
 from broker.note import excerpt
 from broker.roster import CLOCK_SKEW, KeyUse, Roster, format_time
@@ -115,8 +115,11 @@ def _make_folder(folder: Path, *, private: bool) -> None:
 
 
 def _put_in_place(tmp: Path, path: Path) -> None:
+    # The folder's fsync makes the rename durable: a power-cut trial brought back a
+    # revoked feed, and a roster version the custodian then signed again otherwise.
     try:
         tmp.replace(path)
+        sync_folder(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise WriteError(f"cannot write {path}: {exc.strerror}") from None
@@ -528,6 +531,7 @@ def _swap(staged: Path, path: Path) -> None:
     # is in place, its signature aside is what finishes the swap.
     try:
         staged.replace(path)
+        sync_folder(path.parent)
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror}") from None
 

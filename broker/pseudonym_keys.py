@@ -21,14 +21,13 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import os
 import re
 import secrets
 from pathlib import Path
 from typing import Final, Literal
 
 from broker.errors import KeyMaterialError, UsageError
-from broker.files import read_file_bytes
+from broker.files import read_file_bytes, write_durably
 from broker.members import MEMBERS, is_member
 from broker.transforms import Transform
 
@@ -138,22 +137,5 @@ def store_key(path: Path, key: bytes, *, replace: bool) -> Outcome:
 def _write(path: Path, data: bytes, *, replace: bool) -> None:
     path.parent.mkdir(mode=0o700, exist_ok=True)
     path.parent.chmod(0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if replace:
-            tmp.replace(path)
-        else:
-            # link() fails if the name exists, so a key written meanwhile is never clobbered.
-            os.link(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)  # the new name survives a crash, not only the bytes
-        finally:
-            os.close(directory)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Not replacing links: a key written meanwhile is never clobbered.
+    write_durably(path, data, replace=replace)

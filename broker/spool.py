@@ -180,6 +180,8 @@ class Spool:
                 # Before the next read: else two reads' lines were held at once.
                 del lines
             await answer(splitter.finish())
+            # Durable before filed: a power-cut trial found done/'s answers 0 bytes.
+            await asyncio.to_thread(os.fsync, answers)
         finally:
             os.close(answers)
         if unavailable:
@@ -192,6 +194,8 @@ class Spool:
         # Files the batch open as ``fd``, of which ``read`` bytes were read and answered
         # (``records`` answers, in rejected/'s ANSWERS), into ``outcome``.
         target, rejected = folders[outcome], folders["rejected"]
+        # The feed's bytes as read, on disk before they are filed as read.
+        await asyncio.to_thread(os.fsync, fd)
         filed = await asyncio.to_thread(_file_away, self.fd, path.name, target, rejected)
         # Checked once filed, so that nothing can fall between a check and the
         # move. The feed may have renamed its next batch under this name while
@@ -581,8 +585,13 @@ def _file_away(
     # spool, to be read again and filed under the next free name. A rename
     # replaces the name itself, never what a link there points to.
     os.replace(ANSWERS, f"{name}.result.ndjson", src_dir_fd=answers_in, dst_dir_fd=target)
+    # Each folder fsynced after its renames, the answers' first: a rename survives a
+    # power cut only once its folder is synced.
+    os.fsync(target)
     if copy_of is None:
         os.replace(batch, name, src_dir_fd=spool, dst_dir_fd=target)
+        os.fsync(target)
+        os.fsync(spool)
         return name
     copy = _create(target, f"{name}.tmp")
     try:
@@ -590,7 +599,9 @@ def _file_away(
         while chunk := os.pread(copy_of, 1 << 20, offset):
             _write_all(copy, chunk)
             offset += len(chunk)
+        os.fsync(copy)
     finally:
         os.close(copy)
     os.replace(f"{name}.tmp", name, src_dir_fd=target, dst_dir_fd=target)
+    os.fsync(target)
     return name

@@ -8,8 +8,6 @@ request, so none of these needs the node stopped.
 
 from __future__ import annotations
 
-import errno
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from broker.cli.options import CONFIG as _CONFIG
 from broker.cli.options import echo_line
 from broker.config import NodeConfig, load_config
 from broker.errors import UsageError
+from broker.files import write_durably
 from broker.roster import format_time
 
 
@@ -32,22 +31,15 @@ def feeds_group() -> None:
 def _write_new(path: Path, token: str) -> None:
     # O_EXCL: a token file is never overwritten (it may be another feed's, in
     # use); O_NOFOLLOW: nor written through a link planted at that path.
+    # Linked into place: whole, surviving a power cut, and failing if anything (a
+    # link too) is at that path.
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        write_durably(path, (token + "\n").encode("ascii"), replace=False)
     except FileExistsError:
         raise UsageError(
             f"--out {path} exists: a token file is never overwritten; give a new path"
         ) from None
     except OSError as exc:
-        reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-        raise UsageError(f"cannot write --out {path}: {reason}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(token + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        path.unlink(missing_ok=True)
         raise UsageError(f"cannot write --out {path}: {exc.strerror}") from None
 
 
