@@ -15,7 +15,7 @@ import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
+from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy
 from node_world import (
     BATCH_POLICY,
@@ -1709,45 +1710,40 @@ async def test_node_is_not_ready_until_its_inbox_exists_then_becomes_ready(
         server.kill()
 
 
-async def test_an_inbox_consumer_changed_on_the_hub_is_named_and_setup_puts_it_back(
+async def _narrow_consumer(js: JetStreamContext) -> None:
+    info = await js.consumer_info(inbox_stream("USA"), inbox_durable("USA"))
+    await js.add_consumer(
+        inbox_stream("USA"), dataclasses.replace(info.config, filter_subject="from.KOR.nothing")
+    )
+
+
+async def _discard_old(js: JetStreamContext) -> None:
+    info = await js.stream_info(inbox_stream("USA"))
+    await js.update_stream(
+        dataclasses.replace(info.config, discard=DiscardPolicy.OLD, max_msgs=100)
+    )
+
+
+@pytest.mark.parametrize(
+    ("alter", "kind", "altered"),
+    [
+        # A hostile-hub review narrowed a node's consumer to a subject no report has:
+        # the inbox (interest retention) dropped every report at once, and the node
+        # stayed ready with no error.
+        (_narrow_consumer, "consumer", "filter_subject 'from.KOR.nothing'"),
+        # With discard old a full inbox drops its oldest unread reports, and the node,
+        # reading an empty inbox, looked quiet and ready.
+        (_discard_old, "stream", "discard old, max_msgs 100"),
+    ],
+)
+async def test_an_inbox_changed_on_the_hub_is_named_and_setup_puts_it_back(
     world: World,
+    monkeypatch: pytest.MonkeyPatch,
+    alter: Callable[[JetStreamContext], Awaitable[None]],
+    kind: str,
+    altered: str,
 ) -> None:
-    # A hostile-hub review narrowed a node's consumer to a subject no report has: the
-    # inbox (interest retention) dropped every report at once, and the node stayed
-    # ready with no error. Members' own credentials may change their consumer too.
-    world.write_config("USA")
-    node = load_node(world.config("USA"))
-    task = asyncio.create_task(node.run())
-    seed = (world.keydir / "USA" / keys.NATS_SEED_FILE).read_bytes().strip()
-    try:
-        await await_for(lambda: node.ready() is None, 20, "USA ready")
-        nc = await connect_account(world.server.url, "USA", seed)
-        try:
-            js = nc.jetstream()
-            info = await js.consumer_info(inbox_stream("USA"), inbox_durable("USA"))
-            narrowed = dataclasses.replace(info.config, filter_subject="from.KOR.nothing")
-            await js.add_consumer(inbox_stream("USA"), narrowed)
-        finally:
-            await nc.close()
-        await await_for(lambda: node.ready() is not None, 20, "USA not ready")
-        assert node.ready() == (
-            "inbox consumer altered on the hub: filter_subject 'from.KOR.nothing' (msmt status)"
-        )
-        assert "run msmt nats setup --account USA" in node._last_error
-        results = await setup_account(world.server.url, "USA", seed)
-        assert [r.action for r in results if r.kind == "consumer"] == ["updated"]
-        await await_for(lambda: node.ready() is None, 20, "USA ready again")
-    finally:
-        node.stop.set()
-        await task
-
-
-async def test_an_inbox_stream_changed_on_the_hub_is_named_and_setup_puts_it_back(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The member's own credentials may edit its inbox stream (nats stream edit): with
-    # discard old a full inbox drops its oldest unread reports, and the node, reading
-    # an empty inbox, looked quiet and ready.
+    # Members' own credentials may change their consumer and stream too.
     monkeypatch.setattr(broker.node, "STREAM_EVERY_S", 0.0)
     world.write_config("USA")
     node = load_node(world.config("USA"))
@@ -1757,20 +1753,15 @@ async def test_an_inbox_stream_changed_on_the_hub_is_named_and_setup_puts_it_bac
         await await_for(lambda: node.ready() is None, 20, "USA ready")
         nc = await connect_account(world.server.url, "USA", seed)
         try:
-            js = nc.jetstream()
-            info = await js.stream_info(inbox_stream("USA"))
-            edited = dataclasses.replace(info.config, discard=DiscardPolicy.OLD, max_msgs=100)
-            await js.update_stream(edited)
+            await alter(nc.jetstream())
         finally:
             await nc.close()
         await await_for(lambda: node.ready() is not None, 20, "USA not ready")
-        assert node.ready() == (
-            "inbox stream altered on the hub: discard old, max_msgs 100 (msmt status)"
-        )
-        assert "the inbox stream INBOX_USA is not as msmt nats setup made it" in node._last_error
+        assert node.ready() == f"inbox {kind} altered on the hub: {altered} (msmt status)"
+        assert "is not as msmt nats setup made it" in node._last_error
         assert "run msmt nats setup --account USA" in node._last_error
         results = await setup_account(world.server.url, "USA", seed)
-        assert [r.action for r in results if r.kind == "stream"] == ["updated"]
+        assert [r.action for r in results if r.kind == kind] == ["updated"]
         await await_for(lambda: node.ready() is None, 20, "USA ready again")
     finally:
         node.stop.set()
