@@ -14,6 +14,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Final
 
 from broker.errors import UsageError, WriteError
 
@@ -115,12 +116,43 @@ def write_durably(path: Path, data: bytes, *, replace: bool = True) -> None:
             os.fsync(handle.fileno())
         if replace:
             os.replace(tmp, path)
-        else:
+            sync_folder(path.parent)
+            return
+        try:
             os.link(tmp, path)
-        sync_folder(path.parent)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            _create_new(path, data)  # vfat, exFAT, some network shares
+        try:
+            sync_folder(path.parent)
+        except OSError:
+            # Not said written, so not left there: a new token file for a feed that
+            # was not added would then be refused as existing.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+_NO_HARD_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
+"""``link``'s errors on a file system without hard links (or one that allows no more)."""
+
+
+def _create_new(path: Path, data: bytes) -> None:
+    """``write_durably``'s way where links fail: create ``path`` anew (no link followed), fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def sync_folder(folder: Path) -> None:

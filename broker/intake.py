@@ -48,7 +48,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel
 
-from broker.errors import ConfigError, StoreError, UsageError
+from broker.errors import ConfigError, StoreError, UsageError, WriteError
 from broker.feeds import NO_FEEDS, Feed, Feeds, FeedTokens
 from broker.files import read_file_text, write_durably
 from broker.log import Throttle, get_logger
@@ -346,11 +346,15 @@ def answer_bytes(answers: Iterable[dict[str, Any]]) -> bytes:
 def ensure_token(path: Path) -> str:
     """Return the intake token, creating it (random, mode 0600) on first start."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Whole and durable, never written over: created in place and cut by a power
         # cut, it came back 0 bytes, and the node then refused to start on it.
-        with contextlib.suppress(FileExistsError):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             write_durably(path, (secrets.token_urlsafe(32) + "\n").encode(), replace=False)
+        except FileExistsError:
+            pass  # another start made it meanwhile: that one is the token
+        except OSError as exc:
+            raise WriteError(f"cannot create intake token {path}: {exc.strerror}") from None
     return read_token(path)
 
 

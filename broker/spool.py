@@ -181,7 +181,7 @@ class Spool:
                 del lines
             await answer(splitter.finish())
             # Durable before filed: a power-cut trial found done/'s answers 0 bytes.
-            await asyncio.to_thread(os.fsync, answers)
+            await asyncio.to_thread(_sync, answers)
         finally:
             os.close(answers)
         if unavailable:
@@ -195,7 +195,7 @@ class Spool:
         # (``records`` answers, in rejected/'s ANSWERS), into ``outcome``.
         target, rejected = folders[outcome], folders["rejected"]
         # The feed's bytes as read, on disk before they are filed as read.
-        await asyncio.to_thread(os.fsync, fd)
+        await asyncio.to_thread(_sync, fd)
         filed = await asyncio.to_thread(_file_away, self.fd, path.name, target, rejected)
         # Checked once filed, so that nothing can fall between a check and the
         # move. The feed may have renamed its next batch under this name while
@@ -248,6 +248,7 @@ class Spool:
             answers = await asyncio.to_thread(_create, target, ANSWERS)
             try:
                 await asyncio.to_thread(_write_all, answers, answer_bytes([answer]))
+                await asyncio.to_thread(_sync, answers)
             finally:
                 os.close(answers)
             filed = await asyncio.to_thread(_file_away, self.fd, path.name, target, target)
@@ -562,6 +563,7 @@ def _put_back(target: int, filed: str, spool: int, name: str, rejected: int) -> 
             n += 1
     os.unlink(filed, dir_fd=target)
     os.replace(f"{filed}.result.ndjson", ANSWERS, src_dir_fd=target, dst_dir_fd=rejected)
+    _sync(spool)
 
 
 def _file_away(
@@ -585,13 +587,13 @@ def _file_away(
     # spool, to be read again and filed under the next free name. A rename
     # replaces the name itself, never what a link there points to.
     os.replace(ANSWERS, f"{name}.result.ndjson", src_dir_fd=answers_in, dst_dir_fd=target)
-    # Each folder fsynced after its renames, the answers' first: a rename survives a
+    # Each folder synced after its renames, the answers' first: a rename survives a
     # power cut only once its folder is synced.
-    os.fsync(target)
+    _sync(target)
     if copy_of is None:
         os.replace(batch, name, src_dir_fd=spool, dst_dir_fd=target)
-        os.fsync(target)
-        os.fsync(spool)
+        _sync(target)
+        _sync(spool)
         return name
     copy = _create(target, f"{name}.tmp")
     try:
@@ -599,9 +601,18 @@ def _file_away(
         while chunk := os.pread(copy_of, 1 << 20, offset):
             _write_all(copy, chunk)
             offset += len(chunk)
-        os.fsync(copy)
+        _sync(copy)
     finally:
         os.close(copy)
     os.replace(f"{name}.tmp", name, src_dir_fd=target, dst_dir_fd=target)
-    os.fsync(target)
+    _sync(target)
     return name
+
+
+def _sync(fd: int) -> None:
+    # A file or folder that cannot be synced (EIO) must not keep a batch in the spool:
+    # its records are committed, and read again it would only be answered
+    # "duplicate" at every poll (a review injected EIO: an answers file in done/
+    # every few seconds). Filed all the same; a power cut may then undo the move.
+    with contextlib.suppress(OSError):
+        os.fsync(fd)

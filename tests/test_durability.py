@@ -13,6 +13,7 @@ returns.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import pytest
 
 from broker import feeds, keys, spool
 from broker.auditnet import save_witness_state
+from broker.errors import WriteError
 from broker.files import write_durably, write_output
 from broker.intake import ensure_token
 from broker.witness import LogState
@@ -185,3 +187,74 @@ def test_a_filed_spool_batch_and_its_answers_are_durable(
     assert sorted(p.name for p in folders["done"].iterdir()) == [filed, f"{filed}.result.ndjson"]
     # The batch's leaving the spool is durable too: else it came back to be read again.
     assert calls.synced(folders["spool"])
+
+
+def _failing(monkeypatch: pytest.MonkeyPatch, name: str, code: int, *, folders: bool) -> None:
+    """Make ``os.<name>`` fail with ``code`` (on a folder's fd only, with ``folders``)."""
+    real = getattr(os, name)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not folders or os.path.isdir(os.readlink(f"/proc/self/fd/{args[0]}")):
+            raise OSError(code, os.strerror(code))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, name, call)
+
+
+def test_a_folder_that_cannot_be_synced_still_files_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review injected EIO into the folders' fsync: the batch stayed in the spool, and
+    # each poll read it again and left another answers file in done/.
+    folders = {name: tmp_path / name for name in ("spool", "done", "rejected")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["spool"] / "batch.ndjson").write_text("{}\n")
+    (folders["rejected"] / spool.ANSWERS).write_text('{"status":"accepted"}\n')
+    fds = {n: os.open(f, os.O_RDONLY | os.O_DIRECTORY) for n, f in folders.items()}
+    _failing(monkeypatch, "fsync", errno.EIO, folders=True)
+    try:
+        filed = spool._file_away(fds["spool"], "batch.ndjson", fds["done"], fds["rejected"])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    assert list(folders["spool"].iterdir()) == []
+    assert sorted(p.name for p in folders["done"].iterdir()) == [filed, f"{filed}.result.ndjson"]
+
+
+def test_a_new_file_is_made_where_hard_links_are_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vfat, exFAT and some network shares refuse link(): a token file was made there
+    # before writes went through a temporary file.
+    _failing(monkeypatch, "link", errno.EPERM, folders=False)
+    target = tmp_path / "feed.token"
+    write_durably(target, b"secret\n", replace=False)
+    assert target.read_bytes() == b"secret\n"
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["feed.token"]
+    with pytest.raises(FileExistsError):
+        write_durably(target, b"other\n", replace=False)
+    assert target.read_bytes() == b"secret\n"
+
+
+def test_a_new_file_whose_folder_cannot_be_synced_is_not_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Else `feeds add --out` failed, and its token file for the feed not added stayed,
+    # refused as existing at the next try.
+    _failing(monkeypatch, "fsync", errno.EIO, folders=True)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_durably(tmp_path / "feed.token", b"secret\n", replace=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_intake_token_that_cannot_be_made_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "intake.token"
+    _failing(monkeypatch, "fsync", errno.EIO, folders=False)
+    with pytest.raises(WriteError) as raised:
+        ensure_token(path)
+    assert str(raised.value) == f"cannot create intake token {path}: Input/output error"
+    assert list(tmp_path.iterdir()) == []
