@@ -79,6 +79,7 @@ from prometheus_client import Gauge as PromGauge
 
 from broker.auditlog import AuditLog
 from broker.checkpoint import (
+    EARLIER_REQUEST_REFUSAL,
     NONCE_BYTES,
     Checkpoint,
     ProofReply,
@@ -89,6 +90,7 @@ from broker.checkpoint import (
     proof_refusal,
     proof_request,
     proof_response,
+    unsigned_proof_response,
 )
 from broker.errors import AuditError, MsmtError, StoreError
 from broker.files import write_durably
@@ -291,7 +293,9 @@ class AuditNet:
         self.alarm: str | None = None
         """The latest alarm not yet taken by the node: kept apart from ``last_error``,
         which a partner's junk on its own subject can overwrite within seconds."""
-        self._last_warned: str | None = None
+        # The last witness_refused text by log ("" for our own state's save): a log
+        # that stays unreachable is retried every round, and warned of once.
+        self._last_warned: dict[str, str] = {}
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(QUEUE_LIMIT)
         self._pending: dict[str, bytes] = {}
         self._newest = math.inf  # when the newest pending checkpoint arrived
@@ -441,9 +445,13 @@ class AuditNet:
         except StoreError:
             raise
         except MsmtError as exc:  # about the request: the sizes asked for
+            if not nonce:  # a witness of a version before signed replies reads only these
+                return _error_reply(str(exc))
             return proof_refusal(
                 self.member, old, new, str(exc), size=size, nonce=nonce, signer=self._signer
             )
+        if not nonce:
+            return unsigned_proof_response(old, new, proof)
         return proof_response(
             self.member, old, new, proof, size=size, nonce=nonce, signer=self._signer
         )
@@ -783,11 +791,11 @@ class AuditNet:
         """
         before = dict(self.witness.state)
         cosigned: dict[str, str] = {}
-        refused = False
+        failures: list[tuple[str, bytes, BaseException]] = []
         now = int(time.time())
         for (origin, data), result in zip(batch.items(), results, strict=True):
             if isinstance(result, BaseException):
-                refused |= self._failure(origin, data, result)
+                failures.append((origin, data, result))
             elif result is not None:
                 opened, old, proof = result
                 try:
@@ -795,9 +803,10 @@ class AuditNet:
                 except WitnessAlarmError as exc:
                     alarms.append((exc, opened.checkpoint))
                 except Exception as exc:  # noqa: BLE001 - sorted out by _failure
-                    refused |= self._failure(origin, data, exc)
-        if not refused:
-            self._last_warned = None
+                    failures.append((origin, data, exc))
+        refused = {origin for origin, data, exc in failures if self._failure(origin, data, exc)}
+        for origin in batch.keys() - refused:
+            self._last_warned.pop(origin, None)
         if not cosigned:
             return
         state = dict(self.witness.state)
@@ -808,8 +817,9 @@ class AuditNet:
             self.witness.state = before
             for origin in cosigned:
                 self._pending.setdefault(origin, batch[origin])
-            self._refused(exc)
+            self._refused("", exc)
             return
+        self._last_warned.pop("", None)
         self._cosigned = {origin: _cosigned_text(origin, st) for origin, st in state.items()}
         for origin, cosignature in cosigned.items():
             try:
@@ -841,23 +851,24 @@ class AuditNet:
         if isinstance(exc, _UnreachableError):
             # The log may be idle from now on: keep its checkpoint for the next round.
             self._pending.setdefault(origin, data)
-            self._refused(exc)
+            self._refused(origin, exc)
             return True
         if isinstance(exc, MsmtError):
-            self._refused(exc)
+            self._refused(origin, exc)
             return True
         if not isinstance(exc, Exception):
             raise exc  # cancellation or exit: not a partner's doing
         self._failed("checkpoint", origin, exc)
         return True
 
-    def _refused(self, exc: MsmtError) -> None:
+    def _refused(self, origin: str, exc: MsmtError) -> None:
         text = f"witness: {exc}"
         self.last_error = text
-        # A log that stays unreachable is retried every round: warn once, not each time.
-        if text != self._last_warned:
+        # A log that stays unreachable is retried every round: warn once, not each time
+        # (with one text for all logs, two failing logs took turns: 237 lines in 10 minutes).
+        if text != self._last_warned.get(origin):
             log.warning("witness_refused", error=str(exc)[:200])
-            self._last_warned = text
+            self._last_warned[origin] = text
 
     async def _prepare(
         self, nc: Client, origin: str, data: bytes
@@ -924,6 +935,23 @@ class AuditNet:
         malformed one or a proof of other sizes.
         """
         nonce = os.urandom(NONCE_BYTES)
+        reply = await self._request_proof(nc, origin, old, new, nonce)
+        if reply.error == EARLIER_REQUEST_REFUSAL and reply.log is None:
+            # A log of a version before signed replies (a federation upgrading a member
+            # at a time): asked its way, its unsigned proof is cosigned if it verifies,
+            # never taken as evidence against it. Whoever strips the nonce on the way
+            # (the hub) gains nothing it lacks: it can withhold any reply.
+            if self.throttle.due("earlier version", origin):
+                log.info("witness_earlier_version", log=origin)
+            reply = await self._request_proof(nc, origin, old, new, b"")
+        if reply.old is not None and (reply.old, reply.new) != (old, new):
+            raise AuditError(f"{origin} answered a proof for other sizes")
+        return reply, reply.signed_by(origin, nonce, self.log_keys.get(origin, ()))
+
+    async def _request_proof(
+        self, nc: Client, origin: str, old: int, new: int, nonce: bytes
+    ) -> ProofReply:
+        """One proof request to ``origin``'s log and its parsed reply (``_ask_proof``)."""
         try:
             msg = await nc.request(
                 f"msmt.audit.{origin}.proof", proof_request(old, new, nonce), timeout=PROOF_TIMEOUT
@@ -931,12 +959,9 @@ class AuditNet:
         except (nats.errors.Error, TimeoutError) as exc:
             raise _UnreachableError(f"no proof from {origin}: {type(exc).__name__}") from None
         try:
-            reply = parse_proof_response(msg.data)
+            return parse_proof_response(msg.data)
         except AuditError as exc:
             raise AuditError(f"{origin}'s proof reply refused: {exc}") from None
-        if reply.log is not None and (reply.old, reply.new) != (old, new):
-            raise AuditError(f"{origin} answered a proof for other sizes")
-        return reply, reply.signed_by(origin, nonce, self.log_keys.get(origin, ()))
 
     async def _below(self, nc: Client, checkpoint: Checkpoint, known: LogState) -> None:
         """A checkpoint below the size we cosigned: return only if the log says it rolled back.

@@ -237,8 +237,18 @@ NONCE_BYTES: Final = 16
 
 
 def proof_request(old: int, new: int, nonce: bytes) -> bytes:
-    """Build the ``msmt.audit.<MEMBER>.proof`` request body; ``nonce`` makes the reply fresh."""
+    """Build the ``msmt.audit.<MEMBER>.proof`` request body; ``nonce`` makes the reply fresh.
+
+    An empty ``nonce`` builds the request of versions before signed replies
+    (``{"new", "old"}``), which such a log answers with an unsigned proof.
+    """
+    if not nonce:
+        return rfc8785.dumps({"new": new, "old": old})
     return rfc8785.dumps({"new": new, "nonce": base64.b64encode(nonce).decode(), "old": old})
+
+
+EARLIER_REQUEST_REFUSAL: Final = "proof request must have exactly 'old' and 'new'"
+"""How a log of a version before signed replies refuses a request that carries a nonce."""
 
 
 MAX_PROOF_REQUEST: Final = 1024
@@ -289,14 +299,19 @@ def _size(value: object, what: str) -> int:
 
 
 def parse_proof_request(data: bytes) -> tuple[int, int, bytes]:
-    """Parse a proof request into ``(old, new, nonce)``; raise ``AuditError`` if malformed."""
+    """Parse a proof request into ``(old, new, nonce)``; raise ``AuditError`` if malformed.
+
+    A request without a nonce (exactly ``old`` and ``new``) is a witness of a
+    version before signed replies: its nonce is ``b""``, and it is answered in
+    that version's unsigned form (``unsigned_proof_response``).
+    """
     obj = _load_object(data, "proof request", MAX_PROOF_REQUEST)
-    if set(obj) != {"old", "new", "nonce"}:
+    if set(obj) not in ({"old", "new", "nonce"}, {"old", "new"}):
         raise AuditError("proof request must have exactly 'old', 'new' and 'nonce'")
     return (
         _size(obj["old"], "proof request 'old'"),
         _size(obj["new"], "proof request 'new'"),
-        _nonce(obj["nonce"], "proof request 'nonce'"),
+        _nonce(obj["nonce"], "proof request 'nonce'") if "nonce" in obj else b"",
     )
 
 
@@ -352,6 +367,17 @@ def proof_refusal(
     return _signed(body, signer)
 
 
+def unsigned_proof_response(old: int, new: int, proof: Sequence[bytes]) -> bytes:
+    """The reply of versions before signed replies: only the proof, for a witness of one.
+
+    It is evidence of nothing against the log: a witness cosigns if it verifies,
+    and raises no alarm if it does not, as for any unsigned reply.
+    """
+    return rfc8785.dumps(
+        {"new": new, "old": old, "proof": [base64.b64encode(h).decode() for h in proof]}
+    )
+
+
 def _signed(body: dict[str, Any], signer: Ed25519PrivateKey) -> bytes:
     sig = signer.sign(PROOF_REPLY_CONTEXT + rfc8785.dumps(body))
     return rfc8785.dumps({**body, "sig": base64.b64encode(sig).decode()})
@@ -380,20 +406,29 @@ class ProofReply:
 
 _PROOF_KEYS: Final = frozenset({"log", "new", "nonce", "old", "proof", "sig", "size"})
 _REFUSAL_KEYS: Final = frozenset({"error", "log", "new", "nonce", "old", "sig", "size"})
+_UNSIGNED_PROOF_KEYS: Final = frozenset({"new", "old", "proof"})
 
 
 def parse_proof_response(data: bytes) -> ProofReply:
     """Parse a proof reply; raise ``AuditError`` if malformed. Its signature is not checked here.
 
     Checklist: 1. a flat JSON object (``_load_object``); 2. exactly the members of
-    a proof, of a signed refusal, or only ``error``; 3. each member well-typed:
-    sizes, a canonical base64 nonce of 16 bytes and signature of 64, 32-byte
-    proof hashes, the log a member's name.
+    a proof, of a signed refusal, of an unsigned proof (``old``, ``new``,
+    ``proof``: a log of a version before signed replies), or only ``error``;
+    3. each member well-typed: sizes, a canonical base64 nonce of 16 bytes and
+    signature of 64, 32-byte proof hashes, the log a member's name.
     """
     obj = _load_object(data, "proof response", MAX_PROOF_RESPONSE)
     keys = set(obj)
     if keys == {"error"} and isinstance(obj["error"], str):
         return ProofReply(error=obj["error"])
+    if keys == _UNSIGNED_PROOF_KEYS:
+        return ProofReply(
+            error=None,
+            old=_size(obj["old"], "proof 'old'"),
+            new=_size(obj["new"], "proof 'new'"),
+            proof=_proof_hashes(obj["proof"]),
+        )
     if keys not in (_PROOF_KEYS, _REFUSAL_KEYS):
         raise AuditError(
             "proof response must hold exactly the members of a proof, of a refusal,"
@@ -425,17 +460,21 @@ def parse_proof_response(data: bytes) -> ProofReply:
         raise AuditError(f"proof response cannot be put in RFC 8785 form ({exc})") from None
     if keys == _REFUSAL_KEYS:
         return ProofReply(error=obj["error"], **fields)
-    if not isinstance(obj["proof"], list):
+    return ProofReply(error=None, proof=_proof_hashes(obj["proof"]), **fields)
+
+
+def _proof_hashes(value: object) -> tuple[bytes, ...]:
+    if not isinstance(value, list):
         raise AuditError("proof response must have a 'proof' list")
     proof = []
-    for i, item in enumerate(obj["proof"]):
+    for i, item in enumerate(value):
         raw = b64decode_strict(item) if isinstance(item, str) else b""
         if raw is None:
             raise AuditError(f"proof hash {i} is not valid base64")
         if len(raw) != HASH_SIZE:
             raise AuditError(f"proof hash {i} is not a base64 32-byte hash")
         proof.append(raw)
-    return ProofReply(error=None, proof=tuple(proof), **fields)
+    return tuple(proof)
 
 
 def _b64(value: object, what: str, length: int) -> bytes:

@@ -38,6 +38,7 @@ from broker import auditnet
 from broker.auditlog import AuditLog
 from broker.auditnet import AuditNet
 from broker.checkpoint import (
+    EARLIER_REQUEST_REFUSAL,
     Checkpoint,
     ProofReply,
     cosign,
@@ -48,6 +49,7 @@ from broker.checkpoint import (
     proof_request,
     proof_response,
     sign_checkpoint,
+    unsigned_proof_response,
 )
 from broker.errors import AuditError, StoreError
 from broker.merkle import verify_consistency
@@ -1102,9 +1104,9 @@ async def test_an_unexpected_failure_with_one_log_is_reported_by_type_and_not_co
         (b'{"old":1,"new":' + b"9" * 100 + b"}", "more than 20 digits"),
         (b'{"old":1,"new":3,"old":2}', "duplicate key"),
         (b'{"old":1,"new":"3","nonce":"AAECAwQFBgcICQoLDA0ODw=="}', "integer from 0 to 2\\^64 - 1"),
-        (b'{"old":1,"new":3}', "exactly 'old', 'new' and 'nonce'"),
+        (b'{"old":1,"new":3,"size":3}', "exactly 'old', 'new' and 'nonce'"),
     ],
-    ids=["deep", "deep-short", "long", "long-integer", "duplicate", "string", "no-nonce"],
+    ids=["deep", "deep-short", "long", "long-integer", "duplicate", "string", "other-members"],
 )
 async def test_a_malformed_proof_request_gets_an_error_reply(
     audit: Audit, body: bytes, reason: str
@@ -1113,6 +1115,95 @@ async def test_a_malformed_proof_request_gets_an_error_reply(
     answer = json.loads(reply.data)
     assert list(answer) == ["error"]
     assert re.search(reason, answer["error"])
+
+
+async def test_a_witness_of_an_earlier_version_gets_the_unsigned_proof_it_reads(
+    audit: Audit,
+) -> None:
+    # A rolling upgrade: versions before signed replies ask without a nonce and refuse
+    # any reply but {"old", "new", "proof"}; answered otherwise, no such witness cosigned
+    # a log of this version, nor this version's witnesses one of theirs.
+    audit.append(5)  # JPN's log: 8 entries
+    reply = await audit.tap.request(f"msmt.audit.{MEMBER}.proof", b'{"new":8,"old":3}', timeout=3)
+    answer = json.loads(reply.data)
+    assert sorted(answer) == ["new", "old", "proof"]
+    proof = [base64.b64decode(h) for h in answer["proof"]]
+    assert proof == audit.log.consistency_proof(3, 8)
+    reply = await audit.tap.request(f"msmt.audit.{MEMBER}.proof", b'{"new":9,"old":3}', timeout=3)
+    assert list(json.loads(reply.data)) == ["error"]  # beyond the log: unsigned, as theirs
+
+
+async def _earlier_kor(audit: Audit, log: AuditLog, proof_from: AuditLog) -> list[bytes]:
+    """KOR's node of a version before signed replies, serving ``proof_from``'s proofs."""
+    asked: list[bytes] = []
+
+    async def answer(msg: Msg) -> None:
+        asked.append(msg.data)
+        request = json.loads(msg.data)
+        if set(request) != {"old", "new"}:
+            await msg.respond(json.dumps({"error": EARLIER_REQUEST_REFUSAL}).encode())
+            return
+        old, new = request["old"], request["new"]
+        hashes = proof_from.consistency_proof(old, new)
+        await msg.respond(unsigned_proof_response(old, new, hashes))
+
+    await audit.tap.subscribe("msmt.audit.KOR.proof", cb=answer)
+    await audit.tap.flush()
+    audit.usa.net.interval = 0
+    await audit.tap.publish("msmt.audit.KOR.checkpoint", (log.latest_checkpoint() or "").encode())
+    await audit.tap.flush()
+    return asked
+
+
+async def test_a_log_of_an_earlier_version_is_cosigned_when_its_proof_verifies(
+    audit: Audit, tmp_path: Path
+) -> None:
+    kor = _KorCopies(tmp_path)
+    try:
+        log = kor.cosigned_by_usa(audit, 12)
+        log.append_many([event(12 + i, "KOR") for i in range(8)])
+        with capture_logs() as logs:
+            asked = await _earlier_kor(audit, log, log)
+            await await_for(lambda: audit.usa.net.witness.state["KOR"].size == 20, 10, "cosigned")
+        assert [sorted(json.loads(a)) for a in asked] == [["new", "nonce", "old"], ["new", "old"]]
+        assert [e["log"] for e in logs if e["event"] == "witness_earlier_version"] == ["KOR"]
+        assert audit.usa.alarm_count() == 0
+    finally:
+        kor.close()
+
+
+async def test_a_failing_proof_of_a_log_of_an_earlier_version_is_no_fork(
+    audit: Audit, tmp_path: Path
+) -> None:
+    # Unsigned, its reply is no evidence against the log: the hub could have made it.
+    kor = _KorCopies(tmp_path)
+    try:
+        log = kor.cosigned_by_usa(audit, 12)
+        log.append_many([event(12 + i, "KOR") for i in range(8)])
+        other = kor.copy("other", lambda i: event(i + 1000, "KOR"), 20)  # another history
+        await _earlier_kor(audit, log, other)
+        await await_for(lambda: audit.usa.net.last_error is not None, 10, "USA's refusal")
+        assert "does not verify, and the log did not sign it" in (audit.usa.net.last_error or "")
+        assert audit.usa.alarm_count() == 0
+        assert audit.usa.net.witness.state["KOR"].size == 12  # not cosigned
+    finally:
+        kor.close()
+
+
+async def test_two_logs_failing_in_turn_are_each_warned_of_once(audit: Audit) -> None:
+    # A rolling-upgrade trial: one last-warned text for all logs, so two logs failing
+    # every round took turns and were each warned of again: 237 lines in 10 minutes.
+    net = audit.usa.net
+    with capture_logs() as logs:
+        for _ in range(3):
+            net._refused("KOR", AuditError("KOR's proof reply refused: x"))
+            net._refused("JPN", AuditError("JPN's proof reply refused: y"))
+        net._refused("KOR", AuditError("KOR's proof reply refused: z"))  # a new reason
+    assert [e["error"] for e in logs if e["event"] == "witness_refused"] == [
+        "KOR's proof reply refused: x",
+        "JPN's proof reply refused: y",
+        "KOR's proof reply refused: z",
+    ]
 
 
 async def test_a_log_that_cannot_read_its_entries_tells_the_partner_no_path(

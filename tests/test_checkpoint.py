@@ -30,6 +30,7 @@ from broker.checkpoint import (
     roster_log_keys,
     roster_witness_keys,
     sign_checkpoint,
+    unsigned_proof_response,
     verify_cosignature,
 )
 from broker.errors import AuditError
@@ -279,9 +280,26 @@ def test_proof_messages_round_trip_and_refuse_garbage() -> None:
         with pytest.raises(AuditError):
             parse_proof_request(bad)
     with pytest.raises(AuditError, match="exactly 'old', 'new' and 'nonce'"):
-        parse_proof_request(b'{"old":1,"new":2}')  # no nonce: a reply could be replayed
+        parse_proof_request(b'{"old":1,"new":2,"sig":"x"}')
     with pytest.raises(AuditError, match="proof hash 0"):
         parse_proof_response(_reply(proof=["AAAA"]))
+
+
+def test_the_proof_messages_of_versions_before_signed_replies_are_read_as_unsigned() -> None:
+    # Members upgrade one at a time: an earlier version's witness asks without a nonce
+    # and reads only the unsigned proof; its log answers so.
+    assert proof_request(3, 9, b"") == b'{"new":9,"old":3}'
+    assert parse_proof_request(b'{"new":9,"old":3}') == (3, 9, b"")
+    proof = [bytes([i]) * 32 for i in range(3)]
+    body = unsigned_proof_response(3, 9, proof)
+    assert sorted(json.loads(body)) == ["new", "old", "proof"]
+    reply = parse_proof_response(body)
+    assert (reply.error, reply.old, reply.new, list(reply.proof)) == (None, 3, 9, proof)
+    assert (reply.log, reply.sig, reply.size) == (None, None, None)
+    assert not reply.signed_by("JPN", b"", [_log_key()])  # never the log's word
+    for bad in ({"proof": ["AAAA"]}, {"proof": "x"}, {"old": "3"}):
+        with pytest.raises(AuditError):
+            parse_proof_response(json.dumps({"new": 9, "old": 3, "proof": [], **bad}).encode())
 
 
 def test_a_proof_reply_is_the_logs_word_only_with_its_signature_on_this_request() -> None:
