@@ -428,9 +428,13 @@ class _Walk:
             else "a running node's newest checkpoints wait for their witnesses' next round"
             " (about every 5 s): --wait 30 waits for a quorum on it or a later one"
         )
+        # Who did cosign: a witness missing for good (down, on an incompatible build)
+        # shows as the same names round after round.
+        named = f" ({', '.join(self.cosigners[:have])})" if have else ""
         return (
-            f"latest checkpoint (size {size}{newest}) has {have} valid witness cosignatures,"
-            f" fewer than the quorum of {self.quorum_size}; {quorate}; {then}"
+            f"latest checkpoint (size {size}{newest}) has {have} valid witness"
+            f" cosignatures{named}, fewer than the quorum of {self.quorum_size}; {quorate};"
+            f" {then}"
         )
 
 

@@ -224,7 +224,10 @@ def test_cosigned_quorum_from_roster_and_witness_file(tmp_path: Path, keydir: Pa
     code, out, _ = _run(*base, "--quorum", "2")
     assert code == 0
     assert "cosigned by USA, KOR (quorum 2)" in out
-    assert _run(*base, "--quorum", "3")[0] == 1
+    code, _, err = _run(*base, "--quorum", "3")
+    assert code == 1
+    # Whose cosignatures it has: a witness missing round after round shows by name.
+    assert "has 2 valid witness cosignatures (USA, KOR), fewer than the quorum of 3" in err
     wfile = tmp_path / "witnesses.txt"
     wfile.write_text("# trusted witnesses\n" + witnesses[0].vkey() + "\n")
     code, out, _ = _run(*base, "--quorum", "1", "--witnesses", str(wfile))
