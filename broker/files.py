@@ -85,7 +85,7 @@ def write_output(path: Path, data: bytes, *, option: str = "--out") -> None:
     except FileNotFoundError:
         mode = stat.S_IFREG
     except OSError as exc:
-        raise WriteError(f"cannot write {path}: {exc.strerror}") from None
+        raise write_refusal(path, exc) from None
     if not stat.S_ISREG(mode):
         what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
         raise UsageError(
