@@ -29,6 +29,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -221,6 +222,8 @@ class AuditLog:
         self._signer = signer
         # Reentrant: add_cosignatures reads through _rows while holding it.
         self._lock = threading.RLock()
+        self.write_failed: tuple[float, str] | None = None
+        """When (monotonic) and why the last append failed, until an append commits again."""
         self._db = connect(self.path, readonly=False)
         self._levels: Levels | None = None
         own = Verifier(member, ALG_ED25519, signer.public_key().public_bytes_raw())
@@ -386,7 +389,9 @@ class AuditLog:
                         "INSERT INTO checkpoints VALUES (?, ?)", (edge.size, note.render())
                     )
             except sqlite3.Error as exc:
+                self.write_failed = (time.monotonic(), f"cannot append to audit log: {exc}")
                 raise StoreError(f"cannot append to audit log {self.path}: {exc}") from exc
+            self.write_failed = None
             self._edge, self._last = edge, last
             if self._levels is not None:
                 for leaf in leaves:

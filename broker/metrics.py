@@ -133,8 +133,8 @@ class Metrics:
         self.connected = Gauge("msmt_nats_connected", "1 while connected to NATS.", registry=r)
         self.ready = Gauge(
             "msmt_ready",
-            "1 while /readyz would answer 200: connected, the inbox consumer bound and the"
-            " inbox not paused.",
+            "1 while /readyz would answer 200: connected, the inbox consumer bound, the"
+            " inbox not paused, and the store and audit log taking writes.",
             registry=r,
         )
         # Unattended nodes need a warning before a credential lapses: past it,

@@ -111,6 +111,12 @@ issued more than 5 minutes (``MAX_SKEW``) in our future is held until it is not:
 as too old, which is final."""
 REPUBLISH_S: Final = 60.0
 """Longest time between two publications of our latest checkpoint, changed or not."""
+WRITE_FAILED_S: Final = 60.0
+"""How long after a failed store or audit-log write the node reads as not ready (``ready``)."""
+_PAUSED: Final = {
+    "twin": "inbox paused: a twin takes reports from it (msmt status)",
+    "clock": "inbox paused: this node's clock is too far off the hub's (msmt status)",
+}
 STATUS_EVERY_S: Final = 30.0
 """Longest time between status writes when nothing changed (``updated_at``'s freshness)."""
 ACTIVITY_EVERY_S: Final = 60.0
@@ -814,20 +820,27 @@ class Node:
         """Why the node is not ready, or ``None`` when it is."""
         if self.nc is None or not self.nc.is_connected:
             return "not connected to NATS"
-        if self._paused_for == "twin":
-            return "inbox paused: a twin takes reports from it (msmt status)"
-        if self._paused_for == "clock":
-            return "inbox paused: this node's clock is too far off the hub's (msmt status)"
+        if self._paused_for:
+            return _PAUSED[self._paused_for]
         if self._silent >= 2:
             return "the hub server does not answer JetStream requests (msmt status)"
         if self.receiver is None or not self.receiver.bound:
             return "inbox consumer not bound"
         what = next((what for what, altered in self._altered.items() if altered), None)
-        return (
-            f"inbox {what} altered on the hub: {self._altered[what]} (msmt status)"
-            if what
-            else None
-        )
+        if what is not None:
+            return f"inbox {what} altered on the hub: {self._altered[what]} (msmt status)"
+        return self._unwritable()
+
+    def _unwritable(self) -> str | None:
+        # A write the store or the audit log refused (a full disk) within the last
+        # WRITE_FAILED_S and none committed since: a monitoring trial's node on a full
+        # disk stayed ready while it stored and cosigned nothing. An idle node's store
+        # writes its status every STATUS_EVERY_S, which clears it once there is room.
+        now = time.monotonic()
+        for failed in (self.store.write_failed, self.audit.write_failed):
+            if failed is not None and now - failed[0] < WRITE_FAILED_S:
+                return f"cannot write: {failed[1]} (msmt status)"
+        return None
 
     def _housekeep_sync(self) -> tuple[tuple[int, int], str | None, int]:
         # Reports committed while their audit append failed (a full disk) wait
@@ -964,7 +977,16 @@ class Node:
                 self._alarm_facts = {}
                 if facts is not None:
                     self._status, self._status_at = status, now
-        (unsent, awaiting), checkpoint, recovered = await self.run_db(self._housekeep_sync)
+        try:
+            (unsent, awaiting), checkpoint, recovered = await self.run_db(self._housekeep_sync)
+        finally:
+            # Whatever the store says: a full disk failed the call above, and left the
+            # lag and readiness as they were before it filled (a monitoring trial).
+            if lag is not None:
+                self.metrics.inbox_lag.set(lag)
+            # Connected with the inbox stream gone (a hub that lost its store) still
+            # shows msmt_nats_connected 1; this is what says nothing is being received.
+            self.metrics.ready.set(1 if self.ready() is None else 0)
         depth = unsent + awaiting
         if recovered:
             self._handed = None
@@ -973,11 +995,6 @@ class Node:
         self.metrics.outbox_awaiting_key.set(awaiting)
         if now - self._activity_at >= ACTIVITY_EVERY_S:
             self._log_activity(now - self._activity_at, depth)
-        if lag is not None:
-            self.metrics.inbox_lag.set(lag)
-        # Connected with the inbox stream gone (a hub that lost its store) still
-        # shows msmt_nats_connected 1; this is what says nothing is being received.
-        self.metrics.ready.set(1 if self.ready() is None else 0)
         await self._publish_checkpoint(checkpoint)
 
     def _log_activity(self, seconds: float, depth: int) -> None:

@@ -381,6 +381,8 @@ class Store:
         self.path = path
         self.audit_size: Callable[[], int] | None = None
         """The node's audit log size: once set, every write records it (``AUDIT_SIZE``)."""
+        self.write_failed: tuple[float, str] | None = None
+        """When (monotonic) and why the last write failed, until a write commits again."""
         self._lock: int | None = None
         self._has_jwe: bool | None = None
         self._has_kid: bool | None = None
@@ -474,6 +476,7 @@ class Store:
                         (AUDIT_SIZE, str(self.audit_size())),
                     )
                 self._db.execute("COMMIT")
+                self.write_failed = None
                 if marks:
                     self._audited_later = []
             except BaseException:
@@ -482,9 +485,11 @@ class Store:
                     self._db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as exc:
-            raise StoreError(f"store {self.path.name}: {exc}") from None
+            self.write_failed = (time.monotonic(), f"store {self.path.name}: {exc}")
+            raise StoreError(self.write_failed[1]) from None
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"store {self.path.name} is damaged: {exc}") from None
+            self.write_failed = (time.monotonic(), f"store {self.path.name} is damaged: {exc}")
+            raise StoreError(self.write_failed[1]) from None
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:

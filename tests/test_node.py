@@ -1894,13 +1894,25 @@ async def test_messages_delivered_while_the_store_is_full_are_not_delivered_twic
     task = asyncio.create_task(node.run())
     forger = Forger(world, datetime.now(UTC))
     first, later = records_for("JPN", 10, seed=33), records_for("JPN", 10, seed=34)
-    full = True
-    real_writable = node.store.writable
+    full = False
+    # The page limit below refuses new rows, as a full disk does, but lets the status
+    # writes and the writability probe update rows in place; a full disk refuses them
+    # too, so they fail here as they would there, through the store's own commit path.
+    real_writable, real_record = node.store.writable, node.store.record_status
+
+    def record_status(deltas: Any, values: Any) -> None:
+        if full:
+            with node.store._tx() as db:
+                db.execute("INSERT OR REPLACE INTO state VALUES ('filler', ?)", (b"x" * 65536,))
+        real_record(deltas, values)
+
     monkeypatch.setattr(node.store, "writable", lambda: not full and real_writable())
+    monkeypatch.setattr(node.store, "record_status", record_status)
     try:
         await await_for(lambda: node.ready() is None, 20, "USA ready")
         pages = await node.run_db(lambda: node.store._db.execute("PRAGMA page_count").fetchone())
         await node.run_db(node.store._db.execute, f"PRAGMA max_page_count={pages[0]}")
+        full = True
         await publish_as(
             world,
             "JPN",
@@ -1909,6 +1921,12 @@ async def test_messages_delivered_while_the_store_is_full_are_not_delivered_twic
         await await_for(
             lambda: node.receiver is not None and bool(node.receiver.last_error), 20, "full"
         )
+        # Not ready while it cannot write (a monitoring trial's full node read as ready).
+        assert (
+            node.ready()
+            == "cannot write: store node.sqlite3: database or disk is full (msmt status)"
+        )
+        await await_for(lambda: node.metrics.ready._value.get() == 0, 5, "msmt_ready 0")
         await publish_as(
             world,
             "JPN",
@@ -1919,6 +1937,8 @@ async def test_messages_delivered_while_the_store_is_full_are_not_delivered_twic
         full = False
         want = {r["report_id"] for r in first + later}
         await await_for(lambda: set(world.inbox_ids("USA", "JPN")) == want, 30, "all stored")
+        await await_for(lambda: node.metrics.ready._value.get() == 1, 5, "msmt_ready 1")
+        assert node.ready() is None
         await asyncio.sleep(KILL_ACK_WAIT)  # any copy delivered again has come by now
         assert node.metrics.duplicates.labels(sender="JPN")._value.get() == 0
         received = list(audit_entries(world.config("USA").audit_dir))
