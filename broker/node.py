@@ -1043,7 +1043,14 @@ class Node:
             info = json.loads(reply.data)
             self._lag = int(info["num_pending"]) + int(info["num_ack_pending"])
             self._check_consumer(info)
-        except (nats.errors.Error, TimeoutError, ValueError, KeyError, TypeError) as exc:
+        except (
+            nats.errors.Error,
+            TimeoutError,
+            ValueError,
+            KeyError,
+            TypeError,
+            RecursionError,
+        ) as exc:
             # No answer, or {"error": ...} for an inbox the hub lost: unknown.
             self._lag = None
             await self._heard(_silence(reply, exc))
@@ -1116,7 +1123,7 @@ class Node:
         try:
             reply = await self.nc.request(subject, b"", timeout=1.0)
             info = json.loads(reply.data)
-        except (nats.errors.Error, TimeoutError, ValueError):
+        except (nats.errors.Error, TimeoutError, ValueError, RecursionError):
             return  # the consumer's request says what an unanswering hub is
         if not isinstance(info, dict) or "config" not in info:
             return  # {"error": ...}: a missing stream shows as an unbound consumer
@@ -1447,7 +1454,7 @@ def _silence(reply: Msg | None, exc: BaseException) -> str | None:
         error = json.loads(reply.data)["error"]
         if int(error["code"]) == 503:
             return f"503 {error.get('description', '')}".strip()
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # the hub's bytes, any shape
         pass
     return None
 

@@ -103,7 +103,7 @@ class PubAcks:
             return
         try:
             _check_ack(_ANSWER.decode(msg.data.decode()))
-        except (nats.js.errors.Error, ValueError, TypeError, KeyError) as exc:
+        except (nats.js.errors.Error, ValueError, TypeError, KeyError, RecursionError) as exc:
             future.set_exception(exc)
         else:
             future.set_result(None)

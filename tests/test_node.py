@@ -1768,6 +1768,17 @@ async def test_an_inbox_changed_on_the_hub_is_named_and_setup_puts_it_back(
         await task
 
 
+def test_a_hub_answer_nested_past_the_decoders_depth_is_no_answer_not_a_crash() -> None:
+    # A security review: a STREAM.INFO or CONSUMER.INFO answer nested deeper than the
+    # JSON decoder goes raised RecursionError, which stopped the node's housekeeping.
+    from nats.aio.msg import Msg
+
+    from broker.node import _silence
+
+    deep = Msg(None, subject="_INBOX.x", data=b'{"error":' + b"[" * 100_000)  # type: ignore[arg-type]
+    assert _silence(deep, ValueError("x")) is None
+
+
 def test_stream_alterations_name_what_refuses_or_drops_reports() -> None:
     from broker.natsetup import inbox_stream_config, stream_alterations
 
