@@ -49,6 +49,8 @@ AUDIT_KINDS: Final = ("checkpoint", "cosignature")
 MiB: Final = 1024**2
 INBOX_MAX_BYTES: Final = 128 * MiB
 """Default ``max_bytes`` of a member's inbox stream (``msmt nats setup --max-bytes``)."""
+MIN_MAX_BYTES: Final = MiB
+"""The smallest ``max_bytes`` ``msmt nats setup --max-bytes`` gives a stream."""
 MIN_INBOX_AGE_DAYS: Final = 0.01
 """The shortest ``max_age`` ``msmt nats setup --max-age-days`` gives an inbox (14.4 minutes)."""
 ARCHIVE_MAX_BYTES: Final = 32 * MiB

@@ -50,6 +50,7 @@ from broker.natsconfig import (
     AUDIT_STREAM,
     INBOX_MAX_BYTES,
     MIN_INBOX_AGE_DAYS,
+    MIN_MAX_BYTES,
     archive_stream,
     archive_subjects,
     inbox_durable,
@@ -80,9 +81,13 @@ _STREAM_FIELDS: Final = (
     "allow_rollup_hdrs",
     # Never set, so compared as absent: a member's user may edit its own inbox, and a
     # red-team member added a source pulling another member's inbox (it stayed idle);
-    # setup puts the stream back.
+    # setup puts the stream back. A subject transform filed every report under one
+    # sender's name (each other's then refused), and no-ack left senders unanswered
+    # (a security review).
     "sources",
     "mirror",
+    "subject_transform",
+    "no_ack",
 )
 _CONSUMER_FIELDS: Final = (
     "durable_name",
@@ -189,11 +194,14 @@ def stream_alterations(info: object, member: str) -> str:
     """What in a JetStream stream-info answer for ``member``'s inbox drops or refuses reports.
 
     Empty when nothing does. Looked at: subjects other than setup's (partners'
-    reports find no stream), discard old (a full inbox drops its oldest unread),
-    a message limit, an age limit under setup's least (unread reports expire
-    while the node is down), a message size under setup's (larger reports are
-    refused), and a sealed stream (every report refused). The size and age an
-    operator may choose by option (``KEEPABLE``) are left alone above those.
+    reports find no stream), a subject transform (reports filed under another
+    sender, then refused), retention other than interest (acked reports stay
+    until the inbox is full), discard old (a full inbox drops its oldest
+    unread), a message limit, a size or age limit under setup's least (reports
+    refused; unread ones expire while the node is down), a message size under
+    setup's (larger reports refused), no acks to senders, and a sealed stream
+    (every report refused). The size and age an operator may choose by option
+    (``KEEPABLE``) are left alone above those least values.
     """
     if not isinstance(info, dict):
         return ""
@@ -202,6 +210,10 @@ def stream_alterations(info: object, member: str) -> str:
     found = []
     if "subjects" in config and config["subjects"] != inbox_subjects(member):
         found.append(f"subjects {config['subjects']!r:.100}")
+    if config.get("subject_transform"):
+        found.append(f"subject_transform {config['subject_transform']!r:.100}")
+    if config.get("retention", "interest") != "interest":
+        found.append(f"retention {config['retention']!r:.20}")
     if config.get("discard") == "old":
         found.append("discard old")
     for key in ("max_msgs", "max_msgs_per_subject"):
@@ -211,11 +223,15 @@ def stream_alterations(info: object, member: str) -> str:
     age = config.get("max_age")
     if _positive(age) and age < MIN_INBOX_AGE_DAYS * 86400e9:
         found.append(f"max_age {age / 1e9:.0f} s")
+    size = config.get("max_bytes")
+    if _positive(size) and size < MIN_MAX_BYTES:
+        found.append(f"max_bytes {size}")
     size = config.get("max_msg_size")
     if _positive(size) and size < InboxLimits().max_msg_size:
         found.append(f"max_msg_size {size}")
-    if config.get("sealed"):
-        found.append("sealed")
+    for key in ("no_ack", "sealed"):
+        if config.get(key):
+            found.append(key)
     return ", ".join(found)
 
 
@@ -391,6 +407,25 @@ KEEPABLE: Final = frozenset({"num_replicas", "max_bytes", "max_age"})
 """Stream settings an operator sets by option, which a re-run without it keeps (``keep``)."""
 
 
+_KEPT_FROM: Final = {"max_bytes": MIN_MAX_BYTES, "max_age": MIN_INBOX_AGE_DAYS * 86400.0}
+"""The least value of a setting that a re-run keeps: what ``msmt nats setup``'s options allow."""
+
+
+def _keepable(field: str, current: Any, wanted: Any) -> bool:
+    """Whether a re-run keeps the stream's own ``current`` value of ``field`` over ``wanted``.
+
+    Not below what the options allow: a size or age set smaller by other means (the
+    member's own credentials, the hub) drops or refuses reports, and the node says
+    to run setup, which must then put it back. Never an age where ``wanted`` keeps
+    all (an archive): a kept age would expire its history.
+    """
+    if not current:
+        return False
+    if field == "max_age" and not wanted:
+        return False
+    return bool(current >= _KEPT_FROM.get(field, 0))
+
+
 async def ensure_stream(
     js: JetStreamContext,
     wanted: StreamConfig,
@@ -408,7 +443,11 @@ async def ensure_stream(
     name = str(wanted.name)
     current = await _stream_config(js, name)
     if current is not None:
-        kept = {f: getattr(current, f) for f in keep & KEEPABLE if getattr(current, f)}
+        kept = {
+            f: getattr(current, f)
+            for f in keep & KEEPABLE
+            if _keepable(f, getattr(current, f), getattr(wanted, f))
+        }
         wanted = dataclasses.replace(wanted, **kept)
     want = _pick(wanted.as_dict(), _STREAM_FIELDS)
     try:

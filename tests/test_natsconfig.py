@@ -16,7 +16,7 @@ from typing import Any
 import nats.js.errors
 import pytest
 from click.testing import CliRunner, Result
-from nats.js.api import ExternalStream, StreamSource
+from nats.js.api import ExternalStream, StreamConfig, StreamSource, SubjectTransform
 from node_world import fetch, msmt, running_hub, wait_for
 from structlog.testing import capture_logs
 
@@ -534,6 +534,54 @@ def test_setup_takes_away_a_source_a_member_added_to_its_own_inbox(
     assert "stream INBOX_FRA: updated" in again.output
     assert not asyncio.run(sources())
     assert "stream INBOX_FRA: unchanged" in CliRunner().invoke(main, base).output
+
+
+def test_setup_without_options_puts_back_what_drops_or_refuses_reports(
+    hub: NatsServer, keydir: Path
+) -> None:
+    # A security review: edits with the member's own credentials that the node names
+    # (a subject transform, no acks, a size or age below what setup's options allow),
+    # which setup run as the node says, without options, kept ("unchanged"). An
+    # archive's age is never kept: it would expire its history.
+    base = ["nats", "setup", "--server", hub.url, "--keys", str(keydir)]
+    assert CliRunner().invoke(main, [*base, "--account", "FRA"]).exit_code == 0
+    assert CliRunner().invoke(main, [*base, "--account", "AUDIT"]).exit_code == 0
+
+    async def edit(account: str, stream: str, **changes: Any) -> StreamConfig:
+        seed = (keydir / account / keys.NATS_SEED_FILE).read_bytes().strip()
+        nc = await natsetup.connect_account(hub.url, account, seed)
+        try:
+            js = nc.jetstream()
+            config = (await js.stream_info(stream)).config
+            if changes:
+                config = (await js.update_stream(dataclasses.replace(config, **changes))).config
+            return config
+        finally:
+            await nc.close()
+
+    edited = asyncio.run(
+        edit(
+            "FRA",
+            "INBOX_FRA",
+            subject_transform=SubjectTransform(src="from.*.msmt.to.FRA.>", dest="from.USA.>"),
+            no_ack=True,
+            max_bytes=4096,
+            max_age=300.0,
+        )
+    )
+    found = natsetup.stream_alterations({"config": edited.as_dict()}, "FRA")
+    assert found.startswith("subject_transform ")
+    assert found.endswith("max_age 300 s, max_bytes 4096, no_ack"), found
+    asyncio.run(edit("AUDIT", "AUDIT_ARCHIVE_FRA", max_age=3600.0))
+    again = CliRunner().invoke(main, [*base, "--account", "FRA"])
+    assert "stream INBOX_FRA: updated" in again.output, again.output
+    config = asyncio.run(edit("FRA", "INBOX_FRA"))
+    assert (config.subject_transform, config.no_ack) == (None, False)
+    assert (config.max_bytes, config.max_age) == (128 * 1024 * 1024, 30 * 86400.0)
+    assert natsetup.stream_alterations({"config": config.as_dict()}, "FRA") == ""
+    again = CliRunner().invoke(main, [*base, "--account", "AUDIT"])
+    assert "stream AUDIT_ARCHIVE_FRA: updated" in again.output, again.output
+    assert asyncio.run(edit("AUDIT", "AUDIT_ARCHIVE_FRA")).max_age == 0
 
 
 def _stopped(pid: int) -> None:

@@ -1792,16 +1792,22 @@ def test_stream_alterations_name_what_refuses_or_drops_reports() -> None:
     edited = {
         **made,
         "subjects": ["from.*.msmt.to.USA.nothing"],
+        "subject_transform": {"src": "from.*.msmt.to.USA.>", "dest": "from.JPN.>"},
+        "retention": "limits",
         "discard": "old",
         "max_msgs": 5,
         "max_msgs_per_subject": 1,
         "max_age": int(60 * 1e9),
+        "max_bytes": 4096,
         "max_msg_size": 1024,
+        "no_ack": True,
         "sealed": True,
     }
     assert stream_alterations({"config": edited}, "USA") == (
-        "subjects ['from.*.msmt.to.USA.nothing'], discard old, max_msgs 5,"
-        " max_msgs_per_subject 1, max_age 60 s, max_msg_size 1024, sealed"
+        "subjects ['from.*.msmt.to.USA.nothing'], subject_transform {'src':"
+        " 'from.*.msmt.to.USA.>', 'dest': 'from.JPN.>'}, retention 'limits', discard old,"
+        " max_msgs 5, max_msgs_per_subject 1, max_age 60 s, max_bytes 4096, max_msg_size"
+        " 1024, no_ack, sealed"
     )
     # Another member's subjects are not this one's.
     assert stream_alterations({"config": made}, "KOR").startswith("subjects ")

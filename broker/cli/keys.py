@@ -578,7 +578,7 @@ def nats_config(
 @click.option("--account", required=True, help="A member trigraph, or AUDIT.")
 @click.option(
     "--max-bytes",
-    type=click.IntRange(1024 * 1024),
+    type=click.IntRange(natsconfig.MIN_MAX_BYTES),
     default=None,
     help="The inbox's size (a member; a new one 128 MiB), or each member's archive (AUDIT;"
     " a new one 32 MiB); within the quota. Without it a stream that exists keeps its own.",
