@@ -524,6 +524,16 @@ def write_roster(keydir: Path, jwks: dict[str, Any], authority: OKPKey) -> None:
         raise
     _swap(staged, keydir / ROSTER_FILE)
     _swap(staged_sig, keydir / ROSTER_SIG_FILE)
+    _swapped(keydir)
+
+
+def _swapped(keydir: Path) -> None:
+    # Synced once, after both renames: a sync that failed between them stopped the
+    # swap with the new roster beside the old signature (a review injected EIO).
+    try:
+        sync_folder(keydir)
+    except OSError as exc:
+        raise WriteError(f"cannot write {keydir / ROSTER_FILE}: {exc.strerror}") from None
 
 
 def _swap(staged: Path, path: Path) -> None:
@@ -531,7 +541,6 @@ def _swap(staged: Path, path: Path) -> None:
     # is in place, its signature aside is what finishes the swap.
     try:
         staged.replace(path)
-        sync_folder(path.parent)
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror}") from None
 
@@ -569,6 +578,7 @@ def finish_roster_write(keydir: Path) -> str | None:
         if staged.exists():
             _swap(staged, keydir / ROSTER_FILE)
         _swap(staged_sig, keydir / ROSTER_SIG_FILE)
+        _swapped(keydir)
         return f"{cut}: finished it, roster version {candidate.version} is in place"
     if current is not None:
         for path in (staged, staged_sig):

@@ -258,3 +258,25 @@ def test_an_intake_token_that_cannot_be_made_is_one_line(
         ensure_token(path)
     assert str(raised.value) == f"cannot create intake token {path}: Input/output error"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_roster_swap_is_not_stopped_between_its_two_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review injected EIO into the folder's fsync after the roster's rename: the swap
+    # stopped there, the new roster beside the old signature, refused by every node.
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, ["JPN", "USA"])
+    staged_sig = keydir / keys.ROSTER_SIG_STAGED
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        halfway = staged_sig.exists() and not (keydir / keys.ROSTER_STAGED).exists()
+        if halfway and os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    keys.rotate_keys(keydir, "JPN")
+    monkeypatch.undo()
+    assert keys.load_signed_roster(keydir).version == 2
