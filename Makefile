@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck pytest chromium schemas clean
+.PHONY: test demo lint typecheck pytest chromium promtool schemas clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,18 @@ typecheck: $(STAMP)
 # sets PYTHONDONTWRITEBYTECODE (a CI image's may): else each of the hundreds of msmt
 # processes the suite starts (nodes, their planning workers, commands) compiled the
 # broker from source again: half a second of each node's start on a slow machine.
-pytest: $(STAMP) chromium
+pytest: $(STAMP) chromium promtool
 	env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX='$(CURDIR)/$(VENV)/pycache' $(BIN)/pytest -n 3
 
 # The browser test (tests/test_demo.py) needs Debian's chromium: installed only if missing,
 # so that `make test` alone works on a fresh machine (.ci/run runs only that).
 chromium:
 	scripts/install-chromium.sh
+
+# promtool checks and unit-tests the shipped alert rules (tests/test_alerts.py): Debian's
+# prometheus package, installed only if missing, as chromium is.
+promtool:
+	scripts/install-promtool.sh
 
 demo: $(STAMP)
 	$(BIN)/msmt demo

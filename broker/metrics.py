@@ -30,13 +30,34 @@ from broker.serving import BoundedRunner, refusals_close
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-# The labels that docs/DEPLOY.md's alerts (and the resend guidance) read. Prometheus's
+# Every label value a counter can take, exported at 0 from the start. Prometheus's
 # ``increase()`` needs a sample before the first event: a labelled series that
 # appears only at its first event, already at 1, never shows an increase, so a
-# single fork alarm or a single report refused over a key would go unalerted.
+# single fork alarm or a single report refused over a key would go unalerted (and a
+# monitoring trial's first 35 schema refusals showed an increase of 0).
 ALARM_KINDS = ("fork", "rollback", "twin")
-ALERTED_REJECTIONS = ("key", "recipient", "freshness")
-ALERTED_INTAKE_REFUSALS = ("unavailable",)
+REJECTION_STEPS = (
+    "subject",
+    "size",
+    "format",
+    "header",
+    "recipient",
+    "decrypt",
+    "sender",
+    "key",
+    "signature",
+    "disclosures",
+    "freshness",
+    "replay",
+    "schema",
+    "markings",
+    "internal",
+    "cosignature",
+    "checkpoint",
+)
+"""The receiving checklist's steps (docs/NODE.md), and the audit notes a publisher made up."""
+INTAKE_REFUSALS = ("schema", "size", "duplicate", "conflict", "unavailable", "token")
+"""The intake's answers' reasons, and ``token`` for a request refused for its bearer token."""
 
 
 def alarm_series(member: str | None) -> list[tuple[str, str]]:
@@ -189,14 +210,16 @@ class Metrics:
         for kind, log in alarm_series(member):
             self.audit_alarms.labels(kind=kind, log=log)
             self.audit_alarm_active.labels(kind=kind, log=log)
-        for step in ALERTED_REJECTIONS:
+        for step in REJECTION_STEPS:
             self.rejected.labels(reason=step)
-        for reason in ALERTED_INTAKE_REFUSALS:
+        for reason in INTAKE_REFUSALS:
             self.intake_rejected.labels(reason=reason)
         for partner in MEMBERS:
             if partner != member:
                 self.held.labels(sender=partner)
                 self.received.labels(sender=partner)
+                self.duplicates.labels(sender=partner)
+                self.published.labels(partner=partner)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

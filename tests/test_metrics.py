@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -10,8 +12,8 @@ import pytest
 from broker import serving
 from broker.members import MEMBERS
 from broker.metrics import (
-    ALERTED_INTAKE_REFUSALS,
-    ALERTED_REJECTIONS,
+    INTAKE_REFUSALS,
+    REJECTION_STEPS,
     Metrics,
     is_loopback_host,
     make_app,
@@ -40,13 +42,34 @@ def test_alerted_series_start_at_zero() -> None:
             want = None if kind == "twin" and log != "JPN" else 0.0
             assert sample(metrics, "msmt_audit_alarms_total", labels) == want, labels
             assert sample(metrics, "msmt_audit_alarm_active", labels) == want, labels
-    for step in ALERTED_REJECTIONS:
+    for step in REJECTION_STEPS:
         assert sample(metrics, "msmt_rejected_total", {"reason": step}) == 0.0
-    for reason in ALERTED_INTAKE_REFUSALS:
+    for reason in INTAKE_REFUSALS:
         assert sample(metrics, "msmt_intake_rejected_total", {"reason": reason}) == 0.0
     for partner in MEMBERS:
-        held = sample(metrics, "msmt_received_held_total", {"sender": partner})
-        assert held == (None if partner == "JPN" else 0.0), partner
+        for name, label in (
+            ("msmt_received_held_total", "sender"),
+            ("msmt_received_total", "sender"),
+            ("msmt_received_duplicate_total", "sender"),
+            ("msmt_published_total", "partner"),
+        ):
+            got = sample(metrics, name, {label: partner})
+            assert got == (None if partner == "JPN" else 0.0), (name, partner)
+
+
+def test_every_step_and_reason_the_docs_name_is_exported_at_zero() -> None:
+    # A monitoring trial: 35 schema refusals first appeared at 35, and increase() over
+    # the hour said 0. Every step docs/NODE.md lists for refused messages, and every
+    # reason an intake answer gives (docs/NODE.md, the intake's answers), starts at 0.
+    text = " ".join((Path(__file__).parent.parent / "docs" / "NODE.md").read_text().split())
+    listed = text.split("counted by reason (the checklist step: ", 1)[1].split(")", 1)[0]
+    steps = re.findall(r"`([a-z]+)`", listed)
+    assert len(steps) >= 15, listed
+    assert set(steps) <= set(REJECTION_STEPS)
+    reasons = re.findall(
+        r'"reason": "([a-z]+)"', (Path(__file__).parent.parent / "broker" / "intake.py").read_text()
+    )
+    assert set(reasons) == set(INTAKE_REFUSALS) - {"token"}
 
 
 def test_the_first_event_is_an_increase() -> None:
@@ -55,8 +78,8 @@ def test_the_first_event_is_an_increase() -> None:
     before = sample(metrics, "msmt_audit_alarms_total", labels)
     metrics.audit_alarms.labels(**labels).inc()
     assert increase(before, sample(metrics, "msmt_audit_alarms_total", labels)) == 1.0
-    # A label nobody alerts on still appears only with its first event.
-    assert sample(metrics, "msmt_rejected_total", {"reason": "replay"}) is None
+    # A label no step has still appears only with its first event.
+    assert sample(metrics, "msmt_rejected_total", {"reason": "later"}) is None
 
 
 def test_the_rendered_page_carries_the_zeros() -> None:

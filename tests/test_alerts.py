@@ -1,0 +1,69 @@
+"""The shipped Prometheus alert rules (deploy/prometheus/) against promtool and the node's metrics.
+
+A monitoring trial ran docs/DEPLOY.md's alert table against a real Prometheus: one row
+did not parse as written, two "growing" rows fired at rest and missed a stuck outbox,
+and a stopped node, freshness refusals and refused feed records had no alert. The rules
+now ship as a file that promtool checks and unit-tests (``alerts_test.yml``), and that
+reads only series the node exports.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from broker.metrics import INTAKE_REFUSALS, REJECTION_STEPS, Metrics
+
+RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
+DEPLOY_MD = Path(__file__).resolve().parent.parent / "docs" / "DEPLOY.md"
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    # Installed by `make test` (scripts/install-promtool.sh), as chromium is.
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool is missing: scripts/install-promtool.sh installs it"
+    return subprocess.run(
+        [promtool, *args], cwd=RULES, capture_output=True, text=True, check=False, timeout=60
+    )
+
+
+def _rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
+    checked = _promtool("check", "rules", "alerts.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(_rules())} rules found" in checked.stdout
+    tested = _promtool("test", "rules", "alerts_test.yml")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_the_rules_read_only_series_and_labels_a_node_exports() -> None:
+    # Every sample name each metric family can have, labelled or not yet set.
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    exported = {
+        family.name + suffix
+        for family in Metrics("JPN").registry.collect()
+        for suffix in suffixes[family.type]
+    }
+    for rule in _rules():
+        expr = rule["expr"]
+        for name in re.findall(r"\bmsmt_[a-z_]+", expr):
+            assert name in exported, (rule["alert"], name)
+        for values in re.findall(r'reason=~?"([a-z|]+)"', expr):
+            known = set(REJECTION_STEPS) if "msmt_rejected_total" in expr else set(INTAKE_REFUSALS)
+            assert set(values.split("|")) <= known, (rule["alert"], values)
+
+
+def test_docs_deploy_names_every_shipped_alert() -> None:
+    text = DEPLOY_MD.read_text()
+    assert "deploy/prometheus/alerts.yml" in text
+    missing = [rule["alert"] for rule in _rules() if f"`{rule['alert']}`" not in text]
+    assert missing == []
