@@ -107,7 +107,8 @@ class Metrics:
         self.held = Counter(
             "msmt_received_held",
             "Inbound deliveries handed back for later because they name a key this node's"
-            " roster lacks (each redelivery counts), by sender.",
+            " roster lacks, or were issued more than 5 minutes ahead of its clock (each"
+            " redelivery counts), by sender.",
             ["sender"],
             registry=r,
         )
