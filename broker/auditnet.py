@@ -995,8 +995,8 @@ class AuditNet:
         raise AuditError(
             f"a checkpoint of {origin}'s log at size {checkpoint.size}, below the size"
             f" {known.size} this witness cosigned, and the log does not vouch for it being"
-            " current: an old checkpoint replayed (by the hub), or a rollback; not cosigned,"
-            " and no alarm"
+            " current: an old checkpoint replayed (by the hub), or a rollback (by a log of an"
+            " earlier version, whose replies are unsigned, too); not cosigned, and no alarm"
         )
 
     async def _witness_alarm(
