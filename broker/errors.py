@@ -137,6 +137,10 @@ class StoreDamagedError(StoreError):
     """The store's file is not a database or is malformed: no retry or restart mends it."""
 
 
+class StoreTooNewError(StoreDamagedError):
+    """The store was written by a newer msmt: no restart of this build mends it (exit 2)."""
+
+
 _COULD_NOT_GROW: Final = {
     "SQLITE_IOERR_SHMSIZE": "its -shm file could not grow",
     "SQLITE_IOERR_WRITE": "a write failed",

@@ -5,8 +5,9 @@ tests can run several nodes in one process. Labels carry only member codes
 and rejection reasons, never report content.
 
 * ``/healthz``: 200 while the process serves requests (liveness);
-* ``/readyz``: 200 while connected to NATS with the inbox consumer bound and the inbox
-  not paused (a twin, a clock far off the hub's), else 503 with why;
+* ``/readyz``: 200 while ``Node.ready`` finds nothing wrong (connected, the hub
+  answering, the inbox consumer bound and as set up, the inbox not paused, the store
+  and audit log taking writes), else 503 with why;
 * ``/metrics``: the Prometheus text format.
 
 A request naming a host that is not this machine's loopback (``Host:``) is
@@ -155,8 +156,9 @@ class Metrics:
         self.connected = Gauge("msmt_nats_connected", "1 while connected to NATS.", registry=r)
         self.ready = Gauge(
             "msmt_ready",
-            "1 while /readyz would answer 200: connected, the inbox consumer bound, the"
-            " inbox not paused, and the store and audit log taking writes.",
+            "1 while /readyz would answer 200: connected, the hub answering, the inbox"
+            " consumer bound and as set up, the inbox not paused, and the store and audit"
+            " log taking writes.",
             registry=r,
         )
         # Unattended nodes need a warning before a credential lapses: past it,

@@ -73,6 +73,7 @@ _STREAM_FIELDS: Final = (
     "max_age",
     "max_bytes",
     "max_msgs",
+    "max_msgs_per_subject",
     "max_msg_size",
     "duplicate_window",
     "num_replicas",

@@ -48,7 +48,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
 
-from broker.errors import StoreDamagedError, StoreError, UsageError, sqlite_reason
+from broker.errors import (
+    StoreDamagedError,
+    StoreError,
+    StoreTooNewError,
+    UsageError,
+    sqlite_reason,
+)
 from broker.files import NOT_A_FILE, holds_nothing
 
 AUDIT_SIZE: Final = "audit_size"
@@ -1294,10 +1300,12 @@ def _check_format(db: sqlite3.Connection, path: Path) -> None:
     found = int(db.execute("PRAGMA user_version").fetchone()[0])
     if found > STORE_FORMAT:
         db.close()
-        raise StoreError(
+        # Exit 2 at a node's start: a restart of this build cannot mend it, and the
+        # sample unit restarted it every 2 s (a docs review).
+        raise StoreTooNewError(
             f"store {path} is in format {found}, written by a newer msmt; this one reads up "
-            f"to format {STORE_FORMAT}: run the newer version, or restore the store backed up "
-            "before the upgrade (docs/DEPLOY.md, 'Upgrading a node')"
+            f"to format {STORE_FORMAT}: run the newer version again (docs/DEPLOY.md, "
+            "'Upgrading a node', says what restoring the backup would cost)"
         )
 
 

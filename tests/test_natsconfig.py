@@ -567,16 +567,18 @@ def test_setup_without_options_puts_back_what_drops_or_refuses_reports(
             no_ack=True,
             max_bytes=4096,
             max_age=300.0,
+            max_msgs_per_subject=1,
         )
     )
     found = natsetup.stream_alterations({"config": edited.as_dict()}, "FRA")
     assert found.startswith("subject_transform ")
-    assert found.endswith("max_age 300 s, max_bytes 4096, no_ack"), found
+    assert found.endswith("max_msgs_per_subject 1, max_age 300 s, max_bytes 4096, no_ack"), found
     asyncio.run(edit("AUDIT", "AUDIT_ARCHIVE_FRA", max_age=3600.0))
     again = CliRunner().invoke(main, [*base, "--account", "FRA"])
     assert "stream INBOX_FRA: updated" in again.output, again.output
     config = asyncio.run(edit("FRA", "INBOX_FRA"))
     assert (config.subject_transform, config.no_ack) == (None, False)
+    assert config.max_msgs_per_subject == -1
     assert (config.max_bytes, config.max_age) == (128 * 1024 * 1024, 30 * 86400.0)
     assert natsetup.stream_alterations({"config": config.as_dict()}, "FRA") == ""
     again = CliRunner().invoke(main, [*base, "--account", "AUDIT"])

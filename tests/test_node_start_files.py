@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -183,6 +184,21 @@ def test_another_members_log_without_a_store_is_refused_by_node_check_as_by_a_st
     for command in ("check", "run"):
         done = msmt("node", command, "--config", str(config_path))
         assert (command, done.returncode, done.stderr) == (command, 2, line)
+
+
+def test_a_store_of_a_newer_format_stops_the_start_for_the_operator(folder: Path) -> None:
+    # A rolled-back build on a newer build's store: exit 2, which the sample systemd
+    # unit does not restart on (it restarted the node every 2 s on exit 1).
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    config = load_config(config_path, env={})
+    config.data_dir.mkdir(parents=True, mode=0o700)
+    Store(config.store_path).close()
+    with sqlite3.connect(config.store_path) as raw:
+        raw.execute("PRAGMA user_version = 99")
+    done = msmt("node", "run", "--config", str(config_path))
+    assert done.returncode == 2, done.stderr
+    assert "is in format 99, written by a newer msmt" in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
 
 
 def test_an_unreadable_witness_state_stops_the_start_for_the_operator(folder: Path) -> None:

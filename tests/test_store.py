@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import LimitsSection
-from broker.errors import StoreError
+from broker.errors import StoreError, StoreTooNewError
 from broker.store import (
     KEPT_SINCE,
     PAGE_SIZE,
@@ -275,9 +275,10 @@ def test_a_store_in_a_newer_format_is_refused_and_an_older_one_is_stamped(
             Store(path, readonly=readonly)
         assert str(refused.value) == (
             f"store {path} is in format {STORE_FORMAT + 1}, written by a newer msmt; this one"
-            f" reads up to format {STORE_FORMAT}: run the newer version, or restore the store"
-            " backed up before the upgrade (docs/DEPLOY.md, 'Upgrading a node')"
+            f" reads up to format {STORE_FORMAT}: run the newer version again"
+            " (docs/DEPLOY.md, 'Upgrading a node', says what restoring the backup would cost)"
         )
+        assert isinstance(refused.value, StoreTooNewError)  # exit 2 at a node's start
     assert path.read_bytes() == before
     # The refused writer let go of its lock: the newer build can open the store at once.
     with sqlite3.connect(path) as raw:
