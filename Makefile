@@ -35,12 +35,12 @@ pytest: $(STAMP) chromium promtool
 # The browser test (tests/test_demo.py) needs Debian's chromium: installed only if missing,
 # so that `make test` alone works on a fresh machine (.ci/run runs only that).
 chromium:
-	scripts/install-chromium.sh
+	scripts/install-debian.sh /usr/bin/chromium chromium
 
 # promtool checks and unit-tests the shipped alert rules (tests/test_alerts.py): Debian's
 # prometheus package, installed only if missing, as chromium is.
 promtool:
-	scripts/install-promtool.sh
+	scripts/install-debian.sh /usr/bin/promtool prometheus
 
 demo: $(STAMP)
 	$(BIN)/msmt demo

@@ -444,9 +444,12 @@ class Store:
         if not readonly:
             # Received reports are stored in the clear: never readable by others,
             # even in a data directory that was created open.
+            # Regular files only: on this machine /dev/null was found 0600, breaking apt
+            # for every other user; a -wal linked to a device must not be chmodded.
             for private in (path, path.with_name(path.name + "-wal")):
                 with suppress(FileNotFoundError):
-                    if os.stat(private).st_mode & 0o077:
+                    mode = os.stat(private).st_mode
+                    if stat.S_ISREG(mode) and mode & 0o077:
                         os.chmod(private, 0o600)
 
     def close(self) -> None:

@@ -24,9 +24,9 @@ DEPLOY_MD = Path(__file__).resolve().parent.parent / "docs" / "DEPLOY.md"
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    # Installed by `make test` (scripts/install-promtool.sh), as chromium is.
+    # Installed by `make test` (scripts/install-debian.sh), as chromium is.
     promtool = shutil.which("promtool")
-    assert promtool is not None, "promtool is missing: scripts/install-promtool.sh installs it"
+    assert promtool is not None, "promtool is missing: `make promtool` installs it"
     return subprocess.run(
         [promtool, *args], cwd=RULES, capture_output=True, text=True, check=False, timeout=60
     )

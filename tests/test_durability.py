@@ -168,21 +168,26 @@ def test_an_output_file_is_durable_when_the_command_says_written(
     assert calls.unsynced() == []
 
 
-def test_a_filed_spool_batch_and_its_answers_are_durable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    folders = {name: tmp_path / name for name in ("spool", "done", "rejected")}
+def _file_a_batch(root: Path) -> tuple[dict[str, Path], str]:
+    """A spool with one batch and its answers ready, filed into done/; the folders, its name."""
+    folders = {name: root / name for name in ("spool", "done", "rejected")}
     for folder in folders.values():
         folder.mkdir()
     (folders["spool"] / "batch.ndjson").write_text("{}\n")
     (folders["rejected"] / spool.ANSWERS).write_text('{"status":"accepted"}\n')
-    fds = {name: os.open(folder, os.O_RDONLY | os.O_DIRECTORY) for name, folder in folders.items()}
+    fds = {n: os.open(f, os.O_RDONLY | os.O_DIRECTORY) for n, f in folders.items()}
     try:
-        with watched(monkeypatch) as calls:
-            filed = spool._file_away(fds["spool"], "batch.ndjson", fds["done"], fds["rejected"])
+        return folders, spool._file_away(fds["spool"], "batch.ndjson", fds["done"], fds["rejected"])
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def test_a_filed_spool_batch_and_its_answers_are_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with watched(monkeypatch) as calls:
+        folders, filed = _file_a_batch(tmp_path)
     assert calls.unsynced() == []
     assert sorted(p.name for p in folders["done"].iterdir()) == [filed, f"{filed}.result.ndjson"]
     # The batch's leaving the spool is durable too: else it came back to be read again.
@@ -206,18 +211,8 @@ def test_a_folder_that_cannot_be_synced_still_files_the_batch(
 ) -> None:
     # A review injected EIO into the folders' fsync: the batch stayed in the spool, and
     # each poll read it again and left another answers file in done/.
-    folders = {name: tmp_path / name for name in ("spool", "done", "rejected")}
-    for folder in folders.values():
-        folder.mkdir()
-    (folders["spool"] / "batch.ndjson").write_text("{}\n")
-    (folders["rejected"] / spool.ANSWERS).write_text('{"status":"accepted"}\n')
-    fds = {n: os.open(f, os.O_RDONLY | os.O_DIRECTORY) for n, f in folders.items()}
     _failing(monkeypatch, "fsync", errno.EIO, folders=True)
-    try:
-        filed = spool._file_away(fds["spool"], "batch.ndjson", fds["done"], fds["rejected"])
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    folders, filed = _file_a_batch(tmp_path)
     assert list(folders["spool"].iterdir()) == []
     assert sorted(p.name for p in folders["done"].iterdir()) == [filed, f"{filed}.result.ndjson"]
 
