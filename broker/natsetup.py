@@ -176,8 +176,7 @@ def consumer_alterations(info: object) -> str:
     """
     if not isinstance(info, dict):
         return ""
-    config = info.get("config")
-    config = config if isinstance(config, dict) else {}
+    config = _config_of(info)
     found = []
     for key in ("filter_subject", "filter_subjects"):
         if config.get(key):
@@ -204,10 +203,7 @@ def stream_alterations(info: object, member: str) -> str:
     (every report refused). The size and age an operator may choose by option
     (``KEEPABLE``) are left alone above those least values.
     """
-    if not isinstance(info, dict):
-        return ""
-    config = info.get("config")
-    config = config if isinstance(config, dict) else {}
+    config = _config_of(info)
     found = []
     if "subjects" in config and config["subjects"] != inbox_subjects(member):
         found.append(f"subjects {config['subjects']!r:.100}")
@@ -234,6 +230,12 @@ def stream_alterations(info: object, member: str) -> str:
         if config.get(key):
             found.append(key)
     return ", ".join(found)
+
+
+def _config_of(info: object) -> dict[str, Any]:
+    """The ``config`` object of a JetStream info answer, or ``{}`` for anything else."""
+    config = info.get("config") if isinstance(info, dict) else None
+    return config if isinstance(config, dict) else {}
 
 
 def _positive(value: object) -> TypeGuard[int]:

@@ -1040,17 +1040,10 @@ class Node:
         reply: Msg | None = None
         try:
             reply = await self.nc.request(subject, b"", timeout=1.0)
-            info = json.loads(reply.data)
+            info = _hub_json(reply.data)
             self._lag = int(info["num_pending"]) + int(info["num_ack_pending"])
             self._check_consumer(info)
-        except (
-            nats.errors.Error,
-            TimeoutError,
-            ValueError,
-            KeyError,
-            TypeError,
-            RecursionError,
-        ) as exc:
+        except (nats.errors.Error, TimeoutError, ValueError, KeyError, TypeError) as exc:
             # No answer, or {"error": ...} for an inbox the hub lost: unknown.
             self._lag = None
             await self._heard(_silence(reply, exc))
@@ -1122,8 +1115,8 @@ class Node:
         subject = f"$JS.API.STREAM.INFO.{inbox_stream(self.member)}"
         try:
             reply = await self.nc.request(subject, b"", timeout=1.0)
-            info = json.loads(reply.data)
-        except (nats.errors.Error, TimeoutError, ValueError, RecursionError):
+            info = _hub_json(reply.data)
+        except (nats.errors.Error, TimeoutError, ValueError):
             return  # the consumer's request says what an unanswering hub is
         if not isinstance(info, dict) or "config" not in info:
             return  # {"error": ...}: a missing stream shows as an unbound consumer
@@ -1441,6 +1434,19 @@ def wall_clock() -> float:
     return time.time()
 
 
+def _hub_json(data: bytes) -> Any:
+    """A JetStream API answer, parsed; ``ValueError`` if it is not JSON.
+
+    Nested past the decoder's depth it is not JSON either: json raises
+    ``RecursionError`` there, which no handler expected and which stopped the
+    housekeeping task (a security review).
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("a JetStream answer nested too deeply") from None
+
+
 def _silence(reply: Msg | None, exc: BaseException) -> str | None:
     """Why a JetStream API request got no usable answer, or None if the hub did answer.
 
@@ -1451,10 +1457,10 @@ def _silence(reply: Msg | None, exc: BaseException) -> str | None:
     if reply is None:
         return type(exc).__name__
     try:
-        error = json.loads(reply.data)["error"]
+        error = _hub_json(reply.data)["error"]
         if int(error["code"]) == 503:
             return f"503 {error.get('description', '')}".strip()
-    except (ValueError, KeyError, TypeError, RecursionError):  # the hub's bytes, any shape
+    except (ValueError, KeyError, TypeError):  # the hub's bytes, any shape
         pass
     return None
 
