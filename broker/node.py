@@ -44,7 +44,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from broker import audit_events
+from broker import audit_events, version
 from broker.auditlog import AuditLog
 from broker.auditnet import AuditNet
 from broker.config import NodeConfig
@@ -1253,6 +1253,7 @@ class Node:
         log.info(
             "node_started",
             member=self.member,
+            version=version(),
             socket=str(config.socket_path),
             shared_token=config.intake.shared_token,
             policy_digest=self.planner.policy.digest,

@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker import audit_events
+from broker import audit_events, version
 from broker.audit_events import AuditEvent
 from broker.auditlog import DB_FILE, AuditLog
 from broker.auditnet import AuditNet
@@ -89,6 +89,8 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         store.set_state(
             {
                 "roster_version": str(signed.version),
+                # The build that last started here: msmt status shows an upgrade took.
+                "version": version(),
                 "signing_kid": keys.signing_kid,
                 "policy_digest": policy.digest,
                 SHARED_STATE: "on" if config.intake.shared_token else "off",

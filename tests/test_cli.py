@@ -25,12 +25,13 @@ from audit_helpers import build_log, log_verifier
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from node_world import MSMT, REPO
 
-from broker import __version__, feeds, keys, samples
+import broker
 from broker import cli as cli_module
+from broker import feeds, keys, samples
 from broker.cli import FAMILIES
 from broker.cli.options import rfc3339
 from broker.errors import UsageError
-from broker.store import Store
+from broker.store import STORE_FORMAT, Store
 
 HOOK = """
 import os, sys
@@ -652,7 +653,10 @@ def test_help_version_and_a_group_named_alone_are_as_click_shows_them(tmp_path: 
     assert (helped.returncode, helped.stderr) == (0, "")
     assert helped.stdout.startswith("Usage: msmt status [OPTIONS]\n")
     version = _msmt("--version", data=tmp_path)
-    assert (version.returncode, version.stdout) == (0, f"msmt, version {__version__}\n")
+    assert (version.returncode, version.stdout) == (
+        0,
+        f"msmt, version {broker.version()}\nstore format {STORE_FORMAT}\n",
+    )
     alone = _msmt("keys", data=tmp_path)
     assert alone.returncode == 2
     assert alone.stderr.startswith("Usage: msmt keys [OPTIONS] COMMAND [ARGS]...\n")

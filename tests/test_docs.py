@@ -124,7 +124,12 @@ def test_every_option_says_what_it_does() -> None:
     assert silent == []
 
 
-_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("", "_bucket", "_sum", "_count")}
+_SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "info": ("_info",),
+    "histogram": ("", "_bucket", "_sum", "_count"),
+}
 
 
 def _exposed(metrics: Metrics) -> dict[str, set[str]]:
@@ -134,6 +139,10 @@ def _exposed(metrics: Metrics) -> dict[str, set[str]]:
         if isinstance(metric, MetricWrapperBase):
             for suffix in _SUFFIXES[str(metric._type)]:
                 names[metric._name + suffix] = set(metric._labelnames)
+            # An info metric's labels are its value: the ones it was given.
+            for family in metric.collect() if metric._type == "info" else ():
+                for got in family.samples:
+                    names[got.name] |= set(got.labels)
     return names
 
 
@@ -284,7 +293,7 @@ def _logged_events() -> tuple[set[str], int]:
             if isinstance(event, ast.Constant) and isinstance(event.value, str):
                 if re.fullmatch(r"[a-z]+(_[a-z]+)*", event.value):
                     literal.add(event.value)
-            else:
+            elif not isinstance(event, ast.Dict):  # a Prometheus Info's .info({...})
                 dynamic += 1
     return literal, dynamic
 

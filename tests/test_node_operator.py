@@ -39,6 +39,7 @@ from node_world import (
     write_node_config,
 )
 
+import broker
 from broker import keys, samples
 from broker.auditlog import AuditLog
 from broker.config import NodeConfig, load_config
@@ -293,6 +294,10 @@ def test_status_shows_the_roster_and_policy_the_node_started_with(kor: Kor) -> N
     done = kor.msmt("status", "--config", str(kor.config_path), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["roster_version"] == version
+    # The build that started it, as msmt --version and /metrics name it.
+    assert json.loads(done.stdout)["version"] == broker.version()
+    assert f"version        {broker.version()}\n" in text.stdout
+    assert f'"version": "{broker.version()}"' in started
     # The key it signs with since that start: the rotated one, as the roster has it now.
     assert (
         json.loads(done.stdout)["signing_kid"]

@@ -18,7 +18,7 @@ from typing import Any, Final, NoReturn
 
 import click
 
-from broker import __version__
+from broker import version
 from broker.cli.options import error_line, guarded_stderr, guarded_stdout, hold_stdin
 from broker.entry import INTERRUPTED_EXIT
 from broker.errors import MsmtError, StdoutError, UsageError
@@ -106,8 +106,28 @@ class _Group(click.Group):
             _interrupted()
 
 
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """Print this build's version and the formats it keeps, then exit 0."""
+    if not value or ctx.resilient_parsing:
+        return
+    # Imported only when asked: the store module is not light, and --version must be.
+    from broker.store import STORE_FORMAT  # noqa: PLC0415
+
+    # The store format says which builds can run on a data directory, and so what
+    # a rollback to this build can open (docs/DEPLOY.md, "Versions").
+    click.echo(f"msmt, version {version()}\nstore format {STORE_FORMAT}")
+    ctx.exit()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="msmt")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_version,
+    help="Show this build's version and store format, and exit.",
+)
 def main() -> None:
     """Share sanctions-monitoring sightings among MSMT members, under each member's policy."""
 

@@ -732,6 +732,8 @@ def _shared_token_state(config: NodeConfig, state: Mapping[str, str]) -> str:
 def status_cmd(config_path: Path, as_json: bool) -> None:
     """Show connection, outbox depth, inbox lag, counters and the last error (and when).
 
+    ``version`` is the build that last started a node here (``unknown`` before its
+    first start under a build that records it), to check an upgrade took.
     ``roster_version`` is the roster the node last started with (a number, or
     ``unknown`` before its first start), to check a roster rollout reached it.
     ``policy_digest`` is the policy it last started with; ``policy_file`` says
@@ -761,6 +763,7 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     counters = store.counters()
     status: dict[str, Any] = {
         "member": config.member,
+        "version": state.get("version", "unknown"),
         "roster_version": int(roster) if roster.isdecimal() else roster,
         # The key it signs with since that start: a rotation took once this is the new one.
         "signing_kid": state.get("signing_kid", "unknown"),
