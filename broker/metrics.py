@@ -140,8 +140,12 @@ class Metrics:
             registry=r,
         )
         self.inbox_lag = Gauge(
-            "msmt_inbox_lag", "Messages in the inbox stream not yet processed.", registry=r
+            "msmt_inbox_lag",
+            "Messages in the inbox stream not yet processed; NaN while not known (not"
+            " connected, the hub not answering).",
+            registry=r,
         )
+        self.inbox_lag.set(math.nan)
         self.publish_latency = Histogram(
             "msmt_publish_latency_seconds",
             "Publish to hub ack.",
@@ -157,7 +161,7 @@ class Metrics:
         self.clock_offset = Gauge(
             "msmt_clock_offset_seconds",
             "This node's clock minus the hub's, measured every 5 s while connected;"
-            " NaN until the first comparison.",
+            " NaN until the first comparison, and while not connected.",
             registry=r,
         )
         # Not 0 before the hub has answered: that would read as a perfect clock, where

@@ -982,8 +982,11 @@ class Node:
         finally:
             # Whatever the store says: a full disk failed the call above, and left the
             # lag and readiness as they were before it filled (a monitoring trial).
-            if lag is not None:
-                self.metrics.inbox_lag.set(lag)
+            # NaN while not known (not connected, the hub not answering): a last value
+            # kept would read as current, to a dashboard and to an alert rule alike.
+            self.metrics.inbox_lag.set(math.nan if lag is None else lag)
+            if status["connected"] == "no":
+                self.metrics.clock_offset.set(math.nan)
             # Connected with the inbox stream gone (a hub that lost its store) still
             # shows msmt_nats_connected 1; this is what says nothing is being received.
             self.metrics.ready.set(1 if self.ready() is None else 0)

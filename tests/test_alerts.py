@@ -47,7 +47,12 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
 
 def test_the_rules_read_only_series_and_labels_a_node_exports() -> None:
     # Every sample name each metric family can have, labelled or not yet set.
-    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    suffixes = {
+        "counter": ("_total",),
+        "gauge": ("",),
+        "info": ("_info",),
+        "histogram": ("_bucket", "_sum", "_count"),
+    }
     exported = {
         family.name + suffix
         for family in Metrics("JPN").registry.collect()

@@ -172,6 +172,17 @@ async def test_network_cut_longer_than_the_reconnect_buffer(single: Cluster) -> 
         await await_for(
             lambda: "msmt_nats_connected 0.0" in fetch(jpn_metrics), 15, "JPN sees the cut"
         )
+        # What it cannot know now reads as unknown, not as its last value (a
+        # monitoring trial): the inbox lag and the clock offset.
+        kor_metrics = f"http://127.0.0.1:{single.config('KOR').metrics.port}/metrics"
+        await await_for(
+            lambda: (
+                {"msmt_inbox_lag NaN", "msmt_clock_offset_seconds NaN"}
+                <= set(fetch(kor_metrics).splitlines())
+            ),
+            15,
+            "KOR's lag and clock offset unknown while cut off",
+        )
         cut_at = feed.total()
 
         # Keep the cut until JPN holds more unsent envelope bytes than nats-py's reconnect
