@@ -16,6 +16,7 @@ import hashlib
 import os
 import signal
 import stat
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal
 
@@ -614,5 +615,20 @@ def _sync(fd: int) -> None:
     # its records are committed, and read again it would only be answered
     # "duplicate" at every poll (a review injected EIO: an answers file in done/
     # every few seconds). Filed all the same; a power cut may then undo the move.
-    with contextlib.suppress(OSError):
+    # Said, though: a disk that refuses fsync is failing (once a minute).
+    try:
         os.fsync(fd)
+    except OSError as exc:
+        global _sync_warned_at  # noqa: PLW0603 - one spool task per process
+        now = time.monotonic()
+        if now - _sync_warned_at >= SYNC_WARN_EVERY_S:
+            _sync_warned_at = now
+            log.warning(
+                "spool_sync_failed",
+                reason=f"{exc.strerror or exc}: filed all the same, and a power cut may undo it",
+            )
+
+
+SYNC_WARN_EVERY_S: Final = 60.0
+"""How often at most ``spool_sync_failed`` is logged."""
+_sync_warned_at = -SYNC_WARN_EVERY_S

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker import feeds, keys, spool
 from broker.auditnet import save_witness_state
@@ -212,9 +214,18 @@ def test_a_folder_that_cannot_be_synced_still_files_the_batch(
     # A review injected EIO into the folders' fsync: the batch stayed in the spool, and
     # each poll read it again and left another answers file in done/.
     _failing(monkeypatch, "fsync", errno.EIO, folders=True)
-    folders, filed = _file_a_batch(tmp_path)
+    monkeypatch.setattr(spool, "_sync_warned_at", -math.inf)  # none said yet
+    with capture_logs() as logs:
+        folders, filed = _file_a_batch(tmp_path)
     assert list(folders["spool"].iterdir()) == []
     assert sorted(p.name for p in folders["done"].iterdir()) == [filed, f"{filed}.result.ndjson"]
+    # Said, though, once for the minute: the disk is failing.
+    assert [(e["event"], e["reason"]) for e in logs if e["log_level"] == "warning"] == [
+        (
+            "spool_sync_failed",
+            "Input/output error: filed all the same, and a power cut may undo it",
+        )
+    ]
 
 
 def test_a_new_file_is_made_where_hard_links_are_not(
