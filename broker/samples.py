@@ -227,12 +227,13 @@ def generate(
     originators: tuple[str, ...] = MEMBERS,
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate ``count`` valid records of all three kinds, cycling through originators."""
+    """Generate ``count`` valid records of every kind in turn, cycling through originators."""
     rng = random.Random(seed)
     base = now or datetime(2026, 11, 1, tzinfo=UTC)
     kinds = tuple(_MAKERS)
     records = [
-        _MAKERS[kinds[i % 3]](rng, originators[i % len(originators)], base) for i in range(count)
+        _MAKERS[kinds[i % len(kinds)]](rng, originators[i % len(originators)], base)
+        for i in range(count)
     ]
     for rec in records:
         # Two members' feeds made with the same seed (a trial's usual way) must not

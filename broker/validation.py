@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from broker.errors import InputError
-from broker.sightings import SIGHTING_ADAPTER, SightingModel
+from broker.sightings import KINDS, SIGHTING_ADAPTER, SightingModel
 
 MAX_RECORD_BYTES = 64 * 1024
 """Largest single NDJSON record a feed may send; real sightings are a few KiB."""
@@ -36,7 +36,8 @@ class InvalidRecordError(InputError):
         self.problems = problems
 
 
-_TAGS = frozenset({"vessel", "worker", "transfer", "crypto", "fuel"})
+# The tags pydantic puts in an error's location: the kinds, and the transfer categories.
+_TAGS = frozenset({*KINDS, "crypto", "fuel"})
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
