@@ -279,7 +279,8 @@ _IN: Final[Mapping[str | None, str]] = {
 def _check_claim_types(payload: dict[str, Any]) -> None:
     kind = payload.get("kind")
     if kind not in KINDS:
-        raise EnvelopeError("format", f"kind is not one of {', '.join(KINDS)}")
+        # Also what a partner's later version with a kind added meets here: said so.
+        raise EnvelopeError("format", f"kind is not one this version knows: {', '.join(KINDS)}")
     optional = {"rel_to"} & set(payload)
     _exact_members(payload, _CLAIMS | {kind} | optional, "format", "claims")
     problems = {

@@ -383,7 +383,8 @@ _SENT: dict[str, Any] = {
     [
         ({"partner": "PRK"}, "not an MSMT member"),
         ({"report_id": "MV Example"}, "not a UUID"),
-        ({"kind": "aircraft"}, "kind"),
+        ({"kind": "MV Example"}, "kind"),
+        ({"kind": "a" * 33}, "kind"),
         ({"released": ["vessel.name=CHON MA SAN"]}, "not a field path"),
         ({"released": ["vessel.name#x y"]}, "not a field path"),
         ({"policy_digest": "A" * 64}, "64 lowercase hex"),
@@ -397,6 +398,16 @@ def test_event_constructors_refuse_anything_but_identifiers(
 ) -> None:
     with pytest.raises(AuditError, match=reason):
         ev.sent(MEMBER, T0, **(_SENT | change))
+
+
+def test_a_kind_a_later_version_adds_is_read() -> None:
+    # An auditor's build must read a newer member's log: a trial that added a kind
+    # saw audit entries and replay refuse the log whole ("audit kind ... is not one of").
+    later = ev.sent(
+        MEMBER, T0, **(_SENT | {"kind": "coal_export", "released": ["coal_export.imo"]})
+    )
+    entry = ev.parse_entry(later.seal(0, None), 0)
+    assert (entry["kind"], entry["released"]) == ("coal_export", ["coal_export.imo"])
 
 
 def test_every_variant_a_policy_can_write_can_be_logged() -> None:

@@ -983,7 +983,7 @@ _CANARY_CASES: dict[str, tuple[Callable[[envelope.Issued], str], str, dict[str, 
         _claim("kind", "CNRYKIND40"),
         "format",
         {},
-        "kind is not one of vessel, worker, transfer",
+        "kind is not one this version knows: vessel, worker, transfer",
     ),
     "claim": (_claim("CNRYCLAIM41", 1), "format", {}, "claims: 1 unexpected, missing []"),
     "header sender, attested": (
