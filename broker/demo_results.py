@@ -40,7 +40,7 @@ def read_inboxes(world: World) -> dict[str, list[InboxEntry]]:
             continue
         store = Store(node.config.store_path, readonly=True)
         try:
-            out[member] = store.inbox(limit=10_000_000)
+            out[member] = store.inbox(limit=None)
         finally:
             store.close()
     return out

@@ -145,6 +145,11 @@ CREATE TABLE IF NOT EXISTS inbox (
     PRIMARY KEY (sender, report_id)
 );
 CREATE INDEX IF NOT EXISTS inbox_jwe ON inbox(jwe_sha256);
+-- inbox list (newest first), export --since, and inbox show or evidence by report id:
+-- each scanned the whole table, envelopes and all (a long-life trial: 0.5 s and
+-- 0.2 s warm at 100,000 reports, a read of 0.8 GB cold).
+CREATE INDEX IF NOT EXISTS inbox_received ON inbox(received_at);
+CREATE INDEX IF NOT EXISTS inbox_report ON inbox(report_id);
 CREATE TABLE IF NOT EXISTS seen (
     sender     TEXT NOT NULL,
     jti        TEXT NOT NULL,
@@ -1104,15 +1109,25 @@ class Store:
         """Entries in the replay seen-set."""
         return int(self._read("SELECT count(*) FROM seen")[0][0])
 
-    def inbox(self, *, sender: str | None = None, limit: int = 100) -> list[InboxEntry]:
-        """Received reports, newest first, optionally from one sender."""
-        sql = self._inbox_select()
+    def inbox(
+        self, *, sender: str | None = None, since: float | None = None, limit: int | None = 100
+    ) -> list[InboxEntry]:
+        """Received reports, newest first: from one sender, received at or after ``since``."""
+        where: list[str] = []
         args: list[Any] = []
         if sender is not None:
-            sql += " WHERE sender = ?"
+            where.append("sender = ?")
             args.append(sender)
-        sql += " ORDER BY received_at DESC, rowid DESC LIMIT ?"
-        args.append(limit)
+        if since is not None:
+            where.append("received_at >= ?")
+            args.append(since)
+        sql = self._inbox_select()
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY received_at DESC, rowid DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
         return self._entries(self._read(sql, args))
 
     def inbox_entry(self, report_id: str) -> list[InboxEntry]:
