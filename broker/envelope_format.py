@@ -18,6 +18,7 @@ from typing import Any, Final, get_args
 
 from broker import sdjwt
 from broker.errors import EnvelopeError
+from broker.field_check import fields_plainly_valid, validate_field
 from broker.members import MEMBERS, is_member
 from broker.sightings import (
     KINDS,
@@ -27,8 +28,6 @@ from broker.sightings import (
     FuelTransfer,
     check_observation_year,
     field_paths,
-    fields_plainly_valid,
-    validate_field,
 )
 from broker.transforms import FORMS, VARIANT_SEP, split_variant_key
 

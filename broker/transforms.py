@@ -34,7 +34,8 @@ from typing import Any, Final
 import rfc8785
 from pydantic import ValidationError
 
-from broker.sightings import Position, is_plain_position
+from broker.field_check import is_plain_position
+from broker.sightings import Position
 
 NAMES: Final = ("coarsen", "round", "hour", "pseudonym")
 

@@ -22,26 +22,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from broker import envelope_format, identifiers, samples, sightings
+from broker import envelope_format, field_check, identifiers, samples
 from broker.errors import EnvelopeError
+from broker.field_check import validate_field
 from broker.sightings import (
     KINDS,
     SIGHTING_ADAPTER,
     Position,
     field_paths,
     leaf_values,
-    validate_field,
 )
 from broker.transforms import Transform, split_variant_key
 
-_adapter = functools.cache(sightings._field_adapter)
+_adapter = functools.cache(field_check._field_adapter)
 
 
 def _oracle(kind: str, path: str, value: Any, chain: str | None = None) -> None:
     # validate_field as it was before the Python-mode fast path (commit 42c41c3).
     try:
         if path == "observed_at":
-            sightings._TIME_ADAPTER.validate_json(json.dumps(value), strict=True)
+            field_check._TIME_ADAPTER.validate_json(json.dumps(value), strict=True)
             return
         head, _, name = path.partition(".")
         if head not in ("source", kind) or not name or "." in name:
@@ -142,11 +142,11 @@ def test_real_values_are_accepted_by_both_and_by_the_fast_path() -> None:
         _oracle(kind, path, value, chain)
         # The point of the change: valid values never need the JSON round trip.
         if path == "observed_at":
-            assert sightings._passes(sightings._TIME_ADAPTER, value, strings=True)
+            assert field_check._passes(field_check._TIME_ADAPTER, value, strings=True)
         else:
             head, _, name = path.partition(".")
-            adapter = sightings._ADAPTERS[(head, name)]
-            assert sightings._passes(adapter, sightings._plain(value)), (path, value)
+            adapter = field_check._ADAPTERS[(head, name)]
+            assert field_check._passes(adapter, field_check._plain(value)), (path, value)
 
 
 # Digits, separators and case that sit on the edges of the fields' formats;
@@ -307,7 +307,7 @@ def test_positions_get_the_oracles_answer(field: tuple[str, str], value: dict[st
 def test_the_position_shortcut_takes_real_positions_and_only_plain_ones() -> None:
     real = [v for _, p, v, _ in REAL if p in ("vessel.position", "transfer.place")]
     assert real
-    assert all(sightings.is_plain_position(v) for v in real)
+    assert all(field_check.is_plain_position(v) for v in real)
     edges = {"90.0000000": True, "-90": True, "-0": True, "090": True, "90.0000001": False}
     edges |= dict.fromkeys(["1.12345678", "+1", "1.", ".5", "1e1", "1\n", "\u0663", "1,5"], False)
     cases = [({"lat": text, "lon": "0"}, plain) for text, plain in edges.items()]
@@ -317,7 +317,7 @@ def test_the_position_shortcut_takes_real_positions_and_only_plain_ones() -> Non
     lon_edges = {"180.0000000": True, "-180": True, "180.0000001": False, "-180.0000001": False}
     cases += [({"lat": "0", "lon": text}, plain) for text, plain in lon_edges.items()]
     for value, plain in cases:
-        assert sightings.is_plain_position(value) is plain, value
+        assert field_check.is_plain_position(value) is plain, value
         _assert_same("vessel", "vessel.position", value)
 
 
@@ -431,7 +431,7 @@ def _assert_coarsen_same(value: Any) -> None:
 def test_real_coarsened_positions_take_the_shortcut_and_pass_both() -> None:
     assert len(_COARSENED) > 100
     for transform, value in _COARSENED_BY:
-        assert sightings.is_plain_position(value), value
+        assert field_check.is_plain_position(value), value
         _assert_coarsen_same(value)
         assert _outcome(transform.check_output, value) == ("accepted", "")
         assert _outcome(_coarsen_oracle, transform, value) == ("accepted", "")
@@ -572,7 +572,7 @@ def test_real_reports_take_the_batch_shortcut() -> None:
     assert {kind for kind, _ in REPORTS} == set(KINDS)
     for kind, fields in REPORTS:
         chain = fields.get("transfer.chain")
-        assert sightings.fields_plainly_valid(kind, fields, chain), fields
+        assert field_check.fields_plainly_valid(kind, fields, chain), fields
         assert envelope_format._plainly_valid(kind, fields, chain)
         with_variant = {**fields, "observed_at#hour": "2026-10-28T08:00:00Z"}
         assert envelope_format._plainly_valid(kind, with_variant, chain)
@@ -616,7 +616,7 @@ def test_check_fields_gets_the_loops_answer(data: st.DataObject) -> None:
             fields[path] = other[path]
     expected = _check_outcome(_check_fields_oracle, kind, fields)
     assert _check_outcome(envelope_format.check_fields, kind, fields) == expected
-    if sightings.fields_plainly_valid(kind, fields, fields.get("transfer.chain")):
+    if field_check.fields_plainly_valid(kind, fields, fields.get("transfer.chain")):
         plain = {k: v for k, v in fields.items() if "#" not in k}
         for path, value in plain.items():
             chain = fields.get("transfer.chain")

@@ -23,12 +23,12 @@ from broker import samples, schemas
 from broker.cli import main
 from broker.envelope_format import check_observed_year
 from broker.errors import EnvelopeError
+from broker.field_check import validate_field
 from broker.sightings import (
     SIGHTING_ADAPTER,
     VesselSighting,
     field_paths,
     leaf_values,
-    validate_field,
 )
 from broker.validation import (
     MAX_RECORD_BYTES,

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.sightings import Position, validate_field
+from broker.field_check import validate_field
+from broker.sightings import Position
 from broker.transforms import Transform, split_variant_key, variant_key
 
 NO_KEYS: dict[str, bytes] = {}
