@@ -45,7 +45,7 @@ from broker.checkpoint import (
     sign_checkpoint,
     verify_cosignature,
 )
-from broker.errors import AuditError, StoreError, UsageError, sqlite_reason
+from broker.errors import AuditError, StoreDamagedError, StoreError, UsageError, sqlite_reason
 from broker.files import NOT_A_FILE, holds_nothing
 from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash, node_hash
 from broker.note import ALG_ED25519, Note, NoteError, Verifier, find_signature, parse
@@ -234,6 +234,7 @@ class AuditLog:
         self._db = connect(self.path, readonly=False)
         self._levels: Levels | None = None
         self._chunk: list[bytes] | None = None  # leaf hashes of the unfinished chunk
+        self._damaged: str | None = None  # why no proof can be made from this log
         own = Verifier(member, ALG_ED25519, signer.public_key().public_bytes_raw())
         try:
             self._init_meta()
@@ -374,7 +375,13 @@ class AuditLog:
             start = edge.size
             rows = []
             leaves = []
-            chunk = list(self._unfinished_chunk())
+            try:
+                chunk = list(self._unfinished_chunk())
+            except StoreError as exc:
+                # A read that keeps failing fails every append: /readyz must say so.
+                why = exc.__cause__ or exc
+                self.write_failed = (time.monotonic(), f"cannot append to audit log: {why}")
+                raise
             finished = []
             for event in events:
                 data = event.seal(edge.size, last or None)
@@ -489,49 +496,53 @@ class AuditLog:
     def _tree(self) -> Levels:
         # Built once on the first proof request, from the stored chunk roots, then
         # extended by appends.
+        if self._damaged is not None:
+            raise StoreDamagedError(self._damaged)  # said once: each try reads the log
         if self._levels is None:
             size = self._edge.size
             full = size >> CHUNK_BITS
             stored = dict(self._rows("SELECT idx, root FROM chunks WHERE idx < ?", (full,)))
-            roots = [stored.get(i) for i in range(full)]
-            missing = [i for i, r in enumerate(roots) if not _is_hash(r)]
-            tree = self._chunked(roots, missing)
+            kept = {i: r for i, r in stored.items() if _is_hash(r)}
+            tree, made = self._chunked(kept, full)
             if size and tree.range_hash(0, size) != self._edge.root():
                 # A stored root the signed head does not cover (a damaged page, a hand
                 # edit of this derived table): every chunk again, from the entries.
-                tree = self._chunked(roots, list(range(full)))
+                tree, made = self._chunked({}, full)
                 if tree.range_hash(0, size) != self._edge.root():
-                    raise AuditError(
+                    # The open check reads only the newest entries; a proof from these
+                    # would fail at every witness. The path is the operator's business,
+                    # not a partner's (a StoreError's words stay on this node).
+                    self._damaged = (
                         f"audit log {self.path}: its entries do not hash to its signed root"
                         " (check it with msmt audit verify)"
+                    )
+                    raise StoreDamagedError(self._damaged)
+            if made:
+                # Kept for the next start, once the signed root covers them; derived
+                # data, so a refusal (a full disk) costs only the rehash then.
+                with contextlib.suppress(sqlite3.Error), self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO chunks VALUES (?, ?)", made.items()
                     )
             self._levels = tree
         return self._levels
 
-    def _chunked(self, roots: list[bytes | None], redo: list[int]) -> _ChunkedTree:
-        """The tree from ``roots``, those of chunks ``redo`` hashed again from the entries."""
+    def _chunked(self, kept: dict[int, bytes], full: int) -> tuple[_ChunkedTree, dict[int, bytes]]:
+        """The tree from the ``kept`` chunk roots, the other ``full`` chunks' from the entries."""
         made = {}
-        for i in redo:  # one query per chunk: a log without the table reads each once
+        for i in range(full):
+            if i in kept:
+                continue
+            # One query per chunk: a log without the table reads each once.
             lo, hi = i << CHUNK_BITS, (i + 1) << CHUNK_BITS
             leaves = self._leaf_hashes(lo, hi)
             if len(leaves) != hi - lo:
-                raise AuditError(f"audit log entries [{lo}, {hi}) are missing")
+                raise StoreDamagedError(f"audit log {self.path}: entries [{lo}, {hi}) are missing")
             made[i] = _perfect_root(leaves)
-        if made:
-            # Kept for the next start; derived data, so a refusal (a full disk) costs
-            # only the rehash then.
-            with contextlib.suppress(sqlite3.Error), self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?)", made.items())
-        full: list[bytes] = []
-        for i, kept in enumerate(roots):
-            root = made.get(i, kept)
-            if root is None or not _is_hash(root):  # not in redo: a caller's mistake
-                raise AuditError(f"audit log {self.path}: chunk {i}'s root is missing")
-            full.append(root)
-        size = self._edge.size
-        tail = self._leaf_hashes(len(full) << CHUNK_BITS, size)
-        return _ChunkedTree(full, tail, self._leaf_hashes)
+        roots = [kept[i] if i in kept else made[i] for i in range(full)]
+        tail = self._leaf_hashes(full << CHUNK_BITS, self._edge.size)
+        return _ChunkedTree(roots, tail, self._leaf_hashes), made
 
     def _leaf_hashes(self, lo: int, hi: int) -> list[bytes]:
         rows = self._rows(

@@ -23,7 +23,7 @@ from broker.audit_events import TYPES, parse_entry
 from broker.audit_verify import TamperError, verify_log
 from broker.auditlog import CHUNK_BITS, DB_FILE, AuditLog
 from broker.checkpoint import Checkpoint, cosign, open_checkpoint, parse_body, sign_checkpoint
-from broker.errors import AuditError, StoreError, UsageError
+from broker.errors import AuditError, StoreDamagedError, StoreError, UsageError
 from broker.merkle import Levels, leaf_hash, verify_consistency, verify_inclusion
 from broker.note import Note, Signature, parse
 from broker.transforms import Transform
@@ -680,17 +680,53 @@ def test_chunk_roots_missing_or_wrong_are_made_again_from_the_entries(tmp_path: 
 
 
 def test_entries_that_do_not_hash_to_the_signed_root_give_no_proof(tmp_path: Path) -> None:
-    # Chunk roots gone and an old entry edited: no proof is made from the edited
-    # entries, as every witness would refuse it (audit verify pinpoints the edit).
+    # One chunk root gone and an entry of that chunk edited: no proof is made from
+    # the edited entries, as every witness would refuse it (audit verify pinpoints
+    # the edit). A StoreError, whose words (a path) stay on this node, not a refusal
+    # of the partner's request; said once, as each try read the whole log again.
     chunk = 1 << CHUNK_BITS
-    build_log(tmp_path, KEY, [2 * chunk + 1]).close()
+    build_log(tmp_path, KEY, [3 * chunk + 1]).close()
     with _db(tmp_path) as db:
-        db.execute("DELETE FROM chunks")
-        db.execute("UPDATE entries SET entry = CAST(entry || ' ' AS BLOB) WHERE idx = 3")
+        kept = db.execute("SELECT idx, root FROM chunks ORDER BY idx").fetchall()
+        db.execute("DELETE FROM chunks WHERE idx = 1")
+        db.execute("UPDATE entries SET entry = CAST(entry || ' ' AS BLOB) WHERE idx = ?", (chunk,))
     again = AuditLog(tmp_path, MEMBER, KEY)
-    with pytest.raises(AuditError, match="do not hash to its signed root"):
-        again.consistency_proof(1, 2 * chunk + 1)
+    with pytest.raises(StoreDamagedError, match="do not hash to its signed root"):
+        again.consistency_proof(1, 3 * chunk + 1)
+
+    def unread(lo: int, hi: int) -> list[bytes]:
+        raise AssertionError("read the log again")
+
+    again._leaf_hashes = unread  # type: ignore[method-assign]
+    with pytest.raises(StoreDamagedError, match="do not hash to its signed root"):
+        again.consistency_proof(1, 3 * chunk + 1)
     again.close()
+    with _db(tmp_path) as db:  # and no root made from the edited entries was kept
+        assert db.execute("SELECT idx, root FROM chunks ORDER BY idx").fetchall() == [
+            row for row in kept if row[0] != 1
+        ]
+
+
+def test_an_append_that_cannot_read_its_unfinished_chunk_says_it_cannot_write(
+    tmp_path: Path,
+) -> None:
+    # The first append after an open reads the unfinished chunk's entries; a read
+    # that keeps failing fails every append, which /readyz must say (a review).
+    build_log(tmp_path, KEY, [5]).close()
+    log = AuditLog(tmp_path, MEMBER, KEY)
+
+    def unreadable(lo: int, hi: int) -> list[bytes]:
+        raise StoreError("cannot read audit log: disk I/O error")
+
+    log._leaf_hashes = unreadable  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match="disk I/O error"):
+        log.append_many([event(5)])
+    assert log.write_failed is not None
+    assert (
+        log.write_failed[1] == "cannot append to audit log: cannot read audit log: disk I/O error"
+    )
+    assert log.size == 5
+    log.close()
 
 
 # --- opening: the node checks its own log before appending to it -----------------------
