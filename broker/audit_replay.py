@@ -66,6 +66,7 @@ from broker.audit_policy import (
 from broker.errors import AuditError
 from broker.merkle import CompactRange, leaf_hash
 from broker.policy import Policy
+from broker.sightings import KINDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -1035,6 +1036,20 @@ def _check_release(send: _Send, answers: _PolicyAnswers) -> list[Finding]:
                 f"to {send.partner}: a message with no disclosure keys{why}",
             )
         )
+    if send.kind not in KINDS:
+        # A kind a later version added: this version cannot say what its policy
+        # releases, which is not an over-disclosure of each key (a review).
+        found.append(
+            Finding(
+                "unknown-kind",
+                member,
+                send.seq,
+                send.report_id,
+                f"to {send.partner}: a {send.kind} report, a kind this version of msmt does"
+                " not know: replay with the sender's version or later to judge its release",
+            )
+        )
+        return found
     if policy is None:
         found.append(
             Finding(

@@ -459,6 +459,36 @@ def _findings(
     return [(f.kind, f.seq, f.detail) for f in result.findings]
 
 
+def test_a_send_of_a_kind_a_later_version_adds_is_not_judged_here() -> None:
+    # A review: an older auditor's replay of a newer member's log called each key of
+    # such a send an over-disclosure ("unknown report kind ... or TLP label").
+    later = ev.sent(
+        "JPN",
+        T0,
+        partner="USA",
+        report_id=R1,
+        kind="coal_export",
+        released=["coal_export.imo", "observed_at"],
+        policy_digest=D_LOOSE,
+        jwe_sha256=_jwe("JPN", "USA", R1),
+        originator="JPN",
+        tlp="AMBER",
+        rel_to=None,
+    )
+    assert _findings([_started("JPN", None, D_LOOSE), later]) == [
+        (
+            "unknown-kind",
+            1,
+            "to USA: a coal_export report, a kind this version of msmt does not know:"
+            " replay with the sender's version or later to judge its release",
+        )
+    ]
+    # Its delivery is checked as any send's: the receipt matches it.
+    receipt = _recv("USA", "JPN", R1, ["coal_export.imo", "observed_at"], 1, kind="coal_export")
+    kinds = [f[0] for f in _findings([_started("JPN", None, D_LOOSE), later], USA=[receipt])]
+    assert kinds == ["unknown-kind"]
+
+
 def test_a_pending_envelope_sent_after_a_restart_with_a_new_policy_is_in_force() -> None:
     # What the node logs: the report is accepted and planned under LOOSE; the node
     # restarts with STRICT before the hub acknowledged the envelope, which is then

@@ -566,6 +566,7 @@ def audit_replay(
     mismatch             a receipt naming another sender, report, kind or keys
     over-disclosure      a key the sender's policy does not release (in that form)
     unknown-policy       the send's policy digest is not among --policies
+    unknown-kind         a send of a kind this version does not know (a later one's)
     policy-not-in-force  the send's policy was not in force for that report
     empty-send           a send with no disclosure keys
     policy-chain         a policy entry whose previous digest is not the last one
