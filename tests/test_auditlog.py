@@ -477,6 +477,14 @@ def test_cached_checks_still_refuse_what_they_refused() -> None:
     assert ev.sent(MEMBER, utc, **_SENT).fields["released"] == ["vessel.imo"]
 
 
+def test_parse_entry_refuses_json_that_python_will_not_read_in_one_line() -> None:
+    # A fuzzer: json.loads refuses an integer of over 4300 digits with a plain
+    # ValueError, which escaped as a traceback from audit verify and audit entries.
+    for data in (b'{"v":' + b"9" * 5000 + b"}", b"[" * 100_000):
+        with pytest.raises(AuditError, match="is not JSON"):
+            parse_entry(data, 0)
+
+
 def test_parse_entry_refuses_a_well_formed_but_invalid_entry() -> None:
     good = json.loads(ev.sent(MEMBER, T0, **_SENT).seal(4, None))
     for change, reason in (
@@ -882,6 +890,12 @@ _DAMAGE: list[tuple[str, Any, str]] = [
     ("last entry renumbered", _wrong_seq, "entry 12 does not carry seq 12"),
     ("last entry relinked", _wrong_link, "entry 12 does not link to entry 11"),
     ("last entry replaced", _other_last_entry, r"entries 12\.\.12 do not rehash to the tree edge"),
+    (
+        # json.loads's own ValueError for an integer of over 4300 digits (a fuzzer).
+        "last entry a huge integer",
+        lambda d: _set_last_entry(d, b'{"v":' + b"9" * 5000 + b"}"),
+        "entry 12 is not a JSON object",
+    ),
     ("entry past the edge", _entry_past_the_edge, r"span indices 0\.\.13, but its tree holds 13"),
     ("entry before 0", _entry_before_zero, r"span indices -1\.\.12"),
 ]
