@@ -1443,12 +1443,25 @@ def _hub_json(data: bytes) -> Any:
 
     Nested past the decoder's depth it is not JSON either: json raises
     ``RecursionError`` there, which no handler expected and which stopped the
-    housekeeping task (a security review).
+    housekeeping task (a security review). Nor is a number beyond a float's range
+    (``1e999``), or ``NaN`` or ``Infinity``: ``int()`` of one raised
+    ``OverflowError``, which stopped it too (a fuzzer).
     """
     try:
-        return json.loads(data)
+        return json.loads(data, parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("a JetStream answer nested too deeply") from None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a JetStream answer's number is out of range")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"a JetStream answer holds {text}, which JSON has not")
 
 
 def _silence(reply: Msg | None, exc: BaseException) -> str | None:

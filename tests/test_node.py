@@ -1779,6 +1779,46 @@ def test_a_hub_answer_nested_past_the_decoders_depth_is_no_answer_not_a_crash() 
     assert _silence(deep, ValueError("x")) is None
 
 
+@pytest.mark.parametrize("number", [b"1e999", b"-1e999", b"NaN", b"Infinity", b"-Infinity"])
+async def test_a_hub_answer_with_a_number_beyond_a_float_is_no_answer_not_a_crash(
+    number: bytes,
+) -> None:
+    # A fuzzer: int() of the infinity json reads 1e999 as raised OverflowError, which
+    # neither the inbox lag's handler nor the housekeeping loop caught: the node stopped.
+    import types
+
+    from nats.aio.msg import Msg
+
+    from broker.node import Node, _silence
+
+    answer = b'{"num_pending": ' + number + b', "num_ack_pending": 0}'
+    silenced = Msg(None, subject="_INBOX.x", data=b'{"error":{"code":' + number + b"}}")  # type: ignore[arg-type]
+    assert _silence(silenced, ValueError("x")) is None
+
+    class Hub:
+        is_connected = True
+
+        async def request(self, subject: str, data: bytes, timeout: float) -> Msg:  # noqa: ASYNC109 - nats-py's signature
+            return Msg(None, subject="_INBOX.y", data=answer)  # type: ignore[arg-type]
+
+    heard: list[str | None] = []
+
+    async def hear(why: str | None) -> None:
+        heard.append(why)
+
+    node = types.SimpleNamespace(
+        nc=Hub(),
+        member="USA",
+        _lag_at=-1e9,
+        _clock_stepped=lambda now: False,
+        _heard=hear,
+        _clock_checked=asyncio.Event(),
+    )
+    assert await Node._inbox_lag(node) is None  # type: ignore[arg-type]
+    assert node._lag is None  # unknown, as for any answer it cannot read
+    assert heard == [None]  # the hub did answer: not silence
+
+
 def test_stream_alterations_name_what_refuses_or_drops_reports() -> None:
     from broker.natsetup import inbox_stream_config, stream_alterations
 
