@@ -185,7 +185,9 @@ def hold_delay(hold_seconds: float, msg: Msg) -> float:
     The backoff bounds what a sender gains by naming unknown keys: each message
     costs a decryption per delivery, so 1,440 a day at a flat minute, ~100 capped.
     """
-    doublings = min(int(msg.metadata.num_delivered or 1) - 1, 4)  # 2**4 is past the cap
+    meta = _metadata(msg)
+    delivered = 1 if meta is None else int(meta.num_delivered or 1)
+    doublings = min(delivered - 1, 4)  # 2**4 is past the cap
     return float(hold_seconds * min(2**doublings, HOLD_BACKOFF_MAX))
 
 
@@ -246,7 +248,7 @@ class Inbound:
     def process(
         self,
         messages: Sequence[tuple[str, bytes]],
-        published: Callable[[int], datetime] | None = None,
+        published: Callable[[int], datetime | None] | None = None,
     ) -> BatchResult:
         """Verify, audit and store a batch; raise ``MsmtError`` if it could not be committed.
 
@@ -284,7 +286,7 @@ class Inbound:
                 # stepped back): refusing would lose the report for good, so the
                 # hub keeps it until a restart with that roster, or the clocks
                 # agree. Past the freshness window it is refused.
-                stored_at = now if published is None else published(index)
+                stored_at = (None if published is None else published(index)) or now
                 why = self._hold(subject, digest, now - stored_at, exc, result)
                 if why is None:
                     continue
@@ -671,15 +673,29 @@ class Linger:
         return 0.0
 
 
-def hub_pending(msg: Msg) -> int:
-    """How many more the hub held for the consumer as it sent ``msg``; 0 if not said.
+def _metadata(msg: Msg) -> Msg.Metadata | None:
+    """The delivery's JetStream metadata, or None where the hub's subject does not parse.
 
-    From the delivery's ``$JS.ACK`` reply subject, which the hub sets (a sender cannot).
+    nats-py parses it from the ``$JS.ACK`` reply subject, which the hub sets (a
+    sender cannot); a malformed one raised from a held message's handling and
+    stopped the node (a fuzzer: ``ValueError``, ``OSError`` for a timestamp out of
+    range, ``NotJSMessageError``).
     """
     try:
-        return int(msg.metadata.num_pending)
+        return msg.metadata
     except (nats.errors.Error, ValueError, IndexError, OverflowError, OSError):
-        return 0  # nats-py's parse of the subject (its id numbers and timestamp) failed
+        return None
+
+
+def _published_at(msg: Msg) -> datetime | None:
+    meta = _metadata(msg)
+    return None if meta is None else meta.timestamp
+
+
+def hub_pending(msg: Msg) -> int:
+    """How many more the hub held for the consumer as it sent ``msg``; 0 if not said."""
+    meta = _metadata(msg)
+    return 0 if meta is None else int(meta.num_pending)
 
 
 class _Pull:
@@ -916,7 +932,7 @@ class Receiver:
                 self.inbound.process,
                 [(m.subject, m.data) for m in msgs],
                 # Parsed only for a held message: ~7 us a delivery otherwise.
-                lambda i: msgs[i].metadata.timestamp,
+                lambda i: _published_at(msgs[i]),
             )
         except MsmtError as exc:
             self.last_error = str(exc)

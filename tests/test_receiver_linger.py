@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from nats.aio.msg import Msg
 
-from broker.receiver import LINGER_COMPANY, LINGER_S, RATE_SAMPLE, Linger, hub_pending
+from broker.receiver import (
+    LINGER_COMPANY,
+    LINGER_S,
+    RATE_SAMPLE,
+    Linger,
+    _published_at,
+    hold_delay,
+    hub_pending,
+)
 
 
 def fed(rate: float, count: int = RATE_SAMPLE, start: float = 1000.0) -> Linger:
@@ -85,3 +93,20 @@ def test_a_rate_needs_two_arrivals() -> None:
 def test_pending_is_read_from_the_ack_subject(reply: str, pending: int) -> None:
     msg = Msg(_client=None, subject="from.JPN.msmt.to.USA.sighting", reply=reply, data=b"")  # type: ignore[arg-type]
     assert hub_pending(msg) == pending
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.s.c.x.1.1.1.0",  # an id that is no number
+        "$JS.ACK.s.c.1.1.1.99999999999999999999999999.0",  # a time out of range
+        "_INBOX.x",  # not an ack subject at all
+    ],
+)
+def test_a_malformed_ack_subject_costs_a_held_message_nothing(reply: str) -> None:
+    # A fuzzer: hold_delay and the hub's publish time of a held message read nats-py's
+    # parse of the subject unguarded, and the error stopped the node.
+    msg = Msg(_client=None, subject="from.JPN.msmt.to.USA.sighting", reply=reply, data=b"")  # type: ignore[arg-type]
+    assert hold_delay(60.0, msg) == 60.0  # as a first delivery
+    assert _published_at(msg) is None  # unknown: the receiver counts from now
+    assert hub_pending(msg) == 0
