@@ -113,6 +113,8 @@ _OURS: Final = frozenset(
 
 def parse_key(entry: Mapping[str, Any]) -> RosterKey:
     """Validate one roster JWK and return it; raise ``KeyMaterialError`` naming the fault."""
+    if not isinstance(entry, Mapping):  # a JSON file's, any shape (a fuzzer: a traceback)
+        raise KeyMaterialError("roster key is not a JSON object")
     kid = entry.get("kid")
     if not isinstance(kid, str) or not kid:
         raise KeyMaterialError("roster key without a kid")
@@ -122,7 +124,7 @@ def parse_key(entry: Mapping[str, Any]) -> RosterKey:
     if unknown:
         raise KeyMaterialError(f"roster key {kid} has unknown members {sorted(unknown)}")
     use = entry.get("use")
-    if use not in CURVES:
+    if use not in tuple(CURVES):  # a tuple: a list (unhashable) is refused, not a TypeError
         raise KeyMaterialError(f"roster key {kid}: use must be 'sig' or 'enc'")
     if entry.get("kty") != "OKP" or entry.get("crv") != CURVES[use]:
         raise KeyMaterialError(f"roster key {kid}: a {use} key must be OKP {CURVES[use]}")

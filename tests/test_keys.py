@@ -350,6 +350,20 @@ def _authority_kid(keydir: Path) -> str:
     return str(json.loads((keydir / keys.AUTHORITY_PUBLIC_FILE).read_text())["kid"])
 
 
+@pytest.mark.parametrize(
+    ("jwks", "match"),
+    [
+        ({"keys": [1]}, "roster key is not a JSON object"),
+        ({"keys": [[]]}, "roster key is not a JSON object"),
+        ({"keys": [{"kid": "JPN-sig-1", "use": ["sig"]}]}, "use must be 'sig' or 'enc'"),
+    ],
+)
+def test_a_roster_key_of_another_shape_is_one_line(jwks: dict[str, Any], match: str) -> None:
+    # A fuzzer: an auditor's own --roster file with these printed a traceback.
+    with pytest.raises(KeyMaterialError, match=match):
+        Roster.from_jwks(jwks)
+
+
 def test_signed_roster_with_duplicate_kid_is_refused(keydir: Path) -> None:
     jwks = json.loads((keydir / keys.ROSTER_FILE).read_text())
     jwks["keys"].append(dict(jwks["keys"][0]))
