@@ -34,7 +34,7 @@ from broker import audit_events as ev
 from broker import canonical
 from broker import keys as keyfiles
 from broker.audit_policy import over_disclosures
-from broker.audit_replay import Exchange, Finding, Replay, replay
+from broker.audit_replay import BulkRefusals, Exchange, Finding, Replay, replay
 from broker.audit_verify import Report, load, verify_log
 from broker.auditlog import DB_FILE, AuditLog
 from broker.cli import main
@@ -487,6 +487,62 @@ def test_a_send_of_a_kind_a_later_version_adds_is_not_judged_here() -> None:
     receipt = _recv("USA", "JPN", R1, ["coal_export.imo", "observed_at"], 1, kind="coal_export")
     kinds = [f[0] for f in _findings([_started("JPN", None, D_LOOSE), later], USA=[receipt])]
     assert kinds == ["unknown-kind"]
+
+
+def test_findings_grow_with_the_entries_not_with_their_product() -> None:
+    # A fuzzer: k versions of one send and r rejections of its JWE made k x r
+    # mismatch findings (4,000 each: 16 million findings, 61 s); and a bulk refusal
+    # naming S steps was quoted whole in each of U undelivered sends (1 GB of text).
+    k, r = 30, 40
+    sends = [
+        ev.sent(
+            "JPN",
+            T0,
+            partner="USA",
+            report_id=uuid.UUID(int=100 + i),
+            kind="vessel",
+            released=NARROW,
+            policy_digest=D_LOOSE,
+            jwe_sha256=_jwe("JPN", "USA", R1),
+            originator="JPN",
+            tlp="AMBER",
+            rel_to=None,
+        )
+        for i in range(k)
+    ]
+    refusals = [
+        ev.rejected(
+            "USA",
+            T0,
+            source="JPN",
+            step="signature",
+            reason="signature does not verify",
+            report_id=uuid.UUID(int=1000 + i),
+            jwe_sha256=_jwe("JPN", "USA", R1),
+        )
+        for i in range(r)
+    ]
+    found = _findings([_started("JPN", None, D_LOOSE), *sends], USA=refusals)
+    mismatches = [f for f in found if f[0] == "mismatch"]
+    assert len(mismatches) == r  # one per rejection, against the first send
+    assert {f[2] for f in mismatches} == {"rejection of JPN's entry 1 differs from it in report"}
+    # A refusal naming the report of any of the sends is no mismatch.
+    named = ev.rejected(
+        "USA",
+        T0,
+        source="JPN",
+        step="signature",
+        reason="signature does not verify",
+        report_id=uuid.UUID(int=101),
+        jwe_sha256=_jwe("JPN", "USA", R1),
+    )
+    assert [f for f in _findings(sends[:2], USA=[named]) if f[0] == "mismatch"] == []
+
+    bulk = BulkRefusals()
+    bulk.add({"count": 60, "steps": {f"step{i:02}": 1 + i for i in range(30)}, "at": "t"})
+    assert bulk.describe() == (
+        ", ".join(f"step{i:02} {1 + i}" for i in range(10, 30)) + " and 10 more steps; t to t"
+    )
 
 
 def test_a_pending_envelope_sent_after_a_restart_with_a_new_policy_is_in_force() -> None:
