@@ -30,6 +30,7 @@ import sqlite3
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -48,9 +49,19 @@ from broker.checkpoint import (
 from broker.errors import AuditError, StoreDamagedError, StoreError, UsageError, sqlite_reason
 from broker.files import NOT_A_FILE, holds_nothing
 from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash, node_hash
-from broker.note import ALG_ED25519, Note, NoteError, Verifier, find_signature, parse
+from broker.note import (
+    ALG_ED25519,
+    MAX_SIGNATURES,
+    Note,
+    NoteError,
+    Verifier,
+    find_signature,
+    parse,
+)
 
 DB_FILE: Final = "audit.sqlite"
+LINES_PER_WITNESS: Final = 2
+"""Cosignature lines kept per witness on one checkpoint: a key, and its successor's."""
 FORMAT: Final = "msmt-audit-1"
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -454,6 +465,7 @@ class AuditLog:
                     f"cosigned checkpoint at size {checkpoint.size} differs from ours (fork?)"
                 )
             added, names = [], []
+            lines = Counter(s.name for s in stored.signatures)
             for witness in witnesses:
                 sig = find_signature(incoming, witness)
                 if sig is None:
@@ -462,7 +474,16 @@ class AuditLog:
                 # line is its publisher's forgery, to be counted as every other.
                 verify_cosignature(Note(incoming.text, (sig,)), witness)
                 if find_signature(stored, witness) is not None:
-                    continue  # the first valid line of each witness is the one kept
+                    continue  # the first valid line of each witness key is the one kept
+                # Two lines a witness at most (a key and its successor, should the
+                # first be revoked), and never past what a note may hold: a member
+                # with many retired keys grew one past it, and the log then refused
+                # to open (a fuzzer).
+                if lines[witness.name] >= LINES_PER_WITNESS or sum(lines.values()) >= (
+                    MAX_SIGNATURES
+                ):
+                    continue
+                lines[witness.name] += 1
                 added.append(sig)
                 names.append(witness.name)
             if added:

@@ -150,6 +150,31 @@ def test_cosignatures_are_verified_and_merged(tmp_path: Path) -> None:
 # --- tampering: each kind is detected and pinpointed --------------------------------
 
 
+def test_a_witness_with_many_keys_keeps_two_lines_and_the_note_stays_readable(
+    tmp_path: Path,
+) -> None:
+    # A fuzzer: one line was kept per witness key, and retired keys stay in the roster,
+    # so a member with many of them grew a stored checkpoint past a note's 32 lines:
+    # the node then refused to open its own log, and verify called it tampered.
+    log = build_log(tmp_path, KEY, [3])
+    keys = [Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32) for i in range(40)]
+    witnesses = [witness_verifier(k, "USA") for k in keys]
+    body = parse(log.latest_checkpoint() or "")
+    kept = []
+    for k in keys:
+        line = cosign(body, "USA", k, 1_700_000_000)
+        kept += log.add_cosignatures(Note(body.text, (line,)).render(), witnesses)
+    assert kept == ["USA", "USA"]  # a key and its successor's, should the first be revoked
+    assert [s.name for s in parse(log.latest_checkpoint() or "").signatures] == [
+        MEMBER,
+        "USA",
+        "USA",
+    ]
+    log.close()
+    AuditLog(tmp_path, MEMBER, KEY).close()  # opens
+    _verify(tmp_path)
+
+
 def test_clean_log_verifies(tmp_path: Path) -> None:
     build_log(tmp_path, KEY, [10, 10, 10])
     report = verify_log(tmp_path, [log_verifier(KEY)])
