@@ -7,7 +7,7 @@ import importlib.metadata
 
 NO_VERSION = "0.0"
 """The version of a build that cannot say which it is: built without git history (a
-source archive), or never installed (a tree on ``PYTHONPATH``)."""
+source archive), or never installed."""
 
 
 @functools.cache
@@ -17,8 +17,9 @@ def version() -> str:
     The build takes it from git (hatch-vcs): ``0.1.devN+gHASH`` between releases,
     where N counts commits, so a later build has a larger N, and HASH names the
     commit (``.dDATE`` after it: built from a tree with uncommitted changes). An
-    editable install keeps the version it was installed at. Read when first asked,
-    not at import: every process imports this package.
+    editable install keeps the version it was installed at, and code imported from
+    another tree (``PYTHONPATH``) still reports the installed package's. Read when
+    first asked, not at import: every process imports this package.
     """
     try:
         return importlib.metadata.version("msmt-broker")
