@@ -465,7 +465,11 @@ class AuditLog:
                     f"cosigned checkpoint at size {checkpoint.size} differs from ours (fork?)"
                 )
             added, names = [], []
-            lines = Counter(s.name for s in stored.signatures)
+            # Only lines of keys still trusted count: a witness whose key was revoked
+            # twice on one checkpoint must still get its third key's line in (a review).
+            trusted = {(w.name, w.key_id) for w in witnesses}
+            lines = Counter(s.name for s in stored.signatures if (s.name, s.key_id) in trusted)
+            total = len(stored.signatures)
             for witness in witnesses:
                 sig = find_signature(incoming, witness)
                 if sig is None:
@@ -479,11 +483,10 @@ class AuditLog:
                 # first be revoked), and never past what a note may hold: a member
                 # with many retired keys grew one past it, and the log then refused
                 # to open (a fuzzer).
-                if lines[witness.name] >= LINES_PER_WITNESS or sum(lines.values()) >= (
-                    MAX_SIGNATURES
-                ):
+                if lines[witness.name] >= LINES_PER_WITNESS or total >= MAX_SIGNATURES:
                     continue
                 lines[witness.name] += 1
+                total += 1
                 added.append(sig)
                 names.append(witness.name)
             if added:
@@ -524,11 +527,19 @@ class AuditLog:
             full = size >> CHUNK_BITS
             stored = dict(self._rows("SELECT idx, root FROM chunks WHERE idx < ?", (full,)))
             kept = {i: r for i, r in stored.items() if _is_hash(r)}
-            tree, made = self._chunked(kept, full)
+            try:
+                tree, made = self._chunked(kept, full)
+            except StoreDamagedError as exc:  # entries missing: they do not come back
+                self._damaged = str(exc)
+                raise
             if size and tree.range_hash(0, size) != self._edge.root():
                 # A stored root the signed head does not cover (a damaged page, a hand
                 # edit of this derived table): every chunk again, from the entries.
-                tree, made = self._chunked({}, full)
+                try:
+                    tree, made = self._chunked({}, full)
+                except StoreDamagedError as exc:
+                    self._damaged = str(exc)
+                    raise
                 if tree.range_hash(0, size) != self._edge.root():
                     # The open check reads only the newest entries; a proof from these
                     # would fail at every witness. The path is the operator's business,

@@ -135,7 +135,7 @@ def parse_key(entry: Mapping[str, Any]) -> RosterKey:
     if status not in ("active", "retired", "revoked"):
         raise KeyMaterialError(f"roster key {kid}: unknown status {status!r}")
     try:
-        public = {k: entry[k] for k in ("kty", "crv", "x")}
+        public: dict[str, Any] = {k: entry.get(k) for k in ("kty", "crv", "x")}  # no "x": refused
         OKPKey.import_key(public)
     except (ValueError, JoseError) as exc:
         raise KeyMaterialError(f"roster key {kid}: malformed public key ({exc})") from None
@@ -180,6 +180,8 @@ class Roster:
     @classmethod
     def from_jwks(cls, jwks: Mapping[str, Any]) -> Roster:
         """Build a roster from a parsed JWK Set (``{"keys": [...]}``)."""
+        if not isinstance(jwks, Mapping):  # a JSON file's, any shape
+            raise KeyMaterialError("roster is not a JWK Set: not a JSON object")
         keys = jwks.get("keys")
         if not isinstance(keys, list):
             raise KeyMaterialError("roster is not a JWK Set: no 'keys' list")

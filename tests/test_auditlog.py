@@ -170,6 +170,11 @@ def test_a_witness_with_many_keys_keeps_two_lines_and_the_note_stays_readable(
         "USA",
         "USA",
     ]
+    # Lines of keys no longer trusted do not count: two revoked, the third still cosigns
+    # (a review: it was dropped, and the checkpoint held no trusted line of USA's).
+    third = witness_verifier(keys[2], "USA")
+    line = cosign(body, "USA", keys[2], 1_700_000_000)
+    assert log.add_cosignatures(Note(body.text, (line,)).render(), [third]) == ["USA"]
     log.close()
     AuditLog(tmp_path, MEMBER, KEY).close()  # opens
     _verify(tmp_path)
@@ -710,6 +715,27 @@ def test_chunk_roots_missing_or_wrong_are_made_again_from_the_entries(tmp_path: 
         )
         db.execute("DROP TABLE chunks")
     _reopened_proofs(tmp_path, full)
+
+
+def test_entries_missing_from_a_chunk_give_no_proof_and_are_read_once(tmp_path: Path) -> None:
+    # A review: missing entries raised, but were not remembered, so every request read
+    # the log again up to the gap.
+    chunk = 1 << CHUNK_BITS
+    build_log(tmp_path, KEY, [3 * chunk + 1]).close()
+    with _db(tmp_path) as db:
+        db.execute("DELETE FROM chunks WHERE idx = 1")
+        db.execute("DELETE FROM entries WHERE idx = ?", (chunk + 3,))
+    again = AuditLog(tmp_path, MEMBER, KEY)
+    with pytest.raises(StoreDamagedError, match="are missing"):
+        again.consistency_proof(1, 3 * chunk + 1)
+
+    def unread(lo: int, hi: int) -> list[bytes]:
+        raise AssertionError("read the log again")
+
+    again._leaf_hashes = unread  # type: ignore[method-assign]
+    with pytest.raises(StoreDamagedError, match="are missing"):
+        again.consistency_proof(1, 3 * chunk + 1)
+    again.close()
 
 
 def test_entries_that_do_not_hash_to_the_signed_root_give_no_proof(tmp_path: Path) -> None:

@@ -356,9 +356,25 @@ def _authority_kid(keydir: Path) -> str:
         ({"keys": [1]}, "roster key is not a JSON object"),
         ({"keys": [[]]}, "roster key is not a JSON object"),
         ({"keys": [{"kid": "JPN-sig-1", "use": ["sig"]}]}, "use must be 'sig' or 'enc'"),
+        ([1, 2], "not a JWK Set"),
+        (
+            {
+                "keys": [
+                    {
+                        "kid": "JPN-sig-1",
+                        "use": "sig",
+                        "kty": "OKP",
+                        "crv": "Ed25519",
+                        "msmt_member": "JPN",
+                        "msmt_status": "active",
+                    }
+                ]
+            },
+            "malformed public key",
+        ),
     ],
 )
-def test_a_roster_key_of_another_shape_is_one_line(jwks: dict[str, Any], match: str) -> None:
+def test_a_roster_key_of_another_shape_is_one_line(jwks: Any, match: str) -> None:
     # A fuzzer: an auditor's own --roster file with these printed a traceback.
     with pytest.raises(KeyMaterialError, match=match):
         Roster.from_jwks(jwks)
