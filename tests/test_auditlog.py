@@ -717,6 +717,21 @@ def test_chunk_roots_missing_or_wrong_are_made_again_from_the_entries(tmp_path: 
     _reopened_proofs(tmp_path, full)
 
 
+def _no_proof_and_no_second_read(datadir: Path, size: int, why: str) -> None:
+    """A reopened damaged log refuses a proof, and refuses the next without reading again."""
+    again = AuditLog(datadir, MEMBER, KEY)
+    with pytest.raises(StoreDamagedError, match=why):
+        again.consistency_proof(1, size)
+
+    def unread(lo: int, hi: int) -> list[bytes]:
+        raise AssertionError("read the log again")
+
+    again._leaf_hashes = unread  # type: ignore[method-assign]
+    with pytest.raises(StoreDamagedError, match=why):
+        again.consistency_proof(1, size)
+    again.close()
+
+
 def test_entries_missing_from_a_chunk_give_no_proof_and_are_read_once(tmp_path: Path) -> None:
     # A review: missing entries raised, but were not remembered, so every request read
     # the log again up to the gap.
@@ -725,17 +740,7 @@ def test_entries_missing_from_a_chunk_give_no_proof_and_are_read_once(tmp_path: 
     with _db(tmp_path) as db:
         db.execute("DELETE FROM chunks WHERE idx = 1")
         db.execute("DELETE FROM entries WHERE idx = ?", (chunk + 3,))
-    again = AuditLog(tmp_path, MEMBER, KEY)
-    with pytest.raises(StoreDamagedError, match="are missing"):
-        again.consistency_proof(1, 3 * chunk + 1)
-
-    def unread(lo: int, hi: int) -> list[bytes]:
-        raise AssertionError("read the log again")
-
-    again._leaf_hashes = unread  # type: ignore[method-assign]
-    with pytest.raises(StoreDamagedError, match="are missing"):
-        again.consistency_proof(1, 3 * chunk + 1)
-    again.close()
+    _no_proof_and_no_second_read(tmp_path, 3 * chunk + 1, "are missing")
 
 
 def test_entries_that_do_not_hash_to_the_signed_root_give_no_proof(tmp_path: Path) -> None:
@@ -749,17 +754,7 @@ def test_entries_that_do_not_hash_to_the_signed_root_give_no_proof(tmp_path: Pat
         kept = db.execute("SELECT idx, root FROM chunks ORDER BY idx").fetchall()
         db.execute("DELETE FROM chunks WHERE idx = 1")
         db.execute("UPDATE entries SET entry = CAST(entry || ' ' AS BLOB) WHERE idx = ?", (chunk,))
-    again = AuditLog(tmp_path, MEMBER, KEY)
-    with pytest.raises(StoreDamagedError, match="do not hash to its signed root"):
-        again.consistency_proof(1, 3 * chunk + 1)
-
-    def unread(lo: int, hi: int) -> list[bytes]:
-        raise AssertionError("read the log again")
-
-    again._leaf_hashes = unread  # type: ignore[method-assign]
-    with pytest.raises(StoreDamagedError, match="do not hash to its signed root"):
-        again.consistency_proof(1, 3 * chunk + 1)
-    again.close()
+    _no_proof_and_no_second_read(tmp_path, 3 * chunk + 1, "do not hash to its signed root")
     with _db(tmp_path) as db:  # and no root made from the edited entries was kept
         assert db.execute("SELECT idx, root FROM chunks ORDER BY idx").fetchall() == [
             row for row in kept if row[0] != 1
