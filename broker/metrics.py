@@ -139,6 +139,14 @@ class Metrics:
             "Of msmt_outbox_depth: envelopes not made yet for want of a partner's valid key.",
             registry=r,
         )
+        self.outbox_oldest = Gauge(
+            "msmt_outbox_oldest_seconds",
+            "By partner: seconds since the oldest report waiting for the hub's ack for that"
+            " partner (or to be signed again for it) was accepted; 0 when none waits. Envelopes"
+            " awaiting the partner's key are not counted. Measured every 15 s.",
+            ["partner"],
+            registry=r,
+        )
         self.inbox_lag = Gauge(
             "msmt_inbox_lag",
             "Messages in the inbox stream not yet processed; NaN while not known (not"
@@ -237,6 +245,7 @@ class Metrics:
                 self.received.labels(sender=partner)
                 self.duplicates.labels(sender=partner)
                 self.published.labels(partner=partner)
+                self.outbox_oldest.labels(partner=partner)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

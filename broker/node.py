@@ -89,6 +89,8 @@ HOUSEKEEPING_S: Final = 1.0
 LAG_EVERY_S: Final = 5.0
 """Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
 STREAM_EVERY_S: Final = 30.0
+OUTBOX_AGE_EVERY_S: Final = 15.0
+"""How often ``msmt_outbox_oldest_seconds`` is measured (a query over the waiting rows)."""
 """Seconds between the inbox stream's info requests (``_check_stream``)."""
 SILENT_SWITCH: Final = 3
 """Unanswered ``consumer_info`` requests in a row after which the node leaves its server.
@@ -213,6 +215,7 @@ class Node:
         # no answer, and how the hub has the inbox "consumer" and "stream" otherwise
         # than ``msmt nats setup`` made them (``_check_consumer``, ``_check_stream``).
         self._lag_at, self._stream_at, self._silent = -LAG_EVERY_S, -STREAM_EVERY_S, 0
+        self._outbox_age_at = -OUTBOX_AGE_EVERY_S
         self._altered = {"consumer": "", "stream": ""}
         self._status: dict[str, str] = {}
         self._status_at = -STATUS_EVERY_S
@@ -996,9 +999,27 @@ class Node:
             self._plan_wake.set()
         self.metrics.outbox_depth.set(depth)
         self.metrics.outbox_awaiting_key.set(awaiting)
+        if now - self._outbox_age_at >= OUTBOX_AGE_EVERY_S:
+            self._outbox_age_at = now
+            await self._measure_outbox_age()
         if now - self._activity_at >= ACTIVITY_EVERY_S:
             self._log_activity(now - self._activity_at, depth)
         await self._publish_checkpoint(checkpoint)
+
+    async def _measure_outbox_age(self) -> None:
+        # By partner, so that an alert names the partner whose reports wait (its inbox
+        # full, its server unreachable), which the total depth cannot under load.
+        try:
+            oldest = await self.run_db(self.store.outbox_oldest)
+        except MsmtError as exc:
+            self._error(f"housekeeping: {exc}")
+            return
+        wall = time.time()
+        for partner in MEMBERS:
+            if partner != self.member:
+                since = oldest.get(partner)
+                age = 0.0 if since is None else max(0.0, wall - since)
+                self.metrics.outbox_oldest.labels(partner=partner).set(round(age, 1))
 
     def _log_activity(self, seconds: float, depth: int) -> None:
         # An operator tailing the log sees the node at work (receipts are not

@@ -881,6 +881,22 @@ class Store:
                 entry["oldest_accepted_at"] = min(entry["oldest_accepted_at"], oldest)
         return dict(sorted(result.items()))
 
+    def outbox_oldest(self) -> dict[str, float]:
+        """Per partner, the oldest acceptance time (epoch s) of a report waiting for it.
+
+        Envelopes waiting for the hub's ack and sent ones queued to be signed again;
+        not those awaiting the partner's key, which may wait for weeks by design.
+        """
+        rows = self._read(
+            "SELECT w.partner, min(r.accepted_at) FROM ("
+            "SELECT partner, report_id FROM outbox WHERE state = 'pending'"
+            " UNION ALL SELECT q.partner, q.report_id FROM reissue q WHERE EXISTS (SELECT 1"
+            " FROM outbox o WHERE o.report_id = q.report_id AND o.partner = q.partner"
+            " AND o.state = 'sent')) w JOIN reports r ON r.report_id = w.report_id"
+            " GROUP BY w.partner"
+        )
+        return {str(partner): float(oldest) for partner, oldest in rows}
+
     def sent_to(self, partner: str) -> int:
         """How many envelopes the hub acknowledged for ``partner``."""
         rows = self._read(

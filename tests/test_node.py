@@ -1819,6 +1819,47 @@ async def test_a_hub_answer_with_a_number_beyond_a_float_is_no_answer_not_a_cras
     assert heard == [None]  # the hub did answer: not silence
 
 
+async def test_the_oldest_waiting_report_is_measured_by_partner(tmp_path: Path) -> None:
+    # msmt_outbox_oldest_seconds{partner}: an alert names the partner whose reports wait
+    # (left from a monitoring trial: the outbox was exported only as a whole).
+    import time
+    import types
+
+    from broker.metrics import Metrics
+    from broker.node import Node
+    from broker.store import NewReport, OutboxItem, Store
+
+    store = Store(tmp_path / "s.db")
+    rid = "00000000-0000-4000-8000-000000000001"
+    store.accept([NewReport(rid, "vessel", b"{}")], now=time.time() - 100)
+    store.plan(
+        {
+            rid: [
+                OutboxItem(rid, p, f"msmt.to.{p}.vessel", f"jwe {p}".encode(), "{}")
+                for p in ("USA", "KOR")
+            ]
+        }
+    )
+    store.mark_sent([p for p in store.pending(10) if p.partner == "USA"])
+
+    async def run_db(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    metrics = Metrics("JPN")
+    node = types.SimpleNamespace(
+        store=store, metrics=metrics, member="JPN", run_db=run_db, _error=print
+    )
+    await Node._measure_outbox_age(node)  # type: ignore[arg-type]
+
+    def age(partner: str) -> float | None:
+        return metrics.registry.get_sample_value("msmt_outbox_oldest_seconds", {"partner": partner})
+
+    assert 99 <= (age("KOR") or 0) <= 110
+    assert age("USA") == age("GBR") == 0.0
+    assert age("JPN") is None  # not a partner of its own
+    store.close()
+
+
 def test_stream_alterations_name_what_refuses_or_drops_reports() -> None:
     from broker.natsetup import inbox_stream_config, stream_alterations
 

@@ -169,6 +169,7 @@ def test_what_runs_every_second_reads_no_growing_table_whole(tmp_path: Path) -> 
     assert store.outbox_depths() == (3, 0)
     assert store.outbox_by_partner()["USA"]["resend"] == 3
     assert store.unaudited() == [(rid, "vessel") for rid in ids]
+    assert set(store.outbox_oldest()) == {"USA"}  # every 15 s
     store._db.set_trace_callback(None)
     selects = [sql for sql in statements if sql.lstrip().upper().startswith("SELECT")]
     assert len(selects) >= 3
@@ -222,6 +223,25 @@ def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
     # Planning twice (a crash between plan and restart) adds nothing.
     store.plan({r1: [item(r1, "USA")]})
     assert store.outbox_depth() == 1
+
+
+def test_the_oldest_report_waiting_for_each_partner(tmp_path: Path) -> None:
+    # For msmt_outbox_oldest_seconds{partner}: an alert names the partner whose reports
+    # wait; envelopes awaiting a key (by design, for weeks) do not count.
+    store = Store(tmp_path / "s.db")
+    store.accept([rep(1)], now=1000.0)
+    store.accept([rep(2)], now=2000.0)
+    r1, r2 = rep(1).report_id, rep(2).report_id
+    why = "GBR has no active enc key valid now"
+    store.plan({r1: [item(r1, "USA"), item(r1, "KOR")], r2: [item(r2, "USA")]}, {r1: {"GBR": why}})
+    assert store.outbox_oldest() == {"KOR": 1000.0, "USA": 1000.0}
+    usa_r1 = next(p for p in store.pending(10) if p.report_id == r1 and p.partner == "USA")
+    store.mark_sent([usa_r1])
+    assert store.outbox_oldest() == {"KOR": 1000.0, "USA": 2000.0}
+    # A sent envelope queued to be signed again waits again.
+    store.queue_resend("USA", report_ids=[r1])
+    assert store.outbox_oldest() == {"KOR": 1000.0, "USA": 1000.0}
+    store.close()
 
 
 def test_partners_awaiting_a_key_are_kept_until_planned(tmp_path: Path) -> None:
