@@ -1089,7 +1089,12 @@ def _check_release(send: _Send, answers: _PolicyAnswers) -> list[Finding]:
         # Even with no disclosure the message tells the partner that the report
         # exists, its kind and its markings; the node sends nothing instead.
         why = ""
-        if policy is not None and not answers.releases_anything(send, policy):
+        # Not for a kind this version does not know: it cannot judge that (unknown-kind).
+        if (
+            policy is not None
+            and send.kind in KINDS
+            and not answers.releases_anything(send, policy)
+        ):
             why = "; the policy releases it nothing for this kind and these markings"
         found.append(
             Finding(

@@ -150,7 +150,7 @@ class Metrics:
         self.inbox_lag = Gauge(
             "msmt_inbox_lag",
             "Messages in the inbox stream not yet processed; NaN while not known (not"
-            " connected, the hub not answering).",
+            " connected, the hub not answering, or the inbox consumer missing).",
             registry=r,
         )
         self.inbox_lag.set(math.nan)

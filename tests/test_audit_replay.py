@@ -483,6 +483,28 @@ def test_a_send_of_a_kind_a_later_version_adds_is_not_judged_here() -> None:
             " replay with the sender's version or later to judge its release",
         )
     ]
+    # An empty one is an empty send, with no word on what the policy releases (a review).
+    empty = ev.sent(
+        "JPN",
+        T0,
+        partner="USA",
+        report_id=R2,
+        kind="coal_export",
+        released=[],
+        policy_digest=D_LOOSE,
+        jwe_sha256=_jwe("JPN", "USA", R2),
+        originator="JPN",
+        tlp="AMBER",
+        rel_to=None,
+    )
+    assert [f[:3:2] for f in _findings([_started("JPN", None, D_LOOSE), empty])] == [
+        ("empty-send", "to USA: a message with no disclosure keys"),
+        (
+            "unknown-kind",
+            "to USA: a coal_export report, a kind this version of msmt does not know:"
+            " replay with the sender's version or later to judge its release",
+        ),
+    ]
     # Its delivery is checked as any send's: the receipt matches it.
     receipt = _recv("USA", "JPN", R1, ["coal_export.imo", "observed_at"], 1, kind="coal_export")
     kinds = [f[0] for f in _findings([_started("JPN", None, D_LOOSE), later], USA=[receipt])]
