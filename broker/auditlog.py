@@ -514,14 +514,21 @@ class AuditLog:
         # Read once, at the first append after the open: at most 255 entries.
         if self._chunk is None:
             size = self._edge.size
-            self._chunk = self._leaf_hashes(size - size % (1 << CHUNK_BITS), size)
+            chunk = self._leaf_hashes(size - size % (1 << CHUNK_BITS), size)
+            if len(chunk) != size % (1 << CHUNK_BITS):
+                # A chunk root made from fewer leaves would be wrong (and caught only when
+                # read): no append to a log with entries missing, as the open check says.
+                raise StoreDamagedError(
+                    f"audit log {self.path}: entries of its unfinished chunk are missing"
+                )
+            self._chunk = chunk
         return self._chunk
 
     def _tree(self) -> Levels:
         # Built once on the first proof request, from the stored chunk roots, then
         # extended by appends.
         if self._damaged is not None:
-            raise StoreDamagedError(self._damaged)  # said once: each try reads the log
+            raise StoreDamagedError(self._damaged)  # remembered: each try read the log again
         if self._levels is None:
             size = self._edge.size
             full = size >> CHUNK_BITS

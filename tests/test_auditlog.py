@@ -761,6 +761,20 @@ def test_entries_that_do_not_hash_to_the_signed_root_give_no_proof(tmp_path: Pat
         ]
 
 
+def test_no_append_to_a_log_missing_entries_of_its_unfinished_chunk(tmp_path: Path) -> None:
+    # Its root would be made from fewer leaves than the chunk holds.
+    chunk = 1 << CHUNK_BITS
+    build_log(tmp_path, KEY, [chunk + 20]).close()
+    with _db(tmp_path) as db:
+        db.execute("DELETE FROM entries WHERE idx = ?", (chunk + 5,))
+    log = AuditLog(tmp_path, MEMBER, KEY)  # the open check reads only the newest entries
+    with pytest.raises(StoreDamagedError, match="unfinished chunk are missing"):
+        log.append_many([event(chunk + 20)])
+    assert log.write_failed is not None
+    assert log.size == chunk + 20
+    log.close()
+
+
 def test_an_append_that_cannot_read_its_unfinished_chunk_says_it_cannot_write(
     tmp_path: Path,
 ) -> None:
