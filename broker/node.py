@@ -89,9 +89,9 @@ HOUSEKEEPING_S: Final = 1.0
 LAG_EVERY_S: Final = 5.0
 """Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
 STREAM_EVERY_S: Final = 30.0
+"""Seconds between the inbox stream's info requests (``_check_stream``)."""
 OUTBOX_AGE_EVERY_S: Final = 15.0
 """How often ``msmt_outbox_oldest_seconds`` is measured (a query over the waiting rows)."""
-"""Seconds between the inbox stream's info requests (``_check_stream``)."""
 SILENT_SWITCH: Final = 3
 """Unanswered ``consumer_info`` requests in a row after which the node leaves its server.
 
