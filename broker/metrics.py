@@ -29,7 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from broker import version
 from broker.members import MEMBERS
 from broker.serving import BoundedRunner, refusals_close
-from broker.store import STORE_FORMAT
+from broker.store_file import STORE_FORMAT
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 

@@ -174,7 +174,8 @@ def load_received(config_path: Path, since: datetime | None) -> tuple[list[Recei
     """
     from broker.config import load_config  # noqa: PLC0415 - keeps the pure part import-light
     from broker.keys import load_pinned_roster  # noqa: PLC0415
-    from broker.store import Store, require_store  # noqa: PLC0415
+    from broker.store import Store  # noqa: PLC0415
+    from broker.store_file import require_store  # noqa: PLC0415
 
     config = load_config(config_path)
     require_store(config.store_path)

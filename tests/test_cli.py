@@ -31,7 +31,8 @@ from broker import feeds, keys, samples
 from broker.cli import FAMILIES
 from broker.cli.options import rfc3339
 from broker.errors import UsageError
-from broker.store import STORE_FORMAT, Store
+from broker.store import Store
+from broker.store_file import STORE_FORMAT
 
 HOOK = """
 import os, sys

@@ -42,7 +42,8 @@ from broker import keys
 from broker.cli import main
 from broker.members import MEMBERS
 from broker.node_start import load_node
-from broker.store import AUDIT_SIZE, KEPT_SINCE, Store
+from broker.store import AUDIT_SIZE, Store
+from broker.store_file import KEPT_SINCE
 from broker.validation import parse_record
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,8 @@ from node_world import MSMT, fetch, msmt, wait_for, write_node_config
 from broker import keys
 from broker.auditlog import DB_FILE, AuditLog
 from broker.config import NodeConfig, load_config
-from broker.store import Store, writer_pid
+from broker.store import Store
+from broker.store_file import writer_pid
 
 NOT_UTF8 = b'{"d": "\xff\xfe"}'
 

@@ -22,16 +22,8 @@ from hypothesis import strategies as st
 
 from broker.config import LimitsSection
 from broker.errors import StoreError, StoreTooNewError
-from broker.store import (
-    KEPT_SINCE,
-    PAGE_SIZE,
-    STORE_FORMAT,
-    NewReport,
-    OutboxItem,
-    Received,
-    Store,
-    writer_pid,
-)
+from broker.store import NewReport, OutboxItem, Received, Store
+from broker.store_file import KEPT_SINCE, PAGE_SIZE, STORE_FORMAT, writer_pid
 
 
 def rep(i: int, size: int = 10) -> NewReport:

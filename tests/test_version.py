@@ -15,7 +15,7 @@ from pathlib import Path
 
 import broker
 from broker.metrics import Metrics
-from broker.store import STORE_FORMAT
+from broker.store_file import STORE_FORMAT
 
 REPO = Path(__file__).resolve().parent.parent
 

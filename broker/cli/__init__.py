@@ -111,7 +111,7 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     if not value or ctx.resilient_parsing:
         return
     # Imported only when asked: the store module is not light, and --version must be.
-    from broker.store import STORE_FORMAT  # noqa: PLC0415
+    from broker.store_file import STORE_FORMAT  # noqa: PLC0415
 
     # The store format says which builds can run on a data directory, and so what
     # a rollback to this build can open (docs/DEPLOY.md, "Versions").

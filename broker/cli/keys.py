@@ -21,7 +21,7 @@ from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.files import read_file_bytes
 from broker.members import MEMBERS, parse_members
 from broker.roster import format_time
-from broker.store import flock_holder
+from broker.store_file import flock_holder
 
 _KEYDIR = click.option(
     "--dir",

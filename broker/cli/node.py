@@ -50,15 +50,8 @@ from broker.members import MEMBERS, is_member
 from broker.roster import Roster, parse_time
 from broker.sightings import is_report_id
 from broker.stopsignals import StopSignals
-from broker.store import (
-    AUDIT_SIZE,
-    KEPT_SINCE,
-    InboxEntry,
-    Store,
-    page_damage,
-    require_store,
-    writer_pid,
-)
+from broker.store import AUDIT_SIZE, InboxEntry, Store
+from broker.store_file import KEPT_SINCE, page_damage, require_store, writer_pid
 
 
 def _config(path: Path) -> NodeConfig:
