@@ -5,13 +5,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck pytest chromium promtool schemas clean
+.PHONY: install test demo lint typecheck pytest chromium promtool schemas clean
 
-$(STAMP): pyproject.toml
+# The commit checked out, where git keeps it loose: the install is editable, and its
+# version (msmt --version, msmt_build_info) is the commit's at install time, so a new
+# commit installs again (a new user's trial: a pulled tree still named the old build).
+HEAD_REF := $(wildcard .git/HEAD $(addprefix .git/,$(shell git symbolic-ref -q HEAD 2>/dev/null)))
+
+$(STAMP): pyproject.toml $(HEAD_REF)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+install: $(STAMP)
 
 test: lint typecheck pytest
 
