@@ -530,42 +530,38 @@ class AuditLog:
         if self._damaged is not None:
             raise StoreDamagedError(self._damaged)  # remembered: each try read the log again
         if self._levels is None:
-            size = self._edge.size
-            full = size >> CHUNK_BITS
-            stored = dict(self._rows("SELECT idx, root FROM chunks WHERE idx < ?", (full,)))
-            kept = {i: r for i, r in stored.items() if _is_hash(r)}
             try:
-                tree, made = self._chunked(kept, full)
-            except StoreDamagedError as exc:  # entries missing: they do not come back
+                self._levels = self._built_tree()
+            except StoreDamagedError as exc:  # missing or altered entries do not mend
                 self._damaged = str(exc)
                 raise
-            if size and tree.range_hash(0, size) != self._edge.root():
-                # A stored root the signed head does not cover (a damaged page, a hand
-                # edit of this derived table): every chunk again, from the entries.
-                try:
-                    tree, made = self._chunked({}, full)
-                except StoreDamagedError as exc:
-                    self._damaged = str(exc)
-                    raise
-                if tree.range_hash(0, size) != self._edge.root():
-                    # The open check reads only the newest entries; a proof from these
-                    # would fail at every witness. The path is the operator's business,
-                    # not a partner's (a StoreError's words stay on this node).
-                    self._damaged = (
-                        f"audit log {self.path}: its entries do not hash to its signed root"
-                        " (check it with msmt audit verify)"
-                    )
-                    raise StoreDamagedError(self._damaged)
-            if made:
-                # Kept for the next start, once the signed root covers them; derived
-                # data, so a refusal (a full disk) costs only the rehash then.
-                with contextlib.suppress(sqlite3.Error), self._db:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    self._db.executemany(
-                        "INSERT OR REPLACE INTO chunks VALUES (?, ?)", made.items()
-                    )
-            self._levels = tree
         return self._levels
+
+    def _built_tree(self) -> _ChunkedTree:
+        """The proof tree of the log as it is, checked against its signed root."""
+        size = self._edge.size
+        full = size >> CHUNK_BITS
+        stored = dict(self._rows("SELECT idx, root FROM chunks WHERE idx < ?", (full,)))
+        tree, made = self._chunked({i: r for i, r in stored.items() if _is_hash(r)}, full)
+        if size and tree.range_hash(0, size) != self._edge.root():
+            # A stored root the signed head does not cover (a damaged page, a hand
+            # edit of this derived table): every chunk again, from the entries.
+            tree, made = self._chunked({}, full)
+            if tree.range_hash(0, size) != self._edge.root():
+                # The open check reads only the newest entries; a proof from these
+                # would fail at every witness. The path is the operator's business,
+                # not a partner's (a StoreError's words stay on this node).
+                raise StoreDamagedError(
+                    f"audit log {self.path}: its entries do not hash to its signed root"
+                    " (check it with msmt audit verify)"
+                )
+        if made:
+            # Kept for the next start, once the signed root covers them; derived
+            # data, so a refusal (a full disk) costs only the rehash then.
+            with contextlib.suppress(sqlite3.Error), self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?)", made.items())
+        return tree
 
     def _chunked(self, kept: dict[int, bytes], full: int) -> tuple[_ChunkedTree, dict[int, bytes]]:
         """The tree from the ``kept`` chunk roots, the other ``full`` chunks' from the entries."""

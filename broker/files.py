@@ -110,7 +110,7 @@ def write_durably(path: Path, data: bytes, *, replace: bool = True) -> None:
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        _write_synced(fd, data)
+        write_synced(fd, data)
         if replace:
             os.replace(tmp, path)
             sync_folder(path.parent)
@@ -142,14 +142,14 @@ def _create_new(path: Path, data: bytes) -> None:
     """``write_durably``'s way where links fail: create ``path`` anew (no link followed), fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        _write_synced(fd, data)
+        write_synced(fd, data)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
 
 
-def _write_synced(fd: int, data: bytes) -> None:
+def write_synced(fd: int, data: bytes) -> None:
     """Write ``data`` to the new file open as ``fd``, fsync it, and close it."""
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)

@@ -24,7 +24,6 @@ import binascii
 import errno
 import hashlib
 import json
-import os
 import re
 import secrets
 import stat
@@ -42,7 +41,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeyParameters, OKPKey
 
 from broker.errors import KeyMaterialError, UsageError, WriteError
-from broker.files import read_file_bytes, read_file_text, sync_folder
+from broker.files import read_file_bytes, read_file_text, sync_folder, write_synced
 from broker.members import MEMBERS, is_member
 from broker.note import excerpt
 from broker.roster import CLOCK_SKEW, KeyUse, Roster, format_time
@@ -80,10 +79,7 @@ def _stage(path: Path, data: bytes, *, private: bool) -> Path:
         raise WriteError(f"cannot write {path}: {exc.strerror}") from None
     try:
         # mkstemp already creates 0600; public files are then widened to 0644.
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_synced(fd, data)
         if not private:
             Path(tmp).chmod(0o644)
     except BaseException as exc:

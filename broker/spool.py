@@ -16,7 +16,6 @@ import hashlib
 import os
 import signal
 import stat
-import time
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal
 
@@ -619,16 +618,14 @@ def _sync(fd: int) -> None:
     try:
         os.fsync(fd)
     except OSError as exc:
-        global _sync_warned_at  # noqa: PLW0603 - one spool task per process
-        now = time.monotonic()
-        if now - _sync_warned_at >= SYNC_WARN_EVERY_S:
-            _sync_warned_at = now
+        unlogged = _SYNC_FAILED.check("spool_sync_failed", "")
+        if unlogged is not None:
             log.warning(
                 "spool_sync_failed",
                 reason=f"{exc.strerror or exc}: filed all the same, and a power cut may undo it",
+                **({"unlogged_before": unlogged} if unlogged else {}),
             )
 
 
-SYNC_WARN_EVERY_S: Final = 60.0
-"""How often at most ``spool_sync_failed`` is logged."""
-_sync_warned_at = -SYNC_WARN_EVERY_S
+_SYNC_FAILED: Final = Throttle()
+"""Module-wide (``_sync`` runs in worker threads, with no spool at hand): once a minute."""

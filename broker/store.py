@@ -693,15 +693,7 @@ class Store:
         Accepted reports not planned yet have no partner: ``outbox_depth`` less
         these is their number.
         """
-        queues = [
-            ("unacked", "SELECT partner, report_id FROM outbox WHERE state = 'pending'"),
-            (
-                "resend",
-                "SELECT q.partner, q.report_id FROM reissue q WHERE EXISTS (SELECT 1 FROM"
-                " outbox o WHERE o.report_id = q.report_id AND o.partner = q.partner"
-                " AND o.state = 'sent')",
-            ),
-        ]
+        queues = list(_WAITING.items())
         if self._has_awaiting_table():
             queues.append(("awaiting_key", "SELECT partner, report_id FROM awaiting_key"))
         result: dict[str, dict[str, Any]] = {}
@@ -725,13 +717,10 @@ class Store:
         Envelopes waiting for the hub's ack and sent ones queued to be signed again;
         not those awaiting the partner's key, which may wait for weeks by design.
         """
+        waiting = " UNION ALL ".join(_WAITING.values())
         rows = self._read(
-            "SELECT w.partner, min(r.accepted_at) FROM ("
-            "SELECT partner, report_id FROM outbox WHERE state = 'pending'"
-            " UNION ALL SELECT q.partner, q.report_id FROM reissue q WHERE EXISTS (SELECT 1"
-            " FROM outbox o WHERE o.report_id = q.report_id AND o.partner = q.partner"
-            " AND o.state = 'sent')) w JOIN reports r ON r.report_id = w.report_id"
-            " GROUP BY w.partner"
+            f"SELECT w.partner, min(r.accepted_at) FROM ({waiting}) w"  # noqa: S608 - our own queries
+            " JOIN reports r ON r.report_id = w.report_id GROUP BY w.partner"
         )
         return {str(partner): float(oldest) for partner, oldest in rows}
 
@@ -1022,10 +1011,8 @@ class Store:
         time, up to the last row there when called (a running node adds more): all at
         once took 1.48 GB at 100,000 rows (a long-life trial).
         """
-        (first, last), select = (
-            self._read("SELECT min(rowid), max(rowid) FROM inbox")[0],
-            (self._inbox_select() + " WHERE rowid >= ? AND rowid <= ? ORDER BY rowid LIMIT ?"),
-        )
+        first, last = self._read("SELECT min(rowid), max(rowid) FROM inbox")[0]
+        select = self._inbox_select() + " WHERE rowid >= ? AND rowid <= ? ORDER BY rowid LIMIT ?"
         after = None if first is None else int(first)
         while after is not None:
             rows = self._read(select, (after, last, batch))
@@ -1122,6 +1109,16 @@ class Store:
         """All status facts by key."""
         return {r[0]: r[1] for r in self._read("SELECT key, value FROM state")}
 
+
+_WAITING: Final = {
+    "unacked": "SELECT partner, report_id FROM outbox WHERE state = 'pending'",
+    # Driven from reissue (empty, or a few rows) into outbox by its key: as a join,
+    # SQLite scanned every envelope ever sent (``outbox_depths``).
+    "resend": "SELECT q.partner, q.report_id FROM reissue q WHERE EXISTS (SELECT 1 FROM"
+    " outbox o WHERE o.report_id = q.report_id AND o.partner = q.partner AND o.state = 'sent')",
+}
+"""(partner, report) of each envelope waiting to go out: for the hub's ack, or to be
+signed again. ``outbox_by_partner`` counts each; ``outbox_oldest`` takes both."""
 
 _INBOX_COLUMNS: Final = (
     "SELECT sender, originator, report_id, kind, tlp, rel_to, iat, received_at, fields, paths,"

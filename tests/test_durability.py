@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from broker.auditnet import save_witness_state
 from broker.errors import WriteError
 from broker.files import write_durably, write_output
 from broker.intake import ensure_token
+from broker.log import Throttle
 from broker.witness import LogState
 
 
@@ -214,7 +214,7 @@ def test_a_folder_that_cannot_be_synced_still_files_the_batch(
     # A review injected EIO into the folders' fsync: the batch stayed in the spool, and
     # each poll read it again and left another answers file in done/.
     _failing(monkeypatch, "fsync", errno.EIO, folders=True)
-    monkeypatch.setattr(spool, "_sync_warned_at", -math.inf)  # none said yet
+    monkeypatch.setattr(spool, "_SYNC_FAILED", Throttle())  # none said yet
     with capture_logs() as logs:
         folders, filed = _file_a_batch(tmp_path)
     assert list(folders["spool"].iterdir()) == []
