@@ -6,11 +6,14 @@ setup fails at start with one line, and builds the ``Node``. ``Node.run`` then
 runs these tasks until SIGTERM/SIGINT:
 
 * intake on the unix socket and the spool directory (``broker.intake``);
-* the planner and the publisher (``broker.publisher``); planning runs in a
-  worker process (``broker.planpool``), started before any input is taken;
+* the planner and the reissue loop (``broker.planloop``), planning in a worker
+  process (``broker.planpool``) started before any input is taken, and the
+  publisher (``broker.publisher``);
 * the inbox receiver (``broker.receiver``), once NATS is connected;
-* housekeeping: gauges, ``msmt status`` facts, counters, seen-set pruning, and
-  publishing the audit log's latest signed checkpoint.
+* housekeeping: gauges, ``msmt status`` facts, counters, seen-set pruning,
+  the hub's answers (``broker.hubwatch``: the inbox lag, the consumer and stream
+  as set up, our clock against the hub's), and publishing the audit log's latest
+  signed checkpoint.
 
 Every store and audit-log call runs on one worker thread (SQLite connections
 are single-threaded; the event loop never waits on an fsync). Shutdown order:
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import math
 import os
@@ -31,7 +33,7 @@ import signal
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,7 +44,6 @@ import nats.errors
 import nats.js.errors
 from aiohttp import web
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from broker import audit_events, version
 from broker.auditlog import AuditLog
@@ -55,6 +56,7 @@ from broker.errors import (
     UsageError,
 )
 from broker.feeds import FEED_COUNTER, FEED_USED, FeedTokens
+from broker.hubwatch import LAG_EVERY_S, HubWatch
 from broker.intake import Intake, Refusal, ensure_token, make_app, read_token, serve_unix
 from broker.log import Throttle, get_logger
 from broker.members import MEMBERS
@@ -62,7 +64,7 @@ from broker.metrics import Metrics, serve_tcp
 from broker.metrics import make_app as make_metrics_app
 from broker.natsclient import TlsOnlyClient
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
-from broker.natsetup import consumer_alterations, stream_alterations
+from broker.planloop import PlanLoop
 from broker.planner import Planner
 from broker.planpool import PlanPool, PlanWorkerError
 from broker.policy import Policy
@@ -81,36 +83,9 @@ _HUB_TROUBLE: Final = "hub"
 connection errors and the inbox's timeouts alternate, and would each be logged."""
 
 T = TypeVar("T")
-PLAN_BATCH: Final = 50
-HANDED_MAX: Final = 4 * PLAN_BATCH
-"""Most accepted reports held in memory for the planner; past it, it reads them from the store."""
-PLAN_RETRY_S: Final = 30.0
 HOUSEKEEPING_S: Final = 1.0
-LAG_EVERY_S: Final = 5.0
-"""Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
-STREAM_EVERY_S: Final = 30.0
-"""Seconds between the inbox stream's info requests (``_check_stream``)."""
 OUTBOX_AGE_EVERY_S: Final = 15.0
 """How often ``msmt_outbox_oldest_seconds`` is measured (a query over the waiting rows)."""
-SILENT_SWITCH: Final = 3
-"""Unanswered ``consumer_info`` requests in a row after which the node leaves its server.
-
-A server cut off from the rest of a cluster, frozen, or behind a link that drops
-packets keeps the connection open, so nats-py stays on it (its pings notice a dead
-link only after 2-6 minutes, a live server never) while nothing is published or
-received; another server in ``nats.urls`` may be whole. Three requests ``LAG_EVERY_S``
-apart, each given 1 s, are 10-15 s without an answer: longer than a leader election."""
-CLOCK_WARN_S: Final = 60.0
-"""A clock this far from the hub's is reported (``msmt_clock_offset_seconds``, the status)."""
-CLOCK_STEP_S: Final = 1.0
-"""A step of the clock this large since the last comparison is compared again at once."""
-CLOCK_PAUSE_S: Final = 240.0
-"""A clock this far from the hub's pauses the inbox: it would misjudge partners' reports.
-
-Partners' clocks may be up to ``CLOCK_WARN_S`` off without a warning, and a report
-issued more than 5 minutes (``MAX_SKEW``) in our future is held until it is not: past
-4 minutes behind, our own error alone would hold theirs, and a day ahead refuse them
-as too old, which is final."""
 REPUBLISH_S: Final = 60.0
 """Longest time between two publications of our latest checkpoint, changed or not."""
 WRITE_FAILED_S: Final = 60.0
@@ -125,10 +100,6 @@ ACTIVITY_EVERY_S: Final = 60.0
 """How often a node that did anything logs one ``activity`` line of counts."""
 PAUSED_LOG_EVERY_S: Final = 60.0
 """While the inbox is paused for a twin, a line says so this often."""
-PLAN_ERROR_RETRY_S: Final = 0.5
-REISSUE_EVERY_S: Final = 60.0
-"""Longest time between looks for envelopes to sign again (pending too long; ``msmt node
-resend``); a quarter of the freshness window if that is shorter."""
 EXPIRY_WARNING: Final = timedelta(days=14)
 """A credential expiring sooner than this is logged at start (``credential_expires_soon``)."""
 
@@ -140,11 +111,6 @@ class NodeFailedError(MsmtError):
 class Node:
     """One member's running node; build it with ``broker.node_start.load_node``."""
 
-    # Reports accepted and logged since the planner last looked, which it takes
-    # from here rather than reading the store (a hop to its thread and back per
-    # report at a trickle). The store stays the record: None (after a recovery,
-    # or past HANDED_MAX) has the planner read it (see _plan_loop).
-    _handed: dict[str, bytes] | None
     _signals: StopSignals | None = None
     """``msmt node run``'s, to name the signal that stopped the node."""
 
@@ -178,20 +144,17 @@ class Node:
         self._inbox_halt = asyncio.Event()
         self._inbox_paused = ""  # why and since when, while the inbox is paused
         self._paused_for = ""  # its cause: "twin" or "clock"
-        # Why our clock is too far off the hub's to judge freshness, else empty, and
-        # the offset for the status (whole seconds, signed): set by the clock check
-        # (``_check_clock``), which the receiver waits for at start. ``_tick`` wakes
-        # the housekeeping loop that checks before its second is up: at connect, so
-        # the check (hence /readyz) comes at once; and at a stop.
-        self._clock_off, self._clock_offset = "", "unknown"
-        self._clock_checked, self._tick = asyncio.Event(), asyncio.Event()
-        # Our clock minus the monotonic one at the last comparison: a change says
-        # the clock was stepped (NTP, an operator) since, without asking the hub.
-        self._clock_base: float | None = None
-        # Nothing is published until the reissue loop has queued what was signed by
-        # a wrong clock to be signed again: at start, and once the clock is right again.
-        self._resign_due = True
-        self._reissue_wake = asyncio.Event()
+        # Wakes the housekeeping loop, which asks the hub, before its second is up:
+        # at connect, so the clock check (hence /readyz) comes at once; and at a stop.
+        self._tick = asyncio.Event()
+        self.hub = HubWatch(
+            config.member,
+            len(config.nats.urls),
+            self.metrics,
+            lambda: self.nc,
+            self._error,
+            self._clock_compared,
+        )
         self.nc: Client | None = None
         self.publisher: Publisher | None = None
         self.receiver: Receiver | None = None
@@ -199,24 +162,24 @@ class Node:
         # Envelope crypto runs in a worker process, on another core than the
         # event loop and the store thread that publish and record the acks.
         self._plans = PlanPool(planner, policy_text)
-        self._plan_wake, self._handed = asyncio.Event(), {}
-        self._plan_skip: dict[str, float] = {}
+        self.plan_loop = PlanLoop(
+            store,
+            self.run_db,
+            self._plans,
+            self.hub,
+            config.limits.freshness_seconds,
+            self.stop,
+            self._error,
+        )
         self._intakes: list[Intake] = []
         self._last_error = ""
         self._last_error_at = ""  # when it last happened, so a stale error reads as one
         self._alarm_facts: dict[str, str] = {}  # an audit alarm not recorded yet
-        self._throttle = Throttle()
         self._error_log = Throttle()  # node_error: once a minute for each condition
         self._sent_logged: set[int] = set()  # outbox rows logged sent, not marked (store thread)
         self._published_checkpoint: str | None = None
         self._published_at = -math.inf
-        self._lag: int | None = None
-        # When the lag and the stream were last asked, how many requests in a row got
-        # no answer, and how the hub has the inbox "consumer" and "stream" otherwise
-        # than ``msmt nats setup`` made them (``_check_consumer``, ``_check_stream``).
-        self._lag_at, self._stream_at, self._silent = -LAG_EVERY_S, -STREAM_EVERY_S, 0
         self._outbox_age_at = -OUTBOX_AGE_EVERY_S
-        self._altered = {"consumer": "", "stream": ""}
         self._status: dict[str, str] = {}
         self._status_at = -STATUS_EVERY_S
         # Counts the store has not taken yet: kept until it can (a full disk).
@@ -283,13 +246,9 @@ class Node:
         if failed is not None:
             # Not logged: housekeeping logs them, then wakes the planner to read them.
             self._error(failed)
-        elif self._handed is not None:
-            new = [r for r, is_new in zip(batch, fresh, strict=True) if is_new]
-            if len(self._handed) + len(new) > HANDED_MAX:
-                self._handed = None
-            else:
-                self._handed.update((r.report_id, r.record) for r in new)
-        self._plan_wake.set()
+            self.plan_loop.wake()
+        else:
+            self.plan_loop.handed([r for r, is_new in zip(batch, fresh, strict=True) if is_new])
         return fresh
 
     def _reject_sync(self, refused: list[Refusal], feed: str) -> None:
@@ -316,251 +275,7 @@ class Node:
         except MsmtError as exc:
             self._error(f"audit of intake rejections: {exc}")
 
-    # --- planning and publishing ---------------------------------------------
-
-    async def _plan_loop(self) -> None:
-        # Three stages overlap: the worker plans a batch while the store commits
-        # the one before, and the rows of the next batch are read before that
-        # commit is queued on the store's thread, so the worker does not wait
-        # behind it. At most one commit is outstanding; the rows planned but not
-        # yet committed (still unplanned in the store) are skipped.
-        committing: asyncio.Task[bool] | None = None
-        in_commit: set[str] = set()
-        planned: dict[str, list[OutboxItem]] = {}  # planned, commit not started
-        waiting: dict[str, dict[str, str]] = {}  # their partners without a key
-        # Whether the store may hold unplanned reports that are not in _handed. A
-        # read that found fewer than it asked for saw them all; after it only a
-        # recovery or an overfull _handed (None), a failed commit, a skip coming
-        # due or rows the worker left for its next batch add one. So a report fed
-        # alone costs no read, not three (the one that found it, one while its
-        # plan was made, one while it was committed).
-        look = True
-        try:
-            while not self.stop.is_set():
-                # Cleared before looking, so a report accepted meanwhile wakes the next wait.
-                self._plan_wake.clear()
-                now = time.monotonic()
-                due = [rid for rid, until in self._plan_skip.items() if until <= now]
-                for rid in due:
-                    del self._plan_skip[rid]
-                skip = self._plan_skip.keys() | in_commit | planned.keys()
-                rows, look, failed = await self._unplanned(look or bool(due), skip)
-                if committing is not None:
-                    # Not committed means still unplanned: read again after a pause.
-                    failed |= not await committing
-                    committing, in_commit = None, set()
-                if planned:
-                    in_commit = set(planned)
-                    committing = asyncio.create_task(self._commit_plans(planned, waiting))
-                    planned, waiting = {}, {}
-                plans: dict[str, list[OutboxItem]] = {}
-                errors: dict[str, str] = {}
-                try:
-                    if rows:
-                        plans, errors, waiting = await self._plans.plan(rows, PLAN_BATCH)
-                        # The worker plans at most PLAN_BATCH: the rest are read again.
-                        look |= len(plans) + len(errors) < len(rows)
-                except PlanWorkerError:
-                    raise  # fatal: the node stops (and systemd restarts it)
-                except MsmtError as exc:
-                    self._error(f"planning: {exc}")
-                    failed = True
-                held: dict[str, list[str]] = {}
-                for report_id, reason in errors.items():
-                    self._plan_skip[report_id] = now + PLAN_RETRY_S
-                    held.setdefault(reason, []).append(report_id)
-                for reason, ids in held.items():
-                    # One line per cause, not per report: an expired signing key
-                    # holds back every report, and the log must not scroll with them.
-                    which = f"{len(ids)} reports ({ids[0]}, ...)" if ids[1:] else f"report {ids[0]}"
-                    self._error(f"cannot plan {which}: {reason}", same_as=f"plan: {reason}")
-                self._report_waiting(waiting)
-                planned = plans
-                look |= failed
-                if not plans and not errors and committing is None:
-                    # Event-driven: an accept wakes us; a timer runs only for a
-                    # retry (a store error, a report skipped for now).
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._plan_wake.wait(), self._plan_timeout(failed))
-        finally:
-            if committing is not None:
-                await committing
-
-    async def _unplanned(
-        self, look: bool, skip: Collection[str]
-    ) -> tuple[list[tuple[str, bytes]], bool, bool]:
-        # The plan loop's next rows: those handed over by the intake, and with
-        # ``look`` (or _handed None) the store's. Also whether to look next time,
-        # and whether the read failed.
-        handed, self._handed = self._handed, {}
-        rows: list[tuple[str, bytes]] = []
-        if look or handed is None:
-            limit = PLAN_BATCH + len(skip)
-            try:
-                rows = await self.run_db(
-                    functools.partial(self.store.unplanned, audited_only=True), limit
-                )
-            except MsmtError as exc:
-                self._error(f"planning: {exc}")
-                return [], True, True
-            look = len(rows) >= limit
-        # Logged and committed, so in the store too until planned: a read may
-        # have found them, and found fewer than it asked for, it found them all.
-        read = {rid for rid, _ in rows}
-        rows += [row for row in (handed or {}).items() if row[0] not in read]
-        return [row for row in rows if row[0] not in skip], look, False
-
-    def _plan_timeout(self, failed: bool) -> float | None:
-        # How long the plan loop may sleep without a wake-up: briefly after a
-        # store error, until the first skipped report is due, else until woken.
-        # The loop drops a skip that came due, and reads the store for it.
-        if failed:
-            return PLAN_ERROR_RETRY_S
-        if not self._plan_skip:
-            return None
-        return max(0.01, min(self._plan_skip.values()) - time.monotonic())
-
-    def _report_waiting(self, waiting: Mapping[str, Mapping[str, str]]) -> None:
-        # One warning a minute for every partner without a key, not an error of
-        # this node: a partner's key lapsed, or a member not enrolled yet (a group
-        # joining one by one has several, for weeks). In last_error it hid real
-        # errors; msmt status shows the envelopes waiting per partner (outbox).
-        # They go out once the partner's key is valid (a roster update and restart).
-        if not waiting or not self._throttle.due("waiting", "partners"):
-            return
-        reasons = {p: why for partners in waiting.values() for p, why in partners.items()}
-        log.warning(
-            "reports_await_keys",
-            reports=len(waiting),
-            first_report=next(iter(waiting)),
-            partners=",".join(sorted(reasons)),
-            reasons="; ".join(sorted(set(reasons.values()))),
-        )
-
-    async def _commit_plans(
-        self, plans: dict[str, list[OutboxItem]], waiting: dict[str, dict[str, str]]
-    ) -> bool:
-        # False if not committed: the reports stay unplanned and the plan loop retries.
-        try:
-            stored = await self.run_db(self.store.plan, plans, waiting)
-        except MsmtError as exc:
-            self._error(f"planning: {exc}")
-            return False
-        if self.publisher is not None:
-            self.publisher.hand(stored)  # rather than have it read them back
-        return True
-
-    async def _reissue_loop(self) -> None:
-        # A partner refuses an envelope signed longer ago than its freshness
-        # window. One pending for half of ours (the hub unreachable) is signed
-        # again before it goes out; ``msmt node resend`` queues sent ones that a
-        # partner refused. Off the hot path: both are rare.
-        window = self.config.limits.freshness_seconds
-        stale_after, every = window / 2, reissue_interval(window)
-        # Judged by a clock compared with the hub's (see _receive_forever).
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._clock_checked.wait(), 2 * LAG_EVERY_S)
-        while not self.stop.is_set():
-            self._reissue_wake.clear()
-            # Not while our clock is off the hub's: it would misjudge what is stale,
-            # and sign with the wrong time again.
-            if not self._clock_off:
-                try:
-                    await self._reissue_pass(stale_after)
-                except MsmtError as exc:
-                    if isinstance(exc, PlanWorkerError):
-                        raise  # fatal, as in the plan loop
-                    self._error(f"signing again: {exc}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reissue_wake.wait(), every)
-
-    async def _reissue_pass(self, stale_after: float) -> None:
-        # What was signed too long ago, or in the future (by a clock that ran ahead
-        # and is right now), is signed again before the publisher may send it.
-        now = wall_clock()
-        await self.run_db(self.store.queue_stale, now - stale_after, now + CLOCK_WARN_S)
-        failed: set[str] = set()
-        while not self.stop.is_set() and await self._reissue_batch(failed):
-            pass
-        if self._resign_due and not self._clock_off:
-            self._resign_due = False
-            if self.publisher is not None:
-                self.publisher.wake()
-        tried: set[str] = set()
-        while not self.stop.is_set() and await self._awaited_batch(tried):
-            pass
-
-    async def _awaited_batch(self, tried: set[str]) -> bool:
-        # Partners a report was planned without (no valid encryption key then):
-        # planned again now, once per pass; True if there may be more. The report
-        # is signed anew for them (under the current policy and keys).
-        rows = await self.run_db(self.store.awaiting, PLAN_BATCH + len(tried))
-        rows = [row for row in rows if row[0] not in tried]
-        if not rows:
-            return False
-        tried.update(rid for rid, _, _ in rows)
-        plans, errors, waiting = await self._plans.plan(
-            [(rid, record) for rid, record, _ in rows], len(rows)
-        )
-        for reason in sorted(set(errors.values())):
-            self._error(f"cannot plan for a partner: {reason}", same_as=f"plan: {reason}")
-        wanted = {rid: partners for rid, _, partners in rows if rid not in errors}
-        queued, dropped = await self.run_db(self.store.awaited, plans, waiting, wanted)
-        self._report_waiting({rid: w for rid, w in waiting.items() if rid in wanted})
-        self._replanned("envelopes_planned_for_waiting_partners", queued, "not_planned", dropped)
-        return True
-
-    def _replanned(
-        self, made: str, count: int, dropped_event: str, dropped: list[tuple[str, str]]
-    ) -> None:
-        # After envelopes were made again (or anew): wake the publisher, and name
-        # the partners the current policy no longer releases anything to. One line
-        # per batch, not per envelope: a policy narrowed to the members there are
-        # drops an envelope for every report and absent member at once (a trial's
-        # three-member group: 77 lines in one millisecond).
-        if count:
-            log.info(made, envelopes=count)
-            if self.publisher is not None:
-                self.publisher.wake()
-        if dropped:
-            log.warning(
-                dropped_event,
-                envelopes=len(dropped),
-                reports=len({report_id for report_id, _ in dropped}),
-                first_report=dropped[0][0],
-                partners=",".join(sorted({partner for _, partner in dropped})),
-                reason="the current policy releases nothing of them to these partners",
-            )
-
-    async def _reissue_batch(self, failed: set[str]) -> bool:
-        # One batch of queued envelopes signed again under the current policy and
-        # keys; True if there may be more. Reports that cannot be planned now (no
-        # valid key) stay queued for the next pass, and are skipped in this one.
-        rows = await self.run_db(self.store.reissues, PLAN_BATCH + len(failed))
-        rows = [row for row in rows if row[0] not in failed]
-        if not rows:
-            return False
-        plans, errors, waiting = await self._plans.plan(
-            [(rid, record) for rid, record, _ in rows], len(rows)
-        )
-        failed.update(errors)
-        # A partner whose key lapsed since has no new envelope: it is left out here
-        # (``reissued`` would take it for one the policy no longer releases to), so
-        # its row stays as it was and queued, for the next pass.
-        lapsed = {rid: set(partners) for rid, partners in waiting.items()}
-        failed.update(lapsed)
-        wanted = {
-            rid: [p for p in partners if p not in lapsed.get(rid, ())]
-            for rid, _, partners in rows
-            if rid not in errors
-        }
-        withheld = await self.run_db(self.store.reissued, plans, wanted)
-        lapsed_reasons = {why for partners in waiting.values() for why in partners.values()}
-        for reason in sorted(set(errors.values()) | lapsed_reasons):
-            self._error(f"cannot sign again: {reason}", same_as=f"reissue: {reason}")
-        signed = sum(len(partners) for partners in wanted.values()) - len(withheld)
-        self._replanned("envelopes_signed_again", signed, "not_signed_again", withheld)
-        return True
+    # --- publishing --------------------------------------------------------------
 
     def _record_sent(self, batch: list[OutboxItem]) -> None:
         now = datetime.now(UTC)
@@ -688,8 +403,9 @@ class Node:
             self.metrics,
             self.config.limits.publish_max_in_flight,
             lambda: nc.is_connected,
-            lambda: not self._clock_off and not self._resign_due,
+            self.plan_loop.may_publish,
         )
+        self.plan_loop.publisher = self.publisher
         self.receiver = Receiver(
             self.member,
             nc,
@@ -712,7 +428,7 @@ class Node:
         # tick once connected): a wrong clock would refuse what the first fetch takes.
         # A hub that does not answer in time leaves it to the next comparison.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._clock_checked.wait(), 2 * LAG_EVERY_S)
+            await asyncio.wait_for(self.hub.clock_checked.wait(), 2 * LAG_EVERY_S)
         # Binding fails while the hub is away or the inbox is not set up yet; keep trying.
         while not self.stop.is_set():
             if self._pause_reason()[0]:
@@ -759,7 +475,7 @@ class Node:
                 " inbox (the twin alarm); stop it, and this node resumes"
                 f" {self.auditnet.alarm_clear:.0f} s after its last checkpoint"
             )
-        return ("clock", self._clock_off) if self._clock_off else ("", "")
+        return ("clock", self.hub.clock_off) if self.hub.clock_off else ("", "")
 
     def _halt_inbox(self) -> None:
         # Stop taking reports at once, and say why in the status from now on.
@@ -771,6 +487,16 @@ class Node:
         self._inbox_halt.set()
         if self.receiver is not None:
             self.receiver.wake()
+
+    def _clock_compared(self, off: bool) -> None:
+        # After each comparison with the hub's clock (``HubWatch``). Too far off: take
+        # no more reports, and send none of ours until what it signed is queued to be
+        # signed again. Right: have that done, if it is due.
+        if off:
+            self._halt_inbox()
+            self.plan_loop.clock_went_off()
+        else:
+            self.plan_loop.clock_right()
 
     async def _pause_inbox(self) -> None:
         # While a twin's checkpoints come (until none for auditnet.alarm_clear), both
@@ -825,13 +551,14 @@ class Node:
             return "not connected to NATS"
         if self._paused_for:
             return _PAUSED[self._paused_for]
-        if self._silent >= 2:
+        if self.hub.silent >= 2:
             return "the hub server does not answer JetStream requests (msmt status)"
         if self.receiver is None or not self.receiver.bound:
             return "inbox consumer not bound"
-        what = next((what for what, altered in self._altered.items() if altered), None)
+        altered = self.hub.altered
+        what = next((what for what, change in altered.items() if change), None)
         if what is not None:
-            return f"inbox {what} altered on the hub: {self._altered[what]} (msmt status)"
+            return f"inbox {what} altered on the hub: {altered[what]} (msmt status)"
         return self._unwritable()
 
     def _unwritable(self) -> str | None:
@@ -938,7 +665,7 @@ class Node:
                 self.metrics.intake_rejected.labels(reason=name.partition(".")[2]).inc(count)
 
     async def _housekeep_once(self) -> None:
-        lag = await self._inbox_lag()
+        lag = await self.hub.inbox_lag()
         counts = self._take_counts()
         # Metrics first: they live in memory, so they count what happens while the
         # store cannot (a full disk, when "unavailable" refusals are what to alert on).
@@ -948,7 +675,7 @@ class Node:
         status = {
             "connected": "yes" if self.nc is not None and self.nc.is_connected else "no",
             "inbox_lag": "unknown" if lag is None else str(lag),
-            "clock_offset": self._clock_offset,
+            "clock_offset": self.hub.clock_offset,
             "inbox_paused": self._inbox_paused,
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,
@@ -995,8 +722,7 @@ class Node:
             self.metrics.ready.set(1 if self.ready() is None else 0)
         depth = unsent + awaiting
         if recovered:
-            self._handed = None
-            self._plan_wake.set()
+            self.plan_loop.reread()
         self.metrics.outbox_depth.set(depth)
         self.metrics.outbox_awaiting_key.set(awaiting)
         if now - self._outbox_age_at >= OUTBOX_AGE_EVERY_S:
@@ -1046,147 +772,6 @@ class Node:
             held=total("held."),
             outbox_depth=depth,
         )
-
-    async def _inbox_lag(self) -> int | None:
-        # A request to the hub every LAG_EVERY_S, not every housekeeping tick:
-        # the gauge and ``msmt status`` are at most that stale.
-        if self.nc is None or not self.nc.is_connected:
-            self._lag_at = -LAG_EVERY_S
-            return None
-        now = time.monotonic()
-        if now - self._lag_at < LAG_EVERY_S and not self._clock_stepped(now):
-            return self._lag
-        self._lag_at = now
-        # The JetStream API itself, not nats-py's ConsumerInfo: its "ts", the hub's
-        # clock, is what the node checks its own against (``_check_clock``).
-        subject = f"$JS.API.CONSUMER.INFO.{inbox_stream(self.member)}.{inbox_durable(self.member)}"
-        asked = wall_clock()
-        reply: Msg | None = None
-        try:
-            reply = await self.nc.request(subject, b"", timeout=1.0)
-            info = _hub_json(reply.data)
-            self._lag = int(info["num_pending"]) + int(info["num_ack_pending"])
-            self._check_consumer(info)
-        except (nats.errors.Error, TimeoutError, ValueError, KeyError, TypeError) as exc:
-            # No answer, or {"error": ...} for an inbox the hub lost: unknown.
-            self._lag = None
-            await self._heard(_silence(reply, exc))
-            return None
-        finally:
-            self._clock_checked.set()  # as far as the hub lets us: see _receive_forever
-        await self._heard(None)
-        answered = wall_clock()
-        self._clock_base = answered - time.monotonic()
-        self._check_clock(info.get("ts"), asked, answered)
-        if now - self._stream_at >= STREAM_EVERY_S:
-            self._stream_at = now
-            await self._check_stream()
-        return self._lag
-
-    async def _heard(self, silence: str | None) -> None:
-        # ``silence``: why the hub gave no usable answer (``_silence``), None for
-        # an answer. After SILENT_SWITCH in a row, another server: nats-py tries
-        # the next in its list, and comes back here if none other is up.
-        if silence is None:
-            self._silent = 0
-            return
-        self._silent += 1
-        if self._silent < SILENT_SWITCH or self.nc is None:
-            return
-        self._silent = 0
-        url = self.nc.connected_url
-        server = f"{url.hostname}:{url.port}" if url is not None else "its server"
-        # With one server a new connection to it still helps: a middlebox that
-        # dropped the old one's state shows as silence too.
-        then = "trying another server" if len(self.config.nats.urls) > 1 else "reconnecting"
-        self._error(
-            f"hub: {server} has not answered JetStream requests for"
-            f" {SILENT_SWITCH * LAG_EVERY_S:.0f} s ({silence}); {then}",
-            same_as="hub-switch",
-        )
-        await self.nc.force_reconnect()
-
-    def _clock_stepped(self, monotonic: float) -> bool:
-        # Checked every housekeeping tick (1 s), so a step pauses the inbox and the
-        # outbox within about a second, not at the next comparison up to 5 s later.
-        if self._clock_base is None:
-            return False
-        return abs(wall_clock() - monotonic - self._clock_base) > CLOCK_STEP_S
-
-    def _check_consumer(self, info: dict[str, Any]) -> None:
-        # Whoever runs the hub can change or pause our consumer: a filter that left
-        # out our subjects made the inbox drop every report at once (interest
-        # retention), and a pause held them, while the node stayed ready with no
-        # error (a hostile-hub review). Say so, and stop reading as ready.
-        altered = consumer_alterations(info)
-        self._altered["consumer"] = altered
-        if altered:
-            self._error(
-                f"hub: the inbox consumer {inbox_durable(self.member)} is not as msmt nats setup"
-                f" made it: {altered}; reports to this node may be held or dropped there: run"
-                f" msmt nats setup --account {self.member}, and ask who changed it"
-                " (docs/DEPLOY.md)",
-                same_as="consumer",
-            )
-
-    async def _check_stream(self) -> None:
-        # The inbox stream can be edited with the member's own credentials as well
-        # as the hub's: discard old, a short max_age or a message limit drops unread
-        # reports there, and a narrowed subject or size refuses partners' reports
-        # (their outboxes grow), all while this node reads an empty inbox as quiet.
-        if self.nc is None:
-            return
-        subject = f"$JS.API.STREAM.INFO.{inbox_stream(self.member)}"
-        try:
-            reply = await self.nc.request(subject, b"", timeout=1.0)
-            info = _hub_json(reply.data)
-        except (nats.errors.Error, TimeoutError, ValueError):
-            return  # the consumer's request says what an unanswering hub is
-        if not isinstance(info, dict) or "config" not in info:
-            return  # {"error": ...}: a missing stream shows as an unbound consumer
-        altered = stream_alterations(info, self.member)
-        self._altered["stream"] = altered
-        if altered:
-            self._error(
-                f"hub: the inbox stream {inbox_stream(self.member)} is not as msmt nats setup"
-                f" made it: {altered}; reports to this node may be refused or dropped there:"
-                f" run msmt nats setup --account {self.member}, and ask who changed it"
-                " (docs/DEPLOY.md)",
-                same_as="stream",
-            )
-
-    def _check_clock(self, hub_time: object, asked: float, answered: float) -> None:
-        # Partners refuse reports issued more than MAX_SKEW in their future, and
-        # nothing tells the sender: say it here, well before that (docs/NODE.md).
-        hub = _parse_hub_time(hub_time)
-        if hub is None:
-            return
-        offset = (asked + answered) / 2 - hub
-        self.metrics.clock_offset.set(round(offset, 3))
-        # Whole seconds: the status is rewritten when a fact changes, not at each jitter.
-        self._clock_offset = f"{round(offset):+d}"
-        way = "ahead of" if offset > 0 else "behind"
-        self._clock_off = (
-            f"this node's clock is {abs(offset):.0f} s {way} the hub's, too far off to judge"
-            " the freshness of partners' reports or to sign ours: theirs wait at the hub,"
-            " ours in the outbox, until it is synchronised (NTP; if it is right, the hub's"
-            " clock is not, or the hub's answers are altered)"
-            if abs(offset) > CLOCK_PAUSE_S
-            else ""
-        )
-        if self._clock_off:
-            self._halt_inbox()
-            self._resign_due = True
-        elif self._resign_due:
-            self._reissue_wake.set()
-        if abs(offset) > CLOCK_WARN_S:
-            self._error(
-                f"clock: this node's clock is {abs(offset):.0f} s {way} the hub's; partners"
-                " hold reports issued more than 5 minutes in their future and refuse those"
-                " older than their freshness window: synchronise it (NTP; if it is right,"
-                " the hub's clock is not)",
-                same_as="clock",
-            )
 
     async def _publish_checkpoint(self, checkpoint: str | None) -> None:
         # Witnesses need our latest signed root; core NATS is enough, the AUDIT
@@ -1265,8 +850,8 @@ class Node:
         spool_stop = asyncio.Event()
         tasks = [
             asyncio.create_task(spool.run(spool_stop), name="spool"),
-            asyncio.create_task(self._plan_loop(), name="planner"),
-            asyncio.create_task(self._reissue_loop(), name="reissue"),
+            asyncio.create_task(self.plan_loop.run(), name="planner"),
+            asyncio.create_task(self.plan_loop.reissue(), name="reissue"),
             asyncio.create_task(self._messaging(), name="messaging"),
         ]
         housekeeping = asyncio.create_task(self._housekeeping(), name="housekeeping")
@@ -1352,9 +937,8 @@ class Node:
 
     def _wake_for_stop(self) -> None:
         # The planner, publisher and receiver sleep until woken, not on a timer.
-        self._plan_wake.set()
-        self._reissue_wake.set()
-        self._clock_checked.set()  # its waiters look at stop next
+        self.plan_loop.stopping()
+        self.hub.clock_checked.set()  # its waiters look at stop next
         self._tick.set()
         if self.publisher is not None:
             self.publisher.wake()
@@ -1442,79 +1026,6 @@ def _warn_keyless_partners(policy: Policy, roster: Roster, at: datetime) -> None
             reason="the policy releases to them but the roster has no valid encryption key: "
             "their envelopes wait until it has",
         )
-
-
-def reissue_interval(freshness_seconds: int) -> float:
-    """Seconds between looks for stale pending envelopes, for a freshness window.
-
-    Stale at half the window and looked for every quarter of it (at most every
-    ``REISSUE_EVERY_S``), an envelope goes out at most three quarters of the
-    window old, however short the window: 45 s of a 60 s one.
-    """
-    return min(REISSUE_EVERY_S, freshness_seconds / 4)
-
-
-def wall_clock() -> float:
-    """Return the node's own clock, as the planner signs with it (a test can move it)."""
-    return time.time()
-
-
-def _hub_json(data: bytes) -> Any:
-    """A JetStream API answer, parsed; ``ValueError`` if it is not JSON.
-
-    Nested past the decoder's depth it is not JSON either: json raises
-    ``RecursionError`` there, which no handler expected and which stopped the
-    housekeeping task (a security review). Nor is a number beyond a float's range
-    (``1e999``), or ``NaN`` or ``Infinity``: ``int()`` of one raised
-    ``OverflowError``, which stopped it too (a fuzzer).
-    """
-    try:
-        return json.loads(data, parse_float=_finite, parse_constant=_no_constant)
-    except RecursionError:
-        raise ValueError("a JetStream answer nested too deeply") from None
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("a JetStream answer's number is out of range")
-    return value
-
-
-def _no_constant(text: str) -> float:
-    raise ValueError(f"a JetStream answer holds {text}, which JSON has not")
-
-
-def _silence(reply: Msg | None, exc: BaseException) -> str | None:
-    """Why a JetStream API request got no usable answer, or None if the hub did answer.
-
-    No reply (a timeout, no responders) or 503 ("JetStream system temporarily
-    unavailable": a server without its cluster's quorum) is silence; any other
-    error answer (a stream not found) comes from a JetStream that works.
-    """
-    if reply is None:
-        return type(exc).__name__
-    try:
-        error = _hub_json(reply.data)["error"]
-        if int(error["code"]) == 503:
-            return f"503 {error.get('description', '')}".strip()
-    except (ValueError, KeyError, TypeError):  # the hub's bytes, any shape
-        pass
-    return None
-
-
-def _parse_hub_time(value: object) -> float | None:
-    # RFC 3339 with up to nanoseconds ("2026-12-03T15:31:48.685577106Z"): Python
-    # reads microseconds at most.
-    if not isinstance(value, str):
-        return None
-    head, dot, tail = value.removesuffix("Z").partition(".")
-    try:
-        at = datetime.fromisoformat(head).replace(tzinfo=UTC)
-    except ValueError:
-        return None
-    digits = tail[:9] if dot and tail[:9].isdecimal() else "0"
-    return at.timestamp() + int(digits) / float(10 ** len(digits))
 
 
 def _utc_now_text() -> str:

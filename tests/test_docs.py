@@ -268,7 +268,7 @@ _DYNAMIC_EVENTS = {
     # log.warning(f"{what}_refused") in broker/auditnet.py
     "cosignature_refused",
     "checkpoint_refused",
-    # Node._replanned(made, ..., dropped_event, ...) in broker/node.py
+    # PlanLoop._replanned(made, ..., dropped_event, ...) in broker/planloop.py
     "envelopes_signed_again",
     "not_signed_again",
     "envelopes_planned_for_waiting_partners",
@@ -304,8 +304,8 @@ def test_log_events_table_is_every_event_the_code_logs() -> None:
     literal, dynamic = _logged_events()
     # A new log call naming its event from a variable must be added to _DYNAMIC_EVENTS.
     assert dynamic == 3
-    node_py = (ROOT / "broker" / "node.py").read_text(encoding="utf-8")
-    assert all(f'"{e}"' in node_py for e in _DYNAMIC_EVENTS if not e.endswith("_refused"))
+    planloop_py = (ROOT / "broker" / "planloop.py").read_text(encoding="utf-8")
+    assert all(f'"{e}"' in planloop_py for e in _DYNAMIC_EVENTS if not e.endswith("_refused"))
     assert sorted(literal - documented) == []  # logged, not in the table
     assert sorted(documented - literal - _DYNAMIC_EVENTS) == []  # in the table, never logged
 

@@ -42,6 +42,7 @@ from node_world import (
 )
 from structlog.testing import capture_logs
 
+import broker.hubwatch
 import broker.node
 import broker.receiver
 from broker import envelope, envelope_format, keys, samples, sdjwt
@@ -969,7 +970,7 @@ async def test_a_report_whose_audit_entry_failed_waits_unsent_until_the_entry_is
         (answer,) = await world.submit("JPN", [record])
         # Stored is accepted: a resend would only find it taken ("duplicate").
         assert answer["status"] == "accepted"
-        jpn._plan_wake.set()  # as the next accepted report would
+        jpn.plan_loop.wake()  # as the next accepted report would
         await asyncio.sleep(2.5)  # housekeeping rounds that cannot write the entry either
         assert jpn.store.unaudited() == [(record["report_id"], record["kind"])]
         assert jpn.store.outbox_depth() == 1  # held unplanned, so nothing signed or sent
@@ -1744,7 +1745,7 @@ async def test_an_inbox_changed_on_the_hub_is_named_and_setup_puts_it_back(
     altered: str,
 ) -> None:
     # Members' own credentials may change their consumer and stream too.
-    monkeypatch.setattr(broker.node, "STREAM_EVERY_S", 0.0)
+    monkeypatch.setattr(broker.hubwatch, "STREAM_EVERY_S", 0.0)
     world.write_config("USA")
     node = load_node(world.config("USA"))
     task = asyncio.create_task(node.run())
@@ -1773,7 +1774,7 @@ def test_a_hub_answer_nested_past_the_decoders_depth_is_no_answer_not_a_crash() 
     # JSON decoder goes raised RecursionError, which stopped the node's housekeeping.
     from nats.aio.msg import Msg
 
-    from broker.node import _silence
+    from broker.hubwatch import _silence
 
     deep = Msg(None, subject="_INBOX.x", data=b'{"error":' + b"[" * 100_000)  # type: ignore[arg-type]
     assert _silence(deep, ValueError("x")) is None
@@ -1785,11 +1786,10 @@ async def test_a_hub_answer_with_a_number_beyond_a_float_is_no_answer_not_a_cras
 ) -> None:
     # A fuzzer: int() of the infinity json reads 1e999 as raised OverflowError, which
     # neither the inbox lag's handler nor the housekeeping loop caught: the node stopped.
-    import types
-
     from nats.aio.msg import Msg
 
-    from broker.node import Node, _silence
+    from broker.hubwatch import HubWatch, _silence
+    from broker.metrics import Metrics
 
     answer = b'{"num_pending": ' + number + b', "num_ack_pending": 0}'
     silenced = Msg(None, subject="_INBOX.x", data=b'{"error":{"code":' + number + b"}}")  # type: ignore[arg-type]
@@ -1801,22 +1801,22 @@ async def test_a_hub_answer_with_a_number_beyond_a_float_is_no_answer_not_a_cras
         async def request(self, subject: str, data: bytes, timeout: float) -> Msg:  # noqa: ASYNC109 - nats-py's signature
             return Msg(None, subject="_INBOX.y", data=answer)  # type: ignore[arg-type]
 
-    heard: list[str | None] = []
-
-    async def hear(why: str | None) -> None:
-        heard.append(why)
-
-    node = types.SimpleNamespace(
-        nc=Hub(),
-        member="USA",
-        _lag_at=-1e9,
-        _clock_stepped=lambda now: False,
-        _heard=hear,
-        _clock_checked=asyncio.Event(),
+    errors: list[str] = []
+    client = Hub()
+    hub = HubWatch(
+        "USA",
+        1,
+        Metrics("USA"),
+        lambda: client,  # type: ignore[arg-type,return-value]
+        lambda text, condition: errors.append(text),
+        lambda off: None,
     )
-    assert await Node._inbox_lag(node) is None  # type: ignore[arg-type]
-    assert node._lag is None  # unknown, as for any answer it cannot read
-    assert heard == [None]  # the hub did answer: not silence
+    hub.silent = 1  # one request unanswered before: silence now would make it 2
+    assert await hub.inbox_lag() is None
+    assert hub.lag is None  # unknown, as for any answer it cannot read
+    assert hub.silent == 0  # the hub did answer: not silence
+    assert hub.clock_checked.is_set()
+    assert errors == []
 
 
 async def test_the_oldest_waiting_report_is_measured_by_partner(tmp_path: Path) -> None:

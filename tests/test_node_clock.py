@@ -5,7 +5,7 @@ behind, it refused every report a partner signed as "issued in the future" (a
 trial; 1 day ahead, every one as too old), and a refusal is final, with nothing
 to tell the senders. So the reports wait at the hub. A real hub, USA as a
 ``msmt node run`` process (its own, right clock), JPN in process with its clock
-moved through the seam the clock check reads (``broker.node.wall_clock``).
+moved through the seam the clock check reads (``broker.hubwatch.wall_clock``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from node_world import (
 from structlog.testing import capture_logs
 
 import broker.node as node_module
+from broker import hubwatch
 from broker.node_start import load_node
 from broker.validation import parse_record
 
@@ -38,13 +39,13 @@ async def test_a_clock_far_behind_the_hubs_pauses_the_inbox_and_loses_nothing(
     world.write_config("JPN")
     world.write_config("USA", USA_TO_JPN)
     world.start("USA")
-    real = node_module.wall_clock
+    real = hubwatch.wall_clock
     with capture_logs() as logs:
         jpn = load_node(world.config("JPN"))
         jpn_task = asyncio.create_task(jpn.run())
         try:
             await await_for(lambda: jpn.ready() is None, 30, "JPN ready")
-            monkeypatch.setattr(node_module, "wall_clock", lambda: real() - 600)
+            monkeypatch.setattr(hubwatch, "wall_clock", lambda: real() - 600)
             await await_for(lambda: jpn.ready() == PAUSED_FOR_CLOCK, 20, "JPN's pause")
             await await_for(
                 lambda: (
@@ -73,7 +74,7 @@ async def test_a_clock_far_behind_the_hubs_pauses_the_inbox_and_loses_nothing(
             await asyncio.sleep(2)  # JPN had time to take them, were it not paused
             assert world.inbox_ids("JPN", "USA") == []
 
-            monkeypatch.setattr(node_module, "wall_clock", real)  # NTP sets it right
+            monkeypatch.setattr(hubwatch, "wall_clock", real)  # NTP sets it right
             await await_for(lambda: jpn.ready() is None, 20, "JPN resumed")
             await await_for(
                 lambda: sorted(world.inbox_ids("JPN", "USA")) == to_jpn, 30, "every report"
@@ -100,12 +101,12 @@ async def test_a_clock_far_ahead_of_the_hubs_holds_the_outbox_until_it_is_right(
     # clock is off; once it is right, what was signed in the future is signed
     # again first (Store.queue_stale), then everything goes out.
     world.write_config("USA", USA_TO_JPN)
-    real = node_module.wall_clock
+    real = hubwatch.wall_clock
     usa = load_node(world.config("USA"))
     task = asyncio.create_task(usa.run())
     try:
         await await_for(lambda: usa.ready() is None, 30, "USA ready")
-        monkeypatch.setattr(node_module, "wall_clock", lambda: real() + 600)
+        monkeypatch.setattr(hubwatch, "wall_clock", lambda: real() + 600)
         await await_for(lambda: usa.ready() == PAUSED_FOR_CLOCK, 20, "USA's pause")
         records = records_for("USA", 10, seed=84)
         answers = await world.submit("USA", records)
@@ -122,7 +123,7 @@ async def test_a_clock_far_ahead_of_the_hubs_holds_the_outbox_until_it_is_right(
         assert usa.store.outbox_depth() == len(to_jpn)
         assert await world.stream_messages("JPN") == 0
 
-        monkeypatch.setattr(node_module, "wall_clock", real)  # NTP sets it right
+        monkeypatch.setattr(hubwatch, "wall_clock", real)  # NTP sets it right
         await await_for(lambda: usa.store.outbox_depth() == 0, 30, "every envelope sent")
         assert await world.stream_messages("JPN") == len(to_jpn)
     finally:
@@ -138,19 +139,19 @@ async def test_a_step_of_the_clock_is_compared_with_the_hubs_at_once(
     # sign, by a stepped clock. A step shows as a change of the clock against the
     # monotonic one, seen at the next housekeeping tick: compared again at once.
     world.write_config("JPN")
-    real = node_module.wall_clock
+    real = hubwatch.wall_clock
     jpn = load_node(world.config("JPN"))
     task = asyncio.create_task(jpn.run())
     try:
         await await_for(lambda: jpn.ready() is None, 30, "JPN ready")
-        await await_for(lambda: jpn._clock_offset == "+0", 20, "a first comparison")
-        monkeypatch.setattr(node_module, "LAG_EVERY_S", 3600.0)  # no routine comparison
-        monkeypatch.setattr(node_module, "wall_clock", lambda: real() + 86_400)
+        await await_for(lambda: jpn.hub.clock_offset == "+0", 20, "a first comparison")
+        monkeypatch.setattr(hubwatch, "LAG_EVERY_S", 3600.0)  # no routine comparison
+        monkeypatch.setattr(hubwatch, "wall_clock", lambda: real() + 86_400)
         await await_for(lambda: jpn.ready() == PAUSED_FOR_CLOCK, 20, "JPN's pause")
-        assert jpn._clock_offset in {"+86399", "+86400", "+86401"}
-        monkeypatch.setattr(node_module, "wall_clock", real)  # and back
+        assert jpn.hub.clock_offset in {"+86399", "+86400", "+86401"}
+        monkeypatch.setattr(hubwatch, "wall_clock", real)  # and back
         await await_for(lambda: jpn.ready() is None, 20, "JPN resumed")
-        assert jpn._clock_offset in {"-1", "+0", "+1"}
+        assert jpn.hub.clock_offset in {"-1", "+0", "+1"}
     finally:
         jpn.stop.set()
         await task

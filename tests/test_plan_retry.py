@@ -20,7 +20,7 @@ import pytest
 from node_world import BATCH_POLICY, World, await_for, content_of, expected_partners, records_for
 from structlog.testing import capture_logs
 
-import broker.node
+import broker.planloop
 from broker import keys
 from broker.auditlog import DB_FILE
 from broker.node_start import load_node
@@ -42,7 +42,7 @@ async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
     usable_at = (datetime.now(UTC) + timedelta(seconds=LEAD_S)).replace(microsecond=0)
     keys.rotate_keys(world.keydir, "USA", now=usable_at)
     # Read when the node's reissue loop starts, so it looks every RETRY_S, not 60 s.
-    monkeypatch.setattr(broker.node, "REISSUE_EVERY_S", RETRY_S)
+    monkeypatch.setattr(broker.planloop, "REISSUE_EVERY_S", RETRY_S)
     # A report the policy sends to both (a sample's markings may hold it back from some).
     policy = world.policy("JPN")
     record = next(
@@ -151,7 +151,7 @@ async def test_a_policy_that_drops_waiting_envelopes_says_so_in_one_line(
     # reports for USA and KOR, and restarts with a policy that releases nothing to USA.
     world.write_config("JPN", BATCH_POLICY)
     keys.rotate_keys(world.keydir, "USA", now=datetime.now(UTC) + timedelta(hours=1))
-    monkeypatch.setattr(broker.node, "REISSUE_EVERY_S", RETRY_S)
+    monkeypatch.setattr(broker.planloop, "REISSUE_EVERY_S", RETRY_S)
     policy = world.policy("JPN")
     records = [
         r

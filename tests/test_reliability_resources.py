@@ -88,7 +88,7 @@ def structures(node: Node) -> dict[str, float]:
         "KOR.retry_at": len(pub._retry_at),
         "KOR.attempts": len(pub._attempts),
         "KOR.warned": len(pub._warned),
-        "KOR.plan_skip": len(node._plan_skip),
+        "KOR.plan_skip": len(node.plan_loop.skip),
         "KOR.witness_queue": node.auditnet.backlog,
         "KOR.witness_state": len(node.auditnet.witness.state),
     }

@@ -31,10 +31,12 @@ from node_world import (
 )
 from structlog.testing import capture_logs
 
-import broker.node
+import broker.hubwatch
+import broker.planloop
 from broker.cli import main
-from broker.node import REISSUE_EVERY_S, Node, reissue_interval
+from broker.node import Node
 from broker.node_start import load_node
+from broker.planloop import REISSUE_EVERY_S, reissue_interval
 from broker.store import Store
 from broker.validation import parse_record
 
@@ -250,7 +252,7 @@ async def test_envelopes_pending_for_half_the_freshness_window_are_signed_again_
 ) -> None:
     records, to_usa = configured_pair(world, 6, seed=32)
     jpn = world.config("JPN")
-    monkeypatch.setattr(broker.node, "REISSUE_EVERY_S", 0.2)
+    monkeypatch.setattr(broker.planloop, "REISSUE_EVERY_S", 0.2)
 
     def pending_to_usa() -> dict[str, str]:
         store = world.store("JPN")
@@ -271,9 +273,9 @@ async def test_envelopes_pending_for_half_the_freshness_window_are_signed_again_
         # Half the window later, to the whole second: envelopes signed over a second
         # ago (these) are stale, and any signed from now on are not. The planning
         # worker's clock is not moved, so new envelopes are signed at the real time.
-        real = broker.node.wall_clock
+        real = broker.hubwatch.wall_clock
         later = math.floor(real()) + jpn.limits.freshness_seconds / 2
-        monkeypatch.setattr(broker.node, "wall_clock", lambda: later)
+        monkeypatch.setattr(broker.hubwatch, "wall_clock", lambda: later)
 
         def all_signed_again() -> bool:
             now = pending_to_usa()
@@ -285,7 +287,7 @@ async def test_envelopes_pending_for_half_the_freshness_window_are_signed_again_
         assert pending_to_usa() == again  # signed at the real time: not stale
         # The hub's clock is not moved: compared with it, a node this far off pauses
         # (test_node_clock.py). The real time again, as for the hub.
-        monkeypatch.setattr(broker.node, "wall_clock", real)
+        monkeypatch.setattr(broker.hubwatch, "wall_clock", real)
         world.server.start()
         await await_for(
             lambda: set(world.inbox_ids("USA", "JPN")) == to_usa, 60, "every report at USA"
