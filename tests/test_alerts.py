@@ -103,3 +103,25 @@ def test_docs_deploy_names_every_shipped_alert() -> None:
     assert "deploy/prometheus/alerts.yml" in text
     missing = [rule["alert"] for rule in _rules() if f"`{rule['alert']}`" not in text]
     assert missing == []
+
+
+def test_docs_deploy_table_gives_each_rule_as_shipped() -> None:
+    # The table says severity, expression and duration in words an operator copies:
+    # a rule retuned in alerts.yml alone would leave the docs' threshold behind.
+    rows = {
+        name: (severity, " ".join(expr.replace("\\|", "|").split()), minutes)
+        for name, severity, expr, minutes in re.findall(
+            r"^\| `(Msmt\w+)` \((\w+)\): `(.*?)`(?: for (\d+) minutes?)?[ |(]",
+            DEPLOY_MD.read_text(),
+            re.MULTILINE,
+        )
+    }
+    shipped = {
+        rule["alert"]: (
+            rule["labels"]["severity"],
+            " ".join(rule["expr"].split()),
+            rule["for"].removesuffix("m") if "for" in rule else "",
+        )
+        for rule in _rules()
+    }
+    assert rows == shipped
