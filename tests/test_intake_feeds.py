@@ -400,7 +400,7 @@ def test_a_node_with_the_shared_token_off_refuses_it_saying_why(
     assert shown["shared_token"] == "off"
     assert set(shown["feeds"]) == {"socket:jpn-ais"}
     text = msmt("status", "--config", config).stdout
-    assert "\nshared_token   off\n" in text
+    assert "\nshared_token        off\n" in text
     listed = msmt("feeds", "list", "--config", config)
     assert listed.stdout.splitlines()[-1] == (
         f"{'(intake.token)':<24} off (intake.shared_token = false)"

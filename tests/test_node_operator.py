@@ -286,7 +286,7 @@ def test_status_shows_the_roster_and_policy_the_node_started_with(kor: Kor) -> N
 
     text = kor.msmt("status", "--config", str(kor.config_path))
     assert text.returncode == 0, text.stderr
-    assert f"roster_version {version}\n" in text.stdout
+    assert f"roster_version      {version}\n" in text.stdout
     assert f"  signing_key                  {format_time(until)}\n" in text.stdout
     started = (kor.root / "KOR.log").read_text()
     assert '"event": "credential_expires_soon"' in started
@@ -296,7 +296,7 @@ def test_status_shows_the_roster_and_policy_the_node_started_with(kor: Kor) -> N
     assert json.loads(done.stdout)["roster_version"] == version
     # The build that started it, as msmt --version and /metrics name it.
     assert json.loads(done.stdout)["version"] == broker.version()
-    assert f"version        {broker.version()}\n" in text.stdout
+    assert f"version             {broker.version()}\n" in text.stdout
     assert f'"version": "{broker.version()}"' in started
     # The key it signs with since that start: the rotated one, as the roster has it now.
     assert (
@@ -325,7 +325,7 @@ def test_status_shows_the_roster_and_policy_the_node_started_with(kor: Kor) -> N
     policy_path.write_text(policy_path.read_text().replace("version = 1", "version = 2"))
     broken = kor.msmt("status", "--config", str(kor.config_path))
     assert broken.returncode == 0, broken.stderr
-    assert "policy_file    does not load, so a restart would fail: " in broken.stdout
+    assert "policy_file         does not load, so a restart would fail: " in broken.stdout
     assert "the policy must say version = 1" in broken.stdout
 
     # Pointed at another member's data, status refuses as the node does, rather
@@ -353,14 +353,14 @@ def test_status_says_whether_the_node_runs_and_when_its_figures_went_stale(kor: 
     assert (running["running"], running["pid"], running["status_stale"]) == (True, pid, False)
     assert 0 <= running["status_age_s"] <= 90
     text = kor.msmt("status", "--config", str(kor.config_path)).stdout
-    assert f"node           running (pid {pid})\n" in text
+    assert f"node                running (pid {pid})\n" in text
     assert "warning" not in text
     assert kor.stop(signal.SIGTERM) == 0
 
     stopped = status()
     assert (stopped["running"], stopped["pid"], stopped["status_stale"]) == (False, None, False)
     assert (
-        "node           not running\n"
+        "node                not running\n"
         in kor.msmt("status", "--config", str(kor.config_path)).stdout
     )
 
@@ -377,10 +377,48 @@ def test_status_says_whether_the_node_runs_and_when_its_figures_went_stale(kor: 
         assert (stale["running"], stale["pid"], stale["status_stale"]) == (True, os.getpid(), True)
         assert stale["status_age_s"] > 90
         text = kor.msmt("status", "--config", str(kor.config_path)).stdout
-        assert "warning        the running node has not rewritten its status for" in text
+        assert "warning             the running node has not rewritten its status for" in text
         assert "is the disk full?" in text
     finally:
         os.close(lock)
+
+
+def test_status_aligns_every_value_and_says_none_rather_than_leave_a_line_blank(
+    tmp_path: Path,
+) -> None:
+    # A new user's tour: last_audit_alarm and last_audit_alarm_at ran past the column
+    # the other values start at, and an empty last_error or inbox_paused ended its line
+    # in blank space, as did the feeds header with no feed under it.
+    write_node_config(tmp_path, "KOR", ["nats://127.0.0.1:1"])
+    config = load_config(tmp_path / "nodes" / "KOR" / "node.toml", env={})
+    config.data_dir.mkdir(parents=True)
+    store = Store(config.store_path)
+    store.record_status(
+        Counter(),
+        {
+            "updated_at": format_time(datetime.now(UTC)),
+            "last_error": "",
+            "inbox_paused": "",
+            "last_audit_alarm": "fork of USA's log",
+            "last_audit_alarm_at": "2026-12-07T01:00:00Z",
+            "witnessed": json.dumps({"USA": ""}),
+        },
+    )
+    store.close()
+    done = msmt("status", "--config", str(tmp_path / "nodes" / "KOR" / "node.toml"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # Every line of a key and its value, that is all but the headers of indented lines.
+    values = [line for line in lines if re.match(r"[a-z_]+ ", line)]
+    values.remove("credentials valid until none")  # the one header longer than the keys
+    assert len(values) > 20
+    assert {re.match(r"\S+ +", line).end() for line in values} == {20}, values  # type: ignore[union-attr]
+    assert "last_audit_alarm_at 2026-12-07T01:00:00Z" in lines
+    assert "last_error          none" in lines
+    assert "inbox_paused        none" in lines
+    assert "feeds               none" in lines
+    assert "  USA                          not since the node last started" in lines
+    assert not [line for line in lines if line != line.rstrip()]
 
 
 def test_a_status_from_before_the_clock_went_back_is_not_taken_for_fresh(tmp_path: Path) -> None:
@@ -412,7 +450,7 @@ def test_a_status_from_before_the_clock_went_back_is_not_taken_for_fresh(tmp_pat
         assert re.search(
             r"\nupdated_at +\S+ \(\d+ s in the future: this host's clock went back since\)\n", text
         ), text
-        assert "warning        the running node's status is " in text
+        assert "warning             the running node's status is " in text
     finally:
         os.close(lock)
     # Not running: a status from the future is only a fact, not a warning.

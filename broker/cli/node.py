@@ -681,8 +681,9 @@ def inbox_check_cmd(config_path: Path) -> None:
 
 
 def _witnessed(seen: dict[str, Any]) -> dict[str, Any]:
-    # "" from the node: no checkpoint of that log cosigned since it started.
-    return {log: when or "not since the node started" for log, when in seen.items()}
+    # "" from the node: no checkpoint of that log cosigned since it started (or, for a
+    # node stopped now, in its last run).
+    return {log: when or "not since the node last started" for log, when in seen.items()}
 
 
 def _json_state(state: dict[str, str], key: str) -> dict[str, Any]:
@@ -793,16 +794,25 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     }
     if as_json:
         click.echo(json.dumps(status))
-        return
+    else:
+        _echo_status(status)
+
+
+def _echo_status(status: Mapping[str, Any]) -> None:
+    # One column for every value, however long the key (last_audit_alarm_at).
+    shown = [k for k, v in status.items() if k not in _LIVENESS_KEYS and not isinstance(v, dict)]
+    width = max(map(len, shown)) + 1
     for key, value in status.items():
         if key in _LIVENESS_KEYS:
             continue  # told with updated_at
         if key == "updated_at":
             for name, line in _liveness_lines(status):
-                click.echo(f"{name:<14} {line}")
+                click.echo(f"{name:<{width}}{line}")
         elif key == "outbox":
             for name, line in _outbox_lines(value):
                 click.echo(f"  {name:<28} {line}")
+        elif isinstance(value, dict) and not value:
+            click.echo(f"{key.replace('_', ' '):<{width - 1}} none")
         elif key == "feeds":
             click.echo("feeds")
             for name, figures in value.items():
@@ -813,8 +823,9 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
             for name, item in value.items():
                 echo_line(f"  {name:<28} {item}")
         else:
-            # last_error and policy_file quote errors, which name paths and values.
-            echo_line(f"{key:<14} {value}")
+            # last_error and policy_file quote errors, which name paths and values. An
+            # empty value (no error, not paused) says so rather than end the line blank.
+            echo_line(f"{key:<{width}}{'none' if value == '' else value}")
 
 
 STATUS_STALE_S: Final = 90
