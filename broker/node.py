@@ -964,9 +964,15 @@ class Node:
 
 
 def failure_text(part: str, exc: BaseException) -> str:
-    """The one line a node stops with when ``part`` failed with ``exc``."""
+    """The one line a node stops with when ``part`` failed with ``exc``.
+
+    Only the project's own errors and the system's (a path, an errno) are quoted:
+    another exception is a bug, and its text could quote what it was given, a
+    report's field (a validation error does), which must not reach a log (the
+    planning worker reports its errors by type for the same reason).
+    """
     # MemoryError and some others carry no text: the type alone, not "MemoryError: ".
-    said = f": {exc}" if str(exc) else ""
+    said = f": {exc}" if str(exc) and isinstance(exc, (MsmtError, OSError)) else ""
     return f"{part} failed: {type(exc).__name__}{said}"
 
 

@@ -48,7 +48,7 @@ import broker.receiver
 from broker import envelope, envelope_format, keys, samples, sdjwt
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig
-from broker.errors import StoreError
+from broker.errors import MsmtError, StoreError
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import InboxLimits, connect_account, setup_account
 from broker.natsproc import NatsServer
@@ -276,7 +276,25 @@ async def test_a_dead_planning_worker_stops_the_node_with_one_line_and_loses_not
 def test_a_failure_without_text_is_named_by_its_type_alone() -> None:
     # A resource trial's node, short of memory, stopped with "messaging failed: MemoryError: ".
     assert failure_text("messaging", MemoryError()) == "messaging failed: MemoryError"
-    assert failure_text("planner", ValueError("bad")) == "planner failed: ValueError: bad"
+
+
+def test_a_failure_quotes_only_the_projects_and_the_systems_errors() -> None:
+    # A leak hunt: the node's last line (stderr, the journal) quoted any exception's
+    # text, and a bug's could quote a report (pydantic's errors quote their input).
+    from pydantic import BaseModel
+
+    class Record(BaseModel):
+        imo: int
+
+    with pytest.raises(ValueError, match="CANARY-vessel-name") as caught:
+        Record.model_validate({"imo": "CANARY-vessel-name"})
+    assert failure_text("planner", caught.value) == "planner failed: ValidationError"
+    assert failure_text("planner", KeyError("CANARY")) == "planner failed: KeyError"
+    ours = MsmtError("store: full")
+    assert failure_text("planner", ours) == "planner failed: MsmtError: store: full"
+    disk = OSError(28, "No space left on device")
+    assert failure_text("spool", disk) == f"spool failed: OSError: {disk}"
+    assert str(disk) == "[Errno 28] No space left on device"
 
 
 async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:
