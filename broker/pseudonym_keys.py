@@ -26,6 +26,8 @@ import secrets
 from pathlib import Path
 from typing import Final, Literal
 
+import nkeys
+
 from broker.errors import KeyMaterialError, UsageError
 from broker.files import read_file_bytes, write_durably
 from broker.members import MEMBERS, is_member
@@ -81,6 +83,13 @@ def decode(data: bytes, where: str) -> bytes:
     text = data.strip()
     if len(data) > MAX_FILE_BYTES or not _B64URL.fullmatch(text):
         raise KeyMaterialError(f"{where} is not a pseudonym key (one line of base64url)")
+    if _nkey_seed(text):
+        # Its letters are base64url too, of 43 bytes: it would pass for a key, and the
+        # import's copy be sent on to partners as the documented workflow says.
+        raise KeyMaterialError(
+            f"{where} is a NATS seed, not a pseudonym key: never copy or send it;"
+            " a pseudonym key is made by msmt keys pseudonym without --from-file"
+        )
     try:
         key = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
@@ -88,6 +97,17 @@ def decode(data: bytes, where: str) -> bytes:
     if len(key) < KEY_BYTES:
         raise KeyMaterialError(f"{where} holds {len(key)} bytes; a pseudonym key has at least 32")
     return key
+
+
+def _nkey_seed(text: bytes) -> bool:
+    # An nkey seed: "S", base32 of 36 bytes whose last two are a CRC-16 of the rest.
+    if not text.startswith(b"S"):
+        return False
+    try:
+        raw = base64.b32decode(text + b"=" * (-len(text) % 8))
+    except (binascii.Error, ValueError):
+        return False
+    return len(raw) == 36 and nkeys.crc16_checksum(raw[:-2]) == raw[-2:]
 
 
 def fingerprint(key: bytes) -> str:

@@ -26,6 +26,13 @@ REPO = Path(__file__).resolve().parent.parent
 KEY_ID = "kor-jpn-usa-2026"  # the key the shipped KOR policy names
 
 
+def nkeys_seed() -> bytes:
+    """A real NATS user seed, as ``msmt keys init`` writes one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        keys.init_keys(Path(tmp) / "keys", ("JPN",))
+        return (Path(tmp) / "keys" / "JPN" / keys.NATS_SEED_FILE).read_bytes().strip()
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
@@ -195,6 +202,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         (b"A" * 45 + b"\n", "bad base64url length"),
         (pseudonym_keys.encode(bytes(32)) * 2, "is not a pseudonym key"),  # two lines
         (b"A" * 5000, "is not a pseudonym key"),
+        # A leak hunt: the member's NATS seed passed for a key, and a key file is sent
+        # to partners (docs/POLICY.md).
+        (nkeys_seed() + b"\n", "is a NATS seed, not a pseudonym key"),
     ],
 )
 def test_a_mangled_key_file_is_refused_on_import(keydir: Path, content: bytes, needle: str) -> None:
