@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from broker import feeds
 from broker.cli import main as msmt
 from broker.config import ENV_OVERRIDES, NodeConfig
+from broker.hubusage import AccountUsage, StreamUsage, usage_registry
 from broker.metrics import Metrics
 from broker.store import Store
 
@@ -167,8 +168,18 @@ NOT_METRICS = {
 }
 
 
+def _hub_exposed() -> dict[str, set[str]]:
+    """What ``msmt nats usage --textfile`` writes for the hub (docs/DEPLOY.md), with labels."""
+    stream = StreamUsage("INBOX_JPN", 1, 2, 3)
+    names: dict[str, set[str]] = {}
+    for family in usage_registry([AccountUsage("JPN", 2, 10, (stream,))], 0.0).collect():
+        for got in family.samples:
+            names.setdefault(got.name, set()).update(got.labels)
+    return names
+
+
 def test_every_documented_metric_and_label_exists() -> None:
-    exposed = _exposed(Metrics("JPN"))
+    exposed = _exposed(Metrics("JPN")) | _hub_exposed()
     source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "broker").rglob("*.py"))
     assert all(f'"{name}"' in source for name in NOT_METRICS)
     wrong = []

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
-from node_world import running_hub
+from node_world import msmt, running_hub
 
 from broker import keys, natsconfig, natsetup, natsusers
 from broker.errors import ConfigError
@@ -338,3 +340,76 @@ async def test_c_setup_retires_the_shared_archive_keeping_its_content(
     again = await setup(hub, keydir, "AUDIT")
     assert again[0] == f"stream {natsconfig.AUDIT_STREAM}: unchanged"
     assert all(line.endswith(": unchanged") for line in again)
+
+
+# -- D: how full the streams are, for the hub's operator ------------------------------
+
+
+async def test_d_usage_shows_a_filling_archive_and_writes_it_for_node_exporter(
+    hub: NatsServer, keydir: Path, users: dict[str, Client], tmp_path: Path
+) -> None:
+    # A full archive (discard new) stops archiving that member's checkpoints, and no
+    # node can see the AUDIT account: only the hub's operator can watch it fill.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await setup(hub, keydir, "AUDIT", audit_max_bytes=1 * MiB)
+    await setup(hub, keydir, "JPN")
+    kor, audit = users["KOR"], users["AUDIT"]
+    await publish_until_archived(kor, audit, "KOR", b"KOR\n")
+    for _ in range(60):
+        await kor.publish("msmt.audit.KOR.cosignature", b"KOR\n" + b"G" * 15 * 1024)
+    await kor.flush()
+    await asyncio.sleep(0.3)
+    held = (await audit.jetstream().stream_info(natsconfig.archive_stream("KOR"))).state
+
+    (tmp_path / "textfiles").mkdir()
+    textfile = tmp_path / "textfiles" / "msmt-hub.prom"
+    done = msmt(
+        "nats", "usage", "--server", hub.url, "--keys", str(keydir),
+        "--account", "audit", "--account", "JPN", "--account", "USA",
+        "--textfile", str(textfile),
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("account AUDIT: "), lines
+    kor_line = next(line for line in lines if "AUDIT_ARCHIVE_KOR" in line)
+    percent = round(100 * held.bytes / MiB)
+    assert percent > 80
+    assert kor_line.endswith(f" of 1.0 MiB ({percent} %), {held.messages} messages"), kor_line
+    assert sum("AUDIT_ARCHIVE_" in line for line in lines) == len(MEMBERS)
+    jpn = lines.index(next(line for line in lines if line.startswith("account JPN: ")))
+    assert lines[jpn + 1] == "  INBOX_JPN  0.0 of 128.0 MiB (0 %), 0 messages"
+    # USA's inbox was never set up: said, not skipped.
+    assert lines[-1] == "  INBOX_USA  missing: run msmt nats setup"
+
+    samples = {
+        (s.name, s.labels.get("account", ""), s.labels.get("stream", "")): s.value
+        for family in text_string_to_metric_families(textfile.read_text())
+        for s in family.samples
+    }
+    kor_key = ("AUDIT", "AUDIT_ARCHIVE_KOR")
+    assert samples[("msmt_hub_stream_bytes", *kor_key)] == held.bytes
+    assert samples[("msmt_hub_stream_max_bytes", *kor_key)] == MiB
+    assert samples[("msmt_hub_stream_messages", *kor_key)] == held.messages
+    assert samples[("msmt_hub_stream_max_bytes", "JPN", "INBOX_JPN")] == 128 * MiB
+    member_quota, audit_quota = natsconfig.account_quotas()  # as the hub was configured
+    assert samples[("msmt_hub_account_max_storage_bytes", "AUDIT", "")] == audit_quota.max_file
+    assert samples[("msmt_hub_account_max_storage_bytes", "JPN", "")] == member_quota.max_file
+    assert samples[("msmt_hub_account_storage_bytes", "AUDIT", "")] >= held.bytes
+    assert abs(samples[("msmt_hub_usage_timestamp_seconds", "JPN", "")] - time.time()) < 60
+    assert os.listdir(textfile.parent) == ["msmt-hub.prom"]  # no temporary file left beside it
+
+
+def test_d_usage_refuses_what_it_cannot_use_in_one_line(tmp_path: Path, keydir: Path) -> None:
+    base = ("nats", "usage", "--keys", str(keydir))
+    for args, message in (
+        (("--account", "JPN", "--textfile", str(tmp_path / "hub.txt")), "must end in .prom"),
+        (("--account", "XYZ"), "unknown account 'XYZ'"),
+        (("--account", "JPN", "--server", "http://x"), "--server: "),
+        (("--account", "JPN", "--server", "nats://127.0.0.1:1"), "cannot connect to "),
+    ):
+        done = msmt(*base, *args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert done.stderr.startswith("msmt: error: "), done.stderr
+        assert message in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr

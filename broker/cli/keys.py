@@ -7,6 +7,8 @@ import contextlib
 import fcntl
 import functools
 import os
+import ssl
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -559,22 +561,77 @@ def nats_config(
     echo_line(f"wrote {out}")
 
 
+def _hub_options(command: _Command) -> _Command:
+    """The options that say which hub server to reach and with what: setup's and usage's."""
+    for option in reversed(
+        (
+            click.option(
+                "--server",
+                "url",
+                default="nats://127.0.0.1:4222",
+                show_default=True,
+                help="A hub server's URL (nats:// or tls://).",
+            ),
+            click.option(
+                "--keys",
+                "keydir",
+                type=click.Path(file_okay=False, path_type=Path),
+                default=Path("keys"),
+                show_default=True,
+                help="The key directory (<dir>/ACCOUNT/nats.nk: the account's NATS seed).",
+            ),
+            click.option(
+                "--tls-ca",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help="PEM bundle of the CA that signed the hub's certificate (default: system"
+                " store).",
+            ),
+            click.option(
+                "--tls-cert",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help="PEM client certificate (chain), for a hub that demands one; needs --tls-key.",
+            ),
+            click.option(
+                "--tls-key",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help="PEM private key of --tls-cert (unencrypted).",
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _hub_account(
+    url: str,
+    keydir: Path,
+    account: str,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> tuple[str, bytes, ssl.SSLContext | None]:
+    """The account (upper case), its NATS seed and the TLS context, checked; else one line."""
+    account = account.upper()
+    if account not in (*MEMBERS, keyfiles.AUDIT_ACCOUNT):
+        raise UsageError(f"unknown account {account!r}: a member trigraph or AUDIT")
+    problem = natstls.url_problem(url)
+    if problem is not None:
+        raise UsageError(f"--server: {problem}")
+    tls = natstls.client_tls_context([url], tls_ca, tls_cert, tls_key, natstls.CLI_NAMES)
+    path = keydir / account / keyfiles.NATS_SEED_FILE
+    try:
+        seed = read_file_bytes(path).strip()
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
+    keyfiles.nats_public(seed, str(path))
+    return account, seed, tls
+
+
 @nats_group.command(name="setup")
-@click.option(
-    "--server",
-    "url",
-    default="nats://127.0.0.1:4222",
-    show_default=True,
-    help="A hub server's URL (nats:// or tls://).",
-)
-@click.option(
-    "--keys",
-    "keydir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("keys"),
-    show_default=True,
-    help="The key directory (<dir>/ACCOUNT/nats.nk: the account's NATS seed).",
-)
+@_hub_options
 @click.option("--account", required=True, help="A member trigraph, or AUDIT.")
 @click.option(
     "--max-bytes",
@@ -598,36 +655,18 @@ def nats_config(
     " keeps its own, and a new one gets 1.",
 )
 @click.option(
-    "--tls-ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="PEM bundle of the CA that signed the hub's certificate (default: system store).",
-)
-@click.option(
-    "--tls-cert",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="PEM client certificate (chain), for a hub that demands one; needs --tls-key.",
-)
-@click.option(
-    "--tls-key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="PEM private key of --tls-cert (unencrypted).",
-)
-@click.option(
     "--quiet", "-q", is_flag=True, help="One line per stream or consumer, without its settings."
 )
 def nats_setup(
     url: str,
     keydir: Path,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     account: str,
     max_bytes: int | None,
     max_age_days: float | None,
     replicas: int | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
     quiet: bool,
 ) -> None:
     """Create or update ACCOUNT's streams and consumer; running it twice changes nothing.
@@ -639,19 +678,7 @@ def nats_setup(
     # Imported here: nats-py loads aiohttp (~0.3 s), which no keys command uses.
     from broker import natsetup  # noqa: PLC0415
 
-    account = account.upper()
-    if account not in (*MEMBERS, keyfiles.AUDIT_ACCOUNT):
-        raise UsageError(f"unknown account {account!r}: a member trigraph or AUDIT")
-    problem = natstls.url_problem(url)
-    if problem is not None:
-        raise UsageError(f"--server: {problem}")
-    tls = natstls.client_tls_context([url], tls_ca, tls_cert, tls_key, natstls.CLI_NAMES)
-    path = keydir / account / keyfiles.NATS_SEED_FILE
-    try:
-        seed = read_file_bytes(path).strip()
-    except OSError as exc:
-        raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
-    keyfiles.nats_public(seed, str(path))
+    account, seed, tls = _hub_account(url, keydir, account, tls_ca, tls_cert, tls_key)
     defaults = natsetup.InboxLimits()
     limits = natsetup.InboxLimits(
         max_bytes=max_bytes or defaults.max_bytes,
@@ -684,6 +711,58 @@ def nats_setup(
     for result in results:
         for line in result.lines()[:1] if quiet else result.lines():
             click.echo(line)
+
+
+@nats_group.command(name="usage")
+@_hub_options
+@click.option(
+    "--account",
+    "accounts",
+    multiple=True,
+    required=True,
+    help="A member trigraph, or AUDIT (its members' archives); repeat for more.",
+)
+@click.option(
+    "--textfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the figures there for node_exporter's textfile collector (a name"
+    " ending in .prom, in its --collector.textfile.directory).",
+)
+def nats_usage(
+    url: str,
+    keydir: Path,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    accounts: tuple[str, ...],
+    textfile: Path | None,
+) -> None:
+    """Show how full each account's streams are, and its storage against its quota.
+
+    Every stream setup makes refuses what is published to it once full: a member's
+    inbox refuses partners' reports, and a member's archive (in AUDIT) its
+    checkpoints. Run it from cron with --textfile, and the shipped alerts
+    MsmtHubStreamFilling and MsmtHubUsageStale watch them (docs/DEPLOY.md).
+    """
+    # Imported here: nats-py loads aiohttp (~0.3 s), which no keys command uses.
+    from broker import hubusage  # noqa: PLC0415
+
+    if textfile is not None and textfile.suffix != ".prom":
+        raise UsageError(
+            f"--textfile: {textfile} must end in .prom: node_exporter reads no other file"
+        )
+    checked = [_hub_account(url, keydir, a, tls_ca, tls_cert, tls_key) for a in accounts]
+
+    async def ask() -> list[hubusage.AccountUsage]:
+        return [await hubusage.account_usage(url, a, seed, tls=tls) for a, seed, tls in checked]
+
+    usages = asyncio.run(ask())
+    for usage in usages:
+        for line in hubusage.usage_lines(usage):
+            click.echo(line)
+    if textfile is not None:
+        hubusage.write_textfile(textfile, usages, time.time())
 
 
 COMMANDS: tuple[click.Command, ...] = (keys_group, nats_group)
