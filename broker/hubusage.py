@@ -38,6 +38,8 @@ class StreamUsage:
     messages: int
     bytes: int
     max_bytes: int | None
+    retired: bool = False
+    """The shared archive older versions made: kept, read-only, written to no more."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,11 @@ async def account_usage(
                 continue
             streams.append(
                 StreamUsage(
-                    name, int(s.state.messages), int(s.state.bytes), _limit(s.config.max_bytes)
+                    name,
+                    int(s.state.messages),
+                    int(s.state.bytes),
+                    _limit(s.config.max_bytes),
+                    retired=name in older,
                 )
             )
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
@@ -116,7 +122,13 @@ def usage_lines(usage: AccountUsage) -> list[str]:
     lines = [f"account {usage.account}: {_size(usage.storage, usage.max_storage)} stored"]
     width = max(map(len, [*(s.name for s in usage.streams), *usage.missing]), default=0)
     lines += [
-        f"  {s.name:<{width}}  {_size(s.bytes, s.max_bytes)}, {s.messages} messages"
+        f"  {s.name:<{width}}  "
+        + (
+            f"{s.bytes / MiB:.1f} MiB, {s.messages} messages, retired (kept; nothing is"
+            " written to it since msmt nats setup made the per-member archives)"
+            if s.retired
+            else f"{_size(s.bytes, s.max_bytes)}, {s.messages} messages"
+        )
         for s in usage.streams
     ]
     lines += [f"  {name:<{width}}  missing: run msmt nats setup" for name in usage.missing]
@@ -151,6 +163,12 @@ def usage_registry(usages: Sequence[AccountUsage], at: float) -> CollectorRegist
         ("account",),
         registry=registry,
     )
+    missing = Gauge(
+        "msmt_hub_stream_missing",
+        "1 for a stream msmt nats setup makes that the hub does not have.",
+        labels,
+        registry=registry,
+    )
     measured = Gauge(
         "msmt_hub_usage_timestamp_seconds",
         "When msmt nats usage last measured the account.",
@@ -161,8 +179,12 @@ def usage_registry(usages: Sequence[AccountUsage], at: float) -> CollectorRegist
         for s in usage.streams:
             stream_bytes.labels(usage.account, s.name).set(s.bytes)
             messages.labels(usage.account, s.name).set(s.messages)
-            if s.max_bytes is not None:
+            # Not for the retired archive: full or not, it takes nothing more, and
+            # nothing would mend an alert on it.
+            if s.max_bytes is not None and not s.retired:
                 stream_max.labels(usage.account, s.name).set(s.max_bytes)
+        for name in usage.missing:
+            missing.labels(usage.account, name).set(1)
         storage.labels(usage.account).set(usage.storage)
         if usage.max_storage is not None:
             quota.labels(usage.account).set(usage.max_storage)

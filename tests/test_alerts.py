@@ -43,7 +43,8 @@ def _hub_families() -> dict[str, set[str]]:
     # What ``msmt nats usage --textfile`` writes (for the msmt-hub rules): every gauge,
     # with the labels its samples carry.
     stream = StreamUsage("AUDIT_ARCHIVE_JPN", 1, 2, 3)
-    registry = usage_registry([AccountUsage("AUDIT", 2, 10, (stream,))], 0.0)
+    usage = AccountUsage("AUDIT", 2, 10, (stream,), ("AUDIT_ARCHIVE_NZL",))
+    registry = usage_registry([usage], 0.0)
     families: dict[str, set[str]] = {}
     for family in registry.collect():
         assert family.type == "gauge", family.name

@@ -172,7 +172,8 @@ def _hub_exposed() -> dict[str, set[str]]:
     """What ``msmt nats usage --textfile`` writes for the hub (docs/DEPLOY.md), with labels."""
     stream = StreamUsage("INBOX_JPN", 1, 2, 3)
     names: dict[str, set[str]] = {}
-    for family in usage_registry([AccountUsage("JPN", 2, 10, (stream,))], 0.0).collect():
+    usage = AccountUsage("JPN", 2, 10, (stream,), ("INBOX_JPN",))
+    for family in usage_registry([usage], 0.0).collect():
         for got in family.samples:
             names.setdefault(got.name, set()).update(got.labels)
     return names

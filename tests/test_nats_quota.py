@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -352,9 +353,19 @@ async def test_d_usage_shows_a_filling_archive_and_writes_it_for_node_exporter(
     # node can see the AUDIT account: only the hub's operator can watch it fill.
     from prometheus_client.parser import text_string_to_metric_families
 
+    kor, audit = users["KOR"], users["AUDIT"]
+    # A hub from before the per-member archives: setup retires the shared one, full or
+    # not, and nothing is written to it again, so no alert must read it as filling.
+    await audit.jetstream().add_stream(
+        StreamConfig(
+            name=natsconfig.AUDIT_STREAM,
+            subjects=["msmt.audit.*.checkpoint", "msmt.audit.*.cosignature"],
+            discard=DiscardPolicy.NEW,
+            max_bytes=1 * MiB,
+        )
+    )
     await setup(hub, keydir, "AUDIT", audit_max_bytes=1 * MiB)
     await setup(hub, keydir, "JPN")
-    kor, audit = users["KOR"], users["AUDIT"]
     await publish_until_archived(kor, audit, "KOR", b"KOR\n")
     for _ in range(60):
         await kor.publish("msmt.audit.KOR.cosignature", b"KOR\n" + b"G" * 15 * 1024)
@@ -381,6 +392,9 @@ async def test_d_usage_shows_a_filling_archive_and_writes_it_for_node_exporter(
     assert lines[jpn + 1] == "  INBOX_JPN  0.0 of 128.0 MiB (0 %), 0 messages"
     # USA's inbox was never set up: said, not skipped.
     assert lines[-1] == "  INBOX_USA  missing: run msmt nats setup"
+    retired = next(line for line in lines if line.startswith("  AUDIT_ARCHIVE "))
+    assert retired.endswith(" messages, retired (kept; nothing is written to it since msmt"
+                            " nats setup made the per-member archives)"), retired  # fmt: skip
 
     samples = {
         (s.name, s.labels.get("account", ""), s.labels.get("stream", "")): s.value
@@ -397,11 +411,26 @@ async def test_d_usage_shows_a_filling_archive_and_writes_it_for_node_exporter(
     assert samples[("msmt_hub_account_max_storage_bytes", "JPN", "")] == member_quota.max_file
     assert samples[("msmt_hub_account_storage_bytes", "AUDIT", "")] >= held.bytes
     assert abs(samples[("msmt_hub_usage_timestamp_seconds", "JPN", "")] - time.time()) < 60
+    assert samples[("msmt_hub_stream_missing", "USA", "INBOX_USA")] == 1
+    assert ("msmt_hub_stream_bytes", "AUDIT", "AUDIT_ARCHIVE") in samples
+    assert ("msmt_hub_stream_max_bytes", "AUDIT", "AUDIT_ARCHIVE") not in samples
     assert os.listdir(textfile.parent) == ["msmt-hub.prom"]  # no temporary file left beside it
 
 
 def test_d_usage_refuses_what_it_cannot_use_in_one_line(tmp_path: Path, keydir: Path) -> None:
     base = ("nats", "usage", "--keys", str(keydir))
+    # USA's seed where JPN's belongs: it connected, then every request timed out (20 s)
+    # and the hub was blamed (a review); the key directory lists whose user is whose.
+    mixed = tmp_path / "mixed"
+    (mixed / "JPN").mkdir(parents=True)
+    shutil.copy(keydir / keys.NATS_USERS_FILE, mixed / keys.NATS_USERS_FILE)
+    shutil.copy(keydir / "USA" / keys.NATS_SEED_FILE, mixed / "JPN" / keys.NATS_SEED_FILE)
+    wrong = msmt("nats", "usage", "--keys", str(mixed), "--account", "JPN", "--quiet")
+    assert wrong.returncode == 2, wrong.stderr
+    assert wrong.stderr.startswith(f"msmt: error: {mixed / 'JPN' / 'nats.nk'} is not JPN's NATS")
+    assert "(another account's seed?)" in wrong.stderr
+    seed_text = (keydir / "USA" / keys.NATS_SEED_FILE).read_text().strip()
+    assert seed_text not in wrong.stderr
     for args, message in (
         (("--account", "JPN", "--textfile", str(tmp_path / "hub.txt")), "must end in .prom"),
         (("--account", "XYZ"), "unknown account 'XYZ'"),
