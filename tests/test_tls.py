@@ -444,6 +444,12 @@ def test_nats_setup_uses_the_ca_and_client_certificate(tls_world: TlsWorld) -> N
     done = msmt(*base, "--tls-cert", str(pki.jpn.cert), "--tls-key", str(pki.jpn.key))
     assert done.returncode == 0, done.stderr
     assert "stream INBOX_JPN: unchanged" in done.stdout
+    # Nothing on stderr: asyncio warned at every TLS close (nats-py's start_tls), and
+    # cron mails whatever a job prints (a review of msmt nats usage).
+    assert done.stderr == ""
+    usage = ["nats", "usage", *base[2:], "--tls-cert", str(pki.jpn.cert)]
+    used = msmt(*usage, "--tls-key", str(pki.jpn.key), "--quiet")
+    assert (used.returncode, used.stdout, used.stderr) == (0, "", "")
 
     refused = msmt(*base)
     assert refused.returncode == 2, refused.stdout

@@ -626,7 +626,18 @@ def _hub_account(
         seed = read_file_bytes(path).strip()
     except OSError as exc:
         raise KeyMaterialError(f"cannot read {path}: {exc.strerror}") from None
-    keyfiles.nats_public(seed, str(path))
+    public = keyfiles.nats_public(seed, str(path))
+    # Another account's seed connects, then times out on every request (its user may
+    # not use this account's reply subjects): 20 s, and the hub blamed. Where the key
+    # directory lists the users (the hub's own, for msmt nats config), say it at once.
+    users = keydir / keyfiles.NATS_USERS_FILE
+    if users.exists():
+        listed = natsusers.load_users(keydir).get(account)
+        if listed is not None and listed != public:
+            raise KeyMaterialError(
+                f"{path} is not {account}'s NATS user: {users} lists {listed} for"
+                f" {account}, and this seed is {public}'s (another account's seed?)"
+            )
     return account, seed, tls
 
 
@@ -729,6 +740,9 @@ def nats_setup(
     help="Also write the figures there for node_exporter's textfile collector (a name"
     " ending in .prom, in its --collector.textfile.directory).",
 )
+@click.option(
+    "--quiet", "-q", is_flag=True, help="Print nothing but errors (from cron, with --textfile)."
+)
 def nats_usage(
     url: str,
     keydir: Path,
@@ -737,6 +751,7 @@ def nats_usage(
     tls_key: Path | None,
     accounts: tuple[str, ...],
     textfile: Path | None,
+    quiet: bool,
 ) -> None:
     """Show how full each account's streams are, and its storage against its quota.
 
@@ -758,7 +773,7 @@ def nats_usage(
         return [await hubusage.account_usage(url, a, seed, tls=tls) for a, seed, tls in checked]
 
     usages = asyncio.run(ask())
-    for usage in usages:
+    for usage in usages if not quiet else ():
         for line in hubusage.usage_lines(usage):
             click.echo(line)
     if textfile is not None:
