@@ -392,6 +392,9 @@ def test_status_aligns_every_value_and_says_none_rather_than_leave_a_line_blank(
     write_node_config(tmp_path, "KOR", ["nats://127.0.0.1:1"])
     config = load_config(tmp_path / "nodes" / "KOR" / "node.toml", env={})
     config.data_dir.mkdir(parents=True)
+    Store(config.store_path).close()  # a store no node has written a status to
+    fresh = msmt("status", "--config", str(tmp_path / "nodes" / "KOR" / "node.toml"))
+    assert "\nupdated_at          never\n" in fresh.stdout, fresh.stdout
     store = Store(config.store_path)
     store.record_status(
         Counter(),
@@ -410,7 +413,7 @@ def test_status_aligns_every_value_and_says_none_rather_than_leave_a_line_blank(
     lines = done.stdout.splitlines()
     # Every line of a key and its value, that is all but the headers of indented lines.
     values = [line for line in lines if re.match(r"[a-z_]+ ", line)]
-    values.remove("credentials valid until none")  # the one header longer than the keys
+    values.remove("credentials valid until unknown")  # the one header longer than the keys
     assert len(values) > 20
     assert {re.match(r"\S+ +", line).end() for line in values} == {20}, values  # type: ignore[union-attr]
     assert "last_audit_alarm_at 2026-12-07T01:00:00Z" in lines

@@ -812,7 +812,9 @@ def _echo_status(status: Mapping[str, Any]) -> None:
             for name, line in _outbox_lines(value):
                 click.echo(f"  {name:<28} {line}")
         elif isinstance(value, dict) and not value:
-            click.echo(f"{key.replace('_', ' '):<{width - 1}} none")
+            # No credentials recorded is not "none expire": the node has not started yet.
+            nothing = "unknown" if key == "credentials_valid_until" else "none"
+            click.echo(f"{key.replace('_', ' '):<{width - 1}} {nothing}")
         elif key == "feeds":
             click.echo("feeds")
             for name, figures in value.items():
@@ -882,7 +884,7 @@ def _age_text(age: int | None) -> str:
 
 def _liveness_lines(status: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     age = status["status_age_s"]
-    yield "updated_at", status["updated_at"] + _age_text(age)
+    yield "updated_at", (status["updated_at"] or "never") + _age_text(age)
     if status["running"] is None:
         yield "node", "unknown (cannot read /proc/locks)"
     elif status["running"]:
