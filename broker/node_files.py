@@ -18,6 +18,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker import pseudonym_keys
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError
 from broker.files import read_file_bytes, read_file_text
@@ -121,6 +122,15 @@ def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
             raise KeyMaterialError(f"pseudonym key {key_id}: {path} is not base64url") from None
         if len(key) < PSEUDONYM_MIN_BYTES:
             raise KeyMaterialError(f"pseudonym key {path} is shorter than 32 bytes")
+        if pseudonym_keys.is_nkey_seed(text.encode("ascii")):
+            # Copied in by hand, or imported before the import refused seeds: it was
+            # perhaps sent to partners too, and a NATS seed is the member's login.
+            raise KeyMaterialError(
+                f"pseudonym key {key_id}: {path} is a NATS seed, not a pseudonym key: make a"
+                f" key with `msmt keys pseudonym {config.member} {key_id} --dir"
+                f" {config.keys.dir} --replace`, and if the file was sent to anyone, rotate"
+                " the NATS credentials (docs/KEYS.md)"
+            )
         check_private_file(path, "pseudonym key")
         out[key_id] = key
     return out

@@ -83,7 +83,7 @@ def decode(data: bytes, where: str) -> bytes:
     text = data.strip()
     if len(data) > MAX_FILE_BYTES or not _B64URL.fullmatch(text):
         raise KeyMaterialError(f"{where} is not a pseudonym key (one line of base64url)")
-    if _nkey_seed(text):
+    if is_nkey_seed(text):
         # Its letters are base64url too, of 43 bytes: it would pass for a key, and the
         # import's copy be sent on to partners as the documented workflow says.
         raise KeyMaterialError(
@@ -99,8 +99,9 @@ def decode(data: bytes, where: str) -> bytes:
     return key
 
 
-def _nkey_seed(text: bytes) -> bool:
-    # An nkey seed: "S", base32 of 36 bytes whose last two are a CRC-16 of the rest.
+def is_nkey_seed(text: bytes) -> bool:
+    """Whether ``text`` is a NATS nkey seed, which is base64url-shaped too."""
+    # "S", then base32 of 36 bytes whose last two are a CRC-16 of the rest.
     if not text.startswith(b"S"):
         return False
     try:

@@ -26,6 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 KEY_ID = "kor-jpn-usa-2026"  # the key the shipped KOR policy names
 
 
+SEED = b"<a NATS user seed>"
+"""Stands for ``nkeys_seed()`` in a parametrized case."""
+
+
 def nkeys_seed() -> bytes:
     """A real NATS user seed, as ``msmt keys init`` writes one."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,6 +115,23 @@ def test_a_key_file_the_node_cannot_decode_is_refused_without_quoting_it(keydir:
         kor_loads(keydir)
     # The codec's own text would have shown the key's first byte (0xfe).
     assert str(err.value) == f"pseudonym key {KEY_ID}: {path} is not ASCII text"
+
+
+def test_a_nats_seed_in_place_of_a_key_stops_the_node_at_start(keydir: Path) -> None:
+    # Copied in by hand, or imported before the import refused it (a review): the node
+    # used it as a key, and a key file is what members send each other.
+    folder = keydir / "KOR" / "pseudonym"
+    folder.mkdir(mode=0o700)
+    path = folder / f"{KEY_ID}.key"
+    seed = nkeys_seed()
+    path.write_bytes(seed + b"\n")
+    path.chmod(0o600)
+    with pytest.raises(KeyMaterialError) as err:
+        kor_loads(keydir)
+    assert str(err.value).startswith(
+        f"pseudonym key {KEY_ID}: {path} is a NATS seed, not a pseudonym key: make a key"
+    )
+    assert seed.decode() not in str(err.value)
 
 
 def test_two_keys_are_never_the_same(keydir: Path) -> None:
@@ -204,12 +225,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         (b"A" * 5000, "is not a pseudonym key"),
         # A leak hunt: the member's NATS seed passed for a key, and a key file is sent
         # to partners (docs/POLICY.md).
-        (nkeys_seed() + b"\n", "is a NATS seed, not a pseudonym key"),
+        (SEED, "is a NATS seed, not a pseudonym key"),
     ],
 )
 def test_a_mangled_key_file_is_refused_on_import(keydir: Path, content: bytes, needle: str) -> None:
     source = keydir.parent / "sent.key"
-    source.write_bytes(content)
+    # A seed is made here, not at collection: each test worker must collect the same ids.
+    source.write_bytes(nkeys_seed() + b"\n" if content == SEED else content)
     before = snapshot(keydir)
     result = run("JPN", KEY_ID, "--dir", str(keydir), "--from-file", str(source))
     assert_one_line_error(result, 2, needle, str(source))
