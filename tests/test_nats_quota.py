@@ -417,6 +417,33 @@ async def test_d_usage_shows_a_filling_archive_and_writes_it_for_node_exporter(
     assert os.listdir(textfile.parent) == ["msmt-hub.prom"]  # no temporary file left beside it
 
 
+def test_d_setup_warns_on_stderr_never_among_its_results_on_stdout(
+    hub: NatsServer, keydir: Path, tmp_path: Path
+) -> None:
+    # Unconfigured, structlog printed setup's warnings on stdout, among the lines a
+    # script reads (a review); the retired shared archive is one such warning.
+    async def old_archive() -> None:
+        nc = await natsetup.connect_account(hub.url, "AUDIT", seed(keydir, "AUDIT"))
+        try:
+            await nc.jetstream().add_stream(
+                StreamConfig(
+                    name=natsconfig.AUDIT_STREAM,
+                    subjects=["msmt.audit.*.checkpoint"],
+                    max_bytes=1 * MiB,
+                )
+            )
+        finally:
+            await nc.close()
+
+    asyncio.run(old_archive())
+    done = msmt(
+        "nats", "setup", "--server", hub.url, "--keys", str(keydir), "--account", "AUDIT", "-q"
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert all(line.startswith("stream AUDIT_ARCHIVE") for line in done.stdout.splitlines())
+    assert "shared_archive_retired" in done.stderr
+
+
 def test_d_usage_refuses_what_it_cannot_use_in_one_line(tmp_path: Path, keydir: Path) -> None:
     base = ("nats", "usage", "--keys", str(keydir))
     # USA's seed where JPN's belongs: it connected, then every request timed out (20 s)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from broker import keyrequest, natsconfig, natstls, natsusers, pseudonym_keys
+from broker import keyrequest, log, natsconfig, natstls, natsusers, pseudonym_keys
 from broker import keys as keyfiles
 from broker.cli.options import Finite, echo_line, stdin_buffer
 from broker.errors import KeyMaterialError, UsageError, WriteError
@@ -689,6 +689,9 @@ def nats_setup(
     # Imported here: nats-py loads aiohttp (~0.3 s), which no keys command uses.
     from broker import natsetup  # noqa: PLC0415
 
+    # Its warnings (an inbox switched, the shared archive retired) go to stderr: left
+    # unconfigured, structlog printed them among the results on stdout.
+    log.configure()
     account, seed, tls = _hub_account(url, keydir, account, tls_ca, tls_cert, tls_key)
     defaults = natsetup.InboxLimits()
     limits = natsetup.InboxLimits(
@@ -762,6 +765,8 @@ def nats_usage(
     """
     # Imported here: nats-py loads aiohttp (~0.3 s), which no keys command uses.
     from broker import hubusage  # noqa: PLC0415
+
+    log.configure()  # as setup: warnings to stderr, never among the figures
 
     if textfile is not None and textfile.suffix != ".prom":
         raise UsageError(
