@@ -28,6 +28,7 @@ import re
 import secrets
 import stat
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -407,13 +408,46 @@ def load_signed_roster(
     ``authority_option`` names the command's option for it, said when the default
     is missing: a deployment pins the key elsewhere (``/etc/msmt``), as it should.
     """
-    jwks = read_json(keydir / ROSTER_FILE)
     pin = authority_path or keydir / AUTHORITY_PUBLIC_FILE
     if authority_path is None and authority_option is not None and not pin.exists():
         raise KeyMaterialError(
             f"no roster-authority key at {pin}: name the pinned copy with {authority_option}"
             " (the node's keys.authority)"
         )
+    authority = load_authority(pin)
+    pair = _roster_pair(keydir)
+    for _ in range(ROSTER_READS):
+        try:
+            return verify_roster(*pair, authority, min_version=min_version, pinned_at=str(pin))
+        except KeyMaterialError as exc:
+            refused = exc
+        # The two files are read one after the other, and a custodian's roster write
+        # (msmt keys rotate, revoke, accept) renames them into place one after the
+        # other: a pair read across it does not match (a race trial: 5 false tamper
+        # errors in 2,383 reads). Read again while they change; the same pair twice
+        # is what the directory holds, and refused.
+        time.sleep(ROSTER_REREAD_S)
+        again = _roster_pair(keydir)
+        if again == pair:
+            break
+        pair = again
+    if not (keydir / ROSTER_SIG_STAGED).exists():
+        raise refused
+    # Refused all the same: only the custodian's next roster write finishes it.
+    raise KeyMaterialError(
+        f"{refused} ({ROSTER_SIG_STAGED} is beside it: a roster write was cut short; the"
+        " custodian's next msmt keys rotate, revoke or accept in that directory finishes it)"
+    ) from None
+
+
+ROSTER_READS: Final = 5
+ROSTER_REREAD_S: Final = 0.1
+"""A roster that fails is read again this long after, while it changes (``ROSTER_READS``)."""
+
+
+def _roster_pair(keydir: Path) -> tuple[Any, str]:
+    """``roster.json`` parsed and its signature's text; ``KeyMaterialError`` if unreadable."""
+    jwks = read_json(keydir / ROSTER_FILE)
     try:
         signature = read_file_text(keydir / ROSTER_SIG_FILE, "ascii")
     except (OSError, UnicodeDecodeError) as exc:
@@ -421,18 +455,7 @@ def load_signed_roster(
         raise KeyMaterialError(
             f"cannot read roster signature {keydir / ROSTER_SIG_FILE}: {reason}"
         ) from None
-    try:
-        return verify_roster(
-            jwks, signature, load_authority(pin), min_version=min_version, pinned_at=str(pin)
-        )
-    except KeyMaterialError as exc:
-        if not (keydir / ROSTER_SIG_STAGED).exists():
-            raise
-        # Refused all the same: only the custodian's next roster write finishes it.
-        raise KeyMaterialError(
-            f"{exc} ({ROSTER_SIG_STAGED} is beside it: a roster write was cut short; the"
-            " custodian's next msmt keys rotate, revoke or accept in that directory finishes it)"
-        ) from None
+    return jwks, signature
 
 
 def roster_digest(jwks: Mapping[str, Any]) -> str:
