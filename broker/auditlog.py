@@ -58,6 +58,7 @@ from broker.note import (
     find_signature,
     parse,
 )
+from broker.store_file import WAL_LIMIT, create_schema
 
 DB_FILE: Final = "audit.sqlite"
 LINES_PER_WITNESS: Final = 2
@@ -153,7 +154,10 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
             db.execute("PRAGMA journal_mode=WAL")
             # FULL syncs the WAL on every commit: an acknowledged append survives power loss.
             db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+            # Every table at once: a reader during a node's first start saw some ("it
+            # has no checkpoints table") and refused a healthy log.
+            create_schema(db, _SCHEMA)
     except sqlite3.Error as exc:
         raise _sqlite_error("cannot open", path, exc) from exc
     return db

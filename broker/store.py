@@ -56,8 +56,10 @@ from broker.store_file import (
     PAGE_SIZE,
     SCHEMA,
     STORE_FORMAT,
+    WAL_LIMIT,
     add_missing_columns,
     check_format,
+    create_schema,
     lock_writer,
     page_damage,
     refuse_foreign,
@@ -265,9 +267,11 @@ class Store:
                 self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(SCHEMA)
+                self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+                # All tables and the format at once: a reader during a node's first
+                # start saw some tables and not others ("no such table: state").
+                create_schema(self._db, SCHEMA + f"PRAGMA user_version={STORE_FORMAT};")
                 add_missing_columns(self._db)
-                self._db.execute(f"PRAGMA user_version={STORE_FORMAT}")
                 if max_pages is not None:
                     self._db.execute(f"PRAGMA max_page_count={int(max_pages)}")
         except StoreError:

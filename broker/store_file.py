@@ -38,6 +38,15 @@ stamp read as 0 and are brought up to date at a writer's open."""
 
 PAGE_SIZE: Final = 16384
 """SQLite page size of a new store, in bytes; an existing store keeps its own."""
+WAL_LIMIT: Final = 32 * 1024 * 1024
+"""Bytes a store's or audit log's ``-wal`` file is cut back to once its frames are copied.
+
+A long read (``msmt inbox check``, the audit tools) holds back SQLite's checkpoints
+while the node writes on, and the WAL grows by all it writes meanwhile (a race trial:
+17 to 83 MB for one ``inbox check``, 52 to 345 MB under two loops of them); without a
+limit SQLite reuses the file but never shrinks it, so it stayed that size for good.
+Twice the 16 MB it levels off at otherwise (docs/DEPLOY.md), so a running node never
+truncates it in the ordinary way of things."""
 
 
 SCHEMA: Final = """
@@ -254,6 +263,18 @@ def check_format(db: sqlite3.Connection, path: Path) -> None:
             f"to format {STORE_FORMAT}: run the newer version again (docs/DEPLOY.md, "
             "'Upgrading a node', says what restoring the backup would cost)"
         )
+
+
+def create_schema(db: sqlite3.Connection, script: str) -> None:
+    """Run ``script`` (``CREATE ... IF NOT EXISTS`` statements) as one transaction."""
+    # executescript commits what is pending, then runs each statement on its own
+    # unless the script itself opens a transaction.
+    try:
+        db.executescript(f"BEGIN IMMEDIATE;\n{script}\nCOMMIT;")
+    except sqlite3.Error:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def add_missing_columns(db: sqlite3.Connection) -> None:

@@ -951,3 +951,54 @@ def test_a_read_of_damaged_pages_says_to_restore_from_a_backup(tmp_path: Path) -
         "store node.sqlite3 is damaged: database disk image is malformed; restore it from a"
         " backup (docs/DEPLOY.md, 'Backing up and restoring a node')"
     )
+
+
+def test_the_wal_is_cut_back_once_a_long_read_that_held_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A race trial: an `msmt inbox check` held one read for 65 s while the node wrote
+    # on, and the store's -wal file grew from 17 to 83 MB (345 MB under two loops of
+    # such reads) and stayed so while the node ran: SQLite reuses a WAL, and shrinks
+    # it only to a journal_size_limit. Here the limit is 1 MiB, and the node's writes
+    # are 1 MB status values, 20 of them (past the 1,000-page checkpoint at 16 KB).
+    import broker.store
+
+    monkeypatch.setattr(broker.store, "WAL_LIMIT", 1024 * 1024)
+    path = tmp_path / "node.sqlite3"
+    store = Store(path)
+    wal = path.with_name(path.name + "-wal")
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM state").fetchone()  # holds its snapshot
+        for i in range(20):
+            store.set_state({"filler": f"{i}" * 1_000_000})
+        held = wal.stat().st_size
+        assert held > 16 * 1024 * 1024  # nothing could be checkpointed past the reader
+        reader.execute("COMMIT")
+        for i in range(3):  # the next writes checkpoint it all, then restart the WAL
+            store.set_state({"filler": f"{i}"})
+        assert wal.stat().st_size <= 1024 * 1024, (held, wal.stat().st_size)
+        assert store.state()["filler"] == "2"  # nothing lost on the way
+    finally:
+        reader.close()
+        store.close()
+
+
+def test_a_schema_is_created_whole_or_not_at_all(tmp_path: Path) -> None:
+    # A race trial: readers during a node's very first start saw some tables and not
+    # others (`msmt status`: "no such table: state"; the audit tools: "it has no
+    # checkpoints table"), each statement having been its own transaction.
+    from broker.store_file import create_schema
+
+    db = sqlite3.connect(tmp_path / "x.sqlite3", isolation_level=None)
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            create_schema(db, "CREATE TABLE first (a);\nCREATE TABLE second (;")
+        assert not db.in_transaction
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == []
+        create_schema(db, "CREATE TABLE first (a);\nCREATE TABLE second (b);")
+        names = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        assert names == {"first", "second"}
+    finally:
+        db.close()
