@@ -48,7 +48,8 @@ for m in $MEMBERS; do
         mv "$vol/$AUTHORITY.new" "$vol/$AUTHORITY"
     fi
     # The public roster (the .jws last, so a node that starts in between sees a
-    # pair that does not verify and retries, never a mix it accepts).
+    # pair that does not verify, never a mix it accepts: it reads the pair again
+    # while it changes, and compose restarts it should the copy take longer).
     for f in roster.json roster.json.jws; do
         cp "$MSMT_KEYS_SRC/$f" "$vol/$f.new"
         mv "$vol/$f.new" "$vol/$f"
