@@ -416,11 +416,13 @@ def load_signed_roster(
         )
     authority = load_authority(pin)
     pair = _roster_pair(keydir)
-    for _ in range(ROSTER_READS):
+    for read in range(1, ROSTER_READS + 1):
         try:
             return verify_roster(*pair, authority, min_version=min_version, pinned_at=str(pin))
         except KeyMaterialError as exc:
             refused = exc
+        if read == ROSTER_READS:
+            break
         # The two files are read one after the other, and a custodian's roster write
         # (msmt keys rotate, revoke, accept) renames them into place one after the
         # other: a pair read across it does not match (a race trial: 5 false tamper
