@@ -268,10 +268,12 @@ class Store:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-                # All tables and the format at once: a reader during a node's first
-                # start saw some tables and not others ("no such table: state").
-                create_schema(self._db, SCHEMA + f"PRAGMA user_version={STORE_FORMAT};")
+                # All tables at once: a reader during a node's first start saw some
+                # tables and not others ("no such table: state").
+                create_schema(self._db, SCHEMA)
                 add_missing_columns(self._db)
+                # Last: the format says the columns it stands for are there.
+                self._db.execute(f"PRAGMA user_version={STORE_FORMAT}")
                 if max_pages is not None:
                     self._db.execute(f"PRAGMA max_page_count={int(max_pages)}")
         except StoreError:
