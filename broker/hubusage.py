@@ -6,7 +6,8 @@ the partners' outboxes), and a member's audit archive stops archiving its
 checkpoints. No node can see the archives, which live in the ``AUDIT`` account, so
 the hub's operator asks each account with its own credentials, as setup does, and
 may write the figures for node_exporter's textfile collector: the shipped alerts
-``MsmtHubStreamFilling`` and ``MsmtHubUsageStale`` read them (docs/DEPLOY.md).
+``MsmtHubStreamFilling``, ``MsmtHubStreamMissing`` and ``MsmtHubUsageStale`` read them
+(docs/DEPLOY.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from broker.errors import ConfigError, UsageError
 from broker.keys import AUDIT_ACCOUNT
 from broker.members import MEMBERS
 from broker.natsconfig import AUDIT_STREAM, archive_stream, inbox_stream
-from broker.natsetup import SETUP_TIMEOUT, connect_account
+from broker.natsetup import RETIRED_SUBJECT, SETUP_TIMEOUT, connect_account
 
 MiB: Final = 1024**2
 
@@ -94,7 +95,9 @@ async def account_usage(
                     int(s.state.messages),
                     int(s.state.bytes),
                     _limit(s.config.max_bytes),
-                    retired=name in older,
+                    # Retired once setup moved it to a subject nobody may publish on;
+                    # before that, older nodes still fill it like any archive.
+                    retired=name in older and s.config.subjects == [RETIRED_SUBJECT],
                 )
             )
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
