@@ -126,10 +126,11 @@ def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
             # Copied in by hand, or imported before the import refused seeds: it was
             # perhaps sent to partners too, and a NATS seed is the member's login.
             raise KeyMaterialError(
-                f"pseudonym key {key_id}: {path} is a NATS seed, not a pseudonym key: make a"
-                f" key with `msmt keys pseudonym {config.member} {key_id} --dir"
-                f" {config.keys.dir} --replace`, and if the file was sent to anyone, rotate"
-                " the NATS credentials (docs/KEYS.md)"
+                f"pseudonym key {key_id}: {path} is a NATS seed, not a pseudonym key: put the"
+                f" key {key_id}'s member made in its place (`msmt keys pseudonym {config.member}"
+                f" {key_id} --dir {config.keys.dir} --from-file FILE --replace`), or declare a"
+                " new key id; if this file was sent to anyone, rotate the NATS credentials"
+                " (docs/KEYS.md)"
             )
         check_private_file(path, "pseudonym key")
         out[key_id] = key

@@ -129,7 +129,7 @@ def test_a_nats_seed_in_place_of_a_key_stops_the_node_at_start(keydir: Path) -> 
     with pytest.raises(KeyMaterialError) as err:
         kor_loads(keydir)
     assert str(err.value).startswith(
-        f"pseudonym key {KEY_ID}: {path} is a NATS seed, not a pseudonym key: make a key"
+        f"pseudonym key {KEY_ID}: {path} is a NATS seed, not a pseudonym key: put the key"
     )
     assert seed.decode() not in str(err.value)
 
