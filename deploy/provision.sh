@@ -51,8 +51,9 @@ for m in $MEMBERS; do
     # pair that does not verify, never a mix it accepts: it reads the pair again
     # while it changes, and compose restarts it should the copy take longer).
     for f in roster.json roster.json.jws; do
-        cp "$MSMT_KEYS_SRC/$f" "$vol/$f.new"
-        mv "$vol/$f.new" "$vol/$f"
+        # Not "$f.new": that is the name a custodian's roster write leaves aside.
+        cp "$MSMT_KEYS_SRC/$f" "$vol/$f.copying"
+        mv "$vol/$f.copying" "$vol/$f"
     done
     if [ "$(id -u)" = 0 ]; then chown -R 10001:10001 "$vol"; fi
     chmod -R go-rwx "$vol"

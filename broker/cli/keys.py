@@ -744,7 +744,10 @@ def nats_setup(
     " ending in .prom, in its --collector.textfile.directory).",
 )
 @click.option(
-    "--quiet", "-q", is_flag=True, help="Print nothing but errors (from cron, with --textfile)."
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Print no figures, only errors and warnings (from cron, with --textfile).",
 )
 def nats_usage(
     url: str,
