@@ -1282,3 +1282,31 @@ def test_verify_waiting_refuses_a_quorum_on_a_checkpoint_only_a_revoked_key_sign
     run = _WhileWaiting(tmp_path, WITNESSES, 2, key=OTHER)
     with pytest.raises(TamperError, match=r"latest checkpoint \(size 9\) is signed only by a rev"):
         run.result(a_thief_appends)
+
+
+def test_the_logs_wal_is_cut_back_once_a_long_read_that_held_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the store's (tests/test_store.py): a reader's snapshot holds back every
+    # checkpoint while the node appends, and the -wal kept its largest size for good.
+    import broker.auditlog
+
+    monkeypatch.setattr(broker.auditlog, "WAL_LIMIT", 256 * 1024)
+    log = AuditLog(tmp_path, MEMBER, KEY)
+    wal = tmp_path / f"{DB_FILE}-wal"
+    reader = sqlite3.connect(tmp_path / DB_FILE, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM entries").fetchone()  # holds its snapshot
+        for batch in range(24):
+            log.append_many([event(batch * 600 + i) for i in range(600)])
+        held = wal.stat().st_size
+        assert held > 4 * 1024 * 1024  # past the 1,000-page checkpoint, none could run
+        reader.execute("COMMIT")
+        for i in range(3):
+            log.append_many([event(24 * 600 + i)])
+        assert wal.stat().st_size <= 256 * 1024, (held, wal.stat().st_size)
+        assert log.size == 24 * 600 + 3
+    finally:
+        reader.close()
+        log.close()
