@@ -266,6 +266,22 @@ def new_nats_seed() -> bytes:
     return bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER))
 
 
+def _nkey_seed_problem(text: bytes) -> str | None:
+    """Why ``text`` is not an nkey seed's encoding (base32 of 36 bytes, a CRC-16 last), or None."""
+    try:
+        raw = base64.b32decode(text + b"=" * (-len(text) % 8))
+    except (binascii.Error, ValueError):
+        return "not base32"
+    if len(raw) != 36 or nkeys.crc16_checksum(raw[:-2]) != raw[-2:]:
+        return "bad length or checksum"
+    return None
+
+
+def is_nkey_seed(text: bytes) -> bool:
+    """Whether ``text`` is a NATS nkey seed (``S...``), which is base64url-shaped too."""
+    return text.startswith(b"S") and _nkey_seed_problem(text) is None
+
+
 def nats_public(seed: bytes, where: str) -> str:
     """Return the user public nkey (``U...``) of a seed; raise ``KeyMaterialError`` if malformed.
 
@@ -273,12 +289,9 @@ def nats_public(seed: bytes, where: str) -> str:
     with a corrupted tail would otherwise yield a different, unknown key.
     """
     text = seed.strip()
-    try:
-        raw = base64.b32decode(text + b"=" * (-len(text) % 8))
-    except (binascii.Error, ValueError):
-        raise KeyMaterialError(f"{where}: malformed nkey seed (not base32)") from None
-    if len(raw) != 36 or nkeys.crc16_checksum(raw[:-2]) != raw[-2:]:
-        raise KeyMaterialError(f"{where}: malformed nkey seed (bad length or checksum)")
+    problem = _nkey_seed_problem(text)
+    if problem is not None:
+        raise KeyMaterialError(f"{where}: malformed nkey seed ({problem})")
     try:
         public = nkeys.from_seed(bytearray(text)).public_key.decode()
     except (nkeys.NkeysError, ValueError, TypeError) as exc:

@@ -18,7 +18,6 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker import pseudonym_keys
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError
 from broker.files import read_file_bytes, read_file_text
@@ -26,6 +25,7 @@ from broker.keys import (
     MemberKeys,
     SignedRoster,
     check_private_file,
+    is_nkey_seed,
     load_member_keys,
     load_pinned_roster,
     nats_public,
@@ -122,7 +122,7 @@ def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
             raise KeyMaterialError(f"pseudonym key {key_id}: {path} is not base64url") from None
         if len(key) < PSEUDONYM_MIN_BYTES:
             raise KeyMaterialError(f"pseudonym key {path} is shorter than 32 bytes")
-        if pseudonym_keys.is_nkey_seed(text.encode("ascii")):
+        if is_nkey_seed(text.encode("ascii")):
             # Copied in by hand, or imported before the import refused seeds: it was
             # perhaps sent to partners too, and a NATS seed is the member's login.
             raise KeyMaterialError(

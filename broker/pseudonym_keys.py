@@ -26,10 +26,9 @@ import secrets
 from pathlib import Path
 from typing import Final, Literal
 
-import nkeys
-
 from broker.errors import KeyMaterialError, UsageError
 from broker.files import read_file_bytes, write_durably
+from broker.keys import is_nkey_seed
 from broker.members import MEMBERS, is_member
 from broker.transforms import Transform
 
@@ -97,18 +96,6 @@ def decode(data: bytes, where: str) -> bytes:
     if len(key) < KEY_BYTES:
         raise KeyMaterialError(f"{where} holds {len(key)} bytes; a pseudonym key has at least 32")
     return key
-
-
-def is_nkey_seed(text: bytes) -> bool:
-    """Whether ``text`` is a NATS nkey seed, which is base64url-shaped too."""
-    # "S", then base32 of 36 bytes whose last two are a CRC-16 of the rest.
-    if not text.startswith(b"S"):
-        return False
-    try:
-        raw = base64.b32decode(text + b"=" * (-len(text) % 8))
-    except (binascii.Error, ValueError):
-        return False
-    return len(raw) == 36 and nkeys.crc16_checksum(raw[:-2]) == raw[-2:]
 
 
 def fingerprint(key: bytes) -> str:
