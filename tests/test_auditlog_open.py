@@ -20,12 +20,14 @@ from typing import Any
 
 import pytest
 from audit_helpers import event, unstored_event
+from click.testing import CliRunner
 from node_world import MSMT, audit_entries, msmt, write_node_config
 
 from broker import audit_events, keys, samples
 from broker.audit_verify import read_entries
 from broker.auditlog import DB_FILE
 from broker.checkpoint import open_checkpoint, roster_log_keys
+from broker.cli import main
 from broker.config import NodeConfig, load_config
 from broker.errors import ConfigError
 from broker.intake import Intake
@@ -336,6 +338,40 @@ def test_a_store_restored_older_than_its_log_is_refused(tmp_path: Path) -> None:
     assert "lacks what audit log entry 3 records (accepted, report " in done.stderr
     assert "the store lost commits; restore the store and the audit log" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_node_check_of_a_node_starting_meanwhile_is_not_a_store_from_two_moments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A race trial suspected it: node check looked for a running node, found none, and
+    # then read the store and the log as a stopped node's while one started and wrote.
+    # The log one commit ahead of the store is what such a node leaves between the two
+    # reads (here made as a restore is). Before the fix: the restore's refusal, exit 2.
+    config_path = jpn_config(tmp_path)
+    config = load_config(config_path, env={})
+    _accept(config_path, 2, seed=1)
+    shutil.copy(config.store_path, tmp_path / "older-store")
+    _accept(config_path, 3, seed=2)
+    shutil.copy(tmp_path / "older-store", config.store_path)
+    looks: list[int | None] = [None, 4242]  # none at the first look, one at the second
+
+    def writer(path: Path) -> int | None:
+        return looks.pop(0) if len(looks) > 1 else looks[0]
+
+    monkeypatch.setattr("broker.cli.node.writer_pid", writer)
+    done = CliRunner().invoke(main, ["node", "check", "--config", str(config_path)])
+    assert done.exit_code == 0, done.output
+    assert done.stdout.splitlines()[-3:-1] == [
+        "node: runs on this data directory now (pid 4242); a restart applies what differs,"
+        " and checks the store against the audit log",
+        f"pages {config.audit_dir / DB_FILE}: every one reads (SQLite quick_check)",
+    ]
+    assert looks == [4242]  # asked twice
+    # No node at either look: the same files are refused, as a start would.
+    monkeypatch.setattr("broker.cli.node.writer_pid", lambda path: None)
+    refused = CliRunner().invoke(main, ["node", "check", "--config", str(config_path)])
+    assert refused.exit_code == 2
+    assert "the store lost commits; restore the store and the audit log" in refused.stderr
 
 
 def test_node_check_passes_a_whole_restore_and_refuses_a_store_without_its_log(

@@ -512,6 +512,35 @@ def test_inbox_check_of_a_running_node_leaves_out_receipts_not_stored_yet(
     )
 
 
+def test_inbox_check_of_a_node_starting_meanwhile_leaves_out_what_it_logged(
+    delivered: tuple[World, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A race trial suspected it: inbox check looked for a running node, found none, and
+    # then checked every receipt as a stopped node's while one started, logged a
+    # receipt after the store's read and stored its row after that. It now looks again
+    # once both are read. Before the fix: "is not in the inbox", exit 1.
+    world, ids = delivered
+    config = str(world.config_path("USA"))
+    path = world.config("USA").store_path
+    receipts = [e for e in audit_entries(world.config("USA").audit_dir) if e["type"] == "received"]
+    newest = max(receipts, key=lambda e: int(e["seq"]))
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM inbox WHERE report_id = ?", (newest["report_id"],))
+        db.execute("UPDATE state SET value = ? WHERE key = ?", (str(newest["seq"]), AUDIT_SIZE))
+    looks: list[int | None] = [None, 4242]  # none at the first look, one at the second
+    monkeypatch.setattr(
+        "broker.cli.node.writer_pid", lambda path: looks.pop(0) if len(looks) > 1 else looks[0]
+    )
+    started = _cli("inbox", "check", "--config", config)
+    assert started.exit_code == 0, started.output
+    assert started.stdout == (
+        f"OK: {len(ids) - 1} reports match their signed envelopes; 1 receipt logged after"
+        " the running node's last store write left out; every receipt in the audit log is in"
+        " the inbox\n"
+    )
+    assert looks == [4242]
+
+
 def test_inbox_check_finds_rows_edited_or_deleted_on_disk(
     delivered: tuple[World, list[str]],
 ) -> None:

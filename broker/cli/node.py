@@ -58,6 +58,22 @@ def _config(path: Path) -> NodeConfig:
     return load_config(path)
 
 
+def _node_pid(config: NodeConfig) -> int | None:
+    """The pid of the node running on ``config``'s store (0 if not visible here), or ``None``.
+
+    ``None`` also when ``/proc/locks`` cannot be read: the caller then checks the
+    files as a stopped node's, the stricter check.
+    """
+    try:
+        return writer_pid(config.store_path)
+    except OSError:
+        return None
+
+
+def _node_runs(config: NodeConfig) -> bool:
+    return _node_pid(config) is not None
+
+
 @click.group(name="node")
 def node_group() -> None:
     """Run the national node daemon."""
@@ -161,10 +177,15 @@ def node_check(config_path: Path) -> None:
         )
         store.check_pages()
         echo_line(f"pages {config.store_path}: every one reads (SQLite quick_check)")
-        try:
-            pid = writer_pid(config.store_path)
-        except OSError:
-            pid = None  # no /proc/locks: cannot tell, so checked as a stopped node's
+        pid, logged = _node_pid(config), 0
+        if pid is None:
+            try:
+                logged = check_restore(config, store)
+            except ConfigError:
+                # A node that started after the first look wrote between the reads.
+                pid = _node_pid(config)
+                if pid is None:
+                    raise
         if pid is not None:
             # Its files change as it runs: what it wrote between two reads here would
             # pass for a store and a log from two moments.
@@ -173,10 +194,9 @@ def node_check(config_path: Path) -> None:
                 " what differs, and checks the store against the audit log"
             )
         else:
-            size = check_restore(config, store)
             echo_line(
-                f"audit {config.audit_dir}: {size} entries, from the same moment as the store"
-                if size
+                f"audit {config.audit_dir}: {logged} entries, from the same moment as the store"
+                if logged
                 else f"audit {config.audit_dir}: none yet (the first start makes it)"
             )
         _check_audit_pages(config.audit_dir / DB_FILE)
@@ -628,10 +648,7 @@ def inbox_check_cmd(config_path: Path) -> None:
     config = _config(config_path)
     store = open_store(config)
     roster, keys = _member_keys(config)
-    try:
-        running = writer_pid(config.store_path) is not None
-    except OSError:
-        running = False  # cannot tell: check every receipt, as for a stopped node
+    running = _node_runs(config)
     # A running node appends each receipt to its log before it stores the report. So the
     # store is read at one moment first and the log after it: every stored row's receipt
     # is then in what is read (reading the log first, a trial under load found rows
@@ -640,8 +657,7 @@ def inbox_check_cmd(config_path: Path) -> None:
     # and counted, rather than reported missing.
     with store.snapshot():
         state = store.state()
-        recorded = int(state[AUDIT_SIZE]) if running and AUDIT_SIZE in state else None
-        receipts, unsettled = [], 0
+        receipts: list[tuple[int, str, str, str, float]] = []
         log = load(config.audit_dir)
         for seq, data in enumerate(log.entries(0, 1 << 62)):
             try:
@@ -652,11 +668,16 @@ def inbox_check_cmd(config_path: Path) -> None:
                 ) from None
             if entry["type"] != "received":
                 continue
-            if recorded is not None and seq >= recorded:
-                unsettled += 1
-                continue
             at = datetime.fromisoformat(entry["at"]).timestamp()
             receipts.append((seq, entry["sender"], entry["report_id"], entry["jwe_sha256"], at))
+        # Asked again once both are read: a node that started after the first look
+        # wrote between the two reads as a running one does.
+        running = running or _node_runs(config)
+        recorded = int(state[AUDIT_SIZE]) if running and AUDIT_SIZE in state else None
+        unsettled = 0
+        if recorded is not None:
+            unsettled = sum(1 for receipt in receipts if receipt[0] >= recorded)
+            receipts = [receipt for receipt in receipts if receipt[0] < recorded]
         since = state.get(KEPT_SINCE)
         found = inbox_check.check(
             store,
