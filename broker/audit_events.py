@@ -31,14 +31,13 @@ from broker import canonical
 from broker.errors import AuditError, KeyMaterialError
 from broker.members import is_member
 from broker.roster import format_time, parse_time
-from broker.sightings import TLP
+from broker.sightings import TLP, is_uuid_text
 
 TLPS: Final = get_args(TLP)
 
 VERSION: Final = 1
 TYPES: Final = ("accepted", "sent", "received", "rejected", "rejected_many", "key", "policy")
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
-_UUID_TEXT: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # After "#", a transform as a policy writes it: the longest is "pseudonym:" and a key id
 # of 64 characters (broker.transforms); a cap of 64 refused key ids of 55 to 64, which
 # a receiver takes (a docs review).
@@ -99,7 +98,7 @@ def _report_id(value: UUID | str) -> str:
     # Canonical text (lower-case 8-4-4-4-12) is exactly what str(UUID(value)) gives
     # back unchanged, and it is all a receiver, a replay or a verify passes: each
     # entry a new id, so the cache below missed and UUID() cost 4-12 us an entry.
-    if type(value) is str and _UUID_TEXT.fullmatch(value):
+    if is_uuid_text(value):
         return value
     return _parsed_report_id(value)
 

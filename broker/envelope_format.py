@@ -11,7 +11,6 @@ docs/ENVELOPE.md describes the same bytes in prose.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, get_args
@@ -28,6 +27,7 @@ from broker.sightings import (
     FuelTransfer,
     check_observation_year,
     field_paths,
+    is_uuid_text,
 )
 from broker.transforms import FORMS, VARIANT_SEP, split_variant_key
 
@@ -60,7 +60,6 @@ _CLAIMS: Final = frozenset(
 )
 _TLPS: Final = frozenset(get_args(TLP))
 _COMPACT_JWE_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
-_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _b64_json(segment: str, what: str) -> Any:
@@ -284,7 +283,7 @@ def _check_claim_types(payload: dict[str, Any]) -> None:
     _exact_members(payload, _CLAIMS | {kind} | optional, "format", "claims")
     problems = {
         "iss": is_member(payload["iss"]) if isinstance(payload["iss"], str) else False,
-        "jti": _is_uuid(payload["jti"]),
+        "jti": is_uuid_text(payload["jti"]),
         "iat": type(payload["iat"]) is int and 0 < payload["iat"] < 2**33,
         CLAIM_SCHEMA: payload[CLAIM_SCHEMA] == SCHEMA_VERSION,
         CLAIM_POLICY: isinstance(payload[CLAIM_POLICY], str)
@@ -302,12 +301,6 @@ def _check_claim_types(payload: dict[str, Any]) -> None:
     bad = [name for name, ok in problems.items() if not ok]
     if bad:
         raise EnvelopeError("format", f"claim {bad[0]} is missing or malformed")
-
-
-def _is_uuid(value: object) -> bool:
-    # Exactly the strings with str(UUID(value)) == value: the canonical
-    # lower-case 8-4-4-4-12 form, which UUID() always parses.
-    return isinstance(value, str) and _UUID.fullmatch(value) is not None
 
 
 def _is_member_list(value: object) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Annotated, Any, Final, Literal, Self, TypeGuard
 from uuid import UUID
 
 from pydantic import (
@@ -133,20 +133,29 @@ _NOT_CHOSEN: Final = (
 )
 
 
+def is_uuid_text(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a UUID's canonical text: lower-case 8-4-4-4-12.
+
+    Exactly the strings ``str(UUID(value)) == value`` holds for. The one check of
+    report ids' spelling: feeds', envelopes' (``jti``) and the audit log's.
+    """
+    return isinstance(value, str) and _UUID_TEXT.fullmatch(value) is not None
+
+
 def _uuid_text(value: object) -> object:
     # UUID() also takes upper case, braces, "urn:uuid:" and no hyphens, and the
     # node would answer with another spelling than the feed sent; receivers
-    # (envelope_format._is_uuid) take only the canonical one.
+    # (envelope_format) take only the canonical one.
     if not isinstance(value, str):
         return value
-    if not _UUID_TEXT.fullmatch(value):
+    if not is_uuid_text(value):
         raise ValueError("must be a UUID in lower-case 8-4-4-4-12 form, e.g. " + _EXAMPLE_UUID)
     return UUID(value)
 
 
 def is_report_id(value: str) -> bool:
     """Whether ``value`` is a report id as feeds must write one (lower-case UUID text)."""
-    return _UUID_TEXT.fullmatch(value) is not None and value not in _NOT_CHOSEN
+    return is_uuid_text(value) and value not in _NOT_CHOSEN
 
 
 def _chosen_uuid(value: UUID) -> UUID:

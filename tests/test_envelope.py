@@ -36,7 +36,7 @@ from joserfc.registry import HeaderParameter
 
 from broker import envelope, envelope_format, jose, samples, sdjwt
 from broker.errors import EnvelopeError, InputError, UsageError
-from broker.sightings import TransferSighting, leaf_values
+from broker.sightings import TransferSighting, is_uuid_text, leaf_values
 from broker.transforms import Transform, variant_key
 from broker.validation import parse_record
 
@@ -1327,8 +1327,9 @@ def _old_is_uuid(value: object) -> bool:
         st.none(),
     )
 )
-def test_jti_check_is_the_old_uuid_round_trip(value: object) -> None:
-    assert envelope_format._is_uuid(value) is _old_is_uuid(value)
+def test_uuid_text_check_is_the_old_uuid_round_trip(value: object) -> None:
+    # The one spelling check of report ids: the envelope's jti, feeds' and the audit log's.
+    assert is_uuid_text(value) is _old_is_uuid(value)
 
 
 # --- receive_batch: each step across the batch, each message's checklist in its order ---------
