@@ -428,24 +428,31 @@ def load_signed_roster(
             " (the node's keys.authority)"
         )
     authority = load_authority(pin)
-    pair = _roster_pair(keydir)
+    # The two files are read one after the other, and a custodian's roster write
+    # (msmt keys rotate, revoke, accept) renames them into place one after the
+    # other: a pair read across it does not match (a race trial: 5 false tamper
+    # errors in 2,383 reads). A copy that does not rename (cp, scp) is read half
+    # written. Read again while they change; the same pair, or the same error,
+    # twice is what the directory holds, and refused.
+    pair: tuple[Any, str] | None = None
+    refused = KeyMaterialError(f"no roster in {keydir}")  # replaced by the first read
     for read in range(1, ROSTER_READS + 1):
+        if read > 1:
+            time.sleep(ROSTER_REREAD_S)
+        try:
+            again = _roster_pair(keydir)
+        except KeyMaterialError as exc:
+            if pair is None and read > 1 and str(exc) == str(refused):
+                break
+            pair, refused = None, exc
+            continue
+        if again == pair:
+            break
+        pair = again
         try:
             return verify_roster(*pair, authority, min_version=min_version, pinned_at=str(pin))
         except KeyMaterialError as exc:
             refused = exc
-        if read == ROSTER_READS:
-            break
-        # The two files are read one after the other, and a custodian's roster write
-        # (msmt keys rotate, revoke, accept) renames them into place one after the
-        # other: a pair read across it does not match (a race trial: 5 false tamper
-        # errors in 2,383 reads). Read again while they change; the same pair twice
-        # is what the directory holds, and refused.
-        time.sleep(ROSTER_REREAD_S)
-        again = _roster_pair(keydir)
-        if again == pair:
-            break
-        pair = again
     if not (keydir / ROSTER_SIG_STAGED).exists():
         raise refused
     # Refused all the same: only the custodian's next roster write finishes it.

@@ -692,6 +692,28 @@ def test_a_roster_read_across_a_write_in_progress_reads_the_new_pair(keydir: Pat
         finish.join()
 
 
+def test_a_roster_copied_over_without_a_rename_is_read_once_whole(keydir: Path) -> None:
+    # An operator's cp or scp writes the file in place: a reader between its truncate
+    # and its write read "not valid JSON" and stopped. Read again while it changes.
+    whole = (keydir / keys.ROSTER_FILE).read_bytes()
+    (keydir / keys.ROSTER_FILE).write_bytes(whole[: len(whole) // 2])
+    finish = threading.Timer(
+        keys.ROSTER_REREAD_S / 2, lambda: (keydir / keys.ROSTER_FILE).write_bytes(whole)
+    )
+    finish.start()
+    try:
+        assert keys.load_signed_roster(keydir).version == 1
+    finally:
+        finish.join()
+    # What stays half written is refused, naming the file, after one more read.
+    (keydir / keys.ROSTER_FILE).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(KeyMaterialError, match=r"roster\.json is not valid JSON: "):
+        keys.load_signed_roster(keydir)
+    (keydir / keys.ROSTER_FILE).unlink()
+    with pytest.raises(KeyMaterialError, match=r"cannot read .*roster\.json: No such file"):
+        keys.load_signed_roster(keydir)
+
+
 def test_a_roster_write_cut_between_its_renames_is_refused_then_finished(keydir: Path) -> None:
     new = _cut_short(keydir, renamed=1)  # the new roster in place, its signature aside
     # Fail closed meanwhile, and say why: every node and verify-roster refuse the pair.
