@@ -961,9 +961,9 @@ def test_the_wal_is_cut_back_once_a_long_read_that_held_it_ends(
     # such reads) and stayed so while the node ran: SQLite reuses a WAL, and shrinks
     # it only to a journal_size_limit. Here the limit is 1 MiB, and the node's writes
     # are 1 MB status values, 20 of them (past the 1,000-page checkpoint at 16 KB).
-    import broker.store
+    import broker.store_base
 
-    monkeypatch.setattr(broker.store, "WAL_LIMIT", 1024 * 1024)
+    monkeypatch.setattr(broker.store_base, "WAL_LIMIT", 1024 * 1024)
     path = tmp_path / "node.sqlite3"
     store = Store(path)
     wal = path.with_name(path.name + "-wal")
