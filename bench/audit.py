@@ -10,13 +10,19 @@ signatures), on one core. ``msmt audit verify`` uses two processes for logs of
 200,000 entries or more on a multi-core machine (``--jobs 2``, the default there);
 the one-process time (``--jobs 1``) is printed too.
 Goals: verify 1M entries in under 10 s, and within 3x of the floor.
+
+Memory: the peak resident size of a process that verifies the log (``--jobs 1``: the
+whole tree in one process), against the same process that imports everything and
+stops before verifying (the floor), per entry.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,6 +104,13 @@ def main() -> None:
                 f"{secs / floor:.2f}x floor, {secs * 1_000_000 / total:.1f} s per 1M"
             )
         print("  goals: under 10 s per 1M entries; within 3x of the floor")
+        public = key.public_key().public_bytes_raw().hex()
+        bare = min(_peak_rss(datadir, public, verify=False) for _ in range(2))
+        whole = min(_peak_rss(datadir, public, verify=True) for _ in range(2))
+        print(
+            f"verify's peak RSS (--jobs 1): {whole / 2**20:.0f} MiB, the process without the"
+            f" verify {bare / 2**20:.0f} MiB: {(whole - bare) / total:.0f} bytes per entry"
+        )
 
 
 def _floor(datadir: Path) -> tuple[float, float]:
@@ -107,6 +120,36 @@ def _floor(datadir: Path) -> tuple[float, float]:
     sha256 = hashlib.sha256
     floor = min(_timed(lambda: [sha256(e).digest() for e in entries]) for _ in range(3))
     return floor, sum(map(len, entries)) / len(entries)
+
+
+_VERIFY_CHILD = """
+import sys
+from pathlib import Path
+from broker.audit_verify import verify_log
+from broker.note import ALG_ED25519, Verifier
+verifier = Verifier("JPN", ALG_ED25519, bytes.fromhex(sys.argv[2]))
+if sys.argv[3] == "verify":
+    verify_log(Path(sys.argv[1]), [verifier])
+# This process's own high-water mark (its memory since exec): getrusage's maxrss
+# would carry over the parent's, which built the log.
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1])
+"""
+
+
+def _peak_rss(datadir: Path, public: str, *, verify: bool) -> int:
+    """Peak resident bytes of a fresh process that verifies the log (or only imports)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", _VERIFY_CHILD, str(datadir), public, "verify" if verify else "-"],
+        env={**os.environ, "PYTHONPATH": root},
+        cwd=root,  # "-c" puts the working directory first on sys.path
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the verify process failed ({done.returncode}): {done.stderr.strip()}")
+    return int(done.stdout) * 1024  # kB
 
 
 def _timed(fn: Callable[[], object]) -> float:

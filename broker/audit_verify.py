@@ -36,7 +36,7 @@ from broker.checkpoint import (
     parse_body,
 )
 from broker.errors import AuditError, StoreError, UsageError
-from broker.merkle import Levels, ProofError, leaf_hash, verify_consistency
+from broker.merkle import HASH_SIZE, Levels, ProofError, leaf_hash, verify_consistency
 from broker.note import Note, NoteError, Verifier, find_signature, parse
 from broker.roster import format_time
 from broker.witness import LogState
@@ -155,7 +155,7 @@ def load(directory: Path, *, jobs: int = 1, parallel_from: int = PARALLEL_FROM) 
         scan = LeafScan(path, size, parallel_from if jobs > 1 else size + 1)
         scan.local(db)
         leaves = scan.result()
-        if len(leaves) != size:
+        if len(leaves) != size * HASH_SIZE:
             # Fewer rows than the highest index: a deleted entry (or a concurrent writer).
             _find_hole(db)
             raise StoreError(f"audit log {path} changed while it was being read; run verify again")
@@ -170,7 +170,7 @@ def load(directory: Path, *, jobs: int = 1, parallel_from: int = PARALLEL_FROM) 
         if scan is not None:
             scan.close()
         db.close()
-    return LoadedLog(str(meta["origin"]), path, Levels(leaves), list(checkpoints))
+    return LoadedLog(str(meta["origin"]), path, Levels.from_packed(leaves), list(checkpoints))
 
 
 def _find_hole(db: sqlite3.Connection) -> None:
@@ -193,13 +193,12 @@ def _pinpoint(log: LoadedLog, start: int, stop: int) -> None:
     Entry ``stop`` (if present) is included so an edit of entry ``stop - 1`` shows
     up as a broken link from its successor.
     """
-    leaves = log.tree.levels[0]
     for i, data in enumerate(log.entries(start, stop + 1), start):
         try:
             entry = parse_entry(data, i)
         except AuditError as exc:
             raise TamperError(i, str(exc)) from None
-        want = leaves[i - 1].hex() if i else ""
+        want = log.tree.leaf(i - 1).hex() if i else ""
         if entry["prev"] != want:
             raise TamperError(
                 i - 1 if i else 0,

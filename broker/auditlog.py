@@ -125,7 +125,8 @@ class _ChunkedTree(Levels):
 
     def _subtree(self, level: int, index: int) -> bytes:
         if level >= CHUNK_BITS:
-            return self._upper.levels[level - CHUNK_BITS][index]
+            above = level - CHUNK_BITS  # a subtree of whole chunks
+            return self._upper.range_hash(index << above, (index + 1) << above)
         lo, hi = index << level, (index + 1) << level
         base = self.size - len(self._tail)
         leaves = self._tail[lo - base : hi - base] if lo >= base else self._read(lo, hi)

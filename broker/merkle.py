@@ -89,36 +89,63 @@ class CompactRange:
 class Levels:
     """Every aligned perfect subtree hash of a tree, built bottom-up from its leaf hashes.
 
-    ``levels[k][i]`` is the hash of leaves ``[i * 2**k, (i + 1) * 2**k)``. From
-    these, the root of any prefix and any proof cost O(log n) lookups.
+    Level ``k`` holds the hash of leaves ``[i * 2**k, (i + 1) * 2**k)`` for each
+    ``i``. From these, the root of any prefix and any proof cost O(log n) lookups.
+    Each level is one ``bytearray`` of 32-byte hashes: the whole tree takes 64
+    bytes an entry, where a list of ``bytes`` objects per level took 176 (an
+    auditor's ``msmt audit verify`` holds the tree of a year's log).
     """
 
-    __slots__ = ("levels", "size")
+    __slots__ = ("_rows", "size")
 
-    def __init__(self, leaves: list[bytes]) -> None:
-        self.size = len(leaves)
-        self.levels: list[list[bytes]] = [leaves]
+    def __init__(self, leaves: Sequence[bytes]) -> None:
+        packed = bytearray(b"".join(leaves))
+        if len(packed) != HASH_SIZE * len(leaves):
+            raise AuditError(f"a leaf hash is not {HASH_SIZE} bytes")
+        self._build(packed)
+
+    @classmethod
+    def from_packed(cls, leaves: bytearray) -> Levels:
+        """The tree of ``leaves``, 32-byte hashes end to end; it keeps (and extends) the array."""
+        if len(leaves) % HASH_SIZE:
+            raise AuditError(f"{len(leaves)} bytes of leaf hashes is not a whole number of them")
+        tree = cls.__new__(cls)
+        tree._build(leaves)
+        return tree
+
+    def _build(self, leaves: bytearray) -> None:
+        self.size = len(leaves) // HASH_SIZE
+        self._rows = [leaves]
         level = leaves
-        while len(level) > 1:
-            # A comprehension over zipped halves is the fastest pure-Python pairing; an
-            # odd last node is not a perfect subtree of the next level, so it is dropped.
-            halves = iter(level)  # zip(it, it) pairs neighbours without copying slices
-            level = [
-                _sha256(b"\x01" + a + b).digest() for a, b in zip(halves, halves, strict=False)
-            ]
-            self.levels.append(level)
+        pair = 2 * HASH_SIZE
+        while len(level) >= pair:
+            # Two neighbours are one 64-byte slice of the level; an odd last node is
+            # not a perfect subtree of the next level, so it is dropped.
+            above = bytearray()
+            for i in range(0, len(level) - pair + 1, pair):
+                above += _sha256(b"\x01" + level[i : i + pair]).digest()
+            self._rows.append(above)
+            level = above
 
     def append(self, leaf: bytes) -> None:
         """Append one leaf hash, completing the perfect subtrees it closes."""
-        self.levels[0].append(leaf)
+        if len(leaf) != HASH_SIZE:
+            raise AuditError(f"a leaf hash is not {HASH_SIZE} bytes")
+        rows = self._rows
+        rows[0] += leaf
         self.size += 1
         k = 0
-        while len(self.levels[k]) % 2 == 0:
-            level = self.levels[k]
-            if k + 1 == len(self.levels):
-                self.levels.append([])
-            self.levels[k + 1].append(node_hash(level[-2], level[-1]))
+        while len(rows[k]) % (2 * HASH_SIZE) == 0:  # an even number of nodes: the last pair closed
+            if k + 1 == len(rows):
+                rows.append(bytearray())
+            rows[k + 1] += _sha256(b"\x01" + rows[k][-2 * HASH_SIZE :]).digest()
             k += 1
+
+    def leaf(self, index: int) -> bytes:
+        """Return the leaf hash at ``index``."""
+        if not 0 <= index < self.size:
+            raise AuditError(f"no leaf {index} in a tree of size {self.size}")
+        return self._subtree(0, index)
 
     def range_hash(self, lo: int, hi: int) -> bytes:
         """Return MTH of leaves ``[lo, hi)`` (RFC 9162 §2.1.1) for the ranges proofs use."""
@@ -142,7 +169,13 @@ class Levels:
     def _subtree(self, level: int, index: int) -> bytes:
         # The hash of the perfect subtree of 2**level leaves at ``index``; a subclass
         # that keeps only some levels in memory overrides this alone.
-        return self.levels[level][index]
+        start = index * HASH_SIZE
+        node = bytes(self._rows[level][start : start + HASH_SIZE])
+        if len(node) != HASH_SIZE:  # past the level's end: a caller's bug, never a short hash
+            raise AuditError(
+                f"no subtree {index} of 2**{level} leaves in a tree of size {self.size}"
+            )
+        return node
 
     def root(self, size: int | None = None) -> bytes:
         """Return the tree head of the first ``size`` leaves (all of them by default)."""

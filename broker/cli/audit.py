@@ -365,7 +365,7 @@ def audit_prove(directory: Path, index: int | None, old: int | None, size: int |
         ) from None
     proof: dict[str, Any] = {"origin": log.origin}
     if index is not None:
-        leaf = log.tree.levels[0][index]
+        leaf = log.tree.leaf(index)
         path = log.tree.inclusion_proof(index, size)
         # Self-check before publishing: a proof that fails here would only mislead.
         verify_inclusion(leaf, index, size, path, checkpoint.root)
