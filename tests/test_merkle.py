@@ -184,6 +184,39 @@ def test_compact_range_matches_full_tree(size: int) -> None:
     assert restored.root() == rng.root()
 
 
+@settings(max_examples=60)
+@given(size=st.integers(0, 300), data=st.data())
+def test_a_tree_grown_by_appends_is_the_tree_built_at_once(size: int, data: st.DataObject) -> None:
+    # verify's wait for a quorum grows the packed tree a leaf at a time, and a node's
+    # proof tree its levels above the chunks: each must equal the tree built whole.
+    leaves = _leaves(size, seed=11)
+    grown = Levels([])
+    for leaf in leaves:
+        grown.append(leaf)
+    whole = Levels.from_packed(bytearray(b"".join(leaves)))
+    assert grown.size == whole.size == size
+    for k in range(size + 1):
+        assert grown.root(k) == whole.root(k) == _reference_mth(leaves[:k])
+    if size:
+        index = data.draw(st.integers(0, size - 1))
+        assert grown.leaf(index) == leaves[index]
+        assert grown.inclusion_proof(index, size) == whole.inclusion_proof(index, size)
+        old = data.draw(st.integers(1, size))
+        assert grown.consistency_proof(old, size) == whole.consistency_proof(old, size)
+
+
+def test_a_tree_refuses_hashes_that_are_not_32_bytes() -> None:
+    with pytest.raises(AuditError, match="a leaf hash is not 32 bytes"):
+        Levels([leaf_hash(b"a"), b"short"])
+    with pytest.raises(AuditError, match="65 bytes of leaf hashes is not a whole number"):
+        Levels.from_packed(bytearray(65))
+    tree = Levels([leaf_hash(b"a")])
+    with pytest.raises(AuditError, match="a leaf hash is not 32 bytes"):
+        tree.append(b"x" * 33)
+    with pytest.raises(AuditError, match="no leaf 1 in a tree of size 1"):
+        tree.leaf(1)
+
+
 def test_empty_root_is_sha256_of_nothing() -> None:
     assert CompactRange().root() == hashlib.sha256(b"").digest() == Levels([]).root()
 
