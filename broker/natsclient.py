@@ -4,8 +4,10 @@
 upgrades even a ``tls://`` connection only when the server's INFO asks for TLS,
 so a server (or a machine in the middle) that does not would get the CONNECT and
 every message after it in plaintext, with the CA and certificate silently
-unused. Its ``jetstream()`` is an ``AckedJetStream``, whose refused publishes fail
-their futures. Both override nats-py internals, which tests guard.
+unused. It also reconnects after a server error the server closes the connection
+on, where nats-py closes the client for good. Its ``jetstream()`` is an
+``AckedJetStream``, whose refused publishes fail their futures. These override
+nats-py internals, which tests guard.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.protocol.parser import PERMISSIONS_ERR, STALE_CONNECTION
 
 _EOF_WARNING: Final = "returning true from eof_received() has no effect when using ssl"
 
@@ -67,6 +70,28 @@ class TlsOnlyClient(Client):
                 "refusing to go on in plaintext"
             )
         await super()._process_info(info, initial_connection)
+
+    async def _process_err(self, err_msg: str) -> None:
+        # nats-py closes the client for good on any server error but a stale
+        # connection or a permission refused, even with reconnects unlimited: a
+        # trial put one corrupted line on a node's connection ("-ERR 'Unknown
+        # Protocol Operation'"), and the node neither reconnected nor stopped. The
+        # server closes the connection after such an error, as a lost connection
+        # ends: reconnect the same way, once the reason has reached error_cb. A
+        # connect in progress fails as nats-py makes it (the caller tries again).
+        if (
+            not self.options["allow_reconnect"]
+            or not self.is_connected
+            or STALE_CONNECTION in err_msg
+            or PERMISSIONS_ERR in err_msg
+        ):
+            await super()._process_err(err_msg)
+            return
+        reason = err_msg.strip("'")  # the server quotes it: -ERR 'Unknown Protocol Operation'
+        err = nats.errors.Error(f"nats: {reason}")
+        self._err = err
+        await self._error_cb(err)
+        await self._process_op_err(err)
 
     def jetstream(self, **opts: Any) -> JetStreamContext:
         """A JetStream context whose ``publish_async`` futures also carry the hub's refusals."""

@@ -324,6 +324,19 @@ class Node:
             trouble = None if isinstance(exc, ssl.SSLError) else _HUB_TROUBLE
             self._error(f"nats: {type(exc).__name__} {exc}".strip(), same_as=trouble)
 
+        async def closed() -> None:
+            # nats-py gave up on the connection for good (the client reconnects after
+            # the server errors known to close it; this is any other way): a node that
+            # accepts reports but can never send them again is worse than none, so it
+            # stops, and systemd starts it again. At a stop the node closed it itself.
+            if self.stop.is_set():
+                return
+            self.metrics.connected.set(0)
+            reason = f": {nc.last_error}" if nc.last_error is not None else ""
+            self.failure = f"messaging: the NATS client closed for good{reason}"
+            log.error("nats_closed", error=self.failure)
+            self.stop.set()
+
         delay = 0.2
         while not self.stop.is_set():
             nc = TlsOnlyClient()
@@ -344,6 +357,7 @@ class Node:
                         disconnected_cb=disconnected,
                         reconnected_cb=reconnected,
                         error_cb=error,
+                        closed_cb=closed,
                     ),
                 )
             except (nats.errors.Error, OSError) as exc:

@@ -5,9 +5,10 @@ nodes (on the test's loop) and subprocess nodes can use it. ``cut()`` closes
 every open connection and refuses new ones (accepted and closed at once, as a
 dead route would look to the client after its connect timeout); ``hold()``
 keeps them open but forwards nothing, as a link dropping packets; ``heal()``
-lets connections through again. With ``record=True`` every byte that crosses,
-both directions, is kept, so a test can search what the hub and its clients
-actually exchanged.
+lets connections through again; ``garble()`` puts one line the hub cannot parse
+on each open connection's way to it, as a corrupting link would. With
+``record=True`` every byte that crosses, both directions, is kept, so a test can
+search what the hub and its clients actually exchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class TcpProxy:
         self.refused = 0
         self._open = True
         self._writers: set[asyncio.StreamWriter] = set()  # piped pairs
+        self._upstream: set[asyncio.StreamWriter] = set()  # the hub's side of each pair
         self._waiting: set[asyncio.StreamWriter] = set()  # accepted, not yet piped
         # Closed after their pipes ended: a close waits to flush what its peer has
         # not read, for ever if the peer has stopped reading, so kept to abort.
@@ -108,6 +110,20 @@ class TcpProxy:
         are accepted and wait too.
         """
         self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def garble(self) -> int:
+        """Write a line no NATS server parses into each open connection to the hub; how many."""
+        return asyncio.run_coroutine_threadsafe(self._garble(), self._loop).result(10)
+
+    async def _garble(self) -> int:
+        # Between two of the client's reads, which may split a message: either way
+        # the server answers -ERR and closes the connection.
+        garbled = 0
+        for writer in self._upstream:
+            if not writer.is_closing():
+                writer.write(b"XYZZY garbage\r\n")
+                garbled += 1
+        return garbled
 
     @property
     def active(self) -> int:
@@ -200,9 +216,11 @@ class TcpProxy:
         self.connections += 1
         self._waiting.discard(writer)
         self._writers |= {writer, up_writer}
+        self._upstream.add(up_writer)
         await asyncio.gather(
             self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
         )
+        self._upstream.discard(up_writer)
         for w in (writer, up_writer):
             self._writers.discard(w)
             self._closing.add(w)

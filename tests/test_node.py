@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy
 from node_world import (
@@ -52,7 +53,7 @@ from broker.errors import MsmtError, StoreError
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import InboxLimits, connect_account, setup_account
 from broker.natsproc import NatsServer
-from broker.node import Node, failure_text
+from broker.node import Node, NodeFailedError, failure_text
 from broker.node_start import load_node
 from broker.policy import variants
 from broker.roster import Roster, RosterKey
@@ -295,6 +296,27 @@ def test_a_failure_quotes_only_the_projects_and_the_systems_errors() -> None:
     disk = OSError(28, "No space left on device")
     assert failure_text("spool", disk) == f"spool failed: OSError: {disk}"
     assert str(disk) == "[Errno 28] No space left on device"
+
+
+async def test_a_nats_client_closed_for_good_stops_the_node_for_its_supervisor(
+    world: World,
+) -> None:
+    # nats-py closes its client for good on some server errors, reconnects unlimited
+    # or not (the client now reconnects after those known; test_publish_refused).
+    # Any other way it closes must not leave a node up that can never send again.
+    world.write_config("JPN")
+    jpn = load_node(world.config("JPN"))
+    task = asyncio.create_task(jpn.run())
+    try:
+        await await_for(lambda: jpn.ready() is None, 20, "JPN ready")
+        assert jpn.nc is not None
+        await jpn.nc._close(Client.CLOSED)  # as nats-py closes it, callbacks and all
+        with pytest.raises(NodeFailedError) as stopped:
+            await asyncio.wait_for(task, 20)
+        assert str(stopped.value) == "messaging: the NATS client closed for good"
+    finally:
+        jpn.stop.set()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:

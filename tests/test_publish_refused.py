@@ -18,6 +18,7 @@ from types import NoneType
 from typing import Any
 
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
@@ -61,6 +62,63 @@ async def test_a_full_stream_fails_the_publish_future_with_the_hubs_reason(
         assert 0 < acked < 40
         assert refused is not None, "the hub never refused a publish"
         assert "maximum bytes exceeded" in str(refused)
+    finally:
+        await nc.close()
+
+
+async def _garbled(nc: Client) -> None:
+    """Put one line the server cannot parse on ``nc``'s connection, as a corrupting link would."""
+    transport = nc._transport  # the fault is injected below the client's API
+    assert transport is not None
+    transport.write(b"XYZZY garbage\r\n")
+    await transport.drain()  # type: ignore[no-untyped-call]  # nats-py's own, untyped
+
+
+async def test_a_server_error_that_closes_the_connection_is_reconnected_not_fatal(
+    nats_server: NatsServer,
+) -> None:
+    # A trial: one corrupted line from a node to the hub, and the hub answered
+    # "-ERR 'Unknown Protocol Operation'" and closed the connection. nats-py then
+    # closed the client for good, reconnects unlimited or not: the node was left
+    # not ready, for ever, and never stopped for systemd to restart it.
+    errors: list[str] = []
+    reconnected = asyncio.Event()
+
+    async def error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    async def back() -> None:
+        reconnected.set()
+
+    options: dict[str, Any] = {
+        "servers": [nats_server.url],
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.1,
+        "error_cb": error,
+        "reconnected_cb": back,
+    }
+    stock = Client()  # nats-py's own, for what the override is for
+    await stock.connect(**options)
+    try:
+        await _garbled(stock)
+        await await_for(lambda: stock.is_closed, 5, "nats-py closing its client")
+    finally:
+        await stock.close()
+    # Closed for good, the reason kept where nothing asks, error_cb never called.
+    assert str(stock.last_error) == "nats: unknown protocol operation"
+    assert errors == []
+    nc = TlsOnlyClient()
+    await nc.connect(**options)
+    try:
+        await _garbled(nc)
+        await asyncio.wait_for(reconnected.wait(), 5)
+        assert errors[0] == "nats: unknown protocol operation"  # the reason is said
+        assert nc.is_connected
+        assert not nc.is_closed
+        sub = await nc.subscribe("after.garbage")
+        await nc.publish("after.garbage", b"still here")
+        assert (await sub.next_msg(timeout=2)).data == b"still here"
     finally:
         await nc.close()
 

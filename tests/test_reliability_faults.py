@@ -206,6 +206,30 @@ async def test_network_cut_longer_than_the_reconnect_buffer(single: Cluster) -> 
         await single.settle(sent, FOUR)
 
 
+async def test_a_corrupted_line_to_the_hub_is_a_reconnect_not_a_dead_node(single: Cluster) -> None:
+    # A trial put one line the hub cannot parse on a node's connection: the hub
+    # answered -ERR and closed it, and nats-py closed the client for good, so the
+    # node stayed up, not ready, accepting reports it could never send, for ever.
+    hub = single.servers[0]
+    with running(hub.port) as proxy:
+        # JPN (publisher) and KOR (receiver) reach the hub only through the proxy.
+        start_four(single, {"JPN": [proxy.url], "KOR": [proxy.url]})
+        feed = Feed(single, PUBLISHERS, batch=8, interval=0.2)
+        feed.start()
+        await asyncio.sleep(1.0)
+        before = proxy.connections
+        assert proxy.garble() == 2
+        # Each dialled the hub again, and the proxy took both connections.
+        await await_for(lambda: proxy.connections >= before + 2, 15, "JPN and KOR to reconnect")
+        for member in ("JPN", "KOR"):
+            log = (single.root / f"{member}.log").read_text()
+            assert "unknown protocol operation" in log, log  # the hub's reason is said
+        await asyncio.sleep(1.0)
+        sent = await feed.finish()
+        await single.settle(sent, FOUR)
+        assert {single.procs[member].poll() for member in FOUR} == {None}  # none stopped
+
+
 @contextlib.contextmanager
 def small_filesystem(path: Path, size_mb: int) -> Iterator[None]:
     """Mount a size-limited tmpfs at ``path`` (the CI runs as root); fail clearly if impossible."""
