@@ -140,10 +140,13 @@ class HubWatch:
         if silence is None:
             self.silent = 0
             return
+        # Counted on across the switch, until a server answers: reset there, the
+        # node read as ready on each new connection until two more requests went
+        # unanswered, and a cluster without a quorum, every server silent, showed
+        # ready a third of the time (a frozen-hub trial: MsmtNotReady 6 minutes late).
         self.silent += 1
-        if self.silent < SILENT_SWITCH:
+        if self.silent % SILENT_SWITCH:
             return
-        self.silent = 0
         url = nc.connected_url
         server = f"{url.hostname}:{url.port}" if url is not None else "its server"
         # With one server a new connection to it still helps: a middlebox that

@@ -11,6 +11,7 @@ import asyncio
 import bisect
 import dataclasses
 import json
+import math
 import re
 import sqlite3
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import psutil
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy
 from node_world import (
@@ -1812,8 +1814,6 @@ async def test_an_inbox_changed_on_the_hub_is_named_and_setup_puts_it_back(
 def test_a_hub_answer_nested_past_the_decoders_depth_is_no_answer_not_a_crash() -> None:
     # A security review: a STREAM.INFO or CONSUMER.INFO answer nested deeper than the
     # JSON decoder goes raised RecursionError, which stopped the node's housekeeping.
-    from nats.aio.msg import Msg
-
     from broker.hubwatch import _silence
 
     deep = Msg(None, subject="_INBOX.x", data=b'{"error":' + b"[" * 100_000)  # type: ignore[arg-type]
@@ -1826,8 +1826,6 @@ async def test_a_hub_answer_with_a_number_beyond_a_float_is_no_answer_not_a_cras
 ) -> None:
     # A fuzzer: int() of the infinity json reads 1e999 as raised OverflowError, which
     # neither the inbox lag's handler nor the housekeeping loop caught: the node stopped.
-    from nats.aio.msg import Msg
-
     from broker.hubwatch import HubWatch, _silence
     from broker.metrics import Metrics
 
@@ -1857,6 +1855,54 @@ async def test_a_hub_answer_with_a_number_beyond_a_float_is_no_answer_not_a_cras
     assert hub.silent == 0  # the hub did answer: not silence
     assert hub.clock_checked.is_set()
     assert errors == []
+
+
+async def test_silence_is_counted_across_a_switch_of_server_until_one_answers() -> None:
+    # A frozen-hub trial: a cluster without its quorum, every server silent. The count
+    # was reset at each switch, so the node read as ready on each new connection for
+    # two requests: ready a third of the time, MsmtNotReady some 6 minutes late.
+    from broker.hubwatch import SILENT_SWITCH, HubWatch
+    from broker.metrics import Metrics
+
+    class Hub:
+        is_connected = True
+        connected_url = None
+        answering = False
+        switches = 0
+
+        async def request(self, subject: str, data: bytes, timeout: float) -> Msg:  # noqa: ASYNC109 - nats-py's signature
+            if not self.answering:
+                raise TimeoutError
+            return Msg(None, subject="_INBOX.y", data=b'{"num_pending": 3, "num_ack_pending": 1}')  # type: ignore[arg-type]
+
+        async def force_reconnect(self) -> None:
+            self.switches += 1
+
+    errors: list[str] = []
+    client = Hub()
+    hub = HubWatch(
+        "USA",
+        3,
+        Metrics("USA"),
+        lambda: client,  # type: ignore[arg-type,return-value]
+        lambda text, condition: errors.append(text),
+        lambda off: None,
+    )
+
+    async def ask() -> int | None:
+        hub._lag_at = -math.inf  # due now: the test does not wait LAG_EVERY_S
+        return await hub.inbox_lag()
+
+    for _ in range(2 * SILENT_SWITCH + 1):
+        assert await ask() is None
+    assert client.switches == 2  # one server after another, every third silence
+    assert hub.silent == 2 * SILENT_SWITCH + 1  # not reset by the switches: still silent
+    assert len(errors) == 2
+    assert errors[0].startswith("hub: its server has not answered JetStream requests for 15 s")
+    assert errors[0].endswith("; trying another server")
+    client.answering = True
+    assert await ask() == 4
+    assert hub.silent == 0  # a server answered
 
 
 async def test_the_oldest_waiting_report_is_measured_by_partner(tmp_path: Path) -> None:
