@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from structlog.testing import capture_logs
 
-from broker import auditnet
+from broker import auditnet, auditnet_witness
 from broker.auditlog import AuditLog
 from broker.auditnet import AuditNet
 from broker.checkpoint import (
@@ -462,7 +462,7 @@ async def spread(audit: Audit, monkeypatch: pytest.MonkeyPatch) -> Audit:
     That first round follows a quiet spell, so it is not delayed (the hour's
     interval would delay it by most of an hour).
     """
-    monkeypatch.setattr(auditnet, "_jitter", _Latest())
+    monkeypatch.setattr(auditnet_witness, "_jitter", _Latest())
     await audit.grow(0)
     await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned size 3")
     return audit

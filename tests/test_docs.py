@@ -277,7 +277,7 @@ def test_config_table_has_every_key_with_its_default_and_range() -> None:
 
 
 _DYNAMIC_EVENTS = {
-    # log.warning(f"{what}_refused") in broker/auditnet.py
+    # log.warning(f"{what}_refused") in broker/auditnet_base.py
     "cosignature_refused",
     "checkpoint_refused",
     # PlanLoop._replanned(made, ..., dropped_event, ...) in broker/planloop.py
