@@ -104,6 +104,28 @@ EXPIRY_WARNING: Final = timedelta(days=14)
 """A credential expiring sooner than this is logged at start (``credential_expires_soon``)."""
 
 
+_LATE_REPLY: Final = 'permissions violation for publish to "_r_.'
+"""How nats-py words the hub's refusal of a reply to an imported service's request,
+lower-cased as it gives every server error: our answer to a partner's proof request."""
+
+
+def nats_error_text(exc: Exception) -> str:
+    """The line ``last_error`` and the log give for an error nats-py reported, said plainly.
+
+    A reply the hub refused because its request was older than the minute the
+    node's users may answer in (``allow_responses``) read as a permissions
+    violation, which looks like a break-in: it is a node that was paused or
+    frozen, and the partner's witness asks again.
+    """
+    text = f"nats: {type(exc).__name__} {exc}".strip()
+    if _LATE_REPLY in str(exc):
+        return (
+            f"{text}: a reply to a partner's proof request came after the minute the hub"
+            " keeps the way back open (was this node paused or frozen?); the partner asks again"
+        )
+    return text
+
+
 class NodeFailedError(MsmtError):
     """A part of the running node failed; the daemon stopped so it can be restarted."""
 
@@ -322,7 +344,7 @@ class Node:
                 return
             # A refused handshake is its own condition: its reason must reach the log.
             trouble = None if isinstance(exc, ssl.SSLError) else _HUB_TROUBLE
-            self._error(f"nats: {type(exc).__name__} {exc}".strip(), same_as=trouble)
+            self._error(nats_error_text(exc), same_as=trouble)
 
         async def closed() -> None:
             # nats-py gave up on the connection for good (the client reconnects after

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import psutil
 import pytest
 from nats.aio.client import Client
@@ -55,7 +56,7 @@ from broker.errors import MsmtError, StoreError
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import InboxLimits, connect_account, setup_account
 from broker.natsproc import NatsServer
-from broker.node import Node, NodeFailedError, failure_text
+from broker.node import Node, NodeFailedError, failure_text, nats_error_text
 from broker.node_start import load_node
 from broker.policy import variants
 from broker.roster import Roster, RosterKey
@@ -274,6 +275,24 @@ async def test_a_dead_planning_worker_stops_the_node_with_one_line_and_loses_not
     world.start("JPN")
     await assert_all_exactly_once(world, want)
     await world.outbox_sent("JPN")
+
+
+def test_a_late_reply_the_hub_refused_is_said_plainly_not_as_a_break_in() -> None:
+    # A frozen-node trial: resumed after 3 minutes, the node answered a partner's proof
+    # request the hub no longer let it answer, and last_error read "nats: Error nats:
+    # permissions violation for publish to "_r_...."", which looks like a break-in.
+    late = nats.errors.Error('nats: permissions violation for publish to "_r_.f3Kq9.Zt2"')
+    assert nats_error_text(late) == (
+        'nats: Error nats: permissions violation for publish to "_r_.f3Kq9.Zt2": a reply to a'
+        " partner's proof request came after the minute the hub keeps the way back open (was"
+        " this node paused or frozen?); the partner asks again"
+    )
+    # Any other refusal is the hub's users not letting the node do its work: as it is.
+    refused = nats.errors.Error('nats: permissions violation for publish to "msmt.to.USA.x"')
+    assert nats_error_text(refused) == (
+        'nats: Error nats: permissions violation for publish to "msmt.to.USA.x"'
+    )
+    assert nats_error_text(ConnectionResetError()) == "nats: ConnectionResetError"
 
 
 def test_a_failure_without_text_is_named_by_its_type_alone() -> None:
