@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from broker.errors import (
     StoreDamagedError,
@@ -60,7 +60,13 @@ class StoreBase:
         self.audit_size: Callable[[], int] | None = None
         """The node's audit log size: once set, every write records it (``AUDIT_SIZE``)."""
         self.write_failed: tuple[float, str] | None = None
-        """When (monotonic) and why the last write failed, until a write commits again."""
+        """When (monotonic) and why the last write failed, until a write commits again.
+
+        Once a write of reports or envelopes failed, only such a write clears it: a
+        status write or a probe is small, and commits on a disk still too full for
+        the batch that failed (a full-disk trial: ``/readyz`` back to ready between
+        a receiver's failing batches, 10 samples in 77)."""
+        self._data_failed = False
         self._lock: int | None = None
         # Reports whose ``accepted`` entries the log holds, confirmed by the next
         # write (``mark_audited_later``); dropped once a write committed them.
@@ -135,7 +141,8 @@ class StoreBase:
             self._lock = None
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, small: bool = False) -> Iterator[sqlite3.Connection]:
+        # ``small``: a status write or a probe, which says little of room for data.
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -157,7 +164,8 @@ class StoreBase:
                         (AUDIT_SIZE, str(self.audit_size())),
                     )
                 self._db.execute("COMMIT")
-                self.write_failed = None
+                if not small or not self._data_failed:
+                    self.write_failed, self._data_failed = None, False
                 if marks:
                     self._audited_later = []
             except BaseException:
@@ -166,11 +174,14 @@ class StoreBase:
                     self._db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as exc:
-            self.write_failed = (time.monotonic(), f"store {self.path.name}: {exc}")
-            raise StoreError(self.write_failed[1]) from None
+            self._failed(small, f"store {self.path.name}: {exc}")
         except sqlite3.DatabaseError as exc:
-            self.write_failed = (time.monotonic(), f"store {self.path.name} is damaged: {exc}")
-            raise StoreError(self.write_failed[1]) from None
+            self._failed(small, f"store {self.path.name} is damaged: {exc}")
+
+    def _failed(self, small: bool, why: str) -> NoReturn:
+        self.write_failed = (time.monotonic(), why)
+        self._data_failed = self._data_failed or not small
+        raise StoreError(why) from None
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -267,7 +278,7 @@ class StoreBase:
         """``bump`` and ``set_state`` in one transaction (one fsync for the node's housekeeping)."""
         if not deltas and not values:
             return
-        with self._tx() as db:
+        with self._tx(small=True) as db:
             db.executemany(
                 "INSERT INTO counters(name, value) VALUES (?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",

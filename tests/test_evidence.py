@@ -541,6 +541,35 @@ def test_inbox_check_of_a_node_starting_meanwhile_leaves_out_what_it_logged(
     assert looks == [4242]
 
 
+def test_inbox_check_of_a_running_node_says_why_a_receipt_may_not_be_stored_yet(
+    delivered: tuple[World, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full-disk trial: a running receiver logged a batch and could not store it; a
+    # status write then committed past those receipts, so the check named them "not in
+    # the inbox" (exit 1) while the hub held them to deliver again. Still a problem
+    # (fail closed: a row deleted by hand reads the same), but the check says why it
+    # may not be one.
+    world, _ = delivered
+    config = str(world.config_path("USA"))
+    receipts = [e for e in audit_entries(world.config("USA").audit_dir) if e["type"] == "received"]
+    newest = max(receipts, key=lambda e: int(e["seq"]))
+    with sqlite3.connect(world.config("USA").store_path) as db:
+        db.execute("DELETE FROM inbox WHERE report_id = ?", (newest["report_id"],))
+    monkeypatch.setattr("broker.cli.node.writer_pid", lambda path: 4242)
+    running = _cli("inbox", "check", "--config", config)
+    assert running.exit_code == 1
+    assert running.stdout == (
+        f"audit entry {newest['seq']}: report {newest['report_id']} received from JPN"
+        " is not in the inbox\n"
+        "note: the node runs: a batch it logged and could not store (a full disk: msmt"
+        " status's last_error) is stored when the hub delivers it again; check again then,"
+        " or with the node stopped\n"
+    )
+    monkeypatch.setattr("broker.cli.node.writer_pid", lambda path: None)
+    stopped = _cli("inbox", "check", "--config", config)
+    assert "note:" not in stopped.stdout  # stopped, nothing comes again by itself
+
+
 def test_inbox_check_finds_rows_edited_or_deleted_on_disk(
     delivered: tuple[World, list[str]],
 ) -> None:

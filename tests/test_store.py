@@ -116,6 +116,39 @@ def test_a_later_mark_waits_through_a_failed_write_for_the_next(tmp_path: Path) 
     assert Store(path).unaudited() == []
 
 
+def test_a_small_write_that_fits_does_not_clear_a_failed_batch(tmp_path: Path) -> None:
+    # A full-disk trial: a receiver's batches failed while its status writes and the
+    # writability probe, small, still committed, and each cleared write_failed:
+    # /readyz flapped back to ready with the disk still full.
+    path = tmp_path / "s.db"
+    store = Store(path)
+    store.accept([rep(1)])
+    store.set_state({"write_checked_at": "0"})
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store.close()
+    store = Store(path, max_pages=pages + 1)  # far short of a big write
+    with pytest.raises(StoreError, match="database or disk is full"):
+        store.accept([rep(i, size=100_000) for i in range(2, 5)])
+    failed = store.write_failed
+    assert failed is not None
+    assert store.writable()  # the probe's small write fits...
+    store.bump({"intake.accepted": 1})
+    assert store.write_failed == failed  # ...and says nothing of room for the batch
+    store._db.execute("PRAGMA max_page_count=1073741823")  # room again
+    assert store.accept([rep(2, size=100_000)]) == [True]
+    assert store.write_failed is None  # a write of data clears it
+    # A small write's own failure is cleared by the next small write that commits.
+    store._db.execute(
+        f"PRAGMA max_page_count={store._db.execute('PRAGMA page_count').fetchone()[0]}"
+    )
+    with pytest.raises(StoreError, match="database or disk is full"):
+        store.set_state({f"key{i}": "v" * 20_000 for i in range(4)})
+    assert store.write_failed is not None
+    assert store.writable()
+    assert store.write_failed is None
+    store.close()
+
+
 def test_plan_returns_the_envelopes_as_pending_reads_them(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     store.accept([rep(1), rep(2)])
