@@ -36,7 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-from broker.errors import ConfigError, KeyMaterialError, UsageError
+from broker.errors import ConfigError, KeyMaterialError, UsageError, WriteError
 from broker.keys import json_bytes, write_private
 from broker.roster import format_time, parse_time
 from broker.sdjwt import loads_strict
@@ -244,7 +244,7 @@ def _save(path: Path, feeds: Feeds) -> None:
     try:
         write_private(path, dump(feeds))
     except OSError as exc:
-        raise UsageError(f"cannot write feeds file {path}: {exc.strerror}") from None
+        raise WriteError(f"cannot write feeds file {path}: {exc.strerror}") from None
 
 
 def add(

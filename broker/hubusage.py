@@ -22,7 +22,7 @@ import nats.errors
 import nats.js.errors
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
-from broker.errors import ConfigError, UsageError
+from broker.errors import ConfigError, WriteError
 from broker.keys import AUDIT_ACCOUNT
 from broker.members import MEMBERS
 from broker.natsconfig import AUDIT_STREAM, archive_stream, inbox_stream
@@ -202,4 +202,4 @@ def write_textfile(path: Path, usages: Sequence[AccountUsage], at: float) -> Non
     try:
         write_to_textfile(str(path), usage_registry(usages, at))
     except OSError as exc:
-        raise UsageError(f"--textfile: cannot write {path}: {exc.strerror}") from None
+        raise WriteError(f"--textfile: cannot write {path}: {exc.strerror}") from None

@@ -781,10 +781,22 @@ def rotate_keys(
     new = {use: generate_key(member, use, at) for use in ("sig", "enc")}
     keys += [roster_entry(k, member, at, valid_days) for k in new.values()]
     jwks = bump_roster(signed, keys, at)
-    for key in new.values():
-        path = key_path(keydir, member, str(key.kid))
-        _write_atomic(path, json_bytes(key.as_dict(private=True)), private=True)
-    write_roster(keydir, jwks, authority)
+    written: list[Path] = []
+    try:
+        for key in new.values():
+            path = key_path(keydir, member, str(key.kid))
+            _write_atomic(path, json_bytes(key.as_dict(private=True)), private=True)
+            written.append(path)
+        write_roster(keydir, jwks, authority)
+    except WriteError:
+        # Refused before the new roster went anywhere (a full disk fails it while it is
+        # staged): the new private keys are in no roster and never will be, and left
+        # behind they read as a pending key request (a full-disk trial). Once a roster
+        # file is aside or in place, finish_roster_write may still need them.
+        if not any((keydir / name).exists() for name in (ROSTER_STAGED, ROSTER_SIG_STAGED)):
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
     return str(new["sig"].kid), str(new["enc"].kid)
 
 

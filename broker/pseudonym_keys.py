@@ -26,7 +26,7 @@ import secrets
 from pathlib import Path
 from typing import Final, Literal
 
-from broker.errors import KeyMaterialError, UsageError
+from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.files import read_file_bytes, write_durably
 from broker.keys import is_nkey_seed
 from broker.members import MEMBERS, is_member
@@ -138,7 +138,7 @@ def store_key(path: Path, key: bytes, *, replace: bool) -> Outcome:
     except FileExistsError:
         raise UsageError(f"{path} appeared while writing it; nothing was changed") from None
     except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+        raise WriteError(f"cannot write {path}: {exc.strerror}") from None
     return "created" if existing is None else "replaced"
 
 

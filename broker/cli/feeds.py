@@ -18,7 +18,7 @@ from broker.cli.node import feed_line, open_store
 from broker.cli.options import CONFIG as _CONFIG
 from broker.cli.options import echo_line
 from broker.config import NodeConfig, load_config
-from broker.errors import UsageError
+from broker.errors import UsageError, WriteError
 from broker.files import write_durably
 from broker.roster import format_time
 
@@ -40,7 +40,7 @@ def _write_new(path: Path, token: str) -> None:
             f"--out {path} exists: a token file is never overwritten; give a new path"
         ) from None
     except OSError as exc:
-        raise UsageError(f"cannot write --out {path}: {exc.strerror}") from None
+        raise WriteError(f"cannot write --out {path}: {exc.strerror}") from None
 
 
 def _no_node_here(config: NodeConfig) -> str:
