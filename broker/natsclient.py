@@ -12,9 +12,12 @@ nats-py internals, which tests guard.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.metadata
 import inspect
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import nats.errors
@@ -93,9 +96,42 @@ class TlsOnlyClient(Client):
         await self._error_cb(err)
         await self._process_op_err(err)
 
+    async def _connect_to_server(self, s: Any) -> None:
+        await super()._connect_to_server(s)
+        transport = self._transport
+        if transport is not None and not isinstance(transport.wait_closed, _BoundedWait):
+            transport.wait_closed = _BoundedWait(transport.wait_closed)  # type: ignore[method-assign]
+
     def jetstream(self, **opts: Any) -> JetStreamContext:
         """A JetStream context whose ``publish_async`` futures also carry the hub's refusals."""
         return AckedJetStream(self, **opts)
+
+
+CLOSE_WAIT_S: Final = 1.0
+"""How long closing a connection waits for its stream to say it is closed.
+
+A normal close takes milliseconds, and one cut short still flushes in the
+background (the transport was closed, not aborted); after a refused TLS upgrade
+every retry of the hub pays it in full."""
+
+
+class _BoundedWait:
+    """A transport's ``wait_closed`` that gives up after ``CLOSE_WAIT_S``.
+
+    After a refused TLS upgrade (a hub certificate that does not verify: another CA,
+    a wrong name, expired), the stream nats-py waits on when it closes the connection
+    had handed its socket to the TLS layer and never learns that it closed: the wait
+    was for ever, inside ``connect()``. A node started then never tried again, even
+    once the hub was fixed, and ``msmt nats setup`` hung (an onboarding trial). The
+    socket itself is closed before the wait; only the waiting is cut short.
+    """
+
+    def __init__(self, wait: Callable[[], Awaitable[None]]) -> None:
+        self._wait = wait
+
+    async def __call__(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wait(), CLOSE_WAIT_S)
 
 
 class AckedJetStream(JetStreamContext):

@@ -292,8 +292,8 @@ async def test_nodes_with_client_certificates_become_ready_and_deliver(
     assert values == [expires.timestamp()], page
 
 
-def _refused(tls_world: TlsWorld, reason: str) -> None:
-    """JPN's node keeps retrying, never ready, with ``reason`` in its one-line status."""
+def _refused(tls_world: TlsWorld, reason: str, hub: NatsServer | None = None) -> None:
+    """JPN's node keeps retrying ``hub`` (the TLS one), never ready, ``reason`` in its status."""
     config = tls_world.world.config_path("JPN")
     store = tls_world.world.config("JPN").store_path
     proc = tls_world.launch("JPN")
@@ -316,9 +316,20 @@ def _refused(tls_world: TlsWorld, reason: str) -> None:
     assert reason in log
     # The hub is retried every half second; one persisting reason is logged once a minute.
     logged = (tls_world.world.root / "JPN.log").read_text().count('"node_error"')
-    time.sleep(2)
+    hub = hub or tls_world.world.server
+    dialled = _connections(hub)
+    time.sleep(4)
     assert (tls_world.world.root / "JPN.log").read_text().count('"node_error"') == logged
     assert proc.poll() is None
+    # Retried indeed (an onboarding trial: after a certificate it refused, the node's
+    # first connect waited for ever on nats-py's close, and never tried again).
+    assert _connections(hub) > dialled
+
+
+def _connections(hub: NatsServer) -> int:
+    """How many connections ``hub`` has taken since it started (its /varz)."""
+    varz = json.loads(fetch(f"http://127.0.0.1:{hub.http_port}/varz"))
+    return int(varz["total_connections"])
 
 
 def test_a_node_without_a_client_certificate_is_refused_and_keeps_retrying(
@@ -356,7 +367,7 @@ def test_a_node_refuses_a_hub_that_offers_plaintext_on_its_tls_url(
     # nats-py would carry on in plaintext here, ignoring the CA and the certificate.
     url = f"tls://127.0.0.1:{plain_hub.port}"
     tls_world.write_config("JPN", ca=tls_world.pki.ca, pair=tls_world.pki.jpn, url=url)
-    _refused(tls_world, "did not offer TLS on a tls:// URL")
+    _refused(tls_world, "did not offer TLS on a tls:// URL", plain_hub)
     config = tls_world.world.config_path("JPN")
     assert "refusing to go on in plaintext" in str(status(config)["last_error"])
     # JPN reached the plaintext server but sent it nothing: no CONNECT, no nkey.
@@ -468,6 +479,25 @@ def test_nats_setup_uses_the_ca_and_client_certificate(tls_world: TlsWorld) -> N
     downgraded = msmt(*base[:2], "--server", plain, *base[4:])
     assert downgraded.returncode == 2
     assert downgraded.stderr.startswith(f"msmt: error: --server: '{plain}' is not a tls:// URL")
+
+
+def test_nats_setup_refuses_a_hub_it_cannot_verify_within_seconds(tls_world: TlsWorld) -> None:
+    # An onboarding trial: against a hub certificate it refused (another CA, a wrong host
+    # name, expired), setup hung for good: nats-py's close after the failed TLS upgrade
+    # waited for a stream that would never say it closed. provision.sh would hang too.
+    pki, world = tls_world.pki, tls_world.world
+    began = time.monotonic()
+    done = msmt(
+        *["nats", "setup", "--server", tls_world.url, "--keys", str(world.keydir)],
+        *["--account", "JPN", "--tls-ca", str(pki.other_ca)],
+        *["--tls-cert", str(pki.jpn.cert), "--tls-key", str(pki.jpn.key)],
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.startswith(f"msmt: error: cannot connect to {tls_world.url} as JPN: ")
+    assert "certificate verify failed" in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert time.monotonic() - began < 30  # two tries of the 5 s connect timeout, and a start
 
 
 def test_nats_setup_refuses_a_plaintext_server_on_a_tls_url(
