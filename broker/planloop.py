@@ -351,9 +351,12 @@ class PlanLoop:
             if rid not in errors
         }
         withheld = await self._run_db(self._store.reissued, plans, wanted)
-        lapsed_reasons = {why for partners in waiting.values() for why in partners.values()}
-        for reason in sorted(set(errors.values()) | lapsed_reasons):
+        for reason in sorted(set(errors.values())):
             self._error(f"cannot sign again: {reason}", f"reissue: {reason}")
+        # A partner without a key is not this node's error, here as at planning (an
+        # onboarding trial: after a resend, last_error said "cannot sign again: USA
+        # has no active enc key valid now" for as long as USA had none).
+        self._report_waiting(waiting)
         signed = sum(len(partners) for partners in wanted.values()) - len(withheld)
         self._replanned("envelopes_signed_again", signed, "not_signed_again", withheld)
         return True

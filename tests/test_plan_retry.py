@@ -24,6 +24,7 @@ import broker.planloop
 from broker import keys
 from broker.auditlog import DB_FILE
 from broker.node_start import load_node
+from broker.store import Store
 from broker.validation import parse_record
 
 pytestmark = pytest.mark.integration
@@ -199,3 +200,55 @@ async def test_a_policy_that_drops_waiting_envelopes_says_so_in_one_line(
     assert line["log_level"] == "warning"
     assert (line["envelopes"], line["reports"], line["partners"]) == (5, 5, "USA")
     assert line["first_report"] in {r["report_id"] for r in records}
+
+
+async def test_a_resend_to_a_partner_without_a_key_waits_and_is_not_an_error(
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An onboarding trial: after msmt node resend, a partner without a valid key made
+    # the node's signing-again pass say "cannot sign again: USA has no active enc key
+    # valid now" in last_error, as a node_error, for as long as USA had none; at
+    # planning the same wait is a warning (KEYS.md: not this node's error).
+    world.write_config("JPN", BATCH_POLICY)
+    monkeypatch.setattr(broker.planloop, "REISSUE_EVERY_S", RETRY_S)
+    policy = world.policy("JPN")
+    record = next(
+        r
+        for r in records_for("JPN", 20, seed=8)
+        if expected_partners(policy, parse_record(json.dumps(r))) == {"USA", "KOR"}
+    )
+    rid = record["report_id"]
+    world.start("JPN")
+    assert [a["status"] for a in await world.submit("JPN", [record])] == ["accepted"]
+    await await_for(lambda: world.outbox_depth("JPN") == 0, 20, "JPN to send")
+    assert world.terminate("JPN") == 0
+    # USA's keys now start later: it has none valid now. JPN is asked to send again.
+    keys.rotate_keys(world.keydir, "USA", now=datetime.now(UTC) + timedelta(hours=1))
+    store = Store(world.config("JPN").store_path)  # as msmt node resend does
+    try:
+        assert store.queue_resend("USA", report_ids=[rid]) == (1, [])
+    finally:
+        store.close()
+    with capture_logs() as logs:
+        node = load_node(world.config("JPN"))
+        task = asyncio.create_task(node.run())
+        try:
+            await await_for(lambda: node.ready() is None, 20, "JPN ready")
+            await await_for(
+                lambda: any(e["event"] == "reports_await_keys" for e in logs), 10, "the wait said"
+            )
+            await asyncio.sleep(4 * RETRY_S)  # more passes, each of which set last_error
+        finally:
+            node.stop.set()
+            await task
+    (waits,) = [e for e in logs if e["event"] == "reports_await_keys"]
+    assert (waits["log_level"], waits["partners"]) == ("warning", "USA")
+    assert waits["reasons"] == "USA has no active enc key valid now"
+    assert not [e for e in logs if e["event"] == "node_error"]
+    store = world.store("JPN")
+    try:
+        assert store.reissue_count() == 1  # still queued, for when USA has a key
+        assert store.state().get("last_error", "") == ""
+    finally:
+        store.close()
