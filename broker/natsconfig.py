@@ -306,6 +306,13 @@ def host_port(text: str, what: str) -> str:
     return text
 
 
+def _tls_block(include: str | None, indent: str) -> list[str]:
+    # nats-server reads an include relative to the configuration file's directory.
+    if include is None:
+        return []
+    return [f"{indent}tls {{", f"{indent}  include {json.dumps(include)}", f"{indent}}}"]
+
+
 def server_config(
     keydir: Path,
     *,
@@ -314,8 +321,14 @@ def server_config(
     store_dir: str = "/data/jetstream",
     listen: str = "0.0.0.0:4222",
     http: str = "127.0.0.1:8222",
+    tls_include: str | None = None,
+    route_tls_include: str | None = None,
 ) -> str:
     """Return a complete nats-server configuration for the hub, from ``keydir``.
+
+    ``tls_include`` and ``route_tls_include`` name files holding the settings of the
+    clients' and the routes' ``tls`` blocks (``cert_file``, ...), included rather than
+    written here, so that generating the file again keeps TLS on.
 
     With ``cluster`` > 1 it adds a cluster block whose routes are ``route_host``
     formatted with ``i`` = 1..cluster on port 6222; each server's name comes from
@@ -327,6 +340,8 @@ def server_config(
     """
     if cluster < 0 or cluster == 1:
         raise UsageError("--cluster must be 0 (single server) or at least 2")
+    if route_tls_include is not None and not cluster:
+        raise UsageError("--route-tls-include: only a cluster (--cluster) has routes")
     replicas = min(cluster, QUOTA_REPLICAS) if cluster else 1
     lines = [
         f"listen: {json.dumps(host_port(listen, '--listen'))}",
@@ -344,6 +359,7 @@ def server_config(
         "}",
         # Reports are small; a bound on payload size protects every inbox.
         "max_payload: 1MB",
+        *_tls_block(tls_include, ""),
     ]
     if cluster:
         routes = [
@@ -356,6 +372,7 @@ def server_config(
             '  name: "msmt"',
             "  listen: 0.0.0.0:6222",
             f"  routes: [{', '.join(routes)}]",
+            *_tls_block(route_tls_include, "  "),
             "}",
         ]
     return "\n".join(lines) + "\n" + accounts_config(load_users(keydir), replicas=replicas)

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, MutableMapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -641,3 +642,97 @@ def test_a_setup_request_the_hub_does_not_answer_is_said_to_be_unanswered(
         " run the setup again, it changes only what differs"
         for what in ("stream INBOX_USA", "consumer INBOX_USA/USA_NODE")
     ]
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for nats-server to load (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hub.example")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "server.pem", directory / "server-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _valid(config: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SERVER_NAME": "nats-1"}
+    return subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=30,
+    )
+
+
+def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
+    keydir: Path, tmp_path: Path
+) -> None:
+    # An onboarding trial followed DEPLOY.md: the tls block appended to the generated
+    # hub.conf, then KEYS.md's "the hub operator runs msmt nats config and reloads" for
+    # a new member's user. The file was written again without it: the hub, reloaded,
+    # logged "tls = disabled" and served plaintext, which every node refused.
+    cert, key = _self_signed(tmp_path)
+    settings = f"cert_file: {json.dumps(str(cert))}\nkey_file: {json.dumps(str(key))}\n"
+    (tmp_path / "tls-client.conf").write_text(settings + "timeout: 2\n")
+    (tmp_path / "tls-route.conf").write_text(settings)
+    out = tmp_path / "hub.conf"
+    base = ["nats", "config", "--keys", str(keydir), "--out", str(out)]
+    base += ["--store-dir", str(tmp_path / "js"), "--cluster", "3"]
+    done = msmt(*base, "--tls-include", "tls-client.conf", "--route-tls-include", "tls-route.conf")
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert '\ntls {\n  include "tls-client.conf"\n}\n' in text
+    assert '\n  tls {\n    include "tls-route.conf"\n  }\n}\n' in text  # in the cluster block
+    checked = _valid(out)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # The files are read, relative to hub.conf's directory: a bad one fails the check.
+    (tmp_path / "tls-client.conf").write_text(f"cert_file: {json.dumps(str(tmp_path / 'no'))}\n")
+    assert _valid(out).returncode != 0
+    (tmp_path / "tls-client.conf").write_text(settings)
+
+    # Written again without them: refused, the file as it was.
+    for left_out, option in (
+        ("--tls-include", ["--route-tls-include", "tls-route.conf"]),
+        ("--route-tls-include", ["--tls-include", "tls-client.conf"]),
+    ):
+        refused = msmt(*base, *option)
+        assert refused.returncode == 2
+        assert refused.stderr == (
+            f"msmt: error: --out {out} has a tls block that this run would drop (no"
+            f" {left_out}): the hub would go without TLS at its reload; put the block's"
+            f" settings in a file and pass {left_out} FILE (docs/DEPLOY.md, TLS)\n"
+        )
+        assert out.read_text() == text
+    # A block appended by hand, as DEPLOY.md once said, is protected the same way.
+    single = tmp_path / "single.conf"
+    plain = ["nats", "config", "--keys", str(keydir), "--out", str(single)]
+    assert msmt(*plain).returncode == 0
+    single.write_text(single.read_text() + "tls {\n  " + settings.replace("\n", "\n  ") + "}\n")
+    assert msmt(*plain).returncode == 2
+    routes = msmt(*plain, "--tls-include", "x.conf", "--route-tls-include", "y.conf")
+    assert routes.returncode == 2
+    assert "only a cluster (--cluster) has routes" in routes.stderr

@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -537,6 +538,15 @@ def nats_group() -> None:
     show_default=True,
     help="Monitoring endpoint (HOST:PORT); it shows every connection, so keep it private.",
 )
+@click.option(
+    "--tls-include",
+    help="A file of the clients' tls block's settings (cert_file, key_file, ...), included;"
+    " relative: to the hub.conf's directory.",
+)
+@click.option(
+    "--route-tls-include",
+    help="The same for the routes between the hub's servers (with --cluster).",
+)
 def nats_config(
     keydir: Path,
     out: Path,
@@ -545,8 +555,15 @@ def nats_config(
     store_dir: str,
     listen: str,
     http: str,
+    tls_include: str | None,
+    route_tls_include: str | None,
 ) -> None:
-    """Write the hub's nats-server configuration (accounts, users, exports, imports)."""
+    """Write the hub's nats-server configuration (accounts, users, exports, imports).
+
+    TLS settings are included from files of their own (--tls-include,
+    --route-tls-include), so writing the configuration again keeps them. A hub.conf
+    with TLS is not overwritten by one without.
+    """
     if "{i}" not in route_host and cluster:
         raise UsageError("--route-host must contain {i}")
     text = natsconfig.server_config(
@@ -556,9 +573,42 @@ def nats_config(
         store_dir=store_dir,
         listen=listen,
         http=http,
+        tls_include=tls_include,
+        route_tls_include=route_tls_include,
     )
+    clients, routes = _tls_blocks(out)
+    # An onboarding trial appended the tls block to hub.conf, as DEPLOY.md said; writing
+    # the file again for a new member's user dropped it, and the hub, reloaded, served
+    # plaintext (the nodes refused it: an outage).
+    for has, option, given in (
+        (clients, "--tls-include", tls_include),
+        (routes, "--route-tls-include", route_tls_include),
+    ):
+        if has and given is None:
+            raise UsageError(
+                f"--out {out} has a tls block that this run would drop (no {option}): the hub"
+                " would go without TLS at its reload; put the block's settings in a file and"
+                f" pass {option} FILE (docs/DEPLOY.md, TLS)"
+            )
     keyfiles.write_public(out, text.encode())
     echo_line(f"wrote {out}")
+
+
+def _tls_blocks(path: Path) -> tuple[bool, bool]:
+    """Whether the hub configuration at ``path`` has a clients' and a routes' ``tls`` block.
+
+    A block at the start of a line is the clients'; an indented one, in the
+    ``cluster`` block, the routes'. No file: neither.
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return False, False
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot read it: {exc.strerror}") from None
+    opened = [re.match(r"(\s*)tls\s*[:=]?\s*\{", line) for line in text.splitlines()]
+    found = [match.group(1) == "" for match in opened if match is not None]
+    return True in found, False in found
 
 
 def _hub_options(command: _Command) -> _Command:
