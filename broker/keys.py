@@ -51,6 +51,13 @@ ROSTER_FILE: Final = "roster.json"
 ROSTER_SIG_FILE: Final = "roster.json.jws"
 AUTHORITY_PUBLIC_FILE: Final = "roster-authority.json"
 AUTHORITY_PRIVATE_FILE: Final = "authority/roster-authority.jwk"
+ROSTER_SIGNED_FILE: Final = "authority/roster-signed.json"
+"""The highest roster version signed with the authority key here, and its digest.
+
+A custodian's own pin, as a node's ``roster-state.json``: a roster pair restored from
+an older copy would otherwise be signed over as the next version, numbered below what
+the nodes hold (they refuse it) but accepted by a node without state, with whatever
+the newer rosters had revoked trusted again (an onboarding trial)."""
 NATS_USERS_FILE: Final = "nats-users.json"
 NATS_SEED_FILE: Final = "nats.nk"
 AUDIT_ACCOUNT: Final = "AUDIT"
@@ -566,6 +573,9 @@ def write_roster(keydir: Path, jwks: dict[str, Any], authority: OKPKey) -> None:
     _swap(staged, keydir / ROSTER_FILE)
     _swap(staged_sig, keydir / ROSTER_SIG_FILE)
     _swapped(keydir)
+    # After the swap: a mark ahead of the roster in place would refuse the next write.
+    mark = {"version": jwks["msmt_version"], "sha256": roster_digest(jwks)}
+    _write_atomic(keydir / ROSTER_SIGNED_FILE, json_bytes(mark), private=True)
 
 
 def _swapped(keydir: Path) -> None:
@@ -727,7 +737,32 @@ def load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
     authority = load_private_jwk_any(path)
     if authority.kid != load_authority(keydir / AUTHORITY_PUBLIC_FILE).kid:
         raise KeyMaterialError(f"{path} is not the key of {AUTHORITY_PUBLIC_FILE}")
+    _check_signed_before(keydir, signed)
     return signed, authority
+
+
+def _check_signed_before(keydir: Path, signed: SignedRoster) -> None:
+    # Refuse to sign over a roster older than, or other than, the last one signed here.
+    mark_path = keydir / ROSTER_SIGNED_FILE
+    if not mark_path.exists():
+        return  # a key directory from before the mark: the next write records it
+    mark = read_json(mark_path)
+    if not (isinstance(mark, dict) and isinstance(mark.get("version"), int)):
+        raise KeyMaterialError(f"{mark_path}: not a record of the last roster signed")
+    restore = (
+        f"{ROSTER_FILE} and {ROSTER_SIG_FILE} were put back from an older copy: put the latest"
+        " pair back (a node that has seen it refuses anything older)"
+    )
+    if signed.version < mark["version"]:
+        raise KeyMaterialError(
+            f"the roster in {keydir} is version {signed.version}, older than version"
+            f" {mark['version']} this authority last signed ({mark_path}): {restore}"
+        )
+    if signed.version == mark["version"] and roster_digest(signed.jwks) != mark.get("sha256"):
+        raise KeyMaterialError(
+            f"the roster in {keydir} is version {signed.version}, but not the version"
+            f" {mark['version']} this authority last signed ({mark_path}): {restore}"
+        )
 
 
 def load_private_jwk_any(path: Path) -> OKPKey:

@@ -697,6 +697,39 @@ def test_a_roster_read_across_a_write_in_progress_reads_the_new_pair(keydir: Pat
         finish.join()
 
 
+def test_the_custodian_never_signs_over_a_roster_older_than_its_last(tmp_path: Path) -> None:
+    # An onboarding trial put an older roster pair back (from before a leaked key was
+    # revoked) and ran keys accept: it signed a new version numbered below what the
+    # nodes held, in which the leaked key was only retired. A node without state (a
+    # member joining, a lost data directory) would have trusted it again.
+    keydir = tmp_path / "keys"
+    keys.init_keys(keydir, ["JPN", "USA"])
+    old = {name: (keydir / name).read_bytes() for name in (keys.ROSTER_FILE, keys.ROSTER_SIG_FILE)}
+    signed = keys.load_signed_roster(keydir)
+    leaked = next(k.kid for k in signed.roster if k.member == "USA" and k.use == "sig")
+    keys.revoke_key(keydir, leaked, "leaked")  # version 2
+    mark = json.loads((keydir / keys.ROSTER_SIGNED_FILE).read_text())
+    assert mark == {
+        "version": 2,
+        "sha256": keys.roster_digest(keys.load_signed_roster(keydir).jwks),
+    }
+    for name, data in old.items():  # version 1 put back
+        (keydir / name).write_bytes(data)
+    with pytest.raises(KeyMaterialError) as refused:
+        keys.rotate_keys(keydir, "JPN")
+    assert str(refused.value) == (
+        f"the roster in {keydir} is version 1, older than version 2 this authority last"
+        f" signed ({keydir / keys.ROSTER_SIGNED_FILE}): {keys.ROSTER_FILE} and"
+        f" {keys.ROSTER_SIG_FILE} were put back from an older copy: put the latest pair back"
+        " (a node that has seen it refuses anything older)"
+    )
+    assert keys.load_signed_roster(keydir).version == 1  # nothing signed
+    # A key directory from before the mark signs on, and records it.
+    (keydir / keys.ROSTER_SIGNED_FILE).unlink()
+    keys.rotate_keys(keydir, "JPN")
+    assert json.loads((keydir / keys.ROSTER_SIGNED_FILE).read_text())["version"] == 2
+
+
 def test_a_roster_copied_over_without_a_rename_is_read_once_whole(keydir: Path) -> None:
     # An operator's cp or scp writes the file in place: a reader between its truncate
     # and its write read "not valid JSON" and stopped. Read again while it changes.
