@@ -4,8 +4,8 @@
 upgrades even a ``tls://`` connection only when the server's INFO asks for TLS,
 so a server (or a machine in the middle) that does not would get the CONNECT and
 every message after it in plaintext, with the CA and certificate silently
-unused. It also reconnects after a server error the server closes the connection
-on, where nats-py closes the client for good. Its ``jetstream()`` is an
+unused. A server error does not close it for good, as nats-py does: the server
+decides whether the connection ends (then the client reconnects). Its ``jetstream()`` is an
 ``AckedJetStream``, whose refused publishes fail their futures. These override
 nats-py internals, which tests guard.
 """
@@ -78,10 +78,12 @@ class TlsOnlyClient(Client):
         # nats-py closes the client for good on any server error but a stale
         # connection or a permission refused, even with reconnects unlimited: a
         # trial put one corrupted line on a node's connection ("-ERR 'Unknown
-        # Protocol Operation'"), and the node neither reconnected nor stopped. The
-        # server closes the connection after such an error, as a lost connection
-        # ends: reconnect the same way, once the reason has reached error_cb. A
-        # connect in progress fails as nats-py makes it (the caller tries again).
+        # Protocol Operation'"), and the node neither reconnected nor stopped. Here
+        # the reason goes to error_cb and the connection is left to the server: one
+        # it closes ends as a lost connection does, and nats-py reconnects; one it
+        # keeps open ('Maximum Subscriptions Exceeded') stays usable, where forcing
+        # a reconnect met the same error again, twice a second, for ever (a review).
+        # A connect in progress fails as nats-py makes it (the caller tries again).
         if (
             not self.options["allow_reconnect"]
             or not self.is_connected
@@ -94,7 +96,6 @@ class TlsOnlyClient(Client):
         err = nats.errors.Error(f"nats: {reason}")
         self._err = err
         await self._error_cb(err)
-        await self._process_op_err(err)
 
     async def _connect_to_server(self, s: Any) -> None:
         await super()._connect_to_server(s)

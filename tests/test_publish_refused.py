@@ -123,6 +123,44 @@ async def test_a_server_error_that_closes_the_connection_is_reconnected_not_fata
         await nc.close()
 
 
+async def test_a_server_error_that_keeps_the_connection_leaves_it_usable(tmp_path: Path) -> None:
+    # A review of the above: forcing a reconnect on every server error met an error the
+    # server does not close on ('Maximum Subscriptions Exceeded') again after each
+    # reconnect, as the subscriptions were replayed: twice a second, for ever.
+    server = NatsServer(workdir=tmp_path / "nats", extra_config="max_subscriptions: 3\n")
+    server.start()
+    errors: list[str] = []
+    reconnects = 0
+
+    async def error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    async def back() -> None:
+        nonlocal reconnects
+        reconnects += 1
+
+    nc = TlsOnlyClient()
+    try:
+        await nc.connect(
+            servers=[server.url],
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.1,  # type: ignore[arg-type]
+            error_cb=error,
+            reconnected_cb=back,
+        )
+        subs = [await nc.subscribe(f"s.{i}") for i in range(4)]  # one past the limit
+        await nc.flush()
+        await asyncio.sleep(2)
+        assert errors == ["nats: maximum subscriptions exceeded"]
+        assert (nc.is_connected, reconnects) == (True, 0)
+        await nc.publish("s.0", b"still here")
+        assert (await subs[0].next_msg(timeout=2)).data == b"still here"
+    finally:
+        await nc.close()
+        server.kill()
+
+
 @pytest.fixture
 async def client(nats_server: NatsServer) -> AsyncIterator[TlsOnlyClient]:
     nc = TlsOnlyClient()
