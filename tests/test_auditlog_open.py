@@ -340,13 +340,15 @@ def test_a_store_restored_older_than_its_log_is_refused(tmp_path: Path) -> None:
     assert done.stderr.count("\n") == 1
 
 
-def test_node_check_of_a_node_starting_meanwhile_is_not_a_store_from_two_moments(
+def test_node_check_of_a_node_starting_meanwhile_tells_nothing_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A race trial suspected it: node check looked for a running node, found none, and
     # then read the store and the log as a stopped node's while one started and wrote.
-    # The log one commit ahead of the store is what such a node leaves between the two
-    # reads (here made as a restore is). Before the fix: the restore's refusal, exit 2.
+    # A review: taking the second look's node for the answer would pass a real fault
+    # (a process holding the lock at that moment). So neither answer is given. The log
+    # one commit ahead of the store is a real fault here (made as a restore is), and
+    # what such a node leaves between the two reads.
     config_path = jpn_config(tmp_path)
     config = load_config(config_path, env={})
     _accept(config_path, 2, seed=1)
@@ -360,12 +362,11 @@ def test_node_check_of_a_node_starting_meanwhile_is_not_a_store_from_two_moments
 
     monkeypatch.setattr("broker.cli.node.writer_pid", writer)
     done = CliRunner().invoke(main, ["node", "check", "--config", str(config_path)])
-    assert done.exit_code == 0, done.output
-    assert done.stdout.splitlines()[-3:-1] == [
-        "node: runs on this data directory now (pid 4242); a restart applies what differs,"
-        " and checks the store against the audit log",
-        f"pages {config.audit_dir / DB_FILE}: every one reads (SQLite quick_check)",
-    ]
+    assert done.exit_code == 1, done.output
+    assert done.stderr == (
+        f"msmt: error: a process (pid 4242) took {config.store_path} while it was read (a node"
+        " starting?): nothing can be told from this read; run the check again\n"
+    )
     assert looks == [4242]  # asked twice
     # No node at either look: the same files are refused, as a start would.
     monkeypatch.setattr("broker.cli.node.writer_pid", lambda path: None)

@@ -512,14 +512,15 @@ def test_inbox_check_of_a_running_node_leaves_out_receipts_not_stored_yet(
     )
 
 
-def test_inbox_check_of_a_node_starting_meanwhile_leaves_out_what_it_logged(
+def test_inbox_check_of_a_node_starting_meanwhile_tells_nothing_and_says_so(
     delivered: tuple[World, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A race trial suspected it: inbox check looked for a running node, found none, and
     # then checked every receipt as a stopped node's while one started, logged a
-    # receipt after the store's read and stored its row after that. It now looks again
-    # once both are read. Before the fix: "is not in the inbox", exit 1.
-    world, ids = delivered
+    # receipt after the store's read and stored its row after that. A review: taking
+    # the second look's node for the answer would leave out a real loss (a process
+    # holding the lock at that moment). So it says the read tells nothing.
+    world, _ = delivered
     config = str(world.config_path("USA"))
     path = world.config("USA").store_path
     receipts = [e for e in audit_entries(world.config("USA").audit_dir) if e["type"] == "received"]
@@ -532,11 +533,10 @@ def test_inbox_check_of_a_node_starting_meanwhile_leaves_out_what_it_logged(
         "broker.cli.node.writer_pid", lambda path: looks.pop(0) if len(looks) > 1 else looks[0]
     )
     started = _cli("inbox", "check", "--config", config)
-    assert started.exit_code == 0, started.output
-    assert started.stdout == (
-        f"OK: {len(ids) - 1} reports match their signed envelopes; 1 receipt logged after"
-        " the running node's last store write left out; every receipt in the audit log is in"
-        " the inbox\n"
+    assert started.exit_code == 1, started.output
+    assert started.stderr == (
+        f"msmt: error: a process (pid 4242) took {path} while it was read (a node starting?):"
+        " nothing can be told from this read; run the check again\n"
     )
     assert looks == [4242]
 

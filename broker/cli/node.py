@@ -74,6 +74,17 @@ def _node_runs(config: NodeConfig) -> bool:
     return _node_pid(config) is not None
 
 
+def _started_meanwhile(config: NodeConfig, pid: int) -> MsmtError:
+    """The refusal of a check whose two looks for a running node disagreed."""
+    # Neither answer can be trusted then: the files were read while a process (a node
+    # starting, or msmt node resend) took them, and a real fault would pass for its
+    # writes (a review), or its writes for a fault (a race trial).
+    return MsmtError(
+        f"a process (pid {pid}) took {config.store_path} while it was read (a node starting?):"
+        " nothing can be told from this read; run the check again"
+    )
+
+
 @click.group(name="node")
 def node_group() -> None:
     """Run the national node daemon."""
@@ -127,7 +138,7 @@ def node_check(config_path: Path) -> None:
     """
     from broker.natstls import display_url  # noqa: PLC0415
     from broker.node_files import check_data_dir, load_files  # noqa: PLC0415
-    from broker.reconcile import check_log_without_store, check_restore  # noqa: PLC0415
+    from broker.reconcile import check_log_without_store  # noqa: PLC0415
 
     config = _config(config_path)
     files = load_files(config, datetime.now(UTC))
@@ -177,32 +188,39 @@ def node_check(config_path: Path) -> None:
         )
         store.check_pages()
         echo_line(f"pages {config.store_path}: every one reads (SQLite quick_check)")
-        pid, logged = _node_pid(config), 0
-        if pid is None:
-            try:
-                logged = check_restore(config, store)
-            except ConfigError:
-                # A node that started after the first look wrote between the reads.
-                pid = _node_pid(config)
-                if pid is None:
-                    raise
-        if pid is not None:
-            # Its files change as it runs: what it wrote between two reads here would
-            # pass for a store and a log from two moments.
-            echo_line(
-                f"node: runs on this data directory now (pid {pid}); a restart applies"
-                " what differs, and checks the store against the audit log"
-            )
-        else:
-            echo_line(
-                f"audit {config.audit_dir}: {logged} entries, from the same moment as the store"
-                if logged
-                else f"audit {config.audit_dir}: none yet (the first start makes it)"
-            )
+        _check_moment(config, store)
         _check_audit_pages(config.audit_dir / DB_FILE)
     finally:
         store.close()
     click.echo(_CHECKED)
+
+
+def _check_moment(config: NodeConfig, store: Store) -> None:
+    """``node check``'s line on whether the store and the log are from one moment."""
+    from broker.reconcile import check_restore  # noqa: PLC0415
+
+    pid, logged = _node_pid(config), 0
+    if pid is None:
+        try:
+            logged = check_restore(config, store)
+        finally:
+            # Passed or refused alike: read while a process took the files.
+            later = _node_pid(config)
+            if later is not None:
+                raise _started_meanwhile(config, later)
+    if pid is not None:
+        # Its files change as it runs: what it wrote between two reads here would
+        # pass for a store and a log from two moments.
+        echo_line(
+            f"node: runs on this data directory now (pid {pid}); a restart applies"
+            " what differs, and checks the store against the audit log"
+        )
+    else:
+        echo_line(
+            f"audit {config.audit_dir}: {logged} entries, from the same moment as the store"
+            if logged
+            else f"audit {config.audit_dir}: none yet (the first start makes it)"
+        )
 
 
 def _check_audit_pages(path: Path) -> None:
@@ -670,9 +688,10 @@ def inbox_check_cmd(config_path: Path) -> None:
                 continue
             at = datetime.fromisoformat(entry["at"]).timestamp()
             receipts.append((seq, entry["sender"], entry["report_id"], entry["jwe_sha256"], at))
-        # Asked again once both are read: a node that started after the first look
-        # wrote between the two reads as a running one does.
-        running = running or _node_runs(config)
+        # Asked again once both are read: a node that started or stopped between the
+        # two looks wrote as the other read.
+        if not running and (later := _node_pid(config)) is not None:
+            raise _started_meanwhile(config, later)
         recorded = int(state[AUDIT_SIZE]) if running and AUDIT_SIZE in state else None
         unsettled = 0
         if recorded is not None:
