@@ -208,6 +208,8 @@ def test_a_tree_grown_by_appends_is_the_tree_built_at_once(size: int, data: st.D
 def test_a_tree_refuses_hashes_that_are_not_32_bytes() -> None:
     with pytest.raises(AuditError, match="a leaf hash is not 32 bytes"):
         Levels([leaf_hash(b"a"), b"short"])
+    with pytest.raises(AuditError, match="a leaf hash is not 32 bytes"):
+        Levels([b"a" * 31, b"b" * 33])  # the right total, shifted (a review)
     with pytest.raises(AuditError, match="65 bytes of leaf hashes is not a whole number"):
         Levels.from_packed(bytearray(65))
     tree = Levels([leaf_hash(b"a")])
