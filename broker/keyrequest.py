@@ -329,6 +329,14 @@ def _read_outer(path: Path) -> Any:
         raise KeyMaterialError(
             f"{path} is too large for a key request (more than {MAX_REQUEST_BYTES} bytes)"
         )
+    if keyfiles.is_nkey_seed(data.strip()):
+        # Sent by mistake for a request: "not valid JSON" said nothing of what it costs
+        # (an onboarding trial). The seed is the member's hub login, now disclosed.
+        raise KeyMaterialError(
+            f"{path} is a NATS seed (a private hub login), not a key request: it is disclosed;"
+            " the member makes a new one (msmt keys request --new-nats-user), and the hub"
+            " operator reloads the hub with it (docs/KEYS.md, after a compromise)"
+        )
     try:
         return loads_strict(data.decode("utf-8"))
     except UnicodeDecodeError:

@@ -632,7 +632,11 @@ def _reason(url: str, raised: Exception, failures: list[Exception], timeout: int
     if isinstance(cause, TimeoutError):
         return f"no answer within {timeout}s"
     reason = " ".join(str(cause).split()) or type(cause).__name__
-    if isinstance(cause, ConnectionError) and url.startswith("tls://"):
+    if (
+        isinstance(cause, ConnectionError)
+        and not isinstance(cause, ConnectionRefusedError)  # nothing listens: no hub to demand
+        and url.startswith("tls://")
+    ):
         # TLS 1.3 lets the client finish its handshake before the hub checks the
         # client certificate, so the hub's alert is often lost in the reset.
         reason += " (a hub that demands a client certificate closes the connection this way)"

@@ -257,7 +257,7 @@ def test_a_new_member_joins_by_request_and_fingerprint(custodian: Path, tmp_path
     )
     assert f"GBR: new keys {sig_kid} and {enc_kid}, active " in accepted.output
     made = iat.strftime("%Y-%m-%dT%H:%M:%SZ")
-    assert accepted.output.splitlines()[2] == f"made {made} (0 days ago)"
+    assert accepted.output.splitlines()[2] == f"made {made} (less than a day ago)"
     assert "retired" not in accepted.output
     assert (
         f"GBR's NATS user added in {custodian / keys.NATS_USERS_FILE}, a new account on the "
@@ -609,3 +609,32 @@ def test_the_members_roster_is_verified_against_its_pinned_authority(
     assert done.exit_code == 0, done.output
     old = keys.load_signed_roster(jpn, authority_path=pinned).roster.current("JPN", "sig", T0)
     assert f"signed by the new key and by the current key {old.kid}\n" in done.output
+
+
+def test_a_nats_seed_sent_for_a_request_is_refused_as_disclosed(
+    custodian: Path, tmp_path: Path
+) -> None:
+    # An onboarding trial: a member sent keys/JPN/nats.nk instead of its request, and
+    # the custodian was told only "is not valid JSON", nothing of the login now exposed.
+    seed = tmp_path / "jpn" / "JPN" / keys.NATS_SEED_FILE
+    sent = tmp_path / "sent.request.json"
+    shutil.copy(seed, sent)
+    with pytest.raises(KeyMaterialError) as refused_:
+        keyrequest.accept_request(custodian, sent, now=T0)
+    assert str(refused_.value) == (
+        f"{sent} is a NATS seed (a private hub login), not a key request: it is disclosed;"
+        " the member makes a new one (msmt keys request --new-nats-user), and the hub"
+        " operator reloads the hub with it (docs/KEYS.md, after a compromise)"
+    )
+    assert seed.read_bytes().strip().decode() not in str(refused_.value)
+
+
+def test_a_request_dated_a_little_ahead_is_said_so_not_minus_a_day_ago() -> None:
+    # An onboarding trial's accept printed "made ... (-1 days ago)" for a request made
+    # on a machine whose clock ran 4 minutes ahead (within what accept allows).
+    from broker.cli.keys import _made_ago
+
+    assert _made_ago(timedelta(minutes=-4)) == "240 s ahead of this machine's clock"
+    assert _made_ago(timedelta(hours=3)) == "less than a day ago"
+    assert _made_ago(timedelta(days=1, hours=2)) == "1 day ago"
+    assert _made_ago(timedelta(days=29)) == "29 days ago"

@@ -11,7 +11,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -349,8 +349,7 @@ def keys_accept(
     )
     echo_line(f"accepted {request} from {done.member}, authorized by {done.authorized_by}")
     click.echo(f"fingerprint {done.fingerprint}")
-    age = (datetime.now(UTC) - done.made_at).days
-    click.echo(f"made {format_time(done.made_at)} ({age} days ago)")
+    click.echo(f"made {format_time(done.made_at)} ({_made_ago(datetime.now(UTC) - done.made_at)})")
     span = f"{format_time(done.valid_from)}..{format_time(done.valid_until)}"
     click.echo(f"{done.member}: new keys {done.sig_kid} and {done.enc_kid}, active {span}")
     if done.retired:
@@ -609,6 +608,16 @@ def _tls_blocks(path: Path) -> tuple[bool, bool]:
     opened = [re.match(r"(\s*)tls\s*[:=]?\s*\{", line) for line in text.splitlines()]
     found = [match.group(1) == "" for match in opened if match is not None]
     return True in found, False in found
+
+
+def _made_ago(age: timedelta) -> str:
+    """How long ago a request was made, said plainly (it may be dated a little ahead)."""
+    if age < timedelta(0):
+        # Within the skew accept allows: "-1 days ago" read as a bug (an onboarding trial).
+        return f"{int(-age.total_seconds())} s ahead of this machine's clock"
+    if age.days == 0:
+        return "less than a day ago"
+    return f"{age.days} day{'s' if age.days > 1 else ''} ago"
 
 
 def _hub_options(command: _Command) -> _Command:
