@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from pydantic import TypeAdapter
 
+from broker.files import write_durably
 from broker.sightings import MODELS, Sighting
 
 SCHEMA_BASE: Final = "https://msmt-broker.invalid/schemas/"
@@ -52,11 +53,16 @@ def example_documents() -> dict[str, str]:
 
 
 def export(out: Path) -> list[Path]:
-    """Write every schema and example file under ``out``; return the paths written."""
+    """Write every schema and example file under ``out``; return the paths written.
+
+    Each whole or not at all (a full-disk trial found a 0-byte schema left behind,
+    which a feed author's validator would read as the contract). Raises ``OSError``.
+    """
     written: list[Path] = []
     for name, text in {**schema_documents(), **example_documents()}.items():
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        write_durably(path, text.encode("utf-8"))
+        path.chmod(0o644)  # public: the contract every feed author reads
         written.append(path)
     return written

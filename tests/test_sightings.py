@@ -497,6 +497,31 @@ def test_samples_on_a_full_disk_leave_the_old_file_and_no_temporary_one(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["feed.ndjson"]
 
 
+def test_schemas_on_a_full_disk_leave_no_part_of_a_file(tmp_path: Path) -> None:
+    # A full-disk trial: export exited 1 but left a 0-byte vessel.schema.json, which a
+    # feed author's validator would read as the contract. Each file is whole or absent.
+    out = tmp_path / "schemas"
+    done = subprocess.run(
+        [MSMT, "schemas", "export", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        preexec_fn=_small_files,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1
+    whole = schemas.schema_documents() | schemas.example_documents()
+    left = [p for p in out.rglob("*") if p.is_file()]
+    assert all(p.read_text() == whole[p.relative_to(out).as_posix()] for p in left), left
+    assert not list(out.rglob(".*"))  # no temporary file either
+    done = subprocess.run(
+        [MSMT, "schemas", "export", "--out", str(out)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.json")} == set(whole)
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.rglob("*.json"))
+
+
 def _pattern(schema_text: str, *where: str | int) -> re.Pattern[str]:
     node: Any = json.loads(schema_text)
     for key in where:
