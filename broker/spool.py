@@ -294,6 +294,7 @@ class Spool:
                     log.error(  # noqa: TRY400 - one line, no traceback
                         "spool_error",
                         error=error,
+                        **self._where(exc),
                         **({"unlogged_before": unlogged} if unlogged else {}),
                     )
             wait = min(wait * 2, ERROR_WAIT_MAX_S) if failed else interval
@@ -307,8 +308,16 @@ class Spool:
             log.error(
                 "spool_error",
                 error=f"OSError: {exc.strerror}",
+                **self._where(exc),
                 **({"unlogged_before": unlogged} if unlogged else {}),
             )
+
+    def _where(self, exc: OSError) -> dict[str, str]:
+        # Which file or folder, for the operator to look at (a full-disk trial got
+        # "No space left on device" and "Too many open files", naming neither).
+        if exc.filename is not None:
+            return {"file": shown_name(Path(os.fsdecode(exc.filename)).name)}
+        return {"spool_dir": str(self.dir)}
 
 
 Taken = Literal["filed", "unavailable", "written"]

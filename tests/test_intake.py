@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -1617,3 +1618,35 @@ async def test_a_spool_file_named_too_long_for_its_answers_is_filed_and_stops_no
         [short, f"{short}.result.ndjson", "next.ndjson", "next.ndjson.result.ndjson"]
     )
     assert len(store.unplanned(10)) == 2
+
+
+async def test_a_spool_error_names_the_file_or_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full-disk and low-file-limit trial: "spool_error OSError: No space left on
+    # device" and "Too many open files", naming neither the file nor the folder.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    (spool_dir / "batch-0042.ndjson").write_bytes(ndjson(jpn_records(1, seed=3)))
+    raised = [
+        OSError(errno.EMFILE, "Too many open files", "batch-0042.ndjson"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ]
+
+    async def take(path: Path) -> str:
+        raise raised.pop(0) if raised else asyncio.CancelledError
+
+    monkeypatch.setattr(spool, "_take", take)
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(spool.run(stop, interval=0.01))
+        await await_for(lambda: not raised, 10, "both errors")
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+    said = [e for e in logs if e["event"] == "spool_error"]
+    assert [(e["error"], e.get("file"), e.get("spool_dir")) for e in said] == [
+        ("OSError: Too many open files", "batch-0042.ndjson", None),
+        ("OSError: No space left on device", None, str(spool_dir)),
+    ]
+    store.close()
