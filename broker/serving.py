@@ -81,6 +81,22 @@ class BoundedRunner(web.AppRunner):
         # Protocols handed out and not yet among the server's connections, with when.
         self._handed: dict[RequestHandler, float] = {}
 
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        made = server.connection_made
+
+        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+            # Counted among the server's connections from now on, and no longer once
+            # it closes. Left among those handed out, a connection made and closed
+            # between two accepts counted HANDED_OUT_S more: back-to-back requests
+            # past cap / HANDED_OUT_S a second were refused (a low-file-limit trial:
+            # health checks twice a second against a cap of 8).
+            self._handed.pop(handler, None)
+            made(handler, transport)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        return server
+
     def open_connections(self) -> int:
         """Connections open or about to be: the server's, and those handed out since."""
         real = self._server

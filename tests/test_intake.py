@@ -368,6 +368,28 @@ async def test_connections_over_the_cap_are_closed_at_once_and_feeds_get_in_afte
                 idle.close()
 
 
+async def test_connections_one_after_another_past_the_cap_are_each_answered(
+    tmp_path: Path,
+) -> None:
+    # A low-file-limit trial: health checks twice a second against a cap of 8 had 8 of
+    # 40 closed unanswered. Each connection made and closed between two accepts was
+    # still counted as about to open, for 5 s.
+    async with intake_socket(tmp_path) as (sock, _, runner):
+        runner.cap = 3
+        answered = 0
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(12):  # four times the cap, one at a time, within a second
+                reader, writer = await asyncio.open_unix_connection(str(sock))
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = await asyncio.wait_for(reader.read(), 5)
+                answered += answer.startswith(b"HTTP/1.1 ")
+                writer.close()
+                await writer.wait_closed()
+        assert answered == 12
+        assert not [e for e in logs if e["event"] == "connections_full"]
+        assert runner.open_connections() == 0
+
+
 async def test_a_burst_of_connections_is_held_to_the_cap_and_a_refused_one_is_closed(
     tmp_path: Path,
 ) -> None:
