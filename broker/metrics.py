@@ -176,6 +176,12 @@ class Metrics:
         # the status says "unknown" (a docs review saw both on a node never connected).
         self.clock_offset.set(math.nan)
         self.connected = Gauge("msmt_nats_connected", "1 while connected to NATS.", registry=r)
+        self.spool_stalled = Gauge(
+            "msmt_spool_stalled",
+            "1 while the spool's last poll ended in a spool_error (the folder unreadable, a"
+            " batch not filed, no room to answer one): its batches wait. Else 0.",
+            registry=r,
+        )
         self.ready = Gauge(
             "msmt_ready",
             "1 while /readyz would answer 200: connected, the hub answering, the inbox"

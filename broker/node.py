@@ -945,7 +945,7 @@ class Node:
         # The spool first: a bad spool_dir must not leave a socket behind.
         opened: list[web.AppRunner] = []
         try:
-            spool = _spool(self.config.spool_path, spool_intake)
+            spool = _spool(self.config.spool_path, spool_intake, self.metrics)
             opened.append(await self._serve_metrics())
             opened.append(await serve_unix(intake_app, self.config.socket_path))
         except BaseException:
@@ -1023,9 +1023,9 @@ def _feeds_used(counts: Counter[str]) -> dict[str, str]:
     return {f"{FEED_USED}{feed}": now for feed in sorted(used)}
 
 
-def _spool(directory: Path, intake: Intake) -> Spool:
+def _spool(directory: Path, intake: Intake, metrics: Metrics) -> Spool:
     try:
-        return Spool(directory, intake)
+        return Spool(directory, intake, lambda stalled: metrics.spool_stalled.set(int(stalled)))
     except OSError as exc:
         raise ConfigError(
             f"config key intake.spool_dir: cannot use {directory}: {exc.strerror}"

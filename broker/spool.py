@@ -16,6 +16,7 @@ import hashlib
 import os
 import signal
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal
 
@@ -69,10 +70,16 @@ class Spool:
     (``bench/spool.py``).
     """
 
-    def __init__(self, directory: Path, intake: Intake) -> None:
+    def __init__(
+        self, directory: Path, intake: Intake, stalled: Callable[[bool], None] | None = None
+    ) -> None:
         self.dir = directory
         self.intake = intake
         self.throttle = Throttle()
+        # Told after each poll whether it ended in a spool_error (the folder unreadable,
+        # a batch not filed, no room to answer one): batches wait meanwhile, and a
+        # full-disk trial found nothing in /metrics or /readyz that said so.
+        self._stalled = stalled or (lambda _: None)
         directory.mkdir(parents=True, exist_ok=True)
         # Following a link the operator configured, once; never again (see above).
         self.fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -266,7 +273,7 @@ class Spool:
             # answers its records again (those taken before as "duplicate", those
             # refused again), each an audit entry: a trial's full spool disk grew the
             # log by 825 entries a second. So after one, the next poll comes later.
-            failed = False
+            failed = errored = False
             try:
                 for path in self.candidates():
                     if stop.is_set():
@@ -275,7 +282,7 @@ class Spool:
                         taken = await self._take(path)
                     except _NoRoomError as exc:
                         # Only this batch waits: a smaller one behind it may fit.
-                        failed = True
+                        failed = errored = True
                         self._no_room(exc)
                         continue
                     # A file being written is passed over; when the store cannot
@@ -284,7 +291,7 @@ class Spool:
                         failed = True
                         break
             except OSError as exc:
-                failed = True
+                failed = errored = True
                 # A file that vanished or a full disk: try again on the next poll. Said
                 # once a minute for each reason: a folder swapped for a link stops every
                 # poll, twice a second, until someone puts it right.
@@ -297,6 +304,7 @@ class Spool:
                         **self._where(exc),
                         **({"unlogged_before": unlogged} if unlogged else {}),
                     )
+            self._stalled(errored)
             wait = min(wait * 2, ERROR_WAIT_MAX_S) if failed else interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)

@@ -1649,7 +1649,8 @@ async def test_a_spool_error_names_the_file_or_the_folder(
     # device" and "Too many open files", naming neither the file nor the folder.
     store = Store(tmp_path / "s.db")
     spool_dir = tmp_path / "spool"
-    spool = Spool(spool_dir, make_intake(store))
+    stalled: list[bool] = []  # msmt_spool_stalled, after each poll
+    spool = Spool(spool_dir, make_intake(store), stalled.append)
     (spool_dir / "batch-0042.ndjson").write_bytes(ndjson(jpn_records(1, seed=3)))
     raised = [
         OSError(errno.EMFILE, "Too many open files", "batch-0042.ndjson"),
@@ -1657,15 +1658,18 @@ async def test_a_spool_error_names_the_file_or_the_folder(
     ]
 
     async def take(path: Path) -> str:
-        raise raised.pop(0) if raised else asyncio.CancelledError
+        if raised:
+            raise raised.pop(0)
+        return "written"  # passed over, as a batch being written: a poll that worked
 
     monkeypatch.setattr(spool, "_take", take)
     stop = asyncio.Event()
     with structlog.testing.capture_logs() as logs:
         task = asyncio.create_task(spool.run(stop, interval=0.01))
-        await await_for(lambda: not raised, 10, "both errors")
+        await await_for(lambda: len(stalled) >= 3, 10, "two errors and a poll that worked")
         stop.set()
-        await asyncio.gather(task, return_exceptions=True)
+        await task
+    assert stalled[:3] == [True, True, False]
     said = [e for e in logs if e["event"] == "spool_error"]
     assert [(e["error"], e.get("file"), e.get("spool_dir")) for e in said] == [
         ("OSError: Too many open files", "batch-0042.ndjson", None),
