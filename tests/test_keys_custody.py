@@ -484,6 +484,10 @@ def test_the_request_says_whether_a_phone_call_is_needed(custodian: Path, tmp_pa
         "key signed it (the custodian may still compare the fingerprint with you)"
     ) in routine.output
     assert "by phone" not in routine.output
+    # What an operator reading only this output must do (an onboarding trial did not).
+    assert "stop this node before the custodian accepts it, and start it with the new" in (
+        routine.output
+    )
     # ... and indeed the custodian accepts it without one.
     done = msmt("keys", "accept", tmp_path / "routine.json", "--dir", custodian)
     assert done.exit_code == 0, done.output

@@ -305,6 +305,15 @@ def keys_request(
             "current key signed it (the custodian may still compare the fingerprint with you); "
             "the node uses the new keys once you install the roster that lists them"
         )
+        # An onboarding trial left its node running through the accept, as an operator
+        # does who reads only this output: partners refused for good what the node
+        # signed with the retired key past the grace (docs/KEYS.md says so; this did not).
+        click.echo(
+            "stop this node before the custodian accepts it, and start it with the new"
+            " roster: what it signs with the old key after the accept is refused once"
+            " partners have that roster, and must be sent again (msmt node resend;"
+            " docs/KEYS.md)"
+        )
     else:
         click.echo(
             "send the request to the roster custodian and read the fingerprint out to them by "
