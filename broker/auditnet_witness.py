@@ -211,7 +211,12 @@ class Witnessing(AuditNetBase):
             self.witness.state = before
             for origin in cosigned:
                 self._pending.setdefault(origin, batch[origin])
-            self._refused("", exc)
+            # Ours, not a partner's: witness_refused said it as a partner's fault (a
+            # full-disk trial). Warned once per reason, as those are.
+            self.last_error = f"witness: {exc}"
+            if self.last_error != self._last_warned.get(""):
+                log.error("witness_state_unsaved", error=str(exc)[:200])  # noqa: TRY400 - one line
+                self._last_warned[""] = self.last_error
             return
         self._last_warned.pop("", None)
         self._cosigned = {origin: cosigned_text(origin, st) for origin, st in state.items()}

@@ -690,10 +690,16 @@ async def test_a_state_that_cannot_be_saved_is_not_cosigned_and_is_retried(
     # The witness state goes to a directory that does not exist yet: saving fails.
     audit.usa.net.state_path = tmp_path / "later" / "ws.json"
     audit.usa.net.interval = 0.2
-    await audit.grow(0)
-    await await_for(
-        lambda: "cannot save witness state" in (audit.usa.net.last_error or ""), 10, "refusal"
-    )
+    with capture_logs() as logs:
+        await audit.grow(0)
+        await await_for(
+            lambda: "cannot save witness state" in (audit.usa.net.last_error or ""), 10, "refusal"
+        )
+        await asyncio.sleep(0.6)  # more rounds, each failing the same way
+    # Said as this node's own failure, once, not as a partner's (a full-disk trial
+    # read witness_refused, which NODE.md gives as a partner's checkpoint refused).
+    said = [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("witness_")]
+    assert said == [("witness_state_unsaved", "error")]
     await audit.usa.nc.flush()
     await audit.tap.flush()
     assert audit.usa_cosignatures == []
