@@ -475,6 +475,21 @@ def test_a_report_received_before_envelopes_were_kept_has_no_evidence(
         store.close()
 
 
+def _unstore_newest(world: World, *, recorded: bool = True) -> dict[str, Any]:
+    """USA's newest receipt, its row deleted; ``recorded``: the store's log size at it.
+
+    As a running node leaves a report it has logged and not stored yet (recorded), or
+    one whose batch it could not store while a later write recorded the size past it.
+    """
+    receipts = [e for e in audit_entries(world.config("USA").audit_dir) if e["type"] == "received"]
+    newest = max(receipts, key=lambda e: int(e["seq"]))
+    with sqlite3.connect(world.config("USA").store_path) as db:
+        db.execute("DELETE FROM inbox WHERE report_id = ?", (newest["report_id"],))
+        if recorded:
+            db.execute("UPDATE state SET value = ? WHERE key = ?", (str(newest["seq"]), AUDIT_SIZE))
+    return newest
+
+
 def test_inbox_check_of_a_running_node_leaves_out_receipts_not_stored_yet(
     delivered: tuple[World, list[str]],
 ) -> None:
@@ -487,11 +502,7 @@ def test_inbox_check_of_a_running_node_leaves_out_receipts_not_stored_yet(
     world, ids = delivered
     config = str(world.config_path("USA"))
     path = world.config("USA").store_path
-    receipts = [e for e in audit_entries(world.config("USA").audit_dir) if e["type"] == "received"]
-    newest = max(receipts, key=lambda e: int(e["seq"]))
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM inbox WHERE report_id = ?", (newest["report_id"],))
-        db.execute("UPDATE state SET value = ? WHERE key = ?", (str(newest["seq"]), AUDIT_SIZE))
+    newest = _unstore_newest(world)
     node = Store(path)  # holds the store's lock, as the running node does
     try:
         running = _cli("inbox", "check", "--config", config)
@@ -523,11 +534,7 @@ def test_inbox_check_of_a_node_starting_meanwhile_tells_nothing_and_says_so(
     world, _ = delivered
     config = str(world.config_path("USA"))
     path = world.config("USA").store_path
-    receipts = [e for e in audit_entries(world.config("USA").audit_dir) if e["type"] == "received"]
-    newest = max(receipts, key=lambda e: int(e["seq"]))
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM inbox WHERE report_id = ?", (newest["report_id"],))
-        db.execute("UPDATE state SET value = ? WHERE key = ?", (str(newest["seq"]), AUDIT_SIZE))
+    _unstore_newest(world)
     looks: list[int | None] = [None, 4242]  # none at the first look, one at the second
     monkeypatch.setattr(
         "broker.cli.node.writer_pid", lambda path: looks.pop(0) if len(looks) > 1 else looks[0]
@@ -551,10 +558,7 @@ def test_inbox_check_of_a_running_node_says_why_a_receipt_may_not_be_stored_yet(
     # may not be one.
     world, _ = delivered
     config = str(world.config_path("USA"))
-    receipts = [e for e in audit_entries(world.config("USA").audit_dir) if e["type"] == "received"]
-    newest = max(receipts, key=lambda e: int(e["seq"]))
-    with sqlite3.connect(world.config("USA").store_path) as db:
-        db.execute("DELETE FROM inbox WHERE report_id = ?", (newest["report_id"],))
+    newest = _unstore_newest(world, recorded=False)
     monkeypatch.setattr("broker.cli.node.writer_pid", lambda path: 4242)
     running = _cli("inbox", "check", "--config", config)
     assert running.exit_code == 1

@@ -53,6 +53,7 @@ from broker import envelope, envelope_format, keys, samples, sdjwt
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig
 from broker.errors import MsmtError, StoreError
+from broker.metrics import Metrics
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import InboxLimits, connect_account, setup_account
 from broker.natsproc import NatsServer
@@ -1830,6 +1831,18 @@ async def test_an_inbox_changed_on_the_hub_is_named_and_setup_puts_it_back(
         await task
 
 
+def _hub_watch(client: object, servers: int, errors: list[str]) -> broker.hubwatch.HubWatch:
+    """A real ``HubWatch`` on ``client`` (a stand-in for nats-py's), its errors kept."""
+    return broker.hubwatch.HubWatch(
+        "USA",
+        servers,
+        Metrics("USA"),
+        lambda: client,  # type: ignore[arg-type,return-value]
+        lambda text, condition: errors.append(text),
+        lambda off: None,
+    )
+
+
 def test_a_hub_answer_nested_past_the_decoders_depth_is_no_answer_not_a_crash() -> None:
     # A security review: a STREAM.INFO or CONSUMER.INFO answer nested deeper than the
     # JSON decoder goes raised RecursionError, which stopped the node's housekeeping.
@@ -1845,8 +1858,7 @@ async def test_a_hub_answer_with_a_number_beyond_a_float_is_no_answer_not_a_cras
 ) -> None:
     # A fuzzer: int() of the infinity json reads 1e999 as raised OverflowError, which
     # neither the inbox lag's handler nor the housekeeping loop caught: the node stopped.
-    from broker.hubwatch import HubWatch, _silence
-    from broker.metrics import Metrics
+    from broker.hubwatch import _silence
 
     answer = b'{"num_pending": ' + number + b', "num_ack_pending": 0}'
     silenced = Msg(None, subject="_INBOX.x", data=b'{"error":{"code":' + number + b"}}")  # type: ignore[arg-type]
@@ -1860,14 +1872,7 @@ async def test_a_hub_answer_with_a_number_beyond_a_float_is_no_answer_not_a_cras
 
     errors: list[str] = []
     client = Hub()
-    hub = HubWatch(
-        "USA",
-        1,
-        Metrics("USA"),
-        lambda: client,  # type: ignore[arg-type,return-value]
-        lambda text, condition: errors.append(text),
-        lambda off: None,
-    )
+    hub = _hub_watch(client, 1, errors)
     hub.silent = 1  # one request unanswered before: silence now would make it 2
     assert await hub.inbox_lag() is None
     assert hub.lag is None  # unknown, as for any answer it cannot read
@@ -1880,8 +1885,7 @@ async def test_silence_is_counted_across_a_switch_of_server_until_one_answers() 
     # A frozen-hub trial: a cluster without its quorum, every server silent. The count
     # was reset at each switch, so the node read as ready on each new connection for
     # two requests: ready a third of the time, MsmtNotReady some 6 minutes late.
-    from broker.hubwatch import SILENT_SWITCH, HubWatch
-    from broker.metrics import Metrics
+    from broker.hubwatch import SILENT_SWITCH
 
     class Hub:
         is_connected = True
@@ -1899,14 +1903,7 @@ async def test_silence_is_counted_across_a_switch_of_server_until_one_answers() 
 
     errors: list[str] = []
     client = Hub()
-    hub = HubWatch(
-        "USA",
-        3,
-        Metrics("USA"),
-        lambda: client,  # type: ignore[arg-type,return-value]
-        lambda text, condition: errors.append(text),
-        lambda off: None,
-    )
+    hub = _hub_watch(client, 3, errors)
 
     async def ask() -> int | None:
         hub._lag_at = -math.inf  # due now: the test does not wait LAG_EVERY_S
@@ -1930,7 +1927,6 @@ async def test_the_oldest_waiting_report_is_measured_by_partner(tmp_path: Path) 
     import time
     import types
 
-    from broker.metrics import Metrics
     from broker.node import Node
     from broker.store import NewReport, OutboxItem, Store
 
