@@ -314,6 +314,13 @@ def check_nats_user(nkey: object, where: str) -> str:
     Raises ``KeyMaterialError`` naming ``where`` otherwise: a seed (``SU...``), another
     kind of nkey, or a mistyped one, which the hub would refuse or never match.
     """
+    if isinstance(nkey, str) and nkey.isascii() and is_nkey_seed(nkey.encode()):
+        # Before the length: a seed is longer, and was told only "not 56 characters" (an
+        # onboarding trial), nothing of what it costs.
+        raise KeyMaterialError(
+            f"{where}: this is an nkey seed, which is private, not a public key: it is"
+            " disclosed; make a new one and send its public key (U...)"
+        )
     if not isinstance(nkey, str) or len(nkey) != 56 or not nkey.isascii():
         raise KeyMaterialError(f"{where}: not a NATS user public nkey (56 base32 characters)")
     if nkey.startswith("S"):

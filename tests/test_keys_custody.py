@@ -422,7 +422,13 @@ def test_the_auditor_makes_its_nats_user_and_the_custodian_records_it(tmp_path: 
     before = snapshot(custodian)
     jpn_user = json.loads(users_file.read_text())["JPN"]
     for nkey, reason in [
-        (seed_file.read_text().strip(), "the NATS user: not a NATS user public nkey"),
+        # Said for what it is, and what it costs (an onboarding trial got only "not a NATS
+        # user public nkey (56 base32 characters)").
+        (
+            seed_file.read_text().strip(),
+            "the NATS user: this is an nkey seed, which is private, not a public key: it is"
+            " disclosed; make a new one and send its public key (U...)",
+        ),
         (user[:-1] + ("A" if user[-1] != "A" else "B"), "malformed NATS public nkey"),
         (jpn_user, f"the NATS user is already JPN's in {users_file}"),
     ]:
