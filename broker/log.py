@@ -6,6 +6,7 @@ report content or key material; ``redact`` below is a last line of defence.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
@@ -121,6 +122,11 @@ class LibraryHandler(logging.Handler):
             fields["template"] = record.msg[:200]
         if record.exc_info and record.exc_info[0] is not None:
             fields["error"] = record.exc_info[0].__name__
+            raised = record.exc_info[1]
+            if isinstance(raised, OSError) and raised.errno is not None:
+                # The symbol alone ("EMFILE"), never the text, which may name a path: a
+                # low-file-limit trial read "OSError" and nothing of why.
+                fields["errno"] = errno.errorcode.get(raised.errno, str(raised.errno))
         key = (record.name, fields.get("template", ""), fields.get("error", ""))
         now = time.monotonic()
         minute = self._minutes.get(key)

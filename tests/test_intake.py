@@ -1167,6 +1167,22 @@ def test_a_library_repeating_itself_is_logged_a_few_lines_a_minute(
     assert [line["logger"] for line in lines].count("aiohttp.server") == 1
 
 
+def test_a_library_s_system_error_says_which_errno_and_never_its_text(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A low-file-limit trial: asyncio's failed accepts read "error": "OSError" alone.
+    # The symbol says why; the text may name a path (or, for another library, worse).
+    failed = OSError(errno.EMFILE, "Too many open files", "/secret/path")
+    with json_logging():
+        logging.getLogger("asyncio").error(
+            "socket.accept() out of system resource", exc_info=(OSError, failed, None)
+        )
+    (line,) = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert (line["event"], line["error"], line["errno"]) == ("library_log", "OSError", "EMFILE")
+    assert "secret" not in json.dumps(line)
+    assert "Too many" not in json.dumps(line)
+
+
 def test_a_token_file_that_is_not_ascii_is_refused_without_quoting_it(tmp_path: Path) -> None:
     path = tmp_path / "intake.token"
     path.write_bytes(b"\xffsecret-token-bytes-here")
