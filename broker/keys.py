@@ -29,7 +29,7 @@ import secrets
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -580,9 +580,25 @@ def write_roster(keydir: Path, jwks: dict[str, Any], authority: OKPKey) -> None:
     _swap(staged, keydir / ROSTER_FILE)
     _swap(staged_sig, keydir / ROSTER_SIG_FILE)
     _swapped(keydir)
+    _mark_signed(keydir, jwks)
+
+
+class RosterInPlaceError(WriteError):
+    """The new roster is in place, but a write that follows it failed: it is not undone."""
+
+
+def _mark_signed(keydir: Path, jwks: Mapping[str, Any]) -> None:
     # After the swap: a mark ahead of the roster in place would refuse the next write.
     mark = {"version": jwks["msmt_version"], "sha256": roster_digest(jwks)}
-    _write_atomic(keydir / ROSTER_SIGNED_FILE, json_bytes(mark), private=True)
+    try:
+        _write_atomic(keydir / ROSTER_SIGNED_FILE, json_bytes(mark), private=True)
+    except WriteError as exc:
+        # Not a failed roster write (a review: a rotation took it for one and deleted
+        # the private keys the roster in place names): say that the roster stands.
+        raise RosterInPlaceError(
+            f"roster version {jwks['msmt_version']} is in place, but {exc}; the next roster"
+            " write records it"
+        ) from None
 
 
 def _swapped(keydir: Path) -> None:
@@ -637,6 +653,7 @@ def finish_roster_write(keydir: Path) -> str | None:
             _swap(staged, keydir / ROSTER_FILE)
         _swap(staged_sig, keydir / ROSTER_SIG_FILE)
         _swapped(keydir)
+        _mark_signed(keydir, candidate.jwks)  # as the write it finishes would have
         return f"{cut}: finished it, roster version {candidate.version} is in place"
     if current is not None:
         for path in (staged, staged_sig):
@@ -834,12 +851,24 @@ def rotate_keys(
         # Refused before the new roster went anywhere (a full disk fails it while it is
         # staged): the new private keys are in no roster and never will be, and left
         # behind they read as a pending key request (a full-disk trial). Once a roster
-        # file is aside or in place, finish_roster_write may still need them.
-        if not any((keydir / name).exists() for name in (ROSTER_STAGED, ROSTER_SIG_STAGED)):
+        # file is aside or in place (a failure after the swap: a review), the roster
+        # names them, or finish_roster_write may put one in place that does.
+        if not _roster_may_name(keydir, [str(key.kid) for key in new.values()]):
             for path in written:
                 path.unlink(missing_ok=True)
         raise
     return str(new["sig"].kid), str(new["enc"].kid)
+
+
+def _roster_may_name(keydir: Path, kids: Sequence[str]) -> bool:
+    """Whether a roster in ``keydir``, in place or left aside, may list any of ``kids``."""
+    if any((keydir / name).exists() for name in (ROSTER_STAGED, ROSTER_SIG_STAGED)):
+        return True
+    try:
+        listed = {entry.get("kid") for entry in read_json(keydir / ROSTER_FILE)["keys"]}
+    except (KeyMaterialError, TypeError, KeyError, AttributeError):
+        return True  # cannot tell: keep the keys
+    return any(kid in listed for kid in kids)
 
 
 def retire_active(
