@@ -60,13 +60,13 @@ class StoreBase:
         self.audit_size: Callable[[], int] | None = None
         """The node's audit log size: once set, every write records it (``AUDIT_SIZE``)."""
         self.write_failed: tuple[float, str] | None = None
-        """When (monotonic) and why the last write failed, until a write commits again.
+        """When (monotonic) and why the last write failed, until that write commits.
 
-        Once a write of reports or envelopes failed, only such a write clears it: a
-        status write or a probe is small, and commits on a disk still too full for
-        the batch that failed (a full-disk trial: ``/readyz`` back to ready between
-        a receiver's failing batches, 10 samples in 77)."""
-        self._data_failed = False
+        Only the kind of write that failed clears it (``_tx``'s ``op``): another may be
+        small, and commit on a disk still too full for the batch that failed (a
+        full-disk trial: ``/readyz`` back to ready between a receiver's failing batches,
+        10 samples in 77, at each status write; a review: at each envelope marked sent)."""
+        self._failed_op = ""
         self._lock: int | None = None
         # Reports whose ``accepted`` entries the log holds, confirmed by the next
         # write (``mark_audited_later``); dropped once a write committed them.
@@ -141,8 +141,8 @@ class StoreBase:
             self._lock = None
 
     @contextmanager
-    def _tx(self, *, small: bool = False) -> Iterator[sqlite3.Connection]:
-        # ``small``: a status write or a probe, which says little of room for data.
+    def _tx(self, op: str) -> Iterator[sqlite3.Connection]:
+        # ``op`` names the kind of write (its method): see ``write_failed``.
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -164,8 +164,8 @@ class StoreBase:
                         (AUDIT_SIZE, str(self.audit_size())),
                     )
                 self._db.execute("COMMIT")
-                if not small or not self._data_failed:
-                    self.write_failed, self._data_failed = None, False
+                if op == self._failed_op:
+                    self.write_failed, self._failed_op = None, ""
                 if marks:
                     self._audited_later = []
             except BaseException:
@@ -174,13 +174,12 @@ class StoreBase:
                     self._db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as exc:
-            self._failed(small, f"store {self.path.name}: {exc}")
+            self._failed(op, f"store {self.path.name}: {exc}")
         except sqlite3.DatabaseError as exc:
-            self._failed(small, f"store {self.path.name} is damaged: {exc}")
+            self._failed(op, f"store {self.path.name} is damaged: {exc}")
 
-    def _failed(self, small: bool, why: str) -> NoReturn:
-        self.write_failed = (time.monotonic(), why)
-        self._data_failed = self._data_failed or not small
+    def _failed(self, op: str, why: str) -> NoReturn:
+        self.write_failed, self._failed_op = (time.monotonic(), why), op
         raise StoreError(why) from None
 
     @contextmanager
@@ -278,7 +277,7 @@ class StoreBase:
         """``bump`` and ``set_state`` in one transaction (one fsync for the node's housekeeping)."""
         if not deltas and not values:
             return
-        with self._tx(small=True) as db:
+        with self._tx("status") as db:
             db.executemany(
                 "INSERT INTO counters(name, value) VALUES (?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",

@@ -160,7 +160,7 @@ class InboxTables(StoreBase):
         """Store verified reports and their seen-set entries; True per report newly stored."""
         at = time.time() if now is None else now
         out: list[bool] = []
-        with self._tx() as db:
+        with self._tx("store_received") as db:
             for rec in batch:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO inbox(sender, originator, report_id, kind, tlp, rel_to,"
@@ -193,7 +193,7 @@ class InboxTables(StoreBase):
     def prune_seen(self, now: float | None = None) -> int:
         """Drop seen-set entries past their freshness window; return how many."""
         at = time.time() if now is None else now
-        with self._tx() as db:
+        with self._tx("prune_seen") as db:
             return int(db.execute("DELETE FROM seen WHERE expires_at < ?", (at,)).rowcount)
 
     def seen_count(self) -> int:

@@ -125,7 +125,7 @@ class OutboxTables(StoreBase):
         """
         at = time.time() if now is None else now
         out = Accepted()
-        with self._tx() as db:
+        with self._tx("accept") as db:
             for i, rep in enumerate(reports):
                 cur = db.execute(
                     "INSERT OR IGNORE INTO reports(report_id, kind, accepted_at, record, feed) "
@@ -162,7 +162,7 @@ class OutboxTables(StoreBase):
         """Confirm that these reports' ``accepted`` entries are in the audit log, now."""
         if not report_ids:
             return
-        with self._tx() as db:
+        with self._tx("mark_audited") as db:
             db.executemany(
                 "UPDATE reports SET audited = 1 WHERE report_id = ?", [(r,) for r in report_ids]
             )
@@ -204,7 +204,7 @@ class OutboxTables(StoreBase):
         row order: what ``pending`` would read back. None if a row was there already.
         """
         stored: list[OutboxItem] | None = []
-        with self._tx() as db:
+        with self._tx("plan") as db:
             rowids = iter(self._outbox_rowids(db, sum(map(len, plans.values()))))
             for report_id, items in plans.items():
                 rows = [
@@ -260,7 +260,7 @@ class OutboxTables(StoreBase):
         """
         queued = 0
         dropped: list[tuple[str, str]] = []
-        with self._tx() as db:
+        with self._tx("awaited") as db:
             rowids = iter(self._outbox_rowids(db, sum(map(len, wanted.values()))))
             for report_id, partners in wanted.items():
                 items = {i.partner: i for i in plans.get(report_id, ())}
@@ -343,7 +343,7 @@ class OutboxTables(StoreBase):
         meanwhile (``reissued``) stays pending, so its new envelope goes out too.
         """
         at = time.time() if now is None else now
-        with self._tx() as db:
+        with self._tx("mark_sent") as db:
             rowids = iter(self._outbox_rowids(db, len(done)))
             for item in done:
                 # Moved (a new rowid), not updated in place: an envelope fills a
@@ -463,7 +463,7 @@ class OutboxTables(StoreBase):
         # Read first: the node asks every minute, and an empty answer needs no commit.
         if not self._read(f"SELECT 1 {stale} LIMIT 1", bounds):
             return 0
-        with self._tx() as db:
+        with self._tx("queue_stale") as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO reissue(report_id, partner, reason)"
                 f" SELECT report_id, partner, 'stale' {stale}",
@@ -488,7 +488,7 @@ class OutboxTables(StoreBase):
         """
         chosen: list[tuple[str, str]] = []
         missing = []
-        with self._tx() as db:
+        with self._tx("queue_resend") as db:
             if sent_from is not None:
                 chosen += db.execute(
                     "SELECT report_id, partner FROM outbox"
@@ -531,7 +531,7 @@ class OutboxTables(StoreBase):
         if sent, and dropped if still pending, so they never go out.
         """
         withheld: list[tuple[str, str]] = []
-        with self._tx() as db:
+        with self._tx("reissued") as db:
             for report_id, partners in wanted.items():
                 items = {i.partner: i for i in plans.get(report_id, ())}
                 for partner in partners:

@@ -2101,7 +2101,7 @@ async def test_messages_delivered_while_the_store_is_full_are_not_delivered_twic
 
     def record_status(deltas: Any, values: Any) -> None:
         if full:
-            with node.store._tx() as db:
+            with node.store._tx("status") as db:
                 db.execute("INSERT OR REPLACE INTO state VALUES ('filler', ?)", (b"x" * 65536,))
         real_record(deltas, values)
 

@@ -116,7 +116,7 @@ def test_a_later_mark_waits_through_a_failed_write_for_the_next(tmp_path: Path) 
     assert Store(path).unaudited() == []
 
 
-def test_a_small_write_that_fits_does_not_clear_a_failed_batch(tmp_path: Path) -> None:
+def test_only_the_kind_of_write_that_failed_clears_it(tmp_path: Path) -> None:
     # A full-disk trial: a receiver's batches failed while its status writes and the
     # writability probe, small, still committed, and each cleared write_failed:
     # /readyz flapped back to ready with the disk still full.
@@ -133,6 +133,7 @@ def test_a_small_write_that_fits_does_not_clear_a_failed_batch(tmp_path: Path) -
     assert failed is not None
     assert store.writable()  # the probe's small write fits...
     store.bump({"intake.accepted": 1})
+    assert store.prune_seen() == 0  # ...as does a small write of another kind (a review)
     assert store.write_failed == failed  # ...and says nothing of room for the batch
     store._db.execute("PRAGMA max_page_count=1073741823")  # room again
     assert store.accept([rep(2, size=100_000)]) == [True]
