@@ -307,10 +307,17 @@ def host_port(text: str, what: str) -> str:
 
 
 def _tls_block(include: str | None, indent: str) -> list[str]:
-    # nats-server reads an include relative to the configuration file's directory.
+    # nats-server reads an include relative to the configuration file's directory, and
+    # its quoted strings have no escapes: json.dumps's would name another file (a review
+    # found "tlsé.conf", 'tl"s.conf' and 'tl\s.conf' each gave a hub.conf it refused).
     if include is None:
         return []
-    return [f"{indent}tls {{", f"{indent}  include {json.dumps(include)}", f"{indent}}}"]
+    if not include or any(ch in include for ch in '"\\') or not include.isprintable():
+        raise UsageError(
+            f"--tls-include/--route-tls-include {include!r}: a path without quotes,"
+            " backslashes or control characters, which nats-server's include cannot take"
+        )
+    return [f"{indent}tls {{", f'{indent}  include "{include}"', f"{indent}}}"]
 
 
 def server_config(

@@ -720,25 +720,46 @@ def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
     assert _valid(out).returncode != 0
     (tmp_path / "tls-client.conf").write_text(settings)
 
-    # Written again without them: refused, the file as it was.
+    # Written again without them: refused, naming the line, the file as it was.
+    lines = text.splitlines()
     for left_out, option in (
-        ("--tls-include", ["--route-tls-include", "tls-route.conf"]),
-        ("--route-tls-include", ["--tls-include", "tls-client.conf"]),
+        ("tls-client.conf", ["--route-tls-include", "tls-route.conf"]),
+        ("tls-route.conf", ["--tls-include", "tls-client.conf"]),
     ):
         refused = msmt(*base, *option)
         assert refused.returncode == 2
+        number = lines.index(next(line for line in lines if left_out in line)) + 1
         assert refused.stderr == (
-            f"msmt: error: --out {out} has a tls block that this run would drop (no"
-            f" {left_out}): the hub would go without TLS at its reload; put the block's"
-            f" settings in a file and pass {left_out} FILE (docs/DEPLOY.md, TLS)\n"
+            f"msmt: error: --out {out} line {number} ('include \"{left_out}\"') would be"
+            " dropped: TLS set there would be off at the hub's reload; put the tls blocks'"
+            " settings in files and pass --tls-include FILE and --route-tls-include FILE"
+            " (docs/DEPLOY.md, TLS), or move the file away first\n"
         )
         assert out.read_text() == text
-    # A block appended by hand, as DEPLOY.md once said, is protected the same way.
+    # A block appended by hand, as DEPLOY.md once said, is protected the same way, and
+    # so is one written otherwise (a review): a websocket's, its brace on the next line,
+    # an include holding it; a commented one is not.
     single = tmp_path / "single.conf"
     plain = ["nats", "config", "--keys", str(keydir), "--out", str(single)]
     assert msmt(*plain).returncode == 0
-    single.write_text(single.read_text() + "tls {\n  " + settings.replace("\n", "\n  ") + "}\n")
-    assert msmt(*plain).returncode == 2
+    generated = single.read_text()
+    for added in (
+        "tls {\n  " + settings.replace("\n", "\n  ") + "}\n",
+        "websocket {\n  port: 8080\n  tls {\n    cert_file: x\n  }\n}\n",
+        "tls\n{\n  cert_file: x\n}\n",
+        'include "tlsblock.conf"\n',
+    ):
+        single.write_text(generated + added)
+        assert msmt(*plain).returncode == 2, added
+    single.write_text(generated + "# tls { cert_file: x }\n")
+    assert msmt(*plain).returncode == 0
+    for bad in ('tl"s.conf', "tl\\s.conf", "tls\n.conf"):
+        done = msmt(*plain, "--tls-include", bad)
+        assert done.returncode == 2
+        assert "a path without quotes, backslashes or control characters" in done.stderr
+    accented = msmt(*plain, "--tls-include", "tlsé.conf")  # written as it is: nats-server reads it
+    assert accented.returncode == 0, accented.stderr
+    assert '\ntls {\n  include "tlsé.conf"\n}\n' in single.read_text()
     routes = msmt(*plain, "--tls-include", "x.conf", "--route-tls-include", "y.conf")
     assert routes.returncode == 2
     assert "only a cluster (--cluster) has routes" in routes.stderr

@@ -584,39 +584,40 @@ def nats_config(
         tls_include=tls_include,
         route_tls_include=route_tls_include,
     )
-    clients, routes = _tls_blocks(out)
-    # An onboarding trial appended the tls block to hub.conf, as DEPLOY.md said; writing
-    # the file again for a new member's user dropped it, and the hub, reloaded, served
-    # plaintext (the nodes refused it: an outage).
-    for has, option, given in (
-        (clients, "--tls-include", tls_include),
-        (routes, "--route-tls-include", route_tls_include),
-    ):
-        if has and given is None:
-            raise UsageError(
-                f"--out {out} has a tls block that this run would drop (no {option}): the hub"
-                " would go without TLS at its reload; put the block's settings in a file and"
-                f" pass {option} FILE (docs/DEPLOY.md, TLS)"
-            )
+    dropped = _tls_lines_dropped(out, text)
+    if dropped is not None:
+        # An onboarding trial appended the tls block to hub.conf, as DEPLOY.md said;
+        # writing the file again for a new member's user dropped it, and the hub,
+        # reloaded, served plaintext (the nodes refused it: an outage).
+        raise UsageError(
+            f"--out {out} line {dropped[0]} ({dropped[1]!r}) would be dropped: TLS set there"
+            " would be off at the hub's reload; put the tls blocks' settings in files and"
+            " pass --tls-include FILE and --route-tls-include FILE (docs/DEPLOY.md, TLS), or"
+            " move the file away first"
+        )
     keyfiles.write_public(out, text.encode())
     echo_line(f"wrote {out}")
 
 
-def _tls_blocks(path: Path) -> tuple[bool, bool]:
-    """Whether the hub configuration at ``path`` has a clients' and a routes' ``tls`` block.
+def _tls_lines_dropped(path: Path, text: str) -> tuple[int, str] | None:
+    """The first line of ``path`` naming ``tls`` or ``include`` that ``text`` lacks, or None.
 
-    A block at the start of a line is the clients'; an indented one, in the
-    ``cluster`` block, the routes'. No file: neither.
+    Any such line, wherever it is (the clients' block, a cluster's, a websocket's, an
+    include holding one, a brace on the next line), the new configuration must carry
+    too: nats config writes only what its options say. Comments do not count.
     """
     try:
-        text = path.read_text(errors="replace")
+        old = path.read_text(errors="replace")
     except FileNotFoundError:
-        return False, False
+        return None
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot read it: {exc.strerror}") from None
-    opened = [re.match(r"(\s*)tls\s*[:=]?\s*\{", line) for line in text.splitlines()]
-    found = [match.group(1) == "" for match in opened if match is not None]
-    return True in found, False in found
+    kept = {line.strip() for line in text.splitlines()}
+    for number, line in enumerate(old.splitlines(), 1):
+        code = re.split(r"#|//", line, maxsplit=1)[0]
+        if re.search(r"\b(tls|include)\b", code) and line.strip() not in kept:
+            return number, line.strip()
+    return None
 
 
 def _made_ago(age: timedelta) -> str:
