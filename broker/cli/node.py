@@ -201,13 +201,16 @@ def _check_moment(config: NodeConfig, store: Store) -> None:
 
     pid, logged = _node_pid(config), 0
     if pid is None:
+        # Passed or refused alike: read while a process took the files, it tells nothing.
+        # (Not in a finally: that would turn a Ctrl-C into this refusal, a review found.)
         try:
             logged = check_restore(config, store)
-        finally:
-            # Passed or refused alike: read while a process took the files.
-            later = _node_pid(config)
-            if later is not None:
-                raise _started_meanwhile(config, later)
+        except Exception:
+            if (later := _node_pid(config)) is not None:
+                raise _started_meanwhile(config, later) from None
+            raise
+        if (later := _node_pid(config)) is not None:
+            raise _started_meanwhile(config, later)
     if pid is not None:
         # Its files change as it runs: what it wrote between two reads here would
         # pass for a store and a log from two moments.
