@@ -748,18 +748,42 @@ def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
         "websocket {\n  port: 8080\n  tls {\n    cert_file: x\n  }\n}\n",
         "tls\n{\n  cert_file: x\n}\n",
         'include "tlsblock.conf"\n',
+        # A trial's hub operator (nats-server reads keys in any case, quoted or not):
+        "TLS {\n  cert_file: x\n}\n",
+        '"tls": {"cert_file": "x"}\n',
+        "websocket { port: 8080, tls { cert_file: x } }\n",
     ):
         single.write_text(generated + added)
         assert msmt(*plain).returncode == 2, added
     single.write_text(generated + "# tls { cert_file: x }\n")
     assert msmt(*plain).returncode == 0
     for bad in ('tl"s.conf', "tl\\s.conf", "tls\n.conf"):
+        (tmp_path / bad).write_text(settings)
         done = msmt(*plain, "--tls-include", bad)
         assert done.returncode == 2
         assert "a path without quotes, backslashes or control characters" in done.stderr
+    # Read where nats-server reads it, beside hub.conf, and the settings alone (a trial:
+    # a path relative to another folder, and a file holding its own tls block, each gave
+    # a hub.conf that stopped the server at its next restart).
+    missing = msmt(*plain, "--tls-include", "sub/tls-client.conf")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith(
+        f"msmt: error: --tls-include sub/tls-client.conf: cannot read"
+        f" {tmp_path / 'sub' / 'tls-client.conf'} (No such file or directory)"
+    )
+    (tmp_path / "wrapped.conf").write_text("tls {\n" + settings + "}\n")
+    wrapped = msmt(*plain, "--tls-include", "wrapped.conf")
+    assert wrapped.returncode == 2
+    assert "it holds 'tls {'; give the tls block's settings alone" in wrapped.stderr
+    (tmp_path / "tlsé.conf").write_text(settings)
     accented = msmt(*plain, "--tls-include", "tlsé.conf")  # written as it is: nats-server reads it
     assert accented.returncode == 0, accented.stderr
     assert '\ntls {\n  include "tlsé.conf"\n}\n' in single.read_text()
-    routes = msmt(*plain, "--tls-include", "x.conf", "--route-tls-include", "y.conf")
+    ported = msmt(*base, "--route-host", "127.0.0.{i}:40010", "--tls-include", "tls-client.conf")
+    assert ported.returncode == 2
+    assert "a host name pattern alone (no port)" in ported.stderr
+    routes = msmt(
+        *plain, "--tls-include", "tls-client.conf", "--route-tls-include", "tls-route.conf"
+    )
     assert routes.returncode == 2
     assert "only a cluster (--cluster) has routes" in routes.stderr

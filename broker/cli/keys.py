@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import click
 
@@ -574,6 +574,15 @@ def nats_config(
     """
     if "{i}" not in route_host and cluster:
         raise UsageError("--route-host must contain {i}")
+    if re.search(r"[:/\s]", route_host):
+        # Routes are nats://HOST:6222: a port or scheme here wrote "HOST:40010:6222".
+        raise UsageError(f"--route-host {route_host!r}: a host name pattern alone (no port)")
+    for option, include in (
+        ("--tls-include", tls_include),
+        ("--route-tls-include", route_tls_include),
+    ):
+        if include is not None:
+            _check_include(option, include, out)
     text = natsconfig.server_config(
         keydir,
         cluster=cluster,
@@ -599,6 +608,38 @@ def nats_config(
     echo_line(f"wrote {out}")
 
 
+_TLS_KEY: Final = re.compile(
+    r"""(^|[\s{,])["']?(tls["']?\s*([:={]|$)|include\s+\S)""", re.IGNORECASE
+)
+"""A ``tls`` key or an ``include`` anywhere in a configuration line, as nats-server reads
+keys: any case, quoted or not, its brace on this line or the next, nested on one line."""
+
+
+def _check_include(option: str, include: str, out: Path) -> None:
+    """Refuse an include file nats-server would not find, or one that is a tls block itself.
+
+    nats-server reads an include relative to the configuration's folder, not to where
+    the command ran; a file it cannot find stops the server at its next restart (a
+    trial: `--tls-include sub/tls-client.conf` from another folder, which a member
+    joining, restarted, would have hit).
+    """
+    path = Path(include) if Path(include).is_absolute() else out.parent / include
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise UsageError(
+            f"{option} {include}: cannot read {path} ({exc.strerror}): nats-server reads it"
+            f" relative to {out.name}'s folder"
+        ) from None
+    for line in text.splitlines():
+        code = re.split(r"#|//", line, maxsplit=1)[0]
+        if _TLS_KEY.search(code):
+            raise UsageError(
+                f"{option} {include}: it holds {line.strip()!r}; give the tls block's settings"
+                " alone (cert_file, key_file, ...): nats config writes the block around them"
+            )
+
+
 def _tls_lines_dropped(path: Path, text: str) -> tuple[int, str] | None:
     """The first line of ``path`` naming ``tls`` or ``include`` that ``text`` lacks, or None.
 
@@ -615,7 +656,8 @@ def _tls_lines_dropped(path: Path, text: str) -> tuple[int, str] | None:
     kept = {line.strip() for line in text.splitlines()}
     for number, line in enumerate(old.splitlines(), 1):
         code = re.split(r"#|//", line, maxsplit=1)[0]
-        if re.search(r"\b(tls|include)\b", code) and line.strip() not in kept:
+        # Any case: nats-server reads keys so ("TLS {" turned TLS off, a trial found).
+        if _TLS_KEY.search(code) and line.strip() not in kept:
             return number, line.strip()
     return None
 
