@@ -632,6 +632,10 @@ def _reason(url: str, raised: Exception, failures: list[Exception], timeout: int
     if isinstance(cause, TimeoutError):
         return f"no answer within {timeout}s"
     reason = " ".join(str(cause).split()) or type(cause).__name__
+    if isinstance(cause, ssl.SSLCertVerificationError) and url.startswith("nats://"):
+        # The hub asked for TLS, and nats-py tried it against the system's CAs: the
+        # certificate error alone did not say what to give (a trial's hub operator).
+        reason += " (the hub requires TLS: give a tls:// URL and its CA with --tls-ca)"
     if (
         isinstance(cause, ConnectionError)
         and not isinstance(cause, ConnectionRefusedError)  # nothing listens: no hub to demand

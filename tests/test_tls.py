@@ -476,6 +476,13 @@ def test_nats_setup_uses_the_ca_and_client_certificate(tls_world: TlsWorld) -> N
     assert half.stderr == "msmt: error: --tls-key: required when --tls-cert is set\n"
 
     plain = f"nats://127.0.0.1:{world.server.port}"
+    # Without --tls-*, a nats:// URL to this hub: nats-py tries TLS against the system's
+    # CAs, and the line says what to give (a trial got the certificate error alone).
+    bare = msmt("nats", "setup", "--server", plain, "--keys", str(world.keydir), "--account", "JPN")
+    assert bare.returncode == 2
+    assert bare.stderr.rstrip().endswith(
+        "(the hub requires TLS: give a tls:// URL and its CA with --tls-ca)"
+    ), bare.stderr
     downgraded = msmt(*base[:2], "--server", plain, *base[4:])
     assert downgraded.returncode == 2
     assert downgraded.stderr.startswith(f"msmt: error: --server: '{plain}' is not a tls:// URL")
