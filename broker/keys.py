@@ -587,8 +587,17 @@ class RosterInPlaceError(WriteError):
     """The new roster is in place, but a write that follows it failed: it is not undone."""
 
 
+def _signed_since_mark(keydir: Path, signed: SignedRoster) -> bool:
+    """Whether ``signed`` is the roster the mark records, or newer (no mark: True)."""
+    mark = _read_mark(keydir)  # a malformed mark raises: nothing is finished or undone
+    if mark is None or signed.version > mark[0]:
+        return True
+    return signed.version == mark[0] and roster_digest(signed.jwks) == mark[1]
+
+
 def _mark_signed(keydir: Path, jwks: Mapping[str, Any]) -> None:
     # After the swap: a mark ahead of the roster in place would refuse the next write.
+    # Never lowered: the callers sign only what _check_signed_before let through.
     mark = {"version": jwks["msmt_version"], "sha256": roster_digest(jwks)}
     try:
         _write_atomic(keydir / ROSTER_SIGNED_FILE, json_bytes(mark), private=True)
@@ -648,6 +657,11 @@ def finish_roster_write(keydir: Path) -> str | None:
         roster = staged if staged.exists() else keydir / ROSTER_FILE
         candidate = _verified_pair(roster, staged_sig, authority)
     cut = f"a roster write in {keydir} was cut short"
+    if candidate is not None and not _signed_since_mark(keydir, candidate):
+        # Left aside before a later roster was signed (a key directory restored from an
+        # older copy): finishing it would sign over what the later ones revoked, and lower
+        # the mark (a review). Undone below if the roster in place verifies.
+        candidate = None
     if candidate is not None and (current is None or candidate.version > current.version):
         if staged.exists():
             _swap(staged, keydir / ROSTER_FILE)
@@ -767,26 +781,36 @@ def load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
 
 def _check_signed_before(keydir: Path, signed: SignedRoster) -> None:
     # Refuse to sign over a roster older than, or other than, the last one signed here.
-    mark_path = keydir / ROSTER_SIGNED_FILE
-    if not mark_path.exists():
+    mark = _read_mark(keydir)
+    if mark is None:
         return  # a key directory from before the mark: the next write records it
-    mark = read_json(mark_path)
-    if not (isinstance(mark, dict) and isinstance(mark.get("version"), int)):
-        raise KeyMaterialError(f"{mark_path}: not a record of the last roster signed")
     restore = (
         f"{ROSTER_FILE} and {ROSTER_SIG_FILE} were put back from an older copy: put the latest"
         " pair back (a node that has seen it refuses anything older)"
     )
-    if signed.version < mark["version"]:
+    mark_path = keydir / ROSTER_SIGNED_FILE
+    if signed.version < mark[0]:
         raise KeyMaterialError(
             f"the roster in {keydir} is version {signed.version}, older than version"
-            f" {mark['version']} this authority last signed ({mark_path}): {restore}"
+            f" {mark[0]} this authority last signed ({mark_path}): {restore}"
         )
-    if signed.version == mark["version"] and roster_digest(signed.jwks) != mark.get("sha256"):
+    if signed.version == mark[0] and roster_digest(signed.jwks) != mark[1]:
         raise KeyMaterialError(
             f"the roster in {keydir} is version {signed.version}, but not the version"
-            f" {mark['version']} this authority last signed ({mark_path}): {restore}"
+            f" {mark[0]} this authority last signed ({mark_path}): {restore}"
         )
+
+
+def _read_mark(keydir: Path) -> tuple[int, str | None] | None:
+    """The last roster signed here, (version, SHA-256); None without a mark."""
+    mark_path = keydir / ROSTER_SIGNED_FILE
+    if not mark_path.exists():
+        return None
+    mark = read_json(mark_path)
+    if not (isinstance(mark, dict) and isinstance(mark.get("version"), int)):
+        raise KeyMaterialError(f"{mark_path}: not a record of the last roster signed")
+    digest = mark.get("sha256")
+    return mark["version"], digest if isinstance(digest, str) else None
 
 
 def load_private_jwk_any(path: Path) -> OKPKey:

@@ -771,6 +771,25 @@ def test_finishing_a_cut_short_roster_write_records_it_as_signed(keydir: Path) -
     assert mark == {"version": new.version, "sha256": keys.roster_digest(new.jwks)}
 
 
+def test_a_cut_short_write_older_than_the_mark_is_never_finished(keydir: Path) -> None:
+    # A review: a key directory restored from an older copy, holding a write of version 2
+    # cut short, beside a mark at version 3 (a later roster revoked a key): finishing
+    # it lowered the mark, and the rotation then signed a different version 3 over it.
+    pair = (keys.ROSTER_FILE, keys.ROSTER_SIG_FILE, keys.ROSTER_STAGED, keys.ROSTER_SIG_STAGED)
+    _cut_short(keydir, renamed=0)  # version 1 in place, a version 2 aside
+    restored = {name: (keydir / name).read_bytes() for name in pair}
+    assert keys.finish_roster_write(keydir) is not None  # version 2 ...
+    keys.rotate_keys(keydir, "JPN")  # ... and 3, the mark at 3
+    for name, data in restored.items():  # the older copy put back
+        (keydir / name).write_bytes(data)
+    assert keys.finish_roster_write(keydir) == (
+        f"a roster write in {keydir} was cut short: undid it, roster version 1 stays in place"
+    )
+    assert json.loads((keydir / keys.ROSTER_SIGNED_FILE).read_text())["version"] == 3
+    with pytest.raises(KeyMaterialError, match="version 1, older than version 3"):
+        keys.rotate_keys(keydir, "USA")
+
+
 def test_a_roster_copied_over_without_a_rename_is_read_once_whole(keydir: Path) -> None:
     # An operator's cp or scp writes the file in place: a reader between its truncate
     # and its write read "not valid JSON" and stopped. Read again while it changes.
