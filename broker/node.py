@@ -601,8 +601,9 @@ class Node:
         # A write the store or the audit log refused (a full disk) within the last
         # WRITE_FAILED_S, and the same kind of write not committed since: a monitoring
         # trial's node on a full disk stayed ready while it stored and cosigned nothing.
-        # A status write that failed is cleared by the next (every STATUS_EVERY_S on an
-        # idle node); a batch by the same batch taken; anything else by the window.
+        # Each kind of write that failed stands until that kind commits (a status write:
+        # every STATUS_EVERY_S on an idle node; a receiver's batch: once one is stored),
+        # or for the window.
         now = time.monotonic()
         for failed in (self.store.write_failed, self.audit.write_failed):
             if failed is not None and now - failed[0] < WRITE_FAILED_S:

@@ -66,7 +66,7 @@ class StoreBase:
         small, and commit on a disk still too full for the batch that failed (a
         full-disk trial: ``/readyz`` back to ready between a receiver's failing batches,
         10 samples in 77, at each status write; a review: at each envelope marked sent)."""
-        self._failed_op = ""
+        self._failures: dict[str, tuple[float, str]] = {}  # by kind of write, until it commits
         self._lock: int | None = None
         # Reports whose ``accepted`` entries the log holds, confirmed by the next
         # write (``mark_audited_later``); dropped once a write committed them.
@@ -164,8 +164,8 @@ class StoreBase:
                         (AUDIT_SIZE, str(self.audit_size())),
                     )
                 self._db.execute("COMMIT")
-                if op == self._failed_op:
-                    self.write_failed, self._failed_op = None, ""
+                if self._failures.pop(op, None) is not None:
+                    self.write_failed = max(self._failures.values(), default=None)
                 if marks:
                     self._audited_later = []
             except BaseException:
@@ -179,7 +179,9 @@ class StoreBase:
             self._failed(op, f"store {self.path.name} is damaged: {exc}")
 
     def _failed(self, op: str, why: str) -> NoReturn:
-        self.write_failed, self._failed_op = (time.monotonic(), why), op
+        # Each kind apart: a batch that failed, then a status write that failed, then
+        # a probe that committed, must leave the batch's failure standing (a review).
+        self._failures[op] = self.write_failed = (time.monotonic(), why)
         raise StoreError(why) from None
 
     @contextmanager
