@@ -720,22 +720,30 @@ def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
     assert _valid(out).returncode != 0
     (tmp_path / "tls-client.conf").write_text(settings)
 
-    # Written again without them: refused, naming the line, the file as it was.
-    lines = text.splitlines()
-    for left_out, option in (
-        ("tls-client.conf", ["--route-tls-include", "tls-route.conf"]),
-        ("tls-route.conf", ["--tls-include", "tls-client.conf"]),
+    # Written again without them: refused, naming where, the file as it was.
+    for where, option in (
+        (": tls", ["--route-tls-include", "tls-route.conf"]),
+        ('cluster/tls: include "tls-route.conf"', ["--tls-include", "tls-client.conf"]),
     ):
         refused = msmt(*base, *option)
         assert refused.returncode == 2
-        number = lines.index(next(line for line in lines if left_out in line)) + 1
         assert refused.stderr == (
-            f"msmt: error: --out {out} line {number} ('include \"{left_out}\"') would be"
-            " dropped: TLS set there would be off at the hub's reload; put the tls blocks'"
-            " settings in files and pass --tls-include FILE and --route-tls-include FILE"
-            " (docs/DEPLOY.md, TLS), or move the file away first\n"
+            f"msmt: error: --out {out} sets TLS at {where!r}, which this run would drop: TLS"
+            " set there would be off at the hub's reload; put the tls blocks' settings in"
+            " files and pass --tls-include FILE and --route-tls-include FILE (docs/DEPLOY.md,"
+            " TLS), or move the file away first\n"
         )
         assert out.read_text() == text
+    # One settings file for both, then only --tls-include: the routes' block would go,
+    # though its lines match the clients' (a review).
+    (tmp_path / "both.conf").write_text(settings)
+    both = tmp_path / "both-hub.conf"
+    twice = ["nats", "config", "--keys", str(keydir), "--out", str(both), "--cluster", "3"]
+    assert (
+        msmt(*twice, "--tls-include", "both.conf", "--route-tls-include", "both.conf").returncode
+        == 0
+    )
+    assert msmt(*twice, "--tls-include", "both.conf").returncode == 2
     # A block appended by hand, as DEPLOY.md once said, is protected the same way, and
     # so is one written otherwise (a review): a websocket's, its brace on the next line,
     # an include holding it; a commented one is not.
@@ -752,6 +760,7 @@ def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
         "TLS {\n  cert_file: x\n}\n",
         '"tls": {"cert_file": "x"}\n',
         "websocket { port: 8080, tls { cert_file: x } }\n",
+        "max_connections: 100;tls { cert_file: x }\n",  # and a review's
     ):
         single.write_text(generated + added)
         assert msmt(*plain).returncode == 2, added
@@ -765,6 +774,9 @@ def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
     # Read where nats-server reads it, beside hub.conf, and the settings alone (a trial:
     # a path relative to another folder, and a file holding its own tls block, each gave
     # a hub.conf that stopped the server at its next restart).
+    absolute = msmt(*plain, "--tls-include", str(tmp_path / "tls-client.conf"))
+    assert absolute.returncode == 2
+    assert "a path relative to single.conf's folder" in absolute.stderr
     missing = msmt(*plain, "--tls-include", "sub/tls-client.conf")
     assert missing.returncode == 2
     assert missing.stderr.startswith(
@@ -774,7 +786,7 @@ def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
     (tmp_path / "wrapped.conf").write_text("tls {\n" + settings + "}\n")
     wrapped = msmt(*plain, "--tls-include", "wrapped.conf")
     assert wrapped.returncode == 2
-    assert "it holds 'tls {'; give the tls block's settings alone" in wrapped.stderr
+    assert "it holds ': tls'; give the tls block's settings alone" in wrapped.stderr
     (tmp_path / "tlsé.conf").write_text(settings)
     accented = msmt(*plain, "--tls-include", "tlsé.conf")  # written as it is: nats-server reads it
     assert accented.returncode == 0, accented.stderr
@@ -782,6 +794,10 @@ def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
     ported = msmt(*base, "--route-host", "127.0.0.{i}:40010", "--tls-include", "tls-client.conf")
     assert ported.returncode == 2
     assert "a host name pattern alone (no port)" in ported.stderr
+    ipv6 = msmt(*base, "--route-host", "[fd00::{i}]", "--tls-include", "tls-client.conf",
+                "--route-tls-include", "tls-route.conf")  # fmt: skip
+    assert ipv6.returncode == 0, ipv6.stderr
+    assert '"nats://[fd00::1]:6222"' in out.read_text()
     routes = msmt(
         *plain, "--tls-include", "tls-client.conf", "--route-tls-include", "tls-route.conf"
     )

@@ -10,6 +10,7 @@ import os
 import re
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -574,7 +575,8 @@ def nats_config(
     """
     if "{i}" not in route_host and cluster:
         raise UsageError("--route-host must contain {i}")
-    if re.search(r"[:/\s]", route_host):
+    bracketed = route_host.startswith("[") and route_host.endswith("]")  # an IPv6 address
+    if re.search(r"[/\s]", route_host) or (":" in route_host and not bracketed):
         # Routes are nats://HOST:6222: a port or scheme here wrote "HOST:40010:6222".
         raise UsageError(f"--route-host {route_host!r}: a host name pattern alone (no port)")
     for option, include in (
@@ -593,13 +595,13 @@ def nats_config(
         tls_include=tls_include,
         route_tls_include=route_tls_include,
     )
-    dropped = _tls_lines_dropped(out, text)
+    dropped = _tls_dropped(out, text)
     if dropped is not None:
         # An onboarding trial appended the tls block to hub.conf, as DEPLOY.md said;
         # writing the file again for a new member's user dropped it, and the hub,
         # reloaded, served plaintext (the nodes refused it: an outage).
         raise UsageError(
-            f"--out {out} line {dropped[0]} ({dropped[1]!r}) would be dropped: TLS set there"
+            f"--out {out} sets TLS at {dropped!r}, which this run would drop: TLS set there"
             " would be off at the hub's reload; put the tls blocks' settings in files and"
             " pass --tls-include FILE and --route-tls-include FILE (docs/DEPLOY.md, TLS), or"
             " move the file away first"
@@ -608,22 +610,61 @@ def nats_config(
     echo_line(f"wrote {out}")
 
 
-_TLS_KEY: Final = re.compile(
-    r"""(^|[\s{,])["']?(tls["']?\s*([:={]|$)|include\s+\S)""", re.IGNORECASE
+_CONF_TOKEN: Final = re.compile(
+    r"""\"(?:[^\"\\\n]|\\.)*\"|'[^'\n]*'|(?:\#|//)[^\n]*|[{}\[\];,:=]|[^\s{}\[\];,:=\"'\#]+"""
 )
-"""A ``tls`` key or an ``include`` anywhere in a configuration line, as nats-server reads
-keys: any case, quoted or not, its brace on this line or the next, nested on one line."""
+"""nats-server's configuration as tokens: strings, comments, punctuation, bare words."""
+
+
+_PUNCTUATION: Final = frozenset("[];,:=")
+
+
+def _tls_places(text: str) -> Counter[str]:
+    """Where a nats-server configuration sets TLS: each ``tls`` key and ``include``, in context.
+
+    Keyed by the blocks around it (``cluster: tls``, ``tls: include "x"``), keys read as
+    nats-server reads them: any case, quoted or not, after a newline, ``;``, ``,`` or
+    ``}`` alike. A line-by-line look missed some (a review, a trial: ``TLS {``,
+    ``"tls": {``, ``...;tls {``) and took one block's line for another's.
+    """
+    places: Counter[str] = Counter()
+    tokens = [t for t in _CONF_TOKEN.findall(text) if not t.startswith(("#", "//"))]
+    stack: list[str] = []
+    key = ""
+    for i, item in enumerate(tokens):
+        if item == "{":
+            stack.append(key)
+            key = ""
+        elif item == "}":
+            if stack:
+                stack.pop()
+            key = ""
+        elif item not in _PUNCTUATION:
+            word = item.strip("\"'").lower()
+            where = "/".join(stack)
+            if word == "include" and i + 1 < len(tokens):
+                places[f"{where}: include {tokens[i + 1]}"] += 1
+            elif word == "tls":
+                places[f"{where}: tls"] += 1
+            key = word
+    return places
 
 
 def _check_include(option: str, include: str, out: Path) -> None:
     """Refuse an include file nats-server would not find, or one that is a tls block itself.
 
     nats-server reads an include relative to the configuration's folder, not to where
-    the command ran; a file it cannot find stops the server at its next restart (a
-    trial: `--tls-include sub/tls-client.conf` from another folder, which a member
-    joining, restarted, would have hit).
+    the command ran, and joins even an absolute path onto that folder; a file it cannot
+    find stops the server at its next restart (a trial: `--tls-include
+    sub/tls-client.conf` from another folder, which a member joining, restarted, would
+    have hit; a review: an absolute path).
     """
-    path = Path(include) if Path(include).is_absolute() else out.parent / include
+    if Path(include).is_absolute():
+        raise UsageError(
+            f"{option} {include}: a path relative to {out.name}'s folder, where nats-server"
+            " reads it (it joins even an absolute path onto that folder)"
+        )
+    path = out.parent / include
     try:
         text = path.read_text(errors="replace")
     except OSError as exc:
@@ -631,21 +672,20 @@ def _check_include(option: str, include: str, out: Path) -> None:
             f"{option} {include}: cannot read {path} ({exc.strerror}): nats-server reads it"
             f" relative to {out.name}'s folder"
         ) from None
-    for line in text.splitlines():
-        code = re.split(r"#|//", line, maxsplit=1)[0]
-        if _TLS_KEY.search(code):
-            raise UsageError(
-                f"{option} {include}: it holds {line.strip()!r}; give the tls block's settings"
-                " alone (cert_file, key_file, ...): nats config writes the block around them"
-            )
+    found = sorted(_tls_places(text))
+    if found:
+        raise UsageError(
+            f"{option} {include}: it holds {found[0]!r}; give the tls block's settings alone"
+            " (cert_file, key_file, ...): nats config writes the block around them"
+        )
 
 
-def _tls_lines_dropped(path: Path, text: str) -> tuple[int, str] | None:
-    """The first line of ``path`` naming ``tls`` or ``include`` that ``text`` lacks, or None.
+def _tls_dropped(path: Path, text: str) -> str | None:
+    """Where ``path`` sets TLS that ``text``, written over it, would not; or None.
 
-    Any such line, wherever it is (the clients' block, a cluster's, a websocket's, an
-    include holding one, a brace on the next line), the new configuration must carry
-    too: nats config writes only what its options say. Comments do not count.
+    Any ``tls`` block or ``include`` of the old file, wherever it is (the clients', a
+    cluster's, a websocket's, an include holding one), the new configuration must carry
+    in the same place: nats config writes only what its options say.
     """
     try:
         old = path.read_text(errors="replace")
@@ -653,13 +693,8 @@ def _tls_lines_dropped(path: Path, text: str) -> tuple[int, str] | None:
         return None
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot read it: {exc.strerror}") from None
-    kept = {line.strip() for line in text.splitlines()}
-    for number, line in enumerate(old.splitlines(), 1):
-        code = re.split(r"#|//", line, maxsplit=1)[0]
-        # Any case: nats-server reads keys so ("TLS {" turned TLS off, a trial found).
-        if _TLS_KEY.search(code) and line.strip() not in kept:
-            return number, line.strip()
-    return None
+    dropped = _tls_places(old) - _tls_places(text)
+    return min(dropped) if dropped else None
 
 
 def _made_ago(age: timedelta) -> str:
