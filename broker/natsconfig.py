@@ -306,6 +306,18 @@ def host_port(text: str, what: str) -> str:
     return text
 
 
+def _conf_string(value: str, option: str) -> str:
+    """``value`` as a quoted string nats-server reads back as it is.
+
+    Its strings take a backslash before a quote or a backslash, but no "u" escape:
+    json.dumps's for an accent made a hub.conf it refused (a review: a non-ASCII
+    ``--store-dir``).
+    """
+    if not value.isprintable():
+        raise UsageError(f"{option} {value!r}: control characters nats-server cannot read")
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _tls_block(include: str | None, indent: str) -> list[str]:
     # nats-server reads an include relative to the configuration file's directory, and
     # its quoted strings have no escapes: json.dumps's would name another file (a review
@@ -351,10 +363,10 @@ def server_config(
         raise UsageError("--route-tls-include: only a cluster (--cluster) has routes")
     replicas = min(cluster, QUOTA_REPLICAS) if cluster else 1
     lines = [
-        f"listen: {json.dumps(host_port(listen, '--listen'))}",
-        f"http: {json.dumps(host_port(http, '--http'))}",
+        f"listen: {_conf_string(host_port(listen, '--listen'), '--listen')}",
+        f"http: {_conf_string(host_port(http, '--http'), '--http')}",
         "jetstream {",
-        f"  store_dir: {json.dumps(store_dir)}",
+        f"  store_dir: {_conf_string(store_dir, '--store-dir')}",
         # A node marks an envelope sent, for good, on the hub's ack; nats-server's
         # default fsyncs only every two minutes, so an OS crash or power cut would
         # lose acked reports. "always" fsyncs each write before the ack.
@@ -370,7 +382,8 @@ def server_config(
     ]
     if cluster:
         routes = [
-            json.dumps(f"nats://{route_host.format(i=i)}:6222") for i in range(1, cluster + 1)
+            _conf_string(f"nats://{route_host.format(i=i)}:6222", "--route-host")
+            for i in range(1, cluster + 1)
         ]
         lines = [
             "server_name: $SERVER_NAME",

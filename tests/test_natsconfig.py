@@ -78,6 +78,23 @@ def test_cli_config_loads_in_nats_server(keydir: Path, tmp_path: Path, cluster: 
     assert "is valid" in check.stdout + check.stderr
 
 
+def test_a_store_dir_with_an_accent_or_a_quote_loads_in_nats_server(
+    keydir: Path, tmp_path: Path
+) -> None:
+    # A review: json.dumps wrote "jetstream-\u00e9", and nats-server takes no \u escape
+    # ("Invalid escape character 'u'"): the hub would not start.
+    for store in ("jetstream-é", 'jet"stream'):
+        out = tmp_path / "hub.conf"
+        args = ["nats", "config", "--keys", str(keydir), "--out", str(out), "--cluster", "3"]
+        done = msmt(*args, "--store-dir", str(tmp_path / store))
+        assert done.returncode == 0, done.stderr
+        checked = _valid(out)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    refused = msmt(*args, "--store-dir", "jet\x01stream")
+    assert refused.returncode == 2
+    assert "control characters nats-server cannot read" in refused.stderr
+
+
 def test_cli_config_listens_where_the_operator_says(keydir: Path, tmp_path: Path) -> None:
     # A second hub on a shared machine, or a port policy: --listen and --http, no hand edits.
     out = tmp_path / "hub.conf"
