@@ -587,14 +587,6 @@ class RosterInPlaceError(WriteError):
     """The new roster is in place, but a write that follows it failed: it is not undone."""
 
 
-def _signed_since_mark(keydir: Path, signed: SignedRoster) -> bool:
-    """Whether ``signed`` is the roster the mark records, or newer (no mark: True)."""
-    mark = _read_mark(keydir)  # a malformed mark raises: nothing is finished or undone
-    if mark is None or signed.version > mark[0]:
-        return True
-    return signed.version == mark[0] and roster_digest(signed.jwks) == mark[1]
-
-
 def _mark_signed(keydir: Path, jwks: Mapping[str, Any]) -> None:
     # After the swap: a mark ahead of the roster in place would refuse the next write.
     # Never lowered: the callers sign only what _check_signed_before let through.
@@ -657,7 +649,7 @@ def finish_roster_write(keydir: Path) -> str | None:
         roster = staged if staged.exists() else keydir / ROSTER_FILE
         candidate = _verified_pair(roster, staged_sig, authority)
     cut = f"a roster write in {keydir} was cut short"
-    if candidate is not None and not _signed_since_mark(keydir, candidate):
+    if candidate is not None and _behind_mark(keydir, candidate) is not None:
         # Left aside before a later roster was signed (a key directory restored from an
         # older copy): finishing it would sign over what the later ones revoked, and lower
         # the mark (a review). Undone below if the roster in place verifies.
@@ -781,24 +773,29 @@ def load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
 
 def _check_signed_before(keydir: Path, signed: SignedRoster) -> None:
     # Refuse to sign over a roster older than, or other than, the last one signed here.
+    problem = _behind_mark(keydir, signed)
+    if problem is not None:
+        raise KeyMaterialError(
+            f"the roster in {keydir} is version {signed.version}, {problem} this authority"
+            f" last signed ({keydir / ROSTER_SIGNED_FILE}): {ROSTER_FILE} and"
+            f" {ROSTER_SIG_FILE} were put back from an older copy: put the latest pair back"
+            " (a node that has seen it refuses anything older)"
+        )
+
+
+def _behind_mark(keydir: Path, signed: SignedRoster) -> str | None:
+    """How ``signed`` falls behind the last roster signed here, or None (none: no mark yet).
+
+    A malformed mark raises ``KeyMaterialError``: nothing is signed, finished or undone.
+    """
     mark = _read_mark(keydir)
-    if mark is None:
-        return  # a key directory from before the mark: the next write records it
-    restore = (
-        f"{ROSTER_FILE} and {ROSTER_SIG_FILE} were put back from an older copy: put the latest"
-        " pair back (a node that has seen it refuses anything older)"
-    )
-    mark_path = keydir / ROSTER_SIGNED_FILE
+    if mark is None or signed.version > mark[0]:
+        return None  # a key directory from before the mark: the next write records it
     if signed.version < mark[0]:
-        raise KeyMaterialError(
-            f"the roster in {keydir} is version {signed.version}, older than version"
-            f" {mark[0]} this authority last signed ({mark_path}): {restore}"
-        )
-    if signed.version == mark[0] and roster_digest(signed.jwks) != mark[1]:
-        raise KeyMaterialError(
-            f"the roster in {keydir} is version {signed.version}, but not the version"
-            f" {mark[0]} this authority last signed ({mark_path}): {restore}"
-        )
+        return f"older than version {mark[0]}"
+    if roster_digest(signed.jwks) != mark[1]:
+        return f"but not the version {mark[0]}"
+    return None
 
 
 def _read_mark(keydir: Path) -> tuple[int, str | None] | None:

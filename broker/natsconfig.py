@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,6 +305,46 @@ def host_port(text: str, what: str) -> str:
     if not (sep and _HOST.fullmatch(host) and port.isdigit() and 0 < int(port) < 65536):
         raise UsageError(f"{what} {text!r} is not HOST:PORT (e.g. 127.0.0.1:4222)")
     return text
+
+
+_CONF_TOKEN: Final = re.compile(
+    r"""\"(?:[^\"\\\n]|\\.)*\"|'[^'\n]*'|(?:\#|//)[^\n]*|[{}\[\];,:=]|[^\s{}\[\];,:=\"'\#]+"""
+)
+"""nats-server's configuration as tokens: strings, comments, punctuation, bare words."""
+
+
+_PUNCTUATION: Final = frozenset("[];,:=")
+
+
+def tls_places(text: str) -> Counter[str]:
+    """Where a nats-server configuration sets TLS: each ``tls`` key and ``include``, in context.
+
+    Keyed by the blocks around it (``cluster: tls``, ``tls: include "x"``), keys read as
+    nats-server reads them: any case, quoted or not, after a newline, ``;``, ``,`` or
+    ``}`` alike. A line-by-line look missed some (a review, a trial: ``TLS {``,
+    ``"tls": {``, ``...;tls {``) and took one block's line for another's.
+    """
+    places: Counter[str] = Counter()
+    tokens = [t for t in _CONF_TOKEN.findall(text) if not t.startswith(("#", "//"))]
+    stack: list[str] = []
+    key = ""
+    for i, item in enumerate(tokens):
+        if item == "{":
+            stack.append(key)
+            key = ""
+        elif item == "}":
+            if stack:
+                stack.pop()
+            key = ""
+        elif item not in _PUNCTUATION:
+            word = item.strip("\"'").lower()
+            where = "/".join(stack)
+            if word == "include" and i + 1 < len(tokens):
+                places[f"{where}: include {tokens[i + 1]}"] += 1
+            elif word == "tls":
+                places[f"{where}: tls"] += 1
+            key = word
+    return places
 
 
 def _conf_string(value: str, option: str) -> str:

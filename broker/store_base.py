@@ -59,14 +59,9 @@ class StoreBase:
         self.path = path
         self.audit_size: Callable[[], int] | None = None
         """The node's audit log size: once set, every write records it (``AUDIT_SIZE``)."""
-        self.write_failed: tuple[float, str] | None = None
-        """When (monotonic) and why the last write failed, until that write commits.
-
-        Only the kind of write that failed clears it (``_tx``'s ``op``): another may be
-        small, and commit on a disk still too full for the batch that failed (a
-        full-disk trial: ``/readyz`` back to ready between a receiver's failing batches,
-        10 samples in 77, at each status write; a review: at each envelope marked sent)."""
-        self._failures: dict[str, tuple[float, str]] = {}  # by kind of write, until it commits
+        # When (monotonic) and why each kind of write (``_tx``'s ``op``) last failed,
+        # until that kind commits: see ``write_failed``.
+        self._failures: dict[str, tuple[float, str]] = {}
         self._lock: int | None = None
         # Reports whose ``accepted`` entries the log holds, confirmed by the next
         # write (``mark_audited_later``); dropped once a write committed them.
@@ -164,8 +159,7 @@ class StoreBase:
                         (AUDIT_SIZE, str(self.audit_size())),
                     )
                 self._db.execute("COMMIT")
-                if self._failures.pop(op, None) is not None:
-                    self.write_failed = max(self._failures.values(), default=None)
+                self._failures.pop(op, None)
                 if marks:
                     self._audited_later = []
             except BaseException:
@@ -181,8 +175,19 @@ class StoreBase:
     def _failed(self, op: str, why: str) -> NoReturn:
         # Each kind apart: a batch that failed, then a status write that failed, then
         # a probe that committed, must leave the batch's failure standing (a review).
-        self._failures[op] = self.write_failed = (time.monotonic(), why)
+        self._failures[op] = (time.monotonic(), why)
         raise StoreError(why) from None
+
+    @property
+    def write_failed(self) -> tuple[float, str] | None:
+        """When (monotonic) and why the latest write failed whose kind has not committed since.
+
+        Only the kind of write that failed clears it (``_tx``'s ``op``): another may be
+        small, and commit on a disk still too full for the batch that failed (a
+        full-disk trial: ``/readyz`` back to ready between a receiver's failing batches,
+        10 samples in 77, at each status write; a review: at each envelope marked sent).
+        """
+        return max(self._failures.values(), default=None)
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:

@@ -10,11 +10,10 @@ import os
 import re
 import ssl
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -610,46 +609,6 @@ def nats_config(
     echo_line(f"wrote {out}")
 
 
-_CONF_TOKEN: Final = re.compile(
-    r"""\"(?:[^\"\\\n]|\\.)*\"|'[^'\n]*'|(?:\#|//)[^\n]*|[{}\[\];,:=]|[^\s{}\[\];,:=\"'\#]+"""
-)
-"""nats-server's configuration as tokens: strings, comments, punctuation, bare words."""
-
-
-_PUNCTUATION: Final = frozenset("[];,:=")
-
-
-def _tls_places(text: str) -> Counter[str]:
-    """Where a nats-server configuration sets TLS: each ``tls`` key and ``include``, in context.
-
-    Keyed by the blocks around it (``cluster: tls``, ``tls: include "x"``), keys read as
-    nats-server reads them: any case, quoted or not, after a newline, ``;``, ``,`` or
-    ``}`` alike. A line-by-line look missed some (a review, a trial: ``TLS {``,
-    ``"tls": {``, ``...;tls {``) and took one block's line for another's.
-    """
-    places: Counter[str] = Counter()
-    tokens = [t for t in _CONF_TOKEN.findall(text) if not t.startswith(("#", "//"))]
-    stack: list[str] = []
-    key = ""
-    for i, item in enumerate(tokens):
-        if item == "{":
-            stack.append(key)
-            key = ""
-        elif item == "}":
-            if stack:
-                stack.pop()
-            key = ""
-        elif item not in _PUNCTUATION:
-            word = item.strip("\"'").lower()
-            where = "/".join(stack)
-            if word == "include" and i + 1 < len(tokens):
-                places[f"{where}: include {tokens[i + 1]}"] += 1
-            elif word == "tls":
-                places[f"{where}: tls"] += 1
-            key = word
-    return places
-
-
 def _check_include(option: str, include: str, out: Path) -> None:
     """Refuse an include file nats-server would not find, or one that is a tls block itself.
 
@@ -672,7 +631,7 @@ def _check_include(option: str, include: str, out: Path) -> None:
             f"{option} {include}: cannot read {path} ({exc.strerror}): nats-server reads it"
             f" relative to {out.name}'s folder"
         ) from None
-    found = sorted(_tls_places(text))
+    found = sorted(natsconfig.tls_places(text))
     if found:
         raise UsageError(
             f"{option} {include}: it holds {found[0]!r}; give the tls block's settings alone"
@@ -693,7 +652,7 @@ def _tls_dropped(path: Path, text: str) -> str | None:
         return None
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot read it: {exc.strerror}") from None
-    dropped = _tls_places(old) - _tls_places(text)
+    dropped = natsconfig.tls_places(old) - natsconfig.tls_places(text)
     return min(dropped) if dropped else None
 
 
