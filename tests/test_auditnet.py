@@ -703,7 +703,9 @@ async def test_a_state_that_cannot_be_saved_is_not_cosigned_and_is_retried(
     await audit.usa.nc.flush()
     await audit.tap.flush()
     assert audit.usa_cosignatures == []
-    assert audit.usa.net.witness.state == {}  # unsaved means not advanced either
+    # Unsaved means not advanced either: put back after each failed round (a round in
+    # flight holds its cosignatures in memory until its save fails, so not at any moment).
+    await await_for(lambda: audit.usa.net.witness.state == {}, 5, "the state put back")
     (tmp_path / "later").mkdir()
     await await_for(lambda: len(audit.usa_cosignatures) == 1, 10, "cosigned once saved")
     assert audit.usa_state().size == 3
