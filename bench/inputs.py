@@ -272,6 +272,11 @@ SLOTS: tuple[Slot, ...] = (
         ),
     ),
     Slot(
+        "keys/nats-users.json.jws",
+        "text",
+        ("nats config --keys keys --out extra/hub.conf", "keys sign-nats-users --dir keys"),
+    ),
+    Slot(
         "keys/JPN/JPN-sig-*.jwk",
         "json",
         (

@@ -31,7 +31,6 @@ from broker.members import MEMBERS
 from broker.natsconfig import accounts_config
 from broker.natsetup import setup_account
 from broker.natsproc import NatsServer, free_port
-from broker.natsusers import load_users
 from broker.policy import Policy, load_policy
 from broker.validation import parse_record
 
@@ -97,9 +96,8 @@ class World:
     def prepare(self) -> None:
         """Generate keys and pseudonym keys; copy the policies; write each node's config."""
         keyfiles.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(minutes=1))
-        self.server = NatsServer(
-            workdir=self.root / "nats", extra_config=accounts_config(load_users(self.keydir))
-        )
+        users = keyfiles.load_signed_users(self.keydir).users
+        self.server = NatsServer(workdir=self.root / "nats", extra_config=accounts_config(users))
         for member in MEMBERS:
             source = self.policy_source / member / "policy.toml"
             try:

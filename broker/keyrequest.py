@@ -593,6 +593,8 @@ class Accepted:
     authorized_by: str
     nats_user: str
     previous_nats_user: str | None
+    users_version: int | None
+    """The version of ``nats-users.json`` signed, if it changed."""
     version: int
     fingerprint: str
     made_at: datetime
@@ -666,9 +668,10 @@ def accept_request(
     previous = users.get(member)
     # nats-users.json first: a crash before the roster is written leaves the request
     # acceptable again, and accepting it then finds the user already there.
+    users_version = None
     if previous != content.nats_user:
         updated = users | {member: content.nats_user}
-        keyfiles.write_public(keydir / keyfiles.NATS_USERS_FILE, keyfiles.json_bytes(updated))
+        users_version = keyfiles.write_nats_users(keydir, updated, authority)
     keyfiles.write_roster(keydir, jwks, authority)
     return Accepted(
         member=member,
@@ -680,6 +683,7 @@ def accept_request(
         authorized_by=authorized_by,
         nats_user=content.nats_user,
         previous_nats_user=previous,
+        users_version=users_version,
         version=jwks["msmt_version"],
         fingerprint=fingerprint(parsed.body),
         made_at=datetime.fromtimestamp(content.iat, UTC),

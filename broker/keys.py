@@ -6,6 +6,7 @@ Layout of a key directory (private files mode 0600, directories 0700)::
     keys/roster.json.jws           detached JWS (RFC 7515 App. F) over its RFC 8785 bytes
     keys/roster-authority.json     public Ed25519 JWK of the roster authority; nodes pin it
     keys/nats-users.json           public nkeys of every NATS user, for the hub's config
+    keys/nats-users.json.jws       detached JWS over its RFC 8785 bytes, by the authority
     keys/authority/roster-authority.jwk   private key that signs roster changes
     keys/<MEMBER>/<kid>.jwk        private JWKs: <MEMBER>-sig-<date>-<hex> is Ed25519 (use sig,
                                    alg Ed25519), <MEMBER>-enc-<date>-<hex> is X25519 (use enc,
@@ -341,11 +342,48 @@ def check_nats_user(nkey: object, where: str) -> str:
 
 def sign_roster(jwks: Mapping[str, Any], authority: OKPKey) -> str:
     """Return a detached compact JWS (Ed25519) over the RFC 8785 bytes of ``jwks``."""
-    header = {"alg": "Ed25519", "kid": authority.kid, "typ": ROSTER_JWS_TYP}
+    return _sign_detached(jwks, authority, ROSTER_JWS_TYP)
+
+
+def _sign_detached(value: Mapping[str, Any], authority: OKPKey, typ: str) -> str:
+    header = {"alg": "Ed25519", "kid": authority.kid, "typ": typ}
     token = jws.serialize_compact(
-        header, rfc8785.dumps(dict(jwks)), authority, algorithms=["Ed25519"]
+        header, rfc8785.dumps(dict(value)), authority, algorithms=["Ed25519"]
     )
     return str(jws.detach_content(token))
+
+
+def _verify_detached(
+    what: str, value: Mapping[str, Any], signature: str, authority: OKPKey, typ: str, pinned_at: str
+) -> None:
+    """Steps shared by the authority's signed files: the header, then the signature.
+
+    Raises ``KeyMaterialError`` naming ``what`` (the file) and the pinned key's file.
+    """
+    try:
+        header = jws.extract_compact(signature.strip().encode()).protected
+    except (ValueError, JoseError) as exc:
+        raise KeyMaterialError(f"{what} signature is malformed ({exc})") from None
+    if isinstance(header.get("kid"), str) and header["kid"] != authority.kid:
+        raise KeyMaterialError(
+            f"{what} is signed by {header['kid']:.80}, not by the pinned roster authority "
+            f"{authority.kid}" + (f" ({pinned_at})" if pinned_at else "")
+        )
+    if header != {"alg": "Ed25519", "kid": authority.kid, "typ": typ}:
+        raise KeyMaterialError(
+            f"{what} signature header must be exactly alg Ed25519, typ {typ} and "
+            f"kid {authority.kid}"
+        )
+    try:
+        jws.deserialize_compact(
+            signature.strip(), authority, payload=rfc8785.dumps(dict(value)), algorithms=["Ed25519"]
+        )
+    except (ValueError, JoseError, rfc8785.CanonicalizationError):
+        raise KeyMaterialError(
+            f"{what} signature does not verify with the pinned authority key {authority.kid}: "
+            f"{'the roster' if what == 'roster' else 'the file'} was altered, or signed by"
+            " another key under that kid"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,29 +428,7 @@ def verify_roster(
     version = jwks.get("msmt_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise KeyMaterialError("roster has no positive integer msmt_version")
-    try:
-        header = jws.extract_compact(signature.strip().encode()).protected
-    except (ValueError, JoseError) as exc:
-        raise KeyMaterialError(f"roster signature is malformed ({exc})") from None
-    if isinstance(header.get("kid"), str) and header["kid"] != authority.kid:
-        raise KeyMaterialError(
-            f"roster is signed by {header['kid']:.80}, not by the pinned roster authority "
-            f"{authority.kid}" + (f" ({pinned_at})" if pinned_at else "")
-        )
-    if header != {"alg": "Ed25519", "kid": authority.kid, "typ": ROSTER_JWS_TYP}:
-        raise KeyMaterialError(
-            f"roster signature header must be exactly alg Ed25519, typ {ROSTER_JWS_TYP} and "
-            f"kid {authority.kid}"
-        )
-    try:
-        jws.deserialize_compact(
-            signature.strip(), authority, payload=rfc8785.dumps(jwks), algorithms=["Ed25519"]
-        )
-    except (ValueError, JoseError, rfc8785.CanonicalizationError):
-        raise KeyMaterialError(
-            f"roster signature does not verify with the pinned authority key {authority.kid}: "
-            "the roster was altered, or signed by another key under that kid"
-        ) from None
+    _verify_detached("roster", jwks, signature, authority, ROSTER_JWS_TYP, pinned_at)
     if version < min_version:
         raise KeyMaterialError(
             f"roster version {version} is older than version {min_version}, the oldest "
@@ -435,13 +451,9 @@ def load_signed_roster(
     ``authority_option`` names the command's option for it, said when the default
     is missing: a deployment pins the key elsewhere (``/etc/msmt``), as it should.
     """
-    pin = authority_path or keydir / AUTHORITY_PUBLIC_FILE
-    if authority_path is None and authority_option is not None and not pin.exists():
-        raise KeyMaterialError(
-            f"no roster-authority key at {pin}: name the pinned copy with {authority_option}"
-            " (the node's keys.authority)"
-        )
-    authority = load_authority(pin)
+    authority, pin = _pinned_authority(
+        keydir, authority_path, authority_option, "the node's keys.authority"
+    )
     # The two files are read one after the other, and a custodian's roster write
     # (msmt keys rotate, revoke, accept) renames them into place one after the
     # other: a pair read across it does not match (a race trial: 5 false tamper
@@ -474,6 +486,19 @@ def load_signed_roster(
         f"{refused} ({ROSTER_SIG_STAGED} is beside it: a roster write was cut short; the"
         " custodian's next msmt keys rotate, revoke or accept in that directory finishes it)"
     ) from None
+
+
+def _pinned_authority(
+    keydir: Path, authority_path: Path | None, authority_option: str | None, whose: str
+) -> tuple[OKPKey, Path]:
+    """The pinned authority key and its file: ``authority_path``, else ``keydir``'s copy."""
+    pin = authority_path or keydir / AUTHORITY_PUBLIC_FILE
+    if authority_path is None and authority_option is not None and not pin.exists():
+        raise KeyMaterialError(
+            f"no roster-authority key at {pin}: name the pinned copy with {authority_option}"
+            f" ({whose})"
+        )
+    return load_authority(pin), pin
 
 
 ROSTER_READS: Final = 5
@@ -534,6 +559,108 @@ def pin_roster(state_path: Path, signed: SignedRoster) -> None:
     state_bytes = json_bytes({"version": signed.version, "sha256": roster_digest(signed.jwks)})
     # Private, as all else in the node's data directory (0700 itself): nobody else reads it.
     _write_atomic(state_path, state_bytes, private=True)
+
+
+# --- the signed NATS users -------------------------------------------------
+
+NATS_USERS_SIG_FILE: Final = f"{NATS_USERS_FILE}.jws"
+NATS_USERS_JWS_TYP: Final = "msmt-nats-users+jws"
+VERSION_MEMBER: Final = "msmt_version"
+
+
+@dataclass(frozen=True, slots=True)
+class SignedUsers:
+    """The NATS users whose signature was checked: account to public nkey, version, signer."""
+
+    users: dict[str, str]
+    version: int
+    signer: str
+
+
+def split_users(data: Any, path: Path) -> tuple[dict[str, str], int]:
+    """``nats-users.json``'s public nkeys by account, and its version (0: never signed).
+
+    Raises ``KeyMaterialError`` naming the file and account for anything else: ``msmt
+    nats config`` wrote a mistyped nkey into the hub's configuration, which nats-server
+    then refused to load, naming only its own line.
+    """
+    if not isinstance(data, dict):
+        raise KeyMaterialError(f"{path} is not a JSON object of public nkeys")
+    users = dict(data)
+    version = users.pop(VERSION_MEMBER, 0)
+    if VERSION_MEMBER in data and (
+        not isinstance(version, int) or isinstance(version, bool) or version < 1
+    ):
+        raise KeyMaterialError(f"{path}: {VERSION_MEMBER} is not a positive integer")
+    if not all(isinstance(v, str) for v in users.values()):
+        raise KeyMaterialError(f"{path} is not a JSON object of public nkeys")
+    for account, nkey in users.items():
+        check_nats_user(nkey, f"{path}: the user of {excerpt(account)}")
+    return users, version
+
+
+def write_nats_users(keydir: Path, users: Mapping[str, str], authority: OKPKey) -> int:
+    """Sign ``users`` as the next version of ``nats-users.json``; write it and its ``.jws``.
+
+    The version is one above the file's in place (0 for none, or one never signed):
+    the hub operator's ``msmt nats config`` refuses a version below the one its
+    hub.conf was made from, as a node refuses an older roster. The signature is
+    written aside first and renamed into place last: a crash between leaves a pair
+    that does not verify, which ``msmt nats config`` refuses, and the next write
+    (``msmt keys sign-nats-users``) signs it again.
+    """
+    path, sig_path = keydir / NATS_USERS_FILE, keydir / NATS_USERS_SIG_FILE
+    if sig_path.is_dir():
+        # Its rename would fail only after the file had changed (a bad-input sweep).
+        raise WriteError(f"cannot write {sig_path}: Is a directory")
+    previous = split_users(read_json(path), path)[1] if path.exists() else 0
+    data = {**users, VERSION_MEMBER: previous + 1}
+    signature = _sign_detached(data, authority, NATS_USERS_JWS_TYP)
+    staged = _stage(sig_path, (signature + "\n").encode(), private=False)
+    try:
+        _write_atomic(path, json_bytes(data), private=False)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    _put_in_place(staged, sig_path)
+    return previous + 1
+
+
+def load_signed_users(
+    keydir: Path, *, authority_path: Path | None = None, authority_option: str | None = None
+) -> SignedUsers:
+    """Read ``nats-users.json`` from ``keydir`` and verify it against the pinned authority.
+
+    What the hub's configuration grants a login to each account rests on this file.
+    Checklist (each step raises ``KeyMaterialError`` with one line naming the file):
+    1. the pinned authority key loads (``authority_path``, else ``keydir``'s copy);
+    2. the file is a JSON object of public nkeys by account, with an integer
+       ``msmt_version`` >= 1 (none: never signed, so not trusted);
+    3. ``nats-users.json.jws`` is readable ASCII text;
+    4. its header is exactly Ed25519, the nats-users ``typ`` and the pinned kid;
+    5. the signature verifies over the RFC 8785 bytes of the whole file's object.
+    """
+    authority, pin = _pinned_authority(
+        keydir, authority_path, authority_option, "as the members pin it: docs/DEPLOY.md"
+    )
+    path, sig_path = keydir / NATS_USERS_FILE, keydir / NATS_USERS_SIG_FILE
+    data = read_json(path)
+    users, version = split_users(data, path)
+    if version == 0:
+        raise KeyMaterialError(
+            f"{path} is not signed (no {VERSION_MEMBER}: written before msmt signed it): the"
+            " custodian signs it with 'msmt keys sign-nats-users' and sends it with its"
+            f" {NATS_USERS_SIG_FILE}"
+        )
+    try:
+        signature = read_file_text(sig_path, "ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
+        raise KeyMaterialError(
+            f"cannot read {sig_path}: {reason} (the custodian sends it with {path.name})"
+        ) from None
+    _verify_detached(str(path), data, signature, authority, NATS_USERS_JWS_TYP, str(pin))
+    return SignedUsers(users=users, version=version, signer=str(authority.kid))
 
 
 # --- operations: init, rotate, revoke ---------------------------------------
@@ -751,7 +878,7 @@ def write_authority(
     _write_atomic(
         keydir / AUTHORITY_PUBLIC_FILE, json_bytes(authority.as_dict(private=False)), private=False
     )
-    _write_atomic(keydir / NATS_USERS_FILE, json_bytes(dict(users)), private=False)
+    write_nats_users(keydir, users, authority)
     jwks: dict[str, Any] = {"keys": entries, "msmt_version": 1, "msmt_issued_at": format_time(at)}
     write_roster(keydir, jwks, authority)
 

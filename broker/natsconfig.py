@@ -34,13 +34,11 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 from broker.errors import KeyMaterialError, UsageError
-from broker.keys import AUDIT_ACCOUNT, NATS_USERS_FILE
+from broker.keys import AUDIT_ACCOUNT, NATS_USERS_FILE, SignedUsers
 from broker.members import MEMBERS, is_member
-from broker.natsusers import load_users
 
 SYS_ACCOUNT: Final = "SYS"
 AUDIT_STREAM: Final = "AUDIT_ARCHIVE"
@@ -373,8 +371,23 @@ def _tls_block(include: str | None, indent: str) -> list[str]:
     return [f"{indent}tls {{", f'{indent}  include "{include}"', f"{indent}}}"]
 
 
+_MADE_FROM: Final = (
+    "# made by msmt nats config from nats-users.json version {version}, signed by {signer}"
+)
+_MADE_FROM_RE: Final = re.compile(
+    r"^# made by msmt nats config from nats-users\.json version (\d{1,18}), signed by (\S+)$",
+    re.MULTILINE,
+)
+
+
+def made_from(text: str) -> tuple[int, str] | None:
+    """The nats-users version and signer a configuration says it was made from, if any."""
+    found = _MADE_FROM_RE.search(text)
+    return None if found is None else (int(found[1]), found[2])
+
+
 def server_config(
-    keydir: Path,
+    signed: SignedUsers,
     *,
     cluster: int = 0,
     route_host: str = "nats-{i}",
@@ -384,7 +397,10 @@ def server_config(
     tls_include: str | None = None,
     route_tls_include: str | None = None,
 ) -> str:
-    """Return a complete nats-server configuration for the hub, from ``keydir``.
+    """Return a complete nats-server configuration for the hub, from the verified users.
+
+    Its first line names the users' version and signer (``made_from``), so that the
+    next run can refuse an older file put in its place.
 
     ``tls_include`` and ``route_tls_include`` name files holding the settings of the
     clients' and the routes' ``tls`` blocks (``cert_file``, ...), included rather than
@@ -404,6 +420,7 @@ def server_config(
         raise UsageError("--route-tls-include: only a cluster (--cluster) has routes")
     replicas = min(cluster, QUOTA_REPLICAS) if cluster else 1
     lines = [
+        _MADE_FROM.format(version=signed.version, signer=signed.signer),
         f"listen: {_conf_string(host_port(listen, '--listen'), '--listen')}",
         f"http: {_conf_string(host_port(http, '--http'), '--http')}",
         "jetstream {",
@@ -427,8 +444,9 @@ def server_config(
             for i in range(1, cluster + 1)
         ]
         lines = [
+            lines[0],
             "server_name: $SERVER_NAME",
-            *lines,
+            *lines[1:],
             "cluster {",
             '  name: "msmt"',
             "  listen: 0.0.0.0:6222",
@@ -436,4 +454,4 @@ def server_config(
             *_tls_block(route_tls_include, "  "),
             "}",
         ]
-    return "\n".join(lines) + "\n" + accounts_config(load_users(keydir), replicas=replicas)
+    return "\n".join(lines) + "\n" + accounts_config(signed.users, replicas=replicas)

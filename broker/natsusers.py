@@ -16,7 +16,6 @@ from typing import Literal
 
 from broker import keys as keyfiles
 from broker.errors import KeyMaterialError, UsageError
-from broker.note import excerpt
 
 
 def _check_account(account: str) -> str:
@@ -29,19 +28,25 @@ def _check_account(account: str) -> str:
 
 
 def load_users(keydir: Path) -> dict[str, str]:
-    """Read ``nats-users.json`` strictly: an object of NATS user public nkeys, by account.
+    """Read ``nats-users.json`` strictly: its public nkeys by account (not its signature).
 
-    Raises ``KeyMaterialError`` naming the file and account otherwise: ``msmt nats
-    config`` wrote a mistyped nkey into the hub's configuration, which nats-server
-    then refused to load, naming only its own line.
+    For the custodian's own updates and a hint in ``msmt nats setup``; the hub's
+    configuration reads it only through ``keys.load_signed_users``. Raises
+    ``KeyMaterialError`` naming the file and account for anything malformed.
     """
     path = keydir / keyfiles.NATS_USERS_FILE
-    data = keyfiles.read_json(path)
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise KeyMaterialError(f"{path} is not a JSON object of public nkeys")
-    for account, nkey in data.items():
-        keyfiles.check_nats_user(nkey, f"{path}: the user of {excerpt(account)}")
-    return data
+    return keyfiles.split_users(keyfiles.read_json(path), path)[0]
+
+
+def sign_users(keydir: Path) -> int:
+    """Sign ``keydir``'s ``nats-users.json`` again, as its next version; return that.
+
+    For a file written before msmt signed it, or a write cut short between the file
+    and its signature. Raises ``KeyMaterialError`` as the custodian's other writes do
+    (the roster does not verify, the authority's private key is not in order).
+    """
+    authority = keyfiles.load_for_update(keydir)[1]
+    return keyfiles.write_nats_users(keydir, load_users(keydir), authority)
 
 
 def make_user(keydir: Path, account: str) -> tuple[Path, str]:
@@ -64,14 +69,17 @@ class Recorded:
 
     path: Path
     outcome: Literal["added", "replaced", "unchanged"]
+    version: int | None = None
+    """The version signed, if the file was written."""
 
 
 def record_user(keydir: Path, account: str, nkey: str, *, replace: bool = False) -> Recorded:
-    """Set ``account``'s public nkey in ``keydir/nats-users.json`` (written atomically).
+    """Set ``account``'s public nkey in ``keydir/nats-users.json``, signed as its next version.
 
     Raises ``UsageError`` for an account other than AUDIT, and ``KeyMaterialError``
-    (nothing written) for a malformed key, one another account has, or a different
-    key already recorded for ``account`` unless ``replace``.
+    (nothing written) for a malformed key, one another account has, a different key
+    already recorded for ``account`` unless ``replace``, or a roster or authority key
+    the custodian could not sign with (``keys.load_for_update``).
     """
     _check_account(account)
     path = keydir / keyfiles.NATS_USERS_FILE
@@ -88,5 +96,6 @@ def record_user(keydir: Path, account: str, nkey: str, *, replace: bool = False)
             f"{path} already has another NATS user for {account}: pass --replace-nats-user to "
             "replace it (its seed then no longer logs in)"
         )
-    keyfiles.write_public(path, keyfiles.json_bytes(users | {account: nkey}))
-    return Recorded(path, "added" if previous is None else "replaced")
+    authority = keyfiles.load_for_update(keydir)[1]
+    version = keyfiles.write_nats_users(keydir, users | {account: nkey}, authority)
+    return Recorded(path, "added" if previous is None else "replaced", version)

@@ -172,6 +172,7 @@ def test_what_the_demo_keeps_is_private_whatever_the_umask(demo_run: DemoRun) ->
         keys.ROSTER_SIG_FILE,
         keys.AUTHORITY_PUBLIC_FILE,
         keys.NATS_USERS_FILE,
+        keys.NATS_USERS_SIG_FILE,
     }
     wrong: dict[str, str] = {}
     for path in [demo_run.root, *demo_run.root.rglob("*")]:

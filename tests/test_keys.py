@@ -116,7 +116,7 @@ def test_gitignore_keeps_private_keys_out_of_git() -> None:
             == 0
         )
     public = ["keys/roster.json", "keys/roster.json.jws", "keys/roster-authority.json"]
-    public.append("keys/nats-users.json")
+    public += ["keys/nats-users.json", "keys/nats-users.json.jws"]
     for path in public:
         assert (
             subprocess.run(["git", "check-ignore", "-q", path], check=False, cwd=repo).returncode

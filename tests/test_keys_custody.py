@@ -441,7 +441,7 @@ def test_the_auditor_makes_its_nats_user_and_the_custodian_records_it(tmp_path: 
     )
     done = msmt("keys", "accept-nats-user", "AUDIT", user, "--dir", custodian)
     assert done.exit_code == 0, done.output
-    assert f"AUDIT's NATS user added in {users_file}\n" in done.output
+    assert f"AUDIT's NATS user added in {users_file} (version 4, signed)\n" in done.output
     assert json.loads(users_file.read_text())["AUDIT"] == user
     again = msmt("keys", "accept-nats-user", "AUDIT", user, "--dir", custodian)
     assert again.output == f"AUDIT's NATS user unchanged in {users_file}\n"

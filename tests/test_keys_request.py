@@ -103,7 +103,7 @@ def test_authority_starts_an_empty_signed_roster_and_no_member_keys(tmp_path: Pa
     signed = keys.load_signed_roster(folder)
     assert (signed.version, len(signed.roster), signed.jwks["keys"]) == (1, 0, [])
     assert isinstance(Roster.from_jwks(signed.jwks), Roster)
-    assert json.loads((folder / keys.NATS_USERS_FILE).read_text()) == {}
+    assert json.loads((folder / keys.NATS_USERS_FILE).read_text()) == {"msmt_version": 1}
     authority = keys.load_authority(folder / keys.AUTHORITY_PUBLIC_FILE)
     assert f"authority thumbprint (RFC 7638): {authority.thumbprint()}" in done.output
     assert stat.S_IMODE((folder / keys.AUTHORITY_PRIVATE_FILE).stat().st_mode) == 0o600
@@ -113,6 +113,7 @@ def test_authority_starts_an_empty_signed_roster_and_no_member_keys(tmp_path: Pa
             keys.AUTHORITY_PRIVATE_FILE,
             keys.AUTHORITY_PUBLIC_FILE,
             keys.NATS_USERS_FILE,
+            keys.NATS_USERS_SIG_FILE,
             keys.ROSTER_FILE,
             keys.ROSTER_SIG_FILE,
             keys.ROSTER_SIGNED_FILE,
@@ -133,8 +134,9 @@ def test_authority_with_audit_makes_the_audit_nats_user(tmp_path: Path) -> None:
     assert msmt("keys", "authority", "--dir", folder, "--audit").exit_code == 0
     seed = folder / keys.AUDIT_ACCOUNT / keys.NATS_SEED_FILE
     assert stat.S_IMODE(seed.stat().st_mode) == 0o600
-    users = json.loads((folder / keys.NATS_USERS_FILE).read_text())
-    assert users == {"AUDIT": keys.nats_public(seed.read_bytes(), "seed")}
+    signed = keys.load_signed_users(folder)
+    assert signed.users == {"AUDIT": keys.nats_public(seed.read_bytes(), "seed")}
+    assert signed.version == 1
 
 
 def test_request_makes_private_keys_and_a_request_of_public_keys_only(tmp_path: Path) -> None:
@@ -249,7 +251,7 @@ def test_a_new_member_joins_by_request_and_fingerprint(custodian: Path, tmp_path
     assert signed.roster.current("GBR", "enc", now).kid == enc_kid
     entry = next(e for e in signed.jwks["keys"] if e["kid"] == sig_kid)
     assert {k: entry[k] for k in payload["keys"][0]} == payload["keys"][0]
-    users = json.loads((custodian / keys.NATS_USERS_FILE).read_text())
+    users = keys.load_signed_users(custodian).users
     assert users["GBR"] == payload["msmt_nats_user"]
     assert set(users) == {"AUDIT", "JPN", "GBR"}
     assert accepted.output.splitlines()[0] == (
@@ -260,7 +262,8 @@ def test_a_new_member_joins_by_request_and_fingerprint(custodian: Path, tmp_path
     assert accepted.output.splitlines()[2] == f"made {made} (less than a day ago)"
     assert "retired" not in accepted.output
     assert (
-        f"GBR's NATS user added in {custodian / keys.NATS_USERS_FILE}, a new account on the "
+        f"GBR's NATS user added in {custodian / keys.NATS_USERS_FILE} (version 3, signed), a"
+        " new account on the "
         "hub: regenerate the hub's configuration with 'msmt nats config' and RESTART every hub "
         "server (one at a time); a reload does not set up a new account, whose publishes then "
         "fail"

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import click
 
@@ -363,7 +363,7 @@ def keys_accept(
     click.echo(f"{done.member}: new keys {done.sig_kid} and {done.enc_kid}, active {span}")
     if done.retired:
         click.echo(f"{done.member}: retired {', '.join(done.retired)}")
-    users = keydir / keyfiles.NATS_USERS_FILE
+    users = f"{keydir / keyfiles.NATS_USERS_FILE} (version {done.users_version}, signed)"
     if done.previous_nats_user is None:
         # Tried on nats-server 2.15: after a reload that adds an account, the new
         # account receives but its own publishes get no JetStream response.
@@ -378,6 +378,8 @@ def keys_accept(
             "with 'msmt nats config' and reload every hub server (send it SIGHUP); "
             "the old user's connections are closed"
         )
+    if done.users_version is not None:
+        click.echo(_SEND_USERS)
     click.echo(
         f"roster version {done.version}: publish {keyfiles.ROSTER_FILE} and "
         f"{keyfiles.ROSTER_SIG_FILE} to every member"
@@ -416,7 +418,10 @@ def keys_nats_user(account: str, keydir: Path) -> None:
 def keys_accept_nats_user(account: str, nkey: str, keydir: Path, replace_nats_user: bool) -> None:
     """Record NKEY (U...) as ACCOUNT's NATS user in <dir>/nats-users.json. Only AUDIT."""
     done = natsusers.record_user(keydir, account.upper(), nkey, replace=replace_nats_user)
-    echo_line(f"{account.upper()}'s NATS user {done.outcome} in {done.path}")
+    signed = "" if done.version is None else f" (version {done.version}, signed)"
+    echo_line(f"{account.upper()}'s NATS user {done.outcome} in {done.path}{signed}")
+    if done.version is not None:
+        click.echo(_SEND_USERS)
     if done.outcome == "added":
         click.echo(
             "regenerate the hub's configuration with 'msmt nats config' and start the hub, or "
@@ -427,6 +432,29 @@ def keys_accept_nats_user(account: str, nkey: str, keydir: Path, replace_nats_us
             "regenerate the hub's configuration with 'msmt nats config' and reload every hub "
             "server (send it SIGHUP); the old user's connections are closed"
         )
+
+
+_SEND_USERS: Final = (
+    f"give the hub operator {keyfiles.NATS_USERS_FILE} and {keyfiles.NATS_USERS_SIG_FILE}"
+    " together; 'msmt nats config' verifies them with the pinned roster-authority key"
+)
+
+
+@keys_group.command(name="sign-nats-users")
+@_KEYDIR
+@_writes_keys
+def keys_sign_nats_users(keydir: Path) -> None:
+    """Sign <dir>/nats-users.json again, as its next version, with the roster authority.
+
+    For a file written before msmt signed it (msmt nats config refuses it unsigned),
+    or a write cut short between the file and its signature. The users stay as they are.
+    """
+    version = natsusers.sign_users(keydir)
+    echo_line(
+        f"signed {keydir / keyfiles.NATS_USERS_FILE} as version {version}"
+        f" ({keyfiles.NATS_USERS_SIG_FILE})"
+    )
+    click.echo(_SEND_USERS)
 
 
 @keys_group.command(name="verify-roster")
@@ -515,7 +543,14 @@ def nats_group() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("keys"),
     show_default=True,
-    help="The key directory (keys/nats-users.json: every member's public nkey).",
+    help="The key directory (nats-users.json: every member's public nkey, and its .jws).",
+)
+@click.option(
+    "--authority",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The pinned roster-authority public key, which signed nats-users.json (default: the"
+    " one in the key directory).",
 )
 @click.option(
     "--out",
@@ -557,6 +592,7 @@ def nats_group() -> None:
 )
 def nats_config(
     keydir: Path,
+    authority: Path | None,
     out: Path,
     cluster: int,
     route_host: str,
@@ -568,6 +604,8 @@ def nats_config(
 ) -> None:
     """Write the hub's nats-server configuration (accounts, users, exports, imports).
 
+    Only from a nats-users.json whose signature verifies with the pinned roster
+    authority, and never from one older than the hub.conf it replaces was made from.
     TLS settings are included from files of their own (--tls-include,
     --route-tls-include), so writing the configuration again keeps them. A hub.conf
     with TLS is not overwritten by one without.
@@ -584,8 +622,12 @@ def nats_config(
     ):
         if include is not None:
             _check_include(option, include, out)
+    signed = keyfiles.load_signed_users(
+        keydir, authority_path=authority, authority_option="--authority"
+    )
+    _check_not_older(out, signed)
     text = natsconfig.server_config(
-        keydir,
+        signed,
         cluster=cluster,
         route_host=route_host,
         store_dir=store_dir,
@@ -606,7 +648,33 @@ def nats_config(
             " move the file away first"
         )
     keyfiles.write_public(out, text.encode())
-    echo_line(f"wrote {out}")
+    echo_line(
+        f"wrote {out} from {keydir / keyfiles.NATS_USERS_FILE} version {signed.version},"
+        f" signed by {signed.signer}: {', '.join(sorted(signed.users))}"
+    )
+
+
+def _check_not_older(out: Path, signed: keyfiles.SignedUsers) -> None:
+    """Refuse users older than the ones the hub.conf at ``out`` was made from (a rollback).
+
+    The users are signed, but an older signed file names a user since replaced (after
+    a compromise: the thief holds its seed) as well as a newer one: whoever puts it in
+    the hub operator's way would log in again. Versions of one authority only: a new
+    authority (keys init --force) starts again at 1.
+    """
+    try:
+        old = out.read_text(errors="replace")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot read it: {exc.strerror}") from None
+    before = natsconfig.made_from(old)
+    if before is not None and before[1] == signed.signer and before[0] > signed.version:
+        raise KeyMaterialError(
+            f"{keyfiles.NATS_USERS_FILE} is version {signed.version}, older than version"
+            f" {before[0]}, which {out} was made from (a rollback): ask the custodian for the"
+            " latest, and compare its version with them"
+        )
 
 
 def _check_include(option: str, include: str, out: Path) -> None:

@@ -1,0 +1,224 @@
+"""nats-users.json is signed by the roster authority, and the hub's configuration trusts only that.
+
+Whoever changed the file on its way to the hub operator logged in to the hub as any
+member it named, and could read and ack that member's inbox: the roster was signed,
+this file was not. Now ``msmt nats config`` refuses it unless its detached JWS verifies
+with the pinned authority key, and refuses an older version than its hub.conf was made
+from (an older signed file names users replaced after a compromise).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import rfc8785
+from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from broker import keys, natsconfig, natsusers
+from broker.cli import main
+from broker.errors import KeyMaterialError
+
+
+def msmt(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def refusal(result: Result) -> str:
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0].removeprefix("msmt: error: ")
+
+
+@pytest.fixture
+def custodian(tmp_path: Path) -> Path:
+    path = tmp_path / "custodian"
+    keys.init_keys(path, ["JPN", "USA", "GBR"])
+    return path
+
+
+@pytest.fixture
+def hub_operator(custodian: Path, tmp_path: Path) -> Path:
+    """The hub operator's folder: the two files received, and the authority pinned apart."""
+    folder = tmp_path / "hub-keys"
+    folder.mkdir()
+    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+        shutil.copy(custodian / name, folder)
+    shutil.copy(custodian / keys.AUTHORITY_PUBLIC_FILE, tmp_path / "pinned-authority.json")
+    return folder
+
+
+def config(folder: Path, out: Path) -> Result:
+    pinned = folder.parent / "pinned-authority.json"
+    return msmt("nats", "config", "--keys", folder, "--authority", pinned, "--out", out)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_the_signature_verifies_by_rfc_7515_and_8785_alone(custodian: Path) -> None:
+    # As another member's implementation would check it: Ed25519 over the protected
+    # header and the RFC 8785 bytes of the file's object (RFC 7515 Appendix F).
+    data = json.loads((custodian / keys.NATS_USERS_FILE).read_text())
+    header_b64, payload_b64, signature_b64 = (
+        (custodian / keys.NATS_USERS_SIG_FILE).read_text().strip().split(".")
+    )
+    assert payload_b64 == ""
+    header = json.loads(base64.urlsafe_b64decode(header_b64 + "=" * (-len(header_b64) % 4)))
+    authority = json.loads((custodian / keys.AUTHORITY_PUBLIC_FILE).read_text())
+    assert header == {"alg": "Ed25519", "kid": authority["kid"], "typ": "msmt-nats-users+jws"}
+    assert data["msmt_version"] == 1
+    assert set(data) == {"JPN", "USA", "GBR", "AUDIT", "msmt_version"}
+    x = base64.urlsafe_b64decode(authority["x"] + "=" * (-len(authority["x"]) % 4))
+    signing_input = f"{header_b64}.{b64url(rfc8785.dumps(data))}".encode()
+    signature = base64.urlsafe_b64decode(signature_b64 + "=" * (-len(signature_b64) % 4))
+    Ed25519PublicKey.from_public_bytes(x).verify(signature, signing_input)  # raises if not
+
+
+def test_the_hub_config_names_the_version_and_signer_it_was_made_from(
+    custodian: Path, hub_operator: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "hub.conf"
+    done = config(hub_operator, out)
+    assert done.exit_code == 0, done.output
+    signer = json.loads((custodian / keys.AUTHORITY_PUBLIC_FILE).read_text())["kid"]
+    assert done.stdout == (
+        f"wrote {out} from {hub_operator / keys.NATS_USERS_FILE} version 1, signed by {signer}:"
+        " AUDIT, GBR, JPN, USA\n"
+    )
+    text = out.read_text()
+    assert natsconfig.made_from(text) == (1, signer)
+    accounts = json.loads(text.partition("accounts: ")[2].rpartition("system_account: ")[0])
+    users = natsusers.load_users(custodian)
+    for account, nkey in users.items():
+        assert [u["nkey"] for u in accounts[account]["users"]] == [nkey]
+
+
+def test_a_user_swapped_on_its_way_to_the_hub_operator_is_refused(
+    hub_operator: Path, tmp_path: Path
+) -> None:
+    path = hub_operator / keys.NATS_USERS_FILE
+    data = json.loads(path.read_text())
+    _, thief = natsusers.make_user(tmp_path / "thief", "AUDIT")
+    data["GBR"] = thief  # the version kept: only the signature can tell
+    path.write_text(json.dumps(data))
+    out = tmp_path / "hub.conf"
+    assert refusal(config(hub_operator, out)) == (
+        f"{path} signature does not verify with the pinned authority key"
+        f" {data and json.loads((tmp_path / 'pinned-authority.json').read_text())['kid']}:"
+        " the file was altered, or signed by another key under that kid"
+    )
+    assert not out.exists()
+
+
+def test_users_signed_by_another_authority_are_refused(hub_operator: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    keys.init_keys(other, ["JPN", "USA"])
+    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+        shutil.copy(other / name, hub_operator)
+    line = refusal(config(hub_operator, tmp_path / "hub.conf"))
+    kid = json.loads((other / keys.AUTHORITY_PUBLIC_FILE).read_text())["kid"]
+    assert line.startswith(f"{hub_operator / keys.NATS_USERS_FILE} is signed by {kid}, not by")
+    assert str(tmp_path / "pinned-authority.json") in line
+
+
+def test_the_roster_signature_does_not_pass_for_the_users(
+    custodian: Path, hub_operator: Path, tmp_path: Path
+) -> None:
+    # Both are the authority's detached signatures: the typ keeps one from standing
+    # for the other, whatever the payloads.
+    shutil.copy(custodian / keys.ROSTER_SIG_FILE, hub_operator / keys.NATS_USERS_SIG_FILE)
+    line = refusal(config(hub_operator, tmp_path / "hub.conf"))
+    assert "signature header must be exactly alg Ed25519, typ msmt-nats-users+jws" in line
+
+
+def test_an_unsigned_file_is_refused_until_the_custodian_signs_it(
+    custodian: Path, hub_operator: Path, tmp_path: Path
+) -> None:
+    # A custodian's file written before the signature: refused, then signed again
+    # as the next version, with the users as they were.
+    path = custodian / keys.NATS_USERS_FILE
+    users = natsusers.load_users(custodian)
+    path.write_text(json.dumps(users))
+    (custodian / keys.NATS_USERS_SIG_FILE).unlink()
+    shutil.copy(path, hub_operator)
+    assert refusal(config(hub_operator, tmp_path / "hub.conf")) == (
+        f"{hub_operator / keys.NATS_USERS_FILE} is not signed (no msmt_version: written before"
+        " msmt signed it): the custodian signs it with 'msmt keys sign-nats-users' and sends"
+        " it with its nats-users.json.jws"
+    )
+    signed = msmt("keys", "sign-nats-users", "--dir", custodian)
+    assert signed.exit_code == 0, signed.output
+    assert signed.stdout.splitlines()[0] == f"signed {path} as version 1 (nats-users.json.jws)"
+    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+        shutil.copy(custodian / name, hub_operator)
+    assert config(hub_operator, tmp_path / "hub.conf").exit_code == 0
+    assert keys.load_signed_users(custodian).users == users
+
+
+def test_a_missing_signature_names_the_file_to_ask_for(hub_operator: Path, tmp_path: Path) -> None:
+    (hub_operator / keys.NATS_USERS_SIG_FILE).unlink()
+    assert refusal(config(hub_operator, tmp_path / "hub.conf")) == (
+        f"cannot read {hub_operator / keys.NATS_USERS_SIG_FILE}: No such file or directory"
+        " (the custodian sends it with nats-users.json)"
+    )
+
+
+def test_an_older_signed_file_is_refused_over_a_newer_hub_config(
+    custodian: Path, hub_operator: Path, tmp_path: Path
+) -> None:
+    # After a compromise the custodian replaces AUDIT's user (version 2); the thief,
+    # who holds the old seed, puts version 1 back in the hub operator's way.
+    old = tmp_path / "version-1"
+    shutil.copytree(hub_operator, old)
+    _, user = natsusers.make_user(tmp_path / "auditor", "AUDIT")
+    done = msmt(
+        "keys", "accept-nats-user", "AUDIT", user, "--dir", custodian, "--replace-nats-user"
+    )
+    assert done.exit_code == 0, done.output
+    assert done.stdout.splitlines()[:2] == [
+        f"AUDIT's NATS user replaced in {custodian / keys.NATS_USERS_FILE} (version 2, signed)",
+        "give the hub operator nats-users.json and nats-users.json.jws together; 'msmt nats"
+        " config' verifies them with the pinned roster-authority key",
+    ]
+    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+        shutil.copy(custodian / name, hub_operator)
+    out = tmp_path / "hub.conf"
+    assert config(hub_operator, out).exit_code == 0
+    made = out.read_bytes()
+    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+        shutil.copy(old / name, hub_operator)
+    assert refusal(config(hub_operator, out)) == (
+        f"nats-users.json is version 1, older than version 2, which {out} was made from (a"
+        " rollback): ask the custodian for the latest, and compare its version with them"
+    )
+    assert out.read_bytes() == made
+    # Another file name starts afresh: the guard is the hub.conf it replaces.
+    assert config(hub_operator, tmp_path / "elsewhere.conf").exit_code == 0
+
+
+def test_each_change_signs_the_next_version(custodian: Path, tmp_path: Path) -> None:
+    assert keys.load_signed_users(custodian).version == 1
+    _, user = natsusers.make_user(tmp_path / "auditor", "AUDIT")
+    natsusers.record_user(custodian, "AUDIT", user, replace=True)
+    assert keys.load_signed_users(custodian).version == 2
+    again = natsusers.record_user(custodian, "AUDIT", user, replace=True)
+    assert (again.outcome, again.version) == ("unchanged", None)
+    assert natsusers.sign_users(custodian) == 3
+    signed = keys.load_signed_users(custodian)
+    assert (signed.version, signed.users["AUDIT"]) == (3, user)
+
+
+@pytest.mark.parametrize("version", [0, -1, True, "2", 1.5])
+def test_a_malformed_version_is_refused(custodian: Path, version: object) -> None:
+    path = custodian / keys.NATS_USERS_FILE
+    path.write_text(json.dumps(natsusers.load_users(custodian) | {"msmt_version": version}))
+    with pytest.raises(KeyMaterialError, match=r"msmt_version is not a positive integer$"):
+        natsusers.load_users(custodian)
