@@ -134,6 +134,15 @@ def _check_directory(keydir: Path, member: str, *, first: bool) -> None:
                 f"{folder} already holds keys of {member} ({held[0].name}): {member} has keys "
                 "here, so this is not its first request; make it without --first"
             )
+        other = next((m for m in MEMBERS if m != member and _holds_keys(keydir / m)), None)
+        if other is not None:
+            # A trial ran GBR's first request in FRA's node folder: GBR's private keys and
+            # seed landed beside FRA's, where FRA's operator holds them (accept then
+            # refused it, for the NATS user, after the phone call).
+            raise UsageError(
+                f"{keydir} holds {other}'s keys ({keydir / other}): a node's key directory is"
+                f" one member's; give {member}'s own with --dir"
+            )
         return
     missing = next((p for p in (folder, keydir / keyfiles.ROSTER_FILE) if not p.exists()), None)
     if missing is not None:
@@ -141,6 +150,10 @@ def _check_directory(keydir: Path, member: str, *, first: bool) -> None:
             f"no {missing}: {keydir} is not {member}'s key directory (give the node's with "
             "--dir); a member's first request takes --first"
         )
+
+
+def _holds_keys(folder: Path) -> bool:
+    return any(folder.glob("*.jwk")) or (folder / keyfiles.NATS_SEED_FILE).exists()
 
 
 def make_request(

@@ -237,6 +237,13 @@ def test_a_request_outside_the_members_key_directory_is_refused_before_any_write
         "is not its first request; make it without --first"
     )
     assert snapshot(tmp_path) == before_seed
+    # FRA's first request run in GBR's node folder: FRA's private keys would land where
+    # GBR's operator holds them.
+    assert refusal(msmt("keys", "request", "FRA", "--dir", gbr, "--out", out, "--first")) == (
+        f"{gbr} holds GBR's keys ({gbr / 'GBR'}): a node's key directory is one member's;"
+        " give FRA's own with --dir"
+    )
+    assert snapshot(tmp_path) == before_seed
     # In its own key directory, with the roster, the request is made and signed by the
     # current key.
     done = request(gbr, "GBR", out)
