@@ -360,6 +360,14 @@ def _verify_detached(
 
     Raises ``KeyMaterialError`` naming ``what`` (the file) and the pinned key's file.
     """
+    parts = signature.strip().split(".")
+    if len(parts) == 3 and parts[1]:
+        # joserfc verifies a payload carried in the JWS and ignores payload= then: any
+        # file the authority ever signed, its payload put in the middle, vouched for
+        # whatever roster or users stood beside it (a review forged both).
+        raise KeyMaterialError(
+            f"{what} signature is not detached: its payload part is not empty (RFC 7515 Appendix F)"
+        )
     try:
         header = jws.extract_compact(signature.strip().encode()).protected
     except (ValueError, JoseError) as exc:
@@ -418,7 +426,8 @@ def verify_roster(
 
     Checklist (each step raises ``KeyMaterialError`` with a one-line reason):
     1. the roster is a JSON object with an integer ``msmt_version`` >= 1;
-    2. the detached JWS header is exactly Ed25519, the roster ``typ`` and the pinned kid;
+    2. the JWS is detached (its payload part empty), its header exactly Ed25519, the
+       roster ``typ`` and the pinned kid;
     3. the signature verifies over the RFC 8785 bytes of the roster (tampering);
     4. the version is not below ``min_version`` (rollback to an older roster);
     5. every key parses as a roster key, with no duplicate kid.
@@ -637,7 +646,8 @@ def load_signed_users(
     2. the file is a JSON object of public nkeys by account, with an integer
        ``msmt_version`` >= 1 (none: never signed, so not trusted);
     3. ``nats-users.json.jws`` is readable ASCII text;
-    4. its header is exactly Ed25519, the nats-users ``typ`` and the pinned kid;
+    4. it is detached (its payload part empty), its header exactly Ed25519, the
+       nats-users ``typ`` and the pinned kid;
     5. the signature verifies over the RFC 8785 bytes of the whole file's object.
     """
     authority, pin = _pinned_authority(

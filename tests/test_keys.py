@@ -313,6 +313,37 @@ def test_any_edit_of_the_roster_is_detected(
         keys.verify_roster(jwks, signature, authority)
 
 
+def test_a_signed_payload_carried_in_the_signature_does_not_vouch_for_the_roster(
+    keydir: Path, tmp_path: Path
+) -> None:
+    # A review: joserfc verifies a payload carried in a compact JWS and ignores the
+    # detached one it is given. The authority's real signature over the real roster,
+    # that roster put in its middle part, then "verified" any roster beside it: here
+    # one with a signing key for GBR that the forger holds, at version 999.
+    real = json.loads((keydir / keys.ROSTER_FILE).read_text())
+    header, middle, signature = (keydir / keys.ROSTER_SIG_FILE).read_text().strip().split(".")
+    assert middle == ""
+    carried = base64.urlsafe_b64encode(rfc8785.dumps(real)).rstrip(b"=").decode()
+    forged = json.loads(json.dumps(real))
+    forged["msmt_version"] = 999
+    mine = keys.generate_key("GBR", "sig", T0)
+    forged["keys"].append(keys.roster_entry(mine, "GBR", T0, 30))
+    folder = tmp_path / "forged"
+    folder.mkdir()
+    shutil.copy(keydir / keys.AUTHORITY_PUBLIC_FILE, folder)
+    (folder / keys.ROSTER_FILE).write_bytes(keys.json_bytes(forged))
+    (folder / keys.ROSTER_SIG_FILE).write_text(f"{header}.{carried}.{signature}\n")
+    with pytest.raises(KeyMaterialError) as refused:
+        keys.load_signed_roster(folder)
+    assert str(refused.value) == (
+        "roster signature is not detached: its payload part is not empty (RFC 7515 Appendix F)"
+    )
+    # Even over the very roster it carries: the form is refused, not only a mismatch.
+    (folder / keys.ROSTER_FILE).write_bytes(keys.json_bytes(real))
+    with pytest.raises(KeyMaterialError, match="is not detached"):
+        keys.load_signed_roster(folder)
+
+
 def test_rolled_back_roster_is_refused(keydir: Path, tmp_path: Path) -> None:
     v1 = tmp_path / "v1"
     shutil.copytree(keydir, v1)

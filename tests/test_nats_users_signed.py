@@ -118,6 +118,24 @@ def test_a_user_swapped_on_its_way_to_the_hub_operator_is_refused(
     assert not out.exists()
 
 
+def test_a_signed_payload_carried_in_the_signature_does_not_vouch_for_the_users(
+    hub_operator: Path, tmp_path: Path
+) -> None:
+    # The authority's signature over the real users, with them in its middle part:
+    # joserfc verified that payload and ignored the file beside it (a review).
+    path, sig = hub_operator / keys.NATS_USERS_FILE, hub_operator / keys.NATS_USERS_SIG_FILE
+    real = json.loads(path.read_text())
+    header, _, signature = sig.read_text().strip().split(".")
+    sig.write_text(f"{header}.{b64url(rfc8785.dumps(real))}.{signature}\n")
+    _, thief = natsusers.make_user(tmp_path / "thief", "AUDIT")
+    path.write_text(json.dumps(real | {"GBR": thief, "msmt_version": 999}))
+    out = tmp_path / "hub.conf"
+    assert refusal(config(hub_operator, out)) == (
+        f"{path} signature is not detached: its payload part is not empty (RFC 7515 Appendix F)"
+    )
+    assert not out.exists()
+
+
 def test_users_signed_by_another_authority_are_refused(hub_operator: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     keys.init_keys(other, ["JPN", "USA"])
