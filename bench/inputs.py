@@ -268,13 +268,16 @@ SLOTS: tuple[Slot, ...] = (
         "json",
         (
             f"keys accept-nats-user JPN {NKEY} --dir keys",
-            "nats config --keys keys --out extra/hub.conf",
+            "nats config --keys keys --authority keys/roster-authority.json --out extra/hub.conf",
         ),
     ),
     Slot(
         "keys/nats-users.json.jws",
         "text",
-        ("nats config --keys keys --out extra/hub.conf", "keys sign-nats-users --dir keys"),
+        (
+            "nats config --keys keys --authority keys/roster-authority.json --out extra/hub.conf",
+            "keys sign-nats-users --dir keys",
+        ),
     ),
     Slot(
         "keys/JPN/JPN-sig-*.jwk",
@@ -393,7 +396,7 @@ def cases_for(slot: Slot, original: bytes, quick: bool) -> Iterator[tuple[str, D
 NL = "bad\nmsmt: error: forged line"
 BIG = str(2**70)
 SINCE = f"node resend {JPN} --to USA --since"
-NATS_CONFIG = "nats config --keys keys --out extra/h.conf"
+NATS_CONFIG = "nats config --keys keys --authority keys/roster-authority.json --out extra/h.conf"
 NATS_SETUP = "nats setup --keys keys --account JPN"
 ARGUMENT_CASES: tuple[tuple[str, str], ...] = (
     # {NL} is a newline and a forged second line; {ESC} a terminal escape; {BIG} 2**70.

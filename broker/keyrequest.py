@@ -45,8 +45,7 @@ from joserfc.jwk import Key, KeySet, OKPKey
 from joserfc.jws import FlattenedJSONSerialization
 
 from broker import keys as keyfiles
-from broker import natsusers
-from broker.errors import KeyMaterialError, UsageError
+from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.files import read_file_bytes
 from broker.members import MEMBERS, is_member
 from broker.roster import CURVES, Roster, RosterKey, format_time
@@ -647,7 +646,7 @@ def accept_request(
         raise UsageError("--valid-days must be at least 1")
     at = now or _utcnow()
     signed, authority = keyfiles.load_for_update(keydir)
-    users = natsusers.load_users(keydir)
+    users = keyfiles.load_users_for_update(keydir)
     # Checklist; each step raises KeyMaterialError naming the file, before any write.
     # 1. format: at most MAX_REQUEST_BYTES of UTF-8 JSON, no duplicate members, no
     #    "d" member anywhere (a private key: if it is a roster key's, the line names
@@ -685,7 +684,24 @@ def accept_request(
     if previous != content.nats_user:
         updated = users | {member: content.nats_user}
         users_version = keyfiles.write_nats_users(keydir, updated, authority)
-    keyfiles.write_roster(keydir, jwks, authority)
+    try:
+        keyfiles.write_roster(keydir, jwks, authority)
+    except WriteError as exc:
+        if users_version is None:
+            raise
+        # Accepting again finds the user there and says nothing of it (a review): say
+        # now that the hub's users changed, whatever the roster did.
+        finish = (
+            "give the hub operator"
+            if isinstance(exc, keyfiles.RosterInPlaceError)
+            else f"accept {path} again to finish (without --replace-nats-user), then give the"
+            " hub operator"
+        )
+        raise type(exc)(
+            f"{exc}; {keyfiles.NATS_USERS_FILE} version {users_version} already names"
+            f" {member}'s new NATS user: {finish} {keyfiles.NATS_USERS_FILE} and"
+            f" {keyfiles.NATS_USERS_SIG_FILE}"
+        ) from None
     return Accepted(
         member=member,
         sig_kid=str(new["sig"].kid),

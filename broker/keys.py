@@ -584,6 +584,8 @@ class SignedUsers:
     users: dict[str, str]
     version: int
     signer: str
+    thumbprint: str
+    """The signer's RFC 7638 thumbprint: what the hub operator compared by phone."""
 
 
 def split_users(data: Any, path: Path) -> tuple[dict[str, str], int]:
@@ -598,20 +600,59 @@ def split_users(data: Any, path: Path) -> tuple[dict[str, str], int]:
     users = dict(data)
     version = users.pop(VERSION_MEMBER, 0)
     if VERSION_MEMBER in data and (
-        not isinstance(version, int) or isinstance(version, bool) or version < 1
+        not isinstance(version, int)
+        or isinstance(version, bool)
+        or not 1 <= version <= MAX_USERS_VERSION
     ):
-        raise KeyMaterialError(f"{path}: {VERSION_MEMBER} is not a positive integer")
+        raise KeyMaterialError(
+            f"{path}: {VERSION_MEMBER} is not a positive integer below 2^53 (RFC 8785)"
+        )
     if not all(isinstance(v, str) for v in users.values()):
         raise KeyMaterialError(f"{path} is not a JSON object of public nkeys")
+    owners: dict[str, str] = {}
     for account, nkey in users.items():
         check_nats_user(nkey, f"{path}: the user of {excerpt(account)}")
+        if nkey in owners:
+            # One login would be two accounts' at the hub; nats-server's refusal names
+            # only its own line.
+            raise KeyMaterialError(
+                f"{path}: {excerpt(account)} and {excerpt(owners[nkey])} have the same NATS user"
+            )
+        owners[nkey] = account
     return users, version
 
 
-def write_nats_users(keydir: Path, users: Mapping[str, str], authority: OKPKey) -> int:
+MAX_USERS_VERSION: Final = 2**53 - 1
+"""RFC 8785 numbers are IEEE 754 doubles: a version above this would not sign exactly."""
+
+
+def load_users_for_update(keydir: Path) -> dict[str, str]:
+    """The custodian's ``nats-users.json``, verified with its own authority key if signed.
+
+    A file signed before must still match its signature: else the next routine change
+    (a member's accept) would sign whatever was edited into it (a review: a git-writable
+    copy). One never signed (from before signing) is read as it is, to be signed.
+    """
+    path = keydir / NATS_USERS_FILE
+    users, version = split_users(read_json(path), path)
+    if version:
+        try:
+            load_signed_users(keydir)
+        except KeyMaterialError as exc:
+            raise KeyMaterialError(
+                f"{exc}; if it is the custodian's own write cut short, 'msmt keys"
+                " sign-nats-users' signs the file as it is (check the users it prints)"
+            ) from None
+    return users
+
+
+def write_nats_users(
+    keydir: Path, users: Mapping[str, str], authority: OKPKey, *, first: bool = False
+) -> int:
     """Sign ``users`` as the next version of ``nats-users.json``; write it and its ``.jws``.
 
-    The version is one above the file's in place (0 for none, or one never signed):
+    The version is one above the file's in place (0 for none, or one never signed; with
+    ``first``, a new authority's, 1 whatever is there):
     the hub operator's ``msmt nats config`` refuses a version below the one its
     hub.conf was made from, as a node refuses an older roster. The signature is
     written aside first and renamed into place last: a crash between leaves a pair
@@ -622,7 +663,7 @@ def write_nats_users(keydir: Path, users: Mapping[str, str], authority: OKPKey) 
     if sig_path.is_dir():
         # Its rename would fail only after the file had changed (a bad-input sweep).
         raise WriteError(f"cannot write {sig_path}: Is a directory")
-    previous = split_users(read_json(path), path)[1] if path.exists() else 0
+    previous = split_users(read_json(path), path)[1] if path.exists() and not first else 0
     data = {**users, VERSION_MEMBER: previous + 1}
     signature = _sign_detached(data, authority, NATS_USERS_JWS_TYP)
     staged = _stage(sig_path, (signature + "\n").encode(), private=False)
@@ -670,7 +711,9 @@ def load_signed_users(
             f"cannot read {sig_path}: {reason} (the custodian sends it with {path.name})"
         ) from None
     _verify_detached(str(path), data, signature, authority, NATS_USERS_JWS_TYP, str(pin))
-    return SignedUsers(users=users, version=version, signer=str(authority.kid))
+    return SignedUsers(
+        users=users, version=version, signer=str(authority.kid), thumbprint=authority.thumbprint()
+    )
 
 
 # --- operations: init, rotate, revoke ---------------------------------------
@@ -888,7 +931,7 @@ def write_authority(
     _write_atomic(
         keydir / AUTHORITY_PUBLIC_FILE, json_bytes(authority.as_dict(private=False)), private=False
     )
-    write_nats_users(keydir, users, authority)
+    write_nats_users(keydir, users, authority, first=True)
     jwks: dict[str, Any] = {"keys": entries, "msmt_version": 1, "msmt_issued_at": format_time(at)}
     write_roster(keydir, jwks, authority)
 

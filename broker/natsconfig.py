@@ -371,19 +371,32 @@ def _tls_block(include: str | None, indent: str) -> list[str]:
     return [f"{indent}tls {{", f'{indent}  include "{include}"', f"{indent}}}"]
 
 
-_MADE_FROM: Final = (
-    "# made by msmt nats config from nats-users.json version {version}, signed by {signer}"
+MADE_FROM: Final = "# made by msmt nats config from"
+_MADE_FROM_LINE: Final = (
+    MADE_FROM + " nats-users.json version {version}, signed by {signer} (RFC 7638 thumbprint"
+    " {thumbprint})"
 )
 _MADE_FROM_RE: Final = re.compile(
-    r"^# made by msmt nats config from nats-users\.json version (\d{1,18}), signed by (\S+)$",
-    re.MULTILINE,
+    re.escape(MADE_FROM)
+    + r" nats-users\.json version ([1-9][0-9]{0,15}), signed by (\S+) \(RFC 7638 thumbprint"
+    r" ([A-Za-z0-9_-]{43})\)"
 )
 
 
 def made_from(text: str) -> tuple[int, str] | None:
-    """The nats-users version and signer a configuration says it was made from, if any."""
-    found = _MADE_FROM_RE.search(text)
-    return None if found is None else (int(found[1]), found[2])
+    """The users' version and signer's thumbprint a configuration's first line names.
+
+    ``None`` if its first line is not ``MADE_FROM``'s (written by hand, or by an msmt
+    before signing). Raises ``ValueError`` for one that starts so but does not parse:
+    an edit that would otherwise turn the rollback guard off unseen (a review).
+    """
+    first = text.partition("\n")[0].removesuffix("\r")
+    if not first.startswith(MADE_FROM):
+        return None
+    found = _MADE_FROM_RE.fullmatch(first)
+    if found is None:
+        raise ValueError(f"its first line is not one msmt nats config writes: {first[:120]!r}")
+    return int(found[1]), found[3]
 
 
 def server_config(
@@ -420,7 +433,9 @@ def server_config(
         raise UsageError("--route-tls-include: only a cluster (--cluster) has routes")
     replicas = min(cluster, QUOTA_REPLICAS) if cluster else 1
     lines = [
-        _MADE_FROM.format(version=signed.version, signer=signed.signer),
+        _MADE_FROM_LINE.format(
+            version=signed.version, signer=signed.signer, thumbprint=signed.thumbprint
+        ),
         f"listen: {_conf_string(host_port(listen, '--listen'), '--listen')}",
         f"http: {_conf_string(host_port(http, '--http'), '--http')}",
         "jetstream {",

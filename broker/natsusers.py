@@ -84,7 +84,7 @@ def record_user(keydir: Path, account: str, nkey: str, *, replace: bool = False)
     _check_account(account)
     path = keydir / keyfiles.NATS_USERS_FILE
     nkey = keyfiles.check_nats_user(nkey.strip(), "the NATS user")
-    users = load_users(keydir)
+    users = keyfiles.load_users_for_update(keydir)
     other = next((a for a, u in users.items() if u == nkey and a != account), None)
     if other is not None:
         raise KeyMaterialError(f"the NATS user is already {other}'s in {path}")

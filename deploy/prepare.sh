@@ -40,5 +40,6 @@ done
 # One file serves all three servers: each takes its name from $SERVER_NAME, and
 # the JetStream store is relative to the server's working directory (/data).
 mkdir -p "$KEYS/nats"
-msmt nats config --keys "$KEYS" --cluster 3 --route-host 'nats-{i}' --store-dir jetstream \
-    --out "$KEYS/nats/hub.conf"
+# The custodian's own key directory: its authority key is the one it made here.
+msmt nats config --keys "$KEYS" --authority "$KEYS/roster-authority.json" --cluster 3 \
+    --route-host 'nats-{i}' --store-dir jetstream --out "$KEYS/nats/hub.conf"

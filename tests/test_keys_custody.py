@@ -467,7 +467,16 @@ def test_the_auditor_makes_its_nats_user_and_the_custodian_records_it(tmp_path: 
     assert "AUDIT's NATS user replaced" in replaced.output
     assert json.loads(users_file.read_text())["AUDIT"] == other
     # The hub configuration takes it.
-    config = msmt("nats", "config", "--keys", custodian, "--out", tmp_path / "hub.conf")
+    config = msmt(
+        "nats",
+        "config",
+        "--keys",
+        custodian,
+        "--authority",
+        custodian / keys.AUTHORITY_PUBLIC_FILE,
+        "--out",
+        tmp_path / "hub.conf",
+    )
     assert config.exit_code == 0, config.output
     assert other in (tmp_path / "hub.conf").read_text()
 

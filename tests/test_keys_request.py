@@ -275,7 +275,16 @@ def test_a_new_member_joins_by_request_and_fingerprint(custodian: Path, tmp_path
         "AUDIT",
     }
     # The hub configuration takes the new user.
-    config = msmt("nats", "config", "--keys", custodian, "--out", tmp_path / "hub.conf")
+    config = msmt(
+        "nats",
+        "config",
+        "--keys",
+        custodian,
+        "--authority",
+        custodian / keys.AUTHORITY_PUBLIC_FILE,
+        "--out",
+        tmp_path / "hub.conf",
+    )
     assert config.exit_code == 0, config.output
     assert payload["msmt_nats_user"] in (tmp_path / "hub.conf").read_text()
 

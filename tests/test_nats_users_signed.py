@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,9 @@ import rfc8785
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker import keys, natsconfig, natsusers
+from broker import keyrequest, keys, natsconfig, natsusers
 from broker.cli import main
-from broker.errors import KeyMaterialError
+from broker.errors import KeyMaterialError, WriteError
 
 
 def msmt(*args: str | Path) -> Result:
@@ -88,13 +90,18 @@ def test_the_hub_config_names_the_version_and_signer_it_was_made_from(
     out = tmp_path / "hub.conf"
     done = config(hub_operator, out)
     assert done.exit_code == 0, done.output
-    signer = json.loads((custodian / keys.AUTHORITY_PUBLIC_FILE).read_text())["kid"]
+    authority = keys.load_authority(custodian / keys.AUTHORITY_PUBLIC_FILE)
+    thumbprint = authority.thumbprint()
     assert done.stdout == (
-        f"wrote {out} from {hub_operator / keys.NATS_USERS_FILE} version 1, signed by {signer}:"
-        " AUDIT, GBR, JPN, USA\n"
+        f"wrote {out} from {hub_operator / keys.NATS_USERS_FILE} version 1, signed by"
+        f" {authority.kid} (RFC 7638 thumbprint {thumbprint}): AUDIT, GBR, JPN, USA\n"
     )
     text = out.read_text()
-    assert natsconfig.made_from(text) == (1, signer)
+    assert text.splitlines()[0] == (
+        f"# made by msmt nats config from nats-users.json version 1, signed by {authority.kid}"
+        f" (RFC 7638 thumbprint {thumbprint})"
+    )
+    assert natsconfig.made_from(text) == (1, thumbprint)
     accounts = json.loads(text.partition("accounts: ")[2].rpartition("system_account: ")[0])
     users = natsusers.load_users(custodian)
     for account, nkey in users.items():
@@ -234,9 +241,131 @@ def test_each_change_signs_the_next_version(custodian: Path, tmp_path: Path) -> 
     assert (signed.version, signed.users["AUDIT"]) == (3, user)
 
 
-@pytest.mark.parametrize("version", [0, -1, True, "2", 1.5])
+@pytest.mark.parametrize("version", [0, -1, True, "2", 1.5, 2**53])
 def test_a_malformed_version_is_refused(custodian: Path, version: object) -> None:
+    # 2**53 and above: RFC 8785 signs numbers as doubles, and refused to (a traceback).
     path = custodian / keys.NATS_USERS_FILE
     path.write_text(json.dumps(natsusers.load_users(custodian) | {"msmt_version": version}))
-    with pytest.raises(KeyMaterialError, match=r"msmt_version is not a positive integer$"):
+    with pytest.raises(KeyMaterialError, match=r"msmt_version is not a positive integer below"):
         natsusers.load_users(custodian)
+
+
+def test_one_user_for_two_accounts_is_refused(custodian: Path) -> None:
+    path = custodian / keys.NATS_USERS_FILE
+    users = natsusers.load_users(custodian)
+    path.write_text(json.dumps(users | {"GBR": users["JPN"]}))
+    with pytest.raises(KeyMaterialError, match=r": 'JPN' and 'GBR' have the same NATS user$"):
+        natsusers.load_users(custodian)
+
+
+def test_the_pin_is_named_and_another_authoritys_users_do_not_replace_the_config(
+    custodian: Path, hub_operator: Path, tmp_path: Path
+) -> None:
+    # Whoever swaps the users on their way can put an authority key of their own beside
+    # them, under the real one's kid: nats config takes no pin from the key directory,
+    # and the hub.conf names the thumbprint it was made under (a review).
+    out = tmp_path / "hub.conf"
+    assert config(hub_operator, out).exit_code == 0
+    made = out.read_bytes()
+    other = tmp_path / "other"
+    keys.init_keys(other, ["JPN", "USA"])
+    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE, keys.AUTHORITY_PUBLIC_FILE):
+        shutil.copy(other / name, hub_operator)
+    bare = msmt("nats", "config", "--keys", hub_operator, "--out", out)
+    assert bare.exit_code == 2
+    assert "Missing option '--authority'" in bare.stderr
+    # Named as the pin by mistake (the copy that came with the files): the config it
+    # would replace was made under another authority.
+    line = refusal(
+        msmt(
+            "nats", "config", "--keys", hub_operator, "--out", out,
+            "--authority", hub_operator / keys.AUTHORITY_PUBLIC_FILE,
+        )
+    )  # fmt: skip
+    first = keys.load_authority(tmp_path / "pinned-authority.json").thumbprint()
+    now = keys.load_authority(other / keys.AUTHORITY_PUBLIC_FILE).thumbprint()
+    assert line == (
+        f"--out {out} was made from users signed by another roster authority (thumbprint"
+        f" {first}, now {now}): check --authority; if the authority was replaced, move the old"
+        " file away first"
+    )
+    assert out.read_bytes() == made
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda line: line + " ",
+        lambda line: line.replace("version 1,", "version 1000000000000000000,"),
+        lambda line: line.replace("thumbprint ", "thumbprint x"),
+    ],
+)
+def test_an_edited_first_line_does_not_turn_the_guard_off(
+    hub_operator: Path, tmp_path: Path, edit: Callable[[str], str]
+) -> None:
+    out = tmp_path / "hub.conf"
+    assert config(hub_operator, out).exit_code == 0
+    first, rest = out.read_text().split("\n", 1)
+    out.write_text(edit(first) + "\n" + rest)
+    edited = out.read_bytes()
+    line = refusal(config(hub_operator, out))
+    assert line.startswith(
+        f"--out {out}: its first line is not one msmt nats config writes: '# made by msmt"
+    )
+    assert line.endswith("; move the file away first")
+    assert out.read_bytes() == edited
+
+
+def test_the_custodian_does_not_sign_over_an_edited_file(custodian: Path, tmp_path: Path) -> None:
+    # An edit of the custodian's own signed copy (a git-writable checkout) would be
+    # signed by the next routine change; now that change is refused, and
+    # sign-nats-users, which signs the file as it stands, prints what it signs.
+    path = custodian / keys.NATS_USERS_FILE
+    _, thief = natsusers.make_user(tmp_path / "thief", "AUDIT")
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"GBR": thief}))
+    _, auditor = natsusers.make_user(tmp_path / "auditor", "AUDIT")
+    args = ["keys", "accept-nats-user", "AUDIT", auditor, "--dir", custodian]
+    line = refusal(msmt(*args, "--replace-nats-user"))
+    assert line.startswith(f"{path} signature does not verify with the pinned authority key")
+    assert line.endswith(
+        "; if it is the custodian's own write cut short, 'msmt keys sign-nats-users' signs the"
+        " file as it is (check the users it prints)"
+    )
+    assert keys.split_users(json.loads(path.read_text()), path)[0]["GBR"] == thief
+    signed = msmt("keys", "sign-nats-users", "--dir", custodian)
+    assert signed.exit_code == 0, signed.output
+    assert f"GBR {thief}" in signed.stdout.splitlines()
+
+
+def test_a_new_authority_signs_version_1_over_whatever_was_there(
+    custodian: Path, tmp_path: Path
+) -> None:
+    # keys init --force read the old file first, and a malformed one stopped it after
+    # the old keys were gone (a review).
+    (custodian / keys.NATS_USERS_FILE).write_text('{"AUDIT": 5}')
+    keys.init_keys(custodian, ["JPN", "USA"], force=True)
+    assert keys.load_signed_users(custodian).version == 1
+
+
+def test_an_accept_cut_short_after_the_users_says_they_changed(tmp_path: Path) -> None:
+    # nats-users.json is written before the roster; a roster write that then fails
+    # left a retry that found the user there and said nothing of the hub (a review).
+    custodian = tmp_path / "custodian"
+    assert msmt("keys", "authority", "--dir", custodian, "--audit").exit_code == 0
+    request = tmp_path / "gbr.json"
+    made = msmt("keys", "request", "GBR", "--dir", tmp_path / "gbr", "--out", request, "--first")
+    assert made.exit_code == 0, made.output
+    found = re.search(r"^fingerprint (sha256:[0-9a-f]{64})$", made.output, re.MULTILINE)
+    assert found is not None
+    (custodian / keys.ROSTER_STAGED).mkdir()  # where the roster is put aside: in the way
+    with pytest.raises(WriteError) as failed:
+        keyrequest.accept_request(custodian, request, expected_fingerprint=found[1])
+    assert str(failed.value).endswith(
+        f"; nats-users.json version 2 already names GBR's new NATS user: accept {request} again"
+        " to finish (without --replace-nats-user), then give the hub operator nats-users.json"
+        " and nats-users.json.jws"
+    )
+    assert keys.load_signed_users(custodian).version == 2
+    (custodian / keys.ROSTER_STAGED).rmdir()
+    again = keyrequest.accept_request(custodian, request, expected_fingerprint=found[1])
+    assert (again.member, again.users_version, again.version) == ("GBR", None, 2)

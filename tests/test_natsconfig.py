@@ -38,6 +38,12 @@ MEMBERS3 = ("JPN", "USA", "KOR")
 KEYS_MD = Path(__file__).resolve().parent.parent / "docs" / "KEYS.md"
 
 
+def config_args(keydir: Path) -> list[str]:
+    """msmt nats config on ``keydir``, its authority key named as the pin."""
+    pin = keydir / keys.AUTHORITY_PUBLIC_FILE
+    return ["nats", "config", "--keys", str(keydir), "--authority", str(pin)]
+
+
 @pytest.fixture(scope="module")
 def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("natsconfig") / "keys"
@@ -54,7 +60,7 @@ def hub(keydir: Path, tmp_path: Path) -> Iterator[NatsServer]:
 @pytest.mark.parametrize("cluster", [0, 3])
 def test_cli_config_loads_in_nats_server(keydir: Path, tmp_path: Path, cluster: int) -> None:
     out = tmp_path / "hub.conf"
-    args = ["nats", "config", "--keys", str(keydir), "--out", str(out), "--cluster", str(cluster)]
+    args = [*config_args(keydir), "--out", str(out), "--cluster", str(cluster)]
     result = CliRunner().invoke(main, [*args, "--store-dir", str(tmp_path / "js")])
     assert result.exit_code == 0, result.output
     text = out.read_text()
@@ -86,7 +92,7 @@ def test_a_store_dir_with_an_accent_or_a_quote_loads_in_nats_server(
     # ("Invalid escape character 'u'"): the hub would not start.
     for store in ("jetstream-é", 'jet"stream'):
         out = tmp_path / "hub.conf"
-        args = ["nats", "config", "--keys", str(keydir), "--out", str(out), "--cluster", "3"]
+        args = [*config_args(keydir), "--out", str(out), "--cluster", "3"]
         done = msmt(*args, "--store-dir", str(tmp_path / store))
         assert done.returncode == 0, done.stderr
         checked = _valid(out)
@@ -103,7 +109,7 @@ def test_cli_config_listens_where_the_operator_says(keydir: Path, tmp_path: Path
     result = CliRunner().invoke(
         main,
         [
-            "nats", "config", "--keys", str(keydir), "--out", str(out),
+            *config_args(keydir), "--out", str(out),
             "--store-dir", str(tmp_path / "js"),
             "--listen", f"127.0.0.1:{client}", "--http", f"127.0.0.1:{monitor}",
         ],
@@ -140,7 +146,7 @@ def test_cli_config_refuses_a_listen_address_that_is_not_host_port(
     keydir: Path, tmp_path: Path, option: str, value: str
 ) -> None:
     out = tmp_path / "hub.conf"
-    args = ["nats", "config", "--keys", str(keydir), "--out", str(out), option, value]
+    args = [*config_args(keydir), "--out", str(out), option, value]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert result.stderr == (
@@ -195,14 +201,20 @@ def test_bad_user_lists_are_refused(users: dict[str, str], match: str) -> None:
         natsconfig.accounts_config(users)
 
 
-def test_cli_config_from_missing_keys_is_one_line(tmp_path: Path) -> None:
-    args = ["nats", "config", "--keys", str(tmp_path / "nope"), "--out", str(tmp_path / "x.conf")]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2
-    assert result.stderr.startswith("msmt: error: no roster-authority key at ")
-    assert "name the pinned copy with --authority" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_cli_config_from_missing_keys_is_one_line(keydir: Path, tmp_path: Path) -> None:
+    pin = keydir / keys.AUTHORITY_PUBLIC_FILE
+    nope = tmp_path / "nope"
+    args = ["nats", "config", "--keys", str(nope), "--authority", str(pin)]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x.conf")])
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"msmt: error: cannot read {nope / keys.NATS_USERS_FILE}: No such file or directory\n"
+    )
     assert not (tmp_path / "x.conf").exists()
+    # The pin is never taken from the key directory, which comes with the users.
+    result = CliRunner().invoke(main, ["nats", "config", "--keys", str(keydir), "--out", "x"])
+    assert result.exit_code == 2
+    assert "Missing option '--authority'" in result.stderr
 
 
 def test_cli_config_refuses_a_mistyped_nkey_in_the_user_list(keydir: Path, tmp_path: Path) -> None:
@@ -216,7 +228,7 @@ def test_cli_config_refuses_a_mistyped_nkey_in_the_user_list(keydir: Path, tmp_p
     (copy / keys.NATS_USERS_FILE).write_text(json.dumps(users))
     shutil.copy(keydir / keys.AUTHORITY_PUBLIC_FILE, copy)
     out = tmp_path / "x.conf"
-    result = CliRunner().invoke(main, ["nats", "config", "--keys", str(copy), "--out", str(out)])
+    result = CliRunner().invoke(main, [*config_args(copy), "--out", str(out)])
     assert (result.exit_code, result.stdout) == (2, "")
     assert result.stderr == (
         f"msmt: error: {copy / keys.NATS_USERS_FILE}: the user of 'AUS': malformed NATS public"
@@ -726,7 +738,7 @@ def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
     (tmp_path / "tls-client.conf").write_text(settings + "timeout: 2\n")
     (tmp_path / "tls-route.conf").write_text(settings)
     out = tmp_path / "hub.conf"
-    base = ["nats", "config", "--keys", str(keydir), "--out", str(out)]
+    base = [*config_args(keydir), "--out", str(out)]
     base += ["--store-dir", str(tmp_path / "js"), "--cluster", "3"]
     done = msmt(*base, "--tls-include", "tls-client.conf", "--route-tls-include", "tls-route.conf")
     assert done.returncode == 0, done.stderr
@@ -758,7 +770,7 @@ def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
     # though its lines match the clients' (a review).
     (tmp_path / "both.conf").write_text(settings)
     both = tmp_path / "both-hub.conf"
-    twice = ["nats", "config", "--keys", str(keydir), "--out", str(both), "--cluster", "3"]
+    twice = [*config_args(keydir), "--out", str(both), "--cluster", "3"]
     assert (
         msmt(*twice, "--tls-include", "both.conf", "--route-tls-include", "both.conf").returncode
         == 0
@@ -768,7 +780,7 @@ def test_tls_settings_are_included_so_writing_the_config_again_keeps_them(
     # so is one written otherwise (a review): a websocket's, its brace on the next line,
     # an include holding it; a commented one is not.
     single = tmp_path / "single.conf"
-    plain = ["nats", "config", "--keys", str(keydir), "--out", str(single)]
+    plain = [*config_args(keydir), "--out", str(single)]
     assert msmt(*plain).returncode == 0
     generated = single.read_text()
     for added in (

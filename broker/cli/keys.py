@@ -454,6 +454,9 @@ def keys_sign_nats_users(keydir: Path) -> None:
         f"signed {keydir / keyfiles.NATS_USERS_FILE} as version {version}"
         f" ({keyfiles.NATS_USERS_SIG_FILE})"
     )
+    # Signed as it stands: what it says is now what the hub will trust, so show it.
+    for account, nkey in sorted(natsusers.load_users(keydir).items()):
+        click.echo(f"{account} {nkey}")
     click.echo(_SEND_USERS)
 
 
@@ -548,9 +551,9 @@ def nats_group() -> None:
 @click.option(
     "--authority",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="The pinned roster-authority public key, which signed nats-users.json (default: the"
-    " one in the key directory).",
+    required=True,
+    help="The roster-authority public key you pinned (its thumbprint compared with the"
+    " custodian), which signed nats-users.json.",
 )
 @click.option(
     "--out",
@@ -592,7 +595,7 @@ def nats_group() -> None:
 )
 def nats_config(
     keydir: Path,
-    authority: Path | None,
+    authority: Path,
     out: Path,
     cluster: int,
     route_host: str,
@@ -604,8 +607,9 @@ def nats_config(
 ) -> None:
     """Write the hub's nats-server configuration (accounts, users, exports, imports).
 
-    Only from a nats-users.json whose signature verifies with the pinned roster
-    authority, and never from one older than the hub.conf it replaces was made from.
+    Only from a nats-users.json whose signature verifies with the roster authority
+    key pinned (--authority), and never from one older than the hub.conf it replaces
+    was made from, nor another authority's.
     TLS settings are included from files of their own (--tls-include,
     --route-tls-include), so writing the configuration again keeps them. A hub.conf
     with TLS is not overwritten by one without.
@@ -622,9 +626,9 @@ def nats_config(
     ):
         if include is not None:
             _check_include(option, include, out)
-    signed = keyfiles.load_signed_users(
-        keydir, authority_path=authority, authority_option="--authority"
-    )
+    # The pin is named, never taken from the key directory: whoever changed the users on
+    # their way could have put their own authority key beside them (a review).
+    signed = keyfiles.load_signed_users(keydir, authority_path=authority)
     _check_not_older(out, signed)
     text = natsconfig.server_config(
         signed,
@@ -650,17 +654,18 @@ def nats_config(
     keyfiles.write_public(out, text.encode())
     echo_line(
         f"wrote {out} from {keydir / keyfiles.NATS_USERS_FILE} version {signed.version},"
-        f" signed by {signed.signer}: {', '.join(sorted(signed.users))}"
+        f" signed by {signed.signer} (RFC 7638 thumbprint {signed.thumbprint}):"
+        f" {', '.join(sorted(signed.users))}"
     )
 
 
 def _check_not_older(out: Path, signed: keyfiles.SignedUsers) -> None:
-    """Refuse users older than the ones the hub.conf at ``out`` was made from (a rollback).
+    """Refuse users older than those the hub.conf at ``out`` was made from, or another signer's.
 
     The users are signed, but an older signed file names a user since replaced (after
     a compromise: the thief holds its seed) as well as a newer one: whoever puts it in
-    the hub operator's way would log in again. Versions of one authority only: a new
-    authority (keys init --force) starts again at 1.
+    the hub operator's way would log in again. The guard is the first line of the file
+    it replaces (``natsconfig.made_from``): a hub.conf made elsewhere starts afresh.
     """
     try:
         old = out.read_text(errors="replace")
@@ -668,11 +673,23 @@ def _check_not_older(out: Path, signed: keyfiles.SignedUsers) -> None:
         return
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot read it: {exc.strerror}") from None
-    before = natsconfig.made_from(old)
-    if before is not None and before[1] == signed.signer and before[0] > signed.version:
+    try:
+        before = natsconfig.made_from(old)
+    except ValueError as exc:
+        raise UsageError(f"--out {out}: {exc}; move the file away first") from None
+    if before is None:
+        return
+    version, thumbprint = before
+    if thumbprint != signed.thumbprint:
+        raise KeyMaterialError(
+            f"--out {out} was made from users signed by another roster authority (thumbprint"
+            f" {thumbprint}, now {signed.thumbprint}): check --authority; if the authority"
+            " was replaced, move the old file away first"
+        )
+    if version > signed.version:
         raise KeyMaterialError(
             f"{keyfiles.NATS_USERS_FILE} is version {signed.version}, older than version"
-            f" {before[0]}, which {out} was made from (a rollback): ask the custodian for the"
+            f" {version}, which {out} was made from (a rollback): ask the custodian for the"
             " latest, and compare its version with them"
         )
 
