@@ -324,7 +324,7 @@ def test_the_custodian_does_not_sign_over_an_edited_file(custodian: Path, tmp_pa
     _, thief = natsusers.make_user(tmp_path / "thief", "AUDIT")
     path.write_text(json.dumps(json.loads(path.read_text()) | {"GBR": thief}))
     _, auditor = natsusers.make_user(tmp_path / "auditor", "AUDIT")
-    args = ["keys", "accept-nats-user", "AUDIT", auditor, "--dir", custodian]
+    args: list[str | Path] = ["keys", "accept-nats-user", "AUDIT", auditor, "--dir", custodian]
     line = refusal(msmt(*args, "--replace-nats-user"))
     assert line.startswith(f"{path} signature does not verify with the pinned authority key")
     assert line.endswith(
