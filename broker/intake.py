@@ -62,7 +62,14 @@ from broker.sightings import (
     same_content,
 )
 from broker.store import Accepted, Earlier, NewReport
-from broker.validation import InvalidRecordError, Line, LineSplitter, Oversize, parse_record
+from broker.validation import (
+    InvalidRecordError,
+    Line,
+    LineSplitter,
+    Oversize,
+    parse_new_record,
+    parse_record,
+)
 
 log = get_logger("intake")
 
@@ -198,7 +205,7 @@ class Intake:
             detail = f"record is at least {raw.size} bytes; limit {self.max_bytes}"
             return _rejected(number, "size", detail=detail), None
         try:
-            sighting = parse_record(raw)
+            sighting = parse_new_record(raw)
         except InvalidRecordError as exc:
             problems = [{"path": p.path, "reason": p.reason} for p in exc.problems]
             if any(p.reason.startswith("record is ") for p in exc.problems):

@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from broker.errors import InputError
-from broker.sightings import KINDS, SIGHTING_ADAPTER, SightingModel
+from broker.sightings import KINDS, SIGHTING_ADAPTER, SightingModel, new_id_problem
 
 MAX_RECORD_BYTES = 64 * 1024
 """Largest single NDJSON record a feed may send; real sightings are a few KiB."""
@@ -164,6 +164,19 @@ def parse_record(raw: bytes | str) -> SightingModel:
     return sighting
 
 
+def parse_new_record(raw: bytes | str) -> SightingModel:
+    """``parse_record``, for a record a feed sends now: its id must also be random (v4).
+
+    Records stored before (planned again, compared with one sent again) are read with
+    ``parse_record`` alone: an id accepted then stays valid (``new_id_problem``).
+    """
+    sighting = parse_record(raw)
+    problem = new_id_problem(sighting.report_id)
+    if problem is not None:
+        raise InvalidRecordError([FieldProblem("report_id", problem)])
+    return sighting
+
+
 class _Duplicate(Exception):  # noqa: N818 - control flow inside duplicate_key only
     pass
 
@@ -236,7 +249,7 @@ def validate_lines(lines: Iterable[bytes]) -> Iterator[LineResult]:
         if not raw.strip():
             continue
         try:
-            yield LineResult(number, parse_record(raw), None)
+            yield LineResult(number, parse_new_record(raw), None)
         except InvalidRecordError as exc:
             yield LineResult(number, None, exc)
 

@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import stat
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from broker.intake import (
 )
 from broker.spool import Spool
 from broker.store import NewReport, Store
-from broker.validation import Line, LineSplitter, Oversize
+from broker.validation import Line, LineSplitter, Oversize, parse_record
 
 
 def ndjson(records: list[Any]) -> bytes:
@@ -183,6 +184,25 @@ async def test_process_answers_every_line_in_order(tmp_path: Path) -> None:
     # The id is sound, so the feed can match the answer to its record.
     assert answers[6]["report_id"] == foreign["report_id"]
     assert {r for r, _ in store.unplanned(10)} == {good[0]["report_id"], good[1]["report_id"]}
+
+
+async def test_a_report_stored_under_another_uuid_version_is_still_planned(
+    tmp_path: Path,
+) -> None:
+    # New records need a random (v4) id; one accepted before that rule, under a v1 id,
+    # stays in the outbox and is planned as before: nothing accepted is dropped.
+    store = Store(tmp_path / "s.db")
+    old = dict(jpn_records(1)[0], report_id=str(uuid.uuid1()))
+    raw = json.dumps(old).encode()
+    accepted = store.accept([NewReport(old["report_id"], old["kind"], raw)], feed="socket")
+    assert list(accepted) == [True]
+    assert [r for r, _ in store.unplanned(10)] == [old["report_id"]]
+    assert str(parse_record(store.unplanned(10)[0][1]).report_id) == old["report_id"]
+    # Sent again now, it is refused for its id, and the stored one is untouched.
+    answers = await make_intake(store).process([(1, raw)])
+    assert answers[0]["reason"] == "schema"
+    assert answers[0]["errors"][0]["path"] == "report_id"
+    assert [r for r, _ in store.unplanned(10)] == [old["report_id"]]
 
 
 async def test_unix_socket_endpoint_streams_answers_with_token(tmp_path: Path) -> None:

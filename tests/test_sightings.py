@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from broker.validation import (
     FieldProblem,
     InvalidRecordError,
     LineSplitter,
+    parse_new_record,
     parse_record,
     validate_lines,
 )
@@ -317,6 +319,40 @@ def test_report_id_must_be_a_canonical_chosen_uuid(value: str, reason: str) -> N
     problem = _one_problem(json.dumps(_vessel_with("report_id", value)))
     assert problem.path == "report_id"
     assert reason in problem.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "made"),
+    [
+        ("49bdfe34-f208-11f1-a7c8-02fc00000001", "version 1"),  # a clock and a MAC address
+        (str(uuid.uuid5(uuid.NAMESPACE_URL, "jpn-case-2026-00042")), "version 5"),
+        (str(uuid.uuid3(uuid.NAMESPACE_URL, "jpn-case-2026-00042")), "version 3"),
+        ("01890a5d-ac96-774b-bcce-b302099a8057", "version 7"),  # RFC 9562's example
+        ("0f14b58e-1c9c-4e89-c07f-c84adc47a049", "another variant"),
+    ],
+)
+def test_a_new_record_needs_a_random_report_id(value: str, made: str) -> None:
+    # The id reaches the hub in the clear in every envelope (docs/METADATA.md): a
+    # privacy review fed a version 1 id (the feed host's MAC address and clock) and a
+    # version 5 one of a guessable case number, and both were accepted.
+    raw = json.dumps(_vessel_with("report_id", value))
+    with pytest.raises(InvalidRecordError) as info:
+        parse_new_record(raw)
+    assert info.value.problems == [
+        FieldProblem(
+            "report_id",
+            f"must be a random UUID (version 4, as uuid4() makes), not {made}: the id reaches"
+            " the hub in the clear, and other versions carry a clock, a host's address or a"
+            " name",
+        )
+    ]
+    # What was stored under such an id before is still read (planned, compared).
+    assert str(parse_record(raw).report_id) == value
+    lines = list(validate_lines([raw.encode()]))
+    assert lines[0].error is not None
+    assert lines[0].error.problems[0].path == "report_id"
+    fresh = json.dumps(_vessel_with("report_id", str(uuid.uuid4())))
+    assert parse_new_record(fresh).report_id.version == 4
 
 
 @pytest.mark.parametrize(
