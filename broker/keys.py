@@ -843,7 +843,10 @@ def finish_roster_write(keydir: Path) -> str | None:
         return f"{cut}: finished it, roster version {candidate.version} is in place"
     if current is not None:
         for path in (staged, staged_sig):
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # a folder by that name (a bad-input sweep): one line
+                raise WriteError(f"{cut}, and {path} cannot be removed: {exc.strerror}") from None
         return f"{cut}: undid it, roster version {current.version} stays in place"
     raise KeyMaterialError(
         f"{cut}, and neither the roster in place nor the one left aside ({ROSTER_STAGED},"

@@ -793,6 +793,19 @@ def test_a_rotation_whose_roster_is_in_place_keeps_its_keys_when_the_mark_fails(
     assert json.loads(mark.read_text())["version"] == 3
 
 
+def test_a_folder_where_the_roster_is_put_aside_is_one_line_not_a_traceback(
+    keydir: Path,
+) -> None:
+    (keydir / keys.ROSTER_STAGED).mkdir()
+    result = CliRunner().invoke(main, ["keys", "rotate", "JPN", "--dir", str(keydir)])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"msmt: error: a roster write in {keydir} was cut short, and"
+        f" {keydir / keys.ROSTER_STAGED} cannot be removed: Is a directory\n"
+    )
+    assert keys.load_signed_roster(keydir).version == 1
+
+
 def test_finishing_a_cut_short_roster_write_records_it_as_signed(keydir: Path) -> None:
     # A review: the mark stayed a version behind after a finish, so the older pair put
     # back was signed over as a second, different version.
