@@ -629,7 +629,8 @@ def nats_config(
     # The pin is named, never taken from the key directory: whoever changed the users on
     # their way could have put their own authority key beside them (a review).
     signed = keyfiles.load_signed_users(keydir, authority_path=authority)
-    _check_not_older(out, signed)
+    old = _old_config(out)
+    _check_not_older(out, old, signed)
     text = natsconfig.server_config(
         signed,
         cluster=cluster,
@@ -640,7 +641,7 @@ def nats_config(
         tls_include=tls_include,
         route_tls_include=route_tls_include,
     )
-    dropped = _tls_dropped(out, text)
+    dropped = _tls_dropped(old, text)
     if dropped is not None:
         # An onboarding trial appended the tls block to hub.conf, as DEPLOY.md said;
         # writing the file again for a new member's user dropped it, and the hub,
@@ -659,20 +660,26 @@ def nats_config(
     )
 
 
-def _check_not_older(out: Path, signed: keyfiles.SignedUsers) -> None:
-    """Refuse users older than those the hub.conf at ``out`` was made from, or another signer's.
+def _old_config(out: Path) -> str | None:
+    """The hub.conf that ``--out`` would replace, or None if there is none."""
+    try:
+        return out.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot read it: {exc.strerror}") from None
+
+
+def _check_not_older(out: Path, old: str | None, signed: keyfiles.SignedUsers) -> None:
+    """Refuse users older than those the hub.conf ``old`` was made from, or another signer's.
 
     The users are signed, but an older signed file names a user since replaced (after
     a compromise: the thief holds its seed) as well as a newer one: whoever puts it in
     the hub operator's way would log in again. The guard is the first line of the file
     it replaces (``natsconfig.made_from``): a hub.conf made elsewhere starts afresh.
     """
-    try:
-        old = out.read_text(errors="replace")
-    except FileNotFoundError:
+    if old is None:
         return
-    except OSError as exc:
-        raise UsageError(f"--out {out}: cannot read it: {exc.strerror}") from None
     try:
         before = natsconfig.made_from(old)
     except ValueError as exc:
@@ -724,19 +731,15 @@ def _check_include(option: str, include: str, out: Path) -> None:
         )
 
 
-def _tls_dropped(path: Path, text: str) -> str | None:
-    """Where ``path`` sets TLS that ``text``, written over it, would not; or None.
+def _tls_dropped(old: str | None, text: str) -> str | None:
+    """Where the hub.conf ``old`` sets TLS that ``text``, written over it, would not; or None.
 
     Any ``tls`` block or ``include`` of the old file, wherever it is (the clients', a
     cluster's, a websocket's, an include holding one), the new configuration must carry
     in the same place: nats config writes only what its options say.
     """
-    try:
-        old = path.read_text(errors="replace")
-    except FileNotFoundError:
+    if old is None:
         return None
-    except OSError as exc:
-        raise UsageError(f"--out {path}: cannot read it: {exc.strerror}") from None
     dropped = natsconfig.tls_places(old) - natsconfig.tls_places(text)
     return min(dropped) if dropped else None
 
