@@ -390,7 +390,8 @@ def _verify_detached(
         raise KeyMaterialError(
             f"{what} signature does not verify with the pinned authority key {authority.kid}: "
             f"{'the roster' if what == 'roster' else 'the file'} was altered, or signed by"
-            " another key under that kid"
+            " another key under that kid, or the file and its signature are from two"
+            " different writes (copy both together)"
         ) from None
 
 

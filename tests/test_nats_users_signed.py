@@ -120,7 +120,8 @@ def test_a_user_swapped_on_its_way_to_the_hub_operator_is_refused(
     assert refusal(config(hub_operator, out)) == (
         f"{path} signature does not verify with the pinned authority key"
         f" {data and json.loads((tmp_path / 'pinned-authority.json').read_text())['kid']}:"
-        " the file was altered, or signed by another key under that kid"
+        " the file was altered, or signed by another key under that kid, or the file and its"
+        " signature are from two different writes (copy both together)"
     )
     assert not out.exists()
 
