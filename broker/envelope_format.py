@@ -53,6 +53,18 @@ MAX_PADDED_PLAINTEXT: Final = 3 * (MAX_ENVELOPE_BYTES - 4096) // 4
 
 MAX_DISCLOSURES: Final = 512
 """More disclosures than any report can have (fields plus variants); a bound on work."""
+MAX_HEADER_CHARS: Final = 4096
+"""Longest JWE or JWS protected header parsed (base64url): ours are a few hundred."""
+# At most this many JSON arrays and objects in each part, counted on its bytes before
+# it is parsed (a bracket inside a string counts too: an upper bound). An insider's
+# envelope of 62,000 empty lists in its header, or 46,000 in its payload, cost a
+# receiver 50 ms of CPU to refuse and a backlog of 300 of them 700 MiB (a trial); ours
+# hold a handful (a header's epk, a payload's _sd arrays and objects).
+MAX_HEADER_CONTAINERS: Final = 8
+MAX_PAYLOAD_CONTAINERS: Final = 256
+MAX_DISCLOSED_CONTAINERS: Final = 1024
+"""In all of a presentation's disclosures: each is one array; a validly signed one of
+46,000 empty lists cost a receiver 80-266 ms to refuse (the same trial)."""
 _JWE_MEMBERS: Final = frozenset({"alg", "enc", "cty", "kid", "epk", HDR_FROM, HDR_TO, HDR_RID})
 _JWS_MEMBERS: Final = frozenset({"alg", "typ", "kid"})
 _CLAIMS: Final = frozenset(
@@ -62,11 +74,27 @@ _TLPS: Final = frozenset(get_args(TLP))
 _COMPACT_JWE_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
 
 
-def _b64_json(segment: str, what: str) -> Any:
+def _b64_json(segment: str, what: str, max_containers: int) -> Any:
     try:
-        return sdjwt.loads_strict(sdjwt.b64u_decode(segment))
+        raw = sdjwt.b64u_decode(segment)
     except ValueError as exc:
         raise EnvelopeError("format", f"{what}: {exc}") from None
+    if sdjwt.containers(raw) > max_containers:
+        raise EnvelopeError(
+            "format", f"{what} holds more than {max_containers} JSON arrays and objects"
+        )
+    try:
+        return sdjwt.loads_strict(raw)
+    except ValueError as exc:
+        raise EnvelopeError("format", f"{what}: {exc}") from None
+
+
+def _header_segment(segment: str, what: str) -> Any:
+    if len(segment) > MAX_HEADER_CHARS:
+        raise EnvelopeError(
+            "format", f"{what} is {len(segment)} characters; limit {MAX_HEADER_CHARS}"
+        )
+    return _b64_json(segment, what, MAX_HEADER_CONTAINERS)
 
 
 def parse_jwe_header(token: object, limit: int) -> dict[str, Any]:
@@ -98,7 +126,7 @@ def parse_jwe(token: object, limit: int) -> tuple[dict[str, Any], list[str]]:
     # envelope would log two different hashes for it, so only canonical ones pass.
     if not all(sdjwt.has_canonical_tail(p) for p in parts):
         raise EnvelopeError("format", "a JWE segment is not canonical base64url")
-    header = _b64_json(parts[0], "JWE protected header")
+    header = _header_segment(parts[0], "JWE protected header")
     if not isinstance(header, dict):
         raise EnvelopeError("format", "JWE protected header is not a JSON object")
     return header, parts
@@ -207,7 +235,7 @@ def check_claims(plaintext: bytes, *, expected_header: Mapping[str, str]) -> Par
     segments = jws_text.split(".")
     if len(segments) != 3:
         raise EnvelopeError("format", "the SD-JWT's JWS is not a compact JWS")
-    header = _b64_json(segments[0], "JWS header")
+    header = _header_segment(segments[0], "JWS header")
     if not isinstance(header, dict):
         raise EnvelopeError("format", "JWS header is not a JSON object")
     _exact_members(header, _JWS_MEMBERS, "format", "JWS header")
@@ -216,7 +244,7 @@ def check_claims(plaintext: bytes, *, expected_header: Mapping[str, str]) -> Par
             raise EnvelopeError("format", f"JWS {name} is not {value}")
     if not isinstance(header["kid"], str):
         raise EnvelopeError("format", "JWS kid is not a string")
-    payload = _b64_json(segments[1], "JWS payload")
+    payload = _b64_json(segments[1], "JWS payload", MAX_PAYLOAD_CONTAINERS)
     if not isinstance(payload, dict):
         raise EnvelopeError("format", "JWS payload is not a JSON object")
     _check_claim_types(payload)

@@ -690,6 +690,45 @@ def test_replayed_jti(issued: envelope.Issued) -> None:
     reject(token, "replay", is_replay=seen.__contains__)
 
 
+# An insider holding a member's own keys sent envelopes built to be dear to refuse: a
+# JWE header, a JWS payload or a validly signed disclosure of tens of thousands of empty
+# lists cost a receiver 50-266 ms of CPU each and a backlog of 300 up to 1.1 GiB (a
+# trial). Each is now refused on a count of its brackets, before it is parsed.
+
+
+def test_a_header_of_many_lists_is_refused_before_it_is_parsed(issued: envelope.Issued) -> None:
+    token = seal(issued.jws + "~", rid=issued.report_id, x=[[]] * 600)
+    refused = reject(token, "format")
+    assert refused.reason == "JWE protected header holds more than 8 JSON arrays and objects"
+    long = seal(issued.jws + "~", rid=issued.report_id, x="a" * 4000)
+    assert reject(long, "format").reason.startswith("JWE protected header is 5")
+    assert reject(long, "format").reason.endswith(" characters; limit 4096")
+
+
+def test_a_payload_of_many_lists_is_refused_before_it_is_parsed(issued: envelope.Issued) -> None:
+    h, _, sig = issued.jws.split(".")
+    payload = payload_of(issued.jws) | {"x": [[]] * 300}
+    p = sdjwt.b64u_encode(sdjwt.dumps_compact(payload).encode())
+    refused = reject(seal(f"{h}.{p}.{sig}~", rid=issued.report_id), "format")
+    assert refused.reason == "JWS payload holds more than 256 JSON arrays and objects"
+
+
+def test_a_signed_disclosure_of_many_lists_is_refused_before_it_is_parsed(
+    issued: envelope.Issued,
+) -> None:
+    def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
+        d = sdjwt.Disclosure.make("name", [[]] * 1100)
+        payload["vessel"]["_sd"].append(d.digest)
+        return [d]
+
+    refused = reject(_forge(edit, issued), "disclosures")
+    assert refused.reason == "the disclosures hold more than 1024 JSON arrays and objects"
+    # Malformed ones cannot hide a wide one from the count.
+    wide = sdjwt.Disclosure.make("name", [[]] * 1100).encoded
+    token = _present_raw(issued, [wide, "not*base64"])
+    assert reject(token, "disclosures").reason == refused.reason
+
+
 def test_schema_violation_in_a_signed_disclosure(issued: envelope.Issued) -> None:
     def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
         d = sdjwt.Disclosure.make("imo", "9321484")  # bad check digit, signed by JPN
