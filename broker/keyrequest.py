@@ -133,7 +133,21 @@ def _check_directory(keydir: Path, member: str, *, first: bool) -> None:
                 f"{folder} already holds keys of {member} ({held[0].name}): {member} has keys "
                 "here, so this is not its first request; make it without --first"
             )
-        other = next((m for m in MEMBERS if m != member and _holds_keys(keydir / m)), None)
+        if (keydir / keyfiles.AUTHORITY_PRIVATE_FILE).exists():
+            # A review: the custodian's own directory took GBR's private keys beside the
+            # roster authority's; they belong on GBR's node.
+            raise UsageError(
+                f"{keydir} holds the roster authority's private key: it is the custodian's"
+                f" directory, not a node's; give {member}'s own with --dir"
+            )
+        other = next(
+            (
+                m
+                for m in (*MEMBERS, keyfiles.AUDIT_ACCOUNT)
+                if m != member and _holds_keys(keydir / m)
+            ),
+            None,
+        )
         if other is not None:
             # A trial ran GBR's first request in FRA's node folder: GBR's private keys and
             # seed landed beside FRA's, where FRA's operator holds them (accept then
@@ -646,7 +660,7 @@ def accept_request(
         raise UsageError("--valid-days must be at least 1")
     at = now or _utcnow()
     signed, authority = keyfiles.load_for_update(keydir)
-    users = keyfiles.load_users_for_update(keydir)
+    users = keyfiles.load_users_for_update(keydir, authority)
     # Checklist; each step raises KeyMaterialError naming the file, before any write.
     # 1. format: at most MAX_REQUEST_BYTES of UTF-8 JSON, no duplicate members, no
     #    "d" member anywhere (a private key: if it is a roster key's, the line names

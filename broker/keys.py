@@ -627,24 +627,63 @@ MAX_USERS_VERSION: Final = 2**53 - 1
 """RFC 8785 numbers are IEEE 754 doubles: a version above this would not sign exactly."""
 
 
-def load_users_for_update(keydir: Path) -> dict[str, str]:
-    """The custodian's ``nats-users.json``, verified with its own authority key if signed.
+NATS_USERS_SIGNED_FILE: Final = "authority/nats-users-signed.json"
+"""The version of ``nats-users.json`` last signed here and the SHA-256 of what was signed.
 
-    A file signed before must still match its signature: else the next routine change
-    (a member's accept) would sign whatever was edited into it (a review: a git-writable
-    copy). One never signed (from before signing) is read as it is, to be signed.
+Kept with the private key: whoever may write the public files (a git-writable copy) could
+otherwise edit the users, even drop their version and signature, and have the next
+routine change sign the edit (two reviews)."""
+
+
+def load_users_for_update(keydir: Path, authority: OKPKey) -> dict[str, str]:
+    """The custodian's ``nats-users.json``, exactly as last signed here, to change it.
+
+    ``authority`` is the private key from ``load_for_update``. Refused (one line, with
+    the way out) unless the file is what ``NATS_USERS_SIGNED_FILE`` records; in a key
+    directory from before that record, unless it verifies with ``authority`` (a file
+    never signed, with no signature beside it, is read as it is, to be signed).
     """
     path = keydir / NATS_USERS_FILE
-    users, version = split_users(read_json(path), path)
-    if version:
+    data = read_json(path)
+    users, version = split_users(data, path)
+    out = (
+        " (an edit, or a write cut short): 'msmt keys sign-nats-users' signs the file as it"
+        " stands (check the users it prints)"
+    )
+    mark = _read_users_mark(keydir)
+    if mark is not None:
+        if mark != (version, users_digest(data)):
+            raise KeyMaterialError(f"{path} is not the version {mark[0]} signed here{out}")
+        return users
+    sig_path = keydir / NATS_USERS_SIG_FILE
+    if version or sig_path.exists():
         try:
-            load_signed_users(keydir)
-        except KeyMaterialError as exc:
+            signature = read_file_text(sig_path, "ascii")
+            _verify_detached(str(path), data, signature, authority, NATS_USERS_JWS_TYP, "")
+        except (OSError, UnicodeDecodeError, KeyMaterialError):
             raise KeyMaterialError(
-                f"{exc}; if it is the custodian's own write cut short, 'msmt keys"
-                " sign-nats-users' signs the file as it is (check the users it prints)"
+                f"{path} does not verify with {sig_path.name} and the authority key{out}"
             ) from None
     return users
+
+
+def users_digest(data: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of ``nats-users.json``'s RFC 8785 bytes: what its signature covers."""
+    return hashlib.sha256(rfc8785.dumps(dict(data))).hexdigest()
+
+
+def _read_users_mark(keydir: Path) -> tuple[int, str] | None:
+    path = keydir / NATS_USERS_SIGNED_FILE
+    if not path.exists():
+        return None
+    mark = read_json(path)
+    if not (
+        isinstance(mark, dict)
+        and isinstance(mark.get("version"), int)
+        and isinstance(mark.get("sha256"), str)
+    ):
+        raise KeyMaterialError(f"{path}: not a record of the users signed here")
+    return mark["version"], mark["sha256"]
 
 
 def write_nats_users(
@@ -674,6 +713,8 @@ def write_nats_users(
         staged.unlink(missing_ok=True)
         raise
     _put_in_place(staged, sig_path)
+    mark = {"version": previous + 1, "sha256": users_digest(data)}
+    _write_atomic(keydir / NATS_USERS_SIGNED_FILE, json_bytes(mark), private=True)
     return previous + 1
 
 
@@ -949,7 +990,11 @@ def load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
     signed = load_signed_roster(keydir)
     path = keydir / AUTHORITY_PRIVATE_FILE
     authority = load_private_jwk_any(path)
-    if authority.kid != load_authority(keydir / AUTHORITY_PUBLIC_FILE).kid:
+    public = load_authority(keydir / AUTHORITY_PUBLIC_FILE)
+    # The whole key, not its kid: another key under the same kid in the public file
+    # would have verified a roster (or users) re-signed with it, which the real key
+    # would then sign over (a review forged both).
+    if authority.kid != public.kid or authority.thumbprint() != public.thumbprint():
         raise KeyMaterialError(f"{path} is not the key of {AUTHORITY_PUBLIC_FILE}")
     _check_signed_before(keydir, signed)
     return signed, authority

@@ -384,18 +384,27 @@ _MADE_FROM_RE: Final = re.compile(
 
 
 def made_from(text: str) -> tuple[int, str] | None:
-    """The users' version and signer's thumbprint a configuration's first line names.
+    """The users' version and signer's thumbprint a configuration says it was made from.
 
-    ``None`` if its first line is not ``MADE_FROM``'s (written by hand, or by an msmt
-    before signing). Raises ``ValueError`` for one that starts so but does not parse:
-    an edit that would otherwise turn the rollback guard off unseen (a review).
+    ``None`` if no line says so (written by hand, or by an msmt before signing). Raises
+    ``ValueError`` for such a line that does not parse, or two: an edit that would
+    otherwise turn the rollback guard off unseen (a review).
     """
-    first = text.partition("\n")[0].removesuffix("\r")
-    if not first.startswith(MADE_FROM):
+    # Any line that names it, wherever it is: a BOM, a blank or a comment line put above
+    # it turned the guard off unseen (a review).
+    marked = [
+        line.strip().lstrip("\ufeff")
+        for line in text.splitlines()
+        if "made by msmt nats config" in " ".join(line.split())
+    ]
+    if not marked:
         return None
-    found = _MADE_FROM_RE.fullmatch(first)
+    found = _MADE_FROM_RE.fullmatch(marked[0]) if len(marked) == 1 else None
     if found is None:
-        raise ValueError(f"its first line is not one msmt nats config writes: {first[:120]!r}")
+        raise ValueError(
+            f"its line saying what it was made from is not one msmt nats config writes"
+            f" ({len(marked)} such line{'s' if len(marked) > 1 else ''}): {marked[0][:120]!r}"
+        )
     return int(found[1]), found[3]
 
 

@@ -84,7 +84,8 @@ def record_user(keydir: Path, account: str, nkey: str, *, replace: bool = False)
     _check_account(account)
     path = keydir / keyfiles.NATS_USERS_FILE
     nkey = keyfiles.check_nats_user(nkey.strip(), "the NATS user")
-    users = keyfiles.load_users_for_update(keydir)
+    authority = keyfiles.load_for_update(keydir)[1]
+    users = keyfiles.load_users_for_update(keydir, authority)
     other = next((a for a, u in users.items() if u == nkey and a != account), None)
     if other is not None:
         raise KeyMaterialError(f"the NATS user is already {other}'s in {path}")
@@ -96,6 +97,5 @@ def record_user(keydir: Path, account: str, nkey: str, *, replace: bool = False)
             f"{path} already has another NATS user for {account}: pass --replace-nats-user to "
             "replace it (its seed then no longer logs in)"
         )
-    authority = keyfiles.load_for_update(keydir)[1]
     version = keyfiles.write_nats_users(keydir, users | {account: nkey}, authority)
     return Recorded(path, "added" if previous is None else "replaced", version)

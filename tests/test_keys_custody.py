@@ -244,6 +244,12 @@ def test_a_request_outside_the_members_key_directory_is_refused_before_any_write
         " give FRA's own with --dir"
     )
     assert snapshot(tmp_path) == before_seed
+    # Nor in the custodian's directory, beside the roster authority's private key.
+    assert refusal(msmt("keys", "request", "FRA", "--dir", custodian, "--out", out, "--first")) == (
+        f"{custodian} holds the roster authority's private key: it is the custodian's"
+        " directory, not a node's; give FRA's own with --dir"
+    )
+    assert snapshot(tmp_path) == before_seed
     # In its own key directory, with the roster, the request is made and signed by the
     # current key.
     done = request(gbr, "GBR", out)

@@ -114,6 +114,7 @@ def test_authority_starts_an_empty_signed_roster_and_no_member_keys(tmp_path: Pa
             keys.AUTHORITY_PUBLIC_FILE,
             keys.NATS_USERS_FILE,
             keys.NATS_USERS_SIG_FILE,
+            keys.NATS_USERS_SIGNED_FILE,
             keys.ROSTER_FILE,
             keys.ROSTER_SIG_FILE,
             keys.ROSTER_SIGNED_FILE,

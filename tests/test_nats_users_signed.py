@@ -20,6 +20,7 @@ import pytest
 import rfc8785
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from joserfc.jwk import OKPKey
 
 from broker import keyrequest, keys, natsconfig, natsusers
 from broker.cli import main
@@ -294,15 +295,15 @@ def test_the_pin_is_named_and_another_authoritys_users_do_not_replace_the_config
 
 
 @pytest.mark.parametrize(
-    "edit",
+    ("edit", "lines"),
     [
-        lambda line: line + " ",
-        lambda line: line.replace("version 1,", "version 1000000000000000000,"),
-        lambda line: line.replace("thumbprint ", "thumbprint x"),
+        (lambda line: line.replace("version 1,", "version 1000000000000000000,"), 1),
+        (lambda line: line.replace("thumbprint ", "thumbprint x"), 1),
+        (lambda line: line + "\n" + line, 2),
     ],
 )
-def test_an_edited_first_line_does_not_turn_the_guard_off(
-    hub_operator: Path, tmp_path: Path, edit: Callable[[str], str]
+def test_an_edited_line_of_what_it_was_made_from_is_refused(
+    hub_operator: Path, tmp_path: Path, edit: Callable[[str], str], lines: int
 ) -> None:
     out = tmp_path / "hub.conf"
     assert config(hub_operator, out).exit_code == 0
@@ -311,10 +312,39 @@ def test_an_edited_first_line_does_not_turn_the_guard_off(
     edited = out.read_bytes()
     line = refusal(config(hub_operator, out))
     assert line.startswith(
-        f"--out {out}: its first line is not one msmt nats config writes: '# made by msmt"
+        f"--out {out}: its line saying what it was made from is not one msmt nats config"
+        f" writes ({lines} such line{'s' if lines > 1 else ''}): '# made by msmt"
     )
     assert line.endswith("; move the file away first")
     assert out.read_bytes() == edited
+
+
+@pytest.mark.parametrize(
+    "above", ["\ufeff", "\n", "# the production hub\n", " ", "# made by  msmt nats config"]
+)
+def test_what_is_put_above_the_line_does_not_turn_the_guard_off(
+    custodian: Path, hub_operator: Path, tmp_path: Path, above: str
+) -> None:
+    # A review: a BOM, a blank line or a comment above it read as "made elsewhere".
+    old = tmp_path / "version-1"
+    shutil.copytree(hub_operator, old)
+    natsusers.sign_users(custodian)
+    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+        shutil.copy(custodian / name, hub_operator)
+    out = tmp_path / "hub.conf"
+    assert config(hub_operator, out).exit_code == 0
+    text = out.read_text()
+    if above.startswith("# made by"):  # the marker itself respaced
+        first, rest = text.split("\n", 1)
+        text = first.replace("made by msmt", "made by  msmt") + "\n" + rest
+    else:
+        text = above + text
+    out.write_text(text)
+    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+        shutil.copy(old / name, hub_operator)
+    line = refusal(config(hub_operator, out))
+    assert "older than version 2" in line or "is not one msmt nats config writes" in line
+    assert out.read_text() == text
 
 
 def test_the_custodian_does_not_sign_over_an_edited_file(custodian: Path, tmp_path: Path) -> None:
@@ -327,15 +357,36 @@ def test_the_custodian_does_not_sign_over_an_edited_file(custodian: Path, tmp_pa
     _, auditor = natsusers.make_user(tmp_path / "auditor", "AUDIT")
     args: list[str | Path] = ["keys", "accept-nats-user", "AUDIT", auditor, "--dir", custodian]
     line = refusal(msmt(*args, "--replace-nats-user"))
-    assert line.startswith(f"{path} signature does not verify with the pinned authority key")
-    assert line.endswith(
-        "; if it is the custodian's own write cut short, 'msmt keys sign-nats-users' signs the"
-        " file as it is (check the users it prints)"
+    assert line == (
+        f"{path} is not the version 1 signed here (an edit, or a write cut short): 'msmt keys"
+        " sign-nats-users' signs the file as it stands (check the users it prints)"
     )
+    # Nor with its version and signature dropped, as if from before signing (a review).
+    path.write_text(json.dumps(natsusers.load_users(custodian)))
+    (custodian / keys.NATS_USERS_SIG_FILE).unlink()
+    assert "is not the version 1 signed here" in refusal(msmt(*args, "--replace-nats-user"))
     assert keys.split_users(json.loads(path.read_text()), path)[0]["GBR"] == thief
     signed = msmt("keys", "sign-nats-users", "--dir", custodian)
     assert signed.exit_code == 0, signed.output
     assert f"GBR {thief}" in signed.stdout.splitlines()
+
+
+def test_a_public_authority_key_swapped_under_its_kid_is_not_signed_over(
+    custodian: Path, tmp_path: Path
+) -> None:
+    # A review: with another key under the real kid in roster-authority.json, an edited
+    # roster or users re-signed with it verified, and the real key signed over them.
+    public = custodian / keys.AUTHORITY_PUBLIC_FILE
+    kid = json.loads(public.read_text())["kid"]
+    forged = OKPKey.generate_key("Ed25519", parameters={"kid": kid, "alg": "Ed25519"}, private=True)
+    public.write_bytes(keys.json_bytes(forged.as_dict(private=False)))
+    jwks = json.loads((custodian / keys.ROSTER_FILE).read_text())
+    (custodian / keys.ROSTER_SIG_FILE).write_text(keys.sign_roster(jwks, forged) + "\n")
+    assert keys.load_signed_roster(custodian).version == 1  # verifies with the forged key
+    _, auditor = natsusers.make_user(tmp_path / "auditor", "AUDIT")
+    args: list[str | Path] = ["keys", "accept-nats-user", "AUDIT", auditor, "--dir", custodian]
+    line = refusal(msmt(*args, "--replace-nats-user"))
+    assert line.endswith(f"roster-authority.jwk is not the key of {keys.AUTHORITY_PUBLIC_FILE}")
 
 
 def test_a_new_authority_signs_version_1_over_whatever_was_there(
