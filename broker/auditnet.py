@@ -71,9 +71,11 @@ from broker.auditnet_base import (
     ECHO_INTERVAL_S,
     GROWN_KEPT,
     LOG_EVERY_S,
+    NOTES_PENDING,
+    NOTES_PENDING_BYTES,
+    PROOF_PENDING,
     PROOF_TIMEOUT,
     PUBLISHED_KEPT,
-    QUEUE_LIMIT,
     SETTLED_S,
     WITNESS_INTERVAL_S,
     WITNESS_SPREAD,
@@ -89,7 +91,9 @@ __all__ = [
     "next_round",
     "save_witness_state",
     "PROOF_TIMEOUT",
-    "QUEUE_LIMIT",
+    "NOTES_PENDING",
+    "NOTES_PENDING_BYTES",
+    "PROOF_PENDING",
     "WITNESS_INTERVAL_S",
     "WITNESS_SPREAD",
     "SETTLED_S",
@@ -155,9 +159,21 @@ class AuditNet(OwnLog, Witnessing):
 
     async def subscribe(self, nc: Client) -> None:
         """Subscribe to the audit subjects on ``nc`` (call again after a new connection)."""
-        await nc.subscribe(f"msmt.audit.{self.member}.proof", cb=self._on_proof_request)
-        await nc.subscribe("msmt.audit.*.checkpoint", cb=self._on_checkpoint)
-        await nc.subscribe("msmt.audit.*.cosignature", cb=self._on_cosignature)
+        await nc.subscribe(
+            f"msmt.audit.{self.member}.proof",
+            cb=self._on_proof_request,
+            pending_msgs_limit=PROOF_PENDING,
+        )
+        for kind, cb in (
+            ("checkpoint", self._on_checkpoint),
+            ("cosignature", self._on_cosignature),
+        ):
+            await nc.subscribe(
+                f"msmt.audit.*.{kind}",
+                cb=cb,
+                pending_msgs_limit=NOTES_PENDING,
+                pending_bytes_limit=NOTES_PENDING_BYTES,
+            )
 
     async def _on_checkpoint(self, msg: Msg) -> None:
         origin = msg.subject.split(".")[2]
@@ -170,10 +186,10 @@ class AuditNet(OwnLog, Witnessing):
             return
         if not is_member(origin):
             return
-        # Latest wins: when we fall behind, dropping a checkpoint only delays a cosignature.
-        if self._queue.full():
-            self._queue.get_nowait()
-        self._queue.put_nowait((origin, msg.data))
+        # Latest wins, per log: when we fall behind, a checkpoint replaced by its log's
+        # next only delays a cosignature.
+        self._arrived[origin] = msg.data
+        self._arrival.set()
 
     async def run(self, nc: Client, stop: asyncio.Event) -> None:
         """Witness partners' checkpoints in rounds (see the class) until ``stop``.

@@ -34,7 +34,14 @@ from broker.witness import LogState, Witness, load_witness_state
 log = get_logger("auditnet")
 
 PROOF_TIMEOUT: Final = 3.0
-QUEUE_LIMIT: Final = 256
+PROOF_PENDING: Final = 256
+"""Proof requests waiting at most (nats-py's default is 524,288): past it they are
+dropped, and the partner asks again. An insider's flood of 441,000 in 17 s held a node
+busy for three minutes and 310 MiB more, its replies too late for anyone (a trial)."""
+NOTES_PENDING: Final = 4096
+"""Checkpoint and cosignature notes waiting at most, each subscription (notes are at
+most a few KiB; a partner's flood is dropped, not buffered)."""
+NOTES_PENDING_BYTES: Final = 16 * 1024 * 1024
 WITNESS_INTERVAL_S: Final = 5.0
 """While logs keep growing, witnessing rounds start on the wall clock's multiples of
 this (seconds since the epoch), at least half of it apart: under load a partner's log
@@ -126,7 +133,11 @@ class AuditNetBase:
         # The last witness_refused text by log ("" for our own state's save): a log
         # that stays unreachable is retried every round, and warned of once.
         self._last_warned: dict[str, str] = {}
-        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(QUEUE_LIMIT)
+        # The latest checkpoint note received from each log, not yet held: one slot per
+        # log, so a partner flooding its own subject replaces only its own (a shared
+        # queue of 256 dropped the others', which then went uncosigned: a trial).
+        self._arrived: dict[str, bytes] = {}
+        self._arrival = asyncio.Event()
         self._pending: dict[str, bytes] = {}
         self._newest = math.inf  # when the newest pending checkpoint arrived
         # A round's checkpoints, taken at its start, and when its work is due (``spread``).
@@ -218,7 +229,7 @@ class AuditNetBase:
     @property
     def backlog(self) -> int:
         """Checkpoints received but not yet witnessed (queued, plus the latest held per log)."""
-        return self._queue.qsize() + len(self._pending) + len(self._batch or ())
+        return len(self._arrived) + len(self._pending) + len(self._batch or ())
 
     def _log_cosigned(self, *, now: bool = False) -> None:
         # About 33 notes a minute reach a node under load, each merging a line or

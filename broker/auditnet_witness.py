@@ -106,15 +106,16 @@ class Witnessing(AuditNetBase):
                     self._start_round(now)
                     continue
                 wait = min(wait, due)
-            getting: asyncio.Future[Any] = asyncio.ensure_future(self._queue.get())
-            await asyncio.wait([getting, stopping], timeout=wait, return_when="FIRST_COMPLETED")
-            if not getting.done():
-                # A cancelled get takes nothing: what arrives meanwhile stays queued.
+            if not self._arrived:
+                getting = asyncio.ensure_future(self._arrival.wait())
+                await asyncio.wait([getting, stopping], timeout=wait, return_when="FIRST_COMPLETED")
                 getting.cancel()
-                continue
-            self._hold(*getting.result())
-            while not self._queue.empty():
-                self._hold(*self._queue.get_nowait())
+                if not self._arrived:
+                    continue
+            arrived, self._arrived = self._arrived, {}
+            self._arrival.clear()
+            for origin, data in arrived.items():
+                self._hold(origin, data)
 
     def _hold(self, origin: str, data: bytes) -> None:
         # A log republishes its checkpoint as cosignatures merge into it. A copy

@@ -776,6 +776,25 @@ async def test_junk_on_a_partners_checkpoint_subject_is_named_for_what_it_is(
     assert audit.usa.alarm_count() == 0
 
 
+async def test_a_partner_flooding_its_own_subject_does_not_push_out_anothers_checkpoint(
+    audit: Audit,
+) -> None:
+    # An insider trial flooded its own checkpoint subject: in the queue of 256 the
+    # witnesses shared, its notes pushed out the other logs', which went uncosigned.
+    # One slot per log now. Delivered here without a pause between, as a burst is.
+    audit.usa.net.interval = 0
+    note = audit.append(0)
+    usa = audit.usa.net
+    await usa._on_checkpoint(
+        Msg(audit.tap, subject=f"msmt.audit.{MEMBER}.checkpoint", data=note.encode())
+    )
+    for i in range(2000):
+        junk = f"junk {i}".encode()
+        await usa._on_checkpoint(Msg(audit.tap, subject="msmt.audit.KOR.checkpoint", data=junk))
+    assert usa.backlog <= 2  # JPN's and KOR's latest, nothing more
+    await await_for(lambda: audit.usa_state().size == 3, 10, "USA cosigned JPN's size 3")
+
+
 async def _kor_answers_proofs_with(audit: Audit, reply: bytes) -> list[bytes]:
     """USA has cosigned KOR's log at size 3; KOR's proof service answers ``reply``."""
     audit.usa.net.witness.state["KOR"] = LogState(3, bytes(32))
