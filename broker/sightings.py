@@ -202,9 +202,15 @@ ReportId = Annotated[
 Trigraph = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 3166-1 alpha-3 code")]
 # Names, handles and details are single-line text. A control character (C0,
 # DEL, C1) or a Unicode line break is refused: carried into STIX, a terminal or
-# a partner's database it could split a line, hide text or truncate a value.
+# a partner's database it could split a line, hide text or truncate a value. So are
+# the bidirectional embeddings, overrides and isolates and the invisible zero-width
+# space, word joiner and BOM: an insider trial's "GOOD SHIP \u202eGNAYGNOYP\u202c" read
+# "GOOD SHIP PYONGYANG" in an analyst's tools after msmt export stix. (The zero-width
+# joiners and marks some scripts need are kept.)
 # One spelling for both: Python's re and ECMA-262 (JSON Schema patterns) read it alike.
-_CONTROL_CHARS: Final = r"\x00-\x1f\x7f-\x9f\u2028\u2029"
+_CONTROL_CHARS: Final = (
+    r"\x00-\x1f\x7f-\x9f\u2028\u2029\u200b\u202a-\u202e\u2060\u2066-\u2069\ufeff"
+)
 _NOT_TEXT: Final = re.compile(f"[{_CONTROL_CHARS}]")
 
 
@@ -212,8 +218,9 @@ def _single_line(value: str) -> str:
     found = _NOT_TEXT.search(value)
     if found is not None:
         raise ValueError(
-            f"character {found.start() + 1} is U+{ord(found.group()):04X}, a control"
-            " character or line break; text must be a single printable line"
+            f"character {found.start() + 1} is U+{ord(found.group()):04X}, a control,"
+            " invisible or text-direction character or a line break; text must be a single"
+            " printable line"
         )
     return value
 

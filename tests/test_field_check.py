@@ -113,6 +113,12 @@ PATHS = [(kind, path) for kind in KINDS for path in field_paths(kind)]
         ("worker.location", "Vladivostok\x85", "U+0085"),
         ("source.sensor", "SAR\u2029", "U+2029"),
         ("transfer.exchanges", ["Ex", "Ch\x7f"], "U+007F"),
+        # Text-direction and invisible characters (an insider trial: a name reversed in
+        # an analyst's STIX tool).
+        ("vessel.name", "GOOD SHIP \u202eGNAYGNOYP\u202c", "U+202E"),
+        ("vessel.name", "SHIP \u2066A\u2069", "U+2066"),
+        ("worker.employer", "Ace\u200bCorp", "U+200B"),
+        ("source.sensor", "\ufeffSAR", "U+FEFF"),
     ],
 )
 def test_text_with_a_control_character_or_line_break_is_refused_naming_it(
@@ -130,7 +136,9 @@ def test_text_with_a_control_character_or_line_break_is_refused_naming_it(
 
 
 def test_single_line_unicode_text_is_accepted() -> None:
-    for text in ("Chon Ma San", "Jin Kang 진강", "Société Générale", "أ ب ت", "x" * 200):
+    # The zero-width non-joiner and joiner some scripts need (Persian, emoji) are text.
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
+    for text in ("Chon Ma San", "Jin Kang 진강", "Société Générale", "أ ب ت", "x" * 200, persian):
         validate_field("vessel", "vessel.name", text)
         _oracle("vessel", "vessel.name", text)
 
