@@ -47,7 +47,7 @@ from node_world import (
 from structlog.testing import capture_logs
 
 import broker.hubwatch
-import broker.node
+import broker.node_housekeeping
 import broker.receiver
 from broker import envelope, envelope_format, keys, samples, sdjwt
 from broker.auditlog import DB_FILE
@@ -57,7 +57,8 @@ from broker.metrics import Metrics
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import InboxLimits, connect_account, setup_account
 from broker.natsproc import NatsServer
-from broker.node import Node, NodeFailedError, failure_text, nats_error_text
+from broker.node import Node, NodeFailedError, failure_text
+from broker.node_messaging import nats_error_text
 from broker.node_start import load_node
 from broker.policy import variants
 from broker.roster import Roster, RosterKey
@@ -2266,7 +2267,7 @@ async def test_a_working_node_logs_counts_of_what_it_did_and_an_idle_one_nothing
 ) -> None:
     # Receipts are not logged one by one; an operator tailing the log still sees the
     # node at work: one "activity" line per interval, counts only.
-    monkeypatch.setattr(broker.node, "ACTIVITY_EVERY_S", 0.5)
+    monkeypatch.setattr(broker.node_housekeeping, "ACTIVITY_EVERY_S", 0.5)
     for member in ("JPN", "USA"):
         world.write_config(member)
     records = records_for("JPN", 5, seed=71)

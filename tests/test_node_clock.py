@@ -25,7 +25,7 @@ from node_world import (
 )
 from structlog.testing import capture_logs
 
-import broker.node as node_module
+import broker.node_housekeeping as housekeeping_module
 from broker import hubwatch
 from broker.node_start import load_node
 from broker.validation import parse_record
@@ -166,7 +166,7 @@ async def test_the_clock_is_compared_with_the_hubs_as_soon_as_the_node_connects(
     # after connecting, in every node start. With the rounds an hour apart here, a
     # comparison that waited for one would never come, and the status would not say
     # "connected" either: the round before the connection wrote it.
-    monkeypatch.setattr(node_module, "HOUSEKEEPING_S", 3600.0)
+    monkeypatch.setattr(housekeeping_module, "HOUSEKEEPING_S", 3600.0)
     world.write_config("JPN")
     jpn = load_node(world.config("JPN"))
     task = asyncio.create_task(jpn.run())

@@ -30,8 +30,7 @@ from node_world import (
     write_node_config,
 )
 
-from broker import hubwatch, keys
-from broker import node as node_module
+from broker import hubwatch, keys, node_housekeeping
 from broker.errors import KeyMaterialError
 from broker.natsetup import setup_account
 from broker.natsproc import free_port
@@ -290,7 +289,7 @@ async def test_an_idle_log_gets_the_cosignature_of_a_witness_that_was_away(
     # checkpoint never changes again, so before, it was never published again and
     # USA never cosigned it: the log stayed short of its quorum until the next
     # report (chaos walkthrough, after hub restarts). JPN now republishes it.
-    monkeypatch.setattr(node_module, "REPUBLISH_S", 0.5)
+    monkeypatch.setattr(node_housekeeping, "REPUBLISH_S", 0.5)
     for member in ("JPN", "USA"):
         world.write_config(member, BATCH_POLICY if member == "JPN" else None)
     jpn = load_node(world.config("JPN"))
