@@ -273,7 +273,7 @@ def rejected_many(
     """``count`` messages from ``source`` were rejected, ``steps[step]`` at each checklist step.
 
     Written instead of one ``rejected`` entry each once ``source`` is over its
-    quota (``broker.receiver``): counts only, no report ids, hashes or reasons.
+    quota (``broker.inbound_base``): counts only, no report ids, hashes or reasons.
     ``count`` is the sum of ``steps``, each at least 1.
     """
     if not isinstance(steps, Mapping) or not steps:

@@ -29,6 +29,7 @@ from broker.auditlog import AuditLog
 from broker.auditnet import AuditNet
 from broker.config import NodeConfig
 from broker.hubwatch import HubWatch
+from broker.inbound import Inbound
 from broker.intake import Intake
 from broker.log import Throttle, get_logger
 from broker.metrics import Metrics
@@ -36,7 +37,7 @@ from broker.planloop import PlanLoop
 from broker.planner import Planner
 from broker.planpool import PlanPool
 from broker.publisher import Publisher, RunDb
-from broker.receiver import Inbound, Receiver
+from broker.receiver import Receiver
 from broker.roster import format_time
 from broker.store import Store
 

@@ -29,6 +29,7 @@ from broker.config import NodeConfig
 from broker.errors import AuditError, ConfigError, KeyMaterialError, StoreDamagedError
 from broker.feeds import SHARED_STATE
 from broker.files import holds_nothing
+from broker.inbound import Inbound
 from broker.keys import (
     pin_roster,
 )
@@ -40,7 +41,6 @@ from broker.node import Node
 from broker.node_files import check_data_dir, load_files
 from broker.planner import Planner, Signer
 from broker.publisher import RunDb
-from broker.receiver import Inbound
 from broker.reconcile import audit_unaudited, check_store_against_log, log_lost, ran_before
 from broker.roster import Roster
 from broker.stopsignals import StopSignals

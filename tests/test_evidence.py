@@ -710,7 +710,7 @@ def _receive_from_kor(world: World, count: int, report_ids: Sequence[str] = ()) 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from broker.auditlog import AuditLog
-    from broker.receiver import Inbound
+    from broker.inbound import Inbound
 
     now = datetime.now(UTC)
     forger = Forger(world, now)

@@ -483,7 +483,7 @@ def assert_refusals_bounded(config: NodeConfig, refused: int) -> None:
     Minutes are read from the entries' own times (to the second) and batches from
     the log's checkpoints (one per durable append), so no timing is assumed.
     """
-    from broker.receiver import REFUSALS_LOGGED_PER_MINUTE as PER_MINUTE
+    from broker.inbound_base import REFUSALS_LOGGED_PER_MINUTE as PER_MINUTE
 
     entries = audit_entries(config.audit_dir)
     told = [e for e in entries if e["type"] == "rejected"]
@@ -785,7 +785,7 @@ def usa_inbound(tmp_path: Path) -> Iterator[tuple[Any, Forger, Path]]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from broker.auditlog import AuditLog
-    from broker.receiver import Inbound
+    from broker.inbound import Inbound
 
     keydir = tmp_path / "keys"
     now = datetime.now(UTC)
@@ -821,12 +821,12 @@ def test_a_senders_junk_fills_neither_the_log_nor_hides_other_senders(
     # A red-team member's junk was refused 1,850 times a second, each with a log line
     # and a ~360-byte audit entry. Per source, REFUSALS_LOGGED_PER_MINUTE refusals a
     # minute get both; the rest of a batch's are one rejected_many entry.
-    from broker import receiver
+    from broker import inbound_base
 
     make, _, path = usa_inbound
     clock = [1000.0]
     inbound = make(Store(path), clock=lambda: clock[0])
-    limit = receiver.REFUSALS_LOGGED_PER_MINUTE
+    limit = inbound_base.REFUSALS_LOGGED_PER_MINUTE
     junk = [("from.KOR.msmt.to.USA.vessel", b"junk %d" % i) for i in range(200)]
     with capture_logs() as logs:
         first = inbound.process(junk)
@@ -862,12 +862,12 @@ def test_a_senders_junk_fills_neither_the_log_nor_hides_other_senders(
 def test_refusals_over_the_quota_are_folded_by_source_and_step_beside_good_reports(
     usa_inbound: tuple[Any, Forger, Path],
 ) -> None:
-    from broker import receiver
+    from broker import inbound_base
 
     make, forger, path = usa_inbound
     store = Store(path)
     inbound = make(store, clock=lambda: 5.0)
-    limit = receiver.REFUSALS_LOGGED_PER_MINUTE
+    limit = inbound_base.REFUSALS_LOGGED_PER_MINUTE
     records = records_for("JPN", 3, seed=31)
     good = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
     kor = [("from.KOR.msmt.to.USA.vessel", b"junk %d" % i) for i in range(limit)]
@@ -1215,7 +1215,7 @@ def test_one_sender_can_hold_only_so_many_messages_and_others_still_flow(
     # Red team: about 1,025 envelopes to a made-up key of USA's (no valid crypto
     # needed) filled the consumer's max_ack_pending with held messages, and the
     # whole inbox stalled for a day. One sender may hold MAX_HELD_PER_SENDER.
-    from broker.receiver import MAX_HELD_PER_SENDER
+    from broker.inbound_base import MAX_HELD_PER_SENDER
 
     make, forger, path = usa_inbound
     store = Store(path)
@@ -1262,7 +1262,7 @@ def test_one_sender_can_hold_only_so_many_messages_and_others_still_flow(
 def test_a_held_message_comes_again_later_each_time_up_to_a_cap() -> None:
     from nats.aio.msg import Msg
 
-    from broker.receiver import hold_delay
+    from broker.receiver_pull import hold_delay
 
     def delivered(n: int) -> Msg:
         # The hub's ack subject carries the delivery count (nats-py parses it).

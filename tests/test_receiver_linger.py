@@ -1,18 +1,18 @@
-"""When a part batch waits for company (``receiver.Linger``; pure: no node, no hub)."""
+"""When a part batch waits for company (``receiver_pull.Linger``; pure: no node, no hub)."""
 
 from __future__ import annotations
 
 import pytest
 from nats.aio.msg import Msg
 
-from broker.receiver import (
+from broker.receiver_pull import (
     LINGER_COMPANY,
     LINGER_S,
     RATE_SAMPLE,
     Linger,
-    _published_at,
     hold_delay,
     hub_pending,
+    published_at,
 )
 
 
@@ -108,5 +108,5 @@ def test_a_malformed_ack_subject_costs_a_held_message_nothing(reply: str) -> Non
     # parse of the subject unguarded, and the error stopped the node.
     msg = Msg(_client=None, subject="from.JPN.msmt.to.USA.sighting", reply=reply, data=b"")  # type: ignore[arg-type]
     assert hold_delay(60.0, msg) == 60.0  # as a first delivery
-    assert _published_at(msg) is None  # unknown: the receiver counts from now
+    assert published_at(msg) is None  # unknown: the receiver counts from now
     assert hub_pending(msg) == 0

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 from reliability_world import Cluster, Feed, await_for, fetch
 
+from broker.inbound_base import MAX_SKEW
 from broker.node import Node
 from broker.node_start import load_node
-from broker.receiver import MAX_SKEW
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration, pytest.mark.slow]
 
