@@ -14,9 +14,9 @@ from typing import Any, Final
 from broker import keys as keyfiles
 from broker.audit_events import parse_entry
 from broker.audit_replay import replay
+from broker.audit_replay_text import render_tables, status_line
 from broker.audit_verify import load, verify_log
 from broker.checkpoint import roster_log_keys, roster_revoked_log_keys, roster_witness_keys
-from broker.cli.audit import render_tables, status_line
 from broker.demo_view import AuditResult, Point, SideBySide
 from broker.demo_view import side_by_side as make_side_by_side
 from broker.demo_watch import QUORUM

@@ -35,10 +35,10 @@ from broker import canonical
 from broker import keys as keyfiles
 from broker.audit_policy import over_disclosures
 from broker.audit_replay import BulkRefusals, Exchange, Finding, Replay, replay
+from broker.audit_replay_text import render_tables
 from broker.audit_verify import Report, load, verify_log
 from broker.auditlog import DB_FILE, AuditLog
 from broker.cli import main
-from broker.cli.audit import render_tables
 from broker.errors import AuditError
 from broker.natsproc import free_port
 from broker.node_start import load_node
@@ -1413,7 +1413,7 @@ def test_replay_refuses_a_log_swapped_after_it_was_verified(
             _swap(forged, dirs[0] / DB_FILE)
         return report
 
-    monkeypatch.setattr("broker.cli.audit.verify_log", verify_then_swap)
+    monkeypatch.setattr("broker.cli.audit_base.verify_log", verify_then_swap)
     code, out, err = _replay(tmp_path, dirs)
     assert (code, out) == (1, "")
     assert err.startswith("msmt: error: JPN log ")
