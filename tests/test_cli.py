@@ -64,7 +64,7 @@ def _interrupted_run(tmp_path: Path, module: str, *args: str) -> subprocess.Comp
         # bad-input sweep: a traceback and a kill by SIGINT)...
         ("click", ("--version",)),
         # ...while a command's family loads, before it runs (most of a second)...
-        ("broker.cli.node", ("status", "--config", str(REPO / "nodes/JPN/node.toml"))),
+        ("broker.cli.status", ("status", "--config", str(REPO / "nodes/JPN/node.toml"))),
         # ...or every family, for the list of commands.
         ("broker.cli.audit", ("--help",)),
         # Inside a command (node run loads the daemon). A real SIGINT there is a clean
@@ -134,13 +134,28 @@ main()
 @pytest.mark.parametrize(
     ("args", "families"),
     [
-        (["status", "--help"], ["node"]),
-        (["submit", "--help"], ["node"]),
-        (["feeds", "list", "--help"], ["feeds", "node"]),  # feeds uses two of node's helpers
+        (["status", "--help"], ["node", "status"]),  # node's: the config, the store
+        (["submit", "--help"], ["node", "submit"]),  # node's: the config
+        (["feeds", "list", "--help"], ["feeds", "node", "status"]),  # open_store, feed_line
         (["nats", "setup", "--help"], ["keys"]),
         (["--version"], []),
         (["no-such-command"], []),
-        (["--help"], ["audit", "data", "demo", "export", "feeds", "keys", "node", "policy"]),
+        (
+            ["--help"],
+            [
+                "audit",
+                "data",
+                "demo",
+                "export",
+                "feeds",
+                "inbox",
+                "keys",
+                "node",
+                "policy",
+                "status",
+                "submit",
+            ],
+        ),
     ],
     ids=" ".join,
 )

@@ -14,9 +14,10 @@ from pathlib import Path
 import click
 
 from broker import feeds
-from broker.cli.node import feed_line, open_store
+from broker.cli.node import open_store
 from broker.cli.options import CONFIG as _CONFIG
 from broker.cli.options import echo_line
+from broker.cli.status import feed_line
 from broker.config import NodeConfig, load_config
 from broker.errors import UsageError, WriteError
 from broker.files import write_durably
