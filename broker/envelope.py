@@ -38,7 +38,7 @@ from broker.envelope_format import (
     HDR_TO,
     JWS_ALG,
     KEY_ALG,
-    MAX_DISCLOSED_CONTAINERS,
+    MAX_DISCLOSED_STRUCTURE,
     MAX_ENVELOPE_BYTES,
     MAX_PADDED_PLAINTEXT,
     PAD_BLOCK,
@@ -595,7 +595,7 @@ def _disclosures(o: _Opening) -> None:
     #    none unreferenced, no claim collisions, and placed where our format allows.
     payload = o.parsed.payload
     try:
-        parsed = sdjwt.parse_disclosures(o.parsed.disclosures, MAX_DISCLOSED_CONTAINERS)
+        parsed = sdjwt.parse_disclosures(o.parsed.disclosures, MAX_DISCLOSED_STRUCTURE)
         processed = sdjwt.process(payload, parsed)
         o.fields, o.encoded = fields_of(payload, processed, parsed)
     except ValueError as exc:

@@ -36,7 +36,7 @@ from joserfc.registry import HeaderParameter
 
 from broker import envelope, envelope_format, jose, samples, sdjwt
 from broker.errors import EnvelopeError, InputError, UsageError
-from broker.sightings import TransferSighting, is_uuid_text, leaf_values
+from broker.sightings import SIGHTING_ADAPTER, TransferSighting, is_uuid_text, leaf_values
 from broker.transforms import Transform, variant_key
 from broker.validation import parse_record
 
@@ -693,13 +693,16 @@ def test_replayed_jti(issued: envelope.Issued) -> None:
 # An insider holding a member's own keys sent envelopes built to be dear to refuse: a
 # JWE header, a JWS payload or a validly signed disclosure of tens of thousands of empty
 # lists cost a receiver 50-266 ms of CPU each and a backlog of 300 up to 1.1 GiB (a
-# trial). Each is now refused on a count of its brackets, before it is parsed.
+# trial). Each is now refused on a count of its brackets and commas outside strings,
+# before it is parsed.
 
 
 def test_a_header_of_many_lists_is_refused_before_it_is_parsed(issued: envelope.Issued) -> None:
     token = seal(issued.jws + "~", rid=issued.report_id, x=[[]] * 600)
     refused = reject(token, "format")
-    assert refused.reason == "JWE protected header holds more than 8 JSON arrays and objects"
+    assert refused.reason == (
+        "JWE protected header holds more than 64 JSON arrays, objects and items"
+    )
     long = seal(issued.jws + "~", rid=issued.report_id, x="a" * 4000)
     assert reject(long, "format").reason.startswith("JWE protected header is 5")
     assert reject(long, "format").reason.endswith(" characters; limit 4096")
@@ -707,10 +710,10 @@ def test_a_header_of_many_lists_is_refused_before_it_is_parsed(issued: envelope.
 
 def test_a_payload_of_many_lists_is_refused_before_it_is_parsed(issued: envelope.Issued) -> None:
     h, _, sig = issued.jws.split(".")
-    payload = payload_of(issued.jws) | {"x": [[]] * 300}
+    payload = payload_of(issued.jws) | {"x": [[]] * 600}
     p = sdjwt.b64u_encode(sdjwt.dumps_compact(payload).encode())
     refused = reject(seal(f"{h}.{p}.{sig}~", rid=issued.report_id), "format")
-    assert refused.reason == "JWS payload holds more than 256 JSON arrays and objects"
+    assert refused.reason == "JWS payload holds more than 1024 JSON arrays, objects and items"
 
 
 def test_a_signed_disclosure_of_many_lists_is_refused_before_it_is_parsed(
@@ -722,11 +725,36 @@ def test_a_signed_disclosure_of_many_lists_is_refused_before_it_is_parsed(
         return [d]
 
     refused = reject(_forge(edit, issued), "disclosures")
-    assert refused.reason == "the disclosures hold more than 1024 JSON arrays and objects"
+    assert refused.reason == "the disclosures hold more than 2048 JSON arrays, objects and items"
+
+    def flat(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
+        d = sdjwt.Disclosure.make("name", [0] * 3000)  # a review: 25 ms at 60,000
+        payload["vessel"]["_sd"].append(d.digest)
+        return [d]
+
+    assert reject(_forge(flat, issued), "disclosures").reason == refused.reason
     # Malformed ones cannot hide a wide one from the count.
     wide = sdjwt.Disclosure.make("name", [[]] * 1100).encoded
     token = _present_raw(issued, [wide, "not*base64"])
     assert reject(token, "disclosures").reason == refused.reason
+
+
+def test_brackets_in_text_do_not_count_against_the_bounds() -> None:
+    # A review: an honest worker record whose 50 handles carried bracketed tags was
+    # refused by every receiver while brackets inside strings counted.
+    record = samples.example_records()["worker"] | {"originator": "JPN"}
+    record.pop("rel_to", None)
+    tags = "[mirror][archive][verified]{ref}[tg][ru][kp][cn][wa][it][dev][ops]" * 2
+    record["worker"] = record["worker"] | {
+        "online_identities": [
+            {"platform": "telegram [group]", "handle": f"it-{i} {tags}"} for i in range(50)
+        ]
+    }
+    sighting = SIGHTING_ADAPTER.validate_json(json.dumps(record))
+    issued = JPN.issue(sighting)
+    token = JPN.present(issued, "USA", list(issued.disclosures))
+    got = USA.receive(token)
+    assert got.fields["worker.online_identities"][0]["handle"] == f"it-0 {tags}"
 
 
 def test_schema_violation_in_a_signed_disclosure(issued: envelope.Issued) -> None:
