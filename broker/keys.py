@@ -714,7 +714,15 @@ def write_nats_users(
         raise
     _put_in_place(staged, sig_path)
     mark = {"version": previous + 1, "sha256": users_digest(data)}
-    _write_atomic(keydir / NATS_USERS_SIGNED_FILE, json_bytes(mark), private=True)
+    try:
+        _write_atomic(keydir / NATS_USERS_SIGNED_FILE, json_bytes(mark), private=True)
+    except WriteError as exc:
+        # The users are signed and in place: say so (a review: "cannot write" alone read
+        # as nothing changed, while the next change refused them).
+        raise WriteError(
+            f"{path} version {previous + 1} is signed and in place, but {exc}: the next"
+            " change refuses it until 'msmt keys sign-nats-users' records it"
+        ) from None
     return previous + 1
 
 

@@ -33,6 +33,7 @@ from broker.inbound import Inbound
 from broker.intake import Intake
 from broker.log import Throttle, get_logger
 from broker.metrics import Metrics
+from broker.note import excerpt
 from broker.planloop import PlanLoop
 from broker.planner import Planner
 from broker.planpool import PlanPool
@@ -174,6 +175,17 @@ class NodeBase:
             )
         self._last_error = text
         self._last_error_at = utc_now_text()
+
+    def _dropped(self, subject: str) -> None:
+        # By subject kind (msmt.audit.<M>.checkpoint: <M> is the flooder's own log).
+        unlogged = self._error_log.check("messages_dropped", subject)
+        if unlogged is not None:
+            log.warning(
+                "messages_dropped",
+                subject=excerpt(subject),
+                reason="arriving faster than this node takes them; the rest of a flood is dropped",
+                **({"unlogged_before": unlogged} if unlogged else {}),
+            )
 
     def ready(self) -> str | None:
         """Why the node is not ready, or ``None`` when it is."""

@@ -105,6 +105,13 @@ class Messaging(NodeBase):
 
         async def error(exc: Exception) -> None:
             nonlocal tls_failed
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                # Messages dropped on a subscription's bound (the audit subjects': a
+                # partner's flood). Expected then, and no fault of the hub's: its own
+                # line once a minute per subject, never over last_error, where it hid
+                # a real inbox error (a review).
+                self._dropped(exc.subject)
+                return
             if isinstance(exc, ssl.SSLError):
                 tls_failed = True
             elif tls_failed and isinstance(exc, ConnectionError):

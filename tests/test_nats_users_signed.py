@@ -421,3 +421,32 @@ def test_an_accept_cut_short_after_the_users_says_they_changed(tmp_path: Path) -
     (custodian / keys.ROSTER_STAGED).rmdir()
     again = keyrequest.accept_request(custodian, request, expected_fingerprint=found[1])
     assert (again.member, again.users_version, again.version) == ("GBR", None, 2)
+
+
+def test_a_record_that_cannot_be_written_says_the_users_are_in_place(
+    custodian: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: a full disk at the record's write printed "cannot write ..." alone, while
+    # version 2 was signed and in place and the next change refused it.
+    real = keys._write_atomic
+
+    def full_disk_for_the_record(path: Path, data: bytes, *, private: bool) -> None:
+        if path.name == Path(keys.NATS_USERS_SIGNED_FILE).name:
+            raise WriteError(f"cannot write {path}: No space left on device")
+        real(path, data, private=private)
+
+    monkeypatch.setattr(keys, "_write_atomic", full_disk_for_the_record)
+    _, auditor = natsusers.make_user(tmp_path / "auditor", "AUDIT")
+    with pytest.raises(WriteError) as failed:
+        natsusers.record_user(custodian, "AUDIT", auditor, replace=True)
+    path = custodian / keys.NATS_USERS_FILE
+    assert str(failed.value) == (
+        f"{path} version 2 is signed and in place, but cannot write"
+        f" {custodian / keys.NATS_USERS_SIGNED_FILE}: No space left on device: the next change"
+        " refuses it until 'msmt keys sign-nats-users' records it"
+    )
+    assert keys.load_signed_users(custodian).users["AUDIT"] == auditor
+    monkeypatch.setattr(keys, "_write_atomic", real)
+    with pytest.raises(KeyMaterialError, match="is not the version 1 signed here"):
+        natsusers.record_user(custodian, "AUDIT", auditor, replace=True)
+    assert natsusers.sign_users(custodian) == 3
