@@ -635,7 +635,10 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
     result = spool / "done" / "batch.ndjson.result.ndjson"
     await await_for(result.exists, 20, "the spool file to be ingested")
     assert [json.loads(x)["status"] for x in result.read_text().splitlines()] == ["accepted"] * 6
-    assert not (spool / "batch.ndjson").exists()
+    # The result is written (and synced) before the batch moves to done/: a moment apart
+    # (a loaded machine's test caught that gap).
+    await await_for(lambda: not (spool / "batch.ndjson").exists(), 20, "the batch moved")
+    assert (spool / "done" / "batch.ndjson").exists()
     records = records + spooled
 
     policy = world.policy("JPN")
