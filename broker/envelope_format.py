@@ -80,7 +80,7 @@ def _b64_json(segment: str, what: str, max_structure: int) -> Any:
         raw = sdjwt.b64u_decode(segment)
     except ValueError as exc:
         raise EnvelopeError("format", f"{what}: {exc}") from None
-    if sdjwt.structure(raw) > max_structure:
+    if sdjwt.over_structure((raw,), max_structure):
         raise EnvelopeError(
             "format", f"{what} holds more than {max_structure} JSON arrays, objects and items"
         )

@@ -292,7 +292,9 @@ def _decoded_or_empty(text: str) -> bytes:
         return b""
 
 
-_JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# A JSON string, its loop unrolled (runs of plain bytes between escapes): five times
+# the speed of one alternation per byte on a payload of base64 digests.
+_JSON_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 def structure(raw: bytes) -> int:
@@ -307,6 +309,19 @@ def structure(raw: bytes) -> int:
     return bare.count(b"[") + bare.count(b"{") + bare.count(b",")
 
 
+def over_structure(raws: Iterable[bytes], limit: int) -> bool:
+    """Whether the JSON texts ``raws`` hold more than ``limit`` in all, as ``structure`` counts.
+
+    Their brackets and commas counted with strings first, which is never less and is
+    all an honest envelope needs (about 3 us a payload, where the strings' removal
+    takes 12): the exact count only when that is over the limit.
+    """
+    parts = list(raws)
+    if sum(r.count(b"[") + r.count(b"{") + r.count(b",") for r in parts) <= limit:
+        return False
+    return sum(map(structure, parts)) > limit
+
+
 def parse_disclosures(encoded: Sequence[str], max_structure: int | None = None) -> list[Disclosure]:
     """``[Disclosure.parse(e) for e in encoded]`` in fewer calls: the receive path's hot loop.
 
@@ -319,7 +334,7 @@ def parse_disclosures(encoded: Sequence[str], max_structure: int | None = None) 
     raws = _b64u_decode_batch(encoded)
     if max_structure is not None:
         counted = raws if raws is not None else [_decoded_or_empty(e) for e in encoded]
-        if sum(map(structure, counted)) > max_structure:
+        if over_structure(counted, max_structure):
             raise ValueError(
                 f"the disclosures hold more than {max_structure} JSON arrays, objects and items"
             )

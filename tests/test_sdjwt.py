@@ -642,3 +642,27 @@ def test_salt_batch_is_fresh_and_128_bits() -> None:
     salts = sdjwt.new_salts(200)
     assert len(set(salts)) == 200
     assert all(len(sdjwt.b64u_decode(s)) == 16 for s in salts)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='ab[]{},"\\ \u00e9'),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=30,
+)
+
+
+@given(value=_JSON_VALUES, limit=st.integers(0, 40))
+def test_structure_counts_brackets_and_commas_outside_strings_only(value: Any, limit: int) -> None:
+    # The receivers' bound on a part's work (docs/ENVELOPE.md, steps 1, 5 and 9): text
+    # never counts, whatever brackets, commas, quotes or escapes it holds.
+    raw = json.dumps(value, ensure_ascii=False).encode()
+
+    def shape(v: Any) -> int:
+        if isinstance(v, list):
+            return 1 + max(len(v) - 1, 0) + sum(map(shape, v))
+        if isinstance(v, dict):
+            return 1 + max(len(v) - 1, 0) + sum(map(shape, v.values()))
+        return 0
+
+    assert sdjwt.structure(raw) == shape(value)
+    assert sdjwt.over_structure([raw], limit) == (shape(value) > limit)
