@@ -41,6 +41,7 @@ from broker.envelope_format import (
     MAX_DISCLOSED_STRUCTURE,
     MAX_ENVELOPE_BYTES,
     MAX_PADDED_PLAINTEXT,
+    MAX_PAYLOAD_STRUCTURE,
     PAD_BLOCK,
     TYP,
     Parsed,
@@ -184,6 +185,16 @@ def issue(
         payload["rel_to"] = list(sighting.rel_to)
     header = {"alg": JWS_ALG, "typ": TYP, "kid": kid}
     body = sdjwt.dumps_compact(payload).encode("utf-8")
+    # Never signed if every receiver would refuse it (docs/ENVELOPE.md §5, steps 5 and
+    # 9): a review found a schema-valid record that was, its list unbounded.
+    disclosed = [sdjwt.b64u_decode(e) for e in encoded.values()]
+    if sdjwt.over_structure((body,), MAX_PAYLOAD_STRUCTURE) or sdjwt.over_structure(
+        disclosed, MAX_DISCLOSED_STRUCTURE
+    ):
+        raise InputError(
+            "the report holds more JSON arrays, objects and items than receivers take"
+            f" (payload {MAX_PAYLOAD_STRUCTURE}, disclosures {MAX_DISCLOSED_STRUCTURE} in all)"
+        )
     token = jws.serialize_compact(header, body, signing_key, registry=_JWS_REGISTRY)
     return Issued(token, MappingProxyType(encoded), sighting.originator, report_id, kind)
 

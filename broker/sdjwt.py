@@ -19,7 +19,6 @@ from __future__ import annotations
 import binascii
 import hashlib
 import json
-import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
@@ -292,11 +291,6 @@ def _decoded_or_empty(text: str) -> bytes:
         return b""
 
 
-# A JSON string, its loop unrolled (runs of plain bytes between escapes): five times
-# the speed of one alternation per byte on a payload of base64 digests.
-_JSON_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-
-
 def structure(raw: bytes) -> int:
     """An upper bound on the arrays, objects and items of the JSON text ``raw``.
 
@@ -305,7 +299,13 @@ def structure(raw: bytes) -> int:
     detail do not count (a review: an honest record with ``[mirror]`` tags in its
     handles was refused by every receiver when they did).
     """
-    bare = _JSON_STRING.sub(b"", raw)
+    # Escapes out first (pairs of backslashes, then escaped quotes: each run of
+    # backslashes pairs from its start, as JSON reads it), so that every quote left
+    # opens or closes a string; the strings are then every other piece between quotes.
+    # Linear, in C: a regex failing on an unterminated string was tried again at each
+    # later quote ('"\\' * 70,000 in a payload, before its signature: 57 s; a review).
+    plain = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    bare = b"".join(plain.split(b'"')[::2])
     return bare.count(b"[") + bare.count(b"{") + bare.count(b",")
 
 
@@ -314,7 +314,7 @@ def over_structure(raws: Iterable[bytes], limit: int) -> bool:
 
     Their brackets and commas counted with strings first, which is never less and is
     all an honest envelope needs (about 3 us a payload, where the strings' removal
-    takes 12): the exact count only when that is over the limit.
+    takes 9): the exact count only when that is over the limit.
     """
     parts = list(raws)
     if sum(r.count(b"[") + r.count(b"{") + r.count(b",") for r in parts) <= limit:

@@ -757,6 +757,27 @@ def test_brackets_in_text_do_not_count_against_the_bounds() -> None:
     assert got.fields["worker.online_identities"][0]["handle"] == f"it-0 {tags}"
 
 
+def test_what_receivers_would_refuse_for_its_structure_is_not_signed() -> None:
+    # A review: "surveillance" 2,100 times passed the schema (the list was unbounded),
+    # was signed and published, and every receiver refused it. The schema now bounds
+    # it; issue refuses whatever else might reach the bound.
+    record = samples.example_records()["worker"] | {"originator": "JPN"}
+    record["worker"] = record["worker"] | {"human_rights_concerns": ["surveillance"] * 2}
+    with pytest.raises(InputError, match="lists a value more than once"):
+        parse_record(json.dumps(record))
+    sighting = parse_record(
+        json.dumps(
+            record | {"worker": record["worker"] | {"human_rights_concerns": ["surveillance"]}}
+        )
+    )
+    worker = sighting.worker.model_copy(  # type: ignore[union-attr]
+        update={"human_rights_concerns": ("surveillance",) * 2100}
+    )
+    unchecked = sighting.model_copy(update={"worker": worker})
+    with pytest.raises(InputError, match="more JSON arrays, objects and items than receivers"):
+        JPN.issue(unchecked)
+
+
 def test_schema_violation_in_a_signed_disclosure(issued: envelope.Issued) -> None:
     def edit(payload: dict[str, Any]) -> list[sdjwt.Disclosure]:
         d = sdjwt.Disclosure.make("imo", "9321484")  # bad check digit, signed by JPN
