@@ -68,6 +68,7 @@ from broker.sightings import (
     SCHEMA_VERSION,
     SightingModel,
     leaf_values,
+    new_text_problem,
 )
 
 # The JWE is broker.jose's fixed profile; the one JWS per report stays with joserfc.
@@ -625,6 +626,10 @@ def _content(o: _Opening, *, me: str, arriving: bool = False) -> None:
         # for what arrives: a report an older node stored with an earlier time
         # still exports, and its kept envelope still serves as evidence.
         check_observed_year(o.fields)
+        # Likewise refused in what arrives, not in what a node kept before.
+        hidden = new_text_problem(o.fields)
+        if hidden is not None:
+            raise EnvelopeError("schema", f"{hidden[0]}: {hidden[1]}")
     # 13. markings: the originator's REL TO, if any, names me. Its policy should
     #     never have sent it here; keeping it would break the originator's caveat.
     rel_to = payload.get("rel_to")

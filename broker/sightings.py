@@ -10,6 +10,7 @@ release: the policy engine decides per path and the envelope discloses per path.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal, Self, TypeGuard
@@ -158,10 +159,47 @@ def is_report_id(value: str) -> bool:
     return is_uuid_text(value) and value not in _NOT_CHOSEN
 
 
-def _distinct(values: tuple[str, ...]) -> tuple[str, ...]:
-    if len(set(values)) != len(values):
-        raise ValueError("lists a value more than once")
-    return values
+def new_text_problem(fields: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first field path whose text holds a character new reports may not, and why.
+
+    ``fields`` maps paths to JSON values (``leaf_values``, or a report's disclosed
+    fields). Held only to what a feed sends now and what arrives from now on: reports
+    stored or received before keep their text, to plan, export and serve as evidence.
+    """
+    for path, value in fields.items():
+        for text in _strings(value):
+            found = _HIDDEN.search(text)
+            if found is not None:
+                return path, (
+                    f"character {found.start() + 1} is U+{ord(found.group()):04X}, an"
+                    " invisible or text-direction character, which could hide or reorder"
+                    " what the text shows"
+                )
+    return None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+
+
+def repeated_value(fields: Mapping[str, Any]) -> str | None:
+    """The first field path of a list of enumerated values listing one twice, or ``None``.
+
+    ``worker.human_rights_concerns`` was unbounded: 2,100 of one value made a record
+    every receiver refused for its structure (a review). Refused in what a feed sends
+    now; what was stored before is read as it is.
+    """
+    concerns = fields.get("worker.human_rights_concerns")
+    if isinstance(concerns, list | tuple) and len(set(concerns)) != len(concerns):
+        return "worker.human_rights_concerns"
+    return None
 
 
 def _chosen_uuid(value: UUID) -> UUID:
@@ -208,25 +246,25 @@ ReportId = Annotated[
 Trigraph = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 3166-1 alpha-3 code")]
 # Names, handles and details are single-line text. A control character (C0,
 # DEL, C1) or a Unicode line break is refused: carried into STIX, a terminal or
-# a partner's database it could split a line, hide text or truncate a value. So are
-# the bidirectional embeddings, overrides and isolates and the invisible zero-width
-# space, word joiner and BOM: an insider trial's "GOOD SHIP \u202eGNAYGNOYP\u202c" read
-# "GOOD SHIP PYONGYANG" in an analyst's tools after msmt export stix. (The zero-width
-# joiners and marks some scripts need are kept.)
+# a partner's database it could split a line, hide text or truncate a value.
 # One spelling for both: Python's re and ECMA-262 (JSON Schema patterns) read it alike.
-_CONTROL_CHARS: Final = (
-    r"\x00-\x1f\x7f-\x9f\u2028\u2029\u200b\u202a-\u202e\u2060\u2066-\u2069\ufeff"
-)
+_CONTROL_CHARS: Final = r"\x00-\x1f\x7f-\x9f\u2028\u2029"
 _NOT_TEXT: Final = re.compile(f"[{_CONTROL_CHARS}]")
+# And, in what arrives or is sent from now on (not in what was stored or received
+# before: new_text_problem), the bidirectional embeddings, overrides and isolates and
+# the invisible zero-width space, word joiner and BOM: an insider trial's "GOOD SHIP
+# \u202eGNAYGNOYP\u202c" read "GOOD SHIP PYONGYANG" in an analyst's tools after msmt
+# export stix. The zero-width joiners and marks some scripts need are kept.
+_HIDDEN_CHARS: Final = r"\u200b\u202a-\u202e\u2060\u2066-\u2069\ufeff"
+_HIDDEN: Final = re.compile(f"[{_HIDDEN_CHARS}]")
 
 
 def _single_line(value: str) -> str:
     found = _NOT_TEXT.search(value)
     if found is not None:
         raise ValueError(
-            f"character {found.start() + 1} is U+{ord(found.group()):04X}, a control,"
-            " invisible or text-direction character or a line break; text must be a single"
-            " printable line"
+            f"character {found.start() + 1} is U+{ord(found.group()):04X}, a control"
+            " character or line break; text must be a single printable line"
         )
     return value
 
@@ -236,7 +274,8 @@ Text = Annotated[
     Field(
         min_length=1,
         max_length=200,
-        json_schema_extra={"pattern": f"^[^{_CONTROL_CHARS}]*$"},
+        # What a feed must send now: new_text_problem's characters too.
+        json_schema_extra={"pattern": f"^[^{_CONTROL_CHARS}{_HIDDEN_CHARS}]*$"},
     ),
     AfterValidator(_single_line),
 ]
@@ -380,8 +419,9 @@ class Worker(_Frozen):
     online_identities: tuple[OnlineIdentity, ...] = Field(
         default=(), max_length=50, description="Accounts used by IT workers."
     )
-    # Each at most once: the list was unbounded, and "surveillance" 2,100 times (34 KB)
-    # made a record every receiver refused (its disclosures over their bound; a review).
+    # Each at most once in what a feed sends now (repeated_value; the schema's
+    # uniqueItems): "surveillance" 2,100 times (34 KB) made a record every receiver
+    # refused, its disclosures over their bound (a review).
     human_rights_concerns: Annotated[
         tuple[
             Literal[
@@ -395,7 +435,6 @@ class Worker(_Frozen):
             ],
             ...,
         ],
-        AfterValidator(_distinct),
         WithJsonSchema(
             {
                 "type": "array",

@@ -11,7 +11,15 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from broker.errors import InputError
-from broker.sightings import KINDS, SIGHTING_ADAPTER, SightingModel, new_id_problem
+from broker.sightings import (
+    KINDS,
+    SIGHTING_ADAPTER,
+    SightingModel,
+    leaf_values,
+    new_id_problem,
+    new_text_problem,
+    repeated_value,
+)
 
 MAX_RECORD_BYTES = 64 * 1024
 """Largest single NDJSON record a feed may send; real sightings are a few KiB."""
@@ -165,15 +173,24 @@ def parse_record(raw: bytes | str) -> SightingModel:
 
 
 def parse_new_record(raw: bytes | str) -> SightingModel:
-    """``parse_record``, for a record a feed sends now: its id must also be random (v4).
+    """``parse_record``, for a record a feed sends now, held to today's rules too.
 
-    Records stored before (planned again, compared with one sent again) are read with
-    ``parse_record`` alone: an id accepted then stays valid (``new_id_problem``).
+    Its id random (v4), no invisible or text-direction character in its text, no
+    enumerated value listed twice. Records stored before (planned again, compared with
+    one sent again) are read with ``parse_record`` alone: what was accepted then stays
+    readable (``new_id_problem``, ``new_text_problem``, ``repeated_value``).
     """
     sighting = parse_record(raw)
     problem = new_id_problem(sighting.report_id)
     if problem is not None:
         raise InvalidRecordError([FieldProblem("report_id", problem)])
+    fields = leaf_values(sighting)
+    hidden = new_text_problem(fields)
+    if hidden is not None:
+        raise InvalidRecordError([FieldProblem(*hidden)])
+    repeated = repeated_value(fields)
+    if repeated is not None:
+        raise InvalidRecordError([FieldProblem(repeated, "lists a value more than once")])
     return sighting
 
 

@@ -38,7 +38,7 @@ from broker import envelope, envelope_format, jose, samples, sdjwt
 from broker.errors import EnvelopeError, InputError, UsageError
 from broker.sightings import SIGHTING_ADAPTER, TransferSighting, is_uuid_text, leaf_values
 from broker.transforms import Transform, variant_key
-from broker.validation import parse_record
+from broker.validation import parse_new_record, parse_record
 
 JPN, USA, GBR = Node("JPN"), Node("USA"), Node("GBR")
 
@@ -762,20 +762,52 @@ def test_what_receivers_would_refuse_for_its_structure_is_not_signed() -> None:
     # was signed and published, and every receiver refused it. The schema now bounds
     # it; issue refuses whatever else might reach the bound.
     record = samples.example_records()["worker"] | {"originator": "JPN"}
+    record.pop("rel_to", None)
     record["worker"] = record["worker"] | {"human_rights_concerns": ["surveillance"] * 2}
     with pytest.raises(InputError, match="lists a value more than once"):
-        parse_record(json.dumps(record))
-    sighting = parse_record(
-        json.dumps(
-            record | {"worker": record["worker"] | {"human_rights_concerns": ["surveillance"]}}
-        )
-    )
-    worker = sighting.worker.model_copy(  # type: ignore[union-attr]
+        parse_new_record(json.dumps(record))
+    # What a node stored before the rule is read as it was (a review): planned, signed.
+    stored = parse_record(json.dumps(record))
+    assert USA.receive(JPN.present(JPN.issue(stored), "USA", ["worker.human_rights_concerns"]))
+    worker = stored.worker.model_copy(  # type: ignore[union-attr]
         update={"human_rights_concerns": ("surveillance",) * 2100}
     )
-    unchecked = sighting.model_copy(update={"worker": worker})
+    unchecked = stored.model_copy(update={"worker": worker})
     with pytest.raises(InputError, match="more JSON arrays, objects and items than receivers"):
         JPN.issue(unchecked)
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("GOOD SHIP \u202eGNAYGNOYP\u202c", "U+202E"),
+        ("SHIP \u2066A\u2069", "U+2066"),
+        ("Ace\u200bCorp", "U+200B"),
+        ("\ufeffSAR", "U+FEFF"),
+    ],
+)
+def test_invisible_or_text_direction_characters_are_refused_in_what_is_new(
+    text: str, code: str
+) -> None:
+    # An insider trial: "GOOD SHIP \u202eGNAYGNOYP\u202c" read "GOOD SHIP PYONGYANG" in
+    # an analyst's tool after msmt export stix. Refused at intake and on arrival; a
+    # report kept before still opens (evidence), as a review asked.
+    record = samples.example_records()["vessel"] | {"originator": "JPN"}
+    record.pop("rel_to", None)
+    record["vessel"] = record["vessel"] | {"name": text}
+    with pytest.raises(InputError, match=re.escape(code)):
+        parse_new_record(json.dumps(record))
+    sighting = parse_record(json.dumps(record))
+    token = JPN.present(JPN.issue(sighting), "USA", ["vessel.name"])
+    refused = reject(token, "schema")
+    assert refused.reason.startswith("vessel.name: character ")
+    assert code in refused.reason
+    header = json.loads(sdjwt.b64u_decode(token.split(".")[0]))
+    private = enc_key("USA").raw_value
+    assert isinstance(private, X25519PrivateKey)
+    cek = jose.content_key(token, header, private)
+    kept = envelope.check_kept(token, cek, roster=USA.roster)
+    assert kept.fields["vessel.name"] == text
 
 
 def test_schema_violation_in_a_signed_disclosure(issued: envelope.Issued) -> None:
