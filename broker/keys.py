@@ -358,7 +358,8 @@ def _verify_detached(
 ) -> None:
     """Steps shared by the authority's signed files: the header, then the signature.
 
-    Raises ``KeyMaterialError`` naming ``what`` (the file) and the pinned key's file.
+    Raises ``KeyMaterialError`` naming ``what`` (the roster, or the file's path) and
+    the pinned key's file.
     """
     parts = signature.strip().split(".")
     if len(parts) == 3 and parts[1]:
@@ -389,10 +390,23 @@ def _verify_detached(
     except (ValueError, JoseError, rfc8785.CanonicalizationError):
         raise KeyMaterialError(
             f"{what} signature does not verify with the pinned authority key {authority.kid}: "
-            f"{'the roster' if what == 'roster' else 'the file'} was altered, or signed by"
-            " another key under that kid, or the file and its signature are from two"
+            f"{'the roster' if what == ROSTER_WHAT else 'the file'} was altered, or signed"
+            " by another key under that kid, or the file and its signature are from two"
             " different writes (copy both together)"
         ) from None
+
+
+ROSTER_WHAT: Final = "roster"
+"""How the roster's refusals name it (its files are named by their callers)."""
+
+
+def _read_signature(path: Path, what: str) -> str:
+    """A detached signature file's text; ``KeyMaterialError`` with the reason if unreadable."""
+    try:
+        return read_file_text(path, "ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
+        raise KeyMaterialError(f"cannot read {what}{path}: {reason}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +452,7 @@ def verify_roster(
     version = jwks.get("msmt_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise KeyMaterialError("roster has no positive integer msmt_version")
-    _verify_detached("roster", jwks, signature, authority, ROSTER_JWS_TYP, pinned_at)
+    _verify_detached(ROSTER_WHAT, jwks, signature, authority, ROSTER_JWS_TYP, pinned_at)
     if version < min_version:
         raise KeyMaterialError(
             f"roster version {version} is older than version {min_version}, the oldest "
@@ -519,14 +533,7 @@ ROSTER_REREAD_S: Final = 0.1
 def _roster_pair(keydir: Path) -> tuple[Any, str]:
     """``roster.json`` parsed and its signature's text; ``KeyMaterialError`` if unreadable."""
     jwks = read_json(keydir / ROSTER_FILE)
-    try:
-        signature = read_file_text(keydir / ROSTER_SIG_FILE, "ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
-        raise KeyMaterialError(
-            f"cannot read roster signature {keydir / ROSTER_SIG_FILE}: {reason}"
-        ) from None
-    return jwks, signature
+    return jwks, _read_signature(keydir / ROSTER_SIG_FILE, "roster signature ")
 
 
 def roster_digest(jwks: Mapping[str, Any]) -> str:
@@ -657,13 +664,12 @@ def load_users_for_update(keydir: Path, authority: OKPKey) -> dict[str, str]:
         return users
     sig_path = keydir / NATS_USERS_SIG_FILE
     if version or sig_path.exists():
+        # The reason is kept (an unreadable signature is not an edit): the way out added.
         try:
-            signature = read_file_text(sig_path, "ascii")
+            signature = _read_signature(sig_path, "")
             _verify_detached(str(path), data, signature, authority, NATS_USERS_JWS_TYP, "")
-        except (OSError, UnicodeDecodeError, KeyMaterialError):
-            raise KeyMaterialError(
-                f"{path} does not verify with {sig_path.name} and the authority key{out}"
-            ) from None
+        except KeyMaterialError as exc:
+            raise KeyMaterialError(f"{exc}{out}") from None
     return users
 
 
@@ -754,12 +760,9 @@ def load_signed_users(
             f" {NATS_USERS_SIG_FILE}"
         )
     try:
-        signature = read_file_text(sig_path, "ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
-        raise KeyMaterialError(
-            f"cannot read {sig_path}: {reason} (the custodian sends it with {path.name})"
-        ) from None
+        signature = _read_signature(sig_path, "")
+    except KeyMaterialError as exc:
+        raise KeyMaterialError(f"{exc} (the custodian sends it with {path.name})") from None
     _verify_detached(str(path), data, signature, authority, NATS_USERS_JWS_TYP, str(pin))
     return SignedUsers(
         users=users, version=version, signer=str(authority.kid), thumbprint=authority.thumbprint()

@@ -16,6 +16,7 @@ from broker.sightings import (
     SIGHTING_ADAPTER,
     SightingModel,
     leaf_values,
+    may_hide_text,
     new_id_problem,
     new_text_problem,
     repeated_value,
@@ -184,11 +185,11 @@ def parse_new_record(raw: bytes | str) -> SightingModel:
     problem = new_id_problem(sighting.report_id)
     if problem is not None:
         raise InvalidRecordError([FieldProblem("report_id", problem)])
-    fields = leaf_values(sighting)
-    hidden = new_text_problem(fields)
+    text = raw if isinstance(raw, str) else raw.decode("utf-8")  # parse_record read it so
+    hidden = new_text_problem(leaf_values(sighting)) if may_hide_text(text) else None
     if hidden is not None:
         raise InvalidRecordError([FieldProblem(*hidden)])
-    repeated = repeated_value(fields)
+    repeated = repeated_value(sighting)
     if repeated is not None:
         raise InvalidRecordError([FieldProblem(repeated, "lists a value more than once")])
     return sighting

@@ -768,7 +768,8 @@ def test_what_receivers_would_refuse_for_its_structure_is_not_signed() -> None:
         parse_new_record(json.dumps(record))
     # What a node stored before the rule is read as it was (a review): planned, signed.
     stored = parse_record(json.dumps(record))
-    assert USA.receive(JPN.present(JPN.issue(stored), "USA", ["worker.human_rights_concerns"]))
+    token = JPN.present(JPN.issue(stored), "USA", ["worker.human_rights_concerns"])
+    assert USA.receive(token).fields["worker.human_rights_concerns"] == ["surveillance"] * 2
     worker = stored.worker.model_copy(  # type: ignore[union-attr]
         update={"human_rights_concerns": ("surveillance",) * 2100}
     )
