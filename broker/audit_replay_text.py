@@ -133,8 +133,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-SHOWN_ENTRIES = 5
-SHOWN_LOST = 20
+SHOWN_ENTRIES: Final = 5
+SHOWN_LOST: Final = 20
 
 
 def _exchange_lines(

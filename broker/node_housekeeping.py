@@ -41,6 +41,8 @@ REPUBLISH_S: Final = 60.0
 """Longest time between two publications of our latest checkpoint, changed or not."""
 ACTIVITY_EVERY_S: Final = 60.0
 """How often a node that did anything logs one ``activity`` line of counts."""
+PRUNE_EVERY_S: Final = 60.0
+"""How often the store drops replay seen-set entries past their freshness window."""
 
 
 class Housekeeping(NodeBase):
@@ -57,7 +59,7 @@ class Housekeeping(NodeBase):
         while True:
             try:
                 await self._housekeep_once()
-                if time.monotonic() - last_prune > 60:
+                if time.monotonic() - last_prune > PRUNE_EVERY_S:
                     await self.run_db(self.store.prune_seen)
                     last_prune = time.monotonic()
             except MsmtError as exc:
@@ -84,12 +86,11 @@ class Housekeeping(NodeBase):
             if part is not None:
                 counts.update(part.counts)
                 part.counts.clear()
-        for name in ("publisher", "receiver", "auditnet"):
-            part = getattr(self, name)
-            if part is not None and part.last_error:
-                self._last_error, part.last_error = part.last_error, None
+        for errant in (self.publisher, self.receiver, self.auditnet):
+            if errant is not None and errant.last_error:
+                self._last_error, errant.last_error = errant.last_error, None
                 self._last_error_at = utc_now_text()
-        if self.auditnet is not None and self.auditnet.alarm:
+        if self.auditnet.alarm:
             # Recorded once and kept across restarts (msmt status): a red-team
             # member overwrote a fork alarm in last_error within 9 s.
             self._alarm_facts = {

@@ -342,6 +342,41 @@ async def test_a_nats_client_closed_for_good_stops_the_node_for_its_supervisor(
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def test_a_proof_request_flood_is_dropped_with_its_own_warning_not_last_error(
+    world: World,
+) -> None:
+    # A partner's flood of proof requests overflows the node's bounded subscription
+    # (PROOF_PENDING): nats-py drops the rest and reports SlowConsumerError. A review
+    # found the drops overwrote last_error, hiding a real inbox error: they are their
+    # own warning now, once a minute per subject, and the node stays ready.
+    world.write_config("USA")
+    usa = load_node(world.config("USA"))
+    task = asyncio.create_task(usa.run())
+    seed = (world.keydir / "KOR" / keys.NATS_SEED_FILE).read_bytes().strip()
+    kor = await connect_account(world.server.url, "KOR", seed)
+    try:
+        await await_for(lambda: usa.ready() is None, 20, "USA ready")
+        usa._error("an inbox error the operator must see")
+        with capture_logs() as logs:
+            for _ in range(3):
+                for i in range(5_000):
+                    await kor.publish("msmt.audit.USA.proof", b"%d" % i, reply=kor.new_inbox())
+                await kor.flush()
+            await await_for(
+                lambda: any(e["event"] == "messages_dropped" for e in logs), 20, "the drops"
+            )
+        dropped = [e for e in logs if e["event"] == "messages_dropped"]
+        assert len(dropped) == 1  # once a minute for the subject, however many floods
+        assert "msmt.audit.USA.proof" in dropped[0]["subject"]
+        assert dropped[0]["log_level"] == "warning"
+        assert usa._last_error == "an inbox error the operator must see"
+        assert usa.ready() is None
+    finally:
+        await kor.close()
+        usa.stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:
     records, want = batch_world(world)
     for member in ("USA", "KOR"):
