@@ -60,7 +60,9 @@ MAX_CLOCK_SKEW: Final = timedelta(minutes=5)
 """How far in the future a request's ``iat`` may be (the two clocks differ)."""
 _PAYLOAD_MEMBERS: Final = frozenset({"msmt_member", "keys", "msmt_nats_user", "iat"})
 _JWK_MEMBERS: Final = frozenset({"kty", "crv", "x", "kid", "use", "alg"})
-_KID: Final = re.compile(r"(?P<member>[A-Z]{3})-(?P<use>sig|enc)-\d{8}-[0-9a-f]{8}")
+# [0-9], not \d: Python's \d takes every script's digits (a review put Arabic-Indic and
+# full-width ones in a request, which went into the signed roster).
+_KID: Final = re.compile(r"(?P<member>[A-Z]{3})-(?P<use>sig|enc)-[0-9]{8}-[0-9a-f]{8}")
 _FINGERPRINT: Final = re.compile(r"sha256:[0-9a-f]{64}")
 
 

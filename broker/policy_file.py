@@ -173,11 +173,20 @@ def _depth_change(line: str) -> int:
     return depth
 
 
+def toml_lines(text: str) -> list[str]:
+    """``text``'s lines as TOML counts them: ended by LF or CR LF only.
+
+    Not ``str.splitlines``, which also ends one at U+2028, U+0085, a form feed and
+    the like, inside a comment or string, and then named the line after the right one.
+    """
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 class _Locator:
     """Line numbers for keys, tables and list elements of a TOML source (see module doc)."""
 
     def __init__(self, text: str) -> None:
-        self.lines = text.splitlines()
+        self.lines = toml_lines(text)
         self.keys: dict[tuple[str | int, ...], tuple[int, int]] = {}
         arrays: dict[tuple[str | int, ...], int] = {}
         table: tuple[str | int, ...] = ()
@@ -563,13 +572,20 @@ def read_policy(text: str, *, member: str | None) -> tuple[PolicySpec | None, li
     ``member``, if given, must be the file's own ``member``. Never raises for bad
     input: every problem comes back with its line, sorted by line.
     """
+    if text.startswith("\ufeff"):
+        # tomllib says only "Invalid statement" at line 1.
+        return None, [
+            Problem(
+                1, "not valid TOML: starts with a byte order mark; save it as UTF-8 without one"
+            )
+        ]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"^(.*) \(at line (\d+), column \d+\)$", str(exc))
         if match:
             return None, [Problem(int(match.group(2)), f"not valid TOML: {match.group(1)}")]
-        return None, [Problem(max(1, len(text.splitlines())), f"not valid TOML: {exc}")]
+        return None, [Problem(len(toml_lines(text.removesuffix("\n"))), f"not valid TOML: {exc}")]
     except RecursionError:  # arrays or inline tables nested deeper than tomllib's stack
         return None, [Problem(1, "not valid TOML: nested too deeply")]
     except ValueError:  # tomllib leaves int()'s refusal of over 4300 digits unwrapped

@@ -14,6 +14,7 @@ Writing, signing and distributing it live in ``broker.keys``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -111,6 +112,10 @@ _OURS: Final = frozenset(
 )
 
 
+KID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A key id the roster takes: a safe file name (``broker.keys``) and an audit entry's token."""
+
+
 def parse_key(entry: Mapping[str, Any]) -> RosterKey:
     """Validate one roster JWK and return it; raise ``KeyMaterialError`` naming the fault."""
     if not isinstance(entry, Mapping):  # a JSON file's, any shape (a fuzzer: a traceback)
@@ -118,6 +123,13 @@ def parse_key(entry: Mapping[str, Any]) -> RosterKey:
     kid = entry.get("kid")
     if not isinstance(kid, str) or not kid:
         raise KeyMaterialError("roster key without a kid")
+    if KID.fullmatch(kid) is None:
+        # Else a kid the roster took stopped its member's node at the audit entry of
+        # its retirement (a review: digits of another script, from a key request).
+        raise KeyMaterialError(
+            f"roster key {kid[:80]!a}: a kid is 1-64 ASCII letters, digits, '.', '_'"
+            " and '-', starting with a letter or digit"
+        )
     if "d" in entry:
         raise KeyMaterialError(f"roster key {kid} contains private key material")
     unknown = set(entry) - _STANDARD - _OURS

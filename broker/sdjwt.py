@@ -19,6 +19,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
@@ -154,13 +155,42 @@ def loads_strict(data: bytes | str) -> Any:
         pass
     else:
         if end == len(text):
-            return value
+            return _whole(text, value)
     return _loads_slow(text)
+
+
+def _whole(text: str, value: Any) -> Any:
+    if _SURROGATE_ESCAPE.search(text) is not None and _lone_surrogate(value):
+        # "\ud800" alone parses to a string no UTF-8 holds: Go reads it as U+FFFD,
+        # Rust's serde_json refuses the text, so one signed claim read three ways
+        # (RFC 7493, I-JSON, section 2.1). A pair spelling one character is fine.
+        raise ValueError("not valid JSON (an escaped lone surrogate)")
+    return value
+
+
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> bool:
+    # A stack, not recursion: as deep as the parser went, and no deeper.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item) is not None:
+                return True
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+    return False
 
 
 def _loads_slow(text: str) -> Any:
     try:
-        return _STRICT.decode(text)
+        value = _STRICT.decode(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
     except RecursionError:
@@ -171,6 +201,7 @@ def _loads_slow(text: str) -> Any:
         if "integer string conversion" in str(exc):
             raise ValueError("not valid JSON (an integer of more than 4300 digits)") from None
         raise
+    return _whole(text, value)
 
 
 # One decoder for every call: json.loads with hooks would build a new one each time.
@@ -343,13 +374,16 @@ def parse_disclosures(encoded: Sequence[str], max_structure: int | None = None) 
     parts: list[tuple[str, str | None, Any]] = []
     for text, raw in zip(encoded, raws, strict=True):
         try:
-            decoded, end = _SCAN(raw.decode("utf-8"), 0)
+            json_text = raw.decode("utf-8")
+            decoded, end = _SCAN(json_text, 0)
         except (UnicodeDecodeError, StopIteration, ValueError, RecursionError):
-            decoded = end = None
+            json_text, decoded, end = "", None, None
         # What _decode_disclosure accepts at once; anything else (including
-        # what the scanner alone cannot decide) goes through it for the reason.
+        # what the scanner alone cannot decide, such as an escaped surrogate)
+        # goes through it for the reason.
         if (
             end != len(raw)
+            or _SURROGATE_ESCAPE.search(json_text) is not None
             or type(decoded) is not list
             or len(decoded) != 3
             or type(decoded[0]) is not str

@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final
 
 from pydantic import ValidationError
 
@@ -20,10 +20,16 @@ from broker.sightings import (
     new_id_problem,
     new_text_problem,
     repeated_value,
+    uncomposed_text,
 )
 
 MAX_RECORD_BYTES = 64 * 1024
 """Largest single NDJSON record a feed may send; real sightings are a few KiB."""
+NOT_NFC: Final = (
+    "is not in Unicode normalization form NFC: compose it (NFC) before sending,"
+    " so that one name has one spelling"
+)
+"""Why a new record's text in another normalization form is refused (``uncomposed_text``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,19 +182,25 @@ def parse_record(raw: bytes | str) -> SightingModel:
 def parse_new_record(raw: bytes | str) -> SightingModel:
     """``parse_record``, for a record a feed sends now, held to today's rules too.
 
-    Its id random (v4), no invisible or text-direction character in its text, no
-    enumerated value listed twice. Records stored before (planned again, compared with
-    one sent again) are read with ``parse_record`` alone: what was accepted then stays
-    readable (``new_id_problem``, ``new_text_problem``, ``repeated_value``).
+    Its id random (v4), no invisible or text-direction character in its text, its
+    text in normalization form NFC, no enumerated value listed twice. Records stored
+    before (planned again, compared with one sent again) are read with
+    ``parse_record`` alone: what was accepted then stays readable (``new_id_problem``,
+    ``new_text_problem``, ``uncomposed_text``, ``repeated_value``).
     """
     sighting = parse_record(raw)
     problem = new_id_problem(sighting.report_id)
     if problem is not None:
         raise InvalidRecordError([FieldProblem("report_id", problem)])
     text = raw if isinstance(raw, str) else raw.decode("utf-8")  # parse_record read it so
-    hidden = new_text_problem(leaf_values(sighting)) if may_hide_text(text) else None
-    if hidden is not None:
-        raise InvalidRecordError([FieldProblem(*hidden)])
+    if may_hide_text(text):
+        fields = leaf_values(sighting)
+        hidden = new_text_problem(fields)
+        if hidden is not None:
+            raise InvalidRecordError([FieldProblem(*hidden)])
+        uncomposed = uncomposed_text(fields)
+        if uncomposed is not None:
+            raise InvalidRecordError([FieldProblem(uncomposed, NOT_NFC)])
     repeated = repeated_value(sighting)
     if repeated is not None:
         raise InvalidRecordError([FieldProblem(repeated, "lists a value more than once")])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
+import unicodedata
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -606,6 +608,37 @@ def test_signed_by_a_different_key_of_the_right_kid(issued: envelope.Issued) -> 
     reject(seal(forged + "~", rid=issued.report_id), "signature")
 
 
+@pytest.mark.parametrize("where", ["msmt_policy", "salt"])
+def test_an_escaped_lone_surrogate_in_a_signed_claim_is_refused(
+    issued: envelope.Issued, where: str
+) -> None:
+    # A review: "\ud800" alone parsed here to a string no UTF-8 holds, in the two
+    # strings no later step reads (the policy digest, a disclosure's salt); Go reads it
+    # as U+FFFD and Rust's serde_json refuses the text: one signature, three readings.
+    payload = payload_of(issued.jws)
+    disclosures = [sdjwt.Disclosure.parse(e) for e in issued.disclosures.values()]
+    if where == "msmt_policy":
+        payload["msmt_policy"] = "\ud800"
+    else:
+        old = disclosures.pop()
+        raw = json.dumps(["\ud800", old.name, old.value], separators=(",", ":"))
+        encoded = sdjwt.b64u_encode(raw.encode("ascii"))
+        digest = sdjwt.b64u_encode(hashlib.sha256(encoded.encode("ascii")).digest())
+        payload["_sd"] = sorted([d for d in payload["_sd"] if d != old.digest] + [digest])
+    encoded_disclosures = [d.encoded for d in disclosures]
+    if where == "salt":
+        encoded_disclosures.append(encoded)
+    signed = jws.serialize_compact(
+        {"alg": "Ed25519", "typ": envelope.TYP, "kid": "JPN-sig-1"},
+        json.dumps(payload, separators=(",", ":")).encode("ascii"),  # the escape, as sent
+        sig_key("JPN"),
+        algorithms=["Ed25519"],
+    )
+    token = seal(sdjwt.join_presentation(signed, encoded_disclosures), rid=issued.report_id)
+    step = "format" if where == "msmt_policy" else "disclosures"
+    assert "lone surrogate" in str(reject(token, step))
+
+
 def _present_raw(issued: envelope.Issued, disclosures: list[str]) -> str:
     return seal(sdjwt.join_presentation(issued.jws, disclosures), rid=issued.report_id)
 
@@ -785,6 +818,12 @@ def test_what_receivers_would_refuse_for_its_structure_is_not_signed() -> None:
         ("SHIP \u2066A\u2069", "U+2066"),
         ("Ace\u200bCorp", "U+200B"),
         ("\ufeffSAR", "U+FEFF"),
+        # A review's: "PYONGYANG" in tag characters shows as nothing after GOOD SHIP.
+        ("GOOD SHIP " + "".join(chr(0xE0000 + ord(c)) for c in "PYONGYANG"), "U+E0050"),
+        ("SHIP\u00adNAME", "U+00AD"),
+        ("\u3164", "U+3164"),
+        ("A\u200fB", "U+200F"),
+        ("A\u206aB", "U+206A"),
     ],
 )
 def test_invisible_or_text_direction_characters_are_refused_in_what_is_new(
@@ -809,6 +848,46 @@ def test_invisible_or_text_direction_characters_are_refused_in_what_is_new(
     cek = jose.content_key(token, header, private)
     kept = envelope.check_kept(token, cek, roster=USA.roster)
     assert kept.fields["vessel.name"] == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\ub300\ub3d9\ud638 \u200d\u200c",
+        "FLAG \u2764\ufe0f",
+        "\u1820\u180b",
+        "\u0634\u0631\u0643\u0629",
+    ],
+)
+def test_joiners_and_variation_selectors_are_kept_in_what_is_new(text: str) -> None:
+    # Default-ignorable, but scripts and emoji need them, and they hide nothing.
+    record = samples.example_records()["vessel"] | {"originator": "JPN"}
+    record.pop("rel_to", None)
+    record["vessel"] = record["vessel"] | {"name": text}
+    sighting = parse_new_record(json.dumps(record))
+    token = JPN.present(JPN.issue(sighting), "USA", ["vessel.name"])
+    assert USA.receive(token).fields["vessel.name"] == text
+
+
+def test_text_not_in_nfc_is_refused_from_a_feed_but_not_from_a_partner() -> None:
+    # A review: a Hangul name composed and decomposed is two values, so two pseudonyms
+    # under one key and a conflict for one report id. A feed composes it (NFC); a
+    # partner's report is kept whatever its form (an older node's feed may send it).
+    composed = "\ub300\ub3d9\ud638"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    record = samples.example_records()["vessel"] | {"originator": "JPN"}
+    record.pop("rel_to", None)
+    record["vessel"] = record["vessel"] | {"name": decomposed}
+    with pytest.raises(InputError, match=r"vessel\.name: is not in Unicode normalization form NFC"):
+        parse_new_record(json.dumps(record))
+    with pytest.raises(InputError, match="NFC"):
+        parse_new_record(json.dumps(record, ensure_ascii=False).encode())
+    sighting = parse_record(json.dumps(record))  # as a record stored before
+    token = JPN.present(JPN.issue(sighting), "USA", ["vessel.name"])
+    assert USA.receive(token).fields["vessel.name"] == decomposed
+    record["vessel"]["name"] = composed
+    assert parse_new_record(json.dumps(record)).vessel.name == composed  # type: ignore[union-attr]
 
 
 def test_schema_violation_in_a_signed_disclosure(issued: envelope.Issued) -> None:

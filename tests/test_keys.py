@@ -388,6 +388,10 @@ def _authority_kid(keydir: Path) -> str:
         ({"keys": [1]}, "roster key is not a JSON object"),
         ({"keys": [[]]}, "roster key is not a JSON object"),
         ({"keys": [{"kid": "JPN-sig-1", "use": ["sig"]}]}, "use must be 'sig' or 'enc'"),
+        # A kid the audit log and key files refuse stopped its member's node later.
+        ({"keys": [{"kid": "JPN-sig-\u0662\u0660", "use": "sig"}]}, r"'JPN-sig-\\u0662\\u0660'"),
+        ({"keys": [{"kid": "J" * 65, "use": "sig"}]}, "a kid is 1-64 ASCII letters"),
+        ({"keys": [{"kid": "-JPN", "use": "sig"}]}, "starting with a letter or digit"),
         ([1, 2], "not a JWK Set"),
         (
             {

@@ -841,6 +841,10 @@ def test_malformed_policy_gives_line_and_reason(body: str, line: int, reason: st
         ('version = 1\nmember = "JPN"\nrules = 3\n', 3, "rules must be an array of tables"),
         ('version = 1\nmember = "JPN"\ncolour = 1\n', 3, "unknown setting 'colour'"),
         ('version = 1\nmember = "JPN"\n[rules\n', 3, "not valid TOML"),
+        # A review: a U+2028 pasted into a comment (or a U+0085) is no line
+        # end to TOML, but str.splitlines took it for one: the next lines named one late.
+        ('# a\u2028b\x85\nversion = 1\nmember = "JPN"\ncolour = 1\n', 4, "'colour'"),
+        ('\ufeffversion = 1\nmember = "JPN"\n', 1, "starts with a byte order mark"),
     ],
 )
 def test_malformed_headers_give_line_and_reason(text: str, line: int, reason: str) -> None:

@@ -76,7 +76,7 @@ def _report(path: Path) -> SightingModel:
         raw = text
     except (ValueError, RecursionError):  # ValueError: also an integer of over 4300 digits
         # NDJSON: explain the first record (or refuse the nesting, as parse_record does).
-        raw = next((line for line in text.splitlines() if line.strip()), "")
+        raw = next((line for line in text.split("\n") if line.strip()), "")
     try:
         return parse_record(raw)
     except InvalidRecordError as exc:
