@@ -134,6 +134,12 @@ class Spool:
         except _NotRegularError as exc:
             await self._refuse(path, exc.kind)
             return "filed"
+        except OSError as exc:
+            if exc.errno in _NOT_OPENED:
+                # This file only: a local user's trial stopped every batch behind one
+                # of mode 000 (or one it held a lease on) in a group-shared spool.
+                raise _NotOpenedError(exc) from None
+            raise
         with opened as handle:
             fd = handle.fileno()
             if await asyncio.to_thread(_open_for_writing, fd):
@@ -285,6 +291,12 @@ class Spool:
                         failed = errored = True
                         self._no_room(exc)
                         continue
+                    except _NotOpenedError as exc:
+                        # Only this batch waits, and the others go on at the usual pace:
+                        # opening it again costs a system call.
+                        errored = True
+                        self._not_opened(path, exc.error)
+                        continue
                     # A file being written is passed over; when the store cannot
                     # accept, the rest would be refused too.
                     if taken == "unavailable":
@@ -308,6 +320,20 @@ class Spool:
             wait = min(wait * 2, ERROR_WAIT_MAX_S) if failed else interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
+
+    def _not_opened(self, path: Path, exc: OSError) -> None:
+        # Once a minute per reason: the file's name varies, the condition does not.
+        error = f"{type(exc).__name__}: {exc.strerror}"
+        unlogged = self.throttle.check("spool_error", f"not opened: {error}")
+        if unlogged is not None:
+            log.error(
+                "spool_error",
+                error=error,
+                file=shown_name(path.name),
+                hint="the node cannot open this batch: it waits in the spool, the others"
+                " go on; give the node's user read access, or move it out",
+                **({"unlogged_before": unlogged} if unlogged else {}),
+            )
 
     def _no_room(self, exc: OSError) -> None:
         # One key for every batch: names and sizes vary, the condition does not.
@@ -359,6 +385,18 @@ def shown_name(name: str) -> str:
 
 NOT_REGULAR: Final = "not_a_regular_file"
 """The reason of a spool file's one answer when it was refused unread (a link, a FIFO)."""
+
+
+_NOT_OPENED: Final = frozenset({errno.EACCES, errno.EPERM, errno.EAGAIN, errno.EWOULDBLOCK})
+"""Why one spool file may not open while the others do: its mode, its owner, a lease."""
+
+
+class _NotOpenedError(Exception):
+    """A spool file the node may not open (``error`` says why); the others go on."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _NotRegularError(Exception):
@@ -505,7 +543,7 @@ def _open_filed_into(spool: int, name: str) -> int:
     """Open the open ``spool``'s folder ``name`` (``done``, ``rejected``), never through a link."""
     try:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        return os.open(name, flags, dir_fd=spool)
+        folder = os.open(name, flags, dir_fd=spool)
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
             raise
@@ -514,6 +552,22 @@ def _open_filed_into(spool: int, name: str) -> int:
             f"the spool's {name}/ is not a directory (a symbolic link, a file, or gone):"
             " nothing is read or filed, and batches wait in the spool, until it is one again",
         ) from None
+    info = os.fstat(folder)
+    if info.st_uid not in (os.geteuid(), 0) or (
+        info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX
+    ):
+        # A local user's trial, in a group-shared spool: a feed renamed done/, made its
+        # own, and replaced the node's answers there with "accepted". Only the node's
+        # user (or root) may own it, and nobody else replace what is in it.
+        os.close(folder)
+        raise OSError(
+            errno.EPERM,
+            f"the spool's {name}/ is not the node's own (owner uid {info.st_uid}, mode"
+            f" {stat.S_IMODE(info.st_mode):04o}): others could replace the answers filed"
+            " there; nothing is read or filed until it is owned by the node's user and"
+            " writable by it alone",
+        )
+    return folder
 
 
 def _exists(folder: int, name: str) -> bool:

@@ -12,6 +12,7 @@ import os
 import socket
 import sqlite3
 import stat
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -1711,4 +1712,89 @@ async def test_a_spool_error_names_the_file_or_the_folder(
         ("OSError: Too many open files", "batch-0042.ndjson", None),
         ("OSError: No space left on device", None, str(spool_dir)),
     ]
+    store.close()
+
+
+_LEASE_HOLDER = """
+import fcntl, os, signal, sys, time
+signal.signal(signal.SIGIO, signal.SIG_IGN)  # the break notice: kept, not obeyed
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+async def test_a_batch_the_node_cannot_open_waits_and_the_others_go_on(tmp_path: Path) -> None:
+    # A local user's trial, in a group-shared spool: one batch the node could not open
+    # (mode 000 from another user, or a write lease held on it) ended every poll, and
+    # every batch behind it waited. Now it waits alone, named once a minute.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    stalled: list[bool] = []
+    spool = Spool(spool_dir, make_intake(store), stalled.append)
+    held = spool_dir / "a-held.ndjson"
+    held.write_bytes(ndjson(jpn_records(1, seed=4)))
+    os.utime(held, (978307200, 978307200))  # 2001: the oldest, taken first
+    (spool_dir / "b-next.ndjson").write_bytes(ndjson(jpn_records(2, seed=5)))
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _LEASE_HOLDER, str(held), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 10) == b"held\n"
+        stop = asyncio.Event()
+        with structlog.testing.capture_logs() as logs:
+            task = asyncio.create_task(spool.run(stop, interval=0.01))
+            await await_for(
+                (spool_dir / "done" / "b-next.ndjson").exists, 10, "the next batch filed"
+            )
+            await await_for(lambda: len(stalled) >= 3, 10, "three polls")
+            stop.set()
+            await task
+    finally:
+        holder.kill()
+        await holder.wait()
+    assert held.exists()  # untouched, to be read once it can be
+    assert len(store.unplanned(10)) == 2
+    assert all(stalled[-3:])  # msmt_spool_stalled: a batch waits
+    said = [e for e in logs if e["event"] == "spool_error"]
+    assert len(said) == 1  # once a minute, however many polls
+    assert said[0]["file"] == "a-held.ndjson"
+    assert said[0]["error"] == "BlockingIOError: Resource temporarily unavailable"
+    spool.close()
+    store.close()
+
+
+@pytest.mark.parametrize("change", ["group-writable", "another owner"])
+async def test_a_filed_into_folder_others_may_write_stops_the_spool_until_put_right(
+    tmp_path: Path, change: str
+) -> None:
+    # A local user's trial, in a group-shared spool: a feed renamed done/, made its own
+    # and replaced the node's answer file there with a forged "accepted". The node files
+    # only into folders its user (or root) owns and nobody else may write to.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, make_intake(store))
+    done = spool_dir / "done"
+    if change == "group-writable":
+        done.chmod(0o775)
+    else:
+        os.chown(done, 54321, -1)
+    (spool_dir / "batch.ndjson").write_bytes(ndjson(jpn_records(1, seed=6)))
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(spool.run(stop, interval=0.01))
+        await await_for(lambda: any(e["event"] == "spool_error" for e in logs), 10, "refusal")
+        assert (spool_dir / "batch.ndjson").exists()
+        assert store.unplanned(10) == []
+        said = next(e for e in logs if e["event"] == "spool_error")
+        assert said["error"].startswith("PermissionError: the spool's done/ is not the node's own")
+        os.chown(done, os.geteuid(), -1)
+        done.chmod(0o1770)  # a sticky folder: others may not replace what is in it
+        await await_for((done / "batch.ndjson").exists, 70, "the batch filed once put right")
+        stop.set()
+        await task
+    assert len(store.unplanned(10)) == 1
+    spool.close()
     store.close()
