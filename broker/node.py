@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 from datetime import UTC, datetime
@@ -277,9 +278,15 @@ class Node(Messaging, Housekeeping):
         except OSError as exc:
             # aiohttp rewords the OSError; the errno says it plainly.
             reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-            raise ConfigError(
+            text = (
                 f"config key metrics.listen: cannot listen on {listen.host}:{listen.port}: {reason}"
-            ) from None
+            )
+            if exc.errno == errno.EADDRINUSE:
+                # Exit 1, not 2: the service manager tries again. Any local user may
+                # hold a loopback port for a moment (a trial held the node's across a
+                # restart, and with exit 2 the unit stayed failed for good).
+                raise MsmtError(f"{text} (by another process: tried again later)") from None
+            raise ConfigError(text) from None
 
     def _wake_for_stop(self) -> None:
         # The planner, publisher and receiver sleep until woken, not on a timer.

@@ -181,10 +181,12 @@ def test_a_bad_listener_or_directory_stops_the_start_with_one_line(world: World)
         taken.listen()
         port = taken.getsockname()[1]
         busy = msmt("node", "run", "--config", path, MSMT_METRICS_LISTEN=f"127.0.0.1:{port}")
-    assert busy.returncode == 2
+    # Exit 1: a port another process holds may be free at the service manager's next
+    # try (a local user held it across a restart; exit 2 left the unit failed for good).
+    assert busy.returncode == 1
     assert busy.stderr == (
         f"msmt: error: config key metrics.listen: cannot listen on 127.0.0.1:{port}: "
-        "Address already in use\n"
+        "Address already in use (by another process: tried again later)\n"
     ), busy.stderr
     assert not config.socket_path.exists()
 
