@@ -17,8 +17,10 @@ stopped and, without ``--keep``, the scratch directory is removed.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -87,10 +89,27 @@ def scratch(keep: Path | None) -> Iterator[Path]:
         finally:
             shutil.rmtree(root, ignore_errors=True)
         return
-    if keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
-        raise UsageError(f"--keep {keep}: must be a new or empty directory")
-    keep.mkdir(parents=True, exist_ok=True)
+    try:
+        keep.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        _check_kept(keep)
+    except OSError as exc:
+        raise UsageError(f"--keep {keep}: cannot create it: {exc.strerror}") from None
     yield keep.resolve()
+
+
+def _check_kept(keep: Path) -> None:
+    # A local user's trial: an empty /tmp/msmt-demo it had made 0777 was taken as is,
+    # and its links there had root's demo overwrite any file. Ours alone, or new.
+    info = keep.lstat()
+    if not stat.S_ISDIR(info.st_mode) or any(keep.iterdir()):
+        raise UsageError(f"--keep {keep}: must be a new or empty directory")
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise UsageError(
+            f"--keep {keep}: must be a new directory, or an empty one of yours that nobody"
+            f" else may write to (owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}):"
+            " others could plant links in it"
+        )
 
 
 async def _watch(

@@ -34,6 +34,7 @@ import pytest
 from node_world import MSMT, in_port_share
 
 from broker import keys
+from broker.demo import scratch
 from broker.demo_report import render
 from broker.demo_view import Cell, Outcome, Point, SideBySide, first_failure, summary_line
 from broker.demo_watch import wait_ready
@@ -488,8 +489,20 @@ def test_a_node_dying_fails_the_demo_with_one_line_and_cleans_up(tmp_path: Path)
 def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
+    # A local user's trial: an empty folder it made 0777 (the README's /tmp/msmt-demo)
+    # was taken, and its links there had root's demo overwrite any file.
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)
+    (tmp_path / "theirs").mkdir()
+    os.chown(tmp_path / "theirs", 54321, -1)
+    (tmp_path / "link").symlink_to(tmp_path / "open")
+    (tmp_path / "a-file").write_text("x")
     for args, reason in (
         (["--keep", str(tmp_path / "full")], "must be a new or empty directory"),
+        (["--keep", str(tmp_path / "open")], "nobody else may write to (owner uid 0, mode 0777)"),
+        (["--keep", str(tmp_path / "theirs")], "of yours that nobody else may write to"),
+        (["--keep", str(tmp_path / "link")], "must be a new or empty directory"),
+        (["--keep", str(tmp_path / "a-file" / "x")], "cannot create it: Not a directory"),
         (["--nodes", str(tmp_path / "none")], "cannot read"),
     ):
         proc = _start_demo(*args)
@@ -498,6 +511,12 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
         assert len(err.strip().splitlines()) == 1
         assert err.startswith("msmt: error: ")
         assert reason in err
+    assert not (tmp_path / "open" / "keys").exists()
+
+
+def test_a_new_kept_directory_is_private(tmp_path: Path) -> None:
+    with scratch(tmp_path / "new" / "demo") as root:
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
 
 
 def _outcome(**changes: Any) -> Outcome:
