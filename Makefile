@@ -12,10 +12,12 @@ STAMP := $(VENV)/.installed
 # commit installs again (a new user's trial: a pulled tree still named the old build).
 HEAD_REF := $(wildcard .git/HEAD $(addprefix .git/,$(shell git symbolic-ref -q HEAD 2>/dev/null)))
 
+# umask 022: under a umask of 000 the venv, and code every msmt command runs, would be
+# writable by every local user (a review; msmt node run refuses such code folders).
 $(STAMP): pyproject.toml $(HEAD_REF)
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	umask 022 && $(PYTHON) -m venv $(VENV)
+	umask 022 && $(BIN)/python -m pip install --quiet --upgrade pip
+	umask 022 && $(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -114,6 +114,49 @@ def test_a_data_dir_that_is_a_file_is_named_by_node_check_and_run(folder: Path) 
     assert not_a_dir.read_text() == "a file\n"
 
 
+@pytest.mark.parametrize("what", ["data_dir", "code"])
+def test_a_folder_others_may_write_stops_node_check_and_run(folder: Path, what: str) -> None:
+    # A local user's review: a data directory another user may write to lets them
+    # replace the store, log or tokens; a bytecode cache every user may write to
+    # (a first run under umask 000) ran their .pyc as root at the next msmt command.
+    opened = folder / what
+    opened.mkdir()
+    opened.chmod(0o777)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    env["MSMT_NATS_URLS"] = "nats://127.0.0.1:1"
+    if what == "data_dir":
+        env["MSMT_DATA_DIR"] = str(opened)
+        line = f"msmt: error: config key data_dir: {opened} is not the node's own (owner uid 0,"
+    else:
+        env["PYTHONPYCACHEPREFIX"] = str(opened)
+        line = f"msmt: error: {opened} is writable by every local user (mode 0777): anyone"
+    config = str(folder / "nodes" / "JPN" / "node.toml")
+    for command in ("check", "run"):
+        done = subprocess.run(
+            [MSMT, "node", command, "--config", config],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=60,
+        )
+        assert (command, done.returncode) == (command, 2), done.stderr
+        assert done.stderr.startswith(line), done.stderr
+        assert len(done.stderr.splitlines()) == 1
+    assert not (opened / "node.sqlite3").exists()
+    opened.chmod(0o1777 if what == "code" else 0o700)  # sticky, or the node's alone
+    done = subprocess.run(
+        [MSMT, "node", "check", "--config", config],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+    assert "writable by every local user" not in done.stderr
+    assert "is not the node's own" not in done.stderr
+
+
 def _tree(root: Path) -> dict[str, tuple[int, bytes | None]]:
     return {
         str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes() if p.is_file() else None)
