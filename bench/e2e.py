@@ -58,7 +58,7 @@ import psutil
 from floors import CryptoFloor, publish_floor, pull_floor
 from joserfc.jwk import OKPKey
 
-from broker import envelope, keys, samples, sdjwt
+from broker import envelope, keys, keys_custodian, keys_roster, samples, sdjwt
 from broker.checkpoint import (
     count_cosignatures,
     open_checkpoint,
@@ -145,7 +145,7 @@ class Cluster:
         return self._stores[member]
 
     async def start_hub(self, inbox_bytes: int) -> None:
-        keys.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
+        keys_custodian.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
         # One server: one replica of each stream counts against an account's quota.
         accounts = accounts_config(load_users(self.keydir), replicas=1, inbox_bytes=inbox_bytes)
         self.server = BigStoreServer(
@@ -536,7 +536,7 @@ async def witnessing(
     so the phase's counts are read once the logs are at rest: then every witness
     cosigns every log's latest checkpoint (docs/NODE.md), or the wait times out.
     """
-    roster = keys.load_signed_roster(cluster.keydir).roster
+    roster = keys_roster.load_signed_roster(cluster.keydir).roster
     witnesses = len(MEMBERS) - 1
     start = time.monotonic()
     while True:

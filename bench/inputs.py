@@ -126,7 +126,7 @@ def build_world(demo: Path, pristine: Path) -> None:
     foreign_wal(extra / "foreign.sqlite3")
     sys.path.insert(0, str(ROOT))
     from broker.checkpoint import roster_witness_keys
-    from broker.keys import load_signed_roster
+    from broker.keys_roster import load_signed_roster
 
     roster = load_signed_roster(pristine / "keys").roster
     others = ["USA", "KOR", "GBR", "FRA"]

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from floors import publish_floor
 
-from broker import keys, samples
+from broker import keys, keys_custodian, samples
 from broker.config import load_config
 from broker.intake import ensure_token, submit
 from broker.members import MEMBERS
@@ -117,7 +117,7 @@ async def main(count: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         keydir = root / "keys"
-        keys.init_keys(keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
+        keys_custodian.init_keys(keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
         server = NatsServer(
             workdir=root / "nats",
             extra_config=accounts_config(load_users(keydir)),

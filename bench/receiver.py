@@ -63,7 +63,7 @@ from e2e import (
 from floors import pull_floor
 from nats.js.api import RetentionPolicy
 
-from broker import keys
+from broker import keys, keys_custodian, keys_roster
 from broker.config import load_config
 from broker.members import MEMBERS
 from broker.natsconfig import accounts_config, inbox_durable, inbox_stream
@@ -97,7 +97,7 @@ release = ["*"]
 def plan(cluster: Cluster, count: int) -> list[OutboxItem]:
     """``count`` real JPN -> USA envelopes, made by the node's own planner."""
     config = load_config(cluster.config_path(ME), env={})
-    signed = keys.load_pinned_roster(
+    signed = keys_roster.load_pinned_roster(
         config.roster_dir, config.authority_path, cluster.root / "bench-roster-state.json"
     )
     now = datetime.now(UTC)
@@ -135,7 +135,7 @@ async def publish(cluster: Cluster, items: list[OutboxItem], tag: str = "") -> N
 
 async def start_hub(cluster: Cluster) -> None:
     """``Cluster.start_hub``, except that USA's inbox consumer is not created yet."""
-    keys.init_keys(cluster.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
+    keys_custodian.init_keys(cluster.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
     accounts = accounts_config(load_users(cluster.keydir), replicas=1, inbox_bytes=LIMITS.max_bytes)
     cluster.server = BigStoreServer(
         workdir=cluster.root / "nats", extra_config=accounts, sync_always=True

@@ -230,7 +230,7 @@ class NodeConfig(_Section):
 
     @property
     def roster_state_path(self) -> Path:
-        """The highest roster version this node accepted (``keys.load_pinned_roster``)."""
+        """The highest roster version this node accepted (``keys_roster.load_pinned_roster``)."""
         return self.data_dir / "roster-state.json"
 
     @property

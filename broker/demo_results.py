@@ -11,7 +11,7 @@ import base64
 import json
 from typing import Any, Final
 
-from broker import keys as keyfiles
+from broker import keys_roster
 from broker.audit_events import parse_entry
 from broker.audit_replay import replay
 from broker.audit_replay_text import render_tables, status_line
@@ -48,7 +48,7 @@ def read_inboxes(world: World) -> dict[str, list[InboxEntry]]:
 
 def verify_audits(world: World) -> list[AuditResult]:
     """``msmt audit verify --keys keys --cosigned --quorum 10`` on every node's log."""
-    roster = keyfiles.load_signed_roster(world.keydir).roster
+    roster = keys_roster.load_signed_roster(world.keydir).roster
     results = []
     for member, node in world.nodes.items():
         others = [m for m in MEMBERS if m != member]

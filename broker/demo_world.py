@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker import keys as keyfiles
-from broker import pseudonym_keys, samples
+from broker import keys_custodian, keys_users, pseudonym_keys, samples
 from broker.config import NodeConfig, load_config
 from broker.errors import MsmtError, UsageError
 from broker.intake import read_token, submit
@@ -95,8 +95,8 @@ class World:
 
     def prepare(self) -> None:
         """Generate keys and pseudonym keys; copy the policies; write each node's config."""
-        keyfiles.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(minutes=1))
-        users = keyfiles.load_signed_users(self.keydir).users
+        keys_custodian.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(minutes=1))
+        users = keys_users.load_signed_users(self.keydir).users
         self.server = NatsServer(workdir=self.root / "nats", extra_config=accounts_config(users))
         for member in MEMBERS:
             source = self.policy_source / member / "policy.toml"

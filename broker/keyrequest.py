@@ -45,6 +45,7 @@ from joserfc.jwk import Key, KeySet, OKPKey
 from joserfc.jws import FlattenedJSONSerialization
 
 from broker import keys as keyfiles
+from broker import keys_custodian, keys_roster, keys_users
 from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.files import read_file_bytes
 from broker.members import MEMBERS, is_member
@@ -110,7 +111,7 @@ def _current_key(
     if not (keydir / keyfiles.ROSTER_FILE).exists():
         return None, "a first request: no roster here yet"
     # Verified as a node does: a tampered roster must not choose the key that signs.
-    roster = keyfiles.load_signed_roster(
+    roster = keys_roster.load_signed_roster(
         keydir, authority_path=authority, authority_option="--authority"
     ).roster
     try:
@@ -661,8 +662,8 @@ def accept_request(
     if valid_days < 1:
         raise UsageError("--valid-days must be at least 1")
     at = now or _utcnow()
-    signed, authority = keyfiles.load_for_update(keydir)
-    users = keyfiles.load_users_for_update(keydir, authority)
+    signed, authority = keys_custodian.load_for_update(keydir)
+    users = keys_users.load_users_for_update(keydir, authority)
     # Checklist; each step raises KeyMaterialError naming the file, before any write.
     # 1. format: at most MAX_REQUEST_BYTES of UTF-8 JSON, no duplicate members, no
     #    "d" member anywhere (a private key: if it is a roster key's, the line names
@@ -690,18 +691,18 @@ def accept_request(
 
     member, new = content.member, content.keys
     retired = tuple(k.kid for k in signed.roster if k.member == member and k.status == "active")
-    entries = keyfiles.retire_active(signed.jwks["keys"], member, at)
+    entries = keys_custodian.retire_active(signed.jwks["keys"], member, at)
     entries += [keyfiles.roster_entry(new[u], member, at, valid_days) for u in ("sig", "enc")]
-    jwks = keyfiles.bump_roster(signed, entries, at)
+    jwks = keys_custodian.bump_roster(signed, entries, at)
     previous = users.get(member)
     # nats-users.json first: a crash before the roster is written leaves the request
     # acceptable again, and accepting it then finds the user already there.
     users_version = None
     if previous != content.nats_user:
         updated = users | {member: content.nats_user}
-        users_version = keyfiles.write_nats_users(keydir, updated, authority)
+        users_version = keys_users.write_nats_users(keydir, updated, authority)
     try:
-        keyfiles.write_roster(keydir, jwks, authority)
+        keys_custodian.write_roster(keydir, jwks, authority)
     except WriteError as exc:
         if users_version is None:
             raise
@@ -709,14 +710,14 @@ def accept_request(
         # now that the hub's users changed, whatever the roster did.
         finish = (
             "give the hub operator"
-            if isinstance(exc, keyfiles.RosterInPlaceError)
+            if isinstance(exc, keys_custodian.RosterInPlaceError)
             else f"accept {path} again to finish (without --replace-nats-user), then give the"
             " hub operator"
         )
         raise type(exc)(
             f"{exc}; {keyfiles.NATS_USERS_FILE} version {users_version} already names"
             f" {member}'s new NATS user: {finish} {keyfiles.NATS_USERS_FILE} and"
-            f" {keyfiles.NATS_USERS_SIG_FILE}"
+            f" {keys_users.NATS_USERS_SIG_FILE}"
         ) from None
     return Accepted(
         member=member,
@@ -767,4 +768,4 @@ def init_authority(keydir: Path, *, audit: bool = False, now: datetime | None = 
         keyfiles.write_private(
             keydir / keyfiles.AUDIT_ACCOUNT / keyfiles.NATS_SEED_FILE, seed + b"\n"
         )
-    keyfiles.write_authority(keydir, keyfiles.new_authority(at), [], users, at)
+    keys_custodian.write_authority(keydir, keys_custodian.new_authority(at), [], users, at)

@@ -1,4 +1,4 @@
-"""Key material on disk: generation, the signed roster, rotation and revocation.
+"""Key material on disk: the key directory's layout, its files, private JWKs and nkeys.
 
 Layout of a key directory (private files mode 0600, directories 0700)::
 
@@ -16,6 +16,11 @@ Layout of a key directory (private files mode 0600, directories 0700)::
 
 Every write goes to a temporary file that is renamed into place, and every check
 runs before the first write, so a refused command changes nothing.
+
+This module holds the files and keys themselves, and what a node loads of its own;
+the signed roster is ``broker.keys_roster``, the signed ``nats-users.json``
+``broker.keys_users``, and the custodian's operations (init, rotate, revoke, the
+roster's writes) ``broker.keys_custodian``.
 """
 
 from __future__ import annotations
@@ -23,28 +28,23 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import hashlib
 import json
 import re
 import secrets
 import stat
 import tempfile
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import nkeys
-import rfc8785
-from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import KeyParameters, OKPKey
 
-from broker.errors import KeyMaterialError, UsageError, WriteError
+from broker.errors import KeyMaterialError, WriteError
 from broker.files import read_file_bytes, read_file_text, sync_folder, write_synced
-from broker.members import MEMBERS, is_member
 from broker.note import excerpt
 from broker.roster import CLOCK_SKEW, KeyUse, Roster, format_time
 
@@ -70,16 +70,16 @@ DEFAULT_VALID_DAYS: Final = 730
 # --- files -----------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
+def write_atomic(path: Path, data: bytes, *, private: bool) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory and a rename.
 
     Raises ``WriteError`` (one line) if it cannot, leaving ``path`` as it was.
     """
-    tmp = _stage(path, data, private=private)
-    _put_in_place(tmp, path)
+    tmp = stage(path, data, private=private)
+    put_in_place(tmp, path)
 
 
-def _stage(path: Path, data: bytes, *, private: bool) -> Path:
+def stage(path: Path, data: bytes, *, private: bool) -> Path:
     """Write ``data`` durably to a new temp file beside ``path``; return the temp file."""
     try:
         _make_folder(path.parent, private=private)
@@ -119,7 +119,8 @@ def _make_folder(folder: Path, *, private: bool) -> None:
         folder.chmod(0o700)
 
 
-def _put_in_place(tmp: Path, path: Path) -> None:
+def put_in_place(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` (made by ``stage``) over ``path``; ``WriteError`` if not, ``tmp`` gone."""
     # The folder's fsync makes the rename durable: a power-cut trial brought back a
     # revoked feed, and a roster version the custodian then signed again otherwise.
     try:
@@ -132,12 +133,12 @@ def _put_in_place(tmp: Path, path: Path) -> None:
 
 def write_public(path: Path, data: bytes) -> None:
     """Write a public file (roster, hub configuration) atomically, mode 0644."""
-    _write_atomic(path, data, private=False)
+    write_atomic(path, data, private=False)
 
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a private file (a key, a seed) atomically, mode 0600 in a 0700 directory."""
-    _write_atomic(path, data, private=True)
+    write_atomic(path, data, private=True)
 
 
 def json_bytes(value: Any) -> bytes:
@@ -269,6 +270,33 @@ def _import_private(path: Path, data: dict[str, Any]) -> OKPKey:
     return key
 
 
+def load_authority(path: Path) -> OKPKey:
+    """Load the pinned roster-authority public key; it must be a public Ed25519 JWK with a kid."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("crv") != "Ed25519" or "d" in data:
+        raise KeyMaterialError(f"{path}: roster authority must be a public Ed25519 JWK")
+    if not isinstance(data.get("kid"), str):
+        raise KeyMaterialError(f"{path}: roster authority key has no kid")
+    _check_alg(path, data)
+    try:
+        return OKPKey.import_key(data)
+    except (ValueError, JoseError) as exc:
+        raise KeyMaterialError(f"{path}: malformed JWK ({exc})") from None
+
+
+def load_private_jwk_any(path: Path) -> OKPKey:
+    """Load the roster authority's private Ed25519 JWK.
+
+    Raises ``KeyMaterialError`` if it is malformed or open to other users.
+    """
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("crv") != "Ed25519" or "d" not in data:
+        raise KeyMaterialError(f"{path}: not a private Ed25519 JWK")
+    key = _import_private(path, data)
+    check_private_file(path, "roster authority key")
+    return key
+
+
 def new_nats_seed() -> bytes:
     """Return a fresh NATS user nkey seed (``SU...``)."""
     return bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER))
@@ -335,841 +363,6 @@ def check_nats_user(nkey: object, where: str) -> str:
     if raw[0] != nkeys.PREFIX_BYTE_USER:
         raise KeyMaterialError(f"{where}: not a NATS user public nkey")
     return nkey
-
-
-# --- the signed roster -----------------------------------------------------
-
-
-def sign_roster(jwks: Mapping[str, Any], authority: OKPKey) -> str:
-    """Return a detached compact JWS (Ed25519) over the RFC 8785 bytes of ``jwks``."""
-    return _sign_detached(jwks, authority, ROSTER_JWS_TYP)
-
-
-def _sign_detached(value: Mapping[str, Any], authority: OKPKey, typ: str) -> str:
-    header = {"alg": "Ed25519", "kid": authority.kid, "typ": typ}
-    token = jws.serialize_compact(
-        header, rfc8785.dumps(dict(value)), authority, algorithms=["Ed25519"]
-    )
-    return str(jws.detach_content(token))
-
-
-def _verify_detached(
-    what: str, value: Mapping[str, Any], signature: str, authority: OKPKey, typ: str, pinned_at: str
-) -> None:
-    """Steps shared by the authority's signed files: the header, then the signature.
-
-    Raises ``KeyMaterialError`` naming ``what`` (the roster, or the file's path) and
-    the pinned key's file.
-    """
-    parts = signature.strip().split(".")
-    if len(parts) == 3 and parts[1]:
-        # joserfc verifies a payload carried in the JWS and ignores payload= then: any
-        # file the authority ever signed, its payload put in the middle, vouched for
-        # whatever roster or users stood beside it (a review forged both).
-        raise KeyMaterialError(
-            f"{what} signature is not detached: its payload part is not empty (RFC 7515 Appendix F)"
-        )
-    try:
-        header = jws.extract_compact(signature.strip().encode()).protected
-    except (ValueError, JoseError) as exc:
-        raise KeyMaterialError(f"{what} signature is malformed ({exc})") from None
-    if isinstance(header.get("kid"), str) and header["kid"] != authority.kid:
-        raise KeyMaterialError(
-            f"{what} is signed by {header['kid']:.80}, not by the pinned roster authority "
-            f"{authority.kid}" + (f" ({pinned_at})" if pinned_at else "")
-        )
-    if header != {"alg": "Ed25519", "kid": authority.kid, "typ": typ}:
-        raise KeyMaterialError(
-            f"{what} signature header must be exactly alg Ed25519, typ {typ} and "
-            f"kid {authority.kid}"
-        )
-    try:
-        jws.deserialize_compact(
-            signature.strip(), authority, payload=rfc8785.dumps(dict(value)), algorithms=["Ed25519"]
-        )
-    except (ValueError, JoseError, rfc8785.CanonicalizationError):
-        raise KeyMaterialError(
-            f"{what} signature does not verify with the pinned authority key {authority.kid}: "
-            f"{'the roster' if what == ROSTER_WHAT else 'the file'} was altered, or signed"
-            " by another key under that kid, or the file and its signature are from two"
-            " different writes (copy both together)"
-        ) from None
-
-
-ROSTER_WHAT: Final = "roster"
-"""How the roster's refusals name it (its files are named by their callers)."""
-
-
-def _read_signature(path: Path, what: str) -> str:
-    """A detached signature file's text; ``KeyMaterialError`` with the reason if unreadable."""
-    try:
-        return read_file_text(path, "ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
-        raise KeyMaterialError(f"cannot read {what}{path}: {reason}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class SignedRoster:
-    """A roster whose signature and version were checked, with its raw JWK Set."""
-
-    roster: Roster
-    version: int
-    jwks: dict[str, Any]
-
-
-def load_authority(path: Path) -> OKPKey:
-    """Load the pinned roster-authority public key; it must be a public Ed25519 JWK with a kid."""
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("crv") != "Ed25519" or "d" in data:
-        raise KeyMaterialError(f"{path}: roster authority must be a public Ed25519 JWK")
-    if not isinstance(data.get("kid"), str):
-        raise KeyMaterialError(f"{path}: roster authority key has no kid")
-    _check_alg(path, data)
-    try:
-        return OKPKey.import_key(data)
-    except (ValueError, JoseError) as exc:
-        raise KeyMaterialError(f"{path}: malformed JWK ({exc})") from None
-
-
-def verify_roster(
-    jwks: Any, signature: str, authority: OKPKey, *, min_version: int = 0, pinned_at: str = ""
-) -> SignedRoster:
-    """Verify a roster against the pinned authority key and the last version seen.
-
-    ``pinned_at`` names the pinned key's file, for the refusal of another signer.
-
-    Checklist (each step raises ``KeyMaterialError`` with a one-line reason):
-    1. the roster is a JSON object with an integer ``msmt_version`` >= 1;
-    2. the JWS is detached (its payload part empty), its header exactly Ed25519, the
-       roster ``typ`` and the pinned kid;
-    3. the signature verifies over the RFC 8785 bytes of the roster (tampering);
-    4. the version is not below ``min_version`` (rollback to an older roster);
-    5. every key parses as a roster key, with no duplicate kid.
-    """
-    if not isinstance(jwks, dict):
-        raise KeyMaterialError("roster is not a JSON object")
-    version = jwks.get("msmt_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise KeyMaterialError("roster has no positive integer msmt_version")
-    _verify_detached(ROSTER_WHAT, jwks, signature, authority, ROSTER_JWS_TYP, pinned_at)
-    if version < min_version:
-        raise KeyMaterialError(
-            f"roster version {version} is older than version {min_version}, the oldest "
-            "accepted (a rollback)"
-        )
-    return SignedRoster(roster=Roster.from_jwks(jwks), version=version, jwks=jwks)
-
-
-def load_signed_roster(
-    keydir: Path,
-    *,
-    authority_path: Path | None = None,
-    min_version: int = 0,
-    authority_option: str | None = None,
-) -> SignedRoster:
-    """Read and verify ``roster.json`` + ``roster.json.jws`` from ``keydir``.
-
-    ``authority_path`` is the pinned authority key (default: the one in ``keydir``,
-    which proves integrity only if that file itself came from a trusted place).
-    ``authority_option`` names the command's option for it, said when the default
-    is missing: a deployment pins the key elsewhere (``/etc/msmt``), as it should.
-    """
-    authority, pin = _pinned_authority(
-        keydir, authority_path, authority_option, "the node's keys.authority"
-    )
-    # The two files are read one after the other, and a custodian's roster write
-    # (msmt keys rotate, revoke, accept) renames them into place one after the
-    # other: a pair read across it does not match (a race trial: 5 false tamper
-    # errors in 2,383 reads). A copy that does not rename (cp, scp) is read half
-    # written. Read again while they change; the same pair, or the same error,
-    # twice is what the directory holds, and refused.
-    pair: tuple[Any, str] | None = None
-    refused = KeyMaterialError(f"no roster in {keydir}")  # replaced by the first read
-    for read in range(1, ROSTER_READS + 1):
-        if read > 1:
-            time.sleep(ROSTER_REREAD_S)
-        try:
-            again = _roster_pair(keydir)
-        except KeyMaterialError as exc:
-            if pair is None and read > 1 and str(exc) == str(refused):
-                break
-            pair, refused = None, exc
-            continue
-        if again == pair:
-            break
-        pair = again
-        try:
-            return verify_roster(*pair, authority, min_version=min_version, pinned_at=str(pin))
-        except KeyMaterialError as exc:
-            refused = exc
-    if not (keydir / ROSTER_SIG_STAGED).exists():
-        raise refused
-    # Refused all the same: only the custodian's next roster write finishes it.
-    raise KeyMaterialError(
-        f"{refused} ({ROSTER_SIG_STAGED} is beside it: a roster write was cut short; the"
-        " custodian's next msmt keys rotate, revoke or accept in that directory finishes it)"
-    ) from None
-
-
-def _pinned_authority(
-    keydir: Path, authority_path: Path | None, authority_option: str | None, whose: str
-) -> tuple[OKPKey, Path]:
-    """The pinned authority key and its file: ``authority_path``, else ``keydir``'s copy."""
-    pin = authority_path or keydir / AUTHORITY_PUBLIC_FILE
-    if authority_path is None and authority_option is not None and not pin.exists():
-        raise KeyMaterialError(
-            f"no roster-authority key at {pin}: name the pinned copy with {authority_option}"
-            f" ({whose})"
-        )
-    return load_authority(pin), pin
-
-
-ROSTER_READS: Final = 5
-ROSTER_REREAD_S: Final = 0.1
-"""A roster that fails is read again this long after, while it changes (``ROSTER_READS``)."""
-
-
-def _roster_pair(keydir: Path) -> tuple[Any, str]:
-    """``roster.json`` parsed and its signature's text; ``KeyMaterialError`` if unreadable."""
-    jwks = read_json(keydir / ROSTER_FILE)
-    return jwks, _read_signature(keydir / ROSTER_SIG_FILE, "roster signature ")
-
-
-def roster_digest(jwks: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of the roster's RFC 8785 bytes: what a node remembers per version."""
-    return hashlib.sha256(rfc8785.dumps(dict(jwks))).hexdigest()
-
-
-def load_pinned_roster(
-    keydir: Path, authority_path: Path, state_path: Path, *, record: bool = True
-) -> SignedRoster:
-    """Load the roster as a node does: pinned authority, and never an older roster.
-
-    ``state_path`` remembers the highest version accepted and its digest. A lower
-    version is a rollback; the same version with other content means the authority
-    signed two different rosters under one number. Both raise ``KeyMaterialError``
-    and leave the state untouched; a newer valid roster advances it, at once or,
-    with ``record=False``, when the caller calls ``pin_roster`` (a node does so
-    only once everything else it needs has loaded, so a start refused for another
-    reason leaves the operator free to put the previous roster back).
-    """
-    seen_version, seen_digest = 0, None
-    if state_path.exists():
-        state = read_json(state_path)
-        if not (isinstance(state, dict) and isinstance(state.get("version"), int)):
-            raise KeyMaterialError(f"{state_path}: not a roster state file")
-        seen_version, seen_digest = state["version"], state.get("sha256")
-    signed = load_signed_roster(keydir, authority_path=authority_path, min_version=seen_version)
-    digest = roster_digest(signed.jwks)
-    if signed.version == seen_version and digest != seen_digest:
-        raise KeyMaterialError(
-            f"roster version {signed.version} differs from the version {seen_version} seen before"
-        )
-    if record and signed.version > seen_version:
-        pin_roster(state_path, signed)
-    return signed
-
-
-def pin_roster(state_path: Path, signed: SignedRoster) -> None:
-    """Record ``signed`` as the highest roster version accepted (see ``load_pinned_roster``)."""
-    state_bytes = json_bytes({"version": signed.version, "sha256": roster_digest(signed.jwks)})
-    # Private, as all else in the node's data directory (0700 itself): nobody else reads it.
-    _write_atomic(state_path, state_bytes, private=True)
-
-
-# --- the signed NATS users -------------------------------------------------
-
-NATS_USERS_SIG_FILE: Final = f"{NATS_USERS_FILE}.jws"
-NATS_USERS_JWS_TYP: Final = "msmt-nats-users+jws"
-VERSION_MEMBER: Final = "msmt_version"
-
-
-@dataclass(frozen=True, slots=True)
-class SignedUsers:
-    """The NATS users whose signature was checked: account to public nkey, version, signer."""
-
-    users: dict[str, str]
-    version: int
-    signer: str
-    thumbprint: str
-    """The signer's RFC 7638 thumbprint: what the hub operator compared by phone."""
-
-
-def split_users(data: Any, path: Path) -> tuple[dict[str, str], int]:
-    """``nats-users.json``'s public nkeys by account, and its version (0: never signed).
-
-    Raises ``KeyMaterialError`` naming the file and account for anything else: ``msmt
-    nats config`` wrote a mistyped nkey into the hub's configuration, which nats-server
-    then refused to load, naming only its own line.
-    """
-    if not isinstance(data, dict):
-        raise KeyMaterialError(f"{path} is not a JSON object of public nkeys")
-    users = dict(data)
-    version = users.pop(VERSION_MEMBER, 0)
-    if VERSION_MEMBER in data and (
-        not isinstance(version, int)
-        or isinstance(version, bool)
-        or not 1 <= version <= MAX_USERS_VERSION
-    ):
-        raise KeyMaterialError(
-            f"{path}: {VERSION_MEMBER} is not a positive integer below 2^53 (RFC 8785)"
-        )
-    if not all(isinstance(v, str) for v in users.values()):
-        raise KeyMaterialError(f"{path} is not a JSON object of public nkeys")
-    owners: dict[str, str] = {}
-    for account, nkey in users.items():
-        check_nats_user(nkey, f"{path}: the user of {excerpt(account)}")
-        if nkey in owners:
-            # One login would be two accounts' at the hub; nats-server's refusal names
-            # only its own line.
-            raise KeyMaterialError(
-                f"{path}: {excerpt(account)} and {excerpt(owners[nkey])} have the same NATS user"
-            )
-        owners[nkey] = account
-    return users, version
-
-
-MAX_USERS_VERSION: Final = 2**53 - 1
-"""RFC 8785 numbers are IEEE 754 doubles: a version above this would not sign exactly."""
-
-
-NATS_USERS_SIGNED_FILE: Final = "authority/nats-users-signed.json"
-"""The version of ``nats-users.json`` last signed here and the SHA-256 of what was signed.
-
-Kept with the private key: whoever may write the public files (a git-writable copy) could
-otherwise edit the users, even drop their version and signature, and have the next
-routine change sign the edit (two reviews)."""
-
-
-def load_users_for_update(keydir: Path, authority: OKPKey) -> dict[str, str]:
-    """The custodian's ``nats-users.json``, exactly as last signed here, to change it.
-
-    ``authority`` is the private key from ``load_for_update``. Refused (one line, with
-    the way out) unless the file is what ``NATS_USERS_SIGNED_FILE`` records; in a key
-    directory from before that record, unless it verifies with ``authority`` (a file
-    never signed, with no signature beside it, is read as it is, to be signed).
-    """
-    path = keydir / NATS_USERS_FILE
-    data = read_json(path)
-    users, version = split_users(data, path)
-    out = (
-        " (an edit, or a write cut short): 'msmt keys sign-nats-users' signs the file as it"
-        " stands (check the users it prints)"
-    )
-    mark = _read_users_mark(keydir)
-    if mark is not None:
-        if mark != (version, users_digest(data)):
-            raise KeyMaterialError(f"{path} is not the version {mark[0]} signed here{out}")
-        return users
-    sig_path = keydir / NATS_USERS_SIG_FILE
-    if version or sig_path.exists():
-        # The reason is kept (an unreadable signature is not an edit): the way out added.
-        try:
-            signature = _read_signature(sig_path, "")
-            _verify_detached(str(path), data, signature, authority, NATS_USERS_JWS_TYP, "")
-        except KeyMaterialError as exc:
-            raise KeyMaterialError(f"{exc}{out}") from None
-    return users
-
-
-def users_digest(data: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of ``nats-users.json``'s RFC 8785 bytes: what its signature covers."""
-    return hashlib.sha256(rfc8785.dumps(dict(data))).hexdigest()
-
-
-def _read_users_mark(keydir: Path) -> tuple[int, str] | None:
-    path = keydir / NATS_USERS_SIGNED_FILE
-    if not path.exists():
-        return None
-    mark = read_json(path)
-    if not (
-        isinstance(mark, dict)
-        and isinstance(mark.get("version"), int)
-        and isinstance(mark.get("sha256"), str)
-    ):
-        raise KeyMaterialError(f"{path}: not a record of the users signed here")
-    return mark["version"], mark["sha256"]
-
-
-def write_nats_users(
-    keydir: Path, users: Mapping[str, str], authority: OKPKey, *, first: bool = False
-) -> int:
-    """Sign ``users`` as the next version of ``nats-users.json``; write it and its ``.jws``.
-
-    The version is one above the file's in place (0 for none, or one never signed; with
-    ``first``, a new authority's, 1 whatever is there):
-    the hub operator's ``msmt nats config`` refuses a version below the one its
-    hub.conf was made from, as a node refuses an older roster. The signature is
-    written aside first and renamed into place last: a crash between leaves a pair
-    that does not verify, which ``msmt nats config`` refuses, and the next write
-    (``msmt keys sign-nats-users``) signs it again.
-    """
-    path, sig_path = keydir / NATS_USERS_FILE, keydir / NATS_USERS_SIG_FILE
-    if sig_path.is_dir():
-        # Its rename would fail only after the file had changed (a bad-input sweep).
-        raise WriteError(f"cannot write {sig_path}: Is a directory")
-    previous = split_users(read_json(path), path)[1] if path.exists() and not first else 0
-    data = {**users, VERSION_MEMBER: previous + 1}
-    signature = _sign_detached(data, authority, NATS_USERS_JWS_TYP)
-    staged = _stage(sig_path, (signature + "\n").encode(), private=False)
-    try:
-        _write_atomic(path, json_bytes(data), private=False)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    _put_in_place(staged, sig_path)
-    mark = {"version": previous + 1, "sha256": users_digest(data)}
-    try:
-        _write_atomic(keydir / NATS_USERS_SIGNED_FILE, json_bytes(mark), private=True)
-    except WriteError as exc:
-        # The users are signed and in place: say so (a review: "cannot write" alone read
-        # as nothing changed, while the next change refused them).
-        raise WriteError(
-            f"{path} version {previous + 1} is signed and in place, but {exc}: the next"
-            " change refuses it until 'msmt keys sign-nats-users' records it"
-        ) from None
-    return previous + 1
-
-
-def load_signed_users(
-    keydir: Path, *, authority_path: Path | None = None, authority_option: str | None = None
-) -> SignedUsers:
-    """Read ``nats-users.json`` from ``keydir`` and verify it against the pinned authority.
-
-    What the hub's configuration grants a login to each account rests on this file.
-    Checklist (each step raises ``KeyMaterialError`` with one line naming the file):
-    1. the pinned authority key loads (``authority_path``, else ``keydir``'s copy);
-    2. the file is a JSON object of public nkeys by account, with an integer
-       ``msmt_version`` >= 1 (none: never signed, so not trusted);
-    3. ``nats-users.json.jws`` is readable ASCII text;
-    4. it is detached (its payload part empty), its header exactly Ed25519, the
-       nats-users ``typ`` and the pinned kid;
-    5. the signature verifies over the RFC 8785 bytes of the whole file's object.
-    """
-    authority, pin = _pinned_authority(
-        keydir, authority_path, authority_option, "as the members pin it: docs/DEPLOY.md"
-    )
-    path, sig_path = keydir / NATS_USERS_FILE, keydir / NATS_USERS_SIG_FILE
-    data = read_json(path)
-    users, version = split_users(data, path)
-    if version == 0:
-        raise KeyMaterialError(
-            f"{path} is not signed (no {VERSION_MEMBER}: written before msmt signed it): the"
-            " custodian signs it with 'msmt keys sign-nats-users' and sends it with its"
-            f" {NATS_USERS_SIG_FILE}"
-        )
-    try:
-        signature = _read_signature(sig_path, "")
-    except KeyMaterialError as exc:
-        raise KeyMaterialError(f"{exc} (the custodian sends it with {path.name})") from None
-    _verify_detached(str(path), data, signature, authority, NATS_USERS_JWS_TYP, str(pin))
-    return SignedUsers(
-        users=users, version=version, signer=str(authority.kid), thumbprint=authority.thumbprint()
-    )
-
-
-# --- operations: init, rotate, revoke ---------------------------------------
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
-
-
-def _check_members(members: Iterable[str]) -> tuple[str, ...]:
-    result = tuple(members)
-    for member in result:
-        if not is_member(member):
-            raise UsageError(f"unknown member {member!r} (members: {', '.join(MEMBERS)})")
-    if len(set(result)) != len(result) or not result:
-        raise UsageError("members must be a non-empty list without repeats")
-    return result
-
-
-ROSTER_STAGED: Final = f"{ROSTER_FILE}.new"
-ROSTER_SIG_STAGED: Final = f"{ROSTER_SIG_FILE}.new"
-"""Where ``write_roster`` puts the new pair aside before renaming it into place."""
-
-
-def write_roster(keydir: Path, jwks: dict[str, Any], authority: OKPKey) -> None:
-    """Sign ``jwks`` with ``authority`` and write ``roster.json`` and its ``.jws``.
-
-    A crash between the two renames into place leaves a roster whose signature
-    fails, which every node refuses (fail closed); ``finish_roster_write`` then
-    finds the signature still aside and finishes the swap.
-    """
-    signature = sign_roster(jwks, authority)
-    staged, staged_sig = keydir / ROSTER_STAGED, keydir / ROSTER_SIG_STAGED
-    # Both are put aside whole (each written to a temp file and renamed) under
-    # fixed names before either goes into place, so a full disk leaves the old
-    # pair, which still verifies, and a crash leaves files that say what it was.
-    _put_in_place(_stage(keydir / ROSTER_FILE, json_bytes(jwks), private=False), staged)
-    try:
-        signed = _stage(keydir / ROSTER_SIG_FILE, (signature + "\n").encode(), private=False)
-        _put_in_place(signed, staged_sig)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    _swap(staged, keydir / ROSTER_FILE)
-    _swap(staged_sig, keydir / ROSTER_SIG_FILE)
-    _swapped(keydir)
-    _mark_signed(keydir, jwks)
-
-
-class RosterInPlaceError(WriteError):
-    """The new roster is in place, but a write that follows it failed: it is not undone."""
-
-
-def _mark_signed(keydir: Path, jwks: Mapping[str, Any]) -> None:
-    # After the swap: a mark ahead of the roster in place would refuse the next write.
-    # Never lowered: the callers sign only what _check_signed_before let through.
-    mark = {"version": jwks["msmt_version"], "sha256": roster_digest(jwks)}
-    try:
-        _write_atomic(keydir / ROSTER_SIGNED_FILE, json_bytes(mark), private=True)
-    except WriteError as exc:
-        # Not a failed roster write (a review: a rotation took it for one and deleted
-        # the private keys the roster in place names): say that the roster stands.
-        raise RosterInPlaceError(
-            f"roster version {jwks['msmt_version']} is in place, but {exc}; the next roster"
-            " write records it"
-        ) from None
-
-
-def _swapped(keydir: Path) -> None:
-    # Synced once, after both renames: a sync that failed between them stopped the
-    # swap with the new roster beside the old signature (a review injected EIO).
-    try:
-        sync_folder(keydir)
-    except OSError as exc:
-        raise WriteError(f"cannot write {keydir / ROSTER_FILE}: {exc.strerror}") from None
-
-
-def _swap(staged: Path, path: Path) -> None:
-    # Unlike _put_in_place, the file aside is kept on failure: once the roster
-    # is in place, its signature aside is what finishes the swap.
-    try:
-        staged.replace(path)
-    except OSError as exc:
-        raise WriteError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _verified_pair(roster: Path, signature: Path, authority: OKPKey) -> SignedRoster | None:
-    """The roster ``roster`` signed by ``signature`` under ``authority``; ``None`` if not."""
-    try:
-        text = read_file_text(signature, "ascii")
-        return verify_roster(read_json(roster), text, authority)
-    except (OSError, UnicodeDecodeError, KeyMaterialError):
-        return None
-
-
-def finish_roster_write(keydir: Path) -> str | None:
-    """Finish or undo a ``write_roster`` cut short (a crash); one line saying which, or ``None``.
-
-    The pair left aside goes into place only if it verifies under the authority's
-    public key in ``keydir`` and is newer than the pair in place (a roster in
-    place with the signature aside counts as such a pair); otherwise, if the pair
-    in place verifies, what was left aside is removed. Raises ``KeyMaterialError``,
-    changing nothing, if neither verifies: an unsigned or mismatched roster is
-    never put in place.
-    """
-    staged, staged_sig = keydir / ROSTER_STAGED, keydir / ROSTER_SIG_STAGED
-    if not staged.exists() and not staged_sig.exists():
-        return None
-    authority = load_authority(keydir / AUTHORITY_PUBLIC_FILE)
-    current = _verified_pair(keydir / ROSTER_FILE, keydir / ROSTER_SIG_FILE, authority)
-    candidate = None
-    if staged_sig.exists():
-        roster = staged if staged.exists() else keydir / ROSTER_FILE
-        candidate = _verified_pair(roster, staged_sig, authority)
-    cut = f"a roster write in {keydir} was cut short"
-    if candidate is not None and _behind_mark(keydir, candidate) is not None:
-        # Left aside before a later roster was signed (a key directory restored from an
-        # older copy): finishing it would sign over what the later ones revoked, and lower
-        # the mark (a review). Undone below if the roster in place verifies.
-        candidate = None
-    if candidate is not None and (current is None or candidate.version > current.version):
-        if staged.exists():
-            _swap(staged, keydir / ROSTER_FILE)
-        _swap(staged_sig, keydir / ROSTER_SIG_FILE)
-        _swapped(keydir)
-        _mark_signed(keydir, candidate.jwks)  # as the write it finishes would have
-        return f"{cut}: finished it, roster version {candidate.version} is in place"
-    if current is not None:
-        for path in (staged, staged_sig):
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:  # a folder by that name (a bad-input sweep): one line
-                raise WriteError(f"{cut}, and {path} cannot be removed: {exc.strerror}") from None
-        return f"{cut}: undid it, roster version {current.version} stays in place"
-    raise KeyMaterialError(
-        f"{cut}, and neither the roster in place nor the one left aside ({ROSTER_STAGED},"
-        f" {ROSTER_SIG_STAGED}) verifies: put the last published {ROSTER_FILE} and"
-        f" {ROSTER_SIG_FILE} back, and remove those two"
-    )
-
-
-def init_keys(
-    keydir: Path,
-    members: Iterable[str] = MEMBERS,
-    *,
-    force: bool = False,
-    now: datetime | None = None,
-    valid_days: int = DEFAULT_VALID_DAYS,
-) -> SignedRoster:
-    """Create every member's keys, the NATS users, the roster authority and a signed roster v1.
-
-    Raises ``KeyMaterialError`` (nothing written) if any key file already exists and
-    ``force`` is false; ``UsageError`` for an unknown member or a bad validity.
-    """
-    chosen = _check_members(members)
-    if valid_days < 1:
-        raise UsageError("--valid-days must be at least 1")
-    at = now or _utcnow()
-    existing = [
-        p
-        for p in (
-            keydir / ROSTER_FILE,
-            keydir / AUTHORITY_PRIVATE_FILE,
-            *(keydir / m for m in (*chosen, AUDIT_ACCOUNT)),
-        )
-        if p.exists() and (p.is_file() or any(p.iterdir()))
-    ]
-    if existing and not force:
-        raise KeyMaterialError(f"{existing[0]} already exists; use --force to replace all keys")
-    authority = new_authority(at)
-    entries: list[dict[str, Any]] = []
-    users: dict[str, str] = {}
-    private_files: list[tuple[Path, bytes]] = []
-    for member in chosen:
-        for use in ("sig", "enc"):
-            key = generate_key(member, use, at)
-            entries.append(roster_entry(key, member, at, valid_days))
-            path = key_path(keydir, member, str(key.kid))
-            private_files.append((path, json_bytes(key.as_dict(private=True))))
-    for account in (*chosen, AUDIT_ACCOUNT):
-        seed = new_nats_seed()
-        users[account] = nats_public(seed, account)
-        private_files.append((keydir / account / NATS_SEED_FILE, seed + b"\n"))
-    if force:
-        for directory in (keydir / m for m in (*chosen, AUDIT_ACCOUNT)):
-            for old in directory.glob("*") if directory.is_dir() else ():
-                if old.suffix in (".jwk", ".nk"):
-                    old.unlink()
-    for path, data in private_files:
-        _write_atomic(path, data, private=True)
-    write_authority(keydir, authority, entries, users, at)
-    return load_signed_roster(keydir)
-
-
-def new_authority(at: datetime) -> OKPKey:
-    """Generate a roster authority key: Ed25519, kid ``roster-authority-<date>-<hex>``."""
-    return OKPKey.generate_key(
-        "Ed25519",
-        parameters={
-            "kid": f"roster-authority-{at:%Y%m%d}-{secrets.token_hex(4)}",
-            "alg": "Ed25519",
-        },
-        private=True,
-    )
-
-
-def write_authority(
-    keydir: Path,
-    authority: OKPKey,
-    entries: list[dict[str, Any]],
-    users: Mapping[str, str],
-    at: datetime,
-) -> None:
-    """Write the authority's two files, ``nats-users.json`` and a roster v1 of ``entries``."""
-    _write_atomic(
-        keydir / AUTHORITY_PRIVATE_FILE, json_bytes(authority.as_dict(private=True)), private=True
-    )
-    _write_atomic(
-        keydir / AUTHORITY_PUBLIC_FILE, json_bytes(authority.as_dict(private=False)), private=False
-    )
-    write_nats_users(keydir, users, authority, first=True)
-    jwks: dict[str, Any] = {"keys": entries, "msmt_version": 1, "msmt_issued_at": format_time(at)}
-    write_roster(keydir, jwks, authority)
-
-
-def load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
-    """Load the roster and the authority's private key, to sign a change to it.
-
-    Raises ``KeyMaterialError`` if the roster does not verify, the private key is
-    malformed or open to other users, or it is not the key of the public authority file.
-    """
-    signed = load_signed_roster(keydir)
-    path = keydir / AUTHORITY_PRIVATE_FILE
-    authority = load_private_jwk_any(path)
-    public = load_authority(keydir / AUTHORITY_PUBLIC_FILE)
-    # The whole key, not its kid: another key under the same kid in the public file
-    # would have verified a roster (or users) re-signed with it, which the real key
-    # would then sign over (a review forged both).
-    if authority.kid != public.kid or authority.thumbprint() != public.thumbprint():
-        raise KeyMaterialError(f"{path} is not the key of {AUTHORITY_PUBLIC_FILE}")
-    _check_signed_before(keydir, signed)
-    return signed, authority
-
-
-def _check_signed_before(keydir: Path, signed: SignedRoster) -> None:
-    # Refuse to sign over a roster older than, or other than, the last one signed here.
-    problem = _behind_mark(keydir, signed)
-    if problem is not None:
-        raise KeyMaterialError(
-            f"the roster in {keydir} is version {signed.version}, {problem} this authority"
-            f" last signed ({keydir / ROSTER_SIGNED_FILE}): {ROSTER_FILE} and"
-            f" {ROSTER_SIG_FILE} were put back from an older copy: put the latest pair back"
-            " (a node that has seen it refuses anything older)"
-        )
-
-
-def _behind_mark(keydir: Path, signed: SignedRoster) -> str | None:
-    """How ``signed`` falls behind the last roster signed here, or None (none: no mark yet).
-
-    A malformed mark raises ``KeyMaterialError``: nothing is signed, finished or undone.
-    """
-    mark = _read_mark(keydir)
-    if mark is None or signed.version > mark[0]:
-        return None  # a key directory from before the mark: the next write records it
-    if signed.version < mark[0]:
-        return f"older than version {mark[0]}"
-    if roster_digest(signed.jwks) != mark[1]:
-        return f"but not the version {mark[0]}"
-    return None
-
-
-def _read_mark(keydir: Path) -> tuple[int, str | None] | None:
-    """The last roster signed here, (version, SHA-256); None without a mark."""
-    mark_path = keydir / ROSTER_SIGNED_FILE
-    if not mark_path.exists():
-        return None
-    mark = read_json(mark_path)
-    if not (isinstance(mark, dict) and isinstance(mark.get("version"), int)):
-        raise KeyMaterialError(f"{mark_path}: not a record of the last roster signed")
-    digest = mark.get("sha256")
-    return mark["version"], digest if isinstance(digest, str) else None
-
-
-def load_private_jwk_any(path: Path) -> OKPKey:
-    """Load the roster authority's private Ed25519 JWK.
-
-    Raises ``KeyMaterialError`` if it is malformed or open to other users.
-    """
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("crv") != "Ed25519" or "d" not in data:
-        raise KeyMaterialError(f"{path}: not a private Ed25519 JWK")
-    key = _import_private(path, data)
-    check_private_file(path, "roster authority key")
-    return key
-
-
-def bump_roster(signed: SignedRoster, keys: list[dict[str, Any]], at: datetime) -> dict[str, Any]:
-    """Return the next roster version holding ``keys``, issued at ``at``.
-
-    Raises ``KeyMaterialError`` for a duplicate kid or anything the nodes would
-    refuse to parse: nothing is signed that a node cannot load.
-    """
-    kids = [k["kid"] for k in keys]
-    if len(set(kids)) != len(kids):
-        raise KeyMaterialError("duplicate kid in the updated roster")
-    jwks = dict(signed.jwks)
-    jwks |= {"keys": keys, "msmt_version": signed.version + 1, "msmt_issued_at": format_time(at)}
-    Roster.from_jwks(jwks)  # refuse to sign anything the nodes would refuse to parse
-    return jwks
-
-
-def rotate_keys(
-    keydir: Path,
-    member: str,
-    *,
-    now: datetime | None = None,
-    valid_days: int = DEFAULT_VALID_DAYS,
-) -> tuple[str, str]:
-    """Add a new active sig and enc key for ``member``; retire its active ones as of now.
-
-    Retired keys still verify what was made before ``msmt_retired_at``, until their
-    valid-until. Returns the new (sig kid, enc kid). Raises ``UsageError`` for an
-    unknown member and ``KeyMaterialError`` if the roster does not verify.
-    """
-    if not is_member(member):
-        raise UsageError(f"unknown member {member!r} (members: {', '.join(MEMBERS)})")
-    signed, authority = load_for_update(keydir)
-    if not any(k.member == member for k in signed.roster):
-        raise UsageError(f"member {member} has no keys in the roster; run 'msmt keys init'")
-    at = now or _utcnow()
-    keys = retire_active(signed.jwks["keys"], member, at)
-    new = {use: generate_key(member, use, at) for use in ("sig", "enc")}
-    keys += [roster_entry(k, member, at, valid_days) for k in new.values()]
-    jwks = bump_roster(signed, keys, at)
-    written: list[Path] = []
-    try:
-        for key in new.values():
-            path = key_path(keydir, member, str(key.kid))
-            _write_atomic(path, json_bytes(key.as_dict(private=True)), private=True)
-            written.append(path)
-        write_roster(keydir, jwks, authority)
-    except WriteError:
-        # Refused before the new roster went anywhere (a full disk fails it while it is
-        # staged): the new private keys are in no roster and never will be, and left
-        # behind they read as a pending key request (a full-disk trial). Once a roster
-        # file is aside or in place (a failure after the swap: a review), the roster
-        # names them, or finish_roster_write may put one in place that does.
-        if not _roster_may_name(keydir, [str(key.kid) for key in new.values()]):
-            for path in written:
-                path.unlink(missing_ok=True)
-        raise
-    return str(new["sig"].kid), str(new["enc"].kid)
-
-
-def _roster_may_name(keydir: Path, kids: Sequence[str]) -> bool:
-    """Whether a roster in ``keydir``, in place or left aside, may list any of ``kids``."""
-    if any((keydir / name).exists() for name in (ROSTER_STAGED, ROSTER_SIG_STAGED)):
-        return True
-    try:
-        listed = {entry.get("kid") for entry in read_json(keydir / ROSTER_FILE)["keys"]}
-    except (KeyMaterialError, TypeError, KeyError, AttributeError):
-        return True  # cannot tell: keep the keys
-    return any(kid in listed for kid in kids)
-
-
-def retire_active(
-    entries: Iterable[Mapping[str, Any]], member: str, at: datetime
-) -> list[dict[str, Any]]:
-    """Return the roster's ``entries`` with ``member``'s active keys retired as of ``at``."""
-    return [
-        {**entry, "msmt_status": "retired", "msmt_retired_at": format_time(at)}
-        if entry["msmt_member"] == member and entry["msmt_status"] == "active"
-        else dict(entry)
-        for entry in entries
-    ]
-
-
-def revoke_key(keydir: Path, kid: str, reason: str, *, now: datetime | None = None) -> None:
-    """Mark ``kid`` revoked, recording when and why; it never verifies anything again.
-
-    Raises ``KeyMaterialError`` for an unknown or already revoked kid and
-    ``UsageError`` for an empty or multi-line reason.
-    """
-    reason = reason.strip()
-    if not reason or "\n" in reason or len(reason) > 200:
-        raise UsageError("--reason must be one non-empty line of at most 200 characters")
-    signed, authority = load_for_update(keydir)
-    key = signed.roster.get(kid)
-    if key.status == "revoked":
-        raise KeyMaterialError(f"key {kid} is already revoked")
-    at = now or _utcnow()
-    keys = [
-        {
-            **e,
-            "msmt_status": "revoked",
-            "msmt_revoked_at": format_time(at),
-            "msmt_revoked_reason": reason,
-        }
-        if e["kid"] == kid
-        else e
-        for e in signed.jwks["keys"]
-    ]
-    write_roster(keydir, bump_roster(signed, keys, at), authority)
 
 
 # --- what a node loads -------------------------------------------------------

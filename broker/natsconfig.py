@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from broker.errors import KeyMaterialError, UsageError
-from broker.keys import AUDIT_ACCOUNT, NATS_USERS_FILE, SignedUsers
+from broker.keys import AUDIT_ACCOUNT, NATS_USERS_FILE
+from broker.keys_users import SignedUsers
 from broker.members import MEMBERS, is_member
 
 SYS_ACCOUNT: Final = "SYS"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from broker import keys as keyfiles
+from broker import keys_custodian, keys_users
 from broker.errors import KeyMaterialError, UsageError
 
 
@@ -31,11 +32,11 @@ def load_users(keydir: Path) -> dict[str, str]:
     """Read ``nats-users.json`` strictly: its public nkeys by account (not its signature).
 
     For the custodian's own updates and a hint in ``msmt nats setup``; the hub's
-    configuration reads it only through ``keys.load_signed_users``. Raises
+    configuration reads it only through ``keys_users.load_signed_users``. Raises
     ``KeyMaterialError`` naming the file and account for anything malformed.
     """
     path = keydir / keyfiles.NATS_USERS_FILE
-    return keyfiles.split_users(keyfiles.read_json(path), path)[0]
+    return keys_users.split_users(keyfiles.read_json(path), path)[0]
 
 
 def sign_users(keydir: Path) -> int:
@@ -45,8 +46,8 @@ def sign_users(keydir: Path) -> int:
     and its signature. Raises ``KeyMaterialError`` as the custodian's other writes do
     (the roster does not verify, the authority's private key is not in order).
     """
-    authority = keyfiles.load_for_update(keydir)[1]
-    return keyfiles.write_nats_users(keydir, load_users(keydir), authority)
+    authority = keys_custodian.load_for_update(keydir)[1]
+    return keys_users.write_nats_users(keydir, load_users(keydir), authority)
 
 
 def make_user(keydir: Path, account: str) -> tuple[Path, str]:
@@ -79,13 +80,13 @@ def record_user(keydir: Path, account: str, nkey: str, *, replace: bool = False)
     Raises ``UsageError`` for an account other than AUDIT, and ``KeyMaterialError``
     (nothing written) for a malformed key, one another account has, a different key
     already recorded for ``account`` unless ``replace``, or a roster or authority key
-    the custodian could not sign with (``keys.load_for_update``).
+    the custodian could not sign with (``keys_custodian.load_for_update``).
     """
     _check_account(account)
     path = keydir / keyfiles.NATS_USERS_FILE
     nkey = keyfiles.check_nats_user(nkey.strip(), "the NATS user")
-    authority = keyfiles.load_for_update(keydir)[1]
-    users = keyfiles.load_users_for_update(keydir, authority)
+    authority = keys_custodian.load_for_update(keydir)[1]
+    users = keys_users.load_users_for_update(keydir, authority)
     other = next((a for a, u in users.items() if u == nkey and a != account), None)
     if other is not None:
         raise KeyMaterialError(f"the NATS user is already {other}'s in {path}")
@@ -97,5 +98,5 @@ def record_user(keydir: Path, account: str, nkey: str, *, replace: bool = False)
             f"{path} already has another NATS user for {account}: pass --replace-nats-user to "
             "replace it (its seed then no longer logs in)"
         )
-    version = keyfiles.write_nats_users(keydir, users | {account: nkey}, authority)
+    version = keys_users.write_nats_users(keydir, users | {account: nkey}, authority)
     return Recorded(path, "added" if previous is None else "replaced", version)

@@ -25,15 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError
 from broker.files import read_file_bytes, read_file_text
-from broker.keys import (
-    MemberKeys,
-    SignedRoster,
-    check_private_file,
-    is_nkey_seed,
-    load_member_keys,
-    load_pinned_roster,
-    nats_public,
-)
+from broker.keys import MemberKeys, check_private_file, is_nkey_seed, load_member_keys, nats_public
+from broker.keys_roster import SignedRoster, load_pinned_roster
 from broker.policy import Policy
 
 PSEUDONYM_MIN_BYTES: Final = 32

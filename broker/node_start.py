@@ -30,9 +30,7 @@ from broker.errors import AuditError, ConfigError, KeyMaterialError, StoreDamage
 from broker.feeds import SHARED_STATE
 from broker.files import holds_nothing
 from broker.inbound import Inbound
-from broker.keys import (
-    pin_roster,
-)
+from broker.keys_roster import pin_roster
 from broker.log import get_logger
 from broker.members import MEMBERS
 from broker.metrics import Metrics

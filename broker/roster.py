@@ -9,7 +9,8 @@ members, four private-use members that the MSMT agrees on:
 * ``msmt_valid_from`` / ``msmt_valid_until``: RFC 3339 UTC times bounding its use.
 
 This module is pure: it parses and checks a roster already loaded into memory.
-Writing, signing and distributing it live in ``broker.keys``.
+Signing and reading it live in ``broker.keys_roster``, writing it in
+``broker.keys_custodian``.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def load_received(config_path: Path, since: datetime | None) -> tuple[list[Recei
     ``KeyMaterialError`` for a roster the node would refuse, each as one line.
     """
     from broker.config import load_config  # noqa: PLC0415 - keeps the pure part import-light
-    from broker.keys import load_pinned_roster  # noqa: PLC0415
+    from broker.keys_roster import load_pinned_roster  # noqa: PLC0415
     from broker.store import Store  # noqa: PLC0415
     from broker.store_file import require_store  # noqa: PLC0415
 

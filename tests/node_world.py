@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from broker import keys, samples
+from broker import keys, keys_custodian, keys_roster, samples
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig, load_config
 from broker.envelope import issue, present
@@ -171,7 +171,7 @@ def start_hub(root: Path, members: Iterable[str]) -> tuple[Path, NatsServer]:
     The caller kills the server.
     """
     keydir = root / "keys"
-    keys.init_keys(keydir, tuple(members), now=datetime.now(UTC) - timedelta(days=1))
+    keys_custodian.init_keys(keydir, tuple(members), now=datetime.now(UTC) - timedelta(days=1))
     return keydir, hub_server(keydir, root / "nats")
 
 
@@ -400,7 +400,7 @@ class Forger:
     now: datetime
 
     def __post_init__(self) -> None:
-        signed = keys.load_signed_roster(self.world.keydir)
+        signed = keys_roster.load_signed_roster(self.world.keydir)
         self.roster = signed.roster
         self.jpn = keys.load_member_keys(self.world.keydir, "JPN", self.roster, self.now)
         self.kor = keys.load_member_keys(self.world.keydir, "KOR", self.roster, self.now)

@@ -42,7 +42,7 @@ from node_world import (
 )
 from tcpproxy import TcpProxy
 
-from broker import keys, samples
+from broker import keys, keys_custodian, samples
 from broker.config import NodeConfig, load_config
 from broker.errors import ConfigError, UsageError
 from broker.intake import ensure_token, submit
@@ -91,7 +91,7 @@ class Cluster:
 
     def __post_init__(self) -> None:
         self.keydir = self.root / "keys"
-        keys.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
+        keys_custodian.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
         self.servers = []
         try:
             self.servers = self.make_servers(accounts_config(load_users(self.keydir)))

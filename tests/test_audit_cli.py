@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import keys as keyfiles
+from broker import keys_custodian, keys_roster
 from broker.auditlog import DB_FILE, AuditLog
 from broker.checkpoint import Checkpoint, cosign, roster_log_keys, sign_checkpoint
 from broker.cli import main
@@ -32,12 +33,12 @@ VKEY = Verifier("JPN", ALG_ED25519, LOG_KEY.public_key().public_bytes_raw()).vke
 @pytest.fixture(scope="module")
 def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("keys")
-    keyfiles.init_keys(path, MEMBERS)
+    keys_custodian.init_keys(path, MEMBERS)
     return path
 
 
 def _signing_key(keydir: Path, member: str) -> Ed25519PrivateKey:
-    roster = keyfiles.load_signed_roster(keydir).roster
+    roster = keys_roster.load_signed_roster(keydir).roster
     keys = keyfiles.load_member_keys(keydir, member, roster, datetime.now(UTC))
     private = keys.signing.private_key
     assert isinstance(private, Ed25519PrivateKey)
@@ -46,7 +47,7 @@ def _signing_key(keydir: Path, member: str) -> Ed25519PrivateKey:
 
 def _cosign(log: AuditLog, keydir: Path, size: int, members: tuple[str, ...]) -> list[Verifier]:
     """Each member's witness cosigns JPN's checkpoint at ``size``, merged as the node merges it."""
-    roster = keyfiles.load_signed_roster(keydir).roster
+    roster = keys_roster.load_signed_roster(keydir).roster
     trusted: list[Verifier] = []
     for member in members:
         key = _signing_key(keydir, member)
@@ -75,7 +76,7 @@ def test_a_log_checked_against_another_federations_roster_says_that_may_be_why(
     # A new user checked a demo's log against the repository's keys: the line read
     # like tampering alone.
     other = tmp_path_factory.mktemp("other-keys")
-    keyfiles.init_keys(other, MEMBERS)
+    keys_custodian.init_keys(other, MEMBERS)
     build_log(tmp_path, _signing_key(keydir, "JPN"), [5, 5])
     code, out, err = _run("audit", "verify", str(tmp_path), "--keys", str(other))
     assert (code, out) == (1, "")
@@ -102,7 +103,7 @@ def test_verify_and_prove_accept_a_relative_node_data_dir(
 
 def test_verify_with_log_key_and_roster_file(tmp_path: Path, keydir: Path) -> None:
     build_log(tmp_path, _signing_key(keydir, "JPN"), [3])
-    roster = keyfiles.load_signed_roster(keydir).roster
+    roster = keys_roster.load_signed_roster(keydir).roster
     vkey = roster_log_keys(roster, "JPN")[0].vkey()
     assert _run("audit", "verify", str(tmp_path), "--log-key", vkey)[0] == 0
     roster_file = keydir / keyfiles.ROSTER_FILE
@@ -215,7 +216,7 @@ def test_an_unreadable_witness_key_file_is_one_line_naming_it(tmp_path: Path) ->
 
 def test_cosigned_quorum_from_roster_and_witness_file(tmp_path: Path, keydir: Path) -> None:
     log = build_log(tmp_path, _signing_key(keydir, "JPN"), [4])
-    roster = keyfiles.load_signed_roster(keydir).roster
+    roster = keys_roster.load_signed_roster(keydir).roster
     base = ["audit", "verify", str(tmp_path), "--keys", str(keydir), "--cosigned"]
     code, _, err = _run(*base, "--quorum", "1")
     assert code == 1
@@ -662,7 +663,7 @@ def test_verify_witness_state_catches_a_cut_back_the_log_alone_cannot(
     # USA witnessed JPN's log at size 10; its witness-state.json is all an auditor
     # needs to catch JPN's log cut back to size 5 (a checkpoint USA did cosign) or
     # rewritten and re-signed at the same size.
-    roster = keyfiles.load_signed_roster(keydir).roster
+    roster = keys_roster.load_signed_roster(keydir).roster
     key = _signing_key(keydir, "JPN")
     log = build_log(tmp_path / "log", key, [5, 5])
     witness = Witness("USA", Ed25519PrivateKey.generate(), {"JPN": roster_log_keys(roster, "JPN")})

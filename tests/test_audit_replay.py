@@ -31,7 +31,7 @@ from node_world import (
 )
 
 from broker import audit_events as ev
-from broker import canonical
+from broker import canonical, keys_roster
 from broker import keys as keyfiles
 from broker.audit_policy import over_disclosures
 from broker.audit_replay import BulkRefusals, Exchange, Finding, Replay, replay
@@ -829,7 +829,7 @@ async def test_replay_of_a_real_three_node_run(world: World, tmp_path: Path) -> 
     assert set(statuses) <= {(True, True, "delivered"), (True, False, "not-checked")}
     assert statuses[(True, True, "delivered")] == sum(received(m) for m in trio)
 
-    roster = keyfiles.load_signed_roster(world.keydir).roster
+    roster = keys_roster.load_signed_roster(world.keydir).roster
     signer = keyfiles.load_member_keys(world.keydir, "JPN", roster, datetime.now(UTC)).signing
     jpn_key = signer.private_key
     assert isinstance(jpn_key, Ed25519PrivateKey)
@@ -966,7 +966,7 @@ async def test_replay_of_a_real_restart_with_a_new_policy_while_envelopes_pend(
             for e in es
         ]
 
-    roster = keyfiles.load_signed_roster(world.keydir).roster
+    roster = keys_roster.load_signed_roster(world.keydir).roster
     signer = keyfiles.load_member_keys(world.keydir, "JPN", roster, datetime.now(UTC)).signing
     assert isinstance(signer.private_key, Ed25519PrivateKey)
     forged = _rewrite(audit_dir, tmp_path / "loosened", "JPN", signer.private_key, loosen)

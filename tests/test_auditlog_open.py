@@ -23,7 +23,7 @@ from audit_helpers import event, unstored_event
 from click.testing import CliRunner
 from node_world import MSMT, audit_entries, msmt, write_node_config
 
-from broker import audit_events, keys, samples
+from broker import audit_events, keys, keys_custodian, keys_roster, samples
 from broker.audit_verify import read_entries
 from broker.auditlog import DB_FILE
 from broker.checkpoint import open_checkpoint, roster_log_keys
@@ -49,7 +49,9 @@ release = ["*"]
 
 def jpn_config(root: Path) -> Path:
     """JPN's node folder under ``root`` with fresh keys; returns its ``node.toml``."""
-    keys.init_keys(root / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1))
+    keys_custodian.init_keys(
+        root / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1)
+    )
     write_node_config(root, "JPN", ["nats://127.0.0.1:1"], POLICY)
     return root / "nodes" / "JPN" / "node.toml"
 
@@ -218,10 +220,10 @@ def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_pa
         node.audit.close()
     assert head is not None
     now = datetime.now(UTC)
-    old = keys.load_member_keys(keydir, "JPN", keys.load_signed_roster(keydir).roster, now)
-    keys.rotate_keys(keydir, "JPN", now=now)
-    keys.revoke_key(keydir, old.signing_kid, "stolen in the test", now=now)
-    roster = keys.load_signed_roster(keydir).roster
+    old = keys.load_member_keys(keydir, "JPN", keys_roster.load_signed_roster(keydir).roster, now)
+    keys_custodian.rotate_keys(keydir, "JPN", now=now)
+    keys_custodian.revoke_key(keydir, old.signing_kid, "stolen in the test", now=now)
+    roster = keys_roster.load_signed_roster(keydir).roster
     # What partners trust: the old key's head no longer verifies.
     with pytest.raises(NoteError):
         open_checkpoint(head, roster_log_keys(roster, "JPN"))
@@ -262,9 +264,9 @@ def test_a_log_whose_latest_checkpoint_only_a_revoked_key_signed_does_not_verify
         node.store.close()
         node.audit.close()
     now = datetime.now(UTC)
-    old = keys.load_member_keys(keydir, "JPN", keys.load_signed_roster(keydir).roster, now)
-    keys.rotate_keys(keydir, "JPN", now=now)
-    keys.revoke_key(keydir, old.signing_kid, "stolen in the test", now=now)
+    old = keys.load_member_keys(keydir, "JPN", keys_roster.load_signed_roster(keydir).roster, now)
+    keys_custodian.rotate_keys(keydir, "JPN", now=now)
+    keys_custodian.revoke_key(keydir, old.signing_kid, "stolen in the test", now=now)
     # What a thief holding the old key could show: a log it signed last. Nothing
     # trusted covers it, so it is refused, as before the key was revoked it was not.
     done = msmt("audit", "verify", str(config.audit_dir), "--keys", str(keydir))

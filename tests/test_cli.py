@@ -27,7 +27,7 @@ from node_world import MSMT, REPO
 
 import broker
 from broker import cli as cli_module
-from broker import feeds, keys, samples
+from broker import feeds, keys, keys_custodian, samples
 from broker.cli import FAMILIES
 from broker.cli.options import rfc3339
 from broker.errors import UsageError
@@ -507,7 +507,7 @@ def test_a_fifo_named_as_an_input_file_is_refused_at_once(
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     keydir = tmp_path / "keys"
-    keys.init_keys(keydir, ["JPN", "USA"])
+    keys_custodian.init_keys(keydir, ["JPN", "USA"])
     (keydir / keys.ROSTER_FILE).unlink()
     os.mkfifo(keydir / keys.ROSTER_FILE)
     done = _msmt(*(a.format(fifo=fifo, keys=keydir) for a in args), data=tmp_path)
@@ -527,7 +527,7 @@ def test_input_files_nested_too_deeply_are_one_line_not_a_traceback(tmp_path: Pa
     toml = tmp_path / "deep.toml"
     toml.write_text("a = " + "[" * 10_000 + "]" * 10_000 + "\n")
     keydir = tmp_path / "keys"
-    keys.init_keys(keydir, ["JPN", "USA"])
+    keys_custodian.init_keys(keydir, ["JPN", "USA"])
     (keydir / keys.ROSTER_FILE).write_text("[" * 10_000 + "]" * 10_000)
     done = _msmt("status", "--config", str(toml), data=tmp_path)
     assert (done.returncode, done.stdout) == (2, "")

@@ -33,7 +33,7 @@ import psutil
 import pytest
 from node_world import MSMT, in_port_share
 
-from broker import keys
+from broker import keys, keys_users
 from broker.demo import scratch
 from broker.demo_report import render
 from broker.demo_view import Cell, Outcome, Point, SideBySide, first_failure, summary_line
@@ -173,7 +173,7 @@ def test_what_the_demo_keeps_is_private_whatever_the_umask(demo_run: DemoRun) ->
         keys.ROSTER_SIG_FILE,
         keys.AUTHORITY_PUBLIC_FILE,
         keys.NATS_USERS_FILE,
-        keys.NATS_USERS_SIG_FILE,
+        keys_users.NATS_USERS_SIG_FILE,
     }
     wrong: dict[str, str] = {}
     for path in [demo_run.root, *demo_run.root.rglob("*")]:

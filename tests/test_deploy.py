@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from node_world import msmt, running_hub
 
-from broker import keys
+from broker import keys_custodian
 from broker.members import MEMBERS
 from broker.natsproc import NatsServer
 
@@ -62,7 +62,7 @@ def test_the_unit_does_not_restart_a_node_that_exits_for_its_configuration(
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
     path = tmp_path / "src" / "keys"
-    keys.init_keys(path)  # all 11 members, as provision.sh expects
+    keys_custodian.init_keys(path)  # all 11 members, as provision.sh expects
     return path
 
 
@@ -115,7 +115,7 @@ def test_provision_pins_the_authority_key_once_and_never_replaces_it(
     inodes = {m: (volumes / m / AUTHORITY).stat().st_ino for m in MEMBERS}
 
     # A roster rollout: the roster changes, the pinned key is left as it is (not rewritten).
-    keys.rotate_keys(source, "JPN")
+    keys_custodian.rotate_keys(source, "JPN")
     again = _provision(source, volumes, hub)
     assert again.returncode == 0, again.stderr
     for member in MEMBERS:
@@ -127,7 +127,7 @@ def test_provision_pins_the_authority_key_once_and_never_replaces_it(
     # Whoever can replace the roster files replaces the authority key with them: refused,
     # before any volume is touched.
     forged = tmp_path / "forged" / "keys"
-    keys.init_keys(forged)
+    keys_custodian.init_keys(forged)
     for name in (AUTHORITY, "roster.json", "roster.json.jws"):
         shutil.copyfile(forged / name, source / name)
     before = _snapshot(volumes)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from broker import feeds, keys, spool
+from broker import feeds, keys_custodian, keys_roster, spool
 from broker.auditnet import save_witness_state
 from broker.errors import WriteError
 from broker.files import write_durably, write_output
@@ -132,11 +132,11 @@ def test_a_feed_revoked_stays_revoked(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_a_rotated_roster_stays_rotated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     keydir = tmp_path / "keys"
-    keys.init_keys(keydir, ["JPN", "USA"])
+    keys_custodian.init_keys(keydir, ["JPN", "USA"])
     with watched(monkeypatch) as calls:
-        keys.rotate_keys(keydir, "JPN")
+        keys_custodian.rotate_keys(keydir, "JPN")
     assert calls.unsynced() == []
-    assert keys.load_signed_roster(keydir).version == 2
+    assert keys_roster.load_signed_roster(keydir).version == 2
 
 
 def test_the_witness_state_is_durable_before_it_returns(
@@ -272,17 +272,17 @@ def test_a_roster_swap_is_not_stopped_between_its_two_renames(
     # A review injected EIO into the folder's fsync after the roster's rename: the swap
     # stopped there, the new roster beside the old signature, refused by every node.
     keydir = tmp_path / "keys"
-    keys.init_keys(keydir, ["JPN", "USA"])
-    staged_sig = keydir / keys.ROSTER_SIG_STAGED
+    keys_custodian.init_keys(keydir, ["JPN", "USA"])
+    staged_sig = keydir / keys_roster.ROSTER_SIG_STAGED
     real = os.fsync
 
     def fsync(fd: int) -> None:
-        halfway = staged_sig.exists() and not (keydir / keys.ROSTER_STAGED).exists()
+        halfway = staged_sig.exists() and not (keydir / keys_roster.ROSTER_STAGED).exists()
         if halfway and os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    keys.rotate_keys(keydir, "JPN")
+    keys_custodian.rotate_keys(keydir, "JPN")
     monkeypatch.undo()
-    assert keys.load_signed_roster(keydir).version == 2
+    assert keys_roster.load_signed_roster(keydir).version == 2

@@ -38,7 +38,7 @@ from node_world import (
     start_hub,
 )
 
-from broker import keys
+from broker import keys, keys_custodian, keys_roster
 from broker.cli import main
 from broker.members import MEMBERS
 from broker.node_start import load_node
@@ -194,7 +194,7 @@ def test_an_auditor_checks_evidence_with_stock_libraries_and_both_logs(
     # §4.1); the JWS verifies with JPN's roster key.
     jws_text, *disclosures, last = plaintext.decode("ascii").rstrip(" ").split("~")
     assert last == ""
-    roster = keys.load_signed_roster(world.keydir).roster
+    roster = keys_roster.load_signed_roster(world.keydir).roster
     signed = jjws.JWS()
     signed.deserialize(jws_text)
     kid = json.loads(_b64d(jws_text.split(".")[0]))["kid"]
@@ -299,7 +299,7 @@ def _rewrite_log(world: World, member: str, edit: Callable[[dict[str, Any]], Non
         entry = {k: v for k, v in json.loads(blob).items() if k not in ("v", "seq", "prev")}
         edit(entry)
         entries.append(ev.AuditEvent(entry))
-    signed = keys.load_signed_roster(world.keydir).roster
+    signed = keys_roster.load_signed_roster(world.keydir).roster
     owner = keys.load_member_keys(world.keydir, member, signed, datetime.now(UTC))
     signer = owner.signing.private_key
     assert isinstance(signer, Ed25519PrivateKey)
@@ -770,7 +770,7 @@ def test_reports_signed_with_a_key_since_revoked_are_marked_and_not_exported(
     world, ids = delivered
     config = str(world.config_path("USA"))
     kor_ids = _receive_from_kor(world, 2)
-    roster = keys.load_signed_roster(world.keydir).roster
+    roster = keys_roster.load_signed_roster(world.keydir).roster
     now = datetime.now(UTC)
     kid = {m: roster.current(m, "sig", now).kid for m in ("JPN", "KOR")}
     # The receiver recorded the key each originator signed with.
@@ -786,7 +786,7 @@ def test_reports_signed_with_a_key_since_revoked_are_marked_and_not_exported(
     assert listed.exit_code == 0, listed.stderr
     assert {json.loads(line)["signer_revoked"] for line in listed.stdout.splitlines()} == {None}
 
-    keys.revoke_key(world.keydir, kid["JPN"], "stolen in the test")
+    keys_custodian.revoke_key(world.keydir, kid["JPN"], "stolen in the test")
     revoked = f"key {kid['JPN']} is revoked"
     listed = _cli("inbox", "list", "--config", config, "--json")
     assert listed.exit_code == 0, listed.stderr

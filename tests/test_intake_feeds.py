@@ -30,7 +30,7 @@ from node_world import (
 )
 from structlog.testing import capture_logs
 
-from broker import feeds, keys, samples
+from broker import feeds, keys, keys_custodian, samples
 from broker.config import NodeConfig
 from broker.errors import UsageError
 from broker.intake import Intake, ensure_token, make_app, serve_unix, submit
@@ -348,7 +348,9 @@ def test_a_node_audits_each_feed_by_name_and_cuts_one_off_without_a_restart(
 def test_a_node_will_not_start_on_an_unfit_feeds_file(
     tmp_path: Path, content: str, mode: int, reason: str
 ) -> None:
-    keys.init_keys(tmp_path / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1))
+    keys_custodian.init_keys(
+        tmp_path / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1)
+    )
     write_node_config(tmp_path, "JPN", ["nats://127.0.0.1:1"], POLICY)
     config = tmp_path / "nodes" / "JPN" / "node.toml"
     path = tmp_path / "data" / "JPN" / "intake-feeds.json"

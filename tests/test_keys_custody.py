@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from broker import keyrequest, keys
+from broker import keyrequest, keys, keys_roster
 from broker.cli import main
 from broker.errors import UsageError
 
@@ -75,7 +75,7 @@ def join(custodian: Path, member_dir: Path, member: str) -> None:
 
 
 def current(keydir: Path, member: str, use: str) -> str:
-    signed = keys.load_signed_roster(keydir)
+    signed = keys_roster.load_signed_roster(keydir)
     return next(
         str(k.kid)
         for k in signed.roster
@@ -178,7 +178,7 @@ def test_a_private_key_the_roster_does_not_list_is_not_called_a_roster_key(
     # not that key disclosed: the public key is derived from d, never read from the file.
     claimed = json.loads(sent.read_text()) | {
         "kid": active,
-        "x": keys.load_signed_roster(custodian).roster.get(active).jwk["x"],
+        "x": keys_roster.load_signed_roster(custodian).roster.get(active).jwk["x"],
     }
     sent.write_text(json.dumps(claimed))
     assert refusal(msmt("keys", "accept", sent, "--dir", custodian)) == f"{sent}{expected}"
@@ -386,7 +386,7 @@ def test_after_a_compromise_the_member_re_enrols_with_a_new_nats_user(
     assert json.loads((custodian / keys.NATS_USERS_FILE).read_text())["GBR"] == new_user
     # GBR's node, given the new roster, logs in with the new seed (it reads only nats.nk).
     install_roster(custodian, gbr)
-    roster = keys.load_signed_roster(gbr).roster
+    roster = keys_roster.load_signed_roster(gbr).roster
     mine = keys.load_member_keys(gbr, "GBR", roster, datetime.now(UTC))
     assert mine.nats_seed == new_seed.strip()
     assert mine.signing_kid == current(custodian, "GBR", "sig")

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 from nats.aio.client import Client
 
-from broker import keys, natsconfig, natsetup
+from broker import keys, keys_users, natsconfig, natsetup
 from broker.cli import main
 from broker.natsproc import NatsServer
 
@@ -54,7 +54,7 @@ def seed(keydir: Path, account: str) -> bytes:
 
 def configure(hub: NatsServer, custodian: Path) -> None:
     """What the hub operator does with nats-users.json: the accounts in the hub's config."""
-    hub.extra_config = natsconfig.accounts_config(keys.load_signed_users(custodian).users)
+    hub.extra_config = natsconfig.accounts_config(keys_users.load_signed_users(custodian).users)
     hub.workdir.mkdir(parents=True, exist_ok=True)
     hub.config_path.write_text(hub.render_config(), encoding="utf-8")
 

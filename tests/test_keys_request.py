@@ -28,7 +28,7 @@ from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jws as jwc_jws
 from jwcrypto.common import JWException
 
-from broker import keyrequest, keys
+from broker import keyrequest, keys, keys_custodian, keys_roster, keys_users
 from broker.cli import main
 from broker.errors import KeyMaterialError
 from broker.roster import Roster
@@ -100,7 +100,7 @@ def test_authority_starts_an_empty_signed_roster_and_no_member_keys(tmp_path: Pa
     folder = tmp_path / "custodian"
     done = msmt("keys", "authority", "--dir", folder)
     assert done.exit_code == 0, done.output
-    signed = keys.load_signed_roster(folder)
+    signed = keys_roster.load_signed_roster(folder)
     assert (signed.version, len(signed.roster), signed.jwks["keys"]) == (1, 0, [])
     assert isinstance(Roster.from_jwks(signed.jwks), Roster)
     assert json.loads((folder / keys.NATS_USERS_FILE).read_text()) == {"msmt_version": 1}
@@ -113,8 +113,8 @@ def test_authority_starts_an_empty_signed_roster_and_no_member_keys(tmp_path: Pa
             keys.AUTHORITY_PRIVATE_FILE,
             keys.AUTHORITY_PUBLIC_FILE,
             keys.NATS_USERS_FILE,
-            keys.NATS_USERS_SIG_FILE,
-            keys.NATS_USERS_SIGNED_FILE,
+            keys_users.NATS_USERS_SIG_FILE,
+            keys_users.NATS_USERS_SIGNED_FILE,
             keys.ROSTER_FILE,
             keys.ROSTER_SIG_FILE,
             keys.ROSTER_SIGNED_FILE,
@@ -135,7 +135,7 @@ def test_authority_with_audit_makes_the_audit_nats_user(tmp_path: Path) -> None:
     assert msmt("keys", "authority", "--dir", folder, "--audit").exit_code == 0
     seed = folder / keys.AUDIT_ACCOUNT / keys.NATS_SEED_FILE
     assert stat.S_IMODE(seed.stat().st_mode) == 0o600
-    signed = keys.load_signed_users(folder)
+    signed = keys_users.load_signed_users(folder)
     assert signed.users == {"AUDIT": keys.nats_public(seed.read_bytes(), "seed")}
     assert signed.version == 1
 
@@ -191,13 +191,13 @@ def test_the_request_is_a_standard_jws_that_jwcrypto_verifies(
     # A routine rotation request: two signatures, by the new key and the current one.
     jpn = tmp_path / "jpn"
     install_roster(custodian, jpn)
-    old_kid = keys.load_signed_roster(jpn).roster.current("JPN", "sig", T0).kid
+    old_kid = keys_roster.load_signed_roster(jpn).roster.current("JPN", "sig", T0).kid
     made = keyrequest.make_request(jpn, "JPN", now=T0 + timedelta(days=1))
     assert made.endorsed_by == old_kid
     token = jwc_jws.JWS()
     token.deserialize(made.path.read_text())
     new_public = jwc_jwk.JWK(**payload_of(made.path)["keys"][0])
-    old_public = jwc_jwk.JWK(**dict(keys.load_signed_roster(jpn).roster.get(old_kid).jwk))
+    old_public = jwc_jwk.JWK(**dict(keys_roster.load_signed_roster(jpn).roster.get(old_kid).jwk))
     for public in (new_public, old_public):
         token.verify(public, alg="Ed25519")
         assert json.loads(token.payload) == payload_of(made.path)
@@ -243,7 +243,7 @@ def test_a_new_member_joins_by_request_and_fingerprint(custodian: Path, tmp_path
         "keys", "accept", request, "--dir", custodian, "--fingerprint", fingerprint.upper()
     )
     assert accepted.exit_code == 0, accepted.output
-    signed = keys.load_signed_roster(custodian, min_version=3)
+    signed = keys_roster.load_signed_roster(custodian, min_version=3)
     assert signed.version == 3
     payload = payload_of(request)
     sig_kid, enc_kid = (k["kid"] for k in payload["keys"])
@@ -252,7 +252,7 @@ def test_a_new_member_joins_by_request_and_fingerprint(custodian: Path, tmp_path
     assert signed.roster.current("GBR", "enc", now).kid == enc_kid
     entry = next(e for e in signed.jwks["keys"] if e["kid"] == sig_kid)
     assert {k: entry[k] for k in payload["keys"][0]} == payload["keys"][0]
-    users = keys.load_signed_users(custodian).users
+    users = keys_users.load_signed_users(custodian).users
     assert users["GBR"] == payload["msmt_nats_user"]
     assert set(users) == {"AUDIT", "JPN", "GBR"}
     assert accepted.output.splitlines()[0] == (
@@ -295,7 +295,7 @@ def test_a_routine_rotation_is_accepted_on_the_current_keys_signature(
 ) -> None:
     jpn = tmp_path / "jpn"
     install_roster(custodian, jpn)
-    old = keys.load_signed_roster(jpn).roster
+    old = keys_roster.load_signed_roster(jpn).roster
     old_sig, old_enc = (old.current("JPN", u, T0).kid for u in ("sig", "enc"))
     public = {n: (jpn / n).read_bytes() for n in (keys.ROSTER_FILE, keys.ROSTER_SIG_FILE)}
     t1 = T0 + timedelta(days=40)
@@ -306,7 +306,7 @@ def test_a_routine_rotation_is_accepted_on_the_current_keys_signature(
     assert done.authorized_by == f"the signature of JPN's current key {old_sig}"
     assert done.retired == (old_sig, old_enc)
     assert done.previous_nats_user == done.nats_user  # the seed was kept
-    signed = keys.load_signed_roster(custodian)
+    signed = keys_roster.load_signed_roster(custodian)
     assert signed.version == 3
     t2 = t1 + timedelta(hours=2)
     assert signed.roster.get(old_sig).status == "retired"
@@ -317,7 +317,7 @@ def test_a_routine_rotation_is_accepted_on_the_current_keys_signature(
     # and keeps the old enc key for what partners encrypted to it just before.
     assert signed.roster.check(old_sig, member="JPN", use="sig", at=t2 - timedelta(seconds=1))
     install_roster(custodian, jpn)
-    mine = keys.load_member_keys(jpn, "JPN", keys.load_signed_roster(jpn).roster, t2)
+    mine = keys.load_member_keys(jpn, "JPN", keys_roster.load_signed_roster(jpn).roster, t2)
     assert mine.signing_kid == made.sig_kid
     assert set(mine.decryption) == {old_enc, made.enc_kid}
     assert mine.pending == ()
@@ -328,7 +328,7 @@ def test_a_node_starts_with_a_pending_request_and_uses_the_accepted_keys(
 ) -> None:
     jpn = tmp_path / "jpn"
     install_roster(custodian, jpn)
-    roster = keys.load_signed_roster(jpn).roster
+    roster = keys_roster.load_signed_roster(jpn).roster
     current = keys.load_member_keys(jpn, "JPN", roster, T0)
     made = keyrequest.make_request(jpn, "JPN", now=T0 + timedelta(days=1))
     # The request is pending: the node runs on its current keys, and names the new ones.
@@ -447,7 +447,9 @@ def test_a_signature_by_a_revoked_key_does_not_count(
 ) -> None:
     # The old key was stolen: whoever holds it must not get new keys accepted.
     assert pending.endorsed_by is not None
-    keys.revoke_key(custodian, pending.endorsed_by, "laptop stolen", now=T0 + timedelta(days=1))
+    keys_custodian.revoke_key(
+        custodian, pending.endorsed_by, "laptop stolen", now=T0 + timedelta(days=1)
+    )
     at = T0 + timedelta(days=1, hours=1)
     with pytest.raises(KeyMaterialError) as info:
         keyrequest.accept_request(custodian, pending.path, now=at)
@@ -629,7 +631,9 @@ def test_the_members_roster_is_verified_against_its_pinned_authority(
     )
     done = msmt("keys", "request", "JPN", "--dir", jpn, "--authority", pinned)
     assert done.exit_code == 0, done.output
-    old = keys.load_signed_roster(jpn, authority_path=pinned).roster.current("JPN", "sig", T0)
+    old = keys_roster.load_signed_roster(jpn, authority_path=pinned).roster.current(
+        "JPN", "sig", T0
+    )
     assert f"signed by the new key and by the current key {old.kid}\n" in done.output
 
 

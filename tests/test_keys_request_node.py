@@ -17,7 +17,7 @@ from pathlib import Path
 from node_world import records_for, write_node_config
 from structlog.testing import capture_logs
 
-from broker import keyrequest, keys
+from broker import keyrequest, keys, keys_roster
 from broker.config import load_config
 from broker.node_start import load_node
 
@@ -72,7 +72,7 @@ def test_a_report_from_a_node_with_accepted_keys_reaches_its_partner(tmp_path: P
         result = jpn.inbound.process([(subject, items[0].jwe)])
         assert result.actions == ["ack"]
         assert [r.report_id for r in result.stored] == [record["report_id"]]
-        roster = keys.load_signed_roster(custodian).roster
+        roster = keys_roster.load_signed_roster(custodian).roster
         now = datetime.now(UTC)
         assert result.stored[0].signing_kid == roster.current("GBR", "sig", now).kid
         # Not the pending request's key, which no partner could verify yet.

@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from node_world import running_hub
 
-from broker import keys, natsconfig, natsetup, natsusers
+from broker import keys, keys_custodian, natsconfig, natsetup, natsusers
 from broker.errors import UsageError
 from broker.natsproc import NatsServer
 
@@ -33,7 +33,7 @@ MEMBERS3 = ("JPN", "USA", "KOR")
 @pytest.fixture(scope="module")
 def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("isolation") / "keys"
-    keys.init_keys(path, MEMBERS3)
+    keys_custodian.init_keys(path, MEMBERS3)
     return path
 
 

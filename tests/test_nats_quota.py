@@ -31,7 +31,7 @@ from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
 from node_world import msmt, running_hub
 
-from broker import hubusage, keys, natsconfig, natsetup, natsusers
+from broker import hubusage, keys, keys_custodian, natsconfig, natsetup, natsusers
 from broker.errors import ConfigError
 from broker.members import MEMBERS
 from broker.natsproc import NatsServer
@@ -46,7 +46,7 @@ SMALL = natsetup.InboxLimits(max_bytes=1 * MiB)
 @pytest.fixture(scope="module")
 def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("quota") / "keys"
-    keys.init_keys(path, MEMBERS3)
+    keys_custodian.init_keys(path, MEMBERS3)
     return path
 
 

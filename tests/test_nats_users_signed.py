@@ -22,7 +22,7 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from joserfc.jwk import OKPKey
 
-from broker import keyrequest, keys, natsconfig, natsusers
+from broker import keyrequest, keys, keys_custodian, keys_roster, keys_users, natsconfig, natsusers
 from broker.cli import main
 from broker.errors import KeyMaterialError, WriteError
 
@@ -42,7 +42,7 @@ def refusal(result: Result) -> str:
 @pytest.fixture
 def custodian(tmp_path: Path) -> Path:
     path = tmp_path / "custodian"
-    keys.init_keys(path, ["JPN", "USA", "GBR"])
+    keys_custodian.init_keys(path, ["JPN", "USA", "GBR"])
     return path
 
 
@@ -51,7 +51,7 @@ def hub_operator(custodian: Path, tmp_path: Path) -> Path:
     """The hub operator's folder: the two files received, and the authority pinned apart."""
     folder = tmp_path / "hub-keys"
     folder.mkdir()
-    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+    for name in (keys.NATS_USERS_FILE, keys_users.NATS_USERS_SIG_FILE):
         shutil.copy(custodian / name, folder)
     shutil.copy(custodian / keys.AUTHORITY_PUBLIC_FILE, tmp_path / "pinned-authority.json")
     return folder
@@ -71,7 +71,7 @@ def test_the_signature_verifies_by_rfc_7515_and_8785_alone(custodian: Path) -> N
     # header and the RFC 8785 bytes of the file's object (RFC 7515 Appendix F).
     data = json.loads((custodian / keys.NATS_USERS_FILE).read_text())
     header_b64, payload_b64, signature_b64 = (
-        (custodian / keys.NATS_USERS_SIG_FILE).read_text().strip().split(".")
+        (custodian / keys_users.NATS_USERS_SIG_FILE).read_text().strip().split(".")
     )
     assert payload_b64 == ""
     header = json.loads(base64.urlsafe_b64decode(header_b64 + "=" * (-len(header_b64) % 4)))
@@ -132,7 +132,7 @@ def test_a_signed_payload_carried_in_the_signature_does_not_vouch_for_the_users(
 ) -> None:
     # The authority's signature over the real users, with them in its middle part:
     # joserfc verified that payload and ignored the file beside it (a review).
-    path, sig = hub_operator / keys.NATS_USERS_FILE, hub_operator / keys.NATS_USERS_SIG_FILE
+    path, sig = hub_operator / keys.NATS_USERS_FILE, hub_operator / keys_users.NATS_USERS_SIG_FILE
     real = json.loads(path.read_text())
     header, _, signature = sig.read_text().strip().split(".")
     sig.write_text(f"{header}.{b64url(rfc8785.dumps(real))}.{signature}\n")
@@ -147,8 +147,8 @@ def test_a_signed_payload_carried_in_the_signature_does_not_vouch_for_the_users(
 
 def test_users_signed_by_another_authority_are_refused(hub_operator: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
-    keys.init_keys(other, ["JPN", "USA"])
-    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+    keys_custodian.init_keys(other, ["JPN", "USA"])
+    for name in (keys.NATS_USERS_FILE, keys_users.NATS_USERS_SIG_FILE):
         shutil.copy(other / name, hub_operator)
     line = refusal(config(hub_operator, tmp_path / "hub.conf"))
     kid = json.loads((other / keys.AUTHORITY_PUBLIC_FILE).read_text())["kid"]
@@ -161,7 +161,7 @@ def test_the_roster_signature_does_not_pass_for_the_users(
 ) -> None:
     # Both are the authority's detached signatures: the typ keeps one from standing
     # for the other, whatever the payloads.
-    shutil.copy(custodian / keys.ROSTER_SIG_FILE, hub_operator / keys.NATS_USERS_SIG_FILE)
+    shutil.copy(custodian / keys.ROSTER_SIG_FILE, hub_operator / keys_users.NATS_USERS_SIG_FILE)
     line = refusal(config(hub_operator, tmp_path / "hub.conf"))
     assert "signature header must be exactly alg Ed25519, typ msmt-nats-users+jws" in line
 
@@ -174,7 +174,7 @@ def test_an_unsigned_file_is_refused_until_the_custodian_signs_it(
     path = custodian / keys.NATS_USERS_FILE
     users = natsusers.load_users(custodian)
     path.write_text(json.dumps(users))
-    (custodian / keys.NATS_USERS_SIG_FILE).unlink()
+    (custodian / keys_users.NATS_USERS_SIG_FILE).unlink()
     shutil.copy(path, hub_operator)
     assert refusal(config(hub_operator, tmp_path / "hub.conf")) == (
         f"{hub_operator / keys.NATS_USERS_FILE} is not signed (no msmt_version: written before"
@@ -184,16 +184,16 @@ def test_an_unsigned_file_is_refused_until_the_custodian_signs_it(
     signed = msmt("keys", "sign-nats-users", "--dir", custodian)
     assert signed.exit_code == 0, signed.output
     assert signed.stdout.splitlines()[0] == f"signed {path} as version 1 (nats-users.json.jws)"
-    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+    for name in (keys.NATS_USERS_FILE, keys_users.NATS_USERS_SIG_FILE):
         shutil.copy(custodian / name, hub_operator)
     assert config(hub_operator, tmp_path / "hub.conf").exit_code == 0
-    assert keys.load_signed_users(custodian).users == users
+    assert keys_users.load_signed_users(custodian).users == users
 
 
 def test_a_missing_signature_names_the_file_to_ask_for(hub_operator: Path, tmp_path: Path) -> None:
-    (hub_operator / keys.NATS_USERS_SIG_FILE).unlink()
+    (hub_operator / keys_users.NATS_USERS_SIG_FILE).unlink()
     assert refusal(config(hub_operator, tmp_path / "hub.conf")) == (
-        f"cannot read {hub_operator / keys.NATS_USERS_SIG_FILE}: No such file or directory"
+        f"cannot read {hub_operator / keys_users.NATS_USERS_SIG_FILE}: No such file or directory"
         " (the custodian sends it with nats-users.json)"
     )
 
@@ -215,12 +215,12 @@ def test_an_older_signed_file_is_refused_over_a_newer_hub_config(
         "give the hub operator nats-users.json and nats-users.json.jws together; 'msmt nats"
         " config' verifies them with the pinned roster-authority key",
     ]
-    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+    for name in (keys.NATS_USERS_FILE, keys_users.NATS_USERS_SIG_FILE):
         shutil.copy(custodian / name, hub_operator)
     out = tmp_path / "hub.conf"
     assert config(hub_operator, out).exit_code == 0
     made = out.read_bytes()
-    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+    for name in (keys.NATS_USERS_FILE, keys_users.NATS_USERS_SIG_FILE):
         shutil.copy(old / name, hub_operator)
     assert refusal(config(hub_operator, out)) == (
         f"nats-users.json is version 1, older than version 2, which {out} was made from (a"
@@ -232,14 +232,14 @@ def test_an_older_signed_file_is_refused_over_a_newer_hub_config(
 
 
 def test_each_change_signs_the_next_version(custodian: Path, tmp_path: Path) -> None:
-    assert keys.load_signed_users(custodian).version == 1
+    assert keys_users.load_signed_users(custodian).version == 1
     _, user = natsusers.make_user(tmp_path / "auditor", "AUDIT")
     natsusers.record_user(custodian, "AUDIT", user, replace=True)
-    assert keys.load_signed_users(custodian).version == 2
+    assert keys_users.load_signed_users(custodian).version == 2
     again = natsusers.record_user(custodian, "AUDIT", user, replace=True)
     assert (again.outcome, again.version) == ("unchanged", None)
     assert natsusers.sign_users(custodian) == 3
-    signed = keys.load_signed_users(custodian)
+    signed = keys_users.load_signed_users(custodian)
     assert (signed.version, signed.users["AUDIT"]) == (3, user)
 
 
@@ -270,8 +270,8 @@ def test_the_pin_is_named_and_another_authoritys_users_do_not_replace_the_config
     assert config(hub_operator, out).exit_code == 0
     made = out.read_bytes()
     other = tmp_path / "other"
-    keys.init_keys(other, ["JPN", "USA"])
-    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE, keys.AUTHORITY_PUBLIC_FILE):
+    keys_custodian.init_keys(other, ["JPN", "USA"])
+    for name in (keys.NATS_USERS_FILE, keys_users.NATS_USERS_SIG_FILE, keys.AUTHORITY_PUBLIC_FILE):
         shutil.copy(other / name, hub_operator)
     bare = msmt("nats", "config", "--keys", hub_operator, "--out", out)
     assert bare.exit_code == 2
@@ -329,7 +329,7 @@ def test_what_is_put_above_the_line_does_not_turn_the_guard_off(
     old = tmp_path / "version-1"
     shutil.copytree(hub_operator, old)
     natsusers.sign_users(custodian)
-    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+    for name in (keys.NATS_USERS_FILE, keys_users.NATS_USERS_SIG_FILE):
         shutil.copy(custodian / name, hub_operator)
     out = tmp_path / "hub.conf"
     assert config(hub_operator, out).exit_code == 0
@@ -340,7 +340,7 @@ def test_what_is_put_above_the_line_does_not_turn_the_guard_off(
     else:
         text = above + text
     out.write_text(text)
-    for name in (keys.NATS_USERS_FILE, keys.NATS_USERS_SIG_FILE):
+    for name in (keys.NATS_USERS_FILE, keys_users.NATS_USERS_SIG_FILE):
         shutil.copy(old / name, hub_operator)
     line = refusal(config(hub_operator, out))
     if above.startswith("# made by"):  # read as an edit of the line: refused as one
@@ -369,9 +369,9 @@ def test_the_custodian_does_not_sign_over_an_edited_file(custodian: Path, tmp_pa
     )
     # Nor with its version and signature dropped, as if from before signing (a review).
     path.write_text(json.dumps(natsusers.load_users(custodian)))
-    (custodian / keys.NATS_USERS_SIG_FILE).unlink()
+    (custodian / keys_users.NATS_USERS_SIG_FILE).unlink()
     assert "is not the version 1 signed here" in refusal(msmt(*args, "--replace-nats-user"))
-    assert keys.split_users(json.loads(path.read_text()), path)[0]["GBR"] == thief
+    assert keys_users.split_users(json.loads(path.read_text()), path)[0]["GBR"] == thief
     signed = msmt("keys", "sign-nats-users", "--dir", custodian)
     assert signed.exit_code == 0, signed.output
     assert f"GBR {thief}" in signed.stdout.splitlines()
@@ -387,8 +387,8 @@ def test_a_public_authority_key_swapped_under_its_kid_is_not_signed_over(
     forged = OKPKey.generate_key("Ed25519", parameters={"kid": kid, "alg": "Ed25519"}, private=True)
     public.write_bytes(keys.json_bytes(forged.as_dict(private=False)))
     jwks = json.loads((custodian / keys.ROSTER_FILE).read_text())
-    (custodian / keys.ROSTER_SIG_FILE).write_text(keys.sign_roster(jwks, forged) + "\n")
-    assert keys.load_signed_roster(custodian).version == 1  # verifies with the forged key
+    (custodian / keys.ROSTER_SIG_FILE).write_text(keys_roster.sign_roster(jwks, forged) + "\n")
+    assert keys_roster.load_signed_roster(custodian).version == 1  # verifies with the forged key
     _, auditor = natsusers.make_user(tmp_path / "auditor", "AUDIT")
     args: list[str | Path] = ["keys", "accept-nats-user", "AUDIT", auditor, "--dir", custodian]
     line = refusal(msmt(*args, "--replace-nats-user"))
@@ -401,8 +401,8 @@ def test_a_new_authority_signs_version_1_over_whatever_was_there(
     # keys init --force read the old file first, and a malformed one stopped it after
     # the old keys were gone (a review).
     (custodian / keys.NATS_USERS_FILE).write_text('{"AUDIT": 5}')
-    keys.init_keys(custodian, ["JPN", "USA"], force=True)
-    assert keys.load_signed_users(custodian).version == 1
+    keys_custodian.init_keys(custodian, ["JPN", "USA"], force=True)
+    assert keys_users.load_signed_users(custodian).version == 1
 
 
 def test_an_accept_cut_short_after_the_users_says_they_changed(tmp_path: Path) -> None:
@@ -415,7 +415,7 @@ def test_an_accept_cut_short_after_the_users_says_they_changed(tmp_path: Path) -
     assert made.exit_code == 0, made.output
     found = re.search(r"^fingerprint (sha256:[0-9a-f]{64})$", made.output, re.MULTILINE)
     assert found is not None
-    (custodian / keys.ROSTER_STAGED).mkdir()  # where the roster is put aside: in the way
+    (custodian / keys_roster.ROSTER_STAGED).mkdir()  # where the roster is put aside: in the way
     with pytest.raises(WriteError) as failed:
         keyrequest.accept_request(custodian, request, expected_fingerprint=found[1])
     assert str(failed.value).endswith(
@@ -423,8 +423,8 @@ def test_an_accept_cut_short_after_the_users_says_they_changed(tmp_path: Path) -
         " to finish (without --replace-nats-user), then give the hub operator nats-users.json"
         " and nats-users.json.jws"
     )
-    assert keys.load_signed_users(custodian).version == 2
-    (custodian / keys.ROSTER_STAGED).rmdir()
+    assert keys_users.load_signed_users(custodian).version == 2
+    (custodian / keys_roster.ROSTER_STAGED).rmdir()
     again = keyrequest.accept_request(custodian, request, expected_fingerprint=found[1])
     assert (again.member, again.users_version, again.version) == ("GBR", None, 2)
 
@@ -434,25 +434,26 @@ def test_a_record_that_cannot_be_written_says_the_users_are_in_place(
 ) -> None:
     # A review: a full disk at the record's write printed "cannot write ..." alone, while
     # version 2 was signed and in place and the next change refused it.
-    real = keys._write_atomic
+    real = keys.write_atomic
 
     def full_disk_for_the_record(path: Path, data: bytes, *, private: bool) -> None:
-        if path.name == Path(keys.NATS_USERS_SIGNED_FILE).name:
+        if path.name == Path(keys_users.NATS_USERS_SIGNED_FILE).name:
             raise WriteError(f"cannot write {path}: No space left on device")
         real(path, data, private=private)
 
-    monkeypatch.setattr(keys, "_write_atomic", full_disk_for_the_record)
+    # Where write_nats_users looks it up (broker.keys_users imports it from broker.keys).
+    monkeypatch.setattr(keys_users, "write_atomic", full_disk_for_the_record)
     _, auditor = natsusers.make_user(tmp_path / "auditor", "AUDIT")
     with pytest.raises(WriteError) as failed:
         natsusers.record_user(custodian, "AUDIT", auditor, replace=True)
     path = custodian / keys.NATS_USERS_FILE
     assert str(failed.value) == (
         f"{path} version 2 is signed and in place, but cannot write"
-        f" {custodian / keys.NATS_USERS_SIGNED_FILE}: No space left on device: the next change"
-        " refuses it until 'msmt keys sign-nats-users' records it"
+        f" {custodian / keys_users.NATS_USERS_SIGNED_FILE}: No space left on device: the next"
+        " change refuses it until 'msmt keys sign-nats-users' records it"
     )
-    assert keys.load_signed_users(custodian).users["AUDIT"] == auditor
-    monkeypatch.setattr(keys, "_write_atomic", real)
+    assert keys_users.load_signed_users(custodian).users["AUDIT"] == auditor
+    monkeypatch.setattr(keys_users, "write_atomic", real)
     with pytest.raises(KeyMaterialError, match="is not the version 1 signed here"):
         natsusers.record_user(custodian, "AUDIT", auditor, replace=True)
     assert natsusers.sign_users(custodian) == 3

@@ -22,7 +22,7 @@ from nats.js.api import ExternalStream, StreamConfig, StreamSource, SubjectTrans
 from node_world import fetch, msmt, running_hub, wait_for
 from structlog.testing import capture_logs
 
-from broker import keys, natsconfig, natsetup, natsusers
+from broker import keys, keys_custodian, keys_users, natsconfig, natsetup, natsusers
 from broker.cli import main
 from broker.errors import ConfigError, KeyMaterialError
 from broker.members import MEMBERS
@@ -47,7 +47,7 @@ def config_args(keydir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("natsconfig") / "keys"
-    keys.init_keys(path)  # all 11 members, as a deployment has
+    keys_custodian.init_keys(path)  # all 11 members, as a deployment has
     return path
 
 
@@ -519,7 +519,7 @@ def test_config_is_plain_json_a_reader_can_audit(keydir: Path) -> None:
 def test_keys_md_names_every_setting_the_hub_config_has_besides_the_accounts(
     keydir: Path,
 ) -> None:
-    text = natsconfig.server_config(keys.load_signed_users(keydir), cluster=3)
+    text = natsconfig.server_config(keys_users.load_signed_users(keydir), cluster=3)
     head, found, _ = text.partition("\naccounts: ")
     assert found
     settings = [

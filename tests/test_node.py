@@ -49,7 +49,7 @@ from structlog.testing import capture_logs
 import broker.hubwatch
 import broker.node_housekeeping
 import broker.receiver
-from broker import envelope, envelope_format, keys, samples, sdjwt
+from broker import envelope, envelope_format, keys, keys_custodian, keys_roster, samples, sdjwt
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig
 from broker.errors import MsmtError, StoreError
@@ -762,7 +762,7 @@ async def test_operator_commands_submit_inbox_status(world: World) -> None:
         jpn_metrics = await jpn_scrape()
     assert uncosigned(jpn_metrics, "USA") == 0 < uncosigned(jpn_metrics, "KOR")
     # When JPN's keys stop being valid, from the roster, to alert on before they lapse.
-    roster = keys.load_signed_roster(world.keydir).roster
+    roster = keys_roster.load_signed_roster(world.keydir).roster
     for credential, until in (
         ("signing_key", roster.current("JPN", "sig", datetime.now(UTC)).valid_until.timestamp()),
         ("encryption_key", roster.current("JPN", "enc", datetime.now(UTC)).valid_until.timestamp()),
@@ -827,8 +827,8 @@ def usa_inbound(tmp_path: Path) -> Iterator[tuple[Any, Forger, Path]]:
 
     keydir = tmp_path / "keys"
     now = datetime.now(UTC)
-    keys.init_keys(keydir, ("JPN", "USA", "KOR"), now=now - timedelta(days=1))
-    roster = keys.load_signed_roster(keydir).roster
+    keys_custodian.init_keys(keydir, ("JPN", "USA", "KOR"), now=now - timedelta(days=1))
+    roster = keys_roster.load_signed_roster(keydir).roster
     usa = keys.load_member_keys(keydir, "USA", roster, now)
     signer = usa.signing.private_key
     assert isinstance(signer, Ed25519PrivateKey)
@@ -1016,7 +1016,7 @@ async def test_reports_signed_with_a_key_a_partner_does_not_know_yet_are_held_no
         lambda: len(world.inbox_ids("USA", "JPN")) == len(before), 30, "USA has the first half"
     )
     assert world.terminate("JPN") == 0
-    new_sig, new_enc = keys.rotate_keys(world.keydir, "JPN")
+    new_sig, new_enc = keys_custodian.rotate_keys(world.keydir, "JPN")
     world.start("JPN")
     # JPN's own log records the rotation it started with (AUDIT.md's key entries).
     jpn_log = audit_entries(world.config("JPN").audit_dir)
@@ -1765,7 +1765,7 @@ def test_a_start_on_a_full_disk_is_not_logged_twice_once_space_returns(
     config = world.config("JPN")
     _start_and_stop(config)
     world.write_config("JPN", BATCH_POLICY)  # a new policy and a rotation, at one restart
-    keys.rotate_keys(world.keydir, "JPN")
+    keys_custodian.rotate_keys(world.keydir, "JPN")
     _start_with_a_full_disk(config, monkeypatch)
     _start_and_stop(config)  # space returns
     entries = [e for e in audit_entries(config.audit_dir) if e["type"] in ("policy", "key")]

@@ -30,7 +30,7 @@ from node_world import (
     write_node_config,
 )
 
-from broker import hubwatch, keys, node_housekeeping
+from broker import hubwatch, keys, keys_custodian, node_housekeeping
 from broker.errors import KeyMaterialError
 from broker.natsetup import setup_account
 from broker.natsproc import free_port
@@ -219,7 +219,7 @@ def test_a_start_refused_for_a_missing_key_leaves_the_previous_roster_usable(
     before = {n: (world.keydir / n).read_bytes() for n in ("roster.json", "roster.json.jws")}
     elsewhere = world.root / "rotated"
     shutil.copytree(world.keydir, elsewhere)  # the authority's copy, with modes kept
-    keys.rotate_keys(elsewhere, "JPN", now=datetime.now(UTC))
+    keys_custodian.rotate_keys(elsewhere, "JPN", now=datetime.now(UTC))
     for name in before:  # the new roster arrives; JPN's new private keys do not
         (world.keydir / name).write_bytes((elsewhere / name).read_bytes())
     with pytest.raises(KeyMaterialError, match="cannot read"):

@@ -40,7 +40,7 @@ from node_world import (
 )
 
 import broker
-from broker import keys, samples
+from broker import keys_roster, samples
 from broker.auditlog import AuditLog
 from broker.config import NodeConfig, load_config
 from broker.errors import UsageError
@@ -277,7 +277,7 @@ def test_status_shows_the_roster_and_policy_the_node_started_with(kor: Kor) -> N
     # KOR's own keys valid for a day only: the start says so, and status shows when.
     short = kor.msmt("keys", "rotate", "KOR", "--dir", str(kor.root / "keys"), "--valid-days", "1")
     assert short.returncode == 0, short.stderr
-    signed = keys.load_signed_roster(kor.root / "keys")
+    signed = keys_roster.load_signed_roster(kor.root / "keys")
     version = signed.version
     assert version > 2  # rotations, so the number is not a default anyone would print
     until = signed.roster.current("KOR", "sig", datetime.now(UTC)).valid_until

@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from node_world import MSMT, fetch, msmt, wait_for, write_node_config
 
-from broker import keys
+from broker import keys, keys_custodian, keys_roster
 from broker.auditlog import DB_FILE, AuditLog
 from broker.config import NodeConfig, load_config
 from broker.store import Store
@@ -34,7 +34,9 @@ NOT_UTF8 = b'{"d": "\xff\xfe"}'
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    keys.init_keys(tmp_path / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1))
+    keys_custodian.init_keys(
+        tmp_path / "keys", ("JPN", "USA"), now=datetime.now(UTC) - timedelta(days=1)
+    )
     write_node_config(tmp_path, "JPN", ["nats://127.0.0.1:1"])
     return tmp_path
 
@@ -49,7 +51,7 @@ def folder(tmp_path: Path) -> Path:
 )
 def test_a_file_that_is_not_utf8_text_is_one_line(folder: Path, damaged: str, reason: str) -> None:
     if damaged == "signing key":
-        roster = keys.load_signed_roster(folder / "keys").roster
+        roster = keys_roster.load_signed_roster(folder / "keys").roster
         kid = roster.current("JPN", "sig", datetime.now(UTC)).kid
         path = keys.key_path(folder / "keys", "JPN", kid)
     else:

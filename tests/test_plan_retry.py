@@ -21,7 +21,7 @@ from node_world import BATCH_POLICY, World, await_for, content_of, expected_part
 from structlog.testing import capture_logs
 
 import broker.planloop
-from broker import keys
+from broker import keys_custodian
 from broker.auditlog import DB_FILE
 from broker.node_start import load_node
 from broker.store import Store
@@ -41,7 +41,7 @@ async def test_a_partner_without_a_key_waits_while_the_others_get_the_report(
 ) -> None:
     world.write_config("JPN", BATCH_POLICY)
     usable_at = (datetime.now(UTC) + timedelta(seconds=LEAD_S)).replace(microsecond=0)
-    keys.rotate_keys(world.keydir, "USA", now=usable_at)
+    keys_custodian.rotate_keys(world.keydir, "USA", now=usable_at)
     # Read when the node's reissue loop starts, so it looks every RETRY_S, not 60 s.
     monkeypatch.setattr(broker.planloop, "REISSUE_EVERY_S", RETRY_S)
     # A report the policy sends to both (a sample's markings may hold it back from some).
@@ -151,7 +151,7 @@ async def test_a_policy_that_drops_waiting_envelopes_says_so_in_one_line(
     # absent partner (77 at once). Here USA has no valid key for an hour, JPN accepts
     # reports for USA and KOR, and restarts with a policy that releases nothing to USA.
     world.write_config("JPN", BATCH_POLICY)
-    keys.rotate_keys(world.keydir, "USA", now=datetime.now(UTC) + timedelta(hours=1))
+    keys_custodian.rotate_keys(world.keydir, "USA", now=datetime.now(UTC) + timedelta(hours=1))
     monkeypatch.setattr(broker.planloop, "REISSUE_EVERY_S", RETRY_S)
     policy = world.policy("JPN")
     records = [
@@ -224,7 +224,7 @@ async def test_a_resend_to_a_partner_without_a_key_waits_and_is_not_an_error(
     await await_for(lambda: world.outbox_depth("JPN") == 0, 20, "JPN to send")
     assert world.terminate("JPN") == 0
     # USA's keys now start later: it has none valid now. JPN is asked to send again.
-    keys.rotate_keys(world.keydir, "USA", now=datetime.now(UTC) + timedelta(hours=1))
+    keys_custodian.rotate_keys(world.keydir, "USA", now=datetime.now(UTC) + timedelta(hours=1))
     store = Store(world.config("JPN").store_path)  # as msmt node resend does
     try:
         assert store.queue_resend("USA", report_ids=[rid]) == (1, [])

@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker import keys, pseudonym_keys
+from broker import keys, keys_custodian, pseudonym_keys
 from broker.cli import main
 from broker.config import NodeConfig, load_config
 from broker.errors import KeyMaterialError
@@ -33,7 +33,7 @@ SEED = b"<a NATS user seed>"
 def nkeys_seed() -> bytes:
     """A real NATS user seed, as ``msmt keys init`` writes one."""
     with tempfile.TemporaryDirectory() as tmp:
-        keys.init_keys(Path(tmp) / "keys", ("JPN",))
+        keys_custodian.init_keys(Path(tmp) / "keys", ("JPN",))
         return (Path(tmp) / "keys" / "JPN" / keys.NATS_SEED_FILE).read_bytes().strip()
 
 
@@ -46,7 +46,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("template") / "keys"
-    keys.init_keys(path, ("KOR", "JPN", "USA"))
+    keys_custodian.init_keys(path, ("KOR", "JPN", "USA"))
     return path
 
 

@@ -23,7 +23,7 @@ import pytest
 from node_world import Forger, World, audit_rejections
 from reliability_world import Cluster, await_for, fetch, msmt, records_for
 
-from broker import keys
+from broker import keys, keys_custodian, keys_roster
 from broker.auditlog import DB_FILE
 from broker.envelope import issue
 from broker.intake import ensure_token, submit
@@ -210,10 +210,12 @@ async def test_bus_attacks_with_valid_credentials_are_refused_counted_and_nothin
     cluster: Cluster,
 ) -> None:
     now = datetime.now(UTC)
-    roster = keys.load_signed_roster(cluster.keydir).roster
+    roster = keys_roster.load_signed_roster(cluster.keydir).roster
     old_jpn = keys.load_member_keys(cluster.keydir, "JPN", roster, now)
-    keys.rotate_keys(cluster.keydir, "JPN", now=now)
-    keys.revoke_key(cluster.keydir, old_jpn.signing_kid, "compromised in the test", now=now)
+    keys_custodian.rotate_keys(cluster.keydir, "JPN", now=now)
+    keys_custodian.revoke_key(
+        cluster.keydir, old_jpn.signing_kid, "compromised in the test", now=now
+    )
     for member in TRIO:
         cluster.write_config(member)
     cluster.start("USA", MSMT_MAX_MESSAGE_BYTES=str(NODE_LIMIT), MSMT_FRESHNESS_SECONDS="3600")

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stix2validator import ValidationOptions, validate_instance, validate_string
 
-from broker import keys, samples
+from broker import keys_custodian, samples
 from broker.cli import main
 from broker.errors import InputError
 from broker.identifiers import canonical_address
@@ -853,7 +853,9 @@ def test_cli_leaves_out_reports_signed_by_a_key_since_revoked(tmp_path: Path) ->
     # export and the inbox listing, unmarked. Real keys and roster, real store file.
     keydir = tmp_path / "keys"
     now = datetime.now(UTC)
-    roster = keys.init_keys(keydir, ("JPN", "KOR", "USA"), now=now - timedelta(days=1)).roster
+    roster = keys_custodian.init_keys(
+        keydir, ("JPN", "KOR", "USA"), now=now - timedelta(days=1)
+    ).roster
     kids = {m: roster.current(m, "sig", now).kid for m in ("JPN", "KOR")}
     records = [r for r in samples.generate(44, seed=29) if r["originator"] in kids]
     reports = [received(r, at=RECEIVED + timedelta(hours=i)) for i, r in enumerate(records)]
@@ -874,7 +876,7 @@ def test_cli_leaves_out_reports_signed_by_a_key_since_revoked(tmp_path: Path) ->
     assert before.stderr == ""
     assert json.loads(before.stdout) == bundle(reports)
 
-    keys.revoke_key(keydir, kids["JPN"], "stolen in the test")
+    keys_custodian.revoke_key(keydir, kids["JPN"], "stolen in the test")
     after = _run(export, env)
     assert after.exit_code == 0, after.stderr
     assert after.stderr == (

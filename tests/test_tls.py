@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from node_world import MSMT, World, fetch, msmt, readyz, records_for, wait_for, write_node_config
 
-from broker import keys
+from broker import keys, keys_custodian
 from broker.natsconfig import accounts_config
 from broker.natsetup import setup_account
 from broker.natsproc import NatsServer
@@ -226,7 +226,7 @@ class TlsWorld:
 def tls_world(tmp_path: Path, pki: Pki) -> Iterator[TlsWorld]:
     """A hub demanding client certificates, with JPN's, USA's and AUDIT's streams set up."""
     keydir = tmp_path / "keys"
-    keys.init_keys(keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
+    keys_custodian.init_keys(keydir, MEMBERS, now=datetime.now(UTC) - timedelta(days=1))
     tls_block = (
         "tls {\n"
         f"  cert_file: {json.dumps(str(pki.server.cert))}\n"

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from broker import keys as keyfiles
+from broker import keys_roster
 from broker.audit_replay import iter_verified_entries
 from broker.audit_verify import Report, log_dir, read_entries, verify_log
 from broker.auditlog import DB_FILE
@@ -68,7 +69,7 @@ def trusted_roster(
     if keydir is not None and roster is not None:
         raise UsageError("give either --keys or --roster, not both")
     if keydir is not None:
-        return keyfiles.load_signed_roster(
+        return keys_roster.load_signed_roster(
             keydir, authority_path=authority, authority_option="--authority"
         ).roster
     if roster is not None:

@@ -16,8 +16,7 @@ from typing import Any
 
 import click
 
-from broker import evidence
-from broker import keys as keyfiles
+from broker import evidence, keys_roster
 from broker.audit_verify import read_origin
 from broker.cli.audit_base import (
     audit_group,
@@ -191,7 +190,7 @@ def audit_evidence(
         found = evidence.parse(raw)
     except InputError as exc:
         raise InputError(f"evidence {file}: {exc}") from None
-    signed = keyfiles.load_signed_roster(
+    signed = keys_roster.load_signed_roster(
         keydir, authority_path=authority, authority_option="--authority"
     )
     try:

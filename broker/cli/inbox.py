@@ -30,7 +30,8 @@ from broker.cli.node import (
 from broker.cli.options import CONFIG as _CONFIG
 from broker.config import NodeConfig
 from broker.errors import AuditError, EnvelopeError, InputError, UsageError
-from broker.keys import MemberKeys, load_member_keys, load_pinned_roster
+from broker.keys import MemberKeys, load_member_keys
+from broker.keys_roster import load_pinned_roster
 from broker.members import MEMBERS, is_member
 from broker.roster import Roster
 from broker.store import AUDIT_SIZE, InboxEntry, Store

@@ -17,7 +17,17 @@ from typing import Any, Final, TypeVar, cast
 
 import click
 
-from broker import keyrequest, log, natsconfig, natstls, natsusers, pseudonym_keys
+from broker import (
+    keyrequest,
+    keys_custodian,
+    keys_roster,
+    keys_users,
+    log,
+    natsconfig,
+    natstls,
+    natsusers,
+    pseudonym_keys,
+)
 from broker import keys as keyfiles
 from broker.cli.options import Finite, echo_line, stdin_buffer
 from broker.errors import KeyMaterialError, UsageError, WriteError
@@ -107,7 +117,7 @@ def _writes_keys(command: _Command) -> _Command:
 def _finish_roster_write(keydir: Path) -> None:
     # Before a command that writes the roster: one cut short by a crash is
     # finished or undone first, and the operator is told which.
-    done = keyfiles.finish_roster_write(keydir)
+    done = keys_custodian.finish_roster_write(keydir)
     if done is not None:
         echo_line(f"msmt: {done}", err=True)
 
@@ -134,7 +144,7 @@ def keys_init(keydir: Path, members: str, force: bool, valid_days: int) -> None:
         chosen = parse_members(members)
     except ValueError as exc:
         raise UsageError(f"--members: {exc}") from None
-    signed = keyfiles.init_keys(keydir, chosen, force=force, valid_days=valid_days)
+    signed = keys_custodian.init_keys(keydir, chosen, force=force, valid_days=valid_days)
     echo_line(f"wrote keys for {', '.join(chosen)} and AUDIT under {keydir}")
     click.echo(f"roster version {signed.version}: {len(signed.roster)} public keys")
     authority = keyfiles.load_authority(keydir / keyfiles.AUTHORITY_PUBLIC_FILE)
@@ -153,8 +163,8 @@ def keys_init(keydir: Path, members: str, force: bool, valid_days: int) -> None:
 def keys_rotate(member: str, keydir: Path, valid_days: int) -> None:
     """Give MEMBER new active keys; its old ones retire (they still verify older reports)."""
     _finish_roster_write(keydir)
-    sig, enc = keyfiles.rotate_keys(keydir, member.upper(), valid_days=valid_days)
-    version = keyfiles.load_signed_roster(keydir).version
+    sig, enc = keys_custodian.rotate_keys(keydir, member.upper(), valid_days=valid_days)
+    version = keys_roster.load_signed_roster(keydir).version
     click.echo(f"{member.upper()}: new keys {sig} and {enc}; roster version {version}")
 
 
@@ -166,8 +176,8 @@ def keys_rotate(member: str, keydir: Path, valid_days: int) -> None:
 def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
     """Mark KID revoked: nothing signed with it verifies again."""
     _finish_roster_write(keydir)
-    keyfiles.revoke_key(keydir, kid, reason)
-    signed = keyfiles.load_signed_roster(keydir)
+    keys_custodian.revoke_key(keydir, kid, reason)
+    signed = keys_roster.load_signed_roster(keydir)
     click.echo(f"revoked {kid}; roster version {signed.version}")
     revoked = signed.roster.get(kid)
     owner = revoked.member
@@ -435,7 +445,7 @@ def keys_accept_nats_user(account: str, nkey: str, keydir: Path, replace_nats_us
 
 
 _SEND_USERS: Final = (
-    f"give the hub operator {keyfiles.NATS_USERS_FILE} and {keyfiles.NATS_USERS_SIG_FILE}"
+    f"give the hub operator {keyfiles.NATS_USERS_FILE} and {keys_users.NATS_USERS_SIG_FILE}"
     " together; 'msmt nats config' verifies them with the pinned roster-authority key"
 )
 
@@ -452,7 +462,7 @@ def keys_sign_nats_users(keydir: Path) -> None:
     version = natsusers.sign_users(keydir)
     echo_line(
         f"signed {keydir / keyfiles.NATS_USERS_FILE} as version {version}"
-        f" ({keyfiles.NATS_USERS_SIG_FILE})"
+        f" ({keys_users.NATS_USERS_SIG_FILE})"
     )
     # Signed as it stands: what it says is now what the hub will trust, so show it.
     for account, nkey in sorted(natsusers.load_users(keydir).items()):
@@ -466,7 +476,7 @@ def keys_sign_nats_users(keydir: Path) -> None:
 @click.option("--min-version", type=click.IntRange(0), default=0, help="Last version accepted.")
 def keys_verify_roster(keydir: Path, authority: Path | None, min_version: int) -> None:
     """Check the roster's signature and version, then list its keys."""
-    signed = keyfiles.load_signed_roster(
+    signed = keys_roster.load_signed_roster(
         keydir, authority_path=authority, min_version=min_version, authority_option="--authority"
     )
     pinned = keyfiles.load_authority(authority or keydir / keyfiles.AUTHORITY_PUBLIC_FILE)
@@ -628,7 +638,7 @@ def nats_config(
             _check_include(option, include, out)
     # The pin is named, never taken from the key directory: whoever changed the users on
     # their way could have put their own authority key beside them (a review).
-    signed = keyfiles.load_signed_users(keydir, authority_path=authority)
+    signed = keys_users.load_signed_users(keydir, authority_path=authority)
     old = _old_config(out)
     _check_not_older(out, old, signed)
     text = natsconfig.server_config(
@@ -670,7 +680,7 @@ def _old_config(out: Path) -> str | None:
         raise UsageError(f"--out {out}: cannot read it: {exc.strerror}") from None
 
 
-def _check_not_older(out: Path, old: str | None, signed: keyfiles.SignedUsers) -> None:
+def _check_not_older(out: Path, old: str | None, signed: keys_users.SignedUsers) -> None:
     """Refuse users older than those the hub.conf ``old`` was made from, or another signer's.
 
     The users are signed, but an older signed file names a user since replaced (after
