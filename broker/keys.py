@@ -155,6 +155,11 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are no JSON (RFC 8259): a roster holding one read as "altered".
+    raise ValueError(f"non-standard constant {name}")
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file strictly (no duplicate members); raise ``KeyMaterialError`` naming it."""
     try:
@@ -165,7 +170,7 @@ def read_json(path: Path) -> Any:
         # The codec's message would quote a byte of what may be a private key.
         raise KeyMaterialError(f"{path} is not UTF-8 text") from None
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates)
+        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant)
     except RecursionError:  # "[[[[...": deeper than the decoder's stack, not a traceback
         raise KeyMaterialError(f"{path} is not valid JSON: nested too deeply") from None
     except ValueError as exc:

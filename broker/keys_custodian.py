@@ -144,8 +144,9 @@ def finish_roster_write(keydir: Path) -> str | None:
     """Finish or undo a ``write_roster`` cut short (a crash); one line saying which, or ``None``.
 
     The pair left aside goes into place only if it verifies under the authority's
-    public key in ``keydir`` and is newer than the pair in place (a roster in
-    place with the signature aside counts as such a pair); otherwise, if the pair
+    key in ``keydir`` (its public file must be the private key's) and is newer than
+    the pair in place (a roster in place with the signature aside counts as such a
+    pair); otherwise, if the pair
     in place verifies, what was left aside is removed. Raises ``KeyMaterialError``,
     changing nothing, if neither verifies: an unsigned or mismatched roster is
     never put in place.
@@ -153,7 +154,10 @@ def finish_roster_write(keydir: Path) -> str | None:
     staged, staged_sig = keydir / ROSTER_STAGED, keydir / ROSTER_SIG_STAGED
     if not staged.exists() and not staged_sig.exists():
         return None
-    authority = load_authority(keydir / AUTHORITY_PUBLIC_FILE)
+    # Checked against the private key, as load_for_update does: a key of another's under
+    # the same kid in the public file verified a pair it left aside, which went into
+    # place and moved the mark past the real roster for good (a review).
+    _, authority = _authority_keys(keydir)
     current = _verified_pair(keydir / ROSTER_FILE, keydir / ROSTER_SIG_FILE, authority)
     candidate = None
     if staged_sig.exists():
@@ -210,7 +214,7 @@ def init_keys(
             keydir / AUTHORITY_PRIVATE_FILE,
             *(keydir / m for m in (*chosen, AUDIT_ACCOUNT)),
         )
-        if p.exists() and (p.is_file() or any(p.iterdir()))
+        if p.is_symlink() or (p.exists() and (not p.is_dir() or any(p.iterdir())))
     ]
     if existing and not force:
         raise KeyMaterialError(f"{existing[0]} already exists; use --force to replace all keys")
@@ -277,6 +281,13 @@ def load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
     malformed or open to other users, or it is not the key of the public authority file.
     """
     signed = load_signed_roster(keydir)
+    authority, _ = _authority_keys(keydir)
+    _check_signed_before(keydir, signed)
+    return signed, authority
+
+
+def _authority_keys(keydir: Path) -> tuple[OKPKey, OKPKey]:
+    """The authority's private key and its public file, refused unless they are one key."""
     path = keydir / AUTHORITY_PRIVATE_FILE
     authority = load_private_jwk_any(path)
     public = load_authority(keydir / AUTHORITY_PUBLIC_FILE)
@@ -285,8 +296,7 @@ def load_for_update(keydir: Path) -> tuple[SignedRoster, OKPKey]:
     # would then sign over (a review forged both).
     if authority.kid != public.kid or authority.thumbprint() != public.thumbprint():
         raise KeyMaterialError(f"{path} is not the key of {AUTHORITY_PUBLIC_FILE}")
-    _check_signed_before(keydir, signed)
-    return signed, authority
+    return authority, public
 
 
 def _check_signed_before(keydir: Path, signed: SignedRoster) -> None:

@@ -852,6 +852,36 @@ def test_a_cut_short_write_older_than_the_mark_is_never_finished(keydir: Path) -
         keys_custodian.rotate_keys(keydir, "USA")
 
 
+def test_a_pair_left_aside_under_a_swapped_public_key_is_never_finished(keydir: Path) -> None:
+    # A review: whoever may write the custodian's public files put its own key under the
+    # authority's kid and left a "version 2" aside signed with it; finish_roster_write
+    # put it in place and moved the mark to 2, so the real roster, put back, was refused
+    # for good as "older than version 2". Checked against the private key now.
+    real = (keydir / keys.AUTHORITY_PUBLIC_FILE).read_bytes()
+    mark = (keydir / keys.ROSTER_SIGNED_FILE).read_bytes()
+    in_place = (keydir / keys.ROSTER_FILE).read_bytes()
+    signed = keys_roster.load_signed_roster(keydir)
+    forger = OKPKey.generate_key(
+        "Ed25519", parameters={"kid": _authority_kid(keydir), "alg": "Ed25519"}, private=True
+    )
+    (keydir / keys.AUTHORITY_PUBLIC_FILE).write_bytes(
+        keys.json_bytes(forger.as_dict(private=False))
+    )
+    jwks = dict(signed.jwks) | {"msmt_version": signed.version + 1}
+    (keydir / keys_roster.ROSTER_STAGED).write_bytes(keys.json_bytes(jwks))
+    (keydir / keys_roster.ROSTER_SIG_STAGED).write_text(keys_roster.sign_roster(jwks, forger))
+    with pytest.raises(KeyMaterialError, match=r"is not the key of roster-authority\.json"):
+        keys_custodian.finish_roster_write(keydir)
+    assert (keydir / keys.ROSTER_SIGNED_FILE).read_bytes() == mark
+    assert (keydir / keys.ROSTER_FILE).read_bytes() == in_place
+    (keydir / keys.AUTHORITY_PUBLIC_FILE).write_bytes(real)  # the custodian puts it right
+    assert keys_custodian.finish_roster_write(keydir) == (
+        f"a roster write in {keydir} was cut short: undid it, roster version 1 stays in place"
+    )
+    keys_custodian.rotate_keys(keydir, "JPN")
+    assert keys_roster.load_signed_roster(keydir).version == 2
+
+
 def test_a_roster_copied_over_without_a_rename_is_read_once_whole(keydir: Path) -> None:
     # An operator's cp or scp writes the file in place: a reader between its truncate
     # and its write read "not valid JSON" and stopped. Read again while it changes.
