@@ -94,6 +94,18 @@ class OwnLog(AuditNetBase):
         cosigned, as evidence against our log only with our signature on it.
         """
         size = self.audit.size
+        if old > size and self.throttle.due("own log behind", ""):
+            # A witness cosigned more of our log than it holds: restored from a backup
+            # (a drill's restored node told its operator nothing while every witness
+            # raised a rollback alarm). Only a line: any member may ask, unsigned.
+            log.warning(
+                "own_log_behind_witness",
+                asked_from=old,
+                log_size=size,
+                hint="a witness asks for a proof from a size our log has not reached: if"
+                " this node's data was restored from a backup, its log has forked and the"
+                " witnesses will not cosign it (docs/DEPLOY.md, 'What a restore means')",
+            )
         try:
             proof = self._consistency_proof(old, new)
         except StoreError:

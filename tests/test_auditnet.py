@@ -1144,6 +1144,23 @@ async def test_a_malformed_proof_request_gets_an_error_reply(
     assert re.search(reason, answer["error"])
 
 
+async def test_a_proof_asked_from_beyond_our_log_tells_our_operator_once(audit: Audit) -> None:
+    # A restore drill: the restored node's log was shorter than what every witness had
+    # cosigned; they asked for proofs from there, and its operator was told nothing.
+    size = audit.log.size
+    request = proof_request(size + 5, size + 6, bytes(16))
+    with capture_logs() as logs:
+        for _ in range(3):
+            await audit.tap.request(f"msmt.audit.{MEMBER}.proof", request, timeout=3)
+    told = [e for e in logs if e["event"] == "own_log_behind_witness"]
+    assert [(e["asked_from"], e["log_size"]) for e in told] == [(size + 5, size)]
+    assert "restored from a backup" in told[0]["hint"]
+    assert audit.jpn.net.last_error is None  # anyone may ask: a line, not the status
+    with capture_logs() as logs:  # a request within the log says nothing
+        await audit.tap.request(f"msmt.audit.{MEMBER}.proof", proof_request(1, size, bytes(16)))
+    assert not [e for e in logs if e["event"] == "own_log_behind_witness"]
+
+
 async def test_a_witness_of_an_earlier_version_gets_the_unsigned_proof_it_reads(
     audit: Audit,
 ) -> None:
