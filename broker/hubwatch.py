@@ -27,6 +27,8 @@ from broker.metrics import Metrics
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import consumer_alterations, stream_alterations
 
+INBOX_STREAM_STATE: Final = "inbox_stream"
+"""The status fact keeping the inbox stream as last seen (``HubWatch.stream_mark``)."""
 LAG_EVERY_S: Final = 5.0
 """Seconds between ``consumer_info`` requests for the inbox-lag gauge and status."""
 STREAM_EVERY_S: Final = 30.0
@@ -68,8 +70,11 @@ class HubWatch:
         connection: Callable[[], Client | None],
         error: Callable[[str, str | None], None],
         clock_compared: Callable[[bool], None],
+        stream_mark: str = "",
     ) -> None:
         self._member = member
+        self.stream_mark = stream_mark
+        """The inbox stream as last seen (``_check_went_back``): kept in the status facts."""
         self._servers = servers
         self._metrics = metrics
         self._connection = connection
@@ -195,6 +200,7 @@ class HubWatch:
             return  # the consumer's request says what an unanswering hub is
         if not isinstance(info, dict) or "config" not in info:
             return  # {"error": ...}: a missing stream shows as an unbound consumer
+        self._check_went_back(info)
         altered = stream_alterations(info, self._member)
         self.altered["stream"] = altered
         if altered:
@@ -205,6 +211,37 @@ class HubWatch:
                 " (docs/DEPLOY.md)",
                 "stream",
             )
+
+    def _check_went_back(self, info: dict[str, Any]) -> None:
+        # A hub restored from an older copy of its store, or one that lost it and had
+        # the inbox made again, has dropped what waited there for this node: in a
+        # restore drill every node stayed ready, with no error, and only replay found
+        # the reports. The stream's creation time and last sequence never go back
+        # otherwise, so the node compares them with what it saw last (its status).
+        state, created = info.get("state"), info.get("created")
+        last = state.get("last_seq") if isinstance(state, dict) else None
+        if type(last) is not int or not isinstance(created, str):
+            return
+        seen = _stream_mark(self.stream_mark)
+        self.stream_mark = json.dumps({"created": created, "last_seq": last}, sort_keys=True)
+        if seen is None:
+            return
+        seen_created, seen_last = seen
+        if created == seen_created and last >= seen_last:
+            return
+        how = (
+            f"was made again (created {created}, not {seen_created})"
+            if created != seen_created
+            else f"went back from message {seen_last} to {last}"
+        )
+        self._metrics.inbox_went_back.inc()
+        self._error(
+            f"hub: the inbox stream {inbox_stream(self._member)} {how}: the hub lost what"
+            " waited there for this node (a store restored from a copy, or lost): ask the"
+            f" partners to check with msmt audit replay and resend what it lists as"
+            f" undelivered to {self._member} (docs/RELIABILITY.md)",
+            "stream-went-back",
+        )
 
     def _check_clock(self, hub_time: object, asked: float, answered: float) -> None:
         # Partners refuse reports issued more than MAX_SKEW in their future, and
@@ -234,6 +271,18 @@ class HubWatch:
                 " the hub's clock is not)",
                 "clock",
             )
+
+
+def _stream_mark(text: str) -> tuple[str, int] | None:
+    # What _check_went_back kept; anything else (none yet, a damaged status) is no mark.
+    try:
+        mark = json.loads(text)
+        created, last = mark["created"], mark["last_seq"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(created, str) or type(last) is not int:
+        return None
+    return created, last
 
 
 def wall_clock() -> float:

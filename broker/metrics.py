@@ -147,6 +147,12 @@ class Metrics:
             ["partner"],
             registry=r,
         )
+        self.inbox_went_back = Counter(
+            "msmt_hub_inbox_went_back",
+            "Times the hub's inbox stream was found made again or gone back to an earlier"
+            " message: what waited there for this node was lost (ask partners to resend).",
+            registry=r,
+        )
         self.inbox_lag = Gauge(
             "msmt_inbox_lag",
             "Messages in the inbox stream not yet processed; NaN while not known (not"

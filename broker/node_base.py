@@ -28,7 +28,7 @@ from nats.aio.client import Client
 from broker.auditlog import AuditLog
 from broker.auditnet import AuditNet
 from broker.config import NodeConfig
-from broker.hubwatch import HubWatch
+from broker.hubwatch import INBOX_STREAM_STATE, HubWatch
 from broker.inbound import Inbound
 from broker.intake import Intake
 from broker.log import Throttle, get_logger
@@ -103,6 +103,7 @@ class NodeBase:
             lambda: self.nc,
             self._error,
             self._clock_compared,
+            store.state().get(INBOX_STREAM_STATE, ""),
         )
         self.nc: Client | None = None
         self.publisher: Publisher | None = None

@@ -23,6 +23,7 @@ import nats.errors
 
 from broker.errors import MsmtError
 from broker.feeds import FEED_COUNTER, FEED_USED
+from broker.hubwatch import INBOX_STREAM_STATE
 from broker.log import get_logger
 from broker.members import MEMBERS
 from broker.node_base import (
@@ -108,6 +109,7 @@ class Housekeeping(NodeBase):
             **_feeds_used(counts),
             "connected": "no",
             "inbox_lag": "unknown",
+            INBOX_STREAM_STATE: self.hub.stream_mark,
             "inbox_paused": "",  # a stopped node takes nothing: "connected no" says so
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,
@@ -151,6 +153,7 @@ class Housekeeping(NodeBase):
             "connected": "yes" if self.nc is not None and self.nc.is_connected else "no",
             "inbox_lag": "unknown" if lag is None else str(lag),
             "clock_offset": self.hub.clock_offset,
+            INBOX_STREAM_STATE: self.hub.stream_mark,
             "inbox_paused": self._inbox_paused,
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,

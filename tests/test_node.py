@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import sqlite3
 import time
 from collections import Counter
@@ -1868,6 +1869,59 @@ async def test_an_inbox_changed_on_the_hub_is_named_and_setup_puts_it_back(
     finally:
         node.stop.set()
         await task
+
+
+async def test_a_hub_restored_from_an_older_copy_is_said_to_have_lost_the_inbox(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A restore drill: the hub's store put back from a copy lost the reports that waited
+    # for a node, and every node stayed ready with no error; only replay found them. The
+    # inbox stream's last message went back: the node says so, and counts it, even
+    # across its own restart (the mark is in its status).
+    monkeypatch.setattr(broker.hubwatch, "LAG_EVERY_S", 0.1)
+    monkeypatch.setattr(broker.hubwatch, "STREAM_EVERY_S", 0.1)
+    world.write_config("USA")
+    seed = (world.keydir / "KOR" / keys.NATS_SEED_FILE).read_bytes().strip()
+
+    async def kor_sends(count: int) -> None:
+        kor = await connect_account(world.server.url, "KOR", seed)
+        try:
+            for i in range(count):
+                await kor.jetstream().publish("msmt.to.USA.vessel", b"junk %d" % i)
+        finally:
+            await kor.close()
+
+    def usa() -> tuple[Node, asyncio.Task[None]]:
+        node = load_node(world.config("USA"))
+        return node, asyncio.create_task(node.run())
+
+    node, task = usa()
+    try:
+        await await_for(lambda: node.ready() is None, 20, "USA ready")
+        await kor_sends(3)
+        await await_for(lambda: '"last_seq": 3' in node.hub.stream_mark, 20, "the mark at 3")
+        world.server.kill()
+        copy = world.root / "hub-copy"
+        shutil.copytree(world.server.store_dir, copy)  # the hub operator's backup
+        world.server.start()
+        await kor_sends(4)  # to 7; refused by USA as junk, as any message may be
+        await await_for(lambda: '"last_seq": 7' in node.hub.stream_mark, 20, "the mark at 7")
+        node.stop.set()
+        await task
+        world.server.kill()
+        shutil.rmtree(world.server.store_dir)
+        shutil.copytree(copy, world.server.store_dir)  # the copy put back
+        world.server.start()
+        assert node.metrics.inbox_went_back._value.get() == 0
+        node, task = usa()
+        said = "hub: the inbox stream INBOX_USA went back from message 7 to 3: the hub lost"
+        await await_for(lambda: said in node._last_error, 20, "the loss said")
+        assert "resend what it lists as undelivered to USA" in node._last_error
+        assert node.metrics.inbox_went_back._value.get() == 1
+        await await_for(lambda: '"last_seq": 3' in node.hub.stream_mark, 20, "the new mark")
+    finally:
+        node.stop.set()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _hub_watch(client: object, servers: int, errors: list[str]) -> broker.hubwatch.HubWatch:
