@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import shutil
 import signal
 import socket
@@ -352,3 +353,125 @@ async def test_a_clock_ahead_of_the_hubs_is_reported_before_partners_refuse(
     finally:
         node.stop.set()
         await task
+
+
+async def test_a_witness_reanchored_by_its_operator_cosigns_a_restored_log_again(
+    world: World,
+) -> None:
+    # A restore drill: JPN's node put back from a backup forked its log from what USA
+    # had cosigned; USA raised the alarm and never cosigned JPN again, with no way out
+    # but editing witness-state.json by hand. Its operator now reanchors USA's witness
+    # on the size and root JPN's operator gives, and the old state is kept.
+    world.write_config("JPN", BATCH_POLICY)
+    world.write_config("USA")
+    usa_state = world.config("USA").data_dir / "witness-state.json"
+    records = records_for("JPN", 30, seed=61)
+
+    def cosigned() -> int:
+        state = json.loads(usa_state.read_text()) if usa_state.exists() else {}
+        return int(state.get("JPN", {}).get("size", 0))
+
+    def jpn_log() -> tuple[int, str]:
+        done = msmt(
+            "audit", "verify", str(world.config("JPN").data_dir), "--keys", str(world.keydir)
+        )
+        assert done.returncode == 0, done.stderr
+        found = re.search(
+            r"^OK: JPN log of (\d+) entries, \d+ signed checkpoints, root (\S+)$", done.stdout, re.M
+        )
+        assert found is not None, done.stdout
+        return int(found[1]), found[2]
+
+    world.start("USA")
+    world.start("JPN")
+    await world.submit("JPN", records[:5])
+    wait_for(lambda: cosigned() > 0, 30, "USA cosigning JPN")
+    assert world.terminate("JPN") == 0
+    backup = world.root / "jpn-backup"
+    shutil.copytree(world.config("JPN").data_dir, backup)
+    world.start("JPN")
+    await world.submit("JPN", records[5:10])
+    later = cosigned()
+    wait_for(lambda: cosigned() > later, 30, "USA cosigning JPN's later entries")
+    assert world.terminate("JPN") == 0
+    shutil.rmtree(world.config("JPN").data_dir)
+    shutil.copytree(backup, world.config("JPN").data_dir)  # the restore
+    world.start("JPN")
+    await world.submit("JPN", records[10:20])  # past what USA cosigned: a fork
+    port = world.config("USA").metrics.port
+
+    def alarmed() -> bool:
+        page = fetch(f"http://127.0.0.1:{port}/metrics")
+        return any(
+            f'msmt_audit_alarm_active{{kind="{kind}",log="JPN"}} 1.0' in page
+            for kind in ("fork", "rollback")
+        )
+
+    wait_for(alarmed, 60, "USA's alarm on JPN's log")
+    forked = cosigned()
+    usa_config = str(world.config_path("USA"))
+    running = msmt(
+        "node",
+        "reanchor",
+        "--config",
+        usa_config,
+        "--log",
+        "JPN",
+        "--size",
+        "1",
+        "--root",
+        "A" * 43 + "=",
+        "--reason",
+        "test",
+    )
+    assert running.returncode == 2
+    assert "stop the node first" in running.stderr, running.stderr
+    assert world.terminate("USA") == 0
+    size, root = jpn_log()  # what JPN's operator reads out to the other members
+    done = msmt(
+        "node",
+        "reanchor",
+        "--config",
+        usa_config,
+        "--log",
+        "jpn",
+        "--size",
+        str(size),
+        "--root",
+        root,
+        "--reason",
+        "JPN restored from its backup, confirmed by phone",
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"it holds size {size}, root {root} now" in done.stdout
+    kept = (world.config("USA").data_dir / "witness-reanchored.jsonl").read_text().splitlines()
+    assert [json.loads(line)["before"]["size"] for line in kept] == [forked]
+    assert json.loads(kept[0])["after"] == {"size": size, "root": root}
+    assert cosigned() == size
+    world.start("USA")
+    await world.submit("JPN", records[20:25])
+    wait_for(lambda: cosigned() > size, 60, "USA cosigning JPN's log again")
+    assert not alarmed()  # a restarted witness: none since, and none standing
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--log", "USA"], "--log: 'USA' is not a partner of USA"),
+        (["--log", "XYZ"], "--log: 'XYZ' is not a partner of USA"),
+        (["--root", "not base64!"], "--root: not base64 (as msmt audit verify prints it)"),
+        (["--root", "AAAA"], "--root: not a 32-byte root in base64 with padding"),
+        (["--reason", " "], "--reason: one line of printable text"),
+    ],
+)
+def test_a_bad_reanchor_is_one_line_and_changes_nothing(
+    world: World, args: list[str], reason: str
+) -> None:
+    world.write_config("USA")
+    given = {"--log": "JPN", "--size": "3", "--root": "A" * 43 + "=", "--reason": "r"}
+    given.update(dict(zip(args[::2], args[1::2], strict=True)))
+    flat = [x for pair in given.items() for x in pair]
+    done = msmt("node", "reanchor", "--config", str(world.config_path("USA")), *flat)
+    assert done.returncode == 2
+    assert done.stderr == f"msmt: error: {reason}\n"
+    assert not (world.config("USA").data_dir / "witness-reanchored.jsonl").exists()

@@ -10,6 +10,7 @@ a node runs on its store now, and its store, opened as this member's.
 from __future__ import annotations
 
 import asyncio
+import base64
 import resource
 import sqlite3
 import sys
@@ -35,10 +36,13 @@ from broker.errors import (
 from broker.files import holds_nothing
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import is_member
+from broker.merkle import HASH_SIZE
+from broker.reconcile import WITNESS_STATE
 from broker.sightings import is_report_id
 from broker.stopsignals import StopSignals
 from broker.store import Store
 from broker.store_file import page_damage, require_store, writer_pid
+from broker.witness_reanchor import REANCHORED_FILE, reanchor
 
 
 def node_config(path: Path) -> NodeConfig:
@@ -323,6 +327,54 @@ def node_resend(
         # Unacked envelopes are not chosen: they go out anyway, signed again if old.
         click.echo(f"(envelopes to {to} that the hub has not acked yet still go out)", err=True)
     sys.exit(1 if missing or not queued else 0)
+
+
+@node_group.command(name="reanchor")
+@_CONFIG
+@click.option("--log", "origin", required=True, help="The partner whose log was restored.")
+@click.option("--size", type=click.IntRange(1, 2**63), required=True, help="Its log's size now.")
+@click.option("--root", required=True, help="Its log's root at that size (base64).")
+@click.option("--reason", required=True, help="Why, and who confirmed it (one line; kept).")
+def node_reanchor(config_path: Path, origin: str, size: int, root: str, reason: str) -> None:
+    """Witness a partner's restored log again, from the size and root its operator gave.
+
+    A member restored from a backup has a log that forks from what this node
+    cosigned, and this node never cosigns it again (docs/DEPLOY.md, "What a
+    restore means"). Once its operator has given the size and root that
+    'msmt audit verify' prints for its log now, out of band, run this with our
+    node stopped: the witness state takes them, and what it held before is kept
+    in witness-reanchored.jsonl, for the auditors. At the next start the node
+    cosigns that log again if its checkpoints extend the given root. Exit 0 when
+    done, 2 for a bad request or while the node runs.
+    """
+    config = node_config(config_path)
+    log = origin.upper()
+    if not is_member(log) or log == config.member:
+        raise UsageError(f"--log: {origin!r} is not a partner of {config.member}")
+    try:
+        raw = base64.b64decode(root, validate=True)
+    except ValueError:
+        raise UsageError("--root: not base64 (as msmt audit verify prints it)") from None
+    if len(raw) != HASH_SIZE or base64.b64encode(raw).decode() != root:
+        raise UsageError(f"--root: not a {HASH_SIZE}-byte root in base64 with padding")
+    line = " ".join(reason.split())
+    if not line or not line.isprintable():
+        raise UsageError("--reason: one line of printable text")
+    store = open_store(config, write=True)  # the node's lock: refused while it runs
+    try:
+        done = reanchor(config.data_dir / WITNESS_STATE, log, size, raw, line, datetime.now(UTC))
+    finally:
+        store.close()
+    before = (
+        "held nothing of it"
+        if done.before is None
+        else f"held size {done.before.size}, root {base64.b64encode(done.before.root).decode()}"
+    )
+    click.echo(
+        f"{log}: the witness state {before}; it holds size {size}, root {root} now (kept in"
+        f" {config.data_dir / REANCHORED_FILE}). The node cosigns {log}'s log again from"
+        " there when it next runs, if its checkpoints extend that root."
+    )
 
 
 COMMANDS: tuple[click.Command, ...] = (node_group,)
