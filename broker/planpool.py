@@ -45,6 +45,7 @@ from joserfc.jwk import OKPKey
 from broker.errors import MsmtError, PolicyError
 from broker.planner import Planner, Plans, Signer
 from broker.policy import load_policy
+from broker.private_memory import keep_memory_private
 from broker.roster import Roster, RosterKey
 
 PLAN_TIMEOUT: Final = 300.0
@@ -252,6 +253,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
+    keep_memory_private()  # it holds the signing and pseudonym keys too
     first = _read(inp)
     if first is None:
         return 1

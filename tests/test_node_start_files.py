@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -435,6 +436,21 @@ def test_a_running_node_and_its_worker_never_write_a_core_file(folder: Path) -> 
         assert len(worker) == 1, worker  # the planning worker, started before the socket
         limits = {pid: _core_limit(pid) for pid in (node, int(worker[0]))}
     assert set(limits.values()) == {"0 0"}, limits
+
+
+def test_memory_kept_private_is_no_core_file_and_not_dumpable() -> None:
+    # A local user's review: a process of the node's user (a socket feed's) read the
+    # raw signing key from /proc/<node>/mem. The node and its worker call this first.
+    code = (
+        "import ctypes, resource; from broker.private_memory import keep_memory_private;"
+        " libc = ctypes.CDLL(None); before = libc.prctl(3, 0, 0, 0, 0);"
+        " keep_memory_private();"
+        " print(before, libc.prctl(3, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert done.stdout.split(maxsplit=2) == ["1", "0", "(0, 0)\n"]
 
 
 def test_what_a_node_creates_is_its_users_alone_whatever_the_umask(folder: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import resource
 import sqlite3
 import sys
 import time
@@ -37,6 +36,7 @@ from broker.files import holds_nothing
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import is_member
 from broker.merkle import HASH_SIZE
+from broker.private_memory import keep_memory_private
 from broker.reconcile import WITNESS_STATE
 from broker.sightings import is_report_id
 from broker.stopsignals import StopSignals
@@ -116,11 +116,10 @@ def node_group() -> None:
 )
 def node_run(config_path: Path, log_level: str) -> None:
     """Run the node until SIGTERM or SIGINT: intake, outbox publishing, inbox, metrics."""
-    # The node holds private keys and report content in memory: a crash must not
-    # write them to a core file (systemd-coredump keeps those for days, readable by
-    # admins). Lowered for good, hard limit too, before any key is read; the
-    # planning worker inherits it.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # The node holds private keys and report content in memory: no core file, and no
+    # other process of its user reads it; before any key is read. The planning worker
+    # does the same for itself.
+    keep_memory_private()
     # First: a SIGTERM or SIGINT from here on, even while the node loads, is a stop.
     with StopSignals() as signals:
         from broker import log  # noqa: PLC0415
