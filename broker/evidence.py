@@ -86,19 +86,28 @@ class Evidence:
         )
 
 
+class KeyNotHeldError(EnvelopeError):
+    """The key a kept envelope was encrypted to is not among this node's keys any more."""
+
+
 def make(
     jwe: str, *, received_at: float, decryption_keys: Mapping[str, OKPKey], me: str
 ) -> Evidence:
     """Evidence for an envelope this node (``me``) received and kept.
 
-    Raises ``EnvelopeError`` if this node no longer holds the key it was
-    encrypted to (revoked since), or the envelope does not open.
+    Raises ``KeyNotHeldError`` if this node no longer holds the key it was
+    encrypted to (revoked since, or its file lost), ``EnvelopeError`` if the
+    envelope does not open.
     """
     header, _ = parse_jwe(jwe, MAX_ENVELOPE_BYTES)
     key = decryption_keys.get(str(header.get("kid")))
     if key is None:
         kid = header.get("kid")
-        raise EnvelopeError("recipient", f"key {kid!r:.80} is no longer held (revoked)")
+        raise KeyNotHeldError(
+            "recipient",
+            f"key {kid!r:.80} is not held here (revoked, or its file lost: keep retired"
+            " keys, docs/KEYS.md): the envelope cannot be opened again",
+        )
     private = key.raw_value
     if not isinstance(private, X25519PrivateKey):
         raise EnvelopeError("recipient", "the decryption key is not an X25519 private key")

@@ -843,3 +843,30 @@ def test_inbox_check_finds_a_signing_kid_edited_on_disk(delivered: tuple[World, 
     assert found.stdout.splitlines() == [
         f"report {ids[0]} from JPN: signing_kid differs from the signed envelope"
     ]
+
+
+def test_inbox_check_counts_rows_whose_decryption_key_is_lost_apart(
+    delivered: tuple[World, list[str]],
+) -> None:
+    # A drill: a member that lost its keys got new ones; every row received before then
+    # counted as a problem ("no longer held (revoked)"), so inbox check failed for good.
+    world, ids = delivered
+    config = str(world.config_path("USA"))
+    old = next(k for k in (world.keydir / "USA").glob("USA-enc-*.jwk"))
+    keys_custodian.rotate_keys(world.keydir, "USA")
+    old.unlink()  # the retired key's file lost with the machine
+    found = _cli("inbox", "check", "--config", config)
+    assert found.exit_code == 0, found.output
+    assert found.stdout == (
+        f"OK: 0 reports match their signed envelopes; {len(ids)} kept as received (the log's"
+        " hash) but not checked again: their decryption key is not held here (revoked or"
+        " lost); every receipt in the audit log is in the inbox\n"
+    )
+    evidence = _cli("inbox", "evidence", "--config", config, ids[0])
+    assert evidence.exit_code != 0
+    assert f"key '{old.stem}' is not held here (revoked, or its file lost" in evidence.stderr
+    with sqlite3.connect(world.config("USA").store_path) as db:  # an edited row still shows
+        db.execute("UPDATE inbox SET jwe = 'x' WHERE report_id = ?", (ids[0],))
+    edited = _cli("inbox", "check", "--config", config)
+    assert edited.exit_code == 1
+    assert f"report {ids[0]} from JPN: the kept envelope is not the one received" in edited.stdout

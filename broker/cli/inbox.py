@@ -278,6 +278,11 @@ def inbox_check_cmd(config_path: Path) -> None:
             " then, or with the node stopped"
         )
     older = f"; {found.not_kept} received before envelopes were kept" if found.not_kept else ""
+    if found.key_not_held:
+        older += (
+            f"; {found.key_not_held} kept as received (the log's hash) but not checked again:"
+            " their decryption key is not held here (revoked or lost)"
+        )
     if unsettled:
         plural = "s" if unsettled > 1 else ""
         older += f"; {unsettled} receipt{plural} logged after the running node's last store write"
