@@ -105,8 +105,21 @@ class Replay:
         """Per (sender, recipient, report), the last send when every send was refused.
 
         Not a finding (both logs agree on what happened), but a report the
-        recipient does not hold: ``msmt node resend --report`` sends it again.
+        recipient does not hold: ``msmt node resend --report`` sends it again. Not
+        those whose last refusal was ``replay`` (``refused_as_held``).
         """
+        return [e for e in self._all_refused() if e.refused_at != "replay"]
+
+    def refused_as_held(self) -> list[Exchange]:
+        """As ``never_delivered``, the last refusal at ``replay``: the partner holds the report.
+
+        From a send this log does not show (a sender restored from a backup sent its
+        lost reports again from its feed: a drill), so sending it again is refused
+        again. Not a finding either.
+        """
+        return [e for e in self._all_refused() if e.refused_at == "replay"]
+
+    def _all_refused(self) -> list[Exchange]:
         last: dict[tuple[str, str, str], Exchange] = {}
         delivered: set[tuple[str, str, str]] = set()
         for e in self.exchanges:
@@ -190,6 +203,13 @@ class Replay:
                     "refused_at": e.refused_at,
                 }
                 for e in self.never_delivered()
+            ],
+        )
+        yield (
+            "refused_as_held",
+            [
+                {"sender": e.sender, "recipient": e.recipient, "report_id": e.report_id}
+                for e in self.refused_as_held()
             ],
         )
         yield (

@@ -69,6 +69,13 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
         result.never_delivered(),
         lambda e: str(e.refused_at),
     )
+    # Nor these, and a resend is refused again: the partner holds the report already.
+    lines += _exchange_lines(
+        "Refused as already held ({n}; the partner holds the report from a send this log"
+        " does not show: a resend is refused again)",
+        result.refused_as_held(),
+        lambda e: str(e.refused_at),
+    )
     # The findings name entries; a sender resends by report id.
     lines += _exchange_lines(
         "Sends the partner never logged ({n}; findings below; if the hub lost them,"

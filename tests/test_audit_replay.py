@@ -1017,19 +1017,25 @@ def test_reports_refused_at_every_send_are_listed_apart_from_findings() -> None:
     finding = Finding("undelivered", "JPN", 1, "r4", "sent to USA, which logged no receipt")
     result = Replay(exchanges, {("JPN", "USA"): 2}, (finding,))
     assert [(e.recipient, e.report_id, e.refused_at) for e in result.never_delivered()] == [
-        ("USA", "r2", "replay"),
         ("GBR", "r3", "key"),
     ]
-    assert result.to_json()["never_delivered"][1] == {
+    # A drill: refused at replay, the partner holds it; a resend is refused again.
+    assert [(e.recipient, e.report_id) for e in result.refused_as_held()] == [("USA", "r2")]
+    assert result.to_json()["never_delivered"][0] == {
         "sender": "JPN", "recipient": "GBR", "report_id": "r3", "refused_at": "key",
     }  # fmt: skip
+    assert result.to_json()["refused_as_held"] == [
+        {"sender": "JPN", "recipient": "USA", "report_id": "r2"}
+    ]
     _assert_json_text(result)
     text = render_tables(result, ["GBR", "JPN", "USA"])
     assert "vessel   r1  AMBER         1 fields  policy pppppppppppp  rejected (freshness)" in text
-    assert text.split("Refused at every send (2; msmt node resend --report sends again)\n")[
+    assert text.split("Refused at every send (1; msmt node resend --report sends again)\n")[
         1
     ].startswith(
-        "  JPN -> USA  r2  replay\n  JPN -> GBR  r3  key\n\n"
+        "  JPN -> GBR  r3  key\n\n"
+        "Refused as already held (1; the partner holds the report from a send this log does"
+        " not show: a resend is refused again)\n  JPN -> USA  r2  replay\n\n"
         "Sends the partner never logged (1; findings below; if the hub lost them, "
         "msmt node resend --report sends them again)\n  JPN -> USA  r4  (entry 1)\n\n"
         "Findings (1)"
