@@ -50,11 +50,14 @@ def _require_regular(fd: int, path: Path) -> None:
 
 
 def read_file_text(path: Path, encoding: str = "utf-8") -> str:
-    """The text of the regular file at ``path``, with line ends made LF as ``Path.read_text`` does.
+    """The text of the regular file at ``path``, its CR LF line ends made LF.
 
-    Raises ``OSError`` as ``read_file_bytes`` does, and ``UnicodeDecodeError``.
+    Not a CR alone, which ``Path.read_text`` also makes LF: TOML takes no bare CR, so
+    in a policy it turned a comment's end into a policy line that ``tomllib`` and every
+    other TOML reader refuse (a review). Raises ``OSError`` as ``read_file_bytes`` does,
+    and ``UnicodeDecodeError``.
     """
-    return read_file_bytes(path).decode(encoding).replace("\r\n", "\n").replace("\r", "\n")
+    return read_file_bytes(path).decode(encoding).replace("\r\n", "\n")
 
 
 def holds_nothing(path: Path) -> bool:

@@ -382,7 +382,7 @@ def parse_disclosures(encoded: Sequence[str], max_structure: int | None = None) 
         # what the scanner alone cannot decide, such as an escaped surrogate)
         # goes through it for the reason.
         if (
-            end != len(raw)
+            end != len(json_text)
             or _SURROGATE_ESCAPE.search(json_text) is not None
             or type(decoded) is not list
             or len(decoded) != 3

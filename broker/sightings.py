@@ -178,6 +178,13 @@ def new_text_problem(fields: Mapping[str, Any]) -> tuple[str, str] | None:
                     " invisible or text-direction character, which could hide or reorder"
                     " what the text shows"
                 )
+            found = _MISPLACED.search(text)
+            if found is not None:
+                return path, (
+                    f"character {found.start() + 1} is U+{ord(found.group()):04X}, a joiner or"
+                    " selector that joins or selects nothing there (at an end, in a run, or"
+                    " beside a space or ASCII), where it could hide text"
+                )
     return None
 
 
@@ -282,19 +289,35 @@ _NOT_TEXT: Final = re.compile(f"[{_CONTROL_CHARS}]")
 # (DerivedCoreProperties.txt): shown as nothing, they hide text, and the bidi controls
 # and marks among them reorder it. An insider trial's "GOOD SHIP \u202eGNAYGNOYP\u202c"
 # read "GOOD SHIP PYONGYANG" in an analyst's tools after msmt export stix; a review hid
-# "PYONGYANG" in tag characters after "GOOD SHIP". Kept: the zero-width non-joiner and
-# joiner (U+200C, U+200D), which Persian, Indic scripts and emoji need, and the variation
-# selectors (U+180B-180D, U+180F, U+FE00-FE0F, U+E0100-E01EF), which choose a glyph
-# without hiding one. The schemas' pattern holds the ones below U+10000 (_HIDDEN_CHARS:
-# an ECMA-262 pattern without the u flag cannot hold the rest), the node all of them.
+# "PYONGYANG" in tag characters after "GOOD SHIP". Kept, where they join or select:
+# the zero-width non-joiner and joiner (U+200C, U+200D), which Persian, Indic scripts and
+# emoji need, the Mongolian vowel separator (U+180E), and the variation selectors
+# (U+180B-180D, U+180F, U+FE00-FE0F, U+E0100-E01EF), which choose a glyph (_MISPLACED).
+# The schemas' pattern holds the ones below U+10000 (_HIDDEN_CHARS: an ECMA-262 pattern
+# without the u flag cannot hold the rest), the node all of them and the placement.
 _HIDDEN_CHARS: Final = (
-    r"\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200e\u200f\u202a-\u202e"
+    r"\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u200b\u200e\u200f\u202a-\u202e"
     r"\u2060-\u206f\u3164\ufeff\uffa0\ufff0-\ufff8"
 )
 _HIDDEN_ASTRAL: Final = (
     r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e00ff\U000e01f0-\U000e0fff"
 )
 _HIDDEN: Final = re.compile(f"[{_HIDDEN_CHARS}{_HIDDEN_ASTRAL}]")
+# The kept ones, shown as nothing too: a run of them after "GOOD SHIP" carried PYONGYANG
+# bit by bit (a review). Each must join two visible characters of a script that uses it,
+# or select a glyph of the one right before it: not at either end, not next to another
+# of them, a space or an ASCII character (keycaps take U+FE0E/FE0F after an ASCII digit),
+# and an ideographic selector (U+E0100-E01EF) only after an ideograph.
+_JOINERS: Final = "\u200c\u200d\u180e"
+_SELECTORS: Final = "\ufe00-\ufe0f\u180b-\u180d\u180f\U000e0100-\U000e01ef"
+_MISPLACED: Final = re.compile(
+    f"(?:^|(?<=[{_SELECTORS}{_JOINERS}\\s]))[{_SELECTORS}]"
+    f"|(?:^|(?<=[{_JOINERS}\\s\\x00-\\x7f]))[{_JOINERS}]"
+    f"|[{_JOINERS}](?=$|[{_JOINERS}\\s\\x00-\\x7f])"
+    f"|(?<=[\\x00-\\x7f])[\\ufe00-\\ufe0d\\u180b-\\u180d\\u180f\\U000e0100-\\U000e01ef]"
+    f"|(?<![\\u3400-\\u4dbf\\u4e00-\\u9fff\\uf900-\\ufaff\\U00020000-\\U0003134f])"
+    f"[\\U000e0100-\\U000e01ef]"
+)
 
 
 def _single_line(value: str) -> str:

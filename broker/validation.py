@@ -112,7 +112,15 @@ def _has_item_error(loc: tuple[int | str, ...], errors: list[Any]) -> bool:
 _JSON_POSITION = re.compile(r"^(?P<what>.*?),? at line (?P<line>\d+),? column (?P<col>\d+)$")
 
 
+_LONE_SURROGATE: Final = frozenset(
+    {"unexpected end of hex escape", "lone leading surrogate in hex escape"}
+)
+"""jiter's words for an escaped UTF-16 surrogate without its pair (``\\ud800`` alone)."""
+
+
 def _json_reason(what: str, line: int, column: int) -> str:
+    if what in _LONE_SURROGATE:
+        what = "an escaped lone surrogate (a \\uD800-\\uDFFF escape without its pair)"
     # An NDJSON record is one line, so its own "line 1" would read as the file's
     # line 1 (``msmt validate`` prints file lines): give the column alone.
     where = f"column {column}" if line == 1 else f"line {line} column {column} of the record"

@@ -824,6 +824,11 @@ def test_what_receivers_would_refuse_for_its_structure_is_not_signed() -> None:
         ("\u3164", "U+3164"),
         ("A\u200fB", "U+200F"),
         ("A\u206aB", "U+206A"),
+        # A review's: runs of the kept joiners and selectors carried text bit by bit.
+        ("GOOD SHIP " + "\ufe00" * 9, "U+FE00"),
+        ("GOOD SHIP" + "\u200d\u200c" * 36, "U+200D"),
+        ("".join(c + "\U000e0110" for c in "GOOD SHIP"), "U+E0110"),
+        ("\ud55c\uad6d\u200d", "U+200D"),
     ],
 )
 def test_invisible_or_text_direction_characters_are_refused_in_what_is_new(
@@ -853,9 +858,11 @@ def test_invisible_or_text_direction_characters_are_refused_in_what_is_new(
 @pytest.mark.parametrize(
     "text",
     [
-        "\ub300\ub3d9\ud638 \u200d\u200c",
-        "FLAG \u2764\ufe0f",
-        "\u1820\u180b",
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian, a ZWNJ
+        "\u0915\u094d\u200d\u0937",  # Devanagari, a ZWJ
+        "\U0001f468\u200d\U0001f469\u200d\U0001f467 \u2764\ufe0f\u200d\U0001f525 #\ufe0f\u20e3",
+        "\u182c\u1820\u1837\u180e\u1820 \u1820\u180b",  # Mongolian: its separator, a FVS
+        "\u845b\U000e0100",  # an ideograph's variation
         "\u0634\u0631\u0643\u0629",
     ],
 )

@@ -74,6 +74,23 @@ def test_check_reports_invalid_toml_with_its_line(tmp_path: Path) -> None:
     assert result.output.startswith(f"{bad}:3: not valid TOML: ")
 
 
+def test_a_bare_cr_in_a_policy_is_refused_not_read_as_a_line_end(tmp_path: Path) -> None:
+    # A review: a CR alone ended KOR's comment, so the next words became a release rule
+    # that msmt policy check passed, while tomllib and every TOML tool refuse the file.
+    text = Path(POLICIES[0]).read_text()
+    first_comment = text.index("#")
+    end = text.index("\n", first_comment)
+    bad = tmp_path / "policy.toml"
+    bad.write_bytes((text[:end] + "\r" + text[end + 1 :]).encode())
+    line = text[:end].count("\n") + 1
+    result = run("policy", "check", str(bad))
+    assert result.exit_code == 1
+    assert result.output == f"{bad}:{line}: not valid TOML: Found invalid character '\\r'\n"
+    crlf = tmp_path / "crlf.toml"  # CR LF line ends are fine, as before
+    crlf.write_bytes(text.replace("\n", "\r\n").encode())
+    assert run("policy", "check", str(crlf)).exit_code == 0
+
+
 def test_explain_table_shows_every_partner_and_cell(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -664,3 +664,12 @@ def test_a_lone_surrogate_in_a_received_value_is_named_as_such() -> None:
         validate_field("vessel", "vessel.name", value)
     # A pair is one character, and fine.
     validate_field("vessel", "vessel.name", json.loads('"LUCKY \\ud83d\\udea2 STAR"'))
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "\\ud800\\u0041", "\\udc00"])
+def test_a_lone_surrogate_in_a_feeds_record_is_named_as_such(escape: str) -> None:
+    # A review: a feed was told "unexpected end of hex escape", the parser's words.
+    record = json.loads((ROOT / "schemas" / "examples" / "vessel.json").read_text())
+    text = json.dumps(record).replace('"kind": "vessel"', f'"kind": "vessel", "x": "{escape}"')
+    problem = _one_problem(text)
+    assert problem.reason.startswith("not valid JSON: an escaped lone surrogate (a \\uD800")
