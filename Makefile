@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml $(HEAD_REF)
 	umask 022 && $(PYTHON) -m venv $(VENV)
 	umask 022 && $(BIN)/python -m pip install --quiet --upgrade pip
 	umask 022 && $(BIN)/python -m pip install --quiet -e '.[test]'
+	chmod -R o-w broker  # a clone made under umask 000: the node refuses code others may change
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,7 +40,7 @@ typecheck: $(STAMP)
 # processes the suite starts (nodes, their planning workers, commands) compiled the
 # broker from source again: half a second of each node's start on a slow machine.
 pytest: $(STAMP) chromium promtool
-	env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX='$(CURDIR)/$(VENV)/pycache' $(BIN)/pytest -n 3
+	umask 022 && env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX='$(CURDIR)/$(VENV)/pycache' $(BIN)/pytest -n 3
 
 # The browser test (tests/test_demo.py) needs Debian's chromium: installed only if missing,
 # so that `make test` alone works on a fresh machine (.ci/run runs only that).
