@@ -19,8 +19,15 @@ INTERRUPTED_EXIT = 130
 
 
 def main() -> None:
-    """Run ``msmt``: import the CLI, then run it."""
+    """Run ``msmt``: check that no other user may change its code, import the CLI, run it."""
     try:
+        from broker.code_check import code_open_to_others  # noqa: PLC0415 - after the guard
+
+        problem = code_open_to_others()
+        if problem is not None:
+            # Before the commands are imported: a planted module of theirs never runs.
+            sys.stderr.write(f"msmt: error: {problem}\n")
+            sys.exit(2)
         from broker.cli import main as cli  # noqa: PLC0415 - after the Ctrl-C guard
     except KeyboardInterrupt:
         sys.stderr.write("msmt: interrupted\n")

@@ -13,8 +13,6 @@ import base64
 import os
 import ssl
 import stat
-import sys
-import sysconfig
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -53,7 +51,6 @@ def load_files(config: NodeConfig, at: datetime) -> NodeFiles:
     (``load_node`` pins it once the whole start succeeded; ``msmt node check``
     never does). Raises ``MsmtError`` with one line for the first bad file.
     """
-    check_code()
     # The pinned state file refuses a rolled-back roster and two rosters under one version.
     signed = load_pinned_roster(
         config.roster_dir, config.authority_path, config.roster_state_path, record=False
@@ -96,32 +93,6 @@ def check_data_dir(data_dir: Path) -> None:
                 f"config key data_dir: {data_dir} is not the node's own (owner uid"
                 f" {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}): others could replace"
                 " its store, audit log or tokens; make it the node user's, writable by it alone"
-            )
-
-
-def check_code() -> None:
-    """Raise ``ConfigError`` if any local user may change the code this process runs.
-
-    A review: under ``umask 000`` the first run wrote ``broker/__pycache__`` 0777,
-    and a ``.pyc`` another user put there ran as root at the next ``msmt`` command.
-    Looks at the broker package's folders and their bytecode caches, the site
-    folders and the folder of the interpreter and ``msmt`` scripts.
-    """
-    package = Path(__file__).resolve().parent
-    folders = [package, *(p for p in package.rglob("*") if p.is_dir())]
-    folders += [Path(sysconfig.get_path(name)) for name in ("purelib", "platlib", "scripts")]
-    if sys.pycache_prefix:
-        folders.append(Path(sys.pycache_prefix))
-    for folder in folders:
-        try:
-            mode = folder.stat().st_mode
-        except OSError:
-            continue  # not there: nothing in it runs
-        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-            raise ConfigError(
-                f"{folder} is writable by every local user (mode {stat.S_IMODE(mode):04o}):"
-                " anyone could change the code this node runs; chmod o-w it (installed"
-                " under umask 000?)"
             )
 
 

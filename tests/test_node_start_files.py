@@ -133,6 +133,7 @@ def test_a_folder_others_may_write_stops_node_check_and_run(folder: Path, what: 
     else:
         env["PYTHONPYCACHEPREFIX"] = str(opened)
         line = f"msmt: error: {opened} is writable by every local user (mode 0777): anyone"
+        # Refused before the commands are imported: a planted module never runs.
     config = str(folder / "nodes" / "JPN" / "node.toml")
     for command in ("check", "run"):
         done = subprocess.run(
@@ -147,7 +148,7 @@ def test_a_folder_others_may_write_stops_node_check_and_run(folder: Path, what: 
         assert done.stderr.startswith(line), done.stderr
         assert len(done.stderr.splitlines()) == 1
     assert not (opened / "node.sqlite3").exists()
-    opened.chmod(0o1777 if what == "code" else 0o700)  # sticky, or the node's alone
+    opened.chmod(0o755 if what == "code" else 0o700)  # sticky is not enough for code
     done = subprocess.run(
         [MSMT, "node", "check", "--config", config],
         capture_output=True,
@@ -529,3 +530,52 @@ def test_a_node_with_the_shared_token_off_makes_none(folder: Path) -> None:
         "msmt: error: this node refuses the shared intake.token (intake.shared_token = false):"
         " give --token-file with the feed's own token (msmt feeds add)\n",
     )
+
+
+def test_a_planted_module_others_may_write_is_refused_before_it_runs(tmp_path: Path) -> None:
+    # A review: a .pyc another user put in a bytecode cache open to all ran as root at the
+    # next msmt command, before the node's own check. Now checked first, for every command.
+    import importlib.util
+
+    import broker.cli
+
+    source = Path(broker.cli.__file__)
+    prefix = tmp_path / "pycache"
+    mirror = prefix / str(source.parent).lstrip("/")
+    mirror.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    payload = compile(f"open({str(marker)!r}, 'w').close()", str(source), "exec")
+    info = source.stat()
+    cached = mirror / Path(importlib.util.cache_from_source(str(source))).name
+    cached.write_bytes(
+        importlib._bootstrap_external._code_to_timestamp_pyc(  # type: ignore[attr-defined]
+            payload, info.st_mtime, info.st_size
+        )
+    )
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+
+    def version() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [MSMT, "--version"], capture_output=True, text=True, env=env, check=False, timeout=60
+        )
+
+    cached.chmod(0o666)
+    refused = version()
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        f"msmt: error: {cached} is writable by every local user (mode 0666): anyone could"
+        " change the code msmt runs; chmod o-w it (installed or run under umask 000?)\n"
+    )
+    assert not marker.exists()  # refused before the planted module was imported
+    mirror.chmod(0o1777)  # a sticky folder: another user may still make one of its own
+    cached.chmod(0o644)
+    assert "is writable by every local user (mode 1777)" in version().stderr
+    assert not marker.exists()
+    mirror.chmod(0o755)
+    os.chown(mirror, 54321, -1)
+    assert f"{mirror} belongs to another user (uid 54321)" in version().stderr
+    assert not marker.exists()
+    os.chown(mirror, os.geteuid(), -1)
+    version()  # ours, closed to others: imported as any cache is (the check is no sandbox)
+    assert marker.exists()
