@@ -135,9 +135,18 @@ class Spool:
             await self._refuse(path, exc.kind)
             return "filed"
         except OSError as exc:
+            # This file only: a local user's trial stopped every batch behind one of
+            # mode 000 (or one it held a lease on) in a group-shared spool.
+            if exc.errno == errno.ENOENT:
+                return "gone"  # its feed took it back between the listing and the open
+            if exc.errno in _NOT_READABLE:
+                # Not its to read, ever: filed unread with a reason, as a link is, so
+                # that it neither waits for good nor holds msmt_spool_stalled at 1.
+                await self._refuse(
+                    path, f"not readable by the node ({exc.strerror})", reason=NOT_READABLE
+                )
+                return "filed"
             if exc.errno in _NOT_OPENED:
-                # This file only: a local user's trial stopped every batch behind one
-                # of mode 000 (or one it held a lease on) in a group-shared spool.
                 raise _NotOpenedError(exc) from None
             raise
         with opened as handle:
@@ -249,12 +258,13 @@ class Spool:
                 **({"unlogged_before": unlogged} if unlogged else {}),
             )
 
-    async def _refuse(self, path: Path, kind: str) -> None:
+    async def _refuse(self, path: Path, kind: str, reason: str = "") -> None:
         # Unread: its answer is about the file, so it has no line number.
         answer = {
             "status": "rejected",
-            "reason": NOT_REGULAR,
-            "detail": f"{kind}: the spool reads only regular files moved into it",
+            "reason": reason or NOT_REGULAR,
+            "detail": f"{kind}: the spool reads only regular files moved into it"
+            + (", that the node's user may read" if reason == NOT_READABLE else ""),
         }
         target = await asyncio.to_thread(_open_filed_into, self.fd, "rejected")
         try:
@@ -354,8 +364,9 @@ class Spool:
         return {"spool_dir": str(self.dir)}
 
 
-Taken = Literal["filed", "unavailable", "written"]
-"""What became of a spool file: filed, or left in place (the store cannot accept; being written)."""
+Taken = Literal["filed", "unavailable", "written", "gone"]
+"""What became of a spool file: filed, left in place (the store cannot accept; being
+written), or gone before it was opened (its feed took it back)."""
 
 NAME_SHOWN: Final = 64
 """Characters of a spool file's name a log line shows at most (its start and its end)."""
@@ -387,8 +398,13 @@ NOT_REGULAR: Final = "not_a_regular_file"
 """The reason of a spool file's one answer when it was refused unread (a link, a FIFO)."""
 
 
-_NOT_OPENED: Final = frozenset({errno.EACCES, errno.EPERM, errno.EAGAIN, errno.EWOULDBLOCK})
-"""Why one spool file may not open while the others do: its mode, its owner, a lease."""
+_NOT_READABLE: Final = frozenset({errno.EACCES, errno.EPERM})
+"""Why a spool file never opens for the node: its mode or owner (filed as ``NOT_READABLE``)."""
+_NOT_OPENED: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENXIO, errno.ETXTBSY})
+"""Why one spool file may not open now while the others do: a lease held on it, or a
+special file swapped in after the listing; it waits for the next poll."""
+NOT_READABLE: Final = "not_readable"
+"""The reason of a spool file's one answer when the node's user may not read it."""
 
 
 class _NotOpenedError(Exception):
@@ -553,12 +569,11 @@ def _open_filed_into(spool: int, name: str) -> int:
             " nothing is read or filed, and batches wait in the spool, until it is one again",
         ) from None
     info = os.fstat(folder)
-    if info.st_uid not in (os.geteuid(), 0) or (
-        info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX
-    ):
+    if info.st_uid not in (os.geteuid(), 0) or info.st_mode & 0o022:
         # A local user's trial, in a group-shared spool: a feed renamed done/, made its
         # own, and replaced the node's answers there with "accepted". Only the node's
-        # user (or root) may own it, and nobody else replace what is in it.
+        # user (or root) may own it, and nobody else write in it (sticky or not: a
+        # second review put a forged answer beside a batch not yet filed there).
         os.close(folder)
         raise OSError(
             errno.EPERM,

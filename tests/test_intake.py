@@ -1766,7 +1766,7 @@ async def test_a_batch_the_node_cannot_open_waits_and_the_others_go_on(tmp_path:
     store.close()
 
 
-@pytest.mark.parametrize("change", ["group-writable", "another owner"])
+@pytest.mark.parametrize("change", ["group-writable", "another owner", "sticky"])
 async def test_a_filed_into_folder_others_may_write_stops_the_spool_until_put_right(
     tmp_path: Path, change: str
 ) -> None:
@@ -1779,6 +1779,10 @@ async def test_a_filed_into_folder_others_may_write_stops_the_spool_until_put_ri
     done = spool_dir / "done"
     if change == "group-writable":
         done.chmod(0o775)
+    elif change == "sticky":
+        # A second review: a feed of the group put a forged answer beside a batch name
+        # not filed yet; sticky keeps it from replacing ours, not from writing its own.
+        done.chmod(0o3770)
     else:
         os.chown(done, 54321, -1)
     (spool_dir / "batch.ndjson").write_bytes(ndjson(jpn_records(1, seed=6)))
@@ -1791,10 +1795,20 @@ async def test_a_filed_into_folder_others_may_write_stops_the_spool_until_put_ri
         said = next(e for e in logs if e["event"] == "spool_error")
         assert said["error"].startswith("PermissionError: the spool's done/ is not the node's own")
         os.chown(done, os.geteuid(), -1)
-        done.chmod(0o1770)  # a sticky folder: others may not replace what is in it
+        done.chmod(0o750)  # the node's to write; its group may read the answers
         await await_for((done / "batch.ndjson").exists, 70, "the batch filed once put right")
         stop.set()
         await task
     assert len(store.unplanned(10)) == 1
+    spool.close()
+    store.close()
+
+
+async def test_a_batch_gone_before_it_is_opened_is_no_error(tmp_path: Path) -> None:
+    # A second review: a feed taking its batch back between the listing and the open
+    # ended the whole poll and doubled the wait, so another feed's batch waited 30 s.
+    store = Store(tmp_path / "s.db")
+    spool = Spool(tmp_path / "spool", make_intake(store))
+    assert await spool._take(tmp_path / "spool" / "taken-back.ndjson") == "gone"
     spool.close()
     store.close()
