@@ -54,6 +54,10 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
         return 0, ""
 
 
+PORT_HELD: Final = "another process holds it; running without /metrics"
+"""What a node logs when its metrics port was taken (``broker.node``)."""
+
+
 async def wait_ready(world: World, session: aiohttp.ClientSession) -> None:
     """Wait until every node answers ``/readyz``; raise ``DemoFailedError`` if one dies or hangs."""
     deadline = time.monotonic() + READY_TIMEOUT
@@ -63,15 +67,18 @@ async def wait_ready(world: World, session: aiohttp.ClientSession) -> None:
         for member in sorted(pending):
             node = world.nodes[member]
             if node.died():
-                # A metrics port picked as free can be taken before the node binds it (by
-                # any process on the machine): pick another and start again, a few times.
-                taken = "config key metrics.listen: cannot listen on" in node.log_tail()
-                if taken and rebinds[member] < 3:
-                    rebinds[member] += 1
-                    world.write_config(member)
-                    world.start_node(member)
-                    continue
                 raise DemoFailedError(f"the {member} node exited at start: {node.log_tail()}")
+            proc = node.proc
+            if proc is not None and PORT_HELD in node.logged_since_start() and rebinds[member] < 3:
+                # A metrics port picked as free can be taken before the node binds it (by
+                # any process on the machine); the node runs without it, and the demo
+                # watches that port: stop it, pick another and start again, a few times.
+                proc.terminate()
+                await asyncio.to_thread(proc.wait, 30)
+                rebinds[member] += 1
+                world.write_config(member)
+                world.start_node(member)
+                continue
             status, _ = await _get(session, f"http://{node.config.metrics.listen}/readyz")
             if status == 200:
                 pending.discard(member)

@@ -64,10 +64,21 @@ class NodeProc:
     config: NodeConfig
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    log_start: int = 0
+    """Where this run's lines begin in the log (a node started again appends)."""
 
     def died(self) -> bool:
         """Whether the process has exited."""
         return self.proc is not None and self.proc.poll() is not None
+
+    def logged_since_start(self) -> str:
+        """What this run of the node has logged so far."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self.log_start)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self) -> str:
         """The node log's last line, for one-line error messages."""
@@ -172,6 +183,7 @@ class World:
         node = self.nodes[member]
         node.log_path.parent.mkdir(exist_ok=True)
         with node.log_path.open("ab") as log:
+            node.log_start = log.tell()
             node.proc = subprocess.Popen(  # noqa: S603 - our own executable and config
                 [*msmt_command(), "node", "run", "--config", str(node.config_path)],
                 stdout=log,

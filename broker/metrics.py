@@ -318,8 +318,25 @@ def is_loopback_host(host: str) -> bool:
 
 
 async def serve_tcp(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve ``app`` on ``host:port`` (the config guarantees loopback); return the runner."""
-    runner = BoundedRunner(app, listener="metrics", handle_signals=False, access_log=None)
+    """Serve ``app`` on ``host:port`` (the config guarantees loopback); return the runner.
+
+    Raises ``OSError`` if it cannot listen there, having let go of what it set up.
+    """
+    runner = metrics_runner(app)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await listen_tcp(runner, host, port)
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner
+
+
+def metrics_runner(app: web.Application) -> web.AppRunner:
+    """The runner of the metrics app, not set up: its connections bounded (``BoundedRunner``)."""
+    return BoundedRunner(app, listener="metrics", handle_signals=False, access_log=None)
+
+
+async def listen_tcp(runner: web.AppRunner, host: str, port: int) -> None:
+    """Have ``runner`` (set up) listen on ``host:port`` too; ``OSError`` if it cannot."""
+    await web.TCPSite(runner, host, port).start()

@@ -38,6 +38,7 @@ import os
 import signal
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 import nats.errors
 from aiohttp import web
@@ -54,7 +55,7 @@ from broker.feeds import FeedTokens
 from broker.intake import Intake, Refusal, ensure_token, make_app, read_token, serve_unix
 from broker.log import get_logger
 from broker.members import MEMBERS
-from broker.metrics import Metrics, serve_tcp
+from broker.metrics import Metrics, listen_tcp, metrics_runner
 from broker.metrics import make_app as make_metrics_app
 from broker.node_housekeeping import Housekeeping
 from broker.node_messaging import Messaging
@@ -66,6 +67,9 @@ from broker.stopsignals import StopSignals
 from broker.store import NewReport
 
 log = get_logger("node")
+
+METRICS_RETRY_S: Final = 10.0
+"""How often a node whose metrics port another process holds tries it again."""
 
 
 class NodeFailedError(MsmtError):
@@ -240,6 +244,10 @@ class Node(Messaging, Housekeeping):
                         await self.nc.flush(timeout=2)
                 with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
                     await self.nc.close()
+            if self._metrics_waiting is not None:
+                self._metrics_waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._metrics_waiting
             await metrics_runner.cleanup()
             await self._final_status()
             await self.run_db(self._close)
@@ -271,22 +279,47 @@ class Node(Messaging, Housekeeping):
 
     async def _serve_metrics(self) -> web.AppRunner:
         listen = self.config.metrics
+        runner = metrics_runner(make_metrics_app(self.metrics, self.ready))
+        await runner.setup()
         try:
-            return await serve_tcp(
-                make_metrics_app(self.metrics, self.ready), listen.host, listen.port
-            )
+            await listen_tcp(runner, listen.host, listen.port)
         except OSError as exc:
-            # aiohttp rewords the OSError; the errno says it plainly.
-            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-            text = (
-                f"config key metrics.listen: cannot listen on {listen.host}:{listen.port}: {reason}"
+            if exc.errno != errno.EADDRINUSE:
+                await runner.cleanup()
+                raise ConfigError(_listen_text(listen.host, listen.port, exc)) from None
+            # Any local user may hold a loopback port: the node runs without its
+            # metrics and tries the port again, rather than stop (a local user held
+            # it across restarts: with exit 2 the unit stayed failed, with exit 1 it
+            # restarted for as long as the port was held, taking nothing meanwhile).
+            self._error(
+                f"{_listen_text(listen.host, listen.port, exc)}: another process holds it;"
+                f" running without /metrics and /readyz, trying again every"
+                f" {METRICS_RETRY_S:.0f} s",
+                "metrics-listen",
             )
-            if exc.errno == errno.EADDRINUSE:
-                # Exit 1, not 2: the service manager tries again. Any local user may
-                # hold a loopback port for a moment (a trial held the node's across a
-                # restart, and with exit 2 the unit stayed failed for good).
-                raise MsmtError(f"{text} (by another process: tried again later)") from None
-            raise ConfigError(text) from None
+            self._metrics_waiting = asyncio.create_task(
+                self._listen_later(runner), name="metrics-listen"
+            )
+        return runner
+
+    async def _listen_later(self, runner: web.AppRunner) -> None:
+        listen = self.config.metrics
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), METRICS_RETRY_S)
+            if self.stop.is_set():
+                return
+            try:
+                await listen_tcp(runner, listen.host, listen.port)
+            except OSError as exc:
+                self._error(
+                    f"{_listen_text(listen.host, listen.port, exc)}: another process holds"
+                    " it; running without /metrics and /readyz",
+                    "metrics-listen",
+                )
+                continue
+            log.info("metrics_listening", listen=f"{listen.host}:{listen.port}")
+            return
 
     def _wake_for_stop(self) -> None:
         # The planner, publisher and receiver sleep until woken, not on a timer.
@@ -374,3 +407,9 @@ def _warn_keyless_partners(policy: Policy, roster: Roster, at: datetime) -> None
             reason="the policy releases to them but the roster has no valid encryption key: "
             "their envelopes wait until it has",
         )
+
+
+def _listen_text(host: str, port: int, exc: OSError) -> str:
+    # aiohttp rewords the OSError; the errno says it plainly.
+    reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return f"config key metrics.listen: cannot listen on {host}:{port}: {reason}"

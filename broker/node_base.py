@@ -122,6 +122,8 @@ class NodeBase:
             self._error,
         )
         self._intakes: list[Intake] = []
+        # Tries the metrics port again while another process holds it (``Node``).
+        self._metrics_waiting: asyncio.Task[None] | None = None
         self._last_error = ""
         self._last_error_at = ""  # when it last happened, so a stale error reads as one
         self._alarm_facts: dict[str, str] = {}  # an audit alarm not recorded yet
