@@ -1140,17 +1140,23 @@ def test_opening_while_another_process_appends_sees_one_snapshot(tmp_path: Path)
     # The open check reads the edge, checkpoints and entries in one read
     # transaction: a commit landing between those reads must not look like damage.
     writer = build_log(tmp_path, KEY, [1])
+    reading = threading.Event()
 
     def append() -> None:
         for i in range(1, 301):
             writer.append(event(i))
+            if i == 150:
+                # The rest lands while the reader opens again: under load (a CI run)
+                # all 300 once landed within the reader's first open.
+                reading.wait(60)
 
     with ThreadPoolExecutor(1) as pool:
         done = pool.submit(append)
         opened = 0
-        while not done.done() or opened == 0:
+        while not done.done() or opened < 2:
             AuditLog(tmp_path, MEMBER, KEY).close()
             opened += 1
+            reading.set()
         done.result()
     assert opened > 1
     writer.close()
