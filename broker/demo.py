@@ -37,6 +37,7 @@ from broker.demo_view import Outcome, Tally, first_failure, progress_lines
 from broker.demo_watch import Display, all_cosigned, snapshot, wait_ready
 from broker.demo_world import DemoFailedError, World, expected_releases, feed, feed_records
 from broker.errors import UsageError
+from broker.files import open_ancestor
 from broker.members import MEMBERS
 from broker.store import InboxEntry
 
@@ -89,6 +90,11 @@ def scratch(keep: Path | None) -> Iterator[Path]:
         finally:
             shutil.rmtree(root, ignore_errors=True)
         return
+    above = open_ancestor(keep)
+    if above is not None:
+        # A second review: under a parent of another user's, the kept folder was
+        # swapped for one of theirs and root's report written through their link.
+        raise UsageError(f"--keep {keep}: {above}")
     try:
         keep.mkdir(mode=0o700, parents=True)
     except FileExistsError:

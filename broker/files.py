@@ -177,3 +177,31 @@ def write_refusal(path: Path | str, exc: OSError) -> UsageError | WriteError:
     """
     bad_path = exc.errno in (errno.ENOENT, errno.ENOTDIR)
     return (UsageError if bad_path else WriteError)(f"cannot write {path}: {exc.strerror}")
+
+
+def open_ancestor(path: Path) -> str | None:
+    """Why a folder above ``path`` lets another user swap it, or None when none does.
+
+    Each folder from the root down to ``path``'s parent (links resolved) must be
+    root's or this user's, and written by nobody else unless sticky (as ``/tmp``: a
+    user may not rename another's entry there), as ssh's StrictModes asks of a home.
+    A local user's review swapped a demo's folder under a parent of its own.
+    """
+    me = os.geteuid()
+    for folder in reversed(path.resolve().parents):
+        try:
+            info = folder.stat()
+        except OSError:
+            continue  # made later, by this user
+        mode = info.st_mode
+        if info.st_uid not in (0, me):
+            return (
+                f"{folder} belongs to another user (uid {info.st_uid}), who could swap what is"
+                " in it"
+            )
+        if mode & 0o022 and not mode & stat.S_ISVTX:
+            return (
+                f"{folder} is writable by others (mode {stat.S_IMODE(mode):04o}), who could swap"
+                " what is in it"
+            )
+    return None

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError
-from broker.files import read_file_bytes, read_file_text
+from broker.files import open_ancestor, read_file_bytes, read_file_text
 from broker.keys import MemberKeys, check_private_file, is_nkey_seed, load_member_keys, nats_public
 from broker.keys_roster import SignedRoster, load_pinned_roster
 from broker.policy import Policy
@@ -86,6 +86,11 @@ def check_data_dir(data_dir: Path) -> None:
     """
     if data_dir.exists() and not data_dir.is_dir():
         raise ConfigError(f"config key data_dir: {data_dir} is not a directory")
+    above = open_ancestor(data_dir)
+    if above is not None:
+        # A second review: under a parent others may write, the folder itself can be
+        # swapped while the node runs (its feeds file is read by path at each request).
+        raise ConfigError(f"config key data_dir: {above}")
     if data_dir.is_dir():
         info = data_dir.stat()
         if info.st_uid not in (os.geteuid(), 0) or info.st_mode & 0o022:

@@ -185,13 +185,15 @@ def _log_start(
 
 
 def _make_data_dir(data_dir: Path) -> None:
-    check_data_dir(data_dir)
+    check_data_dir(data_dir)  # before it is made: a file there, a parent others may write
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise ConfigError(
             f"config key data_dir: cannot create {data_dir}: {exc.strerror}"
         ) from None
+    # And once it is there: another user could have made it between the two (a review).
+    check_data_dir(data_dir)
 
 
 def _open_audit(

@@ -497,12 +497,19 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
     os.chown(tmp_path / "theirs", 54321, -1)
     (tmp_path / "link").symlink_to(tmp_path / "open")
     (tmp_path / "a-file").write_text("x")
+    (tmp_path / "their-parent").mkdir()  # a second review: the kept folder swapped there
+    os.chown(tmp_path / "their-parent", 54321, -1)
     for args, reason in (
         (["--keep", str(tmp_path / "full")], "must be a new or empty directory"),
         (["--keep", str(tmp_path / "open")], "nobody else may write to (owner uid 0, mode 0777)"),
         (["--keep", str(tmp_path / "theirs")], "of yours that nobody else may write to"),
         (["--keep", str(tmp_path / "link")], "must be a new or empty directory"),
         (["--keep", str(tmp_path / "a-file" / "x")], "cannot create it: Not a directory"),
+        (
+            ["--keep", str(tmp_path / "their-parent" / "demo")],
+            f"{tmp_path / 'their-parent'} belongs to another user (uid 54321)",
+        ),
+        (["--keep", str(tmp_path / "open" / "demo")], f"{tmp_path / 'open'} is writable by others"),
         (["--nodes", str(tmp_path / "none")], "cannot read"),
     ):
         proc = _start_demo(*args)

@@ -117,7 +117,7 @@ def test_a_data_dir_that_is_a_file_is_named_by_node_check_and_run(folder: Path) 
     assert not_a_dir.read_text() == "a file\n"
 
 
-@pytest.mark.parametrize("what", ["data_dir", "code"])
+@pytest.mark.parametrize("what", ["data_dir", "code", "data_dir's parent"])
 def test_a_folder_others_may_write_stops_node_check_and_run(folder: Path, what: str) -> None:
     # A local user's review: a data directory another user may write to lets them
     # replace the store, log or tokens; a bytecode cache every user may write to
@@ -130,6 +130,10 @@ def test_a_folder_others_may_write_stops_node_check_and_run(folder: Path, what: 
     if what == "data_dir":
         env["MSMT_DATA_DIR"] = str(opened)
         line = f"msmt: error: config key data_dir: {opened} is not the node's own (owner uid 0,"
+    elif what == "data_dir's parent":
+        # A second review: under a parent others may write, the folder can be swapped.
+        env["MSMT_DATA_DIR"] = str(opened / "data")
+        line = f"msmt: error: config key data_dir: {opened} is writable by others (mode 0777)"
     else:
         env["PYTHONPYCACHEPREFIX"] = str(opened)
         line = f"msmt: error: {opened} is writable by every local user (mode 0777): anyone"
@@ -148,7 +152,7 @@ def test_a_folder_others_may_write_stops_node_check_and_run(folder: Path, what: 
         assert done.stderr.startswith(line), done.stderr
         assert len(done.stderr.splitlines()) == 1
     assert not (opened / "node.sqlite3").exists()
-    opened.chmod(0o755 if what == "code" else 0o700)  # sticky is not enough for code
+    opened.chmod(0o700 if what == "data_dir" else 0o755)  # sticky is not enough for code
     done = subprocess.run(
         [MSMT, "node", "check", "--config", config],
         capture_output=True,
