@@ -94,13 +94,16 @@ class OwnLog(AuditNetBase):
         cosigned, as evidence against our log only with our signature on it.
         """
         size = self.audit.size
-        if old > size and self.throttle.due("own log behind", ""):
+        if max(old, new) > size and self.throttle.due("own log behind", ""):
             # A witness cosigned more of our log than it holds: restored from a backup
             # (a drill's restored node told its operator nothing while every witness
-            # raised a rollback alarm). Only a line: any member may ask, unsigned.
+            # raised a rollback alarm). A witness meeting a smaller log asks from that
+            # size to the one it cosigned (a review: not from beyond it). Only a line:
+            # any member may ask, unsigned, and the answer is a signed refusal.
             log.warning(
                 "own_log_behind_witness",
                 asked_from=old,
+                asked_to=new,
                 log_size=size,
                 hint="a witness asks for a proof from a size our log has not reached: if"
                 " this node's data was restored from a backup, its log has forked and the"

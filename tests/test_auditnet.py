@@ -1148,12 +1148,17 @@ async def test_a_proof_asked_from_beyond_our_log_tells_our_operator_once(audit: 
     # A restore drill: the restored node's log was shorter than what every witness had
     # cosigned; they asked for proofs from there, and its operator was told nothing.
     size = audit.log.size
-    request = proof_request(size + 5, size + 6, bytes(16))
+    # As a witness that cosigned size + 9 asks a log now at ``size`` (a review: the first
+    # version looked only at the size asked from), then anything beyond the log.
+    requests = [(size, size + 9), (size - 1, size + 9), (size + 5, size + 6)]
     with capture_logs() as logs:
-        for _ in range(3):
+        for old, new in requests:
+            request = proof_request(old, new, bytes(16))
             await audit.tap.request(f"msmt.audit.{MEMBER}.proof", request, timeout=3)
     told = [e for e in logs if e["event"] == "own_log_behind_witness"]
-    assert [(e["asked_from"], e["log_size"]) for e in told] == [(size + 5, size)]
+    assert [(e["asked_from"], e["asked_to"], e["log_size"]) for e in told] == [
+        (size, size + 9, size)
+    ]  # once a minute
     assert "restored from a backup" in told[0]["hint"]
     assert audit.jpn.net.last_error is None  # anyone may ask: a line, not the status
     with capture_logs() as logs:  # a request within the log says nothing

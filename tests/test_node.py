@@ -1936,6 +1936,38 @@ def _hub_watch(client: object, servers: int, errors: list[str]) -> broker.hubwat
     )
 
 
+def test_the_inbox_mark_pages_a_loss_not_a_drained_inbox_made_again() -> None:
+    # A review: DEPLOY.md has an operator drain an inbox, delete it and run setup again,
+    # which paged as a loss; a damaged mark ("[" * 100000) stopped the node at every
+    # start; a hub's "created" of any length went into last_error.
+    errors: list[str] = []
+    hub = _hub_watch(object(), 1, errors)
+
+    def info(created: str, last: int, waiting: int) -> dict[str, Any]:
+        return {"config": {}, "created": created, "state": {"last_seq": last, "messages": waiting}}
+
+    hub._check_went_back(info("2026-12-07T09:00:00Z", 40, 0))
+    with capture_logs() as logs:
+        hub._check_went_back(info("2026-12-07T09:30:00Z", 0, 0))  # drained, made again
+    assert [e["event"] for e in logs] == ["inbox_made_again"]
+    assert errors == []
+    assert hub._metrics.inbox_went_back._value.get() == 0
+    hub._check_went_back(info("2026-12-07T09:30:00Z", 7, 3))
+    hub._check_went_back(info("2026-12-07T09:45:00Z", 0, 0))  # 3 waited: lost
+    assert hub._metrics.inbox_went_back._value.get() == 1
+    assert "was made again (created '2026-12-07T09:45:00Z'" in errors[-1]
+    hub._check_went_back(info("2026-12-07T09:45:00Z", 5, 2))
+    hub._check_went_back(info("2026-12-07T09:45:00Z", 2, 2))
+    assert hub._metrics.inbox_went_back._value.get() == 2
+    assert "went back from message 5 to 2" in errors[-1]
+    for damaged in ("[" * 100_000, '{"created": 7}', "[]", "null", '"x"'):
+        hub.stream_mark = damaged
+        hub._check_went_back(info("2026-12-07T10:00:00Z", 1, 0))  # no mark: nothing said
+    assert hub._metrics.inbox_went_back._value.get() == 2
+    hub._check_went_back(info("x" * 1000, 0, 0))  # no stream info as JetStream writes
+    assert "x" * 100 not in hub.stream_mark
+
+
 def test_a_hub_answer_nested_past_the_decoders_depth_is_no_answer_not_a_crash() -> None:
     # A security review: a STREAM.INFO or CONSUMER.INFO answer nested deeper than the
     # JSON decoder goes raised RecursionError, which stopped the node's housekeeping.
