@@ -147,6 +147,14 @@ class Metrics:
             ["partner"],
             registry=r,
         )
+        self.partner_inbox_went_back = Counter(
+            "msmt_partner_inbox_went_back",
+            "Acks for a partner's inbox at or below a sequence an earlier ack gave, in this"
+            " run: the hub lost what waited there (a store put back from a copy, or the"
+            " inbox made again).",
+            ["partner"],
+            registry=r,
+        )
         self.inbox_went_back = Counter(
             "msmt_hub_inbox_went_back",
             "Times the hub's inbox stream was found made again or gone back to an earlier"
@@ -258,6 +266,7 @@ class Metrics:
                 self.duplicates.labels(sender=partner)
                 self.published.labels(partner=partner)
                 self.outbox_oldest.labels(partner=partner)
+                self.partner_inbox_went_back.labels(partner=partner)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

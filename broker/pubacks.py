@@ -39,8 +39,9 @@ class NotAnAckError(nats.js.errors.Error):
 class PubAcks:
     """Publishes to JetStream and settles each publish's future from the hub's answer.
 
-    The future's result is ``None`` once the hub has stored the message (or
-    reports it a duplicate within its window). It fails with the hub's
+    The future's result is the stream sequence the hub stored the message at, or
+    ``None`` when it reports it a duplicate within its window (the sequence of the
+    first copy, not a new one). It fails with the hub's
     ``APIError`` (e.g. ``ServiceUnavailableError``: the stream is full), with
     ``NoStreamResponseError`` when no stream takes the subject, or with
     ``NotAnAckError``. It is never settled if no answer comes: the caller
@@ -51,11 +52,13 @@ class PubAcks:
         self._nc = nc
         self._prefix: str | None = None
         self._cut = 0  # where the token starts in a reply subject
-        self._futures: dict[str, asyncio.Future[None]] = {}
+        self._futures: dict[str, asyncio.Future[int | None]] = {}
         self._count = 0
         self._sweep_at = _SWEEP_FROM
 
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> asyncio.Future[None]:
+    async def publish(
+        self, subject: str, payload: bytes, msg_id: str
+    ) -> asyncio.Future[int | None]:
         """Publish ``payload`` to ``subject`` with ``Nats-Msg-Id: msg_id``; return its future.
 
         Raises what nats-py's ``Client.publish`` (or, the first time, ``subscribe``)
@@ -68,7 +71,7 @@ class PubAcks:
             self._sweep()
         self._count += 1
         token = str(self._count)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._futures[token] = future
         try:
             await self._nc.publish(
@@ -102,16 +105,17 @@ class PubAcks:
             future.set_exception(nats.js.errors.NoStreamResponseError())
             return
         try:
-            _check_ack(_ANSWER.decode(msg.data.decode()))
+            seq = _check_ack(_ANSWER.decode(msg.data.decode()))
         except (nats.js.errors.Error, ValueError, TypeError, KeyError, RecursionError) as exc:
             future.set_exception(exc)
         else:
-            future.set_result(None)
+            future.set_result(seq)
 
 
-def _check_ack(answer: Any) -> None:
+def _check_ack(answer: Any) -> int | None:
     # An ack is an object with the stream and sequence the message was stored
-    # at, or an error; anything else counts as not stored.
+    # at, or an error; anything else counts as not stored. The sequence, unless a
+    # duplicate's (or not an integer a hub writes): None.
     if type(answer) is not dict:
         raise NotAnAckError(f"nats: the hub answered a publish with {type(answer).__name__}")
     if "error" in answer:
@@ -121,3 +125,7 @@ def _check_ack(answer: Any) -> None:
         nats.js.errors.APIError.from_error(error)  # raises the error's class
     if "stream" not in answer or "seq" not in answer:
         raise NotAnAckError("nats: the hub answered a publish without a stream and sequence")
+    seq = answer["seq"]
+    if answer.get("duplicate") is True or type(seq) is not int or seq < 1:
+        return None
+    return seq

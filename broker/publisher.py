@@ -151,7 +151,7 @@ class Publisher:
         # skip then reads only the pending index (~0.4 us a row), and a row
         # signed again in place (``Store.reissued``) keeps its name.
         # Awaiting the hub's ack: the ack future and when to give up on it.
-        self._in_flight: dict[int, tuple[asyncio.Future[None], float]] = {}
+        self._in_flight: dict[int, tuple[asyncio.Future[int | None], float]] = {}
         self._acked: list[OutboxItem] = []
         # Acked but not yet marked sent: never picked up again meanwhile, so an
         # envelope is not published (and audited as sent) twice in one run.
@@ -177,6 +177,10 @@ class Publisher:
         self._record_log = Throttle()  # record_sent_failed, once a minute
         self.counts: Counter[str] = Counter()
         self.last_error: str | None = None
+        # The highest stream sequence an ack gave for each partner's inbox, in this run:
+        # one at or below it means the inbox went back (the hub's store put back from a
+        # copy, or the inbox made again), and what we sent past it may be lost there.
+        self._inbox_seq: dict[str, int] = {}
 
     def wake(self) -> None:
         """Tell the publisher new envelopes may be pending."""
@@ -326,7 +330,7 @@ class Publisher:
                 return
             future.cancel()  # -> _done, which removes it and schedules the retry
 
-    def _done(self, item: OutboxItem, started: float, future: asyncio.Future[None]) -> None:
+    def _done(self, item: OutboxItem, started: float, future: asyncio.Future[int | None]) -> None:
         key = item.rowid
         self._in_flight.pop(key, None)
         if future.cancelled():
@@ -340,9 +344,31 @@ class Publisher:
             self._wake.set()  # rows may be waiting for the room this ack frees
         self._attempts.pop(key, None)
         self.metrics.publish_latency.observe(time.perf_counter() - started)
+        seq = future.result()
+        if seq is not None:
+            self._check_inbox_seq(item.partner, seq)
         self._acked.append(item)
         self._unrecorded.add(key)
         self._acked_wake.set()
+
+    def _check_inbox_seq(self, partner: str, seq: int) -> None:
+        # A review of the hub-restore drill: a recipient stopped while the hub's store
+        # was put back from a copy cannot see what it lost; its senders can, when their
+        # next ack comes back at or below one they had before (a second signal: other
+        # senders' messages may carry the inbox past it first).
+        highest = self._inbox_seq.get(partner, 0)
+        self._inbox_seq[partner] = seq
+        if seq > highest:
+            return
+        self.metrics.partner_inbox_went_back.labels(partner=partner).inc()
+        self.last_error = (
+            f"hub: {partner}'s inbox went back (an ack at message {seq}, after one at"
+            f" {highest}): the hub lost what waited there (its store put back from a copy,"
+            f" or the inbox made again): run msmt node resend --to {partner} --since <a few"
+            " minutes before the copy>, and check with msmt audit replay (docs/RELIABILITY.md)"
+        )
+        if self._warned.due("inbox_went_back", partner):
+            log.warning("partner_inbox_went_back", partner=partner, seq=seq, before=highest)
 
     def _failed(self, item: OutboxItem, exc: BaseException) -> None:
         # Not acked: stays pending in the outbox, retried after a backoff.

@@ -1924,6 +1924,53 @@ async def test_a_hub_restored_from_an_older_copy_is_said_to_have_lost_the_inbox(
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def test_a_sender_sees_a_stopped_partners_inbox_go_back(world: World) -> None:
+    # A review of the hub-restore drill: USA, stopped while the hub's store was put back
+    # from a copy, could not see the reports it lost; JPN, which sent them, can: its next
+    # ack for USA's inbox comes back at a sequence below one it had before.
+    world.write_config("JPN", BATCH_POLICY)
+    policy = world.policy("JPN")
+    records = [
+        r
+        for r in records_for("JPN", 60, seed=5)
+        if "USA" in expected_partners(policy, parse_record(json.dumps(r)))
+    ][:7]
+    assert len(records) == 7
+    jpn = load_node(world.config("JPN"))
+    task = asyncio.create_task(jpn.run())
+
+    async def sent(batch: list[dict[str, Any]], total: int) -> None:
+        await world.submit("JPN", batch)
+        await await_for(lambda: world.sent_counts("JPN", ["USA"])["USA"] == total, 30, "acks")
+
+    try:
+        await await_for(lambda: jpn.ready() is None, 20, "JPN ready")
+        await sent(records[:3], 3)
+        world.server.kill()
+        copy = world.root / "hub-copy"
+        shutil.copytree(world.server.store_dir, copy)  # the hub operator's backup
+        world.server.start()
+        await sent(records[3:6], 6)  # USA, stopped, does not read them
+        assert jpn.metrics.partner_inbox_went_back.labels(partner="USA")._value.get() == 0
+        world.server.kill()
+        shutil.rmtree(world.server.store_dir)
+        shutil.copytree(copy, world.server.store_dir)  # the copy put back: 4 to 6 gone
+        world.server.start()
+        with capture_logs() as logs:
+            await sent(records[6:], 7)
+            went = jpn.metrics.partner_inbox_went_back.labels(partner="USA")
+            await await_for(lambda: went._value.get() == 1, 20, "the loss seen")
+        told = {
+            e["partner"]: (e["seq"], e["before"])
+            for e in logs
+            if e["event"] == "partner_inbox_went_back"
+        }
+        assert told["USA"] == (4, 6)  # and KOR's, which the policy sends some of them to
+    finally:
+        jpn.stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def _hub_watch(client: object, servers: int, errors: list[str]) -> broker.hubwatch.HubWatch:
     """A real ``HubWatch`` on ``client`` (a stand-in for nats-py's), its errors kept."""
     return broker.hubwatch.HubWatch(
