@@ -26,6 +26,7 @@ from broker import keys as keyfiles
 from broker import keys_custodian, keys_users, pseudonym_keys, samples
 from broker.config import NodeConfig, load_config
 from broker.errors import MsmtError, UsageError
+from broker.files import read_file_text
 from broker.intake import read_token, submit
 from broker.members import MEMBERS
 from broker.natsconfig import accounts_config
@@ -112,7 +113,8 @@ class World:
         for member in MEMBERS:
             source = self.policy_source / member / "policy.toml"
             try:
-                text = source.read_text(encoding="utf-8")
+                # As a node reads a policy: a bare CR is no line end (Path.read_text's is).
+                text = read_file_text(source)
             except OSError as exc:
                 raise UsageError(
                     f"cannot read {source}: {exc.strerror} (run from the repository root "

@@ -19,6 +19,7 @@ from broker.sightings import (
     may_hide_text,
     new_id_problem,
     new_text_problem,
+    odd_spacing,
     repeated_value,
     uncomposed_text,
 )
@@ -30,6 +31,11 @@ NOT_NFC: Final = (
     " so that one name has one spelling"
 )
 """Why a new record's text in another normalization form is refused (``uncomposed_text``)."""
+ODD_SPACING: Final = (
+    "has a space at its start or end, two together, or one other than U+0020, U+00A0,"
+    " U+202F or U+3000: spaces that look alike make values that differ"
+)
+"""Why a new record's text with such spaces is refused (``odd_spacing``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,14 +207,17 @@ def parse_new_record(raw: bytes | str) -> SightingModel:
     if problem is not None:
         raise InvalidRecordError([FieldProblem("report_id", problem)])
     text = raw if isinstance(raw, str) else raw.decode("utf-8")  # parse_record read it so
+    fields = leaf_values(sighting)
     if may_hide_text(text):
-        fields = leaf_values(sighting)
         hidden = new_text_problem(fields)
         if hidden is not None:
             raise InvalidRecordError([FieldProblem(*hidden)])
         uncomposed = uncomposed_text(fields)
         if uncomposed is not None:
             raise InvalidRecordError([FieldProblem(uncomposed, NOT_NFC)])
+    spaced = odd_spacing(fields)
+    if spaced is not None:
+        raise InvalidRecordError([FieldProblem(spaced, ODD_SPACING)])
     repeated = repeated_value(sighting)
     if repeated is not None:
         raise InvalidRecordError([FieldProblem(repeated, "lists a value more than once")])

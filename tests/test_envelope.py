@@ -829,6 +829,13 @@ def test_what_receivers_would_refuse_for_its_structure_is_not_signed() -> None:
         ("GOOD SHIP" + "\u200d\u200c" * 36, "U+200D"),
         ("".join(c + "\U000e0110" for c in "GOOD SHIP"), "U+E0110"),
         ("\ud55c\uad6d\u200d", "U+200D"),
+        # A second review's: braille blanks with selectors; Mongolian's selector and
+        # separator beside other scripts; an emoji selector on a letter.
+        ("YUK TUNG" + "\u2800\ufe01" * 5, "U+2800"),
+        ("\u0418\u0432\u180e\u0430\u043d", "U+180E"),
+        ("\ud55c\u180b", "U+180B"),
+        ("YUK TUNG\ufe0f", "U+FE0F"),
+        ("A\ufdd0", "U+FDD0"),
     ],
 )
 def test_invisible_or_text_direction_characters_are_refused_in_what_is_new(
@@ -859,6 +866,8 @@ def test_invisible_or_text_direction_characters_are_refused_in_what_is_new(
     "text",
     [
         "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian, a ZWNJ
+        "\u0d15\u0d2e\u0d32\u0d4d\u200d \u0d39\u0d3e",  # Malayalam, a chillu by ZWJ
+        "\u00a9\ufe0f *\ufe0f\u20e3 \u5c71\u7530\u3000\u592a\u90ce",
         "\u0915\u094d\u200d\u0937",  # Devanagari, a ZWJ
         "\U0001f468\u200d\U0001f469\u200d\U0001f467 \u2764\ufe0f\u200d\U0001f525 #\ufe0f\u20e3",
         "\u182c\u1820\u1837\u180e\u1820 \u1820\u180b",  # Mongolian: its separator, a FVS

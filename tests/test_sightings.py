@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from broker import samples, schemas
 from broker.cli import main
 from broker.envelope_format import check_observed_year
-from broker.errors import EnvelopeError
+from broker.errors import EnvelopeError, InputError
 from broker.field_check import validate_field
 from broker.sightings import (
     SIGHTING_ADAPTER,
@@ -673,3 +673,16 @@ def test_a_lone_surrogate_in_a_feeds_record_is_named_as_such(escape: str) -> Non
     text = json.dumps(record).replace('"kind": "vessel"', f'"kind": "vessel", "x": "{escape}"')
     problem = _one_problem(text)
     assert problem.reason.startswith("not valid JSON: an escaped lone surrogate (a \\uD800")
+
+
+@pytest.mark.parametrize("name", ["YUK TUNG ", " YUK TUNG", "YUK  TUNG", "YUK\u2002TUNG"])
+def test_a_feeds_text_with_odd_spaces_is_refused_at_intake_only(name: str) -> None:
+    # A second review carried PYONGYANG in 19 trailing spaces of 14 kinds after
+    # "YUK TUNG": leading, trailing, doubled or odd spaces are refused from a feed.
+    record = json.loads((ROOT / "schemas" / "examples" / "vessel.json").read_text())
+    record["vessel"]["name"] = name
+    with pytest.raises(InputError, match=r"vessel\.name: has a space at its start or end"):
+        parse_new_record(json.dumps(record))
+    assert parse_record(json.dumps(record)).vessel.name == name  # type: ignore[union-attr]
+    record["vessel"]["name"] = "YUK TUNG \u5c71\u7530\u3000\u592a\u90ce A\u00a0B"
+    parse_new_record(json.dumps(record))
