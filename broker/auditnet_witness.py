@@ -53,7 +53,11 @@ def save_witness_state(path: Path, state: Mapping[str, LogState]) -> None:
     what it cosigned, at a power cut, cosigned a fork of that log afterwards.
     """
     try:
-        write_durably(path, dump_state(state))
+        data = dump_state(state)
+    except ValueError as exc:  # never, with add_opened's bound; a cosignature, not the node
+        raise AuditError(f"cannot save witness state {path}: {exc}") from None
+    try:
+        write_durably(path, data)
     except OSError as exc:  # a full disk must cost a cosignature, not the node
         raise AuditError(f"cannot save witness state {path}: {exc.strerror}") from None
 

@@ -80,6 +80,10 @@ class WitnessAlarmError(WitnessError):
         self.origin = origin
 
 
+MAX_STATE_SIZE: Final = 2**53 - 1
+"""The largest log size a witness cosigns and records: RFC 8785 JSON's largest integer."""
+
+
 @dataclass(frozen=True, slots=True)
 class LogState:
     """The latest size and root a witness has cosigned for one origin."""
@@ -210,6 +214,14 @@ class Witness:
             raise WitnessError("checkpoint was not opened by this witness")
         cp, note = opened.checkpoint, opened.note
         origin = cp.origin
+        if cp.size > MAX_STATE_SIZE:
+            # Its state is RFC 8785 JSON, which holds integers up to 2^53 - 1: a review's
+            # checkpoint of size 2^60, signed by the log's own key, failed the save and
+            # stopped every node that witnessed it. No log of ours comes near it.
+            raise WitnessError(
+                f"{excerpt(origin)}'s checkpoint of size {cp.size} is beyond {MAX_STATE_SIZE},"
+                " the largest a witness's state holds"
+            )
         known = self.state.get(origin, LogState(0, b""))
         if old_size != known.size:
             raise ConflictError(origin, known.size, old_size)
@@ -291,7 +303,7 @@ def load_state(data: bytes) -> dict[str, LogState]:
         root = b64decode_strict(root_text) if isinstance(root_text, str) else None
         # A bool is an int to Python, and no log holds 2**64 entries: either, read as
         # a size, would set off a false alarm at that log's next checkpoint.
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 2**64:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_STATE_SIZE:
             raise WitnessError(f"witness state for {excerpt(origin)} is malformed")
         if root is None or len(root) != HASH_SIZE:
             raise WitnessError(f"witness state for {excerpt(origin)} is malformed")

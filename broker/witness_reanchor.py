@@ -17,8 +17,10 @@ size, as from any it cosigned: a size or root that is not the log's is a conflic
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
+import stat
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -56,6 +58,10 @@ def reanchor(
     state = load_witness_state(state_path)
     before = state.get(log)
     after = LogState(size, root)
+    try:  # made before the evidence line: it must never record what could not be saved
+        data = dump_state({**state, log: after})
+    except ValueError as exc:
+        raise AuditError(f"cannot hold size {size} in the witness state: {exc}") from None
     line = {
         "at": format_time(now),
         "log": log,
@@ -68,7 +74,7 @@ def reanchor(
         json.dumps(line, sort_keys=True, ensure_ascii=True).encode() + b"\n",
     )
     try:  # as the node saves it (auditnet_witness), without loading the network client
-        write_durably(state_path, dump_state({**state, log: after}))
+        write_durably(state_path, data)
     except OSError as exc:
         raise AuditError(
             f"cannot save witness state {state_path}: {exc.strerror} (the reanchor is"
@@ -83,8 +89,11 @@ def _shown(state: LogState) -> dict[str, object]:
 
 def _append_durably(path: Path, line: bytes) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(path, flags, 0o600)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO put there would hang it
+                raise OSError(errno.EINVAL, "not a regular file")
             os.write(fd, line)
             os.fsync(fd)
         finally:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from broker.audit_verify import verify_log
 from broker.auditlog import AuditLog
+from broker.auditnet_witness import save_witness_state
 from broker.checkpoint import Checkpoint, parse_body, sign_checkpoint, verify_cosignature
 from broker.errors import AuditError
 from broker.merkle import EMPTY_ROOT, Levels, leaf_hash
@@ -222,10 +223,12 @@ def test_hostile_state_and_add_checkpoint_bodies_raise_witness_errors(tmp_path: 
         # a size, set off a false alarm at the log's next checkpoint.
         f'{{"JPN":{{"size":true,"root":"{root}"}}}}'.encode(),
         f'{{"JPN":{{"size":{2**64},"root":"{root}"}}}}'.encode(),
+        # Beyond what RFC 8785 JSON holds, so beyond what a witness ever saved.
+        f'{{"JPN":{{"size":{2**53},"root":"{root}"}}}}'.encode(),
     ):
         with pytest.raises(WitnessError, match="malformed"):
             load_state(bad)
-    assert load_state(f'{{"JPN":{{"size":{2**64 - 1},"root":"{root}"}}}}'.encode())
+    assert load_state(f'{{"JPN":{{"size":{2**53 - 1},"root":"{root}"}}}}'.encode())
     long_origin = "\u00e9" * 5_000
     with pytest.raises(UnknownLogError) as err:
         _witness().open(f"{long_origin}\n1\nAAAA\n\n\u2014 JPN AAAAAAAA\n")
@@ -265,3 +268,18 @@ def test_a_size_0_checkpoint_has_the_empty_trees_root_or_is_refused() -> None:
         parse(witness.add_checkpoint(0, [], empty, NOW)), witness_verifier(USA_KEY, "USA")
     )
     assert witness.state[MEMBER] == LogState(0, EMPTY_ROOT)
+
+
+def test_a_checkpoint_larger_than_the_state_holds_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # A review: a log's own key signed a checkpoint of size 2^60; the witness took it (it
+    # knew nothing of the log yet), its state's RFC 8785 save failed, and every node that
+    # witnessed it stopped. Refused as the witness's error now, and nothing recorded.
+    witness = _witness()
+    note = sign_checkpoint(Checkpoint(MEMBER, 2**60, bytes(32)), LOG_KEY).render()
+    with pytest.raises(WitnessError, match=r"size 1152921504606846976 is beyond 9007199254740991"):
+        witness.add_checkpoint(0, [], note, 1_800_000_000)
+    assert MEMBER not in witness.state
+    largest = sign_checkpoint(Checkpoint(MEMBER, 2**53 - 1, bytes(32)), LOG_KEY).render()
+    assert witness.add_checkpoint(0, [], largest, 1_800_000_000)
+    save_witness_state(tmp_path / "ws.json", witness.state)
+    assert load_state((tmp_path / "ws.json").read_bytes())[MEMBER].size == 2**53 - 1

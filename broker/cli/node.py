@@ -42,6 +42,7 @@ from broker.sightings import is_report_id
 from broker.stopsignals import StopSignals
 from broker.store import Store
 from broker.store_file import page_damage, require_store, writer_pid
+from broker.witness import MAX_STATE_SIZE
 from broker.witness_reanchor import REANCHORED_FILE, reanchor
 
 
@@ -331,7 +332,9 @@ def node_resend(
 @node_group.command(name="reanchor")
 @_CONFIG
 @click.option("--log", "origin", required=True, help="The partner whose log was restored.")
-@click.option("--size", type=click.IntRange(1, 2**63), required=True, help="Its log's size now.")
+@click.option(
+    "--size", type=click.IntRange(1, MAX_STATE_SIZE), required=True, help="Its log's size now."
+)
 @click.option("--root", required=True, help="Its log's root at that size (base64).")
 @click.option("--reason", required=True, help="Why, and who confirmed it (one line; kept).")
 def node_reanchor(config_path: Path, origin: str, size: int, root: str, reason: str) -> None:
