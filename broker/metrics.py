@@ -17,6 +17,7 @@ rebinding) could otherwise read the node's traffic figures from a browser on it.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 from collections.abc import Callable
@@ -348,4 +349,12 @@ def metrics_runner(app: web.Application) -> web.AppRunner:
 
 async def listen_tcp(runner: web.AppRunner, host: str, port: int) -> None:
     """Have ``runner`` (set up) listen on ``host:port`` too; ``OSError`` if it cannot."""
-    await web.TCPSite(runner, host, port).start()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        # A site that failed to start stays on the runner otherwise: one more at each
+        # try of a held port (a review counted 1,000 after 1,000 tries).
+        with contextlib.suppress(RuntimeError):
+            await site.stop()
+        raise
