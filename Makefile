@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml $(HEAD_REF)
 	umask 022 && $(PYTHON) -m venv $(VENV)
 	umask 022 && $(BIN)/python -m pip install --quiet --upgrade pip
 	umask 022 && $(BIN)/python -m pip install --quiet -e '.[test]'
-	chmod -R o-w broker  # a clone made under umask 000: msmt refuses code others may change
+	chmod -R o-w .  # a clone made under umask 000: msmt refuses code others may change
 	# Its cache folders made now, 0755: a first run under umask 000 made them 0777, and
 	# broker/__init__ and broker/entry run before msmt can check anything.
 	umask 022 && env -u PYTHONPYCACHEPREFIX $(BIN)/python -m compileall -q broker

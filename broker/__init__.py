@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
-
 NO_VERSION = "0.0"
 """The version of a build that cannot say which it is: built without git history (a
 source archive), or never installed."""
 
+_VERSION: list[str] = []
 
-@functools.cache
+
 def version() -> str:
     """The version of this build (PEP 440), as installed.
 
@@ -19,9 +17,14 @@ def version() -> str:
     commit (``.dDATE`` after it: built from a tree with uncommitted changes). An
     editable install keeps the version it was installed at, and code imported from
     another tree (``PYTHONPATH``) still reports the installed package's. Read when
-    first asked, not at import: every process imports this package.
+    first asked, not at import: every process imports this package, and ``msmt``
+    checks its code (``broker.code_check``) before it imports anything else.
     """
-    try:
-        return importlib.metadata.version("msmt-broker")
-    except importlib.metadata.PackageNotFoundError:
-        return NO_VERSION
+    if not _VERSION:
+        import importlib.metadata  # noqa: PLC0415 - see above
+
+        try:
+            _VERSION.append(importlib.metadata.version("msmt-broker"))
+        except importlib.metadata.PackageNotFoundError:
+            _VERSION.append(NO_VERSION)
+    return _VERSION[0]

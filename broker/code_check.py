@@ -22,40 +22,52 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 def code_open_to_others() -> str | None:
     """Why the code this process runs is open to other users, or None when it is not.
 
-    Every folder and file of the ``broker`` package (its bytecode caches too), the
-    site and scripts folders, and under ``PYTHONPYCACHEPREFIX`` the package's cache
-    folders and the folders above them: none writable by every user (sticky or
-    not: a user may make its own folder in a sticky one), and under the prefix none
-    owned by a user other than this one or root.
+    Every folder and file of the ``broker`` package (its bytecode caches too), every
+    folder on the import path (an editable install puts the clone's own there, where a
+    ``sitecustomize.py`` would run first: a review), and the whole of a
+    ``PYTHONPYCACHEPREFIX`` and the folders above it: none writable by every user
+    (sticky or not: a user may make its own file in a sticky folder), and in the prefix
+    none owned by a user other than this one or root. A check, not a sandbox: modules
+    Python loads as it starts run before it, so the prefix must be a folder of one's own.
     """
     paths = [_PACKAGE]
     for root, dirs, files in os.walk(_PACKAGE):
         paths += [os.path.join(root, name) for name in (*dirs, *files)]
     paths += [sysconfig.get_path(name) for name in ("purelib", "platlib", "scripts")]
-    owned: list[str] = []
+    paths += [entry for entry in sys.path if entry and os.path.isdir(entry)]
+    cache: list[str] = []
+    above: list[str] = []
     if sys.pycache_prefix:
-        # The prefix mirrors each source folder's absolute path below it.
-        prefix = os.path.abspath(sys.pycache_prefix)
-        mirror = os.path.join(prefix, _PACKAGE.lstrip(os.sep))
-        folder = mirror
-        while len(folder) > len(prefix):
-            owned.append(folder)
+        prefix = os.path.realpath(sys.pycache_prefix)  # a link to an open folder: that
+        cache.append(prefix)
+        for root, dirs, files in os.walk(prefix):
+            cache += [os.path.join(root, name) for name in (*dirs, *files)]
+        folder = os.path.dirname(prefix)
+        while True:
+            above.append(folder)
+            if os.path.dirname(folder) == folder:
+                break
             folder = os.path.dirname(folder)
-        owned.append(prefix)
-        for root, dirs, files in os.walk(mirror):
-            owned += [os.path.join(root, name) for name in (*dirs, *files)]
-    for path in (*paths, *owned):
+    mine, sticky_ok = {*cache, *above}, set(above)
+    for path in (*paths, *cache, *above):
         try:
             info = os.lstat(path)
         except OSError:
             continue  # not there: nothing in it runs
-        if info.st_mode & stat.S_IWOTH and not stat.S_ISLNK(info.st_mode):
+        if stat.S_ISLNK(info.st_mode):
+            continue  # what it points at is looked at where it is walked
+        # Above the prefix a sticky folder (/tmp) lets nobody swap ours; below, any
+        # folder open to all lets anyone put a file there.
+        open_to_all = info.st_mode & stat.S_IWOTH and not (
+            path in sticky_ok and info.st_mode & stat.S_ISVTX
+        )
+        if open_to_all:
             return (
                 f"{path} is writable by every local user (mode"
                 f" {stat.S_IMODE(info.st_mode):04o}): anyone could change the code msmt runs;"
                 " chmod o-w it (installed or run under umask 000?)"
             )
-        if path in owned and info.st_uid not in (0, os.geteuid()):
+        if path in mine and info.st_uid not in (0, os.geteuid()):
             return (
                 f"{path} belongs to another user (uid {info.st_uid}), who could put code"
                 " there that msmt runs: use a bytecode cache folder of your own"

@@ -101,6 +101,10 @@ def scratch(keep: Path | None) -> Iterator[Path]:
         _check_kept(keep)
     except OSError as exc:
         raise UsageError(f"--keep {keep}: cannot create it: {exc.strerror}") from None
+    above = open_ancestor(keep)  # again: a parent it made may have been another's first
+    if above is not None:
+        raise UsageError(f"--keep {keep}: {above}")
+    _check_kept(keep)
     yield keep.resolve()
 
 

@@ -183,25 +183,33 @@ def open_ancestor(path: Path) -> str | None:
     """Why a folder above ``path`` lets another user swap it, or None when none does.
 
     Each folder from the root down to ``path``'s parent (links resolved) must be
-    root's or this user's, and written by nobody else unless sticky (as ``/tmp``: a
-    user may not rename another's entry there), as ssh's StrictModes asks of a home.
-    A local user's review swapped a demo's folder under a parent of its own.
+    root's or this user's, and not writable by every user unless sticky (as ``/tmp``:
+    a user may not rename another's entry there), as ssh's StrictModes asks of a home.
+    Group-writable folders pass: a umask of 002 makes them, for a group of one user
+    on most systems. A local user's review swapped a demo's folder under a parent of
+    its own.
     """
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # a loop of links: whatever opens it says so
+        return None
     me = os.geteuid()
-    for folder in reversed(path.resolve().parents):
+    for folder in reversed(real.parents):
         try:
             info = folder.stat()
         except OSError:
             continue  # made later, by this user
+        if not stat.S_ISDIR(info.st_mode):
+            return None  # not a folder: making anything under it says so
         mode = info.st_mode
         if info.st_uid not in (0, me):
             return (
                 f"{folder} belongs to another user (uid {info.st_uid}), who could swap what is"
                 " in it"
             )
-        if mode & 0o022 and not mode & stat.S_ISVTX:
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
             return (
-                f"{folder} is writable by others (mode {stat.S_IMODE(mode):04o}), who could swap"
-                " what is in it"
+                f"{folder} is writable by every local user (mode {stat.S_IMODE(mode):04o}),"
+                " who could swap what is in it"
             )
     return None

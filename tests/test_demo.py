@@ -509,7 +509,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
             ["--keep", str(tmp_path / "their-parent" / "demo")],
             f"{tmp_path / 'their-parent'} belongs to another user (uid 54321)",
         ),
-        (["--keep", str(tmp_path / "open" / "demo")], f"{tmp_path / 'open'} is writable by others"),
+        (
+            ["--keep", str(tmp_path / "open" / "demo")],
+            f"{tmp_path / 'open'} is writable by every local user",
+        ),
         (["--nodes", str(tmp_path / "none")], "cannot read"),
     ):
         proc = _start_demo(*args)
@@ -524,6 +527,12 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
 def test_a_new_kept_directory_is_private(tmp_path: Path) -> None:
     with scratch(tmp_path / "new" / "demo") as root:
         assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    # A third review: a clone made under umask 002 has group-writable folders, which
+    # refusing would refuse the README's own demo-out (for a group of one user, mostly).
+    (tmp_path / "group").mkdir(mode=0o775)
+    (tmp_path / "group").chmod(0o775)
+    with scratch(tmp_path / "group" / "demo") as root:
+        assert root.parent == tmp_path / "group"
 
 
 def _outcome(**changes: Any) -> Outcome:

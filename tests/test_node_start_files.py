@@ -133,7 +133,7 @@ def test_a_folder_others_may_write_stops_node_check_and_run(folder: Path, what: 
     elif what == "data_dir's parent":
         # A second review: under a parent others may write, the folder can be swapped.
         env["MSMT_DATA_DIR"] = str(opened / "data")
-        line = f"msmt: error: config key data_dir: {opened} is writable by others (mode 0777)"
+        line = f"msmt: error: config key data_dir: {opened} is writable by every local user"
     else:
         env["PYTHONPYCACHEPREFIX"] = str(opened)
         line = f"msmt: error: {opened} is writable by every local user (mode 0777): anyone"
@@ -581,5 +581,18 @@ def test_a_planted_module_others_may_write_is_refused_before_it_runs(tmp_path: P
     assert f"{mirror} belongs to another user (uid 54321)" in version().stderr
     assert not marker.exists()
     os.chown(mirror, os.geteuid(), -1)
+    # A third review: a prefix that is a link to an open folder, and a folder on the
+    # import path open to all (an editable install puts the clone's there).
+    opened = tmp_path / "open"
+    opened.mkdir()
+    opened.chmod(0o1777)
+    (tmp_path / "link").symlink_to(opened)
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "link")
+    assert f"{opened} is writable by every local user (mode 1777)" in version().stderr
+    env["PYTHONPYCACHEPREFIX"] = str(prefix)
+    env["PYTHONPATH"] = str(opened)
+    assert f"{opened} is writable by every local user (mode 1777)" in version().stderr
+    del env["PYTHONPATH"]
+    assert not marker.exists()
     version()  # ours, closed to others: imported as any cache is (the check is no sandbox)
     assert marker.exists()
