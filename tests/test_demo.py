@@ -77,6 +77,10 @@ class DemoRun:
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     root = tmp_path_factory.mktemp("demo") / "kept"
     env = in_port_share({k: v for k, v in os.environ.items() if not k.startswith("MSMT_")})
+    # Under umask 000 a Python writing bytecode makes the cache folders it adds 0777, in
+    # the suite's shared cache prefix, and every msmt after refuses code others may
+    # change (broker.code_check): a clean-clone run did. This run writes none.
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     done = subprocess.run(
         [MSMT, "demo", "--keep", str(root), "--sightings", str(SIGHTINGS)],
         cwd=REPO,
