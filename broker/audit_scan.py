@@ -62,8 +62,18 @@ class LeafScan:
         self._proc: subprocess.Popen[bytes] | None = None
         if self.split < size:
             # Our own interpreter and module, with fixed arguments: no shell, no user input.
+            # -P: the working directory is not on the import path (a review: verify run
+            # from /tmp imported a hashlib.py another user put there), as planpool's.
             self._proc = subprocess.Popen(  # noqa: S603
-                [sys.executable, "-m", "broker.audit_scan", str(path), str(self.split), str(size)],
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "broker.audit_scan",
+                    str(path),
+                    str(self.split),
+                    str(size),
+                ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )

@@ -292,9 +292,15 @@ def _load_object(data: bytes, what: str, limit: int) -> dict[str, Any]:
     return value
 
 
+MAX_LOG_SIZE: Final = 2**53 - 1
+"""The largest log size a node answers or asks a proof for, or cosigns: RFC 8785 JSON's
+largest integer, in which its signed replies and its witness state are written (a review
+sent a proof request up to 2^64 - 1, whose signed refusal then failed)."""
+
+
 def _size(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
-        raise AuditError(f"{what} must be an integer from 0 to 2^64 - 1")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOG_SIZE:
+        raise AuditError(f"{what} must be an integer from 0 to 2^53 - 1")
     return value
 
 

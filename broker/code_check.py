@@ -34,7 +34,9 @@ def code_open_to_others() -> str | None:
     for root, dirs, files in os.walk(_PACKAGE):
         paths += [os.path.join(root, name) for name in (*dirs, *files)]
     paths += [sysconfig.get_path(name) for name in ("purelib", "platlib", "scripts")]
-    paths += [entry for entry in sys.path if entry and os.path.isdir(entry)]
+    # Resolved: a link on the path to an open folder is that folder (a review).
+    on_path = {os.path.realpath(entry) for entry in sys.path if entry and os.path.isdir(entry)}
+    paths += sorted(on_path)
     cache: list[str] = []
     above: list[str] = []
     if sys.pycache_prefix:
@@ -61,6 +63,12 @@ def code_open_to_others() -> str | None:
         open_to_all = info.st_mode & stat.S_IWOTH and not (
             path in sticky_ok and info.st_mode & stat.S_ISVTX
         )
+        if open_to_all and path in on_path:
+            return (
+                f"{path} is on the import path (PYTHONPATH, or the working directory) and"
+                f" writable by every local user (mode {stat.S_IMODE(info.st_mode):04o}):"
+                " anyone could put code there that msmt runs; take it off the path"
+            )
         if open_to_all:
             return (
                 f"{path} is writable by every local user (mode"

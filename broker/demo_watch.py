@@ -67,6 +67,14 @@ async def wait_ready(world: World, session: aiohttp.ClientSession) -> None:
         for member in sorted(pending):
             node = world.nodes[member]
             if node.died():
+                # A process of the demo's own user took the port picked as free: the node
+                # stops (exit 2); pick another and start again, a few times.
+                taken = "config key metrics.listen: cannot listen on" in node.log_tail()
+                if taken and rebinds[member] < 3:
+                    rebinds[member] += 1
+                    world.write_config(member)
+                    world.start_node(member)
+                    continue
                 raise DemoFailedError(f"the {member} node exited at start: {node.log_tail()}")
             proc = node.proc
             if proc is not None and PORT_HELD in node.logged_since_start() and rebinds[member] < 3:

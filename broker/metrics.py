@@ -358,3 +358,23 @@ async def listen_tcp(runner: web.AppRunner, host: str, port: int) -> None:
         with contextlib.suppress(RuntimeError):
             await site.stop()
         raise
+
+
+def listener_uid(port: int) -> int | None:
+    """The user owning the TCP socket that listens on ``port`` here, or None (none, or not Linux).
+
+    From ``/proc/net/tcp`` and ``tcp6``, which every user may read and none can forge.
+    """
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as lines:
+                next(lines, None)  # the header
+                for line in lines:
+                    fields = line.split()
+                    # local_address is HEXIP:HEXPORT; state 0A is LISTEN; then uid.
+                    listening = len(fields) > 7 and fields[3] == "0A"
+                    if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        return int(fields[7])
+        except (OSError, ValueError, IndexError):
+            continue
+    return None

@@ -40,7 +40,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-import aiohttp
 import nats.errors
 from aiohttp import web
 
@@ -56,7 +55,7 @@ from broker.feeds import FeedTokens
 from broker.intake import Intake, Refusal, ensure_token, make_app, read_token, serve_unix
 from broker.log import get_logger
 from broker.members import MEMBERS
-from broker.metrics import Metrics, listen_tcp, metrics_runner
+from broker.metrics import Metrics, listen_tcp, listener_uid, metrics_runner
 from broker.metrics import make_app as make_metrics_app
 from broker.node_housekeeping import Housekeeping
 from broker.node_messaging import Messaging
@@ -290,14 +289,17 @@ class Node(Messaging, Housekeeping):
             if exc.errno != errno.EADDRINUSE:
                 await runner.cleanup()
                 raise ConfigError(_listen_text(listen.host, listen.port, exc)) from None
-            if await _an_msmt_node_at(listen.host, listen.port):
-                # Two nodes given one metrics.listen (a copied node.toml): a review found
-                # the second running unseen, the first answering for it. A mistake, not
-                # a neighbour: exit 2, which the unit does not restart on.
+            if listener_uid(listen.port) == os.geteuid():
+                # This user's own process holds it: a second node given the same
+                # metrics.listen (a copied node.toml), which a review found running
+                # unseen. A mistake, not a neighbour: exit 2. Told by the socket's owner,
+                # which no other user can fake (a review made a node exit 2 for good by
+                # answering /metrics as an msmt node would).
                 await runner.cleanup()
                 raise ConfigError(
-                    f"{_listen_text(listen.host, listen.port, exc)}: another msmt node"
-                    " listens there; give each node its own metrics.listen"
+                    f"{_listen_text(listen.host, listen.port, exc)}: another process of this"
+                    " user listens there (a second node?); give each node its own"
+                    " metrics.listen"
                 ) from None
             # Any local user may hold a loopback port: the node runs without its
             # metrics and tries the port again, rather than stop (a local user held
@@ -429,18 +431,3 @@ def _listen_text(host: str, port: int, exc: OSError) -> str:
     # aiohttp rewords the OSError; the errno says it plainly.
     reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
     return f"config key metrics.listen: cannot listen on {host}:{port}: {reason}"
-
-
-async def _an_msmt_node_at(host: str, port: int) -> bool:
-    """Whether what listens at ``host:port`` answers ``/metrics`` as an msmt node does."""
-    url = f"http://{host}:{port}/metrics" if ":" not in host else f"http://[{host}]:{port}/metrics"
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
-            session.get(url) as reply,
-        ):
-            return "msmt_build_info" in (await reply.content.read(1 << 20)).decode(
-                "utf-8", "replace"
-            )
-    except (aiohttp.ClientError, TimeoutError, OSError, UnicodeError):
-        return False

@@ -24,7 +24,13 @@ from typing import Final
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.checkpoint import Checkpoint, UntrustedSignerError, cosign, open_checkpoint
+from broker.checkpoint import (
+    MAX_LOG_SIZE,
+    Checkpoint,
+    UntrustedSignerError,
+    cosign,
+    open_checkpoint,
+)
 from broker.errors import AuditError, ConfigError
 from broker.files import read_file_bytes
 from broker.members import is_member
@@ -80,8 +86,20 @@ class WitnessAlarmError(WitnessError):
         self.origin = origin
 
 
-MAX_STATE_SIZE: Final = 2**53 - 1
-"""The largest log size a witness cosigns and records: RFC 8785 JSON's largest integer."""
+MAX_STATE_SIZE: Final = MAX_LOG_SIZE
+"""The largest log size a witness cosigns and records (``checkpoint.MAX_LOG_SIZE``)."""
+
+
+def _within_state(origin: str, size: int) -> None:
+    # Its state is RFC 8785 JSON, which holds integers up to 2^53 - 1: a review's
+    # checkpoint of size 2^60, signed by the log's own key, failed the save and stopped
+    # every node that witnessed it. Refused at the open, before a proof is asked for
+    # (a review: a witness that knew the log asked one first, and failed then).
+    if size > MAX_STATE_SIZE:
+        raise WitnessError(
+            f"{excerpt(origin)}'s checkpoint of size {size} is beyond {MAX_STATE_SIZE},"
+            " the largest a witness's state holds"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +204,7 @@ class Witness:
                 else ""
             )
             raise BadSignatureError(f"checkpoint of {origin}: {exc}{hint}") from None
+        _within_state(cp.origin, cp.size)
         return Opened(cp, note, self)
 
     def add_checkpoint(
@@ -214,14 +233,7 @@ class Witness:
             raise WitnessError("checkpoint was not opened by this witness")
         cp, note = opened.checkpoint, opened.note
         origin = cp.origin
-        if cp.size > MAX_STATE_SIZE:
-            # Its state is RFC 8785 JSON, which holds integers up to 2^53 - 1: a review's
-            # checkpoint of size 2^60, signed by the log's own key, failed the save and
-            # stopped every node that witnessed it. No log of ours comes near it.
-            raise WitnessError(
-                f"{excerpt(origin)}'s checkpoint of size {cp.size} is beyond {MAX_STATE_SIZE},"
-                " the largest a witness's state holds"
-            )
+        _within_state(origin, cp.size)
         known = self.state.get(origin, LogState(0, b""))
         if old_size != known.size:
             raise ConflictError(origin, known.size, old_size)

@@ -387,6 +387,22 @@ def test_two_process_scan_matches_and_pinpoints_in_the_workers_half(tmp_path: Pa
         verify_log(tmp_path, [log_verifier(KEY)], jobs=2, parallel_from=1_000)
 
 
+def test_the_scan_helper_imports_nothing_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: verify run from /tmp started its helper without -P, so a hashlib.py
+    # another user put there ran as the auditor (or root). As planpool's worker: -P.
+    build_log(tmp_path / "log", KEY, [3000, 3000])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "ran"
+    (cwd / "hashlib.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(cwd)
+    report = verify_log(tmp_path / "log", [log_verifier(KEY)], jobs=2, parallel_from=1_000)
+    assert report.size == 6000
+    assert not marker.exists()
+
+
 def test_entry_stored_as_text_is_pinpointed(tmp_path: Path) -> None:
     build_log(tmp_path, KEY, [5])
     with _db(tmp_path) as db:

@@ -241,9 +241,22 @@ async def test_a_metrics_port_another_process_holds_is_tried_again_while_the_nod
     # now runs without its metrics, and listens once the port is free.
     world.write_config("JPN", BATCH_POLICY)
     config = world.config("JPN")
-    held = socket.socket()
-    held.bind(("127.0.0.1", config.metrics.port))
-    held.listen()
+    # Another user's process: one of the node's own user is a second node (below).
+    hold = (
+        "import socket, sys, time; s = socket.socket();"
+        " s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); print('held', flush=True);"
+        " time.sleep(120)"
+    )
+    holder = await asyncio.create_subprocess_exec(
+        shutil.which("python3", path="/usr/bin:/bin") or "python3",  # not the venv's: /root is 0700
+        "-c",
+        hold,
+        str(config.metrics.port),
+        stdout=asyncio.subprocess.PIPE,
+        user=65534,
+    )
+    assert holder.stdout is not None
+    assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
     try:
         world.start("JPN", ready=False)
         said = (
@@ -256,7 +269,8 @@ async def test_a_metrics_port_another_process_holds_is_tried_again_while_the_nod
         assert [a["status"] for a in answers] == ["accepted", "accepted"]
         assert not world._died("JPN")
     finally:
-        held.close()
+        holder.kill()
+        await holder.wait()
     wait_for(lambda: readyz(config.metrics.port), 30, "JPN's metrics once the port is free")
     assert "metrics_listening" in (world.root / "JPN.log").read_text()
     # A review: a second node given the same metrics.listen ran unseen, the first one
@@ -272,8 +286,8 @@ async def test_a_metrics_port_another_process_holds_is_tried_again_while_the_nod
     assert second.returncode == 2
     assert second.stderr == (
         f"msmt: error: config key metrics.listen: cannot listen on 127.0.0.1:"
-        f"{config.metrics.port}: Address already in use: another msmt node listens there;"
-        " give each node its own metrics.listen\n"
+        f"{config.metrics.port}: Address already in use: another process of this user"
+        " listens there (a second node?); give each node its own metrics.listen\n"
     )
     assert world.terminate("JPN") == 0
 

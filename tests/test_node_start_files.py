@@ -590,8 +590,10 @@ def test_a_planted_module_others_may_write_is_refused_before_it_runs(tmp_path: P
     env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "link")
     assert f"{opened} is writable by every local user (mode 1777)" in version().stderr
     env["PYTHONPYCACHEPREFIX"] = str(prefix)
-    env["PYTHONPATH"] = str(opened)
-    assert f"{opened} is writable by every local user (mode 1777)" in version().stderr
+    env["PYTHONPATH"] = str(tmp_path / "link")  # a link on the path: its folder counts
+    assert f"{opened} is on the import path (PYTHONPATH, or the working directory)" in (
+        version().stderr
+    )
     del env["PYTHONPATH"]
     assert not marker.exists()
     version()  # ours, closed to others: imported as any cache is (the check is no sandbox)
