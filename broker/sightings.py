@@ -202,16 +202,24 @@ def uncomposed_text(fields: Mapping[str, Any]) -> str | None:
     return None
 
 
-def odd_spacing(fields: Mapping[str, Any]) -> str | None:
-    """The first field path whose text has a space leading, trailing, doubled, or of an odd kind.
+def odd_spacing(fields: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first field path whose text has a space leading, trailing, doubled or odd, and where.
 
     Held only to what a feed sends now, as ``uncomposed_text`` is: a partner's report is
-    not refused for it.
+    not refused for it. Trim and collapse a fixed-width source's padding (AIS names).
     """
     for path, value in fields.items():
         for text in _strings(value):
-            if _ODD_SPACE.search(text) is not None:
-                return path
+            found = _ODD_SPACE.search(text)
+            if found is not None:
+                at = found.start()
+                char = text[at]
+                return path, (
+                    f"character {at + 1} is U+{ord(char):04X}, a space at the start or end,"
+                    " beside another, or of another kind than U+0020, U+00A0, U+202F or"
+                    " U+3000: spaces that look alike make values that differ (trim and"
+                    " collapse them)"
+                )
     return None
 
 

@@ -31,11 +31,6 @@ NOT_NFC: Final = (
     " so that one name has one spelling"
 )
 """Why a new record's text in another normalization form is refused (``uncomposed_text``)."""
-ODD_SPACING: Final = (
-    "has a space at its start or end, two together, or one other than U+0020, U+00A0,"
-    " U+202F or U+3000: spaces that look alike make values that differ"
-)
-"""Why a new record's text with such spaces is refused (``odd_spacing``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +212,7 @@ def parse_new_record(raw: bytes | str) -> SightingModel:
             raise InvalidRecordError([FieldProblem(uncomposed, NOT_NFC)])
     spaced = odd_spacing(fields)
     if spaced is not None:
-        raise InvalidRecordError([FieldProblem(spaced, ODD_SPACING)])
+        raise InvalidRecordError([FieldProblem(*spaced)])
     repeated = repeated_value(sighting)
     if repeated is not None:
         raise InvalidRecordError([FieldProblem(repeated, "lists a value more than once")])
