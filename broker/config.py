@@ -31,7 +31,7 @@ from typing import Annotated, Any, Final, cast
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from broker.errors import ConfigError
-from broker.files import read_file_text
+from broker.files import read_file_text, writable_by_all
 from broker.members import Member
 from broker.natstls import CONFIG_NAMES, check_tls_settings, client_tls_context, url_problem
 from broker.policy import Policy, load_policy
@@ -205,6 +205,12 @@ class NodeConfig(_Section):
         Raises ``ConfigError`` if the file cannot be read as UTF-8 and
         ``PolicyError`` (naming the line) if it does not check.
         """
+        open_to_all = writable_by_all(self.policy)
+        if open_to_all is not None:
+            raise ConfigError(
+                f"policy {self.policy}: {open_to_all}: anyone could change what this node"
+                " releases; chmod o-w it"
+            )
         try:
             text = read_file_text(self.policy)
         except OSError as exc:
@@ -420,6 +426,11 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
     Raises ``ConfigError`` with one line: an unreadable file, bad TOML (with its
     line), or the first invalid key.
     """
+    open_to_all = writable_by_all(path)
+    if open_to_all is not None:
+        raise ConfigError(
+            f"config {path}: {open_to_all}: anyone could change this node's settings; chmod o-w it"
+        )
     try:
         text = read_file_text(path)
     except OSError as exc:

@@ -213,3 +213,22 @@ def open_ancestor(path: Path) -> str | None:
                 " who could swap what is in it"
             )
     return None
+
+
+def writable_by_all(path: Path) -> str | None:
+    """Why every local user may change the file at ``path``, or None: its mode, or its folder's.
+
+    A folder open to all but sticky (``/tmp``) lets nobody replace another's file. A
+    review: a clone made under umask 000 left every node.toml and policy 0666, so any
+    local user could change what a node releases to its partners.
+    """
+    for where, sticky_ok in ((path, False), (path.parent, True)):
+        try:
+            mode = where.stat().st_mode
+        except OSError:
+            return None  # whoever reads it says why
+        if where is path and not stat.S_ISREG(mode):
+            return None  # a device, a FIFO: whoever reads it refuses it, saying so
+        if mode & stat.S_IWOTH and not (sticky_ok and mode & stat.S_ISVTX):
+            return f"{where} is writable by every local user (mode {stat.S_IMODE(mode):04o})"
+    return None

@@ -461,3 +461,27 @@ def test_an_override_not_of_its_keys_type_is_one_line_naming_both(
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path), env={name: text})
     assert str(info.value) == f"config key {key}: {name}={text!r} is not {wanted}"
+
+
+def test_a_node_toml_or_policy_every_user_may_change_is_refused(tmp_path: Path) -> None:
+    # A review: a clone made under umask 000 left node.toml and policy.toml 0666, and any
+    # local user could change what the node releases to its partners.
+    path = write(tmp_path)
+    path.chmod(0o666)
+    with pytest.raises(
+        ConfigError, match=r"node\.toml is writable by every local user \(mode 0666\)"
+    ):
+        load_config(path, env={})
+    path.chmod(0o644)
+    path.parent.chmod(0o777)  # its folder: the file could be replaced
+    with pytest.raises(ConfigError, match=r"JPN is writable by every local user \(mode 0777\)"):
+        load_config(path, env={})
+    path.parent.chmod(0o1777)  # sticky: nobody replaces another's file
+    config = load_config(path, env={})
+    path.parent.chmod(0o755)
+    config.policy.write_text('version = 1\nmember = "JPN"\n', encoding="utf-8")
+    config.policy.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"policy\.toml is writable by every local user"):
+        config.read_policy()
+    config.policy.chmod(0o644)
+    assert config.read_policy()[0].member == "JPN"
