@@ -210,6 +210,14 @@ def odd_spacing(fields: Mapping[str, Any]) -> tuple[str, str] | None:
     """
     for path, value in fields.items():
         for text in _strings(value):
+            # Printable ASCII holds no space but U+0020: three checks in C, not the
+            # regex, for nearly every text (the regex doubled this check's cost).
+            if (
+                text.isascii()
+                and text.isprintable()
+                and not (text.startswith(" ") or text.endswith(" ") or "  " in text)
+            ):
+                continue
             found = _ODD_SPACE.search(text)
             if found is not None:
                 at = found.start()

@@ -233,7 +233,6 @@ class Witness:
             raise WitnessError("checkpoint was not opened by this witness")
         cp, note = opened.checkpoint, opened.note
         origin = cp.origin
-        _within_state(origin, cp.size)
         known = self.state.get(origin, LogState(0, b""))
         if old_size != known.size:
             raise ConflictError(origin, known.size, old_size)

@@ -94,6 +94,18 @@ def test_a_nats_seed_file_of_junk_is_found_by_node_check(folder: Path) -> None:
     )
 
 
+def _node(command: str, config: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``msmt node COMMAND --config CONFIG`` with ``env``, its output kept."""
+    return subprocess.run(
+        [MSMT, "node", command, "--config", config],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+
+
 def test_a_data_dir_that_is_a_file_is_named_by_node_check_and_run(folder: Path) -> None:
     # A bad-input sweep: node check said "none yet (the first start makes it)" and ok,
     # and node run then "cannot create ...: File exists".
@@ -104,14 +116,7 @@ def test_a_data_dir_that_is_a_file_is_named_by_node_check_and_run(folder: Path) 
     config = str(folder / "nodes" / "JPN" / "node.toml")
     line = f"msmt: error: config key data_dir: {not_a_dir} is not a directory\n"
     for command in ("check", "run"):
-        done = subprocess.run(
-            [MSMT, "node", command, "--config", config],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-            timeout=60,
-        )
+        done = _node(command, config, env)
         assert (command, done.returncode, done.stderr) == (command, 2, line)
         assert "hunter2" not in done.stdout  # node check's nats line shows no password
     assert not_a_dir.read_text() == "a file\n"
@@ -140,27 +145,13 @@ def test_a_folder_others_may_write_stops_node_check_and_run(folder: Path, what: 
         # Refused before the commands are imported: a planted module never runs.
     config = str(folder / "nodes" / "JPN" / "node.toml")
     for command in ("check", "run"):
-        done = subprocess.run(
-            [MSMT, "node", command, "--config", config],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-            timeout=60,
-        )
+        done = _node(command, config, env)
         assert (command, done.returncode) == (command, 2), done.stderr
         assert done.stderr.startswith(line), done.stderr
         assert len(done.stderr.splitlines()) == 1
     assert not (opened / "node.sqlite3").exists()
     opened.chmod(0o700 if what == "data_dir" else 0o755)  # sticky is not enough for code
-    done = subprocess.run(
-        [MSMT, "node", "check", "--config", config],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=60,
-    )
+    done = _node("check", config, env)
     assert "writable by every local user" not in done.stderr
     assert "is not the node's own" not in done.stderr
 
