@@ -168,6 +168,8 @@ class Cluster:
                 f'policy = "nodes/{member}/policy.toml"\ndata_dir = "data/{member}"\n'
                 f"[nats]\nurls = [{json.dumps(self.url)}]\n"
                 f'[keys]\ndir = "keys"\n[metrics]\nlisten = "127.0.0.1:{self.ports[member]}"\n'
+                # The full run's 100,000 reports would pass the default daily budget.
+                "[limits]\nsender_bytes_per_day = 1099511627776\n"
             )
 
     def start_nodes(self) -> None:

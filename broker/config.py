@@ -61,8 +61,14 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, ...]]] = {
     "MSMT_FRESHNESS_SECONDS": ("limits", "freshness_seconds"),
     "MSMT_HOLD_SECONDS": ("limits", "hold_seconds"),
     "MSMT_MAX_MESSAGE_BYTES": ("limits", "max_message_bytes"),
+    "MSMT_SENDER_BYTES_PER_DAY": ("limits", "sender_bytes_per_day"),
 }
 """Environment variable -> the config key it overrides (documented in docs/NODE.md)."""
+
+SENDER_BYTES_PER_DAY: Final = 1 << 30
+"""``limits.sender_bytes_per_day``'s default, 1 GiB: thousands of times an honest member's
+day of sightings, and a bound on what one partner can add to a node's disk a day (an
+insider trial's partner added 1.3 GB in 45 s with valid reports padded to the cap)."""
 
 _LIST_KEYS: Final = frozenset({("nats", "urls")})
 MAX_SOCKET_PATH: Final = 107
@@ -150,6 +156,8 @@ class LimitsSection(_Section):
     freshness_seconds: Annotated[int, Field(ge=60, le=30 * 86_400)] = 86_400
     hold_seconds: Annotated[int, Field(ge=1, le=3_600)] = 60
     max_message_bytes: Annotated[int, Field(ge=4096, le=8 * 1024 * 1024)] = 1024 * 1024
+    # What one partner's messages may add to the store in a UTC day (``SenderBudget``).
+    sender_bytes_per_day: Annotated[int, Field(ge=65_536, le=1 << 40)] = SENDER_BYTES_PER_DAY
 
 
 class MetricsSection(_Section):

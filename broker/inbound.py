@@ -1,9 +1,10 @@
 """A batch of inbox messages verified, audited and stored: ``Inbound``, on the store's thread.
 
-``Inbound.process`` runs steps 1-5 of ``broker.receiver``'s description on a batch:
+``Inbound.process`` runs steps 1-6 of ``broker.receiver``'s description on a batch:
 each message admitted by its subject and size, byte-identical redeliveries acked, the
-envelope's checklist run a step at a time across the batch (``_verify``), then the
-batch's audit entries appended and its reports stored, in that order. No asyncio and
+rest held to their senders' daily budgets, the envelope's checklist run a step at a
+time across the batch (``_verify``), then the batch's audit entries appended and its
+reports stored, in that order. No asyncio and
 no NATS: ``broker.receiver`` hands it each batch on the store's thread. What becomes
 of a refused or held message, and the state, are ``broker.inbound_base``.
 """
@@ -30,6 +31,7 @@ from broker.inbound_base import (
 )
 from broker.log import get_logger
 from broker.store import Received
+from broker.store_inbox import utc_day
 
 log = get_logger("receiver")
 
@@ -66,6 +68,16 @@ class Inbound(InboundBase):
         is held (action ``hold``, no audit entry) until it is older than the
         freshness window, then refused like any other failure.
         """
+        try:
+            return self._process(messages, published)
+        finally:
+            self.budget.free()  # reservations last one batch, committed or not
+
+    def _process(
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        published: Callable[[int], datetime | None] | None,
+    ) -> BatchResult:
         now = datetime.now(UTC)
         result = BatchResult(actions=[])
         events: list[AuditEvent] = []
@@ -134,10 +146,10 @@ class Inbound(InboundBase):
             audit_events.rejected_many(self.member, now, source=s, count=n.total(), steps=n)
             for s, n in folded.items()
         ]
-        self._commit(events, result.stored)
+        self._commit(events, result.stored, now)
         return result
 
-    def _commit(self, events: list[AuditEvent], stored: list[Received]) -> None:
+    def _commit(self, events: list[AuditEvent], stored: list[Received], now: datetime) -> None:
         # Durable record first, then the store: a crash in between leaves an
         # audit entry that the redelivery repeats, never a stored report the log lacks.
         self.audit.append_many(
@@ -145,12 +157,18 @@ class Inbound(InboundBase):
         )
         receipts = {(rec.sender, rec.jwe_sha256) for rec in stored}
         try:
-            self.store.store_received(stored)
+            # At the batch's time: the day its budget was reserved for.
+            fresh = self.store.store_received(stored, now.timestamp())
         except MsmtError:
             if len(self._unstored) < UNSTORED_KEPT:
                 self._unstored |= receipts
             raise
         self._unstored -= receipts
+        spent: Counter[str] = Counter()
+        for rec, new in zip(stored, fresh, strict=True):
+            if new:
+                spent[rec.sender] += len(rec.jwe)
+        self.budget.keep(spent)
 
     def _verify(
         self,
@@ -172,6 +190,11 @@ class Inbound(InboundBase):
         row ("" if admission refused it).
         """
         decided: dict[int, Verdict] = {}
+        day = utc_day(now.timestamp())
+        if day != self.budget.day:
+            # The store's totals, not nothing: a clock stepped back over midnight
+            # returns to a day already counted.
+            self.budget.start(day, self.store.sender_bytes(day))
         tokens = [""] * len(messages)
         deliveries: list[Delivery] = []
         asked: list[tuple[int, str]] = []  # (index in the batch, sender) of each delivery
@@ -183,6 +206,11 @@ class Inbound(InboundBase):
                 continue
             if (sender, digest) in known:
                 decided[index] = "duplicate"
+                continue
+            # Before the checklist: a sender over its budget costs no decryption.
+            refusal = self.budget.reserve(sender, len(data))
+            if refusal is not None:
+                decided[index] = refusal
                 continue
             tokens[index] = token
             deliveries.append(Delivery(token, sender, subject.rpartition(".")[2]))

@@ -25,6 +25,7 @@ from joserfc.jwk import OKPKey
 from broker import audit_events
 from broker.audit_events import AuditEvent
 from broker.auditlog import AuditLog
+from broker.config import SENDER_BYTES_PER_DAY
 from broker.envelope_format import HDR_RID, parse_jwe_header
 from broker.errors import EnvelopeError, HeldError
 from broker.log import Throttle, get_logger
@@ -32,6 +33,7 @@ from broker.members import is_member
 from broker.roster import CLOCK_SKEW, Roster
 from broker.sightings import is_report_id
 from broker.store import Received, Store
+from broker.store_inbox import utc_day
 
 log = get_logger("receiver")
 
@@ -51,6 +53,58 @@ inside the consumer's ``max_ack_pending`` (1024), so a sender naming made-up key
 cannot stall the inbox for the others."""
 
 Action = Literal["ack", "term", "hold"]
+
+
+class SenderBudget:
+    """What each sender's stored envelopes took this UTC day, against ``limit`` bytes a day.
+
+    A partner's valid reports are otherwise unbounded: an insider trial's member grew
+    a receiver's store by 1.3 GB in 45 s with reports padded to the cap. Each message
+    reserves its bytes before its checklist runs, so one over its sender's budget costs
+    no decryption; ``keep`` counts what the batch stored, and ``free`` drops its
+    reservations. ``used``
+    starts from the store's ``sender_bytes`` rows, which the commit that stores the
+    reports adds to, so a restart carries the day on. A fixed UTC day, not a sliding
+    one: at most twice the limit in the hours around midnight, and a refused sender
+    knows when to send again.
+    """
+
+    def __init__(self, limit: int, day: str, used: Mapping[str, int]) -> None:
+        self.limit = limit
+        self.day = day
+        self.used: dict[str, int] = dict(used)
+        self._reserved: Counter[str] = Counter()
+
+    def start(self, day: str, used: Mapping[str, int]) -> None:
+        """Count against ``day`` from now on, whose totals so far are ``used`` (the store's)."""
+        self.day, self.used = day, dict(used)
+        self._reserved.clear()
+
+    def reserve(self, sender: str, size: int) -> EnvelopeError | None:
+        """Reserve ``size`` bytes of ``sender``'s budget for the day, or say why not."""
+        spent = self.used.get(sender, 0) + self._reserved[sender]
+        if spent + size > self.limit:
+            return EnvelopeError(
+                "budget",
+                f"{sender}'s messages stored on {self.day} (UTC) take {spent} bytes and this one"
+                f" {size}: over its budget of {self.limit} bytes a day"
+                " (limits.sender_bytes_per_day); its sender may send it again the next day",
+            )
+        self._reserved[sender] += size
+        return None
+
+    def keep(self, stored: Mapping[str, int]) -> None:
+        """Count what a batch's commit stored (bytes by sender) as spent."""
+        for sender, size in stored.items():
+            self.used[sender] = self.used.get(sender, 0) + size
+
+    def free(self) -> None:
+        """End a batch: its reservations go, whatever became of its messages."""
+        self._reserved.clear()
+
+    def ratio(self, sender: str, day: str) -> float:
+        """How much of ``sender``'s budget for ``day`` is spent (past 1: the limit was lowered)."""
+        return 0.0 if day != self.day else self.used.get(sender, 0) / self.limit
 
 
 def _claimed_report_id(data: bytes, limit: int) -> str | None:
@@ -150,6 +204,8 @@ class InboundBase:
         freshness: timedelta,
         max_message_bytes: int,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        sender_bytes_per_day: int = SENDER_BYTES_PER_DAY,
     ) -> None:
         self.member = member
         self.decryption_keys = decryption_keys
@@ -170,6 +226,8 @@ class InboundBase:
         # store commit failed (a full disk): their redeliveries are not logged
         # again. A trial's full store and writable log had 80 entries an envelope.
         self._unstored: set[tuple[str, str]] = set()
+        today = utc_day(time.time())
+        self.budget = SenderBudget(sender_bytes_per_day, today, store.sender_bytes(today))
 
     def _refused(
         self,

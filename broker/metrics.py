@@ -43,6 +43,7 @@ ALARM_KINDS = ("fork", "rollback", "twin")
 REJECTION_STEPS = (
     "subject",
     "size",
+    "budget",
     "format",
     "header",
     "recipient",
@@ -113,6 +114,13 @@ class Metrics:
         self.duplicates = Counter(
             "msmt_received_duplicate",
             "Byte-identical redeliveries acked without storing again, by sender.",
+            ["sender"],
+            registry=r,
+        )
+        self.budget_used = Gauge(
+            "msmt_sender_budget_used_ratio",
+            "Of limits.sender_bytes_per_day, how much each sender's envelopes stored this"
+            " UTC day take (at 1 its messages are refused, reason budget), by sender.",
             ["sender"],
             registry=r,
         )
@@ -263,6 +271,7 @@ class Metrics:
         for partner in MEMBERS:
             if partner != member:
                 self.held.labels(sender=partner)
+                self.budget_used.labels(sender=partner)
                 self.received.labels(sender=partner)
                 self.duplicates.labels(sender=partner)
                 self.published.labels(partner=partner)

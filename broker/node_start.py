@@ -105,6 +105,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             audit,
             timedelta(seconds=config.limits.freshness_seconds),
             config.limits.max_message_bytes,
+            sender_bytes_per_day=config.limits.sender_bytes_per_day,
         )
         partners = [m for m in MEMBERS if m != config.member]
 

@@ -12,14 +12,17 @@ are likely (``Linger``), since each batch costs two fsynced commits. For each ba
 3. if the exact same bytes from the same sender were already verified and
    stored (a redelivery after a crash before the ack, or a resend after the
    hub's dedup window), it is acked without storing again;
-4. otherwise ``broker.envelope.receive_batch`` runs the checklist a step at a
+4. otherwise it must fit in what is left of its sender's budget for the UTC
+   day (``sender_bytes_per_day``: ``SenderBudget``), else it is refused
+   (``budget``) before any decryption;
+5. then ``broker.envelope.receive_batch`` runs the checklist a step at a
    time across the batch, with the replay check against the store's seen-set
    (one statement for the messages of the batch that reach it);
    each message's checklist still runs in its order and decides it alone. A
    message an earlier one could decide (the same sender's report again), or whose
    checklist failed unexpectedly, is verified again with ``receive`` on its own,
    its replay check against the batch so far too;
-5. the batch's audit entries are appended durably, then the verified reports
+6. the batch's audit entries are appended durably, then the verified reports
    are stored; only then are messages acked (good) or terminated (bad,
    ``msg.term()`` so the consumer never stalls on them). Each report stored
    has its ``received`` entry. Each refusal is counted (``rejected.<step>``);
@@ -40,7 +43,7 @@ yet verified are handed back with ``nak`` too.
 ``Receiver``, the asyncio loop here, joins parts each apart so that it stays one
 sitting's read: ``broker.receiver_pull`` (``Pull`` and ``Linger``: the pull
 requests, the wait for company, a delivery's metadata), ``broker.inbound``
-(``Inbound``: steps 1 to 5, on the store's thread) and ``broker.inbound_base``
+(``Inbound``: steps 1 to 6, on the store's thread) and ``broker.inbound_base``
 (its state, and what becomes of a refused or held message).
 """
 
@@ -61,10 +64,12 @@ from broker.errors import MsmtError
 from broker.inbound import Inbound
 from broker.inbound_base import BatchResult
 from broker.log import Throttle, get_logger
+from broker.members import MEMBERS
 from broker.metrics import Metrics
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.publisher import RunDb
 from broker.receiver_pull import Pull, hold_delay, hub_pending, published_at
+from broker.store_inbox import utc_day
 
 log = get_logger("receiver")
 
@@ -135,6 +140,7 @@ class Receiver:
                         await self._until_writable(stop)
                     continue
                 await pull.want_more()
+                self._show_budget()  # a new UTC day shows while nothing comes
                 await pull.wait(min(1.0, max(0.01, pull.deadline - time.monotonic())))
         finally:
             self.bound = False
@@ -217,4 +223,13 @@ class Receiver:
         for sender, count in result.held.items():
             self.metrics.held.labels(sender=sender).inc(count)
             self.counts[f"held.{sender}"] += count
+        self._show_budget()
         return True
+
+    def _show_budget(self) -> None:
+        # Each partner's share of its budget spent today (0 on a new UTC day).
+        day = utc_day(time.time())
+        for sender in MEMBERS:
+            if sender != self.member:
+                ratio = self.inbound.budget.ratio(sender, day)
+                self.metrics.budget_used.labels(sender=sender).set(ratio)

@@ -18,6 +18,8 @@ Tables:
   originator signed; ``msmt inbox evidence``);
 * ``seen``: the replay seen-set, ``(sender, jti) -> JWE hash``, kept only for the
   freshness window (older messages fail the freshness check anyway);
+* ``sender_bytes``: each sender's envelope bytes stored per UTC day, against the
+  receiver's budget (``limits.sender_bytes_per_day``), kept across restarts;
 * ``counters`` and ``state``: figures and the last error, for ``msmt status``.
 
 Every method is one transaction over a batch, so a caller that batches pays

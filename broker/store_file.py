@@ -114,6 +114,14 @@ CREATE TABLE IF NOT EXISTS seen (
     PRIMARY KEY (sender, jti)
 );
 CREATE INDEX IF NOT EXISTS seen_expiry ON seen(expires_at);
+-- What each sender's stored envelopes took, by UTC day (YYYY-MM-DD): the receiver's
+-- per-sender budget (limits.sender_bytes_per_day), carried across restarts.
+CREATE TABLE IF NOT EXISTS sender_bytes (
+    sender TEXT NOT NULL,
+    day    TEXT NOT NULL,
+    bytes  INTEGER NOT NULL,
+    PRIMARY KEY (sender, day)
+);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """

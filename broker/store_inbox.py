@@ -85,6 +85,11 @@ class InboxEntry:
 SeenState = Literal["new", "redelivered", "replay"]
 
 
+def utc_day(at: float) -> str:
+    """The UTC day (``YYYY-MM-DD``) of a Unix time: the per-sender budget's period."""
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d")
+
+
 class InboxTables(StoreBase):
     """``Store``'s half for what partners sent: the inbox and the replay seen-set."""
 
@@ -157,9 +162,14 @@ class InboxTables(StoreBase):
         return {(str(sender), str(digest)) for sender, digest in rows} & wanted
 
     def store_received(self, batch: Sequence[Received], now: float | None = None) -> list[bool]:
-        """Store verified reports and their seen-set entries; True per report newly stored."""
+        """Store verified reports and their seen-set entries; True per report newly stored.
+
+        Each sender's envelope bytes newly stored are added to its row of the UTC day
+        of ``now`` in ``sender_bytes``, in the same transaction.
+        """
         at = time.time() if now is None else now
         out: list[bool] = []
+        added: dict[str, int] = {}
         with self._tx("store_received") as db:
             for rec in batch:
                 cur = db.execute(
@@ -188,7 +198,22 @@ class InboxTables(StoreBase):
                     (rec.sender, rec.report_id, rec.jwe_sha256, rec.expires_at),
                 )
                 out.append(cur.rowcount == 1)
+                if cur.rowcount == 1:
+                    added[rec.sender] = added.get(rec.sender, 0) + len(rec.jwe)
+            day = utc_day(at)
+            db.executemany(
+                "INSERT INTO sender_bytes(sender, day, bytes) VALUES (?, ?, ?)"
+                " ON CONFLICT(sender, day) DO UPDATE SET bytes = bytes + excluded.bytes",
+                [(sender, day, n) for sender, n in added.items()],
+            )
         return out
+
+    def sender_bytes(self, day: str) -> dict[str, int]:
+        """Each sender's envelope bytes stored on this UTC day (``utc_day``)."""
+        if not self._read("SELECT 1 FROM sqlite_master WHERE name = 'sender_bytes'"):
+            return {}  # a store from an earlier version, opened read-only
+        rows = self._read("SELECT sender, bytes FROM sender_bytes WHERE day = ?", (day,))
+        return {str(sender): int(n) for sender, n in rows}
 
     def prune_seen(self, now: float | None = None) -> int:
         """Drop seen-set entries past their freshness window; return how many."""

@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -65,6 +66,7 @@ from broker.policy import variants
 from broker.roster import Roster, RosterKey
 from broker.sightings import leaf_values
 from broker.store import NewReport, Store
+from broker.store_inbox import utc_day
 from broker.validation import parse_record
 from broker.witness import LogState
 
@@ -840,11 +842,20 @@ def usa_inbound(tmp_path: Path) -> Iterator[tuple[Any, Forger, Path]]:
         store: Store,
         lacking: Callable[[RosterKey], bool] = lambda _k: False,
         clock: Callable[[], float] = time.monotonic,
+        budget: int = 1 << 30,
     ) -> Inbound:
         # ``lacking``: keys left out of USA's roster, as if it had not been rolled out yet.
         behind = Roster(k for k in roster if not lacking(k))
         return Inbound(
-            "USA", usa.decryption, behind, store, audit, timedelta(hours=1), 1 << 20, clock
+            "USA",
+            usa.decryption,
+            behind,
+            store,
+            audit,
+            timedelta(hours=1),
+            1 << 20,
+            clock,
+            sender_bytes_per_day=budget,
         )
 
     world = World(tmp_path, keydir, NatsServer(workdir=tmp_path / "unused"))
@@ -991,6 +1002,114 @@ def test_a_batch_the_store_cannot_take_is_logged_once_however_often_it_comes_bac
     assert inbound.process(batch).actions == ["ack"] * 5
     assert receipts() == 5  # its entries were written the first time
     assert inbound.store.inbox_count() == 5
+
+
+def test_a_sender_past_its_daily_budget_is_refused_before_decryption_across_restarts(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # The budget counts the envelope bytes stored per sender and UTC day: JPN's third
+    # report would pass it, and so would JPN's junk: both are refused at ``budget``
+    # (junk never reaches ``format``); KOR's are its own budget's; a redelivery of
+    # what was stored is acked as before. A restart (a new Inbound, the same store)
+    # carries the day on.
+    make, forger, path = usa_inbound
+    records = records_for("JPN", 3, seed=51)
+    jpn = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    spent = len(jpn[0][1]) + len(jpn[1][1])
+    budget = spent + 3  # room for 3 more bytes: not for the 4 of b"junk"
+    store = Store(path)
+    inbound = make(store, budget=budget)
+    first = inbound.process(jpn[:2])
+    assert first.actions == ["ack", "ack"]
+    today = utc_day(time.time())
+    assert store.sender_bytes(today) == {"JPN": spent}
+    assert inbound.budget.ratio("JPN", today) == spent / budget
+    junk = ("from.JPN.msmt.to.USA.vessel", b"junk")
+    kor_junk = ("from.KOR.msmt.to.USA.vessel", b"junk")
+    second = inbound.process([jpn[2], junk, kor_junk, jpn[0]])
+    assert second.actions == ["term", "term", "term", "ack"]
+    assert second.rejected == {"budget": 2, "format": 1}
+    assert second.duplicates == {"JPN": 1}
+    assert second.stored == []
+    refusals = [e for e in audit_entries(path.parent / "audit") if e["type"] == "rejected"]
+    assert [(e["source"], e["step"]) for e in refusals] == [
+        ("JPN", "budget"),
+        ("JPN", "budget"),
+        ("KOR", "format"),
+    ]
+    assert refusals[0]["reason"] == (
+        f"JPN's messages stored on {today} (UTC) take {spent} bytes and this one"
+        f" {len(jpn[2][1])}: over its budget of {budget} bytes a day"
+        " (limits.sender_bytes_per_day); its sender may send it again the next day"
+    )
+    restarted = make(store, budget=budget)
+    assert restarted.process([jpn[2]]).rejected == {"budget": 1}
+    raised = make(store, budget=spent + len(jpn[2][1]))
+    assert raised.process([jpn[2]]).actions == ["ack"]
+    assert store.sender_bytes(today) == {"JPN": spent + len(jpn[2][1])}
+    assert store.inbox_count() == 3
+
+
+def test_a_batch_the_store_refuses_spends_none_of_its_senders_budget(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # Bytes are reserved as messages are admitted; a batch that is not committed
+    # (the store full) gives them back, or its redelivery would be refused as over
+    # the budget it never spent.
+    make, forger, path = usa_inbound
+    records = records_for("JPN", 5, seed=52)
+    batch = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    budget = sum(len(data) for _, data in batch)
+    Store(path).close()
+    full = Store(path, max_pages=8)
+    inbound = make(full, budget=budget)
+    with pytest.raises(StoreError, match="database or disk is full"):
+        inbound.process(batch)
+    full.close()
+    inbound.store = Store(path)
+    assert inbound.process(batch).actions == ["ack"] * 5
+    assert inbound.store.sender_bytes(utc_day(time.time())) == {"JPN": budget}
+
+
+def test_a_senders_budget_is_per_utc_day_and_reserved_within_a_batch() -> None:
+    from broker.inbound_base import SenderBudget
+
+    budget = SenderBudget(100, "2026-12-07", {"JPN": 60})
+    assert budget.reserve("JPN", 40) is None
+    refused = budget.reserve("JPN", 1)  # the batch's reservation counts
+    assert refused is not None
+    assert refused.step == "budget"
+    assert budget.reserve("KOR", 100) is None  # each sender its own
+    budget.keep({"JPN": 30})  # of the 40 reserved, 30 stored
+    budget.free()
+    assert budget.used == {"JPN": 90}
+    assert budget.ratio("JPN", "2026-12-07") == 0.9
+    assert budget.reserve("JPN", 10) is None
+    assert budget.reserve("JPN", 1) is not None
+    assert budget.ratio("JPN", "2026-12-08") == 0.0  # a new day, before anything comes
+    budget.start("2026-12-08", {})
+    assert budget.reserve("JPN", 100) is None  # the new day starts empty
+    assert budget.used == {}
+
+
+def test_a_new_utc_day_starts_from_what_the_store_counted_for_it(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # The day turns (here: the node's counting day is made yesterday's) and the next
+    # batch counts against the store's totals for today, which a clock stepped back
+    # over midnight, or another process's earlier run, left there.
+    make, forger, path = usa_inbound
+    (record,) = records_for("JPN", 1, seed=53)
+    message = (f"from.JPN.msmt.to.USA.{record['kind']}", forger.envelope(record)[0].encode())
+    store = Store(path)
+    today = utc_day(time.time())
+    inbound = make(store, budget=len(message[1]))
+    with closing(sqlite3.connect(path)) as db, db:  # today's total, as an earlier run left it
+        db.execute("INSERT INTO sender_bytes VALUES ('JPN', ?, 1)", (today,))
+    inbound.budget.start("2000-01-01", {})
+    assert inbound.process([message]).rejected == {"budget": 1}
+    assert inbound.budget.day == today
+    assert inbound.budget.used == {"JPN": 1}
 
 
 async def test_reports_signed_with_a_key_a_partner_does_not_know_yet_are_held_not_lost(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,10 +35,13 @@ from structlog.testing import capture_logs
 import broker.hubwatch
 import broker.planloop
 from broker.cli import main
+from broker.config import load_config
+from broker.inbound_base import REFUSALS_LOGGED_PER_MINUTE
 from broker.node import Node
 from broker.node_start import load_node
 from broker.planloop import REISSUE_EVERY_S, reissue_interval
 from broker.store import Store
+from broker.store_inbox import utc_day
 from broker.validation import parse_record
 
 pytestmark = pytest.mark.integration
@@ -202,6 +206,88 @@ async def test_reports_a_partner_refused_as_too_old_reach_it_after_msmt_node_res
         f"report {withheld}: no envelope to USA (its policy released nothing of it to USA)",
         f"report {unknown}: no envelope to USA (no report with this id was accepted here)",
     ]
+
+
+async def test_reports_past_the_senders_daily_budget_are_refused_then_reach_it_after_resend(
+    world: World,
+) -> None:
+    # An insider trial's partner grew a receiver's store by 1.3 GB in 45 s with valid
+    # reports padded to the cap. USA's operator sets a budget per sender and UTC day
+    # (here from the environment, the smallest it takes): JPN's reports past it are
+    # refused before decryption, audited and named, and are not lost: with the limit
+    # raised, ``msmt node resend`` delivers them.
+    records, to_usa = configured_pair(world, 120, seed=41)
+    since = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    limit = 65_536
+    usa = load_config(world.config_path("USA"), env={"MSMT_SENDER_BYTES_PER_DAY": str(limit)})
+    assert usa.limits.sender_bytes_per_day == limit
+    nodes = {"JPN": load_node(world.config("JPN")), "USA": load_node(usa)}
+    tasks = await run_pair(world, nodes)
+    try:
+        with capture_logs() as logs:
+            answers = await world.submit("JPN", records)
+            assert [a["status"] for a in answers] == ["accepted"] * len(records)
+
+            def decided() -> int:
+                got = audit_rejections(world.config("USA"))["budget"]
+                return got + len(world.inbox_ids("USA", "JPN"))
+
+            await await_for(lambda: decided() == len(to_usa), 30, "USA deciding each report")
+        metrics = nodes["USA"].metrics.render().decode()
+    finally:
+        await stop_pair(nodes, tasks)
+    stored = set(world.inbox_ids("USA", "JPN"))
+    refused = to_usa - stored
+    assert stored
+    assert refused  # 120 sample reports' envelopes take more than 64 KiB
+    store = world.store("USA")
+    try:
+        envelopes = [store.kept_envelope("JPN", rid) for rid in stored]
+        today = store.sender_bytes(utc_day(time.time()))
+        counters = store.counters()
+    finally:
+        store.close()
+    spent = sum(len(jwe) for jwe in envelopes if jwe is not None)
+    assert len(envelopes) == len(stored)
+    assert today == {"JPN": spent}
+    assert limit - max(map(len, filter(None, envelopes))) < spent <= limit
+    assert counters["rejected.budget"] == len(refused)
+    ratio = spent / limit
+    assert f'msmt_sender_budget_used_ratio{{sender="JPN"}} {ratio}' in metrics
+    assert 'msmt_sender_budget_used_ratio{sender="KOR"} 0.0' in metrics
+    # Each refusal told names the report, so JPN's operator can send it again; past
+    # the 60 of a minute they are counted (a flood must not flood the log either).
+    told = min(len(refused), REFUSALS_LOGGED_PER_MINUTE)
+    lines = [e for e in logs if e["event"] == "inbound_rejected"]
+    assert len(lines) == told
+    assert {e["claimed_report_id"] for e in lines} <= refused
+    assert {e["step"] for e in lines} == {"budget"}
+    assert all("limits.sender_bytes_per_day" in e["reason"] for e in lines)
+    usa_log = audit_entries(world.config("USA").audit_dir)
+    assert [e["step"] for e in usa_log if e["type"] == "rejected"] == ["budget"] * told
+    folded = [e["steps"] for e in usa_log if e["type"] == "rejected_many"]
+    assert sum(n["budget"] for n in folded) == len(refused) - told
+    status = json.loads(msmt("status", "--config", str(world.config_path("USA")), "--json").stdout)
+    assert status["received_bytes_today"] == {"JPN": spent}
+    assert status["sender_bytes_per_day"] == 1 << 30  # what node.toml says without the variable
+
+    # The limit raised (the default: 1 GiB) and the node restarted; JPN sends again.
+    queued = msmt(
+        "node", "resend", "--config", str(world.config_path("JPN")), "--to", "USA", "--since", since
+    )  # fmt: skip
+    assert queued.returncode == 0, queued.stderr
+    nodes = {m: load_node(world.config(m)) for m in PAIR}
+    tasks = await run_pair(world, nodes)
+    try:
+        await await_for(
+            lambda: set(world.inbox_ids("USA", "JPN")) == to_usa, 30, "every report at USA"
+        )
+    finally:
+        await stop_pair(nodes, tasks)
+    code, replay = replay_pair(world)
+    assert code == 0
+    assert replay["findings"] == []
+    assert replay["never_delivered"] == []
 
 
 @pytest.mark.parametrize(
