@@ -268,8 +268,8 @@ async def test_reports_past_the_senders_daily_budget_are_refused_then_reach_it_a
     folded = [e["steps"] for e in usa_log if e["type"] == "rejected_many"]
     assert sum(n["budget"] for n in folded) == len(refused) - told
     status = json.loads(msmt("status", "--config", str(world.config_path("USA")), "--json").stdout)
-    assert status["received_bytes_today"] == {"JPN": spent}
-    assert status["sender_bytes_per_day"] == 1 << 30  # what node.toml says without the variable
+    assert status["bytes_today"] == {"JPN": spent}
+    assert status["sender_budget"] == 1 << 30  # what node.toml says without the variable
 
     # The limit raised (the default: 1 GiB) and the node restarted; JPN sends again.
     queued = msmt(

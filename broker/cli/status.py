@@ -97,8 +97,9 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``shared_token`` is ``off`` where the node refuses the shared intake.token
     (``intake.shared_token = false``: named feeds only), ``on`` otherwise.
     ``received`` is how many reports the inbox holds now (what ``inbox list`` lists).
-    ``received_bytes_today`` is each partner's envelope bytes stored this UTC day, which
-    ``sender_bytes_per_day`` bounds (past it, its messages are refused until 00:00 UTC).
+    ``bytes_today`` is each partner's envelope bytes stored this UTC day, which
+    ``sender_budget`` (``limits.sender_bytes_per_day``) bounds: past it, its messages
+    are refused until 00:00 UTC.
     ``clock_offset`` is the node's clock minus the hub's, in seconds, as last compared.
     ``inbox_paused`` says why and since when the node takes nothing from its inbox
     (another process with its credentials takes from it: the twin alarm; or its
@@ -141,8 +142,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "inbox_paused": state.get("inbox_paused", ""),
         "received": store.inbox_count(),
         # Each partner's envelope bytes stored this UTC day, against its daily budget.
-        "received_bytes_today": store.sender_bytes(utc_day(time.time())),
-        "sender_bytes_per_day": config.limits.sender_bytes_per_day,
+        "bytes_today": store.sender_bytes(utc_day(time.time())),
+        "sender_budget": config.limits.sender_bytes_per_day,
         "counters": {k: v for k, v in sorted(counters.items()) if not k.startswith(FEED_COUNTER)},
         # By feed: socket (intake.token), spool, and socket:NAME for each named feed.
         "feeds": feed_usage(counters, state),
