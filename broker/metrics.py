@@ -158,9 +158,9 @@ class Metrics:
         )
         self.partner_inbox_went_back = Counter(
             "msmt_partner_inbox_went_back",
-            "Acks for a partner's inbox at or below a sequence an earlier ack gave, in this"
-            " run: the hub lost what waited there (a store put back from a copy, or the"
-            " inbox made again).",
+            "Acks for a partner's inbox at or below a sequence an earlier ack gave (kept"
+            " across restarts): the hub lost what waited there (a store put back from a"
+            " copy, or the inbox made again).",
             ["partner"],
             registry=r,
         )

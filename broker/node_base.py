@@ -37,7 +37,7 @@ from broker.note import excerpt
 from broker.planloop import PlanLoop
 from broker.planner import Planner
 from broker.planpool import PlanPool
-from broker.publisher import Publisher, RunDb
+from broker.publisher import PARTNER_INBOX_SEQ_STATE, Publisher, RunDb
 from broker.receiver import Receiver
 from broker.roster import format_time
 from broker.store import Store
@@ -105,6 +105,8 @@ class NodeBase:
             self._clock_compared,
             store.state().get(INBOX_STREAM_STATE, ""),
         )
+        # Each partner's inbox, the highest sequence its acks gave (``Publisher``'s).
+        self._inbox_seq = store.state().get(PARTNER_INBOX_SEQ_STATE, "")
         self.nc: Client | None = None
         self.publisher: Publisher | None = None
         self.receiver: Receiver | None = None

@@ -33,6 +33,7 @@ from broker.node_base import (
     NodeBase,
     utc_now_text,
 )
+from broker.publisher import PARTNER_INBOX_SEQ_STATE
 from broker.reconcile import audit_unaudited
 from broker.roster import format_time
 
@@ -110,6 +111,7 @@ class Housekeeping(NodeBase):
             "connected": "no",
             "inbox_lag": "unknown",
             INBOX_STREAM_STATE: self.hub.stream_mark,
+            PARTNER_INBOX_SEQ_STATE: self._inbox_seq_mark(),
             "inbox_paused": "",  # a stopped node takes nothing: "connected no" says so
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,
@@ -121,6 +123,10 @@ class Housekeeping(NodeBase):
             await self.run_db(self.store.record_status, counts, facts)
         except MsmtError as exc:
             self._error(f"housekeeping: {exc}")
+
+    def _inbox_seq_mark(self) -> str:
+        # Before the first connection, what the last run kept, unchanged.
+        return self._inbox_seq if self.publisher is None else self.publisher.inbox_seq_mark()
 
     def _witnessed(self) -> str:
         """Each partner's log: when last seen at a checkpoint we cosigned ("" not since start)."""
@@ -154,6 +160,7 @@ class Housekeeping(NodeBase):
             "inbox_lag": "unknown" if lag is None else str(lag),
             "clock_offset": self.hub.clock_offset,
             INBOX_STREAM_STATE: self.hub.stream_mark,
+            PARTNER_INBOX_SEQ_STATE: self._inbox_seq_mark(),
             "inbox_paused": self._inbox_paused,
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,

@@ -30,7 +30,7 @@ from broker.log import get_logger
 from broker.natsclient import TlsOnlyClient
 from broker.natsconfig import inbox_durable, inbox_prefix, inbox_stream
 from broker.node_base import HOUSEKEEPING_S, NodeBase
-from broker.publisher import Publisher, sent_event
+from broker.publisher import Publisher, read_inbox_seq, sent_event
 from broker.receiver import Receiver
 from broker.store import OutboxItem
 
@@ -214,6 +214,7 @@ class Messaging(NodeBase):
             self.config.limits.publish_max_in_flight,
             lambda: nc.is_connected,
             self.plan_loop.may_publish,
+            read_inbox_seq(self._inbox_seq),
         )
         self.plan_loop.publisher = self.publisher
         self.receiver = Receiver(

@@ -44,6 +44,7 @@ from broker import audit_events
 from broker.audit_events import AuditEvent
 from broker.errors import MsmtError
 from broker.log import Throttle, get_logger
+from broker.members import is_member
 from broker.metrics import Metrics
 from broker.pubacks import PubAcks
 from broker.store import OutboxItem, Store
@@ -73,6 +74,27 @@ report's acks in two or three commits, each an fsync of the audit log and of
 the store. Only the record waits: the partners' copies are out already, and a
 stop records what it holds at once (``run``).
 """
+PARTNER_INBOX_SEQ_STATE: Final = "partner_inbox_seq"
+"""The status fact keeping, per partner, the highest stream sequence an ack for its
+inbox gave (``Publisher.inbox_seq_mark``), so a restart does not forget it: after a hub
+restore every node is likely to be restarted, and its first ack must still be compared."""
+
+
+def read_inbox_seq(text: str) -> dict[str, int]:
+    """What ``Publisher.inbox_seq_mark`` kept; anything else (none yet, damaged) is none."""
+    if len(text) > 1024:
+        return {}  # eleven members' marks are far shorter, and a deep nest would not parse
+    try:
+        mark = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(mark, dict):
+        return {}
+    return {
+        partner: seq
+        for partner, seq in mark.items()
+        if is_member(partner) and type(seq) is int and 0 < seq < 1 << 63
+    }
 
 
 _IAT_AND_BYTES: Final = re.compile(r'\{"iat":\d+,"bytes":\d+,')
@@ -131,6 +153,7 @@ class Publisher:
         max_in_flight: int,
         connected: Callable[[], bool],
         may_publish: Callable[[], bool] = lambda: True,
+        inbox_seq: Mapping[str, int] | None = None,
     ) -> None:
         self.member = member
         self.acks = PubAcks(nc)
@@ -177,10 +200,11 @@ class Publisher:
         self._record_log = Throttle()  # record_sent_failed, once a minute
         self.counts: Counter[str] = Counter()
         self.last_error: str | None = None
-        # The highest stream sequence an ack gave for each partner's inbox, in this run:
-        # one at or below it means the inbox went back (the hub's store put back from a
-        # copy, or the inbox made again), and what we sent past it may be lost there.
-        self._inbox_seq: dict[str, int] = {}
+        # The highest stream sequence an ack gave for each partner's inbox, kept across
+        # restarts (``inbox_seq``, from the status): one at or below it means the inbox
+        # went back (the hub's store put back from a copy, or the inbox made again), and
+        # what we sent past it may be lost there.
+        self._inbox_seq: dict[str, int] = dict(inbox_seq or {})
 
     def wake(self) -> None:
         """Tell the publisher new envelopes may be pending."""
@@ -350,6 +374,10 @@ class Publisher:
         self._acked.append(item)
         self._unrecorded.add(key)
         self._acked_wake.set()
+
+    def inbox_seq_mark(self) -> str:
+        """The highest sequence each partner's inbox acked, for the status to keep."""
+        return json.dumps(self._inbox_seq, sort_keys=True, separators=(",", ":"))
 
     def _check_inbox_seq(self, partner: str, seq: int) -> None:
         # A review of the hub-restore drill: a recipient stopped while the hub's store

@@ -63,6 +63,7 @@ from broker.node import Node, NodeFailedError, failure_text
 from broker.node_messaging import nats_error_text
 from broker.node_start import load_node
 from broker.policy import variants
+from broker.publisher import PARTNER_INBOX_SEQ_STATE, read_inbox_seq
 from broker.roster import Roster, RosterKey
 from broker.sightings import leaf_values
 from broker.store import NewReport, Store
@@ -2043,10 +2044,14 @@ async def test_a_hub_restored_from_an_older_copy_is_said_to_have_lost_the_inbox(
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_a_sender_sees_a_stopped_partners_inbox_go_back(world: World) -> None:
+@pytest.mark.parametrize("restarted", [False, True], ids=["running", "restarted"])
+async def test_a_sender_sees_a_stopped_partners_inbox_go_back(
+    world: World, restarted: bool
+) -> None:
     # A review of the hub-restore drill: USA, stopped while the hub's store was put back
     # from a copy, could not see the reports it lost; JPN, which sent them, can: its next
-    # ack for USA's inbox comes back at a sequence below one it had before.
+    # ack for USA's inbox comes back at a sequence below one it had before. Also when
+    # JPN was restarted meanwhile (likely, in a disaster): its status keeps the sequence.
     world.write_config("JPN", BATCH_POLICY)
     policy = world.policy("JPN")
     records = [
@@ -2071,10 +2076,22 @@ async def test_a_sender_sees_a_stopped_partners_inbox_go_back(world: World) -> N
         world.server.start()
         await sent(records[3:6], 6)  # USA, stopped, does not read them
         assert jpn.metrics.partner_inbox_went_back.labels(partner="USA")._value.get() == 0
+        if restarted:
+            jpn.stop.set()
+            await task
+            kept = world.store("JPN")
+            try:
+                assert read_inbox_seq(kept.state()[PARTNER_INBOX_SEQ_STATE])["USA"] == 6
+            finally:
+                kept.close()
         world.server.kill()
         shutil.rmtree(world.server.store_dir)
         shutil.copytree(copy, world.server.store_dir)  # the copy put back: 4 to 6 gone
         world.server.start()
+        if restarted:
+            jpn = load_node(world.config("JPN"))
+            task = asyncio.create_task(jpn.run())
+            await await_for(lambda: jpn.ready() is None, 20, "JPN ready again")
         with capture_logs() as logs:
             await sent(records[6:], 7)
             went = jpn.metrics.partner_inbox_went_back.labels(partner="USA")
@@ -2088,6 +2105,22 @@ async def test_a_sender_sees_a_stopped_partners_inbox_go_back(world: World) -> N
     finally:
         jpn.stop.set()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "read"),
+    [
+        ('{"KOR":3,"USA":6}', {"KOR": 3, "USA": 6}),
+        ("", {}),
+        ("[1]", {}),
+        ("[" * 100_000, {}),
+        ('{"USA":6,"XYZ":9,"KOR":"3","GBR":true,"FRA":0,"DEU":-1}', {"USA": 6}),
+        ('{"USA":' + "9" * 30 + "}", {}),
+    ],
+)
+def test_a_kept_inbox_sequence_that_is_not_one_is_none(text: str, read: dict[str, int]) -> None:
+    # The status is the node's own, but a damaged one must cost the comparison, not the start.
+    assert read_inbox_seq(text) == read
 
 
 def _hub_watch(client: object, servers: int, errors: list[str]) -> broker.hubwatch.HubWatch:
