@@ -406,6 +406,16 @@ def parse_config(
         if value is not None:
             holder[keys[-1]] = _resolve(base / value, ".".join(keys))
     config = NodeConfig.model_validate(resolved)
+    limits = config.limits
+    if limits.sender_bytes_per_day < limits.max_message_bytes:
+        # A message larger than the day's whole budget would be refused every day.
+        key = "limits.sender_bytes_per_day"
+        source = f" (set by {overridden[key]})" if key in overridden else ""
+        raise ConfigError(
+            f"config key {key}: {limits.sender_bytes_per_day} is less than"
+            f" limits.max_message_bytes ({limits.max_message_bytes}): a partner's message"
+            f" that large could never be received; give at least that{source}"
+        )
     nats = config.nats
     check_tls_settings(nats.urls, nats.ca_file, nats.cert_file, nats.key_file, CONFIG_NAMES)
     if len(str(config.socket_path).encode()) > MAX_SOCKET_PATH:

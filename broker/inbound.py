@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Final, Literal
 
@@ -23,11 +24,13 @@ from broker.envelope import Delivery, receive, receive_batch
 from broker.errors import EnvelopeError, HeldError, MsmtError
 from broker.inbound_base import (
     MAX_SKEW,
+    UNSTORED_STATE,
     Action,
     BatchResult,
     InboundBase,
     attested_sender,
     sender_field,
+    unstored_text,
 )
 from broker.log import get_logger
 from broker.store import Received
@@ -164,6 +167,11 @@ class Inbound(InboundBase):
                 self._unstored |= receipts
             raise
         self._unstored -= receipts
+        if self._kept_unstored & receipts:
+            self._kept_unstored -= receipts
+            # Stored already: a stale record would only spare them a budget check.
+            with suppress(MsmtError):
+                self.store.set_state({UNSTORED_STATE: unstored_text(self._kept_unstored)})
         spent: Counter[str] = Counter()
         for rec, new in zip(stored, fresh, strict=True):
             if new:
@@ -196,6 +204,7 @@ class Inbound(InboundBase):
             # returns to a day already counted.
             self.budget.start(day, self.store.sender_bytes(day))
         tokens = [""] * len(messages)
+        reserved: set[tuple[str, str]] = set()  # (sender, JWE hash) reserved in this batch
         deliveries: list[Delivery] = []
         asked: list[tuple[int, str]] = []  # (index in the batch, sender) of each delivery
         for index, ((subject, data), digest) in enumerate(zip(messages, digests, strict=True)):
@@ -207,11 +216,15 @@ class Inbound(InboundBase):
             if (sender, digest) in known:
                 decided[index] = "duplicate"
                 continue
-            # Before the checklist: a sender over its budget costs no decryption.
-            refusal = self.budget.reserve(sender, len(data))
-            if refusal is not None:
-                decided[index] = refusal
-                continue
+            # Before the checklist: a sender over its budget costs no decryption. Not
+            # a receipt the log holds already (the store lost it to a crash or a full
+            # disk), nor the same bytes twice in the batch (one is a duplicate).
+            if (sender, digest) not in self._unstored and (sender, digest) not in reserved:
+                refusal = self.budget.reserve(sender, len(data))
+                if refusal is not None:
+                    decided[index] = refusal
+                    continue
+                reserved.add((sender, digest))
             tokens[index] = token
             deliveries.append(Delivery(token, sender, subject.rpartition(".")[2]))
             asked.append((index, sender))

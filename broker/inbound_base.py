@@ -13,9 +13,10 @@ the store's thread, as ``Inbound`` is.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Literal
@@ -53,6 +54,33 @@ inside the consumer's ``max_ack_pending`` (1024), so a sender naming made-up key
 cannot stall the inbox for the others."""
 
 Action = Literal["ack", "term", "hold"]
+
+UNSTORED_STATE: Final = "receipts_unstored"
+"""The status fact keeping the receipts the audit log holds and the store lacks (a crash
+or a full disk between the two), as a JSON list of ``[sender, JWE hash]``: the start
+that finds them records the log's size past them, and a second start would not."""
+SENDER_BUDGET_STATE: Final = "sender_budget"
+"""The status fact keeping the daily budget the running node holds partners to."""
+
+
+def read_unstored(text: str) -> set[tuple[str, str]]:
+    """What ``unstored_text`` kept; anything else (none yet, damaged) is none."""
+    try:
+        pairs = json.loads(text) if text else []
+    except (ValueError, RecursionError):
+        return set()
+    if not isinstance(pairs, list):
+        return set()
+    return {
+        (pair[0], pair[1])
+        for pair in pairs
+        if isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
+    }
+
+
+def unstored_text(unstored: Iterable[tuple[str, str]]) -> str:
+    """``UNSTORED_STATE``'s value: the receipts, sorted, as a JSON list of pairs."""
+    return json.dumps([list(pair) for pair in sorted(unstored)], separators=(",", ":"))
 
 
 class SenderBudget:
@@ -206,6 +234,7 @@ class InboundBase:
         clock: Callable[[], float] = time.monotonic,
         *,
         sender_bytes_per_day: int = SENDER_BYTES_PER_DAY,
+        unstored: Iterable[tuple[str, str]] = (),
     ) -> None:
         self.member = member
         self.decryption_keys = decryption_keys
@@ -223,9 +252,13 @@ class InboundBase:
         self._held: dict[str, dict[str, float]] = {}
         self._clock = clock
         # (sender, JWE hash) of receipts whose entries are in the log but whose
-        # store commit failed (a full disk): their redeliveries are not logged
-        # again. A trial's full store and writable log had 80 entries an envelope.
-        self._unstored: set[tuple[str, str]] = set()
+        # store commit failed (a full disk), or that a start found so (a crash):
+        # their redeliveries are not logged again, nor refused over the budget (the
+        # log says they were received). A trial's full store and writable log had 80
+        # entries an envelope. Those a start found are also kept in the store's
+        # status (``UNSTORED_STATE``) until stored.
+        self._unstored: set[tuple[str, str]] = set(unstored)
+        self._kept_unstored: set[tuple[str, str]] = set(self._unstored)
         today = utc_day(time.time())
         self.budget = SenderBudget(sender_bytes_per_day, today, store.sender_bytes(today))
 

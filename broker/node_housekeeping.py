@@ -36,6 +36,7 @@ from broker.node_base import (
 from broker.publisher import PARTNER_INBOX_SEQ_STATE
 from broker.reconcile import audit_unaudited
 from broker.roster import format_time
+from broker.store_inbox import utc_day
 
 log = get_logger("node")
 
@@ -147,7 +148,17 @@ class Housekeeping(NodeBase):
             elif name.startswith("intake."):
                 self.metrics.intake_rejected.labels(reason=name.partition(".")[2]).inc(count)
 
+    def _show_budget(self) -> None:
+        # Each partner's share of its daily budget spent: from the start (the store's
+        # totals), whether the inbox is read or not, and 0 from 00:00 UTC.
+        day = utc_day(time.time())
+        for sender in MEMBERS:
+            if sender != self.member:
+                ratio = self.inbound.budget.ratio(sender, day)
+                self.metrics.budget_used.labels(sender=sender).set(ratio)
+
     async def _housekeep_once(self) -> None:
+        self._show_budget()
         lag = await self.hub.inbox_lag()
         counts = self._take_counts()
         # Metrics first: they live in memory, so they count what happens while the

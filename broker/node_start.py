@@ -30,6 +30,12 @@ from broker.errors import AuditError, ConfigError, KeyMaterialError, StoreDamage
 from broker.feeds import SHARED_STATE
 from broker.files import holds_nothing
 from broker.inbound import Inbound
+from broker.inbound_base import (
+    SENDER_BUDGET_STATE,
+    UNSTORED_STATE,
+    read_unstored,
+    unstored_text,
+)
 from broker.keys_roster import pin_roster
 from broker.log import get_logger
 from broker.members import MEMBERS
@@ -76,7 +82,9 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             )
         audit = _open_audit(config, store, signing, signed.roster)
         undo.callback(audit.close)
-        unrecorded = check_store_against_log(config, store, audit)
+        unrecorded, unstored = check_store_against_log(config, store, audit)
+        # Kept until stored: the store write below moves its record of the log past them.
+        unstored |= read_unstored(state.get(UNSTORED_STATE, ""))
         store.audit_size = lambda: audit.size
         logged_now = _log_start(
             config.member, audit, state, policy.digest, signed.roster, unrecorded, at
@@ -93,6 +101,10 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 "policy_digest": policy.digest,
                 SHARED_STATE: "on" if config.intake.shared_token else "off",
                 "key_events": json.dumps(sorted(logged_now)),
+                UNSTORED_STATE: unstored_text(unstored),
+                # The budget this run holds partners to, for msmt status (whose own
+                # environment may not be the node's).
+                SENDER_BUDGET_STATE: str(config.limits.sender_bytes_per_day),
             }
         )
         signer = Signer(config.member, keys.signing, keys.signing_kid)
@@ -106,6 +118,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             timedelta(seconds=config.limits.freshness_seconds),
             config.limits.max_message_bytes,
             sender_bytes_per_day=config.limits.sender_bytes_per_day,
+            unstored=unstored,
         )
         partners = [m for m in MEMBERS if m != config.member]
 

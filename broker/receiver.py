@@ -64,12 +64,10 @@ from broker.errors import MsmtError
 from broker.inbound import Inbound
 from broker.inbound_base import BatchResult
 from broker.log import Throttle, get_logger
-from broker.members import MEMBERS
 from broker.metrics import Metrics
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.publisher import RunDb
 from broker.receiver_pull import Pull, hold_delay, hub_pending, published_at
-from broker.store_inbox import utc_day
 
 log = get_logger("receiver")
 
@@ -140,7 +138,6 @@ class Receiver:
                         await self._until_writable(stop)
                     continue
                 await pull.want_more()
-                self._show_budget()  # a new UTC day shows while nothing comes
                 await pull.wait(min(1.0, max(0.01, pull.deadline - time.monotonic())))
         finally:
             self.bound = False
@@ -223,13 +220,4 @@ class Receiver:
         for sender, count in result.held.items():
             self.metrics.held.labels(sender=sender).inc(count)
             self.counts[f"held.{sender}"] += count
-        self._show_budget()
         return True
-
-    def _show_budget(self) -> None:
-        # Each partner's share of its budget spent today (0 on a new UTC day).
-        day = utc_day(time.time())
-        for sender in MEMBERS:
-            if sender != self.member:
-                ratio = self.inbound.budget.ratio(sender, day)
-                self.metrics.budget_used.labels(sender=sender).set(ratio)

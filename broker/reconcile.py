@@ -164,11 +164,14 @@ def check_log_without_store(config: NodeConfig) -> int:
 
 def check_store_against_log(
     config: NodeConfig, store: Store, audit: LogEntries
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], set[tuple[str, str]]]:
     """Refuse a store and an audit log that are not from one moment; raise ``ConfigError``.
 
     Returns the ``policy`` and ``key`` entries the log holds after the store's
-    last write: a start that logged them and then could not write the store.
+    last write (a start that logged them and then could not write the store), and
+    the ``(sender, JWE hash)`` of the ``received`` entries there whose reports the
+    store lacks: the hub redelivers them, and the receiver must store them then,
+    not refuse them (``broker.inbound``: not at ``budget``) or log them again.
 
     Every store write records the log's size (``store.AUDIT_SIZE``), and the log
     commits before the store write that follows an append. So a log shorter than
@@ -188,7 +191,7 @@ def check_store_against_log(
         # write starts the record), unless it holds nothing at all beside a log that
         # does: a young store lives wholly in its -wal file until SQLite's first
         # checkpoint, and losing that file leaves an empty store.
-        return [] if state else _start_entries_only(config, audit)
+        return ([] if state else _start_entries_only(config, audit)), set()
     seen = int(recorded)
     if seen > audit.size:
         raise ConfigError(
@@ -199,6 +202,7 @@ def check_store_against_log(
     ends = audit.checkpoint_sizes(seen)
     unstored_append: int | None = None  # the one append whose receipts may be missing
     unrecorded: list[dict[str, Any]] = []
+    unstored: set[tuple[str, str]] = set()
     for index in range(seen, audit.size):
         entry = json.loads(audit.entry(index))
         kind = entry.get("type")
@@ -213,6 +217,7 @@ def check_store_against_log(
             append = bisect.bisect_right(ends, index)
             if not held and unstored_append in (None, append):
                 unstored_append, held = append, True
+                unstored.add((entry["sender"], entry["jwe_sha256"]))
         else:
             continue
         if not held:
@@ -220,7 +225,7 @@ def check_store_against_log(
                 f"the store {config.store_path} lacks what audit log entry {index} records"
                 f" ({kind}, report {entry['report_id']}): the store lost commits; {RESTORE}"
             )
-    return unrecorded
+    return unrecorded, unstored
 
 
 def _start_entries_only(config: NodeConfig, audit: LogEntries) -> list[dict[str, Any]]:

@@ -96,6 +96,19 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             BASE + "\n[limits]\nmax_record_bytes = 10000000\n",
             "config key limits.max_record_bytes",
         ),
+        # A partner's message larger than its whole daily budget could never be received.
+        (
+            {"MSMT_SENDER_BYTES_PER_DAY": "65536"},
+            BASE,
+            "config key limits.sender_bytes_per_day: 65536 is less than"
+            " limits.max_message_bytes (1048576): a partner's message that large could"
+            " never be received; give at least that (set by MSMT_SENDER_BYTES_PER_DAY)",
+        ),
+        (
+            {},
+            BASE + "\n[limits]\nmax_message_bytes = 8388608\nsender_bytes_per_day = 8388607\n",
+            "config key limits.sender_bytes_per_day: 8388607 is less than",
+        ),
         ({}, "member = [", "invalid TOML"),
         (
             {},

@@ -25,6 +25,7 @@ from broker.config import NodeConfig
 from broker.errors import MsmtError
 from broker.feeds import FEED_COUNTER, SHARED_STATE
 from broker.feeds import usage as feed_usage
+from broker.inbound_base import SENDER_BUDGET_STATE
 from broker.roster import parse_time
 from broker.store import Store
 from broker.store_file import writer_pid
@@ -82,6 +83,18 @@ def _shared_token_state(config: NodeConfig, state: Mapping[str, str]) -> str:
     return started
 
 
+def _budget_state(config: NodeConfig, state: Mapping[str, str]) -> str:
+    # The budget the running node holds partners to (its environment may set it, which
+    # this command's may not), and whether this configuration still says so.
+    wanted = str(config.limits.sender_bytes_per_day)
+    started = state.get(SENDER_BUDGET_STATE)
+    if started is None:
+        return f"{wanted} (the node has not started with it yet)"
+    if started != wanted:
+        return f"{started}; this configuration says {wanted}: restart the node to apply it"
+    return started
+
+
 @click.command(name="status")
 @_CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
@@ -98,8 +111,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     (``intake.shared_token = false``: named feeds only), ``on`` otherwise.
     ``received`` is how many reports the inbox holds now (what ``inbox list`` lists).
     ``bytes_today`` is each partner's envelope bytes stored this UTC day, which
-    ``sender_budget`` (``limits.sender_bytes_per_day``) bounds: past it, its messages
-    are refused until 00:00 UTC.
+    ``sender_budget`` bounds (``limits.sender_bytes_per_day`` as the node last started
+    with it): past it, a partner's messages are refused until 00:00 UTC.
     ``clock_offset`` is the node's clock minus the hub's, in seconds, as last compared.
     ``inbox_paused`` says why and since when the node takes nothing from its inbox
     (another process with its credentials takes from it: the twin alarm; or its
@@ -143,7 +156,7 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "received": store.inbox_count(),
         # Each partner's envelope bytes stored this UTC day, against its daily budget.
         "bytes_today": store.sender_bytes(utc_day(time.time())),
-        "sender_budget": config.limits.sender_bytes_per_day,
+        "sender_budget": _budget_state(config, state),
         "counters": {k: v for k, v in sorted(counters.items()) if not k.startswith(FEED_COUNTER)},
         # By feed: socket (intake.token), spool, and socket:NAME for each named feed.
         "feeds": feed_usage(counters, state),
