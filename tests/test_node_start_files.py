@@ -589,3 +589,45 @@ def test_a_planted_module_others_may_write_is_refused_before_it_runs(tmp_path: P
     assert not marker.exists()
     version()  # ours, closed to others: imported as any cache is (the check is no sandbox)
     assert marker.exists()
+
+
+def test_a_dependency_or_a_folder_above_the_code_others_may_write_is_refused(
+    tmp_path: Path,
+) -> None:
+    # A packaging review: click reinstalled under umask 000 (its folder 0777), and
+    # another user's code in it ran as root; nor were the folders above the install
+    # looked at (a venv's lib/ open to all: anyone could swap site-packages). Here a
+    # site folder on the path, as a user site or a --system-site-packages venv adds one.
+    lib = tmp_path / "lib"
+    site = lib / "site-packages"
+    dependency = site / "dependency"
+    dependency.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def version() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [MSMT, "--version"], capture_output=True, text=True, env=env, check=False, timeout=60
+        )
+
+    assert version().returncode == 0
+    dependency.chmod(0o777)
+    refused = version()
+    assert (refused.returncode, refused.stderr) == (
+        2,
+        f"msmt: error: {dependency} is writable by every local user (mode 0777): anyone"
+        " could change the code msmt runs; chmod o-w it (installed or run under umask 000?)\n",
+    )
+    dependency.chmod(0o755)
+    (site / "module.py").touch()
+    (site / "module.py").chmod(0o666)  # a module at the top: importable by name
+    assert f"{site / 'module.py'} is writable by every local user (mode 0666)" in (version().stderr)
+    (site / "module.py").chmod(0o644)
+    lib.chmod(0o777)
+    assert version().stderr == (
+        f"msmt: error: {lib} is writable by every local user and not sticky (mode 0777):"
+        " anyone could put their own code in place of what msmt runs below it; chmod o-w"
+        " it (or +t)\n"
+    )
+    lib.chmod(0o1777)  # as /tmp: nobody may rename another's folder in it
+    assert version().returncode == 0
+    lib.chmod(0o755)
