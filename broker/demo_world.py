@@ -106,25 +106,29 @@ class World:
         return self.root / "keys"
 
     def prepare(self) -> None:
-        """Generate keys and pseudonym keys; copy the policies; write each node's config."""
-        keys_custodian.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(minutes=1))
-        users = keys_users.load_signed_users(self.keydir).users
-        self.server = NatsServer(workdir=self.root / "nats", extra_config=accounts_config(users))
+        """Read the policies; generate keys and pseudonym keys; write each node's folder."""
+        # The policies first: one that cannot be read or is refused leaves nothing
+        # written, so a --keep folder can be used again (a packaging review's could not).
+        texts: dict[str, str] = {}
         for member in MEMBERS:
             source = self.policy_source / member / "policy.toml"
             try:
                 # As a node reads a policy: a bare CR is no line end (Path.read_text's is).
-                text = read_file_text(source)
+                texts[member] = read_file_text(source)
             except OSError as exc:
                 raise UsageError(
                     f"cannot read {source}: {exc.strerror} (run from the repository root "
                     "or pass --nodes)"
                 ) from None
+            self.policies[member] = load_policy(texts[member], member=member, source=str(source))
+        keys_custodian.init_keys(self.keydir, MEMBERS, now=datetime.now(UTC) - timedelta(minutes=1))
+        users = keys_users.load_signed_users(self.keydir).users
+        self.server = NatsServer(workdir=self.root / "nats", extra_config=accounts_config(users))
+        for member in MEMBERS:
             folder = self.root / "nodes" / member
             folder.mkdir(parents=True)
-            (folder / "policy.toml").write_text(text, encoding="utf-8")
-            policy = load_policy(text, member=member, source=str(source))
-            self.policies[member] = policy
+            (folder / "policy.toml").write_text(texts[member], encoding="utf-8")
+            policy = self.policies[member]
             for key_id in policy.pseudonym_keys:
                 path = pseudonym_keys.key_file(self.keydir, member, key_id)
                 pseudonym_keys.store_key(path, pseudonym_keys.new_key(), replace=False)

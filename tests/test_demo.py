@@ -526,6 +526,12 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
         assert err.startswith("msmt: error: ")
         assert reason in err
     assert not (tmp_path / "open" / "keys").exists()
+    # A packaging review: the keys were written before the policies were read, so the
+    # kept folder, no longer empty, was refused at the next try.
+    proc = _start_demo("--keep", str(tmp_path / "kept"), "--nodes", str(tmp_path / "none"))
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, "cannot read" in err) == (2, True), out + err
+    assert list((tmp_path / "kept").iterdir()) == []
 
 
 def test_a_new_kept_directory_is_private(tmp_path: Path) -> None:
