@@ -508,6 +508,7 @@ ENV_CASES: tuple[tuple[str, str], ...] = tuple(
         "MSMT_MAX_RECORD_BYTES": ("-0", BIG, "nan"),
         "MSMT_FRESHNESS_SECONDS": ("inf", "-1"),
         "MSMT_HOLD_SECONDS": ("9" * 5000,),
+        "MSMT_SENDER_BYTES_PER_DAY": ("0", "65536", "1099511627777", "1 GiB"),
         "MSMT_NATS_URLS": ("", ",,,", "http://x", "nats://a\nb"),
         "MSMT_METRICS_LISTEN": ("", "0.0.0.0:1", "[::1]:99999", "localhost:"),
         "MSMT_MEMBER": ("", "XXX", "jpn", "USA"),
