@@ -28,7 +28,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, cast
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+)
 
 from broker.errors import ConfigError
 from broker.files import read_file_text, writable_by_all
@@ -81,8 +89,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-ConfigPath = Annotated[Path, Strict(False)]
-"""A path key: a TOML string (or a ``Path`` once resolved), the one conversion allowed."""
+def _path_text(value: object) -> object:
+    # An empty value was the base folder (Path("") is "."): MSMT_DATA_DIR= from an unset
+    # variable started a second store and audit log there, a fork of the node (a review).
+    if isinstance(value, str) and (not value.strip() or value != value.strip()):
+        what = "empty" if not value.strip() else "a path with spaces at its start or end"
+        raise ValueError(f"{what} ({value!r}): give the path itself")
+    return value
+
+
+ConfigPath = Annotated[Path, Strict(False), BeforeValidator(_path_text)]
+"""A path key: a TOML string (or a ``Path`` once resolved), the one conversion allowed;
+never empty text, nor text with spaces at either end."""
 
 
 class NatsSection(_Section):
@@ -423,7 +441,53 @@ def parse_config(
             f"config key intake.socket: {config.socket_path} is longer than a unix socket "
             f"path may be ({MAX_SOCKET_PATH} bytes); set intake.socket to a shorter path"
         )
+    _check_spool_apart(config, config_dir, overridden)
     return config
+
+
+def _check_spool_apart(config: NodeConfig, config_dir: Path, overridden: Mapping[str, str]) -> None:
+    """Refuse a spool folder that holds the node's own files: it would file them as batches.
+
+    A review set ``intake.spool_dir`` to the data directory and the node moved its token,
+    roster state and witness state into ``rejected/``; to the node's folder, its
+    ``node.toml`` and policy; empty (the base folder), the repository's files.
+    """
+    spool = config.spool_path.resolve()
+    own = {
+        "base_dir": config.base_dir,
+        "the folder of this node.toml": config_dir,
+        "data_dir": config.data_dir,
+        "the audit log's folder": config.audit_dir,
+        "keys.dir": config.keys.dir,
+        "the member's key folder": config.keys.dir / config.member,
+        "keys.roster_dir": config.roster_dir,
+        "the policy's folder": config.policy.parent,
+        "the folder of nats.seed_file": config.seed_path.parent,
+        "the folder of keys.authority": config.authority_path.parent,
+        "the folder of intake.token_file": config.token_path.parent,
+        "the folder of intake.socket": config.socket_path.parent,
+    }
+    own |= {
+        f"the folder of nats.{name}": path.parent
+        for name, path in (
+            ("ca_file", config.nats.ca_file),
+            ("cert_file", config.nats.cert_file),
+            ("key_file", config.nats.key_file),
+        )
+        if path is not None
+    }
+    for what, folder in own.items():
+        if spool == folder.resolve():
+            source = (
+                f" (set by {overridden['intake.spool_dir']})"
+                if "intake.spool_dir" in overridden
+                else ""
+            )
+            raise ConfigError(
+                f"config key intake.spool_dir: {spool} is {what}: the spool files every"
+                f" file in it as a feed's batch, this node's own among them; give a folder"
+                f" of its own (the default is <data_dir>/spool){source}"
+            )
 
 
 def _resolve(path: Path, key: str) -> Path:

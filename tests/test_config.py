@@ -96,6 +96,33 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             BASE + "\n[limits]\nmax_record_bytes = 10000000\n",
             "config key limits.max_record_bytes",
         ),
+        # A review: an empty path variable (Environment=MSMT_DATA_DIR=${UNSET}) was the
+        # base folder, where the node started a second store and audit log: a fork.
+        ({"MSMT_DATA_DIR": ""}, BASE, "config key data_dir: empty (''): give the path itself"),
+        ({"MSMT_SPOOL_DIR": " "}, BASE, "config key intake.spool_dir: empty (' ')"),
+        (
+            {"MSMT_DATA_DIR": "data/JPN "},
+            BASE,
+            "data_dir: a path with spaces at its start or end ('data/JPN '): give the path"
+            " itself (set by MSMT_DATA_DIR)",
+        ),
+        ({}, BASE.replace('"data/JPN"', '""'), "config key data_dir: empty"),
+        # A review: a spool in the node's own folders filed its state and its
+        # node.toml as feeds' batches (into rejected/).
+        (
+            {"MSMT_SPOOL_DIR": "data/JPN"},
+            BASE,
+            "is data_dir: the spool files every file in it as a feed's batch, this node's own"
+            " among them; give a folder of its own (the default is <data_dir>/spool) (set by"
+            " MSMT_SPOOL_DIR)",
+        ),
+        (
+            {},
+            BASE + '\n[intake]\nspool_dir = "nodes/JPN"\n',
+            "is the folder of this node.toml: the spool files",
+        ),
+        ({"MSMT_SPOOL_DIR": "keys/JPN"}, BASE, "is the member's key folder"),
+        ({"MSMT_SPOOL_DIR": "."}, BASE, "is base_dir"),
         # A partner's message larger than its whole daily budget could never be received.
         (
             {"MSMT_SENDER_BYTES_PER_DAY": "65536"},
