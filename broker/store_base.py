@@ -72,7 +72,10 @@ class StoreBase:
                     raise StoreDamagedError(f"store {path} is {NOT_A_FILE}")
             if readonly:
                 self._db = sqlite3.connect(
-                    f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10
+                    f"{path.absolute().as_uri()}?mode=ro",
+                    uri=True,
+                    isolation_level=None,
+                    timeout=10,
                 )
                 check_format(self._db, path)
             else:

@@ -226,7 +226,9 @@ def refuse_foreign(path: Path) -> None:
     """
     if holds_nothing(path):
         return
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
+    db = sqlite3.connect(
+        f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None, timeout=10
+    )
     try:
         rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     finally:

@@ -306,6 +306,37 @@ def test_a_stdout_that_fails_is_one_line_and_exit_1_for_every_command(
     )
 
 
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+def test_a_file_cut_short_by_its_size_limit_is_output_cut_short(
+    tmp_path: Path, unbuffered: bool
+) -> None:
+    # A review: `ulimit -f 4` (or a full disk past the first block) cut an evidence
+    # file at 4 KiB and the command exited 0: unbuffered (PYTHONUNBUFFERED, as
+    # containers set it) the text layer dropped every short write's count.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    with (tmp_path / "out").open("wb") as out:
+        done = subprocess.run(
+            [MSMT, "samples", "generate", "--count", "12"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            env=env,
+            preexec_fn=small_files,  # a limit set in the child only
+            timeout=60,
+            check=False,
+        )
+    assert (done.returncode, done.stderr) == (
+        1,
+        b"msmt: error: cannot write the output to stdout: File too large\n",
+    )
+    assert (tmp_path / "out").stat().st_size == 4096
+
+
 def test_a_reader_that_leaves_midway_through_a_large_write_is_output_cut_short() -> None:
     # "| head -c 10" on one large write: Python's buffered writer returned the short
     # count, which the text layer dropped, and the command exited 0 with 2.4 MB

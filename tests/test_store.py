@@ -1045,3 +1045,23 @@ def test_a_schema_is_created_whole_or_not_at_all(tmp_path: Path) -> None:
         assert names == {"first", "second"}
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("name", ["AU#S", "AU?S", "AU%53", "A U"])
+def test_a_store_in_a_folder_with_uri_characters_opens_read_only_as_itself(
+    tmp_path: Path, name: str
+) -> None:
+    # A review: the read-only open built "file:<path>?mode=ro" unescaped, so "#" cut the
+    # path (an empty stray file made, opened read-write), and "%53" read another folder's
+    # store ("AUS").
+    (tmp_path / "AUS").mkdir()
+    other = Store(tmp_path / "AUS" / "node.sqlite3")
+    other.set_state({"member": "other"})
+    other.close()
+    (tmp_path / name).mkdir()
+    store = Store(tmp_path / name / "node.sqlite3")
+    store.set_state({"member": "this"})
+    store.close()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert Store(tmp_path / name / "node.sqlite3", readonly=True).state()["member"] == "this"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -59,10 +59,6 @@ def _silence(fd: int) -> None:
     os.close(devnull)
 
 
-_WHOLE: Final = 8192
-"""Characters the text stream is left to write itself: its buffer's flush writes them whole."""
-
-
 class _GuardedStdout:
     """``sys.stdout`` whose failures are one ``StdoutError``, never a raw ``OSError``.
 
@@ -79,13 +75,15 @@ class _GuardedStdout:
         """Write as the stream does; ``StdoutError`` if stdout fails or has failed."""
         with self._failing():
             buffer = getattr(self._stream, "buffer", None)
-            if len(text) <= _WHOLE or buffer is None:
+            if buffer is None:
                 return self._stream.write(text)
-            # A large write to a pipe whose reader leaves (``| head``) is cut short,
-            # and Python's buffered writer returns the short count, which the text
-            # layer drops: the rest was lost and the command exited 0 (a bad-input
-            # sweep). So the bytes go out here, and what is left is written again,
-            # which then fails as a closed pipe does.
+            # A write to a pipe whose reader leaves (``| head``), or to a file past
+            # ``ulimit -f`` or a full disk, is cut short; the buffered writer returns
+            # the short count of a large write, and unbuffered (PYTHONUNBUFFERED, as
+            # containers set it) of every write, and the text layer drops it: the rest
+            # was lost and the command exited 0 (a bad-input sweep; then an evidence
+            # file cut at 4 KiB, a review). So the bytes go out here, and what is left
+            # is written again, which then fails as a closed pipe or a full disk does.
             self._stream.flush()
             view = memoryview(text.encode(self._stream.encoding, self._stream.errors or "strict"))
             while view:
