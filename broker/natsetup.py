@@ -609,8 +609,9 @@ async def connect_account(
             tls=tls,
             error_cb=error,
         )
-    except (nats.errors.Error, OSError) as exc:
-        # nats-py leaves the socket open when the first connect fails.
+    except (nats.errors.Error, OSError, ValueError) as exc:
+        # nats-py leaves the socket open when the first connect fails. ValueError: a
+        # first line longer than asyncio's 64 KiB limit (a review's fake server).
         await nc.close()
         raise ConfigError(
             f"cannot connect to {display_url(url)} as {account}: "
@@ -631,6 +632,8 @@ def _reason(url: str, raised: Exception, failures: list[Exception], timeout: int
         cause = failures[-1]
     if isinstance(cause, TimeoutError):
         return f"no answer within {timeout}s"
+    if isinstance(cause, ValueError):
+        return "it sent a line longer than 64 KiB: not a NATS server"
     reason = " ".join(str(cause).split()) or type(cause).__name__
     if isinstance(cause, ssl.SSLCertVerificationError) and url.startswith("nats://"):
         # The hub asked for TLS, and nats-py tried it against the system's CAs: the

@@ -156,7 +156,9 @@ class Messaging(NodeBase):
                         closed_cb=closed,
                     ),
                 )
-            except (nats.errors.Error, OSError) as exc:
+            except (nats.errors.Error, OSError, ValueError) as exc:
+                # ValueError: a line past asyncio's 64 KiB limit (not a NATS server: a
+                # review's stopped the node), retried as any other bad hub is.
                 text = f"cannot connect to NATS: {type(exc).__name__} {exc}".strip()
                 self._error(text, same_as=_HUB_TROUBLE)
                 with contextlib.suppress(TimeoutError):

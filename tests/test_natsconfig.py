@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -362,6 +364,34 @@ def test_setup_against_a_port_nobody_listens_on_is_one_line_and_quick(
     assert "client certificate" not in done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stdout == ""
+
+
+def test_setup_against_a_server_sending_an_endless_line_is_one_line(keydir: Path) -> None:
+    # A review: a "server" sending INFO and 50 MB without a line end raised asyncio's
+    # ValueError past the 64 KiB line limit: a traceback here, and a node that stopped.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"INFO " + b"x" * (200 << 10))
+                conn.recv(1)  # until the client leaves
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        done = msmt("nats", "setup", "--server", url, "--keys", str(keydir), "--account", "JPN")
+    finally:
+        listener.close()
+        thread.join(10)
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"msmt: error: cannot connect to {url} as JPN: it sent a line longer than 64 KiB:"
+        " not a NATS server\n",
+    )
 
 
 def test_three_server_hub_acks_a_cross_account_publish_on_an_r3_inbox(

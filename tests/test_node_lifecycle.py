@@ -7,12 +7,14 @@ fixture), or against a port where no hub listens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
 import shutil
 import signal
 import socket
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +82,43 @@ def test_sigterm_stops_a_node_that_never_reached_the_hub(world: World) -> None:
         "the node to try the hub",
     )
     _stops_cleanly(world, "JPN", within=10)
+
+
+def test_a_hub_sending_an_endless_line_is_tried_again_not_the_end_of_the_node(
+    world: World,
+) -> None:
+    # A review: INFO and 50 MB without a line end raised asyncio's ValueError past its
+    # 64 KiB line limit, which the connect loop did not catch: the node stopped (exit 1).
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.settimeout(1.0)
+    served = threading.Event()
+    connections: list[int] = []
+
+    def serve() -> None:
+        while not served.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                connections.append(1)
+                with conn:
+                    conn.sendall(b"INFO " + b"x" * (200 << 10))
+                    conn.settimeout(2.0)
+                    with contextlib.suppress(OSError):
+                        conn.recv(1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        write_node_config(world.root, "JPN", [f"nats://127.0.0.1:{port}"], BATCH_POLICY)
+        world.start("JPN", ready=False)
+        wait_for(lambda: len(connections) >= 3, 30, "the node to try the hub three times")
+        assert world.procs["JPN"].poll() is None  # still running, trying again
+        assert "cannot connect to NATS: ValueError" in (world.root / "JPN.log").read_text()
+        _stops_cleanly(world, "JPN", within=10)
+    finally:
+        served.set()
+        listener.close()
+        thread.join(10)
 
 
 def test_sighup_stops_a_running_node_as_sigterm_does_and_the_log_says_which(
