@@ -187,7 +187,7 @@ class MetricsSection(_Section):
     @classmethod
     def _loopback(cls, listen: str) -> str:
         host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not (port.isascii() and port.isdecimal()) or not 0 < int(port) < 65536:
             raise ValueError(f"{listen!r} is not HOST:PORT")
         try:
             loopback = ipaddress.ip_address(host.strip("[]")).is_loopback

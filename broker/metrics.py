@@ -321,12 +321,13 @@ def is_loopback_host(host: str) -> bool:
     if name.startswith("["):
         # "[::1]" or "[::1]:PORT", nothing else after the bracket.
         inside, bracket, rest = name[1:].partition("]")
-        if not bracket or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+        port = rest[1:]
+        if not bracket or (rest and not (rest[0] == ":" and port.isascii() and port.isdecimal())):
             return False
         name = inside
     elif name.count(":") == 1:
         name, _, port = name.partition(":")
-        if not port.isdigit():
+        if not (port.isascii() and port.isdecimal()):
             return False
     if name == "localhost":
         return True

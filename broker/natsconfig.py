@@ -301,7 +301,8 @@ _HOST: Final = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
 def host_port(text: str, what: str) -> str:
     """Return ``text`` if it is ``HOST:PORT`` (name, IPv4 or [IPv6]); else raise ``UsageError``."""
     host, sep, port = text.rpartition(":")
-    if not (sep and _HOST.fullmatch(host) and port.isdigit() and 0 < int(port) < 65536):
+    digits = port.isascii() and port.isdecimal()  # int() takes other scripts' digits
+    if not (sep and _HOST.fullmatch(host) and digits and 0 < int(port) < 65536):
         raise UsageError(f"{what} {text!r} is not HOST:PORT (e.g. 127.0.0.1:4222)")
     return text
 

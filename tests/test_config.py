@@ -79,6 +79,13 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             "metrics.listen: '0.0.0.0:9464' is not a loopback",
         ),
         ({"MSMT_MEMBER": "PRK"}, BASE, "config key member: "),
+        # A review: Arabic-Indic digits were port 1234; a superscript two was int()'s error.
+        (
+            {"MSMT_METRICS_LISTEN": "127.0.0.1:\u0661\u0662\u0663\u0664"},
+            BASE,
+            "is not HOST:PORT",
+        ),
+        ({"MSMT_METRICS_LISTEN": "127.0.0.1:\u00b2"}, BASE, "'127.0.0.1:\u00b2' is not HOST:PORT"),
         # A value the environment set is not in the file: the line says which variable.
         ({"MSMT_FETCH_BATCH": "0"}, BASE, "equal to 1 (set by MSMT_FETCH_BATCH)"),
         ({"MSMT_MEMBER": "PRK"}, BASE, " (set by MSMT_MEMBER)"),

@@ -848,6 +848,30 @@ def test_cli_exports_a_real_store_and_since_filters(tmp_path: Path) -> None:
     assert validate_string(out.read_text(), ValidationOptions(version="2.1")).is_valid
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_cli_exports_to_a_stdout_that_is_not_utf8_as_escaped_json(
+    tmp_path: Path, encoding: str
+) -> None:
+    # A review: a vessel name in Hangul to a stdout in ASCII (PYTHONIOENCODING, a C
+    # locale) was a UnicodeEncodeError traceback and no bundle at all.
+    records = samples.generate(12, seed=17)
+    vessel = next(r for r in records if r["kind"] == "vessel")
+    vessel["vessel"]["name"] = "\ubc31\ub450\uc0b0 \u00c9TOILE"
+    reports = [received(r, at=RECEIVED) for r in records]
+    _store(tmp_path / "data" / "node.sqlite3", reports)
+    env = {**os.environ, "MSMT_DATA_DIR": str(tmp_path / "data"), "PYTHONIOENCODING": encoding}
+    done = subprocess.run(
+        [MSMT, "export", "stix", "--config", str(JPN_CONFIG)],
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout.isascii()
+    assert json.loads(done.stdout) == bundle(reports)
+
+
 def test_cli_leaves_out_reports_signed_by_a_key_since_revoked(tmp_path: Path) -> None:
     # An operator's trial: revoking JPN's signing key left what it had signed in the
     # export and the inbox listing, unmarked. Real keys and roster, real store file.

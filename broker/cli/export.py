@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from broker.cli.options import CONFIG, echo_line, rfc3339, write_stdout
+from broker.cli.options import CONFIG, echo_line, rfc3339, stdout_is_utf8, write_stdout
 from broker.files import write_output
 from broker.stix import bundle, load_received
 
@@ -35,7 +35,10 @@ def export_stix(config_path: Path, since: str | None, out: Path | None) -> None:
     reports, left_out = load_received(
         config_path, None if since is None else rfc3339("--since", since)
     )
-    text = json.dumps(bundle(reports), indent=2, ensure_ascii=False) + "\n"
+    # UTF-8, as JSON is; to a stdout of another encoding (PYTHONIOENCODING=ascii, a C
+    # locale without UTF-8 mode) with \u escapes, the same JSON, not a traceback (a review).
+    escape = out is None and not stdout_is_utf8()
+    text = json.dumps(bundle(reports), indent=2, ensure_ascii=escape) + "\n"
     if left_out:
         # Never a flag to put them back: a revocation withdraws trust in what the key signed.
         click.echo(

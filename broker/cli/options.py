@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import math
@@ -57,6 +58,12 @@ def _silence(fd: int) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd)
     os.close(devnull)
+
+
+def stdout_is_utf8() -> bool:
+    """Whether text written to stdout is encoded as UTF-8 (else JSON there is escaped)."""
+    encoding = getattr(sys.stdout, "encoding", None) or ""
+    return codecs.lookup(encoding).name == "utf-8" if encoding else False
 
 
 class _GuardedStdout:
