@@ -22,12 +22,22 @@ NOT_A_FILE = "not a regular file (a FIFO, socket or device)"
 """The ``strerror`` of the ``OSError`` for a path that is neither a file nor a directory."""
 
 
+WHOLE_FILE_MAX: Final = 16 << 20
+"""The most ``read_file_bytes`` reads of a file whole: configurations, policies, keys and
+rosters are kilobytes. A review named a 2 GB sparse file as ``node.toml``: 23 s and
+4.2 GB of memory before "invalid TOML", a ``MemoryError`` traceback under ``ulimit -v``."""
+TOO_LARGE: Final = f"larger than {WHOLE_FILE_MAX >> 20} MiB: not a file msmt reads whole"
+"""The ``strerror`` of the ``OSError`` for a file past ``WHOLE_FILE_MAX``."""
+
+
 def read_file_bytes(path: Path, limit: int = -1) -> bytes:
     """The bytes of the regular file at ``path`` (links followed), or its first ``limit`` bytes.
 
     Raises ``OSError`` as ``open`` does (its ``strerror`` fit for one line), also
     ``IsADirectoryError`` for a directory and ``OSError`` with ``NOT_A_FILE`` for
-    anything else that is not a regular file, before reading a byte of it.
+    anything else that is not a regular file, before reading a byte of it, and
+    ``OSError`` with ``TOO_LARGE`` for a whole file (no ``limit``) past
+    ``WHOLE_FILE_MAX``, before reading it too where its size says so.
     """
     # O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer. It
     # changes nothing for a regular file.
@@ -38,7 +48,14 @@ def read_file_bytes(path: Path, limit: int = -1) -> bytes:
         os.close(fd)
         raise
     with os.fdopen(fd, "rb") as handle:
-        return handle.read(limit)
+        if limit >= 0:
+            return handle.read(limit)
+        if os.fstat(handle.fileno()).st_size > WHOLE_FILE_MAX:
+            raise OSError(errno.EFBIG, TOO_LARGE, str(path))
+        data = handle.read(WHOLE_FILE_MAX + 1)  # a size the file does not tell (/proc)
+        if len(data) > WHOLE_FILE_MAX:
+            raise OSError(errno.EFBIG, TOO_LARGE, str(path))
+        return data
 
 
 def _require_regular(fd: int, path: Path) -> None:
