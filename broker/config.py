@@ -436,7 +436,7 @@ def parse_config(
         )
     nats = config.nats
     check_tls_settings(nats.urls, nats.ca_file, nats.cert_file, nats.key_file, CONFIG_NAMES)
-    if len(str(config.socket_path).encode()) > MAX_SOCKET_PATH:
+    if len(os.fsencode(config.socket_path)) > MAX_SOCKET_PATH:
         raise ConfigError(
             f"config key intake.socket: {config.socket_path} is longer than a unix socket "
             f"path may be ({MAX_SOCKET_PATH} bytes); set intake.socket to a shorter path"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -554,3 +555,13 @@ def test_a_file_too_large_to_be_a_configuration_is_refused_before_it_is_read(
         handle.truncate(files.WHOLE_FILE_MAX)
     with pytest.raises(ConfigError, match="invalid TOML"):  # as large as it may be: read
         load_config(big, env={})
+
+
+def test_a_path_of_bytes_that_are_not_utf8_is_taken_as_the_system_gives_it(
+    tmp_path: Path,
+) -> None:
+    # A review: a data_dir under a folder named with byte 0xff (os.fsdecode's
+    # "\udcff") was a UnicodeEncodeError traceback from the socket path's length check.
+    odd = os.fsdecode(bytes(tmp_path) + b"/odd\xffdir")
+    config = load_config(write(tmp_path), env={"MSMT_DATA_DIR": odd})
+    assert os.fsencode(config.socket_path) == bytes(tmp_path) + b"/odd\xffdir/intake.sock"
