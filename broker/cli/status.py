@@ -71,28 +71,25 @@ def _policy_file_state(config: NodeConfig, in_force: str) -> str:
     return f"changed to {policy.digest}; restart the node to apply it"
 
 
-def _shared_token_state(config: NodeConfig, state: Mapping[str, str]) -> str:
-    # As for the policy: what the node started with, and whether node.toml still
-    # says so (a change applies at the next start).
-    wanted = "on" if config.intake.shared_token else "off"
-    started = state.get(SHARED_STATE)
+def _as_started(started: str | None, wanted: str, source: str) -> str:
+    # As for the policy: what the node started with, and whether ``source`` still says
+    # so (a change applies at the next start).
     if started is None:
         return f"{wanted} (the node has not started with it yet)"
     if started != wanted:
-        return f"{started}; node.toml says {wanted}: restart the node to apply it"
+        return f"{started}; {source} says {wanted}: restart the node to apply it"
     return started
+
+
+def _shared_token_state(config: NodeConfig, state: Mapping[str, str]) -> str:
+    wanted = "on" if config.intake.shared_token else "off"
+    return _as_started(state.get(SHARED_STATE), wanted, "node.toml")
 
 
 def _budget_state(config: NodeConfig, state: Mapping[str, str]) -> str:
-    # The budget the running node holds partners to (its environment may set it, which
-    # this command's may not), and whether this configuration still says so.
+    # The running node's environment may set it, which this command's may not.
     wanted = str(config.limits.sender_bytes_per_day)
-    started = state.get(SENDER_BUDGET_STATE)
-    if started is None:
-        return f"{wanted} (the node has not started with it yet)"
-    if started != wanted:
-        return f"{started}; this configuration says {wanted}: restart the node to apply it"
-    return started
+    return _as_started(state.get(SENDER_BUDGET_STATE), wanted, "this configuration")
 
 
 @click.command(name="status")
