@@ -90,11 +90,10 @@ class SenderBudget:
     a receiver's store by 1.3 GB in 45 s with reports padded to the cap. Each message
     reserves its bytes before its checklist runs, so one over its sender's budget costs
     no decryption; ``keep`` counts what the batch stored, and ``free`` drops its
-    reservations. ``used``
-    starts from the store's ``sender_bytes`` rows, which the commit that stores the
-    reports adds to, so a restart carries the day on. A fixed UTC day, not a sliding
-    one: at most twice the limit in the hours around midnight, and a refused sender
-    knows when to send again.
+    reservations. ``used`` starts from the store's ``sender_bytes`` rows, which the
+    commit that stores the reports adds to, so a restart carries the day on. A fixed
+    UTC day, not a sliding one: at most twice the limit in the hours around midnight,
+    and a refused sender knows when to send again.
     """
 
     def __init__(self, limit: int, day: str, used: Mapping[str, int]) -> None:
