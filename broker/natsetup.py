@@ -632,7 +632,8 @@ def _reason(url: str, raised: Exception, failures: list[Exception], timeout: int
         cause = failures[-1]
     if isinstance(cause, TimeoutError):
         return f"no answer within {timeout}s"
-    if isinstance(cause, ValueError):
+    if isinstance(cause, ValueError) and not isinstance(cause, ssl.SSLError):
+        # Not a certificate error, which is a ValueError too.
         return "it sent a line longer than 64 KiB: not a NATS server"
     reason = " ".join(str(cause).split()) or type(cause).__name__
     if isinstance(cause, ssl.SSLCertVerificationError) and url.startswith("nats://"):
