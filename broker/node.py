@@ -148,7 +148,7 @@ class Node(Messaging, Housekeeping):
     # --- the whole daemon --------------------------------------------------------
 
     async def run(self, signals: StopSignals | None = None) -> None:
-        """Run until SIGTERM/SIGINT/SIGHUP (or ``self.stop`` is set), then shut down in order.
+        """Run until a stop signal (SIGTERM, ...) or ``self.stop`` is set, then shut down in order.
 
         With ``signals`` (``msmt node run``'s, entered at its first line), a
         signal that came while the node loaded stops it as soon as it has
@@ -226,9 +226,10 @@ class Node(Messaging, Housekeeping):
             # a failed part, which logged its own error.
             name = self._signals.name if self._signals is not None else None
             log.info("node_stopping", member=self.member, **({"signal": name} if name else {}))
-            # 1. no new input
-            await intake_runner.cleanup()
+            # 1. no new input: the spool first, since the socket's cleanup may wait for a
+            # feed's connection (a signals trial: the spool took in batches meanwhile)
             spool_stop.set()
+            await intake_runner.cleanup()
             self.stop.set()
             self._wake_for_stop()
             # 2. planner, publisher (waits for in-flight acks) and receiver finish

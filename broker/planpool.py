@@ -21,8 +21,9 @@ and returns the same ``OutboxItem``s (pickled over its stdin/stdout pipes;
   Nothing is lost: unplanned reports stay unplanned in the store. A failure
   inside the worker is reported by exception type only, never its message
   (which could quote a report).
-* **Shutdown.** The worker ignores SIGINT, SIGTERM and SIGHUP (a service manager
-  or a closed terminal sends them to the whole group) so it finishes its batch;
+* **Shutdown.** The worker ignores the node's stop signals (SIGINT, SIGTERM, SIGHUP,
+  SIGQUIT, SIGUSR1, SIGUSR2: a service manager or a closed terminal sends them to the
+  whole group) so it finishes its batch;
   the node closes its stdin after the planner loop ends and it exits. If the
   node is killed, the kernel kills the worker with it (Linux
   ``PR_SET_PDEATHSIG``); elsewhere it exits at end-of-file on its stdin.
@@ -47,6 +48,7 @@ from broker.planner import Planner, Plans, Signer
 from broker.policy import load_policy
 from broker.private_memory import keep_memory_private
 from broker.roster import Roster, RosterKey
+from broker.stopsignals import SIGNALS
 
 PLAN_TIMEOUT: Final = 300.0
 """Seconds the worker may take to start or to plan one batch before the node gives up."""
@@ -250,7 +252,7 @@ def _die_with_parent() -> None:
 
 def serve(inp: BinaryIO, out: BinaryIO) -> int:
     """The worker's loop: a spec, then planning requests until end of file; returns an exit code."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in SIGNALS:  # the node's stop signals: a group's signal is the node's to take
         signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
     keep_memory_private()  # it holds the signing and pseudonym keys too

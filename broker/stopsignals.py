@@ -1,4 +1,4 @@
-"""SIGTERM, SIGINT and SIGHUP as a request to stop, from a daemon command's first line to its last.
+"""The stop signals (``SIGNALS``) as a request to stop, from a daemon command's first line on.
 
 Python installs no handler for SIGTERM, and the event loop's own handler only
 exists while the node runs: a SIGTERM during the start (opening the store and
@@ -24,8 +24,18 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any, Final
 
-SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-"""The signals that ask a daemon to stop (a service manager's, Ctrl-C, a hangup)."""
+SIGNALS: Final = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+"""The signals that ask a daemon to stop (a service manager's, Ctrl-C, a hangup), and
+those whose default action would kill it without a line: SIGQUIT, and SIGUSR1/SIGUSR2,
+which operators used to nats-server send to reopen logs (a signals trial: exit -10, no
+``node_stopping``, the socket left behind). The node has no reopen (it logs to stdout)."""
 
 
 class StopSignals:

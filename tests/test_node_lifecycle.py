@@ -121,18 +121,21 @@ def test_a_hub_sending_an_endless_line_is_tried_again_not_the_end_of_the_node(
         thread.join(10)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT])
 def test_sighup_stops_a_running_node_as_sigterm_does_and_the_log_says_which(
-    world: World,
+    world: World, sig: signal.Signals
 ) -> None:
     # The node has no reload: SIGHUP's default action killed it without a line and
-    # left its intake socket behind (a policy officer sent it expecting a reload).
+    # left its intake socket behind (a policy officer sent it expecting a reload);
+    # so did SIGUSR1, which operators used to nats-server send to reopen logs, and
+    # SIGQUIT (a signals trial).
     world.write_config("JPN", BATCH_POLICY)
     world.start("JPN")
     wait_for(lambda: _status(world, "JPN")["connected"] == "yes", 30, "the status to say so")
-    _stops_cleanly(world, "JPN", within=20, sig=signal.SIGHUP)
+    _stops_cleanly(world, "JPN", within=20, sig=sig)
     lines = [json.loads(line) for line in (world.root / "JPN.log").read_text().splitlines()]
     stopping = [line for line in lines if line["event"] == "node_stopping"]
-    assert [line.get("signal") for line in stopping] == ["SIGHUP"]
+    assert [line.get("signal") for line in stopping] == [sig.name]
     assert not world.config("JPN").socket_path.exists()
 
 
