@@ -76,6 +76,8 @@ class Spool:
         self.dir = directory
         self.intake = intake
         self.throttle = Throttle()
+        # ``run``'s stop: a batch being read is left, unfiled, once it is set (below).
+        self._stop = asyncio.Event()
         # Told after each poll whether it ended in a spool_error (the folder unreadable,
         # a batch not filed, no room to answer one): batches wait meanwhile, and a
         # full-disk trial found nothing in /metrics or /readyz that said so.
@@ -199,6 +201,12 @@ class Spool:
                 lines = splitter.feed(chunk)
                 for i in range(0, len(lines), MAX_BATCH):
                     await answer(lines[i : i + MAX_BATCH])
+                    if self._stop.is_set():
+                        # A stop waited for the whole batch: 200,000 records outlasted
+                        # the unit's 30 s and were killed (a signals trial). Left in the
+                        # spool, read again from its start at the next one (what was
+                        # accepted is answered "duplicate" then).
+                        return "stopped"
                 # Before the next read: else two reads' lines were held at once.
                 del lines
             await answer(splitter.finish())
@@ -282,7 +290,18 @@ class Spool:
         )
 
     async def run(self, stop: asyncio.Event, interval: float = 0.5) -> None:
-        """Poll the directory until ``stop`` is set; after an error, less often (to 60 s)."""
+        """Poll the directory until ``stop`` is set; after an error, less often (to 60 s).
+
+        A batch being read when ``stop`` is set is left in the spool after the slice of
+        records being answered (``MAX_BATCH``), not read to its end.
+        """
+        self._stop = stop
+        try:
+            await self._poll(stop, interval)
+        finally:
+            self._stop = asyncio.Event()  # ``ingest`` after a run reads batches whole
+
+    async def _poll(self, stop: asyncio.Event, interval: float) -> None:
         wait = interval
         while not stop.is_set():
             # Each try of a batch that cannot be filed, or that the store cannot take,
@@ -311,6 +330,8 @@ class Spool:
                     # accept, the rest would be refused too.
                     if taken == "unavailable":
                         failed = True
+                        break
+                    if taken == "stopped":
                         break
             except OSError as exc:
                 failed = errored = True
@@ -364,7 +385,7 @@ class Spool:
         return {"spool_dir": str(self.dir)}
 
 
-Taken = Literal["filed", "unavailable", "written", "gone"]
+Taken = Literal["filed", "unavailable", "written", "gone", "stopped"]
 """What became of a spool file: filed, left in place (the store cannot accept; being
 written), or gone before it was opened (its feed took it back)."""
 

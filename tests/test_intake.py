@@ -31,6 +31,7 @@ from broker import log, samples, serving
 from broker.config import load_config
 from broker.errors import UsageError
 from broker.intake import (
+    MAX_BATCH,
     Intake,
     RecordCount,
     Refusal,
@@ -647,6 +648,44 @@ async def test_spool_moves_files_to_done_or_rejected_with_results(tmp_path: Path
     assert await spool.ingest(spool_dir / "again.ndjson")
     again = (spool_dir / "done" / "again.ndjson.result.ndjson").read_text().splitlines()
     assert [json.loads(r)["reason"] for r in again] == ["duplicate"] * 3
+
+
+async def test_a_stop_leaves_the_batch_being_read_after_the_slice_being_answered(
+    tmp_path: Path,
+) -> None:
+    # A signals trial: a stop waited for the whole batch being read; 200,000 records
+    # outlasted the unit's 30 s, and the kill left the batch to be answered again (each
+    # record taken already an audited "duplicate"). Now the stop takes effect after the
+    # slice of records being answered; the batch stays, and the next run reads it whole.
+    store = Store(tmp_path / "s.db")
+    spool_dir = tmp_path / "spool"
+    intake = make_intake(store)
+    spool = Spool(spool_dir, intake)
+    records = jpn_records(3 * MAX_BATCH, seed=9)
+    (spool_dir / "big.ndjson").write_bytes(ndjson(records))
+    stop = asyncio.Event()
+    process = intake.process
+
+    async def stopped_during(lines: Any) -> Any:
+        stop.set()  # the node's stop comes while the first slice is answered
+        return await process(lines)
+
+    intake.process = stopped_during  # type: ignore[method-assign]
+    await spool.run(stop, interval=0.05)
+    assert (spool_dir / "big.ndjson").exists()  # left, not filed
+    assert not (spool_dir / "rejected" / "big.ndjson").exists()
+    taken = {rid for rid, _ in store.unplanned(10 * MAX_BATCH)}
+    first = {r["report_id"] for r in records[:MAX_BATCH]}
+    assert taken <= first  # the one slice answered, nothing after it
+    assert len(taken) > MAX_BATCH * 0.9  # (a sample or two the intake refuses)
+    intake.process = process  # type: ignore[method-assign]
+    spool.close()
+    spool = Spool(spool_dir, intake)  # the next start's
+    assert await spool.ingest(spool_dir / "big.ndjson")  # read whole
+    (result,) = spool_dir.glob("*/big.ndjson.result.ndjson")  # done/, or rejected/
+    answers = [json.loads(a) for a in result.read_text().splitlines()]
+    assert len(answers) == 3 * MAX_BATCH
+    assert {a["report_id"] for a in answers if a.get("reason") == "duplicate"} == taken
 
 
 async def test_spool_files_nothing_through_a_link_the_feed_put_in_done_or_rejected(
