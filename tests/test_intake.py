@@ -666,9 +666,9 @@ async def test_a_stop_leaves_the_batch_being_read_after_the_slice_being_answered
     stop = asyncio.Event()
     process = intake.process
 
-    async def stopped_during(lines: Any) -> Any:
+    async def stopped_during(lines: list[Line], feed: str | None = None) -> list[dict[str, Any]]:
         stop.set()  # the node's stop comes while the first slice is answered
-        return await process(lines)
+        return await process(lines, feed)
 
     intake.process = stopped_during  # type: ignore[method-assign]
     await spool.run(stop, interval=0.05)
