@@ -436,6 +436,10 @@ class Forger:
         )
         return self.present(issued, to), issued
 
+    def delivery(self, record: dict[str, Any], sender: str = "JPN") -> tuple[str, bytes]:
+        """``record``'s envelope for USA as its inbox delivers it: (subject, bytes)."""
+        return f"from.{sender}.msmt.to.USA.{record['kind']}", self.envelope(record)[0].encode()
+
     def present(self, issued: Any, to: str) -> str:
         """``issued`` with every disclosure, encrypted to ``to``'s current key."""
         enc = self.roster.current(to, "enc", self.now)

@@ -721,7 +721,7 @@ def _receive_from_kor(world: World, count: int, report_ids: Sequence[str] = ()) 
     records = records_for("KOR", count, seed=58)
     for record, report_id in zip(records, report_ids, strict=False):
         record["report_id"] = report_id
-    batch = [(f"from.KOR.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    batch = [forger.delivery(r, "KOR") for r in records]
     store = Store(config.store_path)
     audit = AuditLog(config.audit_dir, "USA", signer)
     try:

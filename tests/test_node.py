@@ -923,7 +923,7 @@ def test_refusals_over_the_quota_are_folded_by_source_and_step_beside_good_repor
     inbound = make(store, clock=lambda: 5.0)
     limit = inbound_base.REFUSALS_LOGGED_PER_MINUTE
     records = records_for("JPN", 3, seed=31)
-    good = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    good = [forger.delivery(r) for r in records]
     kor = [("from.KOR.msmt.to.USA.vessel", b"junk %d" % i) for i in range(limit)]
     kor += [("from.KOR.msmt.to.USA.vessel", b"A" * (2 << 20))] * 3  # over max_message_bytes
     kor += [("from.KOR.msmt.to.USA.vessel.extra", b"junk")] * 4
@@ -960,7 +960,7 @@ def test_store_failure_hands_the_batch_back_and_redelivery_stores_once(
 ) -> None:
     make, forger, path = usa_inbound
     records = records_for("JPN", 40, seed=3)
-    batch = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    batch = [forger.delivery(r) for r in records]
     Store(path).close()
     full = Store(path, max_pages=8)
     with pytest.raises(StoreError, match="database or disk is full"):
@@ -988,7 +988,7 @@ def test_a_batch_the_store_cannot_take_is_logged_once_however_often_it_comes_bac
     # lacked.
     make, forger, path = usa_inbound
     records = records_for("JPN", 5, seed=31)
-    batch = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    batch = [forger.delivery(r) for r in records]
     Store(path).close()
     full = Store(path, max_pages=8)
     inbound = make(full)
@@ -1018,7 +1018,7 @@ def test_a_sender_past_its_daily_budget_is_refused_before_decryption_across_rest
     # carries the day on.
     make, forger, path = usa_inbound
     records = records_for("JPN", 3, seed=51)
-    jpn = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    jpn = [forger.delivery(r) for r in records]
     spent = len(jpn[0][1]) + len(jpn[1][1])
     budget = spent + 3  # room for 3 more bytes: not for the 4 of b"junk"
     store = Store(path)
@@ -1062,7 +1062,7 @@ def test_a_batch_the_store_refuses_spends_none_of_its_senders_budget(
     # the budget it never spent.
     make, forger, path = usa_inbound
     records = records_for("JPN", 5, seed=52)
-    batch = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    batch = [forger.delivery(r) for r in records]
     budget = sum(len(data) for _, data in batch)
     Store(path).close()
     full = Store(path, max_pages=8)
@@ -1085,7 +1085,7 @@ def test_receipts_the_log_holds_and_the_store_lost_are_stored_whatever_the_budge
     # (here: a full store instead of the crash) is stored when it comes, logged once.
     make, forger, path = usa_inbound
     records = records_for("JPN", 7, seed=54)
-    msgs = [(f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode()) for r in records]
+    msgs = [forger.delivery(r) for r in records]
     lost, newer = msgs[:5], msgs[5:]
     Store(path).close()
     full = Store(path, max_pages=8)
@@ -1115,7 +1115,7 @@ def test_the_same_bytes_twice_in_a_batch_take_the_budget_once(
     # with the sender under its limit, instead of being acked as the duplicate it is.
     make, forger, path = usa_inbound
     (record,) = records_for("JPN", 1, seed=55)
-    message = (f"from.JPN.msmt.to.USA.{record['kind']}", forger.envelope(record)[0].encode())
+    message = forger.delivery(record)
     store = Store(path)
     result = make(store, budget=len(message[1])).process([message, message])
     assert result.actions == ["ack", "ack"]
@@ -1152,7 +1152,7 @@ def test_a_new_utc_day_starts_from_what_the_store_counted_for_it(
     # over midnight, or another process's earlier run, left there.
     make, forger, path = usa_inbound
     (record,) = records_for("JPN", 1, seed=53)
-    message = (f"from.JPN.msmt.to.USA.{record['kind']}", forger.envelope(record)[0].encode())
+    message = forger.delivery(record)
     store = Store(path)
     today = utc_day(time.time())
     inbound = make(store, budget=len(message[1]))
@@ -1341,10 +1341,7 @@ def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
     make, forger, path = usa_inbound
     store = Store(path)
     signed, encrypted, good = records_for("JPN", 3, seed=8)
-    batch = [
-        (f"from.JPN.msmt.to.USA.{r['kind']}", forger.envelope(r)[0].encode())
-        for r in (signed, encrypted, good)
-    ]
+    batch = [forger.delivery(r) for r in (signed, encrypted, good)]
     jpn_sig = forger.jpn.signing_kid
     usa_enc = forger.roster.current("USA", "enc", forger.now).kid
     no_jpn_sig = make(store, lambda k: k.kid == jpn_sig)
