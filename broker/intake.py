@@ -42,7 +42,7 @@ import stat
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -72,6 +72,7 @@ from broker.validation import (
 )
 
 log = get_logger("intake")
+_T = TypeVar("_T")
 
 Acceptor = Callable[[list[NewReport], str], Awaitable[list[bool]]]
 """Durably accept a batch from a feed channel; True per new report, False per id taken.
@@ -525,10 +526,12 @@ def make_app(
             # slow feed still gets prompt answers and a fast one batched fsyncs.
             for i in range(0, len(lines), MAX_BATCH):
                 answers = await intake.process(lines[i : i + MAX_BATCH], name)
-                await response.write(answer_bytes(answers))
+                if not await _unless_stopping(response.write(answer_bytes(answers)), stopping):
+                    return _cut_off(request, response)
             if not chunk:
                 break
-        await response.write_eof()
+        if not await _unless_stopping(response.write_eof(), stopping):
+            return _cut_off(request, response)
         return response
 
     async def on_shutdown(_app: web.Application) -> None:
@@ -549,14 +552,35 @@ async def _next_chunk(request: web.Request, stopping: asyncio.Event) -> bytes | 
     """
     if stopping.is_set():
         return None
-    read = asyncio.ensure_future(request.content.readany())
+    # Cancelling the read cancels only its wait: bytes not yet read stay unread.
+    read = await _unless_stopping(request.content.readany(), stopping)
+    return read[0] if read else None
+
+
+async def _unless_stopping(step: Awaitable[_T], stopping: asyncio.Event) -> tuple[_T] | None:
+    """``(result,)`` of ``step``, or None if ``stopping`` is set first (``step`` is cancelled)."""
+    task = asyncio.ensure_future(step)
     stop = asyncio.ensure_future(stopping.wait())
     try:
-        done, _ = await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.cancel()
-        read.cancel()  # only the wait (if still waiting): bytes not yet read stay unread
-    return read.result() if read in done else None
+        task.cancel()  # only if still waiting
+    return (task.result(),) if task in done else None
+
+
+def _cut_off(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """End a request whose feed leaves its answers unread as the node stops.
+
+    Its answers wait in the socket's buffers (the node stops reading meanwhile),
+    so no clean end could reach the feed: the connection is dropped. What was
+    answered but not read is committed all the same; the feed resends those
+    records, and they are answered ``duplicate``.
+    """
+    log.info("intake_request_ended", reason="node stopping; the feed left its answers unread")
+    if request.transport is not None:
+        request.transport.abort()
+    return response
 
 
 def _set_aside_stale_socket(path: Path) -> Path | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from node_world import (
     REPO,
     World,
@@ -60,6 +61,7 @@ class Served:
             return fresh
 
         self.intake = Intake("JPN", 65536, acceptor)
+        self.runner: web.AppRunner | None = None
 
     async def send(self, token: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         answers: list[dict[str, Any]] = []
@@ -75,13 +77,13 @@ async def one_chunk(body: bytes) -> AsyncIterator[bytes]:
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
     it = Served(tmp_path)
-    runner = await serve_unix(
+    it.runner = await serve_unix(
         make_app(it.intake, it.token, feeds.FeedTokens(it.feeds_path)), it.socket
     )
     try:
         yield it
     finally:
-        await runner.cleanup()
+        await it.runner.cleanup()  # again after a test's own: a no-op
         it.store.close()
 
 
@@ -504,3 +506,80 @@ async def test_the_python_feed_in_node_md_resends_what_a_request_ended_early_lef
     assert 0 < answered < len(batch)
     assert lines[:-1] == [f"{n} done {r['report_id']}" for n, r in enumerate(batch, 1)][:answered]
     assert lines[-1] == f"lines {answered + 1}-{len(batch)}: no answer, send them again"
+
+
+def _wordy(record: dict[str, Any], fields: int) -> dict[str, Any]:
+    """``record`` with ``fields`` unknown fields: answered ``schema`` naming each (~35 bytes)."""
+    return {**record, **{f"x{n}": 1 for n in range(fields)}}
+
+
+async def test_the_python_feed_in_node_md_reads_its_answers_while_it_sends(
+    served: Served, tmp_path: Path
+) -> None:
+    # The node answers as it reads and stops reading while its answers go unread,
+    # so a client that sends the whole body first waits for ever once the answers
+    # fill the socket: the page's first feed did, past ~4,300 records here (~390 KB
+    # of answers: the sockets' buffers and aiohttp's), with 6,000 waiting to be sent.
+    script = tmp_path / "feed.py"
+    script.write_text(_python_feed())
+    token_file = tmp_path / "py.token"
+    token_file.write_text(feeds.add(served.feeds_path, "py-feed", NOW) + "\n")
+    good = records(4, seed=12)
+    many = records(6000, seed=13)
+    batch = [*good[:2], _wordy(many[0], 3), *many[1:], *good[2:]]
+    path = tmp_path / "batch.ndjson"
+    path.write_text(samples.to_ndjson(batch))
+    argv = [sys.executable, str(script), str(served.socket), str(token_file), str(path)]
+    done = await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(batch)
+    assert lines[2].startswith("3 schema [{'path': 'x0', 'reason': 'unknown field'}")
+    sent = [*good[:2], *many[1:], *good[2:]]
+    numbers = [1, 2, *range(4, len(batch) + 1)]
+    done_lines = [f"{n} done {r['report_id']}" for n, r in zip(numbers, sent, strict=True)]
+    assert [*lines[:2], *lines[3:]] == done_lines
+    assert served.accepted == [("socket:py-feed", r["report_id"]) for r in sent]
+
+
+async def test_a_stop_does_not_wait_for_a_feed_that_leaves_its_answers_unread(
+    served: Served, tmp_path: Path
+) -> None:
+    # A feed that sends and never reads holds the node's answer write; a stop used
+    # to wait out aiohttp's shutdown timeout (10 s, twice) and then cancel the
+    # request mid-answer. It now ends the request at once, as a stop does for a
+    # feed that pauses between records.
+    body = samples.to_ndjson([_wordy(r, 300) for r in records(600, seed=14)]).encode()
+    head = (
+        "POST /v1/reports HTTP/1.1\r\nHost: node\r\n"
+        f"Authorization: Bearer {served.token}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    _, writer = await asyncio.open_unix_connection(str(served.socket))
+    writer.write(head + body)  # buffered here, sent as the node reads; never read back
+    # Until the node has answered nothing for a second: its answers (~13 KB each)
+    # fill the socket's buffers and aiohttp's, ~140 records' here.
+    answered = [-1] * 10
+    for _ in range(600):  # at most a minute
+        await asyncio.sleep(0.1)
+        answered.append(served.intake.counts.get("schema", 0))
+        if answered[-1] > 0 and answered[-1] == answered[-11]:
+            break
+    assert 0 < answered[-1] == answered[-11] < 600  # blocked: the feed reads nothing
+    assert served.runner is not None
+    try:
+        with capture_logs() as logs:
+            await served.runner.cleanup()
+    finally:
+        writer.transport.abort()
+    ended = [e for e in logs if e["event"] == "intake_request_ended"]
+    assert ended == [
+        {
+            "component": "intake",
+            "event": "intake_request_ended",
+            "log_level": "info",
+            "reason": "node stopping; the feed left its answers unread",
+        }
+    ]
+    assert served.intake.counts.get("schema", 0) == answered[-1]  # nothing more was read
