@@ -95,9 +95,10 @@ class PlanLoop:
         self._wake.set()
 
     def stopping(self) -> None:
-        """Wake both loops, to see that the node stops."""
+        """Wake both loops, to see that the node stops; bound the worker's batch."""
         self._wake.set()
         self._reissue_wake.set()
+        self._pool.stopping()
 
     def clock_went_off(self) -> None:
         """Our clock is too far off the hub's: what it signs must be signed again."""

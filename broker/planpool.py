@@ -53,7 +53,7 @@ from broker.stopsignals import SIGNALS
 PLAN_TIMEOUT: Final = 300.0
 """Seconds the worker may take to start or to plan one batch before the node gives up."""
 STOP_TIMEOUT: Final = 10.0
-"""Seconds a stopping worker may take to finish before it is killed."""
+"""Seconds a stopping worker may take to finish (its batch, or exiting) before it is given up."""
 PIPE_BUFFER: Final = 8 * 2**20
 """Bytes of a worker's answer buffered before reading pauses."""
 _PR_SET_PDEATHSIG: Final = 1
@@ -112,6 +112,8 @@ class PlanPool:
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._broken: str | None = None
+        self._stopping = asyncio.Event()
+        self._given_up = False  # a call was abandoned: the worker is killed, not waited for
 
     async def start(self) -> None:
         """Start the worker and wait until it is ready (its imports take ~0.5 s of CPU).
@@ -150,15 +152,41 @@ class PlanPool:
             plans: Plans = await self._call((rows, limit))
             return plans
 
+    def stopping(self) -> None:
+        """The node is stopping: a call that waits ``STOP_TIMEOUT`` longer is given up.
+
+        Nothing is lost by it: what the worker was planning stays unplanned in the
+        store, and is planned at the next start. Without it, a hung worker held
+        each stop for ``PLAN_TIMEOUT``, past any service manager's patience.
+        """
+        self._stopping.set()
+
     async def _call(self, request: object) -> Any:
         if self._broken is not None:
             raise PlanWorkerError(self._broken)
+        exchange = asyncio.ensure_future(self._exchange(request))
+        stop = asyncio.ensure_future(self._stop_waited())
         try:
-            return await asyncio.wait_for(self._exchange(request), PLAN_TIMEOUT)
-        except TimeoutError:
-            # A half-read answer leaves the pipe out of step: never use it again.
-            self._broken = f"the planning worker did not answer within {PLAN_TIMEOUT:g} s"
-            raise PlanWorkerError(self._broken) from None
+            done, _ = await asyncio.wait(
+                {exchange, stop}, timeout=PLAN_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
+            exchange.cancel()  # only if still waiting
+        if exchange in done:
+            return exchange.result()
+        # A half-read answer leaves the pipe out of step: never use it again.
+        self._given_up = True
+        self._broken = (
+            f"the planning worker did not answer within {STOP_TIMEOUT:g} s of the stop"
+            if stop in done
+            else f"the planning worker did not answer within {PLAN_TIMEOUT:g} s"
+        )
+        raise PlanWorkerError(self._broken)
+
+    async def _stop_waited(self) -> None:
+        await self._stopping.wait()
+        await asyncio.sleep(STOP_TIMEOUT)
 
     async def _exchange(self, request: object) -> Any:
         proc = self._proc
@@ -191,7 +219,8 @@ class PlanPool:
         if proc.stdin is not None:
             proc.stdin.close()
         try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+            # One that did not answer is not waited for again (it may be stopped).
+            await asyncio.wait_for(proc.wait(), 0 if self._given_up else STOP_TIMEOUT)
         except TimeoutError:
             proc.kill()
             await proc.wait()

@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import re
 import shutil
 import sqlite3
+import struct
+import termios
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -282,6 +286,49 @@ async def test_a_dead_planning_worker_stops_the_node_with_one_line_and_loses_not
     world.start("JPN")
     await assert_all_exactly_once(world, want)
     await world.outbox_sent("JPN")
+
+
+async def test_a_stop_gives_up_on_a_planning_worker_that_does_not_answer(
+    world: World,
+) -> None:
+    # A signals trial: a stop while the worker hung (here: stopped) waited out the
+    # worker's 300 s, far past a service manager's patience, before failing.
+    records, want = batch_world(world)
+    records = records[:30]
+    ids = {r["report_id"] for r in records}
+    want = {partner: got & ids for partner, got in want.items()}
+    world.start("USA")
+    world.start("KOR")
+    world.start("JPN")
+    node = psutil.Process(world.procs["JPN"].pid)
+    (worker,) = [c for c in node.children() if "broker.planpool" in c.cmdline()]
+    worker.suspend()
+    answers = await world.submit("JPN", records)
+    assert {a["status"] for a in answers} == {"accepted"}
+    # The batch waits, unread, in the stopped worker's pipe: the node is waiting for it.
+    await await_for(lambda: _pipe_unread(worker.pid) > 0, 30, "a batch sent to the worker")
+    assert world.terminate("JPN") == 1  # within STOP_TIMEOUT (10 s), not 300
+    log = world.log_tail("JPN")
+    assert (
+        "planner failed: PlanWorkerError: the planning worker did not answer within 10 s of"
+        " the stop" in log
+    )
+    assert "Traceback" not in log
+    assert not worker.is_running()  # killed, not left behind stopped
+    assert world.outbox_depth("JPN") == len(records)  # accepted, not yet planned
+    world.start("JPN")
+    await assert_all_exactly_once(world, want)
+    await world.outbox_sent("JPN")
+
+
+def _pipe_unread(pid: int) -> int:
+    """Bytes waiting in the pipe that is process ``pid``'s standard input."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        (unread,) = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))
+        return int(unread)
+    finally:
+        os.close(fd)
 
 
 def test_a_late_reply_the_hub_refused_is_said_plainly_not_as_a_break_in() -> None:

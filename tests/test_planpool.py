@@ -27,7 +27,7 @@ from envelope_world import Node, default_entries, make_roster, roster_entry, sig
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import audit_events, samples, sdjwt
+from broker import audit_events, planpool, samples, sdjwt
 from broker.envelope import PAD_BLOCK
 from broker.errors import KeyMaterialError
 from broker.planner import Planner, Signer, send_facts
@@ -332,6 +332,34 @@ async def test_a_killed_worker_fails_the_next_call_instead_of_hanging(pool: Plan
     # and every later call too: the node stops instead of planning on.
     with pytest.raises(PlanWorkerError):
         await pool.plan(rows(1), 1)
+
+
+async def test_a_stop_gives_up_on_a_batch_the_worker_does_not_answer(
+    pool: PlanPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without it a stop waited PLAN_TIMEOUT (300 s) for a hung worker.
+    monkeypatch.setattr(planpool, "STOP_TIMEOUT", 0.2)
+    await pool.start()
+    (pid,) = pool.worker_pids()
+    worker = psutil.Process(pid)
+    worker.suspend()
+    call = asyncio.ensure_future(pool.plan(rows(1), 1))
+    await asyncio.sleep(0.2)
+    assert not call.done()  # waiting for the stopped worker
+    pool.stopping()
+    with pytest.raises(PlanWorkerError, match=r"did not answer within 0\.2 s of the stop"):
+        await asyncio.wait_for(call, 30)
+    with pytest.raises(PlanWorkerError, match="of the stop"):  # never used again
+        await pool.plan(rows(1), 1)
+    await asyncio.wait_for(pool.shutdown(), 30)
+    assert not worker.is_running()  # killed at once: a stopped worker would not exit
+
+
+async def test_a_stop_lets_the_worker_finish_the_batch_it_answers(pool: PlanPool) -> None:
+    await pool.start()
+    pool.stopping()
+    plans, errors, _ = await pool.plan(rows(1), 1)
+    assert (len(plans), errors) == (1, {})
 
 
 async def test_the_worker_ignores_sigterm_sent_to_the_whole_group(pool: PlanPool) -> None:
