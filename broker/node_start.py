@@ -92,6 +92,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         # Before any store write: it would record a log size past the entries of
         # reports whose confirmation a crash lost, and they would be logged twice.
         audit_unaudited(config.member, store, audit, at)
+        _withhold_unkeyed(store, signed.roster, at)
         store.set_state(
             {
                 "roster_version": str(signed.version),
@@ -158,6 +159,33 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         pin_roster(config.roster_state_path, signed)
         undo.pop_all()
         return node
+
+
+def _withhold_unkeyed(store: Store, roster: Roster, at: datetime) -> None:
+    """Take back pending envelopes to a key the roster does not accept now (see the store's).
+
+    The roster is checked when a report is planned; one that revoked or dropped a
+    partner's key since (a member suspended, or leaving) must stop what waits for it
+    in the outbox too. A review saw 3 such envelopes published after the restart that
+    applied the revocation, while the node's own warning said they would wait.
+    """
+
+    def refused(partner: str, kid: str) -> str | None:
+        try:
+            roster.check(kid, member=partner, use="enc", at=at)
+        except KeyMaterialError as exc:
+            return str(exc)
+        return None
+
+    taken = store.withhold_unkeyed(refused)
+    if taken:
+        log.warning(
+            "envelopes_withheld",
+            envelopes=sum(taken.values()),
+            partners=",".join(sorted(taken, key=MEMBERS.index)),
+            reason="encrypted to a key the roster does not accept now; planned again when the"
+            " partner has a valid key, under the policy then",
+        )
 
 
 def _log_start(

@@ -13,11 +13,13 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
+from broker.sdjwt import b64u_decode
 from broker.store_base import StoreBase
 
 
@@ -323,6 +325,50 @@ class OutboxTables(StoreBase):
         )
         return [OutboxItem(r[0], r[1], r[2], bytes(r[3]), r[4], r[5]) for r in rows]
 
+    def withhold_unkeyed(self, refused: Callable[[str, str], str | None]) -> Counter[str]:
+        """Take back the pending envelopes encrypted to a key ``refused`` gives a reason for.
+
+        ``refused(partner, kid)`` says why the roster does not accept ``kid`` as
+        ``partner``'s encryption key now (revoked, dropped from the roster, retired,
+        lapsed), or None. Each such envelope is deleted, and its (report, partner)
+        put in ``awaiting_key`` with that reason (and out of ``reissue``), in one
+        transaction: it is planned again, under the policy and keys of then, once
+        the partner has a valid key. Returns how many were taken back per partner.
+        """
+        # The protected header alone (~300 bytes), not the whole envelope: the
+        # outbox may hold many after an outage, and this runs at every start.
+        rows = self._read(
+            "SELECT rowid, partner, substr(jwe, 1, instr(jwe, '.') - 1) FROM outbox"
+            " WHERE state = 'pending' ORDER BY rowid"
+        )
+        said: dict[tuple[str, str | None], str | None] = {}
+        taken: list[tuple[str, int]] = []
+        for rowid, partner, head in rows:
+            kid = _recipient_kid(head)
+            if (partner, kid) not in said:
+                said[partner, kid] = (
+                    "its envelope names no recipient key" if kid is None else refused(partner, kid)
+                )
+            if (why := said[partner, kid]) is not None:
+                taken.append((why, rowid))
+        if not taken:
+            return Counter()
+        with self._tx("withhold_unkeyed") as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO awaiting_key(report_id, partner, reason)"
+                " SELECT report_id, partner, ? FROM outbox WHERE rowid = ?",
+                taken,
+            )
+            rowids = [(rowid,) for _, rowid in taken]
+            db.executemany(
+                "DELETE FROM reissue WHERE (report_id, partner) ="
+                " (SELECT report_id, partner FROM outbox WHERE rowid = ?)",
+                rowids,
+            )
+            db.executemany("DELETE FROM outbox WHERE rowid = ?", rowids)
+        gone = {rowid for _, rowid in taken}
+        return Counter(partner for rowid, partner, _ in rows if rowid in gone)
+
     def _outbox_rowids(self, db: sqlite3.Connection, count: int) -> range:
         # Rowids for ``count`` new outbox rows, past every one given out while this
         # store is open. SQLite's own choice is one past the highest rowid in the
@@ -566,3 +612,14 @@ _WAITING: Final = {
 }
 """(partner, report) of each envelope waiting to go out: for the hub's ack, or to be
 signed again. ``outbox_by_partner`` counts each; ``outbox_oldest`` takes both."""
+
+
+def _recipient_kid(head: object) -> str | None:
+    """The ``kid`` in a JWE protected header segment (base64url JSON), or None."""
+    try:
+        text = head.decode() if isinstance(head, bytes) else str(head)
+        header = json.loads(b64u_decode(text))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    kid = header.get("kid") if isinstance(header, dict) else None
+    return kid if isinstance(kid, str) else None

@@ -445,6 +445,56 @@ async def test_kill_and_restart_nats_server_mid_batch(world: World) -> None:
     assert_no_content_in_logs(world, records)
 
 
+async def test_envelopes_waiting_for_a_partner_whose_key_was_revoked_are_not_sent(
+    world: World,
+) -> None:
+    # A departure review: KOR's keys revoked while JPN's outbox held envelopes for it
+    # (the hub down); JPN restarted on the new roster and still published them, while
+    # its own warning said they would wait. The roster was checked only at planning.
+    records, want = batch_world(world)
+    records = records[:40]
+    ids = {r["report_id"] for r in records}
+    want = {partner: got & ids for partner, got in want.items()}
+    world.start("JPN")
+    world.server.kill()
+    answers = await world.submit("JPN", records)
+    assert {a["status"] for a in answers} == {"accepted"}
+
+    def planned() -> bool:
+        store = world.store("JPN")
+        try:
+            return not store.unplanned(1)
+        finally:
+            store.close()
+
+    await await_for(planned, 30, "the batch planned")
+    assert world.terminate("JPN") == 0
+    assert world.outbox_depth("JPN") == len(want["USA"]) + len(want["KOR"])
+    roster = keys_roster.load_signed_roster(world.keydir).roster
+    kor_enc = roster.current("KOR", "enc", datetime.now(UTC)).kid
+    keys_custodian.revoke_key(world.keydir, kor_enc, "KOR suspended")
+    world.server.start()
+    world.start("JPN")
+    await await_for(
+        lambda: world.sent_counts("JPN", ["USA"])["USA"] == len(want["USA"]), 60, "USA's sent"
+    )
+    assert await stream_stored(world, "USA") == len(want["USA"])
+    assert await stream_stored(world, "KOR") == 0  # nothing went to KOR
+    store = world.store("JPN")
+    try:
+        assert store.outbox_depths() == (0, len(want["KOR"]))  # none pending: all waiting
+        waiting = store.awaiting(100)
+    finally:
+        store.close()
+    assert {rid for rid, _, _ in waiting} == want["KOR"]
+    assert {partners for _, _, partners in waiting} == {("KOR",)}
+    assert world.sent_counts("JPN", ["KOR"]) == {"KOR": 0}
+    lines = (world.root / "JPN.log").read_text().splitlines()
+    logged = [json.loads(line) for line in lines if line.startswith("{")]
+    withheld = [e for e in logged if e["event"] == "envelopes_withheld"]
+    assert [(e["envelopes"], e["partners"]) for e in withheld] == [(len(want["KOR"]), "KOR")]
+
+
 async def test_kill_and_restart_a_receiving_node_mid_batch(world: World) -> None:
     records, want = batch_world(world)
     # What USA fetched but had not acked when killed comes back after KILL_ACK_WAIT.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -1065,3 +1066,58 @@ def test_a_store_in_a_folder_with_uri_characters_opens_read_only_as_itself(
     before = sorted(p.name for p in tmp_path.iterdir())
     assert Store(tmp_path / name / "node.sqlite3", readonly=True).state()["member"] == "this"
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def to_key(rid: str, partner: str, kid: str | None, iat: int = 100) -> OutboxItem:
+    """An envelope whose protected header names ``kid`` (none: no kid at all)."""
+    header = {"alg": "ECDH-ES+A256KW", "enc": "A256GCM", **({"kid": kid} if kid else {})}
+    head = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=")
+    return OutboxItem(
+        rid,
+        partner,
+        f"msmt.to.{partner}.vessel",
+        head + b".wrapped.iv.ct.tag",
+        json.dumps({"iat": iat}),
+    )
+
+
+def test_pending_envelopes_to_a_key_no_longer_accepted_wait_for_the_partners_next(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    store.accept([rep(1), rep(2)])
+    r1, r2 = rep(1).report_id, rep(2).report_id
+    store.plan(
+        {
+            r1: [to_key(r1, "USA", "USA-enc-1"), to_key(r1, "KOR", "KOR-enc-1")],
+            r2: [to_key(r2, "KOR", "KOR-enc-1"), to_key(r2, "GBR", None)],
+        }
+    )
+    (sent,) = [i for i in store.pending(10) if i.partner == "USA"]
+    store.mark_sent([sent])  # gone already: never taken back
+    store.queue_stale(issued_before=101)  # r2's KOR envelope queued to be signed again
+    asked: list[tuple[str, str]] = []
+
+    def refused(partner: str, kid: str) -> str | None:
+        asked.append((partner, kid))
+        return "key KOR-enc-1 is revoked" if partner == "KOR" else None
+
+    assert store.withhold_unkeyed(refused) == {"KOR": 2, "GBR": 1}
+    assert asked == [("KOR", "KOR-enc-1")]  # once per partner and key
+    assert store.pending(10) == []
+    assert store.reissues(10) == []  # the queue's rows went with the envelopes
+    assert store.awaiting(10) == [
+        (r1, rep(1).record, ("KOR",)),
+        (r2, rep(2).record, ("GBR", "KOR")),
+    ]
+    reasons = {
+        (r[0], r[1]): r[2]
+        for r in store._db.execute("SELECT report_id, partner, reason FROM awaiting_key")
+    }
+    assert reasons == {
+        (r1, "KOR"): "key KOR-enc-1 is revoked",
+        (r2, "KOR"): "key KOR-enc-1 is revoked",
+        (r2, "GBR"): "its envelope names no recipient key",
+    }
+    assert store.outbox_depths() == (0, 3)
+    assert store.withhold_unkeyed(refused) == {}  # nothing pending is left to take back
