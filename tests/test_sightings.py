@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import io
 import json
+import os
 import re
 import resource
 import signal
@@ -21,6 +24,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from broker import samples, schemas
+from broker.cli import data as data_cli
 from broker.cli import main
 from broker.envelope_format import check_observed_year
 from broker.errors import EnvelopeError, InputError
@@ -159,6 +163,38 @@ def test_validate_cli_exit_codes_and_lines(tmp_path: Path) -> None:
     assert missing.exit_code == 2
     assert "cannot read" in missing.output
     assert "Traceback" not in missing.output
+
+
+def test_validate_of_a_file_whose_read_fails_is_one_line_naming_it() -> None:
+    # A real EIO: /proc/self/mem opens, and its first read (address 0, never mapped)
+    # fails, as a failing disk or a FUSE mount's read does. It was a traceback.
+    result = CliRunner().invoke(main, ["validate", "/proc/self/mem"])
+    assert result.exit_code == 2, result.output
+    assert result.output == "msmt: error: cannot read /proc/self/mem: Input/output error\n"
+
+
+class _FailsAfter(io.BytesIO):
+    """A file whose read fails with EIO once its first bytes are read (a bad sector)."""
+
+    def read1(self, size: int | None = -1, /) -> bytes:
+        if self.tell() == len(self.getbuffer()):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return super().read1(size)
+
+
+def test_validate_whose_read_fails_midway_says_what_it_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = samples.to_ndjson(samples.generate(2)) + '{"kind": "vessel"}\n'
+    monkeypatch.setattr(data_cli, "_open_input", lambda _path: _FailsAfter(text.encode()))
+    result = CliRunner().invoke(main, ["validate", "feed.ndjson"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    assert lines[-1] == (
+        "msmt: error: cannot read feed.ndjson: Input/output error after 2 valid and 1 invalid"
+        " records; the rest were not validated"
+    )
+    assert all(line.startswith("feed.ndjson:3: ") for line in lines[:-1]), lines
 
 
 def test_validate_reads_stdin_and_skips_blank_lines() -> None:

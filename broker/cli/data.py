@@ -31,6 +31,13 @@ _OPENED_ONLY: Final = frozenset(
 """The reason for a line that only opens an object or a list."""
 
 
+def _unread(file: str, exc: OSError, good: int, bad: int) -> str:
+    """The refusal of a read of ``file`` that failed after ``good`` and ``bad`` records."""
+    name = "stdin" if file == "-" else file
+    before = f" after {good} valid and {bad} invalid records; the rest were not validated"
+    return f"cannot read {name}: {exc.strerror or exc}{before if good or bad else ''}"
+
+
 @click.command()
 @click.argument("file", default="-", metavar="[FILE|-]")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary line.")
@@ -59,6 +66,11 @@ def validate(file: str, quiet: bool) -> None:
                 for problem in result.error.problems:
                     where = problem.path or "(record)"
                     echo_line(f"{file}:{result.line}: {where}: {problem.reason}")
+    except OSError as exc:
+        # A read that fails past the open (EIO from a failing disk or a FUSE mount):
+        # it was a traceback. Exit 2, as for a file that cannot be opened; the records
+        # read before it have had their lines, the rest were never validated.
+        raise UsageError(_unread(file, exc, good, bad)) from None
     finally:
         if file != "-":
             stream.close()
