@@ -81,6 +81,11 @@ insider trial's partner added 1.3 GB in 45 s with valid reports padded to the ca
 _LIST_KEYS: Final = frozenset({("nats", "urls")})
 MAX_SOCKET_PATH: Final = 107
 """sockaddr_un holds 108 bytes including the terminating NUL (Linux)."""
+SQLITE_PATH_MAX: Final = 504
+"""The longest database path SQLite opens: its unix VFS's 512 bytes (``MAX_PATHNAME``), less
+the 8 of ``-journal``; past it, only "unable to open database file"."""
+DATA_DIR_DEEPEST: Final = "audit/audit.sqlite"
+"""The node's longest database path below ``data_dir`` (``audit_dir`` / ``auditlog.DB_FILE``)."""
 
 
 class _Section(BaseModel):
@@ -416,13 +421,16 @@ def parse_config(
     base = _resolve(config_dir / config.base_dir, "base_dir")
     resolved = config.model_dump()
     resolved["base_dir"] = base
+    _check_length(base, "base_dir", overridden)
     for keys in _PATH_KEYS:
         holder = resolved
         for key in keys[:-1]:
             holder = holder[key]
         value = holder[keys[-1]]
         if value is not None:
-            holder[keys[-1]] = _resolve(base / value, ".".join(keys))
+            name = ".".join(keys)
+            holder[keys[-1]] = _resolve(base / value, name)
+            _check_length(holder[keys[-1]], name, overridden)
     config = NodeConfig.model_validate(resolved)
     limits = config.limits
     if limits.sender_bytes_per_day < limits.max_message_bytes:
@@ -500,6 +508,44 @@ def _resolve(path: Path, key: str) -> Path:
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "a symbolic link loop"
         raise ConfigError(f"config key {key}: {path} cannot be resolved: {reason}") from None
+
+
+def _check_length(path: Path, key: str, overridden: Mapping[str, str]) -> None:
+    """Refuse a path the system would refuse as too long (ENAMETOOLONG), or SQLite below it.
+
+    A name longer than the file system takes, or a whole path past its limit, was a
+    traceback from the first file a command looked for (``msmt node run``, ``node
+    check``; a review gave ``MSMT_DATA_DIR`` a name of 300 bytes); a ``data_dir``
+    whose audit log's path passes SQLite's limit, "unable to open database file"
+    after its folders were made.
+    """
+    # The limits of the file system the path is on, so far as it exists yet.
+    there = next((str(p) for p in path.parents if os.path.isdir(p)), "/")
+    try:
+        name_max, path_max = os.pathconf(there, "PC_NAME_MAX"), os.pathconf(there, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    source = f" (set by {overridden[key]})" if key in overridden else ""
+    longest = max(len(os.fsencode(part)) for part in path.parts)
+    if longest > name_max:
+        raise ConfigError(
+            f"config key {key}: {path}: a name in it is {longest} bytes, more than a file"
+            f" name may be there ({name_max}); give a shorter path{source}"
+        )
+    size = len(os.fsencode(path))
+    if size >= path_max:
+        raise ConfigError(
+            f"config key {key}: {path} is {size} bytes, longer than a path may be"
+            f" ({path_max - 1} bytes); give a shorter path{source}"
+        )
+    deepest = path / DATA_DIR_DEEPEST
+    if key == "data_dir" and len(os.fsencode(deepest)) > SQLITE_PATH_MAX:
+        raise ConfigError(
+            f"config key {key}: {path} is {size} bytes, too long for the audit log in it:"
+            f" SQLite opens a database path of at most {SQLITE_PATH_MAX} bytes, and the"
+            f" audit log's ({DATA_DIR_DEEPEST} in it) would be {len(os.fsencode(deepest))};"
+            f" give a shorter path{source}"
+        )
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> NodeConfig:

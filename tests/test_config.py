@@ -565,3 +565,55 @@ def test_a_path_of_bytes_that_are_not_utf8_is_taken_as_the_system_gives_it(
     odd = os.fsdecode(bytes(tmp_path) + b"/odd\xffdir")
     config = load_config(write(tmp_path), env={"MSMT_DATA_DIR": odd})
     assert os.fsencode(config.socket_path) == bytes(tmp_path) + b"/odd\xffdir/intake.sock"
+
+
+def _long_path(root: Path, size: int) -> Path:
+    """A path under ``root`` of exactly ``size`` bytes, in names of 200 bytes at most."""
+    text = str(root)
+    while size - len(text) - 1 > 200:
+        text += "/" + "a" * 200
+    text += "/" + "b" * (size - len(text) - 1)
+    return Path(text)
+
+
+def test_a_data_dir_whose_name_is_too_long_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    # It was a traceback from the roster state's exists() at `msmt node run` and
+    # `node check` (ENAMETOOLONG: a review's MSMT_DATA_DIR held a name of 300 bytes).
+    data = tmp_path / ("d" * 300)
+    env = {"MSMT_DATA_DIR": str(data), "MSMT_INTAKE_SOCKET": str(tmp_path / "s.sock")}
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path), env=env)
+    assert str(info.value) == (
+        f"config key data_dir: {data}: a name in it is 300 bytes, more than a file name may"
+        " be there (255); give a shorter path (set by MSMT_DATA_DIR)"
+    )
+
+
+def test_a_path_key_longer_than_a_path_may_be_is_one_line(tmp_path: Path) -> None:
+    keys = _long_path(tmp_path.resolve(), 4200)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path), env={"MSMT_KEY_DIR": str(keys)})
+    assert str(info.value) == (
+        f"config key keys.dir: {keys} is 4200 bytes, longer than a path may be (4095 bytes);"
+        " give a shorter path (set by MSMT_KEY_DIR)"
+    )
+
+
+def test_a_data_dir_too_long_for_sqlite_is_refused_before_anything_is_made(
+    tmp_path: Path,
+) -> None:
+    # 486 bytes: the audit log's path is 505, one past SQLite's limit. The start made
+    # the folders, then stopped at "unable to open database file".
+    root = tmp_path.resolve()
+    socket = {"MSMT_INTAKE_SOCKET": str(tmp_path / "s.sock")}
+    fits = _long_path(root, 485)
+    assert load_config(write(tmp_path), env={"MSMT_DATA_DIR": str(fits), **socket}).data_dir == fits
+    data = _long_path(root, 486)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path), env={"MSMT_DATA_DIR": str(data), **socket})
+    assert str(info.value) == (
+        f"config key data_dir: {data} is 486 bytes, too long for the audit log in it: SQLite"
+        " opens a database path of at most 504 bytes, and the audit log's (audit/audit.sqlite"
+        " in it) would be 505; give a shorter path (set by MSMT_DATA_DIR)"
+    )
+    assert not data.parent.exists()
