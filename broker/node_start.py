@@ -47,6 +47,7 @@ from broker.planner import Planner, Signer
 from broker.publisher import RunDb
 from broker.reconcile import audit_unaudited, check_store_against_log, log_lost, ran_before
 from broker.roster import Roster
+from broker.serving import descriptor_limit_problem
 from broker.stopsignals import StopSignals
 from broker.store import Store
 
@@ -317,6 +318,11 @@ async def run(config: NodeConfig, signals: StopSignals | None = None) -> None:
     loaded is then frozen out of the cyclic garbage collector's way. In-process
     callers (tests, the demo) use ``load_node`` and ``Node.run`` instead.
     """
+    # Before anything is read or made: the planning worker's pipe, then connections,
+    # would fail for want of descriptors.
+    too_low = descriptor_limit_problem()
+    if too_low is not None:
+        raise ConfigError(too_low)
     node = load_node(config)
     # The modules, roster, keys and schemas loaded by now (~77,000 objects) live as
     # long as the process, yet every full collection walked them all: one per ~3,000

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import pickle
 import signal
@@ -122,24 +123,39 @@ class PlanPool:
         """
         async with self._lock:
             if self._proc is None:
-                self._proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    # -P: the node's working directory is not on the import path, so
-                    # a file there cannot stand in for a module in the process that
-                    # holds the signing and pseudonym keys.
-                    "-P",
-                    "-m",
-                    "broker.planpool",
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    # A batch's answer is ~3 MB: read it without pausing every 128 KiB.
-                    limit=PIPE_BUFFER,
-                    # Out of the terminal's process group: a Ctrl-C while the worker is
-                    # still importing would kill it with a traceback before it can
-                    # ignore SIGINT. The node stops it; PR_SET_PDEATHSIG ends it if not.
-                    start_new_session=True,
-                )
+                self._proc = await self._spawn()
                 await self._call((self._spec, os.getpid()))
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        """The worker process; ``PlanWorkerError`` if it cannot be started (no descriptors left)."""
+        try:
+            return await asyncio.create_subprocess_exec(
+                sys.executable,
+                # -P: the node's working directory is not on the import path, so
+                # a file there cannot stand in for a module in the process that
+                # holds the signing and pseudonym keys.
+                "-P",
+                "-m",
+                "broker.planpool",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                # A batch's answer is ~3 MB: read it without pausing every 128 KiB.
+                limit=PIPE_BUFFER,
+                # Out of the terminal's process group: a Ctrl-C while the worker is
+                # still importing would kill it with a traceback before it can
+                # ignore SIGINT. The node stops it; PR_SET_PDEATHSIG ends it if not.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            # Its pipes need descriptors, its fork memory: each was a traceback.
+            low = (
+                " (is the descriptor limit, ulimit -n, too low?)"
+                if exc.errno == errno.EMFILE
+                else ""
+            )
+            raise PlanWorkerError(
+                f"cannot start the planning worker: {exc.strerror or exc}{low}"
+            ) from None
 
     async def plan(self, rows: list[tuple[str, bytes]], limit: int) -> Plans:
         """What ``Planner.plan`` returns for these arguments, computed in the worker.

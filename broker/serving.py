@@ -52,6 +52,26 @@ def connection_cap() -> int:
     return max(8, min(CONNECTIONS_MAX, soft // 4))
 
 
+DESCRIPTORS_MIN: Final = 64
+"""The least descriptor limit a node starts under.
+
+An idle node holds about 21 (the store and the audit log with their ``-wal`` and ``-shm``
+files, the spool, the hub, the planning worker's pipes, the log); under 64 each listener's
+cap (``connection_cap``, at least 8) leaves too few for a spool batch or a reconnect. Under
+16 the planning worker's pipe could not be made: a traceback (a review)."""
+
+
+def descriptor_limit_problem() -> str | None:
+    """Why this process's descriptor limit is too low for a node, or ``None`` if it is not."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= DESCRIPTORS_MIN:
+        return None
+    return (
+        f"the descriptor limit (ulimit -n) is {soft}, too low for a node, which needs at least"
+        f" {DESCRIPTORS_MIN}: raise it (LimitNOFILE= in a systemd unit, ulimit -n in a shell)"
+    )
+
+
 HANDED_OUT_S: Final = 5.0
 """A protocol handed out and not registered by then never got its connection: not counted."""
 

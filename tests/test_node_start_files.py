@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import sqlite3
 import stat
@@ -120,6 +121,32 @@ def test_a_data_dir_that_is_a_file_is_named_by_node_check_and_run(folder: Path) 
         assert (command, done.returncode, done.stderr) == (command, 2, line)
         assert "hunter2" not in done.stdout  # node check's nats line shows no password
     assert not_a_dir.read_text() == "a file\n"
+
+
+def test_a_descriptor_limit_too_low_for_a_node_is_one_line_before_anything_is_made(
+    folder: Path,
+) -> None:
+    # `ulimit -n 16`: a traceback from os.pipe() as the planning worker started, after
+    # the store and the audit log were made and the start logged.
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    done = subprocess.run(
+        [MSMT, "node", "run", "--config", str(folder / "nodes" / "JPN" / "node.toml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+        preexec_fn=low,
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "msmt: error: the descriptor limit (ulimit -n) is 16, too low for a node, which needs"
+        " at least 64: raise it (LimitNOFILE= in a systemd unit, ulimit -n in a shell)\n"
+    )
+    assert not (folder / "data").exists()
 
 
 @pytest.mark.parametrize("what", ["data_dir", "code", "data_dir's parent"])

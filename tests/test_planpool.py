@@ -7,10 +7,12 @@ makes is opened by its recipient with ``envelope.receive``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import pickle
+import resource
 import signal
 import subprocess
 import sys
@@ -177,6 +179,31 @@ async def test_worker_plans_what_the_planner_plans_and_recipients_open_it(
             )
             assert received.report_id == report_id
             assert received.originator == "JPN"
+
+
+async def test_a_worker_that_cannot_be_started_is_one_line_naming_the_limit() -> None:
+    # No descriptor left for its pipes (EMFILE, made real here: the limit lowered to what
+    # is open, the rest filled): a traceback from os.pipe() before, at every node start
+    # under `ulimit -n 16`.
+    plans = PlanPool(planner(), POLICY)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(PlanWorkerError) as info:
+            await plans.start()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await plans.shutdown()
+    assert str(info.value) == (
+        "cannot start the planning worker: Too many open files (is the descriptor limit,"
+        " ulimit -n, too low?)"
+    )
 
 
 def test_the_worker_loads_no_network_client() -> None:
