@@ -46,8 +46,8 @@ from broker.checkpoint import (
     sign_checkpoint,
     verify_cosignature,
 )
-from broker.errors import AuditError, StoreDamagedError, StoreError, UsageError, sqlite_reason
-from broker.files import NOT_A_FILE, holds_nothing
+from broker.errors import AuditError, StoreDamagedError, StoreError, UsageError
+from broker.files import NOT_A_FILE, holds_nothing, sqlite_open_reason
 from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash, node_hash
 from broker.note import (
     ALG_ED25519,
@@ -160,19 +160,22 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
             # has no checkpoints table") and refused a healthy log.
             create_schema(db, _SCHEMA)
     except sqlite3.Error as exc:
-        raise _sqlite_error("cannot open", path, exc) from exc
+        raise _sqlite_error("cannot open", path, exc, writer=not readonly) from exc
     return db
 
 
-def _sqlite_error(doing: str, path: Path, exc: sqlite3.Error) -> StoreError | AuditError:
+def _sqlite_error(
+    doing: str, path: Path, exc: sqlite3.Error, *, writer: bool = True
+) -> StoreError | AuditError:
     """SQLite's refusal as ours: the file's fault (``AuditError``) or the system's (``StoreError``).
 
     A file that is not a database, or a malformed one, stays so: no retry or
-    restart mends it. Anything else (locked, I/O, permissions, a full disk) may pass.
+    restart mends it. Anything else (locked, I/O, permissions, a full disk) may pass;
+    a folder or file that is not writable is named, with why.
     """
     if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
         return AuditError(f"audit log {path} is damaged or not an audit log: {exc}")
-    return StoreError(f"{doing} audit log {path}: {sqlite_reason(exc)}")
+    return StoreError(f"{doing} audit log {path}: {sqlite_open_reason(path, exc, writer=writer)}")
 
 
 _TABLES: Final = ("meta", "entries", "checkpoints")

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-from broker.errors import UsageError, WriteError
+from broker.errors import UsageError, WriteError, sqlite_reason
 
 NOT_A_FILE = "not a regular file (a FIFO, socket or device)"
 """The ``strerror`` of the ``OSError`` for a path that is neither a file nor a directory."""
@@ -249,3 +249,60 @@ def writable_by_all(path: Path) -> str | None:
         if mode & stat.S_IWOTH and not (sticky_ok and mode & stat.S_ISVTX):
             return f"{where} is writable by every local user (mode {stat.S_IMODE(mode):04o})"
     return None
+
+
+_WRITE_REFUSED: Final = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+"""The errors of a write the file's or its folder's permissions or mount refused."""
+
+
+def _refused_write(exc: Exception) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in _WRITE_REFUSED
+    name = str(getattr(exc, "sqlite_errorname", ""))
+    return name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY"))
+
+
+def not_writable(path: Path, *, writer: bool = True) -> str | None:
+    """Why the SQLite database ``path``, or what SQLite makes beside it, is not writable here.
+
+    ``None`` if nothing is found. A reader (``writer`` false) needs only the folder and
+    the ``-wal`` and ``-shm`` files writable; a writer, the database and its ``.lock`` too.
+    """
+    folder = path.parent
+    if not os.path.isdir(folder):
+        return None
+    suffixes = ("", "-wal", "-shm", ".lock") if writer else ("-wal", "-shm")
+    beside = [path.with_name(path.name + suffix) for suffix in suffixes]
+    for target in (folder, *beside):
+        if target != folder and not os.path.lexists(target):
+            continue
+        if os.access(target, os.W_OK):
+            continue
+        try:
+            info, mount = os.stat(target), os.statvfs(target)
+        except OSError:
+            continue
+        what = "the folder " if target == folder else ""
+        if mount.f_flag & os.ST_RDONLY:
+            return f"{what}{target} is not writable: it is on a read-only file system"
+        return (
+            f"{what}{target} is not writable by uid {os.geteuid()} (mode"
+            f" {stat.S_IMODE(info.st_mode):04o}, owner uid {info.st_uid})"
+        )
+    return None
+
+
+def sqlite_open_reason(path: Path, exc: Exception, *, writer: bool = True) -> str:
+    """Why SQLite could not open ``path``: what is not writable, if that was it, else its words.
+
+    SQLite says only "unable to open database file" or "attempt to write a readonly
+    database" for a data directory on a read-only mount or one the node's user may
+    not write (a review), naming neither the file nor the cause.
+    """
+    why = not_writable(path, writer=writer) if _refused_write(exc) else None
+    if why is not None:
+        return why
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename and exc.filename != str(path) else ""
+        return f"{exc.strerror}{where}"
+    return sqlite_reason(exc)

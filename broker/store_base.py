@@ -23,7 +23,7 @@ from broker.errors import (
     StoreError,
     sqlite_reason,
 )
-from broker.files import NOT_A_FILE
+from broker.files import NOT_A_FILE, sqlite_open_reason
 from broker.store_file import (
     PAGE_SIZE,
     SCHEMA,
@@ -109,14 +109,16 @@ class StoreBase:
         except sqlite3.DatabaseError as exc:
             self._unlock()
             if isinstance(exc, sqlite3.OperationalError):  # locked, I/O, a full disk: may pass
-                raise StoreError(f"cannot open store {path}: {sqlite_reason(exc)}") from None
+                why = sqlite_open_reason(path, exc, writer=not readonly)
+                raise StoreError(f"cannot open store {path}: {why}") from None
             raise StoreDamagedError(
                 f"store {path} is damaged or not a node store: {exc}; restore it from a backup"
                 " (docs/DEPLOY.md, 'Backing up and restoring a node')"
             ) from None
         except (sqlite3.Error, OSError) as exc:
             self._unlock()
-            raise StoreError(f"cannot open store {path}: {sqlite_reason(exc)}") from None
+            why = sqlite_open_reason(path, exc, writer=not readonly)
+            raise StoreError(f"cannot open store {path}: {why}") from None
         if not readonly:
             # Received reports are stored in the clear: never readable by others,
             # even in a data directory that was created open.

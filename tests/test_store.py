@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import pytest
 from annotated_types import Le
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.auditlog import AuditLog
 from broker.config import LimitsSection
 from broker.errors import StoreError, StoreTooNewError
 from broker.store import NewReport, OutboxItem, Received, Store
@@ -923,6 +926,103 @@ def test_a_store_whose_shm_file_cannot_grow_says_the_disk_may_be_full(tmp_path: 
             f"cannot open store {path}: disk I/O error (SQLITE_IOERR_SHMSIZE: its -shm file"
             " could not grow; is the disk full?)\n"
         ), (mode, done.stderr)
+
+
+_OPEN_BOTH = """
+import sys
+from pathlib import Path
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from broker.auditlog import AuditLog, connect
+from broker.errors import StoreError
+from broker.store import Store
+data, readonly = Path(sys.argv[1]), sys.argv[2] == "ro"
+for open_it in (
+    lambda: Store(data / "node.sqlite3", readonly=readonly),
+    lambda: connect(data / "audit" / "audit.sqlite", readonly=True) if readonly
+    else AuditLog(data / "audit", "JPN", Ed25519PrivateKey.generate()),
+):
+    try:
+        open_it().close()
+        print("opened")
+    except StoreError as exc:
+        print(exc)
+"""
+
+
+def _data_dir(tmp_path: Path) -> Path:
+    """A data directory holding a store and an audit log, closed."""
+    data = tmp_path / "data"
+    Store(data / "node.sqlite3").close()
+    AuditLog(data / "audit", "JPN", Ed25519PrivateKey.generate()).close()
+    return data
+
+
+def _open_both(data: Path, mode: str, prefix: list[str]) -> list[str]:
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", _OPEN_BOTH, str(data), mode],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_a_data_dir_the_user_may_not_write_is_named_with_why(tmp_path: Path) -> None:
+    # SQLite said "attempt to write a readonly database" (or "unable to open database
+    # file"), and the store's lock "[Errno 13] Permission denied: '...lock'".
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # root writes any folder: without CAP_DAC_OVERRIDE it may not
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv to drop CAP_DAC_OVERRIDE")
+        drop = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}"]
+    data = _data_dir(tmp_path)
+    (data / "audit").chmod(0o500)
+    data.chmod(0o500)
+    try:
+        opened = _open_both(data, "rw", prefix)
+    finally:
+        data.chmod(0o700)
+        (data / "audit").chmod(0o700)
+    uid = os.geteuid()
+    assert opened == [
+        f"cannot open store {data}/node.sqlite3: the folder {data} is not writable by uid {uid}"
+        f" (mode 0500, owner uid {uid})",
+        f"cannot open audit log {data}/audit/audit.sqlite: the folder {data}/audit is not"
+        f" writable by uid {uid} (mode 0500, owner uid {uid})",
+    ]
+    (data / "node.sqlite3").chmod(0o400)
+    try:
+        opened = _open_both(data, "rw", prefix)
+    finally:
+        (data / "node.sqlite3").chmod(0o600)
+    assert opened[0] == (
+        f"cannot open store {data}/node.sqlite3: {data}/node.sqlite3 is not writable by uid"
+        f" {uid} (mode 0400, owner uid {uid})"
+    )
+
+
+def test_a_data_dir_on_a_read_only_mount_says_so(tmp_path: Path) -> None:
+    # A read-only bind mount of the data directory, in a mount namespace of the child's
+    # own: "unable to open database file" for the log, even to read it (msmt status).
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a read-only bind mount")
+    data = _data_dir(tmp_path)
+    mount = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(data)]
+    if subprocess.run([*mount, "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no mount namespace here")
+    assert _open_both(data, "rw", mount) == [
+        f"cannot open store {data}/node.sqlite3: the folder {data} is not writable: it is on a"
+        " read-only file system",
+        f"cannot open audit log {data}/audit/audit.sqlite: the folder {data}/audit is not"
+        " writable: it is on a read-only file system",
+    ]
+    assert _open_both(data, "ro", mount)[1] == (
+        f"cannot open audit log {data}/audit/audit.sqlite: the folder {data}/audit is not"
+        " writable: it is on a read-only file system"
+    )
 
 
 def test_writer_pid_reads_the_kernels_lock_table_without_taking_the_lock(tmp_path: Path) -> None:
