@@ -47,7 +47,7 @@ from broker.checkpoint import (
     verify_cosignature,
 )
 from broker.errors import AuditError, StoreDamagedError, StoreError, UsageError
-from broker.files import NOT_A_FILE, holds_nothing, sqlite_open_reason
+from broker.files import holds_nothing, not_a_file, sqlite_open_reason
 from broker.merkle import HASH_SIZE, CompactRange, Levels, leaf_hash, node_hash
 from broker.note import (
     ALG_ED25519,
@@ -146,6 +146,8 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     try:
         if readonly:
             if not path.is_file():
+                if path.is_dir():  # "no audit log" sent the operator to the wrong folder
+                    raise UsageError(f"audit log {path} is a directory, where its file should be")
                 raise UsageError(f"no audit log at {path} (is this a node's data directory?)")
             db = open_readonly(path)
             _check_tables(db, path)
@@ -210,8 +212,9 @@ def _refuse_foreign(path: Path) -> None:
     found missing. A new or empty file passes, to be made into a log.
     """
     with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISREG(os.stat(path).st_mode):  # SQLite's open blocks on a FIFO
-            raise AuditError(f"audit log {path} is {NOT_A_FILE}")
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # SQLite's open blocks on a FIFO
+            raise AuditError(f"audit log {path} is {not_a_file(mode, 'its file')}")
     if holds_nothing(path):
         return
     db = open_readonly(path)

@@ -22,6 +22,11 @@ NOT_A_FILE = "not a regular file (a FIFO, socket or device)"
 """The ``strerror`` of the ``OSError`` for a path that is neither a file nor a directory."""
 
 
+def not_a_file(mode: int, what: str) -> str:
+    """What is at a path of ``mode`` where ``what`` (a file) should be: a directory, or else."""
+    return f"a directory, where {what} should be" if stat.S_ISDIR(mode) else NOT_A_FILE
+
+
 WHOLE_FILE_MAX: Final = 16 << 20
 """The most ``read_file_bytes`` reads of a file whole: configurations, policies, keys and
 rosters are kilobytes. A review named a 2 GB sparse file as ``node.toml``: 23 s and
@@ -81,14 +86,20 @@ def holds_nothing(path: Path) -> bool:
     """Whether the SQLite database at ``path`` is missing, or 0 bytes with no -wal that holds any.
 
     SQLite opens a file of 0 bytes as an empty database, as a start makes a new one:
-    a new file, or a copy cut short (a full disk). Unreadable is not nothing:
-    whatever opens it next says why.
+    a new file, or a copy cut short (a full disk). Unreadable is not nothing, nor is
+    a directory (a restore that copied the store as a folder), which ``node check``
+    took for no store and then for a store lost: whatever opens it next says why.
     """
-    wal = path.with_name(path.name + "-wal")
-    try:
-        return not any(p.is_file() and p.stat().st_size for p in (path, wal))
-    except OSError:
-        return False
+    for part in (path, path.with_name(path.name + "-wal")):
+        try:
+            info = part.stat()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        if not stat.S_ISREG(info.st_mode) or info.st_size:
+            return False
+    return True
 
 
 def write_output(path: Path, data: bytes, *, option: str = "--out") -> None:

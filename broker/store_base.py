@@ -23,7 +23,7 @@ from broker.errors import (
     StoreError,
     sqlite_reason,
 )
-from broker.files import NOT_A_FILE, sqlite_open_reason
+from broker.files import not_a_file, sqlite_open_reason
 from broker.store_file import (
     PAGE_SIZE,
     SCHEMA,
@@ -68,8 +68,19 @@ class StoreBase:
         self._audited_later: list[str] = []
         try:
             with suppress(FileNotFoundError):
-                if not stat.S_ISREG(os.stat(path).st_mode):  # SQLite's open blocks on a FIFO
-                    raise StoreDamagedError(f"store {path} is {NOT_A_FILE}")
+                mode = os.stat(path).st_mode
+                if not stat.S_ISREG(mode):  # SQLite's open blocks on a FIFO
+                    # A directory (a restore that copied the store as a folder): what
+                    # to do, as no other check has said it.
+                    advice = (
+                        ": nothing was changed; move it aside, or put the store there from"
+                        " its backup (docs/DEPLOY.md, 'Backing up and restoring a node')"
+                        if stat.S_ISDIR(mode)
+                        else ""
+                    )
+                    raise StoreDamagedError(
+                        f"store {path} is {not_a_file(mode, 'the store file')}{advice}"
+                    )
             if readonly:
                 self._db = sqlite3.connect(
                     f"{path.absolute().as_uri()}?mode=ro",

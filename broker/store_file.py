@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final
 
 from broker.errors import StoreDamagedError, StoreError, StoreTooNewError, UsageError
-from broker.files import NOT_A_FILE, holds_nothing
+from broker.files import holds_nothing, not_a_file
 
 KEPT_SINCE: Final = "envelopes_kept_since"
 """The ``state`` key holding when a store from before envelopes were kept gained them.
@@ -209,7 +209,7 @@ def require_store(path: Path) -> None:
         raise UsageError(f"cannot reach the node store at {path}: {exc.strerror}{hint}") from None
     if not stat.S_ISREG(mode):
         # SQLite opens a FIFO without O_NONBLOCK: the command waited for a writer.
-        raise UsageError(f"the node store {path} is {NOT_A_FILE}")
+        raise UsageError(f"the node store {path} is {not_a_file(mode, 'the store file')}")
 
 
 STORE_TABLES: Final = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))

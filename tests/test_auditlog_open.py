@@ -208,6 +208,52 @@ def test_a_fifo_as_the_store_or_audit_log_is_refused_not_waited_on(
         )
 
 
+def _listing(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Each path under ``folder``: its mode, size and modification time (ns)."""
+    return {
+        str(p.relative_to(folder)): (p.lstat().st_mode, p.lstat().st_size, p.lstat().st_mtime_ns)
+        for p in folder.rglob("*")
+    }
+
+
+def test_a_directory_where_the_store_should_be_is_named_so_and_nothing_is_touched(
+    tmp_path: Path,
+) -> None:
+    # A restore that copied the store as a folder: node run and status called it "not a
+    # regular file (a FIFO, socket or device)", and node check took it for no store at
+    # all: "none yet (the first start makes it)" and ok, or beside a log of reports,
+    # "the store was lost".
+    folder, path = _started_once(tmp_path, "store")
+    path.unlink()
+    path.mkdir()
+    data = path.parent
+    before = _listing(data)
+    line = f"msmt: error: the node store {path} is a directory, where the store file should be\n"
+    for command in (("node", "run"), ("node", "check"), ("status",)):
+        done = msmt(*command, "--config", str(folder / "node.toml"))
+        expected = line
+        if command == ("node", "run"):
+            expected = (
+                f"msmt: error: store {path} is a directory, where the store file should be:"
+                " nothing was changed; move it aside, or put the store there from its backup"
+                " (docs/DEPLOY.md, 'Backing up and restoring a node')\n"
+            )
+        assert (command, done.returncode, done.stderr) == (command, 2, expected)
+    assert _listing(data) == before
+
+
+def test_a_directory_where_the_audit_log_should_be_is_named_so(tmp_path: Path) -> None:
+    # msmt status and node check said "no audit log at ... (is this a node's data
+    # directory?)": it is, and its log's file is a folder.
+    folder, path = _started_once(tmp_path, "audit log")
+    path.unlink()
+    path.mkdir()
+    line = f"msmt: error: audit log {path} is a directory, where its file should be\n"
+    for command in (("node", "run"), ("node", "check"), ("status",)):
+        done = msmt(*command, "--config", str(folder / "node.toml"))
+        assert (command, done.returncode, done.stderr) == (command, 2, line)
+
+
 def test_a_node_opens_its_log_after_rotating_and_revoking_its_signing_key(tmp_path: Path) -> None:
     config = load_config(jpn_config(tmp_path), env={})
     keydir = tmp_path / "keys"
