@@ -102,6 +102,28 @@ def holds_nothing(path: Path) -> bool:
     return True
 
 
+def make_folder(folder: Path, *, private: bool = False) -> None:
+    """Make ``folder`` (0700 if ``private``) and any folder above it missing, 0755.
+
+    ``mkdir(parents=True)`` would make the folders above 0777 less the umask: under
+    umask 000 others could then swap a member's key folder, or the roster and its
+    authority, for their own (``msmt keys``), or the exported schemas feed authors
+    validate against (``msmt schemas export``). Folders already there are left as they
+    are. Raises ``OSError``.
+    """
+    for above in (*reversed(folder.parents), folder):
+        if above.exists() and not above.is_dir():
+            # mkdir's own word for it is "File exists", which named the file to be
+            # written, not the file in the way (a bad-input sweep).
+            raise NotADirectoryError(errno.ENOTDIR, f"{above} is not a directory")
+    for above in reversed(folder.parents):
+        if not above.is_dir():
+            above.mkdir(mode=0o755, exist_ok=True)
+    folder.mkdir(exist_ok=True, mode=0o700 if private else 0o755)
+    if private:
+        folder.chmod(0o700)
+
+
 def write_output(path: Path, data: bytes, *, option: str = "--out") -> None:
     """Put ``data`` at ``path`` whole or not at all, mode 0600: a command's ``--out`` file.
 

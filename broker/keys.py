@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import json
 import re
 import secrets
@@ -44,7 +43,13 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeyParameters, OKPKey
 
 from broker.errors import KeyMaterialError, WriteError
-from broker.files import read_file_bytes, read_file_text, sync_folder, write_synced
+from broker.files import (
+    make_folder,
+    read_file_bytes,
+    read_file_text,
+    sync_folder,
+    write_synced,
+)
 from broker.note import excerpt
 from broker.roster import CLOCK_SKEW, KeyUse, Roster, format_time
 
@@ -82,7 +87,7 @@ def write_atomic(path: Path, data: bytes, *, private: bool) -> None:
 def stage(path: Path, data: bytes, *, private: bool) -> Path:
     """Write ``data`` durably to a new temp file beside ``path``; return the temp file."""
     try:
-        _make_folder(path.parent, private=private)
+        make_folder(path.parent, private=private)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror}") from None
@@ -97,26 +102,6 @@ def stage(path: Path, data: bytes, *, private: bool) -> Path:
             raise WriteError(f"cannot write {path}: {exc.strerror}") from None
         raise
     return Path(tmp)
-
-
-def _make_folder(folder: Path, *, private: bool) -> None:
-    """Make ``folder`` (0700 if ``private``) and any folder above it missing, 0755.
-
-    ``mkdir(parents=True)`` would make the folders above 0777 less the umask: under
-    umask 000 others could then swap a member's key folder, or the roster and its
-    authority, for their own. Raises ``OSError``.
-    """
-    for above in (*reversed(folder.parents), folder):
-        if above.exists() and not above.is_dir():
-            # mkdir's own word for it is "File exists", which named the file to be
-            # written, not the file in the way (a bad-input sweep).
-            raise NotADirectoryError(errno.ENOTDIR, f"{above} is not a directory")
-    for above in reversed(folder.parents):
-        if not above.is_dir():
-            above.mkdir(mode=0o755, exist_ok=True)
-    folder.mkdir(exist_ok=True, mode=0o700 if private else 0o755)
-    if private:
-        folder.chmod(0o700)
 
 
 def put_in_place(tmp: Path, path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from pydantic import TypeAdapter
 
-from broker.files import write_durably
+from broker.files import make_folder, write_durably
 from broker.sightings import MODELS, Sighting
 
 SCHEMA_BASE: Final = "https://msmt-broker.invalid/schemas/"
@@ -61,7 +61,9 @@ def export(out: Path) -> list[Path]:
     written: list[Path] = []
     for name, text in {**schema_documents(), **example_documents()}.items():
         path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # 0755 whatever the umask: under umask 000 the folders were 0777, and any
+        # user could swap the contract a feed author validates against.
+        make_folder(path.parent)
         write_durably(path, text.encode("utf-8"))
         path.chmod(0o644)  # public: the contract every feed author reads
         written.append(path)

@@ -10,6 +10,7 @@ import os
 import re
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import uuid
@@ -528,7 +529,10 @@ def test_samples_and_schemas_that_cannot_be_written_are_one_line(tmp_path: Path)
     blocker.write_text("")
     result = runner.invoke(main, ["schemas", "export", "--out", str(blocker / "schemas")])
     assert (result.exit_code, result.stdout) == (2, "")
-    assert result.stderr == f"msmt: error: cannot write {blocker / 'schemas'}: Not a directory\n"
+    # The file in the way is named (the folders are made as msmt keys makes its own).
+    assert result.stderr == (
+        f"msmt: error: cannot write {blocker / 'schemas'}: {blocker} is not a directory\n"
+    )
 
 
 MSMT = str(Path(sys.executable).parent / "msmt")
@@ -592,6 +596,31 @@ def test_schemas_on_a_full_disk_leave_no_part_of_a_file(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert {p.relative_to(out).as_posix() for p in out.rglob("*.json")} == set(whole)
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.rglob("*.json"))
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o002, 0o022])
+def test_exported_schemas_are_writable_by_no_other_user_whatever_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    # Under umask 000 the export's folders were 0777: any user could swap the contract
+    # a feed author validates against. The files were 0644 already.
+    out = tmp_path / "deploy" / "schemas"
+    done = subprocess.run(
+        [MSMT, "schemas", "export", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        umask=umask,
+        check=False,
+        # No bytecode written under umask 000 into the suite's shared cache prefix: its
+        # new folders would be 0777, which every msmt after refuses (broker.code_check).
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    made = {p: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "deploy", *out.rglob("*"))}
+    made[out] = stat.S_IMODE(out.stat().st_mode)
+    assert {str(p): f"{m:04o}" for p, m in made.items() if m & 0o022} == {}
+    assert {m for p, m in made.items() if p.is_dir()} == {0o755 & ~umask}
+    assert {m for p, m in made.items() if p.is_file()} == {0o644}
 
 
 def _pattern(schema_text: str, *where: str | int) -> re.Pattern[str]:
