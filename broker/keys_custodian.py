@@ -50,7 +50,7 @@ from broker.keys_roster import (
     sign_roster,
     verify_roster,
 )
-from broker.keys_users import write_nats_users
+from broker.keys_users import load_users_for_update, write_nats_users
 from broker.members import MEMBERS, is_member
 from broker.roster import Roster, format_time
 
@@ -394,6 +394,38 @@ def rotate_keys(
                 path.unlink(missing_ok=True)
         raise
     return str(new["sig"].kid), str(new["enc"].kid)
+
+
+def suspend_member(
+    keydir: Path, member: str, *, now: datetime | None = None
+) -> tuple[list[str], int | None]:
+    """Cut ``member`` off: drop its NATS user, then retire its active keys as of now.
+
+    Retired, not revoked: what its keys signed before now still verifies (its shared
+    reports, its log's checkpoints), while nothing new is encrypted to it, and nothing
+    it signs from now is taken. No new keys are made: it comes back with a key request.
+    The users are signed first, so that a failure between the two writes leaves it cut
+    off at the hub, and the command run again finishes the roster. Returns the kids
+    retired and the new ``nats-users.json`` version (None if it had no user there).
+    Raises ``UsageError`` for an unknown member, or one already suspended.
+    """
+    if not is_member(member):
+        raise UsageError(f"unknown member {member!r} (members: {', '.join(MEMBERS)})")
+    signed, authority = load_for_update(keydir)
+    users = load_users_for_update(keydir, authority)
+    active = [k.kid for k in signed.roster if k.member == member and k.status == "active"]
+    if not active and member not in users:
+        raise UsageError(f"{member} is suspended already: it has no active key and no NATS user")
+    version = None
+    if member in users:
+        version = write_nats_users(
+            keydir, {a: u for a, u in users.items() if a != member}, authority
+        )
+    if active:
+        at = now or _utcnow()
+        keys = retire_active(signed.jwks["keys"], member, at)
+        write_roster(keydir, bump_roster(signed, keys, at), authority)
+    return active, version
 
 
 def _roster_may_name(keydir: Path, kids: Sequence[str]) -> bool:

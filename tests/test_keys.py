@@ -27,7 +27,7 @@ from joserfc.jwk import OKPKey
 from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jws as jwc_jws
 
-from broker import keys, keys_custodian, keys_roster
+from broker import keys, keys_custodian, keys_roster, keys_users
 from broker.cli import main
 from broker.errors import KeyMaterialError, UsageError, WriteError
 from broker.roster import Roster
@@ -1037,3 +1037,64 @@ def test_a_keys_command_while_another_runs_is_refused_and_changes_nothing(
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.startswith(f"msmt: a roster write in {keydir} was cut short: finished it")
+
+
+def test_suspend_cuts_a_member_off_and_keeps_what_it_signed_before(keydir: Path) -> None:
+    # A departure review: the only tool was revoke, which withdrew trust in every
+    # report the member had shared, and its NATS user stayed on the hub.
+    before = keys_roster.load_signed_roster(keydir)
+    users_before = keys_users.load_signed_users(keydir)
+    usa = [k for k in before.roster if k.member == "USA"]
+    result = CliRunner().invoke(main, ["keys", "suspend", "usa", "--dir", str(keydir)])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"USA's NATS user removed from {keydir / 'nats-users.json'}")
+    assert lines[2] == f"USA: retired {', '.join(k.kid for k in usa)}"
+    assert lines[3].startswith(f"roster version {before.version + 1}: publish roster.json")
+    signed = keys_roster.load_signed_roster(keydir, min_version=before.version + 1)
+    users = keys_users.load_signed_users(keydir)
+    assert users.version == users_before.version + 1
+    assert users.users == {a: u for a, u in users_before.users.items() if a != "USA"}
+    retired = [signed.roster.get(k.kid) for k in usa]
+    assert {k.status for k in retired} == {"retired"}
+    (at,) = {k.retired_at for k in retired}
+    assert at is not None
+    sig = next(k for k in retired if k.use == "sig")
+    # What USA signed before still verifies (retired, not revoked); nothing after.
+    assert signed.roster.check(sig.kid, member="USA", use="sig", at=at - timedelta(seconds=1))
+    assert signed.roster.withdrawn(sig.kid) is None
+    with pytest.raises(KeyMaterialError, match="retired"):
+        signed.roster.check(sig.kid, member="USA", use="sig", at=at + timedelta(seconds=1))
+    with pytest.raises(KeyMaterialError, match="no active enc key"):
+        signed.roster.current("USA", "enc", at + timedelta(seconds=1))
+    # The others are untouched.
+    assert [k for k in signed.roster if k.member != "USA"] == [
+        k for k in before.roster if k.member != "USA"
+    ]
+    # Once is enough: again, it says so and writes nothing.
+    kept = snapshot(keydir)
+    again = CliRunner().invoke(main, ["keys", "suspend", "USA", "--dir", str(keydir)])
+    assert (again.exit_code, again.stdout) == (2, "")
+    assert again.stderr == (
+        "msmt: error: USA is suspended already: it has no active key and no NATS user\n"
+    )
+    assert snapshot(keydir) == kept
+
+
+def test_suspend_finishes_what_a_failed_run_left(
+    keydir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The users are written first: a roster write that fails leaves the member cut
+    # off at the hub, with its keys active, and the command run again retires them.
+    def full(*_args: Any, **_kwargs: Any) -> None:
+        raise WriteError("cannot write roster.json: No space left on device")
+
+    monkeypatch.setattr(keys_custodian, "write_roster", full)
+    with pytest.raises(WriteError):
+        keys_custodian.suspend_member(keydir, "USA")
+    assert "USA" not in keys_users.load_signed_users(keydir).users
+    monkeypatch.undo()
+    retired, version = keys_custodian.suspend_member(keydir, "USA")
+    assert (len(retired), version) == (2, None)
+    roster = keys_roster.load_signed_roster(keydir).roster
+    assert {k.status for k in roster if k.member == "USA"} == {"retired"}

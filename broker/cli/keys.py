@@ -209,6 +209,42 @@ def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
         )
 
 
+@keys_group.command(name="suspend")
+@click.argument("member")
+@_KEYDIR
+@_writes_keys
+def keys_suspend(member: str, keydir: Path) -> None:
+    """Cut MEMBER off: its NATS user goes, its active keys retire as of now, none are made.
+
+    What its keys signed before still verifies; nothing new goes to it or is taken
+    from it. It comes back with a key request (accepted with --fingerprint).
+    """
+    _finish_roster_write(keydir)
+    member = member.upper()
+    retired, users_version = keys_custodian.suspend_member(keydir, member)
+    if users_version is not None:
+        users = f"{keydir / keyfiles.NATS_USERS_FILE} (version {users_version}, signed)"
+        echo_line(
+            f"{member}'s NATS user removed from {users}: regenerate the hub's configuration"
+            " with 'msmt nats config' and reload every hub server (send it SIGHUP), which"
+            f" closes {member}'s connections"
+        )
+        click.echo(_SEND_USERS)
+    version = keys_roster.load_signed_roster(keydir).version
+    if retired:
+        click.echo(f"{member}: retired {', '.join(retired)}")
+    click.echo(
+        f"roster version {version}: publish {keyfiles.ROSTER_FILE} and {keyfiles.ROSTER_SIG_FILE}"
+        f" to every member and restart each node with it: what waits in its outbox for"
+        f" {member} is taken back, and new reports wait for {member} (take it out of the"
+        " policy to plan none for it)"
+    )
+    click.echo(
+        f"to come back, {member} makes a key request ('msmt keys request {member}'), which you"
+        " accept with --fingerprint after a phone call (docs/KEYS.md, 'A member leaves')"
+    )
+
+
 @keys_group.command(name="authority")
 @_KEYDIR
 @click.option(
