@@ -1851,3 +1851,38 @@ async def test_a_batch_gone_before_it_is_opened_is_no_error(tmp_path: Path) -> N
     assert await spool._take(tmp_path / "spool" / "taken-back.ndjson") == "gone"
     spool.close()
     store.close()
+
+
+async def test_submit_whose_file_fails_to_read_names_the_file_not_the_node(
+    tmp_path: Path,
+) -> None:
+    # A review: a read failing past the open (EIO from a failing disk; here
+    # /proc/self/mem, whose first page is unmapped) was "cannot reach the node at
+    # ...: Can not write request body": aiohttp calls any body error the connection's.
+    write_node_config(tmp_path, "JPN", ["nats://127.0.0.1:1"])
+    config_path = tmp_path / "nodes" / "JPN" / "node.toml"
+    config = load_config(config_path, env={})
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(config.token_path)
+    runner = await serve_unix(make_app(make_intake(store), token), config.socket_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            MSMT,
+            "submit",
+            "--config",
+            str(config_path),
+            "/proc/self/mem",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await runner.cleanup()
+    assert (proc.returncode, out) == (2, b"")
+    assert err.decode() == (
+        "msmt: error: cannot read /proc/self/mem: Input/output error: records without an"
+        " answer above may or may not have been accepted; send them again (a resend is"
+        " answered duplicate)\n"
+    )

@@ -25,14 +25,14 @@ from broker.cli.options import stdin_buffer
 from broker.errors import StdoutError, UsageError
 
 
-async def _read_chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
+async def _read_chunks(stream: BinaryIO, failed: list[OSError]) -> AsyncIterator[bytes]:
     """Yield the feed's bytes as they come, read on a daemon thread.
 
     ``os.read`` returns what the feed has written so far, so records piped in one
     at a time are sent, and answered, at once (``stream.read`` would wait for 64 KiB
     or the end). A daemon thread rather than the loop's executor, which
     ``asyncio.run`` joins at its end: Ctrl-C must not wait for a feed that writes
-    nothing more.
+    nothing more. A read error is raised, and put in ``failed``.
     """
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[bytes | OSError] = asyncio.Queue()
@@ -59,6 +59,8 @@ async def _read_chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
         chunk = await chunks.get()
         room.release()
         if isinstance(chunk, OSError):
+            # Kept for the command: aiohttp reports any body error as the connection's.
+            failed.append(chunk)
             raise chunk
         if not chunk:
             return
@@ -138,8 +140,9 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
             summary + (f" ({duplicates} of them duplicates)" if duplicates else ""), err=True
         )
 
+    unread: list[OSError] = []
     try:
-        asyncio.run(submit(config.socket_path, token, _read_chunks(stream), show))
+        asyncio.run(submit(config.socket_path, token, _read_chunks(stream, unread), show))
     except KeyboardInterrupt:
         # Exit 2, not click's "Aborted!" and 1: a feed's wrapper must not take an
         # interrupted batch for one whose records were all answered.
@@ -152,6 +155,14 @@ def submit_cmd(config_path: Path, file: str, quiet: bool, token_file: Path | Non
     except UsageError:
         if counts["accepted"] or counts["rejected"]:
             summarise()  # what was answered before the node stopped
+        if unread:
+            # Our input failed (EIO from a failing disk), not the node: it was blamed.
+            name = "stdin" if file == "-" else file
+            raise UsageError(
+                f"cannot read {name}: {unread[0].strerror or unread[0]}: records without an"
+                " answer above may or may not have been accepted; send them again (a resend"
+                " is answered duplicate)"
+            ) from None
         raise
     finally:
         if file != "-":
