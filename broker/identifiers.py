@@ -20,6 +20,9 @@ from __future__ import annotations
 import functools
 import operator
 import re
+import sys
+import threading
+from types import ModuleType
 from typing import Final
 
 import base58
@@ -192,15 +195,37 @@ def check_bitcoin_address(value: str) -> None:
 _HIGH_NIBBLE: Final = frozenset("89abcdef")
 
 
+_KECCAK_LOCK: Final = threading.Lock()
+_UNSET: Final = object()
+
+
+def _keccak() -> ModuleType:
+    # Imported on first use, not at start: most msmt processes never see an Ethereum
+    # address. And with cffi hidden from pycryptodome for that one import, so that it
+    # loads its keccak C code through ctypes (its own fallback, as under python -OO):
+    # through cffi it first imports pycparser and parses the C declarations, ~65 ms of
+    # CPU against ~20 ms, which every node paid at the first address it received
+    # (bench/README.md, "receiver.py --quick": 0.2 ms a delivery). The same C code and
+    # digests either way; if pycryptodome was loaded already, it stays as it was.
+    with _KECCAK_LOCK:
+        if "Crypto.Util._raw_api" not in sys.modules:
+            saved = sys.modules.get("cffi", _UNSET)
+            sys.modules["cffi"] = None  # type: ignore[assignment]  # import cffi: ImportError
+            try:
+                from Crypto.Hash import keccak  # noqa: PLC0415
+            finally:
+                if saved is _UNSET:
+                    del sys.modules["cffi"]
+                else:
+                    sys.modules["cffi"] = saved  # type: ignore[assignment]
+        from Crypto.Hash import keccak  # noqa: PLC0415
+    return keccak
+
+
 def eip55(address: str) -> str:
     """Return the EIP-55 mixed-case checksum encoding of a ``0x`` address."""
-    # Imported on first use: pycryptodome loads cffi and its C parser, ~0.1 s that
-    # every msmt process (a node, its planning worker, each command) paid at start
-    # although most never see an Ethereum address.
-    from Crypto.Hash import keccak  # noqa: PLC0415
-
     body = address[2:].lower()
-    digest = keccak.new(digest_bits=256, data=body.encode("ascii")).hexdigest()
+    digest = _keccak().new(digest_bits=256, data=body.encode("ascii")).hexdigest()
     # A letter is upper case where its nibble of the hash is 8 or more; digits
     # have no case, so upper() leaves them as they are.
     return "0x" + "".join(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,6 +122,35 @@ def test_eip55_vectors_validate(address: str) -> None:
 @pytest.mark.parametrize("address", EIP55[4:])
 def test_eip55_mixed_case_vectors_round_trip(address: str) -> None:
     assert identifiers.eip55(address.lower()) == address
+
+
+@pytest.mark.parametrize("cffi_first", [False, True])
+def test_eip55_first_use_loads_keccak_without_cffi_and_leaves_cffi_as_it_was(
+    cffi_first: bool,
+) -> None:
+    # A fresh interpreter: the first eip55 imports pycryptodome's keccak with cffi
+    # hidden (ctypes: ~20 ms of CPU, not ~65); afterwards cffi is what it was before,
+    # imported or importable, and the digests are EIP-55's own.
+    code = "\n".join(
+        [
+            "import sys",
+            "import cffi" if cffi_first else "",
+            "before = sys.modules.get('cffi')",
+            "from broker import identifiers",
+            f"for a in {EIP55[4:]!r}:",
+            "    assert identifiers.eip55(a.lower()) == a, a",
+            "from Crypto.Util import _raw_api",
+            "assert not hasattr(_raw_api, 'ffi'), 'pycryptodome loaded through cffi'",
+            "assert sys.modules.get('cffi') is before",
+            "import cffi",
+            "print('ok')",
+        ]
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
 
 
 @pytest.mark.parametrize("address", EIP55[4:])
