@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from broker import samples
+from broker import keys_custodian, samples
 from broker.cli import main
 from broker.members import MEMBERS
 from broker.policy import load_policy
@@ -303,3 +303,39 @@ def test_msmt_policy_check_runs_as_a_program() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count(": ok: ") == len(MEMBERS)
+
+
+def test_explain_with_config_names_partners_the_roster_has_no_key_for(tmp_path: Path) -> None:
+    # A departure review: explain said "sent yes" for a suspended member, whose share
+    # waits (awaiting_key) until it is back.
+    keys_custodian.init_keys(tmp_path / "keys", MEMBERS)
+    folder = tmp_path / "nodes" / "JPN"
+    folder.mkdir(parents=True)
+    (folder / "policy.toml").write_text(
+        'version = 1\nmember = "JPN"\n[[rules]]\nkinds = ["vessel"]\npartners = ["NZL", "USA"]\n'
+        'release = ["vessel.imo"]\n'
+    )
+    config = folder / "node.toml"
+    config.write_text(
+        'member = "JPN"\nbase_dir = "../.."\npolicy = "nodes/JPN/policy.toml"\n'
+        'data_dir = "data/JPN"\n[nats]\nurls = ["nats://127.0.0.1:4222"]\n[keys]\ndir = "keys"\n'
+    )
+    report = write_report(tmp_path)
+    args = ("policy", "explain", "--config", str(config), "--report", str(report))
+    before = run(*args)
+    assert before.exit_code == 0, before.output
+    assert "no valid key" not in before.stdout
+    keys_custodian.suspend_member(tmp_path / "keys", "NZL")
+    after = run(*args)
+    assert after.exit_code == 0, after.output
+    assert after.stdout.endswith(
+        "\nno valid key in the node's roster:\n  NZL  NZL has no active enc key valid now: what"
+        " is released to it waits until it has one (msmt status: awaiting_key)\n"
+    )
+    rows = [line.split()[:2] for line in after.stdout.splitlines() if line[:4] in ("NZL ", "USA ")]
+    assert rows[:2] == [["USA", "yes"], ["NZL", "yes"]]  # the table as before: the policy's
+    (tmp_path / "keys" / "roster.json").write_text("{}")
+    unread = run(*args)
+    assert unread.exit_code == 0, unread.output
+    assert "\nroster not read (" in unread.stdout
+    assert unread.stdout.endswith("whether each partner has a key is not shown\n")

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
 from broker.cli.options import echo_line, error_line
-from broker.config import load_config
-from broker.errors import InputError, PolicyError, UsageError
+from broker.config import NodeConfig, load_config
+from broker.errors import InputError, KeyMaterialError, MsmtError, PolicyError, UsageError
 from broker.files import read_file_text
+from broker.keys_roster import load_pinned_roster
 from broker.members import MEMBERS
 from broker.policy import Decision, Policy, Release, check_policy, load_policy
 from broker.policy_file import read_policy
@@ -216,6 +218,7 @@ def explain(
     the node's own policy file (what its next start would apply; ``msmt status``
     says whether the running node still has it).
     """
+    config = None
     if config_path is not None:
         config = load_config(config_path)
         if member is not None and member != config.member:
@@ -253,6 +256,34 @@ def explain(
     click.echo("")
     for line in _table(policy, sighting, decisions):
         click.echo(line)
+    if config is not None:
+        for line in _keyless(config, [p for p, d in decisions.items() if d.sends]):
+            echo_line(line)
+
+
+def _keyless(config: NodeConfig, partners: list[str]) -> list[str]:
+    """Notes on the ``partners`` sent to that the node's roster has no valid encryption key for.
+
+    What is released to one waits (``awaiting_key``) until it has a key: a departure
+    review found explain saying "sent yes" for a suspended member.
+    """
+    try:
+        roster = load_pinned_roster(
+            config.roster_dir, config.authority_path, config.roster_state_path, record=False
+        ).roster
+    except (MsmtError, OSError) as exc:
+        return ["", f"roster not read ({exc}): whether each partner has a key is not shown"]
+    now = datetime.now(UTC)
+    notes = []
+    for partner in partners:
+        try:
+            roster.current(partner, "enc", now)
+        except KeyMaterialError as exc:
+            notes.append(
+                f"  {partner}  {exc}: what is released to it waits until it has one"
+                " (msmt status: awaiting_key)"
+            )
+    return ["", "no valid key in the node's roster:", *notes] if notes else []
 
 
 COMMANDS: tuple[click.Command, ...] = (policy_group,)
