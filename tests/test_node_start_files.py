@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import sqlite3
 import stat
@@ -658,3 +659,33 @@ def test_a_dependency_or_a_folder_above_the_code_others_may_write_is_refused(
     lib.chmod(0o1777)  # as /tmp: nobody may rename another's folder in it
     assert version().returncode == 0
     lib.chmod(0o755)
+
+
+def test_node_check_refuses_a_data_dir_on_a_read_only_mount_as_a_start_would(
+    folder: Path,
+) -> None:
+    # An error-path review: "none yet (the first start makes it)" and ok, for a data
+    # directory the start then could not write.
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a read-only bind mount")
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    config = load_config(config_path, env={})
+    config.data_dir.mkdir(parents=True, mode=0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    bind = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+    args = ["node", "check", "--config", str(config_path)]
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", bind, str(config.data_dir), MSMT, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"msmt: error: cannot open store {config.store_path}: the folder {config.data_dir}"
+        " is not writable: it is on a read-only file system\n"
+    )
+    writable = msmt(*args)
+    assert writable.returncode == 0, writable.stderr  # the same folder, mounted as it is

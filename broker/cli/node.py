@@ -32,7 +32,7 @@ from broker.errors import (
     UsageError,
     sqlite_reason,
 )
-from broker.files import holds_nothing
+from broker.files import holds_nothing, not_writable
 from broker.log import LEVELS as LOG_LEVELS
 from broker.members import is_member
 from broker.merkle import HASH_SIZE
@@ -174,6 +174,11 @@ def node_check(config_path: Path) -> None:
     named = f", {len(files.pseudonym)} pseudonym key(s)" if files.pseudonym else ""
     echo_line(f"policy {config.policy}: {files.policy.digest}{named}")
     check_data_dir(config.data_dir)
+    # What a start's first write would find: a read-only mount, or a folder the node's
+    # user may not write, passed here ("none yet ... ok") and failed the start.
+    unwritable = not_writable(config.store_path) if config.data_dir.is_dir() else None
+    if unwritable is not None:
+        raise StoreError(f"cannot open store {config.store_path}: {unwritable}")
     if holds_nothing(config.store_path):  # as a start, which makes a new one in its place
         size = check_log_without_store(config)
         echo_line(f"store {config.store_path}: none yet (the first start makes it)")
