@@ -47,7 +47,6 @@ from broker import audit_events, version
 from broker.config import NodeConfig
 from broker.errors import (
     ConfigError,
-    KeyMaterialError,
     MsmtError,
     UsageError,
 )
@@ -59,6 +58,7 @@ from broker.metrics import Metrics, listen_tcp, listener_uid, metrics_runner
 from broker.metrics import make_app as make_metrics_app
 from broker.node_housekeeping import Housekeeping
 from broker.node_messaging import Messaging
+from broker.planner import keyless_partners
 from broker.planpool import PlanWorkerError
 from broker.policy import Policy
 from broker.roster import Roster
@@ -412,13 +412,7 @@ def _warn_keyless_partners(policy: Policy, roster: Roster, at: datetime) -> None
     # A partner the policy releases to but the roster has no valid encryption key
     # for gets nothing until it has one (its envelopes wait): say so at start,
     # rather than only at the first report (a roster made for fewer members, say).
-    named = {p for rule in policy.rules if rule.effect == "release" for p in rule.members}
-    keyless = []
-    for partner in sorted(named, key=MEMBERS.index):
-        try:
-            roster.current(partner, "enc", at)
-        except KeyMaterialError:
-            keyless.append(partner)
+    keyless = sorted(keyless_partners(policy, roster, at), key=MEMBERS.index)
     if keyless:
         log.warning(
             "partners_without_keys",

@@ -35,7 +35,7 @@ from broker.log import Throttle, get_logger
 from broker.metrics import Metrics
 from broker.note import excerpt
 from broker.planloop import PlanLoop
-from broker.planner import Planner
+from broker.planner import Planner, keyless_partners
 from broker.planpool import PlanPool
 from broker.publisher import PARTNER_INBOX_SEQ_STATE, Publisher, RunDb
 from broker.receiver import Receiver
@@ -122,6 +122,9 @@ class NodeBase:
             config.limits.freshness_seconds,
             self.stop,
             self._error,
+        )
+        self.plan_loop.keyless = lambda: keyless_partners(
+            planner.policy, planner.roster, datetime.now(UTC)
         )
         self._intakes: list[Intake] = []
         # Tries the metrics port again while another process holds it (``Node``).

@@ -67,6 +67,8 @@ class PlanLoop:
         self._error = error
         self.publisher: Publisher | None = None
         """The node's, once connected: handed what is planned, woken by what is signed again."""
+        self.keyless: Callable[[], frozenset[str]] = frozenset
+        """The partners the policy releases to that have no valid encryption key now."""
         self._wake, self._handed = asyncio.Event(), {}
         self.skip: dict[str, float] = {}
         """Reports that could not be planned, and when (monotonic) to try each again."""
@@ -291,7 +293,11 @@ class PlanLoop:
         # Partners a report was planned without (no valid encryption key then):
         # planned again now, once per pass; True if there may be more. The report
         # is signed anew for them (under the current policy and keys).
-        rows = await self._run_db(self._store.awaiting, PLAN_BATCH + len(tried))
+        # Not for partners that still have no key, whose reports would be signed and
+        # encrypted for every partner only to wait on: a suspended member's backlog
+        # cost a review's node and worker 16 s of CPU a minute for 10,000 reports.
+        keyless = self.keyless()
+        rows = await self._run_db(self._store.awaiting, PLAN_BATCH + len(tried), keyless)
         rows = [row for row in rows if row[0] not in tried]
         if not rows:
             return False

@@ -178,6 +178,22 @@ class Planner:
         return result
 
 
+def keyless_partners(policy: Policy, roster: Roster, at: datetime) -> frozenset[str]:
+    """The partners ``policy`` releases to with no valid encryption key in ``roster`` at ``at``.
+
+    What is released to them waits (``awaiting_key``) until they have one: a member
+    not enrolled yet, or suspended.
+    """
+    named = {p for rule in policy.rules if rule.effect == "release" for p in rule.members}
+    keyless = set()
+    for partner in named:
+        try:
+            roster.current(partner, "enc", at)
+        except KeyMaterialError:
+            keyless.add(partner)
+    return frozenset(keyless)
+
+
 def send_facts(
     iat: int, size: int, sighting: SightingModel, released: Sequence[str], policy_digest: str
 ) -> str:

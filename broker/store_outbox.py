@@ -229,20 +229,27 @@ class OutboxTables(StoreBase):
                 db.execute("UPDATE reports SET planned = 1 WHERE report_id = ?", (report_id,))
         return stored
 
-    def awaiting(self, limit: int) -> list[tuple[str, bytes, tuple[str, ...]]]:
+    def awaiting(
+        self, limit: int, without: Collection[str] = ()
+    ) -> list[tuple[str, bytes, tuple[str, ...]]]:
         """Up to ``limit`` planned reports with partners still awaiting a key, oldest first.
 
-        Each is (id, record, the partners without an envelope).
+        Each is (id, record, the partners without an envelope), leaving out the
+        partners in ``without`` (and reports awaiting only those).
         """
-        return self._queued("awaiting_key", limit)
+        return self._queued("awaiting_key", limit, without)
 
-    def _queued(self, table: str, limit: int) -> list[tuple[str, bytes, tuple[str, ...]]]:
+    def _queued(
+        self, table: str, limit: int, without: Collection[str] = ()
+    ) -> list[tuple[str, bytes, tuple[str, ...]]]:
         # (id, record, partners) per report in a (report_id, partner) queue table.
+        skip = sorted(without)
         rows = self._read(
-            f"SELECT q.report_id, r.record, json_group_array(q.partner) FROM {table} q"  # noqa: S608 - our own table name
+            f"SELECT q.report_id, r.record, json_group_array(q.partner) FROM {table} q"  # noqa: S608 - our own table name, placeholders
             " JOIN reports r ON r.report_id = q.report_id"
+            f" WHERE q.partner NOT IN ({','.join('?' * len(skip))})"
             " GROUP BY q.report_id ORDER BY min(q.rowid) LIMIT ?",
-            (limit,),
+            (*skip, limit),
         )
         return [(r[0], bytes(r[1]), tuple(json.loads(r[2]))) for r in rows]
 

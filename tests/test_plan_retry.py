@@ -252,3 +252,50 @@ async def test_a_resend_to_a_partner_without_a_key_waits_and_is_not_an_error(
         assert store.state().get("last_error", "") == ""
     finally:
         store.close()
+
+
+async def test_reports_awaiting_a_partner_with_no_key_are_not_planned_again_each_pass(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review of suspending a member: each pass (every minute) signed and encrypted
+    # every report waiting for it, for every partner, only to find it still had no
+    # key: 16 s of CPU a minute for 10,000 reports, growing with the backlog.
+    world.write_config("JPN", BATCH_POLICY)
+    keys_custodian.suspend_member(world.keydir, "USA")
+    monkeypatch.setattr(broker.planloop, "REISSUE_EVERY_S", RETRY_S)
+    policy = world.policy("JPN")
+    records = [
+        r
+        for r in records_for("JPN", 40, seed=9)
+        if expected_partners(policy, parse_record(json.dumps(r))) == {"USA", "KOR"}
+    ][:5]
+    node = load_node(world.config("JPN"))
+    planned: list[int] = []  # rows in each call to the worker
+    looked: list[int] = []  # reports read back as awaiting a key, each pass
+    plan, awaiting = node._plans.plan, node.store.awaiting
+
+    async def counted_plan(rows: list[tuple[str, bytes]], limit: int) -> Any:
+        planned.append(len(rows))
+        return await plan(rows, limit)
+
+    def counted_awaiting(limit: int, without: frozenset[str] = frozenset()) -> Any:
+        found = awaiting(limit, without)
+        looked.append(len(found))
+        return found
+
+    monkeypatch.setattr(node._plans, "plan", counted_plan)
+    monkeypatch.setattr(node.store, "awaiting", counted_awaiting)
+    task = asyncio.create_task(node.run())
+    try:
+        await await_for(lambda: node.ready() is None, 20, "JPN ready")
+        answers = await world.submit("JPN", records)
+        assert {a["status"] for a in answers} == {"accepted"}
+        await await_for(lambda: node.store.outbox_depths()[1] == 5, 10, "USA's 5 waiting")
+        before, passes = len(planned), len(looked)
+        await await_for(lambda: len(looked) >= passes + 3, 20, "three more passes")
+    finally:
+        node.stop.set()
+        await task
+    assert sum(planned) == 5  # planned once, when accepted: for KOR, and USA waiting
+    assert len(planned) == before
+    assert looked[passes:] == [0] * (len(looked) - passes)  # USA's reports not even read

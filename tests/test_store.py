@@ -1221,3 +1221,6 @@ def test_pending_envelopes_to_a_key_no_longer_accepted_wait_for_the_partners_nex
     }
     assert store.outbox_depths() == (0, 3)
     assert store.withhold_unkeyed(refused) == {}  # nothing pending is left to take back
+    # Partners that still have no key are left out of what is planned again.
+    assert store.awaiting(10, without={"KOR"}) == [(r2, rep(2).record, ("GBR",))]
+    assert store.awaiting(10, without={"KOR", "GBR"}) == []
