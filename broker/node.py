@@ -157,15 +157,21 @@ class Node(Messaging, Housekeeping):
         loop = asyncio.get_running_loop()
         if signals is None:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop.set)
+                loop.add_signal_handler(sig, self._asked_to_stop)
         else:
-            signals.take(loop, self.stop.set)
+            signals.take(loop, self._asked_to_stop)
         self._signals = signals
         try:
             await self._run()
         finally:
             if signals is not None:
                 signals.release(loop)
+
+    def _asked_to_stop(self) -> None:
+        # The planning worker's bound starts now, not once the start is done: a worker
+        # hung before its first answer held the stop for PLAN_TIMEOUT (a review).
+        self.stop.set()
+        self._plans.stopping()
 
     async def _run(self) -> None:
         config = self.config

@@ -49,6 +49,7 @@ from node_world import (
     msmt,
     records_for,
     start_hub,
+    wait_for,
 )
 from structlog.testing import capture_logs
 
@@ -319,6 +320,34 @@ async def test_a_stop_gives_up_on_a_planning_worker_that_does_not_answer(
     world.start("JPN")
     await assert_all_exactly_once(world, want)
     await world.outbox_sent("JPN")
+
+
+HANG_WORKER = """
+import sys, time
+if "broker.planpool" in sys.orig_argv:
+    time.sleep(3600)  # a planning worker that never answers its start
+"""
+
+
+def test_a_stop_while_the_planning_worker_starts_gives_it_10_s(world: World) -> None:
+    # A review: a stop before the worker's first answer waited for it, up to 300 s.
+    world.write_config("JPN")
+    hang = world.root / "hang"
+    hang.mkdir(mode=0o700)
+    (hang / "sitecustomize.py").write_text(HANG_WORKER)
+    world.start("JPN", ready=False, PYTHONPATH=str(hang))
+    node = psutil.Process(world.procs["JPN"].pid)
+
+    def workers() -> list[psutil.Process]:
+        return [c for c in node.children() if "broker.planpool" in c.cmdline()]
+
+    wait_for(lambda: bool(workers()), 30, "the planning worker started")
+    (worker,) = workers()
+    assert world.terminate("JPN") == 1  # within STOP_TIMEOUT (10 s), not 300
+    log = world.log_tail("JPN")
+    assert "the planning worker did not answer within 10 s of the stop" in log, log
+    assert "Traceback" not in log
+    assert not worker.is_running()
 
 
 def _pipe_unread(pid: int) -> int:
