@@ -73,6 +73,9 @@ from broker.validation import (
 
 log = get_logger("intake")
 _T = TypeVar("_T")
+ANSWER_GRACE_S: Final = 1.0
+"""Seconds a stop lets an answer write wait for the feed to read before it drops the
+connection: a feed that reads, only slower than the node answers, ends cleanly."""
 
 Acceptor = Callable[[list[NewReport], str], Awaitable[list[bool]]]
 """Durably accept a batch from a feed channel; True per new report, False per id taken.
@@ -526,11 +529,12 @@ def make_app(
             # slow feed still gets prompt answers and a fast one batched fsyncs.
             for i in range(0, len(lines), MAX_BATCH):
                 answers = await intake.process(lines[i : i + MAX_BATCH], name)
-                if not await _unless_stopping(response.write(answer_bytes(answers)), stopping):
+                written = response.write(answer_bytes(answers))
+                if not await _unless_stopping(written, stopping, ANSWER_GRACE_S):
                     return _cut_off(request, response)
             if not chunk:
                 break
-        if not await _unless_stopping(response.write_eof(), stopping):
+        if not await _unless_stopping(response.write_eof(), stopping, ANSWER_GRACE_S):
             return _cut_off(request, response)
         return response
 
@@ -557,10 +561,20 @@ async def _next_chunk(request: web.Request, stopping: asyncio.Event) -> bytes | 
     return read[0] if read else None
 
 
-async def _unless_stopping(step: Awaitable[_T], stopping: asyncio.Event) -> tuple[_T] | None:
-    """``(result,)`` of ``step``, or None if ``stopping`` is set first (``step`` is cancelled)."""
+async def _unless_stopping(
+    step: Awaitable[_T], stopping: asyncio.Event, grace: float = 0.0
+) -> tuple[_T] | None:
+    """``(result,)`` of ``step``, or None if it is not done ``grace`` s after ``stopping`` is set.
+
+    ``step`` is then cancelled.
+    """
+
+    async def stopped() -> None:
+        await stopping.wait()
+        await asyncio.sleep(grace)
+
     task = asyncio.ensure_future(step)
-    stop = asyncio.ensure_future(stopping.wait())
+    stop = asyncio.ensure_future(stopped())
     try:
         done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:

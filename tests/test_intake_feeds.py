@@ -7,11 +7,12 @@ The intake app on a real unix socket with a real SQLite store, then a real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -544,42 +545,78 @@ async def test_the_python_feed_in_node_md_reads_its_answers_while_it_sends(
     assert served.accepted == [("socket:py-feed", r["report_id"]) for r in sent]
 
 
-async def test_a_stop_does_not_wait_for_a_feed_that_leaves_its_answers_unread(
-    served: Served, tmp_path: Path
-) -> None:
-    # A feed that sends and never reads holds the node's answer write; a stop used
-    # to wait out aiohttp's shutdown timeout (10 s, twice) and then cancel the
-    # request mid-answer. It now ends the request at once, as a stop does for a
-    # feed that pauses between records.
+async def _answers_backed_up(
+    served: Served,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    """A request whose answers fill the socket's buffers and aiohttp's, read by no one yet.
+
+    Returns the connection and how many records the node answered before it stopped
+    reading for want of room.
+    """
     body = samples.to_ndjson([_wordy(r, 300) for r in records(600, seed=14)]).encode()
     head = (
         "POST /v1/reports HTTP/1.1\r\nHost: node\r\n"
         f"Authorization: Bearer {served.token}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
-    _, writer = await asyncio.open_unix_connection(str(served.socket))
-    writer.write(head + body)  # buffered here, sent as the node reads; never read back
+    reader, writer = await asyncio.open_unix_connection(str(served.socket))
+    writer.write(head + body)  # buffered here, sent as the node reads
     # Until the node has answered nothing for a second: its answers (~13 KB each)
-    # fill the socket's buffers and aiohttp's, ~140 records' here.
+    # fill the buffers, ~140 records' here.
     answered = [-1] * 10
     for _ in range(600):  # at most a minute
         await asyncio.sleep(0.1)
         answered.append(served.intake.counts.get("schema", 0))
         if answered[-1] > 0 and answered[-1] == answered[-11]:
             break
-    assert 0 < answered[-1] == answered[-11] < 600  # blocked: the feed reads nothing
+    assert 0 < answered[-1] == answered[-11] < 600  # blocked: the answers are not read
+    return reader, writer, answered[-1]
+
+
+def _ended(logs: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [e["reason"] for e in logs if e["event"] == "intake_request_ended"]
+
+
+async def _read_to_the_end(reader: asyncio.StreamReader) -> bytes:
+    # The node closes the connection with the rest of the body unread, which resets it
+    # once what it sent is read: what came before the reset is the answer.
+    got = bytearray()
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await reader.read(1 << 16):
+            got += chunk
+    return bytes(got)
+
+
+async def test_a_stop_does_not_wait_for_a_feed_that_leaves_its_answers_unread(
+    served: Served,
+) -> None:
+    # A feed that sends and never reads holds the node's answer write; a stop used
+    # to wait out aiohttp's shutdown timeout (10 s, twice) and then cancel the
+    # request mid-answer. It now drops the connection after ANSWER_GRACE_S.
+    _, writer, answered = await _answers_backed_up(served)
     assert served.runner is not None
     try:
         with capture_logs() as logs:
             await served.runner.cleanup()
     finally:
         writer.transport.abort()
-    ended = [e for e in logs if e["event"] == "intake_request_ended"]
-    assert ended == [
-        {
-            "component": "intake",
-            "event": "intake_request_ended",
-            "log_level": "info",
-            "reason": "node stopping; the feed left its answers unread",
-        }
-    ]
-    assert served.intake.counts.get("schema", 0) == answered[-1]  # nothing more was read
+    assert _ended(logs) == ["node stopping; the feed left its answers unread"]
+    assert served.intake.counts.get("schema", 0) == answered  # nothing more was read
+
+
+async def test_a_stop_ends_cleanly_for_a_feed_that_reads_its_answers_late(
+    served: Served,
+) -> None:
+    # A review of the cut-off: a feed that reads, only slower than the node answers,
+    # must not have its connection dropped because a write was waiting at the stop.
+    reader, writer, answered = await _answers_backed_up(served)
+    assert served.runner is not None
+    with capture_logs() as logs:
+        stopping = asyncio.create_task(served.runner.cleanup())
+        await asyncio.sleep(0)  # the stop has begun: the feed reads only now
+        got = await asyncio.wait_for(_read_to_the_end(reader), 60)
+        await stopping
+    writer.close()
+    assert _ended(logs) == ["node stopping"]
+    assert got.endswith(b"\r\n0\r\n\r\n")  # the last chunk: a clean end of the answers
+    # Every answer the node gave reached the feed (chunked: counted by their start).
+    assert got.count(b'{"line":') == served.intake.counts.get("schema", 0) >= answered
