@@ -510,6 +510,19 @@ def _resolve(path: Path, key: str) -> Path:
         raise ConfigError(f"config key {key}: {path} cannot be resolved: {reason}") from None
 
 
+def _path_limit(folder: str, name: str, usual: int) -> int:
+    """``os.pathconf(folder, name)``, or ``usual`` where the system gives no limit.
+
+    -1 means none is known, and a FUSE file system may say 0: every path would be
+    "too long" then (a review, from the code).
+    """
+    try:
+        limit = os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return usual
+    return limit if limit > 0 else usual
+
+
 def _check_length(path: Path, key: str, overridden: Mapping[str, str]) -> None:
     """Refuse a path the system would refuse as too long (ENAMETOOLONG), or SQLite below it.
 
@@ -521,10 +534,10 @@ def _check_length(path: Path, key: str, overridden: Mapping[str, str]) -> None:
     """
     # The limits of the file system the path is on, so far as it exists yet.
     there = next((str(p) for p in path.parents if os.path.isdir(p)), "/")
-    try:
-        name_max, path_max = os.pathconf(there, "PC_NAME_MAX"), os.pathconf(there, "PC_PATH_MAX")
-    except (OSError, ValueError):
-        name_max, path_max = 255, 4096
+    name_max, path_max = (
+        _path_limit(there, "PC_NAME_MAX", 255),
+        _path_limit(there, "PC_PATH_MAX", 4096),
+    )
     source = f" (set by {overridden[key]})" if key in overridden else ""
     longest = max(len(os.fsencode(part)) for part in path.parts)
     if longest > name_max:

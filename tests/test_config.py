@@ -617,3 +617,18 @@ def test_a_data_dir_too_long_for_sqlite_is_refused_before_anything_is_made(
         " in it) would be 505; give a shorter path (set by MSMT_DATA_DIR)"
     )
     assert not data.parent.exists()
+
+
+@pytest.mark.parametrize("said", [-1, 0])
+def test_a_file_system_that_gives_no_path_limits_is_held_to_the_usual_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, said: int
+) -> None:
+    # pathconf gives -1 where no limit is known, and a FUSE file system may say 0:
+    # taken as they are, every path was "too long" (a review, from the code).
+    monkeypatch.setattr(os, "pathconf", lambda _path, _name: said)
+    socket = {"MSMT_INTAKE_SOCKET": str(tmp_path / "s.sock")}
+    data = tmp_path / "data"
+    assert load_config(write(tmp_path), env={"MSMT_DATA_DIR": str(data), **socket}).data_dir == data
+    long = tmp_path / ("d" * 300)
+    with pytest.raises(ConfigError, match=r"a name in it is 300 bytes, .* \(255\)"):
+        load_config(write(tmp_path), env={"MSMT_DATA_DIR": str(long), **socket})
