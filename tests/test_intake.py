@@ -1413,6 +1413,20 @@ async def test_a_connection_broken_mid_answer_says_what_to_do_not_aiohttp_s_word
     )
 
 
+async def _served_node(tmp_path: Path) -> tuple[Path, Store, web.AppRunner]:
+    """A JPN node.toml whose intake serves on its socket (no node, no hub): for ``msmt submit``."""
+    write_node_config(tmp_path, "JPN", ["nats://127.0.0.1:1"])
+    config_path = tmp_path / "nodes" / "JPN" / "node.toml"
+    config = load_config(config_path, env={})
+    store = Store(tmp_path / "s.db")
+    token = ensure_token(config.token_path)
+    return (
+        config_path,
+        store,
+        await serve_unix(make_app(make_intake(store), token), config.socket_path),
+    )
+
+
 @pytest.mark.parametrize(
     ("stdout", "failed"),
     [("pipe", "stdout was closed"), ("/dev/full", "stdout failed (No space left on device)")],
@@ -1423,12 +1437,7 @@ async def test_submit_with_its_stdout_closed_says_so_and_exits_2(
     # `msmt submit ... | head`: the reader of stdout leaves (or a full disk). That is
     # not the node's socket breaking ("cannot reach the node ... Broken pipe", as it
     # said), and not every answer was shown: exit 2, as for Ctrl-C.
-    write_node_config(tmp_path, "JPN", ["nats://127.0.0.1:1"])
-    config_path = tmp_path / "nodes" / "JPN" / "node.toml"
-    config = load_config(config_path, env={})
-    store = Store(tmp_path / "s.db")
-    token = ensure_token(config.token_path)
-    runner = await serve_unix(make_app(make_intake(store), token), config.socket_path)
+    config_path, store, runner = await _served_node(tmp_path)
     records = jpn_records(3, seed=61)
     if stdout == "pipe":
         read_end, write_end = os.pipe()
@@ -1859,12 +1868,7 @@ async def test_submit_whose_file_fails_to_read_names_the_file_not_the_node(
     # A review: a read failing past the open (EIO from a failing disk; here
     # /proc/self/mem, whose first page is unmapped) was "cannot reach the node at
     # ...: Can not write request body": aiohttp calls any body error the connection's.
-    write_node_config(tmp_path, "JPN", ["nats://127.0.0.1:1"])
-    config_path = tmp_path / "nodes" / "JPN" / "node.toml"
-    config = load_config(config_path, env={})
-    store = Store(tmp_path / "s.db")
-    token = ensure_token(config.token_path)
-    runner = await serve_unix(make_app(make_intake(store), token), config.socket_path)
+    config_path, store, runner = await _served_node(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -1881,6 +1885,7 @@ async def test_submit_whose_file_fails_to_read_names_the_file_not_the_node(
     finally:
         await runner.cleanup()
     assert (proc.returncode, out) == (2, b"")
+    assert store.unplanned(10) == []  # nothing could be read, so nothing was sent
     assert err.decode() == (
         "msmt: error: cannot read /proc/self/mem: Input/output error: records without an"
         " answer above may or may not have been accepted; send them again (a resend is"

@@ -214,6 +214,19 @@ def batch_world(world: World) -> tuple[list[dict[str, Any]], dict[str, set[str]]
     return records, want
 
 
+def first_of_batch(world: World, count: int) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:
+    """``batch_world``'s first ``count`` records, and which of them each partner gets."""
+    records, want = batch_world(world)
+    ids = {r["report_id"] for r in records[:count]}
+    return records[:count], {partner: got & ids for partner, got in want.items()}
+
+
+def planning_workers(world: World, member: str) -> list[psutil.Process]:
+    """The planning worker of ``member``'s node subprocess, if it has started one."""
+    node = psutil.Process(world.procs[member].pid)
+    return [c for c in node.children() if "broker.planpool" in c.cmdline()]
+
+
 async def assert_all_exactly_once(world: World, want: dict[str, set[str]]) -> None:
     def done() -> bool:
         return all(len(world.inbox_ids(p, "JPN")) >= len(ids) for p, ids in want.items())
@@ -265,15 +278,11 @@ async def test_kill_and_restart_the_publishing_node_mid_batch(world: World) -> N
 async def test_a_dead_planning_worker_stops_the_node_with_one_line_and_loses_nothing(
     world: World,
 ) -> None:
-    records, want = batch_world(world)
-    records = records[:30]
-    ids = {r["report_id"] for r in records}
-    want = {partner: got & ids for partner, got in want.items()}
+    records, want = first_of_batch(world, 30)
     world.start("USA")
     world.start("KOR")
     world.start("JPN")
-    node = psutil.Process(world.procs["JPN"].pid)
-    (worker,) = [c for c in node.children() if "broker.planpool" in c.cmdline()]
+    (worker,) = planning_workers(world, "JPN")
     worker.kill()
     answers = await world.submit("JPN", records)
     assert {a["status"] for a in answers} == {"accepted"}
@@ -294,15 +303,11 @@ async def test_a_stop_gives_up_on_a_planning_worker_that_does_not_answer(
 ) -> None:
     # A signals trial: a stop while the worker hung (here: stopped) waited out the
     # worker's 300 s, far past a service manager's patience, before failing.
-    records, want = batch_world(world)
-    records = records[:30]
-    ids = {r["report_id"] for r in records}
-    want = {partner: got & ids for partner, got in want.items()}
+    records, want = first_of_batch(world, 30)
     world.start("USA")
     world.start("KOR")
     world.start("JPN")
-    node = psutil.Process(world.procs["JPN"].pid)
-    (worker,) = [c for c in node.children() if "broker.planpool" in c.cmdline()]
+    (worker,) = planning_workers(world, "JPN")
     worker.suspend()
     answers = await world.submit("JPN", records)
     assert {a["status"] for a in answers} == {"accepted"}
@@ -336,13 +341,8 @@ def test_a_stop_while_the_planning_worker_starts_gives_it_10_s(world: World) -> 
     hang.mkdir(mode=0o700)
     (hang / "sitecustomize.py").write_text(HANG_WORKER)
     world.start("JPN", ready=False, PYTHONPATH=str(hang))
-    node = psutil.Process(world.procs["JPN"].pid)
-
-    def workers() -> list[psutil.Process]:
-        return [c for c in node.children() if "broker.planpool" in c.cmdline()]
-
-    wait_for(lambda: bool(workers()), 30, "the planning worker started")
-    (worker,) = workers()
+    wait_for(lambda: bool(planning_workers(world, "JPN")), 30, "the planning worker started")
+    (worker,) = planning_workers(world, "JPN")
     assert world.terminate("JPN") == 1  # within STOP_TIMEOUT (10 s), not 300
     log = world.log_tail("JPN")
     assert "the planning worker did not answer within 10 s of the stop" in log, log
@@ -484,10 +484,7 @@ async def test_envelopes_waiting_for_a_partner_whose_key_was_withdrawn_are_not_s
     # A rotation leaves them to go out as they are: KOR keeps its retired key, and
     # one may be on the hub already (its ack lost), where taken back it would be
     # received with no send in JPN's log (a review's replay found 42 such).
-    records, want = batch_world(world)
-    records = records[:40]
-    ids = {r["report_id"] for r in records}
-    want = {partner: got & ids for partner, got in want.items()}
+    records, want = first_of_batch(world, 40)
     world.start("JPN")
     world.server.kill()
     answers = await world.submit("JPN", records)
