@@ -75,7 +75,8 @@ log = get_logger("intake")
 _T = TypeVar("_T")
 ANSWER_GRACE_S: Final = 1.0
 """Seconds a stop lets an answer write wait for the feed to read before it drops the
-connection: a feed that reads, only slower than the node answers, ends cleanly."""
+connection: a feed that reads the answers waiting for it within them ends cleanly (one
+reading a backlog of a megabyte at a few hundred KB/s is dropped all the same: a review)."""
 
 Acceptor = Callable[[list[NewReport], str], Awaitable[list[bool]]]
 """Durably accept a batch from a feed channel; True per new report, False per id taken.

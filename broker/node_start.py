@@ -157,6 +157,9 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         # Only now: a start refused above (a key file missing for the new roster)
         # must leave the previous roster usable again (docs/KEYS.md).
         # load_pinned_roster refused anything older, so this never lowers the pin.
+        # Under another policy than the last start's: what waits for a partner without
+        # a key is planned again once, so that what the policy no longer sends is dropped.
+        node.plan_loop.policy_changed = state.get("policy_digest") != policy.digest
         pin_roster(config.roster_state_path, signed)
         undo.pop_all()
         return node

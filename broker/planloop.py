@@ -69,6 +69,10 @@ class PlanLoop:
         """The node's, once connected: handed what is planned, woken by what is signed again."""
         self.keyless: Callable[[], frozenset[str]] = frozenset
         """The partners the policy releases to that have no valid encryption key now."""
+        self.policy_changed = False
+        """Set by a start under another policy than the last one's: the first pass plans
+        every waiting report again, also for partners with no key, so that what the policy
+        no longer sends them is dropped (a review: it waited for a suspended partner)."""
         self._wake, self._handed = asyncio.Event(), {}
         self.skip: dict[str, float] = {}
         """Reports that could not be planned, and when (monotonic) to try each again."""
@@ -286,17 +290,20 @@ class PlanLoop:
             if self.publisher is not None:
                 self.publisher.wake()
         tried: set[str] = set()
-        while not self._stop.is_set() and await self._awaited_batch(tried):
+        everyone = self.policy_changed
+        while not self._stop.is_set() and await self._awaited_batch(tried, everyone):
             pass
+        if not self._stop.is_set():
+            self.policy_changed = False
 
-    async def _awaited_batch(self, tried: set[str]) -> bool:
+    async def _awaited_batch(self, tried: set[str], everyone: bool = False) -> bool:
         # Partners a report was planned without (no valid encryption key then):
         # planned again now, once per pass; True if there may be more. The report
         # is signed anew for them (under the current policy and keys).
         # Not for partners that still have no key, whose reports would be signed and
         # encrypted for every partner only to wait on: a suspended member's backlog
         # cost a review's node and worker 16 s of CPU a minute for 10,000 reports.
-        keyless = self.keyless()
+        keyless = frozenset() if everyone else self.keyless()
         rows = await self._run_db(self._store.awaiting, PLAN_BATCH + len(tried), keyless)
         rows = [row for row in rows if row[0] not in tried]
         if not rows:

@@ -606,7 +606,7 @@ async def test_a_stop_does_not_wait_for_a_feed_that_leaves_its_answers_unread(
 async def test_a_stop_ends_cleanly_for_a_feed_that_reads_its_answers_late(
     served: Served,
 ) -> None:
-    # A review of the cut-off: a feed that reads, only slower than the node answers,
+    # A review of the cut-off: a feed that reads, only later than the node answers,
     # must not have its connection dropped because a write was waiting at the stop.
     reader, writer, answered = await _answers_backed_up(served)
     assert served.runner is not None

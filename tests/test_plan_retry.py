@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from structlog.testing import capture_logs
 import broker.planloop
 from broker import keys_custodian
 from broker.auditlog import DB_FILE
+from broker.node import Node
 from broker.node_start import load_node
 from broker.store import Store
 from broker.validation import parse_record
@@ -299,3 +301,53 @@ async def test_reports_awaiting_a_partner_with_no_key_are_not_planned_again_each
     assert sum(planned) == 5  # planned once, when accepted: for KOR, and USA waiting
     assert len(planned) == before
     assert looked[passes:] == [0] * (len(looked) - passes)  # USA's reports not even read
+
+
+async def test_a_new_policy_drops_what_waited_for_a_keyless_partner_it_no_longer_sends_to(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review of the keyless filter above: vessels waiting for a suspended USA
+    # stayed waiting after a policy edit that sends vessels to KOR only (USA still
+    # named, for workers), counted in the outbox for ever.
+    world.write_config("JPN", BATCH_POLICY)
+    keys_custodian.suspend_member(world.keydir, "USA")
+    monkeypatch.setattr(broker.planloop, "REISSUE_EVERY_S", RETRY_S)
+    policy = world.policy("JPN")
+    records = [
+        r
+        for r in records_for("JPN", 60, seed=9)
+        if r["kind"] == "vessel"
+        and expected_partners(policy, parse_record(json.dumps(r))) == {"USA", "KOR"}
+    ][:5]
+    assert len(records) == 5
+
+    async def run_until(done: Callable[[Node], bool], what: str) -> list[MutableMapping[str, Any]]:
+        node = load_node(world.config("JPN"))
+        with capture_logs() as logs:
+            task = asyncio.create_task(node.run())
+            try:
+                await await_for(lambda: node.ready() is None, 20, "JPN ready")
+                await await_for(lambda: done(node), 20, what)
+            finally:
+                node.stop.set()
+                await task
+        return logs
+
+    node = load_node(world.config("JPN"))
+    task = asyncio.create_task(node.run())
+    try:
+        await await_for(lambda: node.ready() is None, 20, "JPN ready")
+        assert {a["status"] for a in await world.submit("JPN", records)} == {"accepted"}
+        await await_for(lambda: node.store.outbox_depths()[1] == 5, 10, "USA's 5 waiting")
+    finally:
+        node.stop.set()
+        await task
+    world.write_config(
+        "JPN",
+        'version = 1\nmember = "JPN"\n\n[[rules]]\nname = "kor"\nkinds = ["*"]\n'
+        'partners = ["KOR"]\nrelease = ["*"]\n\n[[rules]]\nname = "usa-workers"\n'
+        'kinds = ["worker"]\npartners = ["USA"]\nrelease = ["*"]\n',
+    )
+    logs = await run_until(lambda n: n.store.outbox_depths()[1] == 0, "USA's waits dropped")
+    (dropped,) = [e for e in logs if e["event"] == "not_planned"]
+    assert (dropped["envelopes"], dropped["partners"]) == (5, "USA")
