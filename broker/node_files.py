@@ -44,6 +44,16 @@ class NodeFiles:
     pseudonym: dict[str, bytes]
 
 
+def load_roster(config: NodeConfig) -> SignedRoster:
+    """The node's roster as a start loads it (pinned authority, never older), not recorded.
+
+    Only a start advances the pin. The roster is public: no private key is read.
+    """
+    return load_pinned_roster(
+        config.roster_dir, config.authority_path, config.roster_state_path, record=False
+    )
+
+
 def load_files(config: NodeConfig, at: datetime) -> NodeFiles:
     """Read and check the roster, keys, NATS seed, TLS files, policy and pseudonym keys.
 
@@ -52,9 +62,7 @@ def load_files(config: NodeConfig, at: datetime) -> NodeFiles:
     never does). Raises ``MsmtError`` with one line for the first bad file.
     """
     # The pinned state file refuses a rolled-back roster and two rosters under one version.
-    signed = load_pinned_roster(
-        config.roster_dir, config.authority_path, config.roster_state_path, record=False
-    )
+    signed = load_roster(config)
     keys = load_member_keys(config.keys.dir, config.member, signed.roster, at)
     if config.nats.seed_file is not None:
         try:

@@ -154,12 +154,12 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             files.tls,
             expiries,
         )
-        # Only now: a start refused above (a key file missing for the new roster)
-        # must leave the previous roster usable again (docs/KEYS.md).
-        # load_pinned_roster refused anything older, so this never lowers the pin.
         # Under another policy than the last start's: what waits for a partner without
         # a key is planned again once, so that what the policy no longer sends is dropped.
         node.plan_loop.policy_changed = state.get("policy_digest") != policy.digest
+        # Only now: a start refused above (a key file missing for the new roster)
+        # must leave the previous roster usable again (docs/KEYS.md).
+        # load_pinned_roster refused anything older, so this never lowers the pin.
         pin_roster(config.roster_state_path, signed)
         undo.pop_all()
         return node
@@ -184,16 +184,17 @@ def _withhold_unkeyed(store: Store, roster: Roster, at: datetime) -> None:
         else:
             return None
         key = roster.get(kid) if kid in roster else None
-        retired = key is not None and key.status != "revoked"
-        if retired and key is not None and (key.member, key.use) == (partner, "enc"):
-            # Retired or lapsed, and the partner has a valid key now (a rotation): it
-            # keeps the old one, and the envelope may be on the hub already (its ack
-            # lost in a crash), where taken back it would be received with no send in
-            # this log (a review's replay: 42 such findings). Sent as it is.
-            with contextlib.suppress(KeyMaterialError):
-                roster.current(partner, "enc", at)
-                return None
-        return why
+        if key is None or key.status == "revoked" or (key.member, key.use) != (partner, "enc"):
+            return why
+        # Retired or lapsed, and the partner has a valid key now (a rotation): it keeps
+        # the old one, and the envelope may be on the hub already (its ack lost in a
+        # crash), where taken back it would be received with no send in this log (a
+        # review's replay: 42 such findings). Sent as it is.
+        try:
+            roster.current(partner, "enc", at)
+        except KeyMaterialError:
+            return why
+        return None
 
     taken = store.withhold_unkeyed(refused)
     if taken:

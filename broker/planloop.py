@@ -290,20 +290,20 @@ class PlanLoop:
             if self.publisher is not None:
                 self.publisher.wake()
         tried: set[str] = set()
-        everyone = self.policy_changed
-        while not self._stop.is_set() and await self._awaited_batch(tried, everyone):
+        # Not for partners that still have no key, whose reports would be signed and
+        # encrypted for every partner only to wait on: a suspended member's backlog
+        # cost a review's node and worker 16 s of CPU a minute for 10,000 reports.
+        keyless = frozenset() if self.policy_changed else self.keyless()
+        while not self._stop.is_set() and await self._awaited_batch(tried, keyless):
             pass
         if not self._stop.is_set():
             self.policy_changed = False
 
-    async def _awaited_batch(self, tried: set[str], everyone: bool = False) -> bool:
+    async def _awaited_batch(self, tried: set[str], keyless: frozenset[str]) -> bool:
         # Partners a report was planned without (no valid encryption key then):
-        # planned again now, once per pass; True if there may be more. The report
-        # is signed anew for them (under the current policy and keys).
-        # Not for partners that still have no key, whose reports would be signed and
-        # encrypted for every partner only to wait on: a suspended member's backlog
-        # cost a review's node and worker 16 s of CPU a minute for 10,000 reports.
-        keyless = frozenset() if everyone else self.keyless()
+        # planned again now, once per pass, but for those in ``keyless``; True if
+        # there may be more. The report is signed anew for them (under the current
+        # policy and keys).
         rows = await self._run_db(self._store.awaiting, PLAN_BATCH + len(tried), keyless)
         rows = [row for row in rows if row[0] not in tried]
         if not rows:

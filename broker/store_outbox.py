@@ -335,9 +335,9 @@ class OutboxTables(StoreBase):
     def withhold_unkeyed(self, refused: Callable[[str, str], str | None]) -> Counter[str]:
         """Take back the pending envelopes encrypted to a key ``refused`` gives a reason for.
 
-        ``refused(partner, kid)`` says why the roster does not accept ``kid`` as
-        ``partner``'s encryption key now (revoked, dropped from the roster, retired,
-        lapsed), or None. Each such envelope is deleted, and its (report, partner)
+        ``refused(partner, kid)`` says why ``kid`` is not to be used as ``partner``'s
+        encryption key now (revoked, say, or dropped from the roster), or None. Each
+        such envelope is deleted, and its (report, partner)
         put in ``awaiting_key`` with that reason (and out of ``reissue``), in one
         transaction: it is planned again, under the policy and keys of then, once
         the partner has a valid key. Returns how many were taken back per partner.
@@ -350,6 +350,7 @@ class OutboxTables(StoreBase):
         )
         said: dict[tuple[str, str | None], str | None] = {}
         taken: list[tuple[str, int]] = []
+        counts: Counter[str] = Counter()
         for rowid, partner, head in rows:
             kid = _recipient_kid(head)
             if (partner, kid) not in said:
@@ -358,8 +359,9 @@ class OutboxTables(StoreBase):
                 )
             if (why := said[partner, kid]) is not None:
                 taken.append((why, rowid))
+                counts[partner] += 1
         if not taken:
-            return Counter()
+            return counts
         with self._tx("withhold_unkeyed") as db:
             db.executemany(
                 "INSERT OR REPLACE INTO awaiting_key(report_id, partner, reason)"
@@ -373,8 +375,7 @@ class OutboxTables(StoreBase):
                 rowids,
             )
             db.executemany("DELETE FROM outbox WHERE rowid = ?", rowids)
-        gone = {rowid for _, rowid in taken}
-        return Counter(partner for rowid, partner, _ in rows if rowid in gone)
+        return counts
 
     def _outbox_rowids(self, db: sqlite3.Connection, count: int) -> range:
         # Rowids for ``count`` new outbox rows, past every one given out while this

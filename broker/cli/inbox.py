@@ -31,24 +31,16 @@ from broker.cli.options import CONFIG as _CONFIG
 from broker.config import NodeConfig
 from broker.errors import AuditError, EnvelopeError, InputError, UsageError
 from broker.keys import MemberKeys, load_member_keys
-from broker.keys_roster import load_pinned_roster
 from broker.members import MEMBERS, is_member
+from broker.node_files import load_roster
 from broker.roster import Roster
 from broker.store import AUDIT_SIZE, InboxEntry, Store
 from broker.store_file import KEPT_SINCE
 
 
-def _roster(config: NodeConfig) -> Roster:
-    # As the node loads it (pinned, never older), but not recorded: only a node's
-    # start advances the pin. The roster is public: no private key is read.
-    return load_pinned_roster(
-        config.roster_dir, config.authority_path, config.roster_state_path, record=False
-    ).roster
-
-
 def _member_keys(config: NodeConfig) -> tuple[Roster, MemberKeys]:
     # As the node loads them, for the inbox's own checks.
-    roster = _roster(config)
+    roster = load_roster(config).roster
     return roster, load_member_keys(config.keys.dir, config.member, roster, datetime.now(UTC))
 
 
@@ -58,7 +50,7 @@ def _revoked_signers(config: NodeConfig, entries: Sequence[InboxEntry]) -> dict[
     if not kids:
         # Rows from before nodes recorded the key need no roster: inbox check covers them.
         return {}
-    roster = _roster(config)
+    roster = load_roster(config).roster
     return {kid: why for kid in sorted(kids) if (why := roster.withdrawn(kid)) is not None}
 
 

@@ -176,7 +176,7 @@ def node_check(config_path: Path) -> None:
     check_data_dir(config.data_dir)
     # What a start's first write would find: a read-only mount, or a folder the node's
     # user may not write, passed here ("none yet ... ok") and failed the start.
-    unwritable = not_writable(config.store_path) if config.data_dir.is_dir() else None
+    unwritable = not_writable(config.store_path)
     if unwritable is not None:
         raise StoreError(f"cannot open store {config.store_path}: {unwritable}")
     if holds_nothing(config.store_path):  # as a start, which makes a new one in its place

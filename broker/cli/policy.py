@@ -18,7 +18,6 @@ from broker.cli.options import echo_line, error_line
 from broker.config import NodeConfig, load_config
 from broker.errors import InputError, KeyMaterialError, MsmtError, PolicyError, UsageError
 from broker.files import read_file_text
-from broker.keys_roster import load_pinned_roster
 from broker.members import MEMBERS
 from broker.policy import Decision, Policy, Release, check_policy, load_policy
 from broker.policy_file import read_policy
@@ -267,10 +266,10 @@ def _keyless(config: NodeConfig, partners: list[str]) -> list[str]:
     What is released to one waits (``awaiting_key``) until it has a key: a departure
     review found explain saying "sent yes" for a suspended member.
     """
+    from broker.node_files import load_roster  # noqa: PLC0415 - its imports, only here
+
     try:
-        roster = load_pinned_roster(
-            config.roster_dir, config.authority_path, config.roster_state_path, record=False
-        ).roster
+        roster = load_roster(config).roster
     except (MsmtError, OSError) as exc:
         return ["", f"roster not read ({exc}): whether each partner has a key is not shown"]
     now = datetime.now(UTC)
