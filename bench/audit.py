@@ -66,6 +66,7 @@ def events(n: int) -> list[ev.AuditEvent]:
                     originator="JPN",
                     tlp="GREEN",
                     rel_to=["USA", "KOR", "GBR", "FRA", "AUS"],
+                    recipient_kid=f"{partners[i % 5].lower()}-enc-1",
                 )
             )
     return out

@@ -124,7 +124,7 @@ class World:
             send = ev.sent(
                 sender, at + timedelta(seconds=1), partner=partner, report_id=rid, kind=kind,
                 released=released, policy_digest=digest, jwe_sha256=jwe, originator=sender,
-                tlp=tlp, rel_to=None,
+                tlp=tlp, rel_to=None, recipient_kid=f"{partner.lower()}-enc-1",
             )  # fmt: skip
             log.append(send)
             if self.sends % REPEAT_EVERY == 0:

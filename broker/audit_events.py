@@ -35,8 +35,20 @@ from broker.sightings import TLP, is_uuid_text
 
 TLPS: Final = get_args(TLP)
 
-VERSION: Final = 1
-TYPES: Final = ("accepted", "sent", "received", "rejected", "rejected_many", "key", "policy")
+VERSION: Final = 2
+"""The format this version writes; 2 added ``sent``'s ``recipient_kid``, and ``withheld``."""
+VERSIONS: Final = (1, 2)
+"""The formats this version reads: every entry an earlier version wrote (1) is read as it was."""
+TYPES: Final = (
+    "accepted",
+    "sent",
+    "withheld",
+    "received",
+    "rejected",
+    "rejected_many",
+    "key",
+    "policy",
+)
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 # After "#", a transform as a policy writes it: the longest is "pseudonym:" and a key id
 # of 64 characters (broker.transforms); a cap of 64 refused key ids of 55 to 64, which
@@ -48,26 +60,33 @@ _REASON: Final = re.compile(r"[ -~]{1,200}")
 _INT_MAX: Final = 2**53 - 1  # I-JSON (RFC 7493): what every JSON parser reads exactly
 # Fields every type carries, and the extra fields each type must carry.
 _COMMON: Final = frozenset({"v", "seq", "prev", "type", "at", "member"})
+_SEND: Final = frozenset(
+    {
+        "partner",
+        "report_id",
+        "kind",
+        "originator",
+        "tlp",
+        "rel_to",
+        "released",
+        "policy_digest",
+        "jwe_sha256",
+        "recipient_kid",
+    }
+)
 _FIELDS: Final[dict[str, frozenset[str]]] = {
     "accepted": frozenset({"report_id", "kind", "feed"}),
-    "sent": frozenset(
-        {
-            "partner",
-            "report_id",
-            "kind",
-            "originator",
-            "tlp",
-            "rel_to",
-            "released",
-            "policy_digest",
-            "jwe_sha256",
-        }
-    ),
+    "sent": _SEND,
+    "withheld": _SEND | {"reason"},
     "received": frozenset({"sender", "report_id", "kind", "fields", "jwe_sha256"}),
     "rejected": frozenset({"source", "step", "reason", "report_id", "jwe_sha256"}),
     "rejected_many": frozenset({"source", "count", "steps"}),
     "key": frozenset({"action", "kid", "new_kid"}),
     "policy": frozenset({"policy_digest", "previous_digest"}),
+}
+# Version 1: ``sent`` without the recipient's key, and no ``withheld`` entries.
+_FIELDS_V1: Final[dict[str, frozenset[str]]] = {
+    kind: fields - {"recipient_kid"} for kind, fields in _FIELDS.items() if kind != "withheld"
 }
 
 
@@ -190,31 +209,99 @@ def sent(
     originator: str,
     tlp: str,
     rel_to: Iterable[str] | None,
+    recipient_kid: str,
 ) -> AuditEvent:
     """A report was sent to ``partner`` with these disclosure keys, under this policy.
 
     ``released`` holds disclosure keys (``path`` or ``path#transform``), never values;
-    ``jwe_sha256`` is the hex SHA-256 of the exact compact JWE published. The
-    handling markings (``originator``, ``tlp``, ``rel_to``; no content)
-    are recorded so an auditor can replay the policy decision without the report.
+    ``jwe_sha256`` is the hex SHA-256 of the exact compact JWE published, and
+    ``recipient_kid`` the ``kid`` of the partner's key it is encrypted to (so an
+    auditor can tell which reports a key that is later revoked could open). The
+    handling markings (``originator``, ``tlp``, ``rel_to``; no content) are
+    recorded so an auditor can replay the policy decision without the report.
     """
+    return AuditEvent(
+        _base("sent", member, at)
+        | _send_fields(
+            partner, report_id, kind, released, policy_digest, jwe_sha256, originator, tlp, rel_to
+        )
+        | {"recipient_kid": _token(recipient_kid, "recipient kid")}
+    )
+
+
+def withheld(
+    member: str,
+    at: datetime,
+    *,
+    partner: str,
+    report_id: UUID | str,
+    kind: str,
+    released: Iterable[str],
+    policy_digest: str,
+    jwe_sha256: str,
+    originator: str,
+    tlp: str,
+    rel_to: Iterable[str] | None,
+    recipient_kid: str | None,
+    reason: str,
+) -> AuditEvent:
+    """An envelope made for ``partner`` was taken back unsent as far as this node knows.
+
+    A start takes back what waits in the outbox encrypted to a key the roster now
+    refuses (``reason``: revoked, say), to plan it again when the partner has a
+    valid key. The envelope may still have reached the hub before (published, and
+    its ack lost in a crash): this entry records everything a ``sent`` entry would,
+    so that a receipt of it is matched and judged against the policy.
+    ``recipient_kid`` is None for an envelope whose header names no key (a damaged
+    row), which is taken back for that.
+    """
+    if not _REASON.fullmatch(reason):
+        raise AuditError("audit withholding reason must be 1-200 printable ASCII characters")
+    return AuditEvent(
+        _base("withheld", member, at)
+        | _send_fields(
+            partner, report_id, kind, released, policy_digest, jwe_sha256, originator, tlp, rel_to
+        )
+        | {
+            "recipient_kid": None
+            if recipient_kid is None
+            else _token(recipient_kid, "recipient kid"),
+            "reason": reason,
+        }
+    )
+
+
+def _send_fields(
+    partner: str,
+    report_id: UUID | str,
+    kind: str,
+    released: Iterable[str],
+    policy_digest: str,
+    jwe_sha256: str,
+    originator: str,
+    tlp: str,
+    rel_to: Iterable[str] | None,
+) -> dict[str, Any]:
+    """The fields a ``sent`` entry of version 1 holds (and later ones, and ``withheld``)."""
     if tlp not in TLPS:
         raise AuditError(f"audit TLP {tlp!r} is not one of {', '.join(TLPS)}")
     marking = None if rel_to is None else sorted(_member(m, "REL TO member") for m in set(rel_to))
-    return AuditEvent(
-        _base("sent", member, at)
-        | {
-            "partner": _member(partner, "partner"),
-            "report_id": _report_id(report_id),
-            "kind": _kind(kind),
-            "originator": _member(originator, "originator"),
-            "tlp": tlp,
-            "rel_to": marking,
-            "released": _disclosures(released, "released field"),
-            "policy_digest": _hex64(policy_digest, "policy digest"),
-            "jwe_sha256": _hex64(jwe_sha256, "JWE hash"),
-        }
-    )
+    return {
+        "partner": _member(partner, "partner"),
+        "report_id": _report_id(report_id),
+        "kind": _kind(kind),
+        "originator": _member(originator, "originator"),
+        "tlp": tlp,
+        "rel_to": marking,
+        "released": _disclosures(released, "released field"),
+        "policy_digest": _hex64(policy_digest, "policy digest"),
+        "jwe_sha256": _hex64(jwe_sha256, "JWE hash"),
+    }
+
+
+def _sent_v1(member: str, at: datetime, fields: Mapping[str, Any]) -> AuditEvent:
+    """A ``sent`` entry as version 1 wrote it: without the recipient's key."""
+    return AuditEvent(_base("sent", member, at) | _send_fields(**fields))
 
 
 def received(
@@ -332,8 +419,9 @@ def policy_changed(
 def parse_entry(data: bytes, seq: int) -> dict[str, Any]:
     """Parse entry ``seq`` and check its envelope; raise ``AuditError`` saying what is wrong.
 
-    Checklist: 1. JSON object; 2. exactly RFC 8785 canonical bytes; 3. version;
-    4. ``seq`` equals its position; 5. a known type with exactly its fields;
+    Checklist: 1. JSON object; 2. exactly RFC 8785 canonical bytes; 3. a version this
+    one reads (``VERSIONS``); 4. ``seq`` equals its position; 5. a type that version
+    has, with exactly the fields that version gave it;
     6. every field is what that type's constructor would produce from it (member,
     time, identifiers, sorted disclosure keys...). The ``prev`` link is checked by the caller,
     which knows the previous entry's hash and so can name the altered entry.
@@ -371,11 +459,17 @@ def _refuse_if_not_canonical(entry: dict[str, Any], data: bytes) -> None:
 _BUILDERS: Final = {
     "accepted": lambda m, at, f: accepted(m, at, **f),
     "sent": lambda m, at, f: sent(m, at, **f),
+    "withheld": lambda m, at, f: withheld(m, at, **f),
     "received": lambda m, at, f: received(m, at, **f),
     "rejected": lambda m, at, f: rejected(m, at, **f),
     "rejected_many": lambda m, at, f: rejected_many(m, at, **f),
     "key": lambda m, at, f: key_changed(m, at, **f),
     "policy": lambda m, at, f: policy_changed(m, at, **f),
+}
+_BUILDERS_V1: Final = {
+    kind: _sent_v1 if kind == "sent" else build
+    for kind, build in _BUILDERS.items()
+    if kind != "withheld"
 }
 
 
@@ -387,17 +481,20 @@ def _rebuild(entry: Mapping[str, Any], seq: int, data: bytes) -> None:
     the wrong type or shape, even in an entry the node itself signed.
     """
     version = entry.get("v")
-    if type(version) is not int or version != VERSION:
+    if type(version) is not int or version not in VERSIONS:
         raise AuditError(f"has unknown version {version!r}")
+    known, builders = (_FIELDS, _BUILDERS) if version == VERSION else (_FIELDS_V1, _BUILDERS_V1)
     if type(entry.get("seq")) is not int or entry["seq"] != seq:
         raise AuditError(f"carries seq {entry.get('seq')!r} (deleted, inserted or reordered)")
     kind = entry.get("type")
     if not isinstance(kind, str):
         # An array or object is no key of _FIELDS, and cannot even be looked up.
         raise AuditError("has a type that is not a string")
-    if kind not in _FIELDS:
-        raise AuditError(f"has unknown type {kind!r}")
-    if set(entry) != _COMMON | _FIELDS[kind]:
+    if kind not in known:
+        raise AuditError(
+            f"has unknown type {kind!r}" + (f" in version {version}" if kind in _FIELDS else "")
+        )
+    if set(entry) != _COMMON | known[kind]:
         raise AuditError(f"has the wrong fields for a {kind!r} entry")
     prev = entry["prev"]
     if not isinstance(prev, str) or not (prev == "" or _HEX64.fullmatch(prev)):
@@ -405,10 +502,10 @@ def _rebuild(entry: Mapping[str, Any], seq: int, data: bytes) -> None:
     fields = {k: v for k, v in entry.items() if k not in _COMMON}
     try:
         at = parse_time(entry["at"], "time")
-        event = _BUILDERS[kind](entry["member"], at, fields)
+        event = builders[kind](entry["member"], at, fields)
     except (KeyMaterialError, AuditError, TypeError, ValueError) as exc:
         raise AuditError(f"is not a valid {kind!r} entry: {exc}") from None
-    expected = dict(event.fields, v=VERSION, seq=seq, prev=prev)
+    expected = dict(event.fields, v=version, seq=seq, prev=prev)
     # Constructors give only ASCII keys and strings, and integers within
     # I-JSON, where the C encoder is RFC 8785 (broker.canonical): no walk.
     if canonical.encode_in_domain(expected) != data:

@@ -26,7 +26,10 @@ Across logs:
   finding says how many, at which steps and when, but not that this send was
   one of them;
 * every receive has a send with the same JWE hash in the sender's log, else it
-  is an ``unmatched-receive`` (the sender's log lost or never had the send);
+  is an ``unmatched-receive`` (the sender's log lost or never had the send); a
+  ``withheld`` entry counts as the send (the envelope was taken back at a start,
+  but had reached the hub before), and is not ``undelivered`` when nobody
+  received it;
 * a receive names the same sender, report, kind and disclosure keys as its
   send, and a rejection that names a report names the send's, else ``mismatch``;
 * a receipt or rejection of a sent JWE is in the log of the member it was sent
@@ -35,7 +38,10 @@ Across logs:
   one log only, else ``conflicting-entries``;
 * each send's disclosure keys are what the sender's policy (found by the
   digest the entry names) releases to that partner for that kind and marking;
-  anything else is an ``over-disclosure``.
+  anything else is an ``over-disclosure``;
+* given the roster, each send's ``recipient_kid`` (format 2) is the partner's
+  encryption key, else ``wrong-recipient-key``, and was not revoked before the
+  send, else ``to-revoked-key``.
 
 A member can append entries to its own log (its witnesses cosign what it
 appends), so no conclusion rests on the last entry of a JWE, or on the order in
@@ -74,6 +80,7 @@ from broker.audit_replay_log import (
 )
 from broker.audit_replay_result import DESCRIBED_STEPS, BulkRefusals, Exchange, Finding, Replay
 from broker.policy import Policy
+from broker.roster import Roster, format_time
 from broker.sightings import KINDS
 
 __all__ = [
@@ -103,13 +110,15 @@ def replay(
     logs: Mapping[str, Iterable[Mapping[str, Any]]],
     policies: Mapping[str, Policy],
     *,
+    roster: Roster | None = None,
     progress: Iterable[None] | None = None,
 ) -> Replay:
     """Reconcile the parsed entries of each member's log (``logs[member]``).
 
     Each log's entries are read once, in order, so they may be an iterator
     (``iter_verified_entries``): only what the checks need of them is kept.
-    ``policies`` maps policy digests to loaded policies. ``progress``, if
+    ``policies`` maps policy digests to loaded policies; ``roster``, if given,
+    is the one the recipient keys of sends are checked against. ``progress``, if
     given, is advanced once per entry (a click progress bar, say).
 
     No conclusion depends on the order of the logs or on which of several
@@ -125,6 +134,7 @@ def replay(
         read_log(member, entries, ticks, index, findings, pool)
     given = frozenset(logs)
     answers = _PolicyAnswers(policies)
+    keys = _RecipientKeys(roster)
     exchanges: list[Exchange] = []
     delivered: set[tuple[str, str, str]] = set()  # (sender, recipient, JWE): counted once
     described = {pair: bulk.describe() for pair, bulk in index.bulk.items()}
@@ -158,6 +168,7 @@ def replay(
                 )
             )
             findings += _check_release(send, answers)
+            findings += keys.check(send)
         findings += _not_the_recipient(jwe, versions, index)
     for jwe, receipts in index.receipts.items():
         if jwe in index.sends:
@@ -401,6 +412,8 @@ def _send_status(
     refused = refusals.get((partner, member))
     if refused:
         return "rejected", refused[-1].step
+    if send.withheld:
+        return "withheld", None  # taken back before it was sent, as the node knew
     detail = f"sent to {partner}, which logged no receipt of this JWE"
     bulk = index.bulk.get((member, partner))
     if bulk is not None:
@@ -436,6 +449,66 @@ def _check_receipt(send: Send, recv: Receipt, findings: list[Finding]) -> None:
                 + " and ".join(differ),
             )
         )
+
+
+class _RecipientKeys:
+    """The roster's answer on each send's recipient key, worked out once per (key, partner)."""
+
+    def __init__(self, roster: Roster | None) -> None:
+        self._roster = roster
+        self._known: dict[tuple[str, str], tuple[str, str, str | None] | None] = {}
+
+    def check(self, send: Send) -> list[Finding]:
+        """``wrong-recipient-key`` or ``to-revoked-key`` for a ``sent`` entry, if due.
+
+        Not for a ``withheld`` entry (taken back for its key), nor without a roster
+        or a ``recipient_kid`` (format 1).
+        """
+        kid = send.recipient_kid
+        if self._roster is None or kid is None or send.withheld:
+            return []
+        pair = (kid, send.partner)
+        if pair not in self._known:
+            self._known[pair] = self._problem(kid, send.partner)
+        problem = self._known[pair]
+        if problem is None:
+            return []
+        kind, detail, since = problem
+        if since is not None and send.at < since:
+            return []  # revoked after the send: it was the partner's key then
+        return [Finding(kind, send.member, send.seq, send.report_id, detail)]
+
+    def _problem(self, kid: str, partner: str) -> tuple[str, str, str | None] | None:
+        """(finding, detail, revoked since or None) for sends to ``partner`` under ``kid``."""
+        if self._roster is None or kid not in self._roster:
+            return (
+                "wrong-recipient-key",
+                f"to {partner}: encrypted to key {kid}, not in the roster",
+                None,
+            )
+        key = self._roster.get(kid)
+        if (key.member, key.use) != (partner, "enc"):
+            return (
+                "wrong-recipient-key",
+                f"to {partner}: encrypted to key {kid}, a {key.use} key of {key.member},"
+                f" not an encryption key of {partner}",
+                None,
+            )
+        if key.status != "revoked":
+            return None
+        when = key.revoked_at
+        if when is None:
+            detail = (
+                f"to {partner}: encrypted to {partner}'s key {kid}, which is revoked (the"
+                " roster does not say when)"
+            )
+            return "to-revoked-key", detail, None
+        since = format_time(when)
+        detail = (
+            f"to {partner}: encrypted to {partner}'s key {kid} after its revocation at {since}:"
+            " whoever holds that key can read it"
+        )
+        return "to-revoked-key", detail, since
 
 
 class _PolicyAnswers:

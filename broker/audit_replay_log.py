@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Generic, TypeVar
 
-from broker.audit_events import VERSION, parse_entry
+from broker.audit_events import parse_entry
 from broker.audit_policy import PolicyTimeline
 from broker.audit_replay_result import BulkRefusals, Finding
 from broker.errors import AuditError
@@ -75,14 +75,17 @@ def iter_verified_entries(
 _Entry = Mapping[str, Any]
 _Version = tuple[tuple[str, Any], ...]
 
-_REPEAT_MAY_DIFFER = frozenset({"at", "seq", "prev"})
+_REPEAT_MAY_DIFFER = frozenset({"at", "seq", "prev", "v", "reason"})
 """The fields in which an honest repeat of an entry differs from the entry it repeats.
 
 A node that crashes between logging an event and the store write it describes
 logs the same event again when it redoes the work (docs/AUDIT.md): the
 publisher builds a repeated ``sent`` entry from the same outbox row and the
 receiver a repeated ``received`` entry from the same envelope, so only the
-time it is logged and its place in the log change.
+time it is logged and its place in the log change; and its format version, when
+the node was upgraded in between (a version 1 ``sent`` entry has no
+``recipient_kid``, which its repeat may add). A ``withheld`` entry repeated by the
+next start gives the reason that start's roster gives.
 """
 
 
@@ -95,6 +98,16 @@ def _version(entry: _Entry) -> _Version:
             if k not in _REPEAT_MAY_DIFFER
         )
     )
+
+
+def _same_but_for_the_kid(version: _Version, other: _Version) -> bool:
+    """Whether two versions differ only in that one has no ``recipient_kid`` (format 1)."""
+    a, b = dict(version), dict(other)
+    if ("recipient_kid" in a) == ("recipient_kid" in b):
+        return False
+    a.pop("recipient_kid", None)
+    b.pop("recipient_kid", None)
+    return a == b
 
 
 def _differing(entry: _Entry, earlier: _Entry) -> str:
@@ -113,7 +126,12 @@ def _differing(entry: _Entry, earlier: _Entry) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """What replay keeps of a ``sent`` entry (see above)."""
+    """What replay keeps of a ``sent`` or ``withheld`` entry (see above).
+
+    ``recipient_kid`` is None for a ``sent`` entry of format 1 (it has none) and a
+    ``withheld`` one whose envelope named none; ``reason`` is None for a ``sent``
+    entry, a ``withheld`` entry's otherwise.
+    """
 
     member: str
     seq: int
@@ -127,10 +145,22 @@ class Send:
     released: tuple[str, ...]
     policy_digest: str
     jwe_sha256: str
+    recipient_kid: str | None
+    reason: str | None
+
+    @property
+    def withheld(self) -> bool:
+        """Whether the entry is a ``withheld`` one: taken back, unsent as far as the node knew."""
+        return self.reason is not None
 
     def entry(self) -> dict[str, Any]:
         """The entry as a repeat of it is compared with."""
-        return _as_entry(self, "sent")
+        entry = _as_entry(self, "withheld" if self.withheld else "sent")
+        if not self.withheld:
+            del entry["reason"]
+            if self.recipient_kid is None:
+                del entry["recipient_kid"]  # format 1
+        return entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +195,7 @@ class Rejection:
 def _as_entry(record: Send | Receipt, kind: str) -> dict[str, Any]:
     values = ((f.name, getattr(record, f.name)) for f in fields(record))
     entry = {k: list(v) if isinstance(v, tuple) else v for k, v in values}
-    return entry | {"v": VERSION, "type": kind}
+    return entry | {"type": kind}
 
 
 class Pool:
@@ -186,13 +216,15 @@ class Pool:
         return self._tuples.setdefault(kept, kept)
 
     def send(self, member: str, e: _Entry) -> Send:
-        """The record of a ``sent`` entry of ``member``'s log."""
+        """The record of a ``sent`` or ``withheld`` entry of ``member``'s log."""
         s = sys.intern
         rel_to = None if e["rel_to"] is None else self.keys(e["rel_to"])
+        kid, reason = e.get("recipient_kid"), e.get("reason")
         return Send(
             member, e["seq"], s(e["at"]), s(e["partner"]), s(e["report_id"]), s(e["kind"]),
             s(e["originator"]), s(e["tlp"]), rel_to, self.keys(e["released"]),
-            s(e["policy_digest"]), e["jwe_sha256"],
+            s(e["policy_digest"]), e["jwe_sha256"], None if kid is None else s(kid),
+            None if reason is None else s(reason),
         )  # fmt: skip
 
     def receipt(self, member: str, e: _Entry) -> Receipt:
@@ -242,7 +274,7 @@ class _Repeats(Generic[_R]):
         if seen is None:
             seen = self._versions[key] = {_version(earlier.entry())}
         version = _version(entry)
-        if version in seen:
+        if version in seen or any(_same_but_for_the_kid(version, v) for v in seen):
             return earlier, None
         seen.add(version)
         return earlier, self._keep(entry)
@@ -252,8 +284,8 @@ class _Repeats(Generic[_R]):
 class Index:
     """What the logs say of each JWE hash, as records in the order read.
 
-    ``sends`` holds each log's distinct versions of a ``sent`` entry (the first
-    entry of each), ``receipts`` each log's first ``received`` entry (its
+    ``sends`` holds each log's distinct versions of a ``sent`` or ``withheld``
+    entry (the first entry of each), ``receipts`` each log's first ``received`` entry (its
     repeats are checked against it where they are read), ``rejections`` every
     ``rejected`` entry; ``bulk`` the ``rejected_many`` entries, which name no
     JWE, by (source, the log's member).
@@ -276,6 +308,7 @@ def read_log(
     """Index one log's sends, receipts and rejections; check what the log alone can tell."""
     timeline = PolicyTimeline()
     sent = _Repeats(lambda e: pool.send(member, e))
+    withheld = _Repeats(lambda e: pool.send(member, e))
     received = _Repeats(lambda e: pool.receipt(member, e))
     refused: dict[tuple[str, str], Rejection] = {}  # (JWE, source) -> its first rejection
     for entry in entries:
@@ -307,6 +340,10 @@ def read_log(
                         f"to {entry['partner']}: {problem}",
                     )
                 )
+        elif kind == "withheld":
+            # Not held to the policy in force when it was taken back: a start may log
+            # a new policy first, and when the envelope was made is not recorded.
+            _read_send(member, entry, withheld, index, findings)
         elif kind in ("accepted", "received"):
             if kind == "received":
                 _read_receipt(member, entry, received, refused, index, findings)
@@ -324,7 +361,7 @@ def read_log(
 def _read_send(
     member: str, entry: _Entry, sent: _Repeats[Send], index: Index, findings: list[Finding]
 ) -> None:
-    """Index a ``sent`` entry: a new version of its JWE's send, or an honest repeat."""
+    """Index a ``sent`` or ``withheld`` entry: a new version of its JWE's, or an honest repeat."""
     earlier, record = sent.add(entry)
     if record is not None:
         index.sends.setdefault(record.jwe_sha256, []).append(record)

@@ -28,7 +28,7 @@ class Exchange:
     policy_digest: str
     released: tuple[str, ...]
     jwe_sha256: str
-    status: str  # delivered | undelivered | rejected | not-checked
+    status: str  # delivered | undelivered | rejected | withheld | not-checked
     seq: int
     refused_at: str | None = None
     """For a ``rejected`` send, the recipient's checklist step that refused it."""
@@ -126,7 +126,7 @@ class Replay:
             key = (e.sender, e.recipient, e.report_id)
             if e.status == "rejected":
                 last[key] = e
-            elif e.status != "not-checked":
+            elif e.status not in ("not-checked", "withheld"):
                 delivered.add(key)
         return [e for key, e in last.items() if key not in delivered]
 

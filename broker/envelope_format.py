@@ -11,6 +11,7 @@ docs/ENVELOPE.md describes the same bytes in prose.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, get_args
@@ -19,6 +20,7 @@ from broker import sdjwt
 from broker.errors import EnvelopeError
 from broker.field_check import fields_plainly_valid, validate_field
 from broker.members import MEMBERS, is_member
+from broker.roster import KID
 from broker.sightings import (
     KINDS,
     SCHEMA_VERSION,
@@ -96,6 +98,21 @@ def _header_segment(segment: str, what: str) -> Any:
             "format", f"{what} is {len(segment)} characters; limit {MAX_HEADER_CHARS}"
         )
     return _b64_json(segment, what, MAX_HEADER_STRUCTURE)
+
+
+def recipient_kid(head: object) -> str | None:
+    """The ``kid`` in a JWE protected header segment (base64url JSON), or None.
+
+    None too for a kid no roster could hold (``broker.roster.KID``), which no key
+    of ours encrypted to: a damaged row's, say, which an audit entry cannot name.
+    """
+    try:
+        text = head.decode() if isinstance(head, bytes) else str(head)
+        header = json.loads(sdjwt.b64u_decode(text))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    kid = header.get("kid") if isinstance(header, dict) else None
+    return kid if isinstance(kid, str) and KID.fullmatch(kid) else None
 
 
 def parse_jwe_header(token: object, limit: int) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from broker.natstls import CONFIG_NAMES, certificate_expiry
 from broker.node import Node
 from broker.node_files import check_data_dir, load_files
 from broker.planner import Planner, Signer
-from broker.publisher import RunDb
+from broker.publisher import RunDb, withheld_event
 from broker.reconcile import audit_unaudited, check_store_against_log, log_lost, ran_before
 from broker.roster import Roster
 from broker.serving import descriptor_limit_problem
@@ -93,7 +93,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         # Before any store write: it would record a log size past the entries of
         # reports whose confirmation a crash lost, and they would be logged twice.
         audit_unaudited(config.member, store, audit, at)
-        _withhold_unkeyed(store, signed.roster, at)
+        _withhold_unkeyed(config.member, store, audit, signed.roster, at)
         store.set_state(
             {
                 "roster_version": str(signed.version),
@@ -165,7 +165,9 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         return node
 
 
-def _withhold_unkeyed(store: Store, roster: Roster, at: datetime) -> None:
+def _withhold_unkeyed(
+    member: str, store: Store, audit: AuditLog, roster: Roster, at: datetime
+) -> None:
     """Take back pending envelopes to a key the roster withdrew, or to a partner with none.
 
     The roster is checked when a report is planned; one that revoked or dropped a
@@ -174,6 +176,11 @@ def _withhold_unkeyed(store: Store, roster: Roster, at: datetime) -> None:
     envelopes published after the restart that applied the revocation, while the
     node's own warning said they would wait. A key merely retired or lapsed while the
     partner has a valid one (a rotation) is left to go out as it is.
+
+    Each is logged (``withheld``, with all its ``sent`` entry would say) before the
+    store lets it go: one published before a crash lost its ack may be on the hub,
+    and its receipt must match an entry of this log (docs/AUDIT.md). A crash in
+    between takes them back again at the next start, logged again (an honest repeat).
     """
 
     def refused(partner: str, kid: str) -> str | None:
@@ -196,7 +203,11 @@ def _withhold_unkeyed(store: Store, roster: Roster, at: datetime) -> None:
             return why
         return None
 
-    taken = store.withhold_unkeyed(refused)
+    found = store.unkeyed(refused)
+    if not found:
+        return
+    audit.append_many([withheld_event(member, w, at) for w in found])
+    taken = store.withhold(found)
     if taken:
         log.warning(
             "envelopes_withheld",

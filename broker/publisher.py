@@ -42,12 +42,12 @@ from nats.aio.client import Client
 
 from broker import audit_events
 from broker.audit_events import AuditEvent
-from broker.errors import MsmtError
+from broker.errors import AuditError, MsmtError
 from broker.log import Throttle, get_logger
 from broker.members import is_member
 from broker.metrics import Metrics
 from broker.pubacks import PubAcks
-from broker.store import OutboxItem, Store
+from broker.store import OutboxItem, Store, Withholding
 
 log = get_logger("publisher")
 
@@ -117,21 +117,46 @@ def _facts_after_size(text: str) -> Mapping[str, Any]:
     return MappingProxyType(json.loads(text))
 
 
+def _facts(audit: str) -> dict[str, Any]:
+    """The send facts (``OutboxItem.audit``) as a ``sent`` or ``withheld`` entry takes them."""
+    facts = _entry_facts(audit)
+    return {
+        "kind": facts["kind"],
+        "released": facts["released"],
+        "policy_digest": facts["policy"],
+        "originator": facts["originator"],
+        "tlp": facts["tlp"],
+        "rel_to": facts["rel_to"],
+    }
+
+
 def sent_event(member: str, item: OutboxItem, at: datetime) -> AuditEvent:
     """The audit entry for an envelope the hub acknowledged."""
-    facts = _entry_facts(item.audit)
+    kid = item.recipient_kid
+    if kid is None:  # a start takes back every pending envelope that names none
+        raise AuditError(f"the envelope to {item.partner} names no recipient key")
     return audit_events.sent(
         member,
         at,
         partner=item.partner,
         report_id=item.report_id,
-        kind=facts["kind"],
-        released=facts["released"],
-        policy_digest=facts["policy"],
         jwe_sha256=item.jwe_sha256,
-        originator=facts["originator"],
-        tlp=facts["tlp"],
-        rel_to=facts["rel_to"],
+        recipient_kid=kid,
+        **_facts(item.audit),
+    )
+
+
+def withheld_event(member: str, taken: Withholding, at: datetime) -> AuditEvent:
+    """The audit entry for a pending envelope a start takes back (``Store.unkeyed``)."""
+    return audit_events.withheld(
+        member,
+        at,
+        partner=taken.partner,
+        report_id=taken.report_id,
+        jwe_sha256=taken.jwe_sha256,
+        recipient_kid=taken.recipient_kid,
+        reason=taken.reason,
+        **_facts(taken.audit),
     )
 
 

@@ -72,6 +72,9 @@ class RosterKey:
     valid_until: datetime
     retired_at: datetime | None
     jwk: Mapping[str, Any]
+    revoked_at: datetime | None = None
+    """When ``msmt keys revoke`` revoked it, for auditors (``msmt_revoked_at``); checks
+    need only the status."""
 
     def public_key(self) -> OKPKey:
         """Return the key as a joserfc ``OKPKey`` (public part only)."""
@@ -158,6 +161,8 @@ def parse_key(entry: Mapping[str, Any]) -> RosterKey:
         raise KeyMaterialError(f"roster key {kid}: valid-until is not after valid-from")
     retired = entry.get("msmt_retired_at")
     retired_at = parse_time(retired, f"roster key {kid} retired-at") if retired else None
+    revoked = entry.get("msmt_revoked_at")
+    revoked_at = parse_time(revoked, f"roster key {kid} revoked-at") if revoked else None
     return RosterKey(
         kid=kid,
         member=member,
@@ -167,6 +172,7 @@ def parse_key(entry: Mapping[str, Any]) -> RosterKey:
         valid_until=valid_until,
         retired_at=retired_at,
         jwk={k: entry[k] for k in entry if k in _STANDARD},
+        revoked_at=revoked_at,
     )
 
 

@@ -38,7 +38,14 @@ from __future__ import annotations
 
 from broker.store_base import AUDIT_SIZE, StoreBase
 from broker.store_inbox import InboxEntry, InboxTables, Received, SeenState
-from broker.store_outbox import Accepted, Earlier, NewReport, OutboxItem, OutboxTables
+from broker.store_outbox import (
+    Accepted,
+    Earlier,
+    NewReport,
+    OutboxItem,
+    OutboxTables,
+    Withholding,
+)
 
 __all__ = [
     "AUDIT_SIZE",
@@ -51,6 +58,7 @@ __all__ = [
     "SeenState",
     "Store",
     "StoreBase",
+    "Withholding",
 ]
 
 

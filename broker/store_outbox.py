@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
-from broker.sdjwt import b64u_decode
+from broker.envelope_format import recipient_kid
 from broker.store_base import StoreBase
 
 
@@ -51,6 +51,25 @@ class Accepted(list[bool]):
     def __init__(self) -> None:
         super().__init__()
         self.earlier: dict[int, Earlier] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Withholding:
+    """A pending envelope to take back: what its ``withheld`` entry and the store need."""
+
+    rowid: int
+    report_id: str
+    partner: str
+    audit: str
+    """The send facts its entry records (``OutboxItem.audit``)."""
+    jwe_sha256: str
+    recipient_kid: str | None
+    """The ``kid`` its header names; None if it names none (a damaged row)."""
+    reason: str
+
+
+_HASHED_AT_ONCE: Final = 256
+"""Envelopes read at once to hash when taking them back (~6 KB each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +114,11 @@ class OutboxItem:
         id first, so that the real envelope is acked as a "duplicate" and never stored.
         """
         return self.jwe_sha256
+
+    @property
+    def recipient_kid(self) -> str | None:
+        """The ``kid`` of the partner's key the envelope is encrypted to (its header's)."""
+        return recipient_kid(self.jwe[: self.jwe.find(b".")])
 
     def __reduce__(self) -> tuple[type[OutboxItem], tuple[str, str, str, bytes, str]]:
         # Pickled (planning worker -> node) as constructor arguments: a frozen
@@ -332,15 +356,12 @@ class OutboxTables(StoreBase):
         )
         return [OutboxItem(r[0], r[1], r[2], bytes(r[3]), r[4], r[5]) for r in rows]
 
-    def withhold_unkeyed(self, refused: Callable[[str, str], str | None]) -> Counter[str]:
-        """Take back the pending envelopes encrypted to a key ``refused`` gives a reason for.
+    def unkeyed(self, refused: Callable[[str, str], str | None]) -> list[Withholding]:
+        """The pending envelopes encrypted to a key ``refused`` gives a reason for.
 
         ``refused(partner, kid)`` says why ``kid`` is not to be used as ``partner``'s
-        encryption key now (revoked, say, or dropped from the roster), or None. Each
-        such envelope is deleted, and its (report, partner)
-        put in ``awaiting_key`` with that reason (and out of ``reissue``), in one
-        transaction: it is planned again, under the policy and keys of then, once
-        the partner has a valid key. Returns how many were taken back per partner.
+        encryption key now (revoked, say, or dropped from the roster), or None.
+        Nothing is changed: the caller logs each (``withheld``), then ``withhold``.
         """
         # The protected header alone (~300 bytes), not the whole envelope: the
         # outbox may hold many after an outage, and this runs at every start.
@@ -349,26 +370,48 @@ class OutboxTables(StoreBase):
             " WHERE state = 'pending' ORDER BY rowid"
         )
         said: dict[tuple[str, str | None], str | None] = {}
-        taken: list[tuple[str, int]] = []
-        counts: Counter[str] = Counter()
+        taken: dict[int, tuple[str | None, str]] = {}
         for rowid, partner, head in rows:
-            kid = _recipient_kid(head)
+            kid = recipient_kid(head)
             if (partner, kid) not in said:
                 said[partner, kid] = (
                     "its envelope names no recipient key" if kid is None else refused(partner, kid)
                 )
             if (why := said[partner, kid]) is not None:
-                taken.append((why, rowid))
-                counts[partner] += 1
-        if not taken:
+                taken[rowid] = (kid, why)
+        found: list[Withholding] = []
+        chosen = list(taken)
+        # The envelopes themselves a few at a time, for their hashes only.
+        for start in range(0, len(chosen), _HASHED_AT_ONCE):
+            some = chosen[start : start + _HASHED_AT_ONCE]
+            for rowid, report_id, partner, jwe, audit in self._read(
+                "SELECT rowid, report_id, partner, jwe, audit FROM outbox"  # noqa: S608 - placeholders
+                f" WHERE rowid IN ({','.join('?' * len(some))}) ORDER BY rowid",
+                some,
+            ):
+                kid, why = taken[rowid]
+                digest = hashlib.sha256(jwe).hexdigest()
+                found.append(Withholding(rowid, report_id, partner, audit, digest, kid, why))
+        return found
+
+    def withhold(self, envelopes: Sequence[Withholding]) -> Counter[str]:
+        """Take back ``envelopes`` (from ``unkeyed``), after their ``withheld`` entries.
+
+        Each is deleted, and its (report, partner) put in ``awaiting_key`` with its
+        reason (and out of ``reissue``), in one transaction: it is planned again,
+        under the policy and keys of then, once the partner has a valid key.
+        Returns how many were taken back per partner.
+        """
+        counts = Counter(w.partner for w in envelopes)
+        if not envelopes:
             return counts
-        with self._tx("withhold_unkeyed") as db:
+        with self._tx("withhold") as db:
             db.executemany(
                 "INSERT OR REPLACE INTO awaiting_key(report_id, partner, reason)"
                 " SELECT report_id, partner, ? FROM outbox WHERE rowid = ?",
-                taken,
+                [(w.reason, w.rowid) for w in envelopes],
             )
-            rowids = [(rowid,) for _, rowid in taken]
+            rowids = [(w.rowid,) for w in envelopes]
             db.executemany(
                 "DELETE FROM reissue WHERE (report_id, partner) ="
                 " (SELECT report_id, partner FROM outbox WHERE rowid = ?)",
@@ -620,14 +663,3 @@ _WAITING: Final = {
 }
 """(partner, report) of each envelope waiting to go out: for the hub's ack, or to be
 signed again. ``outbox_by_partner`` counts each; ``outbox_oldest`` takes both."""
-
-
-def _recipient_kid(head: object) -> str | None:
-    """The ``kid`` in a JWE protected header segment (base64url JSON), or None."""
-    try:
-        text = head.decode() if isinstance(head, bytes) else str(head)
-        header = json.loads(b64u_decode(text))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    kid = header.get("kid") if isinstance(header, dict) else None
-    return kid if isinstance(kid, str) else None

@@ -6,6 +6,7 @@ import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -30,26 +31,15 @@ def witness_verifier(key: Ed25519PrivateKey, name: str) -> Verifier:
 
 
 def event(i: int, member: str = MEMBER) -> ev.AuditEvent:
-    """A deterministic mix of every event type (``rejected_many`` in every other round of 6)."""
+    """A deterministic mix of every event type (``withheld`` and ``rejected_many`` in every
+    other round of 6, in place of ``sent`` and ``rejected``)."""
     at = T0 + timedelta(seconds=i)
     rid = uuid.UUID(int=i)
     match i % 6:
         case 0:
             return ev.accepted(member, at, report_id=rid, kind="vessel", feed="ais-pipeline")
         case 1:
-            return ev.sent(
-                member,
-                at,
-                partner="USA",
-                report_id=rid,
-                kind="vessel",
-                released=["vessel.imo", "vessel.position#coarsen:0.1"],
-                policy_digest=digest("policy"),
-                jwe_sha256=digest(f"jwe{i}"),
-                originator=member,
-                tlp="AMBER",
-                rel_to=None,
-            )
+            return _send_event(i, member)
         case 2:
             return ev.received(
                 member,
@@ -77,6 +67,26 @@ def event(i: int, member: str = MEMBER) -> ev.AuditEvent:
             return ev.policy_changed(
                 member, at, policy_digest=digest("p2"), previous_digest=digest("policy")
             )
+
+
+def _send_event(i: int, member: str) -> ev.AuditEvent:
+    """``event``'s send: ``sent``, or ``withheld`` in every other round of 6."""
+    send: dict[str, Any] = {
+        "partner": "USA",
+        "report_id": uuid.UUID(int=i),
+        "kind": "vessel",
+        "released": ["vessel.imo", "vessel.position#coarsen:0.1"],
+        "policy_digest": digest("policy"),
+        "jwe_sha256": digest(f"jwe{i}"),
+        "originator": member,
+        "tlp": "AMBER",
+        "rel_to": None,
+        "recipient_kid": "usa-enc-1",
+    }
+    at = T0 + timedelta(seconds=i)
+    if i // 6 % 2:
+        return ev.withheld(member, at, **send, reason="key usa-enc-1 is revoked")
+    return ev.sent(member, at, **send)
 
 
 def unstored_event(i: int, member: str = MEMBER) -> ev.AuditEvent:

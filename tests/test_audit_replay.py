@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -44,6 +45,7 @@ from broker.natsproc import free_port
 from broker.node_start import load_node
 from broker.policy import load_policy
 from broker.publisher import sent_event
+from broker.roster import Roster, RosterKey
 from broker.store import OutboxItem
 from broker.validation import parse_record
 
@@ -105,6 +107,7 @@ def _send(
         originator=sender,
         tlp="AMBER",
         rel_to=None,
+        recipient_kid=f"{recipient.lower()}-enc-1",
     )
 
 
@@ -436,10 +439,11 @@ def _jpn_send(
     partner: str = "USA",
     originator: str = "JPN",
     tlp: str = "AMBER",
+    t: int = 0,
 ) -> ev.AuditEvent:
     return ev.sent(
         "JPN",
-        T0,
+        T0 + timedelta(seconds=t),
         partner=partner,
         report_id=report,
         kind="vessel",
@@ -449,6 +453,7 @@ def _jpn_send(
         originator=originator,
         tlp=tlp,
         rel_to=None,
+        recipient_kid=f"{partner.lower()}-enc-1",
     )
 
 
@@ -474,6 +479,7 @@ def test_a_send_of_a_kind_a_later_version_adds_is_not_judged_here() -> None:
         originator="JPN",
         tlp="AMBER",
         rel_to=None,
+        recipient_kid="usa-enc-1",
     )
     assert _findings([_started("JPN", None, D_LOOSE), later]) == [
         (
@@ -496,6 +502,7 @@ def test_a_send_of_a_kind_a_later_version_adds_is_not_judged_here() -> None:
         originator="JPN",
         tlp="AMBER",
         rel_to=None,
+        recipient_kid="usa-enc-1",
     )
     assert [f[:3:2] for f in _findings([_started("JPN", None, D_LOOSE), empty])] == [
         ("empty-send", "to USA: a message with no disclosure keys"),
@@ -529,6 +536,7 @@ def test_findings_grow_with_the_entries_not_with_their_product() -> None:
             originator="JPN",
             tlp="AMBER",
             rel_to=None,
+            recipient_kid="usa-enc-1",
         )
         for i in range(k)
     ]
@@ -1126,7 +1134,7 @@ def test_a_send_lost_by_the_hub_and_made_good_by_a_resend_is_not_a_finding() -> 
     again = ev.sent(
         "JPN", T0 + timedelta(seconds=60), partner="USA", report_id=R1, kind="vessel",
         released=NARROW, policy_digest=D_LOOSE, jwe_sha256=resent, originator="JPN",
-        tlp="AMBER", rel_to=None,
+        tlp="AMBER", rel_to=None, recipient_kid="usa-enc-1",
     )  # fmt: skip
     jpn.append(again)
     usa = [_started("USA")]
@@ -1230,6 +1238,7 @@ def test_a_jwe_sent_in_two_logs_is_a_finding_in_both(
         originator="KOR",
         tlp="AMBER",
         rel_to=None,
+        recipient_kid="usa-enc-1",
     )
     _append(dirs[2], "KOR", [copy])
     code, out, _ = _replay(tmp_path, [dirs[i] for i in order], "--json")
@@ -1279,6 +1288,120 @@ def test_a_repeated_send_with_other_markings_is_a_finding_and_each_version_is_ch
     assert report["matrix"] == [{"sender": "JPN", "recipient": "USA", "delivered": 1}]
 
 
+def _withheld(
+    recipient: str, report: uuid.UUID, released: list[str], t: int, digest: str = D_LOOSE
+) -> ev.AuditEvent:
+    """JPN's ``withheld`` entry for the envelope ``_jpn_send`` would have logged as sent."""
+    send = _jpn_send(report, digest, t=t, released=released, partner=recipient).fields
+    fields = {k: v for k, v in send.items() if k not in ("type", "member", "at")}
+    at = T0 + timedelta(seconds=t)
+    return ev.withheld("JPN", at, **fields, reason=f"key {recipient.lower()}-enc-1 is revoked")
+
+
+def test_a_withheld_envelope_received_all_the_same_is_delivered_and_one_never_is_no_finding() -> (
+    None
+):
+    # A node killed with envelopes in flight, their acks lost, restarted on a roster
+    # revoking USA's key: it takes them back (withheld). One had reached the hub,
+    # and USA received it before its key was revoked; the other never left.
+    jpn = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0), _accepted("JPN", R2, 0)]
+    usa = [_started("USA"), _recv("USA", "JPN", R1, NARROW, 1)]
+    withheld = [_withheld("USA", R1, NARROW, 2), _withheld("USA", R2, NARROW, 2)]
+    # Before the entry existed, the receipt had no send in JPN's log.
+    assert [f[0] for f in _findings(jpn, USA=usa)] == ["unmatched-receive"]
+    result = replay({"JPN": _entries(jpn + withheld), "USA": _entries(usa)}, BOTH)
+    assert result.findings == ()
+    assert result.statuses() == Counter({"delivered": 1, "withheld": 1})
+    assert result.matrix == {("JPN", "USA"): 1}
+    # It is held to the policy it names like any send: this one released too much to GBR.
+    wide = _withheld("GBR", R1, ["observed_at", "vessel.position"], 2)
+    assert [f[0] for f in _findings([*jpn, wide])] == ["over-disclosure"]
+
+
+def test_a_repeat_across_an_upgrade_is_honest_and_one_naming_another_key_is_not() -> None:
+    # Logged as sent by version 1 (no recipient key), then again after a crash by a
+    # node upgraded meanwhile: only the format differs. A repeat naming another key
+    # than the first for the same JWE contradicts it.
+    jpn = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0)]
+    entries = _entries([*jpn, _jpn_send(R1, D_LOOSE, t=1), _jpn_send(R1, D_LOOSE, t=2)])
+    old = entries[2]
+    del old["recipient_kid"]
+    old["v"] = 1
+    result = replay({"JPN": entries}, BOTH)
+    assert [f.kind for f in result.findings] == []
+    entries[3]["recipient_kid"] = "usa-enc-2"
+    entries[2] = json.loads(_jpn_send(R1, D_LOOSE, t=1).seal(2, None))
+    (found,) = replay({"JPN": entries}, BOTH).findings
+    assert (found.kind, found.seq) == ("conflicting-repeat", 3)
+    assert found.detail.endswith("differs from it in recipient_kid")
+
+
+def test_a_send_encrypted_to_a_key_not_the_partners_or_revoked_before_it_is_a_finding() -> None:
+    def key(kid: str, member: str, use: str, status: str, revoked: int | None) -> RosterKey:
+        return RosterKey(
+            kid, member, use, status, T0 - timedelta(days=1), T0 + timedelta(days=365),  # type: ignore[arg-type]
+            None, {}, None if revoked is None else T0 + timedelta(seconds=revoked),
+        )  # fmt: skip
+
+    roster = Roster(
+        [
+            key("usa-enc-1", "USA", "enc", "active", None),
+            key("usa-sig-1", "USA", "sig", "active", None),
+            key("kor-enc-1", "KOR", "enc", "revoked", 10),
+            key("gbr-enc-1", "GBR", "enc", "revoked", None),
+        ]
+    )
+
+    def to(partner: str, kid: str, t: int) -> ev.AuditEvent:
+        send = _jpn_send(R1, D_LOOSE, t=t, partner=partner)
+        jwe = hashlib.sha256(f"{partner} {kid} {t}".encode()).hexdigest()  # each its own
+        return ev.AuditEvent(dict(send.fields, recipient_kid=kid, jwe_sha256=jwe))
+
+    sends = [
+        to("USA", "usa-enc-1", 1),  # the partner's key: fine
+        to("KOR", "kor-enc-1", 5),  # revoked later: fine then
+        to("KOR", "kor-enc-1", 10),  # the second it was revoked
+        to("USA", "usa-sig-1", 1),
+        to("USA", "kor-enc-1", 1),
+        to("USA", "nobody-enc-1", 1),
+        to("GBR", "gbr-enc-1", 1),
+    ]
+    log = {"JPN": _entries([_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0), *sends])}
+    found = [(f.kind, f.seq, f.detail) for f in replay(log, BOTH, roster=roster).findings]
+    assert found == [
+        (
+            "to-revoked-key",
+            4,
+            "to KOR: encrypted to KOR's key kor-enc-1 after its revocation at"
+            " 2026-11-28T12:00:10Z: whoever holds that key can read it",
+        ),
+        (
+            "wrong-recipient-key",
+            5,
+            "to USA: encrypted to key usa-sig-1, a sig key of USA, not an encryption key of USA",
+        ),
+        (
+            "wrong-recipient-key",
+            6,
+            "to USA: encrypted to key kor-enc-1, a enc key of KOR, not an encryption key of USA",
+        ),
+        ("wrong-recipient-key", 7, "to USA: encrypted to key nobody-enc-1, not in the roster"),
+        (
+            "to-revoked-key",
+            8,
+            "to GBR: encrypted to GBR's key gbr-enc-1, which is revoked (the roster does not"
+            " say when)",
+        ),
+    ]
+    assert replay(log, BOTH).findings == ()  # no roster given: not checked
+
+
+def _jwe_to(kid: str, body: bytes = b"1") -> bytes:
+    """Envelope-shaped bytes whose protected header names ``kid`` (all the entry reads)."""
+    header = json.dumps({"alg": "ECDH-ES+A256KW", "enc": "A256GCM", "kid": kid}).encode()
+    return base64.urlsafe_b64encode(header).rstrip(b"=") + b".wrapped.iv." + body + b".tag"
+
+
 def test_a_node_repeating_its_entries_after_a_crash_is_not_a_finding(tmp_path: Path) -> None:
     # What the node logs again after a crash: the publisher's sent entry from the
     # same outbox row, the receiver's received entry of the same envelope, a
@@ -1293,8 +1416,10 @@ def test_a_node_repeating_its_entries_after_a_crash_is_not_a_finding(tmp_path: P
         "tlp": "AMBER",
         "rel_to": None,
     }
-    item = OutboxItem(str(R1), "USA", "msmt.to.USA.vessel", b"jwe-bytes", json.dumps(facts))
-    refused = OutboxItem(str(R2), "USA", "msmt.to.USA.vessel", b"jwe-bytes-2", json.dumps(facts))
+    item = OutboxItem(str(R1), "USA", "msmt.to.USA.vessel", _jwe_to("usa-enc-1"), json.dumps(facts))
+    refused = OutboxItem(
+        str(R2), "USA", "msmt.to.USA.vessel", _jwe_to("usa-enc-1", b"2"), json.dumps(facts)
+    )
     root = tmp_path / "logs"
     _append(
         root / "JPN",
@@ -1547,6 +1672,7 @@ def _resend(report: uuid.UUID, t: int) -> ev.AuditEvent:
     return ev.sent(
         "JPN", T0 + timedelta(seconds=t), partner="USA", report_id=report, kind="vessel",
         released=NARROW, policy_digest=D_LOOSE, originator="JPN", tlp="AMBER", rel_to=None,
+        recipient_kid="usa-enc-1",
         jwe_sha256=hashlib.sha256(f"again {report} {t}".encode()).hexdigest(),
     )  # fmt: skip
 

@@ -421,6 +421,7 @@ _SENT: dict[str, Any] = {
     "originator": MEMBER,
     "tlp": "AMBER",
     "rel_to": None,
+    "recipient_kid": "usa-enc-1",
 }
 
 
@@ -444,6 +445,56 @@ def test_event_constructors_refuse_anything_but_identifiers(
 ) -> None:
     with pytest.raises(AuditError, match=reason):
         ev.sent(MEMBER, T0, **(_SENT | change))
+
+
+def _v1_sent(seq: int) -> bytes:
+    """A ``sent`` entry exactly as version 1 wrote it: no ``recipient_kid``, ``"v":1``."""
+    fields = {k: v for k, v in _SENT.items() if k != "recipient_kid"}
+    entry = {"type": "sent", "member": MEMBER, "at": "2026-11-28T12:00:00Z", **fields}
+    return rfc8785.dumps(entry | {"v": 1, "seq": seq, "prev": ""})
+
+
+def test_entries_an_earlier_version_wrote_are_read_as_they_were() -> None:
+    # A log outlives the version that began it: its version-1 entries (a sent entry
+    # without the recipient's key) must still verify and parse beside version 2's.
+    entry = ev.parse_entry(_v1_sent(3), 3)
+    assert (entry["v"], "recipient_kid" in entry) == (1, False)
+    assert entry["jwe_sha256"] == "b" * 64
+    now = ev.sent(MEMBER, T0, **_SENT).seal(3, None)
+    assert ev.parse_entry(now, 3)["recipient_kid"] == "usa-enc-1"
+    assert json.loads(now)["v"] == ev.VERSION == 2
+    v1 = json.loads(_v1_sent(3))
+    for raw, reason in (
+        # Each version's fields exactly: neither may pass for the other.
+        (v1 | {"v": 2}, "wrong fields for a 'sent' entry"),
+        (json.loads(now) | {"v": 1}, "wrong fields for a 'sent' entry"),
+        (
+            json.loads(ev.withheld(MEMBER, T0, **_SENT, reason="key x is revoked").seal(3, None))
+            | {"v": 1},
+            "unknown type 'withheld' in version 1",
+        ),
+        (v1 | {"v": 3}, "unknown version 3"),
+    ):
+        with pytest.raises(AuditError, match=reason):
+            ev.parse_entry(rfc8785.dumps(raw), 3)
+
+
+def test_a_withheld_entry_is_a_send_with_its_reason() -> None:
+    taken = ev.withheld(MEMBER, T0, **_SENT, reason="key usa-enc-1 is revoked")
+    entry = ev.parse_entry(taken.seal(0, None), 0)
+    assert entry["type"] == "withheld"
+    as_sent = ev.parse_entry(ev.sent(MEMBER, T0, **_SENT).seal(0, None), 0)
+    assert {k: v for k, v in entry.items() if k not in ("type", "reason")} == {
+        k: v for k, v in as_sent.items() if k != "type"
+    }
+    assert entry["reason"] == "key usa-enc-1 is revoked"
+    # An envelope whose header named no key (a damaged row) is taken back too.
+    kidless = ev.withheld(MEMBER, T0, **(_SENT | {"recipient_kid": None}), reason="no key")
+    assert ev.parse_entry(kidless.seal(0, None), 0)["recipient_kid"] is None
+    with pytest.raises(AuditError, match="printable ASCII"):
+        ev.withheld(MEMBER, T0, **_SENT, reason="line one\nline two")
+    with pytest.raises(AuditError, match="recipient kid"):
+        ev.sent(MEMBER, T0, **(_SENT | {"recipient_kid": "usa enc 1"}))
 
 
 def test_a_kind_a_later_version_adds_is_read() -> None:
@@ -624,7 +675,7 @@ def test_a_value_that_only_compares_equal_is_refused() -> None:
     data = ev.rejected_many(MEMBER, T0, **_MANY).seal(1, None)
     assert parse_entry(data, 1)["seq"] == 1
     for raw, reason in (
-        (data.replace(b'"v":1', b'"v":true'), "unknown version True"),
+        (data.replace(b'"v":2', b'"v":true'), "unknown version True"),
         (data.replace(b'"seq":1', b'"seq":true'), "carries seq True"),
         (data.replace(b'"format":3', b'"format":3.0'), "canonical"),
     ):

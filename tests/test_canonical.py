@@ -183,6 +183,7 @@ def events(draw: st.DrawFn) -> ev.AuditEvent:  # noqa: PLR0911 - one return per 
             originator=draw(MEMBER),
             tlp=draw(st.sampled_from(ev.TLPS)),
             rel_to=draw(st.none() | st.lists(MEMBER, max_size=11)),
+            recipient_kid=draw(st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True)),
         )
     if which == "received":
         return ev.received(

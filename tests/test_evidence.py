@@ -284,6 +284,27 @@ def test_evidence_readdressed_by_its_recipient_is_refused_by_the_senders_log(
     )
 
 
+def test_evidence_of_an_envelope_its_sender_logged_as_withheld_is_vouched_for(
+    delivered: tuple[World, list[str]],
+) -> None:
+    # A node killed with the envelope in flight, its ack lost, and restarted on a roster
+    # refusing USA's key, takes it back and logs it as withheld: it had reached USA all
+    # the same. The withheld entry names its bytes and what it released, as a send does.
+    world, ids = delivered
+    data = _evidence(world, ids[0])
+    path = _write(world.root, "evidence.json", data)
+
+    def edit(entry: dict[str, Any]) -> None:
+        if entry["type"] == "sent" and entry["jwe_sha256"] == data["jwe_sha256"]:
+            entry.update(type="withheld", reason="key USA-enc-1 is revoked")
+
+    forged = _rewrite_log(world, "JPN", edit)
+    result = _cli("audit", "evidence", str(path), "--keys", str(world.keydir), "--log", str(forged))
+    assert result.exit_code == 0, result.output
+    assert f"envelope sha256 {data['jwe_sha256']}: JPN's log entry " in result.stdout
+    assert " is its send" in result.stdout
+
+
 def _rewrite_log(world: World, member: str, edit: Callable[[dict[str, Any]], None]) -> Path:
     """``member``'s log as its owner could rewrite and re-sign it: ``edit`` on each entry."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -316,6 +337,7 @@ def _rewrite_log(world: World, member: str, edit: Callable[[dict[str, Any]], Non
         ({"partner": "GBR"}, "partner: the entry GBR, the envelope USA"),
         ({"released": ["observed_at"]}, "released: the entry leaves out "),
         ({"tlp": "CLEAR", "rel_to": None}, "tlp: the entry CLEAR, the envelope "),
+        ({"recipient_kid": "USA-enc-9"}, "recipient_kid: the entry USA-enc-9, the envelope "),
     ],
 )
 def test_a_senders_log_that_misstates_a_send_is_named_by_the_recipients_evidence(

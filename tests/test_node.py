@@ -514,11 +514,17 @@ async def test_envelopes_waiting_for_a_partner_whose_key_was_withdrawn_are_not_s
         lambda: world.sent_counts("JPN", ["USA"])["USA"] == len(want["USA"]), 60, "USA's sent"
     )
     assert await stream_stored(world, "USA") == len(want["USA"])
+    usa_enc = roster.current("USA", "enc", datetime.now(UTC)).kid
     if change == "rotate":
         await world.outbox_sent("JPN")
         assert world.sent_counts("JPN", ["KOR"]) == {"KOR": len(want["KOR"])}
         assert await stream_stored(world, "KOR") == len(want["KOR"])  # as they were
         assert "envelopes_withheld" not in (world.root / "JPN.log").read_text()
+        entries = audit_entries(world.config("JPN").audit_dir)
+        assert not [e for e in entries if e["type"] == "withheld"]
+        # Each send names the key it was encrypted to: KOR's, retired since.
+        kids = {(e["partner"], e["recipient_kid"]) for e in entries if e["type"] == "sent"}
+        assert kids == {("USA", usa_enc), ("KOR", kor_enc)}
         return
     assert await stream_stored(world, "KOR") == 0  # nothing went to KOR
     store = world.store("JPN")
@@ -534,6 +540,18 @@ async def test_envelopes_waiting_for_a_partner_whose_key_was_withdrawn_are_not_s
     logged = [json.loads(line) for line in lines if line.startswith("{")]
     withheld = [e for e in logged if e["event"] == "envelopes_withheld"]
     assert [(e["envelopes"], e["partners"]) for e in withheld] == [(len(want["KOR"]), "KOR")]
+    # Each is in the audit log (one may have reached the hub before, its ack lost):
+    # everything its send entry would say, its exact hash, the key and why.
+    entries = audit_entries(world.config("JPN").audit_dir)
+    taken = [e for e in entries if e["type"] == "withheld"]
+    assert {e["report_id"] for e in taken} == want["KOR"]
+    assert len(taken) == len(want["KOR"])
+    assert {(e["partner"], e["recipient_kid"]) for e in taken} == {("KOR", kor_enc)}
+    why = "is revoked" if change == "revoke" else "was retired"
+    assert all(why in e["reason"] for e in taken), {e["reason"] for e in taken}
+    assert all(e["released"] and e["policy_digest"] for e in taken)
+    sent = {(e["partner"], e["recipient_kid"]) for e in entries if e["type"] == "sent"}
+    assert sent == {("USA", usa_enc)}
 
 
 async def test_kill_and_restart_a_receiving_node_mid_batch(world: World) -> None:

@@ -331,6 +331,7 @@ def test_each_envelopes_sent_entry_records_its_own_facts() -> None:
             originator=facts["originator"],
             tlp=facts["tlp"],
             rel_to=facts["rel_to"],
+            recipient_kid=f"{item.partner}-enc-1",  # make_roster's key for the partner
         )
         assert sent_event("JPN", item, at) == expected, item.audit
     assert len({tuple(json.loads(i.audit)["released"]) for i in items}) > 3

@@ -1202,8 +1202,18 @@ def test_pending_envelopes_to_a_key_no_longer_accepted_wait_for_the_partners_nex
         asked.append((partner, kid))
         return "key KOR-enc-1 is revoked" if partner == "KOR" else None
 
-    assert store.withhold_unkeyed(refused) == {"KOR": 2, "GBR": 1}
+    found = store.unkeyed(refused)
     assert asked == [("KOR", "KOR-enc-1")]  # once per partner and key
+    by_pair = {(w.report_id, w.partner): w for w in found}
+    assert sorted(by_pair) == sorted([(r1, "KOR"), (r2, "KOR"), (r2, "GBR")])
+    assert len(store.pending(10)) == 3  # found, not yet taken: their entries come first
+    kept = {(i.report_id, i.partner): i for i in store.pending(10)}
+    for pair, w in by_pair.items():
+        # What the withheld entry records: the exact envelope's hash, its key, its facts.
+        assert w.jwe_sha256 == hashlib.sha256(kept[pair].jwe).hexdigest()
+        assert w.recipient_kid == (None if pair[1] == "GBR" else "KOR-enc-1")
+        assert w.audit == kept[pair].audit
+    assert store.withhold(found) == {"KOR": 2, "GBR": 1}
     assert store.pending(10) == []
     assert store.reissues(10) == []  # the queue's rows went with the envelopes
     assert store.awaiting(10) == [
@@ -1220,7 +1230,7 @@ def test_pending_envelopes_to_a_key_no_longer_accepted_wait_for_the_partners_nex
         (r2, "GBR"): "its envelope names no recipient key",
     }
     assert store.outbox_depths() == (0, 3)
-    assert store.withhold_unkeyed(refused) == {}  # nothing pending is left to take back
+    assert store.unkeyed(refused) == []  # nothing pending is left to take back
     # Partners that still have no key are left out of what is planned again.
     assert store.awaiting(10, without={"KOR"}) == [(r2, rep(2).record, ("GBR",))]
     assert store.awaiting(10, without={"KOR", "GBR"}) == []

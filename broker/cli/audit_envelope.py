@@ -27,6 +27,7 @@ from broker.cli.audit_base import (
     verified_log,
 )
 from broker.envelope import Received
+from broker.envelope_format import recipient_kid
 from broker.errors import EnvelopeError, InputError, UsageError
 from broker.files import read_file_bytes
 from broker.roster import Roster
@@ -99,10 +100,12 @@ def _logged(
             ]
     if found.sender not in entries:
         raise UsageError(f"give the sender's log ({found.sender}) with --log")
+    # A withheld entry records a send too: an envelope taken back at a start, which
+    # had reached the hub before (its ack lost in a crash).
     sends = [
         e
         for e in entries[found.sender]
-        if e["type"] == "sent" and e["jwe_sha256"] == found.jwe_sha256
+        if e["type"] in ("sent", "withheld") and e["jwe_sha256"] == found.jwe_sha256
     ]
     if not sends:
         raise InputError(
@@ -111,7 +114,13 @@ def _logged(
             f" to {found.recipient}: the file's recipient is not vouched for"
         )
     as_sent = _sent_form(got)
-    sent = [e["seq"] for e in sends if not _misstated(e, as_sent)]
+    kid = {"recipient_kid": recipient_kid(found.jwe.partition(".")[0])}
+
+    def form(entry: Mapping[str, Any]) -> dict[str, Any]:
+        # The key it went to, as its header names it: recorded from format 2 on.
+        return as_sent | kid if "recipient_kid" in entry else as_sent
+
+    sent = [e["seq"] for e in sends if not _misstated(e, form(e))]
     if not sent:
         # Only the sender made these bytes (its entry holds their hash), and they open
         # as the envelope says: so the entry, not the recipient's file, is false.
@@ -119,7 +128,7 @@ def _logged(
         raise InputError(
             f"step 7: {found.sender}'s log entry {first['seq']} records this envelope"
             f" (sha256 {found.jwe_sha256}) otherwise than the envelope holds"
-            f" ({'; '.join(_misstated(first, as_sent))}): the entry names these very bytes,"
+            f" ({'; '.join(_misstated(first, form(first)))}): the entry names these very bytes,"
             f" so {found.sender}'s log misstates this send"
         )
     received = None

@@ -181,6 +181,11 @@ def audit_replay(
     conflicting-entries  one JWE received and rejected, or sent (received) in two logs
     receipt-by-non-recipient    a receipt of a JWE that was sent to another member
     rejection-by-non-recipient  a rejection of a JWE that was sent to another member
+    wrong-recipient-key  a send encrypted to a key that is not the partner's (--keys/--roster)
+    to-revoked-key       a send encrypted to a key revoked before it (--keys/--roster)
+
+    A withheld envelope (taken back at a start: its key was refused) is not
+    undelivered; one a partner received all the same counts as delivered.
 
     A finding between two logs says one of them is false, not which: the
     recipient's kept envelope decides (msmt inbox evidence, then msmt audit
@@ -216,7 +221,7 @@ def audit_replay(
         # Streamed: replay keeps what it needs of each entry, not the logs. Nothing
         # is printed before replay returns, so before every entry read is verified.
         logs = {m: entry_stream(d, report, bar) for m, (d, report) in verified.items()}
-        result = replay(logs, known)
+        result = replay(logs, known, roster=trusted)
     if as_json:
         write_stdout(itertools.chain(result.json_text(), "\n"), "replay")
     else:
