@@ -135,6 +135,7 @@ def replay(
     given = frozenset(logs)
     answers = _PolicyAnswers(policies)
     keys = _RecipientKeys(roster)
+    to_revoked: set[tuple[str, int]] = set()
     exchanges: list[Exchange] = []
     delivered: set[tuple[str, str, str]] = set()  # (sender, recipient, JWE): counted once
     described = {pair: bulk.describe() for pair, bulk in index.bulk.items()}
@@ -165,10 +166,13 @@ def replay(
                     status,
                     send.seq,
                     refused_at,
+                    send.recipient_kid,
                 )
             )
             findings += _check_release(send, answers)
             findings += keys.check(send)
+            if keys.revoked(send):
+                to_revoked.add((send.member, send.seq))
         findings += _not_the_recipient(jwe, versions, index)
     for jwe, receipts in index.receipts.items():
         if jwe in index.sends:
@@ -200,6 +204,7 @@ def replay(
         sum(f.kind == "not-checked" for f in findings),
         index.bulk,
         held,
+        frozenset(to_revoked),
     )
 
 
@@ -477,6 +482,14 @@ class _RecipientKeys:
         if since is not None and send.at < since:
             return []  # revoked after the send: it was the partner's key then
         return [Finding(kind, send.member, send.seq, send.report_id, detail)]
+
+    def revoked(self, send: Send) -> bool:
+        """Whether a ``sent`` entry's key is the partner's, revoked (at any time)."""
+        kid = send.recipient_kid
+        if self._roster is None or kid is None or send.withheld or kid not in self._roster:
+            return False
+        key = self._roster.get(kid)
+        return key.status == "revoked" and (key.member, key.use) == (send.partner, "enc")
 
     def _problem(self, kid: str, partner: str) -> tuple[str, str, str | None] | None:
         """(finding, detail, revoked since or None) for sends to ``partner`` under ``kid``."""

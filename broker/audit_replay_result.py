@@ -32,6 +32,8 @@ class Exchange:
     seq: int
     refused_at: str | None = None
     """For a ``rejected`` send, the recipient's checklist step that refused it."""
+    recipient_kid: str | None = None
+    """The partner's key it was encrypted to (None in a format-1 entry)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,8 @@ class Replay:
     """(source, recipient) -> the refusals the recipient's log counts without naming them."""
     resent_to_holder: frozenset[tuple[str, int]] = frozenset()
     """(sender, seq) of sends of a report the partner already held, among its bulk replays."""
+    to_revoked: frozenset[tuple[str, int]] = frozenset()
+    """(sender, seq) of sends encrypted to a partner's key the roster given has revoked."""
 
     def statuses(self) -> Counter[str]:
         """How many sends ended in each status."""
@@ -160,6 +164,14 @@ class Replay:
             for e in self.exchanges
             if e.status == "undelivered" and ((e.sender, e.seq) in findings) == flagged
         ]
+
+    def sent_to_revoked_keys(self) -> list[Exchange]:
+        """Sends encrypted to a partner's key revoked since (or before: a finding too).
+
+        Whoever holds a revoked key can read what was encrypted to it: these are the
+        reports whose originators must be told. Needs the roster and format-2 entries.
+        """
+        return [e for e in self.exchanges if (e.sender, e.seq) in self.to_revoked]
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form for tools (``msmt audit replay --json`` prints ``json_text()``)."""
@@ -237,6 +249,19 @@ class Replay:
             ],
         )
         yield (
+            "sent_to_revoked_keys",
+            [
+                {
+                    "sender": e.sender,
+                    "recipient": e.recipient,
+                    "report_id": e.report_id,
+                    "recipient_kid": e.recipient_kid,
+                    "seq": e.seq,
+                }
+                for e in self.sent_to_revoked_keys()
+            ],
+        )
+        yield (
             "bulk_refusals",
             [
                 {
@@ -283,4 +308,5 @@ def _exchange_json(e: Exchange) -> dict[str, Any]:
         "status": e.status,
         "seq": e.seq,
         "refused_at": e.refused_at,
+        "recipient_kid": e.recipient_kid,
     }

@@ -96,6 +96,13 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
         result.resent(),
         lambda e: f"(entry {e.seq})",
     )
+    # Not findings unless sent after the revocation: whoever holds the key can read them.
+    lines += _exchange_lines(
+        "Sent to keys revoked since ({n}; whoever holds the key can read them: tell their"
+        " originators)",
+        result.sent_to_revoked_keys(),
+        lambda e: f"{e.recipient_kid} (entry {e.seq})",
+    )
     lines += ["", f"Findings ({len(result.findings)})"]
     lines += _finding_lines(result.findings)
     if any(f.kind in DECIDED_BY_EVIDENCE for f in result.findings):

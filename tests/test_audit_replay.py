@@ -1367,7 +1367,8 @@ def test_a_send_encrypted_to_a_key_not_the_partners_or_revoked_before_it_is_a_fi
         to("GBR", "gbr-enc-1", 1),
     ]
     log = {"JPN": _entries([_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0), *sends])}
-    found = [(f.kind, f.seq, f.detail) for f in replay(log, BOTH, roster=roster).findings]
+    result = replay(log, BOTH, roster=roster)
+    found = [(f.kind, f.seq, f.detail) for f in result.findings]
     assert found == [
         (
             "to-revoked-key",
@@ -1393,7 +1394,27 @@ def test_a_send_encrypted_to_a_key_not_the_partners_or_revoked_before_it_is_a_fi
             " say when)",
         ),
     ]
-    assert replay(log, BOTH).findings == ()  # no roster given: not checked
+    # Every send a revoked key can open, before its revocation too: their originators
+    # must be told. Not those to another member's key (findings above, not exposure).
+    exposed = [(e.seq, e.recipient, e.recipient_kid) for e in result.sent_to_revoked_keys()]
+    assert exposed == [(8, "GBR", "gbr-enc-1"), (3, "KOR", "kor-enc-1"), (4, "KOR", "kor-enc-1")]
+    text = render_tables(result, ["JPN"], timeline=False).splitlines()
+    at = text.index(
+        "Sent to keys revoked since (3; whoever holds the key can read them: tell their"
+        " originators)"
+    )
+    assert text[at + 1 : at + 3] == [  # in time order, as the timeline
+        f"  JPN -> GBR  {R1}  gbr-enc-1 (entry 8)",
+        f"  JPN -> KOR  {R1}  kor-enc-1 (entry 3)",
+    ]
+    listed = json.loads("".join(result.json_text()))["sent_to_revoked_keys"]
+    assert [(x["seq"], x["recipient_kid"]) for x in listed] == [
+        (8, "gbr-enc-1"),
+        (3, "kor-enc-1"),
+        (4, "kor-enc-1"),
+    ]
+    unchecked = replay(log, BOTH)  # no roster given: not checked
+    assert (unchecked.findings, unchecked.sent_to_revoked_keys()) == ((), [])
 
 
 def _jwe_to(kid: str, body: bytes = b"1") -> bytes:

@@ -163,8 +163,9 @@ def audit_replay(
     Each log is verified first, then every entry is parsed; a log that does not
     verify, or an entry that does not parse, stops the replay with one line
     naming the log and the entry. Printed: the sends counted by status, the
-    matrix of delivered sends, refusals and undelivered sends, then the
-    findings; --timeline adds every send after them. Findings (docs/AUDIT.md):
+    matrix of delivered sends, refusals, undelivered sends and sends to keys
+    revoked since (given the roster), then the findings; --timeline adds every
+    send after them. Findings (docs/AUDIT.md):
 
     \b
     undelivered          a send the partner's log neither received nor rejected by name
@@ -177,7 +178,7 @@ def audit_replay(
     empty-send           a send with no disclosure keys
     policy-chain         a policy entry whose previous digest is not the last one
     wrong-member         an entry naming a member other than the log's own
-    conflicting-repeat   a repeat of a sent or received entry that differs from it
+    conflicting-repeat   a repeat of a sent, withheld or received entry that differs
     conflicting-entries  one JWE received and rejected, or sent (received) in two logs
     receipt-by-non-recipient    a receipt of a JWE that was sent to another member
     rejection-by-non-recipient  a rejection of a JWE that was sent to another member
