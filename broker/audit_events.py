@@ -30,7 +30,7 @@ from uuid import UUID
 from broker import canonical
 from broker.errors import AuditError, KeyMaterialError
 from broker.members import is_member
-from broker.roster import format_time, parse_time
+from broker.roster import KID, format_time, parse_time
 from broker.sightings import TLP, is_uuid_text
 
 TLPS: Final = get_args(TLP)
@@ -154,6 +154,14 @@ def _token(value: str, what: str) -> str:
     return value
 
 
+def _kid(value: str) -> str:
+    # A roster's form (broker.roster.KID), the only one a node encrypts to: wider
+    # than that (":-:"), an entry would name a key no roster can hold.
+    if not isinstance(value, str) or not KID.fullmatch(value):
+        raise AuditError(f"audit recipient kid {value!r:.80} is not a roster key id")
+    return value
+
+
 def _disclosures(values: Iterable[str], what: str) -> list[str]:
     return list(_checked_disclosures(tuple(values), what))
 
@@ -225,7 +233,7 @@ def sent(
         | _send_fields(
             partner, report_id, kind, released, policy_digest, jwe_sha256, originator, tlp, rel_to
         )
-        | {"recipient_kid": _token(recipient_kid, "recipient kid")}
+        | {"recipient_kid": _kid(recipient_kid)}
     )
 
 
@@ -263,9 +271,7 @@ def withheld(
             partner, report_id, kind, released, policy_digest, jwe_sha256, originator, tlp, rel_to
         )
         | {
-            "recipient_kid": None
-            if recipient_kid is None
-            else _token(recipient_kid, "recipient kid"),
+            "recipient_kid": None if recipient_kid is None else _kid(recipient_kid),
             "reason": reason,
         }
     )

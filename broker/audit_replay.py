@@ -143,6 +143,7 @@ def replay(
         findings += _sent_in_several_logs(versions)
         refusals = _refusals_by_pair(index.rejections.get(jwe, ()))
         findings += _refusal_mismatches(jwe, versions, given, index, refusals)
+        kid = index.kids.get(jwe)  # the one key its entries name (else conflicting-repeat)
         for send in versions:
             # Every version is checked against the policy: a later one cannot
             # stand in for an earlier one that disclosed more.
@@ -166,12 +167,12 @@ def replay(
                     status,
                     send.seq,
                     refused_at,
-                    send.recipient_kid,
+                    kid,
                 )
             )
             findings += _check_release(send, answers)
-            findings += keys.check(send)
-            if keys.revoked(send):
+            findings += keys.check(send, kid, status)
+            if keys.revoked(send, kid, status):
                 to_revoked.add((send.member, send.seq))
         findings += _not_the_recipient(jwe, versions, index)
     for jwe, receipts in index.receipts.items():
@@ -463,14 +464,16 @@ class _RecipientKeys:
         self._roster = roster
         self._known: dict[tuple[str, str], tuple[str, str, str | None] | None] = {}
 
-    def check(self, send: Send) -> list[Finding]:
-        """``wrong-recipient-key`` or ``to-revoked-key`` for a ``sent`` entry, if due.
+    def check(self, send: Send, kid: str | None, status: str) -> list[Finding]:
+        """``wrong-recipient-key`` or ``to-revoked-key`` for a send to ``kid``, if due.
 
-        Not for a ``withheld`` entry (taken back for its key), nor without a roster
-        or a ``recipient_kid`` (format 1).
+        A ``withheld`` entry was taken back for its key, so is checked only once its
+        partner's log shows it left (``delivered``, ``rejected``), and only for a
+        key that is not the partner's: when it was published cannot be told. None
+        without a roster or a key (format 1).
         """
-        kid = send.recipient_kid
-        if self._roster is None or kid is None or send.withheld:
+        left = not send.withheld or status in ("delivered", "rejected")
+        if self._roster is None or kid is None or not left:
             return []
         pair = (kid, send.partner)
         if pair not in self._known:
@@ -479,14 +482,19 @@ class _RecipientKeys:
         if problem is None:
             return []
         kind, detail, since = problem
-        if since is not None and send.at < since:
-            return []  # revoked after the send: it was the partner's key then
+        if kind == "to-revoked-key" and (send.withheld or (since is not None and send.at <= since)):
+            # A withheld envelope cannot be dated; and a send before the revocation, or
+            # in its second (the order unknown), went to what was the partner's key then.
+            return []
         return [Finding(kind, send.member, send.seq, send.report_id, detail)]
 
-    def revoked(self, send: Send) -> bool:
-        """Whether a ``sent`` entry's key is the partner's, revoked (at any time)."""
-        kid = send.recipient_kid
-        if self._roster is None or kid is None or send.withheld or kid not in self._roster:
+    def revoked(self, send: Send, kid: str | None, status: str) -> bool:
+        """Whether a send's key is the partner's, revoked (at any time), and the send left.
+
+        A ``withheld`` envelope counts once its partner's log shows it reached the hub.
+        """
+        left = not send.withheld or status in ("delivered", "rejected")
+        if self._roster is None or kid is None or not left or kid not in self._roster:
             return False
         key = self._roster.get(kid)
         return key.status == "revoked" and (key.member, key.use) == (send.partner, "enc")

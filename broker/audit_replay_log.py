@@ -75,7 +75,7 @@ def iter_verified_entries(
 _Entry = Mapping[str, Any]
 _Version = tuple[tuple[str, Any], ...]
 
-_REPEAT_MAY_DIFFER = frozenset({"at", "seq", "prev", "v", "reason"})
+_REPEAT_MAY_DIFFER = frozenset({"at", "seq", "prev", "v", "reason", "recipient_kid"})
 """The fields in which an honest repeat of an entry differs from the entry it repeats.
 
 A node that crashes between logging an event and the store write it describes
@@ -83,9 +83,10 @@ logs the same event again when it redoes the work (docs/AUDIT.md): the
 publisher builds a repeated ``sent`` entry from the same outbox row and the
 receiver a repeated ``received`` entry from the same envelope, so only the
 time it is logged and its place in the log change; and its format version, when
-the node was upgraded in between (a version 1 ``sent`` entry has no
-``recipient_kid``, which its repeat may add). A ``withheld`` entry repeated by the
-next start gives the reason that start's roster gives.
+the node was upgraded in between. A ``withheld`` entry repeated by the next start
+gives the reason that start's roster gives. ``recipient_kid`` is compared apart
+(``read_log``): a version 1 ``sent`` entry has none, which its repeat may add, but
+two entries of one JWE that name a key must name the same one.
 """
 
 
@@ -98,16 +99,6 @@ def _version(entry: _Entry) -> _Version:
             if k not in _REPEAT_MAY_DIFFER
         )
     )
-
-
-def _same_but_for_the_kid(version: _Version, other: _Version) -> bool:
-    """Whether two versions differ only in that one has no ``recipient_kid`` (format 1)."""
-    a, b = dict(version), dict(other)
-    if ("recipient_kid" in a) == ("recipient_kid" in b):
-        return False
-    a.pop("recipient_kid", None)
-    b.pop("recipient_kid", None)
-    return a == b
 
 
 def _differing(entry: _Entry, earlier: _Entry) -> str:
@@ -154,12 +145,10 @@ class Send:
         return self.reason is not None
 
     def entry(self) -> dict[str, Any]:
-        """The entry as a repeat of it is compared with."""
+        """The entry as a repeat of it is compared with (``recipient_kid`` apart)."""
         entry = _as_entry(self, "withheld" if self.withheld else "sent")
         if not self.withheld:
             del entry["reason"]
-            if self.recipient_kid is None:
-                del entry["recipient_kid"]  # format 1
         return entry
 
 
@@ -274,7 +263,7 @@ class _Repeats(Generic[_R]):
         if seen is None:
             seen = self._versions[key] = {_version(earlier.entry())}
         version = _version(entry)
-        if version in seen or any(_same_but_for_the_kid(version, v) for v in seen):
+        if version in seen:
             return earlier, None
         seen.add(version)
         return earlier, self._keep(entry)
@@ -295,6 +284,8 @@ class Index:
     receipts: dict[str, list[Receipt]] = field(default_factory=dict)
     rejections: dict[str, list[Rejection]] = field(default_factory=dict)
     bulk: dict[tuple[str, str], BulkRefusals] = field(default_factory=dict)
+    kids: dict[str, str] = field(default_factory=dict)
+    """The recipient key the first entry of each JWE that names one names."""
 
 
 def read_log(
@@ -309,6 +300,7 @@ def read_log(
     timeline = PolicyTimeline()
     sent = _Repeats(lambda e: pool.send(member, e))
     withheld = _Repeats(lambda e: pool.send(member, e))
+    kids: dict[str, tuple[str, int]] = {}  # JWE -> the key its first entry names, and where
     received = _Repeats(lambda e: pool.receipt(member, e))
     refused: dict[tuple[str, str], Rejection] = {}  # (JWE, source) -> its first rejection
     for entry in entries:
@@ -327,8 +319,12 @@ def read_log(
                     f"a {kind} entry that names {entry['member']}, in {member}'s log",
                 )
             )
-        elif kind == "sent":
-            _read_send(member, entry, sent, index, findings)
+        elif kind in ("sent", "withheld"):
+            # A withheld entry too: it names the policy of the envelope, made and
+            # perhaps published (a start may log a new policy before it, which the
+            # timeline allows: any policy in force since the report's arrival).
+            _read_send(member, entry, sent if kind == "sent" else withheld, index, findings)
+            _read_kid(member, entry, kids, index, findings)
             problem = timeline.not_in_force(member, entry)
             if problem is not None:
                 findings.append(
@@ -340,10 +336,6 @@ def read_log(
                         f"to {entry['partner']}: {problem}",
                     )
                 )
-        elif kind == "withheld":
-            # Not held to the policy in force when it was taken back: a start may log
-            # a new policy first, and when the envelope was made is not recorded.
-            _read_send(member, entry, withheld, index, findings)
         elif kind in ("accepted", "received"):
             if kind == "received":
                 _read_receipt(member, entry, received, refused, index, findings)
@@ -367,6 +359,38 @@ def _read_send(
         index.sends.setdefault(record.jwe_sha256, []).append(record)
         if earlier is not None:
             findings.append(_conflicting_repeat(member, entry, earlier))
+
+
+def _read_kid(
+    member: str,
+    entry: _Entry,
+    kids: dict[str, tuple[str, int]],
+    index: Index,
+    findings: list[Finding],
+) -> None:
+    """Check that every entry of a JWE that names its recipient key names the same one.
+
+    Apart from the rest of a repeat: a format 1 ``sent`` entry names none, and its
+    repeat by an upgraded node may (one lookup an entry, however many repeats).
+    """
+    kid = entry.get("recipient_kid")
+    if kid is None:
+        return
+    jwe = entry["jwe_sha256"]
+    first = kids.get(jwe)
+    if first is None:
+        kids[jwe] = (kid, entry["seq"])
+        index.kids.setdefault(jwe, kid)
+    elif first[0] != kid:
+        findings.append(
+            Finding(
+                "conflicting-repeat",
+                member,
+                entry["seq"],
+                entry["report_id"],
+                f"repeat of entry {first[1]} (same JWE) differs from it in recipient_kid",
+            )
+        )
 
 
 def _read_rejection(

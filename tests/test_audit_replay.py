@@ -1318,31 +1318,76 @@ def test_a_withheld_envelope_received_all_the_same_is_delivered_and_one_never_is
     assert [f[0] for f in _findings([*jpn, wide])] == ["over-disclosure"]
 
 
+def _roster_key(kid: str, member: str, use: str, status: str, revoked: int | None) -> RosterKey:
+    """A roster key (no public key: replay reads only who holds it and its status)."""
+    return RosterKey(
+        kid, member, use, status, T0 - timedelta(days=1), T0 + timedelta(days=365),  # type: ignore[arg-type]
+        None, {}, None if revoked is None else T0 + timedelta(seconds=revoked),
+    )  # fmt: skip
+
+
 def test_a_repeat_across_an_upgrade_is_honest_and_one_naming_another_key_is_not() -> None:
     # Logged as sent by version 1 (no recipient key), then again after a crash by a
-    # node upgraded meanwhile: only the format differs. A repeat naming another key
-    # than the first for the same JWE contradicts it.
+    # node upgraded meanwhile: only the format differs, and the key the repeat names
+    # is the send's (checked against the roster). A later repeat naming another key
+    # for the same JWE contradicts it (a review: it matched the version-1 entry, and
+    # was taken for honest).
     jpn = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0)]
-    entries = _entries([*jpn, _jpn_send(R1, D_LOOSE, t=1), _jpn_send(R1, D_LOOSE, t=2)])
+    entries = _entries([*jpn, *(_jpn_send(R1, D_LOOSE, t=t) for t in (1, 2, 3))])
     old = entries[2]
     del old["recipient_kid"]
     old["v"] = 1
-    result = replay({"JPN": entries}, BOTH)
-    assert [f.kind for f in result.findings] == []
-    entries[3]["recipient_kid"] = "usa-enc-2"
-    entries[2] = json.loads(_jpn_send(R1, D_LOOSE, t=1).seal(2, None))
+    del entries[4]
+    assert replay({"JPN": entries}, BOTH).findings == ()
+    revoked = Roster([_roster_key("usa-enc-1", "USA", "enc", "revoked", 0)])
+    (found,) = replay({"JPN": entries}, BOTH, roster=revoked).findings
+    assert (found.kind, found.seq) == ("to-revoked-key", 2)  # the send, by its repeat's key
+    third = json.loads(_jpn_send(R1, D_LOOSE, t=3).seal(4, None))
+    entries.append(third | {"recipient_kid": "usa-enc-2"})
     (found,) = replay({"JPN": entries}, BOTH).findings
-    assert (found.kind, found.seq) == ("conflicting-repeat", 3)
-    assert found.detail.endswith("differs from it in recipient_kid")
+    assert (found.kind, found.seq) == ("conflicting-repeat", 4)
+    assert found.detail == "repeat of entry 3 (same JWE) differs from it in recipient_kid"
+
+
+def test_a_withheld_entry_is_held_to_the_policy_in_force_and_once_delivered_to_its_key() -> None:
+    # A review: logged as withheld, an envelope the partner received escaped the checks
+    # a send gets: the policy in force for its report, and the key it went to.
+    replaced = [
+        _started("JPN", None, D_STRICT),
+        _started("JPN", D_STRICT, D_LOOSE),
+        _accepted("JPN", R1, 0),  # arrived under the loose policy only
+    ]
+    usa = [_started("USA"), _recv("USA", "JPN", R1, NARROW, 3)]
+    named_old = _withheld("USA", R1, NARROW, 2, digest=D_STRICT)
+    found = _findings([*replaced, named_old], USA=usa)
+    assert [f[0] for f in found] == ["policy-not-in-force"]
+    # Planned under the old policy and taken back after a start logged a new one: honest.
+    planned = [_started("JPN", None, D_STRICT), _accepted("JPN", R1, 0)]
+    after = [_started("JPN", D_STRICT, D_LOOSE), _withheld("USA", R1, NARROW, 2, digest=D_STRICT)]
+    assert _findings([*planned, *after], USA=usa) == []
+    roster = Roster(
+        [
+            _roster_key("usa-enc-1", "USA", "enc", "revoked", 1),
+            _roster_key("kor-enc-1", "KOR", "enc", "active", None),
+        ]
+    )
+    jpn = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0)]
+    to_kor = ev.AuditEvent(dict(_withheld("USA", R1, NARROW, 2).fields, recipient_kid="kor-enc-1"))
+    logs = {"JPN": _entries([*jpn, to_kor]), "USA": _entries(usa)}
+    (wrong,) = replay(logs, BOTH, roster=roster).findings
+    assert (wrong.kind, wrong.seq) == ("wrong-recipient-key", 2)
+    # To the partner's key revoked since: exposed, but not a finding (it cannot be dated).
+    logs["JPN"] = _entries([*jpn, _withheld("USA", R1, NARROW, 2)])
+    result = replay(logs, BOTH, roster=roster)
+    assert result.findings == ()
+    assert [e.seq for e in result.sent_to_revoked_keys()] == [2]
+    # Never seen by the partner: taken back for its key, neither a finding nor exposed.
+    result = replay({"JPN": logs["JPN"], "USA": _entries(usa[:1])}, BOTH, roster=roster)
+    assert (result.findings, result.sent_to_revoked_keys()) == ((), [])
 
 
 def test_a_send_encrypted_to_a_key_not_the_partners_or_revoked_before_it_is_a_finding() -> None:
-    def key(kid: str, member: str, use: str, status: str, revoked: int | None) -> RosterKey:
-        return RosterKey(
-            kid, member, use, status, T0 - timedelta(days=1), T0 + timedelta(days=365),  # type: ignore[arg-type]
-            None, {}, None if revoked is None else T0 + timedelta(seconds=revoked),
-        )  # fmt: skip
-
+    key = _roster_key
     roster = Roster(
         [
             key("usa-enc-1", "USA", "enc", "active", None),
@@ -1360,7 +1405,8 @@ def test_a_send_encrypted_to_a_key_not_the_partners_or_revoked_before_it_is_a_fi
     sends = [
         to("USA", "usa-enc-1", 1),  # the partner's key: fine
         to("KOR", "kor-enc-1", 5),  # revoked later: fine then
-        to("KOR", "kor-enc-1", 10),  # the second it was revoked
+        to("KOR", "kor-enc-1", 10),  # the second it was revoked: the order unknown
+        to("KOR", "kor-enc-1", 11),
         to("USA", "usa-sig-1", 1),
         to("USA", "kor-enc-1", 1),
         to("USA", "nobody-enc-1", 1),
@@ -1372,24 +1418,24 @@ def test_a_send_encrypted_to_a_key_not_the_partners_or_revoked_before_it_is_a_fi
     assert found == [
         (
             "to-revoked-key",
-            4,
+            5,
             "to KOR: encrypted to KOR's key kor-enc-1 after its revocation at"
             " 2026-11-28T12:00:10Z: whoever holds that key can read it",
         ),
         (
             "wrong-recipient-key",
-            5,
+            6,
             "to USA: encrypted to key usa-sig-1, a sig key of USA, not an encryption key of USA",
         ),
         (
             "wrong-recipient-key",
-            6,
+            7,
             "to USA: encrypted to key kor-enc-1, a enc key of KOR, not an encryption key of USA",
         ),
-        ("wrong-recipient-key", 7, "to USA: encrypted to key nobody-enc-1, not in the roster"),
+        ("wrong-recipient-key", 8, "to USA: encrypted to key nobody-enc-1, not in the roster"),
         (
             "to-revoked-key",
-            8,
+            9,
             "to GBR: encrypted to GBR's key gbr-enc-1, which is revoked (the roster does not"
             " say when)",
         ),
@@ -1397,21 +1443,27 @@ def test_a_send_encrypted_to_a_key_not_the_partners_or_revoked_before_it_is_a_fi
     # Every send a revoked key can open, before its revocation too: their originators
     # must be told. Not those to another member's key (findings above, not exposure).
     exposed = [(e.seq, e.recipient, e.recipient_kid) for e in result.sent_to_revoked_keys()]
-    assert exposed == [(8, "GBR", "gbr-enc-1"), (3, "KOR", "kor-enc-1"), (4, "KOR", "kor-enc-1")]
+    assert exposed == [
+        (9, "GBR", "gbr-enc-1"),
+        (3, "KOR", "kor-enc-1"),
+        (4, "KOR", "kor-enc-1"),
+        (5, "KOR", "kor-enc-1"),
+    ]
     text = render_tables(result, ["JPN"], timeline=False).splitlines()
     at = text.index(
-        "Sent to keys revoked since (3; whoever holds the key can read them: tell their"
+        "Sent to keys revoked since (4; whoever holds the key can read them: tell their"
         " originators)"
     )
     assert text[at + 1 : at + 3] == [  # in time order, as the timeline
-        f"  JPN -> GBR  {R1}  gbr-enc-1 (entry 8)",
+        f"  JPN -> GBR  {R1}  gbr-enc-1 (entry 9)",
         f"  JPN -> KOR  {R1}  kor-enc-1 (entry 3)",
     ]
     listed = json.loads("".join(result.json_text()))["sent_to_revoked_keys"]
     assert [(x["seq"], x["recipient_kid"]) for x in listed] == [
-        (8, "gbr-enc-1"),
+        (9, "gbr-enc-1"),
         (3, "kor-enc-1"),
         (4, "kor-enc-1"),
+        (5, "kor-enc-1"),
     ]
     unchecked = replay(log, BOTH)  # no roster given: not checked
     assert (unchecked.findings, unchecked.sent_to_revoked_keys()) == ((), [])

@@ -493,8 +493,12 @@ def test_a_withheld_entry_is_a_send_with_its_reason() -> None:
     assert ev.parse_entry(kidless.seal(0, None), 0)["recipient_kid"] is None
     with pytest.raises(AuditError, match="printable ASCII"):
         ev.withheld(MEMBER, T0, **_SENT, reason="line one\nline two")
-    with pytest.raises(AuditError, match="recipient kid"):
-        ev.sent(MEMBER, T0, **(_SENT | {"recipient_kid": "usa enc 1"}))
+    # Only a roster's key ids (what a node encrypts to), in either entry.
+    for kid in ("usa enc 1", ":-:", "-abc", ".", "a:b", "k" * 65):
+        with pytest.raises(AuditError, match="is not a roster key id"):
+            ev.sent(MEMBER, T0, **(_SENT | {"recipient_kid": kid}))
+        with pytest.raises(AuditError, match="is not a roster key id"):
+            ev.withheld(MEMBER, T0, **(_SENT | {"recipient_kid": kid}), reason="revoked")
 
 
 def test_a_kind_a_later_version_adds_is_read() -> None:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from broker import audit_events as ev
 from broker import canonical
 from broker.members import MEMBERS
+from broker.roster import KID
 from broker.sightings import KINDS
 
 VECTORS = Path(__file__).parent / "vectors" / "jcs"
@@ -183,7 +184,7 @@ def events(draw: st.DrawFn) -> ev.AuditEvent:  # noqa: PLR0911 - one return per 
             originator=draw(MEMBER),
             tlp=draw(st.sampled_from(ev.TLPS)),
             rel_to=draw(st.none() | st.lists(MEMBER, max_size=11)),
-            recipient_kid=draw(st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True)),
+            recipient_kid=draw(st.from_regex(KID, fullmatch=True)),
         )
     if which == "received":
         return ev.received(
