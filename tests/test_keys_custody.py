@@ -507,17 +507,59 @@ def test_the_request_says_whether_a_phone_call_is_needed(custodian: Path, tmp_pa
     assert done.exit_code == 0, done.output
     install_roster(custodian, gbr)
     routine = request(gbr, "GBR", tmp_path / "routine.json")
+    active = current(gbr, "GBR", "sig")
     assert (
-        "send the request to the roster custodian: no phone call is needed, since your current "
-        "key signed it (the custodian may still compare the fingerprint with you)"
+        "send the request to the roster custodian: it needs no phone call if the custodian's "
+        f"roster still lists {active} as active, as yours does (the custodian may still compare "
+        "the fingerprint with you)"
     ) in routine.output
-    assert "by phone" not in routine.output
+    assert "read the fingerprint out to them by phone" not in routine.output
     # What an operator reading only this output must do (an onboarding trial did not).
     assert "stop this node before the custodian accepts it, and start it with the new" in (
         routine.output
     )
     # ... and indeed the custodian accepts it without one.
     done = msmt("keys", "accept", tmp_path / "routine.json", "--dir", custodian)
+    assert done.exit_code == 0, done.output
+
+
+def test_a_suspended_member_with_an_old_roster_is_not_told_no_call_is_needed(
+    custodian: Path, tmp_path: Path
+) -> None:
+    # Its roster copy still lists its key as active, so the request carries that key's
+    # signature; but the custodian retired it (docs/KEYS.md, "A member leaves, or is
+    # suspended") and asks for the fingerprint. The member was told no call was needed.
+    kor = tmp_path / "kor"
+    join(custodian, kor, "KOR")
+    old = current(kor, "KOR", "sig")
+    suspended = msmt("keys", "suspend", "KOR", "--dir", custodian)
+    assert suspended.exit_code == 0, suspended.output
+    made = request(kor, "KOR", tmp_path / "back.json")
+    assert f"signed by the new key and by the current key {old}\n" in made.output
+    assert "no phone call is needed" not in made.output
+    assert f"it needs no phone call if the custodian's roster still lists {old} as active" in (
+        made.output
+    )
+    assert (
+        "if that key was retired or revoked since (a suspension, a rotation), the custodian asks "
+        "you for the fingerprint by phone"
+    ) in made.output
+    # ... which is what the custodian does.
+    line = refusal(msmt("keys", "accept", tmp_path / "back.json", "--dir", custodian))
+    assert line.startswith(
+        f"{tmp_path / 'back.json'}: the request carries no signature by a current key of KOR "
+        f"(its other signature does not count: key {old} was retired at "
+    )
+    assert line.endswith("compare its fingerprint with KOR by phone and pass --fingerprint")
+    done = msmt(
+        "keys",
+        "accept",
+        tmp_path / "back.json",
+        "--dir",
+        custodian,
+        "--fingerprint",
+        fingerprint_of(made),
+    )
     assert done.exit_code == 0, done.output
 
 

@@ -346,10 +346,16 @@ def keys_request(
         " it accepted)"
     )
     if made.endorsed_by is not None:
+        # "No call is needed" was false for a member whose key the custodian had retired
+        # meanwhile (msmt keys suspend, or a rotation not installed here): this roster is
+        # only the member's copy, and the custodian, rightly, asked for the fingerprint.
         click.echo(
-            "send the request to the roster custodian: no phone call is needed, since your "
-            "current key signed it (the custodian may still compare the fingerprint with you); "
-            "the node uses the new keys once you install the roster that lists them"
+            f"send the request to the roster custodian: it needs no phone call if the "
+            f"custodian's roster still lists {made.endorsed_by} as active, as yours does (the "
+            "custodian may still compare the fingerprint with you); if that key was retired or "
+            "revoked since (a suspension, a rotation), the custodian asks you for the "
+            "fingerprint by phone; the node uses the new keys once you install the roster that "
+            "lists them"
         )
         # An onboarding trial left its node running through the accept, as an operator
         # does who reads only this output: partners refused for good what the node
