@@ -123,6 +123,10 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
             unstored=unstored,
         )
         partners = [m for m in MEMBERS if m != config.member]
+        # Only the logs the roster lists a key for: with an empty entry for every other
+        # member, a 3-member deployment's status and witnessed gauge listed all eleven,
+        # each "not since the node last started", as if ten partners' logs were missing.
+        partner_log_keys = {m: k for m in partners if (k := roster_log_keys(signed.roster, m))}
 
         def auditnet(metrics: Metrics, run_db: RunDb) -> AuditNet:
             return AuditNet(
@@ -130,7 +134,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
                 audit,
                 run_db,
                 signing,
-                {m: roster_log_keys(signed.roster, m) for m in partners},
+                partner_log_keys,
                 roster_witness_keys(signed.roster, partners),
                 config.data_dir / "witness-state.json",
                 metrics.audit_alarms,
