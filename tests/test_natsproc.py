@@ -16,7 +16,8 @@ from nats.js.api import PubAck, StreamConfig
 from nats.js.errors import APIError, NoStreamResponseError
 from node_world import in_port_share
 
-from broker.natsproc import NatsServer, free_port, share_ports
+from broker import natsproc
+from broker.natsproc import NatsServer, _bindable, free_port, share_ports
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +93,84 @@ def test_free_ports_are_below_the_ephemeral_range_and_bindable() -> None:
     for port in ports:
         assert 10_000 <= port < low
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
             sock.bind(("127.0.0.1", port))
+
+
+def _served_and_closed(port: int) -> None:
+    """A server on ``port`` that served a connection and closed it first: as a run ends.
+
+    Its side of the connection, on ``port``, stays in TIME-WAIT for 60 s.
+    """
+    with socket.create_server(("127.0.0.1", port)) as listener:  # SO_REUSEADDR, as servers
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()
+    client.recv(1)  # the server's FIN: the server closed first
+    client.close()
+
+
+def _time_wait(port: int) -> bool:
+    out = subprocess.run(
+        ["ss", "-Htan", "state", "time-wait", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return bool(out.strip())
+
+
+async def _asyncio_listens(port: int) -> bool:
+    # What aiohttp's TCPSite does for the node's metrics (loop.create_server).
+    try:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", port)
+    except OSError:
+        return False
+    server.close()
+    await server.wait_closed()
+    return True
+
+
+async def test_a_port_a_server_can_listen_on_is_bindable_and_one_it_cannot_is_not() -> None:
+    # A port an earlier server served on lies in TIME-WAIT: servers listen on it at
+    # once (SO_REUSEADDR), and the probe said no, so a run right after another in a
+    # small range ran short of ports and was handed the same ones twice.
+    served = free_port()
+    _served_and_closed(served)
+    assert _time_wait(served)
+    assert _bindable(served)
+    assert await _asyncio_listens(served)
+    # A listener: neither.
+    with socket.create_server(("127.0.0.1", free_port())) as listener:
+        taken = listener.getsockname()[1]
+        assert not _bindable(taken)
+        assert not await _asyncio_listens(taken)
+    # A TIME-WAIT of a client socket bound there without SO_REUSEADDR: neither.
+    client_port = free_port()
+    with socket.create_server(("127.0.0.1", free_port())) as listener:
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.bind(("127.0.0.1", client_port))
+        client.connect(listener.getsockname())
+        accepted, _ = listener.accept()
+        client.close()  # the client first: its end, on client_port, in TIME-WAIT
+        accepted.close()
+    assert _time_wait(client_port)
+    assert not _bindable(client_port)
+    assert not await _asyncio_listens(client_port)
+
+
+def test_a_small_range_whose_ports_lie_in_time_wait_offers_each_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Benchmark runs confined to 20 ports, one right after another: the ports the
+    # last run's servers used were refused, and the few left were offered twice
+    # before being bound (5 of 8 runs failed to start).
+    ports = [free_port() for _ in range(6)]
+    for port in ports[:4]:
+        _served_and_closed(port)
+    monkeypatch.setattr(natsproc, "share_ports", lambda index, count: ports)
+    monkeypatch.setattr(natsproc, "_cursor", [0])
+    assert [free_port() for _ in ports] == ports
 
 
 def test_processes_given_their_own_shares_never_offer_the_same_port() -> None:
