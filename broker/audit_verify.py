@@ -27,7 +27,7 @@ from typing import Final
 
 from broker.audit_events import parse_entry
 from broker.audit_scan import PARALLEL_FROM, LeafScan, open_readonly
-from broker.auditlog import DB_FILE, FORMAT, connect
+from broker.auditlog import DB_FILE, FORMAT, connect, sqlite_error
 from broker.checkpoint import (
     Checkpoint,
     UntrustedSignerError,
@@ -85,16 +85,37 @@ def read_entries(path: Path, lo: int, hi: int) -> list[bytes]:
     """Read entries ``[lo, hi)`` of the audit database ``path``, read-only, as stored.
 
     Nothing is checked: callers compare what they read with what ``verify_log``
-    established (``broker.audit_replay.iter_verified_entries``). Raises ``StoreError``.
+    established (``broker.audit_replay.iter_verified_entries``). Raises ``StoreError``, or
+    ``AuditError`` for a file that is not a database or is malformed; either names the file.
     """
-    db = open_readonly(path)
+    db = _reopen(path)
     try:
         query = "SELECT entry FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx"
         return [bytes(r[0]) for r in db.execute(query, (lo, hi))]
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot read audit log {path}: {exc}") from exc
+        raise sqlite_error("cannot read", path, exc, writer=False) from exc
     finally:
         db.close()
+
+
+def _reopen(path: Path) -> sqlite3.Connection:
+    """Open the audit database ``path`` read-only again, once ``load`` has read it.
+
+    The file may have gone, or changed, meanwhile: SQLite's refusal is ours, naming the
+    file and why (it was SQLite's bare "unable to open database file", uncaught).
+    """
+    try:
+        return open_readonly(path)
+    except sqlite3.Error as exc:
+        raise sqlite_error("cannot open", path, exc, writer=False) from exc
+
+
+def _is_dir(directory: Path) -> bool:
+    # A folder above it the user may not enter: Path.is_dir raises (a traceback).
+    try:
+        return directory.is_dir()
+    except OSError as exc:
+        raise sqlite_error("cannot open", directory / DB_FILE, exc, writer=False) from exc
 
 
 def log_dir(directory: Path) -> Path:
@@ -104,21 +125,24 @@ def log_dir(directory: Path) -> Path:
     keeps its log in ``data/JPN/audit/``, so both spellings are accepted.
     """
     nested = directory / "audit"
-    if not (directory / DB_FILE).exists() and (nested / DB_FILE).exists():
-        return nested
+    try:
+        if not (directory / DB_FILE).exists() and (nested / DB_FILE).exists():
+            return nested
+    except OSError:  # a folder the user may not enter (a traceback): the open says so
+        pass
     return directory
 
 
 def read_origin(directory: Path) -> str:
     """Return whose log ``directory`` holds (its ``origin``), reading nothing else."""
     directory = log_dir(directory)
-    if not directory.is_dir():
+    if not _is_dir(directory):
         raise UsageError(f"{directory} is not a directory")
     db = connect(directory / DB_FILE, readonly=True)
     try:
         row = db.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot read audit log {directory / DB_FILE}: {exc}") from exc
+        raise sqlite_error("cannot read", directory / DB_FILE, exc, writer=False) from exc
     finally:
         db.close()
     if row is None:
@@ -135,7 +159,7 @@ def load(directory: Path, *, jobs: int = 1, parallel_from: int = PARALLEL_FROM) 
     """
     directory = log_dir(directory)
     path = directory / DB_FILE
-    if not directory.is_dir():
+    if not _is_dir(directory):
         raise UsageError(f"{directory} is not a directory")
     db = connect(path, readonly=True)
     scan: LeafScan | None = None
@@ -164,7 +188,9 @@ def load(directory: Path, *, jobs: int = 1, parallel_from: int = PARALLEL_FROM) 
         # Only a hand-edited database stores an entry as something other than a BLOB.
         bad = db.execute("SELECT min(idx) FROM entries WHERE typeof(entry) != 'blob'").fetchone()
         raise TamperError(bad[0], "is not stored as bytes (edited by hand)") from None
-    except (sqlite3.Error, OSError) as exc:
+    except sqlite3.Error as exc:
+        raise sqlite_error("cannot read", path, exc, writer=False) from exc
+    except OSError as exc:  # the leaf-hashing helper's failure
         raise StoreError(f"cannot read audit log {path}: {exc}") from exc
     finally:
         if scan is not None:
@@ -443,13 +469,13 @@ def _first_quorate(path: Path, size: int, witnesses: Sequence[Verifier], quorum:
     Only a pick: ``_Walk.extend`` then checks it and every entry and checkpoint before
     it, so a note that does not parse or has a failing line is passed over here.
     """
-    db = open_readonly(path)
+    db = _reopen(path)
     try:
         rows = db.execute(
             "SELECT size, note FROM checkpoints WHERE size >= ? ORDER BY size", (size,)
         ).fetchall()
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot read audit log {path}: {exc}") from exc
+        raise sqlite_error("cannot read", path, exc, writer=False) from exc
     finally:
         db.close()
     for stored, text in rows:
@@ -467,7 +493,7 @@ def _read_more(path: Path, start: int, upto: int) -> tuple[list[bytes], list[tup
     Read in one snapshot, as ``load`` reads the rest; an index missing from the
     range is refused as ``load`` refuses one.
     """
-    db = open_readonly(path)
+    db = _reopen(path)
     try:
         db.execute("BEGIN")
         entries = db.execute(
@@ -480,7 +506,7 @@ def _read_more(path: Path, start: int, upto: int) -> tuple[list[bytes], list[tup
         ).fetchall()
         db.execute("COMMIT")
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot read audit log {path}: {exc}") from exc
+        raise sqlite_error("cannot read", path, exc, writer=False) from exc
     finally:
         db.close()
     leaves = []
@@ -504,7 +530,7 @@ def _newest_entry_time(log: LoadedLog, size: int) -> str:
         (data,) = log.entries(size - 1, size)
         at = datetime.fromisoformat(json.loads(data)["at"])
         age = (datetime.now(UTC) - at).total_seconds()  # a naive time: TypeError
-    except (StoreError, ValueError, KeyError, TypeError):
+    except (StoreError, AuditError, ValueError, KeyError, TypeError):
         return ""
     return (
         f", newest entry {age:.1f} s old" if 0 <= age < 120 else f", newest entry {format_time(at)}"

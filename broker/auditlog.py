@@ -161,19 +161,22 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
             # Every table at once: a reader during a node's first start saw some ("it
             # has no checkpoints table") and refused a healthy log.
             create_schema(db, _SCHEMA)
-    except sqlite3.Error as exc:
-        raise _sqlite_error("cannot open", path, exc, writer=not readonly) from exc
+    except (sqlite3.Error, OSError) as exc:
+        # OSError: a folder on the way the user may not enter fails path.is_file() (a
+        # traceback from msmt audit verify).
+        raise sqlite_error("cannot open", path, exc, writer=not readonly) from exc
     return db
 
 
-def _sqlite_error(
-    doing: str, path: Path, exc: sqlite3.Error, *, writer: bool = True
+def sqlite_error(
+    doing: str, path: Path, exc: sqlite3.Error | OSError, *, writer: bool = True
 ) -> StoreError | AuditError:
     """SQLite's refusal as ours: the file's fault (``AuditError``) or the system's (``StoreError``).
 
     A file that is not a database, or a malformed one, stays so: no retry or
     restart mends it. Anything else (locked, I/O, permissions, a full disk) may pass;
-    a folder or file that is not writable is named, with why.
+    a folder or file that is not there, readable or writable is named, with why
+    (``broker.files.sqlite_open_reason``).
     """
     if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
         return AuditError(f"audit log {path} is damaged or not an audit log: {exc}")
@@ -263,7 +266,7 @@ class AuditLog:
             self._edge, self._last = self._read_edge([own, *earlier_keys])
         except sqlite3.Error as exc:
             self._db.close()
-            raise _sqlite_error("cannot read", self.path, exc) from exc
+            raise sqlite_error("cannot read", self.path, exc) from exc
         except _DamagedError as exc:
             self._db.close()
             raise AuditError(

@@ -295,6 +295,10 @@ def _refused_write(exc: Exception) -> bool:
     return name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY"))
 
 
+def _owned(info: os.stat_result) -> str:
+    return f"(mode {stat.S_IMODE(info.st_mode):04o}, owner uid {info.st_uid})"
+
+
 def not_writable(path: Path, *, writer: bool = True) -> str | None:
     """Why the SQLite database ``path``, or what SQLite makes beside it, is not writable here.
 
@@ -318,21 +322,69 @@ def not_writable(path: Path, *, writer: bool = True) -> str | None:
         what = "the folder " if target == folder else ""
         if mount.f_flag & os.ST_RDONLY:
             return f"{what}{target} is not writable: it is on a read-only file system"
-        return (
-            f"{what}{target} is not writable by uid {os.geteuid()} (mode"
-            f" {stat.S_IMODE(info.st_mode):04o}, owner uid {info.st_uid})"
-        )
+        return f"{what}{target} is not writable by uid {os.geteuid()} {_owned(info)}"
+    return None
+
+
+def not_openable(path: Path, *, writer: bool = True) -> str | None:
+    """Why SQLite cannot open the database ``path`` here; ``None`` if nothing is found.
+
+    Beyond ``not_writable``: a folder on the way this user may not enter; for a
+    reader, a database that is not there; the database, its ``-wal`` or its ``-shm``
+    a directory, or not readable. SQLite's own word for each is "unable to open
+    database file", naming neither the file nor the cause (``msmt audit verify`` on
+    a log whose ``-wal`` was a directory, or in a folder the auditor may not enter,
+    which was a traceback).
+    """
+    return (
+        _folder_refused(Path(os.path.abspath(path.parent)))
+        or _file_refused(path, writer=writer)
+        or not_writable(path, writer=writer)
+    )
+
+
+def _folder_refused(folder: Path) -> str | None:
+    """Why this user cannot reach what is in ``folder``: it, or a folder above it."""
+    for above in (*reversed(folder.parents), folder):
+        try:
+            info = os.stat(above)
+        except FileNotFoundError:
+            return f"the folder {above} does not exist"
+        except OSError:
+            continue  # the folder above it says why
+        if not stat.S_ISDIR(info.st_mode):
+            return f"{above} is not a directory"
+        if not os.access(above, os.X_OK):
+            return f"the folder {above} cannot be entered by uid {os.geteuid()} {_owned(info)}"
+    return None
+
+
+def _file_refused(path: Path, *, writer: bool) -> str | None:
+    """Why SQLite cannot read the database ``path``, its ``-wal`` or its ``-shm``."""
+    for target in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            info = os.stat(target)
+        except FileNotFoundError:
+            if target == path and not writer:  # a writer makes it
+                return f"{path} does not exist"
+            continue
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            return f"{target} is a directory, where a file should be"
+        if not os.access(target, os.R_OK):
+            return f"{target} is not readable by uid {os.geteuid()} {_owned(info)}"
     return None
 
 
 def sqlite_open_reason(path: Path, exc: Exception, *, writer: bool = True) -> str:
-    """Why SQLite could not open ``path``: what is not writable, if that was it, else its words.
+    """Why SQLite could not open ``path``: what is not there, readable or writable, else its words.
 
     SQLite says only "unable to open database file" or "attempt to write a readonly
     database" for a data directory on a read-only mount or one the node's user may
-    not write (a review), naming neither the file nor the cause.
+    not write (a review), naming neither the file nor the cause (``not_openable``).
     """
-    why = not_writable(path, writer=writer) if _refused_write(exc) else None
+    why = not_openable(path, writer=writer) if _refused_write(exc) else None
     if why is not None:
         return why
     if isinstance(exc, OSError) and exc.strerror:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -16,12 +18,14 @@ import pytest
 from audit_helpers import build_log, event, witness_verifier
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from node_world import MSMT, REPO
 
 from broker import keys as keyfiles
 from broker import keys_custodian, keys_roster
 from broker.auditlog import DB_FILE, AuditLog
 from broker.checkpoint import Checkpoint, cosign, roster_log_keys, sign_checkpoint
-from broker.cli import main
+from broker.cli import audit_logs, main
+from broker.cli.audit_base import verified_log
 from broker.note import ALG_ED25519, Verifier, parse
 from broker.witness import LogState, Witness, dump_state
 
@@ -730,3 +734,133 @@ def test_verify_witness_state_refuses_a_file_that_says_nothing_of_this_log(
         assert (code, out) == (2, "")
         assert err.startswith(f"msmt: error: {reason}"), err
         assert err.count("\n") == 1
+
+
+# --- a log that cannot be opened: one line naming the file and why -----------------------
+
+_COMMANDS = ("verify", "entries", "replay", "prove")
+
+
+def _audit(command: str, directory: Path, keydir: Path) -> tuple[int, str, str]:
+    more = {
+        "verify": ["--keys", str(keydir)],
+        "entries": ["--keys", str(keydir)],
+        "replay": ["--keys", str(keydir), "--policies", str(REPO / "nodes")],
+        "prove": ["--entry", "1"],
+    }[command]
+    return _run("audit", command, str(directory), *more)
+
+
+def _unopenable(kind: str, folder: Path, keydir: Path) -> tuple[Path, int, str]:
+    """A log folder made ``kind`` of unopenable; what to run it on, the exit and the line."""
+    log = folder / "JPN"
+    db = log / DB_FILE
+    if kind == "missing parent":
+        return folder / "gone" / "JPN", 2, f"{folder / 'gone' / 'JPN'} is not a directory"
+    if kind == "directory as file":
+        db.mkdir(parents=True)
+        return log, 2, f"audit log {db} is a directory, where its file should be"
+    if kind == "not sqlite":
+        log.mkdir()
+        db.write_text("not a database\n" * 100)
+        return log, 1, f"audit log {db} is damaged or not an audit log: file is not a database"
+    build_log(log, _signing_key(keydir, "JPN"), [300]).close()
+    if kind == "truncated mid-page":
+        data = db.read_bytes()
+        db.write_bytes(data[: len(data) // 2 + 100])
+        return (
+            log,
+            1,
+            f"audit log {db} is damaged or not an audit log: database disk image is malformed",
+        )
+    assert kind == "-wal a directory"
+    (log / f"{DB_FILE}-wal").mkdir()
+    # SQLite's own words were "unable to open database file", naming neither.
+    return log, 1, f"cannot open audit log {db}: {db}-wal is a directory, where a file should be"
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["missing parent", "directory as file", "not sqlite", "truncated mid-page", "-wal a directory"],
+)
+def test_a_log_that_cannot_be_opened_is_one_line_naming_it_and_why(
+    tmp_path: Path, keydir: Path, kind: str
+) -> None:
+    directory, code, line = _unopenable(kind, tmp_path, keydir)
+    for command in _COMMANDS:
+        assert _audit(command, directory, keydir) == (code, "", f"msmt: error: {line}\n"), command
+
+
+@pytest.mark.parametrize("command", ["entries", "replay"])
+def test_a_log_gone_once_verified_is_named_not_a_traceback(
+    tmp_path: Path, keydir: Path, command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # entries and replay read the entries again once the log verifies: a log moved away
+    # meanwhile (a restore) was SQLite's bare "unable to open database file", uncaught.
+    log = tmp_path / "JPN"
+    build_log(log, _signing_key(keydir, "JPN"), [5]).close()
+    db = log / DB_FILE
+
+    def then_moved(*args: Any) -> Any:
+        report = verified_log(*args)
+        db.rename(tmp_path / "elsewhere.sqlite")
+        return report
+
+    monkeypatch.setattr(audit_logs, "verified_log", then_moved)
+    assert _audit(command, log, keydir) == (
+        1,
+        "",
+        f"msmt: error: cannot open audit log {db}: {db} does not exist\n",
+    )
+
+
+def _without_dac_override() -> list[str]:
+    """A prefix that runs a command as this user, without root's bypass of file modes."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root, and no setpriv to drop CAP_DAC_OVERRIDE")
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}"]
+
+
+def test_a_log_the_auditor_may_not_read_is_named_with_why(tmp_path: Path, keydir: Path) -> None:
+    # A folder it may not enter was a traceback (pathlib's PermissionError); a file it
+    # may not read, SQLite's "unable to open database file".
+    prefix = _without_dac_override()
+    log = tmp_path / "JPN"
+    build_log(log, _signing_key(keydir, "JPN"), [5]).close()
+    db, uid = log / DB_FILE, os.geteuid()
+
+    def verify() -> tuple[int, str, str]:
+        done = subprocess.run(
+            [*prefix, MSMT, "audit", "verify", str(log), "--keys", str(keydir)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    log.chmod(0o600)
+    try:
+        entered = verify()
+    finally:
+        log.chmod(0o700)
+    assert entered == (
+        1,
+        "",
+        f"msmt: error: cannot open audit log {db}: the folder {log} cannot be entered by uid"
+        f" {uid} (mode 0600, owner uid {uid})\n",
+    )
+    db.chmod(0o000)
+    try:
+        read = verify()
+    finally:
+        db.chmod(0o600)
+    assert read == (
+        1,
+        "",
+        f"msmt: error: cannot open audit log {db}: {db} is not readable by uid {uid}"
+        f" (mode 0000, owner uid {uid})\n",
+    )
