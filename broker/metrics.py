@@ -199,6 +199,12 @@ class Metrics:
         # the status says "unknown" (a docs review saw both on a node never connected).
         self.clock_offset.set(math.nan)
         self.connected = Gauge("msmt_nats_connected", "1 while connected to NATS.", registry=r)
+        self.nats_refused = Gauge(
+            "msmt_nats_credentials_refused",
+            "1 from the hub's first refusal of this node's NATS credentials (Authorization"
+            " Violation: its user not among the hub's) until it connects again; else 0.",
+            registry=r,
+        )
         self.spool_stalled = Gauge(
             "msmt_spool_stalled",
             "1 while the spool's last poll ended in a spool_error (the folder unreadable, a"

@@ -24,6 +24,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.transport import TcpTransport
 from nats.js import JetStreamContext
 from nats.protocol.parser import PERMISSIONS_ERR, STALE_CONNECTION
 
@@ -98,6 +99,18 @@ class TlsOnlyClient(Client):
         await self._error_cb(err)
 
     async def _connect_to_server(self, s: Any) -> None:
+        # nats-py keeps one transport for every try and opens each try's stream over
+        # the last one's, never closing it: a hub refusing every try (Authorization
+        # Violation) left a socket a try, twice a second, for the garbage collector to
+        # close (each a ResourceWarning). Whatever stream is open here is one given up.
+        # (Attributes of nats-py's TcpTransport, looked up so that a release without
+        # them only leaves the sockets to the collector again.)
+        old = self._transport
+        if isinstance(old, TcpTransport):
+            for name in ("_io_writer", "_bare_io_writer"):
+                writer = getattr(old, name, None)
+                if isinstance(writer, asyncio.StreamWriter) and not writer.is_closing():
+                    writer.close()
         await super()._connect_to_server(s)
         transport = self._transport
         if transport is not None and not isinstance(transport.wait_closed, _BoundedWait):

@@ -31,6 +31,7 @@ from broker.config import NodeConfig
 from broker.hubwatch import INBOX_STREAM_STATE, HubWatch
 from broker.inbound import Inbound
 from broker.intake import Intake
+from broker.keys import nats_public
 from broker.log import Throttle, get_logger
 from broker.metrics import Metrics
 from broker.note import excerpt
@@ -58,6 +59,8 @@ STATUS_EVERY_S: Final = 30.0
 """Longest time between status writes when nothing changed (``updated_at``'s freshness)."""
 EXPIRY_WARNING: Final = timedelta(days=14)
 """A credential expiring sooner than this is logged at start (``credential_expires_soon``)."""
+NATS_REFUSED: Final = "the hub refuses this node's NATS credentials (msmt status)"
+"""Why ``ready`` says no while the hub refuses our NATS user (``_credentials_refused``)."""
 
 
 class NodeBase:
@@ -131,6 +134,9 @@ class NodeBase:
         self._metrics_waiting: asyncio.Task[None] | None = None
         self._last_error = ""
         self._last_error_at = ""  # when it last happened, so a stale error reads as one
+        # While the hub refuses our NATS user: since when, and why (msmt status).
+        self._nats_refused = ""
+        self._refusals = 0  # the hub's refusals since then
         self._alarm_facts: dict[str, str] = {}  # an audit alarm not recorded yet
         self._error_log = Throttle()  # node_error: once a minute for each condition
         self._sent_logged: set[int] = set()  # outbox rows logged sent, not marked (store thread)
@@ -184,6 +190,40 @@ class NodeBase:
         self._last_error = text
         self._last_error_at = utc_now_text()
 
+    def _credentials_refused(self) -> None:
+        # The hub refused our NATS user (Authorization Violation): its users lack this
+        # seed's key (the member suspended, the custodian's accept not loaded, or a
+        # nats.nk other than the one recorded). Only the hub's or the node's operator
+        # can mend it; nats-py tries again every half second, and a later reload may
+        # let it in. Said once when it starts and once when it ends: the once-a-minute
+        # node_error gave hours of lines that named no cause. The status, the gauge
+        # and /readyz say it meanwhile, and last_error keeps it.
+        self._refusals += 1
+        now = utc_now_text()
+        if not self._nats_refused:
+            user = nats_public(self.seed, str(self.config.seed_path))
+            text = (
+                "the hub refused this node's NATS credentials (Authorization Violation):"
+                f" the hub's nats-users.json must list {self.member}'s NATS key {user}"
+                f" (the public key of {self.config.seed_path}) and every hub server be"
+                " reloaded with it; a suspended member is refused until it returns"
+                " (docs/KEYS.md). Retrying every 0.5 s"
+            )
+            self._nats_refused = f"since {now}: {text}"
+            self.metrics.nats_refused.set(1)
+            log.error("nats_credentials_refused", error=text, nats_user=user)
+        self._last_error = self._nats_refused.partition(": ")[2]
+        self._last_error_at = now
+
+    def _credentials_accepted(self) -> None:
+        # Connected: a refusal, if one stood, is over (said once, as it began).
+        if not self._nats_refused:
+            return
+        since = self._nats_refused.partition(": ")[0].removeprefix("since ")
+        log.warning("nats_credentials_accepted", refused_since=since, refusals=self._refusals)
+        self._nats_refused, self._refusals = "", 0
+        self.metrics.nats_refused.set(0)
+
     def _dropped(self, subject: str) -> None:
         # By subject kind (msmt.audit.<M>.checkpoint: <M> is the flooder's own log).
         unlogged = self._error_log.check("messages_dropped", subject)
@@ -198,7 +238,7 @@ class NodeBase:
     def ready(self) -> str | None:
         """Why the node is not ready, or ``None`` when it is."""
         if self.nc is None or not self.nc.is_connected:
-            return "not connected to NATS"
+            return NATS_REFUSED if self._nats_refused else "not connected to NATS"
         if self._paused_for:
             return _PAUSED[self._paused_for]
         if self.hub.silent >= 2:

@@ -114,6 +114,7 @@ class Housekeeping(NodeBase):
             INBOX_STREAM_STATE: self.hub.stream_mark,
             PARTNER_INBOX_SEQ_STATE: self._inbox_seq_mark(),
             "inbox_paused": "",  # a stopped node takes nothing: "connected no" says so
+            "nats_refused": "",  # nor tries the hub (last_error keeps the refusal)
             "last_error": self._last_error,
             "last_error_at": self._last_error_at,
             "updated_at": utc_now_text(),
@@ -168,6 +169,7 @@ class Housekeeping(NodeBase):
         self._unrecorded.update(counts)
         status = {
             "connected": "yes" if self.nc is not None and self.nc.is_connected else "no",
+            "nats_refused": self._nats_refused,
             "inbox_lag": "unknown" if lag is None else str(lag),
             "clock_offset": self.hub.clock_offset,
             INBOX_STREAM_STATE: self.hub.stream_mark,

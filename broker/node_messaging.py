@@ -23,6 +23,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.protocol.parser import AUTHORIZATION_VIOLATION
 
 from broker.errors import MsmtError
 from broker.hubwatch import LAG_EVERY_S
@@ -43,9 +44,26 @@ PAUSED_LOG_EVERY_S: Final = 60.0
 """While the inbox is paused for a twin, a line says so this often."""
 
 
+_REFUSAL_CLOSE: Final = (ConnectionResetError, BrokenPipeError, nats.errors.UnexpectedEOF)
+"""How nats-py reports the hub closing a connection it refused, which may come before
+the reason (``-ERR 'Authorization Violation'``) or instead of it."""
+
+
 _LATE_REPLY: Final = 'permissions violation for publish to "_r_.'
 """How nats-py words the hub's refusal of a reply to an imported service's request,
 lower-cased as it gives every server error: our answer to a partner's proof request."""
+
+
+def credentials_refused(exc: Exception) -> bool:
+    """Whether nats-py reported the hub refusing the node's NATS user (``Authorization Violation``).
+
+    nats-py raises its ``AuthorizationError`` only for a refusal on a live
+    connection; at a connect, the one that matters here, the hub's line comes as
+    a plain ``nats.errors.Error`` naming it.
+    """
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        AUTHORIZATION_VIOLATION in str(exc).lower()
+    )
 
 
 def nats_error_text(exc: Exception) -> str:
@@ -101,6 +119,7 @@ class Messaging(NodeBase):
             nonlocal tls_failed
             tls_failed = False
             self.metrics.connected.set(1)
+            self._credentials_accepted()
             log.info("nats_reconnected")
 
         async def error(exc: Exception) -> None:
@@ -112,9 +131,17 @@ class Messaging(NodeBase):
                 # a real inbox error (a review).
                 self._dropped(exc.subject)
                 return
+            if credentials_refused(exc):
+                self._credentials_refused()
+                return
             if isinstance(exc, ssl.SSLError):
                 tls_failed = True
             elif tls_failed and isinstance(exc, ConnectionError):
+                return
+            elif self._nats_refused and isinstance(exc, _REFUSAL_CLOSE):
+                # The hub closing a refused connection, its reset ahead of the reason
+                # at times: as for a refused TLS handshake above, left unsaid until a
+                # connect succeeds, else it took last_error from the refusal's text.
                 return
             # A refused handshake is its own condition: its reason must reach the log.
             trouble = None if isinstance(exc, ssl.SSLError) else _HUB_TROUBLE
@@ -159,8 +186,11 @@ class Messaging(NodeBase):
             except (nats.errors.Error, OSError, ValueError) as exc:
                 # ValueError: a line past asyncio's 64 KiB limit (not a NATS server: a
                 # review's stopped the node), retried as any other bad hub is.
-                text = f"cannot connect to NATS: {type(exc).__name__} {exc}".strip()
-                self._error(text, same_as=_HUB_TROUBLE)
+                if credentials_refused(exc):
+                    self._credentials_refused()
+                elif not (self._nats_refused and isinstance(exc, _REFUSAL_CLOSE)):
+                    text = f"cannot connect to NATS: {type(exc).__name__} {exc}".strip()
+                    self._error(text, same_as=_HUB_TROUBLE)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
@@ -169,6 +199,7 @@ class Messaging(NodeBase):
                 return None  # stopped while connecting
             tls_failed = False
             self.metrics.connected.set(1)
+            self._credentials_accepted()
             log.info("nats_connected", servers=len(self.config.nats.urls))
             return nc
         return None
@@ -264,7 +295,10 @@ class Messaging(NodeBase):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), 1.0)
             except (nats.errors.Error, nats.js.errors.Error) as exc:
-                self._error(f"inbox: {type(exc).__name__} {exc}".strip(), same_as=_HUB_TROUBLE)
+                # While the hub refuses our user, what the inbox meets follows from that.
+                if not self._nats_refused:
+                    text = f"inbox: {type(exc).__name__} {exc}".strip()
+                    self._error(text, same_as=_HUB_TROUBLE)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), 1.0)
 

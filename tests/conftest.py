@@ -100,6 +100,7 @@ LIGHT = frozenset(
         "test_keys_request_node",
         "test_nats_isolation",
         "test_nats_quota",
+        "test_nats_refused",
         "test_natsconfig",
         "test_node_clock",
         "test_node_operator",

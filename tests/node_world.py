@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -173,6 +173,24 @@ def start_hub(root: Path, members: Iterable[str]) -> tuple[Path, NatsServer]:
     keydir = root / "keys"
     keys_custodian.init_keys(keydir, tuple(members), now=datetime.now(UTC) - timedelta(days=1))
     return keydir, hub_server(keydir, root / "nats")
+
+
+def reload_hub(server: NatsServer, users: Mapping[str, str]) -> None:
+    """Give ``server`` the accounts of ``users`` (account -> user nkey) and reload it (SIGHUP).
+
+    As the hub operator does after ``msmt nats config``; returns once the server
+    has logged the reload.
+    """
+    assert server.proc is not None
+    server.extra_config = accounts_config(users)
+    server.config_path.write_text(server.render_config(), encoding="utf-8")
+    reloads = server.log_path.read_text().count("Reloaded server configuration")
+    os.kill(server.proc.pid, signal.SIGHUP)
+    wait_for(
+        lambda: server.log_path.read_text().count("Reloaded server configuration") > reloads,
+        10,
+        "the hub's reload",
+    )
 
 
 def setup_accounts(url: str, keydir: Path, accounts: Iterable[str]) -> None:

@@ -110,6 +110,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``bytes_today`` is each partner's envelope bytes stored this UTC day, which
     ``sender_budget`` bounds (``limits.sender_bytes_per_day`` as the node last started
     with it): past it, a partner's messages are refused until 00:00 UTC.
+    ``nats_refused`` says since when the hub refuses the node's NATS credentials
+    (``Authorization Violation``: its user is not among the hub's), and what to do.
     ``clock_offset`` is the node's clock minus the hub's, in seconds, as last compared.
     ``inbox_paused`` says why and since when the node takes nothing from its inbox
     (another process with its credentials takes from it: the twin alarm; or its
@@ -143,6 +145,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         # As of the last start: the signing and encryption keys and the TLS certificate.
         "credentials_valid_until": _json_state(state, "credentials_valid_until"),
         "connected": state.get("connected", "unknown"),
+        # Since when and why the hub refuses its NATS credentials, else empty.
+        "nats_refused": state.get("nats_refused", ""),
         "outbox_depth": depth,
         "outbox": _outbox(store, depth),
         "inbox_lag": state.get("inbox_lag", "unknown"),

@@ -1,0 +1,167 @@
+"""A hub that refuses a node's NATS credentials: said once, seen by monitoring, retried.
+
+The hub refuses a node's user (``Authorization Violation``) when its configuration
+lacks the seed's key: the member suspended (``msmt keys suspend``, docs/KEYS.md),
+the custodian's accept not loaded, or a ``nats.nk`` other than the one recorded.
+nats-py tries again every half second, and the node logged each refusal as hub
+trouble, a ``node_error`` a minute naming no cause, for as long as it lasted (a
+review saw hours of them). Now one ``nats_credentials_refused`` line names the cause
+and what to do, one ``nats_credentials_accepted`` line ends it, and the status, a
+gauge and ``/readyz`` say it meanwhile. The node keeps accepting and trying: a
+later reload lets it in, and nothing accepted meanwhile is lost. A real hub
+reloaded (SIGHUP) with the users changed, as its operator does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from node_world import (
+    BATCH_POLICY,
+    USA_TO_JPN,
+    World,
+    await_for,
+    fetch,
+    msmt,
+    readyz,
+    reload_hub,
+    wait_for,
+)
+from structlog.testing import capture_logs
+
+from broker import keys
+from broker.natsusers import load_users
+from broker.node_base import NATS_REFUSED
+from broker.node_start import load_node
+
+pytestmark = pytest.mark.integration
+
+TRIES: int = 10
+"""How many refused tries the hub logs before a test looks: about five seconds' worth."""
+
+
+def _hub_refusals(world: World) -> int:
+    # The hub's own line for each refused connect: one per try.
+    return world.server.log_path.read_text().count("authentication error")
+
+
+def _readyz_text(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+            return str(answer.read().decode())
+    except urllib.error.HTTPError as refused:
+        return str(refused.read().decode())
+
+
+def _another_user() -> str:
+    return keys.nats_public(keys.new_nats_seed(), "a fresh seed")
+
+
+async def test_a_hub_that_stops_taking_a_running_nodes_user_is_said_once_and_nothing_is_lost(
+    world: World,
+) -> None:
+    world.write_config("USA", USA_TO_JPN)
+    users = load_users(world.keydir)
+    usa_user = users["USA"]
+    with capture_logs() as logs:
+        usa = load_node(world.config("USA"))
+        # Every node_error line it would log: a refusal going that way, once a
+        # minute, could not show within a test otherwise.
+        usa._error_log.period = 0
+        task = asyncio.create_task(usa.run())
+        try:
+            await await_for(lambda: usa.ready() is None, 30, "USA ready")
+            # The hub's users no longer hold USA's key (a suspension, a replaced user).
+            await asyncio.to_thread(reload_hub, world.server, {**users, "USA": _another_user()})
+            await await_for(lambda: usa.ready() == NATS_REFUSED, 20, "USA refused")
+            records = world.records_released_to("USA", ["JPN"], 6, seed=97)
+            answers = await world.submit("USA", records)
+            assert {a["status"] for a in answers} == {"accepted"}
+            before = _hub_refusals(world)
+            await await_for(lambda: _hub_refusals(world) >= before + TRIES, 30, "tries refused")
+            await await_for(
+                lambda: "(Authorization Violation)" in world.state("USA").get("nats_refused", ""),
+                10,
+                "USA's status",
+            )
+            assert world.state("USA")["nats_refused"].startswith("since ")
+            registry = usa.metrics.registry
+            assert registry.get_sample_value("msmt_nats_credentials_refused") == 1
+            assert registry.get_sample_value("msmt_nats_connected") == 0
+            assert usa.stop.is_set() is False  # it keeps trying: a reload may let it in
+            assert await world.stream_messages("JPN") == 0
+
+            await asyncio.to_thread(reload_hub, world.server, users)  # USA's user is back
+            await await_for(lambda: usa.ready() is None, 30, "USA back")
+            await world.outbox_sent("USA")
+            assert await world.stream_messages("JPN") == len(records)
+            await await_for(
+                lambda: world.state("USA").get("nats_refused") == "", 10, "USA's status"
+            )
+            assert registry.get_sample_value("msmt_nats_credentials_refused") == 0
+        finally:
+            usa.stop.set()
+            await task
+    events = [e["event"] for e in logs]
+    assert events.count("nats_credentials_refused") == 1, events
+    assert events.count("nats_credentials_accepted") == 1, events
+    began = events.index("nats_credentials_refused")
+    ended = events.index("nats_credentials_accepted")
+    refused, accepted = logs[began], logs[ended]
+    assert refused["nats_user"] == usa_user
+    assert f"must list USA's NATS key {usa_user}" in refused["error"]
+    assert str(world.config("USA").seed_path) in refused["error"]
+    assert "docs/KEYS.md" in refused["error"]
+    assert accepted["refusals"] > 1  # the tries the hub refused, as nats-py reported them
+    # Nothing else about it meanwhile: no line per try, nor the resets that close them.
+    assert [e for e in logs[began:ended] if e["event"] == "node_error"] == []
+
+
+def test_a_node_started_with_a_seed_the_hub_lacks_says_so_once_and_a_reload_lets_it_in(
+    world: World,
+) -> None:
+    world.write_config("JPN", BATCH_POLICY)
+    seed = world.root / "another.nk"
+    seed.write_bytes(keys.new_nats_seed() + b"\n")
+    seed.chmod(0o600)
+    user = keys.nats_public(seed.read_bytes(), str(seed))
+    world.start("JPN", ready=False, MSMT_NATS_SEED_FILE=str(seed))
+    config = world.config("JPN")
+    log = world.root / "JPN.log"
+    wait_for(lambda: "nats_credentials_refused" in log.read_text(), 30, "the refusal")
+    before = _hub_refusals(world)
+    wait_for(lambda: _hub_refusals(world) >= before + TRIES, 30, "tries refused")
+    assert world.procs["JPN"].poll() is None  # still running, trying again
+    assert _readyz_text(config.metrics.port) == f"not ready: {NATS_REFUSED}\n"
+    metrics = fetch(f"http://127.0.0.1:{config.metrics.port}/metrics")
+    assert "\nmsmt_nats_credentials_refused 1.0\n" in metrics
+
+    def status() -> dict[str, str]:
+        done = msmt("status", "--config", str(world.config_path("JPN")), "--json")
+        assert done.returncode == 0, done.stderr
+        answer: dict[str, str] = json.loads(done.stdout)
+        return answer
+
+    wait_for(lambda: user in status()["nats_refused"], 10, "JPN's status")
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line[:1] == "{"]
+    events = [line["event"] for line in lines]
+    assert events.count("nats_credentials_refused") == 1, events
+    began = events.index("nats_credentials_refused")
+    assert f"must list JPN's NATS key {user} (the public key of {seed})" in lines[began]["error"]
+    assert "node_error" not in events[began:], events
+
+    # The hub operator lists this key (a replaced user: a reload is enough).
+    reload_hub(world.server, {**load_users(world.keydir), "JPN": user})
+    wait_for(lambda: readyz(config.metrics.port), 30, "JPN connected and ready")
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines() if line[:1] == "{"]
+    assert events.count("nats_credentials_refused") == 1, events
+    assert events.count("nats_credentials_accepted") == 1, events
+    assert "\nmsmt_nats_credentials_refused 0.0\n" in fetch(
+        f"http://127.0.0.1:{config.metrics.port}/metrics"
+    )
+    assert world.terminate("JPN") == 0
+    assert status()["nats_refused"] == ""
