@@ -51,7 +51,7 @@ from broker.files import (
     write_synced,
 )
 from broker.note import excerpt
-from broker.roster import CLOCK_SKEW, KeyUse, Roster, format_time
+from broker.roster import CLOCK_SKEW, KeyUse, Roster, RosterKey, format_time
 
 ROSTER_FILE: Final = "roster.json"
 ROSTER_SIG_FILE: Final = "roster.json.jws"
@@ -378,6 +378,21 @@ class MemberKeys:
     pending: tuple[str, ...] = ()
 
 
+def current_signing_key(roster: Roster, member: str, at: datetime) -> RosterKey:
+    """``member``'s signing key in ``roster`` that a start at ``at`` signs with.
+
+    Raises ``KeyMaterialError`` if there is none (the member suspended, its keys
+    lapsed): the start is refused. Reads no private file.
+    """
+    # A key made moments ago by a custodian whose clock is ahead of ours counts:
+    # partners take what it signs within the same skew (a node restarted at once
+    # after a rotation stayed down, exit 2, "no active sig key valid now").
+    current = roster.current(member, "sig", at, skew=CLOCK_SKEW)
+    if at > current.valid_until:  # the skew is for a new key, not one that has lapsed
+        raise KeyMaterialError(f"{member} has no active sig key valid now")
+    return current
+
+
 def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) -> MemberKeys:
     """Load ``member``'s private keys and match them against the verified roster.
 
@@ -390,12 +405,7 @@ def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) ->
     folder = keydir / member
     if not folder.is_dir():
         raise KeyMaterialError(f"no key directory {folder}")
-    # A key made moments ago by a custodian whose clock is ahead of ours counts:
-    # partners take what it signs within the same skew (a node restarted at once
-    # after a rotation stayed down, exit 2, "no active sig key valid now").
-    current = roster.current(member, "sig", at, skew=CLOCK_SKEW)
-    if at > current.valid_until:  # the skew is for a new key, not one that has lapsed
-        raise KeyMaterialError(f"{member} has no active sig key valid now")
+    current = current_signing_key(roster, member, at)
     signing = load_matching_key(key_path(keydir, member, current.kid), roster, member, "sig")
     decryption: dict[str, OKPKey] = {}
     usable = False

@@ -689,3 +689,37 @@ def test_node_check_refuses_a_data_dir_on_a_read_only_mount_as_a_start_would(
     )
     writable = msmt(*args)
     assert writable.returncode == 0, writable.stderr  # the same folder, mounted as it is
+
+
+def test_status_says_when_the_roster_on_disk_would_refuse_the_next_start(folder: Path) -> None:
+    # A start refused over the roster leaves roster_version at the last run's, and the
+    # status said nothing else: a member suspended in the new roster, or a roster whose
+    # signature fails, read as a rollout that had not arrived yet (a review).
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+
+    def status() -> dict[str, object]:
+        done = msmt("status", "--config", str(config_path), "--json")
+        assert done.returncode == 0, done.stderr
+        answer: dict[str, object] = json.loads(done.stdout)
+        return answer
+
+    with _running(config_path):
+        pass
+    assert (status()["roster_version"], status()["roster_file"]) == (1, "in force")
+    keys_custodian.suspend_member(folder / "keys", "JPN")  # roster 2 retires JPN's keys
+    refused = msmt("node", "run", "--config", str(config_path))
+    assert refused.returncode == 2
+    assert refused.stderr == "msmt: error: JPN has no active sig key valid now\n"
+    shown = status()
+    assert shown["roster_version"] == 1  # the roster it last started with, as documented
+    assert shown["roster_file"] == (
+        "version 2, with which a restart would fail: JPN has no active sig key valid now"
+    )
+    assert shown["running"] is False
+    (folder / "keys" / keys.ROSTER_SIG_FILE).write_text("not a signature")
+    refused = msmt("node", "run", "--config", str(config_path))
+    assert refused.returncode == 2
+    shown = status()
+    assert shown["roster_version"] == 1
+    assert str(shown["roster_file"]).startswith("does not load, so a restart would fail: ")
+    assert refused.stderr == f"msmt: error: {str(shown['roster_file']).partition(': ')[2]}\n"

@@ -26,6 +26,8 @@ from broker.errors import MsmtError
 from broker.feeds import FEED_COUNTER, SHARED_STATE
 from broker.feeds import usage as feed_usage
 from broker.inbound_base import SENDER_BUDGET_STATE
+from broker.keys import current_signing_key
+from broker.node_files import load_roster
 from broker.roster import parse_time
 from broker.store import Store
 from broker.store_file import writer_pid
@@ -71,6 +73,25 @@ def _policy_file_state(config: NodeConfig, in_force: str) -> str:
     return f"changed to {policy.digest}; restart the node to apply it"
 
 
+def _roster_file_state(config: NodeConfig, started: str) -> str:
+    # As for the policy, and whether a start would take it: a start refused over the
+    # roster (its signature, or no signing key of ours in it: a suspension) leaves
+    # roster_version at the last run's, which read as a rollout not arrived yet.
+    try:
+        signed = load_roster(config)
+    except MsmtError as exc:
+        return f"does not load, so a restart would fail: {exc}"
+    try:
+        current_signing_key(signed.roster, config.member, datetime.now(UTC))
+    except MsmtError as exc:
+        return f"version {signed.version}, with which a restart would fail: {exc}"
+    if str(signed.version) == started:
+        return "in force"
+    if started == "unknown":
+        return f"version {signed.version} (the node has not started with it yet)"
+    return f"changed to version {signed.version}; restart the node to apply it"
+
+
 def _as_started(started: str | None, wanted: str, source: str) -> str:
     # As for the policy: what the node started with, and whether ``source`` still says
     # so (a change applies at the next start).
@@ -101,7 +122,10 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``version`` is the build that last started a node here (``unknown`` before its
     first start under a build that records it), to check an upgrade took.
     ``roster_version`` is the roster the node last started with (a number, or
-    ``unknown`` before its first start), to check a roster rollout reached it.
+    ``unknown`` before its first start), to check a roster rollout reached it;
+    ``roster_file`` says whether the roster on disk is still that one, and whether a
+    start would take it (a start refused over the roster leaves ``roster_version`` as
+    it was).
     ``policy_digest`` is the policy it last started with; ``policy_file`` says
     whether the file on disk is still that policy (an edit applies at restart).
     ``shared_token`` is ``off`` where the node refuses the shared intake.token
@@ -136,6 +160,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
         "member": config.member,
         "version": state.get("version", "unknown"),
         "roster_version": int(roster) if roster.isdecimal() else roster,
+        # Whether the roster on disk is that one, and whether a start would take it.
+        "roster_file": _roster_file_state(config, roster),
         # The key it signs with since that start: a rotation took once this is the new one.
         "signing_kid": state.get("signing_kid", "unknown"),
         "policy_digest": in_force,
