@@ -114,8 +114,9 @@ class PolicyTimeline:
     def __init__(self) -> None:
         self.policies: list[tuple[int, str, str | None]] = []  # (seq, digest, previous)
         self._latest: dict[str, int] = {}  # digest -> index of its latest policy entry
-        self._accepted: dict[str, tuple[int, int]] = {}  # report -> (seq, policy index)
-        self._received: dict[str, tuple[int, int]] = {}
+        # report -> (seq, policy index, at) of its first arrival
+        self._accepted: dict[str, tuple[int, int, str]] = {}
+        self._received: dict[str, tuple[int, int, str]] = {}
 
     def add_policy(self, entry: Mapping[str, Any]) -> str | None:
         """Record a ``policy`` entry; say why its ``previous_digest`` breaks the chain, if it does.
@@ -149,7 +150,13 @@ class PolicyTimeline:
         """Record an ``accepted`` or ``received`` entry (only a report's first counts)."""
         arrivals = self._accepted if entry["type"] == "accepted" else self._received
         report = sys.intern(entry["report_id"])  # shared with the sends of the report
-        arrivals.setdefault(report, (entry["seq"], len(self.policies) - 1))
+        arrivals.setdefault(report, (entry["seq"], len(self.policies) - 1, sys.intern(entry["at"])))
+
+    def arrived_at(self, member: str, send: Mapping[str, Any]) -> str | None:
+        """When ``send``'s report arrived in the log (its first entry's ``at``), if it did."""
+        arrivals = self._accepted if send["originator"] == member else self._received
+        arrival = arrivals.get(send["report_id"])
+        return None if arrival is None else arrival[2]
 
     def not_in_force(self, member: str, send: Mapping[str, Any]) -> str | None:
         """Why ``send``'s policy was not in force for its report, or ``None`` if it was."""

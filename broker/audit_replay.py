@@ -84,6 +84,7 @@ from broker.roster import Roster, format_time
 from broker.sightings import KINDS
 
 __all__ = [
+    "KEY_FINDINGS",
     "replay",
     "Replay",
     "Exchange",
@@ -168,6 +169,7 @@ def replay(
                     send.seq,
                     refused_at,
                     kid,
+                    send.withheld,
                 )
             )
             findings += _check_release(send, answers)
@@ -206,6 +208,7 @@ def replay(
         index.bulk,
         held,
         frozenset(to_revoked),
+        roster is not None,
     )
 
 
@@ -457,6 +460,10 @@ def _check_receipt(send: Send, recv: Receipt, findings: list[Finding]) -> None:
         )
 
 
+KEY_FINDINGS = frozenset({"wrong-recipient-key", "to-revoked-key"})
+"""The findings on the key a send went to (given the roster), not on the logs' agreement."""
+
+
 class _RecipientKeys:
     """The roster's answer on each send's recipient key, worked out once per (key, partner)."""
 
@@ -468,9 +475,9 @@ class _RecipientKeys:
         """``wrong-recipient-key`` or ``to-revoked-key`` for a send to ``kid``, if due.
 
         A ``withheld`` entry was taken back for its key, so is checked only once its
-        partner's log shows it left (``delivered``, ``rejected``), and only for a
-        key that is not the partner's: when it was published cannot be told. None
-        without a roster or a key (format 1).
+        partner's log shows it left (``delivered``, ``rejected``); it is after a
+        revocation only if its report arrived after it (when it was published cannot
+        be told otherwise). None without a roster or a key (format 1).
         """
         left = not send.withheld or status in ("delivered", "rejected")
         if self._roster is None or kid is None or not left:
@@ -482,9 +489,18 @@ class _RecipientKeys:
         if problem is None:
             return []
         kind, detail, since = problem
-        if kind == "to-revoked-key" and (send.withheld or (since is not None and send.at <= since)):
-            # A withheld envelope cannot be dated; and a send before the revocation, or
-            # in its second (the order unknown), went to what was the partner's key then.
+        if kind == "to-revoked-key" and send.withheld:
+            # A withheld envelope is dated only by its report's arrival: made after it.
+            made = send.made_after
+            if since is None or made is None or made <= since:
+                return []
+            detail += (
+                f" (taken back at a start, but made after its report arrived at {made},"
+                f" and it reached {send.partner})"
+            )
+        elif kind == "to-revoked-key" and since is not None and send.at <= since:
+            # Before the revocation, or in its second (the order unknown): it went to
+            # what was the partner's key then.
             return []
         return [Finding(kind, send.member, send.seq, send.report_id, detail)]
 

@@ -138,6 +138,9 @@ class Send:
     jwe_sha256: str
     recipient_kid: str | None
     reason: str | None
+    made_after: str | None = None
+    """For a ``withheld`` entry, when its report arrived in the log (its envelope was
+    made after that): the one time a withheld envelope can be dated by."""
 
     @property
     def withheld(self) -> bool:
@@ -147,6 +150,7 @@ class Send:
     def entry(self) -> dict[str, Any]:
         """The entry as a repeat of it is compared with (``recipient_kid`` apart)."""
         entry = _as_entry(self, "withheld" if self.withheld else "sent")
+        del entry["made_after"]
         if not self.withheld:
             del entry["reason"]
         return entry
@@ -204,7 +208,7 @@ class Pool:
         kept = tuple(map(sys.intern, values))
         return self._tuples.setdefault(kept, kept)
 
-    def send(self, member: str, e: _Entry) -> Send:
+    def send(self, member: str, e: _Entry, made_after: str | None = None) -> Send:
         """The record of a ``sent`` or ``withheld`` entry of ``member``'s log."""
         s = sys.intern
         rel_to = None if e["rel_to"] is None else self.keys(e["rel_to"])
@@ -213,7 +217,7 @@ class Pool:
             member, e["seq"], s(e["at"]), s(e["partner"]), s(e["report_id"]), s(e["kind"]),
             s(e["originator"]), s(e["tlp"]), rel_to, self.keys(e["released"]),
             s(e["policy_digest"]), e["jwe_sha256"], None if kid is None else s(kid),
-            None if reason is None else s(reason),
+            None if reason is None else s(reason), made_after,
         )  # fmt: skip
 
     def receipt(self, member: str, e: _Entry) -> Receipt:
@@ -299,7 +303,7 @@ def read_log(
     """Index one log's sends, receipts and rejections; check what the log alone can tell."""
     timeline = PolicyTimeline()
     sent = _Repeats(lambda e: pool.send(member, e))
-    withheld = _Repeats(lambda e: pool.send(member, e))
+    withheld = _Repeats(lambda e: pool.send(member, e, timeline.arrived_at(member, e)))
     kids: dict[str, tuple[str, int]] = {}  # JWE -> the key its first entry names, and where
     received = _Repeats(lambda e: pool.receipt(member, e))
     refused: dict[tuple[str, str], Rejection] = {}  # (JWE, source) -> its first rejection

@@ -34,6 +34,8 @@ class Exchange:
     """For a ``rejected`` send, the recipient's checklist step that refused it."""
     recipient_kid: str | None = None
     """The partner's key it was encrypted to (None in a format-1 entry)."""
+    withheld: bool = False
+    """A ``withheld`` entry's: taken back at a start (``at`` is then, not a send's time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,8 @@ class Replay:
     """(sender, seq) of sends of a report the partner already held, among its bulk replays."""
     to_revoked: frozenset[tuple[str, int]] = frozenset()
     """(sender, seq) of sends encrypted to a partner's key the roster given has revoked."""
+    keys_checked: bool = False
+    """Whether recipient keys were checked (a roster was given)."""
 
     def statuses(self) -> Counter[str]:
         """How many sends ended in each status."""
@@ -197,6 +201,7 @@ class Replay:
 
     def _json_summary(self) -> Iterator[tuple[str, Any]]:
         yield "findings", [asdict(f) for f in self.findings]
+        yield "keys_checked", self.keys_checked
         yield "unchecked_receipts", self.unchecked_receipts
         yield (
             "matrix",
@@ -257,6 +262,9 @@ class Replay:
                     "report_id": e.report_id,
                     "recipient_kid": e.recipient_kid,
                     "seq": e.seq,
+                    "at": e.at,
+                    "entry": "withheld" if e.withheld else "sent",
+                    "status": e.status,
                 }
                 for e in self.sent_to_revoked_keys()
             ],
@@ -309,4 +317,5 @@ def _exchange_json(e: Exchange) -> dict[str, Any]:
         "seq": e.seq,
         "refused_at": e.refused_at,
         "recipient_kid": e.recipient_kid,
+        "entry": "withheld" if e.withheld else "sent",
     }

@@ -48,6 +48,8 @@ def render_lines(
             f"  {e.at}  {e.sender} -> {e.recipient}  {e.kind:<8} {e.report_id}  "
             f"{e.tlp:<12} {len(e.released):>2} fields  policy {e.policy_digest[:12]}  {e.status}"
             + ("" if e.refused_at is None else f" ({e.refused_at})")
+            # Its time is when a start took it back, not when it was published.
+            + (" (withheld at this time)" if e.withheld else "")
         )
         if show_fields:
             yield f"      {', '.join(e.released) or '(none)'}"
@@ -97,11 +99,13 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
         lambda e: f"(entry {e.seq})",
     )
     # Not findings unless sent after the revocation: whoever holds the key can read them.
+    exposed = result.sent_to_revoked_keys()
+    reports = len({e.report_id for e in exposed})
     lines += _exchange_lines(
-        "Sent to keys revoked since ({n}; whoever holds the key can read them: tell their"
-        " originators)",
-        result.sent_to_revoked_keys(),
-        lambda e: f"{e.recipient_kid} (entry {e.seq})",
+        f"Sent to keys revoked since ({{n}} sends of {_count(reports, 'report')}; whoever"
+        " holds the key can read them: tell their originators)",
+        exposed,
+        lambda e: f"{e.recipient_kid} (entry {e.seq}{', withheld' if e.withheld else ''})",
     )
     lines += ["", f"Findings ({len(result.findings)})"]
     lines += _finding_lines(result.findings)
@@ -114,6 +118,9 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
         )
     if not result.findings:
         lines.append("  none: every send and receive reconciles with the policies")
+    if not result.keys_checked and any(e.recipient_kid for e in result.exchanges):
+        # Nor is "none" a word on the keys the sends went to: they need the roster.
+        lines.append("  recipient keys not checked: no roster given (--keys or --roster)")
     sends, receipts = result.statuses()["not-checked"], result.unchecked_receipts
     if sends or receipts:
         # "none" is only as wide as the logs given: say what they could not check.

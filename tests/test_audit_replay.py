@@ -398,6 +398,8 @@ def test_a_policy_left_out_is_one_line_however_many_sends_it_covers(tmp_path: Pa
         "  unknown-policy: KOR entries 8, 9, 10, 11, 12, ... (7 in all): "
         f"policy {DIGEST['KOR'][:12]}... of KOR was not provided (give a folder holding it"
         " as KOR/policy.toml with another --policies)",
+        # --log-key alone: no roster to check the keys the sends went to against.
+        "  recipient keys not checked: no roster given (--keys or --roster)",
     ]
 
 
@@ -1381,6 +1383,27 @@ def test_a_withheld_entry_is_held_to_the_policy_in_force_and_once_delivered_to_i
     result = replay(logs, BOTH, roster=roster)
     assert result.findings == ()
     assert [e.seq for e in result.sent_to_revoked_keys()] == [2]
+    # Unless its report arrived after the revocation: then it was made after it too (an
+    # auditor's trial: a node on the old roster took 52 reports after KOR's key was
+    # revoked, published them and was killed; its start took them back).
+    late = [
+        _started("JPN", None, D_LOOSE),
+        _accepted("JPN", R1, 5),
+        _withheld("USA", R1, NARROW, 6),
+    ]
+    result = replay({"JPN": _entries(late), "USA": _entries(usa)}, BOTH, roster=roster)
+    (dated,) = result.findings
+    assert (dated.kind, dated.seq) == ("to-revoked-key", 2)
+    assert dated.detail.endswith(
+        "(taken back at a start, but made after its report arrived at 2026-11-28T12:00:05Z,"
+        " and it reached USA)"
+    )
+    # Its time is when it was taken back, not sent: said in the timeline and the JSON.
+    timeline = render_tables(result, ["JPN", "USA"]).splitlines()
+    assert timeline[-1].endswith("delivered (withheld at this time)")
+    as_json = json.loads("".join(result.json_text()))
+    assert [e["entry"] for e in as_json["exchanges"]] == ["withheld"]
+    assert as_json["sent_to_revoked_keys"][0]["entry"] == "withheld"
     # Never seen by the partner: taken back for its key, neither a finding nor exposed.
     result = replay({"JPN": logs["JPN"], "USA": _entries(usa[:1])}, BOTH, roster=roster)
     assert (result.findings, result.sent_to_revoked_keys()) == ((), [])
@@ -1451,8 +1474,8 @@ def test_a_send_encrypted_to_a_key_not_the_partners_or_revoked_before_it_is_a_fi
     ]
     text = render_tables(result, ["JPN"], timeline=False).splitlines()
     at = text.index(
-        "Sent to keys revoked since (4; whoever holds the key can read them: tell their"
-        " originators)"
+        "Sent to keys revoked since (4 sends of 1 report; whoever holds the key can read them:"
+        " tell their originators)"
     )
     assert text[at + 1 : at + 3] == [  # in time order, as the timeline
         f"  JPN -> GBR  {R1}  gbr-enc-1 (entry 9)",

@@ -6,6 +6,7 @@ import base64
 import fcntl
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -30,7 +31,7 @@ from jwcrypto import jws as jwc_jws
 from broker import keys, keys_custodian, keys_roster, keys_users
 from broker.cli import main
 from broker.errors import KeyMaterialError, UsageError, WriteError
-from broker.roster import Roster
+from broker.roster import Roster, format_time
 
 MSMT = str(Path(sys.executable).parent / "msmt")
 
@@ -559,6 +560,12 @@ def test_cli_init_rotate_revoke_verify(tmp_path: Path) -> None:
     result = runner.invoke(main, ["keys", "verify-roster", "--dir", keydir, "--min-version", "3"])
     assert result.exit_code == 0, result.output
     assert f"USA sig {kid} revoked" in result.output
+    # When it was revoked, and when the rotated key was retired: what auditors compare.
+    revoked = keys_roster.load_signed_roster(Path(keydir)).roster.get(kid).revoked_at
+    assert revoked is not None
+    line = next(ln for ln in result.output.splitlines() if ln.startswith(f"USA sig {kid} "))
+    assert line.endswith(f" (revoked at {format_time(revoked)})")
+    assert re.search(r"^USA sig \S+ retired \S+ \(retired at \S+Z\)$", result.output, re.M)
     result = runner.invoke(main, ["keys", "verify-roster", "--dir", keydir, "--min-version", "4"])
     assert result.exit_code == 2
     assert "rollback" in result.stderr

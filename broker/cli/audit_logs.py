@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from broker.audit_events import TYPES
-from broker.audit_replay import replay
+from broker.audit_replay import KEY_FINDINGS, replay
 from broker.audit_replay_text import render_lines
 from broker.audit_verify import Report, read_origin
 from broker.cli.audit_base import (
@@ -231,4 +231,10 @@ def audit_replay(
         )
         write_stdout((line + "\n" for line in lines), "replay")
     if result.findings:
-        raise AuditError(f"{len(result.findings)} findings: the logs do not reconcile")
+        keys = sum(f.kind in KEY_FINDINGS for f in result.findings)
+        what = (
+            "sends encrypted to keys the roster refuses"
+            if keys == len(result.findings)
+            else "the logs do not reconcile"
+        )
+        raise AuditError(f"{len(result.findings)} findings: {what}")

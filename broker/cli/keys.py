@@ -525,9 +525,12 @@ def keys_verify_roster(keydir: Path, authority: Path | None, min_version: int) -
     click.echo(f"roster version {signed.version}: signature ok, {len(signed.roster)} keys")
     click.echo(f"signed by {pinned.kid}, thumbprint (RFC 7638) {pinned.thumbprint()}")
     for key in signed.roster:
+        # When it stopped: what an auditor compares sends with (msmt audit replay).
+        since = key.revoked_at if key.status == "revoked" else key.retired_at
         click.echo(
             f"{key.member} {key.use} {key.kid} {key.status} "
             f"{format_time(key.valid_from)}..{format_time(key.valid_until)}"
+            + ("" if since is None else f" ({key.status} at {format_time(since)})")
         )
 
 
