@@ -144,7 +144,10 @@ def replay(
         findings += _sent_in_several_logs(versions)
         refusals = _refusals_by_pair(index.rejections.get(jwe, ()))
         findings += _refusal_mismatches(jwe, versions, given, index, refusals)
-        kid = index.kids.get(jwe)  # the one key its entries name (else conflicting-repeat)
+        # The one key its entries name (another is a conflicting-repeat): its first
+        # entry's, or, that one of format 1, the first repeat's that names one.
+        named = index.kids.get(jwe)
+        kid = versions[0].recipient_kid or (named[0] if named else None)
         for send in versions:
             # Every version is checked against the policy: a later one cannot
             # stand in for an earlier one that disclosed more.

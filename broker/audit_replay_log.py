@@ -288,8 +288,9 @@ class Index:
     receipts: dict[str, list[Receipt]] = field(default_factory=dict)
     rejections: dict[str, list[Rejection]] = field(default_factory=dict)
     bulk: dict[tuple[str, str], BulkRefusals] = field(default_factory=dict)
-    kids: dict[str, str] = field(default_factory=dict)
-    """The recipient key the first entry of each JWE that names one names."""
+    kids: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """The recipient key of a JWE whose first entry names none (format 1), and the
+    entry that first names it."""
 
 
 def read_log(
@@ -304,7 +305,6 @@ def read_log(
     timeline = PolicyTimeline()
     sent = _Repeats(lambda e: pool.send(member, e))
     withheld = _Repeats(lambda e: pool.send(member, e, timeline.arrived_at(member, e)))
-    kids: dict[str, tuple[str, int]] = {}  # JWE -> the key its first entry names, and where
     received = _Repeats(lambda e: pool.receipt(member, e))
     refused: dict[tuple[str, str], Rejection] = {}  # (JWE, source) -> its first rejection
     for entry in entries:
@@ -328,7 +328,7 @@ def read_log(
             # perhaps published (a start may log a new policy before it, which the
             # timeline allows: any policy in force since the report's arrival).
             _read_send(member, entry, sent if kind == "sent" else withheld, index, findings)
-            _read_kid(member, entry, kids, index, findings)
+            _read_kid(member, entry, index, findings)
             problem = timeline.not_in_force(member, entry)
             if problem is not None:
                 findings.append(
@@ -365,34 +365,28 @@ def _read_send(
             findings.append(_conflicting_repeat(member, entry, earlier))
 
 
-def _read_kid(
-    member: str,
-    entry: _Entry,
-    kids: dict[str, tuple[str, int]],
-    index: Index,
-    findings: list[Finding],
-) -> None:
+def _read_kid(member: str, entry: _Entry, index: Index, findings: list[Finding]) -> None:
     """Check that every entry of a JWE that names its recipient key names the same one.
 
     Apart from the rest of a repeat: a format 1 ``sent`` entry names none, and its
-    repeat by an upgraded node may (one lookup an entry, however many repeats).
+    repeat by an upgraded node may. Read after ``_read_send``, so the JWE has a record.
     """
     kid = entry.get("recipient_kid")
     if kid is None:
         return
     jwe = entry["jwe_sha256"]
-    first = kids.get(jwe)
-    if first is None:
-        kids[jwe] = (kid, entry["seq"])
-        index.kids.setdefault(jwe, kid)
-    elif first[0] != kid:
+    first = index.sends[jwe][0]
+    named = (first.recipient_kid, first.seq) if first.recipient_kid else index.kids.get(jwe)
+    if named is None:
+        index.kids[jwe] = (sys.intern(kid), entry["seq"])  # its first entry (format 1) named none
+    elif named[0] != kid:
         findings.append(
             Finding(
                 "conflicting-repeat",
                 member,
                 entry["seq"],
                 entry["report_id"],
-                f"repeat of entry {first[1]} (same JWE) differs from it in recipient_kid",
+                f"repeat of entry {named[1]} (same JWE) differs from it in recipient_kid",
             )
         )
 
