@@ -393,6 +393,19 @@ def current_signing_key(roster: Roster, member: str, at: datetime) -> RosterKey:
     return current
 
 
+def check_decryption_listed(roster: Roster, member: str, at: datetime) -> None:
+    """Raise ``KeyMaterialError`` unless ``roster`` lists a decryption key a start can use.
+
+    Not revoked, and not past its validity at ``at``: what ``load_member_keys`` also
+    needs of the roster (it then needs the key's file). Reads no private file.
+    """
+    if not any(
+        k.member == member and k.use == "enc" and k.status != "revoked" and at <= k.valid_until
+        for k in roster
+    ):
+        raise KeyMaterialError(f"{member} has no usable decryption key in the roster")
+
+
 def load_member_keys(keydir: Path, member: str, roster: Roster, at: datetime) -> MemberKeys:
     """Load ``member``'s private keys and match them against the verified roster.
 

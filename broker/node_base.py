@@ -61,6 +61,10 @@ EXPIRY_WARNING: Final = timedelta(days=14)
 """A credential expiring sooner than this is logged at start (``credential_expires_soon``)."""
 NATS_REFUSED: Final = "the hub refuses this node's NATS credentials (msmt status)"
 """Why ``ready`` says no while the hub refuses our NATS user (``_credentials_refused``)."""
+REFUSAL_ECHO_S: Final = 12.0
+"""How long after the hub's last refusal a lost connection is taken for its echo (the hub
+closing what it refused, at times ahead of its reason). Over twice the longest wait
+between tries (5 s): past it, tries fail for another reason, and the refusal is over."""
 
 
 class NodeBase:
@@ -137,6 +141,7 @@ class NodeBase:
         # While the hub refuses our NATS user: since when, and why (msmt status).
         self._nats_refused = ""
         self._refusals = 0  # the hub's refusals since then
+        self._refused_last = 0.0  # time.monotonic() of the last one
         self._alarm_facts: dict[str, str] = {}  # an audit alarm not recorded yet
         self._error_log = Throttle()  # node_error: once a minute for each condition
         self._sent_logged: set[int] = set()  # outbox rows logged sent, not marked (store thread)
@@ -199,6 +204,7 @@ class NodeBase:
         # node_error gave hours of lines that named no cause. The status, the gauge
         # and /readyz say it meanwhile, and last_error keeps it.
         self._refusals += 1
+        self._refused_last = time.monotonic()
         now = utc_now_text()
         if not self._nats_refused:
             user = nats_public(self.seed, str(self.config.seed_path))
@@ -215,12 +221,22 @@ class NodeBase:
         self._last_error = self._nats_refused.partition(": ")[2]
         self._last_error_at = now
 
+    def _refused_recently(self) -> bool:
+        """Whether the hub refused our NATS user within ``REFUSAL_ECHO_S``."""
+        return bool(self._nats_refused) and (time.monotonic() - self._refused_last < REFUSAL_ECHO_S)
+
     def _credentials_accepted(self) -> None:
         # Connected: a refusal, if one stood, is over (said once, as it began).
+        self._refusal_over("nats_credentials_accepted")
+
+    def _refusal_over(self, event: str, **why: str) -> None:
+        # A refusal, if one stood, is over: connected (accepted), or the tries now fail
+        # for another reason, which must be said as itself (a review: a hub that then
+        # reset every connection, or went down, was still reported as refusing).
         if not self._nats_refused:
             return
         since = self._nats_refused.partition(": ")[0].removeprefix("since ")
-        log.warning("nats_credentials_accepted", refused_since=since, refusals=self._refusals)
+        log.warning(event, refused_since=since, refusals=self._refusals, **why)
         self._nats_refused, self._refusals = "", 0
         self.metrics.nats_refused.set(0)
 

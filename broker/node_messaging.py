@@ -100,6 +100,18 @@ class Messaging(NodeBase):
             raise
         self._sent_logged.difference_update(item.rowid for item in batch)
 
+    def _refusal_echo(self, exc: Exception) -> bool:
+        """Whether ``exc`` is the hub closing a connection it has just refused (left unsaid).
+
+        Its reset comes ahead of the reason at times; as for a refused TLS handshake,
+        it is left unsaid, else it took last_error from the refusal's text. Any other
+        failure, or one long after the last refusal, ends the refusal (said once).
+        """
+        if isinstance(exc, _REFUSAL_CLOSE) and self._refused_recently():
+            return True
+        self._refusal_over("nats_credentials_refusal_over", now=type(exc).__name__)
+        return False
+
     async def _connect(self) -> Client | None:
         # A hub refusing the handshake (no or wrong client certificate) also resets
         # the connection, so each retry fails twice (reset or broken pipe, and the TLS
@@ -134,14 +146,11 @@ class Messaging(NodeBase):
             if credentials_refused(exc):
                 self._credentials_refused()
                 return
+            if self._refusal_echo(exc):
+                return
             if isinstance(exc, ssl.SSLError):
                 tls_failed = True
             elif tls_failed and isinstance(exc, ConnectionError):
-                return
-            elif self._nats_refused and isinstance(exc, _REFUSAL_CLOSE):
-                # The hub closing a refused connection, its reset ahead of the reason
-                # at times: as for a refused TLS handshake above, left unsaid until a
-                # connect succeeds, else it took last_error from the refusal's text.
                 return
             # A refused handshake is its own condition: its reason must reach the log.
             trouble = None if isinstance(exc, ssl.SSLError) else _HUB_TROUBLE
@@ -188,7 +197,7 @@ class Messaging(NodeBase):
                 # review's stopped the node), retried as any other bad hub is.
                 if credentials_refused(exc):
                     self._credentials_refused()
-                elif not (self._nats_refused and isinstance(exc, _REFUSAL_CLOSE)):
+                elif not self._refusal_echo(exc):
                     text = f"cannot connect to NATS: {type(exc).__name__} {exc}".strip()
                     self._error(text, same_as=_HUB_TROUBLE)
                 with contextlib.suppress(TimeoutError):
@@ -296,7 +305,7 @@ class Messaging(NodeBase):
                     await asyncio.wait_for(self.stop.wait(), 1.0)
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 # While the hub refuses our user, what the inbox meets follows from that.
-                if not self._nats_refused:
+                if not self._refused_recently():
                     text = f"inbox: {type(exc).__name__} {exc}".strip()
                     self._error(text, same_as=_HUB_TROUBLE)
                 with contextlib.suppress(TimeoutError):

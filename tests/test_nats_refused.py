@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
+import threading
 import urllib.error
 import urllib.request
 
@@ -33,6 +36,7 @@ from node_world import (
 )
 from structlog.testing import capture_logs
 
+import broker.node_base
 from broker import keys
 from broker.natsusers import load_users
 from broker.node_base import NATS_REFUSED
@@ -165,3 +169,77 @@ def test_a_node_started_with_a_seed_the_hub_lacks_says_so_once_and_a_reload_lets
     )
     assert world.terminate("JPN") == 0
     assert status()["nats_refused"] == ""
+
+
+class _Resetter:
+    """Listens on the hub's port and resets every connection at once: not a refusal."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.sock.settimeout(0.2)
+        self.count = 0
+        self.done = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            self.count += 1
+
+    def close(self) -> None:
+        self.done = True
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("then", ["resets", "down"])
+async def test_a_refusal_ends_when_the_hub_fails_otherwise(
+    world: World, then: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review: once refused, every later failure read as the refusal until a connect
+    # succeeded: a hub that then reset each connection said nothing at all, and one
+    # gone down kept the refusal in the status, the gauge and the alert (which told
+    # the operator to mend a users file that was fine). A reset comes as a refusal's
+    # echo only soon after one (here 1 s, for the test); anything else ends it.
+    monkeypatch.setattr(broker.node_base, "REFUSAL_ECHO_S", 1.0)
+    world.write_config("USA", USA_TO_JPN)
+    users = load_users(world.keydir)
+    resetter = None
+    with capture_logs() as logs:
+        usa = load_node(world.config("USA"))
+        usa._error_log.period = 0
+        task = asyncio.create_task(usa.run())
+        try:
+            await await_for(lambda: usa.ready() is None, 30, "USA ready")
+            await asyncio.to_thread(reload_hub, world.server, {**users, "USA": _another_user()})
+            await await_for(lambda: usa.ready() == NATS_REFUSED, 20, "USA refused")
+            await asyncio.to_thread(world.server.kill)
+            if then == "resets":
+                resetter = _Resetter(world.server.port)
+            await await_for(lambda: usa.ready() == "not connected to NATS", 20, "refusal over")
+            gauge = usa.metrics.registry.get_sample_value("msmt_nats_credentials_refused")
+            assert gauge == 0
+            assert usa._nats_refused == ""
+            over = [e for e in logs if e["event"] == "nats_credentials_refusal_over"]
+            assert len(over) == 1, over
+            # What fails now is said as itself.
+            word = "ConnectionResetError" if then == "resets" else "Connect"
+            await await_for(
+                lambda: any(
+                    e["event"] == "node_error" and word in str(e.get("error")) for e in logs
+                ),
+                20,
+                "the new failure logged",
+            )
+            assert "Authorization Violation" not in usa._last_error
+        finally:
+            if resetter is not None:
+                resetter.close()
+            usa.stop.set()
+            await asyncio.gather(task, return_exceptions=True)

@@ -723,3 +723,24 @@ def test_status_says_when_the_roster_on_disk_would_refuse_the_next_start(folder:
     assert shown["roster_version"] == 1
     assert str(shown["roster_file"]).startswith("does not load, so a restart would fail: ")
     assert refused.stderr == f"msmt: error: {str(shown['roster_file']).partition(': ')[2]}\n"
+
+
+def test_status_says_a_roster_revoking_the_members_decryption_key_would_refuse_the_start(
+    folder: Path,
+) -> None:
+    # A review: with JPN's only encryption key revoked, the start is refused ("no usable
+    # decryption key"), and the status said "restart the node to apply it".
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    with _running(config_path):
+        pass
+    roster = keys_roster.load_signed_roster(folder / "keys").roster
+    enc = roster.current("JPN", "enc", datetime.now(UTC)).kid
+    keys_custodian.revoke_key(folder / "keys", enc, "stolen")
+    refused = msmt("node", "run", "--config", str(config_path))
+    assert refused.returncode == 2
+    assert "JPN has no usable decryption key" in refused.stderr
+    done = msmt("status", "--config", str(config_path), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["roster_file"] == (
+        "version 2, with which a restart would fail: JPN has no usable decryption key in the roster"
+    )

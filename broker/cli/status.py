@@ -26,7 +26,7 @@ from broker.errors import MsmtError
 from broker.feeds import FEED_COUNTER, SHARED_STATE
 from broker.feeds import usage as feed_usage
 from broker.inbound_base import SENDER_BUDGET_STATE
-from broker.keys import current_signing_key
+from broker.keys import check_decryption_listed, current_signing_key
 from broker.node_files import load_roster
 from broker.roster import parse_time
 from broker.store import Store
@@ -75,14 +75,18 @@ def _policy_file_state(config: NodeConfig, in_force: str) -> str:
 
 def _roster_file_state(config: NodeConfig, started: str) -> str:
     # As for the policy, and whether a start would take it: a start refused over the
-    # roster (its signature, or no signing key of ours in it: a suspension) leaves
+    # roster (its signature, or no signing or decryption key of ours in it) leaves
     # roster_version at the last run's, which read as a rollout not arrived yet.
     try:
         signed = load_roster(config)
     except MsmtError as exc:
         return f"does not load, so a restart would fail: {exc}"
+    now = datetime.now(UTC)
     try:
-        current_signing_key(signed.roster, config.member, datetime.now(UTC))
+        current_signing_key(signed.roster, config.member, now)
+        # A review: a revoked encryption key refused the start too, and read "restart
+        # the node to apply it".
+        check_decryption_listed(signed.roster, config.member, now)
     except MsmtError as exc:
         return f"version {signed.version}, with which a restart would fail: {exc}"
     if str(signed.version) == started:
