@@ -227,16 +227,24 @@ class NodeBase:
 
     def _credentials_accepted(self) -> None:
         # Connected: a refusal, if one stood, is over (said once, as it began).
-        self._refusal_over("nats_credentials_accepted")
+        self._refusal_over(None)
 
-    def _refusal_over(self, event: str, **why: str) -> None:
-        # A refusal, if one stood, is over: connected (accepted), or the tries now fail
-        # for another reason, which must be said as itself (a review: a hub that then
-        # reset every connection, or went down, was still reported as refusing).
+    def _refusal_over(self, failing: str | None) -> None:
+        # A refusal, if one stood, is over: connected (``failing`` None), or the tries
+        # now fail for another reason, which must be said as itself (a review: a hub
+        # that then reset every connection, or went down, still read as refusing).
         if not self._nats_refused:
             return
         since = self._nats_refused.partition(": ")[0].removeprefix("since ")
-        log.warning(event, refused_since=since, refusals=self._refusals, **why)
+        if failing is None:
+            log.warning("nats_credentials_accepted", refused_since=since, refusals=self._refusals)
+        else:
+            log.warning(
+                "nats_credentials_refusal_over",
+                refused_since=since,
+                refusals=self._refusals,
+                now=failing,
+            )
         self._nats_refused, self._refusals = "", 0
         self.metrics.nats_refused.set(0)
 

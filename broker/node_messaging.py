@@ -109,7 +109,7 @@ class Messaging(NodeBase):
         """
         if isinstance(exc, _REFUSAL_CLOSE) and self._refused_recently():
             return True
-        self._refusal_over("nats_credentials_refusal_over", now=type(exc).__name__)
+        self._refusal_over(type(exc).__name__)
         return False
 
     async def _connect(self) -> Client | None:
