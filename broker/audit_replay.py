@@ -144,10 +144,7 @@ def replay(
         findings += _sent_in_several_logs(versions)
         refusals = _refusals_by_pair(index.rejections.get(jwe, ()))
         findings += _refusal_mismatches(jwe, versions, given, index, refusals)
-        # The one key its entries name (another is a conflicting-repeat): its first
-        # entry's, or, that one of format 1, the first repeat's that names one.
-        named = index.kids.get(jwe)
-        kid = versions[0].recipient_kid or (named[0] if named else None)
+        statuses: list[str] = []
         for send in versions:
             # Every version is checked against the policy: a later one cannot
             # stand in for an earlier one that disclosed more.
@@ -156,6 +153,10 @@ def replay(
             )
             if status == "delivered":
                 delivered.add((send.member, send.partner, jwe))
+            statuses.append(status)
+            # Its own key, or (format 1) the one a repeat of it names.
+            more = index.more_kids.get((send.member, jwe))
+            kid = send.recipient_kid or (more[0][0] if more else None)
             exchanges.append(
                 Exchange(
                     send.at,
@@ -176,9 +177,7 @@ def replay(
                 )
             )
             findings += _check_release(send, answers)
-            findings += keys.check(send, kid, status)
-            if keys.revoked(send, kid, status):
-                to_revoked.add((send.member, send.seq))
+        findings += keys.check(jwe, versions, statuses, index.more_kids, to_revoked)
         findings += _not_the_recipient(jwe, versions, index)
     for jwe, receipts in index.receipts.items():
         if jwe in index.sends:
@@ -212,6 +211,7 @@ def replay(
         held,
         frozenset(to_revoked),
         roster is not None,
+        keys.keyless,
     )
 
 
@@ -468,23 +468,78 @@ KEY_FINDINGS = frozenset({"wrong-recipient-key", "to-revoked-key"})
 
 
 class _RecipientKeys:
-    """The roster's answer on each send's recipient key, worked out once per (key, partner)."""
+    """The roster's answer on each envelope's recipient keys, once per (key, partner).
+
+    Once per envelope (JWE) and log, not per entry: a ``sent`` and a ``withheld``
+    entry of one envelope (a crash between them) are one envelope exposed, and one
+    finding. Every key its entries name is checked: when they contradict each other
+    (a ``conflicting-repeat``), none may hide another.
+    """
 
     def __init__(self, roster: Roster | None) -> None:
         self._roster = roster
         self._known: dict[tuple[str, str], tuple[str, str, str | None] | None] = {}
+        self.keyless = 0
+        """Envelopes sent whose entries name no key (format 1): not checked."""
 
-    def check(self, send: Send, kid: str | None, status: str) -> list[Finding]:
-        """``wrong-recipient-key`` or ``to-revoked-key`` for a send to ``kid``, if due.
+    def check(
+        self,
+        jwe: str,
+        versions: Sequence[Send],
+        statuses: Sequence[str],
+        more_kids: Mapping[tuple[str, str], Sequence[tuple[str, int]]],
+        exposed: set[tuple[str, int]],
+    ) -> list[Finding]:
+        """Key findings on one envelope; adds to ``exposed`` the send that stands for it.
 
-        A ``withheld`` entry was taken back for its key, so is checked only once its
-        partner's log shows it left (``delivered``, ``rejected``); it is after a
-        revocation only if its report arrived after it (when it was published cannot
-        be told otherwise). None without a roster or a key (format 1).
+        Its send stands for it, else a ``withheld`` entry once its partner's log shows
+        it left (``delivered``, ``rejected``): one taken back for its key and never seen
+        was not sent, as far as anyone can tell. Nothing without a roster.
         """
-        left = not send.withheld or status in ("delivered", "rejected")
-        if self._roster is None or kid is None or not left:
+        if self._roster is None:
             return []
+        found: list[Finding] = []
+        for member in dict.fromkeys(v.member for v in versions):
+            mine = [(v, st) for v, st in zip(versions, statuses, strict=True) if v.member == member]
+            stands = next((v for v, _ in mine if not v.withheld), None) or next(
+                (v for v, st in mine if st in ("delivered", "rejected")), None
+            )
+            if stands is None:
+                continue
+            kids = sorted(
+                {v.recipient_kid for v, _ in mine if v.recipient_kid}
+                | {k for k, _ in more_kids.get((member, jwe), ())}
+            )
+            if not kids and stands.withheld:
+                # The partner needs the header's key to open it, and the hash names these
+                # bytes: an entry naming none is false (a review).
+                found.append(
+                    Finding(
+                        "wrong-recipient-key",
+                        member,
+                        stands.seq,
+                        stands.report_id,
+                        f"to {stands.partner}: a withheld envelope that names no key, yet"
+                        f" reached {stands.partner}",
+                    )
+                )
+            elif not kids:
+                self.keyless += 1
+            for kid in kids:
+                found += self._check_one(stands, kid)
+                if self._revoked(stands, kid):
+                    exposed.add((stands.member, stands.seq))
+        return found
+
+    def _check_one(self, send: Send, kid: str) -> list[Finding]:
+        """``wrong-recipient-key`` or ``to-revoked-key`` for ``send`` to ``kid``, if due.
+
+        A send before the revocation, or in its second, is not after it. A withheld
+        envelope is dated only by its report's arrival (it was made after that): one
+        made before the revocation is not after it; one that cannot be dated (its
+        arrival not in the log, or the revocation's time not in the roster) is, as a
+        send to a key whose revocation time is not known.
+        """
         pair = (kid, send.partner)
         if pair not in self._known:
             self._known[pair] = self._problem(kid, send.partner)
@@ -493,27 +548,23 @@ class _RecipientKeys:
             return []
         kind, detail, since = problem
         if kind == "to-revoked-key" and send.withheld:
-            # A withheld envelope is dated only by its report's arrival: made after it.
             made = send.made_after
-            if since is None or made is None or made <= since:
+            if since is not None and made is not None and made <= since:
                 return []
             detail += (
                 f" (taken back at a start, but made after its report arrived at {made},"
-                f" and it reached {send.partner})"
-            )
+                if made is not None
+                else " (taken back at a start, its report's arrival not in the log,"
+            ) + f" and it reached {send.partner})"
         elif kind == "to-revoked-key" and since is not None and send.at <= since:
             # Before the revocation, or in its second (the order unknown): it went to
             # what was the partner's key then.
             return []
         return [Finding(kind, send.member, send.seq, send.report_id, detail)]
 
-    def revoked(self, send: Send, kid: str | None, status: str) -> bool:
-        """Whether a send's key is the partner's, revoked (at any time), and the send left.
-
-        A ``withheld`` envelope counts once its partner's log shows it reached the hub.
-        """
-        left = not send.withheld or status in ("delivered", "rejected")
-        if self._roster is None or kid is None or not left or kid not in self._roster:
+    def _revoked(self, send: Send, kid: str) -> bool:
+        """Whether ``kid`` is ``send``'s partner's key, revoked (at any time)."""
+        if self._roster is None or kid not in self._roster:
             return False
         key = self._roster.get(kid)
         return key.status == "revoked" and (key.member, key.use) == (send.partner, "enc")

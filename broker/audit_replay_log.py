@@ -288,9 +288,9 @@ class Index:
     receipts: dict[str, list[Receipt]] = field(default_factory=dict)
     rejections: dict[str, list[Rejection]] = field(default_factory=dict)
     bulk: dict[tuple[str, str], BulkRefusals] = field(default_factory=dict)
-    kids: dict[str, tuple[str, int]] = field(default_factory=dict)
-    """The recipient key of a JWE whose first entry names none (format 1), and the
-    entry that first names it."""
+    more_kids: dict[tuple[str, str], list[tuple[str, int]]] = field(default_factory=dict)
+    """(log's member, JWE) -> recipient keys its entries name that its first record
+    does not hold, each with the entry that first names it (``_read_kid``)."""
 
 
 def read_log(
@@ -366,29 +366,36 @@ def _read_send(
 
 
 def _read_kid(member: str, entry: _Entry, index: Index, findings: list[Finding]) -> None:
-    """Check that every entry of a JWE that names its recipient key names the same one.
+    """Check that the entries of a JWE in one log name one recipient key; keep any other.
 
     Apart from the rest of a repeat: a format 1 ``sent`` entry names none, and its
-    repeat by an upgraded node may. Read after ``_read_send``, so the JWE has a record.
+    repeat by an upgraded node may. A key its first record does not hold is kept in
+    ``Index.more_kids`` (rare: that upgrade, or entries that contradict each other,
+    each key of which is checked). Read after ``_read_send``: the JWE has a record.
     """
     kid = entry.get("recipient_kid")
     if kid is None:
         return
     jwe = entry["jwe_sha256"]
-    first = index.sends[jwe][0]
-    named = (first.recipient_kid, first.seq) if first.recipient_kid else index.kids.get(jwe)
-    if named is None:
-        index.kids[jwe] = (sys.intern(kid), entry["seq"])  # its first entry (format 1) named none
-    elif named[0] != kid:
+    first = next(r for r in index.sends[jwe] if r.member == member)
+    if kid == first.recipient_kid:
+        return
+    pair = (member, jwe)
+    more = index.more_kids.get(pair, [])
+    if any(kid == k for k, _ in more):
+        return
+    named = ([(first.recipient_kid, first.seq)] if first.recipient_kid else []) + more
+    if named:
         findings.append(
             Finding(
                 "conflicting-repeat",
                 member,
                 entry["seq"],
                 entry["report_id"],
-                f"repeat of entry {named[1]} (same JWE) differs from it in recipient_kid",
+                f"repeat of entry {named[0][1]} (same JWE) differs from it in recipient_kid",
             )
         )
+    index.more_kids.setdefault(pair, []).append((sys.intern(kid), entry["seq"]))
 
 
 def _read_rejection(

@@ -104,6 +104,8 @@ class Replay:
     """(sender, seq) of sends encrypted to a partner's key the roster given has revoked."""
     keys_checked: bool = False
     """Whether recipient keys were checked (a roster was given)."""
+    keyless_sends: int = 0
+    """Envelopes sent whose entries name no recipient key (format 1): not checked."""
 
     def statuses(self) -> Counter[str]:
         """How many sends ended in each status."""
@@ -202,6 +204,7 @@ class Replay:
     def _json_summary(self) -> Iterator[tuple[str, Any]]:
         yield "findings", [asdict(f) for f in self.findings]
         yield "keys_checked", self.keys_checked
+        yield "keyless_sends", self.keyless_sends
         yield "unchecked_receipts", self.unchecked_receipts
         yield (
             "matrix",

@@ -121,6 +121,11 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
     if not result.keys_checked and any(e.recipient_kid for e in result.exchanges):
         # Nor is "none" a word on the keys the sends went to: they need the roster.
         lines.append("  recipient keys not checked: no roster given (--keys or --roster)")
+    if result.keyless_sends:
+        lines.append(
+            f"  recipient keys not checked: {_count(result.keyless_sends, 'envelope')} whose"
+            " entries name none (format 1)"
+        )
     sends, receipts = result.statuses()["not-checked"], result.unchecked_receipts
     if sends or receipts:
         # "none" is only as wide as the logs given: say what they could not check.

@@ -14,6 +14,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import astuple
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1490,6 +1491,80 @@ def test_a_send_encrypted_to_a_key_not_the_partners_or_revoked_before_it_is_a_fi
     ]
     unchecked = replay(log, BOTH)  # no roster given: not checked
     assert (unchecked.findings, unchecked.sent_to_revoked_keys()) == ((), [])
+
+
+def test_every_key_an_envelopes_entries_name_is_checked_once_whatever_the_order() -> None:
+    # A review of the key checks (/tmp/h75): a harmless key named first hid a revoked one
+    # named by a repeat; two logs naming one JWE with other keys gave answers that
+    # depended on their order; a withheld entry naming no key, or one that cannot be
+    # dated, escaped; a sent and a withheld entry of one envelope were two exposures.
+    roster = Roster(
+        [
+            _roster_key("usa-enc-1", "USA", "enc", "revoked", 1),
+            _roster_key("usa-enc-2", "USA", "enc", "active", None),
+        ]
+    )
+    jpn = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0)]
+    first, repeat = (_jpn_send(R1, D_LOOSE, t=t) for t in (5, 6))
+
+    def keyed(event: ev.AuditEvent, kid: str | None) -> ev.AuditEvent:
+        return ev.AuditEvent(dict(event.fields, recipient_kid=kid))
+
+    log = _entries([*jpn, keyed(first, "usa-enc-2"), keyed(repeat, "usa-enc-1")])
+    result = replay({"JPN": log}, BOTH, roster=roster)
+    assert sorted((f.kind, f.seq) for f in result.findings) == [
+        ("conflicting-repeat", 3),
+        ("to-revoked-key", 2),  # the revoked key its repeat names, checked too
+    ]
+    assert [e.seq for e in result.sent_to_revoked_keys()] == [2]
+    # The same JWE sent from two logs naming other keys: the same findings either way.
+    kor = [_started("KOR"), _accepted("KOR", R1, 0)]
+    theirs = ev.AuditEvent(dict(keyed(first, "usa-enc-1").fields, member="KOR", originator="KOR"))
+    both = {"JPN": _entries([*jpn, keyed(first, "usa-enc-2")]), "KOR": _entries([*kor, theirs])}
+    forward = replay(both, BOTH, roster=roster)
+    backward = replay(dict(reversed(both.items())), BOTH, roster=roster)
+    assert sorted(map(astuple, forward.findings)) == sorted(map(astuple, backward.findings))
+    assert [(f.kind, f.member) for f in forward.findings if f.kind.endswith("key")] == [
+        ("to-revoked-key", "KOR")
+    ]
+    assert {(e.sender, e.recipient_kid) for e in forward.exchanges} == {
+        ("JPN", "usa-enc-2"),
+        ("KOR", "usa-enc-1"),
+    }
+    usa = [_started("USA"), _recv("USA", "JPN", R1, NARROW, 7)]
+    # A withheld entry naming no key, yet received: false (the partner needs the key).
+    kidless = keyed(_withheld("USA", R1, NARROW, 6), None)
+    found = replay({"JPN": _entries([*jpn, kidless]), "USA": _entries(usa)}, BOTH, roster=roster)
+    assert [(f.kind, f.detail) for f in found.findings] == [
+        (
+            "wrong-recipient-key",
+            "to USA: a withheld envelope that names no key, yet reached USA",
+        )
+    ]
+    # One that cannot be dated (its report's arrival not in the log), to a revoked key.
+    undated = replay(
+        {"JPN": _entries([jpn[0], _withheld("USA", R1, NARROW, 6)]), "USA": _entries(usa)},
+        BOTH,
+        roster=roster,
+    )
+    assert [f.kind for f in undated.findings if f.kind.endswith("key")] == ["to-revoked-key"]
+    assert undated.findings[-1].detail.endswith(
+        "(taken back at a start, its report's arrival not in the log, and it reached USA)"
+    )
+    # Sent, then taken back after a crash (one envelope): one finding, one exposure.
+    twice = [*jpn, keyed(first, "usa-enc-1"), _withheld("USA", R1, NARROW, 8)]
+    result = replay({"JPN": _entries(twice), "USA": _entries(usa)}, BOTH, roster=roster)
+    assert [f.kind for f in result.findings] == ["to-revoked-key"]
+    assert len(result.sent_to_revoked_keys()) == 1
+    # Format 1 sends name no key: counted as not checked, not passed over in silence.
+    old = _entries([*jpn, first])
+    del old[2]["recipient_kid"]
+    old[2]["v"] = 1
+    result = replay({"JPN": old}, BOTH, roster=roster)
+    assert (result.findings, result.keyless_sends) == ((), 1)
+    assert "  recipient keys not checked: 1 envelope whose entries name none (format 1)" in (
+        render_tables(result, ["JPN"], timeline=False).splitlines()
+    )
 
 
 def _jwe_to(kid: str, body: bytes = b"1") -> bytes:
