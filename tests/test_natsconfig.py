@@ -459,7 +459,12 @@ def test_setup_again_without_replicas_keeps_every_copy_of_a_cluster_stream(
     def setup(args: list[str]) -> Result:
         # A new cluster may not count its peers yet, and on a loaded machine a peer
         # can miss a heartbeat and count as offline for a moment: setup then waits.
-        return runner.invoke(main, [*base, *args])
+        # Past its 20 s it says to run it again (it changes only what differs), as
+        # an operator would: a clean-clone run beside other jobs met that once.
+        done = runner.invoke(main, [*base, *args])
+        if done.exit_code == 2 and "did not answer within" in done.output:
+            done = runner.invoke(main, [*base, *args])
+        return done
 
     try:
         first = setup(["--account", "USA", "--replicas", "3"])
