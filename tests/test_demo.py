@@ -13,6 +13,7 @@ assumed. A control page with a deliberate error proves the capture works.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -444,6 +445,24 @@ def _signal_masks(pid: int) -> dict[str, str]:
     )
 
 
+def _stop_all(proc: subprocess.Popen[str], children: list[psutil.Process]) -> list[int]:
+    """Kill the demo if still running; return its children still running, then kill them.
+
+    They run in their own sessions: a test failing before the demo stopped them left a
+    hub and eleven nodes running (a clean-clone run's, found later still busy). What
+    is returned is looked at before they are killed, so a test still sees a demo that
+    left them.
+    """
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+    left = _gone(children)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    return left
+
+
 def _gone(children: list[psutil.Process]) -> list[int]:
     return [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
@@ -452,6 +471,7 @@ def test_ctrl_c_stops_every_process_and_removes_the_scratch_directory() -> None:
     # Enough sightings that the run cannot finish before the signal lands: with 60,
     # a worker held off the CPU for a moment sent it after a clean exit 0.
     proc = _start_demo("--sightings", "600", "--html", os.devnull)
+    children: list[psutil.Process] = []
     try:
         scratch, children = _until_ready(proc)
         # What the demo does with SIGINT as it gets it (signal 2 is bit 1 of each mask).
@@ -468,32 +488,29 @@ def test_ctrl_c_stops_every_process_and_removes_the_scratch_directory() -> None:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        left = _stop_all(proc, children)
     assert proc.returncode != 0, (masks, out[-1500:], err)
     assert "Traceback" not in err
-    assert _gone(children) == []
+    assert left == []
     assert not scratch.exists()
 
 
 def test_a_node_dying_fails_the_demo_with_one_line_and_cleans_up(tmp_path: Path) -> None:
     kept = tmp_path / "kept"
     proc = _start_demo("--sightings", "600", "--keep", str(kept))
+    children: list[psutil.Process] = []
     try:
         _, children = _until_ready(proc)
         victim = next(c for c in children if "nodes/USA/node.toml" in " ".join(c.cmdline()))
         victim.kill()
         _, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        left = _stop_all(proc, children)
     assert proc.returncode == 1
     assert err.strip().splitlines() == [
         f"msmt: error: the USA node died: {err.split('the USA node died: ')[1].strip()}"
     ]
-    assert _gone(children) == []
+    assert left == []
     assert (kept / "logs" / "USA.log").is_file()  # --keep keeps the evidence of a failed run
 
 
