@@ -550,6 +550,7 @@ def test_cli_init_rotate_revoke_verify(tmp_path: Path) -> None:
     )
     result = runner.invoke(main, ["keys", "revoke", kid, "--reason", "test", "--dir", keydir])
     assert result.exit_code == 0, result.output
+    said = result.output
     # Its signing key revoked, USA has no key to start its node with: say so.
     assert (
         "warning: USA has no active sig key left: run 'msmt keys rotate USA' if you hold its "
@@ -563,6 +564,7 @@ def test_cli_init_rotate_revoke_verify(tmp_path: Path) -> None:
     # When it was revoked, and when the rotated key was retired: what auditors compare.
     revoked = keys_roster.load_signed_roster(Path(keydir)).roster.get(kid).revoked_at
     assert revoked is not None
+    assert f"revoked {kid} at {format_time(revoked)}; roster version 3\n" in said
     line = next(ln for ln in result.output.splitlines() if ln.startswith(f"USA sig {kid} "))
     assert line.endswith(f" (revoked at {format_time(revoked)})")
     assert re.search(r"^USA sig \S+ retired \S+ \(retired at \S+Z\)$", result.output, re.M)

@@ -178,8 +178,10 @@ def keys_revoke(kid: str, reason: str, keydir: Path) -> None:
     _finish_roster_write(keydir)
     keys_custodian.revoke_key(keydir, kid, reason)
     signed = keys_roster.load_signed_roster(keydir)
-    click.echo(f"revoked {kid}; roster version {signed.version}")
     revoked = signed.roster.get(kid)
+    # When: what auditors compare sends with (msmt audit replay's to-revoked-key).
+    at = "" if revoked.revoked_at is None else f" at {format_time(revoked.revoked_at)}"
+    click.echo(f"revoked {kid}{at}; roster version {signed.version}")
     owner = revoked.member
     # A member without an active key of this use cannot start its node (no signing
     # key) or be sent anything (no encryption key) until it is rotated.
