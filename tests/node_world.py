@@ -14,6 +14,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
+
+import pytest
 
 from broker import keys, keys_custodian, keys_roster, samples
 from broker.auditlog import DB_FILE
@@ -93,6 +96,21 @@ def msmt(
         env={**os.environ, **env},
         check=False,
     )
+
+
+def without_dac_override() -> list[str]:
+    """A command prefix that runs as this user without root's bypass of file modes.
+
+    Empty for another user; for root, ``setpriv`` dropping CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH (a mode-0500 folder stops no root process otherwise). Skips
+    the test where root has no ``setpriv``: the modes cannot be tested there.
+    """
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root, and no setpriv to drop CAP_DAC_OVERRIDE")
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}"]
 
 
 def in_port_share(env: dict[str, str], share: tuple[int, int] | None = None) -> dict[str, str]:

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from audit_helpers import build_log, event, witness_verifier
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from node_world import MSMT, REPO
+from node_world import MSMT, REPO, without_dac_override
 
 from broker import keys as keyfiles
 from broker import keys_custodian, keys_roster
@@ -814,20 +813,10 @@ def test_a_log_gone_once_verified_is_named_not_a_traceback(
     )
 
 
-def _without_dac_override() -> list[str]:
-    """A prefix that runs a command as this user, without root's bypass of file modes."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("root, and no setpriv to drop CAP_DAC_OVERRIDE")
-    drop = "-dac_override,-dac_read_search"
-    return ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}"]
-
-
 def test_a_log_the_auditor_may_not_read_is_named_with_why(tmp_path: Path, keydir: Path) -> None:
     # A folder it may not enter was a traceback (pathlib's PermissionError); a file it
     # may not read, SQLite's "unable to open database file".
-    prefix = _without_dac_override()
+    prefix = without_dac_override()
     log = tmp_path / "JPN"
     build_log(log, _signing_key(keydir, "JPN"), [5]).close()
     db, uid = log / DB_FILE, os.geteuid()

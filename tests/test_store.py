@@ -22,6 +22,7 @@ from annotated_types import Le
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from node_world import without_dac_override
 
 from broker.auditlog import AuditLog
 from broker.config import LimitsSection
@@ -972,12 +973,7 @@ def _open_both(data: Path, mode: str, prefix: list[str]) -> list[str]:
 def test_a_data_dir_the_user_may_not_write_is_named_with_why(tmp_path: Path) -> None:
     # SQLite said "attempt to write a readonly database" (or "unable to open database
     # file"), and the store's lock "[Errno 13] Permission denied: '...lock'".
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # root writes any folder: without CAP_DAC_OVERRIDE it may not
-        if shutil.which("setpriv") is None:
-            pytest.skip("root, and no setpriv to drop CAP_DAC_OVERRIDE")
-        drop = "-dac_override,-dac_read_search"
-        prefix = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}"]
+    prefix = without_dac_override()  # root writes any folder: as root, not so
     data = _data_dir(tmp_path)
     (data / "audit").chmod(0o500)
     data.chmod(0o500)
