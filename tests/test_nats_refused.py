@@ -15,12 +15,15 @@ reloaded (SIGHUP) with the users changed, as its operator does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator, MutableMapping
+from typing import Any
 
 import pytest
 from node_world import (
@@ -39,6 +42,7 @@ from structlog.testing import capture_logs
 import broker.node_base
 from broker import keys
 from broker.natsusers import load_users
+from broker.node import Node
 from broker.node_base import NATS_REFUSED
 from broker.node_start import load_node
 
@@ -65,16 +69,20 @@ def _another_user() -> str:
     return keys.nats_public(keys.new_nats_seed(), "a fresh seed")
 
 
-async def test_a_hub_that_stops_taking_a_running_nodes_user_is_said_once_and_nothing_is_lost(
+@contextlib.asynccontextmanager
+async def _usa_refused(
     world: World,
-) -> None:
+) -> AsyncIterator[tuple[Node, list[MutableMapping[str, Any]], dict[str, str]]]:
+    """USA's node run in process, once the hub (reloaded without its user) refuses it.
+
+    Yields the node, the log lines captured (every ``node_error`` among them: a
+    refusal going that way, once a minute, could not show within a test otherwise)
+    and the hub's users as they were; stops the node after.
+    """
     world.write_config("USA", USA_TO_JPN)
     users = load_users(world.keydir)
-    usa_user = users["USA"]
     with capture_logs() as logs:
         usa = load_node(world.config("USA"))
-        # Every node_error line it would log: a refusal going that way, once a
-        # minute, could not show within a test otherwise.
         usa._error_log.period = 0
         task = asyncio.create_task(usa.run())
         try:
@@ -82,34 +90,40 @@ async def test_a_hub_that_stops_taking_a_running_nodes_user_is_said_once_and_not
             # The hub's users no longer hold USA's key (a suspension, a replaced user).
             await asyncio.to_thread(reload_hub, world.server, {**users, "USA": _another_user()})
             await await_for(lambda: usa.ready() == NATS_REFUSED, 20, "USA refused")
-            records = world.records_released_to("USA", ["JPN"], 6, seed=97)
-            answers = await world.submit("USA", records)
-            assert {a["status"] for a in answers} == {"accepted"}
-            before = _hub_refusals(world)
-            await await_for(lambda: _hub_refusals(world) >= before + TRIES, 30, "tries refused")
-            await await_for(
-                lambda: "(Authorization Violation)" in world.state("USA").get("nats_refused", ""),
-                10,
-                "USA's status",
-            )
-            assert world.state("USA")["nats_refused"].startswith("since ")
-            registry = usa.metrics.registry
-            assert registry.get_sample_value("msmt_nats_credentials_refused") == 1
-            assert registry.get_sample_value("msmt_nats_connected") == 0
-            assert usa.stop.is_set() is False  # it keeps trying: a reload may let it in
-            assert await world.stream_messages("JPN") == 0
-
-            await asyncio.to_thread(reload_hub, world.server, users)  # USA's user is back
-            await await_for(lambda: usa.ready() is None, 30, "USA back")
-            await world.outbox_sent("USA")
-            assert await world.stream_messages("JPN") == len(records)
-            await await_for(
-                lambda: world.state("USA").get("nats_refused") == "", 10, "USA's status"
-            )
-            assert registry.get_sample_value("msmt_nats_credentials_refused") == 0
+            yield usa, logs, users
         finally:
             usa.stop.set()
             await task
+
+
+async def test_a_hub_that_stops_taking_a_running_nodes_user_is_said_once_and_nothing_is_lost(
+    world: World,
+) -> None:
+    async with _usa_refused(world) as (usa, logs, users):
+        usa_user = users["USA"]
+        records = world.records_released_to("USA", ["JPN"], 6, seed=97)
+        answers = await world.submit("USA", records)
+        assert {a["status"] for a in answers} == {"accepted"}
+        before = _hub_refusals(world)
+        await await_for(lambda: _hub_refusals(world) >= before + TRIES, 30, "tries refused")
+        await await_for(
+            lambda: "(Authorization Violation)" in world.state("USA").get("nats_refused", ""),
+            10,
+            "USA's status",
+        )
+        assert world.state("USA")["nats_refused"].startswith("since ")
+        registry = usa.metrics.registry
+        assert registry.get_sample_value("msmt_nats_credentials_refused") == 1
+        assert registry.get_sample_value("msmt_nats_connected") == 0
+        assert usa.stop.is_set() is False  # it keeps trying: a reload may let it in
+        assert await world.stream_messages("JPN") == 0
+
+        await asyncio.to_thread(reload_hub, world.server, users)  # USA's user is back
+        await await_for(lambda: usa.ready() is None, 30, "USA back")
+        await world.outbox_sent("USA")
+        assert await world.stream_messages("JPN") == len(records)
+        await await_for(lambda: world.state("USA").get("nats_refused") == "", 10, "USA's status")
+        assert registry.get_sample_value("msmt_nats_credentials_refused") == 0
     events = [e["event"] for e in logs]
     assert events.count("nats_credentials_refused") == 1, events
     assert events.count("nats_credentials_accepted") == 1, events
@@ -208,17 +222,9 @@ async def test_a_refusal_ends_when_the_hub_fails_otherwise(
     # the operator to mend a users file that was fine). A reset comes as a refusal's
     # echo only soon after one (here 1 s, for the test); anything else ends it.
     monkeypatch.setattr(broker.node_base, "REFUSAL_ECHO_S", 1.0)
-    world.write_config("USA", USA_TO_JPN)
-    users = load_users(world.keydir)
     resetter = None
-    with capture_logs() as logs:
-        usa = load_node(world.config("USA"))
-        usa._error_log.period = 0
-        task = asyncio.create_task(usa.run())
+    async with _usa_refused(world) as (usa, logs, _):
         try:
-            await await_for(lambda: usa.ready() is None, 30, "USA ready")
-            await asyncio.to_thread(reload_hub, world.server, {**users, "USA": _another_user()})
-            await await_for(lambda: usa.ready() == NATS_REFUSED, 20, "USA refused")
             await asyncio.to_thread(world.server.kill)
             if then == "resets":
                 resetter = _Resetter(world.server.port)
@@ -241,5 +247,3 @@ async def test_a_refusal_ends_when_the_hub_fails_otherwise(
         finally:
             if resetter is not None:
                 resetter.close()
-            usa.stop.set()
-            await asyncio.gather(task, return_exceptions=True)
