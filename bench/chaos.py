@@ -95,6 +95,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from reliability_world import MSMT, Cluster, msmt, not_whole, records_for  # noqa: E402
+from sigterm import stop_on_sigterm  # noqa: E402
 from tcpproxy import TcpProxy  # noqa: E402
 
 from broker.natsproc import NatsServer  # noqa: E402
@@ -869,6 +870,7 @@ def main() -> None:
         + ", ".join(FAULTS),
     )
     args = parser.parse_args()
+    stop_on_sigterm()
     kinds = faults_for(args.hub_servers)
     chosen = [k for k in (args.faults or ",".join(kinds)).split(",") if k]
     if not chosen or set(chosen) - set(kinds):

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 from floors import CryptoFloor, publish_floor, pull_floor
 from joserfc.jwk import OKPKey
+from sigterm import stop_on_sigterm
 
 from broker import envelope, keys, keys_custodian, keys_roster, samples, sdjwt
 from broker.checkpoint import (
@@ -918,6 +919,7 @@ def main() -> None:
     if args.latency_seconds is None:
         args.latency_seconds = 5.0 if args.quick else 30.0
     args.memory = not args.quick
+    stop_on_sigterm()
     show(asyncio.run(measure(args)), args.rate)
 
 

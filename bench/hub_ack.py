@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nats
 import psutil
 from nats.js.api import RetentionPolicy
+from sigterm import stop_on_sigterm
 
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import InboxLimits, inbox_consumer_config, inbox_stream_config
@@ -92,10 +93,10 @@ async def one(
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="msmt-hub-ack-") as tmp:
         server = NatsServer(workdir=Path(tmp), sync_always=True)
-        server.start()
-        assert server.proc is not None
         results: dict[RetentionPolicy, list[tuple[float, float]]] = {}
         try:
+            server.start()
+            assert server.proc is not None
             for r in range(args.rounds):
                 order = [RetentionPolicy.INTEREST, RetentionPolicy.LIMITS]
                 for retention in order if r % 2 == 0 else order[::-1]:
@@ -129,7 +130,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=3000, help="messages per stream")
     parser.add_argument("--batch", type=int, default=7, help="messages a fetch (e2e at 100/s: ~7)")
     parser.add_argument("--rounds", type=int, default=4)
-    asyncio.run(main_async(parser.parse_args()))
+    args = parser.parse_args()
+    stop_on_sigterm()
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ from inputs_damage import (
     toml_variants,
     wal_variants,
 )
+from sigterm import stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parent.parent
 MSMT = ROOT / ".venv" / "bin" / "msmt"
@@ -761,6 +762,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="Seconds before a hang.")
     parser.add_argument("--code", type=Path, help="Run the commands on this checkout's broker/.")
     args = parser.parse_args()
+    stop_on_sigterm()
     CODE = None if args.code is None else args.code.resolve()
     TIMEOUT = args.timeout
     if not MSMT.exists():

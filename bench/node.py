@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from floors import publish_floor
+from sigterm import stop_on_sigterm
 
 from broker import keys, keys_custodian, samples
 from broker.config import load_config
@@ -151,4 +152,6 @@ async def main(count: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", type=int, default=2000)
-    asyncio.run(main(parser.parse_args().reports))
+    reports = parser.parse_args().reports
+    stop_on_sigterm()
+    asyncio.run(main(reports))

@@ -62,6 +62,7 @@ from e2e import (
 )
 from floors import pull_floor
 from nats.js.api import RetentionPolicy
+from sigterm import stop_on_sigterm
 
 from broker import keys, keys_custodian, keys_roster
 from broker.config import load_config
@@ -429,6 +430,7 @@ def main() -> None:
     parser.add_argument("--tmp", help="scratch parent directory")
     parser.add_argument("--profile", help="write py-spy raw stacks of the node here")
     args = parser.parse_args()
+    stop_on_sigterm()
     if args.messages is None:
         args.messages = 600 if args.quick else 3000
     show(asyncio.run(measure(args)), args)

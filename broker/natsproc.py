@@ -237,7 +237,13 @@ class NatsServer:
         finally:
             log.close()
         if wait:
-            self.wait_healthy(timeout=timeout)
+            try:
+                self.wait_healthy(timeout=timeout)
+            except BaseException:
+                # Not left running unwatched (its own session: no terminal's
+                # signal reaches it) when it never became healthy, or Ctrl-C came.
+                self.kill()
+                raise
 
     def healthy(self) -> bool:
         """Return whether ``/healthz`` answers ok (JetStream included)."""

@@ -17,6 +17,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 from node_world import in_port_share
 
 from broker import natsproc
+from broker.errors import UsageError
 from broker.natsproc import NatsServer, _bindable, free_port, share_ports
 
 pytestmark = pytest.mark.integration
@@ -42,6 +43,18 @@ async def test_jetstream_survives_a_server_restart(nats_server: NatsServer) -> N
     dup = await js.publish("t.one", b"hello", headers={"Nats-Msg-Id": "m1"})
     assert dup.duplicate
     await nc.close()
+
+
+def test_a_server_that_does_not_become_healthy_in_time_is_not_left_running(
+    tmp_path: Path,
+) -> None:
+    # It runs in its own session, so no terminal's Ctrl-C reaches it: a start that
+    # gave up on it (or was interrupted while waiting) left it holding its ports.
+    server = NatsServer(workdir=tmp_path)
+    with pytest.raises(UsageError, match="not healthy after 0"):
+        server.start(timeout=0)
+    assert server.proc is not None
+    assert server.proc.poll() is not None
 
 
 async def _publish_once_led(js: JetStreamContext, data: bytes, msg_id: str) -> PubAck:

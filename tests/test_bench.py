@@ -1,0 +1,51 @@
+"""The benchmarks stop what they started when SIGTERM stops them, as Ctrl-C does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from node_world import in_port_share, wait_for
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_a_benchmark_stopped_with_sigterm_stops_its_hub_and_removes_its_files(
+    tmp_path: Path, when: str
+) -> None:
+    # SIGTERM's default action ended the driver at once: its nats-server ran on
+    # (and the eleven nodes of e2e.py), holding ports the next run needed. Stopped
+    # while the hub starts (NatsServer.start waits for it), or once its client is
+    # connected and the rounds run.
+    env = in_port_share({**os.environ, "TMPDIR": str(tmp_path)})
+    argv = [sys.executable, str(BENCH / "hub_ack.py"), "--messages", "1000000", "--rounds", "1"]
+    driver = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    hubs: list[psutil.Process] = []
+    try:
+        parent = psutil.Process(driver.pid)
+
+        def hub_started() -> bool:
+            hubs[:] = [c for c in parent.children() if c.name() == "nats-server"]
+            if not hubs or not any(tmp_path.iterdir()):
+                return False
+            return when == "starting" or any(
+                c.status == psutil.CONN_ESTABLISHED for c in parent.net_connections("tcp")
+            )
+
+        wait_for(hub_started, 60, "the benchmark's nats-server")
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=60)
+        assert driver.returncode != 0
+        assert b"KeyboardInterrupt" in err
+        assert [h.pid for h in hubs if h.is_running() and h.status() != "zombie"] == []
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        for proc in [*hubs, psutil.Process(driver.pid)] if driver.poll() is None else hubs:
+            if proc.is_running():
+                proc.kill()
