@@ -193,8 +193,9 @@ def audit_replay(
     evidence with the sender's log).
 
     \b
-    Exit status: 0 no findings; 1 findings, or a log or entry that does not
-    verify; 2 usage errors (missing key source, unreadable folders).
+    Exit status: 0 no findings; 1 findings, a log or entry that does not
+    verify, or a log that cannot be opened or read (why is named); 2 usage
+    errors (no key source, a folder that is missing or holds no log file).
     """  # noqa: D301 - click's \b (a backspace) keeps the tables unwrapped
     trusted = trusted_roster(keydir, authority, roster)
     known = _load_policies(policies)
