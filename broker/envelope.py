@@ -327,11 +327,18 @@ def represent(
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One envelope for ``receive_batch`` and what its transport says of it (``None``: nothing)."""
+    """One envelope for ``receive_batch`` and what its transport says of it (``None``: nothing).
+
+    ``logged``: the caller's own audit log holds this envelope's receipt already
+    (its store lost the commit that followed: a crash, a full disk), so step 10
+    does not judge its age again: it was fresh when it was logged, and refused
+    now it would be lost though the log says received.
+    """
 
     token: str
     attested_sender: str | None
     attested_kind: str | None = None
+    logged: bool = False
 
 
 def receive(
@@ -347,6 +354,7 @@ def receive(
     is_replay: Callable[[str], bool] | None = None,
     accept_onward_from: Collection[str] = (),
     attested_kind: str | None = None,
+    logged: bool = False,
 ) -> Received:
     """Decrypt and verify one envelope addressed to ``me``; return what it discloses.
 
@@ -354,7 +362,8 @@ def receive(
     message (NATS account, subject), ``None`` where it says nothing. ``is_replay(jti)``
     only asks; the caller records the jti after success. A report whose sender is
     not its originator (an onward share) is accepted only from members in
-    ``accept_onward_from``. Raises ``EnvelopeError(step, reason)`` at the first
+    ``accept_onward_from``. ``logged`` as in ``Delivery``. Raises
+    ``EnvelopeError(step, reason)`` at the first
     failing step, with ``report_id`` set once the signature has verified; the
     reason never contains report content. Raises ``UsageError`` if ``now`` is naive.
     """
@@ -363,7 +372,7 @@ def receive(
         return [i for i, jti in asked if is_replay is not None and is_replay(jti)]
 
     (outcome,) = receive_batch(
-        [Delivery(token, attested_sender, attested_kind)],
+        [Delivery(token, attested_sender, attested_kind, logged)],
         me=me,
         decryption_keys=decryption_keys,
         roster=roster,
@@ -443,8 +452,10 @@ def receive_batch(
 
     # 5-9: ``_claims``, ``_signature``, ``_disclosures``.
     def fresh(o: _Opening) -> None:
-        # 10. freshness: iat no older than max_age and no further ahead than max_skew.
-        _check_fresh(o.iat, now=now, max_age=max_age, max_skew=max_skew)
+        # 10. freshness: iat no older than max_age (but for a delivery the caller's log
+        #     holds the receipt of: judged when it was logged) and no further ahead
+        #     than max_skew.
+        _check_fresh(o.iat, now=now, max_age=None if o.logged else max_age, max_skew=max_skew)
 
     def replay(live: Sequence[_Opening]) -> None:
         # 11. replay: the caller's seen-set has not had this jti. One question for
@@ -478,7 +489,8 @@ def receive_batch(
             )
 
     openings = [
-        _Opening(d.token, d.attested_sender, d.attested_kind, i) for i, d in enumerate(deliveries)
+        _Opening(d.token, d.attested_sender, d.attested_kind, i, d.logged)
+        for i, d in enumerate(deliveries)
     ]
     return _run(
         openings,
@@ -535,6 +547,7 @@ class _Opening:
     attested_sender: str | None
     attested_kind: str | None
     index: int
+    logged: bool = False  # Delivery.logged
     error: Exception | None = None  # the first failure, which decides the message
     jti: str | None = None  # set once the signature has verified: the originator's own
     header: dict[str, Any] = field(init=False)
@@ -718,8 +731,10 @@ def _verify_signature(jws_text: str, *, kid: str, iss: str, iat: datetime, roste
         raise EnvelopeError("signature", "the originator's signature does not verify")
 
 
-def _check_fresh(iat: datetime, *, now: datetime, max_age: timedelta, max_skew: timedelta) -> None:
-    if now - iat > max_age:
+def _check_fresh(
+    iat: datetime, *, now: datetime, max_age: timedelta | None, max_skew: timedelta
+) -> None:
+    if max_age is not None and now - iat > max_age:
         raise EnvelopeError("freshness", f"issued {_seconds(now - iat)} ago; limit {max_age}")
     if iat - now > max_skew:
         raise IssuedAheadError(

@@ -226,7 +226,8 @@ class Inbound(InboundBase):
                     continue
                 reserved.add((sender, digest))
             tokens[index] = token
-            deliveries.append(Delivery(token, sender, subject.rpartition(".")[2]))
+            logged = (sender, digest) in self._unstored
+            deliveries.append(Delivery(token, sender, subject.rpartition(".")[2], logged))
             asked.append((index, sender))
 
         def replays(reached: Sequence[tuple[int, str]]) -> list[int]:
@@ -326,6 +327,7 @@ class Inbound(InboundBase):
             max_age=self.freshness,
             max_skew=MAX_SKEW,
             is_replay=is_replay,
+            logged=(sender, digest) in self._unstored,
         )
         return self._accepted(got, token, now, result)
 

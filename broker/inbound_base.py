@@ -252,10 +252,10 @@ class InboundBase:
         self._clock = clock
         # (sender, JWE hash) of receipts whose entries are in the log but whose
         # store commit failed (a full disk), or that a start found so (a crash):
-        # their redeliveries are not logged again, nor refused over the budget (the
-        # log says they were received). A trial's full store and writable log had 80
-        # entries an envelope. Those a start found are also kept in the store's
-        # status (``UNSTORED_STATE``) until stored.
+        # their redeliveries are not logged again, nor refused over the budget or as
+        # too old (the log says they were received, when fresh). A trial's full store
+        # and writable log had 80 entries an envelope. Those a start found are also
+        # kept in the store's status (``UNSTORED_STATE``) until stored.
         self._unstored: set[tuple[str, str]] = set(unstored)
         self._kept_unstored: set[tuple[str, str]] = set(self._unstored)
         today = utc_day(time.time())

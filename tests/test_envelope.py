@@ -715,6 +715,29 @@ def test_future_iat(issued: envelope.Issued) -> None:
     assert "issued 0:05:01 in the future; limit 0:05:00 (the sender's clock ahead" in str(error)
 
 
+def test_a_delivery_whose_receipt_the_log_holds_is_not_judged_by_age_again(
+    issued: envelope.Issued,
+) -> None:
+    # Its receipt was logged while it was fresh; the store lost the commit after it
+    # (a crash, a full disk), and it came back past the window: refused, it was lost.
+    token = JPN.present(issued, "USA", [])
+    late = NOW + timedelta(days=30)
+    reject(token, "freshness", now=late)
+    assert USA.receive(token, now=late, logged=True).report_id == issued.report_id
+    # Only the age: an iat ahead of the clock is refused (held, by the node) as before.
+    reject(token, "freshness", now=NOW - timedelta(minutes=5, seconds=1), logged=True)
+    (out,) = envelope.receive_batch(
+        [envelope.Delivery(token, None, logged=True)],
+        me="USA",
+        decryption_keys={"USA-enc-1": enc_key("USA")},
+        roster=USA.roster,
+        now=late,
+        max_age=MAX_AGE,
+        max_skew=MAX_SKEW,
+    )
+    assert isinstance(out, envelope.Received)
+
+
 def test_replayed_jti(issued: envelope.Issued) -> None:
     seen: set[str] = set()
     token = JPN.present(issued, "USA", ["vessel.imo"])

@@ -1002,6 +1002,7 @@ def usa_inbound(tmp_path: Path) -> Iterator[tuple[Any, Forger, Path]]:
         clock: Callable[[], float] = time.monotonic,
         budget: int = 1 << 30,
         unstored: frozenset[tuple[str, str]] = frozenset(),
+        freshness: timedelta = timedelta(hours=1),
     ) -> Inbound:
         # ``lacking``: keys left out of USA's roster, as if it had not been rolled out yet.
         behind = Roster(k for k in roster if not lacking(k))
@@ -1011,7 +1012,7 @@ def usa_inbound(tmp_path: Path) -> Iterator[tuple[Any, Forger, Path]]:
             behind,
             store,
             audit,
-            timedelta(hours=1),
+            freshness,
             1 << 20,
             clock,
             sender_bytes_per_day=budget,
@@ -1262,6 +1263,39 @@ def test_receipts_the_log_holds_and_the_store_lost_are_stored_whatever_the_budge
     assert set(receipts.values()) == {1}  # each logged once
     assert len(receipts) == 7
     assert store.state()[UNSTORED_STATE] == "[]"  # stored: nothing kept for a next start
+
+
+def test_receipts_the_log_holds_and_the_store_lost_are_stored_past_the_freshness_window(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # As above, but the node stayed down (or its store full) past the freshness
+    # window: the batch that came back was refused at ``freshness``, though the log
+    # had it received while fresh; the store lacked them and replay called them
+    # delivered. Time passing is a shorter window here: the reports are 30 minutes
+    # old, the window 1 hour when they were logged, 10 minutes when they come back.
+    make, forger, path = usa_inbound
+    older = Forger(forger.world, datetime.now(UTC) - timedelta(minutes=30))
+    lost = [older.delivery(r) for r in records_for("JPN", 5, seed=55)]
+    stale = older.delivery(records_for("JPN", 1, seed=56)[0])
+    Store(path).close()
+    full = Store(path, max_pages=8)
+    with pytest.raises(StoreError, match="database or disk is full"):
+        make(full).process(lost)
+    full.close()
+    logged = [e for e in audit_entries(path.parent / "audit") if e["type"] == "received"]
+    found = frozenset((e["sender"], e["jwe_sha256"]) for e in logged)  # as a start finds them
+    assert len(found) == 5
+    store = Store(path)
+    inbound = make(store, unstored=found, freshness=timedelta(minutes=10))
+    result = inbound.process([*lost, stale])
+    assert result.actions == ["ack"] * 5 + ["term"]  # stored; the one never logged refused
+    assert result.rejected == Counter({"freshness": 1})
+    assert store.inbox_count() == 5
+    entries = audit_entries(path.parent / "audit")
+    assert Counter(e["type"] for e in entries if e["type"] in ("received", "rejected")) == {
+        "received": 5,
+        "rejected": 1,
+    }
 
 
 def test_the_same_bytes_twice_in_a_batch_take_the_budget_once(
