@@ -80,7 +80,7 @@ from broker.audit_replay_log import (
 )
 from broker.audit_replay_result import DESCRIBED_STEPS, BulkRefusals, Exchange, Finding, Replay
 from broker.policy import Policy
-from broker.roster import Roster, format_time
+from broker.roster import CLOCK_SKEW, Roster, format_time
 from broker.sightings import KINDS
 
 __all__ = [
@@ -479,6 +479,7 @@ class _RecipientKeys:
     def __init__(self, roster: Roster | None) -> None:
         self._roster = roster
         self._known: dict[tuple[str, str], tuple[str, str, str | None] | None] = {}
+        self._from: dict[str, tuple[str, str]] = {}  # kid -> (earliest send, valid_from)
         self.keyless = 0
         """Envelopes sent whose entries name no key (format 1): not checked."""
 
@@ -534,16 +535,26 @@ class _RecipientKeys:
     def _check_one(self, send: Send, kid: str) -> list[Finding]:
         """``wrong-recipient-key`` or ``to-revoked-key`` for ``send`` to ``kid``, if due.
 
-        A send before the revocation, or in its second, is not after it. A withheld
-        envelope is dated only by its report's arrival (it was made after that): one
-        made before the revocation is not after it; one that cannot be dated (its
-        arrival not in the log, or the revocation's time not in the roster) is, as a
-        send to a key whose revocation time is not known.
+        A send before the revocation, or in its second, is not after it; a ``sent``
+        entry dated before its report arrived is dated by the arrival (a review
+        backdated sends past a revocation). A withheld envelope is dated only by its
+        report's arrival (it was made after that): one made before the revocation
+        is not after it; one that cannot be dated (its arrival not in the log, or the
+        revocation's time not in the roster) is, as a send to a key whose revocation
+        time is not known. A send before its key was valid (``CLOCK_SKEW`` allowed)
+        names a key it could not have used then (a review renamed sends to a stolen
+        key so).
         """
         pair = (kid, send.partner)
         if pair not in self._known:
             self._known[pair] = self._problem(kid, send.partner)
         problem = self._known[pair]
+        if problem is None or problem[0] == "to-revoked-key":
+            early = self._before_valid(send, kid)
+            if early is not None:
+                return [
+                    Finding("wrong-recipient-key", send.member, send.seq, send.report_id, early)
+                ]
         if problem is None:
             return []
         kind, detail, since = problem
@@ -556,11 +567,31 @@ class _RecipientKeys:
                 if made is not None
                 else " (taken back at a start, its report's arrival not in the log,"
             ) + f" and it reached {send.partner})"
-        elif kind == "to-revoked-key" and since is not None and send.at <= since:
-            # Before the revocation, or in its second (the order unknown): it went to
-            # what was the partner's key then.
-            return []
+        elif kind == "to-revoked-key" and since is not None:
+            dated = max(send.at, send.made_after or send.at)
+            if dated <= since:
+                # Before the revocation, or in its second (the order unknown): it went
+                # to what was the partner's key then.
+                return []
+            if dated != send.at:
+                detail += f" (dated {send.at}, before its report arrived at {dated})"
         return [Finding(kind, send.member, send.seq, send.report_id, detail)]
+
+    def _before_valid(self, send: Send, kid: str) -> str | None:
+        """Why ``send`` could not have used ``kid`` yet, if it was made before it was valid."""
+        if self._roster is None:
+            return None
+        if kid not in self._from:
+            start = self._roster.get(kid).valid_from
+            self._from[kid] = (format_time(start - CLOCK_SKEW), format_time(start))
+        earliest, valid_from = self._from[kid]
+        # The entry's ``at`` is after the envelope was made, for a withheld one too.
+        if send.at >= earliest:
+            return None
+        return (
+            f"to {send.partner}: encrypted to {send.partner}'s key {kid} at {send.at}, before"
+            f" the key was valid (from {valid_from}): the entry's key or its time is false"
+        )
 
     def _revoked(self, send: Send, kid: str) -> bool:
         """Whether ``kid`` is ``send``'s partner's key, revoked (at any time)."""

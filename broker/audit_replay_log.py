@@ -139,8 +139,9 @@ class Send:
     recipient_kid: str | None
     reason: str | None
     made_after: str | None = None
-    """For a ``withheld`` entry, when its report arrived in the log (its envelope was
-    made after that): the one time a withheld envelope can be dated by."""
+    """When its report arrived in the log, as the entries before it say (its envelope
+    was made after that): the one time a ``withheld`` entry can be dated by, and the
+    earliest a ``sent`` entry can be (one whose ``at`` is earlier is dated by it)."""
 
     @property
     def withheld(self) -> bool:
@@ -303,14 +304,16 @@ def read_log(
 ) -> None:
     """Index one log's sends, receipts and rejections; check what the log alone can tell."""
     timeline = PolicyTimeline()
-    sent = _Repeats(lambda e: pool.send(member, e))
+    sent = _Repeats(lambda e: pool.send(member, e, timeline.arrived_at(member, e)))
     withheld = _Repeats(lambda e: pool.send(member, e, timeline.arrived_at(member, e)))
+    older = _OlderFormat()
     received = _Repeats(lambda e: pool.receipt(member, e))
     refused: dict[tuple[str, str], Rejection] = {}  # (JWE, source) -> its first rejection
     for entry in entries:
         if ticks is not None:
             next(ticks, None)
         kind = entry["type"]
+        older.read(entry)
         if entry["member"] != member:
             # Counted as this log's, it would stand in for a missing entry
             # (a receipt, a send, a policy change) of the member it names.
@@ -352,6 +355,48 @@ def read_log(
             _read_rejection(pool.rejection(member, entry), received, refused, index, findings)
         elif kind == "rejected_many":
             index.bulk.setdefault((entry["source"], member), BulkRefusals()).add(entry)
+    if older.after:
+        findings.append(older.finding(member))
+
+
+class _OlderFormat:
+    """Entries of an older format after the log's first of a newer one (a downgrade).
+
+    A node writes only its own format, so a log's versions rise: an older one after a
+    newer one is an older build run on the log (a rollback: docs/DEPLOY.md) or entries
+    its owner rewrote. Either way what the newer format records is missing there: a
+    format-1 ``sent`` entry names no recipient key, which the key checks then cannot
+    judge (a review rewrote a member's sends to a stolen key so). One finding a log.
+    """
+
+    def __init__(self) -> None:
+        self.newest = 0
+        self.newest_from = 0  # the first entry of the newest version
+        self.after = 0  # entries of an older version after it
+        self.first = 0
+
+    def read(self, entry: _Entry) -> None:
+        """Note ``entry``'s version."""
+        v = entry["v"]
+        if v > self.newest:
+            self.newest, self.newest_from = v, entry["seq"]
+        elif v < self.newest:
+            if not self.after:
+                self.first = entry["seq"]
+            self.after += 1
+
+    def finding(self, member: str) -> Finding:
+        """The log's one ``older-format`` finding."""
+        return Finding(
+            "older-format",
+            member,
+            self.first,
+            None,
+            f"{self.after} entries of an older format after entry {self.newest_from}, the"
+            f" log's first of format {self.newest}: an older build ran on this log (a"
+            " rollback), or its owner rewrote them; what the newer format records is"
+            " missing there (a format-1 sent entry names no recipient key)",
+        )
 
 
 def _read_send(

@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1329,6 +1329,52 @@ def _roster_key(kid: str, member: str, use: str, status: str, revoked: int | Non
     )  # fmt: skip
 
 
+def test_a_sender_rewriting_its_log_cannot_hide_sends_to_a_stolen_key_so() -> None:
+    # An auditor written from the docs alone (/tmp/h77), as a member re-signing its own
+    # log: sends to a stolen key renamed to the key that replaced it, valid only from
+    # the revocation on; sends after the revocation backdated to before it (and before
+    # their own report arrived); sends rewritten as format-1 entries, which name no key.
+    # Each passed with no finding and left the list of what the thief can read.
+    stolen = _roster_key("usa-enc-1", "USA", "enc", "revoked", 3600)
+    later = T0 + timedelta(seconds=3600)
+    new = replace(_roster_key("usa-enc-2", "USA", "enc", "active", None), valid_from=later)
+    roster = Roster([stolen, new])
+    jpn = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 10)]
+
+    def findings(*sends: ev.AuditEvent) -> list[tuple[str, int]]:
+        result = replay({"JPN": _entries([*jpn, *sends])}, BOTH, roster=roster)
+        return [(f.kind, f.seq) for f in result.findings]
+
+    def to(kid: str, t: int) -> ev.AuditEvent:
+        return ev.AuditEvent(dict(_jpn_send(R1, D_LOOSE, t=t).fields, recipient_kid=kid))
+
+    assert findings(to("usa-enc-1", 20)) == []  # before the revocation: honest
+    assert findings(to("usa-enc-2", 3600 - 300)) == []  # the clock margin
+    assert findings(to("usa-enc-2", 20)) == [("wrong-recipient-key", 2)]
+    result = replay({"JPN": _entries([*jpn, to("usa-enc-2", 20)])}, BOTH, roster=roster)
+    assert result.findings[0].detail == (
+        "to USA: encrypted to USA's key usa-enc-2 at 2026-11-28T12:00:20Z, before the key"
+        " was valid (from 2026-11-28T13:00:00Z): the entry's key or its time is false"
+    )
+    # Sent after the revocation, dated before it: its report arrived after it.
+    arrived_late = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 3700)]
+    result = replay({"JPN": _entries([*arrived_late, to("usa-enc-1", 20)])}, BOTH, roster=roster)
+    assert [(f.kind, f.seq) for f in result.findings] == [("to-revoked-key", 2)]
+    assert result.findings[0].detail.endswith(
+        "(dated 2026-11-28T12:00:20Z, before its report arrived at 2026-11-28T13:01:40Z)"
+    )
+    # A format-1 entry after the log's first format-2 entry: one finding for the log.
+    log = _entries([*jpn, to("usa-enc-2", 3700), to("usa-enc-1", 3700), to("usa-enc-1", 3800)])
+    for entry in log[3:]:
+        del entry["recipient_kid"]
+        entry["v"] = 1
+    result = replay({"JPN": log}, BOTH, roster=roster)
+    assert [(f.kind, f.seq) for f in result.findings] == [("older-format", 3)]
+    assert result.findings[0].detail.startswith(
+        "2 entries of an older format after entry 0, the log's first of format 2:"
+    )
+
+
 def test_a_repeat_across_an_upgrade_is_honest_and_one_naming_another_key_is_not() -> None:
     # Logged as sent by version 1 (no recipient key), then again after a crash by a
     # node upgraded meanwhile: only the format differs, and the key the repeat names
@@ -1339,7 +1385,8 @@ def test_a_repeat_across_an_upgrade_is_honest_and_one_naming_another_key_is_not(
     entries = _entries([*jpn, *(_jpn_send(R1, D_LOOSE, t=t) for t in (1, 2, 3))])
     old = entries[2]
     del old["recipient_kid"]
-    old["v"] = 1
+    for entry in entries[:3]:  # the log's entries up to the upgrade
+        entry["v"] = 1
     del entries[4]
     assert replay({"JPN": entries}, BOTH).findings == ()
     revoked = Roster([_roster_key("usa-enc-1", "USA", "enc", "revoked", 0)])
@@ -1559,7 +1606,8 @@ def test_every_key_an_envelopes_entries_name_is_checked_once_whatever_the_order(
     # Format 1 sends name no key: counted as not checked, not passed over in silence.
     old = _entries([*jpn, first])
     del old[2]["recipient_kid"]
-    old[2]["v"] = 1
+    for entry in old:
+        entry["v"] = 1
     result = replay({"JPN": old}, BOTH, roster=roster)
     assert (result.findings, result.keyless_sends) == ((), 1)
     assert "  recipient keys not checked: 1 envelope whose entries name none (format 1)" in (

@@ -177,12 +177,14 @@ def audit_replay(
     policy-not-in-force  the send's policy was not in force for that report
     empty-send           a send with no disclosure keys
     policy-chain         a policy entry whose previous digest is not the last one
+    older-format         entries of an older format after a newer one (a rollback)
     wrong-member         an entry naming a member other than the log's own
     conflicting-repeat   a repeat of a sent, withheld or received entry that differs
     conflicting-entries  one JWE received and rejected, or sent (received) in two logs
     receipt-by-non-recipient    a receipt of a JWE that was sent to another member
     rejection-by-non-recipient  a rejection of a JWE that was sent to another member
-    wrong-recipient-key  a send encrypted to a key that is not the partner's (--keys/--roster)
+    wrong-recipient-key  a send encrypted to a key that is not the partner's, or before it
+                         was valid (--keys/--roster)
     to-revoked-key       a send encrypted to a key revoked before it (--keys/--roster)
 
     A withheld envelope (taken back at a start: its key was refused) is not
