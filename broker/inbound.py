@@ -165,6 +165,11 @@ class Inbound(InboundBase):
         except MsmtError:
             if len(self._unstored) < UNSTORED_KEPT:
                 self._unstored |= receipts
+                # Kept for a next start too: a store write of another kind (an
+                # intake accept, a sent mark) may commit first, recording the log's
+                # size past these entries, where the start no longer looks (a review).
+                self._kept_unstored |= receipts
+                self.store.set_state_later({UNSTORED_STATE: unstored_text(self._kept_unstored)})
             raise
         self._unstored -= receipts
         if self._kept_unstored & receipts:

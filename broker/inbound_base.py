@@ -254,8 +254,9 @@ class InboundBase:
         # store commit failed (a full disk), or that a start found so (a crash):
         # their redeliveries are not logged again, nor refused over the budget or as
         # too old (the log says they were received, when fresh). A trial's full store
-        # and writable log had 80 entries an envelope. Those a start found are also
-        # kept in the store's status (``UNSTORED_STATE``) until stored.
+        # and writable log had 80 entries an envelope. They are also kept in the
+        # store's status (``UNSTORED_STATE``) until stored: those a start found at
+        # once, the others with the next store write that commits.
         self._unstored: set[tuple[str, str]] = set(unstored)
         self._kept_unstored: set[tuple[str, str]] = set(self._unstored)
         today = utc_day(time.time())
@@ -313,7 +314,8 @@ class InboundBase:
         """Hold a message that may pass later (``None``), or say why it is not held."""
         sender = sender_field(subject)
         held = self._held.setdefault(sender, {})
-        fresh = age <= self.freshness + MAX_SKEW
+        # A receipt the log holds was fresh when logged (``Delivery.logged``).
+        fresh = age <= self.freshness + MAX_SKEW or (sender, digest) in self._unstored
         if len(held) >= MAX_HELD_PER_SENDER:
             # A place whose message never came back (the hub kept it, or made it up
             # and dropped it) frees once that message could only be refused: else

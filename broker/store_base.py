@@ -66,6 +66,8 @@ class StoreBase:
         # Reports whose ``accepted`` entries the log holds, confirmed by the next
         # write (``mark_audited_later``); dropped once a write committed them.
         self._audited_later: list[str] = []
+        # Status values to record with the next write that commits (``set_state_later``).
+        self._state_later: dict[str, str] = {}
         try:
             with suppress(FileNotFoundError):
                 mode = os.stat(path).st_mode
@@ -157,6 +159,14 @@ class StoreBase:
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                later = dict(self._state_later)
+                if later:
+                    # First, so that what the write itself records supersedes it.
+                    self._db.executemany(
+                        "INSERT INTO state(key, value) VALUES (?, ?)"
+                        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        list(later.items()),
+                    )
                 yield self._db
                 marks = self._audited_later
                 if marks:
@@ -178,6 +188,9 @@ class StoreBase:
                 self._failures.pop(op, None)
                 if marks:
                     self._audited_later = []
+                for key, value in later.items():
+                    if self._state_later.get(key) == value:
+                        del self._state_later[key]
             except BaseException:
                 # SQLite may already have rolled back itself (SQLITE_FULL does).
                 if self._db.in_transaction:
@@ -295,6 +308,15 @@ class StoreBase:
     def set_state(self, values: Mapping[str, str]) -> None:
         """Record status facts (connection, last error, inbox lag)."""
         self.record_status({}, values)
+
+    def set_state_later(self, values: Mapping[str, str]) -> None:
+        """Record these status values with the next write of any kind that commits.
+
+        For a fact that must be in the store before a write records the log's size
+        past the entries it is about (``AUDIT_SIZE``), when the write that failed was
+        the store's own (a full store): the next that commits carries it.
+        """
+        self._state_later.update(values)
 
     def record_status(self, deltas: Mapping[str, int], values: Mapping[str, str]) -> None:
         """``bump`` and ``set_state`` in one transaction (one fsync for the node's housekeeping)."""

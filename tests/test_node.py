@@ -11,6 +11,7 @@ import asyncio
 import bisect
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,8 @@ from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import nats.errors
 import psutil
@@ -56,11 +58,20 @@ from structlog.testing import capture_logs
 import broker.hubwatch
 import broker.node_housekeeping
 import broker.receiver
-from broker import envelope, envelope_format, keys, keys_custodian, keys_roster, samples, sdjwt
+from broker import (
+    audit_verify,
+    envelope,
+    envelope_format,
+    keys,
+    keys_custodian,
+    keys_roster,
+    samples,
+    sdjwt,
+)
 from broker.auditlog import DB_FILE
 from broker.config import NodeConfig
 from broker.errors import MsmtError, StoreError
-from broker.inbound_base import UNSTORED_STATE, unstored_text
+from broker.inbound_base import UNSTORED_STATE, read_unstored, unstored_text
 from broker.metrics import Metrics
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import InboxLimits, connect_account, setup_account
@@ -70,6 +81,7 @@ from broker.node_messaging import nats_error_text
 from broker.node_start import load_node
 from broker.policy import variants
 from broker.publisher import PARTNER_INBOX_SEQ_STATE, read_inbox_seq
+from broker.reconcile import ReadOnlyLog, check_store_against_log
 from broker.roster import Roster, RosterKey
 from broker.sightings import leaf_values
 from broker.store import NewReport, Store
@@ -1298,6 +1310,39 @@ def test_receipts_the_log_holds_and_the_store_lost_are_stored_past_the_freshness
     }
 
 
+def test_receipts_a_full_store_lost_are_kept_for_a_restart_past_other_writes(
+    usa_inbound: tuple[Any, Forger, Path],
+) -> None:
+    # A review (/tmp/h80): the receipts a running node's full store lost were kept in
+    # memory only. A write of another kind that committed first (an intake accept, a
+    # sent mark) recorded the log's size past their entries, where a start no longer
+    # looks: after a restart they came back too old and were refused. The first write
+    # that commits now keeps them in the store's status, which a start reads.
+    make, forger, path = usa_inbound
+    older = Forger(forger.world, datetime.now(UTC) - timedelta(minutes=30))
+    lost = [older.delivery(r) for r in records_for("JPN", 5, seed=57)]
+    Store(path).close()
+    store = Store(path, max_pages=8)
+    inbound = make(store)
+    store.audit_size = lambda: inbound.audit.size  # as the node sets it
+    with pytest.raises(StoreError, match="database or disk is full"):
+        inbound.process(lost)
+    store._db.execute("PRAGMA max_page_count=1073741823")  # room again
+    store.set_state({"last_error": ""})  # another kind of write commits first
+    audit_dir = path.parent / "audit"
+    config = cast(NodeConfig, SimpleNamespace(audit_dir=audit_dir, store_path=path))
+    log = ReadOnlyLog(audit_verify.load(audit_dir))
+    assert check_store_against_log(config, store, log)[1] == set()  # past the log's scan
+    kept = read_unstored(store.state()[UNSTORED_STATE])
+    assert len(kept) == 5
+    store.close()
+    store = Store(path)  # a restart, with what the start reads
+    result = make(store, unstored=frozenset(kept), freshness=timedelta(minutes=10)).process(lost)
+    assert result.actions == ["ack"] * 5
+    assert store.inbox_count() == 5
+    assert store.state()[UNSTORED_STATE] == "[]"
+
+
 def test_the_same_bytes_twice_in_a_batch_take_the_budget_once(
     usa_inbound: tuple[Any, Forger, Path],
 ) -> None:
@@ -1565,6 +1610,12 @@ def test_a_key_missing_from_an_older_roster_holds_the_message_until_it_is_stale(
     assert stale.rejected == {"key": 1}
     refused = [e for e in audit_entries(path.parent / "audit") if e["type"] == "rejected"]
     assert [(e["step"], e["reason"][-20:]) for e in refused] == [("key", "(held until too old)")]
+    # Unless the log holds its receipt (the store lost the commit after it): it was
+    # verified and fresh when logged, so it waits for the roster however old (h80).
+    digest = hashlib.sha256(token).hexdigest()
+    logged = make(store, lambda k: k.kid == jpn_sig, unstored=frozenset({("JPN", digest)}))
+    kept = logged.process([(f"from.JPN.msmt.to.USA.{late['kind']}", token)], lambda _i: old)
+    assert kept.actions == ["hold"]
 
 
 def test_a_report_issued_ahead_of_our_clock_is_held_until_the_clocks_agree(
