@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import aiohttp
 
@@ -46,6 +46,7 @@ __all__ = [
     "DemoFailedError",
     "Display",
     "Options",
+    "interrupt_once",
     "run",
     "scratch",
     "signals_interrupt",
@@ -66,21 +67,27 @@ class Options:
     nodes: Path = Path("nodes")
 
 
+def interrupt_once(_sig: int, _frame: object) -> NoReturn:
+    """A signal handler: one KeyboardInterrupt, then SIGTERM and SIGINT are ignored.
+
+    A second signal (Ctrl-C pressed twice, two SIGTERMs 0.3 s apart in a review)
+    landed in the clean-up the first began, cut it short, and left the hub and
+    nodes running and the keys in the scratch folder.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 @contextmanager
 def signals_interrupt() -> Iterator[None]:
     """Turn SIGTERM and SIGINT into one KeyboardInterrupt: the demo cleans up, undisturbed.
 
-    After the first, both are ignored until the block ends: a second signal (Ctrl-C
-    pressed twice, two SIGTERMs 0.3 s apart in a review) landed in the clean-up, cut
-    it short, and left the hub and nodes running and the keys in the scratch folder.
+    After the first, both are ignored until the block ends (``interrupt_once``).
     """
-
-    def interrupt(_sig: int, _frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        sig: signal.signal(sig, interrupt_once) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         yield
     finally:
