@@ -61,6 +61,11 @@ EXPIRY_WARNING: Final = timedelta(days=14)
 """A credential expiring sooner than this is logged at start (``credential_expires_soon``)."""
 NATS_REFUSED: Final = "the hub refuses this node's NATS credentials (msmt status)"
 """Why ``ready`` says no while the hub refuses our NATS user (``_credentials_refused``)."""
+_HUB_SILENT: Final = "the hub server does not answer JetStream requests (msmt status)"
+INBOX_UNSERVED: Final = (
+    "the hub's JetStream does not serve this node's account: restart every hub server (msmt status)"
+)
+"""Why ``ready`` says no while nothing serves our inbox consumer (``_inbox_unserved``)."""
 REFUSAL_ECHO_S: Final = 12.0
 """How long after the hub's last refusal a lost connection is taken for its echo (the hub
 closing what it refused, at times ahead of its reason). Over twice the longest wait
@@ -142,6 +147,7 @@ class NodeBase:
         self._nats_refused = ""
         self._refusals = 0  # the hub's refusals since then
         self._refused_last = 0.0  # time.monotonic() of the last one
+        self._unserved = False  # the hub answers for our inbox consumer, but serves no pull
         self._alarm_facts: dict[str, str] = {}  # an audit alarm not recorded yet
         self._error_log = Throttle()  # node_error: once a minute for each condition
         self._sent_logged: set[int] = set()  # outbox rows logged sent, not marked (store thread)
@@ -212,7 +218,9 @@ class NodeBase:
                 "the hub refused this node's NATS credentials (Authorization Violation):"
                 f" the hub's nats-users.json must list {self.member}'s NATS key {user}"
                 f" (the public key of {self.config.seed_path}) and every hub server be"
-                " reloaded with it; a suspended member is refused until it returns"
+                " reloaded with it (restarted, if the hub had no account for"
+                f" {self.member}: a member that joins or returns); a suspended member is"
+                " refused until it returns"
                 " (docs/KEYS.md). Retrying every 0.5 s"
             )
             self._nats_refused = f"since {now}: {text}"
@@ -248,6 +256,32 @@ class NodeBase:
         self._nats_refused, self._refusals = "", 0
         self.metrics.nats_refused.set(0)
 
+    def _inbox_unserved(self) -> None:
+        # The hub answered for our inbox consumer (its info), then no pull found a
+        # responder (503), and every publish of ours gets no stream response: nothing
+        # serves JetStream in our account. Seen on nats-server 2.15 for an account a
+        # configuration reload added (a member that joins, or returns after a
+        # suspension) until the servers restart. Said once until a pull is served.
+        text = (
+            f"the hub answers for {self.member}'s inbox consumer but no JetStream serves"
+            f" its pulls (503 no responders), nor this node's publishes: the hub's"
+            f" account {self.member} was most likely added by a configuration reload (a"
+            " member that joins, or returns after a suspension), which nats-server serves"
+            " only after a restart. The hub operator restarts every hub server, one at a"
+            " time (docs/KEYS.md); nothing is lost meanwhile. Retrying"
+        )
+        if not self._unserved:
+            self._unserved = True
+            log.error("inbox_unserved", error=text)
+        self._last_error = text
+        self._last_error_at = utc_now_text()
+
+    def _check_served(self) -> None:
+        # A pull the hub answered ends what ``_inbox_unserved`` said.
+        if self._unserved and self.receiver is not None and self.receiver.serving:
+            self._unserved = False
+            log.warning("inbox_served")
+
     def _dropped(self, subject: str) -> None:
         # By subject kind (msmt.audit.<M>.checkpoint: <M> is the flooder's own log).
         unlogged = self._error_log.check("messages_dropped", subject)
@@ -265,8 +299,10 @@ class NodeBase:
             return NATS_REFUSED if self._nats_refused else "not connected to NATS"
         if self._paused_for:
             return _PAUSED[self._paused_for]
-        if self.hub.silent >= 2:
-            return "the hub server does not answer JetStream requests (msmt status)"
+        # The hub's JetStream: silent, or answering but serving none of our pulls.
+        unserved = _HUB_SILENT if self.hub.silent >= 2 else self._unserved and INBOX_UNSERVED
+        if unserved:
+            return unserved
         if self.receiver is None or not self.receiver.bound:
             return "inbox consumer not bound"
         altered = self.hub.altered

@@ -160,6 +160,7 @@ class Housekeeping(NodeBase):
 
     async def _housekeep_once(self) -> None:
         self._show_budget()
+        self._check_served()
         lag = await self.hub.inbox_lag()
         counts = self._take_counts()
         # Metrics first: they live in memory, so they count what happens while the

@@ -290,6 +290,8 @@ class Messaging(NodeBase):
             self._inbox_halt.clear()
             try:
                 await receiver.run(self._inbox_halt)
+                if receiver.unserved:
+                    self._inbox_unserved()
             except nats.js.errors.NotFoundError as exc:
                 # The hub answers but holds no inbox for us (setup never run, or the
                 # hub lost its JetStream store): only the operator can mend that, so

@@ -104,6 +104,14 @@ class Receiver:
         self.last_error: str | None = None
         self.counts: Counter[str] = Counter()
         self._pull: Pull | None = None
+        self.unserved = False
+        """Whether the last run ended on a pull nothing served (``Pull.unserved``)
+        although the hub answered for the consumer: the account has no JetStream."""
+
+    @property
+    def serving(self) -> bool:
+        """Whether the hub has answered a pull request of the current run."""
+        return self._pull is not None and self._pull.served
 
     def wake(self) -> None:
         """End the current wait for deliveries (at a stop, so it need not time out)."""
@@ -146,8 +154,10 @@ class Receiver:
             for msg in left:
                 with contextlib.suppress(nats.errors.Error):
                     await msg.nak()
+        self.unserved = pull.unserved and not pull.served
         if pull.failure is not None and not stop.is_set():
-            self.last_error = pull.failure
+            # Unserved, the node says why (``Node._inbox_unserved``).
+            self.last_error = None if self.unserved else pull.failure
             await asyncio.sleep(0.5)
 
     async def _until_writable(self, stop: asyncio.Event) -> None:

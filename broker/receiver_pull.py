@@ -182,6 +182,10 @@ class Pull:
         self.deadline = 0.0  # when to stop waiting for the outstanding request's end
         self.stopping = False
         self.failure: str | None = None
+        # Whether the hub answered a pull request: a delivery, or its end (404, 408).
+        # A 503 instead (no responders) with the consumer there: nothing serves it.
+        self.served = False
+        self.unserved = False
         self.sub: Subscription | None = None
 
     async def start(self, deliver: str) -> None:
@@ -202,6 +206,7 @@ class Pull:
 
     async def _on_msg(self, msg: Msg) -> None:
         if msg.reply:
+            self.served = True
             self.ready.append(msg)
             self.pace.arrived(time.monotonic())
             self.open = max(0, self.open - 1)
@@ -212,7 +217,14 @@ class Pull:
             if status == api.StatusCode.CONTROL_MESSAGE:
                 return  # idle heartbeat: the request goes on
             self.open = 0
-            if status not in (api.StatusCode.NO_MESSAGES, api.StatusCode.REQUEST_TIMEOUT):
+            if status in (api.StatusCode.NO_MESSAGES, api.StatusCode.REQUEST_TIMEOUT):
+                self.served = True
+            elif status == api.StatusCode.SERVICE_UNAVAILABLE:
+                # No responders: no JetStream serves the consumer for this account
+                # (nats-py put the rest of the status line in the description).
+                self.unserved = True
+                self.failure = "pull: status 503 (no responders)"
+            else:
                 # 409 (consumer deleted, leadership change, limits...) or worse: rebind.
                 reason = (msg.headers or {}).get(api.Header.DESCRIPTION, "")
                 self.failure = f"pull: status {status} {reason}".strip()

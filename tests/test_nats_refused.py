@@ -43,7 +43,7 @@ import broker.node_base
 from broker import keys
 from broker.natsusers import load_users
 from broker.node import Node
-from broker.node_base import NATS_REFUSED
+from broker.node_base import INBOX_UNSERVED, NATS_REFUSED
 from broker.node_start import load_node
 
 pytestmark = pytest.mark.integration
@@ -247,3 +247,51 @@ async def test_a_refusal_ends_when_the_hub_fails_otherwise(
         finally:
             if resetter is not None:
                 resetter.close()
+
+
+async def test_a_member_added_back_by_a_reload_is_told_the_hub_needs_a_restart(
+    world: World,
+) -> None:
+    # A suspension drops the member's account from the hub's configuration; its return
+    # adds it back. On nats-server 2.15 an account a reload adds back lets the node in
+    # (nats_credentials_accepted) and answers for its consumer, but serves no pull
+    # (503) and no publish (NoStreamResponseError), its partners' to it included, until
+    # the hub restarts. The node said nothing of it: /readyz "inbox consumer not
+    # bound", and a status error "pull: status 503 \nNats-Subject: ..." naming no cause.
+    world.write_config("USA", USA_TO_JPN)
+    users = load_users(world.keydir)
+    with capture_logs() as logs:
+        usa = load_node(world.config("USA"))
+        task = asyncio.create_task(usa.run())
+        try:
+            await await_for(lambda: usa.ready() is None, 30, "USA ready")
+            suspended = {a: u for a, u in users.items() if a != "USA"}
+            await asyncio.to_thread(reload_hub, world.server, suspended)
+            await await_for(lambda: usa.ready() == NATS_REFUSED, 20, "USA refused")
+            records = world.records_released_to("USA", ["JPN"], 3, seed=97)
+            answers = await world.submit("USA", records)
+            assert {a["status"] for a in answers} == {"accepted"}
+            await asyncio.to_thread(reload_hub, world.server, users)  # USA returns
+            await await_for(lambda: usa.ready() == INBOX_UNSERVED, 30, "USA unserved")
+            await await_for(
+                lambda: "restarts every hub server" in world.state("USA")["last_error"],
+                10,
+                "USA's status",
+            )
+            assert await world.stream_messages("JPN") == 0
+            await asyncio.to_thread(world.server.restart)  # as docs/KEYS.md says
+            await await_for(lambda: usa.ready() is None, 30, "USA served")
+            await world.outbox_sent("USA")
+            assert await world.stream_messages("JPN") == len(records)
+        finally:
+            usa.stop.set()
+            await task
+    events = [e["event"] for e in logs]
+    assert events.count("inbox_unserved") == 1, events
+    assert events.count("inbox_served") == 1, events
+    accepted = events.index("nats_credentials_accepted")
+    unserved = events.index("inbox_unserved")
+    assert accepted < unserved < events.index("inbox_served")
+    line = logs[unserved]["error"]
+    assert "account USA was most likely added by a configuration reload" in line
+    assert "restarts every hub server" in line
