@@ -23,8 +23,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.config import NodeConfig
 from broker.errors import ConfigError, KeyMaterialError
 from broker.files import open_ancestor, read_file_bytes, read_file_text
-from broker.keys import MemberKeys, check_private_file, is_nkey_seed, load_member_keys, nats_public
+from broker.keys import (
+    NATS_USERS_FILE,
+    MemberKeys,
+    check_private_file,
+    is_nkey_seed,
+    load_member_keys,
+    nats_public,
+)
 from broker.keys_roster import SignedRoster, load_pinned_roster
+from broker.keys_users import NATS_USERS_SIG_FILE, load_signed_users
 from broker.policy import Policy
 
 PSEUDONYM_MIN_BYTES: Final = 32
@@ -156,3 +164,38 @@ def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
         check_private_file(path, "pseudonym key")
         out[key_id] = key
     return out
+
+
+def seed_listed(config: NodeConfig, seed: bytes) -> str:
+    """``msmt node check``'s word on the NATS seed against a copy of the hub's users.
+
+    A ``nats-users.json`` with its ``.jws`` beside the roster (or in the key
+    directory: the custodian's folder holds both) that verifies with the pinned
+    authority key says which key the hub lets in as this member: the seed's public
+    key must be it. Otherwise the hub refuses the node at connect, the only place a
+    wrong seed showed. A copy that does not verify is not compared (said so), as a
+    start never reads one; a copy that lists another key, or none, is
+    ``KeyMaterialError``. Files only: the hub's own configuration may be newer.
+    """
+    user = nats_public(seed, str(config.seed_path))
+    folders = dict.fromkeys((config.roster_dir, config.keys.dir))
+    found = next((d for d in folders if (d / NATS_USERS_FILE).is_file()), None)
+    if found is None:
+        return f"user {user} (no {NATS_USERS_FILE} beside the roster to compare it with)"
+    path = found / NATS_USERS_FILE
+    try:
+        signed = load_signed_users(found, authority_path=config.authority_path)
+    except KeyMaterialError as exc:
+        return f"user {user} (not compared with {path}, which does not verify: {exc})"
+    listed = signed.users.get(config.member)
+    if listed == user:
+        return f"user {user}, as {path} (version {signed.version}) lists it"
+    what = "lists no NATS user" if listed is None else f"lists NATS user {listed}"
+    raise KeyMaterialError(
+        f"{config.seed_path}: its NATS user {user} is not {config.member}'s: {path} (version"
+        f" {signed.version}, signed by the pinned authority) {what} for {config.member}, so"
+        " the hub refuses this seed (Authorization Violation). Use the nats.nk the custodian"
+        f" recorded (the one in the key directory {config.member}'s key request was made in),"
+        f" or, if the file is older than the hub's, get the current {NATS_USERS_FILE} and"
+        f" {NATS_USERS_SIG_FILE} (docs/KEYS.md)"
+    )

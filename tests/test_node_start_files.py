@@ -96,6 +96,44 @@ def test_a_nats_seed_file_of_junk_is_found_by_node_check(folder: Path) -> None:
     )
 
 
+def test_node_check_compares_the_nats_seed_with_the_hub_users_at_hand(folder: Path) -> None:
+    # A wrong nats.nk (another member's, one from another key directory) showed only at
+    # connect, as the hub's Authorization Violation. With the custodian's signed
+    # nats-users.json beside the roster, node check compares the seed's key with it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    config = str(folder / "nodes" / "JPN" / "node.toml")
+    users = folder / "keys" / "nats-users.json"
+    jpn = keys.nats_public((folder / "keys" / "JPN" / "nats.nk").read_bytes(), "JPN's")
+    usa = keys.nats_public((folder / "keys" / "USA" / "nats.nk").read_bytes(), "USA's")
+    done = _node("check", config, env)
+    assert done.returncode == 0, done.stderr
+    assert f", user {jpn}, as {users} (version 1) lists it, TLS off\n" in done.stdout
+
+    wrong = folder / "usa.nk"
+    shutil.copy(folder / "keys" / "USA" / "nats.nk", wrong)
+    wrong.chmod(0o600)
+    done = _node("check", config, {**env, "MSMT_NATS_SEED_FILE": str(wrong)})
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.startswith(
+        f"msmt: error: {wrong}: its NATS user {usa} is not JPN's: {users} (version 1, signed"
+        f" by the pinned authority) lists NATS user {jpn} for JPN, so the hub refuses this seed"
+    ), done.stderr
+    assert "ok" not in done.stdout.splitlines()
+
+    # A copy that does not verify is not compared (a start never reads it); none, said.
+    signature = users.with_name("nats-users.json.jws")
+    signature.write_text(signature.read_text()[:-4] + "AAAA")
+    done = _node("check", config, {**env, "MSMT_NATS_SEED_FILE": str(wrong)})
+    assert done.returncode == 0, done.stderr
+    assert f", user {usa} (not compared with {users}, which does not verify: " in done.stdout
+    users.unlink()
+    done = _node("check", config, env)
+    assert done.returncode == 0, done.stderr
+    assert f", user {jpn} (no nats-users.json beside the roster to compare it with)" in (
+        done.stdout
+    )
+
+
 def _node(command: str, config: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """``msmt node COMMAND --config CONFIG`` with ``env``, its output kept."""
     return subprocess.run(

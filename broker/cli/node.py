@@ -152,7 +152,7 @@ def node_check(config_path: Path) -> None:
     a running node. Only a start reaches the hub and takes its ports.
     """
     from broker.natstls import display_url  # noqa: PLC0415
-    from broker.node_files import check_data_dir, load_files  # noqa: PLC0415
+    from broker.node_files import check_data_dir, load_files, seed_listed  # noqa: PLC0415
     from broker.reconcile import check_log_without_store  # noqa: PLC0415
 
     config = node_config(config_path)
@@ -170,7 +170,8 @@ def node_check(config_path: Path) -> None:
     )
     tls = "on" if files.tls is not None else "off"
     urls = ", ".join(display_url(url) for url in config.nats.urls)  # no password shown
-    echo_line(f"nats {urls}: seed {config.seed_path}, TLS {tls}")
+    listed = seed_listed(config, files.seed)
+    echo_line(f"nats {urls}: seed {config.seed_path}, {listed}, TLS {tls}")
     named = f", {len(files.pseudonym)} pseudonym key(s)" if files.pseudonym else ""
     echo_line(f"policy {config.policy}: {files.policy.digest}{named}")
     check_data_dir(config.data_dir)
