@@ -56,6 +56,7 @@ from broker.log import get_logger
 from broker.members import MEMBERS
 from broker.metrics import Metrics, listen_tcp, listener_uid, metrics_runner
 from broker.metrics import make_app as make_metrics_app
+from broker.node_base import utc_now_text
 from broker.node_housekeeping import Housekeeping
 from broker.node_messaging import Messaging
 from broker.planner import keyless_partners
@@ -176,16 +177,7 @@ class Node(Messaging, Housekeeping):
     async def _run(self) -> None:
         config = self.config
         token = _shared_token(config)
-        # Read once here, before the planning worker starts, so an unfit feeds file
-        # stops the start with one line; then each request reads it again if it changed.
-        feeds = FeedTokens(config.feeds_path)
-        feeds.current()
-        # Before any input: a node that could not plan must not accept reports.
-        try:
-            await self._plans.start()
-        except PlanWorkerError as exc:
-            await self._plans.shutdown()
-            raise NodeFailedError(str(exc)) from None
+        feeds = await self._start_planning()
         socket_intake = Intake(
             self.member,
             config.limits.max_record_bytes,
@@ -274,8 +266,10 @@ class Node(Messaging, Housekeeping):
             spool = _spool(self.config.spool_path, spool_intake, self.metrics)
             opened.append(await self._serve_metrics())
             opened.append(await serve_unix(intake_app, self.config.socket_path))
-        except BaseException:
+        except BaseException as exc:
             # A refused start closes what it opened, so the process exits with one line.
+            if isinstance(exc, MsmtError | OSError):
+                await self._start_refused(exc)
             if self._metrics_waiting is not None:
                 self._metrics_waiting.cancel()
             for runner in reversed(opened):
@@ -285,6 +279,33 @@ class Node(Messaging, Housekeeping):
             self._db.shutdown(wait=True)
             raise
         return spool, opened[0], opened[1]
+
+    async def _start_planning(self) -> FeedTokens:
+        # Read once here, before the planning worker starts, so an unfit feeds file
+        # stops the start with one line; then each request reads it again if it changed.
+        feeds = FeedTokens(self.config.feeds_path)
+        try:
+            feeds.current()
+        except MsmtError as exc:
+            await self._start_refused(exc)
+            raise
+        # Before any input: a node that could not plan must not accept reports.
+        try:
+            await self._plans.start()
+        except PlanWorkerError as exc:
+            await self._plans.shutdown()
+            await self._start_refused(exc)
+            raise NodeFailedError(str(exc)) from None
+        return feeds
+
+    async def _start_refused(self, exc: BaseException) -> None:
+        # Said in msmt status, which otherwise showed the last run's facts and no
+        # error, as if this start had not been tried (the reason is the exit's line).
+        text = f"start refused: {exc}"[:500]
+        with contextlib.suppress(MsmtError):
+            await self.run_db(
+                self.store.set_state, {"last_error": text, "last_error_at": utc_now_text()}
+            )
 
     async def _serve_metrics(self) -> web.AppRunner:
         listen = self.config.metrics

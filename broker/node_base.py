@@ -161,6 +161,10 @@ class NodeBase:
         self._activity: Counter[str] = Counter()
         self._activity_at = time.monotonic()
         self.failure: str | None = None
+        # The roster, key, policy and build this run starts with, recorded with the
+        # first status write once it has started (housekeeping): msmt status shows
+        # them as in force, which a start refused before then never was.
+        self.started_facts: dict[str, str] = {}
 
     def _note_expiries(self, expiries: Mapping[str, datetime]) -> None:
         # When each credential lapses: in a gauge, in the status, and in a warning.

@@ -120,6 +120,7 @@ class Housekeeping(NodeBase):
             "updated_at": utc_now_text(),
             "witnessed": self._witnessed(),
             **self._alarm_facts,
+            **self.started_facts,
         }
         try:
             await self.run_db(self.store.record_status, counts, facts)
@@ -187,8 +188,10 @@ class Housekeeping(NodeBase):
             # Witnessed times ride along: they change as each partner republishes,
             # and would otherwise cost a commit every few seconds.
             facts = {**status, "updated_at": utc_now_text(), "witnessed": self._witnessed()}
-        if self._alarm_facts:
-            facts = {**(facts or {"updated_at": utc_now_text()}), **self._alarm_facts}
+        # An alarm not recorded yet; this run's start facts, at its first write.
+        pending = {**self._alarm_facts, **self.started_facts}
+        if pending:
+            facts = {**(facts or {"updated_at": utc_now_text()}), **pending}
         if self._unrecorded:  # counts from this round, or left from one the store refused
             facts = {
                 **(facts or {"updated_at": utc_now_text()}),
@@ -204,6 +207,7 @@ class Housekeeping(NodeBase):
             else:
                 self._unrecorded = Counter()
                 self._alarm_facts = {}
+                self.started_facts = {}
                 if facts is not None:
                     self._status, self._status_at = status, now
         try:

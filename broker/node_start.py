@@ -16,7 +16,7 @@ import gc
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -52,6 +52,10 @@ from broker.stopsignals import StopSignals
 from broker.store import Store
 
 log = get_logger("node")
+
+
+POLICY_LOGGED_STATE: Final = "policy_logged"
+"""The digest of the policy the audit log last logged as in force (``_log_start``)."""
 
 
 def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
@@ -94,21 +98,29 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         # reports whose confirmation a crash lost, and they would be logged twice.
         audit_unaudited(config.member, store, audit, at)
         _withhold_unkeyed(config.member, store, audit, signed.roster, at)
+        # What the audit log now holds, at once: the next start goes on from it.
         store.set_state(
             {
-                "roster_version": str(signed.version),
-                # The build that last started here: msmt status shows an upgrade took.
-                "version": version(),
-                "signing_kid": keys.signing_kid,
-                "policy_digest": policy.digest,
-                SHARED_STATE: "on" if config.intake.shared_token else "off",
+                POLICY_LOGGED_STATE: policy.digest,
                 "key_events": json.dumps(sorted(logged_now)),
                 UNSTORED_STATE: unstored_text(unstored),
-                # The budget this run holds partners to, for msmt status (whose own
-                # environment may not be the node's).
-                SENDER_BUDGET_STATE: str(config.limits.sender_bytes_per_day),
             }
         )
+        # What msmt status and node check show as in force: recorded by Node.run once
+        # the start has got through (its inputs open). A start refused later (its
+        # metrics port held by another node, its socket or spool unusable) showed the
+        # new roster, key and policy as in force, the new build as started.
+        started = {
+            "roster_version": str(signed.version),
+            # The build that last started here: msmt status shows an upgrade took.
+            "version": version(),
+            "signing_kid": keys.signing_kid,
+            "policy_digest": policy.digest,
+            SHARED_STATE: "on" if config.intake.shared_token else "off",
+            # The budget this run holds partners to, for msmt status (whose own
+            # environment may not be the node's).
+            SENDER_BUDGET_STATE: str(config.limits.sender_bytes_per_day),
+        }
         signer = Signer(config.member, keys.signing, keys.signing_kid)
         planner = Planner(signer, policy, signed.roster, files.pseudonym)
         inbound = Inbound(
@@ -161,6 +173,7 @@ def load_node(config: NodeConfig, now: datetime | None = None) -> Node:
         # Under another policy than the last start's: what waits for a partner without
         # a key is planned again once, so that what the policy no longer sends is dropped.
         node.plan_loop.policy_changed = state.get("policy_digest") != policy.digest
+        node.started_facts = started
         # Only now: a start refused above (a key file missing for the new roster)
         # must leave the previous roster usable again (docs/KEYS.md).
         # load_pinned_roster refused anything older, so this never lowers the pin.
@@ -237,7 +250,9 @@ def _log_start(
     store after them (a full disk): this start goes on from them rather than
     logging them twice, which replay would call a broken policy chain.
     """
-    previous = state.get("policy_digest")
+    # The policy the log last says is in force: a start refused after logging it
+    # records it here, not as the policy in force (stores before this: the latter).
+    previous = state.get(POLICY_LOGGED_STATE, state.get("policy_digest"))
     for entry in unrecorded:
         if entry["type"] == "policy":
             previous = entry["policy_digest"]

@@ -14,6 +14,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from node_world import MSMT, fetch, msmt, wait_for, write_node_config
+from node_world import MSMT, audit_entries, fetch, msmt, wait_for, write_node_config
 
 from broker import keys, keys_custodian, keys_roster
 from broker.auditlog import DB_FILE, AuditLog
 from broker.config import NodeConfig, load_config
+from broker.node_start import load_node
 from broker.store import Store
 from broker.store_file import writer_pid
 
@@ -132,6 +134,33 @@ def test_node_check_compares_the_nats_seed_with_the_hub_users_at_hand(folder: Pa
     assert f", user {jpn} (no nats-users.json beside the roster to compare it with)" in (
         done.stdout
     )
+
+
+def test_a_start_refused_late_is_not_shown_as_started(folder: Path) -> None:
+    # A start refused after the store was written (here its metrics port, held by a
+    # process of the node's own user: a second node) left msmt status showing the
+    # roster, signing key, policy and build as in force, and no error: as if it ran.
+    config_path = folder / "nodes" / "JPN" / "node.toml"
+    config = load_config(config_path, env={})
+    with socket.create_server(("127.0.0.1", config.metrics.port)):
+        refused = msmt("node", "run", "--config", str(config_path))
+    assert refused.returncode == 2, refused.stderr
+    assert "metrics.listen" in refused.stderr
+    done = msmt("status", "--config", str(config_path), "--json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["roster_version"] == "unknown"
+    assert status["signing_kid"] == "unknown"
+    assert status["roster_file"] == "version 1 (the node has not started with it yet)"
+    assert status["version"] == "unknown"
+    assert status["last_error"] == "start refused: " + refused.stderr.removeprefix(
+        "msmt: error: "
+    ).removesuffix("\n")
+    # The refused start logged its policy: the next one does not log it again.
+    node = load_node(config)
+    node.store.close()
+    node.audit.close()
+    assert [e["type"] for e in audit_entries(config.audit_dir)].count("policy") == 1
 
 
 def _node(command: str, config: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -128,8 +128,8 @@ def status_cmd(config_path: Path, as_json: bool) -> None:
     ``roster_version`` is the roster the node last started with (a number, or
     ``unknown`` before its first start), to check a roster rollout reached it;
     ``roster_file`` says whether the roster on disk is still that one, and whether a
-    start would take it (a start refused over the roster leaves ``roster_version`` as
-    it was).
+    start would take it (a start refused, over the roster or later, leaves
+    ``roster_version`` as it was; a later refusal is ``last_error``).
     ``policy_digest`` is the policy it last started with; ``policy_file`` says
     whether the file on disk is still that policy (an edit applies at restart).
     ``shared_token`` is ``off`` where the node refuses the shared intake.token
