@@ -191,7 +191,14 @@ class Witness:
         keys = self._logs.get(origin)
         if keys is None:
             # The origin line is the log's text: named only if it is a member's log.
-            log = f"log {origin}" if is_member(origin) else "a log of that origin"
+            # A member's log: most often one that joined the roster after this node
+            # started (it reads the roster only then), as for a rotated key below.
+            log = (
+                f"log {origin} (if {origin} joined the roster since this node started,"
+                " restart with the new roster)"
+                if is_member(origin)
+                else "a log of that origin"
+            )
             raise UnknownLogError(f"witness {self.name} does not follow {log}")
         try:
             cp, note = open_checkpoint(checkpoint, keys)

@@ -660,6 +660,27 @@ async def test_a_partners_checkpoint_on_another_members_subject_is_refused(
     assert audit.usa_cosignatures == []
 
 
+async def test_a_member_that_joined_after_the_start_is_refused_with_the_restart_hint(
+    audit: Audit,
+) -> None:
+    # GBR joined the roster after USA's node started: USA follows no log of GBR's until
+    # it restarts on the new roster. The refusal said only "does not follow log GBR",
+    # unlike a partner's rotated key, whose refusal says to restart.
+    audit.usa.net.interval = 0
+    note = sign_checkpoint(Checkpoint("GBR", 1, bytes(32)), KOR_KEY).render()
+    with capture_logs() as logs:
+        await audit.tap.publish("msmt.audit.GBR.checkpoint", note.encode())
+        await audit.tap.flush()
+        await await_for(lambda: audit.usa.net.last_error is not None, 10, "USA's refusal")
+    refused = [e for e in logs if e["event"] == "witness_refused" and "USA" in e["error"]]
+    assert [e["error"] for e in refused] == [
+        "witness USA does not follow log GBR (if GBR joined the roster since this node"
+        " started, restart with the new roster)"
+    ]
+    assert audit.usa.net.last_error == f"witness: {refused[0]['error']}"
+    assert audit.usa.alarm_count() == 0
+
+
 async def test_a_log_that_does_not_answer_is_retried_at_the_next_round(
     audit: Audit, nats_server: NatsServer
 ) -> None:

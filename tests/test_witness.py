@@ -250,8 +250,12 @@ def test_an_unknown_origin_is_named_only_if_it_is_a_member() -> None:
     assert "CNRY" not in str(err.value)
     assert str(err.value) == "witness USA does not follow a log of that origin"
     kor = sign_checkpoint(Checkpoint("KOR", 1, bytes(32)), LOG_KEY).render()
-    with pytest.raises(UnknownLogError, match=r"^witness USA does not follow log KOR$"):
+    with pytest.raises(UnknownLogError) as err:
         witness.open(kor)
+    assert str(err.value) == (
+        "witness USA does not follow log KOR (if KOR joined the roster since this node"
+        " started, restart with the new roster)"
+    )
 
 
 def test_a_size_0_checkpoint_has_the_empty_trees_root_or_is_refused() -> None:
