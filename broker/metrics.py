@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -65,26 +65,34 @@ INTAKE_REFUSALS = ("schema", "size", "duplicate", "conflict", "unavailable", "to
 """The intake's answers' reasons, and ``token`` for a request refused for its bearer token."""
 
 
-def alarm_series(member: str | None) -> list[tuple[str, str]]:
+def alarm_series(
+    member: str | None, members: Collection[str] | None = None
+) -> list[tuple[str, str]]:
     """The (kind, log) alarm series a node exports from the start.
 
     A fork or rollback can be any member's log, ours included (our own key's
     signature on a checkpoint our log lacks); a twin only ours (every member's
-    without one).
+    without one). ``members``: the roster's (ours is added), else every MSMT member.
     """
     return [
         (kind, log)
         for kind in ALARM_KINDS
         for log in MEMBERS
-        if kind != "twin" or member in (None, log)
+        if (members is None or log in members or log == member)
+        and (kind != "twin" or member in (None, log))
     ]
 
 
 class Metrics:
     """The node's counters, gauges and histograms, in one private registry."""
 
-    def __init__(self, member: str | None = None) -> None:
+    def __init__(self, member: str | None = None, members: Collection[str] | None = None) -> None:
         self.registry = CollectorRegistry()
+        self.partners = tuple(
+            m for m in MEMBERS if m != member and (members is None or m in members)
+        )
+        """The partners whose series start at 0: the roster's members (``members``) but us,
+        else every other MSMT member. A partial deployment's node showed all ten."""
         r = self.registry
         # Which build runs, as Prometheus's own build_info does: a federation of
         # eleven members runs several at once (docs/DEPLOY.md, "Versions").
@@ -263,26 +271,25 @@ class Metrics:
             ["witness"],
             registry=r,
         )
-        self._start_at_zero(member)
+        self._start_at_zero(member, members)
 
-    def _start_at_zero(self, member: str | None) -> None:
+    def _start_at_zero(self, member: str | None, members: Collection[str] | None) -> None:
         # Exported at 0 from the start, so the first event is an increase (see above).
-        for kind, log in alarm_series(member):
+        for kind, log in alarm_series(member, members):
             self.audit_alarms.labels(kind=kind, log=log)
             self.audit_alarm_active.labels(kind=kind, log=log)
         for step in REJECTION_STEPS:
             self.rejected.labels(reason=step)
         for reason in INTAKE_REFUSALS:
             self.intake_rejected.labels(reason=reason)
-        for partner in MEMBERS:
-            if partner != member:
-                self.held.labels(sender=partner)
-                self.budget_used.labels(sender=partner)
-                self.received.labels(sender=partner)
-                self.duplicates.labels(sender=partner)
-                self.published.labels(partner=partner)
-                self.outbox_oldest.labels(partner=partner)
-                self.partner_inbox_went_back.labels(partner=partner)
+        for partner in self.partners:
+            self.held.labels(sender=partner)
+            self.budget_used.labels(sender=partner)
+            self.received.labels(sender=partner)
+            self.duplicates.labels(sender=partner)
+            self.published.labels(partner=partner)
+            self.outbox_oldest.labels(partner=partner)
+            self.partner_inbox_went_back.labels(partner=partner)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

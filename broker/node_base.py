@@ -96,7 +96,8 @@ class NodeBase:
         self.inbound = inbound
         self.seed = seed
         self.tls = tls
-        self.metrics = Metrics(config.member)
+        # Series by partner for the roster's members only (a partial deployment).
+        self.metrics = Metrics(config.member, {key.member for key in planner.roster})
         self._note_expiries(expiries or {})
         self.auditnet = auditnet(self.metrics, self.run_db)
         self.auditnet.on_twin = self._twin_seen

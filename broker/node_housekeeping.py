@@ -25,7 +25,6 @@ from broker.errors import MsmtError
 from broker.feeds import FEED_COUNTER, FEED_USED
 from broker.hubwatch import INBOX_STREAM_STATE
 from broker.log import get_logger
-from broker.members import MEMBERS
 from broker.node_base import (
     HOUSEKEEPING_S,
     OUTBOX_AGE_EVERY_S,
@@ -154,10 +153,9 @@ class Housekeeping(NodeBase):
         # Each partner's share of its daily budget spent: from the start (the store's
         # totals), whether the inbox is read or not, and 0 from 00:00 UTC.
         day = utc_day(time.time())
-        for sender in MEMBERS:
-            if sender != self.member:
-                ratio = self.inbound.budget.ratio(sender, day)
-                self.metrics.budget_used.labels(sender=sender).set(ratio)
+        for sender in self.metrics.partners:
+            ratio = self.inbound.budget.ratio(sender, day)
+            self.metrics.budget_used.labels(sender=sender).set(ratio)
 
     async def _housekeep_once(self) -> None:
         self._show_budget()
@@ -244,11 +242,11 @@ class Housekeeping(NodeBase):
             self._error(f"housekeeping: {exc}")
             return
         wall = time.time()
-        for partner in MEMBERS:
-            if partner != self.member:
-                since = oldest.get(partner)
-                age = 0.0 if since is None else max(0.0, wall - since)
-                self.metrics.outbox_oldest.labels(partner=partner).set(round(age, 1))
+        # The roster's partners, and any other the outbox holds reports for.
+        for partner in sorted({*self.metrics.partners, *oldest}):
+            since = oldest.get(partner)
+            age = 0.0 if since is None else max(0.0, wall - since)
+            self.metrics.outbox_oldest.labels(partner=partner).set(round(age, 1))
 
     def _log_activity(self, seconds: float, depth: int) -> None:
         # An operator tailing the log sees the node at work (receipts are not

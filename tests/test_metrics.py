@@ -142,3 +142,24 @@ async def test_the_metrics_port_refuses_other_host_names_and_half_sent_requests(
         writer.close()
     finally:
         await runner.cleanup()
+
+
+def test_a_partial_deployment_exports_series_for_the_rosters_members_only() -> None:
+    # A 3-member deployment's node exported every per-partner family at 0 for all ten
+    # other MSMT members: dashboards and "by partner" tables listed seven that are not there.
+    page = Metrics("JPN", {"JPN", "USA", "KOR"}).render().decode()
+    for name, label in (
+        ("msmt_received_held_total", "sender"),
+        ("msmt_received_total", "sender"),
+        ("msmt_received_duplicate_total", "sender"),
+        ("msmt_sender_budget_used_ratio", "sender"),
+        ("msmt_published_total", "partner"),
+        ("msmt_outbox_oldest_seconds", "partner"),
+        ("msmt_partner_inbox_went_back_total", "partner"),
+    ):
+        shown = re.findall(rf'\n{name}{{{label}="([A-Z]+)"}} 0\.0', page)
+        assert shown == ["USA", "KOR"], (name, shown)
+    # Forks and rollbacks of the three logs, a twin of ours: 7 series each.
+    assert page.count("\nmsmt_audit_alarms_total{") == 7
+    assert page.count("\nmsmt_audit_alarm_active{") == 7
+    assert 'msmt_audit_alarms_total{kind="fork",log="GBR"}' not in page

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -161,6 +162,24 @@ def test_a_start_refused_late_is_not_shown_as_started(folder: Path) -> None:
     node.store.close()
     node.audit.close()
     assert [e["type"] for e in audit_entries(config.audit_dir)].count("policy") == 1
+
+
+async def test_a_nodes_metrics_by_partner_follow_its_roster(folder: Path) -> None:
+    # The roster lists JPN and USA only: no series for the nine members not in it, at
+    # the start nor after the housekeeping that sets the budget and outbox gauges.
+    node = load_node(load_config(folder / "nodes" / "JPN" / "node.toml", env={}))
+    try:
+        node._show_budget()
+        await node._measure_outbox_age()
+        page = node.metrics.render().decode()
+    finally:
+        node.store.close()
+        node.audit.close()
+        node._db.shutdown(wait=True)
+    partners = set(re.findall(r'[{,](?:sender|partner|log|witness)="([A-Z]+)"', page))
+    assert partners == {"JPN", "USA"}, partners
+    assert 'msmt_outbox_oldest_seconds{partner="USA"} 0.0' in page
+    assert 'msmt_sender_budget_used_ratio{sender="USA"} 0.0' in page
 
 
 def _node(command: str, config: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
