@@ -66,6 +66,9 @@ INBOX_UNSERVED: Final = (
     "the hub's JetStream does not serve this node's account: restart every hub server (msmt status)"
 )
 """Why ``ready`` says no while nothing serves our inbox consumer (``_inbox_unserved``)."""
+UNSERVED_AFTER_S: Final = 20.0
+"""How long pulls go unserved (503, the consumer answered for) before ``inbox_unserved``
+says so: a hub cluster electing the consumer's leader may answer 503 for a moment."""
 REFUSAL_ECHO_S: Final = 12.0
 """How long after the hub's last refusal a lost connection is taken for its echo (the hub
 closing what it refused, at times ahead of its reason). Over twice the longest wait
@@ -149,6 +152,7 @@ class NodeBase:
         self._refusals = 0  # the hub's refusals since then
         self._refused_last = 0.0  # time.monotonic() of the last one
         self._unserved = False  # the hub answers for our inbox consumer, but serves no pull
+        self._unserved_since: float | None = None  # time.monotonic() of the first such pull
         self._alarm_facts: dict[str, str] = {}  # an audit alarm not recorded yet
         self._error_log = Throttle()  # node_error: once a minute for each condition
         self._sent_logged: set[int] = set()  # outbox rows logged sent, not marked (store thread)
@@ -275,6 +279,11 @@ class NodeBase:
             " only after a restart. The hub operator restarts every hub server, one at a"
             " time (docs/KEYS.md); nothing is lost meanwhile. Retrying"
         )
+        now = time.monotonic()
+        if self._unserved_since is None:
+            self._unserved_since = now
+        if now - self._unserved_since < UNSERVED_AFTER_S:
+            return
         if not self._unserved:
             self._unserved = True
             log.error("inbox_unserved", error=text)
@@ -283,7 +292,10 @@ class NodeBase:
 
     def _check_served(self) -> None:
         # A pull the hub answered ends what ``_inbox_unserved`` said.
-        if self._unserved and self.receiver is not None and self.receiver.serving:
+        if self.receiver is None or not self.receiver.serving:
+            return
+        self._unserved_since = None
+        if self._unserved:
             self._unserved = False
             log.warning("inbox_served")
 

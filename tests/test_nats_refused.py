@@ -250,7 +250,7 @@ async def test_a_refusal_ends_when_the_hub_fails_otherwise(
 
 
 async def test_a_member_added_back_by_a_reload_is_told_the_hub_needs_a_restart(
-    world: World,
+    world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A suspension drops the member's account from the hub's configuration; its return
     # adds it back. On nats-server 2.15 an account a reload adds back lets the node in
@@ -258,6 +258,8 @@ async def test_a_member_added_back_by_a_reload_is_told_the_hub_needs_a_restart(
     # (503) and no publish (NoStreamResponseError), its partners' to it included, until
     # the hub restarts. The node said nothing of it: /readyz "inbox consumer not
     # bound", and a status error "pull: status 503 \nNats-Subject: ..." naming no cause.
+    # Said once it has lasted (a cluster electing a consumer leader answers 503 too).
+    monkeypatch.setattr(broker.node_base, "UNSERVED_AFTER_S", 2.0)  # 20 s in a node
     world.write_config("USA", USA_TO_JPN)
     users = load_users(world.keydir)
     with capture_logs() as logs:
