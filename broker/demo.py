@@ -85,9 +85,7 @@ def signals_interrupt() -> Iterator[None]:
 
     After the first, both are ignored until the block ends (``interrupt_once``).
     """
-    previous = {
-        sig: signal.signal(sig, interrupt_once) for sig in (signal.SIGTERM, signal.SIGINT)
-    }
+    previous = {sig: signal.signal(sig, interrupt_once) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
