@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import math
 import os
@@ -196,7 +197,9 @@ class Cluster:
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            # HTTPException: a port pinned inside the ephemeral range, not bound yet,
+            # can connect to itself and read its own request back (a helper's run).
             return False
 
     def hub_messages(self) -> tuple[int, int]:
