@@ -167,35 +167,47 @@ def load_pseudonym_keys(config: NodeConfig, policy: Policy) -> dict[str, bytes]:
 
 
 def seed_listed(config: NodeConfig, seed: bytes) -> str:
-    """``msmt node check``'s word on the NATS seed against a copy of the hub's users.
+    """``msmt node check``'s word on the NATS seed against the copies of the hub's users.
 
     A ``nats-users.json`` with its ``.jws`` beside the roster (or in the key
     directory: the custodian's folder holds both) that verifies with the pinned
-    authority key says which key the hub lets in as this member: the seed's public
-    key must be it. Otherwise the hub refuses the node at connect, the only place a
-    wrong seed showed. A copy that does not verify is not compared (said so), as a
-    start never reads one; a copy that lists another key, or none, is
-    ``KeyMaterialError``. Files only: the hub's own configuration may be newer.
+    authority key says which key the hub lets in as this member; of two copies, the
+    newer (``msmt_version``). A seed whose public key is not the one it lists gets a
+    warning: the hub refuses it at connect, the only place a wrong seed showed, if
+    its configuration is that version. Only a warning, and the check goes on: a start
+    never reads the file, and a copy may be older than the hub's (a review: a copy
+    left from before a ``--replace-nats-user`` failed the check of a right seed). A
+    copy that does not verify is not compared (said so).
     """
     user = nats_public(seed, str(config.seed_path))
-    folders = dict.fromkeys((config.roster_dir, config.keys.dir))
-    found = next((d for d in folders if (d / NATS_USERS_FILE).is_file()), None)
-    if found is None:
+    present = [
+        d
+        for d in dict.fromkeys((config.roster_dir, config.keys.dir))
+        if (d / NATS_USERS_FILE).is_file()
+    ]
+    if not present:
         return f"user {user} (no {NATS_USERS_FILE} beside the roster to compare it with)"
-    path = found / NATS_USERS_FILE
-    try:
-        signed = load_signed_users(found, authority_path=config.authority_path)
-    except KeyMaterialError as exc:
-        return f"user {user} (not compared with {path}, which does not verify: {exc})"
-    listed = signed.users.get(config.member)
+    verified: list[tuple[int, Path, dict[str, str]]] = []
+    unverified: list[str] = []
+    for folder in present:
+        try:
+            signed = load_signed_users(folder, authority_path=config.authority_path)
+        except KeyMaterialError as exc:
+            unverified.append(f"{folder / NATS_USERS_FILE}, which does not verify: {exc}")
+        else:
+            verified.append((signed.version, folder / NATS_USERS_FILE, dict(signed.users)))
+    if not verified:
+        return f"user {user} (not compared with {'; nor '.join(unverified)})"
+    version, path, users = max(verified, key=lambda v: v[0])
+    listed = users.get(config.member)
     if listed == user:
-        return f"user {user}, as {path} (version {signed.version}) lists it"
+        return f"user {user}, as {path} (version {version}) lists it"
     what = "lists no NATS user" if listed is None else f"lists NATS user {listed}"
-    raise KeyMaterialError(
-        f"{config.seed_path}: its NATS user {user} is not {config.member}'s: {path} (version"
-        f" {signed.version}, signed by the pinned authority) {what} for {config.member}, so"
-        " the hub refuses this seed (Authorization Violation). Use the nats.nk the custodian"
-        f" recorded (the one in the key directory {config.member}'s key request was made in),"
-        f" or, if the file is older than the hub's, get the current {NATS_USERS_FILE} and"
-        f" {NATS_USERS_SIG_FILE} (docs/KEYS.md)"
+    return (
+        f"user {user}; WARNING: {path} (version {version}, signed by the pinned authority)"
+        f" {what} for {config.member}, so a hub configured from it refuses this seed"
+        " (Authorization Violation): use the nats.nk the custodian recorded (the one in the"
+        f" key directory {config.member}'s key request was made in), or, if that copy is"
+        f" older than the hub's, get the current {NATS_USERS_FILE} and {NATS_USERS_SIG_FILE}"
+        " (docs/KEYS.md)"
     )
