@@ -282,8 +282,13 @@ class Metrics:
             self.rejected.labels(reason=step)
         for reason in INTAKE_REFUSALS:
             self.intake_rejected.labels(reason=reason)
+        # Held: for every MSMT member, in the roster or not. A member the roster lacks is
+        # what a hold is for (a newer roster elsewhere), and its first hold must be an
+        # increase for MsmtReceivedHeld, not a series' first sample (a review).
+        for other in MEMBERS:
+            if other != member:
+                self.held.labels(sender=other)
         for partner in self.partners:
-            self.held.labels(sender=partner)
             self.budget_used.labels(sender=partner)
             self.received.labels(sender=partner)
             self.duplicates.labels(sender=partner)

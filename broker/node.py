@@ -176,8 +176,7 @@ class Node(Messaging, Housekeeping):
 
     async def _run(self) -> None:
         config = self.config
-        token = _shared_token(config)
-        feeds = await self._start_planning()
+        token, feeds = await self._start_planning()
         socket_intake = Intake(
             self.member,
             config.limits.max_record_bytes,
@@ -280,23 +279,32 @@ class Node(Messaging, Housekeeping):
             raise
         return spool, opened[0], opened[1]
 
-    async def _start_planning(self) -> FeedTokens:
-        # Read once here, before the planning worker starts, so an unfit feeds file
-        # stops the start with one line; then each request reads it again if it changed.
-        feeds = FeedTokens(self.config.feeds_path)
+    async def _start_planning(self) -> tuple[str | None, FeedTokens]:
+        # The intake token and the feeds file are read once here, before the planning
+        # worker starts, so an unfit one stops the start with one line; then each
+        # request reads the feeds file again if it changed.
         try:
+            token = _shared_token(self.config)
+            feeds = FeedTokens(self.config.feeds_path)
             feeds.current()
         except MsmtError as exc:
-            await self._start_refused(exc)
+            await self._refuse_start(exc)
             raise
         # Before any input: a node that could not plan must not accept reports.
         try:
             await self._plans.start()
         except PlanWorkerError as exc:
             await self._plans.shutdown()
-            await self._start_refused(exc)
+            await self._refuse_start(exc)
             raise NodeFailedError(str(exc)) from None
-        return feeds
+        return token, feeds
+
+    async def _refuse_start(self, exc: BaseException) -> None:
+        # Before any input is open: said in the status, the store and log closed (an
+        # in-process caller, the demo or a test, must not inherit them open: a review).
+        await self._start_refused(exc)
+        await self.run_db(self._close)
+        self._db.shutdown(wait=True)
 
     async def _start_refused(self, exc: BaseException) -> None:
         # Said in msmt status, which otherwise showed the last run's facts and no

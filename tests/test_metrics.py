@@ -149,7 +149,6 @@ def test_a_partial_deployment_exports_series_for_the_rosters_members_only() -> N
     # other MSMT members: dashboards and "by partner" tables listed seven that are not there.
     page = Metrics("JPN", {"JPN", "USA", "KOR"}).render().decode()
     for name, label in (
-        ("msmt_received_held_total", "sender"),
         ("msmt_received_total", "sender"),
         ("msmt_received_duplicate_total", "sender"),
         ("msmt_sender_budget_used_ratio", "sender"),
@@ -159,6 +158,10 @@ def test_a_partial_deployment_exports_series_for_the_rosters_members_only() -> N
     ):
         shown = re.findall(rf'\n{name}{{{label}="([A-Z]+)"}} 0\.0', page)
         assert shown == ["USA", "KOR"], (name, shown)
+    # Held, for all ten: a member the roster lacks is what a hold is for (a newer roster
+    # elsewhere), and its first hold must count as an increase for MsmtReceivedHeld.
+    held = re.findall(r'\nmsmt_received_held_total{sender="([A-Z]+)"} 0\.0', page)
+    assert held == [m for m in MEMBERS if m != "JPN"]
     # Forks and rollbacks of the three logs, a twin of ours: 7 series each.
     assert page.count("\nmsmt_audit_alarms_total{") == 7
     assert page.count("\nmsmt_audit_alarm_active{") == 7
