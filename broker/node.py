@@ -287,24 +287,30 @@ class Node(Messaging, Housekeeping):
             token = _shared_token(self.config)
             feeds = FeedTokens(self.config.feeds_path)
             feeds.current()
-        except MsmtError as exc:
+        except BaseException as exc:
             await self._refuse_start(exc)
             raise
         # Before any input: a node that could not plan must not accept reports.
         try:
             await self._plans.start()
-        except PlanWorkerError as exc:
+        except BaseException as exc:
             await self._plans.shutdown()
             await self._refuse_start(exc)
-            raise NodeFailedError(str(exc)) from None
+            if isinstance(exc, PlanWorkerError):
+                raise NodeFailedError(str(exc)) from None
+            raise
         return token, feeds
 
     async def _refuse_start(self, exc: BaseException) -> None:
-        # Before any input is open: said in the status, the store and log closed (an
-        # in-process caller, the demo or a test, must not inherit them open: a review).
-        await self._start_refused(exc)
-        await self.run_db(self._close)
-        self._db.shutdown(wait=True)
+        # Before any input is open, whatever ended the start (a refusal, a cancelled
+        # in-process caller): the store and log closed, so that a caller (the demo, a
+        # test) does not inherit them open (a review); a refusal said in the status.
+        try:
+            if isinstance(exc, MsmtError | OSError):
+                await self._start_refused(exc)
+            await self.run_db(self._close)
+        finally:
+            self._db.shutdown(wait=True)
 
     async def _start_refused(self, exc: BaseException) -> None:
         # Said in msmt status, which otherwise showed the last run's facts and no

@@ -198,16 +198,34 @@ def seed_listed(config: NodeConfig, seed: bytes) -> str:
             verified.append((signed.version, folder / NATS_USERS_FILE, dict(signed.users)))
     if not verified:
         return f"user {user} (not compared with {'; nor '.join(unverified)})"
+    # Besides what it says, anything that could make it wrong: a copy not compared,
+    # and another of the same version that lists another key (two custodian folders).
+    also = [f"; not compared with {u}" for u in unverified]
     version, path, users = max(verified, key=lambda v: v[0])
     listed = users.get(config.member)
+    also += [
+        f"; WARNING: {other} is version {version} too, but lists"
+        f" {theirs.get(config.member) or 'no NATS user'} for {config.member}"
+        for v, other, theirs in verified
+        if v == version and other != path and theirs.get(config.member) != listed
+    ]
     if listed == user:
-        return f"user {user}, as {path} (version {version}) lists it"
-    what = "lists no NATS user" if listed is None else f"lists NATS user {listed}"
+        return f"user {user}, as {path} (version {version}) lists it" + "".join(also)
+    if listed is None:
+        why = (
+            f"lists no NATS user for {config.member}, so a hub configured from it refuses"
+            f" every seed of {config.member}'s: a member suspended, or whose key request is"
+            " not accepted yet (docs/KEYS.md)"
+        )
+    else:
+        why = (
+            f"lists NATS user {listed} for {config.member}, so a hub configured from it"
+            " refuses this seed (Authorization Violation): use the nats.nk the custodian"
+            f" recorded (the one in the key directory {config.member}'s key request was made"
+            f" in), or, if that copy is older than the hub's, get the current"
+            f" {NATS_USERS_FILE} and {NATS_USERS_SIG_FILE} (docs/KEYS.md)"
+        )
     return (
         f"user {user}; WARNING: {path} (version {version}, signed by the pinned authority)"
-        f" {what} for {config.member}, so a hub configured from it refuses this seed"
-        " (Authorization Violation): use the nats.nk the custodian recorded (the one in the"
-        f" key directory {config.member}'s key request was made in), or, if that copy is"
-        f" older than the hub's, get the current {NATS_USERS_FILE} and {NATS_USERS_SIG_FILE}"
-        " (docs/KEYS.md)"
+        f" {why}" + "".join(also)
     )

@@ -285,13 +285,14 @@ class Messaging(NodeBase):
         # Binding fails while the hub is away or the inbox is not set up yet; keep trying.
         while not self.stop.is_set():
             if self._pause_reason()[0]:
+                self._unserved_since = None
                 await self._pause_inbox()
                 continue
             self._inbox_halt.clear()
+            unserved = False
             try:
                 await receiver.run(self._inbox_halt)
-                if receiver.unserved:
-                    self._inbox_unserved()
+                unserved = receiver.unserved
             except nats.js.errors.NotFoundError as exc:
                 # The hub answers but holds no inbox for us (setup never run, or the
                 # hub lost its JetStream store): only the operator can mend that, so
@@ -312,6 +313,12 @@ class Messaging(NodeBase):
                     self._error(text, same_as=_HUB_TROUBLE)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), 1.0)
+            if unserved:
+                self._inbox_unserved()
+            else:
+                # Any other end breaks the streak: 503s apart (an election, then the hub
+                # away, then another) must not add up to UNSERVED_AFTER_S (a review).
+                self._unserved_since = None
 
     async def _pause_inbox(self) -> None:
         # While a twin's checkpoints come (until none for auditnet.alarm_clear), both

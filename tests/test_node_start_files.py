@@ -8,6 +8,7 @@ of the file, which for a key file is a byte of the secret.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,10 +21,13 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
+import nats
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from node_world import MSMT, audit_entries, fetch, msmt, wait_for, write_node_config
@@ -139,6 +143,8 @@ def test_node_check_compares_the_nats_seed_with_the_hub_users_at_hand(folder: Pa
     authority = keys_custodian.load_for_update(folder / "keys")[1]
     current = keys_users.load_users_for_update(folder / "keys", authority)
     renewed = keys.nats_public(seed, "the new seed")
+    other = folder / "other"  # a second custodian folder, at version 1 as well
+    shutil.copytree(folder / "keys", other)
     keys_users.write_nats_users(folder / "keys", {**current, "JPN": renewed}, authority)
     config.write_text(
         config.read_text().replace('dir = "keys"\n', 'dir = "keys"\nroster_dir = "roster"\n', 1)
@@ -146,6 +152,20 @@ def test_node_check_compares_the_nats_seed_with_the_hub_users_at_hand(folder: Pa
     done = _node("check", str(config), env)
     assert done.returncode == 0, done.stderr
     assert f", user {renewed}, as {users} (version 2) lists it, TLS off\n" in done.stdout
+
+    # Two copies of one version that disagree (two custodian folders), said; and a
+    # copy that does not verify is said beside the one that does.
+    stranger = keys.nats_public(keys.new_nats_seed(), "another seed")
+    authority = keys_custodian.load_for_update(other)[1]
+    keys_users.write_nats_users(other, {**current, "JPN": stranger}, authority)  # version 2
+    for name in ("nats-users.json", "nats-users.json.jws"):
+        shutil.copy(other / name, roster / name)
+    done = _node("check", str(config), env)
+    assert done.returncode == 0, done.stderr
+    assert f"; WARNING: {users} is version 2 too, but lists {renewed} for JPN" in done.stdout
+    (roster / "nats-users.json.jws").write_text("x")
+    done = _node("check", str(config), env)
+    assert f", user {renewed}, as {users} (version 2) lists it; not compared with" in done.stdout
 
     # A copy that does not verify is not compared; none, said.
     signature = users.with_name("nats-users.json.jws")
@@ -206,6 +226,66 @@ async def test_a_start_refused_over_its_intake_token_says_so_and_closes_its_file
         assert status.state()["last_error"] == f"start refused: {refused.value}"
     finally:
         status.close()
+
+
+async def test_a_start_cancelled_while_its_planning_worker_starts_closes_its_files(
+    folder: Path,
+) -> None:
+    # A review: only a refusal closed them; an in-process caller cancelling the start
+    # (a test, the demo's stop) left the store locked and the log open.
+    config = load_config(folder / "nodes" / "JPN" / "node.toml", env={})
+    node = load_node(config)
+    starting = asyncio.Event()
+
+    async def hung() -> None:
+        starting.set()
+        await asyncio.Event().wait()
+
+    node._plans.start = hung  # type: ignore[method-assign]
+    task = asyncio.create_task(node.run())
+    await asyncio.wait_for(starting.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    Store(config.store_path).close()  # its writer's lock: held, had the node not closed it
+
+
+@pytest.mark.parametrize(
+    ("ends", "said"),
+    [(["unserved", "away", "unserved"], False), (["unserved", "unserved"], True)],
+)
+async def test_503s_apart_do_not_add_up_to_an_unserved_inbox(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, ends: list[str], said: bool
+) -> None:
+    # A review: one 503 (a cluster electing the consumer's leader), the hub away for
+    # minutes, one 503 again: inbox_unserved at once, "restart every hub server".
+    # Only runs that end unserved back to back, for UNSERVED_AFTER_S, are a streak.
+    node = load_node(load_config(folder / "nodes" / "JPN" / "node.toml", env={}))
+    clock = [1000.0]  # the node's monotonic clock alone: asyncio keeps the real one
+    fake = SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
+    monkeypatch.setattr("broker.node_base.time", fake)
+    runs = list(ends)
+
+    class Receiver:
+        unserved = False
+
+        async def run(self, _halt: asyncio.Event) -> None:
+            clock[0] += 300
+            end = runs.pop(0)
+            if not runs:
+                node.stop.set()  # the loop ends after this run's outcome
+            if end == "away":
+                raise nats.errors.ConnectionClosedError
+            self.unserved = end == "unserved"
+
+    node.hub.clock_checked.set()
+    try:
+        await node._receive_forever(Receiver())  # type: ignore[arg-type]
+    finally:
+        node.store.close()
+        node.audit.close()
+        node._db.shutdown(wait=True)
+    assert node._unserved is said
 
 
 async def test_a_nodes_metrics_by_partner_follow_its_roster(folder: Path) -> None:
