@@ -46,7 +46,6 @@ __all__ = [
     "DemoFailedError",
     "Display",
     "Options",
-    "interrupt_once",
     "run",
     "scratch",
     "signals_interrupt",

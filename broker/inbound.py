@@ -224,14 +224,14 @@ class Inbound(InboundBase):
             # Before the checklist: a sender over its budget costs no decryption. Not
             # a receipt the log holds already (the store lost it to a crash or a full
             # disk), nor the same bytes twice in the batch (one is a duplicate).
-            if (sender, digest) not in self._unstored and (sender, digest) not in reserved:
+            logged = (sender, digest) in self._unstored
+            if not logged and (sender, digest) not in reserved:
                 refusal = self.budget.reserve(sender, len(data))
                 if refusal is not None:
                     decided[index] = refusal
                     continue
                 reserved.add((sender, digest))
             tokens[index] = token
-            logged = (sender, digest) in self._unstored
             deliveries.append(Delivery(token, sender, subject.rpartition(".")[2], logged))
             asked.append((index, sender))
 

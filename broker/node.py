@@ -267,15 +267,11 @@ class Node(Messaging, Housekeeping):
             opened.append(await serve_unix(intake_app, self.config.socket_path))
         except BaseException as exc:
             # A refused start closes what it opened, so the process exits with one line.
-            if isinstance(exc, MsmtError | OSError):
-                await self._start_refused(exc)
             if self._metrics_waiting is not None:
                 self._metrics_waiting.cancel()
             for runner in reversed(opened):
                 await runner.cleanup()
-            await self._plans.shutdown()
-            await self.run_db(self._close)
-            self._db.shutdown(wait=True)
+            await self._refuse_start(exc)
             raise
         return spool, opened[0], opened[1]
 
@@ -294,7 +290,6 @@ class Node(Messaging, Housekeeping):
         try:
             await self._plans.start()
         except BaseException as exc:
-            await self._plans.shutdown()
             await self._refuse_start(exc)
             if isinstance(exc, PlanWorkerError):
                 raise NodeFailedError(str(exc)) from None
@@ -302,24 +297,22 @@ class Node(Messaging, Housekeeping):
         return token, feeds
 
     async def _refuse_start(self, exc: BaseException) -> None:
-        # Before any input is open, whatever ended the start (a refusal, a cancelled
-        # in-process caller): the store and log closed, so that a caller (the demo, a
-        # test) does not inherit them open (a review); a refusal said in the status.
+        # Whatever ended the start before its inputs served (a refusal, a cancelled
+        # in-process caller): the worker stopped, the store and log closed, so that a
+        # caller (the demo, a test) does not inherit them open (a review); a refusal
+        # said in msmt status, which otherwise showed the last run's facts and no
+        # error, as if this start had not been tried (the reason is the exit's line).
+        await self._plans.shutdown()
         try:
             if isinstance(exc, MsmtError | OSError):
-                await self._start_refused(exc)
+                text = f"start refused: {exc}"[:500]
+                with contextlib.suppress(MsmtError):
+                    await self.run_db(
+                        self.store.set_state, {"last_error": text, "last_error_at": utc_now_text()}
+                    )
             await self.run_db(self._close)
         finally:
             self._db.shutdown(wait=True)
-
-    async def _start_refused(self, exc: BaseException) -> None:
-        # Said in msmt status, which otherwise showed the last run's facts and no
-        # error, as if this start had not been tried (the reason is the exit's line).
-        text = f"start refused: {exc}"[:500]
-        with contextlib.suppress(MsmtError):
-            await self.run_db(
-                self.store.set_state, {"last_error": text, "last_error_at": utc_now_text()}
-            )
 
     async def _serve_metrics(self) -> web.AppRunner:
         listen = self.config.metrics
