@@ -95,7 +95,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from reliability_world import MSMT, Cluster, msmt, not_whole, records_for  # noqa: E402
-from sigterm import stop_on_sigterm  # noqa: E402
+from sigterm import run_stoppable  # noqa: E402
 from tcpproxy import TcpProxy  # noqa: E402
 
 from broker.natsproc import NatsServer  # noqa: E402
@@ -870,7 +870,6 @@ def main() -> None:
         + ", ".join(FAULTS),
     )
     args = parser.parse_args()
-    stop_on_sigterm()
     kinds = faults_for(args.hub_servers)
     chosen = [k for k in (args.faults or ",".join(kinds)).split(",") if k]
     if not chosen or set(chosen) - set(kinds):
@@ -879,7 +878,7 @@ def main() -> None:
         )
     root = args.root or Path(tempfile.mkdtemp(prefix="msmt-chaos-"))
     root.mkdir(parents=True, exist_ok=True)
-    sys.exit(asyncio.run(run(root, args.minutes, args.seed, chosen, args.hub_servers)))
+    sys.exit(run_stoppable(run(root, args.minutes, args.seed, chosen, args.hub_servers)))
 
 
 if __name__ == "__main__":

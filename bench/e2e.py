@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 from floors import CryptoFloor, publish_floor, pull_floor
 from joserfc.jwk import OKPKey
-from sigterm import stop_on_sigterm
+from sigterm import run_stoppable
 
 from broker import envelope, keys, keys_custodian, keys_roster, samples, sdjwt
 from broker.checkpoint import (
@@ -922,8 +922,7 @@ def main() -> None:
     if args.latency_seconds is None:
         args.latency_seconds = 5.0 if args.quick else 30.0
     args.memory = not args.quick
-    stop_on_sigterm()
-    show(asyncio.run(measure(args)), args.rate)
+    show(run_stoppable(measure(args)), args.rate)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nats
 import psutil
 from nats.js.api import RetentionPolicy
-from sigterm import stop_on_sigterm
+from sigterm import run_stoppable
 
 from broker.natsconfig import inbox_durable, inbox_stream
 from broker.natsetup import InboxLimits, inbox_consumer_config, inbox_stream_config
@@ -131,8 +131,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=7, help="messages a fetch (e2e at 100/s: ~7)")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    stop_on_sigterm()
-    asyncio.run(main_async(args))
+    run_stoppable(main_async(args))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from e2e import Cluster, LostError, platform_line, read_rows
-from sigterm import stop_on_sigterm
+from sigterm import run_stoppable
 
 from broker import keys
 from broker.config import load_config
@@ -207,11 +207,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--tmp", help="scratch parent directory")
     args = parser.parse_args()
-    stop_on_sigterm()
     if args.seconds is None:
         args.seconds = 10.0 if args.quick else 60.0
-    ours = asyncio.run(run(args, None))
-    base = asyncio.run(run(args, str(Path(args.baseline).resolve()))) if args.baseline else None
+    ours = run_stoppable(run(args, None))
+    base = run_stoppable(run(args, str(Path(args.baseline).resolve()))) if args.baseline else None
     show(args, ours, base)
 
 

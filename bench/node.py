@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from floors import publish_floor
-from sigterm import stop_on_sigterm
+from sigterm import run_stoppable
 
 from broker import keys, keys_custodian, samples
 from broker.config import load_config
@@ -153,5 +153,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", type=int, default=2000)
     reports = parser.parse_args().reports
-    stop_on_sigterm()
-    asyncio.run(main(reports))
+    run_stoppable(main(reports))

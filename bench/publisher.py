@@ -50,7 +50,7 @@ from e2e import (
     read_rows,
 )
 from floors import publish_floor
-from sigterm import stop_on_sigterm
+from sigterm import run_stoppable
 
 from broker import keys
 from broker.natsconfig import inbox_stream
@@ -230,10 +230,9 @@ def main() -> None:
         help="feed one report at a time at this many per second (default: all at once)",
     )
     args = parser.parse_args()
-    stop_on_sigterm()
     if args.reports is None:
         args.reports = 500 if args.quick else 5000
-    show(asyncio.run(run(args)))
+    show(run_stoppable(run(args)))
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from e2e import (
 )
 from floors import pull_floor
 from nats.js.api import RetentionPolicy
-from sigterm import stop_on_sigterm
+from sigterm import run_stoppable
 
 from broker import keys, keys_custodian, keys_roster
 from broker.config import load_config
@@ -430,10 +430,9 @@ def main() -> None:
     parser.add_argument("--tmp", help="scratch parent directory")
     parser.add_argument("--profile", help="write py-spy raw stacks of the node here")
     args = parser.parse_args()
-    stop_on_sigterm()
     if args.messages is None:
         args.messages = 600 if args.quick else 3000
-    show(asyncio.run(measure(args)), args)
+    show(run_stoppable(measure(args)), args)
 
 
 if __name__ == "__main__":

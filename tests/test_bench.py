@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 from node_world import in_port_share, wait_for
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -19,9 +20,9 @@ def test_a_benchmark_stopped_with_sigterm_stops_its_hub_and_removes_its_files(
 ) -> None:
     # SIGTERM's default action ended the driver at once: its nats-server ran on
     # (and the eleven nodes of e2e.py), holding ports the next run needed. Stopped
-    # while the hub starts (NatsServer.start waits for it). Once its nats-py client
-    # runs, a stop (SIGTERM or Ctrl-C alike) is now and then lost inside it on a loaded
-    # machine (2 runs in 10, the driver finishing its rounds first): not tested here.
+    # while the hub starts (NatsServer.start waits for it). A stop once its nats-py
+    # client runs is the next test's: timing it to land inside a fetch is not in a
+    # test's hands.
     env = in_port_share({**os.environ, "TMPDIR": str(tmp_path)})
     argv = [sys.executable, str(BENCH / "hub_ack.py"), "--messages", "5000", "--rounds", "4"]
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -36,8 +37,8 @@ def test_a_benchmark_stopped_with_sigterm_stops_its_hub_and_removes_its_files(
         wait_for(hub_started, 60, "the benchmark's nats-server")
         driver.send_signal(signal.SIGTERM)
         _, err = driver.communicate(timeout=60)
-        assert driver.returncode != 0
-        assert b"KeyboardInterrupt" in err
+        assert driver.returncode == 128 + signal.SIGTERM
+        assert err.endswith(b"hub_ack.py: stopped by SIGTERM\n")
         assert [h.pid for h in hubs if h.is_running() and h.status() != "zombie"] == []
         assert list(tmp_path.iterdir()) == []
     finally:
@@ -47,3 +48,52 @@ def test_a_benchmark_stopped_with_sigterm_stops_its_hub_and_removes_its_files(
         for hub in hubs:
             if hub.is_running():
                 hub.kill()
+
+
+DRIVER = """
+import asyncio, signal, sys
+sys.path.insert(0, sys.argv[1])
+from sigterm import run_stoppable
+if sys.argv[2] == "SIGINT":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # started as a background job is
+async def main():
+    try:
+        print("waiting", flush=True)
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        print("swallowed", flush=True)  # as Python 3.11's wait_for may, in nats-py
+    try:
+        await asyncio.sleep(60)
+    finally:
+        print("cleaned up", flush=True)
+run_stoppable(main())
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_whose_cancellation_is_swallowed_is_repeated(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    # Python 3.11's asyncio.wait_for, inside nats-py's fetch and requests, swallows
+    # a cancellation that lands as its answer arrives: 3 of 10 stops of hub_ack.py
+    # mid-round lost their first one, and a single cancellation let the driver run
+    # its rounds to the end. A driver started with SIGINT ignored (a background
+    # job) still stops on it.
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    argv = [sys.executable, str(script), str(BENCH), signum.name]
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert driver.stdout is not None
+        assert driver.stdout.readline() == b"waiting\n"
+        driver.send_signal(signum)
+        out, err = driver.communicate(timeout=30)
+        assert (out, err) == (
+            b"swallowed\ncleaned up\n",
+            f"driver.py: stopped by {signum.name}\n".encode(),
+        )
+        assert driver.returncode == 128 + signum
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        driver.communicate()
