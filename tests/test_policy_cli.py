@@ -211,6 +211,29 @@ def test_explain_reads_the_first_ndjson_record(tmp_path: Path) -> None:
     assert json.loads(result.output)["report_id"] == records[0]["report_id"]
 
 
+def test_explain_takes_a_record_of_the_largest_size_the_node_takes(tmp_path: Path) -> None:
+    # A feed trial: a one-record file of exactly 65,536 bytes and its newline, which the
+    # node accepts and msmt validate passes, was refused by explain as "record is 65537
+    # bytes": the file's line end was counted as part of the record.
+    rec = {**samples.example_records()["vessel"], "tlp": "AMBER"}
+    text = json.dumps(rec)
+    text = text[:-1] + " " * (65536 - len(text.encode())) + "}"  # JSON allows the spaces
+    assert len(text.encode()) == 65536
+    policy = str(ROOT / "nodes/JPN/policy.toml")
+    for ending in ("\n", "\n\n", ""):
+        report = tmp_path / "report.json"
+        report.write_bytes((text + ending).encode())
+        result = run("policy", "explain", "--member", "JPN", "--report", str(report),
+                     "--policy", policy, "--json")  # fmt: skip
+        assert result.exit_code == 0, (ending, result.output)
+        assert json.loads(result.output)["report_id"] == rec["report_id"]
+    over = tmp_path / "over.json"
+    over.write_bytes((text[:-1] + " }\n").encode())
+    result = run("policy", "explain", "--member", "JPN", "--report", str(over), "--policy", policy)
+    assert result.exit_code == 1
+    assert "record is 65537 bytes; limit 65536" in result.output
+
+
 def test_explain_refuses_a_report_it_did_not_originate_unless_onward(tmp_path: Path) -> None:
     report = write_report(tmp_path, originator="KOR", tlp="AMBER+STRICT")
     policy = str(ROOT / "nodes/JPN/policy.toml")
