@@ -102,6 +102,27 @@ def test_decimals_round_trip_exactly() -> None:
     assert out["vessel"]["position"] == {"lat": "38.1250000", "lon": "-0.5"}
 
 
+def test_decimals_are_signed_without_leading_zeros_as_the_docs_say() -> None:
+    # A feed trial sent "00045.5" and its partner got "45.5": README.md and docs/NODE.md
+    # say so now (trailing zeros are kept, leading ones are not; "-0" stays).
+    rec = samples.example_records()["vessel"]
+    rec["vessel"]["position"] = {"lat": "0038.50", "lon": "-000"}
+    leaves = leaf_values(parse_record(json.dumps(rec)))
+    assert leaves["vessel.position"] == {"lat": "38.50", "lon": "-0"}
+    rec["vessel"]["cargo"] = {"type": "coal", "quantity_tonnes": "0001.50"}
+    assert leaf_values(parse_record(json.dumps(rec)))["vessel.cargo"]["quantity_tonnes"] == "1.50"
+
+
+def test_a_zero_fraction_is_signed_as_none_as_the_docs_say() -> None:
+    rec = _vessel_with("observed_at", "2026-12-02T10:15:00.000000Z")
+    assert leaf_values(parse_record(json.dumps(rec)))["observed_at"] == "2026-12-02T10:15:00Z"
+
+
+def test_a_leap_second_is_refused_naming_the_field() -> None:
+    problem = _one_problem(json.dumps(_vessel_with("observed_at", "2016-12-31T23:59:60Z")))
+    assert problem == FieldProblem("observed_at", "is not a valid time: second must be in 0..59")
+
+
 @pytest.mark.parametrize(
     ("path", "value"),
     [
