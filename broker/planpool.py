@@ -329,7 +329,14 @@ def main() -> None:
     # nothing a library prints can corrupt them.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    sys.exit(serve(sys.stdin.buffer, out))
+    try:
+        code = serve(sys.stdin.buffer, out)
+    except BrokenPipeError:
+        # The node is gone (killed: the death signal may not have reached us yet)
+        # and its answer with it. Exit at once: a traceback, or the flush of what
+        # is left, would only put noise in the node's log.
+        os._exit(1)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -449,6 +449,38 @@ def test_the_worker_exits_when_the_node_is_killed(tmp_path: Path, ready: bool) -
         time.sleep(0.1)
 
 
+def _frame(value: object) -> bytes:
+    data = b"".join(_pickled(value))
+    return len(data).to_bytes(8, "big") + data
+
+
+def test_a_worker_whose_answer_nobody_reads_exits_without_a_traceback() -> None:
+    # A feed trial killed a node (kill -9) while its worker planned a batch: the worker's
+    # answer met a closed pipe before the kernel's death signal reached it, and the node's
+    # log (the worker's stderr) got a BrokenPipeError traceback.
+    worker = subprocess.Popen(
+        [sys.executable, "-P", "-m", "broker.planpool"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert worker.stdin is not None
+    assert worker.stdout is not None
+    assert worker.stderr is not None
+    try:
+        worker.stdin.write(_frame((PlannerSpec.of(planner(), POLICY), os.getpid())))
+        worker.stdin.flush()
+        size = int.from_bytes(worker.stdout.read(8), "big")
+        assert pickle.loads(worker.stdout.read(size)) == ("ok", None)  # noqa: S301
+        worker.stdout.close()  # the node is gone: nobody reads the answer
+        worker.stdin.write(_frame((rows(20), 20)))
+        worker.stdin.close()
+        assert worker.wait(timeout=60) == 1
+        assert worker.stderr.read() == b""
+    finally:
+        worker.kill()
+        worker.wait()
+        worker.stderr.close()
+
+
 async def test_a_failure_inside_the_worker_is_named_by_type_only(pool: PlanPool) -> None:
     # Exception messages can quote a report, so only the type crosses to the node's log.
     bad: list[tuple[str, bytes]] = [("a", b"x", "CONTENT")]  # type: ignore[list-item]
