@@ -156,6 +156,7 @@ class World:
                         kind=kind,
                         fields=released,
                         jwe_sha256=jwe,
+                        recipient_kid=f"{partner.lower()}-enc-1",
                     )
                 )
             if len(theirs) % BULK_EVERY == 0:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, get_args
@@ -35,10 +35,11 @@ from broker.sightings import TLP, is_uuid_text
 
 TLPS: Final = get_args(TLP)
 
-VERSION: Final = 2
-"""The format this version writes; 2 added ``sent``'s ``recipient_kid``, and ``withheld``."""
-VERSIONS: Final = (1, 2)
-"""The formats this version reads: every entry an earlier version wrote (1) is read as it was."""
+VERSION: Final = 3
+"""The format this version writes; 2 added ``sent``'s ``recipient_kid``, and ``withheld``;
+3 added ``received``'s ``recipient_kid`` (``_CHANGES``)."""
+VERSIONS: Final = tuple(range(1, VERSION + 1))
+"""The formats this version reads: every entry an earlier version wrote (1, 2) is read as it was."""
 TYPES: Final = (
     "accepted",
     "sent",
@@ -78,16 +79,14 @@ _FIELDS: Final[dict[str, frozenset[str]]] = {
     "accepted": frozenset({"report_id", "kind", "feed"}),
     "sent": _SEND,
     "withheld": _SEND | {"reason"},
-    "received": frozenset({"sender", "report_id", "kind", "fields", "jwe_sha256"}),
+    "received": frozenset({"sender", "report_id", "kind", "fields", "jwe_sha256", "recipient_kid"}),
     "rejected": frozenset({"source", "step", "reason", "report_id", "jwe_sha256"}),
     "rejected_many": frozenset({"source", "count", "steps"}),
     "key": frozenset({"action", "kid", "new_kid"}),
     "policy": frozenset({"policy_digest", "previous_digest"}),
 }
-# Version 1: ``sent`` without the recipient's key, and no ``withheld`` entries.
-_FIELDS_V1: Final[dict[str, frozenset[str]]] = {
-    kind: fields - {"recipient_kid"} for kind, fields in _FIELDS.items() if kind != "withheld"
-}
+"""The fields of each type in this version's format (``VERSION``); earlier formats' are
+derived from them (``_FORMATS``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,18 +318,37 @@ def received(
     kind: str,
     fields: Iterable[str],
     jwe_sha256: str,
+    recipient_kid: str,
 ) -> AuditEvent:
-    """A report from ``sender`` was received and verified, with these disclosure keys."""
+    """A report from ``sender`` was received and verified, with these disclosure keys.
+
+    ``recipient_kid`` is the ``kid`` the envelope's protected header names, the key of
+    ``member``'s own that opened it: what the sender's ``sent`` entry says it encrypted
+    to is then not the sender's word alone (an auditor compares the two).
+    """
     return AuditEvent(
         _base("received", member, at)
-        | {
-            "sender": _member(sender, "sender"),
-            "report_id": _report_id(report_id),
-            "kind": _kind(kind),
-            "fields": _disclosures(fields, "received field"),
-            "jwe_sha256": _hex64(jwe_sha256, "JWE hash"),
-        }
+        | _receipt_fields(sender, report_id, kind, fields, jwe_sha256)
+        | {"recipient_kid": _kid(recipient_kid)}
     )
+
+
+def _receipt_fields(
+    sender: str, report_id: UUID | str, kind: str, fields: Iterable[str], jwe_sha256: str
+) -> dict[str, Any]:
+    """The fields a ``received`` entry of versions 1 and 2 holds (and later ones)."""
+    return {
+        "sender": _member(sender, "sender"),
+        "report_id": _report_id(report_id),
+        "kind": _kind(kind),
+        "fields": _disclosures(fields, "received field"),
+        "jwe_sha256": _hex64(jwe_sha256, "JWE hash"),
+    }
+
+
+def _received_v2(member: str, at: datetime, fields: Mapping[str, Any]) -> AuditEvent:
+    """A ``received`` entry as versions 1 and 2 wrote it: without the key that opened it."""
+    return AuditEvent(_base("received", member, at) | _receipt_fields(**fields))
 
 
 def rejected(
@@ -462,7 +480,8 @@ def _refuse_if_not_canonical(entry: dict[str, Any], data: bytes) -> None:
         raise AuditError("is not RFC 8785 canonical JSON")
 
 
-_BUILDERS: Final = {
+_Builder = Callable[[str, datetime, Mapping[str, Any]], AuditEvent]
+_BUILDERS: Final[dict[str, _Builder]] = {
     "accepted": lambda m, at, f: accepted(m, at, **f),
     "sent": lambda m, at, f: sent(m, at, **f),
     "withheld": lambda m, at, f: withheld(m, at, **f),
@@ -472,11 +491,35 @@ _BUILDERS: Final = {
     "key": lambda m, at, f: key_changed(m, at, **f),
     "policy": lambda m, at, f: policy_changed(m, at, **f),
 }
-_BUILDERS_V1: Final = {
-    kind: _sent_v1 if kind == "sent" else build
-    for kind, build in _BUILDERS.items()
-    if kind != "withheld"
+_CHANGES: Final[dict[int, dict[str, tuple[frozenset[str], _Builder] | None]]] = {
+    3: {"received": (frozenset({"recipient_kid"}), _received_v2)},
+    2: {"sent": (frozenset({"recipient_kid"}), _sent_v1), "withheld": None},
 }
+"""What each version changed from the one before it: per type, the fields it added and the
+constructor of the form the version before wrote, or ``None`` for a type it introduced."""
+
+
+def _formats() -> dict[int, tuple[dict[str, frozenset[str]], dict[str, _Builder]]]:
+    """Each version's types with their exact fields and constructors.
+
+    This version's (``_FIELDS``, ``_BUILDERS``), then each earlier one's, undoing one
+    version's ``_CHANGES`` at a time: a format is written down once, as what changed.
+    """
+    fields, builders = dict(_FIELDS), dict(_BUILDERS)
+    formats = {VERSION: (fields, builders)}
+    for version in range(VERSION, 1, -1):
+        fields, builders = dict(fields), dict(builders)
+        for kind, change in _CHANGES[version].items():
+            if change is None:
+                del fields[kind], builders[kind]
+            else:
+                added, builders[kind] = change
+                fields[kind] -= added
+        formats[version - 1] = (fields, builders)
+    return formats
+
+
+_FORMATS: Final = _formats()
 
 
 def _rebuild(entry: Mapping[str, Any], seq: int, data: bytes) -> None:
@@ -489,7 +532,7 @@ def _rebuild(entry: Mapping[str, Any], seq: int, data: bytes) -> None:
     version = entry.get("v")
     if type(version) is not int or version not in VERSIONS:
         raise AuditError(f"has unknown version {version!r}")
-    known, builders = (_FIELDS, _BUILDERS) if version == VERSION else (_FIELDS_V1, _BUILDERS_V1)
+    known, builders = _FORMATS[version]
     if type(entry.get("seq")) is not int or entry["seq"] != seq:
         raise AuditError(f"carries seq {entry.get('seq')!r} (deleted, inserted or reordered)")
     kind = entry.get("type")

@@ -112,6 +112,8 @@ class Received:
     jws: str
     disclosures: Mapping[str, str]
     jwe_sha256: str
+    recipient_kid: str
+    """The ``kid`` the protected header names: the recipient's key that opened it."""
 
     @property
     def presentation(self) -> str:
@@ -671,6 +673,7 @@ def _result(o: _Opening, *, me: str) -> None:
         jws=o.parsed.jws,
         disclosures=MappingProxyType(o.encoded),
         jwe_sha256=hashlib.sha256(o.token.encode("ascii")).hexdigest(),
+        recipient_kid=o.header["kid"],
     )
 
 

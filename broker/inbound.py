@@ -365,5 +365,8 @@ class Inbound(InboundBase):
             kind=got.kind,
             fields=got.paths,
             jwe_sha256=got.jwe_sha256,
+            # The key of ours that opened it (its header names it; step 3 found it
+            # among our decryption keys): the sender's entry names the one it used.
+            recipient_kid=got.recipient_kid,
         )
         return "ack", rec, event

@@ -49,6 +49,7 @@ def event(i: int, member: str = MEMBER) -> ev.AuditEvent:
                 kind="transfer",
                 fields=["transfer.amount"],
                 jwe_sha256=digest(f"jwe{i}"),
+                recipient_kid=f"{member.lower()}-enc-1",
             )
         case 3:
             steps = {"format": i - 1, "signature": 1}

@@ -123,6 +123,7 @@ def _recv(
         kind=kind,
         fields=fields,
         jwe_sha256=_jwe(sender, recipient, report),
+        recipient_kid=f"{recipient.lower()}-enc-1",
     )
 
 
@@ -1144,7 +1145,7 @@ def test_a_send_lost_by_the_hub_and_made_good_by_a_resend_is_not_a_finding() -> 
     usa.append(
         ev.received(
             "USA", T0 + timedelta(seconds=61), sender="JPN", report_id=R1, kind="vessel",
-            fields=NARROW, jwe_sha256=resent,
+            fields=NARROW, jwe_sha256=resent, recipient_kid="usa-enc-1",
         )
     )  # fmt: skip
     result = replay({"JPN": _entries(jpn), "USA": _entries(usa)}, BOTH)
@@ -1185,8 +1186,9 @@ def test_a_receipt_or_rejection_by_a_member_the_jwe_was_not_sent_to_is_a_finding
     dirs = _run_world(tmp_path / "logs")
     jwe = _jwe("JPN", "USA", R1)
     receipt = ev.received(
-        "KOR", T0, sender="JPN", report_id=R1, kind="vessel", fields=FULL, jwe_sha256=jwe
-    )
+        "KOR", T0, sender="JPN", report_id=R1, kind="vessel", fields=FULL, jwe_sha256=jwe,
+        recipient_kid="kor-enc-1",
+    )  # fmt: skip
     _append(dirs[2], "KOR", [receipt, _rejection("KOR", "USA", R1, jwe, 9, step="recipient")])
     code, out, _ = _replay(tmp_path, [dirs[i] for i in order], "--json")
     report = json.loads(out)
@@ -1363,7 +1365,7 @@ def test_a_sender_rewriting_its_log_cannot_hide_sends_to_a_stolen_key_so() -> No
     assert result.findings[0].detail.endswith(
         "(dated 2026-11-28T12:00:20Z, before its report arrived at 2026-11-28T13:01:40Z)"
     )
-    # A format-1 entry after the log's first format-2 entry: one finding for the log.
+    # A format-1 entry after the log's first format-3 entry: one finding for the log.
     log = _entries([*jpn, to("usa-enc-2", 3700), to("usa-enc-1", 3700), to("usa-enc-1", 3800)])
     for entry in log[3:]:
         del entry["recipient_kid"]
@@ -1371,7 +1373,7 @@ def test_a_sender_rewriting_its_log_cannot_hide_sends_to_a_stolen_key_so() -> No
     result = replay({"JPN": log}, BOTH, roster=roster)
     assert [(f.kind, f.seq) for f in result.findings] == [("older-format", 3)]
     assert result.findings[0].detail.startswith(
-        "2 entries of an older format after entry 0, the log's first of format 2:"
+        "2 entries of an older format after entry 0, the log's first of format 3:"
     )
 
 
@@ -1661,6 +1663,7 @@ def test_a_node_repeating_its_entries_after_a_crash_is_not_a_finding(tmp_path: P
             kind="vessel",
             fields=NARROW,
             jwe_sha256=item.jwe_sha256,
+            recipient_kid="usa-enc-1",
         )
 
     refusal = [_rejection("USA", "JPN", R2, refused.jwe_sha256, t) for t in (2, 6)]

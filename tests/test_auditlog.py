@@ -456,27 +456,83 @@ def _v1_sent(seq: int) -> bytes:
 
 def test_entries_an_earlier_version_wrote_are_read_as_they_were() -> None:
     # A log outlives the version that began it: its version-1 entries (a sent entry
-    # without the recipient's key) must still verify and parse beside version 2's.
+    # without the recipient's key) must still verify and parse beside later ones.
     entry = ev.parse_entry(_v1_sent(3), 3)
     assert (entry["v"], "recipient_kid" in entry) == (1, False)
     assert entry["jwe_sha256"] == "b" * 64
     now = ev.sent(MEMBER, T0, **_SENT).seal(3, None)
     assert ev.parse_entry(now, 3)["recipient_kid"] == "usa-enc-1"
-    assert json.loads(now)["v"] == ev.VERSION == 2
+    assert json.loads(now)["v"] == ev.VERSION == 3
+    # A version-2 sent entry is a version-3 one: version 3 changed received entries only.
+    assert ev.parse_entry(rfc8785.dumps(json.loads(now) | {"v": 2}), 3)["v"] == 2
     v1 = json.loads(_v1_sent(3))
     for raw, reason in (
         # Each version's fields exactly: neither may pass for the other.
         (v1 | {"v": 2}, "wrong fields for a 'sent' entry"),
+        (v1 | {"v": 3}, "wrong fields for a 'sent' entry"),
         (json.loads(now) | {"v": 1}, "wrong fields for a 'sent' entry"),
         (
             json.loads(ev.withheld(MEMBER, T0, **_SENT, reason="key x is revoked").seal(3, None))
             | {"v": 1},
             "unknown type 'withheld' in version 1",
         ),
-        (v1 | {"v": 3}, "unknown version 3"),
+        (v1 | {"v": 4}, "unknown version 4"),
     ):
         with pytest.raises(AuditError, match=reason):
             ev.parse_entry(rfc8785.dumps(raw), 3)
+
+
+_RECEIVED: dict[str, Any] = {
+    "sender": "USA",
+    "report_id": "00000000-0000-0000-0000-000000000001",
+    "kind": "vessel",
+    "fields": ["vessel.position#coarsen:0.1", "vessel.imo"],
+    "jwe_sha256": "b" * 64,
+    "recipient_kid": "JPN-enc-1",
+}
+# Written out by hand from docs/AUDIT.md ("Entry format"), not by our encoder: RFC 8785
+# orders members by their names' code units, so recipient_kid before report_id, and
+# the disclosure keys are sorted ("vessel.imo" before "vessel.position...").
+_RECEIVED_V3 = (
+    b'{"at":"2026-11-28T12:00:00Z","fields":["vessel.imo","vessel.position#coarsen:0.1"],'
+    b'"jwe_sha256":"' + b"b" * 64 + b'","kind":"vessel","member":"JPN","prev":"",'
+    b'"recipient_kid":"JPN-enc-1","report_id":"00000000-0000-0000-0000-000000000001",'
+    b'"sender":"USA","seq":7,"type":"received","v":3}'
+)
+
+
+def test_a_received_entry_names_the_key_that_opened_it_from_format_3() -> None:
+    # Format 3: a receipt names the receiver's key that opened the envelope, so the
+    # key a sender's entry names is no longer its word alone (docs/AUDIT.md).
+    data = ev.received(MEMBER, T0, **_RECEIVED).seal(7, None)
+    assert data == _RECEIVED_V3
+    assert ev.parse_entry(_RECEIVED_V3, 7) == json.loads(_RECEIVED_V3)
+    # Versions 1 and 2 wrote it without the key, and are read as they were written.
+    earlier = {k: v for k, v in json.loads(data).items() if k != "recipient_kid"}
+    for version in (1, 2):
+        old = rfc8785.dumps(earlier | {"v": version})
+        assert ev.parse_entry(old, 7) == json.loads(old)
+    for raw, reason in (
+        # Each version's fields exactly: a v3 receipt without the key, or with one more
+        # field, and a v2 or v1 receipt naming one, are refused.
+        (earlier | {"v": 3}, "has the wrong fields for a 'received' entry$"),
+        (json.loads(data) | {"reason": "x"}, "has the wrong fields for a 'received' entry$"),
+        (json.loads(data) | {"signing_kid": "USA-sig-1"}, "wrong fields for a 'received'"),
+        (json.loads(data) | {"v": 2}, "has the wrong fields for a 'received' entry$"),
+        (json.loads(data) | {"v": 1}, "has the wrong fields for a 'received' entry$"),
+        (
+            json.loads(data) | {"recipient_kid": None},
+            "is not a valid 'received' entry: audit recipient kid None is not a roster key id$",
+        ),
+        (
+            json.loads(data) | {"recipient_kid": "JPN enc 1"},
+            "is not a valid 'received' entry: audit recipient kid 'JPN enc 1' is not a roster",
+        ),
+    ):
+        with pytest.raises(AuditError, match=reason):
+            ev.parse_entry(rfc8785.dumps(raw), 7)
+    with pytest.raises(AuditError, match="is not a roster key id"):
+        ev.received(MEMBER, T0, **(_RECEIVED | {"recipient_kid": ":-:"}))
 
 
 def test_a_withheld_entry_is_a_send_with_its_reason() -> None:
@@ -679,7 +735,7 @@ def test_a_value_that_only_compares_equal_is_refused() -> None:
     data = ev.rejected_many(MEMBER, T0, **_MANY).seal(1, None)
     assert parse_entry(data, 1)["seq"] == 1
     for raw, reason in (
-        (data.replace(b'"v":2', b'"v":true'), "unknown version True"),
+        (data.replace(b'"v":3', b'"v":true'), "unknown version True"),
         (data.replace(b'"seq":1', b'"seq":true'), "carries seq True"),
         (data.replace(b'"format":3', b'"format":3.0'), "canonical"),
     ):

@@ -345,6 +345,7 @@ def _received(i: int) -> audit_events.AuditEvent:
         kind="vessel",
         fields=["vessel.imo"],
         jwe_sha256=f"{i:064x}",
+        recipient_kid="JPN-enc-1",
     )
 
 

@@ -195,6 +195,7 @@ def events(draw: st.DrawFn) -> ev.AuditEvent:  # noqa: PLR0911 - one return per 
             kind=kind,
             fields=draw(st.lists(DISCLOSURE, max_size=12)),
             jwe_sha256=draw(HEX64),
+            recipient_kid=draw(st.from_regex(KID, fullmatch=True)),
         )
     if which == "rejected":
         return ev.rejected(
