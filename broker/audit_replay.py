@@ -31,7 +31,8 @@ Across logs:
   but had reached the hub before), and is not ``undelivered`` when nobody
   received it;
 * a receive names the same sender, report, kind and disclosure keys as its
-  send, and a rejection that names a report names the send's, else ``mismatch``;
+  send, and (when both name one: formats 2 and 3) the same recipient key, and a
+  rejection that names a report names the send's, else ``mismatch``;
 * a receipt or rejection of a sent JWE is in the log of the member it was sent
   to, else ``receipt-by-non-recipient`` or ``rejection-by-non-recipient``;
 * a JWE is sent in one log only, and (when no log given sends it) received in
@@ -41,7 +42,10 @@ Across logs:
   anything else is an ``over-disclosure``;
 * given the roster, each send's ``recipient_kid`` (format 2) is the partner's
   encryption key, else ``wrong-recipient-key``, and was not revoked before the
-  send, else ``to-revoked-key``.
+  send, else ``to-revoked-key``; the key the partner's receipt says opened it
+  (format 3) is checked for a revocation before the send too, whatever the send
+  names, and each receipt's key is the receiver's own encryption key, else
+  ``wrong-recipient-key`` (on the receipt).
 
 A member can append entries to its own log (its witnesses cosign what it
 appends), so no conclusion rests on the last entry of a JWE, or on the order in
@@ -148,15 +152,17 @@ def replay(
         for send in versions:
             # Every version is checked against the policy: a later one cannot
             # stand in for an earlier one that disclosed more.
-            status, refused_at = _send_status(
+            status, refused_at, recv = _send_status(
                 jwe, send, given, index, refusals, described, findings
             )
             if status == "delivered":
                 delivered.add((send.member, send.partner, jwe))
             statuses.append(status)
             # Its own key, or (format 1) the one a repeat of it names.
-            more = index.more_kids.get((send.member, jwe))
-            kid = send.recipient_kid or (more[0][0] if more else None)
+            kids = index.send_kids(send)
+            kid = send.recipient_kid or (kids[0] if kids else None)
+            # The key the partner says opened it (format 3), or the one its repeat names.
+            opened = None if recv is None else index.receipt_kids(recv)
             exchanges.append(
                 Exchange(
                     send.at,
@@ -174,12 +180,14 @@ def replay(
                     refused_at,
                     kid,
                     send.withheld,
+                    opened[0] if opened else None,
                 )
             )
             findings += _check_release(send, answers)
-        findings += keys.check(jwe, versions, statuses, index.more_kids, to_revoked)
+        findings += keys.check(jwe, versions, statuses, index, to_revoked)
         findings += _not_the_recipient(jwe, versions, index)
     for jwe, receipts in index.receipts.items():
+        findings += keys.check_receipts(receipts, index)
         if jwe in index.sends:
             continue
         for recv in receipts:
@@ -408,24 +416,25 @@ def _send_status(
     refusals: Mapping[tuple[str, str], list[Rejection]],
     described: Mapping[tuple[str, str], str],
     findings: list[Finding],
-) -> tuple[str, str | None]:
+) -> tuple[str, str | None, Receipt | None]:
+    """The send's status, the step that refused it, and the partner's receipt of it."""
     member, partner = send.member, send.partner
     if partner not in given:
-        return "not-checked", None
+        return "not-checked", None, None
     recv = _received_by(jwe, partner, index)
     if recv is not None:
         # A receipt outweighs a rejection of the same JWE (which, from the
         # same sender, is a conflicting-entries finding of the partner's
         # log): the partner says it holds the report.
-        _check_receipt(send, recv, findings)
-        return "delivered", None
+        _check_receipt(send, recv, index, findings)
+        return "delivered", None, recv
     # Only a refusal of the envelope as it came from its sender counts: the same
     # bytes passed on by a third member and refused say nothing of this send.
     refused = refusals.get((partner, member))
     if refused:
-        return "rejected", refused[-1].step
+        return "rejected", refused[-1].step, None
     if send.withheld:
-        return "withheld", None  # taken back before it was sent, as the node knew
+        return "withheld", None, None  # taken back before it was sent, as the node knew
     detail = f"sent to {partner}, which logged no receipt of this JWE"
     bulk = index.bulk.get((member, partner))
     if bulk is not None:
@@ -436,10 +445,10 @@ def _send_status(
             " among them"
         )
     findings.append(Finding("undelivered", member, send.seq, send.report_id, detail))
-    return "undelivered", None
+    return "undelivered", None, None
 
 
-def _check_receipt(send: Send, recv: Receipt, findings: list[Finding]) -> None:
+def _check_receipt(send: Send, recv: Receipt, index: Index, findings: list[Finding]) -> None:
     differ = [
         what
         for what, theirs, ours in (
@@ -450,6 +459,17 @@ def _check_receipt(send: Send, recv: Receipt, findings: list[Finding]) -> None:
         )
         if theirs != ours
     ]
+    theirs, ours = recv.recipient_kid, send.recipient_kid
+    if (theirs != ours and theirs and ours) or index.more_kids or index.more_receipt_kids:
+        # Else the two name one key, or one names none (formats 1 and 2), and no
+        # repeat in any log named another: the usual case, no lookup.
+        sent_to, opened = index.send_kids(send), index.receipt_kids(recv)
+        if sent_to and opened and not set(sent_to) & set(opened):
+            # Key ids, unlike the fields' values, are no secret: the auditor needs both.
+            differ.append(
+                f"recipient key ({send.member}'s entries name {' and '.join(sent_to)},"
+                f" {recv.member}'s {' and '.join(opened)})"
+            )
     if differ:
         findings.append(
             Finding(
@@ -473,29 +493,33 @@ class _RecipientKeys:
     Once per envelope (JWE) and log, not per entry: a ``sent`` and a ``withheld``
     entry of one envelope (a crash between them) are one envelope exposed, and one
     finding. Every key its entries name is checked: when they contradict each other
-    (a ``conflicting-repeat``), none may hide another.
+    (a ``conflicting-repeat``), none may hide another. So is the key the partner's
+    receipt says opened it (format 3), for a revocation: the sender's entry is its
+    own word, which it can rewrite and re-sign.
     """
 
     def __init__(self, roster: Roster | None) -> None:
         self._roster = roster
         self._known: dict[tuple[str, str], tuple[str, str, str | None] | None] = {}
         self._from: dict[str, tuple[str, str]] = {}  # kid -> (earliest send, valid_from)
+        self._own: dict[tuple[str, str], str | None] = {}  # (kid, receiver) -> why not its own
         self.keyless = 0
-        """Envelopes sent whose entries name no key (format 1): not checked."""
+        """Envelopes sent whose entries name no key (format 1), nor their receipt: not checked."""
 
     def check(
         self,
         jwe: str,
         versions: Sequence[Send],
         statuses: Sequence[str],
-        more_kids: Mapping[tuple[str, str], Sequence[tuple[str, int]]],
+        index: Index,
         exposed: set[tuple[str, int]],
     ) -> list[Finding]:
         """Key findings on one envelope; adds to ``exposed`` the send that stands for it.
 
         Its send stands for it, else a ``withheld`` entry once its partner's log shows
         it left (``delivered``, ``rejected``): one taken back for its key and never seen
-        was not sent, as far as anyone can tell. Nothing without a roster.
+        was not sent, as far as anyone can tell. The keys are those its entries name
+        and those the partner's receipt of it names. Nothing without a roster.
         """
         if self._roster is None:
             return []
@@ -509,8 +533,10 @@ class _RecipientKeys:
                 continue
             kids = sorted(
                 {v.recipient_kid for v, _ in mine if v.recipient_kid}
-                | {k for k, _ in more_kids.get((member, jwe), ())}
+                | {k for k, _ in index.more_kids.get((member, jwe), ())}
             )
+            recv = _received_by(jwe, stands.partner, index)
+            opened = [] if recv is None else index.receipt_kids(recv)
             if not kids and stands.withheld:
                 # The partner needs the header's key to open it, and the hash names these
                 # bytes: an entry naming none is false (a review).
@@ -524,15 +550,62 @@ class _RecipientKeys:
                         f" reached {stands.partner}",
                     )
                 )
-            elif not kids:
+            elif not kids and not opened:
                 self.keyless += 1
             for kid in kids:
                 found += self._check_one(stands, kid)
                 if self._revoked(stands, kid):
                     exposed.add((stands.member, stands.seq))
+            for kid in opened:
+                if kid in kids:
+                    continue  # checked as the send's
+                # Whatever the send names: its sender may have renamed it (a review).
+                found += self._check_one(stands, kid, recv)
+                if self._revoked(stands, kid):
+                    exposed.add((stands.member, stands.seq))
         return found
 
-    def _check_one(self, send: Send, kid: str) -> list[Finding]:
+    def check_receipts(self, receipts: Sequence[Receipt], index: Index) -> list[Finding]:
+        """``wrong-recipient-key`` for each receipt naming a key not its receiver's own.
+
+        A receiver opens an envelope only with one of its own encryption keys, the
+        one the header names (docs/ENVELOPE.md §5, step 3): a receipt naming another
+        is false. Nothing without a roster.
+        """
+        if self._roster is None:
+            return []
+        found = []
+        for recv in receipts:
+            for kid in index.receipt_kids(recv):
+                pair = (kid, recv.member)
+                if pair not in self._own:
+                    self._own[pair] = self._not_own(kid, recv.member)
+                why = self._own[pair]
+                if why is not None:
+                    found.append(
+                        Finding(
+                            "wrong-recipient-key",
+                            recv.member,
+                            recv.seq,
+                            recv.report_id,
+                            f"from {recv.sender}: {why}",
+                        )
+                    )
+        return found
+
+    def _not_own(self, kid: str, member: str) -> str | None:
+        """Why ``kid`` cannot have opened an envelope at ``member``, or None."""
+        if self._roster is None or kid not in self._roster:
+            return f"opened with key {kid}, not in the roster"
+        key = self._roster.get(kid)
+        if (key.member, key.use) != (member, "enc"):
+            return (
+                f"opened with key {kid}, a {key.use} key of {key.member}, not an encryption"
+                f" key of {member}"
+            )
+        return None
+
+    def _check_one(self, send: Send, kid: str, by: Receipt | None = None) -> list[Finding]:
         """``wrong-recipient-key`` or ``to-revoked-key`` for ``send`` to ``kid``, if due.
 
         A send before the revocation, or in its second, is not after it; a ``sent``
@@ -544,12 +617,20 @@ class _RecipientKeys:
         time is not known. A send before its key was valid (``CLOCK_SKEW`` allowed)
         names a key it could not have used then (a review renamed sends to a stolen
         key so).
+
+        ``by``, the partner's receipt, when it is its receipt that names ``kid``: only
+        a revocation is checked then (a key that is not the receiver's own is that
+        receipt's finding, ``check_receipts``; the send's time says nothing of a key
+        it does not name), and the detail says which entry names it.
         """
         pair = (kid, send.partner)
         if pair not in self._known:
             self._known[pair] = self._problem(kid, send.partner)
         problem = self._known[pair]
-        if problem is None or problem[0] == "to-revoked-key":
+        if by is not None:
+            if problem is None or problem[0] != "to-revoked-key":
+                return []
+        elif problem is None or problem[0] == "to-revoked-key":
             early = self._before_valid(send, kid)
             if early is not None:
                 return [
@@ -558,6 +639,8 @@ class _RecipientKeys:
         if problem is None:
             return []
         kind, detail, since = problem
+        if by is not None:
+            detail += f" (named by {by.member}'s receipt, entry {by.seq})"
         if kind == "to-revoked-key" and send.withheld:
             made = send.made_after
             if since is not None and made is not None and made <= since:

@@ -85,8 +85,9 @@ receiver a repeated ``received`` entry from the same envelope, so only the
 time it is logged and its place in the log change; and its format version, when
 the node was upgraded in between. A ``withheld`` entry repeated by the next start
 gives the reason that start's roster gives. ``recipient_kid`` is compared apart
-(``read_log``): a version 1 ``sent`` entry has none, which its repeat may add, but
-two entries of one JWE that name a key must name the same one.
+(``read_log``): a version 1 ``sent`` entry has none, nor a version 1 or 2 ``received``
+one, which its repeat may add, but two entries of one JWE that name a key must name
+the same one.
 """
 
 
@@ -159,7 +160,11 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """What replay keeps of a ``received`` entry (see above)."""
+    """What replay keeps of a ``received`` entry (see above).
+
+    ``recipient_kid`` is the key of the log's member that opened the envelope, None
+    for an entry of format 1 or 2 (they name none).
+    """
 
     member: str
     seq: int
@@ -168,6 +173,7 @@ class Receipt:
     kind: str
     fields: tuple[str, ...]
     jwe_sha256: str
+    recipient_kid: str | None
 
     def entry(self) -> dict[str, Any]:
         """The entry as a repeat of it is compared with."""
@@ -224,9 +230,10 @@ class Pool:
     def receipt(self, member: str, e: _Entry) -> Receipt:
         """The record of a ``received`` entry of ``member``'s log."""
         s = sys.intern
+        kid = e.get("recipient_kid")
         return Receipt(
             member, e["seq"], s(e["sender"]), s(e["report_id"]), s(e["kind"]),
-            self.keys(e["fields"]), e["jwe_sha256"],
+            self.keys(e["fields"]), e["jwe_sha256"], None if kid is None else s(kid),
         )  # fmt: skip
 
     def rejection(self, member: str, e: _Entry) -> Rejection:
@@ -290,8 +297,28 @@ class Index:
     rejections: dict[str, list[Rejection]] = field(default_factory=dict)
     bulk: dict[tuple[str, str], BulkRefusals] = field(default_factory=dict)
     more_kids: dict[tuple[str, str], list[tuple[str, int]]] = field(default_factory=dict)
-    """(log's member, JWE) -> recipient keys its entries name that its first record
-    does not hold, each with the entry that first names it (``_read_kid``)."""
+    """(log's member, JWE) -> recipient keys its ``sent`` and ``withheld`` entries name
+    that its first record does not hold, each with the entry that first names it
+    (``_read_kid``)."""
+    more_receipt_kids: dict[tuple[str, str], list[tuple[str, int]]] = field(default_factory=dict)
+    """The same of its ``received`` entries: keys its first receipt does not name."""
+
+    def send_kids(self, send: Send) -> tuple[str, ...]:
+        """Every recipient key the entries of ``send``'s JWE in its log name (its own first)."""
+        more = self.more_kids.get((send.member, send.jwe_sha256)) if self.more_kids else None
+        return _kids(send.recipient_kid, more)
+
+    def receipt_kids(self, recv: Receipt) -> tuple[str, ...]:
+        """Every key the ``received`` entries of ``recv``'s JWE in its log name (its own first)."""
+        pair = (recv.member, recv.jwe_sha256)
+        more = self.more_receipt_kids.get(pair) if self.more_receipt_kids else None
+        return _kids(recv.recipient_kid, more)
+
+
+def _kids(first: str | None, more: list[tuple[str, int]] | None) -> tuple[str, ...]:
+    if more is None:  # almost always: one key, or none (an older format)
+        return () if first is None else (first,)
+    return tuple(dict.fromkeys([*([first] if first else []), *(k for k, _ in more)]))
 
 
 def read_log(
@@ -331,7 +358,9 @@ def read_log(
             # perhaps published (a start may log a new policy before it, which the
             # timeline allows: any policy in force since the report's arrival).
             _read_send(member, entry, sent if kind == "sent" else withheld, index, findings)
-            _read_kid(member, entry, index, findings)
+            # Read after ``_read_send``: the JWE has a record.
+            mine = next(r for r in index.sends[entry["jwe_sha256"]] if r.member == member)
+            _read_kid(member, entry, mine, index.more_kids, findings)
             problem = timeline.not_in_force(member, entry)
             if problem is not None:
                 findings.append(
@@ -346,6 +375,8 @@ def read_log(
         elif kind in ("accepted", "received"):
             if kind == "received":
                 _read_receipt(member, entry, received, refused, index, findings)
+                first = received.first[entry["jwe_sha256"]]
+                _read_kid(member, entry, first, index.more_receipt_kids, findings)
             timeline.add_arrival(entry)
         elif kind == "policy":
             problem = timeline.add_policy(entry)
@@ -395,7 +426,8 @@ class _OlderFormat:
             f"{self.after} entries of an older format after entry {self.newest_from}, the"
             f" log's first of format {self.newest}: an older build ran on this log (a"
             " rollback), or its owner rewrote them; what the newer format records is"
-            " missing there (a format-1 sent entry names no recipient key)",
+            " missing there (a format-1 sent entry names no recipient key, a format-1 or"
+            " format-2 received entry none it opened the envelope with)",
         )
 
 
@@ -410,23 +442,30 @@ def _read_send(
             findings.append(_conflicting_repeat(member, entry, earlier))
 
 
-def _read_kid(member: str, entry: _Entry, index: Index, findings: list[Finding]) -> None:
-    """Check that the entries of a JWE in one log name one recipient key; keep any other.
+def _read_kid(
+    member: str,
+    entry: _Entry,
+    first: Send | Receipt,
+    more_kids: dict[tuple[str, str], list[tuple[str, int]]],
+    findings: list[Finding],
+) -> None:
+    """Check that the entries of a JWE of one type in one log name one key; keep any other.
 
-    Apart from the rest of a repeat: a format 1 ``sent`` entry names none, and its
-    repeat by an upgraded node may. A key its first record does not hold is kept in
-    ``Index.more_kids`` (rare: that upgrade, or entries that contradict each other,
-    each key of which is checked). Read after ``_read_send``: the JWE has a record.
+    Apart from the rest of a repeat: a format 1 ``sent`` entry names none, nor a
+    format 1 or 2 ``received`` one, and its repeat by an upgraded node may. ``first``
+    is the record of the log's first entry of that JWE (a ``sent`` or ``withheld``
+    one, or a ``received`` one). A key it does not hold is kept in ``more_kids``
+    (rare: that upgrade, or entries that contradict each other, each key of which is
+    checked).
     """
     kid = entry.get("recipient_kid")
     if kid is None:
         return
-    jwe = entry["jwe_sha256"]
-    first = next(r for r in index.sends[jwe] if r.member == member)
     if kid == first.recipient_kid:
         return
+    jwe = entry["jwe_sha256"]
     pair = (member, jwe)
-    more = index.more_kids.get(pair, [])
+    more = more_kids.get(pair, [])
     if any(kid == k for k, _ in more):
         return
     named = ([(first.recipient_kid, first.seq)] if first.recipient_kid else []) + more
@@ -440,7 +479,7 @@ def _read_kid(member: str, entry: _Entry, index: Index, findings: list[Finding])
                 f"repeat of entry {named[0][1]} (same JWE) differs from it in recipient_kid",
             )
         )
-    index.more_kids.setdefault(pair, []).append((sys.intern(kid), entry["seq"]))
+    more_kids.setdefault(pair, []).append((sys.intern(kid), entry["seq"]))
 
 
 def _read_rejection(

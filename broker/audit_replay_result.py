@@ -36,6 +36,9 @@ class Exchange:
     """The partner's key it was encrypted to (None in a format-1 entry)."""
     withheld: bool = False
     """A ``withheld`` entry's: taken back at a start (``at`` is then, not a send's time)."""
+    receipt_kid: str | None = None
+    """The key the partner's receipt says opened it (None: no receipt, or one of format 1
+    or 2, which names none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +178,8 @@ class Replay:
         """Sends encrypted to a partner's key revoked since (or before: a finding too).
 
         Whoever holds a revoked key can read what was encrypted to it: these are the
-        reports whose originators must be told. Needs the roster and format-2 entries.
+        reports whose originators must be told. Needs the roster, and entries that name
+        the key: the send's (format 2) or its receipt's (format 3), either one revoked.
         """
         return [e for e in self.exchanges if (e.sender, e.seq) in self.to_revoked]
 
@@ -264,6 +268,7 @@ class Replay:
                     "recipient": e.recipient,
                     "report_id": e.report_id,
                     "recipient_kid": e.recipient_kid,
+                    "receipt_kid": e.receipt_kid,
                     "seq": e.seq,
                     "at": e.at,
                     "entry": "withheld" if e.withheld else "sent",
@@ -320,5 +325,6 @@ def _exchange_json(e: Exchange) -> dict[str, Any]:
         "seq": e.seq,
         "refused_at": e.refused_at,
         "recipient_kid": e.recipient_kid,
+        "receipt_kid": e.receipt_kid,
         "entry": "withheld" if e.withheld else "sent",
     }

@@ -105,7 +105,7 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
         f"Sent to keys revoked since ({{n}} sends of {_count(reports, 'report')}; whoever"
         " holds the key can read them: tell their originators)",
         exposed,
-        lambda e: f"{e.recipient_kid} (entry {e.seq}{', withheld' if e.withheld else ''})",
+        lambda e: f"{_keys(e)} (entry {e.seq}{', withheld' if e.withheld else ''})",
     )
     lines += ["", f"Findings ({len(result.findings)})"]
     lines += _finding_lines(result.findings)
@@ -118,7 +118,7 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
         )
     if not result.findings:
         lines.append("  none: every send and receive reconciles with the policies")
-    if not result.keys_checked and any(e.recipient_kid for e in result.exchanges):
+    if not result.keys_checked and any(e.recipient_kid or e.receipt_kid for e in result.exchanges):
         # Nor is "none" a word on the keys the sends went to: they need the roster.
         lines.append("  recipient keys not checked: no roster given (--keys or --roster)")
     if result.keyless_sends:
@@ -134,6 +134,14 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
             " whose other side's log was not given"
         )
     return lines
+
+
+def _keys(e: Exchange) -> str:
+    """The key a send names, and the one its receipt names when that is another."""
+    if e.receipt_kid is None or e.receipt_kid == e.recipient_kid:
+        return str(e.recipient_kid)
+    opened = f"{e.receipt_kid} by {e.recipient}'s receipt"
+    return opened if e.recipient_kid is None else f"{e.recipient_kid}, {opened}"
 
 
 def _bulk_lines(result: Replay) -> list[str]:

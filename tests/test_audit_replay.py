@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import astuple, replace
+from dataclasses import astuple, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,13 @@ from node_world import (
     World,
     audit_entries,
     await_for,
+    expected_partners,
     records_for,
     write_node_config,
 )
 
 from broker import audit_events as ev
-from broker import canonical, keys_roster
+from broker import canonical, keys_custodian, keys_roster
 from broker import keys as keyfiles
 from broker.audit_policy import over_disclosures
 from broker.audit_replay import BulkRefusals, Exchange, Finding, Replay, replay
@@ -1426,8 +1427,10 @@ def test_a_withheld_entry_is_held_to_the_policy_in_force_and_once_delivered_to_i
     jpn = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 0)]
     to_kor = ev.AuditEvent(dict(_withheld("USA", R1, NARROW, 2).fields, recipient_kid="kor-enc-1"))
     logs = {"JPN": _entries([*jpn, to_kor]), "USA": _entries(usa)}
-    (wrong,) = replay(logs, BOTH, roster=roster).findings
+    wrong, other = replay(logs, BOTH, roster=roster).findings
     assert (wrong.kind, wrong.seq) == ("wrong-recipient-key", 2)
+    # USA's receipt names the key that opened it (usa-enc-1, format 3): another one.
+    assert (other.kind, other.member) == ("mismatch", "USA")
     # To the partner's key revoked since: exposed, but not a finding (it cannot be dated).
     logs["JPN"] = _entries([*jpn, _withheld("USA", R1, NARROW, 2)])
     result = replay(logs, BOTH, roster=roster)
@@ -1977,3 +1980,317 @@ def test_bulk_refusals_alone_are_no_finding_and_show_in_every_output(tmp_path: P
 def _run_cli(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(main, list(args))
     return result.exit_code, result.stdout, result.stderr
+
+
+# --- format 3: a receipt names the key that opened its envelope ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Older(ev.AuditEvent):
+    """An event sealed as an earlier version wrote it (``v``): its fields as they are."""
+
+    v: int = 1
+
+    def seal(self, seq: int, prev: bytes | None) -> bytes:
+        entry = dict(self.fields, v=self.v, seq=seq, prev=prev.hex() if prev else "")
+        return canonical.dumps(entry)
+
+
+def _as_of(event: ev.AuditEvent, v: int) -> ev.AuditEvent:
+    """``event`` as version ``v`` wrote it: without the keys later versions added."""
+    fields = dict(event.fields)
+    if (v < 3 and fields["type"] == "received") or (v < 2 and fields["type"] == "sent"):
+        del fields["recipient_kid"]
+    return _Older(fields, v)
+
+
+def _keyed(event: ev.AuditEvent, kid: str | None) -> ev.AuditEvent:
+    return ev.AuditEvent(dict(event.fields, recipient_kid=kid))
+
+
+async def test_a_receipt_names_the_key_that_opened_it_and_so_catches_a_renamed_send(
+    world: World, tmp_path: Path
+) -> None:
+    # KOR rotates its encryption key while JPN's outbox holds envelopes made to the old
+    # one (the hub down), then both restart on the new roster: KOR opens those with its
+    # retired key and later ones with the new one, and each receipt names the key that
+    # opened it. Then the old key is stolen and revoked, and JPN, re-signing its own log,
+    # renames a send to it as a send to the new key, valid by then: alone, its log gave
+    # no finding and the send left the list of what the thief can read (format 2).
+    world.write_config("JPN", BATCH_POLICY)
+    world.write_config("KOR")
+    policy = world.policy("JPN")
+
+    def to_kor(records: list[dict[str, Any]]) -> set[str]:
+        return {
+            r["report_id"]
+            for r in records
+            if "KOR" in expected_partners(policy, parse_record(json.dumps(r)))
+        }
+
+    world.start("JPN")
+    world.server.kill()
+    made_before = records_for("JPN", 12, seed=83)
+    assert {a["status"] for a in await world.submit("JPN", made_before)} == {"accepted"}
+
+    def planned() -> bool:
+        store = world.store("JPN")
+        try:
+            return not store.unplanned(1)
+        finally:
+            store.close()
+
+    await await_for(planned, 30, "the reports planned")
+    assert world.terminate("JPN") == 0
+    roster = keys_roster.load_signed_roster(world.keydir).roster
+    kor_old = roster.current("KOR", "enc", datetime.now(UTC)).kid
+    _, kor_new = keys_custodian.rotate_keys(world.keydir, "KOR")
+    world.server.start()
+    world.start("KOR")
+    world.start("JPN")
+    made_after = records_for("JPN", 12, seed=84)
+    assert {a["status"] for a in await world.submit("JPN", made_after)} == {"accepted"}
+    old, new = to_kor(made_before), to_kor(made_after)
+    assert old
+    assert new
+    await await_for(
+        lambda: set(world.inbox_ids("KOR", "JPN")) == old | new, 60, "KOR holds every report"
+    )
+    await world.outbox_sent("JPN")
+    assert world.terminate("JPN") == 0
+    assert world.terminate("KOR") == 0
+
+    jpn_dir, kor_dir = (world.config(m).audit_dir for m in ("JPN", "KOR"))
+    receipts = {e["report_id"]: e for e in audit_entries(kor_dir) if e["type"] == "received"}
+    assert set(receipts) == old | new
+    assert {e["v"] for e in receipts.values()} == {3}
+    assert {r: e["recipient_kid"] for r, e in receipts.items()} == {
+        **dict.fromkeys(old, kor_old),
+        **dict.fromkeys(new, kor_new),
+    }
+    # Independently of our code: the key each envelope KOR kept names in its header.
+    store = world.store("KOR")
+    try:
+        for report, entry in receipts.items():
+            jwe = store.kept_envelope("JPN", report)
+            assert jwe is not None
+            head = jwe.split(".")[0]
+            header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+            assert header["kid"] == entry["recipient_kid"]
+            assert hashlib.sha256(jwe.encode()).hexdigest() == entry["jwe_sha256"]
+    finally:
+        store.close()
+    sends = [e for e in audit_entries(jpn_dir) if e["type"] == "sent" and e["partner"] == "KOR"]
+    assert {e["jwe_sha256"]: e["recipient_kid"] for e in sends} == {
+        e["jwe_sha256"]: e["recipient_kid"] for e in receipts.values()
+    }
+
+    def run(*dirs: Path) -> tuple[int, dict[str, Any]]:
+        args = ["audit", "replay", *map(str, dirs), "--keys", str(world.keydir), "--json"]
+        result = CliRunner().invoke(main, [*args, "--policies", str(world.root / "nodes")])
+        return result.exit_code, json.loads(result.stdout)
+
+    code, report = run(jpn_dir, kor_dir)
+    assert (code, report["findings"]) == (0, [])
+    keys_custodian.revoke_key(world.keydir, kor_old, "stolen")
+    code, report = run(jpn_dir, kor_dir)
+    exposed = {x["report_id"] for x in report["sent_to_revoked_keys"] if x["recipient"] == "KOR"}
+    assert (code, report["findings"], exposed) == (0, [], old)
+
+    renamed = next(e for e in sends if e["report_id"] in old)
+    signer = keyfiles.load_member_keys(world.keydir, "JPN", roster, datetime.now(UTC)).signing
+    assert isinstance(signer.private_key, Ed25519PrivateKey)
+
+    def rename(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            e | {"recipient_kid": kor_new} if e.get("jwe_sha256") == renamed["jwe_sha256"] else e
+            for e in entries
+        ]
+
+    forged = _rewrite(jpn_dir, tmp_path / "renamed", "JPN", signer.private_key, rename)
+    # The sender's log alone: nothing to see, and the send is no longer exposed.
+    code, alone = run(forged)
+    assert (code, alone["findings"]) == (0, [])
+    assert renamed["report_id"] not in {x["report_id"] for x in alone["sent_to_revoked_keys"]}
+    # With KOR's log: its receipt names the key that opened it.
+    code, report = run(forged, kor_dir)
+    receipt = receipts[renamed["report_id"]]
+    assert code == 1
+    assert _kinds(report["findings"]) == [
+        (
+            "mismatch",
+            "KOR",
+            receipt["seq"],
+            f"receipt of JPN's entry {renamed['seq']} differs from it in recipient key"
+            f" (JPN's entries name {kor_new}, KOR's {kor_old})",
+        )
+    ]
+    listed = [x for x in report["sent_to_revoked_keys"] if x["recipient"] == "KOR"]
+    assert {x["report_id"] for x in listed} == old
+    (entry,) = [x for x in listed if x["seq"] == renamed["seq"]]
+    assert (entry["recipient_kid"], entry["receipt_kid"]) == (kor_new, kor_old)
+    args = ["audit", "replay", str(forged), str(kor_dir), "--keys", str(world.keydir)]
+    text = CliRunner().invoke(main, [*args, "--policies", str(world.root / "nodes")])
+    assert (
+        f"  JPN -> KOR  {renamed['report_id']}  {kor_new}, {kor_old} by KOR's receipt"
+        f" (entry {renamed['seq']})"
+    ) in text.stdout.splitlines()
+
+
+def test_logs_of_formats_1_2_and_3_are_read_and_a_receipt_repeated_across_the_upgrade_is_honest(
+    tmp_path: Path,
+) -> None:
+    # Two nodes that ran versions 1, 2 and 3 in turn: each log's entries are read as
+    # they were written. USA's node, upgraded to version 3 with R2 delivered but not
+    # stored, logs its receipt again when the hub redelivers it, now with the key.
+    jpn = [
+        _as_of(_started("JPN", None, D_LOOSE), 1),
+        _as_of(_accepted("JPN", R1, 0), 1),
+        _as_of(_jpn_send(R1, D_LOOSE, t=1), 1),
+        _as_of(_accepted("JPN", R2, 2), 2),
+        _as_of(_jpn_send(R2, D_LOOSE, t=3), 2),
+        _accepted("JPN", R3, 4),
+        _jpn_send(R3, D_LOOSE, t=5),
+    ]
+    usa = [
+        _as_of(_started("USA"), 1),
+        _as_of(_recv("USA", "JPN", R1, NARROW, 2), 1),
+        _as_of(_recv("USA", "JPN", R2, NARROW, 4), 2),
+        _recv("USA", "JPN", R2, NARROW, 6),
+        _recv("USA", "JPN", R3, NARROW, 6),
+    ]
+    root = tmp_path / "logs"
+    _append(root / "JPN", "JPN", jpn)
+    _append(root / "USA", "USA", usa)
+    assert [e["v"] for e in audit_entries(root / "USA")] == [1, 1, 2, 3, 3]
+    code, out, err = _replay(tmp_path, [root / "JPN", root / "USA"], "--json")
+    assert (code, err) == (0, "")
+    report = json.loads(out)
+    assert report["findings"] == []
+    assert [
+        (e["report_id"], e["status"], e["recipient_kid"], e["receipt_kid"])
+        for e in report["exchanges"]
+    ] == [
+        (str(R1), "delivered", None, None),
+        (str(R2), "delivered", "usa-enc-1", "usa-enc-1"),  # the repeat's key
+        (str(R3), "delivered", "usa-enc-1", "usa-enc-1"),
+    ]
+    # The repeat naming another key than the send: the two logs disagree.
+    other = _keyed(_recv("USA", "JPN", R2, NARROW, 6), "usa-enc-9")
+    result = replay({"JPN": _entries(jpn), "USA": _entries([*usa[:3], other, usa[4]])}, BOTH)
+    assert [(f.kind, f.member, f.seq, f.detail) for f in result.findings] == [
+        (
+            "mismatch",
+            "USA",
+            2,
+            "receipt of JPN's entry 4 differs from it in recipient key (JPN's entries name"
+            " usa-enc-1, USA's usa-enc-9)",
+        )
+    ]
+    # A version-2 entry after the log's first version-3 entry: an older build ran on it
+    # (or its owner rewrote it), one finding for the log.
+    _append(root / "USA", "USA", [_as_of(_recv("USA", "JPN", R3, NARROW, 9), 2)])
+    code, out, _ = _replay(tmp_path / "again", [root / "JPN", root / "USA"], "--json")
+    (found,) = json.loads(out)["findings"]
+    assert (code, found["kind"], found["member"], found["seq"]) == (1, "older-format", "USA", 5)
+    assert found["detail"].startswith(
+        "1 entries of an older format after entry 3, the log's first of format 3:"
+    )
+
+
+def test_the_key_a_receipt_names_is_checked_whatever_the_send_names() -> None:
+    # USA's key usa-enc-1 is stolen and revoked; usa-enc-2 replaced it. JPN's sends to it
+    # are rewritten to name usa-enc-2, valid from before them: USA's receipts say which
+    # key opened each.
+    stolen = _roster_key("usa-enc-1", "USA", "enc", "revoked", 3600)
+    new = _roster_key("usa-enc-2", "USA", "enc", "active", None)
+    roster = Roster([stolen, new, _roster_key("usa-sig-1", "USA", "sig", "active", None)])
+    jpn = [_started("JPN", None, D_LOOSE), _accepted("JPN", R1, 10), _accepted("JPN", R2, 3700)]
+    sends = [
+        _keyed(_jpn_send(R1, D_LOOSE, t=20), "usa-enc-2"),  # before the revocation
+        _keyed(_jpn_send(R2, D_LOOSE, t=3800), "usa-enc-2"),  # after it
+    ]
+    usa = [
+        _started("USA"),
+        _recv("USA", "JPN", R1, NARROW, 21),
+        _recv("USA", "JPN", R2, NARROW, 3801),
+    ]
+    logs = {"JPN": _entries([*jpn, *sends]), "USA": _entries(usa)}
+    result = replay(logs, BOTH, roster=roster)
+    assert [(f.kind, f.member, f.seq, f.detail) for f in result.findings] == [
+        (
+            "to-revoked-key",
+            "JPN",
+            4,
+            "to USA: encrypted to USA's key usa-enc-1 after its revocation at"
+            " 2026-11-28T13:00:00Z: whoever holds that key can read it (named by USA's"
+            " receipt, entry 2)",
+        ),
+        *(
+            (
+                "mismatch",
+                "USA",
+                seq,
+                f"receipt of JPN's entry {send} differs from it in recipient key (JPN's"
+                " entries name usa-enc-2, USA's usa-enc-1)",
+            )
+            for seq, send in ((1, 3), (2, 4))
+        ),
+    ]
+    assert [(e.seq, e.recipient_kid, e.receipt_kid) for e in result.sent_to_revoked_keys()] == [
+        (3, "usa-enc-2", "usa-enc-1"),
+        (4, "usa-enc-2", "usa-enc-1"),
+    ]
+    backward = replay(dict(reversed(logs.items())), BOTH, roster=roster)
+    assert backward.findings == result.findings
+    # Named by the receipt alone (a format-1 send): checked and listed, not keyless.
+    old = _entries([*jpn, sends[0]])
+    del old[3]["recipient_kid"]
+    for entry in old:
+        entry["v"] = 1
+    result = replay({"JPN": old, "USA": _entries(usa[:2])}, BOTH, roster=roster)
+    assert (result.findings, result.keyless_sends) == ((), 0)
+    assert [(e.seq, e.recipient_kid, e.receipt_kid) for e in result.sent_to_revoked_keys()] == [
+        (3, None, "usa-enc-1")
+    ]
+    assert (
+        f"  JPN -> USA  {R1}  usa-enc-1 by USA's receipt (entry 3)"
+        in render_tables(result, ["JPN", "USA"], timeline=False).splitlines()
+    )
+    # A receipt naming a key that is not the receiver's own encryption key is false,
+    # with or without the send; the one JWE's two receipts naming two keys contradict.
+    wrong = [
+        _started("USA"),
+        _keyed(_recv("USA", "JPN", R1, NARROW, 21), "usa-sig-1"),
+        _keyed(_recv("USA", "KOR", R2, NARROW, 22), "kor-enc-1"),
+        _keyed(_recv("USA", "KOR", R2, NARROW, 23), "usa-enc-2"),
+    ]
+    result = replay({"USA": _entries(wrong)}, BOTH, roster=roster)
+    assert [(f.kind, f.seq, f.detail) for f in result.findings] == [
+        (
+            "wrong-recipient-key",
+            1,
+            "from JPN: opened with key usa-sig-1, a sig key of USA, not an encryption key of USA",
+        ),
+        ("wrong-recipient-key", 2, "from KOR: opened with key kor-enc-1, not in the roster"),
+        (
+            "conflicting-repeat",
+            3,
+            "repeat of entry 2 (same JWE) differs from it in recipient_kid",
+        ),
+    ]
+
+
+def test_a_version_3_receipt_without_its_key_stops_replay_in_one_line(tmp_path: Path) -> None:
+    fields = {
+        k: v for k, v in _recv("USA", "JPN", R1, FULL, 2).fields.items() if k != "recipient_kid"
+    }
+    for entry in (fields, fields | {"recipient_kid": "usa-enc-1", "signing_kid": "JPN-sig-1"}):
+        root = tmp_path / str(len(entry))
+        forged = _forged_log(root, "USA", [dict(_started("USA").fields), entry])
+        code, out, err = _replay(root, [forged])
+        assert (code, out) == (1, "")
+        assert err == (
+            f"msmt: error: USA log {forged / DB_FILE}: entry 1: has the wrong fields for a"
+            " 'received' entry\n"
+        )

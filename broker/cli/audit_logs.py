@@ -170,7 +170,8 @@ def audit_replay(
     \b
     undelivered          a send the partner's log neither received nor rejected by name
     unmatched-receive    a receipt with no send of that JWE in the sender's log
-    mismatch             a receipt naming another sender, report, kind or keys
+    mismatch             a receipt naming another sender, report, kind, disclosure
+                         keys or (format 3) recipient key
     over-disclosure      a key the sender's policy does not release (in that form)
     unknown-policy       the send's policy digest is not among --policies
     unknown-kind         a send of a kind this version does not know (a later one's)
@@ -184,8 +185,10 @@ def audit_replay(
     receipt-by-non-recipient    a receipt of a JWE that was sent to another member
     rejection-by-non-recipient  a rejection of a JWE that was sent to another member
     wrong-recipient-key  a send encrypted to a key that is not the partner's, or before it
-                         was valid (--keys/--roster)
-    to-revoked-key       a send encrypted to a key revoked before it (--keys/--roster)
+                         was valid, or a receipt naming a key not the receiver's
+                         (--keys/--roster)
+    to-revoked-key       a send encrypted to a key revoked before it, as its entry or
+                         its receipt names it (--keys/--roster)
 
     A withheld envelope (taken back at a start: its key was refused) is not
     undelivered; one a partner received all the same counts as delivered.
