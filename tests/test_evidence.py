@@ -386,6 +386,39 @@ def test_a_senders_log_that_misstates_a_send_is_named_by_the_recipients_evidence
     assert result.exit_code == 0, result.output
 
 
+def test_a_receipt_naming_another_key_than_opened_it_is_named_by_the_evidence(
+    delivered: tuple[World, list[str]],
+) -> None:
+    # Format 3: a receipt names the key that opened its envelope, which the envelope's
+    # header names too. A recipient rewriting it (to contradict an honest sender's
+    # entry, say) is named as misstating its receipt.
+    world, ids = delivered
+    data = _evidence(world, ids[0])
+    path = _write(world.root, "evidence.json", data)
+    opened = {
+        e["recipient_kid"]
+        for e in audit_entries(world.config("USA").audit_dir)
+        if e["type"] == "received"
+    }
+    assert len(opened) == 1
+
+    def usa_edit(entry: dict[str, Any]) -> None:
+        if entry["type"] == "received" and entry["jwe_sha256"] == data["jwe_sha256"]:
+            entry["recipient_kid"] = "USA-enc-9"
+
+    usa = _rewrite_log(world, "USA", usa_edit)
+    result = _cli(
+        "audit", "evidence", str(path), "--keys", str(world.keydir),
+        "--log", str(world.config("JPN").audit_dir), "--log", str(usa),
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert (
+        " records its receipt of this envelope otherwise than the envelope holds"
+        f" (recipient_kid: the entry USA-enc-9, the envelope {opened.pop()}):"
+        " USA's log misstates this receipt\n"
+    ) in result.stderr
+
+
 def test_an_evidence_file_that_is_not_one_is_one_line(
     delivered: tuple[World, list[str]],
 ) -> None:

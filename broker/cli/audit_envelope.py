@@ -114,11 +114,16 @@ def _logged(
             f" to {found.recipient}: the file's recipient is not vouched for"
         )
     as_sent = _sent_form(got)
+    as_received = {"report_id": got.report_id, "kind": got.kind, "fields": sorted(got.paths)}
     kid = {"recipient_kid": recipient_kid(found.jwe.partition(".")[0])}
 
     def form(entry: Mapping[str, Any]) -> dict[str, Any]:
         # The key it went to, as its header names it: recorded from format 2 on.
         return as_sent | kid if "recipient_kid" in entry else as_sent
+
+    def received_form(entry: Mapping[str, Any]) -> dict[str, Any]:
+        # The key that opened it, the one its header names: recorded from format 3 on.
+        return as_received | kid if "recipient_kid" in entry else as_received
 
     sent = [e["seq"] for e in sends if not _misstated(e, form(e))]
     if not sent:
@@ -142,13 +147,12 @@ def _logged(
         ]
         if not receipts:
             raise InputError(f"step 7: {found.recipient}'s log holds no receipt of this envelope")
-        as_received = {"report_id": got.report_id, "kind": got.kind, "fields": sorted(got.paths)}
-        matching = [e["seq"] for e in receipts if not _misstated(e, as_received)]
+        matching = [e["seq"] for e in receipts if not _misstated(e, received_form(e))]
         if not matching:
             raise InputError(
                 f"step 7: {found.recipient}'s log entry {receipts[0]['seq']} records its"
                 " receipt of this envelope otherwise than the envelope holds"
-                f" ({'; '.join(_misstated(receipts[0], as_received))}):"
+                f" ({'; '.join(_misstated(receipts[0], received_form(receipts[0])))}):"
                 f" {found.recipient}'s log misstates this receipt"
             )
         received = matching[0]
