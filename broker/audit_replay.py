@@ -158,11 +158,12 @@ def replay(
             if status == "delivered":
                 delivered.add((send.member, send.partner, jwe))
             statuses.append(status)
-            # Its own key, or (format 1) the one a repeat of it names.
-            kids = index.send_kids(send)
-            kid = send.recipient_kid or (kids[0] if kids else None)
-            # The key the partner says opened it (format 3), or the one its repeat names.
-            opened = None if recv is None else index.receipt_kids(recv)
+            # Its own key, or (format 1) the one a repeat of it names; and the key the
+            # partner's receipt says opened it (format 3), or the one its repeat names.
+            kid = send.recipient_kid or _first(index.send_kids(send))
+            opened = (
+                None if recv is None else recv.recipient_kid or _first(index.receipt_kids(recv))
+            )
             exchanges.append(
                 Exchange(
                     send.at,
@@ -180,7 +181,7 @@ def replay(
                     refused_at,
                     kid,
                     send.withheld,
-                    opened[0] if opened else None,
+                    opened,
                 )
             )
             findings += _check_release(send, answers)
@@ -221,6 +222,10 @@ def replay(
         roster is not None,
         keys.keyless,
     )
+
+
+def _first(kids: tuple[str, ...]) -> str | None:
+    return kids[0] if kids else None
 
 
 def _resent_after_loss(exchanges: Sequence[Exchange], findings: list[Finding]) -> list[Finding]:
@@ -365,7 +370,11 @@ def _refusals_by_pair(rejections: Iterable[Rejection]) -> dict[tuple[str, str], 
 
 
 def _received_by(jwe: str, partner: str, index: Index) -> Receipt | None:
-    return next((r for r in index.receipts.get(jwe, ()) if r.member == partner), None)
+    """``partner``'s first receipt of ``jwe``; a plain loop, asked of every send twice."""
+    for recv in index.receipts.get(jwe, ()):
+        if recv.member == partner:
+            return recv
+    return None
 
 
 def _refusal_mismatches(
@@ -576,6 +585,8 @@ class _RecipientKeys:
             return []
         found = []
         for recv in receipts:
+            if recv.recipient_kid is None and not index.more_receipt_kids:
+                continue  # formats 1 and 2 name none
             for kid in index.receipt_kids(recv):
                 pair = (kid, recv.member)
                 if pair not in self._own:
