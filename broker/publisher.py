@@ -221,6 +221,13 @@ class Publisher:
         self._stopping = asyncio.Event()  # ends the recorder's gathering wait at a stop
         self._retry_at: dict[int, float] = {}
         self._attempts: dict[int, int] = {}
+        # Partners held back as a whole after a publish to them failed, until when:
+        # all their envelopes go to one inbox, and a full one (or one the hub does not
+        # serve) refuses them all. Held one envelope at a time, a feed trial's three
+        # full inboxes kept the window full of envelopes bound to fail, ~1,400
+        # refused publishes a second, and the other partners' backlog barely moved.
+        self._held: dict[str, float] = {}
+        self._holds: Counter[str] = Counter()  # holds in a row since the partner's last ack
         self._warned = Throttle(WARN_EVERY)  # one warning per partner per period
         self._record_log = Throttle()  # record_sent_failed, once a minute
         self.counts: Counter[str] = Counter()
@@ -307,7 +314,10 @@ class Publisher:
         if self._handed and not self._unseen and not retry:
             # A look that ran after their commit read them already: its rows are
             # numbered up to _seen_top, and a later plan's rows above any before.
-            fresh = [i for i in self._handed if i.rowid > self._seen_top]
+            # A held partner's wait in the outbox: the look at the hold's end finds them.
+            fresh = [
+                i for i in self._handed if i.rowid > self._seen_top and i.partner not in self._held
+            ]
             items, self._handed = fresh[:room], fresh[room:]  # the rest as acks free room
             return items, False
         if not (room >= self._refill or (room > 0 and not self._in_flight)):
@@ -317,11 +327,12 @@ class Publisher:
         # Due retries are plain pending rows from here: a full answer below
         # leaves the rest of them to the next look.
         self._retry_at = {k: t for k, t in self._retry_at.items() if t > now}
+        self._held = {p: t for p, t in self._held.items() if t > now}
         skip = set(self._in_flight) | self._unrecorded | self._retry_at.keys()
         self._unseen = False  # a wake-up during the look sets it again
         self._handed = []  # pending still: the look finds them, oldest first
         try:
-            items = await self.run_db(self.store.pending, room, skip)
+            items = await self.run_db(self.store.pending, room, skip, frozenset(self._held))
         except MsmtError as exc:
             self.last_error = str(exc)
             self._unseen = True
@@ -345,7 +356,10 @@ class Publisher:
             self._unseen = True
 
     def _retry_due(self, now: float) -> bool:
-        return any(t <= now for t in self._retry_at.values())
+        # An envelope's retry, or a partner's hold, is over.
+        return any(t <= now for t in self._retry_at.values()) or any(
+            t <= now for t in self._held.values()
+        )
 
     def _idle_timeout(self) -> float:
         # Woken by a new plan, a failure, or an ack that frees room unseen rows
@@ -354,6 +368,7 @@ class Publisher:
         now = time.monotonic()
         due = [deadline for _, deadline in self._in_flight.values()][:1]
         due += [t for t in self._retry_at.values() if t > now]
+        due += [t for t in self._held.values() if t > now]
         if not due:
             return IDLE_WAIT
         return min(IDLE_WAIT, max(0.01, min(due) - now))
@@ -392,6 +407,8 @@ class Publisher:
         if self._unseen or self._handed:
             self._wake.set()  # rows may be waiting for the room this ack frees
         self._attempts.pop(key, None)
+        self._held.pop(item.partner, None)  # its inbox takes envelopes again
+        self._holds.pop(item.partner, None)
         self.metrics.publish_latency.observe(time.perf_counter() - started)
         seq = future.result()
         if seq is not None:
@@ -430,6 +447,11 @@ class Publisher:
         attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
         now = time.monotonic()
         self._retry_at[key] = now + min(RETRY_MAX, RETRY_AFTER * 2 ** (attempts - 1))
+        if self._held.get(item.partner, 0.0) <= now:
+            # Once per hold, not per envelope failing with it (a window's worth at once):
+            # the hold doubles only as one look after another still fails.
+            holds = self._holds[item.partner] = self._holds[item.partner] + 1
+            self._held[item.partner] = now + min(RETRY_MAX, RETRY_AFTER * 2 ** (holds - 1))
         self._wake.set()  # the loop's timer must now cover this retry
         if self._warned.due("publish_failed", item.partner):
             log.warning(

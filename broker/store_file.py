@@ -72,6 +72,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (report_id, partner)
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(state) WHERE state = 'pending';
+-- A partner's pending envelopes in order, for a look past the partners held back
+-- (``Store.pending``'s ``held``): a full inbox's backlog is not read through each time.
+CREATE INDEX IF NOT EXISTS outbox_pending_partner ON outbox(partner, state) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS reissue (
     report_id  TEXT NOT NULL,
     partner    TEXT NOT NULL,

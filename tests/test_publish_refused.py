@@ -294,3 +294,73 @@ async def test_the_publishers_line_for_a_full_inbox_gives_the_hubs_words(
     assert (line["partner"], line["error"]) == ("USA", "ServiceUnavailableError")
     assert "maximum bytes exceeded" in line["detail"]
     assert "CNRY" not in repr(logs)
+
+
+async def test_a_full_inbox_is_held_as_a_whole_and_the_other_partners_go_on(
+    client: TlsOnlyClient, tmp_path: Path
+) -> None:
+    # A feed trial: with partners' inboxes full, each envelope to them waited out its
+    # own backoff, so every one of them was tried in turn as the looks went down the
+    # outbox (~1,400 refused publishes a second), and the other partners' backlog
+    # barely moved. Now the first refusal holds the partner as a whole: the others'
+    # envelopes go out meanwhile, and the full inbox sees a window's worth a hold.
+    js = client.jetstream()
+    for partner, size in (("USA", 4 * 1024), ("KOR", 64 * 1024**2)):
+        await js.add_stream(
+            StreamConfig(
+                name=f"INBOX_{partner}",
+                subjects=[f"msmt.to.{partner}.>"],
+                max_bytes=size,
+                discard=DiscardPolicy.NEW,
+            )
+        )
+    while True:  # until USA's inbox is full
+        try:
+            await js.publish("msmt.to.USA.vessel", b"x" * 16)
+        except ServiceUnavailableError:
+            break
+    tried: list[Msg] = []
+
+    async def attempt(msg: Msg) -> None:
+        tried.append(msg)
+
+    watch = await client.subscribe("msmt.to.USA.>", cb=attempt)
+    store = Store(tmp_path / "store.sqlite3")
+    count = 2000
+    rids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(count)]
+    store.accept([NewReport(rid, "vessel", b"{}") for rid in rids])
+    store.plan(
+        {
+            rid: [
+                OutboxItem(rid, p, subject_for(p, "vessel"), f"{rid}.{p}".encode(), "{}")
+                for p in ("USA", "KOR")  # USA's first: the oldest rows are the full inbox's
+            ]
+            for rid in rids
+        }
+    )
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    async def run_db(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    publisher = Publisher(
+        "JPN", client, store, run_db, store.mark_sent, Metrics(), 64, lambda: True
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(publisher.run(stop))
+    try:
+        await await_for(
+            lambda: pool.submit(store.sent_to, "KOR").result() == count, 90, "KOR's envelopes"
+        )
+    finally:
+        stop.set()
+        publisher.wake()
+        await task
+        await watch.unsubscribe()
+    assert pool.submit(store.sent_to, "USA").result() == 0
+    assert (await js.stream_info("INBOX_KOR")).state.messages == count
+    # Every envelope to USA was tried before KOR's last went out; now a window's worth
+    # (64) each time a hold ends (after 0.5, 1, 2, 4, 8 ... s).
+    assert 0 < len(tried) < count // 2, len(tried)
+    pool.submit(store.close).result()
+    pool.shutdown()

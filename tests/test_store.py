@@ -275,6 +275,10 @@ def test_outbox_plan_send_cycle(tmp_path: Path) -> None:
     assert pending[0].msg_id == hashlib.sha256(pending[0].jwe).hexdigest()
     assert pending[0].msg_id != pending[1].msg_id
     assert store.pending(10, skip=[pending[0].rowid]) == [pending[1]]
+    # A partner held back (its inbox full) is left out, from its own index.
+    assert store.pending(10, held={"USA"}) == [pending[1]]
+    assert store.pending(10, skip=[pending[1].rowid], held={"USA"}) == []
+    assert store.pending(1, held={"GBR"}) == [pending[0]]
     store.mark_sent([pending[0]])
     assert store.outbox_depth() == 1
     assert store.sent_to("USA") == 1
