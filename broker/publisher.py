@@ -407,8 +407,11 @@ class Publisher:
         if self._unseen or self._handed:
             self._wake.set()  # rows may be waiting for the room this ack frees
         self._attempts.pop(key, None)
-        self._held.pop(item.partner, None)  # its inbox takes envelopes again
         self._holds.pop(item.partner, None)
+        if self._held.pop(item.partner, None) is not None:
+            # Its inbox takes envelopes again: those the hold kept back need a look.
+            self._unseen = True
+            self._wake.set()
         self.metrics.publish_latency.observe(time.perf_counter() - started)
         seq = future.result()
         if seq is not None:
