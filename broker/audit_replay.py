@@ -187,8 +187,13 @@ def replay(
             findings += _check_release(send, answers)
         findings += keys.check(jwe, versions, statuses, index, to_revoked)
         findings += _not_the_recipient(jwe, versions, index)
+    # Whether a receipt names the key that opened it (format 3): without a roster its
+    # key is not checked either, which the text must say even with no send given.
+    keyed_receipts = bool(index.more_receipt_kids)
     for jwe, receipts in index.receipts.items():
         findings += keys.check_receipts(receipts, index)
+        if not keyed_receipts:
+            keyed_receipts = any(r.recipient_kid for r in receipts)
         if jwe in index.sends:
             continue
         for recv in receipts:
@@ -221,6 +226,7 @@ def replay(
         frozenset(to_revoked),
         roster is not None,
         keys.keyless,
+        keyed_receipts,
     )
 
 

@@ -109,6 +109,9 @@ class Replay:
     """Whether recipient keys were checked (a roster was given)."""
     keyless_sends: int = 0
     """Envelopes sent whose entries name no recipient key (format 1): not checked."""
+    keyed_receipts: bool = False
+    """Whether a receipt names the key that opened its envelope (format 3), checked only
+    given the roster like the sends' keys."""
 
     def statuses(self) -> Counter[str]:
         """How many sends ended in each status."""

@@ -118,8 +118,11 @@ def _summary_lines(result: Replay, members: list[str]) -> list[str]:
         )
     if not result.findings:
         lines.append("  none: every send and receive reconciles with the policies")
-    if not result.keys_checked and any(e.recipient_kid or e.receipt_kid for e in result.exchanges):
-        # Nor is "none" a word on the keys the sends went to: they need the roster.
+    if not result.keys_checked and (
+        result.keyed_receipts or any(e.recipient_kid or e.receipt_kid for e in result.exchanges)
+    ):
+        # Nor is "none" a word on the keys the sends went to, or that opened the receipts
+        # (a receiver's log alone): they need the roster.
         lines.append("  recipient keys not checked: no roster given (--keys or --roster)")
     if result.keyless_sends:
         lines.append(

@@ -2294,3 +2294,23 @@ def test_a_version_3_receipt_without_its_key_stops_replay_in_one_line(tmp_path: 
             f"msmt: error: USA log {forged / DB_FILE}: entry 1: has the wrong fields for a"
             " 'received' entry\n"
         )
+
+
+def test_a_receivers_log_alone_says_its_receipts_keys_were_not_checked_without_a_roster() -> None:
+    # Format 3 receipts name the key that opened them, checked only given the roster
+    # (wrong-recipient-key): the text said "none" and nothing of the keys when no send
+    # was given, as if they had been checked.
+    usa = [_started("USA"), _recv("USA", "JPN", R1, NARROW, 2)]
+    lines = render_tables(replay({"USA": _entries(usa)}, BOTH), ["USA"], timeline=False)
+    assert "  recipient keys not checked: no roster given (--keys or --roster)" in (
+        lines.splitlines()
+    )
+    # Receipts of format 2 name no key: nothing to check, nothing said.
+    older = [_as_of(e, 2) for e in usa]
+    lines = render_tables(replay({"USA": _entries(older)}, BOTH), ["USA"], timeline=False)
+    assert "recipient keys not checked" not in lines
+    # Given the roster, they are checked (and here pass).
+    roster = Roster([_roster_key("usa-enc-1", "USA", "enc", "active", None)])
+    result = replay({"USA": _entries(usa)}, BOTH, roster=roster)
+    assert result.findings == ()
+    assert "recipient keys not checked" not in render_tables(result, ["USA"], timeline=False)
