@@ -296,7 +296,13 @@ def run_all(
 
 
 def _has_timeline(checkout: str) -> bool:
-    return '"--timeline"' in (Path(checkout) / "broker" / "cli" / "audit.py").read_text()
+    """Whether ``checkout``'s replay has ``--timeline``, in whichever CLI file defines it.
+
+    Looked for in every file of ``broker/cli``: the option moved out of ``audit.py``
+    (55c38ac), and a look there alone skipped the mode for every checkout since.
+    """
+    cli = Path(checkout) / "broker" / "cli"
+    return any('"--timeline"' in f.read_text() for f in cli.glob("*.py"))
 
 
 def same_json(ours: Path, base: Path) -> str:
