@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import psutil
 import pytest
@@ -123,3 +125,30 @@ def test_the_replay_benchmark_times_the_timeline_wherever_the_cli_defines_it(
         (checkout / "broker" / "cli").mkdir(parents=True)
         (checkout / "broker" / "cli" / name).write_text(text.replace("--timeline", '"--timeline"'))
         assert bench._has_timeline(str(checkout)) == ("--timeline" in text)
+
+
+def test_the_replay_benchmark_takes_a_member_added_to_each_exchange_as_no_difference(
+    tmp_path: Path,
+) -> None:
+    # Format 3 added receipt_kid to every exchange of --json: against any earlier
+    # baseline the check said "DIFFER in exchanges" though nothing the baseline said
+    # had changed.
+    bench = _bench_replay()
+    base = {"findings": [], "exchanges": [{"seq": 1, "recipient_kid": None}], "n": 1}
+
+    def verdict(ours: dict[str, Any]) -> str:
+        (tmp_path / "a.json").write_text(json.dumps(ours))
+        (tmp_path / "b.json").write_text(json.dumps(base))
+        return str(bench.same_json(tmp_path / "a.json", tmp_path / "b.json"))
+
+    exchange = {"seq": 1, "recipient_kid": None, "receipt_kid": "usa-enc-1"}
+    assert verdict(base | {"exchanges": [exchange], "more": 2}) == "identical members"
+    changes: list[dict[str, Any]] = [
+        {"exchanges": [{"seq": 2, "recipient_kid": None}]},
+        {"exchanges": [{"seq": 1}]},
+        {"exchanges": []},
+        {"n": True},
+        {"findings": [{"kind": "undelivered"}]},
+    ]
+    for changed in changes:
+        assert verdict(base | changed).startswith("DIFFER in ")
