@@ -180,10 +180,12 @@ def seed_listed(config: NodeConfig, seed: bytes) -> str:
     copy that does not verify is not compared (said so).
     """
     user = nats_public(seed, str(config.seed_path))
+    # Anything by that name, not only a file: a FIFO, a device, a folder or a dangling
+    # link there was "no nats-users.json", as if none were meant to be compared.
     present = [
         d
         for d in dict.fromkeys((config.roster_dir, config.keys.dir))
-        if (d / NATS_USERS_FILE).is_file()
+        if os.path.lexists(d / NATS_USERS_FILE)
     ]
     if not present:
         return f"user {user} (no {NATS_USERS_FILE} beside the roster to compare it with)"

@@ -22,7 +22,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -180,6 +180,36 @@ def test_node_check_compares_the_nats_seed_with_the_hub_users_at_hand(folder: Pa
     assert f", user {renewed} (no nats-users.json beside the roster to compare it with)" in (
         done.stdout
     )
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (os.mkfifo, "not a regular file (a FIFO, socket or device)"),
+        (lambda p: p.symlink_to("/dev/zero"), "not a regular file (a FIFO, socket or device)"),
+        (lambda p: p.mkdir(), "Is a directory"),
+        (lambda p: p.symlink_to("/nonexistent/x"), "No such file or directory"),
+    ],
+    ids=["fifo", "dev-zero", "directory", "dangling-symlink"],
+)
+def test_node_check_names_a_hub_users_copy_that_is_no_file(
+    folder: Path, make: Callable[[Path], object], reason: str
+) -> None:
+    # A FIFO, a device or a folder where the custodian's copy lies was "no
+    # nats-users.json beside the roster": the seed passed for not compared by choice,
+    # while a copy meant to be compared was not (an input sweep, /tmp/h83).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSMT_")}
+    users = folder / "keys" / "nats-users.json"
+    users.unlink()
+    make(users)
+    done = _node("check", str(folder / "nodes" / "JPN" / "node.toml"), env)
+    assert done.returncode == 0, done.stderr
+    assert not done.stderr
+    assert (
+        f" (not compared with {users}, which does not verify: cannot read {users}: {reason})"
+        in (done.stdout)
+    )
+    assert done.stdout.splitlines()[-1].startswith("ok (not checked: ")
 
 
 def test_a_start_refused_late_is_not_shown_as_started(folder: Path) -> None:
