@@ -514,6 +514,20 @@ def make_app(
         name = intake.feed if feed is None else feed.audit_name
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
+        try:
+            return await answer(request, response, feed, name)
+        except ConnectionError:
+            # The feed went away mid-request (killed, its connection cut): what was
+            # answered is committed, a line not yet complete is not taken, and the
+            # feed resends what it had no answer for (answered duplicate). aiohttp's
+            # own line for it was an error ("Error handling request"), one per feed
+            # killed in bench/chaos.py, as if the node had failed.
+            log.info("intake_request_ended", reason="the feed closed the connection", feed=name)
+            return response
+
+    async def answer(
+        request: web.Request, response: web.StreamResponse, feed: Feed | None, name: str
+    ) -> web.StreamResponse:
         splitter = LineSplitter(intake.max_bytes)
         while True:
             chunk = await _next_chunk(request, stopping)
