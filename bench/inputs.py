@@ -24,6 +24,9 @@ something when this script runs as root) with its address space capped at
 * ``accepted``: exit 0 on damaged input, for a reader to judge (a command
   that never reads the damaged key; a BOM; a trailing byte cut off a token);
 * ``usage``, ``refused``: click's usage error, or one line and exit 1 or 2;
+* ``warned``: exit 0 from a command that reads the file only to compare, and
+  says on stdout that it did not (``WARNERS``: ``node check`` and the hub's
+  users beside the roster, which a start never reads);
 * ``stream``: ``validate`` or ``submit`` still reading a FIFO or ``/dev/zero``
   as their NDJSON, as they read a pipe: until its end.
 
@@ -270,6 +273,7 @@ SLOTS: tuple[Slot, ...] = (
         (
             f"keys accept-nats-user JPN {NKEY} --dir keys",
             "nats config --keys keys --authority keys/roster-authority.json --out extra/hub.conf",
+            f"node check {JPN}",  # a copy beside the roster: the seed compared with it
         ),
     ),
     Slot(
@@ -278,6 +282,7 @@ SLOTS: tuple[Slot, ...] = (
         (
             "nats config --keys keys --authority keys/roster-authority.json --out extra/hub.conf",
             "keys sign-nats-users --dir keys",
+            f"node check {JPN}",
         ),
     ),
     Slot(
@@ -566,6 +571,15 @@ class Case:
     verdict: str = ""
 
 
+WORKER_DENIED = (
+    "msmt: error: cannot start the planning worker: Permission denied\n",
+    "Permission denied: '" + str(MSMT.parent / "python"),  # before it was one line
+)
+"""A node's start that passed its checks, as nobody, up to its worker's exec."""
+
+WARNERS = {"node check": "not compared with "}
+"""Commands that go on past a damaged file they only compare with: their words for it."""
+
 REPORTERS = ("validate", "policy check", "submit", "node resend")
 """Commands whose documented exit 1 may come with lines of their own (per record, per file)."""
 
@@ -579,12 +593,14 @@ def classify(case: Case) -> str:
         verdict = "stream"  # NDJSON read from a pipe, or without end: until its end, by design
     elif case.rc is None:
         verdict = "hang"
-    elif "Permission denied: '" + str(MSMT.parent / "python") in case.stderr:
+    elif any(words in case.stderr for words in WORKER_DENIED):
         # The node's planning worker, started as nobody, cannot exec the venv's
         # interpreter where it lives under /root: the node had passed its checks.
         verdict = "accepted"
     elif "Traceback" in case.stderr:
         verdict = "traceback"
+    elif case.rc == 0 and command in WARNERS and WARNERS[command] in case.stdout:
+        verdict = "warned"
     elif case.rc == 0:
         verdict = "accepted"
     elif case.rc == 2 and "\nTry 'msmt " in case.stderr:
@@ -736,7 +752,7 @@ def run_all(top: Path, pristine: Path, jobs: list[Job], parallel: int) -> list[C
             results.append(case)
             if len(results) % 100 == 0:
                 print(f"... {len(results)} of {len(jobs)}", flush=True)
-            if case.verdict not in ("refused", "usage", "stream"):
+            if case.verdict not in ("refused", "usage", "stream", "warned"):
                 last = (case.stderr.strip().splitlines() or [""])[-1][:160]
                 where = f"{case.slot} [{case.variant}] {' '.join(case.argv[1:3])}"
                 print(f"{case.verdict:9} rc={case.rc} {where}: {last!r}", flush=True)
