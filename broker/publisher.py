@@ -160,6 +160,16 @@ def withheld_event(member: str, taken: Withholding, at: datetime) -> AuditEvent:
     )
 
 
+def _refused_alone(exc: BaseException) -> bool:
+    """Whether a failed publish says this envelope is refused, not its partner's inbox.
+
+    Too large for the inbox (its ``max_msg_size``: the hub's 400, err_code 10054) or
+    for the hub (``max_payload``): the partner's other envelopes go in. Held for it,
+    the partner waited as its hold doubled with each of its retries, up to 30 s.
+    """
+    return isinstance(exc, (nats.js.errors.BadRequestError, nats.errors.MaxPayloadError))
+
+
 RunDb = Callable[..., Awaitable[Any]]
 """Runs a synchronous store/audit call on the store's single thread."""
 
@@ -450,7 +460,7 @@ class Publisher:
         attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
         now = time.monotonic()
         self._retry_at[key] = now + min(RETRY_MAX, RETRY_AFTER * 2 ** (attempts - 1))
-        if self._held.get(item.partner, 0.0) <= now:
+        if self._held.get(item.partner, 0.0) <= now and not _refused_alone(exc):
             # Once per hold, not per envelope failing with it (a window's worth at once):
             # the hold doubles only as one look after another still fails.
             holds = self._holds[item.partner] = self._holds[item.partner] + 1

@@ -11,6 +11,7 @@ acks, duplicates and a subject no stream takes.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -362,5 +363,53 @@ async def test_a_full_inbox_is_held_as_a_whole_and_the_other_partners_go_on(
     # Every envelope to USA was tried before KOR's last went out; now a window's worth
     # (64) each time a hold ends (after 0.5, 1, 2, 4, 8 ... s).
     assert 0 < len(tried) < count // 2, len(tried)
+    pool.submit(store.close).result()
+    pool.shutdown()
+
+
+async def test_an_envelope_its_inbox_refuses_alone_does_not_hold_its_partner_back(
+    client: TlsOnlyClient, tmp_path: Path
+) -> None:
+    # One envelope larger than the partner's inbox takes (its max_msg_size) fails
+    # every time, however the inbox is: a hold for it doubled with each of its
+    # retries (0.5, 1, 2, 4, 8 ... s) while nothing else went to the partner, and a
+    # report to it planned meanwhile waited for the hold's end.
+    js = client.jetstream()
+    await js.add_stream(
+        StreamConfig(name="INBOX_USA", subjects=["msmt.to.USA.>"], max_msg_size=1024)
+    )
+    store = Store(tmp_path / "store.sqlite3")
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    def plan(rid: str, jwe: bytes) -> list[OutboxItem] | None:
+        store.accept([NewReport(rid, "vessel", b"{}")])
+        return store.plan({rid: [OutboxItem(rid, "USA", subject_for("USA", "vessel"), jwe, "{}")]})
+
+    async def run_db(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    pool.submit(plan, "00000000-0000-4000-8000-000000000000", b"x" * 4096).result()
+    publisher = Publisher(
+        "JPN", client, store, run_db, store.mark_sent, Metrics(), 64, lambda: True
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(publisher.run(stop))
+    try:
+        await asyncio.sleep(8)  # its fourth or fifth try has failed
+        assert publisher.last_error is not None
+        assert "USA" in publisher.last_error
+        planned = await run_db(plan, "00000000-0000-4000-8000-000000000001", b"y" * 64)
+        publisher.hand(planned)
+        started = time.monotonic()
+        await await_for(
+            lambda: pool.submit(store.sent_to, "USA").result() == 1, 10, "the small envelope"
+        )
+        waited = time.monotonic() - started
+    finally:
+        stop.set()
+        publisher.wake()
+        await task
+    assert waited < 1.0, waited
+    assert pool.submit(store.outbox_depth).result() == 1  # the large one, still pending
     pool.submit(store.close).result()
     pool.shutdown()
