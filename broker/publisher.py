@@ -59,6 +59,13 @@ RETRY_AFTER: Final = 0.5
 """Seconds before an envelope whose publish failed is first tried again (then doubling)."""
 RETRY_MAX: Final = 30.0
 """Longest wait between tries: a partner whose inbox is missing for days costs little."""
+HOLD_MAX: Final = 5.0
+"""Longest a partner is held back as a whole after a failed publish (``Publisher._held``).
+
+Shorter than ``RETRY_MAX``: every partner is held when the hub's JetStream fails for all
+of them (a cluster without its quorum), and the reports planned meanwhile wait out the
+hold once it is back. A full inbox costs one window of refused publishes per hold.
+"""
 WARN_EVERY: Final = 30.0
 """Seconds between warnings about one partner, so an outage does not flood the log."""
 IDLE_WAIT: Final = 5.0
@@ -331,6 +338,10 @@ class Publisher:
             items, self._handed = fresh[:room], fresh[room:]  # the rest as acks free room
             return items, False
         if not (room >= self._refill or (room > 0 and not self._in_flight)):
+            if retry:
+                # Due, but no room: the acks that free it must wake the loop for the
+                # look (``_done``), not the next ack deadline, up to 5 s away.
+                self._unseen = True
             return [], False
         if not (self._unseen or retry):
             return [], False
@@ -464,7 +475,7 @@ class Publisher:
             # Once per hold, not per envelope failing with it (a window's worth at once):
             # the hold doubles only as one look after another still fails.
             holds = self._holds[item.partner] = self._holds[item.partner] + 1
-            self._held[item.partner] = now + min(RETRY_MAX, RETRY_AFTER * 2 ** (holds - 1))
+            self._held[item.partner] = now + min(HOLD_MAX, RETRY_AFTER * 2 ** (holds - 1))
         self._wake.set()  # the loop's timer must now cover this retry
         if self._warned.due("publish_failed", item.partner):
             log.warning(
