@@ -360,6 +360,14 @@ class World:
         finally:
             store.close()
 
+    def all_planned(self, member: str) -> bool:
+        """Whether ``member``'s store holds no report its planner has not made envelopes for."""
+        store = self.store(member)
+        try:
+            return not store.unplanned(1)
+        finally:
+            store.close()
+
     def sent_counts(self, member: str, partners: Iterable[str]) -> dict[str, int]:
         """How many reports ``member``'s store has marked sent to each of ``partners``."""
         store = self.store(member)

@@ -2032,15 +2032,7 @@ async def test_a_receipt_names_the_key_that_opened_it_and_so_catches_a_renamed_s
     world.server.kill()
     made_before = records_for("JPN", 12, seed=83)
     assert {a["status"] for a in await world.submit("JPN", made_before)} == {"accepted"}
-
-    def planned() -> bool:
-        store = world.store("JPN")
-        try:
-            return not store.unplanned(1)
-        finally:
-            store.close()
-
-    await await_for(planned, 30, "the reports planned")
+    await await_for(lambda: world.all_planned("JPN"), 30, "the reports planned")
     assert world.terminate("JPN") == 0
     roster = keys_roster.load_signed_roster(world.keydir).roster
     kor_old = roster.current("KOR", "enc", datetime.now(UTC)).kid

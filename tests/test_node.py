@@ -501,15 +501,7 @@ async def test_envelopes_waiting_for_a_partner_whose_key_was_withdrawn_are_not_s
     world.server.kill()
     answers = await world.submit("JPN", records)
     assert {a["status"] for a in answers} == {"accepted"}
-
-    def planned() -> bool:
-        store = world.store("JPN")
-        try:
-            return not store.unplanned(1)
-        finally:
-            store.close()
-
-    await await_for(planned, 30, "the batch planned")
+    await await_for(lambda: world.all_planned("JPN"), 30, "the batch planned")
     assert world.terminate("JPN") == 0
     assert world.outbox_depth("JPN") == len(want["USA"]) + len(want["KOR"])
     roster = keys_roster.load_signed_roster(world.keydir).roster
