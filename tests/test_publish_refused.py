@@ -396,8 +396,10 @@ async def test_an_envelope_its_inbox_refuses_alone_does_not_hold_its_partner_bac
     task = asyncio.create_task(publisher.run(stop))
     try:
         await asyncio.sleep(8)  # its fourth or fifth try has failed
-        assert publisher.last_error is not None
-        assert "USA" in publisher.last_error
+        assert publisher.last_error == (
+            "publish to USA: BadRequestError nats: BadRequestError: code=400 err_code=10054"
+            " description='message size exceeds maximum allowed'"
+        )
         planned = await run_db(plan, "00000000-0000-4000-8000-000000000001", b"y" * 64)
         publisher.hand(planned)
         started = time.monotonic()
@@ -409,7 +411,9 @@ async def test_an_envelope_its_inbox_refuses_alone_does_not_hold_its_partner_bac
         stop.set()
         publisher.wake()
         await task
-    assert waited < 1.0, waited
+    # Held, it went out at the hold's end, 4.5 s later (the hold from 7.5 s runs to
+    # 12.5 s); not held, at once: a margin for a loaded machine between the two.
+    assert waited < 2.5, waited
     assert pool.submit(store.outbox_depth).result() == 1  # the large one, still pending
     pool.submit(store.close).result()
     pool.shutdown()
